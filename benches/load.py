@@ -1,0 +1,797 @@
+#!/usr/bin/env python3
+"""Side-by-side load harness: the same traffic direct, through Ferry and through Envoy.
+
+One run interleaves the targets (direct, ferry, envoy, direct, ferry, envoy, ...)
+for every scenario and round, so slow drift of the machine (thermal state, a
+neighbour's build) lands on all targets alike instead of on whichever ran last.
+
+Scenarios:
+  http1  wrk, HTTP/1.1 keep-alive, 50 connections        -> listener "http1" -> cluster backend (HTTP/1.1)
+  h2     h2load, h2c prior knowledge, 10 conns x 10 streams -> listener "h2" -> cluster backend_h2 (h2c)
+  tcp    bench-tcp-client, 64-byte echo request/response   -> listener "tcp" (tcp_proxy) -> backend_tcp
+
+Both proxies get the same Envoy v3 static bootstrap, are pinned to one core and
+run one worker; the load generator and the backend share the other core. Every
+(round, scenario, target) starts a fresh proxy, so "RSS idle" is measured on a
+proxy that has served nothing and "RSS peak" (VmHWM) belongs to that scenario.
+
+This is an instrument, not a test: it asserts nothing about speed.
+Standard library only (Python 3.11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = Path(os.environ.get("FERRY_TOOLS", REPO / "target" / "tools"))
+SCENARIOS = ("http1", "h2", "tcp")
+TARGETS = ("direct", "ferry", "envoy")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = 1024
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class HarnessError(Exception):
+    """A failure the user must fix before numbers mean anything (missing tool, bad config)."""
+
+
+# --------------------------------------------------------------------------- processes
+
+_children: list[subprocess.Popen] = []
+
+
+def spawn(argv: list[str], logfile: Path | None = None) -> subprocess.Popen:
+    out = open(logfile, "wb") if logfile else subprocess.DEVNULL
+    # Own session: a Ctrl-C in the terminal reaches only the harness, which then
+    # stops its children in order instead of leaving a half-killed set behind.
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    if logfile:
+        out.close()
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    if proc in _children:
+        _children.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_children)):
+        stop(proc, grace=2.0)
+
+
+def _on_signal(signum, _frame):
+    # SystemExit unwinds through the finally blocks and atexit, which stop the children.
+    raise SystemExit(128 + signum)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode} before listening on :{port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on :{port} within {timeout:.0f}s")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of the whole process (all threads), in clock ticks."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return int(fields[11]) + int(fields[12])
+
+
+def status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no {key}")
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:]) or "    (empty log)"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class Ports:
+    admin: int
+    http1: int
+    h2: int
+    tcp: int
+
+    def for_scenario(self, scenario: str) -> int:
+        return {"http1": self.http1, "h2": self.h2, "tcp": self.tcp}[scenario]
+
+
+def http_listener(name: str, port: int, cluster: str) -> str:
+    return f"""\
+  - name: {name}
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          codec_type: AUTO
+          route_config:
+            name: {name}_routes
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+
+def static_cluster(name: str, port: int, extra: str = "") -> str:
+    return f"""\
+  - name: {name}
+    type: STATIC
+    connect_timeout: 1s
+{extra}    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+"""
+
+
+H2_UPSTREAM = """\
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}
+"""
+
+
+def bootstrap_yaml(ports: Ports, backend_http: int, backend_echo: int) -> str:
+    """Plain Envoy v3 static bootstrap; deliberately nothing Envoy-only beyond defaults."""
+    return (
+        f"""\
+# Generated by benches/load.py: the same file is given to Envoy and to Ferry.
+node:
+  id: ferry-bench
+  cluster: ferry-bench
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {ports.admin} }}
+static_resources:
+  listeners:
+"""
+        + http_listener("http1", ports.http1, "backend")
+        + http_listener("h2", ports.h2, "backend_h2")
+        + f"""\
+  - name: tcp
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {ports.tcp} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: backend_tcp
+  clusters:
+"""
+        + static_cluster("backend", backend_http)
+        + static_cluster("backend_h2", backend_http, H2_UPSTREAM)
+        + static_cluster("backend_tcp", backend_echo)
+    )
+
+
+# --------------------------------------------------------------------------- load tools
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: int
+
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _wrk_latency_ms(text: str, pct: str) -> float | None:
+    m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    return float(m.group(1)) * _UNIT_MS[m.group(2)] if m else None
+
+
+def parse_wrk(text: str) -> LoadResult:
+    reqs = re.search(r"^\s*(\d+) requests in", text, re.M)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if not reqs or not rps:
+        raise RuntimeError(f"unexpected wrk output:\n{text}")
+    errors = 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if sock:
+        errors += sum(int(g) for g in sock.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return LoadResult(
+        requests=int(reqs.group(1)),
+        rps=float(rps.group(1)),
+        p50_ms=_wrk_latency_ms(text, "50"),
+        p99_ms=_wrk_latency_ms(text, "99"),
+        errors=errors,
+    )
+
+
+def nearest_rank(sorted_values: list[int], pct: float) -> int | None:
+    if not sorted_values:
+        return None
+    rank = max(1, min(len(sorted_values), -(-int(pct * len(sorted_values)) // 100)))
+    return sorted_values[rank - 1]
+
+
+def parse_h2load(text: str, log_file: Path) -> LoadResult:
+    # h2load prints no percentiles; its per-request log has the durations.
+    m = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", text)
+    fin = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if not m or not fin or not codes:
+        raise RuntimeError(f"unexpected h2load output:\n{text}")
+    durations: list[int] = []
+    with open(log_file) as f:
+        for line in f:
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[1] != "-1":
+                durations.append(int(parts[2]))
+    durations.sort()
+    p50 = nearest_rank(durations, 50)
+    p99 = nearest_rank(durations, 99)
+    errors = int(m.group(3)) + int(m.group(4)) + int(codes.group(3)) + int(codes.group(4))
+    return LoadResult(
+        requests=int(m.group(2)),
+        rps=float(fin.group(2)),
+        p50_ms=p50 / 1000 if p50 is not None else None,
+        p99_ms=p99 / 1000 if p99 is not None else None,
+        errors=errors,
+    )
+
+
+def parse_tcp_client(text: str) -> LoadResult:
+    line = next((ln for ln in text.splitlines() if ln.startswith("{")), None)
+    if line is None:
+        raise RuntimeError(f"unexpected bench-tcp-client output:\n{text}")
+    r = json.loads(line)
+    ms = lambda us: us / 1000 if us is not None else None  # noqa: E731
+    return LoadResult(r["requests"], r["rps"], ms(r["p50_us"]), ms(r["p99_us"]), r["errors"])
+
+
+@dataclass
+class Settings:
+    duration: int
+    warmup: int
+    load_cpu: str
+    wrk_connections: int
+    h2_clients: int
+    h2_streams: int
+    tcp_connections: int
+    tcp_size: int
+    tcp_client: Path
+    tmp: Path
+
+
+def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool) -> LoadResult | None:
+    if seconds == 0:
+        return None
+    pin = ["taskset", "-c", s.load_cpu]
+    url = f"http://127.0.0.1:{port}/"
+    if scenario == "http1":
+        argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency", url]
+    elif scenario == "h2":
+        log_file = s.tmp / "h2load.log"
+        argv = pin + ["h2load", "-t1", f"-c{s.h2_clients}", f"-m{s.h2_streams}", "-D", str(seconds)]
+        if measure:
+            argv += ["--log-file", str(log_file)]
+        argv.append(url)
+    else:
+        argv = pin + [
+            str(s.tcp_client),
+            "--addr", f"127.0.0.1:{port}",
+            "--connections", str(s.tcp_connections),
+            "--size", str(s.tcp_size),
+            "--duration", f"{seconds}s",
+        ]  # fmt: skip
+    # Generous timeout: a load tool hanging on a wedged proxy must not hang the run.
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if not measure:
+        return None
+    out = done.stdout + done.stderr
+    if scenario == "http1":
+        return parse_wrk(out)
+    if scenario == "h2":
+        try:
+            return parse_h2load(out, log_file)
+        finally:
+            log_file.unlink(missing_ok=True)
+    return parse_tcp_client(out)
+
+
+def preflight(scenario: str, port: int) -> None:
+    """One request through the listener, so a proxy answering 503 fast is not benchmarked."""
+    if scenario == "tcp":
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"ping")
+            got = b""
+            while len(got) < 4:
+                chunk = s.recv(4 - len(got))
+                if not chunk:
+                    break
+                got += chunk
+        if got != b"ping":
+            raise RuntimeError(f"tcp listener :{port} echoed {got!r}, expected b'ping'")
+        return
+    # Over HTTP/1.1 also for the h2 listener (codec AUTO): it checks the route and
+    # the h2 upstream; h2load's status counts check the h2c downstream side.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{scenario} listener :{port} answered {resp.status}")
+
+
+# --------------------------------------------------------------------------- one measurement
+
+
+@dataclass
+class Sample:
+    load: LoadResult
+    cpu_ms_per_1k: float | None = None
+    rss_idle_kib: int | None = None
+    rss_peak_kib: int | None = None
+
+
+@dataclass
+class Proxy:
+    name: str
+    argv: list[str]  # with {config} standing for the bootstrap path
+    disabled: dict[str, str] = field(default_factory=dict)  # scenario -> reason
+
+
+def measure(
+    s: Settings,
+    scenario: str,
+    target: str,
+    proxy: Proxy | None,
+    backend_http: int,
+    backend_echo: int,
+    round_no: int,
+    proxy_cpu: str,
+) -> Sample:
+    direct_port = backend_echo if scenario == "tcp" else backend_http
+    if proxy is None:
+        run_load(s, scenario, direct_port, s.warmup, measure=False)
+        result = run_load(s, scenario, direct_port, s.duration, measure=True)
+        assert result is not None
+        return Sample(result)
+
+    # Fresh ports per start: no TIME_WAIT interplay with the previous proxy's sockets.
+    ports = Ports(free_port(), free_port(), free_port(), free_port())
+    config = s.tmp / f"{target}-{scenario}-r{round_no}.yaml"
+    config.write_text(bootstrap_yaml(ports, backend_http, backend_echo))
+    logfile = config.with_suffix(".log")
+    argv = ["taskset", "-c", proxy_cpu] + [a.replace("{config}", str(config)) for a in proxy.argv]
+    proc = spawn(argv, logfile)
+    try:
+        port = ports.for_scenario(scenario)
+        try:
+            wait_for_port(port, proc, 20, target)
+            # Let the startup burst (config parsing, worker spawn) settle before RSS.
+            time.sleep(0.5)
+            rss_idle = status_kib(proc.pid, "VmRSS")
+            preflight(scenario, port)
+        except Exception as err:
+            raise RuntimeError(f"{err}\n  command: {' '.join(argv)}\n  log {logfile}:\n{tail(logfile)}") from err
+        run_load(s, scenario, port, s.warmup, measure=False)
+        before = cpu_ticks(proc.pid)
+        result = run_load(s, scenario, port, s.duration, measure=True)
+        after = cpu_ticks(proc.pid)
+        assert result is not None
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target} exited during the run\n  log {logfile}:\n{tail(logfile)}")
+        peak = status_kib(proc.pid, "VmHWM")
+        cpu_ms = (after - before) * 1000 / CLK_TCK
+        per_1k = cpu_ms / (result.requests / 1000) if result.requests else None
+        return Sample(result, per_1k, rss_idle, peak)
+    finally:
+        stop(proc)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def med(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+@dataclass
+class Summary:
+    rps: float | None
+    p50: float | None
+    p99: float | None
+    cpu: float | None
+    idle_mib: float | None
+    peak_mib: float | None
+    errors: int
+    rounds: int
+    rps_all: list[float]
+
+
+def summarize(samples: list[Sample]) -> Summary | None:
+    if not samples:
+        return None
+    mib = lambda kib: kib / 1024 if kib is not None else None  # noqa: E731
+    peaks = [x.rss_peak_kib for x in samples if x.rss_peak_kib is not None]
+    return Summary(
+        rps=med([x.load.rps for x in samples]),
+        p50=med([x.load.p50_ms for x in samples]),
+        p99=med([x.load.p99_ms for x in samples]),
+        cpu=med([x.cpu_ms_per_1k for x in samples]),
+        idle_mib=mib(med([x.rss_idle_kib for x in samples])),
+        # The highest high-water mark: peak memory is a worst case, not a typical one.
+        peak_mib=mib(max(peaks)) if peaks else None,
+        errors=sum(x.load.errors for x in samples),
+        rounds=len(samples),
+        rps_all=[x.load.rps for x in samples],
+    )
+
+
+SCENARIO_TITLE = {
+    "http1": "HTTP/1.1 keep-alive (wrk, {wrk} connections)",
+    "h2": "HTTP/2 h2c (h2load, {h2c} connections × {h2m} streams, h2 upstream)",
+    "tcp": "TCP echo request/response (bench-tcp-client, {tcpc} connections, {tcps}-byte messages)",
+}
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].strip() if text else "?"
+
+
+def render(
+    args,
+    s: Settings,
+    results: dict[str, dict[str, list[Sample]]],
+    notes: list[str],
+    versions: dict[str, str],
+    started: dt.datetime,
+) -> str:
+    lines = [
+        f"# Load harness results — {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- machine: {os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}",
+        f"- proxy pinned to CPU {args.proxy_cpu} with one worker; load generator and backend on CPU {args.load_cpu}",
+        f"- {args.rounds} round(s) × {s.duration} s per measurement (+{s.warmup} s warm-up), targets interleaved;"
+        " values are medians over rounds, RSS peak is the highest VmHWM",
+        "- " + ", ".join(f"{k}: {v}" for k, v in versions.items()),
+        "",
+        "Latency in ms; CPU is the proxy's user+system time per 1,000 requests; RSS in MiB.",
+        "",
+    ]
+    for scenario in args.only:
+        title = SCENARIO_TITLE[scenario].format(
+            wrk=s.wrk_connections, h2c=s.h2_clients, h2m=s.h2_streams, tcpc=s.tcp_connections, tcps=s.tcp_size
+        )
+        lines += [f"## {scenario}: {title}", ""]
+        lines += [
+            "| target | rps | p50 | p99 | CPU ms / 1k req | RSS idle | RSS peak | errors | rps per round |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        sums = {t: summarize(results[scenario].get(t, [])) for t in args.targets}
+        for t in args.targets:
+            sm = sums[t]
+            if sm is None:
+                lines.append(f"| {t} | not run | | | | | | | |")
+                continue
+            lines.append(
+                f"| {t} | {fmt(sm.rps)} | {fmt(sm.p50, 3)} | {fmt(sm.p99, 3)} | {fmt(sm.cpu)} "
+                f"| {fmt(sm.idle_mib, 1)} | {fmt(sm.peak_mib, 1)} | {sm.errors} "
+                f"| {', '.join(f'{r:,.0f}' for r in sm.rps_all)} |"
+            )
+        lines.append("")
+        pairs = [("ferry", "envoy"), ("ferry", "direct"), ("envoy", "direct")]
+        pairs = [(a, b) for a, b in pairs if a in args.targets and b in args.targets]
+        if pairs:
+            lines += [
+                "| ratio | rps | p50 | p99 | CPU / 1k req | RSS idle | RSS peak |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for a, b in pairs:
+                sa, sb = sums[a], sums[b]
+                g = lambda sm, k: getattr(sm, k) if sm else None  # noqa: E731
+                lines.append(
+                    f"| {a}/{b} | {ratio(g(sa, 'rps'), g(sb, 'rps'))} | {ratio(g(sa, 'p50'), g(sb, 'p50'))} "
+                    f"| {ratio(g(sa, 'p99'), g(sb, 'p99'))} | {ratio(g(sa, 'cpu'), g(sb, 'cpu'))} "
+                    f"| {ratio(g(sa, 'idle_mib'), g(sb, 'idle_mib'))} | {ratio(g(sa, 'peak_mib'), g(sb, 'peak_mib'))} |"
+                )
+            lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += [f"Command: `{' '.join(['benches/load.py'] + sys.argv[1:])}`", ""]
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Run direct, Ferry and Envoy side by side under the same load.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per scenario")
+    p.add_argument("--duration", type=int, default=10, help="seconds of measured load per run")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load before each run")
+    p.add_argument(
+        "--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable); default: all"
+    )
+    p.add_argument(
+        "--targets", default=",".join(TARGETS), help="comma-separated subset of direct,ferry,envoy, in run order"
+    )
+    p.add_argument("--ferry", type=Path, default=REPO / "target" / "release" / "ferry", help="ferry binary")
+    p.add_argument("--envoy", type=Path, default=TOOLS / "envoy", help="envoy binary")
+    p.add_argument("--bin-dir", type=Path, default=REPO / "target" / "release", help="where bench-backend and bench-tcp-client are")
+    p.add_argument("--proxy-cpu", default="1", help="CPU list the proxy is pinned to")
+    p.add_argument("--load-cpu", default="0", help="CPU list for the load generator and the backend")
+    p.add_argument("--connections", type=int, default=50, help="wrk connections (http1)")
+    p.add_argument("--h2-clients", type=int, default=10, help="h2load connections (h2)")
+    p.add_argument("--h2-streams", type=int, default=10, help="h2load concurrent streams per connection (h2)")
+    p.add_argument("--tcp-connections", type=int, default=50, help="bench-tcp-client connections (tcp)")
+    p.add_argument("--tcp-size", type=int, default=64, help="bytes per TCP request (tcp)")
+    p.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "latest.md", help="markdown report")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the generated configs and proxy logs")
+    args = p.parse_args(argv)
+    args.only = list(dict.fromkeys(args.only or SCENARIOS))
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown or not args.targets:
+        p.error(f"--targets takes a subset of {','.join(TARGETS)}; got {unknown or 'nothing'}")
+    if args.rounds < 1 or args.duration < 1 or args.warmup < 0:
+        p.error("--rounds and --duration must be >= 1, --warmup >= 0")
+    return args
+
+
+def check_tools(args) -> list[str]:
+    """Fails on what the run cannot do without; returns notes on what it will skip."""
+    notes: list[str] = []
+    missing = []
+    need = {"taskset": "apt-get install -y util-linux"}
+    if "http1" in args.only:
+        need["wrk"] = "apt-get install -y wrk"
+    if "h2" in args.only:
+        need["h2load"] = "apt-get install -y nghttp2-client"
+    for tool, hint in need.items():
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} not found (install: {hint})")
+    for name in ("bench-backend", "bench-tcp-client"):
+        if not (args.bin_dir / name).is_file():
+            missing.append(f"{args.bin_dir / name} not found (build: cargo build -p ferry-benches --release)")
+    if "envoy" in args.targets and not os.access(args.envoy, os.X_OK):
+        missing.append(f"envoy not found at {args.envoy} (install: scripts/install-envoy.sh, or pass --envoy PATH)")
+    if missing:
+        raise HarnessError("cannot run:\n  " + "\n  ".join(missing))
+    if "ferry" in args.targets and not os.access(args.ferry, os.X_OK):
+        note = (
+            f"Ferry skipped: no binary at {args.ferry} "
+            "(build: cargo build -p ferry-proxy --release, or pass --ferry PATH)"
+        )
+        log(note)
+        notes.append(note)
+        args.targets.remove("ferry")
+    return notes
+
+
+def validate_envoy_config(args, tmp: Path) -> None:
+    """Envoy's own validation of the generated bootstrap, so a config bug is named as one."""
+    config = tmp / "validate.yaml"
+    config.write_text(bootstrap_yaml(Ports(free_port(), free_port(), free_port(), free_port()), 1, 2))
+    done = subprocess.run(
+        [str(args.envoy), "--mode", "validate", "-c", str(config), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise HarnessError(f"envoy rejects the generated bootstrap {config}:\n{done.stdout}{done.stderr}")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    atexit.register(stop_all)
+    started = dt.datetime.now(dt.timezone.utc)
+
+    notes = check_tools(args)
+    tmp = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
+    try:
+        return run(args, tmp, notes, started)
+    finally:
+        stop_all()
+        if args.keep_tmp:
+            log(f"configs and logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
+    if "envoy" in args.targets:
+        validate_envoy_config(args, tmp)
+
+    s = Settings(
+        duration=args.duration,
+        warmup=args.warmup,
+        load_cpu=args.load_cpu,
+        wrk_connections=args.connections,
+        h2_clients=args.h2_clients,
+        h2_streams=args.h2_streams,
+        tcp_connections=args.tcp_connections,
+        tcp_size=args.tcp_size,
+        tcp_client=args.bin_dir / "bench-tcp-client",
+        tmp=tmp,
+    )
+    proxies: dict[str, Proxy | None] = {"direct": None}
+    versions = {}
+    if "envoy" in args.targets:
+        # --disable-hot-restart: no shared-memory region, so back-to-back starts never collide.
+        proxies["envoy"] = Proxy(
+            "envoy",
+            [str(args.envoy), "-c", "{config}", "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
+        )
+        versions["envoy"] = tool_version([str(args.envoy), "--version"]).split(" ")[-1]
+    if "ferry" in args.targets:
+        proxies["ferry"] = Proxy("ferry", [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1"])
+        versions["ferry"] = tool_version([str(args.ferry), "--version"])
+    if "http1" in args.only:
+        versions["wrk"] = tool_version(["wrk", "-v"]).split(" [")[0]
+    if "h2" in args.only:
+        versions["h2load"] = tool_version(["h2load", "--version"])
+
+    # The backend lives for the whole run: it is the fixed point every target is measured against.
+    backend_http, backend_echo = free_port(), free_port()
+    pin = ["taskset", "-c", args.load_cpu]
+    for mode, port in (("http", backend_http), ("echo", backend_echo)):
+        proc = spawn(pin + [str(args.bin_dir / "bench-backend"), "--mode", mode, "--addr", f"127.0.0.1:{port}"], tmp / f"backend-{mode}.log")
+        wait_for_port(port, proc, 10, f"bench-backend --mode {mode}")
+
+    results: dict[str, dict[str, list[Sample]]] = {sc: {} for sc in args.only}
+    for round_no in range(1, args.rounds + 1):
+        for scenario in args.only:
+            for target in args.targets:
+                proxy = proxies[target]
+                if proxy is not None and scenario in proxy.disabled:
+                    continue
+                try:
+                    sample = measure(s, scenario, target, proxy, backend_http, backend_echo, round_no, args.proxy_cpu)
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as err:
+                    if proxy is None:
+                        raise HarnessError(f"direct {scenario} run failed: {err}") from err
+                    # A proxy that cannot do one scenario yet still gets measured on the others.
+                    proxy.disabled[scenario] = str(err).splitlines()[0]
+                    log(f"[{round_no}/{args.rounds}] {scenario:5} {target:6} FAILED, skipped from now on: {err}")
+                    notes.append(f"{target} {scenario} failed in round {round_no}: {proxy.disabled[scenario]}")
+                    continue
+                results[scenario].setdefault(target, []).append(sample)
+                r = sample.load
+                cpu = f" cpu {sample.cpu_ms_per_1k:.2f} ms/1k" if sample.cpu_ms_per_1k is not None else ""
+                rss = (
+                    f" rss {sample.rss_idle_kib / 1024:.1f}->{sample.rss_peak_kib / 1024:.1f} MiB"
+                    if sample.rss_idle_kib is not None and sample.rss_peak_kib is not None
+                    else ""
+                )
+                log(
+                    f"[{round_no}/{args.rounds}] {scenario:5} {target:6} {r.rps:>10,.0f} rps"
+                    f"  p50 {fmt(r.p50_ms, 3)} ms  p99 {fmt(r.p99_ms, 3)} ms{cpu}{rss}"
+                    + (f"  ERRORS {r.errors}" if r.errors else "")
+                )
+
+    report = render(args, s, results, notes, versions, started)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    log(f"report written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except HarnessError as err:
+        log(f"load.py: {err}")
+        sys.exit(2)

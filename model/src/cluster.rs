@@ -1,0 +1,60 @@
+//! Clusters and their endpoints.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub kind: ClusterKind,
+    pub connect_timeout: Duration,
+    pub lb_policy: LbPolicy,
+    pub protocol: UpstreamProtocol,
+    /// How long an idle pooled upstream connection is kept (Envoy default 1 h).
+    pub idle_timeout: Option<Duration>,
+    pub max_requests_per_connection: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClusterKind {
+    /// Endpoints are fixed addresses (STATIC, or EDS once resolved).
+    Static(Vec<Endpoint>),
+    /// Host names resolved by DNS, every address used (STRICT_DNS).
+    StrictDns(Vec<DnsEndpoint>),
+    /// The connection's original destination is the upstream (PassthroughCluster).
+    OriginalDst,
+    /// Nothing is proxied (Istio's BlackHoleCluster: STATIC with no endpoints).
+    BlackHole,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    RingHash,
+    Maglev,
+    ClusterProvided,
+}
+
+/// Which HTTP version to speak upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// The downstream request's version (Istio's protocol sniffing clusters).
+    UseDownstream,
+}

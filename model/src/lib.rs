@@ -1,0 +1,93 @@
+//! `ferry-model`: the immutable configuration snapshot the data plane runs on.
+//!
+//! A [`Snapshot`] holds listeners (with their filter chains), route tables with
+//! compiled matchers, and clusters. It is built once per configuration change by
+//! `ferry-xds` (from a static bootstrap or xDS) and then only read, concurrently,
+//! by every connection. No I/O and no async runtime live here.
+
+pub mod cidr;
+pub mod cluster;
+pub mod listener;
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub use cidr::CidrRange;
+pub use cluster::{Cluster, ClusterKind, Endpoint, LbPolicy, UpstreamProtocol};
+pub use listener::{
+    ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
+    Listener, ListenerFilters, TcpProxy,
+};
+pub use route::{
+    ClusterSpecifier, DomainMatcher, HeaderMatcher, PathMatch, Route, RouteAction, RouteConfig,
+    RouteMatch, StringMatcher, VirtualHost, WeightedCluster,
+};
+
+/// One consistent, validated configuration.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// A label for this configuration (the bootstrap file name or the xDS versions).
+    pub version: String,
+    pub listeners: Vec<Arc<Listener>>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+}
+
+impl Snapshot {
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// The listener an original-destination listener hands a connection to, as
+    /// Envoy does for `use_original_dst`: the listener whose address equals the
+    /// original destination, or failing that a wildcard listener on its port.
+    pub fn listener_for_original_dst(&self, dst: std::net::SocketAddr) -> Option<&Arc<Listener>> {
+        let exact = self.listeners.iter().find(|l| l.address == dst);
+        exact.or_else(|| {
+            self.listeners.iter().find(|l| {
+                l.address.port() == dst.port()
+                    && l.address.ip().is_unspecified()
+                    && l.address.is_ipv4() == dst.is_ipv4()
+            })
+        })
+    }
+
+    /// Checks the references between resources: every cluster a listener's
+    /// route or TCP proxy names must exist.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        for l in &self.listeners {
+            for chain in l.filter_chains.iter().chain(l.default_chain.iter()) {
+                for cluster in chain.kind.referenced_clusters() {
+                    if !self.clusters.contains_key(cluster) {
+                        return Err(ModelError::new(
+                            format!("listener {:?} filter chain {:?}", l.name, chain.name),
+                            format!("references unknown cluster {cluster:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A configuration error naming the resource and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {message}")]
+pub struct ModelError {
+    pub resource: String,
+    pub message: String,
+}
+
+impl ModelError {
+    pub fn new(resource: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            resource: resource.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Listeners, filter chains and Envoy's filter-chain selection.
+//!
+//! Selection follows Envoy's documented order: destination port, destination
+//! IP (longest prefix), server name (exact, then longest wildcard), transport
+//! protocol, application protocols, source IP (longest prefix), source port.
+//! At each step the chains with a specific match win over chains that leave the
+//! criterion empty; if none is left, the listener's default chain applies.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cidr::CidrRange;
+use crate::route::RouteConfig;
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    /// `false` for listeners that only receive connections handed over by an
+    /// original-destination listener (Istio's per-port outbound listeners).
+    pub bind_to_port: bool,
+    pub use_original_dst: bool,
+    pub listener_filters: ListenerFilters,
+    /// How long protocol detection may wait for the client's first bytes.
+    /// `None`: the short default that keeps server-first protocols from stalling.
+    pub detection_timeout: Option<Duration>,
+    pub filter_chains: Vec<Arc<FilterChain>>,
+    pub default_chain: Option<Arc<FilterChain>>,
+}
+
+/// Which listener filters are configured (the ones Ferry implements natively).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerFilters {
+    pub original_dst: bool,
+    pub tls_inspector: bool,
+    pub http_inspector: bool,
+}
+
+/// What is known of a connection when its filter chain is chosen.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionInfo {
+    pub destination: Option<SocketAddr>,
+    pub source: Option<SocketAddr>,
+    pub server_name: Option<String>,
+    /// `"tls"` or `"raw_buffer"` once the TLS inspector ran.
+    pub transport_protocol: Option<&'static str>,
+    /// ALPN values (TLS) or `http/1.0`, `http/1.1`, `h2c` from the HTTP inspector.
+    pub application_protocols: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilterChainMatch {
+    pub destination_port: Option<u16>,
+    pub prefix_ranges: Vec<CidrRange>,
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+    pub source_prefix_ranges: Vec<CidrRange>,
+    pub source_ports: Vec<u16>,
+}
+
+#[derive(Debug)]
+pub struct FilterChain {
+    pub name: String,
+    pub filter_chain_match: FilterChainMatch,
+    pub kind: ChainKind,
+}
+
+/// The terminal network filter of a chain.
+#[derive(Debug)]
+pub enum ChainKind {
+    Tcp(TcpProxy),
+    Http(HttpConnectionManager),
+}
+
+impl ChainKind {
+    pub fn referenced_clusters(&self) -> Vec<&str> {
+        match self {
+            ChainKind::Tcp(t) => vec![t.cluster.as_str()],
+            ChainKind::Http(h) => h.route_config.referenced_clusters(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TcpProxy {
+    pub stat_prefix: String,
+    pub cluster: String,
+    /// Envoy's default is one hour; `None` disables the timeout.
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpCodec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug)]
+pub struct HttpConnectionManager {
+    pub stat_prefix: String,
+    pub codec: HttpCodec,
+    pub route_config: Arc<RouteConfig>,
+    pub generate_request_id: bool,
+    /// Idle timeout of a downstream connection (Envoy default 1h).
+    pub idle_timeout: Option<Duration>,
+    /// Idle timeout of a single stream (Envoy default 5 min).
+    pub stream_idle_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+    pub use_remote_address: bool,
+}
+
+/// Whether choosing a chain still depends on what the client sends first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DetectionNeeds {
+    pub tls: bool,
+    pub http: bool,
+}
+
+impl DetectionNeeds {
+    pub fn any(self) -> bool {
+        self.tls || self.http
+    }
+}
+
+impl Listener {
+    /// Chooses the filter chain for a connection (Envoy's matching order).
+    pub fn select_chain(&self, info: &ConnectionInfo) -> Option<&Arc<FilterChain>> {
+        let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
+        narrow_addresses(&mut cands, info);
+        narrow_server_name(&mut cands, info.server_name.as_deref());
+        narrow(&mut cands, |m| {
+            match (&m.transport_protocol, info.transport_protocol) {
+                (None, _) => Some(false),
+                (Some(t), Some(got)) if t == got => Some(true),
+                (Some(t), None) if t == "raw_buffer" => Some(true),
+                _ => None,
+            }
+        });
+        narrow(&mut cands, |m| {
+            if m.application_protocols.is_empty() {
+                Some(false)
+            } else if m
+                .application_protocols
+                .iter()
+                .any(|p| info.application_protocols.iter().any(|a| a == p))
+            {
+                Some(true)
+            } else {
+                None
+            }
+        });
+        narrow_source(&mut cands, info);
+        cands.first().copied().or(self.default_chain.as_ref())
+    }
+
+    /// Which inspections could change the chain chosen for this destination.
+    /// When the candidates left after the address steps do not care about the
+    /// transport or application protocol, no byte needs to be awaited.
+    pub fn detection_needs(&self, destination: Option<SocketAddr>) -> DetectionNeeds {
+        let info = ConnectionInfo {
+            destination,
+            ..Default::default()
+        };
+        let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
+        narrow_addresses(&mut cands, &info);
+        let mut needs = DetectionNeeds::default();
+        for c in cands {
+            let m = &c.filter_chain_match;
+            if self.listener_filters.tls_inspector
+                && (m.transport_protocol.is_some() || !m.server_names.is_empty())
+            {
+                needs.tls = true;
+            }
+            if !m.application_protocols.is_empty()
+                && (self.listener_filters.http_inspector || self.listener_filters.tls_inspector)
+            {
+                needs.http |= self.listener_filters.http_inspector;
+                needs.tls |= self.listener_filters.tls_inspector;
+            }
+        }
+        needs
+    }
+}
+
+/// Keeps the candidates whose predicate says "specific match" (`Some(true)`),
+/// or failing that those that leave the criterion open (`Some(false)`).
+fn narrow(cands: &mut Vec<&Arc<FilterChain>>, f: impl Fn(&FilterChainMatch) -> Option<bool>) {
+    let results: Vec<Option<bool>> = cands.iter().map(|c| f(&c.filter_chain_match)).collect();
+    let want = if results.contains(&Some(true)) {
+        Some(true)
+    } else {
+        Some(false)
+    };
+    let mut i = 0;
+    cands.retain(|_| {
+        let keep = results[i] == want;
+        i += 1;
+        keep
+    });
+}
+
+/// Like [`narrow`] with a rank: the highest rank wins (longest prefix).
+fn narrow_ranked(cands: &mut Vec<&Arc<FilterChain>>, f: impl Fn(&FilterChainMatch) -> Option<i32>) {
+    let ranks: Vec<Option<i32>> = cands.iter().map(|c| f(&c.filter_chain_match)).collect();
+    let best = ranks.iter().flatten().copied().max();
+    let mut i = 0;
+    cands.retain(|_| {
+        let keep = best.is_some() && ranks[i] == best;
+        i += 1;
+        keep
+    });
+}
+
+fn prefix_rank(ranges: &[CidrRange], ip: Option<IpAddr>) -> Option<i32> {
+    if ranges.is_empty() {
+        return Some(-1);
+    }
+    let ip = ip?;
+    ranges
+        .iter()
+        .filter(|r| r.contains(ip))
+        .map(|r| i32::from(r.prefix_len))
+        .max()
+}
+
+fn narrow_addresses(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+    let port = info.destination.map(|d| d.port());
+    narrow(cands, |m| match m.destination_port {
+        None => Some(false),
+        Some(p) if Some(p) == port => Some(true),
+        Some(_) => None,
+    });
+    let ip = info.destination.map(|d| d.ip());
+    narrow_ranked(cands, |m| prefix_rank(&m.prefix_ranges, ip));
+}
+
+fn narrow_server_name(cands: &mut Vec<&Arc<FilterChain>>, sni: Option<&str>) {
+    narrow_ranked(cands, |m| {
+        if m.server_names.is_empty() {
+            return Some(0);
+        }
+        let sni = sni?;
+        m.server_names
+            .iter()
+            .filter_map(|n| {
+                if n.eq_ignore_ascii_case(sni) {
+                    Some(i32::MAX)
+                } else if let Some(suffix) = n.strip_prefix('*') {
+                    let matches = sni.len() > suffix.len()
+                        && sni[sni.len() - suffix.len()..].eq_ignore_ascii_case(suffix);
+                    matches.then(|| i32::try_from(suffix.len()).unwrap_or(i32::MAX - 1))
+                } else {
+                    None
+                }
+            })
+            .max()
+    });
+}
+
+fn narrow_source(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+    let ip = info.source.map(|s| s.ip());
+    narrow_ranked(cands, |m| prefix_rank(&m.source_prefix_ranges, ip));
+    let port = info.source.map(|s| s.port());
+    narrow(cands, |m| {
+        if m.source_ports.is_empty() {
+            Some(false)
+        } else if port.is_some_and(|p| m.source_ports.contains(&p)) {
+            Some(true)
+        } else {
+            None
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::RouteConfig;
+
+    fn chain(name: &str, m: FilterChainMatch) -> Arc<FilterChain> {
+        Arc::new(FilterChain {
+            name: name.into(),
+            filter_chain_match: m,
+            kind: ChainKind::Tcp(TcpProxy {
+                stat_prefix: name.into(),
+                cluster: "c".into(),
+                idle_timeout: None,
+            }),
+        })
+    }
+
+    fn listener(chains: Vec<Arc<FilterChain>>) -> Listener {
+        Listener {
+            name: "l".into(),
+            address: "0.0.0.0:15001".parse().unwrap(),
+            bind_to_port: true,
+            use_original_dst: true,
+            listener_filters: ListenerFilters {
+                original_dst: true,
+                tls_inspector: true,
+                http_inspector: true,
+            },
+            detection_timeout: None,
+            filter_chains: chains,
+            default_chain: Some(chain("default", FilterChainMatch::default())),
+        }
+    }
+
+    fn info(dst: &str, tp: &'static str, alpn: &[&str]) -> ConnectionInfo {
+        ConnectionInfo {
+            destination: Some(dst.parse().unwrap()),
+            source: Some("10.0.0.9:40000".parse().unwrap()),
+            server_name: None,
+            transport_protocol: Some(tp),
+            application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn port_then_protocol_then_default() {
+        let l = listener(vec![
+            chain(
+                "9080-http",
+                FilterChainMatch {
+                    destination_port: Some(9080),
+                    application_protocols: vec!["http/1.1".into(), "h2c".into()],
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "9080-tcp",
+                FilterChainMatch {
+                    destination_port: Some(9080),
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "net-10",
+                FilterChainMatch {
+                    prefix_ranges: vec!["10.0.0.0/8".parse().unwrap()],
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "net-10-1",
+                FilterChainMatch {
+                    prefix_ranges: vec!["10.1.0.0/16".parse().unwrap()],
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let pick = |i: &ConnectionInfo| l.select_chain(i).unwrap().name.clone();
+        assert_eq!(
+            pick(&info("10.1.1.1:9080", "raw_buffer", &["http/1.1"])),
+            "9080-http"
+        );
+        assert_eq!(pick(&info("10.1.1.1:9080", "raw_buffer", &[])), "9080-tcp");
+        assert_eq!(pick(&info("10.1.1.1:9080", "tls", &["h2"])), "9080-tcp");
+        assert_eq!(pick(&info("10.1.1.1:80", "raw_buffer", &[])), "net-10-1");
+        assert_eq!(pick(&info("10.2.1.1:80", "raw_buffer", &[])), "net-10");
+        assert_eq!(pick(&info("192.168.1.1:80", "raw_buffer", &[])), "default");
+        // No backtracking, as in Envoy: a specific transport match that then
+        // fails on ALPN does not fall back to a chain without transport.
+        let l2 = listener(vec![
+            chain(
+                "raw-http",
+                FilterChainMatch {
+                    transport_protocol: Some("raw_buffer".into()),
+                    application_protocols: vec!["http/1.1".into()],
+                    ..Default::default()
+                },
+            ),
+            chain("any", FilterChainMatch::default()),
+        ]);
+        let got = l2
+            .select_chain(&info("1.1.1.1:1", "raw_buffer", &[]))
+            .unwrap();
+        assert_eq!(got.name, "default");
+        assert!(
+            l.detection_needs(Some("10.1.1.1:9080".parse().unwrap()))
+                .any()
+        );
+        assert!(
+            !l.detection_needs(Some("10.1.1.1:3306".parse().unwrap()))
+                .any()
+        );
+        let _ = RouteConfig::default();
+    }
+
+    #[test]
+    fn server_names_exact_beats_wildcard() {
+        let l = listener(vec![
+            chain(
+                "wild",
+                FilterChainMatch {
+                    server_names: vec!["*.example.com".into()],
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "exact",
+                FilterChainMatch {
+                    server_names: vec!["api.example.com".into()],
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let mut i = info("1.2.3.4:443", "tls", &[]);
+        i.server_name = Some("api.example.com".into());
+        assert_eq!(l.select_chain(&i).unwrap().name, "exact");
+        i.server_name = Some("www.example.com".into());
+        assert_eq!(l.select_chain(&i).unwrap().name, "wild");
+        i.server_name = Some("other.org".into());
+        assert_eq!(l.select_chain(&i).unwrap().name, "default");
+    }
+}

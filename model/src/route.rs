@@ -1,0 +1,400 @@
+//! Route tables with compiled matchers: virtual host selection by domain and
+//! the ordered route list of each virtual host, as Envoy evaluates them.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use regex::Regex;
+
+#[derive(Debug, Default)]
+pub struct RouteConfig {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Debug)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<DomainMatcher>,
+    pub routes: Vec<Route>,
+}
+
+/// One entry of a virtual host's `domains`, compiled by kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainMatcher {
+    Exact(String),
+    /// `*.example.com` (stored as `.example.com`) or `*-bar.com`.
+    Suffix(String),
+    /// `foo.*` (stored as `foo.`).
+    Prefix(String),
+    Any,
+}
+
+impl DomainMatcher {
+    pub fn parse(domain: &str) -> Self {
+        let d = domain.to_ascii_lowercase();
+        if d == "*" {
+            DomainMatcher::Any
+        } else if let Some(s) = d.strip_prefix('*') {
+            DomainMatcher::Suffix(s.to_string())
+        } else if let Some(p) = d.strip_suffix('*') {
+            DomainMatcher::Prefix(p.to_string())
+        } else {
+            DomainMatcher::Exact(d)
+        }
+    }
+
+    /// Match quality: exact beats the longest suffix, which beats the longest
+    /// prefix, which beats `*` (Envoy's virtual host search order).
+    fn rank(&self, host: &str) -> Option<(u8, usize)> {
+        match self {
+            DomainMatcher::Exact(d) => (d == host).then_some((3, d.len())),
+            DomainMatcher::Suffix(s) => {
+                (host.len() > s.len() && host.ends_with(s.as_str())).then_some((2, s.len()))
+            }
+            DomainMatcher::Prefix(p) => {
+                (host.len() > p.len() && host.starts_with(p.as_str())).then_some((1, p.len()))
+            }
+            DomainMatcher::Any => Some((0, 0)),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub route_match: RouteMatch,
+    pub action: RouteAction,
+    pub request_headers_to_add: Vec<(http::HeaderName, http::HeaderValue, bool)>,
+    pub request_headers_to_remove: Vec<http::HeaderName>,
+}
+
+#[derive(Debug)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub case_sensitive: bool,
+    pub headers: Vec<HeaderMatcher>,
+}
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+    /// Matches `/foo` and `/foo/...` but not `/foobar`.
+    SeparatedPrefix(String),
+}
+
+#[derive(Debug)]
+pub enum StringMatcher {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    Regex(Regex),
+}
+
+impl StringMatcher {
+    pub fn matches(&self, value: &str, ignore_case: bool) -> bool {
+        let eq = |a: &str, b: &str| {
+            if ignore_case {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
+        match self {
+            StringMatcher::Exact(s) => eq(value, s),
+            StringMatcher::Prefix(s) => value.len() >= s.len() && eq(&value[..s.len()], s),
+            StringMatcher::Suffix(s) => {
+                value.len() >= s.len() && eq(&value[value.len() - s.len()..], s)
+            }
+            StringMatcher::Contains(s) => {
+                if ignore_case {
+                    value.to_ascii_lowercase().contains(&s.to_ascii_lowercase())
+                } else {
+                    value.contains(s.as_str())
+                }
+            }
+            StringMatcher::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct HeaderMatcher {
+    pub name: http::HeaderName,
+    /// `None`: the header only has to be present.
+    pub matcher: Option<StringMatcher>,
+    pub ignore_case: bool,
+    pub invert: bool,
+    /// `present_match: false` inverts presence (the header must be absent).
+    pub present: bool,
+}
+
+impl HeaderMatcher {
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter().peekable();
+        let result = match &self.matcher {
+            None => values.peek().is_some() == self.present,
+            Some(m) => {
+                // Envoy joins repeated headers with "," before matching.
+                let joined: Vec<&str> = values.filter_map(|v| v.to_str().ok()).collect();
+                !joined.is_empty() && m.matches(&joined.join(","), self.ignore_case)
+            }
+        };
+        result != self.invert
+    }
+}
+
+#[derive(Debug)]
+pub enum RouteAction {
+    Route {
+        cluster: ClusterSpecifier,
+        prefix_rewrite: Option<String>,
+        host_rewrite: Option<String>,
+        /// Envoy's default route timeout is 15 s; `None` disables it.
+        timeout: Option<Duration>,
+    },
+    DirectResponse {
+        status: http::StatusCode,
+        body: Option<String>,
+    },
+    Redirect {
+        status: http::StatusCode,
+        scheme: Option<String>,
+        host: Option<String>,
+        port: Option<u16>,
+        path: Option<String>,
+        prefix_rewrite: Option<String>,
+        strip_query: bool,
+    },
+}
+
+#[derive(Debug)]
+pub enum ClusterSpecifier {
+    Name(String),
+    Weighted(Vec<WeightedCluster>),
+}
+
+#[derive(Debug)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+}
+
+impl ClusterSpecifier {
+    /// Picks the cluster; `roll` is a uniform random number.
+    pub fn pick(&self, roll: u64) -> &str {
+        match self {
+            ClusterSpecifier::Name(n) => n,
+            ClusterSpecifier::Weighted(ws) => {
+                let total: u64 = ws.iter().map(|w| u64::from(w.weight)).sum();
+                if total == 0 {
+                    return ws.first().map(|w| w.name.as_str()).unwrap_or("");
+                }
+                let mut point = roll % total;
+                for w in ws {
+                    if point < u64::from(w.weight) {
+                        return &w.name;
+                    }
+                    point -= u64::from(w.weight);
+                }
+                ws.last().map(|w| w.name.as_str()).unwrap_or("")
+            }
+        }
+    }
+}
+
+impl RouteConfig {
+    pub fn referenced_clusters(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        for vh in &self.virtual_hosts {
+            for r in &vh.routes {
+                if let RouteAction::Route { cluster, .. } = &r.action {
+                    match cluster {
+                        ClusterSpecifier::Name(n) => out.push(n.as_str()),
+                        ClusterSpecifier::Weighted(ws) => {
+                            out.extend(ws.iter().map(|w| w.name.as_str()))
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The virtual host for a `Host`/`:authority` value, matched as given
+    /// (port included), as Envoy does without `strip_any_host_port`.
+    pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
+        self.best_vhost(&host.to_ascii_lowercase())
+    }
+
+    fn best_vhost(&self, host: &str) -> Option<&VirtualHost> {
+        let mut best: Option<((u8, usize), &VirtualHost)> = None;
+        for vh in &self.virtual_hosts {
+            for d in &vh.domains {
+                if let Some(rank) = d.rank(host) {
+                    if best.is_none_or(|(b, _)| rank > b) {
+                        best = Some((rank, vh));
+                    }
+                }
+            }
+        }
+        best.map(|(_, vh)| vh)
+    }
+
+    /// The first route of the matching virtual host that matches the request.
+    pub fn find_route(&self, host: &str, path: &str, headers: &HeaderMap) -> Option<&Route> {
+        let vh = self.virtual_host(host)?;
+        vh.routes
+            .iter()
+            .find(|r| r.route_match.matches(path, headers))
+    }
+}
+
+impl RouteMatch {
+    /// `path` is the request's path with the query string.
+    pub fn matches(&self, path_and_query: &str, headers: &HeaderMap) -> bool {
+        let path = path_and_query
+            .split_once('?')
+            .map_or(path_and_query, |(p, _)| p);
+        let ok = match &self.path {
+            PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
+            PathMatch::Exact(p) => {
+                if self.case_sensitive {
+                    path == p
+                } else {
+                    path.eq_ignore_ascii_case(p)
+                }
+            }
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::SeparatedPrefix(p) => {
+                starts_with(path, p, self.case_sensitive)
+                    && (path.len() == p.len() || path.as_bytes().get(p.len()) == Some(&b'/'))
+            }
+        };
+        ok && self.headers.iter().all(|h| h.matches(headers))
+    }
+}
+
+fn starts_with(path: &str, prefix: &str, case_sensitive: bool) -> bool {
+    path.len() >= prefix.len()
+        && if case_sensitive {
+            path.starts_with(prefix)
+        } else {
+            path[..prefix.len()].eq_ignore_ascii_case(prefix)
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, path: PathMatch) -> Route {
+        Route {
+            name: name.into(),
+            route_match: RouteMatch {
+                path,
+                case_sensitive: true,
+                headers: vec![],
+            },
+            action: RouteAction::DirectResponse {
+                status: http::StatusCode::OK,
+                body: None,
+            },
+            request_headers_to_add: vec![],
+            request_headers_to_remove: vec![],
+        }
+    }
+
+    fn vh(name: &str, domains: &[&str], routes: Vec<Route>) -> VirtualHost {
+        VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| DomainMatcher::parse(d)).collect(),
+            routes,
+        }
+    }
+
+    #[test]
+    fn virtual_host_priority() {
+        let rc = RouteConfig {
+            name: "r".into(),
+            virtual_hosts: vec![
+                vh("any", &["*"], vec![]),
+                vh("suffix", &["*.example.com"], vec![]),
+                vh("prefix", &["api.*"], vec![]),
+                vh("exact", &["api.example.com", "reviews:9080"], vec![]),
+            ],
+        };
+        let name = |h: &str| rc.virtual_host(h).unwrap().name.clone();
+        assert_eq!(name("api.example.com"), "exact");
+        assert_eq!(name("API.example.com"), "exact");
+        assert_eq!(name("www.example.com"), "suffix");
+        assert_eq!(name("api.other.org"), "prefix");
+        assert_eq!(name("reviews:9080"), "exact");
+        assert_eq!(name("api.example.com:80"), "prefix");
+        assert_eq!(name("www.example.com:80"), "any");
+        assert_eq!(name("x"), "any");
+    }
+
+    #[test]
+    fn path_matching_in_order() {
+        let rc = RouteConfig {
+            name: "r".into(),
+            virtual_hosts: vec![vh(
+                "v",
+                &["*"],
+                vec![
+                    route("exact", PathMatch::Exact("/login".into())),
+                    route("sep", PathMatch::SeparatedPrefix("/api".into())),
+                    route("re", PathMatch::Regex(Regex::new("^/v[0-9]+/.*$").unwrap())),
+                    route("prefix", PathMatch::Prefix("/".into())),
+                ],
+            )],
+        };
+        let h = HeaderMap::new();
+        let name = |p: &str| rc.find_route("x", p, &h).unwrap().name.clone();
+        assert_eq!(name("/login?next=1"), "exact");
+        assert_eq!(name("/api/x"), "sep");
+        assert_eq!(name("/api"), "sep");
+        assert_eq!(name("/apix"), "prefix");
+        assert_eq!(name("/v2/a"), "re");
+    }
+
+    #[test]
+    fn header_matchers() {
+        let mut h = HeaderMap::new();
+        h.insert("end-user", "jason".parse().unwrap());
+        let m = |matcher, invert, present| HeaderMatcher {
+            name: http::HeaderName::from_static("end-user"),
+            matcher,
+            ignore_case: false,
+            invert,
+            present,
+        };
+        assert!(m(Some(StringMatcher::Exact("jason".into())), false, true).matches(&h));
+        assert!(!m(Some(StringMatcher::Exact("json".into())), false, true).matches(&h));
+        assert!(m(Some(StringMatcher::Exact("json".into())), true, true).matches(&h));
+        assert!(m(Some(StringMatcher::Prefix("ja".into())), false, true).matches(&h));
+        assert!(m(None, false, true).matches(&h));
+        assert!(!m(None, false, true).matches(&HeaderMap::new()));
+        assert!(m(None, false, false).matches(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn weighted_pick_follows_weights() {
+        let spec = ClusterSpecifier::Weighted(vec![
+            WeightedCluster {
+                name: "a".into(),
+                weight: 25,
+            },
+            WeightedCluster {
+                name: "b".into(),
+                weight: 75,
+            },
+        ]);
+        let a = (0..100).filter(|r| spec.pick(*r) == "a").count();
+        assert_eq!(a, 25);
+    }
+}

@@ -1,0 +1,2 @@
+//! The `ferry` binary: `sidecar`, `gateway` and `iptables` subcommands.
+fn main() {}

@@ -1,0 +1,263 @@
+//! The Envoy bootstrap file (YAML or JSON): its static resources become the
+//! first snapshot.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::bootstrap::v3 as bootstrap_pb;
+use ferry_model::Snapshot;
+
+use crate::convert::{self, ConvertError, Warnings};
+
+/// A loaded bootstrap: the proto (for `/config_dump`), the snapshot built from
+/// its static resources, and what was skipped on the way.
+#[derive(Debug)]
+pub struct Bootstrap {
+    pub proto: bootstrap_pb::Bootstrap,
+    pub snapshot: Snapshot,
+    pub admin_address: Option<SocketAddr>,
+    pub warnings: Warnings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid YAML or JSON: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}: {message}")]
+    Schema { path: String, message: String },
+    #[error("{path}: {source}")]
+    Convert { path: String, source: ConvertError },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+pub fn load_bootstrap(path: &Path) -> Result<Bootstrap, BootstrapError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Read {
+        path: p.clone(),
+        source,
+    })?;
+    parse_bootstrap(&p, &text)
+}
+
+/// Parses bootstrap text; `origin` names it in errors.
+pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapError> {
+    // YAML is a superset of JSON, so one parser serves both forms.
+    let value: serde_json::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| BootstrapError::Syntax {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+    let proto: bootstrap_pb::Bootstrap =
+        crate::json::from_json("envoy.config.bootstrap.v3.Bootstrap", value).map_err(
+            |message| BootstrapError::Schema {
+                path: origin.to_string(),
+                message,
+            },
+        )?;
+    let mut warnings = Warnings::default();
+    let conv = |source| BootstrapError::Convert {
+        path: origin.to_string(),
+        source,
+    };
+    let statics = proto.static_resources.clone().unwrap_or_default();
+    let mut listeners = Vec::with_capacity(statics.listeners.len());
+    for l in &statics.listeners {
+        let l = convert::listener(l, &mut warnings).map_err(conv)?;
+        if listeners
+            .iter()
+            .any(|x: &Arc<ferry_model::Listener>| x.name == l.name)
+        {
+            return Err(BootstrapError::Invalid {
+                path: origin.to_string(),
+                message: format!("listener {:?}: name: duplicate listener name", l.name),
+            });
+        }
+        listeners.push(Arc::new(l));
+    }
+    let mut clusters = HashMap::with_capacity(statics.clusters.len());
+    for c in &statics.clusters {
+        let c = convert::cluster(c, &mut warnings).map_err(conv)?;
+        if clusters.contains_key(&c.name) {
+            return Err(BootstrapError::Invalid {
+                path: origin.to_string(),
+                message: format!("cluster {:?}: name: duplicate cluster name", c.name),
+            });
+        }
+        clusters.insert(c.name.clone(), Arc::new(c));
+    }
+    let snapshot = Snapshot {
+        version: format!("static:{origin}"),
+        listeners,
+        clusters,
+    };
+    snapshot.validate().map_err(|e| BootstrapError::Invalid {
+        path: origin.to_string(),
+        message: e.to_string(),
+    })?;
+    let admin_address = proto
+        .admin
+        .as_ref()
+        .and_then(|a| a.address.as_ref())
+        .and_then(|a| match &a.address {
+            Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) => {
+                let port = match sa.port_specifier {
+                    Some(envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(p)) => {
+                        u16::try_from(p).ok()?
+                    }
+                    _ => return None,
+                };
+                Some(SocketAddr::new(sa.address.parse().ok()?, port))
+            }
+            _ => None,
+        });
+    Ok(Bootstrap {
+        proto,
+        snapshot,
+        admin_address,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: 15000}}
+static_resources:
+  listeners:
+  - name: http
+    address: {socket_address: {address: 0.0.0.0, port_value: 8080}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route: {cluster: backend, timeout: 0s}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: tcp
+    address: {socket_address: {address: 0.0.0.0, port_value: 9000}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: backend
+  clusters:
+  - name: backend
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 9090}}}
+  - name: passthrough
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+"#;
+
+    fn err(text: &str) -> String {
+        parse_bootstrap("test.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn loads_static_resources() {
+        let b = parse_bootstrap("test.yaml", GOOD).unwrap();
+        assert_eq!(b.snapshot.listeners.len(), 2);
+        assert_eq!(b.admin_address, Some("127.0.0.1:15000".parse().unwrap()));
+        let c = b.snapshot.cluster("backend").unwrap();
+        assert!(
+            matches!(&c.kind, ferry_model::ClusterKind::Static(e) if e[0].address.port() == 9090)
+        );
+        assert!(matches!(
+            b.snapshot.cluster("passthrough").unwrap().kind,
+            ferry_model::ClusterKind::OriginalDst
+        ));
+        let l = b.snapshot.listener("http").unwrap();
+        let ferry_model::ChainKind::Http(h) = &l.filter_chains[0].kind else {
+            panic!("expected HCM")
+        };
+        let route = h
+            .route_config
+            .find_route("x", "/a", &http::HeaderMap::new());
+        assert!(route.is_some());
+    }
+
+    #[test]
+    fn errors_name_resource_and_field() {
+        let e = err(&GOOD.replace("port_value: 9090", "port_value: 99999"));
+        assert!(
+            e.contains("cluster \"backend\"") && e.contains("port_value"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("stat_prefix: tcp", "stat_prefx: tcp"));
+        assert!(
+            e.contains("static_resources.listeners[1].filter_chains[0].filters[0].typed_config")
+                && e.contains("stat_prefx"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace(
+            "cluster: backend\n  clusters",
+            "cluster: nowhere\n  clusters",
+        ));
+        assert!(
+            e.contains("listener \"tcp\"") && e.contains("unknown cluster \"nowhere\""),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace("{prefix: \"/\"}", "{safe_regex: {regex: \"([a-z\"}}"));
+        assert!(
+            e.contains("listener \"http\"")
+                && e.contains("routes[0].match.safe_regex.regex")
+                && e.contains("invalid regex"),
+            "{e}"
+        );
+
+        let e = err(&GOOD.replace(
+            "      - name: envoy.filters.http.router\n",
+            "      - name: envoy.filters.http.lua\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua\n          - name: envoy.filters.http.router\n",
+        ));
+        assert!(
+            e.contains("http_filters[0]")
+                && e.contains("unsupported http filter \"envoy.filters.http.lua\""),
+            "{e}"
+        );
+
+        let e = err("static_resources: [");
+        assert!(e.contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn optional_unknown_http_filter_is_skipped_with_warning() {
+        let text = GOOD.replace(
+            "      - name: envoy.filters.http.router\n",
+            "      - name: envoy.filters.http.lua\n            is_optional: true\n            typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua\n          - name: envoy.filters.http.router\n",
+        );
+        let b = parse_bootstrap("test.yaml", &text).unwrap();
+        assert_eq!(b.warnings.0.len(), 1, "{:?}", b.warnings);
+        assert!(b.warnings.0[0].contains("envoy.filters.http.lua"));
+    }
+}

@@ -1,0 +1,1089 @@
+//! Envoy v3 protos → `ferry-model`.
+//!
+//! Every error names the resource (`listener "x"`, `cluster "y"`) and the field
+//! path inside it, so a bad bootstrap or a NACK tells the operator exactly what
+//! to fix. Extensions Ferry does not implement are errors unless Envoy allows
+//! skipping them (`is_optional` HTTP filters) or they are Istio's telemetry and
+//! peer-metadata filters, which are accepted with a warning.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3 as cluster_pb;
+use envoy_types::pb::envoy::config::core::v3 as core_pb;
+use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
+use envoy_types::pb::envoy::config::listener::v3 as listener_pb;
+use envoy_types::pb::envoy::config::route::v3 as route_pb;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http_pb;
+use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
+use envoy_types::pb::google::protobuf::Any;
+use ferry_model as m;
+use prost::Message;
+
+/// A conversion error: which resource, which field, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{resource}: {field}: {message}")]
+pub struct ConvertError {
+    pub resource: String,
+    pub field: String,
+    pub message: String,
+}
+
+/// Non-fatal findings (skipped optional or recognised-but-unimplemented
+/// extensions), reported by the caller as warnings and counted.
+#[derive(Debug, Default, Clone)]
+pub struct Warnings(pub Vec<String>);
+
+struct Ctx<'a> {
+    resource: String,
+    warnings: &'a mut Warnings,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConvertError {
+        ConvertError {
+            resource: self.resource.clone(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn warn(&mut self, field: &str, message: String) {
+        self.warnings
+            .0
+            .push(format!("{}: {field}: {message}", self.resource));
+    }
+}
+
+const TYPE_PREFIX: &str = "type.googleapis.com/";
+
+/// Type URLs of Istio's own extensions: recognised, not (yet) implemented,
+/// never a reason to reject a listener.
+const ISTIO_TOLERATED: &[&str] = &[
+    "stats.PluginConfig",
+    "envoy.tcp.metadataexchange.config.MetadataExchange",
+    "io.istio.http.peer_metadata.Config",
+    "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+    "io.istio.network.authn.Config",
+    "istio.mixer.v1.config.client.ClientConfig",
+    "envoy.extensions.filters.network.wasm.v3.Wasm",
+    "envoy.extensions.filters.http.wasm.v3.Wasm",
+];
+
+/// Messages wrapping a typed config as a JSON struct.
+#[derive(Clone, PartialEq, Message)]
+struct TypedStruct {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(message, optional, tag = "2")]
+    value: Option<envoy_types::pb::google::protobuf::Struct>,
+}
+
+/// The message type of a typed config (unwrapping TypedStruct) and its bytes.
+enum Typed {
+    Proto {
+        type_name: String,
+        bytes: Vec<u8>,
+    },
+    Json {
+        type_name: String,
+        json: serde_json::Value,
+    },
+}
+
+impl Typed {
+    fn from_any(any: &Any) -> Result<Self, String> {
+        let name = any
+            .type_url
+            .strip_prefix(TYPE_PREFIX)
+            .unwrap_or(&any.type_url);
+        if name == "udpa.type.v1.TypedStruct" || name == "xds.type.v3.TypedStruct" {
+            let ts = TypedStruct::decode(any.value.as_slice())
+                .map_err(|e| format!("undecodable {name}: {e}"))?;
+            let inner = ts
+                .type_url
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let json = ts
+                .value
+                .as_ref()
+                .map(crate::json::prost_types_struct::to_json)
+                .unwrap_or_else(|| serde_json::json!({}));
+            return Ok(Typed::Json {
+                type_name: inner,
+                json,
+            });
+        }
+        Ok(Typed::Proto {
+            type_name: name.to_string(),
+            bytes: any.value.clone(),
+        })
+    }
+
+    fn type_name(&self) -> &str {
+        match self {
+            Typed::Proto { type_name, .. } | Typed::Json { type_name, .. } => type_name,
+        }
+    }
+
+    fn decode<M: Message + Default>(self) -> Result<M, String> {
+        match self {
+            Typed::Proto { type_name, bytes } => {
+                M::decode(bytes.as_slice()).map_err(|e| format!("undecodable {type_name}: {e}"))
+            }
+            Typed::Json { type_name, json } => crate::json::from_json(&type_name, json),
+        }
+    }
+}
+
+fn duration(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> Option<Duration> {
+    d.as_ref().map(|d| {
+        Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0))
+            + Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0))
+    })
+}
+
+/// Envoy's convention for timeouts: absent → default, zero → disabled.
+fn timeout_or(
+    d: &Option<envoy_types::pb::google::protobuf::Duration>,
+    default: Option<Duration>,
+) -> Option<Duration> {
+    match duration(d) {
+        None => default,
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    }
+}
+
+fn socket_address(
+    ctx: &Ctx<'_>,
+    field: &str,
+    a: &Option<core_pb::Address>,
+) -> Result<(String, u16), ConvertError> {
+    use core_pb::address::Address as A;
+    use core_pb::socket_address::PortSpecifier;
+    match a.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(A::SocketAddress(sa)) => {
+            if sa.protocol != core_pb::socket_address::Protocol::Tcp as i32 {
+                return Err(ctx.err(
+                    format!("{field}.socket_address.protocol"),
+                    "only TCP is supported",
+                ));
+            }
+            let port = match &sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) => u16::try_from(*p).map_err(|_| {
+                    ctx.err(
+                        format!("{field}.socket_address.port_value"),
+                        format!("{p} is not a port"),
+                    )
+                })?,
+                Some(PortSpecifier::NamedPort(_)) => {
+                    return Err(ctx.err(
+                        format!("{field}.socket_address.named_port"),
+                        "named ports are not supported",
+                    ));
+                }
+                None => 0,
+            };
+            Ok((sa.address.clone(), port))
+        }
+        Some(_) => Err(ctx.err(field, "only socket_address is supported")),
+        None => Err(ctx.err(field, "address is required")),
+    }
+}
+
+fn ip_socket(
+    ctx: &Ctx<'_>,
+    field: &str,
+    a: &Option<core_pb::Address>,
+) -> Result<SocketAddr, ConvertError> {
+    let (host, port) = socket_address(ctx, field, a)?;
+    let ip: IpAddr = host.parse().map_err(|_| {
+        ctx.err(
+            format!("{field}.socket_address.address"),
+            format!("{host:?} is not an IP address"),
+        )
+    })?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+// ---------------------------------------------------------------- listeners
+
+pub fn listener(
+    l: &listener_pb::Listener,
+    warnings: &mut Warnings,
+) -> Result<m::Listener, ConvertError> {
+    let mut ctx = Ctx {
+        resource: format!("listener {:?}", l.name),
+        warnings,
+    };
+    if l.name.is_empty() {
+        return Err(ctx.err("name", "a listener needs a name"));
+    }
+    let address = ip_socket(&ctx, "address", &l.address)?;
+    let mut filters = m::ListenerFilters::default();
+    for (i, lf) in l.listener_filters.iter().enumerate() {
+        let field = format!("listener_filters[{i}]");
+        let type_name = match &lf.config_type {
+            Some(listener_pb::listener_filter::ConfigType::TypedConfig(any)) => {
+                Typed::from_any(any)
+                    .map_err(|e| ctx.err(format!("{field}.typed_config"), e))?
+                    .type_name()
+                    .to_string()
+            }
+            _ => String::new(),
+        };
+        match (type_name.as_str(), lf.name.as_str()) {
+            ("envoy.extensions.filters.listener.original_dst.v3.OriginalDst", _)
+            | ("", "envoy.filters.listener.original_dst") => filters.original_dst = true,
+            ("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector", _)
+            | ("", "envoy.filters.listener.tls_inspector") => filters.tls_inspector = true,
+            ("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector", _)
+            | ("", "envoy.filters.listener.http_inspector") => filters.http_inspector = true,
+            _ => {
+                return Err(ctx.err(
+                    field,
+                    format!("unsupported listener filter {:?} ({type_name})", lf.name),
+                ));
+            }
+        }
+    }
+    let mut chains = Vec::with_capacity(l.filter_chains.len());
+    for (i, fc) in l.filter_chains.iter().enumerate() {
+        chains.push(Arc::new(filter_chain(
+            &mut ctx,
+            &format!("filter_chains[{i}]"),
+            fc,
+        )?));
+    }
+    let default_chain = match &l.default_filter_chain {
+        Some(fc) => Some(Arc::new(filter_chain(
+            &mut ctx,
+            "default_filter_chain",
+            fc,
+        )?)),
+        None => None,
+    };
+    if chains.is_empty() && default_chain.is_none() {
+        return Err(ctx.err(
+            "filter_chains",
+            "a listener needs at least one filter chain",
+        ));
+    }
+    let detection_timeout = timeout_or(&l.listener_filters_timeout, None);
+    Ok(m::Listener {
+        name: l.name.clone(),
+        address,
+        bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
+        use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
+        listener_filters: filters,
+        detection_timeout,
+        filter_chains: chains,
+        default_chain,
+    })
+}
+
+fn cidr(ctx: &Ctx<'_>, field: &str, r: &core_pb::CidrRange) -> Result<m::CidrRange, ConvertError> {
+    let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
+        ctx.err(
+            format!("{field}.address_prefix"),
+            format!("{:?} is not an IP address", r.address_prefix),
+        )
+    })?;
+    let len = r
+        .prefix_len
+        .as_ref()
+        .map_or(if ip.is_ipv4() { 32 } else { 128 }, |v| v.value);
+    u8::try_from(len)
+        .ok()
+        .and_then(|len| m::CidrRange::new(ip, len))
+        .ok_or_else(|| {
+            ctx.err(
+                format!("{field}.prefix_len"),
+                format!("{len} is too long for {ip}"),
+            )
+        })
+}
+
+fn filter_chain(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    fc: &listener_pb::FilterChain,
+) -> Result<m::FilterChain, ConvertError> {
+    let mut fcm = m::FilterChainMatch::default();
+    if let Some(mm) = &fc.filter_chain_match {
+        let f = format!("{field}.filter_chain_match");
+        fcm.destination_port = mm
+            .destination_port
+            .as_ref()
+            .map(|p| p.value)
+            .map(|p| {
+                u16::try_from(p).map_err(|_| {
+                    ctx.err(
+                        format!("{f}.destination_port"),
+                        format!("{p} is not a port"),
+                    )
+                })
+            })
+            .transpose()?;
+        for (i, r) in mm.prefix_ranges.iter().enumerate() {
+            fcm.prefix_ranges
+                .push(cidr(ctx, &format!("{f}.prefix_ranges[{i}]"), r)?);
+        }
+        for (i, r) in mm.source_prefix_ranges.iter().enumerate() {
+            fcm.source_prefix_ranges
+                .push(cidr(ctx, &format!("{f}.source_prefix_ranges[{i}]"), r)?);
+        }
+        fcm.source_ports = mm
+            .source_ports
+            .iter()
+            .filter_map(|p| u16::try_from(*p).ok())
+            .collect();
+        fcm.server_names = mm.server_names.clone();
+        fcm.transport_protocol =
+            (!mm.transport_protocol.is_empty()).then(|| mm.transport_protocol.clone());
+        fcm.application_protocols = mm.application_protocols.clone();
+    }
+    if let Some(ts) = &fc.transport_socket {
+        transport_socket(ctx, &format!("{field}.transport_socket"), ts)?;
+    }
+    let mut terminal = None;
+    for (i, f) in fc.filters.iter().enumerate() {
+        let ff = format!("{field}.filters[{i}]");
+        let typed = match &f.config_type {
+            Some(listener_pb::filter::ConfigType::TypedConfig(any)) => {
+                Typed::from_any(any).map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?
+            }
+            _ => return Err(ctx.err(&ff, format!("filter {:?} has no typed_config", f.name))),
+        };
+        if terminal.is_some() {
+            return Err(ctx.err(
+                &ff,
+                format!("filter {:?} follows a terminal filter", f.name),
+            ));
+        }
+        match typed.type_name() {
+            "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy" => {
+                let tp: tcp_pb::TcpProxy = typed
+                    .decode()
+                    .map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?;
+                terminal = Some(m::ChainKind::Tcp(tcp_proxy(ctx, &ff, &tp)?));
+            }
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
+                let h: hcm_pb::HttpConnectionManager = typed
+                    .decode()
+                    .map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?;
+                terminal = Some(m::ChainKind::Http(http_connection_manager(ctx, &ff, &h)?));
+            }
+            t if ISTIO_TOLERATED.contains(&t) => {
+                ctx.warn(
+                    &ff,
+                    format!(
+                        "network filter {:?} ({t}) is recognised but not implemented; skipped",
+                        f.name
+                    ),
+                );
+            }
+            t => {
+                return Err(ctx.err(
+                    format!("{ff}.typed_config"),
+                    format!("unsupported network filter {:?} ({t})", f.name),
+                ));
+            }
+        }
+    }
+    let kind = terminal.ok_or_else(|| {
+        ctx.err(
+            format!("{field}.filters"),
+            "the chain has no terminal filter (tcp_proxy or http_connection_manager)",
+        )
+    })?;
+    Ok(m::FilterChain {
+        name: if fc.name.is_empty() {
+            field.to_string()
+        } else {
+            fc.name.clone()
+        },
+        filter_chain_match: fcm,
+        kind,
+    })
+}
+
+/// Only plaintext is supported by this data path so far: refusing TLS here
+/// keeps a TLS-configured chain from silently speaking plaintext.
+fn transport_socket(
+    ctx: &Ctx<'_>,
+    field: &str,
+    ts: &core_pb::TransportSocket,
+) -> Result<(), ConvertError> {
+    let type_name = match &ts.config_type {
+        Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => any
+            .type_url
+            .strip_prefix(TYPE_PREFIX)
+            .unwrap_or(&any.type_url)
+            .to_string(),
+        None => String::new(),
+    };
+    if type_name.is_empty()
+        && (ts.name == "envoy.transport_sockets.raw_buffer" || ts.name == "raw_buffer")
+    {
+        return Ok(());
+    }
+    match type_name.as_str() {
+        "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(()),
+        t => Err(ctx.err(
+            field,
+            format!("unsupported transport socket {:?} ({t})", ts.name),
+        )),
+    }
+}
+
+fn tcp_proxy(
+    ctx: &Ctx<'_>,
+    field: &str,
+    tp: &tcp_pb::TcpProxy,
+) -> Result<m::TcpProxy, ConvertError> {
+    use tcp_pb::tcp_proxy::ClusterSpecifier;
+    let cluster = match &tp.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => c.clone(),
+        Some(ClusterSpecifier::WeightedClusters(_)) => {
+            return Err(ctx.err(
+                format!("{field}.weighted_clusters"),
+                "weighted TCP clusters are not supported yet",
+            ));
+        }
+        _ => return Err(ctx.err(format!("{field}.cluster"), "tcp_proxy needs a cluster")),
+    };
+    Ok(m::TcpProxy {
+        stat_prefix: tp.stat_prefix.clone(),
+        cluster,
+        idle_timeout: timeout_or(&tp.idle_timeout, Some(Duration::from_secs(3600))),
+    })
+}
+
+const HTTP_TOLERATED: &[&str] = &[
+    "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+    "envoy.extensions.filters.http.cors.v3.Cors",
+    "envoy.extensions.filters.http.fault.v3.HTTPFault",
+];
+
+fn http_connection_manager(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    h: &hcm_pb::HttpConnectionManager,
+) -> Result<m::HttpConnectionManager, ConvertError> {
+    use hcm_pb::http_connection_manager::{CodecType, RouteSpecifier};
+    let codec = match CodecType::try_from(h.codec_type) {
+        Ok(CodecType::Auto) => m::HttpCodec::Auto,
+        Ok(CodecType::Http1) => m::HttpCodec::Http1,
+        Ok(CodecType::Http2) => m::HttpCodec::Http2,
+        _ => {
+            return Err(ctx.err(
+                format!("{field}.codec_type"),
+                "only AUTO, HTTP1 and HTTP2 are supported",
+            ));
+        }
+    };
+    let route_config = match &h.route_specifier {
+        Some(RouteSpecifier::RouteConfig(rc)) => {
+            Arc::new(route_config_in(ctx, &format!("{field}.route_config"), rc)?)
+        }
+        Some(RouteSpecifier::Rds(rds)) => {
+            return Err(ctx.err(
+                format!("{field}.rds"),
+                format!(
+                    "route configuration {:?} by RDS needs dynamic_resources (xDS)",
+                    rds.route_config_name
+                ),
+            ));
+        }
+        _ => return Err(ctx.err(field, "http_connection_manager needs route_config")),
+    };
+    let mut has_router = false;
+    for (i, hf) in h.http_filters.iter().enumerate() {
+        let ff = format!("{field}.http_filters[{i}]");
+        if has_router {
+            return Err(ctx.err(&ff, format!("http filter {:?} follows the router", hf.name)));
+        }
+        let type_name = match &hf.config_type {
+            Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => Typed::from_any(any)
+                .map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?
+                .type_name()
+                .to_string(),
+            _ if hf.name == "envoy.filters.http.router" => {
+                "envoy.extensions.filters.http.router.v3.Router".into()
+            }
+            _ => {
+                return Err(ctx.err(
+                    &ff,
+                    format!("http filter {:?} has no typed_config", hf.name),
+                ));
+            }
+        };
+        if hf.disabled {
+            continue;
+        }
+        match type_name.as_str() {
+            "envoy.extensions.filters.http.router.v3.Router" => has_router = true,
+            t if HTTP_TOLERATED.contains(&t) || ISTIO_TOLERATED.contains(&t) => {
+                ctx.warn(
+                    &ff,
+                    format!(
+                        "http filter {:?} ({t}) is recognised but not implemented; skipped",
+                        hf.name
+                    ),
+                );
+            }
+            t if hf.is_optional => {
+                ctx.warn(
+                    &ff,
+                    format!(
+                        "optional http filter {:?} ({t}) is not supported; skipped",
+                        hf.name
+                    ),
+                );
+            }
+            t => {
+                return Err(ctx.err(
+                    format!("{ff}.typed_config"),
+                    format!("unsupported http filter {:?} ({t})", hf.name),
+                ));
+            }
+        }
+    }
+    if !has_router {
+        return Err(ctx.err(
+            format!("{field}.http_filters"),
+            "the last http filter must be envoy.filters.http.router",
+        ));
+    }
+    let idle = h
+        .common_http_protocol_options
+        .as_ref()
+        .map(|o| timeout_or(&o.idle_timeout, Some(Duration::from_secs(3600))))
+        .unwrap_or(Some(Duration::from_secs(3600)));
+    Ok(m::HttpConnectionManager {
+        stat_prefix: h.stat_prefix.clone(),
+        codec,
+        route_config,
+        generate_request_id: h.generate_request_id.as_ref().is_none_or(|v| v.value),
+        idle_timeout: idle,
+        stream_idle_timeout: timeout_or(&h.stream_idle_timeout, Some(Duration::from_secs(300))),
+        request_timeout: timeout_or(&h.request_timeout, None),
+        use_remote_address: h.use_remote_address.as_ref().is_some_and(|v| v.value),
+    })
+}
+
+// ---------------------------------------------------------------- routes
+
+/// A route configuration delivered on its own (RDS).
+pub fn route_config(
+    rc: &route_pb::RouteConfiguration,
+    warnings: &mut Warnings,
+) -> Result<m::RouteConfig, ConvertError> {
+    let mut ctx = Ctx {
+        resource: format!("route_configuration {:?}", rc.name),
+        warnings,
+    };
+    route_config_in(&mut ctx, "", rc)
+}
+
+fn join(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_string()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+fn route_config_in(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    rc: &route_pb::RouteConfiguration,
+) -> Result<m::RouteConfig, ConvertError> {
+    let mut vhosts = Vec::with_capacity(rc.virtual_hosts.len());
+    for (i, vh) in rc.virtual_hosts.iter().enumerate() {
+        let vf = join(field, &format!("virtual_hosts[{i}]"));
+        if vh.domains.is_empty() {
+            return Err(ctx.err(
+                format!("{vf}.domains"),
+                format!("virtual host {:?} has no domains", vh.name),
+            ));
+        }
+        let mut routes = Vec::with_capacity(vh.routes.len());
+        for (j, r) in vh.routes.iter().enumerate() {
+            routes.push(route(ctx, &format!("{vf}.routes[{j}]"), r)?);
+        }
+        vhosts.push(m::VirtualHost {
+            name: vh.name.clone(),
+            domains: vh
+                .domains
+                .iter()
+                .map(|d| m::DomainMatcher::parse(d))
+                .collect(),
+            routes,
+        });
+    }
+    Ok(m::RouteConfig {
+        name: rc.name.clone(),
+        virtual_hosts: vhosts,
+    })
+}
+
+fn regex(
+    ctx: &Ctx<'_>,
+    field: &str,
+    r: &matcher_pb::RegexMatcher,
+) -> Result<regex::Regex, ConvertError> {
+    // Envoy's safe_regex must match the whole value (RE2 full match).
+    regex::Regex::new(&format!("^(?:{})$", r.regex)).map_err(|e| {
+        ctx.err(
+            format!("{field}.regex"),
+            format!("invalid regex {:?}: {e}", r.regex),
+        )
+    })
+}
+
+fn string_matcher(
+    ctx: &Ctx<'_>,
+    field: &str,
+    s: &matcher_pb::StringMatcher,
+) -> Result<m::StringMatcher, ConvertError> {
+    use matcher_pb::string_matcher::MatchPattern as P;
+    Ok(match &s.match_pattern {
+        Some(P::Exact(v)) => m::StringMatcher::Exact(v.clone()),
+        Some(P::Prefix(v)) => m::StringMatcher::Prefix(v.clone()),
+        Some(P::Suffix(v)) => m::StringMatcher::Suffix(v.clone()),
+        Some(P::Contains(v)) => m::StringMatcher::Contains(v.clone()),
+        Some(P::SafeRegex(r)) => {
+            m::StringMatcher::Regex(regex(ctx, &format!("{field}.safe_regex"), r)?)
+        }
+        _ => return Err(ctx.err(field, "unsupported string matcher")),
+    })
+}
+
+#[allow(deprecated)] // Envoy still sends the deprecated forms; both are honoured.
+fn header_matcher(
+    ctx: &Ctx<'_>,
+    field: &str,
+    h: &route_pb::HeaderMatcher,
+) -> Result<m::HeaderMatcher, ConvertError> {
+    use route_pb::header_matcher::HeaderMatchSpecifier as S;
+    let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+        ctx.err(
+            format!("{field}.name"),
+            format!("{:?} is not a valid header name", h.name),
+        )
+    })?;
+    let mut present = true;
+    let mut ignore_case = false;
+    let matcher = match &h.header_match_specifier {
+        None => None,
+        Some(S::ExactMatch(v)) => Some(m::StringMatcher::Exact(v.clone())),
+        Some(S::PrefixMatch(v)) => Some(m::StringMatcher::Prefix(v.clone())),
+        Some(S::SuffixMatch(v)) => Some(m::StringMatcher::Suffix(v.clone())),
+        Some(S::ContainsMatch(v)) => Some(m::StringMatcher::Contains(v.clone())),
+        Some(S::SafeRegexMatch(r)) => Some(m::StringMatcher::Regex(regex(
+            ctx,
+            &format!("{field}.safe_regex_match"),
+            r,
+        )?)),
+        Some(S::PresentMatch(p)) => {
+            present = *p;
+            None
+        }
+        Some(S::StringMatch(s)) => {
+            ignore_case = s.ignore_case;
+            Some(string_matcher(ctx, &format!("{field}.string_match"), s)?)
+        }
+        Some(S::RangeMatch(_)) => {
+            return Err(ctx.err(
+                format!("{field}.range_match"),
+                "range_match is not supported yet",
+            ));
+        }
+    };
+    Ok(m::HeaderMatcher {
+        name,
+        matcher,
+        ignore_case,
+        invert: h.invert_match,
+        present,
+    })
+}
+
+fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route, ConvertError> {
+    use route_pb::route::Action;
+    use route_pb::route_match::PathSpecifier as P;
+    let rm = r
+        .r#match
+        .as_ref()
+        .ok_or_else(|| ctx.err(format!("{field}.match"), "a route needs a match"))?;
+    let mf = format!("{field}.match");
+    let path = match &rm.path_specifier {
+        Some(P::Prefix(p)) => m::PathMatch::Prefix(p.clone()),
+        Some(P::Path(p)) => m::PathMatch::Exact(p.clone()),
+        Some(P::SafeRegex(re)) => m::PathMatch::Regex(regex(ctx, &format!("{mf}.safe_regex"), re)?),
+        Some(P::PathSeparatedPrefix(p)) => m::PathMatch::SeparatedPrefix(p.clone()),
+        _ => {
+            return Err(ctx.err(
+                &mf,
+                "unsupported path specifier (prefix, path, safe_regex or path_separated_prefix)",
+            ));
+        }
+    };
+    if !rm.query_parameters.is_empty() {
+        return Err(ctx.err(
+            format!("{mf}.query_parameters"),
+            "query parameter matching is not supported yet",
+        ));
+    }
+    let mut headers = Vec::with_capacity(rm.headers.len());
+    for (i, h) in rm.headers.iter().enumerate() {
+        headers.push(header_matcher(ctx, &format!("{mf}.headers[{i}]"), h)?);
+    }
+    let action = match &r.action {
+        Some(Action::Route(ra)) => route_action(ctx, &format!("{field}.route"), ra)?,
+        Some(Action::DirectResponse(d)) => {
+            let status =
+                http::StatusCode::from_u16(u16::try_from(d.status).unwrap_or(0)).map_err(|_| {
+                    ctx.err(
+                        format!("{field}.direct_response.status"),
+                        format!("{} is not an HTTP status", d.status),
+                    )
+                })?;
+            use core_pb::data_source::Specifier;
+            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                Some(Specifier::InlineString(s)) => Some(s.clone()),
+                Some(Specifier::InlineBytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                Some(_) => {
+                    return Err(ctx.err(
+                        format!("{field}.direct_response.body"),
+                        "only inline bodies are supported",
+                    ));
+                }
+                None => None,
+            };
+            m::RouteAction::DirectResponse { status, body }
+        }
+        Some(Action::Redirect(rd)) => redirect(ctx, &format!("{field}.redirect"), rd)?,
+        _ => return Err(ctx.err(field, "a route needs route, redirect or direct_response")),
+    };
+    let mut request_headers_to_add = Vec::new();
+    for (i, hv) in r.request_headers_to_add.iter().enumerate() {
+        let hf = format!("{field}.request_headers_to_add[{i}]");
+        let h = hv
+            .header
+            .as_ref()
+            .ok_or_else(|| ctx.err(&hf, "header is required"))?;
+        let name = http::HeaderName::from_bytes(h.key.as_bytes()).map_err(|_| {
+            ctx.err(
+                format!("{hf}.header.key"),
+                format!("{:?} is not a valid header name", h.key),
+            )
+        })?;
+        let value = http::HeaderValue::from_str(&h.value)
+            .map_err(|_| ctx.err(format!("{hf}.header.value"), "not a valid header value"))?;
+        // APPEND_IF_EXISTS_OR_ADD (0) appends unless the deprecated `append: false` says otherwise.
+        let append = hv
+            .append
+            .as_ref()
+            .map_or(hv.append_action == 0, |v| v.value);
+        request_headers_to_add.push((name, value, append));
+    }
+    let mut request_headers_to_remove = Vec::new();
+    for (i, h) in r.request_headers_to_remove.iter().enumerate() {
+        request_headers_to_remove.push(http::HeaderName::from_bytes(h.as_bytes()).map_err(
+            |_| {
+                ctx.err(
+                    format!("{field}.request_headers_to_remove[{i}]"),
+                    format!("{h:?} is not a valid header name"),
+                )
+            },
+        )?);
+    }
+    Ok(m::Route {
+        name: r.name.clone(),
+        route_match: m::RouteMatch {
+            path,
+            case_sensitive: rm.case_sensitive.as_ref().is_none_or(|v| v.value),
+            headers,
+        },
+        action,
+        request_headers_to_add,
+        request_headers_to_remove,
+    })
+}
+
+fn route_action(
+    ctx: &Ctx<'_>,
+    field: &str,
+    ra: &route_pb::RouteAction,
+) -> Result<m::RouteAction, ConvertError> {
+    use route_pb::route_action::{ClusterSpecifier as C, HostRewriteSpecifier as H};
+    let cluster = match &ra.cluster_specifier {
+        Some(C::Cluster(c)) => m::ClusterSpecifier::Name(c.clone()),
+        Some(C::WeightedClusters(wc)) => {
+            let mut out = Vec::new();
+            for (i, c) in wc.clusters.iter().enumerate() {
+                let weight = c.weight.as_ref().map_or(0, |v| v.value);
+                if c.name.is_empty() {
+                    return Err(ctx.err(
+                        format!("{field}.weighted_clusters.clusters[{i}].name"),
+                        "cluster name is required",
+                    ));
+                }
+                out.push(m::WeightedCluster {
+                    name: c.name.clone(),
+                    weight,
+                });
+            }
+            if out.iter().map(|w| u64::from(w.weight)).sum::<u64>() == 0 {
+                return Err(ctx.err(
+                    format!("{field}.weighted_clusters"),
+                    "the weights sum to zero",
+                ));
+            }
+            m::ClusterSpecifier::Weighted(out)
+        }
+        _ => return Err(ctx.err(field, "only cluster and weighted_clusters are supported")),
+    };
+    let host_rewrite = match &ra.host_rewrite_specifier {
+        Some(H::HostRewriteLiteral(h)) => Some(h.clone()),
+        None => None,
+        Some(_) => return Err(ctx.err(field, "only host_rewrite_literal is supported")),
+    };
+    Ok(m::RouteAction::Route {
+        cluster,
+        prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
+        host_rewrite,
+        timeout: timeout_or(&ra.timeout, Some(Duration::from_secs(15))),
+    })
+}
+
+fn redirect(
+    ctx: &Ctx<'_>,
+    field: &str,
+    rd: &route_pb::RedirectAction,
+) -> Result<m::RouteAction, ConvertError> {
+    use route_pb::redirect_action::{PathRewriteSpecifier as P, SchemeRewriteSpecifier as S};
+    let status = match rd.response_code {
+        0 => 301,
+        1 => 302,
+        2 => 303,
+        3 => 307,
+        4 => 308,
+        c => {
+            return Err(ctx.err(
+                format!("{field}.response_code"),
+                format!("unknown response code {c}"),
+            ));
+        }
+    };
+    let (path, prefix_rewrite) = match &rd.path_rewrite_specifier {
+        Some(P::PathRedirect(p)) => (Some(p.clone()), None),
+        Some(P::PrefixRewrite(p)) => (None, Some(p.clone())),
+        Some(_) => return Err(ctx.err(field, "regex redirects are not supported yet")),
+        None => (None, None),
+    };
+    Ok(m::RouteAction::Redirect {
+        status: http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::MOVED_PERMANENTLY),
+        scheme: match &rd.scheme_rewrite_specifier {
+            Some(S::SchemeRedirect(s)) => Some(s.clone()),
+            Some(S::HttpsRedirect(true)) => Some("https".into()),
+            _ => None,
+        },
+        host: (!rd.host_redirect.is_empty()).then(|| rd.host_redirect.clone()),
+        port: (rd.port_redirect != 0).then(|| u16::try_from(rd.port_redirect).unwrap_or(0)),
+        path,
+        prefix_rewrite,
+        strip_query: rd.strip_query,
+    })
+}
+
+// ---------------------------------------------------------------- clusters
+
+pub fn cluster(
+    c: &cluster_pb::Cluster,
+    warnings: &mut Warnings,
+) -> Result<m::Cluster, ConvertError> {
+    use cluster_pb::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    let ctx = Ctx {
+        resource: format!("cluster {:?}", c.name),
+        warnings,
+    };
+    if c.name.is_empty() {
+        return Err(ctx.err("name", "a cluster needs a name"));
+    }
+    let discovery = match &c.cluster_discovery_type {
+        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t)
+            .map_err(|_| ctx.err("type", format!("unknown discovery type {t}")))?,
+        None => DiscoveryType::Static,
+        Some(ClusterDiscoveryType::ClusterType(ct)) => {
+            return Err(ctx.err(
+                "cluster_type",
+                format!("custom cluster type {:?} is not supported", ct.name),
+            ));
+        }
+    };
+    let kind = match discovery {
+        DiscoveryType::Static => {
+            let eps = endpoints(&ctx, c.load_assignment.as_ref())?;
+            if eps.is_empty() {
+                m::ClusterKind::BlackHole
+            } else {
+                m::ClusterKind::Static(eps)
+            }
+        }
+        DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
+            m::ClusterKind::StrictDns(dns_endpoints(&ctx, c.load_assignment.as_ref())?)
+        }
+        DiscoveryType::OriginalDst => m::ClusterKind::OriginalDst,
+        DiscoveryType::Eds => {
+            return Err(ctx.err("type", "EDS clusters need dynamic_resources (xDS)"));
+        }
+    };
+    if let Some(ts) = &c.transport_socket {
+        transport_socket(&ctx, "transport_socket", ts)?;
+    }
+    let lb_policy = match LbPolicy::try_from(c.lb_policy) {
+        Ok(LbPolicy::RoundRobin) => m::LbPolicy::RoundRobin,
+        Ok(LbPolicy::LeastRequest) => m::LbPolicy::LeastRequest,
+        Ok(LbPolicy::Random) => m::LbPolicy::Random,
+        Ok(LbPolicy::RingHash) => m::LbPolicy::RingHash,
+        Ok(LbPolicy::Maglev) => m::LbPolicy::Maglev,
+        Ok(LbPolicy::ClusterProvided) => m::LbPolicy::ClusterProvided,
+        _ => {
+            return Err(ctx.err(
+                "lb_policy",
+                format!("unsupported lb_policy {}", c.lb_policy),
+            ));
+        }
+    };
+    let mut protocol = if c.http2_protocol_options.is_some() {
+        m::UpstreamProtocol::Http2
+    } else {
+        m::UpstreamProtocol::Http1
+    };
+    let mut idle_timeout = c
+        .common_http_protocol_options
+        .as_ref()
+        .map(|o| timeout_or(&o.idle_timeout, Some(Duration::from_secs(3600))))
+        .unwrap_or(Some(Duration::from_secs(3600)));
+    let mut max_requests = c.max_requests_per_connection.as_ref().map(|v| v.value);
+    for (key, any) in &c.typed_extension_protocol_options {
+        let field = format!("typed_extension_protocol_options[{key:?}]");
+        let typed = Typed::from_any(any).map_err(|e| ctx.err(&field, e))?;
+        if typed.type_name() != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
+            return Err(ctx.err(
+                &field,
+                format!("unsupported protocol options {}", typed.type_name()),
+            ));
+        }
+        let o: upstream_http_pb::HttpProtocolOptions =
+            typed.decode().map_err(|e| ctx.err(&field, e))?;
+        use upstream_http_pb::http_protocol_options::UpstreamProtocolOptions as U;
+        use upstream_http_pb::http_protocol_options::explicit_http_config::ProtocolConfig as P;
+        protocol = match &o.upstream_protocol_options {
+            Some(U::ExplicitHttpConfig(e)) => match &e.protocol_config {
+                Some(P::Http2ProtocolOptions(_)) => m::UpstreamProtocol::Http2,
+                Some(P::HttpProtocolOptions(_)) | None => m::UpstreamProtocol::Http1,
+                Some(P::Http3ProtocolOptions(_)) => {
+                    return Err(ctx.err(&field, "HTTP/3 upstreams are not supported"));
+                }
+            },
+            Some(U::UseDownstreamProtocolConfig(_)) => m::UpstreamProtocol::UseDownstream,
+            Some(U::AutoConfig(_)) => m::UpstreamProtocol::Http1,
+            None => protocol,
+        };
+        if let Some(common) = &o.common_http_protocol_options {
+            idle_timeout = timeout_or(&common.idle_timeout, Some(Duration::from_secs(3600)));
+            if let Some(mr) = common.max_requests_per_connection.as_ref().map(|v| v.value) {
+                max_requests = Some(mr);
+            }
+        }
+    }
+    Ok(m::Cluster {
+        name: c.name.clone(),
+        kind,
+        connect_timeout: duration(&c.connect_timeout).unwrap_or(Duration::from_secs(5)),
+        lb_policy,
+        protocol,
+        idle_timeout,
+        max_requests_per_connection: max_requests.filter(|v| *v > 0),
+    })
+}
+
+fn lb_endpoints(
+    cla: Option<&endpoint_pb::ClusterLoadAssignment>,
+) -> impl Iterator<Item = (usize, usize, &endpoint_pb::LbEndpoint)> {
+    cla.into_iter().flat_map(|cla| {
+        cla.endpoints.iter().enumerate().flat_map(|(i, lle)| {
+            lle.lb_endpoints
+                .iter()
+                .enumerate()
+                .map(move |(j, e)| (i, j, e))
+        })
+    })
+}
+
+fn endpoint_address<'a>(
+    ctx: &Ctx<'_>,
+    field: &str,
+    e: &'a endpoint_pb::LbEndpoint,
+) -> Result<&'a Option<core_pb::Address>, ConvertError> {
+    use endpoint_pb::lb_endpoint::HostIdentifier;
+    match &e.host_identifier {
+        Some(HostIdentifier::Endpoint(ep)) => Ok(&ep.address),
+        _ => Err(ctx.err(field, "only inline endpoints are supported")),
+    }
+}
+
+fn endpoints(
+    ctx: &Ctx<'_>,
+    cla: Option<&endpoint_pb::ClusterLoadAssignment>,
+) -> Result<Vec<m::Endpoint>, ConvertError> {
+    let mut out = Vec::new();
+    for (i, j, e) in lb_endpoints(cla) {
+        let field = format!("load_assignment.endpoints[{i}].lb_endpoints[{j}].endpoint.address");
+        let addr = endpoint_address(ctx, &field, e)?;
+        out.push(m::Endpoint {
+            address: ip_socket(ctx, &field, addr)?,
+            weight: e
+                .load_balancing_weight
+                .as_ref()
+                .map_or(1, |v| v.value)
+                .max(1),
+        });
+    }
+    Ok(out)
+}
+
+fn dns_endpoints(
+    ctx: &Ctx<'_>,
+    cla: Option<&endpoint_pb::ClusterLoadAssignment>,
+) -> Result<Vec<m::cluster::DnsEndpoint>, ConvertError> {
+    let mut out = Vec::new();
+    for (i, j, e) in lb_endpoints(cla) {
+        let field = format!("load_assignment.endpoints[{i}].lb_endpoints[{j}].endpoint.address");
+        let (host, port) = socket_address(ctx, &field, endpoint_address(ctx, &field, e)?)?;
+        out.push(m::cluster::DnsEndpoint {
+            host,
+            port,
+            weight: e
+                .load_balancing_weight
+                .as_ref()
+                .map_or(1, |v| v.value)
+                .max(1),
+        });
+    }
+    if out.is_empty() {
+        return Err(ctx.err("load_assignment", "a DNS cluster needs at least one host"));
+    }
+    Ok(out)
+}

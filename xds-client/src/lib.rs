@@ -1,0 +1,15 @@
+//! `ferry-xds`: Envoy v3 configuration in, [`ferry_model::Snapshot`] out.
+//!
+//! - [`json`] turns Envoy's JSON/YAML form of any xDS message into the
+//!   `envoy-types` protos (and back, for `/config_dump`) through the xDS
+//!   descriptor set, so field names, enums, durations and `Any` types are
+//!   checked exactly as Envoy checks them.
+//! - [`bootstrap`] reads an Envoy bootstrap file.
+//! - [`convert`] turns protos into the model, naming resource and field on error.
+
+pub mod bootstrap;
+pub mod convert;
+pub mod json;
+
+pub use bootstrap::{Bootstrap, load_bootstrap};
+pub use convert::{ConvertError, Warnings};
