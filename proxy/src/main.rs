@@ -1,2 +1,140 @@
-//! The `ferry` binary: `sidecar`, `gateway` and `iptables` subcommands.
-fn main() {}
+//! The `ferry` binary: `sidecar` and `gateway` run the proxy on an Envoy v3
+//! bootstrap; `iptables` is the pod's init step.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ferry_proxy::iptables::IptablesArgs;
+use ferry_proxy::run::{RunOptions, run};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A native data plane for Istio-style service meshes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the sidecar proxy of a pod.
+    Sidecar(ProxyArgs),
+    /// Runs an ingress or egress gateway (the same engine, no capture).
+    Gateway(ProxyArgs),
+    /// Programs the pod's iptables so its TCP traffic goes through the sidecar.
+    Iptables(IptablesArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProxyArgs {
+    /// Envoy v3 bootstrap file (YAML or JSON).
+    #[arg(short, long, env = "FERRY_CONFIG")]
+    config: PathBuf,
+    /// Worker threads (Envoy's --concurrency); default: one per CPU.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Admin address; default: the bootstrap's `admin.address`, else 127.0.0.1:15000.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+    /// Readiness endpoint (`/healthz/ready`) address, or `off`.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    ready_addr: String,
+    /// How long in-flight requests may finish after SIGTERM (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// How long protocol detection waits for a client's first bytes when the
+    /// listener sets no `listener_filters_timeout`.
+    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
+    protocol_detection_timeout: Duration,
+    /// Log every request (one line each) at info level on target `access`.
+    #[arg(long)]
+    access_log: bool,
+    /// Log filter (`info`, `debug`, `ferry_proxy=debug`, …); RUST_LOG wins.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (use e.g. 5s, 250ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_level);
+    let ready_addr = match args.ready_addr.as_str() {
+        "off" | "" => None,
+        a => Some(
+            a.parse()
+                .map_err(|_| anyhow::anyhow!("--ready-addr: {a:?} is not an address or `off`"))?,
+        ),
+    };
+    let threads = args
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(RunOptions {
+        config: args.config,
+        admin_addr: args.admin_addr,
+        ready_addr,
+        drain_timeout: args.drain_timeout,
+        access_log: args.access_log,
+        detection_timeout: args.protocol_detection_timeout,
+    }))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sidecar(a) | Command::Gateway(a) => proxy(a),
+        Command::Iptables(a) => ferry_proxy::iptables::run(&a).map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

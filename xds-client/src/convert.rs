@@ -717,6 +717,7 @@ fn header_matcher(
     })
 }
 
+#[allow(deprecated)] // `append` is deprecated but still sent; Envoy honours it.
 fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route, ConvertError> {
     use route_pb::route::Action;
     use route_pb::route_match::PathSpecifier as P;
@@ -908,6 +909,7 @@ fn redirect(
 
 // ---------------------------------------------------------------- clusters
 
+#[allow(deprecated)] // Cluster-level protocol options are deprecated but still sent.
 pub fn cluster(
     c: &cluster_pb::Cluster,
     warnings: &mut Warnings,

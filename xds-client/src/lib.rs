@@ -11,5 +11,5 @@ pub mod bootstrap;
 pub mod convert;
 pub mod json;
 
-pub use bootstrap::{Bootstrap, load_bootstrap};
+pub use bootstrap::{Bootstrap, BootstrapError, config_dump, load_bootstrap};
 pub use convert::{ConvertError, Warnings};

@@ -1,0 +1,100 @@
+//! The admin server (loopback, 15000 by default: `/ready`, `/config_dump`,
+//! `/stats`, `/quitquitquit`) and the readiness server (`/healthz/ready` on
+//! 15021), as Envoy and istio-agent serve them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::run::Runtime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Readiness,
+}
+
+pub async fn serve(rt: Arc<Runtime>, tcp: TcpListener, role: Role) {
+    loop {
+        let Ok((stream, _)) = tcp.accept().await else {
+            continue;
+        };
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let rt = rt.clone();
+                async move { Ok::<_, Infallible>(respond(&rt, role, req)) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=UTF-8"),
+    );
+    r
+}
+
+fn respond(rt: &Runtime, role: Role, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let ready = || {
+        if rt.is_ready() {
+            text(StatusCode::OK, "LIVE\n")
+        } else if rt.drain.is_draining() {
+            text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
+        }
+    };
+    match (role, req.method(), path) {
+        (Role::Readiness, _, "/healthz/ready") => ready(),
+        (Role::Readiness, _, _) => text(StatusCode::NOT_FOUND, "not found\n"),
+        (Role::Admin, _, "/ready") => ready(),
+        (Role::Admin, _, "/config_dump") => match rt.config_dump() {
+            Ok(v) => {
+                let mut r = text(
+                    StatusCode::OK,
+                    serde_json::to_vec_pretty(&v).unwrap_or_default(),
+                );
+                r.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        (Role::Admin, _, "/stats") => text(StatusCode::OK, rt.stats.render_text()),
+        (Role::Admin, &Method::POST, "/quitquitquit") => {
+            rt.quit();
+            text(StatusCode::OK, "OK\n")
+        }
+        (Role::Admin, &Method::POST, "/drain_listeners") => {
+            rt.drain.start();
+            text(StatusCode::OK, "OK\n")
+        }
+        (Role::Admin, _, "/quitquitquit" | "/drain_listeners") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "This endpoint requires POST\n",
+        ),
+        (Role::Admin, _, _) => text(
+            StatusCode::NOT_FOUND,
+            "admin commands: /ready /config_dump /stats /quitquitquit (POST) /drain_listeners (POST)\n",
+        ),
+    }
+}

@@ -1,0 +1,379 @@
+//! The cluster manager: per-cluster endpoint choice and per-endpoint upstream
+//! connection pools (HTTP/1.1 keep-alive reuse, one multiplexed HTTP/2
+//! connection).
+//!
+//! A request handed to a reused HTTP/1.1 connection that the server closed
+//! while it sat idle comes back from hyper unsent; it is then sent again on
+//! another connection. This closes the keep-alive race that otherwise shows
+//! up as sporadic 503s.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use ferry_model::{Cluster, ClusterKind, Snapshot};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::http::body::UpstreamBody;
+use crate::stats::{ClusterStats, Stats};
+
+/// Why an upstream request failed, with what Envoy reports for it.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+    )]
+    ConnectFailure(#[source] std::io::Error),
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: connection timeout"
+    )]
+    ConnectTimeout,
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+    )]
+    Reset(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Envoy's response flag for the access log.
+    pub fn response_flag(&self) -> &'static str {
+        match self {
+            UpstreamError::NoHealthyUpstream => "UH",
+            UpstreamError::ConnectFailure(_) | UpstreamError::ConnectTimeout => "UF",
+            UpstreamError::Reset(_) => "UC",
+        }
+    }
+}
+
+/// The runtime side of every cluster in a snapshot.
+#[derive(Default)]
+pub struct ClusterManager {
+    clusters: HashMap<String, Arc<ClusterRt>>,
+}
+
+impl ClusterManager {
+    /// Builds the runtime for `snapshot`, keeping the pools of clusters whose
+    /// configuration did not change.
+    pub fn build(snapshot: &Snapshot, previous: Option<&ClusterManager>, stats: &Stats) -> Self {
+        let mut clusters = HashMap::with_capacity(snapshot.clusters.len());
+        for (name, cfg) in &snapshot.clusters {
+            let reused = previous
+                .and_then(|p| p.clusters.get(name))
+                .filter(|rt| format!("{:?}", rt.cfg) == format!("{cfg:?}"))
+                .cloned();
+            let rt = reused.unwrap_or_else(|| Arc::new(ClusterRt::new(cfg.clone(), stats)));
+            clusters.insert(name.clone(), rt);
+        }
+        Self { clusters }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<ClusterRt>> {
+        self.clusters.get(name)
+    }
+
+    /// Starts DNS refresh for STRICT_DNS clusters.
+    pub fn start_dns(&self) {
+        for c in self.clusters.values() {
+            if let ClusterKind::StrictDns(hosts) = &c.cfg.kind {
+                let hosts = hosts.clone();
+                let weak = Arc::downgrade(c);
+                tokio::spawn(async move {
+                    loop {
+                        let mut addrs = Vec::new();
+                        for h in &hosts {
+                            match tokio::net::lookup_host((h.host.as_str(), h.port)).await {
+                                Ok(it) => addrs.extend(it),
+                                Err(e) => {
+                                    tracing::warn!(dns.host = %h.host, error = %e, "DNS resolution failed")
+                                }
+                            }
+                        }
+                        let Some(c) = weak.upgrade() else { return };
+                        if !addrs.is_empty() || c.resolved.load().is_empty() {
+                            let pools = addrs
+                                .iter()
+                                .map(|a| Arc::new(EndpointPool::new(*a, &c)))
+                                .collect();
+                            c.resolved.store(Arc::new(pools));
+                        }
+                        drop(c);
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+pub struct ClusterRt {
+    pub cfg: Arc<Cluster>,
+    pub stats: ClusterStats,
+    rr: AtomicUsize,
+    /// Pools of the fixed endpoints (STATIC), in endpoint order.
+    fixed: Vec<Arc<EndpointPool>>,
+    /// Pools of resolved addresses (STRICT_DNS).
+    resolved: ArcSwap<Vec<Arc<EndpointPool>>>,
+    /// Pools created on demand for original destinations (ORIGINAL_DST).
+    dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+}
+
+impl ClusterRt {
+    fn new(cfg: Arc<Cluster>, stats: &Stats) -> Self {
+        let mut rt = Self {
+            stats: ClusterStats::new(stats, &cfg.name),
+            rr: AtomicUsize::new(0),
+            fixed: Vec::new(),
+            resolved: ArcSwap::from_pointee(Vec::new()),
+            dynamic: Mutex::new(HashMap::new()),
+            cfg,
+        };
+        if let ClusterKind::Static(eps) = &rt.cfg.kind {
+            // Weights become repetitions so round robin honours them.
+            let mut fixed = Vec::new();
+            for e in eps {
+                let pool = Arc::new(EndpointPool::new(e.address, &rt));
+                for _ in 0..e.weight.clamp(1, 128) {
+                    fixed.push(pool.clone());
+                }
+            }
+            rt.fixed = fixed;
+        }
+        rt
+    }
+
+    /// Chooses the endpoint for a request or connection. `original_dst` is the
+    /// downstream connection's original destination (for ORIGINAL_DST).
+    pub fn pick(&self, original_dst: Option<SocketAddr>) -> Option<Arc<EndpointPool>> {
+        match &self.cfg.kind {
+            ClusterKind::Static(_) => self.round_robin(&self.fixed),
+            ClusterKind::StrictDns(_) => self.round_robin(&self.resolved.load()),
+            ClusterKind::OriginalDst => {
+                let dst = original_dst?;
+                let mut m = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
+                if m.len() > 1024 {
+                    // Forget pools nobody holds any more (Envoy's cleanup_interval).
+                    m.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty());
+                }
+                Some(
+                    m.entry(dst)
+                        .or_insert_with(|| Arc::new(EndpointPool::new(dst, self)))
+                        .clone(),
+                )
+            }
+            ClusterKind::BlackHole => None,
+        }
+    }
+
+    fn round_robin(&self, pools: &[Arc<EndpointPool>]) -> Option<Arc<EndpointPool>> {
+        if pools.is_empty() {
+            return None;
+        }
+        let i = self.rr.fetch_add(1, Ordering::Relaxed) % pools.len();
+        pools.get(i).cloned()
+    }
+}
+
+struct Idle {
+    sender: http1::SendRequest<UpstreamBody>,
+    since: Instant,
+}
+
+/// Connections to one endpoint address.
+pub struct EndpointPool {
+    pub address: SocketAddr,
+    connect_timeout: Duration,
+    idle_timeout: Option<Duration>,
+    stats: ClusterStats,
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+/// Bound on idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE: usize = 256;
+
+impl EndpointPool {
+    fn new(address: SocketAddr, cluster: &ClusterRt) -> Self {
+        Self {
+            address,
+            connect_timeout: cluster.cfg.connect_timeout,
+            idle_timeout: cluster.cfg.idle_timeout,
+            stats: cluster.stats.clone(),
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.idle.lock().map(|v| v.is_empty()).unwrap_or(true)
+    }
+
+    /// Opens a TCP connection to the endpoint within the connect timeout.
+    pub async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+        self.stats.upstream_cx_total.inc();
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(e)) => {
+                self.stats.upstream_cx_connect_fail.inc();
+                Err(UpstreamError::ConnectFailure(e))
+            }
+            Err(_) => {
+                self.stats.upstream_cx_connect_fail.inc();
+                self.stats.upstream_cx_connect_timeout.inc();
+                Err(UpstreamError::ConnectTimeout)
+            }
+        }
+    }
+
+    fn checkout_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(entry) = idle.pop() {
+            let expired = self
+                .idle_timeout
+                .is_some_and(|t| entry.since.elapsed() >= t);
+            if !expired && entry.sender.is_ready() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+        let tcp = self.connect().await?;
+        let (sender, conn) = http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(UpstreamError::Reset)?;
+        let destroyed = self.stats.upstream_cx_destroy.clone();
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+            destroyed.inc();
+        });
+        Ok(sender)
+    }
+
+    /// Sends an HTTP/1.1 request on a pooled or new connection.
+    pub async fn send_h1(
+        self: &Arc<Self>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.checkout_idle() {
+                Some(s) => (s, true),
+                None => (self.connect_h1().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.release_when_idle(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not a byte was written: safe to send again, whatever the method.
+                    Some(back) if reused => {
+                        self.stats.upstream_rq_retry_stale_connection.inc();
+                        req = back;
+                    }
+                    _ => return Err(UpstreamError::Reset(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Puts the connection back once its response has been read completely.
+    fn release_when_idle(self: &Arc<Self>, mut sender: http1::SendRequest<UpstreamBody>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_err() {
+                return;
+            }
+            let Some(pool) = pool.upgrade() else { return };
+            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < MAX_IDLE {
+                idle.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        });
+    }
+
+    async fn h2_sender(&self) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
+        if let Some(s) = self.live_h2() {
+            return Ok(s);
+        }
+        // One connection attempt at a time; the others wait and share it.
+        let _guard = self.h2_connecting.lock().await;
+        if let Some(s) = self.live_h2() {
+            return Ok(s);
+        }
+        let tcp = self.connect().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(None)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(UpstreamError::Reset)?;
+        let destroyed = self.stats.upstream_cx_destroy.clone();
+        tokio::spawn(async move {
+            let _ = conn.await;
+            destroyed.inc();
+        });
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(sender)
+    }
+
+    fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.as_ref() {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Sends a request on the endpoint's shared HTTP/2 connection.
+    pub async fn send_h2(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut sender = self.h2_sender().await?;
+            if sender.ready().await.is_err() {
+                self.h2.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if attempts < 3 {
+                    continue;
+                }
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if attempts < 3 => {
+                        self.stats.upstream_rq_retry_stale_connection.inc();
+                        self.h2.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        req = back;
+                    }
+                    _ => return Err(UpstreamError::Reset(e.into_error())),
+                },
+            }
+        }
+    }
+}

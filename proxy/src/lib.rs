@@ -1,0 +1,15 @@
+//! `ferry-proxy`: the data plane's runtime. Listeners and interception,
+//! protocol detection, the TCP proxy, the HTTP server and upstream pools, the
+//! cluster manager, the admin server, drain, and the `iptables` init step.
+
+pub mod admin;
+pub mod cluster;
+pub mod detect;
+pub mod drain;
+pub mod http;
+pub mod iptables;
+pub mod listener;
+pub mod orig_dst;
+pub mod run;
+pub mod stats;
+pub mod tcp;

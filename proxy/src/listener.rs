@@ -1,0 +1,190 @@
+//! Listeners: binding, the accept loop under the drain signal, and the
+//! per-connection path (original destination → hand-off to the listener for
+//! that destination → protocol detection → filter chain → TCP or HTTP).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::detect::{self, Detected, Outcome};
+use crate::drain::ConnGuard;
+use crate::run::Runtime;
+
+/// How long detection waits for a client's first bytes when the listener
+/// sets no timeout: short, so server-first protocols are not stalled.
+pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// Binds a listener's socket (reusable address, large backlog).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Accepts until drain starts.
+pub async fn accept_loop(rt: Arc<Runtime>, listener: Arc<Listener>, tcp: TcpListener) {
+    let drained = rt.drain.clone();
+    let signaled = drained.signaled();
+    tokio::pin!(signaled);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut signaled => break,
+            r = tcp.accept() => match r {
+                Ok((stream, peer)) => {
+                    let guard = rt.drain.track();
+                    tokio::spawn(handle(rt.clone(), listener.clone(), stream, peer, guard));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(listener.name = %listener.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+    tracing::debug!(listener.name = %listener.name, "listener stopped accepting");
+}
+
+async fn handle(
+    rt: Arc<Runtime>,
+    accepted_on: Arc<Listener>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _guard: ConnGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let redirected = accepted_on.use_original_dst || accepted_on.listener_filters.original_dst;
+    let dst = if redirected {
+        crate::orig_dst::original_dst(&stream, local).unwrap_or(local)
+    } else {
+        local
+    };
+    rt.listener_stats(&accepted_on.name).inc();
+    // Envoy's use_original_dst: the listener bound to the original destination
+    // takes the connection over, with its own listener filters and chains.
+    let listener = if accepted_on.use_original_dst && dst != local {
+        let snap = rt.snapshot.load();
+        snap.listener_for_original_dst(dst)
+            .filter(|l| !Arc::ptr_eq(l, &accepted_on))
+            .cloned()
+            .unwrap_or(accepted_on)
+    } else {
+        accepted_on
+    };
+    let needs = listener.detection_needs(Some(dst));
+    let timeout = listener.detection_timeout.unwrap_or(rt.detection_timeout);
+    let detected = if needs.any() {
+        match peek_detect(&stream, needs.tls, needs.http, timeout).await {
+            Some(d) => d,
+            None => return,
+        }
+    } else {
+        Detected::default()
+    };
+    let info = ConnectionInfo {
+        destination: Some(dst),
+        source: Some(peer),
+        server_name: detected.server_name.clone(),
+        transport_protocol: listener
+            .listener_filters
+            .tls_inspector
+            .then_some(if detected.tls { "tls" } else { "raw_buffer" }),
+        application_protocols: detected.application_protocols.clone(),
+    };
+    let Some(chain) = listener.select_chain(&info).cloned() else {
+        tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; closing");
+        rt.stats
+            .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
+            .inc();
+        return;
+    };
+    match &chain.kind {
+        ChainKind::Tcp(tp) => {
+            let stats = rt.tcp_stats(&tp.stat_prefix);
+            crate::tcp::proxy(&rt, tp, &stats, stream, dst).await;
+        }
+        ChainKind::Http(hcm) => {
+            let http2 = match hcm.codec {
+                HttpCodec::Http1 => false,
+                HttpCodec::Http2 => true,
+                HttpCodec::Auto if needs.http => detected.http2(),
+                // Nobody looked yet: the HTTP/2 preface decides.
+                HttpCodec::Auto => {
+                    match peek_detect(&stream, false, true, Duration::from_secs(15)).await {
+                        Some(d) => d.http2(),
+                        None => return,
+                    }
+                }
+            };
+            let ctx = Arc::new(crate::http::ConnCtx {
+                stats: rt.http_stats(&hcm.stat_prefix),
+                rt: rt.clone(),
+                chain: chain.clone(),
+                peer,
+                original_dst: dst,
+            });
+            crate::http::serve(stream, ctx, http2).await;
+        }
+    }
+}
+
+/// Peeks at the first bytes until the inspectors decide. Waits at most
+/// `first_byte` for the client to speak (a server-first protocol never does),
+/// and a bounded time more for a partial ClientHello or request line.
+/// `None`: the connection failed.
+async fn peek_detect(
+    stream: &TcpStream,
+    tls: bool,
+    http: bool,
+    first_byte: Duration,
+) -> Option<Detected> {
+    let mut buf = vec![0u8; 1024];
+    let deadline = tokio::time::Instant::now() + first_byte;
+    let mut rest_deadline = None;
+    let mut seen = 0;
+    loop {
+        let until = rest_deadline.unwrap_or(deadline);
+        let n = match tokio::time::timeout_at(until, stream.peek(&mut buf)).await {
+            Err(_) => return Some(Detected::default()),
+            Ok(Err(_)) => return None,
+            Ok(Ok(0)) => return Some(Detected::default()),
+            Ok(Ok(n)) => n,
+        };
+        match detect::inspect(&buf[..n], tls, http) {
+            Outcome::Done(d) => return Some(d),
+            Outcome::NeedMore => {
+                let until = *rest_deadline.get_or_insert(
+                    tokio::time::Instant::now() + first_byte.max(Duration::from_secs(1)),
+                );
+                if n == buf.len() && buf.len() < detect::MAX_PEEK {
+                    buf.resize((buf.len() * 4).min(detect::MAX_PEEK), 0);
+                } else if n == seen {
+                    // Nothing new arrived; peek would return at once again.
+                    if tokio::time::Instant::now() >= until {
+                        return Some(Detected::default());
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                seen = n;
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Runtime wiring: load the configuration, bind every listener, serve admin
+//! and readiness, then run until SIGTERM/SIGINT or `/quitquitquit` and drain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use ferry_model::Snapshot;
+use tokio::sync::Notify;
+
+use crate::cluster::ClusterManager;
+use crate::drain::Drain;
+use crate::stats::{Counter, HttpStats, Stats, TcpStats};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Overrides the bootstrap's admin address.
+    pub admin_addr: Option<SocketAddr>,
+    /// Where `/healthz/ready` is served; `None` disables it.
+    pub ready_addr: Option<SocketAddr>,
+    pub drain_timeout: Duration,
+    pub access_log: bool,
+    pub detection_timeout: Duration,
+}
+
+/// Everything connections share.
+pub struct Runtime {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub clusters: ArcSwap<ClusterManager>,
+    pub stats: Stats,
+    pub drain: Drain,
+    pub access_log: bool,
+    pub detection_timeout: Duration,
+    ready: AtomicBool,
+    quit: Notify,
+    bootstrap: ferry_xds::Bootstrap,
+    loaded_at: String,
+    http_stats: Mutex<HashMap<String, HttpStats>>,
+    tcp_stats: Mutex<HashMap<String, TcpStats>>,
+    listener_cx: HashMap<String, Counter>,
+}
+
+impl Runtime {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.drain.is_draining()
+    }
+
+    /// Asks the process to drain and exit (admin `/quitquitquit`).
+    pub fn quit(&self) {
+        self.quit.notify_one();
+    }
+
+    pub fn config_dump(&self) -> Result<serde_json::Value, String> {
+        ferry_xds::config_dump(&self.bootstrap.proto, &self.loaded_at)
+    }
+
+    pub fn http_stats(&self, prefix: &str) -> HttpStats {
+        let mut m = self.http_stats.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(prefix.to_string())
+            .or_insert_with(|| HttpStats::new(&self.stats, prefix))
+            .clone()
+    }
+
+    pub fn tcp_stats(&self, prefix: &str) -> TcpStats {
+        let mut m = self.tcp_stats.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(prefix.to_string())
+            .or_insert_with(|| TcpStats::new(&self.stats, prefix))
+            .clone()
+    }
+
+    pub fn listener_stats(&self, name: &str) -> Counter {
+        self.listener_cx.get(name).cloned().unwrap_or_else(|| {
+            self.stats
+                .counter(&format!("listener.{name}.downstream_cx_total"))
+        })
+    }
+}
+
+fn rfc3339_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Runs the proxy until it is told to stop, then drains.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let bootstrap = ferry_xds::load_bootstrap(&opts.config)?;
+    for w in &bootstrap.warnings.0 {
+        tracing::warn!(config.warning = %w, "configuration accepted with a warning");
+    }
+    let snapshot = Snapshot {
+        version: bootstrap.snapshot.version.clone(),
+        listeners: bootstrap.snapshot.listeners.clone(),
+        clusters: bootstrap.snapshot.clusters.clone(),
+    };
+    // Bind everything before serving anything: a port conflict fails start-up.
+    let mut bound = Vec::new();
+    for l in snapshot.listeners.iter().filter(|l| l.bind_to_port) {
+        let tcp = crate::listener::bind(l.address)
+            .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.address))?;
+        bound.push((l.clone(), tcp));
+    }
+    let admin_addr = opts
+        .admin_addr
+        .or(bootstrap.admin_address)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000)));
+    let admin_tcp = crate::listener::bind(admin_addr)
+        .with_context(|| format!("admin: cannot bind {admin_addr}"))?;
+    let ready_tcp = match opts.ready_addr {
+        Some(a) => {
+            Some(crate::listener::bind(a).with_context(|| format!("readiness: cannot bind {a}"))?)
+        }
+        None => None,
+    };
+
+    let stats = Stats::default();
+    let clusters = ClusterManager::build(&snapshot, None, &stats);
+    let listener_cx = snapshot
+        .listeners
+        .iter()
+        .map(|l| {
+            let key = format!(
+                "listener.{}_{}.downstream_cx_total",
+                l.address.ip(),
+                l.address.port()
+            );
+            (l.name.clone(), stats.counter(&key))
+        })
+        .collect();
+    let rt = Arc::new(Runtime {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        clusters: ArcSwap::from_pointee(clusters),
+        stats,
+        drain: Drain::new(),
+        access_log: opts.access_log,
+        detection_timeout: opts.detection_timeout,
+        ready: AtomicBool::new(false),
+        quit: Notify::new(),
+        bootstrap,
+        loaded_at: rfc3339_now(),
+        http_stats: Mutex::new(HashMap::new()),
+        tcp_stats: Mutex::new(HashMap::new()),
+        listener_cx,
+    });
+    rt.clusters.load().start_dns();
+    for (l, tcp) in bound {
+        tracing::info!(listener.name = %l.name, listener.address = %l.address, "listening");
+        tokio::spawn(crate::listener::accept_loop(rt.clone(), l, tcp));
+    }
+    tokio::spawn(crate::admin::serve(
+        rt.clone(),
+        admin_tcp,
+        crate::admin::Role::Admin,
+    ));
+    if let Some(tcp) = ready_tcp {
+        tokio::spawn(crate::admin::serve(
+            rt.clone(),
+            tcp,
+            crate::admin::Role::Readiness,
+        ));
+    }
+    rt.ready.store(true, Ordering::Release);
+    tracing::info!(admin.address = %admin_addr, "ferry is ready");
+
+    wait_for_stop(&rt).await;
+    tracing::info!(
+        drain.timeout_ms = opts.drain_timeout.as_millis() as u64,
+        "draining"
+    );
+    let left = rt.drain.drain(opts.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            connections = left,
+            "drain deadline passed; closing remaining connections"
+        );
+    }
+    tracing::info!("exiting");
+    Ok(())
+}
+
+async fn wait_for_stop(rt: &Runtime) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = rt.quit.notified() => {}
+            }
+        }
+        _ => rt.quit.notified().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamp_shape() {
+        let t = super::rfc3339_now();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
+}

@@ -1,0 +1,236 @@
+//! Counters with Envoy's names (`cluster.<name>.upstream_rq_total`,
+//! `http.<stat_prefix>.downstream_rq_2xx`, …), registered when a snapshot is
+//! applied so the hot path only does an atomic add.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A gauge that can go up and down (active connections and requests).
+#[derive(Clone, Debug, Default)]
+pub struct Gauge(Arc<AtomicU64>);
+
+impl Gauge {
+    pub fn inc(&self) -> GaugeGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(self.clone())
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct Stats {
+    counters: Mutex<BTreeMap<String, Counter>>,
+    gauges: Mutex<BTreeMap<String, Gauge>>,
+}
+
+impl Stats {
+    /// The counter of that name, created on first use.
+    pub fn counter(&self, name: &str) -> Counter {
+        let mut m = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn gauge(&self, name: &str) -> Gauge {
+        let mut m = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(name.to_string()).or_default().clone()
+    }
+
+    /// All values, sorted by name (Envoy's `/stats` text form uses `name: value`).
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get()))
+            .collect();
+        out.extend(
+            self.gauges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, v)| (k.clone(), v.get())),
+        );
+        out.sort();
+        out
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        for (k, v) in self.snapshot() {
+            s.push_str(&k);
+            s.push_str(": ");
+            s.push_str(&v.to_string());
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// The HTTP connection manager's counters for one `stat_prefix`.
+#[derive(Clone, Debug)]
+pub struct HttpStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_active: Gauge,
+    pub downstream_rq_total: Counter,
+    pub downstream_rq_active: Gauge,
+    pub downstream_rq_http1_total: Counter,
+    pub downstream_rq_http2_total: Counter,
+    pub rq_by_class: [Counter; 5],
+    pub no_route: Counter,
+}
+
+impl HttpStats {
+    pub fn new(stats: &Stats, prefix: &str) -> Self {
+        let c = |n: &str| stats.counter(&format!("http.{prefix}.{n}"));
+        Self {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_active: stats.gauge(&format!("http.{prefix}.downstream_cx_active")),
+            downstream_rq_total: c("downstream_rq_total"),
+            downstream_rq_active: stats.gauge(&format!("http.{prefix}.downstream_rq_active")),
+            downstream_rq_http1_total: c("downstream_rq_http1_total"),
+            downstream_rq_http2_total: c("downstream_rq_http2_total"),
+            rq_by_class: [
+                c("downstream_rq_1xx"),
+                c("downstream_rq_2xx"),
+                c("downstream_rq_3xx"),
+                c("downstream_rq_4xx"),
+                c("downstream_rq_5xx"),
+            ],
+            no_route: c("no_route"),
+        }
+    }
+
+    pub fn status(&self, status: u16) {
+        if let Some(c) = self
+            .rq_by_class
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
+            c.inc();
+        }
+    }
+}
+
+/// A cluster's counters.
+#[derive(Clone, Debug)]
+pub struct ClusterStats {
+    pub upstream_cx_total: Counter,
+    pub upstream_cx_connect_fail: Counter,
+    pub upstream_cx_connect_timeout: Counter,
+    pub upstream_rq_total: Counter,
+    pub upstream_rq_timeout: Counter,
+    pub upstream_rq_by_class: [Counter; 5],
+    /// Requests re-sent on a new connection because the pooled one had been
+    /// closed by the server before any byte was written.
+    pub upstream_rq_retry_stale_connection: Counter,
+    pub upstream_cx_destroy: Counter,
+}
+
+impl ClusterStats {
+    pub fn new(stats: &Stats, cluster: &str) -> Self {
+        let c = |n: &str| stats.counter(&format!("cluster.{cluster}.{n}"));
+        Self {
+            upstream_cx_total: c("upstream_cx_total"),
+            upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
+            upstream_cx_connect_timeout: c("upstream_cx_connect_timeout"),
+            upstream_rq_total: c("upstream_rq_total"),
+            upstream_rq_timeout: c("upstream_rq_timeout"),
+            upstream_rq_by_class: [
+                c("upstream_rq_1xx"),
+                c("upstream_rq_2xx"),
+                c("upstream_rq_3xx"),
+                c("upstream_rq_4xx"),
+                c("upstream_rq_5xx"),
+            ],
+            upstream_rq_retry_stale_connection: c("upstream_rq_retry_stale_connection"),
+            upstream_cx_destroy: c("upstream_cx_destroy"),
+        }
+    }
+
+    pub fn status(&self, status: u16) {
+        if let Some(c) = self
+            .upstream_rq_by_class
+            .get(usize::from(status / 100).wrapping_sub(1))
+        {
+            c.inc();
+        }
+    }
+}
+
+/// A TCP proxy's counters (`tcp.<stat_prefix>.*`).
+#[derive(Clone, Debug)]
+pub struct TcpStats {
+    pub downstream_cx_total: Counter,
+    pub downstream_cx_rx_bytes_total: Counter,
+    pub downstream_cx_tx_bytes_total: Counter,
+    pub upstream_flush_total: Counter,
+    pub idle_timeout: Counter,
+    pub downstream_cx_no_route: Counter,
+}
+
+impl TcpStats {
+    pub fn new(stats: &Stats, prefix: &str) -> Self {
+        let c = |n: &str| stats.counter(&format!("tcp.{prefix}.{n}"));
+        Self {
+            downstream_cx_total: c("downstream_cx_total"),
+            downstream_cx_rx_bytes_total: c("downstream_cx_rx_bytes_total"),
+            downstream_cx_tx_bytes_total: c("downstream_cx_tx_bytes_total"),
+            upstream_flush_total: c("upstream_flush_total"),
+            idle_timeout: c("idle_timeout"),
+            downstream_cx_no_route: c("downstream_cx_no_route"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_shared_by_name_and_rendered_sorted() {
+        let s = Stats::default();
+        let h = HttpStats::new(&s, "ingress");
+        h.downstream_rq_total.inc();
+        h.status(503);
+        s.counter("http.ingress.downstream_rq_total").inc();
+        let g = h.downstream_rq_active.inc();
+        let text = s.render_text();
+        assert!(
+            text.contains("http.ingress.downstream_rq_total: 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("http.ingress.downstream_rq_5xx: 1\n"));
+        assert!(text.contains("http.ingress.downstream_rq_active: 1\n"));
+        drop(g);
+        assert!(
+            s.render_text()
+                .contains("http.ingress.downstream_rq_active: 0\n")
+        );
+    }
+}

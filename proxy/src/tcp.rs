@@ -1,0 +1,150 @@
+//! `envoy.filters.network.tcp_proxy`: a bidirectional byte copy to an
+//! endpoint of the cluster, passing half-close (FIN) through each way, closed
+//! after the idle timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use ferry_model::TcpProxy;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::run::Runtime;
+use crate::stats::TcpStats;
+
+/// Proxies one downstream connection.
+pub async fn proxy<S>(
+    rt: &Runtime,
+    tp: &TcpProxy,
+    stats: &TcpStats,
+    mut down: S,
+    original_dst: std::net::SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    stats.downstream_cx_total.inc();
+    let clusters = rt.clusters.load();
+    let Some(cluster) = clusters.get(&tp.cluster).cloned() else {
+        stats.downstream_cx_no_route.inc();
+        return;
+    };
+    drop(clusters);
+    let Some(pool) = cluster.pick(Some(original_dst)) else {
+        stats.downstream_cx_no_route.inc();
+        return;
+    };
+    let up = match pool.connect().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(upstream.host = %pool.address, error = %e, "tcp upstream connect failed");
+            return;
+        }
+    };
+    let (rx, tx) = copy(&mut down, up, tp.idle_timeout, stats).await;
+    stats.downstream_cx_rx_bytes_total.add(rx);
+    stats.downstream_cx_tx_bytes_total.add(tx);
+}
+
+/// Copies both ways until both sides finished or the connection was idle
+/// for `idle`. Returns (bytes from downstream, bytes to downstream).
+async fn copy<S>(
+    down: &mut S,
+    up: TcpStream,
+    idle: Option<Duration>,
+    stats: &TcpStats,
+) -> (u64, u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(Activity::new());
+    let mut down = Tracked {
+        inner: down,
+        activity: activity.clone(),
+    };
+    let mut up = Tracked {
+        inner: up,
+        activity: activity.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    match idle {
+        None => copy.await.unwrap_or((0, 0)),
+        Some(idle) => {
+            tokio::pin!(copy);
+            loop {
+                let left = idle.saturating_sub(activity.since_last());
+                tokio::select! {
+                    r = copy.as_mut() => return r.unwrap_or((0, 0)),
+                    _ = tokio::time::sleep(left) => {
+                        if activity.since_last() >= idle {
+                            stats.idle_timeout.inc();
+                            return (0, 0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The time of the last byte seen either way.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    fn since_last(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
