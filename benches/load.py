@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -45,7 +47,9 @@ TOOLS = Path(os.environ.get("FERRY_TOOLS", REPO / "target" / "tools"))
 SCENARIOS = ("http1", "h2", "tcp")
 TARGETS = ("direct", "ferry", "envoy")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_KIB = 1024
+# Background CPU (% of one core) above which a round is flagged: loopback softirq
+# work the kernel does not charge to our processes stays below this on a quiet machine.
+NOISY_PCT = 10
 
 
 def log(msg: str) -> None:
@@ -61,30 +65,24 @@ class HarnessError(Exception):
 _children: list[subprocess.Popen] = []
 
 
-def spawn(argv: list[str], logfile: Path | None = None) -> subprocess.Popen:
-    out = open(logfile, "wb") if logfile else subprocess.DEVNULL
-    # Own session: a Ctrl-C in the terminal reaches only the harness, which then
-    # stops its children in order instead of leaving a half-killed set behind.
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    if logfile:
-        out.close()
+def spawn(argv: list[str], logfile: Path) -> subprocess.Popen:
+    with open(logfile, "wb") as out:
+        # Own session: a Ctrl-C in the terminal reaches only the harness, which then
+        # stops its children in order instead of leaving a half-killed set behind.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _children.append(proc)
     return proc
 
 
 def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait()
     if proc in _children:
         _children.remove(proc)
@@ -126,6 +124,71 @@ def cpu_ticks(pid: int) -> int:
     fields = stat[stat.rindex(")") + 2 :].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return int(fields[11]) + int(fields[12])
+
+
+def machine_busy_ticks() -> int:
+    """All CPUs' busy time (everything but idle and iowait), in clock ticks."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...: guest time is already in user.
+    return sum(fields[:3]) + sum(fields[5:8])
+
+
+class Background:
+    """How much CPU something other than the harness used during a measurement.
+
+    The machine is shared (builds, other jobs); a run that had a neighbour on the
+    proxy's core is slower for reasons that are not the proxy's. The harness cannot
+    prevent that, but it can say so next to the number.
+    """
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+
+    def _ours(self) -> float:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        ticks = 0
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                ticks += cpu_ticks(pid)
+        return ticks / CLK_TCK + children.ru_utime + children.ru_stime + me.ru_utime + me.ru_stime
+
+    def __enter__(self) -> Background:
+        self.busy0, self.ours0, self.t0 = machine_busy_ticks(), self._ours(), time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = (machine_busy_ticks() - self.busy0) / CLK_TCK
+        ours = self._ours() - self.ours0
+        # Percent of one core; kernel network work done outside our processes' accounting
+        # shows up here too, so a few percent is the floor, not a neighbour.
+        self.pct = max(0.0, busy - ours) / (time.monotonic() - self.t0) * 100
+
+
+def wait_until_quiet(max_wait: float) -> None:
+    """Waits (at most max_wait seconds) for a second in which the machine is idle.
+
+    Only the backend is running here and it is idle, so whatever is busy belongs to
+    someone else. A neighbour that is still busy after max_wait is measured through,
+    and the background column of that round says so.
+    """
+    if max_wait <= 0:
+        return
+    deadline = time.monotonic() + max_wait
+    announced = False
+    while True:
+        before = machine_busy_ticks()
+        time.sleep(1.0)
+        busy_pct = (machine_busy_ticks() - before) * 100 / CLK_TCK
+        if busy_pct <= NOISY_PCT:
+            return
+        if time.monotonic() >= deadline:
+            log(f"  machine still {busy_pct:.0f}% busy after {max_wait:.0f}s; measuring anyway")
+            return
+        if not announced:
+            log(f"  machine {busy_pct:.0f}% busy with other work; waiting up to {max_wait:.0f}s for it to quiet down")
+            announced = True
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -338,6 +401,8 @@ class Settings:
     tcp_size: int
     tcp_client: Path
     tmp: Path
+    quiet_wait: float
+    backend_pids: list[int] = field(default_factory=list)
 
 
 def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool) -> LoadResult | None:
@@ -403,6 +468,7 @@ def preflight(scenario: str, port: int) -> None:
 @dataclass
 class Sample:
     load: LoadResult
+    background_pct: float
     cpu_ms_per_1k: float | None = None
     rss_idle_kib: int | None = None
     rss_peak_kib: int | None = None
@@ -426,11 +492,13 @@ def measure(
     proxy_cpu: str,
 ) -> Sample:
     direct_port = backend_echo if scenario == "tcp" else backend_http
+    wait_until_quiet(s.quiet_wait)
     if proxy is None:
         run_load(s, scenario, direct_port, s.warmup, measure=False)
-        result = run_load(s, scenario, direct_port, s.duration, measure=True)
+        with Background(s.backend_pids) as bg:
+            result = run_load(s, scenario, direct_port, s.duration, measure=True)
         assert result is not None
-        return Sample(result)
+        return Sample(result, bg.pct)
 
     # Fresh ports per start: no TIME_WAIT interplay with the previous proxy's sockets.
     ports = Ports(free_port(), free_port(), free_port(), free_port())
@@ -450,16 +518,17 @@ def measure(
         except Exception as err:
             raise RuntimeError(f"{err}\n  command: {' '.join(argv)}\n  log {logfile}:\n{tail(logfile)}") from err
         run_load(s, scenario, port, s.warmup, measure=False)
-        before = cpu_ticks(proc.pid)
-        result = run_load(s, scenario, port, s.duration, measure=True)
-        after = cpu_ticks(proc.pid)
+        with Background(s.backend_pids + [proc.pid]) as bg:
+            before = cpu_ticks(proc.pid)
+            result = run_load(s, scenario, port, s.duration, measure=True)
+            after = cpu_ticks(proc.pid)
         assert result is not None
         if proc.poll() is not None:
             raise RuntimeError(f"{target} exited during the run\n  log {logfile}:\n{tail(logfile)}")
         peak = status_kib(proc.pid, "VmHWM")
         cpu_ms = (after - before) * 1000 / CLK_TCK
         per_1k = cpu_ms / (result.requests / 1000) if result.requests else None
-        return Sample(result, per_1k, rss_idle, peak)
+        return Sample(result, bg.pct, per_1k, rss_idle, peak)
     finally:
         stop(proc)
 
@@ -495,8 +564,9 @@ class Summary:
     idle_mib: float | None
     peak_mib: float | None
     errors: int
+    background: float | None
     rounds: int
-    rps_all: list[float]
+    rps_all: list[str]
 
 
 def summarize(samples: list[Sample]) -> Summary | None:
@@ -513,8 +583,9 @@ def summarize(samples: list[Sample]) -> Summary | None:
         # The highest high-water mark: peak memory is a worst case, not a typical one.
         peak_mib=mib(max(peaks)) if peaks else None,
         errors=sum(x.load.errors for x in samples),
+        background=max(x.background_pct for x in samples),
         rounds=len(samples),
-        rps_all=[x.load.rps for x in samples],
+        rps_all=[f"{x.load.rps:,.0f}" + ("*" if x.background_pct > NOISY_PCT else "") for x in samples],
     )
 
 
@@ -525,11 +596,18 @@ SCENARIO_TITLE = {
 }
 
 
-def tool_version(argv: list[str]) -> str:
+def tool_version(argv: list[str], strict: bool = False) -> str:
+    """First line a tool prints about its version; with strict, only if it exits 0.
+
+    wrk has no version flag and exits non-zero while printing it, so only the
+    binaries whose --version is known to succeed are held to it.
+    """
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
+    if strict and out.returncode != 0:
+        return "? (--version failed)"
     text = (out.stdout + out.stderr).strip().splitlines()
     return text[0].strip() if text else "?"
 
@@ -551,7 +629,9 @@ def render(
         " values are medians over rounds, RSS peak is the highest VmHWM",
         "- " + ", ".join(f"{k}: {v}" for k, v in versions.items()),
         "",
-        "Latency in ms; CPU is the proxy's user+system time per 1,000 requests; RSS in MiB.",
+        "Latency in ms; CPU is the proxy's user+system time per 1,000 requests; RSS in MiB;"
+        " background CPU is the most any round saw used outside the harness (% of one core);"
+        f" a round marked * had more than {NOISY_PCT}%: a neighbour competed, its rps and latency are pessimistic.",
         "",
     ]
     for scenario in args.only:
@@ -560,19 +640,20 @@ def render(
         )
         lines += [f"## {scenario}: {title}", ""]
         lines += [
-            "| target | rps | p50 | p99 | CPU ms / 1k req | RSS idle | RSS peak | errors | rps per round |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| target | rps | p50 | p99 | CPU ms / 1k req | RSS idle | RSS peak | errors | rps per round "
+            "| background CPU |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
         ]
         sums = {t: summarize(results[scenario].get(t, [])) for t in args.targets}
         for t in args.targets:
             sm = sums[t]
             if sm is None:
-                lines.append(f"| {t} | not run | | | | | | | |")
+                lines.append(f"| {t} | failed, see notes | | | | | | | | |")
                 continue
             lines.append(
                 f"| {t} | {fmt(sm.rps)} | {fmt(sm.p50, 3)} | {fmt(sm.p99, 3)} | {fmt(sm.cpu)} "
                 f"| {fmt(sm.idle_mib, 1)} | {fmt(sm.peak_mib, 1)} | {sm.errors} "
-                f"| {', '.join(f'{r:,.0f}' for r in sm.rps_all)} |"
+                f"| {', '.join(sm.rps_all)} | {sm.background:.0f}% |"
             )
         lines.append("")
         pairs = [("ferry", "envoy"), ("ferry", "direct"), ("envoy", "direct")]
@@ -622,11 +703,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable); default: all"
     )
     p.add_argument(
-        "--targets", default=",".join(TARGETS), help="comma-separated subset of direct,ferry,envoy, in run order"
+        "--targets",
+        default=",".join(TARGETS),
+        help="comma-separated subset of direct,ferry,envoy, in run order",
     )
     p.add_argument("--ferry", type=Path, default=REPO / "target" / "release" / "ferry", help="ferry binary")
     p.add_argument("--envoy", type=Path, default=TOOLS / "envoy", help="envoy binary")
-    p.add_argument("--bin-dir", type=Path, default=REPO / "target" / "release", help="where bench-backend and bench-tcp-client are")
+    p.add_argument(
+        "--bin-dir",
+        type=Path,
+        default=REPO / "target" / "release",
+        help="where bench-backend and bench-tcp-client are",
+    )
     p.add_argument("--proxy-cpu", default="1", help="CPU list the proxy is pinned to")
     p.add_argument("--load-cpu", default="0", help="CPU list for the load generator and the backend")
     p.add_argument("--connections", type=int, default=50, help="wrk connections (http1)")
@@ -635,6 +723,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tcp-connections", type=int, default=50, help="bench-tcp-client connections (tcp)")
     p.add_argument("--tcp-size", type=int, default=64, help="bytes per TCP request (tcp)")
     p.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "latest.md", help="markdown report")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0,
+        help="before each measurement, wait up to this many seconds for other work on the machine to stop",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the generated configs and proxy logs")
     args = p.parse_args(argv)
     args.only = list(dict.fromkeys(args.only or SCENARIOS))
@@ -696,7 +790,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     atexit.register(stop_all)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
 
     notes = check_tools(args)
     tmp = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
@@ -725,6 +819,7 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
         tcp_size=args.tcp_size,
         tcp_client=args.bin_dir / "bench-tcp-client",
         tmp=tmp,
+        quiet_wait=args.quiet_wait,
     )
     proxies: dict[str, Proxy | None] = {"direct": None}
     versions = {}
@@ -732,12 +827,13 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
         # --disable-hot-restart: no shared-memory region, so back-to-back starts never collide.
         proxies["envoy"] = Proxy(
             "envoy",
-            [str(args.envoy), "-c", "{config}", "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
+            [str(args.envoy), "-c", "{config}", "--concurrency", "1"]
+            + ["--disable-hot-restart", "--log-level", "warn"],
         )
-        versions["envoy"] = tool_version([str(args.envoy), "--version"]).split(" ")[-1]
+        versions["envoy"] = tool_version([str(args.envoy), "--version"], strict=True).split(" ")[-1]
     if "ferry" in args.targets:
         proxies["ferry"] = Proxy("ferry", [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1"])
-        versions["ferry"] = tool_version([str(args.ferry), "--version"])
+        versions["ferry"] = tool_version([str(args.ferry), "--version"], strict=True)
     if "http1" in args.only:
         versions["wrk"] = tool_version(["wrk", "-v"]).split(" [")[0]
     if "h2" in args.only:
@@ -747,8 +843,12 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
     backend_http, backend_echo = free_port(), free_port()
     pin = ["taskset", "-c", args.load_cpu]
     for mode, port in (("http", backend_http), ("echo", backend_echo)):
-        proc = spawn(pin + [str(args.bin_dir / "bench-backend"), "--mode", mode, "--addr", f"127.0.0.1:{port}"], tmp / f"backend-{mode}.log")
+        proc = spawn(
+            pin + [str(args.bin_dir / "bench-backend"), "--mode", mode, "--addr", f"127.0.0.1:{port}"],
+            tmp / f"backend-{mode}.log",
+        )
         wait_for_port(port, proc, 10, f"bench-backend --mode {mode}")
+        s.backend_pids.append(proc.pid)
 
     results: dict[str, dict[str, list[Sample]]] = {sc: {} for sc in args.only}
     for round_no in range(1, args.rounds + 1):
@@ -778,6 +878,7 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
                 log(
                     f"[{round_no}/{args.rounds}] {scenario:5} {target:6} {r.rps:>10,.0f} rps"
                     f"  p50 {fmt(r.p50_ms, 3)} ms  p99 {fmt(r.p99_ms, 3)} ms{cpu}{rss}"
+                    + f"  bg {sample.background_pct:.0f}%"
                     + (f"  ERRORS {r.errors}" if r.errors else "")
                 )
 

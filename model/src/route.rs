@@ -234,10 +234,10 @@ impl RouteConfig {
         let mut best: Option<((u8, usize), &VirtualHost)> = None;
         for vh in &self.virtual_hosts {
             for d in &vh.domains {
-                if let Some(rank) = d.rank(host) {
-                    if best.is_none_or(|(b, _)| rank > b) {
-                        best = Some((rank, vh));
-                    }
+                if let Some(rank) = d.rank(host)
+                    && best.is_none_or(|(b, _)| rank > b)
+                {
+                    best = Some((rank, vh));
                 }
             }
         }

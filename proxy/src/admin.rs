@@ -98,3 +98,16 @@ fn respond(rt: &Runtime, role: Role, req: Request<Incoming>) -> Response<Full<By
         ),
     }
 }
+
+/// Sends `POST /quitquitquit` to an admin address (used by `ferry demo`).
+pub async fn request_quit(admin: std::net::SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    if let Ok(mut s) = tokio::net::TcpStream::connect(admin).await {
+        let req = format!(
+            "POST /quitquitquit HTTP/1.1\r\nhost: {admin}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut buf = [0u8; 256];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod demo;
 pub mod detect;
 pub mod drain;
 pub mod http;

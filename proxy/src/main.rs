@@ -32,6 +32,13 @@ enum Command {
     Gateway(ProxyArgs),
     /// Programs the pod's iptables so its TCP traffic goes through the sidecar.
     Iptables(IptablesArgs),
+    /// Runs a local demo: the sidecar on its built-in configuration in front
+    /// of a small HTTP backend and TCP echo, with traffic and counters shown.
+    Demo {
+        /// Keep serving after the demo traffic (Ctrl-C stops).
+        #[arg(long)]
+        serve: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -124,11 +131,21 @@ fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
     }))
 }
 
+fn demo(serve: bool) -> anyhow::Result<()> {
+    init_logging("warn,access=info");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(ferry_proxy::demo::demo(serve))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sidecar(a) | Command::Gateway(a) => proxy(a),
         Command::Iptables(a) => ferry_proxy::iptables::run(&a).map_err(anyhow::Error::from),
+        Command::Demo { serve } => demo(serve),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,3 @@
-//! placeholder
+//! Support code for Ferry's integration tests: [`netns`] builds pods as network namespaces.
+
+pub mod netns;

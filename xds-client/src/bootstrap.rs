@@ -126,6 +126,43 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
     })
 }
 
+/// The bootstrap's resources in Envoy's `/config_dump` shape
+/// (`envoy.admin.v3.ConfigDump` as JSON): the bootstrap itself, then the
+/// static listeners, clusters and route configurations.
+pub fn config_dump(
+    proto: &bootstrap_pb::Bootstrap,
+    last_updated: &str,
+) -> Result<serde_json::Value, String> {
+    use serde_json::json;
+    let t = |name: &str| format!("type.googleapis.com/envoy.admin.v3.{name}");
+    let statics = proto.static_resources.clone().unwrap_or_default();
+    let mut listeners = Vec::new();
+    for l in &statics.listeners {
+        listeners.push(json!({
+            "listener": crate::json::to_json("envoy.config.listener.v3.Listener", l)?,
+            "last_updated": last_updated,
+        }));
+    }
+    let mut clusters = Vec::new();
+    for c in &statics.clusters {
+        clusters.push(json!({
+            "cluster": crate::json::to_json("envoy.config.cluster.v3.Cluster", c)?,
+            "last_updated": last_updated,
+        }));
+    }
+    Ok(json!({
+        "configs": [
+            {
+                "@type": t("BootstrapConfigDump"),
+                "bootstrap": crate::json::to_json("envoy.config.bootstrap.v3.Bootstrap", proto)?,
+                "last_updated": last_updated,
+            },
+            {"@type": t("ListenersConfigDump"), "static_listeners": listeners},
+            {"@type": t("ClustersConfigDump"), "static_clusters": clusters},
+        ]
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,41 +297,4 @@ static_resources:
         assert_eq!(b.warnings.0.len(), 1, "{:?}", b.warnings);
         assert!(b.warnings.0[0].contains("envoy.filters.http.lua"));
     }
-}
-
-/// The bootstrap's resources in Envoy's `/config_dump` shape
-/// (`envoy.admin.v3.ConfigDump` as JSON): the bootstrap itself, then the
-/// static listeners, clusters and route configurations.
-pub fn config_dump(
-    proto: &bootstrap_pb::Bootstrap,
-    last_updated: &str,
-) -> Result<serde_json::Value, String> {
-    use serde_json::json;
-    let t = |name: &str| format!("type.googleapis.com/envoy.admin.v3.{name}");
-    let statics = proto.static_resources.clone().unwrap_or_default();
-    let mut listeners = Vec::new();
-    for l in &statics.listeners {
-        listeners.push(json!({
-            "listener": crate::json::to_json("envoy.config.listener.v3.Listener", l)?,
-            "last_updated": last_updated,
-        }));
-    }
-    let mut clusters = Vec::new();
-    for c in &statics.clusters {
-        clusters.push(json!({
-            "cluster": crate::json::to_json("envoy.config.cluster.v3.Cluster", c)?,
-            "last_updated": last_updated,
-        }));
-    }
-    Ok(json!({
-        "configs": [
-            {
-                "@type": t("BootstrapConfigDump"),
-                "bootstrap": crate::json::to_json("envoy.config.bootstrap.v3.Bootstrap", proto)?,
-                "last_updated": last_updated,
-            },
-            {"@type": t("ListenersConfigDump"), "static_listeners": listeners},
-            {"@type": t("ClustersConfigDump"), "static_clusters": clusters},
-        ]
-    }))
 }

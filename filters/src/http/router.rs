@@ -54,11 +54,12 @@ pub fn redirect_location(req_scheme: &str, req_host: &str, uri: &Uri, r: &Redire
         (None, Some((matched, repl))) => rewrite_prefix(path, matched, repl),
         _ => path.to_string(),
     };
-    if !r.strip_query && r.path.is_none_or(|p| !p.contains('?')) {
-        if let Some(q) = query {
-            new_path.push('?');
-            new_path.push_str(q);
-        }
+    if let Some(q) = query
+        && !r.strip_query
+        && r.path.is_none_or(|p| !p.contains('?'))
+    {
+        new_path.push('?');
+        new_path.push_str(q);
     }
     format!("{scheme}://{host}{port}{new_path}")
 }

@@ -62,10 +62,10 @@ impl Body for UpstreamBody {
             if let Some(n) = self.end.take() {
                 drop(n);
             }
-        } else if let Poll::Ready(Some(Ok(_))) = &res {
-            if self.is_end_stream() {
-                self.signal_end();
-            }
+        } else if let Poll::Ready(Some(Ok(_))) = &res
+            && self.is_end_stream()
+        {
+            self.signal_end();
         }
         res
     }

@@ -277,10 +277,10 @@ async fn forward(
         if let Ok(v) = HeaderValue::from_str(h) {
             parts.headers.insert(HOST, v);
         }
-    } else if !parts.headers.contains_key(HOST) {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            parts.headers.insert(HOST, v);
-        }
+    } else if !parts.headers.contains_key(HOST)
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        parts.headers.insert(HOST, v);
     }
     headers::prepare_request(&mut parts.headers, "http", hcm.generate_request_id);
     for name in &route.request_headers_to_remove {

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Clients for Ferry's data-path tests. Each prints one JSON line with what it observed and
+exits 0 when the exchange itself worked (the test asserts on the details):
+
+  grpc HOST:PORT    /echo.Echo/Say (unary) and /echo.Echo/Count (server streaming, 5 messages);
+                    reports codes, payloads and trailing metadata of both calls.
+  ws URL            opens a WebSocket, sends a text and a 100 KiB binary message, reports
+                    what came back.
+"""
+
+import json
+import sys
+
+
+def grpc_client(target):
+    import grpc
+
+    ident = lambda b: b  # noqa: E731 - raw bytes, no generated code
+    out = {}
+    with grpc.insecure_channel(target) as ch:
+        say = ch.unary_unary("/echo.Echo/Say", request_serializer=ident, response_deserializer=ident)
+        reply, call = say.with_call(b"hello through ferry", timeout=10)
+        out["unary"] = {
+            "code": call.code().name,
+            "reply": reply.decode(),
+            "trailers": dict(call.trailing_metadata() or ()),
+        }
+        count = ch.unary_stream("/echo.Echo/Count", request_serializer=ident, response_deserializer=ident)
+        stream = count(b"5", timeout=10)
+        messages = [m.decode() for m in stream]
+        out["stream"] = {
+            "code": stream.code().name,
+            "messages": messages,
+            "trailers": dict(stream.trailing_metadata() or ()),
+        }
+    print(json.dumps(out), flush=True)
+
+
+def ws_client(url):
+    from websockets.sync.client import connect
+
+    with connect(url, open_timeout=10, close_timeout=5, max_size=1 << 24) as ws:
+        ws.send("hello through ferry")
+        text = ws.recv(timeout=10)
+        blob = bytes(range(256)) * 400
+        ws.send(blob)
+        back = ws.recv(timeout=10)
+    print(json.dumps({"text": text, "binary_ok": back == blob, "binary_len": len(back)}), flush=True)
+
+
+def main(argv):
+    if len(argv) != 2:
+        sys.exit(__doc__)
+    if argv[0] == "grpc":
+        grpc_client(argv[1])
+    elif argv[0] == "ws":
+        ws_client(argv[1])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
