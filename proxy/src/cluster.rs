@@ -4,8 +4,9 @@
 //!
 //! A request handed to a reused HTTP/1.1 connection that the server closed
 //! while it sat idle comes back from hyper unsent; it is then sent again on
-//! another connection. This closes the keep-alive race that otherwise shows
-//! up as sporadic 503s.
+//! another connection. A bodiless idempotent request that was already written
+//! when the server closed the reused connection is sent again too. This closes
+//! the keep-alive race that otherwise shows up as sporadic 503s.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -182,6 +183,34 @@ impl ClusterRt {
     }
 }
 
+/// A copy of a request that can be sent again as it is: an idempotent method
+/// and no body (a streamed body cannot be read twice).
+fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    use http_body::Body as _;
+    if !req.method().is_idempotent() || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut again = Request::new(UpstreamBody::empty());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    // Carries hyper's record of the original header case.
+    *again.extensions_mut() = req.extensions().clone();
+    Some(again)
+}
+
+/// Whether the connection went away before a response arrived: closed, reset
+/// or broken. A reused connection failing this way was closed by the server
+/// in the keep-alive race, not by the request.
+fn closed_before_response(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    e.is_incomplete_message()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted))
+}
+
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
@@ -192,6 +221,7 @@ pub struct EndpointPool {
     pub address: SocketAddr,
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
+    bind_source: Option<std::net::IpAddr>,
     stats: ClusterStats,
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
@@ -207,6 +237,7 @@ impl EndpointPool {
             address,
             connect_timeout: cluster.cfg.connect_timeout,
             idle_timeout: cluster.cfg.idle_timeout,
+            bind_source: cluster.cfg.bind_source,
             stats: cluster.stats.clone(),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
@@ -221,7 +252,21 @@ impl EndpointPool {
     /// Opens a TCP connection to the endpoint within the connect timeout.
     pub async fn connect(&self) -> Result<TcpStream, UpstreamError> {
         self.stats.upstream_cx_total.inc();
-        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address)).await {
+        let connect = async {
+            match self.bind_source {
+                None => TcpStream::connect(self.address).await,
+                Some(src) => {
+                    let sock = if self.address.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    sock.bind(std::net::SocketAddr::new(src, 0))?;
+                    sock.connect(self.address).await
+                }
+            }
+        };
+        match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 Ok(s)
@@ -276,6 +321,12 @@ impl EndpointPool {
                 Some(s) => (s, true),
                 None => (self.connect_h1().await?, false),
             };
+            // The server may close a kept-alive connection while our request is
+            // already on the wire (its keep-alive timeout fired as the request
+            // arrived): hyper then reports the connection closed and keeps the
+            // request. A bodiless idempotent request may be sent again (RFC 9110
+            // §9.2.2), so keep a copy of its head while it uses a reused connection.
+            let replay = if reused { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.release_when_idle(sender);
@@ -287,7 +338,16 @@ impl EndpointPool {
                         self.stats.upstream_rq_retry_stale_connection.inc();
                         req = back;
                     }
-                    _ => return Err(UpstreamError::Reset(e.into_error())),
+                    _ => {
+                        let e = e.into_error();
+                        match replay {
+                            Some(again) if closed_before_response(&e) => {
+                                self.stats.upstream_rq_retry_stale_connection.inc();
+                                req = again;
+                            }
+                            _ => return Err(UpstreamError::Reset(e)),
+                        }
+                    }
                 },
             }
         }

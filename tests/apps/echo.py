@@ -37,6 +37,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ZEROS = bytes(1 << 20)
+# Pods in network namespaces serve on every address; loopback tests keep 127.0.0.1.
+BIND = os.environ.get("ECHO_BIND", "127.0.0.1")
 
 
 def announce():
@@ -174,7 +176,7 @@ class EchoServer(ThreadingHTTPServer):
 
 
 def serve_http(port, name, opts):
-    srv = EchoServer(("127.0.0.1", port), EchoHandler)
+    srv = EchoServer((BIND, port), EchoHandler)
     srv.name = name
     srv.idle_close_ms = 0
     srv.drop_reused = "--drop-reused" in opts
@@ -197,7 +199,7 @@ def serve_ws(port):
             await ws.send(msg)
 
     async def main():
-        async with serve(echo, "127.0.0.1", port, max_size=1 << 24):
+        async with serve(echo, BIND, port, max_size=1 << 24):
             announce()
             await asyncio.Future()
 
@@ -228,7 +230,7 @@ def serve_grpc(port):
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("echo.Echo", handlers),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.add_insecure_port(f"{BIND}:{port}")
     server.start()
     announce()
     server.wait_for_termination()
@@ -260,7 +262,7 @@ class TcpServer(socketserver.ThreadingTCPServer):
 
 
 def serve_tcp(port, banner):
-    srv = TcpServer(("127.0.0.1", port), TcpEcho)
+    srv = TcpServer((BIND, port), TcpEcho)
     srv.banner = banner
     announce()
     srv.serve_forever()

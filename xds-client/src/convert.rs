@@ -1010,9 +1010,28 @@ pub fn cluster(
             }
         }
     }
+    let bind_source = match &c.upstream_bind_config {
+        Some(b) => {
+            let addr = b.source_address.as_ref().ok_or_else(|| {
+                ctx.err(
+                    "upstream_bind_config.source_address",
+                    "source_address is required",
+                )
+            })?;
+            let ip = addr.address.parse().map_err(|_| {
+                ctx.err(
+                    "upstream_bind_config.source_address.address",
+                    format!("{:?} is not an IP address", addr.address),
+                )
+            })?;
+            Some(ip)
+        }
+        None => None,
+    };
     Ok(m::Cluster {
         name: c.name.clone(),
         kind,
+        bind_source,
         connect_timeout: duration(&c.connect_timeout).unwrap_or(Duration::from_secs(5)),
         lb_policy,
         protocol,
