@@ -46,12 +46,17 @@ impl Snapshot {
     /// Envoy does for `use_original_dst`: the listener whose address equals the
     /// original destination, or failing that a wildcard listener on its port.
     pub fn listener_for_original_dst(&self, dst: std::net::SocketAddr) -> Option<&Arc<Listener>> {
-        let exact = self.listeners.iter().find(|l| l.address == dst);
+        let exact = self
+            .listeners
+            .iter()
+            .find(|l| l.addresses().any(|a| a == dst));
         exact.or_else(|| {
             self.listeners.iter().find(|l| {
-                l.address.port() == dst.port()
-                    && l.address.ip().is_unspecified()
-                    && l.address.is_ipv4() == dst.is_ipv4()
+                l.addresses().any(|a| {
+                    a.port() == dst.port()
+                        && a.ip().is_unspecified()
+                        && a.is_ipv4() == dst.is_ipv4()
+                })
             })
         })
     }

@@ -17,6 +17,9 @@ use crate::route::RouteConfig;
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// More addresses served by the same listener (`additional_addresses`,
+    /// e.g. `[::]:15001` beside `0.0.0.0:15001` in a dual-stack pod).
+    pub additional_addresses: Vec<SocketAddr>,
     /// `false` for listeners that only receive connections handed over by an
     /// original-destination listener (Istio's per-port outbound listeners).
     pub bind_to_port: bool,
@@ -126,6 +129,11 @@ impl DetectionNeeds {
 }
 
 impl Listener {
+    /// Every address the listener serves.
+    pub fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        std::iter::once(self.address).chain(self.additional_addresses.iter().copied())
+    }
+
     /// Chooses the filter chain for a connection (Envoy's matching order).
     pub fn select_chain(&self, info: &ConnectionInfo) -> Option<&Arc<FilterChain>> {
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
@@ -296,6 +304,7 @@ mod tests {
         Listener {
             name: "l".into(),
             address: "0.0.0.0:15001".parse().unwrap(),
+            additional_addresses: vec![],
             bind_to_port: true,
             use_original_dst: true,
             listener_filters: ListenerFilters {

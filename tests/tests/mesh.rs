@@ -115,6 +115,7 @@ fn sidecar_config(peer: Ipv4Addr) -> String {
         r#"
   - name: virtualOutbound
     address: {{socket_address: {{address: 0.0.0.0, port_value: 15001}}}}
+    additional_addresses: [{{address: {{socket_address: {{address: "::", port_value: 15001}}}}}}]
     use_original_dst: true
     listener_filters:
     - name: envoy.filters.listener.original_dst
@@ -151,6 +152,7 @@ fn sidecar_config(peer: Ipv4Addr) -> String {
         r#"
   - name: virtualInbound
     address: {{socket_address: {{address: 0.0.0.0, port_value: 15006}}}}
+    additional_addresses: [{{address: {{socket_address: {{address: "::", port_value: 15006}}}}}}]
     listener_filters:
     - name: envoy.filters.listener.original_dst
       typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst}}
@@ -225,7 +227,7 @@ impl MeshPod {
         for port in [HTTP, WS, GRPC, TCP, BANNER] {
             pod.wait_port(port, Duration::from_secs(15))?;
         }
-        let out = pod.cmd(ferry_bin()).arg("iptables").output()?;
+        let out = pod.cmd(ferry_bin()).args(["iptables", "--ipv6"]).output()?;
         ensure!(
             out.status.success(),
             "ferry iptables: {}",
@@ -571,5 +573,26 @@ fn sigterm_lets_the_request_in_flight_finish() -> Result<()> {
     let exit = sidecar.wait_timeout(Duration::from_secs(15))?;
     assert!(exit.success(), "sidecar exit: {exit}");
     assert!(sidecar.logs().stderr.contains("draining"));
+    Ok(())
+}
+
+#[test]
+fn ipv6_capture_reads_the_original_destination() -> Result<()> {
+    let Some((_mesh, client, server)) = two_pods()? else {
+        return Ok(());
+    };
+    // No listener serves the IPv6 destination: the client sidecar passes the
+    // connection through to the original destination, where the server
+    // sidecar's inbound capture takes it by destination port.
+    let url = format!("http://[{}]:{HTTP}/v6", server.pod.ip6());
+    let body = curl(&client, &["-g", &url])?;
+    let v: serde_json::Value = serde_json::from_str(&body).context(body.clone())?;
+    assert_eq!(v["name"], "server", "{body}");
+    assert_eq!(v["path"], "/v6");
+    assert_eq!(client.stat("tcp.PassthroughCluster.downstream_cx_total"), 1);
+    assert_eq!(
+        server.stat("http.inbound_0.0.0.0_8080.downstream_rq_total"),
+        1
+    );
     Ok(())
 }

@@ -226,6 +226,14 @@ pub fn listener(
         return Err(ctx.err("name", "a listener needs a name"));
     }
     let address = ip_socket(&ctx, "address", &l.address)?;
+    let mut additional_addresses = Vec::with_capacity(l.additional_addresses.len());
+    for (i, a) in l.additional_addresses.iter().enumerate() {
+        additional_addresses.push(ip_socket(
+            &ctx,
+            &format!("additional_addresses[{i}].address"),
+            &a.address,
+        )?);
+    }
     let mut filters = m::ListenerFilters::default();
     for (i, lf) in l.listener_filters.iter().enumerate() {
         let field = format!("listener_filters[{i}]");
@@ -279,6 +287,7 @@ pub fn listener(
     Ok(m::Listener {
         name: l.name.clone(),
         address,
+        additional_addresses,
         bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
         use_original_dst: l.use_original_dst.as_ref().is_some_and(|v| v.value),
         listener_filters: filters,

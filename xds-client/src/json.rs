@@ -5,22 +5,18 @@
 //! as the generated `envoy-types` struct. The reverse direction renders protos
 //! for the admin endpoint in Envoy's snake_case JSON.
 
-use std::sync::OnceLock;
-
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 
 /// Envoy's v3 API as a protobuf descriptor set (see `descriptors/README.md`).
 const ENVOY_V3_DESCRIPTORS: &[u8] = include_bytes!("../descriptors/envoy-v3.bin");
 
-fn pool() -> Result<&'static DescriptorPool, String> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(ENVOY_V3_DESCRIPTORS)
-            .map_err(|e| format!("xDS descriptor set is unreadable: {e}"))
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+/// Decodes the descriptor pool. It is not cached: the pool takes several
+/// megabytes and is only needed while a configuration is read or dumped,
+/// never on the data path, so it is dropped after each use.
+fn pool() -> Result<DescriptorPool, String> {
+    DescriptorPool::decode(ENVOY_V3_DESCRIPTORS)
+        .map_err(|e| format!("xDS descriptor set is unreadable: {e}"))
 }
 
 /// Parses Envoy JSON (already loaded as a value) into the proto `M` whose full
