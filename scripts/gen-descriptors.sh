@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates xds-client/descriptors/envoy-v3.bin: the protobuf descriptor set
+# Regenerates envoy-json/descriptors/envoy-v3.bin: the protobuf descriptor set
 # of Envoy's v3 API (plus cncf/xds and udpa), which ferry-xds uses to read and
 # write Envoy's JSON/YAML form of any xDS message.
 #
@@ -34,6 +34,21 @@ files=()
 while read -r f; do
   if protoc "${inc[@]}" -o /dev/null "$f" 2>/dev/null; then files+=("$f"); else echo "skipped $f" >&2; fi
 done < <(find envoy -path '*/v3/*.proto' | sort)
+files+=(udpa/type/v1/typed_struct.proto xds/type/v3/typed_struct.proto)
+# Istio's own extension configs that istiod sends as plain `Any`s (from the
+# shared Istio API protos, when checked out beside this repository).
+istio="$repo/../shared/istio-api-protos"
+istio_files=(
+  envoy/extensions/stats/config.proto
+  envoy/config/filter/network/metadata_exchange/metadata_exchange.proto
+  envoy/config/filter/http/alpn/v2alpha1/config.proto
+)
+if [[ -d "$istio" ]]; then
+  inc+=(-I "$istio" -I "$istio/istio-proxy")
+  files+=("${istio_files[@]}" source/extensions/filters/http/peer_metadata/config.proto)
+else
+  echo "warning: $istio not found; Istio extension types left out" >&2
+fi
 protoc --include_imports "${inc[@]}" \
-  --descriptor_set_out="$repo/xds-client/descriptors/envoy-v3.bin" "${files[@]}"
-ls -l "$repo/xds-client/descriptors/envoy-v3.bin"
+  --descriptor_set_out="$repo/envoy-json/descriptors/envoy-v3.bin" "${files[@]}"
+ls -l "$repo/envoy-json/descriptors/envoy-v3.bin"

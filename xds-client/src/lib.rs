@@ -9,7 +9,7 @@
 
 pub mod bootstrap;
 pub mod convert;
-pub mod json;
+pub use ferry_envoy_json as json;
 
 pub use bootstrap::{Bootstrap, BootstrapError, config_dump, load_bootstrap};
 pub use convert::{ConvertError, Warnings};

@@ -1,4 +1,5 @@
-//! Envoy's JSON/YAML mapping of xDS protos, driven by the xDS descriptor set.
+//! `ferry-envoy-json`: Envoy's JSON/YAML mapping of xDS protos, driven by the
+//! v3 descriptor set (Envoy's API plus the Istio extension configs istiod sends).
 //!
 //! A message is parsed into a reflective `DynamicMessage` (which knows every
 //! field, enum name and `Any` type of the xDS API), encoded, and decoded again
