@@ -20,42 +20,72 @@ fn pool() -> Result<DescriptorPool, String> {
         .map_err(|e| format!("xDS descriptor set is unreadable: {e}"))
 }
 
-/// Parses Envoy JSON (already loaded as a value) into the proto `M` whose full
-/// name is `full_name`. The error names the field path that failed.
+/// The decoded descriptor set, for callers that convert many messages in a
+/// row (a config dump, a directory of resources).
+pub struct Descriptors(DescriptorPool);
+
+impl Descriptors {
+    pub fn load() -> Result<Self, String> {
+        pool().map(Self)
+    }
+
+    /// Parses Envoy JSON (already loaded as a value) into the proto `M` whose
+    /// full name is `full_name`. The error names the field path that failed.
+    pub fn from_json<M: Message + Default>(
+        &self,
+        full_name: &str,
+        value: serde_json::Value,
+    ) -> Result<M, String> {
+        let desc = self
+            .0
+            .get_message_by_name(full_name)
+            .ok_or_else(|| format!("unknown message type {full_name}"))?;
+        let mut track = serde_path_to_error::Track::new();
+        let de = serde_path_to_error::Deserializer::new(value, &mut track);
+        let dynamic = DynamicMessage::deserialize(desc, de).map_err(|e| {
+            let path = track.path().to_string();
+            if path.is_empty() || path == "?" {
+                e.to_string()
+            } else {
+                format!("{path}: {e}")
+            }
+        })?;
+        M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| format!("{full_name}: {e}"))
+    }
+
+    /// Renders a proto as Envoy renders it in `/config_dump` (snake_case
+    /// fields, `Any` expanded with `@type`).
+    pub fn to_json<M: Message>(
+        &self,
+        full_name: &str,
+        msg: &M,
+    ) -> Result<serde_json::Value, String> {
+        let desc = self
+            .0
+            .get_message_by_name(full_name)
+            .ok_or_else(|| format!("unknown message type {full_name}"))?;
+        let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
+            .map_err(|e| format!("{full_name}: {e}"))?;
+        let opts = SerializeOptions::new()
+            .use_proto_field_name(true)
+            .skip_default_fields(true);
+        dynamic
+            .serialize_with_options(serde_json::value::Serializer, &opts)
+            .map_err(|e| format!("{full_name}: {e}"))
+    }
+}
+
+/// [`Descriptors::from_json`] with a descriptor set loaded for this call.
 pub fn from_json<M: Message + Default>(
     full_name: &str,
     value: serde_json::Value,
 ) -> Result<M, String> {
-    let desc = pool()?
-        .get_message_by_name(full_name)
-        .ok_or_else(|| format!("unknown message type {full_name}"))?;
-    let mut track = serde_path_to_error::Track::new();
-    let de = serde_path_to_error::Deserializer::new(value, &mut track);
-    let dynamic = DynamicMessage::deserialize(desc, de).map_err(|e| {
-        let path = track.path().to_string();
-        if path.is_empty() || path == "?" {
-            e.to_string()
-        } else {
-            format!("{path}: {e}")
-        }
-    })?;
-    M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| format!("{full_name}: {e}"))
+    Descriptors::load()?.from_json(full_name, value)
 }
 
-/// Renders a proto as Envoy renders it in `/config_dump` (snake_case fields,
-/// `Any` expanded with `@type`).
+/// [`Descriptors::to_json`] with a descriptor set loaded for this call.
 pub fn to_json<M: Message>(full_name: &str, msg: &M) -> Result<serde_json::Value, String> {
-    let desc = pool()?
-        .get_message_by_name(full_name)
-        .ok_or_else(|| format!("unknown message type {full_name}"))?;
-    let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice())
-        .map_err(|e| format!("{full_name}: {e}"))?;
-    let opts = SerializeOptions::new()
-        .use_proto_field_name(true)
-        .skip_default_fields(true);
-    dynamic
-        .serialize_with_options(serde_json::value::Serializer, &opts)
-        .map_err(|e| format!("{full_name}: {e}"))
+    Descriptors::load()?.to_json(full_name, msg)
 }
 
 /// Decodes the JSON form of `google.protobuf.Struct` carried in a TypedStruct

@@ -17,6 +17,20 @@ pub struct Cluster {
     /// Istio binds inbound passthrough to 127.0.0.6 so that the pod's own
     /// redirect rules let it through to the app.
     pub bind_source: Option<std::net::IpAddr>,
+    /// TLS origination (`UpstreamTlsContext`); `None`: plaintext.
+    pub tls: Option<crate::tls::UpstreamTls>,
+    /// Per-endpoint transport choice (Istio: mTLS to endpoints labelled
+    /// `tlsMode: istio`, plaintext to the others); the first match wins,
+    /// then `tls`.
+    pub transport_socket_matches: Vec<TransportSocketMatch>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TransportSocketMatch {
+    pub name: String,
+    /// Metadata the endpoint must carry under `envoy.transport_socket_match`.
+    pub criteria: Vec<(String, String)>,
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 #[derive(Debug, Clone)]
@@ -29,12 +43,17 @@ pub enum ClusterKind {
     OriginalDst,
     /// Nothing is proxied (Istio's BlackHoleCluster: STATIC with no endpoints).
     BlackHole,
+    /// Endpoints come from EDS under this service name; a snapshot replaces
+    /// it with the assignment's endpoints once they arrived.
+    Eds { service_name: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,
+    /// `filter_metadata["envoy.transport_socket_match"]` as strings.
+    pub transport_socket_match: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

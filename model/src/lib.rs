@@ -9,6 +9,7 @@ pub mod cidr;
 pub mod cluster;
 pub mod listener;
 pub mod route;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ pub use cidr::CidrRange;
 pub use cluster::{Cluster, ClusterKind, Endpoint, LbPolicy, UpstreamProtocol};
 pub use listener::{
     ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
-    Listener, ListenerFilters, TcpProxy,
+    Listener, ListenerFilters, RouteSource, TcpProxy,
 };
 pub use route::{
     ClusterSpecifier, DomainMatcher, HeaderMatcher, PathMatch, Route, RouteAction, RouteConfig,
@@ -31,11 +32,21 @@ pub struct Snapshot {
     pub version: String,
     pub listeners: Vec<Arc<Listener>>,
     pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Route configurations delivered by RDS, by name.
+    pub routes: HashMap<String, Arc<RouteConfig>>,
 }
 
 impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
+    }
+
+    /// The route table of a connection manager: inline, or by RDS name.
+    pub fn route_config<'a>(&'a self, source: &'a RouteSource) -> Option<&'a Arc<RouteConfig>> {
+        match source {
+            RouteSource::Inline(rc) => Some(rc),
+            RouteSource::Rds(name) => self.routes.get(name),
+        }
     }
 
     pub fn listener(&self, name: &str) -> Option<&Arc<Listener>> {
@@ -66,7 +77,14 @@ impl Snapshot {
     pub fn validate(&self) -> Result<(), ModelError> {
         for l in &self.listeners {
             for chain in l.filter_chains.iter().chain(l.default_chain.iter()) {
-                for cluster in chain.kind.referenced_clusters() {
+                let mut clusters = chain.kind.referenced_clusters();
+                if let ChainKind::Http(h) = &chain.kind
+                    && let RouteSource::Rds(name) = &h.routes
+                    && let Some(rc) = self.routes.get(name)
+                {
+                    clusters.extend(rc.referenced_clusters());
+                }
+                for cluster in clusters {
                     if !self.clusters.contains_key(cluster) {
                         return Err(ModelError::new(
                             format!("listener {:?} filter chain {:?}", l.name, chain.name),

@@ -16,6 +16,9 @@ use crate::route::RouteConfig;
 #[derive(Debug)]
 pub struct Listener {
     pub name: String,
+    /// A hash of the listener's configuration: listeners whose fingerprint is
+    /// unchanged by an update keep running untouched.
+    pub fingerprint: u64,
     pub address: SocketAddr,
     /// More addresses served by the same listener (`additional_addresses`,
     /// e.g. `[::]:15001` beside `0.0.0.0:15001` in a dual-stack pod).
@@ -67,6 +70,8 @@ pub struct FilterChainMatch {
 pub struct FilterChain {
     pub name: String,
     pub filter_chain_match: FilterChainMatch,
+    /// TLS termination (`DownstreamTlsContext`); `None`: plaintext.
+    pub tls: Option<crate::tls::DownstreamTls>,
     pub kind: ChainKind,
 }
 
@@ -81,7 +86,10 @@ impl ChainKind {
     pub fn referenced_clusters(&self) -> Vec<&str> {
         match self {
             ChainKind::Tcp(t) => vec![t.cluster.as_str()],
-            ChainKind::Http(h) => h.route_config.referenced_clusters(),
+            ChainKind::Http(h) => match &h.routes {
+                RouteSource::Inline(rc) => rc.referenced_clusters(),
+                RouteSource::Rds(_) => Vec::new(),
+            },
         }
     }
 }
@@ -105,7 +113,7 @@ pub enum HttpCodec {
 pub struct HttpConnectionManager {
     pub stat_prefix: String,
     pub codec: HttpCodec,
-    pub route_config: Arc<RouteConfig>,
+    pub routes: RouteSource,
     pub generate_request_id: bool,
     /// Idle timeout of a downstream connection (Envoy default 1h).
     pub idle_timeout: Option<Duration>,
@@ -113,6 +121,16 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub use_remote_address: bool,
+}
+
+/// Where a connection manager's route table comes from.
+#[derive(Debug, Clone)]
+pub enum RouteSource {
+    Inline(Arc<RouteConfig>),
+    /// A route configuration delivered by RDS, looked up by name in the
+    /// current snapshot for every request, so route changes reach
+    /// long-lived connections.
+    Rds(String),
 }
 
 /// Whether choosing a chain still depends on what the client sends first.
@@ -292,6 +310,7 @@ mod tests {
         Arc::new(FilterChain {
             name: name.into(),
             filter_chain_match: m,
+            tls: None,
             kind: ChainKind::Tcp(TcpProxy {
                 stat_prefix: name.into(),
                 cluster: "c".into(),
@@ -303,6 +322,7 @@ mod tests {
     fn listener(chains: Vec<Arc<FilterChain>>) -> Listener {
         Listener {
             name: "l".into(),
+            fingerprint: 0,
             address: "0.0.0.0:15001".parse().unwrap(),
             additional_addresses: vec![],
             bind_to_port: true,

@@ -85,7 +85,7 @@ pub enum PathMatch {
     SeparatedPrefix(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum StringMatcher {
     Exact(String),
     Prefix(String),

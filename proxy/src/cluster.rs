@@ -170,7 +170,8 @@ impl ClusterRt {
                         .clone(),
                 )
             }
-            ClusterKind::BlackHole => None,
+            // An EDS cluster whose assignment never arrived has no endpoints.
+            ClusterKind::BlackHole | ClusterKind::Eds { .. } => None,
         }
     }
 

@@ -120,6 +120,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         version: bootstrap.snapshot.version.clone(),
         listeners: bootstrap.snapshot.listeners.clone(),
         clusters: bootstrap.snapshot.clusters.clone(),
+        routes: bootstrap.snapshot.routes.clone(),
     };
     // Bind everything before serving anything: a port conflict fails start-up.
     let mut bound = Vec::new();

@@ -249,10 +249,13 @@ class TcpEcho(socketserver.BaseRequestHandler):
             if not data:
                 break
             s.sendall(data)
-        if not self.server.banner:
-            # The client's FIN arrived; our direction is still open.
-            s.sendall(b"bye\n")
-        s.shutdown(socket.SHUT_WR)
+        try:
+            if not self.server.banner:
+                # The client's FIN arrived; our direction is still open.
+                s.sendall(b"bye\n")
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the client is gone entirely (a readiness probe, say)
         s.close()
 
 

@@ -1,3 +1,4 @@
 //! Support code for Ferry's integration tests: [`netns`] builds pods as network namespaces.
 
 pub mod netns;
+pub mod proxy;

@@ -2,8 +2,8 @@
 //! processes ([`App`]), the `ferry` binary run on a generated Envoy bootstrap ([`Ferry`]),
 //! builders for the bootstrap pieces the tests need ([`Bootstrap`]), and small helpers
 //! (free ports, commands with a deadline, raw HTTP to the admin port). Every process is
-//! killed when its handle drops, so a panicking test leaves nothing running; a test that
-//! fails prints the logs of the processes it started.
+//! killed when its handle drops, so a panicking test leaves nothing running; handles print
+//! their process's log when they drop, which the test harness shows for failed tests only.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
@@ -35,11 +35,7 @@ pub fn free_port() -> u16 {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("binding an ephemeral port on 127.0.0.1");
-        if given
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(port)
-        {
+        if given.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
             return port;
         }
     }
@@ -313,13 +309,12 @@ impl Drop for App {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if thread::panicking() {
-            eprintln!(
-                "--- backend on port {} ---\n{}",
-                self.port,
-                tail(&self.log, 4000)
-            );
-        }
+        // The test harness shows what a test printed only when it fails.
+        eprintln!(
+            "--- backend on port {} ---\n{}",
+            self.port,
+            tail(&self.log, 4000)
+        );
     }
 }
 
@@ -470,9 +465,8 @@ impl Drop for Ferry {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if thread::panicking() {
-            eprintln!("--- ferry (admin {}) ---\n{}", self.admin, self.log());
-        }
+        // The test harness shows what a test printed only when it fails.
+        eprintln!("--- ferry (admin {}) ---\n{}", self.admin, self.log());
     }
 }
 
@@ -513,7 +507,8 @@ impl Bootstrap {
     /// An HTTP listener on `port` sending everything to `cluster` (route timeout disabled),
     /// with `stat_prefix` equal to `name`.
     pub fn http(self, name: &str, port: u16, cluster: &str) -> Self {
-        let routes = vec![json!({"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}})];
+        let routes =
+            vec![json!({"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}})];
         self.listener(http_listener(name, port, routes))
     }
 

@@ -19,6 +19,8 @@ pub struct Bootstrap {
     pub snapshot: Snapshot,
     pub admin_address: Option<SocketAddr>,
     pub warnings: Warnings,
+    /// The ADS client's settings, when the bootstrap has `dynamic_resources`.
+    pub ads: Option<crate::ads::AdsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,13 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         source,
     };
     let statics = proto.static_resources.clone().unwrap_or_default();
+    let ads = ads_config(&proto).map_err(|message| BootstrapError::Invalid {
+        path: origin.to_string(),
+        message,
+    })?;
+    // The management server's own clusters (often Unix sockets) serve the
+    // client, not the data path.
+    let control_clusters: Vec<String> = ads_cluster_names(&proto);
     let mut listeners = Vec::with_capacity(statics.listeners.len());
     for l in &statics.listeners {
         let l = convert::listener(l, &mut warnings).map_err(conv)?;
@@ -83,7 +92,11 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         listeners.push(Arc::new(l));
     }
     let mut clusters = HashMap::with_capacity(statics.clusters.len());
-    for c in &statics.clusters {
+    for c in statics
+        .clusters
+        .iter()
+        .filter(|c| !control_clusters.contains(&c.name))
+    {
         let c = convert::cluster(c, &mut warnings).map_err(conv)?;
         if clusters.contains_key(&c.name) {
             return Err(BootstrapError::Invalid {
@@ -97,11 +110,38 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         version: format!("static:{origin}"),
         listeners,
         clusters,
+        routes: HashMap::new(),
     };
-    snapshot.validate().map_err(|e| BootstrapError::Invalid {
-        path: origin.to_string(),
-        message: e.to_string(),
-    })?;
+    if ads.is_none() {
+        // Without xDS nothing will ever fill RDS or EDS references.
+        for l in &snapshot.listeners {
+            for c in l.filter_chains.iter().chain(l.default_chain.iter()) {
+                if let ferry_model::ChainKind::Http(h) = &c.kind
+                    && let ferry_model::RouteSource::Rds(name) = &h.routes
+                {
+                    return Err(BootstrapError::Invalid {
+                        path: origin.to_string(),
+                        message: format!(
+                            "listener {:?}: filter chain {:?}: route configuration {name:?} by RDS needs dynamic_resources",
+                            l.name, c.name
+                        ),
+                    });
+                }
+            }
+        }
+        for c in snapshot.clusters.values() {
+            if matches!(c.kind, ferry_model::ClusterKind::Eds { .. }) {
+                return Err(BootstrapError::Invalid {
+                    path: origin.to_string(),
+                    message: format!("cluster {:?}: type: EDS needs dynamic_resources", c.name),
+                });
+            }
+        }
+        snapshot.validate().map_err(|e| BootstrapError::Invalid {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+    }
     let admin_address = proto
         .admin
         .as_ref()
@@ -123,7 +163,131 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         snapshot,
         admin_address,
         warnings,
+        ads,
     })
+}
+
+fn ads_cluster_names(proto: &bootstrap_pb::Bootstrap) -> Vec<String> {
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    proto
+        .dynamic_resources
+        .iter()
+        .flat_map(|d| d.ads_config.iter())
+        .flat_map(|a| a.grpc_services.iter())
+        .filter_map(|g| match &g.target_specifier {
+            Some(TargetSpecifier::EnvoyGrpc(e)) => Some(e.cluster_name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The ADS client's settings from `dynamic_resources`: ADS over gRPC (SotW or
+/// delta) to a static cluster, LDS and CDS through it.
+fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsConfig>, String> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address as A;
+    use envoy_types::pb::envoy::config::core::v3::api_config_source::ApiType;
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    let Some(dynamic) = &proto.dynamic_resources else {
+        return Ok(None);
+    };
+    let Some(ads) = &dynamic.ads_config else {
+        return Err("dynamic_resources.ads_config: only ADS is supported".into());
+    };
+    let delta = match ApiType::try_from(ads.api_type) {
+        Ok(ApiType::Grpc) | Ok(ApiType::AggregatedGrpc) => false,
+        Ok(ApiType::DeltaGrpc) | Ok(ApiType::AggregatedDeltaGrpc) => true,
+        _ => {
+            return Err(format!(
+                "dynamic_resources.ads_config.api_type: {} is not supported (GRPC or DELTA_GRPC)",
+                ads.api_type
+            ));
+        }
+    };
+    for (field, src) in [
+        ("lds_config", &dynamic.lds_config),
+        ("cds_config", &dynamic.cds_config),
+    ] {
+        match src
+            .as_ref()
+            .and_then(|s| s.config_source_specifier.as_ref())
+        {
+            Some(ConfigSourceSpecifier::Ads(_)) | None => {}
+            Some(_) => {
+                return Err(format!(
+                    "dynamic_resources.{field}: only `ads: {{}}` is supported"
+                ));
+            }
+        }
+    }
+    let cluster_name = ads_cluster_names(proto).into_iter().next().ok_or(
+        "dynamic_resources.ads_config.grpc_services[0]: an envoy_grpc cluster is required",
+    )?;
+    let cluster = proto
+        .static_resources
+        .iter()
+        .flat_map(|s| s.clusters.iter())
+        .find(|c| c.name == cluster_name)
+        .ok_or_else(|| {
+            format!(
+                "dynamic_resources.ads_config: cluster {cluster_name:?} is not a static cluster"
+            )
+        })?;
+    let address = cluster
+        .load_assignment
+        .iter()
+        .flat_map(|la| la.endpoints.iter())
+        .flat_map(|e| e.lb_endpoints.iter())
+        .find_map(|e| match &e.host_identifier {
+            Some(HostIdentifier::Endpoint(ep)) => {
+                ep.address.as_ref().and_then(|a| a.address.clone())
+            }
+            _ => None,
+        })
+        .ok_or_else(|| format!("cluster {cluster_name:?}: load_assignment: no endpoint address"))?;
+    let target = match address {
+        A::SocketAddress(sa) => {
+            let port = match sa.port_specifier {
+                Some(PortSpecifier::PortValue(p)) => p,
+                _ => return Err(format!("cluster {cluster_name:?}: port_value is required")),
+            };
+            let host = if sa.address.contains(':') {
+                format!("[{}]", sa.address)
+            } else {
+                sa.address.clone()
+            };
+            crate::ads::XdsTarget::Tcp(format!("{host}:{port}"))
+        }
+        A::Pipe(p) => crate::ads::XdsTarget::Unix(p.path.into()),
+        _ => {
+            return Err(format!(
+                "cluster {cluster_name:?}: unsupported address kind"
+            ));
+        }
+    };
+    if cluster.transport_socket.is_some() {
+        return Err(format!(
+            "cluster {cluster_name:?}: transport_socket: TLS to the xDS server is not supported yet"
+        ));
+    }
+    let fetch = dynamic
+        .cds_config
+        .as_ref()
+        .and_then(|c| c.initial_fetch_timeout.as_ref())
+        .map(|d| std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32));
+    let initial_fetch_timeout = match fetch {
+        None => std::time::Duration::from_secs(15),
+        // Zero disables the timeout: wait as long as it takes.
+        Some(d) if d.is_zero() => std::time::Duration::from_secs(365 * 24 * 3600),
+        Some(d) => d,
+    };
+    Ok(Some(crate::ads::AdsConfig {
+        target,
+        delta,
+        node: proto.node.clone().unwrap_or_default(),
+        initial_fetch_timeout,
+    }))
 }
 
 /// The bootstrap's resources in Envoy's `/config_dump` shape
@@ -235,9 +399,8 @@ static_resources:
         let ferry_model::ChainKind::Http(h) = &l.filter_chains[0].kind else {
             panic!("expected HCM")
         };
-        let route = h
-            .route_config
-            .find_route("x", "/a", &http::HeaderMap::new());
+        let rc = b.snapshot.route_config(&h.routes).unwrap();
+        let route = rc.find_route("x", "/a", &http::HeaderMap::new());
         assert!(route.is_some());
     }
 

@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::config::listener::v3 as listener_pb;
 use envoy_types::pb::envoy::config::route::v3 as route_pb;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http_pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use envoy_types::pb::google::protobuf::Any;
@@ -212,6 +213,24 @@ fn ip_socket(
     Ok(SocketAddr::new(ip, port))
 }
 
+/// A metadata value as the string Envoy compares it with.
+fn value_string(v: &envoy_types::pb::google::protobuf::Value) -> String {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        Some(Kind::BoolValue(b)) => b.to_string(),
+        Some(Kind::NumberValue(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn fingerprint(msg: &impl Message) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    msg.encode_to_vec().hash(&mut h);
+    h.finish()
+}
+
 // ---------------------------------------------------------------- listeners
 
 pub fn listener(
@@ -286,6 +305,7 @@ pub fn listener(
     let detection_timeout = timeout_or(&l.listener_filters_timeout, None);
     Ok(m::Listener {
         name: l.name.clone(),
+        fingerprint: fingerprint(l),
         address,
         additional_addresses,
         bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
@@ -358,9 +378,10 @@ fn filter_chain(
             (!mm.transport_protocol.is_empty()).then(|| mm.transport_protocol.clone());
         fcm.application_protocols = mm.application_protocols.clone();
     }
-    if let Some(ts) = &fc.transport_socket {
-        transport_socket(ctx, &format!("{field}.transport_socket"), ts)?;
-    }
+    let tls = match &fc.transport_socket {
+        Some(ts) => downstream_tls(ctx, &format!("{field}.transport_socket"), ts)?,
+        None => None,
+    };
     let mut terminal = None;
     for (i, f) in fc.filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
@@ -419,37 +440,160 @@ fn filter_chain(
             fc.name.clone()
         },
         filter_chain_match: fcm,
+        tls,
         kind,
     })
 }
 
-/// Only plaintext is supported by this data path so far: refusing TLS here
-/// keeps a TLS-configured chain from silently speaking plaintext.
-fn transport_socket(
+/// A transport socket: raw (plaintext) or TLS, whose settings are parsed
+/// into the model. Returns the TLS context's type and bytes, if TLS.
+fn transport_socket_typed(
     ctx: &Ctx<'_>,
     field: &str,
     ts: &core_pb::TransportSocket,
-) -> Result<(), ConvertError> {
-    let type_name = match &ts.config_type {
-        Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => any
-            .type_url
-            .strip_prefix(TYPE_PREFIX)
-            .unwrap_or(&any.type_url)
-            .to_string(),
-        None => String::new(),
+) -> Result<Option<Typed>, ConvertError> {
+    let typed = match &ts.config_type {
+        Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => {
+            Typed::from_any(any).map_err(|e| ctx.err(format!("{field}.typed_config"), e))?
+        }
+        None if ts.name == "envoy.transport_sockets.raw_buffer" || ts.name == "raw_buffer" => {
+            return Ok(None);
+        }
+        None => {
+            return Err(ctx.err(
+                field,
+                format!("transport socket {:?} has no typed_config", ts.name),
+            ));
+        }
     };
-    if type_name.is_empty()
-        && (ts.name == "envoy.transport_sockets.raw_buffer" || ts.name == "raw_buffer")
-    {
-        return Ok(());
-    }
-    match type_name.as_str() {
-        "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(()),
+    match typed.type_name() {
+        "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => Ok(None),
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+        | "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" => Ok(Some(typed)),
         t => Err(ctx.err(
-            field,
+            format!("{field}.typed_config"),
             format!("unsupported transport socket {:?} ({t})", ts.name),
         )),
     }
+}
+
+fn common_tls(
+    ctx: &Ctx<'_>,
+    field: &str,
+    c: Option<&tls_pb::CommonTlsContext>,
+) -> Result<m::tls::CommonTls, ConvertError> {
+    use tls_pb::common_tls_context::ValidationContextType as V;
+    let mut out = m::tls::CommonTls::default();
+    let Some(c) = c else { return Ok(out) };
+    out.alpn = c.alpn_protocols.clone();
+    for s in &c.tls_certificate_sds_secret_configs {
+        out.certificates
+            .push(m::tls::SecretSource::Sds(s.name.clone()));
+    }
+    for _ in &c.tls_certificates {
+        out.certificates.push(m::tls::SecretSource::Inline);
+    }
+    let mut sans = Vec::new();
+    out.validation = match &c.validation_context_type {
+        None => None,
+        Some(V::ValidationContext(v)) => {
+            sans = v
+                .match_typed_subject_alt_names
+                .iter()
+                .filter_map(|t| t.matcher.clone())
+                .collect();
+            Some(m::tls::SecretSource::Inline)
+        }
+        Some(V::ValidationContextSdsSecretConfig(s)) => {
+            Some(m::tls::SecretSource::Sds(s.name.clone()))
+        }
+        Some(V::CombinedValidationContext(cv)) => {
+            if let Some(d) = &cv.default_validation_context {
+                #[allow(deprecated)] // istiod still sends match_subject_alt_names
+                sans.extend(d.match_subject_alt_names.iter().cloned());
+                sans.extend(
+                    d.match_typed_subject_alt_names
+                        .iter()
+                        .filter_map(|t| t.matcher.clone()),
+                );
+            }
+            cv.validation_context_sds_secret_config
+                .as_ref()
+                .map(|s| m::tls::SecretSource::Sds(s.name.clone()))
+                .or(Some(m::tls::SecretSource::Inline))
+        }
+        Some(_) => {
+            return Err(ctx.err(
+                format!("{field}.validation_context_type"),
+                "unsupported validation context",
+            ));
+        }
+    };
+    for (i, san) in sans.iter().enumerate() {
+        out.match_subject_alt_names.push(string_matcher(
+            ctx,
+            &format!("{field}.match_subject_alt_names[{i}]"),
+            san,
+        )?);
+    }
+    Ok(out)
+}
+
+fn downstream_tls(
+    ctx: &Ctx<'_>,
+    field: &str,
+    ts: &core_pb::TransportSocket,
+) -> Result<Option<m::tls::DownstreamTls>, ConvertError> {
+    let Some(typed) = transport_socket_typed(ctx, field, ts)? else {
+        return Ok(None);
+    };
+    if typed.type_name() != "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext" {
+        return Err(ctx.err(
+            format!("{field}.typed_config"),
+            "a listener needs a DownstreamTlsContext",
+        ));
+    }
+    let d: tls_pb::DownstreamTlsContext = typed
+        .decode()
+        .map_err(|e| ctx.err(format!("{field}.typed_config"), e))?;
+    Ok(Some(m::tls::DownstreamTls {
+        common: common_tls(
+            ctx,
+            &format!("{field}.typed_config.common_tls_context"),
+            d.common_tls_context.as_ref(),
+        )?,
+        require_client_certificate: d
+            .require_client_certificate
+            .as_ref()
+            .is_some_and(|v| v.value),
+    }))
+}
+
+fn upstream_tls(
+    ctx: &Ctx<'_>,
+    field: &str,
+    ts: &core_pb::TransportSocket,
+) -> Result<Option<m::tls::UpstreamTls>, ConvertError> {
+    let Some(typed) = transport_socket_typed(ctx, field, ts)? else {
+        return Ok(None);
+    };
+    if typed.type_name() != "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" {
+        return Err(ctx.err(
+            format!("{field}.typed_config"),
+            "a cluster needs an UpstreamTlsContext",
+        ));
+    }
+    let u: tls_pb::UpstreamTlsContext = typed
+        .decode()
+        .map_err(|e| ctx.err(format!("{field}.typed_config"), e))?;
+    Ok(Some(m::tls::UpstreamTls {
+        common: common_tls(
+            ctx,
+            &format!("{field}.typed_config.common_tls_context"),
+            u.common_tls_context.as_ref(),
+        )?,
+        sni: (!u.sni.is_empty()).then(|| u.sni.clone()),
+    }))
 }
 
 fn tcp_proxy(
@@ -498,21 +642,22 @@ fn http_connection_manager(
             ));
         }
     };
-    let route_config = match &h.route_specifier {
-        Some(RouteSpecifier::RouteConfig(rc)) => {
-            Arc::new(route_config_in(ctx, &format!("{field}.route_config"), rc)?)
-        }
-        Some(RouteSpecifier::Rds(rds)) => {
-            return Err(ctx.err(
-                format!("{field}.rds"),
-                format!(
-                    "route configuration {:?} by RDS needs dynamic_resources (xDS)",
-                    rds.route_config_name
-                ),
-            ));
-        }
-        _ => return Err(ctx.err(field, "http_connection_manager needs route_config")),
-    };
+    let routes =
+        match &h.route_specifier {
+            Some(RouteSpecifier::RouteConfig(rc)) => m::RouteSource::Inline(Arc::new(
+                route_config_in(ctx, &format!("{field}.route_config"), rc)?,
+            )),
+            Some(RouteSpecifier::Rds(rds)) => {
+                if rds.route_config_name.is_empty() {
+                    return Err(ctx.err(
+                        format!("{field}.rds.route_config_name"),
+                        "a route configuration name is required",
+                    ));
+                }
+                m::RouteSource::Rds(rds.route_config_name.clone())
+            }
+            _ => return Err(ctx.err(field, "http_connection_manager needs route_config")),
+        };
     let mut has_router = false;
     for (i, hf) in h.http_filters.iter().enumerate() {
         let ff = format!("{field}.http_filters[{i}]");
@@ -579,7 +724,7 @@ fn http_connection_manager(
     Ok(m::HttpConnectionManager {
         stat_prefix: h.stat_prefix.clone(),
         codec,
-        route_config,
+        routes,
         generate_request_id: h.generate_request_id.as_ref().is_none_or(|v| v.value),
         idle_timeout: idle,
         stream_idle_timeout: timeout_or(&h.stream_idle_timeout, Some(Duration::from_secs(300))),
@@ -956,11 +1101,59 @@ pub fn cluster(
         }
         DiscoveryType::OriginalDst => m::ClusterKind::OriginalDst,
         DiscoveryType::Eds => {
-            return Err(ctx.err("type", "EDS clusters need dynamic_resources (xDS)"));
+            let service_name = c
+                .eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| c.name.clone());
+            m::ClusterKind::Eds { service_name }
         }
     };
-    if let Some(ts) = &c.transport_socket {
-        transport_socket(&ctx, "transport_socket", ts)?;
+    let tls = match &c.transport_socket {
+        Some(ts) => upstream_tls(&ctx, "transport_socket", ts)?,
+        None => None,
+    };
+    let mut transport_socket_matches = Vec::with_capacity(c.transport_socket_matches.len());
+    for (i, tsm) in c.transport_socket_matches.iter().enumerate() {
+        let field = format!("transport_socket_matches[{i}]");
+        let criteria = tsm
+            .r#match
+            .as_ref()
+            .map(|st| {
+                st.fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), value_string(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tls = match &tsm.transport_socket {
+            Some(ts) => upstream_tls(&ctx, &format!("{field}.transport_socket"), ts)?,
+            None => None,
+        };
+        transport_socket_matches.push(m::cluster::TransportSocketMatch {
+            name: tsm.name.clone(),
+            criteria,
+            tls,
+        });
+    }
+    for (i, f) in c.filters.iter().enumerate() {
+        let type_name = match &f.typed_config {
+            Some(any) => Typed::from_any(any)
+                .map_err(|e| ctx.err(format!("filters[{i}].typed_config"), e))?
+                .type_name()
+                .to_string(),
+            None => String::new(),
+        };
+        if !ISTIO_TOLERATED.contains(&type_name.as_str()) {
+            return Err(ctx.err(
+                format!("filters[{i}]"),
+                format!(
+                    "unsupported upstream network filter {:?} ({type_name})",
+                    f.name
+                ),
+            ));
+        }
     }
     let lb_policy = match LbPolicy::try_from(c.lb_policy) {
         Ok(LbPolicy::RoundRobin) => m::LbPolicy::RoundRobin,
@@ -1041,6 +1234,8 @@ pub fn cluster(
         name: c.name.clone(),
         kind,
         bind_source,
+        tls,
+        transport_socket_matches,
         connect_timeout: duration(&c.connect_timeout).unwrap_or(Duration::from_secs(5)),
         lb_policy,
         protocol,
@@ -1078,20 +1273,54 @@ fn endpoints(
     ctx: &Ctx<'_>,
     cla: Option<&endpoint_pb::ClusterLoadAssignment>,
 ) -> Result<Vec<m::Endpoint>, ConvertError> {
-    let mut out = Vec::new();
+    // Envoy's health statuses: UNHEALTHY (2), DRAINING (3) and TIMEOUT (4)
+    // take an endpoint out of rotation.
+    let mut by_priority: std::collections::BTreeMap<u32, Vec<m::Endpoint>> = Default::default();
     for (i, j, e) in lb_endpoints(cla) {
-        let field = format!("load_assignment.endpoints[{i}].lb_endpoints[{j}].endpoint.address");
+        let field = format!("endpoints[{i}].lb_endpoints[{j}].endpoint.address");
         let addr = endpoint_address(ctx, &field, e)?;
-        out.push(m::Endpoint {
-            address: ip_socket(ctx, &field, addr)?,
+        let address = ip_socket(ctx, &field, addr)?;
+        if matches!(e.health_status, 2..=4) {
+            continue;
+        }
+        let transport_socket_match = e
+            .metadata
+            .as_ref()
+            .and_then(|md| md.filter_metadata.get("envoy.transport_socket_match"))
+            .map(|st| {
+                st.fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), value_string(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let priority = cla
+            .and_then(|c| c.endpoints.get(i))
+            .map_or(0, |l| l.priority);
+        by_priority.entry(priority).or_default().push(m::Endpoint {
+            address,
             weight: e
                 .load_balancing_weight
                 .as_ref()
                 .map_or(1, |v| v.value)
                 .max(1),
+            transport_socket_match,
         });
     }
-    Ok(out)
+    // Priority failover: the most preferred level that has endpoints.
+    Ok(by_priority.into_values().next().unwrap_or_default())
+}
+
+/// The endpoints of an EDS assignment.
+pub fn cluster_load_assignment(
+    cla: &endpoint_pb::ClusterLoadAssignment,
+    warnings: &mut Warnings,
+) -> Result<Vec<m::Endpoint>, ConvertError> {
+    let ctx = Ctx {
+        resource: format!("cluster_load_assignment {:?}", cla.cluster_name),
+        warnings,
+    };
+    endpoints(&ctx, Some(cla))
 }
 
 fn dns_endpoints(

@@ -7,9 +7,11 @@
 //! - [`bootstrap`] reads an Envoy bootstrap file.
 //! - [`convert`] turns protos into the model, naming resource and field on error.
 
+pub mod ads;
 pub mod bootstrap;
 pub mod convert;
 pub use ferry_envoy_json as json;
+pub mod store;
 
 pub use bootstrap::{Bootstrap, BootstrapError, config_dump, load_bootstrap};
 pub use convert::{ConvertError, Warnings};

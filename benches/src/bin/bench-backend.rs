@@ -22,7 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Small enough to fit one segment with the headers, big enough not to be an
-/// empty-body special case in any proxy.
+/// empty-body special case in any proxy. `load.py` checks for it (BACKEND_BODY) to
+/// know a response came from here and not from the proxy.
 const BODY: &[u8] = b"hello from the ferry bench backend\n";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

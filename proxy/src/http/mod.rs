@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_filters::http::{headers, router};
-use ferry_model::{ChainKind, FilterChain, HttpConnectionManager, PathMatch, Route, RouteAction};
+use ferry_model::{
+    ChainKind, FilterChain, HttpConnectionManager, PathMatch, Route, RouteAction, RouteSource,
+};
 use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Either;
@@ -175,7 +177,16 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
             None,
         );
     };
-    let Some(route) = hcm.route_config.find_route(host, path, req.headers()) else {
+    // RDS tables are looked up per request, so a route update reaches
+    // keep-alive and HTTP/2 connections opened before it.
+    let routes = match &hcm.routes {
+        RouteSource::Inline(rc) => Some(rc.clone()),
+        RouteSource::Rds(name) => ctx.rt.snapshot.load().routes.get(name).cloned(),
+    };
+    let Some(route) = routes
+        .as_ref()
+        .and_then(|rc| rc.find_route(host, path, req.headers()))
+    else {
         ctx.stats.no_route.inc();
         return (
             local_reply(LocalReply {

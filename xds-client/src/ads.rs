@@ -1,0 +1,614 @@
+//! The ADS client: one gRPC stream to the management server carrying CDS,
+//! EDS, LDS, RDS (and SDS) in either the state-of-the-world or the delta
+//! (incremental) protocol, ACK/NACK with per-resource `error_detail`,
+//! subscriptions that follow references (RDS names from listeners, EDS names
+//! from clusters), reconnection with jittered backoff, and publication of
+//! each complete, valid snapshot on a `watch` channel.
+//!
+//! A response is applied all or nothing: one invalid resource NACKs the
+//! whole response and the last good configuration keeps serving.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status;
+use ferry_model::Snapshot;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::convert::Warnings;
+use crate::store::{self, CLUSTER, ENDPOINT, LISTENER, Parsed, ROUTE, Store};
+
+/// Where the management server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XdsTarget {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct AdsConfig {
+    pub target: XdsTarget,
+    pub delta: bool,
+    pub node: Node,
+    pub initial_fetch_timeout: Duration,
+}
+
+/// A rejected update, as `/config_dump` reports it.
+#[derive(Debug, Clone)]
+pub struct Nack {
+    pub type_url: String,
+    pub version: String,
+    pub nonce: String,
+    pub error: String,
+    pub at: SystemTime,
+}
+
+/// What the client shares with the admin endpoints.
+#[derive(Default)]
+pub struct XdsState {
+    pub updates: AtomicU64,
+    pub acks: AtomicU64,
+    pub nacks: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub warnings: AtomicU64,
+    pub store: Mutex<Store>,
+    pub last_nack: Mutex<HashMap<String, Nack>>,
+    /// The accepted version of each type (SotW `version_info`, or the delta
+    /// system version).
+    pub versions: Mutex<HashMap<String, String>>,
+}
+
+impl XdsState {
+    fn lock_store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("cannot connect to the xDS server: {0}")]
+    Connect(String),
+    #[error("xDS stream failed: {0}")]
+    Stream(#[from] tonic::Status),
+    #[error("xDS stream closed by the server")]
+    Closed,
+}
+
+/// The order Envoy subscribes in: clusters (and their endpoints) before
+/// listeners (and their routes), so a listener never points at nothing.
+const ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+
+/// Runs the client forever, publishing snapshots on `publish`. `base` holds
+/// the bootstrap's static resources, which every snapshot includes.
+pub async fn run(
+    config: AdsConfig,
+    base: Arc<Snapshot>,
+    state: Arc<XdsState>,
+    publish: watch::Sender<Option<Arc<Snapshot>>>,
+) {
+    let mut failures: u32 = 0;
+    let mut client = Client {
+        config,
+        base,
+        state,
+        publish,
+        published: 0,
+    };
+    loop {
+        let started = Instant::now();
+        let result = if client.config.delta {
+            client.delta().await
+        } else {
+            client.sotw().await
+        };
+        if let Err(e) = result {
+            tracing::warn!(xds.target = ?client.config.target, error = %e, "xDS stream ended");
+        }
+        client.state.reconnects.fetch_add(1, Ordering::Relaxed);
+        failures = if started.elapsed() > Duration::from_secs(30) {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
+        let base_ms = 250u64.saturating_mul(1 << failures.min(7)).min(30_000);
+        let jitter = rand::random_range(0.5..1.5);
+        tokio::time::sleep(Duration::from_millis((base_ms as f64 * jitter) as u64)).await;
+    }
+}
+
+struct Client {
+    config: AdsConfig,
+    base: Arc<Snapshot>,
+    state: Arc<XdsState>,
+    publish: watch::Sender<Option<Arc<Snapshot>>>,
+    published: u64,
+}
+
+async fn connect(target: &XdsTarget) -> Result<tonic::transport::Channel, StreamError> {
+    let err = |e: tonic::transport::Error| StreamError::Connect(format!("{e:?}"));
+    match target {
+        XdsTarget::Tcp(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(err)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(err),
+        XdsTarget::Unix(path) => {
+            let path = path.clone();
+            tonic::transport::Endpoint::from_static("http://xds.local")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await
+                .map_err(err)
+        }
+    }
+}
+
+/// Per type, what the client has told the server.
+#[derive(Default)]
+struct Subscription {
+    names: BTreeSet<String>,
+    nonce: String,
+    version: String,
+}
+
+/// The outcome of one response.
+struct Applied {
+    error: Option<String>,
+}
+
+impl Client {
+    /// Validates and applies a set of resources of one type; on any error
+    /// nothing is applied.
+    fn apply(
+        &mut self,
+        type_url: &'static str,
+        upserts: Vec<(
+            Option<String>,
+            String,
+            envoy_types::pb::google::protobuf::Any,
+        )>,
+        removals: Vec<String>,
+        full_state: bool,
+        version: &str,
+    ) -> Applied {
+        let mut warnings = Warnings::default();
+        let mut parsed = Vec::with_capacity(upserts.len());
+        let mut errors = Vec::new();
+        for (name_hint, res_version, any) in &upserts {
+            match store::parse(type_url, any, &mut warnings) {
+                Ok((name, p)) => {
+                    if let Some(hint) = name_hint
+                        && *hint != name
+                    {
+                        errors.push(format!("resource {hint:?}: its name is {name:?}"));
+                        continue;
+                    }
+                    parsed.push((name, res_version.clone(), any.value.clone(), p));
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            return Applied {
+                error: Some(errors.join("; ")),
+            };
+        }
+        for w in &warnings.0 {
+            tracing::warn!(xds.type_url = type_url, config.warning = %w, "resource accepted with a warning");
+        }
+        self.state
+            .warnings
+            .fetch_add(warnings.0.len() as u64, Ordering::Relaxed);
+        {
+            let mut st = self.state.lock_store();
+            if full_state {
+                let names = parsed.iter().map(|(n, _, _, _)| n.clone()).collect();
+                st.retain(type_url, &names);
+            }
+            for name in &removals {
+                st.remove(type_url, name);
+            }
+            for (name, v, raw, p) in parsed {
+                st.upsert(type_url, name, v, raw, p);
+            }
+        }
+        self.state
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(type_url.to_string(), version.to_string());
+        self.state.updates.fetch_add(1, Ordering::Relaxed);
+        Applied { error: None }
+    }
+
+    /// Assembles and publishes the snapshot; returns when warming resources
+    /// must be looked at again.
+    fn publish(&mut self) -> Option<Instant> {
+        let previous = self.publish.borrow().clone();
+        self.published += 1;
+        let versions = self
+            .state
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let label = ORDER
+            .iter()
+            .filter_map(|t| versions.get(*t).map(|v| format!("{}={v}", short(t))))
+            .collect::<Vec<_>>()
+            .join(",");
+        let assembled = self.state.lock_store().assemble(
+            &self.base,
+            previous.as_deref(),
+            self.config.initial_fetch_timeout,
+            format!("xds:{label}"),
+        );
+        // Readiness waits for the first LDS and CDS answers and for warming.
+        let have_lds_cds = versions.contains_key(LISTENER) && versions.contains_key(CLUSTER);
+        if previous.is_none() && (!have_lds_cds || !assembled.warming.is_empty()) {
+            return assembled.next_deadline;
+        }
+        if !assembled.warming.is_empty() {
+            tracing::debug!(xds.warming = ?assembled.warming, "resources still warming");
+        }
+        self.publish
+            .send_replace(Some(Arc::new(assembled.snapshot)));
+        assembled.next_deadline
+    }
+
+    fn record_nack(&self, type_url: &str, version: &str, nonce: &str, error: &str) {
+        tracing::warn!(xds.type_url = type_url, xds.version = version, error = %error, "rejecting xDS update (NACK)");
+        self.state.nacks.fetch_add(1, Ordering::Relaxed);
+        self.state
+            .last_nack
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                type_url.to_string(),
+                Nack {
+                    type_url: type_url.to_string(),
+                    version: version.to_string(),
+                    nonce: nonce.to_string(),
+                    error: error.to_string(),
+                    at: SystemTime::now(),
+                },
+            );
+    }
+
+    /// Names to subscribe for the dependent types, from what is cached now.
+    fn wanted(&self, type_url: &str) -> BTreeSet<String> {
+        let st = self.state.lock_store();
+        match type_url {
+            ROUTE => st.wanted_routes(),
+            ENDPOINT => st.wanted_endpoints(&self.base.clusters),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    // ------------------------------------------------------------ SotW
+
+    async fn sotw(&mut self) -> Result<(), StreamError> {
+        let channel = connect(&self.config.target).await?;
+        let mut grpc = AggregatedDiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
+        let mut subs: HashMap<&'static str, Subscription> = HashMap::new();
+        let versions = self
+            .state
+            .versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut first = true;
+        // Wildcard CDS and LDS; EDS and RDS once their names are known
+        // (also right away on a reconnect, from what is cached).
+        for t in ORDER {
+            let names = self.wanted(t);
+            if matches!(t, ENDPOINT | ROUTE) && names.is_empty() {
+                continue;
+            }
+            let sub = subs.entry(t).or_default();
+            sub.names = names;
+            sub.version = versions.get(t).cloned().unwrap_or_default();
+            let _ = tx
+                .send(DiscoveryRequest {
+                    version_info: sub.version.clone(),
+                    node: first.then(|| self.config.node.clone()),
+                    resource_names: sub.names.iter().cloned().collect(),
+                    type_url: t.to_string(),
+                    ..Default::default()
+                })
+                .await;
+            first = false;
+        }
+        let mut stream = grpc
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let sleep = deadline.map(|d| tokio::time::sleep_until(d.into()));
+            let msg = match sleep {
+                Some(s) => tokio::select! {
+                    m = stream.message() => m?,
+                    _ = s => { deadline = self.publish(); continue; }
+                },
+                None => stream.message().await?,
+            };
+            let Some(resp) = msg else {
+                return Err(StreamError::Closed);
+            };
+            deadline = self.on_sotw(resp, &tx, &mut subs).await;
+        }
+    }
+
+    async fn on_sotw(
+        &mut self,
+        resp: DiscoveryResponse,
+        tx: &mpsc::Sender<DiscoveryRequest>,
+        subs: &mut HashMap<&'static str, Subscription>,
+    ) -> Option<Instant> {
+        let Some(type_url) = store::type_key(&resp.type_url) else {
+            let _ = tx
+                .send(DiscoveryRequest {
+                    type_url: resp.type_url.clone(),
+                    response_nonce: resp.nonce.clone(),
+                    error_detail: Some(status(format!(
+                        "unsupported resource type {}",
+                        resp.type_url
+                    ))),
+                    ..Default::default()
+                })
+                .await;
+            return None;
+        };
+        // LDS and CDS responses are the complete set; RDS and EDS name what
+        // they carry.
+        let full = matches!(type_url, LISTENER | CLUSTER);
+        let upserts = resp
+            .resources
+            .iter()
+            .map(|a| (None, resp.version_info.clone(), a.clone()))
+            .collect();
+        let applied = self.apply(type_url, upserts, Vec::new(), full, &resp.version_info);
+        let sub = subs.entry(type_url).or_default();
+        sub.nonce = resp.nonce.clone();
+        match applied.error {
+            Some(error) => {
+                self.record_nack(type_url, &resp.version_info, &resp.nonce, &error);
+                let _ = tx
+                    .send(DiscoveryRequest {
+                        version_info: sub.version.clone(),
+                        resource_names: sub.names.iter().cloned().collect(),
+                        type_url: type_url.to_string(),
+                        response_nonce: resp.nonce.clone(),
+                        error_detail: Some(status(error)),
+                        ..Default::default()
+                    })
+                    .await;
+                None
+            }
+            None => {
+                sub.version = resp.version_info.clone();
+                self.state.acks.fetch_add(1, Ordering::Relaxed);
+                let _ = tx
+                    .send(DiscoveryRequest {
+                        version_info: sub.version.clone(),
+                        resource_names: sub.names.iter().cloned().collect(),
+                        type_url: type_url.to_string(),
+                        response_nonce: resp.nonce.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                // Follow references: new RDS/EDS names after LDS/CDS.
+                let dependent = match type_url {
+                    LISTENER => Some(ROUTE),
+                    CLUSTER => Some(ENDPOINT),
+                    _ => None,
+                };
+                if let Some(dep) = dependent {
+                    let names = self.wanted(dep);
+                    let sub = subs.entry(dep).or_default();
+                    if names != sub.names {
+                        sub.names = names;
+                        let _ = tx
+                            .send(DiscoveryRequest {
+                                version_info: sub.version.clone(),
+                                resource_names: sub.names.iter().cloned().collect(),
+                                type_url: dep.to_string(),
+                                response_nonce: sub.nonce.clone(),
+                                ..Default::default()
+                            })
+                            .await;
+                    }
+                }
+                self.publish()
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ delta
+
+    async fn delta(&mut self) -> Result<(), StreamError> {
+        let channel = connect(&self.config.target).await?;
+        let mut grpc = AggregatedDiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
+        let mut subs: HashMap<&'static str, BTreeSet<String>> = HashMap::new();
+        let mut first = true;
+        for t in ORDER {
+            let names = self.wanted(t);
+            if matches!(t, ENDPOINT | ROUTE) && names.is_empty() {
+                continue;
+            }
+            // Resume: tell the server which versions are cached already.
+            let initial_resource_versions = self.state.lock_store().versions(t);
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    node: first.then(|| self.config.node.clone()),
+                    type_url: t.to_string(),
+                    resource_names_subscribe: names.iter().cloned().collect(),
+                    initial_resource_versions,
+                    ..Default::default()
+                })
+                .await;
+            subs.insert(t, names);
+            first = false;
+        }
+        let mut stream = grpc
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let sleep = deadline.map(|d| tokio::time::sleep_until(d.into()));
+            let msg = match sleep {
+                Some(s) => tokio::select! {
+                    m = stream.message() => m?,
+                    _ = s => { deadline = self.publish(); continue; }
+                },
+                None => stream.message().await?,
+            };
+            let Some(resp) = msg else {
+                return Err(StreamError::Closed);
+            };
+            deadline = self.on_delta(resp, &tx, &mut subs).await;
+        }
+    }
+
+    async fn on_delta(
+        &mut self,
+        resp: DeltaDiscoveryResponse,
+        tx: &mpsc::Sender<DeltaDiscoveryRequest>,
+        subs: &mut HashMap<&'static str, BTreeSet<String>>,
+    ) -> Option<Instant> {
+        let nack = |type_url: String, error: String| DeltaDiscoveryRequest {
+            type_url,
+            response_nonce: resp.nonce.clone(),
+            error_detail: Some(status(error)),
+            ..Default::default()
+        };
+        let Some(type_url) = store::type_key(&resp.type_url) else {
+            let _ = tx
+                .send(nack(
+                    resp.type_url.clone(),
+                    format!("unsupported resource type {}", resp.type_url),
+                ))
+                .await;
+            return None;
+        };
+        let mut upserts = Vec::with_capacity(resp.resources.len());
+        for r in &resp.resources {
+            match &r.resource {
+                Some(any) => upserts.push((Some(r.name.clone()), r.version.clone(), any.clone())),
+                None => {
+                    let _ = tx
+                        .send(nack(
+                            type_url.to_string(),
+                            format!("resource {:?} has no body", r.name),
+                        ))
+                        .await;
+                    return None;
+                }
+            }
+        }
+        let version = if resp.system_version_info.is_empty() {
+            resp.nonce.clone()
+        } else {
+            resp.system_version_info.clone()
+        };
+        let applied = self.apply(
+            type_url,
+            upserts,
+            resp.removed_resources.clone(),
+            false,
+            &version,
+        );
+        if let Some(error) = applied.error {
+            self.record_nack(type_url, &version, &resp.nonce, &error);
+            let _ = tx.send(nack(type_url.to_string(), error)).await;
+            return None;
+        }
+        self.state.acks.fetch_add(1, Ordering::Relaxed);
+        let _ = tx
+            .send(DeltaDiscoveryRequest {
+                type_url: type_url.to_string(),
+                response_nonce: resp.nonce.clone(),
+                ..Default::default()
+            })
+            .await;
+        let dependent = match type_url {
+            LISTENER => Some(ROUTE),
+            CLUSTER => Some(ENDPOINT),
+            _ => None,
+        };
+        if let Some(dep) = dependent {
+            let wanted = self.wanted(dep);
+            let had = subs.entry(dep).or_default();
+            let subscribe: Vec<String> = wanted.difference(had).cloned().collect();
+            let unsubscribe: Vec<String> = had.difference(&wanted).cloned().collect();
+            if !subscribe.is_empty() || !unsubscribe.is_empty() {
+                {
+                    let mut st = self.state.lock_store();
+                    for n in &unsubscribe {
+                        st.remove(dep, n);
+                    }
+                }
+                *had = wanted;
+                let _ = tx
+                    .send(DeltaDiscoveryRequest {
+                        type_url: dep.to_string(),
+                        resource_names_subscribe: subscribe,
+                        resource_names_unsubscribe: unsubscribe,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+        self.publish()
+    }
+}
+
+fn status(message: String) -> Status {
+    // google.rpc.Code.INVALID_ARGUMENT
+    Status {
+        code: 3,
+        message,
+        details: Vec::new(),
+    }
+}
+
+fn short(type_url: &str) -> &'static str {
+    match type_url {
+        LISTENER => "lds",
+        ROUTE => "rds",
+        CLUSTER => "cds",
+        ENDPOINT => "eds",
+        _ => "sds",
+    }
+}
+
+/// Which kind of resource a parsed entry is (for dumps).
+pub fn kind(p: &Parsed) -> &'static str {
+    match p {
+        Parsed::Listener(..) => "listener",
+        Parsed::Route(..) => "route",
+        Parsed::Cluster(..) => "cluster",
+        Parsed::Endpoints(..) => "endpoints",
+        Parsed::Secret => "secret",
+    }
+}

@@ -1,0 +1,350 @@
+//! The client's resource cache: every resource received (proto, version,
+//! time, converted model), and the assembly of a complete snapshot from it,
+//! with Envoy's warming rules: a listener waits for its route
+//! configurations, an EDS cluster for its endpoints, each up to the initial
+//! fetch timeout.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as ClusterPb;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener as ListenerPb;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Any;
+use ferry_model as m;
+use prost::Message;
+
+use crate::convert::{self, ConvertError, Warnings};
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// A validated resource, converted into the model.
+#[derive(Debug, Clone)]
+pub enum Parsed {
+    Listener(Arc<m::Listener>),
+    Route(Arc<m::RouteConfig>),
+    Cluster(Arc<m::Cluster>),
+    Endpoints(Arc<Vec<m::Endpoint>>),
+    /// Secrets are kept by name until the TLS data path consumes them.
+    Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub version: String,
+    pub last_updated: SystemTime,
+    /// The resource as received (encoded), for `/config_dump`: the wire form
+    /// is several times smaller than the decoded proto.
+    pub raw: Vec<u8>,
+    pub parsed: Parsed,
+}
+
+/// Decodes and converts one resource of `type_url`; the error names it.
+pub fn parse(
+    type_url: &str,
+    any: &Any,
+    warnings: &mut Warnings,
+) -> Result<(String, Parsed), ConvertError> {
+    let undecodable = |name: &str, e: prost::DecodeError| ConvertError {
+        resource: format!("{name} resource"),
+        field: String::new(),
+        message: format!("cannot decode: {e}"),
+    };
+    if any.type_url != type_url {
+        return Err(ConvertError {
+            resource: "response".into(),
+            field: "resources".into(),
+            message: format!("a {} resource in a {type_url} response", any.type_url),
+        });
+    }
+    Ok(match type_url {
+        LISTENER => {
+            let pb =
+                ListenerPb::decode(any.value.as_slice()).map_err(|e| undecodable("listener", e))?;
+            let model = convert::listener(&pb, warnings)?;
+            (pb.name, Parsed::Listener(Arc::new(model)))
+        }
+        ROUTE => {
+            let pb = RouteConfiguration::decode(any.value.as_slice())
+                .map_err(|e| undecodable("route_configuration", e))?;
+            let model = convert::route_config(&pb, warnings)?;
+            (pb.name, Parsed::Route(Arc::new(model)))
+        }
+        CLUSTER => {
+            let pb =
+                ClusterPb::decode(any.value.as_slice()).map_err(|e| undecodable("cluster", e))?;
+            let model = convert::cluster(&pb, warnings)?;
+            (pb.name, Parsed::Cluster(Arc::new(model)))
+        }
+        ENDPOINT => {
+            let pb = ClusterLoadAssignment::decode(any.value.as_slice())
+                .map_err(|e| undecodable("cluster_load_assignment", e))?;
+            let eps = convert::cluster_load_assignment(&pb, warnings)?;
+            (pb.cluster_name, Parsed::Endpoints(Arc::new(eps)))
+        }
+        SECRET => {
+            use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+            let pb = Secret::decode(any.value.as_slice()).map_err(|e| undecodable("secret", e))?;
+            (pb.name, Parsed::Secret)
+        }
+        other => {
+            return Err(ConvertError {
+                resource: "response".into(),
+                field: "type_url".into(),
+                message: format!("unsupported resource type {other}"),
+            });
+        }
+    })
+}
+
+/// Everything received, by type URL and name.
+#[derive(Debug, Default)]
+pub struct Store {
+    pub resources: HashMap<&'static str, BTreeMap<String, Entry>>,
+    /// When a listener or cluster started waiting for what it references.
+    warming_since: HashMap<(&'static str, String), Instant>,
+}
+
+pub fn type_key(type_url: &str) -> Option<&'static str> {
+    [LISTENER, ROUTE, CLUSTER, ENDPOINT, SECRET]
+        .into_iter()
+        .find(|t| *t == type_url)
+}
+
+/// What a snapshot build produced.
+pub struct Assembled {
+    pub snapshot: m::Snapshot,
+    /// Resources still warming (their dependencies have not arrived).
+    pub warming: Vec<String>,
+    /// The earliest moment a warming resource times out and must be
+    /// activated anyway.
+    pub next_deadline: Option<Instant>,
+}
+
+impl Store {
+    pub fn of(&self, type_url: &'static str) -> impl Iterator<Item = (&String, &Entry)> {
+        self.resources
+            .get(type_url)
+            .into_iter()
+            .flat_map(|m| m.iter())
+    }
+
+    pub fn get(&self, type_url: &'static str, name: &str) -> Option<&Entry> {
+        self.resources.get(type_url).and_then(|m| m.get(name))
+    }
+
+    pub fn versions(&self, type_url: &'static str) -> HashMap<String, String> {
+        self.of(type_url)
+            .map(|(k, e)| (k.clone(), e.version.clone()))
+            .collect()
+    }
+
+    pub fn upsert(
+        &mut self,
+        type_url: &'static str,
+        name: String,
+        version: String,
+        raw: Vec<u8>,
+        parsed: Parsed,
+    ) {
+        self.resources.entry(type_url).or_default().insert(
+            name,
+            Entry {
+                version,
+                last_updated: SystemTime::now(),
+                raw,
+                parsed,
+            },
+        );
+    }
+
+    pub fn remove(&mut self, type_url: &'static str, name: &str) {
+        if let Some(m) = self.resources.get_mut(type_url) {
+            m.remove(name);
+        }
+        self.warming_since.remove(&(type_url, name.to_string()));
+    }
+
+    /// Keeps only `names` of a type (state-of-the-world LDS/CDS: what a
+    /// response leaves out is gone).
+    pub fn retain(&mut self, type_url: &'static str, names: &BTreeSet<String>) {
+        if let Some(m) = self.resources.get_mut(type_url) {
+            m.retain(|k, _| names.contains(k));
+        }
+    }
+
+    /// Route configuration names the listeners need (RDS subscriptions).
+    pub fn wanted_routes(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (_, e) in self.of(LISTENER) {
+            if let Parsed::Listener(l) = &e.parsed {
+                out.extend(rds_names(l));
+            }
+        }
+        out
+    }
+
+    /// EDS service names the clusters need.
+    pub fn wanted_endpoints(&self, statics: &HashMap<String, Arc<m::Cluster>>) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = statics.values().filter_map(|c| eds_name(c)).collect();
+        for (_, e) in self.of(CLUSTER) {
+            if let Parsed::Cluster(c) = &e.parsed
+                && let Some(n) = eds_name(c)
+            {
+                out.insert(n);
+            }
+        }
+        out
+    }
+
+    /// Builds the snapshot: static resources first, then dynamic ones that
+    /// finished warming (or whose warming timed out); a warming resource
+    /// that was active before stays at its previous version.
+    pub fn assemble(
+        &mut self,
+        base: &m::Snapshot,
+        previous: Option<&m::Snapshot>,
+        initial_fetch_timeout: Duration,
+        version: String,
+    ) -> Assembled {
+        let now = Instant::now();
+        let mut warming = Vec::new();
+        let mut next_deadline: Option<Instant> = None;
+        let mut routes: HashMap<String, Arc<m::RouteConfig>> = base.routes.clone();
+        for (name, e) in self.of(ROUTE) {
+            if let Parsed::Route(rc) = &e.parsed {
+                routes.insert(name.clone(), rc.clone());
+            }
+        }
+
+        let mut clusters = base.clusters.clone();
+        let mut still_warming = BTreeSet::new();
+        let dynamic_clusters: Vec<(String, Arc<m::Cluster>)> = self
+            .of(CLUSTER)
+            .filter_map(|(n, e)| match &e.parsed {
+                Parsed::Cluster(c) => Some((n.clone(), c.clone())),
+                _ => None,
+            })
+            .collect();
+        for (name, c) in dynamic_clusters.iter().map(|(n, c)| (n, c.clone())).chain(
+            base.clusters
+                .iter()
+                .filter(|(_, c)| eds_name(c).is_some())
+                .map(|(n, c)| (n, c.clone())),
+        ) {
+            let resolved = match eds_name(&c) {
+                None => Some(c.clone()),
+                Some(service) => match self.get(ENDPOINT, &service).map(|e| &e.parsed) {
+                    Some(Parsed::Endpoints(eps)) => Some(Arc::new(with_endpoints(&c, eps))),
+                    _ => None,
+                },
+            };
+            match resolved {
+                Some(c) => {
+                    self.warming_since.remove(&(CLUSTER, name.clone()));
+                    clusters.insert(name.clone(), c);
+                }
+                None => {
+                    let since = *self
+                        .warming_since
+                        .entry((CLUSTER, name.clone()))
+                        .or_insert(now);
+                    let deadline = since + initial_fetch_timeout;
+                    if now >= deadline {
+                        // Timed out: active without endpoints, as Envoy does.
+                        clusters.insert(name.clone(), c.clone());
+                    } else if let Some(prev) = previous.and_then(|p| p.clusters.get(name.as_str()))
+                    {
+                        clusters.insert(name.clone(), prev.clone());
+                        still_warming.insert(name.clone());
+                    } else {
+                        still_warming.insert(name.clone());
+                    }
+                    if now < deadline {
+                        warming.push(format!("cluster {name:?}"));
+                        next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                    }
+                }
+            }
+        }
+
+        let mut listeners: Vec<Arc<m::Listener>> = base.listeners.clone();
+        let dynamic_listeners: Vec<(String, Arc<m::Listener>)> = self
+            .of(LISTENER)
+            .filter_map(|(n, e)| match &e.parsed {
+                Parsed::Listener(l) => Some((n.clone(), l.clone())),
+                _ => None,
+            })
+            .collect();
+        for (name, l) in dynamic_listeners {
+            let missing = rds_names(&l).into_iter().any(|r| !routes.contains_key(&r));
+            if !missing {
+                self.warming_since.remove(&(LISTENER, name.clone()));
+                listeners.push(l);
+                continue;
+            }
+            let since = *self
+                .warming_since
+                .entry((LISTENER, name.clone()))
+                .or_insert(now);
+            let deadline = since + initial_fetch_timeout;
+            if now >= deadline {
+                listeners.push(l);
+            } else {
+                warming.push(format!("listener {name:?}"));
+                next_deadline = Some(next_deadline.map_or(deadline, |d| d.min(deadline)));
+                if let Some(prev) = previous.and_then(|p| p.listener(&name)) {
+                    listeners.push(prev.clone());
+                }
+            }
+        }
+        let _ = still_warming;
+        Assembled {
+            snapshot: m::Snapshot {
+                version,
+                listeners,
+                clusters,
+                routes,
+            },
+            warming,
+            next_deadline,
+        }
+    }
+}
+
+fn rds_names(l: &m::Listener) -> Vec<String> {
+    l.filter_chains
+        .iter()
+        .chain(l.default_chain.iter())
+        .filter_map(|c| match &c.kind {
+            m::ChainKind::Http(h) => match &h.routes {
+                m::RouteSource::Rds(n) => Some(n.clone()),
+                m::RouteSource::Inline(_) => None,
+            },
+            m::ChainKind::Tcp(_) => None,
+        })
+        .collect()
+}
+
+fn eds_name(c: &m::Cluster) -> Option<String> {
+    match &c.kind {
+        m::ClusterKind::Eds { service_name } => Some(service_name.clone()),
+        _ => None,
+    }
+}
+
+fn with_endpoints(c: &m::Cluster, eps: &[m::Endpoint]) -> m::Cluster {
+    let mut c = c.clone();
+    c.kind = if eps.is_empty() {
+        m::ClusterKind::BlackHole
+    } else {
+        m::ClusterKind::Static(eps.to_vec())
+    };
+    c
+}
