@@ -62,16 +62,28 @@ pub struct ClusterManager {
 }
 
 impl ClusterManager {
-    /// Builds the runtime for `snapshot`, keeping the pools of clusters whose
-    /// configuration did not change.
+    /// Builds the runtime for `snapshot`. Unchanged clusters are kept as they
+    /// are; a cluster whose endpoints alone changed keeps the pools (and so
+    /// the connections) of the endpoints still there.
     pub fn build(snapshot: &Snapshot, previous: Option<&ClusterManager>, stats: &Stats) -> Self {
         let mut clusters = HashMap::with_capacity(snapshot.clusters.len());
         for (name, cfg) in &snapshot.clusters {
-            let reused = previous
-                .and_then(|p| p.clusters.get(name))
-                .filter(|rt| format!("{:?}", rt.cfg) == format!("{cfg:?}"))
-                .cloned();
-            let rt = reused.unwrap_or_else(|| Arc::new(ClusterRt::new(cfg.clone(), stats)));
+            let prev = previous.and_then(|p| p.clusters.get(name));
+            let rt = match prev {
+                Some(p)
+                    if Arc::ptr_eq(&p.cfg, cfg) || format!("{:?}", p.cfg) == format!("{cfg:?}") =>
+                {
+                    p.clone()
+                }
+                Some(p) if same_except_endpoints(&p.cfg, cfg) => {
+                    Arc::new(ClusterRt::new(cfg.clone(), stats, Some(p)))
+                }
+                _ => {
+                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, None));
+                    rt.start_dns();
+                    rt
+                }
+            };
             clusters.insert(name.clone(), rt);
         }
         Self { clusters }
@@ -80,39 +92,25 @@ impl ClusterManager {
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterRt>> {
         self.clusters.get(name)
     }
+}
 
-    /// Starts DNS refresh for STRICT_DNS clusters.
-    pub fn start_dns(&self) {
-        for c in self.clusters.values() {
-            if let ClusterKind::StrictDns(hosts) = &c.cfg.kind {
-                let hosts = hosts.clone();
-                let weak = Arc::downgrade(c);
-                tokio::spawn(async move {
-                    loop {
-                        let mut addrs = Vec::new();
-                        for h in &hosts {
-                            match tokio::net::lookup_host((h.host.as_str(), h.port)).await {
-                                Ok(it) => addrs.extend(it),
-                                Err(e) => {
-                                    tracing::warn!(dns.host = %h.host, error = %e, "DNS resolution failed")
-                                }
-                            }
-                        }
-                        let Some(c) = weak.upgrade() else { return };
-                        if !addrs.is_empty() || c.resolved.load().is_empty() {
-                            let pools = addrs
-                                .iter()
-                                .map(|a| Arc::new(EndpointPool::new(*a, &c)))
-                                .collect();
-                            c.resolved.store(Arc::new(pools));
-                        }
-                        drop(c);
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                    }
-                });
-            }
-        }
+/// Whether two cluster configurations differ at most in their endpoints.
+fn same_except_endpoints(a: &Cluster, b: &Cluster) -> bool {
+    let is_fixed = |c: &Cluster| {
+        matches!(
+            c.kind,
+            ClusterKind::Static(_) | ClusterKind::BlackHole | ClusterKind::Eds { .. }
+        )
+    };
+    if !is_fixed(a) || !is_fixed(b) {
+        return false;
     }
+    let strip = |c: &Cluster| {
+        let mut c = c.clone();
+        c.kind = ClusterKind::BlackHole;
+        format!("{c:?}")
+    };
+    strip(a) == strip(b)
 }
 
 pub struct ClusterRt {
@@ -128,7 +126,45 @@ pub struct ClusterRt {
 }
 
 impl ClusterRt {
-    fn new(cfg: Arc<Cluster>, stats: &Stats) -> Self {
+    /// Starts DNS refresh for a STRICT_DNS cluster; it stops with the cluster.
+    fn start_dns(self: &Arc<Self>) {
+        let ClusterKind::StrictDns(hosts) = &self.cfg.kind else {
+            return;
+        };
+        let hosts = hosts.clone();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let mut addrs = Vec::new();
+                for h in &hosts {
+                    match tokio::net::lookup_host((h.host.as_str(), h.port)).await {
+                        Ok(it) => addrs.extend(it),
+                        Err(e) => {
+                            tracing::warn!(dns.host = %h.host, error = %e, "DNS resolution failed")
+                        }
+                    }
+                }
+                let Some(c) = weak.upgrade() else { return };
+                if !addrs.is_empty() || c.resolved.load().is_empty() {
+                    let old = c.resolved.load_full();
+                    let pools = addrs
+                        .iter()
+                        .map(|a| {
+                            old.iter()
+                                .find(|p| p.address == *a)
+                                .cloned()
+                                .unwrap_or_else(|| Arc::new(EndpointPool::new(*a, &c)))
+                        })
+                        .collect();
+                    c.resolved.store(Arc::new(pools));
+                }
+                drop(c);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        });
+    }
+
+    fn new(cfg: Arc<Cluster>, stats: &Stats, previous: Option<&ClusterRt>) -> Self {
         let mut rt = Self {
             stats: ClusterStats::new(stats, &cfg.name),
             rr: AtomicUsize::new(0),
@@ -141,7 +177,9 @@ impl ClusterRt {
             // Weights become repetitions so round robin honours them.
             let mut fixed = Vec::new();
             for e in eps {
-                let pool = Arc::new(EndpointPool::new(e.address, &rt));
+                let kept =
+                    previous.and_then(|p| p.fixed.iter().find(|x| x.address == e.address).cloned());
+                let pool = kept.unwrap_or_else(|| Arc::new(EndpointPool::new(e.address, &rt)));
                 for _ in 0..e.weight.clamp(1, 128) {
                     fixed.push(pool.clone());
                 }

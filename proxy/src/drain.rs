@@ -1,5 +1,9 @@
-//! Drain: one signal every listener and connection watches, and a count of
-//! live connections so shutdown can wait for in-flight work.
+//! Drain: signals every listener generation and connection watches, and a
+//! count of live connections so shutdown can wait for in-flight work.
+//!
+//! There are two levels: the process (SIGTERM, `/quitquitquit`) and a
+//! listener generation (a listener replaced or removed by a configuration
+//! update). A connection drains when either of its two signals fires.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,6 +14,7 @@ use tokio::sync::{Notify, watch};
 #[derive(Clone)]
 pub struct Drain {
     tx: Arc<watch::Sender<bool>>,
+    parent: Option<Arc<watch::Sender<bool>>>,
     live: Arc<(AtomicUsize, Notify)>,
 }
 
@@ -37,7 +42,18 @@ impl Drain {
         let (tx, _) = watch::channel(false);
         Self {
             tx: Arc::new(tx),
+            parent: None,
             live: Arc::new((AtomicUsize::new(0), Notify::new())),
+        }
+    }
+
+    /// A listener generation's drain: fires on its own or with the process.
+    pub fn child(&self) -> Drain {
+        let (tx, _) = watch::channel(false);
+        Drain {
+            tx: Arc::new(tx),
+            parent: Some(self.parent.clone().unwrap_or_else(|| self.tx.clone())),
+            live: self.live.clone(),
         }
     }
 
@@ -53,14 +69,25 @@ impl Drain {
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.tx.borrow()
+        *self.tx.borrow() || self.parent.as_ref().is_some_and(|p| *p.borrow())
     }
 
     /// Resolves once draining has started.
     pub async fn signaled(&self) {
         let mut rx = self.tx.subscribe();
-        // An error means the sender is gone, which only happens at exit.
-        let _ = rx.wait_for(|d| *d).await;
+        match &self.parent {
+            None => {
+                // An error means the sender is gone, which only happens at exit.
+                let _ = rx.wait_for(|d| *d).await;
+            }
+            Some(p) => {
+                let mut prx = p.subscribe();
+                tokio::select! {
+                    _ = rx.wait_for(|d| *d) => {}
+                    _ = prx.wait_for(|d| *d) => {}
+                }
+            }
+        }
     }
 
     pub fn start(&self) {
@@ -102,5 +129,27 @@ mod tests {
 
         let _g = d.track();
         assert_eq!(d.drain(Duration::from_secs(5)).await, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn generation_drains_alone_or_with_the_process() {
+        let process = Drain::new();
+        let old = process.child();
+        let new = process.child();
+        old.start();
+        tokio::time::timeout(Duration::from_secs(1), old.signaled())
+            .await
+            .unwrap();
+        assert!(!new.is_draining());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), new.signaled())
+                .await
+                .is_err()
+        );
+        process.start();
+        tokio::time::timeout(Duration::from_secs(1), new.signaled())
+            .await
+            .unwrap();
+        assert!(new.is_draining());
     }
 }

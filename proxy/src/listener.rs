@@ -2,15 +2,18 @@
 //! per-connection path (original destination → hand-off to the listener for
 //! that destination → protocol detection → filter chain → TCP or HTTP).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 
 use crate::detect::{self, Detected, Outcome};
-use crate::drain::ConnGuard;
+use crate::drain::{ConnGuard, Drain};
 use crate::run::Runtime;
 
 /// How long detection waits for a client's first bytes when the listener
@@ -35,34 +38,144 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// Accepts until drain starts.
-pub async fn accept_loop(rt: Arc<Runtime>, listener: Arc<Listener>, tcp: TcpListener) {
+/// One listener's live state: its current configuration and the drain of
+/// the generation of connections accepted under it.
+pub struct ListenerSlot {
+    config: ArcSwap<Listener>,
+    generation: ArcSwap<Drain>,
+}
+
+struct Active {
+    fingerprint: u64,
+    addresses: Vec<SocketAddr>,
+    slot: Arc<ListenerSlot>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        // Closing the sockets stops accepting; connections already accepted
+        // drain under their generation.
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.slot.generation.load().start();
+    }
+}
+
+/// The listeners that are bound, diffed by name against each new snapshot.
+#[derive(Default)]
+pub struct ListenerManager {
+    active: HashMap<String, Active>,
+}
+
+impl ListenerManager {
+    /// Brings the bound listeners in line with `listeners`: unchanged ones
+    /// are not touched; a changed one keeps its sockets but accepts with the
+    /// new configuration while its earlier connections drain; removed ones
+    /// stop. Returns the listeners that could not be bound.
+    pub fn reconcile(
+        &mut self,
+        rt: &Arc<Runtime>,
+        listeners: &[Arc<Listener>],
+    ) -> Vec<(String, std::io::Error)> {
+        let mut errors = Vec::new();
+        let wanted: HashMap<&str, &Arc<Listener>> = listeners
+            .iter()
+            .filter(|l| l.bind_to_port)
+            .map(|l| (l.name.as_str(), l))
+            .collect();
+        self.active
+            .retain(|name, _| wanted.contains_key(name.as_str()));
+        for (name, l) in wanted {
+            let addresses: Vec<SocketAddr> = l.addresses().collect();
+            match self.active.get_mut(name) {
+                Some(a) if a.fingerprint == l.fingerprint => a.slot.config.store(l.clone()),
+                Some(a) if a.addresses == addresses => {
+                    tracing::info!(listener.name = %name, "listener changed; draining its connections");
+                    a.slot.config.store(l.clone());
+                    let old = a.slot.generation.swap(Arc::new(rt.drain.child()));
+                    old.start();
+                    a.fingerprint = l.fingerprint;
+                }
+                _ => {
+                    // New, or moved to other addresses: (re)bind.
+                    self.active.remove(name);
+                    match Self::start(rt, l, &addresses) {
+                        Ok(a) => {
+                            self.active.insert(name.to_string(), a);
+                        }
+                        Err(e) => errors.push((name.to_string(), e)),
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    fn start(
+        rt: &Arc<Runtime>,
+        l: &Arc<Listener>,
+        addresses: &[SocketAddr],
+    ) -> std::io::Result<Active> {
+        let sockets = addresses
+            .iter()
+            .map(|a| bind(*a))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let slot = Arc::new(ListenerSlot {
+            config: ArcSwap::new(l.clone()),
+            generation: ArcSwap::from_pointee(rt.drain.child()),
+        });
+        let tasks = sockets
+            .into_iter()
+            .map(|tcp| {
+                tracing::info!(listener.name = %l.name, listener.address = ?tcp.local_addr().ok(), "listening");
+                tokio::spawn(accept_loop(rt.clone(), slot.clone(), tcp))
+            })
+            .collect();
+        Ok(Active {
+            fingerprint: l.fingerprint,
+            addresses: addresses.to_vec(),
+            slot,
+            tasks,
+        })
+    }
+}
+
+/// Accepts until the process drains or the listener is removed.
+async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener) {
     let drained = rt.drain.clone();
     let signaled = drained.signaled();
     tokio::pin!(signaled);
+    let Ok(local) = tcp.local_addr() else { return };
+    let accepted = rt.listener_stats(local);
     loop {
         tokio::select! {
             biased;
             _ = &mut signaled => break,
             r = tcp.accept() => match r {
                 Ok((stream, peer)) => {
+                    accepted.inc();
                     let guard = rt.drain.track();
-                    tokio::spawn(handle(rt.clone(), listener.clone(), stream, peer, guard));
+                    let listener = slot.config.load_full();
+                    let generation = slot.generation.load_full();
+                    tokio::spawn(handle(rt.clone(), listener, generation, stream, peer, guard));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(listener.name = %listener.name, error = %e, "accept failed");
+                    tracing::warn!(listener.address = %local, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
         }
     }
-    tracing::debug!(listener.name = %listener.name, "listener stopped accepting");
+    tracing::debug!(listener.address = %local, "listener stopped accepting");
 }
 
 async fn handle(
     rt: Arc<Runtime>,
     accepted_on: Arc<Listener>,
+    generation: Arc<Drain>,
     stream: TcpStream,
     peer: SocketAddr,
     _guard: ConnGuard,
@@ -77,7 +190,6 @@ async fn handle(
     } else {
         local
     };
-    rt.listener_stats(&accepted_on.name).inc();
     // Envoy's use_original_dst: the listener bound to the original destination
     // takes the connection over, with its own listener filters and chains.
     let listener = if accepted_on.use_original_dst && dst != local {
@@ -119,7 +231,7 @@ async fn handle(
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
-            crate::tcp::proxy(&rt, tp, &stats, stream, dst).await;
+            crate::tcp::proxy(&rt, tp, &stats, stream, dst, &generation).await;
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {
@@ -140,8 +252,9 @@ async fn handle(
                 chain: chain.clone(),
                 peer,
                 original_dst: dst,
+                closing: std::sync::atomic::AtomicBool::new(false),
             });
-            crate::http::serve(stream, ctx, http2).await;
+            crate::http::serve(stream, ctx, http2, &generation).await;
         }
     }
 }

@@ -37,13 +37,18 @@ pub struct Runtime {
     pub drain: Drain,
     pub access_log: bool,
     pub detection_timeout: Duration,
+    /// How long connections of a replaced listener may finish.
+    pub drain_timeout: Duration,
     ready: AtomicBool,
     quit: Notify,
     bootstrap: ferry_xds::Bootstrap,
     loaded_at: String,
     http_stats: Mutex<HashMap<String, HttpStats>>,
     tcp_stats: Mutex<HashMap<String, TcpStats>>,
-    listener_cx: HashMap<String, Counter>,
+    listener_cx: Mutex<HashMap<String, Counter>>,
+    listeners: Mutex<crate::listener::ListenerManager>,
+    /// The ADS client's state, when configuration comes from xDS.
+    pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
 }
 
 impl Runtime {
@@ -57,7 +62,11 @@ impl Runtime {
     }
 
     pub fn config_dump(&self) -> Result<serde_json::Value, String> {
-        ferry_xds::config_dump(&self.bootstrap.proto, &self.loaded_at)
+        let mut dump = ferry_xds::config_dump(&self.bootstrap.proto, &self.loaded_at)?;
+        if let Some(xds) = &self.xds {
+            ferry_xds::dump::add_dynamic(&mut dump, xds)?;
+        }
+        Ok(dump)
     }
 
     pub fn http_stats(&self, prefix: &str) -> HttpStats {
@@ -74,11 +83,38 @@ impl Runtime {
             .clone()
     }
 
-    pub fn listener_stats(&self, name: &str) -> Counter {
-        self.listener_cx.get(name).cloned().unwrap_or_else(|| {
-            self.stats
-                .counter(&format!("listener.{name}.downstream_cx_total"))
-        })
+    /// `listener.<ip>_<port>.downstream_cx_total`, Envoy's per-address counter.
+    pub fn listener_stats(&self, addr: SocketAddr) -> Counter {
+        let key = format!("{}_{}", addr.ip(), addr.port());
+        let mut m = self.listener_cx.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(key)
+            .or_insert_with_key(|k| {
+                self.stats
+                    .counter(&format!("listener.{k}.downstream_cx_total"))
+            })
+            .clone()
+    }
+
+    /// Makes `snapshot` the live configuration: clusters first (keeping the
+    /// pools of unchanged endpoints), then the snapshot itself, then the
+    /// listeners (unchanged ones untouched, changed ones drained). Returns
+    /// the listeners that could not be bound.
+    pub fn apply(self: &Arc<Self>, snapshot: Arc<Snapshot>) -> Vec<(String, std::io::Error)> {
+        let clusters = ClusterManager::build(&snapshot, Some(&self.clusters.load()), &self.stats);
+        self.clusters.store(Arc::new(clusters));
+        self.snapshot.store(snapshot.clone());
+        let errors = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reconcile(self, &snapshot.listeners);
+        tracing::info!(
+            config.version = %snapshot.version,
+            listeners = snapshot.listeners.len(),
+            clusters = snapshot.clusters.len(),
+            "configuration applied"
+        );
+        errors
     }
 }
 
@@ -116,21 +152,12 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Reading the configuration through the descriptor set allocates a few
     // megabytes that are garbage now: give them back before serving.
     release_free_memory();
-    let snapshot = Snapshot {
+    let base = Arc::new(Snapshot {
         version: bootstrap.snapshot.version.clone(),
         listeners: bootstrap.snapshot.listeners.clone(),
         clusters: bootstrap.snapshot.clusters.clone(),
         routes: bootstrap.snapshot.routes.clone(),
-    };
-    // Bind everything before serving anything: a port conflict fails start-up.
-    let mut bound = Vec::new();
-    for l in snapshot.listeners.iter().filter(|l| l.bind_to_port) {
-        for addr in l.addresses() {
-            let tcp = crate::listener::bind(addr)
-                .with_context(|| format!("listener {:?}: cannot bind {addr}", l.name))?;
-            bound.push((l.clone(), tcp));
-        }
-    }
+    });
     let admin_addr = opts
         .admin_addr
         .or(bootstrap.admin_address)
@@ -143,40 +170,57 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-
+    let ads = bootstrap.ads.clone();
+    let xds = ads
+        .as_ref()
+        .map(|_| Arc::new(ferry_xds::ads::XdsState::default()));
     let stats = Stats::default();
-    let clusters = ClusterManager::build(&snapshot, None, &stats);
-    let listener_cx = snapshot
-        .listeners
-        .iter()
-        .map(|l| {
-            let key = format!(
-                "listener.{}_{}.downstream_cx_total",
-                l.address.ip(),
-                l.address.port()
-            );
-            (l.name.clone(), stats.counter(&key))
-        })
-        .collect();
     let rt = Arc::new(Runtime {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        clusters: ArcSwap::from_pointee(clusters),
+        snapshot: ArcSwap::from_pointee(Snapshot::default()),
+        clusters: ArcSwap::from_pointee(ClusterManager::default()),
         stats,
         drain: Drain::new(),
         access_log: opts.access_log,
         detection_timeout: opts.detection_timeout,
+        drain_timeout: opts.drain_timeout,
         ready: AtomicBool::new(false),
         quit: Notify::new(),
         bootstrap,
         loaded_at: rfc3339_now(),
         http_stats: Mutex::new(HashMap::new()),
         tcp_stats: Mutex::new(HashMap::new()),
-        listener_cx,
+        listener_cx: Mutex::new(HashMap::new()),
+        listeners: Mutex::new(crate::listener::ListenerManager::default()),
+        xds: xds.clone(),
     });
-    rt.clusters.load().start_dns();
-    for (l, tcp) in bound {
-        tracing::info!(listener.name = %l.name, listener.address = ?tcp.local_addr().ok(), "listening");
-        tokio::spawn(crate::listener::accept_loop(rt.clone(), l, tcp));
+    match (ads, xds) {
+        (Some(config), Some(state)) => {
+            tracing::info!(xds.target = ?config.target, xds.delta = config.delta, "connecting to the xDS server");
+            let (tx, mut rx) = tokio::sync::watch::channel(None);
+            tokio::spawn(ferry_xds::ads::run(config, base, state, tx));
+            let apply_rt = rt.clone();
+            tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let snap = rx.borrow_and_update().clone();
+                    if let Some(snap) = snap {
+                        for (name, e) in apply_rt.apply(snap) {
+                            tracing::error!(listener.name = %name, error = %e, "listener could not be started");
+                        }
+                        release_free_memory();
+                        if !apply_rt.ready.swap(true, Ordering::AcqRel) {
+                            tracing::info!("first configuration from xDS applied; ready");
+                        }
+                    }
+                }
+            });
+        }
+        _ => {
+            // Static configuration: a listener that cannot bind fails start-up.
+            if let Some((name, e)) = rt.apply(base).into_iter().next() {
+                anyhow::bail!("listener {name:?}: {e}");
+            }
+            rt.ready.store(true, Ordering::Release);
+        }
     }
     tokio::spawn(crate::admin::serve(
         rt.clone(),
@@ -190,8 +234,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             crate::admin::Role::Readiness,
         ));
     }
-    rt.ready.store(true, Ordering::Release);
-    tracing::info!(admin.address = %admin_addr, "ferry is ready");
+    tracing::info!(admin.address = %admin_addr, "ferry is running");
 
     wait_for_stop(&rt).await;
     tracing::info!(

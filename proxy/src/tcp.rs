@@ -23,6 +23,7 @@ pub async fn proxy<S>(
     stats: &TcpStats,
     mut down: S,
     original_dst: std::net::SocketAddr,
+    drain: &crate::drain::Drain,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -44,7 +45,14 @@ pub async fn proxy<S>(
             return;
         }
     };
-    let (rx, tx) = copy(&mut down, up, tp.idle_timeout, stats).await;
+    // A draining connection gets the drain deadline to finish, then closes.
+    let (rx, tx) = tokio::select! {
+        r = copy(&mut down, up, tp.idle_timeout, stats) => r,
+        _ = async {
+            drain.signaled().await;
+            tokio::time::sleep(rt.drain_timeout).await;
+        } => (0, 0),
+    };
     stats.downstream_cx_rx_bytes_total.add(rx);
     stats.downstream_cx_tx_bytes_total.add(tx);
 }

@@ -10,6 +10,7 @@
 pub mod ads;
 pub mod bootstrap;
 pub mod convert;
+pub mod dump;
 pub use ferry_envoy_json as json;
 pub mod store;
 

@@ -26,6 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
+use crate::drain::Drain;
 use crate::run::Runtime;
 use crate::stats::HttpStats;
 use body::{ResponseBody, UpstreamBody};
@@ -37,6 +38,9 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
     pub stats: HttpStats,
+    /// Set once the connection drains: HTTP/1 responses then carry
+    /// `Connection: close`.
+    pub closing: std::sync::atomic::AtomicBool,
 }
 
 impl ConnCtx {
@@ -48,16 +52,22 @@ impl ConnCtx {
     }
 }
 
-/// Serves one downstream connection until it closes or drain completes.
-pub async fn serve<S>(io: S, ctx: Arc<ConnCtx>, http2: bool)
+/// Serves one downstream connection until it closes or its drain completes.
+///
+/// Drain (process shutdown or a replaced listener) never cuts a request:
+/// HTTP/2 gets GOAWAY and finishes its streams; HTTP/1 answers the next
+/// requests with `Connection: close` and, if the client stays idle, is closed
+/// at the drain deadline.
+pub async fn serve<S>(io: S, ctx: Arc<ConnCtx>, http2: bool, drain: &Drain)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     ctx.stats.downstream_cx_total.inc();
     let _active = ctx.stats.downstream_cx_active.inc();
-    let rt = ctx.rt.clone();
+    let deadline = ctx.rt.drain_timeout;
+    let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| {
-        let ctx = ctx.clone();
+        let ctx = svc_ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
     let io = TokioIo::new(io);
@@ -68,10 +78,9 @@ where
         tokio::pin!(conn);
         tokio::select! {
             _ = conn.as_mut() => {}
-            _ = rt.drain.signaled() => {
-                // GOAWAY: streams in flight finish, no new ones start.
+            _ = drain.signaled() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                let _ = tokio::time::timeout(deadline, conn).await;
             }
         }
     } else {
@@ -81,11 +90,16 @@ where
             .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = drain.signaled() => {}
+        }
+        ctx.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        tokio::select! {
             _ = conn.as_mut() => {}
-            _ = rt.drain.signaled() => {
-                // Closes after the request in flight, never in the middle of one.
+            _ = tokio::time::sleep(deadline) => {
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                let _ = tokio::time::timeout(deadline, conn).await;
             }
         }
     }
@@ -146,6 +160,10 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
     stats.status(resp.status().as_u16());
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
     *resp.version_mut() = version;
+    if version != Version::HTTP_2 && ctx.closing.load(std::sync::atomic::Ordering::Acquire) {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if ctx.rt.access_log {
         tracing::info!(
             target: "access",
