@@ -1,1 +1,169 @@
-fn main() {}
+//! The `ferry-pilot` binary: serves Envoy v3 configuration over ADS.
+//! `replay` serves what an Envoy `/config_dump` shows (a real control
+//! plane's output, re-served); `serve-static` serves the static listeners and
+//! clusters of an Envoy bootstrap over xDS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ferry_pilot::replay::{self, ReplayOptions, Resources};
+use ferry_pilot::xds::{self, Cache, Server};
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry-pilot",
+    version,
+    about = "Ferry's control plane: an Envoy v3 ADS server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (`info`, `debug`, `ferry_pilot=debug`, …); RUST_LOG wins.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serves every listener, cluster, route configuration, endpoint
+    /// assignment and secret of an Envoy `/config_dump` over ADS.
+    Replay {
+        /// The dump (`envoy.admin.v3.ConfigDump` JSON, e.g. from
+        /// `/config_dump?include_eds`).
+        #[arg(long)]
+        dump: PathBuf,
+        /// Leave out the dump's static resources (its bootstrap's).
+        #[arg(long)]
+        dynamic_only: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Serves the static listeners, clusters and secrets of an Envoy
+    /// bootstrap over ADS.
+    ServeStatic {
+        /// Envoy v3 bootstrap (YAML or JSON).
+        #[arg(long)]
+        bootstrap: PathBuf,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address of the plaintext ADS (gRPC) server.
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    listen: SocketAddr,
+    /// Address of the HTTP status endpoint (`/debug/syncz`, `/debug/cache`).
+    #[arg(long)]
+    status_addr: Option<SocketAddr>,
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn serve(resources: Resources, args: ServeArgs) -> anyhow::Result<()> {
+    let cache = Cache::new();
+    resources.load_into(&cache);
+    tracing::info!(
+        replay.listeners = resources.listeners.len(),
+        replay.clusters = resources.clusters.len(),
+        replay.routes = resources.routes.len(),
+        replay.endpoints = resources.endpoints.len(),
+        replay.secrets = resources.secrets.len(),
+        "resources loaded"
+    );
+    let server = Server::new(cache);
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = args.status_addr {
+        let status = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--status-addr {addr}"))?;
+        let mut stop = stop_rx.clone();
+        let server = server.clone();
+        tokio::spawn(async move {
+            let done = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = xds::http::serve_status(server, status, done).await {
+                tracing::error!(status.error = %e, "status endpoint failed");
+            }
+        });
+    }
+    let signal = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    };
+    server.serve(listener, signal).await?;
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    init_logging(&cli.log_level);
+    let (resources, args) = match cli.command {
+        Command::Replay {
+            dump,
+            dynamic_only,
+            serve,
+        } => {
+            let opts = ReplayOptions {
+                include_static: !dynamic_only,
+            };
+            (replay::load_config_dump(&dump, opts)?, serve)
+        }
+        Command::ServeStatic { bootstrap, serve } => (replay::load_bootstrap(&bootstrap)?, serve),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve(resources, args))
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-pilot: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

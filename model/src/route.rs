@@ -10,6 +10,12 @@ use regex::Regex;
 pub struct RouteConfig {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
+    /// Match the host without its port (`ignore_port_in_host_matching`, set
+    /// by istiod, whose domains carry no ports).
+    pub ignore_port_in_host_matching: bool,
+    /// Reject the table when a route names a cluster that does not exist
+    /// (`validate_clusters`; Envoy's default is off for RDS).
+    pub validate_clusters: bool,
 }
 
 #[derive(Debug)]
@@ -227,7 +233,11 @@ impl RouteConfig {
     /// The virtual host for a `Host`/`:authority` value, matched as given
     /// (port included), as Envoy does without `strip_any_host_port`.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
-        self.best_vhost(&host.to_ascii_lowercase())
+        let host = host.to_ascii_lowercase();
+        if self.ignore_port_in_host_matching {
+            return self.best_vhost(strip_port(&host));
+        }
+        self.best_vhost(&host)
     }
 
     fn best_vhost(&self, host: &str) -> Option<&VirtualHost> {
@@ -250,6 +260,20 @@ impl RouteConfig {
         vh.routes
             .iter()
             .find(|r| r.route_match.matches(path, headers))
+    }
+}
+
+/// `host:port` → `host` (IPv6 literals keep their brackets).
+pub fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p))
+            if !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            h
+        }
+        _ => host,
     }
 }
 
@@ -318,8 +342,10 @@ mod tests {
 
     #[test]
     fn virtual_host_priority() {
-        let rc = RouteConfig {
+        let mut rc = RouteConfig {
             name: "r".into(),
+            ignore_port_in_host_matching: false,
+            validate_clusters: false,
             virtual_hosts: vec![
                 vh("any", &["*"], vec![]),
                 vh("suffix", &["*.example.com"], vec![]),
@@ -336,12 +362,22 @@ mod tests {
         assert_eq!(name("api.example.com:80"), "prefix");
         assert_eq!(name("www.example.com:80"), "any");
         assert_eq!(name("x"), "any");
+        rc.ignore_port_in_host_matching = true;
+        assert_eq!(
+            rc.virtual_host("www.example.com:80").unwrap().name,
+            "suffix"
+        );
+        assert_eq!(rc.virtual_host("[::1]:80").unwrap().name, "any");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("::1"), "::1");
     }
 
     #[test]
     fn path_matching_in_order() {
         let rc = RouteConfig {
             name: "r".into(),
+            ignore_port_in_host_matching: false,
+            validate_clusters: false,
             virtual_hosts: vec![vh(
                 "v",
                 &["*"],

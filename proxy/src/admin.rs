@@ -79,7 +79,22 @@ fn respond(rt: &Runtime, role: Role, req: Request<Incoming>) -> Response<Full<By
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
-        (Role::Admin, _, "/stats") => text(StatusCode::OK, rt.stats.render_text()),
+        (Role::Admin, _, "/stats") => {
+            let mut body = rt.stats.render_text();
+            if let Some(x) = &rt.xds {
+                use std::sync::atomic::Ordering::Relaxed;
+                for (name, v) in [
+                    ("xds.update_success", x.updates.load(Relaxed)),
+                    ("xds.ack", x.acks.load(Relaxed)),
+                    ("xds.update_rejected", x.nacks.load(Relaxed)),
+                    ("xds.reconnect", x.reconnects.load(Relaxed)),
+                    ("xds.warning", x.warnings.load(Relaxed)),
+                ] {
+                    body.push_str(&format!("{name}: {v}\n"));
+                }
+            }
+            text(StatusCode::OK, body)
+        }
         (Role::Admin, &Method::POST, "/quitquitquit") => {
             rt.quit();
             text(StatusCode::OK, "OK\n")

@@ -42,6 +42,12 @@ pub enum UpstreamError {
         "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
     )]
     Reset(#[source] hyper::Error),
+    /// The endpoint must be reached over TLS, which this data path does not
+    /// originate yet: refusing beats sending plaintext where TLS was asked.
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: TLS origination not supported"
+    )]
+    TlsUnsupported,
 }
 
 impl UpstreamError {
@@ -49,7 +55,9 @@ impl UpstreamError {
     pub fn response_flag(&self) -> &'static str {
         match self {
             UpstreamError::NoHealthyUpstream => "UH",
-            UpstreamError::ConnectFailure(_) | UpstreamError::ConnectTimeout => "UF",
+            UpstreamError::ConnectFailure(_)
+            | UpstreamError::ConnectTimeout
+            | UpstreamError::TlsUnsupported => "UF",
             UpstreamError::Reset(_) => "UC",
         }
     }
@@ -92,6 +100,16 @@ impl ClusterManager {
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterRt>> {
         self.clusters.get(name)
     }
+}
+
+/// Whether an endpoint with this `envoy.transport_socket_match` metadata is
+/// reached over TLS: the first transport socket match whose criteria it
+/// carries decides, else the cluster's own transport socket.
+fn uses_tls(c: &Cluster, metadata: &[(String, String)]) -> bool {
+    c.transport_socket_matches
+        .iter()
+        .find(|m| m.criteria.iter().all(|kv| metadata.contains(kv)))
+        .map_or(c.tls.is_some(), |m| m.tls.is_some())
 }
 
 /// Whether two cluster configurations differ at most in their endpoints.
@@ -179,7 +197,15 @@ impl ClusterRt {
             for e in eps {
                 let kept =
                     previous.and_then(|p| p.fixed.iter().find(|x| x.address == e.address).cloned());
-                let pool = kept.unwrap_or_else(|| Arc::new(EndpointPool::new(e.address, &rt)));
+                let pool = kept
+                    .filter(|p| p.tls == uses_tls(&rt.cfg, &e.transport_socket_match))
+                    .unwrap_or_else(|| {
+                        Arc::new(EndpointPool::with_metadata(
+                            e.address,
+                            &rt,
+                            &e.transport_socket_match,
+                        ))
+                    });
                 for _ in 0..e.weight.clamp(1, 128) {
                     fixed.push(pool.clone());
                 }
@@ -261,6 +287,8 @@ pub struct EndpointPool {
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     bind_source: Option<std::net::IpAddr>,
+    /// The cluster's transport for this endpoint is TLS.
+    tls: bool,
     stats: ClusterStats,
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
@@ -272,7 +300,16 @@ const MAX_IDLE: usize = 256;
 
 impl EndpointPool {
     fn new(address: SocketAddr, cluster: &ClusterRt) -> Self {
+        Self::with_metadata(address, cluster, &[])
+    }
+
+    fn with_metadata(
+        address: SocketAddr,
+        cluster: &ClusterRt,
+        metadata: &[(String, String)],
+    ) -> Self {
         Self {
+            tls: uses_tls(&cluster.cfg, metadata),
             address,
             connect_timeout: cluster.cfg.connect_timeout,
             idle_timeout: cluster.cfg.idle_timeout,
@@ -290,6 +327,10 @@ impl EndpointPool {
 
     /// Opens a TCP connection to the endpoint within the connect timeout.
     pub async fn connect(&self) -> Result<TcpStream, UpstreamError> {
+        if self.tls {
+            self.stats.upstream_cx_connect_fail.inc();
+            return Err(UpstreamError::TlsUnsupported);
+        }
         self.stats.upstream_cx_total.inc();
         let connect = async {
             match self.bind_source {

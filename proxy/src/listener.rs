@@ -228,6 +228,18 @@ async fn handle(
             .inc();
         return;
     };
+    if chain.tls.is_some() {
+        // TLS termination is not in this data path yet: closing is the only
+        // answer that does not pretend to be the TLS server asked for.
+        rt.stats
+            .counter(&format!(
+                "listener.{}.downstream_tls_unsupported",
+                listener.name
+            ))
+            .inc();
+        tracing::debug!(listener.name = %listener.name, chain = %chain.name, "TLS filter chain not supported; closing");
+        return;
+    }
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);

@@ -8,7 +8,7 @@
 //! A response is applied all or nothing: one invalid resource NACKs the
 //! whole response and the last good configuration keeps serving.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -190,6 +190,8 @@ impl Client {
         let mut warnings = Warnings::default();
         let mut parsed = Vec::with_capacity(upserts.len());
         let mut errors = Vec::new();
+        // Names of rejected resources: their previous version stays.
+        let mut rejected = BTreeSet::new();
         for (name_hint, res_version, any) in &upserts {
             match store::parse(type_url, any, &mut warnings) {
                 Ok((name, p)) => {
@@ -197,28 +199,55 @@ impl Client {
                         && *hint != name
                     {
                         errors.push(format!("resource {hint:?}: its name is {name:?}"));
+                        rejected.insert(hint.clone());
                         continue;
+                    }
+                    if let Parsed::Route(rc) = &p
+                        && rc.validate_clusters
+                    {
+                        let st = self.state.lock_store();
+                        if let Some(missing) = rc
+                            .referenced_clusters()
+                            .into_iter()
+                            .find(|c| !st.has_cluster(c, &self.base.clusters))
+                        {
+                            errors.push(format!(
+                                "route_configuration {name:?}: validate_clusters: unknown cluster {missing:?}"
+                            ));
+                            rejected.insert(name);
+                            continue;
+                        }
                     }
                     parsed.push((name, res_version.clone(), any.value.clone(), p));
                 }
-                Err(e) => errors.push(e.to_string()),
+                Err((name, e)) => {
+                    errors.push(e.to_string());
+                    rejected.extend(name.or_else(|| name_hint.clone()));
+                }
             }
         }
-        if !errors.is_empty() {
-            return Applied {
-                error: Some(errors.join("; ")),
-            };
-        }
+        // Extensions recognised but not implemented: one line per kind.
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
         for w in &warnings.0 {
-            tracing::warn!(xds.type_url = type_url, config.warning = %w, "resource accepted with a warning");
+            tracing::debug!(xds.type_url = type_url, config.warning = %w, "resource accepted with a warning");
+            let kind = w.rsplit_once(": ").map_or(w.as_str(), |(_, k)| k);
+            *kinds.entry(kind).or_default() += 1;
+        }
+        for (kind, n) in kinds {
+            tracing::warn!(xds.type_url = type_url, count = n, "{kind}");
         }
         self.state
             .warnings
             .fetch_add(warnings.0.len() as u64, Ordering::Relaxed);
         {
+            // Valid resources apply even when others in the same response
+            // are rejected, as Envoy does; the rejected ones keep their
+            // last good version.
             let mut st = self.state.lock_store();
             if full_state {
-                let names = parsed.iter().map(|(n, _, _, _)| n.clone()).collect();
+                let mut names: BTreeSet<String> =
+                    parsed.iter().map(|(n, _, _, _)| n.clone()).collect();
+                names.extend(rejected.iter().cloned());
                 st.retain(type_url, &names);
             }
             for name in &removals {
@@ -228,12 +257,17 @@ impl Client {
                 st.upsert(type_url, name, v, raw, p);
             }
         }
+        self.state.updates.fetch_add(1, Ordering::Relaxed);
+        if !errors.is_empty() {
+            return Applied {
+                error: Some(errors.join("; ")),
+            };
+        }
         self.state
             .versions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(type_url.to_string(), version.to_string());
-        self.state.updates.fetch_add(1, Ordering::Relaxed);
         Applied { error: None }
     }
 
@@ -401,7 +435,6 @@ impl Client {
                         ..Default::default()
                     })
                     .await;
-                None
             }
             None => {
                 sub.version = resp.version_info.clone();
@@ -415,31 +448,32 @@ impl Client {
                         ..Default::default()
                     })
                     .await;
-                // Follow references: new RDS/EDS names after LDS/CDS.
-                let dependent = match type_url {
-                    LISTENER => Some(ROUTE),
-                    CLUSTER => Some(ENDPOINT),
-                    _ => None,
-                };
-                if let Some(dep) = dependent {
-                    let names = self.wanted(dep);
-                    let sub = subs.entry(dep).or_default();
-                    if names != sub.names {
-                        sub.names = names;
-                        let _ = tx
-                            .send(DiscoveryRequest {
-                                version_info: sub.version.clone(),
-                                resource_names: sub.names.iter().cloned().collect(),
-                                type_url: dep.to_string(),
-                                response_nonce: sub.nonce.clone(),
-                                ..Default::default()
-                            })
-                            .await;
-                    }
-                }
-                self.publish()
             }
         }
+        // Follow references (the valid part of a NACKed response applied
+        // too): new RDS/EDS names after LDS/CDS.
+        let dependent = match type_url {
+            LISTENER => Some(ROUTE),
+            CLUSTER => Some(ENDPOINT),
+            _ => None,
+        };
+        if let Some(dep) = dependent {
+            let names = self.wanted(dep);
+            let sub = subs.entry(dep).or_default();
+            if names != sub.names {
+                sub.names = names;
+                let _ = tx
+                    .send(DiscoveryRequest {
+                        version_info: sub.version.clone(),
+                        resource_names: sub.names.iter().cloned().collect(),
+                        type_url: dep.to_string(),
+                        response_nonce: sub.nonce.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+        self.publish()
     }
 
     // ------------------------------------------------------------ delta
@@ -541,16 +575,16 @@ impl Client {
         if let Some(error) = applied.error {
             self.record_nack(type_url, &version, &resp.nonce, &error);
             let _ = tx.send(nack(type_url.to_string(), error)).await;
-            return None;
+        } else {
+            self.state.acks.fetch_add(1, Ordering::Relaxed);
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    type_url: type_url.to_string(),
+                    response_nonce: resp.nonce.clone(),
+                    ..Default::default()
+                })
+                .await;
         }
-        self.state.acks.fetch_add(1, Ordering::Relaxed);
-        let _ = tx
-            .send(DeltaDiscoveryRequest {
-                type_url: type_url.to_string(),
-                response_nonce: resp.nonce.clone(),
-                ..Default::default()
-            })
-            .await;
         let dependent = match type_url {
             LISTENER => Some(ROUTE),
             CLUSTER => Some(ENDPOINT),

@@ -786,6 +786,8 @@ fn route_config_in(
     Ok(m::RouteConfig {
         name: rc.name.clone(),
         virtual_hosts: vhosts,
+        ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
+        validate_clusters: rc.validate_clusters.as_ref().is_some_and(|v| v.value),
     })
 }
 

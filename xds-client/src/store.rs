@@ -45,47 +45,58 @@ pub struct Entry {
     pub parsed: Parsed,
 }
 
-/// Decodes and converts one resource of `type_url`; the error names it.
+/// Decodes and converts one resource of `type_url`. The error names the
+/// resource (its name too when it could be decoded that far).
 pub fn parse(
     type_url: &str,
     any: &Any,
     warnings: &mut Warnings,
-) -> Result<(String, Parsed), ConvertError> {
-    let undecodable = |name: &str, e: prost::DecodeError| ConvertError {
-        resource: format!("{name} resource"),
-        field: String::new(),
-        message: format!("cannot decode: {e}"),
+) -> Result<(String, Parsed), (Option<String>, ConvertError)> {
+    let undecodable = |name: &str, e: prost::DecodeError| {
+        (
+            None,
+            ConvertError {
+                resource: format!("{name} resource"),
+                field: String::new(),
+                message: format!("cannot decode: {e}"),
+            },
+        )
     };
     if any.type_url != type_url {
-        return Err(ConvertError {
-            resource: "response".into(),
-            field: "resources".into(),
-            message: format!("a {} resource in a {type_url} response", any.type_url),
-        });
+        return Err((
+            None,
+            ConvertError {
+                resource: "response".into(),
+                field: "resources".into(),
+                message: format!("a {} resource in a {type_url} response", any.type_url),
+            },
+        ));
     }
     Ok(match type_url {
         LISTENER => {
             let pb =
                 ListenerPb::decode(any.value.as_slice()).map_err(|e| undecodable("listener", e))?;
-            let model = convert::listener(&pb, warnings)?;
+            let model = convert::listener(&pb, warnings).map_err(|e| (Some(pb.name.clone()), e))?;
             (pb.name, Parsed::Listener(Arc::new(model)))
         }
         ROUTE => {
             let pb = RouteConfiguration::decode(any.value.as_slice())
                 .map_err(|e| undecodable("route_configuration", e))?;
-            let model = convert::route_config(&pb, warnings)?;
+            let model =
+                convert::route_config(&pb, warnings).map_err(|e| (Some(pb.name.clone()), e))?;
             (pb.name, Parsed::Route(Arc::new(model)))
         }
         CLUSTER => {
             let pb =
                 ClusterPb::decode(any.value.as_slice()).map_err(|e| undecodable("cluster", e))?;
-            let model = convert::cluster(&pb, warnings)?;
+            let model = convert::cluster(&pb, warnings).map_err(|e| (Some(pb.name.clone()), e))?;
             (pb.name, Parsed::Cluster(Arc::new(model)))
         }
         ENDPOINT => {
             let pb = ClusterLoadAssignment::decode(any.value.as_slice())
                 .map_err(|e| undecodable("cluster_load_assignment", e))?;
-            let eps = convert::cluster_load_assignment(&pb, warnings)?;
+            let eps = convert::cluster_load_assignment(&pb, warnings)
+                .map_err(|e| (Some(pb.cluster_name.clone()), e))?;
             (pb.cluster_name, Parsed::Endpoints(Arc::new(eps)))
         }
         SECRET => {
@@ -94,11 +105,14 @@ pub fn parse(
             (pb.name, Parsed::Secret)
         }
         other => {
-            return Err(ConvertError {
-                resource: "response".into(),
-                field: "type_url".into(),
-                message: format!("unsupported resource type {other}"),
-            });
+            return Err((
+                None,
+                ConvertError {
+                    resource: "response".into(),
+                    field: "type_url".into(),
+                    message: format!("unsupported resource type {other}"),
+                },
+            ));
         }
     })
 }
@@ -188,6 +202,11 @@ impl Store {
             }
         }
         out
+    }
+
+    /// Whether a cluster of that name is known (dynamic or static).
+    pub fn has_cluster(&self, name: &str, statics: &HashMap<String, Arc<m::Cluster>>) -> bool {
+        statics.contains_key(name) || self.get(CLUSTER, name).is_some()
     }
 
     /// EDS service names the clusters need.

@@ -78,7 +78,7 @@ fn istio_resources_convert() {
     let mut check = |type_url: &str, name: &str, v: &serde_json::Value| {
         count += 1;
         let mut w = ferry_xds::Warnings::default();
-        if let Err(e) = parse(type_url, &to_any(type_url, name, v), &mut w) {
+        if let Err((_, e)) = parse(type_url, &to_any(type_url, name, v), &mut w) {
             failures.push(e.to_string());
         }
     };
@@ -124,11 +124,12 @@ fn istio_resources_convert() {
         .find_map(|l| l.get("error_state"))
         .unwrap();
     let mut w = ferry_xds::Warnings::default();
-    let err = parse(
+    let (name, err) = parse(
         LISTENER,
         &to_any(LISTENER, "virtualInbound", &failed["failed_configuration"]),
         &mut w,
     )
     .unwrap_err();
+    assert_eq!(name.as_deref(), Some("virtualInbound"));
     assert!(err.to_string().contains("envoy.filters.http.lua"), "{err}");
 }

@@ -1,0 +1,288 @@
+//! The ADS gRPC service: one task per stream drives a protocol state machine
+//! (SotW or delta) with the stream's requests and the cache's change
+//! notifications, and writes its responses back. Also the server handle that
+//! tests and the binary use: serving on a listener, the status of every
+//! stream, and waiting for ACKs and NACKs.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::XdsError;
+use super::cache::Cache;
+use super::delta::DeltaStream;
+use super::sotw::SotwStream;
+use super::status::{Nack, Protocol, ProxyStatus, Registry};
+
+/// `control_plane.identifier` of every response.
+pub(crate) const CONTROL_PLANE_ID: &str = "ferry-pilot";
+/// Unanswered responses remembered per type for ACK/NACK bookkeeping.
+pub(crate) const MAX_PENDING: usize = 32;
+/// Largest request accepted (a reconnecting delta client lists every
+/// resource it holds in `initial_resource_versions`).
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+/// Responses queued per stream before the stream task waits for the client.
+const STREAM_QUEUE: usize = 16;
+
+/// The protocol logic of one stream, free of I/O.
+pub(crate) trait StreamState: Send + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: Send + 'static;
+    /// Handles one request; an error ends the stream with that status.
+    fn on_request(&mut self, req: Self::Request) -> Result<Option<Self::Response>, Status>;
+    /// The cache changed: the responses the stream's subscriptions need.
+    fn on_change(&mut self) -> Vec<Self::Response>;
+}
+
+#[derive(Debug)]
+struct Inner {
+    cache: Cache,
+    registry: Arc<Registry>,
+    /// Set when the server shuts down, which ends every stream.
+    shutdown: watch::Sender<bool>,
+}
+
+/// The ADS server: the cache it serves and the status of its streams.
+/// Clones share everything.
+#[derive(Clone, Debug)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+/// The tonic service implementing `AggregatedDiscoveryService`.
+#[derive(Clone, Debug)]
+pub struct AdsService {
+    inner: Arc<Inner>,
+}
+
+impl Server {
+    pub fn new(cache: Cache) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                registry: Arc::new(Registry::new()),
+                shutdown: watch::Sender::new(false),
+            }),
+        }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.inner.cache
+    }
+
+    /// Every open stream, in the order they connected.
+    pub fn status(&self) -> Vec<ProxyStatus> {
+        self.inner.registry.snapshot()
+    }
+
+    /// The gRPC service, to mount on a tonic server of one's own.
+    pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<AdsService> {
+        AggregatedDiscoveryServiceServer::new(AdsService {
+            inner: self.inner.clone(),
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
+    /// Serves ADS (plaintext HTTP/2) on `listener` until `shutdown`
+    /// completes; then every stream ends and open connections are drained.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), XdsError> {
+        let addr = listener.local_addr().map_err(XdsError::LocalAddr)?;
+        tracing::info!(xds.addr = %addr, "ADS server listening");
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let inner = self.inner.clone();
+        let signal = async move {
+            shutdown.await;
+            inner.shutdown.send_replace(true);
+        };
+        tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(self.ads_service(), incoming, signal)
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until `f` finds what it looks for in the streams' status.
+    pub async fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        f: impl FnMut(&[ProxyStatus]) -> Option<T>,
+    ) -> Result<T, XdsError> {
+        self.wait("a status condition", None, timeout, f).await
+    }
+
+    /// Waits until a stream of `node` has ACKed `version` of `type_url`.
+    pub async fn wait_ack(
+        &self,
+        node: &str,
+        type_url: &str,
+        version: &str,
+        timeout: Duration,
+    ) -> Result<(), XdsError> {
+        let what = format!("node {node:?} to ACK {type_url} {version}");
+        self.wait(&what, Some(node), timeout, |streams| {
+            streams
+                .iter()
+                .filter(|s| s.node_id == node)
+                .filter_map(|s| s.types.get(type_url))
+                .any(|t| t.acked_version.as_deref() == Some(version))
+                .then_some(())
+        })
+        .await
+    }
+
+    /// Waits until a stream of `node` has NACKed `type_url`, and returns the
+    /// latest NACK (one recorded before the call counts).
+    pub async fn wait_nack(
+        &self,
+        node: &str,
+        type_url: &str,
+        timeout: Duration,
+    ) -> Result<Nack, XdsError> {
+        let what = format!("node {node:?} to NACK {type_url}");
+        self.wait(&what, Some(node), timeout, |streams| {
+            streams
+                .iter()
+                .rev()
+                .filter(|s| s.node_id == node)
+                .filter_map(|s| s.types.get(type_url))
+                .find_map(|t| t.last_nack.clone())
+        })
+        .await
+    }
+
+    async fn wait<T>(
+        &self,
+        what: &str,
+        node: Option<&str>,
+        timeout: Duration,
+        mut f: impl FnMut(&[ProxyStatus]) -> Option<T>,
+    ) -> Result<T, XdsError> {
+        // Subscribed before the first look, so no change slips between.
+        let mut changes = self.inner.registry.changes();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = f(&self.status()) {
+                return Ok(v);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    let streams: Vec<ProxyStatus> = self
+                        .status()
+                        .into_iter()
+                        .filter(|s| node.is_none_or(|n| s.node_id == n))
+                        .collect();
+                    return Err(XdsError::Timeout {
+                        what: what.to_string(),
+                        timeout,
+                        streams: serde_json::to_string(&streams).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl AdsService {
+    fn spawn<S: StreamState>(
+        &self,
+        state: S,
+        inbound: Streaming<S::Request>,
+    ) -> ReceiverStream<Result<S::Response, Status>> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        // Both receivers are taken before the task starts, so a change made
+        // right after the stream opened is not missed.
+        let changes = self.inner.cache.changes();
+        let shutdown = self.inner.shutdown.subscribe();
+        tokio::spawn(drive(state, inbound, tx, changes, shutdown));
+        ReceiverStream::new(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let handle = self
+            .inner
+            .registry
+            .open(Protocol::Sotw, request.remote_addr());
+        let state = SotwStream::new(self.inner.cache.clone(), handle);
+        Ok(Response::new(self.spawn(state, request.into_inner())))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let handle = self
+            .inner
+            .registry
+            .open(Protocol::Delta, request.remote_addr());
+        let state = DeltaStream::new(self.inner.cache.clone(), handle);
+        Ok(Response::new(self.spawn(state, request.into_inner())))
+    }
+}
+
+/// Runs one stream until the client goes away, the server shuts down or the
+/// protocol fails. Dropping `state` removes the stream from the status.
+async fn drive<S: StreamState>(
+    mut state: S,
+    mut inbound: Streaming<S::Request>,
+    tx: mpsc::Sender<Result<S::Response, Status>>,
+    mut changes: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let out: Vec<S::Response> = tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => match state.on_request(req) {
+                    Ok(r) => r.into_iter().collect(),
+                    Err(status) => {
+                        tracing::warn!(xds.error = %status.message(), "ending ADS stream");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                },
+                Ok(None) => return,
+                Err(status) => {
+                    tracing::debug!(xds.error = %status, "ADS stream closed by the client");
+                    return;
+                }
+            },
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                state.on_change()
+            }
+            // The guard `wait_for` returns is not `Send`: drop it inside.
+            () = async { let _ = shutdown.wait_for(|down| *down).await; } => return,
+        };
+        for r in out {
+            if tx.send(Ok(r)).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! Shared test harness: an ADS server on 127.0.0.1:0, tonic SotW and delta
+//! clients that speak to it request by request, resource builders and a tiny
+//! HTTP GET.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use ferry_pilot::xds::{self, Cache, Server, to_any};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use prost::{Message, Name};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+/// How long a client listens to conclude that nothing was sent.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// Starts an ADS server on an ephemeral loopback port.
+pub async fn start(cache: Cache) -> (Server, SocketAddr) {
+    let server = Server::new(cache);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let s = server.clone();
+    tokio::spawn(async move { s.serve(listener, std::future::pending()).await });
+    (server, addr)
+}
+
+async fn client(addr: SocketAddr) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
+    AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the ADS server")
+        .max_decoding_message_size(256 << 20)
+}
+
+fn node(id: &str) -> Option<Node> {
+    Some(Node {
+        id: id.to_string(),
+        cluster: "test-cluster".to_string(),
+        ..Default::default()
+    })
+}
+
+/// A state-of-the-world ADS stream.
+pub struct Sotw {
+    pub node: String,
+    tx: mpsc::Sender<DiscoveryRequest>,
+    rx: Streaming<DiscoveryResponse>,
+    sent_node: bool,
+}
+
+impl Sotw {
+    pub async fn connect(addr: SocketAddr, node: &str) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let rx = client(addr)
+            .await
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .expect("open SotW stream")
+            .into_inner();
+        Self {
+            node: node.to_string(),
+            tx,
+            rx,
+            sent_node: false,
+        }
+    }
+
+    pub async fn send(&mut self, mut req: DiscoveryRequest) {
+        // Like Envoy: the node only on the first request.
+        if !self.sent_node {
+            req.node = node(&self.node);
+            self.sent_node = true;
+        }
+        self.tx.send(req).await.expect("stream open");
+    }
+
+    /// A request for `names` of `type_url` answering (version, nonce).
+    pub async fn request(&mut self, type_url: &str, names: &[&str], version: &str, nonce: &str) {
+        self.send(DiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            version_info: version.to_string(),
+            response_nonce: nonce.to_string(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn ack(&mut self, resp: &DiscoveryResponse, names: &[&str]) {
+        self.request(&resp.type_url, names, &resp.version_info, &resp.nonce)
+            .await;
+    }
+
+    pub async fn nack(&mut self, resp: &DiscoveryResponse, names: &[&str], kept: &str, why: &str) {
+        self.send(DiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            version_info: kept.to_string(),
+            response_nonce: resp.nonce.clone(),
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: why.to_string(),
+                details: vec![],
+            }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn recv(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("no SotW response in time")
+            .expect("stream failed")
+            .expect("stream ended")
+    }
+
+    /// Asserts that nothing arrives for a while.
+    pub async fn quiet(&mut self) {
+        if let Ok(msg) = tokio::time::timeout(QUIET, self.rx.message()).await {
+            panic!(
+                "expected no response, got {:?}",
+                msg.map(|m| m.map(|m| summary(&m)))
+            );
+        }
+    }
+
+    pub async fn recv_status(&mut self) -> tonic::Status {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Err(status)) => status,
+            other => panic!("expected a stream error, got {other:?}"),
+        }
+    }
+}
+
+/// An incremental ADS stream.
+pub struct Delta {
+    pub node: String,
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: Streaming<DeltaDiscoveryResponse>,
+    sent_node: bool,
+}
+
+impl Delta {
+    pub async fn connect(addr: SocketAddr, node: &str) -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        let rx = client(addr)
+            .await
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .expect("open delta stream")
+            .into_inner();
+        Self {
+            node: node.to_string(),
+            tx,
+            rx,
+            sent_node: false,
+        }
+    }
+
+    pub async fn send(&mut self, mut req: DeltaDiscoveryRequest) {
+        if !self.sent_node {
+            req.node = node(&self.node);
+            self.sent_node = true;
+        }
+        self.tx.send(req).await.expect("stream open");
+    }
+
+    pub async fn subscribe(&mut self, type_url: &str, sub: &[&str], unsub: &[&str]) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names_subscribe: sub.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsub.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn ack(&mut self, resp: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn nack(&mut self, resp: &DeltaDiscoveryResponse, why: &str) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: why.to_string(),
+                details: vec![],
+            }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn recv(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("no delta response in time")
+            .expect("stream failed")
+            .expect("stream ended")
+    }
+
+    pub async fn quiet(&mut self) {
+        if let Ok(msg) = tokio::time::timeout(QUIET, self.rx.message()).await {
+            panic!(
+                "expected no response, got {:?}",
+                msg.map(|m| m.map(|m| (
+                    m.resources
+                        .iter()
+                        .map(|r| r.name.clone())
+                        .collect::<Vec<_>>(),
+                    m.removed_resources
+                )))
+            );
+        }
+    }
+}
+
+/// The name inside a served resource.
+pub fn resource_name(any: &Any) -> String {
+    let v = any.value.as_slice();
+    match any.type_url.as_str() {
+        xds::LISTENER => Listener::decode(v).expect("listener").name,
+        xds::CLUSTER => Cluster::decode(v).expect("cluster").name,
+        xds::ROUTE => RouteConfiguration::decode(v).expect("route").name,
+        xds::ENDPOINT => ClusterLoadAssignment::decode(v).expect("cla").cluster_name,
+        xds::SECRET => Secret::decode(v).expect("secret").name,
+        other => panic!("unexpected type {other}"),
+    }
+}
+
+/// The names in a SotW response, in order.
+pub fn names(resp: &DiscoveryResponse) -> Vec<String> {
+    resp.resources.iter().map(resource_name).collect()
+}
+
+fn summary(resp: &DiscoveryResponse) -> (String, String, Vec<String>) {
+    (
+        resp.type_url.clone(),
+        resp.version_info.clone(),
+        names(resp),
+    )
+}
+
+/// A message from Envoy JSON, packed.
+pub fn json_any<M: Message + Default + Name>(value: serde_json::Value) -> Any {
+    let m: M = ferry_envoy_json::from_json(&M::full_name(), value).expect("valid Envoy JSON");
+    to_any(&m)
+}
+
+pub fn listener(name: &str, port: u16) -> (String, Any) {
+    let l = json_any::<Listener>(serde_json::json!({
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": name, "cluster": "backend"}
+        }]}]
+    }));
+    (name.to_string(), l)
+}
+
+pub fn cluster(name: &str, timeout_ms: u32) -> (String, Any) {
+    let c = json_any::<Cluster>(serde_json::json!({
+        "name": name, "type": "EDS", "connect_timeout": format!("{}s", f64::from(timeout_ms) / 1000.0),
+        "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+    }));
+    (name.to_string(), c)
+}
+
+pub fn route(name: &str, cluster: &str) -> (String, Any) {
+    let r = json_any::<RouteConfiguration>(serde_json::json!({
+        "name": name,
+        "virtual_hosts": [{"name": "all", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]
+    }));
+    (name.to_string(), r)
+}
+
+pub fn endpoints(name: &str, port: u16) -> (String, Any) {
+    let e = json_any::<ClusterLoadAssignment>(serde_json::json!({
+        "cluster_name": name,
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+            {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]
+    }));
+    (name.to_string(), e)
+}
+
+/// GET over HTTP/1.1: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
