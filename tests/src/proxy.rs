@@ -390,6 +390,11 @@ impl Ferry {
         }
     }
 
+    /// The admin port Ferry was started with.
+    pub fn admin_port(&self) -> u16 {
+        self.admin
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

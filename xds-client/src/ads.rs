@@ -244,7 +244,10 @@ impl Client {
             // are rejected, as Envoy does; the rejected ones keep their
             // last good version.
             let mut st = self.state.lock_store();
-            if full_state {
+            // What a full-state response leaves out is gone, unless some
+            // resource could not even be named: then nothing is removed.
+            let unnamed = errors.len() > rejected.len();
+            if full_state && !unnamed {
                 let mut names: BTreeSet<String> =
                     parsed.iter().map(|(n, _, _, _)| n.clone()).collect();
                 names.extend(rejected.iter().cloned());
