@@ -65,9 +65,25 @@ struct ProxyArgs {
     /// Log every request (one line each) at info level on target `access`.
     #[arg(long)]
     access_log: bool,
+    /// Node id sent to the xDS server (default: the bootstrap's, else
+    /// `sidecar~$INSTANCE_IP~$POD_NAME.$POD_NAMESPACE~$POD_NAMESPACE.svc.cluster.local`).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Node cluster sent to the xDS server.
+    #[arg(long)]
+    node_cluster: Option<String>,
+    /// Node metadata `KEY=VALUE` (repeatable); `ISTIO_META_KEY` variables add to it too.
+    #[arg(long = "node-meta", value_parser = parse_kv)]
+    node_meta: Vec<(String, String)>,
     /// Log filter (`info`, `debug`, `ferry_proxy=debug`, …); RUST_LOG wins.
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -98,7 +114,7 @@ fn init_logging(level: &str) {
         .init();
 }
 
-fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
+fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
     init_logging(&args.log_level);
     let ready_addr = match args.ready_addr.as_str() {
         "off" | "" => None,
@@ -128,6 +144,12 @@ fn proxy(args: ProxyArgs) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         access_log: args.access_log,
         detection_timeout: args.protocol_detection_timeout,
+        node: ferry_xds::node::NodeOverrides {
+            id: args.node_id,
+            cluster: args.node_cluster,
+            metadata: args.node_meta,
+            proxy_type: proxy_type.to_string(),
+        },
     }))
 }
 
@@ -143,7 +165,8 @@ fn demo(serve: bool) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Sidecar(a) | Command::Gateway(a) => proxy(a),
+        Command::Sidecar(a) => proxy(a, "sidecar"),
+        Command::Gateway(a) => proxy(a, "router"),
         Command::Iptables(a) => ferry_proxy::iptables::run(&a).map_err(anyhow::Error::from),
         Command::Demo { serve } => demo(serve),
     };

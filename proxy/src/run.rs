@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub drain_timeout: Duration,
     pub access_log: bool,
     pub detection_timeout: Duration,
+    /// The node identity's flags (the environment is read too).
+    pub node: ferry_xds::node::NodeOverrides,
 }
 
 /// Everything connections share.
@@ -170,7 +172,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let ads = bootstrap.ads.clone();
+    let mut ads = bootstrap.ads.clone();
+    if let Some(a) = ads.as_mut() {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        a.node = ferry_xds::node::build(Some(&a.node), &opts.node, &env);
+    }
     let xds = ads
         .as_ref()
         .map(|_| Arc::new(ferry_xds::ads::XdsState::default()));

@@ -182,7 +182,7 @@ fn get(port: u16) -> Result<(u16, String)> {
 }
 
 fn wrk(port: u16, seconds: u64) -> Result<Child> {
-    Ok(Command::new("wrk")
+    Command::new("wrk")
         .args([
             "-t",
             "1",
@@ -196,7 +196,7 @@ fn wrk(port: u16, seconds: u64) -> Result<Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("wrk (apt-get install wrk)")?)
+        .context("wrk (apt-get install wrk)")
 }
 
 /// wrk's summary: (requests, errors of any kind, non-2xx responses).

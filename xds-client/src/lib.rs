@@ -11,6 +11,7 @@ pub mod ads;
 pub mod bootstrap;
 pub mod convert;
 pub mod dump;
+pub mod node;
 pub use ferry_envoy_json as json;
 pub mod store;
 

@@ -125,6 +125,7 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(2),
         access_log: false,
         detection_timeout: crate::listener::DEFAULT_DETECTION_TIMEOUT,
+        node: Default::default(),
     }));
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();
