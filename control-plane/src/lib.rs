@@ -4,5 +4,6 @@
 //! the replay of an Envoy `/config_dump` and the static resources of an Envoy
 //! bootstrap. Translation of Istio resources will feed the same cache.
 
+pub mod istio;
 pub mod replay;
 pub mod xds;

@@ -1,0 +1,604 @@
+//! Clusters and their endpoints: `outbound|PORT|SUBSET|HOST` for every
+//! service port the proxy imports (one per DestinationRule subset too), the
+//! `inbound|PORT||` clusters to the local application, and istiod's fixed
+//! clusters (`BlackHoleCluster`, `PassthroughCluster`,
+//! `InboundPassthroughClusterIpv4`). DestinationRule traffic policies become
+//! load balancing, circuit breakers, HTTP protocol options, outlier
+//! detection and upstream TLS here.
+
+use std::collections::{BTreeMap, HashMap};
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection, UpstreamConnectionOptions,
+    circuit_breakers::Thresholds,
+    cluster::{
+        ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy,
+        MaglevLbConfig, RingHashLbConfig,
+    },
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    BindConfig, DataSource, Http1ProtocolOptions, Http2ProtocolOptions,
+    HttpProtocolOptions as CommonHttpOptions, Metadata, SocketAddress, TcpKeepalive,
+    TransportSocket, data_source, socket_address::PortSpecifier, transport_socket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate,
+    UpstreamTlsContext, common_tls_context::CombinedCertificateValidationContext,
+    common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions,
+    http_protocol_options::{
+        ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
+        explicit_http_config::ProtocolConfig,
+    },
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+use envoy_types::pb::envoy::r#type::v3::Percent;
+use envoy_types::pb::google::protobuf::{Struct, UInt32Value, UInt64Value, Value, value::Kind};
+
+use super::registry::{Endpoint as RegistryEndpoint, ServiceKind, selects};
+use super::util::{ads, agent_sds, any, duration, seconds, socket_address};
+use super::{ProxyConfig, Scope, Service, ServicePort};
+use crate::istio::names::{self, Protocol};
+use crate::istio::types::networking::{
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, Resolution, SimpleLb, TrafficPolicy,
+};
+
+pub const BLACKHOLE: &str = "BlackHoleCluster";
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+pub const INBOUND_PASSTHROUGH: &str = "InboundPassthroughClusterIpv4";
+/// Source address of connections to the local application, so that the
+/// interception rules let them through instead of capturing them again.
+pub const INBOUND_BIND_ADDRESS: &str = "127.0.0.6";
+const HTTP_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// Envoy's "unlimited", istiod's default for every circuit breaker.
+const UNLIMITED: u32 = u32::MAX;
+
+pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
+    out.clusters.push(Cluster {
+        name: BLACKHOLE.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(seconds(10)),
+        ..Default::default()
+    });
+    out.clusters.push(original_dst(PASSTHROUGH, None));
+    out.clusters.push(original_dst(
+        INBOUND_PASSTHROUGH,
+        Some(INBOUND_BIND_ADDRESS),
+    ));
+    for svc in &scope.services {
+        for port in &svc.ports {
+            outbound(scope, svc, port, None, out);
+            for subset in scope.subsets(svc) {
+                outbound(scope, svc, port, Some((&subset.name, &subset.labels)), out);
+            }
+        }
+    }
+    for port in super::listener::inbound_ports(scope) {
+        let mut c = original_dst(
+            &names::inbound_cluster(port.port),
+            Some(INBOUND_BIND_ADDRESS),
+        );
+        if port.protocol.is_http() || port.protocol == Protocol::Unknown {
+            c.typed_extension_protocol_options.insert(
+                HTTP_OPTIONS_KEY.into(),
+                any(&http_options(port.protocol, None)),
+            );
+        }
+        c.metadata = Some(services_metadata(&port.services));
+        out.clusters.push(c);
+    }
+}
+
+/// A cluster that connects to the connection's original destination.
+fn original_dst(name: &str, bind: Option<&str>) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        )),
+        connect_timeout: Some(seconds(10)),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        circuit_breakers: Some(circuit_breakers(None)),
+        upstream_bind_config: bind.map(|ip| BindConfig {
+            source_address: Some(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(PortSpecifier::PortValue(0)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn outbound(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: &ServicePort,
+    subset: Option<(&str, &BTreeMap<String, String>)>,
+    out: &mut ProxyConfig,
+) {
+    let name = names::outbound_cluster(port.port, subset.map_or("", |s| s.0), &svc.host);
+    let policy = scope.traffic_policy(svc, port.port, subset.map(|s| s.0));
+    let simple = policy.load_balancer.as_ref().and_then(|lb| lb.simple);
+    let mut c = Cluster {
+        name: name.clone(),
+        connect_timeout: Some(
+            policy
+                .connection_pool
+                .as_ref()
+                .and_then(|cp| cp.tcp.as_ref())
+                .and_then(|t| t.connect_timeout)
+                .map_or(seconds(10), |d| duration(d.0)),
+        ),
+        circuit_breakers: Some(circuit_breakers(policy.connection_pool.as_ref())),
+        metadata: Some(services_metadata(&[svc])),
+        ..Default::default()
+    };
+    let endpoints: Vec<&RegistryEndpoint> = svc
+        .endpoints
+        .iter()
+        .filter(|e| subset.is_none_or(|(_, labels)| selects(labels, &e.labels)))
+        .collect();
+    let headless = matches!(svc.kind, ServiceKind::Kube { headless: true });
+    let resolution = match svc.kind {
+        ServiceKind::Entry { resolution, .. } => Some(resolution),
+        ServiceKind::Kube { .. } => None,
+    };
+    if simple == Some(SimpleLb::Passthrough) || headless || resolution == Some(Resolution::None) {
+        // The caller already picked the address (headless DNS, a
+        // passthrough rule or an entry without resolution).
+        c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        ));
+        c.lb_policy = LbPolicy::ClusterProvided as i32;
+    } else if matches!(
+        resolution,
+        Some(Resolution::Dns | Resolution::DnsRoundRobin)
+    ) {
+        let dtype = if resolution == Some(Resolution::Dns) {
+            DiscoveryType::StrictDns
+        } else {
+            DiscoveryType::LogicalDns
+        };
+        c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(dtype as i32));
+        // Logical DNS takes exactly one address.
+        let eps: Vec<&RegistryEndpoint> = if dtype == DiscoveryType::LogicalDns {
+            endpoints.iter().take(1).copied().collect()
+        } else {
+            endpoints.clone()
+        };
+        c.load_assignment = Some(load_assignment(&name, port.port, &eps));
+        load_balancer(&policy, &mut c);
+    } else {
+        c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
+        c.eds_cluster_config = Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.clone(),
+        });
+        load_balancer(&policy, &mut c);
+        out.endpoints
+            .push(load_assignment(&name, port.port, &endpoints));
+    }
+    if port.protocol.is_http() || port.protocol == Protocol::Unknown {
+        c.typed_extension_protocol_options.insert(
+            HTTP_OPTIONS_KEY.into(),
+            any(&http_options(
+                port.protocol,
+                policy.connection_pool.as_ref(),
+            )),
+        );
+    }
+    if let Some(tcp) = policy
+        .connection_pool
+        .as_ref()
+        .and_then(|cp| cp.tcp.as_ref())
+        && let Some(ka) = &tcp.tcp_keepalive
+    {
+        c.upstream_connection_options = Some(UpstreamConnectionOptions {
+            tcp_keepalive: Some(TcpKeepalive {
+                keepalive_probes: ka.probes.map(|v| UInt32Value { value: v }),
+                keepalive_time: ka.time.map(|d| UInt32Value {
+                    value: d.0.as_secs() as u32,
+                }),
+                keepalive_interval: ka.interval.map(|d| UInt32Value {
+                    value: d.0.as_secs() as u32,
+                }),
+            }),
+            ..Default::default()
+        });
+    }
+    if let Some(od) = &policy.outlier_detection {
+        c.outlier_detection = Some(outlier_detection(od));
+        if let Some(min) = od.min_health_percent {
+            c.common_lb_config
+                .get_or_insert_with(CommonLbConfig::default)
+                .healthy_panic_threshold = Some(Percent {
+                value: f64::from(min),
+            });
+        }
+    }
+    if let Some(tls) = &policy.tls {
+        c.transport_socket = upstream_tls(scope, svc, port.port, subset.map(|s| s.0), tls);
+    }
+    out.clusters.push(c);
+}
+
+fn load_balancer(policy: &TrafficPolicy, c: &mut Cluster) {
+    let Some(lb) = &policy.load_balancer else {
+        c.lb_policy = LbPolicy::LeastRequest as i32;
+        return;
+    };
+    if let Some(ch) = &lb.consistent_hash {
+        if let Some(m) = &ch.maglev {
+            c.lb_policy = LbPolicy::Maglev as i32;
+            c.lb_config = Some(LbConfig::MaglevLbConfig(MaglevLbConfig {
+                table_size: m.table_size.map(|v| UInt64Value { value: v }),
+            }));
+        } else {
+            c.lb_policy = LbPolicy::RingHash as i32;
+            let min = ch
+                .ring_hash
+                .as_ref()
+                .and_then(|r| r.minimum_ring_size)
+                .or(ch.minimum_ring_size)
+                .unwrap_or(1024);
+            c.lb_config = Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                minimum_ring_size: Some(UInt64Value { value: min }),
+                ..Default::default()
+            }));
+        }
+        return;
+    }
+    c.lb_policy = match lb.simple {
+        Some(SimpleLb::RoundRobin) => LbPolicy::RoundRobin,
+        Some(SimpleLb::Random) => LbPolicy::Random,
+        // LEAST_CONN is the deprecated name of LEAST_REQUEST; istiod's
+        // default is LEAST_REQUEST too.
+        _ => LbPolicy::LeastRequest,
+    } as i32;
+}
+
+/// istiod's thresholds: everything unlimited unless the connection pool
+/// says otherwise.
+fn circuit_breakers(cp: Option<&ConnectionPoolSettings>) -> CircuitBreakers {
+    let mut t = Thresholds {
+        max_connections: Some(UInt32Value { value: UNLIMITED }),
+        max_pending_requests: Some(UInt32Value { value: UNLIMITED }),
+        max_requests: Some(UInt32Value { value: UNLIMITED }),
+        max_retries: Some(UInt32Value { value: UNLIMITED }),
+        track_remaining: true,
+        ..Default::default()
+    };
+    let positive = |v: Option<i32>| {
+        v.filter(|v| *v > 0)
+            .map(|v| UInt32Value { value: v as u32 })
+    };
+    if let Some(cp) = cp {
+        if let Some(tcp) = &cp.tcp
+            && let Some(v) = positive(tcp.max_connections)
+        {
+            t.max_connections = Some(v);
+        }
+        if let Some(http) = &cp.http {
+            if let Some(v) = positive(http.http1_max_pending_requests) {
+                t.max_pending_requests = Some(v);
+            }
+            if let Some(v) = positive(http.http2_max_requests) {
+                t.max_requests = Some(v);
+            }
+            if let Some(v) = positive(http.max_retries) {
+                t.max_retries = Some(v);
+            }
+        }
+    }
+    CircuitBreakers {
+        thresholds: vec![t],
+        ..Default::default()
+    }
+}
+
+/// Upstream HTTP settings: HTTP/2 for `grpc`/`http2` ports (or an
+/// `UPGRADE` policy), the downstream's protocol for ports of unknown
+/// protocol, HTTP/1.1 otherwise; plus the pool's per-connection limits.
+fn http_options(protocol: Protocol, cp: Option<&ConnectionPoolSettings>) -> HttpProtocolOptions {
+    let http = cp.and_then(|cp| cp.http.as_ref());
+    let tcp = cp.and_then(|cp| cp.tcp.as_ref());
+    let upgrade = http.and_then(|h| h.h2_upgrade_policy)
+        == Some(crate::istio::types::networking::H2UpgradePolicy::Upgrade);
+    let h2 = Http2ProtocolOptions {
+        max_concurrent_streams: http
+            .and_then(|h| h.max_concurrent_streams)
+            .filter(|v| *v > 0)
+            .map(|v| UInt32Value { value: v as u32 }),
+        ..Default::default()
+    };
+    let upstream = if http.is_some_and(|h| h.use_client_protocol)
+        || (protocol == Protocol::Unknown && !upgrade)
+    {
+        UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
+            http_protocol_options: Some(Http1ProtocolOptions::default()),
+            http2_protocol_options: Some(h2),
+            ..Default::default()
+        })
+    } else if protocol.is_http2() || upgrade {
+        UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(h2)),
+        })
+    } else {
+        UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+            protocol_config: Some(ProtocolConfig::HttpProtocolOptions(
+                Http1ProtocolOptions::default(),
+            )),
+        })
+    };
+    let mut common = CommonHttpOptions::default();
+    let mut any_common = false;
+    if let Some(d) = http
+        .and_then(|h| h.idle_timeout)
+        .or(tcp.and_then(|t| t.idle_timeout))
+    {
+        common.idle_timeout = Some(duration(d.0));
+        any_common = true;
+    }
+    if let Some(v) = http
+        .and_then(|h| h.max_requests_per_connection)
+        .filter(|v| *v > 0)
+    {
+        common.max_requests_per_connection = Some(UInt32Value { value: v as u32 });
+        any_common = true;
+    }
+    if let Some(d) = tcp.and_then(|t| t.max_connection_duration) {
+        common.max_connection_duration = Some(duration(d.0));
+        any_common = true;
+    }
+    HttpProtocolOptions {
+        common_http_protocol_options: any_common.then_some(common),
+        upstream_protocol_options: Some(upstream),
+        ..Default::default()
+    }
+}
+
+fn outlier_detection(od: &crate::istio::types::networking::OutlierDetection) -> OutlierDetection {
+    let u32v = |v: u32| Some(UInt32Value { value: v });
+    let mut out = OutlierDetection {
+        interval: od.interval.map(|d| duration(d.0)),
+        base_ejection_time: od.base_ejection_time.map(|d| duration(d.0)),
+        max_ejection_percent: od.max_ejection_percent.map(|v| UInt32Value {
+            value: v.clamp(0, 100) as u32,
+        }),
+        split_external_local_origin_errors: od.split_external_local_origin_errors,
+        // Istio turns off what it did not ask for: Envoy would otherwise
+        // enforce its own 5xx and success-rate defaults.
+        enforcing_consecutive_5xx: u32v(0),
+        enforcing_consecutive_gateway_failure: u32v(0),
+        enforcing_success_rate: u32v(0),
+        ..Default::default()
+    };
+    let five_xx = od
+        .consecutive_5xx_errors
+        .or(od.consecutive_errors.map(|v| v.max(0) as u32));
+    if let Some(v) = five_xx {
+        out.consecutive_5xx = u32v(v);
+        out.enforcing_consecutive_5xx = u32v(if v > 0 { 100 } else { 0 });
+    }
+    if let Some(v) = od.consecutive_gateway_errors {
+        out.consecutive_gateway_failure = u32v(v);
+        out.enforcing_consecutive_gateway_failure = u32v(if v > 0 { 100 } else { 0 });
+    }
+    if let Some(v) = od.consecutive_local_origin_failures {
+        out.consecutive_local_origin_failure = u32v(v);
+        out.enforcing_consecutive_local_origin_failure = u32v(100);
+    }
+    out
+}
+
+/// DestinationRule `tls` as an upstream TLS transport socket.
+fn upstream_tls(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+    subset: Option<&str>,
+    tls: &ClientTlsSettings,
+) -> Option<TransportSocket> {
+    let mode = tls.mode.unwrap_or(ClientTlsMode::Disable);
+    let file = |path: &str| DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.to_string())),
+        ..Default::default()
+    };
+    let san = |kind: SanType, value: &str| SubjectAltNameMatcher {
+        san_type: kind as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(MatchPattern::Exact(value.to_string())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let ctx = match mode {
+        ClientTlsMode::Disable => return None,
+        ClientTlsMode::IstioMutual => {
+            let mut accounts: Vec<&str> = svc
+                .endpoints
+                .iter()
+                .map(|e| e.service_account.as_str())
+                .filter(|s| !s.is_empty())
+                .collect();
+            accounts.sort_unstable();
+            accounts.dedup();
+            let sans = if tls.subject_alt_names.is_empty() {
+                accounts
+                    .iter()
+                    .map(|sa| {
+                        let id = format!(
+                            "spiffe://{}/ns/{}/sa/{sa}",
+                            scope.mesh.options.trust_domain, svc.namespace
+                        );
+                        san(SanType::Uri, &id)
+                    })
+                    .collect()
+            } else {
+                tls.subject_alt_names
+                    .iter()
+                    .map(|s| san(SanType::Uri, s))
+                    .collect()
+            };
+            UpstreamTlsContext {
+                sni: tls.sni.clone().unwrap_or_else(|| {
+                    format!("outbound_.{port}_.{}_.{}", subset.unwrap_or(""), svc.host)
+                }),
+                common_tls_context: Some(CommonTlsContext {
+                    alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+                    tls_certificate_sds_secret_configs: vec![agent_sds("default")],
+                    validation_context_type: Some(
+                        ValidationContextType::CombinedValidationContext(
+                            CombinedCertificateValidationContext {
+                                default_validation_context: Some(CertificateValidationContext {
+                                    match_typed_subject_alt_names: sans,
+                                    ..Default::default()
+                                }),
+                                validation_context_sds_secret_config: Some(agent_sds("ROOTCA")),
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        }
+        ClientTlsMode::Simple | ClientTlsMode::Mutual => {
+            let mut common = CommonTlsContext::default();
+            if tls.insecure_skip_verify != Some(true) {
+                let mut vc = CertificateValidationContext {
+                    match_typed_subject_alt_names: tls
+                        .subject_alt_names
+                        .iter()
+                        .map(|s| san(SanType::Dns, s))
+                        .collect(),
+                    ..Default::default()
+                };
+                match &tls.ca_certificates {
+                    Some(ca) => vc.trusted_ca = Some(file(ca)),
+                    None => {
+                        vc.system_root_certs = Some(Default::default());
+                    }
+                }
+                if let Some(crl) = &tls.ca_crl {
+                    vc.crl = Some(file(crl));
+                }
+                common.validation_context_type = Some(ValidationContextType::ValidationContext(vc));
+            }
+            if mode == ClientTlsMode::Mutual
+                && let (Some(cert), Some(key)) = (&tls.client_certificate, &tls.private_key)
+            {
+                common.tls_certificates.push(TlsCertificate {
+                    certificate_chain: Some(file(cert)),
+                    private_key: Some(file(key)),
+                    ..Default::default()
+                });
+            }
+            UpstreamTlsContext {
+                sni: tls.sni.clone().unwrap_or_default(),
+                // Without an explicit SNI, use the request's host, as Istio
+                // does for SIMPLE origination.
+                auto_host_sni: tls.sni.is_none(),
+                common_tls_context: Some(common),
+                ..Default::default()
+            }
+        }
+    };
+    Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
+    })
+}
+
+/// The endpoints of one cluster, in one locality.
+fn load_assignment(
+    cluster: &str,
+    service_port: u32,
+    endpoints: &[&RegistryEndpoint],
+) -> ClusterLoadAssignment {
+    let lb_endpoints = endpoints
+        .iter()
+        .map(|e| {
+            let port = e.ports.get(&service_port).copied().unwrap_or(service_port);
+            let mut metadata = Metadata::default();
+            if e.istio_mtls() {
+                // What transport_socket_matches select on (`tlsMode: istio`).
+                metadata.filter_metadata.insert(
+                    "envoy.transport_socket_match".into(),
+                    struct_of([("tlsMode", "istio")]),
+                );
+            }
+            LbEndpoint {
+                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                    address: Some(socket_address(&e.address, port)),
+                    ..Default::default()
+                })),
+                metadata: (!metadata.filter_metadata.is_empty()).then_some(metadata),
+                load_balancing_weight: Some(UInt32Value {
+                    value: e.weight.unwrap_or(1).max(1),
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: cluster.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn struct_of<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Struct {
+    Struct {
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), string_value(v)))
+            .collect::<HashMap<_, _>>()
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+/// istiod's `istio.services` cluster metadata: which services a cluster
+/// serves (used by telemetry and `istioctl`).
+fn services_metadata(services: &[&Service]) -> Metadata {
+    let list = services
+        .iter()
+        .map(|s| Value {
+            kind: Some(Kind::StructValue(struct_of([
+                ("host", s.host.as_str()),
+                ("name", s.name.as_str()),
+                ("namespace", s.namespace.as_str()),
+            ]))),
+        })
+        .collect();
+    let mut istio = Struct::default();
+    istio.fields.insert(
+        "services".into(),
+        Value {
+            kind: Some(Kind::ListValue(
+                envoy_types::pb::google::protobuf::ListValue { values: list },
+            )),
+        },
+    );
+    let mut md = Metadata::default();
+    md.filter_metadata.insert("istio".into(), istio);
+    md
+}

@@ -1,0 +1,562 @@
+//! Listeners in istiod's layout. `virtualOutbound` (15001) receives every
+//! intercepted outbound connection and hands it, by original destination,
+//! to a per-port listener (`0.0.0.0_9080` for HTTP with RDS route `9080`,
+//! `VIP_PORT` for TCP services with a virtual IP) or to the catch-all
+//! (PassthroughCluster, or BlackHoleCluster under REGISTRY_ONLY).
+//! `virtualInbound` (15006) holds one filter chain per port the local
+//! workload serves, routing to `inbound|PORT||`, and passthrough chains for
+//! everything else.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, VirtualHost, route::Action,
+    route_action::ClusterSpecifier,
+};
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds,
+    http_connection_manager::{
+        ForwardClientCertDetails, PathWithEscapedSlashesAction, RouteSpecifier, UpgradeConfig,
+    },
+    http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy,
+    tcp_proxy::{
+        ClusterSpecifier as TcpClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight,
+    },
+};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
+
+use super::cluster::{BLACKHOLE, INBOUND_PASSTHROUGH, PASSTHROUGH};
+use super::registry::{TargetPort, selects};
+use super::route::{self, CORS_FILTER, FAULT_FILTER};
+use super::util::{ads, any, seconds, socket_address};
+use super::{ProxyConfig, Scope, Service};
+use crate::istio::names::{self, Protocol};
+use crate::istio::types::networking::OutboundMode;
+
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
+pub const OUTBOUND_PORT: u32 = 15001;
+pub const INBOUND_PORT: u32 = 15006;
+const HCM: &str = "envoy.filters.network.http_connection_manager";
+const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+/// What `http_inspector` reports for plaintext HTTP/1.1 and HTTP/2.
+const HTTP_ALPN: [&str; 2] = ["http/1.1", "h2c"];
+
+/// A port the local workload serves, and the services it serves it for.
+pub(super) struct InboundPort<'a> {
+    pub port: u32,
+    pub protocol: Protocol,
+    pub services: Vec<&'a Service>,
+}
+
+/// The ports of the services whose selector picks this proxy (in its own
+/// namespace), keyed by the port the application listens on, plus the
+/// ports a Sidecar's ingress listeners declare.
+pub(super) fn inbound_ports<'a>(scope: &Scope<'a>) -> Vec<InboundPort<'a>> {
+    let proxy = scope.proxy;
+    let pod_name = proxy
+        .pod_name
+        .as_deref()
+        .map(|p| (p, proxy.namespace.as_str()));
+    let workload = scope.mesh.registry.find_workload(pod_name, &proxy.ips);
+    let mut ports: BTreeMap<u32, InboundPort<'a>> = BTreeMap::new();
+    for svc in &scope.mesh.registry.services {
+        let Some(sel) = &svc.selector else { continue };
+        if svc.namespace != proxy.namespace || sel.is_empty() || !selects(sel, &proxy.labels) {
+            continue;
+        }
+        for p in &svc.ports {
+            let target = match &p.target {
+                TargetPort::Number(n) => *n,
+                TargetPort::Name(name) => workload
+                    .and_then(|w| w.named_ports.get(name).copied())
+                    .unwrap_or(p.port),
+            };
+            let entry = ports.entry(target).or_insert_with(|| InboundPort {
+                port: target,
+                protocol: p.protocol,
+                services: Vec::new(),
+            });
+            // HTTP wins over a weaker declaration of the same port.
+            if entry.protocol == Protocol::Unknown
+                || (p.protocol.is_http() && !entry.protocol.is_http())
+            {
+                entry.protocol = p.protocol;
+            }
+            if !entry.services.iter().any(|s| s.host == svc.host) {
+                entry.services.push(svc);
+            }
+        }
+    }
+    if let Some((_, sc)) = scope.sidecar {
+        for l in &sc.ingress {
+            ports.entry(l.port.number).or_insert_with(|| InboundPort {
+                port: l.port.number,
+                protocol: l
+                    .port
+                    .protocol
+                    .as_deref()
+                    .map_or(Protocol::Unknown, Protocol::parse),
+                services: Vec::new(),
+            });
+        }
+    }
+    ports.into_values().collect()
+}
+
+pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
+    out.listeners.push(virtual_outbound(scope));
+    out.listeners.push(virtual_inbound(scope));
+    outbound(scope, out);
+}
+
+fn typed_filter(name: &str, config: Any) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(config)),
+    }
+}
+
+fn listener_filter(name: &str, config: Any) -> ListenerFilter {
+    ListenerFilter {
+        name: name.into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    }
+}
+
+fn http_filter(name: &str, config: Any) -> HttpFilter {
+    HttpFilter {
+        name: name.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    }
+}
+
+fn tcp_chain(
+    name: &str,
+    stat_prefix: &str,
+    cluster: TcpClusterSpecifier,
+    m: Option<FilterChainMatch>,
+) -> FilterChain {
+    FilterChain {
+        name: name.into(),
+        filter_chain_match: m,
+        filters: vec![typed_filter(
+            TCP_PROXY,
+            any(&TcpProxy {
+                stat_prefix: stat_prefix.into(),
+                cluster_specifier: Some(cluster),
+                ..Default::default()
+            }),
+        )],
+        ..Default::default()
+    }
+}
+
+fn to_cluster(name: &str) -> TcpClusterSpecifier {
+    TcpClusterSpecifier::Cluster(name.into())
+}
+
+/// Where connections nothing else claims go.
+fn catch_all_cluster(scope: &Scope<'_>) -> &'static str {
+    match scope.outbound_policy {
+        OutboundMode::AllowAny => PASSTHROUGH,
+        OutboundMode::RegistryOnly => BLACKHOLE,
+    }
+}
+
+fn virtual_outbound(scope: &Scope<'_>) -> Listener {
+    let fallback = catch_all_cluster(scope);
+    Listener {
+        name: VIRTUAL_OUTBOUND.into(),
+        address: Some(socket_address("0.0.0.0", OUTBOUND_PORT)),
+        use_original_dst: Some(BoolValue { value: true }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        filter_chains: vec![
+            // A connection addressed to 15001 itself would loop forever.
+            tcp_chain(
+                "virtualOutbound-blackhole",
+                BLACKHOLE,
+                to_cluster(BLACKHOLE),
+                Some(FilterChainMatch {
+                    destination_port: Some(UInt32Value {
+                        value: OUTBOUND_PORT,
+                    }),
+                    ..Default::default()
+                }),
+            ),
+            tcp_chain(
+                "virtualOutbound-catchall-tcp",
+                fallback,
+                to_cluster(fallback),
+                None,
+            ),
+        ],
+        ..Default::default()
+    }
+}
+
+fn virtual_inbound(scope: &Scope<'_>) -> Listener {
+    let mut chains = vec![tcp_chain(
+        "virtualInbound-blackhole",
+        BLACKHOLE,
+        to_cluster(BLACKHOLE),
+        Some(FilterChainMatch {
+            destination_port: Some(UInt32Value {
+                value: INBOUND_PORT,
+            }),
+            ..Default::default()
+        }),
+    )];
+    for p in inbound_ports(scope) {
+        let cluster = names::inbound_cluster(p.port);
+        let chain_name = format!("0.0.0.0_{}", p.port);
+        let dport = |alpn: bool| FilterChainMatch {
+            destination_port: Some(UInt32Value { value: p.port }),
+            application_protocols: if alpn {
+                HTTP_ALPN.iter().map(|s| s.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        let operation = p.services.first().map_or_else(
+            || format!("{cluster}/*"),
+            |s| format!("{}:{}/*", s.host, p.port),
+        );
+        let http = |alpn: bool| FilterChain {
+            name: chain_name.clone(),
+            filter_chain_match: Some(dport(alpn)),
+            filters: vec![typed_filter(
+                HCM,
+                any(&inbound_hcm(p.port, &cluster, &operation)),
+            )],
+            ..Default::default()
+        };
+        match p.protocol {
+            proto if proto.is_http() => chains.push(http(false)),
+            // Undeclared protocol: HTTP when the inspector sees HTTP, raw
+            // TCP otherwise, as istiod sniffs.
+            Protocol::Unknown => {
+                chains.push(http(true));
+                chains.push(tcp_chain(
+                    &chain_name,
+                    &cluster,
+                    to_cluster(&cluster),
+                    Some(dport(false)),
+                ));
+            }
+            _ => chains.push(tcp_chain(
+                &chain_name,
+                &cluster,
+                to_cluster(&cluster),
+                Some(dport(false)),
+            )),
+        }
+    }
+    chains.push(FilterChain {
+        name: "virtualInbound-catchall-http".into(),
+        filter_chain_match: Some(FilterChainMatch {
+            application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        filters: vec![typed_filter(
+            HCM,
+            any(&inbound_hcm(
+                0,
+                INBOUND_PASSTHROUGH,
+                &format!("{INBOUND_PASSTHROUGH}/*"),
+            )),
+        )],
+        ..Default::default()
+    });
+    chains.push(tcp_chain(
+        VIRTUAL_INBOUND,
+        INBOUND_PASSTHROUGH,
+        to_cluster(INBOUND_PASSTHROUGH),
+        None,
+    ));
+    Listener {
+        name: VIRTUAL_INBOUND.into(),
+        address: Some(socket_address("0.0.0.0", INBOUND_PORT)),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        listener_filters: vec![
+            listener_filter(
+                "envoy.filters.listener.original_dst",
+                any(&OriginalDst::default()),
+            ),
+            listener_filter(
+                "envoy.filters.listener.tls_inspector",
+                any(&TlsInspector::default()),
+            ),
+            listener_filter(
+                "envoy.filters.listener.http_inspector",
+                any(&HttpInspector::default()),
+            ),
+        ],
+        listener_filters_timeout: Some(seconds(0)),
+        continue_on_listener_filters_timeout: true,
+        filter_chains: chains,
+        ..Default::default()
+    }
+}
+
+/// The inbound HTTP connection manager: an inline route table sending
+/// everything to the local application's cluster.
+fn inbound_hcm(port: u32, cluster: &str, operation: &str) -> HttpConnectionManager {
+    let route_config = RouteConfiguration {
+        name: if port == 0 {
+            INBOUND_PASSTHROUGH.into()
+        } else {
+            names::inbound_cluster(port)
+        },
+        virtual_hosts: vec![VirtualHost {
+            name: format!("inbound|http|{port}"),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "default".into(),
+                r#match: Some(route::prefix_match("/")),
+                decorator: Some(envoy_types::pb::envoy::config::route::v3::Decorator {
+                    operation: operation.into(),
+                    ..Default::default()
+                }),
+                action: Some(Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+                    timeout: Some(seconds(0)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    };
+    HttpConnectionManager {
+        stat_prefix: format!("inbound_0.0.0.0_{port}"),
+        route_specifier: Some(RouteSpecifier::RouteConfig(route_config)),
+        http_filters: vec![http_filter(
+            "envoy.filters.http.router",
+            any(&Router::default()),
+        )],
+        use_remote_address: Some(BoolValue { value: false }),
+        forward_client_cert_details: ForwardClientCertDetails::AppendForward as i32,
+        ..common_hcm()
+    }
+}
+
+fn common_hcm() -> HttpConnectionManager {
+    HttpConnectionManager {
+        upgrade_configs: vec![UpgradeConfig {
+            upgrade_type: "websocket".into(),
+            ..Default::default()
+        }],
+        stream_idle_timeout: Some(seconds(0)),
+        normalize_path: Some(BoolValue { value: true }),
+        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::KeepUnchanged as i32,
+        ..Default::default()
+    }
+}
+
+/// The outbound HTTP connection manager of port `port`: routes from RDS
+/// (`"9080"`), and the fault and CORS filters that routes configure per
+/// route, before the router.
+fn outbound_hcm(port: u32) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: format!("outbound_0.0.0.0_{port}"),
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: port.to_string(),
+        })),
+        http_filters: vec![
+            http_filter(FAULT_FILTER, any(&HttpFault::default())),
+            http_filter(CORS_FILTER, any(&Cors::default())),
+            http_filter("envoy.filters.http.router", any(&Router::default())),
+        ],
+        use_remote_address: Some(BoolValue { value: false }),
+        ..common_hcm()
+    }
+}
+
+/// The TCP proxy target of `svc` on `port`: the first TCP rule of its
+/// VirtualService that applies, else the service's own cluster.
+fn tcp_target(scope: &Scope<'_>, svc: &Service, port: u32) -> TcpClusterSpecifier {
+    let default = names::outbound_cluster(port, "", &svc.host);
+    let Some((r, vs)) = scope.virtual_service(&svc.host) else {
+        return to_cluster(&default);
+    };
+    let ns = r.meta.namespace.as_str();
+    let applies = |m: &crate::istio::types::networking::L4MatchAttributes| {
+        m.port.is_none_or(|p| p == port)
+            && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+            && selects(&m.source_labels, &scope.proxy.labels)
+            && m.source_namespace
+                .as_ref()
+                .is_none_or(|n| n == &scope.proxy.namespace)
+    };
+    let Some(rule) = vs
+        .tcp
+        .iter()
+        .find(|t| t.match_.is_empty() || t.match_.iter().any(applies))
+    else {
+        return to_cluster(&default);
+    };
+    let dests: Vec<_> = rule
+        .route
+        .iter()
+        .filter(|d| d.weight.unwrap_or(0) > 0 || rule.route.len() == 1)
+        .collect();
+    match dests.as_slice() {
+        [] => to_cluster(&default),
+        [one] => to_cluster(&route::cluster_for(scope, &one.destination, ns, port).0),
+        many => TcpClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|d| ClusterWeight {
+                    name: route::cluster_for(scope, &d.destination, ns, port).0,
+                    weight: d.weight.unwrap_or(0).max(0) as u32,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+    }
+}
+
+fn is_tcp(p: Protocol) -> bool {
+    matches!(p, Protocol::Tcp | Protocol::Tls | Protocol::Https)
+}
+
+/// The services of one outbound port: HTTP or sniffed ones (served through
+/// the port's route configuration), TCP ones without a VIP, and the sniffed
+/// ones again (whose non-HTTP bytes need somewhere to go).
+type PortServices<'a> = (Vec<&'a Service>, Vec<&'a Service>, Vec<&'a Service>);
+
+/// Per-port outbound listeners and the route configurations they name.
+fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
+    let mut by_port: BTreeMap<u32, PortServices<'_>> = BTreeMap::new();
+    for svc in &scope.services {
+        for p in &svc.ports {
+            let entry = by_port.entry(p.port).or_default();
+            if is_tcp(p.protocol) {
+                match &svc.vip {
+                    Some(vip) => out.listeners.push(vip_listener(scope, svc, vip, p.port)),
+                    None => entry.1.push(svc),
+                }
+            } else {
+                entry.0.push(svc);
+                if p.protocol == Protocol::Unknown {
+                    entry.2.push(svc);
+                }
+            }
+        }
+    }
+    for (port, (http, tcp, sniffed)) in by_port {
+        if http.is_empty() && tcp.is_empty() {
+            continue;
+        }
+        let mut chains = Vec::new();
+        for svc in &tcp {
+            let ranges: Vec<CidrRange> = svc
+                .endpoints
+                .iter()
+                .filter(|e| e.address.parse::<std::net::IpAddr>().is_ok())
+                .map(|e| CidrRange {
+                    address_prefix: e.address.clone(),
+                    prefix_len: Some(UInt32Value {
+                        value: if e.address.contains(':') { 128 } else { 32 },
+                    }),
+                })
+                .collect();
+            let lone = http.is_empty() && tcp.len() == 1;
+            if ranges.is_empty() && !lone {
+                // Nothing tells its connections apart from the others'.
+                continue;
+            }
+            let cluster = names::outbound_cluster(port, "", &svc.host);
+            chains.push(tcp_chain(
+                &cluster,
+                &cluster,
+                tcp_target(scope, svc, port),
+                (!lone).then(|| FilterChainMatch {
+                    prefix_ranges: ranges,
+                    ..Default::default()
+                }),
+            ));
+        }
+        let mut listener_filters = Vec::new();
+        if !http.is_empty() {
+            chains.push(FilterChain {
+                filter_chain_match: Some(FilterChainMatch {
+                    transport_protocol: "raw_buffer".into(),
+                    application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                }),
+                filters: vec![typed_filter(HCM, any(&outbound_hcm(port)))],
+                ..Default::default()
+            });
+            listener_filters = vec![
+                listener_filter(
+                    "envoy.filters.listener.tls_inspector",
+                    any(&TlsInspector::default()),
+                ),
+                listener_filter(
+                    "envoy.filters.listener.http_inspector",
+                    any(&HttpInspector::default()),
+                ),
+            ];
+            out.routes.push(route::route_config(scope, port, &http));
+        }
+        // Non-HTTP bytes on a port of undeclared protocol go to the one
+        // service that could mean them; anything else follows the policy.
+        let default_filter_chain = match sniffed.as_slice() {
+            [svc] => {
+                let cluster = names::outbound_cluster(port, "", &svc.host);
+                tcp_chain(&cluster, &cluster, tcp_target(scope, svc, port), None)
+            }
+            _ => {
+                let c = catch_all_cluster(scope);
+                tcp_chain("PassthroughFilterChain", c, to_cluster(c), None)
+            }
+        };
+        let has_http = !listener_filters.is_empty();
+        out.listeners.push(Listener {
+            name: format!("0.0.0.0_{port}"),
+            address: Some(socket_address("0.0.0.0", port)),
+            filter_chains: chains,
+            default_filter_chain: has_http.then_some(default_filter_chain),
+            listener_filters,
+            listener_filters_timeout: has_http.then(|| seconds(0)),
+            continue_on_listener_filters_timeout: has_http,
+            traffic_direction: TrafficDirection::Outbound as i32,
+            bind_to_port: Some(BoolValue { value: false }),
+            ..Default::default()
+        });
+    }
+}
+
+/// `VIP_PORT` for a TCP service with a virtual IP.
+fn vip_listener(scope: &Scope<'_>, svc: &Service, vip: &str, port: u32) -> Listener {
+    let cluster = names::outbound_cluster(port, "", &svc.host);
+    Listener {
+        name: format!("{vip}_{port}"),
+        address: Some(socket_address(vip, port)),
+        filter_chains: vec![tcp_chain("", &cluster, tcp_target(scope, svc, port), None)],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        bind_to_port: Some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}

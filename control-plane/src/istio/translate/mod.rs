@@ -1,0 +1,508 @@
+//! Per-proxy translation of Istio configuration into Envoy v3 resources
+//! shaped like istiod's: the `virtualOutbound` / `virtualInbound` capture
+//! listeners, per-port outbound listeners with RDS route names like `9080`,
+//! `outbound|9080|v1|reviews.default.svc.cluster.local` clusters with their
+//! ClusterLoadAssignments, and `inbound|PORT||` clusters to the local app.
+//! [`Mesh`] indexes a snapshot once; [`Mesh::proxy_config`] answers for one
+//! [`Proxy`] (its namespace, labels, service account and IPs, which decide
+//! the Sidecar scope, `sourceLabels` matches and inbound ports).
+
+mod cluster;
+mod listener;
+pub mod registry;
+mod route;
+mod util;
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::{Struct, value::Kind};
+
+use super::names::{self, DEFAULT_DOMAIN, ROOT_NAMESPACE};
+use super::source::{Resource, Snapshot, Spec};
+use super::types::networking::{
+    DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
+};
+pub use registry::{Registry, Service, ServicePort};
+
+/// Everything one proxy is served.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProxyConfig {
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<RouteConfiguration>,
+    pub clusters: Vec<Cluster>,
+    pub endpoints: Vec<ClusterLoadAssignment>,
+}
+
+/// The proxy a configuration is made for, from its node metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Proxy {
+    /// The node id (`sidecar~10.0.0.5~reviews-v1-abc.default~default.svc.cluster.local`).
+    pub id: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub ips: Vec<String>,
+    /// Pod name, when the node id carries it.
+    pub pod_name: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProxyError {
+    #[error(
+        "node {0:?} has no namespace: set metadata NAMESPACE or use an id like sidecar~IP~pod.namespace~namespace.svc.cluster.local"
+    )]
+    NoNamespace(String),
+}
+
+impl Proxy {
+    /// Reads what istio-agent puts in the node: `NAMESPACE`, `LABELS`,
+    /// `SERVICE_ACCOUNT`, `INSTANCE_IPS`, and the `type~ip~pod.ns~domain` id
+    /// as a fallback for the namespace, IP and pod name.
+    pub fn from_node(node: &Node) -> Result<Self, ProxyError> {
+        let meta = node.metadata.as_ref();
+        let text = |key: &str| {
+            meta.and_then(|m| m.fields.get(key))
+                .and_then(|v| match &v.kind {
+                    Some(Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+                    _ => None,
+                })
+        };
+        let mut parts = node.id.split('~');
+        let (_, id_ip, id_pod) = (parts.next(), parts.next(), parts.next());
+        let (pod_name, id_ns) = match id_pod.and_then(|p| p.split_once('.')) {
+            Some((pod, ns)) => (Some(pod.to_string()), Some(ns.to_string())),
+            None => (None, None),
+        };
+        let namespace = text("NAMESPACE")
+            .or(id_ns)
+            .ok_or_else(|| ProxyError::NoNamespace(node.id.clone()))?;
+        let mut ips: Vec<String> = text("INSTANCE_IPS")
+            .map(|s| s.split(',').map(|ip| ip.trim().to_string()).collect())
+            .unwrap_or_default();
+        if ips.is_empty()
+            && let Some(ip) = id_ip.filter(|ip| !ip.is_empty())
+        {
+            ips.push(ip.to_string());
+        }
+        let labels = meta
+            .and_then(|m| m.fields.get("LABELS"))
+            .and_then(|v| match &v.kind {
+                Some(Kind::StructValue(s)) => Some(string_map(s)),
+                _ => None,
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            id: node.id.clone(),
+            namespace,
+            labels,
+            service_account: text("SERVICE_ACCOUNT").unwrap_or_default(),
+            ips,
+            pod_name: text("POD_NAME").or(pod_name),
+        })
+    }
+}
+
+fn string_map(s: &Struct) -> BTreeMap<String, String> {
+    s.fields
+        .iter()
+        .filter_map(|(k, v)| match &v.kind {
+            Some(Kind::StringValue(s)) => Some((k.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Mesh-wide settings (istiod's MeshConfig, the parts translation uses).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshOptions {
+    /// DNS suffix of Kubernetes services.
+    pub domain: String,
+    /// Namespace of mesh-wide Sidecars and DestinationRules.
+    pub root_namespace: String,
+    /// Where traffic to unknown destinations goes.
+    pub outbound_traffic_policy: OutboundMode,
+    /// Trust domain of SPIFFE identities (`spiffe://cluster.local/ns/…`).
+    pub trust_domain: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self {
+            domain: DEFAULT_DOMAIN.to_string(),
+            root_namespace: ROOT_NAMESPACE.to_string(),
+            outbound_traffic_policy: OutboundMode::AllowAny,
+            trust_domain: DEFAULT_DOMAIN.to_string(),
+        }
+    }
+}
+
+/// An indexed snapshot, ready to translate for any proxy.
+#[derive(Debug)]
+pub struct Mesh {
+    pub options: MeshOptions,
+    pub registry: Registry,
+    virtual_services: Vec<Resource>,
+    destination_rules: Vec<Resource>,
+    sidecars: Vec<Resource>,
+}
+
+impl Mesh {
+    pub fn new(snapshot: &Snapshot, options: MeshOptions) -> Self {
+        let pick = |f: fn(&Spec) -> bool| -> Vec<Resource> {
+            snapshot
+                .resources
+                .iter()
+                .filter(|r| f(&r.spec))
+                .cloned()
+                .collect()
+        };
+        Self {
+            registry: Registry::build(snapshot, &options.domain),
+            virtual_services: pick(|s| matches!(s, Spec::VirtualService(_))),
+            destination_rules: pick(|s| matches!(s, Spec::DestinationRule(_))),
+            sidecars: pick(|s| matches!(s, Spec::Sidecar(_))),
+            options,
+        }
+    }
+
+    /// Fills what the node left out (labels, service account, IP) from the
+    /// proxy's own Pod when the snapshot has it.
+    pub fn complete_proxy(&self, proxy: &mut Proxy) {
+        let name = proxy
+            .pod_name
+            .as_deref()
+            .map(|p| (p, proxy.namespace.as_str()));
+        if let Some(w) = self.registry.find_workload(name, &proxy.ips) {
+            if proxy.labels.is_empty() {
+                proxy.labels = w.labels.clone();
+            }
+            if proxy.service_account.is_empty() {
+                proxy.service_account = w.service_account.clone();
+            }
+            if proxy.ips.is_empty() {
+                proxy.ips.extend(w.ip.clone());
+            }
+        }
+    }
+
+    /// The listeners, routes, clusters and endpoints for `proxy`.
+    pub fn proxy_config(&self, proxy: &Proxy) -> ProxyConfig {
+        let scope = Scope::new(self, proxy);
+        let mut out = ProxyConfig::default();
+        cluster::build(&scope, &mut out);
+        listener::build(&scope, &mut out);
+        out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
+        out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+        out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        out.endpoints
+            .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+        out
+    }
+}
+
+/// What one proxy sees: the services its Sidecar imports, the routing
+/// rules for them and the policies that apply.
+pub(crate) struct Scope<'a> {
+    pub mesh: &'a Mesh,
+    pub proxy: &'a Proxy,
+    pub services: Vec<&'a Service>,
+    pub outbound_policy: OutboundMode,
+    sidecar: Option<(&'a Resource, &'a Sidecar)>,
+}
+
+impl<'a> Scope<'a> {
+    fn new(mesh: &'a Mesh, proxy: &'a Proxy) -> Self {
+        let sidecar = Self::find_sidecar(mesh, proxy);
+        let outbound_policy = sidecar
+            .and_then(|(_, sc)| sc.outbound_traffic_policy.as_ref())
+            .and_then(|p| p.mode)
+            .unwrap_or(mesh.options.outbound_traffic_policy);
+        let mut scope = Self {
+            mesh,
+            proxy,
+            services: Vec::new(),
+            outbound_policy,
+            sidecar,
+        };
+        scope.services = mesh
+            .registry
+            .services
+            .iter()
+            .filter(|s| s.visible_from(&proxy.namespace) && scope.imports(&s.namespace, &s.host))
+            .collect();
+        scope
+    }
+
+    /// The Sidecar that applies: one in the proxy's namespace selecting its
+    /// labels, else that namespace's selector-less one, else the root
+    /// namespace's selector-less one (Istio's precedence).
+    fn find_sidecar(mesh: &'a Mesh, proxy: &Proxy) -> Option<(&'a Resource, &'a Sidecar)> {
+        let all = mesh.sidecars.iter().filter_map(|r| match &r.spec {
+            Spec::Sidecar(sc) => Some((r, &**sc)),
+            _ => None,
+        });
+        let in_ns: Vec<_> = all
+            .clone()
+            .filter(|(r, _)| r.meta.namespace == proxy.namespace)
+            .collect();
+        in_ns
+            .iter()
+            .find(|(_, sc)| {
+                sc.workload_selector
+                    .as_ref()
+                    .is_some_and(|sel| registry::selects(&sel.labels, &proxy.labels))
+            })
+            .or_else(|| in_ns.iter().find(|(_, sc)| sc.workload_selector.is_none()))
+            .copied()
+            .or_else(|| {
+                all.clone().find(|(r, sc)| {
+                    r.meta.namespace == mesh.options.root_namespace
+                        && sc.workload_selector.is_none()
+                })
+            })
+    }
+
+    /// Sidecar egress scoping: `namespace/host` entries where the namespace
+    /// may be `*` or `.` (the proxy's) and the host a wildcard. Without a
+    /// Sidecar (or without egress listeners) everything is imported.
+    fn imports(&self, namespace: &str, host: &str) -> bool {
+        let Some((_, sc)) = self.sidecar else {
+            return true;
+        };
+        if sc.egress.is_empty() {
+            return true;
+        }
+        sc.egress.iter().flat_map(|e| &e.hosts).any(|entry| {
+            let Some((ns, pattern)) = entry.split_once('/') else {
+                return false;
+            };
+            let ns_ok = match ns {
+                "*" => true,
+                "." => namespace == self.proxy.namespace,
+                "~" => false,
+                other => other == namespace,
+            };
+            ns_ok && names::host_matches(pattern, host)
+        })
+    }
+
+    /// The VirtualService bound to the mesh that routes `host`, the oldest
+    /// first as istiod would have it (snapshot order stands in for creation
+    /// time). Exact hosts win over wildcards.
+    pub fn virtual_service(&self, host: &str) -> Option<(&'a Resource, &'a VirtualService)> {
+        let mut best: Option<(usize, &'a Resource, &'a VirtualService)> = None;
+        for r in &self.mesh.virtual_services {
+            let Spec::VirtualService(vs) = &r.spec else {
+                continue;
+            };
+            let ns = &r.meta.namespace;
+            if !(vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh")) {
+                continue;
+            }
+            if !registry::exported_to(&vs.export_to, ns, &self.proxy.namespace) {
+                continue;
+            }
+            for h in &vs.hosts {
+                let resolved = names::resolve_host(h, ns, &self.mesh.options.domain);
+                let rank = if resolved == host {
+                    0
+                } else if names::host_matches(&resolved, host) {
+                    // Longer wildcards are more specific.
+                    usize::MAX - resolved.len()
+                } else {
+                    continue;
+                };
+                if best.as_ref().is_none_or(|(b, _, _)| rank < *b) {
+                    best = Some((rank, r, vs));
+                }
+            }
+        }
+        best.map(|(_, r, vs)| (r, vs))
+    }
+
+    /// The DestinationRule for `host` as istiod picks it: the proxy's
+    /// namespace, then the service's, then the root namespace; exact hosts
+    /// before wildcards; a workload selector must match the proxy.
+    pub fn destination_rule(
+        &self,
+        service: &Service,
+    ) -> Option<(&'a Resource, &'a DestinationRule)> {
+        let mut best: Option<((u8, usize), &'a Resource, &'a DestinationRule)> = None;
+        for r in &self.mesh.destination_rules {
+            let Spec::DestinationRule(dr) = &r.spec else {
+                continue;
+            };
+            let ns = r.meta.namespace.as_str();
+            let ns_rank = if ns == self.proxy.namespace {
+                0
+            } else if ns == service.namespace {
+                1
+            } else if ns == self.mesh.options.root_namespace {
+                2
+            } else {
+                3
+            };
+            if ns_rank > 0 && !registry::exported_to(&dr.export_to, ns, &self.proxy.namespace) {
+                continue;
+            }
+            if let Some(sel) = &dr.workload_selector
+                && (ns != self.proxy.namespace
+                    || !registry::selects(&sel.match_labels, &self.proxy.labels))
+            {
+                continue;
+            }
+            let resolved = names::resolve_host(&dr.host, ns, &self.mesh.options.domain);
+            let host_rank = if resolved == service.host {
+                0
+            } else if names::host_matches(&resolved, &service.host) {
+                usize::MAX - resolved.len()
+            } else {
+                continue;
+            };
+            let rank = (ns_rank, host_rank);
+            if best.as_ref().is_none_or(|(b, _, _)| rank < *b) {
+                best = Some((rank, r, dr));
+            }
+        }
+        best.map(|(_, r, dr)| (r, dr))
+    }
+
+    /// The effective traffic policy of `service` on `port` for `subset`:
+    /// the rule's policy, its port-level settings, then the subset's policy
+    /// and the subset's port-level settings, each later one overriding the
+    /// earlier field by field (loadBalancer, connectionPool,
+    /// outlierDetection, tls), as istiod merges them.
+    pub fn traffic_policy(
+        &self,
+        service: &Service,
+        port: u32,
+        subset: Option<&str>,
+    ) -> TrafficPolicy {
+        let mut out = TrafficPolicy::default();
+        let Some((_, dr)) = self.destination_rule(service) else {
+            return out;
+        };
+        let mut layers: Vec<&TrafficPolicy> = dr.traffic_policy.iter().collect();
+        if let Some(name) = subset
+            && let Some(tp) = dr
+                .subsets
+                .iter()
+                .find(|s| s.name == name)
+                .and_then(|s| s.traffic_policy.as_ref())
+        {
+            layers.push(tp);
+        }
+        for tp in layers {
+            merge(&mut out, tp, port);
+        }
+        out
+    }
+
+    /// The subsets of `service`'s DestinationRule.
+    pub fn subsets(&self, service: &Service) -> &'a [Subset] {
+        self.destination_rule(service)
+            .map(|(_, dr)| dr.subsets.as_slice())
+            .unwrap_or_default()
+    }
+
+    /// Resolves a destination host written in a resource of `namespace`.
+    pub fn resolve(&self, host: &str, namespace: &str) -> Option<&'a Service> {
+        let fqdn = names::resolve_host(host, namespace, &self.mesh.options.domain);
+        self.services
+            .iter()
+            .copied()
+            .find(|s| s.host == fqdn)
+            .or_else(|| self.mesh.registry.service(&fqdn))
+    }
+}
+
+fn merge(out: &mut TrafficPolicy, tp: &TrafficPolicy, port: u32) {
+    let TrafficPolicy {
+        load_balancer,
+        connection_pool,
+        outlier_detection,
+        tls,
+        ..
+    } = tp;
+    if load_balancer.is_some() {
+        out.load_balancer.clone_from(load_balancer);
+    }
+    if connection_pool.is_some() {
+        out.connection_pool.clone_from(connection_pool);
+    }
+    if outlier_detection.is_some() {
+        out.outlier_detection.clone_from(outlier_detection);
+    }
+    if tls.is_some() {
+        out.tls.clone_from(tls);
+    }
+    if let Some(p) = tp
+        .port_level_settings
+        .iter()
+        .find(|p| p.port.as_ref().is_some_and(|sel| sel.number == port))
+    {
+        if p.load_balancer.is_some() {
+            out.load_balancer.clone_from(&p.load_balancer);
+        }
+        if p.connection_pool.is_some() {
+            out.connection_pool.clone_from(&p.connection_pool);
+        }
+        if p.outlier_detection.is_some() {
+            out.outlier_detection.clone_from(&p.outlier_detection);
+        }
+        if p.tls.is_some() {
+            out.tls.clone_from(&p.tls);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::Value;
+
+    fn text(s: &str) -> Value {
+        Value {
+            kind: Some(Kind::StringValue(s.into())),
+        }
+    }
+
+    #[test]
+    fn proxy_reads_istio_agent_metadata() {
+        let mut labels = Struct::default();
+        labels.fields.insert("app".into(), text("reviews"));
+        let mut meta = Struct::default();
+        meta.fields.insert(
+            "LABELS".into(),
+            Value {
+                kind: Some(Kind::StructValue(labels)),
+            },
+        );
+        meta.fields
+            .insert("SERVICE_ACCOUNT".into(), text("bookinfo-reviews"));
+        let node = Node {
+            id: "sidecar~10.1.0.11~reviews-v1-abc.shop~shop.svc.cluster.local".into(),
+            metadata: Some(meta),
+            ..Default::default()
+        };
+        let p = Proxy::from_node(&node).expect("proxy");
+        assert_eq!(p.namespace, "shop");
+        assert_eq!(p.ips, ["10.1.0.11"]);
+        assert_eq!(p.pod_name.as_deref(), Some("reviews-v1-abc"));
+        assert_eq!(p.service_account, "bookinfo-reviews");
+        assert_eq!(p.labels.get("app").map(String::as_str), Some("reviews"));
+        let bare = Node {
+            id: "router".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            Proxy::from_node(&bare),
+            Err(ProxyError::NoNamespace("router".into()))
+        );
+    }
+}
