@@ -87,6 +87,7 @@ def strip_istio(dump: dict) -> dict:
 
 def generated(clusters: int = 10_000, per_cluster: int = 10, vhosts: int = 1_000) -> dict:
     routes = {
+        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
         "name": "8080",
         "virtual_hosts": [
             {
@@ -98,6 +99,7 @@ def generated(clusters: int = 10_000, per_cluster: int = 10, vhosts: int = 1_000
         ],
     }
     listener = {
+        "@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
         "name": "0.0.0.0_18080",
         "address": {"socket_address": {"address": "127.0.0.1", "port_value": free_port()}},
         "filter_chains": [{"filters": [{
@@ -113,11 +115,11 @@ def generated(clusters: int = 10_000, per_cluster: int = 10, vhosts: int = 1_000
     cls, clas = [], []
     for i in range(clusters):
         name = f"outbound|8080||svc-{i}"
-        cls.append({"cluster": {"name": name, "type": "EDS", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
+        cls.append({"cluster": {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": name, "type": "EDS", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN",
                                 "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}}}})
         eps = [{"endpoint": {"address": {"socket_address": {"address": f"127.{1 + i // 25000}.{(i // 100) % 250}.{1 + j}", "port_value": 10000 + i % 50000}}}}
                for j in range(per_cluster)]
-        clas.append({"endpoint_config": {"cluster_name": name, "endpoints": [{"lb_endpoints": eps}]}})
+        clas.append({"endpoint_config": {"@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment", "cluster_name": name, "endpoints": [{"lb_endpoints": eps}]}})
     return {"configs": [
         {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": [{"name": listener["name"], "active_state": {"listener": listener}}]},
         {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": cls},

@@ -143,11 +143,16 @@ struct Plane {
 }
 
 fn plane(cache: Cache) -> Result<Plane> {
+    plane_on(cache, 0)
+}
+
+/// A management server on `port` (0: any free port).
+fn plane_on(cache: Cache, port: u16) -> Result<Plane> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()?;
-    let std_listener = StdListener::bind("127.0.0.1:0")?;
+    let std_listener = StdListener::bind(("127.0.0.1", port))?;
     std_listener.set_nonblocking(true)?;
     let port = std_listener.local_addr()?.port();
     let server = Server::new(cache);
@@ -569,4 +574,105 @@ fn bad_updates_are_nacked_and_the_last_good_config_serves_sotw() -> Result<()> {
 #[test]
 fn bad_updates_are_nacked_and_the_last_good_config_serves_delta() -> Result<()> {
     bad_updates(true)
+}
+
+fn direct_routes(d: &Descriptors, name: &str, body: &str) -> Any {
+    let v = json!({"name": name, "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": body}}}]}]});
+    to_any(
+        &d.from_json::<RouteConfiguration>("envoy.config.route.v3.RouteConfiguration", v)
+            .expect("routes"),
+    )
+}
+
+fn body(port: u16) -> String {
+    Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The management server goes away and comes back: Ferry keeps serving the
+/// last configuration meanwhile, reconnects with backoff, and resumes; over
+/// delta it tells the server what it has, so unchanged resources are not
+/// sent again.
+fn reconnect(delta: bool) -> Result<()> {
+    let d = Descriptors::load().map_err(anyhow::Error::msg)?;
+    let port = free_port();
+    let fill = |cache: &Cache, body: &str| {
+        cache.set(
+            LISTENER,
+            [("web".to_string(), listener(&d, "web", port, "web"))],
+        );
+        cache.set(
+            ROUTE,
+            [(
+                "web-routes".to_string(),
+                direct_routes(&d, "web-routes", body),
+            )],
+        );
+        cache.set(
+            CLUSTER,
+            [("backend".to_string(), cluster(&d, "backend", 1000))],
+        );
+        cache.set(
+            ENDPOINT,
+            [("backend".to_string(), endpoints(&d, "backend", &[9]))],
+        );
+    };
+    let first = Cache::new();
+    fill(&first, "before");
+    let plane1 = plane(first)?;
+    let xds_port = plane1.port;
+    let (ferry, _) = start_ferry(&plane1, delta)?;
+    wait_listening(port)?;
+    assert_eq!(body(port), "before");
+
+    drop(plane1);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        body(port),
+        "before",
+        "the last configuration keeps serving without a server"
+    );
+    assert!(ferry.stat("xds.reconnect") >= 1);
+
+    let second = Cache::new();
+    fill(&second, "after");
+    let plane2 = plane_on(second, xds_port)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while body(port) != "after" {
+        ensure!(Instant::now() < deadline, "no resumption: {}", ferry.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = plane2.server.status();
+    let cds = status
+        .iter()
+        .rev()
+        .find_map(|s| s.types.get(CLUSTER).cloned())
+        .context("no CDS status")?;
+    if delta {
+        // The cluster did not change: the resumed stream did not carry it.
+        assert_eq!(cds.sent_resources, 0, "{cds:?}");
+    } else {
+        assert_eq!(cds.sent_resources, 1, "{cds:?}");
+    }
+    assert_eq!(ferry.stat("xds.update_rejected"), 0);
+    Ok(())
+}
+
+#[test]
+fn reconnects_and_resumes_sotw() -> Result<()> {
+    reconnect(false)
+}
+
+#[test]
+fn reconnects_and_resumes_delta() -> Result<()> {
+    reconnect(true)
 }
