@@ -215,6 +215,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                         release_free_memory();
                         if !apply_rt.ready.swap(true, Ordering::AcqRel) {
                             tracing::info!("first configuration from xDS applied; ready");
+                            release_startup_pages();
                         }
                     }
                 }
@@ -226,6 +227,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 anyhow::bail!("listener {name:?}: {e}");
             }
             rt.ready.store(true, Ordering::Release);
+            release_startup_pages();
         }
     }
     tokio::spawn(crate::admin::serve(
@@ -256,6 +258,32 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     tracing::info!("exiting");
     Ok(())
+}
+
+/// Start-up code (configuration parsing through the descriptor set, command
+/// line handling) is never run again once the proxy serves: its pages of the
+/// executable are handed back to the kernel, which faults in again whatever
+/// the data path touches. Only clean, file-backed pages of our own binary
+/// are concerned.
+pub fn release_startup_pages() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return };
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+    let exe = exe.to_string_lossy().into_owned();
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else { continue };
+        if perms.contains('w') || !line.ends_with(exe.as_str()) {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) else { continue };
+        // SAFETY: the range is a read-only mapping of our executable taken
+        // from /proc/self/maps; MADV_PAGEOUT only drops clean pages, which
+        // fault back in from the file on the next access.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT);
+        }
+    }
 }
 
 /// Returns freed allocator pages to the OS (the binary's allocator is mimalloc).
