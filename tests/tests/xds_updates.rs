@@ -676,3 +676,67 @@ fn reconnects_and_resumes_sotw() -> Result<()> {
 fn reconnects_and_resumes_delta() -> Result<()> {
     reconnect(true)
 }
+
+/// The xDS server on a Unix socket, as istio-agent serves it to Envoy.
+#[test]
+fn xds_over_a_unix_socket() -> Result<()> {
+    let d = Descriptors::load().map_err(anyhow::Error::msg)?;
+    let port = free_port();
+    let cache = Cache::new();
+    cache.set(
+        LISTENER,
+        [("web".to_string(), listener(&d, "web", port, "web"))],
+    );
+    cache.set(
+        ROUTE,
+        [(
+            "web-routes".to_string(),
+            direct_routes(&d, "web-routes", "over uds"),
+        )],
+    );
+    let dir = std::env::temp_dir().join(format!("ferry-uds-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("XDS");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let server = Server::new(cache);
+    let uds = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(&sock)?
+    };
+    let svc = server.ads_service();
+    rt.spawn(async move {
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(uds);
+        let _ = tonic::transport::Server::builder()
+            .serve_with_incoming(svc, incoming)
+            .await;
+    });
+    let config = format!(
+        r#"node: {{id: "{NODE}", cluster: updates}}
+dynamic_resources:
+  ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{}"}}}}}}}}]}}]
+"#,
+        sock.display()
+    );
+    let ferry = Ferry::spawn(&config, &["--concurrency", "1"])?;
+    wait_listening(port)?;
+    assert_eq!(body(port), "over uds", "{}", ferry.log());
+    drop(rt);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
