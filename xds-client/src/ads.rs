@@ -338,6 +338,28 @@ impl Client {
         }
     }
 
+    /// The next response; while waiting, warming resources whose initial
+    /// fetch timeout passes are activated (the snapshot is published again).
+    async fn next_message<T>(
+        &mut self,
+        stream: &mut tonic::Streaming<T>,
+        deadline: &mut Option<Instant>,
+    ) -> Result<T, StreamError> {
+        loop {
+            let msg = match *deadline {
+                Some(d) => tokio::select! {
+                    m = stream.message() => m?,
+                    _ = tokio::time::sleep_until(d.into()) => {
+                        *deadline = self.publish();
+                        continue;
+                    }
+                },
+                None => stream.message().await?,
+            };
+            return msg.ok_or(StreamError::Closed);
+        }
+    }
+
     // ------------------------------------------------------------ SotW
 
     async fn sotw(&mut self) -> Result<(), StreamError> {
@@ -379,17 +401,7 @@ impl Client {
             .into_inner();
         let mut deadline: Option<Instant> = None;
         loop {
-            let sleep = deadline.map(|d| tokio::time::sleep_until(d.into()));
-            let msg = match sleep {
-                Some(s) => tokio::select! {
-                    m = stream.message() => m?,
-                    _ = s => { deadline = self.publish(); continue; }
-                },
-                None => stream.message().await?,
-            };
-            let Some(resp) = msg else {
-                return Err(StreamError::Closed);
-            };
+            let resp = self.next_message(&mut stream, &mut deadline).await?;
             deadline = self.on_sotw(resp, &tx, &mut subs).await;
         }
     }
@@ -512,17 +524,7 @@ impl Client {
             .into_inner();
         let mut deadline: Option<Instant> = None;
         loop {
-            let sleep = deadline.map(|d| tokio::time::sleep_until(d.into()));
-            let msg = match sleep {
-                Some(s) => tokio::select! {
-                    m = stream.message() => m?,
-                    _ = s => { deadline = self.publish(); continue; }
-                },
-                None => stream.message().await?,
-            };
-            let Some(resp) = msg else {
-                return Err(StreamError::Closed);
-            };
+            let resp = self.next_message(&mut stream, &mut deadline).await?;
             deadline = self.on_delta(resp, &tx, &mut subs).await;
         }
     }
