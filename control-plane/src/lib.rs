@@ -5,5 +5,6 @@
 //! bootstrap. Translation of Istio resources will feed the same cache.
 
 pub mod istio;
+pub mod pilot;
 pub mod replay;
 pub mod xds;

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -41,6 +42,21 @@ enum Command {
         dynamic_only: bool,
         #[command(flatten)]
         serve: ServeArgs,
+    },
+    /// Serves Istio configuration (a directory of YAML, watched for
+    /// changes) over ADS: each proxy gets what istiod would send it.
+    Serve {
+        /// Directory of Kubernetes and Istio YAML.
+        #[arg(long)]
+        config: PathBuf,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Validates a directory of Istio configuration like `istioctl analyze`;
+    /// exits non-zero on errors.
+    Analyze {
+        /// Directory (or file) of Kubernetes and Istio YAML.
+        dir: PathBuf,
     },
     /// Serves the static listeners, clusters and secrets of an Envoy
     /// bootstrap over ADS.
@@ -107,7 +123,61 @@ async fn serve(resources: Resources, args: ServeArgs) -> anyhow::Result<()> {
         replay.secrets = resources.secrets.len(),
         "resources loaded"
     );
-    let server = Server::new(cache);
+    serve_with(Server::new(cache), args).await
+}
+
+async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+    use ferry_pilot::istio::source::{DirectorySource, Source};
+    use ferry_pilot::istio::translate::MeshOptions;
+    use ferry_pilot::pilot::Pilot;
+    let source = Arc::new(DirectorySource::new(dir.clone()));
+    let snapshot = source
+        .list()
+        .with_context(|| format!("--config {}", dir.display()))?;
+    let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default())?);
+    tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
+    let _poller = source.spawn_poller(std::time::Duration::from_millis(500));
+    tokio::spawn(
+        pilot
+            .clone()
+            .follow(source, std::time::Duration::from_millis(100)),
+    );
+    let resolver = {
+        let pilot = pilot.clone();
+        Arc::new(move |node: &envoy_types::pb::envoy::config::core::v3::Node| pilot.cache_for(node))
+    };
+    serve_with(Server::per_node(Cache::new(), resolver), args).await
+}
+
+fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {
+    use ferry_pilot::istio::source::load_dir;
+    use ferry_pilot::istio::validate::{Severity, validate};
+    let snapshot = load_dir(dir).with_context(|| format!("{}", dir.display()))?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut errors = 0;
+    for e in &snapshot.errors {
+        errors += 1;
+        writeln!(out, "Error {e}")?;
+    }
+    for f in validate(&snapshot) {
+        if f.severity == Severity::Error {
+            errors += 1;
+        }
+        writeln!(out, "{f}")?;
+    }
+    if errors == 0 {
+        writeln!(
+            out,
+            "No validation issues found when analyzing {} ({} resources).",
+            dir.display(),
+            snapshot.resources.len()
+        )?;
+    }
+    Ok(errors == 0)
+}
+
+async fn serve_with(server: Server, args: ServeArgs) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -150,6 +220,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             (replay::load_config_dump(&dump, opts)?, serve)
         }
         Command::ServeStatic { bootstrap, serve } => (replay::load_bootstrap(&bootstrap)?, serve),
+        Command::Serve { config, serve } => {
+            return tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(serve_istio(config, serve));
+        }
+        Command::Analyze { dir } => {
+            if analyze(&dir)? {
+                return Ok(());
+            }
+            anyhow::bail!("{}: configuration has errors", dir.display());
+        }
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -294,6 +294,14 @@ impl StreamState for DeltaStream {
     type Request = DeltaDiscoveryRequest;
     type Response = DeltaDiscoveryResponse;
 
+    fn node_of(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn use_cache(&mut self, cache: Cache) {
+        self.cache = cache;
+    }
+
     fn on_request(
         &mut self,
         req: DeltaDiscoveryRequest,

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -44,14 +45,31 @@ pub(crate) trait StreamState: Send + 'static {
     fn on_request(&mut self, req: Self::Request) -> Result<Option<Self::Response>, Status>;
     /// The cache changed: the responses the stream's subscriptions need.
     fn on_change(&mut self) -> Vec<Self::Response>;
+    /// The node a request identifies itself as (the first one carries it).
+    fn node_of(req: &Self::Request) -> Option<&Node>;
+    /// Serves this stream from `cache` (chosen once its node is known).
+    fn use_cache(&mut self, cache: Cache);
 }
 
-#[derive(Debug)]
+/// Chooses the cache a node is served from: per-proxy configuration, as
+/// istiod computes it for each proxy from its node metadata.
+pub type CacheResolver = Arc<dyn Fn(&Node) -> Cache + Send + Sync>;
+
 struct Inner {
     cache: Cache,
+    resolver: Option<CacheResolver>,
     registry: Arc<Registry>,
     /// Set when the server shuts down, which ends every stream.
     shutdown: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("cache", &self.cache)
+            .field("per_node", &self.resolver.is_some())
+            .finish()
+    }
 }
 
 /// The ADS server: the cache it serves and the status of its streams.
@@ -69,9 +87,20 @@ pub struct AdsService {
 
 impl Server {
     pub fn new(cache: Cache) -> Self {
+        Self::build(cache, None)
+    }
+
+    /// A server whose streams are each served from the cache `resolver`
+    /// picks for their node; `fallback` serves a stream that names no node.
+    pub fn per_node(fallback: Cache, resolver: CacheResolver) -> Self {
+        Self::build(fallback, Some(resolver))
+    }
+
+    fn build(cache: Cache, resolver: Option<CacheResolver>) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cache,
+                resolver,
                 registry: Arc::new(Registry::new()),
                 shutdown: watch::Sender::new(false),
             }),
@@ -209,7 +238,14 @@ impl AdsService {
         // right after the stream opened is not missed.
         let changes = self.inner.cache.changes();
         let shutdown = self.inner.shutdown.subscribe();
-        tokio::spawn(drive(state, inbound, tx, changes, shutdown));
+        tokio::spawn(drive(
+            state,
+            inbound,
+            tx,
+            changes,
+            shutdown,
+            self.inner.resolver.clone(),
+        ));
         ReceiverStream::new(rx)
     }
 }
@@ -252,7 +288,32 @@ async fn drive<S: StreamState>(
     tx: mpsc::Sender<Result<S::Response, Status>>,
     mut changes: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
+    resolver: Option<CacheResolver>,
 ) {
+    if let Some(resolve) = resolver {
+        // The node arrives with the first request: its cache is chosen then.
+        let first = match inbound.message().await {
+            Ok(Some(req)) => req,
+            _ => return,
+        };
+        if let Some(node) = S::node_of(&first) {
+            let cache = resolve(node);
+            changes = cache.changes();
+            state.use_cache(cache);
+        }
+        match state.on_request(first) {
+            Ok(Some(r)) => {
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    }
     loop {
         let out: Vec<S::Response> = tokio::select! {
             msg = inbound.message() => match msg {

@@ -198,6 +198,14 @@ impl StreamState for SotwStream {
     type Request = DiscoveryRequest;
     type Response = DiscoveryResponse;
 
+    fn node_of(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn use_cache(&mut self, cache: Cache) {
+        self.cache = cache;
+    }
+
     fn on_request(&mut self, req: DiscoveryRequest) -> Result<Option<DiscoveryResponse>, Status> {
         self.note_node(req.node.as_ref());
         if req.type_url.is_empty() {

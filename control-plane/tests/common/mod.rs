@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,11 +26,13 @@ use ferry_pilot::xds::{self, Cache, Server, to_any};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use prost::{Message, Name};
+use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+pub const ENVOY_WAIT: Duration = Duration::from_secs(30);
 pub const WAIT: Duration = Duration::from_secs(10);
 /// How long a client listens to conclude that nothing was sent.
 pub const QUIET: Duration = Duration::from_millis(300);
@@ -328,4 +332,126 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// The reference Envoy, installed by `scripts/install-envoy.sh`; `None`
+/// (skip) only outside CI.
+pub fn envoy_binary() -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-envoy.sh");
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    match Command::new("bash").arg(&script).output() {
+        Ok(out) if out.status.success() => {
+            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if path.is_file() {
+                return Some(path);
+            }
+            assert!(!ci, "install-envoy.sh printed no binary: {path:?}");
+        }
+        Ok(out) => assert!(
+            !ci,
+            "install-envoy.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => assert!(!ci, "cannot run install-envoy.sh: {e}"),
+    }
+    eprintln!("Envoy could not be installed; skipped (set CI=true to fail instead)");
+    None
+}
+
+/// An Envoy process, killed on drop; its log is printed if the test fails.
+pub struct Envoy {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Envoy {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    pub async fn admin(&self) -> SocketAddr {
+        let path = self.dir.join("admin-address");
+        for _ in 0..600 {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(addr) = text.trim().parse()
+            {
+                return addr;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("Envoy wrote no admin address; log:\n{}", self.log());
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- Envoy log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts Envoy on an ADS bootstrap pointing at `xds`, with node `metadata`.
+pub fn start_envoy(
+    bin: &Path,
+    node: &str,
+    api_type: &str,
+    xds: SocketAddr,
+    metadata: serde_json::Value,
+) -> Envoy {
+    let dir = std::env::temp_dir().join(format!("ferry-pilot-envoy-{node}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bootstrap = json!({
+        "node": {"id": node, "cluster": "ferry-test", "metadata": metadata},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"}
+        },
+        "static_resources": {"clusters": [{
+            "name": "xds-grpc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }
+            },
+            "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": xds.ip().to_string(), "port_value": xds.port()}}
+            }}]}]}
+        }]}
+    });
+    let config = dir.join("bootstrap.json");
+    std::fs::write(&config, bootstrap.to_string()).expect("write bootstrap");
+    // Envoy's stderr rather than --log-path: the file sink buffers, and a
+    // killed Envoy would leave its last lines unwritten.
+    let log = std::fs::File::create(dir.join("envoy.log")).expect("envoy log file");
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&config)
+        .arg("--admin-address-path")
+        .arg(dir.join("admin-address"))
+        .args(["--disable-hot-restart", "--concurrency", "1"])
+        .args([
+            "--log-level",
+            "info",
+            "--component-log-level",
+            "config:debug",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start envoy");
+    Envoy { child, dir }
 }

@@ -1,0 +1,153 @@
+//! `ferry-pilot serve`: Istio configuration from a [`Source`], validated as
+//! galley does, translated per proxy as istiod does, served over ADS. Each
+//! proxy gets a cache of its own, computed when it connects (its node names
+//! its namespace, labels and service account) and recomputed on every
+//! accepted change of the source. A change with errors is refused with the
+//! validation messages and the last good configuration keeps serving.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+
+use crate::istio::source::{Snapshot, Source};
+use crate::istio::translate::{Mesh, MeshOptions, Proxy, ProxyConfig};
+use crate::istio::validate::{self, Severity};
+use crate::xds::{CLUSTER, Cache, ENDPOINT, LISTENER, ROUTE, to_any};
+
+/// Why a configuration was refused: every problem, one message each.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration refused:\n{}", .0.join("\n"))]
+pub struct Refused(pub Vec<String>);
+
+/// The errors of a snapshot: load errors (syntax, unknown fields) and
+/// validation findings of severity Error.
+pub fn problems(snapshot: &Snapshot) -> Vec<String> {
+    let mut out: Vec<String> = snapshot.errors.iter().map(|e| e.to_string()).collect();
+    out.extend(
+        validate::validate(snapshot)
+            .into_iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.to_string()),
+    );
+    out
+}
+
+struct State {
+    mesh: Arc<Mesh>,
+    /// Every proxy seen, by node id: its identity and its cache.
+    proxies: HashMap<String, (Proxy, Cache)>,
+}
+
+/// The translation side of the control plane.
+pub struct Pilot {
+    state: Mutex<State>,
+    options: MeshOptions,
+}
+
+fn fill(cache: &Cache, cfg: &ProxyConfig) {
+    // Clusters and endpoints before listeners and routes, as the proxy
+    // wants them.
+    cache.set(
+        CLUSTER,
+        cfg.clusters.iter().map(|c| (c.name.clone(), to_any(c))),
+    );
+    cache.set(
+        ENDPOINT,
+        cfg.endpoints
+            .iter()
+            .map(|e| (e.cluster_name.clone(), to_any(e))),
+    );
+    cache.set(
+        LISTENER,
+        cfg.listeners.iter().map(|l| (l.name.clone(), to_any(l))),
+    );
+    cache.set(
+        ROUTE,
+        cfg.routes.iter().map(|r| (r.name.clone(), to_any(r))),
+    );
+}
+
+impl Pilot {
+    /// Builds from a first snapshot, which must be valid.
+    pub fn new(snapshot: &Snapshot, options: MeshOptions) -> Result<Self, Refused> {
+        let errors = problems(snapshot);
+        if !errors.is_empty() {
+            return Err(Refused(errors));
+        }
+        Ok(Self {
+            state: Mutex::new(State {
+                mesh: Arc::new(Mesh::new(snapshot, options.clone())),
+                proxies: HashMap::new(),
+            }),
+            options,
+        })
+    }
+
+    /// The cache a connecting node is served from.
+    pub fn cache_for(&self, node: &Node) -> Cache {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, cache)) = st.proxies.get(&node.id) {
+            return cache.clone();
+        }
+        let cache = Cache::new();
+        match Proxy::from_node(node) {
+            Ok(mut proxy) => {
+                st.mesh.complete_proxy(&mut proxy);
+                fill(&cache, &st.mesh.proxy_config(&proxy));
+                tracing::info!(xds.node = %node.id, proxy.namespace = %proxy.namespace, "proxy connected");
+                st.proxies.insert(node.id.clone(), (proxy, cache.clone()));
+            }
+            // The node cannot be placed: it gets nothing rather than
+            // somebody else's configuration.
+            Err(e) => tracing::warn!(xds.node = %node.id, error = %e, "proxy cannot be served"),
+        }
+        cache
+    }
+
+    /// Applies a new snapshot of the source: refused with its problems, or
+    /// translated and pushed to every known proxy. Returns how many proxies
+    /// were updated.
+    pub fn update(&self, snapshot: &Snapshot) -> Result<usize, Refused> {
+        let errors = problems(snapshot);
+        if !errors.is_empty() {
+            return Err(Refused(errors));
+        }
+        let mesh = Arc::new(Mesh::new(snapshot, self.options.clone()));
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.mesh = mesh.clone();
+        for (proxy, cache) in st.proxies.values_mut() {
+            mesh.complete_proxy(proxy);
+            fill(cache, &mesh.proxy_config(proxy));
+        }
+        Ok(st.proxies.len())
+    }
+
+    /// Follows `source`: after each change (debounced by `quiet`), re-lists
+    /// and applies it. Runs until the source goes away.
+    pub async fn follow(self: Arc<Self>, source: Arc<dyn Source>, quiet: Duration) {
+        let mut changes = source.subscribe();
+        while changes.changed().await.is_ok() {
+            // Editors write files in several steps: wait for calm.
+            loop {
+                tokio::time::sleep(quiet).await;
+                if !changes.has_changed().unwrap_or(false) {
+                    break;
+                }
+                changes.borrow_and_update();
+            }
+            match source.list() {
+                Ok(snapshot) => match self.update(&snapshot) {
+                    Ok(n) => tracing::info!(proxies = n, "configuration pushed"),
+                    Err(refused) => {
+                        for p in &refused.0 {
+                            tracing::error!(config.error = %p, "configuration refused; the last good one keeps serving");
+                        }
+                    }
+                },
+                Err(e) => tracing::error!(error = %e, "cannot read the configuration source"),
+            }
+        }
+    }
+}
