@@ -9,6 +9,14 @@ pub struct Cluster {
     pub kind: ClusterKind,
     pub connect_timeout: Duration,
     pub lb_policy: LbPolicy,
+    /// The policy's settings (`*_lb_config`, `common_lb_config`).
+    pub lb: LbConfig,
+    /// `outlier_detection`; `None`: endpoints are never ejected.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// `circuit_breakers.thresholds` by routing priority.
+    pub circuit_breakers: CircuitBreakers,
+    /// HTTP/2 `max_concurrent_streams` upstream (Envoy's default 2^31 - 1).
+    pub max_concurrent_streams: Option<u32>,
     pub protocol: UpstreamProtocol,
     /// How long an idle pooled upstream connection is kept (Envoy default 1 h).
     pub idle_timeout: Option<Duration>,
@@ -54,6 +62,29 @@ pub struct Endpoint {
     pub weight: u32,
     /// `filter_metadata["envoy.transport_socket_match"]` as strings.
     pub transport_socket_match: Vec<(String, String)>,
+    /// The locality's priority (0 is the most preferred).
+    pub priority: u32,
+    /// Index of the endpoint's locality within the assignment, so that
+    /// endpoints of one locality can be grouped again.
+    pub locality: u32,
+    /// `load_balancing_weight` of the locality (locality-weighted balancing).
+    pub locality_weight: u32,
+    /// EDS health status as the balancer uses it.
+    pub health: EndpointHealth,
+}
+
+/// Envoy's health statuses folded into what load balancing distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointHealth {
+    /// HEALTHY or UNKNOWN.
+    #[default]
+    Healthy,
+    /// DEGRADED: used only while no healthy endpoint of its priority is left.
+    Degraded,
+    /// UNHEALTHY, DRAINING or TIMEOUT: counts towards its priority's size
+    /// (so the healthy share, and the spill-over, are Envoy's) but gets no
+    /// traffic outside panic mode.
+    Unhealthy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,4 +111,137 @@ pub enum UpstreamProtocol {
     Http2,
     /// The downstream request's version (Istio's protocol sniffing clusters).
     UseDownstream,
+}
+
+/// Settings of the load balancing policies (Envoy's defaults in [`Default`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbConfig {
+    /// Least request: hosts sampled per pick (`choice_count`, default 2).
+    pub choice_count: u32,
+    /// Ring hash: `minimum_ring_size` (1024) and `maximum_ring_size` (8M).
+    pub min_ring_size: u64,
+    pub max_ring_size: u64,
+    /// Maglev: `table_size`, a prime (65537).
+    pub maglev_table_size: u64,
+    /// `common_lb_config.locality_weighted_lb_config` is set.
+    pub locality_weighted: bool,
+    /// Priority spill-over factor in percent (`overprovisioning_factor`, 140).
+    pub overprovisioning_factor: u32,
+    /// Least request scored by a peak-sensitive moving average of latency
+    /// instead of active requests (metadata `ferry.lb: peak_ewma`); an opt-in
+    /// that reacts to a slow endpoint before its queue builds up.
+    pub peak_ewma: bool,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        Self {
+            choice_count: 2,
+            min_ring_size: 1024,
+            max_ring_size: 8 * 1024 * 1024,
+            maglev_table_size: 65537,
+            locality_weighted: false,
+            overprovisioning_factor: 140,
+            peak_ewma: false,
+        }
+    }
+}
+
+/// `outlier_detection`, with Envoy's defaults in [`Default`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway_failure: u32,
+    pub consecutive_local_origin_failure: u32,
+    /// Percent chance that a detected outlier is ejected (`enforcing_*`).
+    pub enforcing_consecutive_5xx: u32,
+    pub enforcing_consecutive_gateway_failure: u32,
+    pub enforcing_consecutive_local_origin_failure: u32,
+    pub enforcing_success_rate: u32,
+    /// Local-origin errors (connect failure, reset, timeout) counted apart
+    /// from the status codes the endpoint answered.
+    pub split_external_local_origin_errors: bool,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    pub success_rate_minimum_hosts: u32,
+    pub success_rate_request_volume: u32,
+    /// The ejection threshold is mean - stdev × factor / 1000.
+    pub success_rate_stdev_factor: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_gateway_failure: 5,
+            consecutive_local_origin_failure: 5,
+            enforcing_consecutive_5xx: 100,
+            enforcing_consecutive_gateway_failure: 0,
+            enforcing_consecutive_local_origin_failure: 100,
+            enforcing_success_rate: 100,
+            split_external_local_origin_errors: false,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            success_rate_minimum_hosts: 5,
+            success_rate_request_volume: 100,
+            success_rate_stdev_factor: 1900,
+        }
+    }
+}
+
+/// One priority's circuit breaker thresholds (Envoy's defaults in [`Default`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    pub max_requests: u32,
+    pub max_retries: u32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+/// `circuit_breakers.thresholds` for the DEFAULT and HIGH routing priorities.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CircuitBreakers {
+    pub default: Thresholds,
+    pub high: Thresholds,
+}
+
+/// One of a route's `hash_policy` entries: what a request's hash for ring
+/// hash and maglev is computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashPolicy {
+    pub kind: HashPolicyKind,
+    /// Stop at this policy when it produced a hash.
+    pub terminal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashPolicyKind {
+    /// The value(s) of a request header (lower-case name).
+    Header(String),
+    /// A cookie; with a `ttl`, a missing cookie is generated and sent back
+    /// with `set-cookie` so the client sticks from then on.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: Option<String>,
+    },
+    /// The downstream connection's source IP.
+    SourceIp,
+    /// A query parameter of the request path.
+    QueryParameter(String),
 }

@@ -7,6 +7,7 @@
 
 pub mod cidr;
 pub mod cluster;
+pub mod fault;
 pub mod listener;
 pub mod route;
 pub mod tls;
@@ -18,8 +19,9 @@ pub use cidr::CidrRange;
 pub use cluster::{Cluster, ClusterKind, Endpoint, LbPolicy, UpstreamProtocol};
 pub use listener::{
     ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
-    Listener, ListenerFilters, RouteSource, TcpProxy,
+    HttpFilter, HttpFilterConfig, Listener, ListenerFilters, RouteSource, TcpProxy,
 };
+pub use route::{AttemptCount, Fraction, MirrorPolicy, RetryOn, RetryPolicy};
 pub use route::{
     ClusterSpecifier, DomainMatcher, HeaderMatcher, PathMatch, Route, RouteAction, RouteConfig,
     RouteMatch, StringMatcher, VirtualHost, WeightedCluster,

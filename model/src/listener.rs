@@ -121,6 +121,21 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub use_remote_address: bool,
+    /// The HTTP filters Ferry runs before the router, in order.
+    pub http_filters: Vec<HttpFilter>,
+}
+
+/// One implemented HTTP filter of a connection manager, with the name
+/// per-route overrides (`typed_per_filter_config`) refer to it by.
+#[derive(Debug, Clone)]
+pub struct HttpFilter {
+    pub name: String,
+    pub config: HttpFilterConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum HttpFilterConfig {
+    Fault(Arc<crate::fault::FaultConfig>),
 }
 
 /// Where a connection manager's route table comes from.

@@ -73,6 +73,21 @@ pub struct Route {
     pub action: RouteAction,
     pub request_headers_to_add: Vec<(http::HeaderName, http::HeaderValue, bool)>,
     pub request_headers_to_remove: Vec<http::HeaderName>,
+    /// `route.hash_policy`: the request hash for ring hash and maglev clusters.
+    pub hash_policy: Vec<crate::cluster::HashPolicy>,
+    /// Per-filter overrides of the fault filter (`typed_per_filter_config`),
+    /// by HTTP filter name; the route's entry replaces its virtual host's.
+    pub fault_overrides: Vec<(String, std::sync::Arc<crate::fault::FaultConfig>)>,
+}
+
+impl Route {
+    /// The fault configuration overriding the filter named `filter`, if any.
+    pub fn fault_override(&self, filter: &str) -> Option<&crate::fault::FaultConfig> {
+        self.fault_overrides
+            .iter()
+            .find(|(n, _)| n == filter)
+            .map(|(_, f)| f.as_ref())
+    }
 }
 
 #[derive(Debug)]
@@ -161,6 +176,19 @@ pub enum RouteAction {
         host_rewrite: Option<String>,
         /// Envoy's default route timeout is 15 s; `None` disables it.
         timeout: Option<Duration>,
+        /// The route's retry policy, or its virtual host's (a route's own
+        /// policy replaces the virtual host's whole, as in Envoy).
+        retry_policy: Option<std::sync::Arc<RetryPolicy>>,
+        /// Per-route stream idle timeout (`RouteAction.idle_timeout`).
+        idle_timeout: Option<Duration>,
+        /// `request_mirror_policies`: shadow copies to other clusters.
+        mirrors: Vec<MirrorPolicy>,
+        /// `max_stream_duration.max_stream_duration`: the longest the whole
+        /// exchange may take, from the request's arrival.
+        max_stream_duration: Option<Duration>,
+        /// The virtual host's `include_request_attempt_count` and
+        /// `include_attempt_count_in_response` (`x-envoy-attempt-count`).
+        attempt_count: AttemptCount,
     },
     DirectResponse {
         status: http::StatusCode,
@@ -175,6 +203,135 @@ pub enum RouteAction {
         prefix_rewrite: Option<String>,
         strip_query: bool,
     },
+}
+
+/// Envoy's `FractionalPercent`: `numerator` out of `denominator`
+/// (100, 10 000 or 1 000 000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fraction {
+    pub numerator: u32,
+    pub denominator: u32,
+}
+
+impl Fraction {
+    pub const ALL: Fraction = Fraction {
+        numerator: 100,
+        denominator: 100,
+    };
+
+    /// Whether a uniform random `roll` falls inside the fraction, as Envoy's
+    /// runtime feature check does (`roll % denominator < numerator`).
+    pub fn hits(&self, roll: u64) -> bool {
+        self.denominator != 0 && roll % u64::from(self.denominator) < u64::from(self.numerator)
+    }
+}
+
+/// Where `x-envoy-attempt-count` is added (Envoy adds it only when asked).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttemptCount {
+    pub request: bool,
+    pub response: bool,
+}
+
+/// `RouteAction.request_mirror_policies[]`.
+#[derive(Debug, Clone)]
+pub struct MirrorPolicy {
+    pub cluster: String,
+    /// `runtime_fraction.default_value`; absent means every request.
+    pub fraction: Fraction,
+}
+
+/// The conditions of `retry_on` (Envoy's names in comments).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx response, a reset, a connect failure or a per-try timeout.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504, and resets as `5xx`.
+    pub gateway_error: bool,
+    /// `reset`: the upstream reset, disconnected or timed out (per try).
+    pub reset: bool,
+    /// `connect-failure`: connection failure or connect timeout.
+    pub connect_failure: bool,
+    /// `retriable-4xx`: 409.
+    pub retriable_4xx: bool,
+    /// `refused-stream`: HTTP/2 REFUSED_STREAM.
+    pub refused_stream: bool,
+    /// `retriable-status-codes`: the policy's `retriable_status_codes`.
+    pub retriable_status_codes: bool,
+    /// `reset-before-request`: a reset before any byte of the request was sent.
+    pub reset_before_request: bool,
+    /// gRPC `grpc-status` in the response headers: `cancelled` (1),
+    /// `deadline-exceeded` (4), `resource-exhausted` (8), `internal` (13),
+    /// `unavailable` (14).
+    pub grpc_cancelled: bool,
+    pub grpc_deadline_exceeded: bool,
+    pub grpc_resource_exhausted: bool,
+    pub grpc_internal: bool,
+    pub grpc_unavailable: bool,
+}
+
+impl RetryOn {
+    /// Parses Envoy's comma-separated `retry_on`; returns the conditions and
+    /// the names it does not know (which Envoy ignores).
+    pub fn parse(s: &str) -> (Self, Vec<String>) {
+        let mut on = RetryOn::default();
+        let mut unknown = Vec::new();
+        for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            match token {
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                "refused-stream" => on.refused_stream = true,
+                "retriable-status-codes" => on.retriable_status_codes = true,
+                "reset-before-request" => on.reset_before_request = true,
+                "cancelled" => on.grpc_cancelled = true,
+                "deadline-exceeded" => on.grpc_deadline_exceeded = true,
+                "resource-exhausted" => on.grpc_resource_exhausted = true,
+                "internal" => on.grpc_internal = true,
+                "unavailable" => on.grpc_unavailable = true,
+                other => unknown.push(other.to_string()),
+            }
+        }
+        (on, unknown)
+    }
+}
+
+/// A route's retry policy (`envoy.config.route.v3.RetryPolicy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub retry_on: RetryOn,
+    /// Retries after the first attempt (Envoy's default is 1).
+    pub num_retries: u32,
+    /// Timeout of each attempt; `None` leaves only the route timeout.
+    pub per_try_timeout: Option<Duration>,
+    pub retriable_status_codes: Vec<u16>,
+    /// Exponential back-off: base interval (default 25 ms) and cap
+    /// (default 10 × base).
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// `envoy.retry_host_predicates.previous_hosts`: a retry avoids the
+    /// endpoints already tried.
+    pub previous_hosts: bool,
+    /// `host_selection_retry_max_attempts` (default 1): how many times the
+    /// endpoint choice is redone to satisfy the host predicate.
+    pub host_selection_max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            retry_on: RetryOn::default(),
+            num_retries: 1,
+            per_try_timeout: None,
+            retriable_status_codes: Vec::new(),
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            previous_hosts: false,
+            host_selection_max_attempts: 1,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -329,6 +486,8 @@ mod tests {
             },
             request_headers_to_add: vec![],
             request_headers_to_remove: vec![],
+            fault_overrides: vec![],
+            hash_policy: vec![],
         }
     }
 
@@ -416,6 +575,27 @@ mod tests {
         assert!(m(None, false, true).matches(&h));
         assert!(!m(None, false, true).matches(&HeaderMap::new()));
         assert!(m(None, false, false).matches(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn retry_on_and_fractions() {
+        let (on, unknown) = RetryOn::parse("5xx, connect-failure,unavailable,bogus");
+        assert!(on.server_error && on.connect_failure && on.grpc_unavailable);
+        assert!(!on.gateway_error && !on.reset);
+        assert_eq!(unknown, vec!["bogus".to_string()]);
+        let half = Fraction {
+            numerator: 50,
+            denominator: 100,
+        };
+        assert_eq!((0..1000).filter(|r| half.hits(*r)).count(), 500);
+        assert!(
+            !Fraction {
+                numerator: 0,
+                denominator: 100
+            }
+            .hits(0)
+        );
+        assert!(Fraction::ALL.hits(99));
     }
 
     #[test]

@@ -7,14 +7,19 @@
 //! another connection. A bodiless idempotent request that was already written
 //! when the server closed the reused connection is sent again too. This closes
 //! the keep-alive race that otherwise shows up as sporadic 503s.
+//!
+//! Each cluster also owns its circuit breakers ([`Breakers`]) and outlier
+//! detector; both survive endpoint-only updates, as do the pools, so that
+//! in-flight counts and ejections are not forgotten when EDS changes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use ferry_model::cluster::{EndpointHealth, Thresholds};
 use ferry_model::{Cluster, ClusterKind, Snapshot};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -23,7 +28,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::http::body::UpstreamBody;
-use crate::stats::{ClusterStats, Stats};
+use crate::lb::{Balancer, HostMeta, LbHost};
+use crate::outlier::{Detector, HostOutlier, Outcome};
+use crate::stats::{ClusterStats, Counter, Stats};
 
 /// Why an upstream request failed, with what Envoy reports for it.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,9 @@ pub enum UpstreamError {
         "upstream connect error or disconnect/reset before headers. reset reason: TLS origination not supported"
     )]
     TlsUnsupported,
+    /// A circuit breaker is open (max requests, pending requests or connections).
+    #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
+    Overflow,
 }
 
 impl UpstreamError {
@@ -59,6 +69,7 @@ impl UpstreamError {
             | UpstreamError::ConnectTimeout
             | UpstreamError::TlsUnsupported => "UF",
             UpstreamError::Reset(_) => "UC",
+            UpstreamError::Overflow => "UO",
         }
     }
 }
@@ -134,11 +145,11 @@ fn same_except_endpoints(a: &Cluster, b: &Cluster) -> bool {
 pub struct ClusterRt {
     pub cfg: Arc<Cluster>,
     pub stats: ClusterStats,
-    rr: AtomicUsize,
-    /// Pools of the fixed endpoints (STATIC), in endpoint order.
-    fixed: Vec<Arc<EndpointPool>>,
-    /// Pools of resolved addresses (STRICT_DNS).
-    resolved: ArcSwap<Vec<Arc<EndpointPool>>>,
+    /// Breakers and outlier detector, shared with the endpoint pools.
+    pub shared: Arc<ClusterShared>,
+    /// The balancer over the pools of the fixed (STATIC, EDS) or resolved
+    /// (STRICT_DNS) endpoints; a DNS refresh swaps it.
+    balancer: ArcSwap<Balancer<Arc<EndpointPool>>>,
     /// Pools created on demand for original destinations (ORIGINAL_DST).
     dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
 }
@@ -163,18 +174,21 @@ impl ClusterRt {
                     }
                 }
                 let Some(c) = weak.upgrade() else { return };
-                if !addrs.is_empty() || c.resolved.load().is_empty() {
-                    let old = c.resolved.load_full();
-                    let pools = addrs
+                if !addrs.is_empty() || c.balancer.load().hosts().is_empty() {
+                    let old = c.balancer.load_full();
+                    let pools: Vec<_> = addrs
                         .iter()
                         .map(|a| {
-                            old.iter()
+                            let pool = old
+                                .hosts()
+                                .iter()
                                 .find(|p| p.address == *a)
                                 .cloned()
-                                .unwrap_or_else(|| Arc::new(EndpointPool::new(*a, &c)))
+                                .unwrap_or_else(|| Arc::new(EndpointPool::new(*a, &c)));
+                            (pool, HostMeta::default())
                         })
                         .collect();
-                    c.resolved.store(Arc::new(pools));
+                    c.install(pools);
                 }
                 drop(c);
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -183,20 +197,26 @@ impl ClusterRt {
     }
 
     fn new(cfg: Arc<Cluster>, stats: &Stats, previous: Option<&ClusterRt>) -> Self {
-        let mut rt = Self {
-            stats: ClusterStats::new(stats, &cfg.name),
-            rr: AtomicUsize::new(0),
-            fixed: Vec::new(),
-            resolved: ArcSwap::from_pointee(Vec::new()),
+        let cstats = ClusterStats::new(stats, &cfg.name);
+        let shared = match previous {
+            Some(p) => p.shared.clone(),
+            None => ClusterShared::new(&cfg, stats),
+        };
+        let empty = Balancer::new(cfg.lb_policy, &cfg.lb, Vec::new());
+        let rt = Self {
+            stats: cstats,
+            shared,
+            balancer: ArcSwap::from_pointee(empty),
             dynamic: Mutex::new(HashMap::new()),
             cfg,
         };
         if let ClusterKind::Static(eps) = &rt.cfg.kind {
-            // Weights become repetitions so round robin honours them.
-            let mut fixed = Vec::new();
+            let prev = previous.map(|p| p.balancer.load_full());
+            let mut hosts = Vec::with_capacity(eps.len());
             for e in eps {
-                let kept =
-                    previous.and_then(|p| p.fixed.iter().find(|x| x.address == e.address).cloned());
+                let kept = prev
+                    .as_ref()
+                    .and_then(|b| b.hosts().iter().find(|x| x.address == e.address).cloned());
                 let pool = kept
                     .filter(|p| p.tls == uses_tls(&rt.cfg, &e.transport_socket_match))
                     .unwrap_or_else(|| {
@@ -206,21 +226,49 @@ impl ClusterRt {
                             &e.transport_socket_match,
                         ))
                     });
-                for _ in 0..e.weight.clamp(1, 128) {
-                    fixed.push(pool.clone());
-                }
+                let meta = HostMeta {
+                    weight: e.weight.max(1),
+                    priority: e.priority,
+                    locality: e.locality,
+                    locality_weight: e.locality_weight,
+                    degraded: e.health == EndpointHealth::Degraded,
+                    unhealthy: e.health == EndpointHealth::Unhealthy,
+                };
+                hosts.push((pool, meta));
             }
-            rt.fixed = fixed;
+            rt.install(hosts);
         }
         rt
+    }
+
+    /// Installs a new endpoint set: a new balancer, and the outlier detector
+    /// watching exactly these endpoints.
+    fn install(&self, hosts: Vec<(Arc<EndpointPool>, HostMeta)>) {
+        if let Some(d) = &self.shared.detector {
+            let watched: Vec<Arc<HostOutlier>> =
+                hosts.iter().map(|(p, _)| p.outlier.clone()).collect();
+            d.set_hosts(&watched);
+        }
+        let b = Balancer::new(self.cfg.lb_policy, &self.cfg.lb, hosts);
+        self.balancer.store(Arc::new(b));
     }
 
     /// Chooses the endpoint for a request or connection. `original_dst` is the
     /// downstream connection's original destination (for ORIGINAL_DST).
     pub fn pick(&self, original_dst: Option<SocketAddr>) -> Option<Arc<EndpointPool>> {
+        self.pick_hashed(original_dst, None)
+    }
+
+    /// [`ClusterRt::pick`] with the request's hash (ring hash, maglev).
+    pub fn pick_hashed(
+        &self,
+        original_dst: Option<SocketAddr>,
+        hash: Option<u64>,
+    ) -> Option<Arc<EndpointPool>> {
         match &self.cfg.kind {
-            ClusterKind::Static(_) => self.round_robin(&self.fixed),
-            ClusterKind::StrictDns(_) => self.round_robin(&self.resolved.load()),
+            ClusterKind::Static(_) | ClusterKind::StrictDns(_) => {
+                self.balancer.load().pick(hash).cloned()
+            }
             ClusterKind::OriginalDst => {
                 let dst = original_dst?;
                 let mut m = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
@@ -238,13 +286,176 @@ impl ClusterRt {
             ClusterKind::BlackHole | ClusterKind::Eds { .. } => None,
         }
     }
+}
 
-    fn round_robin(&self, pools: &[Arc<EndpointPool>]) -> Option<Arc<EndpointPool>> {
-        if pools.is_empty() {
-            return None;
+/// What a cluster's pools share across endpoint updates.
+pub struct ClusterShared {
+    pub breakers: Breakers,
+    pub detector: Option<Arc<Detector>>,
+    pub max_requests_per_connection: Option<u32>,
+    /// HTTP/2 streams allowed at once on an endpoint's connection.
+    pub max_concurrent_streams: Option<u32>,
+}
+
+impl ClusterShared {
+    fn new(cfg: &Cluster, stats: &Stats) -> Arc<Self> {
+        let detector = cfg.outlier_detection.as_ref().map(|o| {
+            let d = Detector::new(o.clone(), stats, &cfg.name);
+            d.start();
+            d
+        });
+        Arc::new(Self {
+            breakers: Breakers::new(cfg.circuit_breakers.default, stats, &cfg.name),
+            detector,
+            max_requests_per_connection: cfg.max_requests_per_connection,
+            max_concurrent_streams: cfg.max_concurrent_streams,
+        })
+    }
+
+    fn report(&self, host: &HostOutlier, outcome: Outcome) {
+        if let Some(d) = &self.detector {
+            d.report(host, outcome);
         }
-        let i = self.rr.fetch_add(1, Ordering::Relaxed) % pools.len();
-        pools.get(i).cloned()
+    }
+}
+
+/// A cluster's circuit breakers for the DEFAULT routing priority (Envoy's
+/// `circuit_breakers.thresholds`): counts of what is open or in flight, each
+/// checked against its threshold before it grows.
+pub struct Breakers {
+    pub thresholds: Thresholds,
+    requests: Arc<AtomicU32>,
+    pending: Arc<AtomicU32>,
+    connections: Arc<AtomicU32>,
+    retries: Arc<AtomicU32>,
+    pub rq_pending_overflow: Counter,
+    /// `max_requests` overflow (Envoy 1.40 names it `upstream_rq_active_overflow`).
+    pub rq_active_overflow: Counter,
+    pub cx_overflow: Counter,
+    pub rq_retry_overflow: Counter,
+    /// Signalled when a connection closes or goes back to the pool, for
+    /// requests waiting under `max_connections`.
+    freed: tokio::sync::Notify,
+}
+
+/// A held slot of one breaker; released on drop.
+pub struct Slot(Arc<AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn acquire(count: &Arc<AtomicU32>, max: u32) -> Option<Slot> {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(count.clone()))
+}
+
+impl Breakers {
+    fn new(thresholds: Thresholds, stats: &Stats, cluster: &str) -> Self {
+        let c = |n: &str| stats.counter(&format!("cluster.{cluster}.{n}"));
+        Self {
+            thresholds,
+            requests: Arc::default(),
+            pending: Arc::default(),
+            connections: Arc::default(),
+            retries: Arc::default(),
+            rq_pending_overflow: c("upstream_rq_pending_overflow"),
+            rq_active_overflow: c("upstream_rq_active_overflow"),
+            cx_overflow: c("upstream_cx_overflow"),
+            rq_retry_overflow: c("upstream_rq_retry_overflow"),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A request slot (`max_requests`); overflow counts as Envoy counts it.
+    pub fn request(&self) -> Result<Slot, UpstreamError> {
+        acquire(&self.requests, self.thresholds.max_requests).ok_or_else(|| {
+            self.rq_active_overflow.inc();
+            UpstreamError::Overflow
+        })
+    }
+
+    /// A retry slot (`max_retries`): `None` means the retry must not be made.
+    pub fn retry(&self) -> Option<Slot> {
+        let s = acquire(&self.retries, self.thresholds.max_retries);
+        if s.is_none() {
+            self.rq_retry_overflow.inc();
+        }
+        s
+    }
+
+    fn connection(&self) -> Option<Slot> {
+        acquire(&self.connections, self.thresholds.max_connections)
+    }
+
+    fn pending(&self) -> Result<Slot, UpstreamError> {
+        acquire(&self.pending, self.thresholds.max_pending_requests).ok_or_else(|| {
+            self.rq_pending_overflow.inc();
+            UpstreamError::Overflow
+        })
+    }
+
+    pub fn active_requests(&self) -> u32 {
+        self.requests.load(Ordering::Relaxed)
+    }
+}
+
+impl LbHost for Arc<EndpointPool> {
+    fn id(&self) -> String {
+        self.address.to_string()
+    }
+    fn available(&self) -> bool {
+        !self.outlier.ejected()
+    }
+    fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+    fn latency_cost(&self) -> f64 {
+        self.ewma.cost(Instant::now())
+    }
+}
+
+/// Peak-sensitive exponentially weighted moving average of response latency
+/// (Finagle's and linkerd's PeakEWMA): a slower sample replaces the estimate
+/// at once, faster ones pull it down over `DECAY`.
+#[derive(Default)]
+pub struct PeakEwma {
+    state: Mutex<Option<(f64, Instant)>>,
+}
+
+const DECAY: Duration = Duration::from_secs(10);
+
+impl PeakEwma {
+    fn observe(&self, rtt: Duration, now: Instant) {
+        let rtt = rtt.as_nanos() as f64;
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let next = match *s {
+            Some((cost, at)) if rtt <= cost => {
+                let w = (-(now.saturating_duration_since(at).as_secs_f64()) / DECAY.as_secs_f64())
+                    .exp();
+                cost * w + rtt * (1.0 - w)
+            }
+            _ => rtt,
+        };
+        *s = Some((next, now));
+    }
+
+    fn cost(&self, now: Instant) -> f64 {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match *s {
+            // Decay towards zero while idle, so a once-slow endpoint is tried again.
+            Some((cost, at)) => {
+                cost * (-(now.saturating_duration_since(at).as_secs_f64()) / DECAY.as_secs_f64())
+                    .exp()
+            }
+            None => 0.0,
+        }
     }
 }
 
@@ -279,6 +490,8 @@ fn closed_before_response(e: &hyper::Error) -> bool {
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
+    /// Requests this connection has carried (`max_requests_per_connection`).
+    used: u32,
 }
 
 /// Connections to one endpoint address.
@@ -293,6 +506,33 @@ pub struct EndpointPool {
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    shared: Arc<ClusterShared>,
+    outlier: Arc<HostOutlier>,
+    /// Requests in flight to this endpoint (least request).
+    active: AtomicU64,
+    ewma: PeakEwma,
+    /// Streams open on the HTTP/2 connection (`max_concurrent_streams`).
+    h2_streams: Arc<AtomicU32>,
+}
+
+/// An HTTP/2 stream slot; its release wakes requests waiting for one.
+struct StreamSlot(Option<Slot>, Arc<ClusterShared>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        // Release before waking, or the woken would still find it taken.
+        drop(self.0.take());
+        self.1.breakers.freed.notify_waiters();
+    }
+}
+
+/// Counts a request in flight on an endpoint while it lives.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Bound on idle HTTP/1.1 connections kept per endpoint.
@@ -318,7 +558,58 @@ impl EndpointPool {
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            shared: cluster.shared.clone(),
+            outlier: Arc::default(),
+            active: AtomicU64::new(0),
+            ewma: PeakEwma::default(),
+            h2_streams: Arc::default(),
         }
+    }
+
+    /// Whether outlier detection ejected this endpoint.
+    pub fn ejected(&self) -> bool {
+        self.outlier.ejected()
+    }
+
+    /// Reports a result that the pool did not see itself (a timeout in the
+    /// router) to outlier detection.
+    pub fn report_local_failure(&self) {
+        self.shared.report(&self.outlier, Outcome::LocalFailure);
+    }
+
+    /// Reports a connection attempt made outside the HTTP pools (the TCP
+    /// proxy) to outlier detection, as a local-origin result.
+    pub fn report_connect(&self, ok: bool) {
+        let outcome = if ok {
+            Outcome::LocalSuccessFinal
+        } else {
+            Outcome::LocalFailure
+        };
+        self.shared.report(&self.outlier, outcome);
+    }
+
+    /// Runs one request under the cluster's request breaker, counting it in
+    /// flight and reporting its outcome to outlier detection.
+    async fn guarded<F>(&self, send: F) -> Result<Response<Incoming>, UpstreamError>
+    where
+        F: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    {
+        let _slot = self.shared.breakers.request()?;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.active);
+        let start = Instant::now();
+        let r = send.await;
+        match &r {
+            Ok(resp) => {
+                self.ewma.observe(start.elapsed(), Instant::now());
+                self.shared.report(&self.outlier, Outcome::LocalSuccess);
+                self.shared
+                    .report(&self.outlier, Outcome::Status(resp.status().as_u16()));
+            }
+            Err(UpstreamError::Overflow) => {}
+            Err(_) => self.shared.report(&self.outlier, Outcome::LocalFailure),
+        }
+        r
     }
 
     fn is_empty(&self) -> bool {
@@ -363,20 +654,50 @@ impl EndpointPool {
         }
     }
 
-    fn checkout_idle(&self) -> Option<http1::SendRequest<UpstreamBody>> {
+    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(entry) = idle.pop() {
             let expired = self
                 .idle_timeout
                 .is_some_and(|t| entry.since.elapsed() >= t);
             if !expired && entry.sender.is_ready() {
-                return Some(entry.sender);
+                return Some((entry.sender, entry.used));
             }
         }
         None
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    /// A new HTTP/1.1 connection within `max_connections`: at the limit the
+    /// request waits, as a pending request, for a pooled connection to come
+    /// back or a connection to close.
+    async fn new_or_pooled_h1(
+        &self,
+    ) -> Result<(http1::SendRequest<UpstreamBody>, u32, bool), UpstreamError> {
+        let breakers = &self.shared.breakers;
+        let mut pending = None;
+        loop {
+            if let Some((s, used)) = self.checkout_idle() {
+                return Ok((s, used, true));
+            }
+            let freed = breakers.freed.notified();
+            if let Some(slot) = breakers.connection() {
+                return Ok((self.connect_h1(slot).await?, 0, false));
+            }
+            if pending.is_none() {
+                // As Envoy: a full pending queue fails the request before a
+                // connection is even asked for.
+                pending = Some(breakers.pending()?);
+                breakers.cx_overflow.inc();
+            }
+            // Bounded wait: a missed wake-up only costs one more pass.
+            let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
+        }
+    }
+
+    async fn connect_h1(
+        &self,
+        slot: Slot,
+    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
         let tcp = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
             .preserve_header_case(true)
@@ -384,9 +705,12 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.stats.upstream_cx_destroy.clone();
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
             destroyed.inc();
+            drop(slot);
+            shared.breakers.freed.notify_waiters();
         });
         Ok(sender)
     }
@@ -394,13 +718,17 @@ impl EndpointPool {
     /// Sends an HTTP/1.1 request on a pooled or new connection.
     pub async fn send_h1(
         self: &Arc<Self>,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.guarded(self.send_h1_inner(req)).await
+    }
+
+    async fn send_h1_inner(
+        self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         loop {
-            let (mut sender, reused) = match self.checkout_idle() {
-                Some(s) => (s, true),
-                None => (self.connect_h1().await?, false),
-            };
+            let (mut sender, used, reused) = self.new_or_pooled_h1().await?;
             // The server may close a kept-alive connection while our request is
             // already on the wire (its keep-alive timeout fired as the request
             // arrived): hyper then reports the connection closed and keeps the
@@ -409,7 +737,7 @@ impl EndpointPool {
             let replay = if reused { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.release_when_idle(sender);
+                    self.release_when_idle(sender, used + 1);
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -434,20 +762,36 @@ impl EndpointPool {
     }
 
     /// Puts the connection back once its response has been read completely.
-    fn release_when_idle(self: &Arc<Self>, mut sender: http1::SendRequest<UpstreamBody>) {
+    fn release_when_idle(
+        self: &Arc<Self>,
+        mut sender: http1::SendRequest<UpstreamBody>,
+        used: u32,
+    ) {
+        if self
+            .shared
+            .max_requests_per_connection
+            .is_some_and(|max| used >= max)
+        {
+            // Dropping the sender closes the connection once the response is read.
+            return;
+        }
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
                 return;
             }
             let Some(pool) = pool.upgrade() else { return };
-            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
+            {
+                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < MAX_IDLE {
+                    idle.push(Idle {
+                        sender,
+                        since: Instant::now(),
+                        used,
+                    });
+                }
             }
+            pool.shared.breakers.freed.notify_waiters();
         });
     }
 
@@ -460,6 +804,10 @@ impl EndpointPool {
         if let Some(s) = self.live_h2() {
             return Ok(s);
         }
+        let Some(slot) = self.shared.breakers.connection() else {
+            self.shared.breakers.cx_overflow.inc();
+            return Err(UpstreamError::Overflow);
+        };
         let tcp = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
@@ -471,6 +819,7 @@ impl EndpointPool {
         tokio::spawn(async move {
             let _ = conn.await;
             destroyed.inc();
+            drop(slot);
         });
         *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
         Ok(sender)
@@ -491,8 +840,34 @@ impl EndpointPool {
     /// Sends a request on the endpoint's shared HTTP/2 connection.
     pub async fn send_h2(
         &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.guarded(self.send_h2_inner(req)).await
+    }
+
+    async fn send_h2_inner(
+        &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // At the stream limit the request waits as a pending request (the
+        // pool keeps one connection per endpoint rather than opening more).
+        let _stream = match self.shared.max_concurrent_streams {
+            None => None,
+            Some(max) => {
+                let breakers = &self.shared.breakers;
+                let mut pending = None;
+                loop {
+                    let freed = breakers.freed.notified();
+                    if let Some(s) = acquire(&self.h2_streams, max) {
+                        break Some(StreamSlot(Some(s), self.shared.clone()));
+                    }
+                    if pending.is_none() {
+                        pending = Some(breakers.pending()?);
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
+                }
+            }
+        };
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -515,5 +890,105 @@ impl EndpointPool {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_model::cluster::{LbConfig, OutlierDetection};
+    use ferry_model::{Endpoint, LbPolicy, UpstreamProtocol};
+
+    fn endpoint(port: u16) -> Endpoint {
+        Endpoint {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            weight: 1,
+            transport_socket_match: vec![],
+            priority: 0,
+            locality: 0,
+            locality_weight: 1,
+            health: EndpointHealth::Healthy,
+        }
+    }
+
+    fn cluster(ports: &[u16]) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            name: "c".into(),
+            kind: ClusterKind::Static(ports.iter().map(|p| endpoint(*p)).collect()),
+            connect_timeout: Duration::from_secs(1),
+            lb_policy: LbPolicy::RoundRobin,
+            lb: LbConfig::default(),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx: 2,
+                max_ejection_percent: 100,
+                ..OutlierDetection::default()
+            }),
+            circuit_breakers: ferry_model::cluster::CircuitBreakers {
+                default: Thresholds {
+                    max_requests: 2,
+                    max_retries: 1,
+                    ..Thresholds::default()
+                },
+                ..Default::default()
+            },
+            max_concurrent_streams: None,
+            protocol: UpstreamProtocol::Http1,
+            idle_timeout: None,
+            max_requests_per_connection: None,
+            bind_source: None,
+            tls: None,
+            transport_socket_matches: vec![],
+        })
+    }
+
+    #[test]
+    fn breakers_cap_requests_and_retries_and_count_overflow() {
+        let stats = Stats::default();
+        let rt = ClusterRt::new(cluster(&[1]), &stats, None);
+        let b = &rt.shared.breakers;
+        let first = b.request().ok();
+        let second = b.request().ok();
+        assert!(first.is_some() && second.is_some());
+        assert!(matches!(b.request(), Err(UpstreamError::Overflow)));
+        assert_eq!(b.rq_active_overflow.get(), 1);
+        drop(first);
+        assert!(b.request().is_ok(), "a released slot is free again");
+        let retry = b.retry();
+        assert!(retry.is_some());
+        assert!(b.retry().is_none());
+        assert_eq!(b.rq_retry_overflow.get(), 1);
+        assert_eq!(UpstreamError::Overflow.response_flag(), "UO");
+    }
+
+    #[test]
+    fn endpoint_updates_keep_pools_breakers_and_ejections() {
+        let stats = Stats::default();
+        let old = ClusterRt::new(cluster(&[1, 2, 3]), &stats, None);
+        let victim = old.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        for _ in 0..2 {
+            old.shared.report(&victim.outlier, Outcome::Status(503));
+        }
+        assert!(victim.ejected());
+        // Endpoint 3 leaves, 4 arrives: the same shared state, the same
+        // pools for 1 and 2, and the ejection still holds.
+        let new = ClusterRt::new(cluster(&[1, 2, 4]), &stats, Some(&old));
+        assert!(Arc::ptr_eq(&old.shared, &new.shared));
+        let kept: Vec<SocketAddr> = new
+            .balancer
+            .load()
+            .hosts()
+            .iter()
+            .map(|p| p.address)
+            .collect();
+        assert_eq!(kept.len(), 3);
+        let picks: Vec<SocketAddr> = (0..30)
+            .filter_map(|_| new.pick(None))
+            .map(|p| p.address)
+            .collect();
+        assert!(
+            !picks.contains(&victim.address),
+            "the ejected endpoint is skipped"
+        );
+        assert!(picks.contains(&SocketAddr::from(([127, 0, 0, 1], 4))));
     }
 }

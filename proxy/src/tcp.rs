@@ -39,8 +39,12 @@ pub async fn proxy<S>(
         return;
     };
     let up = match pool.connect().await {
-        Ok(s) => s,
+        Ok(s) => {
+            pool.report_connect(true);
+            s
+        }
         Err(e) => {
+            pool.report_connect(false);
             tracing::debug!(upstream.host = %pool.address, error = %e, "tcp upstream connect failed");
             return;
         }

@@ -10,6 +10,13 @@
         /sleep/MS     answer after MS milliseconds
         /bytes/N      stream N zero bytes (application/octet-stream) instead of JSON
         /close        answer with `Connection: close` and close
+        /flaky/N/STATUS/...  the first N requests to this exact path answer STATUS, later ones 200
+        /drop/N/...   the first N requests to this exact path get no answer: the connection closes
+        /slowbody/MS  send the head (Content-Length: 10) at once and the 10-byte body MS later
+        /grpc-status/N  answer 200 with the header `grpc-status: N` (a trailers-only gRPC answer)
+        /hits/PATH    {"hits": n, "host": h}: how many requests this server got for /PATH (every
+                      path is counted, across connections) and the Host of the last one
+      --status NNN     answer every request (but /hits) with status NNN: an endpoint that always fails.
       --idle-close MS  close a keep-alive connection that stayed idle MS milliseconds.
       --drop-reused    a connection's second request is read and the connection closed with no
                        answer: what a proxy sees when the server's keep-alive timeout fires
@@ -104,6 +111,12 @@ class EchoHandler(BaseHTTPRequestHandler):
         except (TimeoutError, socket.timeout):
             self.close_connection = True
 
+    def count_hit(self):
+        with self.server.hits_lock:
+            n = self.server.hits.get(self.path, (0, ""))[0] + 1
+            self.server.hits[self.path] = (n, self.headers.get("Host", ""))
+            return n
+
     def answer(self):
         self.conn_requests += 1
         if self.server.drop_reused and self.conn_requests > 1:
@@ -116,7 +129,37 @@ class EchoHandler(BaseHTTPRequestHandler):
         path = self.path
         status = 200
         close = False
-        if path.startswith("/status/"):
+        extra = []
+        if path.startswith("/hits/"):
+            with self.server.hits_lock:
+                n, host = self.server.hits.get(path[len("/hits"):], (0, ""))
+            self.send_json(200, {"hits": n, "host": host})
+            return
+        hit = self.count_hit()
+        if self.server.force_status:
+            status = self.server.force_status
+        if path.startswith("/flaky/"):
+            parts = path.split("/")
+            if hit <= int(parts[2]):
+                status = int(parts[3])
+        elif path.startswith("/drop/"):
+            if hit <= int(path.split("/")[2]):
+                self.close_connection = True
+                return
+        elif path.startswith("/slowbody/"):
+            self.send_response(200)
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(int(path.split("/")[2]) / 1000)
+            self.wfile.write(b"0123456789")
+            self.wfile.flush()
+            return
+        elif path.startswith("/grpc-status/"):
+            extra.append(("grpc-status", path.split("/")[2]))
+        elif self.server.force_status:
+            pass
+        elif path.startswith("/status/"):
             status = int(path.split("/")[2])
         elif path.startswith("/sleep/"):
             time.sleep(int(path.split("/")[2]) / 1000)
@@ -139,12 +182,24 @@ class EchoHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
+        for k, v in extra:
+            self.send_header(k, v)
         if close:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(out)
+        self.wfile.flush()
+        self.restore_idle_timeout()
+
+    def send_json(self, status, doc):
+        out = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
         self.wfile.flush()
         self.restore_idle_timeout()
 
@@ -178,6 +233,9 @@ class EchoServer(ThreadingHTTPServer):
 def serve_http(port, name, opts):
     srv = EchoServer((BIND, port), EchoHandler)
     srv.name = name
+    srv.hits = {}
+    srv.force_status = int(opts[opts.index("--status") + 1]) if "--status" in opts else 0
+    srv.hits_lock = threading.Lock()
     srv.idle_close_ms = 0
     srv.drop_reused = "--drop-reused" in opts
     if "--idle-close" in opts:

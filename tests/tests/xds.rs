@@ -341,7 +341,10 @@ fn replayed_istio_dump(delta: bool) -> Result<()> {
     assert_eq!(code, "503");
     // The dump's route retries connect failures (twice): each attempt counts.
     let retries = s.stat(&format!("cluster.{RATINGS}.upstream_rq_retry"));
-    assert_eq!(s.stat(&format!("cluster.{RATINGS}.upstream_rq_total")), 1 + retries);
+    assert_eq!(
+        s.stat(&format!("cluster.{RATINGS}.upstream_rq_total")),
+        1 + retries
+    );
     assert_eq!(s.stat(&format!("cluster.{REVIEWS}.upstream_rq_total")), 1);
     Ok(())
 }

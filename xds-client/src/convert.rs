@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
 use envoy_types::pb::envoy::config::listener::v3 as listener_pb;
 use envoy_types::pb::envoy::config::route::v3 as route_pb;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault_pb;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
@@ -622,7 +623,6 @@ fn tcp_proxy(
 const HTTP_TOLERATED: &[&str] = &[
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
     "envoy.extensions.filters.http.cors.v3.Cors",
-    "envoy.extensions.filters.http.fault.v3.HTTPFault",
 ];
 
 fn http_connection_manager(
@@ -659,16 +659,21 @@ fn http_connection_manager(
             _ => return Err(ctx.err(field, "http_connection_manager needs route_config")),
         };
     let mut has_router = false;
+    let mut http_filters = Vec::new();
     for (i, hf) in h.http_filters.iter().enumerate() {
         let ff = format!("{field}.http_filters[{i}]");
         if has_router {
             return Err(ctx.err(&ff, format!("http filter {:?} follows the router", hf.name)));
         }
+        let mut typed = None;
         let type_name = match &hf.config_type {
-            Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => Typed::from_any(any)
-                .map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?
-                .type_name()
-                .to_string(),
+            Some(hcm_pb::http_filter::ConfigType::TypedConfig(any)) => {
+                let t =
+                    Typed::from_any(any).map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?;
+                let name = t.type_name().to_string();
+                typed = Some(t);
+                name
+            }
             _ if hf.name == "envoy.filters.http.router" => {
                 "envoy.extensions.filters.http.router.v3.Router".into()
             }
@@ -684,6 +689,17 @@ fn http_connection_manager(
         }
         match type_name.as_str() {
             "envoy.extensions.filters.http.router.v3.Router" => has_router = true,
+            FAULT_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "the fault filter needs a typed_config"));
+                };
+                let hf_cfg: fault_pb::HttpFault = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::Fault(Arc::new(fault_config(ctx, &tf, &hf_cfg)?)),
+                });
+            }
             t if HTTP_TOLERATED.contains(&t) || ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,
@@ -730,6 +746,7 @@ fn http_connection_manager(
         stream_idle_timeout: timeout_or(&h.stream_idle_timeout, Some(Duration::from_secs(300))),
         request_timeout: timeout_or(&h.request_timeout, None),
         use_remote_address: h.use_remote_address.as_ref().is_some_and(|v| v.value),
+        http_filters,
     })
 }
 
@@ -769,9 +786,12 @@ fn route_config_in(
                 format!("virtual host {:?} has no domains", vh.name),
             ));
         }
+        let defaults = vhost_defaults(ctx, &vf, vh)?;
         let mut routes = Vec::with_capacity(vh.routes.len());
         for (j, r) in vh.routes.iter().enumerate() {
-            routes.push(route(ctx, &format!("{vf}.routes[{j}]"), r)?);
+            let mut rt = route(ctx, &format!("{vf}.routes[{j}]"), r)?;
+            defaults.apply(r, &mut rt);
+            routes.push(rt);
         }
         vhosts.push(m::VirtualHost {
             name: vh.name.clone(),
@@ -974,11 +994,73 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
         action,
         request_headers_to_add,
         request_headers_to_remove,
+        fault_overrides: fault_overrides(
+            ctx,
+            &format!("{field}.typed_per_filter_config"),
+            &r.typed_per_filter_config,
+        )?,
+        hash_policy: match &r.action {
+            Some(Action::Route(ra)) => hash_policies(ctx, &format!("{field}.route"), ra)?,
+            _ => Vec::new(),
+        },
     })
 }
 
-fn route_action(
+/// `route.hash_policy`. Filter-state policies name values Ferry has no
+/// filter to produce; they never yield a hash, so they are skipped.
+fn hash_policies(
     ctx: &Ctx<'_>,
+    field: &str,
+    ra: &route_pb::RouteAction,
+) -> Result<Vec<m::cluster::HashPolicy>, ConvertError> {
+    use route_pb::route_action::hash_policy::PolicySpecifier as P;
+    let mut out = Vec::with_capacity(ra.hash_policy.len());
+    for (i, hp) in ra.hash_policy.iter().enumerate() {
+        let f = format!("{field}.hash_policy[{i}]");
+        let kind = match &hp.policy_specifier {
+            Some(P::Header(h)) => {
+                if h.header_name.is_empty() {
+                    return Err(ctx.err(
+                        format!("{f}.header.header_name"),
+                        "a header name is required",
+                    ));
+                }
+                m::cluster::HashPolicyKind::Header(h.header_name.to_ascii_lowercase())
+            }
+            Some(P::Cookie(c)) => {
+                if c.name.is_empty() {
+                    return Err(ctx.err(format!("{f}.cookie.name"), "a cookie name is required"));
+                }
+                m::cluster::HashPolicyKind::Cookie {
+                    name: c.name.clone(),
+                    ttl: duration(&c.ttl),
+                    path: (!c.path.is_empty()).then(|| c.path.clone()),
+                }
+            }
+            Some(P::ConnectionProperties(cp)) if cp.source_ip => {
+                m::cluster::HashPolicyKind::SourceIp
+            }
+            Some(P::ConnectionProperties(_)) | Some(P::FilterState(_)) | None => continue,
+            Some(P::QueryParameter(q)) => {
+                if q.name.is_empty() {
+                    return Err(ctx.err(
+                        format!("{f}.query_parameter.name"),
+                        "a parameter name is required",
+                    ));
+                }
+                m::cluster::HashPolicyKind::QueryParameter(q.name.clone())
+            }
+        };
+        out.push(m::cluster::HashPolicy {
+            kind,
+            terminal: hp.terminal,
+        });
+    }
+    Ok(out)
+}
+
+fn route_action(
+    ctx: &mut Ctx<'_>,
     field: &str,
     ra: &route_pb::RouteAction,
 ) -> Result<m::RouteAction, ConvertError> {
@@ -1020,6 +1102,322 @@ fn route_action(
         prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
         host_rewrite,
         timeout: timeout_or(&ra.timeout, Some(Duration::from_secs(15))),
+        retry_policy: ra
+            .retry_policy
+            .as_ref()
+            .map(|p| retry_policy(ctx, &format!("{field}.retry_policy"), p))
+            .transpose()?
+            .map(Arc::new),
+        idle_timeout: timeout_or(&ra.idle_timeout, None),
+        mirrors: mirror_policies(
+            ctx,
+            &format!("{field}.request_mirror_policies"),
+            &ra.request_mirror_policies,
+        )?,
+        max_stream_duration: ra
+            .max_stream_duration
+            .as_ref()
+            .and_then(|m| timeout_or(&m.max_stream_duration, None)),
+        attempt_count: m::AttemptCount::default(),
+    })
+}
+
+/// What a virtual host gives the routes that do not set it themselves: its
+/// retry policy and mirror policies (a route's own replaces them whole) and
+/// its per-filter fault overrides (a route's entry of the same filter wins).
+struct VhostDefaults {
+    retry_policy: Option<Arc<m::RetryPolicy>>,
+    mirrors: Vec<m::MirrorPolicy>,
+    attempt_count: m::AttemptCount,
+    fault_overrides: Vec<(String, Arc<m::fault::FaultConfig>)>,
+}
+
+fn vhost_defaults(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    vh: &route_pb::VirtualHost,
+) -> Result<VhostDefaults, ConvertError> {
+    Ok(VhostDefaults {
+        retry_policy: vh
+            .retry_policy
+            .as_ref()
+            .map(|p| retry_policy(ctx, &format!("{field}.retry_policy"), p))
+            .transpose()?
+            .map(Arc::new),
+        mirrors: mirror_policies(
+            ctx,
+            &format!("{field}.request_mirror_policies"),
+            &vh.request_mirror_policies,
+        )?,
+        attempt_count: m::AttemptCount {
+            request: vh.include_request_attempt_count,
+            response: vh.include_attempt_count_in_response,
+        },
+        fault_overrides: fault_overrides(
+            ctx,
+            &format!("{field}.typed_per_filter_config"),
+            &vh.typed_per_filter_config,
+        )?,
+    })
+}
+
+impl VhostDefaults {
+    fn apply(&self, proto: &route_pb::Route, rt: &mut m::Route) {
+        use route_pb::route::Action;
+        let own = match &proto.action {
+            Some(Action::Route(ra)) => Some(ra),
+            _ => None,
+        };
+        if let m::RouteAction::Route {
+            retry_policy,
+            mirrors,
+            attempt_count,
+            ..
+        } = &mut rt.action
+        {
+            *attempt_count = self.attempt_count;
+            if own.is_some_and(|ra| ra.retry_policy.is_none()) {
+                retry_policy.clone_from(&self.retry_policy);
+            }
+            if mirrors.is_empty() {
+                mirrors.clone_from(&self.mirrors);
+            }
+        }
+        for (name, f) in &self.fault_overrides {
+            if !rt.fault_overrides.iter().any(|(n, _)| n == name) {
+                rt.fault_overrides.push((name.clone(), f.clone()));
+            }
+        }
+    }
+}
+
+const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
+
+fn retry_policy(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    p: &route_pb::RetryPolicy,
+) -> Result<m::RetryPolicy, ConvertError> {
+    let (retry_on, unknown) = m::RetryOn::parse(&p.retry_on);
+    if !unknown.is_empty() {
+        ctx.warn(
+            &format!("{field}.retry_on"),
+            format!("unknown retry conditions {unknown:?} are ignored"),
+        );
+    }
+    let mut out = m::RetryPolicy {
+        retry_on,
+        num_retries: p.num_retries.as_ref().map_or(1, |v| v.value),
+        per_try_timeout: timeout_or(&p.per_try_timeout, None),
+        ..Default::default()
+    };
+    for (i, code) in p.retriable_status_codes.iter().enumerate() {
+        let code = u16::try_from(*code)
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+            .ok_or_else(|| {
+                ctx.err(
+                    format!("{field}.retriable_status_codes[{i}]"),
+                    format!("{code} is not an HTTP status"),
+                )
+            })?;
+        out.retriable_status_codes.push(code);
+    }
+    if let Some(b) = &p.retry_back_off {
+        let base = duration(&b.base_interval).ok_or_else(|| {
+            ctx.err(
+                format!("{field}.retry_back_off.base_interval"),
+                "base_interval is required",
+            )
+        })?;
+        if base.is_zero() {
+            return Err(ctx.err(
+                format!("{field}.retry_back_off.base_interval"),
+                "base_interval must be greater than zero",
+            ));
+        }
+        let max = duration(&b.max_interval).unwrap_or(base * 10);
+        if max < base {
+            return Err(ctx.err(
+                format!("{field}.retry_back_off.max_interval"),
+                "max_interval must not be less than base_interval",
+            ));
+        }
+        out.backoff_base = base;
+        out.backoff_max = max;
+    }
+    for (i, pred) in p.retry_host_predicate.iter().enumerate() {
+        if pred.name == PREVIOUS_HOSTS {
+            out.previous_hosts = true;
+        } else {
+            ctx.warn(
+                &format!("{field}.retry_host_predicate[{i}]"),
+                format!(
+                    "retry host predicate {:?} is not supported; ignored",
+                    pred.name
+                ),
+            );
+        }
+    }
+    if p.host_selection_retry_max_attempts > 0 {
+        out.host_selection_max_attempts =
+            u32::try_from(p.host_selection_retry_max_attempts).unwrap_or(u32::MAX);
+    }
+    Ok(out)
+}
+
+fn fraction(f: &Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>) -> m::Fraction {
+    let Some(f) = f else {
+        return m::Fraction {
+            numerator: 0,
+            denominator: 100,
+        };
+    };
+    let denominator = match f.denominator {
+        1 => 10_000,
+        2 => 1_000_000,
+        _ => 100,
+    };
+    m::Fraction {
+        // Envoy clamps a numerator above the denominator to 100 %.
+        numerator: f.numerator.min(denominator),
+        denominator,
+    }
+}
+
+fn mirror_policies(
+    ctx: &Ctx<'_>,
+    field: &str,
+    ps: &[route_pb::route_action::RequestMirrorPolicy],
+) -> Result<Vec<m::MirrorPolicy>, ConvertError> {
+    let mut out = Vec::with_capacity(ps.len());
+    for (i, p) in ps.iter().enumerate() {
+        if p.cluster.is_empty() {
+            return Err(ctx.err(
+                format!("{field}[{i}].cluster"),
+                "only a fixed mirror cluster is supported (cluster_header is not)",
+            ));
+        }
+        out.push(m::MirrorPolicy {
+            cluster: p.cluster.clone(),
+            fraction: match &p.runtime_fraction {
+                Some(rf) => fraction(&rf.default_value),
+                None => m::Fraction::ALL,
+            },
+        });
+    }
+    Ok(out)
+}
+
+const FAULT_TYPE: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
+const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
+
+/// The fault entries of a `typed_per_filter_config` map; other filters'
+/// entries are left to those filters.
+fn fault_overrides(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    map: &std::collections::HashMap<String, Any>,
+) -> Result<Vec<(String, Arc<m::fault::FaultConfig>)>, ConvertError> {
+    let mut out = Vec::new();
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(any) = map.get(name) else { continue };
+        let ef = format!("{field}[{name:?}]");
+        let mut typed = Typed::from_any(any).map_err(|e| ctx.err(&ef, e))?;
+        if typed.type_name() == FILTER_CONFIG_TYPE {
+            // The route-level wrapper: `disabled` turns the filter off for
+            // the route, which for faults is an empty configuration.
+            let fc: route_pb::FilterConfig = typed.decode().map_err(|e| ctx.err(&ef, e))?;
+            if fc.disabled {
+                out.push((name.clone(), Arc::new(m::fault::FaultConfig::default())));
+                continue;
+            }
+            let Some(inner) = fc.config.as_ref() else {
+                continue;
+            };
+            typed = Typed::from_any(inner).map_err(|e| ctx.err(&ef, e))?;
+        }
+        if typed.type_name() != FAULT_TYPE {
+            continue;
+        }
+        let hf: fault_pb::HttpFault = typed.decode().map_err(|e| ctx.err(&ef, e))?;
+        out.push((name.clone(), Arc::new(fault_config(ctx, &ef, &hf)?)));
+    }
+    Ok(out)
+}
+
+fn fault_config(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    hf: &fault_pb::HttpFault,
+) -> Result<m::fault::FaultConfig, ConvertError> {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier as D;
+    use fault_pb::fault_abort::ErrorType as E;
+    let delay = match &hf.delay {
+        None => None,
+        Some(d) => Some(m::fault::FaultDelay {
+            source: match &d.fault_delay_secifier {
+                Some(D::FixedDelay(fd)) => {
+                    m::fault::DelaySource::Fixed(duration(&Some(*fd)).unwrap_or_default())
+                }
+                Some(D::HeaderDelay(_)) => m::fault::DelaySource::Header,
+                None => {
+                    return Err(ctx.err(
+                        format!("{field}.delay"),
+                        "fixed_delay or header_delay is required",
+                    ));
+                }
+            },
+            percentage: fraction(&d.percentage),
+        }),
+    };
+    let abort = match &hf.abort {
+        None => None,
+        Some(a) => Some(m::fault::FaultAbort {
+            source: match &a.error_type {
+                Some(E::HttpStatus(s)) => {
+                    let s = u16::try_from(*s)
+                        .ok()
+                        .filter(|s| (200..600).contains(s))
+                        .ok_or_else(|| {
+                            ctx.err(
+                                format!("{field}.abort.http_status"),
+                                format!("{s} is not in [200, 600)"),
+                            )
+                        })?;
+                    m::fault::AbortSource::Http(s)
+                }
+                Some(E::GrpcStatus(s)) => m::fault::AbortSource::Grpc(*s),
+                Some(E::HeaderAbort(_)) => m::fault::AbortSource::Header,
+                None => {
+                    return Err(ctx.err(
+                        format!("{field}.abort"),
+                        "http_status, grpc_status or header_abort is required",
+                    ));
+                }
+            },
+            percentage: fraction(&a.percentage),
+        }),
+    };
+    let mut headers = Vec::with_capacity(hf.headers.len());
+    for (i, h) in hf.headers.iter().enumerate() {
+        headers.push(header_matcher(ctx, &format!("{field}.headers[{i}]"), h)?);
+    }
+    if hf.response_rate_limit.is_some() {
+        ctx.warn(
+            &format!("{field}.response_rate_limit"),
+            "response rate limiting is not supported; ignored".into(),
+        );
+    }
+    Ok(m::fault::FaultConfig {
+        delay,
+        abort,
+        headers,
+        upstream_cluster: (!hf.upstream_cluster.is_empty()).then(|| hf.upstream_cluster.clone()),
+        downstream_nodes: hf.downstream_nodes.clone(),
+        max_active_faults: hf.max_active_faults.as_ref().map(|v| v.value),
     })
 }
 
@@ -1182,6 +1580,11 @@ pub fn cluster(
         .map(|o| timeout_or(&o.idle_timeout, Some(Duration::from_secs(3600))))
         .unwrap_or(Some(Duration::from_secs(3600)));
     let mut max_requests = c.max_requests_per_connection.as_ref().map(|v| v.value);
+    let mut max_concurrent_streams = c
+        .http2_protocol_options
+        .as_ref()
+        .and_then(|o| o.max_concurrent_streams.as_ref())
+        .map(|v| v.value);
     for (key, any) in &c.typed_extension_protocol_options {
         let field = format!("typed_extension_protocol_options[{key:?}]");
         let typed = Typed::from_any(any).map_err(|e| ctx.err(&field, e))?;
@@ -1197,7 +1600,12 @@ pub fn cluster(
         use upstream_http_pb::http_protocol_options::explicit_http_config::ProtocolConfig as P;
         protocol = match &o.upstream_protocol_options {
             Some(U::ExplicitHttpConfig(e)) => match &e.protocol_config {
-                Some(P::Http2ProtocolOptions(_)) => m::UpstreamProtocol::Http2,
+                Some(P::Http2ProtocolOptions(h2)) => {
+                    if let Some(v) = &h2.max_concurrent_streams {
+                        max_concurrent_streams = Some(v.value);
+                    }
+                    m::UpstreamProtocol::Http2
+                }
                 Some(P::HttpProtocolOptions(_)) | None => m::UpstreamProtocol::Http1,
                 Some(P::Http3ProtocolOptions(_)) => {
                     return Err(ctx.err(&field, "HTTP/3 upstreams are not supported"));
@@ -1243,7 +1651,149 @@ pub fn cluster(
         protocol,
         idle_timeout,
         max_requests_per_connection: max_requests.filter(|v| *v > 0),
+        lb: lb_config(&ctx, c)?,
+        outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
+        circuit_breakers: circuit_breakers(c.circuit_breakers.as_ref()),
+        max_concurrent_streams,
     })
+}
+
+fn lb_config(ctx: &Ctx<'_>, c: &cluster_pb::Cluster) -> Result<m::cluster::LbConfig, ConvertError> {
+    use cluster_pb::cluster::LbConfig as L;
+    use cluster_pb::cluster::common_lb_config::LocalityConfigSpecifier;
+    let mut lb = m::cluster::LbConfig::default();
+    match &c.lb_config {
+        Some(L::LeastRequestLbConfig(lr)) => {
+            if let Some(n) = &lr.choice_count {
+                if n.value < 2 {
+                    return Err(
+                        ctx.err("least_request_lb_config.choice_count", "must be at least 2")
+                    );
+                }
+                lb.choice_count = n.value;
+            }
+        }
+        Some(L::RingHashLbConfig(rh)) => {
+            if let Some(v) = &rh.minimum_ring_size {
+                lb.min_ring_size = v.value;
+            }
+            if let Some(v) = &rh.maximum_ring_size {
+                lb.max_ring_size = v.value;
+            }
+            if lb.min_ring_size > lb.max_ring_size {
+                return Err(ctx.err(
+                    "ring_hash_lb_config",
+                    "minimum_ring_size exceeds maximum_ring_size",
+                ));
+            }
+            if lb.max_ring_size > 8 * 1024 * 1024 {
+                return Err(ctx.err("ring_hash_lb_config.maximum_ring_size", "at most 8M"));
+            }
+        }
+        Some(L::MaglevLbConfig(mg)) => {
+            if let Some(v) = &mg.table_size {
+                if !is_prime(v.value) || v.value > 5_000_011 {
+                    return Err(ctx.err(
+                        "maglev_lb_config.table_size",
+                        format!("{} is not a prime up to 5000011", v.value),
+                    ));
+                }
+                lb.maglev_table_size = v.value;
+            }
+        }
+        _ => {}
+    }
+    if let Some(common) = &c.common_lb_config {
+        lb.locality_weighted = matches!(
+            common.locality_config_specifier,
+            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+        );
+    }
+    if let Some(p) = c.load_assignment.as_ref().and_then(|a| a.policy.as_ref())
+        && let Some(f) = &p.overprovisioning_factor
+    {
+        lb.overprovisioning_factor = f.value;
+    }
+    lb.peak_ewma = c
+        .metadata
+        .as_ref()
+        .and_then(|md| md.filter_metadata.get("ferry"))
+        .and_then(|st| st.fields.get("lb"))
+        .is_some_and(|v| value_string(v) == "peak_ewma");
+    Ok(lb)
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
+fn outlier_detection(o: &cluster_pb::OutlierDetection) -> m::cluster::OutlierDetection {
+    let d = m::cluster::OutlierDetection::default();
+    let u = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, dflt: u32| {
+        v.as_ref().map_or(dflt, |v| v.value)
+    };
+    let base_ejection_time = duration(&o.base_ejection_time).unwrap_or(d.base_ejection_time);
+    m::cluster::OutlierDetection {
+        consecutive_5xx: u(&o.consecutive_5xx, d.consecutive_5xx),
+        consecutive_gateway_failure: u(
+            &o.consecutive_gateway_failure,
+            d.consecutive_gateway_failure,
+        ),
+        consecutive_local_origin_failure: u(
+            &o.consecutive_local_origin_failure,
+            d.consecutive_local_origin_failure,
+        ),
+        enforcing_consecutive_5xx: u(&o.enforcing_consecutive_5xx, d.enforcing_consecutive_5xx),
+        enforcing_consecutive_gateway_failure: u(
+            &o.enforcing_consecutive_gateway_failure,
+            d.enforcing_consecutive_gateway_failure,
+        ),
+        enforcing_consecutive_local_origin_failure: u(
+            &o.enforcing_consecutive_local_origin_failure,
+            d.enforcing_consecutive_local_origin_failure,
+        ),
+        enforcing_success_rate: u(&o.enforcing_success_rate, d.enforcing_success_rate),
+        split_external_local_origin_errors: o.split_external_local_origin_errors,
+        interval: duration(&o.interval).unwrap_or(d.interval),
+        // Envoy: the cap is never below the base time.
+        max_ejection_time: duration(&o.max_ejection_time)
+            .unwrap_or(d.max_ejection_time)
+            .max(base_ejection_time),
+        base_ejection_time,
+        max_ejection_percent: u(&o.max_ejection_percent, d.max_ejection_percent).min(100),
+        success_rate_minimum_hosts: u(&o.success_rate_minimum_hosts, d.success_rate_minimum_hosts),
+        success_rate_request_volume: u(
+            &o.success_rate_request_volume,
+            d.success_rate_request_volume,
+        ),
+        success_rate_stdev_factor: u(&o.success_rate_stdev_factor, d.success_rate_stdev_factor),
+    }
+}
+
+fn circuit_breakers(cb: Option<&cluster_pb::CircuitBreakers>) -> m::cluster::CircuitBreakers {
+    let mut out = m::cluster::CircuitBreakers::default();
+    for t in cb.into_iter().flat_map(|cb| cb.thresholds.iter()) {
+        let d = m::cluster::Thresholds::default();
+        let u = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, dflt: u32| {
+            v.as_ref().map_or(dflt, |v| v.value)
+        };
+        let th = m::cluster::Thresholds {
+            max_connections: u(&t.max_connections, d.max_connections),
+            max_pending_requests: u(&t.max_pending_requests, d.max_pending_requests),
+            max_requests: u(&t.max_requests, d.max_requests),
+            max_retries: u(&t.max_retries, d.max_retries),
+        };
+        // RoutingPriority: DEFAULT = 0, HIGH = 1.
+        if t.priority == 1 {
+            out.high = th;
+        } else {
+            out.default = th;
+        }
+    }
+    out
 }
 
 fn lb_endpoints(
@@ -1275,16 +1825,13 @@ fn endpoints(
     ctx: &Ctx<'_>,
     cla: Option<&endpoint_pb::ClusterLoadAssignment>,
 ) -> Result<Vec<m::Endpoint>, ConvertError> {
-    // Envoy's health statuses: UNHEALTHY (2), DRAINING (3) and TIMEOUT (4)
-    // take an endpoint out of rotation.
-    let mut by_priority: std::collections::BTreeMap<u32, Vec<m::Endpoint>> = Default::default();
+    // Unhealthy endpoints are kept (marked): they count towards their
+    // priority's size when Envoy computes the healthy share.
+    let mut out = Vec::new();
     for (i, j, e) in lb_endpoints(cla) {
         let field = format!("endpoints[{i}].lb_endpoints[{j}].endpoint.address");
         let addr = endpoint_address(ctx, &field, e)?;
         let address = ip_socket(ctx, &field, addr)?;
-        if matches!(e.health_status, 2..=4) {
-            continue;
-        }
         let transport_socket_match = e
             .metadata
             .as_ref()
@@ -1296,10 +1843,12 @@ fn endpoints(
                     .collect()
             })
             .unwrap_or_default();
-        let priority = cla
-            .and_then(|c| c.endpoints.get(i))
-            .map_or(0, |l| l.priority);
-        by_priority.entry(priority).or_default().push(m::Endpoint {
+        let lle = cla.and_then(|c| c.endpoints.get(i));
+        let priority = lle.map_or(0, |l| l.priority);
+        let locality_weight = lle
+            .and_then(|l| l.load_balancing_weight.as_ref())
+            .map_or(1, |v| v.value);
+        out.push(m::Endpoint {
             address,
             weight: e
                 .load_balancing_weight
@@ -1307,10 +1856,21 @@ fn endpoints(
                 .map_or(1, |v| v.value)
                 .max(1),
             transport_socket_match,
+            priority,
+            locality: u32::try_from(i).unwrap_or(u32::MAX),
+            locality_weight,
+            // HealthStatus: UNHEALTHY 2, DRAINING 3, TIMEOUT 4, DEGRADED 5.
+            health: match e.health_status {
+                2..=4 => m::cluster::EndpointHealth::Unhealthy,
+                5 => m::cluster::EndpointHealth::Degraded,
+                _ => m::cluster::EndpointHealth::Healthy,
+            },
         });
     }
-    // Priority failover: the most preferred level that has endpoints.
-    Ok(by_priority.into_values().next().unwrap_or_default())
+    // Every priority is kept: the balancer fails over from one level to the
+    // next as the healthy share of the preferred ones shrinks.
+    out.sort_by_key(|e| e.priority);
+    Ok(out)
 }
 
 /// The endpoints of an EDS assignment.

@@ -1,28 +1,63 @@
-//! Body types of the proxy: what goes upstream (the downstream body, streamed,
-//! telling the router when it ended) and what goes downstream (the upstream
-//! body, or a local reply).
+//! Body types of the proxy: what goes upstream (the downstream body, streamed
+//! or kept for replay, telling the router when it ended) and what goes
+//! downstream (the upstream body under the route's deadline, or a local
+//! reply).
+//!
+//! A request that may be retried or mirrored carries a *replay* body: the
+//! first attempt streams the downstream body as it arrives while a bounded
+//! copy ([`REPLAY_LIMIT`]) is kept, so a retry (or the shadow request) can
+//! send it again. A body larger than the bound streams on unharmed but can no
+//! longer be replayed, so that request is neither retried nor mirrored.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+
+/// The most request body kept for retries and mirroring (Envoy bounds it by
+/// the connection's buffer limit).
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// Why an upstream request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("downstream body: {0}")]
+    Downstream(#[source] hyper::Error),
+    #[error("the request body was not kept and cannot be sent again")]
+    NotReplayable,
+}
 
 /// The downstream request body on its way upstream. It signals its end, since
 /// Envoy's route timeout starts once the whole request has been received.
 pub struct UpstreamBody {
-    inner: Option<Incoming>,
+    kind: Kind,
     end: Option<Arc<Notify>>,
+}
+
+enum Kind {
+    Empty,
+    Streamed(Incoming),
+    Replay {
+        shared: Arc<Mutex<ReplayState>>,
+        /// Index of the next data chunk this copy sends.
+        pos: usize,
+        trailers_sent: bool,
+        hint: SizeHint,
+    },
+    Full(Option<Bytes>),
 }
 
 impl UpstreamBody {
     pub fn new(inner: Incoming, end: Option<Arc<Notify>>) -> Self {
         let body = Self {
-            inner: Some(inner),
+            kind: Kind::Streamed(inner),
             end,
         };
         if body.is_end_stream() {
@@ -33,7 +68,15 @@ impl UpstreamBody {
 
     pub fn empty() -> Self {
         Self {
-            inner: None,
+            kind: Kind::Empty,
+            end: None,
+        }
+    }
+
+    /// A body of bytes already at hand (a mirrored request's).
+    pub fn full(b: Bytes) -> Self {
+        Self {
+            kind: Kind::Full((!b.is_empty()).then_some(b)),
             end: None,
         }
     }
@@ -45,44 +88,333 @@ impl UpstreamBody {
     }
 }
 
+/// The shared record of a downstream body that may be sent more than once.
+struct ReplayState {
+    incoming: Option<Incoming>,
+    chunks: Vec<Bytes>,
+    /// Chunks read but no longer kept (the bound was passed).
+    dropped: usize,
+    kept_bytes: usize,
+    overflow: bool,
+    failed: bool,
+    complete: bool,
+    trailers: Option<HeaderMap>,
+    end: Option<Arc<Notify>>,
+    done_tx: watch::Sender<bool>,
+}
+
+impl ReplayState {
+    fn finish(&mut self) {
+        self.complete = true;
+        self.incoming = None;
+        if let Some(n) = self.end.take() {
+            n.notify_one();
+        }
+        self.done_tx.send_replace(true);
+    }
+}
+
+/// A downstream body kept for retries and mirrors; hands out one body per
+/// attempt.
+#[derive(Clone)]
+pub struct Replay {
+    shared: Arc<Mutex<ReplayState>>,
+    done: watch::Receiver<bool>,
+    hint: SizeHint,
+}
+
+impl Replay {
+    /// Wraps the downstream body; `end` is notified once it was received whole.
+    pub fn new(inner: Incoming, end: Option<Arc<Notify>>) -> Self {
+        let hint = inner.size_hint();
+        let (done_tx, done) = watch::channel(false);
+        let mut state = ReplayState {
+            incoming: Some(inner),
+            chunks: Vec::new(),
+            dropped: 0,
+            kept_bytes: 0,
+            overflow: false,
+            failed: false,
+            complete: false,
+            trailers: None,
+            end,
+            done_tx,
+        };
+        if state.incoming.as_ref().is_some_and(|b| b.is_end_stream()) {
+            state.finish();
+        }
+        Self {
+            shared: Arc::new(Mutex::new(state)),
+            done,
+            hint,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ReplayState> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether another attempt can still be sent the whole body.
+    pub fn replayable(&self) -> bool {
+        let s = self.state();
+        !s.overflow && !s.failed
+    }
+
+    /// A body for one attempt, from the first byte.
+    pub fn body(&self) -> UpstreamBody {
+        UpstreamBody {
+            kind: Kind::Replay {
+                shared: self.shared.clone(),
+                pos: 0,
+                trailers_sent: false,
+                hint: self.hint,
+            },
+            end: None,
+        }
+    }
+
+    /// A handle that does not keep the body alive: a mirror waits through it
+    /// for the body to complete without delaying its release.
+    pub fn watcher(&self) -> ReplayWatcher {
+        ReplayWatcher {
+            shared: Arc::downgrade(&self.shared),
+            done: self.done.clone(),
+        }
+    }
+}
+
+pub struct ReplayWatcher {
+    shared: Weak<Mutex<ReplayState>>,
+    done: watch::Receiver<bool>,
+}
+
+impl ReplayWatcher {
+    /// The whole body once it was received and kept; `None` if it was too
+    /// large, failed, or the request ended first.
+    pub async fn complete(mut self, within: Duration) -> Option<Bytes> {
+        let wait = self.done.wait_for(|done| *done);
+        match tokio::time::timeout(within, wait).await {
+            Ok(Ok(_)) => {}
+            _ => return None,
+        }
+        let shared = self.shared.upgrade()?;
+        let s = shared.lock().unwrap_or_else(|p| p.into_inner());
+        if s.overflow || s.failed || !s.complete {
+            return None;
+        }
+        let mut out = bytes::BytesMut::with_capacity(s.kept_bytes);
+        for c in &s.chunks {
+            out.extend_from_slice(c);
+        }
+        Some(out.freeze())
+    }
+}
+
+fn poll_replay(
+    shared: &Mutex<ReplayState>,
+    pos: &mut usize,
+    trailers_sent: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+    if *pos < s.dropped {
+        return Poll::Ready(Some(Err(BodyError::NotReplayable)));
+    }
+    if let Some(chunk) = s.chunks.get(*pos - s.dropped) {
+        *pos += 1;
+        return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+    }
+    if s.complete {
+        if !*trailers_sent && let Some(t) = &s.trailers {
+            *trailers_sent = true;
+            return Poll::Ready(Some(Ok(Frame::trailers(t.clone()))));
+        }
+        return Poll::Ready(None);
+    }
+    let Some(incoming) = s.incoming.as_mut() else {
+        return Poll::Ready(Some(Err(BodyError::NotReplayable)));
+    };
+    match Pin::new(incoming).poll_frame(cx) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(None) => {
+            s.finish();
+            Poll::Ready(None)
+        }
+        Poll::Ready(Some(Err(e))) => {
+            s.failed = true;
+            s.incoming = None;
+            Poll::Ready(Some(Err(BodyError::Downstream(e))))
+        }
+        Poll::Ready(Some(Ok(frame))) => {
+            let frame = match frame.into_data() {
+                Ok(data) => {
+                    *pos += 1;
+                    if !s.overflow && s.kept_bytes + data.len() <= REPLAY_LIMIT {
+                        s.kept_bytes += data.len();
+                        s.chunks.push(data.clone());
+                    } else {
+                        // Past the bound: stop keeping (and free) the copy.
+                        s.overflow = true;
+                        s.dropped += s.chunks.len() + 1;
+                        s.chunks = Vec::new();
+                        s.kept_bytes = 0;
+                    }
+                    Frame::data(data)
+                }
+                Err(frame) => {
+                    if let Some(t) = frame.trailers_ref() {
+                        s.trailers = Some(t.clone());
+                        *trailers_sent = true;
+                    }
+                    frame
+                }
+            };
+            if s.incoming.as_ref().is_some_and(|b| b.is_end_stream()) {
+                s.finish();
+            }
+            Poll::Ready(Some(Ok(frame)))
+        }
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let res = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(None) = res {
-            self.signal_end();
-            if let Some(n) = self.end.take() {
-                drop(n);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match &mut this.kind {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Replay {
+                shared,
+                pos,
+                trailers_sent,
+                ..
+            } => poll_replay(shared, pos, trailers_sent, cx),
+            Kind::Streamed(inner) => {
+                let res = Pin::new(inner).poll_frame(cx);
+                let ended = match &res {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => this.is_end_stream(),
+                    _ => false,
+                };
+                if ended {
+                    this.signal_end();
+                    this.end = None;
+                }
+                res.map_err(BodyError::Downstream)
             }
-        } else if let Poll::Ready(Some(Ok(_))) = &res
-            && self.is_end_stream()
-        {
-            self.signal_end();
         }
-        res
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Streamed(b) => b.is_end_stream(),
+            Kind::Replay {
+                shared,
+                pos,
+                trailers_sent,
+                ..
+            } => {
+                let s = shared.lock().unwrap_or_else(|p| p.into_inner());
+                s.complete
+                    && *pos >= s.dropped + s.chunks.len()
+                    && (*trailers_sent || s.trailers.is_none())
+            }
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Streamed(b) => b.size_hint(),
+            Kind::Replay { hint, .. } => *hint,
+        }
+    }
+}
+
+/// The upstream response body on its way downstream. The route timeout
+/// covers the whole response, as in Envoy: a body still arriving at the
+/// deadline is cut (the downstream stream is reset).
+pub struct DeadlineBody {
+    inner: Incoming,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The stream idle timeout, restarted by every frame.
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+/// The response ran out of the route timeout while its body was streaming.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    #[error("upstream response: {0}")]
+    Upstream(#[source] hyper::Error),
+    #[error("upstream request timeout while streaming the response")]
+    Timeout,
+    #[error("stream idle timeout while streaming the response")]
+    Idle,
+}
+
+impl DeadlineBody {
+    pub fn new(
+        inner: Incoming,
+        deadline: Option<tokio::time::Instant>,
+        idle: Option<Duration>,
+    ) -> Self {
+        Self {
+            inner,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            idle: idle.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
+        }
+    }
+}
+
+impl Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        if let Poll::Ready(r) = Pin::new(&mut self.inner).poll_frame(cx) {
+            if let Some((t, sleep)) = self.idle.as_mut() {
+                sleep.as_mut().reset(tokio::time::Instant::now() + *t);
+            }
+            return Poll::Ready(r.map(|f| f.map_err(ResponseBodyError::Upstream)));
+        }
+        if let Some((_, sleep)) = self.idle.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            self.idle = None;
+            return Poll::Ready(Some(Err(ResponseBodyError::Idle)));
+        }
+        if let Some(d) = self.deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            return Poll::Ready(Some(Err(ResponseBodyError::Timeout)));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
 /// A response body for the downstream: streamed from upstream or generated.
-pub type ResponseBody = Either<Incoming, Either<Full<Bytes>, Empty<Bytes>>>;
+pub type ResponseBody = Either<DeadlineBody, Either<Full<Bytes>, Empty<Bytes>>>;
 
 pub fn full(body: impl Into<Bytes>) -> ResponseBody {
     Either::Right(Either::Left(Full::new(body.into())))

@@ -6,15 +6,18 @@
 //! Envoy's status codes, bodies and response flags.
 
 pub mod body;
+mod fault;
+mod shadow;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ferry_filters::http::{headers, router};
+use ferry_filters::http::{headers, retry, router};
 use ferry_model::{
-    ChainKind, FilterChain, HttpConnectionManager, PathMatch, Route, RouteAction, RouteSource,
+    ChainKind, FilterChain, HttpConnectionManager, HttpFilterConfig, PathMatch, Route, RouteAction,
+    RouteSource,
 };
 use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -26,10 +29,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
+use crate::cluster::{ClusterRt, EndpointPool, UpstreamError};
 use crate::drain::Drain;
 use crate::run::Runtime;
 use crate::stats::HttpStats;
-use body::{ResponseBody, UpstreamBody};
+use body::{DeadlineBody, Replay, ResponseBody, UpstreamBody};
 
 /// What every request on one downstream connection shares.
 pub struct ConnCtx {
@@ -215,13 +219,36 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
             None,
         );
     };
+    // Weighted clusters are picked once, before the filters, so the fault
+    // filter's `upstream_cluster` sees the cluster the router will use.
+    let cluster = match &route.action {
+        RouteAction::Route { cluster, .. } => cluster.pick(rand::random()),
+        _ => "",
+    };
+    // The HTTP filters before the router, in configuration order.
+    let mut delayed = false;
+    for f in &hcm.http_filters {
+        match &f.config {
+            HttpFilterConfig::Fault(cfg) => {
+                let cfg = route.fault_override(&f.name).unwrap_or(cfg);
+                match fault::apply(ctx, hcm, cfg, req.headers(), cluster).await {
+                    fault::Applied::None => {}
+                    fault::Applied::Delayed => delayed = true,
+                    fault::Applied::Aborted(resp) => {
+                        return (resp, if delayed { "DI,FI" } else { "FI" }, None);
+                    }
+                    fault::Applied::DelayedAborted(resp) => return (resp, "DI,FI", None),
+                }
+            }
+        }
+    }
     match &route.action {
         RouteAction::DirectResponse { status, body } => {
             let r = LocalReply {
                 status: *status,
                 body: body.clone(),
             };
-            (local_reply(r), "", None)
+            (local_reply(r), if delayed { "DI" } else { "" }, None)
         }
         RouteAction::Redirect {
             status,
@@ -254,7 +281,7 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
             }
             (resp, "", None)
         }
-        RouteAction::Route { .. } => forward(ctx, hcm, route, req, host).await,
+        RouteAction::Route { .. } => forward(ctx, hcm, route, cluster, delayed, req, host).await,
     }
 }
 
@@ -262,14 +289,21 @@ async fn forward(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
     route: &Route,
+    name: &str,
+    delayed: bool,
     mut req: Request<Incoming>,
     host: &str,
 ) -> Routed {
     let RouteAction::Route {
-        cluster,
         prefix_rewrite,
         host_rewrite,
         timeout,
+        retry_policy,
+        mirrors,
+        idle_timeout,
+        max_stream_duration,
+        attempt_count,
+        ..
     } = &route.action
     else {
         return (
@@ -281,7 +315,6 @@ async fn forward(
             None,
         );
     };
-    let name = cluster.pick(rand::random());
     let clusters = ctx.rt.clusters.load();
     let Some(crt) = clusters.get(name) else {
         let r = LocalReply {
@@ -290,7 +323,14 @@ async fn forward(
         };
         return (local_reply(r), "NC", None);
     };
-    let Some(pool) = crt.pick(Some(ctx.original_dst)) else {
+    let lb_hash = crate::lb::request_hash(
+        &route.hash_policy,
+        req.headers(),
+        req.uri(),
+        ctx.peer,
+        ctx.original_dst,
+    );
+    let Some(pool) = crt.pick_hashed(Some(ctx.original_dst), lb_hash.hash) else {
         let r = LocalReply {
             status: StatusCode::SERVICE_UNAVAILABLE,
             body: Some("no healthy upstream".into()),
@@ -342,6 +382,32 @@ async fn forward(
         .and_then(|h| h.to_str().ok())
         .unwrap_or(host)
         .to_string();
+
+    // Retries and mirrors need the body again: keep a bounded copy.
+    let stream_start = tokio::time::Instant::now();
+    let timed = timeout.is_some() || idle_timeout.is_some() || max_stream_duration.is_some();
+    let end = timed.then(|| Arc::new(Notify::new()));
+    let (replay, mut first_body) = if !upgrade && (retry_policy.is_some() || !mirrors.is_empty()) {
+        (Some(Replay::new(body, end.clone())), None)
+    } else {
+        (None, Some(body))
+    };
+    if let Some(r) = &replay {
+        for m in mirrors {
+            if m.fraction.hits(rand::random()) {
+                shadow::spawn(
+                    ctx,
+                    m,
+                    &parts,
+                    &upstream_authority,
+                    &path,
+                    r.watcher(),
+                    timeout.unwrap_or(DEFAULT_SHADOW_TIMEOUT),
+                );
+            }
+        }
+    }
+
     let uri = if use_h2 {
         parts.headers.remove(HOST);
         format!("http://{upstream_authority}{path}").parse::<Uri>()
@@ -361,33 +427,154 @@ async fn forward(
     } else {
         Version::HTTP_11
     };
-    let end = timeout.map(|_| Arc::new(Notify::new()));
-    let upstream_req = Request::from_parts(parts, UpstreamBody::new(body, end.clone()));
 
-    crt.stats.upstream_rq_total.inc();
-    let address = pool.address;
-    let send = async {
-        if use_h2 {
-            pool.send_h2(upstream_req).await
-        } else {
-            pool.send_h1(upstream_req).await
+    let deadline = std::sync::OnceLock::new();
+    let global = request_timers(
+        end.as_deref(),
+        RouteTimers {
+            start: stream_start,
+            timeout: *timeout,
+            idle: *idle_timeout,
+            max_duration: *max_stream_duration,
+        },
+        &deadline,
+    );
+    tokio::pin!(global);
+
+    let policy = retry_policy.as_deref();
+    let max_retries = policy.map_or(0, |p| p.num_retries);
+    let mut retries = 0u32;
+    let mut retry_slot = None;
+    let mut retry_overflow = false;
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut pool = pool;
+    let mut parts = Some(parts);
+    let retry_counter = |n: &str| ctx.rt.stats.counter(&format!("cluster.{name}.{n}"));
+    let (result, address) = loop {
+        let body = match (&replay, first_body.take()) {
+            (Some(r), _) => r.body(),
+            (None, Some(b)) => UpstreamBody::new(b, end.clone()),
+            (None, None) => UpstreamBody::empty(),
+        };
+        // The last possible attempt takes the head itself; earlier ones a copy.
+        let last = replay.is_none() || retries >= max_retries;
+        let upstream_req = match (&parts, last) {
+            (Some(p), false) => copy_request(p, body),
+            _ => match parts.take() {
+                Some(p) => Request::from_parts(p, body),
+                None => break (Attempt::Failed(None), pool.address),
+            },
+        };
+        let mut upstream_req = upstream_req;
+        if attempt_count.request {
+            upstream_req
+                .headers_mut()
+                .insert(ATTEMPT_COUNT, HeaderValue::from(retries + 1));
         }
-    };
-    let result = match (timeout, end) {
-        (Some(t), Some(end)) => {
-            let timer = async {
-                end.notified().await;
-                tokio::time::sleep(*t).await;
-            };
-            tokio::select! {
-                r = send => Some(r),
-                _ = timer => None,
+        crt.stats.upstream_rq_total.inc();
+        let address = pool.address;
+        tried.push(address);
+        let send = async {
+            if use_h2 {
+                pool.send_h2(upstream_req).await
+            } else {
+                pool.send_h1(upstream_req).await
+            }
+        };
+        // The per-try timeout covers one attempt up to its response headers,
+        // from the attempt's start (Envoy starts it once the request was sent
+        // whole: the same for the buffered bodies that can be retried).
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+        let attempt = async {
+            match per_try {
+                Some(t) => tokio::time::timeout(t, send)
+                    .await
+                    .map_or(Attempt::PerTryTimeout, Attempt::from),
+                None => Attempt::from(send.await),
+            }
+        };
+        let attempt = tokio::select! {
+            a = attempt => a,
+            kind = &mut global => Attempt::GlobalTimeout(kind),
+        };
+        let outcome = match &attempt {
+            Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
+            Attempt::PerTryTimeout => {
+                retry_counter("upstream_rq_per_try_timeout").inc();
+                retry::Outcome::PerTryTimeout
+            }
+            Attempt::Failed(Some(e)) => upstream_outcome(e),
+            Attempt::Failed(None) => break (attempt, address),
+            Attempt::Response(r) => retry::Outcome::from_response(r.status().as_u16(), r.headers()),
+        };
+        let decision = policy.map_or(retry::Decision::Done, |p| retry::decide(p, outcome));
+        if decision == retry::Decision::Done {
+            if retries > 0 && matches!(attempt, Attempt::Response(_)) {
+                retry_counter("upstream_rq_retry_success").inc();
+            }
+            break (attempt, address);
+        }
+        let can_replay = replay.as_ref().is_some_and(Replay::replayable);
+        if retries >= max_retries || !can_replay || parts.is_none() {
+            if retries >= max_retries {
+                retry_counter("upstream_rq_retry_limit_exceeded").inc();
+            }
+            break (attempt.exhausted(), address);
+        }
+        // The cluster's `max_retries` circuit breaker caps retries in flight;
+        // the slot is held until the retried attempt has its answer.
+        match crt.shared.breakers.retry() {
+            Some(slot) => retry_slot = Some(slot),
+            None => {
+                retry_overflow = true;
+                break (attempt.exhausted(), address);
             }
         }
-        _ => Some(send.await),
+        drop(attempt);
+        retries += 1;
+        retry_counter("upstream_rq_retry").inc();
+        if let (retry::Decision::RetryWithBackoff, Some(p)) = (decision, policy) {
+            let wait = retry::backoff(p, retries, rand::random());
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                kind = &mut global => break (Attempt::GlobalTimeout(kind), address),
+            }
+        }
+        match policy.and_then(|p| retry_host(ctx, crt, p, &tried)) {
+            Some(next) => pool = next,
+            None => {
+                let r = LocalReply {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    body: Some("no healthy upstream".into()),
+                };
+                return (local_reply(r), "UH", Some(address));
+            }
+        }
     };
-    match result {
-        None => {
+    let attempts = retries + 1;
+    drop(retry_slot);
+    let timers = Timers {
+        deadline: deadline.get().copied(),
+        idle: *idle_timeout,
+    };
+    let (mut resp, flag, upstream) = match result {
+        Attempt::GlobalTimeout(Expired::Idle) => {
+            let r = LocalReply {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                body: Some("stream timeout".into()),
+            };
+            (local_reply(r), "SI", Some(address))
+        }
+        Attempt::GlobalTimeout(Expired::MaxDuration) => {
+            let r = LocalReply {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                body: Some("downstream duration timeout".into()),
+            };
+            (local_reply(r), "DT", Some(address))
+        }
+        Attempt::GlobalTimeout(Expired::Route)
+        | Attempt::PerTryTimeout
+        | Attempt::Exhausted(ExhaustedBy::Timeout) => {
             crt.stats.upstream_rq_timeout.inc();
             let r = LocalReply {
                 status: StatusCode::GATEWAY_TIMEOUT,
@@ -395,31 +582,311 @@ async fn forward(
             };
             (local_reply(r), "UT", Some(address))
         }
-        Some(Err(e)) => {
-            tracing::debug!(upstream.host = %address, error = %e, "upstream request failed");
-            let flag = e.response_flag();
+        Attempt::Failed(e) | Attempt::Exhausted(ExhaustedBy::Failure(e)) => {
+            let (flag, body) = match &e {
+                Some(e) => {
+                    tracing::debug!(upstream.host = %address, error = %e, "upstream request failed");
+                    (e.response_flag(), e.to_string())
+                }
+                None => ("UF", "upstream connect error".to_string()),
+            };
             let r = LocalReply {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                body: Some(e.to_string()),
+                body: Some(body),
             };
             (local_reply(r), flag, Some(address))
         }
-        Some(Ok(mut resp)) => {
-            crt.stats.status(resp.status().as_u16());
-            let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-            if let (true, Some(down)) = (upgraded, downstream_upgrade) {
-                let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    let (Ok(d), Ok(u)) = tokio::join!(down, up) else {
-                        return;
-                    };
-                    let _ =
-                        tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u))
-                            .await;
-                });
-            }
-            headers::prepare_response(resp.headers_mut(), upgraded);
-            (resp.map(Either::Left), "-", Some(address))
+        Attempt::Response(mut resp) => {
+            // A generated hash cookie goes back with the response.
+            lb_hash.apply(resp.headers_mut());
+            respond(
+                crt,
+                resp,
+                downstream_upgrade,
+                timers,
+                if delayed { "DI" } else { "-" },
+                address,
+            )
         }
+        Attempt::Exhausted(ExhaustedBy::Response(resp)) => {
+            let flag = if retry_overflow { "UO" } else { "URX" };
+            respond(crt, resp, downstream_upgrade, timers, flag, address)
+        }
+    };
+    if attempt_count.response {
+        resp.headers_mut()
+            .insert(ATTEMPT_COUNT, HeaderValue::from(attempts));
+    }
+    (resp, flag, upstream)
+}
+
+/// `x-envoy-attempt-count`: the attempt number upstream, the number of
+/// attempts downstream (only when the virtual host asks for it).
+const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
+
+/// The route's timers of one request.
+#[derive(Debug, Clone, Copy)]
+struct RouteTimers {
+    /// When the request arrived.
+    start: tokio::time::Instant,
+    timeout: Option<std::time::Duration>,
+    idle: Option<std::time::Duration>,
+    max_duration: Option<std::time::Duration>,
+}
+
+/// Resolves when the first of the request's timers runs out, as Envoy runs
+/// them: the route timeout from the end of the downstream request (`end`)
+/// until the response is complete, across every attempt; the idle timeout
+/// from the end of the request until the response headers (the response
+/// body then restarts it per frame); `max_stream_duration` from the
+/// request's arrival. Once the request has ended, `deadline` receives the
+/// instant by which the whole response must have been sent.
+async fn request_timers(
+    end: Option<&Notify>,
+    t: RouteTimers,
+    deadline: &std::sync::OnceLock<tokio::time::Instant>,
+) -> Expired {
+    let msd_at = t.max_duration.map(|d| t.start + d);
+    let request_end = async {
+        match end {
+            Some(end) => end.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = request_end => {}
+        _ = sleep_until(msd_at) => return Expired::MaxDuration,
+    }
+    let now = tokio::time::Instant::now();
+    let route_at = t.timeout.map(|d| now + d);
+    if let Some(at) = [route_at, msd_at].into_iter().flatten().min() {
+        let _ = deadline.set(at);
+    }
+    let first = [
+        (route_at, Expired::Route),
+        (t.idle.map(|d| now + d), Expired::Idle),
+        (msd_at, Expired::MaxDuration),
+    ]
+    .into_iter()
+    .filter_map(|(at, kind)| Some((at?, kind)))
+    .min_by_key(|(at, _)| *at);
+    match first {
+        Some((at, kind)) => {
+            tokio::time::sleep_until(at).await;
+            kind
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Which of the request's timers ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expired {
+    Route,
+    Idle,
+    MaxDuration,
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The timers still running while the response body streams.
+#[derive(Debug, Clone, Copy)]
+struct Timers {
+    deadline: Option<tokio::time::Instant>,
+    idle: Option<std::time::Duration>,
+}
+
+/// Shadow requests get the route timeout, or this when the route has none.
+const DEFAULT_SHADOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// How one upstream attempt ended.
+enum Attempt {
+    Response(Response<Incoming>),
+    Failed(Option<UpstreamError>),
+    PerTryTimeout,
+    GlobalTimeout(Expired),
+    /// A retriable outcome with no retry left (or a body that cannot be
+    /// sent again): passed on as it is.
+    Exhausted(ExhaustedBy),
+}
+
+enum ExhaustedBy {
+    Response(Response<Incoming>),
+    Failure(Option<UpstreamError>),
+    Timeout,
+}
+
+impl From<Result<Response<Incoming>, UpstreamError>> for Attempt {
+    fn from(r: Result<Response<Incoming>, UpstreamError>) -> Self {
+        match r {
+            Ok(resp) => Attempt::Response(resp),
+            Err(e) => Attempt::Failed(Some(e)),
+        }
+    }
+}
+
+impl Attempt {
+    fn exhausted(self) -> Self {
+        match self {
+            Attempt::Response(r) => Attempt::Exhausted(ExhaustedBy::Response(r)),
+            Attempt::Failed(e) => Attempt::Exhausted(ExhaustedBy::Failure(e)),
+            Attempt::PerTryTimeout => Attempt::Exhausted(ExhaustedBy::Timeout),
+            other => other,
+        }
+    }
+}
+
+/// What a failed attempt counts as for `retry_on`.
+fn upstream_outcome(e: &UpstreamError) -> retry::Outcome {
+    match e {
+        UpstreamError::ConnectFailure(_)
+        | UpstreamError::ConnectTimeout
+        | UpstreamError::TlsUnsupported => retry::Outcome::ConnectFailure,
+        // hyper does not expose the HTTP/2 reset reason as a type of its own.
+        UpstreamError::Reset(h) if format!("{h:?}").contains("REFUSED_STREAM") => {
+            retry::Outcome::RefusedStream
+        }
+        _ => retry::Outcome::Reset,
+    }
+}
+
+/// The endpoint of a retry: with the previous-hosts predicate, the choice is
+/// redone (up to `host_selection_max_attempts` times) while it lands on an
+/// endpoint already tried, then the last choice stands, as in Envoy.
+fn retry_host(
+    ctx: &ConnCtx,
+    crt: &ClusterRt,
+    policy: &ferry_model::RetryPolicy,
+    tried: &[SocketAddr],
+) -> Option<Arc<EndpointPool>> {
+    let mut pool = crt.pick(Some(ctx.original_dst))?;
+    if policy.previous_hosts {
+        for _ in 0..policy.host_selection_max_attempts {
+            if !tried.contains(&pool.address) {
+                break;
+            }
+            pool = crt.pick(Some(ctx.original_dst))?;
+        }
+    }
+    Some(pool)
+}
+
+/// A copy of a request head with another body, for one more attempt.
+fn copy_request(p: &http::request::Parts, body: UpstreamBody) -> Request<UpstreamBody> {
+    let mut r = Request::new(body);
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    // Carries hyper's record of the original header case.
+    *r.extensions_mut() = p.extensions.clone();
+    r
+}
+
+/// Passes an upstream response downstream (and an accepted upgrade on).
+fn respond(
+    crt: &ClusterRt,
+    mut resp: Response<Incoming>,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    timers: Timers,
+    flag: &'static str,
+    address: SocketAddr,
+) -> Routed {
+    crt.stats.status(resp.status().as_u16());
+    let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let (true, Some(down)) = (upgraded, downstream_upgrade) {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(d), Ok(u)) = tokio::join!(down, up) else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+        });
+    }
+    headers::prepare_response(resp.headers_mut(), upgraded);
+    // An upgraded connection outlives the request: no deadline on it.
+    let (deadline, idle) = if upgraded {
+        (None, None)
+    } else {
+        (timers.deadline, timers.idle)
+    };
+    (
+        resp.map(|b| Either::Left(DeadlineBody::new(b, deadline, idle))),
+        flag,
+        Some(address),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    fn timers(timeout: u64, idle: u64, max: u64) -> RouteTimers {
+        let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+        RouteTimers {
+            start: Instant::now(),
+            timeout: ms(timeout),
+            idle: ms(idle),
+            max_duration: ms(max),
+        }
+    }
+
+    /// Runs the timers with the request ending after `request_ms`; returns
+    /// what expired and when, and the response deadline.
+    async fn run(t: RouteTimers, request_ms: u64) -> (Expired, u64, Option<u64>) {
+        let start = Instant::now();
+        let end = Arc::new(Notify::new());
+        let notifier = end.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(request_ms)).await;
+            notifier.notify_one();
+        });
+        let deadline = std::sync::OnceLock::new();
+        let kind = request_timers(Some(&end), t, &deadline).await;
+        let ms = |i: Instant| (i - start).as_millis() as u64;
+        (kind, ms(Instant::now()), deadline.get().map(|d| ms(*d)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn route_timeout_starts_when_the_request_ends() {
+        assert_eq!(
+            run(timers(300, 0, 0), 100).await,
+            (Expired::Route, 400, Some(400))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_and_max_duration() {
+        // The idle timer starts with the end of the request, too.
+        assert_eq!(
+            run(timers(300, 50, 0), 100).await,
+            (Expired::Idle, 150, Some(400))
+        );
+        // The stream's duration counts from its arrival, even mid-request.
+        assert_eq!(
+            run(timers(300, 0, 80), 100).await,
+            (Expired::MaxDuration, 80, None)
+        );
+        assert_eq!(
+            run(timers(300, 0, 250), 100).await,
+            (Expired::MaxDuration, 250, Some(250))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_timer_never_expires() {
+        let t = run(timers(0, 0, 0), 10);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), t)
+                .await
+                .is_err()
+        );
     }
 }

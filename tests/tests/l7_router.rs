@@ -1,0 +1,1125 @@
+//! The router's and HTTP filters' behaviour, proven equal to Envoy's: every scenario runs
+//! the same static bootstrap through Ferry and through Envoy 1.40 in front of the same
+//! `tests/apps/echo.py` backends, and asserts the same observations — status codes, how
+//! many requests the backend saw (retries), delays within a tolerance, abort ratios within
+//! a binomial bound, shadow requests reaching the mirror cluster with the `-shadow` host.
+//!
+//! Envoy comes from `scripts/install-envoy.sh`; without it a test is skipped with a note,
+//! except under `CI=true`, where a missing Envoy fails the test.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ferry_tests::proxy::{
+    App, Bootstrap, Ferry, RunLock, TempDir, Upstream, apps_dir, free_port,
+    http_connection_manager, http_request, listener, local, static_cluster,
+};
+use serde_json::{Value, json};
+
+// ------------------------------------------------------------------------------ envoy
+
+/// The Envoy binary, installed on first use; `None` (skip) outside CI when unavailable.
+fn envoy_bin() -> Option<PathBuf> {
+    static BIN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let script = apps_dir().join("../../scripts/install-envoy.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::piped())
+            .output();
+        let found = out.ok().and_then(|o| {
+            let path = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+            (o.status.success() && path.is_file()).then_some(path)
+        });
+        if found.is_none() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "Envoy is required under CI=true: scripts/install-envoy.sh failed"
+            );
+            eprintln!("skipped: Envoy is not installed (scripts/install-envoy.sh failed)");
+        }
+        found
+    })
+    .clone()
+}
+
+/// A running Envoy, killed on drop.
+struct Envoy {
+    child: Child,
+    admin: u16,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy on `config` (JSON) with an admin port, and waits until `port` accepts.
+    fn start(bin: &PathBuf, config: &str, port: u16) -> Result<Envoy> {
+        let dir = TempDir::new("envoy")?;
+        let admin = free_port();
+        let mut doc: Value = serde_json::from_str(config)?;
+        doc["admin"] =
+            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}});
+        let cfg = dir.path().join("envoy.json");
+        fs::write(&cfg, serde_json::to_string(&doc)?)?;
+        let log = dir.path().join("envoy.log");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&cfg)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
+            .args(["--base-id", &free_port().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log)?)
+            .spawn()
+            .context("spawning envoy")?;
+        let mut envoy = Envoy {
+            child,
+            admin,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ferry_tests::proxy::accepts(port) {
+            if let Some(st) = envoy.child.try_wait()? {
+                bail!("envoy exited ({st}):\n{}", envoy.log());
+            }
+            if Instant::now() >= deadline {
+                bail!("envoy did not listen on {port}:\n{}", envoy.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(envoy)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stat(&self, name: &str) -> Result<u64> {
+        let (_, body) = http_request(local(self.admin), "GET", "/stats")?;
+        Ok(body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0))
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One of the two proxies under comparison.
+enum Proxy {
+    Ferry(Ferry),
+    Envoy(Envoy),
+}
+
+impl Proxy {
+    fn name(&self) -> &'static str {
+        match self {
+            Proxy::Ferry(_) => "ferry",
+            Proxy::Envoy(_) => "envoy",
+        }
+    }
+
+    fn stat(&self, name: &str) -> Result<u64> {
+        match self {
+            Proxy::Ferry(f) => Ok(f.stat(name)),
+            Proxy::Envoy(e) => e.stat(name),
+        }
+    }
+}
+
+/// Runs `observe` against Ferry and then Envoy, each started on `config(port)`, and
+/// returns both observations (Ferry's first). `None`: Envoy is unavailable (skipped).
+fn differential<T>(
+    config: impl Fn(u16) -> String,
+    mut observe: impl FnMut(&Proxy, u16) -> Result<T>,
+) -> Result<Option<(T, T)>> {
+    let Some(bin) = envoy_bin() else {
+        return Ok(None);
+    };
+    let port = free_port();
+    let ferry = Proxy::Ferry(Ferry::start(&config(port))?);
+    let a = observe(&ferry, port).with_context(|| match &ferry {
+        Proxy::Ferry(f) => format!("through ferry; log:\n{}", f.log()),
+        Proxy::Envoy(_) => String::new(),
+    })?;
+    drop(ferry);
+    let port = free_port();
+    let envoy = Proxy::Envoy(Envoy::start(&bin, &config(port), port)?);
+    let b = observe(&envoy, port).with_context(|| match &envoy {
+        Proxy::Envoy(e) => format!("through envoy; log:\n{}", e.log()),
+        Proxy::Ferry(_) => String::new(),
+    })?;
+    Ok(Some((a, b)))
+}
+
+// ------------------------------------------------------------------------------ client
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+    elapsed: Duration,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn connect(port: u16) -> Result<TcpStream> {
+    let s = TcpStream::connect(local(port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(s)
+}
+
+/// One HTTP/1.1 request on its own connection.
+fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Reply> {
+    let mut s = connect(port)?;
+    let mut all = vec![("Connection", "close")];
+    all.extend_from_slice(headers);
+    exchange(&mut s, method, path, &all, body)
+}
+
+/// One HTTP/1.1 request on `s`, which stays open.
+fn exchange(
+    s: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Reply> {
+    let start = Instant::now();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str("Host: test.local\r\n");
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    s.write_all(&out)?;
+    // Read the head, then exactly Content-Length bytes: waiting for the close would time
+    // the proxies' connection teardown (Envoy's delayed close) instead of the request.
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            });
+            if len.is_some_and(|len| body.len() >= len) {
+                break;
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no response head: {text:?}"))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line: {head:?}"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(Reply {
+        status,
+        headers,
+        body: body.to_string(),
+        elapsed,
+    })
+}
+
+fn get(port: u16, path: &str) -> Result<Reply> {
+    request(port, "GET", path, &[], b"")
+}
+
+/// How many requests `app` received for `path`, and the Host of the last one.
+fn hits(app: &App, path: &str) -> Result<(u64, String)> {
+    let (status, body) = http_request(local(app.port), "GET", &format!("/hits{path}"))?;
+    if status != 200 {
+        bail!("/hits answered {status}");
+    }
+    let v: Value = serde_json::from_str(&body)?;
+    Ok((
+        v["hits"].as_u64().unwrap_or(0),
+        v["host"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+// ------------------------------------------------------------------------------ config
+
+/// An HTTP listener on `port` with one virtual host (`*`) holding `routes`, and the HTTP
+/// filters `filters` before the router.
+fn http(port: u16, routes: Vec<Value>, filters: Vec<Value>, vhost_extra: Value) -> Value {
+    let mut hcm = http_connection_manager("in", routes);
+    let tc = &mut hcm["typed_config"];
+    if let (Some(vh), Some(extra)) = (
+        tc["route_config"]["virtual_hosts"][0].as_object_mut(),
+        vhost_extra.as_object(),
+    ) {
+        vh.extend(extra.clone());
+    }
+    if let Some(list) = tc["http_filters"].as_array_mut() {
+        for (i, f) in filters.into_iter().enumerate() {
+            list.insert(i, f);
+        }
+    }
+    listener("in", port, vec![json!({"filters": [hcm]})])
+}
+
+/// A route for `prefix` to `cluster` that strips the prefix, with extra `route` fields.
+fn route(prefix: &str, cluster: &str, extra: Value) -> Value {
+    let mut action = json!({"cluster": cluster, "prefix_rewrite": "/", "timeout": "5s"});
+    if let (Some(a), Some(e)) = (action.as_object_mut(), extra.as_object()) {
+        a.extend(e.clone());
+    }
+    json!({"match": {"prefix": prefix}, "route": action})
+}
+
+const FAULT: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+
+fn fault_filter(config: Value) -> Value {
+    let mut c = config;
+    c["@type"] = json!(FAULT);
+    json!({"name": "envoy.filters.http.fault", "typed_config": c})
+}
+
+fn percent(n: u32) -> Value {
+    json!({"numerator": n, "denominator": "HUNDRED"})
+}
+
+fn render(listener: Value, clusters: Vec<Value>) -> String {
+    let mut b = Bootstrap::new().listener(listener);
+    for c in clusters {
+        b = b.cluster(c);
+    }
+    b.render()
+}
+
+/// A unique tag per proxy run, so per-path hit counts never mix.
+fn tag(p: &Proxy) -> String {
+    format!("{}-{}", p.name(), free_port())
+}
+
+// ------------------------------------------------------------------------------ retries
+
+#[test]
+fn retries_on_a_flaky_backend() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let dead = free_port();
+    let config = |port| {
+        let routes = vec![
+            route(
+                "/r3/",
+                "backend",
+                json!({"retry_policy": {"retry_on": "5xx", "num_retries": 3}}),
+            ),
+            // A policy without num_retries retries once.
+            route(
+                "/r1/",
+                "backend",
+                json!({"retry_policy": {"retry_on": "5xx"}}),
+            ),
+            route(
+                "/gw/",
+                "backend",
+                json!({"retry_policy": {"retry_on": "gateway-error", "num_retries": 2}}),
+            ),
+            route(
+                "/4xx/",
+                "backend",
+                json!({"retry_policy": {"retry_on": "retriable-4xx", "num_retries": 2}}),
+            ),
+            route(
+                "/codes/",
+                "backend",
+                json!({"retry_policy": {
+                "retry_on": "retriable-status-codes", "retriable_status_codes": [418], "num_retries": 2}}),
+            ),
+            route(
+                "/grpc/",
+                "backend",
+                json!({"retry_policy": {"retry_on": "unavailable", "num_retries": 2}}),
+            ),
+            route(
+                "/reset/",
+                "backend",
+                json!({"retry_policy": {"retry_on": "reset", "num_retries": 2}}),
+            ),
+            route(
+                "/cf/",
+                "dead",
+                json!({"retry_policy": {"retry_on": "connect-failure", "num_retries": 2}}),
+            ),
+            route("/none/", "backend", json!({})),
+        ];
+        // The virtual host's policy applies to routes without their own.
+        let vhost = json!({"retry_policy": {"retry_on": "5xx", "num_retries": 2}});
+        let mut routes = routes;
+        routes.push(route("/vh/", "backend", json!({})));
+        render(
+            http(port, routes, vec![], vhost),
+            vec![
+                static_cluster("backend", &[app.port], Upstream::Http1),
+                static_cluster("dead", &[dead], Upstream::Http1),
+            ],
+        )
+    };
+    let cases: &[(&str, &str)] = &[
+        ("/r3/", "/flaky/2/503"),
+        ("/r3/", "/flaky/9/503"),
+        ("/r3/", "/flaky/1/404"),
+        ("/r1/", "/flaky/9/500"),
+        ("/gw/", "/flaky/1/502"),
+        ("/gw/", "/flaky/1/500"),
+        ("/4xx/", "/flaky/1/409"),
+        ("/codes/", "/flaky/1/418"),
+        ("/codes/", "/flaky/1/503"),
+        ("/grpc/", "/grpc-status/14"),
+        ("/grpc/", "/grpc-status/4"),
+        ("/reset/", "/drop/1"),
+        ("/none/", "/flaky/1/503"),
+        ("/vh/", "/flaky/1/503"),
+    ];
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let mut out = Vec::new();
+        // Ferry re-sends a request on a fresh connection itself when a reused one was
+        // closed under it (the keep-alive race); Envoy counts that as a retry under
+        // `reset`. Both are requests sent again.
+        let retries = || -> Result<u64> {
+            Ok(p.stat("cluster.backend.upstream_rq_retry")?
+                + p.stat("cluster.backend.upstream_rq_retry_stale_connection")?)
+        };
+        for (i, (prefix, path)) in cases.iter().enumerate() {
+            let backend_path = format!("{path}/{t}/{i}");
+            let before = retries()?;
+            let r = get(port, &format!("{prefix}{}", &backend_path[1..]))?;
+            let (n, _) = hits(&app, &backend_path)?;
+            let counted = retries()? - before;
+            out.push(format!(
+                "{prefix}{path}: status {} hits {n} retries {counted}",
+                r.status
+            ));
+        }
+        let r = get(port, "/cf/x")?;
+        out.push(format!(
+            "/cf/: status {} retries {}",
+            r.status,
+            p.stat("cluster.dead.upstream_rq_retry")?
+        ));
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    // The expectations themselves, so a shared mistake cannot pass.
+    assert!(
+        ferry.contains(&"/r3//flaky/2/503: status 200 hits 3 retries 2".to_string()),
+        "{ferry:#?}"
+    );
+    assert!(
+        ferry.contains(&"/r3//flaky/9/503: status 503 hits 4 retries 3".to_string()),
+        "{ferry:#?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_retried_post_body_is_sent_again_whole() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let routes = vec![route(
+            "/r/",
+            "backend",
+            json!({"retry_policy": {"retry_on": "5xx", "num_retries": 2}}),
+        )];
+        render(
+            http(port, routes, vec![], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let small = vec![b'a'; 10_000];
+    // Beyond both proxies' retry buffers (Envoy: the 1 MiB connection buffer limit).
+    let large = vec![b'a'; 2 << 20];
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let r = request(port, "POST", &format!("/r/flaky/2/503/{t}"), &[], &small)?;
+        let echo: Value = serde_json::from_str(&r.body)?;
+        let (n, _) = hits(&app, &format!("/flaky/2/503/{t}"))?;
+        let big = request(
+            port,
+            "POST",
+            &format!("/r/flaky/2/503/{t}/large"),
+            &[],
+            &large,
+        )?;
+        let (big_hits, _) = hits(&app, &format!("/flaky/2/503/{t}/large"))?;
+        Ok((r.status, echo["body_len"].as_u64(), n, big.status, big_hits))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry, (200, Some(10_000), 3, 503, 1));
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ timeouts
+
+#[test]
+fn route_and_per_try_timeouts() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let routes = vec![
+            route("/route/", "backend", json!({"timeout": "0.3s"})),
+            route(
+                "/try/",
+                "backend",
+                json!({"timeout": "5s", "retry_policy": {
+                "retry_on": "5xx", "num_retries": 2, "per_try_timeout": "0.2s"}}),
+            ),
+        ];
+        render(
+            http(port, routes, vec![], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let route = get(port, &format!("/route/sleep/1000/{t}"))?;
+        let fast = get(port, &format!("/route/sleep/10/{t}"))?;
+        // The timeout covers the whole response: a body still arriving is cut.
+        let body = get(port, &format!("/route/slowbody/1000/{t}"))?;
+        let tries = get(port, &format!("/try/sleep/400/{t}"))?;
+        let (n, _) = hits(&app, &format!("/sleep/400/{t}"))?;
+        Ok((
+            (route.status, route.body.clone(), route.elapsed),
+            fast.status,
+            (tries.status, tries.elapsed, n),
+            (body.status, body.body.len(), body.elapsed),
+        ))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    for (who, o) in [("ferry", &ferry), ("envoy", &envoy)] {
+        assert_eq!(o.0.0, 504, "{who}");
+        assert_eq!(o.0.1, "upstream request timeout", "{who}");
+        assert!(near(o.0.2, 300), "{who}: route timeout after {:?}", o.0.2);
+        assert_eq!(o.1, 200, "{who}");
+        assert_eq!((o.2.0, o.2.2), (504, 3), "{who}");
+        assert_eq!(
+            (o.3.0, o.3.1),
+            (200, 0),
+            "{who}: response body past the timeout"
+        );
+        assert!(near(o.3.2, 300), "{who}: body cut after {:?}", o.3.2);
+    }
+    // Three tries of 200 ms plus two back-offs (at most 25 and 75 ms).
+    assert!(
+        ferry.2.1.abs_diff(envoy.2.1) < Duration::from_millis(250),
+        "per-try: ferry {:?}, envoy {:?}",
+        ferry.2.1,
+        envoy.2.1
+    );
+    Ok(())
+}
+
+/// Within ±150 ms of `ms`.
+fn near(d: Duration, ms: u64) -> bool {
+    d.abs_diff(Duration::from_millis(ms)) <= Duration::from_millis(150)
+}
+
+// ------------------------------------------------------------------------------ faults
+
+#[test]
+fn fault_delays_and_aborts() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let filter = fault_filter(json!({
+            "delay": {"fixed_delay": "0.3s", "percentage": percent(100)},
+        }));
+        let abort_half =
+            json!({"@type": FAULT, "abort": {"http_status": 503, "percentage": percent(50)}});
+        let grpc =
+            json!({"@type": FAULT, "abort": {"grpc_status": 14, "percentage": percent(100)}});
+        let headers = json!({"@type": FAULT,
+            "abort": {"header_abort": {}, "percentage": percent(100)},
+            "delay": {"header_delay": {}, "percentage": percent(100)}});
+        let only_jason = json!({"@type": FAULT,
+            "abort": {"http_status": 418, "percentage": percent(100)},
+            "headers": [{"name": "end-user", "string_match": {"exact": "jason"}}]});
+        let with = |prefix: &str, cfg: Value| {
+            let mut r = route(prefix, "backend", json!({}));
+            r["typed_per_filter_config"] = json!({"envoy.filters.http.fault": cfg});
+            r
+        };
+        // A direct response: the abort ratio is measured without a backend's latency.
+        let mut half = json!({"match": {"prefix": "/half/"},
+            "direct_response": {"status": 200, "body": {"inline_string": "ok"}}});
+        half["typed_per_filter_config"] = json!({"envoy.filters.http.fault": abort_half});
+        let routes = vec![
+            half,
+            with("/grpc/", grpc),
+            with("/hdr/", headers),
+            with("/jason/", only_jason),
+            route("/delay/", "backend", json!({})),
+        ];
+        render(
+            http(port, routes, vec![filter], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    const N: usize = 500;
+    let observed = differential(config, |p, port| {
+        let delay = get(port, "/delay/x")?;
+        let mut aborted: usize = 0;
+        let t0 = Instant::now();
+        let mut conn = connect(port)?;
+        for _ in 0..N {
+            let r = exchange(&mut conn, "GET", "/half/x", &[], b"")?;
+            match r.status {
+                503 => {
+                    aborted += 1;
+                    if r.body != "fault filter abort" {
+                        bail!("abort body {:?}", r.body);
+                    }
+                }
+                200 => {}
+                s => bail!("unexpected status {s}"),
+            }
+        }
+        eprintln!("{}: {N} requests in {:?}", p.name(), t0.elapsed());
+        let grpc = get(port, "/grpc/x")?;
+        let grpc_req = request(
+            port,
+            "POST",
+            "/grpc/x",
+            &[("content-type", "application/grpc")],
+            b"",
+        )?;
+        let hdr_abort = request(
+            port,
+            "GET",
+            "/hdr/x",
+            &[("x-envoy-fault-abort-request", "429")],
+            b"",
+        )?;
+        let hdr_pct = request(
+            port,
+            "GET",
+            "/hdr/x",
+            &[
+                ("x-envoy-fault-abort-request", "429"),
+                ("x-envoy-fault-abort-request-percentage", "0"),
+            ],
+            b"",
+        )?;
+        let hdr_delay = request(
+            port,
+            "GET",
+            "/hdr/x",
+            &[("x-envoy-fault-delay-request", "200")],
+            b"",
+        )?;
+        let hdr_none = get(port, "/hdr/x")?;
+        let jason = request(port, "GET", "/jason/x", &[("end-user", "jason")], b"")?;
+        let other = request(port, "GET", "/jason/x", &[("end-user", "mike")], b"")?;
+        Ok((
+            (delay.status, delay.elapsed),
+            aborted,
+            (
+                grpc.status,
+                grpc.header("grpc-status").map(str::to_string),
+                grpc.header("content-type").map(str::to_string),
+                grpc.body.clone(),
+                grpc_req.status,
+                grpc_req.header("grpc-status").map(str::to_string),
+                grpc_req.header("grpc-message").map(str::to_string),
+                grpc_req.header("content-type").map(str::to_string),
+            ),
+            (
+                hdr_abort.status,
+                hdr_pct.status,
+                hdr_delay.status,
+                hdr_delay.elapsed,
+                hdr_none.status,
+            ),
+            (jason.status, other.status),
+            (
+                p.stat("http.in.fault.aborts_injected")?,
+                p.stat("http.in.fault.delays_injected")?,
+            ),
+        ))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    for (who, o) in [("ferry", &ferry), ("envoy", &envoy)] {
+        assert_eq!(o.0.0, 200, "{who}");
+        assert!(near(o.0.1, 300), "{who}: delayed {:?}", o.0.1);
+        // 50 % of 500: mean 250, standard deviation ~11.2; five of them either way.
+        assert!(o.1.abs_diff(N / 2) <= 56, "{who}: {} of {N} aborted", o.1);
+        assert!(near(o.3.3, 200), "{who}: header delay {:?}", o.3.3);
+    }
+    assert_eq!(ferry.2, envoy.2, "gRPC abort");
+    assert_eq!(
+        (ferry.3.0, ferry.3.1, ferry.3.2, ferry.3.4),
+        (envoy.3.0, envoy.3.1, envoy.3.2, envoy.3.4),
+        "header-controlled faults"
+    );
+    assert_eq!(ferry.3.0, 429);
+    assert_eq!(ferry.4, envoy.4, "header-matched faults");
+    assert_eq!(ferry.4, (418, 200));
+    assert_eq!(ferry.5.1, envoy.5.1, "delays_injected");
+    // The abort ratio, the gRPC aborts (2), the header abort and the matched one.
+    assert_eq!(ferry.5.0, (ferry.1 + 4) as u64, "aborts_injected");
+    assert_eq!(envoy.5.0, (envoy.1 + 4) as u64, "aborts_injected");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ mirroring
+
+#[test]
+fn mirroring_reaches_the_shadow_and_never_hurts_the_request() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let shadow = App::http("shadow", &[])?;
+    let dead = free_port();
+    let config = |port| {
+        let routes = vec![
+            route(
+                "/m/",
+                "backend",
+                json!({"request_mirror_policies": [{"cluster": "shadow"}]}),
+            ),
+            route(
+                "/none/",
+                "backend",
+                json!({"request_mirror_policies": [{"cluster": "shadow",
+                "runtime_fraction": {"default_value": percent(0)}}]}),
+            ),
+            route(
+                "/dead/",
+                "backend",
+                json!({"request_mirror_policies": [{"cluster": "dead"}]}),
+            ),
+        ];
+        render(
+            http(port, routes, vec![], json!({})),
+            vec![
+                static_cluster("backend", &[app.port], Upstream::Http1),
+                static_cluster("shadow", &[shadow.port], Upstream::Http1),
+                static_cluster("dead", &[dead], Upstream::Http1),
+            ],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let host = [("Host", "reviews.default:9080")];
+        let main = request(port, "GET", &format!("/m/a/{t}"), &host, b"")?;
+        let post = request(port, "POST", &format!("/m/b/{t}"), &host, &[b'x'; 2000])?;
+        let none = request(port, "GET", &format!("/none/c/{t}"), &host, b"")?;
+        let dead = request(port, "GET", &format!("/dead/d/{t}"), &host, b"")?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let (mut a, mut b) = (
+            hits(&shadow, &format!("/a/{t}"))?,
+            hits(&shadow, &format!("/b/{t}"))?,
+        );
+        while (a.0 == 0 || b.0 == 0) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            a = hits(&shadow, &format!("/a/{t}"))?;
+            b = hits(&shadow, &format!("/b/{t}"))?;
+        }
+        thread::sleep(Duration::from_millis(200));
+        let c = hits(&shadow, &format!("/c/{t}"))?;
+        let main_hits = hits(&app, &format!("/a/{t}"))?;
+        Ok((
+            (main.status, main_hits.0, main_hits.1),
+            (a.0, a.1),
+            (post.status, b.0),
+            (none.status, c.0),
+            dead.status,
+        ))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry.1, (1, "reviews.default-shadow:9080".to_string()));
+    assert_eq!(ferry.0.2, "reviews.default:9080");
+    Ok(())
+}
+
+#[test]
+fn idle_timeout_and_max_stream_duration() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let routes = vec![
+            route("/idle/", "backend", json!({"idle_timeout": "0.3s"})),
+            route(
+                "/msd/",
+                "backend",
+                json!({"max_stream_duration": {"max_stream_duration": "0.3s"}}),
+            ),
+        ];
+        render(
+            http(port, routes, vec![], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |_p, port| {
+        let mut out = Vec::new();
+        for path in [
+            "/idle/sleep/1000",
+            "/idle/slowbody/1000",
+            "/idle/sleep/10",
+            "/msd/sleep/1000",
+            "/msd/slowbody/1000",
+            "/msd/sleep/10",
+        ] {
+            let r = get(port, path)?;
+            // Bodies differ in the headers echoed (Envoy adds its own); whole or cut is the point.
+            let body = if r.status == 200 {
+                r.body.len().min(10).to_string()
+            } else {
+                r.body.clone()
+            };
+            out.push((path, r.status, body, near(r.elapsed, 300)));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(
+        ferry[0],
+        ("/idle/sleep/1000", 504, "stream timeout".into(), true)
+    );
+    assert_eq!(ferry[4], ("/msd/slowbody/1000", 200, "0".into(), true));
+    Ok(())
+}
+
+#[test]
+fn attempt_count_header_only_when_asked() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |asked: bool| {
+        move |port| {
+            let routes = vec![route(
+                "/r/",
+                "backend",
+                json!({"retry_policy": {"retry_on": "5xx", "num_retries": 3}}),
+            )];
+            let vhost = if asked {
+                json!({"include_request_attempt_count": true, "include_attempt_count_in_response": true})
+            } else {
+                json!({})
+            };
+            render(
+                http(port, routes, vec![], vhost),
+                vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+            )
+        }
+    };
+    let observe = |p: &Proxy, port: u16| -> Result<(Option<String>, Option<String>)> {
+        let r = get(port, &format!("/r/flaky/2/503/{}", tag(p)))?;
+        let echo: Value = serde_json::from_str(&r.body)?;
+        let upstream = echo["headers"].as_array().and_then(|hs| {
+            hs.iter()
+                .find(|h| {
+                    h[0].as_str()
+                        .is_some_and(|n| n.eq_ignore_ascii_case("x-envoy-attempt-count"))
+                })
+                .and_then(|h| h[1].as_str().map(str::to_string))
+        });
+        Ok((
+            upstream,
+            r.header("x-envoy-attempt-count").map(str::to_string),
+        ))
+    };
+    let Some((ferry, envoy)) = differential(config(true), observe)? else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry, (Some("3".into()), Some("3".into())));
+    let Some((ferry, envoy)) = differential(config(false), observe)? else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry, (None, None));
+    Ok(())
+}
+
+/// Ferry's access log carries Envoy's response flags for what the router and the fault
+/// filter did: DI (delay injected), FI (abort injected), URX (retries exhausted), UT
+/// (route timeout).
+#[test]
+fn access_log_response_flags() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let port = free_port();
+    let filter =
+        fault_filter(json!({"delay": {"fixed_delay": "0.05s", "percentage": percent(100)}}));
+    let mut abort = route("/abort/", "backend", json!({}));
+    abort["typed_per_filter_config"] = json!({"envoy.filters.http.fault":
+        {"@type": FAULT, "abort": {"http_status": 503, "percentage": percent(100)}}});
+    let mut plain = route("/", "backend", json!({}));
+    plain["typed_per_filter_config"] = json!({"envoy.filters.http.fault": {"@type": FAULT}});
+    let routes = vec![
+        abort,
+        route("/delay/", "backend", json!({})),
+        route(
+            "/r/",
+            "backend",
+            json!({"retry_policy": {"retry_on": "5xx", "num_retries": 1}}),
+        ),
+        route("/t/", "backend", json!({"timeout": "0.1s"})),
+        plain,
+    ];
+    let cfg = render(
+        http(port, routes, vec![filter], json!({})),
+        vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+    );
+    let ferry = Ferry::start_with(&cfg, &["--access-log"])?;
+    let t = free_port();
+    let expect = [
+        (format!("/abort/x/{t}"), 503, "FI"),
+        (format!("/delay/x/{t}"), 200, "DI"),
+        (format!("/r/flaky/9/503/{t}"), 503, "URX"),
+        (format!("/t/sleep/500/{t}"), 504, "UT"),
+        (format!("/plain/{t}"), 200, "-"),
+    ];
+    for (path, status, _) in &expect {
+        assert_eq!(get(port, path)?.status, *status, "{path}");
+    }
+    thread::sleep(Duration::from_millis(100));
+    let log = ferry.log();
+    for (path, _, flag) in &expect {
+        let line = log
+            .lines()
+            .find(|l| l.contains("access") && l.contains(path.as_str()))
+            .ok_or_else(|| anyhow!("no access log line for {path}:\n{log}"))?;
+        assert!(
+            line.contains(&format!("response_flags={flag} "))
+                || line.contains(&format!("response_flags=\"{flag}\"")),
+            "{path}: {line}"
+        );
+    }
+    Ok(())
+}
+
+/// `x-envoy-retry-on`, `x-envoy-max-retries` and `x-envoy-upstream-rq-timeout-ms` from a
+/// client change nothing: only the route configuration decides.
+#[test]
+fn x_envoy_request_headers_are_not_honoured() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        render(
+            http(
+                port,
+                vec![route("/", "backend", json!({}))],
+                vec![],
+                json!({}),
+            ),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let retry = [("x-envoy-retry-on", "5xx"), ("x-envoy-max-retries", "2")];
+        let r = request(port, "GET", &format!("/flaky/1/503/{t}"), &retry, b"")?;
+        let (n, _) = hits(&app, &format!("/flaky/1/503/{t}"))?;
+        let timeout = [("x-envoy-upstream-rq-timeout-ms", "100")];
+        let slow = request(port, "GET", &format!("/sleep/400/{t}"), &timeout, b"")?;
+        Ok((r.status, n, slow.status))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry, (503, 1, 200));
+    Ok(())
+}
+
+/// With `envoy.retry_host_predicates.previous_hosts`, a retry goes to an endpoint not yet
+/// tried: behind a random balancer over one failing and one healthy endpoint, every request
+/// succeeds on its first retry at the latest.
+#[test]
+fn retries_avoid_previous_hosts() -> Result<()> {
+    let _lock = RunLock::shared();
+    let bad = App::http("bad", &["--status", "503"])?;
+    let good = App::http("good", &[])?;
+    let config = |port| {
+        let policy = json!({"retry_policy": {
+            "retry_on": "5xx",
+            "num_retries": 1,
+            "retry_host_predicate": [{
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+            }],
+            "host_selection_retry_max_attempts": 20,
+        }});
+        let mut cluster = static_cluster("backend", &[bad.port, good.port], Upstream::Http1);
+        cluster["lb_policy"] = json!("RANDOM");
+        render(
+            http(port, vec![route("/", "backend", policy)], vec![], json!({})),
+            vec![cluster],
+        )
+    };
+    const N: usize = 20;
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let mut ok = 0;
+        for i in 0..N {
+            if get(port, &format!("/x/{t}/{i}"))?.status == 200 {
+                ok += 1;
+            }
+        }
+        Ok(ok)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!((ferry, envoy), (N, N));
+    Ok(())
+}
+
+/// The cluster's `max_retries` circuit breaker stops retries: with it at zero a retriable
+/// answer is passed on as it is and counted as `upstream_rq_retry_overflow`.
+#[test]
+fn retry_circuit_breaker_caps_retries() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let mut cluster = static_cluster("backend", &[app.port], Upstream::Http1);
+        cluster["circuit_breakers"] = json!({"thresholds": [{"max_retries": 0}]});
+        let policy = json!({"retry_policy": {"retry_on": "5xx", "num_retries": 3}});
+        render(
+            http(port, vec![route("/", "backend", policy)], vec![], json!({})),
+            vec![cluster],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let r = get(port, &format!("/flaky/1/503/{t}"))?;
+        let (n, _) = hits(&app, &format!("/flaky/1/503/{t}"))?;
+        Ok((
+            r.status,
+            n,
+            p.stat("cluster.backend.upstream_rq_retry_overflow")?,
+        ))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry, (503, 1, 1));
+    Ok(())
+}
+
+/// `max_active_faults`: with one delay in progress, a concurrent request is not faulted.
+#[test]
+fn max_active_faults_bounds_concurrent_faults() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let filter = fault_filter(json!({
+            "delay": {"fixed_delay": "0.5s", "percentage": percent(100)},
+            "max_active_faults": 1,
+        }));
+        render(
+            http(
+                port,
+                vec![route("/", "backend", json!({}))],
+                vec![filter],
+                json!({}),
+            ),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let first = thread::spawn(move || get(port, "/a"));
+        thread::sleep(Duration::from_millis(150));
+        let second = get(port, "/b")?;
+        let first = first
+            .join()
+            .map_err(|_| anyhow!("client thread panicked"))??;
+        Ok((
+            (first.status, near(first.elapsed, 500)),
+            (second.status, second.elapsed < Duration::from_millis(300)),
+            p.stat("http.in.fault.faults_overflow")?,
+            p.stat("http.in.fault.delays_injected")?,
+        ))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry, ((200, true), (200, true), 1, 1));
+    Ok(())
+}
