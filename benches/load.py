@@ -44,7 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("FERRY_TOOLS", REPO / "target" / "tools"))
-SCENARIOS = ("http1", "h2", "tcp")
+SCENARIOS = ("http1", "h2", "tcp", "istio20")
 TARGETS = ("direct", "ferry", "envoy")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Background CPU (% of one core) above which a round is flagged: loopback softirq
@@ -217,9 +217,10 @@ class Ports:
     http1: int
     h2: int
     tcp: int
+    istio20: int
 
     def for_scenario(self, scenario: str) -> int:
-        return {"http1": self.http1, "h2": self.h2, "tcp": self.tcp}[scenario]
+        return {"http1": self.http1, "h2": self.h2, "tcp": self.tcp, "istio20": self.istio20}[scenario]
 
 
 def http_listener(name: str, port: int, cluster: str) -> str:
@@ -242,6 +243,60 @@ def http_listener(name: str, port: int, cluster: str) -> str:
               routes:
               - match: {{ prefix: "/" }}
                 route: {{ cluster: {cluster} }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"""
+
+
+ISTIO_HOST = "reviews.default.svc.cluster.local"
+
+
+def istio_listener(name: str, port: int, cluster: str) -> str:
+    """An HTTP listener whose route table looks like what istiod makes of a
+    VirtualService with 20 matches: header, prefix and regex matches tried in
+    order before the default route, Istio's retry policy and domains."""
+    routes = []
+    for i in range(19):
+        if i % 3 == 0:
+            m = f'{{ prefix: "/", headers: [{{ name: end-user, string_match: {{ exact: "user{i}" }} }}] }}'
+        elif i % 3 == 1:
+            m = f'{{ prefix: "/api/v{i}/" }}'
+        else:
+            m = f'{{ safe_regex: {{ regex: "/shard-{i}/[0-9]+" }} }}'
+        routes.append(f"""\
+              - match: {m}
+                route: {{ cluster: {cluster}, timeout: 0s }}
+""")
+    retry = """retry_policy: { retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", num_retries: 2, retry_host_predicate: [{ name: envoy.retry_host_predicates.previous_hosts, typed_config: { "@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate } }], host_selection_retry_max_attempts: "5" }"""
+    return f"""\
+  - name: {name}
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+          codec_type: AUTO
+          route_config:
+            name: "9080"
+            ignore_port_in_host_matching: true
+            validate_clusters: false
+            virtual_hosts:
+            - name: {ISTIO_HOST}:9080
+              domains: ["{ISTIO_HOST}", "reviews", "reviews.default", "reviews.default.svc", "10.96.0.20"]
+              routes:
+""" + "".join(routes) + f"""\
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster}, timeout: 0s, {retry} }}
+            - name: allow_any
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: {cluster}, timeout: 0s }}
           http_filters:
           - name: envoy.filters.http.router
             typed_config:
@@ -289,6 +344,7 @@ static_resources:
 """
         + http_listener("http1", ports.http1, "backend")
         + http_listener("h2", ports.h2, "backend_h2")
+        + istio_listener("istio20", ports.istio20, "backend")
         + f"""\
   - name: tcp
     address:
@@ -414,6 +470,9 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
     url = f"http://127.0.0.1:{port}/"
     if scenario == "http1":
         argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency", url]
+    elif scenario == "istio20":
+        argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency",
+                      "-H", f"Host: {ISTIO_HOST}:9080", "-H", "end-user: anonymous", url + "reviews/1"]
     elif scenario == "h2":
         log_file = s.tmp / "h2load.log"
         argv = pin + ["h2load", "-t1", f"-c{s.h2_clients}", f"-m{s.h2_streams}", "-D", str(seconds)]
@@ -433,7 +492,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
     if not measure:
         return None
     out = done.stdout + done.stderr
-    if scenario == "http1":
+    if scenario in ("http1", "istio20"):
         return parse_wrk(out)
     if scenario == "h2":
         try:
@@ -459,7 +518,10 @@ def preflight(scenario: str, port: int) -> None:
         return
     # Over HTTP/1.1 also for the h2 listener (codec AUTO): it checks the route and
     # the h2 upstream; h2load's status counts check the h2c downstream side.
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/reviews/1")
+    if scenario == "istio20":
+        req.add_header("Host", f"{ISTIO_HOST}:9080")
+    with urllib.request.urlopen(req, timeout=5) as resp:
         body = resp.read()
         if resp.status != 200 or body != BACKEND_BODY:
             raise RuntimeError(
@@ -506,7 +568,7 @@ def measure(
         return Sample(result, bg.pct)
 
     # Fresh ports per start: no TIME_WAIT interplay with the previous proxy's sockets.
-    ports = Ports(free_port(), free_port(), free_port(), free_port())
+    ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port())
     config = s.tmp / f"{target}-{scenario}-r{round_no}.yaml"
     config.write_text(bootstrap_yaml(ports, backend_http, backend_echo))
     logfile = config.with_suffix(".log")
@@ -604,6 +666,7 @@ SCENARIO_TITLE = {
     "http1": "HTTP/1.1 keep-alive (wrk, {wrk} connections)",
     "h2": "HTTP/2 h2c (h2load, {h2c} connections × {h2m} streams, h2 upstream)",
     "tcp": "TCP echo request/response (bench-tcp-client, {tcpc} connections, {tcps}-byte messages)",
+    "istio20": "HTTP/1.1 through an Istio-shaped route table of 20 matches (wrk, {wrk} connections, default route)",
 }
 
 
@@ -758,7 +821,7 @@ def check_tools(args) -> list[str]:
     notes: list[str] = []
     missing = []
     need = {"taskset": "apt-get install -y util-linux"}
-    if "http1" in args.only:
+    if "http1" in args.only or "istio20" in args.only:
         need["wrk"] = "apt-get install -y wrk"
     if "h2" in args.only:
         need["h2load"] = "apt-get install -y nghttp2-client"
@@ -786,7 +849,7 @@ def check_tools(args) -> list[str]:
 def validate_envoy_config(args, tmp: Path) -> None:
     """Envoy's own validation of the generated bootstrap, so a config bug is named as one."""
     config = tmp / "validate.yaml"
-    config.write_text(bootstrap_yaml(Ports(free_port(), free_port(), free_port(), free_port()), 1, 2))
+    config.write_text(bootstrap_yaml(Ports(free_port(), free_port(), free_port(), free_port(), free_port()), 1, 2))
     done = subprocess.run(
         [str(args.envoy), "--mode", "validate", "-c", str(config), "--log-level", "error"],
         capture_output=True,
@@ -851,7 +914,7 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
             [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1", "--ready-addr", "off"],
         )
         versions["ferry"] = tool_version([str(args.ferry), "--version"], strict=True)
-    if "http1" in args.only:
+    if "http1" in args.only or "istio20" in args.only:
         versions["wrk"] = tool_version(["wrk", "-v"]).split(" [")[0]
     if "h2" in args.only:
         versions["h2load"] = tool_version(["h2load", "--version"])

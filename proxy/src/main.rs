@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use ferry_proxy::iptables::IptablesArgs;
 use ferry_proxy::run::{RunOptions, run};
 
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -162,7 +163,31 @@ fn demo(serve: bool) -> anyhow::Result<()> {
         .block_on(ferry_proxy::demo::demo(serve))
 }
 
+/// mimalloc reads its options when it first allocates, which is before
+/// `main`. A sidecar runs in every pod, so its heap should be committed as it
+/// is used rather than a whole arena committed up front: the option is put
+/// in the environment and the
+/// process image is started again (same pid, same arguments) with them.
+#[cfg(feature = "mimalloc")]
+fn ensure_allocator_options() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
+        .exec();
+    // `exec` only returns when it failed: run with the defaults then.
+    drop(err);
+}
+
 fn main() -> ExitCode {
+    #[cfg(feature = "mimalloc")]
+    ensure_allocator_options();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sidecar(a) => proxy(a, "sidecar"),

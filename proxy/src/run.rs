@@ -201,12 +201,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             });
         }
         _ => {
+            // Parsing is over: its code pages go back before anything
+            // listens, so the resident set a client first sees is the
+            // serving one.
+            release_startup_pages();
             // Static configuration: a listener that cannot bind fails start-up.
             if let Some((name, e)) = rt.apply(base).into_iter().next() {
                 anyhow::bail!("listener {name:?}: {e}");
             }
             rt.ready.store(true, Ordering::Release);
-            release_startup_pages();
         }
     }
     tokio::spawn(crate::admin::serve(

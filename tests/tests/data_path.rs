@@ -782,3 +782,44 @@ fn bad_config_is_rejected_with_a_precise_message() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// A TCP proxy connection with no byte either way for `idle_timeout` is
+/// closed by the proxy (Envoy's tcp_proxy idle timeout), and counted.
+#[test]
+fn tcp_idle_timeout_closes_quiet_connections() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::mode("tcp")?;
+    let port = free_port();
+    let mut tp = tcp_proxy("idle", "echo");
+    tp["typed_config"]["idle_timeout"] = serde_json::json!("1s");
+    let ferry = Ferry::start(
+        &Bootstrap::new()
+            .listener(listener(
+                "idle",
+                port,
+                vec![serde_json::json!({"filters": [tp]})],
+            ))
+            .static_cluster("echo", &[app.port], Upstream::Http1)
+            .render(),
+    )?;
+    let mut s = TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Traffic within the timeout keeps the connection open.
+    for _ in 0..3 {
+        s.write_all(b"ping\n")?;
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf)?;
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    let quiet = Instant::now();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    let waited = quiet.elapsed();
+    ensure!(rest.is_empty(), "unexpected bytes {rest:?}");
+    ensure!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "closed after {waited:?} of silence"
+    );
+    ensure!(ferry.stat("tcp.idle.idle_timeout") == 1);
+    Ok(())
+}

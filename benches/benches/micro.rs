@@ -1,0 +1,147 @@
+//! Micro-benchmarks of the per-request work that does not touch a socket:
+//! route matching over a large table, the connection manager's header
+//! handling, and a load balancer pick per policy.
+//!
+//! `cargo bench -p ferry-benches --bench micro`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ferry_model::cluster::{LbConfig, LbPolicy};
+use ferry_model::{
+    DomainMatcher, HeaderMatcher, PathMatch, Route, RouteAction, RouteConfig, RouteMatch,
+    StringMatcher, VirtualHost,
+};
+use ferry_proxy::lb::{Balancer, HostMeta, LbHost};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+fn route(i: usize) -> Route {
+    Route {
+        name: format!("r{i}"),
+        route_match: RouteMatch {
+            path: PathMatch::Prefix(format!("/svc{i}/")),
+            case_sensitive: true,
+            headers: vec![HeaderMatcher {
+                name: HeaderName::from_static("x-version"),
+                matcher: Some(StringMatcher::Exact(format!("v{}", i % 3))),
+                ignore_case: false,
+                invert: false,
+                present: true,
+            }],
+        },
+        action: RouteAction::DirectResponse {
+            status: http::StatusCode::OK,
+            body: None,
+        },
+        request_headers_to_add: Vec::new(),
+        request_headers_to_remove: Vec::new(),
+        hash_policy: Vec::new(),
+        fault_overrides: Vec::new(),
+    }
+}
+
+fn table(routes: usize) -> RouteConfig {
+    RouteConfig {
+        name: "bench".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "svc".into(),
+            domains: vec![
+                DomainMatcher::parse("svc.bench.svc.cluster.local"),
+                DomainMatcher::parse("*"),
+            ],
+            routes: (0..routes).map(route).collect(),
+        }],
+        ignore_port_in_host_matching: true,
+        validate_clusters: false,
+    }
+}
+
+fn route_matching(c: &mut Criterion) {
+    let rc = table(1000);
+    let mut h = HeaderMap::new();
+    h.insert("x-version", HeaderValue::from_static("v0"));
+    c.bench_function("route_match_1k_routes_hit_990", |b| {
+        b.iter(|| {
+            rc.find_route(
+                black_box("svc.bench.svc.cluster.local"),
+                black_box("/svc990/items?id=7"),
+                &h,
+            )
+        })
+    });
+    let rc20 = table(20);
+    c.bench_function("route_match_20_routes_hit_18", |b| {
+        b.iter(|| rc20.find_route(black_box("svc"), black_box("/svc18/items"), &h))
+    });
+}
+
+fn header_handling(c: &mut Criterion) {
+    let mut base = HeaderMap::new();
+    for (k, v) in [
+        ("host", "reviews.default.svc.cluster.local:9080"),
+        ("user-agent", "curl/7.88.1"),
+        ("accept", "*/*"),
+        ("connection", "keep-alive, x-hop"),
+        ("x-hop", "1"),
+        ("keep-alive", "timeout=5"),
+        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
+        ("x-b3-spanid", "e457b5a2e4d86bd1"),
+        ("cookie", "session=abc; user=jason"),
+    ] {
+        base.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    c.bench_function("prepare_request_headers", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                ferry_filters::http::headers::prepare_request(&mut h, "http", true);
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+struct Host(String);
+
+impl LbHost for Host {
+    fn id(&self) -> String {
+        self.0.clone()
+    }
+    fn available(&self) -> bool {
+        true
+    }
+    fn active(&self) -> u64 {
+        0
+    }
+}
+
+fn lb_pick(c: &mut Criterion) {
+    for (name, policy) in [
+        ("round_robin", LbPolicy::RoundRobin),
+        ("least_request", LbPolicy::LeastRequest),
+        ("random", LbPolicy::Random),
+        ("ring_hash", LbPolicy::RingHash),
+        ("maglev", LbPolicy::Maglev),
+    ] {
+        let hosts = (0..100)
+            .map(|i| {
+                (
+                    Host(format!("10.0.{}.{}:9080", i / 250, i % 250)),
+                    HostMeta::default(),
+                )
+            })
+            .collect();
+        let lb = Balancer::new(policy, &LbConfig::default(), hosts);
+        let mut key = 0u64;
+        c.bench_function(&format!("lb_pick_{name}_100_hosts"), |b| {
+            b.iter(|| {
+                key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                lb.pick(Some(black_box(key))).map(|h| h.0.len())
+            })
+        });
+    }
+}
+
+criterion_group!(micro, route_matching, header_handling, lb_pick);
+criterion_main!(micro);
