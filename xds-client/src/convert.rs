@@ -540,23 +540,45 @@ fn common_tls(
     Ok(out)
 }
 
+/// The TLS context of a transport socket, decoded as `M` (`want` names its
+/// type); `None` for a raw (plaintext) socket.
+fn tls_context<M: Message + Default>(
+    ctx: &Ctx<'_>,
+    field: &str,
+    ts: &core_pb::TransportSocket,
+    want: &str,
+    who: &str,
+) -> Result<Option<M>, ConvertError> {
+    let Some(typed) = transport_socket_typed(ctx, field, ts)? else {
+        return Ok(None);
+    };
+    if typed.type_name() != format!("envoy.extensions.transport_sockets.tls.v3.{want}") {
+        return Err(ctx.err(
+            format!("{field}.typed_config"),
+            format!("{who} needs a {want}"),
+        ));
+    }
+    typed
+        .decode()
+        .map(Some)
+        .map_err(|e| ctx.err(format!("{field}.typed_config"), e))
+}
+
 fn downstream_tls(
     ctx: &Ctx<'_>,
     field: &str,
     ts: &core_pb::TransportSocket,
 ) -> Result<Option<m::tls::DownstreamTls>, ConvertError> {
-    let Some(typed) = transport_socket_typed(ctx, field, ts)? else {
+    let Some(d) = tls_context::<tls_pb::DownstreamTlsContext>(
+        ctx,
+        field,
+        ts,
+        "DownstreamTlsContext",
+        "a listener",
+    )?
+    else {
         return Ok(None);
     };
-    if typed.type_name() != "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext" {
-        return Err(ctx.err(
-            format!("{field}.typed_config"),
-            "a listener needs a DownstreamTlsContext",
-        ));
-    }
-    let d: tls_pb::DownstreamTlsContext = typed
-        .decode()
-        .map_err(|e| ctx.err(format!("{field}.typed_config"), e))?;
     Ok(Some(m::tls::DownstreamTls {
         common: common_tls(
             ctx,
@@ -575,18 +597,16 @@ fn upstream_tls(
     field: &str,
     ts: &core_pb::TransportSocket,
 ) -> Result<Option<m::tls::UpstreamTls>, ConvertError> {
-    let Some(typed) = transport_socket_typed(ctx, field, ts)? else {
+    let Some(u) = tls_context::<tls_pb::UpstreamTlsContext>(
+        ctx,
+        field,
+        ts,
+        "UpstreamTlsContext",
+        "a cluster",
+    )?
+    else {
         return Ok(None);
     };
-    if typed.type_name() != "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" {
-        return Err(ctx.err(
-            format!("{field}.typed_config"),
-            "a cluster needs an UpstreamTlsContext",
-        ));
-    }
-    let u: tls_pb::UpstreamTlsContext = typed
-        .decode()
-        .map_err(|e| ctx.err(format!("{field}.typed_config"), e))?;
     Ok(Some(m::tls::UpstreamTls {
         common: common_tls(
             ctx,
