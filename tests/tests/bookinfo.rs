@@ -24,6 +24,11 @@ fn samples() -> Option<PathBuf> {
 }
 
 fn envoy_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FERRY_ENVOY").map(PathBuf::from)
+        && path.is_file()
+    {
+        return Ok(path);
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-envoy.sh");
     let out = std::process::Command::new("bash").arg(&script).output()?;
     ensure!(

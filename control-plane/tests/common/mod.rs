@@ -337,6 +337,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// The reference Envoy, installed by `scripts/install-envoy.sh`; `None`
 /// (skip) only outside CI.
 pub fn envoy_binary() -> Option<PathBuf> {
+    // CI installs Envoy once before the tests and says where; running the
+    // installer from many tests at once is only the fallback.
+    if let Some(path) = std::env::var_os("FERRY_ENVOY").map(PathBuf::from)
+        && path.is_file()
+    {
+        return Some(path);
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-envoy.sh");
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     match Command::new("bash").arg(&script).output() {
