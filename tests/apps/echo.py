@@ -14,6 +14,11 @@
         /drop/N/...   the first N requests to this exact path get no answer: the connection closes
         /slowbody/MS  send the head (Content-Length: 10) at once and the 10-byte body MS later
         /grpc-status/N  answer 200 with the header `grpc-status: N` (a trailers-only gRPC answer)
+        /call/HOST/PORT/PATH  the server itself requests GET http://HOST:PORT/PATH (HOST mapped to
+                      an address by ECHO_HOSTS="name=ip,...", the Host header keeps the name; passing on
+                      `end-user` and the trace headers, as bookinfo's services do) and answers 200
+                      with the usual JSON plus "upstream": {"status": s, "name": n} (status 0 when
+                      the call failed): one service calling the next, through its sidecar in a pod.
         /hits/PATH    {"hits": n, "host": h}: how many requests this server got for /PATH (every
                       path is counted, across connections) and the Host of the last one
       --status NNN     answer every request (but /hits) with status NNN: an endpoint that always fails.
@@ -169,6 +174,9 @@ class EchoHandler(BaseHTTPRequestHandler):
             self.send_bytes(int(path.split("/")[2]))
             self.restore_idle_timeout()
             return
+        upstream = None
+        if path.startswith("/call/"):
+            upstream = self.call(path)
         doc = {
             "name": self.server.name,
             "method": self.command,
@@ -178,6 +186,8 @@ class EchoHandler(BaseHTTPRequestHandler):
             "body_len": body_len,
             "conn_requests": self.conn_requests,
         }
+        if upstream is not None:
+            doc["upstream"] = upstream
         out = json.dumps(doc).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -192,6 +202,35 @@ class EchoHandler(BaseHTTPRequestHandler):
             self.wfile.write(out)
         self.wfile.flush()
         self.restore_idle_timeout()
+
+    def call(self, path):
+        import http.client
+
+        _, _, host, port, rest = path.split("/", 4)
+        headers = {
+            k: v
+            for k, v in self.headers.items()
+            if k.lower() in ("end-user", "x-request-id", "traceparent", "x-b3-traceid")
+        }
+        # Pods have no cluster DNS: ECHO_HOSTS="ratings=10.96.0.30,..." maps
+        # service names to their cluster IPs; the Host header keeps the name.
+        hosts = dict(
+            kv.split("=", 1) for kv in os.environ.get("ECHO_HOSTS", "").split(",") if "=" in kv
+        )
+        headers["Host"] = "%s:%s" % (host, port)
+        try:
+            c = http.client.HTTPConnection(hosts.get(host, host), int(port), timeout=15)
+            c.request("GET", "/" + rest, headers=headers)
+            r = c.getresponse()
+            body = r.read()
+            c.close()
+            try:
+                name = json.loads(body).get("name")
+            except ValueError:
+                name = None
+            return {"status": r.status, "name": name}
+        except OSError as e:
+            return {"status": 0, "name": None, "error": str(e)}
 
     def send_json(self, status, doc):
         out = json.dumps(doc).encode()

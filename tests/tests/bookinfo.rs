@@ -14,62 +14,76 @@ use anyhow::{Context, Result, bail, ensure};
 use ferry_tests::netns::{self, Mesh, Pod, Proc, ferry_bin, workspace_bin};
 use ferry_tests::proxy::apps_dir;
 
-const REVIEWS_VIP: &str = "10.96.0.20";
-const RATINGS_VIP: &str = "10.96.0.30";
+/// A Service as a client addresses it: its cluster IP, port and host name.
+struct Svc {
+    vip: &'static str,
+    port: u16,
+    host: &'static str,
+}
 
+const REVIEWS: Svc = Svc {
+    vip: "10.96.0.20",
+    port: 9080,
+    host: "reviews",
+};
+const RATINGS: Svc = Svc {
+    vip: "10.96.0.30",
+    port: 9080,
+    host: "ratings",
+};
+const HTTPBIN: Svc = Svc {
+    vip: "10.96.0.50",
+    port: 8000,
+    host: "httpbin",
+};
+
+/// `../shared/istio-samples`: bookinfo's networking files and the
+/// istio.io tasks' files, applied as they are.
 fn samples() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/istio-samples/bookinfo/networking");
-    p.is_dir().then_some(p)
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples");
+    p.join("bookinfo/networking").is_dir().then_some(p)
 }
 
-fn envoy_bin() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("FERRY_ENVOY").map(PathBuf::from)
-        && path.is_file()
-    {
-        return Ok(path);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-envoy.sh");
-    let out = std::process::Command::new("bash").arg(&script).output()?;
-    ensure!(
-        out.status.success(),
-        "install-envoy.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
+const BOOKINFO: &str = "bookinfo/networking";
+const TIMEOUTS: &str = "istio.io-tasks/traffic-management/request-timeouts";
+const MIRRORING: &str = "istio.io-tasks/traffic-management/mirroring";
 
-/// The workloads: name, app label, version label.
-const WORKLOADS: &[(&str, &str, &str)] = &[
-    ("productpage", "productpage", "v1"),
-    ("reviews-v1", "reviews", "v1"),
-    ("reviews-v2", "reviews", "v2"),
-    ("reviews-v3", "reviews", "v3"),
-    ("ratings", "ratings", "v1"),
+/// The workloads: name, app label, version label, the port the app serves.
+/// httpbin v1/v2 stand in for the mirroring task's httpbin deployments.
+const WORKLOADS: &[(&str, &str, &str, u16)] = &[
+    ("productpage", "productpage", "v1", 9080),
+    ("reviews-v1", "reviews", "v1", 9080),
+    ("reviews-v2", "reviews", "v2", 9080),
+    ("reviews-v3", "reviews", "v3", 9080),
+    ("ratings", "ratings", "v1", 9080),
+    ("httpbin-v1", "httpbin", "v1", 80),
+    ("httpbin-v2", "httpbin", "v2", 80),
 ];
 
 fn kube_yaml(ips: &[(String, Ipv4Addr)]) -> String {
     let mut out = String::new();
-    for (name, vip) in [
-        ("productpage", "10.96.0.10"),
-        ("reviews", REVIEWS_VIP),
-        ("ratings", RATINGS_VIP),
-        ("details", "10.96.0.40"),
+    for (name, vip, port, target) in [
+        ("productpage", "10.96.0.10", 9080, 9080),
+        ("reviews", REVIEWS.vip, 9080, 9080),
+        ("ratings", RATINGS.vip, 9080, 9080),
+        ("details", "10.96.0.40", 9080, 9080),
+        // As the mirroring task's httpbin Service: port 8000 to the pods' 80.
+        ("httpbin", HTTPBIN.vip, HTTPBIN.port, 80),
     ] {
         out += &format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, labels: {{app: {name}}}}}\n\
-             spec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{{name: http, port: 9080, targetPort: 9080}}]}}\n---\n"
+             spec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{{name: http, port: {port}, targetPort: {target}}}]}}\n---\n"
         );
     }
     for (pod, ip) in ips {
-        let (_, app, version) = WORKLOADS
+        let (_, app, version, port) = WORKLOADS
             .iter()
             .find(|w| w.0 == pod)
             .copied()
-            .unwrap_or(("", "", ""));
+            .unwrap_or(("", "", "", 0));
         out += &format!(
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: default, labels: {{app: {app}, version: {version}}}}}\n\
-             spec: {{serviceAccountName: bookinfo-{app}, containers: [{{name: app, image: echo, ports: [{{containerPort: 9080}}]}}]}}\n\
+             spec: {{serviceAccountName: bookinfo-{app}, containers: [{{name: app, image: echo, ports: [{{containerPort: {port}}}]}}]}}\n\
              status: {{podIP: {ip}}}\n---\n"
         );
     }
@@ -77,11 +91,11 @@ fn kube_yaml(ips: &[(String, Ipv4Addr)]) -> String {
 }
 
 fn bootstrap(pod: &str, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
-    let (_, app, version) = WORKLOADS
+    let (_, app, version, _) = WORKLOADS
         .iter()
         .find(|w| w.0 == pod)
         .copied()
-        .unwrap_or(("", "", ""));
+        .unwrap_or(("", "", "", 0));
     format!(
         r#"node:
   id: sidecar~{ip}~{pod}.default~default.svc.cluster.local
@@ -111,7 +125,7 @@ static_resources:
 struct Bookinfo {
     _mesh: Mesh,
     pods: Vec<(Pod, Vec<Proc>)>,
-    _pilot: (Pod, Proc),
+    pilot: (Pod, Proc),
     config: PathBuf,
     samples: PathBuf,
     dir: PathBuf,
@@ -128,43 +142,99 @@ impl Bookinfo {
         &self.pods[0].0
     }
 
-    /// Replaces the VirtualServices with `files` (from the samples).
+    /// Replaces the traffic rules with `files` (paths under the samples;
+    /// the services and `destination-rule-all.yaml` stay). A file given as
+    /// `PATH#Kind` contributes only its documents of that kind.
     fn apply(&self, files: &[&str]) -> Result<()> {
         for e in std::fs::read_dir(&self.config)? {
             let p = e?.path();
             if p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("virtual-service"))
+                .is_some_and(|n| n != "bookinfo.yaml" && n != "destination-rule-all.yaml")
             {
                 std::fs::remove_file(p)?;
             }
         }
         for f in files {
-            std::fs::copy(self.samples.join(f), self.config.join(f))?;
+            let (path, kind) = match f.split_once('#') {
+                Some((p, k)) => (p, Some(k)),
+                None => (*f, None),
+            };
+            let text = std::fs::read_to_string(self.samples.join(path))
+                .with_context(|| format!("reading {path}"))?;
+            let text = match kind {
+                None => text,
+                Some(kind) => text
+                    .split("\n---")
+                    .filter(|doc| doc.contains(&format!("kind: {kind}")))
+                    .collect::<Vec<_>>()
+                    .join("\n---"),
+            };
+            let name = Path::new(path)
+                .file_name()
+                .context("a file name")?
+                .to_string_lossy()
+                .into_owned();
+            let name = match kind {
+                Some(kind) => format!("{}-{kind}.yaml", name.trim_end_matches(".yaml")),
+                None => name,
+            };
+            // Written whole under a temporary name, then renamed: the
+            // control plane never reads half a file.
+            let tmp = self.config.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, self.config.join(&name))?;
         }
         Ok(())
     }
 
-    /// Runs `n` requests from productpage; returns the answering names (or
-    /// `status:NNN`) with the time each took.
+    /// What the app of pod `name` counted for `path` (`/hits` of echo.py):
+    /// the number of requests and the Host of the last one.
+    fn hits(&self, name: &str, path: &str) -> Result<(u64, String)> {
+        let (pod, _) = self
+            .pods
+            .iter()
+            .find(|(p, _)| p.name() == name)
+            .with_context(|| format!("no pod {name}"))?;
+        let port = WORKLOADS.iter().find(|w| w.0 == name).map_or(9080, |w| w.3);
+        let out = pod
+            .cmd("curl")
+            .args(["-s", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{port}/hits{path}"))
+            .output()?;
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("/hits from {name}: {:?}", out))?;
+        Ok((
+            doc["hits"].as_u64().unwrap_or(0),
+            doc["host"].as_str().unwrap_or("").to_string(),
+        ))
+    }
+
+    /// Runs `n` requests for `path` from productpage; returns the answering
+    /// names (or `status:NNN`; `NAME>STATUS:UPSTREAM` when the app called
+    /// another service) with the time each took.
     fn requests(
         &self,
-        vip: &str,
-        host: &str,
+        svc: &Svc,
+        path: &str,
         user: Option<&str>,
         n: usize,
     ) -> Result<Vec<(String, f64)>> {
+        let Svc { vip, port, host } = svc;
         let user = user
             .map(|u| format!("'end-user': '{u}',"))
             .unwrap_or_default();
         let script = format!(
             "import http.client, json, time\n\
-             c = http.client.HTTPConnection('{vip}', 9080, timeout=20)\n\
+             c = http.client.HTTPConnection('{vip}', {port}, timeout=20)\n\
              for i in range({n}):\n\
              \x20   t = time.monotonic()\n\
-             \x20   c.request('GET', '/x', headers={{'Host': '{host}:9080', {user}}})\n\
+             \x20   c.request('GET', '{path}', headers={{'Host': '{host}:{port}', {user}}})\n\
              \x20   r = c.getresponse(); body = r.read()\n\
-             \x20   name = json.loads(body)['name'] if r.status == 200 else 'status:%d' % r.status\n\
+             \x20   doc = json.loads(body) if r.status == 200 else None\n\
+             \x20   name = doc['name'] if doc else 'status:%d' % r.status\n\
+             \x20   up = doc.get('upstream') if doc else None\n\
+             \x20   name += '>%s:%s' % (up['status'], up['name']) if up else ''\n\
              \x20   print(name, round(time.monotonic() - t, 3), flush=True)\n"
         );
         let out = self
@@ -181,23 +251,69 @@ impl Bookinfo {
             .collect()
     }
 
-    /// Polls until a request with `user` reaches what `want` accepts (a new
-    /// configuration needs a moment to reach the sidecars).
+    /// What the control plane and the client's sidecar believe, for a
+    /// failure message: the xDS status of every stream, the end of the
+    /// control plane's log and the client sidecar's route configuration.
+    fn diagnostics(&self) -> String {
+        let (istiod, pilot) = &self.pilot;
+        let curl = |pod: &Pod, url: &str| {
+            pod.cmd("curl")
+                .args(["-s", "--max-time", "5", url])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        let syncz = curl(istiod, "http://127.0.0.1:15014/debug/syncz");
+        let logs = pilot.logs().stderr;
+        let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+        let routes = curl(
+            self.client(),
+            "http://127.0.0.1:15000/config_dump?resource=dynamic_route_configs",
+        );
+        let sidecar = self.pods[0].1[1].logs().stderr;
+        let sidecar: Vec<&str> = sidecar.lines().rev().take(30).collect();
+        format!(
+            "--- control plane /debug/syncz:\n{syncz}\n--- control plane log (last lines):\n{}\n\
+             --- client sidecar routes:\n{routes}\n--- client sidecar log (last lines):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            sidecar.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        )
+    }
+
+    /// Polls until a request with `user` gets an answer (name, seconds)
+    /// that `want` accepts (a new configuration needs a moment to reach the
+    /// sidecars).
     fn until(
         &self,
-        vip: &str,
-        host: &str,
+        svc: &Svc,
+        path: &str,
         user: Option<&str>,
-        want: impl Fn(&str) -> bool,
+        want: impl Fn(&str, f64) -> bool,
+    ) -> Result<()> {
+        self.until_all(svc, path, user, 1, want)
+    }
+
+    /// Polls until `k` requests in a row all get answers `want` accepts:
+    /// for a change whose result was also possible before it.
+    fn until_all(
+        &self,
+        svc: &Svc,
+        path: &str,
+        user: Option<&str>,
+        k: usize,
+        want: impl Fn(&str, f64) -> bool,
     ) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let got = self.requests(vip, host, user, 1)?;
-            if got.first().is_some_and(|(n, _)| want(n)) {
+            let got = self.requests(svc, path, user, k)?;
+            if got.len() == k && got.iter().all(|(n, t)| want(n, *t)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("configuration never took effect: last answer {got:?}");
+                bail!(
+                    "configuration never took effect: last answer {got:?}\n{}",
+                    self.diagnostics()
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -212,11 +328,15 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
         eprintln!("../shared/istio-samples not present; skipped");
         return Ok(None);
     };
-    let proxy_bin = if envoy { envoy_bin()? } else { ferry_bin() };
+    let proxy_bin = if envoy {
+        ferry_tests::envoy::require_bin()?
+    } else {
+        ferry_bin()
+    };
     let mesh = Mesh::new()?;
     let istiod = mesh.pod("istiod")?;
     let mut pods = Vec::new();
-    for (name, _, _) in WORKLOADS {
+    for (name, _, _, _) in WORKLOADS {
         pods.push(mesh.pod(name)?);
     }
     let dir = std::env::temp_dir().join(format!("ferry-bookinfo-{}", istiod.ns_name()));
@@ -230,17 +350,26 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
         .collect();
     std::fs::write(config.join("bookinfo.yaml"), kube_yaml(&ips))?;
     std::fs::copy(
-        samples.join("destination-rule-all.yaml"),
+        samples.join(BOOKINFO).join("destination-rule-all.yaml"),
         config.join("destination-rule-all.yaml"),
     )?;
     std::fs::copy(
-        samples.join("virtual-service-all-v1.yaml"),
+        samples.join(BOOKINFO).join("virtual-service-all-v1.yaml"),
         config.join("virtual-service-all-v1.yaml"),
     )?;
 
     let pilot = istiod
         .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
-        .args(["serve", "--listen", "0.0.0.0:15010", "--config"])
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:15010",
+            "--status-addr",
+            "127.0.0.1:15014",
+            "--log-level",
+            "ferry_pilot=debug",
+            "--config",
+        ])
         .arg(&config)
         .label("pilot")
         .spawn()?;
@@ -248,16 +377,20 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
         bail!("{e}: {}", pilot.logs().stderr);
     }
     let mut started = Vec::new();
-    for ((name, _, _), pod) in WORKLOADS.iter().zip(pods) {
+    for ((name, _, _, port), pod) in WORKLOADS.iter().zip(pods) {
         let app = pod
             .cmd("python3")
             .arg("-u")
             .arg(apps_dir().join("echo.py"))
-            .args(["http", "9080", name])
+            .args(["http", &port.to_string(), name])
             .env("ECHO_BIND", "0.0.0.0")
+            .env(
+                "ECHO_HOSTS",
+                format!("reviews={},ratings={}", REVIEWS.vip, RATINGS.vip),
+            )
             .label("app")
             .spawn()?;
-        pod.wait_port(9080, Duration::from_secs(15))?;
+        pod.wait_port(*port, Duration::from_secs(15))?;
         let out = pod.cmd(ferry_bin()).arg("iptables").output()?;
         ensure!(
             out.status.success(),
@@ -306,7 +439,7 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
     Ok(Some(Bookinfo {
         _mesh: mesh,
         pods: started,
-        _pilot: (istiod, pilot),
+        pilot: (istiod, pilot),
         config,
         samples,
         dir,
@@ -319,8 +452,8 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
 fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
     let mut seen = Vec::new();
     // virtual-service-all-v1: only v1.
-    b.until(REVIEWS_VIP, "reviews", None, |n| n == "reviews-v1")?;
-    let all = b.requests(REVIEWS_VIP, "reviews", None, 30)?;
+    b.until(&REVIEWS, "/x", None, |n, _| n == "reviews-v1")?;
+    let all = b.requests(&REVIEWS, "/x", None, 30)?;
     ensure!(
         all.iter().all(|(n, _)| n == "reviews-v1"),
         "all-v1: {all:?}"
@@ -328,15 +461,10 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
     seen.push("all-v1: 30/30 reviews-v1".to_string());
 
     // reviews-test-v2: jason reaches v2, everybody else v1.
-    b.apply(&[
-        "virtual-service-all-v1.yaml",
-        "virtual-service-reviews-test-v2.yaml",
-    ])?;
-    let _ = std::fs::remove_file(b.config.join("virtual-service-all-v1.yaml"));
-    b.apply(&["virtual-service-reviews-test-v2.yaml"])?;
-    b.until(REVIEWS_VIP, "reviews", Some("jason"), |n| n == "reviews-v2")?;
-    let jason = b.requests(REVIEWS_VIP, "reviews", Some("jason"), 20)?;
-    let others = b.requests(REVIEWS_VIP, "reviews", Some("mallory"), 20)?;
+    b.apply(&["bookinfo/networking/virtual-service-reviews-test-v2.yaml"])?;
+    b.until(&REVIEWS, "/x", Some("jason"), |n, _| n == "reviews-v2")?;
+    let jason = b.requests(&REVIEWS, "/x", Some("jason"), 20)?;
+    let others = b.requests(&REVIEWS, "/x", Some("mallory"), 20)?;
     ensure!(
         jason.iter().all(|(n, _)| n == "reviews-v2"),
         "jason: {jason:?}"
@@ -348,10 +476,10 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
     seen.push("reviews-test-v2: jason 20/20 v2, others 20/20 v1".to_string());
 
     // reviews-50-v3: a 50/50 split of v1 and v3 within a 99.9 % binomial bound.
-    b.apply(&["virtual-service-reviews-50-v3.yaml"])?;
-    b.until(REVIEWS_VIP, "reviews", None, |n| n == "reviews-v3")?;
+    b.apply(&["bookinfo/networking/virtual-service-reviews-50-v3.yaml"])?;
+    b.until(&REVIEWS, "/x", None, |n, _| n == "reviews-v3")?;
     let n = 1000;
-    let split = b.requests(REVIEWS_VIP, "reviews", None, n)?;
+    let split = b.requests(&REVIEWS, "/x", None, n)?;
     let v1 = split.iter().filter(|(s, _)| s == "reviews-v1").count();
     let v3 = split.iter().filter(|(s, _)| s == "reviews-v3").count();
     ensure!(
@@ -370,10 +498,10 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
     seen.push("reviews-50-v3: within the 99.9% bound".to_string());
 
     // ratings-test-abort: jason gets 500, others reach ratings.
-    b.apply(&["virtual-service-ratings-test-abort.yaml"])?;
-    b.until(RATINGS_VIP, "ratings", Some("jason"), |n| n == "status:500")?;
-    let jason = b.requests(RATINGS_VIP, "ratings", Some("jason"), 10)?;
-    let others = b.requests(RATINGS_VIP, "ratings", None, 10)?;
+    b.apply(&["bookinfo/networking/virtual-service-ratings-test-abort.yaml"])?;
+    b.until(&RATINGS, "/x", Some("jason"), |n, _| n == "status:500")?;
+    let jason = b.requests(&RATINGS, "/x", Some("jason"), 10)?;
+    let others = b.requests(&RATINGS, "/x", None, 10)?;
     ensure!(
         jason.iter().all(|(n, _)| n == "status:500"),
         "abort: {jason:?}"
@@ -385,11 +513,11 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
     seen.push("ratings-test-abort: jason 10/10 500, others 10/10 ratings".to_string());
 
     // ratings-test-delay: jason waits 7 s, others do not.
-    b.apply(&["virtual-service-ratings-test-delay.yaml"])?;
-    b.until(RATINGS_VIP, "ratings", None, |n| n == "ratings")?;
+    b.apply(&["bookinfo/networking/virtual-service-ratings-test-delay.yaml"])?;
+    b.until(&RATINGS, "/x", None, |n, _| n == "ratings")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let slow = loop {
-        let r = b.requests(RATINGS_VIP, "ratings", Some("jason"), 1)?;
+        let r = b.requests(&RATINGS, "/x", Some("jason"), 1)?;
         if r.first().is_some_and(|(_, t)| *t >= 6.5) || Instant::now() > deadline {
             break r;
         }
@@ -399,12 +527,116 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
             .all(|(n, t)| n == "ratings" && (6.5..9.0).contains(t)),
         "delay: {slow:?}"
     );
-    let fast = b.requests(RATINGS_VIP, "ratings", None, 5)?;
+    let fast = b.requests(&RATINGS, "/x", None, 5)?;
     ensure!(
         fast.iter().all(|(n, t)| n == "ratings" && *t < 1.0),
         "delay, others: {fast:?}"
     );
     seen.push("ratings-test-delay: jason ~7 s, others fast".to_string());
+
+    seen.extend(request_timeouts(b)?);
+    seen.extend(mirroring(b)?);
+    Ok(seen)
+}
+
+/// The istio.io request-timeouts task: reviews v2 calls ratings, which the
+/// caller's sidecar delays 2 s; then a 0.5 s route timeout on reviews turns
+/// the slow answer into a 504 after half a second.
+fn request_timeouts(b: &Bookinfo) -> Result<Vec<String>> {
+    let call = "/call/ratings/9080/x";
+    b.apply(&[
+        &format!("{TIMEOUTS}/01-reviews-v2.yaml"),
+        &format!("{TIMEOUTS}/02-ratings-delay-2s.yaml"),
+    ])?;
+    b.until(&REVIEWS, call, None, |n, t| {
+        n == "reviews-v2>200:ratings" && t >= 1.8
+    })?;
+    let slow = b.requests(&REVIEWS, call, None, 3)?;
+    ensure!(
+        slow.iter()
+            .all(|(n, t)| n == "reviews-v2>200:ratings" && (1.8..4.0).contains(t)),
+        "reviews v2 with ratings delayed 2 s: {slow:?}"
+    );
+    b.apply(&[
+        &format!("{TIMEOUTS}/03-reviews-v2-timeout-0.5s.yaml"),
+        &format!("{TIMEOUTS}/02-ratings-delay-2s.yaml"),
+    ])?;
+    b.until(&REVIEWS, call, None, |n, _| n == "status:504")?;
+    let cut = b.requests(&REVIEWS, call, None, 3)?;
+    ensure!(
+        cut.iter()
+            .all(|(n, t)| n == "status:504" && (0.4..1.5).contains(t)),
+        "reviews timeout 0.5 s: {cut:?}"
+    );
+    Ok(vec![
+        "request-timeouts: ratings delayed 2 s -> reviews v2 answers after ~2 s".to_string(),
+        "request-timeouts: reviews timeout 0.5 s -> 504 after ~0.5 s".to_string(),
+    ])
+}
+
+/// The istio.io mirroring task: httpbin v1 serves everything; with the
+/// mirror rule every request is also sent, fire-and-forget, to v2 with a
+/// `-shadow` host, while the client sees only v1's answers.
+fn mirroring(b: &Bookinfo) -> Result<Vec<String>> {
+    let mut seen = Vec::new();
+    b.apply(&[&format!("{MIRRORING}/01-default-route-v1.yaml")])?;
+    b.until_all(&HTTPBIN, "/headers", None, 10, |n, _| n == "httpbin-v1")?;
+    let (v2_before, _) = b.hits("httpbin-v2", "/headers")?;
+    let plain = b.requests(&HTTPBIN, "/headers", None, 20)?;
+    ensure!(
+        plain.iter().all(|(n, _)| n == "httpbin-v1"),
+        "default route v1: {plain:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (v2_after, _) = b.hits("httpbin-v2", "/headers")?;
+    ensure!(
+        v2_after == v2_before,
+        "v2 got {} requests without a mirror rule",
+        v2_after - v2_before
+    );
+    seen.push("mirroring: default route -> 20/20 v1, v2 untouched".to_string());
+
+    // 02 replaces the VirtualService of 01; 01's DestinationRule stays.
+    b.apply(&[
+        &format!("{MIRRORING}/01-default-route-v1.yaml#DestinationRule"),
+        &format!("{MIRRORING}/02-mirror-to-v2.yaml"),
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let before = b.hits("httpbin-v2", "/headers")?.0;
+        b.requests(&HTTPBIN, "/headers", None, 1)?;
+        std::thread::sleep(Duration::from_millis(200));
+        if b.hits("httpbin-v2", "/headers")?.0 > before {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the mirror rule never took effect\n{}",
+            b.diagnostics()
+        );
+    }
+    let (v2_before, _) = b.hits("httpbin-v2", "/headers")?;
+    let mirrored = b.requests(&HTTPBIN, "/headers", None, 20)?;
+    ensure!(
+        mirrored.iter().all(|(n, _)| n == "httpbin-v1"),
+        "with the mirror the client sees v1 only: {mirrored:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (v2_after, host) = loop {
+        let (n, host) = b.hits("httpbin-v2", "/headers")?;
+        if n >= v2_before + 20 || Instant::now() > deadline {
+            break (n, host);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(
+        v2_after - v2_before == 20,
+        "v2 saw {} of 20 mirrored requests",
+        v2_after - v2_before
+    );
+    seen.push(format!(
+        "mirroring: 20/20 answered by v1, 20 copies reached v2 with Host {host}"
+    ));
     Ok(seen)
 }
 

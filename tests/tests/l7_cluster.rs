@@ -2,121 +2,27 @@
 //! bootstrap through Ferry and through Envoy in front of the same three echo
 //! backends (`a`, `b`, `c`) and asserts the same observable result: which
 //! backend answered, how requests spread, which endpoint was ejected, what
-//! overflowed. Envoy comes from `scripts/install-envoy.sh`; without it the
+//! overflowed. Envoy comes from `ferry_tests::envoy`; without it the
 //! Envoy half is skipped, unless `CI=true`, where that is a failure.
 //!
 //! Needs the `ferry` binary (`cargo build -p ferry-proxy`) and Python 3.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use ferry_tests::envoy::{self, Envoy};
 use ferry_tests::proxy::{
-    App, Bootstrap, Ferry, TempDir, free_port, http_connection_manager, listener, local,
+    App, Bootstrap, Ferry, free_port, http_connection_manager, listener, local,
 };
 use serde_json::{Value, json};
 
 // ------------------------------------------------------------------------------ the two proxies
-
-/// Envoy's path, or `None` (skip) when it cannot be installed outside CI.
-fn envoy_bin() -> Result<Option<PathBuf>> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/install-envoy.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(Stdio::inherit())
-        .output()?;
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if out.status.success() && !path.is_empty() {
-        return Ok(Some(PathBuf::from(path)));
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!("Envoy 1.40 is required under CI=true and could not be installed");
-    }
-    eprintln!("Envoy not available: comparing against Ferry alone");
-    Ok(None)
-}
-
-/// A running Envoy, killed on drop.
-struct Envoy {
-    child: Child,
-    admin: u16,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Envoy {
-    fn start(bin: &PathBuf, config: &Value, listen: u16) -> Result<Envoy> {
-        let dir = TempDir::new("envoy")?;
-        let admin = free_port();
-        let mut cfg = config.clone();
-        cfg["admin"] =
-            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}});
-        let path = dir.path().join("envoy.json");
-        fs::write(&path, serde_json::to_string_pretty(&cfg)?)?;
-        let log = dir.path().join("envoy.log");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&path)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ])
-            .stdin(Stdio::null())
-            .stdout(File::create(&log)?)
-            .stderr(File::create(dir.path().join("envoy.err"))?)
-            .spawn()
-            .context("spawning envoy")?;
-        let mut e = Envoy {
-            child,
-            admin,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(local(listen)).is_err() {
-            if let Some(st) = e.child.try_wait()? {
-                bail!(
-                    "envoy exited ({st}): {}",
-                    fs::read_to_string(&e.log).unwrap_or_default()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("envoy did not listen on {listen}");
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        Ok(e)
-    }
-
-    fn stat(&self, name: &str) -> u64 {
-        let Ok(body) = get(self.admin, &format!("/stats?filter=^{name}$"), &[]) else {
-            return 0;
-        };
-        body.1
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The proxy under test: the same observations through either.
 enum Proxy {
@@ -135,7 +41,7 @@ impl Proxy {
     fn stat(&self, name: &str) -> u64 {
         match self {
             Proxy::Ferry(f) => f.stat(name),
-            Proxy::Envoy(e) => e.stat(name),
+            Proxy::Envoy(e) => e.stat(name).unwrap_or(0),
         }
     }
 }
@@ -149,7 +55,7 @@ fn both(build: impl Fn(u16) -> Value, check: impl Fn(&Proxy, u16) -> Result<()>)
     let p = Proxy::Ferry(ferry);
     check(&p, port).with_context(|| "through ferry")?;
     drop(p);
-    if let Some(bin) = envoy_bin()? {
+    if let Some(bin) = envoy::bin()? {
         let port = free_port();
         let e = Envoy::start(&bin, &build(port), port)?;
         let p = Proxy::Envoy(e);
@@ -613,7 +519,7 @@ fn outlier_detection_ejects_a_failing_backend() -> Result<()> {
     ))?)?);
     check(&f, port, &bad).context("through ferry")?;
     drop(f);
-    if let Some(bin) = envoy_bin()? {
+    if let Some(bin) = envoy::bin()? {
         let bad = Failing::start()?;
         let ports = [apps[0].port, apps[1].port, bad.port];
         let port = free_port();
@@ -789,7 +695,7 @@ fn killing_an_endpoint_under_load() -> Result<()> {
     let f = Proxy::Ferry(Ferry::start(&serde_json::to_string(&build(port, &ports))?)?);
     let ferry_failures = run(&f, port, victim)?;
     drop(f);
-    if let Some(bin) = envoy_bin()? {
+    if let Some(bin) = envoy::bin()? {
         let victim = App::http("victim", &[])?;
         let ports = [apps[0].port, apps[1].port, victim.port];
         let port = free_port();

@@ -4,130 +4,21 @@
 //! many requests the backend saw (retries), delays within a tolerance, abort ratios within
 //! a binomial bound, shadow requests reaching the mirror cluster with the `-shadow` host.
 //!
-//! Envoy comes from `scripts/install-envoy.sh`; without it a test is skipped with a note,
+//! Envoy comes from `ferry_tests::envoy`; without it a test is skipped with a note,
 //! except under `CI=true`, where a missing Envoy fails the test.
 
-use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use ferry_tests::envoy::{self, Envoy};
 use ferry_tests::proxy::{
-    App, Bootstrap, Ferry, RunLock, TempDir, Upstream, apps_dir, free_port,
-    http_connection_manager, http_request, listener, local, static_cluster,
+    App, Bootstrap, Ferry, RunLock, Upstream, free_port, http_connection_manager, http_request,
+    listener, local, static_cluster,
 };
 use serde_json::{Value, json};
-
-// ------------------------------------------------------------------------------ envoy
-
-/// The Envoy binary, installed on first use; `None` (skip) outside CI when unavailable.
-fn envoy_bin() -> Option<PathBuf> {
-    static BIN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let script = apps_dir().join("../../scripts/install-envoy.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::piped())
-            .output();
-        let found = out.ok().and_then(|o| {
-            let path = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
-            (o.status.success() && path.is_file()).then_some(path)
-        });
-        if found.is_none() {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "Envoy is required under CI=true: scripts/install-envoy.sh failed"
-            );
-            eprintln!("skipped: Envoy is not installed (scripts/install-envoy.sh failed)");
-        }
-        found
-    })
-    .clone()
-}
-
-/// A running Envoy, killed on drop.
-struct Envoy {
-    child: Child,
-    admin: u16,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Envoy {
-    /// Starts Envoy on `config` (JSON) with an admin port, and waits until `port` accepts.
-    fn start(bin: &PathBuf, config: &str, port: u16) -> Result<Envoy> {
-        let dir = TempDir::new("envoy")?;
-        let admin = free_port();
-        let mut doc: Value = serde_json::from_str(config)?;
-        doc["admin"] =
-            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}});
-        let cfg = dir.path().join("envoy.json");
-        fs::write(&cfg, serde_json::to_string(&doc)?)?;
-        let log = dir.path().join("envoy.log");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&cfg)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ])
-            .args(["--base-id", &free_port().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log)?)
-            .spawn()
-            .context("spawning envoy")?;
-        let mut envoy = Envoy {
-            child,
-            admin,
-            log,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ferry_tests::proxy::accepts(port) {
-            if let Some(st) = envoy.child.try_wait()? {
-                bail!("envoy exited ({st}):\n{}", envoy.log());
-            }
-            if Instant::now() >= deadline {
-                bail!("envoy did not listen on {port}:\n{}", envoy.log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(envoy)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn stat(&self, name: &str) -> Result<u64> {
-        let (_, body) = http_request(local(self.admin), "GET", "/stats")?;
-        Ok(body
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(": ")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0))
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One of the two proxies under comparison.
 enum Proxy {
@@ -157,7 +48,7 @@ fn differential<T>(
     config: impl Fn(u16) -> String,
     mut observe: impl FnMut(&Proxy, u16) -> Result<T>,
 ) -> Result<Option<(T, T)>> {
-    let Some(bin) = envoy_bin() else {
+    let Some(bin) = envoy::bin()? else {
         return Ok(None);
     };
     let port = free_port();
@@ -168,7 +59,11 @@ fn differential<T>(
     })?;
     drop(ferry);
     let port = free_port();
-    let envoy = Proxy::Envoy(Envoy::start(&bin, &config(port), port)?);
+    let envoy = Proxy::Envoy(Envoy::start(
+        &bin,
+        &serde_json::from_str(&config(port))?,
+        port,
+    )?);
     let b = observe(&envoy, port).with_context(|| match &envoy {
         Proxy::Envoy(e) => format!("through envoy; log:\n{}", e.log()),
         Proxy::Ferry(_) => String::new(),
