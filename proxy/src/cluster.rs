@@ -259,6 +259,25 @@ impl ClusterRt {
         self.pick_hashed(original_dst, None)
     }
 
+    /// The endpoint of a retry: the request's hash as for the first attempt,
+    /// skipping the endpoints in `avoid` (the previous-hosts predicate) while
+    /// others are left.
+    pub fn pick_retry(
+        &self,
+        original_dst: Option<SocketAddr>,
+        hash: Option<u64>,
+        avoid: &[SocketAddr],
+    ) -> Option<Arc<EndpointPool>> {
+        match &self.cfg.kind {
+            ClusterKind::Static(_) | ClusterKind::StrictDns(_) if !avoid.is_empty() => self
+                .balancer
+                .load()
+                .pick_except(hash, &|p: &Arc<EndpointPool>| avoid.contains(&p.address))
+                .cloned(),
+            _ => self.pick_hashed(original_dst, hash),
+        }
+    }
+
     /// [`ClusterRt::pick`] with the request's hash (ring hash, maglev).
     pub fn pick_hashed(
         &self,

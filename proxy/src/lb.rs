@@ -165,11 +165,26 @@ impl<H: LbHost> Balancer<H> {
     /// Chooses an endpoint; `hash` is the request's hash for ring hash and
     /// maglev (without one they pick at random, as Envoy does).
     pub fn pick(&self, hash: Option<u64>) -> Option<&H> {
+        self.pick_filtered(hash, &|_| false)
+    }
+
+    /// [`Balancer::pick`] for a retry that should avoid hosts already
+    /// tried (`skip`): the same policy and hash, walking on past skipped
+    /// hosts — a ring hash request moves to the next host on the ring, as
+    /// Envoy's reselection does. When every candidate is skipped the plain
+    /// choice stands.
+    pub fn pick_except(&self, hash: Option<u64>, skip: &dyn Fn(&H) -> bool) -> Option<&H> {
+        self.pick_filtered(hash, skip)
+            .or_else(|| self.pick_filtered(hash, &|_| false))
+    }
+
+    fn pick_filtered(&self, hash: Option<u64>, skip: &dyn Fn(&H) -> bool) -> Option<&H> {
         let (level, panic) = self.choose_level(hash)?;
         let up = |i: usize| self.up(i);
         let is_degraded = |i: usize| self.degraded.get(i).copied().unwrap_or(false);
         let healthy_left = level.members.iter().any(|i| up(*i) && !is_degraded(*i));
-        let ok = |i: usize| panic || (up(i) && (!healthy_left || !is_degraded(i)));
+        let skipped = |i: usize| self.hosts.get(i).is_some_and(skip);
+        let ok = |i: usize| !skipped(i) && (panic || (up(i) && (!healthy_left || !is_degraded(i))));
         let idx = match self.policy {
             LbPolicy::RingHash => ring_lookup(&level.ring, hash.unwrap_or_else(rand::random), ok),
             LbPolicy::Maglev => maglev_lookup(&level.maglev, hash.unwrap_or_else(rand::random), ok),
@@ -698,6 +713,41 @@ mod tests {
             assert!(!c.contains_key("10.0.0.2:80"), "{policy:?}: {c:?}");
             assert_eq!(c.values().sum::<usize>(), 2000);
             assert_eq!(c.len(), 3, "{policy:?}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn a_retry_keeps_the_hash_and_passes_over_tried_hosts() {
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::LeastRequest,
+            LbPolicy::Random,
+            LbPolicy::RingHash,
+            LbPolicy::Maglev,
+        ] {
+            let hs: Vec<_> = (1..=3).map(|n| (host(n), meta(1, 0))).collect();
+            let b = balancer(policy, &hs);
+            for k in 0..50u64 {
+                let hash = Some(hash_bytes(&k.to_le_bytes()));
+                let first = b.pick(hash).unwrap().id.clone();
+                let second = b.pick_except(hash, &|h| h.id == first).unwrap().id.clone();
+                assert_ne!(first, second, "{policy:?}: the tried host again");
+                let third = b
+                    .pick_except(hash, &|h| h.id == first || h.id == second)
+                    .unwrap()
+                    .id
+                    .clone();
+                assert!(third != first && third != second, "{policy:?}");
+                // Every host tried: the plain choice stands.
+                assert!(b.pick_except(hash, &|_| true).is_some(), "{policy:?}");
+                if matches!(policy, LbPolicy::RingHash | LbPolicy::Maglev) {
+                    // Hashed choices are deterministic: the same key retried
+                    // with the same history lands on the same next host.
+                    let again = b.pick_except(hash, &|h| h.id == first).unwrap();
+                    assert_eq!(again.id, second, "{policy:?}");
+                    assert_eq!(b.pick(hash).unwrap().id, first, "{policy:?}");
+                }
+            }
         }
     }
 

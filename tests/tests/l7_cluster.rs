@@ -276,6 +276,70 @@ fn ring_hash_sticks_by_header() -> Result<()> {
     )
 }
 
+/// A retry of a hashed request: without the previous-hosts predicate it
+/// goes back to the same host (the hash has not changed); with it, to
+/// another host (walking on along the ring).
+#[test]
+fn ring_hash_retries_stay_or_move_as_the_predicate_says() -> Result<()> {
+    let apps = backends()?;
+    let ports: Vec<u16> = apps.iter().map(|a| a.port).collect();
+    let counter = std::sync::atomic::AtomicUsize::new(0);
+    for previous_hosts in [false, true] {
+        let mut retry = json!({"retry_on": "5xx", "num_retries": 1});
+        if previous_hosts {
+            retry["retry_host_predicate"] = json!([{
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+            }]);
+            retry["host_selection_retry_max_attempts"] = json!(5);
+        }
+        both(
+            |port| {
+                config(
+                    port,
+                    cluster(&ports, json!({"lb_policy": "RING_HASH"})),
+                    json!({
+                        "hash_policy": [{"header": {"header_name": "x-user"}}],
+                        "retry_policy": retry,
+                    }),
+                )
+            },
+            |p, port| {
+                for k in 0..10 {
+                    // A fresh path per request and proxy: each backend
+                    // fails its first request for it, so a retry on the
+                    // same host succeeds and one on another host fails.
+                    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let path = format!("/flaky/1/503/{n}");
+                    let user = format!("user-{k}");
+                    let answer = who(port, &path, &[("x-user", &user)])?;
+                    let mut hits = Vec::new();
+                    for app in &apps {
+                        let (_, body) = get(app.port, &format!("/hits{path}"), &[])?;
+                        let v: Value = serde_json::from_str(&body)?;
+                        hits.push(v["hits"].as_u64().unwrap_or(0));
+                    }
+                    let mut spread = hits.clone();
+                    spread.sort_unstable();
+                    let want: &[u64] = if previous_hosts {
+                        &[0, 1, 1]
+                    } else {
+                        &[0, 0, 2]
+                    };
+                    if answer.starts_with("status:") != previous_hosts || spread != want {
+                        bail!(
+                            "{} (previous_hosts {previous_hosts}): {user} answered {answer}, hits per backend {hits:?}",
+                            p.name()
+                        );
+                    }
+                }
+                Ok(())
+            },
+        )?;
+    }
+    Ok(())
+}
+
 #[test]
 fn maglev_sticks_by_query_parameter() -> Result<()> {
     let apps = backends()?;

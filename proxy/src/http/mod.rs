@@ -540,7 +540,7 @@ async fn forward(
                 kind = &mut global => break (Attempt::GlobalTimeout(kind), address),
             }
         }
-        match policy.and_then(|p| retry_host(ctx, crt, p, &tried)) {
+        match policy.and_then(|p| retry_host(ctx, crt, p, lb_hash.hash, &tried)) {
             Some(next) => pool = next,
             None => {
                 let r = LocalReply {
@@ -755,25 +755,23 @@ fn upstream_outcome(e: &UpstreamError) -> retry::Outcome {
     }
 }
 
-/// The endpoint of a retry: with the previous-hosts predicate, the choice is
-/// redone (up to `host_selection_max_attempts` times) while it lands on an
-/// endpoint already tried, then the last choice stands, as in Envoy.
+/// The endpoint of a retry: chosen with the request's hash like the first
+/// attempt (a hashed request stays on its host); with the previous-hosts
+/// predicate, endpoints already tried are passed over while others are
+/// available, as Envoy's host reselection ends up doing.
 fn retry_host(
     ctx: &ConnCtx,
     crt: &ClusterRt,
     policy: &ferry_model::RetryPolicy,
+    hash: Option<u64>,
     tried: &[SocketAddr],
 ) -> Option<Arc<EndpointPool>> {
-    let mut pool = crt.pick(Some(ctx.original_dst))?;
-    if policy.previous_hosts {
-        for _ in 0..policy.host_selection_max_attempts {
-            if !tried.contains(&pool.address) {
-                break;
-            }
-            pool = crt.pick(Some(ctx.original_dst))?;
-        }
-    }
-    Some(pool)
+    let avoid = if policy.previous_hosts && policy.host_selection_max_attempts > 0 {
+        tried
+    } else {
+        &[]
+    };
+    crt.pick_retry(Some(ctx.original_dst), hash, avoid)
 }
 
 /// A copy of a request head with another body, for one more attempt.
