@@ -3,7 +3,10 @@
 //! rules, echo workloads that answer with their name (`reviews-v2`), every
 //! sidecar fed by `ferry-pilot serve` from the Istio sample files. Each
 //! scenario of the Istio docs must give the same observable result through
-//! both data planes.
+//! both data planes: request routing, traffic shifting and fault injection
+//! with bookinfo's files, then the istio.io request-timeouts, mirroring and
+//! circuit-breaking tasks with theirs (`../shared/istio-samples/
+//! istio.io-tasks/`, applied as they are; httpbin v1/v2 are echo workloads).
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -186,6 +189,50 @@ impl Bookinfo {
             std::fs::rename(&tmp, self.config.join(&name))?;
         }
         Ok(())
+    }
+
+    /// `clients` concurrent connections from productpage, each sending `n`
+    /// requests for `path` in turn; the status codes, in no order.
+    fn concurrent(&self, svc: &Svc, path: &str, clients: usize, n: usize) -> Result<Vec<u16>> {
+        let Svc { vip, port, host } = svc;
+        let script = format!(
+            "import http.client, threading\n\
+             codes = []\n\
+             def run():\n\
+             \x20   for i in range({n}):\n\
+             \x20       c = http.client.HTTPConnection('{vip}', {port}, timeout=20)\n\
+             \x20       c.request('GET', '{path}', headers={{'Host': '{host}:{port}'}})\n\
+             \x20       r = c.getresponse(); r.read(); codes.append(r.status); c.close()\n\
+             ts = [threading.Thread(target=run) for _ in range({clients})]\n\
+             [t.start() for t in ts]; [t.join() for t in ts]\n\
+             print(' '.join(map(str, codes)))\n"
+        );
+        let out = self
+            .client()
+            .cmd("/usr/bin/python3")
+            .args(["-c", &script])
+            .timeout(Duration::from_secs(120))
+            .run()?;
+        out.split_whitespace().map(|c| Ok(c.parse()?)).collect()
+    }
+
+    /// A counter from the sidecar of the `i`th pod (0 when absent).
+    fn sidecar_stat(&self, i: usize, name: &str) -> Result<u64> {
+        let out = self.pods[i]
+            .0
+            .cmd("curl")
+            .args(["-s", "--max-time", "5", "http://127.0.0.1:15000/stats"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0))
     }
 
     /// What the app of pod `name` counted for `path` (`/hits` of echo.py):
@@ -536,7 +583,40 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
 
     seen.extend(request_timeouts(b)?);
     seen.extend(mirroring(b)?);
+    seen.extend(circuit_breaking(b)?);
     Ok(seen)
+}
+
+const CIRCUIT_BREAKING: &str = "istio.io-tasks/traffic-management/circuit-breaking";
+
+/// The istio.io circuit-breaking task: one connection and one pending
+/// request allowed to httpbin; three concurrent clients overflow, some of
+/// their requests get 503 and the client sidecar counts pending overflows.
+fn circuit_breaking(b: &Bookinfo) -> Result<Vec<String>> {
+    b.apply(&[&format!(
+        "{CIRCUIT_BREAKING}/01-destination-rule-httpbin.yaml"
+    )])?;
+    let stat =
+        "cluster.outbound|8000||httpbin.default.svc.cluster.local.upstream_rq_pending_overflow";
+    // Wait until the breaker is in force: a burst overflows.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (codes, overflow) = loop {
+        let codes = b.concurrent(&HTTPBIN, "/sleep/100", 3, 10)?;
+        let overflow = b.sidecar_stat(0, stat)?;
+        if overflow > 0 || Instant::now() > deadline {
+            break (codes, overflow);
+        }
+    };
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    let rejected = codes.iter().filter(|c| **c == 503).count();
+    ensure!(
+        overflow > 0 && ok > 0 && rejected > 0 && ok + rejected == codes.len(),
+        "circuit breaking: {ok}x200, {rejected}x503 of {codes:?}, {stat} = {overflow}"
+    );
+    Ok(vec![
+        "circuit-breaking: 3 concurrent clients -> some 200, some 503, pending overflow counted"
+            .to_string(),
+    ])
 }
 
 /// The istio.io request-timeouts task: reviews v2 calls ratings, which the
