@@ -544,6 +544,16 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
     );
     seen.push("reviews-50-v3: within the 99.9% bound".to_string());
 
+    // reviews-v3: everything to v3.
+    b.apply(&["bookinfo/networking/virtual-service-reviews-v3.yaml"])?;
+    b.until_all(&REVIEWS, "/x", None, 10, |n, _| n == "reviews-v3")?;
+    let all = b.requests(&REVIEWS, "/x", None, 30)?;
+    ensure!(
+        all.iter().all(|(n, _)| n == "reviews-v3"),
+        "reviews-v3: {all:?}"
+    );
+    seen.push("reviews-v3: 30/30 reviews-v3".to_string());
+
     // ratings-test-abort: jason gets 500, others reach ratings.
     b.apply(&["bookinfo/networking/virtual-service-ratings-test-abort.yaml"])?;
     b.until(&RATINGS, "/x", Some("jason"), |n, _| n == "status:500")?;
