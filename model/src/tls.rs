@@ -1,17 +1,65 @@
 //! TLS settings of filter chains (termination) and clusters (origination) as
 //! Envoy's `DownstreamTlsContext` / `UpstreamTlsContext` carry them:
 //! certificates and validation contexts by SDS name (as istiod sends them) or
-//! inline, ALPN, client certificate requirement, and SAN matchers.
+//! inline, ALPN, client certificate requirement, and SAN matchers; and the
+//! secrets themselves (SDS `Secret`s or inline data), as validated PEM.
+
+use std::sync::Arc;
 
 use crate::route::StringMatcher;
 
 /// Where a certificate or a validation context comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SecretSource {
-    /// An SDS secret by name (`default`, `ROOTCA`, `file-cert:…`).
+    /// An SDS secret by name (`default`, `ROOTCA`, `file-cert:…`), looked up
+    /// in the snapshot's secrets (static ones from the bootstrap or ones
+    /// delivered over ADS).
     Sds(String),
-    /// Inline or file data given in the configuration.
-    Inline,
+    /// Inline or file data given in the configuration itself.
+    Inline(Arc<Secret>),
+}
+
+impl SecretSource {
+    /// The SDS name, if the data comes by name.
+    pub fn sds_name(&self) -> Option<&str> {
+        match self {
+            SecretSource::Sds(n) => Some(n),
+            SecretSource::Inline(_) => None,
+        }
+    }
+}
+
+/// One secret: a certificate with its key, or what peers are checked against.
+#[derive(Debug, Clone)]
+pub enum Secret {
+    Certificate(TlsCertificate),
+    Validation(ValidationContext),
+}
+
+/// A certificate chain (leaf first) and its private key, both PEM, checked
+/// to parse when the secret was converted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsCertificate {
+    pub cert_chain_pem: Vec<u8>,
+    pub private_key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsCertificate {
+    // The private key never goes to a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsCertificate")
+            .field("cert_chain_pem.len", &self.cert_chain_pem.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Trusted CAs (PEM) and the peer SANs accepted.
+#[derive(Debug, Clone, Default)]
+pub struct ValidationContext {
+    /// PEM certificates of the trusted CAs; empty: the peer's certificate is
+    /// not verified (Envoy's behaviour without `trusted_ca`).
+    pub trusted_ca_pem: Vec<u8>,
+    pub match_subject_alt_names: Vec<StringMatcher>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -19,8 +67,20 @@ pub struct CommonTls {
     pub certificates: Vec<SecretSource>,
     pub validation: Option<SecretSource>,
     pub alpn: Vec<String>,
-    /// Peer SANs accepted (empty: any peer the CA vouches for).
+    /// Peer SANs accepted (empty: any peer the CA vouches for), from the
+    /// inline or combined default validation context; a validation context
+    /// delivered by SDS adds its own.
     pub match_subject_alt_names: Vec<StringMatcher>,
+}
+
+impl CommonTls {
+    /// Names of the SDS secrets this context needs.
+    pub fn sds_names(&self) -> impl Iterator<Item = &str> {
+        self.certificates
+            .iter()
+            .chain(self.validation.iter())
+            .filter_map(SecretSource::sds_name)
+    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -491,37 +491,44 @@ fn common_tls(
         out.certificates
             .push(m::tls::SecretSource::Sds(s.name.clone()));
     }
-    for _ in &c.tls_certificates {
-        out.certificates.push(m::tls::SecretSource::Inline);
+    for (i, t) in c.tls_certificates.iter().enumerate() {
+        let cert = tls_certificate(ctx, &format!("{field}.tls_certificates[{i}]"), t)?;
+        out.certificates.push(m::tls::SecretSource::Inline(Arc::new(
+            m::tls::Secret::Certificate(cert),
+        )));
     }
     let mut sans = Vec::new();
+    let inline_validation = |f: &str, v: &tls_pb::CertificateValidationContext| {
+        // The SANs are kept on the context itself (below); the secret
+        // carries the trusted CAs.
+        let mut vc = validation_context(ctx, f, v)?;
+        vc.match_subject_alt_names.clear();
+        Ok::<_, ConvertError>(m::tls::SecretSource::Inline(Arc::new(
+            m::tls::Secret::Validation(vc),
+        )))
+    };
     out.validation = match &c.validation_context_type {
         None => None,
         Some(V::ValidationContext(v)) => {
-            sans = v
-                .match_typed_subject_alt_names
-                .iter()
-                .filter_map(|t| t.matcher.clone())
-                .collect();
-            Some(m::tls::SecretSource::Inline)
+            sans.extend(san_matchers(v));
+            Some(inline_validation(
+                &format!("{field}.validation_context"),
+                v,
+            )?)
         }
         Some(V::ValidationContextSdsSecretConfig(s)) => {
             Some(m::tls::SecretSource::Sds(s.name.clone()))
         }
         Some(V::CombinedValidationContext(cv)) => {
-            if let Some(d) = &cv.default_validation_context {
-                #[allow(deprecated)] // istiod still sends match_subject_alt_names
-                sans.extend(d.match_subject_alt_names.iter().cloned());
-                sans.extend(
-                    d.match_typed_subject_alt_names
-                        .iter()
-                        .filter_map(|t| t.matcher.clone()),
-                );
+            let default = cv.default_validation_context.clone().unwrap_or_default();
+            sans.extend(san_matchers(&default));
+            match &cv.validation_context_sds_secret_config {
+                Some(s) => Some(m::tls::SecretSource::Sds(s.name.clone())),
+                None => Some(inline_validation(
+                    &format!("{field}.combined_validation_context.default_validation_context"),
+                    &default,
+                )?),
             }
-            cv.validation_context_sds_secret_config
-                .as_ref()
-                .map(|s| m::tls::SecretSource::Sds(s.name.clone()))
-                .or(Some(m::tls::SecretSource::Inline))
         }
         Some(_) => {
             return Err(ctx.err(
@@ -538,6 +545,125 @@ fn common_tls(
         )?);
     }
     Ok(out)
+}
+
+/// SAN matchers of a validation context: the typed ones and the deprecated
+/// untyped ones istiod still sends.
+fn san_matchers(v: &tls_pb::CertificateValidationContext) -> Vec<matcher_pb::StringMatcher> {
+    #[allow(deprecated)]
+    let mut sans = v.match_subject_alt_names.clone();
+    sans.extend(
+        v.match_typed_subject_alt_names
+            .iter()
+            .filter_map(|t| t.matcher.clone()),
+    );
+    sans
+}
+
+/// The bytes of a `DataSource`: inline, or read from a file (as Envoy
+/// reads it when the configuration is loaded).
+fn data_source(
+    ctx: &Ctx<'_>,
+    field: &str,
+    d: Option<&core_pb::DataSource>,
+) -> Result<Vec<u8>, ConvertError> {
+    use core_pb::data_source::Specifier as S;
+    match d.and_then(|d| d.specifier.as_ref()) {
+        None => Ok(Vec::new()),
+        Some(S::InlineBytes(b)) => Ok(b.clone()),
+        Some(S::InlineString(s)) => Ok(s.clone().into_bytes()),
+        Some(S::Filename(f)) => std::fs::read(f).map_err(|e| {
+            ctx.err(
+                format!("{field}.filename"),
+                format!("cannot read {f:?}: {e}"),
+            )
+        }),
+        Some(S::EnvironmentVariable(v)) => std::env::var(v).map(String::into_bytes).map_err(|_| {
+            ctx.err(
+                format!("{field}.environment_variable"),
+                format!("environment variable {v:?} is not set"),
+            )
+        }),
+    }
+}
+
+fn tls_certificate(
+    ctx: &Ctx<'_>,
+    field: &str,
+    t: &tls_pb::TlsCertificate,
+) -> Result<m::tls::TlsCertificate, ConvertError> {
+    let cert = m::tls::TlsCertificate {
+        cert_chain_pem: data_source(
+            ctx,
+            &format!("{field}.certificate_chain"),
+            t.certificate_chain.as_ref(),
+        )?,
+        private_key_pem: data_source(ctx, &format!("{field}.private_key"), t.private_key.as_ref())?,
+    };
+    ferry_tls::check_certificate(&cert).map_err(|e| tls_error(ctx, field, e))?;
+    Ok(cert)
+}
+
+fn validation_context(
+    ctx: &Ctx<'_>,
+    field: &str,
+    v: &tls_pb::CertificateValidationContext,
+) -> Result<m::tls::ValidationContext, ConvertError> {
+    let mut out = m::tls::ValidationContext {
+        trusted_ca_pem: data_source(ctx, &format!("{field}.trusted_ca"), v.trusted_ca.as_ref())?,
+        match_subject_alt_names: Vec::new(),
+    };
+    for (i, san) in san_matchers(v).iter().enumerate() {
+        out.match_subject_alt_names.push(string_matcher(
+            ctx,
+            &format!("{field}.match_subject_alt_names[{i}]"),
+            san,
+        )?);
+    }
+    ferry_tls::check_validation(&out).map_err(|e| tls_error(ctx, field, e))?;
+    Ok(out)
+}
+
+fn tls_error(ctx: &Ctx<'_>, field: &str, e: ferry_tls::TlsError) -> ConvertError {
+    match e {
+        ferry_tls::TlsError::Invalid { field: f, message } => {
+            ctx.err(format!("{field}.{f}"), message)
+        }
+        other => ctx.err(field, other.to_string()),
+    }
+}
+
+/// An SDS `Secret`: a TLS certificate (chain and key) or a validation
+/// context (trusted CAs and SAN matchers), its PEM checked.
+pub fn secret(
+    pb: &tls_pb::Secret,
+    warnings: &mut Warnings,
+) -> Result<m::tls::Secret, ConvertError> {
+    use tls_pb::secret::Type as T;
+    let ctx = Ctx {
+        resource: format!("secret {:?}", pb.name),
+        warnings,
+    };
+    match &pb.r#type {
+        Some(T::TlsCertificate(t)) => Ok(m::tls::Secret::Certificate(tls_certificate(
+            &ctx,
+            "tls_certificate",
+            t,
+        )?)),
+        Some(T::ValidationContext(v)) => Ok(m::tls::Secret::Validation(validation_context(
+            &ctx,
+            "validation_context",
+            v,
+        )?)),
+        Some(T::SessionTicketKeys(_)) => Err(ctx.err(
+            "session_ticket_keys",
+            "session ticket keys are not supported",
+        )),
+        Some(T::GenericSecret(_)) => {
+            Err(ctx.err("generic_secret", "generic secrets are not supported"))
+        }
+        None => Err(ctx.err("type", "the secret carries nothing")),
+    }
 }
 
 /// The TLS context of a transport socket, decoded as `M` (`want` names its

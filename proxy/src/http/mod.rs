@@ -41,6 +41,8 @@ pub struct ConnCtx {
     pub chain: Arc<FilterChain>,
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
+    /// The downstream connection is TLS (`x-forwarded-proto: https`).
+    pub tls: bool,
     pub stats: HttpStats,
     /// Set once the connection drains: HTTP/1 responses then carry
     /// `Connection: close`.
@@ -351,7 +353,8 @@ async fn forward(
     {
         parts.headers.insert(HOST, v);
     }
-    headers::prepare_request(&mut parts.headers, "http", hcm.generate_request_id);
+    let scheme = if ctx.tls { "https" } else { "http" };
+    headers::prepare_request(&mut parts.headers, scheme, hcm.generate_request_id);
     for name in &route.request_headers_to_remove {
         parts.headers.remove(name);
     }
@@ -746,7 +749,7 @@ fn upstream_outcome(e: &UpstreamError) -> retry::Outcome {
     match e {
         UpstreamError::ConnectFailure(_)
         | UpstreamError::ConnectTimeout
-        | UpstreamError::TlsUnsupported => retry::Outcome::ConnectFailure,
+        | UpstreamError::Tls(_) => retry::Outcome::ConnectFailure,
         // hyper does not expose the HTTP/2 reset reason as a type of its own.
         UpstreamError::Reset(h) if format!("{h:?}").contains("REFUSED_STREAM") => {
             retry::Outcome::RefusedStream
