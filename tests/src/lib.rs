@@ -1,4 +1,7 @@
-//! Support code for Ferry's integration tests: [`netns`] builds pods as network namespaces.
+//! Support code for Ferry's integration tests: [`netns`] builds pods as network namespaces,
+//! [`proxy`] runs Ferry and test backends on loopback, [`pki`] makes Istio-shaped
+//! certificates and speaks TLS to listeners directly.
 
 pub mod netns;
+pub mod pki;
 pub mod proxy;
