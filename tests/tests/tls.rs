@@ -33,7 +33,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_envoy_json::Descriptors;
 use ferry_pilot::xds::{CLUSTER, Cache, LISTENER, SECRET, Server, ServerTls, to_any};
 use ferry_tests::pki::{Ca, Leaf, TlsClient, client_config, try_get};
-use ferry_tests::proxy::{Ferry, TempDir, accepts, free_port, http_request, local};
+use ferry_tests::proxy::{Ferry, TempDir, accepts, free_port, http_request, local, tcp_proxy};
 use serde_json::{Value, json};
 
 const SERVER_NODE: &str = "sidecar~127.0.0.1~server-1.default~default.svc.cluster.local";
@@ -126,6 +126,62 @@ fn inbound_listener(d: &Descriptors, port: u16) -> (String, Any) {
     ("inbound".into(), any::<Listener>(d, v))
 }
 
+/// The server sidecar's TCP inbound listener: mTLS, then TCP proxy.
+fn inbound_tcp_listener(d: &Descriptors, port: u16) -> (String, Any) {
+    let v = json!({
+        "name": "inbound-tcp",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": common_tls(json!({"prefix": CLIENT_ID}), &["istio-peer-exchange", "h2", "http/1.1"])
+            }},
+            "filters": [tcp_proxy("inbound-tcp", "echo")]
+        }]
+    });
+    ("inbound-tcp".into(), any::<Listener>(d, v))
+}
+
+/// The client sidecar's TCP path: a plaintext listener proxying to a
+/// cluster that originates mTLS with Istio's TCP ALPN.
+fn outbound_tcp(d: &Descriptors, port: u16, target: u16) -> ((String, Any), (String, Any)) {
+    let l = json!({
+        "name": "outbound-tcp",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [tcp_proxy("outbound-tcp", "server-tcp")]}]
+    });
+    let c = json!({
+        "name": "server-tcp", "type": "STATIC", "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": "server-tcp", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": target}}}}]}]},
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common_tls(json!({"exact": SERVER_ID}), &["istio-peer-exchange", "istio"])
+        }}
+    });
+    (
+        ("outbound-tcp".into(), any::<Listener>(d, l)),
+        ("server-tcp".into(), any::<Cluster>(d, c)),
+    )
+}
+
+/// A TCP echo server.
+fn echo() -> Result<u16> {
+    let l = StdListener::bind(("127.0.0.1", 0))?;
+    let port = l.local_addr()?.port();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let Ok(mut w) = conn.try_clone() else { return };
+                let mut r = conn;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    Ok(port)
+}
+
 fn static_cluster(d: &Descriptors, name: &str, port: u16) -> (String, Any) {
     let v = json!({
         "name": name, "type": "STATIC", "connect_timeout": "2s",
@@ -173,6 +229,10 @@ fn outbound_listener(d: &Descriptors, port: u16) -> (String, Any) {
 }
 
 fn ads_bootstrap(node: &str, xds_port: u16, xds_tls: Option<Value>) -> String {
+    ads_bootstrap_api(node, xds_port, xds_tls, "GRPC")
+}
+
+fn ads_bootstrap_api(node: &str, xds_port: u16, xds_tls: Option<Value>, api: &str) -> String {
     let mut cluster = json!({
         "name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -188,7 +248,7 @@ fn ads_bootstrap(node: &str, xds_port: u16, xds_tls: Option<Value>) -> String {
     json!({
         "node": {"id": node, "cluster": "test"},
         "dynamic_resources": {
-            "ads_config": {"api_type": "GRPC", "transport_api_version": "V3",
+            "ads_config": {"api_type": api, "transport_api_version": "V3",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "xds-grpc"}}]},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
             "cds_config": {"ads": {}, "resource_api_version": "V3"}
@@ -295,19 +355,45 @@ fn get_plain(port: u16) -> Result<(u16, String)> {
 
 #[test]
 fn mtls_between_sidecars_with_sds_rotation_and_refusals() -> Result<()> {
+    sidecars("GRPC")
+}
+
+#[test]
+fn mtls_between_sidecars_with_sds_over_delta() -> Result<()> {
+    sidecars("DELTA_GRPC")
+}
+
+fn sidecars(api: &str) -> Result<()> {
     let d = Descriptors::load().map_err(anyhow::Error::msg)?;
     let ca = Ca::new("mesh")?;
     let server_leaf = ca.leaf(SERVER_ID, &[SERVER_DNS])?;
     let client_leaf = ca.leaf(CLIENT_ID, &[])?;
     let app_port = app()?;
+    let echo_port = echo()?;
     let (inbound, outbound) = (free_port(), free_port());
+    let (inbound_tcp, outbound_tcp_port) = (free_port(), free_port());
 
-    // The server sidecar: listener and cluster first, secrets later.
+    // The server sidecar: listeners and clusters first, secrets later.
     let server_cache = Cache::new();
-    server_cache.set(CLUSTER, [static_cluster(&d, "app", app_port)]);
-    let lds = server_cache.set(LISTENER, [inbound_listener(&d, inbound)]);
+    server_cache.set(
+        CLUSTER,
+        [
+            static_cluster(&d, "app", app_port),
+            static_cluster(&d, "echo", echo_port),
+        ],
+    );
+    let lds = server_cache.set(
+        LISTENER,
+        [
+            inbound_listener(&d, inbound),
+            inbound_tcp_listener(&d, inbound_tcp),
+        ],
+    );
     let server_plane = plane(server_cache.clone(), None)?;
-    let server = Ferry::spawn(&ads_bootstrap(SERVER_NODE, server_plane.port, None), &[])?;
+    let server = Ferry::spawn(
+        &ads_bootstrap_api(SERVER_NODE, server_plane.port, None, api),
+        &[],
+    )?;
     server_plane.wait_ack(SERVER_NODE, LISTENER, &lds)?;
     // Warming: the listener waits for `default` and `ROOTCA`.
     std::thread::sleep(Duration::from_millis(500));
@@ -327,8 +413,9 @@ fn mtls_between_sidecars_with_sds_rotation_and_refusals() -> Result<()> {
 
     // The client sidecar.
     let client_cache = Cache::new();
-    client_cache.set(CLUSTER, [outbound_cluster(&d, inbound)]);
-    client_cache.set(LISTENER, [outbound_listener(&d, outbound)]);
+    let (tcp_listener, tcp_cluster) = outbound_tcp(&d, outbound_tcp_port, inbound_tcp);
+    client_cache.set(CLUSTER, [outbound_cluster(&d, inbound), tcp_cluster]);
+    client_cache.set(LISTENER, [outbound_listener(&d, outbound), tcp_listener]);
     client_cache.set(
         SECRET,
         [
@@ -337,8 +424,29 @@ fn mtls_between_sidecars_with_sds_rotation_and_refusals() -> Result<()> {
         ],
     );
     let client_plane = plane(client_cache, None)?;
-    let client = Ferry::spawn(&ads_bootstrap(CLIENT_NODE, client_plane.port, None), &[])?;
+    let client = Ferry::spawn(
+        &ads_bootstrap_api(CLIENT_NODE, client_plane.port, None, api),
+        &[],
+    )?;
     wait_until("the outbound listener", || accepts(outbound))?;
+    wait_until("the outbound TCP listener", || accepts(outbound_tcp_port))?;
+
+    // TCP over mTLS: bytes echoed through both sidecars.
+    {
+        use std::io::Read;
+        let mut c = std::net::TcpStream::connect(local(outbound_tcp_port))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"ping over mtls\n")?;
+        let mut buf = [0u8; 15];
+        c.read_exact(&mut buf)?;
+        ensure!(
+            &buf == b"ping over mtls\n",
+            "{:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+    ensure!(client.stat("cluster.server-tcp.ssl.handshake") >= 1);
+    ensure!(server.stat("listener.inbound-tcp.ssl.handshake") >= 1);
 
     // Ferry → Ferry over mTLS (HTTP/2 by ALPN inside).
     let (status, body) = get_plain(outbound)?;
