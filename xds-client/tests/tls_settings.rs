@@ -13,17 +13,20 @@ use ferry_xds::store::{self, Parsed, Store};
 use prost::{Message, Name};
 
 fn pem_pair() -> (String, String, String) {
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    issue().unwrap_or_else(|e| panic!("test certificates: {e}"))
+}
+
+fn issue() -> Result<(String, String, String), rcgen::Error> {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let issuer =
-        rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
-    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    let issuer = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate()?)?;
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new())?;
     leaf.subject_alt_names = vec![rcgen::SanType::URI(
-        "spiffe://cluster.local/ns/default/sa/a".try_into().unwrap(),
+        "spiffe://cluster.local/ns/default/sa/a".try_into()?,
     )];
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    (cert.pem(), key.serialize_pem(), issuer.pem())
+    let key = rcgen::KeyPair::generate()?;
+    let cert = leaf.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem(), issuer.pem()))
 }
 
 fn indent(pem: &str, n: usize) -> String {
