@@ -53,13 +53,30 @@ impl std::fmt::Debug for TlsCertificate {
     }
 }
 
+/// Which kind of subject alternative name a matcher looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SanType {
+    Dns,
+    Uri,
+    Email,
+    IpAddress,
+}
+
+/// One accepted peer SAN: of a given type (`match_typed_subject_alt_names`)
+/// or of any type (the deprecated untyped `match_subject_alt_names`).
+#[derive(Debug, Clone)]
+pub struct SanMatcher {
+    pub san_type: Option<SanType>,
+    pub matcher: StringMatcher,
+}
+
 /// Trusted CAs (PEM) and the peer SANs accepted.
 #[derive(Debug, Clone, Default)]
 pub struct ValidationContext {
     /// PEM certificates of the trusted CAs; empty: the peer's certificate is
     /// not verified (Envoy's behaviour without `trusted_ca`).
     pub trusted_ca_pem: Vec<u8>,
-    pub match_subject_alt_names: Vec<StringMatcher>,
+    pub match_subject_alt_names: Vec<SanMatcher>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -70,7 +87,7 @@ pub struct CommonTls {
     /// Peer SANs accepted (empty: any peer the CA vouches for), from the
     /// inline or combined default validation context; a validation context
     /// delivered by SDS adds its own.
-    pub match_subject_alt_names: Vec<StringMatcher>,
+    pub match_subject_alt_names: Vec<SanMatcher>,
 }
 
 impl CommonTls {

@@ -12,9 +12,9 @@
 
 use std::sync::Arc;
 
-use ferry_model::StringMatcher;
 use ferry_model::tls::{
-    CommonTls, DownstreamTls, Secret, SecretSource, TlsCertificate, UpstreamTls, ValidationContext,
+    CommonTls, DownstreamTls, SanMatcher, SanType, Secret, SecretSource, TlsCertificate,
+    UpstreamTls, ValidationContext,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -170,7 +170,7 @@ fn certificate(
 struct Validation {
     /// `None`: the chain is not verified (no trusted CA configured).
     roots: Option<Arc<RootCertStore>>,
-    sans: Vec<StringMatcher>,
+    sans: Vec<SanMatcher>,
 }
 
 fn validation(common: &CommonTls, secrets: &dyn Secrets) -> Result<Validation, TlsError> {
@@ -202,9 +202,9 @@ fn validation(common: &CommonTls, secrets: &dyn Secrets) -> Result<Validation, T
     })
 }
 
-/// The subject alternative names of a certificate as strings: DNS names,
-/// URIs (SPIFFE identities), e-mail addresses and IP addresses.
-pub fn subject_alt_names(cert: &[u8]) -> Vec<String> {
+/// The subject alternative names of a certificate with their types: DNS
+/// names, URIs (SPIFFE identities), e-mail addresses and IP addresses.
+pub fn subject_alt_names(cert: &[u8]) -> Vec<(SanType, String)> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
         return Vec::new();
@@ -216,18 +216,17 @@ pub fn subject_alt_names(cert: &[u8]) -> Vec<String> {
         .general_names
         .iter()
         .filter_map(|n| match n {
-            GeneralName::DNSName(s) | GeneralName::URI(s) | GeneralName::RFC822Name(s) => {
-                Some((*s).to_string())
+            GeneralName::DNSName(s) => Some((SanType::Dns, (*s).to_string())),
+            GeneralName::URI(s) => Some((SanType::Uri, (*s).to_string())),
+            GeneralName::RFC822Name(s) => Some((SanType::Email, (*s).to_string())),
+            GeneralName::IPAddress(b) => {
+                let ip = match b.len() {
+                    4 => <[u8; 4]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                    16 => <[u8; 16]>::try_from(*b).ok().map(std::net::IpAddr::from),
+                    _ => None,
+                }?;
+                Some((SanType::IpAddress, ip.to_string()))
             }
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => <[u8; 4]>::try_from(*b)
-                    .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
-                16 => <[u8; 16]>::try_from(*b)
-                    .ok()
-                    .map(|a| std::net::IpAddr::from(a).to_string()),
-                _ => None,
-            },
             _ => None,
         })
         .collect()
@@ -237,18 +236,22 @@ pub fn subject_alt_names(cert: &[u8]) -> Vec<String> {
 pub fn spiffe_id(cert: &[u8]) -> Option<String> {
     subject_alt_names(cert)
         .into_iter()
-        .find(|s| s.starts_with("spiffe://"))
+        .find(|(t, s)| *t == SanType::Uri && s.starts_with("spiffe://"))
+        .map(|(_, s)| s)
 }
 
-fn check_sans(sans: &[StringMatcher], cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+/// Whether the certificate carries a SAN one of the matchers accepts (a
+/// typed matcher only looks at SANs of its type).
+fn check_sans(sans: &[SanMatcher], cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
     if sans.is_empty() {
         return Ok(());
     }
     let names = subject_alt_names(cert);
-    if names
-        .iter()
-        .any(|n| sans.iter().any(|m| m.matches(n, false)))
-    {
+    let accepted = names.iter().any(|(t, n)| {
+        sans.iter()
+            .any(|m| m.san_type.is_none_or(|want| want == *t) && m.matcher.matches(n, false))
+    });
+    if accepted {
         Ok(())
     } else {
         Err(rustls::Error::InvalidCertificate(
@@ -261,7 +264,7 @@ fn check_sans(sans: &[StringMatcher], cert: &CertificateDer<'_>) -> Result<(), r
 #[derive(Debug)]
 struct ServerVerifier {
     roots: Option<Arc<RootCertStore>>,
-    sans: Vec<StringMatcher>,
+    sans: Vec<SanMatcher>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -330,7 +333,7 @@ struct ClientVerifier {
     /// `None`: no CA configured, any certificate is taken (its signature
     /// over the handshake is still checked).
     inner: Option<Arc<dyn ClientCertVerifier>>,
-    sans: Vec<StringMatcher>,
+    sans: Vec<SanMatcher>,
     mandatory: bool,
     provider: Arc<CryptoProvider>,
 }
@@ -507,6 +510,7 @@ pub fn sds_names<'a>(contexts: impl IntoIterator<Item = &'a CommonTls>) -> Vec<S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_model::StringMatcher;
     use std::collections::HashMap;
 
     fn ca() -> (rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, String) {
@@ -592,12 +596,17 @@ mod tests {
             spiffe_id(&der[0]).as_deref(),
             Some("spiffe://cluster.local/ns/default/sa/a")
         );
-        let ok = [StringMatcher::Prefix("spiffe://cluster.local/".into())];
-        assert!(check_sans(&ok, &der[0]).is_ok());
-        let no = [StringMatcher::Exact(
-            "spiffe://cluster.local/ns/default/sa/b".into(),
-        )];
-        assert!(check_sans(&no, &der[0]).is_err());
+        let san = |t, m| SanMatcher {
+            san_type: t,
+            matcher: m,
+        };
+        let prefix = || StringMatcher::Prefix("spiffe://cluster.local/".into());
+        assert!(check_sans(&[san(Some(SanType::Uri), prefix())], &der[0]).is_ok());
+        assert!(check_sans(&[san(None, prefix())], &der[0]).is_ok());
+        // The right string under another SAN type is not a match.
+        assert!(check_sans(&[san(Some(SanType::Dns), prefix())], &der[0]).is_err());
+        let other = StringMatcher::Exact("spiffe://cluster.local/ns/default/sa/b".into());
+        assert!(check_sans(&[san(Some(SanType::Uri), other)], &der[0]).is_err());
     }
 
     #[test]

@@ -538,7 +538,7 @@ fn common_tls(
         }
     };
     for (i, san) in sans.iter().enumerate() {
-        out.match_subject_alt_names.push(string_matcher(
+        out.match_subject_alt_names.push(san_matcher(
             ctx,
             &format!("{field}.match_subject_alt_names[{i}]"),
             san,
@@ -547,15 +547,51 @@ fn common_tls(
     Ok(out)
 }
 
+/// A SAN matcher as received: its type (`None`: the deprecated untyped
+/// form, any type) and string matcher.
+type RawSan = (Option<i32>, matcher_pb::StringMatcher);
+
+fn san_matcher(
+    ctx: &Ctx<'_>,
+    field: &str,
+    (san_type, matcher): &RawSan,
+) -> Result<m::tls::SanMatcher, ConvertError> {
+    use tls_pb::subject_alt_name_matcher::SanType as T;
+    let san_type = match san_type.map(T::try_from) {
+        None => None,
+        Some(Ok(T::Dns)) => Some(m::tls::SanType::Dns),
+        Some(Ok(T::Uri)) => Some(m::tls::SanType::Uri),
+        Some(Ok(T::Email)) => Some(m::tls::SanType::Email),
+        Some(Ok(T::IpAddress)) => Some(m::tls::SanType::IpAddress),
+        Some(Ok(other)) => {
+            return Err(ctx.err(
+                format!("{field}.san_type"),
+                format!("SAN type {} is not supported", other.as_str_name()),
+            ));
+        }
+        Some(Err(_)) => {
+            return Err(ctx.err(format!("{field}.san_type"), "unknown SAN type"));
+        }
+    };
+    Ok(m::tls::SanMatcher {
+        san_type,
+        matcher: string_matcher(ctx, &format!("{field}.matcher"), matcher)?,
+    })
+}
+
 /// SAN matchers of a validation context: the typed ones and the deprecated
 /// untyped ones istiod still sends.
-fn san_matchers(v: &tls_pb::CertificateValidationContext) -> Vec<matcher_pb::StringMatcher> {
+fn san_matchers(v: &tls_pb::CertificateValidationContext) -> Vec<RawSan> {
     #[allow(deprecated)]
-    let mut sans = v.match_subject_alt_names.clone();
+    let mut sans: Vec<RawSan> = v
+        .match_subject_alt_names
+        .iter()
+        .map(|m| (None, m.clone()))
+        .collect();
     sans.extend(
         v.match_typed_subject_alt_names
             .iter()
-            .filter_map(|t| t.matcher.clone()),
+            .filter_map(|t| Some((Some(t.san_type), t.matcher.clone()?))),
     );
     sans
 }
@@ -614,7 +650,7 @@ fn validation_context(
         match_subject_alt_names: Vec::new(),
     };
     for (i, san) in san_matchers(v).iter().enumerate() {
-        out.match_subject_alt_names.push(string_matcher(
+        out.match_subject_alt_names.push(san_matcher(
             ctx,
             &format!("{field}.match_subject_alt_names[{i}]"),
             san,

@@ -315,6 +315,10 @@ static_resources:
     let tls = ads.tls.unwrap();
     assert_eq!(tls.sni.as_deref(), Some("istiod.istio-system.svc"));
     assert_eq!(tls.common.match_subject_alt_names.len(), 1);
+    assert_eq!(
+        tls.common.match_subject_alt_names[0].san_type,
+        Some(ferry_model::tls::SanType::Uri)
+    );
     assert!(matches!(
         &tls.common.certificates[..],
         [SecretSource::Inline(_)]
@@ -322,6 +326,14 @@ static_resources:
     // Building the client configuration works from what was read.
     ferry_tls::client_config(&tls, &["h2"], &ads.secrets).unwrap();
 
+    let other_name = text.replace("san_type: URI", "san_type: OTHER_NAME");
+    let e = parse_bootstrap("b.yaml", &other_name)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("match_subject_alt_names[0].san_type: SAN type OTHER_NAME is not supported"),
+        "{e}"
+    );
     let missing = text.replace(&p("key.pem"), &p("nope.pem"));
     let e = parse_bootstrap("b.yaml", &missing).unwrap_err().to_string();
     assert!(e.contains("private_key.filename: cannot read"), "{e}");
