@@ -410,6 +410,20 @@ fn sidecars(api: &str) -> Result<()> {
     );
     server_plane.wait_ack(SERVER_NODE, SECRET, &sds_v1)?;
     wait_until("the inbound listener", || accepts(inbound))?;
+    // /config_dump lists the secrets, never their keys.
+    let (_, dump) = http_request(local(server.admin_port()), "GET", "/config_dump")?;
+    ensure!(
+        dump.contains("dynamic_active_secrets") && dump.contains("\"ROOTCA\""),
+        "{dump}"
+    );
+    ensure!(
+        dump.contains("W3JlZGFjdGVkXQ=="),
+        "the key must show as [redacted]"
+    );
+    ensure!(
+        !dump.contains("PRIVATE KEY"),
+        "a private key leaked into /config_dump"
+    );
 
     // The client sidecar.
     let client_cache = Cache::new();

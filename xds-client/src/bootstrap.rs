@@ -348,7 +348,15 @@ pub fn config_dump(
             "last_updated": last_updated,
         }));
     }
-    Ok(json!({
+    let mut secrets = Vec::new();
+    for s in &statics.secrets {
+        secrets.push(json!({
+            "name": s.name,
+            "secret": crate::json::to_json("envoy.extensions.transport_sockets.tls.v3.Secret", s)?,
+            "last_updated": last_updated,
+        }));
+    }
+    let mut dump = json!({
         "configs": [
             {
                 "@type": t("BootstrapConfigDump"),
@@ -357,8 +365,12 @@ pub fn config_dump(
             },
             {"@type": t("ListenersConfigDump"), "static_listeners": listeners},
             {"@type": t("ClustersConfigDump"), "static_clusters": clusters},
+            {"@type": t("SecretsConfigDump"), "static_secrets": secrets},
         ]
-    }))
+    });
+    // Key material never leaves the process, as Envoy redacts it.
+    crate::dump::redact(&mut dump);
+    Ok(dump)
 }
 
 #[cfg(test)]
