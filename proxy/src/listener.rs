@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use ferry_model::listener::ForwardClientCert;
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::detect::{self, Detected, Outcome};
 use crate::drain::{ConnGuard, Drain};
+use crate::http::PeerTls;
 use crate::run::Runtime;
 
 /// How long detection waits for a client's first bytes when the listener
@@ -250,6 +252,19 @@ async fn handle(
         let peer_id = crate::tls::peer_identity(&tls);
         tracing::trace!(listener.name = %listener.name, peer.identity = ?peer_id, "downstream TLS established");
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let mtls = tls.get_ref().1.peer_certificates().is_some();
+        let client_cert = match &chain.kind {
+            ChainKind::Http(h)
+                if matches!(
+                    h.forward_client_cert,
+                    ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet
+                ) =>
+            {
+                crate::tls::client_cert_info(&rt.tls, &chain, &tls)
+            }
+            _ => None,
+        };
+        let peer_tls = PeerTls { mtls, client_cert };
         match &chain.kind {
             ChainKind::Tcp(tp) => {
                 let stats = rt.tcp_stats(&tp.stat_prefix);
@@ -266,11 +281,22 @@ async fn handle(
                         let Some((h2, io)) = crate::tls::sniff_h2(tls).await else {
                             return;
                         };
-                        serve_http(&rt, &chain, io, h2, peer, dst, &generation, true).await;
+                        serve_http(&rt, &chain, io, h2, peer, dst, &generation, Some(peer_tls))
+                            .await;
                         return;
                     }
                 };
-                serve_http(&rt, &chain, tls, http2, peer, dst, &generation, true).await;
+                serve_http(
+                    &rt,
+                    &chain,
+                    tls,
+                    http2,
+                    peer,
+                    dst,
+                    &generation,
+                    Some(peer_tls),
+                )
+                .await;
             }
         }
         return;
@@ -293,7 +319,7 @@ async fn handle(
                     }
                 }
             };
-            serve_http(&rt, &chain, stream, http2, peer, dst, &generation, false).await;
+            serve_http(&rt, &chain, stream, http2, peer, dst, &generation, None).await;
         }
     }
 }
@@ -309,7 +335,7 @@ async fn serve_http<S>(
     peer: SocketAddr,
     dst: SocketAddr,
     generation: &Drain,
-    tls: bool,
+    tls: Option<PeerTls>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

@@ -82,6 +82,11 @@ impl TlsContexts {
             .clear();
     }
 
+    /// The live secrets.
+    pub fn secrets(&self) -> Arc<Secrets> {
+        self.secrets.load_full()
+    }
+
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
@@ -213,6 +218,25 @@ pub fn peer_identity(s: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<S
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| ferry_tls::spiffe_id(c))
+}
+
+/// What `x-forwarded-client-cert` needs of an mTLS connection, computed
+/// only for connection managers that add it; `None` without a client
+/// certificate.
+pub fn client_cert_info(
+    contexts: &TlsContexts,
+    chain: &FilterChain,
+    s: &tokio_rustls::server::TlsStream<TcpStream>,
+) -> Option<Arc<ferry_tls::ClientCertInfo>> {
+    let peer = s.get_ref().1.peer_certificates()?.first()?;
+    let local = chain
+        .tls
+        .as_ref()
+        .and_then(|t| ferry_tls::local_certificate(&t.common, &*contexts.secrets()));
+    Some(Arc::new(ferry_tls::ClientCertInfo::new(
+        local.as_deref(),
+        peer,
+    )))
 }
 
 /// An upstream connection: plaintext or TLS.

@@ -144,9 +144,18 @@ impl TlsClient {
 
     /// One keep-alive `GET path`: (status, body).
     pub fn get(&mut self, path: &str) -> Result<(u16, String)> {
+        self.get_with(path, &[])
+    }
+
+    /// One keep-alive `GET path` with extra headers: (status, body).
+    pub fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         write!(
             self.conn,
-            "GET {path} HTTP/1.1\r\nhost: server.test\r\nuser-agent: tls-test\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nhost: server.test\r\nuser-agent: tls-test\r\n{extra}\r\n"
         )?;
         self.conn.flush()?;
         let mut buf = Vec::new();

@@ -105,6 +105,16 @@ fn hcm(stat_prefix: &str, cluster: &str) -> Value {
     })
 }
 
+/// Istio's inbound connection manager: the client's identity forwarded to
+/// the app in `x-forwarded-client-cert`.
+fn inbound_hcm() -> Value {
+    let mut h = hcm("inbound", "app");
+    h["typed_config"]["forward_client_cert_details"] = json!("APPEND_FORWARD");
+    h["typed_config"]["set_current_client_cert_details"] =
+        json!({"subject": true, "uri": true, "dns": true});
+    h
+}
+
 /// The server sidecar's inbound listener: mTLS required, the client's
 /// SPIFFE identity checked, then HTTP to the app.
 fn inbound_listener(d: &Descriptors, port: u16) -> (String, Any) {
@@ -120,7 +130,7 @@ fn inbound_listener(d: &Descriptors, port: u16) -> (String, Any) {
                 "require_client_certificate": true,
                 "common_tls_context": common_tls(json!({"prefix": CLIENT_ID}), &["h2", "http/1.1"])
             }},
-            "filters": [hcm("inbound", "app")]
+            "filters": [inbound_hcm()]
         }]
     });
     ("inbound".into(), any::<Listener>(d, v))
@@ -776,7 +786,18 @@ struct Observed {
     istio_alpn: Option<String>,
     istio_alpn_status: u16,
     https_forwarded: bool,
+    /// `x-forwarded-client-cert` as the app saw it, for a client that sent
+    /// one of its own.
+    xfcc: Option<String>,
+    /// The same through the other kind of client sidecar.
+    xfcc_via_sidecar: Option<String>,
     h2_alpn: Option<String>,
+}
+
+fn xfcc_of(body: &str) -> Option<String> {
+    body.lines()
+        .find_map(|l| l.strip_prefix("x-forwarded-client-cert: "))
+        .map(|v| v.trim().to_string())
 }
 
 fn observe(
@@ -805,14 +826,18 @@ fn observe(
         )?,
         SERVER_DNS,
     )?;
-    let (istio_alpn_status, body) = istio.get("/")?;
+    let (istio_alpn_status, body) =
+        istio.get_with("/", &[("x-forwarded-client-cert", "By=spiffe://spoofed")])?;
     let h2 = TlsClient::connect(
         addr,
         client_config(&ca.pem(), Some(client_leaf), &["h2", "http/1.1"])?,
         SERVER_DNS,
     )?;
+    let (through_other_sidecar, via_sidecar) = get_plain(other_client_port)?;
     Ok(Observed {
-        through_other_sidecar: get_plain(other_client_port)?.0,
+        through_other_sidecar,
+        xfcc: xfcc_of(&body),
+        xfcc_via_sidecar: xfcc_of(&via_sidecar),
         untrusted_ca_refused: refused(Some(&rogue))?,
         wrong_san_refused: refused(Some(&intruder))?,
         no_certificate_refused: refused(None)?,
@@ -873,10 +898,23 @@ fn mtls_interoperates_with_envoy() -> Result<()> {
 
     let ferry = observe(&ca, &client_leaf, ferry_in, envoy_out)?;
     let envoy = observe(&ca, &client_leaf, envoy_in, ferry_out)?;
+    let hash = |l: &Leaf| -> String {
+        ring::digest::digest(&ring::digest::SHA256, &l.der)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let element = format!(
+        "By={SERVER_ID};Hash={};Subject=\"CN=rcgen self signed cert\";URI={CLIENT_ID}",
+        hash(&client_leaf)
+    );
     assert_eq!(
         ferry,
         Observed {
             through_other_sidecar: 200,
+            xfcc: Some(format!("By=spiffe://spoofed,{element}")),
+            xfcc_via_sidecar: Some(element.clone()),
             untrusted_ca_refused: true,
             wrong_san_refused: true,
             no_certificate_refused: true,

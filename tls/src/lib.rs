@@ -240,6 +240,119 @@ pub fn spiffe_id(cert: &[u8]) -> Option<String> {
         .map(|(_, s)| s)
 }
 
+/// What `x-forwarded-client-cert` tells about one mTLS connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCertInfo {
+    /// URI SANs of our own certificate (`By=`).
+    pub by: Vec<String>,
+    /// SHA-256 of the client's leaf certificate, lower-case hex (`Hash=`).
+    pub hash: String,
+    /// The client's subject, RFC 2253 (`Subject="…"`).
+    pub subject: String,
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+}
+
+impl ClientCertInfo {
+    /// From our certificate chain's leaf and the client's leaf (DER).
+    pub fn new(local: Option<&[u8]>, peer: &[u8]) -> Self {
+        let sans_of = |der: &[u8], t: SanType| -> Vec<String> {
+            subject_alt_names(der)
+                .into_iter()
+                .filter(|(k, _)| *k == t)
+                .map(|(_, v)| v)
+                .collect()
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, peer);
+        let hash = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let subject = x509_parser::parse_x509_certificate(peer)
+            .map(|(_, c)| rfc2253(c.subject()))
+            .unwrap_or_default();
+        ClientCertInfo {
+            by: local.map(|l| sans_of(l, SanType::Uri)).unwrap_or_default(),
+            hash,
+            subject,
+            uris: sans_of(peer, SanType::Uri),
+            dns: sans_of(peer, SanType::Dns),
+        }
+    }
+
+    /// The header element, fields in Envoy's order: By, Hash, Subject,
+    /// URI, DNS.
+    pub fn element(&self, subject: bool, uri: bool, dns: bool) -> String {
+        let mut parts: Vec<String> = self.by.iter().map(|b| format!("By={b}")).collect();
+        parts.push(format!("Hash={}", self.hash));
+        if subject {
+            parts.push(format!("Subject=\"{}\"", self.subject.replace('"', "\\\"")));
+        }
+        if uri {
+            parts.extend(self.uris.iter().map(|u| format!("URI={u}")));
+        }
+        if dns {
+            parts.extend(self.dns.iter().map(|d| format!("DNS={d}")));
+        }
+        parts.join(";")
+    }
+}
+
+/// A distinguished name as RFC 2253 writes it (last RDN first).
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let rdns: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|atv| {
+                    let oid = atv.attr_type().to_id_string();
+                    let key = match oid.as_str() {
+                        "2.5.4.3" => "CN",
+                        "2.5.4.6" => "C",
+                        "2.5.4.7" => "L",
+                        "2.5.4.8" => "ST",
+                        "2.5.4.10" => "O",
+                        "2.5.4.11" => "OU",
+                        "2.5.4.9" => "STREET",
+                        "0.9.2342.19200300.100.1.25" => "DC",
+                        "0.9.2342.19200300.100.1.1" => "UID",
+                        other => other,
+                    }
+                    .to_string();
+                    let value = atv.as_str().unwrap_or_default();
+                    format!("{key}={}", escape_dn_value(value))
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+fn escape_dn_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for (i, c) in v.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i + 1 == v.chars().count() && c == ' ');
+        if special {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The leaf certificate (DER) a context presents, if it resolves.
+pub fn local_certificate(common: &CommonTls, secrets: &dyn Secrets) -> Option<Vec<u8>> {
+    let src = common.certificates.first()?;
+    match &*resolve(src, secrets).ok()? {
+        Secret::Certificate(c) => parse_certificates(&c.cert_chain_pem)
+            .ok()?
+            .into_iter()
+            .next()
+            .map(|c| c.to_vec()),
+        Secret::Validation(_) => None,
+    }
+}
+
 /// Whether the certificate carries a SAN one of the matchers accepts (a
 /// typed matcher only looks at SANs of its type).
 fn check_sans(sans: &[SanMatcher], cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
@@ -607,6 +720,26 @@ mod tests {
         assert!(check_sans(&[san(Some(SanType::Dns), prefix())], &der[0]).is_err());
         let other = StringMatcher::Exact("spiffe://cluster.local/ns/default/sa/b".into());
         assert!(check_sans(&[san(Some(SanType::Uri), other)], &der[0]).is_err());
+    }
+
+    #[test]
+    fn client_cert_element_is_envoys() {
+        let (issuer, _) = ca();
+        let server = leaf(&issuer, "spiffe://cluster.local/ns/default/sa/server");
+        let client = leaf(&issuer, "spiffe://cluster.local/ns/default/sa/client");
+        let s = parse_certificates(&server.cert_chain_pem).unwrap();
+        let c = parse_certificates(&client.cert_chain_pem).unwrap();
+        let info = ClientCertInfo::new(Some(&s[0]), &c[0]);
+        assert_eq!(info.hash.len(), 64);
+        let e = info.element(true, true, true);
+        assert_eq!(
+            e,
+            format!(
+                "By=spiffe://cluster.local/ns/default/sa/server;Hash={};Subject=\"CN=rcgen self signed cert\";URI=spiffe://cluster.local/ns/default/sa/client",
+                info.hash
+            )
+        );
+        assert_eq!(escape_dn_value("a,b"), "a\\,b");
     }
 
     #[test]

@@ -919,7 +919,35 @@ fn http_connection_manager(
         .as_ref()
         .map(|o| timeout_or(&o.idle_timeout, Some(Duration::from_secs(3600))))
         .unwrap_or(Some(Duration::from_secs(3600)));
+    use hcm_pb::http_connection_manager::ForwardClientCertDetails as F;
+    let forward_client_cert = match F::try_from(h.forward_client_cert_details) {
+        Ok(F::Sanitize) => m::listener::ForwardClientCert::Sanitize,
+        Ok(F::ForwardOnly) => m::listener::ForwardClientCert::ForwardOnly,
+        Ok(F::AlwaysForwardOnly) => m::listener::ForwardClientCert::AlwaysForwardOnly,
+        Ok(F::AppendForward) => m::listener::ForwardClientCert::AppendForward,
+        Ok(F::SanitizeSet) => m::listener::ForwardClientCert::SanitizeSet,
+        Err(_) => {
+            return Err(ctx.err(
+                format!("{field}.forward_client_cert_details"),
+                format!("unknown value {}", h.forward_client_cert_details),
+            ));
+        }
+    };
+    let details = h.set_current_client_cert_details.unwrap_or_default();
+    if details.cert || details.chain || details.issuer {
+        ctx.warn(
+            &format!("{field}.set_current_client_cert_details"),
+            "x-forwarded-client-cert Cert, Chain and Issuer are not added".into(),
+        );
+    }
+    let client_cert_details = m::listener::ClientCertDetails {
+        subject: details.subject.is_some_and(|v| v.value),
+        uri: details.uri,
+        dns: details.dns,
+    };
     Ok(m::HttpConnectionManager {
+        forward_client_cert,
+        client_cert_details,
         stat_prefix: h.stat_prefix.clone(),
         codec,
         routes,
