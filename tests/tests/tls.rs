@@ -659,6 +659,7 @@ fn ads_over_mutual_tls() -> Result<()> {
         &[],
     )?;
     std::thread::sleep(Duration::from_secs(2));
+    wait_until("the wrong client's admin", || accepts(wrong.admin_port()))?;
     ensure!(
         http_request(local(wrong.admin_port()), "GET", "/ready")?.0 != 200,
         "ferry must not be ready from an unverified server"
@@ -933,5 +934,90 @@ fn mtls_interoperates_with_envoy() -> Result<()> {
         envoy_server.stat(&format!("listener.127.0.0.1_{envoy_in}.ssl.handshake")) >= 1,
         "Envoy's server must have terminated TLS"
     );
+    Ok(())
+}
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn ferry_pilot_serves_ads_over_tls_from_the_command_line() -> Result<()> {
+    let ca = Ca::new("mesh")?;
+    let istiod_id = "spiffe://cluster.local/ns/istio-system/sa/istiod";
+    let istiod = ca.leaf(istiod_id, &["istiod.istio-system.svc"])?;
+    let workload = ca.leaf(CLIENT_ID, &[])?;
+    let app_port = app()?;
+    let (xds_port, outbound) = (free_port(), free_port());
+    let dir = TempDir::new("pilot-tls")?;
+    // What ferry-pilot serves: a listener and the cluster it routes to.
+    let served = json!({"static_resources": {
+        "listeners": [{
+            "name": "outbound",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": outbound}},
+            "filter_chains": [{"filters": [hcm("outbound", "app")]}]
+        }],
+        "clusters": [{
+            "name": "app", "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": app_port}}}}]}]}
+        }]
+    }});
+    let pilot = Command::new(ferry_tests::netns::workspace_bin(
+        "ferry-pilot",
+        "ferry-pilot",
+    ))
+    .arg("serve-static")
+    .args([
+        "--bootstrap",
+        &write(&dir, "served.json", &served.to_string())?,
+    ])
+    .args(["--listen", &local(xds_port).to_string()])
+    .args(["--tls-cert", &write(&dir, "istiod.pem", &istiod.cert_pem)?])
+    .args([
+        "--tls-key",
+        &write(&dir, "istiod-key.pem", &istiod.key_pem)?,
+    ])
+    .args(["--tls-client-ca", &write(&dir, "ca.pem", &ca.pem())?])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .context("ferry-pilot (cargo build -p ferry-pilot)")?;
+    let _pilot = Killed(pilot);
+    wait_until("ferry-pilot to listen", || accepts(xds_port))?;
+
+    // A plaintext client is not served (TLS only on that port).
+    let plain = Ferry::spawn(
+        &ads_bootstrap(
+            "sidecar~127.0.0.1~plain.default~default.svc.cluster.local",
+            xds_port,
+            None,
+        ),
+        &[],
+    )?;
+
+    let ferry = Ferry::start(&ads_bootstrap(
+        CLIENT_NODE,
+        xds_port,
+        Some(xds_tls_context(&dir, &ca, &workload, istiod_id)?),
+    ))?;
+    wait_until("the served listener", || accepts(outbound))?;
+    let (status, body) = get_plain(outbound)?;
+    ensure!(status == 200, "{status} {body}");
+    wait_until("the plaintext client's admin", || {
+        accepts(plain.admin_port())
+    })?;
+    ensure!(
+        http_request(local(plain.admin_port()), "GET", "/ready")?.0 != 200,
+        "a plaintext xDS client must not get configuration from the TLS port"
+    );
+    drop(ferry);
     Ok(())
 }
