@@ -45,10 +45,16 @@ pub struct TlsCertificate {
 }
 
 impl std::fmt::Debug for TlsCertificate {
-    // The private key never goes to a log.
+    // The private key never goes to a log; a digest of both still tells two
+    // certificates apart (configurations are compared by their Debug form).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.cert_chain_pem.hash(&mut h);
+        self.private_key_pem.hash(&mut h);
         f.debug_struct("TlsCertificate")
             .field("cert_chain_pem.len", &self.cert_chain_pem.len())
+            .field("digest", &format_args!("{:016x}", h.finish()))
             .finish_non_exhaustive()
     }
 }
@@ -110,4 +116,24 @@ pub struct DownstreamTls {
 pub struct UpstreamTls {
     pub common: CommonTls,
     pub sni: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_of_equal_length_debug_apart_without_the_key() {
+        let a = TlsCertificate {
+            cert_chain_pem: b"CERT-A".to_vec(),
+            private_key_pem: b"SECRET-KEY-1".to_vec(),
+        };
+        let b = TlsCertificate {
+            cert_chain_pem: b"CERT-B".to_vec(),
+            ..a.clone()
+        };
+        let (da, db) = (format!("{a:?}"), format!("{b:?}"));
+        assert_ne!(da, db);
+        assert!(!da.contains("SECRET"), "{da}");
+    }
 }
