@@ -41,7 +41,8 @@ const CLIENT_NODE: &str = "sidecar~127.0.0.1~client-1.default~default.svc.cluste
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_DNS: &str = "server.default.svc.cluster.local";
-const TIMEOUT: Duration = Duration::from_secs(15);
+/// Generous: two cores shared with Envoy and other suites.
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn any<M: prost::Message + prost::Name + Default>(d: &Descriptors, value: Value) -> Any {
     let full = M::full_name();
@@ -1019,5 +1020,85 @@ fn ferry_pilot_serves_ads_over_tls_from_the_command_line() -> Result<()> {
         "a plaintext xDS client must not get configuration from the TLS port"
     );
     drop(ferry);
+    Ok(())
+}
+
+#[test]
+fn static_bootstrap_secrets_terminate_and_originate_tls() -> Result<()> {
+    let ca = Ca::new("mesh")?;
+    let server_leaf = ca.leaf(SERVER_ID, &[SERVER_DNS])?;
+    let client_leaf = ca.leaf(CLIENT_ID, &[])?;
+    let app_port = app()?;
+    let (tls_port, plain_port) = (free_port(), free_port());
+    let inline = |s: &str| json!({"inline_string": s});
+    // One Ferry, no xDS: a TLS listener on static secrets, and a plaintext
+    // listener whose cluster originates mTLS to it with inline data.
+    let bootstrap = json!({"static_resources": {
+        "secrets": [
+            {"name": "server-cert", "tls_certificate": {
+                "certificate_chain": inline(&server_leaf.cert_pem),
+                "private_key": inline(&server_leaf.key_pem)}},
+            {"name": "mesh-ca", "validation_context": {"trusted_ca": inline(&ca.pem())}}
+        ],
+        "listeners": [
+            {
+                "name": "tls",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": tls_port}},
+                "filter_chains": [{
+                    "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": true,
+                        "common_tls_context": {
+                            "tls_certificate_sds_secret_configs": [{"name": "server-cert"}],
+                            "validation_context_sds_secret_config": {"name": "mesh-ca"}
+                        }
+                    }},
+                    "filters": [hcm("tls", "app")]
+                }]
+            },
+            {
+                "name": "plain",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": plain_port}},
+                "filter_chains": [{"filters": [hcm("plain", "to-tls")]}]
+            }
+        ],
+        "clusters": [
+            {
+                "name": "app", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": app_port}}}}]}]}
+            },
+            {
+                "name": "to-tls", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "to-tls", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": tls_port}}}}]}]},
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "common_tls_context": {
+                        "tls_certificates": [{"certificate_chain": inline(&client_leaf.cert_pem),
+                                              "private_key": inline(&client_leaf.key_pem)}],
+                        "validation_context": {
+                            "trusted_ca": inline(&ca.pem()),
+                            "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": SERVER_ID}}]
+                        }
+                    }
+                }}
+            }
+        ]
+    }});
+    let ferry = Ferry::start(&bootstrap.to_string())?;
+    let (status, body) = get_plain(plain_port)?;
+    ensure!(status == 200, "{status} {body}");
+    // The first hop's x-forwarded-proto is kept, as Envoy keeps it.
+    ensure!(body.contains("x-forwarded-proto: http\r\n"), "{body}");
+    ensure!(ferry.stat("cluster.to-tls.ssl.handshake") >= 1);
+    ensure!(ferry.stat("listener.tls.ssl.handshake") >= 1);
+    // And refused without a client certificate.
+    let r = try_get(
+        local(tls_port),
+        client_config(&ca.pem(), None, &[])?,
+        SERVER_DNS,
+    );
+    ensure!(r.is_err(), "{r:?}");
     Ok(())
 }
