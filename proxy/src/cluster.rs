@@ -671,7 +671,9 @@ impl EndpointPool {
                 Err(e) => {
                     self.stats.upstream_cx_connect_fail.inc();
                     self.stats.ssl_connection_error.inc();
-                    tracing::warn!(upstream.host = %self.address, error = %e, "upstream TLS settings unusable");
+                    // Per connection attempt (a missing secret fails every
+                    // one): counted, logged at debug like handshake failures.
+                    tracing::debug!(upstream.host = %self.address, error = %e, "upstream TLS settings unusable");
                     return Err(UpstreamError::Tls(e.to_string()));
                 }
             },

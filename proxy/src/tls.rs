@@ -173,8 +173,8 @@ impl TlsContexts {
 #[derive(Default)]
 pub struct ClientCache(Mutex<HashMap<&'static str, (u64, Arc<ClientConfig>)>>);
 
-/// Terminates TLS on an accepted connection with the chain's context.
-/// Returns the stream and the negotiated ALPN protocol.
+/// Terminates TLS on an accepted connection with the chain's context,
+/// chosen once the ClientHello (and so the client's ALPN offer) is read.
 pub async fn accept(
     contexts: &TlsContexts,
     chain: &Arc<FilterChain>,
