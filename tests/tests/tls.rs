@@ -116,8 +116,9 @@ fn inbound_hcm() -> Value {
     h
 }
 
-/// The server sidecar's inbound listener: mTLS required, the client's
-/// SPIFFE identity checked, then HTTP to the app.
+/// The server sidecar's inbound listener: TLS chosen by the TLS inspector,
+/// mTLS required, the client's SPIFFE identity checked, then HTTP to the
+/// app; plaintext beside it (PERMISSIVE).
 fn inbound_listener(d: &Descriptors, port: u16) -> (String, Any) {
     let v = json!({
         "name": "inbound",
@@ -132,6 +133,10 @@ fn inbound_listener(d: &Descriptors, port: u16) -> (String, Any) {
                 "common_tls_context": common_tls(json!({"prefix": CLIENT_ID}), &["h2", "http/1.1"])
             }},
             "filters": [inbound_hcm()]
+        }, {
+            // Istio's PERMISSIVE mode: plaintext on the same port.
+            "filter_chain_match": {"transport_protocol": "raw_buffer"},
+            "filters": [hcm("inbound-plaintext", "app")]
         }]
     });
     ("inbound".into(), any::<Listener>(d, v))
@@ -480,6 +485,11 @@ fn sidecars(api: &str) -> Result<()> {
     ensure!(client.stat("cluster.server.ssl.handshake") >= 1);
     ensure!(server.stat("listener.inbound.ssl.handshake") >= 1);
     ensure!(client.stat("cluster.server.ssl.connection_error") == 0);
+
+    // PERMISSIVE: plaintext on the same port reaches the plaintext chain.
+    let (status, body) = get_plain(inbound)?;
+    ensure!(status == 200, "plaintext beside mTLS: {status} {body}");
+    ensure!(body.contains("x-forwarded-proto: http\r\n"), "{body}");
 
     let addr: SocketAddr = local(inbound);
     let errors = || server.stat("listener.inbound.ssl.connection_error");
