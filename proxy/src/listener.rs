@@ -249,8 +249,8 @@ async fn handle(
                 return;
             }
         };
-        let peer_id = crate::tls::peer_identity(&tls);
-        tracing::trace!(listener.name = %listener.name, peer.identity = ?peer_id, "downstream TLS established");
+        // The identity is parsed only when trace logging is on.
+        tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let mtls = tls.get_ref().1.peer_certificates().is_some();
         let client_cert = match &chain.kind {
