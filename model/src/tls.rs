@@ -85,8 +85,21 @@ pub struct ValidationContext {
     pub match_subject_alt_names: Vec<SanMatcher>,
 }
 
+/// A TLS protocol version (`tls_params`); only 1.2 and 1.3 are spoken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct CommonTls {
+    /// `tls_params.tls_minimum_protocol_version`; `None`: Envoy's default
+    /// (TLS 1.2).
+    pub min_version: Option<TlsVersion>,
+    /// `tls_params.tls_maximum_protocol_version`; `None`: Envoy's default
+    /// (TLS 1.2 for clients, 1.3 for servers).
+    pub max_version: Option<TlsVersion>,
     pub certificates: Vec<SecretSource>,
     pub validation: Option<SecretSource>,
     pub alpn: Vec<String>,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use ferry_model::tls::{
     CommonTls, DownstreamTls, SanMatcher, SanType, Secret, SecretSource, TlsCertificate,
-    UpstreamTls, ValidationContext,
+    TlsVersion, UpstreamTls, ValidationContext,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -516,6 +516,24 @@ impl ClientCertVerifier for ClientVerifier {
     }
 }
 
+/// The protocol versions a context allows: its `tls_params`, else Envoy's
+/// defaults (minimum 1.2; maximum 1.3 for servers, 1.2 for clients).
+fn versions(
+    common: &CommonTls,
+    default_max: TlsVersion,
+) -> Vec<&'static rustls::SupportedProtocolVersion> {
+    let min = common.min_version.unwrap_or(TlsVersion::V1_2);
+    let max = common.max_version.unwrap_or(default_max).max(min);
+    let mut out = Vec::with_capacity(2);
+    if max >= TlsVersion::V1_3 {
+        out.push(&rustls::version::TLS13);
+    }
+    if min <= TlsVersion::V1_2 {
+        out.push(&rustls::version::TLS12);
+    }
+    out
+}
+
 /// The server side of a filter chain's `DownstreamTlsContext`.
 pub fn server_config(
     tls: &DownstreamTls,
@@ -525,7 +543,7 @@ pub fn server_config(
     let key = certificate(&tls.common, secrets)?
         .ok_or_else(|| invalid("tls_certificates", "a TLS server needs a certificate"))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&versions(&tls.common, TlsVersion::V1_3))
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let wants_peer = tls.require_client_certificate || tls.common.validation.is_some();
     let builder = if wants_peer {
@@ -575,7 +593,7 @@ pub fn client_config(
     let provider = provider();
     let v = validation(&tls.common, secrets)?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&versions(&tls.common, TlsVersion::V1_2))
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
@@ -753,6 +771,7 @@ mod tests {
                 validation: Some(SecretSource::Sds("ROOTCA".into())),
                 alpn: vec!["h2".into(), "http/1.1".into()],
                 match_subject_alt_names: vec![],
+                ..Default::default()
             },
             require_client_certificate: true,
         };
@@ -776,6 +795,15 @@ mod tests {
             sc.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         );
+        // Envoy's defaults: servers up to 1.3, clients 1.2 only.
+        use rustls::ProtocolVersion as V;
+        let spoken =
+            |c: &CommonTls, max| -> Vec<V> { versions(c, max).iter().map(|v| v.version).collect() };
+        assert_eq!(
+            spoken(&tls.common, TlsVersion::V1_3),
+            [V::TLSv1_3, V::TLSv1_2]
+        );
+        assert_eq!(spoken(&tls.common, TlsVersion::V1_2), [V::TLSv1_2]);
         let up = UpstreamTls {
             common: tls.common.clone(),
             sni: None,
@@ -784,6 +812,11 @@ mod tests {
         up_no_alpn.common.alpn.clear();
         let cc = client_config(&up_no_alpn, &["h2"], &secrets).unwrap();
         assert_eq!(cc.alpn_protocols, vec![b"h2".to_vec()]);
+        let mut up13 = up_no_alpn.clone();
+        up13.common.max_version = Some(TlsVersion::V1_3);
+        up13.common.min_version = Some(TlsVersion::V1_3);
+        assert_eq!(spoken(&up13.common, TlsVersion::V1_2), [V::TLSv1_3]);
+        client_config(&up13, &[], &secrets).unwrap();
         assert!(!cc.enable_sni);
         // A certificate where a validation context is expected.
         let mut swapped = up;

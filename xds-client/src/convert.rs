@@ -479,7 +479,7 @@ fn transport_socket_typed(
 }
 
 fn common_tls(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     c: Option<&tls_pb::CommonTlsContext>,
 ) -> Result<m::tls::CommonTls, ConvertError> {
@@ -487,6 +487,49 @@ fn common_tls(
     let mut out = m::tls::CommonTls::default();
     let Some(c) = c else { return Ok(out) };
     out.alpn = c.alpn_protocols.clone();
+    if let Some(p) = &c.tls_params {
+        use tls_pb::tls_parameters::TlsProtocol as P;
+        let version = |f: &str, v: i32, is_min: bool| match P::try_from(v) {
+            Ok(P::TlsAuto) => Ok(None),
+            // Below 1.2 nothing is spoken: a lower minimum is 1.2.
+            Ok(P::TlSv10 | P::TlSv11) if is_min => Ok(Some(m::tls::TlsVersion::V1_2)),
+            Ok(P::TlSv10 | P::TlSv11) => Err(ctx.err(
+                format!("{field}.tls_params.{f}"),
+                "TLS 1.0 and 1.1 are not supported",
+            )),
+            Ok(P::TlSv12) => Ok(Some(m::tls::TlsVersion::V1_2)),
+            Ok(P::TlSv13) => Ok(Some(m::tls::TlsVersion::V1_3)),
+            Err(_) => Err(ctx.err(
+                format!("{field}.tls_params.{f}"),
+                format!("unknown TLS version {v}"),
+            )),
+        };
+        out.min_version = version(
+            "tls_minimum_protocol_version",
+            p.tls_minimum_protocol_version,
+            true,
+        )?;
+        out.max_version = version(
+            "tls_maximum_protocol_version",
+            p.tls_maximum_protocol_version,
+            false,
+        )?;
+        if let (Some(min), Some(max)) = (out.min_version, out.max_version)
+            && min > max
+        {
+            return Err(ctx.err(
+                format!("{field}.tls_params"),
+                "the minimum TLS version is above the maximum",
+            ));
+        }
+        if !p.cipher_suites.is_empty() || !p.ecdh_curves.is_empty() {
+            ctx.warn(
+                &format!("{field}.tls_params"),
+                "cipher_suites and ecdh_curves are not applied (the provider's defaults are used)"
+                    .into(),
+            );
+        }
+    }
     for s in &c.tls_certificate_sds_secret_configs {
         out.certificates
             .push(m::tls::SecretSource::Sds(s.name.clone()));
@@ -727,7 +770,7 @@ fn tls_context<M: Message + Default>(
 }
 
 fn downstream_tls(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     ts: &core_pb::TransportSocket,
 ) -> Result<Option<m::tls::DownstreamTls>, ConvertError> {
@@ -755,7 +798,7 @@ fn downstream_tls(
 }
 
 fn upstream_tls(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     ts: &core_pb::TransportSocket,
 ) -> Result<Option<m::tls::UpstreamTls>, ConvertError> {
@@ -1679,7 +1722,7 @@ pub fn cluster(
     warnings: &mut Warnings,
 ) -> Result<m::Cluster, ConvertError> {
     use cluster_pb::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         resource: format!("cluster {:?}", c.name),
         warnings,
     };
@@ -1721,7 +1764,7 @@ pub fn cluster(
         }
     };
     let tls = match &c.transport_socket {
-        Some(ts) => upstream_tls(&ctx, "transport_socket", ts)?,
+        Some(ts) => upstream_tls(&mut ctx, "transport_socket", ts)?,
         None => None,
     };
     let mut transport_socket_matches = Vec::with_capacity(c.transport_socket_matches.len());
@@ -1738,7 +1781,7 @@ pub fn cluster(
             })
             .unwrap_or_default();
         let tls = match &tsm.transport_socket {
-            Some(ts) => upstream_tls(&ctx, &format!("{field}.transport_socket"), ts)?,
+            Some(ts) => upstream_tls(&mut ctx, &format!("{field}.transport_socket"), ts)?,
             None => None,
         };
         transport_socket_matches.push(m::cluster::TransportSocketMatch {

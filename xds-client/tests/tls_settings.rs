@@ -301,6 +301,7 @@ static_resources:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         sni: istiod.istio-system.svc
         common_tls_context:
+          tls_params: {{tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3}}
           tls_certificates: [{{certificate_chain: {{filename: {cert}}}, private_key: {{filename: {key}}}}}]
           validation_context:
             trusted_ca: {{filename: {root}}}
@@ -326,6 +327,23 @@ static_resources:
     // Building the client configuration works from what was read.
     ferry_tls::client_config(&tls, &["h2"], &ads.secrets).unwrap();
 
+    assert_eq!(
+        tls.common.min_version,
+        Some(ferry_model::tls::TlsVersion::V1_2)
+    );
+    assert_eq!(
+        tls.common.max_version,
+        Some(ferry_model::tls::TlsVersion::V1_3)
+    );
+    let old_tls = text.replace(
+        "tls_maximum_protocol_version: TLSv1_3",
+        "tls_maximum_protocol_version: TLSv1_1",
+    );
+    let e = parse_bootstrap("b.yaml", &old_tls).unwrap_err().to_string();
+    assert!(
+        e.contains("tls_params.tls_maximum_protocol_version: TLS 1.0 and 1.1 are not supported"),
+        "{e}"
+    );
     let other_name = text.replace("san_type: URI", "san_type: OTHER_NAME");
     let e = parse_bootstrap("b.yaml", &other_name)
         .unwrap_err()
