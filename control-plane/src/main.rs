@@ -77,6 +77,15 @@ struct ServeArgs {
     /// Address of the HTTP status endpoint (`/debug/syncz`, `/debug/cache`).
     #[arg(long)]
     status_addr: Option<SocketAddr>,
+    /// Serve ADS over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by this CA (PEM): mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn init_logging(level: &str) {
@@ -204,7 +213,18 @@ async fn serve_with(server: Server, args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     };
-    server.serve(listener, signal).await?;
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
+            let tls = xds::ServerTls {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+                client_ca_pem: args.tls_client_ca.as_ref().map(read).transpose()?,
+            };
+            server.serve_tls(listener, &tls, signal).await?;
+        }
+        _ => server.serve(listener, signal).await?,
+    }
     Ok(())
 }
 

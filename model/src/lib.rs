@@ -36,6 +36,10 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Route configurations delivered by RDS, by name.
     pub routes: HashMap<String, Arc<RouteConfig>>,
+    /// TLS secrets by name: the bootstrap's static ones and those delivered
+    /// by SDS. A new version of a secret is a new `Arc`, which is how the
+    /// data path notices a rotation.
+    pub secrets: HashMap<String, Arc<tls::Secret>>,
 }
 
 impl Snapshot {

@@ -121,8 +121,36 @@ pub struct HttpConnectionManager {
     pub stream_idle_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
     pub use_remote_address: bool,
+    /// What happens to `x-forwarded-client-cert` (Envoy's default: removed).
+    pub forward_client_cert: ForwardClientCert,
+    /// What the element added for an mTLS client carries.
+    pub client_cert_details: ClientCertDetails,
     /// The HTTP filters Ferry runs before the router, in order.
     pub http_filters: Vec<HttpFilter>,
+}
+
+/// `forward_client_cert_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardClientCert {
+    /// Remove the header.
+    #[default]
+    Sanitize,
+    /// Forward it unchanged on mTLS connections, remove it otherwise.
+    ForwardOnly,
+    /// Forward it unchanged always.
+    AlwaysForwardOnly,
+    /// On mTLS connections append this connection's element, else remove.
+    AppendForward,
+    /// On mTLS connections replace it by this connection's element, else remove.
+    SanitizeSet,
+}
+
+/// `set_current_client_cert_details` (By and Hash are always there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientCertDetails {
+    pub subject: bool,
+    pub uri: bool,
+    pub dns: bool,
 }
 
 /// One implemented HTTP filter of a connection manager, with the name

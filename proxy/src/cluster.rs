@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use ferry_model::cluster::{EndpointHealth, Thresholds};
+use ferry_model::tls::UpstreamTls;
 use ferry_model::{Cluster, ClusterKind, Snapshot};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -31,6 +32,7 @@ use crate::http::body::UpstreamBody;
 use crate::lb::{Balancer, HostMeta, LbHost};
 use crate::outlier::{Detector, HostOutlier, Outcome};
 use crate::stats::{ClusterStats, Counter, Stats};
+use crate::tls::{ClientCache, TlsContexts, UpstreamIo};
 
 /// Why an upstream request failed, with what Envoy reports for it.
 #[derive(Debug, thiserror::Error)]
@@ -49,12 +51,12 @@ pub enum UpstreamError {
         "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
     )]
     Reset(#[source] hyper::Error),
-    /// The endpoint must be reached over TLS, which this data path does not
-    /// originate yet: refusing beats sending plaintext where TLS was asked.
+    /// The TLS handshake with the endpoint failed (untrusted certificate,
+    /// unexpected SAN, secrets missing): never sent in clear instead.
     #[error(
-        "upstream connect error or disconnect/reset before headers. reset reason: TLS origination not supported"
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure, transport failure reason: {0}"
     )]
-    TlsUnsupported,
+    Tls(String),
     /// A circuit breaker is open (max requests, pending requests or connections).
     #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
     Overflow,
@@ -67,7 +69,7 @@ impl UpstreamError {
             UpstreamError::NoHealthyUpstream => "UH",
             UpstreamError::ConnectFailure(_)
             | UpstreamError::ConnectTimeout
-            | UpstreamError::TlsUnsupported => "UF",
+            | UpstreamError::Tls(_) => "UF",
             UpstreamError::Reset(_) => "UC",
             UpstreamError::Overflow => "UO",
         }
@@ -84,7 +86,12 @@ impl ClusterManager {
     /// Builds the runtime for `snapshot`. Unchanged clusters are kept as they
     /// are; a cluster whose endpoints alone changed keeps the pools (and so
     /// the connections) of the endpoints still there.
-    pub fn build(snapshot: &Snapshot, previous: Option<&ClusterManager>, stats: &Stats) -> Self {
+    pub fn build(
+        snapshot: &Snapshot,
+        previous: Option<&ClusterManager>,
+        stats: &Stats,
+        tls: &Arc<TlsContexts>,
+    ) -> Self {
         let mut clusters = HashMap::with_capacity(snapshot.clusters.len());
         for (name, cfg) in &snapshot.clusters {
             let prev = previous.and_then(|p| p.clusters.get(name));
@@ -95,10 +102,10 @@ impl ClusterManager {
                     p.clone()
                 }
                 Some(p) if same_except_endpoints(&p.cfg, cfg) => {
-                    Arc::new(ClusterRt::new(cfg.clone(), stats, Some(p)))
+                    Arc::new(ClusterRt::new(cfg.clone(), stats, Some(p), tls))
                 }
                 _ => {
-                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, None));
+                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, None, tls));
                     rt.start_dns();
                     rt
                 }
@@ -113,14 +120,24 @@ impl ClusterManager {
     }
 }
 
-/// Whether an endpoint with this `envoy.transport_socket_match` metadata is
-/// reached over TLS: the first transport socket match whose criteria it
-/// carries decides, else the cluster's own transport socket.
-fn uses_tls(c: &Cluster, metadata: &[(String, String)]) -> bool {
+/// The TLS settings of an endpoint with this `envoy.transport_socket_match`
+/// metadata (`None`: plaintext): the first transport socket match whose
+/// criteria it carries decides, else the cluster's own transport socket.
+fn tls_for<'a>(c: &'a Cluster, metadata: &[(String, String)]) -> Option<&'a UpstreamTls> {
     c.transport_socket_matches
         .iter()
         .find(|m| m.criteria.iter().all(|kv| metadata.contains(kv)))
-        .map_or(c.tls.is_some(), |m| m.tls.is_some())
+        .map_or(c.tls.as_ref(), |m| m.tls.as_ref())
+}
+
+/// Whether two transports are the same (pools never mix TLS and
+/// plaintext, nor two TLS settings).
+fn same_transport(a: Option<&UpstreamTls>, b: Option<&UpstreamTls>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => format!("{a:?}") == format!("{b:?}"),
+        _ => false,
+    }
 }
 
 /// Whether two cluster configurations differ at most in their endpoints.
@@ -152,6 +169,8 @@ pub struct ClusterRt {
     balancer: ArcSwap<Balancer<Arc<EndpointPool>>>,
     /// Pools created on demand for original destinations (ORIGINAL_DST).
     dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    /// The live secrets and TLS configurations.
+    tls: Arc<TlsContexts>,
 }
 
 impl ClusterRt {
@@ -196,7 +215,12 @@ impl ClusterRt {
         });
     }
 
-    fn new(cfg: Arc<Cluster>, stats: &Stats, previous: Option<&ClusterRt>) -> Self {
+    fn new(
+        cfg: Arc<Cluster>,
+        stats: &Stats,
+        previous: Option<&ClusterRt>,
+        tls: &Arc<TlsContexts>,
+    ) -> Self {
         let cstats = ClusterStats::new(stats, &cfg.name);
         let shared = match previous {
             Some(p) => p.shared.clone(),
@@ -208,6 +232,7 @@ impl ClusterRt {
             shared,
             balancer: ArcSwap::from_pointee(empty),
             dynamic: Mutex::new(HashMap::new()),
+            tls: tls.clone(),
             cfg,
         };
         if let ClusterKind::Static(eps) = &rt.cfg.kind {
@@ -218,7 +243,9 @@ impl ClusterRt {
                     .as_ref()
                     .and_then(|b| b.hosts().iter().find(|x| x.address == e.address).cloned());
                 let pool = kept
-                    .filter(|p| p.tls == uses_tls(&rt.cfg, &e.transport_socket_match))
+                    .filter(|p| {
+                        same_transport(p.tls.as_ref(), tls_for(&rt.cfg, &e.transport_socket_match))
+                    })
                     .unwrap_or_else(|| {
                         Arc::new(EndpointPool::with_metadata(
                             e.address,
@@ -519,8 +546,14 @@ pub struct EndpointPool {
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     bind_source: Option<std::net::IpAddr>,
-    /// The cluster's transport for this endpoint is TLS.
-    tls: bool,
+    /// The cluster's TLS settings for this endpoint (`None`: plaintext).
+    tls: Option<UpstreamTls>,
+    /// The live secrets, and the client configurations built from them.
+    contexts: Arc<TlsContexts>,
+    client_configs: ClientCache,
+    /// The ALPN offered when the TLS context names none: Envoy's HTTP/2
+    /// pool offers h2, its HTTP/1 pool http/1.1.
+    default_alpn: &'static [&'static str],
     stats: ClusterStats,
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
@@ -568,7 +601,14 @@ impl EndpointPool {
         metadata: &[(String, String)],
     ) -> Self {
         Self {
-            tls: uses_tls(&cluster.cfg, metadata),
+            tls: tls_for(&cluster.cfg, metadata).cloned(),
+            contexts: cluster.tls.clone(),
+            client_configs: ClientCache::default(),
+            default_alpn: match cluster.cfg.protocol {
+                ferry_model::UpstreamProtocol::Http2 => &["h2"],
+                ferry_model::UpstreamProtocol::Http1 => &["http/1.1"],
+                ferry_model::UpstreamProtocol::UseDownstream => &[],
+            },
             address,
             connect_timeout: cluster.cfg.connect_timeout,
             idle_timeout: cluster.cfg.idle_timeout,
@@ -635,15 +675,30 @@ impl EndpointPool {
         self.idle.lock().map(|v| v.is_empty()).unwrap_or(true)
     }
 
-    /// Opens a TCP connection to the endpoint within the connect timeout.
-    pub async fn connect(&self) -> Result<TcpStream, UpstreamError> {
-        if self.tls {
-            self.stats.upstream_cx_connect_fail.inc();
-            return Err(UpstreamError::TlsUnsupported);
-        }
+    /// Opens a connection to the endpoint within the connect timeout, TLS
+    /// when the endpoint's transport says so (the handshake counts against
+    /// the same timeout, as Envoy's connect timeout covers it).
+    pub async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
         self.stats.upstream_cx_total.inc();
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => match self
+                .contexts
+                .client(t, self.default_alpn, &self.client_configs)
+            {
+                Ok(c) => Some((t, c)),
+                Err(e) => {
+                    self.stats.upstream_cx_connect_fail.inc();
+                    self.stats.ssl_connection_error.inc();
+                    // Per connection attempt (a missing secret fails every
+                    // one): counted, logged at debug like handshake failures.
+                    tracing::debug!(upstream.host = %self.address, error = %e, "upstream TLS settings unusable");
+                    return Err(UpstreamError::Tls(e.to_string()));
+                }
+            },
+        };
         let connect = async {
-            match self.bind_source {
+            let tcp = match self.bind_source {
                 None => TcpStream::connect(self.address).await,
                 Some(src) => {
                     let sock = if self.address.is_ipv4() {
@@ -654,16 +709,36 @@ impl EndpointPool {
                     sock.bind(std::net::SocketAddr::new(src, 0))?;
                     sock.connect(self.address).await
                 }
+            }?;
+            let _ = tcp.set_nodelay(true);
+            Ok::<_, std::io::Error>(tcp)
+        };
+        let handshake = async {
+            let tcp = connect.await.map_err(UpstreamError::ConnectFailure)?;
+            let Some((t, config)) = tls else {
+                return Ok(UpstreamIo::Plain(tcp));
+            };
+            let name = ferry_tls::server_name(t, self.address.ip());
+            match tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+            {
+                Ok(s) => {
+                    self.stats.ssl_handshake.inc();
+                    Ok(UpstreamIo::Tls(Box::new(s)))
+                }
+                Err(e) => {
+                    self.stats.ssl_connection_error.inc();
+                    tracing::debug!(upstream.host = %self.address, error = %e, "upstream TLS handshake failed");
+                    Err(UpstreamError::Tls(e.to_string()))
+                }
             }
         };
-        match tokio::time::timeout(self.connect_timeout, connect).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
-            }
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => {
                 self.stats.upstream_cx_connect_fail.inc();
-                Err(UpstreamError::ConnectFailure(e))
+                Err(e)
             }
             Err(_) => {
                 self.stats.upstream_cx_connect_fail.inc();
@@ -963,7 +1038,7 @@ mod tests {
     #[test]
     fn breakers_cap_requests_and_retries_and_count_overflow() {
         let stats = Stats::default();
-        let rt = ClusterRt::new(cluster(&[1]), &stats, None);
+        let rt = ClusterRt::new(cluster(&[1]), &stats, None, &Arc::default());
         let b = &rt.shared.breakers;
         let first = b.request().ok();
         let second = b.request().ok();
@@ -982,7 +1057,7 @@ mod tests {
     #[test]
     fn endpoint_updates_keep_pools_breakers_and_ejections() {
         let stats = Stats::default();
-        let old = ClusterRt::new(cluster(&[1, 2, 3]), &stats, None);
+        let old = ClusterRt::new(cluster(&[1, 2, 3]), &stats, None, &Arc::default());
         let victim = old.pick(None).unwrap_or_else(|| panic!("no endpoint"));
         for _ in 0..2 {
             old.shared.report(&victim.outlier, Outcome::Status(503));
@@ -990,7 +1065,7 @@ mod tests {
         assert!(victim.ejected());
         // Endpoint 3 leaves, 4 arrives: the same shared state, the same
         // pools for 1 and 2, and the ejection still holds.
-        let new = ClusterRt::new(cluster(&[1, 2, 4]), &stats, Some(&old));
+        let new = ClusterRt::new(cluster(&[1, 2, 4]), &stats, Some(&old), &Arc::default());
         assert!(Arc::ptr_eq(&old.shared, &new.shared));
         let kept: Vec<SocketAddr> = new
             .balancer

@@ -16,3 +16,4 @@ pub mod outlier;
 pub mod run;
 pub mod stats;
 pub mod tcp;
+pub mod tls;

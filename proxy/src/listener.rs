@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use ferry_model::listener::ForwardClientCert;
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::detect::{self, Detected, Outcome};
 use crate::drain::{ConnGuard, Drain};
+use crate::http::PeerTls;
 use crate::run::Runtime;
 
 /// How long detection waits for a client's first bytes when the listener
@@ -229,15 +231,74 @@ async fn handle(
         return;
     };
     if chain.tls.is_some() {
-        // TLS termination is not in this data path yet: closing is the only
-        // answer that does not pretend to be the TLS server asked for.
-        rt.stats
-            .counter(&format!(
-                "listener.{}.downstream_tls_unsupported",
-                listener.name
-            ))
-            .inc();
-        tracing::debug!(listener.name = %listener.name, chain = %chain.name, "TLS filter chain not supported; closing");
+        let tls = match crate::tls::accept(&rt.tls, &chain, stream).await {
+            Ok(s) => {
+                rt.stats
+                    .counter(&format!("listener.{}.ssl.handshake", listener.name))
+                    .inc();
+                s
+            }
+            Err(e) => {
+                // A failed handshake (untrusted or unexpected peer, no
+                // certificate, secrets not there yet) closes this connection
+                // only.
+                rt.stats
+                    .counter(&format!("listener.{}.ssl.connection_error", listener.name))
+                    .inc();
+                tracing::debug!(listener.name = %listener.name, chain = %chain.name, src.addr = %peer, error = %e, "downstream TLS handshake failed");
+                return;
+            }
+        };
+        // The identity is parsed only when trace logging is on.
+        tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let mtls = tls.get_ref().1.peer_certificates().is_some();
+        let client_cert = match &chain.kind {
+            ChainKind::Http(h)
+                if matches!(
+                    h.forward_client_cert,
+                    ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet
+                ) =>
+            {
+                crate::tls::client_cert_info(&rt.tls, &chain, &tls)
+            }
+            _ => None,
+        };
+        let peer_tls = PeerTls { mtls, client_cert };
+        match &chain.kind {
+            ChainKind::Tcp(tp) => {
+                let stats = rt.tcp_stats(&tp.stat_prefix);
+                crate::tcp::proxy(&rt, tp, &stats, tls, dst, &generation).await;
+            }
+            ChainKind::Http(hcm) => {
+                let http2 = match (hcm.codec, alpn.as_deref()) {
+                    (HttpCodec::Http1, _) => false,
+                    (HttpCodec::Http2, _) => true,
+                    (HttpCodec::Auto, Some(b"h2")) => true,
+                    (HttpCodec::Auto, Some(b"http/1.1" | b"http/1.0")) => false,
+                    // No ALPN (or Istio's own): the HTTP/2 preface decides.
+                    (HttpCodec::Auto, _) => {
+                        let Some((h2, io)) = crate::tls::sniff_h2(tls).await else {
+                            return;
+                        };
+                        serve_http(&rt, &chain, io, h2, peer, dst, &generation, Some(peer_tls))
+                            .await;
+                        return;
+                    }
+                };
+                serve_http(
+                    &rt,
+                    &chain,
+                    tls,
+                    http2,
+                    peer,
+                    dst,
+                    &generation,
+                    Some(peer_tls),
+                )
+                .await;
+            }
+        }
         return;
     }
     match &chain.kind {
@@ -258,17 +319,39 @@ async fn handle(
                     }
                 }
             };
-            let ctx = Arc::new(crate::http::ConnCtx {
-                stats: rt.http_stats(&hcm.stat_prefix),
-                rt: rt.clone(),
-                chain: chain.clone(),
-                peer,
-                original_dst: dst,
-                closing: std::sync::atomic::AtomicBool::new(false),
-            });
-            crate::http::serve(stream, ctx, http2, &generation).await;
+            serve_http(&rt, &chain, stream, http2, peer, dst, &generation, None).await;
         }
     }
+}
+
+/// Runs the HTTP connection manager of `chain` on a (plaintext or
+/// decrypted) downstream connection.
+#[allow(clippy::too_many_arguments)]
+async fn serve_http<S>(
+    rt: &Arc<Runtime>,
+    chain: &Arc<ferry_model::FilterChain>,
+    io: S,
+    http2: bool,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    generation: &Drain,
+    tls: Option<PeerTls>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ChainKind::Http(hcm) = &chain.kind else {
+        return;
+    };
+    let ctx = Arc::new(crate::http::ConnCtx {
+        stats: rt.http_stats(&hcm.stat_prefix),
+        rt: rt.clone(),
+        chain: chain.clone(),
+        peer,
+        original_dst: dst,
+        tls,
+        closing: std::sync::atomic::AtomicBool::new(false),
+    });
+    crate::http::serve(io, ctx, http2, generation).await;
 }
 
 /// Peeks at the first bytes until the inspectors decide. Waits at most

@@ -35,6 +35,8 @@ pub struct RunOptions {
 pub struct Runtime {
     pub snapshot: ArcSwap<Snapshot>,
     pub clusters: ArcSwap<ClusterManager>,
+    /// The live secrets and the TLS configurations built from them.
+    pub tls: Arc<crate::tls::TlsContexts>,
     pub stats: Stats,
     pub drain: Drain,
     pub access_log: bool,
@@ -102,7 +104,15 @@ impl Runtime {
     /// listeners (unchanged ones untouched, changed ones drained). Returns
     /// the listeners that could not be bound.
     pub fn apply(self: &Arc<Self>, snapshot: Arc<Snapshot>) -> Vec<(String, std::io::Error)> {
-        let clusters = ClusterManager::build(&snapshot, Some(&self.clusters.load()), &self.stats);
+        // Secrets first: a rotated one reaches the next handshake of every
+        // listener and cluster, while established connections keep theirs.
+        self.tls.update(&snapshot.secrets);
+        let clusters = ClusterManager::build(
+            &snapshot,
+            Some(&self.clusters.load()),
+            &self.stats,
+            &self.tls,
+        );
         self.clusters.store(Arc::new(clusters));
         self.snapshot.store(snapshot.clone());
         let errors = self
@@ -126,6 +136,8 @@ fn rfc3339_now() -> String {
 
 /// Runs the proxy until it is told to stop, then drains.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // One crypto provider for every TLS configuration of the process.
+    let _ = ferry_tls::provider();
     let bootstrap = ferry_xds::load_bootstrap(&opts.config)?;
     for w in &bootstrap.warnings.0 {
         tracing::warn!(config.warning = %w, "configuration accepted with a warning");
@@ -138,6 +150,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         listeners: bootstrap.snapshot.listeners.clone(),
         clusters: bootstrap.snapshot.clusters.clone(),
         routes: bootstrap.snapshot.routes.clone(),
+        secrets: bootstrap.snapshot.secrets.clone(),
     });
     let admin_addr = opts
         .admin_addr
@@ -163,6 +176,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let rt = Arc::new(Runtime {
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
         clusters: ArcSwap::from_pointee(ClusterManager::default()),
+        tls: Arc::default(),
         stats,
         drain: Drain::new(),
         access_log: opts.access_log,

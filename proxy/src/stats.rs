@@ -150,6 +150,10 @@ pub struct ClusterStats {
     /// closed by the server before any byte was written.
     pub upstream_rq_retry_stale_connection: Counter,
     pub upstream_cx_destroy: Counter,
+    /// Upstream TLS handshakes done and failed (Envoy's `ssl.handshake`,
+    /// `ssl.connection_error`).
+    pub ssl_handshake: Counter,
+    pub ssl_connection_error: Counter,
 }
 
 impl ClusterStats {
@@ -170,6 +174,8 @@ impl ClusterStats {
             ],
             upstream_rq_retry_stale_connection: c("upstream_rq_retry_stale_connection"),
             upstream_cx_destroy: c("upstream_cx_destroy"),
+            ssl_handshake: c("ssl.handshake"),
+            ssl_connection_error: c("ssl.connection_error"),
         }
     }
 

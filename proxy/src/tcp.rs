@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use ferry_model::TcpProxy;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 use crate::run::Runtime;
 use crate::stats::TcpStats;
@@ -63,14 +62,10 @@ pub async fn proxy<S>(
 
 /// Copies both ways until both sides finished or the connection was idle
 /// for `idle`. Returns (bytes from downstream, bytes to downstream).
-async fn copy<S>(
-    down: &mut S,
-    up: TcpStream,
-    idle: Option<Duration>,
-    stats: &TcpStats,
-) -> (u64, u64)
+async fn copy<S, U>(down: &mut S, up: U, idle: Option<Duration>, stats: &TcpStats) -> (u64, u64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
     let activity = Arc::new(Activity::new());
     let mut down = Tracked {

@@ -49,11 +49,34 @@ fn names(v: &Value, key: &str, pointer: &str) -> BTreeSet<String> {
 }
 
 /// The dump with the `reviews` endpoints moved to the app of the test pod
-/// (plaintext, on loopback), so a request can really arrive.
+/// (plaintext, on loopback), so a request can really arrive; and with the
+/// workload certificate whose key the dump redacts (`[redacted]`, which no
+/// proxy could load) replaced by a freshly issued one, as istio-agent would
+/// have sent it.
 fn dump_for_test(original: &Value) -> Value {
     let mut dump = original.clone();
+    let ca = ferry_tests::pki::Ca::new("cluster.local").expect("test CA");
+    let leaf = ca
+        .leaf("spiffe://cluster.local/ns/default/sa/default", &[])
+        .expect("workload certificate");
     if let Some(configs) = dump["configs"].as_array_mut() {
         for c in configs {
+            for s in c
+                .get_mut("dynamic_active_secrets")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                let secret = &mut s["secret"];
+                if secret.get("tls_certificate").is_some() {
+                    secret["tls_certificate"] = json!({
+                        "certificate_chain": {"inline_string": leaf.cert_pem},
+                        "private_key": {"inline_string": leaf.key_pem}});
+                } else if secret.get("validation_context").is_some() {
+                    secret["validation_context"] =
+                        json!({"trusted_ca": {"inline_string": ca.pem()}});
+                }
+            }
             // The listener Envoy rejected is not part of what it ran.
             if let Some(ls) = c.get_mut("dynamic_listeners").and_then(Value::as_array_mut) {
                 ls.retain(|l| l.get("active_state").is_some());
@@ -67,6 +90,15 @@ fn dump_for_test(original: &Value) -> Value {
                 if e["endpoint_config"]["cluster_name"] == REVIEWS {
                     e["endpoint_config"]["endpoints"] = json!([{"lb_endpoints": [{"endpoint": {"address":
                         {"socket_address": {"address": "127.0.0.1", "port_value": 9080}}}}]}]);
+                }
+                // The ratings pod of the dump is not here: its endpoint (still
+                // labelled for Istio mTLS) moves to a closed loopback port, so
+                // no connection ever leaves the pod.
+                if e["endpoint_config"]["cluster_name"] == RATINGS {
+                    e["endpoint_config"]["endpoints"] = json!([{"lb_endpoints": [{
+                        "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9079}}},
+                        "metadata": {"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}}
+                    }]}]);
                 }
             }
         }
@@ -328,7 +360,7 @@ fn replayed_istio_dump(delta: bool) -> Result<()> {
     assert_eq!(v["name"], "reviews");
     assert_eq!(s.stat(&format!("cluster.{REVIEWS}.upstream_rq_total")), 1);
     // ratings: same listener and route table, another virtual host; its
-    // endpoints want Istio mTLS, which is refused rather than sent in clear.
+    // endpoint wants Istio mTLS and refuses the connection.
     let code = s.curl(&[
         "-o",
         "/dev/null",

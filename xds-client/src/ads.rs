@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::convert::Warnings;
-use crate::store::{self, CLUSTER, ENDPOINT, LISTENER, Parsed, ROUTE, Store};
+use crate::store::{self, CLUSTER, ENDPOINT, LISTENER, Parsed, ROUTE, SECRET, Store};
 
 /// Where the management server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +40,10 @@ pub struct AdsConfig {
     pub delta: bool,
     pub node: Node,
     pub initial_fetch_timeout: Duration,
+    /// TLS to the management server (the ADS cluster's transport socket).
+    pub tls: Option<ferry_model::tls::UpstreamTls>,
+    /// The bootstrap's static secrets, which the TLS settings may name.
+    pub secrets: HashMap<String, Arc<ferry_model::tls::Secret>>,
 }
 
 /// A rejected update, as `/config_dump` reports it.
@@ -84,8 +88,9 @@ enum StreamError {
 }
 
 /// The order Envoy subscribes in: clusters (and their endpoints) before
-/// listeners (and their routes), so a listener never points at nothing.
-const ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+/// listeners (and their routes), so a listener never points at nothing;
+/// secrets as the TLS contexts of either name them.
+const ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
 
 /// Runs the client forever, publishing snapshots on `publish`. `base` holds
 /// the bootstrap's static resources, which every snapshot includes.
@@ -133,28 +138,73 @@ struct Client {
     published: u64,
 }
 
-async fn connect(target: &XdsTarget) -> Result<tonic::transport::Channel, StreamError> {
+async fn connect(config: &AdsConfig) -> Result<tonic::transport::Channel, StreamError> {
     let err = |e: tonic::transport::Error| StreamError::Connect(format!("{e:?}"));
-    match target {
-        XdsTarget::Tcp(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(err)?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(err),
-        XdsTarget::Unix(path) => {
-            let path = path.clone();
-            tonic::transport::Endpoint::from_static("http://xds.local")
+    let tls = match &config.tls {
+        Some(t) => {
+            // gRPC is HTTP/2: offer h2 unless the context names its ALPN.
+            let cc = ferry_tls::client_config(t, &["h2"], &config.secrets)
+                .map_err(|e| StreamError::Connect(format!("TLS settings: {e}")))?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(cc)), t.clone()))
+        }
+        None => None,
+    };
+    match (&config.target, tls) {
+        (XdsTarget::Tcp(addr), None) => {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(err)?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .map_err(err)
+        }
+        (XdsTarget::Tcp(addr), Some((connector, t))) => {
+            let addr = addr.clone();
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(err)?
+                .connect_timeout(Duration::from_secs(5))
                 .connect_with_connector(tower::service_fn(move |_| {
-                    let path = path.clone();
+                    let (addr, connector, t) = (addr.clone(), connector.clone(), t.clone());
                     async move {
-                        let s = tokio::net::UnixStream::connect(path).await?;
+                        let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
+                        tcp.set_nodelay(true)?;
+                        let name = ferry_tls::server_name(&t, tcp.peer_addr()?.ip());
+                        let s = connector.connect(name, tcp).await?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
                     }
                 }))
                 .await
                 .map_err(err)
+        }
+        (XdsTarget::Unix(path), tls) => {
+            let path = path.clone();
+            let endpoint = tonic::transport::Endpoint::from_static("http://xds.local");
+            match tls {
+                None => endpoint
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let path = path.clone();
+                        async move {
+                            let s = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                        }
+                    }))
+                    .await
+                    .map_err(err),
+                Some((connector, t)) => endpoint
+                    .connect_with_connector(tower::service_fn(move |_| {
+                        let (path, connector, t) = (path.clone(), connector.clone(), t.clone());
+                        async move {
+                            let s = tokio::net::UnixStream::connect(path).await?;
+                            let name =
+                                ferry_tls::server_name(&t, std::net::Ipv4Addr::LOCALHOST.into());
+                            let s = connector.connect(name, s).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                        }
+                    }))
+                    .await
+                    .map_err(err),
+            }
         }
     }
 }
@@ -334,6 +384,7 @@ impl Client {
         match type_url {
             ROUTE => st.wanted_routes(),
             ENDPOINT => st.wanted_endpoints(&self.base.clusters),
+            SECRET => st.wanted_secrets(&self.base),
             _ => BTreeSet::new(),
         }
     }
@@ -363,7 +414,7 @@ impl Client {
     // ------------------------------------------------------------ SotW
 
     async fn sotw(&mut self) -> Result<(), StreamError> {
-        let channel = connect(&self.config.target).await?;
+        let channel = connect(&self.config).await?;
         let mut grpc = AggregatedDiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<DiscoveryRequest>(64);
         let mut subs: HashMap<&'static str, Subscription> = HashMap::new();
@@ -378,7 +429,7 @@ impl Client {
         // (also right away on a reconnect, from what is cached).
         for t in ORDER {
             let names = self.wanted(t);
-            if matches!(t, ENDPOINT | ROUTE) && names.is_empty() {
+            if matches!(t, ENDPOINT | ROUTE | SECRET) && names.is_empty() {
                 continue;
             }
             let sub = subs.entry(t).or_default();
@@ -467,12 +518,12 @@ impl Client {
         }
         // Follow references (the valid part of a NACKed response applied
         // too): new RDS/EDS names after LDS/CDS.
-        let dependent = match type_url {
-            LISTENER => Some(ROUTE),
-            CLUSTER => Some(ENDPOINT),
-            _ => None,
+        let dependent: &[&'static str] = match type_url {
+            LISTENER => &[ROUTE, SECRET],
+            CLUSTER => &[ENDPOINT, SECRET],
+            _ => &[],
         };
-        if let Some(dep) = dependent {
+        for &dep in dependent {
             let names = self.wanted(dep);
             let sub = subs.entry(dep).or_default();
             if names != sub.names {
@@ -494,14 +545,14 @@ impl Client {
     // ------------------------------------------------------------ delta
 
     async fn delta(&mut self) -> Result<(), StreamError> {
-        let channel = connect(&self.config.target).await?;
+        let channel = connect(&self.config).await?;
         let mut grpc = AggregatedDiscoveryServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(64);
         let mut subs: HashMap<&'static str, BTreeSet<String>> = HashMap::new();
         let mut first = true;
         for t in ORDER {
             let names = self.wanted(t);
-            if matches!(t, ENDPOINT | ROUTE) && names.is_empty() {
+            if matches!(t, ENDPOINT | ROUTE | SECRET) && names.is_empty() {
                 continue;
             }
             // Resume: tell the server which versions are cached already.
@@ -590,12 +641,12 @@ impl Client {
                 })
                 .await;
         }
-        let dependent = match type_url {
-            LISTENER => Some(ROUTE),
-            CLUSTER => Some(ENDPOINT),
-            _ => None,
+        let dependent: &[&'static str] = match type_url {
+            LISTENER => &[ROUTE, SECRET],
+            CLUSTER => &[ENDPOINT, SECRET],
+            _ => &[],
         };
-        if let Some(dep) = dependent {
+        for &dep in dependent {
             let wanted = self.wanted(dep);
             let had = subs.entry(dep).or_default();
             let subscribe: Vec<String> = wanted.difference(had).cloned().collect();
@@ -648,6 +699,6 @@ pub fn kind(p: &Parsed) -> &'static str {
         Parsed::Route(..) => "route",
         Parsed::Cluster(..) => "cluster",
         Parsed::Endpoints(..) => "endpoints",
-        Parsed::Secret => "secret",
+        Parsed::Secret(..) => "secret",
     }
 }

@@ -106,13 +106,39 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         }
         clusters.insert(c.name.clone(), Arc::new(c));
     }
+    let mut secrets = HashMap::with_capacity(statics.secrets.len());
+    for sec in &statics.secrets {
+        let model = convert::secret(sec, &mut warnings).map_err(conv)?;
+        if secrets.insert(sec.name.clone(), Arc::new(model)).is_some() {
+            return Err(BootstrapError::Invalid {
+                path: origin.to_string(),
+                message: format!("secret {:?}: name: duplicate secret name", sec.name),
+            });
+        }
+    }
+    let mut ads = ads;
+    if let Some(a) = ads.as_mut() {
+        a.secrets = secrets.clone();
+    }
     let snapshot = Snapshot {
         version: format!("static:{origin}"),
         listeners,
         clusters,
         routes: HashMap::new(),
+        secrets,
     };
     if ads.is_none() {
+        // Without xDS, every secret named must be a static one.
+        for name in crate::store::sds_names(&snapshot.listeners, snapshot.clusters.values()) {
+            if !snapshot.secrets.contains_key(&name) {
+                return Err(BootstrapError::Invalid {
+                    path: origin.to_string(),
+                    message: format!(
+                        "secret {name:?}: unknown static secret (SDS over ADS needs dynamic_resources)"
+                    ),
+                });
+            }
+        }
         // Without xDS nothing will ever fill RDS or EDS references.
         for l in &snapshot.listeners {
             for c in l.filter_chains.iter().chain(l.default_chain.iter()) {
@@ -266,11 +292,17 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
             ));
         }
     };
-    if cluster.transport_socket.is_some() {
-        return Err(format!(
-            "cluster {cluster_name:?}: transport_socket: TLS to the xDS server is not supported yet"
-        ));
-    }
+    // TLS to the management server: the cluster's UpstreamTlsContext, whose
+    // secrets are inline, files, or static secrets of the bootstrap.
+    let tls = match &cluster.transport_socket {
+        Some(_) => {
+            let mut warnings = Warnings::default();
+            convert::cluster(cluster, &mut warnings)
+                .map_err(|e| e.to_string())?
+                .tls
+        }
+        None => None,
+    };
     let fetch = dynamic
         .cds_config
         .as_ref()
@@ -287,6 +319,8 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
         delta,
         node: proto.node.clone().unwrap_or_default(),
         initial_fetch_timeout,
+        tls,
+        secrets: HashMap::new(),
     }))
 }
 
@@ -314,7 +348,15 @@ pub fn config_dump(
             "last_updated": last_updated,
         }));
     }
-    Ok(json!({
+    let mut secrets = Vec::new();
+    for s in &statics.secrets {
+        secrets.push(json!({
+            "name": s.name,
+            "secret": crate::json::to_json("envoy.extensions.transport_sockets.tls.v3.Secret", s)?,
+            "last_updated": last_updated,
+        }));
+    }
+    let mut dump = json!({
         "configs": [
             {
                 "@type": t("BootstrapConfigDump"),
@@ -323,8 +365,12 @@ pub fn config_dump(
             },
             {"@type": t("ListenersConfigDump"), "static_listeners": listeners},
             {"@type": t("ClustersConfigDump"), "static_clusters": clusters},
+            {"@type": t("SecretsConfigDump"), "static_secrets": secrets},
         ]
-    }))
+    });
+    // Key material never leaves the process, as Envoy redacts it.
+    crate::dump::redact(&mut dump);
+    Ok(dump)
 }
 
 #[cfg(test)]

@@ -479,7 +479,7 @@ fn transport_socket_typed(
 }
 
 fn common_tls(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     c: Option<&tls_pb::CommonTlsContext>,
 ) -> Result<m::tls::CommonTls, ConvertError> {
@@ -487,41 +487,91 @@ fn common_tls(
     let mut out = m::tls::CommonTls::default();
     let Some(c) = c else { return Ok(out) };
     out.alpn = c.alpn_protocols.clone();
+    if let Some(p) = &c.tls_params {
+        use tls_pb::tls_parameters::TlsProtocol as P;
+        let version = |f: &str, v: i32, is_min: bool| match P::try_from(v) {
+            Ok(P::TlsAuto) => Ok(None),
+            // Below 1.2 nothing is spoken: a lower minimum is 1.2.
+            Ok(P::TlSv10 | P::TlSv11) if is_min => Ok(Some(m::tls::TlsVersion::V1_2)),
+            Ok(P::TlSv10 | P::TlSv11) => Err(ctx.err(
+                format!("{field}.tls_params.{f}"),
+                "TLS 1.0 and 1.1 are not supported",
+            )),
+            Ok(P::TlSv12) => Ok(Some(m::tls::TlsVersion::V1_2)),
+            Ok(P::TlSv13) => Ok(Some(m::tls::TlsVersion::V1_3)),
+            Err(_) => Err(ctx.err(
+                format!("{field}.tls_params.{f}"),
+                format!("unknown TLS version {v}"),
+            )),
+        };
+        out.min_version = version(
+            "tls_minimum_protocol_version",
+            p.tls_minimum_protocol_version,
+            true,
+        )?;
+        out.max_version = version(
+            "tls_maximum_protocol_version",
+            p.tls_maximum_protocol_version,
+            false,
+        )?;
+        if let (Some(min), Some(max)) = (out.min_version, out.max_version)
+            && min > max
+        {
+            return Err(ctx.err(
+                format!("{field}.tls_params"),
+                "the minimum TLS version is above the maximum",
+            ));
+        }
+        if !p.cipher_suites.is_empty() || !p.ecdh_curves.is_empty() {
+            ctx.warn(
+                &format!("{field}.tls_params"),
+                "cipher_suites and ecdh_curves are not applied (the provider's defaults are used)"
+                    .into(),
+            );
+        }
+    }
     for s in &c.tls_certificate_sds_secret_configs {
         out.certificates
             .push(m::tls::SecretSource::Sds(s.name.clone()));
     }
-    for _ in &c.tls_certificates {
-        out.certificates.push(m::tls::SecretSource::Inline);
+    for (i, t) in c.tls_certificates.iter().enumerate() {
+        let cert = tls_certificate(ctx, &format!("{field}.tls_certificates[{i}]"), t)?;
+        out.certificates.push(m::tls::SecretSource::Inline(Arc::new(
+            m::tls::Secret::Certificate(cert),
+        )));
     }
     let mut sans = Vec::new();
+    let inline_validation = |f: &str, v: &tls_pb::CertificateValidationContext| {
+        // The SANs are kept on the context itself (below); the secret
+        // carries the trusted CAs.
+        let mut vc = validation_context(ctx, f, v)?;
+        vc.match_subject_alt_names.clear();
+        Ok::<_, ConvertError>(m::tls::SecretSource::Inline(Arc::new(
+            m::tls::Secret::Validation(vc),
+        )))
+    };
     out.validation = match &c.validation_context_type {
         None => None,
         Some(V::ValidationContext(v)) => {
-            sans = v
-                .match_typed_subject_alt_names
-                .iter()
-                .filter_map(|t| t.matcher.clone())
-                .collect();
-            Some(m::tls::SecretSource::Inline)
+            sans.extend(san_matchers(v));
+            Some(inline_validation(
+                &format!("{field}.validation_context"),
+                v,
+            )?)
         }
         Some(V::ValidationContextSdsSecretConfig(s)) => {
             Some(m::tls::SecretSource::Sds(s.name.clone()))
         }
         Some(V::CombinedValidationContext(cv)) => {
-            if let Some(d) = &cv.default_validation_context {
-                #[allow(deprecated)] // istiod still sends match_subject_alt_names
-                sans.extend(d.match_subject_alt_names.iter().cloned());
-                sans.extend(
-                    d.match_typed_subject_alt_names
-                        .iter()
-                        .filter_map(|t| t.matcher.clone()),
-                );
+            let default = cv.default_validation_context.clone().unwrap_or_default();
+            sans.extend(san_matchers(&default));
+            match &cv.validation_context_sds_secret_config {
+                Some(s) => Some(m::tls::SecretSource::Sds(s.name.clone())),
+                None => Some(inline_validation(
+                    &format!("{field}.combined_validation_context.default_validation_context"),
+                    &default,
+                )?),
             }
-            cv.validation_context_sds_secret_config
-                .as_ref()
-                .map(|s| m::tls::SecretSource::Sds(s.name.clone()))
-                .or(Some(m::tls::SecretSource::Inline))
         }
         Some(_) => {
             return Err(ctx.err(
@@ -531,13 +581,168 @@ fn common_tls(
         }
     };
     for (i, san) in sans.iter().enumerate() {
-        out.match_subject_alt_names.push(string_matcher(
+        out.match_subject_alt_names.push(san_matcher(
             ctx,
             &format!("{field}.match_subject_alt_names[{i}]"),
             san,
         )?);
     }
     Ok(out)
+}
+
+/// A SAN matcher as received: its type (`None`: the deprecated untyped
+/// form, any type) and string matcher.
+type RawSan = (Option<i32>, matcher_pb::StringMatcher);
+
+fn san_matcher(
+    ctx: &Ctx<'_>,
+    field: &str,
+    (san_type, matcher): &RawSan,
+) -> Result<m::tls::SanMatcher, ConvertError> {
+    use tls_pb::subject_alt_name_matcher::SanType as T;
+    let san_type = match san_type.map(T::try_from) {
+        None => None,
+        Some(Ok(T::Dns)) => Some(m::tls::SanType::Dns),
+        Some(Ok(T::Uri)) => Some(m::tls::SanType::Uri),
+        Some(Ok(T::Email)) => Some(m::tls::SanType::Email),
+        Some(Ok(T::IpAddress)) => Some(m::tls::SanType::IpAddress),
+        Some(Ok(other)) => {
+            return Err(ctx.err(
+                format!("{field}.san_type"),
+                format!("SAN type {} is not supported", other.as_str_name()),
+            ));
+        }
+        Some(Err(_)) => {
+            return Err(ctx.err(format!("{field}.san_type"), "unknown SAN type"));
+        }
+    };
+    Ok(m::tls::SanMatcher {
+        san_type,
+        matcher: string_matcher(ctx, &format!("{field}.matcher"), matcher)?,
+    })
+}
+
+/// SAN matchers of a validation context: the typed ones and the deprecated
+/// untyped ones istiod still sends.
+fn san_matchers(v: &tls_pb::CertificateValidationContext) -> Vec<RawSan> {
+    #[allow(deprecated)]
+    let mut sans: Vec<RawSan> = v
+        .match_subject_alt_names
+        .iter()
+        .map(|m| (None, m.clone()))
+        .collect();
+    sans.extend(
+        v.match_typed_subject_alt_names
+            .iter()
+            .filter_map(|t| Some((Some(t.san_type), t.matcher.clone()?))),
+    );
+    sans
+}
+
+/// The bytes of a `DataSource`: inline, or read from a file (as Envoy
+/// reads it when the configuration is loaded).
+fn data_source(
+    ctx: &Ctx<'_>,
+    field: &str,
+    d: Option<&core_pb::DataSource>,
+) -> Result<Vec<u8>, ConvertError> {
+    use core_pb::data_source::Specifier as S;
+    match d.and_then(|d| d.specifier.as_ref()) {
+        None => Ok(Vec::new()),
+        Some(S::InlineBytes(b)) => Ok(b.clone()),
+        Some(S::InlineString(s)) => Ok(s.clone().into_bytes()),
+        Some(S::Filename(f)) => std::fs::read(f).map_err(|e| {
+            ctx.err(
+                format!("{field}.filename"),
+                format!("cannot read {f:?}: {e}"),
+            )
+        }),
+        Some(S::EnvironmentVariable(v)) => std::env::var(v).map(String::into_bytes).map_err(|_| {
+            ctx.err(
+                format!("{field}.environment_variable"),
+                format!("environment variable {v:?} is not set"),
+            )
+        }),
+    }
+}
+
+fn tls_certificate(
+    ctx: &Ctx<'_>,
+    field: &str,
+    t: &tls_pb::TlsCertificate,
+) -> Result<m::tls::TlsCertificate, ConvertError> {
+    let cert = m::tls::TlsCertificate {
+        cert_chain_pem: data_source(
+            ctx,
+            &format!("{field}.certificate_chain"),
+            t.certificate_chain.as_ref(),
+        )?,
+        private_key_pem: data_source(ctx, &format!("{field}.private_key"), t.private_key.as_ref())?,
+    };
+    ferry_tls::check_certificate(&cert).map_err(|e| tls_error(ctx, field, e))?;
+    Ok(cert)
+}
+
+fn validation_context(
+    ctx: &Ctx<'_>,
+    field: &str,
+    v: &tls_pb::CertificateValidationContext,
+) -> Result<m::tls::ValidationContext, ConvertError> {
+    let mut out = m::tls::ValidationContext {
+        trusted_ca_pem: data_source(ctx, &format!("{field}.trusted_ca"), v.trusted_ca.as_ref())?,
+        match_subject_alt_names: Vec::new(),
+    };
+    for (i, san) in san_matchers(v).iter().enumerate() {
+        out.match_subject_alt_names.push(san_matcher(
+            ctx,
+            &format!("{field}.match_subject_alt_names[{i}]"),
+            san,
+        )?);
+    }
+    ferry_tls::check_validation(&out).map_err(|e| tls_error(ctx, field, e))?;
+    Ok(out)
+}
+
+fn tls_error(ctx: &Ctx<'_>, field: &str, e: ferry_tls::TlsError) -> ConvertError {
+    match e {
+        ferry_tls::TlsError::Invalid { field: f, message } => {
+            ctx.err(format!("{field}.{f}"), message)
+        }
+        other => ctx.err(field, other.to_string()),
+    }
+}
+
+/// An SDS `Secret`: a TLS certificate (chain and key) or a validation
+/// context (trusted CAs and SAN matchers), its PEM checked.
+pub fn secret(
+    pb: &tls_pb::Secret,
+    warnings: &mut Warnings,
+) -> Result<m::tls::Secret, ConvertError> {
+    use tls_pb::secret::Type as T;
+    let ctx = Ctx {
+        resource: format!("secret {:?}", pb.name),
+        warnings,
+    };
+    match &pb.r#type {
+        Some(T::TlsCertificate(t)) => Ok(m::tls::Secret::Certificate(tls_certificate(
+            &ctx,
+            "tls_certificate",
+            t,
+        )?)),
+        Some(T::ValidationContext(v)) => Ok(m::tls::Secret::Validation(validation_context(
+            &ctx,
+            "validation_context",
+            v,
+        )?)),
+        Some(T::SessionTicketKeys(_)) => Err(ctx.err(
+            "session_ticket_keys",
+            "session ticket keys are not supported",
+        )),
+        Some(T::GenericSecret(_)) => {
+            Err(ctx.err("generic_secret", "generic secrets are not supported"))
+        }
+        None => Err(ctx.err("type", "the secret carries nothing")),
+    }
 }
 
 /// The TLS context of a transport socket, decoded as `M` (`want` names its
@@ -565,7 +770,7 @@ fn tls_context<M: Message + Default>(
 }
 
 fn downstream_tls(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     ts: &core_pb::TransportSocket,
 ) -> Result<Option<m::tls::DownstreamTls>, ConvertError> {
@@ -593,7 +798,7 @@ fn downstream_tls(
 }
 
 fn upstream_tls(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     ts: &core_pb::TransportSocket,
 ) -> Result<Option<m::tls::UpstreamTls>, ConvertError> {
@@ -757,7 +962,35 @@ fn http_connection_manager(
         .as_ref()
         .map(|o| timeout_or(&o.idle_timeout, Some(Duration::from_secs(3600))))
         .unwrap_or(Some(Duration::from_secs(3600)));
+    use hcm_pb::http_connection_manager::ForwardClientCertDetails as F;
+    let forward_client_cert = match F::try_from(h.forward_client_cert_details) {
+        Ok(F::Sanitize) => m::listener::ForwardClientCert::Sanitize,
+        Ok(F::ForwardOnly) => m::listener::ForwardClientCert::ForwardOnly,
+        Ok(F::AlwaysForwardOnly) => m::listener::ForwardClientCert::AlwaysForwardOnly,
+        Ok(F::AppendForward) => m::listener::ForwardClientCert::AppendForward,
+        Ok(F::SanitizeSet) => m::listener::ForwardClientCert::SanitizeSet,
+        Err(_) => {
+            return Err(ctx.err(
+                format!("{field}.forward_client_cert_details"),
+                format!("unknown value {}", h.forward_client_cert_details),
+            ));
+        }
+    };
+    let details = h.set_current_client_cert_details.unwrap_or_default();
+    if details.cert || details.chain || details.issuer {
+        ctx.warn(
+            &format!("{field}.set_current_client_cert_details"),
+            "x-forwarded-client-cert Cert, Chain and Issuer are not added".into(),
+        );
+    }
+    let client_cert_details = m::listener::ClientCertDetails {
+        subject: details.subject.is_some_and(|v| v.value),
+        uri: details.uri,
+        dns: details.dns,
+    };
     Ok(m::HttpConnectionManager {
+        forward_client_cert,
+        client_cert_details,
         stat_prefix: h.stat_prefix.clone(),
         codec,
         routes,
@@ -1489,7 +1722,7 @@ pub fn cluster(
     warnings: &mut Warnings,
 ) -> Result<m::Cluster, ConvertError> {
     use cluster_pb::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         resource: format!("cluster {:?}", c.name),
         warnings,
     };
@@ -1531,7 +1764,7 @@ pub fn cluster(
         }
     };
     let tls = match &c.transport_socket {
-        Some(ts) => upstream_tls(&ctx, "transport_socket", ts)?,
+        Some(ts) => upstream_tls(&mut ctx, "transport_socket", ts)?,
         None => None,
     };
     let mut transport_socket_matches = Vec::with_capacity(c.transport_socket_matches.len());
@@ -1548,7 +1781,7 @@ pub fn cluster(
             })
             .unwrap_or_default();
         let tls = match &tsm.transport_socket {
-            Some(ts) => upstream_tls(&ctx, &format!("{field}.transport_socket"), ts)?,
+            Some(ts) => upstream_tls(&mut ctx, &format!("{field}.transport_socket"), ts)?,
             None => None,
         };
         transport_socket_matches.push(m::cluster::TransportSocketMatch {

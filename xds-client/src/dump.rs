@@ -9,12 +9,13 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use ferry_envoy_json::Descriptors;
 use prost::Message;
 use serde_json::{Value, json};
 
 use crate::ads::XdsState;
-use crate::store::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use crate::store::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 
 /// RFC 3339 (UTC, seconds) for dump timestamps.
 pub fn timestamp(t: SystemTime) -> String {
@@ -77,7 +78,7 @@ pub fn add_dynamic(dump: &mut Value, xds: &XdsState) -> Result<(), String> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    let sections: [(&str, &str, &str, &str, &str); 4] = [
+    let sections: [(&str, &str, &str, &str, &str); 5] = [
         (
             LISTENER,
             "ListenersConfigDump",
@@ -106,6 +107,13 @@ pub fn add_dynamic(dump: &mut Value, xds: &XdsState) -> Result<(), String> {
             "endpoint_config",
             "envoy.config.endpoint.v3.ClusterLoadAssignment",
         ),
+        (
+            SECRET,
+            "SecretsConfigDump",
+            "dynamic_active_secrets",
+            "secret",
+            "envoy.extensions.transport_sockets.tls.v3.Secret",
+        ),
     ];
     let configs = dump["configs"]
         .as_array_mut()
@@ -117,13 +125,17 @@ pub fn add_dynamic(dump: &mut Value, xds: &XdsState) -> Result<(), String> {
                 LISTENER => render::<Listener>(&d, msg, &e.raw)?,
                 CLUSTER => render::<Cluster>(&d, msg, &e.raw)?,
                 ROUTE => render::<RouteConfiguration>(&d, msg, &e.raw)?,
+                SECRET => render::<Secret>(&d, msg, &e.raw)?,
                 _ => render::<ClusterLoadAssignment>(&d, msg, &e.raw)?,
             };
-            let state = json!({
+            let mut state = json!({
                 "version_info": e.version,
                 field: rendered,
                 "last_updated": timestamp(e.last_updated),
             });
+            if type_url == SECRET {
+                state["name"] = Value::String(name.clone());
+            }
             entries.push(if type_url == LISTENER {
                 json!({"name": name, "active_state": state})
             } else {
@@ -135,6 +147,7 @@ pub fn add_dynamic(dump: &mut Value, xds: &XdsState) -> Result<(), String> {
                 LISTENER => "listener",
                 CLUSTER => "cluster",
                 ROUTE => "route_configuration",
+                SECRET => "secret",
                 _ => "cluster_load_assignment",
             };
             let error_state = json!({
@@ -165,12 +178,45 @@ pub fn add_dynamic(dump: &mut Value, xds: &XdsState) -> Result<(), String> {
             None => configs.push(value),
         }
     }
+    redact(dump);
     Ok(())
+}
+
+/// Envoy's placeholder for a sensitive field: `[redacted]`, as bytes.
+const REDACTED: &str = "W3JlZGFjdGVkXQ==";
+
+/// Replaces every private key in a dump with Envoy's `[redacted]`
+/// placeholder: `/config_dump` never shows key material.
+pub fn redact(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            for (k, child) in o.iter_mut() {
+                if k == "private_key" && child.is_object() {
+                    *child = json!({"inline_bytes": REDACTED});
+                } else {
+                    redact(child);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(redact),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_keys_are_redacted() {
+        let mut v = json!({"configs": [{"secret": {"tls_certificate": {
+            "certificate_chain": {"inline_string": "CERT"},
+            "private_key": {"inline_string": "KEY"}}}}]});
+        redact(&mut v);
+        let tc = &v["configs"][0]["secret"]["tls_certificate"];
+        assert_eq!(tc["private_key"], json!({"inline_bytes": REDACTED}));
+        assert_eq!(tc["certificate_chain"]["inline_string"], "CERT");
+    }
 
     #[test]
     fn nack_names_and_timestamps() {

@@ -31,8 +31,7 @@ pub enum Parsed {
     Route(Arc<m::RouteConfig>),
     Cluster(Arc<m::Cluster>),
     Endpoints(Arc<Vec<m::Endpoint>>),
-    /// Secrets are kept by name until the TLS data path consumes them.
-    Secret,
+    Secret(Arc<m::tls::Secret>),
 }
 
 #[derive(Debug, Clone)]
@@ -102,7 +101,8 @@ pub fn parse(
         SECRET => {
             use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
             let pb = Secret::decode(any.value.as_slice()).map_err(|e| undecodable("secret", e))?;
-            (pb.name, Parsed::Secret)
+            let model = convert::secret(&pb, warnings).map_err(|e| (Some(pb.name.clone()), e))?;
+            (pb.name, Parsed::Secret(Arc::new(model)))
         }
         other => {
             return Err((
@@ -222,6 +222,30 @@ impl Store {
         out
     }
 
+    /// SDS names the listeners and clusters need that the bootstrap does
+    /// not hold as static secrets.
+    pub fn wanted_secrets(&self, base: &m::Snapshot) -> BTreeSet<String> {
+        let listeners: Vec<Arc<m::Listener>> = self
+            .of(LISTENER)
+            .filter_map(|(_, e)| match &e.parsed {
+                Parsed::Listener(l) => Some(l.clone()),
+                _ => None,
+            })
+            .chain(base.listeners.iter().cloned())
+            .collect();
+        let clusters: Vec<Arc<m::Cluster>> = self
+            .of(CLUSTER)
+            .filter_map(|(_, e)| match &e.parsed {
+                Parsed::Cluster(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        sds_names(&listeners, clusters.iter().chain(base.clusters.values()))
+            .into_iter()
+            .filter(|n| !base.secrets.contains_key(n))
+            .collect()
+    }
+
     /// Builds the snapshot: static resources first, then dynamic ones that
     /// finished warming (or whose warming timed out); a warming resource
     /// that was active before stays at its previous version.
@@ -242,6 +266,14 @@ impl Store {
             }
         }
 
+        let mut secrets = base.secrets.clone();
+        for (name, e) in self.of(SECRET) {
+            if let Parsed::Secret(sec) = &e.parsed {
+                secrets.entry(name.clone()).or_insert_with(|| sec.clone());
+            }
+        }
+        let missing_secret = |names: &[String]| names.iter().any(|n| !secrets.contains_key(n));
+
         let mut clusters = base.clusters.clone();
         let mut still_warming = BTreeSet::new();
         let dynamic_clusters: Vec<(String, Arc<m::Cluster>)> = self
@@ -257,7 +289,9 @@ impl Store {
                 .filter(|(_, c)| eds_name(c).is_some())
                 .map(|(n, c)| (n, c.clone())),
         ) {
+            // A cluster waits for its secrets as for its endpoints.
             let resolved = match eds_name(&c) {
+                _ if missing_secret(&cluster_sds_names(&c)) => None,
                 None => Some(c.clone()),
                 Some(service) => match self.get(ENDPOINT, &service).map(|e| &e.parsed) {
                     Some(Parsed::Endpoints(eps)) => Some(Arc::new(with_endpoints(&c, eps))),
@@ -302,7 +336,12 @@ impl Store {
             })
             .collect();
         for (name, l) in dynamic_listeners {
-            let missing = rds_names(&l).into_iter().any(|r| !routes.contains_key(&r));
+            let missing = rds_names(&l).into_iter().any(|r| !routes.contains_key(&r))
+                || missing_secret(
+                    &sds_names(std::slice::from_ref(&l), std::iter::empty())
+                        .into_iter()
+                        .collect::<Vec<_>>(),
+                );
             if !missing {
                 self.warming_since.remove(&(LISTENER, name.clone()));
                 listeners.push(l);
@@ -330,6 +369,7 @@ impl Store {
                 listeners,
                 clusters,
                 routes,
+                secrets,
             },
             warming,
             next_deadline,
@@ -349,6 +389,36 @@ fn rds_names(l: &m::Listener) -> Vec<String> {
             m::ChainKind::Tcp(_) => None,
         })
         .collect()
+}
+
+fn cluster_sds_names(c: &m::Cluster) -> Vec<String> {
+    ferry_tls::sds_names(
+        c.tls
+            .iter()
+            .chain(
+                c.transport_socket_matches
+                    .iter()
+                    .filter_map(|t| t.tls.as_ref()),
+            )
+            .map(|t| &t.common),
+    )
+}
+
+/// Every SDS name the TLS contexts of `listeners` and `clusters` refer to.
+pub fn sds_names<'a>(
+    listeners: &[Arc<m::Listener>],
+    clusters: impl Iterator<Item = &'a Arc<m::Cluster>>,
+) -> BTreeSet<String> {
+    let mut out: BTreeSet<String> = listeners
+        .iter()
+        .flat_map(|l| l.filter_chains.iter().chain(l.default_chain.iter()))
+        .filter_map(|c| c.tls.as_ref())
+        .flat_map(|t| t.common.sds_names().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    for c in clusters {
+        out.extend(cluster_sds_names(c));
+    }
+    out
 }
 
 fn eds_name(c: &m::Cluster) -> Option<String> {

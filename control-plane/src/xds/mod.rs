@@ -11,7 +11,7 @@ mod sotw;
 mod status;
 
 pub use cache::{Cache, CachedResource, TypeSnapshot, resource_version, to_any};
-pub use server::{AdsService, CacheResolver, Server};
+pub use server::{AdsService, CacheResolver, Server, ServerTls};
 pub use status::{Nack, Protocol, ProxyStatus, SyncState, TypeStatus};
 
 use std::time::Duration;

@@ -72,6 +72,15 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+/// TLS of the ADS server: its certificate chain and key (PEM), and the CA
+/// that client certificates must chain to (mutual TLS) if any.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
 /// The ADS server: the cache it serves and the status of its streams.
 /// Clones share everything.
 #[derive(Clone, Debug)]
@@ -131,15 +140,45 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), XdsError> {
+        self.serve_maybe_tls(listener, None, shutdown).await
+    }
+
+    /// Serves ADS over TLS (istiod's port 15012) on `listener` until
+    /// `shutdown` completes.
+    pub async fn serve_tls(
+        &self,
+        listener: TcpListener,
+        tls: &ServerTls,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), XdsError> {
+        self.serve_maybe_tls(listener, Some(tls), shutdown).await
+    }
+
+    async fn serve_maybe_tls(
+        &self,
+        listener: TcpListener,
+        tls: Option<&ServerTls>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), XdsError> {
         let addr = listener.local_addr().map_err(XdsError::LocalAddr)?;
-        tracing::info!(xds.addr = %addr, "ADS server listening");
+        tracing::info!(xds.addr = %addr, xds.tls = tls.is_some(), "ADS server listening");
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let inner = self.inner.clone();
         let signal = async move {
             shutdown.await;
             inner.shutdown.send_replace(true);
         };
-        tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            let mut config = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+            );
+            if let Some(ca) = &tls.client_ca_pem {
+                config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(config)?;
+        }
+        builder
             .serve_with_incoming_shutdown(self.ads_service(), incoming, signal)
             .await?;
         Ok(())

@@ -35,12 +35,61 @@ use crate::run::Runtime;
 use crate::stats::HttpStats;
 use body::{DeadlineBody, Replay, ResponseBody, UpstreamBody};
 
+/// The TLS side of a downstream connection.
+#[derive(Debug, Clone)]
+pub struct PeerTls {
+    /// The client presented a (verified) certificate.
+    pub mtls: bool,
+    pub client_cert: Option<Arc<ferry_tls::ClientCertInfo>>,
+}
+
+/// Applies the connection manager's `forward_client_cert_details` to
+/// `x-forwarded-client-cert`, as Envoy does.
+fn forward_client_cert(
+    headers: &mut http::HeaderMap,
+    hcm: &HttpConnectionManager,
+    tls: Option<&PeerTls>,
+) {
+    use ferry_model::listener::ForwardClientCert as F;
+    const XFCC: &str = "x-forwarded-client-cert";
+    let mtls = tls.is_some_and(|t| t.mtls);
+    match hcm.forward_client_cert {
+        F::AlwaysForwardOnly => {}
+        F::ForwardOnly if mtls => {}
+        F::AppendForward | F::SanitizeSet if mtls => {
+            let Some(info) = tls.and_then(|t| t.client_cert.as_ref()) else {
+                headers.remove(XFCC);
+                return;
+            };
+            let d = hcm.client_cert_details;
+            let element = info.element(d.subject, d.uri, d.dns);
+            let value = match (hcm.forward_client_cert, headers.get(XFCC)) {
+                (F::AppendForward, Some(prev)) => {
+                    format!("{},{element}", String::from_utf8_lossy(prev.as_bytes()))
+                }
+                _ => element,
+            };
+            headers.remove(XFCC);
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(XFCC, v);
+            }
+        }
+        _ => {
+            headers.remove(XFCC);
+        }
+    }
+}
+
 /// What every request on one downstream connection shares.
 pub struct ConnCtx {
     pub rt: Arc<Runtime>,
     pub chain: Arc<FilterChain>,
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
+    /// The downstream connection is TLS (`x-forwarded-proto: https`):
+    /// whether the client presented a certificate, and what
+    /// `x-forwarded-client-cert` says about it.
+    pub tls: Option<PeerTls>,
     pub stats: HttpStats,
     /// Set once the connection drains: HTTP/1 responses then carry
     /// `Connection: close`.
@@ -351,7 +400,9 @@ async fn forward(
     {
         parts.headers.insert(HOST, v);
     }
-    headers::prepare_request(&mut parts.headers, "http", hcm.generate_request_id);
+    let scheme = if ctx.tls.is_some() { "https" } else { "http" };
+    headers::prepare_request(&mut parts.headers, scheme, hcm.generate_request_id);
+    forward_client_cert(&mut parts.headers, hcm, ctx.tls.as_ref());
     for name in &route.request_headers_to_remove {
         parts.headers.remove(name);
     }
@@ -746,7 +797,7 @@ fn upstream_outcome(e: &UpstreamError) -> retry::Outcome {
     match e {
         UpstreamError::ConnectFailure(_)
         | UpstreamError::ConnectTimeout
-        | UpstreamError::TlsUnsupported => retry::Outcome::ConnectFailure,
+        | UpstreamError::Tls(_) => retry::Outcome::ConnectFailure,
         // hyper does not expose the HTTP/2 reset reason as a type of its own.
         UpstreamError::Reset(h) if format!("{h:?}").contains("REFUSED_STREAM") => {
             retry::Outcome::RefusedStream
@@ -825,6 +876,66 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tokio::time::Instant;
+
+    fn hcm_with(mode: ferry_model::listener::ForwardClientCert) -> HttpConnectionManager {
+        HttpConnectionManager {
+            stat_prefix: "t".into(),
+            codec: ferry_model::HttpCodec::Auto,
+            routes: ferry_model::RouteSource::Rds("r".into()),
+            generate_request_id: false,
+            idle_timeout: None,
+            stream_idle_timeout: None,
+            request_timeout: None,
+            use_remote_address: false,
+            forward_client_cert: mode,
+            client_cert_details: ferry_model::listener::ClientCertDetails {
+                subject: false,
+                uri: true,
+                dns: false,
+            },
+            http_filters: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn forward_client_cert_modes() {
+        use ferry_model::listener::ForwardClientCert as F;
+        const XFCC: &str = "x-forwarded-client-cert";
+        let info = Arc::new(ferry_tls::ClientCertInfo {
+            by: vec!["spiffe://td/ns/a/sa/server".into()],
+            hash: "ab".into(),
+            subject: String::new(),
+            uris: vec!["spiffe://td/ns/a/sa/client".into()],
+            dns: vec![],
+        });
+        let mtls = PeerTls {
+            mtls: true,
+            client_cert: Some(info),
+        };
+        let plain_tls = PeerTls {
+            mtls: false,
+            client_cert: None,
+        };
+        let run = |mode, tls: Option<&PeerTls>| {
+            let mut h = http::HeaderMap::new();
+            h.insert(XFCC, HeaderValue::from_static("By=x"));
+            forward_client_cert(&mut h, &hcm_with(mode), tls);
+            h.get(XFCC)
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+        };
+        let element = "By=spiffe://td/ns/a/sa/server;Hash=ab;URI=spiffe://td/ns/a/sa/client";
+        assert_eq!(run(F::Sanitize, Some(&mtls)), None);
+        assert_eq!(run(F::ForwardOnly, Some(&mtls)).as_deref(), Some("By=x"));
+        assert_eq!(run(F::ForwardOnly, Some(&plain_tls)), None);
+        assert_eq!(run(F::AlwaysForwardOnly, None).as_deref(), Some("By=x"));
+        assert_eq!(
+            run(F::AppendForward, Some(&mtls)),
+            Some(format!("By=x,{element}"))
+        );
+        assert_eq!(run(F::AppendForward, None), None);
+        assert_eq!(run(F::SanitizeSet, Some(&mtls)).as_deref(), Some(element));
+        assert_eq!(run(F::SanitizeSet, Some(&plain_tls)), None);
+    }
 
     fn timers(timeout: u64, idle: u64, max: u64) -> RouteTimers {
         let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));

@@ -1,0 +1,374 @@
+//! TLS in the data path: termination for filter chains with a
+//! `DownstreamTlsContext` and origination for endpoints whose transport is
+//! TLS, with configurations built from the live secrets.
+//!
+//! Secrets are looked up when a handshake starts, never baked into a
+//! listener or a pool: a rotated secret (a new SDS version) is picked up by
+//! the next connection while established ones keep the session they have.
+//! Built rustls configurations are cached per filter chain (server) or per
+//! endpoint pool (client) and dropped whenever the set of secrets changes.
+//!
+//! ALPN is negotiated as Envoy's BoringSSL does it: the server's preference
+//! among what the client offers, and no ALPN at all (rather than a
+//! handshake failure) when nothing overlaps, so Istio's `istio-peer-exchange`
+//! or `istio-h2` clients are served by chains that list only `h2`.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ferry_model::FilterChain;
+use ferry_model::tls::{Secret, UpstreamTls};
+use ferry_tls::TlsError;
+use ferry_tls::rustls::{ClientConfig, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// How long a TLS handshake may take (Envoy has no default; a bound keeps
+/// silent clients from holding a connection slot forever).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Secrets = HashMap<String, Arc<Secret>>;
+
+/// A server configuration, and the same without ALPN for clients whose
+/// protocols the chain does not list.
+struct ServerEntry {
+    _chain: Arc<FilterChain>,
+    generation: u64,
+    with_alpn: Arc<ServerConfig>,
+    without_alpn: Arc<ServerConfig>,
+}
+
+/// The live secrets and the configurations built from them.
+#[derive(Default)]
+pub struct TlsContexts {
+    secrets: ArcSwap<Secrets>,
+    /// Bumped whenever any secret changes; cached configurations of an older
+    /// generation are rebuilt.
+    generation: AtomicU64,
+    /// By filter chain (the entry keeps the chain alive, so its address is
+    /// never reused while cached).
+    servers: Mutex<HashMap<usize, ServerEntry>>,
+}
+
+impl TlsContexts {
+    /// Takes the secrets of a new snapshot; a change of any of them (a new
+    /// `Arc`) starts a new generation.
+    pub fn update(&self, secrets: &Secrets) {
+        let current = self.secrets.load();
+        let same = current.len() == secrets.len()
+            && secrets
+                .iter()
+                .all(|(k, v)| current.get(k).is_some_and(|c| Arc::ptr_eq(c, v)));
+        if same {
+            // Chains of replaced listeners may still be cached: drop them
+            // too, they are cheap to build again.
+            self.servers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            return;
+        }
+        self.secrets.store(Arc::new(secrets.clone()));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The live secrets.
+    pub fn secrets(&self) -> Arc<Secrets> {
+        self.secrets.load_full()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The server configuration of a TLS filter chain, for a client that
+    /// offered `client_alpn`.
+    pub fn server(
+        &self,
+        chain: &Arc<FilterChain>,
+        client_alpn: &[Vec<u8>],
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let Some(tls) = &chain.tls else {
+            return Err(TlsError::Rustls(
+                "the filter chain has no TLS context".into(),
+            ));
+        };
+        let key = Arc::as_ptr(chain) as usize;
+        let generation = self.generation();
+        let pick = |e: &ServerEntry| {
+            let overlap = e
+                .with_alpn
+                .alpn_protocols
+                .iter()
+                .any(|p| client_alpn.contains(p));
+            if overlap || client_alpn.is_empty() {
+                e.with_alpn.clone()
+            } else {
+                e.without_alpn.clone()
+            }
+        };
+        if let Some(e) = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .filter(|e| e.generation == generation)
+        {
+            return Ok(pick(e));
+        }
+        let config = ferry_tls::server_config(tls, &**self.secrets.load())?;
+        let mut bare = config.clone();
+        bare.alpn_protocols.clear();
+        let entry = ServerEntry {
+            _chain: chain.clone(),
+            generation,
+            with_alpn: Arc::new(config),
+            without_alpn: Arc::new(bare),
+        };
+        let chosen = pick(&entry);
+        self.servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, entry);
+        Ok(chosen)
+    }
+
+    /// A client configuration for `tls`, cached in `cache` (the endpoint
+    /// pool's) per ALPN default until the secrets change.
+    pub fn client(
+        &self,
+        tls: &UpstreamTls,
+        default_alpn: &'static [&'static str],
+        cache: &ClientCache,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let generation = self.generation();
+        let key = default_alpn.first().copied().unwrap_or("");
+        let mut cached = cache.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((g, c)) = cached.get(key)
+            && *g == generation
+        {
+            return Ok(c.clone());
+        }
+        let config = Arc::new(ferry_tls::client_config(
+            tls,
+            default_alpn,
+            &**self.secrets.load(),
+        )?);
+        cached.insert(key, (generation, config.clone()));
+        Ok(config)
+    }
+}
+
+/// Client configurations an endpoint pool built, by ALPN default.
+#[derive(Default)]
+pub struct ClientCache(Mutex<HashMap<&'static str, (u64, Arc<ClientConfig>)>>);
+
+/// Terminates TLS on an accepted connection with the chain's context,
+/// chosen once the ClientHello (and so the client's ALPN offer) is read.
+pub async fn accept(
+    contexts: &TlsContexts,
+    chain: &Arc<FilterChain>,
+    stream: TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, HandshakeError> {
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+        ferry_tls::rustls::server::Acceptor::default(),
+        stream,
+    );
+    let handshake = async {
+        let start = acceptor.await.map_err(HandshakeError::Io)?;
+        let offered: Vec<Vec<u8>> = start
+            .client_hello()
+            .alpn()
+            .map(|it| it.map(<[u8]>::to_vec).collect())
+            .unwrap_or_default();
+        let config = contexts
+            .server(chain, &offered)
+            .map_err(HandshakeError::Config)?;
+        start.into_stream(config).await.map_err(HandshakeError::Io)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| HandshakeError::Timeout)?
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("TLS handshake failed: {0}")]
+    Io(io::Error),
+    #[error("TLS configuration unusable: {0}")]
+    Config(TlsError),
+    #[error("TLS handshake timed out")]
+    Timeout,
+}
+
+/// The peer's SPIFFE identity on a server-side TLS stream.
+pub fn peer_identity(s: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<String> {
+    s.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| ferry_tls::spiffe_id(c))
+}
+
+/// What `x-forwarded-client-cert` needs of an mTLS connection, computed
+/// only for connection managers that add it; `None` without a client
+/// certificate.
+pub fn client_cert_info(
+    contexts: &TlsContexts,
+    chain: &FilterChain,
+    s: &tokio_rustls::server::TlsStream<TcpStream>,
+) -> Option<Arc<ferry_tls::ClientCertInfo>> {
+    let peer = s.get_ref().1.peer_certificates()?.first()?;
+    let local = chain
+        .tls
+        .as_ref()
+        .and_then(|t| ferry_tls::local_certificate(&t.common, &*contexts.secrets()));
+    Some(Arc::new(ferry_tls::ClientCertInfo::new(
+        local.as_deref(),
+        peer,
+    )))
+}
+
+/// An upstream connection: plaintext or TLS.
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A stream whose first bytes were already read (to sniff the HTTP/2
+/// preface inside TLS) and are served again before the rest.
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes tell HTTP/2 (the full preface) from anything else.
+/// `None`: the connection failed or closed first.
+pub async fn sniff_h2<S: AsyncRead + Unpin>(mut inner: S) -> Option<(bool, Rewind<S>)> {
+    use tokio::io::AsyncReadExt;
+    let mut prefix = Vec::with_capacity(H2_PREFACE.len());
+    let mut buf = [0u8; 24];
+    loop {
+        let want = H2_PREFACE.len() - prefix.len();
+        let n = tokio::time::timeout(Duration::from_secs(15), inner.read(&mut buf[..want]))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        prefix.extend_from_slice(&buf[..n]);
+        let is_h2 = H2_PREFACE.starts_with(&prefix);
+        if !is_h2 || prefix.len() == H2_PREFACE.len() {
+            return Some((
+                is_h2,
+                Rewind {
+                    prefix,
+                    pos: 0,
+                    inner,
+                },
+            ));
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,210 @@
+//! Test certificates (rcgen, ring) shaped like Istio's: a mesh CA and
+//! workload certificates whose identity is a SPIFFE URI SAN, plus a plain
+//! HTTP/1.1-over-TLS client built on rustls for poking at TLS listeners
+//! directly.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// A certificate authority.
+pub struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A workload certificate: chain (PEM), key (PEM) and the leaf's DER.
+#[derive(Clone)]
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Result<Ca> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
+        Ok(Ca { issuer })
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A workload certificate for SPIFFE identity `uri` (and `dns` names).
+    pub fn leaf(&self, uri: &str, dns: &[&str]) -> Result<Leaf> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into()?)];
+        for d in dns {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::DnsName((*d).try_into()?));
+        }
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        })
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A TLS client that trusts `ca_pem` and checks the server's DNS name
+/// `server_name` (standard webpki verification, independent of Ferry's),
+/// presenting `client` if given, offering `alpn`.
+pub fn client_config(
+    ca_pem: &str,
+    client: Option<&Leaf>,
+    alpn: &[&str],
+) -> Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some(l) => {
+            let chain = CertificateDer::pem_slice_iter(l.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()?;
+            let key = PrivateKeyDer::from_pem_slice(l.key_pem.as_bytes())?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// An established HTTP/1.1-over-TLS connection.
+pub struct TlsClient {
+    conn: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl TlsClient {
+    /// Connects and completes the handshake (a server refusing the client's
+    /// certificate under TLS 1.3 may only say so on the first read).
+    pub fn connect(
+        addr: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<TlsClient> {
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let name = ServerName::try_from(server_name.to_string())?;
+        let mut conn = rustls::ClientConnection::new(config, name)?;
+        let mut tcp = tcp;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).context("TLS handshake")?;
+        }
+        Ok(TlsClient {
+            conn: rustls::StreamOwned::new(conn, tcp),
+        })
+    }
+
+    /// The server's leaf certificate (DER).
+    pub fn server_cert(&self) -> Option<Vec<u8>> {
+        self.conn
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+    }
+
+    /// The negotiated ALPN protocol.
+    pub fn alpn(&self) -> Option<String> {
+        self.conn
+            .conn
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+    }
+
+    /// One keep-alive `GET path`: (status, body).
+    pub fn get(&mut self, path: &str) -> Result<(u16, String)> {
+        self.get_with(path, &[])
+    }
+
+    /// One keep-alive `GET path` with extra headers: (status, body).
+    pub fn get_with(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+        write!(
+            self.conn,
+            "GET {path} HTTP/1.1\r\nhost: server.test\r\nuser-agent: tls-test\r\n{extra}\r\n"
+        )?;
+        self.conn.flush()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = self.conn.read(&mut chunk)?;
+            if n == 0 {
+                bail!("connection closed before a response");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line: {head}"))?;
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .ok_or_else(|| anyhow!("no content-length: {head}"))?;
+        while buf.len() < head_end + len {
+            let n = self.conn.read(&mut chunk)?;
+            if n == 0 {
+                bail!("connection closed inside the body");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok((
+            status,
+            String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned(),
+        ))
+    }
+}
+
+/// Connects and sends one request: the error if the server refused us at
+/// any step.
+pub fn try_get(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> Result<(u16, String)> {
+    let mut c = TlsClient::connect(addr, config, server_name)?;
+    c.get("/")
+}
