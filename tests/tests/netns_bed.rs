@@ -320,8 +320,18 @@ fn namespaces_of_dead_test_runs_are_swept() -> Result<()> {
         .find(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
         .context("no free pid")?;
     let stale = format!("ferry-{dead}-0-br");
-    let status = Command::new("ip").args(["netns", "add", &stale]).status()?;
-    ensure!(status.success(), "ip netns add {stale}");
+    // Other tests sweep concurrently and may remove it while `ip` is still
+    // creating it: that is the sweep working, and another try is due.
+    let mut created = false;
+    for _ in 0..10 {
+        let out = Command::new("ip").args(["netns", "add", &stale]).output()?;
+        if out.status.success() {
+            created = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ensure!(created, "ip netns add {stale} failed ten times");
     let _mesh = Mesh::new()?;
     assert!(!listed(&namespaces()?, &stale), "{stale} not swept");
     Ok(())
