@@ -28,15 +28,20 @@ fn route(i: usize) -> Route {
                 invert: false,
                 present: true,
             }],
+            query_parameters: Vec::new(),
+            grpc: false,
+            runtime_fraction: None,
         },
         action: RouteAction::DirectResponse {
             status: http::StatusCode::OK,
             body: None,
         },
-        request_headers_to_add: Vec::new(),
-        request_headers_to_remove: Vec::new(),
+        request_headers: Default::default(),
+        response_headers: Default::default(),
         hash_policy: Vec::new(),
         fault_overrides: Vec::new(),
+        cors: Default::default(),
+        ratelimit_overrides: Vec::new(),
     }
 }
 

@@ -71,13 +71,21 @@ pub struct Route {
     pub name: String,
     pub route_match: RouteMatch,
     pub action: RouteAction,
-    pub request_headers_to_add: Vec<(http::HeaderName, http::HeaderValue, bool)>,
-    pub request_headers_to_remove: Vec<http::HeaderName>,
+    /// Request header mutations of the route, then its virtual host's, then
+    /// the route table's (Envoy's order: the outermost level is applied last).
+    pub request_headers: HeaderMutations,
+    /// The same for the response.
+    pub response_headers: HeaderMutations,
     /// `route.hash_policy`: the request hash for ring hash and maglev clusters.
     pub hash_policy: Vec<crate::cluster::HashPolicy>,
     /// Per-filter overrides of the fault filter (`typed_per_filter_config`),
     /// by HTTP filter name; the route's entry replaces its virtual host's.
     pub fault_overrides: Vec<(String, std::sync::Arc<crate::fault::FaultConfig>)>,
+    /// CORS policies (`typed_per_filter_config` and the inline `cors`).
+    pub cors: RouteCors,
+    /// Per-filter overrides of the local rate limit filter; the route's
+    /// entry replaces its virtual host's.
+    pub ratelimit_overrides: Vec<(String, std::sync::Arc<crate::ratelimit::LocalRateLimit>)>,
 }
 
 impl Route {
@@ -88,6 +96,138 @@ impl Route {
             .find(|(n, _)| n == filter)
             .map(|(_, f)| f.as_ref())
     }
+
+    /// The CORS policies for the filter named `filter`, most specific first
+    /// (the route's, then its virtual host's); the deprecated inline `cors`
+    /// fields are used when no `typed_per_filter_config` entry exists, as
+    /// Envoy does.
+    pub fn cors_policies(&self, filter: &str) -> Vec<&crate::cors::CorsPolicy> {
+        let named: Vec<_> = self
+            .cors
+            .per_filter
+            .iter()
+            .filter(|(n, _)| n == filter)
+            .map(|(_, p)| p.as_ref())
+            .collect();
+        if named.is_empty() {
+            self.cors.inline.iter().map(|p| p.as_ref()).collect()
+        } else {
+            named
+        }
+    }
+
+    /// The local rate limit configuration overriding the filter named
+    /// `filter` (the route's entry, else its virtual host's).
+    pub fn ratelimit_override(&self, filter: &str) -> Option<&crate::ratelimit::LocalRateLimit> {
+        self.ratelimit_overrides
+            .iter()
+            .find(|(n, _)| n == filter)
+            .map(|(_, f)| f.as_ref())
+    }
+}
+
+/// The CORS policies a route sees: per filter name, most specific first.
+#[derive(Debug, Default)]
+pub struct RouteCors {
+    pub per_filter: Vec<(String, std::sync::Arc<crate::cors::CorsPolicy>)>,
+    /// The deprecated `RouteAction.cors` and `VirtualHost.cors`, in that order.
+    pub inline: Vec<std::sync::Arc<crate::cors::CorsPolicy>>,
+}
+
+/// Header removals and additions, applied in order.
+#[derive(Debug, Default, Clone)]
+pub struct HeaderMutations {
+    pub ops: Vec<HeaderOp>,
+}
+
+#[derive(Debug, Clone)]
+pub enum HeaderOp {
+    Remove(http::HeaderName),
+    Add(HeaderToAdd),
+}
+
+/// One `HeaderValueOption`: its value is a compiled format string.
+#[derive(Debug, Clone)]
+pub struct HeaderToAdd {
+    pub name: http::HeaderName,
+    pub value: crate::format::HeaderFormat,
+    pub action: AppendAction,
+    /// `keep_empty_value`: add the header even when its value formats empty.
+    pub keep_empty: bool,
+}
+
+/// `HeaderValueOption.append_action` (the deprecated `append` maps onto the
+/// first two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendAction {
+    AppendIfExistsOrAdd,
+    AddIfAbsent,
+    OverwriteIfExistsOrAdd,
+    OverwriteIfExists,
+}
+
+impl HeaderMutations {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Applies the removals and additions to `target`, formatting values
+    /// with `ctx`; `%REQ()%` reads `request`, or `target` itself when the
+    /// mutations are the request's (values are all formatted first).
+    pub fn apply(
+        &self,
+        target: &mut HeaderMap,
+        ctx: &crate::format::FormatContext<'_>,
+        request: Option<&HeaderMap>,
+    ) {
+        if self.ops.is_empty() {
+            return;
+        }
+        let values: Vec<Option<String>> = {
+            let req = request.unwrap_or(target);
+            self.ops
+                .iter()
+                .map(|op| match op {
+                    HeaderOp::Add(h) => Some(h.value.render(ctx, req)),
+                    HeaderOp::Remove(_) => None,
+                })
+                .collect()
+        };
+        for (op, value) in self.ops.iter().zip(values) {
+            match op {
+                HeaderOp::Remove(name) => {
+                    target.remove(name);
+                }
+                HeaderOp::Add(h) => {
+                    let value = value.unwrap_or_default();
+                    if value.is_empty() && !h.keep_empty {
+                        continue;
+                    }
+                    let Ok(value) = http::HeaderValue::from_str(&value) else {
+                        continue;
+                    };
+                    match h.action {
+                        AppendAction::AppendIfExistsOrAdd => {
+                            target.append(h.name.clone(), value);
+                        }
+                        AppendAction::AddIfAbsent => {
+                            if !target.contains_key(&h.name) {
+                                target.insert(h.name.clone(), value);
+                            }
+                        }
+                        AppendAction::OverwriteIfExistsOrAdd => {
+                            target.insert(h.name.clone(), value);
+                        }
+                        AppendAction::OverwriteIfExists => {
+                            if target.contains_key(&h.name) {
+                                target.insert(h.name.clone(), value);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -95,6 +235,76 @@ pub struct RouteMatch {
     pub path: PathMatch,
     pub case_sensitive: bool,
     pub headers: Vec<HeaderMatcher>,
+    /// `query_parameters`: every one must match the query string.
+    pub query_parameters: Vec<QueryParameterMatcher>,
+    /// `grpc: {}`: only gRPC requests (content-type `application/grpc`,
+    /// `application/grpc+…` or `application/grpc;…`).
+    pub grpc: bool,
+    /// `runtime_fraction.default_value` (there is no runtime layer, so the
+    /// default applies): the share of requests this route may match.
+    pub runtime_fraction: Option<Fraction>,
+}
+
+/// `RouteMatch.query_parameters[]`: only the first value of a repeated
+/// parameter counts, and it is matched as it appears in the URL
+/// (percent-encoded), as in Envoy.
+#[derive(Debug)]
+pub struct QueryParameterMatcher {
+    pub name: String,
+    pub kind: QueryMatch,
+}
+
+#[derive(Debug)]
+pub enum QueryMatch {
+    /// No specifier: the parameter has to be present.
+    Present,
+    /// `present_match`: `true` asks for presence, `false` for absence.
+    PresentMatch(bool),
+    String {
+        matcher: StringMatcher,
+        ignore_case: bool,
+    },
+}
+
+impl QueryParameterMatcher {
+    pub fn matches(&self, query: Option<&str>) -> bool {
+        let value = query.and_then(|q| first_query_value(q, &self.name));
+        if let QueryMatch::PresentMatch(p) = self.kind {
+            return value.is_some() == p;
+        }
+        let Some(value) = value else {
+            return false;
+        };
+        match &self.kind {
+            QueryMatch::Present | QueryMatch::PresentMatch(_) => true,
+            QueryMatch::String {
+                matcher,
+                ignore_case,
+            } => matcher.matches(value, *ignore_case),
+        }
+    }
+}
+
+/// The first value of `name` in a query string (`a=1&b&c=`); a parameter
+/// without `=` has the empty value.
+pub fn first_query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Whether the request is gRPC by its content-type, as Envoy's router
+/// checks it.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .is_some_and(|v| {
+            v.starts_with(GRPC) && matches!(v.get(GRPC.len()), None | Some(b'+') | Some(b';'))
+        })
 }
 
 #[derive(Debug)]
@@ -173,7 +383,10 @@ pub enum RouteAction {
     Route {
         cluster: ClusterSpecifier,
         prefix_rewrite: Option<String>,
-        host_rewrite: Option<String>,
+        /// `regex_rewrite`: the path (without its query) rewritten by a
+        /// global regex substitution.
+        regex_rewrite: Option<RegexRewrite>,
+        host_rewrite: Option<HostRewrite>,
         /// Envoy's default route timeout is 15 s; `None` disables it.
         timeout: Option<Duration>,
         /// The route's retry policy, or its virtual host's (a route's own
@@ -334,10 +547,43 @@ impl Default for RetryPolicy {
     }
 }
 
+/// `RegexMatchAndSubstitute`: every match of `pattern` in the value is
+/// replaced by `substitution` (already in the `regex` crate's `${1}` form).
+#[derive(Debug, Clone)]
+pub struct RegexRewrite {
+    pub pattern: Regex,
+    pub substitution: String,
+}
+
+impl RegexRewrite {
+    pub fn apply(&self, value: &str) -> String {
+        self.pattern
+            .replace_all(value, self.substitution.as_str())
+            .into_owned()
+    }
+}
+
+/// How the router rewrites the Host/`:authority` header.
+#[derive(Debug, Clone)]
+pub enum HostRewrite {
+    /// `host_rewrite_literal`.
+    Literal(String),
+    /// `host_rewrite_header`: the value of this request header, when present.
+    Header(http::HeaderName),
+    /// `host_rewrite_path_regex`: the path (without its query) rewritten.
+    PathRegex(RegexRewrite),
+    /// `auto_host_rewrite`: the host name of the chosen endpoint (the DNS
+    /// name of a STRICT_DNS endpoint; no change for others).
+    Auto,
+}
+
 #[derive(Debug)]
 pub enum ClusterSpecifier {
     Name(String),
     Weighted(Vec<WeightedCluster>),
+    /// `cluster_header`: the cluster named by this request header (missing
+    /// header or unknown cluster: 503, flag `NC`).
+    Header(http::HeaderName),
 }
 
 #[derive(Debug)]
@@ -348,9 +594,12 @@ pub struct WeightedCluster {
 
 impl ClusterSpecifier {
     /// Picks the cluster; `roll` is a uniform random number.
-    pub fn pick(&self, roll: u64) -> &str {
+    pub fn pick<'a>(&'a self, roll: u64, headers: &'a HeaderMap) -> &'a str {
         match self {
             ClusterSpecifier::Name(n) => n,
+            ClusterSpecifier::Header(h) => {
+                headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("")
+            }
             ClusterSpecifier::Weighted(ws) => {
                 let total: u64 = ws.iter().map(|w| u64::from(w.weight)).sum();
                 if total == 0 {
@@ -380,6 +629,7 @@ impl RouteConfig {
                         ClusterSpecifier::Weighted(ws) => {
                             out.extend(ws.iter().map(|w| w.name.as_str()))
                         }
+                        ClusterSpecifier::Header(_) => {}
                     }
                 }
             }
@@ -413,10 +663,22 @@ impl RouteConfig {
 
     /// The first route of the matching virtual host that matches the request.
     pub fn find_route(&self, host: &str, path: &str, headers: &HeaderMap) -> Option<&Route> {
+        self.find_route_rolled(host, path, headers, 0)
+    }
+
+    /// [`RouteConfig::find_route`] with the request's random `roll` for the
+    /// routes with a `runtime_fraction` (Envoy draws one per request).
+    pub fn find_route_rolled(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &HeaderMap,
+        roll: u64,
+    ) -> Option<&Route> {
         let vh = self.virtual_host(host)?;
         vh.routes
             .iter()
-            .find(|r| r.route_match.matches(path, headers))
+            .find(|r| r.route_match.matches_rolled(path, headers, roll))
     }
 }
 
@@ -437,9 +699,18 @@ pub fn strip_port(host: &str) -> &str {
 impl RouteMatch {
     /// `path` is the request's path with the query string.
     pub fn matches(&self, path_and_query: &str, headers: &HeaderMap) -> bool {
-        let path = path_and_query
-            .split_once('?')
-            .map_or(path_and_query, |(p, _)| p);
+        self.matches_rolled(path_and_query, headers, 0)
+    }
+
+    /// [`RouteMatch::matches`] with the request's random `roll`.
+    pub fn matches_rolled(&self, path_and_query: &str, headers: &HeaderMap, roll: u64) -> bool {
+        if self.runtime_fraction.is_some_and(|f| !f.hits(roll)) {
+            return false;
+        }
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
         let ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
@@ -456,6 +727,8 @@ impl RouteMatch {
             }
         };
         ok && self.headers.iter().all(|h| h.matches(headers))
+            && self.query_parameters.iter().all(|q| q.matches(query))
+            && (!self.grpc || is_grpc(headers))
     }
 }
 
@@ -479,14 +752,19 @@ mod tests {
                 path,
                 case_sensitive: true,
                 headers: vec![],
+                query_parameters: vec![],
+                grpc: false,
+                runtime_fraction: None,
             },
             action: RouteAction::DirectResponse {
                 status: http::StatusCode::OK,
                 body: None,
             },
-            request_headers_to_add: vec![],
-            request_headers_to_remove: vec![],
+            request_headers: HeaderMutations::default(),
+            response_headers: HeaderMutations::default(),
             fault_overrides: vec![],
+            cors: RouteCors::default(),
+            ratelimit_overrides: vec![],
             hash_policy: vec![],
         }
     }
@@ -610,7 +888,8 @@ mod tests {
                 weight: 75,
             },
         ]);
-        let a = (0..100).filter(|r| spec.pick(*r) == "a").count();
+        let h = HeaderMap::new();
+        let a = (0..100).filter(|r| spec.pick(*r, &h) == "a").count();
         assert_eq!(a, 25);
     }
 }

@@ -1123,3 +1123,658 @@ fn max_active_faults_bounds_concurrent_faults() -> Result<()> {
     assert_eq!(ferry, ((200, true), (200, true), 1, 1));
     Ok(())
 }
+
+// ------------------------------------------------------------------------------ matches, actions
+
+/// The value of `name` the backend received (its echo lists every header).
+fn echoed(r: &Reply, name: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(&r.body).ok()?;
+    let values: Vec<String> = v["headers"]
+        .as_array()?
+        .iter()
+        .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .filter_map(|h| h[1].as_str().map(str::to_string))
+        .collect();
+    (!values.is_empty()).then(|| values.join(","))
+}
+
+/// The echoed JSON field `key` (`name`, `path`, …) of a backend's answer.
+fn echo_field(r: &Reply, key: &str) -> String {
+    serde_json::from_str::<Value>(&r.body)
+        .ok()
+        .and_then(|v| v[key].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn direct(m: Value, body: &str) -> Value {
+    json!({"match": m, "direct_response": {"status": 200, "body": {"inline_string": body}}})
+}
+
+/// Query parameter matchers (every string matcher, `ignore_case`, `present_match`, a
+/// parameter without value, the first of repeated values, percent-encoded values), the
+/// `grpc` match and `runtime_fraction` pick the same routes through Ferry and Envoy.
+#[test]
+fn query_parameter_grpc_and_runtime_fraction_matches() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("grpc-backend", &[])?;
+    let q = |name: &str, m: Value| json!({"prefix": "/", "query_parameters": [{"name": name, "string_match": m}]});
+    let config = |port| {
+        let routes = vec![
+            direct(q("e", json!({"exact": "Yes"})), "exact"),
+            direct(
+                q("i", json!({"exact": "yes", "ignore_case": true})),
+                "ignore-case",
+            ),
+            direct(q("p", json!({"prefix": "ab"})), "prefix"),
+            direct(q("s", json!({"suffix": "yz"})), "suffix"),
+            direct(q("c", json!({"contains": "mid"})), "contains"),
+            direct(
+                q("r", json!({"safe_regex": {"regex": "[0-9]{3}"}})),
+                "regex",
+            ),
+            direct(q("sp", json!({"exact": "a b"})), "decoded"),
+            direct(q("sp", json!({"exact": "a%20b"})), "encoded"),
+            direct(
+                json!({"prefix": "/", "query_parameters": [{"name": "present", "present_match": true}]}),
+                "present",
+            ),
+            direct(
+                json!({"prefix": "/", "query_parameters": [{"name": "bare"}]}),
+                "bare",
+            ),
+            // gRPC requests get gRPC-shaped local replies from Envoy: to the backend.
+            json!({"match": {"prefix": "/", "grpc": {}}, "route": {"cluster": "backend"}}),
+            direct(
+                json!({"prefix": "/never", "runtime_fraction": {"default_value": {"numerator": 0}, "runtime_key": "k0"}}),
+                "never",
+            ),
+            direct(
+                json!({"prefix": "/always", "runtime_fraction": {"default_value": {"numerator": 100}, "runtime_key": "k1"}}),
+                "always",
+            ),
+            direct(
+                json!({"prefix": "/half", "runtime_fraction": {"default_value": {"numerator": 5000, "denominator": "TEN_THOUSAND"}, "runtime_key": "k2"}}),
+                "half",
+            ),
+            // Last but one: every request without the parameter matches it.
+            direct(
+                json!({"prefix": "/", "query_parameters": [{"name": "absent", "present_match": false}]}),
+                "present-false",
+            ),
+            direct(json!({"prefix": "/"}), "fallback"),
+        ];
+        render(
+            http(port, routes, vec![], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("/x?e=Yes", vec![]),
+        ("/x?e=yes", vec![]),
+        ("/x?i=YES", vec![]),
+        ("/x?p=abc", vec![]),
+        ("/x?s=xyz", vec![]),
+        ("/x?c=amidst", vec![]),
+        ("/x?r=123", vec![]),
+        ("/x?r=1234", vec![]),
+        ("/x?e=no&e=Yes", vec![]),
+        ("/x?e=Yes&e=no", vec![]),
+        ("/x?sp=a%20b", vec![]),
+        ("/x?present", vec![]),
+        ("/x?present=", vec![]),
+        ("/x?absent=1", vec![]),
+        ("/x?bare=1", vec![]),
+        ("/x?bare", vec![]),
+        ("/x?E=Yes", vec![]),
+        ("/x", vec![("content-type", "application/grpc")]),
+        ("/x", vec![("content-type", "application/grpc+proto")]),
+        ("/x", vec![("content-type", "application/grpc-web")]),
+        ("/x", vec![("content-type", "application/json")]),
+        // A direct response to a gRPC request is a trailers-only gRPC answer.
+        ("/x?e=Yes", vec![("content-type", "application/grpc")]),
+        (
+            "/x?absent=1&r=9",
+            vec![("content-type", "application/grpc")],
+        ),
+        ("/never", vec![]),
+        ("/always", vec![]),
+    ];
+    let observed = differential(config, |_, port| {
+        let mut out = Vec::new();
+        for (path, headers) in &cases {
+            let r = request(port, "GET", path, headers, b"")?;
+            let who = match echo_field(&r, "name") {
+                n if n.is_empty() => r.body.clone(),
+                n => n,
+            };
+            out.push(format!(
+                "{path} {headers:?} -> {} {who} {:?} {:?} {:?}",
+                r.status,
+                r.header("content-type"),
+                r.header("grpc-status"),
+                r.header("grpc-message"),
+            ));
+        }
+        let half = (0..200)
+            .map(|_| get(port, "/half").map(|r| r.body == "half"))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .filter(|h| *h)
+            .count();
+        Ok((out, half))
+    })?;
+    let Some(((ferry, ferry_half), (envoy, envoy_half))) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert!(ferry.iter().any(|l| l.contains("200 regex")), "{ferry:?}");
+    // 200 draws at 50 %: both within ±5 standard deviations (±35) of 100.
+    for half in [ferry_half, envoy_half] {
+        assert!((65..=135).contains(&half), "{ferry_half} {envoy_half}");
+    }
+    Ok(())
+}
+
+/// `cluster_header` picks the backend per request (a missing header or an unknown cluster is
+/// 503); `regex_rewrite` rewrites the path with groups and keeps the query;
+/// `host_rewrite_header`, `host_rewrite_path_regex` and `auto_host_rewrite` (STRICT_DNS)
+/// change the Host the backend sees.
+#[test]
+fn cluster_header_and_rewrites() -> Result<()> {
+    let _lock = RunLock::shared();
+    let a = App::http("a", &[])?;
+    let b = App::http("b", &[])?;
+    let config = |port| {
+        let routes = vec![
+            json!({"match": {"prefix": "/ch/"}, "route": {"cluster_header": "x-cluster", "timeout": "5s"}}),
+            json!({"match": {"prefix": "/rx/"}, "route": {"cluster": "a", "regex_rewrite": {
+                "pattern": {"regex": "^/rx/([^/]+)/([^/]+)$"}, "substitution": "/\\2/and/\\1"}}}),
+            json!({"match": {"prefix": "/all/"}, "route": {"cluster": "a", "regex_rewrite": {
+                "pattern": {"regex": "o"}, "substitution": "0"}}}),
+            json!({"match": {"prefix": "/hh/"}, "route": {"cluster": "a", "host_rewrite_header": "x-host"}}),
+            json!({"match": {"prefix": "/hp/"}, "route": {"cluster": "a", "host_rewrite_path_regex": {
+                "pattern": {"regex": "^/hp/([a-z]+)/.*$"}, "substitution": "\\1.example.com"}}}),
+            json!({"match": {"prefix": "/dns/"}, "route": {"cluster": "dns", "auto_host_rewrite": true}}),
+            json!({"match": {"prefix": "/static/"}, "route": {"cluster": "a", "auto_host_rewrite": true}}),
+        ];
+        let dns = json!({
+            "name": "dns", "type": "STRICT_DNS", "connect_timeout": "1s",
+            "dns_lookup_family": "V4_ONLY",
+            "load_assignment": {"cluster_name": "dns", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "localhost", "port_value": b.port}}}}
+            ]}]}
+        });
+        render(
+            http(port, routes, vec![], json!({})),
+            vec![
+                static_cluster("a", &[a.port], Upstream::Http1),
+                static_cluster("b", &[b.port], Upstream::Http1),
+                dns,
+            ],
+        )
+    };
+    let observed = differential(config, |_, port| {
+        let mut out = Vec::new();
+        let mut note = |what: &str, r: Reply| {
+            out.push(format!(
+                "{what}: {} {} {} host={}",
+                r.status,
+                echo_field(&r, "name"),
+                echo_field(&r, "path"),
+                echoed(&r, "host").unwrap_or_default()
+            ))
+        };
+        note(
+            "ch a",
+            request(port, "GET", "/ch/x", &[("x-cluster", "a")], b"")?,
+        );
+        note(
+            "ch b",
+            request(port, "GET", "/ch/x", &[("x-cluster", "b")], b"")?,
+        );
+        note("ch none", get(port, "/ch/x")?);
+        note(
+            "ch unknown",
+            request(port, "GET", "/ch/x", &[("x-cluster", "zz")], b"")?,
+        );
+        note("rx", get(port, "/rx/one/two?k=v")?);
+        note("rx miss", get(port, "/rx/one/two/three")?);
+        note("all", get(port, "/all/foo/boo")?);
+        note(
+            "hh",
+            request(port, "GET", "/hh/x", &[("x-host", "other.example")], b"")?,
+        );
+        note("hh none", get(port, "/hh/x")?);
+        note("hp", get(port, "/hp/reviews/x?q=1")?);
+        // STRICT_DNS may need a moment for its first resolution.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut dns = get(port, "/dns/x")?;
+        while dns.status != 200 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(100));
+            dns = get(port, "/dns/x")?;
+        }
+        note("dns", dns);
+        note("static", get(port, "/static/x")?);
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert!(ferry[0].starts_with("ch a: 200 a"), "{ferry:?}");
+    assert!(ferry[2].starts_with("ch none: 503"), "{ferry:?}");
+    assert!(ferry[4].contains("/two/and/one?k=v"), "{ferry:?}");
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ header formatters
+
+/// Request and response `headers_to_add` with formatters (addresses, `%HOSTNAME%`,
+/// `%PROTOCOL%`, `%REQ()%`, `%START_TIME%`, `%%`), at route, virtual host and route table
+/// levels with every append action, give the same headers through Ferry and Envoy (ports
+/// and times normalised).
+#[test]
+fn header_value_formatters_and_levels() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let add = |k: &str, v: &str, action: &str| json!({"header": {"key": k, "value": v}, "append_action": action});
+    let config = |port| {
+        let mut r = route("/", "backend", json!({}));
+        r["request_headers_to_add"] = json!([
+            add(
+                "x-remote",
+                "%DOWNSTREAM_REMOTE_ADDRESS%",
+                "APPEND_IF_EXISTS_OR_ADD"
+            ),
+            add(
+                "x-remote-ip",
+                "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+                "APPEND_IF_EXISTS_OR_ADD"
+            ),
+            add(
+                "x-local",
+                "%DOWNSTREAM_LOCAL_ADDRESS%",
+                "APPEND_IF_EXISTS_OR_ADD"
+            ),
+            add("x-host-name", "%HOSTNAME%", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-proto", "%PROTOCOL%", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-copy", "got-%REQ(x-in)%", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-missing", "%REQ(x-nothing)%", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-start", "%START_TIME%", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-epoch", "%START_TIME(%s)%", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-pct", "100%%", "APPEND_IF_EXISTS_OR_ADD"),
+            add(
+                "x-up-req",
+                "%UPSTREAM_REMOTE_ADDRESS%",
+                "APPEND_IF_EXISTS_OR_ADD"
+            ),
+            add("x-in", "route", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-absent", "route", "ADD_IF_ABSENT"),
+            add("x-over", "route", "OVERWRITE_IF_EXISTS"),
+            add("x-level", "route", "OVERWRITE_IF_EXISTS_OR_ADD"),
+        ]);
+        r["request_headers_to_remove"] = json!(["x-drop"]);
+        r["response_headers_to_add"] = json!([
+            add(
+                "x-upstream",
+                "%UPSTREAM_REMOTE_ADDRESS%",
+                "APPEND_IF_EXISTS_OR_ADD"
+            ),
+            add("x-resp-req", "%REQ(x-in)%", "APPEND_IF_EXISTS_OR_ADD"),
+            add("x-resp-level", "route", "APPEND_IF_EXISTS_OR_ADD"),
+        ]);
+        let vhost = json!({
+            "request_headers_to_add": [add("x-level", "vhost", "APPEND_IF_EXISTS_OR_ADD")],
+            "response_headers_to_add": [add("x-resp-level", "vhost", "OVERWRITE_IF_EXISTS_OR_ADD")],
+        });
+        let mut l = http(port, vec![r], vec![], vhost);
+        let rc = &mut l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"];
+        rc["request_headers_to_add"] = json!([add("x-level", "table", "APPEND_IF_EXISTS_OR_ADD")]);
+        rc["response_headers_to_add"] =
+            json!([add("x-resp-level", "table", "APPEND_IF_EXISTS_OR_ADD")]);
+        render(
+            l,
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let names = [
+        "x-remote",
+        "x-remote-ip",
+        "x-local",
+        "x-host-name",
+        "x-proto",
+        "x-copy",
+        "x-missing",
+        "x-start",
+        "x-epoch",
+        "x-pct",
+        "x-up-req",
+        "x-in",
+        "x-absent",
+        "x-over",
+        "x-level",
+        "x-drop",
+    ];
+    let observed = differential(config, |_, port| {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let r = request(
+            port,
+            "GET",
+            "/x",
+            &[("x-in", "client"), ("x-over", "client"), ("x-drop", "1")],
+            b"",
+        )?;
+        let mut out = Vec::new();
+        for n in names {
+            let v = echoed(&r, n).unwrap_or_else(|| "<none>".into());
+            // Ports and times differ between the runs: keep their shape.
+            let v = match n {
+                "x-remote" => v.replace(|c: char| c.is_ascii_digit(), "9"),
+                "x-local" => v.replace(&port.to_string(), "PORT"),
+                "x-start" => {
+                    let shape: String = v
+                        .chars()
+                        .map(|c| if c.is_ascii_digit() { '9' } else { c })
+                        .collect();
+                    shape
+                }
+                "x-epoch" => {
+                    let t: u64 = v.parse().unwrap_or(0);
+                    format!("within 5s: {}", t >= before && t <= before + 5)
+                }
+                _ => v,
+            };
+            out.push(format!("{n}={v}"));
+        }
+        for n in ["x-upstream", "x-resp-req", "x-resp-level"] {
+            let v = r
+                .headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+                .collect::<Vec<_>>()
+                .join(",");
+            out.push(format!(
+                "resp {n}={}",
+                v.replace(&app.port.to_string(), "APP")
+            ));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert!(
+        ferry.contains(&"x-remote-ip=127.0.0.1".to_string()),
+        "{ferry:?}"
+    );
+    assert!(
+        ferry.contains(&"x-local=127.0.0.1:PORT".to_string()),
+        "{ferry:?}"
+    );
+    assert!(
+        ferry.contains(&"resp x-upstream=127.0.0.1:APP".to_string()),
+        "{ferry:?}"
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ cors
+
+const CORS: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
+
+/// Method, path, request headers.
+type CorsCase = (&'static str, String, Vec<(&'static str, &'static str)>);
+
+fn cors_filter() -> Value {
+    json!({"name": "envoy.filters.http.cors", "typed_config":
+        {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}})
+}
+
+/// The CORS filter with virtual host and route policies: preflights answered by the proxy
+/// (allowed origin) or passed to the backend (other origins), simple requests given
+/// `access-control-allow-origin` and `-expose-headers`, route settings falling back to the
+/// virtual host's field by field, a disabled and a shadow-only policy, the deprecated
+/// inline `cors`, and the `origin_valid`/`origin_invalid` counters — the same through Ferry
+/// and Envoy.
+#[test]
+fn cors_preflight_and_simple_requests() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let with = |prefix: &str, policy: Value| {
+            let mut r = route(prefix, "backend", json!({}));
+            let mut p = policy;
+            p["@type"] = json!(CORS);
+            r["typed_per_filter_config"] = json!({"envoy.filters.http.cors": p});
+            r
+        };
+        let routes = vec![
+            // Only methods of its own: origins, headers, max-age come from the virtual host.
+            with(
+                "/own/",
+                json!({"allow_methods": "PUT", "allow_credentials": false}),
+            ),
+            with(
+                "/any/",
+                json!({"allow_origin_string_match": [{"exact": "*"}], "expose_headers": "x-any"}),
+            ),
+            with(
+                "/off/",
+                json!({"filter_enabled": {"default_value": {"numerator": 0}, "runtime_key": "c0"}}),
+            ),
+            with(
+                "/shadow/",
+                json!({"filter_enabled": {"default_value": {"numerator": 0}, "runtime_key": "c1"},
+                       "shadow_enabled": {"default_value": {"numerator": 100}, "runtime_key": "c2"}}),
+            ),
+            route("/", "backend", json!({})),
+        ];
+        let vhost = json!({"typed_per_filter_config": {"envoy.filters.http.cors": {
+            "@type": CORS,
+            "allow_origin_string_match": [{"suffix": ".example.com"}, {"exact": "HTTPS://UPPER.ORG", "ignore_case": true}],
+            "allow_methods": "GET,POST",
+            "allow_headers": "x-custom,content-type",
+            "expose_headers": "x-exposed",
+            "max_age": "600",
+            "allow_credentials": true,
+        }}});
+        render(
+            http(port, routes, vec![cors_filter()], vhost),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let cors_headers = [
+        "access-control-allow-origin",
+        "access-control-allow-methods",
+        "access-control-allow-headers",
+        "access-control-max-age",
+        "access-control-allow-credentials",
+        "access-control-expose-headers",
+    ];
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let pre = |origin: &'static str| {
+            vec![
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+            ]
+        };
+        let cases: Vec<CorsCase> = vec![
+            ("OPTIONS", format!("/p/{t}"), pre("https://a.example.com")),
+            ("OPTIONS", format!("/p2/{t}"), pre("https://evil.org")),
+            (
+                "OPTIONS",
+                format!("/p3/{t}"),
+                vec![("Origin", "https://a.example.com")],
+            ),
+            ("OPTIONS", format!("/p4/{t}"), pre("https://upper.org")),
+            (
+                "GET",
+                format!("/s/{t}"),
+                vec![("Origin", "https://a.example.com")],
+            ),
+            (
+                "GET",
+                format!("/s2/{t}"),
+                vec![("Origin", "https://evil.org")],
+            ),
+            ("GET", format!("/s3/{t}"), vec![]),
+            (
+                "OPTIONS",
+                format!("/own/p/{t}"),
+                pre("https://b.example.com"),
+            ),
+            (
+                "GET",
+                format!("/own/s/{t}"),
+                vec![("Origin", "https://b.example.com")],
+            ),
+            ("OPTIONS", format!("/any/p/{t}"), pre("https://evil.org")),
+            (
+                "GET",
+                format!("/any/s/{t}"),
+                vec![("Origin", "https://evil.org")],
+            ),
+            (
+                "GET",
+                format!("/off/s/{t}"),
+                vec![("Origin", "https://a.example.com")],
+            ),
+            (
+                "OPTIONS",
+                format!("/off/p/{t}"),
+                pre("https://a.example.com"),
+            ),
+            (
+                "GET",
+                format!("/shadow/s/{t}"),
+                vec![("Origin", "https://a.example.com")],
+            ),
+        ];
+        let mut out = Vec::new();
+        for (method, path, headers) in &cases {
+            let r = request(port, method, path, headers, b"")?;
+            // Which answered: the backend counts what reached it (the routes strip their
+            // prefix).
+            let seen = ["/own", "/any", "/off", "/shadow"]
+                .iter()
+                .find_map(|p| path.strip_prefix(p))
+                .unwrap_or(path);
+            let backend = hits(&app, seen)?.0;
+            let mut line = format!(
+                "{method} {} -> {} backend={backend}",
+                path.replace(&t, "T"),
+                r.status
+            );
+            for h in cors_headers {
+                if let Some(v) = r.header(h) {
+                    line.push_str(&format!(" {h}={v}"));
+                }
+            }
+            out.push(line);
+        }
+        let valid = p.stat("http.in.cors.origin_valid")?;
+        let invalid = p.stat("http.in.cors.origin_invalid")?;
+        Ok((out, valid, invalid))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    let (lines, valid, _) = &ferry;
+    assert!(lines[0].contains("backend=0"), "{lines:?}");
+    assert!(lines[0].contains("access-control-max-age=600"), "{lines:?}");
+    assert!(*valid > 0);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ local rate limit
+
+const LOCAL_RL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+/// The local rate limit filter: a token bucket of the filter (3 tokens, refilled hourly)
+/// serves three requests and refuses the next with 429 and the configured response headers
+/// (no `x-envoy-ratelimited`, whatever Envoy's docs say); a route's own configuration has its own bucket and status;
+/// a route that enables but does not enforce only marks the request; counters as Envoy's.
+#[test]
+fn local_rate_limit_token_buckets() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let config = |port| {
+        let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "listener_rl",
+            "token_bucket": {"max_tokens": 3, "tokens_per_fill": 3, "fill_interval": "3600s"},
+            "filter_enabled": all,
+            "filter_enforced": all,
+            "response_headers_to_add": [{"header": {"key": "x-limited-by", "value": "listener"},
+                                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        }});
+        let mut own = route("/own/", "backend", json!({}));
+        own["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "route_rl",
+            "status": {"code": 503},
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+            "filter_enabled": all,
+            "filter_enforced": all,
+        }});
+        let mut shadow = route("/shadow/", "backend", json!({}));
+        shadow["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "shadow_rl",
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+            "filter_enabled": all,
+            "request_headers_to_add_when_not_enforced": [{"header": {"key": "x-over-limit", "value": "yes"}}],
+        }});
+        let mut off = route("/off/", "backend", json!({}));
+        off["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "off_rl",
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+        }});
+        let routes = vec![own, shadow, off, route("/", "backend", json!({}))];
+        render(
+            http(port, routes, vec![filter], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let mut out = Vec::new();
+        for prefix in ["/", "/own/", "/shadow/", "/off/"] {
+            for i in 0..5 {
+                let r = get(port, &format!("{prefix}x/{i}"))?;
+                out.push(format!(
+                    "{prefix} {i}: {} {:?} {:?} {:?} over={:?}",
+                    r.status,
+                    r.header("x-envoy-ratelimited"),
+                    r.header("x-limited-by"),
+                    (r.status != 200).then(|| r.body.clone()),
+                    echoed(&r, "x-over-limit"),
+                ));
+            }
+        }
+        let mut counters = Vec::new();
+        for prefix in ["listener_rl", "route_rl", "shadow_rl", "off_rl"] {
+            for c in ["enabled", "ok", "rate_limited", "enforced"] {
+                let name = format!("{prefix}.http_local_rate_limit.{c}");
+                counters.push(format!("{name}={}", p.stat(&name)?));
+            }
+        }
+        Ok((out, counters))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    let (lines, _) = &ferry;
+    assert!(lines[3].starts_with("/ 3: 429"), "{lines:?}");
+    assert!(lines[6].starts_with("/own/ 1: 503"), "{lines:?}");
+    Ok(())
+}

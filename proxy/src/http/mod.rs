@@ -7,6 +7,7 @@
 
 pub mod body;
 mod fault;
+mod filters;
 mod shadow;
 
 use std::convert::Infallible;
@@ -15,9 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_filters::http::{headers, retry, router};
+use ferry_model::format::FormatContext;
 use ferry_model::{
-    ChainKind, FilterChain, HttpConnectionManager, HttpFilterConfig, PathMatch, Route, RouteAction,
-    RouteSource,
+    ChainKind, FilterChain, HostRewrite, HttpConnectionManager, HttpFilterConfig, PathMatch, Route,
+    RouteAction, RouteSource,
 };
 use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -115,7 +117,13 @@ struct LocalReply {
     body: Option<String>,
 }
 
+/// Marks a response Ferry generated itself (Envoy's local reply) with its
+/// body text, so that a gRPC request gets it in gRPC's shape.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalBody(pub Option<String>);
+
 fn local_reply(r: LocalReply) -> Response<ResponseBody> {
+    let marker = LocalBody(r.body.clone());
     let mut resp = match r.body {
         Some(b) => {
             let mut resp = Response::new(body::full(b));
@@ -128,7 +136,49 @@ fn local_reply(r: LocalReply) -> Response<ResponseBody> {
         None => Response::new(body::empty()),
     };
     *resp.status_mut() = r.status;
+    resp.extensions_mut().insert(marker);
     resp
+}
+
+/// A local reply to a gRPC request, as Envoy sends it: a trailers-only
+/// answer (HTTP 200, `application/grpc`) whose `grpc-status` comes from the
+/// HTTP status and whose `grpc-message` is the body, percent-encoded.
+fn grpc_local_reply(resp: &mut Response<ResponseBody>, text: Option<String>) {
+    let code = match resp.status().as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    *resp.status_mut() = StatusCode::OK;
+    *resp.body_mut() = body::empty();
+    let h = resp.headers_mut();
+    h.remove(http::header::CONTENT_LENGTH);
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Some(t) = text.filter(|t| !t.is_empty())
+        && let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&t))
+    {
+        h.insert("grpc-message", v);
+    }
+}
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII but `%` stays.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn authority(req: &Request<Incoming>) -> String {
@@ -160,7 +210,14 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
         .map_or("/", |p| p.as_str())
         .to_string();
     let host = authority(&req);
-    let (mut resp, flag, upstream) = route_request(&ctx, req, &host, &path).await;
+    let started = std::time::SystemTime::now();
+    let grpc = ferry_model::route::is_grpc(req.headers());
+    let (mut resp, flag, upstream) = route_request(&ctx, req, &host, &path, started).await;
+    if let Some(LocalBody(text)) = resp.extensions_mut().remove::<LocalBody>()
+        && grpc
+    {
+        grpc_local_reply(&mut resp, text);
+    }
     stats.status(resp.status().as_u16());
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
     *resp.version_mut() = version;
@@ -188,7 +245,13 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
 
-async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: &str) -> Routed {
+async fn route_request(
+    ctx: &ConnCtx,
+    mut req: Request<Incoming>,
+    host: &str,
+    path: &str,
+    started: std::time::SystemTime,
+) -> Routed {
     let Some(hcm) = ctx.hcm() else {
         return (
             local_reply(LocalReply {
@@ -207,7 +270,7 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
     };
     let Some(route) = routes
         .as_ref()
-        .and_then(|rc| rc.find_route(host, path, req.headers()))
+        .and_then(|rc| rc.find_route_rolled(host, path, req.headers(), rand::random()))
     else {
         ctx.stats.no_route.inc();
         return (
@@ -219,30 +282,60 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
             None,
         );
     };
+    let fctx = FormatContext {
+        downstream_remote: Some(ctx.peer),
+        downstream_local: Some(ctx.original_dst),
+        upstream_remote: None,
+        protocol: protocol_name(req.version()),
+        hostname: hostname(),
+        start_time: started,
+    };
     // Weighted clusters are picked once, before the filters, so the fault
     // filter's `upstream_cluster` sees the cluster the router will use.
     let cluster = match &route.action {
-        RouteAction::Route { cluster, .. } => cluster.pick(rand::random()),
+        RouteAction::Route { cluster, .. } => cluster.pick(rand::random(), req.headers()),
         _ => "",
-    };
-    // The HTTP filters before the router, in configuration order.
+    }
+    .to_string();
+    // The HTTP filters before the router, in configuration order; a filter
+    // that answers itself sends its answer back through the filters before
+    // it (CORS headers on a rate-limited answer, as in Envoy).
     let mut delayed = false;
+    let mut on_response = filters::ResponseHooks::default();
     for f in &hcm.http_filters {
         match &f.config {
             HttpFilterConfig::Fault(cfg) => {
                 let cfg = route.fault_override(&f.name).unwrap_or(cfg);
-                match fault::apply(ctx, hcm, cfg, req.headers(), cluster).await {
-                    fault::Applied::None => {}
-                    fault::Applied::Delayed => delayed = true,
-                    fault::Applied::Aborted(resp) => {
-                        return (resp, if delayed { "DI,FI" } else { "FI" }, None);
+                let (mut resp, flag) = match fault::apply(ctx, hcm, cfg, req.headers(), &cluster)
+                    .await
+                {
+                    fault::Applied::None => continue,
+                    fault::Applied::Delayed => {
+                        delayed = true;
+                        continue;
                     }
-                    fault::Applied::DelayedAborted(resp) => return (resp, "DI,FI", None),
+                    fault::Applied::Aborted(resp) => (resp, if delayed { "DI,FI" } else { "FI" }),
+                    fault::Applied::DelayedAborted(resp) => (resp, "DI,FI"),
+                };
+                on_response.apply(resp.headers_mut());
+                return (resp, flag, None);
+            }
+            HttpFilterConfig::Cors => {
+                let policies = route.cors_policies(&f.name);
+                if let Some(resp) = filters::cors(ctx, hcm, &policies, &req, &mut on_response) {
+                    return (resp, "", None);
+                }
+            }
+            HttpFilterConfig::LocalRateLimit(cfg) => {
+                let cfg = route.ratelimit_override(&f.name).unwrap_or(cfg);
+                if let Some(mut resp) = filters::local_ratelimit(ctx, cfg, &mut req, &fctx) {
+                    on_response.apply(resp.headers_mut());
+                    return (resp, "RL", None);
                 }
             }
         }
     }
-    match &route.action {
+    let (mut resp, flag, upstream) = match &route.action {
         RouteAction::DirectResponse { status, body } => {
             let r = LocalReply {
                 status: *status,
@@ -281,10 +374,56 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
             }
             (resp, "", None)
         }
-        RouteAction::Route { .. } => forward(ctx, hcm, route, cluster, delayed, req, host).await,
+        RouteAction::Route { .. } => {
+            // The route's response headers read the request as it arrived.
+            let request_headers =
+                (!route.response_headers.is_empty()).then(|| req.headers().clone());
+            let routed = forward(ctx, hcm, route, &cluster, delayed, req, host, &fctx).await;
+            let (mut resp, flag, upstream) = routed;
+            let fctx = FormatContext {
+                upstream_remote: upstream,
+                ..fctx
+            };
+            if let Some(rh) = &request_headers {
+                route
+                    .response_headers
+                    .apply(resp.headers_mut(), &fctx, Some(rh));
+            }
+            on_response.apply(resp.headers_mut());
+            return (resp, flag, upstream);
+        }
+    };
+    if !route.response_headers.is_empty() {
+        route
+            .response_headers
+            .apply(resp.headers_mut(), &fctx, Some(req.headers()));
+    }
+    on_response.apply(resp.headers_mut());
+    (resp, flag, upstream)
+}
+
+/// `%PROTOCOL%`.
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
     }
 }
 
+/// `%HOSTNAME%`: the machine's host name, read once.
+fn hostname() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_default()
+    })
+}
+
+#[allow(clippy::too_many_arguments)] // the request's whole context, once
 async fn forward(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
@@ -293,9 +432,11 @@ async fn forward(
     delayed: bool,
     mut req: Request<Incoming>,
     host: &str,
+    fctx: &FormatContext<'_>,
 ) -> Routed {
     let RouteAction::Route {
         prefix_rewrite,
+        regex_rewrite,
         host_rewrite,
         timeout,
         retry_policy,
@@ -342,25 +483,29 @@ async fn forward(
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
 
-    if let Some(h) = host_rewrite {
-        if let Ok(v) = HeaderValue::from_str(h) {
-            parts.headers.insert(HOST, v);
-        }
-    } else if !parts.headers.contains_key(HOST)
+    if !parts.headers.contains_key(HOST)
         && let Ok(v) = HeaderValue::from_str(host)
     {
         parts.headers.insert(HOST, v);
     }
     headers::prepare_request(&mut parts.headers, "http", hcm.generate_request_id);
-    for name in &route.request_headers_to_remove {
-        parts.headers.remove(name);
-    }
-    for (name, value, append) in &route.request_headers_to_add {
-        if *append {
-            parts.headers.append(name.clone(), value.clone());
-        } else {
-            parts.headers.insert(name.clone(), value.clone());
-        }
+    route.request_headers.apply(&mut parts.headers, fctx, None);
+    let original_path = parts.uri.path().to_string();
+    let new_host = match host_rewrite {
+        Some(HostRewrite::Literal(h)) => Some(h.clone()),
+        Some(HostRewrite::Header(name)) => parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        Some(HostRewrite::PathRegex(r)) => Some(r.apply(&original_path)),
+        Some(HostRewrite::Auto) => pool.hostname.as_deref().map(str::to_string),
+        None => None,
+    };
+    if let Some(h) = new_host
+        && let Ok(v) = HeaderValue::from_str(&h)
+    {
+        parts.headers.insert(HOST, v);
     }
     let mut path = parts
         .uri
@@ -369,6 +514,13 @@ async fn forward(
         .to_string();
     if let (Some(repl), PathMatch::Prefix(matched)) = (prefix_rewrite, &route.route_match.path) {
         path = router::rewrite_prefix(&path, matched, repl);
+    } else if let Some(r) = regex_rewrite {
+        let query = parts.uri.query();
+        path = r.apply(&original_path);
+        if let Some(q) = query {
+            path.push('?');
+            path.push_str(q);
+        }
     }
     let use_h2 = !upgrade
         && match crt.cfg.protocol {

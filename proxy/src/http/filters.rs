@@ -1,0 +1,120 @@
+//! Runs the CORS and local rate limit filters of a connection manager on one
+//! request: the decisions come from `ferry_filters::http`; here they become
+//! responses, request changes and Envoy's counters.
+
+use ferry_filters::http::{cors as cors_filter, local_ratelimit as rl};
+use ferry_model::HttpConnectionManager;
+use ferry_model::cors::CorsPolicy;
+use ferry_model::format::FormatContext;
+use ferry_model::ratelimit::LocalRateLimit;
+use http::{HeaderMap, Request, Response};
+use hyper::body::Incoming;
+
+use super::ConnCtx;
+use super::body::{self, ResponseBody};
+
+/// Headers the filters already passed add to whatever response comes back
+/// (the encode side of a filter).
+#[derive(Default)]
+pub struct ResponseHooks {
+    cors: Option<HeaderMap>,
+}
+
+impl ResponseHooks {
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        if let Some(h) = &self.cors {
+            for (k, v) in h {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// `envoy.filters.http.cors`: a preflight is answered here (`Some`); an
+/// allowed cross-origin request leaves its headers in `hooks`.
+pub fn cors(
+    ctx: &ConnCtx,
+    hcm: &HttpConnectionManager,
+    policies: &[&CorsPolicy],
+    req: &Request<Incoming>,
+    hooks: &mut ResponseHooks,
+) -> Option<Response<ResponseBody>> {
+    let (decision, stats) = cors_filter::decide(
+        policies,
+        req.method(),
+        req.headers(),
+        (rand::random(), rand::random()),
+    );
+    let counter = |n: &str| {
+        ctx.rt
+            .stats
+            .counter(&format!("http.{}.cors.{n}", hcm.stat_prefix))
+            .inc()
+    };
+    if stats.origin_valid {
+        counter("origin_valid");
+    }
+    if stats.origin_invalid {
+        counter("origin_invalid");
+    }
+    match decision {
+        cors_filter::Decision::Pass => None,
+        cors_filter::Decision::Simple(h) => {
+            hooks.cors = Some(h);
+            None
+        }
+        cors_filter::Decision::Preflight(h) => {
+            let mut resp = Response::new(body::empty());
+            *resp.headers_mut() = h;
+            Some(resp)
+        }
+    }
+}
+
+/// `envoy.filters.http.local_ratelimit`: `Some` is the answer to a request
+/// over the limit; a request over a limit that is not enforced gets the
+/// configured request headers.
+pub fn local_ratelimit(
+    ctx: &ConnCtx,
+    cfg: &LocalRateLimit,
+    req: &mut Request<Incoming>,
+    fctx: &FormatContext<'_>,
+) -> Option<Response<ResponseBody>> {
+    let decision = rl::decide(cfg, (rand::random(), rand::random()));
+    let counter = |n: &str| {
+        ctx.rt
+            .stats
+            .counter(&format!("{}.http_local_rate_limit.{n}", cfg.stat_prefix))
+            .inc()
+    };
+    if decision == rl::Decision::Disabled {
+        return None;
+    }
+    counter("enabled");
+    match decision {
+        rl::Decision::Disabled => None,
+        rl::Decision::Allowed => {
+            counter("ok");
+            None
+        }
+        rl::Decision::LimitedNotEnforced => {
+            counter("rate_limited");
+            cfg.request_headers_when_not_enforced
+                .apply(req.headers_mut(), fctx, None);
+            None
+        }
+        rl::Decision::Limited => {
+            counter("rate_limited");
+            counter("enforced");
+            let mut resp = super::local_reply(super::LocalReply {
+                status: cfg.status,
+                body: Some("local_rate_limited".into()),
+            });
+            // Envoy 1.40 does not add `x-envoy-ratelimited` here (its docs
+            // say it does): only the configured headers.
+            cfg.response_headers
+                .apply(resp.headers_mut(), fctx, Some(req.headers()));
+            Some(resp)
+        }
+    }
+}
