@@ -402,6 +402,8 @@ pub enum RouteAction {
         /// The virtual host's `include_request_attempt_count` and
         /// `include_attempt_count_in_response` (`x-envoy-attempt-count`).
         attempt_count: AttemptCount,
+        /// `cluster_not_found_response_code` (default 503).
+        cluster_not_found: http::StatusCode,
     },
     DirectResponse {
         status: http::StatusCode,

@@ -1287,6 +1287,8 @@ fn cluster_header_and_rewrites() -> Result<()> {
     let config = |port| {
         let routes = vec![
             json!({"match": {"prefix": "/ch/"}, "route": {"cluster_header": "x-cluster", "timeout": "5s"}}),
+            json!({"match": {"prefix": "/ch404/"}, "route": {"cluster_header": "x-cluster",
+                "cluster_not_found_response_code": "NOT_FOUND"}}),
             json!({"match": {"prefix": "/rx/"}, "route": {"cluster": "a", "regex_rewrite": {
                 "pattern": {"regex": "^/rx/([^/]+)/([^/]+)$"}, "substitution": "/\\2/and/\\1"}}}),
             json!({"match": {"prefix": "/all/"}, "route": {"cluster": "a", "regex_rewrite": {
@@ -1427,7 +1429,21 @@ fn header_value_formatters_and_levels() -> Result<()> {
             "request_headers_to_add": [add("x-level", "vhost", "APPEND_IF_EXISTS_OR_ADD")],
             "response_headers_to_add": [add("x-resp-level", "vhost", "OVERWRITE_IF_EXISTS_OR_ADD")],
         });
-        let mut l = http(port, vec![r], vec![], vhost);
+        let mut direct = json!({"match": {"prefix": "/direct"},
+            "direct_response": {"status": 201, "body": {"inline_string": "made here"}}});
+        direct["response_headers_to_add"] = json!([
+            add(
+                "x-direct",
+                "%REQ(x-in)%-%PROTOCOL%",
+                "APPEND_IF_EXISTS_OR_ADD"
+            ),
+            add(
+                "x-up-direct",
+                "%UPSTREAM_REMOTE_ADDRESS%",
+                "APPEND_IF_EXISTS_OR_ADD"
+            ),
+        ]);
+        let mut l = http(port, vec![direct, r], vec![], vhost);
         let rc = &mut l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"];
         rc["request_headers_to_add"] = json!([add("x-level", "table", "APPEND_IF_EXISTS_OR_ADD")]);
         rc["response_headers_to_add"] =
@@ -1571,6 +1587,16 @@ fn cors_preflight_and_simple_requests() -> Result<()> {
                 json!({"filter_enabled": {"default_value": {"numerator": 0}, "runtime_key": "c1"},
                        "shadow_enabled": {"default_value": {"numerator": 100}, "runtime_key": "c2"}}),
             ),
+            with(
+                "/strict/",
+                json!({"forward_not_matching_preflights": false, "allow_private_network_access": true}),
+            ),
+            // The deprecated inline policy is ignored while typed ones exist.
+            route(
+                "/inline/",
+                "backend",
+                json!({"cors": {"allow_origin_string_match": [{"exact": "https://evil.org"}]}}),
+            ),
             route("/", "backend", json!({})),
         ];
         let vhost = json!({"typed_per_filter_config": {"envoy.filters.http.cors": {
@@ -1594,6 +1620,7 @@ fn cors_preflight_and_simple_requests() -> Result<()> {
         "access-control-max-age",
         "access-control-allow-credentials",
         "access-control-expose-headers",
+        "access-control-allow-private-network",
     ];
     let observed = differential(config, |p, port| {
         let t = tag(p);
@@ -1625,42 +1652,61 @@ fn cors_preflight_and_simple_requests() -> Result<()> {
             ("GET", format!("/s3/{t}"), vec![]),
             (
                 "OPTIONS",
-                format!("/own/p/{t}"),
+                format!("/own/op/{t}"),
                 pre("https://b.example.com"),
             ),
             (
                 "GET",
-                format!("/own/s/{t}"),
+                format!("/own/os/{t}"),
                 vec![("Origin", "https://b.example.com")],
             ),
-            ("OPTIONS", format!("/any/p/{t}"), pre("https://evil.org")),
+            ("OPTIONS", format!("/any/ap/{t}"), pre("https://evil.org")),
             (
                 "GET",
-                format!("/any/s/{t}"),
+                format!("/any/as/{t}"),
                 vec![("Origin", "https://evil.org")],
             ),
             (
                 "GET",
-                format!("/off/s/{t}"),
+                format!("/off/fs/{t}"),
                 vec![("Origin", "https://a.example.com")],
             ),
             (
                 "OPTIONS",
-                format!("/off/p/{t}"),
+                format!("/off/fp/{t}"),
                 pre("https://a.example.com"),
             ),
             (
                 "GET",
-                format!("/shadow/s/{t}"),
+                format!("/shadow/hs/{t}"),
                 vec![("Origin", "https://a.example.com")],
+            ),
+            (
+                "OPTIONS",
+                format!("/strict/sp/{t}"),
+                pre("https://evil.org"),
+            ),
+            (
+                "OPTIONS",
+                format!("/strict/sp2/{t}"),
+                vec![
+                    ("Origin", "https://a.example.com"),
+                    ("Access-Control-Request-Method", "GET"),
+                    ("Access-Control-Request-Private-Network", "true"),
+                ],
+            ),
+            (
+                "GET",
+                format!("/inline/is/{t}"),
+                vec![("Origin", "https://evil.org")],
             ),
         ];
         let mut out = Vec::new();
         for (method, path, headers) in &cases {
             let r = request(port, method, path, headers, b"")?;
             // Which answered: the backend counts what reached it (the routes strip their
-            // prefix).
-            let seen = ["/own", "/any", "/off", "/shadow"]
+            // prefix; every case has a path of its own).
+            let seen = ["/own", "/any", "/off", "/shadow", "/strict", "/inline"]
                 .iter()
                 .find_map(|p| path.strip_prefix(p))
                 .unwrap_or(path);
@@ -1688,6 +1734,15 @@ fn cors_preflight_and_simple_requests() -> Result<()> {
     let (lines, valid, _) = &ferry;
     assert!(lines[0].contains("backend=0"), "{lines:?}");
     assert!(lines[0].contains("access-control-max-age=600"), "{lines:?}");
+    // forward_not_matching_preflights: false answers the preflight, without an origin.
+    let strict = lines
+        .iter()
+        .find(|l| l.contains("/strict/sp/"))
+        .ok_or_else(|| anyhow!("no strict line"))?;
+    assert!(
+        strict.contains("backend=0") && !strict.contains("allow-origin"),
+        "{strict}"
+    );
     assert!(*valid > 0);
     Ok(())
 }

@@ -1250,6 +1250,17 @@ fn route_action(
             .as_ref()
             .and_then(|m| timeout_or(&m.max_stream_duration, None)),
         attempt_count: m::AttemptCount::default(),
+        cluster_not_found: match ra.cluster_not_found_response_code {
+            0 => http::StatusCode::SERVICE_UNAVAILABLE,
+            1 => http::StatusCode::NOT_FOUND,
+            2 => http::StatusCode::INTERNAL_SERVER_ERROR,
+            c => {
+                return Err(ctx.err(
+                    format!("{field}.cluster_not_found_response_code"),
+                    format!("unknown response code {c}"),
+                ));
+            }
+        },
     })
 }
 

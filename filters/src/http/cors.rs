@@ -25,6 +25,11 @@ pub enum Decision {
     Preflight(HeaderMap),
     /// An allowed cross-origin request: its response gets these headers.
     Simple(HeaderMap),
+    /// A preflight from an origin that is not allowed, with
+    /// `forward_not_matching_preflights: false`: answered here, as Envoy
+    /// does, with the policy's methods, headers, max-age and credentials
+    /// but no `access-control-allow-origin`.
+    Refused(HeaderMap),
 }
 
 /// Counters the decision moved (`origin_valid`, `origin_invalid`).
@@ -72,62 +77,80 @@ pub fn decide(
             .iter()
             .any(|(m, ic)| m.matches("*", *ic) || m.matches(origin, *ic))
     });
+    let preflight = method == Method::OPTIONS
+        && headers
+            .get("access-control-request-method")
+            .is_some_and(|v| !v.is_empty());
     if !allowed {
         stats.origin_invalid = true;
+        let forward = first(policies, |p| p.forward_not_matching_preflights).unwrap_or(true);
+        if enabled && preflight && !forward {
+            let mut out = HeaderMap::new();
+            preflight_headers(policies, headers, &mut out);
+            return (Decision::Refused(out), stats);
+        }
         return (Decision::Pass, stats);
     }
     stats.origin_valid = true;
     if !enabled {
         return (Decision::Pass, stats);
     }
-    let credentials = first(policies, |p| p.allow_credentials).unwrap_or(false);
-    let preflight = method == Method::OPTIONS
-        && headers
-            .get("access-control-request-method")
-            .is_some_and(|v| !v.is_empty());
     let mut out = HeaderMap::new();
     out.insert(ALLOW_ORIGIN, origin.clone());
-    if credentials {
-        out.insert(ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-    }
-    let mut put = |name: &'static str, v: Option<&str>| {
-        if let Some(v) = v
-            && let Ok(v) = HeaderValue::from_str(v)
-        {
-            out.insert(name, v);
-        }
-    };
     if preflight {
-        put(
-            ALLOW_METHODS,
-            first(policies, |p| non_empty(&p.allow_methods)),
-        );
-        put(
-            ALLOW_HEADERS,
-            first(policies, |p| non_empty(&p.allow_headers)),
-        );
-        put(MAX_AGE, first(policies, |p| non_empty(&p.max_age)));
-        let private = first(policies, |p| p.allow_private_network_access).unwrap_or(false);
-        if private
-            && headers
-                .get("access-control-request-private-network")
-                .is_some_and(|v| v == "true")
-        {
-            put(ALLOW_PRIVATE_NETWORK, Some("true"));
-        }
-        // The preflight answer goes back through the filter's response
-        // side too, which adds the exposed headers, as in Envoy.
-        put(
-            EXPOSE_HEADERS,
-            first(policies, |p| non_empty(&p.expose_headers)),
-        );
+        preflight_headers(policies, headers, &mut out);
+    } else {
+        credentials(policies, &mut out);
+    }
+    // A preflight answer goes back through the filter's response side too,
+    // which adds the exposed headers, as in Envoy.
+    put(
+        &mut out,
+        EXPOSE_HEADERS,
+        first(policies, |p| non_empty(&p.expose_headers)),
+    );
+    if preflight {
         (Decision::Preflight(out), stats)
     } else {
-        put(
-            EXPOSE_HEADERS,
-            first(policies, |p| non_empty(&p.expose_headers)),
-        );
         (Decision::Simple(out), stats)
+    }
+}
+
+fn put(out: &mut HeaderMap, name: &'static str, v: Option<&str>) {
+    if let Some(v) = v
+        && let Ok(v) = HeaderValue::from_str(v)
+    {
+        out.insert(name, v);
+    }
+}
+
+fn credentials(policies: &[&CorsPolicy], out: &mut HeaderMap) {
+    if first(policies, |p| p.allow_credentials).unwrap_or(false) {
+        out.insert(ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+    }
+}
+
+/// What a preflight answer carries besides the origin and exposed headers.
+fn preflight_headers(policies: &[&CorsPolicy], request: &HeaderMap, out: &mut HeaderMap) {
+    credentials(policies, out);
+    put(
+        out,
+        ALLOW_METHODS,
+        first(policies, |p| non_empty(&p.allow_methods)),
+    );
+    put(
+        out,
+        ALLOW_HEADERS,
+        first(policies, |p| non_empty(&p.allow_headers)),
+    );
+    put(out, MAX_AGE, first(policies, |p| non_empty(&p.max_age)));
+    let private = first(policies, |p| p.allow_private_network_access).unwrap_or(false);
+    if private
+        && request
+            .get("access-control-request-private-network")
+            .is_some_and(|v| v == "true")
+    {
+        put(out, ALLOW_PRIVATE_NETWORK, Some("true"));
     }
 }
 
@@ -215,5 +238,20 @@ mod tests {
         };
         assert_eq!(h[ALLOW_ORIGIN], "https://evil.org");
         assert_eq!(h[EXPOSE_HEADERS], "x-b");
+        // Refused preflights are answered without the origin.
+        let strict = CorsPolicy {
+            forward_not_matching_preflights: Some(false),
+            ..policy()
+        };
+        let pre = req(&[
+            ("origin", "https://evil.org"),
+            ("access-control-request-method", "GET"),
+        ]);
+        let (d, _) = decide(&[&strict], &Method::OPTIONS, &pre, (0, 0));
+        let Decision::Refused(h) = d else {
+            panic!("{d:?}")
+        };
+        assert!(h.get(ALLOW_ORIGIN).is_none());
+        assert_eq!(h[ALLOW_METHODS], "GET,POST");
     }
 }

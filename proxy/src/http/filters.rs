@@ -63,7 +63,7 @@ pub fn cors(
             hooks.cors = Some(h);
             None
         }
-        cors_filter::Decision::Preflight(h) => {
+        cors_filter::Decision::Preflight(h) | cors_filter::Decision::Refused(h) => {
             let mut resp = Response::new(body::empty());
             *resp.headers_mut() = h;
             Some(resp)

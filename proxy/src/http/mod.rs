@@ -444,6 +444,7 @@ async fn forward(
         idle_timeout,
         max_stream_duration,
         attempt_count,
+        cluster_not_found,
         ..
     } = &route.action
     else {
@@ -459,7 +460,7 @@ async fn forward(
     let clusters = ctx.rt.clusters.load();
     let Some(crt) = clusters.get(name) else {
         let r = LocalReply {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            status: *cluster_not_found,
             body: None,
         };
         return (local_reply(r), "NC", None);
