@@ -1833,3 +1833,97 @@ fn local_rate_limit_token_buckets() -> Result<()> {
     assert!(lines[6].starts_with("/own/ 1: 503"), "{lines:?}");
     Ok(())
 }
+
+// ------------------------------------------------------------------------------ filter order, gRPC
+
+/// Every local reply to a gRPC request (no route, unknown cluster, a fault abort with an
+/// HTTP status, a rate-limited request) is a trailers-only gRPC answer; a filter's answer
+/// goes back through the filters before it, so the CORS filter in front of the rate limit
+/// filter adds its headers to the 429; a request no route matches still runs the filters
+/// (it takes a token before its 404) — the same through Ferry and Envoy.
+#[test]
+fn local_replies_to_grpc_and_through_earlier_filters() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let config = |port| {
+        let rl = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "rl",
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+            "filter_enabled": all,
+            "filter_enforced": all,
+        }});
+        let mut limited = route("/limited/", "backend", json!({}));
+        limited["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "route_rl",
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+            "filter_enabled": all,
+            "filter_enforced": all,
+        }});
+        let mut abort = route("/abort/", "backend", json!({}));
+        abort["typed_per_filter_config"] = json!({"envoy.filters.http.fault":
+            {"@type": FAULT, "abort": {"http_status": 503, "percentage": percent(100)}}});
+        let routes = vec![
+            limited,
+            abort,
+            // No x-cluster header: no cluster (503, NC).
+            json!({"match": {"prefix": "/nc/"}, "route": {"cluster_header": "x-cluster"}}),
+            json!({"match": {"prefix": "/api/"}, "route": {"cluster": "backend"}}),
+        ];
+        let vhost = json!({"typed_per_filter_config": {"envoy.filters.http.cors": {
+            "@type": CORS,
+            "allow_origin_string_match": [{"exact": "https://a.example.com"}],
+            "expose_headers": "x-exposed",
+        }}});
+        render(
+            http(
+                port,
+                routes,
+                vec![cors_filter(), fault_filter(json!({})), rl],
+                vhost,
+            ),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let grpc = [("content-type", "application/grpc")];
+    let origin = [("Origin", "https://a.example.com")];
+    let cases: Vec<(&str, &[(&str, &str)])> = vec![
+        ("/nowhere", &grpc),
+        ("/nc/x", &grpc),
+        ("/nc/x", &[]),
+        ("/abort/x", &grpc),
+        ("/abort/x", &origin),
+        ("/limited/1", &origin),
+        ("/limited/2", &origin),
+        ("/limited/3", &grpc),
+    ];
+    let observed = differential(config, |_, port| {
+        let mut out = Vec::new();
+        for (path, headers) in &cases {
+            let r = request(port, "GET", path, headers, b"")?;
+            let body = if r.status == 200 && echo_field(&r, "name") == "backend" {
+                "<backend>".to_string()
+            } else {
+                r.body.clone()
+            };
+            out.push(format!(
+                "{path} {headers:?} -> {} {:?} grpc-status={:?} grpc-message={:?} acao={:?} expose={:?} body={body:?}",
+                r.status,
+                r.header("content-type"),
+                r.header("grpc-status"),
+                r.header("grpc-message"),
+                r.header("access-control-allow-origin"),
+                r.header("access-control-expose-headers"),
+            ));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert!(ferry[0].contains("grpc-status=Some(\"12\")"), "{ferry:?}");
+    Ok(())
+}

@@ -268,20 +268,9 @@ async fn route_request(
         RouteSource::Inline(rc) => Some(rc.clone()),
         RouteSource::Rds(name) => ctx.rt.snapshot.load().routes.get(name).cloned(),
     };
-    let Some(route) = routes
+    let route = routes
         .as_ref()
-        .and_then(|rc| rc.find_route_rolled(host, path, req.headers(), rand::random()))
-    else {
-        ctx.stats.no_route.inc();
-        return (
-            local_reply(LocalReply {
-                status: StatusCode::NOT_FOUND,
-                body: None,
-            }),
-            "NR",
-            None,
-        );
-    };
+        .and_then(|rc| rc.find_route_rolled(host, path, req.headers(), rand::random()));
     let fctx = FormatContext {
         downstream_remote: Some(ctx.peer),
         downstream_local: Some(ctx.original_dst),
@@ -292,49 +281,28 @@ async fn route_request(
     };
     // Weighted clusters are picked once, before the filters, so the fault
     // filter's `upstream_cluster` sees the cluster the router will use.
-    let cluster = match &route.action {
-        RouteAction::Route { cluster, .. } => cluster.pick(rand::random(), req.headers()),
+    let cluster = match route.map(|r| &r.action) {
+        Some(RouteAction::Route { cluster, .. }) => cluster.pick(rand::random(), req.headers()),
         _ => "",
     }
     .to_string();
-    // The HTTP filters before the router, in configuration order; a filter
-    // that answers itself sends its answer back through the filters before
-    // it (CORS headers on a rate-limited answer, as in Envoy).
-    let mut delayed = false;
-    let mut on_response = filters::ResponseHooks::default();
-    for f in &hcm.http_filters {
-        match &f.config {
-            HttpFilterConfig::Fault(cfg) => {
-                let cfg = route.fault_override(&f.name).unwrap_or(cfg);
-                let (mut resp, flag) = match fault::apply(ctx, hcm, cfg, req.headers(), &cluster)
-                    .await
-                {
-                    fault::Applied::None => continue,
-                    fault::Applied::Delayed => {
-                        delayed = true;
-                        continue;
-                    }
-                    fault::Applied::Aborted(resp) => (resp, if delayed { "DI,FI" } else { "FI" }),
-                    fault::Applied::DelayedAborted(resp) => (resp, "DI,FI"),
-                };
-                on_response.apply(resp.headers_mut());
-                return (resp, flag, None);
-            }
-            HttpFilterConfig::Cors => {
-                let policies = route.cors_policies(&f.name);
-                if let Some(resp) = filters::cors(ctx, hcm, &policies, &req, &mut on_response) {
-                    return (resp, "", None);
-                }
-            }
-            HttpFilterConfig::LocalRateLimit(cfg) => {
-                let cfg = route.ratelimit_override(&f.name).unwrap_or(cfg);
-                if let Some(mut resp) = filters::local_ratelimit(ctx, cfg, &mut req, &fctx) {
-                    on_response.apply(resp.headers_mut());
-                    return (resp, "RL", None);
-                }
-            }
-        }
-    }
+    // The HTTP filters before the router run whether a route matched or not
+    // (a request without a route still takes a rate limit token, as in
+    // Envoy); the router then answers 404.
+    let (delayed, on_response) = match run_filters(ctx, hcm, route, &cluster, &mut req, &fctx).await
+    {
+        Ok(passed) => passed,
+        Err(answered) => return answered,
+    };
+    let Some(route) = route else {
+        ctx.stats.no_route.inc();
+        let mut resp = local_reply(LocalReply {
+            status: StatusCode::NOT_FOUND,
+            body: None,
+        });
+        on_response.apply(resp.headers_mut());
+        return (resp, "NR", None);
+    };
     let (mut resp, flag, upstream) = match &route.action {
         RouteAction::DirectResponse { status, body } => {
             let r = LocalReply {
@@ -400,6 +368,60 @@ async fn route_request(
     }
     on_response.apply(resp.headers_mut());
     (resp, flag, upstream)
+}
+
+/// Runs the HTTP filters before the router, in configuration order: `Ok`
+/// with whether a delay was injected and what the passed filters add to the
+/// response, or `Err` with a filter's own answer, which goes back through
+/// the filters before it (CORS headers on a rate-limited answer, as in
+/// Envoy).
+async fn run_filters(
+    ctx: &ConnCtx,
+    hcm: &HttpConnectionManager,
+    route: Option<&Route>,
+    cluster: &str,
+    req: &mut Request<Incoming>,
+    fctx: &FormatContext<'_>,
+) -> Result<(bool, filters::ResponseHooks), Routed> {
+    let mut delayed = false;
+    let mut on_response = filters::ResponseHooks::default();
+    for f in &hcm.http_filters {
+        match &f.config {
+            HttpFilterConfig::Fault(cfg) => {
+                let cfg = route.and_then(|r| r.fault_override(&f.name)).unwrap_or(cfg);
+                let (mut resp, flag) = match fault::apply(ctx, hcm, cfg, req.headers(), cluster)
+                    .await
+                {
+                    fault::Applied::None => continue,
+                    fault::Applied::Delayed => {
+                        delayed = true;
+                        continue;
+                    }
+                    fault::Applied::Aborted(resp) => (resp, if delayed { "DI,FI" } else { "FI" }),
+                    fault::Applied::DelayedAborted(resp) => (resp, "DI,FI"),
+                };
+                on_response.apply(resp.headers_mut());
+                return Err((resp, flag, None));
+            }
+            HttpFilterConfig::Cors => {
+                // Without a route there is no policy: nothing to do.
+                let policies = route.map(|r| r.cors_policies(&f.name)).unwrap_or_default();
+                if let Some(resp) = filters::cors(ctx, hcm, &policies, req, &mut on_response) {
+                    return Err((resp, "", None));
+                }
+            }
+            HttpFilterConfig::LocalRateLimit(cfg) => {
+                let cfg = route
+                    .and_then(|r| r.ratelimit_override(&f.name))
+                    .unwrap_or(cfg);
+                if let Some(mut resp) = filters::local_ratelimit(ctx, cfg, req, fctx) {
+                    on_response.apply(resp.headers_mut());
+                    return Err((resp, "RL", None));
+                }
+            }
+        }
+    }
+    Ok((delayed, on_response))
 }
 
 /// `%PROTOCOL%`.
