@@ -27,6 +27,9 @@ pub struct LocalRateLimit {
     pub response_headers: HeaderMutations,
     /// Added to requests over the limit that are not enforced.
     pub request_headers_when_not_enforced: HeaderMutations,
+    /// `rate_limited_as_resource_exhausted`: a limited gRPC request gets
+    /// `RESOURCE_EXHAUSTED` (8) instead of `UNAVAILABLE` (14).
+    pub grpc_resource_exhausted: bool,
 }
 
 /// A token bucket refilled by `tokens_per_fill` at each elapsed

@@ -1862,11 +1862,21 @@ fn local_replies_to_grpc_and_through_earlier_filters() -> Result<()> {
             "filter_enabled": all,
             "filter_enforced": all,
         }});
+        let mut exhausted = route("/exhausted/", "backend", json!({}));
+        exhausted["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "exhausted_rl",
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+            "filter_enabled": all,
+            "filter_enforced": all,
+            "rate_limited_as_resource_exhausted": true,
+        }});
         let mut abort = route("/abort/", "backend", json!({}));
         abort["typed_per_filter_config"] = json!({"envoy.filters.http.fault":
             {"@type": FAULT, "abort": {"http_status": 503, "percentage": percent(100)}}});
         let routes = vec![
             limited,
+            exhausted,
             abort,
             // No x-cluster header: no cluster (503, NC).
             json!({"match": {"prefix": "/nc/"}, "route": {"cluster_header": "x-cluster"}}),
@@ -1898,6 +1908,8 @@ fn local_replies_to_grpc_and_through_earlier_filters() -> Result<()> {
         ("/limited/1", &origin),
         ("/limited/2", &origin),
         ("/limited/3", &grpc),
+        ("/exhausted/1", &grpc),
+        ("/exhausted/2", &grpc),
     ];
     let observed = differential(config, |_, port| {
         let mut out = Vec::new();
@@ -1925,5 +1937,78 @@ fn local_replies_to_grpc_and_through_earlier_filters() -> Result<()> {
     };
     assert_eq!(ferry, envoy);
     assert!(ferry[0].contains("grpc-status=Some(\"12\")"), "{ferry:?}");
+    // rate_limited_as_resource_exhausted: RESOURCE_EXHAUSTED instead of UNAVAILABLE.
+    assert!(
+        ferry
+            .last()
+            .is_some_and(|l| l.contains("grpc-status=Some(\"8\")")),
+        "{ferry:?}"
+    );
+    Ok(())
+}
+
+/// Without any `typed_per_filter_config` policy, the deprecated inline `cors` of the route
+/// and of its virtual host apply (the route's settings first, field by field).
+#[test]
+fn deprecated_inline_cors_policies() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let routes = vec![
+            route(
+                "/own/",
+                "backend",
+                json!({"cors": {"allow_methods": "DELETE", "expose_headers": "x-route"}}),
+            ),
+            route("/", "backend", json!({})),
+        ];
+        let vhost = json!({"cors": {
+            "allow_origin_string_match": [{"prefix": "https://ok."}],
+            "allow_methods": "GET",
+            "allow_headers": "x-h",
+            "max_age": "30",
+        }});
+        render(
+            http(port, routes, vec![cors_filter()], vhost),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let t = tag(p);
+        let pre = [
+            ("Origin", "https://ok.example"),
+            ("Access-Control-Request-Method", "DELETE"),
+        ];
+        let simple = [("Origin", "https://ok.example")];
+        let mut out = Vec::new();
+        for (method, path, headers) in [
+            ("OPTIONS", format!("/own/a/{t}"), &pre[..]),
+            ("GET", format!("/own/b/{t}"), &simple[..]),
+            ("OPTIONS", format!("/c/{t}"), &pre[..]),
+            (
+                "GET",
+                format!("/d/{t}"),
+                &[("Origin", "https://no.example")][..],
+            ),
+        ] {
+            let r = request(port, method, &path, headers, b"")?;
+            let mut line = format!("{method} {} -> {}", path.replace(&t, "T"), r.status);
+            for (k, v) in &r.headers {
+                if k.to_ascii_lowercase().starts_with("access-control-") {
+                    line.push_str(&format!(" {}={v}", k.to_ascii_lowercase()));
+                }
+            }
+            out.push(line);
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert!(
+        ferry[0].contains("access-control-allow-methods=DELETE"),
+        "{ferry:?}"
+    );
     Ok(())
 }

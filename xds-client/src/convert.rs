@@ -1597,6 +1597,7 @@ fn disabled_ratelimit() -> m::ratelimit::LocalRateLimit {
         filter_enforced: NEVER,
         response_headers: m::HeaderMutations::default(),
         request_headers_when_not_enforced: m::HeaderMutations::default(),
+        grpc_resource_exhausted: false,
     }
 }
 
@@ -1689,6 +1690,12 @@ fn local_ratelimit(
             "cluster-wide local rate limits are not supported",
         ));
     }
+    if p.enable_x_ratelimit_headers != 0 {
+        return Err(ctx.err(
+            format!("{field}.enable_x_ratelimit_headers"),
+            "X-RateLimit headers are not supported yet",
+        ));
+    }
     if p.local_rate_limit_per_downstream_connection {
         return Err(ctx.err(
             format!("{field}.local_rate_limit_per_downstream_connection"),
@@ -1761,6 +1768,7 @@ fn local_ratelimit(
             "",
             &[],
         )?,
+        grpc_resource_exhausted: p.rate_limited_as_resource_exhausted,
     })
 }
 

@@ -366,3 +366,28 @@ fn cors_and_local_ratelimit_filters_with_overrides() {
         "{e}"
     );
 }
+
+/// Istio's EnvoyFilter recipes wrap the per-route rate limit in a TypedStruct.
+#[test]
+fn typed_struct_wrapped_local_ratelimit_override() {
+    let routes = r#"              - match: {prefix: /}
+                route: {cluster: backend}
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit:
+                    "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+                    type_url: type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+                    value:
+                      stat_prefix: http_local_rate_limiter
+                      token_bucket: {max_tokens: 3, tokens_per_fill: 3, fill_interval: 60s}
+                      filter_enabled: {runtime_key: e, default_value: {numerator: 100, denominator: HUNDRED}}
+                      filter_enforced: {runtime_key: f, default_value: {numerator: 100, denominator: HUNDRED}}
+"#;
+    let s = load(&bootstrap(routes, CORS_FILTER, ""));
+    let rc = table(&s);
+    let r = rc.find_route("x", "/", &HeaderMap::new()).expect("route");
+    let o = r
+        .ratelimit_override("envoy.filters.http.local_ratelimit")
+        .expect("override");
+    assert_eq!(o.bucket.as_ref().map(|b| b.max_tokens), Some(3));
+    assert_eq!(o.filter_enforced.numerator, 100);
+}

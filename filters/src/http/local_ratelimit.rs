@@ -53,6 +53,7 @@ mod tests {
             filter_enforced: pct(enforced),
             response_headers: Default::default(),
             request_headers_when_not_enforced: Default::default(),
+            grpc_resource_exhausted: false,
         }
     }
 

@@ -94,8 +94,10 @@ fn abort_response(abort: decide::Abort, grpc_request: bool) -> Response<Response
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain"),
             );
-            resp.extensions_mut()
-                .insert(super::LocalBody(Some(decide::ABORT_BODY.to_string())));
+            resp.extensions_mut().insert(super::LocalBody {
+                text: Some(decide::ABORT_BODY.to_string()),
+                grpc_status: None,
+            });
             resp
         }
         decide::Abort::Grpc(code) => {

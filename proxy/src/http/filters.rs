@@ -114,6 +114,13 @@ pub fn local_ratelimit(
             // say it does): only the configured headers.
             cfg.response_headers
                 .apply(resp.headers_mut(), fctx, Some(req.headers()));
+            if cfg.grpc_resource_exhausted {
+                // A gRPC request then gets RESOURCE_EXHAUSTED, not UNAVAILABLE.
+                resp.extensions_mut().insert(super::LocalBody {
+                    text: Some("local_rate_limited".into()),
+                    grpc_status: Some(8),
+                });
+            }
             Some(resp)
         }
     }

@@ -118,12 +118,19 @@ struct LocalReply {
 }
 
 /// Marks a response Ferry generated itself (Envoy's local reply) with its
-/// body text, so that a gRPC request gets it in gRPC's shape.
+/// body text, so that a gRPC request gets it in gRPC's shape; `grpc_status`
+/// overrides the status derived from the HTTP one.
 #[derive(Debug, Clone)]
-pub(crate) struct LocalBody(pub Option<String>);
+pub(crate) struct LocalBody {
+    pub text: Option<String>,
+    pub grpc_status: Option<u32>,
+}
 
 fn local_reply(r: LocalReply) -> Response<ResponseBody> {
-    let marker = LocalBody(r.body.clone());
+    let marker = LocalBody {
+        text: r.body.clone(),
+        grpc_status: None,
+    };
     let mut resp = match r.body {
         Some(b) => {
             let mut resp = Response::new(body::full(b));
@@ -143,15 +150,16 @@ fn local_reply(r: LocalReply) -> Response<ResponseBody> {
 /// A local reply to a gRPC request, as Envoy sends it: a trailers-only
 /// answer (HTTP 200, `application/grpc`) whose `grpc-status` comes from the
 /// HTTP status and whose `grpc-message` is the body, percent-encoded.
-fn grpc_local_reply(resp: &mut Response<ResponseBody>, text: Option<String>) {
-    let code = match resp.status().as_u16() {
+fn grpc_local_reply(resp: &mut Response<ResponseBody>, local: LocalBody) {
+    let LocalBody { text, grpc_status } = local;
+    let code = grpc_status.unwrap_or(match resp.status().as_u16() {
         400 => 13,
         401 => 16,
         403 => 7,
         404 => 12,
         429 | 502 | 503 | 504 => 14,
         _ => 2,
-    };
+    });
     *resp.status_mut() = StatusCode::OK;
     *resp.body_mut() = body::empty();
     let h = resp.headers_mut();
@@ -213,10 +221,10 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
     let started = std::time::SystemTime::now();
     let grpc = ferry_model::route::is_grpc(req.headers());
     let (mut resp, flag, upstream) = route_request(&ctx, req, &host, &path, started).await;
-    if let Some(LocalBody(text)) = resp.extensions_mut().remove::<LocalBody>()
+    if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
-        grpc_local_reply(&mut resp, text);
+        grpc_local_reply(&mut resp, local);
     }
     stats.status(resp.status().as_u16());
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
