@@ -32,29 +32,37 @@ pub struct LocalRateLimit {
     pub grpc_resource_exhausted: bool,
 }
 
-/// A token bucket refilled by `tokens_per_fill` at each elapsed
-/// `fill_interval`, never above `max_tokens`; full at creation.
+/// A token bucket refilled continuously at `tokens_per_fill` per
+/// `fill_interval` (fractions of a token accumulate), never above
+/// `max_tokens`, full at creation: what Envoy 1.40 does (after 1.2 s a
+/// bucket of 4 tokens per 4 s has one token again, not none).
 ///
-/// Lock-free: the number of fills already credited and the tokens left are
-/// one atomic word, updated by compare-and-swap.
+/// Lock-free: the state is one instant, the time at which the bucket was
+/// (or would have been) empty, in seconds since creation as the bits of an
+/// `f64`, moved forward by compare-and-swap for each token taken.
 #[derive(Debug)]
 pub struct TokenBucket {
     pub max_tokens: u32,
     pub tokens_per_fill: u32,
     pub fill_interval: Duration,
     created: Instant,
-    /// `fills << 32 | tokens`.
-    state: AtomicU64,
+    /// Tokens per second.
+    rate: f64,
+    /// Seconds since `created` at which the bucket is empty (`f64` bits).
+    empty_at: AtomicU64,
 }
 
 impl TokenBucket {
     pub fn new(max_tokens: u32, tokens_per_fill: u32, fill_interval: Duration) -> Self {
+        let rate = f64::from(tokens_per_fill) / fill_interval.as_secs_f64().max(1e-9);
+        let full = f64::from(max_tokens) / rate;
         TokenBucket {
             max_tokens,
             tokens_per_fill,
             fill_interval,
             created: Instant::now(),
-            state: AtomicU64::new(u64::from(max_tokens)),
+            rate,
+            empty_at: AtomicU64::new((-full).to_bits()),
         }
     }
 
@@ -64,31 +72,26 @@ impl TokenBucket {
     }
 
     fn try_acquire_at(&self, now: Instant) -> bool {
-        let interval = self.fill_interval.as_nanos().max(1);
-        let fills_now = now.saturating_duration_since(self.created).as_nanos() / interval;
-        let fills_now = u32::try_from(fills_now).unwrap_or(u32::MAX);
-        let mut cur = self.state.load(Ordering::Acquire);
+        let now = now.saturating_duration_since(self.created).as_secs_f64();
+        let full = f64::from(self.max_tokens) / self.rate;
+        let per_token = 1.0 / self.rate;
+        let mut cur = self.empty_at.load(Ordering::Acquire);
         loop {
-            let fills = (cur >> 32) as u32;
-            let mut tokens = cur as u32;
-            if fills_now > fills {
-                let added = u64::from(fills_now - fills) * u64::from(self.tokens_per_fill);
-                tokens = (u64::from(tokens) + added).min(u64::from(self.max_tokens)) as u32;
+            // Never more than a full bucket.
+            let empty_at = f64::from_bits(cur).max(now - full);
+            // A small tolerance so that float rounding never loses a token
+            // that is due exactly now.
+            if (now - empty_at) * self.rate < 1.0 - 1e-9 {
+                return false;
             }
-            let fills = fills.max(fills_now);
-            let (ok, left) = match tokens.checked_sub(1) {
-                Some(left) => (true, left),
-                None => (false, 0),
-            };
-            let next = (u64::from(fills) << 32) | u64::from(left);
-            if next == cur {
-                return ok;
-            }
-            match self
-                .state
-                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return ok,
+            let next = (empty_at + per_token).to_bits();
+            match self.empty_at.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
                 Err(actual) => cur = actual,
             }
         }
@@ -100,21 +103,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bucket_drains_and_refills_per_interval() {
+    fn bucket_drains_and_refills_continuously() {
+        // Two tokens per 10 s: one every 5 s.
         let b = TokenBucket::new(3, 2, Duration::from_secs(10));
         let t0 = b.created;
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         assert!(b.try_acquire_at(t0));
         assert!(b.try_acquire_at(t0));
         assert!(b.try_acquire_at(t0));
-        assert!(!b.try_acquire_at(t0 + Duration::from_secs(9)));
-        // One fill: two tokens.
-        assert!(b.try_acquire_at(t0 + Duration::from_secs(10)));
-        assert!(b.try_acquire_at(t0 + Duration::from_secs(11)));
-        assert!(!b.try_acquire_at(t0 + Duration::from_secs(12)));
-        // Many fills never exceed the maximum.
-        let later = t0 + Duration::from_secs(1000);
-        assert!((0..3).all(|_| b.try_acquire_at(later)));
-        assert!(!b.try_acquire_at(later));
+        assert!(!b.try_acquire_at(at(4_900)));
+        assert!(b.try_acquire_at(at(5_000)));
+        assert!(!b.try_acquire_at(at(9_000)));
+        assert!(b.try_acquire_at(at(10_000)));
+        assert!(!b.try_acquire_at(at(10_000)));
+        // A long pause never fills beyond the maximum.
+        assert!((0..3).all(|_| b.try_acquire_at(at(1_000_000))));
+        assert!(!b.try_acquire_at(at(1_000_000)));
     }
 
     #[test]

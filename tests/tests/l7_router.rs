@@ -2012,3 +2012,49 @@ fn deprecated_inline_cors_policies() -> Result<()> {
     );
     Ok(())
 }
+
+/// Envoy 1.40 refills a local rate limit bucket continuously: ten tokens per ten seconds
+/// give one token back after about a second, not ten at the end of the interval. After
+/// emptying the bucket and 1.5 s of quiet, one request passes and the next is limited
+/// (anything from 1.0 s to 2.0 s between the two bursts gives that answer).
+#[test]
+fn local_rate_limit_refills_continuously() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let config = |port| {
+        let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "rl",
+            "token_bucket": {"max_tokens": 10, "tokens_per_fill": 10, "fill_interval": "10s"},
+            "filter_enabled": all,
+            "filter_enforced": all,
+        }});
+        render(
+            http(
+                port,
+                vec![route("/", "backend", json!({}))],
+                vec![filter],
+                json!({}),
+            ),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |_, port| {
+        let burst = |n: usize| -> Result<Vec<u16>> {
+            (0..n)
+                .map(|i| Ok(get(port, &format!("/x/{i}"))?.status))
+                .collect()
+        };
+        let first = burst(11)?;
+        thread::sleep(Duration::from_millis(1500));
+        let second = burst(2)?;
+        Ok((first, second))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry.1, vec![200, 429]);
+    Ok(())
+}
