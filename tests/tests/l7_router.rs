@@ -2058,3 +2058,113 @@ fn local_rate_limit_refills_continuously() -> Result<()> {
     assert_eq!(ferry.1, vec![200, 429]);
     Ok(())
 }
+
+/// The same over HTTP/2 (h2c, curl): `%PROTOCOL%` is `HTTP/2`, a gRPC local reply is a
+/// trailers-only answer, a CORS preflight is answered by the proxy.
+#[test]
+fn h2_formatters_grpc_local_reply_and_cors() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let mut r = route("/", "backend", json!({}));
+        r["request_headers_to_add"] =
+            json!([{"header": {"key": "x-proto", "value": "%PROTOCOL%"}}]);
+        r["response_headers_to_add"] =
+            json!([{"header": {"key": "x-resp-proto", "value": "%PROTOCOL% %REQ(x-in)%"}}]);
+        let vhost = json!({"typed_per_filter_config": {"envoy.filters.http.cors": {
+            "@type": CORS,
+            "allow_origin_string_match": [{"exact": "https://a.example.com"}],
+            "allow_methods": "GET",
+        }}});
+        let unavailable = json!({"match": {"prefix": "/down"},
+            "direct_response": {"status": 503, "body": {"inline_string": "down for now"}}});
+        let l = http(port, vec![unavailable, r], vec![cors_filter()], vhost);
+        render(
+            l,
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let curl = |args: &[&str]| -> Result<String> {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "--http2-prior-knowledge", "--max-time", "10"])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let pick = |text: &str, names: &[&str]| -> Vec<String> {
+        let mut out: Vec<String> = text
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                let k = k.trim().to_ascii_lowercase();
+                names
+                    .contains(&k.as_str())
+                    .then(|| format!("{k}={}", v.trim()))
+            })
+            .collect();
+        out.extend(text.lines().next().map(|l| l.trim().to_string()));
+        out
+    };
+    let observed = differential(config, |_, port| {
+        let base = format!("http://127.0.0.1:{port}");
+        let plain = curl(&["-H", "x-in: v", &format!("{base}/x")])?;
+        let proto = plain
+            .split("\r\n\r\n")
+            .nth(1)
+            .and_then(|b| serde_json::from_str::<Value>(b).ok())
+            .and_then(|v| {
+                v["headers"].as_array().and_then(|hs| {
+                    hs.iter()
+                        .find(|h| h[0].as_str() == Some("x-proto"))
+                        .and_then(|h| h[1].as_str().map(str::to_string))
+                })
+            });
+        let grpc = curl(&[
+            "-H",
+            "content-type: application/grpc",
+            "-X",
+            "POST",
+            "-d",
+            "",
+            &format!("{base}/down"),
+        ])?;
+        let pre = curl(&[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "origin: https://a.example.com",
+            "-H",
+            "access-control-request-method: GET",
+            &format!("{base}/x"),
+        ])?;
+        Ok((
+            proto,
+            pick(&plain, &["x-resp-proto"]),
+            pick(&grpc, &["content-type", "grpc-status", "grpc-message"]),
+            pick(
+                &pre,
+                &[
+                    "access-control-allow-origin",
+                    "access-control-allow-methods",
+                ],
+            ),
+        ))
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry.0.as_deref(), Some("HTTP/2"));
+    assert!(
+        ferry.2.contains(&"grpc-status=14".to_string())
+            && ferry.2.contains(&"grpc-message=down for now".to_string()),
+        "{ferry:?}"
+    );
+    assert!(
+        ferry
+            .3
+            .contains(&"access-control-allow-methods=GET".to_string()),
+        "{ferry:?}"
+    );
+    Ok(())
+}
