@@ -858,6 +858,33 @@ mod tests {
     }
 
     #[test]
+    fn query_values_and_grpc_content_types() {
+        assert_eq!(first_query_value("a=1&b&c=&a=2", "a"), Some("1"));
+        assert_eq!(first_query_value("a=1&b&c=", "b"), Some(""));
+        assert_eq!(first_query_value("a=1&b&c=", "c"), Some(""));
+        assert_eq!(first_query_value("a=1", "A"), None);
+        let q = |kind| QueryParameterMatcher {
+            name: "x".into(),
+            kind,
+        };
+        assert!(q(QueryMatch::PresentMatch(false)).matches(None));
+        assert!(q(QueryMatch::PresentMatch(false)).matches(Some("y=1")));
+        assert!(!q(QueryMatch::PresentMatch(false)).matches(Some("x")));
+        assert!(!q(QueryMatch::Present).matches(Some("y=1")));
+        let ct = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, v.parse().unwrap());
+            is_grpc(&h)
+        };
+        assert!(ct("application/grpc"));
+        assert!(ct("application/grpc+proto"));
+        assert!(ct("application/grpc;charset=utf-8"));
+        assert!(!ct("application/grpc-web"));
+        assert!(!ct("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
     fn retry_on_and_fractions() {
         let (on, unknown) = RetryOn::parse("5xx, connect-failure,unavailable,bogus");
         assert!(on.server_error && on.connect_failure && on.grpc_unavailable);

@@ -914,9 +914,9 @@ fn attempt_count_header_only_when_asked() -> Result<()> {
     Ok(())
 }
 
-/// Ferry's access log carries Envoy's response flags for what the router and the fault
-/// filter did: DI (delay injected), FI (abort injected), URX (retries exhausted), UT
-/// (route timeout).
+/// Ferry's access log carries Envoy's response flags for what the router and the filters
+/// did: DI (delay injected), FI (abort injected), URX (retries exhausted), UT (route
+/// timeout), NC (no cluster), RL (rate limited).
 #[test]
 fn access_log_response_flags() -> Result<()> {
     let _lock = RunLock::shared();
@@ -929,6 +929,13 @@ fn access_log_response_flags() -> Result<()> {
         {"@type": FAULT, "abort": {"http_status": 503, "percentage": percent(100)}}});
     let mut plain = route("/", "backend", json!({}));
     plain["typed_per_filter_config"] = json!({"envoy.filters.http.fault": {"@type": FAULT}});
+    let mut limited = route("/limited/", "backend", json!({}));
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    limited["typed_per_filter_config"] = json!({
+        "envoy.filters.http.fault": {"@type": FAULT},
+        "envoy.filters.http.local_ratelimit": {"@type": LOCAL_RL, "stat_prefix": "route_rl",
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+            "filter_enabled": all, "filter_enforced": all}});
     let routes = vec![
         abort,
         route("/delay/", "backend", json!({})),
@@ -938,10 +945,15 @@ fn access_log_response_flags() -> Result<()> {
             json!({"retry_policy": {"retry_on": "5xx", "num_retries": 1}}),
         ),
         route("/t/", "backend", json!({"timeout": "0.1s"})),
+        json!({"match": {"prefix": "/nc/"}, "route": {"cluster_header": "x-cluster"},
+            "typed_per_filter_config": {"envoy.filters.http.fault": {"@type": FAULT}}}),
+        limited,
         plain,
     ];
+    let rl = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+        "@type": LOCAL_RL, "stat_prefix": "rl"}});
     let cfg = render(
-        http(port, routes, vec![filter], json!({})),
+        http(port, routes, vec![filter, rl], json!({})),
         vec![static_cluster("backend", &[app.port], Upstream::Http1)],
     );
     let ferry = Ferry::start_with(&cfg, &["--access-log"])?;
@@ -951,6 +963,9 @@ fn access_log_response_flags() -> Result<()> {
         (format!("/delay/x/{t}"), 200, "DI"),
         (format!("/r/flaky/9/503/{t}"), 503, "URX"),
         (format!("/t/sleep/500/{t}"), 504, "UT"),
+        (format!("/nc/{t}"), 503, "NC"),
+        (format!("/limited/a/{t}"), 200, "-"),
+        (format!("/limited/b/{t}"), 429, "RL"),
         (format!("/plain/{t}"), 200, "-"),
     ];
     for (path, status, _) in &expect {
