@@ -577,6 +577,9 @@ pub enum HostRewrite {
     /// `auto_host_rewrite`: the host name of the chosen endpoint (the DNS
     /// name of a STRICT_DNS endpoint; no change for others).
     Auto,
+    /// `host_rewrite`: a format string (`prefix-%REQ(x-host)%`); an empty
+    /// result leaves the Host alone.
+    Format(crate::format::HeaderFormat),
 }
 
 #[derive(Debug)]

@@ -1312,6 +1312,7 @@ fn cluster_header_and_rewrites() -> Result<()> {
             json!({"match": {"prefix": "/hp/"}, "route": {"cluster": "a", "host_rewrite_path_regex": {
                 "pattern": {"regex": "^/hp/([a-z]+)/.*$"}, "substitution": "\\1.example.com"}}}),
             json!({"match": {"prefix": "/dns/"}, "route": {"cluster": "dns", "auto_host_rewrite": true}}),
+            json!({"match": {"prefix": "/lit/"}, "route": {"cluster": "a", "host_rewrite_literal": "fixed.example"}}),
             json!({"match": {"prefix": "/static/"}, "route": {"cluster": "a", "auto_host_rewrite": true}}),
         ];
         let dns = json!({
@@ -1334,11 +1335,13 @@ fn cluster_header_and_rewrites() -> Result<()> {
         let mut out = Vec::new();
         let mut note = |what: &str, r: Reply| {
             out.push(format!(
-                "{what}: {} {} {} host={}",
+                "{what}: {} {} {} host={} original={:?} forwarded={:?}",
                 r.status,
                 echo_field(&r, "name"),
                 echo_field(&r, "path"),
-                echoed(&r, "host").unwrap_or_default()
+                echoed(&r, "host").unwrap_or_default(),
+                echoed(&r, "x-envoy-original-host"),
+                echoed(&r, "x-forwarded-host"),
             ))
         };
         note(
@@ -1363,6 +1366,11 @@ fn cluster_header_and_rewrites() -> Result<()> {
         );
         note("hh none", get(port, "/hh/x")?);
         note("hp", get(port, "/hp/reviews/x?q=1")?);
+        note("literal", get(port, "/lit/x")?);
+        note(
+            "literal same",
+            request(port, "GET", "/lit/x", &[("Host", "fixed.example")], b"")?,
+        );
         // STRICT_DNS may need a moment for its first resolution.
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut dns = get(port, "/dns/x")?;

@@ -1202,12 +1202,10 @@ fn route_action(
             &format!("{field}.host_rewrite_path_regex"),
             r,
         )?)),
-        Some(H::HostRewrite(_)) => {
-            return Err(ctx.err(
-                format!("{field}.host_rewrite"),
-                "host_rewrite format strings are not supported yet",
-            ));
-        }
+        Some(H::HostRewrite(f)) => Some(m::HostRewrite::Format(
+            m::format::HeaderFormat::parse(f)
+                .map_err(|e| ctx.err(format!("{field}.host_rewrite"), e))?,
+        )),
         None => None,
     };
     let regex_rewrite = ra

@@ -391,3 +391,71 @@ fn typed_struct_wrapped_local_ratelimit_override() {
     assert_eq!(o.bucket.as_ref().map(|b| b.max_tokens), Some(3));
     assert_eq!(o.filter_enforced.numerator, 100);
 }
+
+/// `host_rewrite` (a format string) arrives over xDS as a proto field; the JSON descriptor
+/// set of bootstraps predates it.
+#[test]
+fn host_rewrite_format_over_xds() {
+    use envoy_types::pb::envoy::config::route::v3 as r;
+    let action = r::RouteAction {
+        cluster_specifier: Some(r::route_action::ClusterSpecifier::Cluster("backend".into())),
+        host_rewrite_specifier: Some(r::route_action::HostRewriteSpecifier::HostRewrite(
+            "svc-%REQ(x-tenant)%".into(),
+        )),
+        ..Default::default()
+    };
+    let route = r::Route {
+        r#match: Some(r::RouteMatch {
+            path_specifier: Some(r::route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(r::route::Action::Route(action)),
+        ..Default::default()
+    };
+    let mut rc = r::RouteConfiguration {
+        name: "rds".into(),
+        virtual_hosts: vec![r::VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: vec![route],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut w = ferry_xds::Warnings::default();
+    let table = ferry_xds::convert::route_config(&rc, &mut w).expect("converts");
+    let found = table
+        .find_route("x", "/", &HeaderMap::new())
+        .expect("route");
+    let ferry_model::RouteAction::Route {
+        host_rewrite: Some(ferry_model::HostRewrite::Format(f)),
+        ..
+    } = &found.action
+    else {
+        panic!("{:?}", found.action)
+    };
+    let ctx = ferry_model::format::FormatContext {
+        downstream_remote: None,
+        downstream_local: None,
+        upstream_remote: None,
+        protocol: "HTTP/1.1",
+        hostname: "h",
+        start_time: std::time::SystemTime::now(),
+    };
+    assert_eq!(f.render(&ctx, &headers(&[("x-tenant", "t1")])), "svc-t1");
+
+    // A bad format names the route table and the field.
+    if let Some(r::route::Action::Route(a)) = &mut rc.virtual_hosts[0].routes[0].action {
+        a.host_rewrite_specifier = Some(r::route_action::HostRewriteSpecifier::HostRewrite(
+            "%NOPE%".into(),
+        ));
+    }
+    let e = ferry_xds::convert::route_config(&rc, &mut w)
+        .expect_err("unknown command")
+        .to_string();
+    assert!(
+        e.contains("route_configuration \"rds\"")
+            && e.contains("virtual_hosts[0].routes[0].route.host_rewrite"),
+        "{e}"
+    );
+}

@@ -531,12 +531,16 @@ async fn forward(
             .map(str::to_string),
         Some(HostRewrite::PathRegex(r)) => Some(r.apply(&original_path)),
         Some(HostRewrite::Auto) => pool.hostname.as_deref().map(str::to_string),
+        Some(HostRewrite::Format(f)) => Some(f.render(fctx, &parts.headers)),
         None => None,
     };
-    if let Some(h) = new_host
+    if let Some(h) = new_host.filter(|h| !h.is_empty())
         && let Ok(v) = HeaderValue::from_str(&h)
     {
-        parts.headers.insert(HOST, v);
+        // Envoy keeps the Host it replaced, whatever the kind of rewrite.
+        if let Some(original) = parts.headers.insert(HOST, v) {
+            parts.headers.insert(ORIGINAL_HOST, original);
+        }
     }
     let mut path = parts
         .uri
@@ -802,6 +806,9 @@ async fn forward(
     }
     (resp, flag, upstream)
 }
+
+/// Where the router keeps the Host a host rewrite replaced.
+const ORIGINAL_HOST: &str = "x-envoy-original-host";
 
 /// `x-envoy-attempt-count`: the attempt number upstream, the number of
 /// attempts downstream (only when the virtual host asks for it).
