@@ -1790,6 +1790,12 @@ fn header_mutations(
                     format!("{h:?} is not a valid header name"),
                 )
             })?;
+        if name == http::header::HOST {
+            return Err(ctx.err(
+                format!("{remove_field}[{i}]"),
+                ":-prefixed or host headers may not be removed",
+            ));
+        }
         ops.push(m::HeaderOp::Remove(name));
     }
     for (i, hv) in add.iter().enumerate() {
@@ -1805,6 +1811,12 @@ fn header_mutations(
                     format!("{:?} is not a valid header name", h.key),
                 )
             })?;
+        if name == http::header::HOST {
+            return Err(ctx.err(
+                format!("{hf}.header.key"),
+                ":-prefixed or host headers may not be modified",
+            ));
+        }
         let raw = if h.value.is_empty() && !h.raw_value.is_empty() {
             String::from_utf8(h.raw_value.clone()).map_err(|_| {
                 ctx.err(format!("{hf}.header.raw_value"), "not a valid header value")

@@ -271,6 +271,20 @@ fn header_formatters_compile_once_and_unknown_ones_are_errors() {
     assert_eq!(h["x-client"], "10.1.2.3");
     assert_eq!(h["x-pct"], "100%");
 
+    // Host (and pseudo-headers, which are no header names here) may not be changed.
+    let host = routes.replace("key: x-pct", "key: Host");
+    let e = err(&bootstrap(&host, "", ""));
+    assert!(
+        e.contains("routes[0].request_headers_to_add[1].header.key")
+            && e.contains("host headers may not be modified"),
+        "{e}"
+    );
+    let colon = routes.replace("key: x-pct", "key: \":path\"");
+    let e = err(&bootstrap(&colon, "", ""));
+    assert!(
+        e.contains("routes[0].request_headers_to_add[1].header.key"),
+        "{e}"
+    );
     let bad = routes.replace("%UPSTREAM_REMOTE_ADDRESS%", "%UPSTREAM_NOPE%");
     let e = err(&bootstrap(&bad, "", ""));
     assert!(
