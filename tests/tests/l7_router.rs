@@ -2191,3 +2191,63 @@ fn h2_formatters_grpc_local_reply_and_cors() -> Result<()> {
     );
     Ok(())
 }
+
+/// A virtual host's rate limit configuration replaces the filter's for its routes, one
+/// bucket shared by all of them; a route's own replaces the virtual host's; a route whose
+/// `FilterConfig` disables the filter is never limited.
+#[test]
+fn local_rate_limit_virtual_host_override() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let config = |port| {
+        let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL,
+            "stat_prefix": "listener_rl",
+            "token_bucket": {"max_tokens": 100, "fill_interval": "3600s"},
+            "filter_enabled": all,
+            "filter_enforced": all,
+        }});
+        let mut own = route("/own/", "backend", json!({}));
+        own["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL, "stat_prefix": "route_rl",
+            "token_bucket": {"max_tokens": 1, "fill_interval": "3600s"},
+            "filter_enabled": all, "filter_enforced": all}});
+        let mut off = route("/off/", "backend", json!({}));
+        off["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}});
+        let routes = vec![
+            own,
+            off,
+            route("/a/", "backend", json!({})),
+            route("/b/", "backend", json!({})),
+        ];
+        let vhost = json!({"typed_per_filter_config": {"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL, "stat_prefix": "vhost_rl",
+            "token_bucket": {"max_tokens": 2, "fill_interval": "3600s"},
+            "filter_enabled": all, "filter_enforced": all}}});
+        render(
+            http(port, routes, vec![filter], vhost),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let mut out = Vec::new();
+        for path in [
+            "/a/1", "/b/1", "/a/2", "/b/2", "/own/1", "/own/2", "/off/1", "/off/2", "/off/3",
+        ] {
+            out.push(format!("{path} {}", get(port, path)?.status));
+        }
+        for prefix in ["listener_rl", "vhost_rl", "route_rl"] {
+            let name = format!("{prefix}.http_local_rate_limit.rate_limited");
+            out.push(format!("{name}={}", p.stat(&name)?));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry[2], "/a/2 429", "{ferry:?}");
+    Ok(())
+}
