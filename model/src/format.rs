@@ -62,6 +62,24 @@ enum TimePiece {
     /// followed by `.` and three digits).
     Fraction(usize),
     SecondsWithFraction(usize),
+    /// `%y`.
+    ShortYear,
+    /// `%e`: the day, space-padded.
+    DaySpace,
+    /// `%j`: the day of the year, 001–366.
+    DayOfYear,
+    /// `%a`, `%A`.
+    Weekday {
+        long: bool,
+    },
+    /// `%b` (`%h`), `%B`.
+    MonthName {
+        long: bool,
+    },
+    /// `%I`: the hour on a 12-hour clock.
+    Hour12,
+    /// `%p`: `AM` or `PM`.
+    AmPm,
 }
 
 /// What a format string can refer to for one request.
@@ -301,35 +319,71 @@ fn parse_time_format(f: &str) -> Result<Vec<TimePiece>, String> {
             }
             None => return Err(format!("START_TIME format {f:?} ends with '%'")),
         };
-        let piece = match spec.as_str() {
+        use TimePiece as T;
+        let lit_piece = |l: &str| T::Literal(l.to_string());
+        let pieces = match spec.as_str() {
             "%" => {
                 lit.push('%');
                 continue;
             }
-            "Y" => TimePiece::Year,
-            "m" => TimePiece::Month,
-            "d" => TimePiece::Day,
-            "H" => TimePiece::Hour,
-            "M" => TimePiece::Minute,
-            "S" => TimePiece::Second,
-            "s" => TimePiece::Epoch,
-            "f" => TimePiece::Fraction(9),
-            "E3S" => TimePiece::SecondsWithFraction(3),
-            "E6S" => TimePiece::SecondsWithFraction(6),
-            "E9S" => TimePiece::SecondsWithFraction(9),
+            // Start times are formatted in UTC, as Envoy does.
+            "Z" => {
+                lit.push_str("UTC");
+                continue;
+            }
+            "z" => {
+                lit.push_str("+0000");
+                continue;
+            }
+            "Y" => vec![T::Year],
+            "y" => vec![T::ShortYear],
+            "m" => vec![T::Month],
+            "d" => vec![T::Day],
+            "e" => vec![T::DaySpace],
+            "j" => vec![T::DayOfYear],
+            "a" => vec![T::Weekday { long: false }],
+            "A" => vec![T::Weekday { long: true }],
+            "b" | "h" => vec![T::MonthName { long: false }],
+            "B" => vec![T::MonthName { long: true }],
+            "H" => vec![T::Hour],
+            "I" => vec![T::Hour12],
+            "p" => vec![T::AmPm],
+            "M" => vec![T::Minute],
+            "S" => vec![T::Second],
+            "s" => vec![T::Epoch],
+            "T" => vec![
+                T::Hour,
+                lit_piece(":"),
+                T::Minute,
+                lit_piece(":"),
+                T::Second,
+            ],
+            "R" => vec![T::Hour, lit_piece(":"), T::Minute],
+            "F" => vec![T::Year, lit_piece("-"), T::Month, lit_piece("-"), T::Day],
+            "D" => vec![
+                T::Month,
+                lit_piece("/"),
+                T::Day,
+                lit_piece("/"),
+                T::ShortYear,
+            ],
+            "f" => vec![T::Fraction(9)],
+            "E3S" => vec![T::SecondsWithFraction(3)],
+            "E6S" => vec![T::SecondsWithFraction(6)],
+            "E9S" => vec![T::SecondsWithFraction(9)],
             s if s.len() == 2 && s.ends_with('f') => {
                 let n = s[..1].parse::<usize>().unwrap_or(0);
                 if n == 0 {
                     return Err(format!("unsupported START_TIME specifier %{s} in {f:?}"));
                 }
-                TimePiece::Fraction(n)
+                vec![T::Fraction(n)]
             }
             s => return Err(format!("unsupported START_TIME specifier %{s} in {f:?}")),
         };
         if !lit.is_empty() {
             out.push(TimePiece::Literal(std::mem::take(&mut lit)));
         }
-        out.push(piece);
+        out.extend(pieces);
     }
     if !lit.is_empty() {
         out.push(TimePiece::Literal(lit));
@@ -341,7 +395,8 @@ fn render_time(fmt: &[TimePiece], t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let nanos = d.subsec_nanos();
-    let (y, mo, day) = civil_from_days((secs / 86_400) as i64);
+    let days = (secs / 86_400) as i64;
+    let (y, mo, day) = civil_from_days(days);
     let tod = secs % 86_400;
     let frac = |n: usize| {
         let s = format!("{nanos:09}");
@@ -362,9 +417,67 @@ fn render_time(fmt: &[TimePiece], t: SystemTime) -> String {
             TimePiece::SecondsWithFraction(n) => {
                 out.push_str(&format!("{:02}.{}", tod % 60, frac(*n)));
             }
+            TimePiece::ShortYear => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            TimePiece::DaySpace => out.push_str(&format!("{day:>2}")),
+            TimePiece::DayOfYear => {
+                let jan1 = days_from_civil(y, 1, 1);
+                out.push_str(&format!("{:03}", days - jan1 + 1));
+            }
+            TimePiece::Weekday { long } => {
+                // 1970-01-01 was a Thursday.
+                let wd = (days + 4).rem_euclid(7) as usize;
+                let name = WEEKDAYS[wd];
+                out.push_str(if *long { name } else { &name[..3] });
+            }
+            TimePiece::MonthName { long } => {
+                let name = MONTHS[(mo as usize).saturating_sub(1).min(11)];
+                out.push_str(if *long { name } else { &name[..3] });
+            }
+            TimePiece::Hour12 => {
+                let h = tod / 3600 % 12;
+                out.push_str(&format!("{:02}", if h == 0 { 12 } else { h }));
+            }
+            TimePiece::AmPm => out.push_str(if tod / 3600 < 12 { "AM" } else { "PM" }),
         }
     }
     out
+}
+
+const WEEKDAYS: [&str; 7] = [
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+];
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+
+/// (year, month, day) → days since 1970-01-01 (the inverse of
+/// [`civil_from_days`]).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
@@ -429,6 +542,14 @@ mod tests {
             "2021/03/04 05:06:07.089"
         );
         assert_eq!(
+            render("%START_TIME(%a %A %b %B %e %j %y %I%p %Z %z)%"),
+            "Thu Thursday Mar March  4 063 21 05AM UTC +0000"
+        );
+        assert_eq!(
+            render("%START_TIME(%F %T %R %D)%"),
+            "2021-03-04 05:06:07 05:06 03/04/21"
+        );
+        assert_eq!(
             HeaderFormat::parse("a%%b").unwrap().as_literal().unwrap(),
             "a%b"
         );
@@ -456,5 +577,9 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        for d in [-1000, -1, 0, 59, 19_782, 40_000] {
+            let (y, m, day) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, day), d);
+        }
     }
 }

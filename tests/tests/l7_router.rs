@@ -1427,6 +1427,12 @@ fn header_value_formatters_and_levels() -> Result<()> {
             add("x-missing", "%REQ(x-nothing)%", "APPEND_IF_EXISTS_OR_ADD"),
             add("x-start", "%START_TIME%", "APPEND_IF_EXISTS_OR_ADD"),
             add("x-epoch", "%START_TIME(%s)%", "APPEND_IF_EXISTS_OR_ADD"),
+            // Date-level specifiers: equal between the two runs unless they straddle midnight.
+            add(
+                "x-date",
+                "%START_TIME(%F|%D|%a|%A|%b|%B|%e|%j|%y|%Z|%z|%%)%",
+                "APPEND_IF_EXISTS_OR_ADD",
+            ),
             add("x-pct", "100%%", "APPEND_IF_EXISTS_OR_ADD"),
             add(
                 "x-up-req",
@@ -1486,6 +1492,7 @@ fn header_value_formatters_and_levels() -> Result<()> {
         "x-missing",
         "x-start",
         "x-epoch",
+        "x-date",
         "x-pct",
         "x-up-req",
         "x-in",
@@ -1548,6 +1555,12 @@ fn header_value_formatters_and_levels() -> Result<()> {
     assert_eq!(ferry, envoy);
     assert!(
         ferry.contains(&"x-remote-ip=127.0.0.1".to_string()),
+        "{ferry:?}"
+    );
+    assert!(
+        ferry
+            .iter()
+            .any(|l| l.starts_with("x-date=") && l.ends_with("|UTC|+0000|%")),
         "{ferry:?}"
     );
     assert!(
