@@ -22,7 +22,7 @@ fn route(i: usize) -> Route {
             path: PathMatch::Prefix(format!("/svc{i}/")),
             case_sensitive: true,
             headers: vec![HeaderMatcher {
-                name: HeaderName::from_static("x-version"),
+                name: HeaderName::from_static("x-version").into(),
                 matcher: Some(StringMatcher::Exact(format!("v{}", i % 3))),
                 ignore_case: false,
                 invert: false,

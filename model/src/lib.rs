@@ -25,9 +25,10 @@ pub use listener::{
     HttpFilter, HttpFilterConfig, Listener, ListenerFilters, RouteSource, TcpProxy,
 };
 pub use route::{
-    AppendAction, ClusterSpecifier, DomainMatcher, HeaderMatcher, HeaderMutations, HeaderOp,
-    HeaderToAdd, HostRewrite, PathMatch, QueryMatch, QueryParameterMatcher, RegexRewrite, Route,
-    RouteAction, RouteConfig, RouteCors, RouteMatch, StringMatcher, VirtualHost, WeightedCluster,
+    AppendAction, ClusterSpecifier, DomainMatcher, HeaderKey, HeaderMatcher, HeaderMutations,
+    HeaderOp, HeaderToAdd, HostRewrite, PathMatch, Pseudo, QueryMatch, QueryParameterMatcher,
+    RegexRewrite, Route, RouteAction, RouteConfig, RouteCors, RouteMatch, StringMatcher,
+    VirtualHost, WeightedCluster,
 };
 pub use route::{AttemptCount, Fraction, MirrorPolicy, RetryOn, RetryPolicy};
 

@@ -354,7 +354,7 @@ impl StringMatcher {
 
 #[derive(Debug)]
 pub struct HeaderMatcher {
-    pub name: http::HeaderName,
+    pub name: HeaderKey,
     /// `None`: the header only has to be present.
     pub matcher: Option<StringMatcher>,
     pub ignore_case: bool,
@@ -363,16 +363,84 @@ pub struct HeaderMatcher {
     pub present: bool,
 }
 
+/// The header a matcher reads: a regular header or one of HTTP/2's
+/// pseudo-headers, which Envoy matches like headers (istiod matches methods
+/// with `:method` and authorities with `:authority`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderKey {
+    Name(http::HeaderName),
+    Method,
+    Path,
+    Authority,
+    Scheme,
+}
+
+impl From<http::HeaderName> for HeaderKey {
+    fn from(n: http::HeaderName) -> Self {
+        HeaderKey::Name(n)
+    }
+}
+
+impl HeaderKey {
+    /// `name` as configured (pseudo-headers start with `:`); `None` when it
+    /// is neither a header name nor a pseudo-header Envoy knows.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            ":method" => Some(HeaderKey::Method),
+            ":path" => Some(HeaderKey::Path),
+            ":authority" | "host" => Some(HeaderKey::Authority),
+            ":scheme" => Some(HeaderKey::Scheme),
+            n => http::HeaderName::from_bytes(n.as_bytes())
+                .ok()
+                .map(HeaderKey::Name),
+        }
+    }
+}
+
+/// The pseudo-headers of a request, for matchers that read them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pseudo<'a> {
+    pub method: &'a str,
+    /// The path with its query.
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub scheme: &'a str,
+}
+
 impl HeaderMatcher {
+    /// Matches the regular headers only (pseudo-headers count as absent).
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter().peekable();
-        let result = match &self.matcher {
-            None => values.peek().is_some() == self.present,
-            Some(m) => {
+        self.matches_request(headers, None)
+    }
+
+    pub fn matches_request(&self, headers: &HeaderMap, pseudo: Option<&Pseudo<'_>>) -> bool {
+        let joined: Option<String> = match &self.name {
+            HeaderKey::Name(name) => {
                 // Envoy joins repeated headers with "," before matching.
-                let joined: Vec<&str> = values.filter_map(|v| v.to_str().ok()).collect();
-                !joined.is_empty() && m.matches(&joined.join(","), self.ignore_case)
+                let values: Vec<&str> = headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                match values.len() {
+                    0 if !headers.contains_key(name) => None,
+                    _ => Some(values.join(",")),
+                }
             }
+            pseudo_key => pseudo.map(|p| {
+                match pseudo_key {
+                    HeaderKey::Method => p.method,
+                    HeaderKey::Path => p.path,
+                    HeaderKey::Authority => p.authority,
+                    _ => p.scheme,
+                }
+                .to_string()
+            }),
+        };
+        let result = match (&self.matcher, joined) {
+            (None, v) => v.is_some() == self.present,
+            (Some(m), Some(v)) => m.matches(&v, self.ignore_case),
+            (Some(_), None) => false,
         };
         result != self.invert
     }
@@ -680,10 +748,27 @@ impl RouteConfig {
         headers: &HeaderMap,
         roll: u64,
     ) -> Option<&Route> {
-        let vh = self.virtual_host(host)?;
+        let pseudo = Pseudo {
+            method: "GET",
+            path,
+            authority: host,
+            scheme: "http",
+        };
+        self.find_route_for(&pseudo, headers, roll)
+    }
+
+    /// The route for a request given by its pseudo-headers (`:authority`
+    /// picks the virtual host), its headers and its random `roll`.
+    pub fn find_route_for(
+        &self,
+        pseudo: &Pseudo<'_>,
+        headers: &HeaderMap,
+        roll: u64,
+    ) -> Option<&Route> {
+        let vh = self.virtual_host(pseudo.authority)?;
         vh.routes
             .iter()
-            .find(|r| r.route_match.matches_rolled(path, headers, roll))
+            .find(|r| r.route_match.matches_pseudo(pseudo, headers, roll))
     }
 }
 
@@ -709,6 +794,18 @@ impl RouteMatch {
 
     /// [`RouteMatch::matches`] with the request's random `roll`.
     pub fn matches_rolled(&self, path_and_query: &str, headers: &HeaderMap, roll: u64) -> bool {
+        let pseudo = Pseudo {
+            method: "GET",
+            path: path_and_query,
+            authority: "",
+            scheme: "http",
+        };
+        self.matches_pseudo(&pseudo, headers, roll)
+    }
+
+    /// Matches a request given by its pseudo-headers and headers.
+    pub fn matches_pseudo(&self, pseudo: &Pseudo<'_>, headers: &HeaderMap, roll: u64) -> bool {
+        let path_and_query = pseudo.path;
         if self.runtime_fraction.is_some_and(|f| !f.hits(roll)) {
             return false;
         }
@@ -731,7 +828,10 @@ impl RouteMatch {
                     && (path.len() == p.len() || path.as_bytes().get(p.len()) == Some(&b'/'))
             }
         };
-        ok && self.headers.iter().all(|h| h.matches(headers))
+        ok && self
+            .headers
+            .iter()
+            .all(|h| h.matches_request(headers, Some(pseudo)))
             && self.query_parameters.iter().all(|q| q.matches(query))
             && (!self.grpc || is_grpc(headers))
     }
@@ -845,7 +945,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("end-user", "jason".parse().unwrap());
         let m = |matcher, invert, present| HeaderMatcher {
-            name: http::HeaderName::from_static("end-user"),
+            name: HeaderKey::Name(http::HeaderName::from_static("end-user")),
             matcher,
             ignore_case: false,
             invert,

@@ -1578,7 +1578,7 @@ fn header_value_formatters_and_levels() -> Result<()> {
 
 const CORS: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy";
 
-/// Method, path, request headers.
+/// Method, path, request headers of one request to make.
 type CorsCase = (&'static str, String, Vec<(&'static str, &'static str)>);
 
 fn cors_filter() -> Value {
@@ -2262,5 +2262,70 @@ fn local_rate_limit_virtual_host_override() -> Result<()> {
     };
     assert_eq!(ferry, envoy);
     assert_eq!(ferry[2], "/a/2 429", "{ferry:?}");
+    Ok(())
+}
+
+/// Header matchers on pseudo-headers (`:method`, `:authority`, `:path`, `:scheme`, which
+/// istiod emits for method and authority matches) and on `host` pick the same routes
+/// through Ferry and Envoy.
+#[test]
+fn pseudo_header_matches() -> Result<()> {
+    let _lock = RunLock::shared();
+    let h = |name: &str, m: Value| json!({"prefix": "/", "headers": [{"name": name, "string_match": m}]});
+    let config = |port| {
+        let routes = vec![
+            direct(h(":method", json!({"exact": "POST"})), "method"),
+            direct(h(":authority", json!({"prefix": "api."})), "authority"),
+            direct(h("host", json!({"exact": "hosted.test"})), "host"),
+            direct(h(":path", json!({"suffix": "?x=1"})), "path"),
+            direct(
+                json!({"prefix": "/s", "headers": [{"name": ":scheme", "string_match": {"exact": "http"}}]}),
+                "scheme",
+            ),
+            direct(
+                json!({"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "GET"}, "invert_match": true}]}),
+                "not-get",
+            ),
+            direct(json!({"prefix": "/"}), "fallback"),
+        ];
+        render(http(port, routes, vec![], json!({})), vec![])
+    };
+    let cases: Vec<CorsCase> = vec![
+        ("POST", "/a".to_string(), vec![]),
+        ("GET", "/a".to_string(), vec![("Host", "api.example")]),
+        ("GET", "/a".to_string(), vec![("Host", "hosted.test")]),
+        ("GET", "/a?x=1".to_string(), vec![]),
+        ("GET", "/s".to_string(), vec![]),
+        ("PUT", "/a".to_string(), vec![]),
+        ("GET", "/a".to_string(), vec![]),
+    ];
+    let observed = differential(config, |_, port| {
+        let mut out = Vec::new();
+        for (method, path, headers) in &cases {
+            let r = request(port, method, path, headers, b"")?;
+            out.push(format!(
+                "{method} {path} {headers:?} -> {} {}",
+                r.status, r.body
+            ));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    let names: Vec<&str> = ferry.iter().filter_map(|l| l.rsplit(' ').next()).collect();
+    assert_eq!(
+        names,
+        [
+            "method",
+            "authority",
+            "host",
+            "path",
+            "scheme",
+            "not-get",
+            "fallback"
+        ]
+    );
     Ok(())
 }

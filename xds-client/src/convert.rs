@@ -906,7 +906,7 @@ fn header_matcher(
     h: &route_pb::HeaderMatcher,
 ) -> Result<m::HeaderMatcher, ConvertError> {
     use route_pb::header_matcher::HeaderMatchSpecifier as S;
-    let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+    let name = m::HeaderKey::parse(&h.name).ok_or_else(|| {
         ctx.err(
             format!("{field}.name"),
             format!("{:?} is not a valid header name", h.name),

@@ -473,3 +473,40 @@ fn host_rewrite_format_over_xds() {
         "{e}"
     );
 }
+
+/// istiod matches methods and authorities with pseudo-header matchers.
+#[test]
+fn pseudo_header_matchers_are_accepted() {
+    let routes = r#"              - name: post
+                match:
+                  prefix: /
+                  headers: [{name: ":method", string_match: {exact: POST}}]
+                direct_response: {status: 200}
+              - name: other
+                match: {prefix: /}
+                direct_response: {status: 200}
+"#;
+    let s = load(&bootstrap(routes, "", ""));
+    let rc = table(&s);
+    let h = HeaderMap::new();
+    let pseudo = |method| ferry_model::Pseudo {
+        method,
+        path: "/",
+        authority: "x",
+        scheme: "http",
+    };
+    let name = |m| {
+        rc.find_route_for(&pseudo(m), &h, 0)
+            .expect("route")
+            .name
+            .clone()
+    };
+    assert_eq!(name("POST"), "post");
+    assert_eq!(name("GET"), "other");
+    let e = err(&bootstrap(
+        &routes.replace("\":method\"", "\":bogus\""),
+        "",
+        "",
+    ));
+    assert!(e.contains("routes[0].match.headers[0].name"), "{e}");
+}

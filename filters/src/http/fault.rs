@@ -200,7 +200,7 @@ mod tests {
     fn applies_only_to_matching_requests() {
         let cfg = FaultConfig {
             headers: vec![HeaderMatcher {
-                name: http::HeaderName::from_static("end-user"),
+                name: http::HeaderName::from_static("end-user").into(),
                 matcher: Some(StringMatcher::Exact("jason".into())),
                 ignore_case: false,
                 invert: false,

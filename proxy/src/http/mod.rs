@@ -276,9 +276,15 @@ async fn route_request(
         RouteSource::Inline(rc) => Some(rc.clone()),
         RouteSource::Rds(name) => ctx.rt.snapshot.load().routes.get(name).cloned(),
     };
+    let pseudo = ferry_model::Pseudo {
+        method: req.method().as_str(),
+        path,
+        authority: host,
+        scheme: "http",
+    };
     let route = routes
         .as_ref()
-        .and_then(|rc| rc.find_route_rolled(host, path, req.headers(), rand::random()));
+        .and_then(|rc| rc.find_route_for(&pseudo, req.headers(), rand::random()));
     let fctx = FormatContext {
         downstream_remote: Some(ctx.peer),
         downstream_local: Some(ctx.original_dst),
