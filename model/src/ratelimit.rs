@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::route::{Fraction, HeaderMutations};
+use crate::route::{Fraction, HeaderKey, HeaderMatcher, HeaderMutations};
 
 #[derive(Debug)]
 pub struct LocalRateLimit {
@@ -30,6 +30,66 @@ pub struct LocalRateLimit {
     /// `rate_limited_as_resource_exhausted`: a limited gRPC request gets
     /// `RESOURCE_EXHAUSTED` (8) instead of `UNAVAILABLE` (14).
     pub grpc_resource_exhausted: bool,
+    /// `descriptors`: buckets for the requests whose route `rate_limits`
+    /// produce exactly these entries.
+    pub descriptors: Vec<Descriptor>,
+    /// `stage`: only the route rate limits of this stage count.
+    pub stage: u32,
+    /// `always_consume_default_token_bucket` (default true): the filter's
+    /// bucket is taken from even when a descriptor matched.
+    pub always_consume_default: bool,
+    /// `vh_rate_limits`.
+    pub vh_rate_limits: VhRateLimits,
+}
+
+/// Whether the virtual host's `rate_limits` count beside the route's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VhRateLimits {
+    /// The virtual host's only when the route has none.
+    #[default]
+    Override,
+    Include,
+    Ignore,
+}
+
+/// One `LocalRateLimitDescriptor`.
+#[derive(Debug)]
+pub struct Descriptor {
+    pub entries: Vec<(String, String)>,
+    pub bucket: TokenBucket,
+}
+
+/// One entry of a route's (or virtual host's) `rate_limits`: the actions
+/// that make one descriptor of a request.
+#[derive(Debug)]
+pub struct RateLimitPolicy {
+    pub stage: u32,
+    pub actions: Vec<RateLimitAction>,
+}
+
+#[derive(Debug)]
+pub enum RateLimitAction {
+    /// `("remote_address", <downstream IP>)`.
+    RemoteAddress,
+    /// `("destination_cluster", <the route's cluster>)`.
+    DestinationCluster,
+    /// `(key, value)` always (`generic_key`).
+    GenericKey { key: String, value: String },
+    /// `(key, <the header's value>)`; an absent header drops the
+    /// descriptor, or only this entry with `skip_if_absent`.
+    RequestHeaders {
+        header: HeaderKey,
+        key: String,
+        skip_if_absent: bool,
+    },
+    /// `(key, value)` when the headers all match (`expect_match: true`) or
+    /// not all (`false`); otherwise the descriptor is dropped.
+    HeaderValueMatch {
+        key: String,
+        value: String,
+        expect_match: bool,
+        headers: Vec<HeaderMatcher>,
+    },
 }
 
 /// A token bucket refilled continuously at `tokens_per_fill` per
@@ -64,6 +124,11 @@ impl TokenBucket {
             rate,
             empty_at: AtomicU64::new((-full).to_bits()),
         }
+    }
+
+    /// Tokens per second.
+    pub fn fill_rate(&self) -> f64 {
+        self.rate
     }
 
     /// Takes one token if there is one.

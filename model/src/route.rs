@@ -86,6 +86,10 @@ pub struct Route {
     /// Per-filter overrides of the local rate limit filter; the route's
     /// entry replaces its virtual host's.
     pub ratelimit_overrides: Vec<(String, std::sync::Arc<crate::ratelimit::LocalRateLimit>)>,
+    /// `route.rate_limits`: the descriptors of a request for rate limiting.
+    pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
+    /// The virtual host's `rate_limits`.
+    pub vhost_rate_limits: std::sync::Arc<Vec<crate::ratelimit::RateLimitPolicy>>,
 }
 
 impl Route {
@@ -870,6 +874,8 @@ mod tests {
             fault_overrides: vec![],
             cors: RouteCors::default(),
             ratelimit_overrides: vec![],
+            rate_limits: vec![],
+            vhost_rate_limits: Default::default(),
             hash_policy: vec![],
         }
     }

@@ -2329,3 +2329,98 @@ fn pseudo_header_matches() -> Result<()> {
     );
     Ok(())
 }
+
+/// Local rate limit descriptors from the route's `rate_limits` actions, shaped like Istio's
+/// `local-rate-limit-service.yaml` sample (remote address, and `:path` by
+/// `header_value_match`), plus `request_headers`, `generic_key`, a stage that does not count
+/// and `always_consume_default_token_bucket: false` — the same statuses and counters through
+/// Ferry and Envoy.
+#[test]
+fn local_rate_limit_descriptors() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let bucket = |n: u32| json!({"max_tokens": n, "tokens_per_fill": n, "fill_interval": "3600s"});
+    let config = |port| {
+        let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL, "stat_prefix": "http_local_rate_limiter"}});
+        let mut page = route(
+            "/app/",
+            "backend",
+            json!({"rate_limits": [
+                {"actions": [{"remote_address": {}}]},
+                {"actions": [{"header_value_match": {"descriptor_value": "productpage", "expect_match": true,
+                    "headers": [{"name": ":path", "string_match": {"prefix": "/app/productpage", "ignore_case": true}}]}}]},
+            ]}),
+        );
+        page["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL, "stat_prefix": "page",
+            "token_bucket": bucket(5),
+            "filter_enabled": all, "filter_enforced": all,
+            "response_headers_to_add": [{"append": false, "header": {"key": "x-local-rate-limit", "value": "true"}}],
+            "descriptors": [{"entries": [{"key": "header_match", "value": "productpage"}], "token_bucket": bucket(2)}],
+        }});
+        let mut users = route(
+            "/users/",
+            "backend",
+            json!({"rate_limits": [
+                {"actions": [{"generic_key": {"descriptor_value": "users"}}, {"request_headers": {"header_name": "x-user", "descriptor_key": "user"}}]},
+                {"stage": 1, "actions": [{"generic_key": {"descriptor_value": "other-stage"}}]},
+            ]}),
+        );
+        users["typed_per_filter_config"] = json!({"envoy.filters.http.local_ratelimit": {
+            "@type": LOCAL_RL, "stat_prefix": "users",
+            "token_bucket": bucket(3),
+            "always_consume_default_token_bucket": false,
+            "filter_enabled": all, "filter_enforced": all,
+            "descriptors": [
+                {"entries": [{"key": "generic_key", "value": "users"}, {"key": "user", "value": "alice"}], "token_bucket": bucket(1)},
+                {"entries": [{"key": "generic_key", "value": "other-stage"}], "token_bucket": bucket(1)},
+            ],
+        }});
+        render(
+            http(port, vec![page, users], vec![filter], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |p, port| {
+        let mut out = Vec::new();
+        let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+            ("/app/productpage", vec![]),
+            ("/app/ProductPage?x=1", vec![]),
+            ("/app/productpage", vec![]),
+            ("/app/other", vec![]),
+            ("/app/other", vec![]),
+            ("/app/other", vec![]),
+            ("/app/other", vec![]),
+            ("/users/1", vec![("x-user", "alice")]),
+            ("/users/2", vec![("x-user", "alice")]),
+            ("/users/3", vec![("x-user", "bob")]),
+            ("/users/4", vec![]),
+            ("/users/5", vec![]),
+            ("/users/6", vec![]),
+            ("/users/7", vec![("x-user", "bob")]),
+        ];
+        for (path, headers) in &cases {
+            let r = request(port, "GET", path, headers, b"")?;
+            out.push(format!(
+                "{path} {headers:?} -> {} {:?}",
+                r.status,
+                r.header("x-local-rate-limit")
+            ));
+        }
+        for prefix in ["page", "users"] {
+            for c in ["enabled", "ok", "rate_limited", "enforced"] {
+                let name = format!("{prefix}.http_local_rate_limit.{c}");
+                out.push(format!("{name}={}", p.stat(&name)?));
+            }
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert!(ferry[2].contains("-> 429"), "{ferry:?}");
+    Ok(())
+}

@@ -1078,6 +1078,13 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
             inline: inline_cors.into_iter().map(Arc::new).collect(),
         },
         ratelimit_overrides: per_filter.ratelimit,
+        rate_limits: match &r.action {
+            Some(Action::Route(ra)) => {
+                rate_limits(ctx, &format!("{field}.route.rate_limits"), &ra.rate_limits)?
+            }
+            _ => Vec::new(),
+        },
+        vhost_rate_limits: Arc::default(),
         hash_policy: match &r.action {
             Some(Action::Route(ra)) => hash_policies(ctx, &format!("{field}.route"), ra)?,
             _ => Vec::new(),
@@ -1273,6 +1280,7 @@ struct VhostDefaults {
     inline_cors: Option<Arc<m::cors::CorsPolicy>>,
     request_headers: m::HeaderMutations,
     response_headers: m::HeaderMutations,
+    rate_limits: Arc<Vec<m::ratelimit::RateLimitPolicy>>,
 }
 
 fn vhost_defaults(
@@ -1322,6 +1330,11 @@ fn vhost_defaults(
             &format!("{field}.response_headers_to_remove"),
             &vh.response_headers_to_remove,
         )?,
+        rate_limits: Arc::new(rate_limits(
+            ctx,
+            &format!("{field}.rate_limits"),
+            &vh.rate_limits,
+        )?),
     })
 }
 
@@ -1369,6 +1382,7 @@ impl VhostDefaults {
         rt.response_headers
             .ops
             .extend(self.response_headers.ops.iter().cloned());
+        rt.vhost_rate_limits = self.rate_limits.clone();
     }
 }
 
@@ -1596,6 +1610,10 @@ fn disabled_ratelimit() -> m::ratelimit::LocalRateLimit {
         response_headers: m::HeaderMutations::default(),
         request_headers_when_not_enforced: m::HeaderMutations::default(),
         grpc_resource_exhausted: false,
+        descriptors: Vec::new(),
+        stage: 0,
+        always_consume_default: true,
+        vh_rate_limits: m::ratelimit::VhRateLimits::Override,
     }
 }
 
@@ -1676,12 +1694,6 @@ fn local_ratelimit(
     if p.stat_prefix.is_empty() {
         return Err(ctx.err(format!("{field}.stat_prefix"), "a stat_prefix is required"));
     }
-    if !p.descriptors.is_empty() {
-        return Err(ctx.err(
-            format!("{field}.descriptors"),
-            "rate limit descriptors are not supported yet",
-        ));
-    }
     if p.local_cluster_rate_limit.is_some() {
         return Err(ctx.err(
             format!("{field}.local_cluster_rate_limit"),
@@ -1713,39 +1725,41 @@ fn local_ratelimit(
                 )
             })?,
     };
-    let bucket = match &p.token_bucket {
-        None => None,
-        Some(tb) => {
-            let tf = format!("{field}.token_bucket");
-            let interval = duration(&tb.fill_interval).ok_or_else(|| {
-                ctx.err(format!("{tf}.fill_interval"), "fill_interval is required")
-            })?;
-            if interval < Duration::from_millis(50) {
-                return Err(ctx.err(
-                    format!("{tf}.fill_interval"),
-                    "fill_interval must be at least 50ms",
-                ));
-            }
-            if tb.max_tokens == 0 {
-                return Err(ctx.err(
-                    format!("{tf}.max_tokens"),
-                    "max_tokens must be greater than zero",
-                ));
-            }
-            let per_fill = tb.tokens_per_fill.as_ref().map_or(1, |v| v.value);
-            if per_fill == 0 {
-                return Err(ctx.err(
-                    format!("{tf}.tokens_per_fill"),
-                    "tokens_per_fill must be greater than zero",
-                ));
-            }
-            Some(m::ratelimit::TokenBucket::new(
-                tb.max_tokens,
-                per_fill,
-                interval,
-            ))
+    let bucket = p
+        .token_bucket
+        .as_ref()
+        .map(|tb| token_bucket(ctx, &format!("{field}.token_bucket"), tb))
+        .transpose()?;
+    let mut descriptors = Vec::with_capacity(p.descriptors.len());
+    for (i, d) in p.descriptors.iter().enumerate() {
+        let df = format!("{field}.descriptors[{i}]");
+        if d.entries.is_empty() {
+            return Err(ctx.err(format!("{df}.entries"), "a descriptor needs entries"));
         }
-    };
+        let mut entries = Vec::with_capacity(d.entries.len());
+        for (j, e) in d.entries.iter().enumerate() {
+            if e.key.is_empty() || e.value.is_empty() {
+                return Err(ctx.err(
+                    format!("{df}.entries[{j}]"),
+                    "entries need a key and a value (wildcard values are not supported yet)",
+                ));
+            }
+            entries.push((e.key.clone(), e.value.clone()));
+        }
+        let tb = d.token_bucket.as_ref().ok_or_else(|| {
+            ctx.err(
+                format!("{df}.token_bucket"),
+                "a descriptor needs a token_bucket",
+            )
+        })?;
+        descriptors.push(m::ratelimit::Descriptor {
+            entries,
+            bucket: token_bucket(ctx, &format!("{df}.token_bucket"), tb)?,
+        });
+    }
+    if p.stage > 10 {
+        return Err(ctx.err(format!("{field}.stage"), "stage must be 0 to 10"));
+    }
     Ok(m::ratelimit::LocalRateLimit {
         stat_prefix: p.stat_prefix.clone(),
         status,
@@ -1767,7 +1781,141 @@ fn local_ratelimit(
             &[],
         )?,
         grpc_resource_exhausted: p.rate_limited_as_resource_exhausted,
+        descriptors,
+        stage: p.stage,
+        always_consume_default: p
+            .always_consume_default_token_bucket
+            .as_ref()
+            .is_none_or(|v| v.value),
+        vh_rate_limits: match p.vh_rate_limits {
+            1 => m::ratelimit::VhRateLimits::Include,
+            2 => m::ratelimit::VhRateLimits::Ignore,
+            _ => m::ratelimit::VhRateLimits::Override,
+        },
     })
+}
+
+fn token_bucket(
+    ctx: &Ctx<'_>,
+    tf: &str,
+    tb: &envoy_types::pb::envoy::r#type::v3::TokenBucket,
+) -> Result<m::ratelimit::TokenBucket, ConvertError> {
+    let interval = duration(&tb.fill_interval)
+        .ok_or_else(|| ctx.err(format!("{tf}.fill_interval"), "fill_interval is required"))?;
+    if interval < Duration::from_millis(50) {
+        return Err(ctx.err(
+            format!("{tf}.fill_interval"),
+            "fill_interval must be at least 50ms",
+        ));
+    }
+    if tb.max_tokens == 0 {
+        return Err(ctx.err(
+            format!("{tf}.max_tokens"),
+            "max_tokens must be greater than zero",
+        ));
+    }
+    let per_fill = tb.tokens_per_fill.as_ref().map_or(1, |v| v.value);
+    if per_fill == 0 {
+        return Err(ctx.err(
+            format!("{tf}.tokens_per_fill"),
+            "tokens_per_fill must be greater than zero",
+        ));
+    }
+    Ok(m::ratelimit::TokenBucket::new(
+        tb.max_tokens,
+        per_fill,
+        interval,
+    ))
+}
+
+/// A route's or virtual host's `rate_limits`.
+fn rate_limits(
+    ctx: &Ctx<'_>,
+    field: &str,
+    rls: &[route_pb::RateLimit],
+) -> Result<Vec<m::ratelimit::RateLimitPolicy>, ConvertError> {
+    use m::ratelimit::RateLimitAction as R;
+    use route_pb::rate_limit::action::ActionSpecifier as A;
+    let mut out = Vec::with_capacity(rls.len());
+    for (i, rl) in rls.iter().enumerate() {
+        let rf = format!("{field}[{i}]");
+        if rl.limit.is_some() {
+            return Err(ctx.err(
+                format!("{rf}.limit"),
+                "dynamic limit overrides are not supported",
+            ));
+        }
+        let mut actions = Vec::with_capacity(rl.actions.len());
+        for (j, a) in rl.actions.iter().enumerate() {
+            let af = format!("{rf}.actions[{j}]");
+            let no_default = |name: &str, d: &str| {
+                if d.is_empty() {
+                    Ok(())
+                } else {
+                    Err(ctx.err(
+                        format!("{af}.{name}.default_value"),
+                        "default values are not supported yet",
+                    ))
+                }
+            };
+            let key_or = |k: &str, d: &str| {
+                if k.is_empty() {
+                    d.to_string()
+                } else {
+                    k.to_string()
+                }
+            };
+            actions.push(match &a.action_specifier {
+                Some(A::RemoteAddress(_)) => R::RemoteAddress,
+                Some(A::DestinationCluster(_)) => R::DestinationCluster,
+                Some(A::GenericKey(g)) => {
+                    no_default("generic_key", &g.default_value)?;
+                    R::GenericKey {
+                        key: key_or(&g.descriptor_key, "generic_key"),
+                        value: g.descriptor_value.clone(),
+                    }
+                }
+                Some(A::RequestHeaders(h)) => R::RequestHeaders {
+                    header: m::HeaderKey::parse(&h.header_name).ok_or_else(|| {
+                        ctx.err(
+                            format!("{af}.request_headers.header_name"),
+                            format!("{:?} is not a valid header name", h.header_name),
+                        )
+                    })?,
+                    key: h.descriptor_key.clone(),
+                    skip_if_absent: h.skip_if_absent,
+                },
+                Some(A::HeaderValueMatch(h)) => {
+                    no_default("header_value_match", &h.default_value)?;
+                    let mut headers = Vec::with_capacity(h.headers.len());
+                    for (k, hm) in h.headers.iter().enumerate() {
+                        headers.push(header_matcher(
+                            ctx,
+                            &format!("{af}.header_value_match.headers[{k}]"),
+                            hm,
+                        )?);
+                    }
+                    R::HeaderValueMatch {
+                        key: key_or(&h.descriptor_key, "header_match"),
+                        value: h.descriptor_value.clone(),
+                        expect_match: h.expect_match.as_ref().is_none_or(|v| v.value),
+                        headers,
+                    }
+                }
+                _ => {
+                    return Err(ctx.err(
+                        &af,
+                        "only remote_address, destination_cluster, generic_key, request_headers and header_value_match actions are supported",
+                    ));
+                }
+            });
+        }
+        out.push(m::ratelimit::RateLimitPolicy {
+            stage: rl.stage.as_ref().map_or(0, |v| v.value),
+            actions,
+        });
+    }
+    Ok(out)
 }
 
 /// A level's `*_headers_to_remove` then `*_headers_to_add`, values compiled

@@ -510,3 +510,49 @@ fn pseudo_header_matchers_are_accepted() {
     ));
     assert!(e.contains("routes[0].match.headers[0].name"), "{e}");
 }
+
+/// Route rate limit actions and filter descriptors, and the errors for what is not
+/// supported.
+#[test]
+fn rate_limit_actions_and_descriptors() {
+    let routes = r#"              - match: {prefix: /}
+                route:
+                  cluster: backend
+                  rate_limits:
+                  - actions:
+                    - remote_address: {}
+                    - header_value_match:
+                        descriptor_value: page
+                        headers: [{name: ":path", string_match: {prefix: /p}}]
+                typed_per_filter_config:
+                  envoy.filters.http.local_ratelimit:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+                    stat_prefix: r
+                    descriptors:
+                    - entries: [{key: header_match, value: page}]
+                      token_bucket: {max_tokens: 1, fill_interval: 1s}
+"#;
+    let s = load(&bootstrap(routes, CORS_FILTER, ""));
+    let rc = table(&s);
+    let r = rc.find_route("x", "/", &HeaderMap::new()).expect("route");
+    assert_eq!(r.rate_limits.len(), 1);
+    assert_eq!(r.rate_limits[0].actions.len(), 2);
+    let o = r
+        .ratelimit_override("envoy.filters.http.local_ratelimit")
+        .expect("override");
+    assert_eq!(o.descriptors.len(), 1);
+    assert!(o.always_consume_default);
+
+    let bad = routes.replace(
+        "- remote_address: {}",
+        "- query_parameters: {query_parameter_name: q, descriptor_key: q}",
+    );
+    let e = err(&bootstrap(&bad, CORS_FILTER, ""));
+    assert!(
+        e.contains("routes[0].route.rate_limits[0].actions[0]"),
+        "{e}"
+    );
+    let wildcard = routes.replace("value: page}]\n", "value: \"\"}]\n");
+    let e = err(&bootstrap(&wildcard, CORS_FILTER, ""));
+    assert!(e.contains("descriptors[0].entries[0]"), "{e}");
+}

@@ -4,7 +4,100 @@
 //! counts at all, a token is taken, and `filter_enforced` decides whether a
 //! request without a token is refused or only marked.
 
-use ferry_model::ratelimit::LocalRateLimit;
+use std::net::IpAddr;
+
+use ferry_model::Pseudo;
+use ferry_model::ratelimit::{LocalRateLimit, RateLimitAction, RateLimitPolicy, VhRateLimits};
+use http::HeaderMap;
+
+/// The entries of one request descriptor.
+pub type Entries = Vec<(String, String)>;
+
+/// What the route's rate limit actions read of a request.
+pub struct RequestInfo<'a> {
+    pub pseudo: Pseudo<'a>,
+    pub headers: &'a HeaderMap,
+    pub remote: IpAddr,
+    /// The route's cluster.
+    pub cluster: &'a str,
+}
+
+/// The request's descriptors from the route's and virtual host's
+/// `rate_limits` of the filter's stage (the virtual host's as
+/// `vh_rate_limits` says).
+pub fn descriptors(
+    cfg: &LocalRateLimit,
+    route: &[RateLimitPolicy],
+    vhost: &[RateLimitPolicy],
+    req: &RequestInfo<'_>,
+) -> Vec<Entries> {
+    if cfg.descriptors.is_empty() {
+        return Vec::new();
+    }
+    let vhost = match cfg.vh_rate_limits {
+        VhRateLimits::Override if route.is_empty() => vhost,
+        VhRateLimits::Include => vhost,
+        _ => &[],
+    };
+    route
+        .iter()
+        .chain(vhost)
+        .filter(|p| p.stage == cfg.stage)
+        .filter_map(|p| descriptor(p, req))
+        .collect()
+}
+
+/// One policy's descriptor; `None` when an action cannot produce its entry.
+fn descriptor(p: &RateLimitPolicy, req: &RequestInfo<'_>) -> Option<Entries> {
+    let mut out = Vec::with_capacity(p.actions.len());
+    for a in &p.actions {
+        match a {
+            RateLimitAction::RemoteAddress => {
+                out.push(("remote_address".into(), req.remote.to_string()));
+            }
+            RateLimitAction::DestinationCluster => {
+                out.push(("destination_cluster".into(), req.cluster.to_string()));
+            }
+            RateLimitAction::GenericKey { key, value } => out.push((key.clone(), value.clone())),
+            RateLimitAction::RequestHeaders {
+                header,
+                key,
+                skip_if_absent,
+            } => {
+                let value = match header {
+                    ferry_model::HeaderKey::Name(n) => req
+                        .headers
+                        .get(n)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                    ferry_model::HeaderKey::Method => Some(req.pseudo.method.to_string()),
+                    ferry_model::HeaderKey::Path => Some(req.pseudo.path.to_string()),
+                    ferry_model::HeaderKey::Authority => Some(req.pseudo.authority.to_string()),
+                    ferry_model::HeaderKey::Scheme => Some(req.pseudo.scheme.to_string()),
+                };
+                match value {
+                    Some(v) => out.push((key.clone(), v)),
+                    None if *skip_if_absent => {}
+                    None => return None,
+                }
+            }
+            RateLimitAction::HeaderValueMatch {
+                key,
+                value,
+                expect_match,
+                headers,
+            } => {
+                let all = headers
+                    .iter()
+                    .all(|h| h.matches_request(req.headers, Some(&req.pseudo)));
+                if all != *expect_match {
+                    return None;
+                }
+                out.push((key.clone(), value.clone()));
+            }
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -18,12 +111,28 @@ pub enum Decision {
     Limited,
 }
 
-/// `rolls`: two uniform random numbers (enabled, enforced).
-pub fn decide(cfg: &LocalRateLimit, rolls: (u64, u64)) -> Decision {
+/// `requested`: the request's descriptors; `rolls`: two uniform random
+/// numbers (enabled, enforced).
+///
+/// The configured descriptors the request carries are taken from first,
+/// the slowest-filling first, as Envoy does; the filter's own bucket then
+/// too unless a descriptor matched and `always_consume_default_token_bucket`
+/// is off.
+pub fn decide(cfg: &LocalRateLimit, requested: &[Entries], rolls: (u64, u64)) -> Decision {
     if !cfg.filter_enabled.hits(rolls.0) {
         return Decision::Disabled;
     }
-    if cfg.bucket.as_ref().is_none_or(|b| b.try_acquire()) {
+    let mut matched: Vec<_> = cfg
+        .descriptors
+        .iter()
+        .filter(|d| requested.contains(&d.entries))
+        .collect();
+    matched.sort_by(|a, b| a.bucket.fill_rate().total_cmp(&b.bucket.fill_rate()));
+    let mut allowed = matched.iter().all(|d| d.bucket.try_acquire());
+    if allowed && (matched.is_empty() || cfg.always_consume_default) {
+        allowed = cfg.bucket.as_ref().is_none_or(|b| b.try_acquire());
+    }
+    if allowed {
         return Decision::Allowed;
     }
     if cfg.filter_enforced.hits(rolls.1) {
@@ -54,22 +163,46 @@ mod tests {
             response_headers: Default::default(),
             request_headers_when_not_enforced: Default::default(),
             grpc_resource_exhausted: false,
+            descriptors: Vec::new(),
+            stage: 0,
+            always_consume_default: true,
+            vh_rate_limits: Default::default(),
         }
+    }
+
+    #[test]
+    fn descriptors_take_their_own_bucket_and_the_default_one() {
+        use ferry_model::ratelimit::Descriptor;
+        let mut c = cfg(100, 100);
+        c.bucket = Some(TokenBucket::new(3, 1, Duration::from_secs(3600)));
+        let page = vec![("header_match".to_string(), "page".to_string())];
+        c.descriptors.push(Descriptor {
+            entries: page.clone(),
+            bucket: TokenBucket::new(1, 1, Duration::from_secs(3600)),
+        });
+        let req = vec![page];
+        assert_eq!(decide(&c, &req, (0, 0)), Decision::Allowed);
+        // The descriptor's bucket is empty now; the default one gave one of
+        // its three and keeps the other two.
+        assert_eq!(decide(&c, &req, (0, 0)), Decision::Limited);
+        assert_eq!(decide(&c, &[], (0, 0)), Decision::Allowed);
+        assert_eq!(decide(&c, &[], (0, 0)), Decision::Allowed);
+        assert_eq!(decide(&c, &[], (0, 0)), Decision::Limited);
     }
 
     #[test]
     fn tokens_then_limited() {
         let c = cfg(100, 100);
-        let got: Vec<_> = (0..3).map(|_| decide(&c, (0, 0))).collect();
+        let got: Vec<_> = (0..3).map(|_| decide(&c, &[], (0, 0))).collect();
         assert_eq!(
             got,
             [Decision::Allowed, Decision::Allowed, Decision::Limited]
         );
         let shadow = cfg(100, 0);
-        let got: Vec<_> = (0..3).map(|_| decide(&shadow, (0, 0))).collect();
+        let got: Vec<_> = (0..3).map(|_| decide(&shadow, &[], (0, 0))).collect();
         assert_eq!(got[2], Decision::LimitedNotEnforced);
         // Disabled (Envoy's default of 0 %) takes no token.
         let off = cfg(0, 100);
-        assert!((0..5).all(|_| decide(&off, (0, 0)) == Decision::Disabled));
+        assert!((0..5).all(|_| decide(&off, &[], (0, 0)) == Decision::Disabled));
     }
 }

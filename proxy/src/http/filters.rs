@@ -3,10 +3,10 @@
 //! responses, request changes and Envoy's counters.
 
 use ferry_filters::http::{cors as cors_filter, local_ratelimit as rl};
-use ferry_model::HttpConnectionManager;
 use ferry_model::cors::CorsPolicy;
 use ferry_model::format::FormatContext;
 use ferry_model::ratelimit::LocalRateLimit;
+use ferry_model::{HttpConnectionManager, Route};
 use http::{HeaderMap, Request, Response};
 use hyper::body::Incoming;
 
@@ -77,10 +77,39 @@ pub fn cors(
 pub fn local_ratelimit(
     ctx: &ConnCtx,
     cfg: &LocalRateLimit,
+    route: Option<&Route>,
+    cluster: &str,
     req: &mut Request<Incoming>,
     fctx: &FormatContext<'_>,
 ) -> Option<Response<ResponseBody>> {
-    let decision = rl::decide(cfg, (rand::random(), rand::random()));
+    let requested = match route {
+        Some(r) if !cfg.descriptors.is_empty() => {
+            let authority = req
+                .uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .unwrap_or_default();
+            let info = rl::RequestInfo {
+                pseudo: ferry_model::Pseudo {
+                    method: req.method().as_str(),
+                    path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                    authority,
+                    scheme: "http",
+                },
+                headers: req.headers(),
+                remote: ctx.peer.ip(),
+                cluster,
+            };
+            rl::descriptors(cfg, &r.rate_limits, &r.vhost_rate_limits, &info)
+        }
+        _ => Vec::new(),
+    };
+    let decision = rl::decide(cfg, &requested, (rand::random(), rand::random()));
     let counter = |n: &str| {
         ctx.rt
             .stats

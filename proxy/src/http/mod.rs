@@ -428,7 +428,9 @@ async fn run_filters(
                 let cfg = route
                     .and_then(|r| r.ratelimit_override(&f.name))
                     .unwrap_or(cfg);
-                if let Some(mut resp) = filters::local_ratelimit(ctx, cfg, req, fctx) {
+                if let Some(mut resp) =
+                    filters::local_ratelimit(ctx, cfg, route, cluster, req, fctx)
+                {
                     on_response.apply(resp.headers_mut());
                     return Err((resp, "RL", None));
                 }
