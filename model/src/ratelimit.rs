@@ -40,6 +40,9 @@ pub struct LocalRateLimit {
     pub always_consume_default: bool,
     /// `vh_rate_limits`.
     pub vh_rate_limits: VhRateLimits,
+    /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`: every response of a
+    /// counted request says `x-ratelimit-limit`, `-remaining` and `-reset`.
+    pub x_ratelimit_headers: bool,
 }
 
 /// Whether the virtual host's `rate_limits` count beside the route's.
@@ -131,6 +134,29 @@ impl TokenBucket {
         self.rate
     }
 
+    /// Whole tokens left now.
+    pub fn remaining(&self) -> u32 {
+        let (tokens, _) = self.level(Instant::now());
+        tokens.floor() as u32
+    }
+
+    /// Seconds (rounded up) until a token is there; 0 when one is.
+    pub fn seconds_until_token(&self) -> u64 {
+        let (tokens, _) = self.level(Instant::now());
+        if tokens >= 1.0 - 1e-9 {
+            return 0;
+        }
+        ((1.0 - tokens) / self.rate - 1e-6).ceil().max(0.0) as u64
+    }
+
+    /// Tokens at `now` (fractional) and the seconds since creation.
+    fn level(&self, now: Instant) -> (f64, f64) {
+        let now = now.saturating_duration_since(self.created).as_secs_f64();
+        let empty_at = f64::from_bits(self.empty_at.load(Ordering::Acquire));
+        let tokens = ((now - empty_at) * self.rate).min(f64::from(self.max_tokens));
+        (tokens.max(0.0), now)
+    }
+
     /// Takes one token if there is one.
     pub fn try_acquire(&self) -> bool {
         self.try_acquire_at(Instant::now())
@@ -184,6 +210,17 @@ mod tests {
         // A long pause never fills beyond the maximum.
         assert!((0..3).all(|_| b.try_acquire_at(at(1_000_000))));
         assert!(!b.try_acquire_at(at(1_000_000)));
+    }
+
+    #[test]
+    fn remaining_and_reset() {
+        // One token every 10 s.
+        let b = TokenBucket::new(2, 1, Duration::from_secs(10));
+        assert_eq!((b.remaining(), b.seconds_until_token()), (2, 0));
+        assert!(b.try_acquire());
+        assert_eq!((b.remaining(), b.seconds_until_token()), (1, 0));
+        assert!(b.try_acquire());
+        assert_eq!((b.remaining(), b.seconds_until_token()), (0, 10));
     }
 
     #[test]

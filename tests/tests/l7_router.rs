@@ -2424,3 +2424,61 @@ fn local_rate_limit_descriptors() -> Result<()> {
     assert!(ferry[2].contains("-> 429"), "{ferry:?}");
     Ok(())
 }
+
+/// `enable_x_ratelimit_headers: DRAFT_VERSION_03` (as Istio's sample sets it): every answer
+/// to a counted request, the backend's and the 429 alike, carries `x-ratelimit-limit` (the
+/// deciding bucket's size), `-remaining` and `-reset` (seconds until a token is back).
+#[test]
+fn local_rate_limit_x_ratelimit_headers() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let config = |port| {
+        let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL, "stat_prefix": "rl",
+            "token_bucket": {"max_tokens": 4, "tokens_per_fill": 4, "fill_interval": "3600s"},
+            "filter_enabled": all, "filter_enforced": all,
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "descriptors": [{"entries": [{"key": "generic_key", "value": "k"}],
+                "token_bucket": {"max_tokens": 2, "tokens_per_fill": 1, "fill_interval": "3600s"}}],
+        }});
+        let keyed = route(
+            "/k/",
+            "backend",
+            json!({"rate_limits": [{"actions": [{"generic_key": {"descriptor_value": "k"}}]}]}),
+        );
+        render(
+            http(
+                port,
+                vec![keyed, route("/n/", "backend", json!({}))],
+                vec![filter],
+                json!({}),
+            ),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |_, port| {
+        let mut out = Vec::new();
+        for path in ["/k/1", "/k/2", "/k/3", "/n/1", "/n/2", "/n/3"] {
+            let r = get(port, path)?;
+            out.push(format!(
+                "{path} {} limit={:?} remaining={:?} reset={:?}",
+                r.status,
+                r.header("x-ratelimit-limit"),
+                r.header("x-ratelimit-remaining"),
+                r.header("x-ratelimit-reset"),
+            ));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert!(ferry[2].starts_with("/k/3 429"), "{ferry:?}");
+    assert_eq!(
+        ferry[1],
+        "/k/2 200 limit=Some(\"2\") remaining=Some(\"0\") reset=Some(\"3600\")"
+    );
+    Ok(())
+}

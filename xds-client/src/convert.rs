@@ -1614,6 +1614,7 @@ fn disabled_ratelimit() -> m::ratelimit::LocalRateLimit {
         stage: 0,
         always_consume_default: true,
         vh_rate_limits: m::ratelimit::VhRateLimits::Override,
+        x_ratelimit_headers: false,
     }
 }
 
@@ -1700,10 +1701,13 @@ fn local_ratelimit(
             "cluster-wide local rate limits are not supported",
         ));
     }
-    if p.enable_x_ratelimit_headers != 0 {
+    if p.enable_x_ratelimit_headers > 1 {
         return Err(ctx.err(
             format!("{field}.enable_x_ratelimit_headers"),
-            "X-RateLimit headers are not supported yet",
+            format!(
+                "unknown X-RateLimit header version {}",
+                p.enable_x_ratelimit_headers
+            ),
         ));
     }
     if p.local_rate_limit_per_downstream_connection {
@@ -1792,6 +1796,7 @@ fn local_ratelimit(
             2 => m::ratelimit::VhRateLimits::Ignore,
             _ => m::ratelimit::VhRateLimits::Override,
         },
+        x_ratelimit_headers: p.enable_x_ratelimit_headers == 1,
     })
 }
 

@@ -7,7 +7,9 @@
 use std::net::IpAddr;
 
 use ferry_model::Pseudo;
-use ferry_model::ratelimit::{LocalRateLimit, RateLimitAction, RateLimitPolicy, VhRateLimits};
+use ferry_model::ratelimit::{
+    LocalRateLimit, RateLimitAction, RateLimitPolicy, TokenBucket, VhRateLimits,
+};
 use http::HeaderMap;
 
 /// The entries of one request descriptor.
@@ -117,10 +119,15 @@ pub enum Decision {
 /// The configured descriptors the request carries are taken from first,
 /// the slowest-filling first, as Envoy does; the filter's own bucket then
 /// too unless a descriptor matched and `always_consume_default_token_bucket`
-/// is off.
-pub fn decide(cfg: &LocalRateLimit, requested: &[Entries], rolls: (u64, u64)) -> Decision {
+/// is off. Also returns the bucket the X-RateLimit headers describe: the one
+/// that refused, else the first matched descriptor's, else the filter's.
+pub fn decide<'c>(
+    cfg: &'c LocalRateLimit,
+    requested: &[Entries],
+    rolls: (u64, u64),
+) -> (Decision, Option<&'c TokenBucket>) {
     if !cfg.filter_enabled.hits(rolls.0) {
-        return Decision::Disabled;
+        return (Decision::Disabled, None);
     }
     let mut matched: Vec<_> = cfg
         .descriptors
@@ -128,18 +135,31 @@ pub fn decide(cfg: &LocalRateLimit, requested: &[Entries], rolls: (u64, u64)) ->
         .filter(|d| requested.contains(&d.entries))
         .collect();
     matched.sort_by(|a, b| a.bucket.fill_rate().total_cmp(&b.bucket.fill_rate()));
-    let mut allowed = matched.iter().all(|d| d.bucket.try_acquire());
-    if allowed && (matched.is_empty() || cfg.always_consume_default) {
-        allowed = cfg.bucket.as_ref().is_none_or(|b| b.try_acquire());
+    let mut shown = matched.first().map(|d| &d.bucket).or(cfg.bucket.as_ref());
+    let mut allowed = true;
+    for d in &matched {
+        if !d.bucket.try_acquire() {
+            allowed = false;
+            shown = Some(&d.bucket);
+            break;
+        }
     }
-    if allowed {
-        return Decision::Allowed;
+    if allowed
+        && (matched.is_empty() || cfg.always_consume_default)
+        && let Some(b) = &cfg.bucket
+        && !b.try_acquire()
+    {
+        allowed = false;
+        shown = Some(b);
     }
-    if cfg.filter_enforced.hits(rolls.1) {
+    let decision = if allowed {
+        Decision::Allowed
+    } else if cfg.filter_enforced.hits(rolls.1) {
         Decision::Limited
     } else {
         Decision::LimitedNotEnforced
-    }
+    };
+    (decision, shown)
 }
 
 #[cfg(test)]
@@ -167,6 +187,7 @@ mod tests {
             stage: 0,
             always_consume_default: true,
             vh_rate_limits: Default::default(),
+            x_ratelimit_headers: false,
         }
     }
 
@@ -181,28 +202,28 @@ mod tests {
             bucket: TokenBucket::new(1, 1, Duration::from_secs(3600)),
         });
         let req = vec![page];
-        assert_eq!(decide(&c, &req, (0, 0)), Decision::Allowed);
+        assert_eq!(decide(&c, &req, (0, 0)).0, Decision::Allowed);
         // The descriptor's bucket is empty now; the default one gave one of
         // its three and keeps the other two.
-        assert_eq!(decide(&c, &req, (0, 0)), Decision::Limited);
-        assert_eq!(decide(&c, &[], (0, 0)), Decision::Allowed);
-        assert_eq!(decide(&c, &[], (0, 0)), Decision::Allowed);
-        assert_eq!(decide(&c, &[], (0, 0)), Decision::Limited);
+        assert_eq!(decide(&c, &req, (0, 0)).0, Decision::Limited);
+        assert_eq!(decide(&c, &[], (0, 0)).0, Decision::Allowed);
+        assert_eq!(decide(&c, &[], (0, 0)).0, Decision::Allowed);
+        assert_eq!(decide(&c, &[], (0, 0)).0, Decision::Limited);
     }
 
     #[test]
     fn tokens_then_limited() {
         let c = cfg(100, 100);
-        let got: Vec<_> = (0..3).map(|_| decide(&c, &[], (0, 0))).collect();
+        let got: Vec<_> = (0..3).map(|_| decide(&c, &[], (0, 0)).0).collect();
         assert_eq!(
             got,
             [Decision::Allowed, Decision::Allowed, Decision::Limited]
         );
         let shadow = cfg(100, 0);
-        let got: Vec<_> = (0..3).map(|_| decide(&shadow, &[], (0, 0))).collect();
+        let got: Vec<_> = (0..3).map(|_| decide(&shadow, &[], (0, 0)).0).collect();
         assert_eq!(got[2], Decision::LimitedNotEnforced);
         // Disabled (Envoy's default of 0 %) takes no token.
         let off = cfg(0, 100);
-        assert!((0..5).all(|_| decide(&off, &[], (0, 0)) == Decision::Disabled));
+        assert!((0..5).all(|_| decide(&off, &[], (0, 0)).0 == Decision::Disabled));
     }
 }

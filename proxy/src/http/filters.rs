@@ -7,7 +7,7 @@ use ferry_model::cors::CorsPolicy;
 use ferry_model::format::FormatContext;
 use ferry_model::ratelimit::LocalRateLimit;
 use ferry_model::{HttpConnectionManager, Route};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use super::ConnCtx;
@@ -17,14 +17,21 @@ use super::body::{self, ResponseBody};
 /// (the encode side of a filter).
 #[derive(Default)]
 pub struct ResponseHooks {
-    cors: Option<HeaderMap>,
+    /// Set over whatever the response carries.
+    set: HeaderMap,
 }
 
 impl ResponseHooks {
     pub fn apply(&self, headers: &mut HeaderMap) {
-        if let Some(h) = &self.cors {
-            for (k, v) in h {
-                headers.insert(k.clone(), v.clone());
+        for (k, v) in &self.set {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+
+    fn set_all(&mut self, h: HeaderMap) {
+        for (k, v) in h {
+            if let Some(k) = k {
+                self.set.insert(k, v);
             }
         }
     }
@@ -60,7 +67,7 @@ pub fn cors(
     match decision {
         cors_filter::Decision::Pass => None,
         cors_filter::Decision::Simple(h) => {
-            hooks.cors = Some(h);
+            hooks.set_all(h);
             None
         }
         cors_filter::Decision::Preflight(h) | cors_filter::Decision::Refused(h) => {
@@ -81,6 +88,7 @@ pub fn local_ratelimit(
     cluster: &str,
     req: &mut Request<Incoming>,
     fctx: &FormatContext<'_>,
+    hooks: &mut ResponseHooks,
 ) -> Option<Response<ResponseBody>> {
     let requested = match route {
         Some(r) if !cfg.descriptors.is_empty() => {
@@ -109,7 +117,20 @@ pub fn local_ratelimit(
         }
         _ => Vec::new(),
     };
-    let decision = rl::decide(cfg, &requested, (rand::random(), rand::random()));
+    let (decision, shown) = rl::decide(cfg, &requested, (rand::random(), rand::random()));
+    if cfg.x_ratelimit_headers
+        && let Some(b) = shown
+    {
+        // Every answer to the request says where its bucket stands.
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-limit", HeaderValue::from(b.max_tokens));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(b.remaining()));
+        h.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from(b.seconds_until_token()),
+        );
+        hooks.set_all(h);
+    }
     let counter = |n: &str| {
         ctx.rt
             .stats

@@ -429,7 +429,7 @@ async fn run_filters(
                     .and_then(|r| r.ratelimit_override(&f.name))
                     .unwrap_or(cfg);
                 if let Some(mut resp) =
-                    filters::local_ratelimit(ctx, cfg, route, cluster, req, fctx)
+                    filters::local_ratelimit(ctx, cfg, route, cluster, req, fctx, &mut on_response)
                 {
                     on_response.apply(resp.headers_mut());
                     return Err((resp, "RL", None));
