@@ -2427,7 +2427,8 @@ fn local_rate_limit_descriptors() -> Result<()> {
 
 /// `enable_x_ratelimit_headers: DRAFT_VERSION_03` (as Istio's sample sets it): every answer
 /// to a counted request, the backend's and the 429 alike, carries `x-ratelimit-limit` (the
-/// deciding bucket's size), `-remaining` and `-reset` (seconds until a token is back).
+/// deciding bucket's size), `-remaining` and `-reset` (seconds until a token is back), and
+/// so does a CORS preflight answered by a filter after it.
 #[test]
 fn local_rate_limit_x_ratelimit_headers() -> Result<()> {
     let _lock = RunLock::shared();
@@ -2447,20 +2448,35 @@ fn local_rate_limit_x_ratelimit_headers() -> Result<()> {
             "backend",
             json!({"rate_limits": [{"actions": [{"generic_key": {"descriptor_value": "k"}}]}]}),
         );
+        // The CORS filter after the rate limit filter: its preflight answers go back
+        // through the rate limit filter, which adds its headers.
+        let vhost = json!({"typed_per_filter_config": {"envoy.filters.http.cors": {
+            "@type": CORS, "allow_origin_string_match": [{"exact": "https://a.example.com"}],
+            "allow_methods": "GET"}}});
         render(
             http(
                 port,
                 vec![keyed, route("/n/", "backend", json!({}))],
-                vec![filter],
-                json!({}),
+                vec![filter, cors_filter()],
+                vhost,
             ),
             vec![static_cluster("backend", &[app.port], Upstream::Http1)],
         )
     };
     let observed = differential(config, |_, port| {
         let mut out = Vec::new();
-        for path in ["/k/1", "/k/2", "/k/3", "/n/1", "/n/2", "/n/3"] {
-            let r = get(port, path)?;
+        for path in [
+            "/k/1", "/k/2", "/k/3", "/n/pre", "/n/1", "/n/2", "/n/3", "/n/4",
+        ] {
+            let r = if path.ends_with("pre") {
+                let pre = [
+                    ("Origin", "https://a.example.com"),
+                    ("Access-Control-Request-Method", "GET"),
+                ];
+                request(port, "OPTIONS", path, &pre, b"")?
+            } else {
+                get(port, path)?
+            };
             out.push(format!(
                 "{path} {} limit={:?} remaining={:?} reset={:?}",
                 r.status,
@@ -2476,6 +2492,11 @@ fn local_rate_limit_x_ratelimit_headers() -> Result<()> {
     };
     assert_eq!(ferry, envoy);
     assert!(ferry[2].starts_with("/k/3 429"), "{ferry:?}");
+    assert!(
+        ferry[3].starts_with("/n/pre 200 limit=Some(\"4\")"),
+        "{ferry:?}"
+    );
+    assert!(ferry[7].starts_with("/n/4 429"), "{ferry:?}");
     assert_eq!(
         ferry[1],
         "/k/2 200 limit=Some(\"2\") remaining=Some(\"0\") reset=Some(\"3600\")"

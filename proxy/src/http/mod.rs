@@ -420,7 +420,10 @@ async fn run_filters(
             HttpFilterConfig::Cors => {
                 // Without a route there is no policy: nothing to do.
                 let policies = route.map(|r| r.cors_policies(&f.name)).unwrap_or_default();
-                if let Some(resp) = filters::cors(ctx, hcm, &policies, req, &mut on_response) {
+                if let Some(mut resp) = filters::cors(ctx, hcm, &policies, req, &mut on_response) {
+                    // Back through the filters before it (none of its own
+                    // simple-request headers are pending).
+                    on_response.apply(resp.headers_mut());
                     return Err((resp, "", None));
                 }
             }
