@@ -43,6 +43,9 @@ pub struct LocalRateLimit {
     /// `enable_x_ratelimit_headers: DRAFT_VERSION_03`: every response of a
     /// counted request says `x-ratelimit-limit`, `-remaining` and `-reset`.
     pub x_ratelimit_headers: bool,
+    /// `local_rate_limit_per_downstream_connection`: each connection has
+    /// buckets of its own, shaped like the configured ones.
+    pub per_connection: bool,
 }
 
 /// Whether the virtual host's `rate_limits` count beside the route's.
@@ -127,6 +130,11 @@ impl TokenBucket {
             rate,
             empty_at: AtomicU64::new((-full).to_bits()),
         }
+    }
+
+    /// A full bucket of the same size and rate.
+    pub fn fresh(&self) -> TokenBucket {
+        TokenBucket::new(self.max_tokens, self.tokens_per_fill, self.fill_interval)
     }
 
     /// Tokens per second.

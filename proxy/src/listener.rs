@@ -265,6 +265,7 @@ async fn handle(
                 peer,
                 original_dst: dst,
                 closing: std::sync::atomic::AtomicBool::new(false),
+                ratelimit_buckets: Default::default(),
             });
             crate::http::serve(stream, ctx, http2, &generation).await;
         }

@@ -2503,3 +2503,52 @@ fn local_rate_limit_x_ratelimit_headers() -> Result<()> {
     );
     Ok(())
 }
+
+/// `local_rate_limit_per_downstream_connection`: each connection has a bucket of its own.
+#[test]
+fn local_rate_limit_per_connection() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let config = |port| {
+        let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL, "stat_prefix": "rl",
+            "token_bucket": {"max_tokens": 2, "tokens_per_fill": 2, "fill_interval": "3600s"},
+            "filter_enabled": all, "filter_enforced": all,
+            "local_rate_limit_per_downstream_connection": true,
+        }});
+        render(
+            http(
+                port,
+                vec![route("/", "backend", json!({}))],
+                vec![filter],
+                json!({}),
+            ),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |_, port| {
+        let mut a = connect(port)?;
+        let mut b = connect(port)?;
+        let mut out = Vec::new();
+        // A shared bucket would refuse b from its first request on.
+        for (name, s) in [("a", &mut a), ("b", &mut b)] {
+            for _ in 0..3 {
+                out.push(format!(
+                    "{name} {}",
+                    exchange(s, "GET", "/x", &[], b"")?.status
+                ));
+            }
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(
+        ferry,
+        ["a 200", "a 200", "a 429", "b 200", "b 200", "b 429"]
+    );
+    Ok(())
+}

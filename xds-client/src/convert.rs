@@ -1615,6 +1615,7 @@ fn disabled_ratelimit() -> m::ratelimit::LocalRateLimit {
         always_consume_default: true,
         vh_rate_limits: m::ratelimit::VhRateLimits::Override,
         x_ratelimit_headers: false,
+        per_connection: false,
     }
 }
 
@@ -1710,12 +1711,6 @@ fn local_ratelimit(
             ),
         ));
     }
-    if p.local_rate_limit_per_downstream_connection {
-        return Err(ctx.err(
-            format!("{field}.local_rate_limit_per_downstream_connection"),
-            "per-connection token buckets are not supported yet",
-        ));
-    }
     let status = match p.status.as_ref() {
         None => http::StatusCode::TOO_MANY_REQUESTS,
         Some(s) => u16::try_from(s.code)
@@ -1797,6 +1792,7 @@ fn local_ratelimit(
             _ => m::ratelimit::VhRateLimits::Override,
         },
         x_ratelimit_headers: p.enable_x_ratelimit_headers == 1,
+        per_connection: p.local_rate_limit_per_downstream_connection,
     })
 }
 

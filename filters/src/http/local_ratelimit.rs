@@ -113,8 +113,48 @@ pub enum Decision {
     Limited,
 }
 
-/// `requested`: the request's descriptors; `rolls`: two uniform random
-/// numbers (enabled, enforced).
+/// Buckets shaped like a configuration's, for one downstream connection
+/// (`local_rate_limit_per_downstream_connection`).
+#[derive(Debug)]
+pub struct BucketSet {
+    pub default: Option<TokenBucket>,
+    /// In the order of the configuration's descriptors.
+    pub descriptors: Vec<TokenBucket>,
+}
+
+impl BucketSet {
+    pub fn like(cfg: &LocalRateLimit) -> Self {
+        BucketSet {
+            default: cfg.bucket.as_ref().map(TokenBucket::fresh),
+            descriptors: cfg.descriptors.iter().map(|d| d.bucket.fresh()).collect(),
+        }
+    }
+
+    /// Whether these buckets still have the configuration's shapes.
+    pub fn fits(&self, cfg: &LocalRateLimit) -> bool {
+        let same = |a: &TokenBucket, b: &TokenBucket| {
+            a.max_tokens == b.max_tokens
+                && a.tokens_per_fill == b.tokens_per_fill
+                && a.fill_interval == b.fill_interval
+        };
+        self.default.is_some() == cfg.bucket.is_some()
+            && self
+                .default
+                .iter()
+                .zip(cfg.bucket.iter())
+                .all(|(a, b)| same(a, b))
+            && self.descriptors.len() == cfg.descriptors.len()
+            && self
+                .descriptors
+                .iter()
+                .zip(&cfg.descriptors)
+                .all(|(a, d)| same(a, &d.bucket))
+    }
+}
+
+/// `requested`: the request's descriptors; `own`: the connection's buckets
+/// when they are per connection; `rolls`: two uniform random numbers
+/// (enabled, enforced).
 ///
 /// The configured descriptors the request carries are taken from first,
 /// the slowest-filling first, as Envoy does; the filter's own bucket then
@@ -123,30 +163,40 @@ pub enum Decision {
 /// that refused, else the first matched descriptor's, else the filter's.
 pub fn decide<'c>(
     cfg: &'c LocalRateLimit,
+    own: Option<&'c BucketSet>,
     requested: &[Entries],
     rolls: (u64, u64),
 ) -> (Decision, Option<&'c TokenBucket>) {
     if !cfg.filter_enabled.hits(rolls.0) {
         return (Decision::Disabled, None);
     }
-    let mut matched: Vec<_> = cfg
+    let default = match own {
+        Some(set) => set.default.as_ref(),
+        None => cfg.bucket.as_ref(),
+    };
+    let mut matched: Vec<&TokenBucket> = cfg
         .descriptors
         .iter()
-        .filter(|d| requested.contains(&d.entries))
+        .enumerate()
+        .filter(|(_, d)| requested.contains(&d.entries))
+        .filter_map(|(i, d)| match own {
+            Some(set) => set.descriptors.get(i),
+            None => Some(&d.bucket),
+        })
         .collect();
-    matched.sort_by(|a, b| a.bucket.fill_rate().total_cmp(&b.bucket.fill_rate()));
-    let mut shown = matched.first().map(|d| &d.bucket).or(cfg.bucket.as_ref());
+    matched.sort_by(|a, b| a.fill_rate().total_cmp(&b.fill_rate()));
+    let mut shown = matched.first().copied().or(default);
     let mut allowed = true;
-    for d in &matched {
-        if !d.bucket.try_acquire() {
+    for b in &matched {
+        if !b.try_acquire() {
             allowed = false;
-            shown = Some(&d.bucket);
+            shown = Some(b);
             break;
         }
     }
     if allowed
         && (matched.is_empty() || cfg.always_consume_default)
-        && let Some(b) = &cfg.bucket
+        && let Some(b) = default
         && !b.try_acquire()
     {
         allowed = false;
@@ -188,6 +238,7 @@ mod tests {
             always_consume_default: true,
             vh_rate_limits: Default::default(),
             x_ratelimit_headers: false,
+            per_connection: false,
         }
     }
 
@@ -202,28 +253,45 @@ mod tests {
             bucket: TokenBucket::new(1, 1, Duration::from_secs(3600)),
         });
         let req = vec![page];
-        assert_eq!(decide(&c, &req, (0, 0)).0, Decision::Allowed);
+        assert_eq!(decide(&c, None, &req, (0, 0)).0, Decision::Allowed);
         // The descriptor's bucket is empty now; the default one gave one of
         // its three and keeps the other two.
-        assert_eq!(decide(&c, &req, (0, 0)).0, Decision::Limited);
-        assert_eq!(decide(&c, &[], (0, 0)).0, Decision::Allowed);
-        assert_eq!(decide(&c, &[], (0, 0)).0, Decision::Allowed);
-        assert_eq!(decide(&c, &[], (0, 0)).0, Decision::Limited);
+        assert_eq!(decide(&c, None, &req, (0, 0)).0, Decision::Limited);
+        assert_eq!(decide(&c, None, &[], (0, 0)).0, Decision::Allowed);
+        assert_eq!(decide(&c, None, &[], (0, 0)).0, Decision::Allowed);
+        assert_eq!(decide(&c, None, &[], (0, 0)).0, Decision::Limited);
+    }
+
+    #[test]
+    fn per_connection_buckets_are_separate() {
+        let c = cfg(100, 100);
+        let (a, b) = (BucketSet::like(&c), BucketSet::like(&c));
+        assert!(a.fits(&c));
+        let d = |set| decide(&c, Some(set), &[], (0, 0)).0;
+        assert_eq!(
+            [d(&a), d(&a), d(&a)],
+            [Decision::Allowed, Decision::Allowed, Decision::Limited]
+        );
+        assert_eq!(d(&b), Decision::Allowed);
+        // The configuration's own bucket was never touched.
+        assert_eq!(decide(&c, None, &[], (0, 0)).0, Decision::Allowed);
     }
 
     #[test]
     fn tokens_then_limited() {
         let c = cfg(100, 100);
-        let got: Vec<_> = (0..3).map(|_| decide(&c, &[], (0, 0)).0).collect();
+        let got: Vec<_> = (0..3).map(|_| decide(&c, None, &[], (0, 0)).0).collect();
         assert_eq!(
             got,
             [Decision::Allowed, Decision::Allowed, Decision::Limited]
         );
         let shadow = cfg(100, 0);
-        let got: Vec<_> = (0..3).map(|_| decide(&shadow, &[], (0, 0)).0).collect();
+        let got: Vec<_> = (0..3)
+            .map(|_| decide(&shadow, None, &[], (0, 0)).0)
+            .collect();
         assert_eq!(got[2], Decision::LimitedNotEnforced);
         // Disabled (Envoy's default of 0 %) takes no token.
         let off = cfg(0, 100);
-        assert!((0..5).all(|_| decide(&off, &[], (0, 0)).0 == Decision::Disabled));
+        assert!((0..5).all(|_| decide(&off, None, &[], (0, 0)).0 == Decision::Disabled));
     }
 }

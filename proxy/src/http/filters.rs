@@ -13,6 +13,26 @@ use hyper::body::Incoming;
 use super::ConnCtx;
 use super::body::{self, ResponseBody};
 
+/// The per-connection buckets of one downstream connection, by the address
+/// of the configuration they follow (checked against its shape, since a
+/// replaced route table may reuse an address).
+#[derive(Default)]
+pub struct ConnBuckets(std::sync::Mutex<Vec<(usize, std::sync::Arc<rl::BucketSet>)>>);
+
+impl ConnBuckets {
+    fn get(&self, cfg: &LocalRateLimit) -> std::sync::Arc<rl::BucketSet> {
+        let key = cfg as *const LocalRateLimit as usize;
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, set)) = all.iter().find(|(k, s)| *k == key && s.fits(cfg)) {
+            return set.clone();
+        }
+        all.retain(|(k, _)| *k != key);
+        let set = std::sync::Arc::new(rl::BucketSet::like(cfg));
+        all.push((key, set.clone()));
+        set
+    }
+}
+
 /// Headers the filters already passed add to whatever response comes back
 /// (the encode side of a filter).
 #[derive(Default)]
@@ -117,7 +137,13 @@ pub fn local_ratelimit(
         }
         _ => Vec::new(),
     };
-    let (decision, shown) = rl::decide(cfg, &requested, (rand::random(), rand::random()));
+    let own = cfg.per_connection.then(|| ctx.ratelimit_buckets.get(cfg));
+    let (decision, shown) = rl::decide(
+        cfg,
+        own.as_deref(),
+        &requested,
+        (rand::random(), rand::random()),
+    );
     if cfg.x_ratelimit_headers
         && let Some(b) = shown
     {

@@ -47,6 +47,9 @@ pub struct ConnCtx {
     /// Set once the connection drains: HTTP/1 responses then carry
     /// `Connection: close`.
     pub closing: std::sync::atomic::AtomicBool,
+    /// Token buckets of the local rate limit configurations that are per
+    /// connection, by the configuration's address.
+    pub ratelimit_buckets: filters::ConnBuckets,
 }
 
 impl ConnCtx {
