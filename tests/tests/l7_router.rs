@@ -2552,3 +2552,37 @@ fn local_rate_limit_per_connection() -> Result<()> {
     );
     Ok(())
 }
+
+/// The fault filter's header matchers read pseudo-headers too: an abort only for POSTs.
+#[test]
+fn fault_header_matchers_on_pseudo_headers() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port| {
+        let filter = fault_filter(json!({
+            "abort": {"http_status": 418, "percentage": percent(100)},
+            "headers": [{"name": ":method", "string_match": {"exact": "POST"}}],
+        }));
+        render(
+            http(
+                port,
+                vec![route("/", "backend", json!({}))],
+                vec![filter],
+                json!({}),
+            ),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |_, port| {
+        Ok([
+            request(port, "GET", "/x", &[], b"")?.status,
+            request(port, "POST", "/x", &[], b"")?.status,
+        ])
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry, [200, 418]);
+    Ok(())
+}

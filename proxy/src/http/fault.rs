@@ -23,9 +23,12 @@ pub async fn apply(
     hcm: &HttpConnectionManager,
     cfg: &FaultConfig,
     headers: &HeaderMap,
+    pseudo: &ferry_model::Pseudo<'_>,
     cluster: &str,
 ) -> Applied {
-    if (cfg.delay.is_none() && cfg.abort.is_none()) || !decide::applies(cfg, headers, cluster) {
+    if (cfg.delay.is_none() && cfg.abort.is_none())
+        || !decide::applies_to(cfg, headers, Some(pseudo), cluster)
+    {
         return Applied::None;
     }
     let counter = |n: &str| {

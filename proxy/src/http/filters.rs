@@ -112,23 +112,8 @@ pub fn local_ratelimit(
 ) -> Option<Response<ResponseBody>> {
     let requested = match route {
         Some(r) if !cfg.descriptors.is_empty() => {
-            let authority = req
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    req.headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .unwrap_or_default();
             let info = rl::RequestInfo {
-                pseudo: ferry_model::Pseudo {
-                    method: req.method().as_str(),
-                    path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
-                    authority,
-                    scheme: "http",
-                },
+                pseudo: super::pseudo_of(req),
                 headers: req.headers(),
                 remote: ctx.peer.ip(),
                 cluster,

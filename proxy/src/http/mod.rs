@@ -406,9 +406,9 @@ async fn run_filters(
         match &f.config {
             HttpFilterConfig::Fault(cfg) => {
                 let cfg = route.and_then(|r| r.fault_override(&f.name)).unwrap_or(cfg);
-                let (mut resp, flag) = match fault::apply(ctx, hcm, cfg, req.headers(), cluster)
-                    .await
-                {
+                let pseudo = pseudo_of(req);
+                let applied = fault::apply(ctx, hcm, cfg, req.headers(), &pseudo, cluster).await;
+                let (mut resp, flag) = match applied {
                     fault::Applied::None => continue,
                     fault::Applied::Delayed => {
                         delayed = true;
@@ -444,6 +444,22 @@ async fn run_filters(
         }
     }
     Ok((delayed, on_response))
+}
+
+/// The pseudo-headers of a request, for the matchers that read them.
+pub(crate) fn pseudo_of(req: &Request<Incoming>) -> ferry_model::Pseudo<'_> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or_default();
+    ferry_model::Pseudo {
+        method: req.method().as_str(),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        authority,
+        scheme: "http",
+    }
 }
 
 /// `%PROTOCOL%`.
