@@ -88,6 +88,22 @@ pub enum RateLimitAction {
         key: String,
         skip_if_absent: bool,
     },
+    /// `("masked_remote_address", <downstream IP masked to a CIDR>)`.
+    MaskedRemoteAddress { v4_len: u8, v6_len: u8 },
+    /// `(key, <the query parameter's first value>)`; absent as for headers.
+    QueryParameter {
+        name: String,
+        key: String,
+        skip_if_absent: bool,
+    },
+    /// `(key, value)` when the query parameter matchers all match
+    /// (`expect_match: true`) or not all (`false`).
+    QueryParameterValueMatch {
+        key: String,
+        value: String,
+        expect_match: bool,
+        matchers: Vec<crate::route::QueryParameterMatcher>,
+    },
     /// `(key, value)` when the headers all match (`expect_match: true`) or
     /// not all (`false`); otherwise the descriptor is dropped.
     HeaderValueMatch {

@@ -2586,3 +2586,68 @@ fn fault_header_matchers_on_pseudo_headers() -> Result<()> {
     assert_eq!(ferry, [200, 418]);
     Ok(())
 }
+
+/// More rate limit actions: `masked_remote_address` and `request_headers` with
+/// `skip_if_absent`, each feeding a descriptor bucket of one token — the same answers
+/// through Ferry and Envoy. (The `query_parameters` and `query_parameter_value_match`
+/// actions are newer than the bootstraps' descriptor set; they are converted from xDS and
+/// unit-tested.)
+#[test]
+fn local_rate_limit_masked_address_and_optional_header_actions() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let all = json!({"default_value": {"numerator": 100}, "runtime_key": "rl"});
+    let one = json!({"max_tokens": 1, "fill_interval": "3600s"});
+    let config = |port| {
+        let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
+            "@type": LOCAL_RL, "stat_prefix": "rl",
+            "token_bucket": {"max_tokens": 100, "fill_interval": "3600s"},
+            "filter_enabled": all, "filter_enforced": all,
+            "descriptors": [
+                {"entries": [{"key": "masked_remote_address", "value": "127.0.0.0/8"}], "token_bucket": one},
+                {"entries": [{"key": "generic_key", "value": "g"}, {"key": "opt", "value": "x"}], "token_bucket": one},
+            ],
+        }});
+        let routes = vec![
+            route(
+                "/masked/",
+                "backend",
+                json!({"rate_limits": [
+                {"actions": [{"masked_remote_address": {"v4_prefix_mask_len": 8}}]}]}),
+            ),
+            route(
+                "/skip/",
+                "backend",
+                json!({"rate_limits": [
+                {"actions": [{"generic_key": {"descriptor_value": "g"}},
+                             {"request_headers": {"header_name": "x-opt", "descriptor_key": "opt", "skip_if_absent": true}}]}]}),
+            ),
+        ];
+        render(
+            http(port, routes, vec![filter], json!({})),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let observed = differential(config, |_, port| {
+        let mut out = Vec::new();
+        for (path, opt) in [
+            ("/masked/1", None),
+            ("/masked/2", None),
+            ("/skip/1", None),
+            ("/skip/2", Some("x")),
+            ("/skip/3", Some("x")),
+            ("/skip/4", None),
+        ] {
+            let headers: Vec<(&str, &str)> = opt.map(|o| ("x-opt", o)).into_iter().collect();
+            let status = request(port, "GET", path, &headers, b"")?.status;
+            out.push(format!("{path} {opt:?} {status}"));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry[1], "/masked/2 None 429", "{ferry:?}");
+    Ok(())
+}

@@ -1903,10 +1903,58 @@ fn rate_limits(
                         headers,
                     }
                 }
+                Some(A::MaskedRemoteAddress(mr)) => {
+                    let len = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>,
+                               max: u32,
+                               name: &str| {
+                        let n = v.as_ref().map_or(max, |v| v.value);
+                        if n > max {
+                            return Err(ctx.err(
+                                format!("{af}.masked_remote_address.{name}"),
+                                format!("{n} is more than {max}"),
+                            ));
+                        }
+                        Ok(n as u8)
+                    };
+                    R::MaskedRemoteAddress {
+                        v4_len: len(&mr.v4_prefix_mask_len, 32, "v4_prefix_mask_len")?,
+                        v6_len: len(&mr.v6_prefix_mask_len, 128, "v6_prefix_mask_len")?,
+                    }
+                }
+                Some(A::QueryParameters(q)) => {
+                    if q.query_parameter_name.is_empty() || q.descriptor_key.is_empty() {
+                        return Err(ctx.err(
+                            format!("{af}.query_parameters"),
+                            "query_parameter_name and descriptor_key are required",
+                        ));
+                    }
+                    R::QueryParameter {
+                        name: q.query_parameter_name.clone(),
+                        key: q.descriptor_key.clone(),
+                        skip_if_absent: q.skip_if_absent,
+                    }
+                }
+                Some(A::QueryParameterValueMatch(q)) => {
+                    no_default("query_parameter_value_match", &q.default_value)?;
+                    let mut matchers = Vec::with_capacity(q.query_parameters.len());
+                    for (k, qm) in q.query_parameters.iter().enumerate() {
+                        matchers.push(query_parameter_matcher(
+                            ctx,
+                            &format!("{af}.query_parameter_value_match.query_parameters[{k}]"),
+                            qm,
+                        )?);
+                    }
+                    R::QueryParameterValueMatch {
+                        key: key_or(&q.descriptor_key, "query_match"),
+                        value: q.descriptor_value.clone(),
+                        expect_match: q.expect_match.as_ref().is_none_or(|v| v.value),
+                        matchers,
+                    }
+                }
                 _ => {
                     return Err(ctx.err(
                         &af,
-                        "only remote_address, destination_cluster, generic_key, request_headers and header_value_match actions are supported",
+                        "only remote_address, masked_remote_address, destination_cluster, generic_key, request_headers, query_parameters, header_value_match and query_parameter_value_match actions are supported",
                     ));
                 }
             });

@@ -49,6 +49,24 @@ pub fn descriptors(
         .collect()
 }
 
+/// `ip` masked to a prefix, as a CIDR (`10.1.2.0/24`).
+fn masked(ip: IpAddr, v4_len: u8, v6_len: u8) -> String {
+    match ip {
+        IpAddr::V4(a) => {
+            let len = v4_len.min(32);
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            let net = std::net::Ipv4Addr::from(u32::from(a) & mask);
+            format!("{net}/{len}")
+        }
+        IpAddr::V6(a) => {
+            let len = v6_len.min(128);
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            let net = std::net::Ipv6Addr::from(u128::from(a) & mask);
+            format!("{net}/{len}")
+        }
+    }
+}
+
 /// One policy's descriptor; `None` when an action cannot produce its entry.
 fn descriptor(p: &RateLimitPolicy, req: &RequestInfo<'_>) -> Option<Entries> {
     let mut out = Vec::with_capacity(p.actions.len());
@@ -61,6 +79,36 @@ fn descriptor(p: &RateLimitPolicy, req: &RequestInfo<'_>) -> Option<Entries> {
                 out.push(("destination_cluster".into(), req.cluster.to_string()));
             }
             RateLimitAction::GenericKey { key, value } => out.push((key.clone(), value.clone())),
+            RateLimitAction::MaskedRemoteAddress { v4_len, v6_len } => {
+                out.push((
+                    "masked_remote_address".into(),
+                    masked(req.remote, *v4_len, *v6_len),
+                ));
+            }
+            RateLimitAction::QueryParameter {
+                name,
+                key,
+                skip_if_absent,
+            } => {
+                let query = req.pseudo.path.split_once('?').map(|(_, q)| q);
+                match query.and_then(|q| ferry_model::route::first_query_value(q, name)) {
+                    Some(v) => out.push((key.clone(), v.to_string())),
+                    None if *skip_if_absent => {}
+                    None => return None,
+                }
+            }
+            RateLimitAction::QueryParameterValueMatch {
+                key,
+                value,
+                expect_match,
+                matchers,
+            } => {
+                let query = req.pseudo.path.split_once('?').map(|(_, q)| q);
+                if matchers.iter().all(|m| m.matches(query)) != *expect_match {
+                    return None;
+                }
+                out.push((key.clone(), value.clone()));
+            }
             RateLimitAction::RequestHeaders {
                 header,
                 key,
@@ -260,6 +308,66 @@ mod tests {
         assert_eq!(decide(&c, None, &[], (0, 0)).0, Decision::Allowed);
         assert_eq!(decide(&c, None, &[], (0, 0)).0, Decision::Allowed);
         assert_eq!(decide(&c, None, &[], (0, 0)).0, Decision::Limited);
+    }
+
+    #[test]
+    fn query_parameter_actions() {
+        let policy = RateLimitPolicy {
+            stage: 0,
+            actions: vec![RateLimitAction::QueryParameter {
+                name: "tenant".into(),
+                key: "t".into(),
+                skip_if_absent: false,
+            }],
+        };
+        let headers = HeaderMap::new();
+        let info = |path| RequestInfo {
+            pseudo: Pseudo {
+                method: "GET",
+                path,
+                authority: "x",
+                scheme: "http",
+            },
+            headers: &headers,
+            remote: "127.0.0.1".parse().unwrap(),
+            cluster: "c",
+        };
+        assert_eq!(
+            descriptor(&policy, &info("/a?x=1&tenant=t1&tenant=t2")),
+            Some(vec![("t".to_string(), "t1".to_string())])
+        );
+        assert_eq!(descriptor(&policy, &info("/a")), None);
+        let matching = RateLimitPolicy {
+            stage: 0,
+            actions: vec![RateLimitAction::QueryParameterValueMatch {
+                key: "query_match".into(),
+                value: "debug".into(),
+                expect_match: true,
+                matchers: vec![ferry_model::QueryParameterMatcher {
+                    name: "debug".into(),
+                    kind: ferry_model::QueryMatch::String {
+                        matcher: ferry_model::StringMatcher::Exact("1".into()),
+                        ignore_case: false,
+                    },
+                }],
+            }],
+        };
+        assert_eq!(
+            descriptor(&matching, &info("/a?debug=1")),
+            Some(vec![("query_match".to_string(), "debug".to_string())])
+        );
+        assert_eq!(descriptor(&matching, &info("/a?debug=0")), None);
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(masked("10.1.2.3".parse().unwrap(), 24, 128), "10.1.2.0/24");
+        assert_eq!(masked("10.1.2.3".parse().unwrap(), 32, 128), "10.1.2.3/32");
+        assert_eq!(masked("10.1.2.3".parse().unwrap(), 0, 128), "0.0.0.0/0");
+        assert_eq!(
+            masked("2001:db8::1".parse().unwrap(), 32, 64),
+            "2001:db8::/64"
+        );
     }
 
     #[test]
