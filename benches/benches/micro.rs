@@ -22,21 +22,28 @@ fn route(i: usize) -> Route {
             path: PathMatch::Prefix(format!("/svc{i}/")),
             case_sensitive: true,
             headers: vec![HeaderMatcher {
-                name: HeaderName::from_static("x-version"),
+                name: HeaderName::from_static("x-version").into(),
                 matcher: Some(StringMatcher::Exact(format!("v{}", i % 3))),
                 ignore_case: false,
                 invert: false,
                 present: true,
             }],
+            query_parameters: Vec::new(),
+            grpc: false,
+            runtime_fraction: None,
         },
         action: RouteAction::DirectResponse {
             status: http::StatusCode::OK,
             body: None,
         },
-        request_headers_to_add: Vec::new(),
-        request_headers_to_remove: Vec::new(),
+        request_headers: Default::default(),
+        response_headers: Default::default(),
         hash_policy: Vec::new(),
         fault_overrides: Vec::new(),
+        cors: Default::default(),
+        ratelimit_overrides: Vec::new(),
+        rate_limits: Vec::new(),
+        vhost_rate_limits: Default::default(),
     }
 }
 

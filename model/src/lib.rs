@@ -7,8 +7,11 @@
 
 pub mod cidr;
 pub mod cluster;
+pub mod cors;
 pub mod fault;
+pub mod format;
 pub mod listener;
+pub mod ratelimit;
 pub mod route;
 pub mod tls;
 
@@ -21,11 +24,13 @@ pub use listener::{
     ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
     HttpFilter, HttpFilterConfig, Listener, ListenerFilters, RouteSource, TcpProxy,
 };
-pub use route::{AttemptCount, Fraction, MirrorPolicy, RetryOn, RetryPolicy};
 pub use route::{
-    ClusterSpecifier, DomainMatcher, HeaderMatcher, PathMatch, Route, RouteAction, RouteConfig,
-    RouteMatch, StringMatcher, VirtualHost, WeightedCluster,
+    AppendAction, ClusterSpecifier, DomainMatcher, HeaderKey, HeaderMatcher, HeaderMutations,
+    HeaderOp, HeaderToAdd, HostRewrite, PathMatch, Pseudo, QueryMatch, QueryParameterMatcher,
+    RegexRewrite, Route, RouteAction, RouteConfig, RouteCors, RouteMatch, StringMatcher,
+    VirtualHost, WeightedCluster,
 };
+pub use route::{AttemptCount, Fraction, MirrorPolicy, RetryOn, RetryPolicy};
 
 /// One consistent, validated configuration.
 #[derive(Debug, Default)]

@@ -164,6 +164,9 @@ pub struct HttpFilter {
 #[derive(Debug, Clone)]
 pub enum HttpFilterConfig {
     Fault(Arc<crate::fault::FaultConfig>),
+    /// `envoy.filters.http.cors`: the policies come from the routes.
+    Cors,
+    LocalRateLimit(Arc<crate::ratelimit::LocalRateLimit>),
 }
 
 /// Where a connection manager's route table comes from.

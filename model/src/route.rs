@@ -71,13 +71,25 @@ pub struct Route {
     pub name: String,
     pub route_match: RouteMatch,
     pub action: RouteAction,
-    pub request_headers_to_add: Vec<(http::HeaderName, http::HeaderValue, bool)>,
-    pub request_headers_to_remove: Vec<http::HeaderName>,
+    /// Request header mutations of the route, then its virtual host's, then
+    /// the route table's (Envoy's order: the outermost level is applied last).
+    pub request_headers: HeaderMutations,
+    /// The same for the response.
+    pub response_headers: HeaderMutations,
     /// `route.hash_policy`: the request hash for ring hash and maglev clusters.
     pub hash_policy: Vec<crate::cluster::HashPolicy>,
     /// Per-filter overrides of the fault filter (`typed_per_filter_config`),
     /// by HTTP filter name; the route's entry replaces its virtual host's.
     pub fault_overrides: Vec<(String, std::sync::Arc<crate::fault::FaultConfig>)>,
+    /// CORS policies (`typed_per_filter_config` and the inline `cors`).
+    pub cors: RouteCors,
+    /// Per-filter overrides of the local rate limit filter; the route's
+    /// entry replaces its virtual host's.
+    pub ratelimit_overrides: Vec<(String, std::sync::Arc<crate::ratelimit::LocalRateLimit>)>,
+    /// `route.rate_limits`: the descriptors of a request for rate limiting.
+    pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
+    /// The virtual host's `rate_limits`.
+    pub vhost_rate_limits: std::sync::Arc<Vec<crate::ratelimit::RateLimitPolicy>>,
 }
 
 impl Route {
@@ -88,6 +100,138 @@ impl Route {
             .find(|(n, _)| n == filter)
             .map(|(_, f)| f.as_ref())
     }
+
+    /// The CORS policies for the filter named `filter`, most specific first
+    /// (the route's, then its virtual host's); the deprecated inline `cors`
+    /// fields are used when no `typed_per_filter_config` entry exists, as
+    /// Envoy does.
+    pub fn cors_policies(&self, filter: &str) -> Vec<&crate::cors::CorsPolicy> {
+        let named: Vec<_> = self
+            .cors
+            .per_filter
+            .iter()
+            .filter(|(n, _)| n == filter)
+            .map(|(_, p)| p.as_ref())
+            .collect();
+        if named.is_empty() {
+            self.cors.inline.iter().map(|p| p.as_ref()).collect()
+        } else {
+            named
+        }
+    }
+
+    /// The local rate limit configuration overriding the filter named
+    /// `filter` (the route's entry, else its virtual host's).
+    pub fn ratelimit_override(&self, filter: &str) -> Option<&crate::ratelimit::LocalRateLimit> {
+        self.ratelimit_overrides
+            .iter()
+            .find(|(n, _)| n == filter)
+            .map(|(_, f)| f.as_ref())
+    }
+}
+
+/// The CORS policies a route sees: per filter name, most specific first.
+#[derive(Debug, Default)]
+pub struct RouteCors {
+    pub per_filter: Vec<(String, std::sync::Arc<crate::cors::CorsPolicy>)>,
+    /// The deprecated `RouteAction.cors` and `VirtualHost.cors`, in that order.
+    pub inline: Vec<std::sync::Arc<crate::cors::CorsPolicy>>,
+}
+
+/// Header removals and additions, applied in order.
+#[derive(Debug, Default, Clone)]
+pub struct HeaderMutations {
+    pub ops: Vec<HeaderOp>,
+}
+
+#[derive(Debug, Clone)]
+pub enum HeaderOp {
+    Remove(http::HeaderName),
+    Add(HeaderToAdd),
+}
+
+/// One `HeaderValueOption`: its value is a compiled format string.
+#[derive(Debug, Clone)]
+pub struct HeaderToAdd {
+    pub name: http::HeaderName,
+    pub value: crate::format::HeaderFormat,
+    pub action: AppendAction,
+    /// `keep_empty_value`: add the header even when its value formats empty.
+    pub keep_empty: bool,
+}
+
+/// `HeaderValueOption.append_action` (the deprecated `append` maps onto the
+/// first two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendAction {
+    AppendIfExistsOrAdd,
+    AddIfAbsent,
+    OverwriteIfExistsOrAdd,
+    OverwriteIfExists,
+}
+
+impl HeaderMutations {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Applies the removals and additions to `target`, formatting values
+    /// with `ctx`; `%REQ()%` reads `request`, or `target` itself when the
+    /// mutations are the request's (values are all formatted first).
+    pub fn apply(
+        &self,
+        target: &mut HeaderMap,
+        ctx: &crate::format::FormatContext<'_>,
+        request: Option<&HeaderMap>,
+    ) {
+        if self.ops.is_empty() {
+            return;
+        }
+        let values: Vec<Option<String>> = {
+            let req = request.unwrap_or(target);
+            self.ops
+                .iter()
+                .map(|op| match op {
+                    HeaderOp::Add(h) => Some(h.value.render(ctx, req)),
+                    HeaderOp::Remove(_) => None,
+                })
+                .collect()
+        };
+        for (op, value) in self.ops.iter().zip(values) {
+            match op {
+                HeaderOp::Remove(name) => {
+                    target.remove(name);
+                }
+                HeaderOp::Add(h) => {
+                    let value = value.unwrap_or_default();
+                    if value.is_empty() && !h.keep_empty {
+                        continue;
+                    }
+                    let Ok(value) = http::HeaderValue::from_str(&value) else {
+                        continue;
+                    };
+                    match h.action {
+                        AppendAction::AppendIfExistsOrAdd => {
+                            target.append(h.name.clone(), value);
+                        }
+                        AppendAction::AddIfAbsent => {
+                            if !target.contains_key(&h.name) {
+                                target.insert(h.name.clone(), value);
+                            }
+                        }
+                        AppendAction::OverwriteIfExistsOrAdd => {
+                            target.insert(h.name.clone(), value);
+                        }
+                        AppendAction::OverwriteIfExists => {
+                            if target.contains_key(&h.name) {
+                                target.insert(h.name.clone(), value);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -95,6 +239,76 @@ pub struct RouteMatch {
     pub path: PathMatch,
     pub case_sensitive: bool,
     pub headers: Vec<HeaderMatcher>,
+    /// `query_parameters`: every one must match the query string.
+    pub query_parameters: Vec<QueryParameterMatcher>,
+    /// `grpc: {}`: only gRPC requests (content-type `application/grpc`,
+    /// `application/grpc+…` or `application/grpc;…`).
+    pub grpc: bool,
+    /// `runtime_fraction.default_value` (there is no runtime layer, so the
+    /// default applies): the share of requests this route may match.
+    pub runtime_fraction: Option<Fraction>,
+}
+
+/// `RouteMatch.query_parameters[]`: only the first value of a repeated
+/// parameter counts, and it is matched as it appears in the URL
+/// (percent-encoded), as in Envoy.
+#[derive(Debug)]
+pub struct QueryParameterMatcher {
+    pub name: String,
+    pub kind: QueryMatch,
+}
+
+#[derive(Debug)]
+pub enum QueryMatch {
+    /// No specifier: the parameter has to be present.
+    Present,
+    /// `present_match`: `true` asks for presence, `false` for absence.
+    PresentMatch(bool),
+    String {
+        matcher: StringMatcher,
+        ignore_case: bool,
+    },
+}
+
+impl QueryParameterMatcher {
+    pub fn matches(&self, query: Option<&str>) -> bool {
+        let value = query.and_then(|q| first_query_value(q, &self.name));
+        if let QueryMatch::PresentMatch(p) = self.kind {
+            return value.is_some() == p;
+        }
+        let Some(value) = value else {
+            return false;
+        };
+        match &self.kind {
+            QueryMatch::Present | QueryMatch::PresentMatch(_) => true,
+            QueryMatch::String {
+                matcher,
+                ignore_case,
+            } => matcher.matches(value, *ignore_case),
+        }
+    }
+}
+
+/// The first value of `name` in a query string (`a=1&b&c=`); a parameter
+/// without `=` has the empty value.
+pub fn first_query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query
+        .split('&')
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Whether the request is gRPC by its content-type, as Envoy's router
+/// checks it.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.as_bytes())
+        .is_some_and(|v| {
+            v.starts_with(GRPC) && matches!(v.get(GRPC.len()), None | Some(b'+') | Some(b';'))
+        })
 }
 
 #[derive(Debug)]
@@ -144,7 +358,7 @@ impl StringMatcher {
 
 #[derive(Debug)]
 pub struct HeaderMatcher {
-    pub name: http::HeaderName,
+    pub name: HeaderKey,
     /// `None`: the header only has to be present.
     pub matcher: Option<StringMatcher>,
     pub ignore_case: bool,
@@ -153,16 +367,84 @@ pub struct HeaderMatcher {
     pub present: bool,
 }
 
+/// The header a matcher reads: a regular header or one of HTTP/2's
+/// pseudo-headers, which Envoy matches like headers (istiod matches methods
+/// with `:method` and authorities with `:authority`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderKey {
+    Name(http::HeaderName),
+    Method,
+    Path,
+    Authority,
+    Scheme,
+}
+
+impl From<http::HeaderName> for HeaderKey {
+    fn from(n: http::HeaderName) -> Self {
+        HeaderKey::Name(n)
+    }
+}
+
+impl HeaderKey {
+    /// `name` as configured (pseudo-headers start with `:`); `None` when it
+    /// is neither a header name nor a pseudo-header Envoy knows.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            ":method" => Some(HeaderKey::Method),
+            ":path" => Some(HeaderKey::Path),
+            ":authority" | "host" => Some(HeaderKey::Authority),
+            ":scheme" => Some(HeaderKey::Scheme),
+            n => http::HeaderName::from_bytes(n.as_bytes())
+                .ok()
+                .map(HeaderKey::Name),
+        }
+    }
+}
+
+/// The pseudo-headers of a request, for matchers that read them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pseudo<'a> {
+    pub method: &'a str,
+    /// The path with its query.
+    pub path: &'a str,
+    pub authority: &'a str,
+    pub scheme: &'a str,
+}
+
 impl HeaderMatcher {
+    /// Matches the regular headers only (pseudo-headers count as absent).
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter().peekable();
-        let result = match &self.matcher {
-            None => values.peek().is_some() == self.present,
-            Some(m) => {
+        self.matches_request(headers, None)
+    }
+
+    pub fn matches_request(&self, headers: &HeaderMap, pseudo: Option<&Pseudo<'_>>) -> bool {
+        let joined: Option<String> = match &self.name {
+            HeaderKey::Name(name) => {
                 // Envoy joins repeated headers with "," before matching.
-                let joined: Vec<&str> = values.filter_map(|v| v.to_str().ok()).collect();
-                !joined.is_empty() && m.matches(&joined.join(","), self.ignore_case)
+                let values: Vec<&str> = headers
+                    .get_all(name)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                match values.len() {
+                    0 if !headers.contains_key(name) => None,
+                    _ => Some(values.join(",")),
+                }
             }
+            pseudo_key => pseudo.map(|p| {
+                match pseudo_key {
+                    HeaderKey::Method => p.method,
+                    HeaderKey::Path => p.path,
+                    HeaderKey::Authority => p.authority,
+                    _ => p.scheme,
+                }
+                .to_string()
+            }),
+        };
+        let result = match (&self.matcher, joined) {
+            (None, v) => v.is_some() == self.present,
+            (Some(m), Some(v)) => m.matches(&v, self.ignore_case),
+            (Some(_), None) => false,
         };
         result != self.invert
     }
@@ -173,7 +455,10 @@ pub enum RouteAction {
     Route {
         cluster: ClusterSpecifier,
         prefix_rewrite: Option<String>,
-        host_rewrite: Option<String>,
+        /// `regex_rewrite`: the path (without its query) rewritten by a
+        /// global regex substitution.
+        regex_rewrite: Option<RegexRewrite>,
+        host_rewrite: Option<HostRewrite>,
         /// Envoy's default route timeout is 15 s; `None` disables it.
         timeout: Option<Duration>,
         /// The route's retry policy, or its virtual host's (a route's own
@@ -189,6 +474,8 @@ pub enum RouteAction {
         /// The virtual host's `include_request_attempt_count` and
         /// `include_attempt_count_in_response` (`x-envoy-attempt-count`).
         attempt_count: AttemptCount,
+        /// `cluster_not_found_response_code` (default 503).
+        cluster_not_found: http::StatusCode,
     },
     DirectResponse {
         status: http::StatusCode,
@@ -334,10 +621,46 @@ impl Default for RetryPolicy {
     }
 }
 
+/// `RegexMatchAndSubstitute`: every match of `pattern` in the value is
+/// replaced by `substitution` (already in the `regex` crate's `${1}` form).
+#[derive(Debug, Clone)]
+pub struct RegexRewrite {
+    pub pattern: Regex,
+    pub substitution: String,
+}
+
+impl RegexRewrite {
+    pub fn apply(&self, value: &str) -> String {
+        self.pattern
+            .replace_all(value, self.substitution.as_str())
+            .into_owned()
+    }
+}
+
+/// How the router rewrites the Host/`:authority` header.
+#[derive(Debug, Clone)]
+pub enum HostRewrite {
+    /// `host_rewrite_literal`.
+    Literal(String),
+    /// `host_rewrite_header`: the value of this request header, when present.
+    Header(http::HeaderName),
+    /// `host_rewrite_path_regex`: the path (without its query) rewritten.
+    PathRegex(RegexRewrite),
+    /// `auto_host_rewrite`: the host name of the chosen endpoint (the DNS
+    /// name of a STRICT_DNS endpoint; no change for others).
+    Auto,
+    /// `host_rewrite`: a format string (`prefix-%REQ(x-host)%`); an empty
+    /// result leaves the Host alone.
+    Format(crate::format::HeaderFormat),
+}
+
 #[derive(Debug)]
 pub enum ClusterSpecifier {
     Name(String),
     Weighted(Vec<WeightedCluster>),
+    /// `cluster_header`: the cluster named by this request header (missing
+    /// header or unknown cluster: 503, flag `NC`).
+    Header(http::HeaderName),
 }
 
 #[derive(Debug)]
@@ -348,9 +671,12 @@ pub struct WeightedCluster {
 
 impl ClusterSpecifier {
     /// Picks the cluster; `roll` is a uniform random number.
-    pub fn pick(&self, roll: u64) -> &str {
+    pub fn pick<'a>(&'a self, roll: u64, headers: &'a HeaderMap) -> &'a str {
         match self {
             ClusterSpecifier::Name(n) => n,
+            ClusterSpecifier::Header(h) => {
+                headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("")
+            }
             ClusterSpecifier::Weighted(ws) => {
                 let total: u64 = ws.iter().map(|w| u64::from(w.weight)).sum();
                 if total == 0 {
@@ -380,6 +706,7 @@ impl RouteConfig {
                         ClusterSpecifier::Weighted(ws) => {
                             out.extend(ws.iter().map(|w| w.name.as_str()))
                         }
+                        ClusterSpecifier::Header(_) => {}
                     }
                 }
             }
@@ -413,10 +740,39 @@ impl RouteConfig {
 
     /// The first route of the matching virtual host that matches the request.
     pub fn find_route(&self, host: &str, path: &str, headers: &HeaderMap) -> Option<&Route> {
-        let vh = self.virtual_host(host)?;
+        self.find_route_rolled(host, path, headers, 0)
+    }
+
+    /// [`RouteConfig::find_route`] with the request's random `roll` for the
+    /// routes with a `runtime_fraction` (Envoy draws one per request).
+    pub fn find_route_rolled(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &HeaderMap,
+        roll: u64,
+    ) -> Option<&Route> {
+        let pseudo = Pseudo {
+            method: "GET",
+            path,
+            authority: host,
+            scheme: "http",
+        };
+        self.find_route_for(&pseudo, headers, roll)
+    }
+
+    /// The route for a request given by its pseudo-headers (`:authority`
+    /// picks the virtual host), its headers and its random `roll`.
+    pub fn find_route_for(
+        &self,
+        pseudo: &Pseudo<'_>,
+        headers: &HeaderMap,
+        roll: u64,
+    ) -> Option<&Route> {
+        let vh = self.virtual_host(pseudo.authority)?;
         vh.routes
             .iter()
-            .find(|r| r.route_match.matches(path, headers))
+            .find(|r| r.route_match.matches_pseudo(pseudo, headers, roll))
     }
 }
 
@@ -437,9 +793,30 @@ pub fn strip_port(host: &str) -> &str {
 impl RouteMatch {
     /// `path` is the request's path with the query string.
     pub fn matches(&self, path_and_query: &str, headers: &HeaderMap) -> bool {
-        let path = path_and_query
-            .split_once('?')
-            .map_or(path_and_query, |(p, _)| p);
+        self.matches_rolled(path_and_query, headers, 0)
+    }
+
+    /// [`RouteMatch::matches`] with the request's random `roll`.
+    pub fn matches_rolled(&self, path_and_query: &str, headers: &HeaderMap, roll: u64) -> bool {
+        let pseudo = Pseudo {
+            method: "GET",
+            path: path_and_query,
+            authority: "",
+            scheme: "http",
+        };
+        self.matches_pseudo(&pseudo, headers, roll)
+    }
+
+    /// Matches a request given by its pseudo-headers and headers.
+    pub fn matches_pseudo(&self, pseudo: &Pseudo<'_>, headers: &HeaderMap, roll: u64) -> bool {
+        let path_and_query = pseudo.path;
+        if self.runtime_fraction.is_some_and(|f| !f.hits(roll)) {
+            return false;
+        }
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
         let ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
@@ -455,7 +832,12 @@ impl RouteMatch {
                     && (path.len() == p.len() || path.as_bytes().get(p.len()) == Some(&b'/'))
             }
         };
-        ok && self.headers.iter().all(|h| h.matches(headers))
+        ok && self
+            .headers
+            .iter()
+            .all(|h| h.matches_request(headers, Some(pseudo)))
+            && self.query_parameters.iter().all(|q| q.matches(query))
+            && (!self.grpc || is_grpc(headers))
     }
 }
 
@@ -479,14 +861,21 @@ mod tests {
                 path,
                 case_sensitive: true,
                 headers: vec![],
+                query_parameters: vec![],
+                grpc: false,
+                runtime_fraction: None,
             },
             action: RouteAction::DirectResponse {
                 status: http::StatusCode::OK,
                 body: None,
             },
-            request_headers_to_add: vec![],
-            request_headers_to_remove: vec![],
+            request_headers: HeaderMutations::default(),
+            response_headers: HeaderMutations::default(),
             fault_overrides: vec![],
+            cors: RouteCors::default(),
+            ratelimit_overrides: vec![],
+            rate_limits: vec![],
+            vhost_rate_limits: Default::default(),
             hash_policy: vec![],
         }
     }
@@ -562,7 +951,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("end-user", "jason".parse().unwrap());
         let m = |matcher, invert, present| HeaderMatcher {
-            name: http::HeaderName::from_static("end-user"),
+            name: HeaderKey::Name(http::HeaderName::from_static("end-user")),
             matcher,
             ignore_case: false,
             invert,
@@ -575,6 +964,33 @@ mod tests {
         assert!(m(None, false, true).matches(&h));
         assert!(!m(None, false, true).matches(&HeaderMap::new()));
         assert!(m(None, false, false).matches(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn query_values_and_grpc_content_types() {
+        assert_eq!(first_query_value("a=1&b&c=&a=2", "a"), Some("1"));
+        assert_eq!(first_query_value("a=1&b&c=", "b"), Some(""));
+        assert_eq!(first_query_value("a=1&b&c=", "c"), Some(""));
+        assert_eq!(first_query_value("a=1", "A"), None);
+        let q = |kind| QueryParameterMatcher {
+            name: "x".into(),
+            kind,
+        };
+        assert!(q(QueryMatch::PresentMatch(false)).matches(None));
+        assert!(q(QueryMatch::PresentMatch(false)).matches(Some("y=1")));
+        assert!(!q(QueryMatch::PresentMatch(false)).matches(Some("x")));
+        assert!(!q(QueryMatch::Present).matches(Some("y=1")));
+        let ct = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, v.parse().unwrap());
+            is_grpc(&h)
+        };
+        assert!(ct("application/grpc"));
+        assert!(ct("application/grpc+proto"));
+        assert!(ct("application/grpc;charset=utf-8"));
+        assert!(!ct("application/grpc-web"));
+        assert!(!ct("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
     }
 
     #[test]
@@ -610,7 +1026,8 @@ mod tests {
                 weight: 75,
             },
         ]);
-        let a = (0..100).filter(|r| spec.pick(*r) == "a").count();
+        let h = HeaderMap::new();
+        let a = (0..100).filter(|r| spec.pick(*r, &h) == "a").count();
         assert_eq!(a, 25);
     }
 }

@@ -186,7 +186,7 @@ impl ClusterRt {
                 let mut addrs = Vec::new();
                 for h in &hosts {
                     match tokio::net::lookup_host((h.host.as_str(), h.port)).await {
-                        Ok(it) => addrs.extend(it),
+                        Ok(it) => addrs.extend(it.map(|a| (a, h.host.as_str()))),
                         Err(e) => {
                             tracing::warn!(dns.host = %h.host, error = %e, "DNS resolution failed")
                         }
@@ -197,13 +197,17 @@ impl ClusterRt {
                     let old = c.balancer.load_full();
                     let pools: Vec<_> = addrs
                         .iter()
-                        .map(|a| {
+                        .map(|(a, name)| {
                             let pool = old
                                 .hosts()
                                 .iter()
                                 .find(|p| p.address == *a)
                                 .cloned()
-                                .unwrap_or_else(|| Arc::new(EndpointPool::new(*a, &c)));
+                                .unwrap_or_else(|| {
+                                    let mut p = EndpointPool::new(*a, &c);
+                                    p.hostname = Some(Arc::from(*name));
+                                    Arc::new(p)
+                                });
                             (pool, HostMeta::default())
                         })
                         .collect();
@@ -543,6 +547,9 @@ struct Idle {
 /// Connections to one endpoint address.
 pub struct EndpointPool {
     pub address: SocketAddr,
+    /// The DNS name the address came from (STRICT_DNS), for
+    /// `auto_host_rewrite`.
+    pub hostname: Option<Arc<str>>,
     connect_timeout: Duration,
     idle_timeout: Option<Duration>,
     bind_source: Option<std::net::IpAddr>,
@@ -610,6 +617,7 @@ impl EndpointPool {
                 ferry_model::UpstreamProtocol::UseDownstream => &[],
             },
             address,
+            hostname: None,
             connect_timeout: cluster.cfg.connect_timeout,
             idle_timeout: cluster.cfg.idle_timeout,
             bind_source: cluster.cfg.bind_source,

@@ -350,6 +350,7 @@ async fn serve_http<S>(
         original_dst: dst,
         tls,
         closing: std::sync::atomic::AtomicBool::new(false),
+        ratelimit_buckets: Default::default(),
     });
     crate::http::serve(io, ctx, http2, generation).await;
 }

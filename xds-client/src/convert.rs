@@ -15,7 +15,9 @@ use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
 use envoy_types::pb::envoy::config::listener::v3 as listener_pb;
 use envoy_types::pb::envoy::config::route::v3 as route_pb;
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as cors_pb;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault_pb;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as ratelimit_pb;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
@@ -845,10 +847,7 @@ fn tcp_proxy(
     })
 }
 
-const HTTP_TOLERATED: &[&str] = &[
-    "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
-    "envoy.extensions.filters.http.cors.v3.Cors",
-];
+const HTTP_TOLERATED: &[&str] = &["envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"];
 
 fn http_connection_manager(
     ctx: &mut Ctx<'_>,
@@ -923,6 +922,23 @@ fn http_connection_manager(
                 http_filters.push(m::HttpFilter {
                     name: hf.name.clone(),
                     config: m::HttpFilterConfig::Fault(Arc::new(fault_config(ctx, &tf, &hf_cfg)?)),
+                });
+            }
+            CORS_TYPE => http_filters.push(m::HttpFilter {
+                name: hf.name.clone(),
+                config: m::HttpFilterConfig::Cors,
+            }),
+            RATELIMIT_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "the local rate limit filter needs a typed_config"));
+                };
+                let cfg: ratelimit_pb::LocalRateLimit = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::LocalRateLimit(Arc::new(local_ratelimit(
+                        ctx, &tf, &cfg,
+                    )?)),
                 });
             }
             t if HTTP_TOLERATED.contains(&t) || ISTIO_TOLERATED.contains(&t) => {
@@ -1030,6 +1046,20 @@ fn route_config_in(
     field: &str,
     rc: &route_pb::RouteConfiguration,
 ) -> Result<m::RouteConfig, ConvertError> {
+    let table_request = header_mutations(
+        ctx,
+        &join(field, "request_headers_to_add"),
+        &rc.request_headers_to_add,
+        &join(field, "request_headers_to_remove"),
+        &rc.request_headers_to_remove,
+    )?;
+    let table_response = header_mutations(
+        ctx,
+        &join(field, "response_headers_to_add"),
+        &rc.response_headers_to_add,
+        &join(field, "response_headers_to_remove"),
+        &rc.response_headers_to_remove,
+    )?;
     let mut vhosts = Vec::with_capacity(rc.virtual_hosts.len());
     for (i, vh) in rc.virtual_hosts.iter().enumerate() {
         let vf = join(field, &format!("virtual_hosts[{i}]"));
@@ -1044,6 +1074,12 @@ fn route_config_in(
         for (j, r) in vh.routes.iter().enumerate() {
             let mut rt = route(ctx, &format!("{vf}.routes[{j}]"), r)?;
             defaults.apply(r, &mut rt);
+            rt.request_headers
+                .ops
+                .extend(table_request.ops.iter().cloned());
+            rt.response_headers
+                .ops
+                .extend(table_response.ops.iter().cloned());
             routes.push(rt);
         }
         vhosts.push(m::VirtualHost {
@@ -1103,7 +1139,7 @@ fn header_matcher(
     h: &route_pb::HeaderMatcher,
 ) -> Result<m::HeaderMatcher, ConvertError> {
     use route_pb::header_matcher::HeaderMatchSpecifier as S;
-    let name = http::HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+    let name = m::HeaderKey::parse(&h.name).ok_or_else(|| {
         ctx.err(
             format!("{field}.name"),
             format!("{:?} is not a valid header name", h.name),
@@ -1167,12 +1203,36 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
             ));
         }
     };
-    if !rm.query_parameters.is_empty() {
+    let mut query_parameters = Vec::with_capacity(rm.query_parameters.len());
+    for (i, q) in rm.query_parameters.iter().enumerate() {
+        query_parameters.push(query_parameter_matcher(
+            ctx,
+            &format!("{mf}.query_parameters[{i}]"),
+            q,
+        )?);
+    }
+    if !rm.dynamic_metadata.is_empty() {
         return Err(ctx.err(
-            format!("{mf}.query_parameters"),
-            "query parameter matching is not supported yet",
+            format!("{mf}.dynamic_metadata"),
+            "dynamic metadata matching is not supported (no filter produces dynamic metadata)",
         ));
     }
+    if !rm.cookies.is_empty() {
+        return Err(ctx.err(
+            format!("{mf}.cookies"),
+            "cookie matching is not supported yet",
+        ));
+    }
+    if rm.tls_context.is_some() {
+        return Err(ctx.err(
+            format!("{mf}.tls_context"),
+            "TLS context matching is not supported yet",
+        ));
+    }
+    let runtime_fraction = rm
+        .runtime_fraction
+        .as_ref()
+        .map(|rf| fraction(&rf.default_value));
     let mut headers = Vec::with_capacity(rm.headers.len());
     for (i, h) in rm.headers.iter().enumerate() {
         headers.push(header_matcher(ctx, &format!("{mf}.headers[{i}]"), h)?);
@@ -1204,54 +1264,60 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
         Some(Action::Redirect(rd)) => redirect(ctx, &format!("{field}.redirect"), rd)?,
         _ => return Err(ctx.err(field, "a route needs route, redirect or direct_response")),
     };
-    let mut request_headers_to_add = Vec::new();
-    for (i, hv) in r.request_headers_to_add.iter().enumerate() {
-        let hf = format!("{field}.request_headers_to_add[{i}]");
-        let h = hv
-            .header
+    let request_headers = header_mutations(
+        ctx,
+        &format!("{field}.request_headers_to_add"),
+        &r.request_headers_to_add,
+        &format!("{field}.request_headers_to_remove"),
+        &r.request_headers_to_remove,
+    )?;
+    let response_headers = header_mutations(
+        ctx,
+        &format!("{field}.response_headers_to_add"),
+        &r.response_headers_to_add,
+        &format!("{field}.response_headers_to_remove"),
+        &r.response_headers_to_remove,
+    )?;
+    let per_filter = per_filter_configs(
+        ctx,
+        &format!("{field}.typed_per_filter_config"),
+        &r.typed_per_filter_config,
+    )?;
+    let inline_cors = match &r.action {
+        #[allow(deprecated)]
+        Some(Action::Route(ra)) => ra
+            .cors
             .as_ref()
-            .ok_or_else(|| ctx.err(&hf, "header is required"))?;
-        let name = http::HeaderName::from_bytes(h.key.as_bytes()).map_err(|_| {
-            ctx.err(
-                format!("{hf}.header.key"),
-                format!("{:?} is not a valid header name", h.key),
-            )
-        })?;
-        let value = http::HeaderValue::from_str(&h.value)
-            .map_err(|_| ctx.err(format!("{hf}.header.value"), "not a valid header value"))?;
-        // APPEND_IF_EXISTS_OR_ADD (0) appends unless the deprecated `append: false` says otherwise.
-        let append = hv
-            .append
-            .as_ref()
-            .map_or(hv.append_action == 0, |v| v.value);
-        request_headers_to_add.push((name, value, append));
-    }
-    let mut request_headers_to_remove = Vec::new();
-    for (i, h) in r.request_headers_to_remove.iter().enumerate() {
-        request_headers_to_remove.push(http::HeaderName::from_bytes(h.as_bytes()).map_err(
-            |_| {
-                ctx.err(
-                    format!("{field}.request_headers_to_remove[{i}]"),
-                    format!("{h:?} is not a valid header name"),
-                )
-            },
-        )?);
-    }
+            .map(|c| inline_cors(ctx, &format!("{field}.route.cors"), c))
+            .transpose()?,
+        _ => None,
+    };
     Ok(m::Route {
         name: r.name.clone(),
         route_match: m::RouteMatch {
             path,
             case_sensitive: rm.case_sensitive.as_ref().is_none_or(|v| v.value),
             headers,
+            query_parameters,
+            grpc: rm.grpc.is_some(),
+            runtime_fraction,
         },
         action,
-        request_headers_to_add,
-        request_headers_to_remove,
-        fault_overrides: fault_overrides(
-            ctx,
-            &format!("{field}.typed_per_filter_config"),
-            &r.typed_per_filter_config,
-        )?,
+        request_headers,
+        response_headers,
+        fault_overrides: per_filter.fault,
+        cors: m::RouteCors {
+            per_filter: per_filter.cors,
+            inline: inline_cors.into_iter().map(Arc::new).collect(),
+        },
+        ratelimit_overrides: per_filter.ratelimit,
+        rate_limits: match &r.action {
+            Some(Action::Route(ra)) => {
+                rate_limits(ctx, &format!("{field}.route.rate_limits"), &ra.rate_limits)?
+            }
+            _ => Vec::new(),
+        },
+        vhost_rate_limits: Arc::default(),
         hash_policy: match &r.action {
             Some(Action::Route(ra)) => hash_policies(ctx, &format!("{field}.route"), ra)?,
             _ => Vec::new(),
@@ -1343,16 +1409,66 @@ fn route_action(
             }
             m::ClusterSpecifier::Weighted(out)
         }
-        _ => return Err(ctx.err(field, "only cluster and weighted_clusters are supported")),
+        Some(C::ClusterHeader(h)) => {
+            let name =
+                http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    ctx.err(
+                        format!("{field}.cluster_header"),
+                        format!("{h:?} is not a valid header name"),
+                    )
+                })?;
+            m::ClusterSpecifier::Header(name)
+        }
+        _ => {
+            return Err(ctx.err(
+                field,
+                "only cluster, weighted_clusters and cluster_header are supported",
+            ));
+        }
     };
     let host_rewrite = match &ra.host_rewrite_specifier {
-        Some(H::HostRewriteLiteral(h)) => Some(h.clone()),
+        Some(H::HostRewriteLiteral(h)) => Some(m::HostRewrite::Literal(h.clone())),
+        Some(H::AutoHostRewrite(v)) => v.value.then_some(m::HostRewrite::Auto),
+        Some(H::HostRewriteHeader(h)) => Some(m::HostRewrite::Header(
+            http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                ctx.err(
+                    format!("{field}.host_rewrite_header"),
+                    format!("{h:?} is not a valid header name"),
+                )
+            })?,
+        )),
+        Some(H::HostRewritePathRegex(r)) => Some(m::HostRewrite::PathRegex(regex_rewrite(
+            ctx,
+            &format!("{field}.host_rewrite_path_regex"),
+            r,
+        )?)),
+        Some(H::HostRewrite(f)) => Some(m::HostRewrite::Format(
+            m::format::HeaderFormat::parse(f)
+                .map_err(|e| ctx.err(format!("{field}.host_rewrite"), e))?,
+        )),
         None => None,
-        Some(_) => return Err(ctx.err(field, "only host_rewrite_literal is supported")),
     };
+    let regex_rewrite = ra
+        .regex_rewrite
+        .as_ref()
+        .map(|r| regex_rewrite(ctx, &format!("{field}.regex_rewrite"), r))
+        .transpose()?;
+    if regex_rewrite.is_some() && !ra.prefix_rewrite.is_empty() {
+        return Err(ctx.err(
+            format!("{field}.regex_rewrite"),
+            "only one of prefix_rewrite and regex_rewrite may be set",
+        ));
+    }
+    if ra.path_rewrite_policy.is_some() {
+        return Err(ctx.err(
+            format!("{field}.path_rewrite_policy"),
+            "path rewrite policies are not supported yet",
+        ));
+    }
     Ok(m::RouteAction::Route {
         cluster,
         prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
+        regex_rewrite,
         host_rewrite,
         timeout: timeout_or(&ra.timeout, Some(Duration::from_secs(15))),
         retry_policy: ra
@@ -1372,6 +1488,17 @@ fn route_action(
             .as_ref()
             .and_then(|m| timeout_or(&m.max_stream_duration, None)),
         attempt_count: m::AttemptCount::default(),
+        cluster_not_found: match ra.cluster_not_found_response_code {
+            0 => http::StatusCode::SERVICE_UNAVAILABLE,
+            1 => http::StatusCode::NOT_FOUND,
+            2 => http::StatusCode::INTERNAL_SERVER_ERROR,
+            c => {
+                return Err(ctx.err(
+                    format!("{field}.cluster_not_found_response_code"),
+                    format!("unknown response code {c}"),
+                ));
+            }
+        },
     })
 }
 
@@ -1382,7 +1509,11 @@ struct VhostDefaults {
     retry_policy: Option<Arc<m::RetryPolicy>>,
     mirrors: Vec<m::MirrorPolicy>,
     attempt_count: m::AttemptCount,
-    fault_overrides: Vec<(String, Arc<m::fault::FaultConfig>)>,
+    per_filter: PerFilter,
+    inline_cors: Option<Arc<m::cors::CorsPolicy>>,
+    request_headers: m::HeaderMutations,
+    response_headers: m::HeaderMutations,
+    rate_limits: Arc<Vec<m::ratelimit::RateLimitPolicy>>,
 }
 
 fn vhost_defaults(
@@ -1406,11 +1537,37 @@ fn vhost_defaults(
             request: vh.include_request_attempt_count,
             response: vh.include_attempt_count_in_response,
         },
-        fault_overrides: fault_overrides(
+        per_filter: per_filter_configs(
             ctx,
             &format!("{field}.typed_per_filter_config"),
             &vh.typed_per_filter_config,
         )?,
+        #[allow(deprecated)]
+        inline_cors: vh
+            .cors
+            .as_ref()
+            .map(|c| inline_cors(ctx, &format!("{field}.cors"), c))
+            .transpose()?
+            .map(Arc::new),
+        request_headers: header_mutations(
+            ctx,
+            &format!("{field}.request_headers_to_add"),
+            &vh.request_headers_to_add,
+            &format!("{field}.request_headers_to_remove"),
+            &vh.request_headers_to_remove,
+        )?,
+        response_headers: header_mutations(
+            ctx,
+            &format!("{field}.response_headers_to_add"),
+            &vh.response_headers_to_add,
+            &format!("{field}.response_headers_to_remove"),
+            &vh.response_headers_to_remove,
+        )?,
+        rate_limits: Arc::new(rate_limits(
+            ctx,
+            &format!("{field}.rate_limits"),
+            &vh.rate_limits,
+        )?),
     })
 }
 
@@ -1436,11 +1593,29 @@ impl VhostDefaults {
                 mirrors.clone_from(&self.mirrors);
             }
         }
-        for (name, f) in &self.fault_overrides {
+        for (name, f) in &self.per_filter.fault {
             if !rt.fault_overrides.iter().any(|(n, _)| n == name) {
                 rt.fault_overrides.push((name.clone(), f.clone()));
             }
         }
+        for (name, f) in &self.per_filter.ratelimit {
+            if !rt.ratelimit_overrides.iter().any(|(n, _)| n == name) {
+                rt.ratelimit_overrides.push((name.clone(), f.clone()));
+            }
+        }
+        // CORS settings fall back field by field: the route's policy first,
+        // then the virtual host's.
+        rt.cors
+            .per_filter
+            .extend(self.per_filter.cors.iter().cloned());
+        rt.cors.inline.extend(self.inline_cors.iter().cloned());
+        rt.request_headers
+            .ops
+            .extend(self.request_headers.ops.iter().cloned());
+        rt.response_headers
+            .ops
+            .extend(self.response_headers.ops.iter().cloned());
+        rt.vhost_rate_limits = self.rate_limits.clone();
     }
 }
 
@@ -1565,38 +1740,626 @@ fn mirror_policies(
 const FAULT_TYPE: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
 const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
 
-/// The fault entries of a `typed_per_filter_config` map; other filters'
-/// entries are left to those filters.
-fn fault_overrides(
+const CORS_TYPE: &str = "envoy.extensions.filters.http.cors.v3.Cors";
+const CORS_POLICY_TYPE: &str = "envoy.extensions.filters.http.cors.v3.CorsPolicy";
+const RATELIMIT_TYPE: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+/// The entries of a `typed_per_filter_config` map Ferry's filters read, by
+/// filter name; entries of other filters are left alone.
+#[derive(Default)]
+struct PerFilter {
+    fault: Vec<(String, Arc<m::fault::FaultConfig>)>,
+    cors: Vec<(String, Arc<m::cors::CorsPolicy>)>,
+    ratelimit: Vec<(String, Arc<m::ratelimit::LocalRateLimit>)>,
+}
+
+fn per_filter_configs(
     ctx: &mut Ctx<'_>,
     field: &str,
     map: &std::collections::HashMap<String, Any>,
-) -> Result<Vec<(String, Arc<m::fault::FaultConfig>)>, ConvertError> {
-    let mut out = Vec::new();
+) -> Result<PerFilter, ConvertError> {
+    let mut out = PerFilter::default();
     let mut names: Vec<&String> = map.keys().collect();
     names.sort();
     for name in names {
         let Some(any) = map.get(name) else { continue };
         let ef = format!("{field}[{name:?}]");
         let mut typed = Typed::from_any(any).map_err(|e| ctx.err(&ef, e))?;
+        let mut disabled = false;
         if typed.type_name() == FILTER_CONFIG_TYPE {
             // The route-level wrapper: `disabled` turns the filter off for
-            // the route, which for faults is an empty configuration.
+            // the route.
             let fc: route_pb::FilterConfig = typed.decode().map_err(|e| ctx.err(&ef, e))?;
-            if fc.disabled {
-                out.push((name.clone(), Arc::new(m::fault::FaultConfig::default())));
-                continue;
+            disabled = fc.disabled;
+            match fc.config.as_ref() {
+                Some(inner) => typed = Typed::from_any(inner).map_err(|e| ctx.err(&ef, e))?,
+                None if disabled => {
+                    // Without a config the filter kind is unknown: a
+                    // disabled entry of each kind, each filter reading its own.
+                    out.fault
+                        .push((name.clone(), Arc::new(m::fault::FaultConfig::default())));
+                    out.cors.push((name.clone(), Arc::new(disabled_cors())));
+                    out.ratelimit
+                        .push((name.clone(), Arc::new(disabled_ratelimit())));
+                    continue;
+                }
+                None => continue,
             }
-            let Some(inner) = fc.config.as_ref() else {
-                continue;
+        }
+        match typed.type_name() {
+            FAULT_TYPE => {
+                let cfg = if disabled {
+                    m::fault::FaultConfig::default()
+                } else {
+                    let hf: fault_pb::HttpFault = typed.decode().map_err(|e| ctx.err(&ef, e))?;
+                    fault_config(ctx, &ef, &hf)?
+                };
+                out.fault.push((name.clone(), Arc::new(cfg)));
+            }
+            CORS_POLICY_TYPE => {
+                let cfg = if disabled {
+                    disabled_cors()
+                } else {
+                    let p: cors_pb::CorsPolicy = typed.decode().map_err(|e| ctx.err(&ef, e))?;
+                    cors_policy(ctx, &ef, &p)?
+                };
+                out.cors.push((name.clone(), Arc::new(cfg)));
+            }
+            RATELIMIT_TYPE => {
+                let cfg = if disabled {
+                    disabled_ratelimit()
+                } else {
+                    let p: ratelimit_pb::LocalRateLimit =
+                        typed.decode().map_err(|e| ctx.err(&ef, e))?;
+                    local_ratelimit(ctx, &ef, &p)?
+                };
+                out.ratelimit.push((name.clone(), Arc::new(cfg)));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+const NEVER: m::Fraction = m::Fraction {
+    numerator: 0,
+    denominator: 100,
+};
+
+fn disabled_cors() -> m::cors::CorsPolicy {
+    m::cors::CorsPolicy {
+        filter_enabled: Some(NEVER),
+        ..Default::default()
+    }
+}
+
+fn disabled_ratelimit() -> m::ratelimit::LocalRateLimit {
+    m::ratelimit::LocalRateLimit {
+        stat_prefix: String::new(),
+        status: http::StatusCode::TOO_MANY_REQUESTS,
+        bucket: None,
+        filter_enabled: NEVER,
+        filter_enforced: NEVER,
+        response_headers: m::HeaderMutations::default(),
+        request_headers_when_not_enforced: m::HeaderMutations::default(),
+        grpc_resource_exhausted: false,
+        descriptors: Vec::new(),
+        stage: 0,
+        always_consume_default: true,
+        vh_rate_limits: m::ratelimit::VhRateLimits::Override,
+        x_ratelimit_headers: false,
+        per_connection: false,
+    }
+}
+
+fn origin_matchers(
+    ctx: &Ctx<'_>,
+    field: &str,
+    ms: &[matcher_pb::StringMatcher],
+) -> Result<Vec<(m::StringMatcher, bool)>, ConvertError> {
+    ms.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok((
+                string_matcher(ctx, &format!("{field}.allow_origin_string_match[{i}]"), s)?,
+                s.ignore_case,
+            ))
+        })
+        .collect()
+}
+
+fn runtime_fraction(f: &Option<core_pb::RuntimeFractionalPercent>) -> Option<m::Fraction> {
+    f.as_ref().map(|f| fraction(&f.default_value))
+}
+
+fn cors_policy(
+    ctx: &Ctx<'_>,
+    field: &str,
+    p: &cors_pb::CorsPolicy,
+) -> Result<m::cors::CorsPolicy, ConvertError> {
+    Ok(m::cors::CorsPolicy {
+        allow_origins: origin_matchers(ctx, field, &p.allow_origin_string_match)?,
+        allow_methods: p.allow_methods.clone(),
+        allow_headers: p.allow_headers.clone(),
+        expose_headers: p.expose_headers.clone(),
+        max_age: p.max_age.clone(),
+        allow_credentials: p.allow_credentials.as_ref().map(|v| v.value),
+        allow_private_network_access: p.allow_private_network_access.as_ref().map(|v| v.value),
+        filter_enabled: runtime_fraction(&p.filter_enabled),
+        shadow_enabled: runtime_fraction(&p.shadow_enabled),
+        forward_not_matching_preflights: p
+            .forward_not_matching_preflights
+            .as_ref()
+            .map(|v| v.value),
+    })
+}
+
+/// The deprecated `cors` of a route action or virtual host.
+fn inline_cors(
+    ctx: &Ctx<'_>,
+    field: &str,
+    p: &route_pb::CorsPolicy,
+) -> Result<m::cors::CorsPolicy, ConvertError> {
+    use route_pb::cors_policy::EnabledSpecifier;
+    Ok(m::cors::CorsPolicy {
+        allow_origins: origin_matchers(ctx, field, &p.allow_origin_string_match)?,
+        allow_methods: p.allow_methods.clone(),
+        allow_headers: p.allow_headers.clone(),
+        expose_headers: p.expose_headers.clone(),
+        max_age: p.max_age.clone(),
+        allow_credentials: p.allow_credentials.as_ref().map(|v| v.value),
+        allow_private_network_access: p.allow_private_network_access.as_ref().map(|v| v.value),
+        filter_enabled: p
+            .enabled_specifier
+            .as_ref()
+            .map(|EnabledSpecifier::FilterEnabled(f)| fraction(&f.default_value)),
+        shadow_enabled: runtime_fraction(&p.shadow_enabled),
+        forward_not_matching_preflights: p
+            .forward_not_matching_preflights
+            .as_ref()
+            .map(|v| v.value),
+    })
+}
+
+fn local_ratelimit(
+    ctx: &Ctx<'_>,
+    field: &str,
+    p: &ratelimit_pb::LocalRateLimit,
+) -> Result<m::ratelimit::LocalRateLimit, ConvertError> {
+    if p.stat_prefix.is_empty() {
+        return Err(ctx.err(format!("{field}.stat_prefix"), "a stat_prefix is required"));
+    }
+    if p.local_cluster_rate_limit.is_some() {
+        return Err(ctx.err(
+            format!("{field}.local_cluster_rate_limit"),
+            "cluster-wide local rate limits are not supported",
+        ));
+    }
+    if p.enable_x_ratelimit_headers > 1 {
+        return Err(ctx.err(
+            format!("{field}.enable_x_ratelimit_headers"),
+            format!(
+                "unknown X-RateLimit header version {}",
+                p.enable_x_ratelimit_headers
+            ),
+        ));
+    }
+    let status = match p.status.as_ref() {
+        None => http::StatusCode::TOO_MANY_REQUESTS,
+        Some(s) => u16::try_from(s.code)
+            .ok()
+            .filter(|c| (200..600).contains(c))
+            .and_then(|c| http::StatusCode::from_u16(c).ok())
+            .ok_or_else(|| {
+                ctx.err(
+                    format!("{field}.status.code"),
+                    format!("{} is not an HTTP status in [200, 600)", s.code),
+                )
+            })?,
+    };
+    let bucket = p
+        .token_bucket
+        .as_ref()
+        .map(|tb| token_bucket(ctx, &format!("{field}.token_bucket"), tb))
+        .transpose()?;
+    let mut descriptors = Vec::with_capacity(p.descriptors.len());
+    for (i, d) in p.descriptors.iter().enumerate() {
+        let df = format!("{field}.descriptors[{i}]");
+        if d.entries.is_empty() {
+            return Err(ctx.err(format!("{df}.entries"), "a descriptor needs entries"));
+        }
+        let mut entries = Vec::with_capacity(d.entries.len());
+        for (j, e) in d.entries.iter().enumerate() {
+            if e.key.is_empty() || e.value.is_empty() {
+                return Err(ctx.err(
+                    format!("{df}.entries[{j}]"),
+                    "entries need a key and a value (wildcard values are not supported yet)",
+                ));
+            }
+            entries.push((e.key.clone(), e.value.clone()));
+        }
+        let tb = d.token_bucket.as_ref().ok_or_else(|| {
+            ctx.err(
+                format!("{df}.token_bucket"),
+                "a descriptor needs a token_bucket",
+            )
+        })?;
+        descriptors.push(m::ratelimit::Descriptor {
+            entries,
+            bucket: token_bucket(ctx, &format!("{df}.token_bucket"), tb)?,
+        });
+    }
+    if p.stage > 10 {
+        return Err(ctx.err(format!("{field}.stage"), "stage must be 0 to 10"));
+    }
+    Ok(m::ratelimit::LocalRateLimit {
+        stat_prefix: p.stat_prefix.clone(),
+        status,
+        bucket,
+        filter_enabled: runtime_fraction(&p.filter_enabled).unwrap_or(NEVER),
+        filter_enforced: runtime_fraction(&p.filter_enforced).unwrap_or(NEVER),
+        response_headers: header_mutations(
+            ctx,
+            &format!("{field}.response_headers_to_add"),
+            &p.response_headers_to_add,
+            "",
+            &[],
+        )?,
+        request_headers_when_not_enforced: header_mutations(
+            ctx,
+            &format!("{field}.request_headers_to_add_when_not_enforced"),
+            &p.request_headers_to_add_when_not_enforced,
+            "",
+            &[],
+        )?,
+        grpc_resource_exhausted: p.rate_limited_as_resource_exhausted,
+        descriptors,
+        stage: p.stage,
+        always_consume_default: p
+            .always_consume_default_token_bucket
+            .as_ref()
+            .is_none_or(|v| v.value),
+        vh_rate_limits: match p.vh_rate_limits {
+            1 => m::ratelimit::VhRateLimits::Include,
+            2 => m::ratelimit::VhRateLimits::Ignore,
+            _ => m::ratelimit::VhRateLimits::Override,
+        },
+        x_ratelimit_headers: p.enable_x_ratelimit_headers == 1,
+        per_connection: p.local_rate_limit_per_downstream_connection,
+    })
+}
+
+fn token_bucket(
+    ctx: &Ctx<'_>,
+    tf: &str,
+    tb: &envoy_types::pb::envoy::r#type::v3::TokenBucket,
+) -> Result<m::ratelimit::TokenBucket, ConvertError> {
+    let interval = duration(&tb.fill_interval)
+        .ok_or_else(|| ctx.err(format!("{tf}.fill_interval"), "fill_interval is required"))?;
+    if interval < Duration::from_millis(50) {
+        return Err(ctx.err(
+            format!("{tf}.fill_interval"),
+            "fill_interval must be at least 50ms",
+        ));
+    }
+    if tb.max_tokens == 0 {
+        return Err(ctx.err(
+            format!("{tf}.max_tokens"),
+            "max_tokens must be greater than zero",
+        ));
+    }
+    let per_fill = tb.tokens_per_fill.as_ref().map_or(1, |v| v.value);
+    if per_fill == 0 {
+        return Err(ctx.err(
+            format!("{tf}.tokens_per_fill"),
+            "tokens_per_fill must be greater than zero",
+        ));
+    }
+    Ok(m::ratelimit::TokenBucket::new(
+        tb.max_tokens,
+        per_fill,
+        interval,
+    ))
+}
+
+/// A route's or virtual host's `rate_limits`.
+fn rate_limits(
+    ctx: &Ctx<'_>,
+    field: &str,
+    rls: &[route_pb::RateLimit],
+) -> Result<Vec<m::ratelimit::RateLimitPolicy>, ConvertError> {
+    use m::ratelimit::RateLimitAction as R;
+    use route_pb::rate_limit::action::ActionSpecifier as A;
+    let mut out = Vec::with_capacity(rls.len());
+    for (i, rl) in rls.iter().enumerate() {
+        let rf = format!("{field}[{i}]");
+        if rl.limit.is_some() {
+            return Err(ctx.err(
+                format!("{rf}.limit"),
+                "dynamic limit overrides are not supported",
+            ));
+        }
+        let mut actions = Vec::with_capacity(rl.actions.len());
+        for (j, a) in rl.actions.iter().enumerate() {
+            let af = format!("{rf}.actions[{j}]");
+            let no_default = |name: &str, d: &str| {
+                if d.is_empty() {
+                    Ok(())
+                } else {
+                    Err(ctx.err(
+                        format!("{af}.{name}.default_value"),
+                        "default values are not supported yet",
+                    ))
+                }
             };
-            typed = Typed::from_any(inner).map_err(|e| ctx.err(&ef, e))?;
+            let key_or = |k: &str, d: &str| {
+                if k.is_empty() {
+                    d.to_string()
+                } else {
+                    k.to_string()
+                }
+            };
+            actions.push(match &a.action_specifier {
+                Some(A::RemoteAddress(_)) => R::RemoteAddress,
+                Some(A::DestinationCluster(_)) => R::DestinationCluster,
+                Some(A::GenericKey(g)) => {
+                    no_default("generic_key", &g.default_value)?;
+                    R::GenericKey {
+                        key: key_or(&g.descriptor_key, "generic_key"),
+                        value: g.descriptor_value.clone(),
+                    }
+                }
+                Some(A::RequestHeaders(h)) => R::RequestHeaders {
+                    header: m::HeaderKey::parse(&h.header_name).ok_or_else(|| {
+                        ctx.err(
+                            format!("{af}.request_headers.header_name"),
+                            format!("{:?} is not a valid header name", h.header_name),
+                        )
+                    })?,
+                    key: h.descriptor_key.clone(),
+                    skip_if_absent: h.skip_if_absent,
+                },
+                Some(A::HeaderValueMatch(h)) => {
+                    no_default("header_value_match", &h.default_value)?;
+                    let mut headers = Vec::with_capacity(h.headers.len());
+                    for (k, hm) in h.headers.iter().enumerate() {
+                        headers.push(header_matcher(
+                            ctx,
+                            &format!("{af}.header_value_match.headers[{k}]"),
+                            hm,
+                        )?);
+                    }
+                    R::HeaderValueMatch {
+                        key: key_or(&h.descriptor_key, "header_match"),
+                        value: h.descriptor_value.clone(),
+                        expect_match: h.expect_match.as_ref().is_none_or(|v| v.value),
+                        headers,
+                    }
+                }
+                Some(A::MaskedRemoteAddress(mr)) => {
+                    let len = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>,
+                               max: u32,
+                               name: &str| {
+                        let n = v.as_ref().map_or(max, |v| v.value);
+                        if n > max {
+                            return Err(ctx.err(
+                                format!("{af}.masked_remote_address.{name}"),
+                                format!("{n} is more than {max}"),
+                            ));
+                        }
+                        Ok(n as u8)
+                    };
+                    R::MaskedRemoteAddress {
+                        v4_len: len(&mr.v4_prefix_mask_len, 32, "v4_prefix_mask_len")?,
+                        v6_len: len(&mr.v6_prefix_mask_len, 128, "v6_prefix_mask_len")?,
+                    }
+                }
+                Some(A::QueryParameters(q)) => {
+                    if q.query_parameter_name.is_empty() || q.descriptor_key.is_empty() {
+                        return Err(ctx.err(
+                            format!("{af}.query_parameters"),
+                            "query_parameter_name and descriptor_key are required",
+                        ));
+                    }
+                    R::QueryParameter {
+                        name: q.query_parameter_name.clone(),
+                        key: q.descriptor_key.clone(),
+                        skip_if_absent: q.skip_if_absent,
+                    }
+                }
+                Some(A::QueryParameterValueMatch(q)) => {
+                    no_default("query_parameter_value_match", &q.default_value)?;
+                    let mut matchers = Vec::with_capacity(q.query_parameters.len());
+                    for (k, qm) in q.query_parameters.iter().enumerate() {
+                        matchers.push(query_parameter_matcher(
+                            ctx,
+                            &format!("{af}.query_parameter_value_match.query_parameters[{k}]"),
+                            qm,
+                        )?);
+                    }
+                    R::QueryParameterValueMatch {
+                        key: key_or(&q.descriptor_key, "query_match"),
+                        value: q.descriptor_value.clone(),
+                        expect_match: q.expect_match.as_ref().is_none_or(|v| v.value),
+                        matchers,
+                    }
+                }
+                _ => {
+                    return Err(ctx.err(
+                        &af,
+                        "only remote_address, masked_remote_address, destination_cluster, generic_key, request_headers, query_parameters, header_value_match and query_parameter_value_match actions are supported",
+                    ));
+                }
+            });
         }
-        if typed.type_name() != FAULT_TYPE {
-            continue;
+        out.push(m::ratelimit::RateLimitPolicy {
+            stage: rl.stage.as_ref().map_or(0, |v| v.value),
+            actions,
+        });
+    }
+    Ok(out)
+}
+
+/// A level's `*_headers_to_remove` then `*_headers_to_add`, values compiled
+/// as format strings.
+#[allow(deprecated)] // `append` is deprecated but still sent; Envoy honours it.
+fn header_mutations(
+    ctx: &Ctx<'_>,
+    add_field: &str,
+    add: &[core_pb::HeaderValueOption],
+    remove_field: &str,
+    remove: &[String],
+) -> Result<m::HeaderMutations, ConvertError> {
+    use core_pb::header_value_option::HeaderAppendAction as A;
+    let mut ops = Vec::with_capacity(add.len() + remove.len());
+    for (i, h) in remove.iter().enumerate() {
+        let name =
+            http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                ctx.err(
+                    format!("{remove_field}[{i}]"),
+                    format!("{h:?} is not a valid header name"),
+                )
+            })?;
+        if name == http::header::HOST {
+            return Err(ctx.err(
+                format!("{remove_field}[{i}]"),
+                ":-prefixed or host headers may not be removed",
+            ));
         }
-        let hf: fault_pb::HttpFault = typed.decode().map_err(|e| ctx.err(&ef, e))?;
-        out.push((name.clone(), Arc::new(fault_config(ctx, &ef, &hf)?)));
+        ops.push(m::HeaderOp::Remove(name));
+    }
+    for (i, hv) in add.iter().enumerate() {
+        let hf = format!("{add_field}[{i}]");
+        let h = hv
+            .header
+            .as_ref()
+            .ok_or_else(|| ctx.err(&hf, "header is required"))?;
+        let name =
+            http::HeaderName::from_bytes(h.key.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                ctx.err(
+                    format!("{hf}.header.key"),
+                    format!("{:?} is not a valid header name", h.key),
+                )
+            })?;
+        if name == http::header::HOST {
+            return Err(ctx.err(
+                format!("{hf}.header.key"),
+                ":-prefixed or host headers may not be modified",
+            ));
+        }
+        let raw = if h.value.is_empty() && !h.raw_value.is_empty() {
+            String::from_utf8(h.raw_value.clone()).map_err(|_| {
+                ctx.err(format!("{hf}.header.raw_value"), "not a valid header value")
+            })?
+        } else {
+            h.value.clone()
+        };
+        let value = m::format::HeaderFormat::parse(&raw)
+            .map_err(|e| ctx.err(format!("{hf}.header.value"), e))?;
+        if let Some(lit) = value.as_literal()
+            && http::HeaderValue::from_str(&lit).is_err()
+        {
+            return Err(ctx.err(format!("{hf}.header.value"), "not a valid header value"));
+        }
+        let action = match hv.append.as_ref() {
+            // The deprecated `append` wins when it is set.
+            Some(v) if v.value => m::AppendAction::AppendIfExistsOrAdd,
+            Some(_) => m::AppendAction::OverwriteIfExistsOrAdd,
+            None => match A::try_from(hv.append_action) {
+                Ok(A::AppendIfExistsOrAdd) => m::AppendAction::AppendIfExistsOrAdd,
+                Ok(A::AddIfAbsent) => m::AppendAction::AddIfAbsent,
+                Ok(A::OverwriteIfExistsOrAdd) => m::AppendAction::OverwriteIfExistsOrAdd,
+                Ok(A::OverwriteIfExists) => m::AppendAction::OverwriteIfExists,
+                Err(_) => {
+                    return Err(ctx.err(
+                        format!("{hf}.append_action"),
+                        format!("unknown append action {}", hv.append_action),
+                    ));
+                }
+            },
+        };
+        ops.push(m::HeaderOp::Add(m::HeaderToAdd {
+            name,
+            value,
+            action,
+            keep_empty: hv.keep_empty_value,
+        }));
+    }
+    Ok(m::HeaderMutations { ops })
+}
+
+fn query_parameter_matcher(
+    ctx: &Ctx<'_>,
+    field: &str,
+    q: &route_pb::QueryParameterMatcher,
+) -> Result<m::QueryParameterMatcher, ConvertError> {
+    use route_pb::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
+    if q.name.is_empty() {
+        return Err(ctx.err(format!("{field}.name"), "a parameter name is required"));
+    }
+    let kind = match &q.query_parameter_match_specifier {
+        None => m::QueryMatch::Present,
+        Some(Q::PresentMatch(p)) => m::QueryMatch::PresentMatch(*p),
+        Some(Q::StringMatch(sm)) => m::QueryMatch::String {
+            matcher: string_matcher(ctx, &format!("{field}.string_match"), sm)?,
+            ignore_case: sm.ignore_case,
+        },
+    };
+    Ok(m::QueryParameterMatcher {
+        name: q.name.clone(),
+        kind,
+    })
+}
+
+/// `RegexMatchAndSubstitute`: the pattern is searched (not anchored) and
+/// every match replaced; RE2's `\N` group references become `${N}`.
+fn regex_rewrite(
+    ctx: &Ctx<'_>,
+    field: &str,
+    r: &matcher_pb::RegexMatchAndSubstitute,
+) -> Result<m::RegexRewrite, ConvertError> {
+    let pattern = r
+        .pattern
+        .as_ref()
+        .ok_or_else(|| ctx.err(format!("{field}.pattern"), "a pattern is required"))?;
+    let re = regex::Regex::new(&pattern.regex).map_err(|e| {
+        ctx.err(
+            format!("{field}.pattern.regex"),
+            format!("invalid regex {:?}: {e}", pattern.regex),
+        )
+    })?;
+    let substitution = re2_substitution(&r.substitution, re.captures_len())
+        .map_err(|e| ctx.err(format!("{field}.substitution"), e))?;
+    Ok(m::RegexRewrite {
+        pattern: re,
+        substitution,
+    })
+}
+
+/// RE2's rewrite string (`\0`..`\9`, `\\`) in the `regex` crate's
+/// syntax (`${N}`, `$$` for a literal `$`).
+fn re2_substitution(s: &str, groups: usize) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '$' => out.push_str("$$"),
+            '\\' => match chars.next() {
+                Some('\\') => out.push('\\'),
+                Some(d) if d.is_ascii_digit() => {
+                    let n = d as usize - '0' as usize;
+                    if n >= groups {
+                        return Err(format!(
+                            "{s:?} refers to group {n}, the pattern has {} groups",
+                            groups - 1
+                        ));
+                    }
+                    out.push_str(&format!("${{{n}}}"));
+                }
+                _ => return Err(format!("{s:?}: a '\\' must be followed by a digit or '\\'")),
+            },
+            c => out.push(c),
+        }
     }
     Ok(out)
 }

@@ -170,7 +170,9 @@ fn fault_filter_and_per_route_override() {
     );
     let (hcm, rc) = routes(&b);
     assert_eq!(hcm.http_filters.len(), 1);
-    let HttpFilterConfig::Fault(f) = &hcm.http_filters[0].config;
+    let HttpFilterConfig::Fault(f) = &hcm.http_filters[0].config else {
+        panic!("expected the fault filter")
+    };
     assert_eq!(hcm.http_filters[0].name, "envoy.filters.http.fault");
     assert_eq!(f.abort.as_ref().unwrap().source, AbortSource::Header);
     assert_eq!(f.delay.as_ref().unwrap().source, DelaySource::Header);

@@ -34,8 +34,19 @@ pub enum Abort {
 }
 
 /// Whether the filter applies to the request at all (header matchers,
-/// upstream cluster, downstream nodes).
+/// upstream cluster, downstream nodes); pseudo-header matchers see nothing.
 pub fn applies(cfg: &FaultConfig, headers: &HeaderMap, cluster: &str) -> bool {
+    applies_to(cfg, headers, None, cluster)
+}
+
+/// [`applies`] with the request's pseudo-headers for the matchers that
+/// read them (`:method`, `:path`, `:authority`).
+pub fn applies_to(
+    cfg: &FaultConfig,
+    headers: &HeaderMap,
+    pseudo: Option<&ferry_model::Pseudo<'_>>,
+    cluster: &str,
+) -> bool {
     if cfg
         .upstream_cluster
         .as_deref()
@@ -51,7 +62,9 @@ pub fn applies(cfg: &FaultConfig, headers: &HeaderMap, cluster: &str) -> bool {
             return false;
         }
     }
-    cfg.headers.iter().all(|h| h.matches(headers))
+    cfg.headers
+        .iter()
+        .all(|h| h.matches_request(headers, pseudo))
 }
 
 /// The configured percentage, lowered by the percentage header when the
@@ -200,7 +213,7 @@ mod tests {
     fn applies_only_to_matching_requests() {
         let cfg = FaultConfig {
             headers: vec![HeaderMatcher {
-                name: http::HeaderName::from_static("end-user"),
+                name: http::HeaderName::from_static("end-user").into(),
                 matcher: Some(StringMatcher::Exact("jason".into())),
                 ignore_case: false,
                 invert: false,

@@ -1,7 +1,9 @@
 //! HTTP filters (`envoy.filters.http.*`) and the connection manager's own
 //! header handling.
 
+pub mod cors;
 pub mod fault;
 pub mod headers;
+pub mod local_ratelimit;
 pub mod retry;
 pub mod router;

@@ -23,9 +23,12 @@ pub async fn apply(
     hcm: &HttpConnectionManager,
     cfg: &FaultConfig,
     headers: &HeaderMap,
+    pseudo: &ferry_model::Pseudo<'_>,
     cluster: &str,
 ) -> Applied {
-    if (cfg.delay.is_none() && cfg.abort.is_none()) || !decide::applies(cfg, headers, cluster) {
+    if (cfg.delay.is_none() && cfg.abort.is_none())
+        || !decide::applies_to(cfg, headers, Some(pseudo), cluster)
+    {
         return Applied::None;
     }
     let counter = |n: &str| {
@@ -94,6 +97,10 @@ fn abort_response(abort: decide::Abort, grpc_request: bool) -> Response<Response
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain"),
             );
+            resp.extensions_mut().insert(super::LocalBody {
+                text: Some(decide::ABORT_BODY.to_string()),
+                grpc_status: None,
+            });
             resp
         }
         decide::Abort::Grpc(code) => {

@@ -7,6 +7,7 @@
 
 pub mod body;
 mod fault;
+mod filters;
 mod shadow;
 
 use std::convert::Infallible;
@@ -15,9 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_filters::http::{headers, retry, router};
+use ferry_model::format::FormatContext;
 use ferry_model::{
-    ChainKind, FilterChain, HttpConnectionManager, HttpFilterConfig, PathMatch, Route, RouteAction,
-    RouteSource,
+    ChainKind, FilterChain, HostRewrite, HttpConnectionManager, HttpFilterConfig, PathMatch, Route,
+    RouteAction, RouteSource,
 };
 use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -94,6 +96,9 @@ pub struct ConnCtx {
     /// Set once the connection drains: HTTP/1 responses then carry
     /// `Connection: close`.
     pub closing: std::sync::atomic::AtomicBool,
+    /// Token buckets of the local rate limit configurations that are per
+    /// connection, by the configuration's address.
+    pub ratelimit_buckets: filters::ConnBuckets,
 }
 
 impl ConnCtx {
@@ -164,7 +169,20 @@ struct LocalReply {
     body: Option<String>,
 }
 
+/// Marks a response Ferry generated itself (Envoy's local reply) with its
+/// body text, so that a gRPC request gets it in gRPC's shape; `grpc_status`
+/// overrides the status derived from the HTTP one.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalBody {
+    pub text: Option<String>,
+    pub grpc_status: Option<u32>,
+}
+
 fn local_reply(r: LocalReply) -> Response<ResponseBody> {
+    let marker = LocalBody {
+        text: r.body.clone(),
+        grpc_status: None,
+    };
     let mut resp = match r.body {
         Some(b) => {
             let mut resp = Response::new(body::full(b));
@@ -177,7 +195,50 @@ fn local_reply(r: LocalReply) -> Response<ResponseBody> {
         None => Response::new(body::empty()),
     };
     *resp.status_mut() = r.status;
+    resp.extensions_mut().insert(marker);
     resp
+}
+
+/// A local reply to a gRPC request, as Envoy sends it: a trailers-only
+/// answer (HTTP 200, `application/grpc`) whose `grpc-status` comes from the
+/// HTTP status and whose `grpc-message` is the body, percent-encoded.
+fn grpc_local_reply(resp: &mut Response<ResponseBody>, local: LocalBody) {
+    let LocalBody { text, grpc_status } = local;
+    let code = grpc_status.unwrap_or(match resp.status().as_u16() {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    });
+    *resp.status_mut() = StatusCode::OK;
+    *resp.body_mut() = body::empty();
+    let h = resp.headers_mut();
+    h.remove(http::header::CONTENT_LENGTH);
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Some(t) = text.filter(|t| !t.is_empty())
+        && let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&t))
+    {
+        h.insert("grpc-message", v);
+    }
+}
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII but `%` stays.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn authority(req: &Request<Incoming>) -> String {
@@ -209,7 +270,14 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
         .map_or("/", |p| p.as_str())
         .to_string();
     let host = authority(&req);
-    let (mut resp, flag, upstream) = route_request(&ctx, req, &host, &path).await;
+    let started = std::time::SystemTime::now();
+    let grpc = ferry_model::route::is_grpc(req.headers());
+    let (mut resp, flag, upstream) = route_request(&ctx, req, &host, &path, started).await;
+    if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
+        && grpc
+    {
+        grpc_local_reply(&mut resp, local);
+    }
     stats.status(resp.status().as_u16());
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
     *resp.version_mut() = version;
@@ -237,7 +305,13 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
 
-async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: &str) -> Routed {
+async fn route_request(
+    ctx: &ConnCtx,
+    mut req: Request<Incoming>,
+    host: &str,
+    path: &str,
+    started: std::time::SystemTime,
+) -> Routed {
     let Some(hcm) = ctx.hcm() else {
         return (
             local_reply(LocalReply {
@@ -254,44 +328,48 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
         RouteSource::Inline(rc) => Some(rc.clone()),
         RouteSource::Rds(name) => ctx.rt.snapshot.load().routes.get(name).cloned(),
     };
-    let Some(route) = routes
+    let pseudo = ferry_model::Pseudo {
+        method: req.method().as_str(),
+        path,
+        authority: host,
+        scheme: "http",
+    };
+    let route = routes
         .as_ref()
-        .and_then(|rc| rc.find_route(host, path, req.headers()))
-    else {
-        ctx.stats.no_route.inc();
-        return (
-            local_reply(LocalReply {
-                status: StatusCode::NOT_FOUND,
-                body: None,
-            }),
-            "NR",
-            None,
-        );
+        .and_then(|rc| rc.find_route_for(&pseudo, req.headers(), rand::random()));
+    let fctx = FormatContext {
+        downstream_remote: Some(ctx.peer),
+        downstream_local: Some(ctx.original_dst),
+        upstream_remote: None,
+        protocol: protocol_name(req.version()),
+        hostname: hostname(),
+        start_time: started,
     };
     // Weighted clusters are picked once, before the filters, so the fault
     // filter's `upstream_cluster` sees the cluster the router will use.
-    let cluster = match &route.action {
-        RouteAction::Route { cluster, .. } => cluster.pick(rand::random()),
+    let cluster = match route.map(|r| &r.action) {
+        Some(RouteAction::Route { cluster, .. }) => cluster.pick(rand::random(), req.headers()),
         _ => "",
-    };
-    // The HTTP filters before the router, in configuration order.
-    let mut delayed = false;
-    for f in &hcm.http_filters {
-        match &f.config {
-            HttpFilterConfig::Fault(cfg) => {
-                let cfg = route.fault_override(&f.name).unwrap_or(cfg);
-                match fault::apply(ctx, hcm, cfg, req.headers(), cluster).await {
-                    fault::Applied::None => {}
-                    fault::Applied::Delayed => delayed = true,
-                    fault::Applied::Aborted(resp) => {
-                        return (resp, if delayed { "DI,FI" } else { "FI" }, None);
-                    }
-                    fault::Applied::DelayedAborted(resp) => return (resp, "DI,FI", None),
-                }
-            }
-        }
     }
-    match &route.action {
+    .to_string();
+    // The HTTP filters before the router run whether a route matched or not
+    // (a request without a route still takes a rate limit token, as in
+    // Envoy); the router then answers 404.
+    let (delayed, on_response) = match run_filters(ctx, hcm, route, &cluster, &mut req, &fctx).await
+    {
+        Ok(passed) => passed,
+        Err(answered) => return answered,
+    };
+    let Some(route) = route else {
+        ctx.stats.no_route.inc();
+        let mut resp = local_reply(LocalReply {
+            status: StatusCode::NOT_FOUND,
+            body: None,
+        });
+        on_response.apply(resp.headers_mut());
+        return (resp, "NR", None);
+    };
+    let (mut resp, flag, upstream) = match &route.action {
         RouteAction::DirectResponse { status, body } => {
             let r = LocalReply {
                 status: *status,
@@ -330,10 +408,131 @@ async fn route_request(ctx: &ConnCtx, req: Request<Incoming>, host: &str, path: 
             }
             (resp, "", None)
         }
-        RouteAction::Route { .. } => forward(ctx, hcm, route, cluster, delayed, req, host).await,
+        RouteAction::Route { .. } => {
+            // The route's response headers read the request as it arrived.
+            let request_headers =
+                (!route.response_headers.is_empty()).then(|| req.headers().clone());
+            let routed = forward(ctx, hcm, route, &cluster, delayed, req, host, &fctx).await;
+            let (mut resp, flag, upstream) = routed;
+            let fctx = FormatContext {
+                upstream_remote: upstream,
+                ..fctx
+            };
+            if let Some(rh) = &request_headers {
+                route
+                    .response_headers
+                    .apply(resp.headers_mut(), &fctx, Some(rh));
+            }
+            on_response.apply(resp.headers_mut());
+            return (resp, flag, upstream);
+        }
+    };
+    if !route.response_headers.is_empty() {
+        route
+            .response_headers
+            .apply(resp.headers_mut(), &fctx, Some(req.headers()));
+    }
+    on_response.apply(resp.headers_mut());
+    (resp, flag, upstream)
+}
+
+/// Runs the HTTP filters before the router, in configuration order: `Ok`
+/// with whether a delay was injected and what the passed filters add to the
+/// response, or `Err` with a filter's own answer, which goes back through
+/// the filters before it (CORS headers on a rate-limited answer, as in
+/// Envoy).
+async fn run_filters(
+    ctx: &ConnCtx,
+    hcm: &HttpConnectionManager,
+    route: Option<&Route>,
+    cluster: &str,
+    req: &mut Request<Incoming>,
+    fctx: &FormatContext<'_>,
+) -> Result<(bool, filters::ResponseHooks), Routed> {
+    let mut delayed = false;
+    let mut on_response = filters::ResponseHooks::default();
+    for f in &hcm.http_filters {
+        match &f.config {
+            HttpFilterConfig::Fault(cfg) => {
+                let cfg = route.and_then(|r| r.fault_override(&f.name)).unwrap_or(cfg);
+                let pseudo = pseudo_of(req);
+                let applied = fault::apply(ctx, hcm, cfg, req.headers(), &pseudo, cluster).await;
+                let (mut resp, flag) = match applied {
+                    fault::Applied::None => continue,
+                    fault::Applied::Delayed => {
+                        delayed = true;
+                        continue;
+                    }
+                    fault::Applied::Aborted(resp) => (resp, if delayed { "DI,FI" } else { "FI" }),
+                    fault::Applied::DelayedAborted(resp) => (resp, "DI,FI"),
+                };
+                on_response.apply(resp.headers_mut());
+                return Err((resp, flag, None));
+            }
+            HttpFilterConfig::Cors => {
+                // Without a route there is no policy: nothing to do.
+                let policies = route.map(|r| r.cors_policies(&f.name)).unwrap_or_default();
+                if let Some(mut resp) = filters::cors(ctx, hcm, &policies, req, &mut on_response) {
+                    // Back through the filters before it (none of its own
+                    // simple-request headers are pending).
+                    on_response.apply(resp.headers_mut());
+                    return Err((resp, "", None));
+                }
+            }
+            HttpFilterConfig::LocalRateLimit(cfg) => {
+                let cfg = route
+                    .and_then(|r| r.ratelimit_override(&f.name))
+                    .unwrap_or(cfg);
+                if let Some(mut resp) =
+                    filters::local_ratelimit(ctx, cfg, route, cluster, req, fctx, &mut on_response)
+                {
+                    on_response.apply(resp.headers_mut());
+                    return Err((resp, "RL", None));
+                }
+            }
+        }
+    }
+    Ok((delayed, on_response))
+}
+
+/// The pseudo-headers of a request, for the matchers that read them.
+pub(crate) fn pseudo_of(req: &Request<Incoming>) -> ferry_model::Pseudo<'_> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()))
+        .unwrap_or_default();
+    ferry_model::Pseudo {
+        method: req.method().as_str(),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        authority,
+        scheme: "http",
     }
 }
 
+/// `%PROTOCOL%`.
+fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
+/// `%HOSTNAME%`: the machine's host name, read once.
+fn hostname() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_default()
+    })
+}
+
+#[allow(clippy::too_many_arguments)] // the request's whole context, once
 async fn forward(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
@@ -342,9 +541,11 @@ async fn forward(
     delayed: bool,
     mut req: Request<Incoming>,
     host: &str,
+    fctx: &FormatContext<'_>,
 ) -> Routed {
     let RouteAction::Route {
         prefix_rewrite,
+        regex_rewrite,
         host_rewrite,
         timeout,
         retry_policy,
@@ -352,6 +553,7 @@ async fn forward(
         idle_timeout,
         max_stream_duration,
         attempt_count,
+        cluster_not_found,
         ..
     } = &route.action
     else {
@@ -367,7 +569,7 @@ async fn forward(
     let clusters = ctx.rt.clusters.load();
     let Some(crt) = clusters.get(name) else {
         let r = LocalReply {
-            status: StatusCode::SERVICE_UNAVAILABLE,
+            status: *cluster_not_found,
             body: None,
         };
         return (local_reply(r), "NC", None);
@@ -391,11 +593,7 @@ async fn forward(
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
 
-    if let Some(h) = host_rewrite {
-        if let Ok(v) = HeaderValue::from_str(h) {
-            parts.headers.insert(HOST, v);
-        }
-    } else if !parts.headers.contains_key(HOST)
+    if !parts.headers.contains_key(HOST)
         && let Ok(v) = HeaderValue::from_str(host)
     {
         parts.headers.insert(HOST, v);
@@ -403,14 +601,26 @@ async fn forward(
     let scheme = if ctx.tls.is_some() { "https" } else { "http" };
     headers::prepare_request(&mut parts.headers, scheme, hcm.generate_request_id);
     forward_client_cert(&mut parts.headers, hcm, ctx.tls.as_ref());
-    for name in &route.request_headers_to_remove {
-        parts.headers.remove(name);
-    }
-    for (name, value, append) in &route.request_headers_to_add {
-        if *append {
-            parts.headers.append(name.clone(), value.clone());
-        } else {
-            parts.headers.insert(name.clone(), value.clone());
+    route.request_headers.apply(&mut parts.headers, fctx, None);
+    let original_path = parts.uri.path().to_string();
+    let new_host = match host_rewrite {
+        Some(HostRewrite::Literal(h)) => Some(h.clone()),
+        Some(HostRewrite::Header(name)) => parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        Some(HostRewrite::PathRegex(r)) => Some(r.apply(&original_path)),
+        Some(HostRewrite::Auto) => pool.hostname.as_deref().map(str::to_string),
+        Some(HostRewrite::Format(f)) => Some(f.render(fctx, &parts.headers)),
+        None => None,
+    };
+    if let Some(h) = new_host.filter(|h| !h.is_empty())
+        && let Ok(v) = HeaderValue::from_str(&h)
+    {
+        // Envoy keeps the Host it replaced, whatever the kind of rewrite.
+        if let Some(original) = parts.headers.insert(HOST, v) {
+            parts.headers.insert(ORIGINAL_HOST, original);
         }
     }
     let mut path = parts
@@ -420,6 +630,13 @@ async fn forward(
         .to_string();
     if let (Some(repl), PathMatch::Prefix(matched)) = (prefix_rewrite, &route.route_match.path) {
         path = router::rewrite_prefix(&path, matched, repl);
+    } else if let Some(r) = regex_rewrite {
+        let query = parts.uri.query();
+        path = r.apply(&original_path);
+        if let Some(q) = query {
+            path.push('?');
+            path.push_str(q);
+        }
     }
     let use_h2 = !upgrade
         && match crt.cfg.protocol {
@@ -670,6 +887,9 @@ async fn forward(
     }
     (resp, flag, upstream)
 }
+
+/// Where the router keeps the Host a host rewrite replaced.
+const ORIGINAL_HOST: &str = "x-envoy-original-host";
 
 /// `x-envoy-attempt-count`: the attempt number upstream, the number of
 /// attempts downstream (only when the virtual host asks for it).

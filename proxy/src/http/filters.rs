@@ -1,0 +1,188 @@
+//! Runs the CORS and local rate limit filters of a connection manager on one
+//! request: the decisions come from `ferry_filters::http`; here they become
+//! responses, request changes and Envoy's counters.
+
+use ferry_filters::http::{cors as cors_filter, local_ratelimit as rl};
+use ferry_model::cors::CorsPolicy;
+use ferry_model::format::FormatContext;
+use ferry_model::ratelimit::LocalRateLimit;
+use ferry_model::{HttpConnectionManager, Route};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+
+use super::ConnCtx;
+use super::body::{self, ResponseBody};
+
+/// The per-connection buckets of one downstream connection, by the address
+/// of the configuration they follow (checked against its shape, since a
+/// replaced route table may reuse an address).
+#[derive(Default)]
+pub struct ConnBuckets(std::sync::Mutex<Vec<(usize, std::sync::Arc<rl::BucketSet>)>>);
+
+impl ConnBuckets {
+    fn get(&self, cfg: &LocalRateLimit) -> std::sync::Arc<rl::BucketSet> {
+        let key = cfg as *const LocalRateLimit as usize;
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, set)) = all.iter().find(|(k, s)| *k == key && s.fits(cfg)) {
+            return set.clone();
+        }
+        all.retain(|(k, _)| *k != key);
+        let set = std::sync::Arc::new(rl::BucketSet::like(cfg));
+        all.push((key, set.clone()));
+        set
+    }
+}
+
+/// Headers the filters already passed add to whatever response comes back
+/// (the encode side of a filter).
+#[derive(Default)]
+pub struct ResponseHooks {
+    /// Set over whatever the response carries.
+    set: HeaderMap,
+}
+
+impl ResponseHooks {
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (k, v) in &self.set {
+            headers.insert(k.clone(), v.clone());
+        }
+    }
+
+    fn set_all(&mut self, h: HeaderMap) {
+        for (k, v) in h {
+            if let Some(k) = k {
+                self.set.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `envoy.filters.http.cors`: a preflight is answered here (`Some`); an
+/// allowed cross-origin request leaves its headers in `hooks`.
+pub fn cors(
+    ctx: &ConnCtx,
+    hcm: &HttpConnectionManager,
+    policies: &[&CorsPolicy],
+    req: &Request<Incoming>,
+    hooks: &mut ResponseHooks,
+) -> Option<Response<ResponseBody>> {
+    let (decision, stats) = cors_filter::decide(
+        policies,
+        req.method(),
+        req.headers(),
+        (rand::random(), rand::random()),
+    );
+    let counter = |n: &str| {
+        ctx.rt
+            .stats
+            .counter(&format!("http.{}.cors.{n}", hcm.stat_prefix))
+            .inc()
+    };
+    if stats.origin_valid {
+        counter("origin_valid");
+    }
+    if stats.origin_invalid {
+        counter("origin_invalid");
+    }
+    match decision {
+        cors_filter::Decision::Pass => None,
+        cors_filter::Decision::Simple(h) => {
+            hooks.set_all(h);
+            None
+        }
+        cors_filter::Decision::Preflight(h) | cors_filter::Decision::Refused(h) => {
+            let mut resp = Response::new(body::empty());
+            *resp.headers_mut() = h;
+            Some(resp)
+        }
+    }
+}
+
+/// `envoy.filters.http.local_ratelimit`: `Some` is the answer to a request
+/// over the limit; a request over a limit that is not enforced gets the
+/// configured request headers.
+pub fn local_ratelimit(
+    ctx: &ConnCtx,
+    cfg: &LocalRateLimit,
+    route: Option<&Route>,
+    cluster: &str,
+    req: &mut Request<Incoming>,
+    fctx: &FormatContext<'_>,
+    hooks: &mut ResponseHooks,
+) -> Option<Response<ResponseBody>> {
+    let requested = match route {
+        Some(r) if !cfg.descriptors.is_empty() => {
+            let info = rl::RequestInfo {
+                pseudo: super::pseudo_of(req),
+                headers: req.headers(),
+                remote: ctx.peer.ip(),
+                cluster,
+            };
+            rl::descriptors(cfg, &r.rate_limits, &r.vhost_rate_limits, &info)
+        }
+        _ => Vec::new(),
+    };
+    let own = cfg.per_connection.then(|| ctx.ratelimit_buckets.get(cfg));
+    let (decision, shown) = rl::decide(
+        cfg,
+        own.as_deref(),
+        &requested,
+        (rand::random(), rand::random()),
+    );
+    if cfg.x_ratelimit_headers
+        && let Some(b) = shown
+    {
+        // Every answer to the request says where its bucket stands.
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-limit", HeaderValue::from(b.max_tokens));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(b.remaining()));
+        h.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from(b.seconds_until_token()),
+        );
+        hooks.set_all(h);
+    }
+    let counter = |n: &str| {
+        ctx.rt
+            .stats
+            .counter(&format!("{}.http_local_rate_limit.{n}", cfg.stat_prefix))
+            .inc()
+    };
+    if decision == rl::Decision::Disabled {
+        return None;
+    }
+    counter("enabled");
+    match decision {
+        rl::Decision::Disabled => None,
+        rl::Decision::Allowed => {
+            counter("ok");
+            None
+        }
+        rl::Decision::LimitedNotEnforced => {
+            counter("rate_limited");
+            cfg.request_headers_when_not_enforced
+                .apply(req.headers_mut(), fctx, None);
+            None
+        }
+        rl::Decision::Limited => {
+            counter("rate_limited");
+            counter("enforced");
+            let mut resp = super::local_reply(super::LocalReply {
+                status: cfg.status,
+                body: Some("local_rate_limited".into()),
+            });
+            // Envoy 1.40 does not add `x-envoy-ratelimited` here (its docs
+            // say it does): only the configured headers.
+            cfg.response_headers
+                .apply(resp.headers_mut(), fctx, Some(req.headers()));
+            if cfg.grpc_resource_exhausted {
+                // A gRPC request then gets RESOURCE_EXHAUSTED, not UNAVAILABLE.
+                resp.extensions_mut().insert(super::LocalBody {
+                    text: Some("local_rate_limited".into()),
+                    grpc_status: Some(8),
+                });
+            }
+            Some(resp)
+        }
+    }
+}
