@@ -200,6 +200,8 @@ pub struct Thresholds {
     pub max_pending_requests: u32,
     pub max_requests: u32,
     pub max_retries: u32,
+    /// `retry_budget`: when set it replaces `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
 }
 
 impl Default for Thresholds {
@@ -209,7 +211,38 @@ impl Default for Thresholds {
             max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 3,
+            retry_budget: None,
         }
+    }
+}
+
+/// Envoy's retry budget: retries in flight may be `budget` of the requests
+/// in flight (active and pending), but never fewer than
+/// `min_retry_concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudget {
+    /// The budget in parts per million of the requests in flight (Envoy's
+    /// `budget_percent` × 10 000; default 20 %).
+    pub budget_ppm: u32,
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            budget_ppm: 200_000,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+impl RetryBudget {
+    /// Retries allowed in flight with `in_flight` requests active or pending.
+    pub fn allowed(&self, in_flight: u32) -> u32 {
+        let budget = u64::from(in_flight) * u64::from(self.budget_ppm) / 1_000_000;
+        u32::try_from(budget)
+            .unwrap_or(u32::MAX)
+            .max(self.min_retry_concurrency)
     }
 }
 

@@ -431,9 +431,18 @@ impl Breakers {
         })
     }
 
-    /// A retry slot (`max_retries`): `None` means the retry must not be made.
+    /// A retry slot (`max_retries`, or the retry budget when one is set):
+    /// `None` means the retry must not be made.
     pub fn retry(&self) -> Option<Slot> {
-        let s = acquire(&self.retries, self.thresholds.max_retries);
+        let max = match &self.thresholds.retry_budget {
+            Some(budget) => budget.allowed(
+                self.requests
+                    .load(Ordering::Relaxed)
+                    .saturating_add(self.pending.load(Ordering::Relaxed)),
+            ),
+            None => self.thresholds.max_retries,
+        };
+        let s = acquire(&self.retries, max);
         if s.is_none() {
             self.rq_retry_overflow.inc();
         }

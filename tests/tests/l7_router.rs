@@ -993,6 +993,52 @@ fn retry_circuit_breaker_caps_retries() -> Result<()> {
     Ok(())
 }
 
+/// A retry budget replaces `max_retries`: with a budget of at least one
+/// retry the request is retried although `max_retries` is 0; with a budget
+/// of none it overflows.
+#[test]
+fn retry_budget_replaces_max_retries() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    for (budget, want) in [
+        (
+            json!({"budget_percent": {"value": 100.0}, "min_retry_concurrency": 1}),
+            (200, 2, 0),
+        ),
+        (
+            json!({"budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}),
+            (503, 1, 1),
+        ),
+    ] {
+        let config = |port| {
+            let mut cluster = static_cluster("backend", &[app.port], Upstream::Http1);
+            cluster["circuit_breakers"] =
+                json!({"thresholds": [{"max_retries": 0, "retry_budget": budget}]});
+            let policy = json!({"retry_policy": {"retry_on": "5xx", "num_retries": 3}});
+            render(
+                http(port, vec![route("/", "backend", policy)], vec![], json!({})),
+                vec![cluster],
+            )
+        };
+        let observed = differential(config, |p, port| {
+            let t = format!("{}-{}", tag(p), want.0);
+            let r = get(port, &format!("/flaky/1/503/{t}"))?;
+            let (n, _) = hits(&app, &format!("/flaky/1/503/{t}"))?;
+            Ok((
+                r.status,
+                n,
+                p.stat("cluster.backend.upstream_rq_retry_overflow")?,
+            ))
+        })?;
+        let Some((ferry, envoy)) = observed else {
+            return Ok(());
+        };
+        assert_eq!(ferry, envoy);
+        assert_eq!(ferry, want);
+    }
+    Ok(())
+}
+
 /// `max_active_faults`: with one delay in progress, a concurrent request is not faulted.
 #[test]
 fn max_active_faults_bounds_concurrent_faults() -> Result<()> {

@@ -2669,7 +2669,7 @@ pub fn cluster(
         max_requests_per_connection: max_requests.filter(|v| *v > 0),
         lb: lb_config(&ctx, c)?,
         outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
-        circuit_breakers: circuit_breakers(c.circuit_breakers.as_ref()),
+        circuit_breakers: circuit_breakers(&ctx, "circuit_breakers", c.circuit_breakers.as_ref())?,
         max_concurrent_streams,
     })
 }
@@ -2789,9 +2789,17 @@ fn outlier_detection(o: &cluster_pb::OutlierDetection) -> m::cluster::OutlierDet
     }
 }
 
-fn circuit_breakers(cb: Option<&cluster_pb::CircuitBreakers>) -> m::cluster::CircuitBreakers {
+fn circuit_breakers(
+    ctx: &Ctx<'_>,
+    field: &str,
+    cb: Option<&cluster_pb::CircuitBreakers>,
+) -> Result<m::cluster::CircuitBreakers, ConvertError> {
     let mut out = m::cluster::CircuitBreakers::default();
-    for t in cb.into_iter().flat_map(|cb| cb.thresholds.iter()) {
+    for (i, t) in cb
+        .into_iter()
+        .flat_map(|cb| cb.thresholds.iter())
+        .enumerate()
+    {
         let d = m::cluster::Thresholds::default();
         let u = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, dflt: u32| {
             v.as_ref().map_or(dflt, |v| v.value)
@@ -2801,6 +2809,31 @@ fn circuit_breakers(cb: Option<&cluster_pb::CircuitBreakers>) -> m::cluster::Cir
             max_pending_requests: u(&t.max_pending_requests, d.max_pending_requests),
             max_requests: u(&t.max_requests, d.max_requests),
             max_retries: u(&t.max_retries, d.max_retries),
+            retry_budget: match &t.retry_budget {
+                None => None,
+                Some(b) => {
+                    let dflt = m::cluster::RetryBudget::default();
+                    let budget_ppm = match &b.budget_percent {
+                        None => dflt.budget_ppm,
+                        Some(p) if (0.0..=100.0).contains(&p.value) => {
+                            (p.value * 10_000.0).round() as u32
+                        }
+                        Some(p) => {
+                            return Err(ctx.err(
+                                format!("{field}.thresholds[{i}].retry_budget.budget_percent"),
+                                format!("{} is not a percentage (0 to 100)", p.value),
+                            ));
+                        }
+                    };
+                    Some(m::cluster::RetryBudget {
+                        budget_ppm,
+                        min_retry_concurrency: u(
+                            &b.min_retry_concurrency,
+                            dflt.min_retry_concurrency,
+                        ),
+                    })
+                }
+            },
         };
         // RoutingPriority: DEFAULT = 0, HIGH = 1.
         if t.priority == 1 {
@@ -2809,7 +2842,7 @@ fn circuit_breakers(cb: Option<&cluster_pb::CircuitBreakers>) -> m::cluster::Cir
             out.default = th;
         }
     }
-    out
+    Ok(out)
 }
 
 fn lb_endpoints(

@@ -56,7 +56,7 @@ static_resources:
     circuit_breakers:
       thresholds:
       - {max_connections: 10, max_pending_requests: 5, max_requests: 7, max_retries: 1}
-      - {priority: HIGH, max_requests: 99}
+      - {priority: HIGH, max_requests: 99, retry_budget: {budget_percent: {value: 25}, min_retry_concurrency: 2}}
     load_assignment:
       cluster_name: ring
       policy: {overprovisioning_factor: 200}
@@ -118,10 +118,17 @@ fn cluster_settings_are_converted() {
             max_pending_requests: 5,
             max_requests: 7,
             max_retries: 1,
+            retry_budget: None,
         }
     );
     assert_eq!(c.circuit_breakers.high.max_requests, 99);
     assert_eq!(c.circuit_breakers.high.max_retries, 3);
+    let budget = c.circuit_breakers.high.retry_budget.expect("retry budget");
+    assert_eq!(budget.budget_ppm, 250_000);
+    assert_eq!(budget.min_retry_concurrency, 2);
+    // A quarter of the requests in flight, at least two.
+    assert_eq!(budget.allowed(0), 2);
+    assert_eq!(budget.allowed(40), 10);
 
     // Every priority is kept, most preferred first; health is marked.
     let ClusterKind::Static(eps) = &c.kind else {
@@ -206,4 +213,17 @@ fn invalid_lb_settings_are_rejected_with_the_field() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("table_size"), "{e}");
+    let e = parse_bootstrap(
+        "test.yaml",
+        &BOOTSTRAP.replace(
+            "budget_percent: {value: 25}",
+            "budget_percent: {value: 250}",
+        ),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("circuit_breakers.thresholds[1].retry_budget.budget_percent"),
+        "{e}"
+    );
 }
