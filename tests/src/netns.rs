@@ -547,6 +547,49 @@ impl Pod {
         Ok(())
     }
 
+    /// Polls the pod's sidecar admin (`127.0.0.1:15000/ready`, Envoy's and
+    /// Ferry's alike) until it answers `LIVE`; on timeout the error carries
+    /// the sidecar's log.
+    pub fn wait_sidecar_ready(&self, sidecar: &Proc, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self
+                .cmd("curl")
+                .args(["-s", "--max-time", "2", "http://127.0.0.1:15000/ready"])
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "LIVE" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "sidecar of {} not ready: {}",
+                    self.name,
+                    sidecar.logs().stderr
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A counter or gauge from the pod's sidecar admin `/stats` (0 when the
+    /// sidecar has not created it).
+    pub fn sidecar_stat(&self, name: &str) -> Result<u64> {
+        let out = self
+            .cmd("curl")
+            .args(["-s", "--max-time", "5", "http://127.0.0.1:15000/stats"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(": ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0))
+    }
+
     /// Starts a small HTTP/1.0 responder on `port` (all addresses) that answers
     /// `<tag> local=<ip:port> orig=<ip:port|none> peer=<ip:port>`, where `orig` is the original
     /// destination of a connection iptables redirected. Waits until it accepts.

@@ -216,25 +216,6 @@ impl Bookinfo {
         out.split_whitespace().map(|c| Ok(c.parse()?)).collect()
     }
 
-    /// A counter from the sidecar of the `i`th pod (0 when absent).
-    fn sidecar_stat(&self, i: usize, name: &str) -> Result<u64> {
-        let out = self.pods[i]
-            .0
-            .cmd("curl")
-            .args(["-s", "--max-time", "5", "http://127.0.0.1:15000/stats"])
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(": ")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0))
-    }
-
     /// What the app of pod `name` counted for `path` (`/hits` of echo.py):
     /// the number of requests and the Host of the last one.
     fn hits(&self, name: &str, path: &str) -> Result<(u64, String)> {
@@ -464,24 +445,7 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
         started.push((pod, vec![app, sidecar]));
     }
     for (pod, procs) in &started {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = pod
-                .cmd("curl")
-                .args(["-s", "http://127.0.0.1:15000/ready"])
-                .output()?;
-            if String::from_utf8_lossy(&out.stdout).trim() == "LIVE" {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "sidecar of {} not ready: {}",
-                    pod.name(),
-                    procs[1].logs().stderr
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        pod.wait_sidecar_ready(&procs[1], Duration::from_secs(30))?;
     }
     Ok(Some(Bookinfo {
         _mesh: mesh,
@@ -612,7 +576,7 @@ fn circuit_breaking(b: &Bookinfo) -> Result<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let (codes, overflow) = loop {
         let codes = b.concurrent(&HTTPBIN, "/sleep/100", 3, 10)?;
-        let overflow = b.sidecar_stat(0, stat)?;
+        let overflow = b.client().sidecar_stat(stat)?;
         if overflow > 0 || Instant::now() > deadline {
             break (codes, overflow);
         }

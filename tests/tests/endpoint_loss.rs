@@ -8,9 +8,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ferry_tests::netns::{self, Mesh, Pod, Proc, ferry_bin};
 use ferry_tests::proxy::apps_dir;
 
@@ -198,46 +198,12 @@ fn start(proxy: &Path, envoy: bool) -> Result<Bed> {
         sidecar,
         _dir: TempDir(dir),
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = bed
-            .client
-            .cmd("curl")
-            .args(["-s", "--max-time", "2", "http://127.0.0.1:15000/ready"])
-            .output()?;
-        if String::from_utf8_lossy(&out.stdout).trim() == "LIVE" {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("sidecar not ready: {}", bed.sidecar.logs().stderr);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    bed.client
+        .wait_sidecar_ready(&bed.sidecar, Duration::from_secs(30))?;
     Ok(bed)
 }
 
 impl Bed {
-    fn stat(&self, name: &str) -> u64 {
-        let Ok(out) = self
-            .client
-            .cmd("curl")
-            .args(["-s", "--max-time", "5", "http://127.0.0.1:15000/stats"])
-            .output()
-        else {
-            return 0;
-        };
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(": ")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0)
-    }
-
     /// Which backends answer now, over `n` requests through the sidecar.
     fn answering(&self, n: usize) -> Result<Vec<String>> {
         let mut names = Vec::new();
@@ -309,10 +275,12 @@ fn scenario(proxy: &Path, envoy: bool) -> Result<String> {
         "{name}: after the loss, answered by {after:?}"
     );
     let cluster = format!("cluster.outbound|{PORT}||svc");
-    let retried = bed.stat(&format!("{cluster}.upstream_rq_retry"));
-    let ejected = bed.stat(&format!(
+    let retried = bed
+        .client
+        .sidecar_stat(&format!("{cluster}.upstream_rq_retry"))?;
+    let ejected = bed.client.sidecar_stat(&format!(
         "{cluster}.outlier_detection.ejections_enforced_total"
-    ));
+    ))?;
     ensure!(
         ejected >= 1,
         "{name}: the dead endpoint was not ejected (retries {retried})"
