@@ -176,3 +176,51 @@ async fn invalid_change_is_refused_and_the_last_good_set_serves() {
     all_acked(&server, &envoy, &id).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gateway node (`router~…`) labelled as the ingress gateway.
+fn gateway_node(ip: &str) -> (String, serde_json::Value) {
+    (
+        format!("router~{ip}~istio-ingressgateway-5b7.istio-system~istio-system.svc.cluster.local"),
+        json!({"NAMESPACE": "istio-system", "LABELS": {"istio": "ingressgateway", "app": "istio-ingressgateway"},
+               "SERVICE_ACCOUNT": "istio-ingressgateway-service-account", "INSTANCE_IPS": ip}),
+    )
+}
+
+#[tokio::test]
+async fn envoy_acks_gateway_listeners_of_every_server_kind() {
+    let Some(bin) = envoy_binary() else { return };
+    // HTTP, HTTPS SIMPLE and MUTUAL, PASSTHROUGH, ISTIO_MUTUAL and TCP
+    // servers, a delegate and weighted routes.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gateway");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    for (i, api) in ["GRPC", "DELTA_GRPC"].iter().enumerate() {
+        let (id, meta) = gateway_node(&format!("10.0.9.{}", i + 1));
+        let envoy = start_envoy(&bin, &id, api, xds, meta);
+        all_acked(&server, &envoy, &id).await;
+        let s = server
+            .status()
+            .into_iter()
+            .find(|s| s.node_id == id)
+            .expect("status");
+        assert!(
+            s.types[LISTENER].sent_resources >= 5,
+            "{id}: {:?}",
+            s.types[LISTENER]
+        );
+    }
+}
+
+#[tokio::test]
+async fn envoy_acks_the_bookinfo_gateway() {
+    let Some(bookinfo) = bookinfo() else {
+        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
+        return;
+    };
+    let Some(bin) = envoy_binary() else { return };
+    let dir = config_dir(&bookinfo, "networking/bookinfo-gateway.yaml", "gateway");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    let (id, meta) = gateway_node("10.0.9.10");
+    let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,6 +49,9 @@ pub enum Code {
     MultipleSidecarsWithoutWorkloadSelectors,
     /// IST0118: a service port name without a protocol prefix.
     PortNameIsNotUnderNamingConvention,
+    /// IST0145: two Gateways selecting the same workloads claim one host
+    /// on one port.
+    ConflictingGateways,
     /// IST0130: a rule after a catch-all rule.
     VirtualServiceUnreachableRule,
     /// IST0131: a match identical to an earlier one.
@@ -65,6 +68,7 @@ impl Code {
             Code::MultipleSidecarsWithoutWorkloadSelectors => "IST0111",
             Code::PortNameIsNotUnderNamingConvention => "IST0118",
             Code::VirtualServiceUnreachableRule => "IST0130",
+            Code::ConflictingGateways => "IST0145",
             Code::VirtualServiceIneffectiveMatch => "IST0131",
         }
     }
@@ -82,6 +86,7 @@ impl Code {
             }
             Code::PortNameIsNotUnderNamingConvention => "PortNameIsNotUnderNamingConvention",
             Code::VirtualServiceUnreachableRule => "VirtualServiceUnreachableRule",
+            Code::ConflictingGateways => "ConflictingGateways",
             Code::VirtualServiceIneffectiveMatch => "VirtualServiceIneffectiveMatch",
         }
     }
@@ -91,7 +96,8 @@ impl Code {
             Code::ReferencedResourceNotFound
             | Code::SchemaValidationError
             | Code::ConflictingMeshGatewayVirtualServiceHosts
-            | Code::MultipleSidecarsWithoutWorkloadSelectors => Severity::Error,
+            | Code::MultipleSidecarsWithoutWorkloadSelectors
+            | Code::ConflictingGateways => Severity::Error,
             Code::Deprecated
             | Code::VirtualServiceUnreachableRule
             | Code::VirtualServiceIneffectiveMatch => Severity::Warning,
@@ -177,6 +183,10 @@ struct Validator {
     subsets: BTreeMap<String, BTreeSet<String>>,
     /// Gateways as `namespace/name`.
     gateways: BTreeSet<String>,
+    /// VirtualServices as `namespace/name`, with whether they have hosts.
+    virtual_services: BTreeMap<String, bool>,
+    /// VirtualServices some rule delegates to, as `namespace/name`.
+    delegates: BTreeSet<String>,
 }
 
 impl Validator {
@@ -184,9 +194,21 @@ impl Validator {
         let mut hosts = BTreeSet::new();
         let mut subsets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut gateways = BTreeSet::new();
+        let mut virtual_services = BTreeMap::new();
+        let mut delegates = BTreeSet::new();
         for r in &snapshot.resources {
             let ns = &r.meta.namespace;
             match &r.spec {
+                Spec::VirtualService(vs) => {
+                    virtual_services.insert(format!("{ns}/{}", r.meta.name), !vs.hosts.is_empty());
+                    for d in vs.http.iter().filter_map(|h| h.delegate.as_ref()) {
+                        delegates.insert(format!(
+                            "{}/{}",
+                            d.namespace.as_deref().unwrap_or(ns),
+                            d.name
+                        ));
+                    }
+                }
                 Spec::Service(_) => {
                     hosts.insert(names::service_fqdn(&r.meta.name, ns, DEFAULT_DOMAIN));
                 }
@@ -214,6 +236,8 @@ impl Validator {
             hosts,
             subsets,
             gateways,
+            virtual_services,
+            delegates,
         }
     }
 
@@ -230,8 +254,29 @@ impl Validator {
     fn cross_resource_checks(&mut self, snapshot: &Snapshot) {
         let mut owners: BTreeMap<String, Vec<&Resource>> = BTreeMap::new();
         let mut default_sidecars: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
+        // (selector, port, host) → the Gateways that claim it.
+        type ServerKey = (Vec<(String, String)>, u32, String);
+        let mut servers: BTreeMap<ServerKey, Vec<&Resource>> = BTreeMap::new();
         for r in &snapshot.resources {
             match &r.spec {
+                Spec::Gateway(gw) => {
+                    let selector: Vec<(String, String)> = gw
+                        .selector
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    for s in &gw.servers {
+                        for h in &s.hosts {
+                            let host = h.split_once('/').map_or(h.as_str(), |(_, h)| h);
+                            let claimants = servers
+                                .entry((selector.clone(), s.port.number, host.to_string()))
+                                .or_default();
+                            if !claimants.iter().any(|c| std::ptr::eq(*c, r)) {
+                                claimants.push(r);
+                            }
+                        }
+                    }
+                }
                 Spec::VirtualService(vs) if binds_mesh(vs) => {
                     for h in &vs.hosts {
                         owners
@@ -262,6 +307,25 @@ impl Validator {
                     format!(
                         "the VirtualServices {} bound to the mesh gateway all define host {host}; only one takes effect",
                         names.join(", ")
+                    ),
+                ));
+            }
+        }
+        for ((selector, port, host), rs) in servers {
+            if rs.len() < 2 {
+                continue;
+            }
+            let names: Vec<String> = rs.iter().map(|r| r.key().to_string()).collect();
+            let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            for r in &rs {
+                self.findings.push(finding(
+                    r,
+                    Code::ConflictingGateways,
+                    "spec.servers",
+                    format!(
+                        "the Gateways {} all serve host {host} on port {port} for workloads {{{}}}; only one takes effect",
+                        names.join(", "),
+                        selector.join(",")
                     ),
                 ));
             }
@@ -398,8 +462,19 @@ impl Cx<'_> {
     }
 
     fn virtual_service(&mut self, vs: &VirtualService) {
-        if vs.hosts.is_empty() {
-            self.schema("spec.hosts", "at least one host is required");
+        let me = format!("{}/{}", self.ns(), self.r.meta.name);
+        let is_delegate = self.v.delegates.contains(&me);
+        if vs.hosts.is_empty() && !is_delegate {
+            self.schema(
+                "spec.hosts",
+                "at least one host is required (only a delegate VirtualService may have none)",
+            );
+        }
+        if is_delegate && !vs.hosts.is_empty() {
+            self.schema(
+                "spec.hosts",
+                "a delegate VirtualService must not set hosts; it takes its parent's",
+            );
         }
         for (i, h) in vs.hosts.iter().enumerate() {
             if h.is_empty() || (h.contains('*') && !h.starts_with('*')) || h.contains('/') {
@@ -533,6 +608,21 @@ impl Cx<'_> {
                 f,
                 "route, redirect, directResponse and delegate exclude each other",
             );
+        }
+        if let Some(d) = &route.delegate {
+            let target = format!("{}/{}", d.namespace.as_deref().unwrap_or(self.ns()), d.name);
+            match self.v.virtual_services.get(&target) {
+                None => self.report(
+                    Code::ReferencedResourceNotFound,
+                    format!("{f}.delegate"),
+                    format!("referenced delegate VirtualService not found: {target:?}"),
+                ),
+                Some(true) => self.schema(
+                    format!("{f}.delegate"),
+                    format!("delegate VirtualService {target:?} sets hosts; a delegate must not"),
+                ),
+                Some(false) => {}
+            }
         }
         if route.websocket_upgrade.is_some() {
             self.report(

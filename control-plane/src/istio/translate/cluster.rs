@@ -78,6 +78,10 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
             }
         }
     }
+    if scope.proxy.node_type == super::NodeType::Router {
+        // A gateway has no local application to deliver to.
+        return;
+    }
     for port in super::listener::inbound_ports(scope) {
         let mut c = original_dst(
             &names::inbound_cluster(port.port),

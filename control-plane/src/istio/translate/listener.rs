@@ -50,8 +50,8 @@ pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 pub const OUTBOUND_PORT: u32 = 15001;
 pub const INBOUND_PORT: u32 = 15006;
-const HCM: &str = "envoy.filters.network.http_connection_manager";
-const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+pub(super) const HCM: &str = "envoy.filters.network.http_connection_manager";
+pub(super) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 /// What `http_inspector` reports for plaintext HTTP/1.1 and HTTP/2.
 const HTTP_ALPN: [&str; 2] = ["http/1.1", "h2c"];
 
@@ -123,14 +123,14 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
     outbound(scope, out);
 }
 
-fn typed_filter(name: &str, config: Any) -> Filter {
+pub(super) fn typed_filter(name: &str, config: Any) -> Filter {
     Filter {
         name: name.into(),
         config_type: Some(filter::ConfigType::TypedConfig(config)),
     }
 }
 
-fn listener_filter(name: &str, config: Any) -> ListenerFilter {
+pub(super) fn listener_filter(name: &str, config: Any) -> ListenerFilter {
     ListenerFilter {
         name: name.into(),
         config_type: Some(listener_filter::ConfigType::TypedConfig(config)),
@@ -138,7 +138,7 @@ fn listener_filter(name: &str, config: Any) -> ListenerFilter {
     }
 }
 
-fn http_filter(name: &str, config: Any) -> HttpFilter {
+pub(super) fn http_filter(name: &str, config: Any) -> HttpFilter {
     HttpFilter {
         name: name.into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(config)),
@@ -146,7 +146,7 @@ fn http_filter(name: &str, config: Any) -> HttpFilter {
     }
 }
 
-fn tcp_chain(
+pub(super) fn tcp_chain(
     name: &str,
     stat_prefix: &str,
     cluster: TcpClusterSpecifier,
@@ -167,12 +167,12 @@ fn tcp_chain(
     }
 }
 
-fn to_cluster(name: &str) -> TcpClusterSpecifier {
+pub(super) fn to_cluster(name: &str) -> TcpClusterSpecifier {
     TcpClusterSpecifier::Cluster(name.into())
 }
 
 /// Where connections nothing else claims go.
-fn catch_all_cluster(scope: &Scope<'_>) -> &'static str {
+pub(super) fn catch_all_cluster(scope: &Scope<'_>) -> &'static str {
     match scope.outbound_policy {
         OutboundMode::AllowAny => PASSTHROUGH,
         OutboundMode::RegistryOnly => BLACKHOLE,
@@ -359,7 +359,7 @@ fn inbound_hcm(port: u32, cluster: &str, operation: &str) -> HttpConnectionManag
     }
 }
 
-fn common_hcm() -> HttpConnectionManager {
+pub(super) fn common_hcm() -> HttpConnectionManager {
     HttpConnectionManager {
         upgrade_configs: vec![UpgradeConfig {
             upgrade_type: "websocket".into(),
@@ -394,7 +394,7 @@ fn outbound_hcm(port: u32) -> HttpConnectionManager {
 
 /// The TCP proxy target of `svc` on `port`: the first TCP rule of its
 /// VirtualService that applies, else the service's own cluster.
-fn tcp_target(scope: &Scope<'_>, svc: &Service, port: u32) -> TcpClusterSpecifier {
+pub(super) fn tcp_target(scope: &Scope<'_>, svc: &Service, port: u32) -> TcpClusterSpecifier {
     let default = names::outbound_cluster(port, "", &svc.host);
     let Some((r, vs)) = scope.virtual_service(&svc.host) else {
         return to_cluster(&default);

@@ -8,6 +8,8 @@
 //! the Sidecar scope, `sourceLabels` matches and inbound ports).
 
 mod cluster;
+mod delegate;
+mod gateway;
 mod listener;
 pub mod registry;
 mod route;
@@ -38,9 +40,20 @@ pub struct ProxyConfig {
     pub endpoints: Vec<ClusterLoadAssignment>,
 }
 
+/// What a proxy is, from the first field of its node id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodeType {
+    /// `sidecar~…`: captures its pod's traffic.
+    #[default]
+    Sidecar,
+    /// `router~…`: a gateway, serving the ports its Gateways declare.
+    Router,
+}
+
 /// The proxy a configuration is made for, from its node metadata.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Proxy {
+    pub node_type: NodeType,
     /// The node id (`sidecar~10.0.0.5~reviews-v1-abc.default~default.svc.cluster.local`).
     pub id: String,
     pub namespace: String,
@@ -73,7 +86,11 @@ impl Proxy {
                 })
         };
         let mut parts = node.id.split('~');
-        let (_, id_ip, id_pod) = (parts.next(), parts.next(), parts.next());
+        let (id_type, id_ip, id_pod) = (parts.next(), parts.next(), parts.next());
+        let node_type = match id_type {
+            Some("router") => NodeType::Router,
+            _ => NodeType::Sidecar,
+        };
         let (pod_name, id_ns) = match id_pod.and_then(|p| p.split_once('.')) {
             Some((pod, ns)) => (Some(pod.to_string()), Some(ns.to_string())),
             None => (None, None),
@@ -97,6 +114,7 @@ impl Proxy {
             })
             .unwrap_or_default();
         Ok(Self {
+            node_type,
             id: node.id.clone(),
             namespace,
             labels,
@@ -149,6 +167,7 @@ pub struct Mesh {
     virtual_services: Vec<Resource>,
     destination_rules: Vec<Resource>,
     sidecars: Vec<Resource>,
+    gateways: Vec<Resource>,
 }
 
 impl Mesh {
@@ -166,6 +185,7 @@ impl Mesh {
             virtual_services: pick(|s| matches!(s, Spec::VirtualService(_))),
             destination_rules: pick(|s| matches!(s, Spec::DestinationRule(_))),
             sidecars: pick(|s| matches!(s, Spec::Sidecar(_))),
+            gateways: pick(|s| matches!(s, Spec::Gateway(_))),
             options,
         }
     }
@@ -195,7 +215,10 @@ impl Mesh {
         let scope = Scope::new(self, proxy);
         let mut out = ProxyConfig::default();
         cluster::build(&scope, &mut out);
-        listener::build(&scope, &mut out);
+        match proxy.node_type {
+            NodeType::Sidecar => listener::build(&scope, &mut out),
+            NodeType::Router => gateway::build(&scope, &mut out),
+        }
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
@@ -323,6 +346,25 @@ impl<'a> Scope<'a> {
             }
         }
         best.map(|(_, r, vs)| (r, vs))
+    }
+
+    /// The VirtualService `name` in `namespace`, the target of a delegate.
+    pub fn delegate(
+        &self,
+        name: &str,
+        namespace: &str,
+    ) -> Option<(&'a Resource, &'a VirtualService)> {
+        self.mesh
+            .virtual_services
+            .iter()
+            .find_map(|r| match &r.spec {
+                Spec::VirtualService(vs)
+                    if r.meta.name == name && r.meta.namespace == namespace =>
+                {
+                    Some((r, vs))
+                }
+                _ => None,
+            })
     }
 
     /// The DestinationRule for `host` as istiod picks it: the proxy's
