@@ -224,3 +224,69 @@ async fn envoy_acks_the_bookinfo_gateway() {
     all_acked(&server, &envoy, &id).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Waits until `types` are ACKed by `node`, and checks they had no NACK.
+async fn types_acked(server: &Server, envoy: &Envoy, node: &str, types: &[&str]) {
+    let synced = server
+        .wait_for(ENVOY_WAIT, |streams| {
+            let s = streams.iter().find(|s| s.node_id == node)?;
+            types
+                .iter()
+                .all(|t| {
+                    s.types
+                        .get(*t)
+                        .is_some_and(|t| t.state == SyncState::Synced)
+                })
+                .then(|| s.clone())
+        })
+        .await;
+    let s = match synced {
+        Ok(s) => s,
+        Err(e) => panic!("{e}\nEnvoy log:\n{}", envoy.log()),
+    };
+    for t in types {
+        assert_eq!(
+            s.types[*t].nacks, 0,
+            "{node} {t}: {:?}",
+            s.types[*t].last_nack
+        );
+        assert!(s.types[*t].sent_resources > 0, "{node} {t}: nothing sent");
+    }
+}
+
+#[tokio::test]
+async fn envoy_acks_auto_mtls_clusters_and_peer_authentication_chains() {
+    let Some(bin) = envoy_binary() else { return };
+    // Injected namespace, auto-mTLS clusters, STRICT, PERMISSIVE (port
+    // level) and DISABLE inbound chains.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mtls");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    let node = |pod: &str, ns: &str, ip: &str, labels: serde_json::Value| {
+        (
+            format!("sidecar~{ip}~{pod}.{ns}~{ns}.svc.cluster.local"),
+            json!({"NAMESPACE": ns, "LABELS": labels, "INSTANCE_IPS": ip}),
+        )
+    };
+    // ledger: every cluster has auto mTLS. Their secrets never come (no
+    // agent here), so Envoy keeps the clusters warming and never asks for
+    // listeners: clusters and endpoints must be ACKed.
+    let (id, meta) = node(
+        "ledger-1",
+        "bank",
+        "10.1.2.10",
+        json!({"app": "ledger", "version": "v1", "security.istio.io/tlsMode": "istio"}),
+    );
+    let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+    types_acked(&server, &envoy, &id, &[CLUSTER, ENDPOINT]).await;
+    // vault: its Sidecar imports only the legacy namespace (no mTLS
+    // there), so its clusters warm and its PERMISSIVE inbound chains
+    // (mTLS and plaintext) reach Envoy: everything ACKed.
+    let (id, meta) = node(
+        "vault-1",
+        "bank",
+        "10.1.2.30",
+        json!({"app": "vault", "security.istio.io/tlsMode": "istio"}),
+    );
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+}

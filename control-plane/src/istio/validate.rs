@@ -1104,6 +1104,25 @@ impl Cx<'_> {
     }
 
     fn peer_authentication(&mut self, pa: &super::types::security::PeerAuthentication) {
+        for port in pa.port_level_mtls.keys() {
+            if *port == 0 || *port > 65535 {
+                self.schema(
+                    format!("spec.portLevelMtls.{port}"),
+                    format!("invalid port {port}"),
+                );
+            }
+        }
+        if pa
+            .selector
+            .as_ref()
+            .is_some_and(|s| s.match_labels.is_empty())
+            && !pa.port_level_mtls.is_empty()
+        {
+            self.schema(
+                "spec.selector.matchLabels",
+                "port-level mTLS needs a selector with labels",
+            );
+        }
         if !pa.port_level_mtls.is_empty() && pa.selector.is_none() {
             self.schema(
                 "spec.portLevelMtls",

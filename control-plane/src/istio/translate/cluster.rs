@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection, UpstreamConnectionOptions,
     circuit_breakers::Thresholds,
+    cluster::TransportSocketMatch,
     cluster::{
         ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy,
         MaglevLbConfig, RingHashLbConfig,
@@ -26,8 +27,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate,
-    UpstreamTlsContext, common_tls_context::CombinedCertificateValidationContext,
+    TlsParameters, UpstreamTlsContext, common_tls_context::CombinedCertificateValidationContext,
     common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType,
+    tls_parameters::TlsProtocol,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
@@ -45,8 +47,11 @@ use super::util::{ads, agent_sds, any, duration, seconds, socket_address};
 use super::{ProxyConfig, Scope, Service, ServicePort};
 use crate::istio::names::{self, Protocol};
 use crate::istio::types::networking::{
-    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, Resolution, SimpleLb, TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, Location, Resolution, SimpleLb,
+    TrafficPolicy,
 };
+use crate::istio::types::security::MtlsMode;
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 
 pub const BLACKHOLE: &str = "BlackHoleCluster";
 pub const PASSTHROUGH: &str = "PassthroughCluster";
@@ -227,8 +232,14 @@ fn outbound(
             });
         }
     }
-    if let Some(tls) = &policy.tls {
-        c.transport_socket = upstream_tls(scope, svc, port.port, subset.map(|s| s.0), tls);
+    match &policy.tls {
+        Some(tls) => {
+            c.transport_socket = upstream_tls(scope, svc, port.port, subset.map(|s| s.0), tls);
+        }
+        None => {
+            c.transport_socket_matches =
+                auto_mtls(scope, svc, port.port, subset.map(|s| s.0), &endpoints);
+        }
     }
     out.clusters.push(c);
 }
@@ -402,6 +413,128 @@ fn outlier_detection(od: &crate::istio::types::networking::OutlierDetection) -> 
     out
 }
 
+/// Istio mTLS to a sidecar: the workload certificate and mesh root from
+/// the agent's SDS, ALPN `istio-peer-exchange`/`istio`, the destination's
+/// service accounts as expected SPIFFE identities (unless the rule names
+/// its own), and istiod's SNI `outbound_.PORT_.SUBSET_.HOST`.
+fn istio_mutual(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+    subset: Option<&str>,
+    tls: &ClientTlsSettings,
+) -> UpstreamTlsContext {
+    let san = |value: &str| SubjectAltNameMatcher {
+        san_type: SanType::Uri as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(MatchPattern::Exact(value.to_string())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut accounts: Vec<&str> = svc
+        .endpoints
+        .iter()
+        .map(|e| e.service_account.as_str())
+        .filter(|s| !s.is_empty())
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    let sans = if tls.subject_alt_names.is_empty() {
+        accounts
+            .iter()
+            .map(|sa| {
+                san(&format!(
+                    "spiffe://{}/ns/{}/sa/{sa}",
+                    scope.mesh.options.trust_domain, svc.namespace
+                ))
+            })
+            .collect()
+    } else {
+        tls.subject_alt_names.iter().map(|s| san(s)).collect()
+    };
+    UpstreamTlsContext {
+        sni: tls
+            .sni
+            .clone()
+            .unwrap_or_else(|| format!("outbound_.{port}_.{}_.{}", subset.unwrap_or(""), svc.host)),
+        common_tls_context: Some(CommonTlsContext {
+            tls_params: Some(TlsParameters {
+                tls_minimum_protocol_version: TlsProtocol::TlSv12 as i32,
+                tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
+                ..Default::default()
+            }),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            tls_certificate_sds_secret_configs: vec![agent_sds("default")],
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: sans,
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(agent_sds("ROOTCA")),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn tls_socket(ctx: &UpstreamTlsContext) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(ctx))),
+    }
+}
+
+/// Auto mTLS as istiod does it when the DestinationRule sets no TLS:
+/// endpoints whose metadata says `tlsMode: istio` (pods with a sidecar)
+/// get Istio mTLS, the others plain TCP. Only written when some endpoint
+/// can use it (otherwise the match never selects TLS), never to
+/// mesh-external services, nor when the service's namespace disables
+/// mTLS with a PeerAuthentication.
+fn auto_mtls(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+    subset: Option<&str>,
+    endpoints: &[&RegistryEndpoint],
+) -> Vec<TransportSocketMatch> {
+    let external = matches!(
+        svc.kind,
+        ServiceKind::Entry {
+            location: Location::MeshExternal,
+            ..
+        }
+    );
+    if external
+        || !endpoints.iter().any(|e| e.istio_mtls())
+        || scope.mesh.namespace_mtls(&svc.namespace) == Some(MtlsMode::Disable)
+    {
+        return Vec::new();
+    }
+    let ctx = istio_mutual(scope, svc, port, subset, &ClientTlsSettings::default());
+    vec![
+        TransportSocketMatch {
+            name: "tlsMode-istio".into(),
+            r#match: Some(struct_of([("tlsMode", "istio")])),
+            transport_socket: Some(tls_socket(&ctx)),
+        },
+        TransportSocketMatch {
+            name: "tlsMode-disabled".into(),
+            r#match: Some(Struct::default()),
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.raw_buffer".into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+                    &RawBuffer {},
+                ))),
+            }),
+        },
+    ]
+}
+
 /// DestinationRule `tls` as an upstream TLS transport socket.
 fn upstream_tls(
     scope: &Scope<'_>,
@@ -425,56 +558,7 @@ fn upstream_tls(
     };
     let ctx = match mode {
         ClientTlsMode::Disable => return None,
-        ClientTlsMode::IstioMutual => {
-            let mut accounts: Vec<&str> = svc
-                .endpoints
-                .iter()
-                .map(|e| e.service_account.as_str())
-                .filter(|s| !s.is_empty())
-                .collect();
-            accounts.sort_unstable();
-            accounts.dedup();
-            let sans = if tls.subject_alt_names.is_empty() {
-                accounts
-                    .iter()
-                    .map(|sa| {
-                        let id = format!(
-                            "spiffe://{}/ns/{}/sa/{sa}",
-                            scope.mesh.options.trust_domain, svc.namespace
-                        );
-                        san(SanType::Uri, &id)
-                    })
-                    .collect()
-            } else {
-                tls.subject_alt_names
-                    .iter()
-                    .map(|s| san(SanType::Uri, s))
-                    .collect()
-            };
-            UpstreamTlsContext {
-                sni: tls.sni.clone().unwrap_or_else(|| {
-                    format!("outbound_.{port}_.{}_.{}", subset.unwrap_or(""), svc.host)
-                }),
-                common_tls_context: Some(CommonTlsContext {
-                    alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
-                    tls_certificate_sds_secret_configs: vec![agent_sds("default")],
-                    validation_context_type: Some(
-                        ValidationContextType::CombinedValidationContext(
-                            CombinedCertificateValidationContext {
-                                default_validation_context: Some(CertificateValidationContext {
-                                    match_typed_subject_alt_names: sans,
-                                    ..Default::default()
-                                }),
-                                validation_context_sds_secret_config: Some(agent_sds("ROOTCA")),
-                                ..Default::default()
-                            },
-                        ),
-                    ),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }
-        }
+        ClientTlsMode::IstioMutual => istio_mutual(scope, svc, port, subset, tls),
         ClientTlsMode::Simple | ClientTlsMode::Mutual => {
             let mut common = CommonTlsContext::default();
             if tls.insecure_skip_verify != Some(true) {
@@ -516,10 +600,7 @@ fn upstream_tls(
             }
         }
     };
-    Some(TransportSocket {
-        name: "envoy.transport_sockets.tls".into(),
-        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
-    })
+    Some(tls_socket(&ctx))
 }
 
 /// The endpoints of one cluster, in one locality.

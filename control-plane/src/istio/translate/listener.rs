@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
+use envoy_types::pb::envoy::config::core::v3::{
+    CidrRange, TrafficDirection, TransportSocket, transport_socket,
+};
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
@@ -36,15 +38,24 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
         ClusterSpecifier as TcpClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight,
     },
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SubjectAltNameMatcher,
+    TlsParameters,
+    common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
+    subject_alt_name_matcher::SanType,
+    tls_parameters::TlsProtocol,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
 
 use super::cluster::{BLACKHOLE, INBOUND_PASSTHROUGH, PASSTHROUGH};
-use super::registry::{TargetPort, selects};
+use super::registry::{TLS_MODE_LABEL, TargetPort, selects};
 use super::route::{self, CORS_FILTER, FAULT_FILTER};
-use super::util::{ads, any, seconds, socket_address};
+use super::util::{ads, agent_sds, any, seconds, socket_address};
 use super::{ProxyConfig, Scope, Service};
 use crate::istio::names::{self, Protocol};
 use crate::istio::types::networking::OutboundMode;
+use crate::istio::types::security::MtlsMode;
 
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 pub const VIRTUAL_INBOUND: &str = "virtualInbound";
@@ -238,9 +249,65 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
             || format!("{cluster}/*"),
             |s| format!("{}:{}/*", s.host, p.port),
         );
+        let mode = if mesh_capable(scope) {
+            scope
+                .mesh
+                .workload_mtls(&scope.proxy.namespace, &scope.proxy.labels, p.port)
+        } else {
+            MtlsMode::Disable
+        };
+        let is_http = p.protocol.is_http();
+        let sniffed = p.protocol == Protocol::Unknown;
+        // Istio mTLS chains (PERMISSIVE and STRICT): the peer's ALPN says
+        // whether it carries HTTP (`istio-http/1.1`, `istio-h2`) or TCP.
+        if mode != MtlsMode::Disable {
+            let tls_match = |alpn: &[&str]| FilterChainMatch {
+                destination_port: Some(UInt32Value { value: p.port }),
+                transport_protocol: "tls".into(),
+                application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            };
+            if is_http || sniffed {
+                let mut alpn = Vec::new();
+                if is_http {
+                    alpn.extend(ISTIO_TCP_ALPN);
+                }
+                alpn.extend(ISTIO_HTTP_ALPN);
+                chains.push(FilterChain {
+                    name: chain_name.clone(),
+                    filter_chain_match: Some(tls_match(&alpn)),
+                    filters: vec![typed_filter(
+                        HCM,
+                        any(&inbound_hcm(p.port, &cluster, &operation)),
+                    )],
+                    transport_socket: Some(inbound_tls(scope, true)),
+                    ..Default::default()
+                });
+            }
+            if !is_http {
+                let mut chain = tcp_chain(
+                    &chain_name,
+                    &cluster,
+                    to_cluster(&cluster),
+                    Some(tls_match(&ISTIO_TCP_ALPN)),
+                );
+                chain.transport_socket = Some(inbound_tls(scope, false));
+                chains.push(chain);
+            }
+        }
+        if mode == MtlsMode::Strict {
+            continue;
+        }
+        // With TLS chains beside them, plaintext chains say so.
+        let raw = |mut m: FilterChainMatch| {
+            if mode != MtlsMode::Disable {
+                m.transport_protocol = "raw_buffer".into();
+            }
+            Some(m)
+        };
         let http = |alpn: bool| FilterChain {
             name: chain_name.clone(),
-            filter_chain_match: Some(dport(alpn)),
+            filter_chain_match: raw(dport(alpn)),
             filters: vec![typed_filter(
                 HCM,
                 any(&inbound_hcm(p.port, &cluster, &operation)),
@@ -257,14 +324,14 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
                     &chain_name,
                     &cluster,
                     to_cluster(&cluster),
-                    Some(dport(false)),
+                    raw(dport(false)),
                 ));
             }
             _ => chains.push(tcp_chain(
                 &chain_name,
                 &cluster,
                 to_cluster(&cluster),
-                Some(dport(false)),
+                raw(dport(false)),
             )),
         }
     }
@@ -312,6 +379,71 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
         continue_on_listener_filters_timeout: true,
         filter_chains: chains,
         ..Default::default()
+    }
+}
+
+/// ALPN of Istio mTLS carrying TCP, and carrying HTTP (the client sidecar
+/// prefixes the application's protocol with `istio-`).
+const ISTIO_TCP_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
+const ISTIO_HTTP_ALPN: [&str; 3] = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
+
+/// Whether this proxy's workload accepts Istio mTLS: the injector marks
+/// the pods it gives a sidecar with `security.istio.io/tlsMode: istio`
+/// (see [`super::registry::injected`]); other proxies keep plaintext
+/// inbound chains, as nothing would send them mTLS.
+fn mesh_capable(scope: &Scope<'_>) -> bool {
+    scope
+        .proxy
+        .labels
+        .get(TLS_MODE_LABEL)
+        .is_some_and(|m| m == "istio")
+}
+
+/// The server side of Istio mTLS on the inbound listener: the workload
+/// certificate and the mesh root from the agent's SDS, a client
+/// certificate from the trust domain required.
+fn inbound_tls(scope: &Scope<'_>, http: bool) -> TransportSocket {
+    let ctx = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_params: Some(TlsParameters {
+                tls_minimum_protocol_version: TlsProtocol::TlSv12 as i32,
+                tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
+                ..Default::default()
+            }),
+            alpn_protocols: if http {
+                vec!["h2".into(), "http/1.1".into()]
+            } else {
+                vec!["istio-peer-exchange".into(), "h2".into(), "http/1.1".into()]
+            },
+            tls_certificate_sds_secret_configs: vec![agent_sds("default")],
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                            san_type: SanType::Uri as i32,
+                            matcher: Some(StringMatcher {
+                                match_pattern: Some(MatchPattern::Prefix(format!(
+                                    "spiffe://{}/",
+                                    scope.mesh.options.trust_domain
+                                ))),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(agent_sds("ROOTCA")),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
     }
 }
 

@@ -29,6 +29,7 @@ use super::source::{Resource, Snapshot, Spec};
 use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
+use super::types::security::{MtlsMode, MutualTls};
 pub use registry::{Registry, Service, ServicePort};
 
 /// Everything one proxy is served.
@@ -168,6 +169,7 @@ pub struct Mesh {
     destination_rules: Vec<Resource>,
     sidecars: Vec<Resource>,
     gateways: Vec<Resource>,
+    peer_authentications: Vec<Resource>,
 }
 
 impl Mesh {
@@ -186,8 +188,62 @@ impl Mesh {
             destination_rules: pick(|s| matches!(s, Spec::DestinationRule(_))),
             sidecars: pick(|s| matches!(s, Spec::Sidecar(_))),
             gateways: pick(|s| matches!(s, Spec::Gateway(_))),
+            peer_authentications: pick(|s| matches!(s, Spec::PeerAuthentication(_))),
             options,
         }
+    }
+
+    /// The mTLS mode a PeerAuthentication without selector sets for
+    /// `namespace` (its own, else the root namespace's mesh-wide one);
+    /// `None` when neither sets one.
+    pub fn namespace_mtls(&self, namespace: &str) -> Option<MtlsMode> {
+        let wide = |ns: &str| {
+            self.peer_authentications
+                .iter()
+                .find_map(|r| match &r.spec {
+                    Spec::PeerAuthentication(pa)
+                        if r.meta.namespace == ns && pa.selector.is_none() =>
+                    {
+                        pa.mtls
+                            .as_ref()
+                            .and_then(|m| m.mode)
+                            .filter(|m| *m != MtlsMode::Unset)
+                    }
+                    _ => None,
+                })
+        };
+        wide(namespace).or_else(|| wide(&self.options.root_namespace))
+    }
+
+    /// The mTLS mode of a workload's inbound `port`, by Istio's
+    /// precedence: a PeerAuthentication selecting the workload (its
+    /// port-level setting first), then the namespace's, then the mesh's;
+    /// `UNSET` defers to the next; PERMISSIVE when nothing says otherwise.
+    pub fn workload_mtls(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u32,
+    ) -> MtlsMode {
+        let set = |m: Option<&MutualTls>| m.and_then(|m| m.mode).filter(|m| *m != MtlsMode::Unset);
+        let selected = self
+            .peer_authentications
+            .iter()
+            .find_map(|r| match &r.spec {
+                Spec::PeerAuthentication(pa)
+                    if r.meta.namespace == namespace
+                        && pa
+                            .selector
+                            .as_ref()
+                            .is_some_and(|s| registry::selects(&s.match_labels, labels)) =>
+                {
+                    set(pa.port_level_mtls.get(&port)).or(set(pa.mtls.as_ref()))
+                }
+                _ => None,
+            });
+        selected
+            .or_else(|| self.namespace_mtls(namespace))
+            .unwrap_or(MtlsMode::Permissive)
     }
 
     /// Fills what the node left out (labels, service account, IP) from the

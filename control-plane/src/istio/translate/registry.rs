@@ -272,9 +272,54 @@ fn workload_endpoint(w: &Workload, ports: &[ServicePort]) -> Option<Endpoint> {
     })
 }
 
+/// Pod label or annotation that asks for (or refuses) a sidecar.
+pub const INJECT_KEY: &str = "sidecar.istio.io/inject";
+/// Namespace label that turns injection on for its pods.
+pub const INJECTION_LABEL: &str = "istio-injection";
+
+/// Whether the injector gives a pod of `namespace` (with `namespace_labels`)
+/// a sidecar: the pod's own label or annotation decides, else the
+/// namespace's `istio-injection: enabled` or revision label (`istio.io/rev`).
+pub fn injected(
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    if let Some(v) = labels
+        .get(INJECT_KEY)
+        .or_else(|| annotations.get(INJECT_KEY))
+    {
+        return v == "true";
+    }
+    namespace_labels.is_some_and(|l| {
+        l.get(INJECTION_LABEL).is_some_and(|v| v == "enabled") || l.contains_key("istio.io/rev")
+    })
+}
+
+/// A workload's labels as the injector leaves them: an injected pod
+/// carries `security.istio.io/tlsMode: istio`, which is what marks its
+/// endpoints as accepting Istio mTLS.
+fn with_tls_mode(
+    mut labels: BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    if !labels.contains_key(TLS_MODE_LABEL) && injected(&labels, annotations, namespace_labels) {
+        labels.insert(TLS_MODE_LABEL.into(), "istio".into());
+    }
+    labels
+}
+
 fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
     let mut out = Vec::new();
+    let namespaces: BTreeMap<&str, &BTreeMap<String, String>> = snapshot
+        .resources
+        .iter()
+        .filter(|r| matches!(r.spec, Spec::Namespace))
+        .map(|r| (r.meta.name.as_str(), &r.meta.labels))
+        .collect();
     for r in &snapshot.resources {
+        let ns_labels = namespaces.get(r.meta.namespace.as_str()).copied();
         let named = |spec: &kube::PodSpec| {
             spec.containers
                 .iter()
@@ -286,7 +331,7 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
             Spec::Pod(pod) => out.push(Workload {
                 name: r.meta.name.clone(),
                 namespace: r.meta.namespace.clone(),
-                labels: r.meta.labels.clone(),
+                labels: with_tls_mode(r.meta.labels.clone(), &r.meta.annotations, ns_labels),
                 service_account: pod.spec.service_account().to_string(),
                 ip: pod.status.pod_ip.clone().filter(|ip| !ip.is_empty()),
                 named_ports: named(&pod.spec),
@@ -294,7 +339,11 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
             Spec::Deployment(d) => out.push(Workload {
                 name: r.meta.name.clone(),
                 namespace: r.meta.namespace.clone(),
-                labels: d.spec.template.metadata.labels.clone(),
+                labels: with_tls_mode(
+                    d.spec.template.metadata.labels.clone(),
+                    &d.spec.template.metadata.annotations,
+                    ns_labels,
+                ),
                 service_account: d.spec.template.spec.service_account().to_string(),
                 ip: None,
                 named_ports: named(&d.spec.template.spec),
