@@ -208,6 +208,12 @@ async fn envoy_acks_gateway_listeners_of_every_server_kind() {
             s.types[LISTENER]
         );
     }
+    // A sidecar of the same mesh: TLS routes by SNI, weighted.
+    let id = "sidecar~10.1.1.10~productpage-1.shop~shop.svc.cluster.local".to_string();
+    let meta =
+        json!({"NAMESPACE": "shop", "LABELS": {"app": "productpage"}, "INSTANCE_IPS": "10.1.1.10"});
+    let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
 }
 
 #[tokio::test]

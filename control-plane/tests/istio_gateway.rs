@@ -407,3 +407,71 @@ fn conflicting_gateways_and_unknown_references_are_reported() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn sidecar_tls_routes_choose_by_sni() -> anyhow::Result<()> {
+    let snap = load_dir(&fixtures())?;
+    let mesh = Mesh::new(&snap, MeshOptions::default());
+    let cfg = mesh.proxy_config(&Proxy {
+        id: "sidecar~10.1.1.10~productpage-1.shop~shop.svc.cluster.local".into(),
+        namespace: "shop".into(),
+        ..Default::default()
+    });
+    let l = listener(&cfg, "10.96.1.30_443");
+    assert_eq!(
+        l.listener_filters.first().map(|f| f.name.as_str()),
+        Some("envoy.filters.listener.tls_inspector")
+    );
+    let chains: Vec<(Vec<String>, Option<TcpCluster>)> = l
+        .filter_chains
+        .iter()
+        .map(|c| {
+            (
+                c.filter_chain_match
+                    .as_ref()
+                    .map(|m| m.server_names.clone())
+                    .unwrap_or_default(),
+                tcp(c).cluster_specifier,
+            )
+        })
+        .collect();
+    assert_eq!(chains.len(), 3, "{chains:#?}");
+    assert_eq!(
+        chains[0].0,
+        [
+            "secure.shop.svc.cluster.local".to_string(),
+            "secure".to_string()
+        ]
+    );
+    let Some(TcpCluster::WeightedClusters(w)) = &chains[0].1 else {
+        panic!("{chains:?}")
+    };
+    let weights: Vec<(&str, u32)> = w
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.weight))
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("outbound|443||secure.shop.svc.cluster.local", 80),
+            ("outbound|443||secure-canary.shop.svc.cluster.local", 20),
+        ]
+    );
+    assert_eq!(chains[1].0, ["legacy.secure.example.com".to_string()]);
+    assert_eq!(
+        chains[1].1,
+        Some(TcpCluster::Cluster(
+            "outbound|443||secure-canary.shop.svc.cluster.local".into()
+        ))
+    );
+    // Without a matching SNI: the service itself.
+    assert!(chains[2].0.is_empty());
+    assert_eq!(
+        chains[2].1,
+        Some(TcpCluster::Cluster(
+            "outbound|443||secure.shop.svc.cluster.local".into()
+        ))
+    );
+    Ok(())
+}

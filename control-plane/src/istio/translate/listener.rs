@@ -601,6 +601,7 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
             continue;
         }
         let mut chains = Vec::new();
+        let mut sni = false;
         for svc in &tcp {
             let ranges: Vec<CidrRange> = svc
                 .endpoints
@@ -619,14 +620,18 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
                 continue;
             }
             let cluster = names::outbound_cluster(port, "", &svc.host);
+            let base = FilterChainMatch {
+                prefix_ranges: ranges,
+                ..Default::default()
+            };
+            let sni_chains = tls_chains(scope, svc, port, &base);
+            sni |= !sni_chains.is_empty();
+            chains.extend(sni_chains);
             chains.push(tcp_chain(
                 &cluster,
                 &cluster,
                 tcp_target(scope, svc, port),
-                (!lone).then(|| FilterChainMatch {
-                    prefix_ranges: ranges,
-                    ..Default::default()
-                }),
+                (!lone).then_some(base),
             ));
         }
         let mut listener_filters = Vec::new();
@@ -664,15 +669,19 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
                 tcp_chain("PassthroughFilterChain", c, to_cluster(c), None)
             }
         };
-        let has_http = !listener_filters.is_empty();
+        if sni && listener_filters.is_empty() {
+            listener_filters = tls_inspector();
+        }
+        let has_http = !http.is_empty();
+        let inspect = !listener_filters.is_empty();
         out.listeners.push(Listener {
             name: format!("0.0.0.0_{port}"),
             address: Some(socket_address("0.0.0.0", port)),
             filter_chains: chains,
             default_filter_chain: has_http.then_some(default_filter_chain),
             listener_filters,
-            listener_filters_timeout: has_http.then(|| seconds(0)),
-            continue_on_listener_filters_timeout: has_http,
+            listener_filters_timeout: inspect.then(|| seconds(0)),
+            continue_on_listener_filters_timeout: inspect,
             traffic_direction: TrafficDirection::Outbound as i32,
             bind_to_port: Some(BoolValue { value: false }),
             ..Default::default()
@@ -683,12 +692,81 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
 /// `VIP_PORT` for a TCP service with a virtual IP.
 fn vip_listener(scope: &Scope<'_>, svc: &Service, vip: &str, port: u32) -> Listener {
     let cluster = names::outbound_cluster(port, "", &svc.host);
+    let mut chains = tls_chains(scope, svc, port, &FilterChainMatch::default());
+    let sni = !chains.is_empty();
+    chains.push(tcp_chain("", &cluster, tcp_target(scope, svc, port), None));
     Listener {
         name: format!("{vip}_{port}"),
         address: Some(socket_address(vip, port)),
-        filter_chains: vec![tcp_chain("", &cluster, tcp_target(scope, svc, port), None)],
+        filter_chains: chains,
+        listener_filters: if sni { tls_inspector() } else { Vec::new() },
+        listener_filters_timeout: sni.then(|| seconds(0)),
+        continue_on_listener_filters_timeout: sni,
         traffic_direction: TrafficDirection::Outbound as i32,
         bind_to_port: Some(BoolValue { value: false }),
         ..Default::default()
     }
+}
+
+fn tls_inspector() -> Vec<ListenerFilter> {
+    vec![listener_filter(
+        "envoy.filters.listener.tls_inspector",
+        any(&TlsInspector::default()),
+    )]
+}
+
+/// VirtualService `tls` rules for a TLS or HTTPS port of `svc`: one filter
+/// chain per rule, chosen by the client's SNI (`sniHosts`) on top of
+/// `base` (the port's destination match), proxied as TCP to the rule's
+/// destinations.
+fn tls_chains(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+    base: &FilterChainMatch,
+) -> Vec<FilterChain> {
+    let protocol = svc.port(port).map(|p| p.protocol);
+    if !matches!(protocol, Some(Protocol::Tls | Protocol::Https)) {
+        return Vec::new();
+    }
+    let Some((r, vs)) = scope.virtual_service(&svc.host) else {
+        return Vec::new();
+    };
+    let ns = r.meta.namespace.as_str();
+    let vs_bound = route::binds(&vs.gateways, ns, route::MESH);
+    let mut taken = std::collections::BTreeSet::new();
+    let mut chains = Vec::new();
+    for rule in &vs.tls {
+        let mut sni: Vec<String> = rule
+            .match_
+            .iter()
+            .filter(|m| {
+                super::gateway::tls_match_applies(m, ns, route::MESH, vs_bound, port)
+                    && selects(&m.source_labels, &scope.proxy.labels)
+                    && m.source_namespace
+                        .as_ref()
+                        .is_none_or(|n| n == &scope.proxy.namespace)
+            })
+            .flat_map(|m| m.sni_hosts.iter().cloned())
+            .collect();
+        // Envoy refuses two chains with the same match: the first rule
+        // naming a host keeps it, as istiod's first match would win.
+        sni.retain(|h| taken.insert(h.clone()));
+        if sni.is_empty() {
+            continue;
+        }
+        let Some(target) = super::gateway::l4_target(scope, &rule.route, ns, port) else {
+            continue;
+        };
+        let name = match &target {
+            TcpClusterSpecifier::Cluster(c) => c.clone(),
+            TcpClusterSpecifier::WeightedClusters(_) => {
+                names::outbound_cluster(port, "", &svc.host)
+            }
+        };
+        let mut m = base.clone();
+        m.server_names = sni;
+        chains.push(tcp_chain(&name, &name, target, Some(m)));
+    }
+    chains
 }
