@@ -296,3 +296,16 @@ async fn envoy_acks_auto_mtls_clusters_and_peer_authentication_chains() {
     let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
     all_acked(&server, &envoy, &id).await;
 }
+
+#[tokio::test]
+async fn envoy_acks_locality_priorities_weights_and_warmup() {
+    let Some(bin) = envoy_binary() else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/locality");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    // The client pod's locality (us-west/zone1/a) comes from its Pod.
+    let id = "sidecar~10.2.0.100~client.geo~geo.svc.cluster.local".to_string();
+    let meta =
+        json!({"NAMESPACE": "geo", "LABELS": {"app": "client"}, "INSTANCE_IPS": "10.2.0.100"});
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+}

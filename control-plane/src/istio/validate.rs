@@ -804,6 +804,39 @@ impl Cx<'_> {
     }
 
     fn traffic_policy(&mut self, f: &str, tp: &TrafficPolicy) {
+        if let Some(l) = tp
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.locality_lb_setting.as_ref())
+        {
+            let lf = format!("{f}.loadBalancer.localityLbSetting");
+            if !l.distribute.is_empty() && !l.failover.is_empty() {
+                self.schema(&lf, "distribute and failover exclude each other");
+            }
+            for (i, d) in l.distribute.iter().enumerate() {
+                let total: u32 = d.to.values().sum();
+                if total != 100 {
+                    self.schema(
+                        format!("{lf}.distribute[{i}].to"),
+                        format!("locality weights sum to {total}, not 100"),
+                    );
+                }
+                if d.from.is_empty() {
+                    self.schema(format!("{lf}.distribute[{i}].from"), "from is required");
+                }
+            }
+            for (i, fo) in l.failover.iter().enumerate() {
+                if fo.from == fo.to || fo.from.is_empty() || fo.to.is_empty() {
+                    self.schema(
+                        format!("{lf}.failover[{i}]"),
+                        format!(
+                            "failover needs two different regions, got from {:?} to {:?}",
+                            fo.from, fo.to
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(lb) = &tp.load_balancer {
             if lb.simple.is_some() && lb.consistent_hash.is_some() {
                 self.schema(

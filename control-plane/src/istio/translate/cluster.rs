@@ -14,12 +14,14 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::TransportSocketMatch,
     cluster::{
         ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy,
-        MaglevLbConfig, RingHashLbConfig,
+        LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig, RoundRobinLbConfig,
+        SlowStartConfig,
+        common_lb_config::{LocalityConfigSpecifier, LocalityWeightedLbConfig},
     },
 };
 use envoy_types::pb::envoy::config::core::v3::{
     BindConfig, DataSource, Http1ProtocolOptions, Http2ProtocolOptions,
-    HttpProtocolOptions as CommonHttpOptions, Metadata, SocketAddress, TcpKeepalive,
+    HttpProtocolOptions as CommonHttpOptions, Metadata, RuntimeDouble, SocketAddress, TcpKeepalive,
     TransportSocket, data_source, socket_address::PortSpecifier, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -182,17 +184,18 @@ fn outbound(
         } else {
             endpoints.clone()
         };
-        c.load_assignment = Some(load_assignment(&name, port.port, &eps));
-        load_balancer(&policy, &mut c);
+        c.load_assignment = Some(load_assignment(scope, &policy, &name, port.port, &eps));
+        load_balancer(scope, &policy, &mut c);
     } else {
         c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
         c.eds_cluster_config = Some(EdsClusterConfig {
             eds_config: Some(ads()),
             service_name: name.clone(),
         });
-        load_balancer(&policy, &mut c);
-        out.endpoints
-            .push(load_assignment(&name, port.port, &endpoints));
+        load_balancer(scope, &policy, &mut c);
+        out.endpoints.push(load_assignment(
+            scope, &policy, &name, port.port, &endpoints,
+        ));
     }
     if port.protocol.is_http() || port.protocol == Protocol::Unknown {
         c.typed_extension_protocol_options.insert(
@@ -244,11 +247,18 @@ fn outbound(
     out.clusters.push(c);
 }
 
-fn load_balancer(policy: &TrafficPolicy, c: &mut Cluster) {
+fn load_balancer(scope: &Scope<'_>, policy: &TrafficPolicy, c: &mut Cluster) {
     let Some(lb) = &policy.load_balancer else {
         c.lb_policy = LbPolicy::LeastRequest as i32;
         return;
     };
+    if super::locality::distributes(policy, &scope.proxy.locality) {
+        c.common_lb_config
+            .get_or_insert_with(CommonLbConfig::default)
+            .locality_config_specifier = Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(
+            LocalityWeightedLbConfig {},
+        ));
+    }
     if let Some(ch) = &lb.consistent_hash {
         if let Some(m) = &ch.maglev {
             c.lb_policy = LbPolicy::Maglev as i32;
@@ -277,6 +287,41 @@ fn load_balancer(policy: &TrafficPolicy, c: &mut Cluster) {
         // default is LEAST_REQUEST too.
         _ => LbPolicy::LeastRequest,
     } as i32;
+    // Warm-up: new endpoints ramp up over the window (Envoy's slow start,
+    // for round robin and least request only).
+    let window = lb
+        .warmup
+        .as_ref()
+        .and_then(|w| w.duration)
+        .or(lb.warmup_duration_secs);
+    if let Some(window) = window {
+        let slow_start = SlowStartConfig {
+            slow_start_window: Some(duration(window.0)),
+            aggression: lb
+                .warmup
+                .as_ref()
+                .and_then(|w| w.aggression)
+                .map(|a| RuntimeDouble {
+                    default_value: a,
+                    runtime_key: String::new(),
+                }),
+            min_weight_percent: lb
+                .warmup
+                .as_ref()
+                .and_then(|w| w.minimum_percent)
+                .map(|p| Percent { value: p }),
+        };
+        if c.lb_policy == LbPolicy::RoundRobin as i32 {
+            c.lb_config = Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+                slow_start_config: Some(slow_start),
+            }));
+        } else if c.lb_policy == LbPolicy::LeastRequest as i32 {
+            c.lb_config = Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+                slow_start_config: Some(slow_start),
+                ..Default::default()
+            }));
+        }
+    }
 }
 
 /// istiod's thresholds: everything unlimited unless the connection pool
@@ -603,43 +648,60 @@ fn upstream_tls(
     Some(tls_socket(&ctx))
 }
 
-/// The endpoints of one cluster, in one locality.
+/// The endpoints of one cluster, grouped by locality, with the rule's
+/// locality weights or failover priorities for this proxy.
 fn load_assignment(
+    scope: &Scope<'_>,
+    policy: &TrafficPolicy,
     cluster: &str,
     service_port: u32,
     endpoints: &[&RegistryEndpoint],
 ) -> ClusterLoadAssignment {
-    let lb_endpoints = endpoints
-        .iter()
-        .map(|e| {
-            let port = e.ports.get(&service_port).copied().unwrap_or(service_port);
-            let mut metadata = Metadata::default();
-            if e.istio_mtls() {
-                // What transport_socket_matches select on (`tlsMode: istio`).
-                metadata.filter_metadata.insert(
-                    "envoy.transport_socket_match".into(),
-                    struct_of([("tlsMode", "istio")]),
-                );
-            }
-            LbEndpoint {
-                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                    address: Some(socket_address(&e.address, port)),
-                    ..Default::default()
-                })),
-                metadata: (!metadata.filter_metadata.is_empty()).then_some(metadata),
-                load_balancing_weight: Some(UInt32Value {
-                    value: e.weight.unwrap_or(1).max(1),
-                }),
-                ..Default::default()
-            }
-        })
-        .collect();
-    ClusterLoadAssignment {
-        cluster_name: cluster.into(),
-        endpoints: vec![LocalityLbEndpoints {
+    let mut by_locality: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
+    for e in endpoints {
+        by_locality
+            .entry(e.locality.as_str())
+            .or_default()
+            .push(lb_endpoint(e, service_port));
+    }
+    if by_locality.is_empty() {
+        by_locality.insert("", Vec::new());
+    }
+    let mut groups: Vec<LocalityLbEndpoints> = by_locality
+        .into_iter()
+        .map(|(l, lb_endpoints)| LocalityLbEndpoints {
+            locality: super::locality::parse(l),
             lb_endpoints,
             ..Default::default()
-        }],
+        })
+        .collect();
+    super::locality::apply(policy, &scope.proxy.locality, &mut groups);
+    ClusterLoadAssignment {
+        cluster_name: cluster.into(),
+        endpoints: groups,
+        ..Default::default()
+    }
+}
+
+fn lb_endpoint(e: &RegistryEndpoint, service_port: u32) -> LbEndpoint {
+    let port = e.ports.get(&service_port).copied().unwrap_or(service_port);
+    let mut metadata = Metadata::default();
+    if e.istio_mtls() {
+        // What transport_socket_matches select on (`tlsMode: istio`).
+        metadata.filter_metadata.insert(
+            "envoy.transport_socket_match".into(),
+            struct_of([("tlsMode", "istio")]),
+        );
+    }
+    LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket_address(&e.address, port)),
+            ..Default::default()
+        })),
+        metadata: (!metadata.filter_metadata.is_empty()).then_some(metadata),
+        load_balancing_weight: Some(UInt32Value {
+            value: e.weight.unwrap_or(1).max(1),
+        }),
         ..Default::default()
     }
 }

@@ -11,6 +11,7 @@ mod cluster;
 mod delegate;
 mod gateway;
 mod listener;
+pub mod locality;
 pub mod registry;
 mod route;
 mod util;
@@ -63,6 +64,8 @@ pub struct Proxy {
     pub ips: Vec<String>,
     /// Pod name, when the node id carries it.
     pub pod_name: Option<String>,
+    /// `region/zone/subzone` from the node's locality, else its Pod's.
+    pub locality: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -122,6 +125,17 @@ impl Proxy {
             service_account: text("SERVICE_ACCOUNT").unwrap_or_default(),
             ips,
             pod_name: text("POD_NAME").or(pod_name),
+            locality: node
+                .locality
+                .as_ref()
+                .filter(|l| !l.region.is_empty())
+                .map(|l| {
+                    [l.region.as_str(), &l.zone, &l.sub_zone]
+                        .join("/")
+                        .trim_end_matches('/')
+                        .to_string()
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -262,6 +276,9 @@ impl Mesh {
             }
             if proxy.ips.is_empty() {
                 proxy.ips.extend(w.ip.clone());
+            }
+            if proxy.locality.is_empty() {
+                proxy.locality.clone_from(&w.locality);
             }
         }
     }

@@ -52,6 +52,8 @@ pub struct Endpoint {
     /// Service port → port on this endpoint.
     pub ports: BTreeMap<u32, u32>,
     pub weight: Option<u32>,
+    /// `region/zone/subzone`, empty when unknown.
+    pub locality: String,
 }
 
 impl Endpoint {
@@ -110,6 +112,27 @@ pub struct Workload {
     pub ip: Option<String>,
     /// Named container ports (for `targetPort: http`).
     pub named_ports: BTreeMap<String, u32>,
+    /// `region/zone/subzone`, empty when unknown.
+    pub locality: String,
+}
+
+/// The locality of a pod, from Istio's `istio-locality` label
+/// (`region.zone.subzone`) or the Kubernetes topology labels (the node's,
+/// copied to the pod) with Istio's `topology.istio.io/subzone`.
+pub fn pod_locality(labels: &BTreeMap<String, String>) -> String {
+    if let Some(l) = labels.get("istio-locality") {
+        return l.replace('.', "/");
+    }
+    let get = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
+    let parts = [
+        get("topology.kubernetes.io/region"),
+        get("topology.kubernetes.io/zone"),
+        get("topology.istio.io/subzone"),
+    ];
+    if parts.iter().all(|p| p.is_empty()) {
+        return String::new();
+    }
+    parts.join("/").trim_end_matches('/').to_string()
 }
 
 #[derive(Clone, Debug, Default)]
@@ -175,6 +198,7 @@ impl Registry {
                             })
                             .collect(),
                         weight: we.weight,
+                        locality: we.locality.clone().unwrap_or_default(),
                     })
                 })
                 .collect();
@@ -199,6 +223,7 @@ impl Registry {
                         service_account: String::new(),
                         ports: ports.iter().map(|p| (p.port, target_number(p))).collect(),
                         weight: None,
+                        locality: String::new(),
                     });
                 }
                 services.push(Service {
@@ -269,6 +294,7 @@ fn workload_endpoint(w: &Workload, ports: &[ServicePort]) -> Option<Endpoint> {
             })
             .collect(),
         weight: None,
+        locality: w.locality.clone(),
     })
 }
 
@@ -335,6 +361,7 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
                 service_account: pod.spec.service_account().to_string(),
                 ip: pod.status.pod_ip.clone().filter(|ip| !ip.is_empty()),
                 named_ports: named(&pod.spec),
+                locality: pod_locality(&r.meta.labels),
             }),
             Spec::Deployment(d) => out.push(Workload {
                 name: r.meta.name.clone(),
@@ -347,6 +374,7 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
                 service_account: d.spec.template.spec.service_account().to_string(),
                 ip: None,
                 named_ports: named(&d.spec.template.spec),
+                locality: pod_locality(&d.spec.template.metadata.labels),
             }),
             Spec::WorkloadEntry(we) => out.push(Workload {
                 name: r.meta.name.clone(),
@@ -363,6 +391,7 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
                     .unwrap_or_else(|| "default".into()),
                 ip: we.address.clone(),
                 named_ports: we.ports.clone(),
+                locality: we.locality.clone().unwrap_or_default(),
             }),
             _ => {}
         }
@@ -408,7 +437,13 @@ fn kube_service(
                     w.name == t.name && &w.namespace == t.namespace.as_ref().unwrap_or(ns)
                 })
             })
-            .map(|w| (w.labels.clone(), w.service_account.clone()))
+            .map(|w| {
+                (
+                    w.labels.clone(),
+                    w.service_account.clone(),
+                    w.locality.clone(),
+                )
+            })
             .unwrap_or_default()
     };
     // Explicit Endpoints / EndpointSlices win over the selector: they are
@@ -441,13 +476,14 @@ fn kube_service(
                 for subset in &e.subsets {
                     let pmap = map_ports(&subset.ports);
                     for a in &subset.addresses {
-                        let (labels, sa) = pod_labels(&a.target_ref);
+                        let (labels, sa, locality) = pod_labels(&a.target_ref);
                         endpoints.push(Endpoint {
                             address: a.ip.clone(),
                             labels,
                             service_account: sa,
                             ports: pmap.clone(),
                             weight: None,
+                            locality,
                         });
                     }
                 }
@@ -460,7 +496,7 @@ fn kube_service(
                     .iter()
                     .filter(|e| e.conditions.ready != Some(false))
                 {
-                    let (labels, sa) = pod_labels(&e.target_ref);
+                    let (labels, sa, locality) = pod_labels(&e.target_ref);
                     for a in &e.addresses {
                         endpoints.push(Endpoint {
                             address: a.clone(),
@@ -468,6 +504,7 @@ fn kube_service(
                             service_account: sa.clone(),
                             ports: pmap.clone(),
                             weight: None,
+                            locality: locality.clone(),
                         });
                     }
                 }
