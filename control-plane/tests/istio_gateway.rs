@@ -475,3 +475,58 @@ fn sidecar_tls_routes_choose_by_sni() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn https_redirect_file_certificates_and_missing_credentials() -> anyhow::Result<()> {
+    use envoy_types::pb::envoy::config::route::v3::virtual_host::TlsRequirementType;
+    let dir = std::env::temp_dir().join(format!("ferry-gw-redirect-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(fixtures().join("services.yaml"), dir.join("services.yaml"))?;
+    std::fs::write(
+        dir.join("gw.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  selector: {istio: ingressgateway}\n  servers:\n\
+         \x20 - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [shop.example.com]\n    tls: {httpsRedirect: true}\n\
+         \x20 - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [shop.example.com]\n\
+         \x20   tls: {mode: SIMPLE, serverCertificate: /etc/certs/tls.crt, privateKey: /etc/certs/tls.key}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: shop, namespace: shop}\n\
+         spec:\n  hosts: [shop.example.com]\n  gateways: [web]\n  http:\n  - route:\n    - destination: {host: productpage}\n",
+    )?;
+    let snap = load_dir(&dir)?;
+    let findings = validate(&snap);
+    assert!(findings.is_empty(), "{findings:#?}");
+    let cfg = Mesh::new(&snap, MeshOptions::default())
+        .proxy_config(&router(&[("istio", "ingressgateway")]));
+    let rc = route_config(&cfg, "http.80");
+    assert_eq!(
+        rc.virtual_hosts[0].require_tls,
+        TlsRequirementType::All as i32
+    );
+    let https = listener(&cfg, "0.0.0.0_443");
+    let common = tls_context(&https.filter_chains[0])
+        .common_tls_context
+        .expect("common");
+    assert!(common.tls_certificate_sds_secret_configs.is_empty());
+    assert_eq!(common.tls_certificates.len(), 1);
+
+    // The same HTTPS server without any certificate is refused.
+    std::fs::write(
+        dir.join("gw.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  selector: {istio: ingressgateway}\n  servers:\n\
+         \x20 - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [shop.example.com]\n    tls: {mode: SIMPLE}\n",
+    )?;
+    let findings = validate(&load_dir(&dir)?);
+    let _ = std::fs::remove_dir_all(&dir);
+    let text: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+    assert_eq!(text.len(), 1, "{text:#?}");
+    assert!(
+        text[0].contains("IST0106")
+            && text[0].contains("spec.servers[0].tls")
+            && text[0].contains("credentialName")
+            && text[0].contains("gw.yaml"),
+        "{text:?}"
+    );
+    Ok(())
+}

@@ -980,6 +980,38 @@ impl Cx<'_> {
                     format!("a {proto} server needs tls settings"),
                 );
             }
+            if let Some(tls) = &s.tls {
+                use super::types::networking::ServerTlsMode as M;
+                let mode = tls.mode.unwrap_or(M::Simple);
+                let terminates = matches!(mode, M::Simple | M::Mutual | M::OptionalMutual);
+                let has_cert = tls.credential_name.is_some()
+                    || !tls.credential_names.is_empty()
+                    || (tls.server_certificate.is_some() && tls.private_key.is_some());
+                if terminates && matches!(proto.as_str(), "HTTPS" | "TLS") && !has_cert {
+                    self.schema(
+                        format!("{f}.tls"),
+                        format!(
+                            "{mode:?} TLS needs credentialName (a Kubernetes Secret) or serverCertificate and privateKey"
+                        ),
+                    );
+                }
+                if mode == M::Mutual
+                    && tls.credential_name.is_none()
+                    && tls.credential_names.is_empty()
+                    && tls.ca_certificates.is_none()
+                {
+                    self.schema(
+                        format!("{f}.tls.caCertificates"),
+                        "MUTUAL TLS with certificate files needs caCertificates",
+                    );
+                }
+                if matches!(mode, M::Passthrough | M::AutoPassthrough) && proto == "HTTP" {
+                    self.schema(
+                        format!("{f}.tls.mode"),
+                        "PASSTHROUGH needs an HTTPS or TLS server",
+                    );
+                }
+            }
         }
     }
 

@@ -15,7 +15,9 @@ use envoy_types::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ApiVersion, ConfigSource, TransportSocket,
     config_source::ConfigSourceSpecifier,
 };
-use envoy_types::pb::envoy::config::core::v3::{TrafficDirection, transport_socket};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, TrafficDirection, data_source, transport_socket,
+};
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, FilterChainMatch, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, Route, RouteConfiguration, VirtualHost, route::Action,
@@ -37,6 +39,7 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    TlsCertificate,
     common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
 };
 use envoy_types::pb::google::protobuf::BoolValue;
@@ -48,7 +51,7 @@ use super::{ProxyConfig, Scope, registry::selects};
 use crate::istio::names;
 use crate::istio::source::{Resource, Spec};
 use crate::istio::types::networking::{
-    RouteDestination, Server, ServerTlsMode, TlsMatchAttributes, VirtualService,
+    RouteDestination, Server, ServerTlsMode, ServerTlsSettings, TlsMatchAttributes, VirtualService,
 };
 
 /// One server of a Gateway selecting this proxy.
@@ -171,9 +174,8 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         for s in &servers {
             let proto = s.protocol();
             match proto.as_str() {
-                "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" if s.server.tls.is_none() => {
-                    plain_http.push(s);
-                }
+                // Plain HTTP (with `httpsRedirect`, if any, on its hosts).
+                "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => plain_http.push(s),
                 "HTTPS" | "TLS" if s.passthrough() => {
                     tls = true;
                     chains.extend(passthrough_chains(scope, s, port));
@@ -416,25 +418,39 @@ fn downstream_tls(s: &GwServer<'_>, http: bool) -> Option<TransportSocket> {
         }
         ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual => {
             require_client = mode == ServerTlsMode::Mutual;
-            let cred = credential.unwrap_or_default();
-            common.tls_certificate_sds_secret_configs = vec![credential_sds(&cred)];
-            let ca = tls
-                .ca_cert_credential_name
-                .clone()
-                .unwrap_or_else(|| format!("{cred}-cacert"));
-            common.validation_context_type =
-                Some(ValidationContextType::CombinedValidationContext(
-                    CombinedCertificateValidationContext {
-                        default_validation_context: Some(CertificateValidationContext::default()),
-                        validation_context_sds_secret_config: Some(credential_sds(&ca)),
-                        ..Default::default()
-                    },
-                ));
+            match credential {
+                Some(cred) => {
+                    common.tls_certificate_sds_secret_configs = vec![credential_sds(&cred)];
+                    let ca = tls
+                        .ca_cert_credential_name
+                        .clone()
+                        .unwrap_or_else(|| format!("{cred}-cacert"));
+                    common.validation_context_type =
+                        Some(ValidationContextType::CombinedValidationContext(
+                            CombinedCertificateValidationContext {
+                                default_validation_context: Some(
+                                    CertificateValidationContext::default(),
+                                ),
+                                validation_context_sds_secret_config: Some(credential_sds(&ca)),
+                                ..Default::default()
+                            },
+                        ));
+                }
+                None => {
+                    common.tls_certificates = file_certificate(tls);
+                    common.validation_context_type = Some(
+                        ValidationContextType::ValidationContext(CertificateValidationContext {
+                            trusted_ca: tls.ca_certificates.as_deref().map(file),
+                            ..Default::default()
+                        }),
+                    );
+                }
+            }
         }
-        _ => {
-            common.tls_certificate_sds_secret_configs =
-                vec![credential_sds(&credential.unwrap_or_default())];
-        }
+        _ => match credential {
+            Some(cred) => common.tls_certificate_sds_secret_configs = vec![credential_sds(&cred)],
+            None => common.tls_certificates = file_certificate(tls),
+        },
     }
     let ctx = DownstreamTlsContext {
         common_tls_context: Some(common),
@@ -445,6 +461,26 @@ fn downstream_tls(s: &GwServer<'_>, http: bool) -> Option<TransportSocket> {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
     })
+}
+
+fn file(path: &str) -> DataSource {
+    DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.to_string())),
+        ..Default::default()
+    }
+}
+
+/// The certificate of a server that names files (`serverCertificate`,
+/// `privateKey`) rather than a Kubernetes Secret.
+fn file_certificate(tls: &ServerTlsSettings) -> Vec<TlsCertificate> {
+    match (&tls.server_certificate, &tls.private_key) {
+        (Some(cert), Some(key)) => vec![TlsCertificate {
+            certificate_chain: Some(file(cert)),
+            private_key: Some(file(key)),
+            ..Default::default()
+        }],
+        _ => Vec::new(),
+    }
 }
 
 fn tcp_proxy_chain(stat_prefix: &str, target: TcpClusterSpecifier) -> FilterChain {
