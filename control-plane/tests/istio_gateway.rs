@@ -530,3 +530,60 @@ fn https_redirect_file_certificates_and_missing_credentials() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn virtual_services_of_one_gateway_host_merge_and_unserved_hosts_warn() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("ferry-gw-merge-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(fixtures().join("services.yaml"), dir.join("services.yaml"))?;
+    std::fs::write(
+        dir.join("gw.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: web, namespace: shop}\n\
+         spec:\n  selector: {istio: ingressgateway}\n  servers:\n\
+         \x20 - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [shop.example.com]\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a, namespace: shop}\n\
+         spec:\n  hosts: [shop.example.com]\n  gateways: [web]\n  http:\n  - match: [{uri: {prefix: /reviews}}]\n    route:\n    - destination: {host: reviews}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: b, namespace: shop}\n\
+         spec:\n  hosts: [shop.example.com]\n  gateways: [web]\n  http:\n  - route:\n    - destination: {host: productpage}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: c, namespace: shop}\n\
+         spec:\n  hosts: [other.example.com]\n  gateways: [web]\n  http:\n  - route:\n    - destination: {host: productpage}\n",
+    )?;
+    let snap = load_dir(&dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let findings: Vec<String> = validate(&snap)
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {:?} {}",
+                f.code.id(),
+                f.resource.as_ref().map(|r| r.name.clone()),
+                f.field
+            )
+        })
+        .collect();
+    assert_eq!(findings, ["IST0132 Some(\"c\") spec.hosts"]);
+    let cfg = Mesh::new(&snap, MeshOptions::default())
+        .proxy_config(&router(&[("istio", "ingressgateway")]));
+    let rc = route_config(&cfg, "http.80");
+    assert_eq!(rc.virtual_hosts.len(), 1);
+    let clusters: Vec<String> = rc.virtual_hosts[0]
+        .routes
+        .iter()
+        .map(|r| match &r.action {
+            Some(Action::Route(a)) => match &a.cluster_specifier {
+                Some(ClusterSpecifier::Cluster(c)) => c.clone(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        clusters,
+        [
+            "outbound|9080||reviews.shop.svc.cluster.local",
+            "outbound|9080||productpage.shop.svc.cluster.local"
+        ]
+    );
+    Ok(())
+}

@@ -49,6 +49,9 @@ pub enum Code {
     MultipleSidecarsWithoutWorkloadSelectors,
     /// IST0118: a service port name without a protocol prefix.
     PortNameIsNotUnderNamingConvention,
+    /// IST0132: a VirtualService bound to a Gateway none of whose servers
+    /// serves any of its hosts.
+    VirtualServiceHostNotFoundInGateway,
     /// IST0145: two Gateways selecting the same workloads claim one host
     /// on one port.
     ConflictingGateways,
@@ -70,6 +73,7 @@ impl Code {
             Code::VirtualServiceUnreachableRule => "IST0130",
             Code::ConflictingGateways => "IST0145",
             Code::VirtualServiceIneffectiveMatch => "IST0131",
+            Code::VirtualServiceHostNotFoundInGateway => "IST0132",
         }
     }
 
@@ -88,6 +92,7 @@ impl Code {
             Code::VirtualServiceUnreachableRule => "VirtualServiceUnreachableRule",
             Code::ConflictingGateways => "ConflictingGateways",
             Code::VirtualServiceIneffectiveMatch => "VirtualServiceIneffectiveMatch",
+            Code::VirtualServiceHostNotFoundInGateway => "VirtualServiceHostNotFoundInGateway",
         }
     }
 
@@ -99,6 +104,7 @@ impl Code {
             | Code::MultipleSidecarsWithoutWorkloadSelectors
             | Code::ConflictingGateways => Severity::Error,
             Code::Deprecated
+            | Code::VirtualServiceHostNotFoundInGateway
             | Code::VirtualServiceUnreachableRule
             | Code::VirtualServiceIneffectiveMatch => Severity::Warning,
             Code::PortNameIsNotUnderNamingConvention => Severity::Info,
@@ -183,8 +189,10 @@ struct Validator {
     subsets: BTreeMap<String, BTreeSet<String>>,
     /// Gateways as `namespace/name`.
     gateways: BTreeSet<String>,
-    /// VirtualServices as `namespace/name`, with whether they have hosts.
-    virtual_services: BTreeMap<String, bool>,
+    /// The hosts of each Gateway's servers (without `namespace/`).
+    gateway_hosts: BTreeMap<String, Vec<String>>,
+    /// VirtualServices as `namespace/name`.
+    virtual_services: BTreeSet<String>,
     /// VirtualServices some rule delegates to, as `namespace/name`.
     delegates: BTreeSet<String>,
 }
@@ -194,13 +202,14 @@ impl Validator {
         let mut hosts = BTreeSet::new();
         let mut subsets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut gateways = BTreeSet::new();
-        let mut virtual_services = BTreeMap::new();
+        let mut gateway_hosts = BTreeMap::new();
+        let mut virtual_services = BTreeSet::new();
         let mut delegates = BTreeSet::new();
         for r in &snapshot.resources {
             let ns = &r.meta.namespace;
             match &r.spec {
                 Spec::VirtualService(vs) => {
-                    virtual_services.insert(format!("{ns}/{}", r.meta.name), !vs.hosts.is_empty());
+                    virtual_services.insert(format!("{ns}/{}", r.meta.name));
                     for d in vs.http.iter().filter_map(|h| h.delegate.as_ref()) {
                         delegates.insert(format!(
                             "{}/{}",
@@ -225,8 +234,16 @@ impl Validator {
                         .or_default()
                         .extend(dr.subsets.iter().map(|s| s.name.clone()));
                 }
-                Spec::Gateway(_) => {
+                Spec::Gateway(gw) => {
                     gateways.insert(format!("{ns}/{}", r.meta.name));
+                    gateway_hosts.insert(
+                        format!("{ns}/{}", r.meta.name),
+                        gw.servers
+                            .iter()
+                            .flat_map(|s| &s.hosts)
+                            .map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_string())
+                            .collect(),
+                    );
                 }
                 _ => {}
             }
@@ -236,6 +253,7 @@ impl Validator {
             hosts,
             subsets,
             gateways,
+            gateway_hosts,
             virtual_services,
             delegates,
         }
@@ -483,6 +501,31 @@ impl Cx<'_> {
         }
         for (i, g) in vs.gateways.iter().enumerate() {
             self.gateway_ref(&format!("spec.gateways[{i}]"), g);
+            if g == "mesh" || vs.hosts.is_empty() {
+                continue;
+            }
+            let full = if g.contains('/') {
+                g.clone()
+            } else {
+                format!("{}/{g}", self.ns())
+            };
+            if let Some(server_hosts) = self.v.gateway_hosts.get(&full) {
+                let served = vs.hosts.iter().any(|h| {
+                    server_hosts
+                        .iter()
+                        .any(|sh| names::host_matches(sh, h) || names::host_matches(h, sh))
+                });
+                if !served {
+                    self.report(
+                        Code::VirtualServiceHostNotFoundInGateway,
+                        "spec.hosts",
+                        format!(
+                            "none of the hosts {:?} is served by gateway {full} (its servers' hosts: {server_hosts:?})",
+                            vs.hosts
+                        ),
+                    );
+                }
+            }
         }
         let mut seen: Vec<(usize, usize, &HttpMatchRequest)> = Vec::new();
         let mut catch_all: Option<usize> = None;
@@ -611,17 +654,13 @@ impl Cx<'_> {
         }
         if let Some(d) = &route.delegate {
             let target = format!("{}/{}", d.namespace.as_deref().unwrap_or(self.ns()), d.name);
-            match self.v.virtual_services.get(&target) {
-                None => self.report(
+            // A delegate with hosts is reported on the delegate itself.
+            if !self.v.virtual_services.contains(&target) {
+                self.report(
                     Code::ReferencedResourceNotFound,
                     format!("{f}.delegate"),
                     format!("referenced delegate VirtualService not found: {target:?}"),
-                ),
-                Some(true) => self.schema(
-                    format!("{f}.delegate"),
-                    format!("delegate VirtualService {target:?} sets hosts; a delegate must not"),
-                ),
-                Some(false) => {}
+                );
             }
         }
         if route.websocket_upgrade.is_some() {

@@ -300,7 +300,7 @@ fn route_config(
                     continue;
                 };
                 // One VirtualService listed by two servers routes once.
-                if !seen_vs.insert((r.key(), host.clone())) || hosts.contains_key(&host) {
+                if !seen_vs.insert((r.key(), host.clone())) {
                     continue;
                 }
                 let target = vs
@@ -323,7 +323,9 @@ fn route_config(
                 if s.server.tls.as_ref().is_some_and(|t| t.https_redirect) {
                     redirect.insert(host.clone());
                 }
-                hosts.insert(host, routes);
+                // Several VirtualServices for one host on a gateway are
+                // merged, the older one's routes first, as istiod does.
+                hosts.entry(host).or_default().extend(routes);
             }
         }
     }
