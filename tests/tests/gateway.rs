@@ -7,7 +7,9 @@
 //! the ingress labels) runs Envoy or `ferry gateway`; a client pod asks
 //! the gateway's address for `/productpage` and must reach the productpage
 //! workload (an echo server answering with its name), while a path no rule
-//! routes gets the gateway's 404.
+//! routes gets the gateway's 404. A TLS PASSTHROUGH server then routes by
+//! SNI to a backend that terminates TLS itself (its own certificate
+//! reaches the client); an SNI no `tls` route names gets no answer.
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -263,6 +265,162 @@ fn observe(s: &Setup) -> Result<Vec<String>> {
         "unrouted paths: {seen:?}"
     );
     Ok(seen)
+}
+
+/// A TLS server answering `GET` with its name, certificate for `host`.
+const TLS_BACKEND: &str = r#"
+import http.server, json, ssl, sys
+port, name, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"name": name, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// A Gateway passing TLS through by SNI to `secure` (which terminates it
+/// itself) and the VirtualService `tls` route that says where.
+const PASSTHROUGH_YAML: &str = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tls-gateway, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 8443, name: tls, protocol: TLS}
+    hosts: [secure.example.com]
+    tls: {mode: PASSTHROUGH}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: secure, namespace: default}
+spec:
+  hosts: [secure.example.com]
+  gateways: [tls-gateway]
+  tls:
+  - match:
+    - sniHosts: [secure.example.com]
+    route:
+    - destination: {host: secure, port: {number: 443}}
+";
+
+/// TLS PASSTHROUGH: the gateway picks the route by SNI without
+/// terminating; the backend's own certificate reaches the client.
+fn passthrough(envoy: bool) -> Result<Option<Vec<String>>> {
+    let Some(s) = start(envoy)? else {
+        return Ok(None);
+    };
+    let secure = s._mesh.pod("secure")?;
+    let certs = s.dir.join("certs");
+    std::fs::create_dir_all(&certs)?;
+    let (cert, key) = (certs.join("tls.crt"), certs.join("tls.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=secure.example.com"])
+        .args(["-addext", "subjectAltName=DNS:secure.example.com"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [&cert, &key] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let backend = secure
+        .cmd("python3")
+        .args(["-u", "-c", TLS_BACKEND, "8443", "secure"])
+        .arg(&cert)
+        .arg(&key)
+        .label("tls-backend")
+        .spawn()?;
+    secure.wait_port(8443, Duration::from_secs(15))?;
+    let config = s.dir.join("config");
+    std::fs::write(
+        config.join("secure.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: secure, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.0.50, selector: {{app: secure}}, ports: [{{name: tls, port: 443, targetPort: 8443}}]}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: secure-1, namespace: default, labels: {{app: secure}}}}\n\
+             spec: {{containers: [{{name: app, image: tls}}]}}\nstatus: {{podIP: {}}}\n---\n{PASSTHROUGH_YAML}",
+            secure.ip()
+        ),
+    )?;
+    let gw = s.gateway.0.ip();
+    // `verify`: check the backend's own certificate (it is not terminated
+    // on the way); otherwise accept any, so that only routing can fail.
+    let curl = |sni: &str, verify: bool| -> Result<String> {
+        let cmd = s.client.cmd("curl").args(["-s", "-m", "5"]);
+        let cmd = if verify {
+            cmd.arg("--cacert").arg(&cert)
+        } else {
+            cmd.arg("-k")
+        };
+        let out = cmd
+            .args([
+                "--resolve",
+                &format!("{sni}:8443:{gw}"),
+                &format!("https://{sni}:8443/hello"),
+            ])
+            .output()?;
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(match serde_json::from_str::<serde_json::Value>(&body) {
+            Ok(v) => format!(
+                "{sni} -> {} {}",
+                v["name"].as_str().unwrap_or(""),
+                v["path"].as_str().unwrap_or("")
+            ),
+            Err(_) if !out.status.success() => format!("{sni} -> no answer"),
+            Err(_) => format!("{sni} -> unexpected answer {body:?}"),
+        })
+    };
+    // The new configuration needs a moment to reach the gateway.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let routed = loop {
+        let got = curl("secure.example.com", true)?;
+        if got.ends_with("secure /hello") || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(
+        routed == "secure.example.com -> secure /hello",
+        "TLS passthrough: {routed}\ngateway: {}",
+        s.gateway.1.logs().stderr
+    );
+    // An SNI no route names finds no filter chain: the gateway closes.
+    let other = curl("other.example.com", false)?;
+    ensure!(other.contains("no answer"), "unrouted SNI: {other}");
+    drop(backend);
+    Ok(Some(vec![routed, other]))
+}
+
+#[test]
+fn tls_passthrough_gateway_through_envoy_and_ferry_alike() -> Result<()> {
+    let Some(with_envoy) = passthrough(true).context("through Envoy")? else {
+        return Ok(());
+    };
+    let Some(with_ferry) = passthrough(false).context("through Ferry")? else {
+        return Ok(());
+    };
+    eprintln!("observed through both: {with_ferry:#?}");
+    assert_eq!(with_ferry, with_envoy);
+    Ok(())
 }
 
 #[test]
