@@ -208,6 +208,12 @@ async fn envoy_acks_gateway_listeners_of_every_server_kind() {
             s.types[LISTENER]
         );
     }
+    // An east-west gateway: AUTO_PASSTHROUGH chains by istiod's SNI.
+    let id = "router~10.0.9.20~eastwest-1.shop~shop.svc.cluster.local".to_string();
+    let meta = json!({"NAMESPACE": "shop", "LABELS": {"istio": "eastwestgateway"}, "INSTANCE_IPS": "10.0.9.20"});
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    // No HTTP server: no route configurations to ask for.
+    types_acked(&server, &envoy, &id, &[CLUSTER, ENDPOINT, LISTENER]).await;
     // A sidecar of the same mesh: TLS routes by SNI, weighted.
     let id = "sidecar~10.1.1.10~productpage-1.shop~shop.svc.cluster.local".to_string();
     let meta =

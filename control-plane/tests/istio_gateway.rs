@@ -587,3 +587,95 @@ fn virtual_services_of_one_gateway_host_merge_and_unserved_hosts_warn() -> anyho
     );
     Ok(())
 }
+
+#[test]
+fn auto_passthrough_and_mesh_delegation() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("ferry-gw-auto-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(fixtures().join("services.yaml"), dir.join("services.yaml"))?;
+    std::fs::write(
+        dir.join("gw.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: eastwest, namespace: istio-system}\n\
+         spec:\n  selector: {istio: eastwestgateway}\n  servers:\n\
+         \x20 - port: {number: 15443, name: tls, protocol: TLS}\n    hosts: [\"*.shop.svc.cluster.local\"]\n    tls: {mode: AUTO_PASSTHROUGH}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: shop}\n\
+         spec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n\
+         spec:\n  hosts: [reviews]\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    delegate: {name: reviews-jason}\n\
+         \x20 - route:\n    - destination: {host: reviews}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews-jason, namespace: shop}\n\
+         spec:\n  http:\n  - match: [{uri: {prefix: /beta}}]\n    route:\n    - destination: {host: reviews, subset: v1}\n",
+    )?;
+    let snap = load_dir(&dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let findings = validate(&snap);
+    assert!(findings.is_empty(), "{findings:#?}");
+    let mesh = Mesh::new(&snap, MeshOptions::default());
+
+    // East-west: chains named by the client sidecar's SNI.
+    let ew = mesh.proxy_config(&router(&[("istio", "eastwestgateway")]));
+    let l = listener(&ew, "0.0.0.0_15443");
+    let sni: Vec<String> = l
+        .filter_chains
+        .iter()
+        .flat_map(|c| {
+            c.filter_chain_match
+                .clone()
+                .unwrap_or_default()
+                .server_names
+        })
+        .collect();
+    assert!(
+        sni.contains(&"outbound_.9080_.v1_.reviews.shop.svc.cluster.local".to_string())
+            && sni.contains(&"outbound_.9080_._.productpage.shop.svc.cluster.local".to_string()),
+        "{sni:?}"
+    );
+    let v1 = l
+        .filter_chains
+        .iter()
+        .find(|c| {
+            c.filter_chain_match.as_ref().is_some_and(|m| {
+                m.server_names == ["outbound_.9080_.v1_.reviews.shop.svc.cluster.local"]
+            })
+        })
+        .expect("v1 chain");
+    assert_eq!(
+        tcp(v1).cluster_specifier,
+        Some(TcpCluster::Cluster(
+            "outbound|9080|v1|reviews.shop.svc.cluster.local".into()
+        ))
+    );
+
+    // A sidecar: the delegate's rule under the parent's header match, then
+    // the parent's catch-all.
+    let cfg = mesh.proxy_config(&Proxy {
+        id: "sidecar~10.1.1.10~productpage-1.shop~shop.svc.cluster.local".into(),
+        namespace: "shop".into(),
+        ..Default::default()
+    });
+    let rc = route_config(&cfg, "9080");
+    let vh = rc
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "reviews.shop.svc.cluster.local:9080")
+        .expect("reviews vhost");
+    assert_eq!(vh.routes.len(), 2);
+    let first = vh.routes[0].r#match.as_ref().expect("match");
+    assert_eq!(
+        first.path_specifier,
+        Some(PathSpecifier::Prefix("/beta".into()))
+    );
+    assert_eq!(first.headers.len(), 1);
+    assert_eq!(first.headers[0].name, "end-user");
+    let Some(Action::Route(a)) = &vh.routes[0].action else {
+        panic!()
+    };
+    assert_eq!(
+        a.cluster_specifier,
+        Some(ClusterSpecifier::Cluster(
+            "outbound|9080|v1|reviews.shop.svc.cluster.local".into()
+        ))
+    );
+    Ok(())
+}

@@ -176,6 +176,10 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
             match proto.as_str() {
                 // Plain HTTP (with `httpsRedirect`, if any, on its hosts).
                 "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => plain_http.push(s),
+                "HTTPS" | "TLS" if s.tls_mode() == Some(ServerTlsMode::AutoPassthrough) => {
+                    tls = true;
+                    chains.extend(auto_passthrough_chains(scope, s));
+                }
                 "HTTPS" | "TLS" if s.passthrough() => {
                     tls = true;
                     chains.extend(passthrough_chains(scope, s, port));
@@ -571,6 +575,34 @@ pub(super) fn tls_match_applies(
     } else {
         binds(&m.gateways, ns, binding)
     }) && m.port.is_none_or(|p| p == port)
+}
+
+/// AUTO_PASSTHROUGH (east-west gateways): no VirtualService; the client
+/// sidecar's SNI `outbound_.PORT_.SUBSET_.HOST` names the cluster, so
+/// every service port (and subset) the server's hosts cover gets a chain.
+fn auto_passthrough_chains(scope: &Scope<'_>, s: &GwServer<'_>) -> Vec<FilterChain> {
+    let mut chains = Vec::new();
+    for svc in &scope.services {
+        if s.host_for(&svc.namespace, &svc.host).is_none() {
+            continue;
+        }
+        let subsets: Vec<&str> = std::iter::once("")
+            .chain(scope.subsets(svc).iter().map(|ss| ss.name.as_str()))
+            .collect();
+        for p in &svc.ports {
+            for subset in &subsets {
+                let cluster = names::outbound_cluster(p.port, subset, &svc.host);
+                let mut chain =
+                    tcp_proxy_chain(&cluster, TcpClusterSpecifier::Cluster(cluster.clone()));
+                chain.filter_chain_match = Some(FilterChainMatch {
+                    server_names: vec![format!("outbound_.{}_.{subset}_.{}", p.port, svc.host)],
+                    ..Default::default()
+                });
+                chains.push(chain);
+            }
+        }
+    }
+    chains
 }
 
 /// PASSTHROUGH: one filter chain per `tls` rule of the bound
