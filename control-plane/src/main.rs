@@ -138,12 +138,14 @@ async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::translate::MeshOptions;
     use ferry_pilot::pilot::Pilot;
     let source = Arc::new(DirectorySource::new(dir.clone()));
+    // Watching starts before the first read: nothing written in between is
+    // missed.
+    let _poller = source.spawn_poller(std::time::Duration::from_millis(500));
     let snapshot = source
         .list()
         .with_context(|| format!("--config {}", dir.display()))?;
     let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default())?);
     tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
-    let _poller = source.spawn_poller(std::time::Duration::from_millis(500));
     tokio::spawn(
         pilot
             .clone()

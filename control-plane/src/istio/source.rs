@@ -446,24 +446,28 @@ impl DirectorySource {
     }
 
     /// Polls the tree every `interval` and bumps the change counter when it
-    /// differs from the previous poll. Polling keeps the source free of
+    /// differs from the state at the call (taken before this returns, so a
+    /// change made right after is seen). Polling keeps the source free of
     /// platform file-notification APIs and works on every file system,
     /// including the bind mounts and config maps it will mostly read. The
-    /// task ends when every receiver is gone.
+    /// task ends when the source is dropped; whether anybody listens yet
+    /// does not matter (a follower may subscribe after the first tick).
     pub fn spawn_poller(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let this = Arc::clone(self);
+        let source = Arc::downgrade(self);
+        let root = self.root.clone();
+        let mut last = yaml_files(&root).ok();
         tokio::spawn(async move {
-            let mut last = yaml_files(&this.root).ok();
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
             loop {
                 tick.tick().await;
-                if this.changes.is_closed() {
+                let Some(this) = source.upgrade() else {
                     return;
-                }
-                let now = yaml_files(&this.root).ok();
+                };
+                let now = yaml_files(&root).ok();
                 if now != last {
-                    tracing::info!(source.root = %this.root.display(), "configuration changed");
+                    tracing::info!(source.root = %root.display(), "configuration changed");
                     last = now;
                     this.changes.send_modify(|n| *n += 1);
                 }
@@ -525,5 +529,34 @@ mod tests {
         let snap = parse_documents(yaml, Path::new("x.yaml"));
         assert!(snap.errors.is_empty());
         assert_eq!(snap.resources[0].spec, Spec::Other);
+    }
+
+    /// A follower that subscribes only after the poller's first ticks still
+    /// hears about later changes, and changes written between the call
+    /// and the first tick are not lost.
+    #[tokio::test]
+    async fn poller_reports_changes_to_late_subscribers() {
+        let dir = std::env::temp_dir().join(format!("ferry-poller-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "a: 1\n").unwrap();
+        let source = Arc::new(DirectorySource::new(&dir));
+        let poller = source.spawn_poller(Duration::from_millis(20));
+        // Written before the poller ran at all.
+        std::fs::write(dir.join("b.yaml"), "b: 2\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut changes = source.subscribe();
+        assert_eq!(*changes.borrow_and_update(), 1, "the early change counts");
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("a change after subscribing is reported")
+            .unwrap();
+        drop(changes);
+        drop(source);
+        tokio::time::timeout(Duration::from_secs(5), poller)
+            .await
+            .expect("the poller ends with its source")
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
