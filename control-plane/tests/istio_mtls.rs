@@ -293,3 +293,72 @@ fn inbound_chains_follow_peer_authentication() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// (transport protocol, ALPN, has TLS) of the chains without a port: the
+/// pass-through to undeclared ports.
+fn catch_all(cfg: &ProxyConfig) -> Vec<(String, Vec<String>, bool)> {
+    let l = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name == "virtualInbound")
+        .expect("virtualInbound");
+    l.filter_chains
+        .iter()
+        .filter(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .is_none_or(|m| m.destination_port.is_none())
+        })
+        .map(|c| {
+            let m = c.filter_chain_match.clone().unwrap_or_default();
+            (
+                m.transport_protocol,
+                m.application_protocols,
+                c.transport_socket.is_some(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn pass_through_chains_follow_the_workload_mode() -> anyhow::Result<()> {
+    let mesh = mesh()?;
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // ledger is STRICT: mTLS only (and no plaintext way in at all).
+    let strict = catch_all(&sidecar(&mesh, "ledger-1", "bank", "10.1.2.10"));
+    assert_eq!(
+        strict,
+        [
+            (
+                "tls".to_string(),
+                s(&["istio-http/1.0", "istio-http/1.1", "istio-h2"]),
+                true
+            ),
+            (
+                "tls".to_string(),
+                s(&["istio-peer-exchange", "istio"]),
+                true
+            ),
+        ]
+    );
+    // vault is PERMISSIVE: both, the plaintext ones saying so.
+    let permissive = catch_all(&sidecar(&mesh, "vault-1", "bank", "10.1.2.30"));
+    assert_eq!(permissive.len(), 4, "{permissive:?}");
+    assert_eq!(
+        permissive[2..],
+        [
+            ("raw_buffer".to_string(), s(&["http/1.1", "h2c"]), false),
+            ("raw_buffer".to_string(), Vec::new(), false),
+        ]
+    );
+    // mainframe's namespace disables mTLS: plaintext as before.
+    let disabled = catch_all(&sidecar(&mesh, "mainframe-1", "legacy", "10.1.2.20"));
+    assert_eq!(
+        disabled,
+        [
+            (String::new(), s(&["http/1.1", "h2c"]), false),
+            (String::new(), Vec::new(), false),
+        ]
+    );
+    Ok(())
+}

@@ -335,28 +335,73 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
             )),
         }
     }
-    chains.push(FilterChain {
-        name: "virtualInbound-catchall-http".into(),
-        filter_chain_match: Some(FilterChainMatch {
-            application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }),
-        filters: vec![typed_filter(
+    // Ports the workload does not declare pass through to it, under the
+    // workload-wide mTLS mode.
+    let mode = if mesh_capable(scope) {
+        scope
+            .mesh
+            .workload_mtls(&scope.proxy.namespace, &scope.proxy.labels, 0)
+    } else {
+        MtlsMode::Disable
+    };
+    let passthrough_hcm = || {
+        typed_filter(
             HCM,
             any(&inbound_hcm(
                 0,
                 INBOUND_PASSTHROUGH,
                 &format!("{INBOUND_PASSTHROUGH}/*"),
             )),
-        )],
-        ..Default::default()
-    });
-    chains.push(tcp_chain(
-        VIRTUAL_INBOUND,
-        INBOUND_PASSTHROUGH,
-        to_cluster(INBOUND_PASSTHROUGH),
-        None,
-    ));
+        )
+    };
+    if mode != MtlsMode::Disable {
+        let tls_match = |alpn: &[&str]| FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        chains.push(FilterChain {
+            name: "virtualInbound-catchall-http".into(),
+            filter_chain_match: Some(tls_match(&ISTIO_HTTP_ALPN)),
+            filters: vec![passthrough_hcm()],
+            transport_socket: Some(inbound_tls(scope, true)),
+            ..Default::default()
+        });
+        let mut chain = tcp_chain(
+            VIRTUAL_INBOUND,
+            INBOUND_PASSTHROUGH,
+            to_cluster(INBOUND_PASSTHROUGH),
+            Some(tls_match(&ISTIO_TCP_ALPN)),
+        );
+        chain.transport_socket = Some(inbound_tls(scope, false));
+        chains.push(chain);
+    }
+    if mode != MtlsMode::Strict {
+        let raw = mode != MtlsMode::Disable;
+        chains.push(FilterChain {
+            name: "virtualInbound-catchall-http".into(),
+            filter_chain_match: Some(FilterChainMatch {
+                transport_protocol: if raw {
+                    "raw_buffer".into()
+                } else {
+                    String::new()
+                },
+                application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            filters: vec![passthrough_hcm()],
+            ..Default::default()
+        });
+        chains.push(tcp_chain(
+            VIRTUAL_INBOUND,
+            INBOUND_PASSTHROUGH,
+            to_cluster(INBOUND_PASSTHROUGH),
+            raw.then(|| FilterChainMatch {
+                transport_protocol: "raw_buffer".into(),
+                ..Default::default()
+            }),
+        ));
+    }
     Listener {
         name: VIRTUAL_INBOUND.into(),
         address: Some(socket_address("0.0.0.0", INBOUND_PORT)),
