@@ -5,7 +5,12 @@
 //! ClusterLoadAssignments, and `inbound|PORT||` clusters to the local app.
 //! [`Mesh`] indexes a snapshot once; [`Mesh::proxy_config`] answers for one
 //! [`Proxy`] (its namespace, labels, service account and IPs, which decide
-//! the Sidecar scope, `sourceLabels` matches and inbound ports).
+//! the Sidecar scope, `sourceLabels` matches and inbound ports; its
+//! locality, which orders endpoints). A `router` node (a gateway) gets the
+//! listeners of the Gateways selecting it instead of the capture listeners
+//! (`gateway`); `delegate` merges delegated rules, `locality` applies
+//! locality load balancing, PeerAuthentication decides the inbound mTLS
+//! chains.
 
 mod cluster;
 mod delegate;
