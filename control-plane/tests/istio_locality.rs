@@ -160,3 +160,34 @@ fn invalid_locality_settings_are_reported() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn failover_priority_follows_shared_labels() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/locality");
+    let snap = load_dir(&dir)?;
+    let mesh = Mesh::new(&snap, MeshOptions::default());
+    // A client in us-west/zone1: its locality stands for its topology
+    // labels, as in istiod.
+    let proxy = Proxy {
+        id: "sidecar~10.2.0.200~other.geo~geo.svc.cluster.local".into(),
+        namespace: "geo".into(),
+        locality: "us-west/zone1/c".into(),
+        ..Default::default()
+    };
+    let cfg = mesh.proxy_config(&proxy);
+    let got = groups(cla(&cfg, "labelled"));
+    // Both labels shared: 0; the region only: 1; neither: 2.
+    let want: BTreeMap<String, (u32, u32, usize)> = [
+        ("us-west/zone1/a", (0, 0, 1)),
+        ("us-west/zone1/b", (0, 0, 1)),
+        ("us-west/zone2/a", (1, 0, 1)),
+        ("us-west/zone2/b", (1, 0, 1)),
+        ("us-east/zone1/a", (2, 0, 1)),
+        ("eu/zone1/a", (2, 0, 1)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(got, want);
+    Ok(())
+}

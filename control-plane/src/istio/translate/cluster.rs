@@ -657,21 +657,63 @@ fn load_assignment(
     service_port: u32,
     endpoints: &[&RegistryEndpoint],
 ) -> ClusterLoadAssignment {
-    let mut by_locality: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
+    // `failoverPriority` labels: how many of them, in order, an endpoint
+    // shares with the proxy decides its priority (all shared: 0).
+    let priority_labels: &[String] = super::locality::setting(policy)
+        .filter(|_| policy.outlier_detection.is_some())
+        .map(|s| s.failover_priority.as_slice())
+        .unwrap_or_default();
+    // As istiod does, a proxy's and an endpoint's locality count as their
+    // topology labels.
+    let with_topology = |labels: &BTreeMap<String, String>, locality: &str| {
+        let mut out = labels.clone();
+        let parts = locality.split('/');
+        for (key, value) in [
+            "topology.kubernetes.io/region",
+            "topology.kubernetes.io/zone",
+            "topology.istio.io/subzone",
+        ]
+        .into_iter()
+        .zip(parts)
+        {
+            if !value.is_empty() {
+                out.entry(key.to_string())
+                    .or_insert_with(|| value.to_string());
+            }
+        }
+        out
+    };
+    let proxy_labels = with_topology(&scope.proxy.labels, &scope.proxy.locality);
+    let label_priority = |e: &RegistryEndpoint| -> u32 {
+        if priority_labels.is_empty() {
+            return 0;
+        }
+        let labels = with_topology(&e.labels, &e.locality);
+        let shared = priority_labels
+            .iter()
+            .take_while(|k| {
+                let want = proxy_labels.get(*k);
+                want.is_some() && labels.get(*k) == want
+            })
+            .count();
+        (priority_labels.len() - shared) as u32
+    };
+    let mut by_locality: BTreeMap<(&str, u32), Vec<LbEndpoint>> = BTreeMap::new();
     for e in endpoints {
         by_locality
-            .entry(e.locality.as_str())
+            .entry((e.locality.as_str(), label_priority(e)))
             .or_default()
             .push(lb_endpoint(e, service_port));
     }
     if by_locality.is_empty() {
-        by_locality.insert("", Vec::new());
+        by_locality.insert(("", 0), Vec::new());
     }
     let mut groups: Vec<LocalityLbEndpoints> = by_locality
         .into_iter()
-        .map(|(l, lb_endpoints)| LocalityLbEndpoints {
+        .map(|((l, priority), lb_endpoints)| LocalityLbEndpoints {
             locality: super::locality::parse(l),
             lb_endpoints,
+            priority,
             ..Default::default()
         })
         .collect();

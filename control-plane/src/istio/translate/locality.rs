@@ -6,7 +6,8 @@
 //! `to` names get nothing). Failover, which Istio turns on only with
 //! outlier detection, sets priorities: same subzone 0, same zone, same
 //! region, then the `failover` targets in order, then everything else,
-//! numbered without gaps.
+//! numbered without gaps; with `failoverPriority` instead, by how many of
+//! its labels (in order) an endpoint shares with the proxy.
 
 use std::collections::BTreeMap;
 
@@ -69,6 +70,19 @@ pub fn distributes(policy: &TrafficPolicy, proxy_locality: &str) -> bool {
 /// `proxy_locality`.
 pub fn apply(policy: &TrafficPolicy, proxy_locality: &str, groups: &mut Vec<LocalityLbEndpoints>) {
     let Some(s) = setting(policy) else { return };
+    if !s.failover_priority.is_empty() {
+        // Priorities were set from the labels the endpoints share with the
+        // proxy (only with outlier detection, as Istio); number them
+        // without gaps.
+        let mut distinct: Vec<u32> = groups.iter().map(|g| g.priority).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for g in groups.iter_mut() {
+            g.priority = distinct.iter().position(|d| *d == g.priority).unwrap_or(0) as u32;
+        }
+        groups.sort_by_key(|g| g.priority);
+        return;
+    }
     if proxy_locality.is_empty() {
         return;
     }
