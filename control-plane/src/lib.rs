@@ -2,7 +2,9 @@
 //! server (state-of-the-world and delta, per-stream ACK/NACK bookkeeping and
 //! an `istioctl proxy-status`-like view of it) and the sources that fill it:
 //! the replay of an Envoy `/config_dump` and the static resources of an Envoy
-//! bootstrap. Translation of Istio resources will feed the same cache.
+//! bootstrap, and Istio configuration ([`istio`]: a directory of YAML or,
+//! with the `kube` feature, the Kubernetes API) translated per proxy by
+//! [`pilot`] for sidecars and gateways.
 
 pub mod istio;
 pub mod pilot;

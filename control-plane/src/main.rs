@@ -52,6 +52,13 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Serves Istio configuration read from the Kubernetes API (in-cluster
+    /// service account or `KUBECONFIG`), watched for changes.
+    #[cfg(feature = "kube")]
+    ServeKube {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
     /// Validates a directory of Istio configuration like `istioctl analyze`;
     /// exits non-zero on errors.
     Analyze {
@@ -160,6 +167,30 @@ async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     serve_with(Server::per_node(Cache::new(), resolver), args).await
 }
 
+#[cfg(feature = "kube")]
+async fn serve_kube(args: ServeArgs) -> anyhow::Result<()> {
+    use ferry_pilot::istio::kube_source::KubeSource;
+    use ferry_pilot::istio::source::Source;
+    use ferry_pilot::istio::translate::MeshOptions;
+    use ferry_pilot::pilot::Pilot;
+    let source = KubeSource::connect().await?;
+    source.spawn_watchers();
+    source.wait_synced().await;
+    let snapshot = source.list()?;
+    let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default())?);
+    tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
+    tokio::spawn(
+        pilot
+            .clone()
+            .follow(source, std::time::Duration::from_millis(100)),
+    );
+    let resolver = {
+        let pilot = pilot.clone();
+        Arc::new(move |node: &envoy_types::pb::envoy::config::core::v3::Node| pilot.cache_for(node))
+    };
+    serve_with(Server::per_node(Cache::new(), resolver), args).await
+}
+
 fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {
     use ferry_pilot::istio::source::load_dir;
     use ferry_pilot::istio::validate::{Severity, validate};
@@ -248,6 +279,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(serve_istio(config, serve));
+        }
+        #[cfg(feature = "kube")]
+        Command::ServeKube { serve } => {
+            return tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(serve_kube(serve));
         }
         Command::Analyze { dir } => {
             if analyze(&dir)? {

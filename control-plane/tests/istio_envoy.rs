@@ -176,3 +176,142 @@ async fn invalid_change_is_refused_and_the_last_good_set_serves() {
     all_acked(&server, &envoy, &id).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gateway node (`router~…`) labelled as the ingress gateway.
+fn gateway_node(ip: &str) -> (String, serde_json::Value) {
+    (
+        format!("router~{ip}~istio-ingressgateway-5b7.istio-system~istio-system.svc.cluster.local"),
+        json!({"NAMESPACE": "istio-system", "LABELS": {"istio": "ingressgateway", "app": "istio-ingressgateway"},
+               "SERVICE_ACCOUNT": "istio-ingressgateway-service-account", "INSTANCE_IPS": ip}),
+    )
+}
+
+#[tokio::test]
+async fn envoy_acks_gateway_listeners_of_every_server_kind() {
+    let Some(bin) = envoy_binary() else { return };
+    // HTTP, HTTPS SIMPLE and MUTUAL, PASSTHROUGH, ISTIO_MUTUAL and TCP
+    // servers, a delegate and weighted routes.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gateway");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    for (i, api) in ["GRPC", "DELTA_GRPC"].iter().enumerate() {
+        let (id, meta) = gateway_node(&format!("10.0.9.{}", i + 1));
+        let envoy = start_envoy(&bin, &id, api, xds, meta);
+        all_acked(&server, &envoy, &id).await;
+        let s = server
+            .status()
+            .into_iter()
+            .find(|s| s.node_id == id)
+            .expect("status");
+        assert!(
+            s.types[LISTENER].sent_resources >= 5,
+            "{id}: {:?}",
+            s.types[LISTENER]
+        );
+    }
+    // An east-west gateway: AUTO_PASSTHROUGH chains by istiod's SNI.
+    let id = "router~10.0.9.20~eastwest-1.shop~shop.svc.cluster.local".to_string();
+    let meta = json!({"NAMESPACE": "shop", "LABELS": {"istio": "eastwestgateway"}, "INSTANCE_IPS": "10.0.9.20"});
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    // No HTTP server: no route configurations to ask for.
+    types_acked(&server, &envoy, &id, &[CLUSTER, ENDPOINT, LISTENER]).await;
+    // A sidecar of the same mesh: TLS routes by SNI, weighted.
+    let id = "sidecar~10.1.1.10~productpage-1.shop~shop.svc.cluster.local".to_string();
+    let meta =
+        json!({"NAMESPACE": "shop", "LABELS": {"app": "productpage"}, "INSTANCE_IPS": "10.1.1.10"});
+    let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+}
+
+#[tokio::test]
+async fn envoy_acks_the_bookinfo_gateway() {
+    let Some(bookinfo) = bookinfo() else {
+        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
+        return;
+    };
+    let Some(bin) = envoy_binary() else { return };
+    let dir = config_dir(&bookinfo, "networking/bookinfo-gateway.yaml", "gateway");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    let (id, meta) = gateway_node("10.0.9.10");
+    let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits until `types` are ACKed by `node`, and checks they had no NACK.
+async fn types_acked(server: &Server, envoy: &Envoy, node: &str, types: &[&str]) {
+    let synced = server
+        .wait_for(ENVOY_WAIT, |streams| {
+            let s = streams.iter().find(|s| s.node_id == node)?;
+            types
+                .iter()
+                .all(|t| {
+                    s.types
+                        .get(*t)
+                        .is_some_and(|t| t.state == SyncState::Synced)
+                })
+                .then(|| s.clone())
+        })
+        .await;
+    let s = match synced {
+        Ok(s) => s,
+        Err(e) => panic!("{e}\nEnvoy log:\n{}", envoy.log()),
+    };
+    for t in types {
+        assert_eq!(
+            s.types[*t].nacks, 0,
+            "{node} {t}: {:?}",
+            s.types[*t].last_nack
+        );
+        assert!(s.types[*t].sent_resources > 0, "{node} {t}: nothing sent");
+    }
+}
+
+#[tokio::test]
+async fn envoy_acks_auto_mtls_clusters_and_peer_authentication_chains() {
+    let Some(bin) = envoy_binary() else { return };
+    // Injected namespace, auto-mTLS clusters, STRICT, PERMISSIVE (port
+    // level) and DISABLE inbound chains.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mtls");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    let node = |pod: &str, ns: &str, ip: &str, labels: serde_json::Value| {
+        (
+            format!("sidecar~{ip}~{pod}.{ns}~{ns}.svc.cluster.local"),
+            json!({"NAMESPACE": ns, "LABELS": labels, "INSTANCE_IPS": ip}),
+        )
+    };
+    // ledger: every cluster has auto mTLS. Their secrets never come (no
+    // agent here), so Envoy keeps the clusters warming and never asks for
+    // listeners: clusters and endpoints must be ACKed.
+    let (id, meta) = node(
+        "ledger-1",
+        "bank",
+        "10.1.2.10",
+        json!({"app": "ledger", "version": "v1", "security.istio.io/tlsMode": "istio"}),
+    );
+    let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+    types_acked(&server, &envoy, &id, &[CLUSTER, ENDPOINT]).await;
+    // vault: its Sidecar imports only the legacy namespace (no mTLS
+    // there), so its clusters warm and its PERMISSIVE inbound chains
+    // (mTLS and plaintext) reach Envoy: everything ACKed.
+    let (id, meta) = node(
+        "vault-1",
+        "bank",
+        "10.1.2.30",
+        json!({"app": "vault", "security.istio.io/tlsMode": "istio"}),
+    );
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+}
+
+#[tokio::test]
+async fn envoy_acks_locality_priorities_weights_and_warmup() {
+    let Some(bin) = envoy_binary() else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/locality");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    // The client pod's locality (us-west/zone1/a) comes from its Pod.
+    let id = "sidecar~10.2.0.100~client.geo~geo.svc.cluster.local".to_string();
+    let meta =
+        json!({"NAMESPACE": "geo", "LABELS": {"app": "client"}, "INSTANCE_IPS": "10.2.0.100"});
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+}

@@ -4,6 +4,8 @@
 //! listeners, routes, clusters and endpoints istiod would send in
 //! [`translate`] (pilot's job). The ADS server serves what this produces.
 
+#[cfg(feature = "kube")]
+pub mod kube_source;
 pub mod names;
 pub mod source;
 pub mod translate;

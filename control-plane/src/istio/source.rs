@@ -162,6 +162,14 @@ pub fn parse_documents(text: &str, file: &Path) -> Snapshot {
     out
 }
 
+/// Parses one object already decoded (from the Kubernetes API, say), as
+/// a document of a file would be; `origin` names it in errors.
+pub fn parse_value(value: Value, origin: &Origin) -> Snapshot {
+    let mut out = Snapshot::default();
+    parse_object(value, origin, &mut out);
+    out
+}
+
 /// Splits a multi-document YAML text on `---` lines, returning each
 /// document with the 1-based line where it starts. Empty documents are
 /// dropped. A `---` inside a block scalar is always indented, so a line

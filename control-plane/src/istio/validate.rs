@@ -49,6 +49,12 @@ pub enum Code {
     MultipleSidecarsWithoutWorkloadSelectors,
     /// IST0118: a service port name without a protocol prefix.
     PortNameIsNotUnderNamingConvention,
+    /// IST0132: a VirtualService bound to a Gateway none of whose servers
+    /// serves any of its hosts.
+    VirtualServiceHostNotFoundInGateway,
+    /// IST0145: two Gateways selecting the same workloads claim one host
+    /// on one port.
+    ConflictingGateways,
     /// IST0130: a rule after a catch-all rule.
     VirtualServiceUnreachableRule,
     /// IST0131: a match identical to an earlier one.
@@ -65,7 +71,9 @@ impl Code {
             Code::MultipleSidecarsWithoutWorkloadSelectors => "IST0111",
             Code::PortNameIsNotUnderNamingConvention => "IST0118",
             Code::VirtualServiceUnreachableRule => "IST0130",
+            Code::ConflictingGateways => "IST0145",
             Code::VirtualServiceIneffectiveMatch => "IST0131",
+            Code::VirtualServiceHostNotFoundInGateway => "IST0132",
         }
     }
 
@@ -82,7 +90,9 @@ impl Code {
             }
             Code::PortNameIsNotUnderNamingConvention => "PortNameIsNotUnderNamingConvention",
             Code::VirtualServiceUnreachableRule => "VirtualServiceUnreachableRule",
+            Code::ConflictingGateways => "ConflictingGateways",
             Code::VirtualServiceIneffectiveMatch => "VirtualServiceIneffectiveMatch",
+            Code::VirtualServiceHostNotFoundInGateway => "VirtualServiceHostNotFoundInGateway",
         }
     }
 
@@ -91,8 +101,10 @@ impl Code {
             Code::ReferencedResourceNotFound
             | Code::SchemaValidationError
             | Code::ConflictingMeshGatewayVirtualServiceHosts
-            | Code::MultipleSidecarsWithoutWorkloadSelectors => Severity::Error,
+            | Code::MultipleSidecarsWithoutWorkloadSelectors
+            | Code::ConflictingGateways => Severity::Error,
             Code::Deprecated
+            | Code::VirtualServiceHostNotFoundInGateway
             | Code::VirtualServiceUnreachableRule
             | Code::VirtualServiceIneffectiveMatch => Severity::Warning,
             Code::PortNameIsNotUnderNamingConvention => Severity::Info,
@@ -177,6 +189,12 @@ struct Validator {
     subsets: BTreeMap<String, BTreeSet<String>>,
     /// Gateways as `namespace/name`.
     gateways: BTreeSet<String>,
+    /// The hosts of each Gateway's servers (without `namespace/`).
+    gateway_hosts: BTreeMap<String, Vec<String>>,
+    /// VirtualServices as `namespace/name`.
+    virtual_services: BTreeSet<String>,
+    /// VirtualServices some rule delegates to, as `namespace/name`.
+    delegates: BTreeSet<String>,
 }
 
 impl Validator {
@@ -184,9 +202,22 @@ impl Validator {
         let mut hosts = BTreeSet::new();
         let mut subsets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut gateways = BTreeSet::new();
+        let mut gateway_hosts = BTreeMap::new();
+        let mut virtual_services = BTreeSet::new();
+        let mut delegates = BTreeSet::new();
         for r in &snapshot.resources {
             let ns = &r.meta.namespace;
             match &r.spec {
+                Spec::VirtualService(vs) => {
+                    virtual_services.insert(format!("{ns}/{}", r.meta.name));
+                    for d in vs.http.iter().filter_map(|h| h.delegate.as_ref()) {
+                        delegates.insert(format!(
+                            "{}/{}",
+                            d.namespace.as_deref().unwrap_or(ns),
+                            d.name
+                        ));
+                    }
+                }
                 Spec::Service(_) => {
                     hosts.insert(names::service_fqdn(&r.meta.name, ns, DEFAULT_DOMAIN));
                 }
@@ -203,8 +234,16 @@ impl Validator {
                         .or_default()
                         .extend(dr.subsets.iter().map(|s| s.name.clone()));
                 }
-                Spec::Gateway(_) => {
+                Spec::Gateway(gw) => {
                     gateways.insert(format!("{ns}/{}", r.meta.name));
+                    gateway_hosts.insert(
+                        format!("{ns}/{}", r.meta.name),
+                        gw.servers
+                            .iter()
+                            .flat_map(|s| &s.hosts)
+                            .map(|h| h.split_once('/').map_or(h.as_str(), |(_, h)| h).to_string())
+                            .collect(),
+                    );
                 }
                 _ => {}
             }
@@ -214,6 +253,9 @@ impl Validator {
             hosts,
             subsets,
             gateways,
+            gateway_hosts,
+            virtual_services,
+            delegates,
         }
     }
 
@@ -230,8 +272,29 @@ impl Validator {
     fn cross_resource_checks(&mut self, snapshot: &Snapshot) {
         let mut owners: BTreeMap<String, Vec<&Resource>> = BTreeMap::new();
         let mut default_sidecars: BTreeMap<&str, Vec<&Resource>> = BTreeMap::new();
+        // (selector, port, host) → the Gateways that claim it.
+        type ServerKey = (Vec<(String, String)>, u32, String);
+        let mut servers: BTreeMap<ServerKey, Vec<&Resource>> = BTreeMap::new();
         for r in &snapshot.resources {
             match &r.spec {
+                Spec::Gateway(gw) => {
+                    let selector: Vec<(String, String)> = gw
+                        .selector
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    for s in &gw.servers {
+                        for h in &s.hosts {
+                            let host = h.split_once('/').map_or(h.as_str(), |(_, h)| h);
+                            let claimants = servers
+                                .entry((selector.clone(), s.port.number, host.to_string()))
+                                .or_default();
+                            if !claimants.iter().any(|c| std::ptr::eq(*c, r)) {
+                                claimants.push(r);
+                            }
+                        }
+                    }
+                }
                 Spec::VirtualService(vs) if binds_mesh(vs) => {
                     for h in &vs.hosts {
                         owners
@@ -262,6 +325,25 @@ impl Validator {
                     format!(
                         "the VirtualServices {} bound to the mesh gateway all define host {host}; only one takes effect",
                         names.join(", ")
+                    ),
+                ));
+            }
+        }
+        for ((selector, port, host), rs) in servers {
+            if rs.len() < 2 {
+                continue;
+            }
+            let names: Vec<String> = rs.iter().map(|r| r.key().to_string()).collect();
+            let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            for r in &rs {
+                self.findings.push(finding(
+                    r,
+                    Code::ConflictingGateways,
+                    "spec.servers",
+                    format!(
+                        "the Gateways {} all serve host {host} on port {port} for workloads {{{}}}; only one takes effect",
+                        names.join(", "),
+                        selector.join(",")
                     ),
                 ));
             }
@@ -398,8 +480,19 @@ impl Cx<'_> {
     }
 
     fn virtual_service(&mut self, vs: &VirtualService) {
-        if vs.hosts.is_empty() {
-            self.schema("spec.hosts", "at least one host is required");
+        let me = format!("{}/{}", self.ns(), self.r.meta.name);
+        let is_delegate = self.v.delegates.contains(&me);
+        if vs.hosts.is_empty() && !is_delegate {
+            self.schema(
+                "spec.hosts",
+                "at least one host is required (only a delegate VirtualService may have none)",
+            );
+        }
+        if is_delegate && !vs.hosts.is_empty() {
+            self.schema(
+                "spec.hosts",
+                "a delegate VirtualService must not set hosts; it takes its parent's",
+            );
         }
         for (i, h) in vs.hosts.iter().enumerate() {
             if h.is_empty() || (h.contains('*') && !h.starts_with('*')) || h.contains('/') {
@@ -408,6 +501,31 @@ impl Cx<'_> {
         }
         for (i, g) in vs.gateways.iter().enumerate() {
             self.gateway_ref(&format!("spec.gateways[{i}]"), g);
+            if g == "mesh" || vs.hosts.is_empty() {
+                continue;
+            }
+            let full = if g.contains('/') {
+                g.clone()
+            } else {
+                format!("{}/{g}", self.ns())
+            };
+            if let Some(server_hosts) = self.v.gateway_hosts.get(&full) {
+                let served = vs.hosts.iter().any(|h| {
+                    server_hosts
+                        .iter()
+                        .any(|sh| names::host_matches(sh, h) || names::host_matches(h, sh))
+                });
+                if !served {
+                    self.report(
+                        Code::VirtualServiceHostNotFoundInGateway,
+                        "spec.hosts",
+                        format!(
+                            "none of the hosts {:?} is served by gateway {full} (its servers' hosts: {server_hosts:?})",
+                            vs.hosts
+                        ),
+                    );
+                }
+            }
         }
         let mut seen: Vec<(usize, usize, &HttpMatchRequest)> = Vec::new();
         let mut catch_all: Option<usize> = None;
@@ -533,6 +651,17 @@ impl Cx<'_> {
                 f,
                 "route, redirect, directResponse and delegate exclude each other",
             );
+        }
+        if let Some(d) = &route.delegate {
+            let target = format!("{}/{}", d.namespace.as_deref().unwrap_or(self.ns()), d.name);
+            // A delegate with hosts is reported on the delegate itself.
+            if !self.v.virtual_services.contains(&target) {
+                self.report(
+                    Code::ReferencedResourceNotFound,
+                    format!("{f}.delegate"),
+                    format!("referenced delegate VirtualService not found: {target:?}"),
+                );
+            }
         }
         if route.websocket_upgrade.is_some() {
             self.report(
@@ -714,6 +843,39 @@ impl Cx<'_> {
     }
 
     fn traffic_policy(&mut self, f: &str, tp: &TrafficPolicy) {
+        if let Some(l) = tp
+            .load_balancer
+            .as_ref()
+            .and_then(|lb| lb.locality_lb_setting.as_ref())
+        {
+            let lf = format!("{f}.loadBalancer.localityLbSetting");
+            if !l.distribute.is_empty() && !l.failover.is_empty() {
+                self.schema(&lf, "distribute and failover exclude each other");
+            }
+            for (i, d) in l.distribute.iter().enumerate() {
+                let total: u32 = d.to.values().sum();
+                if total != 100 {
+                    self.schema(
+                        format!("{lf}.distribute[{i}].to"),
+                        format!("locality weights sum to {total}, not 100"),
+                    );
+                }
+                if d.from.is_empty() {
+                    self.schema(format!("{lf}.distribute[{i}].from"), "from is required");
+                }
+            }
+            for (i, fo) in l.failover.iter().enumerate() {
+                if fo.from == fo.to || fo.from.is_empty() || fo.to.is_empty() {
+                    self.schema(
+                        format!("{lf}.failover[{i}]"),
+                        format!(
+                            "failover needs two different regions, got from {:?} to {:?}",
+                            fo.from, fo.to
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(lb) = &tp.load_balancer {
             if lb.simple.is_some() && lb.consistent_hash.is_some() {
                 self.schema(
@@ -856,6 +1018,38 @@ impl Cx<'_> {
                     format!("{f}.tls"),
                     format!("a {proto} server needs tls settings"),
                 );
+            }
+            if let Some(tls) = &s.tls {
+                use super::types::networking::ServerTlsMode as M;
+                let mode = tls.mode.unwrap_or(M::Simple);
+                let terminates = matches!(mode, M::Simple | M::Mutual | M::OptionalMutual);
+                let has_cert = tls.credential_name.is_some()
+                    || !tls.credential_names.is_empty()
+                    || (tls.server_certificate.is_some() && tls.private_key.is_some());
+                if terminates && matches!(proto.as_str(), "HTTPS" | "TLS") && !has_cert {
+                    self.schema(
+                        format!("{f}.tls"),
+                        format!(
+                            "{mode:?} TLS needs credentialName (a Kubernetes Secret) or serverCertificate and privateKey"
+                        ),
+                    );
+                }
+                if mode == M::Mutual
+                    && tls.credential_name.is_none()
+                    && tls.credential_names.is_empty()
+                    && tls.ca_certificates.is_none()
+                {
+                    self.schema(
+                        format!("{f}.tls.caCertificates"),
+                        "MUTUAL TLS with certificate files needs caCertificates",
+                    );
+                }
+                if matches!(mode, M::Passthrough | M::AutoPassthrough) && proto == "HTTP" {
+                    self.schema(
+                        format!("{f}.tls.mode"),
+                        "PASSTHROUGH needs an HTTPS or TLS server",
+                    );
+                }
             }
         }
     }
@@ -1014,6 +1208,25 @@ impl Cx<'_> {
     }
 
     fn peer_authentication(&mut self, pa: &super::types::security::PeerAuthentication) {
+        for port in pa.port_level_mtls.keys() {
+            if *port == 0 || *port > 65535 {
+                self.schema(
+                    format!("spec.portLevelMtls.{port}"),
+                    format!("invalid port {port}"),
+                );
+            }
+        }
+        if pa
+            .selector
+            .as_ref()
+            .is_some_and(|s| s.match_labels.is_empty())
+            && !pa.port_level_mtls.is_empty()
+        {
+            self.schema(
+                "spec.selector.matchLabels",
+                "port-level mTLS needs a selector with labels",
+            );
+        }
         if !pa.port_level_mtls.is_empty() && pa.selector.is_none() {
             self.schema(
                 "spec.portLevelMtls",

@@ -437,6 +437,22 @@ pub fn start_envoy(
             "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
                 "address": {"socket_address": {"address": xds.ip().to_string(), "port_value": xds.port()}}
             }}]}]}
+        }, {
+            // istio-agent's SDS server, as its bootstrap names it (mTLS
+            // settings refer to it); nothing answers on it here, so
+            // resources that need its secrets stay warming.
+            "name": "sds-grpc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }
+            },
+            "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9}}
+            }}]}]}
         }]}
     });
     let config = dir.join("bootstrap.json");

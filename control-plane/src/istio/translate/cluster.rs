@@ -11,14 +11,17 @@ use std::collections::{BTreeMap, HashMap};
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection, UpstreamConnectionOptions,
     circuit_breakers::Thresholds,
+    cluster::TransportSocketMatch,
     cluster::{
         ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy,
-        MaglevLbConfig, RingHashLbConfig,
+        LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig, RoundRobinLbConfig,
+        SlowStartConfig,
+        common_lb_config::{LocalityConfigSpecifier, LocalityWeightedLbConfig},
     },
 };
 use envoy_types::pb::envoy::config::core::v3::{
     BindConfig, DataSource, Http1ProtocolOptions, Http2ProtocolOptions,
-    HttpProtocolOptions as CommonHttpOptions, Metadata, SocketAddress, TcpKeepalive,
+    HttpProtocolOptions as CommonHttpOptions, Metadata, RuntimeDouble, SocketAddress, TcpKeepalive,
     TransportSocket, data_source, socket_address::PortSpecifier, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -26,8 +29,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate,
-    UpstreamTlsContext, common_tls_context::CombinedCertificateValidationContext,
+    TlsParameters, UpstreamTlsContext, common_tls_context::CombinedCertificateValidationContext,
     common_tls_context::ValidationContextType, subject_alt_name_matcher::SanType,
+    tls_parameters::TlsProtocol,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions,
@@ -45,8 +49,11 @@ use super::util::{ads, agent_sds, any, duration, seconds, socket_address};
 use super::{ProxyConfig, Scope, Service, ServicePort};
 use crate::istio::names::{self, Protocol};
 use crate::istio::types::networking::{
-    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, Resolution, SimpleLb, TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, Location, Resolution, SimpleLb,
+    TrafficPolicy,
 };
+use crate::istio::types::security::MtlsMode;
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
 
 pub const BLACKHOLE: &str = "BlackHoleCluster";
 pub const PASSTHROUGH: &str = "PassthroughCluster";
@@ -77,6 +84,10 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
                 outbound(scope, svc, port, Some((&subset.name, &subset.labels)), out);
             }
         }
+    }
+    if scope.proxy.node_type == super::NodeType::Router {
+        // A gateway has no local application to deliver to.
+        return;
     }
     for port in super::listener::inbound_ports(scope) {
         let mut c = original_dst(
@@ -173,17 +184,18 @@ fn outbound(
         } else {
             endpoints.clone()
         };
-        c.load_assignment = Some(load_assignment(&name, port.port, &eps));
-        load_balancer(&policy, &mut c);
+        c.load_assignment = Some(load_assignment(scope, &policy, &name, port.port, &eps));
+        load_balancer(scope, &policy, &mut c);
     } else {
         c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
         c.eds_cluster_config = Some(EdsClusterConfig {
             eds_config: Some(ads()),
             service_name: name.clone(),
         });
-        load_balancer(&policy, &mut c);
-        out.endpoints
-            .push(load_assignment(&name, port.port, &endpoints));
+        load_balancer(scope, &policy, &mut c);
+        out.endpoints.push(load_assignment(
+            scope, &policy, &name, port.port, &endpoints,
+        ));
     }
     if port.protocol.is_http() || port.protocol == Protocol::Unknown {
         c.typed_extension_protocol_options.insert(
@@ -223,17 +235,30 @@ fn outbound(
             });
         }
     }
-    if let Some(tls) = &policy.tls {
-        c.transport_socket = upstream_tls(scope, svc, port.port, subset.map(|s| s.0), tls);
+    match &policy.tls {
+        Some(tls) => {
+            c.transport_socket = upstream_tls(scope, svc, port.port, subset.map(|s| s.0), tls);
+        }
+        None => {
+            c.transport_socket_matches =
+                auto_mtls(scope, svc, port.port, subset.map(|s| s.0), &endpoints);
+        }
     }
     out.clusters.push(c);
 }
 
-fn load_balancer(policy: &TrafficPolicy, c: &mut Cluster) {
+fn load_balancer(scope: &Scope<'_>, policy: &TrafficPolicy, c: &mut Cluster) {
     let Some(lb) = &policy.load_balancer else {
         c.lb_policy = LbPolicy::LeastRequest as i32;
         return;
     };
+    if super::locality::distributes(policy, &scope.proxy.locality) {
+        c.common_lb_config
+            .get_or_insert_with(CommonLbConfig::default)
+            .locality_config_specifier = Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(
+            LocalityWeightedLbConfig {},
+        ));
+    }
     if let Some(ch) = &lb.consistent_hash {
         if let Some(m) = &ch.maglev {
             c.lb_policy = LbPolicy::Maglev as i32;
@@ -262,6 +287,41 @@ fn load_balancer(policy: &TrafficPolicy, c: &mut Cluster) {
         // default is LEAST_REQUEST too.
         _ => LbPolicy::LeastRequest,
     } as i32;
+    // Warm-up: new endpoints ramp up over the window (Envoy's slow start,
+    // for round robin and least request only).
+    let window = lb
+        .warmup
+        .as_ref()
+        .and_then(|w| w.duration)
+        .or(lb.warmup_duration_secs);
+    if let Some(window) = window {
+        let slow_start = SlowStartConfig {
+            slow_start_window: Some(duration(window.0)),
+            aggression: lb
+                .warmup
+                .as_ref()
+                .and_then(|w| w.aggression)
+                .map(|a| RuntimeDouble {
+                    default_value: a,
+                    runtime_key: String::new(),
+                }),
+            min_weight_percent: lb
+                .warmup
+                .as_ref()
+                .and_then(|w| w.minimum_percent)
+                .map(|p| Percent { value: p }),
+        };
+        if c.lb_policy == LbPolicy::RoundRobin as i32 {
+            c.lb_config = Some(LbConfig::RoundRobinLbConfig(RoundRobinLbConfig {
+                slow_start_config: Some(slow_start),
+            }));
+        } else if c.lb_policy == LbPolicy::LeastRequest as i32 {
+            c.lb_config = Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+                slow_start_config: Some(slow_start),
+                ..Default::default()
+            }));
+        }
+    }
 }
 
 /// istiod's thresholds: everything unlimited unless the connection pool
@@ -398,6 +458,128 @@ fn outlier_detection(od: &crate::istio::types::networking::OutlierDetection) -> 
     out
 }
 
+/// Istio mTLS to a sidecar: the workload certificate and mesh root from
+/// the agent's SDS, ALPN `istio-peer-exchange`/`istio`, the destination's
+/// service accounts as expected SPIFFE identities (unless the rule names
+/// its own), and istiod's SNI `outbound_.PORT_.SUBSET_.HOST`.
+fn istio_mutual(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+    subset: Option<&str>,
+    tls: &ClientTlsSettings,
+) -> UpstreamTlsContext {
+    let san = |value: &str| SubjectAltNameMatcher {
+        san_type: SanType::Uri as i32,
+        matcher: Some(StringMatcher {
+            match_pattern: Some(MatchPattern::Exact(value.to_string())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut accounts: Vec<&str> = svc
+        .endpoints
+        .iter()
+        .map(|e| e.service_account.as_str())
+        .filter(|s| !s.is_empty())
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    let sans = if tls.subject_alt_names.is_empty() {
+        accounts
+            .iter()
+            .map(|sa| {
+                san(&format!(
+                    "spiffe://{}/ns/{}/sa/{sa}",
+                    scope.mesh.options.trust_domain, svc.namespace
+                ))
+            })
+            .collect()
+    } else {
+        tls.subject_alt_names.iter().map(|s| san(s)).collect()
+    };
+    UpstreamTlsContext {
+        sni: tls
+            .sni
+            .clone()
+            .unwrap_or_else(|| format!("outbound_.{port}_.{}_.{}", subset.unwrap_or(""), svc.host)),
+        common_tls_context: Some(CommonTlsContext {
+            tls_params: Some(TlsParameters {
+                tls_minimum_protocol_version: TlsProtocol::TlSv12 as i32,
+                tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
+                ..Default::default()
+            }),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            tls_certificate_sds_secret_configs: vec![agent_sds("default")],
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: sans,
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(agent_sds("ROOTCA")),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn tls_socket(ctx: &UpstreamTlsContext) -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(ctx))),
+    }
+}
+
+/// Auto mTLS as istiod does it when the DestinationRule sets no TLS:
+/// endpoints whose metadata says `tlsMode: istio` (pods with a sidecar)
+/// get Istio mTLS, the others plain TCP. Only written when some endpoint
+/// can use it (otherwise the match never selects TLS), never to
+/// mesh-external services, nor when the service's namespace disables
+/// mTLS with a PeerAuthentication.
+fn auto_mtls(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+    subset: Option<&str>,
+    endpoints: &[&RegistryEndpoint],
+) -> Vec<TransportSocketMatch> {
+    let external = matches!(
+        svc.kind,
+        ServiceKind::Entry {
+            location: Location::MeshExternal,
+            ..
+        }
+    );
+    if external
+        || !endpoints.iter().any(|e| e.istio_mtls())
+        || scope.mesh.namespace_mtls(&svc.namespace) == Some(MtlsMode::Disable)
+    {
+        return Vec::new();
+    }
+    let ctx = istio_mutual(scope, svc, port, subset, &ClientTlsSettings::default());
+    vec![
+        TransportSocketMatch {
+            name: "tlsMode-istio".into(),
+            r#match: Some(struct_of([("tlsMode", "istio")])),
+            transport_socket: Some(tls_socket(&ctx)),
+        },
+        TransportSocketMatch {
+            name: "tlsMode-disabled".into(),
+            r#match: Some(Struct::default()),
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.raw_buffer".into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+                    &RawBuffer {},
+                ))),
+            }),
+        },
+    ]
+}
+
 /// DestinationRule `tls` as an upstream TLS transport socket.
 fn upstream_tls(
     scope: &Scope<'_>,
@@ -421,56 +603,7 @@ fn upstream_tls(
     };
     let ctx = match mode {
         ClientTlsMode::Disable => return None,
-        ClientTlsMode::IstioMutual => {
-            let mut accounts: Vec<&str> = svc
-                .endpoints
-                .iter()
-                .map(|e| e.service_account.as_str())
-                .filter(|s| !s.is_empty())
-                .collect();
-            accounts.sort_unstable();
-            accounts.dedup();
-            let sans = if tls.subject_alt_names.is_empty() {
-                accounts
-                    .iter()
-                    .map(|sa| {
-                        let id = format!(
-                            "spiffe://{}/ns/{}/sa/{sa}",
-                            scope.mesh.options.trust_domain, svc.namespace
-                        );
-                        san(SanType::Uri, &id)
-                    })
-                    .collect()
-            } else {
-                tls.subject_alt_names
-                    .iter()
-                    .map(|s| san(SanType::Uri, s))
-                    .collect()
-            };
-            UpstreamTlsContext {
-                sni: tls.sni.clone().unwrap_or_else(|| {
-                    format!("outbound_.{port}_.{}_.{}", subset.unwrap_or(""), svc.host)
-                }),
-                common_tls_context: Some(CommonTlsContext {
-                    alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
-                    tls_certificate_sds_secret_configs: vec![agent_sds("default")],
-                    validation_context_type: Some(
-                        ValidationContextType::CombinedValidationContext(
-                            CombinedCertificateValidationContext {
-                                default_validation_context: Some(CertificateValidationContext {
-                                    match_typed_subject_alt_names: sans,
-                                    ..Default::default()
-                                }),
-                                validation_context_sds_secret_config: Some(agent_sds("ROOTCA")),
-                                ..Default::default()
-                            },
-                        ),
-                    ),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }
-        }
+        ClientTlsMode::IstioMutual => istio_mutual(scope, svc, port, subset, tls),
         ClientTlsMode::Simple | ClientTlsMode::Mutual => {
             let mut common = CommonTlsContext::default();
             if tls.insecure_skip_verify != Some(true) {
@@ -512,49 +645,105 @@ fn upstream_tls(
             }
         }
     };
-    Some(TransportSocket {
-        name: "envoy.transport_sockets.tls".into(),
-        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
-    })
+    Some(tls_socket(&ctx))
 }
 
-/// The endpoints of one cluster, in one locality.
+/// The endpoints of one cluster, grouped by locality, with the rule's
+/// locality weights or failover priorities for this proxy.
 fn load_assignment(
+    scope: &Scope<'_>,
+    policy: &TrafficPolicy,
     cluster: &str,
     service_port: u32,
     endpoints: &[&RegistryEndpoint],
 ) -> ClusterLoadAssignment {
-    let lb_endpoints = endpoints
-        .iter()
-        .map(|e| {
-            let port = e.ports.get(&service_port).copied().unwrap_or(service_port);
-            let mut metadata = Metadata::default();
-            if e.istio_mtls() {
-                // What transport_socket_matches select on (`tlsMode: istio`).
-                metadata.filter_metadata.insert(
-                    "envoy.transport_socket_match".into(),
-                    struct_of([("tlsMode", "istio")]),
-                );
+    // `failoverPriority` labels: how many of them, in order, an endpoint
+    // shares with the proxy decides its priority (all shared: 0).
+    let priority_labels: &[String] = super::locality::setting(policy)
+        .filter(|_| policy.outlier_detection.is_some())
+        .map(|s| s.failover_priority.as_slice())
+        .unwrap_or_default();
+    // As istiod does, a proxy's and an endpoint's locality count as their
+    // topology labels.
+    let with_topology = |labels: &BTreeMap<String, String>, locality: &str| {
+        let mut out = labels.clone();
+        let parts = locality.split('/');
+        for (key, value) in [
+            "topology.kubernetes.io/region",
+            "topology.kubernetes.io/zone",
+            "topology.istio.io/subzone",
+        ]
+        .into_iter()
+        .zip(parts)
+        {
+            if !value.is_empty() {
+                out.entry(key.to_string())
+                    .or_insert_with(|| value.to_string());
             }
-            LbEndpoint {
-                host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                    address: Some(socket_address(&e.address, port)),
-                    ..Default::default()
-                })),
-                metadata: (!metadata.filter_metadata.is_empty()).then_some(metadata),
-                load_balancing_weight: Some(UInt32Value {
-                    value: e.weight.unwrap_or(1).max(1),
-                }),
-                ..Default::default()
-            }
+        }
+        out
+    };
+    let proxy_labels = with_topology(&scope.proxy.labels, &scope.proxy.locality);
+    let label_priority = |e: &RegistryEndpoint| -> u32 {
+        if priority_labels.is_empty() {
+            return 0;
+        }
+        let labels = with_topology(&e.labels, &e.locality);
+        let shared = priority_labels
+            .iter()
+            .take_while(|k| {
+                let want = proxy_labels.get(*k);
+                want.is_some() && labels.get(*k) == want
+            })
+            .count();
+        (priority_labels.len() - shared) as u32
+    };
+    let mut by_locality: BTreeMap<(&str, u32), Vec<LbEndpoint>> = BTreeMap::new();
+    for e in endpoints {
+        by_locality
+            .entry((e.locality.as_str(), label_priority(e)))
+            .or_default()
+            .push(lb_endpoint(e, service_port));
+    }
+    if by_locality.is_empty() {
+        by_locality.insert(("", 0), Vec::new());
+    }
+    let mut groups: Vec<LocalityLbEndpoints> = by_locality
+        .into_iter()
+        .map(|((l, priority), lb_endpoints)| LocalityLbEndpoints {
+            locality: super::locality::parse(l),
+            lb_endpoints,
+            priority,
+            ..Default::default()
         })
         .collect();
+    super::locality::apply(policy, &scope.proxy.locality, &mut groups);
     ClusterLoadAssignment {
         cluster_name: cluster.into(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints,
+        endpoints: groups,
+        ..Default::default()
+    }
+}
+
+fn lb_endpoint(e: &RegistryEndpoint, service_port: u32) -> LbEndpoint {
+    let port = e.ports.get(&service_port).copied().unwrap_or(service_port);
+    let mut metadata = Metadata::default();
+    if e.istio_mtls() {
+        // What transport_socket_matches select on (`tlsMode: istio`).
+        metadata.filter_metadata.insert(
+            "envoy.transport_socket_match".into(),
+            struct_of([("tlsMode", "istio")]),
+        );
+    }
+    LbEndpoint {
+        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket_address(&e.address, port)),
             ..Default::default()
-        }],
+        })),
+        metadata: (!metadata.filter_metadata.is_empty()).then_some(metadata),
+        load_balancing_weight: Some(UInt32Value {
+            value: e.weight.unwrap_or(1).max(1),
+        }),
         ..Default::default()
     }
 }

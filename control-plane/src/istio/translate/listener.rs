@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
+use envoy_types::pb::envoy::config::core::v3::{
+    CidrRange, TrafficDirection, TransportSocket, transport_socket,
+};
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
@@ -36,22 +38,31 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
         ClusterSpecifier as TcpClusterSpecifier, WeightedCluster, weighted_cluster::ClusterWeight,
     },
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SubjectAltNameMatcher,
+    TlsParameters,
+    common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
+    subject_alt_name_matcher::SanType,
+    tls_parameters::TlsProtocol,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
 
 use super::cluster::{BLACKHOLE, INBOUND_PASSTHROUGH, PASSTHROUGH};
-use super::registry::{TargetPort, selects};
+use super::registry::{TLS_MODE_LABEL, TargetPort, selects};
 use super::route::{self, CORS_FILTER, FAULT_FILTER};
-use super::util::{ads, any, seconds, socket_address};
+use super::util::{ads, agent_sds, any, seconds, socket_address};
 use super::{ProxyConfig, Scope, Service};
 use crate::istio::names::{self, Protocol};
 use crate::istio::types::networking::OutboundMode;
+use crate::istio::types::security::MtlsMode;
 
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 pub const OUTBOUND_PORT: u32 = 15001;
 pub const INBOUND_PORT: u32 = 15006;
-const HCM: &str = "envoy.filters.network.http_connection_manager";
-const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
+pub(super) const HCM: &str = "envoy.filters.network.http_connection_manager";
+pub(super) const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 /// What `http_inspector` reports for plaintext HTTP/1.1 and HTTP/2.
 const HTTP_ALPN: [&str; 2] = ["http/1.1", "h2c"];
 
@@ -123,14 +134,14 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
     outbound(scope, out);
 }
 
-fn typed_filter(name: &str, config: Any) -> Filter {
+pub(super) fn typed_filter(name: &str, config: Any) -> Filter {
     Filter {
         name: name.into(),
         config_type: Some(filter::ConfigType::TypedConfig(config)),
     }
 }
 
-fn listener_filter(name: &str, config: Any) -> ListenerFilter {
+pub(super) fn listener_filter(name: &str, config: Any) -> ListenerFilter {
     ListenerFilter {
         name: name.into(),
         config_type: Some(listener_filter::ConfigType::TypedConfig(config)),
@@ -138,7 +149,7 @@ fn listener_filter(name: &str, config: Any) -> ListenerFilter {
     }
 }
 
-fn http_filter(name: &str, config: Any) -> HttpFilter {
+pub(super) fn http_filter(name: &str, config: Any) -> HttpFilter {
     HttpFilter {
         name: name.into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(config)),
@@ -146,7 +157,7 @@ fn http_filter(name: &str, config: Any) -> HttpFilter {
     }
 }
 
-fn tcp_chain(
+pub(super) fn tcp_chain(
     name: &str,
     stat_prefix: &str,
     cluster: TcpClusterSpecifier,
@@ -167,12 +178,12 @@ fn tcp_chain(
     }
 }
 
-fn to_cluster(name: &str) -> TcpClusterSpecifier {
+pub(super) fn to_cluster(name: &str) -> TcpClusterSpecifier {
     TcpClusterSpecifier::Cluster(name.into())
 }
 
 /// Where connections nothing else claims go.
-fn catch_all_cluster(scope: &Scope<'_>) -> &'static str {
+pub(super) fn catch_all_cluster(scope: &Scope<'_>) -> &'static str {
     match scope.outbound_policy {
         OutboundMode::AllowAny => PASSTHROUGH,
         OutboundMode::RegistryOnly => BLACKHOLE,
@@ -238,9 +249,65 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
             || format!("{cluster}/*"),
             |s| format!("{}:{}/*", s.host, p.port),
         );
+        let mode = if mesh_capable(scope) {
+            scope
+                .mesh
+                .workload_mtls(&scope.proxy.namespace, &scope.proxy.labels, p.port)
+        } else {
+            MtlsMode::Disable
+        };
+        let is_http = p.protocol.is_http();
+        let sniffed = p.protocol == Protocol::Unknown;
+        // Istio mTLS chains (PERMISSIVE and STRICT): the peer's ALPN says
+        // whether it carries HTTP (`istio-http/1.1`, `istio-h2`) or TCP.
+        if mode != MtlsMode::Disable {
+            let tls_match = |alpn: &[&str]| FilterChainMatch {
+                destination_port: Some(UInt32Value { value: p.port }),
+                transport_protocol: "tls".into(),
+                application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            };
+            if is_http || sniffed {
+                let mut alpn = Vec::new();
+                if is_http {
+                    alpn.extend(ISTIO_TCP_ALPN);
+                }
+                alpn.extend(ISTIO_HTTP_ALPN);
+                chains.push(FilterChain {
+                    name: chain_name.clone(),
+                    filter_chain_match: Some(tls_match(&alpn)),
+                    filters: vec![typed_filter(
+                        HCM,
+                        any(&inbound_hcm(p.port, &cluster, &operation)),
+                    )],
+                    transport_socket: Some(inbound_tls(scope, true)),
+                    ..Default::default()
+                });
+            }
+            if !is_http {
+                let mut chain = tcp_chain(
+                    &chain_name,
+                    &cluster,
+                    to_cluster(&cluster),
+                    Some(tls_match(&ISTIO_TCP_ALPN)),
+                );
+                chain.transport_socket = Some(inbound_tls(scope, false));
+                chains.push(chain);
+            }
+        }
+        if mode == MtlsMode::Strict {
+            continue;
+        }
+        // With TLS chains beside them, plaintext chains say so.
+        let raw = |mut m: FilterChainMatch| {
+            if mode != MtlsMode::Disable {
+                m.transport_protocol = "raw_buffer".into();
+            }
+            Some(m)
+        };
         let http = |alpn: bool| FilterChain {
             name: chain_name.clone(),
-            filter_chain_match: Some(dport(alpn)),
+            filter_chain_match: raw(dport(alpn)),
             filters: vec![typed_filter(
                 HCM,
                 any(&inbound_hcm(p.port, &cluster, &operation)),
@@ -257,39 +324,84 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
                     &chain_name,
                     &cluster,
                     to_cluster(&cluster),
-                    Some(dport(false)),
+                    raw(dport(false)),
                 ));
             }
             _ => chains.push(tcp_chain(
                 &chain_name,
                 &cluster,
                 to_cluster(&cluster),
-                Some(dport(false)),
+                raw(dport(false)),
             )),
         }
     }
-    chains.push(FilterChain {
-        name: "virtualInbound-catchall-http".into(),
-        filter_chain_match: Some(FilterChainMatch {
-            application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }),
-        filters: vec![typed_filter(
+    // Ports the workload does not declare pass through to it, under the
+    // workload-wide mTLS mode.
+    let mode = if mesh_capable(scope) {
+        scope
+            .mesh
+            .workload_mtls(&scope.proxy.namespace, &scope.proxy.labels, 0)
+    } else {
+        MtlsMode::Disable
+    };
+    let passthrough_hcm = || {
+        typed_filter(
             HCM,
             any(&inbound_hcm(
                 0,
                 INBOUND_PASSTHROUGH,
                 &format!("{INBOUND_PASSTHROUGH}/*"),
             )),
-        )],
-        ..Default::default()
-    });
-    chains.push(tcp_chain(
-        VIRTUAL_INBOUND,
-        INBOUND_PASSTHROUGH,
-        to_cluster(INBOUND_PASSTHROUGH),
-        None,
-    ));
+        )
+    };
+    if mode != MtlsMode::Disable {
+        let tls_match = |alpn: &[&str]| FilterChainMatch {
+            transport_protocol: "tls".into(),
+            application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        chains.push(FilterChain {
+            name: "virtualInbound-catchall-http".into(),
+            filter_chain_match: Some(tls_match(&ISTIO_HTTP_ALPN)),
+            filters: vec![passthrough_hcm()],
+            transport_socket: Some(inbound_tls(scope, true)),
+            ..Default::default()
+        });
+        let mut chain = tcp_chain(
+            VIRTUAL_INBOUND,
+            INBOUND_PASSTHROUGH,
+            to_cluster(INBOUND_PASSTHROUGH),
+            Some(tls_match(&ISTIO_TCP_ALPN)),
+        );
+        chain.transport_socket = Some(inbound_tls(scope, false));
+        chains.push(chain);
+    }
+    if mode != MtlsMode::Strict {
+        let raw = mode != MtlsMode::Disable;
+        chains.push(FilterChain {
+            name: "virtualInbound-catchall-http".into(),
+            filter_chain_match: Some(FilterChainMatch {
+                transport_protocol: if raw {
+                    "raw_buffer".into()
+                } else {
+                    String::new()
+                },
+                application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            filters: vec![passthrough_hcm()],
+            ..Default::default()
+        });
+        chains.push(tcp_chain(
+            VIRTUAL_INBOUND,
+            INBOUND_PASSTHROUGH,
+            to_cluster(INBOUND_PASSTHROUGH),
+            raw.then(|| FilterChainMatch {
+                transport_protocol: "raw_buffer".into(),
+                ..Default::default()
+            }),
+        ));
+    }
     Listener {
         name: VIRTUAL_INBOUND.into(),
         address: Some(socket_address("0.0.0.0", INBOUND_PORT)),
@@ -312,6 +424,71 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
         continue_on_listener_filters_timeout: true,
         filter_chains: chains,
         ..Default::default()
+    }
+}
+
+/// ALPN of Istio mTLS carrying TCP, and carrying HTTP (the client sidecar
+/// prefixes the application's protocol with `istio-`).
+const ISTIO_TCP_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
+const ISTIO_HTTP_ALPN: [&str; 3] = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
+
+/// Whether this proxy's workload accepts Istio mTLS: the injector marks
+/// the pods it gives a sidecar with `security.istio.io/tlsMode: istio`
+/// (see [`super::registry::injected`]); other proxies keep plaintext
+/// inbound chains, as nothing would send them mTLS.
+fn mesh_capable(scope: &Scope<'_>) -> bool {
+    scope
+        .proxy
+        .labels
+        .get(TLS_MODE_LABEL)
+        .is_some_and(|m| m == "istio")
+}
+
+/// The server side of Istio mTLS on the inbound listener: the workload
+/// certificate and the mesh root from the agent's SDS, a client
+/// certificate from the trust domain required.
+fn inbound_tls(scope: &Scope<'_>, http: bool) -> TransportSocket {
+    let ctx = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_params: Some(TlsParameters {
+                tls_minimum_protocol_version: TlsProtocol::TlSv12 as i32,
+                tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
+                ..Default::default()
+            }),
+            alpn_protocols: if http {
+                vec!["h2".into(), "http/1.1".into()]
+            } else {
+                vec!["istio-peer-exchange".into(), "h2".into(), "http/1.1".into()]
+            },
+            tls_certificate_sds_secret_configs: vec![agent_sds("default")],
+            validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                            san_type: SanType::Uri as i32,
+                            matcher: Some(StringMatcher {
+                                match_pattern: Some(MatchPattern::Prefix(format!(
+                                    "spiffe://{}/",
+                                    scope.mesh.options.trust_domain
+                                ))),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(agent_sds("ROOTCA")),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
     }
 }
 
@@ -359,7 +536,7 @@ fn inbound_hcm(port: u32, cluster: &str, operation: &str) -> HttpConnectionManag
     }
 }
 
-fn common_hcm() -> HttpConnectionManager {
+pub(super) fn common_hcm() -> HttpConnectionManager {
     HttpConnectionManager {
         upgrade_configs: vec![UpgradeConfig {
             upgrade_type: "websocket".into(),
@@ -394,7 +571,7 @@ fn outbound_hcm(port: u32) -> HttpConnectionManager {
 
 /// The TCP proxy target of `svc` on `port`: the first TCP rule of its
 /// VirtualService that applies, else the service's own cluster.
-fn tcp_target(scope: &Scope<'_>, svc: &Service, port: u32) -> TcpClusterSpecifier {
+pub(super) fn tcp_target(scope: &Scope<'_>, svc: &Service, port: u32) -> TcpClusterSpecifier {
     let default = names::outbound_cluster(port, "", &svc.host);
     let Some((r, vs)) = scope.virtual_service(&svc.host) else {
         return to_cluster(&default);
@@ -469,6 +646,7 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
             continue;
         }
         let mut chains = Vec::new();
+        let mut sni = false;
         for svc in &tcp {
             let ranges: Vec<CidrRange> = svc
                 .endpoints
@@ -487,14 +665,18 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
                 continue;
             }
             let cluster = names::outbound_cluster(port, "", &svc.host);
+            let base = FilterChainMatch {
+                prefix_ranges: ranges,
+                ..Default::default()
+            };
+            let sni_chains = tls_chains(scope, svc, port, &base);
+            sni |= !sni_chains.is_empty();
+            chains.extend(sni_chains);
             chains.push(tcp_chain(
                 &cluster,
                 &cluster,
                 tcp_target(scope, svc, port),
-                (!lone).then(|| FilterChainMatch {
-                    prefix_ranges: ranges,
-                    ..Default::default()
-                }),
+                (!lone).then_some(base),
             ));
         }
         let mut listener_filters = Vec::new();
@@ -532,15 +714,19 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
                 tcp_chain("PassthroughFilterChain", c, to_cluster(c), None)
             }
         };
-        let has_http = !listener_filters.is_empty();
+        if sni && listener_filters.is_empty() {
+            listener_filters = tls_inspector();
+        }
+        let has_http = !http.is_empty();
+        let inspect = !listener_filters.is_empty();
         out.listeners.push(Listener {
             name: format!("0.0.0.0_{port}"),
             address: Some(socket_address("0.0.0.0", port)),
             filter_chains: chains,
             default_filter_chain: has_http.then_some(default_filter_chain),
             listener_filters,
-            listener_filters_timeout: has_http.then(|| seconds(0)),
-            continue_on_listener_filters_timeout: has_http,
+            listener_filters_timeout: inspect.then(|| seconds(0)),
+            continue_on_listener_filters_timeout: inspect,
             traffic_direction: TrafficDirection::Outbound as i32,
             bind_to_port: Some(BoolValue { value: false }),
             ..Default::default()
@@ -551,12 +737,81 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
 /// `VIP_PORT` for a TCP service with a virtual IP.
 fn vip_listener(scope: &Scope<'_>, svc: &Service, vip: &str, port: u32) -> Listener {
     let cluster = names::outbound_cluster(port, "", &svc.host);
+    let mut chains = tls_chains(scope, svc, port, &FilterChainMatch::default());
+    let sni = !chains.is_empty();
+    chains.push(tcp_chain("", &cluster, tcp_target(scope, svc, port), None));
     Listener {
         name: format!("{vip}_{port}"),
         address: Some(socket_address(vip, port)),
-        filter_chains: vec![tcp_chain("", &cluster, tcp_target(scope, svc, port), None)],
+        filter_chains: chains,
+        listener_filters: if sni { tls_inspector() } else { Vec::new() },
+        listener_filters_timeout: sni.then(|| seconds(0)),
+        continue_on_listener_filters_timeout: sni,
         traffic_direction: TrafficDirection::Outbound as i32,
         bind_to_port: Some(BoolValue { value: false }),
         ..Default::default()
     }
+}
+
+fn tls_inspector() -> Vec<ListenerFilter> {
+    vec![listener_filter(
+        "envoy.filters.listener.tls_inspector",
+        any(&TlsInspector::default()),
+    )]
+}
+
+/// VirtualService `tls` rules for a TLS or HTTPS port of `svc`: one filter
+/// chain per rule, chosen by the client's SNI (`sniHosts`) on top of
+/// `base` (the port's destination match), proxied as TCP to the rule's
+/// destinations.
+fn tls_chains(
+    scope: &Scope<'_>,
+    svc: &Service,
+    port: u32,
+    base: &FilterChainMatch,
+) -> Vec<FilterChain> {
+    let protocol = svc.port(port).map(|p| p.protocol);
+    if !matches!(protocol, Some(Protocol::Tls | Protocol::Https)) {
+        return Vec::new();
+    }
+    let Some((r, vs)) = scope.virtual_service(&svc.host) else {
+        return Vec::new();
+    };
+    let ns = r.meta.namespace.as_str();
+    let vs_bound = route::binds(&vs.gateways, ns, route::MESH);
+    let mut taken = std::collections::BTreeSet::new();
+    let mut chains = Vec::new();
+    for rule in &vs.tls {
+        let mut sni: Vec<String> = rule
+            .match_
+            .iter()
+            .filter(|m| {
+                super::gateway::tls_match_applies(m, ns, route::MESH, vs_bound, port)
+                    && selects(&m.source_labels, &scope.proxy.labels)
+                    && m.source_namespace
+                        .as_ref()
+                        .is_none_or(|n| n == &scope.proxy.namespace)
+            })
+            .flat_map(|m| m.sni_hosts.iter().cloned())
+            .collect();
+        // Envoy refuses two chains with the same match: the first rule
+        // naming a host keeps it, as istiod's first match would win.
+        sni.retain(|h| taken.insert(h.clone()));
+        if sni.is_empty() {
+            continue;
+        }
+        let Some(target) = super::gateway::l4_target(scope, &rule.route, ns, port) else {
+            continue;
+        };
+        let name = match &target {
+            TcpClusterSpecifier::Cluster(c) => c.clone(),
+            TcpClusterSpecifier::WeightedClusters(_) => {
+                names::outbound_cluster(port, "", &svc.host)
+            }
+        };
+        let mut m = base.clone();
+        m.server_names = sni;
+        chains.push(tcp_chain(&name, &name, target, Some(m)));
+    }
+    chains
 }

@@ -5,10 +5,18 @@
 //! ClusterLoadAssignments, and `inbound|PORT||` clusters to the local app.
 //! [`Mesh`] indexes a snapshot once; [`Mesh::proxy_config`] answers for one
 //! [`Proxy`] (its namespace, labels, service account and IPs, which decide
-//! the Sidecar scope, `sourceLabels` matches and inbound ports).
+//! the Sidecar scope, `sourceLabels` matches and inbound ports; its
+//! locality, which orders endpoints). A `router` node (a gateway) gets the
+//! listeners of the Gateways selecting it instead of the capture listeners
+//! (`gateway`); `delegate` merges delegated rules, `locality` applies
+//! locality load balancing, PeerAuthentication decides the inbound mTLS
+//! chains.
 
 mod cluster;
+mod delegate;
+mod gateway;
 mod listener;
+pub mod locality;
 pub mod registry;
 mod route;
 mod util;
@@ -27,6 +35,7 @@ use super::source::{Resource, Snapshot, Spec};
 use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
+use super::types::security::{MtlsMode, MutualTls};
 pub use registry::{Registry, Service, ServicePort};
 
 /// Everything one proxy is served.
@@ -38,9 +47,20 @@ pub struct ProxyConfig {
     pub endpoints: Vec<ClusterLoadAssignment>,
 }
 
+/// What a proxy is, from the first field of its node id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NodeType {
+    /// `sidecar~…`: captures its pod's traffic.
+    #[default]
+    Sidecar,
+    /// `router~…`: a gateway, serving the ports its Gateways declare.
+    Router,
+}
+
 /// The proxy a configuration is made for, from its node metadata.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Proxy {
+    pub node_type: NodeType,
     /// The node id (`sidecar~10.0.0.5~reviews-v1-abc.default~default.svc.cluster.local`).
     pub id: String,
     pub namespace: String,
@@ -49,6 +69,8 @@ pub struct Proxy {
     pub ips: Vec<String>,
     /// Pod name, when the node id carries it.
     pub pod_name: Option<String>,
+    /// `region/zone/subzone` from the node's locality, else its Pod's.
+    pub locality: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -73,7 +95,11 @@ impl Proxy {
                 })
         };
         let mut parts = node.id.split('~');
-        let (_, id_ip, id_pod) = (parts.next(), parts.next(), parts.next());
+        let (id_type, id_ip, id_pod) = (parts.next(), parts.next(), parts.next());
+        let node_type = match id_type {
+            Some("router") => NodeType::Router,
+            _ => NodeType::Sidecar,
+        };
         let (pod_name, id_ns) = match id_pod.and_then(|p| p.split_once('.')) {
             Some((pod, ns)) => (Some(pod.to_string()), Some(ns.to_string())),
             None => (None, None),
@@ -97,12 +123,24 @@ impl Proxy {
             })
             .unwrap_or_default();
         Ok(Self {
+            node_type,
             id: node.id.clone(),
             namespace,
             labels,
             service_account: text("SERVICE_ACCOUNT").unwrap_or_default(),
             ips,
             pod_name: text("POD_NAME").or(pod_name),
+            locality: node
+                .locality
+                .as_ref()
+                .filter(|l| !l.region.is_empty())
+                .map(|l| {
+                    [l.region.as_str(), &l.zone, &l.sub_zone]
+                        .join("/")
+                        .trim_end_matches('/')
+                        .to_string()
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -149,6 +187,8 @@ pub struct Mesh {
     virtual_services: Vec<Resource>,
     destination_rules: Vec<Resource>,
     sidecars: Vec<Resource>,
+    gateways: Vec<Resource>,
+    peer_authentications: Vec<Resource>,
 }
 
 impl Mesh {
@@ -166,8 +206,63 @@ impl Mesh {
             virtual_services: pick(|s| matches!(s, Spec::VirtualService(_))),
             destination_rules: pick(|s| matches!(s, Spec::DestinationRule(_))),
             sidecars: pick(|s| matches!(s, Spec::Sidecar(_))),
+            gateways: pick(|s| matches!(s, Spec::Gateway(_))),
+            peer_authentications: pick(|s| matches!(s, Spec::PeerAuthentication(_))),
             options,
         }
+    }
+
+    /// The mTLS mode a PeerAuthentication without selector sets for
+    /// `namespace` (its own, else the root namespace's mesh-wide one);
+    /// `None` when neither sets one.
+    pub fn namespace_mtls(&self, namespace: &str) -> Option<MtlsMode> {
+        let wide = |ns: &str| {
+            self.peer_authentications
+                .iter()
+                .find_map(|r| match &r.spec {
+                    Spec::PeerAuthentication(pa)
+                        if r.meta.namespace == ns && pa.selector.is_none() =>
+                    {
+                        pa.mtls
+                            .as_ref()
+                            .and_then(|m| m.mode)
+                            .filter(|m| *m != MtlsMode::Unset)
+                    }
+                    _ => None,
+                })
+        };
+        wide(namespace).or_else(|| wide(&self.options.root_namespace))
+    }
+
+    /// The mTLS mode of a workload's inbound `port`, by Istio's
+    /// precedence: a PeerAuthentication selecting the workload (its
+    /// port-level setting first), then the namespace's, then the mesh's;
+    /// `UNSET` defers to the next; PERMISSIVE when nothing says otherwise.
+    pub fn workload_mtls(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u32,
+    ) -> MtlsMode {
+        let set = |m: Option<&MutualTls>| m.and_then(|m| m.mode).filter(|m| *m != MtlsMode::Unset);
+        let selected = self
+            .peer_authentications
+            .iter()
+            .find_map(|r| match &r.spec {
+                Spec::PeerAuthentication(pa)
+                    if r.meta.namespace == namespace
+                        && pa
+                            .selector
+                            .as_ref()
+                            .is_some_and(|s| registry::selects(&s.match_labels, labels)) =>
+                {
+                    set(pa.port_level_mtls.get(&port)).or(set(pa.mtls.as_ref()))
+                }
+                _ => None,
+            });
+        selected
+            .or_else(|| self.namespace_mtls(namespace))
+            .unwrap_or(MtlsMode::Permissive)
     }
 
     /// Fills what the node left out (labels, service account, IP) from the
@@ -187,6 +282,9 @@ impl Mesh {
             if proxy.ips.is_empty() {
                 proxy.ips.extend(w.ip.clone());
             }
+            if proxy.locality.is_empty() {
+                proxy.locality.clone_from(&w.locality);
+            }
         }
     }
 
@@ -195,7 +293,10 @@ impl Mesh {
         let scope = Scope::new(self, proxy);
         let mut out = ProxyConfig::default();
         cluster::build(&scope, &mut out);
-        listener::build(&scope, &mut out);
+        match proxy.node_type {
+            NodeType::Sidecar => listener::build(&scope, &mut out),
+            NodeType::Router => gateway::build(&scope, &mut out),
+        }
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
@@ -323,6 +424,25 @@ impl<'a> Scope<'a> {
             }
         }
         best.map(|(_, r, vs)| (r, vs))
+    }
+
+    /// The VirtualService `name` in `namespace`, the target of a delegate.
+    pub fn delegate(
+        &self,
+        name: &str,
+        namespace: &str,
+    ) -> Option<(&'a Resource, &'a VirtualService)> {
+        self.mesh
+            .virtual_services
+            .iter()
+            .find_map(|r| match &r.spec {
+                Spec::VirtualService(vs)
+                    if r.meta.name == name && r.meta.namespace == namespace =>
+                {
+                    Some((r, vs))
+                }
+                _ => None,
+            })
     }
 
     /// The DestinationRule for `host` as istiod picks it: the proxy's

@@ -52,6 +52,8 @@ pub struct Endpoint {
     /// Service port → port on this endpoint.
     pub ports: BTreeMap<u32, u32>,
     pub weight: Option<u32>,
+    /// `region/zone/subzone`, empty when unknown.
+    pub locality: String,
 }
 
 impl Endpoint {
@@ -110,6 +112,27 @@ pub struct Workload {
     pub ip: Option<String>,
     /// Named container ports (for `targetPort: http`).
     pub named_ports: BTreeMap<String, u32>,
+    /// `region/zone/subzone`, empty when unknown.
+    pub locality: String,
+}
+
+/// The locality of a pod, from Istio's `istio-locality` label
+/// (`region.zone.subzone`) or the Kubernetes topology labels (the node's,
+/// copied to the pod) with Istio's `topology.istio.io/subzone`.
+pub fn pod_locality(labels: &BTreeMap<String, String>) -> String {
+    if let Some(l) = labels.get("istio-locality") {
+        return l.replace('.', "/");
+    }
+    let get = |k: &str| labels.get(k).map(String::as_str).unwrap_or("");
+    let parts = [
+        get("topology.kubernetes.io/region"),
+        get("topology.kubernetes.io/zone"),
+        get("topology.istio.io/subzone"),
+    ];
+    if parts.iter().all(|p| p.is_empty()) {
+        return String::new();
+    }
+    parts.join("/").trim_end_matches('/').to_string()
 }
 
 #[derive(Clone, Debug, Default)]
@@ -175,6 +198,7 @@ impl Registry {
                             })
                             .collect(),
                         weight: we.weight,
+                        locality: we.locality.clone().unwrap_or_default(),
                     })
                 })
                 .collect();
@@ -199,6 +223,7 @@ impl Registry {
                         service_account: String::new(),
                         ports: ports.iter().map(|p| (p.port, target_number(p))).collect(),
                         weight: None,
+                        locality: String::new(),
                     });
                 }
                 services.push(Service {
@@ -269,12 +294,58 @@ fn workload_endpoint(w: &Workload, ports: &[ServicePort]) -> Option<Endpoint> {
             })
             .collect(),
         weight: None,
+        locality: w.locality.clone(),
     })
+}
+
+/// Pod label or annotation that asks for (or refuses) a sidecar.
+pub const INJECT_KEY: &str = "sidecar.istio.io/inject";
+/// Namespace label that turns injection on for its pods.
+pub const INJECTION_LABEL: &str = "istio-injection";
+
+/// Whether the injector gives a pod of `namespace` (with `namespace_labels`)
+/// a sidecar: the pod's own label or annotation decides, else the
+/// namespace's `istio-injection: enabled` or revision label (`istio.io/rev`).
+pub fn injected(
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    if let Some(v) = labels
+        .get(INJECT_KEY)
+        .or_else(|| annotations.get(INJECT_KEY))
+    {
+        return v == "true";
+    }
+    namespace_labels.is_some_and(|l| {
+        l.get(INJECTION_LABEL).is_some_and(|v| v == "enabled") || l.contains_key("istio.io/rev")
+    })
+}
+
+/// A workload's labels as the injector leaves them: an injected pod
+/// carries `security.istio.io/tlsMode: istio`, which is what marks its
+/// endpoints as accepting Istio mTLS.
+fn with_tls_mode(
+    mut labels: BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> BTreeMap<String, String> {
+    if !labels.contains_key(TLS_MODE_LABEL) && injected(&labels, annotations, namespace_labels) {
+        labels.insert(TLS_MODE_LABEL.into(), "istio".into());
+    }
+    labels
 }
 
 fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
     let mut out = Vec::new();
+    let namespaces: BTreeMap<&str, &BTreeMap<String, String>> = snapshot
+        .resources
+        .iter()
+        .filter(|r| matches!(r.spec, Spec::Namespace))
+        .map(|r| (r.meta.name.as_str(), &r.meta.labels))
+        .collect();
     for r in &snapshot.resources {
+        let ns_labels = namespaces.get(r.meta.namespace.as_str()).copied();
         let named = |spec: &kube::PodSpec| {
             spec.containers
                 .iter()
@@ -286,18 +357,24 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
             Spec::Pod(pod) => out.push(Workload {
                 name: r.meta.name.clone(),
                 namespace: r.meta.namespace.clone(),
-                labels: r.meta.labels.clone(),
+                labels: with_tls_mode(r.meta.labels.clone(), &r.meta.annotations, ns_labels),
                 service_account: pod.spec.service_account().to_string(),
                 ip: pod.status.pod_ip.clone().filter(|ip| !ip.is_empty()),
                 named_ports: named(&pod.spec),
+                locality: pod_locality(&r.meta.labels),
             }),
             Spec::Deployment(d) => out.push(Workload {
                 name: r.meta.name.clone(),
                 namespace: r.meta.namespace.clone(),
-                labels: d.spec.template.metadata.labels.clone(),
+                labels: with_tls_mode(
+                    d.spec.template.metadata.labels.clone(),
+                    &d.spec.template.metadata.annotations,
+                    ns_labels,
+                ),
                 service_account: d.spec.template.spec.service_account().to_string(),
                 ip: None,
                 named_ports: named(&d.spec.template.spec),
+                locality: pod_locality(&d.spec.template.metadata.labels),
             }),
             Spec::WorkloadEntry(we) => out.push(Workload {
                 name: r.meta.name.clone(),
@@ -314,6 +391,7 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
                     .unwrap_or_else(|| "default".into()),
                 ip: we.address.clone(),
                 named_ports: we.ports.clone(),
+                locality: we.locality.clone().unwrap_or_default(),
             }),
             _ => {}
         }
@@ -359,7 +437,13 @@ fn kube_service(
                     w.name == t.name && &w.namespace == t.namespace.as_ref().unwrap_or(ns)
                 })
             })
-            .map(|w| (w.labels.clone(), w.service_account.clone()))
+            .map(|w| {
+                (
+                    w.labels.clone(),
+                    w.service_account.clone(),
+                    w.locality.clone(),
+                )
+            })
             .unwrap_or_default()
     };
     // Explicit Endpoints / EndpointSlices win over the selector: they are
@@ -392,13 +476,14 @@ fn kube_service(
                 for subset in &e.subsets {
                     let pmap = map_ports(&subset.ports);
                     for a in &subset.addresses {
-                        let (labels, sa) = pod_labels(&a.target_ref);
+                        let (labels, sa, locality) = pod_labels(&a.target_ref);
                         endpoints.push(Endpoint {
                             address: a.ip.clone(),
                             labels,
                             service_account: sa,
                             ports: pmap.clone(),
                             weight: None,
+                            locality,
                         });
                     }
                 }
@@ -411,7 +496,7 @@ fn kube_service(
                     .iter()
                     .filter(|e| e.conditions.ready != Some(false))
                 {
-                    let (labels, sa) = pod_labels(&e.target_ref);
+                    let (labels, sa, locality) = pod_labels(&e.target_ref);
                     for a in &e.addresses {
                         endpoints.push(Endpoint {
                             address: a.clone(),
@@ -419,6 +504,7 @@ fn kube_service(
                             service_account: sa.clone(),
                             ports: pmap.clone(),
                             weight: None,
+                            locality: locality.clone(),
                         });
                     }
                 }

@@ -75,7 +75,14 @@ pub(super) fn route_config(
             continue;
         }
         let routes = match scope.virtual_service(&svc.host) {
-            Some((r, vs)) => vs_routes(scope, svc, port, r, vs),
+            Some((r, vs)) => {
+                let routes = vs_routes(scope, &svc.host, port, r, vs, MESH);
+                if routes.is_empty() {
+                    vec![default_route(scope, svc, port)]
+                } else {
+                    routes
+                }
+            }
             None => vec![default_route(scope, svc, port)],
         };
         virtual_hosts.push(VirtualHost {
@@ -182,8 +189,12 @@ fn default_route(scope: &Scope<'_>, svc: &Service, port: u32) -> Route {
 }
 
 pub(super) fn decorator(svc: &Service, port: u32) -> Decorator {
+    host_decorator(&svc.host, port)
+}
+
+fn host_decorator(host: &str, port: u32) -> Decorator {
     Decorator {
-        operation: format!("{}:{port}/*", svc.host),
+        operation: format!("{host}:{port}/*"),
         ..Default::default()
     }
 }
@@ -217,57 +228,115 @@ fn previous_hosts() -> RetryHostPredicate {
     }
 }
 
-/// Routes of the HTTP rules of `vs` that apply to this proxy on `port`.
-fn vs_routes(
+/// The gateway name sidecars' rules bind to.
+pub const MESH: &str = "mesh";
+
+/// Whether a `gateways` list written in a resource of `namespace` names
+/// `binding` (`mesh`, or a gateway as `namespace/name`). An empty list
+/// binds to the mesh only.
+pub(super) fn binds(gateways: &[String], namespace: &str, binding: &str) -> bool {
+    if gateways.is_empty() {
+        return binding == MESH;
+    }
+    gateways.iter().any(|g| {
+        if g == MESH {
+            binding == MESH
+        } else if g.contains('/') {
+            g == binding
+        } else {
+            binding.split_once('/') == Some((namespace, g.as_str()))
+        }
+    })
+}
+
+/// Routes of the HTTP rules of `vs` that apply to this proxy on `port`
+/// under `binding` (the mesh or one gateway); `host` names the routes'
+/// decorator. Delegated rules are replaced by the delegate's rules under
+/// the parent's matches. Empty when no rule applies.
+pub(super) fn vs_routes(
     scope: &Scope<'_>,
-    svc: &Service,
+    host: &str,
     port: u32,
     r: &Resource,
     vs: &VirtualService,
+    binding: &str,
 ) -> Vec<Route> {
     let mut out = Vec::new();
+    let ns = r.meta.namespace.as_str();
+    // A match's gateways replace the VirtualService's.
+    let vs_bound = binds(&vs.gateways, ns, binding);
     for rule in &vs.http {
-        if rule.delegate.is_some() {
-            // Delegation is resolved on gateways; a sidecar ignores it.
-            continue;
-        }
         let matches: Vec<Option<&HttpMatchRequest>> = if rule.match_.is_empty() {
+            if !vs_bound {
+                continue;
+            }
             vec![None]
         } else {
             rule.match_
                 .iter()
-                .filter(|m| applies(scope, m, port))
+                .filter(|m| applies(scope, m, port, ns, binding, vs_bound))
                 .map(Some)
                 .collect()
         };
-        for m in matches {
-            out.push(http_route(scope, svc, port, r, rule, m));
+        if let Some(d) = &rule.delegate {
+            let Some((dr, dvs)) = scope.delegate(&d.name, d.namespace.as_deref().unwrap_or(ns))
+            else {
+                continue;
+            };
+            for m in &matches {
+                for child in &dvs.http {
+                    let Some(merged) = super::delegate::merge(rule, *m, child) else {
+                        continue;
+                    };
+                    let cms: Vec<Option<&HttpMatchRequest>> = if merged.match_.is_empty() {
+                        vec![None]
+                    } else {
+                        merged.match_.iter().map(Some).collect()
+                    };
+                    for cm in cms {
+                        out.push(http_route(scope, host, port, dr, &merged, cm));
+                    }
+                }
+            }
+        } else {
+            for m in &matches {
+                out.push(http_route(scope, host, port, r, rule, *m));
+            }
         }
         // A rule without a match catches everything: nothing after it runs.
         if rule.match_.is_empty() {
             break;
         }
     }
-    if out.is_empty() {
-        out.push(default_route(scope, svc, port));
-    }
     out
 }
 
 /// Whether a match's proxy-side conditions hold: port, gateways, source
 /// labels and namespace are decided here, per proxy, not by Envoy.
-fn applies(scope: &Scope<'_>, m: &HttpMatchRequest, port: u32) -> bool {
-    m.port.is_none_or(|p| p == port)
-        && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+fn applies(
+    scope: &Scope<'_>,
+    m: &HttpMatchRequest,
+    port: u32,
+    ns: &str,
+    binding: &str,
+    vs_bound: bool,
+) -> bool {
+    let bound = if m.gateways.is_empty() {
+        vs_bound
+    } else {
+        binds(&m.gateways, ns, binding)
+    };
+    bound
+        && m.port.is_none_or(|p| p == port)
         && selects(&m.source_labels, &scope.proxy.labels)
         && m.source_namespace
             .as_ref()
-            .is_none_or(|ns| ns == &scope.proxy.namespace)
+            .is_none_or(|n| n == &scope.proxy.namespace)
 }
 
 fn http_route(
     scope: &Scope<'_>,
-    svc: &Service,
+    host: &str,
     port: u32,
     r: &Resource,
     rule: &HttpRoute,
@@ -282,7 +351,7 @@ fn http_route(
     let mut route = Route {
         name,
         r#match: Some(route_match(m)),
-        decorator: Some(decorator(svc, port)),
+        decorator: Some(host_decorator(host, port)),
         ..Default::default()
     };
     let ns = r.meta.namespace.as_str();
