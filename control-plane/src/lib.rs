@@ -6,6 +6,7 @@
 //! with the `kube` feature, the Kubernetes API) translated per proxy by
 //! [`pilot`] for sidecars and gateways.
 
+pub mod ca;
 pub mod istio;
 pub mod pilot;
 pub mod replay;

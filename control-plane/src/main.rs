@@ -93,6 +93,21 @@ struct ServeArgs {
     /// Require client certificates issued by this CA (PEM): mutual TLS.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// The mesh CA's root certificate (PEM, istiod's `ca-cert.pem`); a
+    /// self-signed root is generated when absent.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Write the CA's root certificate (PEM) here, for clients that must
+    /// trust it.
+    #[arg(long)]
+    ca_root_out: Option<PathBuf>,
+    /// Lifetime of workload certificates whose request names none, in
+    /// seconds (istiod's DEFAULT_WORKLOAD_CERT_TTL: 24h).
+    #[arg(long, default_value_t = 86_400)]
+    cert_ttl_secs: u64,
 }
 
 fn init_logging(level: &str) {
@@ -142,6 +157,39 @@ async fn serve(resources: Resources, args: ServeArgs) -> anyhow::Result<()> {
     serve_with(Server::new(cache), args).await
 }
 
+/// The certificate service of the mesh: the CA's root from files or
+/// generated, callers known by their pod's address in `pilot`'s registry.
+fn ca_service(
+    args: &ServeArgs,
+    pilot: &Arc<ferry_pilot::pilot::Pilot>,
+    trust_domain: &str,
+) -> anyhow::Result<ferry_pilot::ca::CaService> {
+    use ferry_pilot::ca::{Ca, CaService};
+    let ca = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))
+            };
+            Ca::from_pem(&read(cert)?, &read(key)?, trust_domain)
+                .with_context(|| format!("--ca-cert {}", cert.display()))?
+        }
+        _ => Ca::generate(trust_domain)?,
+    }
+    .with_default_ttl(std::time::Duration::from_secs(args.cert_ttl_secs));
+    if let Some(out) = &args.ca_root_out {
+        std::fs::write(out, ca.root_pem())
+            .with_context(|| format!("--ca-root-out {}", out.display()))?;
+    }
+    tracing::info!(ca.trust_domain = %trust_domain, ca.generated = args.ca_cert.is_none(), "certificate authority ready");
+    let ca = Arc::new(ca);
+    let pilot = pilot.clone();
+    let by_ip = {
+        let ca = ca.clone();
+        Arc::new(move |ip| pilot.workload_at(ip).map(|(ns, sa)| ca.identity(&ns, &sa)))
+    };
+    Ok(CaService::new(ca, by_ip))
+}
+
 async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::source::{DirectorySource, Source};
     use ferry_pilot::istio::translate::MeshOptions;
@@ -160,11 +208,14 @@ async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .follow(source, std::time::Duration::from_millis(100)),
     );
+    let ca = ca_service(&args, &pilot, &MeshOptions::default().trust_domain)?;
     let resolver = {
         let pilot = pilot.clone();
         Arc::new(move |node: &envoy_types::pb::envoy::config::core::v3::Node| pilot.cache_for(node))
     };
-    serve_with(Server::per_node(Cache::new(), resolver), args).await
+    let server = Server::per_node(Cache::new(), resolver);
+    server.set_ca(ca);
+    serve_with(server, args).await
 }
 
 #[cfg(feature = "kube")]
@@ -184,11 +235,14 @@ async fn serve_kube(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .follow(source, std::time::Duration::from_millis(100)),
     );
+    let ca = ca_service(&args, &pilot, &MeshOptions::default().trust_domain)?;
     let resolver = {
         let pilot = pilot.clone();
         Arc::new(move |node: &envoy_types::pb::envoy::config::core::v3::Node| pilot.cache_for(node))
     };
-    serve_with(Server::per_node(Cache::new(), resolver), args).await
+    let server = Server::per_node(Cache::new(), resolver);
+    server.set_ca(ca);
+    serve_with(server, args).await
 }
 
 fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {

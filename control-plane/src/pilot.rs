@@ -85,6 +85,19 @@ impl Pilot {
         })
     }
 
+    /// Namespace and service account of the workload at `ip` (a pod or a
+    /// WorkloadEntry), which the CA takes as the caller's identity.
+    pub fn workload_at(&self, ip: std::net::IpAddr) -> Option<(String, String)> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let ip = ip.to_string();
+        st.mesh
+            .registry
+            .workloads
+            .iter()
+            .find(|w| w.ip.as_deref() == Some(ip.as_str()))
+            .map(|w| (w.namespace.clone(), w.service_account.clone()))
+    }
+
     /// The cache a connecting node is served from.
     pub fn cache_for(&self, node: &Node) -> Cache {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());

@@ -6,6 +6,8 @@
 //! as the generated `envoy-types` struct. The reverse direction renders protos
 //! for the admin endpoint in Envoy's snake_case JSON.
 
+pub mod istio_ca;
+
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 

@@ -3,6 +3,7 @@
 //! cluster manager, the admin server, drain, and the `iptables` init step.
 
 pub mod admin;
+pub mod agent;
 pub mod cluster;
 pub mod demo;
 pub mod detect;

@@ -79,6 +79,24 @@ struct ProxyArgs {
     /// Log filter (`info`, `debug`, `ferry_proxy=debug`, …); RUST_LOG wins.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// The mesh CA (`host:port`, istiod's 15012 or ferry-pilot's ADS port):
+    /// when set, the workload certificate (`default`) and root (`ROOTCA`)
+    /// come from it, renewed at half their lifetime, as istio-agent does.
+    #[arg(long, env = "CA_ADDR")]
+    ca_addr: Option<String>,
+    /// Speak TLS to the CA, trusting this root certificate (PEM).
+    #[arg(long, env = "FERRY_CA_ROOT_CERT")]
+    ca_root_cert: Option<PathBuf>,
+    /// A token file sent to the CA as `authorization: Bearer` (istiod checks
+    /// the pod's service account token).
+    #[arg(long)]
+    ca_token_file: Option<PathBuf>,
+    /// Trust domain of the workload's SPIFFE identity.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime asked for the workload certificate (e.g. 24h is 1440m).
+    #[arg(long, default_value = "1440m", value_parser = parse_duration)]
+    cert_ttl: Duration,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -151,6 +169,13 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
             metadata: args.node_meta,
             proxy_type: proxy_type.to_string(),
         },
+        agent: args.ca_addr.map(|ca_addr| ferry_proxy::run::AgentSettings {
+            ca_addr,
+            ca_root_cert: args.ca_root_cert,
+            token_file: args.ca_token_file,
+            trust_domain: args.trust_domain,
+            cert_ttl: args.cert_ttl,
+        }),
     }))
 }
 

@@ -29,6 +29,103 @@ pub struct RunOptions {
     pub detection_timeout: Duration,
     /// The node identity's flags (the environment is read too).
     pub node: ferry_xds::node::NodeOverrides,
+    /// Workload certificates from the mesh CA (istio-agent's job); `None`:
+    /// the configuration's secrets come from the xDS server or the file.
+    pub agent: Option<AgentSettings>,
+}
+
+/// How the in-process agent reaches the CA.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    /// `host:port` of the CA (istio-agent's `CA_ADDR`).
+    pub ca_addr: String,
+    /// Speak TLS to the CA, trusting this root (PEM file).
+    pub ca_root_cert: Option<PathBuf>,
+    /// A bearer token file sent to the CA (the pod's service account token).
+    pub token_file: Option<PathBuf>,
+    pub trust_domain: String,
+    pub cert_ttl: Duration,
+}
+
+/// A node metadata string field.
+fn node_meta(node: &envoy_types::pb::envoy::config::core::v3::Node, key: &str) -> String {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    node.metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(key))
+        .and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Starts the agent for the node's identity and waits (a few seconds at
+/// most) for its first certificate, so the first configuration finds it.
+async fn start_agent(
+    settings: &AgentSettings,
+    ads: &ferry_xds::ads::AdsConfig,
+) -> anyhow::Result<tokio::sync::watch::Receiver<ferry_xds::ads::LocalSecrets>> {
+    use ferry_model::tls::{CommonTls, Secret, SecretSource, UpstreamTls, ValidationContext};
+    let namespace = node_meta(&ads.node, "NAMESPACE");
+    if namespace.is_empty() {
+        anyhow::bail!(
+            "--ca-addr: the node has no namespace (set POD_NAMESPACE or --node-meta NAMESPACE=…)"
+        );
+    }
+    let identity = crate::agent::identity(
+        &settings.trust_domain,
+        &namespace,
+        &node_meta(&ads.node, "SERVICE_ACCOUNT"),
+    );
+    let same_as_xds = ads.target == ferry_xds::ads::XdsTarget::Tcp(settings.ca_addr.clone());
+    let tls = match &settings.ca_root_cert {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--ca-root-cert {}", path.display()))?;
+            let host = settings
+                .ca_addr
+                .rsplit_once(':')
+                .map_or(settings.ca_addr.as_str(), |(h, _)| h)
+                .to_string();
+            Some(UpstreamTls {
+                common: CommonTls {
+                    validation: Some(SecretSource::Inline(Arc::new(Secret::Validation(
+                        ValidationContext {
+                            trusted_ca_pem: pem,
+                            match_subject_alt_names: Vec::new(),
+                        },
+                    )))),
+                    ..CommonTls::default()
+                },
+                sni: Some(host),
+            })
+        }
+        None if same_as_xds => ads.tls.clone(),
+        None => None,
+    };
+    let token = match &settings.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("--ca-token-file {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let ca = ferry_xds::ca::CaTarget {
+        target: ferry_xds::ads::XdsTarget::Tcp(settings.ca_addr.clone()),
+        tls,
+        secrets: ads.secrets.clone(),
+        token,
+        cluster_id: Some(node_meta(&ads.node, "CLUSTER_ID")).filter(|c| !c.is_empty()),
+    };
+    tracing::info!(agent.identity = %identity, agent.ca = %settings.ca_addr, "requesting the workload certificate");
+    let mut rx = crate::agent::start(crate::agent::AgentOptions {
+        ca,
+        identity,
+        ttl: settings.cert_ttl,
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| !s.is_empty())).await;
+    Ok(rx)
 }
 
 /// Everything connections share.
@@ -168,6 +265,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if let Some(a) = ads.as_mut() {
         let env: Vec<(String, String)> = std::env::vars().collect();
         a.node = ferry_xds::node::build(Some(&a.node), &opts.node, &env);
+        if let Some(agent) = &opts.agent {
+            a.local_secrets = Some(start_agent(agent, a).await?);
+        }
+    } else if opts.agent.is_some() {
+        tracing::warn!("--ca-addr is ignored: the bootstrap has no ADS");
     }
     let xds = ads
         .as_ref()

@@ -10,6 +10,8 @@
 //! converted ([`check_certificate`], [`check_validation`]), so a bad secret
 //! is refused with the field at fault before any connection needs it.
 
+pub mod workload;
+
 use std::sync::Arc;
 
 use ferry_model::tls::{

@@ -44,7 +44,14 @@ pub struct AdsConfig {
     pub tls: Option<ferry_model::tls::UpstreamTls>,
     /// The bootstrap's static secrets, which the TLS settings may name.
     pub secrets: HashMap<String, Arc<ferry_model::tls::Secret>>,
+    /// Secrets the process provides itself (the agent's workload
+    /// certificate `default` and root `ROOTCA`, as istio-agent's SDS server
+    /// does): never asked of the server, and a change republishes.
+    pub local_secrets: Option<watch::Receiver<LocalSecrets>>,
 }
+
+/// Secrets by SDS name.
+pub type LocalSecrets = HashMap<String, Arc<ferry_model::tls::Secret>>;
 
 /// A rejected update, as `/config_dump` reports it.
 #[derive(Debug, Clone)]
@@ -78,7 +85,7 @@ impl XdsState {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum StreamError {
+pub(crate) enum StreamError {
     #[error("cannot connect to the xDS server: {0}")]
     Connect(String),
     #[error("xDS stream failed: {0}")]
@@ -103,11 +110,13 @@ pub async fn run(
     let mut failures: u32 = 0;
     let mut client = Client {
         config,
+        bootstrap: base.clone(),
         base,
         state,
         publish,
         published: 0,
     };
+    client.merge_local_secrets();
     loop {
         let started = Instant::now();
         let result = if client.config.delta {
@@ -132,6 +141,9 @@ pub async fn run(
 
 struct Client {
     config: AdsConfig,
+    /// The bootstrap's static resources.
+    bootstrap: Arc<Snapshot>,
+    /// Those plus the process's own secrets, which win over static ones.
     base: Arc<Snapshot>,
     state: Arc<XdsState>,
     publish: watch::Sender<Option<Arc<Snapshot>>>,
@@ -139,17 +151,27 @@ struct Client {
 }
 
 async fn connect(config: &AdsConfig) -> Result<tonic::transport::Channel, StreamError> {
+    channel(&config.target, config.tls.as_ref(), &config.secrets).await
+}
+
+/// A gRPC channel to `target`, over TLS when `tls` is set (its secrets
+/// looked up in `secrets`). The certificate service's client shares it.
+pub(crate) async fn channel(
+    target: &XdsTarget,
+    tls: Option<&ferry_model::tls::UpstreamTls>,
+    secrets: &HashMap<String, Arc<ferry_model::tls::Secret>>,
+) -> Result<tonic::transport::Channel, StreamError> {
     let err = |e: tonic::transport::Error| StreamError::Connect(format!("{e:?}"));
-    let tls = match &config.tls {
+    let tls = match tls {
         Some(t) => {
             // gRPC is HTTP/2: offer h2 unless the context names its ALPN.
-            let cc = ferry_tls::client_config(t, &["h2"], &config.secrets)
+            let cc = ferry_tls::client_config(t, &["h2"], secrets)
                 .map_err(|e| StreamError::Connect(format!("TLS settings: {e}")))?;
             Some((tokio_rustls::TlsConnector::from(Arc::new(cc)), t.clone()))
         }
         None => None,
     };
-    match (&config.target, tls) {
+    match (target, tls) {
         (XdsTarget::Tcp(addr), None) => {
             tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
                 .map_err(err)?
@@ -389,25 +411,61 @@ impl Client {
         }
     }
 
+    /// Rebuilds `base` from the bootstrap and the current local secrets.
+    fn merge_local_secrets(&mut self) {
+        let Some(rx) = self.config.local_secrets.as_mut() else {
+            return;
+        };
+        let local = rx.borrow_and_update().clone();
+        let b = &self.bootstrap;
+        let mut secrets = b.secrets.clone();
+        secrets.extend(local);
+        self.base = Arc::new(Snapshot {
+            version: b.version.clone(),
+            listeners: b.listeners.clone(),
+            clusters: b.clusters.clone(),
+            routes: b.routes.clone(),
+            secrets,
+        });
+    }
+
     /// The next response; while waiting, warming resources whose initial
-    /// fetch timeout passes are activated (the snapshot is published again).
+    /// fetch timeout passes are activated, and a change of the local
+    /// secrets (a rotated certificate) is published.
     async fn next_message<T>(
         &mut self,
         stream: &mut tonic::Streaming<T>,
         deadline: &mut Option<Instant>,
     ) -> Result<T, StreamError> {
         loop {
-            let msg = match *deadline {
-                Some(d) => tokio::select! {
-                    m = stream.message() => m?,
-                    _ = tokio::time::sleep_until(d.into()) => {
-                        *deadline = self.publish();
-                        continue;
-                    }
-                },
-                None => stream.message().await?,
+            let local_changed = async {
+                match self.config.local_secrets.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
             };
-            return msg.ok_or(StreamError::Closed);
+            let sleep = async {
+                match *deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                m = stream.message() => return m?.ok_or(StreamError::Closed),
+                () = sleep => {
+                    *deadline = self.publish();
+                }
+                changed = local_changed => {
+                    if changed {
+                        self.merge_local_secrets();
+                        tracing::info!("local secrets changed");
+                    } else {
+                        // The provider is gone: keep the last secrets.
+                        self.config.local_secrets = None;
+                    }
+                    *deadline = self.publish();
+                }
+            }
         }
     }
 

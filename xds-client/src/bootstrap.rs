@@ -321,6 +321,7 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
         initial_fetch_timeout,
         tls,
         secrets: HashMap::new(),
+        local_secrets: None,
     }))
 }
 

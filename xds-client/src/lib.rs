@@ -9,6 +9,7 @@
 
 pub mod ads;
 pub mod bootstrap;
+pub mod ca;
 pub mod convert;
 pub mod dump;
 pub mod node;

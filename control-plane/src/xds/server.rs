@@ -61,6 +61,8 @@ struct Inner {
     registry: Arc<Registry>,
     /// Set when the server shuts down, which ends every stream.
     shutdown: watch::Sender<bool>,
+    /// The certificate service served beside ADS, as istiod's 15012.
+    ca: std::sync::OnceLock<crate::ca::CaService>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -112,8 +114,15 @@ impl Server {
                 resolver,
                 registry: Arc::new(Registry::new()),
                 shutdown: watch::Sender::new(false),
+                ca: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Serves Istio's certificate service on the same port as ADS. Only
+    /// the first call counts.
+    pub fn set_ca(&self, ca: crate::ca::CaService) {
+        let _ = self.inner.ca.set(ca);
     }
 
     pub fn cache(&self) -> &Cache {
@@ -178,8 +187,12 @@ impl Server {
             }
             builder = builder.tls_config(config)?;
         }
+        let svc = Dispatch {
+            ads: self.ads_service(),
+            ca: self.inner.ca.get().cloned(),
+        };
         builder
-            .serve_with_incoming_shutdown(self.ads_service(), incoming, signal)
+            .serve_with_incoming_shutdown(svc, incoming, signal)
             .await?;
         Ok(())
     }
@@ -383,6 +396,40 @@ async fn drive<S: StreamState>(
             if tx.send(Ok(r)).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// ADS and, when set, the certificate service on one port, told apart by
+/// the gRPC service name in the path.
+#[derive(Clone)]
+struct Dispatch {
+    ads: AggregatedDiscoveryServiceServer<AdsService>,
+    ca: Option<crate::ca::CaService>,
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Dispatch {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let ca_path = req
+            .uri()
+            .path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(ferry_envoy_json::istio_ca::SERVICE))
+            .is_some_and(|rest| rest.starts_with('/'));
+        match &mut self.ca {
+            Some(ca) if ca_path => ca.call(req),
+            _ => Box::pin(self.ads.call(req)),
         }
     }
 }

@@ -126,6 +126,7 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
         access_log: false,
         detection_timeout: crate::listener::DEFAULT_DETECTION_TIMEOUT,
         node: Default::default(),
+        agent: None,
     }));
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();

@@ -28,7 +28,8 @@ use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::Tl
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds,
     http_connection_manager::{
-        ForwardClientCertDetails, PathWithEscapedSlashesAction, RouteSpecifier, UpgradeConfig,
+        ForwardClientCertDetails, PathWithEscapedSlashesAction, RouteSpecifier,
+        SetCurrentClientCertDetails, UpgradeConfig,
     },
     http_filter,
 };
@@ -532,6 +533,13 @@ fn inbound_hcm(port: u32, cluster: &str, operation: &str) -> HttpConnectionManag
         )],
         use_remote_address: Some(BoolValue { value: false }),
         forward_client_cert_details: ForwardClientCertDetails::AppendForward as i32,
+        // As istiod: the peer's subject, DNS and URI (SPIFFE) SANs reach the app.
+        set_current_client_cert_details: Some(SetCurrentClientCertDetails {
+            subject: Some(BoolValue { value: true }),
+            dns: true,
+            uri: true,
+            ..Default::default()
+        }),
         ..common_hcm()
     }
 }
