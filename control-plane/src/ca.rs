@@ -146,6 +146,54 @@ impl Ca {
         format!("spiffe://{}/ns/{namespace}/sa/{sa}", self.trust_domain)
     }
 
+    /// A leaf for `identity`: the URI SAN only, an empty subject, server
+    /// and client usage, `ttl` (else the default) capped at the maximum.
+    fn leaf_params(
+        &self,
+        identity: &str,
+        ttl: Option<Duration>,
+    ) -> Result<CertificateParams, CaError> {
+        let uri = rcgen::string::Ia5String::try_from(identity.to_string())
+            .map_err(|e| CaError::Identity(format!("{identity:?}: {e}")))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let ttl = ttl
+            .filter(|t| !t.is_zero())
+            .unwrap_or(self.default_ttl)
+            .min(MAX_CERT_TTL);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = offset(now, BACKDATE, false);
+        params.not_after = offset(now, ttl, true);
+        Ok(params)
+    }
+
+    /// A key and a certificate for `identity`, made here: for proxies that
+    /// take their workload certificate over SDS from the control plane
+    /// instead of sending a CSR. Returns (leaf PEM, key PEM).
+    pub fn issue(
+        &self,
+        identity: &str,
+        ttl: Option<Duration>,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let cert = self
+            .leaf_params(identity, ttl)?
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// Signs `csr_pem` for `identity` (the authenticated caller): the CSR's
     /// signature must verify and every name it asks for must be `identity`.
     /// Returns the chain, leaf first and root last.
@@ -169,28 +217,7 @@ impl Ca {
                 )));
             }
         }
-        let uri = rcgen::string::Ia5String::try_from(identity.to_string())
-            .map_err(|e| CaError::Identity(format!("{identity:?}: {e}")))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let ttl = ttl
-            .filter(|t| !t.is_zero())
-            .unwrap_or(self.default_ttl)
-            .min(MAX_CERT_TTL);
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = offset(now, BACKDATE, false);
-        params.not_after = offset(now, ttl, true);
+        let params = self.leaf_params(identity, ttl)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;

@@ -182,12 +182,32 @@ fn ca_service(
     }
     tracing::info!(ca.trust_domain = %trust_domain, ca.generated = args.ca_cert.is_none(), "certificate authority ready");
     let ca = Arc::new(ca);
+    pilot.set_ca(ca.clone());
     let pilot = pilot.clone();
     let by_ip = {
         let ca = ca.clone();
         Arc::new(move |ip| pilot.workload_at(ip).map(|(ns, sa)| ca.identity(&ns, &sa)))
     };
     Ok(CaService::new(ca, by_ip))
+}
+
+/// Serves `pilot`'s per-proxy configuration over ADS, with the mesh CA
+/// (CSRs, and certificates over SDS for proxies without an agent).
+async fn serve_pilot(pilot: Arc<ferry_pilot::pilot::Pilot>, args: ServeArgs) -> anyhow::Result<()> {
+    use ferry_pilot::istio::translate::MeshOptions;
+    let ca = ca_service(&args, &pilot, &MeshOptions::default().trust_domain)?;
+    let resolver = {
+        let pilot = pilot.clone();
+        Arc::new(
+            move |node: &envoy_types::pb::envoy::config::core::v3::Node,
+                  peer: Option<std::net::SocketAddr>| {
+                pilot.cache_for_peer(node, peer.map(|p| p.ip()))
+            },
+        )
+    };
+    let server = Server::per_node(Cache::new(), resolver);
+    server.set_ca(ca);
+    serve_with(server, args).await
 }
 
 async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
@@ -208,14 +228,7 @@ async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .follow(source, std::time::Duration::from_millis(100)),
     );
-    let ca = ca_service(&args, &pilot, &MeshOptions::default().trust_domain)?;
-    let resolver = {
-        let pilot = pilot.clone();
-        Arc::new(move |node: &envoy_types::pb::envoy::config::core::v3::Node| pilot.cache_for(node))
-    };
-    let server = Server::per_node(Cache::new(), resolver);
-    server.set_ca(ca);
-    serve_with(server, args).await
+    serve_pilot(pilot, args).await
 }
 
 #[cfg(feature = "kube")]
@@ -235,14 +248,7 @@ async fn serve_kube(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .follow(source, std::time::Duration::from_millis(100)),
     );
-    let ca = ca_service(&args, &pilot, &MeshOptions::default().trust_domain)?;
-    let resolver = {
-        let pilot = pilot.clone();
-        Arc::new(move |node: &envoy_types::pb::envoy::config::core::v3::Node| pilot.cache_for(node))
-    };
-    let server = Server::per_node(Cache::new(), resolver);
-    server.set_ca(ca);
-    serve_with(server, args).await
+    serve_pilot(pilot, args).await
 }
 
 fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {

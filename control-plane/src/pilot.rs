@@ -14,7 +14,45 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use crate::istio::source::{Snapshot, Source};
 use crate::istio::translate::{Mesh, MeshOptions, Proxy, ProxyConfig};
 use crate::istio::validate::{self, Severity};
-use crate::xds::{CLUSTER, Cache, ENDPOINT, LISTENER, ROUTE, to_any};
+use crate::xds::{CLUSTER, Cache, ENDPOINT, LISTENER, ROUTE, SECRET, to_any};
+
+/// The secrets `default` (certificate and key) and `ROOTCA` (the root), as
+/// SDS resources.
+fn workload_secrets(
+    leaf: &str,
+    key: &str,
+    root: &str,
+) -> Vec<(String, envoy_types::pb::google::protobuf::Any)> {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, Secret, TlsCertificate, secret::Type,
+    };
+    let inline = |s: &str| {
+        Some(DataSource {
+            specifier: Some(Specifier::InlineString(s.to_string())),
+            ..Default::default()
+        })
+    };
+    let cert = Secret {
+        name: "default".into(),
+        r#type: Some(Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(leaf),
+            private_key: inline(key),
+            ..Default::default()
+        })),
+    };
+    let root = Secret {
+        name: "ROOTCA".into(),
+        r#type: Some(Type::ValidationContext(CertificateValidationContext {
+            trusted_ca: inline(root),
+            ..Default::default()
+        })),
+    };
+    vec![
+        ("default".into(), to_any(&cert)),
+        ("ROOTCA".into(), to_any(&root)),
+    ]
+}
 
 /// Why a configuration was refused: every problem, one message each.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +82,8 @@ struct State {
 pub struct Pilot {
     state: Mutex<State>,
     options: MeshOptions,
+    /// The mesh CA, when workload certificates are served over SDS.
+    ca: std::sync::OnceLock<Arc<crate::ca::Ca>>,
 }
 
 fn fill(cache: &Cache, cfg: &ProxyConfig) {
@@ -82,6 +122,7 @@ impl Pilot {
                 proxies: HashMap::new(),
             }),
             options,
+            ca: std::sync::OnceLock::new(),
         })
     }
 
@@ -96,6 +137,37 @@ impl Pilot {
             .iter()
             .find(|w| w.ip.as_deref() == Some(ip.as_str()))
             .map(|w| (w.namespace.clone(), w.service_account.clone()))
+    }
+
+    /// Serves workload certificates from `ca` over SDS (see
+    /// [`Pilot::cache_for_peer`]). Only the first call counts.
+    pub fn set_ca(&self, ca: Arc<crate::ca::Ca>) {
+        let _ = self.ca.set(ca);
+    }
+
+    /// The cache of a node connecting from `peer`. With a CA, it also holds
+    /// the SDS secrets istio-agent would serve (`default`, `ROOTCA`) for
+    /// the workload at the peer's address (never for the identity the node
+    /// claims), so a proxy without an agent of its own gets its
+    /// certificate from the control plane: the key is made here.
+    pub fn cache_for_peer(&self, node: &Node, peer: Option<std::net::IpAddr>) -> Cache {
+        let cache = self.cache_for(node);
+        if let (Some(ca), Some(ip)) = (self.ca.get(), peer)
+            && cache.snapshot(SECRET).resources.is_empty()
+            && let Some((ns, sa)) = self.workload_at(ip)
+        {
+            let identity = ca.identity(&ns, &sa);
+            match ca.issue(&identity, None) {
+                Ok((leaf, key)) => {
+                    cache.set(SECRET, workload_secrets(&leaf, &key, ca.root_pem()));
+                    tracing::info!(xds.node = %node.id, ca.identity = %identity, "workload certificate served over SDS");
+                }
+                Err(e) => {
+                    tracing::warn!(xds.node = %node.id, error = %e, "no workload certificate")
+                }
+            }
+        }
+        cache
     }
 
     /// The cache a connecting node is served from.

@@ -42,7 +42,7 @@ async fn start_pilot(dir: &Path) -> (Server, std::net::SocketAddr, Arc<Pilot>) {
     let snapshot = load_dir(dir).expect("load");
     let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default()).expect("valid bookinfo"));
     let p = pilot.clone();
-    let server = Server::per_node(Cache::new(), Arc::new(move |node| p.cache_for(node)));
+    let server = Server::per_node(Cache::new(), Arc::new(move |node, _| p.cache_for(node)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

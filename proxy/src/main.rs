@@ -94,8 +94,8 @@ struct ProxyArgs {
     /// Trust domain of the workload's SPIFFE identity.
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
-    /// Lifetime asked for the workload certificate (e.g. 24h is 1440m).
-    #[arg(long, default_value = "1440m", value_parser = parse_duration)]
+    /// Lifetime asked for the workload certificate.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_ttl: Duration,
 }
 
@@ -117,7 +117,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (ms, s or m)")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (ms, s, m or h)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }

@@ -64,6 +64,16 @@ static_resources:
     load_assignment:
       cluster_name: xds-grpc
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {pilot}, port_value: 15010}}}}}}}}]}}]
+  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {pilot}, port_value: 15010}}}}}}}}]}}]
 "#
     )
 }
@@ -90,71 +100,123 @@ fn issued(pilot: &Proc, identity: &str) -> usize {
         .count()
 }
 
-#[test]
-fn sidecars_get_spiffe_certificates_from_the_mesh_ca() -> Result<()> {
-    if !netns::require_root() {
-        return Ok(());
+/// The proxy a pod runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proxy {
+    /// `ferry sidecar --ca-addr`: its own key, a CSR to the CA.
+    Ferry,
+    /// Envoy: its certificate over SDS from ferry-pilot (`sds-grpc`).
+    Envoy,
+}
+
+struct Run {
+    _mesh: Mesh,
+    pilot: Proc,
+    server: Pod,
+    client: Pod,
+    legacy: Pod,
+    istiod: Pod,
+    sidecars: Vec<Proc>,
+    _app: Proc,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
-    let mesh = Mesh::new()?;
-    let istiod = mesh.pod("istiod")?;
-    let server = mesh.pod("server")?;
-    let client = mesh.pod("client")?;
-    let legacy = mesh.pod("legacy")?;
-    let dir = std::env::temp_dir().join(format!("ferry-identity-{}", istiod.ns_name()));
-    let cfg = dir.join("config");
-    std::fs::create_dir_all(&cfg)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
-    std::fs::write(cfg.join("mesh.yaml"), config(&server, &client, &legacy))?;
-    let root = dir.join("root.pem");
-    let pilot = istiod
-        .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
-        .args(["serve", "--listen", "0.0.0.0:15010", "--ca-root-out"])
-        .arg(&root)
-        .arg("--config")
-        .arg(&cfg)
-        .label("pilot")
-        .spawn()?;
-    if let Err(e) = istiod.wait_port(15010, Duration::from_secs(30)) {
-        bail!("{e}: {}", pilot.logs().stderr);
+}
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
+
+impl Run {
+    fn start(client_proxy: Proxy, server_proxy: Proxy, cert_ttl: &str) -> Result<Option<Run>> {
+        if !netns::require_root() {
+            return Ok(None);
+        }
+        let envoy = ferry_tests::envoy::require_bin()?;
+        let mesh = Mesh::new()?;
+        let istiod = mesh.pod("istiod")?;
+        let server = mesh.pod("server")?;
+        let client = mesh.pod("client")?;
+        let legacy = mesh.pod("legacy")?;
+        let dir = std::env::temp_dir().join(format!("ferry-identity-{}", istiod.ns_name()));
+        let cfg = dir.join("config");
+        std::fs::create_dir_all(&cfg)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::write(cfg.join("mesh.yaml"), config(&server, &client, &legacy))?;
+        let pilot = istiod
+            .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
+            .args(["serve", "--listen", "0.0.0.0:15010", "--ca-root-out"])
+            .arg(dir.join("root.pem"))
+            .arg("--config")
+            .arg(&cfg)
+            .label("pilot")
+            .spawn()?;
+        if let Err(e) = istiod.wait_port(15010, Duration::from_secs(30)) {
+            bail!("{e}: {}", pilot.logs().stderr);
+        }
+        let app = server
+            .cmd("python3")
+            .arg("-u")
+            .arg(apps_dir().join("echo.py"))
+            .args(["http", "8080", "server"])
+            .env("ECHO_BIND", "0.0.0.0")
+            .label("app")
+            .spawn()?;
+        server.wait_port(8080, Duration::from_secs(15))?;
+        let mut sidecars = Vec::new();
+        for (pod, app, sa, proxy) in [
+            (&server, "server", "server", server_proxy),
+            (&client, "client", "sleep", client_proxy),
+        ] {
+            let out = pod.cmd(ferry_bin()).arg("iptables").output()?;
+            ensure!(
+                out.status.success(),
+                "ferry iptables: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let file = dir.join(format!("{app}.yaml"));
+            std::fs::write(&file, bootstrap(pod, app, sa, istiod.ip()))?;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+            let cmd = match proxy {
+                Proxy::Ferry => pod
+                    .cmd(ferry_bin())
+                    .args(["sidecar", "--concurrency", "1", "--cert-ttl", cert_ttl])
+                    .arg("--ca-addr")
+                    .arg(format!("{}:15010", istiod.ip()))
+                    .arg("--config")
+                    .arg(&file),
+                Proxy::Envoy => pod.cmd(&envoy).arg("-c").arg(&file).args([
+                    "--concurrency",
+                    "1",
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "warn",
+                ]),
+            };
+            sidecars.push(cmd.as_uid(1337).label("sidecar").spawn()?);
+        }
+        for (pod, sidecar) in [&server, &client].into_iter().zip(&sidecars) {
+            pod.wait_sidecar_ready(sidecar, Duration::from_secs(30))?;
+        }
+        Ok(Some(Run {
+            _mesh: mesh,
+            pilot,
+            server,
+            client,
+            legacy,
+            istiod,
+            sidecars,
+            _app: app,
+            dir,
+        }))
     }
 
-    let app = server
-        .cmd("python3")
-        .arg("-u")
-        .arg(apps_dir().join("echo.py"))
-        .args(["http", "8080", "server"])
-        .env("ECHO_BIND", "0.0.0.0")
-        .label("app")
-        .spawn()?;
-    server.wait_port(8080, Duration::from_secs(15))?;
-    let mut sidecars = Vec::new();
-    for (pod, app, sa) in [(&server, "server", "server"), (&client, "client", "sleep")] {
-        let out = pod.cmd(ferry_bin()).arg("iptables").output()?;
-        ensure!(
-            out.status.success(),
-            "ferry iptables: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let file = dir.join(format!("{app}.yaml"));
-        std::fs::write(&file, bootstrap(pod, app, sa, istiod.ip()))?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
-        let sidecar = pod
-            .cmd(ferry_bin())
-            .args(["sidecar", "--concurrency", "1", "--cert-ttl", "4s"])
-            .arg("--ca-addr")
-            .arg(format!("{}:15010", istiod.ip()))
-            .arg("--config")
-            .arg(&file)
-            .as_uid(1337)
-            .label("sidecar")
-            .spawn()?;
-        sidecars.push(sidecar);
-    }
-    for (pod, sidecar) in [&server, &client].into_iter().zip(&sidecars) {
-        pod.wait_sidecar_ready(sidecar, Duration::from_secs(30))?;
-    }
-    let diagnostics = || {
-        let inbound = server
+    fn diagnostics(&self) -> String {
+        let inbound = self
+            .server
             .cmd("curl")
             .args([
                 "-s",
@@ -164,100 +226,112 @@ fn sidecars_get_spiffe_certificates_from_the_mesh_ca() -> Result<()> {
             .unwrap_or_default();
         format!(
             "--- pilot:\n{}\n--- server sidecar:\n{}\n--- client sidecar:\n{}\n--- server listeners:\n{inbound}",
-            pilot.logs().stderr,
-            sidecars[0].logs().stderr,
-            sidecars[1].logs().stderr
+            self.pilot.logs().stderr,
+            self.sidecars[0].logs().stderr,
+            self.sidecars[1].logs().stderr
         )
+    }
+
+    fn url(&self) -> String {
+        format!("http://{SERVER_VIP}:8080/hello")
+    }
+
+    /// Client → server over mTLS: the `x-forwarded-client-cert` the app saw.
+    fn xfcc(&self) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let body = loop {
+            let (code, body) = call(&self.client, &self.url())?;
+            if code == 200 {
+                break body;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "client never reached the server (last {code}: {body})\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let echo: serde_json::Value =
+            serde_json::from_str(&body).with_context(|| format!("echo answer {body:?}"))?;
+        echo["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|h| {
+                h[0].as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case("x-forwarded-client-cert"))
+            })
+            .and_then(|h| h[1].as_str())
+            .map(str::to_string)
+            .with_context(|| {
+                format!(
+                    "no x-forwarded-client-cert reached the app: {body}\n{}",
+                    self.diagnostics()
+                )
+            })
+    }
+
+    /// The checks every pairing must pass: identities in XFCC, STRICT.
+    fn check_mtls(&self) -> Result<()> {
+        let xfcc = self.xfcc()?;
+        ensure!(
+            xfcc.contains(&format!("By={SERVER_ID}")) && xfcc.contains(&format!("URI={CLIENT_ID}")),
+            "XFCC {xfcc:?} should name the server as By and the client as URI"
+        );
+        // STRICT: a pod without a sidecar is refused.
+        let (code, body) = call(
+            &self.legacy,
+            &format!("http://{}:8080/hello", self.server.ip()),
+        )?;
+        ensure!(
+            code != 200,
+            "plaintext reached a STRICT workload: {code} {body}"
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn ferry_sidecars_get_certificates_by_csr_and_renew_them() -> Result<()> {
+    let Some(run) = Run::start(Proxy::Ferry, Proxy::Ferry, "4s")? else {
+        return Ok(());
     };
-    let client_id = "spiffe://cluster.local/ns/default/sa/sleep";
-    let server_id = "spiffe://cluster.local/ns/default/sa/server";
+    run.check_mtls()?;
 
-    // Client → server over mTLS: the app sees who called.
-    let url = format!("http://{SERVER_VIP}:8080/hello");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        let (code, body) = call(&client, &url)?;
-        if code == 200 {
-            break body;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "client never reached the server (last {code}: {body})\n{}",
-                diagnostics()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let echo: serde_json::Value =
-        serde_json::from_str(&body).with_context(|| format!("echo answer {body:?}"))?;
-    let xfcc = echo["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|h| {
-            h[0].as_str()
-                .is_some_and(|n| n.eq_ignore_ascii_case("x-forwarded-client-cert"))
-        })
-        .and_then(|h| h[1].as_str())
-        .map(str::to_string)
-        .with_context(|| {
-            format!(
-                "no x-forwarded-client-cert reached the app: {body}\n{}",
-                diagnostics()
-            )
-        })?;
-    ensure!(
-        xfcc.contains(&format!("By={server_id}")) && xfcc.contains(&format!("URI={client_id}")),
-        "XFCC {xfcc:?} should name the server as By and the client as URI"
-    );
-
-    // STRICT: a pod without a sidecar is refused.
-    let (code, body) = call(&legacy, &format!("http://{}:8080/hello", server.ip()))?;
-    ensure!(
-        code != 200,
-        "plaintext reached a STRICT workload: {code} {body}"
-    );
-
-    // Rotation: 4 s certificates are renewed every ~2 s; calls keep working.
-    let first = (issued(&pilot, client_id), issued(&pilot, server_id));
+    // Rotation: renewed at half the lifetime left, about every 2 s; calls
+    // keep working throughout.
+    let first = (issued(&run.pilot, CLIENT_ID), issued(&run.pilot, SERVER_ID));
     let until = Instant::now() + Duration::from_secs(5);
     let mut calls = 0;
     while Instant::now() < until {
-        let (code, body) = call(&client, &url)?;
+        let (code, body) = call(&run.client, &run.url())?;
         ensure!(
             code == 200,
             "call {calls} during rotation failed: {code} {body}\n{}",
-            diagnostics()
+            run.diagnostics()
         );
         calls += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
-    let after = (issued(&pilot, client_id), issued(&pilot, server_id));
+    let after = (issued(&run.pilot, CLIENT_ID), issued(&run.pilot, SERVER_ID));
     ensure!(
         after.0 >= first.0 + 2 && after.1 >= first.1 + 2,
         "certificates were not renewed at half their lifetime: {first:?} -> {after:?}\n{}",
-        diagnostics()
+        run.diagnostics()
     );
     ensure!(calls >= 10, "only {calls} calls in 5 s");
 
     // The CA knows callers by their pod's address: one no pod in the
     // configuration has gets nothing, whatever identity its node claims.
-    let rogue = mesh.pod("rogue")?;
+    let rogue = run._mesh.pod("rogue")?;
     let out = rogue
         .cmd(ferry_bin())
-        .args([
-            "sidecar",
-            "--concurrency",
-            "1",
-            "--ready-addr",
-            "off",
-            "--cert-ttl",
-            "60s",
-        ])
+        .args(["sidecar", "--concurrency", "1", "--ready-addr", "off"])
         .arg("--ca-addr")
-        .arg(format!("{}:15010", istiod.ip()))
+        .arg(format!("{}:15010", run.istiod.ip()))
         .arg("--config")
-        .arg(dir.join("client.yaml"))
+        .arg(run.dir.join("client.yaml"))
         .as_uid(1337)
         .label("rogue")
         .spawn()?;
@@ -270,7 +344,7 @@ fn sidecars_get_spiffe_certificates_from_the_mesh_ca() -> Result<()> {
         if Instant::now() > deadline {
             bail!(
                 "the CA did not refuse an unknown caller\n--- rogue:\n{log}\n--- pilot:\n{}",
-                pilot.logs().stderr
+                run.pilot.logs().stderr
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -279,7 +353,23 @@ fn sidecars_get_spiffe_certificates_from_the_mesh_ca() -> Result<()> {
         !out.logs().stderr.contains("workload certificate issued"),
         "an unknown caller got a certificate"
     );
-    drop(app);
-    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Envoy sidecars get theirs over SDS from ferry-pilot, and every pairing
+/// of Envoy and Ferry speaks Istio mTLS with the other.
+#[test]
+fn envoy_and_ferry_sidecars_interoperate_over_istio_mtls() -> Result<()> {
+    for (client, server) in [
+        (Proxy::Envoy, Proxy::Envoy),
+        (Proxy::Envoy, Proxy::Ferry),
+        (Proxy::Ferry, Proxy::Envoy),
+    ] {
+        let Some(run) = Run::start(client, server, "24h")? else {
+            return Ok(());
+        };
+        run.check_mtls()
+            .with_context(|| format!("client {client:?}, server {server:?}"))?;
+    }
     Ok(())
 }

@@ -15,6 +15,9 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
+    SERVICE_NAME as SDS_SERVICE_NAME, SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -52,8 +55,10 @@ pub(crate) trait StreamState: Send + 'static {
 }
 
 /// Chooses the cache a node is served from: per-proxy configuration, as
-/// istiod computes it for each proxy from its node metadata.
-pub type CacheResolver = Arc<dyn Fn(&Node) -> Cache + Send + Sync>;
+/// istiod computes it for each proxy from its node metadata. The stream's
+/// peer address comes along: what a proxy may have (its workload
+/// certificate) depends on who is really asking, not on what the node says.
+pub type CacheResolver = Arc<dyn Fn(&Node, Option<std::net::SocketAddr>) -> Cache + Send + Sync>;
 
 struct Inner {
     cache: Cache,
@@ -135,6 +140,14 @@ impl Server {
     }
 
     /// The gRPC service, to mount on a tonic server of one's own.
+    /// The SDS service (`SecretDiscoveryService`), served beside ADS.
+    pub fn sds_service(&self) -> SecretDiscoveryServiceServer<AdsService> {
+        SecretDiscoveryServiceServer::new(AdsService {
+            inner: self.inner.clone(),
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+
     pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<AdsService> {
         AggregatedDiscoveryServiceServer::new(AdsService {
             inner: self.inner.clone(),
@@ -189,6 +202,7 @@ impl Server {
         }
         let svc = Dispatch {
             ads: self.ads_service(),
+            sds: self.sds_service(),
             ca: self.inner.ca.get().cloned(),
         };
         builder
@@ -284,6 +298,7 @@ impl AdsService {
         &self,
         state: S,
         inbound: Streaming<S::Request>,
+        peer: Option<std::net::SocketAddr>,
     ) -> ReceiverStream<Result<S::Response, Status>> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         // Both receivers are taken before the task starts, so a change made
@@ -297,6 +312,7 @@ impl AdsService {
             changes,
             shutdown,
             self.inner.resolver.clone(),
+            peer,
         ));
         ReceiverStream::new(rx)
     }
@@ -311,24 +327,68 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let handle = self
-            .inner
-            .registry
-            .open(Protocol::Sotw, request.remote_addr());
-        let state = SotwStream::new(self.inner.cache.clone(), handle);
-        Ok(Response::new(self.spawn(state, request.into_inner())))
+        Ok(Response::new(self.sotw(request)))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let handle = self
-            .inner
-            .registry
-            .open(Protocol::Delta, request.remote_addr());
+        Ok(Response::new(self.delta(request)))
+    }
+}
+
+impl AdsService {
+    fn sotw(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> ReceiverStream<Result<DiscoveryResponse, Status>> {
+        let peer = request.remote_addr();
+        let handle = self.inner.registry.open(Protocol::Sotw, peer);
+        let state = SotwStream::new(self.inner.cache.clone(), handle);
+        self.spawn(state, request.into_inner(), peer)
+    }
+
+    fn delta(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> ReceiverStream<Result<DeltaDiscoveryResponse, Status>> {
+        let peer = request.remote_addr();
+        let handle = self.inner.registry.open(Protocol::Delta, peer);
         let state = DeltaStream::new(self.inner.cache.clone(), handle);
-        Ok(Response::new(self.spawn(state, request.into_inner())))
+        self.spawn(state, request.into_inner(), peer)
+    }
+}
+
+/// SDS on its own stream, as Envoy asks for the secrets of an
+/// `api_config_source` naming this server's cluster (Istio's `sds-grpc`):
+/// the same protocol and per-node cache as ADS, secrets only.
+#[tonic::async_trait]
+impl SecretDiscoveryService for AdsService {
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        Ok(Response::new(self.sotw(request)))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Ok(Response::new(self.delta(request)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        _request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        Err(Status::unimplemented(
+            "FetchSecrets (REST-style SDS) is not served; use StreamSecrets",
+        ))
     }
 }
 
@@ -341,6 +401,7 @@ async fn drive<S: StreamState>(
     mut changes: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
     resolver: Option<CacheResolver>,
+    peer: Option<std::net::SocketAddr>,
 ) {
     if let Some(resolve) = resolver {
         // The node arrives with the first request: its cache is chosen then.
@@ -349,7 +410,7 @@ async fn drive<S: StreamState>(
             _ => return,
         };
         if let Some(node) = S::node_of(&first) {
-            let cache = resolve(node);
+            let cache = resolve(node, peer);
             changes = cache.changes();
             state.use_cache(cache);
         }
@@ -405,6 +466,7 @@ async fn drive<S: StreamState>(
 #[derive(Clone)]
 struct Dispatch {
     ads: AggregatedDiscoveryServiceServer<AdsService>,
+    sds: SecretDiscoveryServiceServer<AdsService>,
     ca: Option<crate::ca::CaService>,
 }
 
@@ -421,14 +483,20 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Dispatch {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let ca_path = req
-            .uri()
-            .path()
-            .strip_prefix('/')
-            .and_then(|p| p.strip_prefix(ferry_envoy_json::istio_ca::SERVICE))
-            .is_some_and(|rest| rest.starts_with('/'));
+        let of = |service: &str| {
+            req.uri()
+                .path()
+                .strip_prefix('/')
+                .and_then(|p| p.strip_prefix(service))
+                .is_some_and(|rest| rest.starts_with('/'))
+        };
+        let (ca, sds) = (
+            of(ferry_envoy_json::istio_ca::SERVICE),
+            of(SDS_SERVICE_NAME),
+        );
         match &mut self.ca {
-            Some(ca) if ca_path => ca.call(req),
+            Some(svc) if ca => svc.call(req),
+            _ if sds => Box::pin(self.sds.call(req)),
             _ => Box::pin(self.ads.call(req)),
         }
     }
