@@ -1,0 +1,359 @@
+//! A small Istio mesh in the netns bed: `ferry-pilot serve` (ADS, SDS and
+//! the CA) in an `istiod` pod, workload pods running a real app, and, for
+//! injected workloads, the capture rules and a sidecar: Ferry (its agent
+//! sends a CSR to the CA) or Envoy (its certificate over SDS from
+//! ferry-pilot's `sds-grpc`). Tests give the Kubernetes objects and apply
+//! Istio files as the istio.io tasks do, then look at what clients get.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::netns::{self, Mesh, Pod, Proc, ferry_bin, workspace_bin};
+use crate::proxy::apps_dir;
+
+/// The data plane of every sidecar in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proxy {
+    /// `ferry sidecar --ca-addr`: its own key, a CSR to the mesh CA.
+    Ferry,
+    /// Envoy 1.40: its certificate over SDS from ferry-pilot.
+    Envoy,
+}
+
+/// What a workload pod runs.
+#[derive(Clone, Debug)]
+pub enum App {
+    /// `echo.py http PORT NAME`: JSON answers naming the workload.
+    Http(u16),
+    /// `echo.py tcp PORT` on each port: a TCP echo.
+    TcpEcho(Vec<u16>),
+    /// Only a client (curl, nc).
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub name: &'static str,
+    pub namespace: &'static str,
+    pub app: &'static str,
+    pub version: &'static str,
+    pub service_account: &'static str,
+    /// Gets capture rules and a sidecar (the namespace must be labelled
+    /// for injection in the Kubernetes objects, or the pod annotated).
+    pub injected: bool,
+    pub runs: App,
+}
+
+/// The running mesh. Dropping it stops every process and removes the pods.
+pub struct IstioMesh {
+    pub proxy: Proxy,
+    pods: Vec<(Workload, Pod, Vec<Proc>)>,
+    pub pilot: Proc,
+    pub istiod: Pod,
+    config: PathBuf,
+    dir: PathBuf,
+    mesh: Mesh,
+}
+
+impl Drop for IstioMesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An Envoy v3 bootstrap for a sidecar of `w` at `ip`: node metadata as
+/// Istio's injector sets it, ADS and SDS from ferry-pilot.
+pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
+    let Workload {
+        name,
+        namespace: ns,
+        app,
+        version,
+        service_account: sa,
+        ..
+    } = w;
+    let grpc_cluster = |cluster: &str| {
+        format!(
+            "  - name: {cluster}\n    type: STATIC\n    connect_timeout: 1s\n\
+             \x20   typed_extension_protocol_options:\n\
+             \x20     envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n\
+             \x20       \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n\
+             \x20       explicit_http_config: {{http2_protocol_options: {{}}}}\n\
+             \x20   load_assignment:\n      cluster_name: {cluster}\n\
+             \x20     endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {pilot}, port_value: 15010}}}}}}}}]}}]\n"
+        )
+    };
+    format!(
+        "node:\n  id: sidecar~{ip}~{name}.{ns}~{ns}.svc.cluster.local\n  cluster: {app}.{ns}\n\
+         \x20 metadata: {{NAMESPACE: {ns}, LABELS: {{app: {app}, version: {version}, security.istio.io/tlsMode: istio}}, \
+         SERVICE_ACCOUNT: {sa}, INSTANCE_IPS: \"{ip}\"}}\n\
+         admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}\n\
+         dynamic_resources:\n\
+         \x20 ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]}}\n\
+         \x20 lds_config: {{ads: {{}}, resource_api_version: V3}}\n\
+         \x20 cds_config: {{ads: {{}}, resource_api_version: V3}}\n\
+         static_resources:\n  clusters:\n{}{}",
+        grpc_cluster("xds-grpc"),
+        grpc_cluster("sds-grpc"),
+    )
+}
+
+impl IstioMesh {
+    /// Starts the mesh, or `None` when not root (outside CI). `objects`
+    /// gets each workload's name and IP and returns the Kubernetes YAML.
+    pub fn start(
+        proxy: Proxy,
+        workloads: &[Workload],
+        objects: impl Fn(&[(&str, Ipv4Addr)]) -> String,
+        cert_ttl: &str,
+    ) -> Result<Option<Self>> {
+        Self::start_mixed(proxy, |_| proxy, workloads, objects, cert_ttl)
+    }
+
+    /// As [`IstioMesh::start`], with the proxy of each workload chosen by
+    /// `proxy_of` (`proxy` names the run in messages).
+    pub fn start_mixed(
+        proxy: Proxy,
+        proxy_of: impl Fn(&Workload) -> Proxy,
+        workloads: &[Workload],
+        objects: impl Fn(&[(&str, Ipv4Addr)]) -> String,
+        cert_ttl: &str,
+    ) -> Result<Option<Self>> {
+        if !netns::require_root() {
+            return Ok(None);
+        }
+        let envoy = crate::envoy::require_bin()?;
+        let mesh = Mesh::new()?;
+        let istiod = mesh.pod("istiod")?;
+        let mut pods = Vec::new();
+        for w in workloads {
+            pods.push(mesh.pod(w.name)?);
+        }
+        let dir = std::env::temp_dir().join(format!("ferry-istio-{}", istiod.ns_name()));
+        let config = dir.join("config");
+        std::fs::create_dir_all(&config)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let ips: Vec<(&str, Ipv4Addr)> = workloads
+            .iter()
+            .zip(&pods)
+            .map(|(w, p)| (w.name, p.ip()))
+            .collect();
+        std::fs::write(config.join("objects.yaml"), objects(&ips))?;
+        let pilot = istiod
+            .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
+            .args(["serve", "--listen", "0.0.0.0:15010", "--config"])
+            .arg(&config)
+            .label("pilot")
+            .spawn()?;
+        if let Err(e) = istiod.wait_port(15010, Duration::from_secs(30)) {
+            bail!("{e}: {}", pilot.logs().stderr);
+        }
+        let mut started = Vec::new();
+        for (w, pod) in workloads.iter().zip(pods) {
+            let mut procs = Vec::new();
+            let echo = |args: &[&str]| {
+                pod.cmd("python3")
+                    .arg("-u")
+                    .arg(apps_dir().join("echo.py"))
+                    .args(args)
+                    .env("ECHO_BIND", "0.0.0.0")
+                    .label("app")
+                    .spawn()
+            };
+            match &w.runs {
+                App::Http(port) => {
+                    procs.push(echo(&["http", &port.to_string(), w.name])?);
+                    pod.wait_port(*port, Duration::from_secs(15))?;
+                }
+                App::TcpEcho(ports) => {
+                    for port in ports {
+                        procs.push(echo(&["tcp", &port.to_string()])?);
+                        pod.wait_port(*port, Duration::from_secs(15))?;
+                    }
+                }
+                App::None => {}
+            }
+            if w.injected {
+                let out = pod.cmd(ferry_bin()).arg("iptables").output()?;
+                ensure!(
+                    out.status.success(),
+                    "ferry iptables: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let file = dir.join(format!("{}.yaml", w.name));
+                std::fs::write(&file, bootstrap(w, pod.ip(), istiod.ip()))?;
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+                let cmd = match proxy_of(w) {
+                    Proxy::Ferry => pod
+                        .cmd(ferry_bin())
+                        .args(["sidecar", "--concurrency", "1", "--cert-ttl", cert_ttl])
+                        .arg("--ca-addr")
+                        .arg(format!("{}:15010", istiod.ip()))
+                        .arg("--config")
+                        .arg(&file),
+                    Proxy::Envoy => pod.cmd(&envoy).arg("-c").arg(&file).args([
+                        "--concurrency",
+                        "1",
+                        "--disable-hot-restart",
+                        "--log-level",
+                        "warn",
+                    ]),
+                };
+                procs.push(cmd.as_uid(1337).label("sidecar").spawn()?);
+            }
+            started.push((w.clone(), pod, procs));
+        }
+        for (w, pod, procs) in &started {
+            if w.injected
+                && let Some(sidecar) = procs.last()
+            {
+                pod.wait_sidecar_ready(sidecar, Duration::from_secs(30))?;
+            }
+        }
+        Ok(Some(IstioMesh {
+            proxy,
+            pods: started,
+            pilot,
+            istiod,
+            config,
+            dir,
+            mesh,
+        }))
+    }
+
+    pub fn mesh(&self) -> &Mesh {
+        &self.mesh
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|(w, _, _)| w.name == name)
+            .map(|(_, p, _)| p)
+            .unwrap_or_else(|| panic!("no workload {name:?} in this mesh"))
+    }
+
+    /// The sidecar process of workload `name`.
+    pub fn sidecar(&self, name: &str) -> Option<&Proc> {
+        self.pods
+            .iter()
+            .find(|(w, _, _)| w.name == name && w.injected)
+            .and_then(|(_, _, procs)| procs.last())
+    }
+
+    /// Replaces the applied Istio files with `files` (the Kubernetes
+    /// objects stay), each written whole and renamed into place.
+    pub fn apply(&self, files: &[&Path]) -> Result<()> {
+        for e in std::fs::read_dir(&self.config)? {
+            let p = e?.path();
+            if p.file_name().is_some_and(|n| n != "objects.yaml") {
+                std::fs::remove_file(p)?;
+            }
+        }
+        for f in files {
+            let name = f.file_name().context("a file name")?.to_string_lossy();
+            let text = std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?;
+            let tmp = self.config.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, self.config.join(&*name))?;
+        }
+        Ok(())
+    }
+
+    /// The logs a failure message needs: the control plane's and every
+    /// sidecar's (last lines).
+    pub fn diagnostics(&self) -> String {
+        let tail = |text: String| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        let mut out = format!("--- pilot:\n{}\n", tail(self.pilot.logs().stderr));
+        for (w, _, procs) in &self.pods {
+            if w.injected
+                && let Some(s) = procs.last()
+            {
+                out.push_str(&format!(
+                    "--- {} sidecar:\n{}\n",
+                    w.name,
+                    tail(s.logs().stderr)
+                ));
+            }
+        }
+        out
+    }
+
+    /// Polls `probe` until `want` accepts its result (a configuration
+    /// change needs a moment to reach the sidecars); the last result, or
+    /// an error with the diagnostics after `timeout`.
+    pub fn until<T: std::fmt::Debug>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut probe: impl FnMut() -> Result<T>,
+        want: impl Fn(&T) -> bool,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = probe()?;
+            if want(&got) {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{what} ({:?} sidecars): last result {got:?}\n{}",
+                    self.proxy,
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// An HTTP request with curl from `pod`: the status (0 when the connection
+/// failed) and the body. `extra` are more curl arguments (`-X POST`, `-H …`).
+pub fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Result<(u16, String)> {
+    let out = pod
+        .cmd("curl")
+        .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .timeout(Duration::from_secs(10))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// Sends `line` over TCP from `pod` and returns what came back before the
+/// server or the proxy closed (empty when refused or reset).
+pub fn tcp_exchange(pod: &Pod, host: &str, port: u16, line: &str) -> Result<String> {
+    let script = format!(
+        "import socket,sys\n\
+         try:\n\
+         \x20   s = socket.create_connection(('{host}', {port}), timeout=3)\n\
+         \x20   s.sendall(b'{line}\\n'); s.settimeout(2); out = b''\n\
+         \x20   while not out.endswith(b'\\n'):\n\
+         \x20       b = s.recv(4096)\n\
+         \x20       if not b: break\n\
+         \x20       out += b\n\
+         \x20   sys.stdout.write(out.decode())\n\
+         except Exception as e:\n\
+         \x20   pass\n"
+    );
+    Ok(pod
+        .cmd("python3")
+        .args(["-c", &script])
+        .timeout(Duration::from_secs(10))
+        .run()?
+        .trim()
+        .to_string())
+}
