@@ -1,0 +1,274 @@
+//! AuthorizationPolicy translation against istiod's own builder goldens
+//! (`shared/istio-goldens/authz-builder`, see its `cases.yaml`): every case
+//! loads its policies, translates them for a sidecar in namespace `foo`
+//! labelled `app: httpbin, version: v1`, and compares each emitted filter
+//! with the golden one after both went through the xDS descriptors (so
+//! field order, camelCase and map order do not matter). Also the wiring:
+//! inbound HTTP chains get the RBAC filter before the router, TCP chains
+//! before `tcp_proxy`, and only the policies selecting the proxy apply.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use envoy_types::pb::envoy::config::listener::v3::{Filter, Listener, filter};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter,
+};
+use ferry_envoy_json::Descriptors;
+use ferry_pilot::istio::source::{Snapshot, load_dir, parse_documents};
+use ferry_pilot::istio::translate::{Mesh, MeshOptions, Proxy};
+use ferry_pilot::istio::types::mesh::ExtensionProvider;
+use prost::Message;
+use serde::Deserialize;
+use serde_json::Value;
+
+const HTTP_FILTER: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter";
+const NETWORK_FILTER: &str = "envoy.config.listener.v3.Filter";
+
+fn goldens() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-goldens/authz-builder");
+    p.is_dir().then_some(p)
+}
+
+#[derive(Deserialize)]
+struct Cases {
+    mesh_configs: BTreeMap<String, MeshConfig>,
+    http: Vec<Case>,
+    tcp: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MeshConfig {
+    extension_providers: Vec<ExtensionProvider>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    input: String,
+    want: Vec<String>,
+    mesh_config: Option<String>,
+    trust_domain: Option<TrustDomain>,
+}
+
+#[derive(Deserialize)]
+struct TrustDomain {
+    local: String,
+    aliases: Vec<String>,
+}
+
+/// The service the CUSTOM cases' providers point at.
+const EXT_AUTHZ_SERVICE: &str = "apiVersion: v1\nkind: Service\n\
+metadata: {name: my-custom-ext-authz, namespace: foo}\n\
+spec: {clusterIP: 10.96.9.9, ports: [{name: grpc, port: 9000}]}\n";
+
+fn mesh_for(dir: &Path, cases: &Cases, case: &Case) -> Mesh {
+    let input = dir.join(&case.input);
+    let text = std::fs::read_to_string(&input).expect("read input");
+    let mut snap: Snapshot = parse_documents(&text, &input);
+    let svc = parse_documents(EXT_AUTHZ_SERVICE, Path::new("ext-authz.yaml"));
+    snap.resources.extend(svc.resources);
+    assert!(snap.errors.is_empty(), "{}: {:?}", case.name, snap.errors);
+    let mut options = MeshOptions::default();
+    if let Some(td) = &case.trust_domain {
+        options.trust_domain.clone_from(&td.local);
+        options.trust_domain_aliases.clone_from(&td.aliases);
+    }
+    if let Some(mc) = &case.mesh_config {
+        options.extension_providers = cases.mesh_configs[mc].extension_providers.clone();
+    }
+    Mesh::new(&snap, options)
+}
+
+fn httpbin() -> Proxy {
+    Proxy {
+        id: "sidecar~10.0.0.1~httpbin-1.foo~foo.svc.cluster.local".into(),
+        namespace: "foo".into(),
+        labels: [("app", "httpbin"), ("version", "v1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A golden file through the descriptors: parsed as the proto, rendered back.
+fn golden(d: &Descriptors, path: &Path, type_name: &str) -> Value {
+    let text = std::fs::read_to_string(path).expect("read golden");
+    let yaml: Value = serde_yaml_ng::from_str(&text).expect("golden YAML");
+    match type_name {
+        HTTP_FILTER => {
+            let f: HttpFilter = d.from_json(type_name, yaml).expect("golden HttpFilter");
+            d.to_json(type_name, &f).expect("render")
+        }
+        _ => {
+            let f: Filter = d.from_json(type_name, yaml).expect("golden Filter");
+            d.to_json(type_name, &f).expect("render")
+        }
+    }
+}
+
+/// CUSTOM cases left out, with the reason; empty when all are covered.
+const SKIPPED: &[(&str, &str)] = &[];
+
+fn run(kind: &str) {
+    let Some(dir) = goldens() else {
+        eprintln!("../shared/istio-goldens/authz-builder not present; skipped");
+        return;
+    };
+    let text = std::fs::read_to_string(dir.join("cases.yaml")).expect("cases.yaml");
+    let cases: Cases = serde_yaml_ng::from_str(&text).expect("parse cases.yaml");
+    let d = Descriptors::load().expect("descriptors");
+    let list = if kind == "http" {
+        &cases.http
+    } else {
+        &cases.tcp
+    };
+    let mut failures = Vec::new();
+    let mut passed = 0;
+    for case in list {
+        if let Some((_, why)) = SKIPPED.iter().find(|(n, _)| *n == case.name) {
+            eprintln!("{kind}/{}: skipped: {why}", case.name);
+            continue;
+        }
+        let mesh = mesh_for(&dir, &cases, case);
+        let got: Vec<Value> = if kind == "http" {
+            mesh.authz_http_filters(&httpbin())
+                .iter()
+                .map(|f| d.to_json(HTTP_FILTER, f).expect("render"))
+                .collect()
+        } else {
+            mesh.authz_network_filters(&httpbin())
+                .iter()
+                .map(|f| d.to_json(NETWORK_FILTER, f).expect("render"))
+                .collect()
+        };
+        let type_name = if kind == "http" {
+            HTTP_FILTER
+        } else {
+            NETWORK_FILTER
+        };
+        let want: Vec<Value> = case
+            .want
+            .iter()
+            .map(|w| golden(&d, &dir.join(w), type_name))
+            .collect();
+        if std::env::var("AUTHZ_DUMP").is_ok_and(|v| v == case.name) {
+            eprintln!("{}", serde_json::to_string_pretty(&got).unwrap_or_default());
+        }
+        if got == want {
+            passed += 1;
+        } else {
+            failures.push(format!(
+                "{kind}/{}:\n got: {}\nwant: {}",
+                case.name,
+                serde_json::to_string_pretty(&got).unwrap_or_default(),
+                serde_json::to_string_pretty(&want).unwrap_or_default()
+            ));
+        }
+    }
+    eprintln!("{kind}: {passed} golden cases pass");
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        list.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn http_goldens_match_istiod() {
+    run("http");
+}
+
+#[test]
+fn tcp_goldens_match_istiod() {
+    run("tcp");
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/authz")
+}
+
+fn hcm_filters(chain_filters: &[Filter]) -> Vec<String> {
+    let Some(filter::ConfigType::TypedConfig(any)) = chain_filters
+        .iter()
+        .find(|f| f.name == "envoy.filters.network.http_connection_manager")
+        .and_then(|f| f.config_type.clone())
+    else {
+        return Vec::new();
+    };
+    let hcm = HttpConnectionManager::decode(&*any.value).expect("hcm");
+    hcm.http_filters.iter().map(|f| f.name.clone()).collect()
+}
+
+fn inbound(mesh: &Mesh, app: &str, ip: &str) -> Listener {
+    let mut p = Proxy {
+        id: format!("sidecar~{ip}~{app}-v1-1.default~default.svc.cluster.local"),
+        namespace: "default".into(),
+        ips: vec![ip.into()],
+        pod_name: Some(format!("{app}-v1-1")),
+        ..Default::default()
+    };
+    mesh.complete_proxy(&mut p);
+    let cfg = mesh.proxy_config(&p);
+    cfg.listeners
+        .into_iter()
+        .find(|l| l.name == "virtualInbound")
+        .expect("virtualInbound")
+}
+
+#[test]
+fn inbound_chains_carry_the_policies_of_their_proxy() {
+    let snap = load_dir(&fixtures()).expect("load");
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let mesh = Mesh::new(&snap, MeshOptions::default());
+    let reviews = inbound(&mesh, "reviews", "10.1.0.21");
+    let http = reviews
+        .filter_chains
+        .iter()
+        .find(|c| {
+            c.name == "0.0.0.0_9080"
+                && c.filters
+                    .iter()
+                    .any(|f| f.name == "envoy.filters.network.http_connection_manager")
+        })
+        .expect("reviews 9080 chain");
+    assert_eq!(
+        hcm_filters(&http.filters),
+        [
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.router"
+        ]
+    );
+    // The TCP port: network RBAC before tcp_proxy.
+    let tcp = reviews
+        .filter_chains
+        .iter()
+        .find(|c| c.name == "0.0.0.0_9000")
+        .expect("reviews 9000 chain");
+    let names: Vec<&str> = tcp.filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.tcp_proxy"
+        ]
+    );
+    // Policies selecting other workloads leave ratings alone but for the
+    // mesh-wide one in the root namespace.
+    let ratings = inbound(&mesh, "ratings", "10.1.0.31");
+    let chain = ratings
+        .filter_chains
+        .iter()
+        .find(|c| c.name == "0.0.0.0_9080")
+        .expect("ratings 9080 chain");
+    assert_eq!(
+        hcm_filters(&chain.filters),
+        ["envoy.filters.http.rbac", "envoy.filters.http.router"]
+    );
+}
