@@ -272,3 +272,59 @@ fn inbound_chains_carry_the_policies_of_their_proxy() {
         ["envoy.filters.http.rbac", "envoy.filters.http.router"]
     );
 }
+
+#[test]
+fn analyze_reports_authorization_policy_mistakes() {
+    use ferry_pilot::istio::validate::validate;
+    let snap = load_dir(&fixtures()).expect("load");
+    let clean: Vec<String> = validate(&snap)
+        .iter()
+        .map(|f| format!("{} {}", f.code.id(), f.field))
+        .collect();
+    assert!(clean.is_empty(), "{clean:?}");
+
+    let text = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {containers: [{name: app, image: x}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: broken
+  namespace: shop
+  annotations: {istio.io/dry-run: "maybe"}
+spec:
+  selector: {matchLabels: {app: api}}
+  rules:
+  - from:
+    - source: {ipBlocks: [10.0.0.0/33], notRemoteIpBlocks: [not-an-ip]}
+    to:
+    - operation: {ports: ["http"]}
+    when:
+    - key: request.header[x-user]
+      values: [a]
+    - key: destination.port
+      values: ["99999"]
+    - key: source.ip
+      notValues: [10.1.1.1/8, 1.2.3.4]
+"#;
+    let snap = parse_documents(text, Path::new("broken.yaml"));
+    let got: Vec<String> = validate(&snap)
+        .iter()
+        .map(|f| format!("{} {}", f.code.id(), f.field))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "IST0106 metadata.annotations[istio.io/dry-run]",
+            "IST0106 spec.rules[0].from[0].source.ipBlocks[0]",
+            "IST0106 spec.rules[0].from[0].source.notRemoteIpBlocks[0]",
+            "IST0106 spec.rules[0].to[0].operation.ports[0]",
+            "IST0106 spec.rules[0].when[0].key",
+            "IST0106 spec.rules[0].when[1].values[0]",
+            "IST0127 spec.selector.matchLabels",
+        ]
+    );
+}

@@ -59,6 +59,8 @@ pub enum Code {
     VirtualServiceUnreachableRule,
     /// IST0131: a match identical to an earlier one.
     VirtualServiceIneffectiveMatch,
+    /// IST0127: a selector that no workload of its namespace matches.
+    NoMatchingWorkloadsFound,
 }
 
 impl Code {
@@ -74,6 +76,7 @@ impl Code {
             Code::ConflictingGateways => "IST0145",
             Code::VirtualServiceIneffectiveMatch => "IST0131",
             Code::VirtualServiceHostNotFoundInGateway => "IST0132",
+            Code::NoMatchingWorkloadsFound => "IST0127",
         }
     }
 
@@ -93,6 +96,7 @@ impl Code {
             Code::ConflictingGateways => "ConflictingGateways",
             Code::VirtualServiceIneffectiveMatch => "VirtualServiceIneffectiveMatch",
             Code::VirtualServiceHostNotFoundInGateway => "VirtualServiceHostNotFoundInGateway",
+            Code::NoMatchingWorkloadsFound => "NoMatchingWorkloadsFound",
         }
     }
 
@@ -106,7 +110,8 @@ impl Code {
             Code::Deprecated
             | Code::VirtualServiceHostNotFoundInGateway
             | Code::VirtualServiceUnreachableRule
-            | Code::VirtualServiceIneffectiveMatch => Severity::Warning,
+            | Code::VirtualServiceIneffectiveMatch
+            | Code::NoMatchingWorkloadsFound => Severity::Warning,
             Code::PortNameIsNotUnderNamingConvention => Severity::Info,
         }
     }
@@ -195,6 +200,9 @@ struct Validator {
     virtual_services: BTreeSet<String>,
     /// VirtualServices some rule delegates to, as `namespace/name`.
     delegates: BTreeSet<String>,
+    /// Labels of the workloads (Pods, Deployment templates,
+    /// WorkloadEntries) by namespace.
+    workloads: BTreeMap<String, Vec<BTreeMap<String, String>>>,
 }
 
 impl Validator {
@@ -205,9 +213,28 @@ impl Validator {
         let mut gateway_hosts = BTreeMap::new();
         let mut virtual_services = BTreeSet::new();
         let mut delegates = BTreeSet::new();
+        let mut workloads: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
         for r in &snapshot.resources {
             let ns = &r.meta.namespace;
             match &r.spec {
+                Spec::Pod(_) => {
+                    workloads
+                        .entry(ns.clone())
+                        .or_default()
+                        .push(r.meta.labels.clone());
+                }
+                Spec::Deployment(d) => {
+                    workloads
+                        .entry(ns.clone())
+                        .or_default()
+                        .push(d.spec.template.metadata.labels.clone());
+                }
+                Spec::WorkloadEntry(we) => {
+                    workloads
+                        .entry(ns.clone())
+                        .or_default()
+                        .push(we.labels.clone());
+                }
                 Spec::VirtualService(vs) => {
                     virtual_services.insert(format!("{ns}/{}", r.meta.name));
                     for d in vs.http.iter().filter_map(|h| h.delegate.as_ref()) {
@@ -256,6 +283,7 @@ impl Validator {
             gateway_hosts,
             virtual_services,
             delegates,
+            workloads,
         }
     }
 
@@ -1162,7 +1190,95 @@ impl Cx<'_> {
         if ap.selector.is_some() && (ap.target_ref.is_some() || !ap.target_refs.is_empty()) {
             self.schema("spec.selector", "selector and targetRef exclude each other");
         }
+        if let Some(v) = self.r.meta.annotations.get("istio.io/dry-run")
+            && !matches!(
+                v.as_str(),
+                "1" | "t"
+                    | "T"
+                    | "true"
+                    | "TRUE"
+                    | "True"
+                    | "0"
+                    | "f"
+                    | "F"
+                    | "false"
+                    | "FALSE"
+                    | "False"
+            )
+        {
+            self.schema(
+                "metadata.annotations[istio.io/dry-run]",
+                format!("{v:?} is not a boolean"),
+            );
+        }
+        if let Some(sel) = &ap.selector
+            && !sel.match_labels.is_empty()
+            && let Some(ws) = self.v.workloads.get(self.ns())
+            && !ws
+                .iter()
+                .any(|w| sel.match_labels.iter().all(|(k, v)| w.get(k) == Some(v)))
+        {
+            let labels: Vec<String> = sel
+                .match_labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            self.report(
+                Code::NoMatchingWorkloadsFound,
+                "spec.selector.matchLabels",
+                format!(
+                    "no workload in namespace {} has the labels {}",
+                    self.ns(),
+                    labels.join(",")
+                ),
+            );
+        }
         for (i, rule) in ap.rules.iter().enumerate() {
+            for (j, from) in rule.from.iter().enumerate() {
+                let s = &from.source;
+                for (name, list) in [
+                    ("ipBlocks", &s.ip_blocks),
+                    ("notIpBlocks", &s.not_ip_blocks),
+                    ("remoteIpBlocks", &s.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+                ] {
+                    for (k, ip) in list.iter().enumerate() {
+                        if !valid_cidr(ip) {
+                            self.schema(
+                                format!("spec.rules[{i}].from[{j}].source.{name}[{k}]"),
+                                format!("invalid IP address or CIDR {ip:?}"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (j, c) in rule.when.iter().enumerate() {
+                if !c.key.is_empty() && !known_condition_key(&c.key) {
+                    self.schema(
+                        format!("spec.rules[{i}].when[{j}].key"),
+                        format!("unknown attribute {:?}", c.key),
+                    );
+                }
+                let check: Option<(ValueCheck, &str)> = match c.key.as_str() {
+                    "source.ip" | "remote.ip" | "destination.ip" => {
+                        Some((valid_cidr, "IP address or CIDR"))
+                    }
+                    "destination.port" => Some((|p: &str| p.parse::<u16>().is_ok(), "port")),
+                    _ => None,
+                };
+                if let Some((ok, what)) = check {
+                    for (name, list) in [("values", &c.values), ("notValues", &c.not_values)] {
+                        for (k, v) in list.iter().enumerate() {
+                            if !ok(v) {
+                                self.schema(
+                                    format!("spec.rules[{i}].when[{j}].{name}[{k}]"),
+                                    format!("invalid {what} {v:?}"),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
             for (j, to) in rule.to.iter().enumerate() {
                 for (k, port) in to
                     .operation
@@ -1234,6 +1350,46 @@ impl Cx<'_> {
             );
         }
     }
+}
+
+/// Checks one `when` value.
+type ValueCheck = fn(&str) -> bool;
+
+/// An IP address or CIDR as AuthorizationPolicy takes them.
+fn valid_cidr(v: &str) -> bool {
+    let (addr, len) = match v.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (v, None),
+    };
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    len.is_none_or(|l| l.parse::<u32>().is_ok_and(|l| l <= max))
+}
+
+/// The `when` keys AuthorizationPolicy understands.
+fn known_condition_key(k: &str) -> bool {
+    let bracketed = |prefix: &str| {
+        k.strip_prefix(prefix)
+            .is_some_and(|rest| rest.len() > 2 && rest.starts_with('[') && rest.ends_with(']'))
+    };
+    matches!(
+        k,
+        "source.ip"
+            | "remote.ip"
+            | "source.namespace"
+            | "source.principal"
+            | "source.serviceAccount"
+            | "request.auth.principal"
+            | "request.auth.audiences"
+            | "request.auth.presenter"
+            | "destination.ip"
+            | "destination.port"
+            | "connection.sni"
+    ) || bracketed("request.headers")
+        || bracketed("request.auth.claims")
+        || (k.starts_with("experimental.envoy.filters.") && k.ends_with(']') && k.contains('['))
 }
 
 /// Envoy's `x-envoy-retry-on` and gRPC retry conditions, which Istio passes
