@@ -50,12 +50,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         #[command(flatten)]
+        mesh: MeshArgs,
+        #[command(flatten)]
         serve: ServeArgs,
     },
     /// Serves Istio configuration read from the Kubernetes API (in-cluster
     /// service account or `KUBECONFIG`), watched for changes.
     #[cfg(feature = "kube")]
     ServeKube {
+        #[command(flatten)]
+        mesh: MeshArgs,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -74,6 +78,31 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+}
+
+#[derive(Args, Debug)]
+struct MeshArgs {
+    /// istiod's mesh configuration (the `mesh` YAML of the `istio`
+    /// ConfigMap): trustDomain, trustDomainAliases, rootNamespace,
+    /// outboundTrafficPolicy and the extensionProviders of CUSTOM
+    /// AuthorizationPolicies.
+    #[arg(long)]
+    mesh_config: Option<PathBuf>,
+}
+
+impl MeshArgs {
+    fn options(&self) -> anyhow::Result<ferry_pilot::istio::translate::MeshOptions> {
+        use ferry_pilot::istio::translate::MeshOptions;
+        use ferry_pilot::istio::types::mesh::MeshConfig;
+        let Some(path) = &self.mesh_config else {
+            return Ok(MeshOptions::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--mesh-config {}", path.display()))?;
+        let cfg: MeshConfig = serde_yaml_ng::from_str(&text)
+            .with_context(|| format!("--mesh-config {}", path.display()))?;
+        Ok(MeshOptions::from_mesh_config(&cfg))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -142,10 +171,10 @@ async fn serve(resources: Resources, args: ServeArgs) -> anyhow::Result<()> {
     serve_with(Server::new(cache), args).await
 }
 
-async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_istio(dir: PathBuf, mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::source::{DirectorySource, Source};
-    use ferry_pilot::istio::translate::MeshOptions;
     use ferry_pilot::pilot::Pilot;
+    let options = mesh.options()?;
     let source = Arc::new(DirectorySource::new(dir.clone()));
     // Watching starts before the first read: nothing written in between is
     // missed.
@@ -153,7 +182,7 @@ async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let snapshot = source
         .list()
         .with_context(|| format!("--config {}", dir.display()))?;
-    let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default())?);
+    let pilot = Arc::new(Pilot::new(&snapshot, options)?);
     tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
     tokio::spawn(
         pilot
@@ -168,16 +197,16 @@ async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "kube")]
-async fn serve_kube(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_kube(mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::kube_source::KubeSource;
     use ferry_pilot::istio::source::Source;
-    use ferry_pilot::istio::translate::MeshOptions;
     use ferry_pilot::pilot::Pilot;
+    let options = mesh.options()?;
     let source = KubeSource::connect().await?;
     source.spawn_watchers();
     source.wait_synced().await;
     let snapshot = source.list()?;
-    let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default())?);
+    let pilot = Arc::new(Pilot::new(&snapshot, options)?);
     tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
     tokio::spawn(
         pilot
@@ -273,20 +302,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             (replay::load_config_dump(&dump, opts)?, serve)
         }
         Command::ServeStatic { bootstrap, serve } => (replay::load_bootstrap(&bootstrap)?, serve),
-        Command::Serve { config, serve } => {
+        Command::Serve {
+            config,
+            mesh,
+            serve,
+        } => {
             return tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(serve_istio(config, serve));
+                .block_on(serve_istio(config, mesh, serve));
         }
         #[cfg(feature = "kube")]
-        Command::ServeKube { serve } => {
+        Command::ServeKube { mesh, serve } => {
             return tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(serve_kube(serve));
+                .block_on(serve_kube(mesh, serve));
         }
         Command::Analyze { dir } => {
             if analyze(&dir)? {

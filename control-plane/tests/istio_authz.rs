@@ -328,3 +328,27 @@ spec:
         ]
     );
 }
+
+#[test]
+fn mesh_config_sets_trust_domains_and_providers() {
+    use ferry_pilot::istio::types::mesh::MeshConfig;
+    let cfg: MeshConfig = serde_yaml_ng::from_str(
+        "trustDomain: td1\ntrustDomainAliases: [cluster.local]\nenableTracing: true\n\
+         outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n\
+         extensionProviders:\n- name: opa\n  envoyExtAuthzGrpc: {service: opa.authz.svc.cluster.local, port: 9191}\n\
+         - name: zipkin\n  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}\n",
+    )
+    .expect("mesh config");
+    let o = MeshOptions::from_mesh_config(&cfg);
+    assert_eq!(o.trust_domain, "td1");
+    assert_eq!(o.trust_domain_aliases, ["cluster.local"]);
+    assert_eq!(o.root_namespace, "istio-system");
+    assert_eq!(o.extension_providers.len(), 2);
+    assert_eq!(
+        o.extension_providers[0]
+            .envoy_ext_authz_grpc
+            .as_ref()
+            .map(|g| g.port),
+        Some(9191)
+    );
+}

@@ -192,6 +192,26 @@ impl Default for MeshOptions {
     }
 }
 
+impl MeshOptions {
+    /// The defaults with what an istiod `mesh` configuration sets.
+    pub fn from_mesh_config(cfg: &super::types::mesh::MeshConfig) -> Self {
+        let mut out = Self::default();
+        if let Some(td) = cfg.trust_domain.as_ref().filter(|t| !t.is_empty()) {
+            out.trust_domain.clone_from(td);
+        }
+        out.trust_domain_aliases
+            .clone_from(&cfg.trust_domain_aliases);
+        if let Some(ns) = cfg.root_namespace.as_ref().filter(|n| !n.is_empty()) {
+            out.root_namespace.clone_from(ns);
+        }
+        if let Some(mode) = cfg.outbound_traffic_policy.as_ref().and_then(|p| p.mode) {
+            out.outbound_traffic_policy = mode;
+        }
+        out.extension_providers.clone_from(&cfg.extension_providers);
+        out
+    }
+}
+
 /// An indexed snapshot, ready to translate for any proxy.
 #[derive(Debug)]
 pub struct Mesh {

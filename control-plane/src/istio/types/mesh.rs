@@ -57,3 +57,21 @@ pub struct RequestBody {
     pub allow_partial_message: bool,
     pub pack_as_bytes: bool,
 }
+
+/// The `mesh` document of istiod's configuration (the `istio` ConfigMap),
+/// the fields translation uses; the others are accepted and ignored.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MeshConfig {
+    pub trust_domain: Option<String>,
+    pub trust_domain_aliases: Vec<String>,
+    pub root_namespace: Option<String>,
+    pub outbound_traffic_policy: Option<MeshOutboundTrafficPolicy>,
+    pub extension_providers: Vec<ExtensionProvider>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MeshOutboundTrafficPolicy {
+    pub mode: Option<super::networking::OutboundMode>,
+}
