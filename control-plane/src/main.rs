@@ -68,6 +68,10 @@ enum Command {
     Analyze {
         /// Directory (or file) of Kubernetes and Istio YAML.
         dir: PathBuf,
+        /// Also check what depends on the mesh configuration (the
+        /// extension providers of CUSTOM AuthorizationPolicies).
+        #[command(flatten)]
+        mesh: MeshArgs,
     },
     /// Serves the static listeners, clusters and secrets of an Envoy
     /// bootstrap over ADS.
@@ -220,9 +224,9 @@ async fn serve_kube(mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     serve_with(Server::per_node(Cache::new(), resolver), args).await
 }
 
-fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {
+fn analyze(dir: &std::path::Path, mesh: &MeshArgs) -> anyhow::Result<bool> {
     use ferry_pilot::istio::source::load_dir;
-    use ferry_pilot::istio::validate::{Severity, validate};
+    use ferry_pilot::istio::validate::{Severity, validate, validate_mesh};
     let snapshot = load_dir(dir).with_context(|| format!("{}", dir.display()))?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -231,7 +235,11 @@ fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {
         errors += 1;
         writeln!(out, "Error {e}")?;
     }
-    for f in validate(&snapshot) {
+    let mut findings = validate(&snapshot);
+    if mesh.mesh_config.is_some() {
+        findings.extend(validate_mesh(&snapshot, &mesh.options()?));
+    }
+    for f in findings {
         if f.severity == Severity::Error {
             errors += 1;
         }
@@ -321,8 +329,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?
                 .block_on(serve_kube(mesh, serve));
         }
-        Command::Analyze { dir } => {
-            if analyze(&dir)? {
+        Command::Analyze { dir, mesh } => {
+            if analyze(&dir, &mesh)? {
                 return Ok(());
             }
             anyhow::bail!("{}: configuration has errors", dir.display());

@@ -352,3 +352,56 @@ fn mesh_config_sets_trust_domains_and_providers() {
         Some(9191)
     );
 }
+
+#[test]
+fn analyze_checks_custom_providers_against_the_mesh_config() {
+    use ferry_pilot::istio::validate::validate_mesh;
+    let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: opa, namespace: authz}
+spec: {clusterIP: 10.96.8.8, ports: [{name: grpc, port: 9191}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: good, namespace: shop}
+spec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: typo, namespace: shop}
+spec: {action: CUSTOM, provider: {name: opa2}, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: shop}
+spec: {action: CUSTOM, provider: {name: far}, rules: [{}]}
+"#;
+    let snap = parse_documents(text, Path::new("custom.yaml"));
+    let providers = serde_json::json!([
+        {"name": "opa", "envoyExtAuthzGrpc": {"service": "authz/opa.authz.svc.cluster.local", "port": 9191}},
+        {"name": "far", "envoyExtAuthzHttp": {"service": "authz/opa", "port": 9191}},
+    ]);
+    let options = MeshOptions {
+        extension_providers: serde_json::from_value(providers).expect("providers"),
+        ..MeshOptions::default()
+    };
+    let got: Vec<String> = validate_mesh(&snap, &options)
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {} {}",
+                f.code.id(),
+                f.resource.as_ref().map_or("", |r| r.name.as_str()),
+                f.message
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "IST0101 typo extension provider \"opa2\" is not defined in meshConfig.extensionProviders",
+            "IST0106 broken extension provider \"far\": service \"authz/opa\" not found",
+        ]
+    );
+}

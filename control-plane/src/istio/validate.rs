@@ -10,6 +10,7 @@ use std::fmt;
 
 use super::names::{self, DEFAULT_DOMAIN, Protocol};
 use super::source::{Origin, Resource, Snapshot, Spec};
+use super::translate::{Mesh, MeshOptions};
 use super::types::networking::{
     ClientTlsMode, Destination, HttpMatchRequest, HttpRoute, OutlierDetection, StringMatch,
     TrafficPolicy, VirtualService,
@@ -183,6 +184,44 @@ pub fn validate(snapshot: &Snapshot) -> Vec<Finding> {
     let mut findings = v.findings;
     findings.sort_by(|a, b| (&a.origin, &a.field, a.code).cmp(&(&b.origin, &b.field, b.code)));
     findings
+}
+
+/// Checks that need the mesh configuration: the extension provider of
+/// every CUSTOM AuthorizationPolicy must exist (`IST0101`) and be usable
+/// (`IST0106`: port, service, statusOnError, pathPrefix), or its policies
+/// deny instead.
+pub fn validate_mesh(snapshot: &Snapshot, options: &MeshOptions) -> Vec<Finding> {
+    use super::translate::ext_authz::{ProviderError, check_provider};
+    let mesh = Mesh::new(snapshot, options.clone());
+    let mut out = Vec::new();
+    for r in &snapshot.resources {
+        let Spec::AuthorizationPolicy(ap) = &r.spec else {
+            continue;
+        };
+        let Some(p) = ap
+            .provider
+            .as_ref()
+            .filter(|_| ap.action == Some(super::types::security::AuthzAction::Custom))
+        else {
+            continue;
+        };
+        match check_provider(&mesh, &p.name) {
+            Ok(()) => {}
+            Err(e @ ProviderError::Unknown(_)) => out.push(finding(
+                r,
+                Code::ReferencedResourceNotFound,
+                "spec.provider.name",
+                e.to_string(),
+            )),
+            Err(e) => out.push(finding(
+                r,
+                Code::SchemaValidationError,
+                "spec.provider.name",
+                e.to_string(),
+            )),
+        }
+    }
+    out
 }
 
 /// What the checks look names up in.

@@ -234,7 +234,8 @@ fn resolve(mesh: &Mesh, name: &str) -> Result<Resolved, ProviderError> {
 }
 
 /// Checks a provider's port and finds its service: `namespace/host` or a
-/// bare host; returns the host and its outbound cluster.
+/// bare host name, fully qualified; returns the host and its outbound
+/// cluster.
 fn target(
     mesh: &Mesh,
     name: &str,
@@ -259,13 +260,9 @@ fn target(
         .registry
         .services
         .iter()
-        .find(|s| {
-            ns.is_none_or(|n| n == s.namespace)
-                && (s.host == host
-                    || ns.is_some_and(|n| {
-                        names::service_fqdn(host, n, &mesh.options.domain) == s.host
-                    }))
-        })
+        // istiod looks the host name up as written: a short name is not
+        // resolved.
+        .find(|s| ns.is_none_or(|n| n == s.namespace) && s.host == host)
         .ok_or_else(not_found)?;
     Ok((
         svc.host.clone(),
