@@ -420,3 +420,88 @@ spec: {action: CUSTOM, provider: {name: far}, rules: [{}]}
         ]
     );
 }
+
+#[test]
+fn gateway_servers_carry_the_policies_selecting_the_gateway_pod() {
+    let extra = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [shop]
+  http:
+  - route:
+    - destination: {host: productpage}
+  tcp:
+  - route:
+    - destination: {host: reviews, port: {number: 9000}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ingress, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  rules:
+  - to:
+    - operation: {hosts: [shop.example.com]}
+"#;
+    let mut snap = load_dir(&fixtures()).expect("load");
+    snap.resources
+        .extend(parse_documents(extra, Path::new("gateway.yaml")).resources);
+    let mesh = Mesh::new(&snap, MeshOptions::default());
+    let gw = Proxy {
+        node_type: ferry_pilot::istio::translate::NodeType::Router,
+        id: "router~10.0.9.1~ingress-1.istio-system~istio-system.svc.cluster.local".into(),
+        namespace: "istio-system".into(),
+        labels: [("istio".to_string(), "ingressgateway".to_string())].into(),
+        ..Default::default()
+    };
+    let cfg = mesh.proxy_config(&gw);
+    let http = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name.ends_with("_80"))
+        .expect("port 80 listener");
+    // The root namespace's mesh-wide DENY and the gateway's ALLOW, before
+    // the traffic filters.
+    assert_eq!(
+        hcm_filters(&http.filter_chains[0].filters),
+        [
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.rbac",
+            "envoy.filters.http.fault",
+            "envoy.filters.http.cors",
+            "envoy.filters.http.router"
+        ]
+    );
+    let tcp = cfg
+        .listeners
+        .iter()
+        .find(|l| l.name.ends_with("_31400"))
+        .expect("port 31400 listener");
+    let names: Vec<&str> = tcp.filter_chains[0]
+        .filters
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.tcp_proxy"
+        ]
+    );
+}

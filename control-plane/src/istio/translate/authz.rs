@@ -41,6 +41,7 @@ use prost::Message;
 
 use super::listener::{HCM, TCP_PROXY, http_filter, typed_filter};
 use super::registry::selects;
+use super::route::{CORS_FILTER, FAULT_FILTER};
 use super::util::any;
 use super::{Mesh, Proxy};
 use crate::istio::source::{Resource, Spec};
@@ -208,7 +209,7 @@ impl Mesh {
 }
 
 /// Adds the authorization filters to one server filter chain: `http`
-/// before the router of its HTTP connection manager, `network` before its
+/// before the traffic filters and the router of its HTTP connection manager, `network` before its
 /// TCP proxy. Chains without either (a blackhole) are left alone.
 pub(super) fn apply(chain: &mut FilterChain, http: &[HttpFilter], network: &[Filter]) {
     if let Some(i) = chain.filters.iter().position(|f| f.name == TCP_PROXY) {
@@ -230,10 +231,12 @@ pub(super) fn apply(chain: &mut FilterChain, http: &[HttpFilter], network: &[Fil
         let Ok(mut hcm) = HttpConnectionManager::decode(cfg.value.as_slice()) else {
             continue;
         };
+        // istiod puts authorization before the traffic filters (CORS,
+        // fault injection) and the router.
         let at = hcm
             .http_filters
             .iter()
-            .position(|h| h.name == ROUTER)
+            .position(|h| [ROUTER, FAULT_FILTER, CORS_FILTER].contains(&h.name.as_str()))
             .unwrap_or(hcm.http_filters.len());
         hcm.http_filters.splice(at..at, http.iter().cloned());
         *cfg = any(&hcm);
