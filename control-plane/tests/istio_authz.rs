@@ -324,6 +324,18 @@ spec:
       values: ["99999"]
     - key: source.ip
       notValues: [10.1.1.1/8, 1.2.3.4]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-shapes, namespace: shop}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation: {methods: [DELETE]}
+  - from:
+    - source: {namespaces: [a], serviceAccounts: [b]}
+    - source: {}
 "#;
     let snap = parse_documents(text, Path::new("broken.yaml"));
     let got: Vec<String> = validate(&snap)
@@ -340,6 +352,9 @@ spec:
             "IST0106 spec.rules[0].when[0].key",
             "IST0106 spec.rules[0].when[1].values[0]",
             "IST0127 spec.selector.matchLabels",
+            "IST0133 spec.rules[0]",
+            "IST0106 spec.rules[1].from[0].source",
+            "IST0106 spec.rules[1].from[1].source",
         ]
     );
 }

@@ -377,8 +377,8 @@ spec:
   - to:
     - operation: {paths: [/api/*]}
     when:
-    - key: request.auth.claims[groups]
-      values: [shoppers]
+    - key: request.headers[x-tenant]
+      values: [shop-*]
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

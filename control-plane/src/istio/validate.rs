@@ -62,6 +62,8 @@ pub enum Code {
     VirtualServiceIneffectiveMatch,
     /// IST0127: a selector that no workload of its namespace matches.
     NoMatchingWorkloadsFound,
+    /// IST0133: valid, but likely not what was meant.
+    SchemaWarning,
 }
 
 impl Code {
@@ -78,6 +80,7 @@ impl Code {
             Code::VirtualServiceIneffectiveMatch => "IST0131",
             Code::VirtualServiceHostNotFoundInGateway => "IST0132",
             Code::NoMatchingWorkloadsFound => "IST0127",
+            Code::SchemaWarning => "IST0133",
         }
     }
 
@@ -98,6 +101,7 @@ impl Code {
             Code::VirtualServiceIneffectiveMatch => "VirtualServiceIneffectiveMatch",
             Code::VirtualServiceHostNotFoundInGateway => "VirtualServiceHostNotFoundInGateway",
             Code::NoMatchingWorkloadsFound => "NoMatchingWorkloadsFound",
+            Code::SchemaWarning => "SchemaWarning",
         }
     }
 
@@ -112,7 +116,8 @@ impl Code {
             | Code::VirtualServiceHostNotFoundInGateway
             | Code::VirtualServiceUnreachableRule
             | Code::VirtualServiceIneffectiveMatch
-            | Code::NoMatchingWorkloadsFound => Severity::Warning,
+            | Code::NoMatchingWorkloadsFound
+            | Code::SchemaWarning => Severity::Warning,
             Code::PortNameIsNotUnderNamingConvention => Severity::Info,
         }
     }
@@ -1217,6 +1222,7 @@ impl Cx<'_> {
     fn authorization_policy(&mut self, ap: &super::types::security::AuthorizationPolicy) {
         use super::types::security::AuthzAction;
         let custom = ap.action == Some(AuthzAction::Custom);
+        self.authorization_rules(ap);
         if custom && ap.provider.is_none() {
             self.schema("spec.provider", "a CUSTOM action needs a provider");
         }
@@ -1344,6 +1350,120 @@ impl Cx<'_> {
                         "values or notValues is required",
                     );
                 }
+            }
+        }
+    }
+
+    /// istiod's webhook checks of the rules' shape, and its warning about
+    /// DENY rules that only name HTTP attributes.
+    fn authorization_rules(&mut self, ap: &super::types::security::AuthorizationPolicy) {
+        use super::types::security::AuthzAction;
+        let action = ap.action.unwrap_or(AuthzAction::Allow);
+        if ap.rules.is_empty() && matches!(action, AuthzAction::Deny | AuthzAction::Custom) {
+            self.schema(
+                "spec.rules",
+                "a DENY or CUSTOM policy without rules never applies; add an empty rule {} to match every request",
+            );
+        }
+        for (i, rule) in ap.rules.iter().enumerate() {
+            let mut tcp_from = false;
+            for (j, from) in rule.from.iter().enumerate() {
+                let s = &from.source;
+                let field = format!("spec.rules[{i}].from[{j}].source");
+                let identity = s.principals.len()
+                    + s.not_principals.len()
+                    + s.namespaces.len()
+                    + s.not_namespaces.len();
+                let accounts = s.service_accounts.len() + s.not_service_accounts.len();
+                if identity > 0 && accounts > 0 {
+                    self.schema(
+                        &field,
+                        "serviceAccounts cannot be combined with principals or namespaces",
+                    );
+                }
+                let network = s.ip_blocks.len()
+                    + s.not_ip_blocks.len()
+                    + s.remote_ip_blocks.len()
+                    + s.not_remote_ip_blocks.len()
+                    + s.trust_domains.len()
+                    + s.not_trust_domains.len();
+                if identity + accounts + network > 0 {
+                    tcp_from = true;
+                }
+                if identity
+                    + accounts
+                    + network
+                    + s.request_principals.len()
+                    + s.not_request_principals.len()
+                    == 0
+                {
+                    self.schema(&field, "source must not be empty");
+                }
+                if action == AuthzAction::Custom {
+                    for (name, n) in [
+                        ("namespaces", s.namespaces.len() + s.not_namespaces.len()),
+                        ("serviceAccounts", accounts),
+                        ("principals", s.principals.len() + s.not_principals.len()),
+                        (
+                            "requestPrincipals",
+                            s.request_principals.len() + s.not_request_principals.len(),
+                        ),
+                    ] {
+                        if n > 0 {
+                            self.schema(
+                                &field,
+                                format!("{name} is not supported with the CUSTOM action"),
+                            );
+                        }
+                    }
+                }
+            }
+            let mut tcp_to = false;
+            for (j, to) in rule.to.iter().enumerate() {
+                let o = &to.operation;
+                if o.ports.len() + o.not_ports.len() > 0 {
+                    tcp_to = true;
+                }
+                if o.ports.len()
+                    + o.not_ports.len()
+                    + o.methods.len()
+                    + o.not_methods.len()
+                    + o.paths.len()
+                    + o.not_paths.len()
+                    + o.hosts.len()
+                    + o.not_hosts.len()
+                    == 0
+                {
+                    self.schema(
+                        format!("spec.rules[{i}].to[{j}].operation"),
+                        "operation must not be empty",
+                    );
+                }
+            }
+            if action == AuthzAction::Custom {
+                for (j, c) in rule.when.iter().enumerate() {
+                    let k = c.key.as_str();
+                    if matches!(
+                        k,
+                        "source.namespace" | "source.serviceAccount" | "source.principal"
+                    ) || k.starts_with("request.auth.")
+                    {
+                        self.schema(
+                            format!("spec.rules[{i}].when[{j}].key"),
+                            format!("{k} is not supported with the CUSTOM action"),
+                        );
+                    }
+                }
+            }
+            let from_only_http = !rule.from.is_empty() && rule.to.is_empty() && !tcp_from;
+            let to_only_http = !rule.to.is_empty() && !tcp_to;
+            if action == AuthzAction::Deny && (from_only_http || to_only_http) {
+                self.report(
+                    Code::SchemaWarning,
+                    format!("spec.rules[{i}]"),
+                    "this DENY rule names only HTTP attributes, so on the TCP ports in the \
+                     policy's scope it denies every connection; list the ports it is meant for",
+                );
             }
         }
     }
