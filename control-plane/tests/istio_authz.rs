@@ -520,3 +520,260 @@ spec:
         ]
     );
 }
+
+/// The istio.io authorization tasks (`shared/istio-samples/istio.io-tasks`),
+/// step by step as `expectations.yaml` tells them, checked on the filters
+/// the task's server proxy gets.
+mod tasks {
+    use super::*;
+
+    fn dir(task: &str) -> Option<PathBuf> {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/istio-samples/istio.io-tasks/security")
+            .join(task);
+        p.is_dir().then_some(p)
+    }
+
+    /// tcp-echo (Service ports 9000 and 9001, pod port 9002) and httpbin
+    /// (Service port 8000 to 80) in namespace `foo`, with sidecars.
+    const FOO: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tcp-echo, namespace: foo}
+spec:
+  clusterIP: 10.96.7.10
+  selector: {app: tcp-echo}
+  ports: [{name: tcp, port: 9000}, {name: tcp-other, port: 9001}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-1, namespace: foo, labels: {app: tcp-echo, version: v1}}
+spec: {serviceAccountName: default, containers: [{name: tcp-echo, image: x}]}
+status: {podIP: 10.1.7.10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  clusterIP: 10.96.7.20
+  selector: {app: httpbin}
+  ports: [{name: http, port: 8000, targetPort: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin-1, namespace: foo, labels: {app: httpbin, version: v1}}
+spec: {serviceAccountName: httpbin, containers: [{name: httpbin, image: x}]}
+status: {podIP: 10.1.7.20}
+"#;
+
+    /// The mesh after applying `files` of `task` in order (a later file
+    /// replaces an earlier policy of the same name, as `kubectl apply`).
+    fn mesh_after(task: &Path, files: &[&str]) -> Mesh {
+        let mut snap = parse_documents(FOO, Path::new("foo.yaml"));
+        for f in files {
+            let path = task.join(f);
+            let text = std::fs::read_to_string(&path).expect("task file");
+            for r in parse_documents(&text, &path).resources {
+                snap.resources.retain(|o| o.key() != r.key());
+                snap.resources.push(r);
+            }
+        }
+        assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+        Mesh::new(&snap, MeshOptions::default())
+    }
+
+    fn inbound_of(mesh: &Mesh, pod: &str, ip: &str) -> Listener {
+        let mut p = Proxy {
+            id: format!("sidecar~{ip}~{pod}.foo~foo.svc.cluster.local"),
+            namespace: "foo".into(),
+            ips: vec![ip.into()],
+            pod_name: Some(pod.into()),
+            ..Default::default()
+        };
+        mesh.complete_proxy(&mut p);
+        mesh.proxy_config(&p)
+            .listeners
+            .into_iter()
+            .find(|l| l.name == "virtualInbound")
+            .expect("virtualInbound")
+    }
+
+    /// The RBAC configs (as JSON) on the chains of `port` (0: the
+    /// pass-through chains), network ones for TCP chains, HTTP ones
+    /// otherwise; one entry per chain.
+    fn rbac_of(listener: &Listener, port: u32, http: bool) -> Vec<Vec<Value>> {
+        let d = Descriptors::load().expect("descriptors");
+        let mut out = Vec::new();
+        for c in &listener.filter_chains {
+            let dport = c
+                .filter_chain_match
+                .as_ref()
+                .and_then(|m| m.destination_port.as_ref())
+                .map_or(0, |p| p.value);
+            if dport != port || c.name == "virtualInbound-blackhole" {
+                continue;
+            }
+            let has_hcm = c
+                .filters
+                .iter()
+                .any(|f| f.name == "envoy.filters.network.http_connection_manager");
+            if has_hcm != http {
+                continue;
+            }
+            let configs: Vec<Value> = if http {
+                let Some(filter::ConfigType::TypedConfig(any)) = c
+                    .filters
+                    .iter()
+                    .find(|f| f.name == "envoy.filters.network.http_connection_manager")
+                    .and_then(|f| f.config_type.clone())
+                else {
+                    continue;
+                };
+                HttpConnectionManager::decode(&*any.value)
+                    .expect("hcm")
+                    .http_filters
+                    .iter()
+                    .filter(|f| f.name == "envoy.filters.http.rbac")
+                    .map(|f| d.to_json(HTTP_FILTER, f).expect("json")["typed_config"].clone())
+                    .collect()
+            } else {
+                c.filters
+                    .iter()
+                    .filter(|f| f.name == "envoy.filters.network.rbac")
+                    .map(|f| d.to_json(NETWORK_FILTER, f).expect("json")["typed_config"].clone())
+                    .collect()
+            };
+            out.push(configs);
+        }
+        assert!(!out.is_empty(), "no chain for port {port}");
+        out
+    }
+
+    fn policy<'a>(rbac: &'a Value, name: &str) -> &'a Value {
+        &rbac["rules"]["policies"][name]
+    }
+
+    #[test]
+    fn authz_tcp() {
+        let Some(task) = dir("authz-tcp") else { return };
+        let step = |files: &[&str]| {
+            let mesh = mesh_after(&task, files);
+            let l = inbound_of(&mesh, "tcp-echo-1", "10.1.7.10");
+            (rbac_of(&l, 9000, false), rbac_of(&l, 0, false))
+        };
+        let name = "ns[foo]-policy[tcp-policy]-rule[0]";
+        // 01: ports 9000 and 9001 allowed, the pod-only 9002 (pass-through)
+        // falls under the same ALLOW filter and matches nothing.
+        let (p9000, pass) = step(&["01-allow-ports-9000-9001.yaml"]);
+        for chain in p9000.iter().chain(&pass) {
+            assert_eq!(chain.len(), 1);
+            let ports = &policy(&chain[0], name)["permissions"][0]["and_rules"]["rules"][0];
+            assert_eq!(
+                ports["or_rules"]["rules"],
+                serde_json::json!([{"destination_port": 9000}, {"destination_port": 9001}])
+            );
+        }
+        // 02: the ALLOW rule names `methods`: on TCP it is dropped, and an
+        // ALLOW filter without policies rejects every connection.
+        let (p9000, _) = step(&["02-allow-with-http-only-field.yaml"]);
+        for chain in &p9000 {
+            assert_eq!(chain[0]["rules"], serde_json::json!({}));
+        }
+        // 03: the DENY rule loses `methods` and denies everything.
+        let (p9000, _) = step(&["03-deny-with-http-only-field.yaml"]);
+        for chain in &p9000 {
+            assert_eq!(chain[0]["rules"]["action"], "DENY");
+            assert_eq!(
+                policy(&chain[0], name)["permissions"][0]["and_rules"]["rules"],
+                serde_json::json!([{"any": true}])
+            );
+        }
+        // 04: with the port kept, only 9000 is denied.
+        let (p9000, _) = step(&["04-deny-with-http-only-field-and-port.yaml"]);
+        for chain in &p9000 {
+            assert_eq!(
+                policy(&chain[0], name)["permissions"][0]["and_rules"]["rules"],
+                serde_json::json!([{"or_rules": {"rules": [{"destination_port": 9000}]}}])
+            );
+        }
+    }
+
+    #[test]
+    fn authz_deny() {
+        let Some(task) = dir("authz-deny") else {
+            return;
+        };
+        let http = |files: &[&str]| {
+            let mesh = mesh_after(&task, files);
+            rbac_of(&inbound_of(&mesh, "httpbin-1", "10.1.7.20"), 80, true)
+        };
+        // 01: GET denied.
+        for chain in http(&["01-deny-method-get.yaml"]) {
+            assert_eq!(chain.len(), 1);
+            assert_eq!(chain[0]["rules"]["action"], "DENY");
+        }
+        // 02: GET denied unless `x-token: admin`.
+        for chain in http(&["02-deny-method-get-unless-admin-token.yaml"]) {
+            let p = policy(&chain[0], "ns[foo]-policy[deny-method-get]-rule[0]");
+            assert_eq!(
+                p["principals"][0]["and_ids"]["ids"][0]["not_id"]["or_ids"]["ids"][0]["header"],
+                serde_json::json!({"name": "x-token", "string_match": {"exact": "admin"}})
+            );
+        }
+        // 03: the DENY filter first, then the ALLOW one for `/ip`.
+        for chain in http(&[
+            "02-deny-method-get-unless-admin-token.yaml",
+            "03-allow-path-ip.yaml",
+        ]) {
+            assert_eq!(chain.len(), 2);
+            assert_eq!(chain[0]["rules"]["action"], "DENY");
+            assert!(
+                chain[1]["rules"]["action"].is_null(),
+                "ALLOW is the default"
+            );
+            assert_eq!(
+                policy(&chain[1], "ns[foo]-policy[allow-path-ip]-rule[0]")["permissions"][0]["and_rules"]
+                    ["rules"][0]["or_rules"]["rules"][0]["url_path"],
+                serde_json::json!({"path": {"exact": "/ip"}})
+            );
+        }
+    }
+
+    #[test]
+    fn authz_http_allow_nothing() {
+        let Some(task) = dir("authz-http") else {
+            return;
+        };
+        let bookinfo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/istio-samples/bookinfo/platform/kube/bookinfo.yaml");
+        let mut snap = parse_documents(
+            &std::fs::read_to_string(&bookinfo).expect("bookinfo"),
+            &bookinfo,
+        );
+        let path = task.join("01-allow-nothing.yaml");
+        snap.resources.extend(
+            parse_documents(&std::fs::read_to_string(&path).expect("task"), &path).resources,
+        );
+        let mesh = Mesh::new(&snap, MeshOptions::default());
+        let p = Proxy {
+            id: "sidecar~10.1.0.5~reviews-v1-1.default~default.svc.cluster.local".into(),
+            namespace: "default".into(),
+            labels: [("app".to_string(), "reviews".to_string())].into(),
+            ..Default::default()
+        };
+        let d = Descriptors::load().expect("descriptors");
+        let filters = mesh.authz_http_filters(&p);
+        assert_eq!(filters.len(), 1);
+        let rbac = d.to_json(HTTP_FILTER, &filters[0]).expect("json")["typed_config"].clone();
+        // A policy without rules matches nothing: ALLOW with it allows nothing.
+        assert_eq!(
+            rbac["rules"]["policies"]["ns[default]-policy[allow-nothing]-rule[0]"],
+            serde_json::json!({"permissions": [{"not_rule": {"any": true}}],
+                               "principals": [{"not_id": {"any": true}}]})
+        );
+    }
+}

@@ -465,3 +465,136 @@ async fn assert_in_dump(envoy: &Envoy, needles: &[&str]) {
         assert!(dump.contains(n), "{n} not in the config dump");
     }
 }
+
+/// tcp-echo and httpbin in namespace `foo`, as the istio.io tasks set up
+/// (without injection: this Envoy has no SDS server for mTLS certificates).
+const FOO_WORKLOADS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tcp-echo, namespace: foo}
+spec:
+  clusterIP: 10.96.7.10
+  selector: {app: tcp-echo}
+  ports: [{name: tcp, port: 9000}, {name: tcp-other, port: 9001}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-1, namespace: foo, labels: {app: tcp-echo, version: v1}}
+spec: {serviceAccountName: default, containers: [{name: tcp-echo, image: x}]}
+status: {podIP: 10.1.7.10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  clusterIP: 10.96.7.20
+  selector: {app: httpbin}
+  ports: [{name: http, port: 8000, targetPort: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin-1, namespace: foo, labels: {app: httpbin, version: v1}}
+spec: {serviceAccountName: httpbin, containers: [{name: httpbin, image: x}]}
+status: {podIP: 10.1.7.20}
+"#;
+
+#[tokio::test]
+async fn envoy_acks_the_istio_io_authorization_tasks() {
+    let Some(bookinfo) = bookinfo() else {
+        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
+        return;
+    };
+    let Some(bin) = envoy_binary() else { return };
+    let tasks = bookinfo.join("../istio.io-tasks/security");
+    let foo_node = |pod: &str, app: &str, ip: &str| {
+        (
+            format!("sidecar~{ip}~{pod}.foo~foo.svc.cluster.local"),
+            json!({"NAMESPACE": "foo", "LABELS": {"app": app, "version": "v1"}, "INSTANCE_IPS": ip}),
+        )
+    };
+    let bookinfo_files = [
+        bookinfo.join("platform/kube/bookinfo.yaml"),
+        bookinfo.join("networking/bookinfo-gateway.yaml"),
+    ];
+    // (task, files applied together, bookinfo or foo)
+    let steps: &[(&str, &[&str], bool)] = &[
+        (
+            "authz-http",
+            &[
+                "01-allow-nothing.yaml",
+                "02-productpage-viewer.yaml",
+                "03-bookinfo-gateway-viewer.yaml",
+                "04-details-viewer.yaml",
+                "05-reviews-viewer.yaml",
+                "06-ratings-viewer.yaml",
+            ],
+            true,
+        ),
+        (
+            "authn-policy",
+            &["09-frontend-ingress-deny-no-principal.yaml"],
+            true,
+        ),
+        (
+            "authn-policy",
+            &["10-frontend-ingress-deny-no-principal-per-path.yaml"],
+            true,
+        ),
+        ("authz-tcp", &["01-allow-ports-9000-9001.yaml"], false),
+        ("authz-tcp", &["02-allow-with-http-only-field.yaml"], false),
+        ("authz-tcp", &["03-deny-with-http-only-field.yaml"], false),
+        (
+            "authz-tcp",
+            &["04-deny-with-http-only-field-and-port.yaml"],
+            false,
+        ),
+        ("authz-deny", &["01-deny-method-get.yaml"], false),
+        (
+            "authz-deny",
+            &[
+                "02-deny-method-get-unless-admin-token.yaml",
+                "03-allow-path-ip.yaml",
+            ],
+            false,
+        ),
+        ("authz-jwt", &["02-require-jwt.yaml"], false),
+        ("authz-jwt", &["03-require-jwt-group-claim.yaml"], false),
+    ];
+    for (i, (task, files, on_bookinfo)) in steps.iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!("ferry-authz-task-{i}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        if *on_bookinfo {
+            for f in &bookinfo_files {
+                std::fs::copy(f, dir.join(f.file_name().expect("name"))).expect("copy");
+            }
+        } else {
+            std::fs::write(dir.join("foo.yaml"), FOO_WORKLOADS).expect("write");
+        }
+        for f in *files {
+            std::fs::copy(tasks.join(task).join(f), dir.join(f)).expect("copy task file");
+        }
+        let (server, xds, _pilot) = start_pilot(&dir).await;
+        let nodes = if *on_bookinfo {
+            vec![
+                node("productpage", "v1", "10.0.0.11"),
+                node("reviews", "v2", "10.0.0.12"),
+                gateway_node("10.0.9.40"),
+            ]
+        } else {
+            vec![
+                foo_node("tcp-echo-1", "tcp-echo", "10.1.7.10"),
+                foo_node("httpbin-1", "httpbin", "10.1.7.20"),
+            ]
+        };
+        for (id, meta) in nodes {
+            let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+            all_acked(&server, &envoy, &id).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
