@@ -209,8 +209,9 @@ impl Mesh {
 }
 
 /// Adds the authorization filters to one server filter chain: `http`
-/// before the traffic filters and the router of its HTTP connection manager, `network` before its
-/// TCP proxy. Chains without either (a blackhole) are left alone.
+/// before the traffic filters and the router of its HTTP connection
+/// manager, `network` before its TCP proxy. The blackhole chain is left
+/// alone.
 pub(super) fn apply(chain: &mut FilterChain, http: &[HttpFilter], network: &[Filter]) {
     if let Some(i) = chain.filters.iter().position(|f| f.name == TCP_PROXY) {
         if !network.is_empty() && chain.name != BLACKHOLE_CHAIN {
@@ -297,9 +298,12 @@ pub(super) fn build(
         }
         for (i, rule) in p.spec.rules.iter().enumerate() {
             let name = policy_name(p, i, provider);
-            let Ok(mut model) = Model::new(p.namespace, rule) else {
-                tracing::debug!(authz.policy = %name, "skipped rule with an unknown attribute");
-                continue;
+            let mut model = match Model::new(p.namespace, rule) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(authz.policy = %name, error = %e, "skipped rule");
+                    continue;
+                }
             };
             model.migrate_trust_domain(trust_domains);
             match model.generate(for_tcp, action) {
