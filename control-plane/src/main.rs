@@ -50,12 +50,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
         #[command(flatten)]
+        mesh: MeshArgs,
+        #[command(flatten)]
         serve: ServeArgs,
     },
     /// Serves Istio configuration read from the Kubernetes API (in-cluster
     /// service account or `KUBECONFIG`), watched for changes.
     #[cfg(feature = "kube")]
     ServeKube {
+        #[command(flatten)]
+        mesh: MeshArgs,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -64,6 +68,10 @@ enum Command {
     Analyze {
         /// Directory (or file) of Kubernetes and Istio YAML.
         dir: PathBuf,
+        /// Also check what depends on the mesh configuration (the
+        /// extension providers of CUSTOM AuthorizationPolicies).
+        #[command(flatten)]
+        mesh: MeshArgs,
     },
     /// Serves the static listeners, clusters and secrets of an Envoy
     /// bootstrap over ADS.
@@ -74,6 +82,31 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+}
+
+#[derive(Args, Debug)]
+struct MeshArgs {
+    /// istiod's mesh configuration (the `mesh` YAML of the `istio`
+    /// ConfigMap): trustDomain, trustDomainAliases, rootNamespace,
+    /// outboundTrafficPolicy and the extensionProviders of CUSTOM
+    /// AuthorizationPolicies.
+    #[arg(long)]
+    mesh_config: Option<PathBuf>,
+}
+
+impl MeshArgs {
+    fn options(&self) -> anyhow::Result<ferry_pilot::istio::translate::MeshOptions> {
+        use ferry_pilot::istio::translate::MeshOptions;
+        use ferry_pilot::istio::types::mesh::MeshConfig;
+        let Some(path) = &self.mesh_config else {
+            return Ok(MeshOptions::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--mesh-config {}", path.display()))?;
+        let cfg: MeshConfig = serde_yaml_ng::from_str(&text)
+            .with_context(|| format!("--mesh-config {}", path.display()))?;
+        Ok(MeshOptions::from_mesh_config(&cfg))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -193,9 +226,12 @@ fn ca_service(
 
 /// Serves `pilot`'s per-proxy configuration over ADS, with the mesh CA
 /// (CSRs, and certificates over SDS for proxies without an agent).
-async fn serve_pilot(pilot: Arc<ferry_pilot::pilot::Pilot>, args: ServeArgs) -> anyhow::Result<()> {
-    use ferry_pilot::istio::translate::MeshOptions;
-    let ca = ca_service(&args, &pilot, &MeshOptions::default().trust_domain)?;
+async fn serve_pilot(
+    pilot: Arc<ferry_pilot::pilot::Pilot>,
+    trust_domain: &str,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
+    let ca = ca_service(&args, &pilot, trust_domain)?;
     let resolver = {
         let pilot = pilot.clone();
         Arc::new(
@@ -210,10 +246,10 @@ async fn serve_pilot(pilot: Arc<ferry_pilot::pilot::Pilot>, args: ServeArgs) -> 
     serve_with(server, args).await
 }
 
-async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_istio(dir: PathBuf, mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::source::{DirectorySource, Source};
-    use ferry_pilot::istio::translate::MeshOptions;
     use ferry_pilot::pilot::Pilot;
+    let options = mesh.options()?;
     let source = Arc::new(DirectorySource::new(dir.clone()));
     // Watching starts before the first read: nothing written in between is
     // missed.
@@ -221,39 +257,41 @@ async fn serve_istio(dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let snapshot = source
         .list()
         .with_context(|| format!("--config {}", dir.display()))?;
-    let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default())?);
+    let trust_domain = options.trust_domain.clone();
+    let pilot = Arc::new(Pilot::new(&snapshot, options)?);
     tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
     tokio::spawn(
         pilot
             .clone()
             .follow(source, std::time::Duration::from_millis(100)),
     );
-    serve_pilot(pilot, args).await
+    serve_pilot(pilot, &trust_domain, args).await
 }
 
 #[cfg(feature = "kube")]
-async fn serve_kube(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_kube(mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::kube_source::KubeSource;
     use ferry_pilot::istio::source::Source;
-    use ferry_pilot::istio::translate::MeshOptions;
     use ferry_pilot::pilot::Pilot;
+    let options = mesh.options()?;
     let source = KubeSource::connect().await?;
     source.spawn_watchers();
     source.wait_synced().await;
     let snapshot = source.list()?;
-    let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default())?);
+    let trust_domain = options.trust_domain.clone();
+    let pilot = Arc::new(Pilot::new(&snapshot, options)?);
     tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
     tokio::spawn(
         pilot
             .clone()
             .follow(source, std::time::Duration::from_millis(100)),
     );
-    serve_pilot(pilot, args).await
+    serve_pilot(pilot, &trust_domain, args).await
 }
 
-fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {
+fn analyze(dir: &std::path::Path, mesh: &MeshArgs) -> anyhow::Result<bool> {
     use ferry_pilot::istio::source::load_dir;
-    use ferry_pilot::istio::validate::{Severity, validate};
+    use ferry_pilot::istio::validate::{Severity, validate, validate_mesh};
     let snapshot = load_dir(dir).with_context(|| format!("{}", dir.display()))?;
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -262,7 +300,11 @@ fn analyze(dir: &std::path::Path) -> anyhow::Result<bool> {
         errors += 1;
         writeln!(out, "Error {e}")?;
     }
-    for f in validate(&snapshot) {
+    let mut findings = validate(&snapshot);
+    if mesh.mesh_config.is_some() {
+        findings.extend(validate_mesh(&snapshot, &mesh.options()?));
+    }
+    for f in findings {
         if f.severity == Severity::Error {
             errors += 1;
         }
@@ -333,23 +375,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             (replay::load_config_dump(&dump, opts)?, serve)
         }
         Command::ServeStatic { bootstrap, serve } => (replay::load_bootstrap(&bootstrap)?, serve),
-        Command::Serve { config, serve } => {
+        Command::Serve {
+            config,
+            mesh,
+            serve,
+        } => {
             return tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(serve_istio(config, serve));
+                .block_on(serve_istio(config, mesh, serve));
         }
         #[cfg(feature = "kube")]
-        Command::ServeKube { serve } => {
+        Command::ServeKube { mesh, serve } => {
             return tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(serve_kube(serve));
+                .block_on(serve_kube(mesh, serve));
         }
-        Command::Analyze { dir } => {
-            if analyze(&dir)? {
+        Command::Analyze { dir, mesh } => {
+            if analyze(&dir, &mesh)? {
                 return Ok(());
             }
             anyhow::bail!("{}: configuration has errors", dir.display());

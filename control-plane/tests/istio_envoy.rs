@@ -2,7 +2,9 @@
 //! bookinfo sample (`bookinfo.yaml`, `destination-rule-all.yaml` and, in
 //! turn, each `virtual-service-*.yaml`) translated for the productpage and
 //! the reviews proxies; Envoy must ACK every resource (zero NACKs). Also the
-//! refusal of an invalid change while the last good set keeps serving.
+//! refusal of an invalid change while the last good set keeps serving, and
+//! AuthorizationPolicies of every action (RBAC and ext_authz filters) on
+//! sidecars and a gateway.
 
 mod common;
 
@@ -39,8 +41,15 @@ fn config_dir(bookinfo: &Path, vs: &str, tag: &str) -> PathBuf {
 }
 
 async fn start_pilot(dir: &Path) -> (Server, std::net::SocketAddr, Arc<Pilot>) {
+    start_pilot_with(dir, MeshOptions::default()).await
+}
+
+async fn start_pilot_with(
+    dir: &Path,
+    options: MeshOptions,
+) -> (Server, std::net::SocketAddr, Arc<Pilot>) {
     let snapshot = load_dir(dir).expect("load");
-    let pilot = Arc::new(Pilot::new(&snapshot, MeshOptions::default()).expect("valid bookinfo"));
+    let pilot = Arc::new(Pilot::new(&snapshot, options).expect("valid configuration"));
     let p = pilot.clone();
     let server = Server::per_node(Cache::new(), Arc::new(move |node, _| p.cache_for(node)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -314,4 +323,278 @@ async fn envoy_acks_locality_priorities_weights_and_warmup() {
         json!({"NAMESPACE": "geo", "LABELS": {"app": "client"}, "INSTANCE_IPS": "10.2.0.100"});
     let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
     all_acked(&server, &envoy, &id).await;
+}
+
+/// A gateway for the authz fixture, a CUSTOM policy and one for the
+/// gateway pod.
+const AUTHZ_EXTRA: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: shop, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 80, name: http, protocol: HTTP}
+    hosts: ["*"]
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [shop]
+  http:
+  - route:
+    - destination: {host: productpage, port: {number: 9080}}
+  tcp:
+  - match: [{port: 31400}]
+    route:
+    - destination: {host: reviews, port: {number: 9000}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ingress, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  rules:
+  - from:
+    - source: {remoteIpBlocks: [10.0.0.0/8], notRequestPrincipals: ["*"]}
+    to:
+    - operation: {hosts: ["shop.example.com", "*.shop.example.com"], ports: ["80"]}
+  - to:
+    - operation: {ports: ["31400"]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-ext, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  action: CUSTOM
+  provider: {name: ratings-authz}
+  rules:
+  - to:
+    - operation: {paths: [/api/*]}
+    when:
+    - key: request.headers[x-tenant]
+      values: [shop-*]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: productpage-audit, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  action: AUDIT
+  rules:
+  - to:
+    - operation: {paths: ["/login", "/logout"]}
+"#;
+
+#[tokio::test]
+async fn envoy_acks_authorization_policies() {
+    let Some(bin) = envoy_binary() else { return };
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/authz");
+    let dir = std::env::temp_dir().join(format!("ferry-authz-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    for f in ["workloads.yaml", "policies.yaml"] {
+        std::fs::copy(fixtures.join(f), dir.join(f)).expect("copy");
+    }
+    std::fs::write(dir.join("extra.yaml"), AUTHZ_EXTRA).expect("write");
+    let providers: serde_json::Value = json!([{
+        "name": "ratings-authz",
+        "envoyExtAuthzGrpc": {"service": "default/ratings.default.svc.cluster.local", "port": 9080,
+                              "timeout": "0.5s", "statusOnError": "503"}
+    }]);
+    let options = MeshOptions {
+        extension_providers: serde_json::from_value(providers).expect("providers"),
+        trust_domain_aliases: vec!["old.example".into()],
+        ..MeshOptions::default()
+    };
+    let (server, xds, _pilot) = start_pilot_with(&dir, options).await;
+    for (i, (app, ip)) in [
+        ("reviews", "10.1.0.21"),
+        ("productpage", "10.1.0.11"),
+        ("ratings", "10.1.0.31"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (id, _) = node(app, "v1", ip);
+        let meta = json!({"NAMESPACE": "default", "LABELS": {"app": app, "version": "v1"},
+                          "INSTANCE_IPS": ip});
+        let api = if i % 2 == 0 { "GRPC" } else { "DELTA_GRPC" };
+        let envoy = start_envoy(&bin, &id, api, xds, meta);
+        all_acked(&server, &envoy, &id).await;
+        let expected: &[&str] = match app {
+            "reviews" => &[
+                "envoy.filters.http.rbac",
+                "envoy.filters.network.rbac",
+                "shadow_rules",
+                "ns[default]-policy[reviews-viewer]-rule[1]",
+            ],
+            "productpage" => &[
+                "envoy.filters.http.ext_authz",
+                "envoy.filters.network.ext_authz",
+                "ns[default]-policy[productpage-audit]-rule[0]",
+            ],
+            _ => &["ns[istio-system]-policy[deny-test-net]-rule[0]"],
+        };
+        assert_in_dump(&envoy, expected).await;
+    }
+    let (id, meta) = gateway_node("10.0.9.30");
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+    assert_in_dump(
+        &envoy,
+        &[
+            "ns[istio-system]-policy[ingress]-rule[0]",
+            "ns[istio-system]-policy[ingress]-rule[1]",
+        ],
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The active configuration of `envoy` names each of `needles`.
+async fn assert_in_dump(envoy: &Envoy, needles: &[&str]) {
+    let (status, dump) = http_get(envoy.admin().await, "/config_dump").await;
+    assert_eq!(status, 200);
+    for n in needles {
+        assert!(dump.contains(n), "{n} not in the config dump");
+    }
+}
+
+/// tcp-echo and httpbin in namespace `foo`, as the istio.io tasks set up
+/// (without injection: this Envoy has no SDS server for mTLS certificates).
+const FOO_WORKLOADS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: foo}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tcp-echo, namespace: foo}
+spec:
+  clusterIP: 10.96.7.10
+  selector: {app: tcp-echo}
+  ports: [{name: tcp, port: 9000}, {name: tcp-other, port: 9001}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp-echo-1, namespace: foo, labels: {app: tcp-echo, version: v1}}
+spec: {serviceAccountName: default, containers: [{name: tcp-echo, image: x}]}
+status: {podIP: 10.1.7.10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: httpbin, namespace: foo}
+spec:
+  clusterIP: 10.96.7.20
+  selector: {app: httpbin}
+  ports: [{name: http, port: 8000, targetPort: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: httpbin-1, namespace: foo, labels: {app: httpbin, version: v1}}
+spec: {serviceAccountName: httpbin, containers: [{name: httpbin, image: x}]}
+status: {podIP: 10.1.7.20}
+"#;
+
+#[tokio::test]
+async fn envoy_acks_the_istio_io_authorization_tasks() {
+    let Some(bookinfo) = bookinfo() else {
+        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
+        return;
+    };
+    let Some(bin) = envoy_binary() else { return };
+    let tasks = bookinfo.join("../istio.io-tasks/security");
+    let foo_node = |pod: &str, app: &str, ip: &str| {
+        (
+            format!("sidecar~{ip}~{pod}.foo~foo.svc.cluster.local"),
+            json!({"NAMESPACE": "foo", "LABELS": {"app": app, "version": "v1"}, "INSTANCE_IPS": ip}),
+        )
+    };
+    let bookinfo_files = [
+        bookinfo.join("platform/kube/bookinfo.yaml"),
+        bookinfo.join("networking/bookinfo-gateway.yaml"),
+    ];
+    // (task, files applied together, bookinfo or foo)
+    let steps: &[(&str, &[&str], bool)] = &[
+        (
+            "authz-http",
+            &[
+                "01-allow-nothing.yaml",
+                "02-productpage-viewer.yaml",
+                "03-bookinfo-gateway-viewer.yaml",
+                "04-details-viewer.yaml",
+                "05-reviews-viewer.yaml",
+                "06-ratings-viewer.yaml",
+            ],
+            true,
+        ),
+        (
+            "authn-policy",
+            &["09-frontend-ingress-deny-no-principal.yaml"],
+            true,
+        ),
+        (
+            "authn-policy",
+            &["10-frontend-ingress-deny-no-principal-per-path.yaml"],
+            true,
+        ),
+        ("authz-tcp", &["01-allow-ports-9000-9001.yaml"], false),
+        ("authz-tcp", &["02-allow-with-http-only-field.yaml"], false),
+        ("authz-tcp", &["03-deny-with-http-only-field.yaml"], false),
+        (
+            "authz-tcp",
+            &["04-deny-with-http-only-field-and-port.yaml"],
+            false,
+        ),
+        ("authz-deny", &["01-deny-method-get.yaml"], false),
+        (
+            "authz-deny",
+            &[
+                "02-deny-method-get-unless-admin-token.yaml",
+                "03-allow-path-ip.yaml",
+            ],
+            false,
+        ),
+        ("authz-jwt", &["02-require-jwt.yaml"], false),
+        ("authz-jwt", &["03-require-jwt-group-claim.yaml"], false),
+    ];
+    for (i, (task, files, on_bookinfo)) in steps.iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!("ferry-authz-task-{i}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        if *on_bookinfo {
+            for f in &bookinfo_files {
+                std::fs::copy(f, dir.join(f.file_name().expect("name"))).expect("copy");
+            }
+        } else {
+            std::fs::write(dir.join("foo.yaml"), FOO_WORKLOADS).expect("write");
+        }
+        for f in *files {
+            std::fs::copy(tasks.join(task).join(f), dir.join(f)).expect("copy task file");
+        }
+        let (server, xds, _pilot) = start_pilot(&dir).await;
+        let nodes = if *on_bookinfo {
+            vec![
+                node("productpage", "v1", "10.0.0.11"),
+                node("reviews", "v2", "10.0.0.12"),
+                gateway_node("10.0.9.40"),
+            ]
+        } else {
+            vec![
+                foo_node("tcp-echo-1", "tcp-echo", "10.1.7.10"),
+                foo_node("httpbin-1", "httpbin", "10.1.7.20"),
+            ]
+        };
+        for (id, meta) in nodes {
+            let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+            all_acked(&server, &envoy, &id).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -10,6 +10,7 @@ use std::fmt;
 
 use super::names::{self, DEFAULT_DOMAIN, Protocol};
 use super::source::{Origin, Resource, Snapshot, Spec};
+use super::translate::{Mesh, MeshOptions};
 use super::types::networking::{
     ClientTlsMode, Destination, HttpMatchRequest, HttpRoute, OutlierDetection, StringMatch,
     TrafficPolicy, VirtualService,
@@ -59,6 +60,10 @@ pub enum Code {
     VirtualServiceUnreachableRule,
     /// IST0131: a match identical to an earlier one.
     VirtualServiceIneffectiveMatch,
+    /// IST0127: a selector that no workload of its namespace matches.
+    NoMatchingWorkloadsFound,
+    /// IST0133: valid, but likely not what was meant.
+    SchemaWarning,
 }
 
 impl Code {
@@ -74,6 +79,8 @@ impl Code {
             Code::ConflictingGateways => "IST0145",
             Code::VirtualServiceIneffectiveMatch => "IST0131",
             Code::VirtualServiceHostNotFoundInGateway => "IST0132",
+            Code::NoMatchingWorkloadsFound => "IST0127",
+            Code::SchemaWarning => "IST0133",
         }
     }
 
@@ -93,6 +100,8 @@ impl Code {
             Code::ConflictingGateways => "ConflictingGateways",
             Code::VirtualServiceIneffectiveMatch => "VirtualServiceIneffectiveMatch",
             Code::VirtualServiceHostNotFoundInGateway => "VirtualServiceHostNotFoundInGateway",
+            Code::NoMatchingWorkloadsFound => "NoMatchingWorkloadsFound",
+            Code::SchemaWarning => "SchemaWarning",
         }
     }
 
@@ -106,7 +115,9 @@ impl Code {
             Code::Deprecated
             | Code::VirtualServiceHostNotFoundInGateway
             | Code::VirtualServiceUnreachableRule
-            | Code::VirtualServiceIneffectiveMatch => Severity::Warning,
+            | Code::VirtualServiceIneffectiveMatch
+            | Code::NoMatchingWorkloadsFound
+            | Code::SchemaWarning => Severity::Warning,
             Code::PortNameIsNotUnderNamingConvention => Severity::Info,
         }
     }
@@ -180,6 +191,44 @@ pub fn validate(snapshot: &Snapshot) -> Vec<Finding> {
     findings
 }
 
+/// Checks that need the mesh configuration: the extension provider of
+/// every CUSTOM AuthorizationPolicy must exist (`IST0101`) and be usable
+/// (`IST0106`: port, service, statusOnError, pathPrefix), or its policies
+/// deny instead.
+pub fn validate_mesh(snapshot: &Snapshot, options: &MeshOptions) -> Vec<Finding> {
+    use super::translate::ext_authz::{ProviderError, check_provider};
+    let mesh = Mesh::new(snapshot, options.clone());
+    let mut out = Vec::new();
+    for r in &snapshot.resources {
+        let Spec::AuthorizationPolicy(ap) = &r.spec else {
+            continue;
+        };
+        let Some(p) = ap
+            .provider
+            .as_ref()
+            .filter(|_| ap.action == Some(super::types::security::AuthzAction::Custom))
+        else {
+            continue;
+        };
+        match check_provider(&mesh, &p.name) {
+            Ok(()) => {}
+            Err(e @ ProviderError::Unknown(_)) => out.push(finding(
+                r,
+                Code::ReferencedResourceNotFound,
+                "spec.provider.name",
+                e.to_string(),
+            )),
+            Err(e) => out.push(finding(
+                r,
+                Code::SchemaValidationError,
+                "spec.provider.name",
+                e.to_string(),
+            )),
+        }
+    }
+    out
+}
+
 /// What the checks look names up in.
 struct Validator {
     findings: Vec<Finding>,
@@ -195,6 +244,9 @@ struct Validator {
     virtual_services: BTreeSet<String>,
     /// VirtualServices some rule delegates to, as `namespace/name`.
     delegates: BTreeSet<String>,
+    /// Labels of the workloads (Pods, Deployment templates,
+    /// WorkloadEntries) by namespace.
+    workloads: BTreeMap<String, Vec<BTreeMap<String, String>>>,
 }
 
 impl Validator {
@@ -205,9 +257,28 @@ impl Validator {
         let mut gateway_hosts = BTreeMap::new();
         let mut virtual_services = BTreeSet::new();
         let mut delegates = BTreeSet::new();
+        let mut workloads: BTreeMap<String, Vec<BTreeMap<String, String>>> = BTreeMap::new();
         for r in &snapshot.resources {
             let ns = &r.meta.namespace;
             match &r.spec {
+                Spec::Pod(_) => {
+                    workloads
+                        .entry(ns.clone())
+                        .or_default()
+                        .push(r.meta.labels.clone());
+                }
+                Spec::Deployment(d) => {
+                    workloads
+                        .entry(ns.clone())
+                        .or_default()
+                        .push(d.spec.template.metadata.labels.clone());
+                }
+                Spec::WorkloadEntry(we) => {
+                    workloads
+                        .entry(ns.clone())
+                        .or_default()
+                        .push(we.labels.clone());
+                }
                 Spec::VirtualService(vs) => {
                     virtual_services.insert(format!("{ns}/{}", r.meta.name));
                     for d in vs.http.iter().filter_map(|h| h.delegate.as_ref()) {
@@ -256,6 +327,7 @@ impl Validator {
             gateway_hosts,
             virtual_services,
             delegates,
+            workloads,
         }
     }
 
@@ -1150,6 +1222,7 @@ impl Cx<'_> {
     fn authorization_policy(&mut self, ap: &super::types::security::AuthorizationPolicy) {
         use super::types::security::AuthzAction;
         let custom = ap.action == Some(AuthzAction::Custom);
+        self.authorization_rules(ap);
         if custom && ap.provider.is_none() {
             self.schema("spec.provider", "a CUSTOM action needs a provider");
         }
@@ -1162,7 +1235,95 @@ impl Cx<'_> {
         if ap.selector.is_some() && (ap.target_ref.is_some() || !ap.target_refs.is_empty()) {
             self.schema("spec.selector", "selector and targetRef exclude each other");
         }
+        if let Some(v) = self.r.meta.annotations.get("istio.io/dry-run")
+            && !matches!(
+                v.as_str(),
+                "1" | "t"
+                    | "T"
+                    | "true"
+                    | "TRUE"
+                    | "True"
+                    | "0"
+                    | "f"
+                    | "F"
+                    | "false"
+                    | "FALSE"
+                    | "False"
+            )
+        {
+            self.schema(
+                "metadata.annotations[istio.io/dry-run]",
+                format!("{v:?} is not a boolean"),
+            );
+        }
+        if let Some(sel) = &ap.selector
+            && !sel.match_labels.is_empty()
+            && let Some(ws) = self.v.workloads.get(self.ns())
+            && !ws
+                .iter()
+                .any(|w| sel.match_labels.iter().all(|(k, v)| w.get(k) == Some(v)))
+        {
+            let labels: Vec<String> = sel
+                .match_labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            self.report(
+                Code::NoMatchingWorkloadsFound,
+                "spec.selector.matchLabels",
+                format!(
+                    "no workload in namespace {} has the labels {}",
+                    self.ns(),
+                    labels.join(",")
+                ),
+            );
+        }
         for (i, rule) in ap.rules.iter().enumerate() {
+            for (j, from) in rule.from.iter().enumerate() {
+                let s = &from.source;
+                for (name, list) in [
+                    ("ipBlocks", &s.ip_blocks),
+                    ("notIpBlocks", &s.not_ip_blocks),
+                    ("remoteIpBlocks", &s.remote_ip_blocks),
+                    ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+                ] {
+                    for (k, ip) in list.iter().enumerate() {
+                        if !valid_cidr(ip) {
+                            self.schema(
+                                format!("spec.rules[{i}].from[{j}].source.{name}[{k}]"),
+                                format!("invalid IP address or CIDR {ip:?}"),
+                            );
+                        }
+                    }
+                }
+            }
+            for (j, c) in rule.when.iter().enumerate() {
+                if !c.key.is_empty() && !known_condition_key(&c.key) {
+                    self.schema(
+                        format!("spec.rules[{i}].when[{j}].key"),
+                        format!("unknown attribute {:?}", c.key),
+                    );
+                }
+                let check: Option<(ValueCheck, &str)> = match c.key.as_str() {
+                    "source.ip" | "remote.ip" | "destination.ip" => {
+                        Some((valid_cidr, "IP address or CIDR"))
+                    }
+                    "destination.port" => Some((|p: &str| p.parse::<u16>().is_ok(), "port")),
+                    _ => None,
+                };
+                if let Some((ok, what)) = check {
+                    for (name, list) in [("values", &c.values), ("notValues", &c.not_values)] {
+                        for (k, v) in list.iter().enumerate() {
+                            if !ok(v) {
+                                self.schema(
+                                    format!("spec.rules[{i}].when[{j}].{name}[{k}]"),
+                                    format!("invalid {what} {v:?}"),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
             for (j, to) in rule.to.iter().enumerate() {
                 for (k, port) in to
                     .operation
@@ -1189,6 +1350,120 @@ impl Cx<'_> {
                         "values or notValues is required",
                     );
                 }
+            }
+        }
+    }
+
+    /// istiod's webhook checks of the rules' shape, and its warning about
+    /// DENY rules that only name HTTP attributes.
+    fn authorization_rules(&mut self, ap: &super::types::security::AuthorizationPolicy) {
+        use super::types::security::AuthzAction;
+        let action = ap.action.unwrap_or(AuthzAction::Allow);
+        if ap.rules.is_empty() && matches!(action, AuthzAction::Deny | AuthzAction::Custom) {
+            self.schema(
+                "spec.rules",
+                "a DENY or CUSTOM policy without rules never applies; add an empty rule {} to match every request",
+            );
+        }
+        for (i, rule) in ap.rules.iter().enumerate() {
+            let mut tcp_from = false;
+            for (j, from) in rule.from.iter().enumerate() {
+                let s = &from.source;
+                let field = format!("spec.rules[{i}].from[{j}].source");
+                let identity = s.principals.len()
+                    + s.not_principals.len()
+                    + s.namespaces.len()
+                    + s.not_namespaces.len();
+                let accounts = s.service_accounts.len() + s.not_service_accounts.len();
+                if identity > 0 && accounts > 0 {
+                    self.schema(
+                        &field,
+                        "serviceAccounts cannot be combined with principals or namespaces",
+                    );
+                }
+                let network = s.ip_blocks.len()
+                    + s.not_ip_blocks.len()
+                    + s.remote_ip_blocks.len()
+                    + s.not_remote_ip_blocks.len()
+                    + s.trust_domains.len()
+                    + s.not_trust_domains.len();
+                if identity + accounts + network > 0 {
+                    tcp_from = true;
+                }
+                if identity
+                    + accounts
+                    + network
+                    + s.request_principals.len()
+                    + s.not_request_principals.len()
+                    == 0
+                {
+                    self.schema(&field, "source must not be empty");
+                }
+                if action == AuthzAction::Custom {
+                    for (name, n) in [
+                        ("namespaces", s.namespaces.len() + s.not_namespaces.len()),
+                        ("serviceAccounts", accounts),
+                        ("principals", s.principals.len() + s.not_principals.len()),
+                        (
+                            "requestPrincipals",
+                            s.request_principals.len() + s.not_request_principals.len(),
+                        ),
+                    ] {
+                        if n > 0 {
+                            self.schema(
+                                &field,
+                                format!("{name} is not supported with the CUSTOM action"),
+                            );
+                        }
+                    }
+                }
+            }
+            let mut tcp_to = false;
+            for (j, to) in rule.to.iter().enumerate() {
+                let o = &to.operation;
+                if o.ports.len() + o.not_ports.len() > 0 {
+                    tcp_to = true;
+                }
+                if o.ports.len()
+                    + o.not_ports.len()
+                    + o.methods.len()
+                    + o.not_methods.len()
+                    + o.paths.len()
+                    + o.not_paths.len()
+                    + o.hosts.len()
+                    + o.not_hosts.len()
+                    == 0
+                {
+                    self.schema(
+                        format!("spec.rules[{i}].to[{j}].operation"),
+                        "operation must not be empty",
+                    );
+                }
+            }
+            if action == AuthzAction::Custom {
+                for (j, c) in rule.when.iter().enumerate() {
+                    let k = c.key.as_str();
+                    if matches!(
+                        k,
+                        "source.namespace" | "source.serviceAccount" | "source.principal"
+                    ) || k.starts_with("request.auth.")
+                    {
+                        self.schema(
+                            format!("spec.rules[{i}].when[{j}].key"),
+                            format!("{k} is not supported with the CUSTOM action"),
+                        );
+                    }
+                }
+            }
+            let from_only_http = !rule.from.is_empty() && rule.to.is_empty() && !tcp_from;
+            let to_only_http = !rule.to.is_empty() && !tcp_to;
+            if action == AuthzAction::Deny && (from_only_http || to_only_http) {
+                self.report(
+                    Code::SchemaWarning,
+                    format!("spec.rules[{i}]"),
+                    "this DENY rule names only HTTP attributes, so on the TCP ports in the \
+                     policy's scope it denies every connection; list the ports it is meant for",
+                );
             }
         }
     }
@@ -1234,6 +1509,46 @@ impl Cx<'_> {
             );
         }
     }
+}
+
+/// Checks one `when` value.
+type ValueCheck = fn(&str) -> bool;
+
+/// An IP address or CIDR as AuthorizationPolicy takes them.
+fn valid_cidr(v: &str) -> bool {
+    let (addr, len) = match v.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (v, None),
+    };
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    len.is_none_or(|l| l.parse::<u32>().is_ok_and(|l| l <= max))
+}
+
+/// The `when` keys AuthorizationPolicy understands.
+fn known_condition_key(k: &str) -> bool {
+    let bracketed = |prefix: &str| {
+        k.strip_prefix(prefix)
+            .is_some_and(|rest| rest.len() > 2 && rest.starts_with('[') && rest.ends_with(']'))
+    };
+    matches!(
+        k,
+        "source.ip"
+            | "remote.ip"
+            | "source.namespace"
+            | "source.principal"
+            | "source.serviceAccount"
+            | "request.auth.principal"
+            | "request.auth.audiences"
+            | "request.auth.presenter"
+            | "destination.ip"
+            | "destination.port"
+            | "connection.sni"
+    ) || bracketed("request.headers")
+        || bracketed("request.auth.claims")
+        || (k.starts_with("experimental.envoy.filters.") && k.ends_with(']') && k.contains('['))
 }
 
 /// Envoy's `x-envoy-retry-on` and gRPC retry conditions, which Istio passes

@@ -8,6 +8,8 @@
 //! SNI filter chain per VirtualService `tls` match, proxied as TCP; TCP
 //! servers proxy to the VirtualService `tcp` routes. Clusters and endpoints
 //! are the sidecar's outbound ones.
+//! AuthorizationPolicies selecting the gateway pod put their RBAC filters on
+//! every server chain, as on a sidecar's inbound chains.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -167,6 +169,9 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
     for s in servers(scope) {
         by_port.entry(s.server.port.number).or_default().push(s);
     }
+    // AuthorizationPolicies selecting the gateway pod guard every server.
+    let http_authz = scope.mesh.authz_http_filters(scope.proxy);
+    let network_authz = scope.mesh.authz_network_filters(scope.proxy);
     for (port, servers) in by_port {
         let mut chains = Vec::new();
         let mut plain_http = Vec::new();
@@ -240,6 +245,9 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         if chains.is_empty() {
             // istiod drops a listener with nothing to serve.
             continue;
+        }
+        for chain in &mut chains {
+            super::authz::apply(chain, &http_authz, &network_authz);
         }
         let bind = servers
             .iter()

@@ -5,7 +5,7 @@
 //! (PassthroughCluster, or BlackHoleCluster under REGISTRY_ONLY).
 //! `virtualInbound` (15006) holds one filter chain per port the local
 //! workload serves, routing to `inbound|PORT||`, and passthrough chains for
-//! everything else.
+//! everything else; all of them carry the proxy's AuthorizationPolicies.
 
 use std::collections::BTreeMap;
 
@@ -402,6 +402,11 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
                 ..Default::default()
             }),
         ));
+    }
+    let http_authz = scope.mesh.authz_http_filters(scope.proxy);
+    let network_authz = scope.mesh.authz_network_filters(scope.proxy);
+    for chain in &mut chains {
+        super::authz::apply(chain, &http_authz, &network_authz);
     }
     Listener {
         name: VIRTUAL_INBOUND.into(),

@@ -10,10 +10,13 @@
 //! listeners of the Gateways selecting it instead of the capture listeners
 //! (`gateway`); `delegate` merges delegated rules, `locality` applies
 //! locality load balancing, PeerAuthentication decides the inbound mTLS
-//! chains.
+//! chains and AuthorizationPolicy adds RBAC filters to them (`authz`,
+//! `ext_authz`).
 
+pub mod authz;
 mod cluster;
 mod delegate;
+pub mod ext_authz;
 mod gateway;
 mod listener;
 pub mod locality;
@@ -32,6 +35,7 @@ use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
 use super::names::{self, DEFAULT_DOMAIN, ROOT_NAMESPACE};
 use super::source::{Resource, Snapshot, Spec};
+use super::types::mesh::ExtensionProvider;
 use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
@@ -166,6 +170,13 @@ pub struct MeshOptions {
     pub outbound_traffic_policy: OutboundMode,
     /// Trust domain of SPIFFE identities (`spiffe://cluster.local/ns/…`).
     pub trust_domain: String,
+    /// Other trust domains treated as the local one
+    /// (`meshConfig.trustDomainAliases`): AuthorizationPolicy principals
+    /// naming any of them (or `cluster.local`) match all of them.
+    pub trust_domain_aliases: Vec<String>,
+    /// `meshConfig.extensionProviders`: the external authorizers that
+    /// CUSTOM AuthorizationPolicies name.
+    pub extension_providers: Vec<ExtensionProvider>,
 }
 
 impl Default for MeshOptions {
@@ -175,7 +186,29 @@ impl Default for MeshOptions {
             root_namespace: ROOT_NAMESPACE.to_string(),
             outbound_traffic_policy: OutboundMode::AllowAny,
             trust_domain: DEFAULT_DOMAIN.to_string(),
+            trust_domain_aliases: Vec::new(),
+            extension_providers: Vec::new(),
         }
+    }
+}
+
+impl MeshOptions {
+    /// The defaults with what an istiod `mesh` configuration sets.
+    pub fn from_mesh_config(cfg: &super::types::mesh::MeshConfig) -> Self {
+        let mut out = Self::default();
+        if let Some(td) = cfg.trust_domain.as_ref().filter(|t| !t.is_empty()) {
+            out.trust_domain.clone_from(td);
+        }
+        out.trust_domain_aliases
+            .clone_from(&cfg.trust_domain_aliases);
+        if let Some(ns) = cfg.root_namespace.as_ref().filter(|n| !n.is_empty()) {
+            out.root_namespace.clone_from(ns);
+        }
+        if let Some(mode) = cfg.outbound_traffic_policy.as_ref().and_then(|p| p.mode) {
+            out.outbound_traffic_policy = mode;
+        }
+        out.extension_providers.clone_from(&cfg.extension_providers);
+        out
     }
 }
 
@@ -189,6 +222,7 @@ pub struct Mesh {
     sidecars: Vec<Resource>,
     gateways: Vec<Resource>,
     peer_authentications: Vec<Resource>,
+    authorization_policies: Vec<Resource>,
 }
 
 impl Mesh {
@@ -208,6 +242,7 @@ impl Mesh {
             sidecars: pick(|s| matches!(s, Spec::Sidecar(_))),
             gateways: pick(|s| matches!(s, Spec::Gateway(_))),
             peer_authentications: pick(|s| matches!(s, Spec::PeerAuthentication(_))),
+            authorization_policies: pick(|s| matches!(s, Spec::AuthorizationPolicy(_))),
             options,
         }
     }

@@ -7,6 +7,7 @@
 //! accept anything, since only a handful of their fields matter here.
 
 pub mod kube;
+pub mod mesh;
 pub mod networking;
 pub mod security;
 

@@ -1,7 +1,9 @@
 //! Istio's `security.istio.io` resources: PeerAuthentication,
 //! AuthorizationPolicy and RequestAuthentication, as in Istio's
-//! `security/v1beta1/*.proto`. They are parsed and validated now; their
-//! translation into RBAC, JWT and TLS settings belongs to the security work.
+//! `security/v1beta1/*.proto`. PeerAuthentication decides the inbound TLS
+//! chains and AuthorizationPolicy becomes RBAC and ext_authz filters
+//! (`translate::authz`); RequestAuthentication (JWT) is parsed and
+//! validated only.
 
 use std::collections::BTreeMap;
 
