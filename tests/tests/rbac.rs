@@ -1,7 +1,8 @@
 //! The RBAC filters proven equal to Envoy's: every scenario runs the same static bootstrap
 //! through Ferry and through Envoy 1.40 in front of the same `tests/apps/echo.py` backends,
 //! and asserts the same observations — statuses, the denial's body and content type, TCP
-//! connections echoed or closed, and every non-zero `rbac` counter of each admin `/stats`.
+//! connections echoed or closed (plaintext and behind mTLS, where the principals are the
+//! client certificate's names), and every non-zero `rbac` counter of each admin `/stats`.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it a test is skipped with a note,
 //! except under `CI=true`, where a missing Envoy fails the test.
@@ -9,10 +10,12 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use ferry_tests::envoy::{self, Envoy};
+use ferry_tests::pki::{Ca, Leaf, TlsClient, client_config};
 use ferry_tests::proxy::{
     App, Bootstrap, Ferry, RunLock, Upstream, free_port, http_connection_manager, http_request,
     listener, local, static_cluster, tcp_proxy,
@@ -91,7 +94,8 @@ fn same<T: PartialEq + std::fmt::Debug>(got: Option<(T, T)>) {
     match got {
         None => eprintln!("envoy not installed; differential test skipped"),
         Some((ferry, envoy)) => {
-            assert_eq!(ferry, envoy, "\nferry: {ferry:#?}\nenvoy: {envoy:#?}")
+            assert_eq!(ferry, envoy, "\nferry: {ferry:#?}\nenvoy: {envoy:#?}");
+            eprintln!("both saw: {ferry:?}");
         }
     }
 }
@@ -206,7 +210,11 @@ fn policy(permissions: Value, principals: Value) -> Value {
 // ------------------------------------------------------------------------------ http
 
 /// A request: method, path and extra headers.
-type Case = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
+type Case = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
 
 /// ALLOW on path, method and header, DENY on a header behind it, not/and/or nesting,
 /// destination port and IP, source, direct and remote (x-forwarded-for) addresses, shadow
@@ -472,6 +480,165 @@ fn network_rbac_on_tcp_proxy_matches_envoy() -> Result<()> {
         let before = p.rbac_stats()?;
         let seen = vec![echo(port)?, echo(port)?, echo(other)?, echo(third)?];
         // Counters are bumped as connections close; give the last ones a moment.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut after = p.rbac_stats()?;
+        for (k, v) in after.iter_mut() {
+            *v -= before.get(k).copied().unwrap_or(0);
+        }
+        after.retain(|_, v| *v > 0);
+        Ok((seen, after))
+    })?;
+    same(got);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ mTLS
+
+const FOO_ID: &str = "spiffe://cluster.local/ns/foo/sa/client";
+const BAR_ID: &str = "spiffe://cluster.local/ns/bar/sa/other";
+
+/// A TLS transport socket on inline certificates that asks for (but does not require)
+/// a client certificate signed by `ca`.
+fn downstream_tls(ca: &Ca, leaf: &Leaf) -> Value {
+    let inline = |s: &str| json!({"inline_string": s});
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": {
+            "tls_certificates": [{"certificate_chain": inline(&leaf.cert_pem),
+                                  "private_key": inline(&leaf.key_pem)}],
+            "validation_context": {"trusted_ca": inline(&ca.pem())},
+        },
+    }})
+}
+
+fn tls_inspector() -> Value {
+    json!([{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}])
+}
+
+/// One request over TLS (with `client`'s certificate, if any): its status, or 0 when
+/// the connection failed.
+fn tls_get(port: u16, config: Arc<rustls::ClientConfig>, path: &str) -> u16 {
+    TlsClient::connect(local(port), config, "server.test")
+        .and_then(|mut c| c.get(path))
+        .map_or(0, |(status, _)| status)
+}
+
+/// A line through a TLS-terminating tcp_proxy: the echo, or "" when the proxy closed.
+fn tls_echo(port: u16, config: Arc<rustls::ClientConfig>) -> Result<String> {
+    let tcp = TcpStream::connect(local(port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let name = rustls::pki_types::ServerName::try_from("server.test")?;
+    let conn = rustls::ClientConnection::new(config, name)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.write_all(b"hello\n")?;
+    s.flush()?;
+    let mut buf = [0u8; 64];
+    // The echo of the line, or the close of a denied connection (an error or EOF).
+    let n = s.read(&mut buf).unwrap_or(0);
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// `authenticated.principal_name` reads the client certificate's URI SAN (Istio's
+/// principals), its DNS SANs and subject; `authenticated: {}` any TLS connection;
+/// `requested_server_name` the SNI; in the HTTP filter and the network filter alike.
+#[test]
+fn mtls_principals_match_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let echo_app = App::mode("tcp")?;
+    let ca = Ca::new("mesh")?;
+    let server = ca.leaf(
+        "spiffe://cluster.local/ns/default/sa/server",
+        &["server.test"],
+    )?;
+    let foo = ca.leaf(FOO_ID, &["client.dns.test"])?;
+    let bar = ca.leaf(BAR_ID, &[])?;
+    let tcp_port = std::cell::Cell::new(0u16);
+    let config = |port: u16| {
+        let authenticated = |m: Value| json!([{"authenticated": {"principal_name": m}}]);
+        let allow = rbac_filter(
+            "envoy.filters.http.rbac",
+            json!({"rules": {"action": "ALLOW", "policies": {
+                "ns-foo": policy(json!([path_prefix("/ns-foo/")]),
+                    authenticated(json!({"safe_regex": {"regex": "spiffe://.+/ns/foo/(.+/|)sa/.+"}}))),
+                "any-tls": policy(json!([path_prefix("/any-tls/")]), json!([{"authenticated": {}}])),
+                "dns": policy(json!([path_prefix("/dns/")]),
+                    authenticated(json!({"exact": "client.dns.test"}))),
+                "subject": policy(json!([path_prefix("/subject/")]),
+                    authenticated(json!({"prefix": "CN=rcgen"}))),
+                "not-bar": policy(json!([path_prefix("/not-bar/")]),
+                    json!([{"not_id": {"authenticated": {"principal_name": {"exact": BAR_ID}}}}])),
+                "sni": policy(json!([{"and_rules": {"rules": [path_prefix("/sni/"),
+                    {"requested_server_name": {"exact": "server.test"}}]}}]), json!([{"any": true}])),
+            }}}),
+        );
+        let mut l = http(port, vec![route("/", json!({}))], vec![allow]);
+        l["listener_filters"] = tls_inspector();
+        l["filter_chains"][0]["transport_socket"] = downstream_tls(&ca, &server);
+        let tcp = free_port();
+        tcp_port.set(tcp);
+        let network = json!({"name": "envoy.filters.network.rbac", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+            "stat_prefix": "mtls",
+            "rules": {"action": "ALLOW", "policies": {
+                "foo": policy(json!([{"any": true}]),
+                    json!([{"authenticated": {"principal_name": {"exact": FOO_ID}}}])),
+            }},
+        }});
+        let mut t = listener("tcp-mtls", tcp, vec![]);
+        t["listener_filters"] = tls_inspector();
+        t["filter_chains"] = json!([{
+            "transport_socket": downstream_tls(&ca, &server),
+            "filters": [network, tcp_proxy("mtls-tcp", "echo")],
+        }]);
+        Bootstrap::new()
+            .listener(l)
+            .listener(t)
+            .cluster(static_cluster("backend", &[app.port], Upstream::Http1))
+            .cluster(static_cluster("echo", &[echo_app.port], Upstream::Http1))
+            .render()
+    };
+    let paths = [
+        "/ns-foo/",
+        "/any-tls/",
+        "/dns/",
+        "/subject/",
+        "/not-bar/",
+        "/sni/",
+    ];
+    let got = differential(config, |p, port| {
+        let tcp = tcp_port.get();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !ferry_tests::proxy::accepts(tcp) {
+            if std::time::Instant::now() > deadline {
+                return Err(anyhow!("{} never listened on {tcp}", p.name()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let clients = [
+            ("foo", client_config(&ca.pem(), Some(&foo), &[])?),
+            ("bar", client_config(&ca.pem(), Some(&bar), &[])?),
+            ("none", client_config(&ca.pem(), None, &[])?),
+        ];
+        std::thread::sleep(Duration::from_millis(200));
+        let before = p.rbac_stats()?;
+        let mut seen = Vec::new();
+        for (who, c) in &clients {
+            for path in paths {
+                seen.push((who.to_string(), path, tls_get(port, c.clone(), path)));
+            }
+            let echoed = tls_echo(tcp, c.clone())?;
+            seen.push((
+                who.to_string(),
+                if echoed.is_empty() {
+                    "tcp closed"
+                } else {
+                    "tcp echoed"
+                },
+                0,
+            ));
+        }
         std::thread::sleep(Duration::from_millis(200));
         let mut after = p.rbac_stats()?;
         for (k, v) in after.iter_mut() {
