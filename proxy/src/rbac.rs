@@ -149,7 +149,7 @@ fn network_subject<'a>(
 
 /// The decisions of a chain's network RBAC filters for one connection.
 struct Decisions {
-    rt: Arc<crate::run::Runtime>,
+    stats: Arc<dyn AsRef<Stats> + Send + Sync>,
     filters: Vec<(Arc<NetworkRbac>, Option<Verdict>, Option<Verdict>)>,
 }
 
@@ -164,7 +164,7 @@ impl Decisions {
                 continue;
             }
             let counters = RbacCounters {
-                stats: &self.rt.stats,
+                stats: self.stats.as_ref().as_ref(),
                 base: &cfg.stat_prefix,
                 rules_prefix: "",
                 shadow_prefix: &cfg.shadow_rules_stat_prefix,
@@ -212,14 +212,14 @@ pub struct Guarded<S> {
 pub fn guard<S>(
     io: S,
     filters: &[Arc<NetworkRbac>],
-    rt: Arc<crate::run::Runtime>,
+    stats: Arc<dyn AsRef<Stats> + Send + Sync>,
     downstream: &Downstream,
 ) -> Guarded<S> {
     if filters.is_empty() {
         return Guarded {
             inner: io,
             decisions: Decisions {
-                rt,
+                stats,
                 filters: Vec::new(),
             },
             gate: Gate::Allowed,
@@ -235,7 +235,7 @@ pub fn guard<S>(
         .collect();
     Guarded {
         inner: io,
-        decisions: Decisions { rt, filters },
+        decisions: Decisions { stats, filters },
         gate: Gate::First,
     }
 }
@@ -322,6 +322,77 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_model::rbac::{Action, Permission, Policy, Principal};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn network(action: Action, port: u16, delay: Option<std::time::Duration>) -> Arc<NetworkRbac> {
+        Arc::new(NetworkRbac {
+            stat_prefix: "tcp.".into(),
+            rules: Some(Arc::new(Rbac {
+                action,
+                policies: vec![Policy {
+                    name: "port".into(),
+                    permissions: vec![Permission::DestinationPort(port)],
+                    principals: vec![Principal::Any],
+                }],
+            })),
+            shadow_rules: None,
+            shadow_rules_stat_prefix: String::new(),
+            enforcement: Enforcement::OneTimeOnFirstByte,
+            delay_deny: delay,
+        })
+    }
+
+    fn downstream() -> Downstream {
+        Downstream {
+            peer: "127.0.0.1:40000".parse().unwrap(),
+            local: "127.0.0.1:9000".parse().unwrap(),
+            server_name: String::new(),
+            tls: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn denied_bytes_are_never_read_and_delay_deny_holds_the_close() {
+        let stats = Arc::new(Stats::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let filters = [network(
+            Action::Deny,
+            9000,
+            Some(std::time::Duration::from_secs(2)),
+        )];
+        let mut guarded = guard(server, &filters, stats.clone(), &downstream());
+        client.write_all(b"secret").await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let err = guarded.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(start.elapsed() >= std::time::Duration::from_secs(2));
+        // Still closed on later reads.
+        assert!(guarded.read(&mut buf).await.is_err());
+        assert_eq!(stats.counter("tcp.rbac.denied").get(), 1);
+    }
+
+    #[tokio::test]
+    async fn allowed_connections_pass_and_count_once() {
+        let stats = Arc::new(Stats::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let filters = [network(Action::Allow, 9000, None)];
+        let mut guarded = guard(server, &filters, stats.clone(), &downstream());
+        let mut buf = [0u8; 16];
+        client.write_all(b"one").await.unwrap();
+        let n = guarded.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"one");
+        client.write_all(b"two").await.unwrap();
+        let n = guarded.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"two");
+        assert_eq!(stats.counter("tcp.rbac.allowed").get(), 1);
+        // No filters: nothing is counted, bytes pass.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut plain = guard(server, &[], stats.clone(), &downstream());
+        client.write_all(b"x").await.unwrap();
+        assert_eq!(plain.read(&mut buf).await.unwrap(), 1);
+    }
 
     #[test]
     fn stat_names_join_like_envoy() {
