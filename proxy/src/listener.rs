@@ -404,6 +404,7 @@ async fn serve_http<S>(
         closing: std::sync::atomic::AtomicBool::new(false),
         ratelimit_buckets: Default::default(),
         server_name: conn.server_name,
+        rbac_view: Default::default(),
     });
     crate::http::serve(io, ctx, http2, generation).await;
 }

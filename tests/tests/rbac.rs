@@ -419,11 +419,13 @@ fn echo(port: u16) -> Result<String> {
 
 /// `envoy.filters.network.rbac` before a tcp_proxy: connections allowed by destination
 /// port and source address are echoed, denied ones closed without a byte; shadow rules
-/// only count; several network RBAC filters run in order.
+/// only count; several network RBAC filters run in order; before a connection manager a
+/// denied connection is closed without an answer.
 #[test]
 fn network_rbac_on_tcp_proxy_matches_envoy() -> Result<()> {
     let _lock = RunLock::shared();
     let app = App::mode("tcp")?;
+    let web = App::http("backend", &[])?;
     let network = |prefix: &str, rules: Value, extra: Value| {
         let mut c = json!({
             "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
@@ -436,10 +438,11 @@ fn network_rbac_on_tcp_proxy_matches_envoy() -> Result<()> {
         json!({"name": "envoy.filters.network.rbac", "typed_config": c})
     };
     // The other listeners' ports, chosen per run.
-    let others = std::cell::RefCell::new((0u16, 0u16));
+    let others = std::cell::RefCell::new([0u16; 4]);
     let config = |port: u16| {
-        let (other, third) = (free_port(), free_port());
-        *others.borrow_mut() = (other, third);
+        let ports = [free_port(), free_port(), free_port(), free_port()];
+        *others.borrow_mut() = ports;
+        let [other, third, http_ok, http_denied] = ports;
         let mut l = listener("tcp", port, vec![]);
         // One listener per scenario: chains by destination port would need original_dst.
         l["filter_chains"] = json!([{"filters": [
@@ -477,16 +480,32 @@ fn network_rbac_on_tcp_proxy_matches_envoy() -> Result<()> {
             }}), json!({"shadow_rules": {"action": "ALLOW", "policies": {}}})),
             tcp_proxy("tcp3", "echo"),
         ]}]);
+        // Before a connection manager: a denied connection never gets an answer.
+        let http_chain = |name: &str, port: u16, action: &str| {
+            let mut h = listener(name, port, vec![]);
+            let routes = vec![route("/", json!({}))];
+            h["filter_chains"] = json!([{"filters": [
+                network(&format!("{name}."), json!({"action": action, "policies": {
+                    "local": policy(json!([{"destination_ip": cidr("127.0.0.0", 8)}]),
+                        json!([{"source_ip": cidr("127.0.0.1", 32)}])),
+                }}), json!({})),
+                http_connection_manager(name, routes),
+            ]}]);
+            h
+        };
         Bootstrap::new()
             .listener(l)
             .listener(denied)
             .listener(negated)
+            .listener(http_chain("http-ok", http_ok, "ALLOW"))
+            .listener(http_chain("http-denied", http_denied, "DENY"))
+            .cluster(static_cluster("backend", &[web.port], Upstream::Http1))
             .cluster(static_cluster("echo", &[app.port], Upstream::Http1))
             .render()
     };
     let got = differential(config, |p, port| {
-        let (other, third) = *others.borrow();
-        for other in [other, third] {
+        let [other, third, http_ok, http_denied] = *others.borrow();
+        for other in [other, third, http_ok, http_denied] {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !ferry_tests::proxy::accepts(other) {
                 if std::time::Instant::now() > deadline {
@@ -499,7 +518,13 @@ fn network_rbac_on_tcp_proxy_matches_envoy() -> Result<()> {
         // count from here.
         std::thread::sleep(Duration::from_millis(200));
         let before = p.rbac_stats()?;
-        let seen = vec![echo(port)?, echo(port)?, echo(other)?, echo(third)?];
+        let mut seen = vec![echo(port)?, echo(port)?, echo(other)?, echo(third)?];
+        for p in [http_ok, http_denied] {
+            seen.push(match request(p, "GET", "/x", &[]) {
+                Ok(r) => r.status.to_string(),
+                Err(_) => "closed".into(),
+            });
+        }
         // Counters are bumped as connections close; give the last ones a moment.
         std::thread::sleep(Duration::from_millis(200));
         let mut after = p.rbac_stats()?;

@@ -207,8 +207,7 @@ pub fn rbac(
         return None;
     }
     let pseudo = super::pseudo_of(req);
-    let downstream = ctx.downstream();
-    let metadata = downstream.metadata();
+    let (downstream, metadata) = ctx.rbac_view();
     let subject = rbac_engine::Subject {
         headers: req.headers(),
         pseudo: Some(&pseudo),
@@ -217,7 +216,7 @@ pub fn rbac(
         remote: rbac_engine::remote_address(req.headers(), ctx.peer.ip(), hcm.use_remote_address),
         server_name: &downstream.server_name,
         tls: downstream.tls_peer(),
-        metadata: &metadata,
+        metadata,
     };
     let base = format!("http.{}.", hcm.stat_prefix);
     let counters = crate::rbac::RbacCounters {

@@ -101,19 +101,28 @@ pub struct ConnCtx {
     pub ratelimit_buckets: filters::ConnBuckets,
     /// SNI of the downstream connection ("" without one), for RBAC.
     pub server_name: String,
+    /// The connection as RBAC policies see it, with its dynamic metadata:
+    /// built on the first request an RBAC filter checks, then shared by
+    /// the connection's other requests.
+    pub rbac_view:
+        std::sync::OnceLock<(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata)>,
 }
 
 impl ConnCtx {
-    /// The connection as the RBAC policies see it.
-    fn downstream(&self) -> crate::rbac::Downstream {
-        crate::rbac::Downstream {
-            peer: self.peer,
-            local: self.original_dst,
-            server_name: self.server_name.clone(),
-            tls: self.tls.as_ref().map(|t| crate::rbac::DownstreamTls {
-                client_cert: t.client_cert.clone(),
-            }),
-        }
+    /// The connection as the RBAC policies see it, and its dynamic metadata.
+    fn rbac_view(&self) -> &(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata) {
+        self.rbac_view.get_or_init(|| {
+            let d = crate::rbac::Downstream {
+                peer: self.peer,
+                local: self.original_dst,
+                server_name: self.server_name.clone(),
+                tls: self.tls.as_ref().map(|t| crate::rbac::DownstreamTls {
+                    client_cert: t.client_cert.clone(),
+                }),
+            };
+            let md = d.metadata();
+            (d, md)
+        })
     }
 
     fn hcm(&self) -> Option<&HttpConnectionManager> {
