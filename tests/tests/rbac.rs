@@ -220,6 +220,13 @@ fn header_exact(name: &str, v: &str) -> Value {
     json!({"header": {"name": name, "string_match": {"exact": v}}})
 }
 
+fn uri_template(t: &str) -> Value {
+    json!({"uri_template": {"name": "envoy.path.match.uri_template.uri_template_matcher",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.path.match.uri_template.v3.UriTemplateMatchConfig",
+            "path_template": t}}})
+}
+
 fn cidr(ip: &str, len: u32) -> Value {
     json!({"address_prefix": ip, "prefix_len": len})
 }
@@ -237,10 +244,11 @@ type Case = (
     &'static [(&'static str, &'static str)],
 );
 
-/// ALLOW on path, method and header, DENY on a header behind it, not/and/or nesting,
-/// destination port and IP, source, direct and remote (x-forwarded-for) addresses, shadow
-/// rules with their own stat prefix, per-policy counters, per-route overrides (empty,
-/// own rules, LOG) and `disabled`.
+/// ALLOW on path, method and header (repeated values matched one by one, absent headers
+/// never matching a value matcher even inverted), DENY on a header behind it, not/and/or
+/// nesting, URI templates, destination port and IP, source, direct and remote
+/// (x-forwarded-for) addresses, shadow rules with their own stat prefix, per-policy
+/// counters, per-route overrides (empty, own rules, LOG) and `disabled`.
 #[test]
 fn http_policies_match_envoy() -> Result<()> {
     let _lock = RunLock::shared();
@@ -297,6 +305,30 @@ fn http_policies_match_envoy() -> Result<()> {
                         json!([{"any": true}])),
                     "regex-path": policy(
                         json!([{"url_path": {"path": {"safe_regex": {"regex": "/re/[0-9]+"}}}}]),
+                        json!([{"any": true}])),
+                    "templates": policy(
+                        json!([{"or_rules": {"rules": [
+                            uri_template("/tmpl/*/x"),
+                            uri_template("/deep/**"),
+                            uri_template("/v/{id}/items/{rest=**}"),
+                        ]}}]),
+                        json!([{"any": true}])),
+                    "headers": policy(
+                        json!([{"or_rules": {"rules": [
+                            {"and_rules": {"rules": [path_prefix("/multi/"), header_exact("x-m", "a,b")]}},
+                            {"and_rules": {"rules": [path_prefix("/multi-a/"), header_exact("x-m", "a")]}},
+                            {"and_rules": {"rules": [path_prefix("/multi-b/"), header_exact("x-m", "b")]}},
+                            {"and_rules": {"rules": [path_prefix("/multi-sp/"), header_exact("x-m", "a, b")]}},
+                            {"and_rules": {"rules": [path_prefix("/multi-inv/"), {"header": {"name": "x-m", "string_match": {"exact": "a"}, "invert_match": true}}]}},
+                            {"and_rules": {"rules": [path_prefix("/pres-inv/"), {"header": {"name": "x-p", "present_match": true, "invert_match": true}}]}},
+                            {"and_rules": {"rules": [path_prefix("/absent/"), {"header": {"name": "x-p", "present_match": false}}]}},
+                            {"and_rules": {"rules": [path_prefix("/multi-pre/"), {"header": {"name": "x-m", "string_match": {"prefix": "a"}}}]}},
+                            {"and_rules": {"rules": [path_prefix("/auth/"),
+                                {"header": {"name": ":authority", "string_match": {"suffix": ".LOCAL", "ignore_case": true}}}]}},
+                            header_exact(":path", "/ph?x=1"),
+                            {"and_rules": {"rules": [path_prefix("/inv/"),
+                                {"header": {"name": "x-i", "string_match": {"exact": "1"}, "invert_match": true}}]}},
+                        ]}}]),
                         json!([{"any": true}])),
                     "everything-else": policy(
                         json!([{"or_rules": {"rules": [path_prefix("/own/"), path_prefix("/off/"),
@@ -377,6 +409,33 @@ fn http_policies_match_envoy() -> Result<()> {
         ("GET", "/q?a=b", &[]),
         ("GET", "/re/123", &[]),
         ("GET", "/re/abc", &[]),
+        ("GET", "/tmpl/a/x", &[]),
+        ("GET", "/tmpl/a/b/x", &[]),
+        ("GET", "/tmpl/a/x?q=1", &[]),
+        ("GET", "/deep/a/b", &[]),
+        ("GET", "/deep", &[]),
+        ("GET", "/v/7/items/a/b", &[]),
+        ("GET", "/v/7/8/items/a", &[]),
+        ("GET", "/multi/x", &[("x-m", "a"), ("x-m", "b")]),
+        ("GET", "/multi/x", &[("x-m", "a")]),
+        ("GET", "/multi-a/x", &[("x-m", "a"), ("x-m", "b")]),
+        ("GET", "/multi-b/x", &[("x-m", "a"), ("x-m", "b")]),
+        ("GET", "/multi-sp/x", &[("x-m", "a"), ("x-m", "b")]),
+        ("GET", "/multi-pre/x", &[("x-m", "a"), ("x-m", "b")]),
+        ("GET", "/multi-inv/x", &[("x-m", "a"), ("x-m", "b")]),
+        ("GET", "/multi-inv/x", &[("x-m", "a")]),
+        ("GET", "/multi-inv/x", &[("x-m", "b")]),
+        ("GET", "/multi-inv/x", &[]),
+        ("GET", "/pres-inv/x", &[]),
+        ("GET", "/pres-inv/x", &[("x-p", "1")]),
+        ("GET", "/absent/x", &[]),
+        ("GET", "/absent/x", &[("x-p", "1")]),
+        ("GET", "/auth/x", &[]),
+        ("GET", "/ph?x=1", &[]),
+        ("GET", "/ph", &[]),
+        ("GET", "/inv/x", &[]),
+        ("GET", "/inv/x", &[("x-i", "1")]),
+        ("GET", "/inv/x", &[("x-i", "2")]),
         ("GET", "/own/x", &[]),
         ("GET", "/own/x", &[("x-own", "yes")]),
         ("GET", "/own/x", &[("x-own", "yes"), ("x-evil", "1")]),

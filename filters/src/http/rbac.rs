@@ -5,14 +5,13 @@
 //! Pure and synchronous: the caller gathers a [`Subject`] (addresses, TLS
 //! peer, headers, dynamic metadata), asks for a [`Verdict`], and turns it
 //! into a 403, a closed connection and counters. The network filter passes
-//! an empty header map and no path, so header matchers see no headers (an
-//! inverted or absence matcher therefore matches, as in Envoy) and path
-//! matchers never match.
+//! an empty header map and no path, so path matchers never match (header
+//! rules are refused there when the configuration is converted).
 
 use std::net::{IpAddr, SocketAddr};
 
-use ferry_model::Pseudo;
 use ferry_model::rbac::{Action, DynamicMetadata, Permission, Principal, Rbac};
+use ferry_model::{HeaderKey, HeaderMatcher, Pseudo};
 use http::HeaderMap;
 
 /// The downstream TLS connection's peer certificate, as the `authenticated`
@@ -78,6 +77,37 @@ pub fn evaluate(rbac: &Rbac, s: &Subject<'_>) -> Verdict {
     }
 }
 
+/// A header rule as Envoy 1.40's RBAC evaluates it (observed against it,
+/// and unlike a join of repeated values): a value matcher matches when any
+/// one value of the header matches (inverted: when none does), and never
+/// matches an absent header, inverted or not; a presence matcher (inverted
+/// or `present_match: false`) is about presence alone.
+fn header(h: &HeaderMatcher, s: &Subject<'_>) -> bool {
+    let pseudo = |p: &Pseudo<'_>| {
+        match &h.name {
+            HeaderKey::Method => p.method,
+            HeaderKey::Path => p.path,
+            HeaderKey::Authority => p.authority,
+            _ => p.scheme,
+        }
+        .to_string()
+    };
+    let values: Vec<String> = match &h.name {
+        HeaderKey::Name(name) => s
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect(),
+        _ => s.pseudo.map(pseudo).into_iter().collect(),
+    };
+    match &h.matcher {
+        None => (values.is_empty() != h.present) != h.invert,
+        Some(_) if values.is_empty() => false,
+        Some(m) => values.iter().any(|v| m.matches(v, h.ignore_case)) != h.invert,
+    }
+}
+
 /// The path without query and fragment, as Envoy's path matchers see it;
 /// `None` outside HTTP.
 fn url_path<'a>(s: &Subject<'a>) -> Option<&'a str> {
@@ -91,7 +121,7 @@ fn permission(p: &Permission, s: &Subject<'_>) -> bool {
         Permission::And(all) => all.iter().all(|p| permission(p, s)),
         Permission::Or(any) => any.iter().any(|p| permission(p, s)),
         Permission::Any => true,
-        Permission::Header(h) => h.matches_request(s.headers, s.pseudo),
+        Permission::Header(h) => header(h, s),
         Permission::UrlPath(m) => url_path(s).is_some_and(|p| m.matches(p)),
         Permission::UriTemplate(re) => url_path(s).is_some_and(|p| re.is_match(p)),
         Permission::DestinationIp(c) => c.contains(s.local.ip()),
@@ -123,7 +153,7 @@ fn principal(p: &Principal, s: &Subject<'_>) -> bool {
         },
         Principal::SourceIp(c) | Principal::DirectRemoteIp(c) => c.contains(s.direct_remote.ip()),
         Principal::RemoteIp(c) => c.contains(s.remote),
-        Principal::Header(h) => h.matches_request(s.headers, s.pseudo),
+        Principal::Header(h) => header(h, s),
         Principal::UrlPath(m) => url_path(s).is_some_and(|p| m.matches(p)),
         Principal::Metadata(m) => m.matches(s.metadata),
         Principal::Not(p) => !principal(p, s),
@@ -178,7 +208,7 @@ pub fn istio_authn_metadata(spiffe: Option<&str>) -> DynamicMetadata {
 mod tests {
     use super::*;
     use ferry_model::rbac::{MetaValue, MetadataMatcher, Policy, StrMatch, ValueMatcher};
-    use ferry_model::{CidrRange, HeaderKey, HeaderMatcher, StringMatcher};
+    use ferry_model::{CidrRange, StringMatcher};
 
     fn exact(v: &str) -> StrMatch {
         StrMatch {
@@ -429,20 +459,35 @@ mod tests {
         let req = Req::new("GET", "/");
         assert!(req.run(&r).allowed);
         assert!(!req.network(&r).allowed);
-        // An inverted header matcher matches the empty header map.
-        let inv = rbac(
-            Action::Allow,
-            vec![(
-                "inv",
-                vec![Permission::Header(header(
-                    "x-a",
-                    Some(StringMatcher::Exact("1".into())),
-                    true,
-                ))],
-                vec![Principal::Any],
-            )],
-        );
-        assert!(req.network(&inv).allowed);
+    }
+
+    #[test]
+    fn header_rules_match_one_value_and_never_an_absent_header() {
+        let rule = |m: Option<StringMatcher>, invert: bool, present: bool| {
+            let mut h = header("x-m", m, invert);
+            h.present = present;
+            rbac(
+                Action::Allow,
+                vec![("h", vec![Permission::Header(h)], vec![Principal::Any])],
+            )
+        };
+        let exact = |v: &str| Some(StringMatcher::Exact(v.into()));
+        let mut req = Req::new("GET", "/");
+        // Absent: a value matcher never matches, inverted or not.
+        assert!(!req.run(&rule(exact("a"), false, true)).allowed);
+        assert!(!req.run(&rule(exact("a"), true, true)).allowed);
+        // Absent: inverted presence and `present_match: false` match.
+        assert!(req.run(&rule(None, true, true)).allowed);
+        assert!(req.run(&rule(None, false, false)).allowed);
+        assert!(!req.run(&rule(None, false, true)).allowed);
+        // Repeated values are matched one by one, not joined.
+        req.headers.append("x-m", "a".parse().unwrap());
+        req.headers.append("x-m", "b".parse().unwrap());
+        assert!(req.run(&rule(exact("b"), false, true)).allowed);
+        assert!(!req.run(&rule(exact("a,b"), false, true)).allowed);
+        assert!(!req.run(&rule(exact("a"), true, true)).allowed);
+        assert!(req.run(&rule(exact("c"), true, true)).allowed);
+        assert!(req.run(&rule(None, false, true)).allowed);
     }
 
     #[test]
