@@ -755,3 +755,77 @@ fn mtls_principals_match_envoy() -> Result<()> {
     same(got);
     Ok(())
 }
+
+// ------------------------------------------------------------------------------ h2 / gRPC
+
+/// Over HTTP/2 a denial is the same 403; to a gRPC request it is the trailers-only
+/// answer Envoy sends (HTTP 200, `grpc-status: 7`, the body as `grpc-message`).
+#[test]
+fn h2_and_grpc_denials_match_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |port: u16| {
+        let allow = rbac_filter(
+            "envoy.filters.http.rbac",
+            json!({"rules": {"action": "ALLOW", "policies": {
+                "open": policy(json!([path_prefix("/open/")]), json!([{"any": true}])),
+            }}}),
+        );
+        render(
+            http(port, vec![route("/", json!({}))], vec![allow]),
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let curl = |args: &[&str]| -> Result<Vec<String>> {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-i", "--http2-prior-knowledge", "--max-time", "10"])
+            .args(args)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut seen: Vec<String> = head
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                let k = k.trim().to_ascii_lowercase();
+                [
+                    "content-type",
+                    "grpc-status",
+                    "grpc-message",
+                    "content-length",
+                ]
+                .contains(&k.as_str())
+                .then(|| format!("{k}={}", v.trim()))
+            })
+            .collect();
+        seen.sort();
+        seen.extend(head.lines().next().map(|l| l.trim().to_string()));
+        if body.starts_with('{') {
+            // The backend's echo: its length depends on the headers each proxy adds.
+            seen.retain(|h| !h.starts_with("content-length="));
+        } else {
+            seen.push(format!("body={body}"));
+        }
+        Ok(seen)
+    };
+    let got = differential(config, |p, port| {
+        let base = format!("http://127.0.0.1:{port}");
+        let denied = curl(&[&format!("{base}/closed")])?;
+        let allowed = curl(&[&format!("{base}/open/x")])?;
+        let grpc = curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "--data-binary",
+            "",
+            &format!("{base}/pkg.Svc/Method"),
+        ])?;
+        Ok((vec![denied, allowed, grpc], p.rbac_stats()?))
+    })?;
+    same(got);
+    Ok(())
+}
