@@ -83,28 +83,37 @@ pub fn evaluate(rbac: &Rbac, s: &Subject<'_>) -> Verdict {
 /// matches an absent header, inverted or not; a presence matcher (inverted
 /// or `present_match: false`) is about presence alone.
 fn header(h: &HeaderMatcher, s: &Subject<'_>) -> bool {
-    let pseudo = |p: &Pseudo<'_>| {
-        match &h.name {
-            HeaderKey::Method => p.method,
-            HeaderKey::Path => p.path,
-            HeaderKey::Authority => p.authority,
-            _ => p.scheme,
+    let pseudo = match &h.name {
+        HeaderKey::Name(_) => None,
+        HeaderKey::Method => s.pseudo.map(|p| p.method),
+        HeaderKey::Path => s.pseudo.map(|p| p.path),
+        HeaderKey::Authority => s.pseudo.map(|p| p.authority),
+        HeaderKey::Scheme => s.pseudo.map(|p| p.scheme),
+    };
+    let mut present = pseudo.is_some();
+    let mut any = false;
+    let mut check = |v: &str| {
+        if let Some(m) = &h.matcher {
+            any |= m.matches(v, h.ignore_case);
         }
-        .to_string()
     };
-    let values: Vec<String> = match &h.name {
-        HeaderKey::Name(name) => s
-            .headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect(),
-        _ => s.pseudo.map(pseudo).into_iter().collect(),
-    };
+    match (&h.name, pseudo) {
+        (HeaderKey::Name(name), _) => {
+            for v in s.headers.get_all(name) {
+                present = true;
+                match v.to_str() {
+                    Ok(v) => check(v),
+                    Err(_) => check(&String::from_utf8_lossy(v.as_bytes())),
+                }
+            }
+        }
+        (_, Some(v)) => check(v),
+        (_, None) => {}
+    }
     match &h.matcher {
-        None => (values.is_empty() != h.present) != h.invert,
-        Some(_) if values.is_empty() => false,
-        Some(m) => values.iter().any(|v| m.matches(v, h.ignore_case)) != h.invert,
+        None => (present == h.present) != h.invert,
+        Some(_) if !present => false,
+        Some(_) => any != h.invert,
     }
 }
 
