@@ -5,10 +5,11 @@
 //!
 //! The network filter decides when the first bytes (or the end of the
 //! stream) arrive, as Envoy's does (`ONE_TIME_ON_FIRST_BYTE`; `CONTINUOUS`
-//! re-evaluates and counts on every read): a denied connection never has its bytes forwarded and is closed,
-//! after `delay_deny` if set. The decision itself cannot change during a
-//! connection (nothing it reads changes), so it is taken once up front and
-//! only applied, and counted, as data arrives.
+//! re-evaluates and counts on every read): a denied connection never has
+//! its bytes forwarded and is closed, after `delay_deny` if set. The
+//! decision itself cannot change during a connection (nothing it reads
+//! changes), so it is taken once up front and only applied, and counted,
+//! as data arrives.
 
 use std::io;
 use std::net::SocketAddr;
@@ -207,8 +208,8 @@ pub struct Guarded<S> {
     gate: Gate,
 }
 
-/// Wraps `io` in the chain's network RBAC filters (no-op cost when there
-/// are none: the gate opens on the first byte).
+/// Wraps `io` in the chain's network RBAC filters; without any, the gate
+/// starts open and nothing is evaluated.
 pub fn guard<S>(
     io: S,
     filters: &[Arc<NetworkRbac>],
