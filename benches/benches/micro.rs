@@ -42,6 +42,7 @@ fn route(i: usize) -> Route {
         fault_overrides: Vec::new(),
         cors: Default::default(),
         ratelimit_overrides: Vec::new(),
+        rbac_overrides: Vec::new(),
         rate_limits: Vec::new(),
         vhost_rate_limits: Default::default(),
     }

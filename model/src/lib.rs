@@ -12,6 +12,7 @@ pub mod fault;
 pub mod format;
 pub mod listener;
 pub mod ratelimit;
+pub mod rbac;
 pub mod route;
 pub mod tls;
 

@@ -72,6 +72,8 @@ pub struct FilterChain {
     pub filter_chain_match: FilterChainMatch,
     /// TLS termination (`DownstreamTlsContext`); `None`: plaintext.
     pub tls: Option<crate::tls::DownstreamTls>,
+    /// `envoy.filters.network.rbac` filters before the terminal filter, in order.
+    pub rbac: Vec<Arc<crate::rbac::NetworkRbac>>,
     pub kind: ChainKind,
 }
 
@@ -167,6 +169,8 @@ pub enum HttpFilterConfig {
     /// `envoy.filters.http.cors`: the policies come from the routes.
     Cors,
     LocalRateLimit(Arc<crate::ratelimit::LocalRateLimit>),
+    /// `envoy.filters.http.rbac`.
+    Rbac(Arc<crate::rbac::HttpRbac>),
 }
 
 /// Where a connection manager's route table comes from.
@@ -357,6 +361,7 @@ mod tests {
             name: name.into(),
             filter_chain_match: m,
             tls: None,
+            rbac: Vec::new(),
             kind: ChainKind::Tcp(TcpProxy {
                 stat_prefix: name.into(),
                 cluster: "c".into(),

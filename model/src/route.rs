@@ -86,6 +86,10 @@ pub struct Route {
     /// Per-filter overrides of the local rate limit filter; the route's
     /// entry replaces its virtual host's.
     pub ratelimit_overrides: Vec<(String, std::sync::Arc<crate::ratelimit::LocalRateLimit>)>,
+    /// Per-filter overrides of the RBAC filter (`RBACPerRoute`); the
+    /// route's entry replaces its virtual host's. An override without rules
+    /// turns the filter off for the route.
+    pub rbac_overrides: Vec<(String, std::sync::Arc<crate::rbac::HttpRbac>)>,
     /// `route.rate_limits`: the descriptors of a request for rate limiting.
     pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
     /// The virtual host's `rate_limits`.
@@ -118,6 +122,15 @@ impl Route {
         } else {
             named
         }
+    }
+
+    /// The RBAC configuration overriding the filter named `filter` (the
+    /// route's entry, else its virtual host's).
+    pub fn rbac_override(&self, filter: &str) -> Option<&crate::rbac::HttpRbac> {
+        self.rbac_overrides
+            .iter()
+            .find(|(n, _)| n == filter)
+            .map(|(_, f)| f.as_ref())
     }
 
     /// The local rate limit configuration overriding the filter named
@@ -874,6 +887,7 @@ mod tests {
             fault_overrides: vec![],
             cors: RouteCors::default(),
             ratelimit_overrides: vec![],
+            rbac_overrides: vec![],
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
             hash_policy: vec![],

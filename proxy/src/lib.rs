@@ -14,6 +14,7 @@ pub mod lb;
 pub mod listener;
 pub mod orig_dst;
 pub mod outlier;
+pub mod rbac;
 pub mod run;
 pub mod stats;
 pub mod tcp;

@@ -253,22 +253,41 @@ async fn handle(
         tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let mtls = tls.get_ref().1.peer_certificates().is_some();
+        let server_name = detected
+            .server_name
+            .clone()
+            .or_else(|| tls.get_ref().1.server_name().map(str::to_string))
+            .unwrap_or_default();
+        // The certificate's names are read only for the filters that need
+        // them: x-forwarded-client-cert and RBAC principals.
         let client_cert = match &chain.kind {
             ChainKind::Http(h)
                 if matches!(
                     h.forward_client_cert,
                     ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet
-                ) =>
+                ) || uses_rbac(&chain) =>
             {
                 crate::tls::client_cert_info(&rt.tls, &chain, &tls)
             }
+            ChainKind::Tcp(_) if uses_rbac(&chain) => {
+                crate::tls::client_cert_info(&rt.tls, &chain, &tls)
+            }
             _ => None,
+        };
+        let downstream = crate::rbac::Downstream {
+            peer,
+            local: dst,
+            server_name: server_name.clone(),
+            tls: Some(crate::rbac::DownstreamTls {
+                client_cert: client_cert.clone(),
+            }),
         };
         let peer_tls = PeerTls { mtls, client_cert };
         match &chain.kind {
             ChainKind::Tcp(tp) => {
                 let stats = rt.tcp_stats(&tp.stat_prefix);
-                crate::tcp::proxy(&rt, tp, &stats, tls, dst, &generation).await;
+                let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
+                crate::tcp::proxy(&rt, tp, &stats, io, dst, &generation).await;
             }
             ChainKind::Http(hcm) => {
                 let http2 = match (hcm.codec, alpn.as_deref()) {
@@ -281,30 +300,41 @@ async fn handle(
                         let Some((h2, io)) = crate::tls::sniff_h2(tls).await else {
                             return;
                         };
-                        serve_http(&rt, &chain, io, h2, peer, dst, &generation, Some(peer_tls))
-                            .await;
+                        let io = crate::rbac::guard(io, &chain.rbac, rt.clone(), &downstream);
+                        let conn = Conn {
+                            peer,
+                            dst,
+                            tls: Some(peer_tls),
+                            server_name,
+                        };
+                        serve_http(&rt, &chain, io, h2, conn, &generation).await;
                         return;
                     }
                 };
-                serve_http(
-                    &rt,
-                    &chain,
-                    tls,
-                    http2,
+                let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
+                let conn = Conn {
                     peer,
                     dst,
-                    &generation,
-                    Some(peer_tls),
-                )
-                .await;
+                    tls: Some(peer_tls),
+                    server_name,
+                };
+                serve_http(&rt, &chain, io, http2, conn, &generation).await;
             }
         }
         return;
     }
+    let server_name = detected.server_name.clone().unwrap_or_default();
+    let downstream = crate::rbac::Downstream {
+        peer,
+        local: dst,
+        server_name: server_name.clone(),
+        tls: None,
+    };
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
-            crate::tcp::proxy(&rt, tp, &stats, stream, dst, &generation).await;
+            let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
+            crate::tcp::proxy(&rt, tp, &stats, io, dst, &generation).await;
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {
@@ -319,23 +349,45 @@ async fn handle(
                     }
                 }
             };
-            serve_http(&rt, &chain, stream, http2, peer, dst, &generation, None).await;
+            let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
+            let conn = Conn {
+                peer,
+                dst,
+                tls: None,
+                server_name,
+            };
+            serve_http(&rt, &chain, io, http2, conn, &generation).await;
         }
     }
 }
 
+/// What the connection manager learns of its downstream connection.
+struct Conn {
+    peer: SocketAddr,
+    dst: SocketAddr,
+    tls: Option<PeerTls>,
+    /// SNI, "" without one.
+    server_name: String,
+}
+
+/// Whether a chain runs RBAC (network or HTTP), which reads the client
+/// certificate's names.
+fn uses_rbac(chain: &ferry_model::FilterChain) -> bool {
+    !chain.rbac.is_empty()
+        || matches!(&chain.kind, ChainKind::Http(h) if h.http_filters.iter().any(|f| {
+            matches!(f.config, ferry_model::HttpFilterConfig::Rbac(_))
+        }))
+}
+
 /// Runs the HTTP connection manager of `chain` on a (plaintext or
 /// decrypted) downstream connection.
-#[allow(clippy::too_many_arguments)]
 async fn serve_http<S>(
     rt: &Arc<Runtime>,
     chain: &Arc<ferry_model::FilterChain>,
     io: S,
     http2: bool,
-    peer: SocketAddr,
-    dst: SocketAddr,
+    conn: Conn,
     generation: &Drain,
-    tls: Option<PeerTls>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -346,11 +398,13 @@ async fn serve_http<S>(
         stats: rt.http_stats(&hcm.stat_prefix),
         rt: rt.clone(),
         chain: chain.clone(),
-        peer,
-        original_dst: dst,
-        tls,
+        peer: conn.peer,
+        original_dst: conn.dst,
+        tls: conn.tls,
         closing: std::sync::atomic::AtomicBool::new(false),
         ratelimit_buckets: Default::default(),
+        server_name: conn.server_name,
+        rbac_view: Default::default(),
     });
     crate::http::serve(io, ctx, http2, generation).await;
 }

@@ -152,6 +152,13 @@ pub struct Runtime {
     pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
 }
 
+/// The network RBAC filter counts through the runtime's statistics.
+impl AsRef<crate::stats::Stats> for Runtime {
+    fn as_ref(&self) -> &crate::stats::Stats {
+        &self.stats
+    }
+}
+
 impl Runtime {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.drain.is_draining()

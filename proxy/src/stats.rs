@@ -49,6 +49,12 @@ pub struct Stats {
     gauges: Mutex<BTreeMap<String, Gauge>>,
 }
 
+impl AsRef<Stats> for Stats {
+    fn as_ref(&self) -> &Stats {
+        self
+    }
+}
+
 impl Stats {
     /// The counter of that name, created on first use.
     pub fn counter(&self, name: &str) -> Counter {

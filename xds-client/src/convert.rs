@@ -27,6 +27,8 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 use prost::Message;
 
+mod rbac;
+
 /// A conversion error: which resource, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{resource}: {field}: {message}")]
@@ -386,6 +388,7 @@ fn filter_chain(
         None => None,
     };
     let mut terminal = None;
+    let mut network_rbac = Vec::new();
     for (i, f) in fc.filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
         let typed = match &f.config_type {
@@ -406,6 +409,11 @@ fn filter_chain(
                     .decode()
                     .map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?;
                 terminal = Some(m::ChainKind::Tcp(tcp_proxy(ctx, &ff, &tp)?));
+            }
+            rbac::NETWORK_RBAC_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let r = typed.decode().map_err(|e| ctx.err(&tf, e))?;
+                network_rbac.push(Arc::new(rbac::network_rbac(ctx, &tf, &r)?));
             }
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
                 let h: hcm_pb::HttpConnectionManager = typed
@@ -444,6 +452,7 @@ fn filter_chain(
         },
         filter_chain_match: fcm,
         tls,
+        rbac: network_rbac,
         kind,
     })
 }
@@ -941,6 +950,17 @@ fn http_connection_manager(
                     )?)),
                 });
             }
+            rbac::HTTP_RBAC_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "the RBAC filter needs a typed_config"));
+                };
+                let cfg = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::Rbac(Arc::new(rbac::http_rbac(ctx, &tf, &cfg)?)),
+                });
+            }
             t if HTTP_TOLERATED.contains(&t) || ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,
@@ -1311,6 +1331,7 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
             inline: inline_cors.into_iter().map(Arc::new).collect(),
         },
         ratelimit_overrides: per_filter.ratelimit,
+        rbac_overrides: per_filter.rbac,
         rate_limits: match &r.action {
             Some(Action::Route(ra)) => {
                 rate_limits(ctx, &format!("{field}.route.rate_limits"), &ra.rate_limits)?
@@ -1598,6 +1619,11 @@ impl VhostDefaults {
                 rt.fault_overrides.push((name.clone(), f.clone()));
             }
         }
+        for (name, f) in &self.per_filter.rbac {
+            if !rt.rbac_overrides.iter().any(|(n, _)| n == name) {
+                rt.rbac_overrides.push((name.clone(), f.clone()));
+            }
+        }
         for (name, f) in &self.per_filter.ratelimit {
             if !rt.ratelimit_overrides.iter().any(|(n, _)| n == name) {
                 rt.ratelimit_overrides.push((name.clone(), f.clone()));
@@ -1751,6 +1777,7 @@ struct PerFilter {
     fault: Vec<(String, Arc<m::fault::FaultConfig>)>,
     cors: Vec<(String, Arc<m::cors::CorsPolicy>)>,
     ratelimit: Vec<(String, Arc<m::ratelimit::LocalRateLimit>)>,
+    rbac: Vec<(String, Arc<m::rbac::HttpRbac>)>,
 }
 
 fn per_filter_configs(
@@ -1781,6 +1808,8 @@ fn per_filter_configs(
                     out.cors.push((name.clone(), Arc::new(disabled_cors())));
                     out.ratelimit
                         .push((name.clone(), Arc::new(disabled_ratelimit())));
+                    out.rbac
+                        .push((name.clone(), Arc::new(m::rbac::HttpRbac::default())));
                     continue;
                 }
                 None => continue,
@@ -1814,6 +1843,15 @@ fn per_filter_configs(
                     local_ratelimit(ctx, &ef, &p)?
                 };
                 out.ratelimit.push((name.clone(), Arc::new(cfg)));
+            }
+            rbac::HTTP_RBAC_PER_ROUTE_TYPE => {
+                // A disabled entry has no rules: the filter lets everything through.
+                let cfg = if disabled {
+                    m::rbac::HttpRbac::default()
+                } else {
+                    rbac::http_rbac_per_route(ctx, &ef, typed)?
+                };
+                out.rbac.push((name.clone(), Arc::new(cfg)));
             }
             _ => {}
         }

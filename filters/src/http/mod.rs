@@ -5,5 +5,6 @@ pub mod cors;
 pub mod fault;
 pub mod headers;
 pub mod local_ratelimit;
+pub mod rbac;
 pub mod retry;
 pub mod router;

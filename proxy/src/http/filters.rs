@@ -1,11 +1,12 @@
-//! Runs the CORS and local rate limit filters of a connection manager on one
+//! Runs the CORS, local rate limit and RBAC filters of a connection manager on one
 //! request: the decisions come from `ferry_filters::http`; here they become
 //! responses, request changes and Envoy's counters.
 
-use ferry_filters::http::{cors as cors_filter, local_ratelimit as rl};
+use ferry_filters::http::{cors as cors_filter, local_ratelimit as rl, rbac as rbac_engine};
 use ferry_model::cors::CorsPolicy;
 use ferry_model::format::FormatContext;
 use ferry_model::ratelimit::LocalRateLimit;
+use ferry_model::rbac::HttpRbac;
 use ferry_model::{HttpConnectionManager, Route};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -185,4 +186,63 @@ pub fn local_ratelimit(
             Some(resp)
         }
     }
+}
+
+/// `envoy.filters.http.rbac`: the shadow rules are evaluated and counted,
+/// then the enforced ones; `Some` is the 403 of a denied request. A route's
+/// `RBACPerRoute` replaces both rule sets (none: the filter lets the request
+/// through); the counters stay the filter's.
+pub fn rbac(
+    ctx: &ConnCtx,
+    hcm: &HttpConnectionManager,
+    cfg: &HttpRbac,
+    route: Option<&Route>,
+    filter_name: &str,
+    req: &Request<Incoming>,
+) -> Option<Response<ResponseBody>> {
+    let rules = route
+        .and_then(|r| r.rbac_override(filter_name))
+        .unwrap_or(cfg);
+    if rules.rules.is_none() && rules.shadow_rules.is_none() {
+        return None;
+    }
+    let pseudo = super::pseudo_of(req);
+    let (downstream, metadata) = ctx.rbac_view();
+    let subject = rbac_engine::Subject {
+        headers: req.headers(),
+        pseudo: Some(&pseudo),
+        local: ctx.original_dst,
+        direct_remote: ctx.peer,
+        remote: rbac_engine::remote_address(req.headers(), ctx.peer.ip(), hcm.use_remote_address),
+        server_name: &downstream.server_name,
+        tls: downstream.tls_peer(),
+        metadata,
+    };
+    let base = format!("http.{}.", hcm.stat_prefix);
+    let counters = crate::rbac::RbacCounters {
+        stats: &ctx.rt.stats,
+        base: &base,
+        rules_prefix: &cfg.rules_stat_prefix,
+        shadow_prefix: &cfg.shadow_rules_stat_prefix,
+        // Envoy keeps per-policy counters for the filter's own rules only,
+        // never for a route's.
+        per_rule: cfg.track_per_rule_stats && std::ptr::eq(rules, cfg),
+    };
+    if let Some(shadow) = &rules.shadow_rules {
+        counters.shadow(&rbac_engine::evaluate(shadow, &subject));
+    }
+    let enforced = rbac_engine::evaluate(rules.rules.as_deref()?, &subject);
+    counters.enforced(&enforced);
+    if enforced.allowed {
+        return None;
+    }
+    tracing::debug!(
+        rbac.policy = enforced.matched_policy.as_deref().unwrap_or("none"),
+        src.addr = %ctx.peer,
+        "RBAC denied the request"
+    );
+    Some(super::local_reply(super::LocalReply {
+        status: http::StatusCode::FORBIDDEN,
+        body: Some("RBAC: access denied".into()),
+    }))
 }

@@ -99,9 +99,32 @@ pub struct ConnCtx {
     /// Token buckets of the local rate limit configurations that are per
     /// connection, by the configuration's address.
     pub ratelimit_buckets: filters::ConnBuckets,
+    /// SNI of the downstream connection ("" without one), for RBAC.
+    pub server_name: String,
+    /// The connection as RBAC policies see it, with its dynamic metadata:
+    /// built on the first request an RBAC filter checks, then shared by
+    /// the connection's other requests.
+    pub rbac_view:
+        std::sync::OnceLock<(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata)>,
 }
 
 impl ConnCtx {
+    /// The connection as the RBAC policies see it, and its dynamic metadata.
+    fn rbac_view(&self) -> &(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata) {
+        self.rbac_view.get_or_init(|| {
+            let d = crate::rbac::Downstream {
+                peer: self.peer,
+                local: self.original_dst,
+                server_name: self.server_name.clone(),
+                tls: self.tls.as_ref().map(|t| crate::rbac::DownstreamTls {
+                    client_cert: t.client_cert.clone(),
+                }),
+            };
+            let md = d.metadata();
+            (d, md)
+        })
+    }
+
     fn hcm(&self) -> Option<&HttpConnectionManager> {
         match &self.chain.kind {
             ChainKind::Http(h) => Some(h),
@@ -488,6 +511,12 @@ async fn run_filters(
                 {
                     on_response.apply(resp.headers_mut());
                     return Err((resp, "RL", None));
+                }
+            }
+            HttpFilterConfig::Rbac(cfg) => {
+                if let Some(mut resp) = filters::rbac(ctx, hcm, cfg, route, &f.name, req) {
+                    on_response.apply(resp.headers_mut());
+                    return Err((resp, "", None));
                 }
             }
         }
