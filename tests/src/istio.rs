@@ -357,3 +357,189 @@ pub fn tcp_exchange(pod: &Pod, host: &str, port: u16, line: &str) -> Result<Stri
         .trim()
         .to_string())
 }
+
+// ------------------------------------------------------------- task steps
+
+/// What a client does and what the docs say it gets.
+#[derive(Clone, Debug)]
+pub enum Check {
+    /// curl from the client pod: `Host:port` (a Service name resolved to
+    /// its cluster IP, or `pod:NAME`), path, extra curl arguments, the
+    /// expected status (0: the connection failed or was reset).
+    Http {
+        client: String,
+        host: String,
+        port: u16,
+        path: &'static str,
+        args: &'static [&'static str],
+        status: u16,
+    },
+    /// A line over TCP to `host` (a Service name or `pod:NAME`): echoed
+    /// back when allowed, nothing when rejected.
+    Tcp {
+        client: String,
+        host: String,
+        port: u16,
+        allowed: bool,
+    },
+}
+
+/// The files in force for a step (replacing the previous step's), and
+/// what must hold then.
+pub struct Step {
+    pub apply: &'static [&'static str],
+    pub checks: Vec<Check>,
+}
+
+pub fn http(client: &str, host: &str, port: u16, path: &'static str, status: u16) -> Check {
+    http_with(client, host, port, path, &[], status)
+}
+
+pub fn http_with(
+    client: &str,
+    host: &str,
+    port: u16,
+    path: &'static str,
+    args: &'static [&'static str],
+    status: u16,
+) -> Check {
+    Check::Http {
+        client: client.to_string(),
+        host: host.to_string(),
+        port,
+        path,
+        args,
+        status,
+    }
+}
+
+pub fn tcp(client: &str, host: &str, port: u16, allowed: bool) -> Check {
+    Check::Tcp {
+        client: client.to_string(),
+        host: host.to_string(),
+        port,
+        allowed,
+    }
+}
+
+/// Runs one check: whether its result is the expected one, and the result.
+fn run_check(m: &IstioMesh, c: &Check, vips: &[(&str, &str)]) -> Result<(bool, String)> {
+    let vip = |host: &str| {
+        vips.iter()
+            .find(|(h, _)| *h == host)
+            .map(|(_, v)| v.to_string())
+            .with_context(|| format!("no cluster IP for {host:?}"))
+    };
+    match c {
+        Check::Http {
+            client,
+            host,
+            port,
+            path,
+            args,
+            status,
+        } => {
+            // `pod:NAME` is the pod's own address, as kube-proxy would
+            // pick it for a client without a sidecar.
+            let (url, resolve) = match host.strip_prefix("pod:") {
+                Some(pod) => (format!("http://{}:{port}{path}", m.pod(pod).ip()), None),
+                None => (
+                    format!("http://{host}:{port}{path}"),
+                    Some(format!("{host}:{port}:{}", vip(host)?)),
+                ),
+            };
+            let mut extra: Vec<&str> = Vec::new();
+            if let Some(r) = &resolve {
+                extra.extend(["--resolve", r.as_str()]);
+            }
+            extra.extend(args.iter());
+            let (code, body) = curl(m.pod(client), &url, &extra)?;
+            let short: String = body.chars().take(60).collect();
+            Ok((code == *status, format!("{code} {short}")))
+        }
+        Check::Tcp {
+            client,
+            host,
+            port,
+            allowed,
+        } => {
+            let addr = match host.strip_prefix("pod:") {
+                Some(pod) => m.pod(pod).ip().to_string(),
+                None => vip(host)?,
+            };
+            let line = format!("port {port}");
+            let got = tcp_exchange(m.pod(client), &addr, *port, &line)?;
+            Ok(((got == line) == *allowed, format!("{got:?}")))
+        }
+    }
+}
+
+/// Runs a task's steps: each step's files applied (from `dir`), then its
+/// checks polled until every one gives the expected result in the same
+/// round, twice in a row. `vips` maps Service names to cluster IPs.
+pub fn run_steps(
+    m: &IstioMesh,
+    dir: &Path,
+    task: &str,
+    steps: &[Step],
+    vips: &[(&str, &str)],
+) -> Result<()> {
+    for (i, step) in steps.iter().enumerate() {
+        let files: Vec<PathBuf> = step.apply.iter().map(|f| dir.join(f)).collect();
+        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        m.apply(&refs)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut good_rounds = 0;
+        loop {
+            let mut wrong = Vec::new();
+            for c in &step.checks {
+                let (ok, got) = run_check(m, c, vips)?;
+                if !ok {
+                    wrong.push(format!("{c:?} got {got}"));
+                }
+            }
+            good_rounds = if wrong.is_empty() { good_rounds + 1 } else { 0 };
+            if good_rounds == 2 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{task} step {} ({:?}) through {:?} sidecars: never as the docs expect:\n{}\n{}",
+                    i + 1,
+                    step.apply,
+                    m.proxy,
+                    wrong.join("\n"),
+                    m.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    Ok(())
+}
+
+/// A Pod (labels `app`, `version: v1`) with its service account and IP.
+pub fn pod_yaml(ips: &[(&str, Ipv4Addr)], name: &str, ns: &str, app: &str, sa: &str) -> String {
+    let ip = ips
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, ip)| ip.to_string())
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: v1}}}}\n\
+         spec: {{serviceAccountName: {sa}, containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {ip}}}\n---\n"
+    )
+}
+
+/// A Service selecting `app: NAME`, with (name, port, target port) ports.
+pub fn service_yaml(name: &str, ns: &str, vip: &str, ports: &[(&str, u16, u16)]) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(n, p, t)| format!("{{name: {n}, port: {p}, targetPort: {t}}}"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{}]}}\n---\n",
+        ports.join(", ")
+    )
+}

@@ -14,87 +14,16 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
-use ferry_tests::istio::{App, IstioMesh, Proxy, Workload, curl, tcp_exchange};
+use anyhow::Result;
+use ferry_tests::istio::{
+    App, IstioMesh, Proxy, Step, Workload, http, http_with, pod_yaml, run_steps, service_yaml, tcp,
+};
 
 fn tasks() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../shared/istio-samples/istio.io-tasks/security");
     p.join("authz-http").is_dir().then_some(p)
-}
-
-/// What a client does and what the docs say it gets.
-#[derive(Clone, Debug)]
-enum Check {
-    /// curl from the client pod: `Host:port`, path, extra curl arguments,
-    /// the expected status.
-    Http {
-        client: &'static str,
-        host: &'static str,
-        port: u16,
-        path: &'static str,
-        args: &'static [&'static str],
-        status: u16,
-    },
-    /// A line over TCP to `host` (a Service name or `pod:NAME`): echoed
-    /// back when allowed, nothing when rejected.
-    Tcp {
-        client: &'static str,
-        host: &'static str,
-        port: u16,
-        allowed: bool,
-    },
-}
-
-struct Step {
-    apply: &'static [&'static str],
-    checks: Vec<Check>,
-}
-
-fn http(
-    client: &'static str,
-    host: &'static str,
-    port: u16,
-    path: &'static str,
-    status: u16,
-) -> Check {
-    Check::Http {
-        client,
-        host,
-        port,
-        path,
-        args: &[],
-        status,
-    }
-}
-
-fn http_with(
-    client: &'static str,
-    host: &'static str,
-    port: u16,
-    path: &'static str,
-    args: &'static [&'static str],
-    status: u16,
-) -> Check {
-    Check::Http {
-        client,
-        host,
-        port,
-        path,
-        args,
-        status,
-    }
-}
-
-fn tcp(client: &'static str, host: &'static str, port: u16, allowed: bool) -> Check {
-    Check::Tcp {
-        client,
-        host,
-        port,
-        allowed,
-    }
 }
 
 /// Service name → cluster IP, as the objects declare them.
@@ -114,80 +43,6 @@ fn vip(host: &str) -> &'static str {
         .unwrap_or_else(|| panic!("no VIP for {host}"))
 }
 
-/// Runs one check: whether its result is the expected one, and the result.
-fn run_check(m: &IstioMesh, c: &Check) -> Result<(bool, String)> {
-    match c {
-        Check::Http {
-            client,
-            host,
-            port,
-            path,
-            args,
-            status,
-        } => {
-            let resolve = format!("{host}:{port}:{}", vip(host));
-            let mut extra = vec!["--resolve", resolve.as_str()];
-            extra.extend(args.iter());
-            let (code, body) = curl(
-                m.pod(client),
-                &format!("http://{host}:{port}{path}"),
-                &extra,
-            )?;
-            let short: String = body.chars().take(60).collect();
-            Ok((code == *status, format!("{code} {short}")))
-        }
-        Check::Tcp {
-            client,
-            host,
-            port,
-            allowed,
-        } => {
-            let addr = match host.strip_prefix("pod:") {
-                Some(pod) => m.pod(pod).ip().to_string(),
-                None => vip(host).to_string(),
-            };
-            let line = format!("port {port}");
-            let got = tcp_exchange(m.pod(client), &addr, *port, &line)?;
-            Ok(((got == line) == *allowed, format!("{got:?}")))
-        }
-    }
-}
-
-fn run_steps(m: &IstioMesh, dir: &Path, task: &str, steps: &[Step]) -> Result<()> {
-    for (i, step) in steps.iter().enumerate() {
-        let files: Vec<PathBuf> = step.apply.iter().map(|f| dir.join(f)).collect();
-        let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        m.apply(&refs)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut good_rounds = 0;
-        loop {
-            let mut wrong = Vec::new();
-            for c in &step.checks {
-                let (ok, got) = run_check(m, c)?;
-                if !ok {
-                    wrong.push(format!("{c:?} got {got}"));
-                }
-            }
-            good_rounds = if wrong.is_empty() { good_rounds + 1 } else { 0 };
-            if good_rounds == 2 {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{task} step {} ({:?}) through {:?} sidecars: never as the docs expect:\n{}\n{}",
-                    i + 1,
-                    step.apply,
-                    m.proxy,
-                    wrong.join("\n"),
-                    m.diagnostics()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
-    Ok(())
-}
-
 fn workload(
     name: &'static str,
     namespace: &'static str,
@@ -204,31 +59,6 @@ fn workload(
         injected: true,
         runs,
     }
-}
-
-fn pod_yaml(ips: &[(&str, Ipv4Addr)], name: &str, ns: &str, app: &str, sa: &str) -> String {
-    let ip = ips
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, ip)| ip.to_string())
-        .unwrap_or_default();
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}, version: v1}}}}\n\
-         spec: {{serviceAccountName: {sa}, containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {ip}}}\n---\n"
-    )
-}
-
-fn service_yaml(name: &str, ns: &str, ports: &[(&str, u16, u16)]) -> String {
-    let ports: Vec<String> = ports
-        .iter()
-        .map(|(n, p, t)| format!("{{name: {n}, port: {p}, targetPort: {t}}}"))
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec: {{clusterIP: {}, selector: {{app: {name}}}, ports: [{}]}}\n---\n",
-        vip(name),
-        ports.join(", ")
-    )
 }
 
 // ------------------------------------------------------------------ bookinfo
@@ -273,7 +103,12 @@ fn bookinfo_objects(ips: &[(&str, Ipv4Addr)]) -> String {
     );
     for w in bookinfo_workloads() {
         if w.name != "sleep" {
-            out.push_str(&service_yaml(w.name, "default", &[("http", 9080, 9080)]));
+            out.push_str(&service_yaml(
+                w.name,
+                "default",
+                vip(w.name),
+                &[("http", 9080, 9080)],
+            ));
         }
         out.push_str(&pod_yaml(ips, w.name, "default", w.app, w.service_account));
     }
@@ -352,7 +187,7 @@ fn authz_http(proxy: Proxy, tasks: &Path) -> Result<()> {
             ],
         },
     ];
-    run_steps(&m, &tasks.join("authz-http"), "authz-http", &steps)
+    run_steps(&m, &tasks.join("authz-http"), "authz-http", &steps, VIPS)
 }
 
 // ----------------------------------------------------- httpbin and tcp-echo
@@ -374,10 +209,11 @@ fn foo_workloads() -> Vec<Workload> {
 fn foo_objects(ips: &[(&str, Ipv4Addr)]) -> String {
     format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: foo, labels: {{istio-injection: enabled}}}}\n---\n{}{}{}{}{}",
-        service_yaml("httpbin", "foo", &[("http", 8000, 80)]),
+        service_yaml("httpbin", "foo", vip("httpbin"), &[("http", 8000, 80)]),
         service_yaml(
             "tcp-echo",
             "foo",
+            vip("tcp-echo"),
             &[("tcp", 9000, 9000), ("tcp-other", 9001, 9001)]
         ),
         pod_yaml(ips, "httpbin", "foo", "httpbin", "httpbin"),
@@ -423,7 +259,7 @@ fn authz_deny_and_tcp(proxy: Proxy, tasks: &Path) -> Result<()> {
             ],
         },
     ];
-    run_steps(&m, &tasks.join("authz-deny"), "authz-deny", &deny)?;
+    run_steps(&m, &tasks.join("authz-deny"), "authz-deny", &deny, VIPS)?;
     let tcp_steps = [
         Step {
             apply: &[],
@@ -463,7 +299,7 @@ fn authz_deny_and_tcp(proxy: Proxy, tasks: &Path) -> Result<()> {
             ],
         },
     ];
-    run_steps(&m, &tasks.join("authz-tcp"), "authz-tcp", &tcp_steps)
+    run_steps(&m, &tasks.join("authz-tcp"), "authz-tcp", &tcp_steps, VIPS)
 }
 
 #[test]
