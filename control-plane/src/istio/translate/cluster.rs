@@ -184,7 +184,14 @@ fn outbound(
         } else {
             endpoints.clone()
         };
-        c.load_assignment = Some(load_assignment(scope, &policy, &name, port.port, &eps));
+        c.load_assignment = Some(load_assignment(
+            scope,
+            &policy,
+            &name,
+            &svc.namespace,
+            port.port,
+            &eps,
+        ));
         load_balancer(scope, &policy, &mut c);
     } else {
         c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
@@ -194,7 +201,12 @@ fn outbound(
         });
         load_balancer(scope, &policy, &mut c);
         out.endpoints.push(load_assignment(
-            scope, &policy, &name, port.port, &endpoints,
+            scope,
+            &policy,
+            &name,
+            &svc.namespace,
+            port.port,
+            &endpoints,
         ));
     }
     if port.protocol.is_http() || port.protocol == Protocol::Unknown {
@@ -654,9 +666,19 @@ fn load_assignment(
     scope: &Scope<'_>,
     policy: &TrafficPolicy,
     cluster: &str,
+    namespace: &str,
     service_port: u32,
     endpoints: &[&RegistryEndpoint],
 ) -> ClusterLoadAssignment {
+    // As istiod: an endpoint whose workload's PeerAuthentication disables
+    // mTLS on the target port is not offered mTLS by auto mTLS (its
+    // `tlsMode` marker is left out), or its plaintext-only port would
+    // refuse every handshake.
+    let mtls = |e: &RegistryEndpoint| {
+        let target = e.ports.get(&service_port).copied().unwrap_or(service_port);
+        e.istio_mtls()
+            && scope.mesh.workload_mtls(namespace, &e.labels, target) != MtlsMode::Disable
+    };
     // `failoverPriority` labels: how many of them, in order, an endpoint
     // shares with the proxy decides its priority (all shared: 0).
     let priority_labels: &[String] = super::locality::setting(policy)
@@ -703,7 +725,7 @@ fn load_assignment(
         by_locality
             .entry((e.locality.as_str(), label_priority(e)))
             .or_default()
-            .push(lb_endpoint(e, service_port));
+            .push(lb_endpoint(e, service_port, mtls(e)));
     }
     if by_locality.is_empty() {
         by_locality.insert(("", 0), Vec::new());
@@ -725,10 +747,10 @@ fn load_assignment(
     }
 }
 
-fn lb_endpoint(e: &RegistryEndpoint, service_port: u32) -> LbEndpoint {
+fn lb_endpoint(e: &RegistryEndpoint, service_port: u32, mtls: bool) -> LbEndpoint {
     let port = e.ports.get(&service_port).copied().unwrap_or(service_port);
     let mut metadata = Metadata::default();
-    if e.istio_mtls() {
+    if mtls {
         // What transport_socket_matches select on (`tlsMode: istio`).
         metadata.filter_metadata.insert(
             "envoy.transport_socket_match".into(),
