@@ -84,6 +84,9 @@ pub struct Pilot {
     options: MeshOptions,
     /// The mesh CA, when workload certificates are served over SDS.
     ca: std::sync::OnceLock<Arc<crate::ca::Ca>>,
+    /// Where each node connected from, with its cache: whose certificate
+    /// it may have.
+    peers: Mutex<HashMap<String, (std::net::IpAddr, Cache)>>,
 }
 
 fn fill(cache: &Cache, cfg: &ProxyConfig) {
@@ -123,6 +126,7 @@ impl Pilot {
             }),
             options,
             ca: std::sync::OnceLock::new(),
+            peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -152,22 +156,37 @@ impl Pilot {
     /// certificate from the control plane: the key is made here.
     pub fn cache_for_peer(&self, node: &Node, peer: Option<std::net::IpAddr>) -> Cache {
         let cache = self.cache_for(node);
-        if let (Some(ca), Some(ip)) = (self.ca.get(), peer)
-            && cache.snapshot(SECRET).resources.is_empty()
-            && let Some((ns, sa)) = self.workload_at(ip)
-        {
-            let identity = ca.identity(&ns, &sa);
-            match ca.issue(&identity, None) {
-                Ok((leaf, key)) => {
-                    cache.set(SECRET, workload_secrets(&leaf, &key, ca.root_pem()));
-                    tracing::info!(xds.node = %node.id, ca.identity = %identity, "workload certificate served over SDS");
-                }
-                Err(e) => {
-                    tracing::warn!(xds.node = %node.id, error = %e, "no workload certificate")
-                }
-            }
+        if let Some(ip) = peer {
+            self.peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.id.clone(), (ip, cache.clone()));
+            self.serve_certificate(&node.id, ip, &cache);
         }
         cache
+    }
+
+    /// Puts the workload certificate of the pod at `ip` into `cache`,
+    /// unless it holds one or no pod has that address (yet: a sidecar may
+    /// connect before its Pod is known; every update tries again).
+    fn serve_certificate(&self, node: &str, ip: std::net::IpAddr, cache: &Cache) {
+        let Some(ca) = self.ca.get() else {
+            return;
+        };
+        if !cache.snapshot(SECRET).resources.is_empty() {
+            return;
+        }
+        let Some((ns, sa)) = self.workload_at(ip) else {
+            return;
+        };
+        let identity = ca.identity(&ns, &sa);
+        match ca.issue(&identity, None) {
+            Ok((leaf, key)) => {
+                cache.set(SECRET, workload_secrets(&leaf, &key, ca.root_pem()));
+                tracing::info!(xds.node = %node, ca.identity = %identity, "workload certificate served over SDS");
+            }
+            Err(e) => tracing::warn!(xds.node = %node, error = %e, "no workload certificate"),
+        }
     }
 
     /// The cache a connecting node is served from.
@@ -206,7 +225,21 @@ impl Pilot {
             mesh.complete_proxy(proxy);
             fill(cache, &mesh.proxy_config(proxy));
         }
-        Ok(st.proxies.len())
+        let n = st.proxies.len();
+        drop(st);
+        // Pods that appeared since their proxy connected get their
+        // certificate now.
+        let peers: Vec<(String, std::net::IpAddr, Cache)> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, (ip, c))| (n.clone(), *ip, c.clone()))
+            .collect();
+        for (node, ip, cache) in peers {
+            self.serve_certificate(&node, ip, &cache);
+        }
+        Ok(n)
     }
 
     /// Follows `source`: after each change (debounced by `quiet`), re-lists

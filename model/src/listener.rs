@@ -87,7 +87,8 @@ pub enum ChainKind {
 impl ChainKind {
     pub fn referenced_clusters(&self) -> Vec<&str> {
         match self {
-            ChainKind::Tcp(t) => vec![t.cluster.as_str()],
+            ChainKind::Tcp(t) if t.weighted.is_empty() => vec![t.cluster.as_str()],
+            ChainKind::Tcp(t) => t.weighted.iter().map(|(c, _)| c.as_str()).collect(),
             ChainKind::Http(h) => match &h.routes {
                 RouteSource::Inline(rc) => rc.referenced_clusters(),
                 RouteSource::Rds(_) => Vec::new(),
@@ -99,9 +100,33 @@ impl ChainKind {
 #[derive(Debug, Clone)]
 pub struct TcpProxy {
     pub stat_prefix: String,
+    /// The cluster (with `weighted`: the first of them).
     pub cluster: String,
+    /// `weighted_clusters`: each connection goes to one of these, chosen
+    /// in proportion to the weights (all positive); empty for one cluster.
+    pub weighted: Vec<(String, u32)>,
     /// Envoy's default is one hour; `None` disables the timeout.
     pub idle_timeout: Option<Duration>,
+}
+
+impl TcpProxy {
+    /// The cluster of a new connection; `roll` is uniform in
+    /// `0..total weight` (any value for a single cluster).
+    pub fn pick_cluster(&self, roll: u64) -> &str {
+        let mut left = roll;
+        for (name, w) in &self.weighted {
+            if left < u64::from(*w) {
+                return name;
+            }
+            left -= u64::from(*w);
+        }
+        &self.cluster
+    }
+
+    /// The sum of the weights (0 for a single cluster).
+    pub fn total_weight(&self) -> u64 {
+        self.weighted.iter().map(|(_, w)| u64::from(*w)).sum()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,6 +378,29 @@ fn narrow_source(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn weighted_tcp_clusters_split_by_weight() {
+        let tp = TcpProxy {
+            stat_prefix: "t".into(),
+            cluster: "v1".into(),
+            weighted: vec![("v1".into(), 80), ("v2".into(), 20)],
+            idle_timeout: None,
+        };
+        assert_eq!(tp.total_weight(), 100);
+        assert_eq!(tp.pick_cluster(0), "v1");
+        assert_eq!(tp.pick_cluster(79), "v1");
+        assert_eq!(tp.pick_cluster(80), "v2");
+        assert_eq!(tp.pick_cluster(99), "v2");
+        let counts = (0..100).filter(|r| tp.pick_cluster(*r) == "v2").count();
+        assert_eq!(counts, 20);
+        let single = TcpProxy {
+            weighted: Vec::new(),
+            ..tp
+        };
+        assert_eq!(single.total_weight(), 0);
+        assert_eq!(single.pick_cluster(0), "v1");
+    }
     use super::*;
     use crate::route::RouteConfig;
 
@@ -365,6 +413,7 @@ mod tests {
             kind: ChainKind::Tcp(TcpProxy {
                 stat_prefix: name.into(),
                 cluster: "c".into(),
+                weighted: Vec::new(),
                 idle_timeout: None,
             }),
         })

@@ -28,7 +28,11 @@ pub async fn proxy<S>(
 {
     stats.downstream_cx_total.inc();
     let clusters = rt.clusters.load();
-    let Some(cluster) = clusters.get(&tp.cluster).cloned() else {
+    let name = match tp.total_weight() {
+        0 => tp.cluster.as_str(),
+        total => tp.pick_cluster(rand::random_range(0..total)),
+    };
+    let Some(cluster) = clusters.get(name).cloned() else {
         stats.downstream_cx_no_route.inc();
         return;
     };

@@ -33,6 +33,7 @@
                       metadata entry `x-echo-trailer: done`.
   tcp PORT            Echo. When the client half-closes, sends a last line b"bye\\n" and closes:
                       proves the FIN travelled through the proxy and the return path stayed open.
+  prefix PORT WORD    Echo with "WORD " before each chunk (Istio's tcp-echo server: `one`, `two`).
   banner PORT         Server speaks first: b"220 ferry-test ready\\r\\n" on accept, then echoes.
 
 The process prints `ready` on stdout once it accepts connections, and exits on SIGTERM.
@@ -341,11 +342,12 @@ class TcpEcho(socketserver.BaseRequestHandler):
         s = self.request
         if self.server.banner:
             s.sendall(b"220 ferry-test ready\r\n")
+        prefix = self.server.prefix
         while True:
             data = s.recv(65536)
             if not data:
                 break
-            s.sendall(data)
+            s.sendall(prefix + data)
         try:
             if not self.server.banner:
                 # The client's FIN arrived; our direction is still open.
@@ -361,9 +363,10 @@ class TcpServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
-def serve_tcp(port, banner):
+def serve_tcp(port, banner, prefix=b""):
     srv = TcpServer((BIND, port), TcpEcho)
     srv.banner = banner
+    srv.prefix = prefix
     announce()
     srv.serve_forever()
 
@@ -386,6 +389,8 @@ def main(argv):
         serve_tcp(port, banner=False)
     elif mode == "banner":
         serve_tcp(port, banner=True)
+    elif mode == "prefix":
+        serve_tcp(port, banner=False, prefix=(argv[2] + " ").encode())
     else:
         sys.exit(f"unknown mode {mode!r}\n{__doc__}")
 

@@ -31,6 +31,9 @@ pub enum App {
     Http(u16),
     /// `echo.py tcp PORT` on each port: a TCP echo.
     TcpEcho(Vec<u16>),
+    /// `echo.py prefix PORT WORD` on each port: a TCP echo answering
+    /// `WORD <what was sent>`, as Istio's tcp-echo server.
+    TcpPrefix(Vec<u16>, &'static str),
     /// Only a client (curl, nc).
     None,
 }
@@ -52,6 +55,8 @@ pub struct Workload {
 pub struct IstioMesh {
     pub proxy: Proxy,
     pods: Vec<(Workload, Pod, Vec<Proc>)>,
+    /// Ingress gateways: pod and proxy (`ferry gateway` or Envoy).
+    gateways: Vec<(String, Pod, Proc)>,
     pub pilot: Proc,
     pub istiod: Pod,
     config: PathBuf,
@@ -76,6 +81,20 @@ pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
         service_account: sa,
         ..
     } = w;
+    bootstrap_for(
+        &format!("sidecar~{ip}~{name}.{ns}~{ns}.svc.cluster.local"),
+        &format!("{app}.{ns}"),
+        &format!(
+            "NAMESPACE: {ns}, LABELS: {{app: {app}, version: {version}, security.istio.io/tlsMode: istio}}, \
+             SERVICE_ACCOUNT: {sa}, INSTANCE_IPS: \"{ip}\""
+        ),
+        pilot,
+    )
+}
+
+/// A bootstrap with this node (`metadata` is the inside of a YAML flow
+/// map), ADS and SDS from ferry-pilot at `pilot`.
+fn bootstrap_for(node_id: &str, cluster: &str, metadata: &str, pilot: Ipv4Addr) -> String {
     let grpc_cluster = |cluster: &str| {
         format!(
             "  - name: {cluster}\n    type: STATIC\n    connect_timeout: 1s\n\
@@ -88,9 +107,7 @@ pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
         )
     };
     format!(
-        "node:\n  id: sidecar~{ip}~{name}.{ns}~{ns}.svc.cluster.local\n  cluster: {app}.{ns}\n\
-         \x20 metadata: {{NAMESPACE: {ns}, LABELS: {{app: {app}, version: {version}, security.istio.io/tlsMode: istio}}, \
-         SERVICE_ACCOUNT: {sa}, INSTANCE_IPS: \"{ip}\"}}\n\
+        "node:\n  id: {node_id}\n  cluster: {cluster}\n  metadata: {{{metadata}}}\n\
          admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}\n\
          dynamic_resources:\n\
          \x20 ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]}}\n\
@@ -175,6 +192,12 @@ impl IstioMesh {
                         pod.wait_port(*port, Duration::from_secs(15))?;
                     }
                 }
+                App::TcpPrefix(ports, word) => {
+                    for port in ports {
+                        procs.push(echo(&["prefix", &port.to_string(), word])?);
+                        pod.wait_port(*port, Duration::from_secs(15))?;
+                    }
+                }
                 App::None => {}
             }
             if w.injected {
@@ -217,12 +240,76 @@ impl IstioMesh {
         Ok(Some(IstioMesh {
             proxy,
             pods: started,
+            gateways: Vec::new(),
             pilot,
             istiod,
             config,
             dir,
             mesh,
         }))
+    }
+
+    /// Starts an ingress gateway (a `router` node, no capture) in a new pod
+    /// of `namespace` whose labels are `labels` (`istio: ingressgateway`):
+    /// `ferry gateway` or Envoy, as the mesh's proxy. Returns its address.
+    pub fn add_gateway(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Ipv4Addr> {
+        let pod = self.mesh.pod(name)?;
+        let ip = pod.ip();
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        // Its Pod joins the objects: its address gives it an identity.
+        let objects = self.config.join("objects.yaml");
+        let mut text = std::fs::read_to_string(&objects)?;
+        text.push_str(&format!(
+            "\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{}}}}}\n\
+             spec: {{serviceAccountName: {name}, containers: [{{name: istio-proxy, image: proxy}}]}}\nstatus: {{podIP: {ip}}}\n",
+            labels.join(", ")
+        ));
+        let tmp = self.config.join(".objects.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &objects)?;
+        let text = bootstrap_for(
+            &format!("router~{ip}~{name}.{namespace}~{namespace}.svc.cluster.local"),
+            &format!("{name}.{namespace}"),
+            &format!(
+                "NAMESPACE: {namespace}, LABELS: {{{}}}, SERVICE_ACCOUNT: {name}, INSTANCE_IPS: \"{ip}\"",
+                labels.join(", ")
+            ),
+            self.istiod.ip(),
+        );
+        let file = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, text)?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
+        let cmd = match self.proxy {
+            Proxy::Ferry => pod
+                .cmd(ferry_bin())
+                .args(["gateway", "--concurrency", "1", "--config"])
+                .arg(&file),
+            Proxy::Envoy => pod
+                .cmd(crate::envoy::require_bin()?)
+                .arg("-c")
+                .arg(&file)
+                .args([
+                    "--concurrency",
+                    "1",
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "warn",
+                ]),
+        };
+        let proc = cmd.as_uid(1337).label("gateway").spawn()?;
+        pod.wait_sidecar_ready(&proc, Duration::from_secs(30))?;
+        self.gateways.push((name.to_string(), pod, proc));
+        Ok(ip)
+    }
+
+    /// A pod with no sidecar and no app, to play an outside client.
+    pub fn add_client(&mut self, name: &str) -> Result<Pod> {
+        self.mesh.pod(name)
     }
 
     pub fn mesh(&self) -> &Mesh {

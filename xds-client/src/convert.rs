@@ -839,19 +839,42 @@ fn tcp_proxy(
     tp: &tcp_pb::TcpProxy,
 ) -> Result<m::TcpProxy, ConvertError> {
     use tcp_pb::tcp_proxy::ClusterSpecifier;
-    let cluster = match &tp.cluster_specifier {
-        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => c.clone(),
-        Some(ClusterSpecifier::WeightedClusters(_)) => {
-            return Err(ctx.err(
-                format!("{field}.weighted_clusters"),
-                "weighted TCP clusters are not supported yet",
-            ));
+    let (cluster, weighted) = match &tp.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) if !c.is_empty() => (c.clone(), Vec::new()),
+        Some(ClusterSpecifier::WeightedClusters(wc)) => {
+            let mut out = Vec::with_capacity(wc.clusters.len());
+            for (i, c) in wc.clusters.iter().enumerate() {
+                if c.name.is_empty() {
+                    return Err(ctx.err(
+                        format!("{field}.weighted_clusters.clusters[{i}].name"),
+                        "a cluster name is required",
+                    ));
+                }
+                if c.metadata_match.is_some() {
+                    return Err(ctx.err(
+                        format!("{field}.weighted_clusters.clusters[{i}].metadata_match"),
+                        "subset metadata matches are not supported",
+                    ));
+                }
+                // A zero weight never gets a connection (Envoy allows it).
+                if c.weight > 0 {
+                    out.push((c.name.clone(), c.weight));
+                }
+            }
+            let Some((first, _)) = out.first() else {
+                return Err(ctx.err(
+                    format!("{field}.weighted_clusters.clusters"),
+                    "at least one cluster with a positive weight is required",
+                ));
+            };
+            (first.clone(), out)
         }
         _ => return Err(ctx.err(format!("{field}.cluster"), "tcp_proxy needs a cluster")),
     };
     Ok(m::TcpProxy {
         stat_prefix: tp.stat_prefix.clone(),
         cluster,
+        weighted,
         idle_timeout: timeout_or(&tp.idle_timeout, Some(Duration::from_secs(3600))),
     })
 }
