@@ -94,7 +94,7 @@ pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
 
 /// A bootstrap with this node (`metadata` is the inside of a YAML flow
 /// map), ADS and SDS from ferry-pilot at `pilot`.
-fn bootstrap_for(node_id: &str, cluster: &str, metadata: &str, pilot: Ipv4Addr) -> String {
+pub fn bootstrap_for(node_id: &str, cluster: &str, metadata: &str, pilot: Ipv4Addr) -> String {
     let grpc_cluster = |cluster: &str| {
         format!(
             "  - name: {cluster}\n    type: STATIC\n    connect_timeout: 1s\n\

@@ -1,6 +1,7 @@
 //! Bookinfo's traffic management, the same through Envoy sidecars and
 //! through Ferry sidecars: pods as network namespaces with real capture
-//! rules, echo workloads that answer with their name (`reviews-v2`), every
+//! rules, injected as Istio injects them (Istio mTLS between sidecars,
+//! certificates from ferry-pilot's CA), echo workloads that answer with their name (`reviews-v2`), every
 //! sidecar fed by `ferry-pilot serve` from the Istio sample files. Each
 //! scenario of the Istio docs must give the same observable result through
 //! both data planes: request routing, traffic shifting and fault injection
@@ -78,6 +79,7 @@ fn kube_yaml(ips: &[(String, Ipv4Addr)]) -> String {
              spec: {{clusterIP: {vip}, selector: {{app: {name}}}, ports: [{{name: http, port: {port}, targetPort: {target}}}]}}\n---\n"
         );
     }
+    out += "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {istio-injection: enabled}}\n---\n";
     for (pod, ip) in ips {
         let (_, app, version, port) = WORKLOADS
             .iter()
@@ -99,29 +101,16 @@ fn bootstrap(pod: &str, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
         .find(|w| w.0 == pod)
         .copied()
         .unwrap_or(("", "", "", 0));
-    format!(
-        r#"node:
-  id: sidecar~{ip}~{pod}.default~default.svc.cluster.local
-  cluster: {app}.default
-  metadata: {{NAMESPACE: default, LABELS: {{app: {app}, version: {version}}}, SERVICE_ACCOUNT: bookinfo-{app}, INSTANCE_IPS: "{ip}"}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}
-dynamic_resources:
-  ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {pilot}, port_value: 15010}}}}}}}}]}}]
-"#
+    // As injected pods: Istio mTLS between the sidecars, certificates from
+    // ferry-pilot's CA (Envoy over SDS, Ferry by CSR).
+    ferry_tests::istio::bootstrap_for(
+        &format!("sidecar~{ip}~{pod}.default~default.svc.cluster.local"),
+        &format!("{app}.default"),
+        &format!(
+            "NAMESPACE: default, LABELS: {{app: {app}, version: {version}, security.istio.io/tlsMode: istio}}, \
+             SERVICE_ACCOUNT: bookinfo-{app}, INSTANCE_IPS: \"{ip}\""
+        ),
+        pilot,
     )
 }
 
@@ -440,6 +429,8 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
         } else {
             cmd.args(["sidecar", "--concurrency", "1", "--config"])
                 .arg(&file)
+                .arg("--ca-addr")
+                .arg(format!("{}:15010", istiod.ip()))
         };
         let sidecar = cmd.as_uid(1337).label("sidecar").spawn()?;
         started.push((pod, vec![app, sidecar]));
@@ -470,6 +461,20 @@ fn scenarios(b: &Bookinfo) -> Result<Vec<String>> {
         "all-v1: {all:?}"
     );
     seen.push("all-v1: 30/30 reviews-v1".to_string());
+
+    // Auto mTLS: reviews sees productpage's identity.
+    let Svc { vip, port, host } = REVIEWS;
+    let body = b
+        .client()
+        .cmd("curl")
+        .args(["-s", "-m", "5", "-H", &format!("Host: {host}:{port}")])
+        .arg(format!("http://{vip}:{port}/identity"))
+        .run()?;
+    ensure!(
+        body.contains("URI=spiffe://cluster.local/ns/default/sa/bookinfo-productpage"),
+        "reviews did not see productpage's SPIFFE identity in x-forwarded-client-cert: {body}"
+    );
+    seen.push("mTLS: productpage's identity reaches reviews".to_string());
 
     // reviews-test-v2: jason reaches v2, everybody else v1.
     b.apply(&["bookinfo/networking/virtual-service-reviews-test-v2.yaml"])?;
