@@ -63,6 +63,22 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Adds the sidecar and the init container to every workload of a
+    /// Kubernetes YAML file, like `istioctl kube-inject`; prints the result.
+    Inject {
+        /// The YAML file (`-` for standard input).
+        #[arg(short, long)]
+        filename: PathBuf,
+        /// The sidecar image (`ferry`).
+        #[arg(long, default_value = "ferry-proxy:latest")]
+        proxy_image: String,
+        /// The init container image (`ferry iptables`).
+        #[arg(long, default_value = "ferry-init:latest")]
+        init_image: String,
+        /// `host:port` of the control plane's xDS and CA port.
+        #[arg(long, default_value = "ferry-pilot.istio-system.svc:15010")]
+        discovery_address: String,
+    },
     /// Validates a directory of Istio configuration like `istioctl analyze`;
     /// exits non-zero on errors.
     Analyze {
@@ -393,6 +409,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(serve_kube(mesh, serve));
+        }
+        Command::Inject {
+            filename,
+            proxy_image,
+            init_image,
+            discovery_address,
+        } => {
+            use std::io::Read;
+            let text = if filename.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t)?;
+                t
+            } else {
+                std::fs::read_to_string(&filename)
+                    .with_context(|| format!("{}", filename.display()))?
+            };
+            let opts = ferry_pilot::inject::InjectOptions {
+                proxy_image,
+                init_image,
+                discovery_address,
+            };
+            let out = ferry_pilot::inject::inject(&text, &opts)
+                .with_context(|| format!("{}", filename.display()))?;
+            use std::io::Write;
+            std::io::stdout().write_all(out.as_bytes())?;
+            return Ok(());
         }
         Command::Analyze { dir, mesh } => {
             if analyze(&dir, &mesh)? {
