@@ -264,11 +264,22 @@ async fn handle(
             }
             _ => None,
         };
-        let peer_tls = PeerTls { mtls, client_cert };
+        // Istio's metrics name the peer by its certificate.
+        let identity = chain
+            .istio_stats
+            .is_some()
+            .then(|| crate::tls::peer_identity(&tls))
+            .flatten();
+        let peer_tls = PeerTls {
+            mtls,
+            identity,
+            client_cert,
+        };
         match &chain.kind {
             ChainKind::Tcp(tp) => {
                 let stats = rt.tcp_stats(&tp.stat_prefix);
-                crate::tcp::proxy(&rt, tp, &stats, tls, dst, &generation).await;
+                let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
+                crate::tcp::proxy(&rt, tp, &stats, istio, tls, dst, &generation).await;
             }
             ChainKind::Http(hcm) => {
                 let http2 = match (hcm.codec, alpn.as_deref()) {
@@ -304,7 +315,8 @@ async fn handle(
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
-            crate::tcp::proxy(&rt, tp, &stats, stream, dst, &generation).await;
+            let istio = tcp_metrics(&rt, &chain, tp, None);
+            crate::tcp::proxy(&rt, tp, &stats, istio, stream, dst, &generation).await;
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {
@@ -322,6 +334,35 @@ async fn handle(
             serve_http(&rt, &chain, stream, http2, peer, dst, &generation, None).await;
         }
     }
+}
+
+/// Istio's metrics of a connection on `chain`, when it reports them.
+fn conn_metrics(
+    rt: &Runtime,
+    chain: &ferry_model::FilterChain,
+    tls: Option<&PeerTls>,
+) -> Option<crate::metrics::ConnMetrics> {
+    let cfg = chain.istio_stats?;
+    Some(crate::metrics::ConnMetrics::new(
+        rt.istio.clone(),
+        cfg,
+        tls.and_then(|t| t.identity.as_deref()),
+        tls.is_some_and(|t| t.mtls),
+    ))
+}
+
+/// The TCP counters of a proxied connection: the service comes from the
+/// cluster name (the metadata exchange of TCP is not spoken).
+fn tcp_metrics(
+    rt: &Runtime,
+    chain: &ferry_model::FilterChain,
+    tp: &ferry_model::TcpProxy,
+    tls: Option<&PeerTls>,
+) -> Option<Arc<crate::metrics::TcpSeries>> {
+    let m = conn_metrics(rt, chain, tls)?;
+    let service = crate::metrics::service_of_cluster(&tp.cluster).unwrap_or("");
+    let set = m.label_set(service, None, "tcp");
+    Some(rt.istio.tcp_series(&set))
 }
 
 /// Runs the HTTP connection manager of `chain` on a (plaintext or
@@ -342,7 +383,9 @@ async fn serve_http<S>(
     let ChainKind::Http(hcm) = &chain.kind else {
         return;
     };
+    let istio = conn_metrics(rt, chain, tls.as_ref());
     let ctx = Arc::new(crate::http::ConnCtx {
+        istio,
         stats: rt.http_stats(&hcm.stat_prefix),
         rt: rt.clone(),
         chain: chain.clone(),

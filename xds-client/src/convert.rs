@@ -44,6 +44,9 @@ pub struct Warnings(pub Vec<String>);
 struct Ctx<'a> {
     resource: String,
     warnings: &'a mut Warnings,
+    /// The listener's `traffic_direction` is INBOUND: Istio's stats then
+    /// report as the destination.
+    inbound: bool,
 }
 
 impl Ctx<'_> {
@@ -67,7 +70,6 @@ const TYPE_PREFIX: &str = "type.googleapis.com/";
 /// Type URLs of Istio's own extensions: recognised, not (yet) implemented,
 /// never a reason to reject a listener.
 const ISTIO_TOLERATED: &[&str] = &[
-    "stats.PluginConfig",
     "envoy.tcp.metadataexchange.config.MetadataExchange",
     "io.istio.http.peer_metadata.Config",
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
@@ -76,6 +78,50 @@ const ISTIO_TOLERATED: &[&str] = &[
     "envoy.extensions.filters.network.wasm.v3.Wasm",
     "envoy.extensions.filters.http.wasm.v3.Wasm",
 ];
+
+/// Istio's `istio.stats` configuration type.
+const ISTIO_STATS_TYPE: &str = "stats.PluginConfig";
+
+/// The fields of Istio's `stats.PluginConfig` Ferry applies; custom metric
+/// definitions and tag overrides are not (they are Istio's own extension and
+/// istiod only sets them from a Telemetry resource).
+#[derive(Clone, PartialEq, Message)]
+struct PluginConfig {
+    #[prost(bool, tag = "6")]
+    disable_host_header_fallback: bool,
+    /// 0: UNSPECIFIED (the listener's direction decides), 1: SERVER_GATEWAY.
+    #[prost(int32, tag = "10")]
+    reporter: i32,
+}
+
+/// `istio.stats`: lenient, since unknown or malformed fields of Istio's own
+/// extension must not cost the listener.
+fn istio_stats(ctx: &Ctx<'_>, typed: Typed) -> m::IstioStats {
+    let cfg = match typed {
+        Typed::Proto { bytes, .. } => PluginConfig::decode(bytes.as_slice()).unwrap_or_else(|e| {
+            tracing::debug!(xds.resource = %ctx.resource, error = %e, "istio.stats: undecodable config; defaults used");
+            PluginConfig::default()
+        }),
+        Typed::Json { json, .. } => PluginConfig {
+            disable_host_header_fallback: json
+                .get("disable_host_header_fallback")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+            reporter: i32::from(
+                json.get("reporter").and_then(serde_json::Value::as_str) == Some("SERVER_GATEWAY"),
+            ),
+        },
+    };
+    let reporter = if cfg.reporter == 1 || ctx.inbound {
+        m::Reporter::Destination
+    } else {
+        m::Reporter::Source
+    };
+    m::IstioStats {
+        reporter,
+        disable_host_header_fallback: cfg.disable_host_header_fallback,
+    }
+}
 
 /// Messages wrapping a typed config as a JSON struct.
 #[derive(Clone, PartialEq, Message)]
@@ -243,6 +289,7 @@ pub fn listener(
     let mut ctx = Ctx {
         resource: format!("listener {:?}", l.name),
         warnings,
+        inbound: l.traffic_direction == core_pb::TrafficDirection::Inbound as i32,
     };
     if l.name.is_empty() {
         return Err(ctx.err("name", "a listener needs a name"));
@@ -386,6 +433,7 @@ fn filter_chain(
         None => None,
     };
     let mut terminal = None;
+    let mut stats = None;
     for (i, f) in fc.filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
         let typed = match &f.config_type {
@@ -411,8 +459,16 @@ fn filter_chain(
                 let h: hcm_pb::HttpConnectionManager = typed
                     .decode()
                     .map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?;
-                terminal = Some(m::ChainKind::Http(http_connection_manager(ctx, &ff, &h)?));
+                let hcm = http_connection_manager(ctx, &ff, &h)?;
+                stats = stats.or_else(|| {
+                    hcm.http_filters.iter().find_map(|f| match f.config {
+                        m::HttpFilterConfig::IstioStats(s) => Some(s),
+                        _ => None,
+                    })
+                });
+                terminal = Some(m::ChainKind::Http(hcm));
             }
+            ISTIO_STATS_TYPE => stats = Some(istio_stats(ctx, typed)),
             t if ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,
@@ -445,6 +501,7 @@ fn filter_chain(
         filter_chain_match: fcm,
         tls,
         kind,
+        istio_stats: stats,
     })
 }
 
@@ -724,6 +781,7 @@ pub fn secret(
     let ctx = Ctx {
         resource: format!("secret {:?}", pb.name),
         warnings,
+        inbound: false,
     };
     match &pb.r#type {
         Some(T::TlsCertificate(t)) => Ok(m::tls::Secret::Certificate(tls_certificate(
@@ -924,6 +982,15 @@ fn http_connection_manager(
                     config: m::HttpFilterConfig::Fault(Arc::new(fault_config(ctx, &tf, &hf_cfg)?)),
                 });
             }
+            ISTIO_STATS_TYPE => {
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "istio.stats needs a typed_config"));
+                };
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::IstioStats(istio_stats(ctx, t)),
+                });
+            }
             CORS_TYPE => http_filters.push(m::HttpFilter {
                 name: hf.name.clone(),
                 config: m::HttpFilterConfig::Cors,
@@ -1029,6 +1096,7 @@ pub fn route_config(
     let mut ctx = Ctx {
         resource: format!("route_configuration {:?}", rc.name),
         warnings,
+        inbound: false,
     };
     route_config_in(&mut ctx, "", rc)
 }
@@ -2488,6 +2556,7 @@ pub fn cluster(
     let mut ctx = Ctx {
         resource: format!("cluster {:?}", c.name),
         warnings,
+        inbound: false,
     };
     if c.name.is_empty() {
         return Err(ctx.err("name", "a cluster needs a name"));
@@ -2930,6 +2999,7 @@ pub fn cluster_load_assignment(
     let ctx = Ctx {
         resource: format!("cluster_load_assignment {:?}", cla.cluster_name),
         warnings,
+        inbound: false,
     };
     endpoints(&ctx, Some(cla))
 }
