@@ -3,8 +3,9 @@
 //! Every error names the resource (`listener "x"`, `cluster "y"`) and the field
 //! path inside it, so a bad bootstrap or a NACK tells the operator exactly what
 //! to fix. Extensions Ferry does not implement are errors unless Envoy allows
-//! skipping them (`is_optional` HTTP filters) or they are Istio's telemetry and
-//! peer-metadata filters, which are accepted with a warning.
+//! skipping them (`is_optional` HTTP filters) or they are Istio's own filters
+//! (peer metadata, alpn, authn, Wasm), which are accepted with a warning.
+//! Istio's `istio.stats` is converted (Ferry reports Istio's metrics).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
