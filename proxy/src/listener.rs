@@ -352,7 +352,8 @@ fn conn_metrics(
 }
 
 /// The TCP counters of a proxied connection: the service comes from the
-/// cluster name (the metadata exchange of TCP is not spoken).
+/// cluster name or its `istio.services` metadata (the metadata exchange of
+/// TCP is not spoken).
 fn tcp_metrics(
     rt: &Runtime,
     chain: &ferry_model::FilterChain,
@@ -360,7 +361,14 @@ fn tcp_metrics(
     tls: Option<&PeerTls>,
 ) -> Option<Arc<crate::metrics::TcpSeries>> {
     let m = conn_metrics(rt, chain, tls)?;
-    let service = crate::metrics::service_of_cluster(&tp.cluster).unwrap_or("");
+    let snapshot = rt.snapshot.load();
+    let service = crate::metrics::service_of_cluster(&tp.cluster)
+        .or_else(|| {
+            snapshot
+                .cluster(&tp.cluster)
+                .and_then(|c| c.istio_service.as_deref())
+        })
+        .unwrap_or("");
     let set = m.label_set(service, None, "tcp");
     Some(rt.istio.tcp_series(&set))
 }

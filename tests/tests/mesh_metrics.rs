@@ -106,13 +106,12 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
     let Some(m) = IstioMesh::start(Proxy::Ferry, &workloads(), objects, "24h")? else {
         return Ok(());
     };
-    let host = format!("Host: {SERVER_HOST}:8080");
     let url = |path: &str| format!("http://{SERVER_VIP}:8080{path}");
     // The mesh is up once a first call succeeds (it counts: 1 of the 200s).
     m.until(
         "the client never reached the server",
         Duration::from_secs(20),
-        || curl(m.pod("client"), &url("/hello"), &["-H", &host]),
+        || curl(m.pod("client"), &url("/hello"), &[]),
         |(code, _)| *code == 200,
     )?;
     let (ok, not_found, unavailable) = (5, 3, 2);
@@ -122,7 +121,7 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
         ("/status/503", unavailable, 503),
     ] {
         for _ in 0..n {
-            let (code, body) = curl(m.pod("client"), &url(path), &["-H", &host])?;
+            let (code, body) = curl(m.pod("client"), &url(path), &[])?;
             ensure!(code == want, "{path}: {code} {body}\n{}", m.diagnostics());
         }
     }
@@ -190,6 +189,8 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
         ("destination_workload_namespace", "default"),
         ("destination_principal", SERVER_ID),
         ("destination_app", "server"),
+        // From the inbound cluster's `istio.services` metadata (the
+        // request's Host is the service's address).
         ("destination_service", SERVER_HOST),
         ("connection_security_policy", "mutual_tls"),
     ];
@@ -230,7 +231,7 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
         "server: duration count {srv_durations} != requests {srv_requests}\n{server}"
     );
     // The metadata exchange headers do not reach the application.
-    let (_, body) = curl(m.pod("client"), &url("/hello"), &["-H", &host])?;
+    let (_, body) = curl(m.pod("client"), &url("/hello"), &[])?;
     ensure!(
         !body.to_ascii_lowercase().contains("x-envoy-peer-metadata"),
         "the app saw the metadata exchange: {body}"
@@ -257,6 +258,8 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
         ("source_workload_namespace", "default"),
         ("destination_workload", "echo"),
         ("destination_version", "v2"),
+        // The inbound cluster's `istio.services` metadata names it.
+        ("destination_service", ECHO_HOST),
         ("connection_security_policy", "mutual_tls"),
     ];
     for (pod, labels) in [("client", &tcp_out[..]), ("echo", &tcp_in[..])] {

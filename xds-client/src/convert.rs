@@ -2741,7 +2741,24 @@ pub fn cluster(
         outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
         circuit_breakers: circuit_breakers(&ctx, "circuit_breakers", c.circuit_breakers.as_ref())?,
         max_concurrent_streams,
+        istio_service: istio_service(c),
     })
+}
+
+/// `metadata.filter_metadata.istio.services[0].host`, as istiod sets it.
+fn istio_service(c: &cluster_pb::Cluster) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let istio = c.metadata.as_ref()?.filter_metadata.get("istio")?;
+    let Some(Kind::ListValue(list)) = istio.fields.get("services")?.kind.as_ref() else {
+        return None;
+    };
+    let Some(Kind::StructValue(svc)) = list.values.first()?.kind.as_ref() else {
+        return None;
+    };
+    match svc.fields.get("host")?.kind.as_ref() {
+        Some(Kind::StringValue(h)) if !h.is_empty() => Some(h.clone()),
+        _ => None,
+    }
 }
 
 fn lb_config(ctx: &Ctx<'_>, c: &cluster_pb::Cluster) -> Result<m::cluster::LbConfig, ConvertError> {

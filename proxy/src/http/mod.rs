@@ -307,10 +307,22 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Respo
             }
             ferry_model::Reporter::Destination => m.metrics.local.announce(resp.headers_mut()),
         }
+        // The service: the cluster's name (outbound), the cluster's
+        // `istio.services` metadata (inbound), else the Host header.
+        let snapshot;
         let service = match crate::metrics::service_of_cluster(&cluster) {
             Some(s) => s,
-            None if m.cfg.disable_host_header_fallback => "",
-            None => crate::metrics::host_without_port(&host),
+            None => {
+                snapshot = ctx.rt.snapshot.load();
+                match snapshot
+                    .cluster(&cluster)
+                    .and_then(|c| c.istio_service.as_deref())
+                {
+                    Some(s) => s,
+                    None if m.cfg.disable_host_header_fallback => "",
+                    None => crate::metrics::host_without_port(&host),
+                }
+            }
         };
         let set = m.label_set(
             service,
