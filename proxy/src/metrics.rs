@@ -622,6 +622,97 @@ impl IstioMetrics {
     }
 }
 
+/// A request whose metrics wait for the end of its response body.
+#[derive(Debug)]
+pub struct Pending {
+    metrics: Arc<IstioMetrics>,
+    set: Arc<LabelSet>,
+    outcome: RequestOutcome,
+    start: std::time::Instant,
+    /// Read `grpc-status` from the trailers too.
+    grpc: bool,
+}
+
+impl Pending {
+    pub fn new(
+        metrics: Arc<IstioMetrics>,
+        set: Arc<LabelSet>,
+        outcome: RequestOutcome,
+        start: std::time::Instant,
+        grpc: bool,
+    ) -> Self {
+        Self {
+            metrics,
+            set,
+            outcome,
+            start,
+            grpc,
+        }
+    }
+}
+
+/// A response body that counts what it sends and reports its request when
+/// it is dropped: finished, or cut because the client went away (Istio
+/// reports those too).
+#[derive(Debug)]
+pub struct Metered<B> {
+    inner: B,
+    pending: Option<Pending>,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, pending: Option<Pending>) -> Self {
+        Self { inner, pending }
+    }
+}
+
+impl<B> Drop for Metered<B> {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.pending.take() {
+            p.outcome.duration = p.start.elapsed();
+            p.metrics.record_request(&p.set, &p.outcome);
+        }
+    }
+}
+
+impl<B> http_body::Body for Metered<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let (std::task::Poll::Ready(Some(Ok(frame))), Some(p)) = (&polled, &mut this.pending) {
+            if let Some(d) = frame.data_ref() {
+                p.outcome.response_bytes += d.len() as u64;
+            } else if p.grpc
+                && let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+            {
+                p.outcome.grpc_status = Some(status);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A connection's view for the metrics: its peer (resolved once) and the
 /// label sets it has used, by destination key, so a request on a known
 /// destination takes no lock beyond the series map's read lock.
@@ -954,6 +1045,54 @@ mod tests {
                 .unwrap_or(name);
             assert!(announced.contains(base), "{line}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_metered_body_reports_when_done_with_the_bytes_sent() {
+        use http_body_util::BodyExt;
+        let m = Arc::new(IstioMetrics::new(LocalNode::new(local(), "id", "td")));
+        let w = Workload::default();
+        let set = m.intern(&HttpLabels {
+            reporter: Reporter::Destination,
+            source: &w,
+            destination: &w,
+            destination_service: "",
+            request_protocol: "grpc",
+            security_policy: "none",
+        });
+        let outcome = RequestOutcome {
+            status: 200,
+            grpc_status: None,
+            flags: "",
+            duration: Duration::ZERO,
+            request_bytes: 0,
+            response_bytes: 0,
+        };
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("14"));
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter([
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from_static(
+                b"hello",
+            ))),
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(b" world"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ]));
+        let pending = Pending::new(m.clone(), set, outcome, std::time::Instant::now(), true);
+        let body = Metered::new(inner, Some(pending));
+        let mut text = String::new();
+        m.render(&mut text);
+        assert!(text.is_empty(), "reported before the body ended: {text}");
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello world");
+        m.render(&mut text);
+        assert!(
+            text.contains("grpc_response_status=\"14\",response_flags=\"-\"} 1\n"),
+            "{text}"
+        );
+        // 11 bytes: in the 100 bucket, not the 10 one.
+        assert!(text.contains("istio_response_bytes_bucket{") && text.contains("le=\"10\"} 0\n"));
+        assert!(text.contains("le=\"100\"} 1\n"));
+        assert!(text.contains("istio_response_bytes_sum{") && text.contains("} 11\n"));
     }
 
     #[test]

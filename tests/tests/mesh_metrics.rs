@@ -170,6 +170,15 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
         durations == total,
         "client: duration count {durations}, expected {total}\n{client}"
     );
+    let sizes = sample(
+        &client,
+        "istio_response_bytes_count",
+        &[("reporter", "source")],
+    );
+    ensure!(
+        sizes == total,
+        "client: response size count {sizes}, expected {total}\n{client}"
+    );
     ensure!(
         client.contains("# TYPE istio_request_duration_milliseconds histogram\n")
             && client.contains("# TYPE istio_requests_total counter\n"),

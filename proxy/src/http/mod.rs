@@ -257,7 +257,10 @@ fn authority(req: &Request<Incoming>) -> String {
         .to_string()
 }
 
-async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+async fn handle(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+) -> Response<crate::metrics::Metered<ResponseBody>> {
     let start = Instant::now();
     let stats = &ctx.stats;
     stats.downstream_rq_total.inc();
@@ -292,6 +295,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Respo
         }
     }
     let mut cluster = String::new();
+    let mut metered = None;
     let (mut resp, flag, upstream) =
         route_request(&ctx, req, &host, &path, started, &mut cluster).await;
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
@@ -334,17 +338,22 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Respo
             .flatten()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        m.metrics.record_request(
-            &set,
-            &crate::metrics::RequestOutcome {
+        // Reported when the body is done: the duration runs to the last
+        // byte, and the size is what was sent.
+        metered = Some(crate::metrics::Pending::new(
+            m.metrics.clone(),
+            set,
+            crate::metrics::RequestOutcome {
                 status: resp.status().as_u16(),
                 grpc_status,
                 flags: flag,
-                duration: start.elapsed(),
+                duration: std::time::Duration::ZERO,
                 request_bytes,
-                response_bytes: content_length(resp.headers()),
+                response_bytes: 0,
             },
-        );
+            start,
+            grpc,
+        ));
     }
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
     *resp.version_mut() = version;
@@ -367,7 +376,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<Respo
             route.chain = %ctx.chain.name,
         );
     }
-    resp
+    resp.map(|b| crate::metrics::Metered::new(b, metered))
 }
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
