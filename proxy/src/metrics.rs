@@ -428,6 +428,13 @@ struct HttpKey {
 
 const SHARDS: usize = 16;
 
+/// How many label sets are interned before new services are reported as
+/// `unknown`.
+pub const MAX_LABEL_SETS: usize = 4096;
+
+/// How many label sets one connection remembers.
+const CONN_SETS: usize = 32;
+
 type Shard<K, V> = RwLock<HashMap<K, (Arc<LabelSet>, Arc<V>)>>;
 type TcpMap = Mutex<HashMap<u32, (Arc<LabelSet>, Arc<TcpSeries>)>>;
 /// Families by name: their type and their series (labels, value).
@@ -465,10 +472,19 @@ impl IstioMetrics {
         }
     }
 
-    /// The interned label set of `labels`.
+    /// The interned label set of `labels`. Past [`MAX_LABEL_SETS`], new
+    /// sets lose their service (which the `Host` header fallback lets any
+    /// client choose), so memory stays bounded.
     pub fn intern(&self, labels: &HttpLabels<'_>) -> Arc<LabelSet> {
-        let rendered = labels.render();
+        let mut rendered = labels.render();
         let mut m = self.interned.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= MAX_LABEL_SETS && !m.contains_key(&rendered) {
+            rendered = HttpLabels {
+                destination_service: "",
+                ..labels.clone()
+            }
+            .render();
+        }
         let next = u32::try_from(m.len()).unwrap_or(u32::MAX);
         m.entry(rendered)
             .or_insert_with_key(|r| {
@@ -772,9 +788,14 @@ impl ConnMetrics {
             }
         }
         let td = &self.metrics.local.trust_domain;
-        let from_exchange = exchanged
+        let mut from_exchange = exchanged
             .and_then(|(_, m)| Workload::decode_exchange(m.as_bytes(), td))
             .unwrap_or_default();
+        if self.cfg.reporter == Reporter::Destination {
+            // A client's principal is what its certificate proves, never
+            // what its headers claim.
+            from_exchange.principal.clear();
+        }
         // The certificate's identity wins over what the peer says of itself.
         let peer = self.peer.clone().or(&from_exchange);
         let local = &self.metrics.local.workload;
@@ -791,6 +812,9 @@ impl ConnMetrics {
             security_policy: self.security_policy,
         });
         let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+        if sets.len() >= CONN_SETS {
+            sets.clear();
+        }
         sets.push((
             service.to_string(),
             id.cloned().unwrap_or_else(|| HeaderValue::from_static("")),
@@ -1045,6 +1069,68 @@ mod tests {
                 .unwrap_or(name);
             assert!(announced.contains(base), "{line}");
         }
+    }
+
+    #[test]
+    fn a_claimed_identity_never_becomes_the_source_principal() {
+        let m = Arc::new(IstioMetrics::new(LocalNode::new(
+            local(),
+            "id",
+            "cluster.local",
+        )));
+        let inbound = ferry_model::IstioStats {
+            reporter: Reporter::Destination,
+            disable_host_header_fallback: false,
+        };
+        let claimed = LocalNode::new(local(), "sidecar~client", "cluster.local");
+        let headers = (claimed.exchange_id.clone(), claimed.exchange.clone());
+        let plain = ConnMetrics::new(m.clone(), inbound, None, false);
+        let set = plain.label_set("svc.ns.svc.cluster.local", Some(&headers), "http");
+        assert!(set.rendered.contains("source_workload=\"client-7d9\""));
+        assert!(
+            set.rendered.contains("source_principal=\"unknown\""),
+            "{}",
+            set.rendered
+        );
+        assert!(set.rendered.contains("connection_security_policy=\"none\""));
+        let mtls = ConnMetrics::new(
+            m,
+            inbound,
+            Some("spiffe://cluster.local/ns/shop/sa/other"),
+            true,
+        );
+        let set = mtls.label_set("svc.ns.svc.cluster.local", Some(&headers), "http");
+        assert!(
+            set.rendered
+                .contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/other\"")
+        );
+        assert!(
+            set.rendered
+                .contains("connection_security_policy=\"mutual_tls\"")
+        );
+        // The same destination and peer again: the same interned set.
+        let again = mtls.label_set("svc.ns.svc.cluster.local", Some(&headers), "http");
+        assert!(Arc::ptr_eq(&set, &again));
+    }
+
+    #[test]
+    fn label_sets_are_bounded() {
+        let m = IstioMetrics::new(LocalNode::new(local(), "id", "td"));
+        let w = Workload::default();
+        let mut ids = std::collections::HashSet::new();
+        for i in 0..MAX_LABEL_SETS + 50 {
+            let host = format!("h{i}.example");
+            let set = m.intern(&HttpLabels {
+                reporter: Reporter::Destination,
+                source: &w,
+                destination: &w,
+                destination_service: &host,
+                request_protocol: "http",
+                security_policy: "none",
+            });
+            ids.insert(set.id);
+        }
+        assert_eq!(ids.len(), MAX_LABEL_SETS + 1);
     }
 
     #[tokio::test]
