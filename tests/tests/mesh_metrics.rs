@@ -239,6 +239,23 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
         srv_durations == srv_requests,
         "server: duration count {srv_durations} != requests {srv_requests}\n{server}"
     );
+    // The admin port serves the same text, and the configuration dump
+    // still renders with Istio's filter in it.
+    for (path, needle) in [
+        ("/stats/prometheus", "istio_requests_total{"),
+        ("/config_dump", "istio.stats"),
+    ] {
+        let (code, body) = curl(
+            m.pod("server"),
+            &format!("http://127.0.0.1:15000{path}"),
+            &[],
+        )?;
+        ensure!(
+            code == 200 && body.contains(needle),
+            "admin {path}: {code} {}",
+            &body[..body.len().min(500)]
+        );
+    }
     // The metadata exchange headers do not reach the application.
     let (_, body) = curl(m.pod("client"), &url("/hello"), &[])?;
     ensure!(
