@@ -908,10 +908,11 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
         versions["envoy"] = tool_version([str(args.envoy), "--version"], strict=True).split(" ")[-1]
     if "ferry" in args.targets:
         # --ready-addr off: readiness is the agent's job in the Envoy setup (pilot-agent), and
-        # its fixed port 15021 would collide with any other sidecar running on the machine.
+        # its fixed port 15021 would collide with any other sidecar running on the machine;
+        # the same goes for Istio's Prometheus port 15090 (scrapes go to the admin port here).
         proxies["ferry"] = Proxy(
             "ferry",
-            [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1", "--ready-addr", "off"],
+            [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1", "--ready-addr", "off", "--prometheus-addr", "off"],
         )
         versions["ferry"] = tool_version([str(args.ferry), "--version"], strict=True)
     if "http1" in args.only or "istio20" in args.only:

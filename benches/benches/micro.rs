@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-request work that does not touch a socket:
 //! route matching over a large table, the connection manager's header
-//! handling, and a load balancer pick per policy.
+//! handling, a load balancer pick per policy, and Istio's metrics of one
+//! request (metadata exchange headers, label set lookup, counters).
 //!
 //! `cargo bench -p ferry-benches --bench micro`
 
@@ -151,5 +152,83 @@ fn lb_pick(c: &mut Criterion) {
     }
 }
 
-criterion_group!(micro, route_matching, header_handling, lb_pick);
+/// What `istio.stats` adds to one request on the client side of a
+/// keep-alive connection: announce this node, take the server's exchange
+/// headers off the response, find the connection's label set, count.
+fn istio_metrics(c: &mut Criterion) {
+    use ferry_proxy::metrics::{
+        ConnMetrics, IstioMetrics, LocalNode, RequestOutcome, Workload, take_peer,
+    };
+    let workload = |name: &str, sa: &str| Workload {
+        workload: name.into(),
+        namespace: "default".into(),
+        app: name.into(),
+        version: "v1".into(),
+        canonical_service: name.into(),
+        canonical_revision: "v1".into(),
+        service_account: sa.into(),
+        principal: format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+        ..Workload::default()
+    };
+    let node = LocalNode::new(
+        workload("client", "sleep"),
+        "sidecar~client",
+        "cluster.local",
+    );
+    let server = LocalNode::new(
+        workload("server", "server"),
+        "sidecar~server",
+        "cluster.local",
+    );
+    let metrics = std::sync::Arc::new(IstioMetrics::new(node));
+    let conn = ConnMetrics::new(
+        metrics.clone(),
+        ferry_model::IstioStats {
+            reporter: ferry_model::Reporter::Source,
+            disable_host_header_fallback: false,
+        },
+        None,
+        false,
+    );
+    let mut req = HeaderMap::new();
+    let mut resp = HeaderMap::new();
+    c.bench_function("istio_metrics_http_request", |b| {
+        b.iter(|| {
+            metrics.local.announce(&mut req);
+            server.announce(&mut resp);
+            let peer = take_peer(&mut resp);
+            let set = conn.label_set(
+                black_box("server.default.svc.cluster.local"),
+                peer.as_ref(),
+                "http",
+            );
+            metrics.record_request(
+                &set,
+                &RequestOutcome {
+                    status: black_box(200),
+                    grpc_status: None,
+                    flags: "",
+                    duration: std::time::Duration::from_micros(1500),
+                    request_bytes: 0,
+                    response_bytes: 512,
+                },
+            );
+        })
+    });
+    c.bench_function("istio_metrics_scrape_1_series", |b| {
+        b.iter(|| {
+            let mut out = String::new();
+            metrics.render(&mut out);
+            out.len()
+        })
+    });
+}
+
+criterion_group!(
+    micro,
+    route_matching,
+    header_handling,
+    lb_pick,
+    istio_metrics
+);
 criterion_main!(micro);

@@ -256,6 +256,7 @@ fn inbound_chains_carry_the_policies_of_their_proxy() {
         [
             "envoy.filters.http.rbac",
             "envoy.filters.http.rbac",
+            "istio.stats",
             "envoy.filters.http.router"
         ]
     );
@@ -284,7 +285,11 @@ fn inbound_chains_carry_the_policies_of_their_proxy() {
         .expect("ratings 9080 chain");
     assert_eq!(
         hcm_filters(&chain.filters),
-        ["envoy.filters.http.rbac", "envoy.filters.http.router"]
+        [
+            "envoy.filters.http.rbac",
+            "istio.stats",
+            "envoy.filters.http.router"
+        ]
     );
 }
 

@@ -555,6 +555,7 @@ fn ratings_fault(file: &str) -> anyhow::Result<Option<(Vec<Route>, HttpFault)>> 
         [
             "envoy.filters.http.fault",
             "envoy.filters.http.cors",
+            "istio.stats",
             "envoy.filters.http.router"
         ]
     );

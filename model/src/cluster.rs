@@ -31,6 +31,10 @@ pub struct Cluster {
     /// `tlsMode: istio`, plaintext to the others); the first match wins,
     /// then `tls`.
     pub transport_socket_matches: Vec<TransportSocketMatch>,
+    /// The host of the first service in istiod's `istio.services` cluster
+    /// metadata: Istio's metrics name it as the destination service where
+    /// the cluster name does not (inbound clusters).
+    pub istio_service: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -23,7 +23,8 @@ pub use cidr::CidrRange;
 pub use cluster::{Cluster, ClusterKind, Endpoint, LbPolicy, UpstreamProtocol};
 pub use listener::{
     ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
-    HttpFilter, HttpFilterConfig, Listener, ListenerFilters, RouteSource, TcpProxy,
+    HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters, Reporter, RouteSource,
+    TcpProxy,
 };
 pub use route::{
     AppendAction, ClusterSpecifier, DomainMatcher, HeaderKey, HeaderMatcher, HeaderMutations,

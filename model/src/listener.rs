@@ -75,6 +75,36 @@ pub struct FilterChain {
     /// `envoy.filters.network.rbac` filters before the terminal filter, in order.
     pub rbac: Vec<Arc<crate::rbac::NetworkRbac>>,
     pub kind: ChainKind,
+    /// Istio's standard metrics (`istio.stats`, on the connection manager
+    /// or as a network filter): `None` when the chain has no such filter.
+    pub istio_stats: Option<IstioStats>,
+}
+
+/// Istio's `istio.stats` filter (`stats.PluginConfig`) as Ferry applies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IstioStats {
+    pub reporter: Reporter,
+    /// Never take `destination_service` from the `Host` header when the
+    /// cluster does not name the service.
+    pub disable_host_header_fallback: bool,
+}
+
+/// Which side of a connection reports a metric (Istio's `reporter` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    /// The client's proxy (outbound listeners).
+    Source,
+    /// The server's proxy (inbound listeners).
+    Destination,
+}
+
+impl Reporter {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
 }
 
 /// The terminal network filter of a chain.
@@ -196,6 +226,8 @@ pub enum HttpFilterConfig {
     LocalRateLimit(Arc<crate::ratelimit::LocalRateLimit>),
     /// `envoy.filters.http.rbac`.
     Rbac(Arc<crate::rbac::HttpRbac>),
+    /// `istio.stats`: observes every request, never changes one.
+    IstioStats(IstioStats),
 }
 
 /// Where a connection manager's route table comes from.
@@ -410,6 +442,7 @@ mod tests {
             filter_chain_match: m,
             tls: None,
             rbac: Vec::new(),
+            istio_stats: None,
             kind: ChainKind::Tcp(TcpProxy {
                 stat_prefix: name.into(),
                 cluster: "c".into(),

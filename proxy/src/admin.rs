@@ -1,6 +1,7 @@
 //! The admin server (loopback, 15000 by default: `/ready`, `/config_dump`,
 //! `/stats`, `/quitquitquit`) and the readiness server (`/healthz/ready` on
-//! 15021), as Envoy and istio-agent serve them.
+//! 15021) and Istio's Prometheus port (`/stats/prometheus` on 15090), as
+//! Envoy and istio-agent serve them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use crate::run::Runtime;
 pub enum Role {
     Admin,
     Readiness,
+    /// Only `/stats/prometheus` (Istio's 15090, scraped from outside the pod).
+    Prometheus,
 }
 
 pub async fn serve(rt: Arc<Runtime>, tcp: TcpListener, role: Role) {
@@ -62,8 +65,19 @@ fn respond(rt: &Runtime, role: Role, req: Request<Incoming>) -> Response<Full<By
         }
     };
     match (role, req.method(), path) {
+        (Role::Admin | Role::Prometheus, _, "/stats/prometheus") => {
+            let mut r = text(
+                StatusCode::OK,
+                crate::metrics::render_prometheus(&rt.stats, Some(&rt.istio)),
+            );
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
         (Role::Readiness, _, "/healthz/ready") => ready(),
-        (Role::Readiness, _, _) => text(StatusCode::NOT_FOUND, "not found\n"),
+        (Role::Readiness | Role::Prometheus, _, _) => text(StatusCode::NOT_FOUND, "not found\n"),
         (Role::Admin, _, "/ready") => ready(),
         (Role::Admin, _, "/config_dump") => match rt.config_dump() {
             Ok(v) => {
@@ -109,7 +123,7 @@ fn respond(rt: &Runtime, role: Role, req: Request<Incoming>) -> Response<Full<By
         ),
         (Role::Admin, _, _) => text(
             StatusCode::NOT_FOUND,
-            "admin commands: /ready /config_dump /stats /quitquitquit (POST) /drain_listeners (POST)\n",
+            "admin commands: /ready /config_dump /stats /stats/prometheus /quitquitquit (POST) /drain_listeners (POST)\n",
         ),
     }
 }

@@ -1049,6 +1049,7 @@ mod tests {
             bind_source: None,
             tls: None,
             transport_socket_matches: vec![],
+            istio_service: None,
         })
     }
 

@@ -12,6 +12,7 @@ pub mod http;
 pub mod iptables;
 pub mod lb;
 pub mod listener;
+pub mod metrics;
 pub mod orig_dst;
 pub mod outlier;
 pub mod rbac;

@@ -282,12 +282,23 @@ async fn handle(
                 client_cert: client_cert.clone(),
             }),
         };
-        let peer_tls = PeerTls { mtls, client_cert };
+        // Istio's metrics name the peer by its certificate.
+        let identity = chain
+            .istio_stats
+            .is_some()
+            .then(|| crate::tls::peer_identity(&tls))
+            .flatten();
+        let peer_tls = PeerTls {
+            mtls,
+            identity,
+            client_cert,
+        };
         match &chain.kind {
             ChainKind::Tcp(tp) => {
                 let stats = rt.tcp_stats(&tp.stat_prefix);
+                let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
                 let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
-                crate::tcp::proxy(&rt, tp, &stats, io, dst, &generation).await;
+                crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &generation).await;
             }
             ChainKind::Http(hcm) => {
                 let http2 = match (hcm.codec, alpn.as_deref()) {
@@ -333,8 +344,9 @@ async fn handle(
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
+            let istio = tcp_metrics(&rt, &chain, tp, None);
             let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
-            crate::tcp::proxy(&rt, tp, &stats, io, dst, &generation).await;
+            crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &generation).await;
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {
@@ -379,6 +391,43 @@ fn uses_rbac(chain: &ferry_model::FilterChain) -> bool {
         }))
 }
 
+/// Istio's metrics of a connection on `chain`, when it reports them.
+fn conn_metrics(
+    rt: &Runtime,
+    chain: &ferry_model::FilterChain,
+    tls: Option<&PeerTls>,
+) -> Option<crate::metrics::ConnMetrics> {
+    let cfg = chain.istio_stats?;
+    Some(crate::metrics::ConnMetrics::new(
+        rt.istio.clone(),
+        cfg,
+        tls.and_then(|t| t.identity.as_deref()),
+        tls.is_some_and(|t| t.mtls),
+    ))
+}
+
+/// The TCP counters of a proxied connection: the service comes from the
+/// cluster name or its `istio.services` metadata (the metadata exchange of
+/// TCP is not spoken).
+fn tcp_metrics(
+    rt: &Runtime,
+    chain: &ferry_model::FilterChain,
+    tp: &ferry_model::TcpProxy,
+    tls: Option<&PeerTls>,
+) -> Option<Arc<crate::metrics::TcpSeries>> {
+    let m = conn_metrics(rt, chain, tls)?;
+    let snapshot = rt.snapshot.load();
+    let service = crate::metrics::service_of_cluster(&tp.cluster)
+        .or_else(|| {
+            snapshot
+                .cluster(&tp.cluster)
+                .and_then(|c| c.istio_service.as_deref())
+        })
+        .unwrap_or("");
+    let set = m.label_set(service, None, "tcp");
+    Some(rt.istio.tcp_series(&set))
+}
+
 /// Runs the HTTP connection manager of `chain` on a (plaintext or
 /// decrypted) downstream connection.
 async fn serve_http<S>(
@@ -394,7 +443,9 @@ async fn serve_http<S>(
     let ChainKind::Http(hcm) = &chain.kind else {
         return;
     };
+    let istio = conn_metrics(rt, chain, conn.tls.as_ref());
     let ctx = Arc::new(crate::http::ConnCtx {
+        istio,
         stats: rt.http_stats(&hcm.stat_prefix),
         rt: rt.clone(),
         chain: chain.clone(),

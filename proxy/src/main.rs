@@ -56,6 +56,9 @@ struct ProxyArgs {
     /// Readiness endpoint (`/healthz/ready`) address, or `off`.
     #[arg(long, default_value = "0.0.0.0:15021")]
     ready_addr: String,
+    /// Prometheus endpoint (`/stats/prometheus`, Istio's port) address, or `off`.
+    #[arg(long, default_value = "0.0.0.0:15090")]
+    prometheus_addr: String,
     /// How long in-flight requests may finish after SIGTERM (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -136,13 +139,15 @@ fn init_logging(level: &str) {
 
 fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
     init_logging(&args.log_level);
-    let ready_addr = match args.ready_addr.as_str() {
-        "off" | "" => None,
-        a => Some(
-            a.parse()
-                .map_err(|_| anyhow::anyhow!("--ready-addr: {a:?} is not an address or `off`"))?,
-        ),
+    let addr_or_off = |flag: &str, v: &str| match v {
+        "off" | "" => Ok(None),
+        a => a
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("--{flag}: {a:?} is not an address or `off`")),
     };
+    let ready_addr = addr_or_off("ready-addr", &args.ready_addr)?;
+    let prometheus_addr = addr_or_off("prometheus-addr", &args.prometheus_addr)?;
     let threads = args
         .concurrency
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -161,6 +166,7 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
         config: args.config,
         admin_addr: args.admin_addr,
         ready_addr,
+        prometheus_addr,
         drain_timeout: args.drain_timeout,
         access_log: args.access_log,
         detection_timeout: args.protocol_detection_timeout,

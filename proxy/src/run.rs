@@ -24,6 +24,9 @@ pub struct RunOptions {
     pub admin_addr: Option<SocketAddr>,
     /// Where `/healthz/ready` is served; `None` disables it.
     pub ready_addr: Option<SocketAddr>,
+    /// Where `/stats/prometheus` is served besides the admin port (Istio's
+    /// 15090); `None` disables it.
+    pub prometheus_addr: Option<SocketAddr>,
     pub drain_timeout: Duration,
     pub access_log: bool,
     pub detection_timeout: Duration,
@@ -150,6 +153,8 @@ pub struct Runtime {
     listeners: Mutex<crate::listener::ListenerManager>,
     /// The ADS client's state, when configuration comes from xDS.
     pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
+    /// Istio's standard metrics, for chains with the `istio.stats` filter.
+    pub istio: Arc<crate::metrics::IstioMetrics>,
 }
 
 /// The network RBAC filter counts through the runtime's statistics.
@@ -282,6 +287,28 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .as_ref()
         .map(|_| Arc::new(ferry_xds::ads::XdsState::default()));
     let stats = Stats::default();
+    let istio = {
+        let node = ads
+            .as_ref()
+            .map(|a| a.node.clone())
+            .or_else(|| bootstrap.proto.node.clone())
+            .unwrap_or_default();
+        let trust_domain = opts
+            .agent
+            .as_ref()
+            .map_or("cluster.local", |a| a.trust_domain.as_str());
+        let meta = node.metadata.clone().unwrap_or_default();
+        let local = crate::metrics::Workload::from_metadata(&meta, &node.id, trust_domain);
+        Arc::new(crate::metrics::IstioMetrics::new(
+            crate::metrics::LocalNode::new(local, &node.id, trust_domain),
+        ))
+    };
+    let prometheus_tcp = match opts.prometheus_addr {
+        Some(a) => {
+            Some(crate::listener::bind(a).with_context(|| format!("prometheus: cannot bind {a}"))?)
+        }
+        None => None,
+    };
     let rt = Arc::new(Runtime {
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
         clusters: ArcSwap::from_pointee(ClusterManager::default()),
@@ -300,6 +327,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         listener_cx: Mutex::new(HashMap::new()),
         listeners: Mutex::new(crate::listener::ListenerManager::default()),
         xds: xds.clone(),
+        istio,
     });
     match (ads, xds) {
         (Some(config), Some(state)) => {
@@ -345,6 +373,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             rt.clone(),
             tcp,
             crate::admin::Role::Readiness,
+        ));
+    }
+    if let Some(tcp) = prometheus_tcp {
+        tokio::spawn(crate::admin::serve(
+            rt.clone(),
+            tcp,
+            crate::admin::Role::Prometheus,
         ));
     }
     tracing::info!(admin.address = %admin_addr, "ferry is running");

@@ -87,6 +87,25 @@ impl Stats {
         out
     }
 
+    /// Every value with whether it is a gauge (for the Prometheus types).
+    pub fn entries(&self) -> Vec<(String, u64, bool)> {
+        let mut out: Vec<(String, u64, bool)> = self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get(), false))
+            .collect();
+        out.extend(
+            self.gauges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(k, v)| (k.clone(), v.get(), true)),
+        );
+        out
+    }
+
     pub fn render_text(&self) -> String {
         let mut s = String::new();
         for (k, v) in self.snapshot() {

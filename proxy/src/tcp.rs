@@ -20,6 +20,7 @@ pub async fn proxy<S>(
     rt: &Runtime,
     tp: &TcpProxy,
     stats: &TcpStats,
+    istio: Option<Arc<crate::metrics::TcpSeries>>,
     mut down: S,
     original_dst: std::net::SocketAddr,
     drain: &crate::drain::Drain,
@@ -52,6 +53,9 @@ pub async fn proxy<S>(
             return;
         }
     };
+    if let Some(m) = &istio {
+        m.opened.fetch_add(1, Ordering::Relaxed);
+    }
     // A draining connection gets the drain deadline to finish, then closes.
     let (rx, tx) = tokio::select! {
         r = copy(&mut down, up, tp.idle_timeout, stats) => r,
@@ -62,6 +66,13 @@ pub async fn proxy<S>(
     };
     stats.downstream_cx_rx_bytes_total.add(rx);
     stats.downstream_cx_tx_bytes_total.add(tx);
+    if let Some(m) = &istio {
+        // Istio's names are the proxy's view of the request direction:
+        // received from the client, sent back to it.
+        m.received.fetch_add(rx, Ordering::Relaxed);
+        m.sent.fetch_add(tx, Ordering::Relaxed);
+        m.closed.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Copies both ways until both sides finished or the connection was idle

@@ -354,7 +354,7 @@ impl Ferry {
             .arg("sidecar")
             .arg("--config")
             .arg(&cfg)
-            .args(["--ready-addr", "off"])
+            .args(["--ready-addr", "off", "--prometheus-addr", "off"])
             .arg("--admin-addr")
             .arg(local(admin).to_string())
             .args(args)

@@ -176,6 +176,7 @@ fn ferry_sidecars_get_certificates_by_csr_and_renew_them() -> Result<()> {
     let out = rogue
         .cmd(ferry_bin())
         .args(["sidecar", "--concurrency", "1", "--ready-addr", "off"])
+        .args(["--prometheus-addr", "off"])
         .arg("--ca-addr")
         .arg(format!("{}:15010", m.istiod.ip()))
         .arg("--config")

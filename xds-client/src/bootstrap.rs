@@ -507,4 +507,42 @@ static_resources:
         assert_eq!(b.warnings.0.len(), 1, "{:?}", b.warnings);
         assert!(b.warnings.0[0].contains("envoy.filters.http.lua"));
     }
+
+    #[test]
+    fn istio_stats_reporter_follows_the_listener_direction() {
+        let text = GOOD
+            .replace(
+                "  - name: http\n",
+                "  - name: http\n    traffic_direction: INBOUND\n",
+            )
+            .replace(
+                "          - name: envoy.filters.http.router\n",
+                "          - name: istio.stats\n            typed_config:\n              \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct\n              type_url: type.googleapis.com/stats.PluginConfig\n              value: {disable_host_header_fallback: true}\n          - name: envoy.filters.http.router\n",
+            )
+            .replace(
+                "      - name: envoy.filters.network.tcp_proxy\n",
+                "      - name: istio.stats\n        typed_config:\n          \"@type\": type.googleapis.com/stats.PluginConfig\n      - name: envoy.filters.network.tcp_proxy\n",
+            );
+        let b = parse_bootstrap("test.yaml", &text).unwrap();
+        assert!(b.warnings.0.is_empty(), "{:?}", b.warnings);
+        let stats = |name: &str| {
+            b.snapshot.listener(name).unwrap().filter_chains[0]
+                .istio_stats
+                .unwrap()
+        };
+        assert_eq!(
+            stats("http"),
+            ferry_model::IstioStats {
+                reporter: ferry_model::Reporter::Destination,
+                disable_host_header_fallback: true,
+            }
+        );
+        assert_eq!(stats("tcp").reporter, ferry_model::Reporter::Source);
+        let plain = parse_bootstrap("test.yaml", GOOD).unwrap();
+        assert!(
+            plain.snapshot.listener("tcp").unwrap().filter_chains[0]
+                .istio_stats
+                .is_none()
+        );
+    }
 }

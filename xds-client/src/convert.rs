@@ -3,8 +3,9 @@
 //! Every error names the resource (`listener "x"`, `cluster "y"`) and the field
 //! path inside it, so a bad bootstrap or a NACK tells the operator exactly what
 //! to fix. Extensions Ferry does not implement are errors unless Envoy allows
-//! skipping them (`is_optional` HTTP filters) or they are Istio's telemetry and
-//! peer-metadata filters, which are accepted with a warning.
+//! skipping them (`is_optional` HTTP filters) or they are Istio's own filters
+//! (peer metadata, alpn, authn, Wasm), which are accepted with a warning.
+//! Istio's `istio.stats` is converted (Ferry reports Istio's metrics).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub struct Warnings(pub Vec<String>);
 struct Ctx<'a> {
     resource: String,
     warnings: &'a mut Warnings,
+    /// The listener's `traffic_direction` is INBOUND: Istio's stats then
+    /// report as the destination.
+    inbound: bool,
 }
 
 impl Ctx<'_> {
@@ -69,7 +73,6 @@ const TYPE_PREFIX: &str = "type.googleapis.com/";
 /// Type URLs of Istio's own extensions: recognised, not (yet) implemented,
 /// never a reason to reject a listener.
 const ISTIO_TOLERATED: &[&str] = &[
-    "stats.PluginConfig",
     "envoy.tcp.metadataexchange.config.MetadataExchange",
     "io.istio.http.peer_metadata.Config",
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
@@ -78,6 +81,50 @@ const ISTIO_TOLERATED: &[&str] = &[
     "envoy.extensions.filters.network.wasm.v3.Wasm",
     "envoy.extensions.filters.http.wasm.v3.Wasm",
 ];
+
+/// Istio's `istio.stats` configuration type.
+const ISTIO_STATS_TYPE: &str = "stats.PluginConfig";
+
+/// The fields of Istio's `stats.PluginConfig` Ferry applies; custom metric
+/// definitions and tag overrides are not (they are Istio's own extension and
+/// istiod only sets them from a Telemetry resource).
+#[derive(Clone, PartialEq, Message)]
+struct PluginConfig {
+    #[prost(bool, tag = "6")]
+    disable_host_header_fallback: bool,
+    /// 0: UNSPECIFIED (the listener's direction decides), 1: SERVER_GATEWAY.
+    #[prost(int32, tag = "10")]
+    reporter: i32,
+}
+
+/// `istio.stats`: lenient, since unknown or malformed fields of Istio's own
+/// extension must not cost the listener.
+fn istio_stats(ctx: &Ctx<'_>, typed: Typed) -> m::IstioStats {
+    let cfg = match typed {
+        Typed::Proto { bytes, .. } => PluginConfig::decode(bytes.as_slice()).unwrap_or_else(|e| {
+            tracing::debug!(xds.resource = %ctx.resource, error = %e, "istio.stats: undecodable config; defaults used");
+            PluginConfig::default()
+        }),
+        Typed::Json { json, .. } => PluginConfig {
+            disable_host_header_fallback: json
+                .get("disable_host_header_fallback")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+            reporter: i32::from(
+                json.get("reporter").and_then(serde_json::Value::as_str) == Some("SERVER_GATEWAY"),
+            ),
+        },
+    };
+    let reporter = if cfg.reporter == 1 || ctx.inbound {
+        m::Reporter::Destination
+    } else {
+        m::Reporter::Source
+    };
+    m::IstioStats {
+        reporter,
+        disable_host_header_fallback: cfg.disable_host_header_fallback,
+    }
+}
 
 /// Messages wrapping a typed config as a JSON struct.
 #[derive(Clone, PartialEq, Message)]
@@ -245,6 +292,7 @@ pub fn listener(
     let mut ctx = Ctx {
         resource: format!("listener {:?}", l.name),
         warnings,
+        inbound: l.traffic_direction == core_pb::TrafficDirection::Inbound as i32,
     };
     if l.name.is_empty() {
         return Err(ctx.err("name", "a listener needs a name"));
@@ -389,6 +437,7 @@ fn filter_chain(
     };
     let mut terminal = None;
     let mut network_rbac = Vec::new();
+    let mut stats = None;
     for (i, f) in fc.filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
         let typed = match &f.config_type {
@@ -419,8 +468,16 @@ fn filter_chain(
                 let h: hcm_pb::HttpConnectionManager = typed
                     .decode()
                     .map_err(|e| ctx.err(format!("{ff}.typed_config"), e))?;
-                terminal = Some(m::ChainKind::Http(http_connection_manager(ctx, &ff, &h)?));
+                let hcm = http_connection_manager(ctx, &ff, &h)?;
+                stats = stats.or_else(|| {
+                    hcm.http_filters.iter().find_map(|f| match f.config {
+                        m::HttpFilterConfig::IstioStats(s) => Some(s),
+                        _ => None,
+                    })
+                });
+                terminal = Some(m::ChainKind::Http(hcm));
             }
+            ISTIO_STATS_TYPE => stats = Some(istio_stats(ctx, typed)),
             t if ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,
@@ -454,6 +511,7 @@ fn filter_chain(
         tls,
         rbac: network_rbac,
         kind,
+        istio_stats: stats,
     })
 }
 
@@ -733,6 +791,7 @@ pub fn secret(
     let ctx = Ctx {
         resource: format!("secret {:?}", pb.name),
         warnings,
+        inbound: false,
     };
     match &pb.r#type {
         Some(T::TlsCertificate(t)) => Ok(m::tls::Secret::Certificate(tls_certificate(
@@ -956,6 +1015,15 @@ fn http_connection_manager(
                     config: m::HttpFilterConfig::Fault(Arc::new(fault_config(ctx, &tf, &hf_cfg)?)),
                 });
             }
+            ISTIO_STATS_TYPE => {
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "istio.stats needs a typed_config"));
+                };
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::IstioStats(istio_stats(ctx, t)),
+                });
+            }
             CORS_TYPE => http_filters.push(m::HttpFilter {
                 name: hf.name.clone(),
                 config: m::HttpFilterConfig::Cors,
@@ -1072,6 +1140,7 @@ pub fn route_config(
     let mut ctx = Ctx {
         resource: format!("route_configuration {:?}", rc.name),
         warnings,
+        inbound: false,
     };
     route_config_in(&mut ctx, "", rc)
 }
@@ -2549,6 +2618,7 @@ pub fn cluster(
     let mut ctx = Ctx {
         resource: format!("cluster {:?}", c.name),
         warnings,
+        inbound: false,
     };
     if c.name.is_empty() {
         return Err(ctx.err("name", "a cluster needs a name"));
@@ -2732,7 +2802,24 @@ pub fn cluster(
         outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
         circuit_breakers: circuit_breakers(&ctx, "circuit_breakers", c.circuit_breakers.as_ref())?,
         max_concurrent_streams,
+        istio_service: istio_service(c),
     })
+}
+
+/// `metadata.filter_metadata.istio.services[0].host`, as istiod sets it.
+fn istio_service(c: &cluster_pb::Cluster) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let istio = c.metadata.as_ref()?.filter_metadata.get("istio")?;
+    let Some(Kind::ListValue(list)) = istio.fields.get("services")?.kind.as_ref() else {
+        return None;
+    };
+    let Some(Kind::StructValue(svc)) = list.values.first()?.kind.as_ref() else {
+        return None;
+    };
+    match svc.fields.get("host")?.kind.as_ref() {
+        Some(Kind::StringValue(h)) if !h.is_empty() => Some(h.clone()),
+        _ => None,
+    }
 }
 
 fn lb_config(ctx: &Ctx<'_>, c: &cluster_pb::Cluster) -> Result<m::cluster::LbConfig, ConvertError> {
@@ -2991,6 +3078,7 @@ pub fn cluster_load_assignment(
     let ctx = Ctx {
         resource: format!("cluster_load_assignment {:?}", cla.cluster_name),
         warnings,
+        inbound: false,
     };
     endpoints(&ctx, Some(cla))
 }

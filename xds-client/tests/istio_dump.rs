@@ -75,11 +75,23 @@ fn istio_resources_convert() {
     };
     let mut failures = Vec::new();
     let mut count = 0;
+    // Chains reporting Istio's metrics, by reporter.
+    let (mut source, mut destination) = (0, 0);
     let mut check = |type_url: &str, name: &str, v: &serde_json::Value| {
         count += 1;
         let mut w = ferry_xds::Warnings::default();
-        if let Err((_, e)) = parse(type_url, &to_any(type_url, name, v), &mut w) {
-            failures.push(e.to_string());
+        match parse(type_url, &to_any(type_url, name, v), &mut w) {
+            Err((_, e)) => failures.push(e.to_string()),
+            Ok((_, ferry_xds::store::Parsed::Listener(l))) => {
+                for c in &l.filter_chains {
+                    match c.istio_stats.map(|s| s.reporter) {
+                        Some(ferry_model::Reporter::Source) => source += 1,
+                        Some(ferry_model::Reporter::Destination) => destination += 1,
+                        None => {}
+                    }
+                }
+            }
+            Ok(_) => {}
         }
     };
     for l in section("ListenersConfigDump")["dynamic_listeners"]
@@ -115,6 +127,9 @@ fn istio_resources_convert() {
         failures.join("\n")
     );
     assert!(count > 400, "{count}");
+    // istio.stats is in the outbound chains of the dump (its inbound
+    // listener is the rejected one below).
+    assert!(source > 100 && destination == 0, "{source} {destination}");
 
     // The listener Envoy rejected (a Lua filter without source) is rejected.
     let failed = section("ListenersConfigDump")["dynamic_listeners"]

@@ -122,6 +122,7 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
         config: config.clone(),
         admin_addr: None,
         ready_addr: None,
+        prometheus_addr: None,
         drain_timeout: Duration::from_secs(2),
         access_log: false,
         detection_timeout: crate::listener::DEFAULT_DETECTION_TIMEOUT,

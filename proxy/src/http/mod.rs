@@ -42,6 +42,9 @@ use body::{DeadlineBody, Replay, ResponseBody, UpstreamBody};
 pub struct PeerTls {
     /// The client presented a (verified) certificate.
     pub mtls: bool,
+    /// The client's SPIFFE id, read only for chains that report Istio's
+    /// metrics.
+    pub identity: Option<String>,
     pub client_cert: Option<Arc<ferry_tls::ClientCertInfo>>,
 }
 
@@ -106,6 +109,8 @@ pub struct ConnCtx {
     /// the connection's other requests.
     pub rbac_view:
         std::sync::OnceLock<(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata)>,
+    /// Istio's metrics of this connection, when its chain has `istio.stats`.
+    pub istio: Option<crate::metrics::ConnMetrics>,
 }
 
 impl ConnCtx {
@@ -275,7 +280,10 @@ fn authority(req: &Request<Incoming>) -> String {
         .to_string()
 }
 
-async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn handle(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+) -> Response<crate::metrics::Metered<ResponseBody>> {
     let start = Instant::now();
     let stats = &ctx.stats;
     stats.downstream_rq_total.inc();
@@ -295,13 +303,81 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
     let host = authority(&req);
     let started = std::time::SystemTime::now();
     let grpc = ferry_model::route::is_grpc(req.headers());
-    let (mut resp, flag, upstream) = route_request(&ctx, req, &host, &path, started).await;
+    // Istio's metadata exchange: the client's sidecar announces itself on
+    // the request, the server's on the response; each side takes the
+    // other's headers off before they reach the application.
+    let mut exchanged = None;
+    let mut request_bytes = 0;
+    if let Some(m) = &ctx.istio {
+        request_bytes = content_length(req.headers());
+        match m.cfg.reporter {
+            ferry_model::Reporter::Destination => {
+                exchanged = crate::metrics::take_peer(req.headers_mut())
+            }
+            ferry_model::Reporter::Source => m.metrics.local.announce(req.headers_mut()),
+        }
+    }
+    let mut cluster = String::new();
+    let mut metered = None;
+    let (mut resp, flag, upstream) =
+        route_request(&ctx, req, &host, &path, started, &mut cluster).await;
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
         grpc_local_reply(&mut resp, local);
     }
     stats.status(resp.status().as_u16());
+    if let Some(m) = &ctx.istio {
+        match m.cfg.reporter {
+            ferry_model::Reporter::Source => {
+                exchanged = crate::metrics::take_peer(resp.headers_mut())
+            }
+            ferry_model::Reporter::Destination => m.metrics.local.announce(resp.headers_mut()),
+        }
+        // The service: the cluster's name (outbound), the cluster's
+        // `istio.services` metadata (inbound), else the Host header.
+        let snapshot;
+        let service = match crate::metrics::service_of_cluster(&cluster) {
+            Some(s) => s,
+            None => {
+                snapshot = ctx.rt.snapshot.load();
+                match snapshot
+                    .cluster(&cluster)
+                    .and_then(|c| c.istio_service.as_deref())
+                {
+                    Some(s) => s,
+                    None if m.cfg.disable_host_header_fallback => "",
+                    None => crate::metrics::host_without_port(&host),
+                }
+            }
+        };
+        let set = m.label_set(
+            service,
+            exchanged.as_ref(),
+            if grpc { "grpc" } else { "http" },
+        );
+        let grpc_status = grpc
+            .then(|| resp.headers().get("grpc-status"))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        // Reported when the body is done: the duration runs to the last
+        // byte, and the size is what was sent.
+        metered = Some(crate::metrics::Pending::new(
+            m.metrics.clone(),
+            set,
+            crate::metrics::RequestOutcome {
+                status: resp.status().as_u16(),
+                grpc_status,
+                flags: flag,
+                duration: std::time::Duration::ZERO,
+                request_bytes,
+                response_bytes: 0,
+            },
+            start,
+            grpc,
+        ));
+    }
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
     *resp.version_mut() = version;
     if version != Version::HTTP_2 && ctx.closing.load(std::sync::atomic::Ordering::Acquire) {
@@ -323,10 +399,18 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<ResponseB
             route.chain = %ctx.chain.name,
         );
     }
-    resp
+    resp.map(|b| crate::metrics::Metered::new(b, metered))
 }
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
+
+/// A message's declared body size (0 when streamed without a length).
+fn content_length(h: &http::HeaderMap) -> u64 {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
 
 async fn route_request(
     ctx: &ConnCtx,
@@ -334,6 +418,7 @@ async fn route_request(
     host: &str,
     path: &str,
     started: std::time::SystemTime,
+    picked: &mut String,
 ) -> Routed {
     let Some(hcm) = ctx.hcm() else {
         return (
@@ -370,15 +455,16 @@ async fn route_request(
     };
     // Weighted clusters are picked once, before the filters, so the fault
     // filter's `upstream_cluster` sees the cluster the router will use.
-    let cluster = match route.map(|r| &r.action) {
+    *picked = match route.map(|r| &r.action) {
         Some(RouteAction::Route { cluster, .. }) => cluster.pick(rand::random(), req.headers()),
         _ => "",
     }
     .to_string();
+    let cluster: &str = picked;
     // The HTTP filters before the router run whether a route matched or not
     // (a request without a route still takes a rate limit token, as in
     // Envoy); the router then answers 404.
-    let (delayed, on_response) = match run_filters(ctx, hcm, route, &cluster, &mut req, &fctx).await
+    let (delayed, on_response) = match run_filters(ctx, hcm, route, cluster, &mut req, &fctx).await
     {
         Ok(passed) => passed,
         Err(answered) => return answered,
@@ -435,7 +521,7 @@ async fn route_request(
             // The route's response headers read the request as it arrived.
             let request_headers =
                 (!route.response_headers.is_empty()).then(|| req.headers().clone());
-            let routed = forward(ctx, hcm, route, &cluster, delayed, req, host, &fctx).await;
+            let routed = forward(ctx, hcm, route, cluster, delayed, req, host, &fctx).await;
             let (mut resp, flag, upstream) = routed;
             let fctx = FormatContext {
                 upstream_remote: upstream,
@@ -519,6 +605,8 @@ async fn run_filters(
                     return Err((resp, "", None));
                 }
             }
+            // Reported once the response is known (`handle`).
+            HttpFilterConfig::IstioStats(_) => {}
         }
     }
     Ok((delayed, on_response))
@@ -1159,10 +1247,12 @@ mod tests {
         });
         let mtls = PeerTls {
             mtls: true,
+            identity: None,
             client_cert: Some(info),
         };
         let plain_tls = PeerTls {
             mtls: false,
+            identity: None,
             client_cert: None,
         };
         let run = |mode, tls: Option<&PeerTls>| {

@@ -237,7 +237,9 @@ pub(super) fn apply(chain: &mut FilterChain, http: &[HttpFilter], network: &[Fil
         let at = hcm
             .http_filters
             .iter()
-            .position(|h| [ROUTER, FAULT_FILTER, CORS_FILTER].contains(&h.name.as_str()))
+            .position(|h| {
+                [ROUTER, FAULT_FILTER, CORS_FILTER, "istio.stats"].contains(&h.name.as_str())
+            })
             .unwrap_or(hcm.http_filters.len());
         hcm.http_filters.splice(at..at, http.iter().cloned());
         *cfg = any(&hcm);

@@ -130,9 +130,65 @@ pub(super) fn inbound_ports<'a>(scope: &Scope<'a>) -> Vec<InboundPort<'a>> {
 }
 
 pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
+    let first = out.listeners.len();
     out.listeners.push(virtual_outbound(scope));
     out.listeners.push(virtual_inbound(scope));
     outbound(scope, out);
+    if scope.proxy.istio_network_stats {
+        for l in &mut out.listeners[first..] {
+            for chain in &mut l.filter_chains {
+                add_tcp_stats(chain);
+            }
+        }
+    }
+}
+
+/// Istio's telemetry extension: `stats.PluginConfig`, empty as istiod
+/// sends it (the listener's direction tells the reporter).
+const ISTIO_STATS: &str = "istio.stats";
+
+/// `xds.type.v3.TypedStruct`, which every Envoy can decode and print.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TypedStruct {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(message, optional, tag = "2")]
+    value: Option<envoy_types::pb::google::protobuf::Struct>,
+}
+
+/// The configuration wrapped in a TypedStruct: an Envoy without Istio's
+/// extensions cannot print a bare `stats.PluginConfig` in its
+/// `/config_dump`, while proxies that know it read it the same.
+fn istio_stats_config() -> Any {
+    let ts = TypedStruct {
+        type_url: "type.googleapis.com/stats.PluginConfig".into(),
+        value: Some(Default::default()),
+    };
+    Any {
+        type_url: "type.googleapis.com/xds.type.v3.TypedStruct".into(),
+        value: prost::Message::encode_to_vec(&ts),
+    }
+}
+
+/// The HTTP `istio.stats` filter, before the router as istiod puts it.
+/// Optional: Envoy without Istio's extensions skips it rather than
+/// rejecting the listener.
+fn istio_stats_http() -> HttpFilter {
+    HttpFilter {
+        is_optional: true,
+        ..http_filter(ISTIO_STATS, istio_stats_config())
+    }
+}
+
+/// `istio.stats` right before a chain's TCP proxy (after any
+/// authorization filter), as istiod does. Network filters cannot be
+/// optional, so only proxies that implement it get it.
+fn add_tcp_stats(chain: &mut FilterChain) {
+    if let Some(i) = chain.filters.iter().position(|f| f.name == TCP_PROXY) {
+        chain
+            .filters
+            .insert(i, typed_filter(ISTIO_STATS, istio_stats_config()));
+    }
 }
 
 pub(super) fn typed_filter(name: &str, config: Any) -> Filter {
@@ -532,10 +588,10 @@ fn inbound_hcm(port: u32, cluster: &str, operation: &str) -> HttpConnectionManag
     HttpConnectionManager {
         stat_prefix: format!("inbound_0.0.0.0_{port}"),
         route_specifier: Some(RouteSpecifier::RouteConfig(route_config)),
-        http_filters: vec![http_filter(
-            "envoy.filters.http.router",
-            any(&Router::default()),
-        )],
+        http_filters: vec![
+            istio_stats_http(),
+            http_filter("envoy.filters.http.router", any(&Router::default())),
+        ],
         use_remote_address: Some(BoolValue { value: false }),
         forward_client_cert_details: ForwardClientCertDetails::AppendForward as i32,
         // As istiod: the peer's subject, DNS and URI (SPIFFE) SANs reach the app.
@@ -575,6 +631,7 @@ fn outbound_hcm(port: u32) -> HttpConnectionManager {
         http_filters: vec![
             http_filter(FAULT_FILTER, any(&HttpFault::default())),
             http_filter(CORS_FILTER, any(&Cors::default())),
+            istio_stats_http(),
             http_filter("envoy.filters.http.router", any(&Router::default())),
         ],
         use_remote_address: Some(BoolValue { value: false }),

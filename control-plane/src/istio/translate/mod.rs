@@ -75,6 +75,10 @@ pub struct Proxy {
     pub pod_name: Option<String>,
     /// `region/zone/subzone` from the node's locality, else its Pod's.
     pub locality: String,
+    /// The proxy implements Istio's `istio.stats` network filter (Ferry,
+    /// or istio-proxy, which says `ISTIO_VERSION`); upstream Envoy would
+    /// reject the listener.
+    pub istio_network_stats: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -145,6 +149,7 @@ impl Proxy {
                         .to_string()
                 })
                 .unwrap_or_default(),
+            istio_network_stats: node.user_agent_name == "ferry" || text("ISTIO_VERSION").is_some(),
         })
     }
 }
