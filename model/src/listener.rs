@@ -171,6 +171,8 @@ pub enum HttpFilterConfig {
     LocalRateLimit(Arc<crate::ratelimit::LocalRateLimit>),
     /// `envoy.filters.http.rbac`.
     Rbac(Arc<crate::rbac::HttpRbac>),
+    /// `envoy.filters.http.jwt_authn`.
+    JwtAuthn(Arc<crate::jwt::JwtAuthn>),
 }
 
 /// Where a connection manager's route table comes from.

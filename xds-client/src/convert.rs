@@ -27,6 +27,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 use prost::Message;
 
+mod jwt_authn;
 mod rbac;
 
 /// A conversion error: which resource, which field, what is wrong.
@@ -959,6 +960,19 @@ fn http_connection_manager(
                 http_filters.push(m::HttpFilter {
                     name: hf.name.clone(),
                     config: m::HttpFilterConfig::Rbac(Arc::new(rbac::http_rbac(ctx, &tf, &cfg)?)),
+                });
+            }
+            jwt_authn::JWT_AUTHN_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "the JWT filter needs a typed_config"));
+                };
+                let cfg = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::JwtAuthn(Arc::new(jwt_authn::jwt_authn(
+                        ctx, &tf, &cfg,
+                    )?)),
                 });
             }
             t if HTTP_TOLERATED.contains(&t) || ISTIO_TOLERATED.contains(&t) => {
