@@ -62,6 +62,9 @@ pub struct JwtProvider {
     pub from_cookies: Vec<String>,
     /// `payload_in_metadata`: the key the payload is stored under.
     pub payload_in_metadata: Option<String>,
+    /// `normalize_payload_in_metadata.space_delimited_claims`: string
+    /// claims stored in the metadata as the list of their words.
+    pub space_delimited_claims: Vec<String>,
     /// `forward_payload_header`.
     pub forward_payload_header: Option<String>,
     /// `claim_to_headers` (claim name, header name).

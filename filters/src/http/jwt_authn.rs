@@ -543,7 +543,18 @@ pub fn apply(
                 .jwt
                 .payload
                 .iter()
-                .map(|(k, x)| (k.clone(), meta(x)))
+                .map(|(k, x)| match x {
+                    Value::String(words) if p.space_delimited_claims.contains(k) => (
+                        k.clone(),
+                        MetaValue::List(
+                            words
+                                .split_whitespace()
+                                .map(|w| MetaValue::String(w.to_string()))
+                                .collect(),
+                        ),
+                    ),
+                    _ => (k.clone(), meta(x)),
+                })
                 .collect();
             md.insert(key.clone(), MetaValue::Struct(payload));
         }
@@ -698,6 +709,30 @@ mod tests {
         };
         assert_eq!(p["sub"], MetaValue::String(ISS.into()));
         assert_eq!(p["foo"], MetaValue::String("bar".into()));
+        // Space-delimited claims become lists.
+        let key = ec_key("k1");
+        let mut prov = (*provider("p", "iss-a", &key.jwks)).clone();
+        prov.space_delimited_claims = vec!["scope".into()];
+        let cfg = istio_like(vec![Arc::new(prov)]);
+        let t = sign(
+            &key,
+            "k1",
+            &serde_json::json!({"iss": "iss-a", "scope": "read write"}),
+        );
+        let Decision::Pass(v) = run(&cfg, "/", Some(&format!("Bearer {t}"))) else {
+            panic!("denied")
+        };
+        let md = apply(&cfg, &v, &mut h);
+        let MetaValue::Struct(p) = &md["payload"] else {
+            panic!()
+        };
+        assert_eq!(
+            p["scope"],
+            MetaValue::List(vec![
+                MetaValue::String("read".into()),
+                MetaValue::String("write".into())
+            ])
+        );
     }
 
     #[test]

@@ -166,6 +166,11 @@ fn provider(
         from_cookies: p.from_cookies.clone(),
         payload_in_metadata: (!p.payload_in_metadata.is_empty())
             .then(|| p.payload_in_metadata.clone()),
+        space_delimited_claims: p
+            .normalize_payload_in_metadata
+            .as_ref()
+            .map(|n| n.space_delimited_claims.clone())
+            .unwrap_or_default(),
         forward_payload_header: (!p.forward_payload_header.is_empty())
             .then(|| p.forward_payload_header.to_ascii_lowercase()),
         claim_to_headers,

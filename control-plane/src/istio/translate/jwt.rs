@@ -1,0 +1,366 @@
+//! RequestAuthentication → `envoy.filters.http.jwt_authn`, laid out as
+//! istiod lays it out: the rules of every RequestAuthentication selecting a
+//! proxy (root namespace, own namespace, `selector` or a Gateway
+//! `targetRef`) sorted by issuer become providers `origins-0`, `origins-1`
+//! …, each with its issuer, audiences, token locations, a local JWKS and
+//! the payload in the dynamic metadata under `payload` (where the RBAC
+//! matchers of `requestPrincipals` and `request.auth.claims` look). One
+//! rule on `/` requires any provider or none (`allow_missing`): a request
+//! without a token passes and only an AuthorizationPolicy can stop it,
+//! while an invalid token gets Envoy's 401.
+//!
+//! A `jwksUri` is fetched here, as istiod does, and the JWKS inlined. The
+//! fetch is a small HTTP GET, cached by URI; when it fails the provider
+//! gets a JWKS whose private key nobody holds (istiod's fallback), so
+//! every token of that issuer is refused until a later translation
+//! succeeds.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+use envoy_types::pb::envoy::config::route::v3::{RouteMatch, route_match::PathSpecifier};
+use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
+    JwtAuthentication, JwtClaimToHeader, JwtHeader, JwtProvider, JwtRequirement,
+    JwtRequirementAndList, JwtRequirementOrList, RequirementRule, jwt_provider,
+    jwt_requirement::RequiresType, requirement_rule,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
+use envoy_types::pb::google::protobuf::Empty;
+
+use super::listener::http_filter;
+use super::registry::selects;
+use super::util::any;
+use super::{Mesh, Proxy};
+use crate::istio::source::Spec;
+use crate::istio::types::security::{JwtRule, RequestAuthentication};
+
+pub const JWT_FILTER: &str = "envoy.filters.http.jwt_authn";
+/// The metadata key istiod stores the verified payload under.
+const PAYLOAD_KEY: &str = "payload";
+/// `targetRef` of kind Gateway selects the deployment with this label.
+const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// istiod's default fetch timeout (`jwtRules[].timeout`).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a failed fetch is remembered before it is tried again.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Upper bound of a JWKS document.
+const MAX_JWKS_BYTES: usize = 1 << 20;
+
+impl Mesh {
+    /// The JWT filter for `proxy`, `None` when no RequestAuthentication
+    /// selects it.
+    pub fn jwt_http_filter(&self, proxy: &Proxy) -> Option<HttpFilter> {
+        let mut rules: Vec<&JwtRule> = Vec::new();
+        for r in &self.request_authentications {
+            let Spec::RequestAuthentication(ra) = &r.spec else {
+                continue;
+            };
+            if self.request_authn_selects(&r.meta.namespace, ra, proxy) {
+                rules.extend(&ra.jwt_rules);
+            }
+        }
+        if rules.is_empty() {
+            return None;
+        }
+        // istiod sorts by issuer so the configuration is deterministic.
+        rules.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        Some(http_filter(JWT_FILTER, any(&jwt_config(&rules))))
+    }
+
+    fn request_authn_selects(&self, ns: &str, ra: &RequestAuthentication, proxy: &Proxy) -> bool {
+        let root = ns == self.options.root_namespace;
+        if ns != proxy.namespace && !root {
+            return false;
+        }
+        let refs: Vec<_> = ra.target_ref.iter().chain(&ra.target_refs).collect();
+        if !refs.is_empty() {
+            return refs.iter().any(|t| {
+                t.kind == "Gateway"
+                    && ns == proxy.namespace
+                    && t.namespace.as_deref().unwrap_or(ns) == proxy.namespace
+                    && proxy
+                        .labels
+                        .get(GATEWAY_NAME_LABEL)
+                        .is_some_and(|n| *n == t.name)
+            });
+        }
+        ra.selector
+            .as_ref()
+            .is_none_or(|s| selects(&s.match_labels, &proxy.labels))
+    }
+}
+
+fn provider_name(i: usize) -> String {
+    format!("origins-{i}")
+}
+
+fn by_name(name: String) -> JwtRequirement {
+    JwtRequirement {
+        requires_type: Some(RequiresType::ProviderName(name)),
+    }
+}
+
+fn any_of(requirements: Vec<JwtRequirement>) -> JwtRequirement {
+    JwtRequirement {
+        requires_type: Some(RequiresType::RequiresAny(JwtRequirementOrList {
+            requirements,
+        })),
+    }
+}
+
+/// The filter configuration of `rules` (already in issuer order).
+fn jwt_config(rules: &[&JwtRule]) -> JwtAuthentication {
+    let mut providers = HashMap::new();
+    // Per provider: its token or none. ANDed when there are several, so a
+    // token that is present must be valid for its issuer.
+    let mut each_or_missing = Vec::new();
+    // Any provider alone: when providers share a location, a token of one
+    // issuer fails the others' requirement above.
+    let mut any_provider = Vec::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let name = provider_name(i);
+        providers.insert(name.clone(), provider(rule));
+        each_or_missing.push(any_of(vec![
+            by_name(name.clone()),
+            JwtRequirement {
+                requires_type: Some(RequiresType::AllowMissing(Empty {})),
+            },
+        ]));
+        any_provider.push(by_name(name));
+    }
+    let requires = if each_or_missing.len() == 1 {
+        each_or_missing.remove(0)
+    } else {
+        any_provider.push(JwtRequirement {
+            requires_type: Some(RequiresType::RequiresAll(JwtRequirementAndList {
+                requirements: each_or_missing,
+            })),
+        });
+        any_of(any_provider)
+    };
+    JwtAuthentication {
+        providers,
+        rules: vec![RequirementRule {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            requirement_type: Some(requirement_rule::RequirementType::Requires(requires)),
+        }],
+        bypass_cors_preflight: true,
+        ..Default::default()
+    }
+}
+
+fn provider(rule: &JwtRule) -> JwtProvider {
+    let jwks = match (&rule.jwks, &rule.jwks_uri) {
+        (Some(inline), _) if !inline.is_empty() => inline.clone(),
+        (_, Some(uri)) if !uri.is_empty() => {
+            let timeout = rule
+                .timeout
+                .as_ref()
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(FETCH_TIMEOUT);
+            jwks_for(uri, &rule.issuer, timeout)
+        }
+        _ => {
+            tracing::warn!(jwt.issuer = %rule.issuer, "jwtRule has neither jwks nor jwksUri; its tokens are refused");
+            fake_jwks().to_string()
+        }
+    };
+    let mut space_delimited: Vec<String> = rule.space_delimited_claims.clone();
+    for c in ["permission", "scope"] {
+        if !space_delimited.iter().any(|x| x == c) {
+            space_delimited.push(c.into());
+        }
+    }
+    space_delimited.sort();
+    space_delimited.dedup();
+    JwtProvider {
+        issuer: rule.issuer.clone(),
+        audiences: rule.audiences.clone(),
+        forward: rule.forward_original_token,
+        forward_payload_header: rule.output_payload_to_header.clone().unwrap_or_default(),
+        payload_in_metadata: PAYLOAD_KEY.into(),
+        normalize_payload_in_metadata: Some(jwt_provider::NormalizePayload {
+            space_delimited_claims: space_delimited,
+        }),
+        claim_to_headers: rule
+            .output_claim_to_headers
+            .iter()
+            .map(|c| JwtClaimToHeader {
+                header_name: c.header.clone(),
+                claim_name: c.claim.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        from_headers: rule
+            .from_headers
+            .iter()
+            .map(|h| JwtHeader {
+                name: h.name.clone(),
+                value_prefix: h.prefix.clone().unwrap_or_default(),
+            })
+            .collect(),
+        from_params: rule.from_params.clone(),
+        from_cookies: rule.from_cookies.clone(),
+        jwks_source_specifier: Some(jwt_provider::JwksSourceSpecifier::LocalJwks(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(jwks)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+// ------------------------------------------------------------------------------ JWKS
+
+/// Fetched JWKS by URI: the text, or when a fetch failed.
+enum Cached {
+    Jwks(String),
+    Failed(Instant),
+}
+
+fn cache() -> &'static Mutex<HashMap<String, Cached>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Cached>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The JWKS at `uri` (fetched once, then from the cache), or istiod's
+/// fallback when it cannot be had.
+fn jwks_for(uri: &str, issuer: &str, timeout: Duration) -> String {
+    {
+        let c = cache().lock().unwrap_or_else(|p| p.into_inner());
+        match c.get(uri) {
+            Some(Cached::Jwks(text)) => return text.clone(),
+            Some(Cached::Failed(at)) if at.elapsed() < RETRY_AFTER => {
+                return fake_jwks().to_string();
+            }
+            _ => {}
+        }
+    }
+    let (entry, text) = match fetch(uri, timeout) {
+        Ok(text) => (Cached::Jwks(text.clone()), text),
+        Err(e) => {
+            tracing::warn!(jwt.issuer = %issuer, jwt.jwks_uri = %uri, error = %e,
+                "cannot fetch the JWKS; tokens of this issuer are refused until it can be fetched");
+            (Cached::Failed(Instant::now()), fake_jwks().to_string())
+        }
+    };
+    cache()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(uri.to_string(), entry);
+    text
+}
+
+/// Why a JWKS could not be fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}: only http:// URIs can be fetched")]
+    Scheme(String),
+    #[error("{0}: malformed URI")]
+    Uri(String),
+    #[error("{uri}: {source}")]
+    Io { uri: String, source: std::io::Error },
+    #[error("{uri}: answered {status}")]
+    Status { uri: String, status: String },
+    #[error("{0}: the answer is not a JWKS")]
+    NotJwks(String),
+}
+
+/// GET `uri` (HTTP/1.0, so the answer is never chunked) within `timeout`.
+pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
+    let rest = uri
+        .strip_prefix("http://")
+        .ok_or_else(|| FetchError::Scheme(uri.into()))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(FetchError::Uri(uri.into()));
+    }
+    let target = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    let io = |source| FetchError::Io {
+        uri: uri.into(),
+        source,
+    };
+    let addr = target
+        .to_socket_addrs()
+        .map_err(io)?
+        .next()
+        .ok_or_else(|| FetchError::Uri(uri.into()))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\nUser-Agent: ferry-pilot\r\n\r\n"
+    )
+    .map_err(io)?;
+    let mut raw = Vec::new();
+    s.take(MAX_JWKS_BYTES as u64 + 16 * 1024)
+        .read_to_end(&mut raw)
+        .map_err(io)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| FetchError::NotJwks(uri.into()))?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(FetchError::Status {
+            uri: uri.into(),
+            status: status.into(),
+        });
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(body).map_err(|_| FetchError::NotJwks(uri.into()))?;
+    if !v.get("keys").is_some_and(|k| k.is_array()) {
+        return Err(FetchError::NotJwks(uri.into()));
+    }
+    Ok(body.to_string())
+}
+
+/// A JWKS with one P-256 public key whose private half was thrown away as
+/// soon as it was made: no token verifies against it.
+fn fake_jwks() -> &'static str {
+    static FAKE: OnceLock<String> = OnceLock::new();
+    FAKE.get_or_init(|| {
+        let raw = rcgen::KeyPair::generate()
+            .map(|k| k.public_key_raw().to_vec())
+            .unwrap_or_default();
+        // An uncompressed point (65 bytes); key generation with ring does
+        // not fail in practice, and a short answer leaves empty coordinates.
+        let (x, y) = if raw.len() == 65 {
+            (b64url(&raw[1..33]), b64url(&raw[33..]))
+        } else {
+            (String::new(), String::new())
+        };
+        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "ferry-unfetched",
+            "alg": "ES256", "x": x, "y": y}]})
+        .to_string()
+    })
+}
+
+fn b64url(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(c.get(1).copied().unwrap_or(0)) << 8)
+            | u32::from(c.get(2).copied().unwrap_or(0));
+        for i in 0..=c.len() {
+            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
