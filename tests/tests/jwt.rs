@@ -17,8 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use ferry_tests::envoy::{self, Envoy};
 use ferry_tests::proxy::{
-    App, Bootstrap, Ferry, RunLock, Upstream, free_port, http_connection_manager, listener, local,
-    read_response, static_cluster,
+    App, Bootstrap, Ferry, RunLock, Upstream, free_port, http_connection_manager, http_request,
+    listener, local, read_response, static_cluster,
 };
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
@@ -166,6 +166,21 @@ fn config(port: u16, backend: u16, ec_jwks: &str) -> String {
         .render()
 }
 
+/// Every non-zero counter whose name has a `jwt_authn` part, but for Envoy's token cache
+/// (`jwt_cache_*`: Ferry keeps no cache of verified tokens).
+fn jwt_stats(admin: u16) -> Result<Vec<(String, u64)>> {
+    let (_, body) = http_request(local(admin), "GET", "/stats")?;
+    Ok(body
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(": ")?;
+            let v: u64 = v.trim().parse().ok()?;
+            (k.contains("jwt_authn") && !k.contains("jwt_cache") && v > 0)
+                .then(|| (k.trim().to_string(), v))
+        })
+        .collect())
+}
+
 /// What one request shows.
 #[derive(Debug, PartialEq)]
 struct Seen {
@@ -308,6 +323,7 @@ fn jwt_authn_matches_envoy() -> Result<()> {
     let ferry = Ferry::start(&config(port, app.port, &key.jwks))?;
     let through_ferry =
         observe(port).with_context(|| format!("through ferry:\n{}", ferry.log()))?;
+    let ferry_stats = jwt_stats(ferry.admin)?;
     drop(ferry);
     let port = free_port();
     let envoy = Envoy::start(
@@ -317,6 +333,7 @@ fn jwt_authn_matches_envoy() -> Result<()> {
     )?;
     let through_envoy =
         observe(port).with_context(|| format!("through envoy:\n{}", envoy.log()))?;
+    let envoy_stats = jwt_stats(envoy.admin())?;
     let mut differ = Vec::new();
     for (f, e) in through_ferry.iter().zip(&through_envoy) {
         if f == e {
@@ -326,5 +343,7 @@ fn jwt_authn_matches_envoy() -> Result<()> {
         }
     }
     assert!(differ.is_empty(), "{}", differ.join("\n"));
+    assert_eq!(ferry_stats, envoy_stats, "jwt_authn counters");
+    eprintln!("both counted: {ferry_stats:?}");
     Ok(())
 }
