@@ -93,13 +93,42 @@ fn now() -> u64 {
 /// them or none, except under `/strict` where `origins-0` is required), then RBAC on the
 /// payload, then the router.
 fn config(port: u16, backend: u16, ec_jwks: &str) -> String {
-    let md = |path: &[&str], m: Value| {
-        json!({"metadata": {"filter": "envoy.filters.http.jwt_authn",
-            "path": path.iter().map(|k| json!({"key": k})).collect::<Vec<_>>(),
-            "value": m}})
+    with_jwt_filter(port, backend, own_jwt_filter(ec_jwks))
+}
+
+/// The JWT filter istiod makes of two RequestAuthentication rules (the demo issuer and
+/// the ES256 one, both at the default locations): any provider, or for each provider its
+/// token or none.
+fn istiod_jwt_filter(ec_jwks: &str) -> Value {
+    let provider = |iss: &str, jwks: &str| {
+        json!({"issuer": iss, "local_jwks": {"inline_string": jwks},
+            "payload_in_metadata": "payload",
+            "normalize_payload_in_metadata": {"space_delimited_claims": ["permission", "scope"]}})
     };
-    let exact = |s: &str| json!({"string_match": {"exact": s}});
-    let jwt = json!({
+    let name = |n: &str| json!({"provider_name": n});
+    let or_missing =
+        |n: &str| json!({"requires_any": {"requirements": [name(n), {"allow_missing": {}}]}});
+    json!({
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {
+                "origins-0": provider(EC_ISS, ec_jwks),
+                "origins-1": provider(ISTIO_ISS, DEMO_JWKS),
+            },
+            "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+                name("origins-0"),
+                name("origins-1"),
+                {"requires_all": {"requirements": [or_missing("origins-0"), or_missing("origins-1")]}},
+            ]}}}],
+            "bypass_cors_preflight": true,
+        },
+    })
+}
+
+/// Providers with every token location and output (see [`config`]).
+fn own_jwt_filter(ec_jwks: &str) -> Value {
+    json!({
         "name": "envoy.filters.http.jwt_authn",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
@@ -131,7 +160,17 @@ fn config(port: u16, backend: u16, ec_jwks: &str) -> String {
             ],
             "bypass_cors_preflight": true,
         },
-    });
+    })
+}
+
+/// The bootstrap around a JWT filter: RBAC on the verified payload, the router.
+fn with_jwt_filter(port: u16, backend: u16, jwt: Value) -> String {
+    let md = |path: &[&str], m: Value| {
+        json!({"metadata": {"filter": "envoy.filters.http.jwt_authn",
+            "path": path.iter().map(|k| json!({"key": k})).collect::<Vec<_>>(),
+            "value": m}})
+    };
+    let exact = |s: &str| json!({"string_match": {"exact": s}});
     let path = |p: &str| json!({"url_path": {"path": {"prefix": p}}});
     let rbac = json!({
         "name": "envoy.filters.http.rbac",
@@ -148,6 +187,9 @@ fn config(port: u16, backend: u16, ec_jwks: &str) -> String {
                 "group1": {"permissions": [path("/groups")],
                     "principals": [md(&["payload", "groups"],
                         json!({"list_match": {"one_of": exact("group1")}}))]},
+                "scope-read": {"permissions": [path("/scope")],
+                    "principals": [md(&["payload", "scope"],
+                        json!({"list_match": {"one_of": exact("read")}}))]},
                 "ec-user": {"permissions": [path("/ec")],
                     "principals": [md(&["payload", "iss"], exact(EC_ISS))]},
             }},
@@ -312,6 +354,67 @@ fn jwt_authn_matches_envoy() -> Result<()> {
             vec![("authorization", format!("Basic {DEMO}"))],
         ),
     ];
+    run_both(&bin, |port| config(port, app.port, &key.jwks), &cases)
+}
+
+/// Istiod's shape for two RequestAuthentication rules whose tokens share the default
+/// locations: a token of either issuer passes when valid, is refused when not, and none
+/// at all passes.
+#[test]
+fn istiod_shaped_jwt_authn_matches_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let Some(bin) = envoy::bin()? else {
+        eprintln!("envoy not installed; differential test skipped");
+        return Ok(());
+    };
+    let app = App::http("backend", &[])?;
+    let key = EcKey::new()?;
+    let t = now();
+    let ec = |extra: Value| {
+        let mut c =
+            json!({"iss": EC_ISS, "sub": "ec-user", "scope": "read write", "exp": t + 3600});
+        if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        key.sign(c)
+    };
+    let bearer = |tok: &str| vec![("authorization", format!("Bearer {tok}"))];
+    let cases: Vec<Case> = vec![
+        ("GET", "/public".into(), vec![]),
+        ("GET", "/secure".into(), vec![]),
+        ("GET", "/secure".into(), bearer(DEMO)),
+        ("GET", format!("/secure?access_token={DEMO}"), vec![]),
+        ("GET", "/groups".into(), bearer(GROUPS)),
+        ("GET", "/ec".into(), bearer(&ec(json!({})))),
+        ("GET", "/scope".into(), bearer(&ec(json!({})))),
+        (
+            "GET",
+            "/scope".into(),
+            bearer(&ec(json!({"scope": "write"}))),
+        ),
+        (
+            "GET",
+            "/public".into(),
+            bearer(&ec(json!({"exp": t - 3600}))),
+        ),
+        (
+            "GET",
+            "/public".into(),
+            bearer(&ec(json!({"iss": "https://other.test"}))),
+        ),
+        ("GET", "/public".into(), bearer("garbage")),
+        ("GET", "/public".into(), bearer(&format!("{DEMO}x"))),
+    ];
+    run_both(
+        &bin,
+        |port| with_jwt_filter(port, app.port, istiod_jwt_filter(&key.jwks)),
+        &cases,
+    )
+}
+
+/// Sends `cases` through Ferry, then through Envoy, each started on `config(port)`, and
+/// asserts the same observations and the same `jwt_authn` counters.
+fn run_both(bin: &std::path::Path, config: impl Fn(u16) -> String, cases: &[Case]) -> Result<()> {
     let observe = |port: u16| -> Result<Vec<Seen>> {
         cases
             .iter()
@@ -320,17 +423,13 @@ fn jwt_authn_matches_envoy() -> Result<()> {
     };
 
     let port = free_port();
-    let ferry = Ferry::start(&config(port, app.port, &key.jwks))?;
+    let ferry = Ferry::start(&config(port))?;
     let through_ferry =
         observe(port).with_context(|| format!("through ferry:\n{}", ferry.log()))?;
     let ferry_stats = jwt_stats(ferry.admin)?;
     drop(ferry);
     let port = free_port();
-    let envoy = Envoy::start(
-        &bin,
-        &serde_json::from_str(&config(port, app.port, &key.jwks))?,
-        port,
-    )?;
+    let envoy = Envoy::start(bin, &serde_json::from_str(&config(port))?, port)?;
     let through_envoy =
         observe(port).with_context(|| format!("through envoy:\n{}", envoy.log()))?;
     let envoy_stats = jwt_stats(envoy.admin())?;
