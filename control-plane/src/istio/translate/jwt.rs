@@ -364,3 +364,219 @@ fn b64url(data: &[u8]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::istio::source::parse_documents;
+    use crate::istio::translate::MeshOptions;
+    use std::collections::BTreeMap;
+
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#;
+
+    fn mesh(yaml: &str) -> Mesh {
+        let snap = parse_documents(yaml, std::path::Path::new("test.yaml"));
+        Mesh::new(&snap, MeshOptions::default())
+    }
+
+    fn proxy(ns: &str, labels: &[(&str, &str)]) -> Proxy {
+        Proxy {
+            namespace: ns.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            ..Default::default()
+        }
+    }
+
+    fn config(f: &HttpFilter) -> JwtAuthentication {
+        use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType;
+        use prost::Message;
+        let Some(ConfigType::TypedConfig(a)) = &f.config_type else {
+            panic!("typed config")
+        };
+        JwtAuthentication::decode(a.value.as_slice()).expect("decode")
+    }
+
+    fn ra(ns: &str, name: &str, extra: &str, rules: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{extra}  jwtRules:\n{rules}---\n"
+        )
+    }
+
+    #[test]
+    fn selection_follows_namespaces_selectors_and_gateway_refs() {
+        let rule = |iss: &str| format!("  - issuer: {iss}\n    jwks: '{JWKS}'\n");
+        let yaml = [
+            ra("istio-system", "mesh-wide", "", &rule("root.example")),
+            ra("foo", "ns-wide", "", &rule("ns.example")),
+            ra(
+                "foo",
+                "httpbin-only",
+                "  selector: {matchLabels: {app: httpbin}}\n",
+                &rule("httpbin.example"),
+            ),
+            ra(
+                "foo",
+                "gw",
+                "  targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: web}\n",
+                &rule("gw.example"),
+            ),
+        ]
+        .concat();
+        let m = mesh(&yaml);
+        let issuers = |p: &Proxy| -> Vec<String> {
+            m.jwt_http_filter(p).map_or_else(Vec::new, |f| {
+                let c = config(&f);
+                let mut v: Vec<(String, String)> = c
+                    .providers
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.issuer.clone()))
+                    .collect();
+                v.sort();
+                v.into_iter().map(|(_, i)| i).collect()
+            })
+        };
+        assert_eq!(
+            issuers(&proxy("foo", &[("app", "httpbin")])),
+            ["httpbin.example", "ns.example", "root.example"]
+        );
+        assert_eq!(
+            issuers(&proxy("foo", &[("app", "sleep")])),
+            ["ns.example", "root.example"]
+        );
+        assert_eq!(issuers(&proxy("bar", &[])), ["root.example"]);
+        // A targetRef policy selects only the Gateway's deployment.
+        assert_eq!(
+            issuers(&proxy("foo", &[(GATEWAY_NAME_LABEL, "web")])),
+            ["gw.example", "ns.example", "root.example"]
+        );
+    }
+
+    #[test]
+    fn istiods_requirement_shapes_and_provider_fields() {
+        let one = mesh(&ra(
+            "foo",
+            "one",
+            "",
+            &format!(
+                "  - issuer: a.example\n    jwks: '{JWKS}'\n    audiences: [x]\n    fromHeaders: [{{name: x-jwt, prefix: 'T '}}]\n    fromParams: [tok]\n    fromCookies: [c]\n    outputPayloadToHeader: x-payload\n    outputClaimToHeaders: [{{header: x-sub, claim: sub}}]\n    forwardOriginalToken: true\n    spaceDelimitedClaims: [roles]\n"
+            ),
+        ));
+        let c = config(&one.jwt_http_filter(&proxy("foo", &[])).expect("filter"));
+        assert!(c.bypass_cors_preflight);
+        let p = &c.providers["origins-0"];
+        assert_eq!(p.issuer, "a.example");
+        assert_eq!(p.audiences, ["x"]);
+        assert_eq!(p.payload_in_metadata, "payload");
+        assert!(p.forward);
+        assert_eq!(p.forward_payload_header, "x-payload");
+        assert_eq!(p.from_headers[0].name, "x-jwt");
+        assert_eq!(p.from_headers[0].value_prefix, "T ");
+        assert_eq!(
+            (p.from_params.as_slice(), p.from_cookies.as_slice()),
+            (&["tok".to_string()][..], &["c".to_string()][..])
+        );
+        assert_eq!(p.claim_to_headers[0].header_name, "x-sub");
+        assert_eq!(
+            p.normalize_payload_in_metadata
+                .as_ref()
+                .expect("normalize")
+                .space_delimited_claims,
+            ["permission", "roles", "scope"]
+        );
+        let Some(jwt_provider::JwksSourceSpecifier::LocalJwks(d)) = &p.jwks_source_specifier else {
+            panic!("local jwks")
+        };
+        assert_eq!(
+            d.specifier,
+            Some(data_source::Specifier::InlineString(JWKS.into()))
+        );
+        let requires = |c: &JwtAuthentication| match &c.rules[0].requirement_type {
+            Some(requirement_rule::RequirementType::Requires(r)) => r.clone(),
+            _ => panic!("requires"),
+        };
+        let or_missing = |n: &str| {
+            any_of(vec![
+                by_name(n.into()),
+                JwtRequirement {
+                    requires_type: Some(RequiresType::AllowMissing(Empty {})),
+                },
+            ])
+        };
+        assert_eq!(requires(&c), or_missing("origins-0"));
+        // Two rules: sorted by issuer; any provider, or each provider's token or none.
+        let two = mesh(&ra(
+            "foo",
+            "two",
+            "",
+            &format!(
+                "  - issuer: z.example\n    jwks: '{JWKS}'\n  - issuer: b.example\n    jwks: '{JWKS}'\n"
+            ),
+        ));
+        let c = config(&two.jwt_http_filter(&proxy("foo", &[])).expect("filter"));
+        assert_eq!(c.providers["origins-0"].issuer, "b.example");
+        assert_eq!(c.providers["origins-1"].issuer, "z.example");
+        assert_eq!(
+            requires(&c),
+            any_of(vec![
+                by_name("origins-0".into()),
+                by_name("origins-1".into()),
+                JwtRequirement {
+                    requires_type: Some(RequiresType::RequiresAll(JwtRequirementAndList {
+                        requirements: vec![or_missing("origins-0"), or_missing("origins-1")],
+                    })),
+                },
+            ])
+        );
+    }
+
+    #[test]
+    fn jwks_uri_is_fetched_cached_and_falls_back() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 2048];
+                let n = s.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (status, body) = if req.starts_with("GET /jwks ") {
+                    ("200 OK", JWKS)
+                } else {
+                    ("404 Not Found", "{}")
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let uri = format!("http://127.0.0.1:{port}/jwks");
+        assert_eq!(jwks_for(&uri, "i", FETCH_TIMEOUT), JWKS);
+        assert_eq!(jwks_for(&uri, "i", FETCH_TIMEOUT), JWKS);
+        assert_eq!(
+            served.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "cached"
+        );
+        let missing = format!("http://127.0.0.1:{port}/nope");
+        assert!(matches!(
+            fetch(&missing, FETCH_TIMEOUT),
+            Err(FetchError::Status { .. })
+        ));
+        assert_eq!(jwks_for(&missing, "i", FETCH_TIMEOUT), fake_jwks());
+        assert!(matches!(
+            fetch("ftp://x/y", FETCH_TIMEOUT),
+            Err(FetchError::Scheme(_))
+        ));
+        // The fallback is a usable key set nobody can sign for.
+        let fake: serde_json::Value = serde_json::from_str(fake_jwks()).expect("json");
+        assert_eq!(fake["keys"][0]["crv"], "P-256");
+        assert_eq!(fake["keys"][0]["x"].as_str().map(str::len), Some(43));
+    }
+}
