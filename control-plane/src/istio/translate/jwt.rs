@@ -10,7 +10,7 @@
 //! while an invalid token gets Envoy's 401.
 //!
 //! A `jwksUri` is fetched here, as istiod does, and the JWKS inlined. The
-//! fetch is a small HTTP GET, cached by URI; when it fails the provider
+//! fetch is a small HTTP(S) GET (system roots for `https`), cached by URI; when it fails the provider
 //! gets a JWKS whose private key nobody holds (istiod's fallback), so
 //! every token of that issuer is refused until a later translation
 //! succeeds.
@@ -261,8 +261,10 @@ fn jwks_for(uri: &str, issuer: &str, timeout: Duration) -> String {
 /// Why a JWKS could not be fetched.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("{0}: only http:// URIs can be fetched")]
+    #[error("{0}: only http:// and https:// URIs can be fetched")]
     Scheme(String),
+    #[error("{uri}: TLS: {message}")]
+    Tls { uri: String, message: String },
     #[error("{0}: malformed URI")]
     Uri(String),
     #[error("{uri}: {source}")]
@@ -273,11 +275,26 @@ pub enum FetchError {
     NotJwks(String),
 }
 
-/// GET `uri` (HTTP/1.0, so the answer is never chunked) within `timeout`.
+/// GET `uri` (`http://` or `https://`, HTTP/1.0 so the answer is never
+/// chunked) within `timeout`; `https` is verified against the system's
+/// root certificates.
 pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
-    let rest = uri
-        .strip_prefix("http://")
-        .ok_or_else(|| FetchError::Scheme(uri.into()))?;
+    fetch_with(uri, timeout, None)
+}
+
+/// [`fetch`], with `https` verified by `roots` instead of the system's.
+fn fetch_with(
+    uri: &str,
+    timeout: Duration,
+    roots: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<String, FetchError> {
+    let (tls, rest) = if let Some(r) = uri.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = uri.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err(FetchError::Scheme(uri.into()));
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -285,11 +302,15 @@ pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
     if authority.is_empty() {
         return Err(FetchError::Uri(uri.into()));
     }
-    let target = if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
+    // `host:port`, `host`, `[v6]:port` or `[v6]`.
+    let (host, target) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, authority.to_string()),
+        _ => (
+            authority,
+            format!("{authority}:{}", if tls { 443 } else { 80 }),
+        ),
     };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     let io = |source| FetchError::Io {
         uri: uri.into(),
         source,
@@ -299,18 +320,27 @@ pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
         .map_err(io)?
         .next()
         .ok_or_else(|| FetchError::Uri(uri.into()))?;
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
-    write!(
-        s,
+    let request = format!(
         "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\nUser-Agent: ferry-pilot\r\n\r\n"
-    )
-    .map_err(io)?;
-    let mut raw = Vec::new();
-    s.take(MAX_JWKS_BYTES as u64 + 16 * 1024)
-        .read_to_end(&mut raw)
-        .map_err(io)?;
+    );
+    let raw = if tls {
+        let config = match roots {
+            Some(c) => c,
+            None => tls_config()?,
+        };
+        let conn = rustls::ClientConnection::new(config, server_name(uri, host)?).map_err(|e| {
+            FetchError::Tls {
+                uri: uri.into(),
+                message: e.to_string(),
+            }
+        })?;
+        exchange(rustls::StreamOwned::new(conn, s), &request).map_err(io)?
+    } else {
+        exchange(s, &request).map_err(io)?
+    };
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -328,6 +358,64 @@ pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
         return Err(FetchError::NotJwks(uri.into()));
     }
     Ok(body.to_string())
+}
+
+/// Writes `request` and reads the answer to its end (bounded). A TLS peer
+/// that closes without `close_notify` ends the answer too: HTTP/1.0 marks
+/// the end by closing, and the JSON is checked afterwards.
+fn exchange(mut s: impl Read + Write, request: &str) -> std::io::Result<Vec<u8>> {
+    s.write_all(request.as_bytes())?;
+    s.flush()?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                if raw.len() > MAX_JWKS_BYTES + 16 * 1024 {
+                    return Err(std::io::Error::other("the answer is too large for a JWKS"));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(raw)
+}
+
+fn server_name(
+    uri: &str,
+    host: &str,
+) -> Result<rustls::pki_types::ServerName<'static>, FetchError> {
+    rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| FetchError::Uri(uri.into()))
+}
+
+/// The client configuration for `https` JWKS URIs: ring, the system's
+/// root certificates (loaded once).
+fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, FetchError> {
+    static CONFIG: OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            let loaded = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(loaded.certs);
+            if added == 0 {
+                return Err("no system root certificates were found".to_string());
+            }
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map(|b| std::sync::Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+            .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|message| FetchError::Tls {
+            uri: "https".into(),
+            message,
+        })
 }
 
 /// A JWKS with one P-256 public key whose private half was thrown away as
@@ -532,6 +620,76 @@ mod tests {
         );
     }
 
+    /// A JWKS served over TLS by a certificate for `localhost` from a CA
+    /// made here, fetched with that CA as the only root.
+    #[test]
+    fn https_jwks_uri_is_verified_and_fetched() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        use std::sync::Arc;
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf_key = KeyPair::generate().expect("key");
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .expect("params")
+            .signed_by(&leaf_key, &issuer)
+            .expect("leaf");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            )
+            .expect("server config");
+        let server = Arc::new(server);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for tcp in l.incoming().flatten() {
+                let Ok(conn) = rustls::ServerConnection::new(server.clone()) else {
+                    continue;
+                };
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                let mut buf = [0u8; 2048];
+                if s.read(&mut buf).is_err() {
+                    continue;
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{JWKS}",
+                    JWKS.len()
+                );
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+        });
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).expect("root");
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let uri = format!("https://localhost:{port}/jwks");
+        assert_eq!(
+            fetch_with(&uri, FETCH_TIMEOUT, Some(client.clone())).expect("fetched"),
+            JWKS
+        );
+        // Another name than the certificate's is refused.
+        let wrong = format!("https://127.0.0.1:{port}/jwks");
+        assert!(matches!(
+            fetch_with(&wrong, FETCH_TIMEOUT, Some(client)),
+            Err(FetchError::Io { .. })
+        ));
+    }
+
     #[test]
     fn jwks_uri_is_fetched_cached_and_falls_back() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -573,6 +731,12 @@ mod tests {
         assert!(matches!(
             fetch("ftp://x/y", FETCH_TIMEOUT),
             Err(FetchError::Scheme(_))
+        ));
+        // TLS to a plaintext server fails the handshake (or finds no roots).
+        let tls = format!("https://127.0.0.1:{port}/jwks");
+        assert!(matches!(
+            fetch(&tls, FETCH_TIMEOUT),
+            Err(FetchError::Io { .. } | FetchError::Tls { .. })
         ));
         // The fallback is a usable key set nobody can sign for.
         let fake: serde_json::Value = serde_json::from_str(fake_jwks()).expect("json");
