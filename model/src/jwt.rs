@@ -34,6 +34,15 @@ pub struct JwtRule {
     pub requires: Option<Requirement>,
 }
 
+/// `PerRouteConfig`: what a route asks of the filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwtPerRoute {
+    /// `disabled: true`: no verification on this route.
+    Disabled,
+    /// `requirement_name`: the requirement of the filter's `requirement_map`.
+    RequirementName(String),
+}
+
 /// `JwtRequirement`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {

@@ -158,6 +158,7 @@ fn own_jwt_filter(ec_jwks: &str) -> Value {
                     {"allow_missing": {}},
                 ]}}},
             ],
+            "requirement_map": {"istio-only": {"provider_name": "origins-0"}},
             "bypass_cors_preflight": true,
         },
     })
@@ -177,7 +178,8 @@ fn with_jwt_filter(port: u16, backend: u16, jwt: Value) -> String {
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
             "rules": {"action": "ALLOW", "policies": {
-                "public": {"permissions": [{"or_rules": {"rules": [path("/public"), path("/strict")]}}],
+                "public": {"permissions": [{"or_rules": {"rules": [
+                        path("/public"), path("/strict"), path("/open"), path("/named"), path("/wrong")]}}],
                     "principals": [{"any": true}]},
                 "istio-user": {"permissions": [path("/secure")],
                     "principals": [{"and_ids": {"ids": [
@@ -195,8 +197,21 @@ fn with_jwt_filter(port: u16, backend: u16, jwt: Value) -> String {
             }},
         },
     });
-    let routes = vec![json!({"match": {"prefix": "/"},
-        "route": {"cluster": "backend", "timeout": "5s"}})];
+    let per_route = |cfg: Value| {
+        let mut c = cfg;
+        c["@type"] =
+            json!("type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig");
+        json!({"envoy.filters.http.jwt_authn": c})
+    };
+    let routes = vec![
+        json!({"match": {"prefix": "/open"}, "route": {"cluster": "backend", "timeout": "5s"},
+            "typed_per_filter_config": per_route(json!({"disabled": true}))}),
+        json!({"match": {"prefix": "/wrong"}, "route": {"cluster": "backend", "timeout": "5s"},
+            "typed_per_filter_config": per_route(json!({"requirement_name": "nope"}))}),
+        json!({"match": {"prefix": "/named"}, "route": {"cluster": "backend", "timeout": "5s"},
+            "typed_per_filter_config": per_route(json!({"requirement_name": "istio-only"}))}),
+        json!({"match": {"prefix": "/"}, "route": {"cluster": "backend", "timeout": "5s"}}),
+    ];
     let mut hcm = http_connection_manager("in", routes);
     if let Some(list) = hcm["typed_config"]["http_filters"].as_array_mut() {
         list.insert(0, rbac);
@@ -338,6 +353,11 @@ fn jwt_authn_matches_envoy() -> Result<()> {
             bearer(&ec(json!({"iss": "https://other.test"}))),
         ),
         ("GET", "/strict".into(), vec![]),
+        ("GET", "/open".into(), bearer("garbage")),
+        ("GET", "/named".into(), vec![]),
+        ("GET", "/wrong".into(), bearer(DEMO)),
+        ("GET", "/named".into(), bearer(DEMO)),
+        ("GET", "/named".into(), bearer(&good_ec)),
         ("GET", "/strict".into(), bearer(DEMO)),
         ("GET", "/strict".into(), bearer(&good_ec)),
         (

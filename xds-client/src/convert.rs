@@ -1346,6 +1346,7 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
         },
         ratelimit_overrides: per_filter.ratelimit,
         rbac_overrides: per_filter.rbac,
+        jwt_overrides: per_filter.jwt,
         rate_limits: match &r.action {
             Some(Action::Route(ra)) => {
                 rate_limits(ctx, &format!("{field}.route.rate_limits"), &ra.rate_limits)?
@@ -1638,6 +1639,11 @@ impl VhostDefaults {
                 rt.rbac_overrides.push((name.clone(), f.clone()));
             }
         }
+        for (name, f) in &self.per_filter.jwt {
+            if !rt.jwt_overrides.iter().any(|(n, _)| n == name) {
+                rt.jwt_overrides.push((name.clone(), f.clone()));
+            }
+        }
         for (name, f) in &self.per_filter.ratelimit {
             if !rt.ratelimit_overrides.iter().any(|(n, _)| n == name) {
                 rt.ratelimit_overrides.push((name.clone(), f.clone()));
@@ -1792,6 +1798,7 @@ struct PerFilter {
     cors: Vec<(String, Arc<m::cors::CorsPolicy>)>,
     ratelimit: Vec<(String, Arc<m::ratelimit::LocalRateLimit>)>,
     rbac: Vec<(String, Arc<m::rbac::HttpRbac>)>,
+    jwt: Vec<(String, m::jwt::JwtPerRoute)>,
 }
 
 fn per_filter_configs(
@@ -1824,6 +1831,7 @@ fn per_filter_configs(
                         .push((name.clone(), Arc::new(disabled_ratelimit())));
                     out.rbac
                         .push((name.clone(), Arc::new(m::rbac::HttpRbac::default())));
+                    out.jwt.push((name.clone(), m::jwt::JwtPerRoute::Disabled));
                     continue;
                 }
                 None => continue,
@@ -1866,6 +1874,14 @@ fn per_filter_configs(
                     rbac::http_rbac_per_route(ctx, &ef, typed)?
                 };
                 out.rbac.push((name.clone(), Arc::new(cfg)));
+            }
+            jwt_authn::JWT_PER_ROUTE_TYPE => {
+                let cfg = if disabled {
+                    m::jwt::JwtPerRoute::Disabled
+                } else {
+                    jwt_authn::per_route(ctx, &ef, typed)?
+                };
+                out.jwt.push((name.clone(), cfg));
             }
             _ => {}
         }

@@ -531,7 +531,15 @@ async fn run_filters(
                 }
             }
             HttpFilterConfig::JwtAuthn(cfg) => {
-                match filters::jwt_authn(ctx, hcm, cfg, req, request_metadata.take()) {
+                match filters::jwt_authn(
+                    ctx,
+                    hcm,
+                    cfg,
+                    route,
+                    &f.name,
+                    req,
+                    request_metadata.take(),
+                ) {
                     Ok(md) => request_metadata = md,
                     Err(resp) => {
                         let mut resp = *resp;

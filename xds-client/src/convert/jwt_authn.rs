@@ -15,10 +15,30 @@ use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3 as pb;
 use ferry_model as m;
 use ferry_model::jwt as mj;
 
-use super::{ConvertError, Ctx, data_source, header_matcher, regex};
+use super::{ConvertError, Ctx, Typed, data_source, header_matcher, regex};
 
 pub(super) const JWT_AUTHN_TYPE: &str =
     "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
+pub(super) const JWT_PER_ROUTE_TYPE: &str =
+    "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig";
+
+/// `PerRouteConfig` of a route or virtual host.
+pub(super) fn per_route(
+    ctx: &Ctx<'_>,
+    field: &str,
+    typed: Typed,
+) -> Result<mj::JwtPerRoute, ConvertError> {
+    use pb::per_route_config::RequirementSpecifier as S;
+    let p: pb::PerRouteConfig = typed.decode().map_err(|e| ctx.err(field, e))?;
+    match p.requirement_specifier {
+        Some(S::Disabled(true)) => Ok(mj::JwtPerRoute::Disabled),
+        Some(S::RequirementName(n)) if !n.is_empty() => Ok(mj::JwtPerRoute::RequirementName(n)),
+        _ => Err(ctx.err(
+            field,
+            "a PerRouteConfig needs disabled: true or a requirement_name",
+        )),
+    }
+}
 
 /// The filter's configuration.
 pub(super) fn jwt_authn(
