@@ -237,13 +237,20 @@ impl Jwks {
 }
 
 /// Decodes base64url, with or without padding (`None` when malformed).
-/// Standard-alphabet characters are accepted too, as lenient decoders do.
+/// Standard-alphabet characters are accepted too, and whitespace is
+/// skipped, as Envoy's decoder does (a token with a space in it decodes,
+/// then fails its signature check).
 pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
+    let s = s.trim_end_matches(|c: char| c == '=' || c.is_ascii_whitespace());
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let mut acc: u32 = 0;
     let mut bits = 0u32;
+    let mut n = 0usize;
     for c in s.bytes() {
+        if c.is_ascii_whitespace() {
+            continue;
+        }
+        n += 1;
         let v = match c {
             b'A'..=b'Z' => c - b'A',
             b'a'..=b'z' => c - b'a' + 26,
@@ -261,7 +268,7 @@ pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     // A single leftover character cannot encode a byte.
-    if s.len() % 4 == 1 {
+    if n % 4 == 1 {
         return None;
     }
     Some(out)
@@ -296,6 +303,7 @@ mod tests {
         }
         assert_eq!(b64url_decode("Zm9v").as_deref(), Some(&b"foo"[..]));
         assert!(b64url_decode("Zm9v!").is_none());
+        assert_eq!(b64url_decode(" Zm 9v\n").as_deref(), Some(&b"foo"[..]));
         assert!(b64url_decode("Z").is_none());
     }
 

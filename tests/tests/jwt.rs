@@ -333,6 +333,26 @@ fn jwt_authn_matches_envoy() -> Result<()> {
         ("GET", "/public".into(), bearer("a.b.c")),
         ("GET", "/public?x=1".into(), bearer(&tampered)),
         ("GET", "/ec".into(), bearer(&good_ec)),
+        (
+            "GET",
+            "/ec".into(),
+            vec![("authorization", format!("Bearer {good_ec} trailing"))],
+        ),
+        (
+            "GET",
+            "/ec".into(),
+            vec![("authorization", format!("x Bearer {good_ec}"))],
+        ),
+        (
+            "GET",
+            "/ec".into(),
+            vec![("authorization", format!("Bearer {good_ec}, other"))],
+        ),
+        (
+            "GET",
+            "/ec".into(),
+            vec![("authorization", format!("Bearer   {good_ec}"))],
+        ),
         ("GET", format!("/ec?token={good_ec}"), vec![]),
         ("GET", "/ec".into(), bearer(&ec(json!({"exp": t - 3600})))),
         ("GET", "/ec".into(), bearer(&ec(json!({"exp": t - 30})))),

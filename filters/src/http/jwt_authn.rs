@@ -271,21 +271,23 @@ fn extract(p: &JwtProvider, pseudo: &Pseudo<'_>, headers: &HeaderMap) -> Vec<Fou
     for (name, prefix) in p.header_locations() {
         for v in headers.get_all(name) {
             let Ok(v) = v.to_str() else { continue };
-            // Envoy looks for the prefix anywhere in the value and takes what
-            // follows it, up to a comma.
-            let rest = if prefix.is_empty() {
+            // Envoy looks for the prefix anywhere in the value and takes
+            // all that follows it, but leading whitespace, as the token
+            // (`Bearer t, u` and `Bearer t u` are malformed tokens, not
+            // `t`; Envoy 1.40 answers them so).
+            let tok = if prefix.is_empty() {
                 Some(v)
             } else {
-                v.find(prefix).map(|i| &v[i + prefix.len()..])
+                v.find(prefix)
+                    .map(|i| v[i + prefix.len()..].trim_start_matches([' ', '\t']))
             };
-            if let Some(rest) = rest {
-                let tok = rest.split(',').next().unwrap_or_default().trim();
-                if !tok.is_empty() {
-                    out.push(Found {
-                        token: tok.to_string(),
-                        location: Location::Header(name.to_string()),
-                    });
-                }
+            if let Some(tok) = tok
+                && !tok.is_empty()
+            {
+                out.push(Found {
+                    token: tok.to_string(),
+                    location: Location::Header(name.to_string()),
+                });
             }
         }
     }
