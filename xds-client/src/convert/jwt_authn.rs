@@ -285,3 +285,108 @@ fn rule_match(
         runtime_fraction: None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::Warnings;
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+
+    const JWKS: &str = r#"{"keys":[{"kty":"RSA","kid":"k","n":"AQAB","e":"AQAB"}]}"#;
+
+    fn convert(p: &pb::JwtAuthentication) -> Result<mj::JwtAuthn, ConvertError> {
+        let mut w = Warnings::default();
+        let ctx = Ctx {
+            resource: "listener in".into(),
+            warnings: &mut w,
+        };
+        jwt_authn(&ctx, "http_filters[0].typed_config", p)
+    }
+
+    fn provider(jwks: &str) -> pb::JwtProvider {
+        pb::JwtProvider {
+            issuer: "iss".into(),
+            jwks_source_specifier: Some(pb::jwt_provider::JwksSourceSpecifier::LocalJwks(
+                DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(jwks.into())),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }
+    }
+
+    fn with(p: pb::JwtProvider, requires: pb::JwtRequirement) -> pb::JwtAuthentication {
+        pb::JwtAuthentication {
+            providers: [("p".to_string(), p)].into_iter().collect(),
+            rules: vec![pb::RequirementRule {
+                r#match: Some(route_pb::RouteMatch {
+                    path_specifier: Some(route_pb::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                requirement_type: Some(pb::requirement_rule::RequirementType::Requires(requires)),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn by_name(n: &str) -> pb::JwtRequirement {
+        pb::JwtRequirement {
+            requires_type: Some(pb::jwt_requirement::RequiresType::ProviderName(n.into())),
+        }
+    }
+
+    #[test]
+    fn providers_rules_and_defaults() {
+        let cfg = convert(&with(provider(JWKS), by_name("p"))).expect("converts");
+        let p = &cfg.providers["p"];
+        assert_eq!(p.clock_skew, 60);
+        assert_eq!(p.jwks.keys.len(), 1);
+        assert_eq!(p.header_locations(), [("authorization", "Bearer ")]);
+        assert_eq!(p.param_locations(), ["access_token"]);
+        assert_eq!(
+            cfg.rules[0].requires,
+            Some(mj::Requirement::Provider("p".into()))
+        );
+    }
+
+    #[test]
+    fn what_would_verify_differently_is_refused_by_field() {
+        let field = |p: &pb::JwtAuthentication| convert(p).expect_err("refused").field;
+        let mut remote = provider(JWKS);
+        remote.jwks_source_specifier = Some(pb::jwt_provider::JwksSourceSpecifier::RemoteJwks(
+            pb::RemoteJwks::default(),
+        ));
+        assert_eq!(
+            field(&with(remote, by_name("p"))),
+            "http_filters[0].typed_config.providers[\"p\"].remote_jwks"
+        );
+        assert_eq!(
+            field(&with(provider("{}"), by_name("p"))),
+            "http_filters[0].typed_config.providers[\"p\"].local_jwks"
+        );
+        let mut subjects = provider(JWKS);
+        subjects.require_expiration = true;
+        assert!(field(&with(subjects, by_name("p"))).ends_with(".require_expiration"));
+        assert_eq!(
+            field(&with(provider(JWKS), by_name("nobody"))),
+            "http_filters[0].typed_config.rules[0].requires.provider_name"
+        );
+        let unknown_name = pb::JwtAuthentication {
+            rules: vec![pb::RequirementRule {
+                r#match: Some(route_pb::RouteMatch {
+                    path_specifier: Some(route_pb::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                requirement_type: Some(pb::requirement_rule::RequirementType::RequirementName(
+                    "missing".into(),
+                )),
+            }],
+            ..with(provider(JWKS), by_name("p"))
+        };
+        assert_eq!(
+            field(&unknown_name),
+            "http_filters[0].typed_config.rules[0].requirement_name"
+        );
+    }
+}
