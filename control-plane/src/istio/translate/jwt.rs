@@ -47,6 +47,9 @@ const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a failed fetch is remembered before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How long a fetched JWKS is used before it is fetched again (istiod's
+/// default refresh interval); a failed refresh keeps the old one.
+const REFRESH_AFTER: Duration = Duration::from_secs(20 * 60);
 /// Upper bound of a JWKS document.
 const MAX_JWKS_BYTES: usize = 1 << 20;
 
@@ -169,8 +172,21 @@ fn provider(rule: &JwtRule) -> JwtProvider {
             jwks_for(uri, &rule.issuer, timeout)
         }
         _ => {
-            tracing::warn!(jwt.issuer = %rule.issuer, "jwtRule has neither jwks nor jwksUri; its tokens are refused");
-            fake_jwks().to_string()
+            // As istiod: the issuer's OpenID configuration names the JWKS.
+            let timeout = rule
+                .timeout
+                .as_ref()
+                .map(|d| d.0)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(FETCH_TIMEOUT);
+            match discover_jwks_uri(&rule.issuer, timeout) {
+                Ok(uri) => jwks_for(&uri, &rule.issuer, timeout),
+                Err(e) => {
+                    tracing::warn!(jwt.issuer = %rule.issuer, error = %e,
+                        "jwtRule has neither jwks nor jwksUri and its issuer's OpenID configuration gives none; its tokens are refused");
+                    fake_jwks().to_string()
+                }
+            }
         }
     };
     let mut space_delimited: Vec<String> = rule.space_delimited_claims.clone();
@@ -219,9 +235,10 @@ fn provider(rule: &JwtRule) -> JwtProvider {
 
 // ------------------------------------------------------------------------------ JWKS
 
-/// Fetched JWKS by URI: the text, or when a fetch failed.
+/// Fetched JWKS by URI: the text and when it was fetched, or when a
+/// fetch failed.
 enum Cached {
-    Jwks(String),
+    Jwks(String, Instant),
     Failed(Instant),
 }
 
@@ -233,18 +250,25 @@ fn cache() -> &'static Mutex<HashMap<String, Cached>> {
 /// The JWKS at `uri` (fetched once, then from the cache), or istiod's
 /// fallback when it cannot be had.
 fn jwks_for(uri: &str, issuer: &str, timeout: Duration) -> String {
-    {
+    let stale = {
         let c = cache().lock().unwrap_or_else(|p| p.into_inner());
         match c.get(uri) {
-            Some(Cached::Jwks(text)) => return text.clone(),
+            Some(Cached::Jwks(text, at)) if at.elapsed() < REFRESH_AFTER => return text.clone(),
+            Some(Cached::Jwks(text, _)) => Some(text.clone()),
             Some(Cached::Failed(at)) if at.elapsed() < RETRY_AFTER => {
                 return fake_jwks().to_string();
             }
-            _ => {}
+            _ => None,
         }
-    }
+    };
     let (entry, text) = match fetch(uri, timeout) {
-        Ok(text) => (Cached::Jwks(text.clone()), text),
+        Ok(text) => (Cached::Jwks(text.clone(), Instant::now()), text),
+        Err(e) if stale.is_some() => {
+            tracing::warn!(jwt.issuer = %issuer, jwt.jwks_uri = %uri, error = %e,
+                "cannot refresh the JWKS; the last one stays in use");
+            let text = stale.unwrap_or_default();
+            (Cached::Jwks(text.clone(), Instant::now()), text)
+        }
         Err(e) => {
             tracing::warn!(jwt.issuer = %issuer, jwt.jwks_uri = %uri, error = %e,
                 "cannot fetch the JWKS; tokens of this issuer are refused until it can be fetched");
@@ -256,6 +280,20 @@ fn jwks_for(uri: &str, issuer: &str, timeout: Duration) -> String {
         .unwrap_or_else(|p| p.into_inner())
         .insert(uri.to_string(), entry);
     text
+}
+
+/// The `jwks_uri` of `issuer`'s OpenID configuration
+/// (`<issuer>/.well-known/openid-configuration`).
+fn discover_jwks_uri(issuer: &str, timeout: Duration) -> Result<String, FetchError> {
+    let url = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.trim_end_matches('/')
+    );
+    let doc = get(&url, timeout, None)?;
+    serde_json::from_str::<serde_json::Value>(&doc)
+        .ok()
+        .and_then(|v| v.get("jwks_uri")?.as_str().map(str::to_string))
+        .ok_or(FetchError::NotJwks(url))
 }
 
 /// Why a JWKS could not be fetched.
@@ -284,6 +322,21 @@ pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
 
 /// [`fetch`], with `https` verified by `roots` instead of the system's.
 fn fetch_with(
+    uri: &str,
+    timeout: Duration,
+    roots: Option<std::sync::Arc<rustls::ClientConfig>>,
+) -> Result<String, FetchError> {
+    let body = get(uri, timeout, roots)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|_| FetchError::NotJwks(uri.into()))?;
+    if !v.get("keys").is_some_and(|k| k.is_array()) {
+        return Err(FetchError::NotJwks(uri.into()));
+    }
+    Ok(body)
+}
+
+/// The body of a 200 answer to GET `uri`.
+fn get(
     uri: &str,
     timeout: Duration,
     roots: Option<std::sync::Arc<rustls::ClientConfig>>,
@@ -351,11 +404,6 @@ fn fetch_with(
             uri: uri.into(),
             status: status.into(),
         });
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(body).map_err(|_| FetchError::NotJwks(uri.into()))?;
-    if !v.get("keys").is_some_and(|k| k.is_array()) {
-        return Err(FetchError::NotJwks(uri.into()));
     }
     Ok(body.to_string())
 }
@@ -702,11 +750,15 @@ mod tests {
                 let n = s.read(&mut buf).unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let (status, body) = if req.starts_with("GET /jwks ") {
-                    ("200 OK", JWKS)
-                } else {
-                    ("404 Not Found", "{}")
-                };
+                let discovery = format!(r#"{{"jwks_uri":"http://127.0.0.1:{port}/jwks2"}}"#);
+                let (status, body) =
+                    if req.starts_with("GET /jwks ") || req.starts_with("GET /jwks2 ") {
+                        ("200 OK", JWKS)
+                    } else if req.starts_with("GET /idp/.well-known/openid-configuration ") {
+                        ("200 OK", discovery.as_str())
+                    } else {
+                        ("404 Not Found", "{}")
+                    };
                 let _ = write!(
                     s,
                     "HTTP/1.0 {status}\r\nContent-Length: {}\r\n\r\n{body}",
@@ -721,6 +773,20 @@ mod tests {
             served.load(std::sync::atomic::Ordering::SeqCst),
             1,
             "cached"
+        );
+        // No jwks nor jwksUri: the issuer's OpenID configuration names it.
+        let rule = JwtRule {
+            issuer: format!("http://127.0.0.1:{port}/idp"),
+            ..Default::default()
+        };
+        let Some(jwt_provider::JwksSourceSpecifier::LocalJwks(d)) =
+            provider(&rule).jwks_source_specifier
+        else {
+            panic!("local jwks")
+        };
+        assert_eq!(
+            d.specifier,
+            Some(data_source::Specifier::InlineString(JWKS.into()))
         );
         let missing = format!("http://127.0.0.1:{port}/nope");
         assert!(matches!(
