@@ -24,6 +24,9 @@ pub struct JwtAuthn {
     /// `bypass_cors_preflight`: an `OPTIONS` request with `origin` and
     /// `access-control-request-method` is not checked.
     pub bypass_cors_preflight: bool,
+    /// `strip_failure_response`: a failure answers with its status only,
+    /// no body and no `www-authenticate`.
+    pub strip_failure_response: bool,
 }
 
 /// One `rules` entry.

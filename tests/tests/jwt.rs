@@ -486,3 +486,36 @@ fn run_both(bin: &std::path::Path, config: impl Fn(u16) -> String, cases: &[Case
     eprintln!("both counted: {ferry_stats:?}");
     Ok(())
 }
+
+/// `strip_failure_response`: failures keep their status, lose their body and
+/// `www-authenticate`.
+#[test]
+fn stripped_failures_match_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let Some(bin) = envoy::bin()? else {
+        eprintln!("envoy not installed; differential test skipped");
+        return Ok(());
+    };
+    let app = App::http("backend", &[])?;
+    let key = EcKey::new()?;
+    let bearer = |tok: &str| vec![("authorization", format!("Bearer {tok}"))];
+    let cases: Vec<Case> = vec![
+        ("GET", "/public".into(), bearer("garbage")),
+        ("GET", "/strict".into(), vec![]),
+        ("GET", "/secure".into(), bearer(DEMO)),
+        (
+            "GET",
+            "/ec".into(),
+            bearer(&key.sign(json!({"iss": EC_ISS, "aud": "elsewhere"}))),
+        ),
+    ];
+    run_both(
+        &bin,
+        |port| {
+            let mut f = own_jwt_filter(&key.jwks);
+            f["typed_config"]["strip_failure_response"] = json!(true);
+            with_jwt_filter(port, app.port, f)
+        },
+        &cases,
+    )
+}

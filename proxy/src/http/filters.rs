@@ -274,9 +274,11 @@ pub fn jwt_authn(
             let mut resp = super::local_reply(super::LocalReply {
                 status: http::StatusCode::from_u16(status.http_status())
                     .unwrap_or(http::StatusCode::UNAUTHORIZED),
-                body: Some(status.to_string()),
+                body: (!cfg.strip_failure_response).then(|| status.to_string()),
             });
-            if let Ok(v) = HeaderValue::from_str(&realm) {
+            if !cfg.strip_failure_response
+                && let Ok(v) = HeaderValue::from_str(&realm)
+            {
                 resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
             }
             Err(Box::new(resp))

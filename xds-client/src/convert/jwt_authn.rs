@@ -42,7 +42,7 @@ pub(super) fn per_route(
 
 /// The filter's configuration.
 pub(super) fn jwt_authn(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     p: &pb::JwtAuthentication,
 ) -> Result<mj::JwtAuthn, ConvertError> {
@@ -58,7 +58,25 @@ pub(super) fn jwt_authn(
     names.sort();
     for name in names {
         let pf = format!("{field}.providers[{name:?}]");
-        let prov = provider(ctx, &pf, name, &p.providers[name])?;
+        let src = &p.providers[name];
+        // Outputs and caches that change no verdict: skipped, said so.
+        for (set, f) in [
+            (!src.header_in_metadata.is_empty(), "header_in_metadata"),
+            (
+                !src.failed_status_in_metadata.is_empty(),
+                "failed_status_in_metadata",
+            ),
+            (src.clear_route_cache, "clear_route_cache"),
+            (src.jwt_cache_config.is_some(), "jwt_cache_config"),
+        ] {
+            if set {
+                ctx.warn(
+                    &format!("{pf}.{f}"),
+                    format!("{f} is not supported; ignored"),
+                );
+            }
+        }
+        let prov = provider(ctx, &pf, name, src)?;
         providers.insert(name.clone(), Arc::new(prov));
     }
     let mut requirement_map = BTreeMap::new();
@@ -98,6 +116,7 @@ pub(super) fn jwt_authn(
         rules,
         requirement_map,
         bypass_cors_preflight: p.bypass_cors_preflight,
+        strip_failure_response: p.strip_failure_response,
     })
 }
 
@@ -296,11 +315,11 @@ mod tests {
 
     fn convert(p: &pb::JwtAuthentication) -> Result<mj::JwtAuthn, ConvertError> {
         let mut w = Warnings::default();
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             resource: "listener in".into(),
             warnings: &mut w,
         };
-        jwt_authn(&ctx, "http_filters[0].typed_config", p)
+        jwt_authn(&mut ctx, "http_filters[0].typed_config", p)
     }
 
     fn provider(jwks: &str) -> pb::JwtProvider {
