@@ -179,7 +179,7 @@ fn provider(rule: &JwtRule) -> JwtProvider {
                 .map(|d| d.0)
                 .filter(|d| !d.is_zero())
                 .unwrap_or(FETCH_TIMEOUT);
-            match discover_jwks_uri(&rule.issuer, timeout) {
+            match blocking(|| discover_jwks_uri(&rule.issuer, timeout)) {
                 Ok(uri) => jwks_for(&uri, &rule.issuer, timeout),
                 Err(e) => {
                     tracing::warn!(jwt.issuer = %rule.issuer, error = %e,
@@ -261,7 +261,7 @@ fn jwks_for(uri: &str, issuer: &str, timeout: Duration) -> String {
             _ => None,
         }
     };
-    let (entry, text) = match fetch(uri, timeout) {
+    let (entry, text) = match blocking(|| fetch(uri, timeout)) {
         Ok(text) => (Cached::Jwks(text.clone(), Instant::now()), text),
         Err(e) if stale.is_some() => {
             tracing::warn!(jwt.issuer = %issuer, jwt.jwks_uri = %uri, error = %e,
@@ -280,6 +280,18 @@ fn jwks_for(uri: &str, issuer: &str, timeout: Duration) -> String {
         .unwrap_or_else(|p| p.into_inner())
         .insert(uri.to_string(), entry);
     text
+}
+
+/// Runs a blocking fetch; on a multi-threaded tokio runtime the worker
+/// hands its other tasks over first, so other proxies' streams are not held
+/// up by a slow JWKS server.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 /// The `jwks_uri` of `issuer`'s OpenID configuration
