@@ -44,6 +44,7 @@ fn route(i: usize) -> Route {
         cors: Default::default(),
         ratelimit_overrides: Vec::new(),
         rbac_overrides: Vec::new(),
+        jwt_overrides: Vec::new(),
         rate_limits: Vec::new(),
         vhost_rate_limits: Default::default(),
     }

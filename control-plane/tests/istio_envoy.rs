@@ -561,8 +561,19 @@ async fn envoy_acks_the_istio_io_authorization_tasks() {
             ],
             false,
         ),
-        ("authz-jwt", &["02-require-jwt.yaml"], false),
-        ("authz-jwt", &["03-require-jwt-group-claim.yaml"], false),
+        (
+            "authz-jwt",
+            &["01-request-authentication.yaml", "02-require-jwt.yaml"],
+            false,
+        ),
+        (
+            "authz-jwt",
+            &[
+                "01-request-authentication.yaml",
+                "03-require-jwt-group-claim.yaml",
+            ],
+            false,
+        ),
     ];
     for (i, (task, files, on_bookinfo)) in steps.iter().enumerate() {
         let dir = std::env::temp_dir().join(format!("ferry-authz-task-{i}-{}", std::process::id()));
@@ -597,4 +608,120 @@ async fn envoy_acks_the_istio_io_authorization_tasks() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Istio's sample JWKS (the demo tokens' key).
+const DEMO_JWKS: &str = r#"{ "keys":[ {"e":"AQAB","kid":"DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ","kty":"RSA","n":"xAE7eB6qugXyCAG3yhh7pkDkT65pHymX-P7KfIupjf59vsdo91bSP9C8H07pSAGQO1MV_xFj9VswgsCg4R6otmg5PV2He95lZdHtOcU5DXIg_pbhLdKXbi66GlVeK6ABZOUW3WYtnNHD-91gVuoeJT_DwtGGcp4ignkgXfkiEm4sw-4sfb4qdt5oLbyVpmW6x9cfa7vs2WTfURiCrBoUqgBo_-4WTiULmmHSGZHOjzwa8WtrtOQGsAFjIbno85jp6MnGGGZPYZbDAa_b3y5u-YpW7ypZrvD8BgtKVjgtQgZhLAGezMt0ua3DRrWnKqTZ0BJ_EyxOGuHJrLsn00fnMQ"}]}"#;
+
+/// Serves `body` to every HTTP request on a loopback port (a JWKS server).
+fn serve_jwks(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+/// RequestAuthentication on a sidecar and on a gateway: one rule with an
+/// inline JWKS, one whose `jwksUri` ferry-pilot fetches and inlines, one
+/// whose `jwksUri` cannot be fetched (the fallback key set), all the token
+/// locations and outputs; Envoy ACKs the jwt_authn filters istiod's way.
+#[tokio::test]
+async fn envoy_acks_request_authentication() {
+    let Some(bin) = envoy_binary() else { return };
+    let jwks_port = serve_jwks(DEMO_JWKS);
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let dir = std::env::temp_dir().join(format!("ferry-jwt-ack-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("foo.yaml"), FOO_WORKLOADS).expect("write");
+    let inline = serde_json::to_string(DEMO_JWKS).expect("quote");
+    let policies = format!(
+        r#"
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt-example, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  jwtRules:
+  - issuer: testing@secure.istio.io
+    jwksUri: http://127.0.0.1:{jwks_port}/jwks.json
+  - issuer: inline.example
+    jwks: {inline}
+    audiences: [httpbin.foo]
+    fromHeaders: [{{name: x-jwt, prefix: "Token "}}]
+    fromParams: [token]
+    fromCookies: [session]
+    outputPayloadToHeader: x-jwt-payload
+    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+    forwardOriginalToken: true
+  - issuer: unreachable.example
+    jwksUri: http://127.0.0.1:{dead_port}/keys
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: ingress-jwt, namespace: istio-system}}
+spec:
+  selector: {{matchLabels: {{istio: ingressgateway}}}}
+  jwtRules:
+  - issuer: testing@secure.istio.io
+    jwksUri: http://127.0.0.1:{jwks_port}/jwks.json
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: foo}}
+spec:
+  selector: {{matchLabels: {{app: httpbin}}}}
+  rules:
+  - from: [{{source: {{requestPrincipals: ["testing@secure.istio.io/testing@secure.istio.io"]}}}}]
+    when: [{{key: "request.auth.claims[groups]", values: [group1]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: httpbin-gateway, namespace: foo}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ["*"]}}]
+"#
+    );
+    std::fs::write(dir.join("jwt.yaml"), policies).expect("write");
+    let (server, xds, _pilot) = start_pilot(&dir).await;
+    let (id, meta) = (
+        "sidecar~10.1.7.20~httpbin-1.foo~foo.svc.cluster.local".to_string(),
+        json!({"NAMESPACE": "foo", "LABELS": {"app": "httpbin", "version": "v1"}, "INSTANCE_IPS": "10.1.7.20"}),
+    );
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+    assert_in_dump(
+        &envoy,
+        &[
+            "envoy.filters.http.jwt_authn",
+            "origins-0",
+            "origins-2",
+            "allow_missing",
+            "requires_all",
+            "x-jwt-payload",
+            "DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ",
+            "ferry-unfetched",
+        ],
+    )
+    .await;
+    let (id, meta) = gateway_node("10.0.9.50");
+    let envoy = start_envoy(&bin, &id, "GRPC", xds, meta);
+    types_acked(&server, &envoy, &id, &[LISTENER, ROUTE]).await;
+    assert_in_dump(&envoy, &["envoy.filters.http.jwt_authn", "origins-0"]).await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -228,6 +228,8 @@ pub enum HttpFilterConfig {
     Rbac(Arc<crate::rbac::HttpRbac>),
     /// `istio.stats`: observes every request, never changes one.
     IstioStats(IstioStats),
+    /// `envoy.filters.http.jwt_authn`.
+    JwtAuthn(Arc<crate::jwt::JwtAuthn>),
 }
 
 /// Where a connection manager's route table comes from.

@@ -90,6 +90,9 @@ pub struct Route {
     /// route's entry replaces its virtual host's. An override without rules
     /// turns the filter off for the route.
     pub rbac_overrides: Vec<(String, std::sync::Arc<crate::rbac::HttpRbac>)>,
+    /// Per-filter overrides of the JWT filter (`PerRouteConfig`); the
+    /// route's entry replaces its virtual host's.
+    pub jwt_overrides: Vec<(String, crate::jwt::JwtPerRoute)>,
     /// `route.rate_limits`: the descriptors of a request for rate limiting.
     pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
     /// The virtual host's `rate_limits`.
@@ -126,6 +129,14 @@ impl Route {
 
     /// The RBAC configuration overriding the filter named `filter` (the
     /// route's entry, else its virtual host's).
+    pub fn jwt_override(&self, filter: &str) -> Option<&crate::jwt::JwtPerRoute> {
+        self.jwt_overrides
+            .iter()
+            .find(|(n, _)| n == filter)
+            .map(|(_, f)| f)
+    }
+
+    /// The RBAC configuration overriding the filter named `filter`, if any.
     pub fn rbac_override(&self, filter: &str) -> Option<&crate::rbac::HttpRbac> {
         self.rbac_overrides
             .iter()
@@ -888,6 +899,7 @@ mod tests {
             cors: RouteCors::default(),
             ratelimit_overrides: vec![],
             rbac_overrides: vec![],
+            jwt_overrides: vec![],
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
             hash_policy: vec![],

@@ -6,7 +6,15 @@
 //! - authz-http on bookinfo: allow-nothing, then viewers by method and by
 //!   the callers' SPIFFE principals, workload by workload;
 //! - authz-deny: DENY by method, with a header exception, DENY before ALLOW;
-//! - authz-tcp: ALLOW by port, and the HTTP-only-field rules on TCP.
+//! - authz-tcp: ALLOW by port, and the HTTP-only-field rules on TCP;
+//! - authz-jwt: RequestAuthentication (an invalid token refused with 401,
+//!   no token let through), then `requestPrincipals` and a `groups` claim
+//!   required, with Istio's demo tokens (`../shared/istio-samples/jwt/`).
+//!   The task's `jwksUri` points at GitHub and the tests run offline: its
+//!   JWKS (`jwks.json`) is served by `python3 -m http.server` inside the
+//!   istiod pod and the task's RequestAuthentication is applied with only
+//!   `jwksUri` rewritten to that local URL; ferry-pilot fetches and inlines
+//!   it as istiod does.
 //!
 //! A step counts once every check of it gives the expected result in the
 //! same round, twice in a row (a configuration needs a moment to reach the
@@ -15,7 +23,9 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use ferry_tests::istio::{
     App, IstioMesh, Proxy, Step, Workload, http, http_with, pod_yaml, run_steps, service_yaml, tcp,
 };
@@ -300,6 +310,112 @@ fn authz_deny_and_tcp(proxy: Proxy, tasks: &Path) -> Result<()> {
         },
     ];
     run_steps(&m, &tasks.join("authz-tcp"), "authz-tcp", &tcp_steps, VIPS)
+}
+
+// ------------------------------------------------------------------ authz-jwt
+
+/// Where the JWKS server in the istiod pod listens.
+const JWKS_PORT: u16 = 18080;
+
+fn authz_jwt(proxy: Proxy, tasks: &Path) -> Result<()> {
+    let samples = tasks.join("../../jwt");
+    let tokens: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(samples.join("tokens.json"))?)?;
+    // The checks take `'static` arguments; a test process leaks these few.
+    let bearer = |name: &str| -> Result<&'static [&'static str]> {
+        let tok = tokens[name]
+            .as_str()
+            .with_context(|| format!("tokens.json has no {name}"))?;
+        let header: &'static str =
+            Box::leak(format!("Authorization: Bearer {tok}").into_boxed_str());
+        Ok(Box::leak(vec!["-H", header].into_boxed_slice()))
+    };
+    let (demo, groups) = (bearer("demo.jwt")?, bearer("groups-scope.jwt")?);
+    const INVALID: &[&str] = &["-H", "Authorization: Bearer invalidToken"];
+    let Some(m) = IstioMesh::start(proxy, &foo_workloads(), foo_objects, "24h")? else {
+        return Ok(());
+    };
+    // The task's files, the RequestAuthentication pointing at the pod's JWKS server.
+    let dir = std::env::temp_dir().join(format!(
+        "ferry-authz-jwt-{}-{}",
+        std::process::id(),
+        m.istiod.ns_name()
+    ));
+    let web = dir.join("web");
+    std::fs::create_dir_all(&web)?;
+    std::fs::copy(samples.join("jwks.json"), web.join("jwks.json"))?;
+    let task = tasks.join("authz-jwt");
+    for f in ["02-require-jwt.yaml", "03-require-jwt-group-claim.yaml"] {
+        std::fs::copy(task.join(f), dir.join(f))?;
+    }
+    let ra = std::fs::read_to_string(task.join("01-request-authentication.yaml"))?;
+    let uri = ra
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("jwksUri:"))
+        .context("the task's RequestAuthentication has a jwksUri")?
+        .trim()
+        .to_string();
+    let local = format!("\"http://127.0.0.1:{JWKS_PORT}/jwks.json\"");
+    std::fs::write(
+        dir.join("01-request-authentication.yaml"),
+        ra.replace(&uri, &local),
+    )?;
+    let _jwks = m
+        .istiod
+        .cmd("python3")
+        .args([
+            "-m",
+            "http.server",
+            &JWKS_PORT.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&web)
+        .label("jwks")
+        .spawn()?;
+    m.istiod.wait_port(JWKS_PORT, Duration::from_secs(20))?;
+    let steps = [
+        Step {
+            apply: &["01-request-authentication.yaml"],
+            checks: vec![
+                http_with("sleep", "httpbin", 8000, "/headers", INVALID, 401),
+                http("sleep", "httpbin", 8000, "/headers", 200),
+            ],
+        },
+        Step {
+            apply: &["01-request-authentication.yaml", "02-require-jwt.yaml"],
+            checks: vec![
+                http_with("sleep", "httpbin", 8000, "/headers", demo, 200),
+                http("sleep", "httpbin", 8000, "/headers", 403),
+            ],
+        },
+        Step {
+            apply: &[
+                "01-request-authentication.yaml",
+                "03-require-jwt-group-claim.yaml",
+            ],
+            checks: vec![
+                http_with("sleep", "httpbin", 8000, "/headers", groups, 200),
+                http_with("sleep", "httpbin", 8000, "/headers", demo, 403),
+            ],
+        },
+    ];
+    let result = run_steps(&m, &dir, "authz-jwt", &steps, VIPS);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+#[test]
+fn authz_jwt_through_envoy() -> Result<()> {
+    let Some(t) = tasks() else { return Ok(()) };
+    authz_jwt(Proxy::Envoy, &t)
+}
+
+#[test]
+fn authz_jwt_through_ferry() -> Result<()> {
+    let Some(t) = tasks() else { return Ok(()) };
+    authz_jwt(Proxy::Ferry, &t)
 }
 
 #[test]

@@ -28,6 +28,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 use prost::Message;
 
+mod jwt_authn;
 mod rbac;
 
 /// A conversion error: which resource, which field, what is wrong.
@@ -1052,6 +1053,19 @@ fn http_connection_manager(
                     config: m::HttpFilterConfig::Rbac(Arc::new(rbac::http_rbac(ctx, &tf, &cfg)?)),
                 });
             }
+            jwt_authn::JWT_AUTHN_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "the JWT filter needs a typed_config"));
+                };
+                let cfg = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::JwtAuthn(Arc::new(jwt_authn::jwt_authn(
+                        ctx, &tf, &cfg,
+                    )?)),
+                });
+            }
             t if HTTP_TOLERATED.contains(&t) || ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,
@@ -1424,6 +1438,7 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
         },
         ratelimit_overrides: per_filter.ratelimit,
         rbac_overrides: per_filter.rbac,
+        jwt_overrides: per_filter.jwt,
         rate_limits: match &r.action {
             Some(Action::Route(ra)) => {
                 rate_limits(ctx, &format!("{field}.route.rate_limits"), &ra.rate_limits)?
@@ -1716,6 +1731,11 @@ impl VhostDefaults {
                 rt.rbac_overrides.push((name.clone(), f.clone()));
             }
         }
+        for (name, f) in &self.per_filter.jwt {
+            if !rt.jwt_overrides.iter().any(|(n, _)| n == name) {
+                rt.jwt_overrides.push((name.clone(), f.clone()));
+            }
+        }
         for (name, f) in &self.per_filter.ratelimit {
             if !rt.ratelimit_overrides.iter().any(|(n, _)| n == name) {
                 rt.ratelimit_overrides.push((name.clone(), f.clone()));
@@ -1870,6 +1890,7 @@ struct PerFilter {
     cors: Vec<(String, Arc<m::cors::CorsPolicy>)>,
     ratelimit: Vec<(String, Arc<m::ratelimit::LocalRateLimit>)>,
     rbac: Vec<(String, Arc<m::rbac::HttpRbac>)>,
+    jwt: Vec<(String, m::jwt::JwtPerRoute)>,
 }
 
 fn per_filter_configs(
@@ -1902,6 +1923,7 @@ fn per_filter_configs(
                         .push((name.clone(), Arc::new(disabled_ratelimit())));
                     out.rbac
                         .push((name.clone(), Arc::new(m::rbac::HttpRbac::default())));
+                    out.jwt.push((name.clone(), m::jwt::JwtPerRoute::Disabled));
                     continue;
                 }
                 None => continue,
@@ -1944,6 +1966,14 @@ fn per_filter_configs(
                     rbac::http_rbac_per_route(ctx, &ef, typed)?
                 };
                 out.rbac.push((name.clone(), Arc::new(cfg)));
+            }
+            jwt_authn::JWT_PER_ROUTE_TYPE => {
+                let cfg = if disabled {
+                    m::jwt::JwtPerRoute::Disabled
+                } else {
+                    jwt_authn::per_route(ctx, &ef, typed)?
+                };
+                out.jwt.push((name.clone(), cfg));
             }
             _ => {}
         }

@@ -4,6 +4,7 @@
 pub mod cors;
 pub mod fault;
 pub mod headers;
+pub mod jwt_authn;
 pub mod local_ratelimit;
 pub mod rbac;
 pub mod retry;

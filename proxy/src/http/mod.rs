@@ -560,6 +560,9 @@ async fn run_filters(
 ) -> Result<(bool, filters::ResponseHooks), Routed> {
     let mut delayed = false;
     let mut on_response = filters::ResponseHooks::default();
+    // The request's own dynamic metadata, once a filter adds to the
+    // connection's.
+    let mut request_metadata = None;
     for f in &hcm.http_filters {
         match &f.config {
             HttpFilterConfig::Fault(cfg) => {
@@ -600,13 +603,39 @@ async fn run_filters(
                 }
             }
             HttpFilterConfig::Rbac(cfg) => {
-                if let Some(mut resp) = filters::rbac(ctx, hcm, cfg, route, &f.name, req) {
+                if let Some(mut resp) = filters::rbac(
+                    ctx,
+                    hcm,
+                    cfg,
+                    route,
+                    &f.name,
+                    req,
+                    request_metadata.as_ref(),
+                ) {
                     on_response.apply(resp.headers_mut());
                     return Err((resp, "", None));
                 }
             }
             // Reported once the response is known (`handle`).
             HttpFilterConfig::IstioStats(_) => {}
+            HttpFilterConfig::JwtAuthn(cfg) => {
+                match filters::jwt_authn(
+                    ctx,
+                    hcm,
+                    cfg,
+                    route,
+                    &f.name,
+                    req,
+                    request_metadata.take(),
+                ) {
+                    Ok(md) => request_metadata = md,
+                    Err(resp) => {
+                        let mut resp = *resp;
+                        on_response.apply(resp.headers_mut());
+                        return Err((resp, "", None));
+                    }
+                }
+            }
         }
     }
     Ok((delayed, on_response))

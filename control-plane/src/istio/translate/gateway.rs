@@ -170,7 +170,14 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         by_port.entry(s.server.port.number).or_default().push(s);
     }
     // AuthorizationPolicies selecting the gateway pod guard every server.
-    let http_authz = scope.mesh.authz_http_filters(scope.proxy);
+    // JWT authentication first: the authorization filters read what it
+    // verified.
+    let mut http_authz: Vec<_> = scope
+        .mesh
+        .jwt_http_filter(scope.proxy)
+        .into_iter()
+        .collect();
+    http_authz.extend(scope.mesh.authz_http_filters(scope.proxy));
     let network_authz = scope.mesh.authz_network_filters(scope.proxy);
     for (port, servers) in by_port {
         let mut chains = Vec::new();

@@ -459,7 +459,14 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
             }),
         ));
     }
-    let http_authz = scope.mesh.authz_http_filters(scope.proxy);
+    // JWT authentication first: the authorization filters read what it
+    // verified.
+    let mut http_authz: Vec<_> = scope
+        .mesh
+        .jwt_http_filter(scope.proxy)
+        .into_iter()
+        .collect();
+    http_authz.extend(scope.mesh.authz_http_filters(scope.proxy));
     let network_authz = scope.mesh.authz_network_filters(scope.proxy);
     for chain in &mut chains {
         super::authz::apply(chain, &http_authz, &network_authz);

@@ -18,6 +18,7 @@ mod cluster;
 mod delegate;
 pub mod ext_authz;
 mod gateway;
+pub mod jwt;
 mod listener;
 pub mod locality;
 pub mod registry;
@@ -228,6 +229,7 @@ pub struct Mesh {
     gateways: Vec<Resource>,
     peer_authentications: Vec<Resource>,
     authorization_policies: Vec<Resource>,
+    request_authentications: Vec<Resource>,
 }
 
 impl Mesh {
@@ -248,6 +250,7 @@ impl Mesh {
             gateways: pick(|s| matches!(s, Spec::Gateway(_))),
             peer_authentications: pick(|s| matches!(s, Spec::PeerAuthentication(_))),
             authorization_policies: pick(|s| matches!(s, Spec::AuthorizationPolicy(_))),
+            request_authentications: pick(|s| matches!(s, Spec::RequestAuthentication(_))),
             options,
         }
     }

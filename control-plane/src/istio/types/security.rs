@@ -2,8 +2,8 @@
 //! AuthorizationPolicy and RequestAuthentication, as in Istio's
 //! `security/v1beta1/*.proto`. PeerAuthentication decides the inbound TLS
 //! chains and AuthorizationPolicy becomes RBAC and ext_authz filters
-//! (`translate::authz`); RequestAuthentication (JWT) is parsed and
-//! validated only.
+//! (`translate::authz`); RequestAuthentication becomes the JWT filter
+//! (`translate::jwt`).
 
 use std::collections::BTreeMap;
 
