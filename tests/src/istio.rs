@@ -420,6 +420,20 @@ pub fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Result<(u16, String)> {
     Ok((code.trim().parse().unwrap_or(0), body.to_string()))
 }
 
+/// A request header as `echo.py` reports it in its JSON answer (names
+/// compared without case); an error when the answer is not echo's JSON.
+pub fn echo_header(body: &str, name: &str) -> Result<Option<String>> {
+    let echo: serde_json::Value =
+        serde_json::from_str(body).with_context(|| format!("echo answer {body:?}"))?;
+    Ok(echo["headers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .and_then(|h| h[1].as_str())
+        .map(str::to_string))
+}
+
 /// Sends `line` over TCP from `pod` and returns what came back before the
 /// server or the proxy closed (empty when refused or reset).
 pub fn tcp_exchange(pod: &Pod, host: &str, port: u16, line: &str) -> Result<String> {

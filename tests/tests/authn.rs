@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use ferry_tests::istio::{
-    App, Check, IstioMesh, Proxy, Step, Workload, curl, http, pod_yaml, run_steps, service_yaml,
+    App, Check, IstioMesh, Proxy, Step, Workload, curl, echo_header, http, pod_yaml, run_steps,
+    service_yaml,
 };
 
 const NAMESPACES: [&str; 3] = ["foo", "bar", "legacy"];
@@ -126,17 +127,7 @@ fn xfcc(m: &IstioMesh, from: &str, to: &str) -> Result<Option<String>> {
         &["--resolve", &resolve],
     )?;
     ensure!(code == 200, "sleep.{from} -> httpbin.{to}: {code} {body}");
-    let echo: serde_json::Value = serde_json::from_str(&body)?;
-    Ok(echo["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|h| {
-            h[0].as_str()
-                .is_some_and(|n| n.eq_ignore_ascii_case("x-forwarded-client-cert"))
-        })
-        .and_then(|h| h[1].as_str())
-        .map(str::to_string))
+    echo_header(&body, "x-forwarded-client-cert")
 }
 
 fn authn_policy(proxy: Proxy) -> Result<()> {

@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferry_tests::istio::{App, IstioMesh, Proxy, Workload, curl};
+use ferry_tests::istio::{App, IstioMesh, Proxy, Workload, curl, echo_header};
 use ferry_tests::netns::{Proc, ferry_bin};
 
 const SERVER_VIP: &str = "10.96.1.10";
@@ -103,24 +103,12 @@ fn xfcc(m: &IstioMesh) -> Result<String> {
         || curl(m.pod("client"), &url(), &[]),
         |(code, _)| *code == 200,
     )?;
-    let echo: serde_json::Value =
-        serde_json::from_str(&body).with_context(|| format!("echo answer {body:?}"))?;
-    echo["headers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|h| {
-            h[0].as_str()
-                .is_some_and(|n| n.eq_ignore_ascii_case("x-forwarded-client-cert"))
-        })
-        .and_then(|h| h[1].as_str())
-        .map(str::to_string)
-        .with_context(|| {
-            format!(
-                "no x-forwarded-client-cert reached the app: {body}\n{}",
-                m.diagnostics()
-            )
-        })
+    echo_header(&body, "x-forwarded-client-cert")?.with_context(|| {
+        format!(
+            "no x-forwarded-client-cert reached the app: {body}\n{}",
+            m.diagnostics()
+        )
+    })
 }
 
 /// The checks every pairing must pass: identities in XFCC, STRICT.
