@@ -128,6 +128,11 @@ impl Ca {
         self
     }
 
+    /// Lifetime of certificates whose request names none.
+    pub fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
+
     pub fn root_pem(&self) -> &str {
         &self.root_pem
     }

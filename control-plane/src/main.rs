@@ -257,6 +257,17 @@ async fn serve_pilot(
             },
         )
     };
+    // Certificates served over SDS are renewed at half their lifetime.
+    {
+        let pilot = pilot.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                pilot.renew_certificates();
+            }
+        });
+    }
     let server = Server::per_node(Cache::new(), resolver);
     server.set_ca(ca);
     serve_with(server, args).await

@@ -78,6 +78,14 @@ struct State {
     proxies: HashMap<String, (Proxy, Cache)>,
 }
 
+/// A node that connected from an address, with its cache and when the
+/// certificate served to it (if any) is due for renewal.
+struct Peer {
+    ip: std::net::IpAddr,
+    cache: Cache,
+    renew_at: Option<std::time::Instant>,
+}
+
 /// The translation side of the control plane.
 pub struct Pilot {
     state: Mutex<State>,
@@ -86,7 +94,7 @@ pub struct Pilot {
     ca: std::sync::OnceLock<Arc<crate::ca::Ca>>,
     /// Where each node connected from, with its cache: whose certificate
     /// it may have.
-    peers: Mutex<HashMap<String, (std::net::IpAddr, Cache)>>,
+    peers: Mutex<HashMap<String, Peer>>,
 }
 
 fn fill(cache: &Cache, cfg: &ProxyConfig) {
@@ -157,36 +165,76 @@ impl Pilot {
     pub fn cache_for_peer(&self, node: &Node, peer: Option<std::net::IpAddr>) -> Cache {
         let cache = self.cache_for(node);
         if let Some(ip) = peer {
-            self.peers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(node.id.clone(), (ip, cache.clone()));
-            self.serve_certificate(&node.id, ip, &cache);
+            let renew_at = self.serve_certificate(&node.id, ip, &cache, false);
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = peers.entry(node.id.clone()).or_insert(Peer {
+                ip,
+                cache: cache.clone(),
+                renew_at: None,
+            });
+            entry.ip = ip;
+            entry.renew_at = renew_at.or(entry.renew_at);
         }
         cache
     }
 
-    /// Puts the workload certificate of the pod at `ip` into `cache`,
-    /// unless it holds one or no pod has that address (yet: a sidecar may
-    /// connect before its Pod is known; every update tries again).
-    fn serve_certificate(&self, node: &str, ip: std::net::IpAddr, cache: &Cache) {
-        let Some(ca) = self.ca.get() else {
-            return;
-        };
-        if !cache.snapshot(SECRET).resources.is_empty() {
-            return;
+    /// Puts a new workload certificate of the pod at `ip` into `cache`
+    /// (unless it holds one and `renew` is false, or no pod has that
+    /// address yet: a sidecar may connect before its Pod is known, and
+    /// every update tries again). Returns when to renew what it served:
+    /// at half its lifetime, as istio-agent renews.
+    fn serve_certificate(
+        &self,
+        node: &str,
+        ip: std::net::IpAddr,
+        cache: &Cache,
+        renew: bool,
+    ) -> Option<std::time::Instant> {
+        let ca = self.ca.get()?;
+        if !renew && !cache.snapshot(SECRET).resources.is_empty() {
+            return None;
         }
-        let Some((ns, sa)) = self.workload_at(ip) else {
-            return;
-        };
+        let (ns, sa) = self.workload_at(ip)?;
         let identity = ca.identity(&ns, &sa);
         match ca.issue(&identity, None) {
             Ok((leaf, key)) => {
                 cache.set(SECRET, workload_secrets(&leaf, &key, ca.root_pem()));
-                tracing::info!(xds.node = %node, ca.identity = %identity, "workload certificate served over SDS");
+                tracing::info!(xds.node = %node, ca.identity = %identity, renewal = renew, "workload certificate served over SDS");
+                Some(std::time::Instant::now() + ca.default_ttl() / 2)
             }
-            Err(e) => tracing::warn!(xds.node = %node, error = %e, "no workload certificate"),
+            Err(e) => {
+                tracing::warn!(xds.node = %node, error = %e, "no workload certificate");
+                None
+            }
         }
+    }
+
+    /// Serves new certificates (new keys) to the nodes whose certificate
+    /// is past half its lifetime; returns how many were renewed.
+    pub fn renew_certificates(&self) -> usize {
+        let now = std::time::Instant::now();
+        let due: Vec<(String, std::net::IpAddr, Cache)> = self
+            .peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, p)| p.renew_at.is_some_and(|t| t <= now))
+            .map(|(n, p)| (n.clone(), p.ip, p.cache.clone()))
+            .collect();
+        let mut renewed = 0;
+        for (node, ip, cache) in due {
+            let next = self.serve_certificate(&node, ip, &cache, true);
+            renewed += usize::from(next.is_some());
+            if let Some(p) = self
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&node)
+            {
+                p.renew_at = next;
+            }
+        }
+        renewed
     }
 
     /// The cache a connecting node is served from.
@@ -234,10 +282,18 @@ impl Pilot {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(n, (ip, c))| (n.clone(), *ip, c.clone()))
+            .map(|(n, p)| (n.clone(), p.ip, p.cache.clone()))
             .collect();
         for (node, ip, cache) in peers {
-            self.serve_certificate(&node, ip, &cache);
+            if let Some(at) = self.serve_certificate(&node, ip, &cache, false)
+                && let Some(p) = self
+                    .peers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&node)
+            {
+                p.renew_at = Some(at);
+            }
         }
         Ok(n)
     }
@@ -267,5 +323,62 @@ impl Pilot {
                 Err(e) => tracing::error!(error = %e, "cannot read the configuration source"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::Ca;
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sds_certificates_follow_the_peer_address_and_are_renewed_at_half_life() {
+        let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: default, labels: {app: a}}\n\
+                    spec: {serviceAccountName: sa1, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.5}\n";
+        let snapshot =
+            crate::istio::source::parse_documents(yaml, std::path::Path::new("pods.yaml"));
+        let pilot = Pilot::new(&snapshot, MeshOptions::default()).unwrap();
+        let ca = Ca::generate("cluster.local")
+            .unwrap()
+            .with_default_ttl(Duration::from_secs(2));
+        pilot.set_ca(Arc::new(ca));
+
+        // A node claiming the pod's name from another address gets nothing.
+        let stranger = pilot.cache_for_peer(
+            &node("sidecar~10.0.0.5~p.default~default.svc.cluster.local"),
+            Some("10.0.0.9".parse().unwrap()),
+        );
+        assert!(stranger.snapshot(SECRET).resources.is_empty());
+
+        // From the pod's address: the pod's service account.
+        let cache = pilot.cache_for_peer(
+            &node("sidecar~10.0.0.5~p.default~x"),
+            Some("10.0.0.5".parse().unwrap()),
+        );
+        let first = cache.snapshot(SECRET);
+        assert_eq!(
+            first.resources.keys().cloned().collect::<Vec<_>>(),
+            ["ROOTCA", "default"]
+        );
+        assert_eq!(pilot.renew_certificates(), 0, "nothing is due yet");
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(pilot.renew_certificates(), 1);
+        let second = cache.snapshot(SECRET);
+        assert_ne!(first.version, second.version);
+        assert_ne!(
+            first.resources["default"].version, second.resources["default"].version,
+            "a renewal is a new certificate and key"
+        );
+        assert_eq!(
+            first.resources["ROOTCA"].version,
+            second.resources["ROOTCA"].version
+        );
     }
 }
