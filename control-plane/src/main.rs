@@ -240,14 +240,25 @@ fn ca_service(
     Ok(CaService::new(ca, by_ip))
 }
 
-/// Serves `pilot`'s per-proxy configuration over ADS, with the mesh CA
-/// (CSRs, and certificates over SDS for proxies without an agent).
+/// Translates `snapshot` (the first listing of `source`), follows the
+/// source's changes and serves each proxy's configuration over ADS, with
+/// the mesh CA (CSRs, and certificates over SDS for proxies without an
+/// agent).
 async fn serve_pilot(
-    pilot: Arc<ferry_pilot::pilot::Pilot>,
-    trust_domain: &str,
+    snapshot: &ferry_pilot::istio::source::Snapshot,
+    source: Arc<dyn ferry_pilot::istio::source::Source>,
+    options: ferry_pilot::istio::translate::MeshOptions,
     args: ServeArgs,
 ) -> anyhow::Result<()> {
-    let ca = ca_service(&args, &pilot, trust_domain)?;
+    let trust_domain = options.trust_domain.clone();
+    let pilot = Arc::new(ferry_pilot::pilot::Pilot::new(snapshot, options)?);
+    tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
+    tokio::spawn(
+        pilot
+            .clone()
+            .follow(source, std::time::Duration::from_millis(100)),
+    );
+    let ca = ca_service(&args, &pilot, &trust_domain)?;
     let resolver = {
         let pilot = pilot.clone();
         Arc::new(
@@ -275,7 +286,6 @@ async fn serve_pilot(
 
 async fn serve_istio(dir: PathBuf, mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::source::{DirectorySource, Source};
-    use ferry_pilot::pilot::Pilot;
     let options = mesh.options()?;
     let source = Arc::new(DirectorySource::new(dir.clone()));
     // Watching starts before the first read: nothing written in between is
@@ -284,36 +294,19 @@ async fn serve_istio(dir: PathBuf, mesh: MeshArgs, args: ServeArgs) -> anyhow::R
     let snapshot = source
         .list()
         .with_context(|| format!("--config {}", dir.display()))?;
-    let trust_domain = options.trust_domain.clone();
-    let pilot = Arc::new(Pilot::new(&snapshot, options)?);
-    tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
-    tokio::spawn(
-        pilot
-            .clone()
-            .follow(source, std::time::Duration::from_millis(100)),
-    );
-    serve_pilot(pilot, &trust_domain, args).await
+    serve_pilot(&snapshot, source, options, args).await
 }
 
 #[cfg(feature = "kube")]
 async fn serve_kube(mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::kube_source::KubeSource;
     use ferry_pilot::istio::source::Source;
-    use ferry_pilot::pilot::Pilot;
     let options = mesh.options()?;
     let source = KubeSource::connect().await?;
     source.spawn_watchers();
     source.wait_synced().await;
     let snapshot = source.list()?;
-    let trust_domain = options.trust_domain.clone();
-    let pilot = Arc::new(Pilot::new(&snapshot, options)?);
-    tracing::info!(config.resources = snapshot.resources.len(), config.source = %source.describe(), "configuration loaded");
-    tokio::spawn(
-        pilot
-            .clone()
-            .follow(source, std::time::Duration::from_millis(100)),
-    );
-    serve_pilot(pilot, &trust_domain, args).await
+    serve_pilot(&snapshot, source, options, args).await
 }
 
 fn analyze(dir: &std::path::Path, mesh: &MeshArgs) -> anyhow::Result<bool> {

@@ -118,7 +118,7 @@ impl Workload {
         let principal = if namespace.is_empty() || service_account.is_empty() {
             String::new()
         } else {
-            format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+            crate::agent::identity(trust_domain, &namespace, &service_account)
         };
         Self {
             workload,

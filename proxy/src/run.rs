@@ -50,19 +50,6 @@ pub struct AgentSettings {
     pub cert_ttl: Duration,
 }
 
-/// A node metadata string field.
-fn node_meta(node: &envoy_types::pb::envoy::config::core::v3::Node, key: &str) -> String {
-    use envoy_types::pb::google::protobuf::value::Kind;
-    node.metadata
-        .as_ref()
-        .and_then(|m| m.fields.get(key))
-        .and_then(|v| match &v.kind {
-            Some(Kind::StringValue(s)) => Some(s.clone()),
-            _ => None,
-        })
-        .unwrap_or_default()
-}
-
 /// Starts the agent for the node's identity and waits (a few seconds at
 /// most) for its first certificate, so the first configuration finds it.
 async fn start_agent(
@@ -70,16 +57,22 @@ async fn start_agent(
     ads: &ferry_xds::ads::AdsConfig,
 ) -> anyhow::Result<tokio::sync::watch::Receiver<ferry_xds::ads::LocalSecrets>> {
     use ferry_model::tls::{CommonTls, Secret, SecretSource, UpstreamTls, ValidationContext};
-    let namespace = node_meta(&ads.node, "NAMESPACE");
-    if namespace.is_empty() {
+    // The node metadata as the metrics read it: namespace, service
+    // account, cluster id.
+    let local = crate::metrics::Workload::from_metadata(
+        &ads.node.metadata.clone().unwrap_or_default(),
+        &ads.node.id,
+        &settings.trust_domain,
+    );
+    if local.namespace.is_empty() {
         anyhow::bail!(
             "--ca-addr: the node has no namespace (set POD_NAMESPACE or --node-meta NAMESPACE=…)"
         );
     }
     let identity = crate::agent::identity(
         &settings.trust_domain,
-        &namespace,
-        &node_meta(&ads.node, "SERVICE_ACCOUNT"),
+        &local.namespace,
+        &local.service_account,
     );
     let same_as_xds = ads.target == ferry_xds::ads::XdsTarget::Tcp(settings.ca_addr.clone());
     let tls = match &settings.ca_root_cert {
@@ -119,7 +112,7 @@ async fn start_agent(
         tls,
         secrets: ads.secrets.clone(),
         token,
-        cluster_id: Some(node_meta(&ads.node, "CLUSTER_ID")).filter(|c| !c.is_empty()),
+        cluster_id: Some(local.cluster).filter(|c| !c.is_empty()),
     };
     tracing::info!(agent.identity = %identity, agent.ca = %settings.ca_addr, "requesting the workload certificate");
     let mut rx = crate::agent::start(crate::agent::AgentOptions {
