@@ -3,38 +3,44 @@
 # of Envoy's v3 API (plus cncf/xds and udpa), which ferry-xds uses to read and
 # write Envoy's JSON/YAML form of any xDS message.
 #
-# Source: the Envoy API protos vendored in the npm package @grpc/grpc-js-xds
-# (deps/envoy-api, deps/xds, deps/googleapis, deps/protoc-gen-validate).
-# validate.proto comes from the PyPI package protoc-gen-validate (the npm copy
-# predates rules such as `ignore_empty` that Envoy's protos use).
-# Needs: npm, pip, protoc (Debian: protobuf-compiler).
+# Source: the API protos the `envoy-types` crate ships (its `proto/` folder:
+# data-plane-api, xds, googleapis, protoc-gen-validate, opentelemetry-proto,
+# cel-spec, client_model), so the JSON schema is exactly the one the prost
+# types were generated from. Needs: cargo, protoc (Debian: protobuf-compiler).
 set -euo pipefail
-version="${1:-1.14.1}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-cd "$work"
-npm pack --silent "@grpc/grpc-js-xds@${version}" >/dev/null
-tar xzf grpc-grpc-js-xds-*.tgz
-deps="$work/package/deps"
-pip download --quiet --no-deps -d "$work/pgv" protoc-gen-validate==1.3.3
-mkdir -p "$work/pgv/validate"
-python3 - "$work/pgv" <<'PY'
-import glob, sys, zipfile
-d = sys.argv[1]
-z = zipfile.ZipFile(glob.glob(d + "/*.whl")[0])
-name = next(n for n in z.namelist() if n.endswith("/validate.proto"))
-open(d + "/validate/validate.proto", "wb").write(z.read(name))
-PY
-cd "$deps/envoy-api"
-inc=(-I "$work/pgv" -I "$deps/envoy-api" -I "$deps/xds" -I "$deps/googleapis" -I "$deps/protoc-gen-validate")
-# A few protos import third-party schemas the package does not carry
-# (OpenCensus, OpenTelemetry): keep every file that compiles on its own.
+cd "$repo"
+manifest="$(cargo metadata --format-version 1 --locked 2>/dev/null |
+  python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="envoy-types"))')"
+proto="$(dirname "$manifest")/proto"
+inc=(-I "$proto/data-plane-api" -I "$proto/xds" -I "$proto/googleapis"
+  -I "$proto/protoc-gen-validate" -I "$proto/opentelemetry-proto"
+  -I "$proto/cel-spec/proto" -I "$proto/client_model")
 files=()
+cd "$proto/data-plane-api"
 while read -r f; do
   if protoc "${inc[@]}" -o /dev/null "$f" 2>/dev/null; then files+=("$f"); else echo "skipped $f" >&2; fi
 done < <(find envoy -path '*/v3/*.proto' | sort)
-files+=(udpa/type/v1/typed_struct.proto xds/type/v3/typed_struct.proto)
+# cncf/xds types istiod sends as `Any`s (typed structs, the unified matcher's
+# inputs and IP/trie matchers).
+cd "$proto/xds"
+while read -r f; do files+=("$f"); done < <(find xds/type -name '*.proto' | sort)
+# udpa's TypedStruct (older istiod sends it) is not in that copy: its schema
+# is two fields, written here.
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$work/udpa/type/v1"
+cat >"$work/udpa/type/v1/typed_struct.proto" <<'PROTO'
+syntax = "proto3";
+package udpa.type.v1;
+import "google/protobuf/struct.proto";
+message TypedStruct {
+  string type_url = 1;
+  google.protobuf.Struct value = 2;
+}
+PROTO
+inc+=(-I "$work")
+files+=(udpa/type/v1/typed_struct.proto)
 # Istio's own extension configs that istiod sends as plain `Any`s (from the
 # shared Istio API protos, when checked out beside this repository).
 istio="$repo/../shared/istio-api-protos"

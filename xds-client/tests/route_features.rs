@@ -543,10 +543,7 @@ fn rate_limit_actions_and_descriptors() {
     assert_eq!(o.descriptors.len(), 1);
     assert!(o.always_consume_default);
 
-    let bad = routes.replace(
-        "- remote_address: {}",
-        "- query_parameters: {query_parameter_name: q, descriptor_key: q}",
-    );
+    let bad = routes.replace("- remote_address: {}", "- source_cluster: {}");
     let e = err(&bootstrap(&bad, CORS_FILTER, ""));
     assert!(
         e.contains("routes[0].route.rate_limits[0].actions[0]"),
