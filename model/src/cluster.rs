@@ -63,6 +63,9 @@ pub enum ClusterKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub address: SocketAddr,
+    /// `endpoint.hostname`: the host's name (`auto_host_sni`,
+    /// `auto_host_rewrite`).
+    pub hostname: Option<std::sync::Arc<str>>,
     pub weight: u32,
     /// `filter_metadata["envoy.transport_socket_match"]` as strings.
     pub transport_socket_match: Vec<(String, String)>,

@@ -68,7 +68,7 @@ fn secrets_of(chain: Vec<String>, key_pem: String) -> (LocalSecrets, Option<Syst
         ROOT_SECRET.into(),
         Arc::new(Secret::Validation(ValidationContext {
             trusted_ca_pem: root.into_bytes(),
-            match_subject_alt_names: Vec::new(),
+            ..ValidationContext::default()
         })),
     );
     (out, renew_at)

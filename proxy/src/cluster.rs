@@ -249,13 +249,13 @@ impl ClusterRt {
                 let pool = kept
                     .filter(|p| {
                         same_transport(p.tls.as_ref(), tls_for(&rt.cfg, &e.transport_socket_match))
+                            && p.hostname == e.hostname
                     })
                     .unwrap_or_else(|| {
-                        Arc::new(EndpointPool::with_metadata(
-                            e.address,
-                            &rt,
-                            &e.transport_socket_match,
-                        ))
+                        let mut p =
+                            EndpointPool::with_metadata(e.address, &rt, &e.transport_socket_match);
+                        p.hostname = e.hostname.clone();
+                        Arc::new(p)
                     });
                 let meta = HostMeta {
                     weight: e.weight.max(1),
@@ -735,7 +735,7 @@ impl EndpointPool {
             let Some((t, config)) = tls else {
                 return Ok(UpstreamIo::Plain(tcp));
             };
-            let name = ferry_tls::server_name(t, self.address.ip());
+            let name = ferry_tls::server_name(t, self.hostname.as_deref(), self.address.ip());
             match tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
@@ -1013,6 +1013,7 @@ mod tests {
     fn endpoint(port: u16) -> Endpoint {
         Endpoint {
             address: SocketAddr::from(([127, 0, 0, 1], port)),
+            hostname: None,
             weight: 1,
             transport_socket_match: vec![],
             priority: 0,

@@ -89,12 +89,13 @@ async fn start_agent(
                     validation: Some(SecretSource::Inline(Arc::new(Secret::Validation(
                         ValidationContext {
                             trusted_ca_pem: pem,
-                            match_subject_alt_names: Vec::new(),
+                            ..ValidationContext::default()
                         },
                     )))),
                     ..CommonTls::default()
                 },
                 sni: Some(host),
+                ..UpstreamTls::default()
             })
         }
         None if same_as_xds => ads.tls.clone(),

@@ -29,8 +29,9 @@ use ferry_tls::rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// How long a TLS handshake may take (Envoy has no default; a bound keeps
-/// silent clients from holding a connection slot forever).
+/// How long a TLS handshake may take unless the filter chain's
+/// `transport_socket_connect_timeout` says (Envoy has no default; a bound
+/// keeps silent clients from holding a connection slot forever).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Secrets = HashMap<String, Arc<Secret>>;
@@ -54,6 +55,10 @@ pub struct TlsContexts {
     /// By filter chain (the entry keeps the chain alive, so its address is
     /// never reused while cached).
     servers: Mutex<HashMap<usize, ServerEntry>>,
+    /// Unusable configurations already reported in this generation (by
+    /// chain or pool), so an insecure or broken context is logged once,
+    /// not once per connection.
+    reported: Mutex<std::collections::HashSet<(usize, u64)>>,
 }
 
 impl TlsContexts {
@@ -91,6 +96,21 @@ impl TlsContexts {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Logs a context that cannot be used (refused as insecure, or broken)
+    /// once per generation; a secret that has not arrived yet is only
+    /// waited for.
+    fn report(&self, key: usize, context: &str, e: &TlsError) {
+        if matches!(e, TlsError::MissingSecret(_)) {
+            return;
+        }
+        let generation = self.generation();
+        let mut seen = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|(_, g)| *g == generation);
+        if seen.insert((key, generation)) {
+            tracing::warn!(tls.context = %context, error = %e, "TLS context refused: connections using it fail until its configuration or secrets change");
+        }
+    }
+
     /// The server configuration of a TLS filter chain, for a client that
     /// offered `client_alpn`.
     pub fn server(
@@ -126,7 +146,8 @@ impl TlsContexts {
         {
             return Ok(pick(e));
         }
-        let config = ferry_tls::server_config(tls, &**self.secrets.load())?;
+        let config = ferry_tls::server_config(tls, &**self.secrets.load())
+            .inspect_err(|e| self.report(key, &chain.name, e))?;
         let mut bare = config.clone();
         bare.alpn_protocols.clear();
         let entry = ServerEntry {
@@ -159,11 +180,10 @@ impl TlsContexts {
         {
             return Ok(c.clone());
         }
-        let config = Arc::new(ferry_tls::client_config(
-            tls,
-            default_alpn,
-            &**self.secrets.load(),
-        )?);
+        let config = Arc::new(
+            ferry_tls::client_config(tls, default_alpn, &**self.secrets.load())
+                .inspect_err(|e| self.report(cache as *const _ as usize, "upstream", e))?,
+        );
         cached.insert(key, (generation, config.clone()));
         Ok(config)
     }
@@ -196,7 +216,12 @@ pub async fn accept(
             .map_err(HandshakeError::Config)?;
         start.into_stream(config).await.map_err(HandshakeError::Io)
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+    let limit = chain
+        .tls
+        .as_ref()
+        .and_then(|t| t.handshake_timeout)
+        .unwrap_or(HANDSHAKE_TIMEOUT);
+    tokio::time::timeout(limit, handshake)
         .await
         .map_err(|_| HandshakeError::Timeout)?
 }

@@ -84,13 +84,9 @@ impl Envoy {
         let child = Command::new(bin)
             .arg("-c")
             .arg(&path)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ])
+            .args(["--concurrency", "1", "--disable-hot-restart", "-l"])
+            // `FERRY_ENVOY_LOG_LEVEL=debug` when a comparison needs Envoy's reasons.
+            .arg(std::env::var("FERRY_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "warning".into()))
             // Several Envoys may run at once: each its own shared-memory id.
             .args(["--base-id", &free_port().to_string()])
             .stdin(Stdio::null())

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
@@ -23,6 +23,8 @@ pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
     pub der: Vec<u8>,
+    /// The key's SubjectPublicKeyInfo (DER).
+    pub spki: Vec<u8>,
 }
 
 impl Ca {
@@ -34,6 +36,7 @@ impl Ca {
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
             rcgen::KeyUsagePurpose::DigitalSignature,
         ];
         let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
@@ -46,24 +49,133 @@ impl Ca {
 
     /// A workload certificate for SPIFFE identity `uri` (and `dns` names).
     pub fn leaf(&self, uri: &str, dns: &[&str]) -> Result<Leaf> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into()?)];
-        for d in dns {
-            params
-                .subject_alt_names
-                .push(rcgen::SanType::DnsName((*d).try_into()?));
-        }
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        self.leaf_with(uri, dns, |_| {})
+    }
+
+    /// [`Ca::leaf`] with its parameters edited (validity, key usage…).
+    pub fn leaf_with(
+        &self,
+        uri: &str,
+        dns: &[&str],
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> Result<Leaf> {
+        let mut params = leaf_params(uri, dns)?;
+        edit(&mut params);
         let key = rcgen::KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Leaf {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             der: cert.der().to_vec(),
+            spki: rcgen::PublicKeyData::subject_public_key_info(&key),
         })
+    }
+
+    /// A PEM CRL of this CA revoking `revoked`, valid for a day.
+    pub fn crl(&self, revoked: &[&Leaf]) -> Result<String> {
+        let now = time::OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .iter()
+            .map(|l| {
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&serial_of(&l.der)?),
+                    revocation_time: now - time::Duration::hours(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(2),
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
+fn leaf_params(uri: &str, dns: &[&str]) -> Result<rcgen::CertificateParams> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into()?)];
+    for d in dns {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::DnsName((*d).try_into()?));
+    }
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    // As Istio's workload certificates (the SPIFFE validator refuses a leaf
+    // without key usage).
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    Ok(params)
+}
+
+/// A certificate's serial number (DER: tbsCertificate's first INTEGER after
+/// the optional version), read without an X.509 library.
+fn serial_of(der: &[u8]) -> Result<Vec<u8>> {
+    // SEQUENCE { SEQUENCE (tbs) { [0] version?, INTEGER serial, ... } ... }
+    fn header(b: &[u8]) -> Result<(u8, usize, usize)> {
+        let tag = *b.first().context("truncated DER")?;
+        let first = *b.get(1).context("truncated DER")?;
+        if first < 0x80 {
+            return Ok((tag, 2, first as usize));
+        }
+        let n = (first & 0x7f) as usize;
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *b.get(2 + i).context("truncated DER")? as usize;
+        }
+        Ok((tag, 2 + n, len))
+    }
+    let (_, h, _) = header(der)?;
+    let tbs = &der[h..];
+    let (_, h, _) = header(tbs)?;
+    let mut rest = &tbs[h..];
+    let (tag, h, len) = header(rest)?;
+    if tag == 0xa0 {
+        rest = &rest[h + len..];
+    }
+    let (tag, h, len) = header(rest)?;
+    ensure!(tag == 0x02, "no serial number in the certificate");
+    Ok(rest[h..h + len].to_vec())
+}
+
+impl Leaf {
+    /// A self-signed certificate claiming `uri`: what a forger presents.
+    pub fn self_signed(uri: &str, dns: &[&str]) -> Result<Leaf> {
+        let params = leaf_params(uri, dns)?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+            spki: rcgen::PublicKeyData::subject_public_key_info(&key),
+        })
+    }
+
+    /// SHA-256 of the public key, base64 (Envoy's `verify_certificate_spki`).
+    pub fn spki_sha256_base64(&self) -> String {
+        use base64::Engine;
+        let d = ring::digest::digest(&ring::digest::SHA256, &self.spki);
+        base64::engine::general_purpose::STANDARD.encode(d.as_ref())
+    }
+
+    /// SHA-256 of the certificate, hex (Envoy's `verify_certificate_hash`).
+    pub fn sha256_hex(&self) -> String {
+        ring::digest::digest(&ring::digest::SHA256, &self.der)
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 

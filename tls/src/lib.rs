@@ -10,20 +10,20 @@
 //! converted ([`check_certificate`], [`check_validation`]), so a bad secret
 //! is refused with the field at fault before any connection needs it.
 
+mod verify;
 pub mod workload;
+
+pub use verify::{PeerCheck, check_validation};
 
 use std::sync::Arc;
 
 use ferry_model::tls::{
-    CommonTls, DownstreamTls, SanMatcher, SanType, Secret, SecretSource, TlsCertificate,
-    TlsVersion, UpstreamTls, ValidationContext,
+    CommonTls, DownstreamTls, SanType, Secret, SecretSource, TlsCertificate, TlsVersion,
+    UpstreamTls, ValidationContext,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 pub use rustls;
 
@@ -89,14 +89,6 @@ pub fn check_certificate(c: &TlsCertificate) -> Result<(), TlsError> {
     certified_key(c).map(|_| ())
 }
 
-/// Checks a validation context: its trusted CAs parse and are usable roots.
-pub fn check_validation(v: &ValidationContext) -> Result<(), TlsError> {
-    if v.trusted_ca_pem.is_empty() {
-        return Ok(());
-    }
-    roots(&v.trusted_ca_pem).map(|_| ())
-}
-
 fn certified_key(c: &TlsCertificate) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
     let chain =
         parse_certificates(&c.cert_chain_pem).map_err(|m| invalid("certificate_chain", m))?;
@@ -113,17 +105,6 @@ fn certified_key(c: &TlsCertificate) -> Result<Arc<rustls::sign::CertifiedKey>, 
         )
     })?;
     Ok(Arc::new(ck))
-}
-
-fn roots(pem: &[u8]) -> Result<Arc<RootCertStore>, TlsError> {
-    let certs = parse_certificates(pem).map_err(|m| invalid("trusted_ca", m))?;
-    let mut store = RootCertStore::empty();
-    for (i, c) in certs.into_iter().enumerate() {
-        store
-            .add(c)
-            .map_err(|e| invalid("trusted_ca", format!("certificate {i}: {e}")))?;
-    }
-    Ok(Arc::new(store))
 }
 
 /// Looks secrets up by SDS name (the snapshot's secrets).
@@ -168,40 +149,30 @@ fn certificate(
     }
 }
 
-/// What a peer is checked against.
-struct Validation {
-    /// `None`: the chain is not verified (no trusted CA configured).
-    roots: Option<Arc<RootCertStore>>,
-    sans: Vec<SanMatcher>,
-}
-
-fn validation(common: &CommonTls, secrets: &dyn Secrets) -> Result<Validation, TlsError> {
-    let mut sans = common.match_subject_alt_names.clone();
-    let mut roots_pem: &[u8] = &[];
-    let secret;
-    if let Some(src) = &common.validation {
-        secret = resolve(src, secrets)?;
-        match &*secret {
-            Secret::Validation(v) => {
-                roots_pem = &v.trusted_ca_pem;
-                sans.extend(v.match_subject_alt_names.iter().cloned());
-            }
-            Secret::Certificate(_) => {
-                return Err(TlsError::WrongSecretKind(
-                    source_name(src),
-                    "validation_context",
-                ));
-            }
+/// The validation context in effect for a TLS context: the inline one, or
+/// the SDS secret merged into the combined context's default. `None`: the
+/// peer is not validated.
+pub fn effective_validation(
+    common: &CommonTls,
+    secrets: &dyn Secrets,
+) -> Result<Option<ValidationContext>, TlsError> {
+    let Some(src) = &common.validation else {
+        return Ok(common.default_validation.as_deref().cloned());
+    };
+    let secret = resolve(src, secrets)?;
+    let dynamic = match &*secret {
+        Secret::Validation(v) => v,
+        Secret::Certificate(_) => {
+            return Err(TlsError::WrongSecretKind(
+                source_name(src),
+                "validation_context",
+            ));
         }
-    }
-    Ok(Validation {
-        roots: if roots_pem.is_empty() {
-            None
-        } else {
-            Some(roots(roots_pem)?)
-        },
-        sans,
-    })
+    };
+    Ok(Some(match &common.default_validation {
+        Some(default) => default.merged_with(dynamic),
+        None => dynamic.clone(),
+    }))
 }
 
 /// The subject alternative names of a certificate with their types: DNS
@@ -356,168 +327,6 @@ pub fn local_certificate(common: &CommonTls, secrets: &dyn Secrets) -> Option<Ve
     }
 }
 
-/// Whether the certificate carries a SAN one of the matchers accepts (a
-/// typed matcher only looks at SANs of its type).
-fn check_sans(sans: &[SanMatcher], cert: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    if sans.is_empty() {
-        return Ok(());
-    }
-    let names = subject_alt_names(cert);
-    let accepted = names.iter().any(|(t, n)| {
-        sans.iter()
-            .any(|m| m.san_type.is_none_or(|want| want == *t) && m.matcher.matches(n, false))
-    });
-    if accepted {
-        Ok(())
-    } else {
-        Err(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::ApplicationVerificationFailure,
-        ))
-    }
-}
-
-/// Verifies a server's certificate against the trusted CAs and SAN matchers.
-#[derive(Debug)]
-struct ServerVerifier {
-    roots: Option<Arc<RootCertStore>>,
-    sans: Vec<SanMatcher>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for ServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Some(roots) = &self.roots {
-            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(
-                &cert,
-                roots,
-                intermediates,
-                now,
-                self.provider.signature_verification_algorithms.all,
-            )?;
-        }
-        check_sans(&self.sans, end_entity)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// Verifies a client's certificate: the chain with webpki (when CAs are
-/// configured), then the SAN matchers.
-#[derive(Debug)]
-struct ClientVerifier {
-    /// `None`: no CA configured, any certificate is taken (its signature
-    /// over the handshake is still checked).
-    inner: Option<Arc<dyn ClientCertVerifier>>,
-    sans: Vec<SanMatcher>,
-    mandatory: bool,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ClientCertVerifier for ClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.mandatory
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        match &self.inner {
-            Some(v) => v.root_hint_subjects(),
-            None => &[],
-        }
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        if let Some(v) = &self.inner {
-            v.verify_client_cert(end_entity, intermediates, now)?;
-        }
-        check_sans(&self.sans, end_entity)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// The protocol versions a context allows: its `tls_params`, else Envoy's
 /// defaults (minimum 1.2; maximum 1.3 for servers, 1.2 for clients).
 fn versions(
@@ -536,53 +345,183 @@ fn versions(
     out
 }
 
+/// What an Envoy (BoringSSL) name of a cipher suite or curve means here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Named<T> {
+    /// Spoken by this provider.
+    Supported(T),
+    /// Known to BoringSSL, not offered here (CBC, PSK, static-RSA suites;
+    /// P-521, post-quantum hybrids).
+    NotOffered,
+    /// Nobody's name: a configuration error.
+    Unknown,
+}
+
+/// What an Envoy cipher suite name means here.
+pub fn cipher_suite(name: &str) -> Named<rustls::SupportedCipherSuite> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    Named::Supported(match name {
+        "ECDHE-ECDSA-AES128-GCM-SHA256" => cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        "ECDHE-RSA-AES128-GCM-SHA256" => cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        "ECDHE-ECDSA-AES256-GCM-SHA384" => cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        "ECDHE-RSA-AES256-GCM-SHA384" => cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        "ECDHE-ECDSA-CHACHA20-POLY1305" => cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        "ECDHE-RSA-CHACHA20-POLY1305" => cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        "ECDHE-ECDSA-AES128-SHA"
+        | "ECDHE-RSA-AES128-SHA"
+        | "ECDHE-ECDSA-AES256-SHA"
+        | "ECDHE-RSA-AES256-SHA"
+        | "ECDHE-PSK-AES128-CBC-SHA"
+        | "ECDHE-PSK-AES256-CBC-SHA"
+        | "ECDHE-PSK-CHACHA20-POLY1305"
+        | "AES128-GCM-SHA256"
+        | "AES256-GCM-SHA384"
+        | "AES128-SHA"
+        | "AES256-SHA"
+        | "PSK-AES128-CBC-SHA"
+        | "PSK-AES256-CBC-SHA"
+        | "DES-CBC3-SHA" => return Named::NotOffered,
+        _ => return Named::Unknown,
+    })
+}
+
+/// What an Envoy ECDH curve name means here.
+pub fn ecdh_curve(name: &str) -> Named<&'static dyn rustls::crypto::SupportedKxGroup> {
+    use rustls::crypto::ring::kx_group;
+    Named::Supported(match name {
+        "X25519" => kx_group::X25519,
+        "P-256" => kx_group::SECP256R1,
+        "P-384" => kx_group::SECP384R1,
+        "P-224" | "P-521" | "X25519Kyber768Draft00" | "X25519MLKEM768" => return Named::NotOffered,
+        _ => return Named::Unknown,
+    })
+}
+
+/// The names of a cipher list entry: Envoy (BoringSSL) accepts groups of
+/// equally preferred suites, `[A|B]`.
+pub fn cipher_names(entry: &str) -> impl Iterator<Item = &str> {
+    entry
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split('|')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+}
+
+/// The process provider narrowed to a context's `tls_params`: TLS 1.2
+/// suites and key exchange groups in the configured order (TLS 1.3 suites
+/// are not configurable, as in Envoy).
+fn provider_for(common: &CommonTls) -> Result<Arc<CryptoProvider>, TlsError> {
+    let base = provider();
+    if common.cipher_suites.is_empty() && common.ecdh_curves.is_empty() {
+        return Ok(base);
+    }
+    let mut p = (*base).clone();
+    if !common.cipher_suites.is_empty() {
+        let mut suites: Vec<rustls::SupportedCipherSuite> = base
+            .cipher_suites
+            .iter()
+            .filter(|s| s.tls13().is_some())
+            .copied()
+            .collect();
+        for entry in &common.cipher_suites {
+            for name in cipher_names(entry) {
+                match cipher_suite(name) {
+                    Named::Supported(s) if !suites.contains(&s) => suites.push(s),
+                    Named::Supported(_) | Named::NotOffered => {}
+                    Named::Unknown => {
+                        return Err(invalid(
+                            "cipher_suites",
+                            format!("unknown cipher suite {name:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+        p.cipher_suites = suites;
+    }
+    if !common.ecdh_curves.is_empty() {
+        let mut groups = Vec::new();
+        for name in &common.ecdh_curves {
+            match ecdh_curve(name) {
+                Named::Supported(g) => groups.push(g),
+                Named::NotOffered => {}
+                Named::Unknown => {
+                    return Err(invalid("ecdh_curves", format!("unknown curve {name:?}")));
+                }
+            }
+        }
+        if groups.is_empty() {
+            return Err(invalid("ecdh_curves", "none of the curves is supported"));
+        }
+        p.kx_groups = groups;
+    }
+    Ok(Arc::new(p))
+}
+
 /// The server side of a filter chain's `DownstreamTlsContext`.
 pub fn server_config(
     tls: &DownstreamTls,
     secrets: &dyn Secrets,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let provider = provider();
+    let provider = provider_for(&tls.common)?;
     let key = certificate(&tls.common, secrets)?
         .ok_or_else(|| invalid("tls_certificates", "a TLS server needs a certificate"))?;
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions(&tls.common, TlsVersion::V1_3))
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let wants_peer = tls.require_client_certificate || tls.common.validation.is_some();
-    let builder = if wants_peer {
-        let v = validation(&tls.common, secrets)?;
-        let inner = match &v.roots {
-            Some(roots) => {
-                let b = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    roots.clone(),
-                    provider.clone(),
-                );
-                let b = if tls.require_client_certificate {
-                    b
-                } else {
-                    b.allow_unauthenticated()
-                };
-                Some(b.build().map_err(|e| TlsError::Rustls(e.to_string()))?)
-            }
-            None => None,
-        };
-        builder.with_client_cert_verifier(Arc::new(ClientVerifier {
-            inner,
-            sans: v.sans,
-            mandatory: tls.require_client_certificate,
-            provider: provider.clone(),
-        }))
-    } else {
-        builder.with_no_client_auth()
+    let validation = effective_validation(&tls.common, secrets)?;
+    // Envoy asks for a client certificate when it has something to check it
+    // against, or when one is required.
+    let builder = match validation {
+        Some(v) if v.verifies() || tls.require_client_certificate => {
+            let check = PeerCheck::new(&v, provider.clone())?;
+            builder.with_client_cert_verifier(Arc::new(verify::ClientVerifier::new(
+                check,
+                tls.require_client_certificate,
+            )))
+        }
+        None if tls.require_client_certificate => {
+            let check = PeerCheck::new(&ValidationContext::default(), provider.clone())?;
+            builder.with_client_cert_verifier(Arc::new(verify::ClientVerifier::new(check, true)))
+        }
+        _ => builder.with_no_client_auth(),
     };
-    let mut config =
-        builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(key)));
+    let resolver: Arc<dyn rustls::server::ResolvesServerCert> = if tls.require_sni {
+        Arc::new(RequireSni(rustls::sign::SingleCertAndKey::from(key)))
+    } else {
+        Arc::new(rustls::sign::SingleCertAndKey::from(key))
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = tls
         .common
         .alpn
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
+    if tls.stateless_resumption {
+        config.ticketer =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError::Rustls(e.to_string()))?;
+    }
+    if !tls.stateful_resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     Ok(config)
+}
+
+/// `require_sni`: no certificate (so no handshake) for a ClientHello
+/// without a server name.
+#[derive(Debug)]
+struct RequireSni(rustls::sign::SingleCertAndKey);
+
+impl rustls::server::ResolvesServerCert for RequireSni {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        hello.server_name()?;
+        self.0.resolve(hello)
+    }
 }
 
 /// The client side of a cluster's `UpstreamTlsContext`. `default_alpn` is
@@ -592,16 +531,23 @@ pub fn client_config(
     default_alpn: &[&str],
     secrets: &dyn Secrets,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let provider = provider();
-    let v = validation(&tls.common, secrets)?;
+    let provider = provider_for(&tls.common)?;
+    let validation = effective_validation(&tls.common, secrets)?.unwrap_or_default();
+    if tls.auto_sni_san_validation && !validation.has_trust_source() {
+        return Err(invalid(
+            "auto_sni_san_validation",
+            "'auto_sni_san_validation' was configured without configuring a trusted CA",
+        ));
+    }
+    let check = PeerCheck::new(&validation, provider.clone())?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions(&tls.common, TlsVersion::V1_2))
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
-            roots: v.roots,
-            sans: v.sans,
-            provider: provider.clone(),
+        .with_custom_certificate_verifier(Arc::new(verify::ServerVerifier {
+            check,
+            sni_san: tls.auto_sni_san_validation,
+            rsa_key_usage: tls.enforce_rsa_key_usage,
         }));
     let mut config = match certificate(&tls.common, secrets)? {
         Some(key) => {
@@ -618,16 +564,27 @@ pub fn client_config(
             .map(|p| p.as_bytes().to_vec())
             .collect()
     };
-    // Envoy sends SNI only when configured.
-    config.enable_sni = tls.sni.is_some();
+    // SNI goes out whenever the name is a DNS name ([`server_name`]); an
+    // address is never sent, so a context without one sends none, as Envoy.
+    config.enable_sni = true;
+    config.resumption = if tls.max_session_keys == 0 {
+        rustls::client::Resumption::disabled()
+    } else {
+        rustls::client::Resumption::in_memory_sessions(tls.max_session_keys)
+    };
     Ok(config)
 }
 
-/// The name a client connection presents: the configured SNI, else the
-/// peer's address (which rustls never sends as SNI).
-pub fn server_name(tls: &UpstreamTls, peer: std::net::IpAddr) -> ServerName<'static> {
-    tls.sni
-        .as_deref()
+/// The name a client connection presents: the upstream host's name with
+/// `auto_host_sni`, else the configured SNI, else the peer's address (which
+/// rustls never sends as SNI).
+pub fn server_name(
+    tls: &UpstreamTls,
+    hostname: Option<&str>,
+    peer: std::net::IpAddr,
+) -> ServerName<'static> {
+    let auto = hostname.filter(|_| tls.auto_host_sni);
+    auto.or(tls.sni.as_deref())
         .and_then(|s| ServerName::try_from(s.to_string()).ok())
         .unwrap_or_else(|| ServerName::IpAddress(peer.into()))
 }
@@ -644,7 +601,6 @@ pub fn sds_names<'a>(contexts: impl IntoIterator<Item = &'a CommonTls>) -> Vec<S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_model::StringMatcher;
     use std::collections::HashMap;
 
     fn ca() -> (rcgen::CertifiedIssuer<'static, rcgen::KeyPair>, String) {
@@ -706,7 +662,7 @@ mod tests {
         );
         let e = check_validation(&ValidationContext {
             trusted_ca_pem: b"not pem".to_vec(),
-            match_subject_alt_names: vec![],
+            ..ValidationContext::default()
         })
         .unwrap_err();
         assert!(
@@ -722,7 +678,7 @@ mod tests {
     }
 
     #[test]
-    fn sans_and_spiffe_id_are_read() {
+    fn spiffe_id_is_read() {
         let (issuer, _) = ca();
         let c = leaf(&issuer, "spiffe://cluster.local/ns/default/sa/a");
         let der = parse_certificates(&c.cert_chain_pem).unwrap();
@@ -730,17 +686,6 @@ mod tests {
             spiffe_id(&der[0]).as_deref(),
             Some("spiffe://cluster.local/ns/default/sa/a")
         );
-        let san = |t, m| SanMatcher {
-            san_type: t,
-            matcher: m,
-        };
-        let prefix = || StringMatcher::Prefix("spiffe://cluster.local/".into());
-        assert!(check_sans(&[san(Some(SanType::Uri), prefix())], &der[0]).is_ok());
-        assert!(check_sans(&[san(None, prefix())], &der[0]).is_ok());
-        // The right string under another SAN type is not a match.
-        assert!(check_sans(&[san(Some(SanType::Dns), prefix())], &der[0]).is_err());
-        let other = StringMatcher::Exact("spiffe://cluster.local/ns/default/sa/b".into());
-        assert!(check_sans(&[san(Some(SanType::Uri), other)], &der[0]).is_err());
     }
 
     #[test]
@@ -772,10 +717,10 @@ mod tests {
                 certificates: vec![SecretSource::Sds("default".into())],
                 validation: Some(SecretSource::Sds("ROOTCA".into())),
                 alpn: vec!["h2".into(), "http/1.1".into()],
-                match_subject_alt_names: vec![],
                 ..Default::default()
             },
             require_client_certificate: true,
+            ..DownstreamTls::default()
         };
         assert_eq!(
             server_config(&tls, &secrets).unwrap_err(),
@@ -789,7 +734,7 @@ mod tests {
             "ROOTCA".into(),
             Arc::new(Secret::Validation(ValidationContext {
                 trusted_ca_pem: ca_pem.into_bytes(),
-                match_subject_alt_names: vec![],
+                ..ValidationContext::default()
             })),
         );
         let sc = server_config(&tls, &secrets).unwrap();
@@ -808,7 +753,7 @@ mod tests {
         assert_eq!(spoken(&tls.common, TlsVersion::V1_2), [V::TLSv1_2]);
         let up = UpstreamTls {
             common: tls.common.clone(),
-            sni: None,
+            ..UpstreamTls::default()
         };
         let mut up_no_alpn = up.clone();
         up_no_alpn.common.alpn.clear();
@@ -819,7 +764,10 @@ mod tests {
         up13.common.min_version = Some(TlsVersion::V1_3);
         assert_eq!(spoken(&up13.common, TlsVersion::V1_2), [V::TLSv1_3]);
         client_config(&up13, &[], &secrets).unwrap();
-        assert!(!cc.enable_sni);
+        assert!(
+            cc.enable_sni,
+            "SNI goes out for DNS names only (see server_name)"
+        );
         // A certificate where a validation context is expected.
         let mut swapped = up;
         swapped.common.validation = Some(SecretSource::Sds("default".into()));

@@ -191,7 +191,12 @@ pub(crate) async fn channel(
                     async move {
                         let tcp = tokio::net::TcpStream::connect(addr.as_str()).await?;
                         tcp.set_nodelay(true)?;
-                        let name = ferry_tls::server_name(&t, tcp.peer_addr()?.ip());
+                        // The target's host (a DNS cluster's name) for `auto_host_sni`.
+                        let host = addr
+                            .rsplit_once(':')
+                            .map(|(h, _)| h.trim_matches(['[', ']']));
+                        let host = host.filter(|h| h.parse::<std::net::IpAddr>().is_err());
+                        let name = ferry_tls::server_name(&t, host, tcp.peer_addr()?.ip());
                         let s = connector.connect(name, tcp).await?;
                         Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
                     }
@@ -218,8 +223,11 @@ pub(crate) async fn channel(
                         let (path, connector, t) = (path.clone(), connector.clone(), t.clone());
                         async move {
                             let s = tokio::net::UnixStream::connect(path).await?;
-                            let name =
-                                ferry_tls::server_name(&t, std::net::Ipv4Addr::LOCALHOST.into());
+                            let name = ferry_tls::server_name(
+                                &t,
+                                None,
+                                std::net::Ipv4Addr::LOCALHOST.into(),
+                            );
                             let s = connector.connect(name, s).await?;
                             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
                         }

@@ -21,7 +21,6 @@ use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault_pb;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as ratelimit_pb;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http_pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use envoy_types::pb::google::protobuf::Any;
@@ -30,6 +29,10 @@ use prost::Message;
 
 mod jwt_authn;
 mod rbac;
+mod tls;
+
+pub use tls::secret;
+use tls::{downstream_tls, upstream_tls};
 
 /// A conversion error: which resource, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -432,10 +435,13 @@ fn filter_chain(
             (!mm.transport_protocol.is_empty()).then(|| mm.transport_protocol.clone());
         fcm.application_protocols = mm.application_protocols.clone();
     }
-    let tls = match &fc.transport_socket {
+    let mut tls = match &fc.transport_socket {
         Some(ts) => downstream_tls(ctx, &format!("{field}.transport_socket"), ts)?,
         None => None,
     };
+    if let Some(t) = &mut tls {
+        t.handshake_timeout = duration(&fc.transport_socket_connect_timeout);
+    }
     let mut terminal = None;
     let mut network_rbac = Vec::new();
     let mut stats = None;
@@ -548,167 +554,6 @@ fn transport_socket_typed(
     }
 }
 
-fn common_tls(
-    ctx: &mut Ctx<'_>,
-    field: &str,
-    c: Option<&tls_pb::CommonTlsContext>,
-) -> Result<m::tls::CommonTls, ConvertError> {
-    use tls_pb::common_tls_context::ValidationContextType as V;
-    let mut out = m::tls::CommonTls::default();
-    let Some(c) = c else { return Ok(out) };
-    out.alpn = c.alpn_protocols.clone();
-    if let Some(p) = &c.tls_params {
-        use tls_pb::tls_parameters::TlsProtocol as P;
-        let version = |f: &str, v: i32, is_min: bool| match P::try_from(v) {
-            Ok(P::TlsAuto) => Ok(None),
-            // Below 1.2 nothing is spoken: a lower minimum is 1.2.
-            Ok(P::TlSv10 | P::TlSv11) if is_min => Ok(Some(m::tls::TlsVersion::V1_2)),
-            Ok(P::TlSv10 | P::TlSv11) => Err(ctx.err(
-                format!("{field}.tls_params.{f}"),
-                "TLS 1.0 and 1.1 are not supported",
-            )),
-            Ok(P::TlSv12) => Ok(Some(m::tls::TlsVersion::V1_2)),
-            Ok(P::TlSv13) => Ok(Some(m::tls::TlsVersion::V1_3)),
-            Err(_) => Err(ctx.err(
-                format!("{field}.tls_params.{f}"),
-                format!("unknown TLS version {v}"),
-            )),
-        };
-        out.min_version = version(
-            "tls_minimum_protocol_version",
-            p.tls_minimum_protocol_version,
-            true,
-        )?;
-        out.max_version = version(
-            "tls_maximum_protocol_version",
-            p.tls_maximum_protocol_version,
-            false,
-        )?;
-        if let (Some(min), Some(max)) = (out.min_version, out.max_version)
-            && min > max
-        {
-            return Err(ctx.err(
-                format!("{field}.tls_params"),
-                "the minimum TLS version is above the maximum",
-            ));
-        }
-        if !p.cipher_suites.is_empty() || !p.ecdh_curves.is_empty() {
-            ctx.warn(
-                &format!("{field}.tls_params"),
-                "cipher_suites and ecdh_curves are not applied (the provider's defaults are used)"
-                    .into(),
-            );
-        }
-    }
-    for s in &c.tls_certificate_sds_secret_configs {
-        out.certificates
-            .push(m::tls::SecretSource::Sds(s.name.clone()));
-    }
-    for (i, t) in c.tls_certificates.iter().enumerate() {
-        let cert = tls_certificate(ctx, &format!("{field}.tls_certificates[{i}]"), t)?;
-        out.certificates.push(m::tls::SecretSource::Inline(Arc::new(
-            m::tls::Secret::Certificate(cert),
-        )));
-    }
-    let mut sans = Vec::new();
-    let inline_validation = |f: &str, v: &tls_pb::CertificateValidationContext| {
-        // The SANs are kept on the context itself (below); the secret
-        // carries the trusted CAs.
-        let mut vc = validation_context(ctx, f, v)?;
-        vc.match_subject_alt_names.clear();
-        Ok::<_, ConvertError>(m::tls::SecretSource::Inline(Arc::new(
-            m::tls::Secret::Validation(vc),
-        )))
-    };
-    out.validation = match &c.validation_context_type {
-        None => None,
-        Some(V::ValidationContext(v)) => {
-            sans.extend(san_matchers(v));
-            Some(inline_validation(
-                &format!("{field}.validation_context"),
-                v,
-            )?)
-        }
-        Some(V::ValidationContextSdsSecretConfig(s)) => {
-            Some(m::tls::SecretSource::Sds(s.name.clone()))
-        }
-        Some(V::CombinedValidationContext(cv)) => {
-            let default = cv.default_validation_context.clone().unwrap_or_default();
-            sans.extend(san_matchers(&default));
-            match &cv.validation_context_sds_secret_config {
-                Some(s) => Some(m::tls::SecretSource::Sds(s.name.clone())),
-                None => Some(inline_validation(
-                    &format!("{field}.combined_validation_context.default_validation_context"),
-                    &default,
-                )?),
-            }
-        }
-        Some(_) => {
-            return Err(ctx.err(
-                format!("{field}.validation_context_type"),
-                "unsupported validation context",
-            ));
-        }
-    };
-    for (i, san) in sans.iter().enumerate() {
-        out.match_subject_alt_names.push(san_matcher(
-            ctx,
-            &format!("{field}.match_subject_alt_names[{i}]"),
-            san,
-        )?);
-    }
-    Ok(out)
-}
-
-/// A SAN matcher as received: its type (`None`: the deprecated untyped
-/// form, any type) and string matcher.
-type RawSan = (Option<i32>, matcher_pb::StringMatcher);
-
-fn san_matcher(
-    ctx: &Ctx<'_>,
-    field: &str,
-    (san_type, matcher): &RawSan,
-) -> Result<m::tls::SanMatcher, ConvertError> {
-    use tls_pb::subject_alt_name_matcher::SanType as T;
-    let san_type = match san_type.map(T::try_from) {
-        None => None,
-        Some(Ok(T::Dns)) => Some(m::tls::SanType::Dns),
-        Some(Ok(T::Uri)) => Some(m::tls::SanType::Uri),
-        Some(Ok(T::Email)) => Some(m::tls::SanType::Email),
-        Some(Ok(T::IpAddress)) => Some(m::tls::SanType::IpAddress),
-        Some(Ok(other)) => {
-            return Err(ctx.err(
-                format!("{field}.san_type"),
-                format!("SAN type {} is not supported", other.as_str_name()),
-            ));
-        }
-        Some(Err(_)) => {
-            return Err(ctx.err(format!("{field}.san_type"), "unknown SAN type"));
-        }
-    };
-    Ok(m::tls::SanMatcher {
-        san_type,
-        matcher: string_matcher(ctx, &format!("{field}.matcher"), matcher)?,
-    })
-}
-
-/// SAN matchers of a validation context: the typed ones and the deprecated
-/// untyped ones istiod still sends.
-fn san_matchers(v: &tls_pb::CertificateValidationContext) -> Vec<RawSan> {
-    #[allow(deprecated)]
-    let mut sans: Vec<RawSan> = v
-        .match_subject_alt_names
-        .iter()
-        .map(|m| (None, m.clone()))
-        .collect();
-    sans.extend(
-        v.match_typed_subject_alt_names
-            .iter()
-            .filter_map(|t| Some((Some(t.san_type), t.matcher.clone()?))),
-    );
-    sans
-}
-
 /// The bytes of a `DataSource`: inline, or read from a file (as Envoy
 /// reads it when the configuration is loaded).
 fn data_source(
@@ -734,163 +579,6 @@ fn data_source(
             )
         }),
     }
-}
-
-fn tls_certificate(
-    ctx: &Ctx<'_>,
-    field: &str,
-    t: &tls_pb::TlsCertificate,
-) -> Result<m::tls::TlsCertificate, ConvertError> {
-    let cert = m::tls::TlsCertificate {
-        cert_chain_pem: data_source(
-            ctx,
-            &format!("{field}.certificate_chain"),
-            t.certificate_chain.as_ref(),
-        )?,
-        private_key_pem: data_source(ctx, &format!("{field}.private_key"), t.private_key.as_ref())?,
-    };
-    ferry_tls::check_certificate(&cert).map_err(|e| tls_error(ctx, field, e))?;
-    Ok(cert)
-}
-
-fn validation_context(
-    ctx: &Ctx<'_>,
-    field: &str,
-    v: &tls_pb::CertificateValidationContext,
-) -> Result<m::tls::ValidationContext, ConvertError> {
-    let mut out = m::tls::ValidationContext {
-        trusted_ca_pem: data_source(ctx, &format!("{field}.trusted_ca"), v.trusted_ca.as_ref())?,
-        match_subject_alt_names: Vec::new(),
-    };
-    for (i, san) in san_matchers(v).iter().enumerate() {
-        out.match_subject_alt_names.push(san_matcher(
-            ctx,
-            &format!("{field}.match_subject_alt_names[{i}]"),
-            san,
-        )?);
-    }
-    ferry_tls::check_validation(&out).map_err(|e| tls_error(ctx, field, e))?;
-    Ok(out)
-}
-
-fn tls_error(ctx: &Ctx<'_>, field: &str, e: ferry_tls::TlsError) -> ConvertError {
-    match e {
-        ferry_tls::TlsError::Invalid { field: f, message } => {
-            ctx.err(format!("{field}.{f}"), message)
-        }
-        other => ctx.err(field, other.to_string()),
-    }
-}
-
-/// An SDS `Secret`: a TLS certificate (chain and key) or a validation
-/// context (trusted CAs and SAN matchers), its PEM checked.
-pub fn secret(
-    pb: &tls_pb::Secret,
-    warnings: &mut Warnings,
-) -> Result<m::tls::Secret, ConvertError> {
-    use tls_pb::secret::Type as T;
-    let ctx = Ctx {
-        resource: format!("secret {:?}", pb.name),
-        warnings,
-        inbound: false,
-    };
-    match &pb.r#type {
-        Some(T::TlsCertificate(t)) => Ok(m::tls::Secret::Certificate(tls_certificate(
-            &ctx,
-            "tls_certificate",
-            t,
-        )?)),
-        Some(T::ValidationContext(v)) => Ok(m::tls::Secret::Validation(validation_context(
-            &ctx,
-            "validation_context",
-            v,
-        )?)),
-        Some(T::SessionTicketKeys(_)) => Err(ctx.err(
-            "session_ticket_keys",
-            "session ticket keys are not supported",
-        )),
-        Some(T::GenericSecret(_)) => {
-            Err(ctx.err("generic_secret", "generic secrets are not supported"))
-        }
-        None => Err(ctx.err("type", "the secret carries nothing")),
-    }
-}
-
-/// The TLS context of a transport socket, decoded as `M` (`want` names its
-/// type); `None` for a raw (plaintext) socket.
-fn tls_context<M: Message + Default>(
-    ctx: &Ctx<'_>,
-    field: &str,
-    ts: &core_pb::TransportSocket,
-    want: &str,
-    who: &str,
-) -> Result<Option<M>, ConvertError> {
-    let Some(typed) = transport_socket_typed(ctx, field, ts)? else {
-        return Ok(None);
-    };
-    if typed.type_name() != format!("envoy.extensions.transport_sockets.tls.v3.{want}") {
-        return Err(ctx.err(
-            format!("{field}.typed_config"),
-            format!("{who} needs a {want}"),
-        ));
-    }
-    typed
-        .decode()
-        .map(Some)
-        .map_err(|e| ctx.err(format!("{field}.typed_config"), e))
-}
-
-fn downstream_tls(
-    ctx: &mut Ctx<'_>,
-    field: &str,
-    ts: &core_pb::TransportSocket,
-) -> Result<Option<m::tls::DownstreamTls>, ConvertError> {
-    let Some(d) = tls_context::<tls_pb::DownstreamTlsContext>(
-        ctx,
-        field,
-        ts,
-        "DownstreamTlsContext",
-        "a listener",
-    )?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(m::tls::DownstreamTls {
-        common: common_tls(
-            ctx,
-            &format!("{field}.typed_config.common_tls_context"),
-            d.common_tls_context.as_ref(),
-        )?,
-        require_client_certificate: d
-            .require_client_certificate
-            .as_ref()
-            .is_some_and(|v| v.value),
-    }))
-}
-
-fn upstream_tls(
-    ctx: &mut Ctx<'_>,
-    field: &str,
-    ts: &core_pb::TransportSocket,
-) -> Result<Option<m::tls::UpstreamTls>, ConvertError> {
-    let Some(u) = tls_context::<tls_pb::UpstreamTlsContext>(
-        ctx,
-        field,
-        ts,
-        "UpstreamTlsContext",
-        "a cluster",
-    )?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(m::tls::UpstreamTls {
-        common: common_tls(
-            ctx,
-            &format!("{field}.typed_config.common_tls_context"),
-            u.common_tls_context.as_ref(),
-        )?,
-        sni: (!u.sni.is_empty()).then(|| u.sni.clone()),
-    }))
 }
 
 fn tcp_proxy(
@@ -3075,8 +2763,16 @@ fn endpoints(
         let locality_weight = lle
             .and_then(|l| l.load_balancing_weight.as_ref())
             .map_or(1, |v| v.value);
+        use endpoint_pb::lb_endpoint::HostIdentifier;
+        let hostname = match &e.host_identifier {
+            Some(HostIdentifier::Endpoint(ep)) if !ep.hostname.is_empty() => {
+                Some(Arc::from(ep.hostname.as_str()))
+            }
+            _ => None,
+        };
         out.push(m::Endpoint {
             address,
+            hostname,
             weight: e
                 .load_balancing_weight
                 .as_ref()

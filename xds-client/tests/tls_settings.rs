@@ -315,9 +315,15 @@ static_resources:
     let ads = b.ads.unwrap();
     let tls = ads.tls.unwrap();
     assert_eq!(tls.sni.as_deref(), Some("istiod.istio-system.svc"));
-    assert_eq!(tls.common.match_subject_alt_names.len(), 1);
+    let Some(SecretSource::Inline(v)) = &tls.common.validation else {
+        panic!("an inline validation context: {:?}", tls.common.validation);
+    };
+    let ferry_model::tls::Secret::Validation(v) = &**v else {
+        panic!("a validation context");
+    };
+    assert_eq!(v.match_subject_alt_names.len(), 1);
     assert_eq!(
-        tls.common.match_subject_alt_names[0].san_type,
+        v.match_subject_alt_names[0].san_type,
         Some(ferry_model::tls::SanType::Uri)
     );
     assert!(matches!(
@@ -349,11 +355,261 @@ static_resources:
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("match_subject_alt_names[0].san_type: SAN type OTHER_NAME is not supported"),
+        e.contains(
+            "match_typed_subject_alt_names[0].san_type: SAN type OTHER_NAME is not supported"
+        ),
         "{e}"
     );
     let missing = text.replace(&p("key.pem"), &p("nope.pem"));
     let e = parse_bootstrap("b.yaml", &missing).unwrap_err().to_string();
     assert!(e.contains("private_key.filename: cannot read"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A listener terminating TLS with `validation` as its inline validation
+/// context (YAML flow mapping) and `extra` inside the DownstreamTlsContext,
+/// and a cluster originating TLS with `upstream` inside its
+/// UpstreamTlsContext.
+fn tls_bootstrap(dir: &std::path::Path, validation: &str, extra: &str, upstream: &str) -> String {
+    let p = |n: &str| dir.join(n).display().to_string();
+    format!(
+        r#"
+static_resources:
+  listeners:
+  - name: tls
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 8443}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          {extra}
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: {cert}}}, private_key: {{filename: {key}}}}}]
+            validation_context: {validation}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: t
+          cluster: up
+  clusters:
+  - name: up
+    type: STATIC
+    load_assignment:
+      cluster_name: up
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 9}}}}}}}}]}}]
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        {upstream}
+        common_tls_context:
+          validation_context: {{trusted_ca: {{filename: {root}}}}}
+"#,
+        cert = p("cert.pem"),
+        key = p("key.pem"),
+        root = p("root.pem"),
+    )
+}
+
+/// Each dangerous TLS field, set to a non-default value, is either applied
+/// (seen in the model) or refused with its name; none is dropped.
+#[test]
+fn tls_validation_fields_are_applied_or_refused_by_name() {
+    let (cert, key, ca) = pem_pair();
+    let dir = std::env::temp_dir().join(format!("ferry-xds-tlsfields-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (n, v) in [("cert.pem", &cert), ("key.pem", &key), ("root.pem", &ca)] {
+        std::fs::write(dir.join(n), v).unwrap();
+    }
+    let root = dir.join("root.pem").display().to_string();
+    let ca_json = serde_json::to_string(&ca).unwrap();
+    let san = r#"match_typed_subject_alt_names: [{san_type: URI, matcher: {prefix: "spiffe://cluster.local/"}}]"#;
+    let refused: &[(&str, &str, &str, &str)] = &[
+        // (validation context, downstream extra, upstream extra, expected error)
+        (
+            &format!("{{{san}}}"),
+            "",
+            "",
+            "validation_context.match_subject_alt_names: SAN-based verification of peer certificates without trusted CA is insecure and not allowed",
+        ),
+        (
+            "{crl: {inline_string: x}}",
+            "",
+            "",
+            "validation_context.crl",
+        ),
+        (
+            &format!(
+                "{{trusted_ca: {{filename: {root}}}, ca_certificate_provider_instance: {{instance_name: x}}}}"
+            ),
+            "",
+            "",
+            "validation_context.ca_certificate_provider_instance: certificate providers are not supported",
+        ),
+        (
+            &format!("{{trusted_ca: {{filename: {root}}}, allow_expired_certificate: true}}"),
+            "",
+            "",
+            "validation_context.allow_expired_certificate",
+        ),
+        (
+            &format!(
+                "{{trusted_ca: {{filename: {root}}}, trust_chain_verification: ACCEPT_UNTRUSTED}}"
+            ),
+            "",
+            "",
+            "validation_context.trust_chain_verification",
+        ),
+        (
+            &format!(
+                "{{trusted_ca: {{filename: {root}}}, require_signed_certificate_timestamp: true}}"
+            ),
+            "",
+            "",
+            "validation_context.require_signed_certificate_timestamp",
+        ),
+        (
+            &format!(
+                "{{trusted_ca: {{filename: {root}}}, verify_certificate_spki: [bm90IGEgZGlnZXN0]}}"
+            ),
+            "",
+            "",
+            "validation_context.verify_certificate_spki[0]: \"bm90IGEgZGlnZXN0\" is not a SHA-256 digest",
+        ),
+        (
+            &format!("{{trusted_ca: {{filename: {root}}}, verify_certificate_hash: [abcd]}}"),
+            "",
+            "",
+            "validation_context.verify_certificate_hash[0]",
+        ),
+        (
+            r#"{custom_validator_config: {name: envoy.tls.cert_validator.other, typed_config: {"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.TlsParameters}}}"#,
+            "",
+            "",
+            "validation_context.custom_validator_config.typed_config: unsupported certificate validator",
+        ),
+        (
+            &format!("{{trusted_ca: {{filename: {root}}}}}"),
+            "ocsp_staple_policy: MUST_STAPLE",
+            "",
+            "ocsp_staple_policy",
+        ),
+        (
+            &format!("{{trusted_ca: {{filename: {root}}}}}"),
+            "session_ticket_keys: {keys: [{inline_string: x}]}",
+            "",
+            "session_ticket_keys",
+        ),
+        (
+            &format!("{{trusted_ca: {{filename: {root}}}}}"),
+            "",
+            "allow_renegotiation: true",
+            "allow_renegotiation: TLS renegotiation is not supported",
+        ),
+    ];
+    for (validation, extra, upstream, want) in refused {
+        let text = tls_bootstrap(&dir, validation, extra, upstream);
+        let e = parse_bootstrap("b.yaml", &text)
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {validation} {extra} {upstream}"))
+            .to_string();
+        assert!(
+            e.contains(want),
+            "{validation} {extra} {upstream}:\n{e}\nwanted: {want}"
+        );
+    }
+    // Cipher suites and curves: applied, unknown names refused.
+    let tls_params = |params: &str| {
+        tls_bootstrap(&dir, &format!("{{trusted_ca: {{filename: {root}}}}}"), "", "")
+            .replace(
+                "          common_tls_context:\n            tls_certificates",
+                &format!("          common_tls_context:\n            tls_params: {params}\n            tls_certificates"),
+            )
+    };
+    let e = parse_bootstrap("b.yaml", &tls_params("{cipher_suites: [NOT-A-CIPHER]}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cipher_suites[0]: unknown cipher suite"), "{e}");
+    let e = parse_bootstrap(
+        "b.yaml",
+        &tls_params("{signature_algorithms: [rsa_pss_rsae_sha256]}"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tls_params.signature_algorithms"), "{e}");
+    let e = parse_bootstrap("b.yaml", &tls_params("{cipher_suites: [AES128-SHA]}"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("none of the cipher suites is supported"), "{e}");
+    let b = parse_bootstrap(
+        "b.yaml",
+        &tls_params("{cipher_suites: ['[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]', AES128-SHA], ecdh_curves: [P-256]}"),
+    )
+    .unwrap();
+    let chain = &b.snapshot.listeners[0].filter_chains[0];
+    let common = &chain.tls.as_ref().unwrap().common;
+    assert_eq!(common.ecdh_curves, ["P-256"]);
+    assert_eq!(common.cipher_suites.len(), 2);
+
+    // Applied: SPIFFE validator bundles, pins, CRL settings, depth,
+    // system roots; resumption, SNI and key usage settings.
+    let spiffe = format!(
+        r#"{{{san}, custom_validator_config: {{name: envoy.tls.cert_validator.spiffe, typed_config: {{"@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig, trust_domains: [{{name: cluster.local, trust_bundle: {{inline_string: {ca_json}}}}}]}}}}, max_verify_depth: 3, suppress_client_ca_list: true}}"#
+    );
+    let b = parse_bootstrap(
+        "b.yaml",
+        &tls_bootstrap(
+            &dir,
+            &spiffe,
+            "require_sni: true\n          disable_stateless_session_resumption: true",
+            "auto_host_sni: true\n        auto_sni_san_validation: true\n        max_session_keys: 0",
+        ),
+    )
+    .unwrap();
+    let down = b.snapshot.listeners[0].filter_chains[0]
+        .tls
+        .clone()
+        .unwrap();
+    assert!(down.require_sni && !down.stateless_resumption && down.stateful_resumption);
+    let Some(SecretSource::Inline(v)) = &down.common.validation else {
+        panic!("inline validation");
+    };
+    let Secret::Validation(v) = &**v else {
+        panic!("validation")
+    };
+    let td = &v.spiffe.as_ref().unwrap().trust_domains;
+    assert_eq!(td.len(), 1);
+    assert_eq!(td[0].0, "cluster.local");
+    assert_eq!(v.max_verify_depth, Some(3));
+    assert!(v.suppress_client_ca_list);
+    let up = match &b.snapshot.clusters["up"].tls {
+        Some(t) => t.clone(),
+        None => panic!("cluster TLS"),
+    };
+    assert!(up.auto_host_sni && up.auto_sni_san_validation && up.max_session_keys == 0);
+    assert!(up.enforce_rsa_key_usage);
+
+    let hash = "AB:".repeat(31) + "AB";
+    let pins = format!(
+        "{{trusted_ca: {{filename: {root}}}, verify_certificate_hash: [\"{hash}\"], verify_certificate_spki: [q83vq83vq83vq83vq83vq83vq83vq83vq83vq83vq80=], crl: {{inline_string: \"\"}}, only_verify_leaf_cert_crl: true}}"
+    );
+    let b = parse_bootstrap("b.yaml", &tls_bootstrap(&dir, &pins, "", "")).unwrap();
+    let Some(SecretSource::Inline(v)) = &b.snapshot.listeners[0].filter_chains[0]
+        .tls
+        .as_ref()
+        .unwrap()
+        .common
+        .validation
+    else {
+        panic!("inline validation");
+    };
+    let Secret::Validation(v) = &**v else {
+        panic!("validation")
+    };
+    assert_eq!(v.certificate_hashes, [[0xab; 32]]);
+    assert_eq!(v.spki_hashes.len(), 1);
+    assert!(v.only_verify_leaf_cert_crl);
     let _ = std::fs::remove_dir_all(&dir);
 }
