@@ -25,8 +25,8 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
     h.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// Reads the router's `x-envoy-*` request headers as Envoy does; the timeout
-/// headers are consumed (Envoy removes them before the request goes on).
+/// Reads the router's `x-envoy-*` request headers as Envoy does, and
+/// consumes them (Envoy removes them before the request goes on).
 pub fn header_overrides(h: &mut HeaderMap, route: Option<&RetryPolicy>) -> HeaderOverrides {
     let mut out = HeaderOverrides {
         timeout: header_u64(h, "x-envoy-upstream-rq-timeout-ms")
@@ -46,6 +46,16 @@ pub fn header_overrides(h: &mut HeaderMap, route: Option<&RetryPolicy>) -> Heade
     let codes: Vec<u16> = text("x-envoy-retriable-status-codes")
         .map(|s| s.split(',').filter_map(|c| c.trim().parse().ok()).collect())
         .unwrap_or_default();
+    // Consumed here, as Envoy's router does: they never reach the upstream.
+    for h_name in [
+        "x-envoy-retry-on",
+        "x-envoy-retry-grpc-on",
+        "x-envoy-max-retries",
+        "x-envoy-retriable-status-codes",
+        "x-envoy-retriable-header-names",
+    ] {
+        h.remove(h_name);
+    }
     let touched = on.any() || max.is_some() || !codes.is_empty();
     let base = route.map(|p| p.retry_on).unwrap_or_default().union(on);
     // As Envoy: without any retry condition there is no retry at all, so
