@@ -63,6 +63,7 @@ fn table(routes: usize) -> RouteConfig {
         }],
         ignore_port_in_host_matching: true,
         validate_clusters: false,
+        internal_only_headers: Vec::new(),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod cors;
 pub mod fault;
 pub mod format;
+pub mod forwarded;
 pub mod jwt;
 pub mod listener;
 pub mod ratelimit;

@@ -184,6 +184,11 @@ pub struct HttpConnectionManager {
     pub client_cert_details: ClientCertDetails,
     /// The HTTP filters Ferry runs before the router, in order.
     pub http_filters: Vec<HttpFilter>,
+    /// Who the client is and whether it is trusted (XFF, internal addresses).
+    pub client_trust: crate::forwarded::ClientTrust,
+    /// The router's `suppress_envoy_headers`: no `x-envoy-overloaded`,
+    /// `x-envoy-expected-rq-timeout-ms` and the like.
+    pub suppress_envoy_headers: bool,
 }
 
 /// `forward_client_cert_details`.

@@ -16,6 +16,8 @@ pub struct RouteConfig {
     /// Reject the table when a route names a cluster that does not exist
     /// (`validate_clusters`; Envoy's default is off for RDS).
     pub validate_clusters: bool,
+    /// `internal_only_headers`: removed from requests that are not internal.
+    pub internal_only_headers: Vec<http::HeaderName>,
 }
 
 #[derive(Debug)]
@@ -607,6 +609,30 @@ impl RetryOn {
         }
         (on, unknown)
     }
+
+    /// Both sets of conditions (a route's policy and `x-envoy-retry-on`).
+    pub fn union(self, o: Self) -> Self {
+        Self {
+            server_error: self.server_error || o.server_error,
+            gateway_error: self.gateway_error || o.gateway_error,
+            reset: self.reset || o.reset,
+            connect_failure: self.connect_failure || o.connect_failure,
+            retriable_4xx: self.retriable_4xx || o.retriable_4xx,
+            refused_stream: self.refused_stream || o.refused_stream,
+            retriable_status_codes: self.retriable_status_codes || o.retriable_status_codes,
+            reset_before_request: self.reset_before_request || o.reset_before_request,
+            grpc_cancelled: self.grpc_cancelled || o.grpc_cancelled,
+            grpc_deadline_exceeded: self.grpc_deadline_exceeded || o.grpc_deadline_exceeded,
+            grpc_resource_exhausted: self.grpc_resource_exhausted || o.grpc_resource_exhausted,
+            grpc_internal: self.grpc_internal || o.grpc_internal,
+            grpc_unavailable: self.grpc_unavailable || o.grpc_unavailable,
+        }
+    }
+
+    /// Whether any condition is set.
+    pub fn any(&self) -> bool {
+        *self != Self::default()
+    }
 }
 
 /// A route's retry policy (`envoy.config.route.v3.RetryPolicy`).
@@ -920,6 +946,7 @@ mod tests {
             name: "r".into(),
             ignore_port_in_host_matching: false,
             validate_clusters: false,
+            internal_only_headers: Vec::new(),
             virtual_hosts: vec![
                 vh("any", &["*"], vec![]),
                 vh("suffix", &["*.example.com"], vec![]),
@@ -952,6 +979,7 @@ mod tests {
             name: "r".into(),
             ignore_port_in_host_matching: false,
             validate_clusters: false,
+            internal_only_headers: Vec::new(),
             virtual_hosts: vec![vh(
                 "v",
                 &["*"],

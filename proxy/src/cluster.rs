@@ -2,11 +2,16 @@
 //! connection pools (HTTP/1.1 keep-alive reuse, one multiplexed HTTP/2
 //! connection).
 //!
-//! A request handed to a reused HTTP/1.1 connection that the server closed
-//! while it sat idle comes back from hyper unsent; it is then sent again on
-//! another connection. A bodiless idempotent request that was already written
-//! when the server closed the reused connection is sent again too. This closes
-//! the keep-alive race that otherwise shows up as sporadic 503s.
+//! The keep-alive race (a pooled connection the server closed while it sat
+//! idle) is absorbed here, once and boundedly: a request that a reused
+//! connection gives back unsent (hyper hands it back when the connection was
+//! found closed before a byte was written), or a bodiless idempotent request
+//! whose reused connection ended in a clean close (FIN) before any response
+//! byte, is sent once more on a freshly opened connection, never on another
+//! pooled one. Anything else (a reset after the request was read, a failure on
+//! a fresh connection, a second failure) is the router's to decide under the
+//! route's retry policy, so without one a request reaches a backend at most
+//! twice.
 //!
 //! Each cluster also owns its circuit breakers ([`Breakers`]) and outlier
 //! detector; both survive endpoint-only updates, as do the pools, so that
@@ -535,15 +540,11 @@ fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
     Some(again)
 }
 
-/// Whether the connection went away before a response arrived: closed, reset
-/// or broken. A reused connection failing this way was closed by the server
-/// in the keep-alive race, not by the request.
-fn closed_before_response(e: &hyper::Error) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+/// Whether the connection ended with a clean close (the server's FIN) before
+/// any response byte: what a server closing an idle keep-alive connection
+/// looks like, as opposed to a reset after it read the request.
+fn closed_cleanly_before_response(e: &hyper::Error) -> bool {
     e.is_incomplete_message()
-        || std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted))
 }
 
 struct Idle {
@@ -778,16 +779,18 @@ impl EndpointPool {
         None
     }
 
-    /// A new HTTP/1.1 connection within `max_connections`: at the limit the
-    /// request waits, as a pending request, for a pooled connection to come
-    /// back or a connection to close.
+    /// A pooled HTTP/1.1 connection (unless `fresh`) or a new one within
+    /// `max_connections`: at the limit the request waits, as a pending
+    /// request, for a pooled connection to come back (not with `fresh`) or a
+    /// connection to close.
     async fn new_or_pooled_h1(
         &self,
+        fresh: bool,
     ) -> Result<(http1::SendRequest<UpstreamBody>, u32, bool), UpstreamError> {
         let breakers = &self.shared.breakers;
         let mut pending = None;
         loop {
-            if let Some((s, used)) = self.checkout_idle() {
+            if !fresh && let Some((s, used)) = self.checkout_idle() {
                 return Ok((s, used, true));
             }
             let freed = breakers.freed.notified();
@@ -838,36 +841,40 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // At most one more attempt, on a fresh connection, for the keep-alive race.
+        let mut fresh = false;
         loop {
-            let (mut sender, used, reused) = self.new_or_pooled_h1().await?;
-            // The server may close a kept-alive connection while our request is
-            // already on the wire (its keep-alive timeout fired as the request
-            // arrived): hyper then reports the connection closed and keeps the
-            // request. A bodiless idempotent request may be sent again (RFC 9110
-            // §9.2.2), so keep a copy of its head while it uses a reused connection.
+            let (mut sender, used, reused) = self.new_or_pooled_h1(fresh).await?;
+            // A bodiless idempotent request may be sent again (RFC 9110 §9.2.2) when
+            // the server's close crossed it on the wire: keep a copy of its head
+            // while it rides a reused connection.
             let replay = if reused { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.release_when_idle(sender, used + 1);
                     return Ok(resp);
                 }
-                Err(mut e) => match e.take_message() {
-                    // Not a byte was written: safe to send again, whatever the method.
-                    Some(back) if reused => {
-                        self.stats.upstream_rq_retry_stale_connection.inc();
-                        req = back;
-                    }
-                    _ => {
-                        let e = e.into_error();
-                        match replay {
-                            Some(again) if closed_before_response(&e) => {
-                                self.stats.upstream_rq_retry_stale_connection.inc();
-                                req = again;
-                            }
-                            _ => return Err(UpstreamError::Reset(e)),
-                        }
-                    }
-                },
+                Err(mut e) => {
+                    let back = e.take_message();
+                    let e = e.into_error();
+                    let again = match (reused, back, replay) {
+                        // Not a byte was written: safe to send again, whatever the method.
+                        (true, Some(back), _) => back,
+                        // The server closed the idle connection as the request crossed
+                        // it: a clean close before any answer. A reset (RST) means the
+                        // server reacted to what it read; that is the retry policy's call.
+                        (true, None, Some(again)) if closed_cleanly_before_response(&e) => again,
+                        _ => return Err(UpstreamError::Reset(e)),
+                    };
+                    tracing::debug!(
+                        upstream.host = %self.address,
+                        error = %e,
+                        "reused connection closed by the server; sending once more on a new connection"
+                    );
+                    self.stats.upstream_rq_retry_stale_connection.inc();
+                    req = again;
+                    fresh = true;
+                }
             }
         }
     }
@@ -979,20 +986,23 @@ impl EndpointPool {
                 }
             }
         };
+        // A connection found closed (GOAWAY, or gone) before the stream was
+        // opened gets the request back unsent: it is sent once more, on a new
+        // connection.
         let mut attempts = 0;
         loop {
             attempts += 1;
             let mut sender = self.h2_sender().await?;
             if sender.ready().await.is_err() {
                 self.h2.lock().unwrap_or_else(|p| p.into_inner()).take();
-                if attempts < 3 {
+                if attempts < 2 {
                     continue;
                 }
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
-                    Some(back) if attempts < 3 => {
+                    Some(back) if attempts < 2 => {
                         self.stats.upstream_rq_retry_stale_connection.inc();
                         self.h2.lock().unwrap_or_else(|p| p.into_inner()).take();
                         req = back;

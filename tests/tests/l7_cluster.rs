@@ -112,6 +112,11 @@ fn config(port: u16, cluster: Value, route: Value) -> Value {
 
 /// One request on its own connection: status and body.
 fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+    get_head(port, path, headers).map(|(status, _, body)| (status, body))
+}
+
+/// One request on its own connection: status, response head and body.
+fn get_head(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String, String)> {
     let mut s = TcpStream::connect_timeout(&local(port), Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.set_nodelay(true)?;
@@ -132,7 +137,12 @@ fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)>
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("bad status line: {head:?}"))?;
-    Ok((status, body.to_string()))
+    Ok((status, head.to_ascii_lowercase(), body.to_string()))
+}
+
+/// Whether a response head carries Envoy's `x-envoy-overloaded: true`.
+fn overloaded(head: &str) -> bool {
+    head.lines().any(|l| l.trim() == "x-envoy-overloaded: true")
 }
 
 /// Which backend answered (the echo's `name`), or `status:NNN`.
@@ -617,15 +627,19 @@ fn circuit_breaker_overflow_is_503_uo() -> Result<()> {
                 .map(|k| {
                     thread::spawn(move || {
                         thread::sleep(Duration::from_millis(if k == 0 { 0 } else { 150 }));
-                        get(port, "/sleep/800", &[])
+                        get_head(port, "/sleep/800", &[])
                     })
                 })
                 .collect();
             let mut codes = BTreeMap::new();
             let mut bodies = Vec::new();
             for h in handles {
-                let (status, body) = h.join().map_err(|_| anyhow!("client panicked"))??;
+                let (status, head, body) = h.join().map_err(|_| anyhow!("client panicked"))??;
                 *codes.entry(status).or_insert(0) += 1;
+                // Envoy marks the refused requests, and only those.
+                if overloaded(&head) != (status == 503) {
+                    bail!("{}: x-envoy-overloaded on a {status}: {head}", p.name());
+                }
                 if status == 503 {
                     bodies.push(body);
                 }
@@ -674,14 +688,17 @@ fn circuit_breaker_pending_overflow() -> Result<()> {
                 .map(|k| {
                     thread::spawn(move || {
                         thread::sleep(Duration::from_millis(if k == 0 { 0 } else { 150 }));
-                        get(port, "/sleep/600", &[])
+                        get_head(port, "/sleep/600", &[])
                     })
                 })
                 .collect();
             let mut codes = BTreeMap::new();
             for h in handles {
-                let (status, _) = h.join().map_err(|_| anyhow!("client panicked"))??;
+                let (status, head, _) = h.join().map_err(|_| anyhow!("client panicked"))??;
                 *codes.entry(status).or_insert(0) += 1;
+                if overloaded(&head) != (status == 503) {
+                    bail!("{}: x-envoy-overloaded on a {status}: {head}", p.name());
+                }
             }
             if codes.get(&200) != Some(&2) || codes.get(&503) != Some(&3) {
                 bail!("{}: expected two 200 and three 503: {codes:?}", p.name());

@@ -19,8 +19,11 @@ use envoy_types::pb::envoy::config::route::v3 as route_pb;
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3 as cors_pb;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3 as fault_pb;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as ratelimit_pb;
+use envoy_types::pb::envoy::extensions::filters::http::router::v3 as router_pb;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_pb;
+use envoy_types::pb::envoy::extensions::http::original_ip_detection::custom_header::v3 as custom_header_pb;
+use envoy_types::pb::envoy::extensions::http::original_ip_detection::xff::v3 as xff_pb;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http_pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use envoy_types::pb::google::protobuf::Any;
@@ -663,6 +666,7 @@ fn http_connection_manager(
             _ => return Err(ctx.err(field, "http_connection_manager needs route_config")),
         };
     let mut has_router = false;
+    let mut suppress_envoy_headers = false;
     let mut http_filters = Vec::new();
     for (i, hf) in h.http_filters.iter().enumerate() {
         let ff = format!("{field}.http_filters[{i}]");
@@ -692,7 +696,20 @@ fn http_connection_manager(
             continue;
         }
         match type_name.as_str() {
-            "envoy.extensions.filters.http.router.v3.Router" => has_router = true,
+            "envoy.extensions.filters.http.router.v3.Router" => {
+                has_router = true;
+                if let Some(t) = typed {
+                    let tf = format!("{ff}.typed_config");
+                    let cfg: router_pb::Router = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                    suppress_envoy_headers = cfg.suppress_envoy_headers;
+                    if cfg.respect_expected_rq_timeout {
+                        return Err(ctx.err(
+                            format!("{tf}.respect_expected_rq_timeout"),
+                            "taking the route timeout from x-envoy-expected-rq-timeout-ms is not supported",
+                        ));
+                    }
+                }
+            }
             FAULT_TYPE => {
                 let tf = format!("{ff}.typed_config");
                 let Some(t) = typed else {
@@ -812,6 +829,8 @@ fn http_connection_manager(
             "x-forwarded-client-cert Cert, Chain and Issuer are not added".into(),
         );
     }
+    let use_remote_address = h.use_remote_address.as_ref().is_some_and(|v| v.value);
+    let client_trust = client_trust(ctx, field, h, use_remote_address)?;
     let client_cert_details = m::listener::ClientCertDetails {
         subject: details.subject.is_some_and(|v| v.value),
         uri: details.uri,
@@ -827,8 +846,136 @@ fn http_connection_manager(
         idle_timeout: idle,
         stream_idle_timeout: timeout_or(&h.stream_idle_timeout, Some(Duration::from_secs(300))),
         request_timeout: timeout_or(&h.request_timeout, None),
-        use_remote_address: h.use_remote_address.as_ref().is_some_and(|v| v.value),
+        use_remote_address,
         http_filters,
+        client_trust,
+        suppress_envoy_headers,
+    })
+}
+
+/// The settings that decide who the client is: `xff_num_trusted_hops`,
+/// `skip_xff_append`, `internal_address_config` and the
+/// `original_ip_detection_extensions` (XFF and custom header), as Envoy
+/// validates them.
+fn client_trust(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    h: &hcm_pb::HttpConnectionManager,
+    use_remote_address: bool,
+) -> Result<m::forwarded::ClientTrust, ConvertError> {
+    use m::forwarded::{InternalAddresses, IpDetection};
+    let internal = match &h.internal_address_config {
+        None => InternalAddresses::None,
+        Some(c) => {
+            if c.unix_sockets {
+                // No HTTP listener of Ferry's is a Unix socket: nothing to trust.
+                ctx.warn(
+                    &format!("{field}.internal_address_config.unix_sockets"),
+                    "Ferry serves HTTP on TCP only; unix_sockets has no effect".into(),
+                );
+            }
+            if c.cidr_ranges.is_empty() {
+                InternalAddresses::Private
+            } else {
+                let ranges = c
+                    .cidr_ranges
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        cidr(
+                            ctx,
+                            &format!("{field}.internal_address_config.cidr_ranges[{i}]"),
+                            r,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                InternalAddresses::Ranges(ranges)
+            }
+        }
+    };
+    let mut detection = Vec::with_capacity(h.original_ip_detection_extensions.len());
+    if !h.original_ip_detection_extensions.is_empty()
+        && (use_remote_address || h.xff_num_trusted_hops > 0)
+    {
+        // As Envoy: the extensions replace those two settings.
+        return Err(ctx.err(
+            format!("{field}.original_ip_detection_extensions"),
+            "original IP detection extensions cannot be combined with use_remote_address or xff_num_trusted_hops",
+        ));
+    }
+    for (i, ext) in h.original_ip_detection_extensions.iter().enumerate() {
+        let ef = format!("{field}.original_ip_detection_extensions[{i}]");
+        let tf = format!("{ef}.typed_config");
+        let Some(any) = &ext.typed_config else {
+            return Err(ctx.err(&ef, format!("extension {:?} has no typed_config", ext.name)));
+        };
+        let t = Typed::from_any(any).map_err(|e| ctx.err(&tf, e))?;
+        match t.type_name() {
+            "envoy.extensions.http.original_ip_detection.xff.v3.XffConfig" => {
+                let cfg: xff_pb::XffConfig = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                let trusted_cidrs = match &cfg.xff_trusted_cidrs {
+                    None => None,
+                    Some(_) if cfg.xff_num_trusted_hops > 0 => {
+                        return Err(ctx.err(
+                            &tf,
+                            "only one of xff_num_trusted_hops and xff_trusted_cidrs can be set",
+                        ));
+                    }
+                    Some(c) => Some(
+                        c.cidrs
+                            .iter()
+                            .enumerate()
+                            .map(|(j, r)| {
+                                cidr(ctx, &format!("{tf}.xff_trusted_cidrs.cidrs[{j}]"), r)
+                            })
+                            .collect::<Result<Vec<_>, _>>()?,
+                    ),
+                };
+                detection.push(IpDetection::Xff {
+                    num_trusted_hops: cfg.xff_num_trusted_hops,
+                    trusted_cidrs,
+                    skip_xff_append: cfg.skip_xff_append.as_ref().is_none_or(|v| v.value),
+                });
+            }
+            "envoy.extensions.http.original_ip_detection.custom_header.v3.CustomHeaderConfig" => {
+                let cfg: custom_header_pb::CustomHeaderConfig =
+                    t.decode().map_err(|e| ctx.err(&tf, e))?;
+                let header = cfg.header_name.to_ascii_lowercase();
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                    return Err(ctx.err(
+                        format!("{tf}.header_name"),
+                        format!("invalid header name {:?}", cfg.header_name),
+                    ));
+                }
+                let reject_with = cfg.reject_with_status.map(|s| {
+                    u16::try_from(s.code)
+                        .ok()
+                        .filter(|c| (400..=511).contains(c))
+                        .unwrap_or(403)
+                });
+                detection.push(IpDetection::CustomHeader {
+                    header,
+                    trusted: cfg.allow_extension_to_set_address_as_trusted,
+                    reject_with,
+                });
+            }
+            other => {
+                return Err(ctx.err(
+                    &tf,
+                    format!(
+                        "unsupported original IP detection extension {:?} ({other})",
+                        ext.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(m::forwarded::ClientTrust {
+        xff_num_trusted_hops: h.xff_num_trusted_hops,
+        skip_xff_append: h.skip_xff_append,
+        internal,
+        detection,
+        preserve_external_request_id: h.preserve_external_request_id,
     })
 }
 
@@ -906,8 +1053,20 @@ fn route_config_in(
             routes,
         });
     }
+    let mut internal_only_headers = Vec::with_capacity(rc.internal_only_headers.len());
+    for (i, h) in rc.internal_only_headers.iter().enumerate() {
+        let name =
+            http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                ctx.err(
+                    join(field, &format!("internal_only_headers[{i}]")),
+                    format!("invalid header name {h:?}"),
+                )
+            })?;
+        internal_only_headers.push(name);
+    }
     Ok(m::RouteConfig {
         name: rc.name.clone(),
+        internal_only_headers,
         virtual_hosts: vhosts,
         ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
         validate_clusters: rc.validate_clusters.as_ref().is_some_and(|v| v.value),

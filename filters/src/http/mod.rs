@@ -3,6 +3,7 @@
 
 pub mod cors;
 pub mod fault;
+pub mod forwarded;
 pub mod headers;
 pub mod jwt_authn;
 pub mod local_ratelimit;

@@ -170,23 +170,6 @@ fn principal(p: &Principal, s: &Subject<'_>) -> bool {
     }
 }
 
-/// The downstream remote address of an HTTP request: the last address of
-/// `x-forwarded-for` when the connection manager does not use the remote
-/// address itself (Envoy's default, no trusted hops), else the peer.
-pub fn remote_address(headers: &HeaderMap, peer: IpAddr, use_remote_address: bool) -> IpAddr {
-    if use_remote_address {
-        return peer;
-    }
-    let last = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .next_back()
-        .map(str::trim);
-    last.and_then(|a| a.parse().ok()).unwrap_or(peer)
-}
-
 /// Envoy's dynamic metadata for a peer with a SPIFFE identity, in the
 /// shape Istio's authentication filter gives it (`istio_authn`:
 /// `source.principal` and `source.user` without the `spiffe://` scheme,
@@ -548,18 +531,5 @@ mod tests {
         );
         req.md = DynamicMetadata::default();
         assert!(!req.run(&md).allowed);
-    }
-
-    #[test]
-    fn remote_address_from_xff() {
-        let peer: IpAddr = "127.0.0.1".parse().unwrap();
-        let mut h = HeaderMap::new();
-        assert_eq!(remote_address(&h, peer, false), peer);
-        h.append("x-forwarded-for", "1.1.1.1, 2.2.2.2".parse().unwrap());
-        assert_eq!(
-            remote_address(&h, peer, false),
-            "2.2.2.2".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(remote_address(&h, peer, true), peer);
     }
 }

@@ -119,7 +119,7 @@ pub fn local_ratelimit(
             let info = rl::RequestInfo {
                 pseudo: super::pseudo_of(req),
                 headers: req.headers(),
-                remote: ctx.peer.ip(),
+                remote: super::client::remote(ctx, req).ip(),
                 cluster,
             };
             rl::descriptors(cfg, &r.rate_limits, &r.vhost_rate_limits, &info)
@@ -313,7 +313,7 @@ pub fn rbac(
         pseudo: Some(&pseudo),
         local: ctx.original_dst,
         direct_remote: ctx.peer,
-        remote: rbac_engine::remote_address(req.headers(), ctx.peer.ip(), hcm.use_remote_address),
+        remote: super::client::remote(ctx, req).ip(),
         server_name: &downstream.server_name,
         tls: downstream.tls_peer(),
         metadata,

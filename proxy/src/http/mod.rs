@@ -6,6 +6,7 @@
 //! Envoy's status codes, bodies and response flags.
 
 pub mod body;
+mod client;
 mod fault;
 mod filters;
 mod shadow;
@@ -436,6 +437,18 @@ async fn route_request(
         RouteSource::Inline(rc) => Some(rc.clone()),
         RouteSource::Rds(name) => ctx.rt.snapshot.load().routes.get(name).cloned(),
     };
+    // Who the client is, and what it may ask of the router, is settled before
+    // routing and before any filter sees the request, as in Envoy.
+    let client = match client::apply(ctx, hcm, routes.as_deref(), &mut req) {
+        Ok(c) => c,
+        Err(status) => {
+            let r = LocalReply {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN),
+                body: None,
+            };
+            return (local_reply(r), "", None);
+        }
+    };
     let pseudo = ferry_model::Pseudo {
         method: req.method().as_str(),
         path,
@@ -446,7 +459,7 @@ async fn route_request(
         .as_ref()
         .and_then(|rc| rc.find_route_for(&pseudo, req.headers(), rand::random()));
     let fctx = FormatContext {
-        downstream_remote: Some(ctx.peer),
+        downstream_remote: Some(client.remote),
         downstream_local: Some(ctx.original_dst),
         upstream_remote: None,
         protocol: protocol_name(req.version()),
@@ -745,7 +758,20 @@ async fn forward(
         parts.headers.insert(HOST, v);
     }
     let scheme = if ctx.tls.is_some() { "https" } else { "http" };
+    // An edge request gets a request id of Envoy's making, whatever it brought.
+    if parts
+        .extensions
+        .get::<ferry_filters::http::forwarded::ClientAddress>()
+        .is_some_and(|c| c.edge)
+        && !hcm.client_trust.preserve_external_request_id
+    {
+        parts.headers.remove("x-request-id");
+    }
     headers::prepare_request(&mut parts.headers, scheme, hcm.generate_request_id);
+    // An internal client's `x-envoy-*` timeout and retry headers (the
+    // connection manager removed any other's).
+    let overrides = router::header_overrides(&mut parts.headers, retry_policy.as_deref());
+    let timeout = &overrides.timeout.unwrap_or(*timeout);
     forward_client_cert(&mut parts.headers, hcm, ctx.tls.as_ref());
     route.request_headers.apply(&mut parts.headers, fctx, None);
     let original_path = parts.uri.path().to_string();
@@ -801,7 +827,8 @@ async fn forward(
     let stream_start = tokio::time::Instant::now();
     let timed = timeout.is_some() || idle_timeout.is_some() || max_stream_duration.is_some();
     let end = timed.then(|| Arc::new(Notify::new()));
-    let (replay, mut first_body) = if !upgrade && (retry_policy.is_some() || !mirrors.is_empty()) {
+    let policy = overrides.retry.as_ref().or(retry_policy.as_deref());
+    let (replay, mut first_body) = if !upgrade && (policy.is_some() || !mirrors.is_empty()) {
         (Some(Replay::new(body, end.clone())), None)
     } else {
         (None, Some(body))
@@ -855,11 +882,16 @@ async fn forward(
     );
     tokio::pin!(global);
 
-    let policy = retry_policy.as_deref();
     let max_retries = policy.map_or(0, |p| p.num_retries);
     let mut retries = 0u32;
     let mut retry_slot = None;
     let mut retry_overflow = false;
+    let mut retry_limit_exceeded = false;
+    // A per-try timeout as long as the route's is no per-try timeout.
+    let per_try = overrides
+        .per_try_timeout
+        .or(policy.and_then(|p| p.per_try_timeout))
+        .filter(|t| timeout.is_none_or(|g| *t < g));
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut pool = pool;
     let mut parts = Some(parts);
@@ -880,6 +912,13 @@ async fn forward(
             },
         };
         let mut upstream_req = upstream_req;
+        if !hcm.suppress_envoy_headers
+            && let Some(ms) = router::expected_timeout(*timeout, per_try, stream_start.elapsed())
+        {
+            upstream_req
+                .headers_mut()
+                .insert(EXPECTED_TIMEOUT, HeaderValue::from(ms));
+        }
         if attempt_count.request {
             upstream_req
                 .headers_mut()
@@ -898,7 +937,6 @@ async fn forward(
         // The per-try timeout covers one attempt up to its response headers,
         // from the attempt's start (Envoy starts it once the request was sent
         // whole: the same for the buffered bodies that can be retried).
-        let per_try = policy.and_then(|p| p.per_try_timeout);
         let attempt = async {
             match per_try {
                 Some(t) => tokio::time::timeout(t, send)
@@ -932,6 +970,7 @@ async fn forward(
         if retries >= max_retries || !can_replay || parts.is_none() {
             if retries >= max_retries {
                 retry_counter("upstream_rq_retry_limit_exceeded").inc();
+                retry_limit_exceeded = true;
             }
             break (attempt.exhausted(), address);
         }
@@ -994,7 +1033,8 @@ async fn forward(
                 status: StatusCode::GATEWAY_TIMEOUT,
                 body: Some("upstream request timeout".into()),
             };
-            (local_reply(r), "UT", Some(address))
+            let flag = retry_flags("UT", retry_overflow, retry_limit_exceeded);
+            (local_reply(r), flag, Some(address))
         }
         Attempt::Failed(e) | Attempt::Exhausted(ExhaustedBy::Failure(e)) => {
             let (flag, body) = match &e {
@@ -1008,7 +1048,15 @@ async fn forward(
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 body: Some(body),
             };
-            (local_reply(r), flag, Some(address))
+            let mut resp = local_reply(r);
+            // As Envoy's router: a request refused by a circuit breaker tells the
+            // client so (clients and Istio's retries key on it).
+            if matches!(e, Some(UpstreamError::Overflow)) && !hcm.suppress_envoy_headers {
+                resp.headers_mut()
+                    .insert(OVERLOADED, HeaderValue::from_static("true"));
+            }
+            let flag = retry_flags(flag, retry_overflow, retry_limit_exceeded);
+            (resp, flag, Some(address))
         }
         Attempt::Response(mut resp) => {
             // A generated hash cookie goes back with the response.
@@ -1033,6 +1081,28 @@ async fn forward(
     }
     (resp, flag, upstream)
 }
+
+/// Envoy's response flags of a failed request after the retry policy had its
+/// say, in the order Envoy 1.40 sets them: `UO` when the `max_retries`
+/// breaker stopped a retry or `URX` when the retries ran out, then the
+/// failure's own flag.
+fn retry_flags(flag: &'static str, overflow: bool, limit_exceeded: bool) -> &'static str {
+    match (flag, overflow, limit_exceeded) {
+        ("UC", true, _) => "UO,UC",
+        ("UF", true, _) => "UO,UF",
+        ("UT", true, _) => "UO,UT",
+        ("UC", false, true) => "URX,UC",
+        ("UF", false, true) => "URX,UF",
+        ("UT", false, true) => "URX,UT",
+        (flag, _, _) => flag,
+    }
+}
+
+/// The time the upstream has to answer, as Envoy tells it.
+const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
+
+/// Envoy's header on answers to requests a circuit breaker refused.
+const OVERLOADED: &str = "x-envoy-overloaded";
 
 /// Where the router keeps the Host a host rewrite replaced.
 const ORIGINAL_HOST: &str = "x-envoy-original-host";
@@ -1260,6 +1330,8 @@ mod tests {
                 dns: false,
             },
             http_filters: Vec::new(),
+            client_trust: Default::default(),
+            suppress_envoy_headers: false,
         }
     }
 
