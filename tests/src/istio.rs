@@ -459,6 +459,49 @@ pub fn tcp_exchange(pod: &Pod, host: &str, port: u16, line: &str) -> Result<Stri
         .to_string())
 }
 
+/// An HTTP/1.1 GET over TLS from `pod` to `host:port`, presenting the
+/// client certificate in `cert`/`key` (PEM files) and offering `alpn`, the
+/// server's certificate not checked (a forger has nothing to check it
+/// with): the status, or `None` when the handshake or the connection
+/// failed.
+pub fn tls_get(
+    pod: &Pod,
+    host: &str,
+    port: u16,
+    cert: &Path,
+    key: &Path,
+    alpn: &[&str],
+) -> Result<Option<u16>> {
+    let alpn = alpn
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let script = format!(
+        "import socket,ssl,sys\n\
+         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+         ctx.check_hostname = False\n\
+         ctx.verify_mode = ssl.CERT_NONE\n\
+         ctx.load_cert_chain('{cert}', '{key}')\n\
+         ctx.set_alpn_protocols([{alpn}])\n\
+         try:\n\
+         \x20   s = ctx.wrap_socket(socket.create_connection(('{host}', {port}), timeout=3))\n\
+         \x20   s.sendall(b'GET /hello HTTP/1.1\\r\\nhost: {host}\\r\\nconnection: close\\r\\n\\r\\n')\n\
+         \x20   out = s.recv(64)\n\
+         \x20   sys.stdout.write(out.split(b' ')[1].decode() if out.startswith(b'HTTP/') else 'none')\n\
+         except Exception as e:\n\
+         \x20   sys.stdout.write('none')\n",
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let out = pod
+        .cmd("python3")
+        .args(["-c", &script])
+        .timeout(Duration::from_secs(10))
+        .run()?;
+    Ok(out.trim().parse().ok())
+}
+
 // ------------------------------------------------------------- task steps
 
 /// What a client does and what the docs say it gets.

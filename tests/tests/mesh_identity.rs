@@ -9,14 +9,18 @@
 //! - certificates are renewed at half their lifetime (a 4 s lifetime here)
 //!   while requests keep succeeding across the rotations;
 //! - the CA knows callers by their pod's address: a CSR from an address no
-//!   pod has is refused.
+//!   pod has is refused;
+//! - a self-signed certificate claiming a mesh identity is refused by the
+//!   STRICT inbound of Ferry and of Envoy (the combined validation context
+//!   with the SDS `ROOTCA`, as istiod sends it).
 
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferry_tests::istio::{App, IstioMesh, Proxy, Workload, curl, echo_header};
+use ferry_tests::istio::{App, IstioMesh, Proxy, Workload, curl, echo_header, tls_get};
 use ferry_tests::netns::{Proc, ferry_bin};
+use ferry_tests::pki::Leaf;
 
 const SERVER_VIP: &str = "10.96.1.10";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
@@ -125,6 +129,26 @@ fn check_mtls(m: &IstioMesh) -> Result<()> {
         code != 200,
         "plaintext reached a STRICT workload: {code} {body}"
     );
+    // A forger claiming the client's SPIFFE identity with a self-signed
+    // certificate is refused at the handshake, on the HTTP mTLS chains
+    // (Istio's ALPN) and on the TCP one alike.
+    let forged = Leaf::self_signed(CLIENT_ID, &[])?;
+    let (cert, key) = (m.dir().join("forged.pem"), m.dir().join("forged.key"));
+    std::fs::write(&cert, &forged.cert_pem)?;
+    std::fs::write(&key, &forged.key_pem)?;
+    let server_ip = m.pod("server").ip().to_string();
+    for alpn in [
+        &["istio-http/1.1"][..],
+        &["istio-peer-exchange", "istio"],
+        &[],
+    ] {
+        let got = tls_get(m.pod("legacy"), &server_ip, 8080, &cert, &key, alpn)?;
+        ensure!(
+            got.is_none(),
+            "a self-signed certificate claiming {CLIENT_ID} was answered {got:?} (ALPN {alpn:?})\n{}",
+            m.diagnostics()
+        );
+    }
     Ok(())
 }
 
