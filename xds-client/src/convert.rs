@@ -2609,6 +2609,11 @@ pub fn cluster(
         .as_ref()
         .and_then(|o| o.max_concurrent_streams.as_ref())
         .map(|v| v.value);
+    #[allow(deprecated)]
+    let mut auto_sni = match &c.upstream_http_protocol_options {
+        Some(u) => upstream_http_protocol_options(&ctx, "upstream_http_protocol_options", u)?,
+        None => m::cluster::AutoSni::default(),
+    };
     for (key, any) in &c.typed_extension_protocol_options {
         let field = format!("typed_extension_protocol_options[{key:?}]");
         let typed = Typed::from_any(any).map_err(|e| ctx.err(&field, e))?;
@@ -2639,6 +2644,9 @@ pub fn cluster(
             Some(U::AutoConfig(_)) => m::UpstreamProtocol::Http1,
             None => protocol,
         };
+        if let Some(u) = &o.upstream_http_protocol_options {
+            auto_sni = upstream_http_protocol_options(&ctx, &format!("{field}.upstream_http_protocol_options"), u)?;
+        }
         if let Some(common) = &o.common_http_protocol_options {
             idle_timeout = timeout_or(&common.idle_timeout, Some(Duration::from_secs(3600)));
             if let Some(mr) = common.max_requests_per_connection.as_ref().map(|v| v.value) {
@@ -2680,6 +2688,38 @@ pub fn cluster(
         circuit_breakers: circuit_breakers(&ctx, "circuit_breakers", c.circuit_breakers.as_ref())?,
         max_concurrent_streams,
         istio_service: istio_service(c),
+        auto_sni,
+    })
+}
+
+/// `UpstreamHttpProtocolOptions`: SNI and server-name validation from each
+/// request's host.
+fn upstream_http_protocol_options(
+    ctx: &Ctx<'_>,
+    field: &str,
+    u: &core_pb::UpstreamHttpProtocolOptions,
+) -> Result<m::cluster::AutoSni, ConvertError> {
+    let core_pb::UpstreamHttpProtocolOptions {
+        auto_sni,
+        auto_san_validation,
+        override_auto_sni_header,
+    } = u;
+    let header = if override_auto_sni_header.is_empty() {
+        None
+    } else {
+        let h = override_auto_sni_header.to_ascii_lowercase();
+        http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+            ctx.err(
+                format!("{field}.override_auto_sni_header"),
+                format!("{override_auto_sni_header:?} is not a header name"),
+            )
+        })?;
+        Some(h)
+    };
+    Ok(m::cluster::AutoSni {
+        sni: *auto_sni,
+        san_validation: *auto_san_validation,
+        header,
     })
 }
 
