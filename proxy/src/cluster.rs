@@ -730,9 +730,16 @@ impl EndpointPool {
         };
         let host = match raw.strip_prefix('[') {
             Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
-            None => raw.rsplit_once(':').map_or(raw.as_str(), |(h, p)| {
-                if p.chars().all(|c| c.is_ascii_digit()) { h } else { raw.as_str() }
-            }).to_string(),
+            None => raw
+                .rsplit_once(':')
+                .map_or(raw.as_str(), |(h, p)| {
+                    if p.chars().all(|c| c.is_ascii_digit()) {
+                        h
+                    } else {
+                        raw.as_str()
+                    }
+                })
+                .to_string(),
         };
         (!host.is_empty()).then_some(host)
     }

@@ -577,8 +577,8 @@ fn upstream_servers_are_verified_as_envoy_verifies_them() -> Result<()> {
 /// An HTTPS origin presenting `leaf` that answers every request with the
 /// SNI the client sent (`-` for none).
 fn sni_origin(leaf: &Leaf) -> Result<u16> {
-    let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()?;
+    let chain =
+        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
     let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
     let config = Arc::new(
         rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -643,7 +643,10 @@ fn http_route_listener(port: u16, cluster: &str) -> Value {
 fn get_host(port: u16, host: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&local(port), Duration::from_secs(3))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let status = out
@@ -691,7 +694,9 @@ fn names_sent_and_checked_come_from_the_request_or_the_host_as_in_envoy() -> Res
         ]}]},
         "transport_socket": tls(json!({"auto_host_sni": true})),
     });
-    let cases: [(&str, Value, &[(&str, u16, &str)]); 2] = [
+    // (host sent, status, SNI the origin saw) per request.
+    type Expect<'a> = &'a [(&'a str, u16, &'a str)];
+    let cases: [(&str, Value, Expect); 2] = [
         (
             "auto_sni",
             auto_sni,
@@ -702,7 +707,11 @@ fn names_sent_and_checked_come_from_the_request_or_the_host_as_in_envoy() -> Res
                 ("other.example.com", 503, ""),
             ],
         ),
-        ("auto_host_sni", host_sni, &[("anything.test", 200, "localhost")]),
+        (
+            "auto_host_sni",
+            host_sni,
+            &[("anything.test", 200, "localhost")],
+        ),
     ];
     for (name, cluster, expect) in cases {
         let port = free_port();
@@ -724,10 +733,8 @@ fn names_sent_and_checked_come_from_the_request_or_the_host_as_in_envoy() -> Res
             drop(e);
         }
         for (proxy, host, (status, body)) in &seen {
-            let (_, want_status, want_sni) = expect
-                .iter()
-                .find(|(h, _, _)| h == host)
-                .context("case")?;
+            let (_, want_status, want_sni) =
+                expect.iter().find(|(h, _, _)| h == host).context("case")?;
             ensure!(
                 status == want_status && (*want_status != 200 || body == want_sni),
                 "{name}: {proxy} with host {host}: {status} {body:?}, expected {want_status} {want_sni:?}\n{seen:?}"

@@ -2645,7 +2645,11 @@ pub fn cluster(
             None => protocol,
         };
         if let Some(u) = &o.upstream_http_protocol_options {
-            auto_sni = upstream_http_protocol_options(&ctx, &format!("{field}.upstream_http_protocol_options"), u)?;
+            auto_sni = upstream_http_protocol_options(
+                &ctx,
+                &format!("{field}.upstream_http_protocol_options"),
+                u,
+            )?;
         }
         if let Some(common) = &o.common_http_protocol_options {
             idle_timeout = timeout_or(&common.idle_timeout, Some(Duration::from_secs(3600)));

@@ -22,7 +22,8 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 use envoy_types::pb::envoy::config::core::v3::{
     BindConfig, DataSource, Http1ProtocolOptions, Http2ProtocolOptions,
     HttpProtocolOptions as CommonHttpOptions, Metadata, RuntimeDouble, SocketAddress, TcpKeepalive,
-    TransportSocket, data_source, socket_address::PortSpecifier, transport_socket,
+    TransportSocket, UpstreamHttpProtocolOptions, data_source, socket_address::PortSpecifier,
+    transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
@@ -209,13 +210,20 @@ fn outbound(
             &endpoints,
         ));
     }
+    let auto_sni = policy.tls.as_ref().and_then(auto_sni_options);
     if port.protocol.is_http() || port.protocol == Protocol::Unknown {
+        let mut options = http_options(port.protocol, policy.connection_pool.as_ref());
+        options.upstream_http_protocol_options = auto_sni;
+        c.typed_extension_protocol_options
+            .insert(HTTP_OPTIONS_KEY.into(), any(&options));
+    } else if auto_sni.is_some() {
+        // istiod sets them whatever the port's protocol.
         c.typed_extension_protocol_options.insert(
             HTTP_OPTIONS_KEY.into(),
-            any(&http_options(
-                port.protocol,
-                policy.connection_pool.as_ref(),
-            )),
+            any(&HttpProtocolOptions {
+                upstream_http_protocol_options: auto_sni,
+                ..Default::default()
+            }),
         );
     }
     if let Some(tcp) = policy
@@ -592,6 +600,40 @@ fn auto_mtls(
     ]
 }
 
+/// The operating system's CA bundle, where istio-agent looks for it
+/// (`file-root:system`): the first that exists, else Debian's path.
+fn system_ca_bundle() -> &'static str {
+    const CANDIDATES: &[&str] = &[
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/pki/tls/cacert.pem",
+        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+    ];
+    CANDIDATES
+        .iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .unwrap_or(&CANDIDATES[0])
+}
+
+/// istiod's `setAutoSniAndAutoSanValidation`: for SIMPLE and MUTUAL
+/// origination without an `sni`, the request's host is sent as SNI, and
+/// (certificates verified, no `subjectAltNames`) required as the server's
+/// name.
+fn auto_sni_options(tls: &ClientTlsSettings) -> Option<UpstreamHttpProtocolOptions> {
+    let mode = tls.mode.unwrap_or(ClientTlsMode::Disable);
+    if !matches!(mode, ClientTlsMode::Simple | ClientTlsMode::Mutual) || tls.sni.is_some() {
+        return None;
+    }
+    Some(UpstreamHttpProtocolOptions {
+        auto_sni: true,
+        auto_san_validation: tls.subject_alt_names.is_empty()
+            && tls.insecure_skip_verify != Some(true),
+        ..Default::default()
+    })
+}
+
 /// DestinationRule `tls` as an upstream TLS transport socket.
 fn upstream_tls(
     scope: &Scope<'_>,
@@ -627,12 +669,15 @@ fn upstream_tls(
                         .collect(),
                     ..Default::default()
                 };
-                match &tls.ca_certificates {
-                    Some(ca) => vc.trusted_ca = Some(file(ca)),
-                    None => {
-                        vc.system_root_certs = Some(Default::default());
-                    }
-                }
+                // Without caCertificates istiod names the system's roots
+                // (`file-root:system`, which istio-agent reads from the
+                // OS bundle); the bundle's file is named here, so that every
+                // proxy verifies the server (Envoy skips `system_root_certs`).
+                let ca = tls
+                    .ca_certificates
+                    .clone()
+                    .unwrap_or_else(|| system_ca_bundle().to_string());
+                vc.trusted_ca = Some(file(&ca));
                 if let Some(crl) = &tls.ca_crl {
                     vc.crl = Some(file(crl));
                 }
@@ -647,11 +692,11 @@ fn upstream_tls(
                     ..Default::default()
                 });
             }
+            // Without an explicit SNI the request's host is sent (and
+            // checked), through the cluster's `auto_sni` (see
+            // [`auto_sni_options`]), as istiod does.
             UpstreamTlsContext {
                 sni: tls.sni.clone().unwrap_or_default(),
-                // Without an explicit SNI, use the request's host, as Istio
-                // does for SIMPLE origination.
-                auto_host_sni: tls.sni.is_none(),
                 common_tls_context: Some(common),
                 ..Default::default()
             }
