@@ -71,6 +71,9 @@ struct ConnState {
     chain: Arc<FilterChain>,
     /// Its network RBAC, once the transport is up (TLS done).
     rbac: Option<Arc<ConnRbac>>,
+    /// A re-check denied it: it closes (after `delay_deny`), nothing more
+    /// is decided about it.
+    denied: bool,
 }
 
 /// What an update did to one connection.
@@ -112,13 +115,12 @@ impl LiveConn {
     /// listeners (its own missing: removed).
     fn reconsider(&self, listeners: &HashMap<String, Arc<Listener>>) -> Outcome {
         let mut st = self.lock();
-        if self.drain.is_closing() {
-            // Already on its way out (a re-check denied it).
+        if st.denied {
+            // Already on its way out.
             return Outcome::Untouched;
         }
         let Some(l) = listeners.get(&st.listener.name) else {
-            self.drain.start();
-            return Outcome::Drained;
+            return self.start_draining();
         };
         if Arc::ptr_eq(&st.listener, l) || st.listener.fingerprint == l.fingerprint {
             st.listener = l.clone();
@@ -127,8 +129,7 @@ impl LiveConn {
         if st.listener.settings_fingerprint != l.settings_fingerprint {
             // A full listener update: everything drains, under the old
             // configuration.
-            self.drain.start();
-            return Outcome::Drained;
+            return self.start_draining();
         }
         st.listener = l.clone();
         if l.has_chain(st.chain.fingerprint) {
@@ -136,13 +137,13 @@ impl LiveConn {
         }
         let successor = l.select_chain(&self.info).cloned();
         let Some(next) = successor else {
-            self.drain.start();
-            return Outcome::Drained;
+            return self.start_draining();
         };
         let recheck = |st: &ConnState| st.rbac.as_ref().map(|r| r.recheck(&next.rbac));
         if next.fingerprint_without_network_rbac == st.chain.fingerprint_without_network_rbac {
             return match recheck(&st) {
                 Some(Recheck::Denied(delay)) => {
+                    st.denied = true;
                     close_after(&self.drain, delay);
                     Outcome::Closed
                 }
@@ -154,7 +155,7 @@ impl LiveConn {
                 }
             };
         }
-        self.drain.start();
+        let outcome = self.start_draining();
         let both_http = matches!(
             (&st.chain.kind, &next.kind),
             (ChainKind::Http(_), ChainKind::Http(_))
@@ -166,9 +167,19 @@ impl LiveConn {
         if (had_rbac || !next.rbac.is_empty())
             && let Some(Recheck::Denied(delay)) = recheck(&st)
         {
+            st.denied = true;
             close_after(&self.drain, delay);
             return Outcome::Closed;
         }
+        outcome
+    }
+
+    /// Starts the connection's drain; counted only the first time.
+    fn start_draining(&self) -> Outcome {
+        if self.drain.is_draining() {
+            return Outcome::Untouched;
+        }
+        self.drain.start();
         Outcome::Drained
     }
 }
@@ -258,6 +269,7 @@ impl Connections {
                 listener,
                 chain,
                 rbac: None,
+                denied: false,
             }),
         });
         let id = inner.next_id;
@@ -374,6 +386,10 @@ mod tests {
 
     /// Network RBAC allowing only `source`.
     fn allow_only(source: &str) -> Arc<NetworkRbac> {
+        allow_only_delayed(source, None)
+    }
+
+    fn allow_only_delayed(source: &str, delay_deny: Option<Duration>) -> Arc<NetworkRbac> {
         Arc::new(NetworkRbac {
             stat_prefix: "tcp.".into(),
             rules: Some(Arc::new(Rbac {
@@ -389,7 +405,7 @@ mod tests {
             shadow_rules: None,
             shadow_rules_stat_prefix: String::new(),
             enforcement: Enforcement::OneTimeOnFirstByte,
-            delay_deny: None,
+            delay_deny,
         })
     }
 
@@ -511,6 +527,9 @@ mod tests {
         assert!(on_a.live.drain.is_draining());
         assert_eq!(bed.stat("listener_manager.listener_in_place_updated"), 1);
         assert_eq!(bed.stat("listener_manager.listener_modified"), 2);
+        // A draining connection is counted once.
+        bed.update(&[listener("l", 3, v2.filter_chains.clone())]);
+        assert_eq!(bed.stat("listener.l.ferry.cx_drained_by_update"), 2);
         assert_eq!(bed.conns.len(), 2);
         drop((on_a, on_b));
         assert!(bed.conns.is_empty(), "closed connections leave");
@@ -561,6 +580,30 @@ mod tests {
         bed.update(&[v3]);
         assert!(x.live.drain.is_closing());
         assert_eq!(bed.stat("tcp.rbac.denied"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_denied_connection_closes_after_delay_deny() {
+        let open = listener("l", 1, vec![chain(9, tcp("a"), 1, None)]);
+        let bed = Bed::new(std::slice::from_ref(&open));
+        let c = bed.open(&open, 9, "10.0.0.2");
+        let mut denying = chain(9, tcp("a"), 1, Some("10.0.0.1"));
+        let delay = Duration::from_secs(2);
+        if let Some(c) = Arc::get_mut(&mut denying) {
+            c.rbac = vec![allow_only_delayed("10.0.0.1", Some(delay))];
+        }
+        bed.update(&[listener("l", 1, vec![denying])]);
+        assert!(!c.live.drain.is_closing(), "held for delay_deny");
+        tokio::time::sleep(delay + Duration::from_millis(10)).await;
+        assert!(c.live.drain.is_closing());
+        // Decided once: a later update neither counts nor closes it again.
+        bed.update(&[listener(
+            "l",
+            1,
+            vec![chain(9, tcp("a"), 1, Some("10.0.0.7"))],
+        )]);
+        assert_eq!(bed.stat("listener.l.ferry.rbac_recheck_closed"), 1);
+        assert_eq!(bed.stat("tcp.rbac.denied"), 1);
     }
 
     #[tokio::test]
