@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ferry_model::{ChainKind, ConnectionInfo, FilterChain, Listener};
 
 use crate::drain::Drain;
@@ -60,15 +61,16 @@ pub struct LiveConn {
     info: ConnectionInfo,
     /// Its own drain signal (a child of the process's).
     pub drain: Drain,
+    /// The chain it runs on; requests of a draining HTTP connection follow
+    /// the successor chain. Read lock-free by every request, replaced only
+    /// under `state`'s lock.
+    chain: ArcSwap<FilterChain>,
     state: Mutex<ConnState>,
 }
 
 struct ConnState {
     /// The listener version the connection was last measured against.
     listener: Arc<Listener>,
-    /// The chain it runs on; requests of a draining HTTP connection follow
-    /// the successor chain.
-    chain: Arc<FilterChain>,
     /// Its network RBAC, once the transport is up (TLS done).
     rbac: Option<Arc<ConnRbac>>,
     /// A re-check denied it: it closes (after `delay_deny`), nothing more
@@ -94,7 +96,7 @@ impl LiveConn {
 
     /// The chain the connection's next request runs on.
     pub fn chain(&self) -> Arc<FilterChain> {
-        self.lock().chain.clone()
+        self.chain.load_full()
     }
 
     /// Puts the connection's network RBAC in place once its transport is up
@@ -106,9 +108,10 @@ impl LiveConn {
         make: impl FnOnce(&FilterChain) -> Arc<ConnRbac>,
     ) -> (Arc<ConnRbac>, Arc<FilterChain>) {
         let mut st = self.lock();
-        let rbac = make(&st.chain);
+        let chain = self.chain.load_full();
+        let rbac = make(&chain);
         st.rbac = Some(rbac.clone());
-        (rbac, st.chain.clone())
+        (rbac, chain)
     }
 
     /// Measures the connection against the current versions of the
@@ -132,7 +135,8 @@ impl LiveConn {
             return self.start_draining();
         }
         st.listener = l.clone();
-        if l.has_chain(st.chain.fingerprint) {
+        let current = self.chain.load_full();
+        if l.has_chain(current.fingerprint) {
             return Outcome::Untouched;
         }
         let successor = l.select_chain(&self.info).cloned();
@@ -140,7 +144,7 @@ impl LiveConn {
             return self.start_draining();
         };
         let recheck = |st: &ConnState| st.rbac.as_ref().map(|r| r.recheck(&next.rbac));
-        if next.fingerprint_without_network_rbac == st.chain.fingerprint_without_network_rbac {
+        if next.fingerprint_without_network_rbac == current.fingerprint_without_network_rbac {
             return match recheck(&st) {
                 Some(Recheck::Denied(delay)) => {
                     st.denied = true;
@@ -150,21 +154,20 @@ impl LiveConn {
                 // Allowed, or not evaluated yet (the handshake is under
                 // way): the new chain's RBAC is the connection's from now.
                 Some(Recheck::Allowed) | None => {
-                    st.chain = next;
+                    self.chain.store(next);
                     Outcome::Kept
                 }
             };
         }
         let outcome = self.start_draining();
         let both_http = matches!(
-            (&st.chain.kind, &next.kind),
+            (&current.kind, &next.kind),
             (ChainKind::Http(_), ChainKind::Http(_))
         );
-        let had_rbac = !st.chain.rbac.is_empty();
-        if both_http && st.chain.tls.is_some() == next.tls.is_some() {
-            st.chain = next.clone();
+        if both_http && current.tls.is_some() == next.tls.is_some() {
+            self.chain.store(next.clone());
         }
-        if (had_rbac || !next.rbac.is_empty())
+        if (!current.rbac.is_empty() || !next.rbac.is_empty())
             && let Some(Recheck::Denied(delay)) = recheck(&st)
         {
             st.denied = true;
@@ -265,9 +268,9 @@ impl Connections {
         let live = Arc::new(LiveConn {
             info,
             drain,
+            chain: ArcSwap::new(chain),
             state: Mutex::new(ConnState {
                 listener,
-                chain,
                 rbac: None,
                 denied: false,
             }),
