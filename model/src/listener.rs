@@ -19,6 +19,11 @@ pub struct Listener {
     /// A hash of the listener's configuration: listeners whose fingerprint is
     /// unchanged by an update keep running untouched.
     pub fingerprint: u64,
+    /// A hash of everything but the filter chains (Envoy's
+    /// `filterChainOnlyChange` ignores `filter_chains` and
+    /// `default_filter_chain`): when only the chains changed, the listener
+    /// is updated in place and connections on unchanged chains are kept.
+    pub settings_fingerprint: u64,
     pub address: SocketAddr,
     /// More addresses served by the same listener (`additional_addresses`,
     /// e.g. `[::]:15001` beside `0.0.0.0:15001` in a dual-stack pod).
@@ -69,6 +74,14 @@ pub struct FilterChainMatch {
 #[derive(Debug)]
 pub struct FilterChain {
     pub name: String,
+    /// A hash of the chain's whole message, match included: Envoy tells
+    /// chains apart by message, so a chain with the same fingerprint in a
+    /// new version of its listener is the same chain.
+    pub fingerprint: u64,
+    /// The same without its `envoy.filters.network.rbac` filters: two
+    /// chains that differ only in network RBAC have equal values, and an
+    /// update between them re-checks connections instead of draining them.
+    pub fingerprint_without_network_rbac: u64,
     pub filter_chain_match: FilterChainMatch,
     /// TLS termination (`DownstreamTlsContext`); `None`: plaintext.
     pub tls: Option<crate::tls::DownstreamTls>,
@@ -266,6 +279,15 @@ impl Listener {
         std::iter::once(self.address).chain(self.additional_addresses.iter().copied())
     }
 
+    /// Whether a chain with this fingerprint is one of this listener's
+    /// (the default chain included).
+    pub fn has_chain(&self, fingerprint: u64) -> bool {
+        self.filter_chains
+            .iter()
+            .chain(&self.default_chain)
+            .any(|c| c.fingerprint == fingerprint)
+    }
+
     /// Chooses the filter chain for a connection (Envoy's matching order).
     pub fn select_chain(&self, info: &ConnectionInfo) -> Option<&Arc<FilterChain>> {
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
@@ -446,6 +468,8 @@ mod tests {
     fn chain(name: &str, m: FilterChainMatch) -> Arc<FilterChain> {
         Arc::new(FilterChain {
             name: name.into(),
+            fingerprint: 0,
+            fingerprint_without_network_rbac: 0,
             filter_chain_match: m,
             tls: None,
             rbac: Vec::new(),
@@ -463,6 +487,7 @@ mod tests {
         Listener {
             name: "l".into(),
             fingerprint: 0,
+            settings_fingerprint: 0,
             address: "0.0.0.0:15001".parse().unwrap(),
             additional_addresses: vec![],
             bind_to_port: true,

@@ -1,6 +1,7 @@
 //! `ferry-proxy`: the data plane's runtime. Listeners and interception,
 //! protocol detection, the TCP proxy, the HTTP server and upstream pools, the
-//! cluster manager, the admin server, drain, and the `iptables` init step.
+//! cluster manager, the admin server, drain and in-place listener updates,
+//! and the `iptables` init step.
 
 pub mod admin;
 pub mod agent;
@@ -8,6 +9,7 @@ pub mod cluster;
 pub mod demo;
 pub mod detect;
 pub mod drain;
+pub mod filter_chain_update;
 pub mod http;
 pub mod iptables;
 pub mod lb;

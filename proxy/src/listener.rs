@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use ferry_model::listener::ForwardClientCert;
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::detect::{self, Detected, Outcome};
-use crate::drain::{ConnGuard, Drain};
+use crate::drain::ConnGuard;
+use crate::filter_chain_update::LiveConn;
 use crate::http::PeerTls;
 use crate::run::Runtime;
 
@@ -40,11 +40,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// One listener's live state: its current configuration and the drain of
-/// the generation of connections accepted under it.
+/// One bound listener's current configuration, read by its accept loops.
 pub struct ListenerSlot {
     config: ArcSwap<Listener>,
-    generation: ArcSwap<Drain>,
 }
 
 struct Active {
@@ -56,12 +54,12 @@ struct Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        // Closing the sockets stops accepting; connections already accepted
-        // drain under their generation.
+        // Closing the sockets stops accepting; what becomes of the
+        // connections already accepted is the update's business
+        // (`filter_chain_update`).
         for t in &self.tasks {
             t.abort();
         }
-        self.slot.generation.load().start();
     }
 }
 
@@ -72,10 +70,12 @@ pub struct ListenerManager {
 }
 
 impl ListenerManager {
-    /// Brings the bound listeners in line with `listeners`: unchanged ones
-    /// are not touched; a changed one keeps its sockets but accepts with the
-    /// new configuration while its earlier connections drain; removed ones
-    /// stop. Returns the listeners that could not be bound.
+    /// Brings the bound sockets in line with `listeners`: a listener keeps
+    /// its sockets while its addresses stay (new connections get its new
+    /// configuration), one moved to other addresses is bound again, removed
+    /// ones stop accepting. Returns the listeners that could not be bound.
+    /// The connections already open were measured against the new versions
+    /// before ([`crate::filter_chain_update`]).
     pub fn reconcile(
         &mut self,
         rt: &Arc<Runtime>,
@@ -94,10 +94,7 @@ impl ListenerManager {
             match self.active.get_mut(name) {
                 Some(a) if a.fingerprint == l.fingerprint => a.slot.config.store(l.clone()),
                 Some(a) if a.addresses == addresses => {
-                    tracing::info!(listener.name = %name, "listener changed; draining its connections");
                     a.slot.config.store(l.clone());
-                    let old = a.slot.generation.swap(Arc::new(rt.drain.child()));
-                    old.start();
                     a.fingerprint = l.fingerprint;
                 }
                 _ => {
@@ -126,7 +123,6 @@ impl ListenerManager {
             .collect::<std::io::Result<Vec<_>>>()?;
         let slot = Arc::new(ListenerSlot {
             config: ArcSwap::new(l.clone()),
-            generation: ArcSwap::from_pointee(rt.drain.child()),
         });
         let tasks = sockets
             .into_iter()
@@ -160,8 +156,7 @@ async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener
                     accepted.inc();
                     let guard = rt.drain.track();
                     let listener = slot.config.load_full();
-                    let generation = slot.generation.load_full();
-                    tokio::spawn(handle(rt.clone(), listener, generation, stream, peer, guard));
+                    tokio::spawn(handle(rt.clone(), listener, stream, peer, guard));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -177,7 +172,6 @@ async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener
 async fn handle(
     rt: Arc<Runtime>,
     accepted_on: Arc<Listener>,
-    generation: Arc<Drain>,
     stream: TcpStream,
     peer: SocketAddr,
     _guard: ConnGuard,
@@ -223,13 +217,17 @@ async fn handle(
             .then_some(if detected.tls { "tls" } else { "raw_buffer" }),
         application_protocols: detected.application_protocols.clone(),
     };
-    let Some(chain) = listener.select_chain(&info).cloned() else {
+    // The connection joins the live ones with its chain: a later update
+    // of the listener measures it against the new chain versions.
+    let Some(registered) = rt.conns.register(&listener, info, &rt.drain) else {
         tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; closing");
         rt.stats
             .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
             .inc();
         return;
     };
+    let live = registered.live.clone();
+    let chain = live.chain();
     if chain.tls.is_some() {
         let tls = match crate::tls::accept(&rt.tls, &chain, stream).await {
             Ok(s) => {
@@ -258,21 +256,13 @@ async fn handle(
             .clone()
             .or_else(|| tls.get_ref().1.server_name().map(str::to_string))
             .unwrap_or_default();
-        // The certificate's names are read only for the filters that need
-        // them: x-forwarded-client-cert and RBAC principals.
-        let client_cert = match &chain.kind {
-            ChainKind::Http(h)
-                if matches!(
-                    h.forward_client_cert,
-                    ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet
-                ) || uses_rbac(&chain) =>
-            {
-                crate::tls::client_cert_info(&rt.tls, &chain, &tls)
-            }
-            ChainKind::Tcp(_) if uses_rbac(&chain) => {
-                crate::tls::client_cert_info(&rt.tls, &chain, &tls)
-            }
-            _ => None,
+        // The certificate's names are read for every mTLS connection: an
+        // update may give its chain RBAC on principals (or XFCC) later, and
+        // the re-check needs them then.
+        let client_cert = if mtls {
+            crate::tls::client_cert_info(&rt.tls, &chain, &tls)
+        } else {
+            None
         };
         let downstream = crate::rbac::Downstream {
             peer,
@@ -282,6 +272,10 @@ async fn handle(
                 client_cert: client_cert.clone(),
             }),
         };
+        // The chain may have moved on during the handshake (an update that
+        // changed only its network RBAC): its current RBAC applies.
+        let (rbac, chain) =
+            live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
         // Istio's metrics name the peer by its certificate.
         let identity = chain
             .istio_stats
@@ -297,8 +291,8 @@ async fn handle(
             ChainKind::Tcp(tp) => {
                 let stats = rt.tcp_stats(&tp.stat_prefix);
                 let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
-                let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
-                crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &generation).await;
+                let io = crate::rbac::guard(tls, &rbac);
+                crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &live.drain).await;
             }
             ChainKind::Http(hcm) => {
                 let http2 = match (hcm.codec, alpn.as_deref()) {
@@ -311,25 +305,25 @@ async fn handle(
                         let Some((h2, io)) = crate::tls::sniff_h2(tls).await else {
                             return;
                         };
-                        let io = crate::rbac::guard(io, &chain.rbac, rt.clone(), &downstream);
+                        let io = crate::rbac::guard(io, &rbac);
                         let conn = Conn {
                             peer,
                             dst,
                             tls: Some(peer_tls),
                             server_name,
                         };
-                        serve_http(&rt, &chain, io, h2, conn, &generation).await;
+                        serve_http(&rt, &chain, io, h2, conn, &live).await;
                         return;
                     }
                 };
-                let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
+                let io = crate::rbac::guard(tls, &rbac);
                 let conn = Conn {
                     peer,
                     dst,
                     tls: Some(peer_tls),
                     server_name,
                 };
-                serve_http(&rt, &chain, io, http2, conn, &generation).await;
+                serve_http(&rt, &chain, io, http2, conn, &live).await;
             }
         }
         return;
@@ -341,12 +335,14 @@ async fn handle(
         server_name: server_name.clone(),
         tls: None,
     };
+    let (rbac, chain) =
+        live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
             let istio = tcp_metrics(&rt, &chain, tp, None);
-            let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
-            crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &generation).await;
+            let io = crate::rbac::guard(stream, &rbac);
+            crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &live.drain).await;
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {
@@ -361,14 +357,14 @@ async fn handle(
                     }
                 }
             };
-            let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
+            let io = crate::rbac::guard(stream, &rbac);
             let conn = Conn {
                 peer,
                 dst,
                 tls: None,
                 server_name,
             };
-            serve_http(&rt, &chain, io, http2, conn, &generation).await;
+            serve_http(&rt, &chain, io, http2, conn, &live).await;
         }
     }
 }
@@ -380,15 +376,6 @@ struct Conn {
     tls: Option<PeerTls>,
     /// SNI, "" without one.
     server_name: String,
-}
-
-/// Whether a chain runs RBAC (network or HTTP), which reads the client
-/// certificate's names.
-fn uses_rbac(chain: &ferry_model::FilterChain) -> bool {
-    !chain.rbac.is_empty()
-        || matches!(&chain.kind, ChainKind::Http(h) if h.http_filters.iter().any(|f| {
-            matches!(f.config, ferry_model::HttpFilterConfig::Rbac(_))
-        }))
 }
 
 /// Istio's metrics of a connection on `chain`, when it reports them.
@@ -436,7 +423,7 @@ async fn serve_http<S>(
     io: S,
     http2: bool,
     conn: Conn,
-    generation: &Drain,
+    live: &Arc<LiveConn>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -456,8 +443,9 @@ async fn serve_http<S>(
         ratelimit_buckets: Default::default(),
         server_name: conn.server_name,
         rbac_view: Default::default(),
+        live: live.clone(),
     });
-    crate::http::serve(io, ctx, http2, generation).await;
+    crate::http::serve(io, ctx, http2, &live.drain).await;
 }
 
 /// Peeks at the first bytes until the inspectors decide. Waits at most

@@ -135,7 +135,8 @@ pub struct Runtime {
     pub drain: Drain,
     pub access_log: bool,
     pub detection_timeout: Duration,
-    /// How long connections of a replaced listener may finish.
+    /// How long draining connections (a changed filter chain or listener,
+    /// or shutdown) may finish.
     pub drain_timeout: Duration,
     ready: AtomicBool,
     quit: Notify,
@@ -145,6 +146,9 @@ pub struct Runtime {
     tcp_stats: Mutex<HashMap<String, TcpStats>>,
     listener_cx: Mutex<HashMap<String, Counter>>,
     listeners: Mutex<crate::listener::ListenerManager>,
+    /// The open connections and the chains they run on, which each update
+    /// measures against the new listener versions.
+    pub conns: Arc<crate::filter_chain_update::Connections>,
     /// The ADS client's state, when configuration comes from xDS.
     pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
     /// Istio's standard metrics, for chains with the `istio.stats` filter.
@@ -203,9 +207,11 @@ impl Runtime {
     }
 
     /// Makes `snapshot` the live configuration: clusters first (keeping the
-    /// pools of unchanged endpoints), then the snapshot itself, then the
-    /// listeners (unchanged ones untouched, changed ones drained). Returns
-    /// the listeners that could not be bound.
+    /// pools of unchanged endpoints), then the snapshot itself together
+    /// with what it does to the open connections (in-place filter-chain
+    /// updates: only those on changed chains drain, see
+    /// [`crate::filter_chain_update`]), then the bound sockets. Returns the
+    /// listeners that could not be bound.
     pub fn apply(self: &Arc<Self>, snapshot: Arc<Snapshot>) -> Vec<(String, std::io::Error)> {
         // Secrets first: a rotated one reaches the next handshake of every
         // listener and cluster, while established connections keep theirs.
@@ -217,7 +223,12 @@ impl Runtime {
             &self.tls,
         );
         self.clusters.store(Arc::new(clusters));
+        // Published under the connections' lock: a connection registering
+        // meanwhile sees either the old listeners and is measured below, or
+        // the new ones.
+        let updating = self.conns.updating();
         self.snapshot.store(snapshot.clone());
+        updating.update(&snapshot.listeners, &self.stats);
         let errors = self
             .listeners
             .lock()
@@ -320,6 +331,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tcp_stats: Mutex::new(HashMap::new()),
         listener_cx: Mutex::new(HashMap::new()),
         listeners: Mutex::new(crate::listener::ListenerManager::default()),
+        conns: Arc::default(),
         xds: xds.clone(),
         istio,
     });

@@ -56,9 +56,11 @@ pub async fn proxy<S>(
     if let Some(m) = &istio {
         m.opened.fetch_add(1, Ordering::Relaxed);
     }
-    // A draining connection gets the drain deadline to finish, then closes.
+    // A draining connection gets the drain deadline to finish, then closes;
+    // one told to close (a policy re-check denied it) closes at once.
     let (rx, tx) = tokio::select! {
         r = copy(&mut down, up, tp.idle_timeout, stats) => r,
+        _ = drain.closing() => (0, 0),
         _ = async {
             drain.signaled().await;
             tokio::time::sleep(rt.drain_timeout).await;

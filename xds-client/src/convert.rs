@@ -283,11 +283,27 @@ fn value_string(v: &envoy_types::pb::google::protobuf::Value) -> String {
     }
 }
 
+/// A hash of a message's encoding. Map fields (`Struct`, metadata) encode
+/// in an unspecified order, so equal messages may rarely hash apart: that
+/// only makes an update treat an unchanged listener or chain as changed
+/// (its connections drain), never the reverse.
 fn fingerprint(msg: &impl Message) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     msg.encode_to_vec().hash(&mut h);
     h.finish()
+}
+
+/// The fingerprint of a listener's settings: the listener without its
+/// filter chains, as Envoy's `filterChainOnlyChange` compares them.
+fn settings_fingerprint(l: &listener_pb::Listener) -> u64 {
+    let settings = listener_pb::Listener {
+        filter_chains: Vec::new(),
+        default_filter_chain: None,
+        filter_chain_matcher: None,
+        ..l.clone()
+    };
+    fingerprint(&settings)
 }
 
 // ---------------------------------------------------------------- listeners
@@ -366,6 +382,7 @@ pub fn listener(
     Ok(m::Listener {
         name: l.name.clone(),
         fingerprint: fingerprint(l),
+        settings_fingerprint: settings_fingerprint(l),
         address,
         additional_addresses,
         bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
@@ -447,6 +464,7 @@ fn filter_chain(
     }
     let mut terminal = None;
     let mut network_rbac = Vec::new();
+    let mut rbac_at = Vec::new();
     let mut stats = None;
     for (i, f) in fc.filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
@@ -473,6 +491,7 @@ fn filter_chain(
                 let tf = format!("{ff}.typed_config");
                 let r = typed.decode().map_err(|e| ctx.err(&tf, e))?;
                 network_rbac.push(Arc::new(rbac::network_rbac(ctx, &tf, &r)?));
+                rbac_at.push(i);
             }
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
                 let h: hcm_pb::HttpConnectionManager = typed
@@ -511,7 +530,21 @@ fn filter_chain(
             "the chain has no terminal filter (tcp_proxy or http_connection_manager)",
         )
     })?;
+    let whole = fingerprint(fc);
+    let fingerprint_without_network_rbac = if rbac_at.is_empty() {
+        whole
+    } else {
+        let mut bare = fc.clone();
+        let mut i = 0;
+        bare.filters.retain(|_| {
+            i += 1;
+            !rbac_at.contains(&(i - 1))
+        });
+        fingerprint(&bare)
+    };
     Ok(m::FilterChain {
+        fingerprint: whole,
+        fingerprint_without_network_rbac,
         name: if fc.name.is_empty() {
             field.to_string()
         } else {

@@ -89,6 +89,8 @@ fn forward_client_cert(
 /// What every request on one downstream connection shares.
 pub struct ConnCtx {
     pub rt: Arc<Runtime>,
+    /// The chain the connection was accepted on (its connection-level
+    /// settings); requests read theirs from [`ConnCtx::live`].
     pub chain: Arc<FilterChain>,
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
@@ -112,6 +114,9 @@ pub struct ConnCtx {
         std::sync::OnceLock<(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata)>,
     /// Istio's metrics of this connection, when its chain has `istio.stats`.
     pub istio: Option<crate::metrics::ConnMetrics>,
+    /// The connection among the live ones: an update that changes its chain
+    /// hands the next requests to the chain a new connection would get.
+    pub live: Arc<crate::filter_chain_update::LiveConn>,
 }
 
 impl ConnCtx {
@@ -130,21 +135,15 @@ impl ConnCtx {
             (d, md)
         })
     }
-
-    fn hcm(&self) -> Option<&HttpConnectionManager> {
-        match &self.chain.kind {
-            ChainKind::Http(h) => Some(h),
-            ChainKind::Tcp(_) => None,
-        }
-    }
 }
 
 /// Serves one downstream connection until it closes or its drain completes.
 ///
-/// Drain (process shutdown or a replaced listener) never cuts a request:
+/// Drain (process shutdown or a changed filter chain) never cuts a request:
 /// HTTP/2 gets GOAWAY and finishes its streams; HTTP/1 answers the next
 /// requests with `Connection: close` and, if the client stays idle, is closed
-/// at the drain deadline.
+/// at the drain deadline, or at once when the connection is told to close
+/// (a network RBAC re-check denied it).
 pub async fn serve<S>(io: S, ctx: Arc<ConnCtx>, http2: bool, drain: &Drain)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -184,7 +183,12 @@ where
             .store(true, std::sync::atomic::Ordering::Release);
         tokio::select! {
             _ = conn.as_mut() => {}
-            _ = tokio::time::sleep(deadline) => {
+            _ = async {
+                tokio::select! {
+                    _ = tokio::time::sleep(deadline) => {}
+                    _ = drain.closing() => {}
+                }
+            } => {
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(deadline, conn).await;
             }
@@ -421,7 +425,10 @@ async fn route_request(
     started: std::time::SystemTime,
     picked: &mut String,
 ) -> Routed {
-    let Some(hcm) = ctx.hcm() else {
+    // The chain the request runs on: the connection's, or the one an update
+    // handed its requests to.
+    let chain = ctx.live.chain();
+    let ChainKind::Http(hcm) = &chain.kind else {
         return (
             local_reply(LocalReply {
                 status: StatusCode::INTERNAL_SERVER_ERROR,
