@@ -66,6 +66,14 @@ pub struct LiveConn {
     /// under `state`'s lock.
     chain: ArcSwap<FilterChain>,
     state: Mutex<ConnState>,
+    /// The client's certificate chain and when it was accepted (mTLS), for
+    /// the revocation re-check when new CRLs arrive.
+    peer: Mutex<Option<PeerChain>>,
+}
+
+struct PeerChain {
+    certs: Vec<ferry_tls::rustls::pki_types::CertificateDer<'static>>,
+    at: ferry_tls::rustls::pki_types::UnixTime,
 }
 
 struct ConnState {
@@ -92,6 +100,14 @@ enum Outcome {
 impl LiveConn {
     fn lock(&self) -> MutexGuard<'_, ConnState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records the client's certificate chain of an mTLS connection.
+    pub fn set_peer(&self, certs: &[ferry_tls::rustls::pki_types::CertificateDer<'_>]) {
+        *self.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerChain {
+            certs: certs.iter().map(|c| c.clone().into_owned()).collect(),
+            at: ferry_tls::rustls::pki_types::UnixTime::now(),
+        });
     }
 
     /// The chain the connection's next request runs on.
@@ -274,6 +290,7 @@ impl Connections {
                 rbac: None,
                 denied: false,
             }),
+            peer: Mutex::new(None),
         });
         let id = inner.next_id;
         inner.next_id += 1;
@@ -283,6 +300,35 @@ impl Connections {
             id,
             live,
         })
+    }
+
+    /// Re-checks the client certificates of open mTLS connections against
+    /// the validation now in force (new CRLs, from SDS or a new chain) and
+    /// closes those whose certificate is now revoked, as ztunnel does;
+    /// counted in `listener.<name>.ferry.tls_revoked_closed`. Expiry since
+    /// the handshake and root rotations close nothing (the chain is checked
+    /// at its handshake's time; only a revocation counts).
+    pub fn close_revoked(&self, secrets: &dyn ferry_tls::Secrets, stats: &Stats) {
+        let conns: Vec<Arc<LiveConn>> = self.lock().conns.values().cloned().collect();
+        let mut checks: HashMap<usize, Option<ferry_tls::PeerCheck>> = HashMap::new();
+        for conn in conns {
+            let peer = conn.peer.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(peer) = peer.as_ref() else { continue };
+            let chain = conn.chain();
+            let Some(tls) = &chain.tls else { continue };
+            let check = checks
+                .entry(Arc::as_ptr(&chain) as usize)
+                .or_insert_with(|| ferry_tls::downstream_peer_check(tls, secrets));
+            let Some(check) = check else { continue };
+            if check.revoked(&peer.certs, peer.at, true) && !conn.drain.is_draining() {
+                let name = conn.lock().listener.name.clone();
+                stats
+                    .counter(&format!("listener.{name}.ferry.tls_revoked_closed"))
+                    .inc();
+                tracing::info!(listener.name = %name, src.addr = ?conn.info.source, "closing a connection whose client certificate is now revoked");
+                conn.drain.close();
+            }
+        }
     }
 
     /// Takes the lock an update holds: publish the snapshot, then call

@@ -251,6 +251,9 @@ async fn handle(
         tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let mtls = tls.get_ref().1.peer_certificates().is_some();
+        if let Some(certs) = tls.get_ref().1.peer_certificates() {
+            live.set_peer(certs);
+        }
         let server_name = detected
             .server_name
             .clone()

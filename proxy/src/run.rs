@@ -229,6 +229,9 @@ impl Runtime {
         let updating = self.conns.updating();
         self.snapshot.store(snapshot.clone());
         updating.update(&snapshot.listeners, &self.stats);
+        // New CRLs (by SDS or in a new chain) close the connections of
+        // clients they revoke.
+        self.conns.close_revoked(&*self.tls.secrets(), &self.stats);
         let errors = self
             .listeners
             .lock()
