@@ -15,7 +15,9 @@ use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3 as pb;
 use ferry_model as m;
 use ferry_model::jwt as mj;
 
-use super::{ConvertError, Ctx, Typed, data_source, header_matcher, regex};
+use super::core_types::data_source;
+use super::matcher::{header_matcher, regex};
+use super::{ConvertError, Ctx, Typed};
 
 pub(super) const JWT_AUTHN_TYPE: &str =
     "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";

@@ -17,7 +17,9 @@ use envoy_types::pb::envoy::extensions::path::r#match::uri_template::v3 as uri_t
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use ferry_model::rbac as mr;
 
-use super::{ConvertError, Ctx, Typed, cidr, header_matcher, string_matcher};
+use super::core_types::cidr;
+use super::matcher::{header_matcher, string_matcher};
+use super::{ConvertError, Ctx, Typed};
 
 pub(super) const HTTP_RBAC_TYPE: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
 pub(super) const HTTP_RBAC_PER_ROUTE_TYPE: &str =

@@ -19,7 +19,9 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use ferry_model as m;
 use prost::Message;
 
-use super::{ConvertError, Ctx, Typed, data_source, string_matcher, transport_socket_typed};
+use super::core_types::{data_source, transport_socket_typed};
+use super::matcher::string_matcher;
+use super::{ConvertError, Ctx, Typed};
 
 const SPIFFE_VALIDATOR_TYPE: &str =
     "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";

@@ -1,0 +1,64 @@
+//! Istio's own extensions: `istio.stats` (converted: Ferry reports Istio's
+//! metrics) and the filters Ferry recognises without implementing them
+//! (peer metadata exchange, alpn, authn, Wasm), accepted with a warning.
+
+use ferry_model as m;
+use prost::Message;
+
+use super::{Ctx, Typed};
+
+/// Type URLs of Istio's own extensions: recognised, not (yet) implemented,
+/// never a reason to reject a listener.
+pub(super) const ISTIO_TOLERATED: &[&str] = &[
+    "envoy.tcp.metadataexchange.config.MetadataExchange",
+    "io.istio.http.peer_metadata.Config",
+    "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
+    "io.istio.network.authn.Config",
+    "istio.mixer.v1.config.client.ClientConfig",
+    "envoy.extensions.filters.network.wasm.v3.Wasm",
+    "envoy.extensions.filters.http.wasm.v3.Wasm",
+];
+
+/// Istio's `istio.stats` configuration type.
+pub(super) const ISTIO_STATS_TYPE: &str = "stats.PluginConfig";
+
+/// The fields of Istio's `stats.PluginConfig` Ferry applies; custom metric
+/// definitions and tag overrides are not (they are Istio's own extension and
+/// istiod only sets them from a Telemetry resource).
+#[derive(Clone, PartialEq, Message)]
+struct PluginConfig {
+    #[prost(bool, tag = "6")]
+    disable_host_header_fallback: bool,
+    /// 0: UNSPECIFIED (the listener's direction decides), 1: SERVER_GATEWAY.
+    #[prost(int32, tag = "10")]
+    reporter: i32,
+}
+
+/// `istio.stats`: lenient, since unknown or malformed fields of Istio's own
+/// extension must not cost the listener.
+pub(super) fn istio_stats(ctx: &Ctx<'_>, typed: Typed) -> m::IstioStats {
+    let cfg = match typed {
+        Typed::Proto { bytes, .. } => PluginConfig::decode(bytes.as_slice()).unwrap_or_else(|e| {
+            tracing::debug!(xds.resource = %ctx.resource, error = %e, "istio.stats: undecodable config; defaults used");
+            PluginConfig::default()
+        }),
+        Typed::Json { json, .. } => PluginConfig {
+            disable_host_header_fallback: json
+                .get("disable_host_header_fallback")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+            reporter: i32::from(
+                json.get("reporter").and_then(serde_json::Value::as_str) == Some("SERVER_GATEWAY"),
+            ),
+        },
+    };
+    let reporter = if cfg.reporter == 1 || ctx.inbound {
+        m::Reporter::Destination
+    } else {
+        m::Reporter::Source
+    };
+    m::IstioStats {
+        reporter,
+        disable_host_header_fallback: cfg.disable_host_header_fallback,
+    }
+}
