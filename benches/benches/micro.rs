@@ -20,6 +20,7 @@ fn route(i: usize) -> Route {
     Route {
         name: format!("r{i}"),
         route_match: RouteMatch {
+            ignore_path_parameters: false,
             path: PathMatch::Prefix(format!("/svc{i}/")),
             case_sensitive: true,
             headers: vec![HeaderMatcher {
@@ -28,6 +29,7 @@ fn route(i: usize) -> Route {
                 ignore_case: false,
                 invert: false,
                 present: true,
+                treat_missing_as_empty: false,
             }],
             query_parameters: Vec::new(),
             grpc: false,
@@ -47,6 +49,8 @@ fn route(i: usize) -> Route {
         jwt_overrides: Vec::new(),
         rate_limits: Vec::new(),
         vhost_rate_limits: Default::default(),
+        upgrades: Vec::new(),
+        request_body_buffer_limit: None,
     }
 }
 
@@ -60,6 +64,7 @@ fn table(routes: usize) -> RouteConfig {
                 DomainMatcher::parse("*"),
             ],
             routes: (0..routes).map(route).collect(),
+            require_tls: Default::default(),
         }],
         ignore_port_in_host_matching: true,
         validate_clusters: false,

@@ -29,12 +29,14 @@ pub use listener::{
     TcpProxy,
 };
 pub use route::{
-    AppendAction, ClusterSpecifier, DomainMatcher, HeaderKey, HeaderMatcher, HeaderMutations,
-    HeaderOp, HeaderToAdd, HostRewrite, PathMatch, Pseudo, QueryMatch, QueryParameterMatcher,
-    RegexRewrite, Route, RouteAction, RouteConfig, RouteCors, RouteMatch, StringMatcher,
-    VirtualHost, WeightedCluster,
+    AppendAction, ClusterSpecifier, DomainMatcher, FilterOverrides, HeaderKey, HeaderMatcher,
+    HeaderMutations, HeaderOp, HeaderToAdd, HostRewrite, PathMatch, Pseudo, QueryMatch,
+    QueryParameterMatcher, RegexRewrite, Route, RouteAction, RouteConfig, RouteCors, RouteMatch,
+    StringMatcher, TlsRequirement, VirtualHost, WeightedCluster, WeightedClusters,
 };
-pub use route::{AttemptCount, Fraction, MirrorPolicy, RetryOn, RetryPolicy};
+pub use route::{
+    AttemptCount, Fraction, GrpcTimeout, GrpcTimeouts, MirrorPolicy, RetryOn, RetryPolicy,
+};
 
 /// One consistent, validated configuration.
 #[derive(Debug, Default)]

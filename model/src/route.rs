@@ -25,6 +25,33 @@ pub struct VirtualHost {
     pub name: String,
     pub domains: Vec<DomainMatcher>,
     pub routes: Vec<Route>,
+    /// `require_tls`: requests that did not arrive over TLS (by
+    /// `x-forwarded-proto`) are redirected to `https` instead of routed.
+    pub require_tls: TlsRequirement,
+}
+
+/// `VirtualHost.require_tls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsRequirement {
+    #[default]
+    None,
+    /// Only requests that are not internal (`x-envoy-internal`) must use TLS.
+    ExternalOnly,
+    All,
+}
+
+impl VirtualHost {
+    /// Whether a request must be redirected to `https` (Envoy's SSL redirect
+    /// route): `forwarded_proto` is the request's `x-forwarded-proto`, as the
+    /// connection manager left it; `internal`, whether `x-envoy-internal` is
+    /// `true`.
+    pub fn redirects_to_https(&self, forwarded_proto: &str, internal: bool) -> bool {
+        match self.require_tls {
+            TlsRequirement::None => false,
+            TlsRequirement::All => forwarded_proto != "https",
+            TlsRequirement::ExternalOnly => forwarded_proto != "https" && !internal,
+        }
+    }
 }
 
 /// One entry of a virtual host's `domains`, compiled by kind.
@@ -99,9 +126,26 @@ pub struct Route {
     pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
     /// The virtual host's `rate_limits`.
     pub vhost_rate_limits: std::sync::Arc<Vec<crate::ratelimit::RateLimitPolicy>>,
+    /// `upgrade_configs`: upgrade types (lower case) this route allows or
+    /// refuses, overriding the connection manager's.
+    pub upgrades: Vec<(String, bool)>,
+    /// The most request body kept to replay for retries and mirrors
+    /// (`request_body_buffer_limit`, `per_request_buffer_limit_bytes`, of the
+    /// route or its virtual host); `None`: the listener's or Ferry's default.
+    pub request_body_buffer_limit: Option<u64>,
 }
 
 impl Route {
+    /// Whether an upgrade of this type passes (`upgrade_type` as the
+    /// `Upgrade` header names it): the route's own setting when it has one,
+    /// else `default` (the connection manager's).
+    pub fn allows_upgrade(&self, upgrade_type: &str, default: bool) -> bool {
+        self.upgrades
+            .iter()
+            .find(|(t, _)| t.eq_ignore_ascii_case(upgrade_type))
+            .map_or(default, |(_, enabled)| *enabled)
+    }
+
     /// The fault configuration overriding the filter named `filter`, if any.
     pub fn fault_override(&self, filter: &str) -> Option<&crate::fault::FaultConfig> {
         self.fault_overrides
@@ -263,6 +307,9 @@ impl HeaderMutations {
 #[derive(Debug)]
 pub struct RouteMatch {
     pub path: PathMatch,
+    /// The route table's `ignore_path_parameters_in_path_matching`: the
+    /// path is matched up to its first `;`.
+    pub ignore_path_parameters: bool,
     pub case_sensitive: bool,
     pub headers: Vec<HeaderMatcher>,
     /// `query_parameters`: every one must match the query string.
@@ -382,7 +429,7 @@ impl StringMatcher {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HeaderMatcher {
     pub name: HeaderKey,
     /// `None`: the header only has to be present.
@@ -391,6 +438,9 @@ pub struct HeaderMatcher {
     pub invert: bool,
     /// `present_match: false` inverts presence (the header must be absent).
     pub present: bool,
+    /// `treat_missing_header_as_empty`: an absent header is matched as the
+    /// empty value (a string matcher may then match it).
+    pub treat_missing_as_empty: bool,
 }
 
 /// The header a matcher reads: a regular header or one of HTTP/2's
@@ -467,10 +517,16 @@ impl HeaderMatcher {
                 .to_string()
             }),
         };
+        let joined = match joined {
+            None if self.treat_missing_as_empty && self.matcher.is_some() => Some(String::new()),
+            v => v,
+        };
         let result = match (&self.matcher, joined) {
             (None, v) => v.is_some() == self.present,
             (Some(m), Some(v)) => m.matches(&v, self.ignore_case),
-            (Some(_), None) => false,
+            // As Envoy: an absent header matches no value matcher, inverted
+            // or not.
+            (Some(_), None) => return false,
         };
         result != self.invert
     }
@@ -502,6 +558,11 @@ pub enum RouteAction {
         attempt_count: AttemptCount,
         /// `cluster_not_found_response_code` (default 503).
         cluster_not_found: http::StatusCode,
+        /// `append_x_forwarded_host`: a rewritten Host is appended to
+        /// `x-forwarded-host`.
+        append_x_forwarded_host: bool,
+        /// Timeouts a gRPC request's `grpc-timeout` header sets.
+        grpc_timeouts: Box<GrpcTimeouts>,
     },
     DirectResponse {
         status: http::StatusCode,
@@ -516,6 +577,68 @@ pub enum RouteAction {
         prefix_rewrite: Option<String>,
         strip_query: bool,
     },
+}
+
+/// How a gRPC request's `grpc-timeout` header sets its timeouts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GrpcTimeouts {
+    /// `max_grpc_timeout` (and `grpc_timeout_offset`): the route timeout of a
+    /// gRPC request is its `grpc-timeout` (none: no timeout), less the
+    /// offset, capped at the maximum (zero: no cap).
+    pub route_timeout: Option<GrpcTimeout>,
+    /// `max_stream_duration.grpc_timeout_header_max` (and `…_offset`): the
+    /// `grpc-timeout` of a gRPC request, less the offset and capped, is its
+    /// maximum stream duration.
+    pub stream_duration: Option<GrpcTimeout>,
+}
+
+/// A cap and an offset for a `grpc-timeout`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GrpcTimeout {
+    /// Zero: no cap.
+    pub max: Duration,
+    pub offset: Option<Duration>,
+}
+
+impl GrpcTimeout {
+    /// The timeout for a request whose `grpc-timeout` is `header` (zero or
+    /// none: infinite, as Envoy reads it), as Envoy's router computes it.
+    pub fn apply(&self, header: Option<Duration>) -> Option<Duration> {
+        let mut t = header.unwrap_or(Duration::ZERO);
+        // The offset applies only when it leaves some time.
+        if let Some(o) = self.offset
+            && o < t
+        {
+            t -= o;
+        }
+        if !self.max.is_zero() && (t.is_zero() || t > self.max) {
+            t = self.max;
+        }
+        (!t.is_zero()).then_some(t)
+    }
+}
+
+/// A request's `grpc-timeout` header: up to 8 digits and a unit (`H`, `M`,
+/// `S`, `m`, `u`, `n`); `None` when absent or malformed.
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Envoy's `FractionalPercent`: `numerator` out of `denominator`
@@ -552,6 +675,25 @@ pub struct MirrorPolicy {
     pub cluster: String,
     /// `runtime_fraction.default_value`; absent means every request.
     pub fraction: Fraction,
+    /// `host_rewrite_literal`: the mirror's Host (before the suffix).
+    pub host_rewrite: Option<String>,
+    /// `-shadow` is appended to the host (unless
+    /// `disable_shadow_host_suffix_append`).
+    pub host_suffix: bool,
+}
+
+impl MirrorPolicy {
+    /// The mirror's Host for a request to `authority`.
+    pub fn host(&self, authority: &str) -> String {
+        let host = self.host_rewrite.as_deref().unwrap_or(authority);
+        if !self.host_suffix {
+            return host.to_string();
+        }
+        match host.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => format!("{h}-shadow:{p}"),
+            _ => format!("{host}-shadow"),
+        }
+    }
 }
 
 /// The conditions of `retry_on` (Envoy's names in comments).
@@ -573,6 +715,11 @@ pub struct RetryOn {
     pub retriable_status_codes: bool,
     /// `reset-before-request`: a reset before any byte of the request was sent.
     pub reset_before_request: bool,
+    /// `retriable-headers`: a response matching the policy's
+    /// `retriable_headers`.
+    pub retriable_headers: bool,
+    /// `envoy-ratelimited`: a response carrying `x-envoy-ratelimited`.
+    pub envoy_ratelimited: bool,
     /// gRPC `grpc-status` in the response headers: `cancelled` (1),
     /// `deadline-exceeded` (4), `resource-exhausted` (8), `internal` (13),
     /// `unavailable` (14).
@@ -599,6 +746,8 @@ impl RetryOn {
                 "refused-stream" => on.refused_stream = true,
                 "retriable-status-codes" => on.retriable_status_codes = true,
                 "reset-before-request" => on.reset_before_request = true,
+                "retriable-headers" => on.retriable_headers = true,
+                "envoy-ratelimited" => on.envoy_ratelimited = true,
                 "cancelled" => on.grpc_cancelled = true,
                 "deadline-exceeded" => on.grpc_deadline_exceeded = true,
                 "resource-exhausted" => on.grpc_resource_exhausted = true,
@@ -621,6 +770,8 @@ impl RetryOn {
             refused_stream: self.refused_stream || o.refused_stream,
             retriable_status_codes: self.retriable_status_codes || o.retriable_status_codes,
             reset_before_request: self.reset_before_request || o.reset_before_request,
+            retriable_headers: self.retriable_headers || o.retriable_headers,
+            envoy_ratelimited: self.envoy_ratelimited || o.envoy_ratelimited,
             grpc_cancelled: self.grpc_cancelled || o.grpc_cancelled,
             grpc_deadline_exceeded: self.grpc_deadline_exceeded || o.grpc_deadline_exceeded,
             grpc_resource_exhausted: self.grpc_resource_exhausted || o.grpc_resource_exhausted,
@@ -636,7 +787,7 @@ impl RetryOn {
 }
 
 /// A route's retry policy (`envoy.config.route.v3.RetryPolicy`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub retry_on: RetryOn,
     /// Retries after the first attempt (Envoy's default is 1).
@@ -654,6 +805,24 @@ pub struct RetryPolicy {
     /// `host_selection_retry_max_attempts` (default 1): how many times the
     /// endpoint choice is redone to satisfy the host predicate.
     pub host_selection_max_attempts: u32,
+    /// `retriable_request_headers`: when set, only requests matching one of
+    /// them are retried.
+    pub retriable_request_headers: Vec<HeaderMatcher>,
+    /// `retriable_headers`: responses matching one of them are retried
+    /// (`retry_on: retriable-headers`).
+    pub retriable_headers: Vec<HeaderMatcher>,
+}
+
+impl RetryPolicy {
+    /// Whether the request may be retried at all
+    /// (`retriable_request_headers`).
+    pub fn request_retriable(&self, headers: &HeaderMap, pseudo: &Pseudo<'_>) -> bool {
+        self.retriable_request_headers.is_empty()
+            || self
+                .retriable_request_headers
+                .iter()
+                .any(|m| m.matches_request(headers, Some(pseudo)))
+    }
 }
 
 impl Default for RetryPolicy {
@@ -667,6 +836,8 @@ impl Default for RetryPolicy {
             backoff_max: Duration::from_millis(250),
             previous_hosts: false,
             host_selection_max_attempts: 1,
+            retriable_request_headers: Vec::new(),
+            retriable_headers: Vec::new(),
         }
     }
 }
@@ -707,16 +878,106 @@ pub enum HostRewrite {
 #[derive(Debug)]
 pub enum ClusterSpecifier {
     Name(String),
-    Weighted(Vec<WeightedCluster>),
+    Weighted(WeightedClusters),
     /// `cluster_header`: the cluster named by this request header (missing
     /// header or unknown cluster: 503, flag `NC`).
     Header(http::HeaderName),
 }
 
-#[derive(Debug)]
+/// `weighted_clusters`.
+#[derive(Debug, Default)]
+pub struct WeightedClusters {
+    pub clusters: Vec<WeightedCluster>,
+    /// `header_name`: the request header whose value (an unsigned integer)
+    /// is the random value that picks the cluster, when it parses.
+    pub random_header: Option<http::HeaderName>,
+}
+
+/// One `ClusterWeight`: the cluster, its weight, and what the route does
+/// differently when this cluster is picked.
+#[derive(Debug, Default)]
 pub struct WeightedCluster {
     pub name: String,
     pub weight: u32,
+    /// Request header mutations applied before the route's.
+    pub request_headers: HeaderMutations,
+    /// Response header mutations applied before the route's.
+    pub response_headers: HeaderMutations,
+    /// `host_rewrite_literal`: replaces the route's host rewrite.
+    pub host_rewrite: Option<String>,
+    /// `typed_per_filter_config`: filter overrides more specific than the
+    /// route's.
+    pub filters: FilterOverrides,
+}
+
+/// Per-filter overrides (`typed_per_filter_config`) by HTTP filter name.
+#[derive(Debug, Default, Clone)]
+pub struct FilterOverrides {
+    pub fault: Vec<(String, std::sync::Arc<crate::fault::FaultConfig>)>,
+    pub cors: Vec<(String, std::sync::Arc<crate::cors::CorsPolicy>)>,
+    pub ratelimit: Vec<(String, std::sync::Arc<crate::ratelimit::LocalRateLimit>)>,
+    pub rbac: Vec<(String, std::sync::Arc<crate::rbac::HttpRbac>)>,
+    pub jwt: Vec<(String, crate::jwt::JwtPerRoute)>,
+}
+
+impl FilterOverrides {
+    pub fn is_empty(&self) -> bool {
+        self.fault.is_empty()
+            && self.cors.is_empty()
+            && self.ratelimit.is_empty()
+            && self.rbac.is_empty()
+            && self.jwt.is_empty()
+    }
+
+    pub fn fault(&self, filter: &str) -> Option<&crate::fault::FaultConfig> {
+        find(&self.fault, filter).map(|f| f.as_ref())
+    }
+
+    pub fn cors(&self, filter: &str) -> Option<&crate::cors::CorsPolicy> {
+        find(&self.cors, filter).map(|f| f.as_ref())
+    }
+
+    pub fn ratelimit(&self, filter: &str) -> Option<&crate::ratelimit::LocalRateLimit> {
+        find(&self.ratelimit, filter).map(|f| f.as_ref())
+    }
+
+    pub fn rbac(&self, filter: &str) -> Option<&crate::rbac::HttpRbac> {
+        find(&self.rbac, filter).map(|f| f.as_ref())
+    }
+
+    pub fn jwt(&self, filter: &str) -> Option<&crate::jwt::JwtPerRoute> {
+        find(&self.jwt, filter)
+    }
+}
+
+fn find<'a, T>(list: &'a [(String, T)], filter: &str) -> Option<&'a T> {
+    list.iter().find(|(n, _)| n == filter).map(|(_, v)| v)
+}
+
+impl WeightedClusters {
+    /// The entry `roll` picks (or the `header_name` header's value, when it
+    /// holds a number); `None` when every weight is zero.
+    pub fn pick(&self, roll: u64, headers: &HeaderMap) -> Option<&WeightedCluster> {
+        let total: u64 = self.clusters.iter().map(|w| u64::from(w.weight)).sum();
+        if total == 0 {
+            return self.clusters.first();
+        }
+        let roll = self
+            .random_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(roll);
+        let mut point = roll % total;
+        for w in &self.clusters {
+            if point < u64::from(w.weight) {
+                return Some(w);
+            }
+            point -= u64::from(w.weight);
+        }
+        self.clusters.last()
+    }
 }
 
 impl ClusterSpecifier {
@@ -727,20 +988,18 @@ impl ClusterSpecifier {
             ClusterSpecifier::Header(h) => {
                 headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or("")
             }
-            ClusterSpecifier::Weighted(ws) => {
-                let total: u64 = ws.iter().map(|w| u64::from(w.weight)).sum();
-                if total == 0 {
-                    return ws.first().map(|w| w.name.as_str()).unwrap_or("");
-                }
-                let mut point = roll % total;
-                for w in ws {
-                    if point < u64::from(w.weight) {
-                        return &w.name;
-                    }
-                    point -= u64::from(w.weight);
-                }
-                ws.last().map(|w| w.name.as_str()).unwrap_or("")
-            }
+            ClusterSpecifier::Weighted(ws) => ws.pick(roll, headers).map_or("", |w| &w.name),
+        }
+    }
+
+    /// Picks the cluster, with its weighted-cluster entry when there is one.
+    pub fn pick_entry(&self, roll: u64, headers: &HeaderMap) -> (String, Option<&WeightedCluster>) {
+        match self {
+            ClusterSpecifier::Weighted(ws) => match ws.pick(roll, headers) {
+                Some(w) => (w.name.clone(), Some(w)),
+                None => (String::new(), None),
+            },
+            other => (other.pick(roll, headers).to_string(), None),
         }
     }
 }
@@ -754,7 +1013,7 @@ impl RouteConfig {
                     match cluster {
                         ClusterSpecifier::Name(n) => out.push(n.as_str()),
                         ClusterSpecifier::Weighted(ws) => {
-                            out.extend(ws.iter().map(|w| w.name.as_str()))
+                            out.extend(ws.clusters.iter().map(|w| w.name.as_str()))
                         }
                         ClusterSpecifier::Header(_) => {}
                     }
@@ -789,6 +1048,31 @@ impl RouteConfig {
     }
 
     /// The first route of the matching virtual host that matches the request.
+    /// Whether the request's virtual host requires TLS the request did not
+    /// come over (`require_tls`): `x-forwarded-proto`, as the connection
+    /// manager left it, else the connection's scheme, is not `https`.
+    pub fn requires_https(
+        &self,
+        authority: &str,
+        headers: &HeaderMap,
+        connection_scheme: &str,
+    ) -> bool {
+        let Some(vh) = self.virtual_host(authority) else {
+            return false;
+        };
+        if vh.require_tls == TlsRequirement::None {
+            return false;
+        }
+        let proto = headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(connection_scheme);
+        let internal = headers
+            .get("x-envoy-internal")
+            .is_some_and(|v| v.as_bytes() == b"true");
+        vh.redirects_to_https(proto, internal)
+    }
+
     pub fn find_route(&self, host: &str, path: &str, headers: &HeaderMap) -> Option<&Route> {
         self.find_route_rolled(host, path, headers, 0)
     }
@@ -863,10 +1147,15 @@ impl RouteMatch {
         if self.runtime_fraction.is_some_and(|f| !f.hits(roll)) {
             return false;
         }
-        let (path, query) = match path_and_query.split_once('?') {
+        let (mut path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
+        if self.ignore_path_parameters
+            && let Some((p, _)) = path.split_once(';')
+        {
+            path = p;
+        }
         let ok = match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
@@ -909,6 +1198,7 @@ mod tests {
             name: name.into(),
             route_match: RouteMatch {
                 path,
+                ignore_path_parameters: false,
                 case_sensitive: true,
                 headers: vec![],
                 query_parameters: vec![],
@@ -929,6 +1219,8 @@ mod tests {
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
             hash_policy: vec![],
+            upgrades: vec![],
+            request_body_buffer_limit: None,
         }
     }
 
@@ -937,7 +1229,49 @@ mod tests {
             name: name.into(),
             domains: domains.iter().map(|d| DomainMatcher::parse(d)).collect(),
             routes,
+            require_tls: TlsRequirement::None,
         }
+    }
+
+    #[test]
+    fn grpc_timeouts() {
+        let mut h = HeaderMap::new();
+        assert_eq!(grpc_timeout(&h), None);
+        for (v, want) in [
+            ("2S", Some(Duration::from_secs(2))),
+            ("150m", Some(Duration::from_millis(150))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("123456789m", None),
+            ("5s", None),
+            ("m", None),
+        ] {
+            h.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&h), want, "{v}");
+        }
+        let uncapped = GrpcTimeout::default();
+        assert_eq!(uncapped.apply(None), None, "no header, no cap: no timeout");
+        assert_eq!(
+            uncapped.apply(Some(Duration::from_secs(2))),
+            Some(Duration::from_secs(2))
+        );
+        let capped = GrpcTimeout {
+            max: Duration::from_secs(1),
+            offset: Some(Duration::from_millis(100)),
+        };
+        assert_eq!(capped.apply(None), Some(Duration::from_secs(1)));
+        assert_eq!(
+            capped.apply(Some(Duration::from_millis(500))),
+            Some(Duration::from_millis(400))
+        );
+        assert_eq!(
+            capped.apply(Some(Duration::from_millis(50))),
+            Some(Duration::from_millis(50)),
+            "an offset above the timeout is not applied"
+        );
+        assert_eq!(
+            capped.apply(Some(Duration::from_secs(9))),
+            Some(Duration::from_secs(1))
+        );
     }
 
     #[test]
@@ -1010,6 +1344,7 @@ mod tests {
             ignore_case: false,
             invert,
             present,
+            treat_missing_as_empty: false,
         };
         assert!(m(Some(StringMatcher::Exact("jason".into())), false, true).matches(&h));
         assert!(!m(Some(StringMatcher::Exact("json".into())), false, true).matches(&h));
@@ -1070,18 +1405,30 @@ mod tests {
 
     #[test]
     fn weighted_pick_follows_weights() {
-        let spec = ClusterSpecifier::Weighted(vec![
-            WeightedCluster {
-                name: "a".into(),
-                weight: 25,
-            },
-            WeightedCluster {
-                name: "b".into(),
-                weight: 75,
-            },
-        ]);
-        let h = HeaderMap::new();
+        let spec = ClusterSpecifier::Weighted(WeightedClusters {
+            clusters: vec![
+                WeightedCluster {
+                    name: "a".into(),
+                    weight: 25,
+                    ..Default::default()
+                },
+                WeightedCluster {
+                    name: "b".into(),
+                    weight: 75,
+                    ..Default::default()
+                },
+            ],
+            random_header: Some(http::HeaderName::from_static("x-roll")),
+        });
+        let mut h = HeaderMap::new();
         let a = (0..100).filter(|r| spec.pick(*r, &h) == "a").count();
         assert_eq!(a, 25);
+        // `header_name`: the header's number is the roll.
+        h.insert("x-roll", "24".parse().unwrap());
+        assert_eq!(spec.pick(99, &h), "a");
+        h.insert("x-roll", "25".parse().unwrap());
+        assert_eq!(spec.pick(0, &h), "b");
+        h.insert("x-roll", "many".parse().unwrap());
+        assert_eq!(spec.pick(0, &h), "a", "not a number: the random roll");
     }
 }

@@ -33,6 +33,7 @@ use prost::Message;
 mod cluster;
 mod core_types;
 mod cors;
+mod coverage;
 mod endpoint;
 mod fault;
 mod header_mutation;

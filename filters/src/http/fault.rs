@@ -218,6 +218,7 @@ mod tests {
                 ignore_case: false,
                 invert: false,
                 present: true,
+                treat_missing_as_empty: false,
             }],
             upstream_cluster: Some("ratings".into()),
             ..Default::default()

@@ -665,6 +665,7 @@ mod tests {
             rules: vec![JwtRule {
                 route_match: RouteMatch {
                     path: PathMatch::Prefix("/".into()),
+                    ignore_path_parameters: false,
                     case_sensitive: true,
                     headers: vec![],
                     query_parameters: vec![],

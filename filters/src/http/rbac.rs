@@ -223,6 +223,7 @@ mod tests {
             ignore_case: false,
             invert,
             present: true,
+            treat_missing_as_empty: false,
         }
     }
 

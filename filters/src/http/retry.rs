@@ -16,6 +16,10 @@ pub enum Outcome {
     Response {
         status: u16,
         grpc_status: Option<u32>,
+        /// The response carries `x-envoy-ratelimited`.
+        ratelimited: bool,
+        /// The response matches one of the policy's `retriable_headers`.
+        retriable_header: bool,
     },
     /// The connection could not be established (refused, timed out).
     ConnectFailure,
@@ -28,15 +32,21 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The outcome of response headers.
-    pub fn from_response(status: u16, headers: &HeaderMap) -> Self {
+    /// The outcome of response headers, under `policy` (whose
+    /// `retriable_headers` the headers are checked against).
+    pub fn from_response(status: u16, headers: &HeaderMap, policy: Option<&RetryPolicy>) -> Self {
         let grpc_status = headers
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
+        let retriable_header = policy.is_some_and(|p| {
+            p.retry_on.retriable_headers && p.retriable_headers.iter().any(|m| m.matches(headers))
+        });
         Outcome::Response {
             status,
             grpc_status,
+            ratelimited: headers.contains_key("x-envoy-ratelimited"),
+            retriable_header,
         }
     }
 }
@@ -60,8 +70,12 @@ pub fn decide(policy: &RetryPolicy, outcome: Outcome) -> Decision {
         Outcome::Response {
             status,
             grpc_status,
+            ratelimited,
+            retriable_header,
         } => {
             let http = (on.server_error && status >= 500)
+                || (on.envoy_ratelimited && ratelimited)
+                || retriable_header
                 || (on.gateway_error && matches!(status, 502..=504))
                 || (on.retriable_4xx && status == 409)
                 || (on.retriable_status_codes && policy.retriable_status_codes.contains(&status));
@@ -122,6 +136,8 @@ mod tests {
         Outcome::Response {
             status,
             grpc_status: None,
+            ratelimited: false,
+            retriable_header: false,
         }
     }
 
@@ -146,6 +162,8 @@ mod tests {
         let grpc = |s| Outcome::Response {
             status: 200,
             grpc_status: Some(s),
+            ratelimited: false,
+            retriable_header: false,
         };
         assert_eq!(decide(&p, grpc(14)), RetryWithBackoff);
         assert_eq!(decide(&p, grpc(1)), RetryWithBackoff);
@@ -154,7 +172,40 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("grpc-status", "14".parse().unwrap());
         assert_eq!(
-            decide(&p, Outcome::from_response(200, &h)),
+            decide(&p, Outcome::from_response(200, &h, Some(&p))),
+            RetryWithBackoff
+        );
+    }
+
+    #[test]
+    fn retriable_headers_and_ratelimited() {
+        use Decision::*;
+        let mut p = policy("retriable-headers");
+        p.retriable_headers = vec![ferry_model::HeaderMatcher {
+            name: ferry_model::HeaderKey::parse("x-upstream-retry").unwrap(),
+            matcher: Some(ferry_model::StringMatcher::Exact("true".into())),
+            ignore_case: false,
+            invert: false,
+            present: true,
+            treat_missing_as_empty: false,
+        }];
+        let mut h = HeaderMap::new();
+        assert_eq!(decide(&p, Outcome::from_response(200, &h, Some(&p))), Done);
+        h.insert("x-upstream-retry", "true".parse().unwrap());
+        assert_eq!(
+            decide(&p, Outcome::from_response(200, &h, Some(&p))),
+            RetryWithBackoff
+        );
+        // Without the condition, matching headers retry nothing.
+        let mut q = p.clone();
+        q.retry_on = RetryOn::parse("5xx").0;
+        assert_eq!(decide(&q, Outcome::from_response(200, &h, Some(&q))), Done);
+        let p = policy("envoy-ratelimited");
+        let mut h = HeaderMap::new();
+        assert_eq!(decide(&p, Outcome::from_response(429, &h, Some(&p))), Done);
+        h.insert("x-envoy-ratelimited", "true".parse().unwrap());
+        assert_eq!(
+            decide(&p, Outcome::from_response(429, &h, Some(&p))),
             RetryWithBackoff
         );
     }

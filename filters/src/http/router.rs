@@ -9,7 +9,7 @@ use ferry_model::{RetryOn, RetryPolicy};
 use http::{HeaderMap, Uri};
 
 /// What a request's `x-envoy-*` headers change of the route's policy.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct HeaderOverrides {
     /// `x-envoy-upstream-rq-timeout-ms` (`Some(None)`: 0, no timeout).
     pub timeout: Option<Option<Duration>>,
@@ -70,6 +70,23 @@ pub fn header_overrides(h: &mut HeaderMap, route: Option<&RetryPolicy>) -> Heade
         out.retry = Some(p);
     }
     out
+}
+
+/// `append_x_forwarded_host`: the Host a route rewrote is appended to
+/// `x-forwarded-host` (comma-separated, as Envoy appends it).
+pub fn append_forwarded_host(h: &mut HeaderMap, original: &http::HeaderValue) {
+    let value = match h.get("x-forwarded-host").map(|v| v.as_bytes()) {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = prev.to_vec();
+            v.push(b',');
+            v.extend_from_slice(original.as_bytes());
+            http::HeaderValue::from_bytes(&v).ok()
+        }
+        _ => Some(original.clone()),
+    };
+    if let Some(v) = value {
+        h.insert("x-forwarded-host", v);
+    }
 }
 
 /// `x-envoy-expected-rq-timeout-ms` for an attempt `elapsed` into the
@@ -171,8 +188,10 @@ mod tests {
         h.insert("x-envoy-max-retries", "2".parse().unwrap());
         let o = header_overrides(&mut h, None);
         assert_eq!(o.timeout, Some(Some(Duration::from_millis(250))));
-        assert_eq!(o.retry, None, "no retry condition, no retries");
+        assert!(o.retry.is_none(), "no retry condition, no retries");
         assert!(!h.contains_key("x-envoy-upstream-rq-timeout-ms"));
+        // Consumed by the first call: sent again with a condition.
+        h.insert("x-envoy-max-retries", "2".parse().unwrap());
         h.insert("x-envoy-retry-on", "5xx".parse().unwrap());
         let o = header_overrides(&mut h, None);
         let p = o.retry.unwrap();

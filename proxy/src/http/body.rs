@@ -21,8 +21,9 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use tokio::sync::{Notify, watch};
 
-/// The most request body kept for retries and mirroring (Envoy bounds it by
-/// the connection's buffer limit).
+/// The most request body kept for retries and mirroring when the route sets
+/// no `request_body_buffer_limit` (Envoy bounds it by the connection's
+/// buffer limit).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// Why an upstream request body failed.
@@ -101,6 +102,8 @@ struct ReplayState {
     trailers: Option<HeaderMap>,
     end: Option<Arc<Notify>>,
     done_tx: watch::Sender<bool>,
+    /// The most bytes kept.
+    limit: usize,
 }
 
 impl ReplayState {
@@ -124,8 +127,9 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Wraps the downstream body; `end` is notified once it was received whole.
-    pub fn new(inner: Incoming, end: Option<Arc<Notify>>) -> Self {
+    /// Wraps the downstream body, keeping up to `limit` bytes of it; `end`
+    /// is notified once it was received whole.
+    pub fn new(inner: Incoming, end: Option<Arc<Notify>>, limit: usize) -> Self {
         let hint = inner.size_hint();
         let (done_tx, done) = watch::channel(false);
         let mut state = ReplayState {
@@ -139,6 +143,7 @@ impl Replay {
             trailers: None,
             end,
             done_tx,
+            limit,
         };
         if state.incoming.as_ref().is_some_and(|b| b.is_end_stream()) {
             state.finish();
@@ -249,7 +254,7 @@ fn poll_replay(
             let frame = match frame.into_data() {
                 Ok(data) => {
                     *pos += 1;
-                    if !s.overflow && s.kept_bytes + data.len() <= REPLAY_LIMIT {
+                    if !s.overflow && s.kept_bytes + data.len() <= s.limit {
                         s.kept_bytes += data.len();
                         s.chunks.push(data.clone());
                     } else {

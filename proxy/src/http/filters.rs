@@ -10,7 +10,7 @@ use ferry_model::format::FormatContext;
 use ferry_model::jwt::{JwtAuthn, JwtPerRoute};
 use ferry_model::ratelimit::LocalRateLimit;
 use ferry_model::rbac::{DynamicMetadata, HttpRbac};
-use ferry_model::{HttpConnectionManager, Route};
+use ferry_model::{HttpConnectionManager, Route, WeightedCluster};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
@@ -99,6 +99,57 @@ pub fn cors(
             *resp.headers_mut() = h;
             Some(resp)
         }
+    }
+}
+
+/// The route a request took and the weighted cluster it picked: where the
+/// filters find their `typed_per_filter_config` overrides, the picked
+/// cluster's first, then the route's (which already falls back to its
+/// virtual host's and its table's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PerRoute<'a> {
+    pub route: Option<&'a Route>,
+    pub entry: Option<&'a WeightedCluster>,
+}
+
+impl<'a> PerRoute<'a> {
+    pub fn fault(&self, filter: &str) -> Option<&'a ferry_model::fault::FaultConfig> {
+        self.entry
+            .and_then(|e| e.filters.fault(filter))
+            .or_else(|| self.route.and_then(|r| r.fault_override(filter)))
+    }
+
+    pub fn ratelimit(&self, filter: &str) -> Option<&'a LocalRateLimit> {
+        self.entry
+            .and_then(|e| e.filters.ratelimit(filter))
+            .or_else(|| self.route.and_then(|r| r.ratelimit_override(filter)))
+    }
+
+    pub fn rbac(&self, filter: &str) -> Option<&'a HttpRbac> {
+        self.entry
+            .and_then(|e| e.filters.rbac(filter))
+            .or_else(|| self.route.and_then(|r| r.rbac_override(filter)))
+    }
+
+    pub fn jwt(&self, filter: &str) -> Option<&'a JwtPerRoute> {
+        self.entry
+            .and_then(|e| e.filters.jwt(filter))
+            .or_else(|| self.route.and_then(|r| r.jwt_override(filter)))
+    }
+
+    /// The CORS policies, most specific first.
+    pub fn cors(&self, filter: &str) -> Vec<&'a CorsPolicy> {
+        let mut out: Vec<_> = self
+            .entry
+            .and_then(|e| e.filters.cors(filter))
+            .into_iter()
+            .collect();
+        out.extend(
+            self.route
+                .map(|r| r.cors_policies(filter))
+                .unwrap_or_default(),
+        );
+        out
     }
 }
 
@@ -199,7 +250,7 @@ pub fn jwt_authn(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
     cfg: &JwtAuthn,
-    route: Option<&Route>,
+    per_route: PerRoute<'_>,
     filter_name: &str,
     req: &mut Request<Incoming>,
     request_metadata: Option<DynamicMetadata>,
@@ -212,7 +263,7 @@ pub fn jwt_authn(
     };
     // A route's `PerRouteConfig`: off (Envoy still counts the request as
     // allowed), or a named requirement instead of the rules.
-    let route_requirement = match route.and_then(|r| r.jwt_override(filter_name)) {
+    let route_requirement = match per_route.jwt(filter_name) {
         Some(JwtPerRoute::Disabled) => {
             counter("allowed");
             return Ok(request_metadata);
@@ -294,14 +345,12 @@ pub fn rbac(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
     cfg: &HttpRbac,
-    route: Option<&Route>,
+    per_route: PerRoute<'_>,
     filter_name: &str,
     req: &Request<Incoming>,
     request_metadata: Option<&DynamicMetadata>,
 ) -> Option<Response<ResponseBody>> {
-    let rules = route
-        .and_then(|r| r.rbac_override(filter_name))
-        .unwrap_or(cfg);
+    let rules = per_route.rbac(filter_name).unwrap_or(cfg);
     if rules.rules.is_none() && rules.shadow_rules.is_none() {
         return None;
     }

@@ -20,7 +20,7 @@ use ferry_filters::http::{headers, retry, router};
 use ferry_model::format::FormatContext;
 use ferry_model::{
     ChainKind, FilterChain, HostRewrite, HttpConnectionManager, HttpFilterConfig, PathMatch, Route,
-    RouteAction, RouteSource,
+    RouteAction, RouteSource, WeightedCluster,
 };
 use http::header::{HOST, LOCATION};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -462,9 +462,36 @@ async fn route_request(
         authority: host,
         scheme: "http",
     };
-    let route = routes
+    // `require_tls`: Envoy's SSL redirect route stands in for the routes.
+    let connection_scheme = if ctx.tls.is_some() { "https" } else { "http" };
+    let https_redirect = routes
         .as_ref()
-        .and_then(|rc| rc.find_route_for(&pseudo, req.headers(), rand::random()));
+        .is_some_and(|rc| rc.requires_https(host, req.headers(), connection_scheme));
+    let route = if https_redirect {
+        None
+    } else {
+        routes
+            .as_ref()
+            .and_then(|rc| rc.find_route_for(&pseudo, req.headers(), rand::random()))
+    };
+    // `upgrade_configs`: an upgrade the route does not allow is refused
+    // before any filter runs, as Envoy's connection manager does.
+    if let Some(r) = route
+        && headers::is_upgrade(req.headers())
+    {
+        let kind = req
+            .headers()
+            .get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !r.allows_upgrade(kind, true) {
+            let r = LocalReply {
+                status: StatusCode::FORBIDDEN,
+                body: None,
+            };
+            return (local_reply(r), "", None);
+        }
+    }
     let fctx = FormatContext {
         downstream_remote: Some(client.remote),
         downstream_local: Some(ctx.original_dst),
@@ -474,21 +501,36 @@ async fn route_request(
         start_time: started,
     };
     // Weighted clusters are picked once, before the filters, so the fault
-    // filter's `upstream_cluster` sees the cluster the router will use.
-    *picked = match route.map(|r| &r.action) {
-        Some(RouteAction::Route { cluster, .. }) => cluster.pick(rand::random(), req.headers()),
-        _ => "",
-    }
-    .to_string();
+    // filter's `upstream_cluster` sees the cluster the router will use, and
+    // the filters the picked cluster's overrides.
+    let (name, entry) = match route.map(|r| &r.action) {
+        Some(RouteAction::Route { cluster, .. }) => {
+            cluster.pick_entry(rand::random(), req.headers())
+        }
+        _ => (String::new(), None),
+    };
+    *picked = name;
     let cluster: &str = picked;
     // The HTTP filters before the router run whether a route matched or not
     // (a request without a route still takes a rate limit token, as in
     // Envoy); the router then answers 404.
-    let (delayed, on_response) = match run_filters(ctx, hcm, route, cluster, &mut req, &fctx).await
-    {
-        Ok(passed) => passed,
-        Err(answered) => return answered,
-    };
+    let (delayed, on_response) =
+        match run_filters(ctx, hcm, route, entry, cluster, &mut req, &fctx).await {
+            Ok(passed) => passed,
+            Err(answered) => return answered,
+        };
+    if https_redirect {
+        // Envoy's SSL redirector: the same host and path, over https.
+        let mut resp = local_reply(LocalReply {
+            status: StatusCode::MOVED_PERMANENTLY,
+            body: None,
+        });
+        if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path}")) {
+            resp.headers_mut().insert(LOCATION, v);
+        }
+        on_response.apply(resp.headers_mut());
+        return (resp, "", None);
+    }
     let Some(route) = route else {
         ctx.stats.no_route.inc();
         let mut resp = local_reply(LocalReply {
@@ -539,15 +581,21 @@ async fn route_request(
         }
         RouteAction::Route { .. } => {
             // The route's response headers read the request as it arrived.
-            let request_headers =
-                (!route.response_headers.is_empty()).then(|| req.headers().clone());
-            let routed = forward(ctx, hcm, route, cluster, delayed, req, host, &fctx).await;
+            let entry_response = entry.map(|e| &e.response_headers);
+            let request_headers = (!route.response_headers.is_empty()
+                || entry_response.is_some_and(|h| !h.is_empty()))
+            .then(|| req.headers().clone());
+            let routed = forward(ctx, hcm, route, entry, cluster, delayed, req, host, &fctx).await;
             let (mut resp, flag, upstream) = routed;
             let fctx = FormatContext {
                 upstream_remote: upstream,
                 ..fctx
             };
             if let Some(rh) = &request_headers {
+                // The picked cluster's mutations first, then the route's.
+                if let Some(h) = entry_response {
+                    h.apply(resp.headers_mut(), &fctx, Some(rh));
+                }
                 route
                     .response_headers
                     .apply(resp.headers_mut(), &fctx, Some(rh));
@@ -574,19 +622,21 @@ async fn run_filters(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
     route: Option<&Route>,
+    entry: Option<&WeightedCluster>,
     cluster: &str,
     req: &mut Request<Incoming>,
     fctx: &FormatContext<'_>,
 ) -> Result<(bool, filters::ResponseHooks), Routed> {
     let mut delayed = false;
     let mut on_response = filters::ResponseHooks::default();
+    let per_route = filters::PerRoute { route, entry };
     // The request's own dynamic metadata, once a filter adds to the
     // connection's.
     let mut request_metadata = None;
     for f in &hcm.http_filters {
         match &f.config {
             HttpFilterConfig::Fault(cfg) => {
-                let cfg = route.and_then(|r| r.fault_override(&f.name)).unwrap_or(cfg);
+                let cfg = per_route.fault(&f.name).unwrap_or(cfg);
                 let pseudo = pseudo_of(req);
                 let applied = fault::apply(ctx, hcm, cfg, req.headers(), &pseudo, cluster).await;
                 let (mut resp, flag) = match applied {
@@ -603,7 +653,7 @@ async fn run_filters(
             }
             HttpFilterConfig::Cors => {
                 // Without a route there is no policy: nothing to do.
-                let policies = route.map(|r| r.cors_policies(&f.name)).unwrap_or_default();
+                let policies = per_route.cors(&f.name);
                 if let Some(mut resp) = filters::cors(ctx, hcm, &policies, req, &mut on_response) {
                     // Back through the filters before it (none of its own
                     // simple-request headers are pending).
@@ -612,9 +662,7 @@ async fn run_filters(
                 }
             }
             HttpFilterConfig::LocalRateLimit(cfg) => {
-                let cfg = route
-                    .and_then(|r| r.ratelimit_override(&f.name))
-                    .unwrap_or(cfg);
+                let cfg = per_route.ratelimit(&f.name).unwrap_or(cfg);
                 if let Some(mut resp) =
                     filters::local_ratelimit(ctx, cfg, route, cluster, req, fctx, &mut on_response)
                 {
@@ -627,7 +675,7 @@ async fn run_filters(
                     ctx,
                     hcm,
                     cfg,
-                    route,
+                    per_route,
                     &f.name,
                     req,
                     request_metadata.as_ref(),
@@ -643,7 +691,7 @@ async fn run_filters(
                     ctx,
                     hcm,
                     cfg,
-                    route,
+                    per_route,
                     &f.name,
                     req,
                     request_metadata.take(),
@@ -703,6 +751,7 @@ async fn forward(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
     route: &Route,
+    entry: Option<&WeightedCluster>,
     name: &str,
     delayed: bool,
     mut req: Request<Incoming>,
@@ -720,6 +769,8 @@ async fn forward(
         max_stream_duration,
         attempt_count,
         cluster_not_found,
+        append_x_forwarded_host,
+        grpc_timeouts,
         ..
     } = &route.action
     else {
@@ -778,10 +829,27 @@ async fn forward(
     // An internal client's `x-envoy-*` timeout and retry headers (the
     // connection manager removed any other's).
     let overrides = router::header_overrides(&mut parts.headers, retry_policy.as_deref());
-    let timeout = &overrides.timeout.unwrap_or(*timeout);
+    // A gRPC request's `grpc-timeout`, as the route reads it (the
+    // `x-envoy-upstream-rq-timeout-ms` of an internal client still wins).
+    let grpc = ferry_model::route::is_grpc(&parts.headers);
+    let grpc_header = ferry_model::route::grpc_timeout(&parts.headers);
+    let route_timeout = match grpc_timeouts.route_timeout {
+        Some(g) if grpc => g.apply(grpc_header),
+        _ => *timeout,
+    };
+    let max_stream_duration = &match grpc_timeouts.stream_duration {
+        Some(g) if grpc && grpc_header.is_some() => g.apply(grpc_header),
+        _ => *max_stream_duration,
+    };
+    let timeout = &overrides.timeout.unwrap_or(route_timeout);
     forward_client_cert(&mut parts.headers, hcm, ctx.tls.as_ref());
+    // The picked cluster's mutations and Host first, then the route's.
+    if let Some(e) = entry {
+        e.request_headers.apply(&mut parts.headers, fctx, None);
+    }
     route.request_headers.apply(&mut parts.headers, fctx, None);
     let original_path = parts.uri.path().to_string();
+    let entry_host = entry.and_then(|e| e.host_rewrite.clone());
     let new_host = match host_rewrite {
         Some(HostRewrite::Literal(h)) => Some(h.clone()),
         Some(HostRewrite::Header(name)) => parts
@@ -793,12 +861,17 @@ async fn forward(
         Some(HostRewrite::Auto) => pool.hostname.as_deref().map(str::to_string),
         Some(HostRewrite::Format(f)) => Some(f.render(fctx, &parts.headers)),
         None => None,
-    };
+    }
+    .filter(|h| !h.is_empty())
+    .or(entry_host);
     if let Some(h) = new_host.filter(|h| !h.is_empty())
         && let Ok(v) = HeaderValue::from_str(&h)
     {
         // Envoy keeps the Host it replaced, whatever the kind of rewrite.
         if let Some(original) = parts.headers.insert(HOST, v) {
+            if *append_x_forwarded_host {
+                router::append_forwarded_host(&mut parts.headers, &original);
+            }
             parts.headers.insert(ORIGINAL_HOST, original);
         }
     }
@@ -835,8 +908,23 @@ async fn forward(
     let timed = timeout.is_some() || idle_timeout.is_some() || max_stream_duration.is_some();
     let end = timed.then(|| Arc::new(Notify::new()));
     let policy = overrides.retry.as_ref().or(retry_policy.as_deref());
+    // `retriable_request_headers`: a request matching none is never retried.
+    let policy = policy.filter(|p| {
+        let pseudo = ferry_model::Pseudo {
+            method: parts.method.as_str(),
+            path: &path,
+            authority: &upstream_authority,
+            scheme,
+        };
+        p.request_retriable(&parts.headers, &pseudo)
+    });
+    let replay_limit = route
+        .request_body_buffer_limit
+        .map_or(body::REPLAY_LIMIT, |l| {
+            usize::try_from(l).unwrap_or(usize::MAX)
+        });
     let (replay, mut first_body) = if !upgrade && (policy.is_some() || !mirrors.is_empty()) {
-        (Some(Replay::new(body, end.clone())), None)
+        (Some(Replay::new(body, end.clone(), replay_limit)), None)
     } else {
         (None, Some(body))
     };
@@ -964,7 +1052,9 @@ async fn forward(
             }
             Attempt::Failed(Some(e)) => upstream_outcome(e),
             Attempt::Failed(None) => break (attempt, address),
-            Attempt::Response(r) => retry::Outcome::from_response(r.status().as_u16(), r.headers()),
+            Attempt::Response(r) => {
+                retry::Outcome::from_response(r.status().as_u16(), r.headers(), policy)
+            }
         };
         let decision = policy.map_or(retry::Decision::Done, |p| retry::decide(p, outcome));
         if decision == retry::Decision::Done {

@@ -15,14 +15,6 @@ use http_body_util::BodyExt;
 use super::ConnCtx;
 use super::body::{ReplayWatcher, UpstreamBody};
 
-/// `host[:port]` → `host-shadow[:port]`.
-pub fn shadow_host(authority: &str) -> String {
-    match authority.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') || h.ends_with(']') => format!("{h}-shadow:{p}"),
-        _ => format!("{authority}-shadow"),
-    }
-}
-
 pub fn spawn(
     ctx: &ConnCtx,
     policy: &MirrorPolicy,
@@ -45,7 +37,7 @@ pub fn spawn(
         ferry_model::UpstreamProtocol::Http1 => false,
         ferry_model::UpstreamProtocol::UseDownstream => head.version == Version::HTTP_2,
     };
-    let host = shadow_host(authority);
+    let host = policy.host(authority);
     let mut headers = head.headers.clone();
     let uri = if use_h2 {
         headers.remove(HOST);
@@ -98,12 +90,22 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use ferry_model::{Fraction, MirrorPolicy};
 
     #[test]
     fn shadow_suffix_goes_before_the_port() {
-        assert_eq!(shadow_host("reviews:9080"), "reviews-shadow:9080");
-        assert_eq!(shadow_host("reviews"), "reviews-shadow");
-        assert_eq!(shadow_host("[::1]:80"), "[::1]-shadow:80");
+        let mut p = MirrorPolicy {
+            cluster: "c".into(),
+            fraction: Fraction::ALL,
+            host_rewrite: None,
+            host_suffix: true,
+        };
+        assert_eq!(p.host("reviews:9080"), "reviews-shadow:9080");
+        assert_eq!(p.host("reviews"), "reviews-shadow");
+        assert_eq!(p.host("[::1]:80"), "[::1]-shadow:80");
+        p.host_rewrite = Some("mirror.example:81".into());
+        assert_eq!(p.host("reviews:9080"), "mirror.example-shadow:81");
+        p.host_suffix = false;
+        assert_eq!(p.host("reviews:9080"), "mirror.example:81");
     }
 }

@@ -298,6 +298,7 @@ fn rule_match(
         headers.push(header_matcher(ctx, &format!("{field}.headers[{i}]"), h)?);
     }
     Ok(m::RouteMatch {
+        ignore_path_parameters: false,
         path,
         case_sensitive: rm.case_sensitive.as_ref().is_none_or(|v| v.value),
         headers,

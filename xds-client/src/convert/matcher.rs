@@ -7,18 +7,63 @@ use envoy_types::pb::envoy::config::route::v3 as route_pb;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use ferry_model as m;
 
+use super::coverage::fields;
 use super::{ConvertError, Ctx};
+
+fields!(pub(super) static STRING_MATCHER = "envoy.type.matcher.v3.StringMatcher" {
+    "exact": applied,
+    "prefix": applied,
+    "suffix": applied,
+    "safe_regex": applied,
+    "contains": applied,
+    "custom": refused "custom string matchers are not supported",
+    "ignore_case": applied,
+});
+
+fields!(pub(super) static REGEX_MATCHER = "envoy.type.matcher.v3.RegexMatcher" {
+    "google_re2": inert "RE2 engine settings: the regex crate has no program-size limit to set",
+    "regex": applied "RE2 syntax, the whole value must match",
+});
+
+fields!(pub(super) static REGEX_MATCH_AND_SUBSTITUTE = "envoy.type.matcher.v3.RegexMatchAndSubstitute" {
+    "pattern": applied,
+    "substitution": applied,
+});
+
+fields!(pub(super) static HEADER_MATCHER = "envoy.config.route.v3.HeaderMatcher" {
+    "name": applied "pseudo-headers :method, :path, :authority, :scheme included",
+    "exact_match": applied "an empty value matches any value, as Envoy",
+    "safe_regex_match": applied,
+    "range_match": refused "range matching is not supported",
+    "present_match": applied,
+    "prefix_match": applied,
+    "suffix_match": applied,
+    "contains_match": applied,
+    "string_match": applied,
+    "invert_match": applied "an absent header matches no value matcher, inverted or not, as Envoy",
+    "treat_missing_header_as_empty": applied,
+});
+
+fields!(pub(super) static QUERY_PARAMETER_MATCHER = "envoy.config.route.v3.QueryParameterMatcher" {
+    "name": applied,
+    "string_match": applied,
+    "present_match": applied,
+});
 
 pub(super) fn regex(
     ctx: &Ctx<'_>,
     field: &str,
     r: &matcher_pb::RegexMatcher,
 ) -> Result<regex::Regex, ConvertError> {
+    #[allow(deprecated)]
+    let matcher_pb::RegexMatcher { regex, engine_type } = r;
+    // Engine settings (RE2's program size) have no counterpart here.
+    let _ = engine_type;
     // Envoy's safe_regex must match the whole value (RE2 full match).
-    regex::Regex::new(&format!("^(?:{})$", r.regex)).map_err(|e| {
+    regex::Regex::new(&format!("^(?:{regex})$")).map_err(|e| {
         ctx.err(
             format!("{field}.regex"),
-            format!("invalid regex {:?}: {e}", r.regex),
+            format!("invalid regex {regex:?}: {e}"),
         )
     })
 }
@@ -29,7 +74,12 @@ pub(super) fn string_matcher(
     s: &matcher_pb::StringMatcher,
 ) -> Result<m::StringMatcher, ConvertError> {
     use matcher_pb::string_matcher::MatchPattern as P;
-    Ok(match &s.match_pattern {
+    // `ignore_case` is read by the callers, which keep it beside the matcher.
+    let matcher_pb::StringMatcher {
+        ignore_case: _,
+        match_pattern,
+    } = s;
+    Ok(match match_pattern {
         Some(P::Exact(v)) => m::StringMatcher::Exact(v.clone()),
         Some(P::Prefix(v)) => m::StringMatcher::Prefix(v.clone()),
         Some(P::Suffix(v)) => m::StringMatcher::Suffix(v.clone()),
@@ -37,7 +87,11 @@ pub(super) fn string_matcher(
         Some(P::SafeRegex(r)) => {
             m::StringMatcher::Regex(regex(ctx, &format!("{field}.safe_regex"), r)?)
         }
-        _ => return Err(ctx.err(field, "unsupported string matcher")),
+        Some(P::Custom(_)) => {
+            ctx.refuse(&STRING_MATCHER, field, "custom", true)?;
+            m::StringMatcher::Exact(String::new())
+        }
+        None => return Err(ctx.err(field, "a match pattern is required")),
     })
 }
 
@@ -48,16 +102,24 @@ pub(super) fn header_matcher(
     h: &route_pb::HeaderMatcher,
 ) -> Result<m::HeaderMatcher, ConvertError> {
     use route_pb::header_matcher::HeaderMatchSpecifier as S;
-    let name = m::HeaderKey::parse(&h.name).ok_or_else(|| {
+    let route_pb::HeaderMatcher {
+        name,
+        invert_match,
+        treat_missing_header_as_empty,
+        header_match_specifier,
+    } = h;
+    let key = m::HeaderKey::parse(name).ok_or_else(|| {
         ctx.err(
             format!("{field}.name"),
-            format!("{:?} is not a valid header name", h.name),
+            format!("{name:?} is not a valid header name"),
         )
     })?;
     let mut present = true;
     let mut ignore_case = false;
-    let matcher = match &h.header_match_specifier {
+    let matcher = match header_match_specifier {
         None => None,
+        // Envoy: an empty exact value matches any value of a present header.
+        Some(S::ExactMatch(v)) if v.is_empty() => Some(m::StringMatcher::Prefix(String::new())),
         Some(S::ExactMatch(v)) => Some(m::StringMatcher::Exact(v.clone())),
         Some(S::PrefixMatch(v)) => Some(m::StringMatcher::Prefix(v.clone())),
         Some(S::SuffixMatch(v)) => Some(m::StringMatcher::Suffix(v.clone())),
@@ -76,18 +138,17 @@ pub(super) fn header_matcher(
             Some(string_matcher(ctx, &format!("{field}.string_match"), s)?)
         }
         Some(S::RangeMatch(_)) => {
-            return Err(ctx.err(
-                format!("{field}.range_match"),
-                "range_match is not supported yet",
-            ));
+            ctx.refuse(&HEADER_MATCHER, field, "range_match", true)?;
+            None
         }
     };
     Ok(m::HeaderMatcher {
-        name,
+        name: key,
         matcher,
         ignore_case,
-        invert: h.invert_match,
+        invert: *invert_match,
         present,
+        treat_missing_as_empty: *treat_missing_header_as_empty,
     })
 }
 
@@ -97,10 +158,14 @@ pub(super) fn query_parameter_matcher(
     q: &route_pb::QueryParameterMatcher,
 ) -> Result<m::QueryParameterMatcher, ConvertError> {
     use route_pb::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
-    if q.name.is_empty() {
+    let route_pb::QueryParameterMatcher {
+        name,
+        query_parameter_match_specifier,
+    } = q;
+    if name.is_empty() {
         return Err(ctx.err(format!("{field}.name"), "a parameter name is required"));
     }
-    let kind = match &q.query_parameter_match_specifier {
+    let kind = match query_parameter_match_specifier {
         None => m::QueryMatch::Present,
         Some(Q::PresentMatch(p)) => m::QueryMatch::PresentMatch(*p),
         Some(Q::StringMatch(sm)) => m::QueryMatch::String {
@@ -109,7 +174,7 @@ pub(super) fn query_parameter_matcher(
         },
     };
     Ok(m::QueryParameterMatcher {
-        name: q.name.clone(),
+        name: name.clone(),
         kind,
     })
 }
@@ -121,8 +186,11 @@ pub(super) fn regex_rewrite(
     field: &str,
     r: &matcher_pb::RegexMatchAndSubstitute,
 ) -> Result<m::RegexRewrite, ConvertError> {
-    let pattern = r
-        .pattern
+    let matcher_pb::RegexMatchAndSubstitute {
+        pattern,
+        substitution,
+    } = r;
+    let pattern = pattern
         .as_ref()
         .ok_or_else(|| ctx.err(format!("{field}.pattern"), "a pattern is required"))?;
     let re = regex::Regex::new(&pattern.regex).map_err(|e| {
@@ -131,7 +199,7 @@ pub(super) fn regex_rewrite(
             format!("invalid regex {:?}: {e}", pattern.regex),
         )
     })?;
-    let substitution = re2_substitution(&r.substitution, re.captures_len())
+    let substitution = re2_substitution(substitution, re.captures_len())
         .map_err(|e| ctx.err(format!("{field}.substitution"), e))?;
     Ok(m::RegexRewrite {
         pattern: re,

@@ -1,5 +1,6 @@
-//! `typed_per_filter_config`: the per-route, per-virtual-host overrides
-//! of the HTTP filters (`FilterConfig` wrapper included).
+//! `typed_per_filter_config`: the per-route, per-virtual-host, per-table and
+//! per-weighted-cluster overrides of the HTTP filters (`FilterConfig`
+//! wrapper included).
 
 use std::sync::Arc;
 
@@ -11,29 +12,30 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 
 use super::cors::{CORS_POLICY_TYPE, cors_policy, disabled_cors};
+use super::coverage::fields;
 use super::fault::{FAULT_TYPE, fault_config};
+use super::istio::ISTIO_TOLERATED;
 use super::local_ratelimit::{RATELIMIT_TYPE, disabled_ratelimit, local_ratelimit};
-use super::{ConvertError, Ctx, Typed, jwt_authn, rbac};
+use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, jwt_authn, rbac};
 
 const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
 
-/// The entries of a `typed_per_filter_config` map Ferry's filters read, by
-/// filter name; entries of other filters are left alone.
-#[derive(Default)]
-pub(super) struct PerFilter {
-    pub(super) fault: Vec<(String, Arc<m::fault::FaultConfig>)>,
-    pub(super) cors: Vec<(String, Arc<m::cors::CorsPolicy>)>,
-    pub(super) ratelimit: Vec<(String, Arc<m::ratelimit::LocalRateLimit>)>,
-    pub(super) rbac: Vec<(String, Arc<m::rbac::HttpRbac>)>,
-    pub(super) jwt: Vec<(String, m::jwt::JwtPerRoute)>,
-}
+fields!(pub(super) static FILTER_CONFIG = "envoy.config.route.v3.FilterConfig" {
+    "config": applied,
+    "is_optional": applied "an unsupported filter type is skipped with a warning either way (a connection manager running it is refused)",
+    "disabled": applied "turns the filter off for the route",
+});
 
+/// The overrides Ferry's filters read, by filter name. An entry of a filter
+/// type Ferry does not implement changes nothing (a connection manager that
+/// runs such a filter is refused), so it is skipped with a warning;
+/// Istio's own filters' entries are skipped as those filters are.
 pub(super) fn per_filter_configs(
     ctx: &mut Ctx<'_>,
     field: &str,
     map: &std::collections::HashMap<String, Any>,
-) -> Result<PerFilter, ConvertError> {
-    let mut out = PerFilter::default();
+) -> Result<m::FilterOverrides, ConvertError> {
+    let mut out = m::FilterOverrides::default();
     let mut names: Vec<&String> = map.keys().collect();
     names.sort();
     for name in names {
@@ -45,8 +47,14 @@ pub(super) fn per_filter_configs(
             // The route-level wrapper: `disabled` turns the filter off for
             // the route.
             let fc: route_pb::FilterConfig = typed.decode().map_err(|e| ctx.err(&ef, e))?;
-            disabled = fc.disabled;
-            match fc.config.as_ref() {
+            let route_pb::FilterConfig {
+                config,
+                is_optional,
+                disabled: off,
+            } = fc;
+            let _ = is_optional;
+            disabled = off;
+            match config.as_ref() {
                 Some(inner) => typed = Typed::from_any(inner).map_err(|e| ctx.err(&ef, e))?,
                 None if disabled => {
                     // Without a config the filter kind is unknown: a
@@ -61,6 +69,8 @@ pub(super) fn per_filter_configs(
                     out.jwt.push((name.clone(), m::jwt::JwtPerRoute::Disabled));
                     continue;
                 }
+                // Enabling a filter the connection manager disabled: Ferry's
+                // connection managers run only the filters they enable.
                 None => continue,
             }
         }
@@ -110,7 +120,11 @@ pub(super) fn per_filter_configs(
                 };
                 out.jwt.push((name.clone(), cfg));
             }
-            _ => {}
+            t if ISTIO_TOLERATED.contains(&t) || HTTP_TOLERATED.contains(&t) => {}
+            t => ctx.warn(
+                &ef,
+                format!("per-filter configuration of unsupported type {t} has no effect; skipped"),
+            ),
         }
     }
     Ok(out)

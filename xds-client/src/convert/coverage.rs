@@ -1,0 +1,202 @@
+//! What Ferry does with each field of each Envoy message it converts:
+//! applies it, refuses it when set, accepts it as a tuning knob with a
+//! warning, or knows it to be inert (it changes nothing in Envoy either).
+//!
+//! Each converter destructures its message field by field (no `..`), so a
+//! new field in `envoy-types` fails the build until it is handled, and keeps
+//! a [`Coverage`] list of the same fields beside that code. Refusals and
+//! warnings go through [`Ctx::refuse`] and [`Ctx::knob`], which take their
+//! wording from the list, so the message an operator reads and the table in
+//! `docs/config-coverage.md` are one text. The tests check every list
+//! against Envoy's descriptors (each field of the message, no other), set
+//! every refused or warned field on a working configuration and expect the
+//! error or the warning naming it, and regenerate the table.
+
+use super::{ConvertError, Ctx};
+
+/// What happens to a field when it is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Status {
+    /// Read and enforced as Envoy enforces it (the note says which values,
+    /// if any, are refused).
+    Applied,
+    /// Set to anything but its default, it is an error naming the resource
+    /// and the field: exit 1 for a bootstrap, a NACK over xDS.
+    Refused,
+    /// A tuning knob that changes no decision: accepted with a warning
+    /// saying it is not applied.
+    Warned,
+    /// Changes nothing in Envoy either: names, opaque metadata no filter of
+    /// Ferry's reads, settings of features that are refused or absent.
+    Inert,
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+impl Status {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Status::Applied => "applied",
+            Status::Refused => "refused",
+            Status::Warned => "warned",
+            Status::Inert => "inert",
+        }
+    }
+}
+
+/// One field of a message: its name in the proto, its status, and the
+/// reason or detail (an error's or a warning's text for refused and warned
+/// fields).
+#[derive(Debug)]
+pub(super) struct Field {
+    pub(super) name: &'static str,
+    pub(super) status: Status,
+    pub(super) note: &'static str,
+}
+
+/// The classification of every field of one message, in one context (the
+/// same message may mean different things in two places, e.g. protocol
+/// options upstream and downstream).
+#[derive(Debug)]
+#[cfg_attr(not(test), allow(dead_code))]
+pub(super) struct Coverage {
+    /// The message's full proto name.
+    pub(super) message: &'static str,
+    /// Where it is read, when the message is used in several places.
+    pub(super) context: &'static str,
+    /// The converter module (`module_path!()`).
+    pub(super) module: &'static str,
+    pub(super) fields: &'static [Field],
+}
+
+impl Coverage {
+    pub(super) fn field(&self, name: &str) -> Option<&'static Field> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+
+    fn expect(&self, name: &str, status: Status) -> &'static str {
+        match self.field(name) {
+            Some(f) if f.status == status => f.note,
+            // A converter calling the wrong helper for its own list is a
+            // bug the tests catch; the reason then falls back to a plain one.
+            other => {
+                debug_assert!(
+                    false,
+                    "{}.{name} is classified {:?}, not {status:?}",
+                    self.message,
+                    other.map(|f| f.status)
+                );
+                match status {
+                    Status::Warned => "not applied",
+                    _ => "not supported",
+                }
+            }
+        }
+    }
+}
+
+/// Declares a message's [`Coverage`]:
+/// `fields!(pub(super) static NAME = "envoy.pkg.Message" { "field": applied "note", … });`
+/// with an optional context after the message name: `"envoy.pkg.Message" ("upstream")`.
+macro_rules! fields {
+    ($vis:vis static $id:ident = $msg:literal $(($ctx:literal))? {
+        $($field:literal : $status:ident $($note:literal)?),* $(,)?
+    }) => {
+        // Read by the helpers and the tests; a list no test registers in
+        // `all()` is dead code there, which the lints refuse.
+        #[cfg_attr(not(test), allow(dead_code))]
+        $vis static $id: $crate::convert::coverage::Coverage = $crate::convert::coverage::Coverage {
+            message: $msg,
+            context: fields!(@ctx $($ctx)?),
+            module: module_path!(),
+            fields: &[$($crate::convert::coverage::Field {
+                name: $field,
+                status: fields!(@status $status),
+                note: fields!(@note $($note)?),
+            }),*],
+        };
+    };
+    (@ctx) => { "" };
+    (@ctx $c:literal) => { $c };
+    (@note) => { "" };
+    (@note $n:literal) => { $n };
+    (@status applied) => { $crate::convert::coverage::Status::Applied };
+    (@status refused) => { $crate::convert::coverage::Status::Refused };
+    (@status warned) => { $crate::convert::coverage::Status::Warned };
+    (@status inert) => { $crate::convert::coverage::Status::Inert };
+}
+pub(super) use fields;
+
+/// `prefix.field`, or `field` at a resource's top level.
+pub(super) fn path(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_string()
+    } else {
+        format!("{prefix}.{field}")
+    }
+}
+
+impl Ctx<'_> {
+    /// Refuses `field` of the message at `at` when it is set, with the
+    /// reason `cov` gives for it.
+    pub(super) fn refuse(
+        &self,
+        cov: &Coverage,
+        at: &str,
+        field: &str,
+        set: bool,
+    ) -> Result<(), ConvertError> {
+        if set {
+            let why = cov.expect(field, Status::Refused);
+            return Err(self.err(path(at, field), why));
+        }
+        Ok(())
+    }
+
+    /// Accepts `field` of the message at `at` when it is set, warning that
+    /// this tuning knob is not applied (with the detail `cov` gives).
+    pub(super) fn knob(&mut self, cov: &Coverage, at: &str, field: &str, set: bool) {
+        if set {
+            let why = cov.expect(field, Status::Warned);
+            self.warn(
+                &path(at, field),
+                if why.is_empty() {
+                    "tuning knob not applied".to_string()
+                } else {
+                    format!("tuning knob not applied: {why}")
+                },
+            );
+        }
+    }
+}
+
+/// Every list, in the order of the generated table.
+#[cfg_attr(not(test), allow(dead_code))]
+pub(super) fn all() -> Vec<&'static Coverage> {
+    use super::{matcher, per_filter, retry, route};
+    vec![
+        &route::ROUTE_CONFIGURATION,
+        &route::VIRTUAL_HOST,
+        &route::ROUTE,
+        &route::ROUTE_MATCH,
+        &matcher::HEADER_MATCHER,
+        &matcher::QUERY_PARAMETER_MATCHER,
+        &route::ROUTE_ACTION,
+        &route::WEIGHTED_CLUSTER,
+        &route::CLUSTER_WEIGHT,
+        &route::UPGRADE_CONFIG,
+        &route::MAX_STREAM_DURATION,
+        &route::HASH_POLICY,
+        &route::MIRROR_POLICY,
+        &route::HEDGE_POLICY,
+        &retry::RETRY_POLICY,
+        &route::REDIRECT_ACTION,
+        &route::DIRECT_RESPONSE,
+        &per_filter::FILTER_CONFIG,
+        &matcher::STRING_MATCHER,
+        &matcher::REGEX_MATCHER,
+        &matcher::REGEX_MATCH_AND_SUBSTITUTE,
+    ]
+}
+
+#[cfg(test)]
+mod tests;
