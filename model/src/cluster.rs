@@ -38,6 +38,70 @@ pub struct Cluster {
     /// `upstream_http_protocol_options`: the TLS SNI and/or the server
     /// certificate's expected DNS name taken from each request's host.
     pub auto_sni: AutoSni,
+    /// `upstream_connection_options.tcp_keepalive`: keepalive probes on
+    /// upstream connections.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `common_http_protocol_options.max_connection_duration`: an upstream
+    /// connection this old takes no new request and closes once idle.
+    pub max_connection_duration: Option<Duration>,
+    /// `dns_lookup_family` and `dns_refresh_rate` (STRICT_DNS clusters).
+    pub dns: DnsSettings,
+}
+
+/// `TcpKeepalive`: `SO_KEEPALIVE` with these settings (`None`: the
+/// system's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub probes: Option<u32>,
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+/// How a DNS cluster resolves its hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsSettings {
+    pub lookup_family: DnsLookupFamily,
+    /// `dns_refresh_rate` (Envoy default 5 s).
+    pub refresh_rate: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        Self {
+            lookup_family: DnsLookupFamily::Auto,
+            refresh_rate: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `dns_lookup_family`: which of a name's addresses are used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DnsLookupFamily {
+    /// IPv6 addresses when there are any, else IPv4 (Envoy's default).
+    #[default]
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 addresses when there are any, else IPv6.
+    V4Preferred,
+    All,
+}
+
+impl DnsLookupFamily {
+    /// The addresses of one name this family keeps.
+    pub fn select(self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+        let v4: Vec<SocketAddr> = addrs.iter().copied().filter(|a| a.is_ipv4()).collect();
+        let v6: Vec<SocketAddr> = addrs.iter().copied().filter(|a| a.is_ipv6()).collect();
+        match self {
+            DnsLookupFamily::All => addrs.to_vec(),
+            DnsLookupFamily::V4Only => v4,
+            DnsLookupFamily::V6Only => v6,
+            DnsLookupFamily::Auto if v6.is_empty() => v4,
+            DnsLookupFamily::Auto => v6,
+            DnsLookupFamily::V4Preferred if v4.is_empty() => v6,
+            DnsLookupFamily::V4Preferred => v4,
+        }
+    }
 }
 
 /// Envoy's `UpstreamHttpProtocolOptions`: names taken per request from the
@@ -145,8 +209,16 @@ pub enum UpstreamProtocol {
 }
 
 /// Settings of the load balancing policies (Envoy's defaults in [`Default`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LbConfig {
+    /// `common_lb_config.healthy_panic_threshold` in percent (default 50;
+    /// 0 disables panic mode).
+    pub healthy_panic_threshold: f64,
+    /// Least request: `active_request_bias` (default 1.0): a weighted host's
+    /// load is `(active + 1)^bias / weight`.
+    pub active_request_bias: f64,
+    /// Round robin and least request: `slow_start_config`.
+    pub slow_start: Option<SlowStart>,
     /// Least request: hosts sampled per pick (`choice_count`, default 2).
     pub choice_count: u32,
     /// Ring hash: `minimum_ring_size` (1024) and `maximum_ring_size` (8M).
@@ -174,7 +246,38 @@ impl Default for LbConfig {
             locality_weighted: false,
             overprovisioning_factor: 140,
             peak_ewma: false,
+            healthy_panic_threshold: 50.0,
+            active_request_bias: 1.0,
+            slow_start: None,
         }
+    }
+}
+
+/// Envoy's slow start: a host new to the cluster gets its weight scaled by
+/// `max(min_weight, (age / window)^(1 / aggression))` until it is
+/// `window` old.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStart {
+    pub window: Duration,
+    /// `aggression` (default 1.0: linear).
+    pub aggression: f64,
+    /// `min_weight_percent` as a fraction (default 0.1).
+    pub min_weight: f64,
+}
+
+impl SlowStart {
+    /// The factor of a host `age` old (1.0 once the window has passed).
+    pub fn factor(&self, age: Duration) -> f64 {
+        if self.window.is_zero() || age >= self.window {
+            return 1.0;
+        }
+        let t = age.max(Duration::from_millis(1)).as_secs_f64() / self.window.as_secs_f64();
+        let scaled = if self.aggression == 1.0 {
+            t
+        } else {
+            t.powf(1.0 / self.aggression)
+        };
+        scaled.max(self.min_weight)
     }
 }
 
@@ -200,6 +303,21 @@ pub struct OutlierDetection {
     pub success_rate_request_volume: u32,
     /// The ejection threshold is mean - stdev × factor / 1000.
     pub success_rate_stdev_factor: u32,
+    /// With the split: the success rate of local-origin results is
+    /// judged too (`enforcing_local_origin_success_rate`, default 100).
+    pub enforcing_local_origin_success_rate: u32,
+    /// Failure percentage: a host failing at least this share of its
+    /// requests is ejected (`failure_percentage_threshold`, default 85).
+    pub failure_percentage_threshold: u32,
+    pub enforcing_failure_percentage: u32,
+    pub enforcing_failure_percentage_local_origin: u32,
+    pub failure_percentage_minimum_hosts: u32,
+    pub failure_percentage_request_volume: u32,
+    /// `max_ejection_time_jitter`: a random extra ejection time up to it.
+    pub max_ejection_time_jitter: Duration,
+    /// `always_eject_one_host`: one host may be ejected whatever
+    /// `max_ejection_percent` says.
+    pub always_eject_one_host: bool,
 }
 
 impl Default for OutlierDetection {
@@ -220,6 +338,14 @@ impl Default for OutlierDetection {
             success_rate_minimum_hosts: 5,
             success_rate_request_volume: 100,
             success_rate_stdev_factor: 1900,
+            enforcing_local_origin_success_rate: 100,
+            failure_percentage_threshold: 85,
+            enforcing_failure_percentage: 0,
+            enforcing_failure_percentage_local_origin: 0,
+            failure_percentage_minimum_hosts: 5,
+            failure_percentage_request_volume: 50,
+            max_ejection_time_jitter: Duration::ZERO,
+            always_eject_one_host: false,
         }
     }
 }
@@ -282,6 +408,9 @@ impl RetryBudget {
 pub struct CircuitBreakers {
     pub default: Thresholds,
     pub high: Thresholds,
+    /// `per_host_thresholds.max_connections`: connections to one endpoint
+    /// (the only per-host limit Envoy applies).
+    pub per_host_max_connections: Option<u32>,
 }
 
 /// One of a route's `hash_policy` entries: what a request's hash for ring

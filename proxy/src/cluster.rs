@@ -185,13 +185,20 @@ impl ClusterRt {
             return;
         };
         let hosts = hosts.clone();
+        let dns = self.cfg.dns;
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
                 let mut addrs = Vec::new();
                 for h in &hosts {
                     match tokio::net::lookup_host((h.host.as_str(), h.port)).await {
-                        Ok(it) => addrs.extend(it.map(|a| (a, h.host.as_str()))),
+                        // `dns_lookup_family` chooses among the name's addresses.
+                        Ok(it) => addrs.extend(
+                            dns.lookup_family
+                                .select(&it.collect::<Vec<_>>())
+                                .into_iter()
+                                .map(|a| (a, h.host.as_str())),
+                        ),
                         Err(e) => {
                             tracing::warn!(dns.host = %h.host, error = %e, "DNS resolution failed")
                         }
@@ -219,7 +226,7 @@ impl ClusterRt {
                     c.install(pools);
                 }
                 drop(c);
-                tokio::time::sleep(Duration::from_secs(5)).await;
+                tokio::time::sleep(dns.refresh_rate).await;
             }
         });
     }
@@ -393,8 +400,9 @@ pub struct Breakers {
     freed: tokio::sync::Notify,
 }
 
-/// A held slot of one breaker; released on drop.
-pub struct Slot(Arc<AtomicU32>);
+/// A held slot of one breaker (and of the endpoint's own connection limit,
+/// for a connection under `per_host_thresholds`); released on drop.
+pub struct Slot(Arc<AtomicU32>, Option<Box<Slot>>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -408,7 +416,7 @@ fn acquire(count: &Arc<AtomicU32>, max: u32) -> Option<Slot> {
             (n < max).then_some(n + 1)
         })
         .ok()
-        .map(|_| Slot(count.clone()))
+        .map(|_| Slot(count.clone(), None))
 }
 
 impl Breakers {
@@ -454,8 +462,16 @@ impl Breakers {
         s
     }
 
-    fn connection(&self) -> Option<Slot> {
-        acquire(&self.connections, self.thresholds.max_connections)
+    /// A connection slot under `max_connections`, and under the endpoint's
+    /// `per_host_thresholds` limit when it has one.
+    fn connection(&self, host: Option<&(Arc<AtomicU32>, u32)>) -> Option<Slot> {
+        let host_slot = match host {
+            Some((count, max)) => Some(acquire(count, *max)?),
+            None => None,
+        };
+        let mut slot = acquire(&self.connections, self.thresholds.max_connections)?;
+        slot.1 = host_slot.map(Box::new);
+        Some(slot)
     }
 
     fn pending(&self) -> Result<Slot, UpstreamError> {
@@ -467,6 +483,24 @@ impl Breakers {
 
     pub fn active_requests(&self) -> u32 {
         self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// `SO_KEEPALIVE` with the cluster's `tcp_keepalive` settings (the
+/// system's where unset), as Envoy sets them on upstream sockets.
+fn keepalive(tcp: &TcpStream, k: &ferry_model::cluster::TcpKeepalive) {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        ka = ka.with_time(t);
+    }
+    if let Some(i) = k.interval {
+        ka = ka.with_interval(i);
+    }
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "upstream TCP keepalive not set");
     }
 }
 
@@ -482,6 +516,9 @@ impl LbHost for Arc<EndpointPool> {
     }
     fn latency_cost(&self) -> f64 {
         self.ewma.cost(Instant::now())
+    }
+    fn age(&self) -> Option<Duration> {
+        Some(self.created.elapsed())
     }
 }
 
@@ -550,8 +587,37 @@ fn closed_cleanly_before_response(e: &hyper::Error) -> bool {
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
     since: Instant,
-    /// Requests this connection has carried (`max_requests_per_connection`).
-    used: u32,
+    used: Use,
+}
+
+/// How far an HTTP/1.1 connection has come: the requests it carried
+/// (`max_requests_per_connection`) and when it was opened
+/// (`max_connection_duration`).
+#[derive(Debug, Clone, Copy)]
+struct Use {
+    requests: u32,
+    opened: Instant,
+}
+
+impl Use {
+    fn new() -> Self {
+        Self {
+            requests: 0,
+            opened: Instant::now(),
+        }
+    }
+}
+
+impl std::ops::Add<u32> for Use {
+    type Output = Use;
+
+    /// The same connection, `n` requests further.
+    fn add(self, n: u32) -> Use {
+        Use {
+            requests: self.requests.saturating_add(n),
+            opened: self.opened,
+        }
+    }
 }
 
 /// Connections to one endpoint address.
@@ -573,7 +639,8 @@ pub struct EndpointPool {
     default_alpn: &'static [&'static str],
     stats: ClusterStats,
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// The HTTP/2 connection and when it was opened.
+    h2: Mutex<Option<(http2::SendRequest<UpstreamBody>, Instant)>>,
     h2_connecting: tokio::sync::Mutex<()>,
     shared: Arc<ClusterShared>,
     outlier: Arc<HostOutlier>,
@@ -588,6 +655,15 @@ pub struct EndpointPool {
     /// (each its own SNI, so its own connections, as Envoy pools by
     /// transport socket options).
     by_name: Mutex<HashMap<Arc<str>, Arc<EndpointPool>>>,
+    /// When the endpoint joined the cluster (slow start).
+    created: Instant,
+    /// `upstream_connection_options.tcp_keepalive`.
+    tcp_keepalive: Option<ferry_model::cluster::TcpKeepalive>,
+    /// `max_connection_duration`: connections this old take no new request.
+    max_connection_duration: Option<Duration>,
+    /// The endpoint's connections and their `per_host_thresholds` limit,
+    /// shared with its per-name pools.
+    host_connections: Option<(Arc<AtomicU32>, u32)>,
 }
 
 /// An HTTP/2 stream slot; its release wakes requests waiting for one.
@@ -656,6 +732,14 @@ impl EndpointPool {
                 .enabled()
                 .then(|| Arc::new(cluster.cfg.auto_sni.clone())),
             by_name: Mutex::new(HashMap::new()),
+            created: Instant::now(),
+            tcp_keepalive: cluster.cfg.tcp_keepalive,
+            max_connection_duration: cluster.cfg.max_connection_duration,
+            host_connections: cluster
+                .cfg
+                .circuit_breakers
+                .per_host_max_connections
+                .map(|max| (Arc::default(), max)),
         }
     }
 
@@ -706,6 +790,10 @@ impl EndpointPool {
             h2_streams: Arc::default(),
             auto_sni: None,
             by_name: Mutex::new(HashMap::new()),
+            created: self.created,
+            tcp_keepalive: self.tcp_keepalive,
+            max_connection_duration: self.max_connection_duration,
+            host_connections: self.host_connections.clone(),
         });
         pools.insert(Arc::from(name), pool.clone());
         Some(pool)
@@ -830,6 +918,9 @@ impl EndpointPool {
                 }
             }?;
             let _ = tcp.set_nodelay(true);
+            if let Some(k) = &self.tcp_keepalive {
+                keepalive(&tcp, k);
+            }
             Ok::<_, std::io::Error>(tcp)
         };
         let handshake = async {
@@ -867,12 +958,13 @@ impl EndpointPool {
         }
     }
 
-    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, u32)> {
+    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, Use)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(entry) = idle.pop() {
             let expired = self
                 .idle_timeout
-                .is_some_and(|t| entry.since.elapsed() >= t);
+                .is_some_and(|t| entry.since.elapsed() >= t)
+                || self.too_old(entry.used.opened);
             if !expired && entry.sender.is_ready() {
                 return Some((entry.sender, entry.used));
             }
@@ -887,7 +979,7 @@ impl EndpointPool {
     async fn new_or_pooled_h1(
         &self,
         fresh: bool,
-    ) -> Result<(http1::SendRequest<UpstreamBody>, u32, bool), UpstreamError> {
+    ) -> Result<(http1::SendRequest<UpstreamBody>, Use, bool), UpstreamError> {
         let breakers = &self.shared.breakers;
         let mut pending = None;
         loop {
@@ -895,8 +987,8 @@ impl EndpointPool {
                 return Ok((s, used, true));
             }
             let freed = breakers.freed.notified();
-            if let Some(slot) = breakers.connection() {
-                return Ok((self.connect_h1(slot).await?, 0, false));
+            if let Some(slot) = breakers.connection(self.host_connections.as_ref()) {
+                return Ok((self.connect_h1(slot).await?, Use::new(), false));
             }
             if pending.is_none() {
                 // As Envoy: a full pending queue fails the request before a
@@ -987,12 +1079,13 @@ impl EndpointPool {
     fn release_when_idle(
         self: &Arc<Self>,
         mut sender: http1::SendRequest<UpstreamBody>,
-        used: u32,
+        used: Use,
     ) {
         if self
             .shared
             .max_requests_per_connection
-            .is_some_and(|max| used >= max)
+            .is_some_and(|max| used.requests >= max)
+            || self.too_old(used.opened)
         {
             // Dropping the sender closes the connection once the response is read.
             return;
@@ -1026,7 +1119,11 @@ impl EndpointPool {
         if let Some(s) = self.live_h2() {
             return Ok(s);
         }
-        let Some(slot) = self.shared.breakers.connection() else {
+        let Some(slot) = self
+            .shared
+            .breakers
+            .connection(self.host_connections.as_ref())
+        else {
             self.shared.breakers.cx_overflow.inc();
             return Err(UpstreamError::Overflow);
         };
@@ -1043,20 +1140,30 @@ impl EndpointPool {
             destroyed.inc();
             drop(slot);
         });
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((sender.clone(), Instant::now()));
         Ok(sender)
     }
 
+    /// The shared HTTP/2 connection, unless it closed or reached
+    /// `max_connection_duration`: an old one is let go (its streams finish,
+    /// then it closes) and the next request opens a new one.
     fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
         let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         match slot.as_ref() {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some((s, opened)) if !s.is_closed() && !self.too_old(*opened) => Some(s.clone()),
             Some(_) => {
                 *slot = None;
                 None
             }
             None => None,
         }
+    }
+
+    /// Whether a connection opened at `opened` reached
+    /// `max_connection_duration`.
+    fn too_old(&self, opened: Instant) -> bool {
+        self.max_connection_duration
+            .is_some_and(|max| opened.elapsed() >= max)
     }
 
     /// Sends a request on the endpoint's shared HTTP/2 connection.
@@ -1169,7 +1276,156 @@ mod tests {
             transport_socket_matches: vec![],
             istio_service: None,
             auto_sni: Default::default(),
+            tcp_keepalive: None,
+            max_connection_duration: None,
+            dns: Default::default(),
         })
+    }
+
+    /// A local HTTP/1.1 server answering 200 and counting its connections.
+    async fn counting_server() -> (SocketAddr, Arc<AtomicU32>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let count = Arc::new(AtomicU32::new(0));
+        let c = count.clone();
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                            bytes::Bytes,
+                        >::new(
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    fn cluster_at(addr: SocketAddr, edit: impl FnOnce(&mut Cluster)) -> Arc<Cluster> {
+        let mut c = Arc::unwrap_or_clone(cluster(&[addr.port()]));
+        if let ClusterKind::Static(eps) = &mut c.kind {
+            for e in eps.iter_mut() {
+                e.address = addr;
+            }
+        }
+        edit(&mut c);
+        Arc::new(c)
+    }
+
+    async fn get(pool: &Arc<EndpointPool>) -> u16 {
+        let req = Request::builder()
+            .uri("/")
+            .header(http::header::HOST, "backend")
+            .body(UpstreamBody::empty())
+            .unwrap_or_else(|e| panic!("request: {e}"));
+        let resp = pool
+            .send_h1(req)
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        let status = resp.status().as_u16();
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+        status
+    }
+
+    #[tokio::test]
+    async fn max_connection_duration_recycles_upstream_connections() {
+        let (addr, count) = counting_server().await;
+        let stats = Stats::default();
+        for (max, want) in [(None, 1), (Some(Duration::from_millis(100)), 2)] {
+            count.store(0, Ordering::SeqCst);
+            let cfg = cluster_at(addr, |c| c.max_connection_duration = max);
+            let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+            let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+            assert_eq!(get(&pool).await, 200);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert_eq!(get(&pool).await, 200);
+            assert_eq!(
+                count.load(Ordering::SeqCst),
+                want,
+                "max_connection_duration {max:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_tcp_keepalive_is_set() {
+        let (addr, _) = counting_server().await;
+        let stats = Stats::default();
+        let cfg = cluster_at(addr, |c| {
+            c.tcp_keepalive = Some(ferry_model::cluster::TcpKeepalive {
+                probes: Some(3),
+                time: Some(Duration::from_secs(42)),
+                interval: Some(Duration::from_secs(7)),
+            })
+        });
+        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        let io = pool
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let UpstreamIo::Plain(tcp) = io else {
+            panic!("plaintext expected")
+        };
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap_or(false), "SO_KEEPALIVE");
+        assert_eq!(
+            sock.tcp_keepalive_time().ok(),
+            Some(Duration::from_secs(42))
+        );
+        assert_eq!(
+            sock.tcp_keepalive_interval().ok(),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(sock.tcp_keepalive_retries().ok(), Some(3));
+        // Without the option the socket keeps the system's default (off).
+        let plain = ClusterRt::new(cluster_at(addr, |_| {}), &stats, None, &Arc::default());
+        let io = plain
+            .pick(None)
+            .unwrap_or_else(|| panic!("no endpoint"))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let UpstreamIo::Plain(tcp) = io else {
+            panic!("plaintext expected")
+        };
+        assert!(!socket2::SockRef::from(&tcp).keepalive().unwrap_or(true));
+    }
+
+    #[test]
+    fn per_host_max_connections_caps_each_endpoint() {
+        let stats = Stats::default();
+        let cfg = {
+            let mut c = Arc::unwrap_or_clone(cluster(&[1, 2]));
+            c.circuit_breakers.per_host_max_connections = Some(1);
+            Arc::new(c)
+        };
+        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+        let hosts = rt.balancer.load_full();
+        let (a, b) = (&hosts.hosts()[0], &hosts.hosts()[1]);
+        let breakers = &rt.shared.breakers;
+        let first = breakers.connection(a.host_connections.as_ref());
+        assert!(first.is_some());
+        assert!(
+            breakers.connection(a.host_connections.as_ref()).is_none(),
+            "the endpoint's one connection is taken"
+        );
+        assert!(
+            breakers.connection(b.host_connections.as_ref()).is_some(),
+            "another endpoint still connects"
+        );
+        drop(first);
+        assert!(breakers.connection(a.host_connections.as_ref()).is_some());
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub trait LbHost {
     fn latency_cost(&self) -> f64 {
         0.0
     }
+    /// How long the host has been in the cluster (slow start); `None`: as
+    /// long as can matter.
+    fn age(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// An endpoint's place in the cluster.
@@ -57,11 +62,6 @@ impl Default for HostMeta {
     }
 }
 
-/// Below this share of available endpoints (Envoy's `healthy_panic_threshold`
-/// default, 50 %) the balancer ignores availability: overloading the few left
-/// would be worse than trying every endpoint.
-const PANIC_THRESHOLD: u64 = 50;
-
 /// Longest weighted round-robin sequence; larger weight sums are scaled down.
 const MAX_SEQUENCE: u64 = 4096;
 
@@ -87,6 +87,8 @@ struct Level {
 struct Group {
     locality_weight: u32,
     members: Vec<usize>,
+    /// The configured weight of each member (same order).
+    weights: Vec<u64>,
     /// Host indexes interleaved by weight (smooth weighted round robin), so
     /// that a plain counter walks them in proportion and without bursts.
     sequence: Vec<usize>,
@@ -202,6 +204,9 @@ impl<H: LbHost> Balancer<H> {
             }
             LbPolicy::RoundRobin | LbPolicy::ClusterProvided => {
                 let g = self.choose_group(level, &ok)?;
+                if let Some(i) = self.slow_start_pick(g, &ok) {
+                    return self.hosts.get(i);
+                }
                 let n = g.sequence.len();
                 let start = g.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)
@@ -232,12 +237,18 @@ impl<H: LbHost> Balancer<H> {
             })
             .collect();
         let sum: u64 = health.iter().sum::<u64>().min(100);
-        if sum < PANIC_THRESHOLD {
+        // Below `healthy_panic_threshold` (Envoy's default 50 %) the balancer
+        // ignores availability: overloading the few left would be worse than
+        // trying every endpoint. A threshold of 0 turns panic mode off.
+        if (sum as f64) < self.cfg.healthy_panic_threshold {
             return self
                 .levels
                 .iter()
                 .find(|l| !l.members.is_empty())
                 .map(|l| (l, true));
+        }
+        if sum == 0 {
+            return None;
         }
         // Scale the loads up when the levels together offer less than 100 %.
         let roll = hash.map_or_else(|| rand::random_range(0..sum), |h| h % sum);
@@ -289,22 +300,88 @@ impl<H: LbHost> Balancer<H> {
         }
         let mut best: Option<(f64, usize)> = None;
         for _ in 0..self.cfg.choice_count.max(2) {
-            let start = rand::random_range(0..n);
-            let i = (0..n)
-                .filter_map(|k| g.sequence.get((start + k) % n).copied())
-                .find(|i| ok(*i))?;
+            // Hosts are sampled in proportion to their weights, scaled by
+            // their slow-start factor while some host ramps up.
+            let i = match self.slow_start_pick(g, ok) {
+                Some(i) => i,
+                None => {
+                    let start = rand::random_range(0..n);
+                    (0..n)
+                        .filter_map(|k| g.sequence.get((start + k) % n).copied())
+                        .find(|i| ok(*i))?
+                }
+            };
             let Some(h) = self.hosts.get(i) else { continue };
-            let weight = g.weight_of(i).max(1) as f64;
+            let weight = g.weight_of(i).max(1) as f64 * self.slow_start_factor(h);
             let load = if self.cfg.peak_ewma {
                 h.latency_cost().max(1.0) * (h.active() + 1) as f64
             } else {
-                h.active() as f64 / weight
+                // Envoy weighs a host by weight / active^bias.
+                let active = h.active() as f64;
+                let bias = self.cfg.active_request_bias;
+                let active = if bias == 1.0 {
+                    active
+                } else {
+                    active.powf(bias)
+                };
+                active / weight
             };
             if best.is_none_or(|(b, _)| load < b) {
                 best = Some((load, i));
             }
         }
         best.map(|(_, i)| i)
+    }
+}
+
+impl<H: LbHost> Balancer<H> {
+    /// A host's slow-start factor (1.0 outside the window, or without slow
+    /// start).
+    fn slow_start_factor(&self, h: &H) -> f64 {
+        match (&self.cfg.slow_start, h.age()) {
+            (Some(s), Some(age)) => s.factor(age),
+            _ => 1.0,
+        }
+    }
+
+    /// Round robin while some host is in its slow-start window: a pick in
+    /// proportion to each host's weight scaled by its factor, as Envoy's
+    /// EDF scheduler gives them; `None` when no host is in the window (the
+    /// plain sequence applies).
+    fn slow_start_pick(&self, g: &Group, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+        self.cfg.slow_start.as_ref()?;
+        let factors: Vec<f64> = g
+            .members
+            .iter()
+            .map(|i| {
+                self.hosts
+                    .get(*i)
+                    .map_or(1.0, |h| self.slow_start_factor(h))
+            })
+            .collect();
+        if factors.iter().all(|f| *f >= 1.0) {
+            return None;
+        }
+        let eff: Vec<(usize, f64)> = g
+            .members
+            .iter()
+            .zip(&g.weights)
+            .zip(&factors)
+            .filter(|((i, _), _)| ok(**i))
+            .map(|((i, w), f)| (*i, *w as f64 * f))
+            .collect();
+        let total: f64 = eff.iter().map(|(_, w)| w).sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut roll = rand::random::<f64>() * total;
+        for (i, w) in &eff {
+            if roll < *w {
+                return Some(*i);
+            }
+            roll -= w;
+        }
+        eff.last().map(|(i, _)| *i)
     }
 }
 
@@ -317,6 +394,7 @@ impl Group {
         Self {
             sequence: smooth_sequence(&members, &weights),
             members,
+            weights,
             locality_weight,
             next: AtomicUsize::new(0),
         }
@@ -627,6 +705,7 @@ mod tests {
         up: Arc<AtomicBool>,
         active: Arc<AtomicU64>,
         cost: f64,
+        age: Option<std::time::Duration>,
     }
 
     impl LbHost for TestHost {
@@ -642,6 +721,9 @@ mod tests {
         fn latency_cost(&self) -> f64 {
             self.cost
         }
+        fn age(&self) -> Option<std::time::Duration> {
+            self.age
+        }
     }
 
     fn host(n: usize) -> TestHost {
@@ -650,7 +732,89 @@ mod tests {
             up: Arc::new(AtomicBool::new(true)),
             active: Arc::new(AtomicU64::new(0)),
             cost: 0.0,
+            age: None,
         }
+    }
+
+    #[test]
+    fn slow_start_ramps_a_new_host_up() {
+        use ferry_model::cluster::SlowStart;
+        let window = std::time::Duration::from_secs(10);
+        let ramp = SlowStart {
+            window,
+            aggression: 1.0,
+            min_weight: 0.1,
+        };
+        // Envoy's factor: max(min_weight, (age / window)^(1 / aggression)).
+        assert_eq!(ramp.factor(window), 1.0);
+        assert!((ramp.factor(window / 4) - 0.25).abs() < 1e-9);
+        assert!((ramp.factor(std::time::Duration::ZERO) - 0.1).abs() < 1e-9);
+        let steep = SlowStart {
+            aggression: 2.0,
+            ..ramp
+        };
+        assert!((steep.factor(window / 4) - 0.5).abs() < 1e-9);
+        for policy in [LbPolicy::RoundRobin, LbPolicy::LeastRequest] {
+            let old = host(1);
+            let mut young = host(2);
+            // A quarter into its window: a quarter of its weight.
+            young.age = Some(window / 4);
+            let hs = vec![(old, meta(1, 0)), (young, meta(1, 0))];
+            let cfg = LbConfig {
+                slow_start: Some(ramp),
+                ..LbConfig::default()
+            };
+            let b = Balancer::new(policy, &cfg, hs.clone());
+            let n = 20_000;
+            let c = counts(&b, n, |_| None);
+            let share = c.get("10.0.0.2:80").copied().unwrap_or(0) as f64 / n as f64;
+            if policy == LbPolicy::RoundRobin {
+                // 0.25 / 1.25 of the picks, within a generous bound.
+                assert!((share - 0.2).abs() < 0.03, "{policy:?}: {share}");
+            } else {
+                // Least request with no load: hosts are sampled by their
+                // scaled weights, so the same 0.25 / 1.25.
+                assert!((share - 0.2).abs() < 0.03, "{policy:?}: {share}");
+            }
+            // Without slow start the two share evenly.
+            let plain = Balancer::new(policy, &LbConfig::default(), hs);
+            let c = counts(&plain, n, |_| None);
+            let share = c.get("10.0.0.2:80").copied().unwrap_or(0) as f64 / n as f64;
+            assert!((share - 0.5).abs() < 0.05, "{policy:?} plain: {share}");
+        }
+    }
+
+    #[test]
+    fn healthy_panic_threshold_is_configurable() {
+        let hs: Vec<_> = (1..=4).map(|n| (host(n), meta(1, 0))).collect();
+        // One of four available: 25 % × 1.4 = 35 %, below the default 50 %.
+        for h in &hs[1..] {
+            h.0.up.store(false, Ordering::Relaxed);
+        }
+        let panicking = balancer(LbPolicy::RoundRobin, &hs);
+        let c = counts(&panicking, 400, |_| None);
+        assert_eq!(c.len(), 4, "panic mode uses every host: {c:?}");
+        let cfg = LbConfig {
+            healthy_panic_threshold: 30.0,
+            ..LbConfig::default()
+        };
+        let calm = Balancer::new(LbPolicy::RoundRobin, &cfg, hs.clone());
+        let c = counts(&calm, 400, |_| None);
+        assert_eq!(
+            c.len(),
+            1,
+            "above a 30 % threshold: the healthy host only: {c:?}"
+        );
+        // 0 disables panic mode: with no host available nothing is picked.
+        hs[0].0.up.store(false, Ordering::Relaxed);
+        let off = LbConfig {
+            healthy_panic_threshold: 0.0,
+            ..LbConfig::default()
+        };
+        let none = Balancer::new(LbPolicy::RoundRobin, &off, hs.clone());
+        assert!(none.pick(None).is_none());
+        let default = balancer(LbPolicy::RoundRobin, &hs);
+        assert!(default.pick(None).is_some(), "the default panics instead");
     }
 
     fn meta(weight: u32, priority: u32) -> HostMeta {

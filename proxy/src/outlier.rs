@@ -45,9 +45,15 @@ struct HostState {
     backoff: u32,
     ejected_at: Option<Instant>,
     last_unejected: Option<Instant>,
-    /// Success-rate counters of the current interval.
+    /// Success-rate counters of the current interval: results the
+    /// endpoint answered (and, without the split, local failures)...
     success: u64,
     total: u64,
+    /// ...and, with the split, local-origin results.
+    local_success: u64,
+    local_total: u64,
+    /// The random extra of the current ejection (`max_ejection_time_jitter`).
+    jitter: Duration,
 }
 
 impl HostOutlier {
@@ -72,6 +78,9 @@ struct OutlierStats {
     enforced_gateway: Counter,
     enforced_local: Counter,
     enforced_success_rate: Counter,
+    enforced_local_success_rate: Counter,
+    enforced_failure_percentage: Counter,
+    enforced_local_failure_percentage: Counter,
     overflow: Counter,
 }
 
@@ -88,6 +97,11 @@ impl Detector {
                 enforced_gateway: c("ejections_enforced_consecutive_gateway_failure"),
                 enforced_local: c("ejections_enforced_consecutive_local_origin_failure"),
                 enforced_success_rate: c("ejections_enforced_success_rate"),
+                enforced_local_success_rate: c("ejections_enforced_local_origin_success_rate"),
+                enforced_failure_percentage: c("ejections_enforced_failure_percentage"),
+                enforced_local_failure_percentage: c(
+                    "ejections_enforced_local_origin_failure_percentage",
+                ),
                 overflow: c("ejections_overflow"),
             },
         })
@@ -160,12 +174,17 @@ impl Detector {
                     }
                 }
                 Outcome::LocalFailure => {
+                    s.local_total += 1;
                     s.consecutive_local += 1;
                     if s.consecutive_local == self.cfg.consecutive_local_origin_failure {
                         reason = Some(Reason::LocalOrigin);
                     }
                 }
-                Outcome::LocalSuccess | Outcome::LocalSuccessFinal => s.consecutive_local = 0,
+                Outcome::LocalSuccess | Outcome::LocalSuccessFinal => {
+                    s.local_total += 1;
+                    s.local_success += 1;
+                    s.consecutive_local = 0;
+                }
             }
         }
         if let Some(r) = reason {
@@ -174,6 +193,11 @@ impl Detector {
                 Reason::Gateway => self.cfg.enforcing_consecutive_gateway_failure,
                 Reason::LocalOrigin => self.cfg.enforcing_consecutive_local_origin_failure,
                 Reason::SuccessRate => self.cfg.enforcing_success_rate,
+                Reason::LocalSuccessRate => self.cfg.enforcing_local_origin_success_rate,
+                Reason::FailurePercentage => self.cfg.enforcing_failure_percentage,
+                Reason::LocalFailurePercentage => {
+                    self.cfg.enforcing_failure_percentage_local_origin
+                }
             };
             if enforcing > 0 && (enforcing >= 100 || rand::random_range(0..100) < enforcing) {
                 self.eject(host, r, Instant::now());
@@ -188,8 +212,11 @@ impl Detector {
         // Envoy: ejecting this host must keep the ejected share within
         // max_ejection_percent.
         let total = self.host_count().max(1);
-        let after = self.ejected.load(Ordering::Relaxed) + 1;
-        if after * 100 > total * self.cfg.max_ejection_percent as usize {
+        let ejected = self.ejected.load(Ordering::Relaxed);
+        let after = ejected + 1;
+        // `always_eject_one_host`: the first ejection is always allowed.
+        let first = self.cfg.always_eject_one_host && ejected == 0;
+        if !first && after * 100 > total * self.cfg.max_ejection_percent as usize {
             self.stats.overflow.inc();
             return;
         }
@@ -199,6 +226,13 @@ impl Detector {
             s.backoff += 1;
         }
         s.ejected_at = Some(now);
+        s.jitter = if self.cfg.max_ejection_time_jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            self.cfg
+                .max_ejection_time_jitter
+                .mul_f64(rand::random::<f64>())
+        };
         s.consecutive_5xx = 0;
         s.consecutive_gateway = 0;
         s.consecutive_local = 0;
@@ -210,6 +244,9 @@ impl Detector {
             Reason::Gateway => self.stats.enforced_gateway.inc(),
             Reason::LocalOrigin => self.stats.enforced_local.inc(),
             Reason::SuccessRate => self.stats.enforced_success_rate.inc(),
+            Reason::LocalSuccessRate => self.stats.enforced_local_success_rate.inc(),
+            Reason::FailurePercentage => self.stats.enforced_failure_percentage.inc(),
+            Reason::LocalFailurePercentage => self.stats.enforced_local_failure_percentage.inc(),
         }
         tracing::info!(outlier.reason = ?reason, outlier.ejections = s.backoff, "endpoint ejected");
     }
@@ -222,11 +259,12 @@ impl Detector {
             hs.iter().filter_map(Weak::upgrade).collect()
         };
         let base = self.cfg.base_ejection_time;
-        let mut rates = Vec::new();
+        let mut external = Vec::new();
+        let mut local = Vec::new();
         for h in &hosts {
             let mut s = h.state.lock().unwrap_or_else(|p| p.into_inner());
             if h.ejected() {
-                let time = (base * s.backoff).min(self.cfg.max_ejection_time);
+                let time = (base * s.backoff).min(self.cfg.max_ejection_time) + s.jitter;
                 if s.ejected_at
                     .is_some_and(|at| now.duration_since(at) >= time)
                 {
@@ -243,26 +281,84 @@ impl Detector {
                 s.backoff -= 1;
                 s.last_unejected = Some(now);
             }
-            if !h.ejected() && s.total >= u64::from(self.cfg.success_rate_request_volume) {
-                rates.push((h.clone(), s.success as f64 * 100.0 / s.total as f64));
+            if !h.ejected() {
+                external.push((h.clone(), s.success, s.total));
+                local.push((h.clone(), s.local_success, s.local_total));
             }
             s.success = 0;
             s.total = 0;
+            s.local_success = 0;
+            s.local_total = 0;
         }
-        if rates.len() >= self.cfg.success_rate_minimum_hosts as usize && !rates.is_empty() {
+        self.judge(
+            &external,
+            Reason::SuccessRate,
+            Reason::FailurePercentage,
+            now,
+        );
+        // Local-origin results are judged apart only with the split.
+        if self.cfg.split_external_local_origin_errors {
+            self.judge(
+                &local,
+                Reason::LocalSuccessRate,
+                Reason::LocalFailurePercentage,
+                now,
+            );
+        }
+    }
+
+    /// Envoy's success-rate (mean - stdev × factor) and failure-percentage
+    /// ejections over one kind of results (`success`, `total` per host).
+    fn judge(
+        &self,
+        results: &[(Arc<HostOutlier>, u64, u64)],
+        success_rate: Reason,
+        failure_percentage: Reason,
+        now: Instant,
+    ) {
+        let cfg = &self.cfg;
+        let rate = |success: u64, total: u64| success as f64 * 100.0 / total as f64;
+        let rates: Vec<(&Arc<HostOutlier>, f64)> = results
+            .iter()
+            .filter(|(_, _, total)| *total >= u64::from(cfg.success_rate_request_volume))
+            .map(|(h, s, t)| (h, rate(*s, *t)))
+            .collect();
+        if !rates.is_empty() && rates.len() >= cfg.success_rate_minimum_hosts as usize {
             let n = rates.len() as f64;
             let mean = rates.iter().map(|r| r.1).sum::<f64>() / n;
             let var = rates.iter().map(|r| (r.1 - mean).powi(2)).sum::<f64>() / n;
-            let threshold =
-                mean - var.sqrt() * f64::from(self.cfg.success_rate_stdev_factor) / 1000.0;
-            for (h, rate) in rates {
-                if rate < threshold {
-                    let e = self.cfg.enforcing_success_rate;
-                    if e >= 100 || rand::random_range(0..100) < e {
-                        self.eject(&h, Reason::SuccessRate, now);
-                    }
+            let threshold = mean - var.sqrt() * f64::from(cfg.success_rate_stdev_factor) / 1000.0;
+            for (h, r) in &rates {
+                if *r < threshold {
+                    self.enforce(h, success_rate, now);
                 }
             }
+        }
+        let volumes: Vec<(&Arc<HostOutlier>, f64)> = results
+            .iter()
+            .filter(|(_, _, total)| *total >= u64::from(cfg.failure_percentage_request_volume))
+            .map(|(h, s, t)| (h, rate(*s, *t)))
+            .collect();
+        if !volumes.is_empty() && volumes.len() >= cfg.failure_percentage_minimum_hosts as usize {
+            for (h, r) in &volumes {
+                if 100.0 - r >= f64::from(cfg.failure_percentage_threshold) {
+                    self.enforce(h, failure_percentage, now);
+                }
+            }
+        }
+    }
+
+    /// Ejects `host` for `reason` with the reason's enforcing percentage.
+    fn enforce(&self, host: &HostOutlier, reason: Reason, now: Instant) {
+        let e = match reason {
+            Reason::SuccessRate => self.cfg.enforcing_success_rate,
+            Reason::LocalSuccessRate => self.cfg.enforcing_local_origin_success_rate,
+            Reason::FailurePercentage => self.cfg.enforcing_failure_percentage,
+            Reason::LocalFailurePercentage => self.cfg.enforcing_failure_percentage_local_origin,
+            _ => 100,
+        };
+        if e > 0 && (e >= 100 || rand::random_range(0..100) < e) {
+            self.eject(host, reason, now);
         }
     }
 }
@@ -273,6 +369,9 @@ enum Reason {
     Gateway,
     LocalOrigin,
     SuccessRate,
+    LocalSuccessRate,
+    FailurePercentage,
+    LocalFailurePercentage,
 }
 
 #[cfg(test)]
@@ -415,5 +514,116 @@ mod tests {
         d.tick(Instant::now());
         assert!(hs[4].ejected());
         assert!(hs.iter().take(4).all(|h| !h.ejected()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failure_percentage_ejects_past_the_threshold() {
+        let fp = OutlierDetection {
+            consecutive_5xx: 1000,
+            enforcing_success_rate: 0,
+            enforcing_failure_percentage: 100,
+            failure_percentage_threshold: 60,
+            failure_percentage_minimum_hosts: 2,
+            failure_percentage_request_volume: 20,
+            max_ejection_percent: 100,
+            ..cfg()
+        };
+        let (d, hs) = detector(fp.clone(), 3);
+        // 70 % failures, 50 %, and too few requests to count (with 90 %).
+        for (i, (fails, total)) in [(14, 20), (10, 20), (9, 10)].into_iter().enumerate() {
+            for k in 0..total {
+                d.report(&hs[i], Outcome::Status(if k < fails { 503 } else { 200 }));
+            }
+        }
+        d.tick(Instant::now());
+        assert!(hs[0].ejected(), "70 % failures is past 60 %");
+        assert!(!hs[1].ejected() && !hs[2].ejected());
+        // Off by default (enforcing_failure_percentage 0).
+        let (d, hs) = detector(
+            OutlierDetection {
+                enforcing_failure_percentage: 0,
+                ..fp
+            },
+            3,
+        );
+        for _ in 0..20 {
+            d.report(&hs[0], Outcome::Status(503));
+            d.report(&hs[1], Outcome::Status(200));
+        }
+        d.tick(Instant::now());
+        assert!(!hs[0].ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn local_origin_success_rate_needs_the_split() {
+        let sr = OutlierDetection {
+            consecutive_5xx: 1000,
+            consecutive_local_origin_failure: 1000,
+            success_rate_minimum_hosts: 3,
+            success_rate_request_volume: 10,
+            split_external_local_origin_errors: true,
+            max_ejection_percent: 100,
+            ..cfg()
+        };
+        let (d, hs) = detector(sr.clone(), 5);
+        for (i, h) in hs.iter().enumerate() {
+            for k in 0..100 {
+                let fail = i == 4 && k % 2 == 0;
+                d.report(
+                    h,
+                    if fail {
+                        Outcome::LocalFailure
+                    } else {
+                        Outcome::LocalSuccess
+                    },
+                );
+            }
+        }
+        d.tick(Instant::now());
+        assert!(hs[4].ejected(), "local-origin success rate");
+        assert!(hs.iter().take(4).all(|h| !h.ejected()));
+        let (d, hs) = detector(
+            OutlierDetection {
+                enforcing_local_origin_success_rate: 0,
+                ..sr
+            },
+            5,
+        );
+        for h in &hs {
+            for k in 0..100 {
+                let fail = std::ptr::eq(h.as_ref(), hs[4].as_ref()) && k % 2 == 0;
+                d.report(
+                    h,
+                    if fail {
+                        Outcome::LocalFailure
+                    } else {
+                        Outcome::LocalSuccess
+                    },
+                );
+            }
+        }
+        d.tick(Instant::now());
+        assert!(!hs[4].ejected(), "not enforced");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn always_eject_one_host_and_jitter() {
+        let one = OutlierDetection {
+            consecutive_5xx: 1,
+            max_ejection_percent: 10,
+            always_eject_one_host: true,
+            max_ejection_time_jitter: Duration::from_secs(5),
+            ..cfg()
+        };
+        let (d, hs) = detector(one, 3);
+        d.report(&hs[0], Outcome::Status(503));
+        assert!(hs[0].ejected(), "one host despite max_ejection_percent 10");
+        d.report(&hs[1], Outcome::Status(503));
+        assert!(!hs[1].ejected(), "only one");
+        // Base 10 s plus up to 5 s of jitter: out within 15 s, not before 10.
+        d.tick(Instant::now() + Duration::from_secs(9));
+        assert!(hs[0].ejected());
+        d.tick(Instant::now() + Duration::from_secs(16));
+        assert!(!hs[0].ejected());
     }
 }

@@ -30,6 +30,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 use prost::Message;
 
+mod circuit_breakers;
 mod cluster;
 mod core_types;
 mod cors;
@@ -39,14 +40,17 @@ mod fault;
 mod header_mutation;
 mod istio;
 mod jwt_authn;
+mod lb_config;
 mod listener;
 mod local_ratelimit;
 mod matcher;
+mod outlier_detection;
 mod per_filter;
 mod rbac;
 mod retry;
 mod route;
 mod tls;
+mod upstream_protocol;
 
 pub use cluster::cluster;
 pub use endpoint::cluster_load_assignment;

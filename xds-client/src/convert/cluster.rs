@@ -1,77 +1,336 @@
-//! `envoy.config.cluster.v3.Cluster`: discovery type, upstream TLS,
-//! protocol options, load-balancer settings, outlier detection and
-//! circuit breakers.
+//! `envoy.config.cluster.v3.Cluster`: discovery type, DNS settings, upstream
+//! TLS and transport socket matches, connection options, upstream network
+//! filters and the rest of the cluster's own fields. Its parts live beside
+//! it: `lb_config` (policies, common and slow start settings),
+//! `outlier_detection`, `circuit_breakers` and `upstream_protocol`
+//! (HTTP protocol options).
 
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3 as cluster_pb;
 use envoy_types::pb::envoy::config::core::v3 as core_pb;
-use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http_pb;
 use ferry_model as m;
 
+use super::circuit_breakers::circuit_breakers;
 use super::core_types::value_string;
-use super::endpoint::{dns_endpoints, endpoints};
+use super::coverage::{fields, path};
+use super::endpoint::{dns_endpoints, endpoints, overprovisioning_factor};
 use super::istio::ISTIO_TOLERATED;
+use super::lb_config::lb_config;
+use super::outlier_detection::outlier_detection;
 use super::tls::upstream_tls;
-use super::{ConvertError, Ctx, Typed, Warnings, duration, timeout_or};
+use super::upstream_protocol::{ProtocolOptions, protocol_options};
+use super::{ConvertError, Ctx, Typed, Warnings, duration};
 
-#[allow(deprecated)] // Cluster-level protocol options are deprecated but still sent.
+fields!(pub(super) static CLUSTER = "envoy.config.cluster.v3.Cluster" {
+    "name": applied,
+    "type": applied "STATIC (none: BlackHole), STRICT_DNS, LOGICAL_DNS (resolved as STRICT_DNS), EDS, ORIGINAL_DST",
+    "cluster_type": refused "custom cluster types are not supported",
+    "eds_cluster_config": applied,
+    "connect_timeout": applied,
+    "per_connection_buffer_limit_bytes": warned "upstream reads are bounded by the HTTP codec's own buffers",
+    "per_connection_buffer_high_watermark_timeout": warned "upstream reads are bounded by the HTTP codec's own buffers",
+    "lb_policy": applied "ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV, CLUSTER_PROVIDED",
+    "load_balancing_policy": refused "typed load balancing policies are not supported (use lb_policy)",
+    "health_checks": refused "active health checking is not supported",
+    "max_requests_per_connection": applied,
+    "circuit_breakers": applied,
+    "http_protocol_options": applied "see Http1ProtocolOptions (upstream)",
+    "http2_protocol_options": applied "HTTP/2 upstream; see Http2ProtocolOptions (upstream)",
+    "common_http_protocol_options": applied "see HttpProtocolOptions (upstream)",
+    "upstream_http_protocol_options": applied,
+    "protocol_selection": applied "USE_DOWNSTREAM_PROTOCOL speaks the downstream's version",
+    "typed_extension_protocol_options": applied "envoy.extensions.upstreams.http.v3.HttpProtocolOptions (others refused)",
+    "dns_refresh_rate": applied,
+    "dns_lookup_family": applied,
+    "dns_resolvers": refused "custom DNS resolvers are not supported (the system's resolver is used)",
+    "dns_resolution_config": refused "custom DNS resolvers are not supported (the system's resolver is used)",
+    "typed_dns_resolver_config": refused "custom DNS resolvers are not supported (the system's resolver is used)",
+    "use_tcp_for_dns_lookups": warned "the system's resolver decides its transport",
+    "respect_dns_ttl": warned "the system's resolver gives no TTL; dns_refresh_rate applies",
+    "dns_failure_refresh_rate": warned "a failed resolution is retried at dns_refresh_rate",
+    "dns_jitter": warned "resolutions are not jittered",
+    "outlier_detection": applied,
+    "cleanup_interval": warned "unused hosts are dropped with each endpoint update",
+    "upstream_bind_config": applied,
+    "lb_subset_config": refused "subset load balancing (subset_selectors) is not supported",
+    "ring_hash_lb_config": applied,
+    "maglev_lb_config": applied,
+    "original_dst_lb_config": applied,
+    "least_request_lb_config": applied,
+    "round_robin_lb_config": applied,
+    "common_lb_config": applied,
+    "transport_socket": applied,
+    "transport_socket_matches": applied,
+    "transport_socket_matcher": refused "matcher-based transport socket selection is not supported (use transport_socket_matches)",
+    "metadata": applied "istio.services (metrics) and ferry.lb; other metadata is read only by extensions Ferry does not run",
+    "alt_stat_name": warned "statistics are named after the cluster",
+    "upstream_connection_options": applied,
+    "close_connections_on_host_health_failure": inert "only active health checks, which are refused, fail hosts",
+    "ignore_health_on_host_removal": inert "only active health checks, which are refused, keep removed hosts",
+    "load_assignment": applied,
+    "filters": applied "Istio's metadata exchange and Wasm filters skipped with a warning; others refused",
+    "lrs_server": refused "load reporting (LRS) is not supported",
+    "lrs_report_endpoint_metrics": inert "read only with load reporting, which is refused",
+    "track_timeout_budgets": warned "timeout budget histograms are not kept",
+    "track_cluster_stats": warned "the extra cluster statistics are not kept",
+    "upstream_config": refused "custom upstreams are not supported",
+    "preconnect_policy": warned "connections are opened on demand",
+    "connection_pool_per_downstream_connection": refused "connection pools per downstream connection are not supported",
+    "wait_for_warm_on_init": warned "clusters always warm until their endpoints and secrets arrive",
+    "stats_matcher": warned "every cluster statistic is kept",
+    "queuing_policies": refused "queuing policies are not supported",
+});
+
+fields!(pub(super) static EDS_CLUSTER_CONFIG = "envoy.config.cluster.v3.Cluster.EdsClusterConfig" {
+    "eds_config": applied "ADS (the only config source)",
+    "service_name": applied,
+});
+
+fields!(pub(super) static TRANSPORT_SOCKET_MATCH = "envoy.config.cluster.v3.Cluster.TransportSocketMatch" {
+    "name": inert "names the match in statistics only",
+    "match": applied,
+    "transport_socket": applied,
+});
+
+fields!(pub(super) static UPSTREAM_CONNECTION_OPTIONS = "envoy.config.cluster.v3.UpstreamConnectionOptions" {
+    "tcp_keepalive": applied,
+    "set_local_interface_name_on_upstream_connections": warned "the interface name is not recorded",
+    "happy_eyeballs_config": warned "addresses are tried one at a time",
+});
+
+fields!(pub(super) static TCP_KEEPALIVE = "envoy.config.core.v3.TcpKeepalive" {
+    "keepalive_probes": applied,
+    "keepalive_time": applied,
+    "keepalive_interval": applied,
+});
+
+fields!(pub(super) static BIND_CONFIG = "envoy.config.core.v3.BindConfig" ("upstream_bind_config") {
+    "source_address": applied "its address (a port refused)",
+    "freebind": refused "IP_FREEBIND on upstream sockets is not supported",
+    "socket_options": refused "upstream socket options are not supported",
+    "additional_source_addresses": refused "several source addresses are not supported",
+    "extra_source_addresses": refused "several source addresses are not supported",
+    "local_address_selector": refused "local address selectors are not supported",
+    "validate_network_namespaces": inert "network namespaces of source addresses are not supported (refused with them)",
+});
+
+fields!(pub(super) static CLUSTER_FILTER = "envoy.config.cluster.v3.Filter" {
+    "name": applied,
+    "typed_config": applied,
+    "config_discovery": refused "filter discovery (ECDS) is not supported",
+});
+
+#[allow(deprecated)] // Cluster-level protocol and DNS options are deprecated but still sent.
 pub fn cluster(
     c: &cluster_pb::Cluster,
     warnings: &mut Warnings,
 ) -> Result<m::Cluster, ConvertError> {
-    use cluster_pb::cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy};
+    use cluster_pb::cluster::{
+        ClusterDiscoveryType, ClusterProtocolSelection, DiscoveryType, DnsLookupFamily, LbPolicy,
+    };
     let mut ctx = Ctx {
         resource: format!("cluster {:?}", c.name),
         warnings,
         inbound: false,
     };
-    if c.name.is_empty() {
+    let cov = &CLUSTER;
+    let cluster_pb::Cluster {
+        name,
+        alt_stat_name,
+        eds_cluster_config,
+        connect_timeout,
+        per_connection_buffer_limit_bytes,
+        lb_policy,
+        load_assignment,
+        health_checks,
+        max_requests_per_connection,
+        circuit_breakers: cb,
+        upstream_http_protocol_options,
+        common_http_protocol_options,
+        http_protocol_options,
+        http2_protocol_options,
+        typed_extension_protocol_options,
+        dns_refresh_rate,
+        dns_jitter,
+        dns_failure_refresh_rate,
+        respect_dns_ttl,
+        dns_lookup_family,
+        dns_resolvers,
+        use_tcp_for_dns_lookups,
+        dns_resolution_config,
+        typed_dns_resolver_config,
+        wait_for_warm_on_init,
+        outlier_detection: od,
+        cleanup_interval,
+        upstream_bind_config,
+        lb_subset_config,
+        common_lb_config,
+        transport_socket,
+        metadata,
+        protocol_selection,
+        upstream_connection_options,
+        close_connections_on_host_health_failure,
+        ignore_health_on_host_removal,
+        filters,
+        load_balancing_policy,
+        lrs_server,
+        lrs_report_endpoint_metrics,
+        track_timeout_budgets,
+        upstream_config,
+        track_cluster_stats,
+        preconnect_policy,
+        connection_pool_per_downstream_connection,
+        transport_socket_matches,
+        transport_socket_matcher,
+        per_connection_buffer_high_watermark_timeout,
+        stats_matcher,
+        queuing_policies,
+        cluster_discovery_type,
+        lb_config: lb_specific,
+    } = c;
+    // Only active health checks or load reporting read these: both refused.
+    let _ = (
+        close_connections_on_host_health_failure,
+        ignore_health_on_host_removal,
+        lrs_report_endpoint_metrics,
+    );
+    if name.is_empty() {
         return Err(ctx.err("name", "a cluster needs a name"));
     }
-    let discovery = match &c.cluster_discovery_type {
+    ctx.refuse(
+        cov,
+        "",
+        "load_balancing_policy",
+        load_balancing_policy.is_some(),
+    )?;
+    ctx.refuse(cov, "", "health_checks", !health_checks.is_empty())?;
+    ctx.refuse(cov, "", "dns_resolvers", !dns_resolvers.is_empty())?;
+    ctx.refuse(
+        cov,
+        "",
+        "dns_resolution_config",
+        dns_resolution_config.is_some(),
+    )?;
+    ctx.refuse(
+        cov,
+        "",
+        "typed_dns_resolver_config",
+        typed_dns_resolver_config.is_some(),
+    )?;
+    ctx.refuse(
+        cov,
+        "",
+        "lb_subset_config",
+        lb_subset_config
+            .as_ref()
+            .is_some_and(|s| !s.subset_selectors.is_empty()),
+    )?;
+    ctx.refuse(
+        cov,
+        "",
+        "transport_socket_matcher",
+        transport_socket_matcher.is_some(),
+    )?;
+    ctx.refuse(cov, "", "lrs_server", lrs_server.is_some())?;
+    ctx.refuse(cov, "", "upstream_config", upstream_config.is_some())?;
+    ctx.refuse(
+        cov,
+        "",
+        "connection_pool_per_downstream_connection",
+        *connection_pool_per_downstream_connection,
+    )?;
+    ctx.refuse(cov, "", "queuing_policies", queuing_policies.is_some())?;
+    ctx.knob(cov, "", "alt_stat_name", !alt_stat_name.is_empty());
+    ctx.knob(
+        cov,
+        "",
+        "per_connection_buffer_limit_bytes",
+        per_connection_buffer_limit_bytes.is_some(),
+    );
+    ctx.knob(
+        cov,
+        "",
+        "per_connection_buffer_high_watermark_timeout",
+        per_connection_buffer_high_watermark_timeout.is_some(),
+    );
+    ctx.knob(cov, "", "use_tcp_for_dns_lookups", *use_tcp_for_dns_lookups);
+    ctx.knob(cov, "", "respect_dns_ttl", *respect_dns_ttl);
+    ctx.knob(
+        cov,
+        "",
+        "dns_failure_refresh_rate",
+        dns_failure_refresh_rate.is_some(),
+    );
+    ctx.knob(cov, "", "dns_jitter", dns_jitter.is_some());
+    ctx.knob(cov, "", "cleanup_interval", cleanup_interval.is_some());
+    ctx.knob(cov, "", "track_timeout_budgets", *track_timeout_budgets);
+    ctx.knob(
+        cov,
+        "",
+        "track_cluster_stats",
+        track_cluster_stats.is_some(),
+    );
+    ctx.knob(cov, "", "preconnect_policy", preconnect_policy.is_some());
+    ctx.knob(
+        cov,
+        "",
+        "wait_for_warm_on_init",
+        wait_for_warm_on_init.as_ref().is_some_and(|v| !v.value),
+    );
+    ctx.knob(cov, "", "stats_matcher", stats_matcher.is_some());
+
+    let discovery = match cluster_discovery_type {
         Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t)
             .map_err(|_| ctx.err("type", format!("unknown discovery type {t}")))?,
         None => DiscoveryType::Static,
-        Some(ClusterDiscoveryType::ClusterType(ct)) => {
-            return Err(ctx.err(
-                "cluster_type",
-                format!("custom cluster type {:?} is not supported", ct.name),
-            ));
+        Some(ClusterDiscoveryType::ClusterType(_)) => {
+            ctx.refuse(cov, "", "cluster_type", true)?;
+            DiscoveryType::Static
         }
     };
     let kind = match discovery {
         DiscoveryType::Static => {
-            let eps = endpoints(&ctx, c.load_assignment.as_ref())?;
+            let eps = endpoints(&mut ctx, "load_assignment", load_assignment.as_ref())?;
             if eps.is_empty() {
                 m::ClusterKind::BlackHole
             } else {
                 m::ClusterKind::Static(eps)
             }
         }
-        DiscoveryType::StrictDns | DiscoveryType::LogicalDns => {
-            m::ClusterKind::StrictDns(dns_endpoints(&ctx, c.load_assignment.as_ref())?)
-        }
+        DiscoveryType::StrictDns | DiscoveryType::LogicalDns => m::ClusterKind::StrictDns(
+            dns_endpoints(&mut ctx, "load_assignment", load_assignment.as_ref())?,
+        ),
         DiscoveryType::OriginalDst => m::ClusterKind::OriginalDst,
         DiscoveryType::Eds => {
-            let service_name = c
-                .eds_cluster_config
-                .as_ref()
-                .map(|e| e.service_name.clone())
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| c.name.clone());
+            let mut service_name = String::new();
+            if let Some(e) = eds_cluster_config {
+                let cluster_pb::cluster::EdsClusterConfig {
+                    eds_config,
+                    service_name: sn,
+                } = e;
+                config_source(&ctx, "eds_cluster_config.eds_config", eds_config.as_ref())?;
+                service_name.clone_from(sn);
+            }
+            if service_name.is_empty() {
+                service_name.clone_from(name);
+            }
             m::ClusterKind::Eds { service_name }
         }
     };
-    let tls = match &c.transport_socket {
+    let tls = match transport_socket {
         Some(ts) => upstream_tls(&mut ctx, "transport_socket", ts)?,
         None => None,
     };
-    let mut transport_socket_matches = Vec::with_capacity(c.transport_socket_matches.len());
-    for (i, tsm) in c.transport_socket_matches.iter().enumerate() {
+    let mut socket_matches = Vec::with_capacity(transport_socket_matches.len());
+    for (i, tsm) in transport_socket_matches.iter().enumerate() {
         let field = format!("transport_socket_matches[{i}]");
-        let criteria = tsm
-            .r#match
+        let cluster_pb::cluster::TransportSocketMatch {
+            name: match_name,
+            r#match,
+            transport_socket,
+        } = tsm;
+        let criteria = r#match
             .as_ref()
             .map(|st| {
                 st.fields
@@ -80,35 +339,50 @@ pub fn cluster(
                     .collect()
             })
             .unwrap_or_default();
-        let tls = match &tsm.transport_socket {
-            Some(ts) => upstream_tls(&mut ctx, &format!("{field}.transport_socket"), ts)?,
+        let tls = match transport_socket {
+            Some(ts) => upstream_tls(&mut ctx, &path(&field, "transport_socket"), ts)?,
             None => None,
         };
-        transport_socket_matches.push(m::cluster::TransportSocketMatch {
-            name: tsm.name.clone(),
+        socket_matches.push(m::cluster::TransportSocketMatch {
+            name: match_name.clone(),
             criteria,
             tls,
         });
     }
-    for (i, f) in c.filters.iter().enumerate() {
-        let type_name = match &f.typed_config {
+    for (i, f) in filters.iter().enumerate() {
+        let ff = format!("filters[{i}]");
+        let cluster_pb::Filter {
+            name: filter_name,
+            typed_config,
+            config_discovery,
+        } = f;
+        ctx.refuse(
+            &CLUSTER_FILTER,
+            &ff,
+            "config_discovery",
+            config_discovery.is_some(),
+        )?;
+        let type_name = match typed_config {
             Some(any) => Typed::from_any(any)
-                .map_err(|e| ctx.err(format!("filters[{i}].typed_config"), e))?
+                .map_err(|e| ctx.err(path(&ff, "typed_config"), e))?
                 .type_name()
                 .to_string(),
             None => String::new(),
         };
         if !ISTIO_TOLERATED.contains(&type_name.as_str()) {
             return Err(ctx.err(
-                format!("filters[{i}]"),
-                format!(
-                    "unsupported upstream network filter {:?} ({type_name})",
-                    f.name
-                ),
+                ff,
+                format!("unsupported upstream network filter {filter_name:?} ({type_name})"),
             ));
         }
+        ctx.warn(
+            &ff,
+            format!(
+                "upstream network filter {filter_name:?} ({type_name}) is recognised but not implemented; skipped"
+            ),
+        );
     }
-    let lb_policy = match LbPolicy::try_from(c.lb_policy) {
+    let policy = match LbPolicy::try_from(*lb_policy) {
         Ok(LbPolicy::RoundRobin) => m::LbPolicy::RoundRobin,
         Ok(LbPolicy::LeastRequest) => m::LbPolicy::LeastRequest,
         Ok(LbPolicy::Random) => m::LbPolicy::Random,
@@ -118,148 +392,224 @@ pub fn cluster(
         _ => {
             return Err(ctx.err(
                 "lb_policy",
-                format!("unsupported lb_policy {}", c.lb_policy),
+                format!("unsupported lb_policy {lb_policy} (LOAD_BALANCING_POLICY_CONFIG is not supported)"),
             ));
         }
     };
-    let mut protocol = if c.http2_protocol_options.is_some() {
-        m::UpstreamProtocol::Http2
-    } else {
-        m::UpstreamProtocol::Http1
+    let mut options = ProtocolOptions {
+        protocol: if http2_protocol_options.is_some() {
+            m::UpstreamProtocol::Http2
+        } else {
+            m::UpstreamProtocol::Http1
+        },
+        ..ProtocolOptions::default()
     };
-    let mut idle_timeout = c
-        .common_http_protocol_options
-        .as_ref()
-        .map(|o| timeout_or(&o.idle_timeout, Some(Duration::from_secs(3600))))
-        .unwrap_or(Some(Duration::from_secs(3600)));
-    let mut max_requests = c.max_requests_per_connection.as_ref().map(|v| v.value);
-    let mut max_concurrent_streams = c
-        .http2_protocol_options
-        .as_ref()
-        .and_then(|o| o.max_concurrent_streams.as_ref())
-        .map(|v| v.value);
-    #[allow(deprecated)]
-    let mut auto_sni = match &c.upstream_http_protocol_options {
-        Some(u) => upstream_http_protocol_options(&ctx, "upstream_http_protocol_options", u)?,
-        None => m::cluster::AutoSni::default(),
-    };
-    for (key, any) in &c.typed_extension_protocol_options {
-        let field = format!("typed_extension_protocol_options[{key:?}]");
-        let typed = Typed::from_any(any).map_err(|e| ctx.err(&field, e))?;
-        if typed.type_name() != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
-            return Err(ctx.err(
-                &field,
-                format!("unsupported protocol options {}", typed.type_name()),
-            ));
-        }
-        let o: upstream_http_pb::HttpProtocolOptions =
-            typed.decode().map_err(|e| ctx.err(&field, e))?;
-        use upstream_http_pb::http_protocol_options::UpstreamProtocolOptions as U;
-        use upstream_http_pb::http_protocol_options::explicit_http_config::ProtocolConfig as P;
-        protocol = match &o.upstream_protocol_options {
-            Some(U::ExplicitHttpConfig(e)) => match &e.protocol_config {
-                Some(P::Http2ProtocolOptions(h2)) => {
-                    if let Some(v) = &h2.max_concurrent_streams {
-                        max_concurrent_streams = Some(v.value);
-                    }
-                    m::UpstreamProtocol::Http2
-                }
-                Some(P::HttpProtocolOptions(_)) | None => m::UpstreamProtocol::Http1,
-                Some(P::Http3ProtocolOptions(_)) => {
-                    return Err(ctx.err(&field, "HTTP/3 upstreams are not supported"));
-                }
-            },
-            Some(U::UseDownstreamProtocolConfig(_)) => m::UpstreamProtocol::UseDownstream,
-            Some(U::AutoConfig(_)) => m::UpstreamProtocol::Http1,
-            None => protocol,
-        };
-        if let Some(u) = &o.upstream_http_protocol_options {
-            auto_sni = upstream_http_protocol_options(
-                &ctx,
-                &format!("{field}.upstream_http_protocol_options"),
-                u,
-            )?;
-        }
-        if let Some(common) = &o.common_http_protocol_options {
-            idle_timeout = timeout_or(&common.idle_timeout, Some(Duration::from_secs(3600)));
-            if let Some(mr) = common.max_requests_per_connection.as_ref().map(|v| v.value) {
-                max_requests = Some(mr);
-            }
-        }
+    // The deprecated cluster-level forms first; the typed extension wins.
+    if let Ok(ClusterProtocolSelection::UseDownstreamProtocol) =
+        ClusterProtocolSelection::try_from(*protocol_selection)
+    {
+        options.protocol = m::UpstreamProtocol::UseDownstream;
     }
-    let bind_source = match &c.upstream_bind_config {
-        Some(b) => {
-            let addr = b.source_address.as_ref().ok_or_else(|| {
-                ctx.err(
-                    "upstream_bind_config.source_address",
-                    "source_address is required",
-                )
-            })?;
-            let ip = addr.address.parse().map_err(|_| {
-                ctx.err(
-                    "upstream_bind_config.source_address.address",
-                    format!("{:?} is not an IP address", addr.address),
-                )
-            })?;
-            Some(ip)
-        }
+    options.max_requests = max_requests_per_connection.as_ref().map(|v| v.value);
+    protocol_options(
+        &mut ctx,
+        &mut options,
+        common_http_protocol_options.as_ref(),
+        http_protocol_options.as_ref(),
+        http2_protocol_options.as_ref(),
+        upstream_http_protocol_options.as_ref(),
+        typed_extension_protocol_options,
+    )?;
+    let bind_source = match upstream_bind_config {
+        Some(b) => Some(bind_config(&ctx, "upstream_bind_config", b)?),
         None => None,
     };
+    let tcp_keepalive = match upstream_connection_options {
+        None => None,
+        Some(o) => {
+            let cluster_pb::UpstreamConnectionOptions {
+                tcp_keepalive,
+                set_local_interface_name_on_upstream_connections,
+                happy_eyeballs_config,
+            } = o;
+            let f = "upstream_connection_options";
+            ctx.knob(
+                &UPSTREAM_CONNECTION_OPTIONS,
+                f,
+                "set_local_interface_name_on_upstream_connections",
+                *set_local_interface_name_on_upstream_connections,
+            );
+            ctx.knob(
+                &UPSTREAM_CONNECTION_OPTIONS,
+                f,
+                "happy_eyeballs_config",
+                happy_eyeballs_config.is_some(),
+            );
+            tcp_keepalive.as_ref().map(|k| {
+                let core_pb::TcpKeepalive {
+                    keepalive_probes,
+                    keepalive_time,
+                    keepalive_interval,
+                } = k;
+                m::cluster::TcpKeepalive {
+                    probes: keepalive_probes.as_ref().map(|v| v.value),
+                    time: keepalive_time
+                        .as_ref()
+                        .map(|v| Duration::from_secs(u64::from(v.value))),
+                    interval: keepalive_interval
+                        .as_ref()
+                        .map(|v| Duration::from_secs(u64::from(v.value))),
+                }
+            })
+        }
+    };
+    let family = match DnsLookupFamily::try_from(*dns_lookup_family) {
+        Ok(DnsLookupFamily::Auto) => m::cluster::DnsLookupFamily::Auto,
+        Ok(DnsLookupFamily::V4Only) => m::cluster::DnsLookupFamily::V4Only,
+        Ok(DnsLookupFamily::V6Only) => m::cluster::DnsLookupFamily::V6Only,
+        Ok(DnsLookupFamily::V4Preferred) => m::cluster::DnsLookupFamily::V4Preferred,
+        Ok(DnsLookupFamily::All) => m::cluster::DnsLookupFamily::All,
+        Err(_) => {
+            return Err(ctx.err(
+                "dns_lookup_family",
+                format!("unknown DNS lookup family {dns_lookup_family}"),
+            ));
+        }
+    };
+    let refresh_rate = match duration(dns_refresh_rate) {
+        // Envoy requires at least 1 ms.
+        Some(d) if d < Duration::from_millis(1) => {
+            return Err(ctx.err("dns_refresh_rate", "must be at least 1ms"));
+        }
+        Some(d) => d,
+        None => Duration::from_secs(5),
+    };
+    let mut lb = lb_config(
+        &mut ctx,
+        common_lb_config.as_ref(),
+        lb_specific.as_ref(),
+        policy,
+    )?;
+    if let Some(f) = overprovisioning_factor(&mut ctx, "load_assignment", load_assignment.as_ref())?
+    {
+        lb.overprovisioning_factor = f;
+    }
+    lb.peak_ewma = metadata
+        .as_ref()
+        .and_then(|md| md.filter_metadata.get("ferry"))
+        .and_then(|st| st.fields.get("lb"))
+        .is_some_and(|v| value_string(v) == "peak_ewma");
     Ok(m::Cluster {
-        name: c.name.clone(),
+        name: name.clone(),
         kind,
         bind_source,
         tls,
-        transport_socket_matches,
-        connect_timeout: duration(&c.connect_timeout).unwrap_or(Duration::from_secs(5)),
-        lb_policy,
-        protocol,
-        idle_timeout,
-        max_requests_per_connection: max_requests.filter(|v| *v > 0),
-        lb: lb_config(&ctx, c)?,
-        outlier_detection: c.outlier_detection.as_ref().map(outlier_detection),
-        circuit_breakers: circuit_breakers(&ctx, "circuit_breakers", c.circuit_breakers.as_ref())?,
-        max_concurrent_streams,
-        istio_service: istio_service(c),
-        auto_sni,
+        transport_socket_matches: socket_matches,
+        connect_timeout: duration(connect_timeout).unwrap_or(Duration::from_secs(5)),
+        lb_policy: policy,
+        protocol: options.protocol,
+        idle_timeout: options.idle_timeout,
+        max_requests_per_connection: options.max_requests.filter(|v| *v > 0),
+        lb,
+        outlier_detection: od
+            .as_ref()
+            .map(|o| outlier_detection(&ctx, "outlier_detection", o))
+            .transpose()?,
+        circuit_breakers: circuit_breakers(&mut ctx, "circuit_breakers", cb.as_ref())?,
+        max_concurrent_streams: options.max_concurrent_streams,
+        istio_service: istio_service(metadata.as_ref()),
+        auto_sni: options.auto_sni,
+        tcp_keepalive,
+        max_connection_duration: options.max_connection_duration,
+        dns: m::cluster::DnsSettings {
+            lookup_family: family,
+            refresh_rate,
+        },
     })
 }
 
-/// `UpstreamHttpProtocolOptions`: SNI and server-name validation from each
-/// request's host.
-fn upstream_http_protocol_options(
+/// A resource's config source: ADS (or unset, which is ADS here too).
+fn config_source(
     ctx: &Ctx<'_>,
     field: &str,
-    u: &core_pb::UpstreamHttpProtocolOptions,
-) -> Result<m::cluster::AutoSni, ConvertError> {
-    let core_pb::UpstreamHttpProtocolOptions {
-        auto_sni,
-        auto_san_validation,
-        override_auto_sni_header,
-    } = u;
-    let header = if override_auto_sni_header.is_empty() {
-        None
-    } else {
-        let h = override_auto_sni_header.to_ascii_lowercase();
-        http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
-            ctx.err(
-                format!("{field}.override_auto_sni_header"),
-                format!("{override_auto_sni_header:?} is not a header name"),
-            )
-        })?;
-        Some(h)
-    };
-    Ok(m::cluster::AutoSni {
-        sni: *auto_sni,
-        san_validation: *auto_san_validation,
-        header,
+    cs: Option<&core_pb::ConfigSource>,
+) -> Result<(), ConvertError> {
+    use core_pb::config_source::ConfigSourceSpecifier as S;
+    match cs.and_then(|c| c.config_source_specifier.as_ref()) {
+        None | Some(S::Ads(_)) => Ok(()),
+        Some(_) => Err(ctx.err(
+            field,
+            "only ADS is supported as a config source (the bootstrap's ads_config)",
+        )),
+    }
+}
+
+#[allow(deprecated)] // `additional_source_addresses` is still accepted by Envoy.
+fn bind_config(
+    ctx: &Ctx<'_>,
+    field: &str,
+    b: &core_pb::BindConfig,
+) -> Result<std::net::IpAddr, ConvertError> {
+    let cov = &BIND_CONFIG;
+    let core_pb::BindConfig {
+        source_address,
+        freebind,
+        socket_options,
+        additional_source_addresses,
+        extra_source_addresses,
+        local_address_selector,
+        validate_network_namespaces,
+    } = b;
+    let _ = validate_network_namespaces;
+    ctx.refuse(
+        cov,
+        field,
+        "freebind",
+        freebind.as_ref().is_some_and(|v| v.value),
+    )?;
+    ctx.refuse(cov, field, "socket_options", !socket_options.is_empty())?;
+    ctx.refuse(
+        cov,
+        field,
+        "additional_source_addresses",
+        !additional_source_addresses.is_empty(),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "extra_source_addresses",
+        !extra_source_addresses.is_empty(),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "local_address_selector",
+        local_address_selector.is_some(),
+    )?;
+    let addr = source_address
+        .as_ref()
+        .ok_or_else(|| ctx.err(path(field, "source_address"), "source_address is required"))?;
+    use core_pb::socket_address::PortSpecifier;
+    if let Some(PortSpecifier::PortValue(p)) = addr.port_specifier
+        && p != 0
+    {
+        return Err(ctx.err(
+            path(field, "source_address.port_value"),
+            "binding upstream connections to a source port is not supported",
+        ));
+    }
+    addr.address.parse().map_err(|_| {
+        ctx.err(
+            path(field, "source_address.address"),
+            format!("{:?} is not an IP address", addr.address),
+        )
     })
 }
 
 /// `metadata.filter_metadata.istio.services[0].host`, as istiod sets it.
-fn istio_service(c: &cluster_pb::Cluster) -> Option<String> {
+fn istio_service(md: Option<&core_pb::Metadata>) -> Option<String> {
     use envoy_types::pb::google::protobuf::value::Kind;
-    let istio = c.metadata.as_ref()?.filter_metadata.get("istio")?;
+    let istio = md?.filter_metadata.get("istio")?;
     let Some(Kind::ListValue(list)) = istio.fields.get("services")?.kind.as_ref() else {
         return None;
     };
@@ -270,175 +620,4 @@ fn istio_service(c: &cluster_pb::Cluster) -> Option<String> {
         Some(Kind::StringValue(h)) if !h.is_empty() => Some(h.clone()),
         _ => None,
     }
-}
-
-fn lb_config(ctx: &Ctx<'_>, c: &cluster_pb::Cluster) -> Result<m::cluster::LbConfig, ConvertError> {
-    use cluster_pb::cluster::LbConfig as L;
-    use cluster_pb::cluster::common_lb_config::LocalityConfigSpecifier;
-    let mut lb = m::cluster::LbConfig::default();
-    match &c.lb_config {
-        Some(L::LeastRequestLbConfig(lr)) => {
-            if let Some(n) = &lr.choice_count {
-                if n.value < 2 {
-                    return Err(
-                        ctx.err("least_request_lb_config.choice_count", "must be at least 2")
-                    );
-                }
-                lb.choice_count = n.value;
-            }
-        }
-        Some(L::RingHashLbConfig(rh)) => {
-            if let Some(v) = &rh.minimum_ring_size {
-                lb.min_ring_size = v.value;
-            }
-            if let Some(v) = &rh.maximum_ring_size {
-                lb.max_ring_size = v.value;
-            }
-            if lb.min_ring_size > lb.max_ring_size {
-                return Err(ctx.err(
-                    "ring_hash_lb_config",
-                    "minimum_ring_size exceeds maximum_ring_size",
-                ));
-            }
-            if lb.max_ring_size > 8 * 1024 * 1024 {
-                return Err(ctx.err("ring_hash_lb_config.maximum_ring_size", "at most 8M"));
-            }
-        }
-        Some(L::MaglevLbConfig(mg)) => {
-            if let Some(v) = &mg.table_size {
-                if !is_prime(v.value) || v.value > 5_000_011 {
-                    return Err(ctx.err(
-                        "maglev_lb_config.table_size",
-                        format!("{} is not a prime up to 5000011", v.value),
-                    ));
-                }
-                lb.maglev_table_size = v.value;
-            }
-        }
-        _ => {}
-    }
-    if let Some(common) = &c.common_lb_config {
-        lb.locality_weighted = matches!(
-            common.locality_config_specifier,
-            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
-        );
-    }
-    if let Some(p) = c.load_assignment.as_ref().and_then(|a| a.policy.as_ref())
-        && let Some(f) = &p.overprovisioning_factor
-    {
-        lb.overprovisioning_factor = f.value;
-    }
-    lb.peak_ewma = c
-        .metadata
-        .as_ref()
-        .and_then(|md| md.filter_metadata.get("ferry"))
-        .and_then(|st| st.fields.get("lb"))
-        .is_some_and(|v| value_string(v) == "peak_ewma");
-    Ok(lb)
-}
-
-fn is_prime(n: u64) -> bool {
-    n >= 2
-        && (2..)
-            .take_while(|d| d * d <= n)
-            .all(|d| !n.is_multiple_of(d))
-}
-
-fn outlier_detection(o: &cluster_pb::OutlierDetection) -> m::cluster::OutlierDetection {
-    let d = m::cluster::OutlierDetection::default();
-    let u = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, dflt: u32| {
-        v.as_ref().map_or(dflt, |v| v.value)
-    };
-    let base_ejection_time = duration(&o.base_ejection_time).unwrap_or(d.base_ejection_time);
-    m::cluster::OutlierDetection {
-        consecutive_5xx: u(&o.consecutive_5xx, d.consecutive_5xx),
-        consecutive_gateway_failure: u(
-            &o.consecutive_gateway_failure,
-            d.consecutive_gateway_failure,
-        ),
-        consecutive_local_origin_failure: u(
-            &o.consecutive_local_origin_failure,
-            d.consecutive_local_origin_failure,
-        ),
-        enforcing_consecutive_5xx: u(&o.enforcing_consecutive_5xx, d.enforcing_consecutive_5xx),
-        enforcing_consecutive_gateway_failure: u(
-            &o.enforcing_consecutive_gateway_failure,
-            d.enforcing_consecutive_gateway_failure,
-        ),
-        enforcing_consecutive_local_origin_failure: u(
-            &o.enforcing_consecutive_local_origin_failure,
-            d.enforcing_consecutive_local_origin_failure,
-        ),
-        enforcing_success_rate: u(&o.enforcing_success_rate, d.enforcing_success_rate),
-        split_external_local_origin_errors: o.split_external_local_origin_errors,
-        interval: duration(&o.interval).unwrap_or(d.interval),
-        // Envoy: the cap is never below the base time.
-        max_ejection_time: duration(&o.max_ejection_time)
-            .unwrap_or(d.max_ejection_time)
-            .max(base_ejection_time),
-        base_ejection_time,
-        max_ejection_percent: u(&o.max_ejection_percent, d.max_ejection_percent).min(100),
-        success_rate_minimum_hosts: u(&o.success_rate_minimum_hosts, d.success_rate_minimum_hosts),
-        success_rate_request_volume: u(
-            &o.success_rate_request_volume,
-            d.success_rate_request_volume,
-        ),
-        success_rate_stdev_factor: u(&o.success_rate_stdev_factor, d.success_rate_stdev_factor),
-    }
-}
-
-fn circuit_breakers(
-    ctx: &Ctx<'_>,
-    field: &str,
-    cb: Option<&cluster_pb::CircuitBreakers>,
-) -> Result<m::cluster::CircuitBreakers, ConvertError> {
-    let mut out = m::cluster::CircuitBreakers::default();
-    for (i, t) in cb
-        .into_iter()
-        .flat_map(|cb| cb.thresholds.iter())
-        .enumerate()
-    {
-        let d = m::cluster::Thresholds::default();
-        let u = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, dflt: u32| {
-            v.as_ref().map_or(dflt, |v| v.value)
-        };
-        let th = m::cluster::Thresholds {
-            max_connections: u(&t.max_connections, d.max_connections),
-            max_pending_requests: u(&t.max_pending_requests, d.max_pending_requests),
-            max_requests: u(&t.max_requests, d.max_requests),
-            max_retries: u(&t.max_retries, d.max_retries),
-            retry_budget: match &t.retry_budget {
-                None => None,
-                Some(b) => {
-                    let dflt = m::cluster::RetryBudget::default();
-                    let budget_ppm = match &b.budget_percent {
-                        None => dflt.budget_ppm,
-                        Some(p) if (0.0..=100.0).contains(&p.value) => {
-                            (p.value * 10_000.0).round() as u32
-                        }
-                        Some(p) => {
-                            return Err(ctx.err(
-                                format!("{field}.thresholds[{i}].retry_budget.budget_percent"),
-                                format!("{} is not a percentage (0 to 100)", p.value),
-                            ));
-                        }
-                    };
-                    Some(m::cluster::RetryBudget {
-                        budget_ppm,
-                        min_retry_concurrency: u(
-                            &b.min_retry_concurrency,
-                            dflt.min_retry_concurrency,
-                        ),
-                    })
-                }
-            },
-        };
-        // RoutingPriority: DEFAULT = 0, HIGH = 1.
-        if t.priority == 1 {
-            out.high = th;
-        } else {
-            out.default = th;
-        }
-    }
-    Ok(out)
 }

@@ -172,7 +172,10 @@ impl Ctx<'_> {
 /// Every list, in the order of the generated table.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
-    use super::{matcher, per_filter, retry, route};
+    use super::{
+        circuit_breakers, cluster, endpoint, lb_config, matcher, outlier_detection, per_filter,
+        retry, route, upstream_protocol,
+    };
     vec![
         &route::ROUTE_CONFIGURATION,
         &route::VIRTUAL_HOST,
@@ -195,6 +198,38 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &matcher::STRING_MATCHER,
         &matcher::REGEX_MATCHER,
         &matcher::REGEX_MATCH_AND_SUBSTITUTE,
+        &cluster::CLUSTER,
+        &cluster::EDS_CLUSTER_CONFIG,
+        &cluster::TRANSPORT_SOCKET_MATCH,
+        &cluster::CLUSTER_FILTER,
+        &cluster::UPSTREAM_CONNECTION_OPTIONS,
+        &cluster::TCP_KEEPALIVE,
+        &cluster::BIND_CONFIG,
+        &lb_config::COMMON_LB_CONFIG,
+        &lb_config::CONSISTENT_HASHING,
+        &lb_config::SLOW_START,
+        &lb_config::ROUND_ROBIN,
+        &lb_config::LEAST_REQUEST,
+        &lb_config::RING_HASH,
+        &lb_config::MAGLEV,
+        &lb_config::ORIGINAL_DST,
+        &outlier_detection::OUTLIER_DETECTION,
+        &circuit_breakers::CIRCUIT_BREAKERS,
+        &circuit_breakers::THRESHOLDS,
+        &circuit_breakers::RETRY_BUDGET,
+        &upstream_protocol::HTTP_PROTOCOL_OPTIONS,
+        &upstream_protocol::EXPLICIT_HTTP_CONFIG,
+        &upstream_protocol::USE_DOWNSTREAM_HTTP_CONFIG,
+        &upstream_protocol::AUTO_HTTP_CONFIG,
+        &upstream_protocol::COMMON_HTTP_PROTOCOL_OPTIONS,
+        &upstream_protocol::HTTP1_PROTOCOL_OPTIONS,
+        &upstream_protocol::HTTP2_PROTOCOL_OPTIONS,
+        &upstream_protocol::UPSTREAM_HTTP_PROTOCOL_OPTIONS,
+        &endpoint::CLUSTER_LOAD_ASSIGNMENT,
+        &endpoint::POLICY,
+        &endpoint::LOCALITY_LB_ENDPOINTS,
+        &endpoint::LB_ENDPOINT,
+        &endpoint::ENDPOINT,
     ]
 }
 

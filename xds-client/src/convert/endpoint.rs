@@ -8,44 +8,222 @@ use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
 use ferry_model as m;
 
 use super::core_types::{ip_socket, socket_address, value_string};
-use super::{ConvertError, Ctx, Warnings};
+use super::coverage::{fields, path};
+use super::{ConvertError, Ctx, Warnings, duration};
 
-fn lb_endpoints(
+fields!(pub(super) static CLUSTER_LOAD_ASSIGNMENT = "envoy.config.endpoint.v3.ClusterLoadAssignment" {
+    "cluster_name": applied "the EDS resource name",
+    "endpoints": applied,
+    "named_endpoints": refused "named endpoints are not supported",
+    "policy": applied,
+});
+
+fields!(pub(super) static POLICY = "envoy.config.endpoint.v3.ClusterLoadAssignment.Policy" {
+    "drop_overloads": refused "dropping a share of the requests is not supported",
+    "overprovisioning_factor": applied "default 140; over EDS only the default is accepted (set it in an inline load_assignment)",
+    "endpoint_stale_after": warned "endpoints are kept until the next assignment",
+    "weighted_priority_health": refused "weighing priority health by endpoint weights is not supported",
+});
+
+fields!(pub(super) static LOCALITY_LB_ENDPOINTS = "envoy.config.endpoint.v3.LocalityLbEndpoints" {
+    "locality": inert "names the locality (zone-aware routing needs the bootstrap's local_cluster_name, which Ferry does not read)",
+    "metadata": inert "read only by extensions Ferry does not run",
+    "lb_endpoints": applied,
+    "load_balancer_endpoints": refused "use lb_endpoints",
+    "leds_cluster_locality_config": refused "LEDS is not supported",
+    "load_balancing_weight": applied "with locality-weighted load balancing",
+    "priority": applied,
+    "proximity": inert "Envoy's load balancers do not read it",
+});
+
+fields!(pub(super) static LB_ENDPOINT = "envoy.config.endpoint.v3.LbEndpoint" {
+    "endpoint": applied,
+    "endpoint_name": refused "named endpoints are not supported",
+    "health_status": applied "UNHEALTHY, DRAINING and TIMEOUT get no traffic outside panic; DEGRADED only without healthy ones",
+    "metadata": applied "envoy.transport_socket_match; other metadata is read only by extensions Ferry does not run",
+    "load_balancing_weight": applied,
+});
+
+fields!(pub(super) static ENDPOINT = "envoy.config.endpoint.v3.Endpoint" {
+    "address": applied "a TCP socket address",
+    "health_check_config": inert "read only by active health checks, which are refused",
+    "hostname": applied "auto_host_sni and auto_host_rewrite",
+    "additional_addresses": warned "connections use the endpoint's address only",
+    "observability_name": warned "statistics name the endpoint by its address",
+});
+
+/// Envoy's default `overprovisioning_factor`.
+const OVERPROVISIONING: u32 = 140;
+
+/// The overprovisioning factor of an inline assignment, if it sets one.
+pub(super) fn overprovisioning_factor(
+    ctx: &mut Ctx<'_>,
+    field: &str,
     cla: Option<&endpoint_pb::ClusterLoadAssignment>,
-) -> impl Iterator<Item = (usize, usize, &endpoint_pb::LbEndpoint)> {
-    cla.into_iter().flat_map(|cla| {
-        cla.endpoints.iter().enumerate().flat_map(|(i, lle)| {
-            lle.lb_endpoints
-                .iter()
-                .enumerate()
-                .map(move |(j, e)| (i, j, e))
-        })
-    })
+) -> Result<Option<u32>, ConvertError> {
+    let Some(p) = cla.and_then(|c| c.policy.as_ref()) else {
+        return Ok(None);
+    };
+    policy(ctx, &path(field, "policy"), p)
 }
 
-fn endpoint_address<'a>(
-    ctx: &Ctx<'_>,
+fn policy(
+    ctx: &mut Ctx<'_>,
     field: &str,
-    e: &'a endpoint_pb::LbEndpoint,
-) -> Result<&'a Option<core_pb::Address>, ConvertError> {
-    use endpoint_pb::lb_endpoint::HostIdentifier;
-    match &e.host_identifier {
-        Some(HostIdentifier::Endpoint(ep)) => Ok(&ep.address),
-        _ => Err(ctx.err(field, "only inline endpoints are supported")),
+    p: &endpoint_pb::cluster_load_assignment::Policy,
+) -> Result<Option<u32>, ConvertError> {
+    let cov = &POLICY;
+    let endpoint_pb::cluster_load_assignment::Policy {
+        drop_overloads,
+        overprovisioning_factor,
+        endpoint_stale_after,
+        weighted_priority_health,
+    } = p;
+    ctx.refuse(cov, field, "drop_overloads", !drop_overloads.is_empty())?;
+    ctx.refuse(
+        cov,
+        field,
+        "weighted_priority_health",
+        *weighted_priority_health,
+    )?;
+    ctx.knob(
+        cov,
+        field,
+        "endpoint_stale_after",
+        duration(endpoint_stale_after).is_some_and(|d| !d.is_zero()),
+    );
+    match overprovisioning_factor {
+        Some(v) if v.value == 0 => Err(ctx.err(
+            path(field, "overprovisioning_factor"),
+            "must be greater than zero",
+        )),
+        v => Ok(v.as_ref().map(|v| v.value)),
     }
 }
 
+/// One endpoint as read, with where it sits in the assignment.
+struct Entry<'a> {
+    field: String,
+    locality: usize,
+    lle: &'a endpoint_pb::LocalityLbEndpoints,
+    address: &'a Option<core_pb::Address>,
+    hostname: &'a str,
+    e: &'a endpoint_pb::LbEndpoint,
+}
+
+/// Every endpoint of an assignment, each message checked field by field.
+fn entries<'a>(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    cla: &'a endpoint_pb::ClusterLoadAssignment,
+) -> Result<Vec<Entry<'a>>, ConvertError> {
+    use endpoint_pb::lb_endpoint::HostIdentifier;
+    let endpoint_pb::ClusterLoadAssignment {
+        cluster_name,
+        endpoints,
+        named_endpoints,
+        policy: _,
+    } = cla;
+    let _ = cluster_name;
+    ctx.refuse(
+        &CLUSTER_LOAD_ASSIGNMENT,
+        field,
+        "named_endpoints",
+        !named_endpoints.is_empty(),
+    )?;
+    let mut out = Vec::new();
+    for (i, lle) in endpoints.iter().enumerate() {
+        let lf = path(field, &format!("endpoints[{i}]"));
+        let endpoint_pb::LocalityLbEndpoints {
+            locality,
+            metadata,
+            lb_endpoints,
+            load_balancing_weight: _,
+            priority: _,
+            proximity,
+            lb_config,
+        } = lle;
+        let _ = (locality, metadata, proximity);
+        use endpoint_pb::locality_lb_endpoints::LbConfig;
+        #[allow(deprecated)]
+        match lb_config {
+            None => {}
+            Some(LbConfig::LoadBalancerEndpoints(_)) => {
+                ctx.refuse(&LOCALITY_LB_ENDPOINTS, &lf, "load_balancer_endpoints", true)?;
+            }
+            Some(LbConfig::LedsClusterLocalityConfig(_)) => {
+                ctx.refuse(
+                    &LOCALITY_LB_ENDPOINTS,
+                    &lf,
+                    "leds_cluster_locality_config",
+                    true,
+                )?;
+            }
+        }
+        for (j, e) in lb_endpoints.iter().enumerate() {
+            let ef = format!("{lf}.lb_endpoints[{j}]");
+            let endpoint_pb::LbEndpoint {
+                health_status: _,
+                metadata: _,
+                load_balancing_weight: _,
+                host_identifier,
+            } = e;
+            let ep = match host_identifier {
+                Some(HostIdentifier::Endpoint(ep)) => ep,
+                Some(HostIdentifier::EndpointName(_)) => {
+                    ctx.refuse(&LB_ENDPOINT, &ef, "endpoint_name", true)?;
+                    continue;
+                }
+                None => return Err(ctx.err(path(&ef, "endpoint"), "an endpoint is required")),
+            };
+            let epf = path(&ef, "endpoint");
+            let endpoint_pb::Endpoint {
+                address,
+                health_check_config,
+                hostname,
+                additional_addresses,
+                observability_name,
+            } = ep;
+            let _ = health_check_config;
+            ctx.knob(
+                &ENDPOINT,
+                &epf,
+                "additional_addresses",
+                !additional_addresses.is_empty(),
+            );
+            ctx.knob(
+                &ENDPOINT,
+                &epf,
+                "observability_name",
+                !observability_name.is_empty(),
+            );
+            out.push(Entry {
+                field: path(&epf, "address"),
+                locality: i,
+                lle,
+                address,
+                hostname,
+                e,
+            });
+        }
+    }
+    Ok(out)
+}
+
 pub(super) fn endpoints(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
+    field: &str,
     cla: Option<&endpoint_pb::ClusterLoadAssignment>,
 ) -> Result<Vec<m::Endpoint>, ConvertError> {
+    let Some(cla) = cla else {
+        return Ok(Vec::new());
+    };
     // Unhealthy endpoints are kept (marked): they count towards their
     // priority's size when Envoy computes the healthy share.
     let mut out = Vec::new();
-    for (i, j, e) in lb_endpoints(cla) {
-        let field = format!("endpoints[{i}].lb_endpoints[{j}].endpoint.address");
-        let addr = endpoint_address(ctx, &field, e)?;
-        let address = ip_socket(ctx, &field, addr)?;
+    for entry in entries(ctx, field, cla)? {
+        let address = ip_socket(ctx, &entry.field, entry.address)?;
+        let e = entry.e;
         let transport_socket_match = e
             .metadata
             .as_ref()
@@ -57,30 +235,22 @@ pub(super) fn endpoints(
                     .collect()
             })
             .unwrap_or_default();
-        let lle = cla.and_then(|c| c.endpoints.get(i));
-        let priority = lle.map_or(0, |l| l.priority);
-        let locality_weight = lle
-            .and_then(|l| l.load_balancing_weight.as_ref())
-            .map_or(1, |v| v.value);
-        use endpoint_pb::lb_endpoint::HostIdentifier;
-        let hostname = match &e.host_identifier {
-            Some(HostIdentifier::Endpoint(ep)) if !ep.hostname.is_empty() => {
-                Some(Arc::from(ep.hostname.as_str()))
-            }
-            _ => None,
-        };
         out.push(m::Endpoint {
             address,
-            hostname,
+            hostname: (!entry.hostname.is_empty()).then(|| Arc::from(entry.hostname)),
             weight: e
                 .load_balancing_weight
                 .as_ref()
                 .map_or(1, |v| v.value)
                 .max(1),
             transport_socket_match,
-            priority,
-            locality: u32::try_from(i).unwrap_or(u32::MAX),
-            locality_weight,
+            priority: entry.lle.priority,
+            locality: u32::try_from(entry.locality).unwrap_or(u32::MAX),
+            locality_weight: entry
+                .lle
+                .load_balancing_weight
+                .as_ref()
+                .map_or(1, |v| v.value),
             // HealthStatus: UNHEALTHY 2, DRAINING 3, TIMEOUT 4, DEGRADED 5.
             health: match e.health_status {
                 2..=4 => m::cluster::EndpointHealth::Unhealthy,
@@ -100,34 +270,47 @@ pub fn cluster_load_assignment(
     cla: &endpoint_pb::ClusterLoadAssignment,
     warnings: &mut Warnings,
 ) -> Result<Vec<m::Endpoint>, ConvertError> {
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         resource: format!("cluster_load_assignment {:?}", cla.cluster_name),
         warnings,
         inbound: false,
     };
-    endpoints(&ctx, Some(cla))
+    // The balancer's overprovisioning factor is the cluster's: an EDS
+    // assignment may only keep Envoy's default.
+    if let Some(f) = overprovisioning_factor(&mut ctx, "", Some(cla))?
+        && f != OVERPROVISIONING
+    {
+        return Err(ctx.err(
+            "policy.overprovisioning_factor",
+            "an overprovisioning factor over EDS is not supported (set it in an inline load_assignment)",
+        ));
+    }
+    endpoints(&mut ctx, "", Some(cla))
 }
 
 pub(super) fn dns_endpoints(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
+    field: &str,
     cla: Option<&endpoint_pb::ClusterLoadAssignment>,
 ) -> Result<Vec<m::cluster::DnsEndpoint>, ConvertError> {
     let mut out = Vec::new();
-    for (i, j, e) in lb_endpoints(cla) {
-        let field = format!("load_assignment.endpoints[{i}].lb_endpoints[{j}].endpoint.address");
-        let (host, port) = socket_address(ctx, &field, endpoint_address(ctx, &field, e)?)?;
-        out.push(m::cluster::DnsEndpoint {
-            host,
-            port,
-            weight: e
-                .load_balancing_weight
-                .as_ref()
-                .map_or(1, |v| v.value)
-                .max(1),
-        });
+    if let Some(cla) = cla {
+        for entry in entries(ctx, field, cla)? {
+            let (host, port) = socket_address(ctx, &entry.field, entry.address)?;
+            out.push(m::cluster::DnsEndpoint {
+                host,
+                port,
+                weight: entry
+                    .e
+                    .load_balancing_weight
+                    .as_ref()
+                    .map_or(1, |v| v.value)
+                    .max(1),
+            });
+        }
     }
     if out.is_empty() {
-        return Err(ctx.err("load_assignment", "a DNS cluster needs at least one host"));
+        return Err(ctx.err(field, "a DNS cluster needs at least one host"));
     }
     Ok(out)
 }
