@@ -25,8 +25,8 @@ pub use cidr::CidrRange;
 pub use cluster::{Cluster, ClusterKind, Endpoint, LbPolicy, UpstreamProtocol};
 pub use listener::{
     ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
-    HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters, Reporter, RouteSource,
-    TcpProxy,
+    HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters, PortPredicate, Reporter,
+    RouteSource, SourceType, TcpProxy,
 };
 pub use route::{
     AppendAction, ClusterSpecifier, DomainMatcher, FilterOverrides, HeaderKey, HeaderMatcher,

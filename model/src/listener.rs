@@ -36,16 +36,75 @@ pub struct Listener {
     /// How long protocol detection may wait for the client's first bytes.
     /// `None`: the short default that keeps server-first protocols from stalling.
     pub detection_timeout: Option<Duration>,
+    /// An explicit `listener_filters_timeout` without
+    /// `continue_on_listener_filters_timeout`: the connection is closed when
+    /// detection runs out of time, as Envoy closes it.
+    pub close_on_detection_timeout: bool,
     pub filter_chains: Vec<Arc<FilterChain>>,
     pub default_chain: Option<Arc<FilterChain>>,
+    /// `tcp_keepalive`: keepalive probes on accepted connections.
+    pub tcp_keepalive: Option<crate::cluster::TcpKeepalive>,
 }
 
 /// Which listener filters are configured (the ones Ferry implements natively).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListenerFilters {
     pub original_dst: bool,
     pub tls_inspector: bool,
     pub http_inspector: bool,
+    /// Each filter's `filter_disabled`: the connections it skips.
+    pub original_dst_disabled: Option<PortPredicate>,
+    pub tls_inspector_disabled: Option<PortPredicate>,
+    pub http_inspector_disabled: Option<PortPredicate>,
+}
+
+impl ListenerFilters {
+    /// Whether the TLS inspector runs for a connection to `destination`.
+    pub fn tls_inspector_for(&self, destination: Option<SocketAddr>) -> bool {
+        self.tls_inspector && !skips(&self.tls_inspector_disabled, destination)
+    }
+
+    /// Whether the HTTP inspector runs for a connection to `destination`.
+    pub fn http_inspector_for(&self, destination: Option<SocketAddr>) -> bool {
+        self.http_inspector && !skips(&self.http_inspector_disabled, destination)
+    }
+
+    /// Whether the original destination filter runs for a connection
+    /// accepted on `local`.
+    pub fn original_dst_for(&self, local: SocketAddr) -> bool {
+        self.original_dst && !skips(&self.original_dst_disabled, Some(local))
+    }
+}
+
+fn skips(p: &Option<PortPredicate>, destination: Option<SocketAddr>) -> bool {
+    p.as_ref()
+        .is_some_and(|p| p.matches(destination.map(|d| d.port())))
+}
+
+/// Envoy's `ListenerFilterChainMatchPredicate` over a connection's
+/// destination port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortPredicate {
+    Any,
+    /// `destination_port_range`: `[start, end)`.
+    Range(u32, u32),
+    Or(Vec<PortPredicate>),
+    And(Vec<PortPredicate>),
+    Not(Box<PortPredicate>),
+}
+
+impl PortPredicate {
+    pub fn matches(&self, port: Option<u16>) -> bool {
+        match self {
+            PortPredicate::Any => true,
+            PortPredicate::Range(start, end) => {
+                port.is_some_and(|p| (*start..*end).contains(&u32::from(p)))
+            }
+            PortPredicate::Or(v) => v.iter().any(|p| p.matches(port)),
+            PortPredicate::And(v) => v.iter().all(|p| p.matches(port)),
+            PortPredicate::Not(p) => !p.matches(port),
+        }
+    }
 }
 
 /// What is known of a connection when its filter chain is chosen.
@@ -67,8 +126,23 @@ pub struct FilterChainMatch {
     pub server_names: Vec<String>,
     pub transport_protocol: Option<String>,
     pub application_protocols: Vec<String>,
+    /// `direct_source_prefix_ranges`: the directly connected peer (the
+    /// source, here: no listener filter rewrites it).
+    pub direct_source_prefix_ranges: Vec<CidrRange>,
+    pub source_type: SourceType,
     pub source_prefix_ranges: Vec<CidrRange>,
     pub source_ports: Vec<u16>,
+}
+
+/// `FilterChainMatch.source_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SourceType {
+    #[default]
+    Any,
+    /// The source is a loopback address or the destination's own address.
+    SameIpOrLoopback,
+    /// Any other source.
+    External,
 }
 
 #[derive(Debug)]
@@ -314,6 +388,19 @@ impl Listener {
                 None
             }
         });
+        let source_ip = info.source.map(|s| s.ip());
+        narrow_ranked(&mut cands, |m| {
+            prefix_rank(&m.direct_source_prefix_ranges, source_ip)
+        });
+        let local = info.source.is_some_and(|s| {
+            s.ip().is_loopback() || info.destination.is_some_and(|d| d.ip() == s.ip())
+        });
+        narrow(&mut cands, |m| match m.source_type {
+            SourceType::Any => Some(false),
+            SourceType::SameIpOrLoopback if local => Some(true),
+            SourceType::External if !local && info.source.is_some() => Some(true),
+            _ => None,
+        });
         narrow_source(&mut cands, info);
         cands.first().copied().or(self.default_chain.as_ref())
     }
@@ -329,18 +416,16 @@ impl Listener {
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
         narrow_addresses(&mut cands, &info);
         let mut needs = DetectionNeeds::default();
+        let tls = self.listener_filters.tls_inspector_for(destination);
+        let http = self.listener_filters.http_inspector_for(destination);
         for c in cands {
             let m = &c.filter_chain_match;
-            if self.listener_filters.tls_inspector
-                && (m.transport_protocol.is_some() || !m.server_names.is_empty())
-            {
+            if tls && (m.transport_protocol.is_some() || !m.server_names.is_empty()) {
                 needs.tls = true;
             }
-            if !m.application_protocols.is_empty()
-                && (self.listener_filters.http_inspector || self.listener_filters.tls_inspector)
-            {
-                needs.http |= self.listener_filters.http_inspector;
-                needs.tls |= self.listener_filters.tls_inspector;
+            if !m.application_protocols.is_empty() && (http || tls) {
+                needs.http |= http;
+                needs.tls |= tls;
             }
         }
         needs
@@ -496,11 +581,100 @@ mod tests {
                 original_dst: true,
                 tls_inspector: true,
                 http_inspector: true,
+                ..ListenerFilters::default()
             },
             detection_timeout: None,
+            close_on_detection_timeout: false,
             filter_chains: chains,
             default_chain: Some(chain("default", FilterChainMatch::default())),
+            tcp_keepalive: None,
         }
+    }
+
+    #[test]
+    fn direct_source_and_source_type_narrow_the_chains() {
+        let cidr = |s: &str| {
+            let (ip, len) = s.split_once('/').unwrap();
+            CidrRange::new(ip.parse().unwrap(), len.parse().unwrap()).unwrap()
+        };
+        let l = listener(vec![
+            chain(
+                "peers",
+                FilterChainMatch {
+                    direct_source_prefix_ranges: vec![cidr("10.1.0.0/16")],
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "local",
+                FilterChainMatch {
+                    source_type: SourceType::SameIpOrLoopback,
+                    ..Default::default()
+                },
+            ),
+            chain(
+                "external",
+                FilterChainMatch {
+                    source_type: SourceType::External,
+                    ..Default::default()
+                },
+            ),
+        ]);
+        let pick = |src: &str, dst: &str| {
+            let info = ConnectionInfo {
+                destination: Some(dst.parse().unwrap()),
+                source: Some(src.parse().unwrap()),
+                ..Default::default()
+            };
+            l.select_chain(&info).map(|c| c.name.clone()).unwrap()
+        };
+        // The direct source is matched before the source type.
+        assert_eq!(pick("10.1.2.3:4000", "10.9.9.9:80"), "peers");
+        assert_eq!(pick("127.0.0.1:4000", "10.9.9.9:80"), "local");
+        assert_eq!(pick("10.9.9.9:4000", "10.9.9.9:80"), "local", "same IP");
+        assert_eq!(pick("10.2.0.1:4000", "10.9.9.9:80"), "external");
+    }
+
+    #[test]
+    fn listener_filter_predicates_match_destination_ports() {
+        let istio = PortPredicate::Range(15006, 15007);
+        assert!(istio.matches(Some(15006)));
+        assert!(!istio.matches(Some(15007)), "the range ends before `end`");
+        let not_http = PortPredicate::Not(Box::new(PortPredicate::Or(vec![
+            PortPredicate::Range(80, 81),
+            PortPredicate::Range(8080, 8081),
+        ])));
+        assert!(not_http.matches(Some(443)));
+        assert!(!not_http.matches(Some(8080)));
+        assert!(
+            PortPredicate::And(vec![PortPredicate::Any, PortPredicate::Range(1, 2)])
+                .matches(Some(1))
+        );
+        let filters = ListenerFilters {
+            tls_inspector: true,
+            tls_inspector_disabled: Some(istio),
+            ..ListenerFilters::default()
+        };
+        assert!(!filters.tls_inspector_for(Some("10.0.0.1:15006".parse().unwrap())));
+        assert!(filters.tls_inspector_for(Some("10.0.0.1:8443".parse().unwrap())));
+        // A listener whose TLS inspector is off for the port does not wait
+        // for a ClientHello there.
+        let mut l = listener(vec![chain(
+            "tls",
+            FilterChainMatch {
+                transport_protocol: Some("tls".into()),
+                ..Default::default()
+            },
+        )]);
+        l.listener_filters = filters;
+        assert!(
+            !l.detection_needs(Some("10.0.0.1:15006".parse().unwrap()))
+                .tls
+        );
+        assert!(
+            l.detection_needs(Some("10.0.0.1:8443".parse().unwrap()))
+                .tls
+        );
     }
 
     fn info(dst: &str, tp: &'static str, alpn: &[&str]) -> ConnectionInfo {

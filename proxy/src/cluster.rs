@@ -486,9 +486,9 @@ impl Breakers {
     }
 }
 
-/// `SO_KEEPALIVE` with the cluster's `tcp_keepalive` settings (the
-/// system's where unset), as Envoy sets them on upstream sockets.
-fn keepalive(tcp: &TcpStream, k: &ferry_model::cluster::TcpKeepalive) {
+/// `SO_KEEPALIVE` with `tcp_keepalive` settings (the system's where
+/// unset), as Envoy sets them on upstream and accepted sockets.
+pub(crate) fn keepalive(tcp: &TcpStream, k: &ferry_model::cluster::TcpKeepalive) {
     let mut ka = socket2::TcpKeepalive::new();
     if let Some(t) = k.time {
         ka = ka.with_time(t);

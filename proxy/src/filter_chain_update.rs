@@ -495,8 +495,10 @@ mod tests {
             use_original_dst: false,
             listener_filters: ListenerFilters::default(),
             detection_timeout: None,
+            close_on_detection_timeout: false,
             filter_chains: chains,
             default_chain: None,
+            tcp_keepalive: None,
         })
     }
 

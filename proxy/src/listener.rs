@@ -180,7 +180,8 @@ async fn handle(
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let redirected = accepted_on.use_original_dst || accepted_on.listener_filters.original_dst;
+    let redirected =
+        accepted_on.use_original_dst || accepted_on.listener_filters.original_dst_for(local);
     let dst = if redirected {
         crate::orig_dst::original_dst(&stream, local).unwrap_or(local)
     } else {
@@ -197,10 +198,21 @@ async fn handle(
     } else {
         accepted_on
     };
+    if let Some(k) = &listener.tcp_keepalive {
+        crate::cluster::keepalive(&stream, k);
+    }
     let needs = listener.detection_needs(Some(dst));
     let timeout = listener.detection_timeout.unwrap_or(rt.detection_timeout);
     let detected = if needs.any() {
-        match peek_detect(&stream, needs.tls, needs.http, timeout).await {
+        match peek_detect(
+            &stream,
+            needs.tls,
+            needs.http,
+            timeout,
+            listener.close_on_detection_timeout,
+        )
+        .await
+        {
             Some(d) => d,
             None => return,
         }
@@ -213,7 +225,7 @@ async fn handle(
         server_name: detected.server_name.clone(),
         transport_protocol: listener
             .listener_filters
-            .tls_inspector
+            .tls_inspector_for(Some(dst))
             .then_some(if detected.tls { "tls" } else { "raw_buffer" }),
         application_protocols: detected.application_protocols.clone(),
     };
@@ -354,7 +366,7 @@ async fn handle(
                 HttpCodec::Auto if needs.http => detected.http2(),
                 // Nobody looked yet: the HTTP/2 preface decides.
                 HttpCodec::Auto => {
-                    match peek_detect(&stream, false, true, Duration::from_secs(15)).await {
+                    match peek_detect(&stream, false, true, Duration::from_secs(15), false).await {
                         Some(d) => d.http2(),
                         None => return,
                     }
@@ -460,7 +472,10 @@ async fn peek_detect(
     tls: bool,
     http: bool,
     first_byte: Duration,
+    close_on_timeout: bool,
 ) -> Option<Detected> {
+    // Out of time: go on with nothing detected, or close (None).
+    let expired = || (!close_on_timeout).then(Detected::default);
     let mut buf = vec![0u8; 1024];
     let deadline = tokio::time::Instant::now() + first_byte;
     let mut rest_deadline = None;
@@ -468,7 +483,7 @@ async fn peek_detect(
     loop {
         let until = rest_deadline.unwrap_or(deadline);
         let n = match tokio::time::timeout_at(until, stream.peek(&mut buf)).await {
-            Err(_) => return Some(Detected::default()),
+            Err(_) => return expired(),
             Ok(Err(_)) => return None,
             Ok(Ok(0)) => return Some(Detected::default()),
             Ok(Ok(n)) => n,
@@ -484,7 +499,7 @@ async fn peek_detect(
                 } else if n == seen {
                     // Nothing new arrived; peek would return at once again.
                     if tokio::time::Instant::now() >= until {
-                        return Some(Detected::default());
+                        return expired();
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }

@@ -7,7 +7,29 @@ use std::net::{IpAddr, SocketAddr};
 use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use ferry_model as m;
 
+use super::coverage::{fields, path};
 use super::{ConvertError, Ctx, Typed};
+
+fields!(pub(super) static ADDRESS = "envoy.config.core.v3.Address" {
+    "socket_address": applied,
+    "pipe": refused "Unix socket addresses are not supported",
+    "envoy_internal_address": refused "internal addresses are not supported",
+});
+
+fields!(pub(super) static SOCKET_ADDRESS = "envoy.config.core.v3.SocketAddress" {
+    "protocol": applied "TCP (UDP refused)",
+    "address": applied,
+    "port_value": applied,
+    "named_port": refused "named ports are not supported",
+    "resolver_name": refused "custom resolvers are not supported",
+    "ipv4_compat": applied "an IPv6 wildcard listener accepts IPv4 whether or not it is set (the system's dual-stack default; Envoy without it is IPv6-only)",
+    "network_namespace_filepath": refused "addresses in other network namespaces are not supported",
+});
+
+fields!(pub(super) static CIDR_RANGE = "envoy.config.core.v3.CidrRange" {
+    "address_prefix": applied,
+    "prefix_len": applied,
+});
 
 pub(super) fn socket_address(
     ctx: &Ctx<'_>,
@@ -16,32 +38,56 @@ pub(super) fn socket_address(
 ) -> Result<(String, u16), ConvertError> {
     use core_pb::address::Address as A;
     use core_pb::socket_address::PortSpecifier;
-    match a.as_ref().and_then(|a| a.address.as_ref()) {
+    let Some(core_pb::Address { address }) = a else {
+        return Err(ctx.err(field, "address is required"));
+    };
+    match address {
         Some(A::SocketAddress(sa)) => {
-            if sa.protocol != core_pb::socket_address::Protocol::Tcp as i32 {
-                return Err(ctx.err(
-                    format!("{field}.socket_address.protocol"),
-                    "only TCP is supported",
-                ));
+            let sf = path(field, "socket_address");
+            let core_pb::SocketAddress {
+                protocol,
+                address,
+                resolver_name,
+                ipv4_compat,
+                network_namespace_filepath,
+                port_specifier,
+            } = sa;
+            if *protocol != core_pb::socket_address::Protocol::Tcp as i32 {
+                return Err(ctx.err(path(&sf, "protocol"), "only TCP is supported"));
             }
-            let port = match &sa.port_specifier {
-                Some(PortSpecifier::PortValue(p)) => u16::try_from(*p).map_err(|_| {
-                    ctx.err(
-                        format!("{field}.socket_address.port_value"),
-                        format!("{p} is not a port"),
-                    )
-                })?,
+            ctx.refuse(
+                &SOCKET_ADDRESS,
+                &sf,
+                "resolver_name",
+                !resolver_name.is_empty(),
+            )?;
+            ctx.refuse(
+                &SOCKET_ADDRESS,
+                &sf,
+                "network_namespace_filepath",
+                !network_namespace_filepath.is_empty(),
+            )?;
+            // IPv6 wildcard listeners are dual-stack (the system's default).
+            let _ = ipv4_compat;
+            let port = match port_specifier {
+                Some(PortSpecifier::PortValue(p)) => u16::try_from(*p)
+                    .map_err(|_| ctx.err(path(&sf, "port_value"), format!("{p} is not a port")))?,
                 Some(PortSpecifier::NamedPort(_)) => {
-                    return Err(ctx.err(
-                        format!("{field}.socket_address.named_port"),
-                        "named ports are not supported",
-                    ));
+                    ctx.refuse(&SOCKET_ADDRESS, &sf, "named_port", true)?;
+                    0
                 }
                 None => 0,
             };
-            Ok((sa.address.clone(), port))
+            Ok((address.clone(), port))
         }
-        Some(_) => Err(ctx.err(field, "only socket_address is supported")),
+        Some(A::Pipe(_)) => {
+            ctx.refuse(&ADDRESS, field, "pipe", true)?;
+            Err(ctx.err(field, "address is required"))
+        }
+        Some(A::EnvoyInternalAddress(_)) => {
+            ctx.refuse(&ADDRESS, field, "envoy_internal_address", true)?;
+            Err(ctx.err(field, "address is required"))
+        }
         None => Err(ctx.err(field, "address is required")),
     }
 }
@@ -77,14 +123,17 @@ pub(super) fn cidr(
     field: &str,
     r: &core_pb::CidrRange,
 ) -> Result<m::CidrRange, ConvertError> {
-    let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
+    let core_pb::CidrRange {
+        address_prefix,
+        prefix_len,
+    } = r;
+    let ip: IpAddr = address_prefix.parse().map_err(|_| {
         ctx.err(
             format!("{field}.address_prefix"),
-            format!("{:?} is not an IP address", r.address_prefix),
+            format!("{address_prefix:?} is not an IP address"),
         )
     })?;
-    let len = r
-        .prefix_len
+    let len = prefix_len
         .as_ref()
         .map_or(if ip.is_ipv4() { 32 } else { 128 }, |v| v.value);
     u8::try_from(len)

@@ -173,10 +173,20 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        circuit_breakers, cluster, endpoint, lb_config, matcher, outlier_detection, per_filter,
-        retry, route, upstream_protocol,
+        circuit_breakers, cluster, core_types, endpoint, lb_config, listener, matcher,
+        outlier_detection, per_filter, retry, route, upstream_protocol,
     };
     vec![
+        &listener::LISTENER,
+        &listener::ADDITIONAL_ADDRESS,
+        &listener::LISTENER_FILTER,
+        &listener::LISTENER_FILTER_PREDICATE,
+        &listener::FILTER_CHAIN,
+        &listener::FILTER_CHAIN_MATCH,
+        &listener::NETWORK_FILTER,
+        &core_types::ADDRESS,
+        &core_types::SOCKET_ADDRESS,
+        &core_types::CIDR_RANGE,
         &route::ROUTE_CONFIGURATION,
         &route::VIRTUAL_HOST,
         &route::ROUTE,
