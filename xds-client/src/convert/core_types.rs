@@ -26,6 +26,29 @@ fields!(pub(super) static SOCKET_ADDRESS = "envoy.config.core.v3.SocketAddress" 
     "network_namespace_filepath": refused "addresses in other network namespaces are not supported",
 });
 
+fields!(pub(super) static DATA_SOURCE = "envoy.config.core.v3.DataSource" {
+    "filename": applied "read when the configuration is loaded",
+    "inline_bytes": applied,
+    "inline_string": applied,
+    "environment_variable": applied,
+    "watched_directory": refused "reloading data sources from a watched directory is not supported",
+});
+
+fields!(pub(super) static TRANSPORT_SOCKET = "envoy.config.core.v3.TransportSocket" {
+    "name": applied "raw_buffer without a typed_config",
+    "typed_config": applied "raw buffer, DownstreamTlsContext or UpstreamTlsContext (others refused)",
+});
+
+fields!(pub(super) static RUNTIME_FRACTIONAL_PERCENT = "envoy.config.core.v3.RuntimeFractionalPercent" {
+    "default_value": applied,
+    "runtime_key": inert "there is no runtime layer: the default applies, as in Envoy without runtime overrides",
+});
+
+fields!(pub(super) static FRACTIONAL_PERCENT = "envoy.type.v3.FractionalPercent" {
+    "numerator": applied "clamped to the denominator, as Envoy does",
+    "denominator": applied,
+});
+
 fields!(pub(super) static CIDR_RANGE = "envoy.config.core.v3.CidrRange" {
     "address_prefix": applied,
     "prefix_len": applied,
@@ -154,17 +177,18 @@ pub(super) fn transport_socket_typed(
     field: &str,
     ts: &core_pb::TransportSocket,
 ) -> Result<Option<Typed>, ConvertError> {
-    let typed = match &ts.config_type {
+    let core_pb::TransportSocket { name, config_type } = ts;
+    let typed = match config_type {
         Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => {
             Typed::from_any(any).map_err(|e| ctx.err(format!("{field}.typed_config"), e))?
         }
-        None if ts.name == "envoy.transport_sockets.raw_buffer" || ts.name == "raw_buffer" => {
+        None if name == "envoy.transport_sockets.raw_buffer" || name == "raw_buffer" => {
             return Ok(None);
         }
         None => {
             return Err(ctx.err(
                 field,
-                format!("transport socket {:?} has no typed_config", ts.name),
+                format!("transport socket {name:?} has no typed_config"),
             ));
         }
     };
@@ -187,7 +211,20 @@ pub(super) fn data_source(
     d: Option<&core_pb::DataSource>,
 ) -> Result<Vec<u8>, ConvertError> {
     use core_pb::data_source::Specifier as S;
-    match d.and_then(|d| d.specifier.as_ref()) {
+    let Some(core_pb::DataSource {
+        watched_directory,
+        specifier,
+    }) = d
+    else {
+        return Ok(Vec::new());
+    };
+    ctx.refuse(
+        &DATA_SOURCE,
+        field,
+        "watched_directory",
+        watched_directory.is_some(),
+    )?;
+    match specifier {
         None => Ok(Vec::new()),
         Some(S::InlineBytes(b)) => Ok(b.clone()),
         Some(S::InlineString(s)) => Ok(s.clone().into_bytes()),
@@ -209,20 +246,24 @@ pub(super) fn data_source(
 pub(super) fn fraction(
     f: &Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
 ) -> m::Fraction {
-    let Some(f) = f else {
+    let Some(envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+        numerator,
+        denominator,
+    }) = f
+    else {
         return m::Fraction {
             numerator: 0,
             denominator: 100,
         };
     };
-    let denominator = match f.denominator {
+    let denominator = match denominator {
         1 => 10_000,
         2 => 1_000_000,
         _ => 100,
     };
     m::Fraction {
         // Envoy clamps a numerator above the denominator to 100 %.
-        numerator: f.numerator.min(denominator),
+        numerator: (*numerator).min(denominator),
         denominator,
     }
 }
@@ -230,7 +271,12 @@ pub(super) fn fraction(
 pub(super) fn runtime_fraction(
     f: &Option<core_pb::RuntimeFractionalPercent>,
 ) -> Option<m::Fraction> {
-    f.as_ref().map(|f| fraction(&f.default_value))
+    f.as_ref().map(
+        |core_pb::RuntimeFractionalPercent {
+             default_value,
+             runtime_key: _,
+         }| fraction(default_value),
+    )
 }
 
 pub(super) const NEVER: m::Fraction = m::Fraction {

@@ -7,8 +7,35 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use ferry_model as m;
 
 use super::core_types::{NEVER, fraction, runtime_fraction};
+use super::coverage::fields;
 use super::matcher::string_matcher;
 use super::{ConvertError, Ctx};
+
+fields!(pub(super) static CORS_POLICY = "envoy.extensions.filters.http.cors.v3.CorsPolicy" {
+    "allow_origin_string_match": applied,
+    "allow_methods": applied,
+    "allow_headers": applied,
+    "expose_headers": applied,
+    "max_age": applied,
+    "allow_credentials": applied,
+    "filter_enabled": applied "its default_value (there is no runtime layer)",
+    "shadow_enabled": applied "its default_value (there is no runtime layer)",
+    "allow_private_network_access": applied,
+    "forward_not_matching_preflights": applied,
+});
+
+fields!(pub(super) static ROUTE_CORS_POLICY = "envoy.config.route.v3.CorsPolicy" {
+    "allow_origin_string_match": applied,
+    "allow_methods": applied,
+    "allow_headers": applied,
+    "expose_headers": applied,
+    "max_age": applied,
+    "allow_credentials": applied,
+    "filter_enabled": applied "its default_value (there is no runtime layer)",
+    "shadow_enabled": applied "its default_value (there is no runtime layer)",
+    "allow_private_network_access": applied,
+    "forward_not_matching_preflights": applied,
+});
 
 pub(super) const CORS_TYPE: &str = "envoy.extensions.filters.http.cors.v3.Cors";
 
@@ -42,20 +69,29 @@ pub(super) fn cors_policy(
     field: &str,
     p: &cors_pb::CorsPolicy,
 ) -> Result<m::cors::CorsPolicy, ConvertError> {
+    let cors_pb::CorsPolicy {
+        allow_origin_string_match,
+        allow_methods,
+        allow_headers,
+        expose_headers,
+        max_age,
+        allow_credentials,
+        filter_enabled,
+        shadow_enabled,
+        allow_private_network_access,
+        forward_not_matching_preflights,
+    } = p;
     Ok(m::cors::CorsPolicy {
-        allow_origins: origin_matchers(ctx, field, &p.allow_origin_string_match)?,
-        allow_methods: p.allow_methods.clone(),
-        allow_headers: p.allow_headers.clone(),
-        expose_headers: p.expose_headers.clone(),
-        max_age: p.max_age.clone(),
-        allow_credentials: p.allow_credentials.as_ref().map(|v| v.value),
-        allow_private_network_access: p.allow_private_network_access.as_ref().map(|v| v.value),
-        filter_enabled: runtime_fraction(&p.filter_enabled),
-        shadow_enabled: runtime_fraction(&p.shadow_enabled),
-        forward_not_matching_preflights: p
-            .forward_not_matching_preflights
-            .as_ref()
-            .map(|v| v.value),
+        allow_origins: origin_matchers(ctx, field, allow_origin_string_match)?,
+        allow_methods: allow_methods.clone(),
+        allow_headers: allow_headers.clone(),
+        expose_headers: expose_headers.clone(),
+        max_age: max_age.clone(),
+        allow_credentials: allow_credentials.as_ref().map(|v| v.value),
+        allow_private_network_access: allow_private_network_access.as_ref().map(|v| v.value),
+        filter_enabled: runtime_fraction(filter_enabled),
+        shadow_enabled: runtime_fraction(shadow_enabled),
+        forward_not_matching_preflights: forward_not_matching_preflights.as_ref().map(|v| v.value),
     })
 }
 
@@ -66,22 +102,30 @@ pub(super) fn inline_cors(
     p: &route_pb::CorsPolicy,
 ) -> Result<m::cors::CorsPolicy, ConvertError> {
     use route_pb::cors_policy::EnabledSpecifier;
+    let route_pb::CorsPolicy {
+        allow_origin_string_match,
+        allow_methods,
+        allow_headers,
+        expose_headers,
+        max_age,
+        allow_credentials,
+        shadow_enabled,
+        allow_private_network_access,
+        forward_not_matching_preflights,
+        enabled_specifier,
+    } = p;
     Ok(m::cors::CorsPolicy {
-        allow_origins: origin_matchers(ctx, field, &p.allow_origin_string_match)?,
-        allow_methods: p.allow_methods.clone(),
-        allow_headers: p.allow_headers.clone(),
-        expose_headers: p.expose_headers.clone(),
-        max_age: p.max_age.clone(),
-        allow_credentials: p.allow_credentials.as_ref().map(|v| v.value),
-        allow_private_network_access: p.allow_private_network_access.as_ref().map(|v| v.value),
-        filter_enabled: p
-            .enabled_specifier
+        allow_origins: origin_matchers(ctx, field, allow_origin_string_match)?,
+        allow_methods: allow_methods.clone(),
+        allow_headers: allow_headers.clone(),
+        expose_headers: expose_headers.clone(),
+        max_age: max_age.clone(),
+        allow_credentials: allow_credentials.as_ref().map(|v| v.value),
+        allow_private_network_access: allow_private_network_access.as_ref().map(|v| v.value),
+        filter_enabled: enabled_specifier
             .as_ref()
             .map(|EnabledSpecifier::FilterEnabled(f)| fraction(&f.default_value)),
-        shadow_enabled: runtime_fraction(&p.shadow_enabled),
-        forward_not_matching_preflights: p
-            .forward_not_matching_preflights
-            .as_ref()
-            .map(|v| v.value),
+        shadow_enabled: runtime_fraction(shadow_enabled),
+        forward_not_matching_preflights: forward_not_matching_preflights.as_ref().map(|v| v.value),
     })
 }

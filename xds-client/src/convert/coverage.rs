@@ -173,8 +173,9 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        circuit_breakers, cluster, core_types, endpoint, lb_config, listener, matcher,
-        outlier_detection, per_filter, retry, route, upstream_protocol,
+        circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation, lb_config,
+        listener, local_ratelimit, matcher, outlier_detection, per_filter, rbac, retry, route,
+        upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -187,6 +188,12 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &core_types::ADDRESS,
         &core_types::SOCKET_ADDRESS,
         &core_types::CIDR_RANGE,
+        &core_types::TRANSPORT_SOCKET,
+        &core_types::DATA_SOURCE,
+        &core_types::RUNTIME_FRACTIONAL_PERCENT,
+        &core_types::FRACTIONAL_PERCENT,
+        &header_mutation::HEADER_VALUE_OPTION,
+        &header_mutation::HEADER_VALUE,
         &route::ROUTE_CONFIGURATION,
         &route::VIRTUAL_HOST,
         &route::ROUTE,
@@ -240,6 +247,23 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &endpoint::LOCALITY_LB_ENDPOINTS,
         &endpoint::LB_ENDPOINT,
         &endpoint::ENDPOINT,
+        &fault::HTTP_FAULT,
+        &fault::FAULT_DELAY,
+        &fault::FAULT_ABORT,
+        &cors::CORS_POLICY,
+        &cors::ROUTE_CORS_POLICY,
+        &local_ratelimit::LOCAL_RATE_LIMIT,
+        &local_ratelimit::LOCAL_RATE_LIMIT_DESCRIPTOR,
+        &local_ratelimit::TOKEN_BUCKET,
+        &local_ratelimit::RATE_LIMIT,
+        &local_ratelimit::RATE_LIMIT_ACTION,
+        &rbac::HTTP_RBAC,
+        &rbac::RBAC_PER_ROUTE,
+        &rbac::NETWORK_RBAC,
+        &rbac::RBAC,
+        &rbac::POLICY,
+        &rbac::PERMISSION,
+        &rbac::PRINCIPAL,
     ]
 }
 

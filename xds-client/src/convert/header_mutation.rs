@@ -5,7 +5,21 @@
 use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use ferry_model as m;
 
+use super::coverage::fields;
 use super::{ConvertError, Ctx};
+
+fields!(pub(super) static HEADER_VALUE_OPTION = "envoy.config.core.v3.HeaderValueOption" {
+    "header": applied,
+    "append": applied "wins over append_action when set",
+    "append_action": applied,
+    "keep_empty_value": applied,
+});
+
+fields!(pub(super) static HEADER_VALUE = "envoy.config.core.v3.HeaderValue" {
+    "key": applied,
+    "value": applied "a format string (%REQ(…)%, %DOWNSTREAM_REMOTE_ADDRESS%, …)",
+    "raw_value": applied "when value is empty",
+});
 
 /// A level's `*_headers_to_remove` then `*_headers_to_add`, values compiled
 /// as format strings.
@@ -37,15 +51,25 @@ pub(super) fn header_mutations(
     }
     for (i, hv) in add.iter().enumerate() {
         let hf = format!("{add_field}[{i}]");
-        let h = hv
-            .header
+        let core_pb::HeaderValueOption {
+            header,
+            append,
+            append_action,
+            keep_empty_value,
+        } = hv;
+        let h = header
             .as_ref()
             .ok_or_else(|| ctx.err(&hf, "header is required"))?;
+        let core_pb::HeaderValue {
+            key,
+            value: text,
+            raw_value,
+        } = h;
         let name =
-            http::HeaderName::from_bytes(h.key.to_ascii_lowercase().as_bytes()).map_err(|_| {
+            http::HeaderName::from_bytes(key.to_ascii_lowercase().as_bytes()).map_err(|_| {
                 ctx.err(
                     format!("{hf}.header.key"),
-                    format!("{:?} is not a valid header name", h.key),
+                    format!("{key:?} is not a valid header name"),
                 )
             })?;
         if name == http::header::HOST {
@@ -54,12 +78,12 @@ pub(super) fn header_mutations(
                 ":-prefixed or host headers may not be modified",
             ));
         }
-        let raw = if h.value.is_empty() && !h.raw_value.is_empty() {
-            String::from_utf8(h.raw_value.clone()).map_err(|_| {
+        let raw = if text.is_empty() && !raw_value.is_empty() {
+            String::from_utf8(raw_value.clone()).map_err(|_| {
                 ctx.err(format!("{hf}.header.raw_value"), "not a valid header value")
             })?
         } else {
-            h.value.clone()
+            text.clone()
         };
         let value = m::format::HeaderFormat::parse(&raw)
             .map_err(|e| ctx.err(format!("{hf}.header.value"), e))?;
@@ -68,11 +92,11 @@ pub(super) fn header_mutations(
         {
             return Err(ctx.err(format!("{hf}.header.value"), "not a valid header value"));
         }
-        let action = match hv.append.as_ref() {
+        let action = match append.as_ref() {
             // The deprecated `append` wins when it is set.
             Some(v) if v.value => m::AppendAction::AppendIfExistsOrAdd,
             Some(_) => m::AppendAction::OverwriteIfExistsOrAdd,
-            None => match A::try_from(hv.append_action) {
+            None => match A::try_from(*append_action) {
                 Ok(A::AppendIfExistsOrAdd) => m::AppendAction::AppendIfExistsOrAdd,
                 Ok(A::AddIfAbsent) => m::AppendAction::AddIfAbsent,
                 Ok(A::OverwriteIfExistsOrAdd) => m::AppendAction::OverwriteIfExistsOrAdd,
@@ -80,7 +104,7 @@ pub(super) fn header_mutations(
                 Err(_) => {
                     return Err(ctx.err(
                         format!("{hf}.append_action"),
-                        format!("unknown append action {}", hv.append_action),
+                        format!("unknown append action {append_action}"),
                     ));
                 }
             },
@@ -89,7 +113,7 @@ pub(super) fn header_mutations(
             name,
             value,
             action,
-            keep_empty: hv.keep_empty_value,
+            keep_empty: *keep_empty_value,
         }));
     }
     Ok(m::HeaderMutations { ops })

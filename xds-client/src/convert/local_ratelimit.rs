@@ -9,12 +9,72 @@ use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as ra
 use ferry_model as m;
 
 use super::core_types::{NEVER, runtime_fraction};
+use super::coverage::fields;
 use super::header_mutation::header_mutations;
 use super::matcher::{header_matcher, query_parameter_matcher};
 use super::{ConvertError, Ctx, duration};
 
 pub(super) const RATELIMIT_TYPE: &str =
     "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+
+fields!(pub(super) static LOCAL_RATE_LIMIT = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit" {
+    "stat_prefix": applied,
+    "status": applied,
+    "token_bucket": applied,
+    "filter_enabled": applied "its default_value (there is no runtime layer)",
+    "filter_enforced": applied "its default_value (there is no runtime layer)",
+    "request_headers_to_add_when_not_enforced": applied,
+    "response_headers_to_add": applied,
+    "descriptors": applied,
+    "stage": applied,
+    "local_rate_limit_per_downstream_connection": applied,
+    "local_cluster_rate_limit": refused "cluster-wide local rate limits are not supported",
+    "enable_x_ratelimit_headers": applied,
+    "vh_rate_limits": applied,
+    "always_consume_default_token_bucket": applied,
+    "rate_limited_as_resource_exhausted": applied,
+    "rate_limits": refused "rate limit actions in the filter's configuration are not supported (set them on the route or virtual host)",
+    "max_dynamic_descriptors": refused "dynamic (wildcard) descriptors are not supported",
+    "enable_retry_after_header": refused "the Retry-After header is not added",
+});
+
+fields!(pub(super) static LOCAL_RATE_LIMIT_DESCRIPTOR = "envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor" {
+    "entries": applied "keys and values (wildcard values refused)",
+    "token_bucket": applied,
+    "shadow_mode": refused "shadow-mode descriptors are not supported",
+});
+
+fields!(pub(super) static TOKEN_BUCKET = "envoy.type.v3.TokenBucket" {
+    "max_tokens": applied,
+    "tokens_per_fill": applied,
+    "fill_interval": applied,
+});
+
+fields!(pub(super) static RATE_LIMIT = "envoy.config.route.v3.RateLimit" {
+    "stage": applied,
+    "disable_key": inert "there is no runtime layer to disable the limit with",
+    "actions": applied,
+    "limit": refused "dynamic limit overrides are not supported",
+    "hits_addend": refused "hits addends are not supported",
+    "apply_on_stream_done": refused "applying limits when the stream ends is not supported",
+    "x_ratelimit_option": refused "per-limit X-RateLimit header options are not supported",
+});
+
+fields!(pub(super) static RATE_LIMIT_ACTION = "envoy.config.route.v3.RateLimit.Action" {
+    "source_cluster": refused "the source_cluster action is not supported",
+    "destination_cluster": applied,
+    "request_headers": applied,
+    "remote_address": applied,
+    "generic_key": applied "default_value refused",
+    "header_value_match": applied "default_value refused",
+    "dynamic_metadata": refused "metadata actions are not supported",
+    "metadata": refused "metadata actions are not supported",
+    "extension": refused "rate limit descriptor extensions are not supported",
+    "masked_remote_address": applied,
+    "query_parameter_value_match": applied "default_value refused",
+    "query_parameters": applied,
+    "remote_address_match": refused "the remote_address_match action is not supported",
+});
 
 pub(super) fn disabled_ratelimit() -> m::ratelimit::LocalRateLimit {
     m::ratelimit::LocalRateLimit {
@@ -40,25 +100,59 @@ pub(super) fn local_ratelimit(
     field: &str,
     p: &ratelimit_pb::LocalRateLimit,
 ) -> Result<m::ratelimit::LocalRateLimit, ConvertError> {
-    if p.stat_prefix.is_empty() {
+    let cov = &LOCAL_RATE_LIMIT;
+    let ratelimit_pb::LocalRateLimit {
+        stat_prefix,
+        status: status_pb,
+        token_bucket: token_bucket_pb,
+        filter_enabled,
+        filter_enforced,
+        request_headers_to_add_when_not_enforced,
+        response_headers_to_add,
+        descriptors: descriptors_pb,
+        stage,
+        local_rate_limit_per_downstream_connection,
+        local_cluster_rate_limit,
+        enable_x_ratelimit_headers,
+        vh_rate_limits,
+        always_consume_default_token_bucket,
+        rate_limited_as_resource_exhausted,
+        rate_limits: filter_rate_limits,
+        max_dynamic_descriptors,
+        enable_retry_after_header,
+    } = p;
+    ctx.refuse(cov, field, "rate_limits", !filter_rate_limits.is_empty())?;
+    ctx.refuse(
+        cov,
+        field,
+        "max_dynamic_descriptors",
+        max_dynamic_descriptors.is_some(),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "enable_retry_after_header",
+        *enable_retry_after_header,
+    )?;
+    if stat_prefix.is_empty() {
         return Err(ctx.err(format!("{field}.stat_prefix"), "a stat_prefix is required"));
     }
-    if p.local_cluster_rate_limit.is_some() {
-        return Err(ctx.err(
-            format!("{field}.local_cluster_rate_limit"),
-            "cluster-wide local rate limits are not supported",
-        ));
-    }
-    if p.enable_x_ratelimit_headers > 1 {
+    ctx.refuse(
+        cov,
+        field,
+        "local_cluster_rate_limit",
+        local_cluster_rate_limit.is_some(),
+    )?;
+    if *enable_x_ratelimit_headers > 1 {
         return Err(ctx.err(
             format!("{field}.enable_x_ratelimit_headers"),
             format!(
                 "unknown X-RateLimit header version {}",
-                p.enable_x_ratelimit_headers
+                enable_x_ratelimit_headers
             ),
         ));
     }
-    let status = match p.status.as_ref() {
+    let status = match status_pb.as_ref() {
         None => http::StatusCode::TOO_MANY_REQUESTS,
         Some(s) => u16::try_from(s.code)
             .ok()
@@ -71,19 +165,29 @@ pub(super) fn local_ratelimit(
                 )
             })?,
     };
-    let bucket = p
-        .token_bucket
+    let bucket = token_bucket_pb
         .as_ref()
         .map(|tb| token_bucket(ctx, &format!("{field}.token_bucket"), tb))
         .transpose()?;
-    let mut descriptors = Vec::with_capacity(p.descriptors.len());
-    for (i, d) in p.descriptors.iter().enumerate() {
+    let mut descriptors = Vec::with_capacity(descriptors_pb.len());
+    for (i, d) in descriptors_pb.iter().enumerate() {
         let df = format!("{field}.descriptors[{i}]");
-        if d.entries.is_empty() {
+        let envoy_types::pb::envoy::extensions::common::ratelimit::v3::LocalRateLimitDescriptor {
+            entries: entries_pb,
+            token_bucket: descriptor_bucket,
+            shadow_mode,
+        } = d;
+        ctx.refuse(
+            &LOCAL_RATE_LIMIT_DESCRIPTOR,
+            &df,
+            "shadow_mode",
+            *shadow_mode,
+        )?;
+        if entries_pb.is_empty() {
             return Err(ctx.err(format!("{df}.entries"), "a descriptor needs entries"));
         }
-        let mut entries = Vec::with_capacity(d.entries.len());
-        for (j, e) in d.entries.iter().enumerate() {
+        let mut entries = Vec::with_capacity(entries_pb.len());
+        for (j, e) in entries_pb.iter().enumerate() {
             if e.key.is_empty() || e.value.is_empty() {
                 return Err(ctx.err(
                     format!("{df}.entries[{j}]"),
@@ -92,7 +196,7 @@ pub(super) fn local_ratelimit(
             }
             entries.push((e.key.clone(), e.value.clone()));
         }
-        let tb = d.token_bucket.as_ref().ok_or_else(|| {
+        let tb = descriptor_bucket.as_ref().ok_or_else(|| {
             ctx.err(
                 format!("{df}.token_bucket"),
                 "a descriptor needs a token_bucket",
@@ -103,43 +207,42 @@ pub(super) fn local_ratelimit(
             bucket: token_bucket(ctx, &format!("{df}.token_bucket"), tb)?,
         });
     }
-    if p.stage > 10 {
+    if *stage > 10 {
         return Err(ctx.err(format!("{field}.stage"), "stage must be 0 to 10"));
     }
     Ok(m::ratelimit::LocalRateLimit {
-        stat_prefix: p.stat_prefix.clone(),
+        stat_prefix: stat_prefix.clone(),
         status,
         bucket,
-        filter_enabled: runtime_fraction(&p.filter_enabled).unwrap_or(NEVER),
-        filter_enforced: runtime_fraction(&p.filter_enforced).unwrap_or(NEVER),
+        filter_enabled: runtime_fraction(filter_enabled).unwrap_or(NEVER),
+        filter_enforced: runtime_fraction(filter_enforced).unwrap_or(NEVER),
         response_headers: header_mutations(
             ctx,
             &format!("{field}.response_headers_to_add"),
-            &p.response_headers_to_add,
+            response_headers_to_add,
             "",
             &[],
         )?,
         request_headers_when_not_enforced: header_mutations(
             ctx,
             &format!("{field}.request_headers_to_add_when_not_enforced"),
-            &p.request_headers_to_add_when_not_enforced,
+            request_headers_to_add_when_not_enforced,
             "",
             &[],
         )?,
-        grpc_resource_exhausted: p.rate_limited_as_resource_exhausted,
+        grpc_resource_exhausted: *rate_limited_as_resource_exhausted,
         descriptors,
-        stage: p.stage,
-        always_consume_default: p
-            .always_consume_default_token_bucket
+        stage: *stage,
+        always_consume_default: always_consume_default_token_bucket
             .as_ref()
             .is_none_or(|v| v.value),
-        vh_rate_limits: match p.vh_rate_limits {
+        vh_rate_limits: match *vh_rate_limits {
             1 => m::ratelimit::VhRateLimits::Include,
             2 => m::ratelimit::VhRateLimits::Ignore,
             _ => m::ratelimit::VhRateLimits::Override,
         },
-        x_ratelimit_headers: p.enable_x_ratelimit_headers == 1,
-        per_connection: p.local_rate_limit_per_downstream_connection,
+        x_ratelimit_headers: *enable_x_ratelimit_headers == 1,
+        per_connection: *local_rate_limit_per_downstream_connection,
     })
 }
 
@@ -148,7 +251,12 @@ fn token_bucket(
     tf: &str,
     tb: &envoy_types::pb::envoy::r#type::v3::TokenBucket,
 ) -> Result<m::ratelimit::TokenBucket, ConvertError> {
-    let interval = duration(&tb.fill_interval)
+    let envoy_types::pb::envoy::r#type::v3::TokenBucket {
+        max_tokens,
+        tokens_per_fill,
+        fill_interval,
+    } = tb;
+    let interval = duration(fill_interval)
         .ok_or_else(|| ctx.err(format!("{tf}.fill_interval"), "fill_interval is required"))?;
     if interval < Duration::from_millis(50) {
         return Err(ctx.err(
@@ -156,13 +264,13 @@ fn token_bucket(
             "fill_interval must be at least 50ms",
         ));
     }
-    if tb.max_tokens == 0 {
+    if *max_tokens == 0 {
         return Err(ctx.err(
             format!("{tf}.max_tokens"),
             "max_tokens must be greater than zero",
         ));
     }
-    let per_fill = tb.tokens_per_fill.as_ref().map_or(1, |v| v.value);
+    let per_fill = tokens_per_fill.as_ref().map_or(1, |v| v.value);
     if per_fill == 0 {
         return Err(ctx.err(
             format!("{tf}.tokens_per_fill"),
@@ -170,7 +278,7 @@ fn token_bucket(
         ));
     }
     Ok(m::ratelimit::TokenBucket::new(
-        tb.max_tokens,
+        *max_tokens,
         per_fill,
         interval,
     ))
@@ -187,14 +295,32 @@ pub(super) fn rate_limits(
     let mut out = Vec::with_capacity(rls.len());
     for (i, rl) in rls.iter().enumerate() {
         let rf = format!("{field}[{i}]");
-        if rl.limit.is_some() {
-            return Err(ctx.err(
-                format!("{rf}.limit"),
-                "dynamic limit overrides are not supported",
-            ));
-        }
-        let mut actions = Vec::with_capacity(rl.actions.len());
-        for (j, a) in rl.actions.iter().enumerate() {
+        let route_pb::RateLimit {
+            stage,
+            disable_key,
+            actions: actions_pb,
+            limit,
+            hits_addend,
+            apply_on_stream_done,
+            x_ratelimit_option,
+        } = rl;
+        let _ = disable_key;
+        ctx.refuse(&RATE_LIMIT, &rf, "limit", limit.is_some())?;
+        ctx.refuse(&RATE_LIMIT, &rf, "hits_addend", hits_addend.is_some())?;
+        ctx.refuse(
+            &RATE_LIMIT,
+            &rf,
+            "apply_on_stream_done",
+            *apply_on_stream_done,
+        )?;
+        ctx.refuse(
+            &RATE_LIMIT,
+            &rf,
+            "x_ratelimit_option",
+            *x_ratelimit_option != 0,
+        )?;
+        let mut actions = Vec::with_capacity(actions_pb.len());
+        for (j, a) in actions_pb.iter().enumerate() {
             let af = format!("{rf}.actions[{j}]");
             let no_default = |name: &str, d: &str| {
                 if d.is_empty() {
@@ -298,16 +424,32 @@ pub(super) fn rate_limits(
                         matchers,
                     }
                 }
-                _ => {
-                    return Err(ctx.err(
-                        &af,
-                        "only remote_address, masked_remote_address, destination_cluster, generic_key, request_headers, query_parameters, header_value_match and query_parameter_value_match actions are supported",
-                    ));
+                Some(A::SourceCluster(_)) => {
+                    ctx.refuse(&RATE_LIMIT_ACTION, &af, "source_cluster", true)?;
+                    continue;
                 }
+                #[allow(deprecated)]
+                Some(A::DynamicMetadata(_)) => {
+                    ctx.refuse(&RATE_LIMIT_ACTION, &af, "dynamic_metadata", true)?;
+                    continue;
+                }
+                Some(A::Metadata(_)) => {
+                    ctx.refuse(&RATE_LIMIT_ACTION, &af, "metadata", true)?;
+                    continue;
+                }
+                Some(A::Extension(_)) => {
+                    ctx.refuse(&RATE_LIMIT_ACTION, &af, "extension", true)?;
+                    continue;
+                }
+                Some(A::RemoteAddressMatch(_)) => {
+                    ctx.refuse(&RATE_LIMIT_ACTION, &af, "remote_address_match", true)?;
+                    continue;
+                }
+                None => return Err(ctx.err(&af, "an action is required")),
             });
         }
         out.push(m::ratelimit::RateLimitPolicy {
-            stage: rl.stage.as_ref().map_or(0, |v| v.value),
+            stage: stage.as_ref().map_or(0, |v| v.value),
             actions,
         });
     }

@@ -18,8 +18,82 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher_pb;
 use ferry_model::rbac as mr;
 
 use super::core_types::cidr;
+use super::coverage::{fields, path};
 use super::matcher::{header_matcher, string_matcher};
 use super::{ConvertError, Ctx, Typed};
+
+fields!(pub(super) static HTTP_RBAC = "envoy.extensions.filters.http.rbac.v3.RBAC" {
+    "rules": applied,
+    "rules_stat_prefix": applied,
+    "matcher": refused "the matcher-based RBAC form is not supported; use rules",
+    "shadow_rules": applied,
+    "shadow_matcher": refused "the matcher-based RBAC form is not supported; use shadow_rules",
+    "shadow_rules_stat_prefix": applied,
+    "track_per_rule_stats": applied,
+});
+
+fields!(pub(super) static RBAC_PER_ROUTE = "envoy.extensions.filters.http.rbac.v3.RBACPerRoute" {
+    "rbac": applied "replaces the filter's rules for the route; none turns the filter off there",
+});
+
+fields!(pub(super) static NETWORK_RBAC = "envoy.extensions.filters.network.rbac.v3.RBAC" {
+    "rules": applied "header rules refused (a connection has no headers)",
+    "matcher": refused "the matcher-based RBAC form is not supported; use rules",
+    "shadow_rules": applied,
+    "shadow_matcher": refused "the matcher-based RBAC form is not supported; use shadow_rules",
+    "shadow_rules_stat_prefix": applied,
+    "stat_prefix": applied,
+    "enforcement_type": applied,
+    "delay_deny": applied,
+});
+
+fields!(pub(super) static RBAC = "envoy.config.rbac.v3.RBAC" {
+    "action": applied,
+    "policies": applied,
+    "audit_logging_options": warned "RBAC audit loggers are not implemented; decisions are not audited",
+});
+
+fields!(pub(super) static POLICY = "envoy.config.rbac.v3.Policy" {
+    "permissions": applied,
+    "principals": applied,
+    "condition": refused "CEL conditions are not supported",
+    "checked_condition": refused "CEL conditions are not supported",
+    "cel_config": inert "read only with a CEL condition, which is refused",
+});
+
+fields!(pub(super) static PERMISSION = "envoy.config.rbac.v3.Permission" {
+    "and_rules": applied,
+    "or_rules": applied,
+    "any": applied "true (false refused)",
+    "header": applied,
+    "url_path": applied,
+    "destination_ip": applied,
+    "destination_port": applied,
+    "destination_port_range": applied,
+    "metadata": applied,
+    "not_rule": applied,
+    "requested_server_name": applied,
+    "matcher": refused "permission matcher extensions are not supported",
+    "uri_template": applied,
+    "sourced_metadata": applied "DYNAMIC metadata (ROUTE refused)",
+});
+
+fields!(pub(super) static PRINCIPAL = "envoy.config.rbac.v3.Principal" {
+    "and_ids": applied,
+    "or_ids": applied,
+    "any": applied "true (false refused)",
+    "authenticated": applied,
+    "source_ip": applied,
+    "direct_remote_ip": applied,
+    "remote_ip": applied,
+    "header": applied,
+    "url_path": applied,
+    "metadata": applied,
+    "filter_state": refused "filter state matching is not supported (no filter of Ferry's produces it)",
+    "not_id": applied,
+    "sourced_metadata": applied "DYNAMIC metadata (ROUTE refused)",
+    "custom": refused "custom principal extensions are not supported",
+});
 
 pub(super) const HTTP_RBAC_TYPE: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
 pub(super) const HTTP_RBAC_PER_ROUTE_TYPE: &str =
@@ -32,32 +106,34 @@ pub(super) fn http_rbac(
     field: &str,
     p: &http_rbac_pb::Rbac,
 ) -> Result<mr::HttpRbac, ConvertError> {
-    if p.matcher.is_some() {
-        return Err(ctx.err(
-            format!("{field}.matcher"),
-            "the matcher-based RBAC form is not supported; use rules",
-        ));
-    }
-    if p.shadow_matcher.is_some() {
-        return Err(ctx.err(
-            format!("{field}.shadow_matcher"),
-            "the matcher-based RBAC form is not supported; use shadow_rules",
-        ));
-    }
+    let http_rbac_pb::Rbac {
+        rules,
+        rules_stat_prefix,
+        matcher,
+        shadow_rules,
+        shadow_matcher,
+        shadow_rules_stat_prefix,
+        track_per_rule_stats,
+    } = p;
+    ctx.refuse(&HTTP_RBAC, field, "matcher", matcher.is_some())?;
+    ctx.refuse(
+        &HTTP_RBAC,
+        field,
+        "shadow_matcher",
+        shadow_matcher.is_some(),
+    )?;
     Ok(mr::HttpRbac {
-        rules: p
-            .rules
+        rules: rules
             .as_ref()
-            .map(|r| rbac(ctx, &format!("{field}.rules"), r))
+            .map(|r| rbac(ctx, &path(field, "rules"), r))
             .transpose()?,
-        shadow_rules: p
-            .shadow_rules
+        shadow_rules: shadow_rules
             .as_ref()
-            .map(|r| rbac(ctx, &format!("{field}.shadow_rules"), r))
+            .map(|r| rbac(ctx, &path(field, "shadow_rules"), r))
             .transpose()?,
-        rules_stat_prefix: p.rules_stat_prefix.clone(),
-        shadow_rules_stat_prefix: p.shadow_rules_stat_prefix.clone(),
-        track_per_rule_stats: p.track_per_rule_stats,
+        rules_stat_prefix: rules_stat_prefix.clone(),
+        shadow_rules_stat_prefix: shadow_rules_stat_prefix.clone(),
+        track_per_rule_stats: *track_per_rule_stats,
     })
 }
 
@@ -69,7 +145,8 @@ pub(super) fn http_rbac_per_route(
     typed: Typed,
 ) -> Result<mr::HttpRbac, ConvertError> {
     let p: http_rbac_pb::RbacPerRoute = typed.decode().map_err(|e| ctx.err(field, e))?;
-    match &p.rbac {
+    let http_rbac_pb::RbacPerRoute { rbac } = &p;
+    match rbac {
         Some(r) => http_rbac(ctx, &format!("{field}.rbac"), r),
         None => Ok(mr::HttpRbac::default()),
     }
@@ -82,31 +159,36 @@ pub(super) fn network_rbac(
     p: &net_rbac_pb::Rbac,
 ) -> Result<mr::NetworkRbac, ConvertError> {
     use net_rbac_pb::rbac::EnforcementType;
-    if p.stat_prefix.is_empty() {
+    let net_rbac_pb::Rbac {
+        rules,
+        matcher,
+        shadow_rules,
+        shadow_matcher,
+        shadow_rules_stat_prefix,
+        stat_prefix,
+        enforcement_type,
+        delay_deny,
+    } = p;
+    if stat_prefix.is_empty() {
         return Err(ctx.err(
             format!("{field}.stat_prefix"),
             "the network RBAC filter needs a stat_prefix",
         ));
     }
-    if p.matcher.is_some() {
-        return Err(ctx.err(
-            format!("{field}.matcher"),
-            "the matcher-based RBAC form is not supported; use rules",
-        ));
-    }
-    if p.shadow_matcher.is_some() {
-        return Err(ctx.err(
-            format!("{field}.shadow_matcher"),
-            "the matcher-based RBAC form is not supported; use shadow_rules",
-        ));
-    }
-    let enforcement = match EnforcementType::try_from(p.enforcement_type) {
+    ctx.refuse(&NETWORK_RBAC, field, "matcher", matcher.is_some())?;
+    ctx.refuse(
+        &NETWORK_RBAC,
+        field,
+        "shadow_matcher",
+        shadow_matcher.is_some(),
+    )?;
+    let enforcement = match EnforcementType::try_from(*enforcement_type) {
         Ok(EnforcementType::OneTimeOnFirstByte) => mr::Enforcement::OneTimeOnFirstByte,
         Ok(EnforcementType::Continuous) => mr::Enforcement::Continuous,
         Err(_) => {
             return Err(ctx.err(
                 format!("{field}.enforcement_type"),
-                format!("unknown value {}", p.enforcement_type),
+                format!("unknown value {enforcement_type}"),
             ));
         }
     };
@@ -129,12 +211,12 @@ pub(super) fn network_rbac(
         Ok(Some(compiled))
     };
     Ok(mr::NetworkRbac {
-        stat_prefix: p.stat_prefix.clone(),
-        rules: checked(ctx, "rules", &p.rules)?,
-        shadow_rules: checked(ctx, "shadow_rules", &p.shadow_rules)?,
-        shadow_rules_stat_prefix: p.shadow_rules_stat_prefix.clone(),
+        stat_prefix: stat_prefix.clone(),
+        rules: checked(ctx, "rules", rules)?,
+        shadow_rules: checked(ctx, "shadow_rules", shadow_rules)?,
+        shadow_rules_stat_prefix: shadow_rules_stat_prefix.clone(),
         enforcement,
-        delay_deny: super::duration(&p.delay_deny).filter(|d| !d.is_zero()),
+        delay_deny: super::duration(delay_deny).filter(|d| !d.is_zero()),
     })
 }
 
@@ -159,45 +241,57 @@ fn principal_has_header(p: &mr::Principal) -> bool {
 /// `envoy.config.rbac.v3.RBAC`.
 fn rbac(ctx: &mut Ctx<'_>, field: &str, r: &rbac_pb::Rbac) -> Result<Arc<mr::Rbac>, ConvertError> {
     use rbac_pb::rbac::Action as A;
-    let action = match A::try_from(r.action) {
+    let rbac_pb::Rbac {
+        action: action_pb,
+        policies: policies_pb,
+        audit_logging_options,
+    } = r;
+    let action = match A::try_from(*action_pb) {
         Ok(A::Allow) => mr::Action::Allow,
         Ok(A::Deny) => mr::Action::Deny,
         Ok(A::Log) => mr::Action::Log,
         Err(_) => {
             return Err(ctx.err(
                 format!("{field}.action"),
-                format!("unknown action {}", r.action),
+                format!("unknown action {action_pb}"),
             ));
         }
     };
-    if r.audit_logging_options.is_some() {
-        ctx.warn(
-            &format!("{field}.audit_logging_options"),
-            "RBAC audit loggers are not implemented; decisions are not audited".into(),
-        );
-    }
-    let mut names: Vec<&String> = r.policies.keys().collect();
+    ctx.knob(
+        &RBAC,
+        field,
+        "audit_logging_options",
+        audit_logging_options.is_some(),
+    );
+    let mut names: Vec<&String> = policies_pb.keys().collect();
     names.sort();
     let mut policies = Vec::with_capacity(names.len());
     for name in names {
-        let Some(p) = r.policies.get(name) else {
+        let Some(p) = policies_pb.get(name) else {
             continue;
         };
         let pf = format!("{field}.policies[{name:?}]");
-        if p.condition.is_some() || p.checked_condition.is_some() {
-            return Err(ctx.err(
-                format!("{pf}.condition"),
-                "CEL conditions are not supported",
-            ));
-        }
-        let permissions = p
-            .permissions
+        let rbac_pb::Policy {
+            permissions: permissions_pb,
+            principals: principals_pb,
+            condition,
+            checked_condition,
+            cel_config,
+        } = p;
+        let _ = cel_config;
+        ctx.refuse(&POLICY, &pf, "condition", condition.is_some())?;
+        ctx.refuse(
+            &POLICY,
+            &pf,
+            "checked_condition",
+            checked_condition.is_some(),
+        )?;
+        let permissions = permissions_pb
             .iter()
             .enumerate()
             .map(|(i, x)| permission(ctx, &format!("{pf}.permissions[{i}]"), x))
             .collect::<Result<Vec<_>, _>>()?;
-        let principals = p
-            .principals
+        let principals = principals_pb
             .iter()
             .enumerate()
             .map(|(i, x)| principal(ctx, &format!("{pf}.principals[{i}]"), x))
@@ -275,7 +369,8 @@ fn permission(
             .map(|(i, r)| permission(ctx, &format!("{field}.{f}.rules[{i}]"), r))
             .collect::<Result<Vec<_>, _>>()
     };
-    Ok(match &p.rule {
+    let rbac_pb::Permission { rule } = p;
+    Ok(match rule {
         Some(R::AndRules(s)) => mr::Permission::And(set(ctx, "and_rules", &s.rules)?),
         Some(R::OrRules(s)) => mr::Permission::Or(set(ctx, "or_rules", &s.rules)?),
         Some(R::Any(true)) => mr::Permission::Any,
@@ -354,10 +449,8 @@ fn permission(
             mr::Permission::UriTemplate(re)
         }
         Some(R::Matcher(_)) => {
-            return Err(ctx.err(
-                format!("{field}.matcher"),
-                "permission matcher extensions are not supported",
-            ));
+            ctx.refuse(&PERMISSION, field, "matcher", true)?;
+            return Err(ctx.err(field, "a permission needs a rule"));
         }
         None => return Err(ctx.err(field, "a permission needs a rule")),
     })
@@ -375,8 +468,9 @@ fn principal(
             .map(|(i, r)| principal(ctx, &format!("{field}.{f}.ids[{i}]"), r))
             .collect::<Result<Vec<_>, _>>()
     };
+    let rbac_pb::Principal { identifier } = p;
     #[allow(deprecated)] // source_ip is deprecated but still sent.
-    Ok(match &p.identifier {
+    Ok(match identifier {
         Some(I::AndIds(s)) => mr::Principal::And(set(ctx, "and_ids", &s.ids)?),
         Some(I::OrIds(s)) => mr::Principal::Or(set(ctx, "or_ids", &s.ids)?),
         Some(I::Any(true)) => mr::Principal::Any,
@@ -413,20 +507,16 @@ fn principal(
         Some(I::NotId(n)) => {
             mr::Principal::Not(Box::new(principal(ctx, &format!("{field}.not_id"), n)?))
         }
-        Some(I::FilterState(f)) => {
-            if f.key.is_empty() {
-                return Err(ctx.err(
-                    format!("{field}.filter_state.key"),
-                    "a filter state matcher needs a key",
-                ));
-            }
-            mr::Principal::FilterState(f.key.clone())
+        // Envoy evaluates the key against what its filters stored; nothing
+        // of Ferry's stores any, so the rule could only ever be false, and a
+        // DENY on it would never fire.
+        Some(I::FilterState(_)) => {
+            ctx.refuse(&PRINCIPAL, field, "filter_state", true)?;
+            return Err(ctx.err(field, "a principal needs an identifier"));
         }
         Some(I::Custom(_)) => {
-            return Err(ctx.err(
-                format!("{field}.custom"),
-                "custom principal extensions are not supported",
-            ));
+            ctx.refuse(&PRINCIPAL, field, "custom", true)?;
+            return Err(ctx.err(field, "a principal needs an identifier"));
         }
         None => return Err(ctx.err(field, "a principal needs an identifier")),
     })
