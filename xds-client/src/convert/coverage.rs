@@ -268,4 +268,6 @@ pub(super) fn all() -> Vec<&'static Coverage> {
 }
 
 #[cfg(test)]
+mod probe;
+#[cfg(test)]
 mod tests;

@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::config::route::v3 as route_pb;
 use ferry_model as m;
 
-use super::core_types::fraction;
+use super::core_types::{DATA_SOURCE, fraction};
 use super::cors::inline_cors;
 use super::coverage::{Coverage, fields, path};
 use super::header_mutation::header_mutations;
@@ -764,7 +764,22 @@ fn direct_response(
                 format!("{status} is not an HTTP status in [200, 600)"),
             )
         })?;
-    let body = match body.as_ref().and_then(|b| b.specifier.as_ref()) {
+    let specifier = match body {
+        Some(core_pb::DataSource {
+            watched_directory,
+            specifier,
+        }) => {
+            ctx.refuse(
+                &DATA_SOURCE,
+                &path(field, "body"),
+                "watched_directory",
+                watched_directory.is_some(),
+            )?;
+            specifier.as_ref()
+        }
+        None => None,
+    };
+    let body = match specifier {
         Some(Specifier::InlineString(s)) => Some(s.clone()),
         Some(Specifier::InlineBytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
         Some(_) => {

@@ -6,7 +6,7 @@ use super::{Coverage, Status, all};
 
 const DESCRIPTORS: &[u8] = include_bytes!("../../../../envoy-json/descriptors/envoy-v3.bin");
 
-fn pool() -> DescriptorPool {
+pub(super) fn pool() -> DescriptorPool {
     DescriptorPool::decode(DESCRIPTORS).expect("descriptor set")
 }
 

@@ -1,0 +1,691 @@
+//! The lists against the converters: every refused or warned field of a
+//! message is set, in turn, on a configuration that converts, and the
+//! conversion must refuse it by name or warn about it by name; no applied
+//! or inert field may draw a tuning-knob warning. So a list cannot claim
+//! what the code does not do.
+
+use prost::Message;
+use prost_reflect::{DynamicMessage, Kind, MapKey, MessageDescriptor, ReflectMessage, Value};
+
+use super::super::{ConvertError, Warnings};
+use super::tests::pool;
+use super::{Coverage, Status, all};
+
+/// A working resource of each kind, in Envoy's JSON.
+const LISTENER: &str = r#"{
+  "name": "l",
+  "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+  "additional_addresses": [{"address": {"socket_address": {"address": "127.0.0.2", "port_value": 10000}}}],
+  "listener_filters": [{
+    "name": "envoy.filters.listener.tls_inspector",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+    "filter_disabled": {"destination_port_range": {"start": 1, "end": 2}}
+  }],
+  "filter_chains": [{
+    "filter_chain_match": {"destination_port": 10000, "prefix_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]},
+    "filters": [{
+      "name": "envoy.filters.network.http_connection_manager",
+      "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "h",
+        "http_filters": [
+          {"name": "fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "delay": {"fixed_delay": "0s", "percentage": {"numerator": 0}},
+            "abort": {"http_status": 503, "percentage": {"numerator": 0}}}},
+          {"name": "cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
+          {"name": "rl", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "rl", "token_bucket": {"max_tokens": 10, "fill_interval": "1s"},
+            "descriptors": [{"entries": [{"key": "k", "value": "v"}], "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}]}},
+          {"name": "rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}], "principals": [{"any": true}]}}}}},
+          {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+        ],
+        "route_config": {
+          "name": "r",
+          "virtual_hosts": [{
+            "name": "v",
+            "domains": ["*"],
+            "routes": [
+              {
+                "match": {"prefix": "/", "headers": [{"name": "x", "string_match": {"exact": "y"}}],
+                  "query_parameters": [{"name": "q"}], "runtime_fraction": {"default_value": {"numerator": 100}}},
+                "route": {
+                  "weighted_clusters": {"clusters": [{"name": "c", "weight": 1}]},
+                  "retry_policy": {"retry_on": "5xx"},
+                  "hash_policy": [{"header": {"header_name": "h"}}],
+                  "request_mirror_policies": [{"cluster": "m"}],
+                  "upgrade_configs": [{"upgrade_type": "websocket"}],
+                  "max_stream_duration": {"max_stream_duration": "1s"},
+                  "rate_limits": [{"actions": [{"remote_address": {}}]}],
+                  "hedge_policy": {},
+                  "cors": {}
+                },
+                "typed_per_filter_config": {
+                  "f": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                    "config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+                      "abort": {"http_status": 503, "percentage": {"numerator": 0}}}},
+                  "cors": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"},
+                  "rbac": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"}
+                }
+              },
+              {"match": {"prefix": "/r"}, "redirect": {"host_redirect": "x"}},
+              {"match": {"prefix": "/d"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+               "request_headers_to_add": [{"header": {"key": "a", "value": "b"}}]},
+              {"match": {"safe_regex": {"regex": "/x.*"}},
+               "route": {"cluster": "c", "regex_rewrite": {"pattern": {"regex": "x"}, "substitution": "y"}}}
+            ]
+          }]
+        }
+      }
+    }]
+  }, {
+    "filter_chain_match": {"destination_port": 10001},
+    "filters": [
+      {"name": "envoy.filters.network.rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+        "stat_prefix": "n", "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}], "principals": [{"any": true}]}}}}},
+      {"name": "envoy.filters.network.tcp_proxy", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "t", "cluster": "c"}}
+    ]
+  }]
+}"#;
+
+const CLUSTER: &str = r#"{
+  "name": "c",
+  "type": "STATIC",
+  "connect_timeout": "1s",
+  "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 8080}}}}]}]},
+  "transport_socket": {"name": "raw", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}},
+  "transport_socket_matches": [{"name": "m", "match": {"a": "b"}}],
+  "typed_extension_protocol_options": {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+      "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+      "explicit_http_config": {"http_protocol_options": {}}
+    }
+  }
+}"#;
+
+const EDS_CLUSTER: &str =
+    r#"{"name": "e", "type": "EDS", "eds_cluster_config": {"service_name": "e"}}"#;
+
+/// Where a message sits: which resource, the path to it (`name`,
+/// `name[i]`, `name{key}` for map entries, `name@` for an `Any`'s
+/// contents), and what to set there first, if the base lacks it.
+struct Site {
+    base: &'static str,
+    path: &'static str,
+    /// A message set at a path (a field of an existing message) first.
+    init: Option<(&'static str, &'static str)>,
+}
+
+fn site(message: &str, context: &str) -> Option<Site> {
+    const HCM: &str = "filter_chains[0].filters[0].typed_config@";
+    let s = |base, path, init: Option<&'static str>| {
+        Some(Site {
+            base,
+            path,
+            init: init.map(|i| (path, i)),
+        })
+    };
+    let l = |path: &'static str| s(LISTENER, path, None);
+    let c = |path: &'static str, init: Option<&'static str>| s(CLUSTER, path, init);
+    let _ = HCM;
+    macro_rules! hcm {
+        ($p:literal) => {
+            concat!("filter_chains[0].filters[0].typed_config@.", $p)
+        };
+    }
+    macro_rules! route0 {
+        ($p:literal) => {
+            concat!(
+                "filter_chains[0].filters[0].typed_config@.route_config.virtual_hosts[0].routes[0]",
+                $p
+            )
+        };
+    }
+    macro_rules! vh {
+        ($p:literal) => {
+            concat!(
+                "filter_chains[0].filters[0].typed_config@.route_config.virtual_hosts[0]",
+                $p
+            )
+        };
+    }
+    macro_rules! up {
+        ($p:literal) => {
+            concat!(
+                "typed_extension_protocol_options{envoy.extensions.upstreams.http.v3.HttpProtocolOptions}@",
+                $p
+            )
+        };
+    }
+    match (message, context) {
+        ("envoy.config.listener.v3.Listener", _) => l(""),
+        ("envoy.config.listener.v3.AdditionalAddress", _) => l("additional_addresses[0]"),
+        ("envoy.config.listener.v3.ListenerFilter", _) => l("listener_filters[0]"),
+        ("envoy.config.listener.v3.ListenerFilterChainMatchPredicate", _) => {
+            l("listener_filters[0].filter_disabled")
+        }
+        ("envoy.config.listener.v3.FilterChain", _) => l("filter_chains[0]"),
+        ("envoy.config.listener.v3.FilterChainMatch", _) => {
+            l("filter_chains[0].filter_chain_match")
+        }
+        ("envoy.config.listener.v3.Filter", _) => l("filter_chains[0].filters[0]"),
+        ("envoy.config.core.v3.Address", _) => l("address"),
+        ("envoy.config.core.v3.SocketAddress", _) => l("address.socket_address"),
+        ("envoy.config.core.v3.CidrRange", _) => {
+            l("filter_chains[0].filter_chain_match.prefix_ranges[0]")
+        }
+        ("envoy.config.route.v3.RouteConfiguration", _) => l(hcm!("route_config")),
+        ("envoy.config.route.v3.VirtualHost", _) => l(vh!("")),
+        ("envoy.config.route.v3.Route", _) => l(route0!("")),
+        ("envoy.config.route.v3.RouteMatch", _) => l(route0!(".match")),
+        ("envoy.config.route.v3.HeaderMatcher", _) => l(route0!(".match.headers[0]")),
+        ("envoy.config.route.v3.QueryParameterMatcher", _) => {
+            l(route0!(".match.query_parameters[0]"))
+        }
+        ("envoy.config.route.v3.RouteAction", _) => l(route0!(".route")),
+        ("envoy.config.route.v3.WeightedCluster", _) => l(route0!(".route.weighted_clusters")),
+        ("envoy.config.route.v3.WeightedCluster.ClusterWeight", _) => {
+            l(route0!(".route.weighted_clusters.clusters[0]"))
+        }
+        ("envoy.config.route.v3.RouteAction.UpgradeConfig", _) => {
+            l(route0!(".route.upgrade_configs[0]"))
+        }
+        ("envoy.config.route.v3.RouteAction.MaxStreamDuration", _) => {
+            l(route0!(".route.max_stream_duration"))
+        }
+        ("envoy.config.route.v3.RouteAction.HashPolicy", _) => l(route0!(".route.hash_policy[0]")),
+        ("envoy.config.route.v3.RouteAction.RequestMirrorPolicy", _) => {
+            l(route0!(".route.request_mirror_policies[0]"))
+        }
+        ("envoy.config.route.v3.HedgePolicy", _) => l(route0!(".route.hedge_policy")),
+        ("envoy.config.route.v3.RetryPolicy", _) => l(route0!(".route.retry_policy")),
+        ("envoy.config.route.v3.CorsPolicy", _) => l(route0!(".route.cors")),
+        ("envoy.config.route.v3.RedirectAction", _) => l(vh!(".routes[1].redirect")),
+        ("envoy.config.route.v3.DirectResponseAction", _) => l(vh!(".routes[2].direct_response")),
+        ("envoy.config.route.v3.FilterConfig", _) => l(route0!(".typed_per_filter_config{f}@")),
+        ("envoy.config.route.v3.RateLimit", _) => l(route0!(".route.rate_limits[0]")),
+        ("envoy.config.route.v3.RateLimit.Action", _) => {
+            l(route0!(".route.rate_limits[0].actions[0]"))
+        }
+        ("envoy.type.matcher.v3.StringMatcher", _) => l(route0!(".match.headers[0].string_match")),
+        ("envoy.type.matcher.v3.RegexMatcher", _) => l(vh!(".routes[3].match.safe_regex")),
+        ("envoy.type.matcher.v3.RegexMatchAndSubstitute", _) => {
+            l(vh!(".routes[3].route.regex_rewrite"))
+        }
+        ("envoy.config.core.v3.HeaderValueOption", _) => {
+            l(vh!(".routes[2].request_headers_to_add[0]"))
+        }
+        ("envoy.config.core.v3.HeaderValue", _) => {
+            l(vh!(".routes[2].request_headers_to_add[0].header"))
+        }
+        ("envoy.config.core.v3.RuntimeFractionalPercent", _) => {
+            l(route0!(".match.runtime_fraction"))
+        }
+        ("envoy.type.v3.FractionalPercent", _) => {
+            l(route0!(".match.runtime_fraction.default_value"))
+        }
+        ("envoy.config.core.v3.DataSource", _) => l(vh!(".routes[2].direct_response.body")),
+        ("envoy.extensions.filters.http.fault.v3.HTTPFault", _) => {
+            l(hcm!("http_filters[0].typed_config@"))
+        }
+        ("envoy.extensions.filters.common.fault.v3.FaultDelay", _) => {
+            l(hcm!("http_filters[0].typed_config@.delay"))
+        }
+        ("envoy.extensions.filters.http.fault.v3.FaultAbort", _) => {
+            l(hcm!("http_filters[0].typed_config@.abort"))
+        }
+        ("envoy.extensions.filters.http.cors.v3.CorsPolicy", _) => {
+            l(route0!(".typed_per_filter_config{cors}@"))
+        }
+        ("envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", _) => {
+            l(hcm!("http_filters[2].typed_config@"))
+        }
+        ("envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor", _) => {
+            l(hcm!("http_filters[2].typed_config@.descriptors[0]"))
+        }
+        ("envoy.type.v3.TokenBucket", _) => l(hcm!("http_filters[2].typed_config@.token_bucket")),
+        ("envoy.extensions.filters.http.rbac.v3.RBAC", _) => {
+            l(hcm!("http_filters[3].typed_config@"))
+        }
+        ("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", _) => {
+            l(route0!(".typed_per_filter_config{rbac}@"))
+        }
+        ("envoy.extensions.filters.network.rbac.v3.RBAC", _) => {
+            l("filter_chains[1].filters[0].typed_config@")
+        }
+        ("envoy.config.rbac.v3.RBAC", _) => l(hcm!("http_filters[3].typed_config@.rules")),
+        ("envoy.config.rbac.v3.Policy", _) => {
+            l(hcm!("http_filters[3].typed_config@.rules.policies{p}"))
+        }
+        ("envoy.config.rbac.v3.Permission", _) => l(hcm!(
+            "http_filters[3].typed_config@.rules.policies{p}.permissions[0]"
+        )),
+        ("envoy.config.rbac.v3.Principal", _) => l(hcm!(
+            "http_filters[3].typed_config@.rules.policies{p}.principals[0]"
+        )),
+        ("envoy.config.cluster.v3.Cluster", _) => c("", None),
+        ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", _) => {
+            s(EDS_CLUSTER, "eds_cluster_config", None)
+        }
+        ("envoy.config.cluster.v3.Cluster.TransportSocketMatch", _) => {
+            c("transport_socket_matches[0]", None)
+        }
+        ("envoy.config.core.v3.TransportSocket", _) => c("transport_socket", None),
+        ("envoy.config.cluster.v3.UpstreamConnectionOptions", _) => {
+            c("upstream_connection_options", Some("{}"))
+        }
+        ("envoy.config.core.v3.TcpKeepalive", _) => {
+            c("upstream_connection_options.tcp_keepalive", Some("{}"))
+        }
+        ("envoy.config.core.v3.BindConfig", _) => c(
+            "upstream_bind_config",
+            Some(r#"{"source_address": {"address": "127.0.0.1", "port_value": 0}}"#),
+        ),
+        ("envoy.config.cluster.v3.Cluster.CommonLbConfig", _) => c("common_lb_config", Some("{}")),
+        ("envoy.config.cluster.v3.Cluster.CommonLbConfig.ConsistentHashingLbConfig", _) => {
+            c("common_lb_config.consistent_hashing_lb_config", Some("{}"))
+        }
+        ("envoy.config.cluster.v3.Cluster.SlowStartConfig", _) => c(
+            "round_robin_lb_config.slow_start_config",
+            Some(r#"{"slow_start_window": "1s"}"#),
+        ),
+        ("envoy.config.cluster.v3.Cluster.RoundRobinLbConfig", _) => {
+            c("round_robin_lb_config", Some("{}"))
+        }
+        ("envoy.config.cluster.v3.Cluster.LeastRequestLbConfig", _) => {
+            c("least_request_lb_config", Some("{}"))
+        }
+        ("envoy.config.cluster.v3.Cluster.RingHashLbConfig", _) => {
+            c("ring_hash_lb_config", Some("{}"))
+        }
+        ("envoy.config.cluster.v3.Cluster.MaglevLbConfig", _) => c("maglev_lb_config", Some("{}")),
+        ("envoy.config.cluster.v3.Cluster.OriginalDstLbConfig", _) => {
+            c("original_dst_lb_config", Some("{}"))
+        }
+        ("envoy.config.cluster.v3.OutlierDetection", _) => c("outlier_detection", Some("{}")),
+        ("envoy.config.cluster.v3.CircuitBreakers", _) => c("circuit_breakers", Some("{}")),
+        ("envoy.config.cluster.v3.CircuitBreakers.Thresholds", _) => Some(Site {
+            base: CLUSTER,
+            path: "circuit_breakers.thresholds[0]",
+            init: Some(("circuit_breakers", r#"{"thresholds": [{}]}"#)),
+        }),
+        ("envoy.config.cluster.v3.CircuitBreakers.Thresholds.RetryBudget", _) => Some(Site {
+            base: CLUSTER,
+            path: "circuit_breakers.thresholds[0].retry_budget",
+            init: Some((
+                "circuit_breakers",
+                r#"{"thresholds": [{"retry_budget": {}}]}"#,
+            )),
+        }),
+        ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", _) => c(up!(""), None),
+        ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig", _) => {
+            c(up!(".explicit_http_config"), None)
+        }
+        ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig", _) => {
+            c(up!(".use_downstream_protocol_config"), Some("{}"))
+        }
+        ("envoy.extensions.upstreams.http.v3.HttpProtocolOptions.AutoHttpConfig", _) => {
+            c(up!(".auto_config"), Some("{}"))
+        }
+        ("envoy.config.core.v3.HttpProtocolOptions", "upstream") => {
+            c(up!(".common_http_protocol_options"), Some("{}"))
+        }
+        ("envoy.config.core.v3.Http1ProtocolOptions", "upstream") => {
+            c(up!(".explicit_http_config.http_protocol_options"), None)
+        }
+        ("envoy.config.core.v3.Http2ProtocolOptions", "upstream") => Some(Site {
+            base: CLUSTER,
+            path: up!(".use_downstream_protocol_config.http2_protocol_options"),
+            init: Some((
+                up!(".use_downstream_protocol_config"),
+                r#"{"http2_protocol_options": {}}"#,
+            )),
+        }),
+        ("envoy.config.core.v3.UpstreamHttpProtocolOptions", _) => {
+            c(up!(".upstream_http_protocol_options"), Some("{}"))
+        }
+        ("envoy.config.endpoint.v3.ClusterLoadAssignment", _) => c("load_assignment", None),
+        ("envoy.config.endpoint.v3.ClusterLoadAssignment.Policy", _) => {
+            c("load_assignment.policy", Some("{}"))
+        }
+        ("envoy.config.endpoint.v3.LocalityLbEndpoints", _) => {
+            c("load_assignment.endpoints[0]", None)
+        }
+        ("envoy.config.endpoint.v3.LbEndpoint", _) => {
+            c("load_assignment.endpoints[0].lb_endpoints[0]", None)
+        }
+        ("envoy.config.endpoint.v3.Endpoint", _) => c(
+            "load_assignment.endpoints[0].lb_endpoints[0].endpoint",
+            None,
+        ),
+        _ => None,
+    }
+}
+
+/// A value that sets `field` to something other than its default; some
+/// fields need a specific one to mean anything (`Message.field`).
+fn special(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "envoy.config.cluster.v3.Cluster.lb_subset_config" => {
+            r#"{"subset_selectors": [{"keys": ["version"]}]}"#
+        }
+        "envoy.config.route.v3.HedgePolicy.additional_request_chance" => r#"{"numerator": 1}"#,
+        "envoy.config.route.v3.RouteAction.metadata_match"
+        | "envoy.config.route.v3.WeightedCluster.ClusterWeight.metadata_match" => {
+            r#"{"filter_metadata": {"envoy.lb": {"version": "v1"}}}"#
+        }
+        "envoy.config.cluster.v3.Cluster.wait_for_warm_on_init" => "false",
+        _ => return None,
+    })
+}
+
+/// A non-default value of a field's type (a single element for lists, one
+/// entry for maps).
+fn value_for(fd: &prost_reflect::FieldDescriptor) -> Value {
+    let one = |kind: Kind| -> Value {
+        match kind {
+            Kind::Bool => Value::Bool(true),
+            Kind::String => Value::String("x".into()),
+            Kind::Bytes => Value::Bytes(b"x".to_vec().into()),
+            Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => Value::I32(2),
+            Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => Value::I64(2),
+            Kind::Uint32 | Kind::Fixed32 => Value::U32(2),
+            Kind::Uint64 | Kind::Fixed64 => Value::U64(2),
+            Kind::Float => Value::F32(0.5),
+            Kind::Double => Value::F64(0.5),
+            Kind::Enum(e) => Value::EnumNumber(
+                e.values()
+                    .map(|v| v.number())
+                    .find(|n| *n != 0)
+                    .unwrap_or(0),
+            ),
+            Kind::Message(m) => Value::Message(message_value(&m)),
+        }
+    };
+    if fd.is_map() {
+        let Kind::Message(entry) = fd.kind() else {
+            return fd.default_value();
+        };
+        let v = one(entry.map_entry_value_field().kind());
+        let mut map = std::collections::HashMap::new();
+        map.insert(MapKey::String("x".into()), v);
+        return Value::Map(map);
+    }
+    let v = one(fd.kind());
+    if fd.is_list() {
+        Value::List(vec![v])
+    } else {
+        v
+    }
+}
+
+/// A message "set" to something: wrappers hold a non-default value.
+fn message_value(m: &MessageDescriptor) -> DynamicMessage {
+    let mut msg = DynamicMessage::new(m.clone());
+    match m.full_name() {
+        "google.protobuf.BoolValue" => msg.set_field_by_name("value", Value::Bool(true)),
+        "google.protobuf.UInt32Value" => msg.set_field_by_name("value", Value::U32(2)),
+        "google.protobuf.UInt64Value" => msg.set_field_by_name("value", Value::U64(2)),
+        "google.protobuf.Int32Value" => msg.set_field_by_name("value", Value::I32(2)),
+        "google.protobuf.Int64Value" => msg.set_field_by_name("value", Value::I64(2)),
+        "google.protobuf.DoubleValue" => msg.set_field_by_name("value", Value::F64(0.5)),
+        "google.protobuf.StringValue" => msg.set_field_by_name("value", Value::String("x".into())),
+        "google.protobuf.Duration" => msg.set_field_by_name("seconds", Value::I64(1)),
+        "envoy.type.v3.Percent" => msg.set_field_by_name("value", Value::F64(20.0)),
+        _ => {}
+    }
+    msg
+}
+
+fn parse(desc: &MessageDescriptor, json: &str) -> DynamicMessage {
+    let v: serde_json::Value = serde_json::from_str(json).expect("JSON");
+    DynamicMessage::deserialize(desc.clone(), v).expect("message")
+}
+
+/// The descriptors, decoded once for the whole probe.
+fn descriptors() -> &'static prost_reflect::DescriptorPool {
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(pool)
+}
+
+/// The first step of a path and the rest (dots inside `{}` are a map key's).
+fn split(path: &str) -> Option<(&str, &str)> {
+    if path.is_empty() {
+        return None;
+    }
+    let mut depth = 0;
+    for (i, ch) in path.char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            '.' if depth == 0 => return Some((&path[..i], &path[i + 1..])),
+            _ => {}
+        }
+    }
+    Some((path, ""))
+}
+
+/// The path of the message holding the last step, and that step.
+fn parent(path: &str) -> (&str, &str) {
+    let mut depth = 0;
+    for (i, ch) in path.char_indices().rev() {
+        match ch {
+            '}' => depth += 1,
+            '{' => depth -= 1,
+            '.' if depth == 0 => return (&path[..i], &path[i + 1..]),
+            _ => {}
+        }
+    }
+    ("", path)
+}
+
+/// Sets the site's initial message, if it has one.
+fn init(base: &mut DynamicMessage, site: &Site) {
+    let Some((path, json)) = site.init else {
+        return;
+    };
+    let (holder, last) = parent(path);
+    at(base, holder, &mut |m| {
+        let fd = m
+            .descriptor()
+            .get_field_by_name(last)
+            .unwrap_or_else(|| panic!("init: {} has no {last}", m.descriptor().full_name()));
+        let Kind::Message(md) = fd.kind() else {
+            panic!("init of a scalar")
+        };
+        m.set_field(&fd, Value::Message(parse(&md, json)));
+    });
+}
+
+/// Applies `f` to the message at `path` in `msg`.
+fn at(msg: &mut DynamicMessage, path: &str, f: &mut dyn FnMut(&mut DynamicMessage)) {
+    let pool = descriptors();
+    let Some((step, rest)) = split(path) else {
+        return f(msg);
+    };
+    let (name, any) = match step.strip_suffix('@') {
+        Some(n) => (n, true),
+        None => (step, false),
+    };
+    let (name, index, key) = if let Some((n, i)) = name.split_once('[') {
+        (n, i.trim_end_matches(']').parse::<usize>().ok(), None)
+    } else if let Some((n, k)) = name.split_once('{') {
+        (n, None, Some(k.trim_end_matches('}').to_string()))
+    } else {
+        (name, None, None)
+    };
+    let fd = msg
+        .descriptor()
+        .get_field_by_name(name)
+        .unwrap_or_else(|| panic!("{} has no field {name}", msg.descriptor().full_name()));
+    let slot = msg.get_field_mut(&fd);
+    let target: &mut Value = match (index, key, slot) {
+        (Some(i), None, Value::List(l)) => {
+            l.get_mut(i).unwrap_or_else(|| panic!("{path}: no [{i}]"))
+        }
+        (None, Some(k), Value::Map(m)) => m
+            .get_mut(&MapKey::String(k.clone()))
+            .unwrap_or_else(|| panic!("{path}: no {{{k}}}")),
+        (None, None, v) => v,
+        _ => panic!("{path}: bad step {step}"),
+    };
+    let Value::Message(inner) = target else {
+        panic!("{path}: {step} is not a message");
+    };
+    if any {
+        let type_url = inner
+            .get_field_by_name("type_url")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let bytes = inner
+            .get_field_by_name("value")
+            .and_then(|v| v.as_bytes().cloned())
+            .unwrap_or_default();
+        let desc = pool
+            .get_message_by_name(type_url.rsplit('/').next().unwrap_or_default())
+            .unwrap_or_else(|| panic!("unknown type {type_url}"));
+        let mut decoded = DynamicMessage::decode(desc, bytes.as_ref()).expect("Any contents");
+        at(&mut decoded, rest, f);
+        inner.set_field_by_name("value", Value::Bytes(decoded.encode_to_vec().into()));
+    } else {
+        at(inner, rest, f);
+    }
+}
+
+/// Converts a resource given as a dynamic message of its kind.
+fn convert(kind: &str, msg: &DynamicMessage) -> (Result<(), ConvertError>, Vec<String>) {
+    use envoy_types::pb::envoy::config::{cluster::v3 as c, listener::v3 as l};
+    let bytes = msg.encode_to_vec();
+    let mut w = Warnings::default();
+    let r = match kind {
+        "envoy.config.listener.v3.Listener" => super::super::listener::listener(
+            &l::Listener::decode(bytes.as_slice()).expect("decode"),
+            &mut w,
+        )
+        .map(|_| ()),
+        "envoy.config.cluster.v3.Cluster" => super::super::cluster::cluster(
+            &c::Cluster::decode(bytes.as_slice()).expect("decode"),
+            &mut w,
+        )
+        .map(|_| ()),
+        other => panic!("no converter for {other}"),
+    };
+    (r, w.0)
+}
+
+fn base_kind(base: &str) -> &'static str {
+    if base.contains("\"filter_chains\"") {
+        "envoy.config.listener.v3.Listener"
+    } else {
+        "envoy.config.cluster.v3.Cluster"
+    }
+}
+
+/// Whether an error or warning path names `field` as one of its steps.
+fn names(path: &str, field: &str) -> bool {
+    path.split('.')
+        .map(|s| s.split(['[', '{']).next().unwrap_or(s))
+        .any(|s| s == field)
+}
+
+#[test]
+fn refused_and_warned_fields_are_refused_and_warned_by_name() {
+    let pool = descriptors();
+    let mut problems = Vec::new();
+    let mut unprobed = Vec::new();
+    for c in all() {
+        let Some(site) = site(c.message, c.context) else {
+            unprobed.push(c.message);
+            continue;
+        };
+        let kind = base_kind(site.base);
+        let desc = pool.get_message_by_name(kind).expect("kind");
+        let mut base = parse(&desc, site.base);
+        init(&mut base, &site);
+        // The base itself converts, without warnings about this message.
+        let (r, _) = convert(kind, &base);
+        if let Err(e) = r {
+            problems.push(format!("{}: the base does not convert: {e}", c.message));
+            continue;
+        }
+        for f in c.fields {
+            let mut msg = base.clone();
+            at(&mut msg, site.path, &mut |m| {
+                let fd = m
+                    .descriptor()
+                    .get_field_by_name(f.name)
+                    .unwrap_or_else(|| panic!("{}.{}", c.message, f.name));
+                let key = format!("{}.{}", c.message, f.name);
+                let v = match (special(&key), fd.kind()) {
+                    (Some(json), Kind::Message(md)) => Value::Message(parse(&md, json)),
+                    (Some("false"), _) => Value::Bool(false),
+                    _ => value_for(&fd),
+                };
+                m.set_field(&fd, v);
+            });
+            let (r, warnings) = convert(kind, &msg);
+            let warned = warnings.iter().any(|w| {
+                w.contains("tuning knob") && names(w.split(": ").nth(1).unwrap_or(""), f.name)
+            });
+            match f.status {
+                Status::Refused => match &r {
+                    Err(e) if names(&e.field, f.name) => {}
+                    other => problems.push(format!(
+                        "{}.{} is listed refused; setting it gave {other:?}",
+                        c.message, f.name
+                    )),
+                },
+                Status::Warned => {
+                    if !warned {
+                        problems.push(format!(
+                            "{}.{} is listed warned; setting it gave {r:?} and warnings {warnings:?}",
+                            c.message, f.name
+                        ));
+                    }
+                }
+                Status::Applied | Status::Inert => {
+                    if warned {
+                        problems.push(format!(
+                            "{}.{} is listed {} but draws a tuning-knob warning",
+                            c.message,
+                            f.name,
+                            f.status.name()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    // Every list is probed, or says here why not.
+    let exempt = ["envoy.config.cluster.v3.Filter"];
+    unprobed.retain(|m| !exempt.contains(m));
+    assert!(
+        unprobed.is_empty(),
+        "lists without a probe site: {unprobed:?}"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A list and its message agree on what they are about (a sanity check of
+/// the sites: the message at each path is the listed one).
+#[test]
+fn probe_sites_hold_their_messages() {
+    let pool = descriptors();
+    for c in all() {
+        let Some(site) = site(c.message, c.context) else {
+            continue;
+        };
+        let desc = pool
+            .get_message_by_name(base_kind(site.base))
+            .expect("kind");
+        let mut base = parse(&desc, site.base);
+        init(&mut base, &site);
+        let mut seen = String::new();
+        at(&mut base, site.path, &mut |m| {
+            seen = m.descriptor().full_name().to_string();
+        });
+        assert_eq!(seen, c.message, "site {}", site.path);
+        let _: &Coverage = c;
+    }
+}
