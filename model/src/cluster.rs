@@ -359,6 +359,8 @@ pub struct Thresholds {
     pub max_retries: u32,
     /// `retry_budget`: when set it replaces `max_retries`.
     pub retry_budget: Option<RetryBudget>,
+    /// `track_remaining`: gauges of the capacity left under each threshold.
+    pub track_remaining: bool,
 }
 
 impl Default for Thresholds {
@@ -369,6 +371,7 @@ impl Default for Thresholds {
             max_requests: 1024,
             max_retries: 3,
             retry_budget: None,
+            track_remaining: false,
         }
     }
 }

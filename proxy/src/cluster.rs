@@ -422,7 +422,7 @@ fn acquire(count: &Arc<AtomicU32>, max: u32) -> Option<Slot> {
 impl Breakers {
     fn new(thresholds: Thresholds, stats: &Stats, cluster: &str) -> Self {
         let c = |n: &str| stats.counter(&format!("cluster.{cluster}.{n}"));
-        Self {
+        let b = Self {
             thresholds,
             requests: Arc::default(),
             pending: Arc::default(),
@@ -433,7 +433,28 @@ impl Breakers {
             cx_overflow: c("upstream_cx_overflow"),
             rq_retry_overflow: c("upstream_rq_retry_overflow"),
             freed: tokio::sync::Notify::new(),
+        };
+        if thresholds.track_remaining {
+            // Envoy's `circuit_breakers.default.remaining_*` gauges: what
+            // each threshold still lets through.
+            for (name, count, max) in [
+                ("remaining_cx", &b.connections, thresholds.max_connections),
+                (
+                    "remaining_pending",
+                    &b.pending,
+                    thresholds.max_pending_requests,
+                ),
+                ("remaining_rq", &b.requests, thresholds.max_requests),
+                ("remaining_retries", &b.retries, thresholds.max_retries),
+            ] {
+                let count = count.clone();
+                stats.gauge_fn(
+                    &format!("cluster.{cluster}.circuit_breakers.default.{name}"),
+                    Arc::new(move || u64::from(max.saturating_sub(count.load(Ordering::Relaxed)))),
+                );
+            }
         }
+        b
     }
 
     /// A request slot (`max_requests`); overflow counts as Envoy counts it.
@@ -1403,6 +1424,33 @@ mod tests {
     }
 
     #[test]
+    fn track_remaining_reports_the_capacity_left() {
+        let stats = Stats::default();
+        let cfg = {
+            let mut c = Arc::unwrap_or_clone(cluster(&[1]));
+            c.circuit_breakers.default.track_remaining = true;
+            Arc::new(c)
+        };
+        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+        let gauge = |n: &str| {
+            stats
+                .snapshot()
+                .into_iter()
+                .find(|(k, _)| k == &format!("cluster.c.circuit_breakers.default.{n}"))
+                .map(|(_, v)| v)
+        };
+        assert_eq!(gauge("remaining_rq"), Some(2));
+        let held = rt.shared.breakers.request().ok();
+        assert!(held.is_some());
+        assert_eq!(gauge("remaining_rq"), Some(1));
+        drop(held);
+        assert_eq!(gauge("remaining_rq"), Some(2));
+        assert_eq!(gauge("remaining_retries"), Some(1));
+        assert_eq!(gauge("remaining_cx"), Some(1024));
+        assert_eq!(gauge("remaining_pending"), Some(1024));
+    }
+
+    #[test]
     fn per_host_max_connections_caps_each_endpoint() {
         let stats = Stats::default();
         let cfg = {
@@ -1444,6 +1492,13 @@ mod tests {
         assert!(retry.is_some());
         assert!(b.retry().is_none());
         assert_eq!(b.rq_retry_overflow.get(), 1);
+        // Without track_remaining there are no remaining gauges.
+        assert!(
+            !stats
+                .snapshot()
+                .iter()
+                .any(|(k, _)| k.contains("remaining_"))
+        );
         assert_eq!(UpstreamError::Overflow.response_flag(), "UO");
     }
 

@@ -43,10 +43,15 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// A gauge whose value is computed when read (e.g. a breaker's remaining
+/// capacity).
+pub type GaugeFn = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 #[derive(Default)]
 pub struct Stats {
     counters: Mutex<BTreeMap<String, Counter>>,
     gauges: Mutex<BTreeMap<String, Gauge>>,
+    computed: Mutex<BTreeMap<String, GaugeFn>>,
 }
 
 impl AsRef<Stats> for Stats {
@@ -67,6 +72,21 @@ impl Stats {
         m.entry(name.to_string()).or_default().clone()
     }
 
+    /// A gauge read through `f` (the last one registered under the name).
+    pub fn gauge_fn(&self, name: &str, f: GaugeFn) {
+        let mut m = self.computed.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(name.to_string(), f);
+    }
+
+    fn computed(&self) -> Vec<(String, u64)> {
+        self.computed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, f)| (k.clone(), f()))
+            .collect()
+    }
+
     /// All values, sorted by name (Envoy's `/stats` text form uses `name: value`).
     pub fn snapshot(&self) -> Vec<(String, u64)> {
         let mut out: Vec<(String, u64)> = self
@@ -83,6 +103,7 @@ impl Stats {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.get())),
         );
+        out.extend(self.computed());
         out.sort();
         out
     }
@@ -103,6 +124,7 @@ impl Stats {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.get(), true)),
         );
+        out.extend(self.computed().into_iter().map(|(k, v)| (k, v, true)));
         out
     }
 

@@ -119,6 +119,7 @@ fn cluster_settings_are_converted() {
             max_requests: 7,
             max_retries: 1,
             retry_budget: None,
+            track_remaining: false,
         }
     );
     assert_eq!(c.circuit_breakers.high.max_requests, 99);

@@ -20,7 +20,7 @@ fields!(pub(super) static THRESHOLDS = "envoy.config.cluster.v3.CircuitBreakers.
     "max_requests": applied,
     "max_retries": applied,
     "retry_budget": applied,
-    "track_remaining": warned "remaining-capacity gauges are not kept",
+    "track_remaining": applied "circuit_breakers.<priority>.remaining_cx, _pending, _rq and _retries gauges",
     "max_connection_pools": refused "a cap on connection pools is not supported",
 });
 
@@ -78,7 +78,6 @@ fn threshold(
         max_connection_pools,
     } = t;
     let _ = priority;
-    ctx.knob(cov, field, "track_remaining", *track_remaining);
     ctx.refuse(
         cov,
         field,
@@ -125,5 +124,6 @@ fn threshold(
         max_requests: u(max_requests, d.max_requests),
         max_retries: u(max_retries, d.max_retries),
         retry_budget: budget,
+        track_remaining: *track_remaining,
     })
 }

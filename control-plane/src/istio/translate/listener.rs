@@ -795,6 +795,11 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
             listener_filters = tls_inspector();
         }
         let has_http = !http.is_empty();
+        if chains.is_empty() && !has_http {
+            // Every TCP service of the port was skipped: a listener without
+            // a chain is refused by Envoy and Ferry alike.
+            continue;
+        }
         let inspect = !listener_filters.is_empty();
         out.listeners.push(Listener {
             name: format!("0.0.0.0_{port}"),
