@@ -165,6 +165,11 @@ pub struct FilterChain {
     /// Istio's standard metrics (`istio.stats`, on the connection manager
     /// or as a network filter): `None` when the chain has no such filter.
     pub istio_stats: Option<IstioStats>,
+    /// The listener's `per_connection_buffer_limit_bytes`: the most request
+    /// body kept for retries and mirrors when the route sets no
+    /// `request_body_buffer_limit` (Envoy's retry buffer); `None`: Ferry's
+    /// default.
+    pub request_buffer_limit: Option<u32>,
 }
 
 /// Istio's `istio.stats` filter (`stats.PluginConfig`) as Ferry applies it.
@@ -559,6 +564,7 @@ mod tests {
             tls: None,
             rbac: Vec::new(),
             istio_stats: None,
+            request_buffer_limit: None,
             kind: ChainKind::Tcp(TcpProxy {
                 stat_prefix: name.into(),
                 cluster: "c".into(),

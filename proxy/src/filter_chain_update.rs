@@ -478,6 +478,7 @@ mod tests {
             rbac: rbac.map(allow_only).into_iter().collect(),
             kind,
             istio_stats: None,
+            request_buffer_limit: None,
         })
     }
 

@@ -517,7 +517,20 @@ async fn route_request(
     let (delayed, on_response) =
         match run_filters(ctx, hcm, route, entry, cluster, &mut req, &fctx).await {
             Ok(passed) => passed,
-            Err(answered) => return answered,
+            Err((mut resp, flag, upstream)) => {
+                // A filter's own answer carries the route's response headers (and the
+                // picked cluster's), as Envoy's local replies do once a route is chosen.
+                if let Some(route) = route {
+                    if let Some(e) = entry {
+                        e.response_headers
+                            .apply(resp.headers_mut(), &fctx, Some(req.headers()));
+                    }
+                    route
+                        .response_headers
+                        .apply(resp.headers_mut(), &fctx, Some(req.headers()));
+                }
+                return (resp, flag, upstream);
+            }
         };
     if https_redirect {
         // Envoy's SSL redirector: the same host and path, over https.
@@ -920,6 +933,7 @@ async fn forward(
     });
     let replay_limit = route
         .request_body_buffer_limit
+        .or(ctx.chain.request_buffer_limit.map(u64::from))
         .map_or(body::REPLAY_LIMIT, |l| {
             usize::try_from(l).unwrap_or(usize::MAX)
         });

@@ -268,6 +268,8 @@ pub(super) fn all() -> Vec<&'static Coverage> {
 }
 
 #[cfg(test)]
+mod dangerous;
+#[cfg(test)]
 mod probe;
 #[cfg(test)]
 mod tests;

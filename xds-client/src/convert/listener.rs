@@ -31,7 +31,7 @@ fields!(pub(super) static LISTENER = "envoy.config.listener.v3.Listener" {
     "filter_chain_matcher": refused "the unified filter chain matcher is not supported (use filter_chain_match)",
     "use_original_dst": applied,
     "default_filter_chain": applied,
-    "per_connection_buffer_limit_bytes": warned "downstream reads are bounded by the codec's buffers; the request body kept for retries is the route's request_body_buffer_limit or 64 KiB",
+    "per_connection_buffer_limit_bytes": applied "the most request body kept for retries and mirrors when the route sets no request_body_buffer_limit (Ferry's default: 64 KiB); reads are bounded by the codec's own buffers",
     "per_connection_buffer_high_watermark_timeout": warned "downstream reads are bounded by the codec's buffers",
     "metadata": inert "listener metadata is read only by extensions Ferry does not run",
     "deprecated_v1": refused "use bind_to_port",
@@ -212,12 +212,6 @@ pub fn listener(
     ctx.knob(
         cov,
         "",
-        "per_connection_buffer_limit_bytes",
-        per_connection_buffer_limit_bytes.is_some(),
-    );
-    ctx.knob(
-        cov,
-        "",
         "per_connection_buffer_high_watermark_timeout",
         per_connection_buffer_high_watermark_timeout.is_some(),
     );
@@ -282,12 +276,14 @@ pub fn listener(
             &mut filters,
         )?;
     }
+    let buffer_limit = per_connection_buffer_limit_bytes.as_ref().map(|v| v.value);
     let mut chains = Vec::with_capacity(filter_chains.len());
     for (i, fc) in filter_chains.iter().enumerate() {
         chains.push(Arc::new(filter_chain(
             &mut ctx,
             &format!("filter_chains[{i}]"),
             fc,
+            buffer_limit,
         )?));
     }
     let default_chain = match default_filter_chain {
@@ -295,6 +291,7 @@ pub fn listener(
             &mut ctx,
             "default_filter_chain",
             fc,
+            buffer_limit,
         )?)),
         None => None,
     };
@@ -505,6 +502,7 @@ fn filter_chain(
     ctx: &mut Ctx<'_>,
     field: &str,
     fc: &listener_pb::FilterChain,
+    request_buffer_limit: Option<u32>,
 ) -> Result<m::FilterChain, ConvertError> {
     let listener_pb::FilterChain {
         filter_chain_match: fcm_pb,
@@ -636,5 +634,6 @@ fn filter_chain(
         rbac: network_rbac,
         kind,
         istio_stats: stats,
+        request_buffer_limit,
     })
 }

@@ -12,7 +12,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 
 use super::cors::{CORS_POLICY_TYPE, cors_policy, disabled_cors};
-use super::coverage::fields;
+use super::coverage::{fields, path};
 use super::fault::{FAULT_TYPE, fault_config};
 use super::istio::ISTIO_TOLERATED;
 use super::local_ratelimit::{RATELIMIT_TYPE, disabled_ratelimit, local_ratelimit};
@@ -23,7 +23,7 @@ const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
 fields!(pub(super) static FILTER_CONFIG = "envoy.config.route.v3.FilterConfig" {
     "config": applied,
     "is_optional": applied "an unsupported filter type is skipped with a warning either way (a connection manager running it is refused)",
-    "disabled": applied "turns the filter off for the route",
+    "disabled": applied "true turns the filter off for the route; false without a config (enabling a filter the connection manager disables) is refused",
 });
 
 /// The overrides Ferry's filters read, by filter name. An entry of a filter
@@ -70,8 +70,14 @@ pub(super) fn per_filter_configs(
                     continue;
                 }
                 // Enabling a filter the connection manager disabled: Ferry's
-                // connection managers run only the filters they enable.
-                None => continue,
+                // connection managers drop their disabled filters, so the
+                // filter would never run on this route.
+                None => {
+                    return Err(ctx.err(
+                        path(&ef, "disabled"),
+                        "enabling per route a filter the connection manager disables is not supported",
+                    ));
+                }
             }
         }
         match typed.type_name() {

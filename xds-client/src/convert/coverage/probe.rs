@@ -12,7 +12,7 @@ use super::tests::pool;
 use super::{Coverage, Status, all};
 
 /// A working resource of each kind, in Envoy's JSON.
-const LISTENER: &str = r#"{
+pub(super) const LISTENER: &str = r#"{
   "name": "l",
   "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
   "additional_addresses": [{"address": {"socket_address": {"address": "127.0.0.2", "port_value": 10000}}}],
@@ -89,7 +89,7 @@ const LISTENER: &str = r#"{
   }]
 }"#;
 
-const CLUSTER: &str = r#"{
+pub(super) const CLUSTER: &str = r#"{
   "name": "c",
   "type": "STATIC",
   "connect_timeout": "1s",
@@ -438,13 +438,13 @@ fn message_value(m: &MessageDescriptor) -> DynamicMessage {
     msg
 }
 
-fn parse(desc: &MessageDescriptor, json: &str) -> DynamicMessage {
+pub(super) fn parse(desc: &MessageDescriptor, json: &str) -> DynamicMessage {
     let v: serde_json::Value = serde_json::from_str(json).expect("JSON");
     DynamicMessage::deserialize(desc.clone(), v).expect("message")
 }
 
 /// The descriptors, decoded once for the whole probe.
-fn descriptors() -> &'static prost_reflect::DescriptorPool {
+pub(super) fn descriptors() -> &'static prost_reflect::DescriptorPool {
     static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
     POOL.get_or_init(pool)
 }
