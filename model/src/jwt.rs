@@ -83,6 +83,10 @@ pub struct JwtProvider {
     pub claim_to_headers: Vec<(String, String)>,
     /// `clock_skew_seconds` (60 by default).
     pub clock_skew: u64,
+    /// `clear_route_cache`: once this provider's token is verified and it
+    /// added a claim header (or stored its payload in the metadata), the
+    /// route is chosen again.
+    pub clear_route_cache: bool,
 }
 
 impl JwtProvider {

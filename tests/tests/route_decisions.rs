@@ -9,8 +9,8 @@
 //! `retriable_request_headers`, weighted clusters' header mutations, host rewrite,
 //! `header_name` and `typed_per_filter_config`, a route table's `typed_per_filter_config`,
 //! `internal_only_headers`, `direct_source_prefix_ranges` and `source_type` in filter chain
-//! selection, `healthy_panic_threshold`, upstream `max_connection_duration` and a route's
-//! `request_body_buffer_limit`.
+//! selection, `healthy_panic_threshold`, upstream `max_connection_duration`, a route's
+//! `request_body_buffer_limit` and the JWT filter's `clear_route_cache`.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it a test is skipped with a note,
 //! except under `CI=true`, where a missing Envoy fails the test.
@@ -961,5 +961,89 @@ fn upstream_max_connection_duration() -> Result<()> {
         ferry,
         ["/limited/: 200 1 then 200 1", "/kept/: 200 1 then 200 2"]
     );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ JWT
+
+/// Istio's sample JWKS (security/tools/jwt/samples) and its `demo` token (issuer and
+/// subject `testing@secure.istio.io`, expiring in 2118).
+const DEMO_JWKS: &str = r#"{ "keys":[ {"e":"AQAB","kid":"DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ","kty":"RSA","n":"xAE7eB6qugXyCAG3yhh7pkDkT65pHymX-P7KfIupjf59vsdo91bSP9C8H07pSAGQO1MV_xFj9VswgsCg4R6otmg5PV2He95lZdHtOcU5DXIg_pbhLdKXbi66GlVeK6ABZOUW3WYtnNHD-91gVuoeJT_DwtGGcp4ignkgXfkiEm4sw-4sfb4qdt5oLbyVpmW6x9cfa7vs2WTfURiCrBoUqgBo_-4WTiULmmHSGZHOjzwa8WtrtOQGsAFjIbno85jp6MnGGGZPYZbDAa_b3y5u-YpW7ypZrvD8BgtKVjgtQgZhLAGezMt0ua3DRrWnKqTZ0BJ_EyxOGuHJrLsn00fnMQ"}]}"#;
+const DEMO: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6IkRIRmJwb0lVcXJZOHQyenBBMnFYZkNtcjVWTzVaRXI0UnpIVV8tZW52dlEiLCJ0eXAiOiJKV1QifQ.eyJleHAiOjQ2ODU5ODk3MDAsImZvbyI6ImJhciIsImlhdCI6MTUzMjM4OTcwMCwiaXNzIjoidGVzdGluZ0BzZWN1cmUuaXN0aW8uaW8iLCJzdWIiOiJ0ZXN0aW5nQHNlY3VyZS5pc3Rpby5pbyJ9.CfNnxWP2tcnR9q0vxyxweaF3ovQYHYZl82hAUsn21bwQd9zP7c-LS9qd_vpdLG4Tn1A15NxfCjp5f7QNBUo-KC9PJqYpgGbaXhaGx7bEdFWjcwv3nZzvc7M__ZpaCERdwU7igUmJqYGBYQ51vr2njU9ZimyKkfDe3axcyiBZde7G6dabliUosJvvKOPcKIWPccCgefSj_GNfwIip3-SsFdlR7BtbVUcqR-yv-XOxJ3Uc1MI0tz3uMiiZcyPV7sNCU4KRnemRIMHVOfuvHsU60_GhGbiSFzgPTAa9WTltbnarTbxudb_YEOx12JiwYToeX0DCPb43W1tzIBxgm8NxUg";
+
+/// The JWT filter with one provider copying the `sub` claim to `x-sub` (a token is
+/// optional), with or without `clear_route_cache`.
+fn jwt_filter(clear_route_cache: bool) -> Value {
+    json!({
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"demo": {
+                "issuer": "testing@secure.istio.io",
+                "local_jwks": {"inline_string": DEMO_JWKS},
+                "claim_to_headers": [{"header_name": "x-sub", "claim_name": "sub"}],
+                "clear_route_cache": clear_route_cache,
+            }},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+                {"provider_name": "demo"}, {"allow_missing": {}}]}}}],
+        },
+    })
+}
+
+/// `clear_route_cache`: once the JWT filter has added a claim header, the route is chosen
+/// again — the router and the filters after it (here the fault filter's per-route abort)
+/// use the route the claim selects; without it the route chosen before the filters stands.
+#[test]
+fn jwt_clear_route_cache_chooses_the_route_again() -> Result<()> {
+    let _lock = RunLock::shared();
+    let config = |ports: &[u16]| {
+        let mut by_claim = direct(
+            json!({"prefix": "/", "headers": [{"name": "x-sub",
+                "string_match": {"exact": "testing@secure.istio.io"}}]}),
+            "by-claim",
+        );
+        by_claim["typed_per_filter_config"] = abort(418);
+        let routes = || {
+            table(vec![
+                by_claim.clone(),
+                direct(json!({"prefix": "/"}), "default"),
+            ])
+        };
+        render(
+            vec![
+                http(
+                    ports[0],
+                    routes(),
+                    vec![jwt_filter(true), fault_filter()],
+                    json!({}),
+                ),
+                http(
+                    ports[1],
+                    routes(),
+                    vec![jwt_filter(false), fault_filter()],
+                    json!({}),
+                ),
+            ],
+            vec![],
+        )
+    };
+    let bearer = format!("Bearer {DEMO}");
+    let observed = differential(2, config, |_, ports| {
+        let mut out = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let r = request(*port, "GET", "/x", &[("Authorization", &bearer)], b"")?;
+            out.push(format!("{i} token: {} {}", r.status, r.body));
+            let r = request(*port, "GET", "/x", &[], b"")?;
+            out.push(format!("{i} none: {} {}", r.status, r.body));
+        }
+        Ok(out)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry[0], "0 token: 418 fault filter abort");
+    assert_eq!(ferry[1], "0 none: 200 default");
+    assert_eq!(ferry[2], "1 token: 200 default");
     Ok(())
 }

@@ -502,6 +502,24 @@ pub fn decide(
     }
 }
 
+/// Whether the verified tokens have the route chosen again
+/// (`clear_route_cache`, as Envoy clears its route cache): a provider with
+/// it set added a claim header, or stores its payload in the metadata.
+pub fn clears_route_cache(cfg: &JwtAuthn, verified: &[Verified]) -> bool {
+    verified.iter().any(|v| {
+        cfg.providers.get(&v.provider).is_some_and(|p| {
+            p.clear_route_cache
+                && (p.payload_in_metadata.is_some()
+                    || p.claim_to_headers.iter().any(|(claim, _)| {
+                        matches!(
+                            v.jwt.payload.get(claim),
+                            Some(Value::String(_) | Value::Number(_) | Value::Bool(_))
+                        )
+                    }))
+        })
+    })
+}
+
 /// The request changes and metadata of the verified tokens: removes
 /// tokens that are not forwarded, adds payload and claim headers, and
 /// returns the metadata entries of [`METADATA_NAMESPACE`].

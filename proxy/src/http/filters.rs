@@ -242,10 +242,18 @@ pub fn local_ratelimit(
     }
 }
 
+/// What a request that passed `envoy.filters.http.jwt_authn` carries on.
+pub struct JwtPassed {
+    /// The request's dynamic metadata when a verified token put its payload
+    /// there (`None`: nothing added).
+    pub metadata: Option<DynamicMetadata>,
+    /// `clear_route_cache`: the route is to be chosen again.
+    pub reroute: bool,
+}
+
 /// `envoy.filters.http.jwt_authn`: `Err` is the 401 (or 403) of a request
-/// whose token fails its requirement; `Ok` carries the request's dynamic
-/// metadata when a verified token put its payload there (`None`: nothing
-/// added). Tokens that are not forwarded are removed from the request.
+/// whose token fails its requirement; `Ok` says what it carries on. Tokens
+/// that are not forwarded are removed from the request.
 pub fn jwt_authn(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
@@ -254,7 +262,7 @@ pub fn jwt_authn(
     filter_name: &str,
     req: &mut Request<Incoming>,
     request_metadata: Option<DynamicMetadata>,
-) -> Result<Option<DynamicMetadata>, Box<Response<ResponseBody>>> {
+) -> Result<JwtPassed, Box<Response<ResponseBody>>> {
     let counter = |n: &str| {
         ctx.rt
             .stats
@@ -266,7 +274,10 @@ pub fn jwt_authn(
     let route_requirement = match per_route.jwt(filter_name) {
         Some(JwtPerRoute::Disabled) => {
             counter("allowed");
-            return Ok(request_metadata);
+            return Ok(JwtPassed {
+                metadata: request_metadata,
+                reroute: false,
+            });
         }
         Some(JwtPerRoute::RequirementName(n)) => match cfg.requirement_map.get(n) {
             Some(r) => Some(r),
@@ -309,15 +320,22 @@ pub fn jwt_authn(
     match decision {
         Ok(verified) => {
             counter("allowed");
+            let reroute = jwt::clears_route_cache(cfg, &verified);
             let entries = jwt::apply(cfg, &verified, req.headers_mut());
             if entries.is_empty() {
-                return Ok(request_metadata);
+                return Ok(JwtPassed {
+                    metadata: request_metadata,
+                    reroute,
+                });
             }
             let mut md = request_metadata.unwrap_or_else(|| ctx.rbac_view().1.clone());
             md.0.entry(jwt::METADATA_NAMESPACE.to_string())
                 .or_default()
                 .extend(entries);
-            Ok(Some(md))
+            Ok(JwtPassed {
+                metadata: Some(md),
+                reroute,
+            })
         }
         Err((status, realm)) => {
             counter("denied");

@@ -503,35 +503,41 @@ async fn route_request(
     // Weighted clusters are picked once, before the filters, so the fault
     // filter's `upstream_cluster` sees the cluster the router will use, and
     // the filters the picked cluster's overrides.
-    let (name, entry) = match route.map(|r| &r.action) {
-        Some(RouteAction::Route { cluster, .. }) => {
-            cluster.pick_entry(rand::random(), req.headers())
-        }
-        _ => (String::new(), None),
-    };
-    *picked = name;
-    let cluster: &str = picked;
+    let mut chosen = Chosen::of(route, req.headers());
     // The HTTP filters before the router run whether a route matched or not
     // (a request without a route still takes a rate limit token, as in
-    // Envoy); the router then answers 404.
-    let (delayed, on_response) =
-        match run_filters(ctx, hcm, route, entry, cluster, &mut req, &fctx).await {
-            Ok(passed) => passed,
-            Err((mut resp, flag, upstream)) => {
-                // A filter's own answer carries the route's response headers (and the
-                // picked cluster's), as Envoy's local replies do once a route is chosen.
-                if let Some(route) = route {
-                    if let Some(e) = entry {
-                        e.response_headers
-                            .apply(resp.headers_mut(), &fctx, Some(req.headers()));
-                    }
-                    route
-                        .response_headers
+    // Envoy); the router then answers 404. A filter may have the route
+    // chosen again (`clear_route_cache`), except over an https redirect.
+    let again = Reroute {
+        routes: routes.as_deref().filter(|_| !https_redirect),
+        host,
+        path,
+    };
+    let filtered = run_filters(ctx, hcm, &again, &mut chosen, &mut req, &fctx).await;
+    let Chosen {
+        route,
+        entry,
+        cluster: name,
+    } = chosen;
+    *picked = name;
+    let cluster: &str = picked;
+    let (delayed, on_response) = match filtered {
+        Ok(passed) => passed,
+        Err((mut resp, flag, upstream)) => {
+            // A filter's own answer carries the route's response headers (and the
+            // picked cluster's), as Envoy's local replies do once a route is chosen.
+            if let Some(route) = route {
+                if let Some(e) = entry {
+                    e.response_headers
                         .apply(resp.headers_mut(), &fctx, Some(req.headers()));
                 }
-                return (resp, flag, upstream);
+                route
+                    .response_headers
+                    .apply(resp.headers_mut(), &fctx, Some(req.headers()));
             }
-        };
+            return (resp, flag, upstream);
+        }
+    };
     if https_redirect {
         // Envoy's SSL redirector: the same host and path, over https.
         let mut resp = local_reply(LocalReply {
@@ -631,22 +637,25 @@ async fn route_request(
 /// response, or `Err` with a filter's own answer, which goes back through
 /// the filters before it (CORS headers on a rate-limited answer, as in
 /// Envoy).
-async fn run_filters(
+async fn run_filters<'r>(
     ctx: &ConnCtx,
     hcm: &HttpConnectionManager,
-    route: Option<&Route>,
-    entry: Option<&WeightedCluster>,
-    cluster: &str,
+    again: &Reroute<'r, '_>,
+    chosen: &mut Chosen<'r>,
     req: &mut Request<Incoming>,
     fctx: &FormatContext<'_>,
 ) -> Result<(bool, filters::ResponseHooks), Routed> {
     let mut delayed = false;
     let mut on_response = filters::ResponseHooks::default();
-    let per_route = filters::PerRoute { route, entry };
     // The request's own dynamic metadata, once a filter adds to the
     // connection's.
     let mut request_metadata = None;
     for f in &hcm.http_filters {
+        let per_route = filters::PerRoute {
+            route: chosen.route,
+            entry: chosen.entry,
+        };
+        let (route, cluster) = (chosen.route, chosen.cluster.as_str());
         match &f.config {
             HttpFilterConfig::Fault(cfg) => {
                 let cfg = per_route.fault(&f.name).unwrap_or(cfg);
@@ -709,7 +718,12 @@ async fn run_filters(
                     req,
                     request_metadata.take(),
                 ) {
-                    Ok(md) => request_metadata = md,
+                    Ok(passed) => {
+                        request_metadata = passed.metadata;
+                        if passed.reroute {
+                            again.choose(chosen, req);
+                        }
+                    }
                     Err(resp) => {
                         let mut resp = *resp;
                         on_response.apply(resp.headers_mut());
@@ -720,6 +734,60 @@ async fn run_filters(
         }
     }
     Ok((delayed, on_response))
+}
+
+/// The route a request runs on, its picked weighted cluster and the name
+/// of the cluster it goes to.
+struct Chosen<'r> {
+    route: Option<&'r Route>,
+    entry: Option<&'r WeightedCluster>,
+    cluster: String,
+}
+
+impl<'r> Chosen<'r> {
+    /// Weighted clusters are picked once, with the route.
+    fn of(route: Option<&'r Route>, headers: &http::HeaderMap) -> Self {
+        let (cluster, entry) = match route.map(|r| &r.action) {
+            Some(RouteAction::Route { cluster, .. }) => cluster.pick_entry(rand::random(), headers),
+            _ => (String::new(), None),
+        };
+        Chosen {
+            route,
+            entry,
+            cluster,
+        }
+    }
+}
+
+/// What choosing the route again needs: the route table (`None`: the
+/// route stands) and the host and path it was chosen by.
+struct Reroute<'r, 'a> {
+    routes: Option<&'r ferry_model::RouteConfig>,
+    host: &'a str,
+    path: &'a str,
+}
+
+impl<'r> Reroute<'r, '_> {
+    /// Chooses the route again for the request as it is now (Envoy's
+    /// cleared route cache); the same route keeps its picked cluster.
+    fn choose(&self, chosen: &mut Chosen<'r>, req: &Request<Incoming>) {
+        let Some(rc) = self.routes else { return };
+        let pseudo = ferry_model::Pseudo {
+            method: req.method().as_str(),
+            path: self.path,
+            authority: self.host,
+            scheme: "http",
+        };
+        let route = rc.find_route_for(&pseudo, req.headers(), rand::random());
+        let same = match (route, chosen.route) {
+            (Some(a), Some(b)) => std::ptr::eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            *chosen = Chosen::of(route, req.headers());
+        }
+    }
 }
 
 /// The pseudo-headers of a request, for the matchers that read them.

@@ -152,6 +152,13 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// The refusal of `field` of the message at `at` (a oneof case that is
+    /// set), with the reason `cov` gives for it.
+    pub(super) fn refused(&self, cov: &Coverage, at: &str, field: &str) -> ConvertError {
+        let why = cov.expect(field, Status::Refused);
+        self.err(path(at, field), why)
+    }
+
     /// Accepts `field` of the message at `at` when it is set, warning that
     /// this tuning knob is not applied (with the detail `cov` gives).
     pub(super) fn knob(&mut self, cov: &Coverage, at: &str, field: &str, set: bool) {
@@ -173,9 +180,9 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation, lb_config,
-        listener, local_ratelimit, matcher, outlier_detection, per_filter, rbac, retry, route,
-        upstream_protocol,
+        circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation, jwt_authn,
+        lb_config, listener, local_ratelimit, matcher, outlier_detection, per_filter, rbac, retry,
+        route, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -264,6 +271,17 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &rbac::POLICY,
         &rbac::PERMISSION,
         &rbac::PRINCIPAL,
+        &jwt_authn::JWT_AUTHENTICATION,
+        &jwt_authn::JWT_PROVIDER,
+        &jwt_authn::JWT_HEADER,
+        &jwt_authn::JWT_CLAIM_TO_HEADER,
+        &jwt_authn::NORMALIZE_PAYLOAD,
+        &jwt_authn::JWT_REQUIREMENT,
+        &jwt_authn::JWT_REQUIREMENT_OR_LIST,
+        &jwt_authn::JWT_REQUIREMENT_AND_LIST,
+        &jwt_authn::REQUIREMENT_RULE,
+        &jwt_authn::RULE_MATCH,
+        &jwt_authn::PER_ROUTE_CONFIG,
     ]
 }
 

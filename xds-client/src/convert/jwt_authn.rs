@@ -16,6 +16,7 @@ use ferry_model as m;
 use ferry_model::jwt as mj;
 
 use super::core_types::data_source;
+use super::coverage::{fields, path};
 use super::matcher::{header_matcher, regex};
 use super::{ConvertError, Ctx, Typed};
 
@@ -23,6 +24,102 @@ pub(super) const JWT_AUTHN_TYPE: &str =
     "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication";
 pub(super) const JWT_PER_ROUTE_TYPE: &str =
     "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig";
+
+fields!(pub(super) static JWT_AUTHENTICATION = "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication" {
+    "providers": applied,
+    "rules": applied "the first rule whose match holds gives the requirement",
+    "filter_state_rules": refused "filter state rules are not supported",
+    "bypass_cors_preflight": applied,
+    "requirement_map": applied,
+    "strip_failure_response": applied "a failure answers with its status only",
+    "stat_prefix": warned "the counters are http.<prefix>.jwt_authn.* without it",
+});
+
+fields!(pub(super) static JWT_PROVIDER = "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider" {
+    "issuer": applied,
+    "audiences": applied,
+    "remote_jwks": refused "remote JWKS fetching is not supported; inline the JWKS with local_jwks",
+    "local_jwks": applied "inline or a file; required",
+    "forward": applied,
+    "from_headers": applied,
+    "from_params": applied,
+    "forward_payload_header": applied,
+    "payload_in_metadata": applied "read by the RBAC filters after it",
+    "clock_skew_seconds": applied "60 s when 0",
+    "pad_forward_payload_header": refused "a padded payload header is not supported",
+    "jwt_cache_config": warned "verified tokens are not cached; each request is verified",
+    "from_cookies": applied,
+    "header_in_metadata": refused "the token's header is not put in the dynamic metadata (policies reading it would not match)",
+    "claim_to_headers": applied,
+    "failed_status_in_metadata": refused "the failure status is not put in the dynamic metadata (policies reading it would not match)",
+    "clear_route_cache": applied "the route is chosen again once claim headers are added (or with payload_in_metadata)",
+    "normalize_payload_in_metadata": applied,
+    "subjects": refused "subject constraints are not supported",
+    "require_expiration": refused "require_expiration is not supported",
+    "max_lifetime": refused "max_lifetime is not supported",
+});
+
+fields!(pub(super) static JWT_HEADER = "envoy.extensions.filters.http.jwt_authn.v3.JwtHeader" {
+    "name": applied,
+    "value_prefix": applied,
+});
+
+fields!(pub(super) static JWT_CLAIM_TO_HEADER = "envoy.extensions.filters.http.jwt_authn.v3.JwtClaimToHeader" {
+    "header_name": applied,
+    "claim_name": applied,
+    "claim_path": refused "nested claim paths are not supported; use claim_name",
+});
+
+fields!(pub(super) static NORMALIZE_PAYLOAD = "envoy.extensions.filters.http.jwt_authn.v3.JwtProvider.NormalizePayload" {
+    "space_delimited_claims": applied,
+});
+
+fields!(pub(super) static JWT_REQUIREMENT = "envoy.extensions.filters.http.jwt_authn.v3.JwtRequirement" {
+    "provider_name": applied,
+    "provider_and_audiences": refused "per-requirement audiences are not supported",
+    "requires_any": applied,
+    "requires_all": applied,
+    "allow_missing_or_failed": applied,
+    "allow_missing": applied,
+    "extract_only_without_validation": refused "extraction without validation is not supported",
+});
+
+fields!(pub(super) static JWT_REQUIREMENT_OR_LIST = "envoy.extensions.filters.http.jwt_authn.v3.JwtRequirementOrList" {
+    "requirements": applied,
+});
+
+fields!(pub(super) static JWT_REQUIREMENT_AND_LIST = "envoy.extensions.filters.http.jwt_authn.v3.JwtRequirementAndList" {
+    "requirements": applied,
+});
+
+fields!(pub(super) static REQUIREMENT_RULE = "envoy.extensions.filters.http.jwt_authn.v3.RequirementRule" {
+    "match": applied,
+    "requires": applied,
+    "requirement_name": applied,
+});
+
+fields!(pub(super) static RULE_MATCH = "envoy.config.route.v3.RouteMatch" ("jwt_authn rule") {
+    "prefix": applied,
+    "path": applied,
+    "safe_regex": applied,
+    "path_separated_prefix": applied,
+    "connect_matcher": refused "a JWT rule may match on the path and headers only",
+    "path_match_policy": refused "a JWT rule may match on the path and headers only",
+    "case_sensitive": applied,
+    "headers": applied,
+    "query_parameters": refused "a JWT rule may match on the path and headers only",
+    "grpc": refused "a JWT rule may match on the path and headers only",
+    "runtime_fraction": refused "a JWT rule may match on the path and headers only",
+    "tls_context": refused "a JWT rule may match on the path and headers only",
+    "dynamic_metadata": refused "a JWT rule may match on the path and headers only",
+    "filter_state": refused "a JWT rule may match on the path and headers only",
+    "cookies": refused "a JWT rule may match on the path and headers only",
+});
+
+fields!(pub(super) static PER_ROUTE_CONFIG = "envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig" {
+    "disabled": applied "the route's requests pass unchecked",
+    "requirement_name": applied "a requirement of requirement_map replaces the rules'",
+});
 
 /// `PerRouteConfig` of a route or virtual host.
 pub(super) fn per_route(
@@ -32,7 +129,10 @@ pub(super) fn per_route(
 ) -> Result<mj::JwtPerRoute, ConvertError> {
     use pb::per_route_config::RequirementSpecifier as S;
     let p: pb::PerRouteConfig = typed.decode().map_err(|e| ctx.err(field, e))?;
-    match p.requirement_specifier {
+    let pb::PerRouteConfig {
+        requirement_specifier,
+    } = p;
+    match requirement_specifier {
         Some(S::Disabled(true)) => Ok(mj::JwtPerRoute::Disabled),
         Some(S::RequirementName(n)) if !n.is_empty() => Ok(mj::JwtPerRoute::RequirementName(n)),
         _ => Err(ctx.err(
@@ -48,61 +148,60 @@ pub(super) fn jwt_authn(
     field: &str,
     p: &pb::JwtAuthentication,
 ) -> Result<mj::JwtAuthn, ConvertError> {
-    if p.filter_state_rules.is_some() {
-        return Err(ctx.err(
-            format!("{field}.filter_state_rules"),
-            "filter state rules are not supported",
-        ));
-    }
+    let cov = &JWT_AUTHENTICATION;
+    let pb::JwtAuthentication {
+        providers: providers_pb,
+        rules: rules_pb,
+        filter_state_rules,
+        bypass_cors_preflight,
+        requirement_map: requirement_map_pb,
+        strip_failure_response,
+        stat_prefix,
+    } = p;
+    ctx.refuse(
+        cov,
+        field,
+        "filter_state_rules",
+        filter_state_rules.is_some(),
+    )?;
+    ctx.knob(cov, field, "stat_prefix", !stat_prefix.is_empty());
     let mut providers = BTreeMap::new();
     // Sorted, so errors and evaluation order do not depend on map order.
-    let mut names: Vec<&String> = p.providers.keys().collect();
+    let mut names: Vec<&String> = providers_pb.keys().collect();
     names.sort();
     for name in names {
         let pf = format!("{field}.providers[{name:?}]");
-        let src = &p.providers[name];
-        // Outputs and caches that change no verdict: skipped, said so.
-        for (set, f) in [
-            (!src.header_in_metadata.is_empty(), "header_in_metadata"),
-            (
-                !src.failed_status_in_metadata.is_empty(),
-                "failed_status_in_metadata",
-            ),
-            (src.clear_route_cache, "clear_route_cache"),
-            (src.jwt_cache_config.is_some(), "jwt_cache_config"),
-        ] {
-            if set {
-                ctx.warn(
-                    &format!("{pf}.{f}"),
-                    format!("{f} is not supported; ignored"),
-                );
-            }
-        }
-        let prov = provider(ctx, &pf, name, src)?;
+        let prov = provider(ctx, &pf, name, &providers_pb[name])?;
         providers.insert(name.clone(), Arc::new(prov));
     }
     let mut requirement_map = BTreeMap::new();
-    for (name, r) in &p.requirement_map {
+    let mut names: Vec<&String> = requirement_map_pb.keys().collect();
+    names.sort();
+    for name in names {
         let rf = format!("{field}.requirement_map[{name:?}]");
-        requirement_map.insert(name.clone(), requirement(ctx, &rf, r, &providers)?);
+        requirement_map.insert(
+            name.clone(),
+            requirement(ctx, &rf, &requirement_map_pb[name], &providers)?,
+        );
     }
-    let mut rules = Vec::with_capacity(p.rules.len());
-    for (i, r) in p.rules.iter().enumerate() {
+    let mut rules = Vec::with_capacity(rules_pb.len());
+    for (i, r) in rules_pb.iter().enumerate() {
         let rf = format!("{field}.rules[{i}]");
-        let route_match = rule_match(ctx, &format!("{rf}.match"), r.r#match.as_ref())?;
+        let pb::RequirementRule {
+            r#match,
+            requirement_type,
+        } = r;
+        let route_match = rule_match(ctx, &path(&rf, "match"), r#match.as_ref())?;
         use pb::requirement_rule::RequirementType as T;
-        let requires = match &r.requirement_type {
+        let requires = match requirement_type {
             None => None,
-            Some(T::Requires(req)) => Some(requirement(
-                ctx,
-                &format!("{rf}.requires"),
-                req,
-                &providers,
-            )?),
+            Some(T::Requires(req)) => {
+                Some(requirement(ctx, &path(&rf, "requires"), req, &providers)?)
+            }
             Some(T::RequirementName(n)) => {
                 Some(requirement_map.get(n).cloned().ok_or_else(|| {
                     ctx.err(
-                        format!("{rf}.requirement_name"),
+                        path(&rf, "requirement_name"),
                         format!("{n:?} is not in requirement_map"),
                     )
                 })?)
@@ -117,109 +216,142 @@ pub(super) fn jwt_authn(
         providers,
         rules,
         requirement_map,
-        bypass_cors_preflight: p.bypass_cors_preflight,
-        strip_failure_response: p.strip_failure_response,
+        bypass_cors_preflight: *bypass_cors_preflight,
+        strip_failure_response: *strip_failure_response,
     })
 }
 
 fn provider(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     name: &str,
     p: &pb::JwtProvider,
 ) -> Result<mj::JwtProvider, ConvertError> {
     use pb::jwt_provider::JwksSourceSpecifier as S;
-    let refuse = |f: &str, what: &str| Err(ctx.err(format!("{field}.{f}"), what.to_string()));
-    if p.subjects.is_some() {
-        return refuse("subjects", "subject constraints are not supported");
-    }
-    if p.require_expiration {
-        return refuse("require_expiration", "require_expiration is not supported");
-    }
-    if p.max_lifetime.is_some() {
-        return refuse("max_lifetime", "max_lifetime is not supported");
-    }
-    if p.pad_forward_payload_header {
-        return refuse(
-            "pad_forward_payload_header",
-            "a padded payload header is not supported",
-        );
-    }
-    if p.claim_to_headers.iter().any(|c| !c.claim_path.is_empty()) {
-        return refuse(
-            "claim_to_headers.claim_path",
-            "nested claim paths are not supported; use claim_name",
-        );
-    }
-    let jwks_text = match &p.jwks_source_specifier {
+    let cov = &JWT_PROVIDER;
+    let pb::JwtProvider {
+        issuer,
+        audiences,
+        subjects,
+        require_expiration,
+        max_lifetime,
+        forward,
+        from_headers: from_headers_pb,
+        from_params,
+        from_cookies,
+        forward_payload_header,
+        pad_forward_payload_header,
+        payload_in_metadata,
+        normalize_payload_in_metadata,
+        header_in_metadata,
+        failed_status_in_metadata,
+        clock_skew_seconds,
+        jwt_cache_config,
+        claim_to_headers: claim_to_headers_pb,
+        clear_route_cache,
+        jwks_source_specifier,
+    } = p;
+    ctx.refuse(cov, field, "subjects", subjects.is_some())?;
+    ctx.refuse(cov, field, "require_expiration", *require_expiration)?;
+    ctx.refuse(cov, field, "max_lifetime", max_lifetime.is_some())?;
+    ctx.refuse(
+        cov,
+        field,
+        "pad_forward_payload_header",
+        *pad_forward_payload_header,
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "header_in_metadata",
+        !header_in_metadata.is_empty(),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "failed_status_in_metadata",
+        !failed_status_in_metadata.is_empty(),
+    )?;
+    ctx.knob(cov, field, "jwt_cache_config", jwt_cache_config.is_some());
+    let jwks_text = match jwks_source_specifier {
         Some(S::LocalJwks(d)) => {
-            let lf = format!("{field}.local_jwks");
+            let lf = path(field, "local_jwks");
             let bytes = data_source(ctx, &lf, Some(d))?;
             String::from_utf8(bytes).map_err(|_| ctx.err(&lf, "the JWKS is not UTF-8 text"))?
         }
-        Some(S::RemoteJwks(_)) => {
-            return refuse(
-                "remote_jwks",
-                "remote JWKS fetching is not supported; inline the JWKS with local_jwks",
-            );
-        }
-        None => return refuse("local_jwks", "a provider needs local_jwks"),
+        Some(S::RemoteJwks(_)) => return Err(ctx.refused(cov, field, "remote_jwks")),
+        None => return Err(ctx.err(path(field, "local_jwks"), "a provider needs local_jwks")),
     };
     let jwks = mj::Jwks::parse(&jwks_text)
-        .map_err(|e| ctx.err(format!("{field}.local_jwks"), e.to_string()))?;
-    let mut from_headers = Vec::with_capacity(p.from_headers.len());
-    for (i, h) in p.from_headers.iter().enumerate() {
-        if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+        .map_err(|e| ctx.err(path(field, "local_jwks"), e.to_string()))?;
+    let mut from_headers = Vec::with_capacity(from_headers_pb.len());
+    for (i, h) in from_headers_pb.iter().enumerate() {
+        let pb::JwtHeader { name, value_prefix } = h;
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(ctx.err(
                 format!("{field}.from_headers[{i}].name"),
-                format!("{:?} is not a valid header name", h.name),
+                format!("{name:?} is not a valid header name"),
             ));
         }
-        from_headers.push((h.name.to_ascii_lowercase(), h.value_prefix.clone()));
+        from_headers.push((name.to_ascii_lowercase(), value_prefix.clone()));
     }
     let header_name = |f: String, v: &str| -> Result<(), ConvertError> {
         http::HeaderName::from_bytes(v.as_bytes())
             .map(|_| ())
             .map_err(|_| ctx.err(f, format!("{v:?} is not a valid header name")))
     };
-    if !p.forward_payload_header.is_empty() {
+    if !forward_payload_header.is_empty() {
         header_name(
-            format!("{field}.forward_payload_header"),
-            &p.forward_payload_header,
+            path(field, "forward_payload_header"),
+            forward_payload_header,
         )?;
     }
     let mut claim_to_headers = Vec::new();
-    for (i, c) in p.claim_to_headers.iter().enumerate() {
-        header_name(
-            format!("{field}.claim_to_headers[{i}].header_name"),
-            &c.header_name,
+    for (i, c) in claim_to_headers_pb.iter().enumerate() {
+        let cf = format!("{field}.claim_to_headers[{i}]");
+        let pb::JwtClaimToHeader {
+            header_name: header,
+            claim_name,
+            claim_path,
+        } = c;
+        ctx.refuse(
+            &JWT_CLAIM_TO_HEADER,
+            &cf,
+            "claim_path",
+            !claim_path.is_empty(),
         )?;
-        claim_to_headers.push((c.claim_name.clone(), c.header_name.to_ascii_lowercase()));
+        header_name(path(&cf, "header_name"), header)?;
+        claim_to_headers.push((claim_name.clone(), header.to_ascii_lowercase()));
     }
+    let space_delimited_claims = match normalize_payload_in_metadata {
+        Some(n) => {
+            let pb::jwt_provider::NormalizePayload {
+                space_delimited_claims,
+            } = n;
+            space_delimited_claims.clone()
+        }
+        None => Vec::new(),
+    };
     Ok(mj::JwtProvider {
         name: name.to_string(),
-        issuer: p.issuer.clone(),
-        audiences: p.audiences.clone(),
+        issuer: issuer.clone(),
+        audiences: audiences.clone(),
         jwks,
-        forward: p.forward,
+        forward: *forward,
         from_headers,
-        from_params: p.from_params.clone(),
-        from_cookies: p.from_cookies.clone(),
-        payload_in_metadata: (!p.payload_in_metadata.is_empty())
-            .then(|| p.payload_in_metadata.clone()),
-        space_delimited_claims: p
-            .normalize_payload_in_metadata
-            .as_ref()
-            .map(|n| n.space_delimited_claims.clone())
-            .unwrap_or_default(),
-        forward_payload_header: (!p.forward_payload_header.is_empty())
-            .then(|| p.forward_payload_header.to_ascii_lowercase()),
+        from_params: from_params.clone(),
+        from_cookies: from_cookies.clone(),
+        payload_in_metadata: (!payload_in_metadata.is_empty()).then(|| payload_in_metadata.clone()),
+        space_delimited_claims,
+        forward_payload_header: (!forward_payload_header.is_empty())
+            .then(|| forward_payload_header.to_ascii_lowercase()),
         claim_to_headers,
-        clock_skew: if p.clock_skew_seconds == 0 {
+        clock_skew: if *clock_skew_seconds == 0 {
             60
         } else {
-            u64::from(p.clock_skew_seconds)
+            u64::from(*clock_skew_seconds)
         },
+        clear_route_cache: *clear_route_cache,
     })
 }
 
@@ -230,6 +362,8 @@ fn requirement(
     providers: &BTreeMap<String, Arc<mj::JwtProvider>>,
 ) -> Result<mj::Requirement, ConvertError> {
     use pb::jwt_requirement::RequiresType as T;
+    let cov = &JWT_REQUIREMENT;
+    let pb::JwtRequirement { requires_type } = r;
     let known = |f: String, n: &str| {
         if providers.contains_key(n) {
             Ok(mj::Requirement::Provider(n.to_string()))
@@ -244,20 +378,22 @@ fn requirement(
             .map(|(i, r)| requirement(ctx, &format!("{field}.{f}.requirements[{i}]"), r, providers))
             .collect::<Result<Vec<_>, _>>()
     };
-    match &r.requires_type {
-        Some(T::ProviderName(n)) => known(format!("{field}.provider_name"), n),
-        Some(T::ProviderAndAudiences(_)) => Err(ctx.err(
-            format!("{field}.provider_and_audiences"),
-            "per-requirement audiences are not supported",
-        )),
-        Some(T::RequiresAny(l)) => Ok(mj::Requirement::Any(list("requires_any", &l.requirements)?)),
-        Some(T::RequiresAll(l)) => Ok(mj::Requirement::All(list("requires_all", &l.requirements)?)),
+    match requires_type {
+        Some(T::ProviderName(n)) => known(path(field, "provider_name"), n),
+        Some(T::ProviderAndAudiences(_)) => Err(ctx.refused(cov, field, "provider_and_audiences")),
+        Some(T::RequiresAny(l)) => {
+            let pb::JwtRequirementOrList { requirements } = l;
+            Ok(mj::Requirement::Any(list("requires_any", requirements)?))
+        }
+        Some(T::RequiresAll(l)) => {
+            let pb::JwtRequirementAndList { requirements } = l;
+            Ok(mj::Requirement::All(list("requires_all", requirements)?))
+        }
         Some(T::AllowMissing(_)) => Ok(mj::Requirement::AllowMissing),
         Some(T::AllowMissingOrFailed(_)) => Ok(mj::Requirement::AllowMissingOrFailed),
-        Some(T::ExtractOnlyWithoutValidation(_)) => Err(ctx.err(
-            format!("{field}.extract_only_without_validation"),
-            "extraction without validation is not supported",
-        )),
+        Some(T::ExtractOnlyWithoutValidation(_)) => {
+            Err(ctx.refused(cov, field, "extract_only_without_validation"))
+        }
         None => Err(ctx.err(field, "a requirement needs a type")),
     }
 }
@@ -269,38 +405,44 @@ fn rule_match(
     rm: Option<&route_pb::RouteMatch>,
 ) -> Result<m::RouteMatch, ConvertError> {
     use route_pb::route_match::PathSpecifier as P;
+    let cov = &RULE_MATCH;
     let rm = rm.ok_or_else(|| ctx.err(field, "a rule needs a match"))?;
-    let path = match &rm.path_specifier {
+    let route_pb::RouteMatch {
+        case_sensitive,
+        runtime_fraction,
+        headers: headers_pb,
+        query_parameters,
+        grpc,
+        tls_context,
+        dynamic_metadata,
+        filter_state,
+        cookies,
+        path_specifier,
+    } = rm;
+    ctx.refuse(cov, field, "query_parameters", !query_parameters.is_empty())?;
+    ctx.refuse(cov, field, "grpc", grpc.is_some())?;
+    ctx.refuse(cov, field, "runtime_fraction", runtime_fraction.is_some())?;
+    ctx.refuse(cov, field, "tls_context", tls_context.is_some())?;
+    ctx.refuse(cov, field, "dynamic_metadata", !dynamic_metadata.is_empty())?;
+    ctx.refuse(cov, field, "filter_state", !filter_state.is_empty())?;
+    ctx.refuse(cov, field, "cookies", !cookies.is_empty())?;
+    let path_match = match path_specifier {
         Some(P::Prefix(p)) => m::PathMatch::Prefix(p.clone()),
         Some(P::Path(p)) => m::PathMatch::Exact(p.clone()),
-        Some(P::SafeRegex(re)) => {
-            m::PathMatch::Regex(regex(ctx, &format!("{field}.safe_regex"), re)?)
-        }
+        Some(P::SafeRegex(re)) => m::PathMatch::Regex(regex(ctx, &path(field, "safe_regex"), re)?),
         Some(P::PathSeparatedPrefix(p)) => m::PathMatch::SeparatedPrefix(p.clone()),
-        _ => {
-            return Err(ctx.err(
-                field,
-                "unsupported path specifier (prefix, path, safe_regex or path_separated_prefix)",
-            ));
-        }
+        Some(P::ConnectMatcher(_)) => return Err(ctx.refused(cov, field, "connect_matcher")),
+        Some(P::PathMatchPolicy(_)) => return Err(ctx.refused(cov, field, "path_match_policy")),
+        None => return Err(ctx.err(field, "a rule's match needs a path specifier")),
     };
-    if !rm.query_parameters.is_empty()
-        || !rm.dynamic_metadata.is_empty()
-        || !rm.cookies.is_empty()
-        || rm.grpc.is_some()
-        || rm.tls_context.is_some()
-        || rm.runtime_fraction.is_some()
-    {
-        return Err(ctx.err(field, "a JWT rule may match on the path and headers only"));
-    }
-    let mut headers = Vec::with_capacity(rm.headers.len());
-    for (i, h) in rm.headers.iter().enumerate() {
+    let mut headers = Vec::with_capacity(headers_pb.len());
+    for (i, h) in headers_pb.iter().enumerate() {
         headers.push(header_matcher(ctx, &format!("{field}.headers[{i}]"), h)?);
     }
     Ok(m::RouteMatch {
         ignore_path_parameters: false,
-        path,
-        case_sensitive: rm.case_sensitive.as_ref().is_none_or(|v| v.value),
+        path: path_match,
+        case_sensitive: case_sensitive.as_ref().is_none_or(|v| v.value),
         headers,
         query_parameters: Vec::new(),
         grpc: false,

@@ -280,6 +280,20 @@ fn cases() -> Vec<(&'static str, &'static str, String, Value, Expect)> {
             json!(2),
             Refused("initial_requests"),
         ),
+        (
+            "JwtProvider.clear_route_cache",
+            "listener",
+            format!("{HCM}/http_filters/4/typed_config/providers/p/clear_route_cache"),
+            json!(true),
+            Applied(ROUTES, "jwt_clear_route_cache_chooses_the_route_again"),
+        ),
+        (
+            "JwtProvider.header_in_metadata",
+            "listener",
+            format!("{HCM}/http_filters/4/typed_config/providers/p/header_in_metadata"),
+            json!("jwt_header"),
+            Refused("header_in_metadata"),
+        ),
         // Fields ferry-pilot emits.
         (
             "Cluster.SlowStartConfig (DestinationRule warmup)",

@@ -38,6 +38,13 @@ pub(super) const LISTENER: &str = r#"{
             "descriptors": [{"entries": [{"key": "k", "value": "v"}], "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}]}},
           {"name": "rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
             "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}], "principals": [{"any": true}]}}}}},
+          {"name": "jwt", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"p": {"issuer": "i", "local_jwks": {"inline_string": "{\"keys\":[{\"kty\":\"RSA\",\"kid\":\"k\",\"n\":\"AQAB\",\"e\":\"AQAB\"}]}"},
+              "from_headers": [{"name": "x-jwt"}], "claim_to_headers": [{"header_name": "x-sub", "claim_name": "sub"}],
+              "normalize_payload_in_metadata": {}}},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "p"}}],
+            "requirement_map": {"any": {"requires_any": {"requirements": [{"provider_name": "p"}, {"allow_missing": {}}]}},
+              "all": {"requires_all": {"requirements": [{"provider_name": "p"}]}}}}},
           {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
         ],
         "route_config": {
@@ -65,7 +72,8 @@ pub(super) const LISTENER: &str = r#"{
                     "config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
                       "abort": {"http_status": 503, "percentage": {"numerator": 0}}}},
                   "cors": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"},
-                  "rbac": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"}
+                  "rbac": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"},
+                  "jwt": {"@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig", "disabled": true}
                 }
               },
               {"match": {"prefix": "/r"}, "redirect": {"host_redirect": "x"}},
@@ -178,7 +186,7 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.route.v3.RouteConfiguration", _) => l(hcm!("route_config")),
         ("envoy.config.route.v3.VirtualHost", _) => l(vh!("")),
         ("envoy.config.route.v3.Route", _) => l(route0!("")),
-        ("envoy.config.route.v3.RouteMatch", _) => l(route0!(".match")),
+        ("envoy.config.route.v3.RouteMatch", "") => l(route0!(".match")),
         ("envoy.config.route.v3.HeaderMatcher", _) => l(route0!(".match.headers[0]")),
         ("envoy.config.route.v3.QueryParameterMatcher", _) => {
             l(route0!(".match.query_parameters[0]"))
@@ -264,6 +272,39 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.rbac.v3.Principal", _) => l(hcm!(
             "http_filters[3].typed_config@.rules.policies{p}.principals[0]"
         )),
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication", _) => {
+            l(hcm!("http_filters[4].typed_config@"))
+        }
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtProvider", _) => {
+            l(hcm!("http_filters[4].typed_config@.providers{p}"))
+        }
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtHeader", _) => l(hcm!(
+            "http_filters[4].typed_config@.providers{p}.from_headers[0]"
+        )),
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtClaimToHeader", _) => l(hcm!(
+            "http_filters[4].typed_config@.providers{p}.claim_to_headers[0]"
+        )),
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtProvider.NormalizePayload", _) => l(hcm!(
+            "http_filters[4].typed_config@.providers{p}.normalize_payload_in_metadata"
+        )),
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtRequirement", _) => {
+            l(hcm!("http_filters[4].typed_config@.rules[0].requires"))
+        }
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtRequirementOrList", _) => l(hcm!(
+            "http_filters[4].typed_config@.requirement_map{any}.requires_any"
+        )),
+        ("envoy.extensions.filters.http.jwt_authn.v3.JwtRequirementAndList", _) => l(hcm!(
+            "http_filters[4].typed_config@.requirement_map{all}.requires_all"
+        )),
+        ("envoy.extensions.filters.http.jwt_authn.v3.RequirementRule", _) => {
+            l(hcm!("http_filters[4].typed_config@.rules[0]"))
+        }
+        ("envoy.config.route.v3.RouteMatch", "jwt_authn rule") => {
+            l(hcm!("http_filters[4].typed_config@.rules[0].match"))
+        }
+        ("envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig", _) => {
+            l(route0!(".typed_per_filter_config{jwt}@"))
+        }
         ("envoy.config.cluster.v3.Cluster", _) => c("", None),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", _) => {
             s(EDS_CLUSTER, "eds_cluster_config", None)
