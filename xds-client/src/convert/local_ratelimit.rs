@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3 as ra
 use ferry_model as m;
 
 use super::core_types::{NEVER, runtime_fraction};
-use super::coverage::fields;
+use super::coverage::{fields, path};
 use super::header_mutation::header_mutations;
 use super::matcher::{header_matcher, query_parameter_matcher};
 use super::{ConvertError, Ctx, duration};
@@ -74,6 +74,45 @@ fields!(pub(super) static RATE_LIMIT_ACTION = "envoy.config.route.v3.RateLimit.A
     "query_parameter_value_match": applied "default_value refused",
     "query_parameters": applied,
     "remote_address_match": refused "the remote_address_match action is not supported",
+});
+
+fields!(pub(super) static GENERIC_KEY = "envoy.config.route.v3.RateLimit.Action.GenericKey" {
+    "descriptor_value": applied,
+    "descriptor_key": applied "generic_key when empty",
+    "default_value": refused "default values are not supported yet",
+});
+
+fields!(pub(super) static REQUEST_HEADERS = "envoy.config.route.v3.RateLimit.Action.RequestHeaders" {
+    "header_name": applied,
+    "descriptor_key": applied,
+    "skip_if_absent": applied,
+});
+
+fields!(pub(super) static HEADER_VALUE_MATCH = "envoy.config.route.v3.RateLimit.Action.HeaderValueMatch" {
+    "descriptor_value": applied,
+    "expect_match": applied,
+    "headers": applied,
+    "descriptor_key": applied "header_match when empty",
+    "default_value": refused "default values are not supported yet",
+});
+
+fields!(pub(super) static MASKED_REMOTE_ADDRESS = "envoy.config.route.v3.RateLimit.Action.MaskedRemoteAddress" {
+    "v4_prefix_mask_len": applied,
+    "v6_prefix_mask_len": applied,
+});
+
+fields!(pub(super) static QUERY_PARAMETERS = "envoy.config.route.v3.RateLimit.Action.QueryParameters" {
+    "query_parameter_name": applied "required",
+    "descriptor_key": applied "required",
+    "skip_if_absent": applied,
+});
+
+fields!(pub(super) static QUERY_PARAMETER_VALUE_MATCH = "envoy.config.route.v3.RateLimit.Action.QueryParameterValueMatch" {
+    "descriptor_value": applied,
+    "expect_match": applied,
+    "query_parameters": applied,
+    "descriptor_key": applied "query_match when empty",
+    "default_value": refused "default values are not supported yet",
 });
 
 pub(super) fn disabled_ratelimit() -> m::ratelimit::LocalRateLimit {
@@ -322,16 +361,6 @@ pub(super) fn rate_limits(
         let mut actions = Vec::with_capacity(actions_pb.len());
         for (j, a) in actions_pb.iter().enumerate() {
             let af = format!("{rf}.actions[{j}]");
-            let no_default = |name: &str, d: &str| {
-                if d.is_empty() {
-                    Ok(())
-                } else {
-                    Err(ctx.err(
-                        format!("{af}.{name}.default_value"),
-                        "default values are not supported yet",
-                    ))
-                }
-            };
             let key_or = |k: &str, d: &str| {
                 if k.is_empty() {
                     d.to_string()
@@ -343,40 +372,71 @@ pub(super) fn rate_limits(
                 Some(A::RemoteAddress(_)) => R::RemoteAddress,
                 Some(A::DestinationCluster(_)) => R::DestinationCluster,
                 Some(A::GenericKey(g)) => {
-                    no_default("generic_key", &g.default_value)?;
+                    let route_pb::rate_limit::action::GenericKey {
+                        descriptor_value,
+                        descriptor_key,
+                        default_value,
+                    } = g;
+                    let gf = path(&af, "generic_key");
+                    ctx.refuse(
+                        &GENERIC_KEY,
+                        &gf,
+                        "default_value",
+                        !default_value.is_empty(),
+                    )?;
                     R::GenericKey {
-                        key: key_or(&g.descriptor_key, "generic_key"),
-                        value: g.descriptor_value.clone(),
+                        key: key_or(descriptor_key, "generic_key"),
+                        value: descriptor_value.clone(),
                     }
                 }
-                Some(A::RequestHeaders(h)) => R::RequestHeaders {
-                    header: m::HeaderKey::parse(&h.header_name).ok_or_else(|| {
-                        ctx.err(
-                            format!("{af}.request_headers.header_name"),
-                            format!("{:?} is not a valid header name", h.header_name),
-                        )
-                    })?,
-                    key: h.descriptor_key.clone(),
-                    skip_if_absent: h.skip_if_absent,
-                },
+                Some(A::RequestHeaders(h)) => {
+                    let route_pb::rate_limit::action::RequestHeaders {
+                        header_name,
+                        descriptor_key,
+                        skip_if_absent,
+                    } = h;
+                    R::RequestHeaders {
+                        header: m::HeaderKey::parse(header_name).ok_or_else(|| {
+                            ctx.err(
+                                format!("{af}.request_headers.header_name"),
+                                format!("{header_name:?} is not a valid header name"),
+                            )
+                        })?,
+                        key: descriptor_key.clone(),
+                        skip_if_absent: *skip_if_absent,
+                    }
+                }
                 Some(A::HeaderValueMatch(h)) => {
-                    no_default("header_value_match", &h.default_value)?;
-                    let mut headers = Vec::with_capacity(h.headers.len());
-                    for (k, hm) in h.headers.iter().enumerate() {
-                        headers.push(header_matcher(
-                            ctx,
-                            &format!("{af}.header_value_match.headers[{k}]"),
-                            hm,
-                        )?);
+                    let route_pb::rate_limit::action::HeaderValueMatch {
+                        descriptor_value,
+                        expect_match,
+                        headers: headers_pb,
+                        descriptor_key,
+                        default_value,
+                    } = h;
+                    let hf = path(&af, "header_value_match");
+                    ctx.refuse(
+                        &HEADER_VALUE_MATCH,
+                        &hf,
+                        "default_value",
+                        !default_value.is_empty(),
+                    )?;
+                    let mut headers = Vec::with_capacity(headers_pb.len());
+                    for (k, hm) in headers_pb.iter().enumerate() {
+                        headers.push(header_matcher(ctx, &format!("{hf}.headers[{k}]"), hm)?);
                     }
                     R::HeaderValueMatch {
-                        key: key_or(&h.descriptor_key, "header_match"),
-                        value: h.descriptor_value.clone(),
-                        expect_match: h.expect_match.as_ref().is_none_or(|v| v.value),
+                        key: key_or(descriptor_key, "header_match"),
+                        value: descriptor_value.clone(),
+                        expect_match: expect_match.as_ref().is_none_or(|v| v.value),
                         headers,
                     }
                 }
                 Some(A::MaskedRemoteAddress(mr)) => {
+                    let route_pb::rate_limit::action::MaskedRemoteAddress {
+                        v4_prefix_mask_len,
+                        v6_prefix_mask_len,
+                    } = mr;
                     let len = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>,
                                max: u32,
                                name: &str| {
@@ -390,37 +450,55 @@ pub(super) fn rate_limits(
                         Ok(n as u8)
                     };
                     R::MaskedRemoteAddress {
-                        v4_len: len(&mr.v4_prefix_mask_len, 32, "v4_prefix_mask_len")?,
-                        v6_len: len(&mr.v6_prefix_mask_len, 128, "v6_prefix_mask_len")?,
+                        v4_len: len(v4_prefix_mask_len, 32, "v4_prefix_mask_len")?,
+                        v6_len: len(v6_prefix_mask_len, 128, "v6_prefix_mask_len")?,
                     }
                 }
                 Some(A::QueryParameters(q)) => {
-                    if q.query_parameter_name.is_empty() || q.descriptor_key.is_empty() {
+                    let route_pb::rate_limit::action::QueryParameters {
+                        query_parameter_name,
+                        descriptor_key,
+                        skip_if_absent,
+                    } = q;
+                    if query_parameter_name.is_empty() || descriptor_key.is_empty() {
                         return Err(ctx.err(
                             format!("{af}.query_parameters"),
                             "query_parameter_name and descriptor_key are required",
                         ));
                     }
                     R::QueryParameter {
-                        name: q.query_parameter_name.clone(),
-                        key: q.descriptor_key.clone(),
-                        skip_if_absent: q.skip_if_absent,
+                        name: query_parameter_name.clone(),
+                        key: descriptor_key.clone(),
+                        skip_if_absent: *skip_if_absent,
                     }
                 }
                 Some(A::QueryParameterValueMatch(q)) => {
-                    no_default("query_parameter_value_match", &q.default_value)?;
-                    let mut matchers = Vec::with_capacity(q.query_parameters.len());
-                    for (k, qm) in q.query_parameters.iter().enumerate() {
+                    let route_pb::rate_limit::action::QueryParameterValueMatch {
+                        descriptor_value,
+                        expect_match,
+                        query_parameters,
+                        descriptor_key,
+                        default_value,
+                    } = q;
+                    let qf = path(&af, "query_parameter_value_match");
+                    ctx.refuse(
+                        &QUERY_PARAMETER_VALUE_MATCH,
+                        &qf,
+                        "default_value",
+                        !default_value.is_empty(),
+                    )?;
+                    let mut matchers = Vec::with_capacity(query_parameters.len());
+                    for (k, qm) in query_parameters.iter().enumerate() {
                         matchers.push(query_parameter_matcher(
                             ctx,
-                            &format!("{af}.query_parameter_value_match.query_parameters[{k}]"),
+                            &format!("{qf}.query_parameters[{k}]"),
                             qm,
                         )?);
                     }
                     R::QueryParameterValueMatch {
-                        key: key_or(&q.descriptor_key, "query_match"),
-                        value: q.descriptor_value.clone(),
-                        expect_match: q.expect_match.as_ref().is_none_or(|v| v.value),
+                        key: key_or(descriptor_key, "query_match"),
+                        value: descriptor_value.clone(),
+                        expect_match: expect_match.as_ref().is_none_or(|v| v.value),
                         matchers,
                     }
                 }

@@ -63,7 +63,13 @@ pub(super) const LISTENER: &str = r#"{
                   "request_mirror_policies": [{"cluster": "m"}],
                   "upgrade_configs": [{"upgrade_type": "websocket"}],
                   "max_stream_duration": {"max_stream_duration": "1s"},
-                  "rate_limits": [{"actions": [{"remote_address": {}}]}],
+                  "rate_limits": [{"actions": [{"remote_address": {}},
+                    {"generic_key": {"descriptor_value": "v"}},
+                    {"request_headers": {"header_name": "x", "descriptor_key": "k"}},
+                    {"header_value_match": {"descriptor_value": "v", "headers": [{"name": "x", "present_match": true}]}},
+                    {"masked_remote_address": {}},
+                    {"query_parameters": {"query_parameter_name": "q", "descriptor_key": "k"}},
+                    {"query_parameter_value_match": {"descriptor_value": "v", "query_parameters": [{"name": "q", "present_match": true}]}}]}],
                   "hedge_policy": {},
                   "cors": {}
                 },
@@ -216,6 +222,24 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.route.v3.RateLimit.Action", _) => {
             l(route0!(".route.rate_limits[0].actions[0]"))
         }
+        ("envoy.config.route.v3.RateLimit.Action.GenericKey", _) => {
+            l(route0!(".route.rate_limits[0].actions[1].generic_key"))
+        }
+        ("envoy.config.route.v3.RateLimit.Action.RequestHeaders", _) => {
+            l(route0!(".route.rate_limits[0].actions[2].request_headers"))
+        }
+        ("envoy.config.route.v3.RateLimit.Action.HeaderValueMatch", _) => l(route0!(
+            ".route.rate_limits[0].actions[3].header_value_match"
+        )),
+        ("envoy.config.route.v3.RateLimit.Action.MaskedRemoteAddress", _) => l(route0!(
+            ".route.rate_limits[0].actions[4].masked_remote_address"
+        )),
+        ("envoy.config.route.v3.RateLimit.Action.QueryParameters", _) => {
+            l(route0!(".route.rate_limits[0].actions[5].query_parameters"))
+        }
+        ("envoy.config.route.v3.RateLimit.Action.QueryParameterValueMatch", _) => l(route0!(
+            ".route.rate_limits[0].actions[6].query_parameter_value_match"
+        )),
         ("envoy.type.matcher.v3.StringMatcher", _) => l(route0!(".match.headers[0].string_match")),
         ("envoy.type.matcher.v3.RegexMatcher", _) => l(vh!(".routes[3].match.safe_regex")),
         ("envoy.type.matcher.v3.RegexMatchAndSubstitute", _) => {
