@@ -725,3 +725,50 @@ spec:
     assert_in_dump(&envoy, &["envoy.filters.http.jwt_authn", "origins-0"]).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// meshConfig `accessLogFile` with istiod's TEXT and JSON formats: Envoy ACKs the
+/// access logs on every connection manager, TCP proxy and listener (the `NR` filter),
+/// on sidecars and gateways.
+#[tokio::test]
+async fn envoy_acks_mesh_access_logs() {
+    let Some(bookinfo) = bookinfo() else {
+        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
+        return;
+    };
+    let Some(bin) = envoy_binary() else { return };
+    for (i, json) in [false, true].into_iter().enumerate() {
+        let dir = config_dir(
+            &bookinfo,
+            "networking/virtual-service-all-v1.yaml",
+            &format!("alog{i}"),
+        );
+        let options = MeshOptions {
+            access_log: ferry_pilot::istio::translate::access_log::MeshAccessLog {
+                file: "/dev/stdout".into(),
+                json,
+                ..Default::default()
+            },
+            ..MeshOptions::default()
+        };
+        let (server, xds, _pilot) = start_pilot_with(&dir, options).await;
+        let (id, meta) = node("productpage", "v1", "10.0.0.41");
+        let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+        all_acked(&server, &envoy, &id).await;
+        let format_marker = if json {
+            "upstream_transport_failure_reason"
+        } else {
+            "%UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS%"
+        };
+        assert_in_dump(
+            &envoy,
+            &[
+                "envoy.access_loggers.file",
+                "/dev/stdout",
+                "response_flag_filter",
+                format_marker,
+            ],
+        )
+        .await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

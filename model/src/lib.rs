@@ -5,6 +5,7 @@
 //! `ferry-xds` (from a static bootstrap or xDS) and then only read, concurrently,
 //! by every connection. No I/O and no async runtime live here.
 
+pub mod access_log;
 pub mod cidr;
 pub mod cluster;
 pub mod cors;
@@ -16,6 +17,7 @@ pub mod listener;
 pub mod ratelimit;
 pub mod rbac;
 pub mod route;
+pub mod stream_info;
 pub mod tls;
 
 use std::collections::HashMap;

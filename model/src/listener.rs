@@ -33,6 +33,8 @@ pub struct Listener {
     pub detection_timeout: Option<Duration>,
     pub filter_chains: Vec<Arc<FilterChain>>,
     pub default_chain: Option<Arc<FilterChain>>,
+    /// The listener's own access logs: connections no filter chain took.
+    pub access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 /// Which listener filters are configured (the ones Ferry implements natively).
@@ -137,6 +139,8 @@ pub struct TcpProxy {
     pub weighted: Vec<(String, u32)>,
     /// Envoy's default is one hour; `None` disables the timeout.
     pub idle_timeout: Option<Duration>,
+    /// One entry per connection, when it closes.
+    pub access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 impl TcpProxy {
@@ -189,6 +193,8 @@ pub struct HttpConnectionManager {
     /// The router's `suppress_envoy_headers`: no `x-envoy-overloaded`,
     /// `x-envoy-expected-rq-timeout-ms` and the like.
     pub suppress_envoy_headers: bool,
+    /// One entry per request, when it ends.
+    pub access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 /// `forward_client_cert_details`.
@@ -425,6 +431,7 @@ mod tests {
             cluster: "v1".into(),
             weighted: vec![("v1".into(), 80), ("v2".into(), 20)],
             idle_timeout: None,
+            access_logs: Default::default(),
         };
         assert_eq!(tp.total_weight(), 100);
         assert_eq!(tp.pick_cluster(0), "v1");
@@ -455,6 +462,7 @@ mod tests {
                 cluster: "c".into(),
                 weighted: Vec::new(),
                 idle_timeout: None,
+                access_logs: Default::default(),
             }),
         })
     }
@@ -475,6 +483,7 @@ mod tests {
             detection_timeout: None,
             filter_chains: chains,
             default_chain: Some(chain("default", FilterChainMatch::default())),
+            access_logs: Default::default(),
         }
     }
 

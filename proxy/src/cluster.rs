@@ -45,7 +45,7 @@ pub enum UpstreamError {
     #[error("no healthy upstream")]
     NoHealthyUpstream,
     #[error(
-        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
     )]
     ConnectFailure(#[source] std::io::Error),
     #[error(
@@ -68,6 +68,22 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`, in Envoy's words (spaces as
+    /// `_`): why the connection could not be made.
+    pub fn transport_failure_reason(&self) -> Option<String> {
+        let reason = match self {
+            UpstreamError::ConnectFailure(io) => {
+                let text = io.to_string();
+                // std adds " (os error N)" to the system's message.
+                let text = text.split(" (os error").next().unwrap_or(&text);
+                format!("delayed connect error: {text}")
+            }
+            UpstreamError::Tls(t) => format!("TLS error: {t}"),
+            _ => return None,
+        };
+        Some(reason.replace(' ', "_"))
+    }
+
     /// Envoy's response flag for the access log.
     pub fn response_flag(&self) -> &'static str {
         match self {
@@ -549,9 +565,32 @@ fn closed_cleanly_before_response(e: &hyper::Error) -> bool {
 
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
+    /// The connection's local address (`%UPSTREAM_LOCAL_ADDRESS%`).
+    local: Option<SocketAddr>,
     since: Instant,
     /// Requests this connection has carried (`max_requests_per_connection`).
     used: u32,
+}
+
+/// An endpoint's HTTP/2 connection and its local address.
+type H2Sender = (http2::SendRequest<UpstreamBody>, Option<SocketAddr>);
+
+/// Where a pool tells the router the local address of the connection an
+/// attempt got (`%UPSTREAM_LOCAL_ADDRESS%`), put in the request's
+/// extensions by the router when it keeps an access log.
+#[derive(Debug, Clone, Default)]
+pub struct LocalAddrSlot(pub Arc<Mutex<Option<SocketAddr>>>);
+
+impl LocalAddrSlot {
+    fn report<B>(req: &Request<B>, local: Option<SocketAddr>) {
+        if let (Some(slot), Some(local)) = (req.extensions().get::<LocalAddrSlot>(), local) {
+            *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(local);
+        }
+    }
+
+    pub fn get(&self) -> Option<SocketAddr> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Connections to one endpoint address.
@@ -573,7 +612,7 @@ pub struct EndpointPool {
     default_alpn: &'static [&'static str],
     stats: ClusterStats,
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    h2: Mutex<Option<H2Sender>>,
     h2_connecting: tokio::sync::Mutex<()>,
     shared: Arc<ClusterShared>,
     outlier: Arc<HostOutlier>,
@@ -766,14 +805,14 @@ impl EndpointPool {
         }
     }
 
-    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, u32)> {
+    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, u32, Option<SocketAddr>)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(entry) = idle.pop() {
             let expired = self
                 .idle_timeout
                 .is_some_and(|t| entry.since.elapsed() >= t);
             if !expired && entry.sender.is_ready() {
-                return Some((entry.sender, entry.used));
+                return Some((entry.sender, entry.used, entry.local));
             }
         }
         None
@@ -786,16 +825,25 @@ impl EndpointPool {
     async fn new_or_pooled_h1(
         &self,
         fresh: bool,
-    ) -> Result<(http1::SendRequest<UpstreamBody>, u32, bool), UpstreamError> {
+    ) -> Result<
+        (
+            http1::SendRequest<UpstreamBody>,
+            u32,
+            bool,
+            Option<SocketAddr>,
+        ),
+        UpstreamError,
+    > {
         let breakers = &self.shared.breakers;
         let mut pending = None;
         loop {
-            if !fresh && let Some((s, used)) = self.checkout_idle() {
-                return Ok((s, used, true));
+            if !fresh && let Some((s, used, local)) = self.checkout_idle() {
+                return Ok((s, used, true, local));
             }
             let freed = breakers.freed.notified();
             if let Some(slot) = breakers.connection() {
-                return Ok((self.connect_h1(slot).await?, 0, false));
+                let (sender, local) = self.connect_h1(slot).await?;
+                return Ok((sender, 0, false, local));
             }
             if pending.is_none() {
                 // As Envoy: a full pending queue fails the request before a
@@ -811,8 +859,9 @@ impl EndpointPool {
     async fn connect_h1(
         &self,
         slot: Slot,
-    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
         let tcp = self.connect().await?;
+        let local = tcp.local_addr();
         let (sender, conn) = http1::Builder::new()
             .preserve_header_case(true)
             .handshake(TokioIo::new(tcp))
@@ -826,7 +875,7 @@ impl EndpointPool {
             drop(slot);
             shared.breakers.freed.notify_waiters();
         });
-        Ok(sender)
+        Ok((sender, local))
     }
 
     /// Sends an HTTP/1.1 request on a pooled or new connection.
@@ -844,14 +893,15 @@ impl EndpointPool {
         // At most one more attempt, on a fresh connection, for the keep-alive race.
         let mut fresh = false;
         loop {
-            let (mut sender, used, reused) = self.new_or_pooled_h1(fresh).await?;
+            let (mut sender, used, reused, local) = self.new_or_pooled_h1(fresh).await?;
+            LocalAddrSlot::report(&req, local);
             // A bodiless idempotent request may be sent again (RFC 9110 §9.2.2) when
             // the server's close crossed it on the wire: keep a copy of its head
             // while it rides a reused connection.
             let replay = if reused { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.release_when_idle(sender, used + 1);
+                    self.release_when_idle(sender, used + 1, local);
                     return Ok(resp);
                 }
                 Err(mut e) => {
@@ -884,6 +934,7 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut sender: http1::SendRequest<UpstreamBody>,
         used: u32,
+        local: Option<SocketAddr>,
     ) {
         if self
             .shared
@@ -904,6 +955,7 @@ impl EndpointPool {
                 if idle.len() < MAX_IDLE {
                     idle.push(Idle {
                         sender,
+                        local,
                         since: Instant::now(),
                         used,
                     });
@@ -913,7 +965,7 @@ impl EndpointPool {
         });
     }
 
-    async fn h2_sender(&self) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
+    async fn h2_sender(&self) -> Result<H2Sender, UpstreamError> {
         if let Some(s) = self.live_h2() {
             return Ok(s);
         }
@@ -927,6 +979,7 @@ impl EndpointPool {
             return Err(UpstreamError::Overflow);
         };
         let tcp = self.connect().await?;
+        let local = tcp.local_addr();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(None)
@@ -939,14 +992,14 @@ impl EndpointPool {
             destroyed.inc();
             drop(slot);
         });
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
-        Ok(sender)
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((sender.clone(), local));
+        Ok((sender, local))
     }
 
-    fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+    fn live_h2(&self) -> Option<H2Sender> {
         let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         match slot.as_ref() {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(s) if !s.0.is_closed() => Some(s.clone()),
             Some(_) => {
                 *slot = None;
                 None
@@ -992,7 +1045,8 @@ impl EndpointPool {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let mut sender = self.h2_sender().await?;
+            let (mut sender, local) = self.h2_sender().await?;
+            LocalAddrSlot::report(&req, local);
             if sender.ready().await.is_err() {
                 self.h2.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if attempts < 2 {

@@ -2,6 +2,7 @@
 //! protocol detection, the TCP proxy, the HTTP server and upstream pools, the
 //! cluster manager, the admin server, drain, and the `iptables` init step.
 
+pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod cluster;

@@ -225,6 +225,13 @@ async fn handle(
     };
     let Some(chain) = listener.select_chain(&info).cloned() else {
         tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; closing");
+        crate::access_log::connection::no_filter_chain(
+            &rt,
+            &listener,
+            peer,
+            dst,
+            detected.server_name.as_deref(),
+        );
         rt.stats
             .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
             .inc();
@@ -298,7 +305,18 @@ async fn handle(
                 let stats = rt.tcp_stats(&tp.stat_prefix);
                 let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
                 let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
-                crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &generation).await;
+                crate::tcp::proxy(
+                    &rt,
+                    tp,
+                    &stats,
+                    istio,
+                    io,
+                    dst,
+                    &generation,
+                    peer,
+                    &server_name,
+                )
+                .await;
             }
             ChainKind::Http(hcm) => {
                 let http2 = match (hcm.codec, alpn.as_deref()) {
@@ -346,7 +364,18 @@ async fn handle(
             let stats = rt.tcp_stats(&tp.stat_prefix);
             let istio = tcp_metrics(&rt, &chain, tp, None);
             let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
-            crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &generation).await;
+            crate::tcp::proxy(
+                &rt,
+                tp,
+                &stats,
+                istio,
+                io,
+                dst,
+                &generation,
+                peer,
+                &server_name,
+            )
+            .await;
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {

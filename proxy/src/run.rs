@@ -149,6 +149,8 @@ pub struct Runtime {
     pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
     /// Istio's standard metrics, for chains with the `istio.stats` filter.
     pub istio: Arc<crate::metrics::IstioMetrics>,
+    /// The writers of the configured access logs.
+    pub access_logs: crate::access_log::AccessLogManager,
 }
 
 /// The network RBAC filter counts through the runtime's statistics.
@@ -210,6 +212,12 @@ impl Runtime {
         // Secrets first: a rotated one reaches the next handshake of every
         // listener and cluster, while established connections keep theirs.
         self.tls.update(&snapshot.secrets);
+        for (sink, e) in self
+            .access_logs
+            .prepare(crate::access_log::sinks_of(&snapshot).iter())
+        {
+            tracing::error!(access_log.sink = ?sink, error = %e, "access log cannot be opened");
+        }
         let clusters = ClusterManager::build(
             &snapshot,
             Some(&self.clusters.load()),
@@ -303,7 +311,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let access_logs = crate::access_log::AccessLogManager::new(&stats);
     let rt = Arc::new(Runtime {
+        access_logs,
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
         clusters: ArcSwap::from_pointee(ClusterManager::default()),
         tls: Arc::default(),
@@ -377,6 +387,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         ));
     }
     tracing::info!(admin.address = %admin_addr, "ferry is running");
+    tokio::spawn(reopen_logs_on_sigusr1(rt.clone()));
 
     wait_for_stop(&rt).await;
     tracing::info!(
@@ -390,8 +401,24 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             "drain deadline passed; closing remaining connections"
         );
     }
+    // What the last requests logged reaches its files before the exit.
+    let flush = rt.clone();
+    let _ = tokio::task::spawn_blocking(move || flush.access_logs.flush()).await;
     tracing::info!("exiting");
     Ok(())
+}
+
+/// SIGUSR1 reopens the access log files, as Envoy does (log rotation).
+async fn reopen_logs_on_sigusr1(rt: Arc<Runtime>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: reopening the access logs");
+        let rt = rt.clone();
+        let _ = tokio::task::spawn_blocking(move || rt.access_logs.reopen()).await;
+    }
 }
 
 /// Start-up code (configuration parsing through the descriptor set, command

@@ -73,6 +73,12 @@ impl Envoy {
     /// Starts Envoy on `config` (a bootstrap as JSON; an admin listener is
     /// added) and waits until `port` accepts connections.
     pub fn start(bin: &Path, config: &Value, port: u16) -> Result<Envoy> {
+        Envoy::start_with(bin, config, port, &[])
+    }
+
+    /// Like [`Envoy::start`], with more command-line arguments (e.g.
+    /// `--file-flush-interval-msec 50` for tests that read access logs).
+    pub fn start_with(bin: &Path, config: &Value, port: u16, args: &[&str]) -> Result<Envoy> {
         let dir = TempDir::new("envoy")?;
         let admin = free_port();
         let mut cfg = config.clone();
@@ -89,6 +95,7 @@ impl Envoy {
             .arg(std::env::var("FERRY_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "warning".into()))
             // Several Envoys may run at once: each its own shared-memory id.
             .args(["--base-id", &free_port().to_string()])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log)?)

@@ -30,6 +30,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 use prost::Message;
 
+mod access_log;
 mod jwt_authn;
 mod rbac;
 mod tls;
@@ -363,7 +364,9 @@ pub fn listener(
         ));
     }
     let detection_timeout = timeout_or(&l.listener_filters_timeout, None);
+    let access_logs = access_log::access_logs(&ctx, "access_log", &l.access_log)?;
     Ok(m::Listener {
+        access_logs,
         name: l.name.clone(),
         fingerprint: fingerprint(l),
         address,
@@ -622,7 +625,9 @@ fn tcp_proxy(
         }
         _ => return Err(ctx.err(format!("{field}.cluster"), "tcp_proxy needs a cluster")),
     };
+    let access_logs = access_log::tcp_proxy(ctx, field, tp)?;
     Ok(m::TcpProxy {
+        access_logs,
         stat_prefix: tp.stat_prefix.clone(),
         cluster,
         weighted,
@@ -836,7 +841,9 @@ fn http_connection_manager(
         uri: details.uri,
         dns: details.dns,
     };
+    let access_logs = access_log::http_connection_manager(ctx, field, h)?;
     Ok(m::HttpConnectionManager {
+        access_logs,
         forward_client_cert,
         client_cert_details,
         stat_prefix: h.stat_prefix.clone(),

@@ -39,6 +39,33 @@ pub enum BodyError {
 pub struct UpstreamBody {
     kind: Kind,
     end: Option<Arc<Notify>>,
+    /// Counts what the downstream sent (streamed bodies; a replayed body
+    /// counts in its shared state).
+    count: Option<Arc<BodyCount>>,
+}
+
+/// What the downstream sent of a request body, for the access log
+/// (`%BYTES_RECEIVED%`, `%REQUEST_DURATION%`).
+#[derive(Debug, Default)]
+pub struct BodyCount {
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// When its last byte arrived.
+    pub complete: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl BodyCount {
+    fn data(count: &Option<Arc<BodyCount>>, n: usize) {
+        if let Some(c) = count {
+            c.bytes
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn done(count: &Option<Arc<BodyCount>>) {
+        if let Some(c) = count {
+            let _ = c.complete.set(std::time::Instant::now());
+        }
+    }
 }
 
 enum Kind {
@@ -59,6 +86,7 @@ impl UpstreamBody {
         let body = Self {
             kind: Kind::Streamed(inner),
             end,
+            count: None,
         };
         if body.is_end_stream() {
             body.signal_end();
@@ -70,7 +98,17 @@ impl UpstreamBody {
         Self {
             kind: Kind::Empty,
             end: None,
+            count: None,
         }
+    }
+
+    /// Counts the downstream bytes this body carries.
+    pub fn counted(mut self, count: Option<Arc<BodyCount>>) -> Self {
+        if self.is_end_stream() {
+            BodyCount::done(&count);
+        }
+        self.count = count;
+        self
     }
 
     /// A body of bytes already at hand (a mirrored request's).
@@ -78,6 +116,7 @@ impl UpstreamBody {
         Self {
             kind: Kind::Full((!b.is_empty()).then_some(b)),
             end: None,
+            count: None,
         }
     }
 
@@ -101,10 +140,12 @@ struct ReplayState {
     trailers: Option<HeaderMap>,
     end: Option<Arc<Notify>>,
     done_tx: watch::Sender<bool>,
+    count: Option<Arc<BodyCount>>,
 }
 
 impl ReplayState {
     fn finish(&mut self) {
+        BodyCount::done(&self.count);
         self.complete = true;
         self.incoming = None;
         if let Some(n) = self.end.take() {
@@ -139,6 +180,7 @@ impl Replay {
             trailers: None,
             end,
             done_tx,
+            count: None,
         };
         if state.incoming.as_ref().is_some_and(|b| b.is_end_stream()) {
             state.finish();
@@ -148,6 +190,18 @@ impl Replay {
             done,
             hint,
         }
+    }
+
+    /// Counts the downstream bytes read into the replay.
+    pub fn counted(self, count: Option<Arc<BodyCount>>) -> Self {
+        {
+            let mut s = self.state();
+            if s.complete {
+                BodyCount::done(&count);
+            }
+            s.count = count;
+        }
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ReplayState> {
@@ -170,6 +224,7 @@ impl Replay {
                 hint: self.hint,
             },
             end: None,
+            count: None,
         }
     }
 
@@ -248,6 +303,7 @@ fn poll_replay(
         Poll::Ready(Some(Ok(frame))) => {
             let frame = match frame.into_data() {
                 Ok(data) => {
+                    BodyCount::data(&s.count, data.len());
                     *pos += 1;
                     if !s.overflow && s.kept_bytes + data.len() <= REPLAY_LIMIT {
                         s.kept_bytes += data.len();
@@ -297,6 +353,11 @@ impl Body for UpstreamBody {
             } => poll_replay(shared, pos, trailers_sent, cx),
             Kind::Streamed(inner) => {
                 let res = Pin::new(inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &res
+                    && let Some(d) = f.data_ref()
+                {
+                    BodyCount::data(&this.count, d.len());
+                }
                 let ended = match &res {
                     Poll::Ready(None) => true,
                     Poll::Ready(Some(Ok(_))) => this.is_end_stream(),
@@ -305,6 +366,7 @@ impl Body for UpstreamBody {
                 if ended {
                     this.signal_end();
                     this.end = None;
+                    BodyCount::done(&this.count);
                 }
                 res.map_err(BodyError::Downstream)
             }

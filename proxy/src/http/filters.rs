@@ -97,6 +97,8 @@ pub fn cors(
         cors_filter::Decision::Preflight(h) | cors_filter::Decision::Refused(h) => {
             let mut resp = Response::new(body::empty());
             *resp.headers_mut() = h;
+            resp.extensions_mut()
+                .insert(super::observe::Details("cors_response".into()));
             Some(resp)
         }
     }
@@ -281,6 +283,13 @@ pub fn jwt_authn(
             {
                 resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
             }
+            resp.extensions_mut().insert(super::observe::Details(
+                format!(
+                    "jwt_authn_access_denied{{{}}}",
+                    status.to_string().replace(' ', "_")
+                )
+                .into(),
+            ));
             Err(Box::new(resp))
         }
     }
@@ -341,8 +350,16 @@ pub fn rbac(
         src.addr = %ctx.peer,
         "RBAC denied the request"
     );
-    Some(super::local_reply(super::LocalReply {
+    let mut resp = super::local_reply(super::LocalReply {
         status: http::StatusCode::FORBIDDEN,
         body: Some("RBAC: access denied".into()),
-    }))
+    });
+    resp.extensions_mut().insert(super::observe::Details(
+        format!(
+            "rbac_access_denied_matched_policy[{}]",
+            enforced.matched_policy.as_deref().unwrap_or("none")
+        )
+        .into(),
+    ));
+    Some(resp)
 }

@@ -9,6 +9,8 @@ pub mod body;
 mod client;
 mod fault;
 mod filters;
+mod observe;
+mod request_id;
 mod shadow;
 
 use std::convert::Infallible;
@@ -284,7 +286,7 @@ fn authority(req: &Request<Incoming>) -> String {
 async fn handle(
     ctx: Arc<ConnCtx>,
     mut req: Request<Incoming>,
-) -> Response<crate::metrics::Metered<ResponseBody>> {
+) -> Response<crate::metrics::Metered<observe::ObservedBody<ResponseBody>>> {
     let start = Instant::now();
     let stats = &ctx.stats;
     stats.downstream_rq_total.inc();
@@ -303,6 +305,7 @@ async fn handle(
         .to_string();
     let host = authority(&req);
     let started = std::time::SystemTime::now();
+    let mut obs = observe::Observer::start(&ctx, &req, start, started);
     let grpc = ferry_model::route::is_grpc(req.headers());
     // Istio's metadata exchange: the client's sidecar announces itself on
     // the request, the server's on the response; each side takes the
@@ -321,7 +324,8 @@ async fn handle(
     let mut cluster = String::new();
     let mut metered = None;
     let (mut resp, flag, upstream) =
-        route_request(&ctx, req, &host, &path, started, &mut cluster).await;
+        route_request(&ctx, req, &host, &path, started, &mut cluster, &mut obs).await;
+    obs.response(&resp, flag, upstream, grpc);
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
@@ -400,7 +404,7 @@ async fn handle(
             route.chain = %ctx.chain.name,
         );
     }
-    resp.map(|b| crate::metrics::Metered::new(b, metered))
+    resp.map(|b| crate::metrics::Metered::new(obs.body(b), metered))
 }
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
@@ -420,6 +424,7 @@ async fn route_request(
     path: &str,
     started: std::time::SystemTime,
     picked: &mut String,
+    obs: &mut observe::Observer,
 ) -> Routed {
     let Some(hcm) = ctx.hcm() else {
         return (
@@ -449,6 +454,8 @@ async fn route_request(
             return (local_reply(r), "", None);
         }
     };
+    request_id::apply(hcm, &mut req);
+    obs.request(&req);
     let pseudo = ferry_model::Pseudo {
         method: req.method().as_str(),
         path,
@@ -458,6 +465,9 @@ async fn route_request(
     let route = routes
         .as_ref()
         .and_then(|rc| rc.find_route_for(&pseudo, req.headers(), rand::random()));
+    if let Some(r) = route {
+        obs.route(r);
+    }
     let fctx = FormatContext {
         downstream_remote: Some(client.remote),
         downstream_local: Some(ctx.original_dst),
@@ -474,6 +484,7 @@ async fn route_request(
     }
     .to_string();
     let cluster: &str = picked;
+    obs.route_cluster(ctx, cluster);
     // The HTTP filters before the router run whether a route matched or not
     // (a request without a route still takes a rate limit token, as in
     // Envoy); the router then answers 404.
@@ -534,7 +545,7 @@ async fn route_request(
             // The route's response headers read the request as it arrived.
             let request_headers =
                 (!route.response_headers.is_empty()).then(|| req.headers().clone());
-            let routed = forward(ctx, hcm, route, cluster, delayed, req, host, &fctx).await;
+            let routed = forward(ctx, hcm, route, cluster, delayed, req, host, &fctx, obs).await;
             let (mut resp, flag, upstream) = routed;
             let fctx = FormatContext {
                 upstream_remote: upstream,
@@ -681,7 +692,7 @@ fn protocol_name(v: Version) -> &'static str {
 }
 
 /// `%HOSTNAME%`: the machine's host name, read once.
-fn hostname() -> &'static str {
+pub(crate) fn hostname() -> &'static str {
     static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     NAME.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -701,6 +712,7 @@ async fn forward(
     mut req: Request<Incoming>,
     host: &str,
     fctx: &FormatContext<'_>,
+    obs: &mut observe::Observer,
 ) -> Routed {
     let RouteAction::Route {
         prefix_rewrite,
@@ -733,6 +745,7 @@ async fn forward(
         };
         return (local_reply(r), "NC", None);
     };
+    obs.cluster(name);
     let lb_hash = crate::lb::request_hash(
         &route.hash_policy,
         req.headers(),
@@ -758,15 +771,7 @@ async fn forward(
         parts.headers.insert(HOST, v);
     }
     let scheme = if ctx.tls.is_some() { "https" } else { "http" };
-    // An edge request gets a request id of Envoy's making, whatever it brought.
-    if parts
-        .extensions
-        .get::<ferry_filters::http::forwarded::ClientAddress>()
-        .is_some_and(|c| c.edge)
-        && !hcm.client_trust.preserve_external_request_id
-    {
-        parts.headers.remove("x-request-id");
-    }
+    // The request id was settled by the connection manager (`request_id`).
     headers::prepare_request(&mut parts.headers, scheme, hcm.generate_request_id);
     // An internal client's `x-envoy-*` timeout and retry headers (the
     // connection manager removed any other's).
@@ -810,6 +815,21 @@ async fn forward(
             path.push_str(q);
         }
     }
+    // As Envoy's router: a rewritten path keeps the original beside it.
+    let rewritten = regex_rewrite.is_some()
+        || matches!(
+            (prefix_rewrite, &route.route_match.path),
+            (Some(_), PathMatch::Prefix(_))
+        );
+    if rewritten
+        && !hcm.suppress_envoy_headers
+        && let Some(Ok(v)) = parts
+            .uri
+            .path_and_query()
+            .map(|pq| HeaderValue::from_str(pq.as_str()))
+    {
+        parts.headers.insert(ORIGINAL_PATH, v);
+    }
     let use_h2 = !upgrade
         && match crt.cfg.protocol {
             ferry_model::UpstreamProtocol::Http2 => true,
@@ -828,11 +848,18 @@ async fn forward(
     let timed = timeout.is_some() || idle_timeout.is_some() || max_stream_duration.is_some();
     let end = timed.then(|| Arc::new(Notify::new()));
     let policy = overrides.retry.as_ref().or(retry_policy.as_deref());
+    // When the request was received whole (`x-envoy-upstream-service-time`
+    // counts from there), and its size for the access log.
+    let received = Some(obs.body_count().unwrap_or_default());
     let (replay, mut first_body) = if !upgrade && (policy.is_some() || !mirrors.is_empty()) {
-        (Some(Replay::new(body, end.clone())), None)
+        (
+            Some(Replay::new(body, end.clone()).counted(received.clone())),
+            None,
+        )
     } else {
         (None, Some(body))
     };
+    obs.upstream_request(&parts, &path);
     if let Some(r) = &replay {
         for m in mirrors {
             if m.fraction.hits(rand::random()) {
@@ -899,7 +926,7 @@ async fn forward(
     let (result, address) = loop {
         let body = match (&replay, first_body.take()) {
             (Some(r), _) => r.body(),
-            (None, Some(b)) => UpstreamBody::new(b, end.clone()),
+            (None, Some(b)) => UpstreamBody::new(b, end.clone()).counted(received.clone()),
             (None, None) => UpstreamBody::empty(),
         };
         // The last possible attempt takes the head itself; earlier ones a copy.
@@ -924,6 +951,7 @@ async fn forward(
                 .headers_mut()
                 .insert(ATTEMPT_COUNT, HeaderValue::from(retries + 1));
         }
+        obs.attempt(&mut upstream_req);
         crt.stats.upstream_rq_total.inc();
         let address = pool.address;
         tried.push(address);
@@ -1006,6 +1034,27 @@ async fn forward(
     };
     let attempts = retries + 1;
     drop(retry_slot);
+    let mut result = result;
+    match &mut result {
+        Attempt::Response(r) | Attempt::Exhausted(ExhaustedBy::Response(r)) => {
+            obs.upstream_response(r, attempts);
+            if !hcm.suppress_envoy_headers {
+                // Envoy's time from the whole request received to the response.
+                let now = std::time::Instant::now();
+                let since = received
+                    .as_ref()
+                    .and_then(|c| c.complete.get().copied())
+                    .unwrap_or(now);
+                let ms = now.saturating_duration_since(since).as_millis() as u64;
+                r.headers_mut()
+                    .insert(UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
+            }
+        }
+        Attempt::Failed(e) | Attempt::Exhausted(ExhaustedBy::Failure(e)) => {
+            obs.upstream_failure(e.as_ref(), attempts)
+        }
+        _ => obs.upstream_failure(None, attempts),
+    }
     let timers = Timers {
         deadline: deadline.get().copied(),
         idle: *idle_timeout,
@@ -1100,6 +1149,12 @@ fn retry_flags(flag: &'static str, overflow: bool, limit_exceeded: bool) -> &'st
 
 /// The time the upstream has to answer, as Envoy tells it.
 const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
+
+/// Where the router keeps the path a rewrite replaced.
+const ORIGINAL_PATH: &str = "x-envoy-original-path";
+
+/// Envoy's header on upstream answers: the upstream's time to answer.
+const UPSTREAM_SERVICE_TIME: &str = "x-envoy-upstream-service-time";
 
 /// Envoy's header on answers to requests a circuit breaker refused.
 const OVERLOADED: &str = "x-envoy-overloaded";
@@ -1332,6 +1387,7 @@ mod tests {
             http_filters: Vec::new(),
             client_trust: Default::default(),
             suppress_envoy_headers: false,
+            access_logs: Default::default(),
         }
     }
 

@@ -13,6 +13,7 @@
 //! chains and AuthorizationPolicy adds RBAC filters to them (`authz`,
 //! `ext_authz`).
 
+pub mod access_log;
 pub mod authz;
 mod cluster;
 mod delegate;
@@ -183,6 +184,8 @@ pub struct MeshOptions {
     /// `meshConfig.extensionProviders`: the external authorizers that
     /// CUSTOM AuthorizationPolicies name.
     pub extension_providers: Vec<ExtensionProvider>,
+    /// `meshConfig.accessLogFile` and its format.
+    pub access_log: access_log::MeshAccessLog,
 }
 
 impl Default for MeshOptions {
@@ -194,6 +197,7 @@ impl Default for MeshOptions {
             trust_domain: DEFAULT_DOMAIN.to_string(),
             trust_domain_aliases: Vec::new(),
             extension_providers: Vec::new(),
+            access_log: Default::default(),
         }
     }
 }
@@ -214,6 +218,12 @@ impl MeshOptions {
             out.outbound_traffic_policy = mode;
         }
         out.extension_providers.clone_from(&cfg.extension_providers);
+        out.access_log = access_log::MeshAccessLog {
+            file: cfg.access_log_file.clone(),
+            json: cfg.access_log_encoding.eq_ignore_ascii_case("JSON"),
+            format: cfg.access_log_format.clone(),
+            disable_listener_log: cfg.disable_envoy_listener_log,
+        };
         out
     }
 }
@@ -340,6 +350,7 @@ impl Mesh {
             NodeType::Sidecar => listener::build(&scope, &mut out),
             NodeType::Router => gateway::build(&scope, &mut out),
         }
+        access_log::apply(&self.options.access_log, &mut out.listeners);
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));

@@ -1,7 +1,9 @@
 //! The parts of Istio's MeshConfig (`meshConfig` in the istiod install)
 //! that translation reads beyond [`crate::istio::translate::MeshOptions`]'
 //! scalars: the extension providers that AuthorizationPolicies with the
-//! CUSTOM action name (`envoyExtAuthzHttp`, `envoyExtAuthzGrpc`).
+//! CUSTOM action name (`envoyExtAuthzHttp`, `envoyExtAuthzGrpc`), and the
+//! access log settings (`accessLogFile`, `accessLogEncoding`,
+//! `accessLogFormat`, `disableEnvoyListenerLog`).
 
 use std::collections::BTreeMap;
 
@@ -68,6 +70,13 @@ pub struct MeshConfig {
     pub root_namespace: Option<String>,
     pub outbound_traffic_policy: Option<MeshOutboundTrafficPolicy>,
     pub extension_providers: Vec<ExtensionProvider>,
+    /// Where every proxy writes its access log ("" for none).
+    pub access_log_file: String,
+    /// `TEXT` (the default) or `JSON`.
+    pub access_log_encoding: String,
+    /// The format: text, or a JSON object of formats ("" for istiod's).
+    pub access_log_format: String,
+    pub disable_envoy_listener_log: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
