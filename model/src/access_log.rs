@@ -30,12 +30,12 @@ pub struct AccessLog {
 /// Where entries are written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Sink {
-    /// `envoy.access_loggers.file`: appended to this path (`/dev/stdout`
-    /// and `/dev/stderr` included, as Istio configures them).
+    /// `envoy.access_loggers.file`: appended to this path.
     File(String),
-    /// `envoy.access_loggers.stdout`.
+    /// `envoy.access_loggers.stdout`, or the file logger's `/dev/stdout`
+    /// (Istio's default), which Envoy writes to its own descriptor.
     Stdout,
-    /// `envoy.access_loggers.stderr`.
+    /// `envoy.access_loggers.stderr`, or the file logger's `/dev/stderr`.
     Stderr,
 }
 

@@ -139,6 +139,11 @@ impl ClusterManager {
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterRt>> {
         self.clusters.get(name)
     }
+
+    /// Every cluster (in no particular order).
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ClusterRt>> {
+        self.clusters.values()
+    }
 }
 
 /// The TLS settings of an endpoint with this `envoy.transport_socket_match`
@@ -190,6 +195,9 @@ pub struct ClusterRt {
     balancer: ArcSwap<Balancer<Arc<EndpointPool>>>,
     /// Pools created on demand for original destinations (ORIGINAL_DST).
     dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    /// The endpoints of the balancer with their weights and priorities,
+    /// for the admin pages.
+    hosts: ArcSwap<Vec<(Arc<EndpointPool>, HostMeta)>>,
     /// The live secrets and TLS configurations.
     tls: Arc<TlsContexts>,
 }
@@ -257,6 +265,7 @@ impl ClusterRt {
             shared,
             balancer: ArcSwap::from_pointee(empty),
             dynamic: Mutex::new(HashMap::new()),
+            hosts: ArcSwap::from_pointee(Vec::new()),
             tls: tls.clone(),
             cfg,
         };
@@ -301,8 +310,23 @@ impl ClusterRt {
                 hosts.iter().map(|(p, _)| p.outlier.clone()).collect();
             d.set_hosts(&watched);
         }
+        self.hosts.store(Arc::new(hosts.clone()));
         let b = Balancer::new(self.cfg.lb_policy, &self.cfg.lb, hosts);
         self.balancer.store(Arc::new(b));
+    }
+
+    /// Every endpoint of the cluster (balanced ones with their weight and
+    /// priority, and the original destinations in use), for `/clusters`.
+    pub fn endpoints(&self) -> Vec<(Arc<EndpointPool>, HostMeta)> {
+        let mut out = Vec::clone(&self.hosts.load());
+        let dynamic = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(dynamic.values().map(|p| (p.clone(), HostMeta::default())));
+        out
+    }
+
+    /// All clusters' names are listed in name order by the admin pages.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
     }
 
     /// Chooses the endpoint for a request or connection. `original_dst` is the
@@ -572,6 +596,37 @@ struct Idle {
     used: u32,
 }
 
+/// One endpoint's own counters, as Envoy keeps them per host (the admin
+/// `/clusters` page shows them).
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub cx_total: AtomicU64,
+    pub cx_connect_fail: AtomicU64,
+    pub cx_active: AtomicU64,
+    pub rq_total: AtomicU64,
+    /// Requests answered without a 5xx.
+    pub rq_success: AtomicU64,
+    /// Requests that failed or got a 5xx.
+    pub rq_error: AtomicU64,
+    pub rq_timeout: AtomicU64,
+}
+
+/// Decrements a host's active connections when its connection closes.
+struct ActiveCx(Arc<HostStats>);
+
+impl ActiveCx {
+    fn new(stats: &Arc<HostStats>) -> Self {
+        stats.cx_active.fetch_add(1, Ordering::Relaxed);
+        Self(stats.clone())
+    }
+}
+
+impl Drop for ActiveCx {
+    fn drop(&mut self) {
+        self.0.cx_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An endpoint's HTTP/2 connection and its local address.
 type H2Sender = (http2::SendRequest<UpstreamBody>, Option<SocketAddr>);
 
@@ -621,6 +676,8 @@ pub struct EndpointPool {
     ewma: PeakEwma,
     /// Streams open on the HTTP/2 connection (`max_concurrent_streams`).
     h2_streams: Arc<AtomicU32>,
+    /// The endpoint's own counters.
+    pub host_stats: Arc<HostStats>,
 }
 
 /// An HTTP/2 stream slot; its release wakes requests waiting for one.
@@ -679,7 +736,13 @@ impl EndpointPool {
             active: AtomicU64::new(0),
             ewma: PeakEwma::default(),
             h2_streams: Arc::default(),
+            host_stats: Arc::default(),
         }
+    }
+
+    /// Requests in flight to this endpoint.
+    pub fn active_requests(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Whether outlier detection ejected this endpoint.
@@ -690,6 +753,7 @@ impl EndpointPool {
     /// Reports a result that the pool did not see itself (a timeout in the
     /// router) to outlier detection.
     pub fn report_local_failure(&self) {
+        self.host_stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
         self.shared.report(&self.outlier, Outcome::LocalFailure);
     }
 
@@ -715,6 +779,15 @@ impl EndpointPool {
         let _in_flight = InFlight(&self.active);
         let start = Instant::now();
         let r = send.await;
+        let hs = &self.host_stats;
+        hs.rq_total.fetch_add(1, Ordering::Relaxed);
+        match &r {
+            Ok(resp) if resp.status().is_server_error() => {
+                hs.rq_error.fetch_add(1, Ordering::Relaxed)
+            }
+            Ok(_) => hs.rq_success.fetch_add(1, Ordering::Relaxed),
+            Err(_) => hs.rq_error.fetch_add(1, Ordering::Relaxed),
+        };
         match &r {
             Ok(resp) => {
                 self.ewma.observe(start.elapsed(), Instant::now());
@@ -737,6 +810,7 @@ impl EndpointPool {
     /// the same timeout, as Envoy's connect timeout covers it).
     pub async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
         self.stats.upstream_cx_total.inc();
+        self.host_stats.cx_total.fetch_add(1, Ordering::Relaxed);
         let tls = match &self.tls {
             None => None,
             Some(t) => match self
@@ -791,7 +865,13 @@ impl EndpointPool {
                 }
             }
         };
-        match tokio::time::timeout(self.connect_timeout, handshake).await {
+        let r = tokio::time::timeout(self.connect_timeout, handshake).await;
+        if !matches!(r, Ok(Ok(_))) {
+            self.host_stats
+                .cx_connect_fail
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        match r {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => {
                 self.stats.upstream_cx_connect_fail.inc();
@@ -869,7 +949,9 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.stats.upstream_cx_destroy.clone();
         let shared = self.shared.clone();
+        let active = ActiveCx::new(&self.host_stats);
         tokio::spawn(async move {
+            let _active = active;
             let _ = conn.with_upgrades().await;
             destroyed.inc();
             drop(slot);
@@ -987,7 +1069,9 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.stats.upstream_cx_destroy.clone();
+        let active = ActiveCx::new(&self.host_stats);
         tokio::spawn(async move {
+            let _active = active;
             let _ = conn.await;
             destroyed.inc();
             drop(slot);

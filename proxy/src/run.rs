@@ -151,6 +151,8 @@ pub struct Runtime {
     pub istio: Arc<crate::metrics::IstioMetrics>,
     /// The writers of the configured access logs.
     pub access_logs: crate::access_log::AccessLogManager,
+    /// What the admin pages report of the process.
+    pub admin: crate::admin::AdminState,
 }
 
 /// The network RBAC filter counts through the runtime's statistics.
@@ -168,6 +170,11 @@ impl Runtime {
     /// Asks the process to drain and exit (admin `/quitquitquit`).
     pub fn quit(&self) {
         self.quit.notify_one();
+    }
+
+    /// The bootstrap the process started with.
+    pub fn bootstrap(&self) -> &ferry_xds::Bootstrap {
+        &self.bootstrap
     }
 
     pub fn config_dump(&self) -> Result<serde_json::Value, String> {
@@ -312,8 +319,22 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let access_logs = crate::access_log::AccessLogManager::new(&stats);
+    let admin = crate::admin::AdminState {
+        started: std::time::Instant::now(),
+        node: ads
+            .as_ref()
+            .map(|a| a.node.clone())
+            .or_else(|| bootstrap.proto.node.clone())
+            .unwrap_or_default(),
+        concurrency: tokio::runtime::Handle::current().metrics().num_workers(),
+        config_path: opts.config.display().to_string(),
+        drain_timeout: opts.drain_timeout,
+        health_check_failed: AtomicBool::new(false),
+        access_logs: bootstrap.admin_access_logs.clone(),
+    };
     let rt = Arc::new(Runtime {
         access_logs,
+        admin,
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
         clusters: ArcSwap::from_pointee(ClusterManager::default()),
         tls: Arc::default(),
@@ -367,25 +388,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             rt.ready.store(true, Ordering::Release);
         }
     }
-    tokio::spawn(crate::admin::serve(
-        rt.clone(),
-        admin_tcp,
-        crate::admin::Role::Admin,
-    ));
-    if let Some(tcp) = ready_tcp {
-        tokio::spawn(crate::admin::serve(
-            rt.clone(),
-            tcp,
-            crate::admin::Role::Readiness,
-        ));
-    }
-    if let Some(tcp) = prometheus_tcp {
-        tokio::spawn(crate::admin::serve(
-            rt.clone(),
-            tcp,
-            crate::admin::Role::Prometheus,
-        ));
-    }
+    // Admin, readiness and metrics run on a runtime of their own.
+    crate::admin::start(rt.clone(), admin_tcp, ready_tcp, prometheus_tcp)
+        .context("starting the admin server")?;
     tracing::info!(admin.address = %admin_addr, "ferry is running");
     tokio::spawn(reopen_logs_on_sigusr1(rt.clone()));
 

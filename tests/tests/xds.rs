@@ -282,7 +282,8 @@ fn replayed_istio_dump(delta: bool) -> Result<()> {
     );
     assert!(s.stat("xds.ack") >= 4);
 
-    let ours: Value = serde_json::from_str(&s.curl(&["http://127.0.0.1:15000/config_dump"])?)?;
+    let ours: Value =
+        serde_json::from_str(&s.curl(&["http://127.0.0.1:15000/config_dump?include_eds"])?)?;
     let want_listeners: BTreeSet<String> =
         section(&dump, "ListenersConfigDump")["dynamic_listeners"]
             .as_array()

@@ -35,6 +35,7 @@ mod jwt_authn;
 mod rbac;
 mod tls;
 
+pub use access_log::admin_access_logs;
 pub use tls::secret;
 use tls::{downstream_tls, upstream_tls};
 

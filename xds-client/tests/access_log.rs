@@ -232,3 +232,19 @@ fn refusals_name_the_field() {
     );
     assert!(err(&periodic).contains("access_log_options"), "{periodic}");
 }
+
+#[test]
+fn dev_stdout_is_the_process_stdout() {
+    let logs = r#"          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: /dev/stdout
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: /dev/stderr"#;
+    let s = load(&bootstrap(logs, STDOUT));
+    let l = hcm_logs(&s);
+    assert_eq!(l.logs[0].sink, Sink::Stdout);
+    assert_eq!(l.logs[1].sink, Sink::Stderr);
+}

@@ -78,6 +78,33 @@ pub(super) fn tcp_proxy(
     access_logs(ctx, &format!("{field}.access_log"), &tp.access_log)
 }
 
+/// The bootstrap's `admin.access_log` (and the deprecated
+/// `access_log_path`, a file with Envoy's default format): one entry per
+/// admin request.
+#[allow(deprecated)]
+pub fn admin_access_logs(
+    admin: &envoy_types::pb::envoy::config::bootstrap::v3::Admin,
+    warnings: &mut super::Warnings,
+) -> Result<Arc<ma::AccessLogs>, ConvertError> {
+    let ctx = Ctx {
+        resource: "admin".into(),
+        warnings,
+        inbound: false,
+    };
+    let logs = access_logs(&ctx, "access_log", &admin.access_log)?;
+    if admin.access_log_path.is_empty() {
+        return Ok(logs);
+    }
+    let mut all = Arc::try_unwrap(logs).map(|l| l.logs).unwrap_or_default();
+    all.push(ma::AccessLog {
+        name: "access_log_path".into(),
+        filter: None,
+        sink: ma::Sink::File(admin.access_log_path.clone()),
+        format: ma::LogFormat::default_text(),
+    });
+    Ok(Arc::new(ma::AccessLogs::new(all)))
+}
+
 /// The access logs of a connection manager, TCP proxy or listener
 /// (`field` names the repeated field, e.g. `filters[0].access_log`).
 pub(super) fn access_logs(
@@ -113,12 +140,21 @@ fn access_log(
             if f.path.is_empty() {
                 return Err(ctx.err(format!("{tf}.path"), "a path is required"));
             }
-            // As Envoy: the file is opened (created) when the configuration
-            // is loaded, and one that cannot be is a configuration error.
-            if let Err(e) = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&f.path)
+            // As Envoy, `/dev/stdout` and `/dev/stderr` are the process's own
+            // descriptors (reopening them by path fails for a proxy running
+            // as another user than its output's owner).
+            let sink = match f.path.as_str() {
+                "/dev/stdout" => Some(ma::Sink::Stdout),
+                "/dev/stderr" => Some(ma::Sink::Stderr),
+                _ => None,
+            };
+            // Other files are opened (created) when the configuration is
+            // loaded, and one that cannot be is a configuration error.
+            if sink.is_none()
+                && let Err(e) = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&f.path)
             {
                 return Err(ctx.err(
                     format!("{tf}.path"),
@@ -136,7 +172,7 @@ fn access_log(
                 }
                 Some(F::LogFormat(s)) => substitution(ctx, &format!("{tf}.log_format"), s)?,
             };
-            (ma::Sink::File(f.path), format)
+            (sink.unwrap_or(ma::Sink::File(f.path)), format)
         }
         STDOUT_TYPE => {
             let s: stream_pb::StdoutAccessLog = typed.decode().map_err(|e| ctx.err(&tf, e))?;
