@@ -19,6 +19,7 @@ pub mod rbac;
 pub mod route;
 pub mod stream_info;
 pub mod tls;
+pub mod tracing;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -195,6 +195,8 @@ pub struct HttpConnectionManager {
     pub suppress_envoy_headers: bool,
     /// One entry per request, when it ends.
     pub access_logs: Arc<crate::access_log::AccessLogs>,
+    /// `tracing`: the spans of its requests.
+    pub tracing: Option<Arc<crate::tracing::Tracing>>,
 }
 
 /// `forward_client_cert_details`.

@@ -99,6 +99,8 @@ pub struct Route {
     pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
     /// The virtual host's `rate_limits`.
     pub vhost_rate_limits: std::sync::Arc<Vec<crate::ratelimit::RateLimitPolicy>>,
+    /// `decorator`: the operation name of the route's spans.
+    pub decorator: Option<crate::tracing::Decorator>,
 }
 
 impl Route {
@@ -928,6 +930,7 @@ mod tests {
             jwt_overrides: vec![],
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
+            decorator: None,
             hash_policy: vec![],
         }
     }

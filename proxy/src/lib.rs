@@ -21,3 +21,4 @@ pub mod run;
 pub mod stats;
 pub mod tcp;
 pub mod tls;
+pub mod trace;

@@ -153,6 +153,8 @@ pub struct Runtime {
     pub access_logs: crate::access_log::AccessLogManager,
     /// What the admin pages report of the process.
     pub admin: crate::admin::AdminState,
+    /// The tracers of the live configuration and their exporters.
+    pub tracers: crate::trace::Tracers,
 }
 
 /// The network RBAC filter counts through the runtime's statistics.
@@ -232,6 +234,7 @@ impl Runtime {
             &self.tls,
         );
         self.clusters.store(Arc::new(clusters));
+        self.tracers.update(self, &snapshot);
         self.snapshot.store(snapshot.clone());
         let errors = self
             .listeners
@@ -335,6 +338,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let rt = Arc::new(Runtime {
         access_logs,
         admin,
+        tracers: Default::default(),
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
         clusters: ArcSwap::from_pointee(ClusterManager::default()),
         tls: Arc::default(),

@@ -129,6 +129,19 @@ pub struct HttpStats {
     pub downstream_rq_http2_total: Counter,
     pub rq_by_class: [Counter; 5],
     pub no_route: Counter,
+    /// `tracing.*`: why requests were (not) traced.
+    pub tracing: TracingStats,
+}
+
+/// The tracing decisions of a connection manager (Envoy's
+/// `http.<prefix>.tracing.*`).
+#[derive(Clone, Debug)]
+pub struct TracingStats {
+    pub client_enabled: Counter,
+    pub health_check: Counter,
+    pub not_traceable: Counter,
+    pub random_sampling: Counter,
+    pub service_forced: Counter,
 }
 
 impl HttpStats {
@@ -149,6 +162,13 @@ impl HttpStats {
                 c("downstream_rq_5xx"),
             ],
             no_route: c("no_route"),
+            tracing: TracingStats {
+                client_enabled: c("tracing.client_enabled"),
+                health_check: c("tracing.health_check"),
+                not_traceable: c("tracing.not_traceable"),
+                random_sampling: c("tracing.random_sampling"),
+                service_forced: c("tracing.service_forced"),
+            },
         }
     }
 

@@ -23,6 +23,9 @@ pub struct Bootstrap {
     pub ads: Option<crate::ads::AdsConfig>,
     /// `admin.access_log`: where admin requests are logged.
     pub admin_access_logs: std::sync::Arc<ferry_model::access_log::AccessLogs>,
+    /// `tracing.http`: the tracer of connection managers whose `tracing`
+    /// names none.
+    pub tracing: Option<std::sync::Arc<ferry_model::tracing::Provider>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +193,12 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         Some(a) => convert::admin_access_logs(a, &mut warnings).map_err(conv)?,
         None => Default::default(),
     };
+    // Deprecated in Envoy's API, still what istiod's bootstraps carry.
+    #[allow(deprecated)]
+    let tracing = match &proto.tracing {
+        Some(t) => convert::bootstrap_provider(t, &mut warnings).map_err(conv)?,
+        None => None,
+    };
     Ok(Bootstrap {
         proto,
         snapshot,
@@ -197,6 +206,7 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         warnings,
         ads,
         admin_access_logs,
+        tracing,
     })
 }
 

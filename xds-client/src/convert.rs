@@ -34,10 +34,12 @@ mod access_log;
 mod jwt_authn;
 mod rbac;
 mod tls;
+mod trace;
 
 pub use access_log::admin_access_logs;
 pub use tls::secret;
 use tls::{downstream_tls, upstream_tls};
+pub use trace::bootstrap_provider;
 
 /// A conversion error: which resource, which field, what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +61,8 @@ struct Ctx<'a> {
     /// The listener's `traffic_direction` is INBOUND: Istio's stats then
     /// report as the destination.
     inbound: bool,
+    /// The listener's `traffic_direction` is OUTBOUND: its spans are egress.
+    outbound: bool,
 }
 
 impl Ctx<'_> {
@@ -302,6 +306,7 @@ pub fn listener(
         resource: format!("listener {:?}", l.name),
         warnings,
         inbound: l.traffic_direction == core_pb::TrafficDirection::Inbound as i32,
+        outbound: l.traffic_direction == core_pb::TrafficDirection::Outbound as i32,
     };
     if l.name.is_empty() {
         return Err(ctx.err("name", "a listener needs a name"));
@@ -673,6 +678,7 @@ fn http_connection_manager(
         };
     let mut has_router = false;
     let mut suppress_envoy_headers = false;
+    let mut start_child_span = false;
     let mut http_filters = Vec::new();
     for (i, hf) in h.http_filters.iter().enumerate() {
         let ff = format!("{field}.http_filters[{i}]");
@@ -708,6 +714,16 @@ fn http_connection_manager(
                     let tf = format!("{ff}.typed_config");
                     let cfg: router_pb::Router = t.decode().map_err(|e| ctx.err(&tf, e))?;
                     suppress_envoy_headers = cfg.suppress_envoy_headers;
+                    #[allow(deprecated)]
+                    {
+                        start_child_span = cfg.start_child_span;
+                    }
+                    if !cfg.upstream_log.is_empty() {
+                        return Err(ctx.err(
+                            format!("{tf}.upstream_log"),
+                            "upstream access logs are not supported",
+                        ));
+                    }
                     if cfg.respect_expected_rq_timeout {
                         return Err(ctx.err(
                             format!("{tf}.respect_expected_rq_timeout"),
@@ -843,8 +859,10 @@ fn http_connection_manager(
         dns: details.dns,
     };
     let access_logs = access_log::http_connection_manager(ctx, field, h)?;
+    let tracing = trace::http_connection_manager(ctx, field, h, start_child_span)?;
     Ok(m::HttpConnectionManager {
         access_logs,
+        tracing,
         forward_client_cert,
         client_cert_details,
         stat_prefix: h.stat_prefix.clone(),
@@ -998,6 +1016,7 @@ pub fn route_config(
         resource: format!("route_configuration {:?}", rc.name),
         warnings,
         inbound: false,
+        outbound: false,
     };
     route_config_in(&mut ctx, "", rc)
 }
@@ -1305,6 +1324,7 @@ fn route(ctx: &mut Ctx<'_>, field: &str, r: &route_pb::Route) -> Result<m::Route
             Some(Action::Route(ra)) => hash_policies(ctx, &format!("{field}.route"), ra)?,
             _ => Vec::new(),
         },
+        decorator: trace::decorator(ctx, field, r)?,
     })
 }
 
@@ -2504,6 +2524,7 @@ pub fn cluster(
         resource: format!("cluster {:?}", c.name),
         warnings,
         inbound: false,
+        outbound: false,
     };
     if c.name.is_empty() {
         return Err(ctx.err("name", "a cluster needs a name"));
@@ -2972,6 +2993,7 @@ pub fn cluster_load_assignment(
         resource: format!("cluster_load_assignment {:?}", cla.cluster_name),
         warnings,
         inbound: false,
+        outbound: false,
     };
     endpoints(&ctx, Some(cla))
 }

@@ -40,7 +40,7 @@ const LOGGERS: &[(&str, &[&str])] = &[
         &["ferry_proxy::http", "ferry_filters::http::router"],
     ),
     ("secret", &["ferry_tls", "ferry_proxy::agent"]),
-    ("tracing", &["ferry_proxy::tracing"]),
+    ("tracing", &["ferry_proxy::trace"]),
     (
         "upstream",
         &[

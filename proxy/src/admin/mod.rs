@@ -18,7 +18,7 @@ mod config_dump;
 mod listeners;
 pub mod logging;
 mod memory;
-mod server_info;
+pub mod server_info;
 mod stats;
 
 use std::collections::BTreeMap;

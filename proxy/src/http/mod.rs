@@ -11,6 +11,9 @@ mod fault;
 mod filters;
 mod observe;
 mod request_id;
+mod request_trace;
+
+pub(crate) use client::local_address;
 mod shadow;
 
 use std::convert::Infallible;
@@ -325,7 +328,7 @@ async fn handle(
     let mut metered = None;
     let (mut resp, flag, upstream) =
         route_request(&ctx, req, &host, &path, started, &mut cluster, &mut obs).await;
-    obs.response(&resp, flag, upstream, grpc);
+    obs.response(&mut resp, flag, upstream, grpc);
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
@@ -468,6 +471,7 @@ async fn route_request(
     if let Some(r) = route {
         obs.route(r);
     }
+    obs.trace(ctx, route, &mut req);
     let fctx = FormatContext {
         downstream_remote: Some(client.remote),
         downstream_local: Some(ctx.original_dst),
@@ -977,6 +981,7 @@ async fn forward(
             a = attempt => a,
             kind = &mut global => Attempt::GlobalTimeout(kind),
         };
+        obs.attempt_ended(&attempt, address);
         let outcome = match &attempt {
             Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
             Attempt::PerTryTimeout => {
@@ -1388,6 +1393,7 @@ mod tests {
             client_trust: Default::default(),
             suppress_envoy_headers: false,
             access_logs: Default::default(),
+            tracing: None,
         }
     }
 

@@ -1,10 +1,11 @@
-//! One request as its access logs see it: the connection manager opens an
-//! [`Observer`] when the request arrives, the router tells it what it
-//! learns (route, cluster, upstream connection, failures), and the
-//! response body it wraps ([`ObservedBody`]) completes the record when the
-//! last byte was sent — or when the client went away first (`DC`) — then
-//! hands it to the access logs. Nothing is recorded for connection managers
-//! without access logs.
+//! One request as its access logs and traces see it: the connection manager
+//! opens an [`Observer`] when the request arrives, the router tells it what
+//! it learns (route, cluster, upstream attempts and connections, failures),
+//! and the response body it wraps ([`ObservedBody`]) completes the record
+//! when the last byte was sent — or when the client went away first (`DC`)
+//! — then hands it to the access logs and finishes the request's span
+//! ([`super::request_trace`]). Nothing is recorded for connection managers
+//! without access logs or tracing.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 
 use super::body::BodyCount;
+use super::request_trace::RequestTrace;
 use super::{ConnCtx, LocalBody};
 use crate::cluster::{LocalAddrSlot, UpstreamError};
 use crate::run::Runtime;
@@ -38,6 +40,8 @@ struct Record {
     body: Arc<BodyCount>,
     /// The pools report the upstream connection's local address here.
     local_addr: LocalAddrSlot,
+    /// The request's spans, when its connection manager traces.
+    trace: Option<RequestTrace>,
 }
 
 impl Record {
@@ -63,7 +67,12 @@ impl Record {
                 i.response_code_details = Some("downstream_remote_disconnect".into());
             }
         }
-        self.rt.access_logs.log(&self.logs, &self.info);
+        if let Some(t) = self.trace.take() {
+            t.finish(&self.info);
+        }
+        if !self.logs.is_empty() {
+            self.rt.access_logs.log(&self.logs, &self.info);
+        }
     }
 }
 
@@ -77,7 +86,7 @@ impl Observer {
         let Some(hcm) = ctx.hcm() else {
             return Observer(None);
         };
-        if hcm.access_logs.is_empty() {
+        if hcm.access_logs.is_empty() && hcm.tracing.is_none() {
             return Observer(None);
         }
         let mut info = StreamInfo::new(LogType::DownstreamEnd, started);
@@ -94,6 +103,7 @@ impl Observer {
             start,
             body: Arc::default(),
             local_addr: LocalAddrSlot::default(),
+            trace: None,
         };
         rec.info.request.scheme = if ctx.tls.is_some() { "https" } else { "http" };
         let mut obs = Observer(Some(Box::new(rec)));
@@ -154,6 +164,27 @@ impl Observer {
         }
     }
 
+    /// The connection manager traces: takes the sampling decision (the
+    /// request id changes with it) and starts the request's span, once the
+    /// route (and its decorator) is known.
+    pub fn trace<B>(
+        &mut self,
+        ctx: &ConnCtx,
+        route: Option<&ferry_model::Route>,
+        req: &mut Request<B>,
+    ) {
+        let (Some(rec), Some(cfg)) = (self.0.as_mut(), ctx.hcm().and_then(|h| h.tracing.as_ref()))
+        else {
+            return;
+        };
+        rec.trace = super::request_trace::start(ctx, cfg, route, req, rec.info.start_time);
+        if let Some(t) = &rec.trace {
+            rec.info.traceable = t.sampled();
+            rec.info.trace_id = Some(t.trace_id());
+        }
+        self.request(req);
+    }
+
     pub fn cluster(&mut self, name: &str) {
         if let Some(rec) = self.0.as_mut() {
             rec.info.upstream_cluster = Some(name.to_string());
@@ -187,11 +218,42 @@ impl Observer {
         rec.info.upstream_local = rec.local_addr.get();
     }
 
-    /// Marks an upstream attempt so that its pool reports its connection.
-    pub fn attempt<B>(&self, req: &mut Request<B>) {
-        if let Some(rec) = self.0.as_ref() {
+    /// An upstream attempt starts: its pool is to report its connection,
+    /// and the trace context goes with it.
+    pub fn attempt<B>(&mut self, req: &mut Request<B>) {
+        if let Some(rec) = self.0.as_mut() {
             req.extensions_mut().insert(rec.local_addr.clone());
+            if let Some(t) = rec.trace.as_mut() {
+                let cluster = rec.info.upstream_cluster.as_deref().unwrap_or("");
+                t.attempt(req.headers_mut(), cluster);
+            }
         }
+    }
+
+    /// An upstream attempt ended (with an answer, a failure or a timeout).
+    pub(super) fn attempt_ended(&mut self, attempt: &super::Attempt, address: SocketAddr) {
+        let Some(rec) = self.0.as_mut() else {
+            return;
+        };
+        let Some(t) = rec.trace.as_mut() else {
+            return;
+        };
+        let (status, flags, protocol) = match attempt {
+            super::Attempt::Response(r)
+            | super::Attempt::Exhausted(super::ExhaustedBy::Response(r)) => {
+                (r.status().as_u16(), "", super::protocol_name(r.version()))
+            }
+            super::Attempt::Failed(Some(e))
+            | super::Attempt::Exhausted(super::ExhaustedBy::Failure(Some(e))) => {
+                (0, e.response_flag(), "-")
+            }
+            super::Attempt::PerTryTimeout
+            | super::Attempt::GlobalTimeout(_)
+            | super::Attempt::Exhausted(super::ExhaustedBy::Timeout) => (0, "UT", "-"),
+            _ => (0, "UF", "-"),
+        };
+        let cluster = rec.info.upstream_cluster.clone().unwrap_or_default();
+        t.attempt_ended(status, flags, protocol, address, &cluster);
     }
 
     /// The last upstream attempt failed.
@@ -209,7 +271,7 @@ impl Observer {
     /// details and the headers the logs read.
     pub fn response<B>(
         &mut self,
-        resp: &Response<B>,
+        resp: &mut Response<B>,
         flags: &str,
         upstream: Option<SocketAddr>,
         grpc: bool,
@@ -217,6 +279,9 @@ impl Observer {
         let Some(rec) = self.0.as_mut() else {
             return;
         };
+        if let Some(t) = rec.trace.as_mut() {
+            t.response(resp.headers_mut());
+        }
         let local = resp.extensions().get::<LocalBody>();
         let i = &mut rec.info;
         // A gRPC client gets a local reply as a trailers-only 200.

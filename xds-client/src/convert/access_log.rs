@@ -90,6 +90,7 @@ pub fn admin_access_logs(
         resource: "admin".into(),
         warnings,
         inbound: false,
+        outbound: false,
     };
     let logs = access_logs(&ctx, "access_log", &admin.access_log)?;
     if admin.access_log_path.is_empty() {
