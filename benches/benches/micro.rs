@@ -47,6 +47,7 @@ fn route(i: usize) -> Route {
         jwt_overrides: Vec::new(),
         rate_limits: Vec::new(),
         vhost_rate_limits: Default::default(),
+        decorator: None,
     }
 }
 
