@@ -304,8 +304,17 @@ fn config(t: Tracer, p: &Ports, random_sampling: f64, collector_port: u16) -> Va
             {"tag": "env", "environment": {"name": "FERRY_TRACE_TEST_NONE", "default_value": "d"}},
         ],
     });
+    // Istio's dry-run tags: the RBAC filter's shadow verdict, from the request's metadata.
+    let dry_run = |tag: &str, key: &str| {
+        json!({"tag": tag, "metadata": {"kind": {"request": {}},
+            "metadata_key": {"key": "envoy.filters.http.rbac", "path": [{"key": key}]}}})
+    };
     let in_tracing = json!({"provider": prov, "spawn_upstream_span": true,
-        "random_sampling": {"value": random_sampling}});
+    "random_sampling": {"value": random_sampling},
+    "custom_tags": [
+        dry_run("istio.authorization.dry_run.deny_policy.name", "istio_dry_run_deny_shadow_effective_policy_id"),
+        dry_run("istio.authorization.dry_run.deny_policy.result", "istio_dry_run_deny_shadow_engine_result"),
+    ]});
     let out_routes = json!([
         {"match": {"prefix": "/dec/"}, "decorator": {"operation": "my-op"}, "route": {"cluster": "inbound"}},
         {"match": {"prefix": "/"}, "route": {"cluster": "inbound"}},
@@ -317,11 +326,17 @@ fn config(t: Tracer, p: &Ports, random_sampling: f64, collector_port: u16) -> Va
         vec![json!({"filters": [hcm("out", out_routes, out_tracing)]})],
     );
     out["traffic_direction"] = json!("OUTBOUND");
-    let mut inb = listener(
-        "in",
-        p.inb,
-        vec![json!({"filters": [hcm("in", in_routes, in_tracing)]})],
-    );
+    let mut in_hcm = hcm("in", in_routes, in_tracing);
+    let shadow = json!({"name": "envoy.filters.http.rbac", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+        "shadow_rules": {"action": "DENY", "policies": {"ns[default]-policy[dry]-rule[0]": {
+            "permissions": [{"url_path": {"path": {"prefix": "/dec/"}}}],
+            "principals": [{"any": true}]}}},
+        "shadow_rules_stat_prefix": "istio_dry_run_deny_"}});
+    if let Some(filters) = in_hcm["typed_config"]["http_filters"].as_array_mut() {
+        filters.insert(0, shadow);
+    }
+    let mut inb = listener("in", p.inb, vec![json!({"filters": [in_hcm]})]);
     inb["traffic_direction"] = json!("INBOUND");
     let doc = Bootstrap::new()
         .listener(out)
@@ -616,6 +631,16 @@ fn differential(t: Tracer) -> Result<()> {
         "{tree}"
     );
     assert!(tree.contains("/unsampled/3: no span"), "{tree}");
+    assert!(
+        tree.contains(
+            "istio.authorization.dry_run.deny_policy.name=ns[default]-policy[dry]-rule[0]"
+        ),
+        "{tree}"
+    );
+    assert!(
+        tree.contains("istio.authorization.dry_run.deny_policy.result=denied"),
+        "{tree}"
+    );
     assert_eq!(ferry.propagation[0]["x-request-id"], "reason 9");
     let Some(bin) = envoy::bin()? else {
         return Ok(());

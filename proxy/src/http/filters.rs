@@ -295,6 +295,11 @@ pub fn jwt_authn(
     }
 }
 
+/// What the RBAC filters put in a request's dynamic metadata (namespace
+/// `envoy.filters.http.rbac`): the shadow rules' verdict, by key.
+#[derive(Debug, Clone, Default)]
+pub struct RbacMetadata(pub Vec<(String, String)>);
+
 /// `envoy.filters.http.rbac`: the shadow rules are evaluated and counted,
 /// then the enforced ones; `Some` is the 403 of a denied request. A route's
 /// `RBACPerRoute` replaces both rule sets (none: the filter lets the request
@@ -305,7 +310,7 @@ pub fn rbac(
     cfg: &HttpRbac,
     route: Option<&Route>,
     filter_name: &str,
-    req: &Request<Incoming>,
+    req: &mut Request<Incoming>,
     request_metadata: Option<&DynamicMetadata>,
 ) -> Option<Response<ResponseBody>> {
     let rules = route
@@ -337,10 +342,37 @@ pub fn rbac(
         // never for a route's.
         per_rule: cfg.track_per_rule_stats && std::ptr::eq(rules, cfg),
     };
-    if let Some(shadow) = &rules.shadow_rules {
-        counters.shadow(&rbac_engine::evaluate(shadow, &subject));
+    let shadow = rules
+        .shadow_rules
+        .as_ref()
+        .map(|shadow| rbac_engine::evaluate(shadow, &subject));
+    if let Some(v) = &shadow {
+        counters.shadow(v);
     }
-    let enforced = rbac_engine::evaluate(rules.rules.as_deref()?, &subject);
+    let enforced = rules
+        .rules
+        .as_deref()
+        .map(|r| rbac_engine::evaluate(r, &subject));
+    // As Envoy's filter: the shadow rules' verdict goes into the request's
+    // dynamic metadata (what Istio's dry-run trace tags read).
+    if let Some(v) = shadow {
+        let prefix = &cfg.shadow_rules_stat_prefix;
+        let mut md = Vec::with_capacity(2);
+        if let Some(p) = v.matched_policy {
+            md.push((format!("{prefix}shadow_effective_policy_id"), p));
+        }
+        md.push((
+            format!("{prefix}shadow_engine_result"),
+            if v.allowed { "allowed" } else { "denied" }.to_string(),
+        ));
+        match req.extensions_mut().get_mut::<RbacMetadata>() {
+            Some(m) => m.0.extend(md),
+            None => {
+                req.extensions_mut().insert(RbacMetadata(md));
+            }
+        }
+    }
+    let enforced = enforced?;
     counters.enforced(&enforced);
     if enforced.allowed {
         return None;

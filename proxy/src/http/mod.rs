@@ -492,8 +492,9 @@ async fn route_request(
     // The HTTP filters before the router run whether a route matched or not
     // (a request without a route still takes a rate limit token, as in
     // Envoy); the router then answers 404.
-    let (delayed, on_response) = match run_filters(ctx, hcm, route, cluster, &mut req, &fctx).await
-    {
+    let filtered = run_filters(ctx, hcm, route, cluster, &mut req, &fctx).await;
+    obs.after_filters(&req);
+    let (delayed, on_response) = match filtered {
         Ok(passed) => passed,
         Err(answered) => return answered,
     };

@@ -185,6 +185,14 @@ impl Observer {
         self.request(req);
     }
 
+    /// The filters ran: what they left in the request's dynamic metadata
+    /// (for the spans' metadata tags).
+    pub fn after_filters<B>(&mut self, req: &Request<B>) {
+        if let Some(t) = self.0.as_mut().and_then(|r| r.trace.as_mut()) {
+            t.metadata(req.extensions().get::<super::filters::RbacMetadata>());
+        }
+    }
+
     pub fn cluster(&mut self, name: &str) {
         if let Some(rec) = self.0.as_mut() {
             rec.info.upstream_cluster = Some(name.to_string());

@@ -27,7 +27,8 @@ struct RequestTags {
     downstream_cluster: String,
     user_agent: String,
     client_trace_id: Option<String>,
-    custom: Vec<(String, String)>,
+    /// Each custom tag and its value (none: the tag is left out).
+    custom: Vec<(String, Option<String>)>,
 }
 
 /// The tracing state of one request.
@@ -125,10 +126,11 @@ pub(super) fn start<B>(
         }
         url.truncate(cut);
     }
+    // Metadata tags are resolved once the filters ran (`metadata`).
     let custom = cfg
         .custom_tags
         .iter()
-        .filter_map(|t| {
+        .map(|t| {
             let v = match &t.value {
                 TagValue::Literal(v) => Some(v.clone()),
                 TagValue::RequestHeader { name, default } => h
@@ -136,11 +138,9 @@ pub(super) fn start<B>(
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string)
                     .or_else(|| default.clone()),
-                // Ferry's filters keep no dynamic metadata these tags read
-                // (Istio's RBAC dry-run results): the default, if any.
                 TagValue::RequestMetadata { default, .. } => default.clone(),
-            }?;
-            Some((t.tag.clone(), v))
+            };
+            (t.tag.clone(), v)
         })
         .collect();
     let tags = RequestTags {
@@ -191,6 +191,34 @@ impl RequestTrace {
         crate::trace::hex(&self.span.trace_id)
     }
 
+    /// The request's dynamic metadata after the filters: the values of the
+    /// metadata tags (Envoy's RBAC filter keeps its shadow verdict there).
+    pub fn metadata(&mut self, rbac: Option<&super::filters::RbacMetadata>) {
+        for (tag, value) in self.tags.custom.iter_mut() {
+            let Some(TagValue::RequestMetadata { filter, path, .. }) = self
+                .cfg
+                .custom_tags
+                .iter()
+                .find(|t| &t.tag == tag)
+                .map(|t| &t.value)
+            else {
+                continue;
+            };
+            let found = match (filter.as_str(), path.as_slice(), rbac) {
+                ("envoy.filters.http.rbac", [key], Some(md)) => {
+                    md.0.iter()
+                        .rev()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v.clone())
+                }
+                _ => None,
+            };
+            if found.is_some() {
+                *value = found;
+            }
+        }
+    }
+
     /// An upstream attempt starts: its span opens (with upstream spans) and
     /// the innermost span's context goes with the request.
     pub fn attempt(&mut self, headers: &mut HeaderMap, cluster: &str) {
@@ -233,6 +261,12 @@ impl RequestTrace {
         s.tag("response_flags", if flags.is_empty() { "-" } else { flags });
         if status == 0 || status >= 500 {
             s.tag("error", "true");
+        }
+        // Envoy's upstream spans carry the connection manager's custom tags.
+        for (k, v) in &self.tags.custom {
+            if let Some(v) = v {
+                s.tag(k, v.clone());
+            }
         }
         self.tracer.finish(s);
     }
@@ -304,7 +338,9 @@ impl RequestTrace {
             s.tag("error", "true");
         }
         for (k, v) in t.custom {
-            s.tag(&k, v);
+            if let Some(v) = v {
+                s.tag(&k, v);
+            }
         }
         self.tracer.finish(self.span);
     }
