@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod cidr;
 pub mod cluster;
 pub mod cors;
+pub mod explain;
 pub mod fault;
 pub mod format;
 pub mod forwarded;
@@ -27,9 +28,9 @@ use std::sync::Arc;
 pub use cidr::CidrRange;
 pub use cluster::{Cluster, ClusterKind, Endpoint, LbPolicy, UpstreamProtocol};
 pub use listener::{
-    ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
-    HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters, Reporter, RouteSource,
-    TcpProxy,
+    ChainKind, ChainStep, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec,
+    HttpConnectionManager, HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters,
+    Reporter, RouteSource, TcpProxy,
 };
 pub use route::{
     AppendAction, ClusterSpecifier, DomainMatcher, HeaderKey, HeaderMatcher, HeaderMutations,

@@ -255,6 +255,33 @@ pub enum RouteSource {
     Rds(String),
 }
 
+/// The steps of filter chain selection, in Envoy's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainStep {
+    DestinationPort,
+    DestinationIp,
+    ServerName,
+    TransportProtocol,
+    ApplicationProtocols,
+    SourceIp,
+    SourcePort,
+}
+
+impl ChainStep {
+    /// The `filter_chain_match` field the step reads.
+    pub fn field(self) -> &'static str {
+        match self {
+            ChainStep::DestinationPort => "destination_port",
+            ChainStep::DestinationIp => "prefix_ranges",
+            ChainStep::ServerName => "server_names",
+            ChainStep::TransportProtocol => "transport_protocol",
+            ChainStep::ApplicationProtocols => "application_protocols",
+            ChainStep::SourceIp => "source_prefix_ranges",
+            ChainStep::SourcePort => "source_ports",
+        }
+    }
+}
+
 /// Whether choosing a chain still depends on what the client sends first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DetectionNeeds {
@@ -276,9 +303,23 @@ impl Listener {
 
     /// Chooses the filter chain for a connection (Envoy's matching order).
     pub fn select_chain(&self, info: &ConnectionInfo) -> Option<&Arc<FilterChain>> {
+        self.select_chain_observed(info, |_, _| {})
+    }
+
+    /// [`Listener::select_chain`], telling `observe` which candidates are
+    /// left after each step (what `/explain` reports; a no-op otherwise).
+    pub fn select_chain_observed(
+        &self,
+        info: &ConnectionInfo,
+        mut observe: impl FnMut(ChainStep, &[&Arc<FilterChain>]),
+    ) -> Option<&Arc<FilterChain>> {
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
-        narrow_addresses(&mut cands, info);
+        narrow_destination_port(&mut cands, info);
+        observe(ChainStep::DestinationPort, &cands);
+        narrow_destination_ip(&mut cands, info);
+        observe(ChainStep::DestinationIp, &cands);
         narrow_server_name(&mut cands, info.server_name.as_deref());
+        observe(ChainStep::ServerName, &cands);
         narrow(&mut cands, |m| {
             match (&m.transport_protocol, info.transport_protocol) {
                 (None, _) => Some(false),
@@ -287,6 +328,7 @@ impl Listener {
                 _ => None,
             }
         });
+        observe(ChainStep::TransportProtocol, &cands);
         narrow(&mut cands, |m| {
             if m.application_protocols.is_empty() {
                 Some(false)
@@ -300,7 +342,11 @@ impl Listener {
                 None
             }
         });
-        narrow_source(&mut cands, info);
+        observe(ChainStep::ApplicationProtocols, &cands);
+        narrow_source_ip(&mut cands, info);
+        observe(ChainStep::SourceIp, &cands);
+        narrow_source_port(&mut cands, info);
+        observe(ChainStep::SourcePort, &cands);
         cands.first().copied().or(self.default_chain.as_ref())
     }
 
@@ -313,7 +359,8 @@ impl Listener {
             ..Default::default()
         };
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
-        narrow_addresses(&mut cands, &info);
+        narrow_destination_port(&mut cands, &info);
+        narrow_destination_ip(&mut cands, &info);
         let mut needs = DetectionNeeds::default();
         for c in cands {
             let m = &c.filter_chain_match;
@@ -374,13 +421,16 @@ fn prefix_rank(ranges: &[CidrRange], ip: Option<IpAddr>) -> Option<i32> {
         .max()
 }
 
-fn narrow_addresses(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+fn narrow_destination_port(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let port = info.destination.map(|d| d.port());
     narrow(cands, |m| match m.destination_port {
         None => Some(false),
         Some(p) if Some(p) == port => Some(true),
         Some(_) => None,
     });
+}
+
+fn narrow_destination_ip(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let ip = info.destination.map(|d| d.ip());
     narrow_ranked(cands, |m| prefix_rank(&m.prefix_ranges, ip));
 }
@@ -408,9 +458,12 @@ fn narrow_server_name(cands: &mut Vec<&Arc<FilterChain>>, sni: Option<&str>) {
     });
 }
 
-fn narrow_source(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+fn narrow_source_ip(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let ip = info.source.map(|s| s.ip());
     narrow_ranked(cands, |m| prefix_rank(&m.source_prefix_ranges, ip));
+}
+
+fn narrow_source_port(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let port = info.source.map(|s| s.port());
     narrow(cands, |m| {
         if m.source_ports.is_empty() {

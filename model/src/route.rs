@@ -54,7 +54,7 @@ impl DomainMatcher {
 
     /// Match quality: exact beats the longest suffix, which beats the longest
     /// prefix, which beats `*` (Envoy's virtual host search order).
-    fn rank(&self, host: &str) -> Option<(u8, usize)> {
+    pub(crate) fn rank(&self, host: &str) -> Option<(u8, usize)> {
         match self {
             DomainMatcher::Exact(d) => (d == host).then_some((3, d.len())),
             DomainMatcher::Suffix(s) => {
@@ -869,7 +869,18 @@ impl RouteMatch {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        let ok = match &self.path {
+        self.path_matches(path)
+            && self
+                .headers
+                .iter()
+                .all(|h| h.matches_request(headers, Some(pseudo)))
+            && self.query_parameters.iter().all(|q| q.matches(query))
+            && (!self.grpc || is_grpc(headers))
+    }
+
+    /// The path condition alone, on the path without its query.
+    pub(crate) fn path_matches(&self, path: &str) -> bool {
+        match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
                 if self.case_sensitive {
@@ -883,13 +894,7 @@ impl RouteMatch {
                 starts_with(path, p, self.case_sensitive)
                     && (path.len() == p.len() || path.as_bytes().get(p.len()) == Some(&b'/'))
             }
-        };
-        ok && self
-            .headers
-            .iter()
-            .all(|h| h.matches_request(headers, Some(pseudo)))
-            && self.query_parameters.iter().all(|q| q.matches(query))
-            && (!self.grpc || is_grpc(headers))
+        }
     }
 }
 

@@ -54,7 +54,7 @@ fn host_stats(p: &EndpointPool) -> [(&'static str, u64, bool); 9] {
 }
 
 /// Envoy's `health_flags`: `healthy`, or the reasons it is not.
-fn health_flags(p: &EndpointPool, m: &HostMeta) -> String {
+pub(super) fn health_flags(p: &EndpointPool, m: &HostMeta) -> String {
     let mut flags = Vec::new();
     if m.unhealthy {
         flags.push("/failed_eds_health");

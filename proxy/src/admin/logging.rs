@@ -155,7 +155,7 @@ pub(super) fn respond(q: &Query) -> Response<Full<Bytes>> {
             };
             changes.push((n, l));
         }
-    } else if let Some((n, l)) = q.0.iter().next() {
+    } else if let Some((n, l)) = q.0.iter().find_map(|(n, v)| v.last().map(|l| (n, l))) {
         let Some(n) = known(n) else {
             return bad("unknown logger name");
         };

@@ -4,7 +4,8 @@
 //! (`resource`, `mask`, `name_regex`, `include_eds`), `/stats` (`filter`,
 //! `format=json`, `usedonly`), `/stats/prometheus`, `/logging`, `/certs`,
 //! `/memory`, `/ready`, `/healthcheck/fail|ok`, `/drain_listeners`,
-//! `/quitquitquit`, `/reopen_logs`, `/hot_restart_version`, `/help`; the
+//! `/quitquitquit`, `/reopen_logs`, `/hot_restart_version`, `/help`, and
+//! Ferry's own `/explain`; the
 //! readiness server (`/healthz/ready` on 15021) and Istio's Prometheus port
 //! (`/stats/prometheus` on 15090).
 //!
@@ -15,6 +16,7 @@
 mod certs;
 mod clusters;
 mod config_dump;
+mod explain;
 mod listeners;
 pub mod logging;
 mod memory;
@@ -208,20 +210,27 @@ pub fn pretty(v: &serde_json::Value) -> Vec<u8> {
 }
 
 /// The query parameters of an admin request (`?a=b&c`), percent-decoded.
-pub(crate) struct Query(BTreeMap<String, String>);
+/// A repeated key keeps all its values (`/explain`'s `header=`); the
+/// single-valued accessors read the last.
+pub(crate) struct Query(BTreeMap<String, Vec<String>>);
 
 impl Query {
     fn parse(q: Option<&str>) -> Self {
-        let mut m = BTreeMap::new();
+        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            m.insert(decode(k), decode(v));
+            m.entry(decode(k)).or_default().push(decode(v));
         }
         Query(m)
     }
 
     fn get(&self, k: &str) -> Option<&str> {
-        self.0.get(k).map(String::as_str)
+        self.0.get(k).and_then(|v| v.last()).map(String::as_str)
+    }
+
+    /// Every value of a repeated key, in order.
+    fn all(&self, k: &str) -> &[String] {
+        self.0.get(k).map_or(&[], Vec::as_slice)
     }
 
     fn has(&self, k: &str) -> bool {
@@ -275,6 +284,9 @@ const HELP: &str = "admin commands are:
       name_regex: Dump only the currently loaded configurations whose names match the specified regex
       include_eds: Dump currently loaded configuration including EDS
   /drain_listeners (POST): drain listeners
+  /explain: what the running configuration does with a request, and why (Ferry)
+      method, authority, path, scheme, header (name:value, repeated): the request
+      source, destination, listener, sni, tls, alpn, protocol, principal: its connection
   /healthcheck/fail (POST): cause the server to fail health checks
   /healthcheck/ok (POST): cause the server to pass health checks
   /help: print out list of admin commands
@@ -319,6 +331,7 @@ async fn respond(rt: &Arc<Runtime>, role: Role, req: Request<Incoming>) -> Respo
         (Role::Admin, "/clusters") => clusters::respond(rt, &q),
         (Role::Admin, "/listeners") => listeners::respond(rt, &q),
         (Role::Admin, "/server_info") => server_info::respond(rt),
+        (Role::Admin, "/explain") => explain::respond(rt, &q),
         (Role::Admin, "/certs") => certs::respond(rt),
         (Role::Admin, "/memory") => memory::respond(),
         (Role::Admin, "/hot_restart_version") => text(StatusCode::OK, "disabled"),
