@@ -499,6 +499,7 @@ mod tests {
             ],
             default_chain: None,
             access_logs: Default::default(),
+            inbound: true,
         };
         let info = ConnectionInfo {
             destination: Some("10.0.0.1:8080".parse().unwrap()),

@@ -35,6 +35,8 @@ pub struct Listener {
     pub default_chain: Option<Arc<FilterChain>>,
     /// The listener's own access logs: connections no filter chain took.
     pub access_logs: Arc<crate::access_log::AccessLogs>,
+    /// `traffic_direction: INBOUND` (what `/drain_listeners?inboundonly` stops).
+    pub inbound: bool,
 }
 
 /// Which listener filters are configured (the ones Ferry implements natively).
@@ -539,6 +541,7 @@ mod tests {
             filter_chains: chains,
             default_chain: Some(chain("default", FilterChainMatch::default())),
             access_logs: Default::default(),
+            inbound: false,
         }
     }
 

@@ -69,6 +69,23 @@ impl Drop for Active {
 #[derive(Default)]
 pub struct ListenerManager {
     active: HashMap<String, Active>,
+    /// Set by `/drain_listeners`: these listeners stay closed, also when a
+    /// later update brings them again (as Envoy's stopped listeners).
+    stopped: Option<StopListeners>,
+}
+
+/// Which listeners `/drain_listeners` stops (Envoy's `StopListenersType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopListeners {
+    All,
+    /// Those whose `traffic_direction` is INBOUND (`?inboundonly`).
+    InboundOnly,
+}
+
+impl StopListeners {
+    fn covers(self, l: &Listener) -> bool {
+        self == StopListeners::All || l.inbound
+    }
 }
 
 impl ListenerManager {
@@ -84,7 +101,7 @@ impl ListenerManager {
         let mut errors = Vec::new();
         let wanted: HashMap<&str, &Arc<Listener>> = listeners
             .iter()
-            .filter(|l| l.bind_to_port)
+            .filter(|l| l.bind_to_port && !self.stopped.is_some_and(|s| s.covers(l)))
             .map(|l| (l.name.as_str(), l))
             .collect();
         self.active
@@ -113,6 +130,34 @@ impl ListenerManager {
             }
         }
         errors
+    }
+
+    /// `/drain_listeners`: closes these listeners' sockets now; the
+    /// connections they accepted drain (HTTP/1 closes after the response
+    /// in flight, HTTP/2 gets GOAWAY).
+    pub fn stop(&mut self, which: StopListeners) {
+        self.stopped = Some(match self.stopped {
+            Some(StopListeners::All) => StopListeners::All,
+            _ => which,
+        });
+        self.active.retain(|name, a| {
+            let stop = which.covers(&a.slot.config.load());
+            if stop {
+                tracing::info!(listener.name = %name, "listener stopped by /drain_listeners");
+            }
+            !stop
+        });
+    }
+
+    /// The first part of `/drain_listeners?graceful`: the connections of
+    /// these listeners are asked to close while the listeners still accept
+    /// (new connections are asked too).
+    pub fn drain_connections(&self, which: StopListeners) {
+        for a in self.active.values() {
+            if which.covers(&a.slot.config.load()) {
+                a.slot.generation.load().start();
+            }
+        }
     }
 
     fn start(

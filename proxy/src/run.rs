@@ -144,7 +144,7 @@ pub struct Runtime {
     http_stats: Mutex<HashMap<String, HttpStats>>,
     tcp_stats: Mutex<HashMap<String, TcpStats>>,
     listener_cx: Mutex<HashMap<String, Counter>>,
-    listeners: Mutex<crate::listener::ListenerManager>,
+    pub(crate) listeners: Mutex<crate::listener::ListenerManager>,
     /// The ADS client's state, when configuration comes from xDS.
     pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
     /// Istio's standard metrics, for chains with the `istio.stats` filter.
@@ -333,6 +333,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config_path: opts.config.display().to_string(),
         drain_timeout: opts.drain_timeout,
         health_check_failed: AtomicBool::new(false),
+        drain_sequence: std::sync::atomic::AtomicU8::new(0),
         access_logs: bootstrap.admin_access_logs.clone(),
     };
     let rt = Arc::new(Runtime {

@@ -556,3 +556,94 @@ fn admin_endpoints_have_envoys_shapes() -> Result<()> {
     drop(envoy);
     Ok(())
 }
+
+/// Polls until `port` refuses connections (a stopped listener), up to 10 s.
+fn refuses(port: u16) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if !ferry_tests::proxy::accepts(port) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// One request through a listener: its status (0: no answer).
+fn status_via(port: u16) -> u16 {
+    let url = format!("http://127.0.0.1:{port}/status/200");
+    curl(&["-o", "/dev/null", "-w", "%{http_code}", &url])
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).parse().ok())
+        .unwrap_or(0)
+}
+
+/// `POST /drain_listeners` on one proxy (see the test): `graceful` with a drain time of
+/// two seconds given on the command line.
+fn drain_sequence(admin_port: u16, inbound: u16, outbound: u16, graceful: bool) -> Result<()> {
+    if graceful {
+        let a = admin(admin_port, "POST", "/drain_listeners?inboundonly&graceful")?;
+        assert_eq!((a.status, a.body.as_str()), (200, "OK\n"));
+        // The drain time has begun: the inbound listener still takes connections.
+        assert_eq!(status_via(inbound), 200, "inbound during the drain time");
+        assert!(
+            refuses(inbound),
+            "inbound listener still open after the drain time"
+        );
+        assert_eq!(status_via(outbound), 200, "outbound after an inbound drain");
+        return Ok(());
+    }
+    // `skip_exit`: connections are asked to close, the listeners stay open.
+    let a = admin(admin_port, "POST", "/drain_listeners?skip_exit")?;
+    assert_eq!((a.status, a.body.as_str()), (200, "OK\n"));
+    assert_eq!(status_via(inbound), 200, "inbound after skip_exit");
+    assert_eq!(status_via(outbound), 200, "outbound after skip_exit");
+    let a = admin(admin_port, "POST", "/drain_listeners?inboundonly")?;
+    assert_eq!((a.status, a.body.as_str()), (200, "OK\n"));
+    assert!(refuses(inbound), "inbound listener still open");
+    assert_eq!(status_via(outbound), 200, "outbound after an inbound drain");
+    let a = admin(admin_port, "POST", "/drain_listeners")?;
+    assert_eq!(a.status, 200);
+    assert!(refuses(outbound), "outbound listener still open");
+    Ok(())
+}
+
+/// `/drain_listeners` as Envoy: `inboundonly` closes the listeners whose
+/// `traffic_direction` is INBOUND and leaves the others serving, `graceful` keeps them
+/// accepting for the drain time first, `skip_exit` leaves them open; checked on Ferry
+/// and on Envoy 1.40 with the same bootstrap.
+#[test]
+fn drain_listeners_stops_inbound_only_as_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |inbound: u16, outbound: u16| -> Result<Value> {
+        let route = json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}});
+        let mut i = http_listener("inbound", inbound, vec![route.clone()]);
+        i["traffic_direction"] = json!("INBOUND");
+        let mut o = http_listener("outbound", outbound, vec![route]);
+        o["traffic_direction"] = json!("OUTBOUND");
+        let doc = Bootstrap::new()
+            .listener(i)
+            .listener(o)
+            .cluster(static_cluster("backend", &[app.port], Upstream::Http1))
+            .render();
+        Ok(serde_json::from_str(&doc)?)
+    };
+    let envoy_bin = envoy::bin()?;
+    for graceful in [false, true] {
+        let (inbound, outbound) = (free_port(), free_port());
+        let cfg = config(inbound, outbound)?;
+        let ferry = Ferry::start_with(&serde_json::to_string(&cfg)?, &["--drain-timeout", "2s"])?;
+        drain_sequence(ferry.admin_port(), inbound, outbound, graceful)
+            .with_context(|| format!("Ferry, graceful {graceful}"))?;
+        drop(ferry);
+        let Some(bin) = &envoy_bin else { continue };
+        let (inbound, outbound) = (free_port(), free_port());
+        let cfg = config(inbound, outbound)?;
+        let envoy = Envoy::start_with(bin, &cfg, outbound, &["--drain-time-s", "2"])?;
+        drain_sequence(envoy.admin(), inbound, outbound, graceful)
+            .with_context(|| format!("Envoy, graceful {graceful}"))?;
+        drop(envoy);
+    }
+    Ok(())
+}

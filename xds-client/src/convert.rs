@@ -373,6 +373,7 @@ pub fn listener(
     let access_logs = access_log::access_logs(&ctx, "access_log", &l.access_log)?;
     Ok(m::Listener {
         access_logs,
+        inbound: ctx.inbound,
         name: l.name.clone(),
         fingerprint: fingerprint(l),
         address,

@@ -60,6 +60,10 @@ pub struct AdminState {
     pub drain_timeout: std::time::Duration,
     /// `/healthcheck/fail` was posted (and not `/healthcheck/ok` since).
     pub health_check_failed: AtomicBool,
+    /// How far `/drain_listeners` has drained: 0 nothing, 1 the inbound
+    /// listeners, 2 all (a graceful drain of what already drains does
+    /// nothing more, as Envoy's).
+    pub drain_sequence: std::sync::atomic::AtomicU8,
     /// The bootstrap's `admin.access_log`: one entry per admin request.
     pub access_logs: Arc<ferry_model::access_log::AccessLogs>,
 }
@@ -262,6 +266,44 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `POST /drain_listeners` as Envoy 1.40: the connections of the listeners
+/// (`inboundonly`: those whose `traffic_direction` is INBOUND) are asked to
+/// close at once; without `graceful` the listeners close now, with it they
+/// keep accepting for the drain time (`--drain-timeout`, Envoy's
+/// `--drain-time-s`) and close then; `skip_exit` leaves them open. A
+/// graceful drain of listeners already draining does nothing more.
+fn drain_listeners(rt: &Arc<Runtime>, q: &Query) -> Response<Full<Bytes>> {
+    use crate::listener::StopListeners;
+    let (which, level) = if q.has("inboundonly") {
+        (StopListeners::InboundOnly, 1)
+    } else {
+        (StopListeners::All, 2)
+    };
+    let graceful = q.has("graceful");
+    let skip_exit = q.has("skip_exit");
+    let manager = || rt.listeners.lock().unwrap_or_else(|p| p.into_inner());
+    let already = rt.admin.drain_sequence.fetch_max(level, Ordering::AcqRel) >= level;
+    if graceful && already {
+        return text(StatusCode::OK, "OK\n");
+    }
+    manager().drain_connections(which);
+    if skip_exit {
+        // Connections drain; the listeners stay open.
+    } else if !graceful {
+        manager().stop(which);
+    } else {
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(rt.admin.drain_timeout).await;
+            rt.listeners
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stop(which);
+        });
+    }
+    text(StatusCode::OK, "OK\n")
+}
+
 /// `/ready`: Envoy's server state.
 fn state(rt: &Runtime) -> (&'static str, bool) {
     if rt.admin.health_check_failed.load(Ordering::Acquire) || rt.drain.is_draining() {
@@ -284,6 +326,9 @@ const HELP: &str = "admin commands are:
       name_regex: Dump only the currently loaded configurations whose names match the specified regex
       include_eds: Dump currently loaded configuration including EDS
   /drain_listeners (POST): drain listeners
+      graceful: When draining listeners, enter a graceful drain period prior to closing listeners (--drain-timeout)
+      skip_exit: When draining listeners, do not exit after the drain period
+      inboundonly: Drains all inbound listeners (traffic_direction INBOUND)
   /explain: what the running configuration does with a request, and why (Ferry)
       method, authority, path, scheme, header (name:value, repeated): the request
       source, destination, listener, sni, tls, alpn, protocol, principal: its connection
@@ -341,10 +386,7 @@ async fn respond(rt: &Arc<Runtime>, role: Role, req: Request<Incoming>) -> Respo
             rt.quit();
             text(StatusCode::OK, "OK\n")
         }
-        (Role::Admin, "/drain_listeners") if post => {
-            rt.drain.start();
-            text(StatusCode::OK, "OK\n")
-        }
+        (Role::Admin, "/drain_listeners") if post => drain_listeners(rt, &q),
         (Role::Admin, "/healthcheck/fail") if post => {
             rt.admin.health_check_failed.store(true, Ordering::Release);
             text(StatusCode::OK, "OK\n")
