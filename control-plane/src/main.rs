@@ -104,8 +104,9 @@ enum Command {
 struct MeshArgs {
     /// istiod's mesh configuration (the `mesh` YAML of the `istio`
     /// ConfigMap): trustDomain, trustDomainAliases, rootNamespace,
-    /// outboundTrafficPolicy and the extensionProviders of CUSTOM
-    /// AuthorizationPolicies.
+    /// outboundTrafficPolicy, the extensionProviders of CUSTOM
+    /// AuthorizationPolicies and of the Telemetry API, defaultProviders,
+    /// enableTracing, defaultConfig.tracing and the access log settings.
     #[arg(long)]
     mesh_config: Option<PathBuf>,
 }
@@ -121,7 +122,12 @@ impl MeshArgs {
             .with_context(|| format!("--mesh-config {}", path.display()))?;
         let cfg: MeshConfig = serde_yaml_ng::from_str(&text)
             .with_context(|| format!("--mesh-config {}", path.display()))?;
-        Ok(MeshOptions::from_mesh_config(&cfg))
+        let options = MeshOptions::from_mesh_config(&cfg);
+        let problems = options.telemetry_problems();
+        if !problems.is_empty() {
+            anyhow::bail!("--mesh-config {}:\n{}", path.display(), problems.join("\n"));
+        }
+        Ok(options)
     }
 }
 

@@ -60,12 +60,14 @@ fn workload_secrets(
 pub struct Refused(pub Vec<String>);
 
 /// The errors of a snapshot: load errors (syntax, unknown fields) and
-/// validation findings of severity Error.
-pub fn problems(snapshot: &Snapshot) -> Vec<String> {
+/// validation findings of severity Error, the providers Telemetry
+/// resources name included.
+pub fn problems(snapshot: &Snapshot, options: &MeshOptions) -> Vec<String> {
     let mut out: Vec<String> = snapshot.errors.iter().map(|e| e.to_string()).collect();
     out.extend(
         validate::validate(snapshot)
             .into_iter()
+            .chain(validate::validate_telemetry_providers(snapshot, options))
             .filter(|f| f.severity == Severity::Error)
             .map(|f| f.to_string()),
     );
@@ -123,7 +125,7 @@ fn fill(cache: &Cache, cfg: &ProxyConfig) {
 impl Pilot {
     /// Builds from a first snapshot, which must be valid.
     pub fn new(snapshot: &Snapshot, options: MeshOptions) -> Result<Self, Refused> {
-        let errors = problems(snapshot);
+        let errors = problems(snapshot, &options);
         if !errors.is_empty() {
             return Err(Refused(errors));
         }
@@ -262,7 +264,7 @@ impl Pilot {
     /// translated and pushed to every known proxy. Returns how many proxies
     /// were updated.
     pub fn update(&self, snapshot: &Snapshot) -> Result<usize, Refused> {
-        let errors = problems(snapshot);
+        let errors = problems(snapshot, &self.options);
         if !errors.is_empty() {
             return Err(Refused(errors));
         }

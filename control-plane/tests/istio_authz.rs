@@ -378,7 +378,13 @@ fn mesh_config_sets_trust_domains_and_providers() {
     assert_eq!(o.trust_domain, "td1");
     assert_eq!(o.trust_domain_aliases, ["cluster.local"]);
     assert_eq!(o.root_namespace, "istio-system");
-    assert_eq!(o.extension_providers.len(), 2);
+    // The two configured, then istiod's built-in `envoy` and `prometheus`.
+    let names: Vec<&str> = o
+        .extension_providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, ["opa", "zipkin", "envoy", "prometheus"]);
     assert_eq!(
         o.extension_providers[0]
             .envoy_ext_authz_grpc

@@ -772,3 +772,92 @@ async fn envoy_acks_mesh_access_logs() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// The Telemetry API as istiod applies it (an OTLP tracer for the mesh, Zipkin for
+/// productpage's server side, the built-in and a JSON file access log), with the collector
+/// services in the registry: Envoy accepts every listener, with the tracers, Istio's span
+/// tags and the UUID request id extension in place.
+#[tokio::test]
+async fn envoy_acks_telemetry_tracing_and_access_logs() {
+    let Some(bookinfo) = bookinfo() else {
+        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
+        return;
+    };
+    let Some(bin) = envoy_binary() else { return };
+    let dir = config_dir(
+        &bookinfo,
+        "networking/virtual-service-all-v1.yaml",
+        "telemetry",
+    );
+    let log = dir.join("access.json");
+    std::fs::write(
+        dir.join("telemetry.yaml"),
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: zipkin, namespace: istio-system}
+spec: {clusterIP: 10.96.9.1, ports: [{name: http, port: 9411}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: otel, namespace: istio-system}
+spec: {clusterIP: 10.96.9.2, ports: [{name: grpc, port: 4317}, {name: http, port: 4318}]}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 10
+    customTags: {team: {literal: {value: shop}}}
+  accessLogging:
+  - providers: [{name: envoy}, {name: json-log}]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: productpage, namespace: default}
+spec:
+  selector: {matchLabels: {app: productpage}}
+  tracing:
+  - match: {mode: SERVER}
+    providers: [{name: zipkin}]
+"#,
+    )
+    .expect("write telemetry");
+    let mesh: ferry_pilot::istio::types::mesh::MeshConfig = serde_yaml_ng::from_str(&format!(
+        r#"
+extensionProviders:
+- name: otel
+  opentelemetry: {{service: otel.istio-system.svc.cluster.local, port: 4317}}
+- name: zipkin
+  zipkin: {{service: zipkin.istio-system.svc.cluster.local, port: 9411}}
+- name: json-log
+  envoyFileAccessLog:
+    path: {}
+    logFormat: {{labels: {{code: "%RESPONSE_CODE%"}}}}
+"#,
+        log.display()
+    ))
+    .expect("mesh config");
+    let options = MeshOptions::from_mesh_config(&mesh);
+    assert!(options.telemetry_problems().is_empty());
+    let (server, xds, _pilot) = start_pilot_with(&dir, options).await;
+    let (id, meta) = node("productpage", "v1", "10.0.0.42");
+    let envoy = start_envoy(&bin, &id, "DELTA_GRPC", xds, meta);
+    all_acked(&server, &envoy, &id).await;
+    assert_in_dump(
+        &envoy,
+        &[
+            "envoy.tracers.opentelemetry",
+            "outbound|4317||otel.istio-system.svc.cluster.local",
+            "envoy.tracers.zipkin",
+            "http://zipkin.istio-system.svc.cluster.local/api/v2/spans",
+            "istio.canonical_service",
+            "UuidRequestIdConfig",
+            "access.json",
+        ],
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -220,6 +220,30 @@ fn refusals_name_the_field() {
                 .to_string(),
             "custom_tags[0].metadata.kind",
         ),
+        (
+            "          tracing: {custom_tags: [{tag: f, value: \"%REQ(x)%\"}]}".to_string(),
+            "custom_tags[0].value",
+        ),
+        (
+            "          tracing: {operation: \"%REQ(:PATH)%\"}".to_string(),
+            "tracing.operation",
+        ),
+        (
+            "          tracing: {upstream_operation: up}".to_string(),
+            "tracing.upstream_operation",
+        ),
+        (
+            "          tracing: {no_context_propagation: true}".to_string(),
+            "tracing.no_context_propagation",
+        ),
+        (
+            r#"          request_id_extension:
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig
+              use_request_id_for_trace_sampling: false"#
+                .to_string(),
+            "request_id_extension.typed_config.use_request_id_for_trace_sampling",
+        ),
     ];
     for (tracing, want) in cases {
         let e = err(&bootstrap("OUTBOUND", &tracing, "", ""));
@@ -239,4 +263,18 @@ fn refusals_name_the_field() {
         "",
     );
     assert!(err(&upstream_log).contains("upstream_log"));
+    // What istiod emits with Telemetry tracing: the UUID extension with its
+    // defaults, and a formatter tag that is a plain value.
+    let istiod = bootstrap(
+        "OUTBOUND",
+        r#"          request_id_extension:
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig
+              use_request_id_for_trace_sampling: true
+          tracing: {custom_tags: [{tag: v, value: plain}]}"#,
+        "",
+        "",
+    );
+    let s = load(&istiod);
+    assert!(matches!(&tracing(&s).custom_tags[0].value, TagValue::Literal(v) if v == "plain"));
 }

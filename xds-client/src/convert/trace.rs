@@ -5,7 +5,9 @@
 //! What Ferry would record differently from Envoy is refused by name: other
 //! tracers, `verbose` span logs, OTLP exporters, resource detectors and
 //! samplers, Google gRPC, Zipkin's protobuf and gRPC transports, split
-//! spans and timestamped trace ids.
+//! spans and timestamped trace ids, operation name formats, switching off
+//! context propagation, formatter custom tags, and request id extensions
+//! other than Envoy's UUID one with its defaults.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +42,7 @@ pub(super) fn http_connection_manager(
     h: &hcm_pb::HttpConnectionManager,
     start_child_span: bool,
 ) -> Result<Option<Arc<mt::Tracing>>, ConvertError> {
+    request_id_extension(ctx, field, h)?;
     let Some(t) = &h.tracing else {
         return Ok(None);
     };
@@ -48,6 +51,23 @@ pub(super) fn http_connection_manager(
         return Err(ctx.err(
             format!("{field}.verbose"),
             "verbose span annotations are not supported",
+        ));
+    }
+    for (name, set) in [
+        ("operation", !t.operation.is_empty()),
+        ("upstream_operation", !t.upstream_operation.is_empty()),
+    ] {
+        if set {
+            return Err(ctx.err(
+                format!("{field}.{name}"),
+                "operation name formats are not supported (route decorators are)",
+            ));
+        }
+    }
+    if t.no_context_propagation {
+        return Err(ctx.err(
+            format!("{field}.no_context_propagation"),
+            "switching off trace context propagation is not supported",
         ));
     }
     let provider = match &t.provider {
@@ -88,7 +108,14 @@ fn custom_tag(
     let default = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let value = match &c.r#type {
         Some(Type::Literal(l)) => mt::TagValue::Literal(l.value.clone()),
-        Some(Type::Value(v)) => mt::TagValue::Literal(v.clone()),
+        // A format string; one without an operator is its own value.
+        Some(Type::Value(v)) if !v.contains('%') => mt::TagValue::Literal(v.clone()),
+        Some(Type::Value(_)) => {
+            return Err(ctx.err(
+                format!("{field}.value"),
+                "custom tags with format operators are not supported",
+            ));
+        }
         // Read once, as Envoy reads it when the configuration is loaded.
         Some(Type::Environment(e)) => match std::env::var(&e.name) {
             Ok(v) => mt::TagValue::Literal(v),
@@ -145,6 +172,52 @@ fn custom_tag(
         tag: c.tag.clone(),
         value,
     })
+}
+
+/// `request_id_extension`: Envoy's UUID extension with its defaults (the
+/// trace decision packed into the id, sampling by the id) is what Ferry
+/// does; other extensions and those switched off are refused.
+fn request_id_extension(
+    ctx: &Ctx<'_>,
+    field: &str,
+    h: &hcm_pb::HttpConnectionManager,
+) -> Result<(), ConvertError> {
+    use envoy_types::pb::envoy::extensions::request_id::uuid::v3::UuidRequestIdConfig;
+    use prost::Name;
+    let Some(any) = h
+        .request_id_extension
+        .as_ref()
+        .and_then(|e| e.typed_config.as_ref())
+    else {
+        return Ok(());
+    };
+    let field = format!("{field}.request_id_extension.typed_config");
+    if any.type_url != UuidRequestIdConfig::type_url() {
+        return Err(ctx.err(
+            field,
+            format!(
+                "request id extension {:?} is not supported (only envoy.request_id.uuid)",
+                any.type_url
+            ),
+        ));
+    }
+    let c: UuidRequestIdConfig =
+        prost::Message::decode(any.value.as_slice()).map_err(|e| ctx.err(&field, e.to_string()))?;
+    for (name, v) in [
+        ("pack_trace_reason", &c.pack_trace_reason),
+        (
+            "use_request_id_for_trace_sampling",
+            &c.use_request_id_for_trace_sampling,
+        ),
+    ] {
+        if v.as_ref().is_some_and(|b| !b.value) {
+            return Err(ctx.err(
+                format!("{field}.{name}"),
+                "only the default (true) is supported",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A tracer (`tracing.provider` or the bootstrap's `tracing.http`).
@@ -223,7 +296,14 @@ fn http_service(
             return Err(ctx.err(format!("{field}.http_uri.cluster"), "a cluster is required"));
         }
     };
-    let uri: http::Uri = u.uri.parse().map_err(|_| {
+    // Envoy reads the host and path of a URI without a scheme too
+    // (`host/path`, as istiod writes OTLP/HTTP endpoints).
+    let text = if u.uri.contains("://") {
+        u.uri.clone()
+    } else {
+        format!("http://{}", u.uri)
+    };
+    let uri: http::Uri = text.parse().map_err(|_| {
         ctx.err(
             format!("{field}.http_uri.uri"),
             format!("{:?} is not a URI", u.uri),

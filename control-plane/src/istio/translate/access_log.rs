@@ -1,11 +1,11 @@
-//! Access logs as istiod configures them from meshConfig (`accessLogFile`,
-//! `accessLogEncoding`, `accessLogFormat`, `disableEnvoyListenerLog`): the
-//! same `envoy.access_loggers.file` entry on every connection manager and
-//! TCP proxy, and on every listener with the `NR` response flag filter (the
-//! connections no filter chain takes). The formats are istiod's: its
-//! default TEXT line, or its default JSON object, or the configured format
-//! (TEXT gets a final newline; a JSON format that does not parse falls back
-//! to the default, as istiod does).
+//! Access log entries as istiod builds them: from meshConfig
+//! (`accessLogFile`, `accessLogEncoding`, `accessLogFormat`) and from the
+//! `envoyFileAccessLog` providers the Telemetry API selects. The formats are
+//! istiod's: its default TEXT line, or its default JSON object, or the
+//! configured format (TEXT gets a final newline; a JSON format that does not
+//! parse falls back to the default, as istiod does). Where the entries go
+//! (connection managers, TCP proxies, listeners with the `NR` filter) is
+//! [`super::telemetry`]'s.
 
 use std::collections::HashMap;
 
@@ -13,19 +13,16 @@ use envoy_types::pb::envoy::config::accesslog::v3::{
     AccessLog, AccessLogFilter, ResponseFlagFilter, access_log, access_log_filter,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    DataSource, JsonFormatOptions, SubstitutionFormatString, data_source,
+    DataSource, JsonFormatOptions, SubstitutionFormatString, TypedExtensionConfig, data_source,
     substitution_format_string,
 };
-use envoy_types::pb::envoy::config::listener::v3::{Filter, Listener, filter};
 use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
     FileAccessLog, file_access_log,
 };
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use prost::{Message, Name};
 
 use super::util::any;
+use crate::istio::types::mesh::FileAccessLogProvider;
 
 /// istiod's default TEXT format (`EnvoyTextLogFormat`).
 pub const ISTIO_TEXT_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
@@ -168,9 +165,124 @@ fn json_value(v: serde_json::Value) -> Value {
     Value { kind: Some(kind) }
 }
 
+/// An `envoyFileAccessLog` provider's entry (istiod's
+/// `fileAccessLogFromTelemetry`): its path (`/dev/stdout` when empty), its
+/// text or JSON (`labels`) format or istiod's default one, and the
+/// formatter extensions the format's operators need. The built-in `envoy`
+/// provider without a format of its own takes the mesh's.
+#[allow(deprecated)]
+pub(super) fn from_provider(
+    name: &str,
+    p: &FileAccessLogProvider,
+    mesh: &MeshAccessLog,
+) -> AccessLog {
+    let path = if p.path.is_empty() {
+        "/dev/stdout".to_string()
+    } else {
+        p.path.clone()
+    };
+    if name == super::telemetry::BUILTIN_ENVOY && p.log_format.is_none() && !p.omit_empty_values {
+        return MeshAccessLog {
+            file: path,
+            ..mesh.clone()
+        }
+        .file_access_log();
+    }
+    let labels = p.log_format.as_ref().and_then(|f| f.labels.as_ref());
+    let mut format = match (p.log_format.as_ref().and_then(|f| f.text.as_ref()), labels) {
+        (None, Some(labels)) => {
+            let fields: HashMap<String, Value> = if labels.is_empty() {
+                ISTIO_JSON_FORMAT
+                    .iter()
+                    .map(|(k, v)| ((*k).to_string(), json_value(serde_json::json!(v))))
+                    .collect()
+            } else {
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json_value(v.clone())))
+                    .collect()
+            };
+            SubstitutionFormatString {
+                format: Some(substitution_format_string::Format::JsonFormat(Struct {
+                    fields,
+                })),
+                json_format_options: Some(JsonFormatOptions {
+                    sort_properties: false,
+                }),
+                ..Default::default()
+            }
+        }
+        (text, _) => {
+            let mut text = text
+                .filter(|t| !t.is_empty())
+                .cloned()
+                .unwrap_or_else(|| ISTIO_TEXT_FORMAT.to_string());
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
+            SubstitutionFormatString {
+                format: Some(substitution_format_string::Format::TextFormatSource(
+                    DataSource {
+                        specifier: Some(data_source::Specifier::InlineString(text)),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }
+        }
+    };
+    format.omit_empty_values = p.omit_empty_values;
+    format.formatters = formatters(&format);
+    let file = FileAccessLog {
+        path,
+        access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(format)),
+    };
+    AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        filter: None,
+        config_type: Some(access_log::ConfigType::TypedConfig(any(&file))),
+    }
+}
+
+/// The formatter extensions istiod adds for the operators Envoy only has
+/// as extensions (`%REQ_WITHOUT_QUERY`, `%METADATA`, `%CEL`).
+fn formatters(f: &SubstitutionFormatString) -> Vec<TypedExtensionConfig> {
+    use envoy_types::pb::envoy::extensions::formatter::cel::v3::Cel;
+    use envoy_types::pb::envoy::extensions::formatter::metadata::v3::Metadata;
+    use envoy_types::pb::envoy::extensions::formatter::req_without_query::v3::ReqWithoutQuery;
+    let text = match &f.format {
+        Some(substitution_format_string::Format::TextFormatSource(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(s)),
+            ..
+        })) => s.clone(),
+        Some(substitution_format_string::Format::JsonFormat(s)) => format!("{s:?}"),
+        _ => String::new(),
+    };
+    let mut out = Vec::new();
+    if text.contains("%REQ_WITHOUT_QUERY") {
+        out.push(TypedExtensionConfig {
+            name: "envoy.formatter.req_without_query".into(),
+            typed_config: Some(any(&ReqWithoutQuery {})),
+        });
+    }
+    if text.contains("%METADATA") {
+        out.push(TypedExtensionConfig {
+            name: "envoy.formatter.metadata".into(),
+            typed_config: Some(any(&Metadata {})),
+        });
+    }
+    if text.contains("%CEL") {
+        out.push(TypedExtensionConfig {
+            name: "envoy.formatter.cel".into(),
+            typed_config: Some(any(&Cel::default())),
+        });
+    }
+    out
+}
+
 /// istiod's listener access log filter: only connections no filter chain
 /// took (`NR`).
-fn listener_filter() -> AccessLogFilter {
+pub(super) fn listener_filter() -> AccessLogFilter {
     AccessLogFilter {
         filter_specifier: Some(access_log_filter::FilterSpecifier::ResponseFlagFilter(
             ResponseFlagFilter {
@@ -180,50 +292,10 @@ fn listener_filter() -> AccessLogFilter {
     }
 }
 
-/// Adds the mesh's access logs to every listener, connection manager and
-/// TCP proxy.
-pub(super) fn apply(cfg: &MeshAccessLog, listeners: &mut [Listener]) {
-    if cfg.file.is_empty() {
-        return;
-    }
-    let entry = cfg.file_access_log();
-    for l in listeners {
-        if !cfg.disable_listener_log {
-            let mut listener_log = entry.clone();
-            listener_log.filter = Some(listener_filter());
-            l.access_log.push(listener_log);
-        }
-        let chains = l
-            .filter_chains
-            .iter_mut()
-            .chain(l.default_filter_chain.iter_mut());
-        for chain in chains {
-            for f in &mut chain.filters {
-                add_to_filter(f, &entry);
-            }
-        }
-    }
-}
-
-fn add_to_filter(f: &mut Filter, entry: &AccessLog) {
-    let Some(filter::ConfigType::TypedConfig(typed)) = &mut f.config_type else {
-        return;
-    };
-    if typed.type_url == HttpConnectionManager::type_url() {
-        if let Ok(mut hcm) = HttpConnectionManager::decode(typed.value.as_slice()) {
-            hcm.access_log.push(entry.clone());
-            *typed = any(&hcm);
-        }
-    } else if typed.type_url == TcpProxy::type_url()
-        && let Ok(mut tcp) = TcpProxy::decode(typed.value.as_slice())
-    {
-        tcp.access_log.push(entry.clone());
-        *typed = any(&tcp);
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     #[test]

@@ -24,6 +24,7 @@ mod listener;
 pub mod locality;
 pub mod registry;
 mod route;
+pub mod telemetry;
 mod util;
 
 use std::collections::BTreeMap;
@@ -37,7 +38,7 @@ use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
 use super::names::{self, DEFAULT_DOMAIN, ROOT_NAMESPACE};
 use super::source::{Resource, Snapshot, Spec};
-use super::types::mesh::ExtensionProvider;
+use super::types::mesh::{DefaultProviders, ExtensionProvider, ProxyTracing};
 use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
@@ -81,6 +82,12 @@ pub struct Proxy {
     /// or istio-proxy, which says `ISTIO_VERSION`); upstream Envoy would
     /// reject the listener.
     pub istio_network_stats: bool,
+    /// The node's `cluster` (`app.namespace`): the service name of the
+    /// spans it reports.
+    pub cluster: String,
+    /// `MESH_ID` and `CLUSTER_ID` of the node metadata (span tags).
+    pub mesh_id: String,
+    pub cluster_id: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -152,6 +159,9 @@ impl Proxy {
                 })
                 .unwrap_or_default(),
             istio_network_stats: node.user_agent_name == "ferry" || text("ISTIO_VERSION").is_some(),
+            cluster: node.cluster.clone(),
+            mesh_id: text("MESH_ID").unwrap_or_default(),
+            cluster_id: text("CLUSTER_ID").unwrap_or_default(),
         })
     }
 }
@@ -167,7 +177,7 @@ fn string_map(s: &Struct) -> BTreeMap<String, String> {
 }
 
 /// Mesh-wide settings (istiod's MeshConfig, the parts translation uses).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MeshOptions {
     /// DNS suffix of Kubernetes services.
     pub domain: String,
@@ -186,6 +196,16 @@ pub struct MeshOptions {
     pub extension_providers: Vec<ExtensionProvider>,
     /// `meshConfig.accessLogFile` and its format.
     pub access_log: access_log::MeshAccessLog,
+    /// `meshConfig.defaultProviders`: the tracer and access loggers where
+    /// no Telemetry resource says otherwise.
+    pub default_providers: DefaultProviders,
+    /// `meshConfig.enableTracing` (istiod's default: on): without a
+    /// Telemetry or default tracing provider, connection managers trace
+    /// with the proxy's bootstrap tracer.
+    pub enable_tracing: bool,
+    /// `defaultConfig.tracing`: sampling (percent), custom tags and path
+    /// tag length.
+    pub proxy_tracing: ProxyTracing,
 }
 
 impl Default for MeshOptions {
@@ -196,13 +216,26 @@ impl Default for MeshOptions {
             outbound_traffic_policy: OutboundMode::AllowAny,
             trust_domain: DEFAULT_DOMAIN.to_string(),
             trust_domain_aliases: Vec::new(),
-            extension_providers: Vec::new(),
+            extension_providers: telemetry::builtin_providers(),
             access_log: Default::default(),
+            default_providers: DefaultProviders::default(),
+            enable_tracing: true,
+            proxy_tracing: ProxyTracing::default(),
         }
     }
 }
 
 impl MeshOptions {
+    /// What of the mesh configuration's telemetry settings translation
+    /// cannot honour, one message each (empty when all is well).
+    pub fn telemetry_problems(&self) -> Vec<String> {
+        telemetry::check_mesh(
+            &self.extension_providers,
+            &self.default_providers,
+            &self.proxy_tracing,
+        )
+    }
+
     /// The defaults with what an istiod `mesh` configuration sets.
     pub fn from_mesh_config(cfg: &super::types::mesh::MeshConfig) -> Self {
         let mut out = Self::default();
@@ -218,6 +251,18 @@ impl MeshOptions {
             out.outbound_traffic_policy = mode;
         }
         out.extension_providers.clone_from(&cfg.extension_providers);
+        // istiod's built-in providers (`envoy`, `prometheus`) unless the
+        // configuration defines its own of the same name.
+        for b in telemetry::builtin_providers() {
+            if !out.extension_providers.iter().any(|p| p.name == b.name) {
+                out.extension_providers.push(b);
+            }
+        }
+        out.default_providers.clone_from(&cfg.default_providers);
+        out.enable_tracing = cfg.enable_tracing.unwrap_or(true);
+        if let Some(t) = &cfg.default_config.tracing {
+            out.proxy_tracing.clone_from(t);
+        }
         out.access_log = access_log::MeshAccessLog {
             file: cfg.access_log_file.clone(),
             json: cfg.access_log_encoding.eq_ignore_ascii_case("JSON"),
@@ -240,6 +285,7 @@ pub struct Mesh {
     peer_authentications: Vec<Resource>,
     authorization_policies: Vec<Resource>,
     request_authentications: Vec<Resource>,
+    telemetries: Vec<Resource>,
 }
 
 impl Mesh {
@@ -261,6 +307,7 @@ impl Mesh {
             peer_authentications: pick(|s| matches!(s, Spec::PeerAuthentication(_))),
             authorization_policies: pick(|s| matches!(s, Spec::AuthorizationPolicy(_))),
             request_authentications: pick(|s| matches!(s, Spec::RequestAuthentication(_))),
+            telemetries: pick(|s| matches!(s, Spec::Telemetry(_))),
             options,
         }
     }
@@ -350,7 +397,7 @@ impl Mesh {
             NodeType::Sidecar => listener::build(&scope, &mut out),
             NodeType::Router => gateway::build(&scope, &mut out),
         }
-        access_log::apply(&self.options.access_log, &mut out.listeners);
+        telemetry::apply(&scope, &mut out.listeners);
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
