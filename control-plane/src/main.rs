@@ -78,6 +78,14 @@ enum Command {
         /// `host:port` of the control plane's xDS and CA port.
         #[arg(long, default_value = "ferry-pilot.istio-system.svc:15010")]
         discovery_address: String,
+        /// The mesh default of `holdApplicationUntilProxyStarts` (a pod's
+        /// `proxy.istio.io/config` wins).
+        #[arg(long)]
+        hold_application_until_proxy_starts: bool,
+        /// Inject native sidecar containers (a pod's
+        /// `sidecar.istio.io/nativeSidecar` wins).
+        #[arg(long)]
+        native_sidecars: bool,
     },
     /// Validates a directory of Istio configuration like `istioctl analyze`;
     /// exits non-zero on errors.
@@ -419,6 +427,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             proxy_image,
             init_image,
             discovery_address,
+            hold_application_until_proxy_starts,
+            native_sidecars,
         } => {
             use std::io::Read;
             let text = if filename.as_os_str() == "-" {
@@ -433,6 +443,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 proxy_image,
                 init_image,
                 discovery_address,
+                hold_application_until_proxy_starts,
+                native_sidecars,
             };
             let out = ferry_pilot::inject::inject(&text, &opts)
                 .with_context(|| format!("{}", filename.display()))?;

@@ -35,6 +35,26 @@ pub struct RunOptions {
     /// Workload certificates from the mesh CA (istio-agent's job); `None`:
     /// the configuration's secrets come from the xDS server or the file.
     pub agent: Option<AgentSettings>,
+    /// The agent's status server (15020); `None` disables it.
+    pub status: Option<StatusSettings>,
+    /// Shutdown as istio-agent's `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`: after
+    /// SIGTERM, drain for `minimum_drain_duration`, then exit as soon as no
+    /// connection is open (checked every second), however long that takes.
+    pub exit_on_zero_active_connections: bool,
+    /// istio-agent's `MINIMUM_DRAIN_DURATION` (5 s by default).
+    pub minimum_drain_duration: Duration,
+}
+
+/// The status server's address and what the injector passed to it.
+#[derive(Debug, Clone)]
+pub struct StatusSettings {
+    pub addr: SocketAddr,
+    /// The pod's IP (`INSTANCE_IP`), where application probes are sent.
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// `ISTIO_KUBE_APP_PROBERS`.
+    pub app_probers: Option<String>,
+    /// `ISTIO_PROMETHEUS_ANNOTATIONS`.
+    pub prometheus_annotations: Option<String>,
 }
 
 /// How the in-process agent reaches the CA.
@@ -138,8 +158,13 @@ pub struct Runtime {
     /// How long draining connections (a changed filter chain or listener,
     /// or shutdown) may finish.
     pub drain_timeout: Duration,
+    /// Shutdown waits for connections to end instead of a deadline.
+    pub exit_on_zero_active_connections: bool,
     ready: AtomicBool,
     quit: Notify,
+    /// Exit without draining (`/quitquitquit` on the status port, or a
+    /// SIGTERM after `/drain`).
+    skip_drain: AtomicBool,
     bootstrap: ferry_xds::Bootstrap,
     loaded_at: String,
     http_stats: Mutex<HashMap<String, HttpStats>>,
@@ -170,6 +195,25 @@ impl Runtime {
     /// Asks the process to drain and exit (admin `/quitquitquit`).
     pub fn quit(&self) {
         self.quit.notify_one();
+    }
+
+    /// Exits without a drain period (the agent's `/quitquitquit`: the
+    /// app is done, nothing is left to wait for).
+    pub fn quit_now(&self) {
+        self.skip_drain.store(true, Ordering::Release);
+        self.quit.notify_one();
+    }
+
+    /// Starts draining now and makes the coming SIGTERM exit at once (the
+    /// agent's `/drain`, which native sidecars call before termination).
+    pub fn drain_now(&self) {
+        self.drain.start();
+        self.skip_drain.store(true, Ordering::Release);
+    }
+
+    /// The DNS proxy's name table as JSON (`/debug/ndsz`), when it has one.
+    pub fn name_table_json(&self) -> Option<String> {
+        None
     }
 
     pub fn config_dump(&self) -> Result<serde_json::Value, String> {
@@ -311,6 +355,28 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             crate::metrics::LocalNode::new(local, &node.id, trust_domain),
         ))
     };
+    let status = match &opts.status {
+        Some(st) => {
+            let port = st.addr.port();
+            let dest = st
+                .pod_ip
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            let probes = match &st.app_probers {
+                Some(j) if !j.trim().is_empty() => {
+                    crate::app_probe::AppProbes::parse(j, dest, port)?
+                }
+                _ => crate::app_probe::AppProbes::default(),
+            };
+            let metrics = crate::metrics_merge::MetricsMerge::parse(
+                st.prometheus_annotations.as_deref(),
+                port,
+            )?;
+            let tcp = crate::listener::bind(st.addr)
+                .with_context(|| format!("status: cannot bind {}", st.addr))?;
+            Some((Arc::new(crate::status::Status { probes, metrics }), tcp))
+        }
+        None => None,
+    };
     let prometheus_tcp = match opts.prometheus_addr {
         Some(a) => {
             Some(crate::listener::bind(a).with_context(|| format!("prometheus: cannot bind {a}"))?)
@@ -326,8 +392,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         access_log: opts.access_log,
         detection_timeout: opts.detection_timeout,
         drain_timeout: opts.drain_timeout,
+        exit_on_zero_active_connections: opts.exit_on_zero_active_connections,
         ready: AtomicBool::new(false),
         quit: Notify::new(),
+        skip_drain: AtomicBool::new(false),
         bootstrap,
         loaded_at: rfc3339_now(),
         http_stats: Mutex::new(HashMap::new()),
@@ -391,9 +459,21 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             crate::admin::Role::Prometheus,
         ));
     }
+    if let Some((status, tcp)) = status {
+        tokio::spawn(crate::status::serve(rt.clone(), status, tcp));
+    }
     tracing::info!(admin.address = %admin_addr, "ferry is running");
 
     wait_for_stop(&rt).await;
+    if rt.skip_drain.load(Ordering::Acquire) {
+        tracing::info!("exiting without a drain period");
+        return Ok(());
+    }
+    if opts.exit_on_zero_active_connections {
+        exit_on_zero_active_connections(&rt, opts.minimum_drain_duration).await;
+        tracing::info!("exiting");
+        return Ok(());
+    }
     tracing::info!(
         drain.timeout_ms = opts.drain_timeout.as_millis() as u64,
         "draining"
@@ -407,6 +487,28 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     tracing::info!("exiting");
     Ok(())
+}
+
+/// istio-agent's `EXIT_ON_ZERO_ACTIVE_CONNECTIONS` termination: drain,
+/// wait the minimum drain duration, then check the open connections every
+/// second and exit once there are none. No deadline: what is still open
+/// keeps working until the kubelet's grace period ends.
+async fn exit_on_zero_active_connections(rt: &Runtime, minimum: Duration) {
+    rt.drain.start();
+    tracing::info!(
+        drain.minimum_ms = minimum.as_millis() as u64,
+        "draining, then waiting for active connections to end"
+    );
+    tokio::time::sleep(minimum).await;
+    loop {
+        let n = rt.drain.live_connections();
+        if n == 0 {
+            tracing::info!("there are no more active connections");
+            return;
+        }
+        tracing::info!(connections = n, "there are still active connections");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Start-up code (configuration parsing through the descriptor set, command
