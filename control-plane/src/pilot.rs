@@ -118,6 +118,16 @@ fn fill(cache: &Cache, cfg: &ProxyConfig) {
         ROUTE,
         cfg.routes.iter().map(|r| (r.name.clone(), to_any(r))),
     );
+    // NDS: one unnamed resource, as istiod sends it.
+    if let Some(nt) = &cfg.name_table {
+        cache.set(
+            ferry_envoy_json::istio_nds::NAME_TABLE_TYPE,
+            [(
+                String::new(),
+                crate::istio::translate::name_table::to_any(nt),
+            )],
+        );
+    }
 }
 
 impl Pilot {

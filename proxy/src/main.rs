@@ -119,6 +119,20 @@ struct ProxyArgs {
     /// At SIGTERM, drain then exit once no connection is open, without a deadline.
     #[arg(long, env = "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     exit_on_zero_active_connections: bool,
+    /// The agent's DNS proxy on --dns-addr (UDP and TCP), answering from the
+    /// control plane's name table and forwarding the rest to the resolvers
+    /// of --resolv-conf (istio-agent's `ISTIO_META_DNS_CAPTURE`).
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    dns_capture: bool,
+    /// Where the DNS proxy listens.
+    #[arg(long, default_value = "127.0.0.1:15053")]
+    dns_addr: SocketAddr,
+    /// The pod's resolver configuration (upstream servers and search domains).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// The proxy's DNS domain (default `$POD_NAMESPACE.svc.cluster.local`).
+    #[arg(long)]
+    domain: Option<String>,
     /// The drain period before active connections are checked (with
     /// --exit-on-zero-active-connections).
     #[arg(long, env = "MINIMUM_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
@@ -255,6 +269,17 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
         }),
         exit_on_zero_active_connections: args.exit_on_zero_active_connections,
         minimum_drain_duration: args.minimum_drain_duration,
+        dns: args.dns_capture.then(|| {
+            let namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
+            ferry_proxy::dns::DnsOptions {
+                addr: args.dns_addr,
+                resolv_conf: args.resolv_conf,
+                domain: args
+                    .domain
+                    .unwrap_or_else(|| format!("{namespace}.svc.cluster.local")),
+                namespace,
+            }
+        }),
     }))
 }
 

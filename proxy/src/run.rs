@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub exit_on_zero_active_connections: bool,
     /// istio-agent's `MINIMUM_DRAIN_DURATION` (5 s by default).
     pub minimum_drain_duration: Duration,
+    /// The agent's DNS proxy (`ISTIO_META_DNS_CAPTURE`); `None`: off.
+    pub dns: Option<crate::dns::DnsOptions>,
 }
 
 /// The status server's address and what the injector passed to it.
@@ -178,6 +180,8 @@ pub struct Runtime {
     pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
     /// Istio's standard metrics, for chains with the `istio.stats` filter.
     pub istio: Arc<crate::metrics::IstioMetrics>,
+    /// The DNS proxy, when DNS capture is on.
+    pub dns: Option<Arc<crate::dns::DnsProxy>>,
 }
 
 /// The network RBAC filter counts through the runtime's statistics.
@@ -213,7 +217,7 @@ impl Runtime {
 
     /// The DNS proxy's name table as JSON (`/debug/ndsz`), when it has one.
     pub fn name_table_json(&self) -> Option<String> {
-        None
+        self.dns.as_ref()?.table_json()
     }
 
     pub fn config_dump(&self) -> Result<serde_json::Value, String> {
@@ -325,7 +329,39 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The DNS proxy binds before anything serves: a port taken is a
+    // start-up error, as for the agent.
+    let dns = match &opts.dns {
+        Some(d) => {
+            let proxy = Arc::new(crate::dns::DnsProxy::new(d)?);
+            let (udp, tcp) = crate::dns::bind(d.addr)
+                .await
+                .with_context(|| format!("DNS proxy: cannot bind {}", d.addr))?;
+            tokio::spawn(crate::dns::serve_udp(proxy.clone(), udp));
+            tokio::spawn(crate::dns::serve_tcp(proxy.clone(), tcp));
+            tracing::info!(dns.address = %d.addr, "DNS proxy listening");
+            Some(proxy)
+        }
+        None => None,
+    };
     let mut ads = bootstrap.ads.clone();
+    if let (Some(a), Some(proxy)) = (ads.as_mut(), &dns) {
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        a.name_table = Some(tx);
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let t = rx.borrow_and_update().clone();
+                if let Some(t) = t {
+                    proxy.update(t);
+                }
+            }
+        });
+    } else if dns.is_some() {
+        tracing::warn!(
+            "DNS capture: the bootstrap has no ADS, so no name table arrives; every query is forwarded"
+        );
+    }
     if let Some(a) = ads.as_mut() {
         let env: Vec<(String, String)> = std::env::vars().collect();
         a.node = ferry_xds::node::build(Some(&a.node), &opts.node, &env);
@@ -405,6 +441,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         conns: Arc::default(),
         xds: xds.clone(),
         istio,
+        dns,
     });
     match (ads, xds) {
         (Some(config), Some(state)) => {

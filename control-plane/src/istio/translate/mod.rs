@@ -21,6 +21,7 @@ mod gateway;
 pub mod jwt;
 mod listener;
 pub mod locality;
+pub mod name_table;
 pub mod registry;
 mod route;
 mod util;
@@ -50,6 +51,8 @@ pub struct ProxyConfig {
     pub routes: Vec<RouteConfiguration>,
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
+    /// The DNS name table (NDS) of a sidecar; `None` for gateways.
+    pub name_table: Option<ferry_envoy_json::istio_nds::NameTable>,
 }
 
 /// What a proxy is, from the first field of its node id.
@@ -337,7 +340,10 @@ impl Mesh {
         let mut out = ProxyConfig::default();
         cluster::build(&scope, &mut out);
         match proxy.node_type {
-            NodeType::Sidecar => listener::build(&scope, &mut out),
+            NodeType::Sidecar => {
+                listener::build(&scope, &mut out);
+                out.name_table = Some(name_table::build(&scope));
+            }
             NodeType::Router => gateway::build(&scope, &mut out),
         }
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
