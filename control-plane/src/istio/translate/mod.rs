@@ -83,6 +83,9 @@ pub struct Proxy {
     /// or istio-proxy, which says `ISTIO_VERSION`); upstream Envoy would
     /// reject the listener.
     pub istio_network_stats: bool,
+    /// `INTERCEPTION_MODE: NONE`: nothing redirects the workload's traffic
+    /// (a VM, a pod without capture); listeners bind their ports for real.
+    pub interception_none: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -154,6 +157,7 @@ impl Proxy {
                 })
                 .unwrap_or_default(),
             istio_network_stats: node.user_agent_name == "ferry" || text("ISTIO_VERSION").is_some(),
+            interception_none: text("INTERCEPTION_MODE").as_deref() == Some("NONE"),
         })
     }
 }
@@ -427,7 +431,33 @@ impl<'a> Scope<'a> {
         if sc.egress.is_empty() {
             return true;
         }
-        sc.egress.iter().flat_map(|e| &e.hosts).any(|entry| {
+        sc.egress
+            .iter()
+            .any(|e| self.egress_imports(e, namespace, host))
+    }
+
+    /// Whether the services of `svc` get the per-port outbound listeners of
+    /// the catch-all egress listener (one without `port`); those imported
+    /// only by egress listeners with a port get that port's listener alone.
+    pub(crate) fn catch_all_imports(&self, svc: &Service) -> bool {
+        let Some((_, sc)) = self.sidecar else {
+            return true;
+        };
+        sc.egress.is_empty()
+            || sc
+                .egress
+                .iter()
+                .any(|e| e.port.is_none() && self.egress_imports(e, &svc.namespace, &svc.host))
+    }
+
+    /// Whether one egress listener's `hosts` import `namespace/host`.
+    pub(crate) fn egress_imports(
+        &self,
+        e: &super::types::networking::IstioEgressListener,
+        namespace: &str,
+        host: &str,
+    ) -> bool {
+        e.hosts.iter().any(|entry| {
             let Some((ns, pattern)) = entry.split_once('/') else {
                 return false;
             };
