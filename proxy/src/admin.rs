@@ -114,7 +114,16 @@ fn respond(rt: &Runtime, role: Role, req: Request<Incoming>) -> Response<Full<By
             text(StatusCode::OK, "OK\n")
         }
         (Role::Admin, &Method::POST, "/drain_listeners") => {
-            rt.drain.start();
+            // `?inboundonly`: only the inbound listeners, as Envoy.
+            let inbound_only = req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .any(|kv| kv.split('=').next() == Some("inboundonly"))
+            });
+            if inbound_only {
+                rt.inbound.start();
+            } else {
+                rt.drain.start();
+            }
             text(StatusCode::OK, "OK\n")
         }
         (Role::Admin, _, "/quitquitquit" | "/drain_listeners") => text(

@@ -142,7 +142,9 @@ impl ListenerManager {
 
 /// Accepts until the process drains or the listener is removed.
 async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener) {
-    let drained = rt.drain.clone();
+    // An inbound listener stops with the inbound drain (a sidecar's
+    // termination), any listener with the process's.
+    let drained = rt.drain_for(&slot.config.load().name).clone();
     let signaled = drained.signaled();
     tokio::pin!(signaled);
     let Ok(local) = tcp.local_addr() else { return };
@@ -219,7 +221,10 @@ async fn handle(
     };
     // The connection joins the live ones with its chain: a later update
     // of the listener measures it against the new chain versions.
-    let Some(registered) = rt.conns.register(&listener, info, &rt.drain) else {
+    let Some(registered) = rt
+        .conns
+        .register(&listener, info, rt.drain_for(&listener.name))
+    else {
         tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; closing");
         rt.stats
             .counter(&format!("listener.{}.no_filter_chain_match", listener.name))

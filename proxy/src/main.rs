@@ -210,6 +210,7 @@ fn init_logging(level: &str) {
 }
 
 fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
+    // (`proxy_type` also decides what termination drains.)
     init_logging(&args.log_level);
     let addr_or_off = |flag: &str, v: &str| match v {
         "off" | "" => Ok(None),
@@ -269,6 +270,7 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
         }),
         exit_on_zero_active_connections: args.exit_on_zero_active_connections,
         minimum_drain_duration: args.minimum_drain_duration,
+        drain_inbound_only: proxy_type == "sidecar",
         dns: args.dns_capture.then(|| {
             let namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
             ferry_proxy::dns::DnsOptions {

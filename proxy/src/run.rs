@@ -45,6 +45,10 @@ pub struct RunOptions {
     pub minimum_drain_duration: Duration,
     /// The agent's DNS proxy (`ISTIO_META_DNS_CAPTURE`); `None`: off.
     pub dns: Option<crate::dns::DnsOptions>,
+    /// Termination drains the inbound listeners only (a sidecar, as
+    /// istio-agent asks Envoy: `drain_listeners?inboundonly`); outbound
+    /// ones keep serving the app until the process exits.
+    pub drain_inbound_only: bool,
 }
 
 /// The status server's address and what the injector passed to it.
@@ -154,7 +158,13 @@ pub struct Runtime {
     /// The live secrets and the TLS configurations built from them.
     pub tls: Arc<crate::tls::TlsContexts>,
     pub stats: Stats,
+    /// The process's drain signal (and the count of open connections).
     pub drain: Drain,
+    /// The inbound listeners' drain, below the process's.
+    pub inbound: Drain,
+    /// Which listeners are inbound (`traffic_direction: INBOUND`).
+    inbound_listeners: ArcSwap<std::collections::HashSet<String>>,
+    drain_inbound_only: bool,
     pub access_log: bool,
     pub detection_timeout: Duration,
     /// How long draining connections (a changed filter chain or listener,
@@ -193,7 +203,32 @@ impl AsRef<crate::stats::Stats> for Runtime {
 
 impl Runtime {
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.drain.is_draining()
+        self.ready.load(Ordering::Acquire) && !self.inbound.is_draining()
+    }
+
+    /// Whether the listener named so is an inbound one.
+    pub fn is_inbound(&self, listener: &str) -> bool {
+        self.inbound_listeners.load().contains(listener)
+    }
+
+    /// The drain signal a listener's accept loop and connections follow.
+    pub fn drain_for(&self, listener: &str) -> &Drain {
+        if self.is_inbound(listener) {
+            &self.inbound
+        } else {
+            &self.drain
+        }
+    }
+
+    /// What termination drains: the inbound listeners of a sidecar, every
+    /// listener of a gateway or of a configuration that marks no listener
+    /// inbound (nothing would drain otherwise).
+    pub fn termination_drain(&self) -> &Drain {
+        if self.drain_inbound_only && !self.inbound_listeners.load().is_empty() {
+            &self.inbound
+        } else {
+            &self.drain
+        }
     }
 
     /// Asks the process to drain and exit (admin `/quitquitquit`).
@@ -211,8 +246,40 @@ impl Runtime {
     /// Starts draining now and makes the coming SIGTERM exit at once (the
     /// agent's `/drain`, which native sidecars call before termination).
     pub fn drain_now(&self) {
-        self.drain.start();
+        self.termination_drain().start();
         self.skip_drain.store(true, Ordering::Release);
+    }
+
+    /// The names of the inbound listeners, read from the protos as
+    /// received (only their `traffic_direction`).
+    fn find_inbound_listeners(&self) -> std::collections::HashSet<String> {
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Direction {
+            #[prost(string, tag = "1")]
+            name: String,
+            #[prost(int32, tag = "16")]
+            traffic_direction: i32,
+        }
+        const INBOUND: i32 = 1;
+        let mut out = std::collections::HashSet::new();
+        if let Some(sr) = &self.bootstrap.proto.static_resources {
+            for l in &sr.listeners {
+                if l.traffic_direction == INBOUND {
+                    out.insert(l.name.clone());
+                }
+            }
+        }
+        if let Some(xds) = &self.xds {
+            let store = xds.store.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, entry) in store.of(ferry_xds::store::LISTENER) {
+                if <Direction as prost::Message>::decode(entry.raw.as_slice())
+                    .is_ok_and(|d| d.traffic_direction == INBOUND)
+                {
+                    out.insert(name.clone());
+                }
+            }
+        }
+        out
     }
 
     /// The DNS proxy's name table as JSON (`/debug/ndsz`), when it has one.
@@ -274,6 +341,8 @@ impl Runtime {
         // Published under the connections' lock: a connection registering
         // meanwhile sees either the old listeners and is measured below, or
         // the new ones.
+        self.inbound_listeners
+            .store(Arc::new(self.find_inbound_listeners()));
         let updating = self.conns.updating();
         self.snapshot.store(snapshot.clone());
         updating.update(&snapshot.listeners, &self.stats);
@@ -419,12 +488,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let drain = Drain::new();
     let rt = Arc::new(Runtime {
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
         clusters: ArcSwap::from_pointee(ClusterManager::default()),
         tls: Arc::default(),
         stats,
-        drain: Drain::new(),
+        inbound: drain.child(),
+        drain,
+        inbound_listeners: ArcSwap::from_pointee(std::collections::HashSet::new()),
+        drain_inbound_only: opts.drain_inbound_only,
         access_log: opts.access_log,
         detection_timeout: opts.detection_timeout,
         drain_timeout: opts.drain_timeout,
@@ -513,9 +586,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     tracing::info!(
         drain.timeout_ms = opts.drain_timeout.as_millis() as u64,
+        drain.inbound_only = opts.drain_inbound_only,
         "draining"
     );
-    let left = rt.drain.drain(opts.drain_timeout).await;
+    rt.termination_drain().start();
+    let left = rt.drain.wait_idle(opts.drain_timeout).await;
     if left > 0 {
         tracing::warn!(
             connections = left,
@@ -531,7 +606,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 /// second and exit once there are none. No deadline: what is still open
 /// keeps working until the kubelet's grace period ends.
 async fn exit_on_zero_active_connections(rt: &Runtime, minimum: Duration) {
-    rt.drain.start();
+    rt.termination_drain().start();
     tracing::info!(
         drain.minimum_ms = minimum.as_millis() as u64,
         "draining, then waiting for active connections to end"

@@ -65,7 +65,7 @@ pub async fn proxy<S>(
         _ = drain.closing() => (0, 0),
         _ = async {
             drain.signaled().await;
-            if rt.exit_on_zero_active_connections && rt.drain.is_draining() {
+            if rt.exit_on_zero_active_connections && rt.inbound.is_draining() {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(rt.drain_timeout).await;

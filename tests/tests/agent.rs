@@ -518,6 +518,14 @@ fn the_sidecar_ends_as_jobs_need_it() -> Result<()> {
         proxy.logs().stderr
     );
     holder.poke()?;
+    // Only the inbound listeners drain (istio-agent's `inboundonly`): the
+    // app can still open outbound connections while it shuts down.
+    let late = TcpHolder::open(&bed.web, &bed.echo.ip().to_string(), 7000, &ctl, "late")?;
+    drop(late);
+    ensure!(
+        exited_within(&mut proxy, Duration::from_secs(2))?.is_none(),
+        "exited while a connection was still open"
+    );
     let closed = Instant::now();
     drop(holder);
     let status = exited_within(&mut proxy, Duration::from_secs(5))?
@@ -576,6 +584,9 @@ fn the_sidecar_ends_as_jobs_need_it() -> Result<()> {
     );
     let (code, _) = get(&bed.web, "http://127.0.0.1:15021/healthz/ready")?;
     ensure!(code == 503, "ready while draining: {code}");
+    let (code, _) = get(&bed.web, "http://127.0.0.1:15020/healthz/ready")?;
+    ensure!(code == 503, "status port ready while draining: {code}");
+    let _outbound = TcpHolder::open(&bed.web, &bed.echo.ip().to_string(), 7000, &ctl, "d2")?;
     proxy.signal(libc::SIGTERM)?;
     let status = exited_within(&mut proxy, Duration::from_secs(2))?.with_context(|| {
         format!(
