@@ -55,10 +55,16 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 fn respond(rt: &Runtime, role: Role, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    // The admin's `/ready` is Envoy's server state; the readiness port
+    // answers as the agent, which also waits for the DNS name table.
     let ready = || {
-        if rt.is_ready() {
+        let ok = match role {
+            Role::Admin => rt.is_live(),
+            _ => rt.is_ready(),
+        };
+        if ok {
             text(StatusCode::OK, "LIVE\n")
-        } else if rt.drain.is_draining() {
+        } else if rt.inbound.is_draining() {
             text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
         } else {
             text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")

@@ -159,6 +159,11 @@ impl DnsProxy {
         out
     }
 
+    /// Whether a name table has arrived (readiness waits for it).
+    pub fn is_ready(&self) -> bool {
+        self.lookup.load().is_some()
+    }
+
     /// The name table as JSON (`/debug/ndsz`).
     pub fn table_json(&self) -> Option<String> {
         let t = self.table.load_full()?;

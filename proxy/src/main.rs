@@ -271,7 +271,9 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
         exit_on_zero_active_connections: args.exit_on_zero_active_connections,
         minimum_drain_duration: args.minimum_drain_duration,
         drain_inbound_only: proxy_type == "sidecar",
-        dns: args.dns_capture.then(|| {
+        // A gateway has no application to capture DNS for (istio-agent
+        // too runs the DNS proxy for sidecars only).
+        dns: (args.dns_capture && proxy_type == "sidecar").then(|| {
             let namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
             ferry_proxy::dns::DnsOptions {
                 addr: args.dns_addr,

@@ -202,7 +202,15 @@ impl AsRef<crate::stats::Stats> for Runtime {
 }
 
 impl Runtime {
+    /// Ready once the first configuration is applied and, with DNS
+    /// capture, the first name table has arrived (istio-agent's check), and
+    /// not draining.
     pub fn is_ready(&self) -> bool {
+        self.is_live() && self.dns.as_ref().is_none_or(|d| d.is_ready())
+    }
+
+    /// Envoy's server state: the first configuration applied, not draining.
+    pub fn is_live(&self) -> bool {
         self.ready.load(Ordering::Acquire) && !self.inbound.is_draining()
     }
 

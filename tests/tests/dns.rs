@@ -164,6 +164,9 @@ fn the_sidecar_answers_the_pods_dns() -> Result<()> {
     })
     .with_context(diag)?;
 
+    // Readiness waits for the table, as the agent's.
+    let (code, _) = ferry_tests::istio::curl(&sleep, "http://127.0.0.1:15021/healthz/ready", &[])?;
+    ensure!(code == 200, "not ready with a name table: {code}");
     let cases: &[(&str, &str, &str, &str)] = &[
         (
             "reviews.default.svc.cluster.local",
