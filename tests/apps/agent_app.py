@@ -10,10 +10,13 @@ HTTP (plain, on all addresses):
   /metrics    Prometheus text: app_requests_total and an app gauge; 500
               while CTL_DIR/metrics-broken exists
 gRPC grpc.health.v1.Health/Check: SERVING, or NOT_SERVING while
-CTL_DIR/grpc-unhealthy exists. Every request is printed.
+CTL_DIR/grpc-unhealthy exists. With CTL_DIR/tls.crt and tls.key, the same
+HTTP paths over HTTPS on HTTP_PORT + 363 (8443 for 8080). Every request is
+printed.
 """
 
 import os
+import ssl
 import sys
 import threading
 from concurrent import futures
@@ -87,6 +90,13 @@ server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
 ),))
 server.add_insecure_port(f"0.0.0.0:{grpc_port}")
 server.start()
+crt, key = os.path.join(ctl, "tls.crt"), os.path.join(ctl, "tls.key")
+if os.path.exists(crt):
+    httpsd = ThreadingHTTPServer(("0.0.0.0", http_port + 363), Handler)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(crt, key)
+    httpsd.socket = tls.wrap_socket(httpsd.socket, server_side=True)
+    threading.Thread(target=httpsd.serve_forever, daemon=True).start()
 httpd = ThreadingHTTPServer(("0.0.0.0", http_port), Handler)
 print(f"listening http {http_port} grpc {grpc_port}", flush=True)
 httpd.serve_forever()

@@ -50,6 +50,9 @@ spec:
     readinessProbe: {httpGet: {path: /unready, port: 8080}}
     livenessProbe: {tcpSocket: {port: 8081}}
     startupProbe: {httpGet: {path: /elsewhere, port: 8080}}
+  - name: tls
+    image: tls
+    readinessProbe: {httpGet: {path: /hop, port: 8443, scheme: HTTPS}}
 ";
 
 fn inject(text: &str, discovery: &str) -> Result<String> {
@@ -194,6 +197,11 @@ fn bed() -> Result<Option<Bed>> {
         .label("pilot")
         .spawn()?;
     istiod.wait_port(15010, Duration::from_secs(30))?;
+    // The app's HTTPS port: a self-signed certificate nobody verifies.
+    let cert =
+        ferry_tests::pki::Leaf::self_signed("spiffe://cluster.local/ns/default/sa/web", &["web"])?;
+    std::fs::write(ctl.join("tls.crt"), &cert.cert_pem)?;
+    std::fs::write(ctl.join("tls.key"), &cert.key_pem)?;
     let app = web
         .cmd("python3")
         .arg("-u")
@@ -204,6 +212,7 @@ fn bed() -> Result<Option<Bed>> {
         .spawn()?;
     web.wait_port(8080, Duration::from_secs(15))?;
     web.wait_port(9090, Duration::from_secs(15))?;
+    web.wait_port(8443, Duration::from_secs(15))?;
     let echo_app = echo
         .cmd("python3")
         .arg("-u")
@@ -332,6 +341,12 @@ fn app_probes_and_merged_metrics_through_the_status_port() -> Result<()> {
         ("side", "readinessProbe", 503, "the app's 503"),
         ("side", "livenessProbe", 500, "TCP refused"),
         ("side", "startupProbe", 200, "redirect to another host"),
+        (
+            "tls",
+            "readinessProbe",
+            200,
+            "HTTPS, a same-host redirect followed",
+        ),
     ];
     for (container, probe, want, what) in cases {
         let path = bed.probe_path(&pod, container, probe)?;
@@ -342,6 +357,18 @@ fn app_probes_and_merged_metrics_through_the_status_port() -> Result<()> {
             proxy.logs().stderr
         );
     }
+    // The HTTPS probe was rewritten to plain HTTP on the status port, and
+    // the agent followed the redirect to /ready over TLS.
+    let tls = pod["spec"]["containers"]
+        .as_sequence()
+        .and_then(|cs| cs.iter().find(|c| c["name"].as_str() == Some("tls")))
+        .context("tls container")?;
+    ensure!(
+        tls["readinessProbe"]["httpGet"]["scheme"].as_str() == Some("HTTP"),
+        "{tls:?}"
+    );
+    let (_, body) = bed.status("/app-health/tls/readyz")?;
+    ensure!(body == "ready", "the redirect was not followed: {body:?}");
     // gRPC NOT_SERVING fails the probe.
     std::fs::write(bed.ctl.join("grpc-unhealthy"), "")?;
     let (code, _) = bed.status("/app-health/web/startupz")?;
