@@ -577,7 +577,15 @@ fn inject_template(
     let rewrite = annotation(template, "sidecar.istio.io/rewriteAppHTTPProbers")
         .and_then(parse_bool)
         .unwrap_or(true);
-    let metadata: Vec<(String, String)> = proxy_config.proxy_metadata.into_iter().collect();
+    let mut metadata: Vec<(String, String)> = proxy_config.proxy_metadata.into_iter().collect();
+    // `sidecar.istio.io/interceptionMode: NONE`: no capture (no init
+    // container), and the proxy says so to the control plane, which then
+    // binds the workload's ports for real (Sidecar ingress/egress).
+    let no_capture = annotation(template, "sidecar.istio.io/interceptionMode") == Some("NONE");
+    if let Some(mode) = annotation(template, "sidecar.istio.io/interceptionMode") {
+        metadata.retain(|(k, _)| k != "ISTIO_META_INTERCEPTION_MODE");
+        metadata.push(("ISTIO_META_INTERCEPTION_MODE".into(), mode.to_string()));
+    }
     let prometheus = prometheus_merge(template)?;
 
     let labels = mapping_at(mapping_at_value(template, "metadata"), "labels");
@@ -598,10 +606,11 @@ fn inject_template(
     labels
         .entry(s("service.istio.io/canonical-revision"))
         .or_insert_with(|| s(&version));
-    let (init_list, proxy_list) = if native {
-        (r#"["istio-init","istio-proxy"]"#, "[]")
-    } else {
-        (r#"["istio-init"]"#, r#"["istio-proxy"]"#)
+    let (init_list, proxy_list) = match (native, no_capture) {
+        (true, false) => (r#"["istio-init","istio-proxy"]"#, "[]"),
+        (true, true) => (r#"["istio-proxy"]"#, "[]"),
+        (false, false) => (r#"["istio-init"]"#, r#"["istio-proxy"]"#),
+        (false, true) => ("[]", r#"["istio-proxy"]"#),
     };
     let annotations = mapping_at(mapping_at_value(template, "metadata"), "annotations");
     annotations.insert(
@@ -678,11 +687,12 @@ fn inject_template(
             );
         }
     }
-    let init = init_container(opts, &metadata);
     let inits = seq_at(spec, "initContainers");
-    inits.insert(0, init);
+    if !no_capture {
+        inits.insert(0, init_container(opts, &metadata));
+    }
     if native {
-        inits.insert(1, sidecar);
+        inits.insert(usize::from(!no_capture), sidecar);
     } else if hold {
         seq_at(spec, "containers").insert(0, sidecar);
     } else {
@@ -1014,6 +1024,22 @@ mod tests {
         let off = text.replace("\"true\"", "\"false\"");
         let d = docs(&inject(&off, &opts).unwrap());
         assert_eq!(d[0]["spec"]["containers"][1]["name"], s("istio-proxy"));
+    }
+
+    #[test]
+    fn interception_none_has_no_init_container() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {sidecar.istio.io/interceptionMode: NONE}}\nspec: {containers: [{name: app, image: app}]}\n";
+        let d = docs(&inject(text, &InjectOptions::default()).unwrap());
+        let spec = &d[0]["spec"];
+        assert!(spec["initContainers"].as_sequence().unwrap().is_empty());
+        let proxy = &spec["containers"][1];
+        assert_eq!(env_of(proxy, "ISTIO_META_INTERCEPTION_MODE"), Some("NONE"));
+        // Injecting again changes nothing.
+        let out = inject(text, &InjectOptions::default()).unwrap();
+        assert_eq!(
+            docs(&inject(&out, &InjectOptions::default()).unwrap()),
+            docs(&out)
+        );
     }
 
     #[test]
