@@ -309,7 +309,7 @@ impl IstioMesh {
 
     /// A pod with no sidecar and no app, to play an outside client.
     pub fn add_client(&mut self, name: &str) -> Result<Pod> {
-        self.mesh.pod(name)
+        Ok(self.mesh.pod(name)?)
     }
 
     pub fn mesh(&self) -> &Mesh {

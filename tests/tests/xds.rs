@@ -157,11 +157,12 @@ impl Drop for Setup {
 
 impl Setup {
     fn curl(&self, args: &[&str]) -> Result<String> {
-        self.pod
+        Ok(self
+            .pod
             .cmd("curl")
             .args(["-sS", "--max-time", "20"])
             .args(args)
-            .run()
+            .run()?)
     }
 
     fn stat(&self, name: &str) -> u64 {
