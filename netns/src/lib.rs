@@ -603,12 +603,19 @@ impl Pod {
         Ok(())
     }
 
+    /// A handle that opens connections from inside this pod, usable from any thread (a port
+    /// forward from the host, say).
+    pub fn dialer(&self) -> Dialer {
+        Dialer {
+            ns_path: self.ns_path(),
+            pod: self.name.clone(),
+        }
+    }
+
     /// A TCP connection to `addr` opened from inside the pod (the socket stays in the pod's
     /// namespace), with [`http::READ_TIMEOUT`] on reads.
     pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
-        let stream = self
-            .enter(|| TcpStream::connect_timeout(&addr, timeout))?
-            .io_context(|| format!("connecting to {addr} from pod {}", self.name))?;
+        let stream = self.dialer().dial(addr, timeout)?;
         stream.set_read_timeout(Some(http::READ_TIMEOUT))?;
         Ok(stream)
     }
@@ -706,6 +713,42 @@ impl Pod {
         ensure!(ready, "{addr} in pod {} not accepting", self.name);
         Ok(())
     }
+}
+
+/// Opens TCP connections from inside a pod's network namespace; see [`Pod::dialer`].
+#[derive(Clone, Debug)]
+pub struct Dialer {
+    ns_path: PathBuf,
+    pod: String,
+}
+
+impl Dialer {
+    /// Connects to `addr` from inside the pod (a short-lived thread enters its namespace; the
+    /// socket stays there).
+    pub fn dial(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+        let ns = File::open(&self.ns_path)
+            .io_context(|| format!("opening namespace of pod {}", self.pod))?;
+        let stream = thread::scope(|scope| {
+            scope
+                .spawn(move || -> Result<TcpStream> {
+                    // SAFETY: setns only changes this (short-lived) thread's network namespace.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        fail!("setns: {}", io::Error::last_os_error());
+                    }
+                    TcpStream::connect_timeout(&addr, timeout)
+                        .io_context(|| format!("connecting to {addr}"))
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
+        Ok(stream)
+    }
+}
+
+/// Whether this process runs as root (network namespaces and iptables need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A command to run inside a pod, built like [`std::process::Command`]. By default it runs as
