@@ -213,14 +213,15 @@ pub fn namespaces_of(pid: u32) -> Vec<String> {
 }
 
 /// Enters the network namespace open at `fd`, then drops to `ids` (uid, gid) if given; with
-/// `die_with_parent`, the child is killed when the thread that spawned it ends. Runs in the
-/// child between fork and exec, so it only makes raw system calls.
-fn enter_namespace(fd: RawFd, ids: Option<(u32, u32)>, die_with_parent: bool) -> io::Result<()> {
+/// `die_with_parent` (the spawning process's pid), the child is killed when the thread that
+/// spawned it ends. Runs in the child between fork and exec, so it only makes raw system calls.
+fn enter_namespace(
+    fd: RawFd,
+    ids: Option<(u32, u32)>,
+    die_with_parent: Option<u32>,
+) -> io::Result<()> {
     // SAFETY: plain system calls on an open descriptor and integer ids; no memory is touched.
     unsafe {
-        if die_with_parent && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            return Err(io::Error::last_os_error());
-        }
         if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -232,6 +233,16 @@ fn enter_namespace(fd: RawFd, ids: Option<(u32, u32)>, die_with_parent: bool) ->
                 || libc::setuid(uid) != 0
             {
                 return Err(io::Error::last_os_error());
+            }
+        }
+        // After the change of ids, which clears the parent-death signal.
+        if let Some(parent) = die_with_parent {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the signal was armed.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
         }
     }
@@ -838,7 +849,7 @@ impl PodCommand {
             .io_context(|| format!("opening namespace of pod {}", self.pod))?;
         let fd = ns.as_raw_fd();
         let ids = self.ids;
-        let die_with_parent = self.mesh.die_with_parent;
+        let die_with_parent = self.mesh.die_with_parent.then(std::process::id);
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
         for var in PROXY_VARS {

@@ -6,7 +6,8 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 pub use ferry_netns::{
-    Logs, Mesh, MeshOptions, Pod, PodCommand, Proc, http, namespaces_of, sweep_stale,
+    Dialer, Logs, Mesh, MeshOptions, Pod, PodCommand, Proc, http, is_root, namespaces_of,
+    sweep_stale,
 };
 
 /// Returns whether this process may build namespaces. Without root: under `CI=true` it panics
