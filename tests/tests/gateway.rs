@@ -499,6 +499,10 @@ fn observe_jwt(s: &Setup, token: &str) -> Result<Vec<String>> {
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn jwt_at_the_gateway_through_envoy_and_ferry_alike() -> Result<()> {
     let tokens =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples/jwt/tokens.json");

@@ -20,7 +20,7 @@ macro_rules! sample {
 /// DestinationRule's subsets and mesh-wide STRICT mTLS.
 pub const BOOKINFO: &[SampleFile] = &[
     sample!("platform/namespace.yaml"),
-    sample!("platform/bookinfo.yaml"),
+    sample!("platform/kube/bookinfo.yaml"),
     sample!("networking/bookinfo-gateway.yaml"),
     sample!("networking/destination-rule-all.yaml"),
     sample!("security/peer-authentication-strict.yaml"),
