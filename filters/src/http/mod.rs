@@ -6,6 +6,7 @@ pub mod fault;
 pub mod headers;
 pub mod jwt_authn;
 pub mod local_ratelimit;
+pub mod path_normalization;
 pub mod rbac;
 pub mod retry;
 pub mod router;
