@@ -878,8 +878,12 @@ async fn forward(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    if let (Some(repl), PathMatch::Prefix(matched)) = (prefix_rewrite, &route.route_match.path) {
+    let before_rewrite = path.clone();
+    let rewritten = if let (Some(repl), PathMatch::Prefix(matched)) =
+        (prefix_rewrite, &route.route_match.path)
+    {
         path = router::rewrite_prefix(&path, matched, repl);
+        true
     } else if let Some(r) = regex_rewrite {
         let query = parts.uri.query();
         path = r.apply(&original_path);
@@ -887,6 +891,14 @@ async fn forward(
             path.push('?');
             path.push_str(q);
         }
+        true
+    } else {
+        false
+    };
+    // Envoy keeps the path a route rewrote (the normalized one: the
+    // connection manager's normalization is no rewrite and keeps nothing).
+    if rewritten && let Ok(v) = HeaderValue::from_str(&before_rewrite) {
+        parts.headers.insert(ORIGINAL_PATH, v);
     }
     let use_h2 = !upgrade
         && match crt.cfg.protocol {
@@ -1140,6 +1152,9 @@ async fn forward(
 
 /// Where the router keeps the Host a host rewrite replaced.
 const ORIGINAL_HOST: &str = "x-envoy-original-host";
+
+/// Where the router keeps the path (with its query) a path rewrite replaced.
+const ORIGINAL_PATH: &str = "x-envoy-original-path";
 
 /// `x-envoy-attempt-count`: the attempt number upstream, the number of
 /// attempts downstream (only when the virtual host asks for it).
