@@ -428,6 +428,13 @@ fn paths_normalize_as_envoy() -> Result<()> {
             .original_header
             .is_none()
     );
+    // A gRPC request is not redirected: a gRPC error (INTERNAL, from the 400).
+    let grpc = &by_ferry[&("redirect", "grpc /a%2Fb".to_string())];
+    assert_eq!(
+        (grpc.backend_path.as_deref(), grpc.grpc_status.as_deref()),
+        (None, Some("13")),
+        "{grpc:?}"
+    );
     let ferry_counters = counters(&ferry_ports, |k| Ok(ferry.stat(k)))?;
     drop(ferry);
 
