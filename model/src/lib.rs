@@ -28,6 +28,7 @@ pub use listener::{
     HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters, Reporter, RouteSource,
     TcpProxy,
 };
+pub use listener::{EscapedSlashesAction, PathNormalization};
 pub use route::{
     AppendAction, ClusterSpecifier, DomainMatcher, HeaderKey, HeaderMatcher, HeaderMutations,
     HeaderOp, HeaderToAdd, HostRewrite, PathMatch, Pseudo, QueryMatch, QueryParameterMatcher,

@@ -202,6 +202,37 @@ pub struct HttpConnectionManager {
     /// The router's `suppress_envoy_headers`: no `x-envoy-overloaded`,
     /// `x-envoy-expected-rq-timeout-ms` and the like.
     pub suppress_envoy_headers: bool,
+    /// What is done to the request path before routing and the filters
+    /// (`normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`).
+    pub path_normalization: PathNormalization,
+}
+
+/// The connection manager's path normalization settings. The default is
+/// Envoy's when none of the fields is set: the path is left as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathNormalization {
+    /// `normalize_path`: RFC 3986 dot-segment removal, percent-decoding of
+    /// unreserved characters, backslashes read as slashes.
+    pub normalize_path: bool,
+    /// `merge_slashes`: adjacent slashes become one.
+    pub merge_slashes: bool,
+    /// `path_with_escaped_slashes_action`.
+    pub escaped_slashes: EscapedSlashesAction,
+}
+
+/// `path_with_escaped_slashes_action`: what a path with `%2F` or `%5C` (in
+/// either case) gets. `IMPLEMENTATION_SPECIFIC_DEFAULT` is `KeepUnchanged`,
+/// as Envoy resolves it without a runtime override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashesAction {
+    #[default]
+    KeepUnchanged,
+    /// Answered 400.
+    RejectRequest,
+    /// Answered 307 with the unescaped (and normalized) path as `Location`.
+    UnescapeAndRedirect,
+    /// Unescaped, then normalized and forwarded.
+    UnescapeAndForward,
 }
 
 /// `forward_client_cert_details`.

@@ -432,6 +432,7 @@ mod tests {
             http_filters: Vec::new(),
             client_trust: Default::default(),
             suppress_envoy_headers: false,
+            path_normalization: Default::default(),
         })
     }
 

@@ -129,6 +129,10 @@ pub struct HttpStats {
     pub downstream_rq_http2_total: Counter,
     pub rq_by_class: [Counter; 5],
     pub no_route: Counter,
+    /// Requests answered 400 by path normalization (Envoy's name).
+    pub downstream_rq_failed_path_normalization: Counter,
+    /// Requests answered 307 by `UNESCAPE_AND_REDIRECT`.
+    pub downstream_rq_redirected_with_normalized_path: Counter,
 }
 
 impl HttpStats {
@@ -149,6 +153,10 @@ impl HttpStats {
                 c("downstream_rq_5xx"),
             ],
             no_route: c("no_route"),
+            downstream_rq_failed_path_normalization: c("downstream_rq_failed_path_normalization"),
+            downstream_rq_redirected_with_normalized_path: c(
+                "downstream_rq_redirected_with_normalized_path",
+            ),
         }
     }
 

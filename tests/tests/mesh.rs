@@ -205,13 +205,14 @@ impl Drop for TempConfig {
 }
 
 fn echo(pod: &Pod, args: &[&str]) -> Result<Proc> {
-    pod.cmd("python3")
+    Ok(pod
+        .cmd("python3")
         .arg("-u")
         .arg(apps_dir().join("echo.py"))
         .args(args)
         .env("ECHO_BIND", "0.0.0.0")
         .label(&format!("echo-{}", args[0]))
-        .spawn()
+        .spawn()?)
 }
 
 impl MeshPod {

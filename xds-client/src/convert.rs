@@ -883,6 +883,7 @@ fn http_connection_manager(
         http_filters,
         client_trust,
         suppress_envoy_headers,
+        path_normalization: path_normalization(ctx, field, h)?,
     })
 }
 
@@ -1009,6 +1010,45 @@ fn client_trust(
         internal,
         detection,
         preserve_external_request_id: h.preserve_external_request_id,
+    })
+}
+
+/// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`,
+/// with Envoy's defaults when unset (its runtime keys left at theirs: no
+/// normalization, escaped slashes kept). `path_normalization_options` is
+/// not implemented by Envoy either (`not-implemented-hide`): it has no
+/// effect there, so it is ignored with a warning.
+fn path_normalization(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    h: &hcm_pb::HttpConnectionManager,
+) -> Result<m::PathNormalization, ConvertError> {
+    use hcm_pb::http_connection_manager::PathWithEscapedSlashesAction as P;
+    use m::EscapedSlashesAction as A;
+    let escaped_slashes = match P::try_from(h.path_with_escaped_slashes_action) {
+        Ok(P::ImplementationSpecificDefault | P::KeepUnchanged) => A::KeepUnchanged,
+        Ok(P::RejectRequest) => A::RejectRequest,
+        Ok(P::UnescapeAndRedirect) => A::UnescapeAndRedirect,
+        Ok(P::UnescapeAndForward) => A::UnescapeAndForward,
+        Err(_) => {
+            return Err(ctx.err(
+                format!("{field}.path_with_escaped_slashes_action"),
+                format!("unknown value {}", h.path_with_escaped_slashes_action),
+            ));
+        }
+    };
+    if h.path_normalization_options.is_some() {
+        ctx.warn(
+            &format!("{field}.path_normalization_options"),
+            "not implemented by Envoy 1.40 either; ignored as Envoy does \
+             (normalize_path and merge_slashes apply)"
+                .into(),
+        );
+    }
+    Ok(m::PathNormalization {
+        normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
+        merge_slashes: h.merge_slashes,
+        escaped_slashes,
     })
 }
 

@@ -300,6 +300,10 @@ async fn handle(
         stats.downstream_rq_http1_total.inc();
     }
     let method = req.method().clone();
+    let grpc = ferry_model::route::is_grpc(req.headers());
+    // Before anything reads the path (routing, every filter, the upstream
+    // request), as Envoy's connection manager does.
+    let normalized = normalize_path(&ctx, &mut req, grpc);
     let path = req
         .uri()
         .path_and_query()
@@ -307,7 +311,6 @@ async fn handle(
         .to_string();
     let host = authority(&req);
     let started = std::time::SystemTime::now();
-    let grpc = ferry_model::route::is_grpc(req.headers());
     // Istio's metadata exchange: the client's sidecar announces itself on
     // the request, the server's on the response; each side takes the
     // other's headers off before they reach the application.
@@ -324,8 +327,13 @@ async fn handle(
     }
     let mut cluster = String::new();
     let mut metered = None;
-    let (mut resp, flag, upstream) =
-        route_request(&ctx, req, &host, &path, started, &mut cluster).await;
+    let (original_path, (mut resp, flag, upstream)) = match normalized {
+        Normalized::Answered(resp) => (None, (resp, "", None)),
+        Normalized::Path(original) => (
+            original,
+            route_request(&ctx, req, &host, &path, started, &mut cluster).await,
+        ),
+    };
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
@@ -394,6 +402,8 @@ async fn handle(
             target: "access",
             method = %method,
             path = %path,
+            // The path as the client sent it, when normalization changed it.
+            path.original = original_path.as_deref().unwrap_or("-"),
             protocol = ?version,
             status = resp.status().as_u16(),
             response_flags = flag,
@@ -408,6 +418,103 @@ async fn handle(
 }
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
+
+/// A request after the connection manager's path normalization.
+enum Normalized {
+    /// Go on: the path the client sent when normalization changed it.
+    Path(Option<String>),
+    /// Answered here (400 or 307), as Envoy does before any filter.
+    Answered(Response<ResponseBody>),
+}
+
+/// Whether an HTTP/1 request target is one Envoy's codec takes: a path
+/// (`/…`), `*` for `OPTIONS`, an absolute URL, or CONNECT's authority.
+/// Anything else (`GET admin`, `GET *`) is a 400 that closes the
+/// connection there, where hyper would read an authority and route `/`.
+fn is_http1_request_target(method: &http::Method, uri: &Uri) -> bool {
+    if method == http::Method::CONNECT || uri.scheme().is_some() {
+        return true;
+    }
+    match uri.path_and_query().map(|p| p.as_str()) {
+        Some("*") => method == http::Method::OPTIONS,
+        Some(p) => p.starts_with('/') && uri.authority().is_none(),
+        None => false,
+    }
+}
+
+/// Applies the connection manager's `normalize_path`, `merge_slashes` and
+/// `path_with_escaped_slashes_action` to the request's URI, in place
+/// (`ferry_filters::http::path_normalization` decides).
+fn normalize_path(ctx: &ConnCtx, req: &mut Request<Incoming>, grpc: bool) -> Normalized {
+    use ferry_filters::http::path_normalization::{self as pn, Verdict};
+    let http1 = req.version() != Version::HTTP_2;
+    if http1 && !is_http1_request_target(req.method(), req.uri()) {
+        let mut resp = local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: None,
+        });
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return Normalized::Answered(resp);
+    }
+    // The chain the request runs on (a draining connection's requests
+    // follow the new one).
+    let chain = ctx.live.chain();
+    let (ChainKind::Http(hcm), Some(pq)) = (&chain.kind, req.uri().path_and_query()) else {
+        return Normalized::Path(None);
+    };
+    let original = pq.as_str();
+    let reject = |why: &dyn std::fmt::Display| {
+        ctx.stats.downstream_rq_failed_path_normalization.inc();
+        tracing::debug!(path = %original, reason = %why, "path normalization failed");
+        let mut resp = local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: None,
+        });
+        // Envoy closes an HTTP/1 connection after this answer.
+        if http1 {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Normalized::Answered(resp)
+    };
+    let path = match pn::normalize(&hcm.path_normalization, original) {
+        Verdict::Forward(std::borrow::Cow::Borrowed(_)) => return Normalized::Path(None),
+        Verdict::Forward(std::borrow::Cow::Owned(p)) => p,
+        Verdict::Reject(why) => return reject(&why),
+        // A gRPC client cannot follow a redirect: Envoy answers 400.
+        Verdict::Redirect(_) if grpc => return reject(&"redirect for a gRPC request"),
+        Verdict::Redirect(location) => {
+            ctx.stats
+                .downstream_rq_redirected_with_normalized_path
+                .inc();
+            let mut resp = local_reply(LocalReply {
+                status: StatusCode::TEMPORARY_REDIRECT,
+                body: None,
+            });
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    resp.headers_mut().insert(LOCATION, v);
+                }
+                Err(_) => return reject(&"redirect location is not a header value"),
+            }
+            return Normalized::Answered(resp);
+        }
+    };
+    let mut parts = req.uri().clone().into_parts();
+    let original = original.to_string();
+    match path.parse::<http::uri::PathAndQuery>() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return reject(&"normalized path is not a URI path"),
+    }
+    match Uri::from_parts(parts) {
+        Ok(uri) => {
+            *req.uri_mut() = uri;
+            Normalized::Path(Some(original))
+        }
+        Err(_) => reject(&"normalized path is not a URI path"),
+    }
+}
 
 /// A message's declared body size (0 when streamed without a length).
 fn content_length(h: &http::HeaderMap) -> u64 {
@@ -807,8 +914,12 @@ async fn forward(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    if let (Some(repl), PathMatch::Prefix(matched)) = (prefix_rewrite, &route.route_match.path) {
+    let before_rewrite = path.clone();
+    let rewritten = if let (Some(repl), PathMatch::Prefix(matched)) =
+        (prefix_rewrite, &route.route_match.path)
+    {
         path = router::rewrite_prefix(&path, matched, repl);
+        true
     } else if let Some(r) = regex_rewrite {
         let query = parts.uri.query();
         path = r.apply(&original_path);
@@ -816,6 +927,14 @@ async fn forward(
             path.push('?');
             path.push_str(q);
         }
+        true
+    } else {
+        false
+    };
+    // Envoy keeps the path a route rewrote (the normalized one: the
+    // connection manager's normalization is no rewrite and keeps nothing).
+    if rewritten && let Ok(v) = HeaderValue::from_str(&before_rewrite) {
+        parts.headers.insert(ORIGINAL_PATH, v);
     }
     let use_h2 = !upgrade
         && match crt.cfg.protocol {
@@ -1114,6 +1233,9 @@ const OVERLOADED: &str = "x-envoy-overloaded";
 /// Where the router keeps the Host a host rewrite replaced.
 const ORIGINAL_HOST: &str = "x-envoy-original-host";
 
+/// Where the router keeps the path (with its query) a path rewrite replaced.
+const ORIGINAL_PATH: &str = "x-envoy-original-path";
+
 /// `x-envoy-attempt-count`: the attempt number upstream, the number of
 /// attempts downstream (only when the virtual host asks for it).
 const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
@@ -1339,6 +1461,7 @@ mod tests {
             http_filters: Vec::new(),
             client_trust: Default::default(),
             suppress_envoy_headers: false,
+            path_normalization: Default::default(),
         }
     }
 

@@ -363,10 +363,9 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
     let passthrough_hcm = || {
         typed_filter(
             HCM,
-            any(&inbound_hcm(
-                0,
-                INBOUND_PASSTHROUGH,
-                &format!("{INBOUND_PASSTHROUGH}/*"),
+            any(&with_path_normalization(
+                scope,
+                inbound_hcm(0, INBOUND_PASSTHROUGH, &format!("{INBOUND_PASSTHROUGH}/*")),
             )),
         )
     };
@@ -492,7 +491,10 @@ fn port_chains(scope: &Scope<'_>, p: &InboundPort<'_>) -> Vec<FilterChain> {
                 filter_chain_match: Some(tls_match(&alpn)),
                 filters: vec![typed_filter(
                     HCM,
-                    any(&inbound_hcm(p.port, &cluster, &operation)),
+                    any(&with_path_normalization(
+                        scope,
+                        inbound_hcm(p.port, &cluster, &operation),
+                    )),
                 )],
                 transport_socket: Some(inbound_tls(scope, true)),
                 ..Default::default()
@@ -524,7 +526,10 @@ fn port_chains(scope: &Scope<'_>, p: &InboundPort<'_>) -> Vec<FilterChain> {
         filter_chain_match: raw(dport(alpn)),
         filters: vec![typed_filter(
             HCM,
-            any(&inbound_hcm(p.port, &cluster, &operation)),
+            any(&with_path_normalization(
+                scope,
+                inbound_hcm(p.port, &cluster, &operation),
+            )),
         )],
         ..Default::default()
     };
@@ -728,9 +733,31 @@ pub(super) fn common_hcm() -> HttpConnectionManager {
             ..Default::default()
         }],
         stream_idle_timeout: Some(seconds(0)),
-        normalize_path: Some(BoolValue { value: true }),
-        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::KeepUnchanged as i32,
         ..Default::default()
+    }
+}
+
+/// `meshConfig.pathNormalization` on a connection manager, as istiod sets
+/// it on every one it builds (sidecar inbound and outbound, gateways):
+/// escaped slashes kept but with DECODE_AND_MERGE_SLASHES, RFC 3986
+/// normalization but with NONE, slashes merged from MERGE_SLASHES on.
+pub(super) fn with_path_normalization(
+    scope: &Scope<'_>,
+    hcm: HttpConnectionManager,
+) -> HttpConnectionManager {
+    use crate::istio::types::mesh::PathNormalization as N;
+    let level = scope.mesh.options.path_normalization;
+    let escaped = match level {
+        N::DecodeAndMergeSlashes => PathWithEscapedSlashesAction::UnescapeAndForward,
+        _ => PathWithEscapedSlashesAction::KeepUnchanged,
+    };
+    HttpConnectionManager {
+        normalize_path: Some(BoolValue {
+            value: level != N::None,
+        }),
+        merge_slashes: matches!(level, N::MergeSlashes | N::DecodeAndMergeSlashes),
+        path_with_escaped_slashes_action: escaped as i32,
+        ..hcm
     }
 }
 
@@ -885,7 +912,10 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
                     application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
                     ..Default::default()
                 }),
-                filters: vec![typed_filter(HCM, any(&outbound_hcm(port)))],
+                filters: vec![typed_filter(
+                    HCM,
+                    any(&with_path_normalization(scope, outbound_hcm(port))),
+                )],
                 ..Default::default()
             });
             listener_filters = vec![
@@ -993,7 +1023,10 @@ fn egress_port_listeners(scope: &Scope<'_>, out: &mut ProxyConfig) {
                 out.routes.push(route::route_config(scope, number, &http));
             }
             FilterChain {
-                filters: vec![typed_filter(HCM, any(&outbound_hcm(number)))],
+                filters: vec![typed_filter(
+                    HCM,
+                    any(&with_path_normalization(scope, outbound_hcm(number))),
+                )],
                 ..Default::default()
             }
         };

@@ -37,7 +37,7 @@ use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
 use super::names::{self, DEFAULT_DOMAIN, ROOT_NAMESPACE};
 use super::source::{Resource, Snapshot, Spec};
-use super::types::mesh::ExtensionProvider;
+use super::types::mesh::{ExtensionProvider, PathNormalization};
 use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
@@ -190,6 +190,8 @@ pub struct MeshOptions {
     /// `meshConfig.extensionProviders`: the external authorizers that
     /// CUSTOM AuthorizationPolicies name.
     pub extension_providers: Vec<ExtensionProvider>,
+    /// `meshConfig.pathNormalization.normalization`.
+    pub path_normalization: PathNormalization,
 }
 
 impl Default for MeshOptions {
@@ -201,6 +203,7 @@ impl Default for MeshOptions {
             trust_domain: DEFAULT_DOMAIN.to_string(),
             trust_domain_aliases: Vec::new(),
             extension_providers: Vec::new(),
+            path_normalization: PathNormalization::Default,
         }
     }
 }
@@ -221,6 +224,9 @@ impl MeshOptions {
             out.outbound_traffic_policy = mode;
         }
         out.extension_providers.clone_from(&cfg.extension_providers);
+        if let Some(p) = &cfg.path_normalization {
+            out.path_normalization = p.normalization;
+        }
         out
     }
 }
