@@ -312,7 +312,13 @@ impl AppProbes {
             let tcp = connect(addr).await?;
             let resp = if https {
                 let tls = tls_connect(tcp).await?;
-                send(TokioIo::new(tls), req).await?
+                // HTTP/2 when the app offers it, as the agent's client
+                // (ISTIO_ENABLE_HTTP2_PROBING) and the kubelet do.
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+                    send_h2(TokioIo::new(tls), req, &host).await?
+                } else {
+                    send(TokioIo::new(tls), req).await?
+                }
             } else {
                 send(TokioIo::new(tcp), req).await?
             };
@@ -405,16 +411,49 @@ where
     sender.send_request(req).await.map_err(|e| e.to_string())
 }
 
+/// The request over HTTP/2: the authority in the URI, no connection
+/// headers (HTTP/2 has none).
+async fn send_h2<T>(
+    io: TokioIo<T>,
+    req: Request<Empty<Bytes>>,
+    host: &str,
+) -> Result<http::Response<hyper::body::Incoming>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = format!("https://{host}{path}")
+        .parse()
+        .map_err(|e| format!("probe URI: {e}"))?;
+    parts.headers.remove(http::header::HOST);
+    parts.headers.remove(http::header::CONNECTION);
+    parts.version = http::Version::HTTP_2;
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    sender
+        .send_request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// HTTPS probes skip certificate verification, as the kubelet's and the
-/// agent's do.
+/// agent's do, and offer HTTP/2.
 async fn tls_connect(tcp: TcpStream) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     use ferry_tls::rustls;
-    let config = rustls::ClientConfig::builder_with_provider(ferry_tls::provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(ferry_tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny))
         .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let peer = tcp.peer_addr().map_err(|e| e.to_string())?.ip();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(rustls::pki_types::ServerName::IpAddress(peer.into()), tcp)
@@ -635,6 +674,84 @@ mod tests {
         assert_eq!(health_status(&[]), Some(0));
         assert_eq!(health_status(&[0x08, 0x02]), Some(2));
         assert_eq!(health_status(&[0x08]), None);
+    }
+
+    /// An HTTPS app offering h2 and HTTP/1.1: answers with the version it
+    /// was asked in, and the Host (authority) it saw.
+    async fn tls_app() -> u16 {
+        use ferry_tls::rustls;
+        use hyper_util::server::conn::auto;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(ferry_tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let svc = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let host = req
+                                .uri()
+                                .authority()
+                                .map(|a| a.to_string())
+                                .or_else(|| {
+                                    req.headers()
+                                        .get(http::header::HOST)
+                                        .and_then(|h| h.to_str().ok())
+                                        .map(str::to_string)
+                                })
+                                .unwrap_or_default();
+                            let body = format!("{:?} {} {host}", req.version(), req.uri().path());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(body),
+                            )))
+                        },
+                    );
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn https_probes_speak_http2_when_the_app_offers_it() {
+        let _ = ferry_tls::provider();
+        let port = tls_app().await;
+        let json = format!(
+            r#"{{"/app-health/app/readyz":{{"httpGet":{{"path":"/ready","port":{port},"scheme":"HTTPS"}},"timeoutSeconds":5}}}}"#
+        );
+        let p = AppProbes::parse(&json, LOCAL, 15020).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, "10.0.0.1:15020".parse().unwrap());
+        let (s, body) = p.answer("/app-health/app/readyz", &headers).await;
+        assert_eq!(s, StatusCode::OK);
+        // The kubelet's Host, with the status port replaced by the app's.
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            format!("HTTP/2.0 /ready 10.0.0.1:{port}")
+        );
     }
 
     #[tokio::test]
