@@ -159,6 +159,22 @@ impl DnsProxy {
         out
     }
 
+    /// Where to listen: the configured address, and, on loopback, its IPv6
+    /// twin too when the pod has IPv6 resolvers (the agent's `localhost`
+    /// binds both families as its resolvers need).
+    pub fn listen_addresses(&self, addr: SocketAddr) -> Vec<SocketAddr> {
+        let mut out = vec![addr];
+        if addr.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST)
+            && self.upstreams.iter().any(|u| u.is_ipv6())
+        {
+            out.push(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::LOCALHOST),
+                addr.port(),
+            ));
+        }
+        out
+    }
+
     /// Whether a name table has arrived (readiness waits for it).
     pub fn is_ready(&self) -> bool {
         self.lookup.load().is_some()
@@ -499,6 +515,19 @@ mod tests {
         let m = ask(&p, "en.wiki.example.", RecordType::AAAA).await;
         assert_eq!(ips(&m), ["2001:db8::9"]);
         assert_eq!(m.answers[0].name.to_ascii(), "en.wiki.example.");
+    }
+
+    #[test]
+    fn ipv6_resolvers_add_the_ipv6_loopback() {
+        let p = proxy("svc.cluster.local");
+        let v4: SocketAddr = "127.0.0.1:15053".parse().unwrap();
+        assert_eq!(p.listen_addresses(v4), vec![v4]);
+        let mut p = p;
+        p.upstreams.push("[fd00::53]:53".parse().unwrap());
+        assert_eq!(
+            p.listen_addresses(v4),
+            vec![v4, "[::1]:15053".parse().unwrap()]
+        );
     }
 
     #[tokio::test]

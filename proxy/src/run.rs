@@ -411,12 +411,14 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let dns = match &opts.dns {
         Some(d) => {
             let proxy = Arc::new(crate::dns::DnsProxy::new(d)?);
-            let (udp, tcp) = crate::dns::bind(d.addr)
-                .await
-                .with_context(|| format!("DNS proxy: cannot bind {}", d.addr))?;
-            tokio::spawn(crate::dns::serve_udp(proxy.clone(), udp));
-            tokio::spawn(crate::dns::serve_tcp(proxy.clone(), tcp));
-            tracing::info!(dns.address = %d.addr, "DNS proxy listening");
+            for addr in proxy.listen_addresses(d.addr) {
+                let (udp, tcp) = crate::dns::bind(addr)
+                    .await
+                    .with_context(|| format!("DNS proxy: cannot bind {addr}"))?;
+                tokio::spawn(crate::dns::serve_udp(proxy.clone(), udp));
+                tokio::spawn(crate::dns::serve_tcp(proxy.clone(), tcp));
+                tracing::info!(dns.address = %addr, "DNS proxy listening");
+            }
             Some(proxy)
         }
         None => None,
