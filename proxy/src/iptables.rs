@@ -56,6 +56,16 @@ const MULTIPORT_MAX: usize = 15;
 /// Binaries tried, in order, when `--iptables-bin` is not given.
 const IPTABLES_CANDIDATES: [&str; 3] = ["iptables", "iptables-nft", "iptables-legacy"];
 
+/// A boolean as Istio's Go tools read their flags and environment
+/// (`strconv.ParseBool`): 1, t, T, TRUE, true, True and their false forms.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+    }
+}
+
 /// Options of `ferry iptables`, spelled like Istio's `istio-iptables` so manifests carry over.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct IptablesArgs {
@@ -102,11 +112,11 @@ pub struct IptablesArgs {
     /// Capture the app's DNS (UDP and TCP 53 to the resolvers of
     /// --resolv-conf) into the sidecar's DNS proxy on 15053, as istio-iptables
     /// does with `ISTIO_META_DNS_CAPTURE`.
-    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_go_bool)]
     pub redirect_dns: bool,
 
     /// With --redirect-dns: capture DNS to any address, not only the resolvers.
-    #[arg(long, env = "CAPTURE_ALL_DNS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "CAPTURE_ALL_DNS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_go_bool)]
     pub capture_all_dns: bool,
 
     /// Where the pod's resolvers are listed (for --redirect-dns).
@@ -1329,6 +1339,15 @@ mod tests {
 -A OUTPUT -p tcp -j ISTIO_OUTPUT
 COMMIT
 ";
+
+    #[test]
+    fn booleans_as_istio_reads_them() {
+        for (v, want) in [("True", true), ("1", true), ("f", false), ("FALSE", false)] {
+            assert_eq!(parse(&["--redirect-dns", v]).redirect_dns, want, "{v}");
+        }
+        assert!(parse(&["--redirect-dns"]).redirect_dns);
+        assert!(!parse(&[]).redirect_dns);
+    }
 
     #[test]
     fn dns_capture_renders_istio_iptables_rules() {

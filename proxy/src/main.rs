@@ -117,12 +117,12 @@ struct ProxyArgs {
     #[arg(long, env = "ISTIO_PROMETHEUS_ANNOTATIONS", hide_env_values = true)]
     prometheus_annotations: Option<String>,
     /// At SIGTERM, drain then exit once no connection is open, without a deadline.
-    #[arg(long, env = "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = ferry_proxy::iptables::parse_go_bool)]
     exit_on_zero_active_connections: bool,
     /// The agent's DNS proxy on --dns-addr (UDP and TCP), answering from the
     /// control plane's name table and forwarding the rest to the resolvers
     /// of --resolv-conf (istio-agent's `ISTIO_META_DNS_CAPTURE`).
-    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = ferry_proxy::iptables::parse_go_bool)]
     dns_capture: bool,
     /// Where the DNS proxy listens.
     #[arg(long, default_value = "127.0.0.1:15053")]
