@@ -11,6 +11,7 @@ pub mod cors;
 pub mod fault;
 pub mod format;
 pub mod forwarded;
+pub mod http_protocol;
 pub mod jwt;
 pub mod listener;
 pub mod ratelimit;

@@ -189,6 +189,7 @@ pub struct HttpConnectionManager {
     pub idle_timeout: Option<Duration>,
     /// Idle timeout of a single stream (Envoy default 5 min).
     pub stream_idle_timeout: Option<Duration>,
+    /// How long the whole request may take to arrive (Envoy default: none).
     pub request_timeout: Option<Duration>,
     pub use_remote_address: bool,
     /// What happens to `x-forwarded-client-cert` (Envoy's default: removed).
@@ -205,6 +206,9 @@ pub struct HttpConnectionManager {
     /// What is done to the request path before routing and the filters
     /// (`normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`).
     pub path_normalization: PathNormalization,
+    /// Limits and protocol options enforced on the downstream clients
+    /// (shared: every connection holds it).
+    pub protocol: Arc<crate::http_protocol::DownstreamProtocol>,
 }
 
 /// The connection manager's path normalization settings. The default is

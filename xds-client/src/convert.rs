@@ -30,6 +30,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 use prost::Message;
 
+mod http_protocol;
 mod jwt_authn;
 mod rbac;
 mod tls;
@@ -884,6 +885,7 @@ fn http_connection_manager(
         client_trust,
         suppress_envoy_headers,
         path_normalization: path_normalization(ctx, field, h)?,
+        protocol: Arc::new(http_protocol::downstream(ctx, field, h)?),
     })
 }
 
@@ -1525,7 +1527,9 @@ fn route_action(
             .map(|p| retry_policy(ctx, &format!("{field}.retry_policy"), p))
             .transpose()?
             .map(Arc::new),
-        idle_timeout: timeout_or(&ra.idle_timeout, None),
+        // Unset and zero differ: unset leaves the connection manager's
+        // `stream_idle_timeout` in force, zero disables it for the route.
+        idle_timeout: duration(&ra.idle_timeout),
         mirrors: mirror_policies(
             ctx,
             &format!("{field}.request_mirror_policies"),
