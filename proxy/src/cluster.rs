@@ -65,6 +65,13 @@ pub enum UpstreamError {
     /// A circuit breaker is open (max requests, pending requests or connections).
     #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
     Overflow,
+    /// The response could not be parsed, or its framing is refused (both
+    /// lengths, another transfer coding): 502, and the connection is not
+    /// used again.
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+    )]
+    Protocol(String),
 }
 
 impl UpstreamError {
@@ -77,6 +84,7 @@ impl UpstreamError {
             | UpstreamError::Tls(_) => "UF",
             UpstreamError::Reset(_) => "UC",
             UpstreamError::Overflow => "UO",
+            UpstreamError::Protocol(_) => "UPE",
         }
     }
 }
@@ -955,6 +963,12 @@ impl EndpointPool {
             let replay = if reused { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
+                    if let Err(why) = crate::http::h1_guard::response_framing(resp.headers()) {
+                        // Dropped unread, the response takes its connection
+                        // with it: it is never pooled again.
+                        tracing::debug!(upstream.host = %self.address, error = why, "upstream response framing refused");
+                        return Err(UpstreamError::Protocol(why.to_string()));
+                    }
                     self.release_when_idle(sender, used + 1);
                     return Ok(resp);
                 }
@@ -968,6 +982,8 @@ impl EndpointPool {
                         // it: a clean close before any answer. A reset (RST) means the
                         // server reacted to what it read; that is the retry policy's call.
                         (true, None, Some(again)) if closed_cleanly_before_response(&e) => again,
+                        // An answer that could not be parsed: a bad gateway.
+                        _ if e.is_parse() => return Err(UpstreamError::Protocol(e.to_string())),
                         _ => return Err(UpstreamError::Reset(e)),
                     };
                     tracing::debug!(

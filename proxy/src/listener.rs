@@ -357,13 +357,13 @@ async fn handle(
                 HttpCodec::Http1 => false,
                 HttpCodec::Http2 => true,
                 HttpCodec::Auto if needs.http => detected.http2(),
-                // Nobody looked yet: the HTTP/2 preface decides.
-                HttpCodec::Auto => {
-                    match peek_detect(&stream, false, true, Duration::from_secs(15)).await {
-                        Some(d) => d.http2(),
-                        None => return,
-                    }
-                }
+                // Nobody looked yet: the HTTP/2 preface decides, as soon as
+                // the first bytes match it or not (so the connection
+                // manager's timers see a slow request's first byte).
+                HttpCodec::Auto => match peek_h2_preface(&stream, Duration::from_secs(15)).await {
+                    Some(h2) => h2,
+                    None => return,
+                },
             };
             let io = crate::rbac::guard(stream, &rbac);
             let conn = Conn {
@@ -452,8 +452,34 @@ async fn serve_http<S>(
         server_name: conn.server_name,
         rbac_view: Default::default(),
         live: live.clone(),
+        h1: Default::default(),
+        life: Default::default(),
     });
     crate::http::serve(io, ctx, http2, &live.drain).await;
+}
+
+/// Peeks until the first bytes are the HTTP/2 preface or cannot be; `None`:
+/// the connection failed. A client silent for `within` is served as
+/// HTTP/1 (whose timers then apply).
+async fn peek_h2_preface(stream: &TcpStream, within: Duration) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return Some(false),
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => n,
+        };
+        if let Some(h2) = detect::h2_preface(&buf[..n]) {
+            return Some(h2);
+        }
+        if n == seen {
+            // Nothing new yet; peek would return at once again.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen = n;
+    }
 }
 
 /// Peeks at the first bytes until the inspectors decide. Waits at most

@@ -21,6 +21,8 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use tokio::sync::{Notify, watch};
 
+use super::stream_timers::RequestProgress;
+
 /// The most request body kept for retries and mirroring (Envoy bounds it by
 /// the connection's buffer limit).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -39,6 +41,9 @@ pub enum BodyError {
 pub struct UpstreamBody {
     kind: Kind,
     end: Option<Arc<Notify>>,
+    /// The connection manager's view of the request's arrival (its
+    /// `request_timeout` and `stream_idle_timeout`).
+    progress: Option<Arc<RequestProgress>>,
 }
 
 enum Kind {
@@ -59,6 +64,7 @@ impl UpstreamBody {
         let body = Self {
             kind: Kind::Streamed(inner),
             end,
+            progress: RequestProgress::current(),
         };
         if body.is_end_stream() {
             body.signal_end();
@@ -70,6 +76,7 @@ impl UpstreamBody {
         Self {
             kind: Kind::Empty,
             end: None,
+            progress: None,
         }
     }
 
@@ -78,12 +85,16 @@ impl UpstreamBody {
         Self {
             kind: Kind::Full((!b.is_empty()).then_some(b)),
             end: None,
+            progress: None,
         }
     }
 
     fn signal_end(&self) {
         if let Some(n) = &self.end {
             n.notify_one();
+        }
+        if let Some(p) = &self.progress {
+            p.ended();
         }
     }
 }
@@ -100,6 +111,7 @@ struct ReplayState {
     complete: bool,
     trailers: Option<HeaderMap>,
     end: Option<Arc<Notify>>,
+    progress: Option<Arc<RequestProgress>>,
     done_tx: watch::Sender<bool>,
 }
 
@@ -109,6 +121,9 @@ impl ReplayState {
         self.incoming = None;
         if let Some(n) = self.end.take() {
             n.notify_one();
+        }
+        if let Some(p) = self.progress.take() {
+            p.ended();
         }
         self.done_tx.send_replace(true);
     }
@@ -138,6 +153,7 @@ impl Replay {
             complete: false,
             trailers: None,
             end,
+            progress: RequestProgress::current(),
             done_tx,
         };
         if state.incoming.as_ref().is_some_and(|b| b.is_end_stream()) {
@@ -170,6 +186,7 @@ impl Replay {
                 hint: self.hint,
             },
             end: None,
+            progress: None,
         }
     }
 
@@ -246,6 +263,9 @@ fn poll_replay(
             Poll::Ready(Some(Err(BodyError::Downstream(e))))
         }
         Poll::Ready(Some(Ok(frame))) => {
+            if let Some(p) = &s.progress {
+                p.active();
+            }
             let frame = match frame.into_data() {
                 Ok(data) => {
                     *pos += 1;
@@ -297,6 +317,9 @@ impl Body for UpstreamBody {
             } => poll_replay(shared, pos, trailers_sent, cx),
             Kind::Streamed(inner) => {
                 let res = Pin::new(inner).poll_frame(cx);
+                if let (Poll::Ready(Some(Ok(_))), Some(p)) = (&res, &this.progress) {
+                    p.active();
+                }
                 let ended = match &res {
                     Poll::Ready(None) => true,
                     Poll::Ready(Some(Ok(_))) => this.is_end_stream(),

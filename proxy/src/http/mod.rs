@@ -7,17 +7,22 @@
 
 pub mod body;
 mod client;
+mod edge;
 mod fault;
 mod filters;
+pub mod h1_guard;
+pub mod h2_guard;
+pub mod lifetime;
 mod shadow;
+mod stream_timers;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_filters::http::{headers, retry, router};
 use ferry_model::format::FormatContext;
+use ferry_model::http_protocol::DownstreamProtocol;
 use ferry_model::{
     ChainKind, FilterChain, HostRewrite, HttpConnectionManager, HttpFilterConfig, PathMatch, Route,
     RouteAction, RouteSource,
@@ -117,6 +122,18 @@ pub struct ConnCtx {
     /// The connection among the live ones: an update that changes its chain
     /// hands the next requests to the chain a new connection would get.
     pub live: Arc<crate::filter_chain_update::LiveConn>,
+    /// What the HTTP/1 request guard tells the connection manager.
+    pub h1: Arc<h1_guard::H1Shared>,
+    /// The connection's streams and the drains they ask for.
+    pub life: Arc<lifetime::Lifetime>,
+}
+
+/// The connection manager of an HTTP chain.
+fn hcm_of(chain: &FilterChain) -> Option<&HttpConnectionManager> {
+    match &chain.kind {
+        ChainKind::Http(h) => Some(h),
+        ChainKind::Tcp(_) => None,
+    }
 }
 
 impl ConnCtx {
@@ -139,7 +156,8 @@ impl ConnCtx {
 
 /// Serves one downstream connection until it closes or its drain completes.
 ///
-/// Drain (process shutdown or a changed filter chain) never cuts a request:
+/// Drain (process shutdown, a changed filter chain, `max_connection_duration`,
+/// `max_requests_per_connection`, `idle_timeout`) never cuts a request:
 /// HTTP/2 gets GOAWAY and finishes its streams; HTTP/1 answers the next
 /// requests with `Connection: close` and, if the client stays idle, is closed
 /// at the drain deadline, or at once when the connection is told to close
@@ -151,49 +169,135 @@ where
     ctx.stats.downstream_cx_total.inc();
     let _active = ctx.stats.downstream_cx_active.inc();
     let deadline = ctx.rt.drain_timeout;
+    // Connection-level settings come from the chain the connection was
+    // accepted on; a chain updated in place changes how its requests are
+    // handled, not the connection's codec.
+    let p = hcm_of(&ctx.chain).map_or_else(
+        || Arc::new(DownstreamProtocol::default()),
+        |h| h.protocol.clone(),
+    );
+    let idle = hcm_of(&ctx.chain).and_then(|h| h.idle_timeout);
+    let max_age = p
+        .max_connection_duration
+        .map(|d| tokio::time::Instant::now() + jittered(d, p.max_connection_duration_jitter));
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        async move { handle(ctx, req).await }
     });
-    let io = TokioIo::new(io);
     if http2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
+        ctx.stats.downstream_cx_http2_total.inc();
+        let counters = h2_guard::H2Counters::new(
+            &ctx.rt.stats,
+            ctx.stats.downstream_rq_too_many_premature_resets.clone(),
+        );
+        let io = TokioIo::new(h2_guard::H2Guard::new(io, p.http2.clone(), counters));
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
-            .serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(deadline, conn).await;
-            }
+            .max_concurrent_streams(p.http2.max_concurrent_streams)
+            .initial_stream_window_size(p.http2.initial_stream_window_size)
+            .initial_connection_window_size(p.http2.initial_connection_window_size)
+            .max_header_list_size(p.max_request_headers_bytes)
+            .header_table_size(p.http2.hpack_table_size)
+            .max_local_error_reset_streams(Some(p.http2.max_outbound_control_frames as usize));
+        if let Some(k) = p.http2.keepalive {
+            builder
+                .keep_alive_interval(k.interval)
+                .keep_alive_timeout(k.timeout);
         }
-    } else {
-        let conn = http1::Builder::new()
-            .preserve_header_case(true)
-            .serve_connection(io, svc)
-            .with_upgrades();
+        let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = drain.signaled() => {}
-        }
-        ctx.closing
-            .store(true, std::sync::atomic::Ordering::Release);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = async {
-                tokio::select! {
-                    _ = tokio::time::sleep(deadline) => {}
-                    _ = drain.closing() => {}
+        // Once draining: when the connection is closed whatever remains.
+        let mut close_at = None;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = drain.signaled(), if close_at.is_none() => {
+                    close_at = Some(tokio::time::Instant::now() + deadline);
                 }
-            } => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(deadline, conn).await;
+                _ = sleep_until(max_age), if close_at.is_none() => {
+                    ctx.stats.downstream_cx_max_duration_reached.inc();
+                    close_at = Some(tokio::time::Instant::now() + deadline);
+                }
+                _ = ctx.life.drain_asked(), if close_at.is_none() => {
+                    close_at = Some(tokio::time::Instant::now() + deadline);
+                }
+                _ = ctx.life.idle_for(idle), if close_at.is_none() => {
+                    ctx.stats.downstream_cx_idle_timeout.inc();
+                    close_at = Some(tokio::time::Instant::now() + p.drain_timeout);
+                }
+                _ = sleep_until(close_at), if close_at.is_some() => {
+                    ctx.stats.downstream_cx_drain_close.inc();
+                    return;
+                }
+            }
+            // GOAWAY: no new streams; the open ones finish.
+            conn.as_mut().graceful_shutdown();
+        }
+    }
+    ctx.stats.downstream_cx_http1_total.inc();
+    let guard = h1_guard::H1Guard::new(
+        io,
+        h1_guard::Limits::of(&p),
+        p.request_headers_timeout,
+        ctx.h1.clone(),
+    );
+    let head_limit = p.max_request_headers_bytes as usize;
+    let conn = http1::Builder::new()
+        .preserve_header_case(true)
+        // The guard enforces the head limits; hyper's are set to the same
+        // values so that it never refuses what the guard passed.
+        .max_headers(p.max_headers_count as usize)
+        .max_header_size(head_limit)
+        .max_buf_size((head_limit + 8192).max(HYPER_MAX_BUF))
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(guard), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    // How long a draining connection may stay idle before it is closed.
+    let grace = tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = drain.signaled() => deadline,
+        _ = sleep_until(max_age) => {
+            ctx.stats.downstream_cx_max_duration_reached.inc();
+            p.drain_timeout
+        }
+        _ = ctx.life.idle_for(idle) => {
+            // Idle: no request in flight, so nothing is cut.
+            ctx.stats.downstream_cx_idle_timeout.inc();
+            Duration::ZERO
+        }
+    };
+    ctx.closing
+        .store(true, std::sync::atomic::Ordering::Release);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = drain.closing() => {}
+            }
+        } => {
+            conn.as_mut().graceful_shutdown();
+            if tokio::time::timeout(deadline, conn).await.is_err() {
+                ctx.stats.downstream_cx_drain_close.inc();
             }
         }
     }
+}
+
+/// hyper's default HTTP/1 buffer bound (~400 KiB).
+const HYPER_MAX_BUF: usize = 8192 + 4096 * 100;
+
+/// `max_connection_duration` extended by a random share of up to `jitter`
+/// hundredths of a percent.
+fn jittered(d: Duration, jitter: u32) -> Duration {
+    if jitter == 0 {
+        return d;
+    }
+    let share = f64::from(jitter) / 10_000.0 * rand::random::<f64>();
+    d + d.mul_f64(share)
 }
 
 /// A locally generated response and the reason for it.
@@ -285,25 +389,66 @@ fn authority(req: &Request<Incoming>) -> String {
         .to_string()
 }
 
+/// The response body as it goes downstream: metered for Istio's metrics,
+/// tracked as its stream's end.
+type Downstream = lifetime::Tracked<crate::metrics::Metered<ResponseBody>>;
+
 async fn handle(
     ctx: Arc<ConnCtx>,
     mut req: Request<Incoming>,
-) -> Response<crate::metrics::Metered<ResponseBody>> {
+) -> Result<Response<Downstream>, edge::StreamReset> {
     let start = Instant::now();
+    let stream_start = tokio::time::Instant::now();
     let stats = &ctx.stats;
     stats.downstream_rq_total.inc();
     let _active = stats.downstream_rq_active.inc();
+    let (stream, served) = ctx
+        .life
+        .stream_started(stats.downstream_rq_rx_reset.clone());
     let version = req.version();
     if version == Version::HTTP_2 {
         stats.downstream_rq_http2_total.inc();
     } else {
         stats.downstream_rq_http1_total.inc();
     }
+    // The edge decides first: nothing below sees a refused request.
+    let mut upgrade = false;
+    // The chain the request runs on (an update may have replaced the
+    // connection's).
+    let chain = ctx.live.chain();
+    let admitted = match hcm_of(&chain) {
+        Some(hcm) => edge::admit(&ctx, hcm, &mut req),
+        None => Ok(edge::Admitted::default()),
+    };
+    let refused = match admitted {
+        Ok(a) => {
+            if a.upgrade {
+                upgrade = true;
+            }
+            None
+        }
+        Err(edge::Refused::Reset) => return Err(edge::StreamReset),
+        Err(edge::Refused::Reply { status, body }) => Some((status, body)),
+    };
+    if let Some(max) = hcm_of(&chain).and_then(|h| h.protocol.max_requests_per_connection)
+        && served >= max
+    {
+        if served == max {
+            stats.downstream_cx_max_requests_reached.inc();
+        }
+        // This response is the connection's last (HTTP/1), or GOAWAY (HTTP/2).
+        ctx.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        ctx.life.ask_drain();
+    }
     let method = req.method().clone();
     let grpc = ferry_model::route::is_grpc(req.headers());
     // Before anything reads the path (routing, every filter, the upstream
     // request), as Envoy's connection manager does.
-    let normalized = normalize_path(&ctx, &mut req, grpc);
+    let normalized = match refused {
+        None => normalize_path(&ctx, &mut req, grpc),
+        Some(_) => Normalized::Path(None),
+    };
     let path = req
         .uri()
         .path_and_query()
@@ -327,13 +472,69 @@ async fn handle(
     }
     let mut cluster = String::new();
     let mut metered = None;
-    let (original_path, (mut resp, flag, upstream)) = match normalized {
-        Normalized::Answered(resp) => (None, (resp, "", None)),
-        Normalized::Path(original) => (
-            original,
-            route_request(&ctx, req, &host, &path, started, &mut cluster).await,
-        ),
+    // A local reply that ends the connection (the request was not read whole).
+    let mut close = refused.is_some();
+    let (original_path, (mut resp, flag, upstream)) = match (refused, normalized) {
+        (Some((status, body)), _) => {
+            let r = LocalReply {
+                status,
+                body: Some(body.into()),
+            };
+            (None, (local_reply(r), "DPE", None))
+        }
+        (None, Normalized::Answered(resp)) => (None, (resp, "", None)),
+        (None, Normalized::Path(original)) => {
+            let timeouts = hcm_of(&chain)
+                .map_or((None, None), |h| (h.request_timeout, h.stream_idle_timeout));
+            let progress = stream_timers::RequestProgress::new();
+            if http_body::Body::is_end_stream(req.body()) {
+                progress.ended();
+            }
+            let routing = stream_timers::PROGRESS.scope(
+                progress.clone(),
+                route_request(&ctx, req, &host, &path, started, &mut cluster),
+            );
+            let arrival = stream_timers::arrival(&progress, stream_start, timeouts.0, timeouts.1);
+            let routed = tokio::select! {
+                routed = routing => routed,
+                expired = arrival => {
+                    close = true;
+                    let (body, flag) = match expired {
+                        stream_timers::Expired::Request => {
+                            stats.downstream_rq_timeout.inc();
+                            ("request timeout", "-")
+                        }
+                        stream_timers::Expired::Idle => {
+                            stats.downstream_rq_idle_timeout.inc();
+                            ("stream timeout", "SI")
+                        }
+                    };
+                    let r = LocalReply {
+                        status: StatusCode::REQUEST_TIMEOUT,
+                        body: Some(body.into()),
+                    };
+                    (local_reply(r), flag, None)
+                }
+            };
+            (original, routed)
+        }
     };
+    if upgrade {
+        // The HTTP/1 guard holds what follows an upgrade request until now.
+        let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (method == http::Method::CONNECT && resp.status().is_success());
+        ctx.h1.upgrade_done(upgraded);
+    }
+    if ctx.h1.take_body_error() && resp.extensions().get::<LocalBody>().is_some() {
+        // The request body's framing broke while it was forwarded (a bad
+        // chunk): the client's error, answered as Envoy answers it.
+        ctx.stats.downstream_cx_protocol_error.inc();
+        close = true;
+        resp = local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: Some("Bad Request".into()),
+        });
+    }
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
@@ -393,7 +594,9 @@ async fn handle(
     }
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
     *resp.version_mut() = version;
-    if version != Version::HTTP_2 && ctx.closing.load(std::sync::atomic::Ordering::Acquire) {
+    if version != Version::HTTP_2
+        && (close || ctx.closing.load(std::sync::atomic::Ordering::Acquire))
+    {
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -414,7 +617,7 @@ async fn handle(
             route.chain = %ctx.chain.name,
         );
     }
-    resp.map(|b| crate::metrics::Metered::new(b, metered))
+    Ok(resp.map(|b| lifetime::Tracked::new(crate::metrics::Metered::new(b, metered), stream)))
 }
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
@@ -951,6 +1154,15 @@ async fn forward(
 
     // Retries and mirrors need the body again: keep a bounded copy.
     let stream_start = tokio::time::Instant::now();
+    // A route without an idle timeout of its own takes the connection
+    // manager's `stream_idle_timeout`; zero disables it.
+    let idle_timeout = &match idle_timeout {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(*d),
+        None => hcm.stream_idle_timeout,
+    };
+    // Likewise `max_stream_duration`.
+    let max_stream_duration = &max_stream_duration.or(hcm.protocol.max_stream_duration);
     let timed = timeout.is_some() || idle_timeout.is_some() || max_stream_duration.is_some();
     let end = timed.then(|| Arc::new(Notify::new()));
     let policy = overrides.retry.as_ref().or(retry_policy.as_deref());
@@ -1170,8 +1382,13 @@ async fn forward(
                 }
                 None => ("UF", "upstream connect error".to_string()),
             };
+            // A response that could not be taken is a bad gateway, as Envoy.
+            let status = match &e {
+                Some(UpstreamError::Protocol(_)) => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
             let r = LocalReply {
-                status: StatusCode::SERVICE_UNAVAILABLE,
+                status,
                 body: Some(body),
             };
             let mut resp = local_reply(r);
@@ -1462,6 +1679,7 @@ mod tests {
             client_trust: Default::default(),
             suppress_envoy_headers: false,
             path_normalization: Default::default(),
+            protocol: Default::default(),
         }
     }
 
