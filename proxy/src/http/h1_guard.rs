@@ -54,6 +54,14 @@ use ferry_model::http_protocol::{DownstreamProtocol, KNOWN_METHODS};
 /// which `handle` answers with the refusal its verdict carries.
 const PLACEHOLDER: &[u8] = b"GET / HTTP/1.1\r\nhost: refused.invalid\r\n\r\n";
 
+/// The bytes Envoy's known methods start with.
+const METHOD_FIRST_BYTES: &[u8] = b"ABCDGHLMNOPRSTU";
+
+/// An RFC 9110 token character (methods, header names).
+fn is_token(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// Chunk extension bytes hyper accepts on one chunk-size line.
 const CHUNK_EXTENSIONS_LIMIT: u64 = 16 * 1024;
 
@@ -375,6 +383,21 @@ impl Framer {
                     out,
                     verdicts,
                 );
+                return i + 1;
+            }
+            // What can never become a valid head is refused as it arrives
+            // (as Envoy's parser does), not when a head that may never end
+            // is complete: a control character anywhere, a first byte no
+            // method starts with.
+            let control = (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f;
+            let first = self.head.len() == 1
+                && !(if self.limits.allow_custom_methods {
+                    is_token(b)
+                } else {
+                    METHOD_FIRST_BYTES.contains(&b)
+                });
+            if control || first {
+                self.refuse(Refusal::bad_request("invalid request head"), out, verdicts);
                 return i + 1;
             }
             match b {
@@ -960,6 +983,10 @@ mod tests {
             (b"GET / HTTP/1.0\r\n\r\n", 426),
             (b"POST / HTTP/1.0\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
             (b"GET / HTTP/1.2\r\nHost: h\r\n\r\n", 400),
+            // Refused before the head is complete.
+            (b"\x16\x03\x01\x00", 400),
+            (b"GET /a\x00", 400),
+            (b"ZZZ", 400),
         ];
         for (input, want) in cases {
             assert_eq!(

@@ -208,32 +208,38 @@ where
         }
         let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
-        // Once draining: when the connection is closed whatever remains.
-        let mut close_at = None;
+        // When the drain started: GOAWAY was sent, the open streams finish.
+        let mut drained_at = None;
         loop {
             tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = drain.signaled(), if close_at.is_none() => {
-                    close_at = Some(tokio::time::Instant::now() + deadline);
-                }
-                _ = sleep_until(max_age), if close_at.is_none() => {
+                _ = drain.signaled(), if drained_at.is_none() => {}
+                _ = sleep_until(max_age), if drained_at.is_none() => {
                     ctx.stats.downstream_cx_max_duration_reached.inc();
-                    close_at = Some(tokio::time::Instant::now() + deadline);
                 }
-                _ = ctx.life.drain_asked(), if close_at.is_none() => {
-                    close_at = Some(tokio::time::Instant::now() + deadline);
-                }
-                _ = ctx.life.idle_for(idle), if close_at.is_none() => {
+                _ = ctx.life.drain_asked(), if drained_at.is_none() => {}
+                _ = ctx.life.idle_for(idle), if drained_at.is_none() => {
                     ctx.stats.downstream_cx_idle_timeout.inc();
-                    close_at = Some(tokio::time::Instant::now() + p.drain_timeout);
                 }
-                _ = sleep_until(close_at), if close_at.is_some() => {
+                // As Envoy: closed `drain_timeout` after the GOAWAY once no
+                // stream is left (the client need not acknowledge anything),
+                // and in any case at the process's drain deadline.
+                _ = async {
+                    sleep_until(drained_at.map(|t: tokio::time::Instant| t + p.drain_timeout)).await;
+                    ctx.life.idle_for(Some(Duration::ZERO)).await;
+                }, if drained_at.is_some() => {
+                    ctx.stats.downstream_cx_drain_close.inc();
+                    return;
+                }
+                _ = sleep_until(drained_at.map(|t| t + deadline)), if drained_at.is_some() => {
                     ctx.stats.downstream_cx_drain_close.inc();
                     return;
                 }
             }
-            // GOAWAY: no new streams; the open ones finish.
-            conn.as_mut().graceful_shutdown();
+            if drained_at.is_none() {
+                drained_at = Some(tokio::time::Instant::now());
+                conn.as_mut().graceful_shutdown();
+            }
         }
     }
     ctx.stats.downstream_cx_http1_total.inc();
