@@ -97,15 +97,24 @@ pub struct Http1Options {
     pub allow_custom_methods: bool,
 }
 
+/// The HTTP/2 flow-control windows Ferry advertises when none is configured.
+pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
+
 /// `http2_protocol_options` (`core.v3.Http2ProtocolOptions`), with Envoy's
-/// defaults.
+/// defaults but for the flow-control windows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Http2Options {
     /// `max_concurrent_streams` (Envoy default 1024).
     pub max_concurrent_streams: u32,
-    /// `initial_stream_window_size` (Envoy default 16 MiB).
+    /// `initial_stream_window_size`. Unset: 1 MiB, not Envoy's 16 MiB.
+    /// Envoy advertises large windows but stops reading a connection whose
+    /// buffers pass its 1 MiB buffer limit; the h2 codec instead buffers
+    /// whatever the windows allow, so Ferry advertises only what it is
+    /// willing to hold for a client that sends faster than the upstream
+    /// reads.
     pub initial_stream_window_size: u32,
-    /// `initial_connection_window_size` (Envoy default 24 MiB).
+    /// `initial_connection_window_size`. Unset: 1 MiB (Envoy's 24 MiB: see
+    /// above); it bounds what one connection can make Ferry buffer.
     pub initial_connection_window_size: u32,
     /// `hpack_table_size` (default 4096).
     pub hpack_table_size: u32,
@@ -133,8 +142,8 @@ impl Default for Http2Options {
     fn default() -> Self {
         Self {
             max_concurrent_streams: 1024,
-            initial_stream_window_size: 16 * 1024 * 1024,
-            initial_connection_window_size: 24 * 1024 * 1024,
+            initial_stream_window_size: DEFAULT_WINDOW,
+            initial_connection_window_size: DEFAULT_WINDOW,
             hpack_table_size: 4096,
             max_consecutive_empty_frames: 1,
             max_priority_frames_per_stream: 100,

@@ -771,7 +771,7 @@ fn numbered(n: usize) -> Vec<(String, String)> {
 fn oversized_and_numerous_headers() -> Result<()> {
     let _lock = RunLock::shared();
     let b = Backends::start()?;
-    let observed = differential(&b, |_, ports| {
+    let observed = differential(&b, |p, ports| {
         let kib = |n: usize| "a".repeat(n * 1024);
         let cases: Vec<(&str, u16, Vec<u8>)> = vec![
             (
@@ -849,11 +849,20 @@ fn oversized_and_numerous_headers() -> Result<()> {
             good(port).with_context(|| format!("after {case}"))?;
             seen.push((case, s));
         }
-        Ok(seen)
+        let counters = [
+            "http1.requests_rejected_with_underscores_in_headers",
+            "http1.dropped_headers_with_underscores",
+        ]
+        .iter()
+        .map(|n| p.stat(n))
+        .collect::<Result<Vec<_>>>()?;
+        Ok((seen, counters))
     })?;
-    let Some((ferry, envoy)) = observed else {
+    let Some(((ferry, ferry_counters), (envoy, envoy_counters))) = observed else {
         return skipped();
     };
+    assert_eq!(ferry_counters, vec![1, 1], "ferry's underscore counters");
+    assert_eq!(envoy_counters, vec![1, 1], "envoy's underscore counters");
     for ((case, f), (_, e)) in ferry.iter().zip(&envoy) {
         eprintln!("{case:32} ferry {:?} envoy {:?}", f.status, e.status);
         at_least_as_strict(case, f, e)?;

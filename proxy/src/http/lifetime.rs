@@ -100,6 +100,11 @@ impl StreamGuard {
     fn complete(&mut self) {
         self.completed = true;
     }
+
+    /// The stream ends at the server's word (a refusal), not the client's.
+    pub fn end(mut self) {
+        self.complete();
+    }
 }
 
 impl Drop for StreamGuard {

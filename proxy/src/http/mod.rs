@@ -433,7 +433,10 @@ async fn handle(
             }
             None
         }
-        Err(edge::Refused::Reset) => return Err(edge::StreamReset),
+        Err(edge::Refused::Reset) => {
+            stream.end();
+            return Err(edge::StreamReset);
+        }
         Err(edge::Refused::Reply { status, body }) => Some((status, body)),
     };
     if let Some(max) = hcm_of(&chain).and_then(|h| h.protocol.max_requests_per_connection)
