@@ -433,6 +433,7 @@ mod tests {
             client_trust: Default::default(),
             suppress_envoy_headers: false,
             path_normalization: Default::default(),
+            protocol: Default::default(),
         })
     }
 
