@@ -67,6 +67,10 @@ struct Ports {
     strict: u16,
     /// The options that loosen Envoy's defaults.
     lenient: u16,
+    /// Short connection and stream timers.
+    timers: u16,
+    /// A short `max_connection_duration`.
+    aging: u16,
 }
 
 /// The backends every proxy run shares.
@@ -153,6 +157,15 @@ fn bootstrap(p: &Ports, b: &Backends) -> String {
             "allow_custom_methods": true,
         },
     });
+    let timers = json!({
+        "stream_idle_timeout": "1s",
+        "drain_timeout": "0.2s",
+        "common_http_protocol_options": {"idle_timeout": "1s", "max_requests_per_connection": 3},
+    });
+    let aging = json!({
+        "drain_timeout": "0.2s",
+        "common_http_protocol_options": {"max_connection_duration": "1s"},
+    });
     Bootstrap::new()
         .listener(listener(
             "edge",
@@ -168,6 +181,16 @@ fn bootstrap(p: &Ports, b: &Backends) -> String {
             "lenient",
             p.lenient,
             vec![json!({"filters": [hcm("lenient", lenient)]})],
+        ))
+        .listener(listener(
+            "timers",
+            p.timers,
+            vec![json!({"filters": [hcm("timers", timers)]})],
+        ))
+        .listener(listener(
+            "aging",
+            p.aging,
+            vec![json!({"filters": [hcm("aging", aging)]})],
         ))
         .cluster(static_cluster("echo", &[b.echo.port], Upstream::Http1))
         .cluster(static_cluster("bad", &[b.bad.port], Upstream::Http1))
@@ -187,6 +210,8 @@ fn differential<T>(
         edge: free_port(),
         strict: free_port(),
         lenient: free_port(),
+        timers: free_port(),
+        aging: free_port(),
     };
     let p = ports();
     let ferry = Proxy::Ferry(Ferry::start(&bootstrap(&p, b))?);
@@ -195,7 +220,7 @@ fn differential<T>(
     let p = ports();
     let config: Value = serde_json::from_str(&bootstrap(&p, b))?;
     let envoy = Proxy::Envoy(Envoy::start(&bin, &config, p.edge)?);
-    for port in [p.strict, p.lenient] {
+    for port in [p.strict, p.lenient, p.timers, p.aging] {
         wait_accepting(port)?;
     }
     let e = observe(&envoy, &p).with_context(|| format!("through envoy; log:\n{}", envoy.log()))?;
@@ -1449,4 +1474,158 @@ fn backends_with_bad_framing_or_resets() -> Result<()> {
         );
     }
     Ok(())
+}
+
+// ------------------------------------------------------------------------------ lifetimes
+
+/// Reads until the proxy ends the connection; `false` if it was still open when the read
+/// timeout passed.
+fn ends(mut s: TcpStream) -> Result<bool> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset) => return Ok(true),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// What the connection and stream timers did.
+#[derive(Debug, PartialEq, Eq)]
+struct Lifetimes {
+    /// `Connection: close` on the responses of one keep-alive connection
+    /// (`max_requests_per_connection` 3).
+    max_requests: Vec<bool>,
+    /// An HTTP/2 connection past `max_requests_per_connection` gets GOAWAY.
+    max_requests_h2_goaway: bool,
+    /// An idle HTTP/1 connection is ended (`idle_timeout`).
+    idle_h1_closed: bool,
+    /// An idle HTTP/2 connection gets GOAWAY.
+    idle_h2_goaway: bool,
+    /// A body that stops: `stream_idle_timeout`.
+    stalled_body: Option<u16>,
+    stalled_body_text: String,
+    /// A connection kept busy past `max_connection_duration` is told to close.
+    aged_out: bool,
+    /// The counters of each.
+    counters: Vec<u64>,
+}
+
+#[test]
+fn connection_lifetimes_as_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let b = Backends::start()?;
+    let observed = differential(&b, |p, ports| {
+        let one = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut max_requests = Vec::new();
+        let mut s = connect(ports.timers)?;
+        for _ in 0..3 {
+            s.write_all(one)?;
+            let seen = read_response(s.try_clone()?)?;
+            if seen.status != Some(200) {
+                bail!("max_requests_per_connection: {seen:?}");
+            }
+            max_requests.push(seen.closes);
+            if seen.closes {
+                break;
+            }
+        }
+        let get = request_block(&[]);
+        let mut three = Vec::new();
+        for id in [1u32, 3, 5, 7] {
+            three.extend(frame(0x1, END_STREAM | END_HEADERS, id, &get));
+        }
+        let h2 = h2_drain(ports.timers, three)?;
+        // Idle: one request, then nothing.
+        let mut s = connect(ports.timers)?;
+        s.write_all(one)?;
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first)?;
+        let idle_h1_closed = ends(s)?;
+        let idle_h2 = h2_drain(ports.timers, Vec::new())?;
+        let stalled = {
+            let mut s = connect(ports.timers)?;
+            s.write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")?;
+            read_response(s)?
+        };
+        // Busy past max_connection_duration (1 s): a response says close.
+        let mut aged_out = false;
+        let mut s = connect(ports.aging)?;
+        for _ in 0..100 {
+            if s.write_all(one).is_err() {
+                aged_out = true;
+                break;
+            }
+            let seen = read_response(s.try_clone()?)?;
+            if seen.closes {
+                aged_out = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        good(ports.edge)?;
+        let counters = [
+            "http.timers.downstream_cx_max_requests_reached",
+            "http.timers.downstream_cx_idle_timeout",
+            "http.timers.downstream_rq_idle_timeout",
+            "http.aging.downstream_cx_max_duration_reached",
+        ]
+        .iter()
+        .map(|n| p.stat(n).map(|v| v.min(1)))
+        .collect::<Result<Vec<_>>>()?;
+        Ok(Lifetimes {
+            max_requests,
+            max_requests_h2_goaway: h2,
+            idle_h1_closed,
+            idle_h2_goaway: idle_h2,
+            stalled_body: stalled.status,
+            stalled_body_text: String::from_utf8_lossy(&stalled.body).into_owned(),
+            aged_out,
+            counters,
+        })
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return skipped();
+    };
+    eprintln!("ferry {ferry:?}\nenvoy {envoy:?}");
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry.max_requests, vec![false, false, true]);
+    assert!(ferry.idle_h1_closed && ferry.idle_h2_goaway && ferry.aged_out);
+    assert_eq!(ferry.stalled_body, Some(408));
+    assert_eq!(ferry.counters, vec![1, 1, 1, 1]);
+    Ok(())
+}
+
+/// Opens an HTTP/2 connection, sends `frames` and reads until a GOAWAY (`true`) or the end
+/// of the connection or the read timeout (`false`).
+fn h2_drain(port: u16, frames: Vec<u8>) -> Result<bool> {
+    let mut s = connect(port)?;
+    let mut all = PREFACE.to_vec();
+    all.extend(frame(0x4, 0, 0, &[]));
+    all.extend(frames);
+    s.write_all(&all)?;
+    let mut w = Wire {
+        s,
+        buf: Vec::new(),
+        eof: false,
+    };
+    loop {
+        let head = match w.take(9) {
+            Ok(h) => h,
+            Err(_) => return Ok(false),
+        };
+        if head.len() < 9 {
+            return Ok(false);
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        if head[3] == 0x7 {
+            return Ok(true);
+        }
+        w.take(len)?;
+    }
 }

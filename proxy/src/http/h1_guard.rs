@@ -583,6 +583,9 @@ fn target_valid(t: &[u8], connect: bool) -> bool {
     host.iter().all(host_char) && !host.windows(2).any(|w| w == b"@@") && path.iter().all(path_char)
 }
 
+/// Header slots parsed without allocating.
+const STACK_HEADERS: usize = 128;
+
 /// A `Content-Length` value Envoy takes: digits only, fitting in a u64.
 fn parse_length(v: &[u8]) -> Option<u64> {
     let v = v.trim_ascii();
@@ -596,8 +599,16 @@ fn parse_length(v: &[u8]) -> Option<u64> {
 /// framing, whether the request asks for an upgrade, and the offsets of
 /// `Content-Length` lines to drop (`allow_chunked_length`).
 fn check_head(head: &[u8], limits: &Limits) -> Result<(Phase, bool, Option<Vec<usize>>), Refusal> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut slots);
+    // Envoy's default count fits on the stack; larger limits take the heap.
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
+        &mut stack[..limits.max_headers]
+    } else {
+        heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+        &mut heap
+    };
+    let mut req = httparse::Request::new(slots);
     match req.parse(head) {
         Ok(httparse::Status::Complete(n)) if n == head.len() => {}
         Err(httparse::Error::TooManyHeaders) => {
