@@ -493,8 +493,8 @@ async fn handle(
         }
         (None, Normalized::Answered(resp)) => (None, (resp, "", None)),
         (None, Normalized::Path(original)) => {
-            let timeouts = hcm_of(&chain)
-                .map_or((None, None), |h| (h.request_timeout, h.stream_idle_timeout));
+            let timeouts =
+                hcm_of(&chain).map_or((None, None), |h| (h.request_timeout, h.stream_idle_timeout));
             let progress = stream_timers::RequestProgress::new();
             if http_body::Body::is_end_stream(req.body()) {
                 progress.ended();
