@@ -19,9 +19,21 @@ use ferry_pilot::pilot::Pilot;
 use ferry_pilot::xds::{CLUSTER, Cache, ENDPOINT, LISTENER, ROUTE, Server, SyncState};
 use serde_json::json;
 
-fn bookinfo() -> Option<PathBuf> {
+/// The project's own bookinfo (`samples/bookinfo`, laid out as Istio's sample).
+fn bookinfo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/bookinfo")
+}
+
+/// Istio's samples beside the repository; the tests using them are ignored when absent (see
+/// build.rs) and fail under `CI=true`.
+fn istio_samples() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples/bookinfo");
-    p.is_dir().then_some(p)
+    assert!(
+        p.is_dir(),
+        "{} is missing (Istio's material, ../shared beside the repository)",
+        p.display()
+    );
+    p
 }
 
 /// A directory with the bookinfo app, its destination rules and `vs`.
@@ -99,10 +111,7 @@ async fn all_acked(server: &Server, envoy: &Envoy, node: &str) {
 
 #[tokio::test]
 async fn envoy_acks_every_bookinfo_virtual_service() {
-    let Some(bookinfo) = bookinfo() else {
-        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
-        return;
-    };
+    let bookinfo = bookinfo();
     let Some(bin) = envoy_binary() else { return };
     let mut files: Vec<String> = std::fs::read_dir(bookinfo.join("networking"))
         .expect("networking dir")
@@ -110,7 +119,7 @@ async fn envoy_acks_every_bookinfo_virtual_service() {
         .filter(|f| f.starts_with("virtual-service-") && f.ends_with(".yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 10, "{files:?}");
+    assert!(files.len() >= 6, "{files:?}");
     for (i, vs) in files.iter().enumerate() {
         let dir = config_dir(&bookinfo, &format!("networking/{vs}"), &i.to_string());
         let (server, xds, _pilot) = start_pilot(&dir).await;
@@ -129,10 +138,7 @@ async fn envoy_acks_every_bookinfo_virtual_service() {
 
 #[tokio::test]
 async fn invalid_change_is_refused_and_the_last_good_set_serves() {
-    let Some(bookinfo) = bookinfo() else {
-        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
-        return;
-    };
+    let bookinfo = bookinfo();
     let Some(bin) = envoy_binary() else { return };
     let dir = config_dir(
         &bookinfo,
@@ -233,10 +239,7 @@ async fn envoy_acks_gateway_listeners_of_every_server_kind() {
 
 #[tokio::test]
 async fn envoy_acks_the_bookinfo_gateway() {
-    let Some(bookinfo) = bookinfo() else {
-        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
-        return;
-    };
+    let bookinfo = bookinfo();
     let Some(bin) = envoy_binary() else { return };
     let dir = config_dir(&bookinfo, "networking/bookinfo-gateway.yaml", "gateway");
     let (server, xds, _pilot) = start_pilot(&dir).await;
@@ -503,11 +506,12 @@ status: {podIP: 10.1.7.20}
 "#;
 
 #[tokio::test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 async fn envoy_acks_the_istio_io_authorization_tasks() {
-    let Some(bookinfo) = bookinfo() else {
-        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
-        return;
-    };
+    let bookinfo = istio_samples();
     let Some(bin) = envoy_binary() else { return };
     let tasks = bookinfo.join("../istio.io-tasks/security");
     let foo_node = |pod: &str, app: &str, ip: &str| {
@@ -731,10 +735,7 @@ spec:
 /// on sidecars and gateways.
 #[tokio::test]
 async fn envoy_acks_mesh_access_logs() {
-    let Some(bookinfo) = bookinfo() else {
-        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
-        return;
-    };
+    let bookinfo = bookinfo();
     let Some(bin) = envoy_binary() else { return };
     for (i, json) in [false, true].into_iter().enumerate() {
         let dir = config_dir(
@@ -779,10 +780,7 @@ async fn envoy_acks_mesh_access_logs() {
 /// tags and the UUID request id extension in place.
 #[tokio::test]
 async fn envoy_acks_telemetry_tracing_and_access_logs() {
-    let Some(bookinfo) = bookinfo() else {
-        eprintln!("../shared/istio-samples/bookinfo not present; skipped");
-        return;
-    };
+    let bookinfo = bookinfo();
     let Some(bin) = envoy_binary() else { return };
     let dir = config_dir(
         &bookinfo,

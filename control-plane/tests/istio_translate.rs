@@ -397,9 +397,9 @@ fn round_trip(cfg: &ProxyConfig) -> anyhow::Result<()> {
 
 // ------------------------------------------------------------------ bookinfo
 
+/// The project's own bookinfo (`samples/bookinfo`, laid out as Istio's sample).
 fn bookinfo() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples/bookinfo");
-    dir.is_dir().then_some(dir)
+    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/bookinfo"))
 }
 
 fn bookinfo_config(vs_file: Option<&str>) -> anyhow::Result<Option<ProxyConfig>> {
@@ -601,5 +601,84 @@ fn every_bookinfo_virtual_service_translates_to_valid_envoy() -> anyhow::Result<
             bookinfo_config(Some(&name))?;
         }
     }
+    Ok(())
+}
+
+/// DestinationRule SIMPLE origination as istiod builds it: the server's
+/// certificate always verified (the given CA, else the system's bundle,
+/// never an unverified context), and without an `sni` the request's host
+/// sent and, without `subjectAltNames`, required as the server's name
+/// (`auto_sni`, `auto_san_validation`).
+#[test]
+fn simple_tls_origination_verifies_the_server_as_istiod_does() -> anyhow::Result<()> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        UpstreamTlsContext, common_tls_context::ValidationContextType,
+    };
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let dir = std::env::temp_dir().join(format!("ferry-dr-simple-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let rules = [
+        ("plain", "{mode: SIMPLE}"),
+        ("sni", "{mode: SIMPLE, sni: api.example.com}"),
+        (
+            "sans",
+            "{mode: SIMPLE, subjectAltNames: [api.example.com], caCertificates: /etc/ca.pem}",
+        ),
+    ];
+    for (name, tls) in rules {
+        let host = format!("{name}.example.com");
+        std::fs::write(
+            dir.join(format!("{name}.yaml")),
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{hosts: [{host}], location: MESH_EXTERNAL, resolution: DNS, ports: [{{number: 443, name: https, protocol: HTTP}}]}}\n---\n\
+                 apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: shop}}\n\
+                 spec: {{host: {host}, trafficPolicy: {{tls: {tls}}}}}\n"
+            ),
+        )?;
+    }
+    let snap = load_dir(&dir)?;
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let cfg = Mesh::new(&snap, MeshOptions::default()).proxy_config(&proxy("shop", &[]));
+    for (name, _) in rules {
+        let c = cluster(&cfg, &format!("outbound|443||{name}.example.com"));
+        let ts = c.transport_socket.as_ref().expect("TLS");
+        let Some(
+            envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                any,
+            ),
+        ) = &ts.config_type
+        else {
+            panic!("typed config")
+        };
+        let ctx = UpstreamTlsContext::decode(any.value.as_slice())?;
+        assert!(
+            !ctx.auto_host_sni,
+            "{name}: istiod never sets auto_host_sni"
+        );
+        let common = ctx.common_tls_context.expect("common");
+        let Some(ValidationContextType::ValidationContext(vc)) = common.validation_context_type
+        else {
+            panic!("{name}: an inline validation context")
+        };
+        assert!(
+            vc.trusted_ca.is_some() && vc.system_root_certs.is_none(),
+            "{name}: the server is verified against a CA file: {vc:?}"
+        );
+        let options = c
+            .typed_extension_protocol_options
+            .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+            .map(|a| HttpProtocolOptions::decode(a.value.as_slice()))
+            .transpose()?
+            .and_then(|o| o.upstream_http_protocol_options)
+            .map(|u| (u.auto_sni, u.auto_san_validation));
+        let want = match name {
+            "plain" => Some((true, true)),
+            "sni" => None,
+            _ => Some((true, false)),
+        };
+        assert_eq!(options, want, "{name}: auto_sni, auto_san_validation");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

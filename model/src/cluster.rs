@@ -35,6 +35,30 @@ pub struct Cluster {
     /// metadata: Istio's metrics name it as the destination service where
     /// the cluster name does not (inbound clusters).
     pub istio_service: Option<String>,
+    /// `upstream_http_protocol_options`: the TLS SNI and/or the server
+    /// certificate's expected DNS name taken from each request's host.
+    pub auto_sni: AutoSni,
+}
+
+/// Envoy's `UpstreamHttpProtocolOptions`: names taken per request from the
+/// upstream request's host (or `header`), so connections are pooled per
+/// name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AutoSni {
+    /// `auto_sni`: the name is sent as SNI.
+    pub sni: bool,
+    /// `auto_san_validation`: the server's certificate must carry the name
+    /// as a DNS SAN (instead of the configured SAN matchers).
+    pub san_validation: bool,
+    /// `override_auto_sni_header` (lower case): where the name is read
+    /// instead of `:authority`.
+    pub header: Option<String>,
+}
+
+impl AutoSni {
+    pub fn enabled(&self) -> bool {
+        self.sni || self.san_validation
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -449,6 +449,8 @@ mod tests {
         let chain = |name: &str, m: FilterChainMatch| {
             Arc::new(FilterChain {
                 name: name.into(),
+                fingerprint: 0,
+                fingerprint_without_network_rbac: 0,
                 filter_chain_match: m,
                 tls: None,
                 rbac: Vec::new(),
@@ -465,6 +467,7 @@ mod tests {
         let l = Listener {
             name: "l".into(),
             fingerprint: 0,
+            settings_fingerprint: 0,
             address: "0.0.0.0:15006".parse().unwrap(),
             additional_addresses: Vec::new(),
             bind_to_port: true,
@@ -499,7 +502,6 @@ mod tests {
             ],
             default_chain: None,
             access_logs: Default::default(),
-            inbound: true,
         };
         let info = ConnectionInfo {
             destination: Some("10.0.0.1:8080".parse().unwrap()),

@@ -13,6 +13,7 @@ pub mod explain;
 pub mod fault;
 pub mod format;
 pub mod forwarded;
+pub mod http_protocol;
 pub mod jwt;
 pub mod listener;
 pub mod ratelimit;
@@ -32,6 +33,7 @@ pub use listener::{
     HttpConnectionManager, HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters,
     Reporter, RouteSource, TcpProxy,
 };
+pub use listener::{EscapedSlashesAction, PathNormalization};
 pub use route::{
     AppendAction, ClusterSpecifier, DomainMatcher, HeaderKey, HeaderMatcher, HeaderMutations,
     HeaderOp, HeaderToAdd, HostRewrite, PathMatch, Pseudo, QueryMatch, QueryParameterMatcher,

@@ -19,6 +19,11 @@ pub struct Listener {
     /// A hash of the listener's configuration: listeners whose fingerprint is
     /// unchanged by an update keep running untouched.
     pub fingerprint: u64,
+    /// A hash of everything but the filter chains (Envoy's
+    /// `filterChainOnlyChange` ignores `filter_chains` and
+    /// `default_filter_chain`): when only the chains changed, the listener
+    /// is updated in place and connections on unchanged chains are kept.
+    pub settings_fingerprint: u64,
     pub address: SocketAddr,
     /// More addresses served by the same listener (`additional_addresses`,
     /// e.g. `[::]:15001` beside `0.0.0.0:15001` in a dual-stack pod).
@@ -35,8 +40,6 @@ pub struct Listener {
     pub default_chain: Option<Arc<FilterChain>>,
     /// The listener's own access logs: connections no filter chain took.
     pub access_logs: Arc<crate::access_log::AccessLogs>,
-    /// `traffic_direction: INBOUND` (what `/drain_listeners?inboundonly` stops).
-    pub inbound: bool,
 }
 
 /// Which listener filters are configured (the ones Ferry implements natively).
@@ -73,6 +76,14 @@ pub struct FilterChainMatch {
 #[derive(Debug)]
 pub struct FilterChain {
     pub name: String,
+    /// A hash of the chain's whole message, match included: Envoy tells
+    /// chains apart by message, so a chain with the same fingerprint in a
+    /// new version of its listener is the same chain.
+    pub fingerprint: u64,
+    /// The same without its `envoy.filters.network.rbac` filters: two
+    /// chains that differ only in network RBAC have equal values, and an
+    /// update between them re-checks connections instead of draining them.
+    pub fingerprint_without_network_rbac: u64,
     pub filter_chain_match: FilterChainMatch,
     /// TLS termination (`DownstreamTlsContext`); `None`: plaintext.
     pub tls: Option<crate::tls::DownstreamTls>,
@@ -182,6 +193,7 @@ pub struct HttpConnectionManager {
     pub idle_timeout: Option<Duration>,
     /// Idle timeout of a single stream (Envoy default 5 min).
     pub stream_idle_timeout: Option<Duration>,
+    /// How long the whole request may take to arrive (Envoy default: none).
     pub request_timeout: Option<Duration>,
     pub use_remote_address: bool,
     /// What happens to `x-forwarded-client-cert` (Envoy's default: removed).
@@ -199,6 +211,40 @@ pub struct HttpConnectionManager {
     pub access_logs: Arc<crate::access_log::AccessLogs>,
     /// `tracing`: the spans of its requests.
     pub tracing: Option<Arc<crate::tracing::Tracing>>,
+    /// What is done to the request path before routing and the filters
+    /// (`normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`).
+    pub path_normalization: PathNormalization,
+    /// Limits and protocol options enforced on the downstream clients
+    /// (shared: every connection holds it).
+    pub protocol: Arc<crate::http_protocol::DownstreamProtocol>,
+}
+
+/// The connection manager's path normalization settings. The default is
+/// Envoy's when none of the fields is set: the path is left as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathNormalization {
+    /// `normalize_path`: RFC 3986 dot-segment removal, percent-decoding of
+    /// unreserved characters, backslashes read as slashes.
+    pub normalize_path: bool,
+    /// `merge_slashes`: adjacent slashes become one.
+    pub merge_slashes: bool,
+    /// `path_with_escaped_slashes_action`.
+    pub escaped_slashes: EscapedSlashesAction,
+}
+
+/// `path_with_escaped_slashes_action`: what a path with `%2F` or `%5C` (in
+/// either case) gets. `IMPLEMENTATION_SPECIFIC_DEFAULT` is `KeepUnchanged`,
+/// as Envoy resolves it without a runtime override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashesAction {
+    #[default]
+    KeepUnchanged,
+    /// Answered 400.
+    RejectRequest,
+    /// Answered 307 with the unescaped (and normalized) path as `Location`.
+    UnescapeAndRedirect,
+    /// Unescaped, then normalized and forwarded.
+    UnescapeAndForward,
 }
 
 /// `forward_client_cert_details`.
@@ -301,6 +347,15 @@ impl Listener {
     /// Every address the listener serves.
     pub fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         std::iter::once(self.address).chain(self.additional_addresses.iter().copied())
+    }
+
+    /// Whether a chain with this fingerprint is one of this listener's
+    /// (the default chain included).
+    pub fn has_chain(&self, fingerprint: u64) -> bool {
+        self.filter_chains
+            .iter()
+            .chain(&self.default_chain)
+            .any(|c| c.fingerprint == fingerprint)
     }
 
     /// Chooses the filter chain for a connection (Envoy's matching order).
@@ -510,6 +565,8 @@ mod tests {
     fn chain(name: &str, m: FilterChainMatch) -> Arc<FilterChain> {
         Arc::new(FilterChain {
             name: name.into(),
+            fingerprint: 0,
+            fingerprint_without_network_rbac: 0,
             filter_chain_match: m,
             tls: None,
             rbac: Vec::new(),
@@ -528,6 +585,7 @@ mod tests {
         Listener {
             name: "l".into(),
             fingerprint: 0,
+            settings_fingerprint: 0,
             address: "0.0.0.0:15001".parse().unwrap(),
             additional_addresses: vec![],
             bind_to_port: true,
@@ -541,7 +599,6 @@ mod tests {
             filter_chains: chains,
             default_chain: Some(chain("default", FilterChainMatch::default())),
             access_logs: Default::default(),
-            inbound: false,
         }
     }
 

@@ -492,7 +492,9 @@ pub enum RouteAction {
         /// The route's retry policy, or its virtual host's (a route's own
         /// policy replaces the virtual host's whole, as in Envoy).
         retry_policy: Option<std::sync::Arc<RetryPolicy>>,
-        /// Per-route stream idle timeout (`RouteAction.idle_timeout`).
+        /// Per-route stream idle timeout (`RouteAction.idle_timeout`):
+        /// `None` when unset (the connection manager's
+        /// `stream_idle_timeout` applies), `Some(ZERO)` when disabled.
         idle_timeout: Option<Duration>,
         /// `request_mirror_policies`: shadow copies to other clusters.
         mirrors: Vec<MirrorPolicy>,

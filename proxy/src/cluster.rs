@@ -65,6 +65,13 @@ pub enum UpstreamError {
     /// A circuit breaker is open (max requests, pending requests or connections).
     #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
     Overflow,
+    /// The response could not be parsed, or its framing is refused (both
+    /// lengths, another transfer coding): 502, and the connection is not
+    /// used again.
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+    )]
+    Protocol(String),
 }
 
 impl UpstreamError {
@@ -93,6 +100,7 @@ impl UpstreamError {
             | UpstreamError::Tls(_) => "UF",
             UpstreamError::Reset(_) => "UC",
             UpstreamError::Overflow => "UO",
+            UpstreamError::Protocol(_) => "UPE",
         }
     }
 }
@@ -678,6 +686,12 @@ pub struct EndpointPool {
     h2_streams: Arc<AtomicU32>,
     /// The endpoint's own counters.
     pub host_stats: Arc<HostStats>,
+    /// The cluster's `auto_sni` / `auto_san_validation` (TLS pools only).
+    auto_sni: Option<Arc<ferry_model::cluster::AutoSni>>,
+    /// Connections per request host name, when names come from requests
+    /// (each its own SNI, so its own connections, as Envoy pools by
+    /// transport socket options).
+    by_name: Mutex<HashMap<Arc<str>, Arc<EndpointPool>>>,
 }
 
 /// An HTTP/2 stream slot; its release wakes requests waiting for one.
@@ -702,6 +716,10 @@ impl Drop for InFlight<'_> {
 
 /// Bound on idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 256;
+
+/// Bound on the per-name pools of an endpoint (`auto_sni`) before unused
+/// ones are forgotten.
+const MAX_NAMED_POOLS: usize = 64;
 
 impl EndpointPool {
     fn new(address: SocketAddr, cluster: &ClusterRt) -> Self {
@@ -737,12 +755,104 @@ impl EndpointPool {
             ewma: PeakEwma::default(),
             h2_streams: Arc::default(),
             host_stats: Arc::default(),
+            auto_sni: cluster
+                .cfg
+                .auto_sni
+                .enabled()
+                .then(|| Arc::new(cluster.cfg.auto_sni.clone())),
+            by_name: Mutex::new(HashMap::new()),
         }
     }
 
     /// Requests in flight to this endpoint.
     pub fn active_requests(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// The pool of connections for `name`, the request's host: this
+    /// endpoint's settings with the name as SNI and/or as the DNS SAN the
+    /// server must present. Shares the endpoint's breakers and outlier
+    /// state; only the connections are its own.
+    fn for_name(&self, name: &str) -> Option<Arc<EndpointPool>> {
+        let auto = self.auto_sni.as_ref()?;
+        let tls = self.tls.as_ref()?;
+        let mut pools = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pools.get(name) {
+            return Some(p.clone());
+        }
+        if pools.len() >= MAX_NAMED_POOLS {
+            // Forget names whose connections are all gone.
+            pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty() || p.live_h2().is_some());
+        }
+        let mut named_tls = tls.clone();
+        if auto.sni {
+            named_tls.sni = Some(name.to_string());
+            named_tls.auto_host_sni = false;
+        }
+        if auto.san_validation {
+            named_tls.auto_sni_san_validation = true;
+            // The name validated is the SNI sent.
+            named_tls.sni = Some(name.to_string());
+            named_tls.auto_host_sni = false;
+        }
+        let pool = Arc::new(EndpointPool {
+            tls: Some(named_tls),
+            contexts: self.contexts.clone(),
+            client_configs: ClientCache::default(),
+            default_alpn: self.default_alpn,
+            address: self.address,
+            hostname: self.hostname.clone(),
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            bind_source: self.bind_source,
+            stats: self.stats.clone(),
+            idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            shared: self.shared.clone(),
+            outlier: self.outlier.clone(),
+            active: AtomicU64::new(0),
+            ewma: PeakEwma::default(),
+            h2_streams: Arc::default(),
+            auto_sni: None,
+            by_name: Mutex::new(HashMap::new()),
+            host_stats: self.host_stats.clone(),
+        });
+        pools.insert(Arc::from(name), pool.clone());
+        Some(pool)
+    }
+
+    /// The name a request brings for `auto_sni`: the override header, else
+    /// its authority, without the port.
+    fn request_name(&self, req: &Request<UpstreamBody>) -> Option<String> {
+        let auto = self.auto_sni.as_ref()?;
+        let raw = match &auto.header {
+            Some(h) => req.headers().get(h.as_str())?.to_str().ok()?.to_string(),
+            None => req
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                })?,
+        };
+        let host = match raw.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default().to_string(),
+            None => raw
+                .rsplit_once(':')
+                .map_or(raw.as_str(), |(h, p)| {
+                    if p.chars().all(|c| c.is_ascii_digit()) {
+                        h
+                    } else {
+                        raw.as_str()
+                    }
+                })
+                .to_string(),
+        };
+        (!host.is_empty()).then_some(host)
     }
 
     /// Whether outlier detection ejected this endpoint.
@@ -965,6 +1075,9 @@ impl EndpointPool {
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
+            return self.guarded(named.send_h1_inner(req)).await;
+        }
         self.guarded(self.send_h1_inner(req)).await
     }
 
@@ -983,6 +1096,12 @@ impl EndpointPool {
             let replay = if reused { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
+                    if let Err(why) = crate::http::h1_guard::response_framing(resp.headers()) {
+                        // Dropped unread, the response takes its connection
+                        // with it: it is never pooled again.
+                        tracing::debug!(upstream.host = %self.address, error = why, "upstream response framing refused");
+                        return Err(UpstreamError::Protocol(why.to_string()));
+                    }
                     self.release_when_idle(sender, used + 1, local);
                     return Ok(resp);
                 }
@@ -996,6 +1115,8 @@ impl EndpointPool {
                         // it: a clean close before any answer. A reset (RST) means the
                         // server reacted to what it read; that is the retry policy's call.
                         (true, None, Some(again)) if closed_cleanly_before_response(&e) => again,
+                        // An answer that could not be parsed: a bad gateway.
+                        _ if e.is_parse() => return Err(UpstreamError::Protocol(e.to_string())),
                         _ => return Err(UpstreamError::Reset(e)),
                     };
                     tracing::debug!(
@@ -1097,6 +1218,9 @@ impl EndpointPool {
         &self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
+            return self.guarded(named.send_h2_inner(req)).await;
+        }
         self.guarded(self.send_h2_inner(req)).await
     }
 
@@ -1199,6 +1323,7 @@ mod tests {
             tls: None,
             transport_socket_matches: vec![],
             istio_service: None,
+            auto_sni: Default::default(),
         })
     }
 

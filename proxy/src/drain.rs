@@ -1,9 +1,15 @@
-//! Drain: signals every listener generation and connection watches, and a
-//! count of live connections so shutdown can wait for in-flight work.
+//! Drain: signals the process and each connection watch, and a count of
+//! live connections so shutdown can wait for in-flight work.
 //!
-//! There are two levels: the process (SIGTERM, `/quitquitquit`) and a
-//! listener generation (a listener replaced or removed by a configuration
-//! update). A connection drains when either of its two signals fires.
+//! There are three levels: the process (SIGTERM, `/quitquitquit`), the
+//! inbound listeners (a sidecar's termination drains only those, as
+//! istio-agent's `drain_listeners?inboundonly`: the app may still call out
+//! while it shuts down), and a connection (its filter chain changed or
+//! removed by a configuration update, or its listener replaced). A
+//! connection drains when any signal above it or its own fires: HTTP
+//! finishes what is in flight and closes, TCP gets the drain deadline. A connection can also be told to close now
+//! (a network RBAC re-check denied it): HTTP still finishes the request
+//! in flight, TCP closes at once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,10 +17,16 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
+/// The states of a drain signal, in order: each only moves forward.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CLOSING: u8 = 2;
+
 #[derive(Clone)]
 pub struct Drain {
-    tx: Arc<watch::Sender<bool>>,
-    parent: Option<Arc<watch::Sender<bool>>>,
+    tx: Arc<watch::Sender<u8>>,
+    /// The signals above this one (the process's first).
+    parents: Vec<Arc<watch::Sender<u8>>>,
     live: Arc<(AtomicUsize, Notify)>,
 }
 
@@ -39,20 +51,22 @@ impl Default for Drain {
 
 impl Drain {
     pub fn new() -> Self {
-        let (tx, _) = watch::channel(false);
+        let (tx, _) = watch::channel(RUNNING);
         Self {
             tx: Arc::new(tx),
-            parent: None,
+            parents: Vec::new(),
             live: Arc::new((AtomicUsize::new(0), Notify::new())),
         }
     }
 
-    /// A listener generation's drain: fires on its own or with the process.
+    /// A drain below this one: fires on its own or with any above it.
     pub fn child(&self) -> Drain {
-        let (tx, _) = watch::channel(false);
+        let (tx, _) = watch::channel(RUNNING);
+        let mut parents = self.parents.clone();
+        parents.push(self.tx.clone());
         Drain {
             tx: Arc::new(tx),
-            parent: Some(self.parent.clone().unwrap_or_else(|| self.tx.clone())),
+            parents,
             live: self.live.clone(),
         }
     }
@@ -69,35 +83,61 @@ impl Drain {
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.tx.borrow() || self.parent.as_ref().is_some_and(|p| *p.borrow())
+        *self.tx.borrow() >= DRAINING || self.parents.iter().any(|p| *p.borrow() >= DRAINING)
     }
 
-    /// Resolves once draining has started.
+    /// Whether this connection was told to close now.
+    pub fn is_closing(&self) -> bool {
+        *self.tx.borrow() == CLOSING
+    }
+
+    /// Resolves once draining has started (here or above).
     pub async fn signaled(&self) {
-        let mut rx = self.tx.subscribe();
-        match &self.parent {
-            None => {
+        let wait = |tx: &Arc<watch::Sender<u8>>| {
+            let mut rx = tx.subscribe();
+            Box::pin(async move {
                 // An error means the sender is gone, which only happens at exit.
-                let _ = rx.wait_for(|d| *d).await;
-            }
-            Some(p) => {
-                let mut prx = p.subscribe();
-                tokio::select! {
-                    _ = rx.wait_for(|d| *d) => {}
-                    _ = prx.wait_for(|d| *d) => {}
-                }
-            }
+                let _ = rx.wait_for(|d| *d >= DRAINING).await;
+            })
+        };
+        let all: Vec<_> = std::iter::once(&self.tx)
+            .chain(&self.parents)
+            .map(wait)
+            .collect();
+        futures_util::future::select_all(all).await;
+    }
+
+    /// Resolves once the connection was told to close now; never otherwise.
+    pub async fn closing(&self) {
+        let mut rx = self.tx.subscribe();
+        if rx.wait_for(|d| *d == CLOSING).await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
     pub fn start(&self) {
-        self.tx.send_replace(true);
+        self.tx.send_if_modified(|s| {
+            let was = *s;
+            *s = was.max(DRAINING);
+            *s != was
+        });
+    }
+
+    /// Tells the connection to close now (it counts as draining too).
+    pub fn close(&self) {
+        self.tx.send_replace(CLOSING);
     }
 
     /// Starts draining and waits until every tracked connection is done, or
     /// the deadline passes. Returns the connections still open.
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.start();
+        self.wait_idle(deadline).await
+    }
+
+    /// Waits until every tracked connection is done, or the deadline
+    /// passes. Returns the connections still open.
+    pub async fn wait_idle(&self, deadline: Duration) -> usize {
         let wait = async {
             loop {
                 let notified = self.live.1.notified();
@@ -151,5 +191,51 @@ mod tests {
             .await
             .unwrap();
         assert!(new.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inbound_level_drains_its_connections_alone_or_with_the_process() {
+        let process = Drain::new();
+        let inbound = process.child();
+        let inbound_conn = inbound.child();
+        let outbound_conn = process.child();
+        inbound.start();
+        tokio::time::timeout(Duration::from_secs(1), inbound_conn.signaled())
+            .await
+            .unwrap();
+        assert!(inbound_conn.is_draining() && !outbound_conn.is_draining());
+        assert!(!process.is_draining());
+        let other = Drain::new();
+        let level = other.child();
+        let conn = level.child();
+        other.start();
+        tokio::time::timeout(Duration::from_secs(1), conn.signaled())
+            .await
+            .unwrap();
+        assert!(conn.is_draining() && level.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_told_to_close_is_draining_too() {
+        let process = Drain::new();
+        let conn = process.child();
+        assert!(!conn.is_closing());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), conn.closing())
+                .await
+                .is_err()
+        );
+        conn.close();
+        tokio::time::timeout(Duration::from_secs(1), conn.closing())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), conn.signaled())
+            .await
+            .unwrap();
+        assert!(conn.is_draining() && conn.is_closing());
+        // Draining later does not take the close back.
+        conn.start();
+        assert!(conn.is_closing());
+        assert!(!process.is_draining());
     }
 }

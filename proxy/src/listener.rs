@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use ferry_model::listener::ForwardClientCert;
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use crate::detect::{self, Detected, Outcome};
-use crate::drain::{ConnGuard, Drain};
+use crate::drain::ConnGuard;
+use crate::filter_chain_update::LiveConn;
 use crate::http::PeerTls;
 use crate::run::Runtime;
 
@@ -40,11 +40,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// One listener's live state: its current configuration and the drain of
-/// the generation of connections accepted under it.
+/// One bound listener's current configuration, read by its accept loops.
 pub struct ListenerSlot {
     config: ArcSwap<Listener>,
-    generation: ArcSwap<Drain>,
 }
 
 struct Active {
@@ -56,12 +54,12 @@ struct Active {
 
 impl Drop for Active {
     fn drop(&mut self) {
-        // Closing the sockets stops accepting; connections already accepted
-        // drain under their generation.
+        // Closing the sockets stops accepting; what becomes of the
+        // connections already accepted is the update's business
+        // (`filter_chain_update`).
         for t in &self.tasks {
             t.abort();
         }
-        self.slot.generation.load().start();
     }
 }
 
@@ -69,30 +67,15 @@ impl Drop for Active {
 #[derive(Default)]
 pub struct ListenerManager {
     active: HashMap<String, Active>,
-    /// Set by `/drain_listeners`: these listeners stay closed, also when a
-    /// later update brings them again (as Envoy's stopped listeners).
-    stopped: Option<StopListeners>,
-}
-
-/// Which listeners `/drain_listeners` stops (Envoy's `StopListenersType`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopListeners {
-    All,
-    /// Those whose `traffic_direction` is INBOUND (`?inboundonly`).
-    InboundOnly,
-}
-
-impl StopListeners {
-    fn covers(self, l: &Listener) -> bool {
-        self == StopListeners::All || l.inbound
-    }
 }
 
 impl ListenerManager {
-    /// Brings the bound listeners in line with `listeners`: unchanged ones
-    /// are not touched; a changed one keeps its sockets but accepts with the
-    /// new configuration while its earlier connections drain; removed ones
-    /// stop. Returns the listeners that could not be bound.
+    /// Brings the bound sockets in line with `listeners`: a listener keeps
+    /// its sockets while its addresses stay (new connections get its new
+    /// configuration), one moved to other addresses is bound again, removed
+    /// ones stop accepting. Returns the listeners that could not be bound.
+    /// The connections already open were measured against the new versions
+    /// before ([`crate::filter_chain_update`]).
     pub fn reconcile(
         &mut self,
         rt: &Arc<Runtime>,
@@ -101,7 +84,7 @@ impl ListenerManager {
         let mut errors = Vec::new();
         let wanted: HashMap<&str, &Arc<Listener>> = listeners
             .iter()
-            .filter(|l| l.bind_to_port && !self.stopped.is_some_and(|s| s.covers(l)))
+            .filter(|l| l.bind_to_port)
             .map(|l| (l.name.as_str(), l))
             .collect();
         self.active
@@ -111,10 +94,7 @@ impl ListenerManager {
             match self.active.get_mut(name) {
                 Some(a) if a.fingerprint == l.fingerprint => a.slot.config.store(l.clone()),
                 Some(a) if a.addresses == addresses => {
-                    tracing::info!(listener.name = %name, "listener changed; draining its connections");
                     a.slot.config.store(l.clone());
-                    let old = a.slot.generation.swap(Arc::new(rt.drain.child()));
-                    old.start();
                     a.fingerprint = l.fingerprint;
                 }
                 _ => {
@@ -132,34 +112,6 @@ impl ListenerManager {
         errors
     }
 
-    /// `/drain_listeners`: closes these listeners' sockets now; the
-    /// connections they accepted drain (HTTP/1 closes after the response
-    /// in flight, HTTP/2 gets GOAWAY).
-    pub fn stop(&mut self, which: StopListeners) {
-        self.stopped = Some(match self.stopped {
-            Some(StopListeners::All) => StopListeners::All,
-            _ => which,
-        });
-        self.active.retain(|name, a| {
-            let stop = which.covers(&a.slot.config.load());
-            if stop {
-                tracing::info!(listener.name = %name, "listener stopped by /drain_listeners");
-            }
-            !stop
-        });
-    }
-
-    /// The first part of `/drain_listeners?graceful`: the connections of
-    /// these listeners are asked to close while the listeners still accept
-    /// (new connections are asked too).
-    pub fn drain_connections(&self, which: StopListeners) {
-        for a in self.active.values() {
-            if which.covers(&a.slot.config.load()) {
-                a.slot.generation.load().start();
-            }
-        }
-    }
-
     fn start(
         rt: &Arc<Runtime>,
         l: &Arc<Listener>,
@@ -171,7 +123,6 @@ impl ListenerManager {
             .collect::<std::io::Result<Vec<_>>>()?;
         let slot = Arc::new(ListenerSlot {
             config: ArcSwap::new(l.clone()),
-            generation: ArcSwap::from_pointee(rt.drain.child()),
         });
         let tasks = sockets
             .into_iter()
@@ -191,7 +142,9 @@ impl ListenerManager {
 
 /// Accepts until the process drains or the listener is removed.
 async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener) {
-    let drained = rt.drain.clone();
+    // An inbound listener stops with the inbound drain (a sidecar's
+    // termination), any listener with the process's.
+    let drained = rt.drain_for(&slot.config.load().name).clone();
     let signaled = drained.signaled();
     tokio::pin!(signaled);
     let Ok(local) = tcp.local_addr() else { return };
@@ -205,8 +158,7 @@ async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener
                     accepted.inc();
                     let guard = rt.drain.track();
                     let listener = slot.config.load_full();
-                    let generation = slot.generation.load_full();
-                    tokio::spawn(handle(rt.clone(), listener, generation, stream, peer, guard));
+                    tokio::spawn(handle(rt.clone(), listener, stream, peer, guard));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -222,7 +174,6 @@ async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener
 async fn handle(
     rt: Arc<Runtime>,
     accepted_on: Arc<Listener>,
-    generation: Arc<Drain>,
     stream: TcpStream,
     peer: SocketAddr,
     _guard: ConnGuard,
@@ -268,7 +219,12 @@ async fn handle(
             .then_some(if detected.tls { "tls" } else { "raw_buffer" }),
         application_protocols: detected.application_protocols.clone(),
     };
-    let Some(chain) = listener.select_chain(&info).cloned() else {
+    // The connection joins the live ones with its chain: a later update
+    // of the listener measures it against the new chain versions.
+    let Some(registered) = rt
+        .conns
+        .register(&listener, info, rt.drain_for(&listener.name))
+    else {
         tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; closing");
         crate::access_log::connection::no_filter_chain(
             &rt,
@@ -282,6 +238,8 @@ async fn handle(
             .inc();
         return;
     };
+    let live = registered.live.clone();
+    let chain = live.chain();
     if chain.tls.is_some() {
         let tls = match crate::tls::accept(&rt.tls, &chain, stream).await {
             Ok(s) => {
@@ -305,26 +263,21 @@ async fn handle(
         tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let mtls = tls.get_ref().1.peer_certificates().is_some();
+        if let Some(certs) = tls.get_ref().1.peer_certificates() {
+            live.set_peer(certs);
+        }
         let server_name = detected
             .server_name
             .clone()
             .or_else(|| tls.get_ref().1.server_name().map(str::to_string))
             .unwrap_or_default();
-        // The certificate's names are read only for the filters that need
-        // them: x-forwarded-client-cert and RBAC principals.
-        let client_cert = match &chain.kind {
-            ChainKind::Http(h)
-                if matches!(
-                    h.forward_client_cert,
-                    ForwardClientCert::AppendForward | ForwardClientCert::SanitizeSet
-                ) || uses_rbac(&chain) =>
-            {
-                crate::tls::client_cert_info(&rt.tls, &chain, &tls)
-            }
-            ChainKind::Tcp(_) if uses_rbac(&chain) => {
-                crate::tls::client_cert_info(&rt.tls, &chain, &tls)
-            }
-            _ => None,
+        // The certificate's names are read for every mTLS connection: an
+        // update may give its chain RBAC on principals (or XFCC) later, and
+        // the re-check needs them then.
+        let client_cert = if mtls {
+            crate::tls::client_cert_info(&rt.tls, &chain, &tls)
+        } else {
+            None
         };
         let downstream = crate::rbac::Downstream {
             peer,
@@ -334,6 +287,10 @@ async fn handle(
                 client_cert: client_cert.clone(),
             }),
         };
+        // The chain may have moved on during the handshake (an update that
+        // changed only its network RBAC): its current RBAC applies.
+        let (rbac, chain) =
+            live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
         // Istio's metrics name the peer by its certificate.
         let identity = chain
             .istio_stats
@@ -349,7 +306,7 @@ async fn handle(
             ChainKind::Tcp(tp) => {
                 let stats = rt.tcp_stats(&tp.stat_prefix);
                 let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
-                let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
+                let io = crate::rbac::guard(tls, &rbac);
                 crate::tcp::proxy(
                     &rt,
                     tp,
@@ -357,7 +314,7 @@ async fn handle(
                     istio,
                     io,
                     dst,
-                    &generation,
+                    &live.drain,
                     peer,
                     &server_name,
                 )
@@ -374,25 +331,25 @@ async fn handle(
                         let Some((h2, io)) = crate::tls::sniff_h2(tls).await else {
                             return;
                         };
-                        let io = crate::rbac::guard(io, &chain.rbac, rt.clone(), &downstream);
+                        let io = crate::rbac::guard(io, &rbac);
                         let conn = Conn {
                             peer,
                             dst,
                             tls: Some(peer_tls),
                             server_name,
                         };
-                        serve_http(&rt, &chain, io, h2, conn, &generation).await;
+                        serve_http(&rt, &chain, io, h2, conn, &live).await;
                         return;
                     }
                 };
-                let io = crate::rbac::guard(tls, &chain.rbac, rt.clone(), &downstream);
+                let io = crate::rbac::guard(tls, &rbac);
                 let conn = Conn {
                     peer,
                     dst,
                     tls: Some(peer_tls),
                     server_name,
                 };
-                serve_http(&rt, &chain, io, http2, conn, &generation).await;
+                serve_http(&rt, &chain, io, http2, conn, &live).await;
             }
         }
         return;
@@ -404,11 +361,13 @@ async fn handle(
         server_name: server_name.clone(),
         tls: None,
     };
+    let (rbac, chain) =
+        live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
             let istio = tcp_metrics(&rt, &chain, tp, None);
-            let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
+            let io = crate::rbac::guard(stream, &rbac);
             crate::tcp::proxy(
                 &rt,
                 tp,
@@ -416,7 +375,7 @@ async fn handle(
                 istio,
                 io,
                 dst,
-                &generation,
+                &live.drain,
                 peer,
                 &server_name,
             )
@@ -427,22 +386,22 @@ async fn handle(
                 HttpCodec::Http1 => false,
                 HttpCodec::Http2 => true,
                 HttpCodec::Auto if needs.http => detected.http2(),
-                // Nobody looked yet: the HTTP/2 preface decides.
-                HttpCodec::Auto => {
-                    match peek_detect(&stream, false, true, Duration::from_secs(15)).await {
-                        Some(d) => d.http2(),
-                        None => return,
-                    }
-                }
+                // Nobody looked yet: the HTTP/2 preface decides, as soon as
+                // the first bytes match it or not (so the connection
+                // manager's timers see a slow request's first byte).
+                HttpCodec::Auto => match peek_h2_preface(&stream, Duration::from_secs(15)).await {
+                    Some(h2) => h2,
+                    None => return,
+                },
             };
-            let io = crate::rbac::guard(stream, &chain.rbac, rt.clone(), &downstream);
+            let io = crate::rbac::guard(stream, &rbac);
             let conn = Conn {
                 peer,
                 dst,
                 tls: None,
                 server_name,
             };
-            serve_http(&rt, &chain, io, http2, conn, &generation).await;
+            serve_http(&rt, &chain, io, http2, conn, &live).await;
         }
     }
 }
@@ -454,15 +413,6 @@ struct Conn {
     tls: Option<PeerTls>,
     /// SNI, "" without one.
     server_name: String,
-}
-
-/// Whether a chain runs RBAC (network or HTTP), which reads the client
-/// certificate's names.
-fn uses_rbac(chain: &ferry_model::FilterChain) -> bool {
-    !chain.rbac.is_empty()
-        || matches!(&chain.kind, ChainKind::Http(h) if h.http_filters.iter().any(|f| {
-            matches!(f.config, ferry_model::HttpFilterConfig::Rbac(_))
-        }))
 }
 
 /// Istio's metrics of a connection on `chain`, when it reports them.
@@ -510,7 +460,7 @@ async fn serve_http<S>(
     io: S,
     http2: bool,
     conn: Conn,
-    generation: &Drain,
+    live: &Arc<LiveConn>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -530,8 +480,35 @@ async fn serve_http<S>(
         ratelimit_buckets: Default::default(),
         server_name: conn.server_name,
         rbac_view: Default::default(),
+        live: live.clone(),
+        h1: Default::default(),
+        life: Default::default(),
     });
-    crate::http::serve(io, ctx, http2, generation).await;
+    crate::http::serve(io, ctx, http2, &live.drain).await;
+}
+
+/// Peeks until the first bytes are the HTTP/2 preface or cannot be; `None`:
+/// the connection failed. A client silent for `within` is served as
+/// HTTP/1 (whose timers then apply).
+async fn peek_h2_preface(stream: &TcpStream, within: Duration) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return Some(false),
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => n,
+        };
+        if let Some(h2) = detect::h2_preface(&buf[..n]) {
+            return Some(h2);
+        }
+        if n == seen {
+            // Nothing new yet; peek would return at once again.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen = n;
+    }
 }
 
 /// Peeks at the first bytes until the inspectors decide. Waits at most

@@ -6,16 +6,20 @@
 //! The network filter decides when the first bytes (or the end of the
 //! stream) arrive, as Envoy's does (`ONE_TIME_ON_FIRST_BYTE`; `CONTINUOUS`
 //! re-evaluates and counts on every read): a denied connection never has
-//! its bytes forwarded and is closed, after `delay_deny` if set. The
-//! decision itself cannot change during a connection (nothing it reads
-//! changes), so it is taken once up front and only applied, and counted,
-//! as data arrives.
+//! its bytes forwarded and is closed, after `delay_deny` if set. Nothing
+//! the decision reads changes during a connection, so it is taken up front
+//! and only applied, and counted, as data arrives; only a new version of
+//! the policies changes it: an update that alters nothing but a chain's
+//! network RBAC re-checks the chain's open connections
+//! ([`ConnRbac::recheck`]) and the listener closes those now denied.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use ferry_filters::http::rbac::{self as engine, Subject, TlsPeer, Verdict};
 use ferry_model::rbac::{DynamicMetadata, Enforcement, NetworkRbac, Rbac};
@@ -148,24 +152,42 @@ fn network_subject<'a>(
     }
 }
 
-/// The decisions of a chain's network RBAC filters for one connection.
+/// The decisions of a chain's network RBAC filters for one connection:
+/// each filter with its shadow and enforced verdicts.
 struct Decisions {
-    stats: Arc<dyn AsRef<Stats> + Send + Sync>,
     filters: Vec<(Arc<NetworkRbac>, Option<Verdict>, Option<Verdict>)>,
 }
 
 impl Decisions {
-    /// Counts the decisions as the filters run in order on arriving data;
+    fn evaluate(filters: &[Arc<NetworkRbac>], downstream: &Downstream) -> Self {
+        if filters.is_empty() {
+            return Self {
+                filters: Vec::new(),
+            };
+        }
+        let empty = HeaderMap::new();
+        let md = downstream.metadata();
+        let subject = network_subject(downstream, &empty, &md);
+        let eval = |r: &Option<Arc<Rbac>>| r.as_ref().map(|r| engine::evaluate(r, &subject));
+        Self {
+            filters: filters
+                .iter()
+                .map(|f| (f.clone(), eval(&f.shadow_rules), eval(&f.rules)))
+                .collect(),
+        }
+    }
+
+    /// Runs the filters in order on arriving data, counting when `count`:
     /// `Err` with the `delay_deny` of the first filter that denies. Shadow
     /// rules count only on the first data, enforced ones on every evaluation
     /// (each read under `CONTINUOUS`).
-    fn apply(&self, first: bool) -> Result<(), Option<std::time::Duration>> {
+    fn apply(&self, stats: &Stats, first: bool, count: bool) -> Result<(), Option<Duration>> {
         for (cfg, shadow, enforced) in &self.filters {
             if !first && cfg.enforcement != Enforcement::Continuous {
                 continue;
             }
             let counters = RbacCounters {
-                stats: self.stats.as_ref().as_ref(),
+                stats,
                 base: &cfg.stat_prefix,
                 rules_prefix: "",
                 shadow_prefix: &cfg.shadow_rules_stat_prefix,
@@ -173,11 +195,14 @@ impl Decisions {
             };
             if let Some(v) = shadow
                 && first
+                && count
             {
                 counters.shadow(v);
             }
             if let Some(v) = enforced {
-                counters.enforced(v);
+                if count {
+                    counters.enforced(v);
+                }
                 if !v.allowed {
                     return Err(cfg.delay_deny);
                 }
@@ -193,6 +218,91 @@ impl Decisions {
     }
 }
 
+/// The network RBAC of one connection: what the connection offers the
+/// policies and the decisions of its chain's filters, shared by the stream
+/// adaptor that applies them and the listener update that re-checks them
+/// against a new version of the chain.
+pub struct ConnRbac {
+    stats: Arc<dyn AsRef<Stats> + Send + Sync>,
+    downstream: Downstream,
+    state: Mutex<RbacState>,
+    /// Whether some filter re-evaluates on every read (`CONTINUOUS`).
+    continuous: AtomicBool,
+}
+
+struct RbacState {
+    decisions: Arc<Decisions>,
+    /// The first bytes arrived: the decisions were applied and counted.
+    started: bool,
+}
+
+/// The outcome of a re-check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recheck {
+    Allowed,
+    /// Denied; close after this `delay_deny`.
+    Denied(Option<Duration>),
+}
+
+impl ConnRbac {
+    /// Evaluates `filters` for `downstream` (nothing is counted until the
+    /// first bytes arrive).
+    pub fn new(
+        filters: &[Arc<NetworkRbac>],
+        stats: Arc<dyn AsRef<Stats> + Send + Sync>,
+        downstream: Downstream,
+    ) -> Arc<Self> {
+        let decisions = Decisions::evaluate(filters, &downstream);
+        Arc::new(Self {
+            stats,
+            continuous: AtomicBool::new(decisions.continuous()),
+            downstream,
+            state: Mutex::new(RbacState {
+                decisions: Arc::new(decisions),
+                started: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RbacState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the connection's decisions anew from `filters` (the RBAC of
+    /// the chain an update moved it to). Counted as an evaluation on
+    /// arriving data when the connection already passed its first bytes,
+    /// or when it is denied (it closes before any other count).
+    pub fn recheck(&self, filters: &[Arc<NetworkRbac>]) -> Recheck {
+        let decisions = Arc::new(Decisions::evaluate(filters, &self.downstream));
+        let mut st = self.lock();
+        let verdict = decisions.apply(self.stats.as_ref().as_ref(), true, false);
+        if st.started || verdict.is_err() {
+            let _ = decisions.apply(self.stats.as_ref().as_ref(), true, true);
+            st.started = true;
+        }
+        self.continuous
+            .store(decisions.continuous(), Ordering::Relaxed);
+        st.decisions = decisions;
+        match verdict {
+            Ok(()) => Recheck::Allowed,
+            Err(delay) => Recheck::Denied(delay),
+        }
+    }
+
+    /// Applies the decisions to arriving data (`first`: the first bytes).
+    fn on_data(&self, first: bool) -> Result<(), Option<Duration>> {
+        let (decisions, count) = {
+            let mut st = self.lock();
+            // The first bytes are counted once, even if a re-check
+            // counted them already.
+            let count = !first || !st.started;
+            st.started = true;
+            (st.decisions.clone(), count)
+        };
+        decisions.apply(self.stats.as_ref().as_ref(), first, count)
+    }
+}
+
 enum Gate {
     /// No byte seen yet.
     First,
@@ -204,39 +314,15 @@ enum Gate {
 /// A downstream stream behind the chain's network RBAC filters.
 pub struct Guarded<S> {
     inner: S,
-    decisions: Decisions,
+    rbac: Arc<ConnRbac>,
     gate: Gate,
 }
 
-/// Wraps `io` in the chain's network RBAC filters; without any, the gate
-/// starts open and nothing is evaluated.
-pub fn guard<S>(
-    io: S,
-    filters: &[Arc<NetworkRbac>],
-    stats: Arc<dyn AsRef<Stats> + Send + Sync>,
-    downstream: &Downstream,
-) -> Guarded<S> {
-    if filters.is_empty() {
-        return Guarded {
-            inner: io,
-            decisions: Decisions {
-                stats,
-                filters: Vec::new(),
-            },
-            gate: Gate::Allowed,
-        };
-    }
-    let empty = HeaderMap::new();
-    let md = downstream.metadata();
-    let subject = network_subject(downstream, &empty, &md);
-    let eval = |r: &Option<Arc<Rbac>>| r.as_ref().map(|r| engine::evaluate(r, &subject));
-    let filters = filters
-        .iter()
-        .map(|f| (f.clone(), eval(&f.shadow_rules), eval(&f.rules)))
-        .collect();
+/// Puts `io` behind the connection's network RBAC.
+pub fn guard<S>(io: S, rbac: &Arc<ConnRbac>) -> Guarded<S> {
     Guarded {
         inner: io,
-        decisions: Decisions { stats, filters },
+        rbac: rbac.clone(),
         gate: Gate::First,
     }
 }
@@ -267,10 +353,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                     // The end of the stream counts as arriving data: Envoy's
                     // filter also decides a connection closed without a byte.
                     let eof = !got && buf.remaining() > 0;
-                    if !(got || (eof && first)) || !(first || this.decisions.continuous()) {
+                    if !(got || (eof && first))
+                        || !(first || this.rbac.continuous.load(Ordering::Relaxed))
+                    {
                         return Poll::Ready(Ok(()));
                     }
-                    match this.decisions.apply(first) {
+                    match this.rbac.on_data(first) {
                         Ok(()) => {
                             this.gate = Gate::Allowed;
                             return Poll::Ready(Ok(()));
@@ -362,7 +450,8 @@ mod tests {
             9000,
             Some(std::time::Duration::from_secs(2)),
         )];
-        let mut guarded = guard(server, &filters, stats.clone(), &downstream());
+        let rbac = ConnRbac::new(&filters, stats.clone(), downstream());
+        let mut guarded = guard(server, &rbac);
         client.write_all(b"secret").await.unwrap();
         let start = tokio::time::Instant::now();
         let mut buf = [0u8; 16];
@@ -379,7 +468,8 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let (mut client, server) = tokio::io::duplex(64);
         let filters = [network(Action::Allow, 9000, None)];
-        let mut guarded = guard(server, &filters, stats.clone(), &downstream());
+        let rbac = ConnRbac::new(&filters, stats.clone(), downstream());
+        let mut guarded = guard(server, &rbac);
         let mut buf = [0u8; 16];
         client.write_all(b"one").await.unwrap();
         let n = guarded.read(&mut buf).await.unwrap();
@@ -390,9 +480,72 @@ mod tests {
         assert_eq!(stats.counter("tcp.rbac.allowed").get(), 1);
         // No filters: nothing is counted, bytes pass.
         let (mut client, server) = tokio::io::duplex(64);
-        let mut plain = guard(server, &[], stats.clone(), &downstream());
+        let rbac = ConnRbac::new(&[], stats.clone(), downstream());
+        let mut plain = guard(server, &rbac);
         client.write_all(b"x").await.unwrap();
         assert_eq!(plain.read(&mut buf).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_recheck_counts_like_new_data_and_closes_only_the_denied() {
+        let stats = Arc::new(Stats::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        let rbac = ConnRbac::new(
+            &[network(Action::Allow, 9000, None)],
+            stats.clone(),
+            downstream(),
+        );
+        let mut guarded = guard(server, &rbac);
+        let mut buf = [0u8; 16];
+        client.write_all(b"one").await.unwrap();
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 3);
+        assert_eq!(stats.counter("tcp.rbac.allowed").get(), 1);
+        // A new version that still allows the connection: counted as an
+        // evaluation, bytes keep flowing.
+        let still = [network(Action::Deny, 9999, None)];
+        assert_eq!(rbac.recheck(&still), Recheck::Allowed);
+        assert_eq!(stats.counter("tcp.rbac.allowed").get(), 2);
+        client.write_all(b"two").await.unwrap();
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 3);
+        // One that denies it.
+        let delay = Some(std::time::Duration::from_millis(5));
+        let now = [network(Action::Deny, 9000, delay)];
+        assert_eq!(rbac.recheck(&now), Recheck::Denied(delay));
+        assert_eq!(stats.counter("tcp.rbac.denied").get(), 1);
+        assert_eq!(stats.counter("tcp.rbac.allowed").get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_recheck_before_the_first_bytes_leaves_the_counting_to_them() {
+        let stats = Arc::new(Stats::default());
+        let (mut client, server) = tokio::io::duplex(64);
+        // Accepted under a policy that would deny it, re-checked under one
+        // that allows it before it sent anything: the new policy decides.
+        let rbac = ConnRbac::new(
+            &[network(Action::Deny, 9000, None)],
+            stats.clone(),
+            downstream(),
+        );
+        let mut guarded = guard(server, &rbac);
+        assert_eq!(
+            rbac.recheck(&[network(Action::Allow, 9000, None)]),
+            Recheck::Allowed
+        );
+        assert_eq!(stats.counter("tcp.rbac.allowed").get(), 0);
+        let mut buf = [0u8; 16];
+        client.write_all(b"hi").await.unwrap();
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 2);
+        assert_eq!(stats.counter("tcp.rbac.allowed").get(), 1);
+        assert_eq!(stats.counter("tcp.rbac.denied").get(), 0);
+        // Denied before any byte: counted once, by the re-check.
+        let (_client, server) = tokio::io::duplex(64);
+        let rbac = ConnRbac::new(&[], stats.clone(), downstream());
+        let _guarded = guard(server, &rbac);
+        assert_eq!(
+            rbac.recheck(&[network(Action::Deny, 9000, None)]),
+            Recheck::Denied(None)
+        );
+        assert_eq!(stats.counter("tcp.rbac.denied").get(), 1);
     }
 
     #[test]

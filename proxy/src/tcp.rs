@@ -71,11 +71,18 @@ pub async fn proxy<S>(
     if let Some(m) = &istio {
         m.opened.fetch_add(1, Ordering::Relaxed);
     }
-    // A draining connection gets the drain deadline to finish, then closes.
+    // A draining connection gets the drain deadline to finish, then closes;
+    // one told to close (a policy re-check denied it) closes at once. At
+    // shutdown under EXIT_ON_ZERO_ACTIVE_CONNECTIONS there is no deadline:
+    // the process waits for the connection to end.
     let (rx, tx) = tokio::select! {
         r = copy(&mut down, up, tp.idle_timeout, stats) => r,
+        _ = drain.closing() => (0, 0),
         _ = async {
             drain.signaled().await;
+            if rt.exit_on_zero_active_connections && rt.inbound.is_draining() {
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(rt.drain_timeout).await;
         } => (0, 0),
     };

@@ -6,10 +6,23 @@ exits 0 when the exchange itself worked (the test asserts on the details):
                     reports codes, payloads and trailing metadata of both calls.
   ws URL            opens a WebSocket, sends a text and a 100 KiB binary message, reports
                     what came back.
+
+One more keeps a connection open and prints a line per event instead:
+
+  hold HOST:PORT DIR NAME
+                    one long-lived TCP connection to an echo server: sends "NAME start" and
+                    prints `echoed start` once it came back; then, for K = 1, 2, ..., waits for
+                    the file DIR/NAME.K to appear, sends "NAME K" and prints `echoed K` once it
+                    came back. When the connection closes or fails it prints
+                    `closed UNIX_TIME` (seconds, the moment it noticed) and exits 1.
 """
 
 import json
+import os
+import select
+import socket
 import sys
+import time
 
 
 def grpc_client(target):
@@ -48,7 +61,50 @@ def ws_client(url):
     print(json.dumps({"text": text, "binary_ok": back == blob, "binary_len": len(back)}), flush=True)
 
 
+def hold(target, ctl, name):
+    host, port = target.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=5)
+
+    def closed():
+        print(f"closed {time.time():.3f}", flush=True)
+        sys.exit(1)
+
+    def exchange(word):
+        line = f"{name} {word}\n".encode()
+        try:
+            s.sendall(line)
+            got = b""
+            while not got.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    closed()
+                got += chunk
+        except OSError:
+            closed()
+        if got != line:
+            print(f"unexpected {got!r}", flush=True)
+            sys.exit(2)
+        print(f"echoed {word}", flush=True)
+
+    exchange("start")
+    k = 1
+    while True:
+        if os.path.exists(os.path.join(ctl, f"{name}.{k}")):
+            exchange(str(k))
+            k += 1
+            continue
+        try:
+            readable, _, _ = select.select([s], [], [], 0.02)
+            if readable and not s.recv(4096):
+                closed()
+        except OSError:
+            closed()
+
+
 def main(argv):
+    if len(argv) == 4 and argv[0] == "hold":
+        hold(argv[1], argv[2], argv[3])
+        return
     if len(argv) != 2:
         sys.exit(__doc__)
     if argv[0] == "grpc":

@@ -76,8 +76,8 @@ impl Envoy {
         Envoy::start_with(bin, config, port, &[])
     }
 
-    /// Like [`Envoy::start`], with more command-line arguments (e.g.
-    /// `--file-flush-interval-msec 50` for tests that read access logs).
+    /// Like [`Envoy::start`], with more command-line arguments
+    /// (`--drain-time-s`, …).
     pub fn start_with(bin: &Path, config: &Value, port: u16, args: &[&str]) -> Result<Envoy> {
         let dir = TempDir::new("envoy")?;
         let admin = free_port();

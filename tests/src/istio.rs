@@ -93,31 +93,9 @@ pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
 }
 
 /// A bootstrap with this node (`metadata` is the inside of a YAML flow
-/// map), ADS and SDS from ferry-pilot at `pilot`.
-pub fn bootstrap_for(node_id: &str, cluster: &str, metadata: &str, pilot: Ipv4Addr) -> String {
-    let grpc_cluster = |cluster: &str| {
-        format!(
-            "  - name: {cluster}\n    type: STATIC\n    connect_timeout: 1s\n\
-             \x20   typed_extension_protocol_options:\n\
-             \x20     envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n\
-             \x20       \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n\
-             \x20       explicit_http_config: {{http2_protocol_options: {{}}}}\n\
-             \x20   load_assignment:\n      cluster_name: {cluster}\n\
-             \x20     endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {pilot}, port_value: 15010}}}}}}}}]}}]\n"
-        )
-    };
-    format!(
-        "node:\n  id: {node_id}\n  cluster: {cluster}\n  metadata: {{{metadata}}}\n\
-         admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}\n\
-         dynamic_resources:\n\
-         \x20 ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]}}\n\
-         \x20 lds_config: {{ads: {{}}, resource_api_version: V3}}\n\
-         \x20 cds_config: {{ads: {{}}, resource_api_version: V3}}\n\
-         static_resources:\n  clusters:\n{}{}",
-        grpc_cluster("xds-grpc"),
-        grpc_cluster("sds-grpc"),
-    )
-}
+/// map), ADS and SDS from ferry-pilot at `pilot`: the local platform's, which
+/// `ferry-pilot demo` runs its proxies on.
+pub use ferry_pilot::local::bootstrap::bootstrap_for;
 
 impl IstioMesh {
     /// Starts the mesh, or `None` when not root (outside CI). `objects`
@@ -309,7 +287,7 @@ impl IstioMesh {
 
     /// A pod with no sidecar and no app, to play an outside client.
     pub fn add_client(&mut self, name: &str) -> Result<Pod> {
-        self.mesh.pod(name)
+        Ok(self.mesh.pod(name)?)
     }
 
     pub fn mesh(&self) -> &Mesh {
@@ -353,6 +331,22 @@ impl IstioMesh {
             std::fs::rename(&tmp, self.config.join(&*name))?;
         }
         Ok(())
+    }
+
+    /// Writes one applied file (`name` in the configuration directory)
+    /// whole and renames it into place, leaving the others as they are: an
+    /// edit of one resource, as `kubectl apply -f` of one file.
+    pub fn put(&self, name: &str, text: &str) -> Result<()> {
+        let tmp = self.config.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.config.join(name))?;
+        Ok(())
+    }
+
+    /// Removes one applied file (`kubectl delete -f`).
+    pub fn delete(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.config.join(name))
+            .with_context(|| format!("no applied file {name}"))
     }
 
     /// The logs a failure message needs: the control plane's and every
@@ -500,6 +494,81 @@ pub fn tls_get(
         .timeout(Duration::from_secs(10))
         .run()?;
     Ok(out.trim().parse().ok())
+}
+
+/// A long-lived TCP connection from a pod to an echo server
+/// (`clients.py hold`): a line echoed when it opens, then one more each time
+/// it is poked; the time the proxy closed it, if it did.
+pub struct TcpHolder {
+    proc: Proc,
+    ctl: PathBuf,
+    name: String,
+    pokes: u32,
+}
+
+impl TcpHolder {
+    /// Connects from `pod` to `host:port` and waits for the first echo.
+    /// `ctl` is a directory the test and the holder share.
+    pub fn open(pod: &Pod, host: &str, port: u16, ctl: &Path, name: &str) -> Result<Self> {
+        std::fs::create_dir_all(ctl)?;
+        let proc = pod
+            .cmd("python3")
+            .arg("-u")
+            .arg(apps_dir().join("clients.py"))
+            .arg("hold")
+            .arg(format!("{host}:{port}"))
+            .arg(ctl)
+            .arg(name)
+            .label(&format!("hold-{name}"))
+            .spawn()?;
+        let holder = Self {
+            proc,
+            ctl: ctl.to_path_buf(),
+            name: name.to_string(),
+            pokes: 0,
+        };
+        holder.wait_echo("start")?;
+        Ok(holder)
+    }
+
+    fn wait_echo(&self, word: &str) -> Result<()> {
+        let want = format!("echoed {word}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self.proc.logs().stdout;
+            if out.lines().any(|l| l == want) {
+                return Ok(());
+            }
+            if out
+                .lines()
+                .any(|l| l.starts_with("closed") || l.starts_with("unexpected"))
+                || Instant::now() > deadline
+            {
+                bail!("{}: no {want:?}: {}", self.name, self.proc.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends one more line over the same connection and waits for its echo.
+    pub fn poke(&mut self) -> Result<()> {
+        self.pokes += 1;
+        std::fs::write(self.ctl.join(format!("{}.{}", self.name, self.pokes)), "")?;
+        self.wait_echo(&self.pokes.to_string())
+    }
+
+    /// When the connection was seen closed (UNIX seconds), if it was.
+    pub fn closed_at(&self) -> Option<f64> {
+        self.proc
+            .logs()
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("closed ")?.trim().parse().ok())
+    }
+
+    pub fn logs(&self) -> String {
+        self.proc.logs().to_string()
+    }
 }
 
 // ------------------------------------------------------------- task steps

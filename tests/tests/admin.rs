@@ -580,7 +580,13 @@ fn status_via(port: u16) -> u16 {
 
 /// `POST /drain_listeners` on one proxy (see the test): `graceful` with a drain time of
 /// two seconds given on the command line.
-fn drain_sequence(admin_port: u16, inbound: u16, outbound: u16, graceful: bool) -> Result<()> {
+fn drain_sequence(
+    admin_port: u16,
+    inbound: u16,
+    outbound: u16,
+    graceful: bool,
+    ferry: bool,
+) -> Result<()> {
     if graceful {
         let a = admin(admin_port, "POST", "/drain_listeners?inboundonly&graceful")?;
         assert_eq!((a.status, a.body.as_str()), (200, "OK\n"));
@@ -593,9 +599,15 @@ fn drain_sequence(admin_port: u16, inbound: u16, outbound: u16, graceful: bool) 
         assert_eq!(status_via(outbound), 200, "outbound after an inbound drain");
         return Ok(());
     }
-    // `skip_exit`: connections are asked to close, the listeners stay open.
+    // `skip_exit` (Envoy: connections asked to close, the listeners left open) is
+    // refused by Ferry, whose drain stops both.
     let a = admin(admin_port, "POST", "/drain_listeners?skip_exit")?;
-    assert_eq!((a.status, a.body.as_str()), (200, "OK\n"));
+    if ferry {
+        assert_eq!(a.status, 400, "{}", a.body);
+        assert!(a.body.contains("skip_exit"), "{}", a.body);
+    } else {
+        assert_eq!((a.status, a.body.as_str()), (200, "OK\n"));
+    }
     assert_eq!(status_via(inbound), 200, "inbound after skip_exit");
     assert_eq!(status_via(outbound), 200, "outbound after skip_exit");
     let a = admin(admin_port, "POST", "/drain_listeners?inboundonly")?;
@@ -610,8 +622,8 @@ fn drain_sequence(admin_port: u16, inbound: u16, outbound: u16, graceful: bool) 
 
 /// `/drain_listeners` as Envoy: `inboundonly` closes the listeners whose
 /// `traffic_direction` is INBOUND and leaves the others serving, `graceful` keeps them
-/// accepting for the drain time first, `skip_exit` leaves them open; checked on Ferry
-/// and on Envoy 1.40 with the same bootstrap.
+/// accepting for the drain time first (Envoy's `skip_exit` is refused by Ferry); checked on
+/// Ferry and on Envoy 1.40 with the same bootstrap.
 #[test]
 fn drain_listeners_stops_inbound_only_as_envoy() -> Result<()> {
     let _lock = RunLock::shared();
@@ -634,14 +646,14 @@ fn drain_listeners_stops_inbound_only_as_envoy() -> Result<()> {
         let (inbound, outbound) = (free_port(), free_port());
         let cfg = config(inbound, outbound)?;
         let ferry = Ferry::start_with(&serde_json::to_string(&cfg)?, &["--drain-timeout", "2s"])?;
-        drain_sequence(ferry.admin_port(), inbound, outbound, graceful)
+        drain_sequence(ferry.admin_port(), inbound, outbound, graceful, true)
             .with_context(|| format!("Ferry, graceful {graceful}"))?;
         drop(ferry);
         let Some(bin) = &envoy_bin else { continue };
         let (inbound, outbound) = (free_port(), free_port());
         let cfg = config(inbound, outbound)?;
         let envoy = Envoy::start_with(bin, &cfg, outbound, &["--drain-time-s", "2"])?;
-        drain_sequence(envoy.admin(), inbound, outbound, graceful)
+        drain_sequence(envoy.admin(), inbound, outbound, graceful, false)
             .with_context(|| format!("Envoy, graceful {graceful}"))?;
         drop(envoy);
     }

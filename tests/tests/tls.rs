@@ -1112,3 +1112,87 @@ fn static_bootstrap_secrets_terminate_and_originate_tls() -> Result<()> {
     ensure!(r.is_err(), "{r:?}");
     Ok(())
 }
+
+/// A TLS client connection presenting `leaf`, with one line echoed.
+struct TlsEcho(rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>);
+
+impl TlsEcho {
+    fn open(port: u16, ca: &Ca, leaf: &Leaf) -> Result<Self> {
+        let config = client_config(&ca.pem(), Some(leaf), &["istio-peer-exchange"])?;
+        let tcp = std::net::TcpStream::connect_timeout(&local(port), Duration::from_secs(3))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let conn = rustls::ClientConnection::new(config, SERVER_DNS.try_into()?)?;
+        let mut s = TlsEcho(rustls::StreamOwned::new(conn, tcp));
+        ensure!(s.echo("hello")?, "the first line was not echoed");
+        Ok(s)
+    }
+
+    /// Whether `word` comes back (false: the connection is closed).
+    fn echo(&mut self, word: &str) -> Result<bool> {
+        use std::io::Read;
+        if writeln!(self.0, "{word}")
+            .and_then(|_| self.0.flush())
+            .is_err()
+        {
+            return Ok(false);
+        }
+        let mut buf = vec![0u8; word.len() + 1];
+        Ok(self.0.read_exact(&mut buf).is_ok() && buf.starts_with(word.as_bytes()))
+    }
+}
+
+/// A CRL delivered by SDS (a new `ROOTCA` version) closes the open
+/// connections of the clients it revokes, and only those; new handshakes
+/// of the revoked client fail.
+#[test]
+fn a_crl_by_sds_closes_revoked_clients_connections() -> Result<()> {
+    let d = Descriptors::load().map_err(anyhow::Error::msg)?;
+    let ca = Ca::new("mesh")?;
+    let server_leaf = ca.leaf(SERVER_ID, &[SERVER_DNS])?;
+    let kept = ca.leaf(CLIENT_ID, &[])?;
+    let revoked = ca.leaf(CLIENT_ID, &[])?;
+    let echo_port = echo()?;
+    let port = free_port();
+    let cache = Cache::new();
+    cache.set(CLUSTER, [static_cluster(&d, "echo", echo_port)]);
+    cache.set(LISTENER, [inbound_tcp_listener(&d, port)]);
+    cache.set(
+        SECRET,
+        [
+            cert_secret(&d, "default", &server_leaf),
+            root_secret(&d, &ca),
+        ],
+    );
+    let p = plane(cache.clone(), None)?;
+    let ferry = Ferry::start(&ads_bootstrap(SERVER_NODE, p.port, None))?;
+    wait_until("the TLS listener", || accepts(port))?;
+    let mut a = TlsEcho::open(port, &ca, &kept)?;
+    let mut b = TlsEcho::open(port, &ca, &revoked)?;
+
+    let with_crl = (
+        "ROOTCA".to_string(),
+        any::<Secret>(
+            &d,
+            json!({"name": "ROOTCA", "validation_context": {
+                "trusted_ca": {"inline_string": ca.pem()},
+                "crl": {"inline_string": ca.crl(&[&revoked])?},
+                "only_verify_leaf_cert_crl": true,
+            }}),
+        ),
+    );
+    cache.set(SECRET, [cert_secret(&d, "default", &server_leaf), with_crl]);
+    wait_until("the revoked client's connection closed", || {
+        ferry.stat("listener.inbound-tcp.ferry.tls_revoked_closed") == 1
+    })?;
+    ensure!(
+        !b.echo("after")?,
+        "the revoked client's connection is still open"
+    );
+    ensure!(a.echo("after")?, "the other client's connection was closed");
+    ensure!(
+        TlsEcho::open(port, &ca, &revoked).is_err(),
+        "the revoked client completed a new handshake"
+    );
+    TlsEcho::open(port, &ca, &kept).context("a new connection of the other client")?;
+    Ok(())
+}

@@ -573,3 +573,173 @@ fn upstream_servers_are_verified_as_envoy_verifies_them() -> Result<()> {
     }
     Ok(())
 }
+
+/// An HTTPS origin presenting `leaf` that answers every request with the
+/// SNI the client sent (`-` for none).
+fn sni_origin(leaf: &Leaf) -> Result<u16> {
+    let chain =
+        CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                // One request per connection is enough here.
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut byte) {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let sni = s.conn.server_name().unwrap_or("-").to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{sni}",
+                    sni.len()
+                );
+                let _ = s.write_all(answer.as_bytes());
+                let _ = s.flush();
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn http_route_listener(port: u16, cluster: &str) -> Value {
+    json!({
+        "name": "http",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "http",
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+            },
+        }]}],
+    })
+}
+
+/// A GET through the proxy on `port` with `host`: the status and body.
+fn get_host(port: u16, host: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&local(port), Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status")?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Ok((status, body))
+}
+
+/// `auto_sni` and `auto_san_validation` (the request's host as SNI and as
+/// the DNS name the server must present) and `auto_host_sni` (a DNS
+/// cluster's host name as SNI), through Ferry and Envoy alike.
+#[test]
+fn names_sent_and_checked_come_from_the_request_or_the_host_as_in_envoy() -> Result<()> {
+    let envoy_bin = envoy::bin()?;
+    let p = pki()?;
+    let origin = sni_origin(&p.mesh.leaf(SERVER_ID, &["api.example.com", "localhost"])?)?;
+    let tls = |extra: Value| {
+        let mut ts = upstream_tls(json!({"trusted_ca": inline(&p.mesh.pem())}));
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            ts["typed_config"][k] = v.clone();
+        }
+        ts
+    };
+    let auto_sni = {
+        let mut c = static_cluster("origin", origin, Some(tls(json!({}))));
+        c["typed_extension_protocol_options"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "upstream_http_protocol_options": {"auto_sni": true, "auto_san_validation": true},
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
+        });
+        c
+    };
+    let host_sni = json!({
+        "name": "origin",
+        "type": "STRICT_DNS",
+        "connect_timeout": "2s",
+        "dns_lookup_family": "V4_ONLY",
+        "load_assignment": {"cluster_name": "origin", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "localhost", "port_value": origin}}}}
+        ]}]},
+        "transport_socket": tls(json!({"auto_host_sni": true})),
+    });
+    // (host sent, status, SNI the origin saw) per request.
+    type Expect<'a> = &'a [(&'a str, u16, &'a str)];
+    let cases: [(&str, Value, Expect); 2] = [
+        (
+            "auto_sni",
+            auto_sni,
+            &[
+                ("api.example.com", 200, "api.example.com"),
+                ("api.example.com:8443", 200, "api.example.com"),
+                // The server's certificate does not name it: refused.
+                ("other.example.com", 503, ""),
+            ],
+        ),
+        (
+            "auto_host_sni",
+            host_sni,
+            &[("anything.test", 200, "localhost")],
+        ),
+    ];
+    for (name, cluster, expect) in cases {
+        let port = free_port();
+        let config = json!({"static_resources": {
+            "listeners": [http_route_listener(port, "origin")],
+            "clusters": [cluster],
+        }});
+        let ferry = start_ferry(&config)?;
+        let mut seen = Vec::new();
+        for (host, _, _) in expect {
+            seen.push(("ferry", *host, get_host(port, host)?));
+        }
+        drop(ferry);
+        if let Some(bin) = &envoy_bin {
+            let e = Envoy::start(bin, &config, port)?;
+            for (host, _, _) in expect {
+                seen.push(("envoy", *host, get_host(port, host)?));
+            }
+            drop(e);
+        }
+        for (proxy, host, (status, body)) in &seen {
+            let (_, want_status, want_sni) =
+                expect.iter().find(|(h, _, _)| h == host).context("case")?;
+            ensure!(
+                status == want_status && (*want_status != 200 || body == want_sni),
+                "{name}: {proxy} with host {host}: {status} {body:?}, expected {want_status} {want_sni:?}\n{seen:?}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -460,6 +460,13 @@ fn provider_for(common: &CommonTls) -> Result<Arc<CryptoProvider>, TlsError> {
     Ok(Arc::new(p))
 }
 
+/// The compiled peer check of a filter chain's TLS context with the live
+/// secrets (`None`: the chain does not verify clients, or cannot be built).
+pub fn downstream_peer_check(tls: &DownstreamTls, secrets: &dyn Secrets) -> Option<PeerCheck> {
+    let v = effective_validation(&tls.common, secrets).ok()??;
+    PeerCheck::new(&v, provider_for(&tls.common).ok()?).ok()
+}
+
 /// The server side of a filter chain's `DownstreamTlsContext`.
 pub fn server_config(
     tls: &DownstreamTls,

@@ -322,6 +322,25 @@ impl PeerCheck {
         .map_err(pki_error)
     }
 
+    /// Whether a peer chain accepted earlier is now revoked: its chain
+    /// checked again at the time of its handshake (`at`, so expiry since
+    /// then and root rotations do not count), only a revocation answering
+    /// yes.
+    pub fn revoked(&self, chain: &[CertificateDer<'_>], at: UnixTime, client: bool) -> bool {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return false;
+        };
+        let usage = if client {
+            KeyUsage::client_auth()
+        } else {
+            KeyUsage::server_auth()
+        };
+        matches!(
+            self.check(leaf, rest, at, usage, None),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+        )
+    }
+
     fn check_pins(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         if self.certificate_hashes.is_empty() && self.spki_hashes.is_empty() {
             return Ok(());
@@ -882,6 +901,26 @@ mod tests {
         v.crl_pem.extend(crl(&root, &[]));
         assert!(ok(&v, &good));
         assert!(!ok(&v, &bad));
+    }
+
+    #[test]
+    fn a_new_crl_revokes_an_accepted_peer_and_nothing_else() {
+        let root = ca("root");
+        let good = leaf(&root, ID);
+        let bad = leaf(&root, ID);
+        let before = PeerCheck::new(&ctx(&root), crate::provider()).unwrap();
+        let now = UnixTime::now();
+        assert!(!before.revoked(std::slice::from_ref(&bad.der), now, true));
+        let mut v = ctx(&root);
+        v.crl_pem = crl(&root, &[&bad]);
+        v.only_verify_leaf_cert_crl = true;
+        let after = PeerCheck::new(&v, crate::provider()).unwrap();
+        assert!(after.revoked(std::slice::from_ref(&bad.der), now, true));
+        assert!(!after.revoked(std::slice::from_ref(&good.der), now, true));
+        // A peer the new roots do not know is not "revoked" (root rotation).
+        let other = ca("other");
+        let rotated = PeerCheck::new(&ctx(&other), crate::provider()).unwrap();
+        assert!(!rotated.revoked(std::slice::from_ref(&good.der), now, true));
     }
 
     #[test]

@@ -339,6 +339,7 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
         tls,
         secrets: HashMap::new(),
         local_secrets: None,
+        name_table: None,
     }))
 }
 

@@ -31,6 +31,7 @@ use ferry_model as m;
 use prost::Message;
 
 mod access_log;
+mod http_protocol;
 mod jwt_authn;
 mod rbac;
 mod tls;
@@ -289,11 +290,27 @@ fn value_string(v: &envoy_types::pb::google::protobuf::Value) -> String {
     }
 }
 
+/// A hash of a message's encoding. Map fields (`Struct`, metadata) encode
+/// in an unspecified order, so equal messages may rarely hash apart: that
+/// only makes an update treat an unchanged listener or chain as changed
+/// (its connections drain), never the reverse.
 fn fingerprint(msg: &impl Message) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     msg.encode_to_vec().hash(&mut h);
     h.finish()
+}
+
+/// The fingerprint of a listener's settings: the listener without its
+/// filter chains, as Envoy's `filterChainOnlyChange` compares them.
+fn settings_fingerprint(l: &listener_pb::Listener) -> u64 {
+    let settings = listener_pb::Listener {
+        filter_chains: Vec::new(),
+        default_filter_chain: None,
+        filter_chain_matcher: None,
+        ..l.clone()
+    };
+    fingerprint(&settings)
 }
 
 // ---------------------------------------------------------------- listeners
@@ -373,9 +390,9 @@ pub fn listener(
     let access_logs = access_log::access_logs(&ctx, "access_log", &l.access_log)?;
     Ok(m::Listener {
         access_logs,
-        inbound: ctx.inbound,
         name: l.name.clone(),
         fingerprint: fingerprint(l),
+        settings_fingerprint: settings_fingerprint(l),
         address,
         additional_addresses,
         bind_to_port: l.bind_to_port.as_ref().is_none_or(|v| v.value),
@@ -457,6 +474,7 @@ fn filter_chain(
     }
     let mut terminal = None;
     let mut network_rbac = Vec::new();
+    let mut rbac_at = Vec::new();
     let mut stats = None;
     for (i, f) in fc.filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
@@ -483,6 +501,7 @@ fn filter_chain(
                 let tf = format!("{ff}.typed_config");
                 let r = typed.decode().map_err(|e| ctx.err(&tf, e))?;
                 network_rbac.push(Arc::new(rbac::network_rbac(ctx, &tf, &r)?));
+                rbac_at.push(i);
             }
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
                 let h: hcm_pb::HttpConnectionManager = typed
@@ -521,7 +540,21 @@ fn filter_chain(
             "the chain has no terminal filter (tcp_proxy or http_connection_manager)",
         )
     })?;
+    let whole = fingerprint(fc);
+    let fingerprint_without_network_rbac = if rbac_at.is_empty() {
+        whole
+    } else {
+        let mut bare = fc.clone();
+        let mut i = 0;
+        bare.filters.retain(|_| {
+            i += 1;
+            !rbac_at.contains(&(i - 1))
+        });
+        fingerprint(&bare)
+    };
     Ok(m::FilterChain {
+        fingerprint: whole,
+        fingerprint_without_network_rbac,
         name: if fc.name.is_empty() {
             field.to_string()
         } else {
@@ -877,6 +910,8 @@ fn http_connection_manager(
         http_filters,
         client_trust,
         suppress_envoy_headers,
+        path_normalization: path_normalization(ctx, field, h)?,
+        protocol: Arc::new(http_protocol::downstream(ctx, field, h)?),
     })
 }
 
@@ -1003,6 +1038,45 @@ fn client_trust(
         internal,
         detection,
         preserve_external_request_id: h.preserve_external_request_id,
+    })
+}
+
+/// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`,
+/// with Envoy's defaults when unset (its runtime keys left at theirs: no
+/// normalization, escaped slashes kept). `path_normalization_options` is
+/// not implemented by Envoy either (`not-implemented-hide`): it has no
+/// effect there, so it is ignored with a warning.
+fn path_normalization(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    h: &hcm_pb::HttpConnectionManager,
+) -> Result<m::PathNormalization, ConvertError> {
+    use hcm_pb::http_connection_manager::PathWithEscapedSlashesAction as P;
+    use m::EscapedSlashesAction as A;
+    let escaped_slashes = match P::try_from(h.path_with_escaped_slashes_action) {
+        Ok(P::ImplementationSpecificDefault | P::KeepUnchanged) => A::KeepUnchanged,
+        Ok(P::RejectRequest) => A::RejectRequest,
+        Ok(P::UnescapeAndRedirect) => A::UnescapeAndRedirect,
+        Ok(P::UnescapeAndForward) => A::UnescapeAndForward,
+        Err(_) => {
+            return Err(ctx.err(
+                format!("{field}.path_with_escaped_slashes_action"),
+                format!("unknown value {}", h.path_with_escaped_slashes_action),
+            ));
+        }
+    };
+    if h.path_normalization_options.is_some() {
+        ctx.warn(
+            &format!("{field}.path_normalization_options"),
+            "not implemented by Envoy 1.40 either; ignored as Envoy does \
+             (normalize_path and merge_slashes apply)"
+                .into(),
+        );
+    }
+    Ok(m::PathNormalization {
+        normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
+        merge_slashes: h.merge_slashes,
+        escaped_slashes,
     })
 }
 
@@ -1481,7 +1555,9 @@ fn route_action(
             .map(|p| retry_policy(ctx, &format!("{field}.retry_policy"), p))
             .transpose()?
             .map(Arc::new),
-        idle_timeout: timeout_or(&ra.idle_timeout, None),
+        // Unset and zero differ: unset leaves the connection manager's
+        // `stream_idle_timeout` in force, zero disables it for the route.
+        idle_timeout: duration(&ra.idle_timeout),
         mirrors: mirror_policies(
             ctx,
             &format!("{field}.request_mirror_policies"),
@@ -2639,6 +2715,11 @@ pub fn cluster(
         .as_ref()
         .and_then(|o| o.max_concurrent_streams.as_ref())
         .map(|v| v.value);
+    #[allow(deprecated)]
+    let mut auto_sni = match &c.upstream_http_protocol_options {
+        Some(u) => upstream_http_protocol_options(&ctx, "upstream_http_protocol_options", u)?,
+        None => m::cluster::AutoSni::default(),
+    };
     for (key, any) in &c.typed_extension_protocol_options {
         let field = format!("typed_extension_protocol_options[{key:?}]");
         let typed = Typed::from_any(any).map_err(|e| ctx.err(&field, e))?;
@@ -2669,6 +2750,13 @@ pub fn cluster(
             Some(U::AutoConfig(_)) => m::UpstreamProtocol::Http1,
             None => protocol,
         };
+        if let Some(u) = &o.upstream_http_protocol_options {
+            auto_sni = upstream_http_protocol_options(
+                &ctx,
+                &format!("{field}.upstream_http_protocol_options"),
+                u,
+            )?;
+        }
         if let Some(common) = &o.common_http_protocol_options {
             idle_timeout = timeout_or(&common.idle_timeout, Some(Duration::from_secs(3600)));
             if let Some(mr) = common.max_requests_per_connection.as_ref().map(|v| v.value) {
@@ -2710,6 +2798,38 @@ pub fn cluster(
         circuit_breakers: circuit_breakers(&ctx, "circuit_breakers", c.circuit_breakers.as_ref())?,
         max_concurrent_streams,
         istio_service: istio_service(c),
+        auto_sni,
+    })
+}
+
+/// `UpstreamHttpProtocolOptions`: SNI and server-name validation from each
+/// request's host.
+fn upstream_http_protocol_options(
+    ctx: &Ctx<'_>,
+    field: &str,
+    u: &core_pb::UpstreamHttpProtocolOptions,
+) -> Result<m::cluster::AutoSni, ConvertError> {
+    let core_pb::UpstreamHttpProtocolOptions {
+        auto_sni,
+        auto_san_validation,
+        override_auto_sni_header,
+    } = u;
+    let header = if override_auto_sni_header.is_empty() {
+        None
+    } else {
+        let h = override_auto_sni_header.to_ascii_lowercase();
+        http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+            ctx.err(
+                format!("{field}.override_auto_sni_header"),
+                format!("{override_auto_sni_header:?} is not a header name"),
+            )
+        })?;
+        Some(h)
+    };
+    Ok(m::cluster::AutoSni {
+        sni: *auto_sni,
+        san_validation: *auto_san_validation,
+        header,
     })
 }
 

@@ -175,7 +175,7 @@ pub fn parse_value(value: Value, origin: &Origin) -> Snapshot {
 /// document with the 1-based line where it starts. Empty documents are
 /// dropped. A `---` inside a block scalar is always indented, so a line
 /// starting with it is a separator.
-fn split_documents(text: &str) -> Vec<(usize, &str)> {
+pub fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut docs = Vec::new();
     let mut start_byte = 0;
     let mut start_line = 1;

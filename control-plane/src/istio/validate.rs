@@ -1255,11 +1255,71 @@ impl Cx<'_> {
                 }
             }
         }
+        for (i, e) in sc.egress.iter().enumerate() {
+            if e.bind.as_deref().is_some_and(|b| b.starts_with("unix://")) {
+                self.schema(
+                    format!("spec.egress[{i}].bind"),
+                    "Unix-socket egress listeners are not served by ferry-pilot",
+                );
+            } else if let Some(b) = e.bind.as_deref().filter(|b| !b.is_empty())
+                && b.parse::<std::net::IpAddr>().is_err()
+            {
+                self.schema(
+                    format!("spec.egress[{i}].bind"),
+                    format!("bind {b:?} must be an IP address"),
+                );
+            }
+            if e.bind.as_deref().is_some_and(|b| !b.is_empty()) && e.port.is_none() {
+                self.schema(
+                    format!("spec.egress[{i}].port"),
+                    "an egress listener with a bind needs a port",
+                );
+            }
+        }
         for (i, l) in sc.ingress.iter().enumerate() {
             if l.port.number == 0 || l.port.number > 65535 {
                 self.schema(
                     format!("spec.ingress[{i}].port.number"),
                     format!("invalid port {}", l.port.number),
+                );
+            }
+            // istiod's forms: localhost or the pod's IP of either family,
+            // or a Unix socket.
+            if let Some(ep) = l.default_endpoint.as_deref().filter(|e| !e.is_empty())
+                && !ep.starts_with("unix://")
+            {
+                let ok = ep.rsplit_once(':').is_some_and(|(host, port)| {
+                    matches!(host, "127.0.0.1" | "0.0.0.0" | "[::1]" | "[::]")
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                });
+                if !ok {
+                    self.schema(
+                        format!("spec.ingress[{i}].defaultEndpoint"),
+                        format!(
+                            "{ep:?} must be 127.0.0.1:PORT, 0.0.0.0:PORT, [::1]:PORT, [::]:PORT or unix://PATH"
+                        ),
+                    );
+                }
+            }
+            if let Some(b) = l.bind.as_deref().filter(|b| !b.is_empty())
+                && b.parse::<std::net::IpAddr>().is_err()
+            {
+                self.schema(
+                    format!("spec.ingress[{i}].bind"),
+                    format!("bind {b:?} must be an IP address"),
+                );
+            }
+            // Applied by nobody here: refused rather than ignored.
+            if l.tls.is_some() {
+                self.schema(
+                    format!("spec.ingress[{i}].tls"),
+                    "TLS termination on Sidecar ingress listeners is not implemented by ferry-pilot",
+                );
+            }
+            if l.connection_pool.is_some() {
+                self.schema(
+                    format!("spec.ingress[{i}].connectionPool"),
+                    "connection pool settings on Sidecar ingress listeners are not implemented by ferry-pilot",
                 );
             }
         }

@@ -266,49 +266,57 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `POST /drain_listeners` as Envoy 1.40: the connections of the listeners
-/// (`inboundonly`: those whose `traffic_direction` is INBOUND) are asked to
-/// close at once; without `graceful` the listeners close now, with it they
+/// `POST /drain_listeners` as Envoy: `inboundonly` drains the listeners
+/// whose `traffic_direction` is INBOUND, others every listener: they stop
+/// accepting and their connections drain (HTTP/1 closes after the
+/// response in flight, HTTP/2 gets GOAWAY). With `graceful` the listeners
 /// keep accepting for the drain time (`--drain-timeout`, Envoy's
-/// `--drain-time-s`) and close then; `skip_exit` leaves them open. A
-/// graceful drain of listeners already draining does nothing more.
+/// `--drain-time-s`) first; unlike Envoy, the connections are asked to
+/// close at its end rather than progressively. A graceful drain of what
+/// already drains does nothing more. `skip_exit` (drain the connections,
+/// leave the listeners open) is refused: Ferry's drain stops both.
 fn drain_listeners(rt: &Arc<Runtime>, q: &Query) -> Response<Full<Bytes>> {
-    use crate::listener::StopListeners;
-    let (which, level) = if q.has("inboundonly") {
-        (StopListeners::InboundOnly, 1)
-    } else {
-        (StopListeners::All, 2)
-    };
-    let graceful = q.has("graceful");
-    let skip_exit = q.has("skip_exit");
-    let manager = || rt.listeners.lock().unwrap_or_else(|p| p.into_inner());
-    let already = rt.admin.drain_sequence.fetch_max(level, Ordering::AcqRel) >= level;
-    if graceful && already {
-        return text(StatusCode::OK, "OK\n");
+    if q.has("skip_exit") {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "skip_exit is not supported: draining stops the listeners\n",
+        );
     }
-    manager().drain_connections(which);
-    if skip_exit {
-        // Connections drain; the listeners stay open.
-    } else if !graceful {
-        manager().stop(which);
+    let (inbound_only, level) = if q.has("inboundonly") {
+        (true, 1)
     } else {
+        (false, 2)
+    };
+    let start = move |rt: &Runtime| {
+        if inbound_only {
+            rt.inbound.start();
+        } else {
+            rt.drain.start();
+        }
+    };
+    if !q.has("graceful") {
+        rt.admin.drain_sequence.fetch_max(level, Ordering::AcqRel);
+        start(rt);
+    } else if rt.admin.drain_sequence.fetch_max(level, Ordering::AcqRel) < level {
         let rt = rt.clone();
         tokio::spawn(async move {
             tokio::time::sleep(rt.admin.drain_timeout).await;
-            rt.listeners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .stop(which);
+            start(&rt);
         });
     }
     text(StatusCode::OK, "OK\n")
 }
 
-/// `/ready`: Envoy's server state.
-fn state(rt: &Runtime) -> (&'static str, bool) {
-    if rt.admin.health_check_failed.load(Ordering::Acquire) || rt.drain.is_draining() {
+/// `/ready`: Envoy's server state (the admin port's); the readiness port
+/// answers as the agent, which also waits for the DNS name table.
+fn state(rt: &Runtime, role: Role) -> (&'static str, bool) {
+    let ok = match role {
+        Role::Admin => rt.is_live(),
+        _ => rt.is_ready(),
+    };
+    if rt.admin.health_check_failed.load(Ordering::Acquire) || rt.inbound.is_draining() {
         ("DRAINING", false)
-    } else if rt.is_ready() {
+    } else if ok {
         ("LIVE", true)
     } else {
         ("PRE_INITIALIZING", false)
@@ -327,7 +335,6 @@ const HELP: &str = "admin commands are:
       include_eds: Dump currently loaded configuration including EDS
   /drain_listeners (POST): drain listeners
       graceful: When draining listeners, enter a graceful drain period prior to closing listeners (--drain-timeout)
-      skip_exit: When draining listeners, do not exit after the drain period
       inboundonly: Drains all inbound listeners (traffic_direction INBOUND)
   /explain: what the running configuration does with a request, and why (Ferry)
       method, authority, path, scheme, header (name:value, repeated): the request
@@ -357,7 +364,7 @@ async fn respond(rt: &Arc<Runtime>, role: Role, req: Request<Incoming>) -> Respo
     let path = req.uri().path().to_string();
     let q = Query::parse(req.uri().query());
     let ready = || {
-        let (s, ok) = state(rt);
+        let (s, ok) = state(rt, role);
         let status = if ok {
             StatusCode::OK
         } else {

@@ -73,7 +73,7 @@ pub(super) fn respond(rt: &Runtime) -> Response<Full<Bytes>> {
 
     super::json(&json!({
         "version": version(),
-        "state": super::state(rt).0,
+        "state": super::state(rt, super::Role::Admin).0,
         "uptime_current_epoch": uptime,
         "uptime_all_epochs": uptime,
         "hot_restart_version": "disabled",

@@ -21,6 +21,8 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use tokio::sync::{Notify, watch};
 
+use super::stream_timers::RequestProgress;
+
 /// The most request body kept for retries and mirroring (Envoy bounds it by
 /// the connection's buffer limit).
 pub const REPLAY_LIMIT: usize = 64 * 1024;
@@ -39,6 +41,9 @@ pub enum BodyError {
 pub struct UpstreamBody {
     kind: Kind,
     end: Option<Arc<Notify>>,
+    /// The connection manager's view of the request's arrival (its
+    /// `request_timeout` and `stream_idle_timeout`).
+    progress: Option<Arc<RequestProgress>>,
     /// Counts what the downstream sent (streamed bodies; a replayed body
     /// counts in its shared state).
     count: Option<Arc<BodyCount>>,
@@ -87,6 +92,7 @@ impl UpstreamBody {
             kind: Kind::Streamed(inner),
             end,
             count: None,
+            progress: RequestProgress::current(),
         };
         if body.is_end_stream() {
             body.signal_end();
@@ -99,6 +105,7 @@ impl UpstreamBody {
             kind: Kind::Empty,
             end: None,
             count: None,
+            progress: None,
         }
     }
 
@@ -117,12 +124,16 @@ impl UpstreamBody {
             kind: Kind::Full((!b.is_empty()).then_some(b)),
             end: None,
             count: None,
+            progress: None,
         }
     }
 
     fn signal_end(&self) {
         if let Some(n) = &self.end {
             n.notify_one();
+        }
+        if let Some(p) = &self.progress {
+            p.ended();
         }
     }
 }
@@ -139,6 +150,7 @@ struct ReplayState {
     complete: bool,
     trailers: Option<HeaderMap>,
     end: Option<Arc<Notify>>,
+    progress: Option<Arc<RequestProgress>>,
     done_tx: watch::Sender<bool>,
     count: Option<Arc<BodyCount>>,
 }
@@ -150,6 +162,9 @@ impl ReplayState {
         self.incoming = None;
         if let Some(n) = self.end.take() {
             n.notify_one();
+        }
+        if let Some(p) = self.progress.take() {
+            p.ended();
         }
         self.done_tx.send_replace(true);
     }
@@ -179,6 +194,7 @@ impl Replay {
             complete: false,
             trailers: None,
             end,
+            progress: RequestProgress::current(),
             done_tx,
             count: None,
         };
@@ -225,6 +241,7 @@ impl Replay {
             },
             end: None,
             count: None,
+            progress: None,
         }
     }
 
@@ -301,6 +318,9 @@ fn poll_replay(
             Poll::Ready(Some(Err(BodyError::Downstream(e))))
         }
         Poll::Ready(Some(Ok(frame))) => {
+            if let Some(p) = &s.progress {
+                p.active();
+            }
             let frame = match frame.into_data() {
                 Ok(data) => {
                     BodyCount::data(&s.count, data.len());
@@ -353,6 +373,9 @@ impl Body for UpstreamBody {
             } => poll_replay(shared, pos, trailers_sent, cx),
             Kind::Streamed(inner) => {
                 let res = Pin::new(inner).poll_frame(cx);
+                if let (Poll::Ready(Some(Ok(_))), Some(p)) = (&res, &this.progress) {
+                    p.active();
+                }
                 if let Poll::Ready(Some(Ok(f))) = &res
                     && let Some(d) = f.data_ref()
                 {

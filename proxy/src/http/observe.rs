@@ -83,7 +83,10 @@ pub(crate) struct Observer(Option<Box<Record>>);
 impl Observer {
     /// Starts the record of a request that just arrived.
     pub fn start<B>(ctx: &ConnCtx, req: &Request<B>, start: Instant, started: SystemTime) -> Self {
-        let Some(hcm) = ctx.hcm() else {
+        // The chain the request runs on (an update may have replaced the
+        // connection's).
+        let chain = ctx.live.chain();
+        let Some(hcm) = super::hcm_of(&chain) else {
             return Observer(None);
         };
         if hcm.access_logs.is_empty() && hcm.tracing.is_none() {
@@ -173,8 +176,11 @@ impl Observer {
         route: Option<&ferry_model::Route>,
         req: &mut Request<B>,
     ) {
-        let (Some(rec), Some(cfg)) = (self.0.as_mut(), ctx.hcm().and_then(|h| h.tracing.as_ref()))
-        else {
+        let chain = ctx.live.chain();
+        let (Some(rec), Some(cfg)) = (
+            self.0.as_mut(),
+            super::hcm_of(&chain).and_then(|h| h.tracing.as_ref()),
+        ) else {
             return;
         };
         rec.trace = super::request_trace::start(ctx, cfg, route, req, rec.info.start_time);

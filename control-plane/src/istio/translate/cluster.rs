@@ -22,7 +22,8 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 use envoy_types::pb::envoy::config::core::v3::{
     BindConfig, DataSource, Http1ProtocolOptions, Http2ProtocolOptions,
     HttpProtocolOptions as CommonHttpOptions, Metadata, RuntimeDouble, SocketAddress, TcpKeepalive,
-    TransportSocket, data_source, socket_address::PortSpecifier, transport_socket,
+    TransportSocket, UpstreamHttpProtocolOptions, data_source, socket_address::PortSpecifier,
+    transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint::HostIdentifier,
@@ -90,10 +91,20 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         return;
     }
     for port in super::listener::inbound_ports(scope) {
-        let mut c = original_dst(
-            &names::inbound_cluster(port.port),
-            Some(INBOUND_BIND_ADDRESS),
-        );
+        let name = names::inbound_cluster(port.port);
+        let default_endpoint = port
+            .ingress
+            .and_then(|l| l.default_endpoint.as_deref())
+            .filter(|e| !e.is_empty());
+        let mut c = match default_endpoint {
+            Some(ep) => match default_endpoint_cluster(scope, &name, ep) {
+                Some(c) => c,
+                // istiod skips an endpoint it cannot read (validation
+                // refuses such a Sidecar first).
+                None => continue,
+            },
+            None => original_dst(&name, Some(INBOUND_BIND_ADDRESS)),
+        };
         if port.protocol.is_http() || port.protocol == Protocol::Unknown {
             c.typed_extension_protocol_options.insert(
                 HTTP_OPTIONS_KEY.into(),
@@ -103,6 +114,67 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         c.metadata = Some(services_metadata(&port.services));
         out.clusters.push(c);
     }
+}
+
+/// The inbound cluster of a Sidecar ingress listener's `defaultEndpoint`,
+/// as istiod builds it: `127.0.0.1:PORT` (`[::1]:PORT`) is localhost,
+/// `0.0.0.0:PORT` (`[::]:PORT`) the proxy's IP of that family (localhost
+/// when it has none), `unix://PATH` a Unix socket. A connection to the
+/// pod's IP leaves from 127.0.0.6, which capture lets through.
+fn default_endpoint_cluster(scope: &Scope<'_>, name: &str, ep: &str) -> Option<Cluster> {
+    use envoy_types::pb::envoy::config::core::v3::{Address, Pipe, address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    };
+    let ips = &scope.proxy.ips;
+    let (address, bind) = if let Some(path) = ep.strip_prefix("unix://") {
+        (
+            Address {
+                address: Some(address::Address::Pipe(Pipe {
+                    path: path.to_string(),
+                    mode: 0,
+                })),
+            },
+            None,
+        )
+    } else {
+        let (host, port) = ep.rsplit_once(':')?;
+        let port: u32 = port.parse().ok()?;
+        let family = |v6: bool| ips.iter().find(|ip| ip.contains(':') == v6).cloned();
+        let (ip, pod) = match host.trim_matches(['[', ']']) {
+            "0.0.0.0" => match family(false) {
+                Some(ip) => (ip, true),
+                None => ("127.0.0.1".to_string(), false),
+            },
+            "::" => match family(true) {
+                Some(ip) => (ip, true),
+                None => ("::1".to_string(), false),
+            },
+            "127.0.0.1" => ("127.0.0.1".to_string(), false),
+            "::1" => ("::1".to_string(), false),
+            _ => return None,
+        };
+        let bind = (pod && !scope.proxy.interception_none).then_some(INBOUND_BIND_ADDRESS);
+        (super::util::socket_address(&ip, port), bind)
+    };
+    let mut c = original_dst(name, bind);
+    c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+    c.lb_policy = LbPolicy::RoundRobin as i32;
+    c.load_assignment = Some(ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(address),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    Some(c)
 }
 
 /// A cluster that connects to the connection's original destination.
@@ -209,13 +281,20 @@ fn outbound(
             &endpoints,
         ));
     }
+    let auto_sni = policy.tls.as_ref().and_then(auto_sni_options);
     if port.protocol.is_http() || port.protocol == Protocol::Unknown {
+        let mut options = http_options(port.protocol, policy.connection_pool.as_ref());
+        options.upstream_http_protocol_options = auto_sni;
+        c.typed_extension_protocol_options
+            .insert(HTTP_OPTIONS_KEY.into(), any(&options));
+    } else if auto_sni.is_some() {
+        // istiod sets them whatever the port's protocol.
         c.typed_extension_protocol_options.insert(
             HTTP_OPTIONS_KEY.into(),
-            any(&http_options(
-                port.protocol,
-                policy.connection_pool.as_ref(),
-            )),
+            any(&HttpProtocolOptions {
+                upstream_http_protocol_options: auto_sni,
+                ..Default::default()
+            }),
         );
     }
     if let Some(tcp) = policy
@@ -592,6 +671,40 @@ fn auto_mtls(
     ]
 }
 
+/// The operating system's CA bundle, where istio-agent looks for it
+/// (`file-root:system`): the first that exists, else Debian's path.
+fn system_ca_bundle() -> &'static str {
+    const CANDIDATES: &[&str] = &[
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/pki/tls/cacert.pem",
+        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+    ];
+    CANDIDATES
+        .iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .unwrap_or(&CANDIDATES[0])
+}
+
+/// istiod's `setAutoSniAndAutoSanValidation`: for SIMPLE and MUTUAL
+/// origination without an `sni`, the request's host is sent as SNI, and
+/// (certificates verified, no `subjectAltNames`) required as the server's
+/// name.
+fn auto_sni_options(tls: &ClientTlsSettings) -> Option<UpstreamHttpProtocolOptions> {
+    let mode = tls.mode.unwrap_or(ClientTlsMode::Disable);
+    if !matches!(mode, ClientTlsMode::Simple | ClientTlsMode::Mutual) || tls.sni.is_some() {
+        return None;
+    }
+    Some(UpstreamHttpProtocolOptions {
+        auto_sni: true,
+        auto_san_validation: tls.subject_alt_names.is_empty()
+            && tls.insecure_skip_verify != Some(true),
+        ..Default::default()
+    })
+}
+
 /// DestinationRule `tls` as an upstream TLS transport socket.
 fn upstream_tls(
     scope: &Scope<'_>,
@@ -627,12 +740,15 @@ fn upstream_tls(
                         .collect(),
                     ..Default::default()
                 };
-                match &tls.ca_certificates {
-                    Some(ca) => vc.trusted_ca = Some(file(ca)),
-                    None => {
-                        vc.system_root_certs = Some(Default::default());
-                    }
-                }
+                // Without caCertificates istiod names the system's roots
+                // (`file-root:system`, which istio-agent reads from the
+                // OS bundle); the bundle's file is named here, so that every
+                // proxy verifies the server (Envoy skips `system_root_certs`).
+                let ca = tls
+                    .ca_certificates
+                    .clone()
+                    .unwrap_or_else(|| system_ca_bundle().to_string());
+                vc.trusted_ca = Some(file(&ca));
                 if let Some(crl) = &tls.ca_crl {
                     vc.crl = Some(file(crl));
                 }
@@ -647,11 +763,11 @@ fn upstream_tls(
                     ..Default::default()
                 });
             }
+            // Without an explicit SNI the request's host is sent (and
+            // checked), through the cluster's `auto_sni` (see
+            // [`auto_sni_options`]), as istiod does.
             UpstreamTlsContext {
                 sni: tls.sni.clone().unwrap_or_default(),
-                // Without an explicit SNI, use the request's host, as Istio
-                // does for SIMPLE origination.
-                auto_host_sni: tls.sni.is_none(),
                 common_tls_context: Some(common),
                 ..Default::default()
             }

@@ -22,6 +22,7 @@ mod gateway;
 pub mod jwt;
 mod listener;
 pub mod locality;
+pub mod name_table;
 pub mod registry;
 mod route;
 pub mod telemetry;
@@ -38,7 +39,7 @@ use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
 use super::names::{self, DEFAULT_DOMAIN, ROOT_NAMESPACE};
 use super::source::{Resource, Snapshot, Spec};
-use super::types::mesh::{DefaultProviders, ExtensionProvider, ProxyTracing};
+use super::types::mesh::{DefaultProviders, ExtensionProvider, PathNormalization, ProxyTracing};
 use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
@@ -52,6 +53,8 @@ pub struct ProxyConfig {
     pub routes: Vec<RouteConfiguration>,
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
+    /// The DNS name table (NDS) of a sidecar; `None` for gateways.
+    pub name_table: Option<ferry_envoy_json::istio_nds::NameTable>,
 }
 
 /// What a proxy is, from the first field of its node id.
@@ -88,6 +91,9 @@ pub struct Proxy {
     /// `MESH_ID` and `CLUSTER_ID` of the node metadata (span tags).
     pub mesh_id: String,
     pub cluster_id: String,
+    /// `INTERCEPTION_MODE: NONE`: nothing redirects the workload's traffic
+    /// (a VM, a pod without capture); listeners bind their ports for real.
+    pub interception_none: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -162,6 +168,7 @@ impl Proxy {
             cluster: node.cluster.clone(),
             mesh_id: text("MESH_ID").unwrap_or_default(),
             cluster_id: text("CLUSTER_ID").unwrap_or_default(),
+            interception_none: text("INTERCEPTION_MODE").as_deref() == Some("NONE"),
         })
     }
 }
@@ -206,6 +213,8 @@ pub struct MeshOptions {
     /// `defaultConfig.tracing`: sampling (percent), custom tags and path
     /// tag length.
     pub proxy_tracing: ProxyTracing,
+    /// `meshConfig.pathNormalization.normalization`.
+    pub path_normalization: PathNormalization,
 }
 
 impl Default for MeshOptions {
@@ -221,6 +230,7 @@ impl Default for MeshOptions {
             default_providers: DefaultProviders::default(),
             enable_tracing: true,
             proxy_tracing: ProxyTracing::default(),
+            path_normalization: PathNormalization::Default,
         }
     }
 }
@@ -269,6 +279,9 @@ impl MeshOptions {
             format: cfg.access_log_format.clone(),
             disable_listener_log: cfg.disable_envoy_listener_log,
         };
+        if let Some(p) = &cfg.path_normalization {
+            out.path_normalization = p.normalization;
+        }
         out
     }
 }
@@ -394,7 +407,10 @@ impl Mesh {
         let mut out = ProxyConfig::default();
         cluster::build(&scope, &mut out);
         match proxy.node_type {
-            NodeType::Sidecar => listener::build(&scope, &mut out),
+            NodeType::Sidecar => {
+                listener::build(&scope, &mut out);
+                out.name_table = Some(name_table::build(&scope));
+            }
             NodeType::Router => gateway::build(&scope, &mut out),
         }
         telemetry::apply(&scope, &mut out.listeners);
@@ -479,7 +495,33 @@ impl<'a> Scope<'a> {
         if sc.egress.is_empty() {
             return true;
         }
-        sc.egress.iter().flat_map(|e| &e.hosts).any(|entry| {
+        sc.egress
+            .iter()
+            .any(|e| self.egress_imports(e, namespace, host))
+    }
+
+    /// Whether the services of `svc` get the per-port outbound listeners of
+    /// the catch-all egress listener (one without `port`); those imported
+    /// only by egress listeners with a port get that port's listener alone.
+    pub(crate) fn catch_all_imports(&self, svc: &Service) -> bool {
+        let Some((_, sc)) = self.sidecar else {
+            return true;
+        };
+        sc.egress.is_empty()
+            || sc
+                .egress
+                .iter()
+                .any(|e| e.port.is_none() && self.egress_imports(e, &svc.namespace, &svc.host))
+    }
+
+    /// Whether one egress listener's `hosts` import `namespace/host`.
+    pub(crate) fn egress_imports(
+        &self,
+        e: &super::types::networking::IstioEgressListener,
+        namespace: &str,
+        host: &str,
+    ) -> bool {
+        e.hosts.iter().any(|entry| {
             let Some((ns, pattern)) = entry.split_once('/') else {
                 return false;
             };

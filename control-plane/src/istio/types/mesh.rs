@@ -228,6 +228,33 @@ pub struct MeshConfig {
     /// Telemetry or default provider says otherwise (istiod's default: on).
     pub enable_tracing: Option<bool>,
     pub default_config: ProxyConfigDefaults,
+    /// `pathNormalization`: what every HTTP connection manager does to
+    /// request paths.
+    pub path_normalization: Option<ProxyPathNormalization>,
+}
+
+/// `meshConfig.pathNormalization`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ProxyPathNormalization {
+    pub normalization: PathNormalization,
+}
+
+/// `meshConfig.pathNormalization.normalization`, istiod's levels.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PathNormalization {
+    /// BASE.
+    #[default]
+    Default,
+    /// `normalize_path: false`.
+    None,
+    /// RFC 3986 normalization, backslashes as slashes.
+    Base,
+    /// BASE and `merge_slashes`.
+    MergeSlashes,
+    /// MERGE_SLASHES and `%2F`/`%5C` unescaped (`UNESCAPE_AND_FORWARD`).
+    DecodeAndMergeSlashes,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
