@@ -208,9 +208,24 @@ pub struct ClusterRt {
     hosts: ArcSwap<Vec<(Arc<EndpointPool>, HostMeta)>>,
     /// The live secrets and TLS configurations.
     tls: Arc<TlsContexts>,
+    /// `true` once a STRICT_DNS cluster's first resolution round is over
+    /// (always `true` for other kinds): Envoy warms such a cluster before
+    /// it serves, so its first requests wait for it instead of failing.
+    resolved: tokio::sync::watch::Sender<bool>,
 }
 
 impl ClusterRt {
+    /// Waits until the cluster has finished warming: for STRICT_DNS, its
+    /// first resolution round (bounded by the resolver's own timeout, and
+    /// at most 5 s here). Immediate for every other kind.
+    pub async fn warmed(&self) {
+        if *self.resolved.borrow() {
+            return;
+        }
+        let mut rx = self.resolved.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r)).await;
+    }
+
     /// Starts DNS refresh for a STRICT_DNS cluster; it stops with the cluster.
     fn start_dns(self: &Arc<Self>) {
         let ClusterKind::StrictDns(hosts) = &self.cfg.kind else {
@@ -250,6 +265,7 @@ impl ClusterRt {
                         .collect();
                     c.install(pools);
                 }
+                c.resolved.send_replace(true);
                 drop(c);
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
@@ -275,6 +291,10 @@ impl ClusterRt {
             dynamic: Mutex::new(HashMap::new()),
             hosts: ArcSwap::from_pointee(Vec::new()),
             tls: tls.clone(),
+            resolved: tokio::sync::watch::Sender::new(!matches!(
+                cfg.kind,
+                ClusterKind::StrictDns(_)
+            )),
             cfg,
         };
         if let ClusterKind::Static(eps) = &rt.cfg.kind {
@@ -592,7 +612,16 @@ fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
 /// any response byte: what a server closing an idle keep-alive connection
 /// looks like, as opposed to a reset after it read the request.
 fn closed_cleanly_before_response(e: &hyper::Error) -> bool {
+    // The kernel tells the two resets apart: one arriving after the
+    // server's FIN (our side in CLOSE_WAIT: the server had closed before
+    // our request reached it, and its kernel refused the bytes) surfaces as
+    // EPIPE; one on an open connection (the server read the request, then
+    // reset) as ECONNRESET, which stays the retry policy's call.
+    use std::error::Error as _;
     e.is_incomplete_message()
+        || e.source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 struct Idle {

@@ -46,6 +46,7 @@ pub async fn proxy<S>(
     };
     drop(clusters);
     log.cluster(name);
+    cluster.warmed().await;
     let Some(pool) = cluster.pick(Some(original_dst)) else {
         stats.downstream_cx_no_route.inc();
         log.flag("UH");

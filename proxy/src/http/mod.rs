@@ -1079,6 +1079,10 @@ async fn forward(
         return (local_reply(r), "NC", None);
     };
     obs.cluster(name);
+    let held = crt.clone();
+    drop(clusters);
+    let crt = &*held;
+    crt.warmed().await;
     let lb_hash = crate::lb::request_hash(
         &route.hash_policy,
         req.headers(),
