@@ -912,7 +912,7 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
         # the same goes for Istio's Prometheus port 15090 (scrapes go to the admin port here).
         proxies["ferry"] = Proxy(
             "ferry",
-            [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1", "--ready-addr", "off", "--prometheus-addr", "off"],
+            [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1", "--ready-addr", "off", "--prometheus-addr", "off", "--status-addr", "off"],
         )
         versions["ferry"] = tool_version([str(args.ferry), "--version"], strict=True)
     if "http1" in args.only or "istio20" in args.only:

@@ -192,7 +192,7 @@ def one_run(proxy: str, binary: Path, dump_file: Path, pilot: Path, delta: bool,
         cfg = work / f"bootstrap-{proxy}.yaml"
         cfg.write_text(bootstrap(xds, admin, delta))
         if proxy == "ferry":
-            argv = ["taskset", "-c", "1", str(binary), "sidecar", "--config", str(cfg), "--concurrency", "1", "--ready-addr", "off", "--prometheus-addr", "off", "--log-level", "warn"]
+            argv = ["taskset", "-c", "1", str(binary), "sidecar", "--config", str(cfg), "--concurrency", "1", "--ready-addr", "off", "--prometheus-addr", "off", "--status-addr", "off", "--log-level", "warn"]
         else:
             argv = ["taskset", "-c", "1", str(binary), "-c", str(cfg), "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"]
         log = open(work / f"{proxy}.log", "w")

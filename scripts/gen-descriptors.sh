@@ -25,22 +25,25 @@ done < <(find envoy -path '*/v3/*.proto' | sort)
 # inputs and IP/trie matchers).
 cd "$proto/xds"
 while read -r f; do files+=("$f"); done < <(find xds/type -name '*.proto' | sort)
-# udpa's TypedStruct (older istiod sends it) is not in that copy: its schema
-# is two fields, written here.
+# The two TypedStructs (udpa's and xds's, which istiod and Istio's samples
+# wrap extension configs in) are not in that copy: their schema is two
+# fields, written here.
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/udpa/type/v1"
-cat >"$work/udpa/type/v1/typed_struct.proto" <<'PROTO'
+for pkg in udpa/type/v1 xds/type/v3; do
+  mkdir -p "$work/$pkg"
+  cat >"$work/$pkg/typed_struct.proto" <<PROTO
 syntax = "proto3";
-package udpa.type.v1;
+package ${pkg//\//.};
 import "google/protobuf/struct.proto";
 message TypedStruct {
   string type_url = 1;
   google.protobuf.Struct value = 2;
 }
 PROTO
+  files+=("$pkg/typed_struct.proto")
+done
 inc+=(-I "$work")
-files+=(udpa/type/v1/typed_struct.proto)
 # Istio's own extension configs that istiod sends as plain `Any`s (from the
 # shared Istio API protos, when checked out beside this repository).
 istio="$repo/../shared/istio-api-protos"

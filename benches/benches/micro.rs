@@ -51,6 +51,7 @@ fn route(i: usize) -> Route {
         vhost_rate_limits: Default::default(),
         upgrades: Vec::new(),
         request_body_buffer_limit: None,
+        decorator: None,
     }
 }
 

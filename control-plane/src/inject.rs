@@ -15,6 +15,28 @@
 //! `sidecar.istio.io/inject: "false"` is left alone, and so is one already
 //! injected (injecting twice changes nothing). Other documents pass through
 //! unchanged.
+//!
+//! What istio-agent does beside Envoy is prepared here as Istio's injector
+//! prepares it:
+//! - the app's HTTP, TCP and gRPC liveness/readiness/startup probes (and
+//!   HTTP/TCP `postStart`/`preStop` hooks) become HTTP GETs of
+//!   `/app-health/<container>/livez|readyz|startupz` on the status port
+//!   15020, the originals passed in `ISTIO_KUBE_APP_PROBERS`
+//!   (`sidecar.istio.io/rewriteAppHTTPProbers: "false"` keeps them);
+//! - the `prometheus.io/scrape|port|path` annotations move into
+//!   `ISTIO_PROMETHEUS_ANNOTATIONS` and point at 15020's merged
+//!   `/stats/prometheus` (`prometheus.istio.io/merge-metrics: "false"`
+//!   keeps them);
+//! - `proxy.istio.io/config`'s `holdApplicationUntilProxyStarts` puts the
+//!   sidecar first with a `postStart` hook (`ferry wait`) that returns once
+//!   it is ready, and its `proxyMetadata` become environment variables of
+//!   the sidecar and the init container (`ISTIO_META_DNS_CAPTURE`,
+//!   `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`, …);
+//! - `sidecar.istio.io/nativeSidecar: "true"` (or `--native-sidecars`)
+//!   makes the sidecar a Kubernetes native sidecar: an init container with
+//!   `restartPolicy: Always` right after `istio-init`, a startup probe on
+//!   15021 and a `preStop` drain, so it starts before the app and stops
+//!   after it (Jobs complete).
 
 use std::collections::BTreeSet;
 
@@ -29,6 +51,10 @@ pub struct InjectOptions {
     pub init_image: String,
     /// `host:port` of ferry-pilot's (or istiod's) xDS and CA port.
     pub discovery_address: String,
+    /// The mesh default of `holdApplicationUntilProxyStarts`.
+    pub hold_application_until_proxy_starts: bool,
+    /// Make sidecars native sidecar containers unless a pod says otherwise.
+    pub native_sidecars: bool,
 }
 
 impl Default for InjectOptions {
@@ -37,6 +63,8 @@ impl Default for InjectOptions {
             proxy_image: "ferry-proxy:latest".into(),
             init_image: "ferry-init:latest".into(),
             discovery_address: "ferry-pilot.istio-system.svc:15010".into(),
+            hold_application_until_proxy_starts: false,
+            native_sidecars: false,
         }
     }
 }
@@ -45,7 +73,20 @@ impl Default for InjectOptions {
 pub enum InjectError {
     #[error("document {index}: {message}")]
     Yaml { index: usize, message: String },
+    #[error("document {index} ({name}): {message}")]
+    Workload {
+        index: usize,
+        name: String,
+        message: String,
+    },
 }
+
+/// The agent's status port, where rewritten probes and merged metrics go.
+pub const STATUS_PORT: u16 = 15020;
+/// Where the images put the binary (the `postStart`/`preStop` hooks exec it).
+const FERRY: &str = "/usr/local/bin/ferry";
+const PROXY_CONTAINER: &str = "istio-proxy";
+const INIT_CONTAINER: &str = "istio-init";
 
 const INJECT: &str = "sidecar.istio.io/inject";
 const STATUS: &str = "sidecar.istio.io/status";
@@ -152,11 +193,19 @@ fn env_field(name: &str, path: &str) -> Value {
     ])
 }
 
-fn init_container(opts: &InjectOptions) -> Value {
+fn env_value(name: &str, value: &str) -> Value {
+    map(vec![("name", s(name)), ("value", s(value))])
+}
+
+fn init_container(opts: &InjectOptions, metadata: &[(String, String)]) -> Value {
     map(vec![
-        ("name", s("istio-init")),
+        ("name", s(INIT_CONTAINER)),
         ("image", s(&opts.init_image)),
         ("args", Value::Sequence(vec![s("iptables")])),
+        (
+            "env",
+            Value::Sequence(metadata.iter().map(|(k, v)| env_value(k, v)).collect()),
+        ),
         (
             "securityContext",
             map(vec![
@@ -174,9 +223,9 @@ fn init_container(opts: &InjectOptions) -> Value {
     ])
 }
 
-fn sidecar_container(opts: &InjectOptions, workload: &str) -> Value {
+fn sidecar_container(opts: &InjectOptions, workload: &str, extra_env: Vec<Value>) -> Value {
     map(vec![
-        ("name", s("istio-proxy")),
+        ("name", s(PROXY_CONTAINER)),
         ("image", s(&opts.proxy_image)),
         (
             "args",
@@ -188,24 +237,29 @@ fn sidecar_container(opts: &InjectOptions, workload: &str) -> Value {
         ),
         (
             "env",
-            Value::Sequence(vec![
-                env_field("POD_NAME", "metadata.name"),
-                env_field("POD_NAMESPACE", "metadata.namespace"),
-                env_field("INSTANCE_IP", "status.podIP"),
-                env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-                map(vec![
-                    ("name", s("CA_ADDR")),
-                    ("value", s(&opts.discovery_address)),
-                ]),
-                map(vec![
-                    ("name", s("ISTIO_META_WORKLOAD_NAME")),
-                    ("value", s(workload)),
-                ]),
-                map(vec![
-                    ("name", s("ISTIO_META_CLUSTER_ID")),
-                    ("value", s("Kubernetes")),
-                ]),
-            ]),
+            Value::Sequence(
+                vec![
+                    env_field("POD_NAME", "metadata.name"),
+                    env_field("POD_NAMESPACE", "metadata.namespace"),
+                    env_field("INSTANCE_IP", "status.podIP"),
+                    env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+                    map(vec![
+                        ("name", s("CA_ADDR")),
+                        ("value", s(&opts.discovery_address)),
+                    ]),
+                    map(vec![
+                        ("name", s("ISTIO_META_WORKLOAD_NAME")),
+                        ("value", s(workload)),
+                    ]),
+                    map(vec![
+                        ("name", s("ISTIO_META_CLUSTER_ID")),
+                        ("value", s("Kubernetes")),
+                    ]),
+                ]
+                .into_iter()
+                .chain(extra_env)
+                .collect(),
+            ),
         ),
         (
             "ports",
@@ -259,11 +313,281 @@ fn injected(template: &Value) -> bool {
     str_at(template, &["metadata", "annotations", STATUS]).is_some()
 }
 
-/// Injects one pod template; `workload` names it (the owner's name).
-fn inject_template(template: &mut Value, workload: &str, opts: &InjectOptions) {
-    if !template.is_mapping() {
-        return;
+/// `proxy.istio.io/config` as far as injection reads it.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ProxyConfigAnnotation {
+    #[serde(default)]
+    hold_application_until_proxy_starts: Option<bool>,
+    #[serde(default)]
+    proxy_metadata: std::collections::BTreeMap<String, String>,
+}
+
+fn annotation<'a>(template: &'a Value, key: &str) -> Option<&'a str> {
+    str_at(template, &["metadata", "annotations", key])
+}
+
+/// Kubernetes' boolean strings, as Go's `strconv.ParseBool` reads them.
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
     }
+}
+
+/// Prometheus' annotation key normalisation (`prometheus.io/scrape` and
+/// `prometheus-io/scrape` are the same key to it).
+fn sanitize_label(k: &str) -> String {
+    k.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Istio's reserved ports, never an app's metrics port.
+const RESERVED_PORTS: [u16; 9] = [
+    15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090,
+];
+
+/// The metrics merge (the injector's `applyPrometheusMerge`): returns the
+/// `ISTIO_PROMETHEUS_ANNOTATIONS` value, if any, after pointing the
+/// annotations at the status port.
+fn prometheus_merge(template: &mut Value) -> Result<Option<String>, String> {
+    let annotations = template["metadata"]["annotations"]
+        .as_mapping()
+        .cloned()
+        .unwrap_or_default();
+    let get = |key: &str| {
+        annotations.iter().find_map(|(k, v)| {
+            (k.as_str().map(sanitize_label).as_deref() == Some(key))
+                .then(|| v.as_str().unwrap_or_default().to_string())
+        })
+    };
+    if get("prometheus_istio_io_merge_metrics").and_then(|v| parse_bool(&v)) == Some(false) {
+        return Ok(None);
+    }
+    if let Some(scrape) = get("prometheus_io_scrape").and_then(|v| parse_bool(&v))
+        && !scrape
+    {
+        return Ok(None);
+    }
+    let target = STATUS_PORT.to_string();
+    let port = get("prometheus_io_port");
+    if port.as_deref() == Some(target.as_str()) {
+        // Injected already, or the user points at the agent.
+        return Ok(None);
+    }
+    if let Some(p) = &port {
+        let n: u16 = p.trim().parse().ok().filter(|n| *n != 0).ok_or_else(|| {
+            format!("invalid prometheus scrape configuration: invalid port {p:?}")
+        })?;
+        if RESERVED_PORTS.contains(&n) {
+            return Err(format!(
+                "invalid prometheus scrape configuration: port {p} is reserved for Istio and cannot be scraped"
+            ));
+        }
+    }
+    let mut cfg = serde_json::Map::new();
+    for (key, field) in [
+        ("prometheus_io_scrape", "scrape"),
+        ("prometheus_io_path", "path"),
+        ("prometheus_io_port", "port"),
+    ] {
+        if let Some(v) = get(key) {
+            cfg.insert(field.into(), serde_json::Value::String(v));
+        }
+    }
+    let env = (!cfg.is_empty()).then(|| serde_json::Value::Object(cfg).to_string());
+    let annotations = mapping_at(mapping_at_value(template, "metadata"), "annotations");
+    annotations.retain(|k, _| {
+        !matches!(
+            k.as_str().map(sanitize_label).as_deref(),
+            Some("prometheus_io_scrape" | "prometheus_io_port" | "prometheus_io_path")
+        )
+    });
+    annotations.insert(s("prometheus.io/port"), s(&target));
+    annotations.insert(s("prometheus.io/path"), s("/stats/prometheus"));
+    annotations.insert(s("prometheus.io/scrape"), s("true"));
+    Ok(env)
+}
+
+/// The rewritten probe handler: an HTTP GET of `path` on the status port
+/// (an HTTPS GET becomes HTTP: the agent answers in plaintext).
+fn rewritten_get(original: Option<&Value>, path: &str) -> Value {
+    let mut get = original
+        .cloned()
+        .unwrap_or_else(|| Value::Mapping(Mapping::new()));
+    if let Some(m) = get.as_mapping_mut() {
+        m.insert(s("path"), s(path));
+        m.insert(s("port"), Value::from(STATUS_PORT));
+        if m.get(s("scheme")).and_then(Value::as_str) == Some("HTTPS") {
+            m.insert(s("scheme"), s("HTTP"));
+        }
+    }
+    get
+}
+
+/// A probe or lifecycle handler as the agent's prober config (the
+/// kubelet's handler with numeric ports and the probe's timeout), or
+/// `None` when it is not rewritten.
+fn prober_of(handler: &Value, ports: &Mapping, is_probe: bool) -> Option<Value> {
+    let http = handler.get("httpGet");
+    let tcp = handler.get("tcpSocket");
+    let grpc = handler.get("grpc").filter(|_| is_probe);
+    let resolve = |action: &Value| -> Option<Value> {
+        let mut action = action.clone();
+        let port = action.get("port")?.clone();
+        let n = match &port {
+            Value::Number(n) => n.as_u64()?,
+            Value::String(name) => match name.parse::<u64>() {
+                Ok(n) => n,
+                Err(_) => ports.get(s(name)).and_then(Value::as_u64)?,
+            },
+            _ => return None,
+        };
+        if n == u64::from(STATUS_PORT) {
+            return None;
+        }
+        action.as_mapping_mut()?.insert(s("port"), Value::from(n));
+        Some(action)
+    };
+    let mut out = Mapping::new();
+    if let Some(h) = http {
+        out.insert(s("httpGet"), resolve(h)?);
+    } else if let Some(t) = tcp {
+        out.insert(s("tcpSocket"), resolve(t)?);
+    } else if let Some(g) = grpc {
+        out.insert(s("grpc"), g.clone());
+    } else {
+        return None;
+    }
+    if is_probe {
+        // The API server's default, which the kubelet applies too.
+        let timeout = handler
+            .get("timeoutSeconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(1);
+        out.insert(s("timeoutSeconds"), Value::from(timeout));
+    }
+    Some(Value::Mapping(out))
+}
+
+/// Rewrites the app containers' probes to the status port and returns the
+/// `ISTIO_KUBE_APP_PROBERS` value (the injector's `DumpAppProbers` and
+/// `patchRewriteProbe`).
+fn rewrite_probes(spec: &mut Value) -> Option<String> {
+    let mut probers = serde_json::Map::new();
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec.get_mut(list).and_then(Value::as_sequence_mut) else {
+            continue;
+        };
+        for c in containers {
+            let Some(name) = c.get("name").and_then(Value::as_str).map(str::to_string) else {
+                continue;
+            };
+            if name == PROXY_CONTAINER || name == INIT_CONTAINER {
+                continue;
+            }
+            let mut ports = Mapping::new();
+            for p in c
+                .get("ports")
+                .and_then(Value::as_sequence)
+                .into_iter()
+                .flatten()
+            {
+                if let (Some(n), Some(port)) = (p.get("name"), p.get("containerPort")) {
+                    ports.insert(n.clone(), port.clone());
+                }
+            }
+            for (field, kind) in [
+                ("readinessProbe", "readyz"),
+                ("livenessProbe", "livez"),
+                ("startupProbe", "startupz"),
+            ] {
+                let path = format!("/app-health/{name}/{kind}");
+                let Some(probe) = c.get_mut(field) else {
+                    continue;
+                };
+                let Some(prober) = prober_of(probe, &ports, true) else {
+                    continue;
+                };
+                if let Ok(j) = serde_json::to_value(&prober) {
+                    probers.insert(path.clone(), j);
+                }
+                let Some(m) = probe.as_mapping_mut() else {
+                    continue;
+                };
+                let get = rewritten_get(m.get(s("httpGet")), &path);
+                m.remove(s("tcpSocket"));
+                m.remove(s("grpc"));
+                m.insert(s("httpGet"), get);
+            }
+            for (field, kind) in [("preStop", "prestopz"), ("postStart", "poststartz")] {
+                let path = format!("/app-lifecycle/{name}/{kind}");
+                let Some(handler) = c.get_mut("lifecycle").and_then(|l| l.get_mut(field)) else {
+                    continue;
+                };
+                let Some(prober) = prober_of(handler, &ports, false) else {
+                    continue;
+                };
+                if let Ok(j) = serde_json::to_value(&prober) {
+                    probers.insert(path.clone(), j);
+                }
+                let Some(m) = handler.as_mapping_mut() else {
+                    continue;
+                };
+                let get = rewritten_get(m.get(s("httpGet")), &path);
+                m.remove(s("tcpSocket"));
+                m.insert(s("httpGet"), get);
+            }
+        }
+    }
+    (!probers.is_empty()).then(|| serde_json::Value::Object(probers).to_string())
+}
+
+/// Injects one pod template; `workload` names it (the owner's name).
+fn inject_template(
+    template: &mut Value,
+    workload: &str,
+    opts: &InjectOptions,
+) -> Result<(), String> {
+    if !template.is_mapping() {
+        return Ok(());
+    }
+    let proxy_config: ProxyConfigAnnotation = match annotation(template, "proxy.istio.io/config") {
+        Some(text) => serde_yaml_ng::from_str(text)
+            .map_err(|e| format!("annotation proxy.istio.io/config: {e}"))?,
+        None => ProxyConfigAnnotation::default(),
+    };
+    let native = match annotation(template, "sidecar.istio.io/nativeSidecar") {
+        Some(v) => v != "false",
+        None => opts.native_sidecars,
+    };
+    // A native sidecar starts before the app by itself: no hold then.
+    let hold = proxy_config
+        .hold_application_until_proxy_starts
+        .unwrap_or(opts.hold_application_until_proxy_starts)
+        && !native;
+    let rewrite = annotation(template, "sidecar.istio.io/rewriteAppHTTPProbers")
+        .and_then(parse_bool)
+        .unwrap_or(true);
+    let mut metadata: Vec<(String, String)> = proxy_config.proxy_metadata.into_iter().collect();
+    // `sidecar.istio.io/interceptionMode: NONE`: no capture (no init
+    // container), and the proxy says so to the control plane, which then
+    // binds the workload's ports for real (Sidecar ingress/egress).
+    let no_capture = annotation(template, "sidecar.istio.io/interceptionMode") == Some("NONE");
+    if let Some(mode) = annotation(template, "sidecar.istio.io/interceptionMode") {
+        metadata.retain(|(k, _)| k != "ISTIO_META_INTERCEPTION_MODE");
+        metadata.push(("ISTIO_META_INTERCEPTION_MODE".into(), mode.to_string()));
+    }
+    let prometheus = prometheus_merge(template)?;
+
     let labels = mapping_at(mapping_at_value(template, "metadata"), "labels");
     let app = labels
         .get(s("app"))
@@ -282,20 +606,103 @@ fn inject_template(template: &mut Value, workload: &str, opts: &InjectOptions) {
     labels
         .entry(s("service.istio.io/canonical-revision"))
         .or_insert_with(|| s(&version));
+    let (init_list, proxy_list) = match (native, no_capture) {
+        (true, false) => (r#"["istio-init","istio-proxy"]"#, "[]"),
+        (true, true) => (r#"["istio-proxy"]"#, "[]"),
+        (false, false) => (r#"["istio-init"]"#, r#"["istio-proxy"]"#),
+        (false, true) => ("[]", r#"["istio-proxy"]"#),
+    };
     let annotations = mapping_at(mapping_at_value(template, "metadata"), "annotations");
     annotations.insert(
         s(STATUS),
         s(&format!(
-            r#"{{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["{BOOTSTRAP_CONFIG_MAP}"]}}"#
+            r#"{{"initContainers":{init_list},"containers":{proxy_list},"volumes":["{BOOTSTRAP_CONFIG_MAP}"]}}"#
         )),
     );
     let spec = mapping_at_value(template, "spec");
-    seq_at(spec, "initContainers").insert(0, init_container(opts));
-    seq_at(spec, "containers").push(sidecar_container(opts, workload));
+    let probers = if rewrite { rewrite_probes(spec) } else { None };
+    let mut env: Vec<Value> = metadata.iter().map(|(k, v)| env_value(k, v)).collect();
+    if let Some(p) = &probers {
+        env.push(env_value("ISTIO_KUBE_APP_PROBERS", p));
+    }
+    if let Some(p) = &prometheus {
+        env.push(env_value("ISTIO_PROMETHEUS_ANNOTATIONS", p));
+    }
+    let mut sidecar = sidecar_container(opts, workload, env);
+    if let Some(m) = sidecar.as_mapping_mut() {
+        if native {
+            m.insert(s("restartPolicy"), s("Always"));
+            // The kubelet starts the app once this passes.
+            m.insert(
+                s("startupProbe"),
+                map(vec![
+                    (
+                        "httpGet",
+                        map(vec![
+                            ("path", s("/healthz/ready")),
+                            ("port", Value::from(15021)),
+                        ]),
+                    ),
+                    ("initialDelaySeconds", Value::from(0)),
+                    ("periodSeconds", Value::from(1)),
+                    ("timeoutSeconds", Value::from(3)),
+                    ("failureThreshold", Value::from(600)),
+                ]),
+            );
+            // Pod shutdown starts: drain; SIGTERM comes once the app is gone.
+            m.insert(
+                s("lifecycle"),
+                map(vec![(
+                    "preStop",
+                    map(vec![(
+                        "exec",
+                        map(vec![(
+                            "command",
+                            Value::Sequence(vec![
+                                s(FERRY),
+                                s("request"),
+                                s(&format!("--debug-port={STATUS_PORT}")),
+                                s("POST"),
+                                s("drain"),
+                            ]),
+                        )]),
+                    )]),
+                )]),
+            );
+        } else if hold {
+            // The kubelet starts the next container only once postStart
+            // returned: `ferry wait` returns when the sidecar is ready.
+            m.insert(
+                s("lifecycle"),
+                map(vec![(
+                    "postStart",
+                    map(vec![(
+                        "exec",
+                        map(vec![(
+                            "command",
+                            Value::Sequence(vec![s(FERRY), s("wait")]),
+                        )]),
+                    )]),
+                )]),
+            );
+        }
+    }
+    let inits = seq_at(spec, "initContainers");
+    if !no_capture {
+        inits.insert(0, init_container(opts, &metadata));
+    }
+    if native {
+        inits.insert(usize::from(!no_capture), sidecar);
+    } else if hold {
+        seq_at(spec, "containers").insert(0, sidecar);
+    } else {
+        seq_at(spec, "containers").push(sidecar);
+    }
     seq_at(spec, "volumes").push(map(vec![
         ("name", s(BOOTSTRAP_CONFIG_MAP)),
         ("configMap", map(vec![("name", s(BOOTSTRAP_CONFIG_MAP))])),
     ]));
+    Ok(())
 }
 
 /// The mapping under `key` as a `Value`, made when absent.
@@ -333,7 +740,13 @@ pub fn inject(text: &str, opts: &InjectOptions) -> Result<String, InjectError> {
             if injected(template) {
                 namespaces.insert(namespace);
             } else if !opted_out(template) {
-                inject_template(template, &name, opts);
+                inject_template(template, &name, opts).map_err(|message| {
+                    InjectError::Workload {
+                        index,
+                        name: name.clone(),
+                        message,
+                    }
+                })?;
                 namespaces.insert(namespace);
             }
         }
@@ -441,10 +854,8 @@ mod tests {
     #[test]
     fn every_bookinfo_deployment_is_injected() {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/istio-samples/bookinfo/platform/kube/bookinfo.yaml");
-        let Ok(text) = std::fs::read_to_string(&p) else {
-            return;
-        };
+            .join("../samples/bookinfo/platform/kube/bookinfo.yaml");
+        let text = std::fs::read_to_string(&p).unwrap();
         let out = inject(&text, &InjectOptions::default()).unwrap();
         let d = docs(&out);
         let deployments: Vec<&Value> = d.iter().filter(|v| v["kind"] == s("Deployment")).collect();
@@ -458,6 +869,175 @@ mod tests {
                 .collect();
             assert_eq!(names.last(), Some(&"istio-proxy"), "{names:?}");
         }
+    }
+
+    const PROBED: &str = concat!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations:\n",
+        "    prometheus.io/scrape: \"true\"\n    prometheus.io/port: \"9102\"\n    prometheus.io/path: /custom\n",
+        "spec:\n  containers:\n  - name: web\n    ports: [{name: http, containerPort: 8080}]\n",
+        "    readinessProbe: {httpGet: {path: /ready, port: http, scheme: HTTPS, httpHeaders: [{name: x-probe, value: r}]}, timeoutSeconds: 3}\n",
+        "    livenessProbe: {tcpSocket: {port: 8080}}\n    startupProbe: {grpc: {port: 9090, service: web}}\n",
+    );
+
+    fn env_of<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+        c["env"]
+            .as_sequence()?
+            .iter()
+            .find(|e| e["name"] == s(name))?["value"]
+            .as_str()
+    }
+
+    #[test]
+    fn probes_are_rewritten_to_the_status_port_as_istio_does() {
+        let out = inject(PROBED, &InjectOptions::default()).unwrap();
+        let d = docs(&out);
+        let c = &d[0]["spec"]["containers"];
+        let web = &c[0];
+        assert_eq!(
+            web["readinessProbe"]["httpGet"]["path"],
+            s("/app-health/web/readyz")
+        );
+        assert_eq!(web["readinessProbe"]["httpGet"]["port"], Value::from(15020));
+        assert_eq!(web["readinessProbe"]["httpGet"]["scheme"], s("HTTP"));
+        // The kubelet's headers stay (the agent passes them on).
+        assert_eq!(
+            web["readinessProbe"]["httpGet"]["httpHeaders"][0]["name"],
+            s("x-probe")
+        );
+        assert_eq!(web["readinessProbe"]["timeoutSeconds"], Value::from(3));
+        assert!(web["livenessProbe"].get("tcpSocket").is_none());
+        assert_eq!(
+            web["livenessProbe"]["httpGet"]["path"],
+            s("/app-health/web/livez")
+        );
+        assert!(web["startupProbe"].get("grpc").is_none());
+        let proxy = &c[1];
+        assert_eq!(proxy["name"], s("istio-proxy"));
+        let probers: serde_json::Value =
+            serde_json::from_str(env_of(proxy, "ISTIO_KUBE_APP_PROBERS").unwrap()).unwrap();
+        assert_eq!(
+            probers["/app-health/web/readyz"],
+            serde_json::json!({"httpGet": {"path": "/ready", "port": 8080, "scheme": "HTTPS",
+                "httpHeaders": [{"name": "x-probe", "value": "r"}]}, "timeoutSeconds": 3})
+        );
+        assert_eq!(
+            probers["/app-health/web/livez"],
+            serde_json::json!({"tcpSocket": {"port": 8080}, "timeoutSeconds": 1})
+        );
+        assert_eq!(
+            probers["/app-health/web/startupz"],
+            serde_json::json!({"grpc": {"port": 9090, "service": "web"}, "timeoutSeconds": 1})
+        );
+        // Metrics merge: the annotations point at the agent, the originals
+        // travel in the environment.
+        let ann = &d[0]["metadata"]["annotations"];
+        assert_eq!(ann["prometheus.io/port"], s("15020"));
+        assert_eq!(ann["prometheus.io/path"], s("/stats/prometheus"));
+        let prom: serde_json::Value =
+            serde_json::from_str(env_of(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS").unwrap()).unwrap();
+        assert_eq!(
+            prom,
+            serde_json::json!({"scrape": "true", "port": "9102", "path": "/custom"})
+        );
+        // Injecting again changes nothing.
+        let twice = inject(&out, &InjectOptions::default()).unwrap();
+        assert_eq!(docs(&twice), d);
+    }
+
+    #[test]
+    fn opting_out_keeps_probes_and_annotations() {
+        let text = PROBED.replace(
+            "    prometheus.io/scrape: \"true\"\n",
+            "    prometheus.io/scrape: \"true\"\n    sidecar.istio.io/rewriteAppHTTPProbers: \"false\"\n    prometheus.istio.io/merge-metrics: \"false\"\n",
+        );
+        let d = docs(&inject(&text, &InjectOptions::default()).unwrap());
+        let c = &d[0]["spec"]["containers"];
+        assert_eq!(
+            c[0]["livenessProbe"]["tcpSocket"]["port"],
+            Value::from(8080)
+        );
+        assert_eq!(
+            d[0]["metadata"]["annotations"]["prometheus.io/port"],
+            s("9102")
+        );
+        assert!(env_of(&c[1], "ISTIO_KUBE_APP_PROBERS").is_none());
+        assert!(env_of(&c[1], "ISTIO_PROMETHEUS_ANNOTATIONS").is_none());
+        // A reserved port is refused, naming the workload.
+        let bad = PROBED.replace("\"9102\"", "\"15090\"");
+        let e = inject(&bad, &InjectOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("(web)") && e.contains("reserved"), "{e}");
+    }
+
+    #[test]
+    fn hold_application_puts_the_sidecar_first_with_a_wait_hook() {
+        let text = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: job}\nspec:\n  template:\n    metadata:\n      annotations:\n        proxy.istio.io/config: '{\"holdApplicationUntilProxyStarts\": true, \"proxyMetadata\": {\"EXIT_ON_ZERO_ACTIVE_CONNECTIONS\": \"true\", \"ISTIO_META_DNS_CAPTURE\": \"true\"}}'\n    spec: {restartPolicy: Never, containers: [{name: job, image: job}]}\n";
+        let d = docs(&inject(text, &InjectOptions::default()).unwrap());
+        let spec = &d[0]["spec"]["template"]["spec"];
+        let proxy = &spec["containers"][0];
+        assert_eq!(proxy["name"], s("istio-proxy"));
+        assert_eq!(
+            proxy["lifecycle"]["postStart"]["exec"]["command"],
+            Value::Sequence(vec![s("/usr/local/bin/ferry"), s("wait")])
+        );
+        assert_eq!(
+            env_of(proxy, "EXIT_ON_ZERO_ACTIVE_CONNECTIONS"),
+            Some("true")
+        );
+        // The init container sees the metadata too (DNS capture rules).
+        assert_eq!(
+            env_of(&spec["initContainers"][0], "ISTIO_META_DNS_CAPTURE"),
+            Some("true")
+        );
+        assert_eq!(spec["containers"][1]["name"], s("job"));
+    }
+
+    #[test]
+    fn native_sidecars_are_restartable_init_containers() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {sidecar.istio.io/nativeSidecar: \"true\"}}\nspec: {containers: [{name: app, image: app}]}\n";
+        let d = docs(&inject(text, &InjectOptions::default()).unwrap());
+        let spec = &d[0]["spec"];
+        assert_eq!(spec["containers"].as_sequence().unwrap().len(), 1);
+        let inits = spec["initContainers"].as_sequence().unwrap();
+        assert_eq!(inits[0]["name"], s("istio-init"));
+        assert_eq!(inits[1]["name"], s("istio-proxy"));
+        assert_eq!(inits[1]["restartPolicy"], s("Always"));
+        assert_eq!(
+            inits[1]["startupProbe"]["httpGet"]["port"],
+            Value::from(15021)
+        );
+        assert_eq!(
+            inits[1]["lifecycle"]["preStop"]["exec"]["command"][4],
+            s("drain")
+        );
+        // The mesh default applies without the annotation; the pod's "false" wins.
+        let plain = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: app, image: app}]}\n";
+        let opts = InjectOptions {
+            native_sidecars: true,
+            ..InjectOptions::default()
+        };
+        let d = docs(&inject(plain, &opts).unwrap());
+        assert_eq!(d[0]["spec"]["initContainers"][1]["name"], s("istio-proxy"));
+        let off = text.replace("\"true\"", "\"false\"");
+        let d = docs(&inject(&off, &opts).unwrap());
+        assert_eq!(d[0]["spec"]["containers"][1]["name"], s("istio-proxy"));
+    }
+
+    #[test]
+    fn interception_none_has_no_init_container() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {sidecar.istio.io/interceptionMode: NONE}}\nspec: {containers: [{name: app, image: app}]}\n";
+        let d = docs(&inject(text, &InjectOptions::default()).unwrap());
+        let spec = &d[0]["spec"];
+        assert!(spec["initContainers"].as_sequence().unwrap().is_empty());
+        let proxy = &spec["containers"][1];
+        assert_eq!(env_of(proxy, "ISTIO_META_INTERCEPTION_MODE"), Some("NONE"));
+        // Injecting again changes nothing.
+        let out = inject(text, &InjectOptions::default()).unwrap();
+        assert_eq!(
+            docs(&inject(&out, &InjectOptions::default()).unwrap()),
+            docs(&out)
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod inject;
 pub mod istio;
+pub mod local;
 pub mod pilot;
 pub mod replay;
 pub mod xds;

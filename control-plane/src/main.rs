@@ -1,7 +1,10 @@
 //! The `ferry-pilot` binary: serves Envoy v3 configuration over ADS.
 //! `replay` serves what an Envoy `/config_dump` shows (a real control
 //! plane's output, re-served); `serve-static` serves the static listeners and
-//! clusters of an Envoy bootstrap over xDS.
+//! clusters of an Envoy bootstrap over xDS; `demo` runs bookinfo on a local
+//! mesh ([`demo`]) and `apply` changes a watched configuration directory.
+
+mod demo;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +81,14 @@ enum Command {
         /// `host:port` of the control plane's xDS and CA port.
         #[arg(long, default_value = "ferry-pilot.istio-system.svc:15010")]
         discovery_address: String,
+        /// The mesh default of `holdApplicationUntilProxyStarts` (a pod's
+        /// `proxy.istio.io/config` wins).
+        #[arg(long)]
+        hold_application_until_proxy_starts: bool,
+        /// Inject native sidecar containers (a pod's
+        /// `sidecar.istio.io/nativeSidecar` wins).
+        #[arg(long)]
+        native_sidecars: bool,
     },
     /// Validates a directory of Istio configuration like `istioctl analyze`;
     /// exits non-zero on errors.
@@ -88,6 +99,38 @@ enum Command {
         /// extension providers of CUSTOM AuthorizationPolicies).
         #[command(flatten)]
         mesh: MeshArgs,
+    },
+    /// Runs bookinfo on a local mesh (network-namespace pods, no
+    /// Kubernetes): ferry-pilot, a `ferry sidecar` per workload with STRICT
+    /// mTLS, `ferry gateway`; walks Istio's first steps, then serves until
+    /// Ctrl-C and removes everything it created. Needs root, `ip`,
+    /// `iptables` and `python3`.
+    Demo {
+        /// Run this directory of Kubernetes and Istio YAML instead of the
+        /// built-in bookinfo (checked first as `analyze` does).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Host port (on 127.0.0.1) forwarded to the ingress gateway; a free
+        /// one when taken, any free one with 0.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Where the demo keeps its configuration directory, bootstraps and
+        /// logs (removed when it stops).
+        #[arg(long, default_value = demo::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Applies the objects of a YAML file to a watched configuration
+    /// directory, like `kubectl apply`: each replaces the object of the
+    /// same kind, namespace and name; checked first, nothing written on an
+    /// error.
+    Apply {
+        /// The YAML file (`-` for standard input).
+        #[arg(short, long)]
+        filename: PathBuf,
+        /// The directory `ferry-pilot serve --config` watches (by default
+        /// the running demo's).
+        #[arg(long, default_value = "/run/ferry-demo/config")]
+        config: PathBuf,
     },
     /// Serves the static listeners, clusters and secrets of an Envoy
     /// bootstrap over ADS.
@@ -104,8 +147,9 @@ enum Command {
 struct MeshArgs {
     /// istiod's mesh configuration (the `mesh` YAML of the `istio`
     /// ConfigMap): trustDomain, trustDomainAliases, rootNamespace,
-    /// outboundTrafficPolicy and the extensionProviders of CUSTOM
-    /// AuthorizationPolicies.
+    /// outboundTrafficPolicy, the extensionProviders of CUSTOM
+    /// AuthorizationPolicies and of the Telemetry API, defaultProviders,
+    /// enableTracing, defaultConfig.tracing and the access log settings.
     #[arg(long)]
     mesh_config: Option<PathBuf>,
 }
@@ -121,7 +165,12 @@ impl MeshArgs {
             .with_context(|| format!("--mesh-config {}", path.display()))?;
         let cfg: MeshConfig = serde_yaml_ng::from_str(&text)
             .with_context(|| format!("--mesh-config {}", path.display()))?;
-        Ok(MeshOptions::from_mesh_config(&cfg))
+        let options = MeshOptions::from_mesh_config(&cfg);
+        let problems = options.telemetry_problems();
+        if !problems.is_empty() {
+            anyhow::bail!("--mesh-config {}:\n{}", path.display(), problems.join("\n"));
+        }
+        Ok(options)
     }
 }
 
@@ -419,6 +468,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             proxy_image,
             init_image,
             discovery_address,
+            hold_application_until_proxy_starts,
+            native_sidecars,
         } => {
             use std::io::Read;
             let text = if filename.as_os_str() == "-" {
@@ -433,11 +484,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 proxy_image,
                 init_image,
                 discovery_address,
+                hold_application_until_proxy_starts,
+                native_sidecars,
             };
             let out = ferry_pilot::inject::inject(&text, &opts)
                 .with_context(|| format!("{}", filename.display()))?;
             use std::io::Write;
             std::io::stdout().write_all(out.as_bytes())?;
+            return Ok(());
+        }
+        Command::Demo {
+            config,
+            port,
+            state_dir,
+        } => {
+            return demo::run(demo::DemoArgs {
+                config,
+                port,
+                state_dir,
+            });
+        }
+        Command::Apply { filename, config } => {
+            use std::io::{Read, Write};
+            if !config.is_dir() {
+                anyhow::bail!(
+                    "no configuration directory at {}: start `ferry-pilot demo` first, or give \
+                     --config DIR (the directory `ferry-pilot serve --config` watches)",
+                    config.display()
+                );
+            }
+            let text = if filename.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::stdin().read_to_string(&mut t)?;
+                t
+            } else {
+                std::fs::read_to_string(&filename)
+                    .with_context(|| format!("{}", filename.display()))?
+            };
+            let applied = ferry_pilot::istio::apply::apply(&config, &text, &filename)?;
+            let mut out = std::io::stdout().lock();
+            for a in applied {
+                writeln!(out, "{a}")?;
+            }
             return Ok(());
         }
         Command::Analyze { dir, mesh } => {

@@ -72,6 +72,19 @@ pub fn problems(snapshot: &Snapshot) -> Vec<String> {
     out
 }
 
+/// [`problems`] and those the mesh configuration reveals: the providers
+/// Telemetry resources name.
+pub fn problems_in_mesh(snapshot: &Snapshot, options: &MeshOptions) -> Vec<String> {
+    let mut out = problems(snapshot);
+    out.extend(
+        validate::validate_telemetry_providers(snapshot, options)
+            .into_iter()
+            .filter(|f| f.severity == Severity::Error)
+            .map(|f| f.to_string()),
+    );
+    out
+}
+
 struct State {
     mesh: Arc<Mesh>,
     /// Every proxy seen, by node id: its identity and its cache.
@@ -118,12 +131,22 @@ fn fill(cache: &Cache, cfg: &ProxyConfig) {
         ROUTE,
         cfg.routes.iter().map(|r| (r.name.clone(), to_any(r))),
     );
+    // NDS: one unnamed resource, as istiod sends it.
+    if let Some(nt) = &cfg.name_table {
+        cache.set(
+            ferry_envoy_json::istio_nds::NAME_TABLE_TYPE,
+            [(
+                String::new(),
+                crate::istio::translate::name_table::to_any(nt),
+            )],
+        );
+    }
 }
 
 impl Pilot {
     /// Builds from a first snapshot, which must be valid.
     pub fn new(snapshot: &Snapshot, options: MeshOptions) -> Result<Self, Refused> {
-        let errors = problems(snapshot);
+        let errors = problems_in_mesh(snapshot, &options);
         if !errors.is_empty() {
             return Err(Refused(errors));
         }
@@ -262,7 +285,7 @@ impl Pilot {
     /// translated and pushed to every known proxy. Returns how many proxies
     /// were updated.
     pub fn update(&self, snapshot: &Snapshot) -> Result<usize, Refused> {
-        let errors = problems(snapshot);
+        let errors = problems_in_mesh(snapshot, &self.options);
         if !errors.is_empty() {
             return Err(Refused(errors));
         }

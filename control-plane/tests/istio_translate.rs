@@ -397,9 +397,9 @@ fn round_trip(cfg: &ProxyConfig) -> anyhow::Result<()> {
 
 // ------------------------------------------------------------------ bookinfo
 
+/// The project's own bookinfo (`samples/bookinfo`, laid out as Istio's sample).
 fn bookinfo() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples/bookinfo");
-    dir.is_dir().then_some(dir)
+    Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/bookinfo"))
 }
 
 fn bookinfo_config(vs_file: Option<&str>) -> anyhow::Result<Option<ProxyConfig>> {

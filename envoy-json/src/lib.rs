@@ -7,6 +7,7 @@
 //! for the admin endpoint in Envoy's snake_case JSON.
 
 pub mod istio_ca;
+pub mod istio_nds;
 
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};

@@ -1,19 +1,33 @@
-//! Envoy's substitution format strings in header values (`%REQ(x-foo)%`,
+//! Envoy's substitution format strings (`%REQ(x-foo)%`,
 //! `%DOWNSTREAM_REMOTE_ADDRESS%`, `%START_TIME%`, `%%`), compiled once per
-//! snapshot into literal pieces and commands, then rendered per request.
+//! snapshot into literal pieces and commands, then rendered per request: in
+//! header values ([`HeaderFormat`], read from a [`FormatContext`]) and in
+//! access log lines ([`LogTemplate`], read from a finished request's
+//! [`StreamInfo`]).
 //!
 //! Only the commands Ferry can answer are accepted; any other is a
-//! configuration error, so a value is never silently sent with a raw
-//! `%COMMAND%` in it.
+//! configuration error naming it, so a value is never silently sent or
+//! logged with a raw `%COMMAND%` in it.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName};
 
+use crate::route::HeaderKey;
+use crate::stream_info::StreamInfo;
+
 /// A compiled header value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderFormat {
+    pieces: Vec<Piece>,
+}
+
+/// A compiled access log format string (text, or one value of a JSON
+/// format).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogTemplate {
     pieces: Vec<Piece>,
 }
 
@@ -24,6 +38,14 @@ enum Piece {
         command: Command,
         max_len: Option<usize>,
     },
+}
+
+/// Where a format string is used: header values know the request and the
+/// connection; access log lines the whole finished stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Header,
+    AccessLog,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +64,60 @@ enum Command {
     Hostname,
     Protocol,
     /// `%REQ(name)%` or `%REQ(name?alternative)%`.
-    Req(HeaderName, Option<HeaderName>),
+    Req(HeaderKey, Option<HeaderKey>),
     StartTime(Vec<TimePiece>),
+    /// The commands only an access log can answer.
+    Log(LogCommand),
+}
+
+/// Commands of access log formats only (they read the finished stream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LogCommand {
+    Resp(HeaderName, Option<HeaderName>),
+    Trailer(HeaderName, Option<HeaderName>),
+    EmitTime(Vec<TimePiece>),
+    Duration,
+    RequestDuration,
+    ResponseDuration,
+    ResponseTxDuration,
+    BytesReceived,
+    BytesSent,
+    UpstreamProtocol,
+    ResponseCode,
+    ResponseCodeDetails,
+    ConnectionTerminationDetails,
+    ResponseFlags,
+    ResponseFlagsLong,
+    UpstreamHost,
+    UpstreamCluster,
+    UpstreamLocal {
+        port: bool,
+    },
+    UpstreamLocalPort,
+    UpstreamRemotePort,
+    UpstreamTransportFailureReason,
+    UpstreamAttemptCount,
+    DownstreamDirectRemote {
+        port: bool,
+    },
+    DownstreamDirectRemotePort,
+    RequestedServerName,
+    RouteName,
+    LocalReplyBody,
+    AccessLogType,
+    ConnectionId,
+    GrpcStatus(GrpcStatusFormat),
+    TraceId,
+    /// `%ENVIRONMENT(VAR)%`, read when the format is compiled (as Envoy does).
+    Environment(Option<String>),
+}
+
+/// How `%GRPC_STATUS(…)%` prints a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrpcStatusFormat {
+    CamelString,
+    SnakeString,
+    Number,
 }
 
 /// One element of a `%START_TIME(...)%` format (a strftime subset).
@@ -95,6 +169,92 @@ pub struct FormatContext<'a> {
     pub start_time: SystemTime,
 }
 
+/// The value of one command for one stream: a string, a number (JSON
+/// formats keep numbers numbers), or nothing (`-` in text, `null` in JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value<'a> {
+    Str(Cow<'a, str>),
+    Num(f64),
+    Absent,
+}
+
+/// The headers the access log formats and filters of a connection manager
+/// read, so that only those are kept of each request and response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderNeeds {
+    pub request: Vec<HeaderName>,
+    pub response: Vec<HeaderName>,
+    pub trailers: Vec<HeaderName>,
+}
+
+impl HeaderNeeds {
+    fn add(list: &mut Vec<HeaderName>, name: &HeaderName) {
+        if !list.contains(name) {
+            list.push(name.clone());
+        }
+    }
+
+    pub fn add_request(&mut self, name: &HeaderName) {
+        Self::add(&mut self.request, name);
+    }
+
+    pub fn merge(&mut self, other: &HeaderNeeds) {
+        for n in &other.request {
+            Self::add(&mut self.request, n);
+        }
+        for n in &other.response {
+            Self::add(&mut self.response, n);
+        }
+        for n in &other.trailers {
+            Self::add(&mut self.trailers, n);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.response.is_empty() && self.trailers.is_empty()
+    }
+}
+
+fn parse_pieces(s: &str, scope: Scope) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    let mut lit = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        lit.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(r) = after.strip_prefix('%') {
+            lit.push('%');
+            rest = r;
+            continue;
+        }
+        let pos = s.len() - rest.len() + i;
+        let (command, max_len, consumed) = parse_command(after, scope)
+            .map_err(|e| format!("invalid format {s:?}: {e} at position {pos}"))?;
+        if !lit.is_empty() {
+            pieces.push(Piece::Literal(std::mem::take(&mut lit)));
+        }
+        pieces.push(Piece::Command { command, max_len });
+        rest = &after[consumed..];
+    }
+    lit.push_str(rest);
+    if !lit.is_empty() {
+        pieces.push(Piece::Literal(lit));
+    }
+    Ok(pieces)
+}
+
+fn truncate(v: &mut String, max_len: Option<usize>) {
+    if let Some(max) = max_len
+        && v.len() > max
+    {
+        let mut cut = max;
+        while !v.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        v.truncate(cut);
+    }
+}
+
 impl HeaderFormat {
     /// A value without commands.
     pub fn literal(s: &str) -> Self {
@@ -105,31 +265,9 @@ impl HeaderFormat {
 
     /// Compiles `s`; the error says what is wrong and where.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let mut pieces = Vec::new();
-        let mut lit = String::new();
-        let mut rest = s;
-        while let Some(i) = rest.find('%') {
-            lit.push_str(&rest[..i]);
-            let after = &rest[i + 1..];
-            if let Some(r) = after.strip_prefix('%') {
-                lit.push('%');
-                rest = r;
-                continue;
-            }
-            let pos = s.len() - rest.len() + i;
-            let (command, max_len, consumed) = parse_command(after)
-                .map_err(|e| format!("invalid format {s:?}: {e} at position {pos}"))?;
-            if !lit.is_empty() {
-                pieces.push(Piece::Literal(std::mem::take(&mut lit)));
-            }
-            pieces.push(Piece::Command { command, max_len });
-            rest = &after[consumed..];
-        }
-        lit.push_str(rest);
-        if !lit.is_empty() {
-            pieces.push(Piece::Literal(lit));
-        }
-        Ok(HeaderFormat { pieces })
+        Ok(HeaderFormat {
+            pieces: parse_pieces(s, Scope::Header)?,
+        })
     }
 
     /// The value when it has no commands.
@@ -152,15 +290,7 @@ impl HeaderFormat {
                 Piece::Literal(l) => out.push_str(l),
                 Piece::Command { command, max_len } => {
                     let mut v = render_command(command, ctx, request);
-                    if let Some(max) = max_len
-                        && v.len() > *max
-                    {
-                        let mut cut = *max;
-                        while !v.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        v.truncate(cut);
-                    }
+                    truncate(&mut v, *max_len);
                     out.push_str(&v);
                 }
             }
@@ -174,6 +304,10 @@ fn render_command(c: &Command, ctx: &FormatContext<'_>, request: &HeaderMap) -> 
         Some(a) if port => a.to_string(),
         Some(a) => a.ip().to_string(),
         None => String::new(),
+    };
+    let header = |k: &HeaderKey| match k {
+        HeaderKey::Name(n) => request.get(n),
+        _ => None,
     };
     match c {
         Command::DownstreamRemote { port } => addr(ctx.downstream_remote, *port),
@@ -189,19 +323,355 @@ fn render_command(c: &Command, ctx: &FormatContext<'_>, request: &HeaderMap) -> 
         Command::UpstreamRemote { port } => addr(ctx.upstream_remote, *port),
         Command::Hostname => ctx.hostname.to_string(),
         Command::Protocol => ctx.protocol.to_string(),
-        Command::Req(name, alt) => request
-            .get(name)
-            .or_else(|| alt.as_ref().and_then(|a| request.get(a)))
+        Command::Req(name, alt) => header(name)
+            .or_else(|| alt.as_ref().and_then(header))
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string(),
         Command::StartTime(fmt) => render_time(fmt, ctx.start_time),
+        // Refused by the header scope's parser.
+        Command::Log(_) => String::new(),
     }
 }
 
+impl LogTemplate {
+    /// Compiles an access log format string; unknown commands are errors
+    /// naming them.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(LogTemplate {
+            pieces: parse_pieces(s, Scope::AccessLog)?,
+        })
+    }
+
+    /// Whether the template is nothing but one command (its JSON value then
+    /// keeps the command's type).
+    fn single_command(&self) -> Option<(&Command, Option<usize>)> {
+        match self.pieces.as_slice() {
+            [Piece::Command { command, max_len }] => Some((command, *max_len)),
+            _ => None,
+        }
+    }
+
+    /// Writes the text form: an absent value is `-`, or nothing with
+    /// `omit_empty_values`.
+    pub fn write_text(&self, info: &StreamInfo, omit_empty: bool, out: &mut String) {
+        for p in &self.pieces {
+            match p {
+                Piece::Literal(l) => out.push_str(l),
+                Piece::Command { command, max_len } => match log_value(command, info) {
+                    Value::Absent => {
+                        if !omit_empty {
+                            out.push('-');
+                        }
+                    }
+                    v => {
+                        let mut s = value_text(v);
+                        truncate(&mut s, *max_len);
+                        out.push_str(&s);
+                    }
+                },
+            }
+        }
+    }
+
+    /// The JSON value: a lone command keeps its type (a number, a string,
+    /// `null` when absent); anything else is the text form.
+    pub fn json_value(&self, info: &StreamInfo) -> serde_json::Value {
+        if let Some((command, max_len)) = self.single_command() {
+            return match log_value(command, info) {
+                Value::Absent => serde_json::Value::Null,
+                Value::Num(n) if max_len.is_none() => json_number(n),
+                v => {
+                    let mut s = value_text(v);
+                    truncate(&mut s, max_len);
+                    serde_json::Value::String(s)
+                }
+            };
+        }
+        let mut out = String::new();
+        self.write_text(info, false, &mut out);
+        serde_json::Value::String(out)
+    }
+
+    /// Adds the headers this template reads to `needs`.
+    pub fn needs(&self, needs: &mut HeaderNeeds) {
+        for p in &self.pieces {
+            let Piece::Command { command, .. } = p else {
+                continue;
+            };
+            match command {
+                Command::Req(a, b) => {
+                    for k in [Some(a), b.as_ref()].into_iter().flatten() {
+                        if let HeaderKey::Name(n) = k {
+                            HeaderNeeds::add(&mut needs.request, n);
+                        }
+                    }
+                }
+                Command::Log(LogCommand::Resp(a, b)) => {
+                    for n in [Some(a), b.as_ref()].into_iter().flatten() {
+                        HeaderNeeds::add(&mut needs.response, n);
+                    }
+                }
+                Command::Log(LogCommand::Trailer(a, b)) => {
+                    for n in [Some(a), b.as_ref()].into_iter().flatten() {
+                        HeaderNeeds::add(&mut needs.trailers, n);
+                    }
+                }
+                Command::Log(LogCommand::GrpcStatus(_)) => {
+                    let status = HeaderName::from_static("grpc-status");
+                    HeaderNeeds::add(&mut needs.response, &status);
+                    HeaderNeeds::add(&mut needs.trailers, &status);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A JSON number as Envoy writes it: whole numbers without a fraction.
+pub fn json_number(n: f64) -> serde_json::Value {
+    if n.fract() == 0.0 && n.abs() < 9.0e15 {
+        serde_json::Value::from(n as i64)
+    } else {
+        serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, serde_json::Value::Number)
+    }
+}
+
+fn value_text(v: Value<'_>) -> String {
+    match v {
+        Value::Str(s) => s.into_owned(),
+        Value::Num(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => (n as i64).to_string(),
+        Value::Num(n) => n.to_string(),
+        Value::Absent => String::new(),
+    }
+}
+
+fn millis(d: Option<std::time::Duration>) -> Value<'static> {
+    d.map_or(Value::Absent, |d| Value::Num(d.as_millis() as f64))
+}
+
+fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
+    let addr = |a: Option<SocketAddr>, port: bool| match a {
+        Some(a) if port => Value::Str(Cow::Owned(a.to_string())),
+        Some(a) => Value::Str(Cow::Owned(a.ip().to_string())),
+        None => Value::Absent,
+    };
+    let port = |a: Option<SocketAddr>| a.map_or(Value::Absent, |a| Value::Num(f64::from(a.port())));
+    let text = |s: Option<&'a str>| match s {
+        Some(s) if !s.is_empty() => Value::Str(Cow::Borrowed(s)),
+        _ => Value::Absent,
+    };
+    let header = |h: &'a HeaderMap, a: &HeaderName, b: &Option<HeaderName>| {
+        h.get(a)
+            .or_else(|| b.as_ref().and_then(|b| h.get(b)))
+            .map_or(Value::Absent, |v| {
+                Value::Str(String::from_utf8_lossy(v.as_bytes()))
+            })
+    };
+    let req = |k: &HeaderKey| {
+        match k {
+            HeaderKey::Name(n) => info
+                .request
+                .headers
+                .get(n)
+                .map(|v| Value::Str(String::from_utf8_lossy(v.as_bytes()))),
+            HeaderKey::Method => Some(text(Some(&info.request.method))),
+            HeaderKey::Path => Some(text(Some(&info.request.path))),
+            HeaderKey::Authority => Some(text(Some(&info.request.authority))),
+            HeaderKey::Scheme => Some(text(Some(info.request.scheme))),
+        }
+        .filter(|v| *v != Value::Absent)
+    };
+    match c {
+        Command::DownstreamRemote { port: p } => addr(info.downstream_remote, *p),
+        Command::DownstreamRemotePort => port(info.downstream_remote),
+        Command::DownstreamLocal { port: p } => addr(info.downstream_local, *p),
+        Command::DownstreamLocalPort => port(info.downstream_local),
+        // The address of the upstream connection: none without one (the
+        // host chosen is `%UPSTREAM_HOST%`).
+        Command::UpstreamRemote { port: p } => addr(
+            info.upstream_host.filter(|_| info.upstream_local.is_some()),
+            *p,
+        ),
+        Command::Hostname => text(Some(info.hostname)),
+        Command::Protocol => text(info.protocol),
+        Command::Req(a, b) => req(a)
+            .or_else(|| b.as_ref().and_then(req))
+            .unwrap_or(Value::Absent),
+        Command::StartTime(fmt) => Value::Str(Cow::Owned(render_time(fmt, info.start_time))),
+        Command::Log(l) => match l {
+            LogCommand::Resp(a, b) => header(&info.response_headers, a, b),
+            LogCommand::Trailer(a, b) => header(&info.response_trailers, a, b),
+            LogCommand::EmitTime(fmt) => Value::Str(Cow::Owned(render_time(
+                fmt,
+                info.start_time + info.duration.unwrap_or_default(),
+            ))),
+            LogCommand::Duration => millis(info.duration),
+            LogCommand::RequestDuration => millis(info.request_complete),
+            LogCommand::ResponseDuration => millis(info.first_upstream_rx),
+            LogCommand::ResponseTxDuration => match (info.duration, info.first_upstream_rx) {
+                (Some(d), Some(f)) => millis(Some(d.saturating_sub(f))),
+                _ => Value::Absent,
+            },
+            LogCommand::BytesReceived => Value::Num(info.bytes_received as f64),
+            LogCommand::BytesSent => Value::Num(info.bytes_sent as f64),
+            LogCommand::UpstreamProtocol => text(info.upstream_protocol),
+            LogCommand::ResponseCode => Value::Num(f64::from(info.response_code.unwrap_or(0))),
+            LogCommand::ResponseCodeDetails => text(info.response_code_details.as_deref()),
+            LogCommand::ConnectionTerminationDetails => {
+                text(info.connection_termination_details.as_deref())
+            }
+            LogCommand::ResponseFlags if info.response_flags.is_empty() => {
+                Value::Str(Cow::Borrowed("-"))
+            }
+            LogCommand::ResponseFlags => Value::Str(Cow::Borrowed(&info.response_flags)),
+            LogCommand::ResponseFlagsLong if info.response_flags.is_empty() => {
+                Value::Str(Cow::Borrowed("-"))
+            }
+            LogCommand::ResponseFlagsLong => Value::Str(Cow::Owned(
+                crate::stream_info::long_flags(&info.response_flags),
+            )),
+            LogCommand::UpstreamHost => addr(info.upstream_host, true),
+            LogCommand::UpstreamCluster => text(info.upstream_cluster.as_deref()),
+            LogCommand::UpstreamLocal { port: p } => addr(info.upstream_local, *p),
+            LogCommand::UpstreamLocalPort => port(info.upstream_local),
+            LogCommand::UpstreamRemotePort => {
+                port(info.upstream_host.filter(|_| info.upstream_local.is_some()))
+            }
+            LogCommand::UpstreamTransportFailureReason => {
+                text(info.upstream_transport_failure_reason.as_deref())
+            }
+            LogCommand::UpstreamAttemptCount => info
+                .attempt_count
+                .map_or(Value::Absent, |n| Value::Num(f64::from(n))),
+            LogCommand::DownstreamDirectRemote { port: p } => {
+                addr(info.downstream_direct_remote, *p)
+            }
+            LogCommand::DownstreamDirectRemotePort => port(info.downstream_direct_remote),
+            LogCommand::RequestedServerName => text(info.requested_server_name.as_deref()),
+            LogCommand::RouteName => text(info.route_name.as_deref()),
+            LogCommand::LocalReplyBody => text(info.local_reply_body.as_deref()),
+            LogCommand::AccessLogType => Value::Str(Cow::Borrowed(info.log_type.as_str())),
+            LogCommand::ConnectionId => Value::Num(info.connection_id as f64),
+            LogCommand::GrpcStatus(f) => match info.grpc_status() {
+                None => Value::Absent,
+                Some(n) => match f {
+                    GrpcStatusFormat::Number => Value::Num(f64::from(n)),
+                    GrpcStatusFormat::CamelString => {
+                        Value::Str(Cow::Borrowed(grpc_status_name(n).0))
+                    }
+                    GrpcStatusFormat::SnakeString => {
+                        Value::Str(Cow::Borrowed(grpc_status_name(n).1))
+                    }
+                },
+            },
+            LogCommand::TraceId => text(info.trace_id.as_deref()),
+            LogCommand::Environment(v) => text(v.as_deref()),
+        },
+    }
+}
+
+/// gRPC status names: Envoy's camel case and the snake case of the spec.
+fn grpc_status_name(n: u32) -> (&'static str, &'static str) {
+    const NAMES: [(&str, &str); 17] = [
+        ("OK", "OK"),
+        ("Canceled", "CANCELLED"),
+        ("Unknown", "UNKNOWN"),
+        ("InvalidArgument", "INVALID_ARGUMENT"),
+        ("DeadlineExceeded", "DEADLINE_EXCEEDED"),
+        ("NotFound", "NOT_FOUND"),
+        ("AlreadyExists", "ALREADY_EXISTS"),
+        ("PermissionDenied", "PERMISSION_DENIED"),
+        ("ResourceExhausted", "RESOURCE_EXHAUSTED"),
+        ("FailedPrecondition", "FAILED_PRECONDITION"),
+        ("Aborted", "ABORTED"),
+        ("OutOfRange", "OUT_OF_RANGE"),
+        ("Unimplemented", "UNIMPLEMENTED"),
+        ("Internal", "INTERNAL"),
+        ("Unavailable", "UNAVAILABLE"),
+        ("DataLoss", "DATA_LOSS"),
+        ("Unauthenticated", "UNAUTHENTICATED"),
+    ];
+    NAMES
+        .get(n as usize)
+        .copied()
+        .unwrap_or(("InvalidCode", "INVALID_CODE"))
+}
+
+/// Commands Envoy knows that Ferry does not answer (yet): refused by name
+/// with this reason rather than logged as a literal.
+const UNSUPPORTED: &[&str] = &[
+    "START_TIME_LOCAL",
+    "EMIT_TIME_LOCAL",
+    "REQUEST_TX_DURATION",
+    "ROUNDTRIP_DURATION",
+    "DOWNSTREAM_HANDSHAKE_DURATION",
+    "COMMON_DURATION",
+    "UPSTREAM_WIRE_BYTES_SENT",
+    "UPSTREAM_WIRE_BYTES_RECEIVED",
+    "UPSTREAM_HEADER_BYTES_SENT",
+    "UPSTREAM_HEADER_BYTES_RECEIVED",
+    "DOWNSTREAM_WIRE_BYTES_SENT",
+    "DOWNSTREAM_WIRE_BYTES_RECEIVED",
+    "DOWNSTREAM_HEADER_BYTES_SENT",
+    "DOWNSTREAM_HEADER_BYTES_RECEIVED",
+    "REQUEST_HEADERS_BYTES",
+    "RESPONSE_HEADERS_BYTES",
+    "RESPONSE_TRAILERS_BYTES",
+    "UPSTREAM_HOST_NAME",
+    "UPSTREAM_HOST_NAME_WITHOUT_PORT",
+    "UPSTREAM_CONNECTION_ID",
+    "UPSTREAM_CONNECTION_POOL_READY_DURATION",
+    "VIRTUAL_CLUSTER_NAME",
+    "DYNAMIC_METADATA",
+    "CLUSTER_METADATA",
+    "UPSTREAM_METADATA",
+    "METADATA",
+    "FILTER_STATE",
+    "UPSTREAM_FILTER_STATE",
+    "FILTER_CHAIN_NAME",
+    "CEL",
+    "UNIQUE_ID",
+    "STREAM_ID",
+    "QUERY_PARAM",
+    "PATH",
+    "CUSTOM_FLAGS",
+    "DOWNSTREAM_PEER_URI_SAN",
+    "DOWNSTREAM_PEER_DNS_SAN",
+    "DOWNSTREAM_PEER_IP_SAN",
+    "DOWNSTREAM_PEER_EMAIL_SAN",
+    "DOWNSTREAM_PEER_OTHERNAME_SAN",
+    "DOWNSTREAM_LOCAL_URI_SAN",
+    "DOWNSTREAM_LOCAL_DNS_SAN",
+    "DOWNSTREAM_LOCAL_IP_SAN",
+    "DOWNSTREAM_LOCAL_EMAIL_SAN",
+    "DOWNSTREAM_LOCAL_OTHERNAME_SAN",
+    "DOWNSTREAM_PEER_SUBJECT",
+    "DOWNSTREAM_LOCAL_SUBJECT",
+    "DOWNSTREAM_PEER_ISSUER",
+    "DOWNSTREAM_TLS_SESSION_ID",
+    "DOWNSTREAM_TLS_CIPHER",
+    "DOWNSTREAM_TLS_VERSION",
+    "DOWNSTREAM_PEER_FINGERPRINT_256",
+    "DOWNSTREAM_PEER_FINGERPRINT_1",
+    "DOWNSTREAM_PEER_SERIAL",
+    "DOWNSTREAM_PEER_CERT",
+    "DOWNSTREAM_PEER_CERT_V_START",
+    "DOWNSTREAM_PEER_CERT_V_END",
+    "DOWNSTREAM_TRANSPORT_FAILURE_REASON",
+    "DOWNSTREAM_LOCAL_ADDRESS_ENDPOINT_ID",
+    "UPSTREAM_PEER_URI_SAN",
+    "UPSTREAM_PEER_SUBJECT",
+    "UPSTREAM_TLS_VERSION",
+    "UPSTREAM_LOCAL_CLOSE_REASON",
+    "UPSTREAM_DETECTED_CLOSE_TYPE",
+    "DOWNSTREAM_DETECTED_CLOSE_TYPE",
+    "REQ_WITHOUT_QUERY",
+];
+
 /// Parses `NAME(arg):N%` after the opening `%`; returns the command, its
 /// length limit and the bytes consumed (including the closing `%`).
-fn parse_command(s: &str) -> Result<(Command, Option<usize>, usize), String> {
+fn parse_command(s: &str, scope: Scope) -> Result<(Command, Option<usize>, usize), String> {
     let name_len = s
         .bytes()
         .take_while(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_')
@@ -240,6 +710,25 @@ fn parse_command(s: &str) -> Result<(Command, Option<usize>, usize), String> {
         None => Ok(c),
         Some(_) => Err(format!("%{name}% takes no argument")),
     };
+    let log = |c: LogCommand| match (scope, arg) {
+        (Scope::Header, _) => Err(format!(
+            "unsupported command %{name}% (Ferry answers it in access logs only)"
+        )),
+        (Scope::AccessLog, None) => Ok(Command::Log(c)),
+        (Scope::AccessLog, Some(_)) => Err(format!("%{name}% takes no argument")),
+    };
+    let header_names = |what: &str| -> Result<(HeaderName, Option<HeaderName>), String> {
+        let arg = arg.ok_or_else(|| format!("%{what}% needs a header name: %{what}(name)%"))?;
+        let (main, alt) = match arg.split_once('?') {
+            Some((m, a)) => (m, Some(a)),
+            None => (arg, None),
+        };
+        let header = |h: &str| {
+            HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes())
+                .map_err(|_| format!("{h:?} is not a header name"))
+        };
+        Ok((header(main)?, alt.map(header).transpose()?))
+    };
     let command = match name {
         "DOWNSTREAM_REMOTE_ADDRESS" => no_arg(Command::DownstreamRemote { port: true })?,
         "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => {
@@ -262,12 +751,84 @@ fn parse_command(s: &str) -> Result<(Command, Option<usize>, usize), String> {
                 None => (arg, None),
             };
             let header = |h: &str| {
-                HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes())
-                    .map_err(|_| format!("{h:?} is not a header name"))
+                let key = HeaderKey::parse(h.trim())
+                    .ok_or_else(|| format!("{h:?} is not a header name"))?;
+                // Header values are rendered from the regular headers only.
+                if scope == Scope::Header && !matches!(key, HeaderKey::Name(_)) {
+                    return Err(format!(
+                        "%REQ({h})% (a pseudo-header) is not supported in header values"
+                    ));
+                }
+                Ok(key)
             };
             Command::Req(header(main)?, alt.map(header).transpose()?)
         }
         "START_TIME" => Command::StartTime(parse_time_format(arg.unwrap_or(""))?),
+        "RESP" | "TRAILER" if scope == Scope::AccessLog => {
+            let (a, b) = header_names(name)?;
+            if name == "RESP" {
+                Command::Log(LogCommand::Resp(a, b))
+            } else {
+                Command::Log(LogCommand::Trailer(a, b))
+            }
+        }
+        "EMIT_TIME" if scope == Scope::AccessLog => {
+            Command::Log(LogCommand::EmitTime(parse_time_format(arg.unwrap_or(""))?))
+        }
+        "DURATION" => log(LogCommand::Duration)?,
+        "REQUEST_DURATION" => log(LogCommand::RequestDuration)?,
+        "RESPONSE_DURATION" => log(LogCommand::ResponseDuration)?,
+        "RESPONSE_TX_DURATION" => log(LogCommand::ResponseTxDuration)?,
+        "BYTES_RECEIVED" => log(LogCommand::BytesReceived)?,
+        "BYTES_SENT" => log(LogCommand::BytesSent)?,
+        "UPSTREAM_PROTOCOL" => log(LogCommand::UpstreamProtocol)?,
+        "RESPONSE_CODE" => log(LogCommand::ResponseCode)?,
+        "RESPONSE_CODE_DETAILS" => log(LogCommand::ResponseCodeDetails)?,
+        "CONNECTION_TERMINATION_DETAILS" => log(LogCommand::ConnectionTerminationDetails)?,
+        "RESPONSE_FLAGS" => log(LogCommand::ResponseFlags)?,
+        "RESPONSE_FLAGS_LONG" => log(LogCommand::ResponseFlagsLong)?,
+        "UPSTREAM_HOST" => log(LogCommand::UpstreamHost)?,
+        // Ferry's cluster names are the configured ones: the raw name and
+        // the observability name are the same.
+        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => log(LogCommand::UpstreamCluster)?,
+        "UPSTREAM_LOCAL_ADDRESS" => log(LogCommand::UpstreamLocal { port: true })?,
+        "UPSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => log(LogCommand::UpstreamLocal { port: false })?,
+        "UPSTREAM_LOCAL_PORT" => log(LogCommand::UpstreamLocalPort)?,
+        "UPSTREAM_REMOTE_PORT" => log(LogCommand::UpstreamRemotePort)?,
+        "UPSTREAM_TRANSPORT_FAILURE_REASON" => log(LogCommand::UpstreamTransportFailureReason)?,
+        "UPSTREAM_REQUEST_ATTEMPT_COUNT" => log(LogCommand::UpstreamAttemptCount)?,
+        "DOWNSTREAM_DIRECT_REMOTE_ADDRESS" => {
+            log(LogCommand::DownstreamDirectRemote { port: true })?
+        }
+        "DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT" => {
+            log(LogCommand::DownstreamDirectRemote { port: false })?
+        }
+        "DOWNSTREAM_DIRECT_REMOTE_PORT" => log(LogCommand::DownstreamDirectRemotePort)?,
+        "REQUESTED_SERVER_NAME" => log(LogCommand::RequestedServerName)?,
+        "ROUTE_NAME" => log(LogCommand::RouteName)?,
+        "LOCAL_REPLY_BODY" => log(LogCommand::LocalReplyBody)?,
+        "ACCESS_LOG_TYPE" => log(LogCommand::AccessLogType)?,
+        "CONNECTION_ID" => log(LogCommand::ConnectionId)?,
+        "TRACE_ID" => log(LogCommand::TraceId)?,
+        "GRPC_STATUS_NUMBER" => log(LogCommand::GrpcStatus(GrpcStatusFormat::Number))?,
+        "GRPC_STATUS" if scope == Scope::AccessLog => {
+            let f = match arg.unwrap_or("CAMEL_STRING") {
+                "" | "CAMEL_STRING" => GrpcStatusFormat::CamelString,
+                "SNAKE_STRING" => GrpcStatusFormat::SnakeString,
+                "NUMBER" => GrpcStatusFormat::Number,
+                other => return Err(format!("%GRPC_STATUS({other})%: unknown format")),
+            };
+            Command::Log(LogCommand::GrpcStatus(f))
+        }
+        "ENVIRONMENT" if scope == Scope::AccessLog => {
+            let var = arg.ok_or("%ENVIRONMENT% needs a variable name")?;
+            Command::Log(LogCommand::Environment(std::env::var(var).ok()))
+        }
+        other if UNSUPPORTED.contains(&other) => {
+            return Err(format!(
+                "unsupported command %{other}% (not implemented by Ferry)"
+            ));
+        }
         other => return Err(format!("unsupported command %{other}%")),
     };
     Ok((command, max_len, i))
@@ -570,6 +1131,22 @@ mod tests {
         assert!(HeaderFormat::parse("%REQ(x-a%").is_err());
         assert!(HeaderFormat::parse("%HOSTNAME(x)%").is_err());
         assert!(HeaderFormat::parse("%START_TIME(%Q)%").is_err());
+        // Access log commands are refused in header values, and unknown ones
+        // everywhere, by name.
+        let e = HeaderFormat::parse("%RESPONSE_CODE%").unwrap_err();
+        assert!(
+            e.contains("%RESPONSE_CODE%") && e.contains("access logs only"),
+            "{e}"
+        );
+        assert!(HeaderFormat::parse("%REQ(:path)%").is_err());
+        assert!(LogTemplate::parse("%RESPONSE_CODE% %REQ(:path)% %RESP(x)%").is_ok());
+        let e = LogTemplate::parse("%FILTER_STATE(x)%").unwrap_err();
+        assert!(
+            e.contains("%FILTER_STATE%") && e.contains("not implemented"),
+            "{e}"
+        );
+        assert!(LogTemplate::parse("%GRPC_STATUS(BAD)%").is_err());
+        assert!(LogTemplate::parse("%DURATION(x)%").is_err());
     }
 
     #[test]

@@ -5,18 +5,23 @@
 //! `ferry-xds` (from a static bootstrap or xDS) and then only read, concurrently,
 //! by every connection. No I/O and no async runtime live here.
 
+pub mod access_log;
 pub mod cidr;
 pub mod cluster;
 pub mod cors;
+pub mod explain;
 pub mod fault;
 pub mod format;
 pub mod forwarded;
+pub mod http_protocol;
 pub mod jwt;
 pub mod listener;
 pub mod ratelimit;
 pub mod rbac;
 pub mod route;
+pub mod stream_info;
 pub mod tls;
+pub mod tracing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,10 +29,11 @@ use std::sync::Arc;
 pub use cidr::CidrRange;
 pub use cluster::{Cluster, ClusterKind, Endpoint, LbPolicy, UpstreamProtocol};
 pub use listener::{
-    ChainKind, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec, HttpConnectionManager,
-    HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters, PortPredicate, Reporter,
-    RouteSource, SourceType, TcpProxy,
+    ChainKind, ChainStep, ConnectionInfo, FilterChain, FilterChainMatch, HttpCodec,
+    HttpConnectionManager, HttpFilter, HttpFilterConfig, IstioStats, Listener, ListenerFilters,
+    PortPredicate, Reporter, RouteSource, SourceType, TcpProxy,
 };
+pub use listener::{EscapedSlashesAction, PathNormalization};
 pub use route::{
     AppendAction, ClusterSpecifier, DomainMatcher, FilterOverrides, HeaderKey, HeaderMatcher,
     HeaderMutations, HeaderOp, HeaderToAdd, HostRewrite, PathMatch, Pseudo, QueryMatch,

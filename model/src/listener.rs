@@ -44,6 +44,8 @@ pub struct Listener {
     pub default_chain: Option<Arc<FilterChain>>,
     /// `tcp_keepalive`: keepalive probes on accepted connections.
     pub tcp_keepalive: Option<crate::cluster::TcpKeepalive>,
+    /// The listener's own access logs: connections no filter chain took.
+    pub access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 /// Which listener filters are configured (the ones Ferry implements natively).
@@ -229,6 +231,8 @@ pub struct TcpProxy {
     pub weighted: Vec<(String, u32)>,
     /// Envoy's default is one hour; `None` disables the timeout.
     pub idle_timeout: Option<Duration>,
+    /// One entry per connection, when it closes.
+    pub access_logs: Arc<crate::access_log::AccessLogs>,
 }
 
 impl TcpProxy {
@@ -268,6 +272,7 @@ pub struct HttpConnectionManager {
     pub idle_timeout: Option<Duration>,
     /// Idle timeout of a single stream (Envoy default 5 min).
     pub stream_idle_timeout: Option<Duration>,
+    /// How long the whole request may take to arrive (Envoy default: none).
     pub request_timeout: Option<Duration>,
     pub use_remote_address: bool,
     /// What happens to `x-forwarded-client-cert` (Envoy's default: removed).
@@ -281,6 +286,44 @@ pub struct HttpConnectionManager {
     /// The router's `suppress_envoy_headers`: no `x-envoy-overloaded`,
     /// `x-envoy-expected-rq-timeout-ms` and the like.
     pub suppress_envoy_headers: bool,
+    /// One entry per request, when it ends.
+    pub access_logs: Arc<crate::access_log::AccessLogs>,
+    /// `tracing`: the spans of its requests.
+    pub tracing: Option<Arc<crate::tracing::Tracing>>,
+    /// What is done to the request path before routing and the filters
+    /// (`normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`).
+    pub path_normalization: PathNormalization,
+    /// Limits and protocol options enforced on the downstream clients
+    /// (shared: every connection holds it).
+    pub protocol: Arc<crate::http_protocol::DownstreamProtocol>,
+}
+
+/// The connection manager's path normalization settings. The default is
+/// Envoy's when none of the fields is set: the path is left as it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PathNormalization {
+    /// `normalize_path`: RFC 3986 dot-segment removal, percent-decoding of
+    /// unreserved characters, backslashes read as slashes.
+    pub normalize_path: bool,
+    /// `merge_slashes`: adjacent slashes become one.
+    pub merge_slashes: bool,
+    /// `path_with_escaped_slashes_action`.
+    pub escaped_slashes: EscapedSlashesAction,
+}
+
+/// `path_with_escaped_slashes_action`: what a path with `%2F` or `%5C` (in
+/// either case) gets. `IMPLEMENTATION_SPECIFIC_DEFAULT` is `KeepUnchanged`,
+/// as Envoy resolves it without a runtime override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashesAction {
+    #[default]
+    KeepUnchanged,
+    /// Answered 400.
+    RejectRequest,
+    /// Answered 307 with the unescaped (and normalized) path as `Location`.
+    UnescapeAndRedirect,
+    /// Unescaped, then normalized and forwarded.
+    UnescapeAndForward,
 }
 
 /// `forward_client_cert_details`.
@@ -339,6 +382,37 @@ pub enum RouteSource {
     Rds(String),
 }
 
+/// The steps of filter chain selection, in Envoy's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainStep {
+    DestinationPort,
+    DestinationIp,
+    ServerName,
+    TransportProtocol,
+    ApplicationProtocols,
+    DirectSourceIp,
+    SourceType,
+    SourceIp,
+    SourcePort,
+}
+
+impl ChainStep {
+    /// The `filter_chain_match` field the step reads.
+    pub fn field(self) -> &'static str {
+        match self {
+            ChainStep::DestinationPort => "destination_port",
+            ChainStep::DestinationIp => "prefix_ranges",
+            ChainStep::ServerName => "server_names",
+            ChainStep::TransportProtocol => "transport_protocol",
+            ChainStep::ApplicationProtocols => "application_protocols",
+            ChainStep::DirectSourceIp => "direct_source_prefix_ranges",
+            ChainStep::SourceType => "source_type",
+            ChainStep::SourceIp => "source_prefix_ranges",
+            ChainStep::SourcePort => "source_ports",
+        }
+    }
+}
+
 /// Whether choosing a chain still depends on what the client sends first.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DetectionNeeds {
@@ -369,9 +443,23 @@ impl Listener {
 
     /// Chooses the filter chain for a connection (Envoy's matching order).
     pub fn select_chain(&self, info: &ConnectionInfo) -> Option<&Arc<FilterChain>> {
+        self.select_chain_observed(info, |_, _| {})
+    }
+
+    /// [`Listener::select_chain`], telling `observe` which candidates are
+    /// left after each step (what `/explain` reports; a no-op otherwise).
+    pub fn select_chain_observed(
+        &self,
+        info: &ConnectionInfo,
+        mut observe: impl FnMut(ChainStep, &[&Arc<FilterChain>]),
+    ) -> Option<&Arc<FilterChain>> {
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
-        narrow_addresses(&mut cands, info);
+        narrow_destination_port(&mut cands, info);
+        observe(ChainStep::DestinationPort, &cands);
+        narrow_destination_ip(&mut cands, info);
+        observe(ChainStep::DestinationIp, &cands);
         narrow_server_name(&mut cands, info.server_name.as_deref());
+        observe(ChainStep::ServerName, &cands);
         narrow(&mut cands, |m| {
             match (&m.transport_protocol, info.transport_protocol) {
                 (None, _) => Some(false),
@@ -380,6 +468,7 @@ impl Listener {
                 _ => None,
             }
         });
+        observe(ChainStep::TransportProtocol, &cands);
         narrow(&mut cands, |m| {
             if m.application_protocols.is_empty() {
                 Some(false)
@@ -393,20 +482,15 @@ impl Listener {
                 None
             }
         });
-        let source_ip = info.source.map(|s| s.ip());
-        narrow_ranked(&mut cands, |m| {
-            prefix_rank(&m.direct_source_prefix_ranges, source_ip)
-        });
-        let local = info.source.is_some_and(|s| {
-            s.ip().is_loopback() || info.destination.is_some_and(|d| d.ip() == s.ip())
-        });
-        narrow(&mut cands, |m| match m.source_type {
-            SourceType::Any => Some(false),
-            SourceType::SameIpOrLoopback if local => Some(true),
-            SourceType::External if !local && info.source.is_some() => Some(true),
-            _ => None,
-        });
-        narrow_source(&mut cands, info);
+        observe(ChainStep::ApplicationProtocols, &cands);
+        narrow_direct_source_ip(&mut cands, info);
+        observe(ChainStep::DirectSourceIp, &cands);
+        narrow_source_type(&mut cands, info);
+        observe(ChainStep::SourceType, &cands);
+        narrow_source_ip(&mut cands, info);
+        observe(ChainStep::SourceIp, &cands);
+        narrow_source_port(&mut cands, info);
+        observe(ChainStep::SourcePort, &cands);
         cands.first().copied().or(self.default_chain.as_ref())
     }
 
@@ -419,7 +503,8 @@ impl Listener {
             ..Default::default()
         };
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
-        narrow_addresses(&mut cands, &info);
+        narrow_destination_port(&mut cands, &info);
+        narrow_destination_ip(&mut cands, &info);
         let mut needs = DetectionNeeds::default();
         let tls = self.listener_filters.tls_inspector_for(destination);
         let http = self.listener_filters.http_inspector_for(destination);
@@ -478,13 +563,16 @@ fn prefix_rank(ranges: &[CidrRange], ip: Option<IpAddr>) -> Option<i32> {
         .max()
 }
 
-fn narrow_addresses(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+fn narrow_destination_port(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let port = info.destination.map(|d| d.port());
     narrow(cands, |m| match m.destination_port {
         None => Some(false),
         Some(p) if Some(p) == port => Some(true),
         Some(_) => None,
     });
+}
+
+fn narrow_destination_ip(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let ip = info.destination.map(|d| d.ip());
     narrow_ranked(cands, |m| prefix_rank(&m.prefix_ranges, ip));
 }
@@ -512,9 +600,34 @@ fn narrow_server_name(cands: &mut Vec<&Arc<FilterChain>>, sni: Option<&str>) {
     });
 }
 
-fn narrow_source(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+fn narrow_direct_source_ip(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+    let ip = info.source.map(|s| s.ip());
+    narrow_ranked(cands, |m| prefix_rank(&m.direct_source_prefix_ranges, ip));
+}
+
+/// Whether the connection comes from this host: a loopback source, or the
+/// destination's own address (Envoy's `SAME_IP_OR_LOOPBACK`).
+pub fn is_local_source(info: &ConnectionInfo) -> bool {
+    info.source
+        .is_some_and(|s| s.ip().is_loopback() || info.destination.is_some_and(|d| d.ip() == s.ip()))
+}
+
+fn narrow_source_type(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
+    let local = is_local_source(info);
+    narrow(cands, |m| match m.source_type {
+        SourceType::Any => Some(false),
+        SourceType::SameIpOrLoopback if local => Some(true),
+        SourceType::External if !local && info.source.is_some() => Some(true),
+        _ => None,
+    });
+}
+
+fn narrow_source_ip(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let ip = info.source.map(|s| s.ip());
     narrow_ranked(cands, |m| prefix_rank(&m.source_prefix_ranges, ip));
+}
+
+fn narrow_source_port(cands: &mut Vec<&Arc<FilterChain>>, info: &ConnectionInfo) {
     let port = info.source.map(|s| s.port());
     narrow(cands, |m| {
         if m.source_ports.is_empty() {
@@ -537,6 +650,7 @@ mod tests {
             cluster: "v1".into(),
             weighted: vec![("v1".into(), 80), ("v2".into(), 20)],
             idle_timeout: None,
+            access_logs: Default::default(),
         };
         assert_eq!(tp.total_weight(), 100);
         assert_eq!(tp.pick_cluster(0), "v1");
@@ -570,6 +684,7 @@ mod tests {
                 cluster: "c".into(),
                 weighted: Vec::new(),
                 idle_timeout: None,
+                access_logs: Default::default(),
             }),
         })
     }
@@ -594,6 +709,7 @@ mod tests {
             filter_chains: chains,
             default_chain: Some(chain("default", FilterChainMatch::default())),
             tcp_keepalive: None,
+            access_logs: Default::default(),
         }
     }
 

@@ -81,7 +81,7 @@ impl DomainMatcher {
 
     /// Match quality: exact beats the longest suffix, which beats the longest
     /// prefix, which beats `*` (Envoy's virtual host search order).
-    fn rank(&self, host: &str) -> Option<(u8, usize)> {
+    pub(crate) fn rank(&self, host: &str) -> Option<(u8, usize)> {
         match self {
             DomainMatcher::Exact(d) => (d == host).then_some((3, d.len())),
             DomainMatcher::Suffix(s) => {
@@ -133,6 +133,8 @@ pub struct Route {
     /// (`request_body_buffer_limit`, `per_request_buffer_limit_bytes`, of the
     /// route or its virtual host); `None`: the listener's or Ferry's default.
     pub request_body_buffer_limit: Option<u64>,
+    /// `decorator`: the operation name of the route's spans.
+    pub decorator: Option<crate::tracing::Decorator>,
 }
 
 impl Route {
@@ -546,7 +548,9 @@ pub enum RouteAction {
         /// The route's retry policy, or its virtual host's (a route's own
         /// policy replaces the virtual host's whole, as in Envoy).
         retry_policy: Option<std::sync::Arc<RetryPolicy>>,
-        /// Per-route stream idle timeout (`RouteAction.idle_timeout`).
+        /// Per-route stream idle timeout (`RouteAction.idle_timeout`):
+        /// `None` when unset (the connection manager's
+        /// `stream_idle_timeout` applies), `Some(ZERO)` when disabled.
         idle_timeout: Option<Duration>,
         /// `request_mirror_policies`: shadow copies to other clusters.
         mirrors: Vec<MirrorPolicy>,
@@ -1147,16 +1151,28 @@ impl RouteMatch {
         if self.runtime_fraction.is_some_and(|f| !f.hits(roll)) {
             return false;
         }
-        let (mut path, query) = match path_and_query.split_once('?') {
+        let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
+        self.path_matches(path)
+            && self
+                .headers
+                .iter()
+                .all(|h| h.matches_request(headers, Some(pseudo)))
+            && self.query_parameters.iter().all(|q| q.matches(query))
+            && (!self.grpc || is_grpc(headers))
+    }
+
+    /// The path condition alone, on the path without its query (and without
+    /// its `;` parameters under `ignore_path_parameters_in_path_matching`).
+    pub(crate) fn path_matches(&self, mut path: &str) -> bool {
         if self.ignore_path_parameters
             && let Some((p, _)) = path.split_once(';')
         {
             path = p;
         }
-        let ok = match &self.path {
+        match &self.path {
             PathMatch::Prefix(p) => starts_with(path, p, self.case_sensitive),
             PathMatch::Exact(p) => {
                 if self.case_sensitive {
@@ -1170,13 +1186,7 @@ impl RouteMatch {
                 starts_with(path, p, self.case_sensitive)
                     && (path.len() == p.len() || path.as_bytes().get(p.len()) == Some(&b'/'))
             }
-        };
-        ok && self
-            .headers
-            .iter()
-            .all(|h| h.matches_request(headers, Some(pseudo)))
-            && self.query_parameters.iter().all(|q| q.matches(query))
-            && (!self.grpc || is_grpc(headers))
+        }
     }
 }
 
@@ -1218,6 +1228,7 @@ mod tests {
             jwt_overrides: vec![],
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
+            decorator: None,
             hash_policy: vec![],
             upgrades: vec![],
             request_body_buffer_limit: None,

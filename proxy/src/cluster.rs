@@ -45,7 +45,7 @@ pub enum UpstreamError {
     #[error("no healthy upstream")]
     NoHealthyUpstream,
     #[error(
-        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
     )]
     ConnectFailure(#[source] std::io::Error),
     #[error(
@@ -65,9 +65,32 @@ pub enum UpstreamError {
     /// A circuit breaker is open (max requests, pending requests or connections).
     #[error("upstream connect error or disconnect/reset before headers. reset reason: overflow")]
     Overflow,
+    /// The response could not be parsed, or its framing is refused (both
+    /// lengths, another transfer coding): 502, and the connection is not
+    /// used again.
+    #[error(
+        "upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+    )]
+    Protocol(String),
 }
 
 impl UpstreamError {
+    /// `%UPSTREAM_TRANSPORT_FAILURE_REASON%`, in Envoy's words (spaces as
+    /// `_`): why the connection could not be made.
+    pub fn transport_failure_reason(&self) -> Option<String> {
+        let reason = match self {
+            UpstreamError::ConnectFailure(io) => {
+                let text = io.to_string();
+                // std adds " (os error N)" to the system's message.
+                let text = text.split(" (os error").next().unwrap_or(&text);
+                format!("delayed connect error: {text}")
+            }
+            UpstreamError::Tls(t) => format!("TLS error: {t}"),
+            _ => return None,
+        };
+        Some(reason.replace(' ', "_"))
+    }
+
     /// Envoy's response flag for the access log.
     pub fn response_flag(&self) -> &'static str {
         match self {
@@ -77,6 +100,7 @@ impl UpstreamError {
             | UpstreamError::Tls(_) => "UF",
             UpstreamError::Reset(_) => "UC",
             UpstreamError::Overflow => "UO",
+            UpstreamError::Protocol(_) => "UPE",
         }
     }
 }
@@ -122,6 +146,11 @@ impl ClusterManager {
 
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterRt>> {
         self.clusters.get(name)
+    }
+
+    /// Every cluster (in no particular order).
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<ClusterRt>> {
+        self.clusters.values()
     }
 }
 
@@ -174,11 +203,29 @@ pub struct ClusterRt {
     balancer: ArcSwap<Balancer<Arc<EndpointPool>>>,
     /// Pools created on demand for original destinations (ORIGINAL_DST).
     dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    /// The endpoints of the balancer with their weights and priorities,
+    /// for the admin pages.
+    hosts: ArcSwap<Vec<(Arc<EndpointPool>, HostMeta)>>,
     /// The live secrets and TLS configurations.
     tls: Arc<TlsContexts>,
+    /// `true` once a STRICT_DNS cluster's first resolution round is over
+    /// (always `true` for other kinds): Envoy warms such a cluster before
+    /// it serves, so its first requests wait for it instead of failing.
+    resolved: tokio::sync::watch::Sender<bool>,
 }
 
 impl ClusterRt {
+    /// Waits until the cluster has finished warming: for STRICT_DNS, its
+    /// first resolution round (bounded by the resolver's own timeout, and
+    /// at most 5 s here). Immediate for every other kind.
+    pub async fn warmed(&self) {
+        if *self.resolved.borrow() {
+            return;
+        }
+        let mut rx = self.resolved.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r)).await;
+    }
+
     /// Starts DNS refresh for a STRICT_DNS cluster; it stops with the cluster.
     fn start_dns(self: &Arc<Self>) {
         let ClusterKind::StrictDns(hosts) = &self.cfg.kind else {
@@ -225,6 +272,7 @@ impl ClusterRt {
                         .collect();
                     c.install(pools);
                 }
+                c.resolved.send_replace(true);
                 drop(c);
                 tokio::time::sleep(dns.refresh_rate).await;
             }
@@ -248,7 +296,12 @@ impl ClusterRt {
             shared,
             balancer: ArcSwap::from_pointee(empty),
             dynamic: Mutex::new(HashMap::new()),
+            hosts: ArcSwap::from_pointee(Vec::new()),
             tls: tls.clone(),
+            resolved: tokio::sync::watch::Sender::new(!matches!(
+                cfg.kind,
+                ClusterKind::StrictDns(_)
+            )),
             cfg,
         };
         if let ClusterKind::Static(eps) = &rt.cfg.kind {
@@ -292,8 +345,23 @@ impl ClusterRt {
                 hosts.iter().map(|(p, _)| p.outlier.clone()).collect();
             d.set_hosts(&watched);
         }
+        self.hosts.store(Arc::new(hosts.clone()));
         let b = Balancer::new(self.cfg.lb_policy, &self.cfg.lb, hosts);
         self.balancer.store(Arc::new(b));
+    }
+
+    /// Every endpoint of the cluster (balanced ones with their weight and
+    /// priority, and the original destinations in use), for `/clusters`.
+    pub fn endpoints(&self) -> Vec<(Arc<EndpointPool>, HostMeta)> {
+        let mut out = Vec::clone(&self.hosts.load());
+        let dynamic = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(dynamic.values().map(|p| (p.clone(), HostMeta::default())));
+        out
+    }
+
+    /// All clusters' names are listed in name order by the admin pages.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
     }
 
     /// Chooses the endpoint for a request or connection. `original_dst` is the
@@ -602,11 +670,22 @@ fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
 /// any response byte: what a server closing an idle keep-alive connection
 /// looks like, as opposed to a reset after it read the request.
 fn closed_cleanly_before_response(e: &hyper::Error) -> bool {
+    // The kernel tells the two resets apart: one arriving after the
+    // server's FIN (our side in CLOSE_WAIT: the server had closed before
+    // our request reached it, and its kernel refused the bytes) surfaces as
+    // EPIPE; one on an open connection (the server read the request, then
+    // reset) as ECONNRESET, which stays the retry policy's call.
+    use std::error::Error as _;
     e.is_incomplete_message()
+        || e.source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 struct Idle {
     sender: http1::SendRequest<UpstreamBody>,
+    /// The connection's local address (`%UPSTREAM_LOCAL_ADDRESS%`).
+    local: Option<SocketAddr>,
     since: Instant,
     used: Use,
 }
@@ -641,6 +720,58 @@ impl std::ops::Add<u32> for Use {
     }
 }
 
+/// One endpoint's own counters, as Envoy keeps them per host (the admin
+/// `/clusters` page shows them).
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub cx_total: AtomicU64,
+    pub cx_connect_fail: AtomicU64,
+    pub cx_active: AtomicU64,
+    pub rq_total: AtomicU64,
+    /// Requests answered without a 5xx.
+    pub rq_success: AtomicU64,
+    /// Requests that failed or got a 5xx.
+    pub rq_error: AtomicU64,
+    pub rq_timeout: AtomicU64,
+}
+
+/// Decrements a host's active connections when its connection closes.
+struct ActiveCx(Arc<HostStats>);
+
+impl ActiveCx {
+    fn new(stats: &Arc<HostStats>) -> Self {
+        stats.cx_active.fetch_add(1, Ordering::Relaxed);
+        Self(stats.clone())
+    }
+}
+
+impl Drop for ActiveCx {
+    fn drop(&mut self) {
+        self.0.cx_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An endpoint's HTTP/2 connection and its local address.
+type H2Sender = (http2::SendRequest<UpstreamBody>, Option<SocketAddr>);
+
+/// Where a pool tells the router the local address of the connection an
+/// attempt got (`%UPSTREAM_LOCAL_ADDRESS%`), put in the request's
+/// extensions by the router when it keeps an access log.
+#[derive(Debug, Clone, Default)]
+pub struct LocalAddrSlot(pub Arc<Mutex<Option<SocketAddr>>>);
+
+impl LocalAddrSlot {
+    fn report<B>(req: &Request<B>, local: Option<SocketAddr>) {
+        if let (Some(slot), Some(local)) = (req.extensions().get::<LocalAddrSlot>(), local) {
+            *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(local);
+        }
+    }
+
+    pub fn get(&self) -> Option<SocketAddr> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Connections to one endpoint address.
 pub struct EndpointPool {
     pub address: SocketAddr,
@@ -660,8 +791,8 @@ pub struct EndpointPool {
     default_alpn: &'static [&'static str],
     stats: ClusterStats,
     idle: Mutex<Vec<Idle>>,
-    /// The HTTP/2 connection and when it was opened.
-    h2: Mutex<Option<(http2::SendRequest<UpstreamBody>, Instant)>>,
+    /// The HTTP/2 connection, its local address and when it was opened.
+    h2: Mutex<Option<(H2Sender, Instant)>>,
     h2_connecting: tokio::sync::Mutex<()>,
     shared: Arc<ClusterShared>,
     outlier: Arc<HostOutlier>,
@@ -670,6 +801,8 @@ pub struct EndpointPool {
     ewma: PeakEwma,
     /// Streams open on the HTTP/2 connection (`max_concurrent_streams`).
     h2_streams: Arc<AtomicU32>,
+    /// The endpoint's own counters.
+    pub host_stats: Arc<HostStats>,
     /// The cluster's `auto_sni` / `auto_san_validation` (TLS pools only).
     auto_sni: Option<Arc<ferry_model::cluster::AutoSni>>,
     /// Connections per request host name, when names come from requests
@@ -747,6 +880,7 @@ impl EndpointPool {
             active: AtomicU64::new(0),
             ewma: PeakEwma::default(),
             h2_streams: Arc::default(),
+            host_stats: Arc::default(),
             auto_sni: cluster
                 .cfg
                 .auto_sni
@@ -762,6 +896,11 @@ impl EndpointPool {
                 .per_host_max_connections
                 .map(|max| (Arc::default(), max)),
         }
+    }
+
+    /// Requests in flight to this endpoint.
+    pub fn active_requests(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// The pool of connections for `name`, the request's host: this
@@ -815,6 +954,7 @@ impl EndpointPool {
             tcp_keepalive: self.tcp_keepalive,
             max_connection_duration: self.max_connection_duration,
             host_connections: self.host_connections.clone(),
+            host_stats: self.host_stats.clone(),
         });
         pools.insert(Arc::from(name), pool.clone());
         Some(pool)
@@ -861,6 +1001,7 @@ impl EndpointPool {
     /// Reports a result that the pool did not see itself (a timeout in the
     /// router) to outlier detection.
     pub fn report_local_failure(&self) {
+        self.host_stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
         self.shared.report(&self.outlier, Outcome::LocalFailure);
     }
 
@@ -886,6 +1027,15 @@ impl EndpointPool {
         let _in_flight = InFlight(&self.active);
         let start = Instant::now();
         let r = send.await;
+        let hs = &self.host_stats;
+        hs.rq_total.fetch_add(1, Ordering::Relaxed);
+        match &r {
+            Ok(resp) if resp.status().is_server_error() => {
+                hs.rq_error.fetch_add(1, Ordering::Relaxed)
+            }
+            Ok(_) => hs.rq_success.fetch_add(1, Ordering::Relaxed),
+            Err(_) => hs.rq_error.fetch_add(1, Ordering::Relaxed),
+        };
         match &r {
             Ok(resp) => {
                 self.ewma.observe(start.elapsed(), Instant::now());
@@ -908,6 +1058,7 @@ impl EndpointPool {
     /// the same timeout, as Envoy's connect timeout covers it).
     pub async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
         self.stats.upstream_cx_total.inc();
+        self.host_stats.cx_total.fetch_add(1, Ordering::Relaxed);
         let tls = match &self.tls {
             None => None,
             Some(t) => match self
@@ -965,7 +1116,13 @@ impl EndpointPool {
                 }
             }
         };
-        match tokio::time::timeout(self.connect_timeout, handshake).await {
+        let r = tokio::time::timeout(self.connect_timeout, handshake).await;
+        if !matches!(r, Ok(Ok(_))) {
+            self.host_stats
+                .cx_connect_fail
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        match r {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => {
                 self.stats.upstream_cx_connect_fail.inc();
@@ -979,7 +1136,7 @@ impl EndpointPool {
         }
     }
 
-    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, Use)> {
+    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, Use, Option<SocketAddr>)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(entry) = idle.pop() {
             let expired = self
@@ -987,7 +1144,7 @@ impl EndpointPool {
                 .is_some_and(|t| entry.since.elapsed() >= t)
                 || self.too_old(entry.used.opened);
             if !expired && entry.sender.is_ready() {
-                return Some((entry.sender, entry.used));
+                return Some((entry.sender, entry.used, entry.local));
             }
         }
         None
@@ -1000,16 +1157,25 @@ impl EndpointPool {
     async fn new_or_pooled_h1(
         &self,
         fresh: bool,
-    ) -> Result<(http1::SendRequest<UpstreamBody>, Use, bool), UpstreamError> {
+    ) -> Result<
+        (
+            http1::SendRequest<UpstreamBody>,
+            Use,
+            bool,
+            Option<SocketAddr>,
+        ),
+        UpstreamError,
+    > {
         let breakers = &self.shared.breakers;
         let mut pending = None;
         loop {
-            if !fresh && let Some((s, used)) = self.checkout_idle() {
-                return Ok((s, used, true));
+            if !fresh && let Some((s, used, local)) = self.checkout_idle() {
+                return Ok((s, used, true, local));
             }
             let freed = breakers.freed.notified();
             if let Some(slot) = breakers.connection(self.host_connections.as_ref()) {
-                return Ok((self.connect_h1(slot).await?, Use::new(), false));
+                let (sender, local) = self.connect_h1(slot).await?;
+                return Ok((sender, Use::new(), false, local));
             }
             if pending.is_none() {
                 // As Envoy: a full pending queue fails the request before a
@@ -1025,8 +1191,9 @@ impl EndpointPool {
     async fn connect_h1(
         &self,
         slot: Slot,
-    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
+    ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
         let tcp = self.connect().await?;
+        let local = tcp.local_addr();
         let (sender, conn) = http1::Builder::new()
             .preserve_header_case(true)
             .handshake(TokioIo::new(tcp))
@@ -1034,13 +1201,15 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.stats.upstream_cx_destroy.clone();
         let shared = self.shared.clone();
+        let active = ActiveCx::new(&self.host_stats);
         tokio::spawn(async move {
+            let _active = active;
             let _ = conn.with_upgrades().await;
             destroyed.inc();
             drop(slot);
             shared.breakers.freed.notify_waiters();
         });
-        Ok(sender)
+        Ok((sender, local))
     }
 
     /// Sends an HTTP/1.1 request on a pooled or new connection.
@@ -1061,14 +1230,21 @@ impl EndpointPool {
         // At most one more attempt, on a fresh connection, for the keep-alive race.
         let mut fresh = false;
         loop {
-            let (mut sender, used, reused) = self.new_or_pooled_h1(fresh).await?;
+            let (mut sender, used, reused, local) = self.new_or_pooled_h1(fresh).await?;
+            LocalAddrSlot::report(&req, local);
             // A bodiless idempotent request may be sent again (RFC 9110 §9.2.2) when
             // the server's close crossed it on the wire: keep a copy of its head
             // while it rides a reused connection.
             let replay = if reused { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    self.release_when_idle(sender, used + 1);
+                    if let Err(why) = crate::http::h1_guard::response_framing(resp.headers()) {
+                        // Dropped unread, the response takes its connection
+                        // with it: it is never pooled again.
+                        tracing::debug!(upstream.host = %self.address, error = why, "upstream response framing refused");
+                        return Err(UpstreamError::Protocol(why.to_string()));
+                    }
+                    self.release_when_idle(sender, used + 1, local);
                     return Ok(resp);
                 }
                 Err(mut e) => {
@@ -1081,6 +1257,8 @@ impl EndpointPool {
                         // it: a clean close before any answer. A reset (RST) means the
                         // server reacted to what it read; that is the retry policy's call.
                         (true, None, Some(again)) if closed_cleanly_before_response(&e) => again,
+                        // An answer that could not be parsed: a bad gateway.
+                        _ if e.is_parse() => return Err(UpstreamError::Protocol(e.to_string())),
                         _ => return Err(UpstreamError::Reset(e)),
                     };
                     tracing::debug!(
@@ -1101,6 +1279,7 @@ impl EndpointPool {
         self: &Arc<Self>,
         mut sender: http1::SendRequest<UpstreamBody>,
         used: Use,
+        local: Option<SocketAddr>,
     ) {
         if self
             .shared
@@ -1122,6 +1301,7 @@ impl EndpointPool {
                 if idle.len() < MAX_IDLE {
                     idle.push(Idle {
                         sender,
+                        local,
                         since: Instant::now(),
                         used,
                     });
@@ -1131,7 +1311,7 @@ impl EndpointPool {
         });
     }
 
-    async fn h2_sender(&self) -> Result<http2::SendRequest<UpstreamBody>, UpstreamError> {
+    async fn h2_sender(&self) -> Result<H2Sender, UpstreamError> {
         if let Some(s) = self.live_h2() {
             return Ok(s);
         }
@@ -1149,6 +1329,7 @@ impl EndpointPool {
             return Err(UpstreamError::Overflow);
         };
         let tcp = self.connect().await?;
+        let local = tcp.local_addr();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
             .keep_alive_interval(None)
@@ -1156,22 +1337,25 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.stats.upstream_cx_destroy.clone();
+        let active = ActiveCx::new(&self.host_stats);
         tokio::spawn(async move {
+            let _active = active;
             let _ = conn.await;
             destroyed.inc();
             drop(slot);
         });
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((sender.clone(), Instant::now()));
-        Ok(sender)
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(((sender.clone(), local), Instant::now()));
+        Ok((sender, local))
     }
 
     /// The shared HTTP/2 connection, unless it closed or reached
     /// `max_connection_duration`: an old one is let go (its streams finish,
     /// then it closes) and the next request opens a new one.
-    fn live_h2(&self) -> Option<http2::SendRequest<UpstreamBody>> {
+    fn live_h2(&self) -> Option<H2Sender> {
         let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         match slot.as_ref() {
-            Some((s, opened)) if !s.is_closed() && !self.too_old(*opened) => Some(s.clone()),
+            Some((s, opened)) if !s.0.is_closed() && !self.too_old(*opened) => Some(s.clone()),
             Some(_) => {
                 *slot = None;
                 None
@@ -1227,7 +1411,8 @@ impl EndpointPool {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let mut sender = self.h2_sender().await?;
+            let (mut sender, local) = self.h2_sender().await?;
+            LocalAddrSlot::report(&req, local);
             if sender.ready().await.is_err() {
                 self.h2.lock().unwrap_or_else(|p| p.into_inner()).take();
                 if attempts < 2 {

@@ -50,6 +50,19 @@ pub fn inspect(buf: &[u8], tls_inspector: bool, http_inspector: bool) -> Outcome
     Outcome::Done(Detected::default())
 }
 
+/// Whether `buf` starts the HTTP/2 client preface: `None` while it could
+/// still go either way.
+pub fn h2_preface(buf: &[u8]) -> Option<bool> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] != H2_PREFACE[..n] {
+        Some(false)
+    } else if n == H2_PREFACE.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
 fn http(buf: &[u8]) -> Outcome {
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
@@ -250,6 +263,14 @@ mod tests {
         rec.extend((hs.len() as u16).to_be_bytes());
         rec.extend(&hs);
         rec
+    }
+
+    #[test]
+    fn h2_preface_decides_on_the_first_differing_byte() {
+        assert_eq!(h2_preface(b"G"), Some(false));
+        assert_eq!(h2_preface(b"PRI * HTTP/1.1"), Some(false));
+        assert_eq!(h2_preface(b"PRI * HT"), None);
+        assert_eq!(h2_preface(H2_PREFACE), Some(true));
     }
 
     #[test]

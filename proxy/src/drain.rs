@@ -1,11 +1,13 @@
 //! Drain: signals the process and each connection watch, and a count of
 //! live connections so shutdown can wait for in-flight work.
 //!
-//! There are two levels: the process (SIGTERM, `/quitquitquit`) and a
-//! connection (its filter chain changed or removed by a configuration
-//! update, or its listener replaced). A connection drains when either of
-//! its two signals fires: HTTP finishes what is in flight and closes, TCP
-//! gets the drain deadline. A connection can also be told to close now
+//! There are three levels: the process (SIGTERM, `/quitquitquit`), the
+//! inbound listeners (a sidecar's termination drains only those, as
+//! istio-agent's `drain_listeners?inboundonly`: the app may still call out
+//! while it shuts down), and a connection (its filter chain changed or
+//! removed by a configuration update, or its listener replaced). A
+//! connection drains when any signal above it or its own fires: HTTP
+//! finishes what is in flight and closes, TCP gets the drain deadline. A connection can also be told to close now
 //! (a network RBAC re-check denied it): HTTP still finishes the request
 //! in flight, TCP closes at once.
 
@@ -23,7 +25,8 @@ const CLOSING: u8 = 2;
 #[derive(Clone)]
 pub struct Drain {
     tx: Arc<watch::Sender<u8>>,
-    parent: Option<Arc<watch::Sender<u8>>>,
+    /// The signals above this one (the process's first).
+    parents: Vec<Arc<watch::Sender<u8>>>,
     live: Arc<(AtomicUsize, Notify)>,
 }
 
@@ -51,17 +54,19 @@ impl Drain {
         let (tx, _) = watch::channel(RUNNING);
         Self {
             tx: Arc::new(tx),
-            parent: None,
+            parents: Vec::new(),
             live: Arc::new((AtomicUsize::new(0), Notify::new())),
         }
     }
 
-    /// A connection's drain: fires on its own or with the process.
+    /// A drain below this one: fires on its own or with any above it.
     pub fn child(&self) -> Drain {
         let (tx, _) = watch::channel(RUNNING);
+        let mut parents = self.parents.clone();
+        parents.push(self.tx.clone());
         Drain {
             tx: Arc::new(tx),
-            parent: Some(self.parent.clone().unwrap_or_else(|| self.tx.clone())),
+            parents,
             live: self.live.clone(),
         }
     }
@@ -78,11 +83,7 @@ impl Drain {
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.tx.borrow() >= DRAINING
-            || self
-                .parent
-                .as_ref()
-                .is_some_and(|p| *p.borrow() >= DRAINING)
+        *self.tx.borrow() >= DRAINING || self.parents.iter().any(|p| *p.borrow() >= DRAINING)
     }
 
     /// Whether this connection was told to close now.
@@ -90,22 +91,20 @@ impl Drain {
         *self.tx.borrow() == CLOSING
     }
 
-    /// Resolves once draining has started.
+    /// Resolves once draining has started (here or above).
     pub async fn signaled(&self) {
-        let mut rx = self.tx.subscribe();
-        match &self.parent {
-            None => {
+        let wait = |tx: &Arc<watch::Sender<u8>>| {
+            let mut rx = tx.subscribe();
+            Box::pin(async move {
                 // An error means the sender is gone, which only happens at exit.
                 let _ = rx.wait_for(|d| *d >= DRAINING).await;
-            }
-            Some(p) => {
-                let mut prx = p.subscribe();
-                tokio::select! {
-                    _ = rx.wait_for(|d| *d >= DRAINING) => {}
-                    _ = prx.wait_for(|d| *d >= DRAINING) => {}
-                }
-            }
-        }
+            })
+        };
+        let all: Vec<_> = std::iter::once(&self.tx)
+            .chain(&self.parents)
+            .map(wait)
+            .collect();
+        futures_util::future::select_all(all).await;
     }
 
     /// Resolves once the connection was told to close now; never otherwise.
@@ -133,6 +132,12 @@ impl Drain {
     /// the deadline passes. Returns the connections still open.
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.start();
+        self.wait_idle(deadline).await
+    }
+
+    /// Waits until every tracked connection is done, or the deadline
+    /// passes. Returns the connections still open.
+    pub async fn wait_idle(&self, deadline: Duration) -> usize {
         let wait = async {
             loop {
                 let notified = self.live.1.notified();
@@ -186,6 +191,28 @@ mod tests {
             .await
             .unwrap();
         assert!(new.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn inbound_level_drains_its_connections_alone_or_with_the_process() {
+        let process = Drain::new();
+        let inbound = process.child();
+        let inbound_conn = inbound.child();
+        let outbound_conn = process.child();
+        inbound.start();
+        tokio::time::timeout(Duration::from_secs(1), inbound_conn.signaled())
+            .await
+            .unwrap();
+        assert!(inbound_conn.is_draining() && !outbound_conn.is_draining());
+        assert!(!process.is_draining());
+        let other = Drain::new();
+        let level = other.child();
+        let conn = level.child();
+        other.start();
+        tokio::time::timeout(Duration::from_secs(1), conn.signaled())
+            .await
+            .unwrap();
+        assert!(conn.is_draining() && level.is_draining());
     }
 
     #[tokio::test(start_paused = true)]

@@ -414,6 +414,7 @@ mod tests {
             cluster: cluster.into(),
             weighted: Vec::new(),
             idle_timeout: None,
+            access_logs: Default::default(),
         })
     }
 
@@ -432,6 +433,10 @@ mod tests {
             http_filters: Vec::new(),
             client_trust: Default::default(),
             suppress_envoy_headers: false,
+            path_normalization: Default::default(),
+            protocol: Default::default(),
+            access_logs: Default::default(),
+            tracing: None,
         })
     }
 
@@ -500,6 +505,7 @@ mod tests {
             filter_chains: chains,
             default_chain: None,
             tcp_keepalive: None,
+            access_logs: Default::default(),
         })
     }
 

@@ -24,14 +24,24 @@ pub const CHAIN_IN_REDIRECT: &str = "ISTIO_IN_REDIRECT";
 pub const CHAIN_OUTPUT: &str = "ISTIO_OUTPUT";
 /// Redirects to the outbound capture port.
 pub const CHAIN_REDIRECT: &str = "ISTIO_REDIRECT";
+/// DNS capture: the app's queries to its resolvers go to the agent's DNS
+/// proxy (nat), and DNS flows get their conntrack zones (raw).
+pub const CHAIN_OUTPUT_DNS: &str = "ISTIO_OUTPUT_DNS";
 
 /// Every chain Ferry owns in the nat table, in the order they are rendered.
-pub const CHAINS: [&str; 4] = [
+pub const CHAINS: [&str; 5] = [
     CHAIN_INBOUND,
     CHAIN_IN_REDIRECT,
     CHAIN_OUTPUT,
     CHAIN_REDIRECT,
+    CHAIN_OUTPUT_DNS,
 ];
+
+/// The chains Ferry owns in the raw table (DNS capture only).
+pub const RAW_CHAINS: [&str; 2] = [CHAIN_OUTPUT_DNS, CHAIN_INBOUND];
+
+/// The agent's DNS proxy port.
+pub const DNS_PROXY_PORT: u16 = 15053;
 
 /// The proxy's own listeners. Inbound connections to them must reach them directly (health
 /// probes, metrics scrapes, HBONE), so they are never redirected whatever the flags say.
@@ -45,6 +55,16 @@ const MULTIPORT_MAX: usize = 15;
 
 /// Binaries tried, in order, when `--iptables-bin` is not given.
 const IPTABLES_CANDIDATES: [&str; 3] = ["iptables", "iptables-nft", "iptables-legacy"];
+
+/// A boolean as Istio's Go tools read their flags and environment
+/// (`strconv.ParseBool`): 1, t, T, TRUE, true, True and their false forms.
+pub fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+    }
+}
 
 /// Options of `ferry iptables`, spelled like Istio's `istio-iptables` so manifests carry over.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
@@ -89,6 +109,20 @@ pub struct IptablesArgs {
     #[arg(long)]
     pub ipv6: bool,
 
+    /// Capture the app's DNS (UDP and TCP 53 to the resolvers of
+    /// --resolv-conf) into the sidecar's DNS proxy on 15053, as istio-iptables
+    /// does with `ISTIO_META_DNS_CAPTURE`.
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_go_bool)]
+    pub redirect_dns: bool,
+
+    /// With --redirect-dns: capture DNS to any address, not only the resolvers.
+    #[arg(long, env = "CAPTURE_ALL_DNS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = parse_go_bool)]
+    pub capture_all_dns: bool,
+
+    /// Where the pod's resolvers are listed (for --redirect-dns).
+    #[arg(long, default_value = "/etc/resolv.conf", value_name = "PATH")]
+    pub resolv_conf: PathBuf,
+
     /// Print the iptables-restore input and change nothing.
     #[arg(long, conflicts_with = "cleanup")]
     pub dry_run: bool,
@@ -117,6 +151,9 @@ impl Default for IptablesArgs {
             exclude_inbound_ports: String::new(),
             exclude_outbound_ports: String::new(),
             ipv6: false,
+            redirect_dns: false,
+            capture_all_dns: false,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
             dry_run: false,
             cleanup: false,
             iptables_bin: None,
@@ -167,6 +204,10 @@ pub struct TableRules {
     pub chains: Vec<(&'static str, Vec<String>)>,
     /// Jumps from the built-in chains into Ferry's chains (`-A OUTPUT -p tcp -j ISTIO_OUTPUT`).
     pub jumps: Vec<String>,
+    /// The raw table's chains (DNS conntrack zones; empty without DNS capture).
+    pub raw: Vec<(&'static str, Vec<String>)>,
+    /// Jumps into the raw chains.
+    pub raw_jumps: Vec<String>,
 }
 
 impl TableRules {
@@ -175,6 +216,14 @@ impl TableRules {
     /// `stale` lists jump rules to delete first (as `iptables-save` printed them), so the jumps
     /// exist exactly once afterwards. It all happens in one atomic commit.
     pub fn restore_input(&self, stale: &[String]) -> String {
+        self.restore_input_removing(stale, &[])
+    }
+
+    /// [`TableRules::restore_input`], also removing Ferry's chains `present`
+    /// from an earlier run that these rules no longer have (the DNS chain
+    /// after DNS capture was turned off); nothing jumps to them any more
+    /// once their callers are rebuilt.
+    pub fn restore_input_removing(&self, stale: &[String], present: &[&str]) -> String {
         let mut out = String::from("*nat\n");
         for (chain, _) in &self.chains {
             out.push_str(&format!(":{chain} - [0:0]\n"));
@@ -193,8 +242,61 @@ impl TableRules {
             out.push_str(jump);
             out.push('\n');
         }
+        let obsolete: Vec<&&str> = present
+            .iter()
+            .filter(|c| !self.chains.iter().any(|(own, _)| own == *c))
+            .collect();
+        for chain in &obsolete {
+            out.push_str(&format!("-F {chain}\n"));
+        }
+        for chain in &obsolete {
+            out.push_str(&format!("-X {chain}\n"));
+        }
         out.push_str("COMMIT\n");
         out
+    }
+
+    /// The raw table's part of the transaction: Ferry's raw chains rebuilt
+    /// (after deleting `stale` jumps), or, without DNS capture, the chains
+    /// `present` from an earlier run removed. `None` when there is nothing
+    /// to do.
+    pub fn raw_restore_input(&self, stale: &[String], present: &[&str]) -> Option<String> {
+        if self.raw.is_empty() && stale.is_empty() && present.is_empty() {
+            return None;
+        }
+        let mut out = String::from("*raw\n");
+        if self.raw.is_empty() {
+            for rule in stale {
+                out.push_str(&delete_form(rule));
+                out.push('\n');
+            }
+            for chain in present {
+                out.push_str(&format!("-F {chain}\n"));
+            }
+            for chain in present {
+                out.push_str(&format!("-X {chain}\n"));
+            }
+        } else {
+            for (chain, _) in &self.raw {
+                out.push_str(&format!(":{chain} - [0:0]\n"));
+            }
+            for rule in stale {
+                out.push_str(&delete_form(rule));
+                out.push('\n');
+            }
+            for (_, rules) in &self.raw {
+                for rule in rules {
+                    out.push_str(rule);
+                    out.push('\n');
+                }
+            }
+            for jump in &self.raw_jumps {
+                out.push_str(jump);
+                out.push('\n');
+            }
+        }
+        out.push_str("COMMIT\n");
+        Some(out)
     }
 }
 
@@ -211,9 +313,15 @@ impl fmt::Display for RuleSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("# iptables-restore --noflush\n")?;
         f.write_str(&self.ipv4.restore_input(&[]))?;
+        if let Some(raw) = self.ipv4.raw_restore_input(&[], &[]) {
+            f.write_str(&raw)?;
+        }
         if let Some(v6) = &self.ipv6 {
             f.write_str("# ip6tables-restore --noflush\n")?;
             f.write_str(&v6.restore_input(&[]))?;
+            if let Some(raw) = v6.raw_restore_input(&[], &[]) {
+                f.write_str(&raw)?;
+            }
         }
         Ok(())
     }
@@ -277,7 +385,15 @@ pub fn run_with_output(args: &IptablesArgs, out: &mut dyn Write) -> Result<(), I
 fn apply(backend: &Backend, rules: &TableRules) -> Result<(), IptablesError> {
     let current = backend.save()?;
     let stale = jumps_into_own_chains(&current);
-    let input = rules.restore_input(&stale);
+    let mut input = rules.restore_input_removing(&stale, &own_chains_present(&current));
+    // The raw table is only read when DNS capture wants it or an earlier
+    // run left chains there.
+    let raw = backend.save_table("raw").unwrap_or_default();
+    let raw_stale = jumps_into(&raw, "*raw", &RAW_CHAINS);
+    let raw_present = chains_present(&raw, "*raw", &RAW_CHAINS);
+    if let Some(r) = rules.raw_restore_input(&raw_stale, &raw_present) {
+        input.push_str(&r);
+    }
     tracing::debug!(iptables.bin = %backend.iptables.display(), iptables.input = %input, "applying nat rules");
     backend.restore(&input)?;
     tracing::info!(
@@ -307,6 +423,22 @@ fn cleanup_table(backend: &Backend) -> Result<(), IptablesError> {
     let current = backend.save()?;
     let stale = jumps_into_own_chains(&current);
     let present = own_chains_present(&current);
+    let raw = backend.save_table("raw").unwrap_or_default();
+    let raw_cleanup = TableRules {
+        ipv6: false,
+        chains: Vec::new(),
+        jumps: Vec::new(),
+        raw: Vec::new(),
+        raw_jumps: Vec::new(),
+    }
+    .raw_restore_input(
+        &jumps_into(&raw, "*raw", &RAW_CHAINS),
+        &chains_present(&raw, "*raw", &RAW_CHAINS),
+    );
+    if let Some(r) = raw_cleanup {
+        tracing::debug!(iptables.input = %r, "removing raw rules");
+        backend.restore(&r)?;
+    }
     if stale.is_empty() && present.is_empty() {
         tracing::info!(iptables.bin = %backend.iptables.display(), "no capture rules to remove");
         return Ok(());
@@ -339,26 +471,30 @@ fn delete_form(rule: &str) -> String {
     }
 }
 
-/// The lines of the `*nat` section of `iptables-save` output.
-fn nat_section(save: &str) -> impl Iterator<Item = &str> {
+/// The lines of one table's section (`*nat`, `*raw`) of `iptables-save` output.
+fn table_section<'a>(save: &'a str, table: &'a str) -> impl Iterator<Item = &'a str> {
     save.lines()
         .map(str::trim)
-        .skip_while(|l| *l != "*nat")
+        .skip_while(move |l| *l != table)
         .skip(1)
         .take_while(|l| *l != "COMMIT")
 }
 
 /// Rules outside Ferry's chains that jump (or go) to one of them, as `iptables-save` prints them.
 fn jumps_into_own_chains(save: &str) -> Vec<String> {
-    nat_section(save)
+    jumps_into(save, "*nat", &CHAINS)
+}
+
+fn jumps_into(save: &str, table: &str, chains: &[&str]) -> Vec<String> {
+    table_section(save, table)
         .filter(|line| {
             let words = split_words(line);
-            let from_own = words.get(1).is_some_and(|c| CHAINS.contains(&c.as_str()));
+            let from_own = words.get(1).is_some_and(|c| chains.contains(&c.as_str()));
             words.first().is_some_and(|w| w == "-A")
                 && !from_own
                 && words
                     .windows(2)
-                    .any(|w| (w[0] == "-j" || w[0] == "-g") && CHAINS.contains(&w[1].as_str()))
+                    .any(|w| (w[0] == "-j" || w[0] == "-g") && chains.contains(&w[1].as_str()))
         })
         .map(str::to_owned)
         .collect()
@@ -366,12 +502,17 @@ fn jumps_into_own_chains(save: &str) -> Vec<String> {
 
 /// Ferry's chains that exist in the saved nat table.
 fn own_chains_present(save: &str) -> Vec<&'static str> {
-    let declared: BTreeSet<&str> = nat_section(save)
+    chains_present(save, "*nat", &CHAINS)
+}
+
+fn chains_present(save: &str, table: &str, chains: &[&'static str]) -> Vec<&'static str> {
+    let declared: BTreeSet<&str> = table_section(save, table)
         .filter_map(|l| l.strip_prefix(':'))
         .filter_map(|l| l.split_whitespace().next())
         .collect();
-    CHAINS
-        .into_iter()
+    chains
+        .iter()
+        .copied()
         .filter(|c| declared.contains(c))
         .collect()
 }
@@ -620,6 +761,37 @@ struct Config {
     /// Excluded inbound ports, the proxy's own first.
     exclude_inbound: Vec<u16>,
     exclude_outbound: Vec<u16>,
+    /// DNS capture, when on.
+    dns: Option<DnsCapture>,
+}
+
+/// What istio-iptables' DNS capture redirects: the resolvers of the pod's
+/// resolv.conf, or all of port 53.
+#[derive(Debug, Clone, Default)]
+struct DnsCapture {
+    all: bool,
+    servers: Vec<IpAddr>,
+}
+
+impl DnsCapture {
+    fn servers(&self, family: Family) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter(|ip| match family {
+                Family::V4 => ip.is_ipv4(),
+                Family::V6 => ip.is_ipv6(),
+            })
+            .map(|ip| match ip {
+                IpAddr::V4(a) => format!("{a}/32"),
+                IpAddr::V6(a) => format!("{a}/128"),
+            })
+            .collect()
+    }
+
+    /// Whether this family's DNS is captured at all.
+    fn captures(&self, family: Family) -> bool {
+        self.all || !self.servers(family).is_empty()
+    }
 }
 
 impl Config {
@@ -652,7 +824,34 @@ impl Config {
                 exclude_inbound.push(port);
             }
         }
+        let dns = if args.redirect_dns {
+            let servers = if args.capture_all_dns {
+                Vec::new()
+            } else {
+                let text = std::fs::read_to_string(&args.resolv_conf).map_err(|e| {
+                    IptablesError::InvalidFlag {
+                        flag: "--resolv-conf",
+                        reason: format!("failed to load {}: {e}", args.resolv_conf.display()),
+                    }
+                })?;
+                crate::resolv_conf::ResolvConf::parse(&text).nameservers
+            };
+            if !args.capture_all_dns && servers.is_empty() {
+                tracing::warn!(
+                    "DNS capture requested, but not CAPTURE_ALL_DNS and no DNS servers in the resolv.conf: DNS capture disabled"
+                );
+                None
+            } else {
+                Some(DnsCapture {
+                    all: args.capture_all_dns,
+                    servers,
+                })
+            }
+        } else {
+            None
+        };
         Ok(Config {
+            dns,
             uid: args.proxy_uid,
             gid: args.proxy_gid,
             outbound_port,
@@ -742,25 +941,97 @@ impl Config {
             family.passthrough_source()
         ));
         let localhost = family.localhost();
-        for owner in [
+        let dns = self.dns.is_some();
+        for (i, owner) in [
             format!("--uid-owner {}", self.uid),
             format!("--gid-owner {}", self.gid),
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             // The proxy connecting to its own pod's IP travels over lo: that is an app calling
             // itself through a service, so it goes through the inbound side like any caller
             // would (inbound policy applies). HBONE is the proxy talking to itself and stays.
-            output.push(format!(
-                "-A {CHAIN_OUTPUT} -o lo ! -d {localhost} -p tcp ! --dport {HBONE_PORT} -m owner {owner} -j {CHAIN_IN_REDIRECT}"
-            ));
-            // The app reaching itself over lo (its own IP or localhost) is never captured,
-            // unless loopback was asked for explicitly in the include list.
-            if !includes_loopback {
+            // With DNS capture, the proxy's own DNS over TCP to a resolver on the pod's IP
+            // goes straight there (istio-iptables exempts 53 for the uid only).
+            if dns && i == 0 {
                 output.push(format!(
-                    "-A {CHAIN_OUTPUT} -o lo -m owner ! {owner} -j RETURN"
+                    "-A {CHAIN_OUTPUT} -o lo ! -d {localhost} -p tcp -m multiport ! --dports 53,{HBONE_PORT} -m owner {owner} -j {CHAIN_IN_REDIRECT}"
                 ));
+            } else {
+                output.push(format!(
+                    "-A {CHAIN_OUTPUT} -o lo ! -d {localhost} -p tcp ! --dport {HBONE_PORT} -m owner {owner} -j {CHAIN_IN_REDIRECT}"
+                ));
+            }
+            // The app reaching itself over lo (its own IP or localhost) is never captured,
+            // unless loopback was asked for explicitly in the include list. With DNS
+            // capture, its TCP DNS to a resolver on localhost still is.
+            if !includes_loopback {
+                if dns {
+                    output.push(format!(
+                        "-A {CHAIN_OUTPUT} -o lo -p tcp ! --dport 53 -m owner ! {owner} -j RETURN"
+                    ));
+                } else {
+                    output.push(format!(
+                        "-A {CHAIN_OUTPUT} -o lo -m owner ! {owner} -j RETURN"
+                    ));
+                }
             }
             // Anything else the proxy sends is on its way out already.
             output.push(format!("-A {CHAIN_OUTPUT} -m owner {owner} -j RETURN"));
+        }
+        // DNS capture, after the proxy's own traffic returned: the app's queries to its
+        // resolvers (or to anyone, with CAPTURE_ALL_DNS) go to the DNS proxy.
+        let mut output_dns = Vec::new();
+        let mut raw_output_dns = Vec::new();
+        let mut raw_inbound = Vec::new();
+        let mut raw_jumps = Vec::new();
+        if let Some(d) = self.dns.as_ref().filter(|d| d.captures(family)) {
+            output.push(format!("-A {CHAIN_OUTPUT} -j {CHAIN_OUTPUT_DNS}"));
+            let servers = d.servers(family);
+            for proto in ["tcp", "udp"] {
+                if d.all {
+                    output_dns.push(format!(
+                        "-A {CHAIN_OUTPUT_DNS} -p {proto} --dport 53 -j REDIRECT --to-ports {DNS_PROXY_PORT}"
+                    ));
+                }
+                for s in &servers {
+                    output_dns.push(format!(
+                        "-A {CHAIN_OUTPUT_DNS} -p {proto} --dport 53 -d {s} -j REDIRECT --to-ports {DNS_PROXY_PORT}"
+                    ));
+                }
+            }
+            // Conntrack zones keep the two UDP legs apart (app ↔ proxy in zone 2, proxy ↔
+            // resolver in zone 1), as istio-iptables splits them against UDP conntrack races.
+            raw_jumps.push(format!("-A OUTPUT -j {CHAIN_OUTPUT_DNS}"));
+            for owner in [
+                format!("--uid-owner {}", self.uid),
+                format!("--gid-owner {}", self.gid),
+            ] {
+                raw_output_dns.push(format!(
+                    "-A {CHAIN_OUTPUT_DNS} -p udp --dport 53 -m owner {owner} -j CT --zone 1"
+                ));
+                raw_output_dns.push(format!(
+                    "-A {CHAIN_OUTPUT_DNS} -p udp --sport {DNS_PROXY_PORT} -m owner {owner} -j CT --zone 2"
+                ));
+            }
+            raw_jumps.push(format!("-A PREROUTING -j {CHAIN_INBOUND}"));
+            if d.all {
+                raw_output_dns.push(format!(
+                    "-A {CHAIN_OUTPUT_DNS} -p udp --dport 53 -j CT --zone 2"
+                ));
+                raw_inbound.push(format!(
+                    "-A {CHAIN_INBOUND} -p udp --sport 53 -j CT --zone 1"
+                ));
+            }
+            for s in &servers {
+                raw_output_dns.push(format!(
+                    "-A {CHAIN_OUTPUT_DNS} -p udp --dport 53 -d {s} -j CT --zone 2"
+                ));
+                raw_inbound.push(format!(
+                    "-A {CHAIN_INBOUND} -p udp --sport 53 -s {s} -j CT --zone 1"
+                ));
+            }
         }
         // With loopback explicitly included, only localhost itself stays exempt so the
         // include rule below can still match the rest of 127/8.
@@ -781,17 +1052,31 @@ impl Config {
                 }
             }
         }
-        jumps.push(format!("-A OUTPUT -p tcp -j {CHAIN_OUTPUT}"));
+        let mut chains = vec![
+            (CHAIN_INBOUND, inbound),
+            (CHAIN_IN_REDIRECT, in_redirect),
+            (CHAIN_OUTPUT, output),
+            (CHAIN_REDIRECT, redirect),
+        ];
+        let mut raw = Vec::new();
+        if output_dns.is_empty() {
+            jumps.push(format!("-A OUTPUT -p tcp -j {CHAIN_OUTPUT}"));
+        } else {
+            // UDP must reach ISTIO_OUTPUT too.
+            jumps.push(format!("-A OUTPUT -j {CHAIN_OUTPUT}"));
+            chains.push((CHAIN_OUTPUT_DNS, output_dns));
+            raw = vec![
+                (CHAIN_OUTPUT_DNS, raw_output_dns),
+                (CHAIN_INBOUND, raw_inbound),
+            ];
+        }
 
         TableRules {
             ipv6: family == Family::V6,
-            chains: vec![
-                (CHAIN_INBOUND, inbound),
-                (CHAIN_IN_REDIRECT, in_redirect),
-                (CHAIN_OUTPUT, output),
-                (CHAIN_REDIRECT, redirect),
-            ],
+            chains,
             jumps,
+            raw,
+            raw_jumps,
         }
     }
 }
@@ -919,7 +1204,11 @@ impl Backend {
     }
 
     fn save(&self) -> Result<String, IptablesError> {
-        run_command(&self.save, &["-t", "nat"], None)
+        self.save_table("nat")
+    }
+
+    fn save_table(&self, table: &str) -> Result<String, IptablesError> {
+        run_command(&self.save, &["-t", table], None)
     }
 
     fn restore(&self, input: &str) -> Result<(), IptablesError> {
@@ -1050,6 +1339,59 @@ mod tests {
 -A OUTPUT -p tcp -j ISTIO_OUTPUT
 COMMIT
 ";
+
+    #[test]
+    fn booleans_as_istio_reads_them() {
+        for (v, want) in [("True", true), ("1", true), ("f", false), ("FALSE", false)] {
+            assert_eq!(parse(&["--redirect-dns", v]).redirect_dns, want, "{v}");
+        }
+        assert!(parse(&["--redirect-dns"]).redirect_dns);
+        assert!(!parse(&[]).redirect_dns);
+    }
+
+    #[test]
+    fn dns_capture_renders_istio_iptables_rules() {
+        let dir = std::env::temp_dir().join(format!("ferry-resolv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            "nameserver 10.96.0.10\nsearch default.svc.cluster.local\n",
+        )
+        .unwrap();
+        let out = dry_run(&["--redirect-dns", "--resolv-conf", resolv.to_str().unwrap()]);
+        for line in [
+            "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+            "-A ISTIO_OUTPUT -o lo -p tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN",
+            "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT",
+            "-A ISTIO_OUTPUT -o lo -p tcp ! --dport 53 -m owner ! --gid-owner 1337 -j RETURN",
+            "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN\n-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS\n-A ISTIO_OUTPUT -d 127.0.0.0/8 -j RETURN",
+            "-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -d 10.96.0.10/32 -j REDIRECT --to-ports 15053\n-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 10.96.0.10/32 -j REDIRECT --to-ports 15053",
+            "-A OUTPUT -j ISTIO_OUTPUT\n",
+            "*raw\n:ISTIO_OUTPUT_DNS - [0:0]\n:ISTIO_INBOUND - [0:0]\n",
+            "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1",
+            "-A ISTIO_OUTPUT_DNS -p udp --sport 15053 -m owner --gid-owner 1337 -j CT --zone 2",
+            "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -d 10.96.0.10/32 -j CT --zone 2",
+            "-A ISTIO_INBOUND -p udp --sport 53 -s 10.96.0.10/32 -j CT --zone 1",
+            "-A OUTPUT -j ISTIO_OUTPUT_DNS\n-A PREROUTING -j ISTIO_INBOUND\nCOMMIT",
+        ] {
+            assert!(out.contains(line), "missing {line:?} in\n{out}");
+        }
+        let all = dry_run(&["--redirect-dns", "--capture-all-dns"]);
+        assert!(
+            all.contains("-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-ports 15053"),
+            "{all}"
+        );
+        assert!(
+            all.contains("-A ISTIO_INBOUND -p udp --sport 53 -j CT --zone 1"),
+            "{all}"
+        );
+        // No resolver and not capture-all: DNS capture is off, as istio-iptables does.
+        std::fs::write(&resolv, "search x\n").unwrap();
+        let off = dry_run(&["--redirect-dns", "--resolv-conf", resolv.to_str().unwrap()]);
+        assert_eq!(off, DEFAULT_V4);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn defaults_render_istio_shaped_rules() {

@@ -1,13 +1,17 @@
 //! `ferry-proxy`: the data plane's runtime. Listeners and interception,
 //! protocol detection, the TCP proxy, the HTTP server and upstream pools, the
-//! cluster manager, the admin server, drain and in-place listener updates,
+//! cluster manager, the admin server, the agent's status server (application
+//! probes, merged metrics, exit for Jobs), drain and in-place listener updates,
 //! and the `iptables` init step.
 
+pub mod access_log;
 pub mod admin;
 pub mod agent;
+pub mod app_probe;
 pub mod cluster;
 pub mod demo;
 pub mod detect;
+pub mod dns;
 pub mod drain;
 pub mod filter_chain_update;
 pub mod http;
@@ -15,10 +19,14 @@ pub mod iptables;
 pub mod lb;
 pub mod listener;
 pub mod metrics;
+pub mod metrics_merge;
 pub mod orig_dst;
 pub mod outlier;
 pub mod rbac;
+pub mod resolv_conf;
 pub mod run;
 pub mod stats;
+pub mod status;
 pub mod tcp;
 pub mod tls;
+pub mod trace;

@@ -142,7 +142,9 @@ impl ListenerManager {
 
 /// Accepts until the process drains or the listener is removed.
 async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener) {
-    let drained = rt.drain.clone();
+    // An inbound listener stops with the inbound drain (a sidecar's
+    // termination), any listener with the process's.
+    let drained = rt.drain_for(&slot.config.load().name).clone();
     let signaled = drained.signaled();
     tokio::pin!(signaled);
     let Ok(local) = tcp.local_addr() else { return };
@@ -231,8 +233,18 @@ async fn handle(
     };
     // The connection joins the live ones with its chain: a later update
     // of the listener measures it against the new chain versions.
-    let Some(registered) = rt.conns.register(&listener, info, &rt.drain) else {
+    let Some(registered) = rt
+        .conns
+        .register(&listener, info, rt.drain_for(&listener.name))
+    else {
         tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; closing");
+        crate::access_log::connection::no_filter_chain(
+            &rt,
+            &listener,
+            peer,
+            dst,
+            detected.server_name.as_deref(),
+        );
         rt.stats
             .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
             .inc();
@@ -307,7 +319,18 @@ async fn handle(
                 let stats = rt.tcp_stats(&tp.stat_prefix);
                 let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
                 let io = crate::rbac::guard(tls, &rbac);
-                crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &live.drain).await;
+                crate::tcp::proxy(
+                    &rt,
+                    tp,
+                    &stats,
+                    istio,
+                    io,
+                    dst,
+                    &live.drain,
+                    peer,
+                    &server_name,
+                )
+                .await;
             }
             ChainKind::Http(hcm) => {
                 let http2 = match (hcm.codec, alpn.as_deref()) {
@@ -357,20 +380,31 @@ async fn handle(
             let stats = rt.tcp_stats(&tp.stat_prefix);
             let istio = tcp_metrics(&rt, &chain, tp, None);
             let io = crate::rbac::guard(stream, &rbac);
-            crate::tcp::proxy(&rt, tp, &stats, istio, io, dst, &live.drain).await;
+            crate::tcp::proxy(
+                &rt,
+                tp,
+                &stats,
+                istio,
+                io,
+                dst,
+                &live.drain,
+                peer,
+                &server_name,
+            )
+            .await;
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {
                 HttpCodec::Http1 => false,
                 HttpCodec::Http2 => true,
                 HttpCodec::Auto if needs.http => detected.http2(),
-                // Nobody looked yet: the HTTP/2 preface decides.
-                HttpCodec::Auto => {
-                    match peek_detect(&stream, false, true, Duration::from_secs(15), false).await {
-                        Some(d) => d.http2(),
-                        None => return,
-                    }
-                }
+                // Nobody looked yet: the HTTP/2 preface decides, as soon as
+                // the first bytes match it or not (so the connection
+                // manager's timers see a slow request's first byte).
+                HttpCodec::Auto => match peek_h2_preface(&stream, Duration::from_secs(15)).await {
+                    Some(h2) => h2,
+                    None => return,
+                },
             };
             let io = crate::rbac::guard(stream, &rbac);
             let conn = Conn {
@@ -459,8 +493,34 @@ async fn serve_http<S>(
         server_name: conn.server_name,
         rbac_view: Default::default(),
         live: live.clone(),
+        h1: Default::default(),
+        life: Default::default(),
     });
     crate::http::serve(io, ctx, http2, &live.drain).await;
+}
+
+/// Peeks until the first bytes are the HTTP/2 preface or cannot be; `None`:
+/// the connection failed. A client silent for `within` is served as
+/// HTTP/1 (whose timers then apply).
+async fn peek_h2_preface(stream: &TcpStream, within: Duration) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Err(_) => return Some(false),
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(n)) => n,
+        };
+        if let Some(h2) = detect::h2_preface(&buf[..n]) {
+            return Some(h2);
+        }
+        if n == seen {
+            // Nothing new yet; peek would return at once again.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen = n;
+    }
 }
 
 /// Peeks at the first bytes until the inspectors decide. Waits at most

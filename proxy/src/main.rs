@@ -33,6 +33,12 @@ enum Command {
     Gateway(ProxyArgs),
     /// Programs the pod's iptables so its TCP traffic goes through the sidecar.
     Iptables(IptablesArgs),
+    /// Waits until the sidecar is ready (`pilot-agent wait`: the injected
+    /// `postStart` hook that holds the app until the proxy has started).
+    Wait(WaitArgs),
+    /// Sends a request to the sidecar's status or admin port
+    /// (`pilot-agent request`, e.g. `request POST drain` in `preStop`).
+    Request(RequestArgs),
     /// Runs a local demo: the sidecar on its built-in configuration in front
     /// of a small HTTP backend and TCP echo, with traffic and counters shown.
     Demo {
@@ -100,6 +106,72 @@ struct ProxyArgs {
     /// Lifetime asked for the workload certificate.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_ttl: Duration,
+    /// The agent's status server (`/healthz/ready`, `/app-health/…`, merged
+    /// `/stats/prometheus`, `/quitquitquit`, `/drain`), or `off`.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    status_addr: String,
+    /// The application's rewritten probes (JSON, written by the injector).
+    #[arg(long, env = "ISTIO_KUBE_APP_PROBERS", hide_env_values = true)]
+    app_probers: Option<String>,
+    /// The application's Prometheus annotations (JSON, written by the injector).
+    #[arg(long, env = "ISTIO_PROMETHEUS_ANNOTATIONS", hide_env_values = true)]
+    prometheus_annotations: Option<String>,
+    /// At SIGTERM, drain then exit once no connection is open, without a deadline.
+    #[arg(long, env = "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = ferry_proxy::iptables::parse_go_bool)]
+    exit_on_zero_active_connections: bool,
+    /// The agent's DNS proxy on --dns-addr (UDP and TCP), answering from the
+    /// control plane's name table and forwarding the rest to the resolvers
+    /// of --resolv-conf (istio-agent's `ISTIO_META_DNS_CAPTURE`).
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true", value_parser = ferry_proxy::iptables::parse_go_bool)]
+    dns_capture: bool,
+    /// Where the DNS proxy listens.
+    #[arg(long, default_value = "127.0.0.1:15053")]
+    dns_addr: SocketAddr,
+    /// The pod's resolver configuration (upstream servers and search domains).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// The proxy's DNS domain (default `$POD_NAMESPACE.svc.cluster.local`).
+    #[arg(long)]
+    domain: Option<String>,
+    /// The drain period before active connections are checked (with
+    /// --exit-on-zero-active-connections).
+    #[arg(long, env = "MINIMUM_DRAIN_DURATION", default_value = "5s", value_parser = parse_duration)]
+    minimum_drain_duration: Duration,
+}
+
+#[derive(Args, Debug)]
+struct WaitArgs {
+    /// The readiness URL polled.
+    #[arg(long, default_value = "http://localhost:15020/healthz/ready")]
+    url: String,
+    /// How long to wait before failing.
+    #[arg(
+        long = "timeoutSeconds",
+        alias = "timeout-seconds",
+        default_value_t = 60
+    )]
+    timeout_seconds: u64,
+    /// How long to wait between attempts.
+    #[arg(long = "periodMillis", alias = "period-millis", default_value_t = 500)]
+    period_millis: u64,
+    /// The limit on each attempt.
+    #[arg(
+        long = "requestTimeoutMillis",
+        alias = "request-timeout-millis",
+        default_value_t = 500
+    )]
+    request_timeout_millis: u64,
+}
+
+#[derive(Args, Debug)]
+struct RequestArgs {
+    /// The local port asked (the status port in Istio's injected hooks).
+    #[arg(long = "debug-port", default_value_t = 15000)]
+    debug_port: u16,
+    /// The HTTP method (GET, POST).
+    method: String,
+    /// The path, with or without a leading `/` (e.g. `drain`, `quitquitquit`).
+    path: String,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -127,17 +199,24 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+    use tracing_subscriber::prelude::*;
+    let directive = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| level.to_string());
+    // The filter is reloadable: admin `POST /logging` changes it at run time.
+    tracing_subscriber::registry()
+        .with(ferry_proxy::admin::logging::layer(&directive))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
+        )
         .init();
 }
 
 fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
+    // (`proxy_type` also decides what termination drains.)
     init_logging(&args.log_level);
     let addr_or_off = |flag: &str, v: &str| match v {
         "off" | "" => Ok(None),
@@ -147,6 +226,12 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("--{flag}: {a:?} is not an address or `off`")),
     };
     let ready_addr = addr_or_off("ready-addr", &args.ready_addr)?;
+    let status_addr = addr_or_off("status-addr", &args.status_addr)?;
+    // The pod's IP, where application probes go (the downward API's
+    // INSTANCE_IP, as the agent's).
+    let pod_ip = std::env::var("INSTANCE_IP")
+        .ok()
+        .and_then(|ip| ip.trim().parse().ok());
     let prometheus_addr = addr_or_off("prometheus-addr", &args.prometheus_addr)?;
     let threads = args
         .concurrency
@@ -183,7 +268,128 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
             trust_domain: args.trust_domain,
             cert_ttl: args.cert_ttl,
         }),
+        status: status_addr.map(|addr| ferry_proxy::run::StatusSettings {
+            addr,
+            pod_ip,
+            app_probers: args.app_probers,
+            prometheus_annotations: args.prometheus_annotations,
+        }),
+        exit_on_zero_active_connections: args.exit_on_zero_active_connections,
+        minimum_drain_duration: args.minimum_drain_duration,
+        drain_inbound_only: proxy_type == "sidecar",
+        // A gateway has no application to capture DNS for (istio-agent
+        // too runs the DNS proxy for sidecars only).
+        dns: (args.dns_capture && proxy_type == "sidecar").then(|| {
+            let namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
+            ferry_proxy::dns::DnsOptions {
+                addr: args.dns_addr,
+                resolv_conf: args.resolv_conf,
+                domain: args
+                    .domain
+                    .unwrap_or_else(|| format!("{namespace}.svc.cluster.local")),
+                namespace,
+            }
+        }),
     }))
+}
+
+/// One plain HTTP/1.1 request to a local address; the status code and body.
+fn local_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((code, body))
+}
+
+/// `host:port` and path of an `http://` URL; `localhost` is 127.0.0.1.
+fn split_url(url: &str) -> anyhow::Result<(std::net::SocketAddr, String, String)> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("--url: only http:// URLs are supported: {url:?}"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, port) = authority.rsplit_once(':').unwrap_or((authority, "80"));
+    let ip = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host.trim_matches(['[', ']'])
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--url: bad port in {url:?}"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--url: the host must be localhost or an IP: {url:?}"))?;
+    Ok(((ip, port).into(), format!("/{path}"), authority.to_string()))
+}
+
+fn wait(args: WaitArgs) -> anyhow::Result<()> {
+    init_logging("info");
+    let (addr, path, host) = split_url(&args.url)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout_seconds);
+    let per_try = Duration::from_millis(args.request_timeout_millis.max(1));
+    loop {
+        let last = match local_request(addr, "GET", &path, &host, per_try) {
+            Ok((200, _)) => {
+                tracing::info!(url = %args.url, "the sidecar is ready");
+                return Ok(());
+            }
+            Ok((code, _)) => format!("status {code}"),
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "timeout waiting for the sidecar to be ready after {}s ({}: {last})",
+                args.timeout_seconds,
+                args.url
+            );
+        }
+        std::thread::sleep(Duration::from_millis(args.period_millis));
+    }
+}
+
+fn request(args: RequestArgs) -> anyhow::Result<()> {
+    let method = args.method.to_ascii_uppercase();
+    let path = if args.path.starts_with('/') {
+        args.path.clone()
+    } else {
+        format!("/{}", args.path)
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], args.debug_port));
+    let (code, body) = local_request(
+        addr,
+        &method,
+        &path,
+        &format!("localhost:{}", args.debug_port),
+        Duration::from_secs(10),
+    )?;
+    std::io::Write::write_all(&mut std::io::stdout(), body.as_bytes())?;
+    if !(200..300).contains(&code) {
+        anyhow::bail!("{method} {path}: status {code}");
+    }
+    Ok(())
 }
 
 fn demo(serve: bool) -> anyhow::Result<()> {
@@ -225,6 +431,8 @@ fn main() -> ExitCode {
         Command::Sidecar(a) => proxy(a, "sidecar"),
         Command::Gateway(a) => proxy(a, "router"),
         Command::Iptables(a) => ferry_proxy::iptables::run(&a).map_err(anyhow::Error::from),
+        Command::Wait(a) => wait(a),
+        Command::Request(a) => request(a),
         Command::Demo { serve } => demo(serve),
     };
     match result {

@@ -35,6 +35,32 @@ pub struct RunOptions {
     /// Workload certificates from the mesh CA (istio-agent's job); `None`:
     /// the configuration's secrets come from the xDS server or the file.
     pub agent: Option<AgentSettings>,
+    /// The agent's status server (15020); `None` disables it.
+    pub status: Option<StatusSettings>,
+    /// Shutdown as istio-agent's `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`: after
+    /// SIGTERM, drain for `minimum_drain_duration`, then exit as soon as no
+    /// connection is open (checked every second), however long that takes.
+    pub exit_on_zero_active_connections: bool,
+    /// istio-agent's `MINIMUM_DRAIN_DURATION` (5 s by default).
+    pub minimum_drain_duration: Duration,
+    /// The agent's DNS proxy (`ISTIO_META_DNS_CAPTURE`); `None`: off.
+    pub dns: Option<crate::dns::DnsOptions>,
+    /// Termination drains the inbound listeners only (a sidecar, as
+    /// istio-agent asks Envoy: `drain_listeners?inboundonly`); outbound
+    /// ones keep serving the app until the process exits.
+    pub drain_inbound_only: bool,
+}
+
+/// The status server's address and what the injector passed to it.
+#[derive(Debug, Clone)]
+pub struct StatusSettings {
+    pub addr: SocketAddr,
+    /// The pod's IP (`INSTANCE_IP`), where application probes are sent.
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// `ISTIO_KUBE_APP_PROBERS`.
+    pub app_probers: Option<String>,
+    /// `ISTIO_PROMETHEUS_ANNOTATIONS`.
+    pub prometheus_annotations: Option<String>,
 }
 
 /// How the in-process agent reaches the CA.
@@ -132,20 +158,31 @@ pub struct Runtime {
     /// The live secrets and the TLS configurations built from them.
     pub tls: Arc<crate::tls::TlsContexts>,
     pub stats: Stats,
+    /// The process's drain signal (and the count of open connections).
     pub drain: Drain,
+    /// The inbound listeners' drain, below the process's.
+    pub inbound: Drain,
+    /// Which listeners are inbound (`traffic_direction: INBOUND`).
+    inbound_listeners: ArcSwap<std::collections::HashSet<String>>,
+    drain_inbound_only: bool,
     pub access_log: bool,
     pub detection_timeout: Duration,
     /// How long draining connections (a changed filter chain or listener,
     /// or shutdown) may finish.
     pub drain_timeout: Duration,
+    /// Shutdown waits for connections to end instead of a deadline.
+    pub exit_on_zero_active_connections: bool,
     ready: AtomicBool,
     quit: Notify,
+    /// Exit without draining (`/quitquitquit` on the status port, or a
+    /// SIGTERM after `/drain`).
+    skip_drain: AtomicBool,
     bootstrap: ferry_xds::Bootstrap,
     loaded_at: String,
     http_stats: Mutex<HashMap<String, HttpStats>>,
     tcp_stats: Mutex<HashMap<String, TcpStats>>,
     listener_cx: Mutex<HashMap<String, Counter>>,
-    listeners: Mutex<crate::listener::ListenerManager>,
+    pub(crate) listeners: Mutex<crate::listener::ListenerManager>,
     /// The open connections and the chains they run on, which each update
     /// measures against the new listener versions.
     pub conns: Arc<crate::filter_chain_update::Connections>,
@@ -153,6 +190,14 @@ pub struct Runtime {
     pub xds: Option<Arc<ferry_xds::ads::XdsState>>,
     /// Istio's standard metrics, for chains with the `istio.stats` filter.
     pub istio: Arc<crate::metrics::IstioMetrics>,
+    /// The writers of the configured access logs.
+    pub access_logs: crate::access_log::AccessLogManager,
+    /// What the admin pages report of the process.
+    pub admin: crate::admin::AdminState,
+    /// The tracers of the live configuration and their exporters.
+    pub tracers: crate::trace::Tracers,
+    /// The DNS proxy, when DNS capture is on.
+    pub dns: Option<Arc<crate::dns::DnsProxy>>,
 }
 
 /// The network RBAC filter counts through the runtime's statistics.
@@ -163,13 +208,102 @@ impl AsRef<crate::stats::Stats> for Runtime {
 }
 
 impl Runtime {
+    /// Ready once the first configuration is applied and, with DNS
+    /// capture, the first name table has arrived (istio-agent's check), and
+    /// not draining.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.drain.is_draining()
+        self.is_live() && self.dns.as_ref().is_none_or(|d| d.is_ready())
+    }
+
+    /// Envoy's server state: the first configuration applied, not draining.
+    pub fn is_live(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.inbound.is_draining()
+    }
+
+    /// Whether the listener named so is an inbound one.
+    pub fn is_inbound(&self, listener: &str) -> bool {
+        self.inbound_listeners.load().contains(listener)
+    }
+
+    /// The drain signal a listener's accept loop and connections follow.
+    pub fn drain_for(&self, listener: &str) -> &Drain {
+        if self.is_inbound(listener) {
+            &self.inbound
+        } else {
+            &self.drain
+        }
+    }
+
+    /// What termination drains: the inbound listeners of a sidecar, every
+    /// listener of a gateway or of a configuration that marks no listener
+    /// inbound (nothing would drain otherwise).
+    pub fn termination_drain(&self) -> &Drain {
+        if self.drain_inbound_only && !self.inbound_listeners.load().is_empty() {
+            &self.inbound
+        } else {
+            &self.drain
+        }
     }
 
     /// Asks the process to drain and exit (admin `/quitquitquit`).
     pub fn quit(&self) {
         self.quit.notify_one();
+    }
+
+    /// The bootstrap the process started with.
+    pub fn bootstrap(&self) -> &ferry_xds::Bootstrap {
+        &self.bootstrap
+    }
+
+    /// Exits without a drain period (the agent's `/quitquitquit`: the
+    /// app is done, nothing is left to wait for).
+    pub fn quit_now(&self) {
+        self.skip_drain.store(true, Ordering::Release);
+        self.quit.notify_one();
+    }
+
+    /// Starts draining now and makes the coming SIGTERM exit at once (the
+    /// agent's `/drain`, which native sidecars call before termination).
+    pub fn drain_now(&self) {
+        self.termination_drain().start();
+        self.skip_drain.store(true, Ordering::Release);
+    }
+
+    /// The names of the inbound listeners, read from the protos as
+    /// received (only their `traffic_direction`).
+    fn find_inbound_listeners(&self) -> std::collections::HashSet<String> {
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct Direction {
+            #[prost(string, tag = "1")]
+            name: String,
+            #[prost(int32, tag = "16")]
+            traffic_direction: i32,
+        }
+        const INBOUND: i32 = 1;
+        let mut out = std::collections::HashSet::new();
+        if let Some(sr) = &self.bootstrap.proto.static_resources {
+            for l in &sr.listeners {
+                if l.traffic_direction == INBOUND {
+                    out.insert(l.name.clone());
+                }
+            }
+        }
+        if let Some(xds) = &self.xds {
+            let store = xds.store.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, entry) in store.of(ferry_xds::store::LISTENER) {
+                if <Direction as prost::Message>::decode(entry.raw.as_slice())
+                    .is_ok_and(|d| d.traffic_direction == INBOUND)
+                {
+                    out.insert(name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The DNS proxy's name table as JSON (`/debug/ndsz`), when it has one.
+    pub fn name_table_json(&self) -> Option<String> {
+        self.dns.as_ref()?.table_json()
     }
 
     pub fn config_dump(&self) -> Result<serde_json::Value, String> {
@@ -216,6 +350,12 @@ impl Runtime {
         // Secrets first: a rotated one reaches the next handshake of every
         // listener and cluster, while established connections keep theirs.
         self.tls.update(&snapshot.secrets);
+        for (sink, e) in self
+            .access_logs
+            .prepare(crate::access_log::sinks_of(&snapshot).iter())
+        {
+            tracing::error!(access_log.sink = ?sink, error = %e, "access log cannot be opened");
+        }
         let clusters = ClusterManager::build(
             &snapshot,
             Some(&self.clusters.load()),
@@ -223,9 +363,12 @@ impl Runtime {
             &self.tls,
         );
         self.clusters.store(Arc::new(clusters));
+        self.tracers.update(self, &snapshot);
         // Published under the connections' lock: a connection registering
         // meanwhile sees either the old listeners and is measured below, or
         // the new ones.
+        self.inbound_listeners
+            .store(Arc::new(self.find_inbound_listeners()));
         let updating = self.conns.updating();
         self.snapshot.store(snapshot.clone());
         updating.update(&snapshot.listeners, &self.stats);
@@ -281,7 +424,41 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The DNS proxy binds before anything serves: a port taken is a
+    // start-up error, as for the agent.
+    let dns = match &opts.dns {
+        Some(d) => {
+            let proxy = Arc::new(crate::dns::DnsProxy::new(d)?);
+            for addr in proxy.listen_addresses(d.addr) {
+                let (udp, tcp) = crate::dns::bind(addr)
+                    .await
+                    .with_context(|| format!("DNS proxy: cannot bind {addr}"))?;
+                tokio::spawn(crate::dns::serve_udp(proxy.clone(), udp));
+                tokio::spawn(crate::dns::serve_tcp(proxy.clone(), tcp));
+                tracing::info!(dns.address = %addr, "DNS proxy listening");
+            }
+            Some(proxy)
+        }
+        None => None,
+    };
     let mut ads = bootstrap.ads.clone();
+    if let (Some(a), Some(proxy)) = (ads.as_mut(), &dns) {
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        a.name_table = Some(tx);
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let t = rx.borrow_and_update().clone();
+                if let Some(t) = t {
+                    proxy.update(t);
+                }
+            }
+        });
+    } else if dns.is_some() {
+        tracing::warn!(
+            "DNS capture: the bootstrap has no ADS, so no name table arrives; every query is forwarded"
+        );
+    }
     if let Some(a) = ads.as_mut() {
         let env: Vec<(String, String)> = std::env::vars().collect();
         a.node = ferry_xds::node::build(Some(&a.node), &opts.node, &env);
@@ -311,23 +488,69 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             crate::metrics::LocalNode::new(local, &node.id, trust_domain),
         ))
     };
+    let status = match &opts.status {
+        Some(st) => {
+            let port = st.addr.port();
+            let dest = st
+                .pod_ip
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            let probes = match &st.app_probers {
+                Some(j) if !j.trim().is_empty() => {
+                    crate::app_probe::AppProbes::parse(j, dest, port)?
+                }
+                _ => crate::app_probe::AppProbes::default(),
+            };
+            let metrics = crate::metrics_merge::MetricsMerge::parse(
+                st.prometheus_annotations.as_deref(),
+                port,
+            )?;
+            let tcp = crate::listener::bind(st.addr)
+                .with_context(|| format!("status: cannot bind {}", st.addr))?;
+            Some((Arc::new(crate::status::Status { probes, metrics }), tcp))
+        }
+        None => None,
+    };
     let prometheus_tcp = match opts.prometheus_addr {
         Some(a) => {
             Some(crate::listener::bind(a).with_context(|| format!("prometheus: cannot bind {a}"))?)
         }
         None => None,
     };
+    let access_logs = crate::access_log::AccessLogManager::new(&stats);
+    let admin = crate::admin::AdminState {
+        started: std::time::Instant::now(),
+        node: ads
+            .as_ref()
+            .map(|a| a.node.clone())
+            .or_else(|| bootstrap.proto.node.clone())
+            .unwrap_or_default(),
+        concurrency: tokio::runtime::Handle::current().metrics().num_workers(),
+        config_path: opts.config.display().to_string(),
+        drain_timeout: opts.drain_timeout,
+        health_check_failed: AtomicBool::new(false),
+        drain_sequence: std::sync::atomic::AtomicU8::new(0),
+        access_logs: bootstrap.admin_access_logs.clone(),
+    };
+    let drain = Drain::new();
     let rt = Arc::new(Runtime {
+        access_logs,
+        admin,
+        tracers: Default::default(),
         snapshot: ArcSwap::from_pointee(Snapshot::default()),
         clusters: ArcSwap::from_pointee(ClusterManager::default()),
         tls: Arc::default(),
         stats,
-        drain: Drain::new(),
+        inbound: drain.child(),
+        drain,
+        inbound_listeners: ArcSwap::from_pointee(std::collections::HashSet::new()),
+        drain_inbound_only: opts.drain_inbound_only,
         access_log: opts.access_log,
         detection_timeout: opts.detection_timeout,
         drain_timeout: opts.drain_timeout,
+        exit_on_zero_active_connections: opts.exit_on_zero_active_connections,
         ready: AtomicBool::new(false),
         quit: Notify::new(),
+        skip_drain: AtomicBool::new(false),
         bootstrap,
         loaded_at: rfc3339_now(),
         http_stats: Mutex::new(HashMap::new()),
@@ -337,6 +560,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         conns: Arc::default(),
         xds: xds.clone(),
         istio,
+        dns,
     });
     match (ads, xds) {
         (Some(config), Some(state)) => {
@@ -372,41 +596,78 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             rt.ready.store(true, Ordering::Release);
         }
     }
-    tokio::spawn(crate::admin::serve(
-        rt.clone(),
-        admin_tcp,
-        crate::admin::Role::Admin,
-    ));
-    if let Some(tcp) = ready_tcp {
-        tokio::spawn(crate::admin::serve(
-            rt.clone(),
-            tcp,
-            crate::admin::Role::Readiness,
-        ));
-    }
-    if let Some(tcp) = prometheus_tcp {
-        tokio::spawn(crate::admin::serve(
-            rt.clone(),
-            tcp,
-            crate::admin::Role::Prometheus,
-        ));
+    // Admin, readiness and metrics run on a runtime of their own.
+    crate::admin::start(rt.clone(), admin_tcp, ready_tcp, prometheus_tcp)
+        .context("starting the admin server")?;
+    if let Some((status, tcp)) = status {
+        tokio::spawn(crate::status::serve(rt.clone(), status, tcp));
     }
     tracing::info!(admin.address = %admin_addr, "ferry is running");
+    tokio::spawn(reopen_logs_on_sigusr1(rt.clone()));
 
     wait_for_stop(&rt).await;
+    if rt.skip_drain.load(Ordering::Acquire) {
+        tracing::info!("exiting without a drain period");
+        return Ok(());
+    }
+    if opts.exit_on_zero_active_connections {
+        exit_on_zero_active_connections(&rt, opts.minimum_drain_duration).await;
+        tracing::info!("exiting");
+        return Ok(());
+    }
     tracing::info!(
         drain.timeout_ms = opts.drain_timeout.as_millis() as u64,
+        drain.inbound_only = opts.drain_inbound_only,
         "draining"
     );
-    let left = rt.drain.drain(opts.drain_timeout).await;
+    rt.termination_drain().start();
+    let left = rt.drain.wait_idle(opts.drain_timeout).await;
     if left > 0 {
         tracing::warn!(
             connections = left,
             "drain deadline passed; closing remaining connections"
         );
     }
+    // What the last requests logged reaches its files before the exit.
+    let flush = rt.clone();
+    let _ = tokio::task::spawn_blocking(move || flush.access_logs.flush()).await;
     tracing::info!("exiting");
     Ok(())
+}
+
+/// SIGUSR1 reopens the access log files, as Envoy does (log rotation).
+async fn reopen_logs_on_sigusr1(rt: Arc<Runtime>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: reopening the access logs");
+        let rt = rt.clone();
+        let _ = tokio::task::spawn_blocking(move || rt.access_logs.reopen()).await;
+    }
+}
+
+/// istio-agent's `EXIT_ON_ZERO_ACTIVE_CONNECTIONS` termination: drain,
+/// wait the minimum drain duration, then check the open connections every
+/// second and exit once there are none. No deadline: what is still open
+/// keeps working until the kubelet's grace period ends.
+async fn exit_on_zero_active_connections(rt: &Runtime, minimum: Duration) {
+    rt.termination_drain().start();
+    tracing::info!(
+        drain.minimum_ms = minimum.as_millis() as u64,
+        "draining, then waiting for active connections to end"
+    );
+    tokio::time::sleep(minimum).await;
+    loop {
+        let n = rt.drain.live_connections();
+        if n == 0 {
+            tracing::info!("there are no more active connections");
+            return;
+        }
+        tracing::info!(connections = n, "there are still active connections");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Start-up code (configuration parsing through the descriptor set, command

@@ -151,6 +151,43 @@ pub struct HttpStats {
     pub downstream_rq_http2_total: Counter,
     pub rq_by_class: [Counter; 5],
     pub no_route: Counter,
+    /// Requests answered 400 by path normalization (Envoy's name).
+    pub downstream_rq_failed_path_normalization: Counter,
+    /// Requests answered 307 by `UNESCAPE_AND_REDIRECT`.
+    pub downstream_rq_redirected_with_normalized_path: Counter,
+    pub downstream_cx_http1_total: Counter,
+    pub downstream_cx_http2_total: Counter,
+    /// Requests refused for their framing or head (a 4xx/5xx and a close).
+    pub downstream_cx_protocol_error: Counter,
+    /// `request_headers_timeout` ran out (408).
+    pub downstream_rq_header_timeout: Counter,
+    /// `request_timeout` ran out (408).
+    pub downstream_rq_timeout: Counter,
+    /// `stream_idle_timeout` ran out.
+    pub downstream_rq_idle_timeout: Counter,
+    /// The client reset a stream before its response was complete.
+    pub downstream_rq_rx_reset: Counter,
+    pub downstream_cx_idle_timeout: Counter,
+    pub downstream_cx_max_duration_reached: Counter,
+    pub downstream_cx_max_requests_reached: Counter,
+    /// Connections closed because they were draining.
+    pub downstream_cx_drain_close: Counter,
+    /// HTTP/2 connections closed for too many streams reset by the client
+    /// (`stream_reset_burst` / `stream_reset_rate`).
+    pub downstream_rq_too_many_premature_resets: Counter,
+    /// `tracing.*`: why requests were (not) traced.
+    pub tracing: TracingStats,
+}
+
+/// The tracing decisions of a connection manager (Envoy's
+/// `http.<prefix>.tracing.*`).
+#[derive(Clone, Debug)]
+pub struct TracingStats {
+    pub client_enabled: Counter,
+    pub health_check: Counter,
+    pub not_traceable: Counter,
+    pub random_sampling: Counter,
+    pub service_forced: Counter,
 }
 
 impl HttpStats {
@@ -171,6 +208,29 @@ impl HttpStats {
                 c("downstream_rq_5xx"),
             ],
             no_route: c("no_route"),
+            tracing: TracingStats {
+                client_enabled: c("tracing.client_enabled"),
+                health_check: c("tracing.health_check"),
+                not_traceable: c("tracing.not_traceable"),
+                random_sampling: c("tracing.random_sampling"),
+                service_forced: c("tracing.service_forced"),
+            },
+            downstream_rq_failed_path_normalization: c("downstream_rq_failed_path_normalization"),
+            downstream_rq_redirected_with_normalized_path: c(
+                "downstream_rq_redirected_with_normalized_path",
+            ),
+            downstream_cx_http1_total: c("downstream_cx_http1_total"),
+            downstream_cx_http2_total: c("downstream_cx_http2_total"),
+            downstream_cx_protocol_error: c("downstream_cx_protocol_error"),
+            downstream_rq_header_timeout: c("downstream_rq_header_timeout"),
+            downstream_rq_timeout: c("downstream_rq_timeout"),
+            downstream_rq_idle_timeout: c("downstream_rq_idle_timeout"),
+            downstream_rq_rx_reset: c("downstream_rq_rx_reset"),
+            downstream_cx_idle_timeout: c("downstream_cx_idle_timeout"),
+            downstream_cx_max_duration_reached: c("downstream_cx_max_duration_reached"),
+            downstream_cx_max_requests_reached: c("downstream_cx_max_requests_reached"),
+            downstream_cx_drain_close: c("downstream_cx_drain_close"),
+            downstream_rq_too_many_premature_resets: c("downstream_rq_too_many_premature_resets"),
         }
     }
 

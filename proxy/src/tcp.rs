@@ -12,22 +12,28 @@ use std::time::{Duration, Instant};
 use ferry_model::TcpProxy;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::access_log::connection::ConnectionLog;
 use crate::run::Runtime;
 use crate::stats::TcpStats;
 
-/// Proxies one downstream connection.
+/// Proxies one downstream connection (from `peer`, with SNI `server_name`
+/// or "") and writes its access log entry when it ends.
+#[allow(clippy::too_many_arguments)] // the connection's whole context, once
 pub async fn proxy<S>(
-    rt: &Runtime,
+    rt: &Arc<Runtime>,
     tp: &TcpProxy,
     stats: &TcpStats,
     istio: Option<Arc<crate::metrics::TcpSeries>>,
     mut down: S,
     original_dst: std::net::SocketAddr,
     drain: &crate::drain::Drain,
+    peer: std::net::SocketAddr,
+    server_name: &str,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     stats.downstream_cx_total.inc();
+    let mut log = ConnectionLog::start(rt, &tp.access_logs, peer, original_dst, server_name);
     let clusters = rt.clusters.load();
     let name = match tp.total_weight() {
         0 => tp.cluster.as_str(),
@@ -35,11 +41,15 @@ pub async fn proxy<S>(
     };
     let Some(cluster) = clusters.get(name).cloned() else {
         stats.downstream_cx_no_route.inc();
+        log.flag("NC");
         return;
     };
     drop(clusters);
+    log.cluster(name);
+    cluster.warmed().await;
     let Some(pool) = cluster.pick(Some(original_dst)) else {
         stats.downstream_cx_no_route.inc();
+        log.flag("UH");
         return;
     };
     let up = match pool.connect().await {
@@ -50,24 +60,36 @@ pub async fn proxy<S>(
         Err(e) => {
             pool.report_connect(false);
             tracing::debug!(upstream.host = %pool.address, error = %e, "tcp upstream connect failed");
+            log.upstream(pool.address, None);
+            // Envoy's TCP proxy reports its one connect attempt spent, too.
+            log.flag("UF");
+            log.flag("URX");
+            log.failure_reason(e.transport_failure_reason());
             return;
         }
     };
+    log.upstream(pool.address, up.local_addr());
     if let Some(m) = &istio {
         m.opened.fetch_add(1, Ordering::Relaxed);
     }
     // A draining connection gets the drain deadline to finish, then closes;
-    // one told to close (a policy re-check denied it) closes at once.
+    // one told to close (a policy re-check denied it) closes at once. At
+    // shutdown under EXIT_ON_ZERO_ACTIVE_CONNECTIONS there is no deadline:
+    // the process waits for the connection to end.
     let (rx, tx) = tokio::select! {
         r = copy(&mut down, up, tp.idle_timeout, stats) => r,
         _ = drain.closing() => (0, 0),
         _ = async {
             drain.signaled().await;
+            if rt.exit_on_zero_active_connections && rt.inbound.is_draining() {
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(rt.drain_timeout).await;
         } => (0, 0),
     };
     stats.downstream_cx_rx_bytes_total.add(rx);
     stats.downstream_cx_tx_bytes_total.add(tx);
+    log.bytes(rx, tx);
     if let Some(m) = &istio {
         // Istio's names are the proxy's view of the request direction:
         // received from the client, sent back to it.

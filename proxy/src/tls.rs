@@ -270,6 +270,16 @@ pub enum UpstreamIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl UpstreamIo {
+    /// The local address of the connection.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            UpstreamIo::Plain(s) => s.local_addr().ok(),
+            UpstreamIo::Tls(s) => s.get_ref().0.local_addr().ok(),
+        }
+    }
+}
+
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -249,7 +249,7 @@ class EchoHandler(BaseHTTPRequestHandler):
             self.connection.settimeout(idle / 1000)
 
     def send_bytes(self, n):
-        self.read_body()
+        # The body was read by `answer`.
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(n))

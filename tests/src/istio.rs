@@ -93,31 +93,9 @@ pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
 }
 
 /// A bootstrap with this node (`metadata` is the inside of a YAML flow
-/// map), ADS and SDS from ferry-pilot at `pilot`.
-pub fn bootstrap_for(node_id: &str, cluster: &str, metadata: &str, pilot: Ipv4Addr) -> String {
-    let grpc_cluster = |cluster: &str| {
-        format!(
-            "  - name: {cluster}\n    type: STATIC\n    connect_timeout: 1s\n\
-             \x20   typed_extension_protocol_options:\n\
-             \x20     envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n\
-             \x20       \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n\
-             \x20       explicit_http_config: {{http2_protocol_options: {{}}}}\n\
-             \x20   load_assignment:\n      cluster_name: {cluster}\n\
-             \x20     endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {pilot}, port_value: 15010}}}}}}}}]}}]\n"
-        )
-    };
-    format!(
-        "node:\n  id: {node_id}\n  cluster: {cluster}\n  metadata: {{{metadata}}}\n\
-         admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}}}\n\
-         dynamic_resources:\n\
-         \x20 ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]}}\n\
-         \x20 lds_config: {{ads: {{}}, resource_api_version: V3}}\n\
-         \x20 cds_config: {{ads: {{}}, resource_api_version: V3}}\n\
-         static_resources:\n  clusters:\n{}{}",
-        grpc_cluster("xds-grpc"),
-        grpc_cluster("sds-grpc"),
-    )
-}
+/// map), ADS and SDS from ferry-pilot at `pilot`: the local platform's, which
+/// `ferry-pilot demo` runs its proxies on.
+pub use ferry_pilot::local::bootstrap::bootstrap_for;
 
 impl IstioMesh {
     /// Starts the mesh, or `None` when not root (outside CI). `objects`
@@ -309,7 +287,7 @@ impl IstioMesh {
 
     /// A pod with no sidecar and no app, to play an outside client.
     pub fn add_client(&mut self, name: &str) -> Result<Pod> {
-        self.mesh.pod(name)
+        Ok(self.mesh.pod(name)?)
     }
 
     pub fn mesh(&self) -> &Mesh {

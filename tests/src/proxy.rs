@@ -355,6 +355,7 @@ impl Ferry {
             .arg("--config")
             .arg(&cfg)
             .args(["--ready-addr", "off", "--prometheus-addr", "off"])
+            .args(["--status-addr", "off"])
             .arg("--admin-addr")
             .arg(local(admin).to_string())
             .args(args)

@@ -9,7 +9,7 @@
 //! `x-forwarded-client-cert`, and nothing of the kind reaches the legacy one.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
 use ferry_tests::istio::{
@@ -25,10 +25,8 @@ const VIPS: &[(&str, &str)] = &[
     ("httpbin.legacy", "10.96.4.30"),
 ];
 
-fn task_dir() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/istio-samples/istio.io-tasks/security/authn-policy");
-    p.is_dir().then_some(p)
+fn task_dir() -> Result<PathBuf> {
+    ferry_tests::istio_material("istio-samples/istio.io-tasks/security/authn-policy")
 }
 
 fn workloads() -> Vec<Workload> {
@@ -131,9 +129,7 @@ fn xfcc(m: &IstioMesh, from: &str, to: &str) -> Result<Option<String>> {
 }
 
 fn authn_policy(proxy: Proxy) -> Result<()> {
-    let Some(dir) = task_dir() else {
-        return Ok(());
-    };
+    let dir = task_dir()?;
     let Some(m) = IstioMesh::start(proxy, &workloads(), objects, "24h")? else {
         return Ok(());
     };
@@ -196,11 +192,19 @@ fn authn_policy(proxy: Proxy) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn peer_authentication_matrix_through_envoy() -> Result<()> {
     authn_policy(Proxy::Envoy)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn peer_authentication_matrix_through_ferry() -> Result<()> {
     authn_policy(Proxy::Ferry)
 }

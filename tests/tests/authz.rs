@@ -30,10 +30,9 @@ use ferry_tests::istio::{
     App, IstioMesh, Proxy, Step, Workload, http, http_with, pod_yaml, run_steps, service_yaml, tcp,
 };
 
-fn tasks() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/istio-samples/istio.io-tasks/security");
-    p.join("authz-http").is_dir().then_some(p)
+fn tasks() -> Result<PathBuf> {
+    ferry_tests::istio_material("istio-samples/istio.io-tasks/security/authz-http")?;
+    ferry_tests::istio_material("istio-samples/istio.io-tasks/security")
 }
 
 /// Service name → cluster IP, as the objects declare them.
@@ -407,37 +406,61 @@ fn authz_jwt(proxy: Proxy, tasks: &Path) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn authz_jwt_through_envoy() -> Result<()> {
-    let Some(t) = tasks() else { return Ok(()) };
+    let t = tasks()?;
     authz_jwt(Proxy::Envoy, &t)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn authz_jwt_through_ferry() -> Result<()> {
-    let Some(t) = tasks() else { return Ok(()) };
+    let t = tasks()?;
     authz_jwt(Proxy::Ferry, &t)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn authz_http_bookinfo_through_envoy() -> Result<()> {
-    let Some(t) = tasks() else { return Ok(()) };
+    let t = tasks()?;
     authz_http(Proxy::Envoy, &t)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn authz_http_bookinfo_through_ferry() -> Result<()> {
-    let Some(t) = tasks() else { return Ok(()) };
+    let t = tasks()?;
     authz_http(Proxy::Ferry, &t)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn authz_deny_and_tcp_through_envoy() -> Result<()> {
-    let Some(t) = tasks() else { return Ok(()) };
+    let t = tasks()?;
     authz_deny_and_tcp(Proxy::Envoy, &t)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn authz_deny_and_tcp_through_ferry() -> Result<()> {
-    let Some(t) = tasks() else { return Ok(()) };
+    let t = tasks()?;
     authz_deny_and_tcp(Proxy::Ferry, &t)
 }

@@ -93,7 +93,22 @@ const ONE_WORKER: &[&str] = &["--concurrency", "1"];
 #[test]
 fn http10_request_gets_an_http10_answer() -> Result<()> {
     let _lock = RunLock::shared();
+    // As Envoy: HTTP/1.0 is refused (426) unless the connection manager accepts it.
     let (_app, ferry, port) = simple(&[])?;
+    let out = stdout(&curl(&["--http1.0", "-i", &url(port, "/old")])?);
+    ensure!(out.starts_with("HTTP/1.1 426"), "status line: {out:?}");
+    ensure!(ferry.stat("cluster.backend.upstream_rq_total") == 0);
+    drop(ferry);
+    let app = App::http("backend", &[])?;
+    let port = free_port();
+    let routes = vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "backend"}})];
+    let mut hcm = http_connection_manager("in", routes);
+    hcm["typed_config"]["http_protocol_options"] = json!({"accept_http_10": true});
+    let cfg = Bootstrap::new()
+        .listener(listener("in", port, vec![json!({"filters": [hcm]})]))
+        .static_cluster("backend", &[app.port], Upstream::Http1)
+        .render();
+    let ferry = Ferry::start(&cfg)?;
     let out = stdout(&curl(&["--http1.0", "-i", &url(port, "/old")])?);
     ensure!(out.starts_with("HTTP/1.0 200"), "status line: {out:?}");
     let echo = echo_json(&out)?;

@@ -24,10 +24,9 @@ use ferry_tests::proxy::apps_dir;
 
 const GATEWAY_PORT: u16 = 8080;
 
-fn samples() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/istio-samples/bookinfo/networking");
-    p.is_dir().then_some(p)
+/// The project's own bookinfo networking files (`samples/bookinfo/networking`).
+fn samples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/bookinfo/networking")
 }
 
 fn envoy_bin() -> Result<PathBuf> {
@@ -163,12 +162,7 @@ fn start(envoy: bool) -> Result<Option<Setup>> {
     if !netns::require_root() {
         return Ok(None);
     }
-    let Some(samples) = samples() else {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        ensure!(!ci, "../shared/istio-samples is missing and CI=true");
-        eprintln!("../shared/istio-samples not present; skipped");
-        return Ok(None);
-    };
+    let samples = samples();
     let proxy_bin = if envoy { envoy_bin()? } else { ferry_bin() };
     let mesh = Mesh::new()?;
     let istiod = mesh.pod("istiod")?;
@@ -460,9 +454,8 @@ spec:
 /// the policy holds.
 fn observe_jwt(s: &Setup, token: &str) -> Result<Vec<String>> {
     s.until_routed()?;
-    let jwks = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples/jwt/jwks.json"),
-    )?;
+    let jwks =
+        std::fs::read_to_string(ferry_tests::istio_material("istio-samples/jwt/jwks.json")?)?;
     let yaml = INGRESS_JWT_YAML.replace("JWKS", jwks.trim());
     let config = s.dir.join("config");
     std::fs::write(config.join(".jwt.yaml.tmp"), yaml)?;
@@ -499,13 +492,14 @@ fn observe_jwt(s: &Setup, token: &str) -> Result<Vec<String>> {
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn jwt_at_the_gateway_through_envoy_and_ferry_alike() -> Result<()> {
-    let tokens =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples/jwt/tokens.json");
-    let Ok(tokens) = std::fs::read_to_string(tokens) else {
-        eprintln!("../shared/istio-samples/jwt not present; skipped");
-        return Ok(());
-    };
+    let tokens = std::fs::read_to_string(ferry_tests::istio_material(
+        "istio-samples/jwt/tokens.json",
+    )?)?;
     let tokens: serde_json::Value = serde_json::from_str(&tokens)?;
     let demo = tokens["demo.jwt"].as_str().context("demo.jwt")?.to_string();
     let Some(envoy) = start(true)? else {

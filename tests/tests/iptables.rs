@@ -36,7 +36,7 @@ fn check_subcommand() -> Result<()> {
 /// Runs `ferry iptables <args>` in `pod` as root.
 fn ferry_iptables(pod: &Pod, args: &[&str]) -> Result<Output> {
     check_subcommand()?;
-    pod.cmd(ferry_bin()).arg("iptables").args(args).output()
+    Ok(pod.cmd(ferry_bin()).arg("iptables").args(args).output()?)
 }
 
 /// Runs `ferry iptables <args>` in `pod` and requires success.
@@ -78,7 +78,7 @@ fn curl(pod: &Pod, uid: Option<u32>, ip: impl std::fmt::Display, port: u16) -> R
     if let Some(uid) = uid {
         cmd = cmd.as_uid(uid);
     }
-    cmd.run()
+    Ok(cmd.run()?)
 }
 
 #[test]

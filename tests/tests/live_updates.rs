@@ -407,7 +407,7 @@ fn wait_listener_update(m: &IstioMesh, before: u64) -> Result<f64> {
 }
 
 fn stat(m: &IstioMesh, name: &str) -> Result<u64> {
-    m.pod("echo").sidecar_stat(name)
+    Ok(m.pod("echo").sidecar_stat(name)?)
 }
 
 #[test]

@@ -332,35 +332,54 @@ fn a_request_read_then_reset_is_replayed_only_by_the_retry_policy() -> Result<()
 /// A backend that closes every kept-alive connection right after answering: each request
 /// Ferry sends on a pooled connection finds it closed, and is sent once more on a fresh
 /// one; none fails, and no request reaches the backend twice.
+/// A backend that closes after every answer without saying so. Once its close
+/// has reached the proxy (a pause after each answer), a request never fails: a
+/// connection found closed is not used, and one closed as the request crossed it
+/// sends the request again on a new one. A request sent at once may instead land
+/// in the server's receive buffer just before it closes; the server's kernel then
+/// answers with a reset that on the wire is the same as a server that read the
+/// request and crashed, so as in Envoy it fails the request (503, UC) unless the
+/// route's retry policy covers resets, and then it succeeds. In no case is a
+/// request delivered twice.
 #[test]
-fn a_backend_closing_after_each_answer_never_fails_a_request() -> Result<()> {
+fn a_backend_closing_after_each_answer_fails_no_request_once_its_close_is_seen() -> Result<()> {
     let _lock = RunLock::shared();
     let backend = Backend::start(Mode::CloseAfterAnswer)?;
     let port = free_port();
     let cfg = config(port, backend.port, None);
     let ferry = Ferry::start(&serde_json::to_string_pretty(&cfg)?)?;
-    const N: usize = 60;
-    for i in 0..N {
-        let path = format!("/race/{i}");
-        let (status, text) = get(port, &path)?;
-        if status != 200 {
-            bail!("request {i} answered {status}: {text}\n{}", ferry.log());
-        }
-        if backend.hits(&path) != 1 {
-            bail!(
-                "request {i} reached the backend {} times",
-                backend.hits(&path)
-            );
-        }
-        // Both sides of the race: at once, and after the close has surely arrived.
-        if i % 2 == 1 {
-            thread::sleep(Duration::from_millis(5));
+    const N: usize = 40;
+    let mut raced = 0;
+    for (prefix, policy) in [("/race/", false), ("/reset/race/", true)] {
+        for i in 0..N {
+            let path = format!("{prefix}{i}");
+            // Every other request waits until the previous close has surely arrived.
+            let paused = i % 2 == 1;
+            if paused {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let (status, text) = get(port, &path)?;
+            let hits = backend.hits(&path);
+            if hits > 1 {
+                bail!("{path} reached the backend {hits} times");
+            }
+            if status != 200 {
+                // Only an unpaused request without a reset policy may lose the race,
+                // and then only to the reset, having reached no application.
+                if paused || policy || status != 503 || !text.contains("connection termination") {
+                    thread::sleep(Duration::from_millis(300));
+                    bail!("{path} answered {status}: {text}\n{}", ferry.log());
+                }
+                raced += 1;
+            }
         }
     }
-    assert_eq!(ferry.stat("http.in.downstream_rq_5xx"), 0);
-    assert_eq!(ferry.stat("cluster.svc.upstream_rq_2xx"), N as u64);
+    assert_eq!(
+        ferry.stat("http.in.downstream_rq_2xx") + raced,
+        2 * N as u64
+    );
     eprintln!(
-        "close-after-answer: {} upstream connections, {} sent again on a fresh one",
+        "close-after-answer: {} upstream connections, {} sent again on a fresh one, {raced} lost to a reset without a retry policy",
         ferry.stat("cluster.svc.upstream_cx_total"),
         ferry.stat("cluster.svc.upstream_rq_retry_stale_connection")
     );

@@ -8,7 +8,7 @@
 //! a binomial 99.9% bound over 400 connections).
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -16,9 +16,9 @@ use ferry_tests::istio::{App, IstioMesh, Proxy, Workload, service_yaml};
 
 const VIP: &str = "10.96.5.10";
 
-fn samples() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/istio-samples/tcp-echo");
-    p.join("tcp-echo-all-v1.yaml").is_file().then_some(p)
+fn samples() -> Result<PathBuf> {
+    ferry_tests::istio_material("istio-samples/tcp-echo/tcp-echo-all-v1.yaml")?;
+    ferry_tests::istio_material("istio-samples/tcp-echo")
 }
 
 fn workloads() -> Vec<Workload> {
@@ -100,9 +100,7 @@ fn connect_many(
 }
 
 fn shifting(proxy: Proxy) -> Result<()> {
-    let Some(dir) = samples() else {
-        return Ok(());
-    };
+    let dir = samples()?;
     let Some(mut m) = IstioMesh::start(proxy, &workloads(), objects, "24h")? else {
         return Ok(());
     };
@@ -155,11 +153,19 @@ fn shifting(proxy: Proxy) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn tcp_traffic_shifting_through_envoy() -> Result<()> {
     shifting(Proxy::Envoy)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn tcp_traffic_shifting_through_ferry() -> Result<()> {
     shifting(Proxy::Ferry)
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -17,10 +17,6 @@ use serde_json::{Value, json};
 const DUMP: &str = "../../shared/istio-config-dumps/istio-1.18.2-sidecar-hotelreservation-geo.json";
 const REVIEWS: &str = "outbound|9080||reviews.default.svc.cluster.local";
 const RATINGS: &str = "outbound|9080||ratings.default.svc.cluster.local";
-
-fn dump_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(DUMP)
-}
 
 fn section<'a>(dump: &'a Value, ty: &str) -> &'a Value {
     dump["configs"]
@@ -157,11 +153,12 @@ impl Drop for Setup {
 
 impl Setup {
     fn curl(&self, args: &[&str]) -> Result<String> {
-        self.pod
+        Ok(self
+            .pod
             .cmd("curl")
             .args(["-sS", "--max-time", "20"])
             .args(args)
-            .run()
+            .run()?)
     }
 
     fn stat(&self, name: &str) -> u64 {
@@ -264,10 +261,9 @@ fn start(delta: bool, dump: &Value) -> Result<Option<Setup>> {
 }
 
 fn replayed_istio_dump(delta: bool) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(dump_path()) else {
-        eprintln!("{} not present; skipped", dump_path().display());
-        return Ok(());
-    };
+    let text = std::fs::read_to_string(ferry_tests::istio_material(
+        DUMP.trim_start_matches("../../shared/"),
+    )?)?;
     let dump: Value = serde_json::from_str(&text)?;
     let Some(s) = start(delta, &dump)? else {
         return Ok(());
@@ -282,7 +278,8 @@ fn replayed_istio_dump(delta: bool) -> Result<()> {
     );
     assert!(s.stat("xds.ack") >= 4);
 
-    let ours: Value = serde_json::from_str(&s.curl(&["http://127.0.0.1:15000/config_dump"])?)?;
+    let ours: Value =
+        serde_json::from_str(&s.curl(&["http://127.0.0.1:15000/config_dump?include_eds"])?)?;
     let want_listeners: BTreeSet<String> =
         section(&dump, "ListenersConfigDump")["dynamic_listeners"]
             .as_array()
@@ -382,11 +379,19 @@ fn replayed_istio_dump(delta: bool) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn istio_dump_over_state_of_the_world() -> Result<()> {
     replayed_istio_dump(false)
 }
 
 #[test]
+#[cfg_attr(
+    no_istio_material,
+    ignore = "needs Istio's material in ../shared beside the repository"
+)]
 fn istio_dump_over_delta() -> Result<()> {
     replayed_istio_dump(true)
 }

@@ -10,6 +10,7 @@
 //! converted ([`check_certificate`], [`check_validation`]), so a bad secret
 //! is refused with the field at fault before any connection needs it.
 
+pub mod inspect;
 mod verify;
 pub mod workload;
 

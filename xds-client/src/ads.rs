@@ -48,7 +48,12 @@ pub struct AdsConfig {
     /// certificate `default` and root `ROOTCA`, as istio-agent's SDS server
     /// does): never asked of the server, and a change republishes.
     pub local_secrets: Option<watch::Receiver<LocalSecrets>>,
+    /// Where Istio's name table (NDS) goes, for the DNS proxy: when set,
+    /// the client subscribes to it as istio-agent does.
+    pub name_table: Option<watch::Sender<Option<Arc<NameTable>>>>,
 }
+
+pub use ferry_envoy_json::istio_nds::{NAME_TABLE_TYPE, NameInfo, NameTable};
 
 /// Secrets by SDS name.
 pub type LocalSecrets = HashMap<String, Arc<ferry_model::tls::Secret>>;
@@ -115,6 +120,7 @@ pub async fn run(
         state,
         publish,
         published: 0,
+        nds_version: String::new(),
     };
     client.merge_local_secrets();
     loop {
@@ -148,6 +154,8 @@ struct Client {
     state: Arc<XdsState>,
     publish: watch::Sender<Option<Arc<Snapshot>>>,
     published: u64,
+    /// The accepted NDS version (SotW), sent again on reconnect.
+    nds_version: String,
 }
 
 async fn connect(config: &AdsConfig) -> Result<tonic::transport::Channel, StreamError> {
@@ -512,6 +520,15 @@ impl Client {
                 .await;
             first = false;
         }
+        if self.config.name_table.is_some() {
+            let _ = tx
+                .send(DiscoveryRequest {
+                    version_info: self.nds_version.clone(),
+                    type_url: NAME_TABLE_TYPE.to_string(),
+                    ..Default::default()
+                })
+                .await;
+        }
         let mut stream = grpc
             .stream_aggregated_resources(ReceiverStream::new(rx))
             .await?
@@ -519,8 +536,50 @@ impl Client {
         let mut deadline: Option<Instant> = None;
         loop {
             let resp = self.next_message(&mut stream, &mut deadline).await?;
+            if resp.type_url == NAME_TABLE_TYPE && self.config.name_table.is_some() {
+                let any = resp.resources.first();
+                let error = self.take_name_table(any);
+                if error.is_none() {
+                    self.nds_version = resp.version_info.clone();
+                }
+                let _ = tx
+                    .send(DiscoveryRequest {
+                        version_info: self.nds_version.clone(),
+                        type_url: NAME_TABLE_TYPE.to_string(),
+                        response_nonce: resp.nonce.clone(),
+                        error_detail: error.map(status),
+                        ..Default::default()
+                    })
+                    .await;
+                continue;
+            }
             deadline = self.on_sotw(resp, &tx, &mut subs).await;
         }
+    }
+
+    /// Decodes and hands over a name table (none: an empty table); the
+    /// error for a NACK otherwise.
+    fn take_name_table(
+        &mut self,
+        any: Option<&envoy_types::pb::google::protobuf::Any>,
+    ) -> Option<String> {
+        use prost::Message;
+        let table = match any {
+            None => NameTable::default(),
+            Some(a) if a.type_url != NAME_TABLE_TYPE => {
+                return Some(format!("a {} resource in an NDS response", a.type_url));
+            }
+            Some(a) => match NameTable::decode(a.value.as_slice()) {
+                Ok(t) => t,
+                Err(e) => return Some(format!("name table: cannot decode: {e}")),
+            },
+        };
+        tracing::debug!(dns.hosts = table.table.len(), "name table received");
+        self.state.acks.fetch_add(1, Ordering::Relaxed);
+        if let Some(tx) = &self.config.name_table {
+            tx.send_replace(Some(Arc::new(table)));
+        }
+        None
     }
 
     async fn on_sotw(
@@ -635,6 +694,14 @@ impl Client {
             subs.insert(t, names);
             first = false;
         }
+        if self.config.name_table.is_some() {
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    type_url: NAME_TABLE_TYPE.to_string(),
+                    ..Default::default()
+                })
+                .await;
+        }
         let mut stream = grpc
             .delta_aggregated_resources(ReceiverStream::new(rx))
             .await?
@@ -642,6 +709,23 @@ impl Client {
         let mut deadline: Option<Instant> = None;
         loop {
             let resp = self.next_message(&mut stream, &mut deadline).await?;
+            if resp.type_url == NAME_TABLE_TYPE && self.config.name_table.is_some() {
+                let any = resp.resources.iter().find_map(|r| r.resource.as_ref());
+                let error = if any.is_none() && resp.removed_resources.is_empty() {
+                    None
+                } else {
+                    self.take_name_table(any)
+                };
+                let _ = tx
+                    .send(DeltaDiscoveryRequest {
+                        type_url: NAME_TABLE_TYPE.to_string(),
+                        response_nonce: resp.nonce.clone(),
+                        error_detail: error.map(status),
+                        ..Default::default()
+                    })
+                    .await;
+                continue;
+            }
             deadline = self.on_delta(resp, &tx, &mut subs).await;
         }
     }

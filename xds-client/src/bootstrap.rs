@@ -21,6 +21,11 @@ pub struct Bootstrap {
     pub warnings: Warnings,
     /// The ADS client's settings, when the bootstrap has `dynamic_resources`.
     pub ads: Option<crate::ads::AdsConfig>,
+    /// `admin.access_log`: where admin requests are logged.
+    pub admin_access_logs: std::sync::Arc<ferry_model::access_log::AccessLogs>,
+    /// `tracing.http`: the tracer of connection managers whose `tracing`
+    /// names none.
+    pub tracing: Option<std::sync::Arc<ferry_model::tracing::Provider>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,12 +189,24 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
             }
             _ => None,
         });
+    let admin_access_logs = match &proto.admin {
+        Some(a) => convert::admin_access_logs(a, &mut warnings).map_err(conv)?,
+        None => Default::default(),
+    };
+    // Deprecated in Envoy's API, still what istiod's bootstraps carry.
+    #[allow(deprecated)]
+    let tracing = match &proto.tracing {
+        Some(t) => convert::bootstrap_provider(t, &mut warnings).map_err(conv)?,
+        None => None,
+    };
     Ok(Bootstrap {
         proto,
         snapshot,
         admin_address,
         warnings,
         ads,
+        admin_access_logs,
+        tracing,
     })
 }
 
@@ -322,6 +339,7 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
         tls,
         secrets: HashMap::new(),
         local_secrets: None,
+        name_table: None,
     }))
 }
 
@@ -333,19 +351,30 @@ pub fn config_dump(
     last_updated: &str,
 ) -> Result<serde_json::Value, String> {
     use serde_json::json;
+    // One descriptor pool for the whole dump.
+    let d = crate::json::Descriptors::load()?;
     let t = |name: &str| format!("type.googleapis.com/envoy.admin.v3.{name}");
+    // Each resource carries its `@type`, as Envoy's dump shows the `Any`.
+    let typed = |name: &str, v: serde_json::Value| -> serde_json::Value {
+        let mut o = serde_json::Map::new();
+        o.insert("@type".into(), json!(format!("type.googleapis.com/{name}")));
+        if let serde_json::Value::Object(m) = v {
+            o.extend(m);
+        }
+        serde_json::Value::Object(o)
+    };
     let statics = proto.static_resources.clone().unwrap_or_default();
     let mut listeners = Vec::new();
     for l in &statics.listeners {
         listeners.push(json!({
-            "listener": crate::json::to_json("envoy.config.listener.v3.Listener", l)?,
+            "listener": typed("envoy.config.listener.v3.Listener", d.to_json("envoy.config.listener.v3.Listener", l)?),
             "last_updated": last_updated,
         }));
     }
     let mut clusters = Vec::new();
     for c in &statics.clusters {
         clusters.push(json!({
-            "cluster": crate::json::to_json("envoy.config.cluster.v3.Cluster", c)?,
+            "cluster": typed("envoy.config.cluster.v3.Cluster", d.to_json("envoy.config.cluster.v3.Cluster", c)?),
             "last_updated": last_updated,
         }));
     }
@@ -353,7 +382,7 @@ pub fn config_dump(
     for s in &statics.secrets {
         secrets.push(json!({
             "name": s.name,
-            "secret": crate::json::to_json("envoy.extensions.transport_sockets.tls.v3.Secret", s)?,
+            "secret": typed("envoy.extensions.transport_sockets.tls.v3.Secret", d.to_json("envoy.extensions.transport_sockets.tls.v3.Secret", s)?),
             "last_updated": last_updated,
         }));
     }
@@ -361,7 +390,7 @@ pub fn config_dump(
         "configs": [
             {
                 "@type": t("BootstrapConfigDump"),
-                "bootstrap": crate::json::to_json("envoy.config.bootstrap.v3.Bootstrap", proto)?,
+                "bootstrap": d.to_json("envoy.config.bootstrap.v3.Bootstrap", proto)?,
                 "last_updated": last_updated,
             },
             {"@type": t("ListenersConfigDump"), "static_listeners": listeners},

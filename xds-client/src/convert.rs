@@ -30,6 +30,7 @@ use envoy_types::pb::google::protobuf::Any;
 use ferry_model as m;
 use prost::Message;
 
+mod access_log;
 mod circuit_breakers;
 mod cluster;
 mod core_types;
@@ -38,6 +39,7 @@ mod coverage;
 mod endpoint;
 mod fault;
 mod header_mutation;
+mod http_protocol;
 mod istio;
 mod jwt_authn;
 mod lb_config;
@@ -50,13 +52,16 @@ mod rbac;
 mod retry;
 mod route;
 mod tls;
+mod trace;
 mod upstream_protocol;
 
+pub use access_log::admin_access_logs;
 pub use cluster::cluster;
 pub use endpoint::cluster_load_assignment;
 pub use listener::listener;
 pub use route::route_config;
 pub use tls::secret;
+pub use trace::bootstrap_provider;
 
 use core_types::cidr;
 use cors::CORS_TYPE;
@@ -85,6 +90,8 @@ struct Ctx<'a> {
     /// The listener's `traffic_direction` is INBOUND: Istio's stats then
     /// report as the destination.
     inbound: bool,
+    /// The listener's `traffic_direction` is OUTBOUND: its spans are egress.
+    outbound: bool,
 }
 
 impl Ctx<'_> {
@@ -241,7 +248,9 @@ fn tcp_proxy(
         }
         _ => return Err(ctx.err(format!("{field}.cluster"), "tcp_proxy needs a cluster")),
     };
+    let access_logs = access_log::tcp_proxy(ctx, field, tp)?;
     Ok(m::TcpProxy {
+        access_logs,
         stat_prefix: tp.stat_prefix.clone(),
         cluster,
         weighted,
@@ -286,6 +295,7 @@ fn http_connection_manager(
         };
     let mut has_router = false;
     let mut suppress_envoy_headers = false;
+    let mut start_child_span = false;
     let mut http_filters = Vec::new();
     for (i, hf) in h.http_filters.iter().enumerate() {
         let ff = format!("{field}.http_filters[{i}]");
@@ -321,6 +331,16 @@ fn http_connection_manager(
                     let tf = format!("{ff}.typed_config");
                     let cfg: router_pb::Router = t.decode().map_err(|e| ctx.err(&tf, e))?;
                     suppress_envoy_headers = cfg.suppress_envoy_headers;
+                    #[allow(deprecated)]
+                    {
+                        start_child_span = cfg.start_child_span;
+                    }
+                    if !cfg.upstream_log.is_empty() {
+                        return Err(ctx.err(
+                            format!("{tf}.upstream_log"),
+                            "upstream access logs are not supported",
+                        ));
+                    }
                     if cfg.respect_expected_rq_timeout {
                         return Err(ctx.err(
                             format!("{tf}.respect_expected_rq_timeout"),
@@ -455,7 +475,11 @@ fn http_connection_manager(
         uri: details.uri,
         dns: details.dns,
     };
+    let access_logs = access_log::http_connection_manager(ctx, field, h)?;
+    let tracing = trace::http_connection_manager(ctx, field, h, start_child_span)?;
     Ok(m::HttpConnectionManager {
+        access_logs,
+        tracing,
         forward_client_cert,
         client_cert_details,
         stat_prefix: h.stat_prefix.clone(),
@@ -469,6 +493,47 @@ fn http_connection_manager(
         http_filters,
         client_trust,
         suppress_envoy_headers,
+        path_normalization: path_normalization(ctx, field, h)?,
+        protocol: Arc::new(http_protocol::downstream(ctx, field, h)?),
+    })
+}
+
+/// `normalize_path`, `merge_slashes` and `path_with_escaped_slashes_action`,
+/// with Envoy's defaults when unset (its runtime keys left at theirs: no
+/// normalization, escaped slashes kept). `path_normalization_options` is
+/// not implemented by Envoy either (`not-implemented-hide`): it has no
+/// effect there, so it is ignored with a warning.
+fn path_normalization(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    h: &hcm_pb::HttpConnectionManager,
+) -> Result<m::PathNormalization, ConvertError> {
+    use hcm_pb::http_connection_manager::PathWithEscapedSlashesAction as P;
+    use m::EscapedSlashesAction as A;
+    let escaped_slashes = match P::try_from(h.path_with_escaped_slashes_action) {
+        Ok(P::ImplementationSpecificDefault | P::KeepUnchanged) => A::KeepUnchanged,
+        Ok(P::RejectRequest) => A::RejectRequest,
+        Ok(P::UnescapeAndRedirect) => A::UnescapeAndRedirect,
+        Ok(P::UnescapeAndForward) => A::UnescapeAndForward,
+        Err(_) => {
+            return Err(ctx.err(
+                format!("{field}.path_with_escaped_slashes_action"),
+                format!("unknown value {}", h.path_with_escaped_slashes_action),
+            ));
+        }
+    };
+    if h.path_normalization_options.is_some() {
+        ctx.warn(
+            &format!("{field}.path_normalization_options"),
+            "not implemented by Envoy 1.40 either; ignored as Envoy does \
+             (normalize_path and merge_slashes apply)"
+                .into(),
+        );
+    }
+    Ok(m::PathNormalization {
+        normalize_path: h.normalize_path.as_ref().is_some_and(|v| v.value),
+        merge_slashes: h.merge_slashes,
+        escaped_slashes,
     })
 }
 

@@ -68,6 +68,7 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
         "RequestAuthentication",
         "requestauthentications",
     ),
+    ("telemetry.istio.io", "v1", "Telemetry", "telemetries"),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
 use tokio::sync::watch;
 
-use super::types::{ObjectMeta, ResourceKey, kube, networking, security};
+use super::types::{ObjectMeta, ResourceKey, kube, networking, security, telemetry};
 
 /// Where a resource was read from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -52,6 +52,7 @@ pub enum Spec {
     PeerAuthentication(security::PeerAuthentication),
     AuthorizationPolicy(security::AuthorizationPolicy),
     RequestAuthentication(security::RequestAuthentication),
+    Telemetry(telemetry::Telemetry),
     Other,
 }
 
@@ -174,7 +175,7 @@ pub fn parse_value(value: Value, origin: &Origin) -> Snapshot {
 /// document with the 1-based line where it starts. Empty documents are
 /// dropped. A `---` inside a block scalar is always indented, so a line
 /// starting with it is a separator.
-fn split_documents(text: &str) -> Vec<(usize, &str)> {
+pub fn split_documents(text: &str) -> Vec<(usize, &str)> {
     let mut docs = Vec::new();
     let mut start_byte = 0;
     let mut start_line = 1;
@@ -294,6 +295,7 @@ fn parse_object(value: Value, origin: &Origin, out: &mut Snapshot) {
         ("security.istio.io", "RequestAuthentication") => {
             spec_of(spec_value, Spec::RequestAuthentication)
         }
+        ("telemetry.istio.io", "Telemetry") => spec_of(spec_value, Spec::Telemetry),
         _ => Ok(Spec::Other),
     };
     match spec {

@@ -182,6 +182,7 @@ pub fn validate(snapshot: &Snapshot) -> Vec<Finding> {
             Spec::AuthorizationPolicy(ap) => cx.authorization_policy(ap),
             Spec::RequestAuthentication(ra) => cx.request_authentication(ra),
             Spec::PeerAuthentication(pa) => cx.peer_authentication(pa),
+            Spec::Telemetry(t) => cx.telemetry(t),
             _ => {}
         }
     }
@@ -198,7 +199,7 @@ pub fn validate(snapshot: &Snapshot) -> Vec<Finding> {
 pub fn validate_mesh(snapshot: &Snapshot, options: &MeshOptions) -> Vec<Finding> {
     use super::translate::ext_authz::{ProviderError, check_provider};
     let mesh = Mesh::new(snapshot, options.clone());
-    let mut out = Vec::new();
+    let mut out = validate_telemetry_providers(snapshot, options);
     for r in &snapshot.resources {
         let Spec::AuthorizationPolicy(ap) = &r.spec else {
             continue;
@@ -224,6 +225,68 @@ pub fn validate_mesh(snapshot: &Snapshot, options: &MeshOptions) -> Vec<Finding>
                 "spec.provider.name",
                 e.to_string(),
             )),
+        }
+    }
+    out
+}
+
+/// The providers Telemetry resources name must exist in
+/// `meshConfig.extensionProviders` (`IST0101`) and be of a kind Ferry's
+/// translation implements for that use (`IST0106`).
+pub fn validate_telemetry_providers(snapshot: &Snapshot, options: &MeshOptions) -> Vec<Finding> {
+    use super::translate::telemetry::{ProviderUseError, Usage, check_provider};
+    let mut out = Vec::new();
+    for r in &snapshot.resources {
+        let Spec::Telemetry(t) = &r.spec else {
+            continue;
+        };
+        let uses = t
+            .tracing
+            .iter()
+            .enumerate()
+            .flat_map(|(i, x)| {
+                x.providers.iter().enumerate().map(move |(j, p)| {
+                    (
+                        format!("spec.tracing[{i}].providers[{j}]"),
+                        &p.name,
+                        Usage::Tracing,
+                    )
+                })
+            })
+            .chain(t.access_logging.iter().enumerate().flat_map(|(i, x)| {
+                x.providers.iter().enumerate().map(move |(j, p)| {
+                    (
+                        format!("spec.accessLogging[{i}].providers[{j}]"),
+                        &p.name,
+                        Usage::AccessLogging,
+                    )
+                })
+            }))
+            .chain(t.metrics.iter().enumerate().flat_map(|(i, x)| {
+                x.providers.iter().enumerate().map(move |(j, p)| {
+                    (
+                        format!("spec.metrics[{i}].providers[{j}]"),
+                        &p.name,
+                        Usage::Metrics,
+                    )
+                })
+            }));
+        for (field, name, usage) in uses {
+            match check_provider(&options.extension_providers, name, usage) {
+                Ok(()) => {}
+                Err(e @ ProviderUseError::Unknown(_)) => out.push(finding(
+                    r,
+                    Code::ReferencedResourceNotFound,
+                    &format!("{field}.name"),
+                    e.to_string(),
+                )),
+                Err(e) => out.push(finding(
+                    r,
+                    Code::SchemaValidationError,
+                    &format!("{field}.name"),
+                    e.to_string(),
+                )),
+            }
         }
     }
     out
@@ -1192,11 +1255,71 @@ impl Cx<'_> {
                 }
             }
         }
+        for (i, e) in sc.egress.iter().enumerate() {
+            if e.bind.as_deref().is_some_and(|b| b.starts_with("unix://")) {
+                self.schema(
+                    format!("spec.egress[{i}].bind"),
+                    "Unix-socket egress listeners are not served by ferry-pilot",
+                );
+            } else if let Some(b) = e.bind.as_deref().filter(|b| !b.is_empty())
+                && b.parse::<std::net::IpAddr>().is_err()
+            {
+                self.schema(
+                    format!("spec.egress[{i}].bind"),
+                    format!("bind {b:?} must be an IP address"),
+                );
+            }
+            if e.bind.as_deref().is_some_and(|b| !b.is_empty()) && e.port.is_none() {
+                self.schema(
+                    format!("spec.egress[{i}].port"),
+                    "an egress listener with a bind needs a port",
+                );
+            }
+        }
         for (i, l) in sc.ingress.iter().enumerate() {
             if l.port.number == 0 || l.port.number > 65535 {
                 self.schema(
                     format!("spec.ingress[{i}].port.number"),
                     format!("invalid port {}", l.port.number),
+                );
+            }
+            // istiod's forms: localhost or the pod's IP of either family,
+            // or a Unix socket.
+            if let Some(ep) = l.default_endpoint.as_deref().filter(|e| !e.is_empty())
+                && !ep.starts_with("unix://")
+            {
+                let ok = ep.rsplit_once(':').is_some_and(|(host, port)| {
+                    matches!(host, "127.0.0.1" | "0.0.0.0" | "[::1]" | "[::]")
+                        && port.parse::<u16>().is_ok_and(|p| p != 0)
+                });
+                if !ok {
+                    self.schema(
+                        format!("spec.ingress[{i}].defaultEndpoint"),
+                        format!(
+                            "{ep:?} must be 127.0.0.1:PORT, 0.0.0.0:PORT, [::1]:PORT, [::]:PORT or unix://PATH"
+                        ),
+                    );
+                }
+            }
+            if let Some(b) = l.bind.as_deref().filter(|b| !b.is_empty())
+                && b.parse::<std::net::IpAddr>().is_err()
+            {
+                self.schema(
+                    format!("spec.ingress[{i}].bind"),
+                    format!("bind {b:?} must be an IP address"),
+                );
+            }
+            // Applied by nobody here: refused rather than ignored.
+            if l.tls.is_some() {
+                self.schema(
+                    format!("spec.ingress[{i}].tls"),
+                    "TLS termination on Sidecar ingress listeners is not implemented by ferry-pilot",
+                );
+            }
+            if l.connection_pool.is_some() {
+                self.schema(
+                    format!("spec.ingress[{i}].connectionPool"),
+                    "connection pool settings on Sidecar ingress listeners are not implemented by ferry-pilot",
                 );
             }
         }
@@ -1477,6 +1600,85 @@ impl Cx<'_> {
                 self.schema(
                     format!("spec.jwtRules[{i}]"),
                     "jwks and jwksUri exclude each other",
+                );
+            }
+        }
+    }
+
+    /// What Ferry's translation of the Telemetry API does not implement is
+    /// refused by name.
+    fn telemetry(&mut self, t: &super::types::telemetry::Telemetry) {
+        if t.target_ref.is_some() || !t.target_refs.is_empty() {
+            self.schema(
+                "spec.targetRef",
+                "policy attachment (targetRef, targetRefs) is not supported; use selector",
+            );
+        }
+        for (i, tr) in t.tracing.iter().enumerate() {
+            let f = format!("spec.tracing[{i}]");
+            if tr
+                .random_sampling_percentage
+                .is_some_and(|p| !(0.0..=100.0).contains(&p))
+            {
+                self.schema(
+                    format!("{f}.randomSamplingPercentage"),
+                    "must be in [0, 100]",
+                );
+            }
+            if tr.use_request_id_for_trace_sampling == Some(false) {
+                self.schema(
+                    format!("{f}.useRequestIdForTraceSampling"),
+                    "false is not supported: Ferry samples by the request id",
+                );
+            }
+            if tr.disable_context_propagation == Some(true) {
+                self.schema(
+                    format!("{f}.disableContextPropagation"),
+                    "switching off trace context propagation is not supported",
+                );
+            }
+            for (name, tag) in tr.custom_tags.iter().flatten() {
+                let tf = format!("{f}.customTags.{name}");
+                let kinds = [
+                    tag.literal.is_some(),
+                    tag.environment.is_some(),
+                    tag.header.is_some(),
+                    tag.formatter.is_some(),
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
+                if kinds != 1 {
+                    self.schema(
+                        &tf,
+                        "set exactly one of literal, environment, header or formatter",
+                    );
+                }
+                if tag
+                    .formatter
+                    .as_ref()
+                    .is_some_and(|x| x.value.contains('%'))
+                {
+                    self.schema(
+                        format!("{tf}.formatter"),
+                        "custom tags with format operators are not supported",
+                    );
+                }
+            }
+        }
+        for (i, m) in t.metrics.iter().enumerate() {
+            if !m.overrides.is_empty() {
+                self.schema(
+                    format!("spec.metrics[{i}].overrides"),
+                    "metrics overrides are not supported: Istio's standard metrics are fixed",
+                );
+            }
+        }
+        for (i, a) in t.access_logging.iter().enumerate() {
+            if a.filter.is_some() {
+                self.schema(
+                    format!("spec.accessLogging[{i}].filter"),
+                    "CEL filters are not supported",
                 );
             }
         }

@@ -28,9 +28,12 @@ pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.Cluster
 pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Whether an empty subscription to `type_url` means "everything" (Envoy's
-/// legacy wildcard, which only Listener and Cluster have).
+/// legacy wildcard, which Listener and Cluster have, and Istio's NDS, which
+/// the agent asks for without names).
 pub fn is_wildcard_type(type_url: &str) -> bool {
-    type_url == LISTENER || type_url == CLUSTER
+    type_url == LISTENER
+        || type_url == CLUSTER
+        || type_url == ferry_envoy_json::istio_nds::NAME_TABLE_TYPE
 }
 
 /// The order in which a change to several types at once is pushed on one

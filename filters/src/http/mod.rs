@@ -7,6 +7,7 @@ pub mod forwarded;
 pub mod headers;
 pub mod jwt_authn;
 pub mod local_ratelimit;
+pub mod path_normalization;
 pub mod rbac;
 pub mod retry;
 pub mod router;

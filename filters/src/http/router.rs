@@ -190,7 +190,8 @@ mod tests {
         assert_eq!(o.timeout, Some(Some(Duration::from_millis(250))));
         assert!(o.retry.is_none(), "no retry condition, no retries");
         assert!(!h.contains_key("x-envoy-upstream-rq-timeout-ms"));
-        // Consumed by the first call: sent again with a condition.
+        // The router consumes the headers it reads, as Envoy does.
+        assert!(!h.contains_key("x-envoy-max-retries"));
         h.insert("x-envoy-max-retries", "2".parse().unwrap());
         h.insert("x-envoy-retry-on", "5xx".parse().unwrap());
         let o = header_overrides(&mut h, None);

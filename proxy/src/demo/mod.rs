@@ -128,6 +128,11 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
         detection_timeout: crate::listener::DEFAULT_DETECTION_TIMEOUT,
         node: Default::default(),
         agent: None,
+        status: None,
+        exit_on_zero_active_connections: false,
+        minimum_drain_duration: Duration::ZERO,
+        dns: None,
+        drain_inbound_only: false,
     }));
     let admin: SocketAddr = ([127, 0, 0, 1], admin_port).into();
     let http: SocketAddr = ([127, 0, 0, 1], http_port).into();

@@ -21,6 +21,8 @@ use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use tokio::sync::{Notify, watch};
 
+use super::stream_timers::RequestProgress;
+
 /// The most request body kept for retries and mirroring when the route sets
 /// no `request_body_buffer_limit` (Envoy bounds it by the connection's
 /// buffer limit).
@@ -40,6 +42,36 @@ pub enum BodyError {
 pub struct UpstreamBody {
     kind: Kind,
     end: Option<Arc<Notify>>,
+    /// The connection manager's view of the request's arrival (its
+    /// `request_timeout` and `stream_idle_timeout`).
+    progress: Option<Arc<RequestProgress>>,
+    /// Counts what the downstream sent (streamed bodies; a replayed body
+    /// counts in its shared state).
+    count: Option<Arc<BodyCount>>,
+}
+
+/// What the downstream sent of a request body, for the access log
+/// (`%BYTES_RECEIVED%`, `%REQUEST_DURATION%`).
+#[derive(Debug, Default)]
+pub struct BodyCount {
+    pub bytes: std::sync::atomic::AtomicU64,
+    /// When its last byte arrived.
+    pub complete: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl BodyCount {
+    fn data(count: &Option<Arc<BodyCount>>, n: usize) {
+        if let Some(c) = count {
+            c.bytes
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn done(count: &Option<Arc<BodyCount>>) {
+        if let Some(c) = count {
+            let _ = c.complete.set(std::time::Instant::now());
+        }
+    }
 }
 
 enum Kind {
@@ -60,6 +92,8 @@ impl UpstreamBody {
         let body = Self {
             kind: Kind::Streamed(inner),
             end,
+            count: None,
+            progress: RequestProgress::current(),
         };
         if body.is_end_stream() {
             body.signal_end();
@@ -71,7 +105,18 @@ impl UpstreamBody {
         Self {
             kind: Kind::Empty,
             end: None,
+            count: None,
+            progress: None,
         }
+    }
+
+    /// Counts the downstream bytes this body carries.
+    pub fn counted(mut self, count: Option<Arc<BodyCount>>) -> Self {
+        if self.is_end_stream() {
+            BodyCount::done(&count);
+        }
+        self.count = count;
+        self
     }
 
     /// A body of bytes already at hand (a mirrored request's).
@@ -79,12 +124,17 @@ impl UpstreamBody {
         Self {
             kind: Kind::Full((!b.is_empty()).then_some(b)),
             end: None,
+            count: None,
+            progress: None,
         }
     }
 
     fn signal_end(&self) {
         if let Some(n) = &self.end {
             n.notify_one();
+        }
+        if let Some(p) = &self.progress {
+            p.ended();
         }
     }
 }
@@ -101,17 +151,23 @@ struct ReplayState {
     complete: bool,
     trailers: Option<HeaderMap>,
     end: Option<Arc<Notify>>,
+    progress: Option<Arc<RequestProgress>>,
     done_tx: watch::Sender<bool>,
     /// The most bytes kept.
     limit: usize,
+    count: Option<Arc<BodyCount>>,
 }
 
 impl ReplayState {
     fn finish(&mut self) {
+        BodyCount::done(&self.count);
         self.complete = true;
         self.incoming = None;
         if let Some(n) = self.end.take() {
             n.notify_one();
+        }
+        if let Some(p) = self.progress.take() {
+            p.ended();
         }
         self.done_tx.send_replace(true);
     }
@@ -142,8 +198,10 @@ impl Replay {
             complete: false,
             trailers: None,
             end,
+            progress: RequestProgress::current(),
             done_tx,
             limit,
+            count: None,
         };
         if state.incoming.as_ref().is_some_and(|b| b.is_end_stream()) {
             state.finish();
@@ -153,6 +211,18 @@ impl Replay {
             done,
             hint,
         }
+    }
+
+    /// Counts the downstream bytes read into the replay.
+    pub fn counted(self, count: Option<Arc<BodyCount>>) -> Self {
+        {
+            let mut s = self.state();
+            if s.complete {
+                BodyCount::done(&count);
+            }
+            s.count = count;
+        }
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, ReplayState> {
@@ -175,6 +245,8 @@ impl Replay {
                 hint: self.hint,
             },
             end: None,
+            count: None,
+            progress: None,
         }
     }
 
@@ -251,8 +323,12 @@ fn poll_replay(
             Poll::Ready(Some(Err(BodyError::Downstream(e))))
         }
         Poll::Ready(Some(Ok(frame))) => {
+            if let Some(p) = &s.progress {
+                p.active();
+            }
             let frame = match frame.into_data() {
                 Ok(data) => {
+                    BodyCount::data(&s.count, data.len());
                     *pos += 1;
                     if !s.overflow && s.kept_bytes + data.len() <= s.limit {
                         s.kept_bytes += data.len();
@@ -302,6 +378,14 @@ impl Body for UpstreamBody {
             } => poll_replay(shared, pos, trailers_sent, cx),
             Kind::Streamed(inner) => {
                 let res = Pin::new(inner).poll_frame(cx);
+                if let (Poll::Ready(Some(Ok(_))), Some(p)) = (&res, &this.progress) {
+                    p.active();
+                }
+                if let Poll::Ready(Some(Ok(f))) = &res
+                    && let Some(d) = f.data_ref()
+                {
+                    BodyCount::data(&this.count, d.len());
+                }
                 let ended = match &res {
                     Poll::Ready(None) => true,
                     Poll::Ready(Some(Ok(_))) => this.is_end_stream(),
@@ -310,6 +394,7 @@ impl Body for UpstreamBody {
                 if ended {
                     this.signal_end();
                     this.end = None;
+                    BodyCount::done(&this.count);
                 }
                 res.map_err(BodyError::Downstream)
             }

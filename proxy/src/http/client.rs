@@ -44,7 +44,7 @@ pub(super) fn remote<B>(ctx: &ConnCtx, req: &Request<B>) -> SocketAddr {
 
 /// This host's first non-loopback IPv4 address (loopback when it has none),
 /// read once: Envoy's local address.
-pub(super) fn local_address() -> IpAddr {
+pub(crate) fn local_address() -> IpAddr {
     static LOCAL: OnceLock<IpAddr> = OnceLock::new();
     *LOCAL.get_or_init(|| first_ipv4().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)))
 }

@@ -97,6 +97,8 @@ pub fn cors(
         cors_filter::Decision::Preflight(h) | cors_filter::Decision::Refused(h) => {
             let mut resp = Response::new(body::empty());
             *resp.headers_mut() = h;
+            resp.extensions_mut()
+                .insert(super::observe::Details("cors_response".into()));
             Some(resp)
         }
     }
@@ -350,10 +352,22 @@ pub fn jwt_authn(
             {
                 resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
             }
+            resp.extensions_mut().insert(super::observe::Details(
+                format!(
+                    "jwt_authn_access_denied{{{}}}",
+                    status.to_string().replace(' ', "_")
+                )
+                .into(),
+            ));
             Err(Box::new(resp))
         }
     }
 }
+
+/// What the RBAC filters put in a request's dynamic metadata (namespace
+/// `envoy.filters.http.rbac`): the shadow rules' verdict, by key.
+#[derive(Debug, Clone, Default)]
+pub struct RbacMetadata(pub Vec<(String, String)>);
 
 /// `envoy.filters.http.rbac`: the shadow rules are evaluated and counted,
 /// then the enforced ones; `Some` is the 403 of a denied request. A route's
@@ -365,7 +379,7 @@ pub fn rbac(
     cfg: &HttpRbac,
     per_route: PerRoute<'_>,
     filter_name: &str,
-    req: &Request<Incoming>,
+    req: &mut Request<Incoming>,
     request_metadata: Option<&DynamicMetadata>,
 ) -> Option<Response<ResponseBody>> {
     let rules = per_route.rbac(filter_name).unwrap_or(cfg);
@@ -395,10 +409,37 @@ pub fn rbac(
         // never for a route's.
         per_rule: cfg.track_per_rule_stats && std::ptr::eq(rules, cfg),
     };
-    if let Some(shadow) = &rules.shadow_rules {
-        counters.shadow(&rbac_engine::evaluate(shadow, &subject));
+    let shadow = rules
+        .shadow_rules
+        .as_ref()
+        .map(|shadow| rbac_engine::evaluate(shadow, &subject));
+    if let Some(v) = &shadow {
+        counters.shadow(v);
     }
-    let enforced = rbac_engine::evaluate(rules.rules.as_deref()?, &subject);
+    let enforced = rules
+        .rules
+        .as_deref()
+        .map(|r| rbac_engine::evaluate(r, &subject));
+    // As Envoy's filter: the shadow rules' verdict goes into the request's
+    // dynamic metadata (what Istio's dry-run trace tags read).
+    if let Some(v) = shadow {
+        let prefix = &cfg.shadow_rules_stat_prefix;
+        let mut md = Vec::with_capacity(2);
+        if let Some(p) = v.matched_policy {
+            md.push((format!("{prefix}shadow_effective_policy_id"), p));
+        }
+        md.push((
+            format!("{prefix}shadow_engine_result"),
+            if v.allowed { "allowed" } else { "denied" }.to_string(),
+        ));
+        match req.extensions_mut().get_mut::<RbacMetadata>() {
+            Some(m) => m.0.extend(md),
+            None => {
+                req.extensions_mut().insert(RbacMetadata(md));
+            }
+        }
+    }
+    let enforced = enforced?;
     counters.enforced(&enforced);
     if enforced.allowed {
         return None;
@@ -408,8 +449,16 @@ pub fn rbac(
         src.addr = %ctx.peer,
         "RBAC denied the request"
     );
-    Some(super::local_reply(super::LocalReply {
+    let mut resp = super::local_reply(super::LocalReply {
         status: http::StatusCode::FORBIDDEN,
         body: Some("RBAC: access denied".into()),
-    }))
+    });
+    resp.extensions_mut().insert(super::observe::Details(
+        format!(
+            "rbac_access_denied_matched_policy[{}]",
+            enforced.matched_policy.as_deref().unwrap_or("none")
+        )
+        .into(),
+    ));
+    Some(resp)
 }

@@ -7,17 +7,27 @@
 
 pub mod body;
 mod client;
+mod edge;
 mod fault;
 mod filters;
-mod shadow;
+mod observe;
+mod request_id;
+mod request_trace;
 
-use std::convert::Infallible;
+pub(crate) use client::local_address;
+pub mod h1_guard;
+pub mod h2_guard;
+pub mod lifetime;
+mod shadow;
+mod stream_timers;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_filters::http::{headers, retry, router};
 use ferry_model::format::FormatContext;
+use ferry_model::http_protocol::DownstreamProtocol;
 use ferry_model::{
     ChainKind, FilterChain, HostRewrite, HttpConnectionManager, HttpFilterConfig, PathMatch, Route,
     RouteAction, RouteSource, WeightedCluster,
@@ -117,6 +127,18 @@ pub struct ConnCtx {
     /// The connection among the live ones: an update that changes its chain
     /// hands the next requests to the chain a new connection would get.
     pub live: Arc<crate::filter_chain_update::LiveConn>,
+    /// What the HTTP/1 request guard tells the connection manager.
+    pub h1: Arc<h1_guard::H1Shared>,
+    /// The connection's streams and the drains they ask for.
+    pub life: Arc<lifetime::Lifetime>,
+}
+
+/// The connection manager of an HTTP chain.
+fn hcm_of(chain: &FilterChain) -> Option<&HttpConnectionManager> {
+    match &chain.kind {
+        ChainKind::Http(h) => Some(h),
+        ChainKind::Tcp(_) => None,
+    }
 }
 
 impl ConnCtx {
@@ -139,7 +161,8 @@ impl ConnCtx {
 
 /// Serves one downstream connection until it closes or its drain completes.
 ///
-/// Drain (process shutdown or a changed filter chain) never cuts a request:
+/// Drain (process shutdown, a changed filter chain, `max_connection_duration`,
+/// `max_requests_per_connection`, `idle_timeout`) never cuts a request:
 /// HTTP/2 gets GOAWAY and finishes its streams; HTTP/1 answers the next
 /// requests with `Connection: close` and, if the client stays idle, is closed
 /// at the drain deadline, or at once when the connection is told to close
@@ -151,49 +174,141 @@ where
     ctx.stats.downstream_cx_total.inc();
     let _active = ctx.stats.downstream_cx_active.inc();
     let deadline = ctx.rt.drain_timeout;
+    // Connection-level settings come from the chain the connection was
+    // accepted on; a chain updated in place changes how its requests are
+    // handled, not the connection's codec.
+    let p = hcm_of(&ctx.chain).map_or_else(
+        || Arc::new(DownstreamProtocol::default()),
+        |h| h.protocol.clone(),
+    );
+    let idle = hcm_of(&ctx.chain).and_then(|h| h.idle_timeout);
+    let max_age = p
+        .max_connection_duration
+        .map(|d| tokio::time::Instant::now() + jittered(d, p.max_connection_duration_jitter));
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| {
         let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        async move { handle(ctx, req).await }
     });
-    let io = TokioIo::new(io);
     if http2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
+        ctx.stats.downstream_cx_http2_total.inc();
+        let counters = h2_guard::H2Counters::new(
+            &ctx.rt.stats,
+            ctx.stats.downstream_rq_too_many_premature_resets.clone(),
+        );
+        let io = TokioIo::new(h2_guard::H2Guard::new(io, p.http2.clone(), counters));
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
-            .serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = drain.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(deadline, conn).await;
-            }
+            .max_concurrent_streams(p.http2.max_concurrent_streams)
+            .initial_stream_window_size(p.http2.initial_stream_window_size)
+            .initial_connection_window_size(p.http2.initial_connection_window_size)
+            .max_header_list_size(p.max_request_headers_bytes)
+            .header_table_size(p.http2.hpack_table_size)
+            .max_local_error_reset_streams(Some(p.http2.max_outbound_control_frames as usize));
+        if let Some(k) = p.http2.keepalive {
+            builder
+                .keep_alive_interval(k.interval)
+                .keep_alive_timeout(k.timeout);
         }
-    } else {
-        let conn = http1::Builder::new()
-            .preserve_header_case(true)
-            .serve_connection(io, svc)
-            .with_upgrades();
+        let conn = builder.serve_connection(io, svc);
         tokio::pin!(conn);
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = drain.signaled() => {}
-        }
-        ctx.closing
-            .store(true, std::sync::atomic::Ordering::Release);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = async {
-                tokio::select! {
-                    _ = tokio::time::sleep(deadline) => {}
-                    _ = drain.closing() => {}
+        // When the drain started: GOAWAY was sent, the open streams finish.
+        let mut drained_at = None;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = drain.signaled(), if drained_at.is_none() => {}
+                _ = sleep_until(max_age), if drained_at.is_none() => {
+                    ctx.stats.downstream_cx_max_duration_reached.inc();
                 }
-            } => {
+                _ = ctx.life.drain_asked(), if drained_at.is_none() => {}
+                _ = ctx.life.idle_for(idle), if drained_at.is_none() => {
+                    ctx.stats.downstream_cx_idle_timeout.inc();
+                }
+                // As Envoy: closed `drain_timeout` after the GOAWAY once no
+                // stream is left (the client need not acknowledge anything),
+                // and in any case at the process's drain deadline.
+                _ = async {
+                    sleep_until(drained_at.map(|t: tokio::time::Instant| t + p.drain_timeout)).await;
+                    ctx.life.idle_for(Some(Duration::ZERO)).await;
+                }, if drained_at.is_some() => {
+                    ctx.stats.downstream_cx_drain_close.inc();
+                    return;
+                }
+                _ = sleep_until(drained_at.map(|t| t + deadline)), if drained_at.is_some() => {
+                    ctx.stats.downstream_cx_drain_close.inc();
+                    return;
+                }
+            }
+            if drained_at.is_none() {
+                drained_at = Some(tokio::time::Instant::now());
                 conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(deadline, conn).await;
             }
         }
     }
+    ctx.stats.downstream_cx_http1_total.inc();
+    let guard = h1_guard::H1Guard::new(
+        io,
+        h1_guard::Limits::of(&p),
+        p.request_headers_timeout,
+        ctx.h1.clone(),
+    );
+    let head_limit = p.max_request_headers_bytes as usize;
+    let conn = http1::Builder::new()
+        .preserve_header_case(true)
+        // The guard enforces the head limits; hyper's are set to the same
+        // values so that it never refuses what the guard passed.
+        .max_headers(p.max_headers_count as usize)
+        .max_header_size(head_limit)
+        .max_buf_size((head_limit + 8192).max(HYPER_MAX_BUF))
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(guard), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    // How long a draining connection may stay idle before it is closed.
+    let grace = tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = drain.signaled() => deadline,
+        _ = sleep_until(max_age) => {
+            ctx.stats.downstream_cx_max_duration_reached.inc();
+            p.drain_timeout
+        }
+        _ = ctx.life.idle_for(idle) => {
+            // Idle: no request in flight, so nothing is cut.
+            ctx.stats.downstream_cx_idle_timeout.inc();
+            Duration::ZERO
+        }
+    };
+    ctx.closing
+        .store(true, std::sync::atomic::Ordering::Release);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = async {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {}
+                _ = drain.closing() => {}
+            }
+        } => {
+            conn.as_mut().graceful_shutdown();
+            if tokio::time::timeout(deadline, conn).await.is_err() {
+                ctx.stats.downstream_cx_drain_close.inc();
+            }
+        }
+    }
+}
+
+/// hyper's default HTTP/1 buffer bound (~400 KiB).
+const HYPER_MAX_BUF: usize = 8192 + 4096 * 100;
+
+/// `max_connection_duration` extended by a random share of up to `jitter`
+/// hundredths of a percent.
+fn jittered(d: Duration, jitter: u32) -> Duration {
+    if jitter == 0 {
+        return d;
+    }
+    let share = f64::from(jitter) / 10_000.0 * rand::random::<f64>();
+    d + d.mul_f64(share)
 }
 
 /// A locally generated response and the reason for it.
@@ -285,21 +400,69 @@ fn authority(req: &Request<Incoming>) -> String {
         .to_string()
 }
 
+/// The response body as it goes downstream: metered for Istio's metrics,
+/// tracked as its stream's end.
+type Downstream = lifetime::Tracked<crate::metrics::Metered<observe::ObservedBody<ResponseBody>>>;
+
 async fn handle(
     ctx: Arc<ConnCtx>,
     mut req: Request<Incoming>,
-) -> Response<crate::metrics::Metered<ResponseBody>> {
+) -> Result<Response<Downstream>, edge::StreamReset> {
     let start = Instant::now();
+    let stream_start = tokio::time::Instant::now();
     let stats = &ctx.stats;
     stats.downstream_rq_total.inc();
     let _active = stats.downstream_rq_active.inc();
+    let (stream, served) = ctx
+        .life
+        .stream_started(stats.downstream_rq_rx_reset.clone());
     let version = req.version();
     if version == Version::HTTP_2 {
         stats.downstream_rq_http2_total.inc();
     } else {
         stats.downstream_rq_http1_total.inc();
     }
+    // The edge decides first: nothing below sees a refused request.
+    let mut upgrade = false;
+    // The chain the request runs on (an update may have replaced the
+    // connection's).
+    let chain = ctx.live.chain();
+    let admitted = match hcm_of(&chain) {
+        Some(hcm) => edge::admit(&ctx, hcm, &mut req),
+        None => Ok(edge::Admitted::default()),
+    };
+    let refused = match admitted {
+        Ok(a) => {
+            if a.upgrade {
+                upgrade = true;
+            }
+            None
+        }
+        Err(edge::Refused::Reset) => {
+            stream.end();
+            return Err(edge::StreamReset);
+        }
+        Err(edge::Refused::Reply { status, body }) => Some((status, body)),
+    };
+    if let Some(max) = hcm_of(&chain).and_then(|h| h.protocol.max_requests_per_connection)
+        && served >= max
+    {
+        if served == max {
+            stats.downstream_cx_max_requests_reached.inc();
+        }
+        // This response is the connection's last (HTTP/1), or GOAWAY (HTTP/2).
+        ctx.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        ctx.life.ask_drain();
+    }
     let method = req.method().clone();
+    let grpc = ferry_model::route::is_grpc(req.headers());
+    // Before anything reads the path (routing, every filter, the upstream
+    // request), as Envoy's connection manager does.
+    let normalized = match refused {
+        None => normalize_path(&ctx, &mut req, grpc),
+        Some(_) => Normalized::Path(None),
+    };
     let path = req
         .uri()
         .path_and_query()
@@ -307,7 +470,7 @@ async fn handle(
         .to_string();
     let host = authority(&req);
     let started = std::time::SystemTime::now();
-    let grpc = ferry_model::route::is_grpc(req.headers());
+    let mut obs = observe::Observer::start(&ctx, &req, start, started);
     // Istio's metadata exchange: the client's sidecar announces itself on
     // the request, the server's on the response; each side takes the
     // other's headers off before they reach the application.
@@ -324,8 +487,70 @@ async fn handle(
     }
     let mut cluster = String::new();
     let mut metered = None;
-    let (mut resp, flag, upstream) =
-        route_request(&ctx, req, &host, &path, started, &mut cluster).await;
+    // A local reply that ends the connection (the request was not read whole).
+    let mut close = refused.is_some();
+    let (original_path, (mut resp, flag, upstream)) = match (refused, normalized) {
+        (Some((status, body)), _) => {
+            let r = LocalReply {
+                status,
+                body: Some(body.into()),
+            };
+            (None, (local_reply(r), "DPE", None))
+        }
+        (None, Normalized::Answered(resp)) => (None, (resp, "", None)),
+        (None, Normalized::Path(original)) => {
+            let timeouts =
+                hcm_of(&chain).map_or((None, None), |h| (h.request_timeout, h.stream_idle_timeout));
+            let progress = stream_timers::RequestProgress::new();
+            if http_body::Body::is_end_stream(req.body()) {
+                progress.ended();
+            }
+            let routing = stream_timers::PROGRESS.scope(
+                progress.clone(),
+                route_request(&ctx, req, &host, &path, started, &mut cluster, &mut obs),
+            );
+            let arrival = stream_timers::arrival(&progress, stream_start, timeouts.0, timeouts.1);
+            let routed = tokio::select! {
+                routed = routing => routed,
+                expired = arrival => {
+                    close = true;
+                    let (body, flag) = match expired {
+                        stream_timers::Expired::Request => {
+                            stats.downstream_rq_timeout.inc();
+                            ("request timeout", "-")
+                        }
+                        stream_timers::Expired::Idle => {
+                            stats.downstream_rq_idle_timeout.inc();
+                            ("stream timeout", "SI")
+                        }
+                    };
+                    let r = LocalReply {
+                        status: StatusCode::REQUEST_TIMEOUT,
+                        body: Some(body.into()),
+                    };
+                    (local_reply(r), flag, None)
+                }
+            };
+            (original, routed)
+        }
+    };
+    if upgrade {
+        // The HTTP/1 guard holds what follows an upgrade request until now.
+        let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (method == http::Method::CONNECT && resp.status().is_success());
+        ctx.h1.upgrade_done(upgraded);
+    }
+    if ctx.h1.take_body_error() && resp.extensions().get::<LocalBody>().is_some() {
+        // The request body's framing broke while it was forwarded (a bad
+        // chunk): the client's error, answered as Envoy answers it.
+        ctx.stats.downstream_cx_protocol_error.inc();
+        close = true;
+        resp = local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: Some("Bad Request".into()),
+        });
+    }
+    obs.response(&mut resp, flag, upstream, grpc);
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
@@ -385,7 +610,9 @@ async fn handle(
     }
     // Answer in the client's HTTP version (an HTTP/1.0 client gets HTTP/1.0).
     *resp.version_mut() = version;
-    if version != Version::HTTP_2 && ctx.closing.load(std::sync::atomic::Ordering::Acquire) {
+    if version != Version::HTTP_2
+        && (close || ctx.closing.load(std::sync::atomic::Ordering::Acquire))
+    {
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -394,6 +621,8 @@ async fn handle(
             target: "access",
             method = %method,
             path = %path,
+            // The path as the client sent it, when normalization changed it.
+            path.original = original_path.as_deref().unwrap_or("-"),
             protocol = ?version,
             status = resp.status().as_u16(),
             response_flags = flag,
@@ -404,10 +633,109 @@ async fn handle(
             route.chain = %ctx.chain.name,
         );
     }
-    resp.map(|b| crate::metrics::Metered::new(b, metered))
+    Ok(resp.map(|b| {
+        lifetime::Tracked::new(crate::metrics::Metered::new(obs.body(b), metered), stream)
+    }))
 }
 
 type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
+
+/// A request after the connection manager's path normalization.
+enum Normalized {
+    /// Go on: the path the client sent when normalization changed it.
+    Path(Option<String>),
+    /// Answered here (400 or 307), as Envoy does before any filter.
+    Answered(Response<ResponseBody>),
+}
+
+/// Whether an HTTP/1 request target is one Envoy's codec takes: a path
+/// (`/…`), `*` for `OPTIONS`, an absolute URL, or CONNECT's authority.
+/// Anything else (`GET admin`, `GET *`) is a 400 that closes the
+/// connection there, where hyper would read an authority and route `/`.
+fn is_http1_request_target(method: &http::Method, uri: &Uri) -> bool {
+    if method == http::Method::CONNECT || uri.scheme().is_some() {
+        return true;
+    }
+    match uri.path_and_query().map(|p| p.as_str()) {
+        Some("*") => method == http::Method::OPTIONS,
+        Some(p) => p.starts_with('/') && uri.authority().is_none(),
+        None => false,
+    }
+}
+
+/// Applies the connection manager's `normalize_path`, `merge_slashes` and
+/// `path_with_escaped_slashes_action` to the request's URI, in place
+/// (`ferry_filters::http::path_normalization` decides).
+fn normalize_path(ctx: &ConnCtx, req: &mut Request<Incoming>, grpc: bool) -> Normalized {
+    use ferry_filters::http::path_normalization::{self as pn, Verdict};
+    let http1 = req.version() != Version::HTTP_2;
+    if http1 && !is_http1_request_target(req.method(), req.uri()) {
+        let mut resp = local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: None,
+        });
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return Normalized::Answered(resp);
+    }
+    // The chain the request runs on (a draining connection's requests
+    // follow the new one).
+    let chain = ctx.live.chain();
+    let (ChainKind::Http(hcm), Some(pq)) = (&chain.kind, req.uri().path_and_query()) else {
+        return Normalized::Path(None);
+    };
+    let original = pq.as_str();
+    let reject = |why: &dyn std::fmt::Display| {
+        ctx.stats.downstream_rq_failed_path_normalization.inc();
+        tracing::debug!(path = %original, reason = %why, "path normalization failed");
+        let mut resp = local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: None,
+        });
+        // Envoy closes an HTTP/1 connection after this answer.
+        if http1 {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Normalized::Answered(resp)
+    };
+    let path = match pn::normalize(&hcm.path_normalization, original) {
+        Verdict::Forward(std::borrow::Cow::Borrowed(_)) => return Normalized::Path(None),
+        Verdict::Forward(std::borrow::Cow::Owned(p)) => p,
+        Verdict::Reject(why) => return reject(&why),
+        // A gRPC client cannot follow a redirect: Envoy answers 400.
+        Verdict::Redirect(_) if grpc => return reject(&"redirect for a gRPC request"),
+        Verdict::Redirect(location) => {
+            ctx.stats
+                .downstream_rq_redirected_with_normalized_path
+                .inc();
+            let mut resp = local_reply(LocalReply {
+                status: StatusCode::TEMPORARY_REDIRECT,
+                body: None,
+            });
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    resp.headers_mut().insert(LOCATION, v);
+                }
+                Err(_) => return reject(&"redirect location is not a header value"),
+            }
+            return Normalized::Answered(resp);
+        }
+    };
+    let mut parts = req.uri().clone().into_parts();
+    let original = original.to_string();
+    match path.parse::<http::uri::PathAndQuery>() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return reject(&"normalized path is not a URI path"),
+    }
+    match Uri::from_parts(parts) {
+        Ok(uri) => {
+            *req.uri_mut() = uri;
+            Normalized::Path(Some(original))
+        }
+        Err(_) => reject(&"normalized path is not a URI path"),
+    }
+}
 
 /// A message's declared body size (0 when streamed without a length).
 fn content_length(h: &http::HeaderMap) -> u64 {
@@ -424,6 +752,7 @@ async fn route_request(
     path: &str,
     started: std::time::SystemTime,
     picked: &mut String,
+    obs: &mut observe::Observer,
 ) -> Routed {
     // The chain the request runs on: the connection's, or the one an update
     // handed its requests to.
@@ -456,6 +785,8 @@ async fn route_request(
             return (local_reply(r), "", None);
         }
     };
+    request_id::apply(hcm, &mut req);
+    obs.request(&req);
     let pseudo = ferry_model::Pseudo {
         method: req.method().as_str(),
         path,
@@ -474,6 +805,10 @@ async fn route_request(
             .as_ref()
             .and_then(|rc| rc.find_route_for(&pseudo, req.headers(), rand::random()))
     };
+    if let Some(r) = route {
+        obs.route(r);
+    }
+    obs.trace(ctx, route, &mut req);
     // `upgrade_configs`: an upgrade the route does not allow is refused
     // before any filter runs, as Envoy's connection manager does.
     if let Some(r) = route
@@ -504,6 +839,7 @@ async fn route_request(
     // filter's `upstream_cluster` sees the cluster the router will use, and
     // the filters the picked cluster's overrides.
     let mut chosen = Chosen::of(route, req.headers());
+    obs.route_cluster(ctx, &chosen.cluster);
     // The HTTP filters before the router run whether a route matched or not
     // (a request without a route still takes a rate limit token, as in
     // Envoy); the router then answers 404. A filter may have the route
@@ -514,6 +850,7 @@ async fn route_request(
         path,
     };
     let filtered = run_filters(ctx, hcm, &again, &mut chosen, &mut req, &fctx).await;
+    obs.after_filters(&req);
     let Chosen {
         route,
         entry,
@@ -521,6 +858,11 @@ async fn route_request(
     } = chosen;
     *picked = name;
     let cluster: &str = picked;
+    // A filter may have had the route chosen again.
+    if let Some(r) = route {
+        obs.route(r);
+    }
+    obs.route_cluster(ctx, cluster);
     let (delayed, on_response) = match filtered {
         Ok(passed) => passed,
         Err((mut resp, flag, upstream)) => {
@@ -604,7 +946,10 @@ async fn route_request(
             let request_headers = (!route.response_headers.is_empty()
                 || entry_response.is_some_and(|h| !h.is_empty()))
             .then(|| req.headers().clone());
-            let routed = forward(ctx, hcm, route, entry, cluster, delayed, req, host, &fctx).await;
+            let routed = forward(
+                ctx, hcm, route, entry, cluster, delayed, req, host, &fctx, obs,
+            )
+            .await;
             let (mut resp, flag, upstream) = routed;
             let fctx = FormatContext {
                 upstream_remote: upstream,
@@ -817,7 +1162,7 @@ fn protocol_name(v: Version) -> &'static str {
 }
 
 /// `%HOSTNAME%`: the machine's host name, read once.
-fn hostname() -> &'static str {
+pub(crate) fn hostname() -> &'static str {
     static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     NAME.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -838,6 +1183,7 @@ async fn forward(
     mut req: Request<Incoming>,
     host: &str,
     fctx: &FormatContext<'_>,
+    obs: &mut observe::Observer,
 ) -> Routed {
     let RouteAction::Route {
         prefix_rewrite,
@@ -872,6 +1218,11 @@ async fn forward(
         };
         return (local_reply(r), "NC", None);
     };
+    obs.cluster(name);
+    let held = crt.clone();
+    drop(clusters);
+    let crt = &*held;
+    crt.warmed().await;
     let lb_hash = crate::lb::request_hash(
         &route.hash_policy,
         req.headers(),
@@ -897,15 +1248,7 @@ async fn forward(
         parts.headers.insert(HOST, v);
     }
     let scheme = if ctx.tls.is_some() { "https" } else { "http" };
-    // An edge request gets a request id of Envoy's making, whatever it brought.
-    if parts
-        .extensions
-        .get::<ferry_filters::http::forwarded::ClientAddress>()
-        .is_some_and(|c| c.edge)
-        && !hcm.client_trust.preserve_external_request_id
-    {
-        parts.headers.remove("x-request-id");
-    }
+    // The request id was settled by the connection manager (`request_id`).
     headers::prepare_request(&mut parts.headers, scheme, hcm.generate_request_id);
     // An internal client's `x-envoy-*` timeout and retry headers (the
     // connection manager removed any other's).
@@ -961,8 +1304,12 @@ async fn forward(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
-    if let (Some(repl), PathMatch::Prefix(matched)) = (prefix_rewrite, &route.route_match.path) {
+    let before_rewrite = path.clone();
+    let rewritten = if let (Some(repl), PathMatch::Prefix(matched)) =
+        (prefix_rewrite, &route.route_match.path)
+    {
         path = router::rewrite_prefix(&path, matched, repl);
+        true
     } else if let Some(r) = regex_rewrite {
         let query = parts.uri.query();
         path = r.apply(&original_path);
@@ -970,6 +1317,18 @@ async fn forward(
             path.push('?');
             path.push_str(q);
         }
+        true
+    } else {
+        false
+    };
+    // Envoy keeps the path a route rewrote (the normalized one: the
+    // connection manager's normalization is no rewrite and keeps nothing),
+    // unless the router suppresses its headers.
+    if rewritten
+        && !hcm.suppress_envoy_headers
+        && let Ok(v) = HeaderValue::from_str(&before_rewrite)
+    {
+        parts.headers.insert(ORIGINAL_PATH, v);
     }
     let use_h2 = !upgrade
         && match crt.cfg.protocol {
@@ -986,6 +1345,15 @@ async fn forward(
 
     // Retries and mirrors need the body again: keep a bounded copy.
     let stream_start = tokio::time::Instant::now();
+    // A route without an idle timeout of its own takes the connection
+    // manager's `stream_idle_timeout`; zero disables it.
+    let idle_timeout = &match idle_timeout {
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(*d),
+        None => hcm.stream_idle_timeout,
+    };
+    // Likewise `max_stream_duration`.
+    let max_stream_duration = &max_stream_duration.or(hcm.protocol.max_stream_duration);
     let timed = timeout.is_some() || idle_timeout.is_some() || max_stream_duration.is_some();
     let end = timed.then(|| Arc::new(Notify::new()));
     let policy = overrides.retry.as_ref().or(retry_policy.as_deref());
@@ -1005,11 +1373,18 @@ async fn forward(
         .map_or(body::REPLAY_LIMIT, |l| {
             usize::try_from(l).unwrap_or(usize::MAX)
         });
+    // When the request was received whole (`x-envoy-upstream-service-time`
+    // counts from there), and its size for the access log.
+    let received = Some(obs.body_count().unwrap_or_default());
     let (replay, mut first_body) = if !upgrade && (policy.is_some() || !mirrors.is_empty()) {
-        (Some(Replay::new(body, end.clone(), replay_limit)), None)
+        (
+            Some(Replay::new(body, end.clone(), replay_limit).counted(received.clone())),
+            None,
+        )
     } else {
         (None, Some(body))
     };
+    obs.upstream_request(&parts, &path);
     if let Some(r) = &replay {
         for m in mirrors {
             if m.fraction.hits(rand::random()) {
@@ -1076,7 +1451,7 @@ async fn forward(
     let (result, address) = loop {
         let body = match (&replay, first_body.take()) {
             (Some(r), _) => r.body(),
-            (None, Some(b)) => UpstreamBody::new(b, end.clone()),
+            (None, Some(b)) => UpstreamBody::new(b, end.clone()).counted(received.clone()),
             (None, None) => UpstreamBody::empty(),
         };
         // The last possible attempt takes the head itself; earlier ones a copy.
@@ -1101,6 +1476,7 @@ async fn forward(
                 .headers_mut()
                 .insert(ATTEMPT_COUNT, HeaderValue::from(retries + 1));
         }
+        obs.attempt(&mut upstream_req);
         crt.stats.upstream_rq_total.inc();
         let address = pool.address;
         tried.push(address);
@@ -1126,6 +1502,7 @@ async fn forward(
             a = attempt => a,
             kind = &mut global => Attempt::GlobalTimeout(kind),
         };
+        obs.attempt_ended(&attempt, address);
         let outcome = match &attempt {
             Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
             Attempt::PerTryTimeout => {
@@ -1185,6 +1562,27 @@ async fn forward(
     };
     let attempts = retries + 1;
     drop(retry_slot);
+    let mut result = result;
+    match &mut result {
+        Attempt::Response(r) | Attempt::Exhausted(ExhaustedBy::Response(r)) => {
+            obs.upstream_response(r, attempts);
+            if !hcm.suppress_envoy_headers {
+                // Envoy's time from the whole request received to the response.
+                let now = std::time::Instant::now();
+                let since = received
+                    .as_ref()
+                    .and_then(|c| c.complete.get().copied())
+                    .unwrap_or(now);
+                let ms = now.saturating_duration_since(since).as_millis() as u64;
+                r.headers_mut()
+                    .insert(UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
+            }
+        }
+        Attempt::Failed(e) | Attempt::Exhausted(ExhaustedBy::Failure(e)) => {
+            obs.upstream_failure(e.as_ref(), attempts)
+        }
+        _ => obs.upstream_failure(None, attempts),
+    }
     let timers = Timers {
         deadline: deadline.get().copied(),
         idle: *idle_timeout,
@@ -1223,8 +1621,13 @@ async fn forward(
                 }
                 None => ("UF", "upstream connect error".to_string()),
             };
+            // A response that could not be taken is a bad gateway, as Envoy.
+            let status = match &e {
+                Some(UpstreamError::Protocol(_)) => StatusCode::BAD_GATEWAY,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
             let r = LocalReply {
-                status: StatusCode::SERVICE_UNAVAILABLE,
+                status,
                 body: Some(body),
             };
             let mut resp = local_reply(r);
@@ -1279,6 +1682,12 @@ fn retry_flags(flag: &'static str, overflow: bool, limit_exceeded: bool) -> &'st
 
 /// The time the upstream has to answer, as Envoy tells it.
 const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
+
+/// Where the router keeps the path a rewrite replaced.
+const ORIGINAL_PATH: &str = "x-envoy-original-path";
+
+/// Envoy's header on upstream answers: the upstream's time to answer.
+const UPSTREAM_SERVICE_TIME: &str = "x-envoy-upstream-service-time";
 
 /// Envoy's header on answers to requests a circuit breaker refused.
 const OVERLOADED: &str = "x-envoy-overloaded";
@@ -1511,6 +1920,10 @@ mod tests {
             http_filters: Vec::new(),
             client_trust: Default::default(),
             suppress_envoy_headers: false,
+            access_logs: Default::default(),
+            tracing: None,
+            path_normalization: Default::default(),
+            protocol: Default::default(),
         }
     }
 

@@ -133,6 +133,7 @@ pub fn cluster(
         resource: format!("cluster {:?}", c.name),
         warnings,
         inbound: false,
+        outbound: false,
     };
     let cov = &CLUSTER;
     let cluster_pb::Cluster {

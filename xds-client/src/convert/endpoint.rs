@@ -274,6 +274,7 @@ pub fn cluster_load_assignment(
         resource: format!("cluster_load_assignment {:?}", cla.cluster_name),
         warnings,
         inbound: false,
+        outbound: false,
     };
     // The balancer's overprovisioning factor is the cluster's: an EDS
     // assignment may only keep Envoy's default.

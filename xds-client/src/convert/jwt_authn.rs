@@ -464,6 +464,7 @@ mod tests {
             resource: "listener in".into(),
             warnings: &mut w,
             inbound: true,
+            outbound: false,
         };
         jwt_authn(&mut ctx, "http_filters[0].typed_config", p)
     }

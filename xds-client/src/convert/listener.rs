@@ -49,7 +49,7 @@ fields!(pub(super) static LISTENER = "envoy.config.listener.v3.Listener" {
     "connection_balance_config": warned "the kernel balances connections across workers",
     "reuse_port": warned "the socket is not shared across processes",
     "enable_reuse_port": warned "the socket is not shared across processes",
-    "access_log": warned "listener access logs (connections no filter chain takes) are not written",
+    "access_log": applied "connections no filter chain takes",
     "tcp_backlog_size": warned "the default backlog applies",
     "max_connections_to_accept_per_socket_event": warned "connections are accepted one at a time",
     "bind_to_port": applied,
@@ -132,6 +132,7 @@ pub fn listener(
         resource: format!("listener {:?}", l.name),
         warnings,
         inbound: l.traffic_direction == core_pb::TrafficDirection::Inbound as i32,
+        outbound: l.traffic_direction == core_pb::TrafficDirection::Outbound as i32,
     };
     let cov = &LISTENER;
     let listener_pb::Listener {
@@ -236,7 +237,6 @@ pub fn listener(
         "enable_reuse_port",
         enable_reuse_port.as_ref().is_some_and(|v| v.value),
     );
-    ctx.knob(cov, "", "access_log", !access_log.is_empty());
     ctx.knob(cov, "", "tcp_backlog_size", tcp_backlog_size.is_some());
     ctx.knob(
         cov,
@@ -302,7 +302,9 @@ pub fn listener(
         ));
     }
     let detection_timeout = timeout_or(listener_filters_timeout, None);
+    let access_logs = super::access_log::access_logs(&ctx, "access_log", access_log)?;
     Ok(m::Listener {
+        access_logs,
         name: name.clone(),
         fingerprint: fingerprint(l),
         settings_fingerprint: settings_fingerprint(l),

@@ -82,13 +82,13 @@ fields!(pub(super) static ROUTE = "envoy.config.route.v3.Route" {
     "filter_action": refused "filter actions are not supported",
     "non_forwarding_action": refused "non-forwarding actions are not supported",
     "metadata": inert "route metadata is read only by extensions Ferry does not run",
-    "decorator": inert "names the tracing span; read only with the connection manager's tracing",
+    "decorator": applied "the operation name of the route's spans",
     "request_headers_to_add": applied,
     "response_headers_to_add": applied,
     "response_headers_to_remove": applied,
     "request_headers_to_remove": applied,
     "typed_per_filter_config": applied,
-    "tracing": inert "sampling overrides read only with the connection manager's tracing",
+    "tracing": refused "per-route tracing overrides are not supported",
     "per_request_buffer_limit_bytes": applied "the request body kept for retries and mirrors",
     "stat_prefix": warned "per-route statistics are not kept",
     "request_body_buffer_limit": applied "the request body kept for retries and mirrors",
@@ -242,6 +242,7 @@ pub fn route_config(
         resource: format!("route_configuration {:?}", rc.name),
         warnings,
         inbound: false,
+        outbound: false,
     };
     route_config_in(&mut ctx, "", rc)
 }
@@ -581,8 +582,10 @@ fn route(
         route_specifiers,
         action,
     } = r;
-    // Without the connection manager's tracing these change nothing.
+    // Route metadata is read by no filter Ferry runs; the decorator and
+    // the refused tracing overrides are read by `trace::decorator`.
     let _ = (metadata, decorator, tracing);
+    let decorator = super::trace::decorator(ctx, field, r)?;
     ctx.knob(cov, field, "stat_prefix", !stat_prefix.is_empty());
     ctx.refuse(cov, field, "route_specifiers", !route_specifiers.is_empty())?;
     let rm = r#match
@@ -661,6 +664,7 @@ fn route(
             request_body_buffer_limit.as_ref(),
             per_request_buffer_limit_bytes.as_ref(),
         ),
+        decorator,
     })
 }
 
@@ -1108,7 +1112,9 @@ fn route_action(
             .map(|p| retry_policy(ctx, &path(field, "retry_policy"), p))
             .transpose()?
             .map(Arc::new),
-        idle_timeout: timeout_or(idle_timeout, None),
+        // Unset and zero differ: unset leaves the connection manager's
+        // `stream_idle_timeout` in force, zero disables it for the route.
+        idle_timeout: duration(idle_timeout),
         mirrors: mirror_policies(
             ctx,
             &path(field, "request_mirror_policies"),

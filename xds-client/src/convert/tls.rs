@@ -750,6 +750,7 @@ pub fn secret(
         resource: format!("secret {:?}", pb.name),
         warnings,
         inbound: false,
+        outbound: false,
     };
     let tls_pb::Secret { name: _, r#type } = pb;
     match r#type {

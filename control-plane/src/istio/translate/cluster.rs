@@ -91,10 +91,20 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         return;
     }
     for port in super::listener::inbound_ports(scope) {
-        let mut c = original_dst(
-            &names::inbound_cluster(port.port),
-            Some(INBOUND_BIND_ADDRESS),
-        );
+        let name = names::inbound_cluster(port.port);
+        let default_endpoint = port
+            .ingress
+            .and_then(|l| l.default_endpoint.as_deref())
+            .filter(|e| !e.is_empty());
+        let mut c = match default_endpoint {
+            Some(ep) => match default_endpoint_cluster(scope, &name, ep) {
+                Some(c) => c,
+                // istiod skips an endpoint it cannot read (validation
+                // refuses such a Sidecar first).
+                None => continue,
+            },
+            None => original_dst(&name, Some(INBOUND_BIND_ADDRESS)),
+        };
         if port.protocol.is_http() || port.protocol == Protocol::Unknown {
             c.typed_extension_protocol_options.insert(
                 HTTP_OPTIONS_KEY.into(),
@@ -104,6 +114,67 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         c.metadata = Some(services_metadata(&port.services));
         out.clusters.push(c);
     }
+}
+
+/// The inbound cluster of a Sidecar ingress listener's `defaultEndpoint`,
+/// as istiod builds it: `127.0.0.1:PORT` (`[::1]:PORT`) is localhost,
+/// `0.0.0.0:PORT` (`[::]:PORT`) the proxy's IP of that family (localhost
+/// when it has none), `unix://PATH` a Unix socket. A connection to the
+/// pod's IP leaves from 127.0.0.6, which capture lets through.
+fn default_endpoint_cluster(scope: &Scope<'_>, name: &str, ep: &str) -> Option<Cluster> {
+    use envoy_types::pb::envoy::config::core::v3::{Address, Pipe, address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    };
+    let ips = &scope.proxy.ips;
+    let (address, bind) = if let Some(path) = ep.strip_prefix("unix://") {
+        (
+            Address {
+                address: Some(address::Address::Pipe(Pipe {
+                    path: path.to_string(),
+                    mode: 0,
+                })),
+            },
+            None,
+        )
+    } else {
+        let (host, port) = ep.rsplit_once(':')?;
+        let port: u32 = port.parse().ok()?;
+        let family = |v6: bool| ips.iter().find(|ip| ip.contains(':') == v6).cloned();
+        let (ip, pod) = match host.trim_matches(['[', ']']) {
+            "0.0.0.0" => match family(false) {
+                Some(ip) => (ip, true),
+                None => ("127.0.0.1".to_string(), false),
+            },
+            "::" => match family(true) {
+                Some(ip) => (ip, true),
+                None => ("::1".to_string(), false),
+            },
+            "127.0.0.1" => ("127.0.0.1".to_string(), false),
+            "::1" => ("::1".to_string(), false),
+            _ => return None,
+        };
+        let bind = (pod && !scope.proxy.interception_none).then_some(INBOUND_BIND_ADDRESS);
+        (super::util::socket_address(&ip, port), bind)
+    };
+    let mut c = original_dst(name, bind);
+    c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+    c.lb_policy = LbPolicy::RoundRobin as i32;
+    c.load_assignment = Some(ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(address),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    Some(c)
 }
 
 /// A cluster that connects to the connection's original destination.

@@ -236,7 +236,7 @@ fn resolve(mesh: &Mesh, name: &str) -> Result<Resolved, ProviderError> {
 /// Checks a provider's port and finds its service: `namespace/host` or a
 /// bare host name, fully qualified; returns the host and its outbound
 /// cluster.
-fn target(
+pub(super) fn target(
     mesh: &Mesh,
     name: &str,
     service: &str,

@@ -46,7 +46,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::google::protobuf::BoolValue;
 
-use super::listener::{HCM, TCP_PROXY, common_hcm, http_filter, listener_filter, typed_filter};
+use super::listener::{
+    HCM, TCP_PROXY, common_hcm, http_filter, listener_filter, typed_filter, with_path_normalization,
+};
 use super::route::{self, CORS_FILTER, FAULT_FILTER, binds, prefix_match};
 use super::util::{ads, agent_sds, any, socket_address};
 use super::{ProxyConfig, Scope, registry::selects};
@@ -208,7 +210,10 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
                             server_names: s.server_names(),
                             ..Default::default()
                         }),
-                        filters: vec![typed_filter(HCM, any(&gateway_hcm(port, &rds)))],
+                        filters: vec![typed_filter(
+                            HCM,
+                            any(&with_path_normalization(scope, gateway_hcm(port, &rds))),
+                        )],
                         transport_socket: downstream_tls(s, true),
                         name: rds.clone(),
                         ..Default::default()
@@ -245,7 +250,10 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
             out.routes
                 .push(route_config(scope, &rds, port, &plain_http));
             chains.push(FilterChain {
-                filters: vec![typed_filter(HCM, any(&gateway_hcm(port, &rds)))],
+                filters: vec![typed_filter(
+                    HCM,
+                    any(&with_path_normalization(scope, gateway_hcm(port, &rds))),
+                )],
                 ..Default::default()
             });
         }

@@ -55,7 +55,7 @@ use super::route::{self, CORS_FILTER, FAULT_FILTER};
 use super::util::{ads, agent_sds, any, seconds, socket_address};
 use super::{ProxyConfig, Scope, Service};
 use crate::istio::names::{self, Protocol};
-use crate::istio::types::networking::OutboundMode;
+use crate::istio::types::networking::{CaptureMode, IstioIngressListener, OutboundMode};
 use crate::istio::types::security::MtlsMode;
 
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
@@ -72,12 +72,70 @@ pub(super) struct InboundPort<'a> {
     pub port: u32,
     pub protocol: Protocol,
     pub services: Vec<&'a Service>,
+    /// The Sidecar ingress listener that declares the port, if one does.
+    pub ingress: Option<&'a IstioIngressListener>,
 }
 
-/// The ports of the services whose selector picks this proxy (in its own
-/// namespace), keyed by the port the application listens on, plus the
-/// ports a Sidecar's ingress listeners declare.
+/// The ports the local workload serves, keyed by the port the application
+/// listens on: as istiod builds them, a Sidecar's ingress listeners alone
+/// when it has any, else the ports of the services whose selector picks
+/// this proxy (in its own namespace); none for a proxy without capture
+/// and without ingress listeners (binding the services' ports would take
+/// them from the application).
 pub(super) fn inbound_ports<'a>(scope: &Scope<'a>) -> Vec<InboundPort<'a>> {
+    let by_service = service_ports(scope);
+    let ingress: Vec<&IstioIngressListener> = scope
+        .sidecar
+        .map(|(_, sc)| sc.ingress.iter().collect())
+        .unwrap_or_default();
+    if !ingress.is_empty() {
+        let mut ports: BTreeMap<u32, InboundPort<'a>> = BTreeMap::new();
+        for l in ingress {
+            ports.entry(l.port.number).or_insert_with(|| InboundPort {
+                port: l.port.number,
+                protocol: l
+                    .port
+                    .protocol
+                    .as_deref()
+                    .map_or(Protocol::Unknown, Protocol::parse),
+                // The services of that port name the telemetry, when any.
+                services: by_service
+                    .iter()
+                    .find(|p| p.port == l.port.number)
+                    .map(|p| p.services.clone())
+                    .unwrap_or_default(),
+                ingress: Some(l),
+            });
+        }
+        return ports.into_values().collect();
+    }
+    if scope.proxy.interception_none {
+        return Vec::new();
+    }
+    by_service
+}
+
+/// Where an inbound port's listener binds for real, when it does: an
+/// ingress listener with `captureMode: NONE`, or with the default mode on
+/// a proxy without capture; at its `bind`, else the proxy's IP.
+pub(super) fn inbound_bind(scope: &Scope<'_>, p: &InboundPort<'_>) -> Option<String> {
+    let l = p.ingress?;
+    let binds = match l.capture_mode {
+        Some(CaptureMode::None) => true,
+        Some(CaptureMode::Iptables) => false,
+        Some(CaptureMode::Default) | None => scope.proxy.interception_none,
+    };
+    binds.then(|| {
+        l.bind
+            .clone()
+            .filter(|b| !b.is_empty())
+            .or_else(|| scope.proxy.ips.first().cloned())
+            .unwrap_or_else(|| "0.0.0.0".into())
+    })
+}
+
+/// The ports of the services whose selector picks this proxy.
+fn service_ports<'a>(scope: &Scope<'a>) -> Vec<InboundPort<'a>> {
     let proxy = scope.proxy;
     let pod_name = proxy
         .pod_name
@@ -101,6 +159,7 @@ pub(super) fn inbound_ports<'a>(scope: &Scope<'a>) -> Vec<InboundPort<'a>> {
                 port: target,
                 protocol: p.protocol,
                 services: Vec::new(),
+                ingress: None,
             });
             // HTTP wins over a weaker declaration of the same port.
             if entry.protocol == Protocol::Unknown
@@ -113,27 +172,24 @@ pub(super) fn inbound_ports<'a>(scope: &Scope<'a>) -> Vec<InboundPort<'a>> {
             }
         }
     }
-    if let Some((_, sc)) = scope.sidecar {
-        for l in &sc.ingress {
-            ports.entry(l.port.number).or_insert_with(|| InboundPort {
-                port: l.port.number,
-                protocol: l
-                    .port
-                    .protocol
-                    .as_deref()
-                    .map_or(Protocol::Unknown, Protocol::parse),
-                services: Vec::new(),
-            });
-        }
-    }
     ports.into_values().collect()
 }
 
 pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
     let first = out.listeners.len();
-    out.listeners.push(virtual_outbound(scope));
-    out.listeners.push(virtual_inbound(scope));
+    // Without capture nothing arrives at 15001/15006: the workload's ports
+    // are real listeners instead.
+    if !scope.proxy.interception_none {
+        out.listeners.push(virtual_outbound(scope));
+        out.listeners.push(virtual_inbound(scope));
+    }
+    for p in inbound_ports(scope) {
+        if let Some(bind) = inbound_bind(scope, &p) {
+            out.listeners.push(bound_inbound(scope, &p, &bind));
+        }
+    }
     outbound(scope, out);
+    egress_port_listeners(scope, out);
     if scope.proxy.istio_network_stats {
         for l in &mut out.listeners[first..] {
             for chain in &mut l.filter_chains {
@@ -291,105 +347,8 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
         }),
     )];
     for p in inbound_ports(scope) {
-        let cluster = names::inbound_cluster(p.port);
-        let chain_name = format!("0.0.0.0_{}", p.port);
-        let dport = |alpn: bool| FilterChainMatch {
-            destination_port: Some(UInt32Value { value: p.port }),
-            application_protocols: if alpn {
-                HTTP_ALPN.iter().map(|s| s.to_string()).collect()
-            } else {
-                Vec::new()
-            },
-            ..Default::default()
-        };
-        let operation = p.services.first().map_or_else(
-            || format!("{cluster}/*"),
-            |s| format!("{}:{}/*", s.host, p.port),
-        );
-        let mode = if mesh_capable(scope) {
-            scope
-                .mesh
-                .workload_mtls(&scope.proxy.namespace, &scope.proxy.labels, p.port)
-        } else {
-            MtlsMode::Disable
-        };
-        let is_http = p.protocol.is_http();
-        let sniffed = p.protocol == Protocol::Unknown;
-        // Istio mTLS chains (PERMISSIVE and STRICT): the peer's ALPN says
-        // whether it carries HTTP (`istio-http/1.1`, `istio-h2`) or TCP.
-        if mode != MtlsMode::Disable {
-            let tls_match = |alpn: &[&str]| FilterChainMatch {
-                destination_port: Some(UInt32Value { value: p.port }),
-                transport_protocol: "tls".into(),
-                application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            };
-            if is_http || sniffed {
-                let mut alpn = Vec::new();
-                if is_http {
-                    alpn.extend(ISTIO_TCP_ALPN);
-                }
-                alpn.extend(ISTIO_HTTP_ALPN);
-                chains.push(FilterChain {
-                    name: chain_name.clone(),
-                    filter_chain_match: Some(tls_match(&alpn)),
-                    filters: vec![typed_filter(
-                        HCM,
-                        any(&inbound_hcm(p.port, &cluster, &operation)),
-                    )],
-                    transport_socket: Some(inbound_tls(scope, true)),
-                    ..Default::default()
-                });
-            }
-            if !is_http {
-                let mut chain = tcp_chain(
-                    &chain_name,
-                    &cluster,
-                    to_cluster(&cluster),
-                    Some(tls_match(&ISTIO_TCP_ALPN)),
-                );
-                chain.transport_socket = Some(inbound_tls(scope, false));
-                chains.push(chain);
-            }
-        }
-        if mode == MtlsMode::Strict {
-            continue;
-        }
-        // With TLS chains beside them, plaintext chains say so.
-        let raw = |mut m: FilterChainMatch| {
-            if mode != MtlsMode::Disable {
-                m.transport_protocol = "raw_buffer".into();
-            }
-            Some(m)
-        };
-        let http = |alpn: bool| FilterChain {
-            name: chain_name.clone(),
-            filter_chain_match: raw(dport(alpn)),
-            filters: vec![typed_filter(
-                HCM,
-                any(&inbound_hcm(p.port, &cluster, &operation)),
-            )],
-            ..Default::default()
-        };
-        match p.protocol {
-            proto if proto.is_http() => chains.push(http(false)),
-            // Undeclared protocol: HTTP when the inspector sees HTTP, raw
-            // TCP otherwise, as istiod sniffs.
-            Protocol::Unknown => {
-                chains.push(http(true));
-                chains.push(tcp_chain(
-                    &chain_name,
-                    &cluster,
-                    to_cluster(&cluster),
-                    raw(dport(false)),
-                ));
-            }
-            _ => chains.push(tcp_chain(
-                &chain_name,
-                &cluster,
-                to_cluster(&cluster),
-                raw(dport(false)),
-            )),
+        if inbound_bind(scope, &p).is_none() {
+            chains.extend(port_chains(scope, &p));
         }
     }
     // Ports the workload does not declare pass through to it, under the
@@ -404,10 +363,9 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
     let passthrough_hcm = || {
         typed_filter(
             HCM,
-            any(&inbound_hcm(
-                0,
-                INBOUND_PASSTHROUGH,
-                &format!("{INBOUND_PASSTHROUGH}/*"),
+            any(&with_path_normalization(
+                scope,
+                inbound_hcm(0, INBOUND_PASSTHROUGH, &format!("{INBOUND_PASSTHROUGH}/*")),
             )),
         )
     };
@@ -459,18 +417,7 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
             }),
         ));
     }
-    // JWT authentication first: the authorization filters read what it
-    // verified.
-    let mut http_authz: Vec<_> = scope
-        .mesh
-        .jwt_http_filter(scope.proxy)
-        .into_iter()
-        .collect();
-    http_authz.extend(scope.mesh.authz_http_filters(scope.proxy));
-    let network_authz = scope.mesh.authz_network_filters(scope.proxy);
-    for chain in &mut chains {
-        super::authz::apply(chain, &http_authz, &network_authz);
-    }
+    apply_authz(scope, &mut chains);
     Listener {
         name: VIRTUAL_INBOUND.into(),
         address: Some(socket_address("0.0.0.0", INBOUND_PORT)),
@@ -493,6 +440,173 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
         continue_on_listener_filters_timeout: true,
         filter_chains: chains,
         ..Default::default()
+    }
+}
+
+/// The filter chains of one inbound port: Istio mTLS and plaintext as the
+/// PeerAuthentication of the port says, HTTP or TCP as its protocol.
+fn port_chains(scope: &Scope<'_>, p: &InboundPort<'_>) -> Vec<FilterChain> {
+    let mut chains = Vec::new();
+    let cluster = names::inbound_cluster(p.port);
+    let chain_name = format!("0.0.0.0_{}", p.port);
+    let dport = |alpn: bool| FilterChainMatch {
+        destination_port: Some(UInt32Value { value: p.port }),
+        application_protocols: if alpn {
+            HTTP_ALPN.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        },
+        ..Default::default()
+    };
+    let operation = p.services.first().map_or_else(
+        || format!("{cluster}/*"),
+        |s| format!("{}:{}/*", s.host, p.port),
+    );
+    let mode = if mesh_capable(scope) {
+        scope
+            .mesh
+            .workload_mtls(&scope.proxy.namespace, &scope.proxy.labels, p.port)
+    } else {
+        MtlsMode::Disable
+    };
+    let is_http = p.protocol.is_http();
+    let sniffed = p.protocol == Protocol::Unknown;
+    // Istio mTLS chains (PERMISSIVE and STRICT): the peer's ALPN says
+    // whether it carries HTTP (`istio-http/1.1`, `istio-h2`) or TCP.
+    if mode != MtlsMode::Disable {
+        let tls_match = |alpn: &[&str]| FilterChainMatch {
+            destination_port: Some(UInt32Value { value: p.port }),
+            transport_protocol: "tls".into(),
+            application_protocols: alpn.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        if is_http || sniffed {
+            let mut alpn = Vec::new();
+            if is_http {
+                alpn.extend(ISTIO_TCP_ALPN);
+            }
+            alpn.extend(ISTIO_HTTP_ALPN);
+            chains.push(FilterChain {
+                name: chain_name.clone(),
+                filter_chain_match: Some(tls_match(&alpn)),
+                filters: vec![typed_filter(
+                    HCM,
+                    any(&with_path_normalization(
+                        scope,
+                        inbound_hcm(p.port, &cluster, &operation),
+                    )),
+                )],
+                transport_socket: Some(inbound_tls(scope, true)),
+                ..Default::default()
+            });
+        }
+        if !is_http {
+            let mut chain = tcp_chain(
+                &chain_name,
+                &cluster,
+                to_cluster(&cluster),
+                Some(tls_match(&ISTIO_TCP_ALPN)),
+            );
+            chain.transport_socket = Some(inbound_tls(scope, false));
+            chains.push(chain);
+        }
+    }
+    if mode == MtlsMode::Strict {
+        return chains;
+    }
+    // With TLS chains beside them, plaintext chains say so.
+    let raw = |mut m: FilterChainMatch| {
+        if mode != MtlsMode::Disable {
+            m.transport_protocol = "raw_buffer".into();
+        }
+        Some(m)
+    };
+    let http = |alpn: bool| FilterChain {
+        name: chain_name.clone(),
+        filter_chain_match: raw(dport(alpn)),
+        filters: vec![typed_filter(
+            HCM,
+            any(&with_path_normalization(
+                scope,
+                inbound_hcm(p.port, &cluster, &operation),
+            )),
+        )],
+        ..Default::default()
+    };
+    match p.protocol {
+        proto if proto.is_http() => chains.push(http(false)),
+        // Undeclared protocol: HTTP when the inspector sees HTTP, raw
+        // TCP otherwise, as istiod sniffs.
+        Protocol::Unknown => {
+            chains.push(http(true));
+            chains.push(tcp_chain(
+                &chain_name,
+                &cluster,
+                to_cluster(&cluster),
+                raw(dport(false)),
+            ));
+        }
+        _ => chains.push(tcp_chain(
+            &chain_name,
+            &cluster,
+            to_cluster(&cluster),
+            raw(dport(false)),
+        )),
+    }
+    chains
+}
+
+/// An inbound port's own listener (Sidecar ingress without capture): the
+/// port's chains with the proxy's policies, and the inspectors they need.
+fn bound_inbound(scope: &Scope<'_>, p: &InboundPort<'_>, bind: &str) -> Listener {
+    let mut chains = port_chains(scope, p);
+    apply_authz(scope, &mut chains);
+    let tls = chains.iter().any(|c| {
+        c.filter_chain_match
+            .as_ref()
+            .is_some_and(|m| m.transport_protocol == "tls")
+    });
+    let sniff = chains.iter().any(|c| {
+        c.filter_chain_match
+            .as_ref()
+            .is_some_and(|m| m.transport_protocol != "tls" && !m.application_protocols.is_empty())
+    });
+    let mut listener_filters = Vec::new();
+    if tls {
+        listener_filters.extend(tls_inspector());
+    }
+    if sniff {
+        listener_filters.push(listener_filter(
+            "envoy.filters.listener.http_inspector",
+            any(&HttpInspector::default()),
+        ));
+    }
+    let inspect = !listener_filters.is_empty();
+    Listener {
+        name: format!("{bind}_{}", p.port),
+        address: Some(socket_address(bind, p.port)),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        listener_filters,
+        listener_filters_timeout: inspect.then(|| seconds(0)),
+        continue_on_listener_filters_timeout: inspect,
+        filter_chains: chains,
+        ..Default::default()
+    }
+}
+
+/// The proxy's JWT and authorization filters on inbound chains.
+fn apply_authz(scope: &Scope<'_>, chains: &mut [FilterChain]) {
+    // JWT authentication first: the authorization filters read what it
+    // verified.
+    let mut http_authz: Vec<_> = scope
+        .mesh
+        .jwt_http_filter(scope.proxy)
+        .into_iter()
+        .collect();
+    http_authz.extend(scope.mesh.authz_http_filters(scope.proxy));
+    let network_authz = scope.mesh.authz_network_filters(scope.proxy);
+    for chain in chains {
+        super::authz::apply(chain, &http_authz, &network_authz);
     }
 }
 
@@ -619,9 +733,31 @@ pub(super) fn common_hcm() -> HttpConnectionManager {
             ..Default::default()
         }],
         stream_idle_timeout: Some(seconds(0)),
-        normalize_path: Some(BoolValue { value: true }),
-        path_with_escaped_slashes_action: PathWithEscapedSlashesAction::KeepUnchanged as i32,
         ..Default::default()
+    }
+}
+
+/// `meshConfig.pathNormalization` on a connection manager, as istiod sets
+/// it on every one it builds (sidecar inbound and outbound, gateways):
+/// escaped slashes kept but with DECODE_AND_MERGE_SLASHES, RFC 3986
+/// normalization but with NONE, slashes merged from MERGE_SLASHES on.
+pub(super) fn with_path_normalization(
+    scope: &Scope<'_>,
+    hcm: HttpConnectionManager,
+) -> HttpConnectionManager {
+    use crate::istio::types::mesh::PathNormalization as N;
+    let level = scope.mesh.options.path_normalization;
+    let escaped = match level {
+        N::DecodeAndMergeSlashes => PathWithEscapedSlashesAction::UnescapeAndForward,
+        _ => PathWithEscapedSlashesAction::KeepUnchanged,
+    };
+    HttpConnectionManager {
+        normalize_path: Some(BoolValue {
+            value: level != N::None,
+        }),
+        merge_slashes: matches!(level, N::MergeSlashes | N::DecodeAndMergeSlashes),
+        path_with_escaped_slashes_action: escaped as i32,
+        ..hcm
     }
 }
 
@@ -701,14 +837,17 @@ type PortServices<'a> = (Vec<&'a Service>, Vec<&'a Service>, Vec<&'a Service>);
 
 /// Per-port outbound listeners and the route configurations they name.
 fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
+    let none = scope.proxy.interception_none;
     let mut by_port: BTreeMap<u32, PortServices<'_>> = BTreeMap::new();
-    for svc in &scope.services {
+    for svc in scope.services.iter().filter(|s| scope.catch_all_imports(s)) {
         for p in &svc.ports {
             let entry = by_port.entry(p.port).or_default();
             if is_tcp(p.protocol) {
                 match &svc.vip {
-                    Some(vip) => out.listeners.push(vip_listener(scope, svc, vip, p.port)),
-                    None => entry.1.push(svc),
+                    // Without capture nothing arrives at a VIP: the port
+                    // on localhost serves one service.
+                    Some(vip) if !none => out.listeners.push(vip_listener(scope, svc, vip, p.port)),
+                    _ => entry.1.push(svc),
                 }
             } else {
                 entry.0.push(svc);
@@ -718,9 +857,18 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
             }
         }
     }
-    for (port, (http, tcp, sniffed)) in by_port {
+    for (port, (http, mut tcp, sniffed)) in by_port {
         if http.is_empty() && tcp.is_empty() {
             continue;
+        }
+        if none {
+            // One localhost port, one protocol: HTTP routes by Host; a TCP
+            // port goes to the first service declaring it.
+            if !http.is_empty() {
+                tcp.clear();
+            } else {
+                tcp.truncate(1);
+            }
         }
         let mut chains = Vec::new();
         let mut sni = false;
@@ -764,7 +912,10 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
                     application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
                     ..Default::default()
                 }),
-                filters: vec![typed_filter(HCM, any(&outbound_hcm(port)))],
+                filters: vec![typed_filter(
+                    HCM,
+                    any(&with_path_normalization(scope, outbound_hcm(port))),
+                )],
                 ..Default::default()
             });
             listener_filters = vec![
@@ -801,16 +952,99 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
             continue;
         }
         let inspect = !listener_filters.is_empty();
+        let bind = if none { "127.0.0.1" } else { "0.0.0.0" };
         out.listeners.push(Listener {
-            name: format!("0.0.0.0_{port}"),
-            address: Some(socket_address("0.0.0.0", port)),
+            name: format!("{bind}_{port}"),
+            address: Some(socket_address(bind, port)),
             filter_chains: chains,
             default_filter_chain: has_http.then_some(default_filter_chain),
             listener_filters,
             listener_filters_timeout: inspect.then(|| seconds(0)),
             continue_on_listener_filters_timeout: inspect,
             traffic_direction: TrafficDirection::Outbound as i32,
-            bind_to_port: Some(BoolValue { value: false }),
+            // Without capture the application connects to it directly.
+            bind_to_port: (!none).then_some(BoolValue { value: false }),
+            ..Default::default()
+        });
+    }
+}
+
+/// The Sidecar's egress listeners with a `port`: one listener for the
+/// services its `hosts` import on that port, at its `bind` (localhost when
+/// it binds for real: `captureMode: NONE` or a proxy without capture),
+/// HTTP through the port's route table, TCP to the first such service.
+fn egress_port_listeners(scope: &Scope<'_>, out: &mut ProxyConfig) {
+    let Some((_, sc)) = scope.sidecar else {
+        return;
+    };
+    for e in &sc.egress {
+        let Some(port) = &e.port else { continue };
+        let number = port.number;
+        let bind_to_port =
+            scope.proxy.interception_none || e.capture_mode == Some(CaptureMode::None);
+        let bind = match e.bind.as_deref().filter(|b| !b.is_empty()) {
+            Some(b) => b.to_string(),
+            None if bind_to_port => "127.0.0.1".into(),
+            None => "0.0.0.0".into(),
+        };
+        if bind.starts_with("unix://") {
+            tracing::warn!(sidecar.egress.bind = %bind, "Unix-socket egress listeners are not served; skipped");
+            continue;
+        }
+        let imported: Vec<&Service> = scope
+            .services
+            .iter()
+            .filter(|s| scope.egress_imports(e, &s.namespace, &s.host))
+            .copied()
+            .collect();
+        if imported.is_empty() {
+            continue;
+        }
+        // Only the services that have the listener's port are routed, as
+        // istiod builds the port's route table.
+        let services: Vec<&Service> = imported
+            .into_iter()
+            .filter(|s| s.port(number).is_some())
+            .collect();
+        let first = services.first();
+        let protocol = match port.protocol.as_deref().map(Protocol::parse) {
+            Some(p) if p != Protocol::Unknown => p,
+            _ => first
+                .and_then(|s| s.port(number))
+                .map_or(Protocol::Unknown, |p| p.protocol),
+        };
+        let chain = if is_tcp(protocol) {
+            let Some(first) = first else { continue };
+            let cluster = names::outbound_cluster(number, "", &first.host);
+            tcp_chain(&cluster, &cluster, tcp_target(scope, first, number), None)
+        } else {
+            let route = number.to_string();
+            if !out.routes.iter().any(|r| r.name == route) {
+                let http: Vec<&Service> = services
+                    .iter()
+                    .filter(|s| s.port(number).is_some_and(|p| !is_tcp(p.protocol)))
+                    .copied()
+                    .collect();
+                out.routes.push(route::route_config(scope, number, &http));
+            }
+            FilterChain {
+                filters: vec![typed_filter(
+                    HCM,
+                    any(&with_path_normalization(scope, outbound_hcm(number))),
+                )],
+                ..Default::default()
+            }
+        };
+        let name = format!("{bind}_{number}");
+        // The egress listener's port wins over the catch-all's listener
+        // of the same address.
+        out.listeners.retain(|l| l.name != name);
+        out.listeners.push(Listener {
+            name,
+            address: Some(socket_address(&bind, number)),
+            filter_chains: vec![chain],
+            traffic_direction: TrafficDirection::Outbound as i32,
+            bind_to_port: (!bind_to_port).then_some(BoolValue { value: false }),
             ..Default::default()
         });
     }

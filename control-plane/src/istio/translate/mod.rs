@@ -13,6 +13,7 @@
 //! chains and AuthorizationPolicy adds RBAC filters to them (`authz`,
 //! `ext_authz`).
 
+pub mod access_log;
 pub mod authz;
 mod cluster;
 mod delegate;
@@ -21,8 +22,10 @@ mod gateway;
 pub mod jwt;
 mod listener;
 pub mod locality;
+pub mod name_table;
 pub mod registry;
 mod route;
+pub mod telemetry;
 mod util;
 
 use std::collections::BTreeMap;
@@ -36,7 +39,7 @@ use envoy_types::pb::google::protobuf::{Struct, value::Kind};
 
 use super::names::{self, DEFAULT_DOMAIN, ROOT_NAMESPACE};
 use super::source::{Resource, Snapshot, Spec};
-use super::types::mesh::ExtensionProvider;
+use super::types::mesh::{DefaultProviders, ExtensionProvider, PathNormalization, ProxyTracing};
 use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
@@ -50,6 +53,8 @@ pub struct ProxyConfig {
     pub routes: Vec<RouteConfiguration>,
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
+    /// The DNS name table (NDS) of a sidecar; `None` for gateways.
+    pub name_table: Option<ferry_envoy_json::istio_nds::NameTable>,
 }
 
 /// What a proxy is, from the first field of its node id.
@@ -80,6 +85,15 @@ pub struct Proxy {
     /// or istio-proxy, which says `ISTIO_VERSION`); upstream Envoy would
     /// reject the listener.
     pub istio_network_stats: bool,
+    /// The node's `cluster` (`app.namespace`): the service name of the
+    /// spans it reports.
+    pub cluster: String,
+    /// `MESH_ID` and `CLUSTER_ID` of the node metadata (span tags).
+    pub mesh_id: String,
+    pub cluster_id: String,
+    /// `INTERCEPTION_MODE: NONE`: nothing redirects the workload's traffic
+    /// (a VM, a pod without capture); listeners bind their ports for real.
+    pub interception_none: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -151,6 +165,10 @@ impl Proxy {
                 })
                 .unwrap_or_default(),
             istio_network_stats: node.user_agent_name == "ferry" || text("ISTIO_VERSION").is_some(),
+            cluster: node.cluster.clone(),
+            mesh_id: text("MESH_ID").unwrap_or_default(),
+            cluster_id: text("CLUSTER_ID").unwrap_or_default(),
+            interception_none: text("INTERCEPTION_MODE").as_deref() == Some("NONE"),
         })
     }
 }
@@ -166,7 +184,7 @@ fn string_map(s: &Struct) -> BTreeMap<String, String> {
 }
 
 /// Mesh-wide settings (istiod's MeshConfig, the parts translation uses).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MeshOptions {
     /// DNS suffix of Kubernetes services.
     pub domain: String,
@@ -183,6 +201,20 @@ pub struct MeshOptions {
     /// `meshConfig.extensionProviders`: the external authorizers that
     /// CUSTOM AuthorizationPolicies name.
     pub extension_providers: Vec<ExtensionProvider>,
+    /// `meshConfig.accessLogFile` and its format.
+    pub access_log: access_log::MeshAccessLog,
+    /// `meshConfig.defaultProviders`: the tracer and access loggers where
+    /// no Telemetry resource says otherwise.
+    pub default_providers: DefaultProviders,
+    /// `meshConfig.enableTracing` (istiod's default: on): without a
+    /// Telemetry or default tracing provider, connection managers trace
+    /// with the proxy's bootstrap tracer.
+    pub enable_tracing: bool,
+    /// `defaultConfig.tracing`: sampling (percent), custom tags and path
+    /// tag length.
+    pub proxy_tracing: ProxyTracing,
+    /// `meshConfig.pathNormalization.normalization`.
+    pub path_normalization: PathNormalization,
 }
 
 impl Default for MeshOptions {
@@ -193,12 +225,27 @@ impl Default for MeshOptions {
             outbound_traffic_policy: OutboundMode::AllowAny,
             trust_domain: DEFAULT_DOMAIN.to_string(),
             trust_domain_aliases: Vec::new(),
-            extension_providers: Vec::new(),
+            extension_providers: telemetry::builtin_providers(),
+            access_log: Default::default(),
+            default_providers: DefaultProviders::default(),
+            enable_tracing: true,
+            proxy_tracing: ProxyTracing::default(),
+            path_normalization: PathNormalization::Default,
         }
     }
 }
 
 impl MeshOptions {
+    /// What of the mesh configuration's telemetry settings translation
+    /// cannot honour, one message each (empty when all is well).
+    pub fn telemetry_problems(&self) -> Vec<String> {
+        telemetry::check_mesh(
+            &self.extension_providers,
+            &self.default_providers,
+            &self.proxy_tracing,
+        )
+    }
+
     /// The defaults with what an istiod `mesh` configuration sets.
     pub fn from_mesh_config(cfg: &super::types::mesh::MeshConfig) -> Self {
         let mut out = Self::default();
@@ -214,6 +261,27 @@ impl MeshOptions {
             out.outbound_traffic_policy = mode;
         }
         out.extension_providers.clone_from(&cfg.extension_providers);
+        // istiod's built-in providers (`envoy`, `prometheus`) unless the
+        // configuration defines its own of the same name.
+        for b in telemetry::builtin_providers() {
+            if !out.extension_providers.iter().any(|p| p.name == b.name) {
+                out.extension_providers.push(b);
+            }
+        }
+        out.default_providers.clone_from(&cfg.default_providers);
+        out.enable_tracing = cfg.enable_tracing.unwrap_or(true);
+        if let Some(t) = &cfg.default_config.tracing {
+            out.proxy_tracing.clone_from(t);
+        }
+        out.access_log = access_log::MeshAccessLog {
+            file: cfg.access_log_file.clone(),
+            json: cfg.access_log_encoding.eq_ignore_ascii_case("JSON"),
+            format: cfg.access_log_format.clone(),
+            disable_listener_log: cfg.disable_envoy_listener_log,
+        };
+        if let Some(p) = &cfg.path_normalization {
+            out.path_normalization = p.normalization;
+        }
         out
     }
 }
@@ -230,6 +298,7 @@ pub struct Mesh {
     peer_authentications: Vec<Resource>,
     authorization_policies: Vec<Resource>,
     request_authentications: Vec<Resource>,
+    telemetries: Vec<Resource>,
 }
 
 impl Mesh {
@@ -251,6 +320,7 @@ impl Mesh {
             peer_authentications: pick(|s| matches!(s, Spec::PeerAuthentication(_))),
             authorization_policies: pick(|s| matches!(s, Spec::AuthorizationPolicy(_))),
             request_authentications: pick(|s| matches!(s, Spec::RequestAuthentication(_))),
+            telemetries: pick(|s| matches!(s, Spec::Telemetry(_))),
             options,
         }
     }
@@ -337,9 +407,13 @@ impl Mesh {
         let mut out = ProxyConfig::default();
         cluster::build(&scope, &mut out);
         match proxy.node_type {
-            NodeType::Sidecar => listener::build(&scope, &mut out),
+            NodeType::Sidecar => {
+                listener::build(&scope, &mut out);
+                out.name_table = Some(name_table::build(&scope));
+            }
             NodeType::Router => gateway::build(&scope, &mut out),
         }
+        telemetry::apply(&scope, &mut out.listeners);
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
@@ -421,7 +495,33 @@ impl<'a> Scope<'a> {
         if sc.egress.is_empty() {
             return true;
         }
-        sc.egress.iter().flat_map(|e| &e.hosts).any(|entry| {
+        sc.egress
+            .iter()
+            .any(|e| self.egress_imports(e, namespace, host))
+    }
+
+    /// Whether the services of `svc` get the per-port outbound listeners of
+    /// the catch-all egress listener (one without `port`); those imported
+    /// only by egress listeners with a port get that port's listener alone.
+    pub(crate) fn catch_all_imports(&self, svc: &Service) -> bool {
+        let Some((_, sc)) = self.sidecar else {
+            return true;
+        };
+        sc.egress.is_empty()
+            || sc
+                .egress
+                .iter()
+                .any(|e| e.port.is_none() && self.egress_imports(e, &svc.namespace, &svc.host))
+    }
+
+    /// Whether one egress listener's `hosts` import `namespace/host`.
+    pub(crate) fn egress_imports(
+        &self,
+        e: &super::types::networking::IstioEgressListener,
+        namespace: &str,
+        host: &str,
+    ) -> bool {
+        e.hosts.iter().any(|entry| {
             let Some((ns, pattern)) = entry.split_once('/') else {
                 return false;
             };

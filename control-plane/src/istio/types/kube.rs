@@ -80,6 +80,11 @@ impl PodSpec {
 #[serde(rename_all = "camelCase", default)]
 pub struct Container {
     pub name: String,
+    /// What the container runs: the local platform of `ferry-pilot demo`
+    /// picks the app from the image and its arguments.
+    pub image: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
     pub ports: Vec<ContainerPort>,
 }
 

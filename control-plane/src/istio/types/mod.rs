@@ -1,7 +1,7 @@
 //! Typed forms of the configuration resources the control plane reads: the
 //! Kubernetes objects it needs for service discovery ([`kube`]), Istio's
-//! traffic resources ([`networking`]) and its security resources
-//! ([`security`]), plus the small value types they share (object metadata,
+//! traffic resources ([`networking`]), its security resources
+//! ([`security`]) and its Telemetry resource ([`telemetry`]), plus the small value types they share (object metadata,
 //! durations, percentages). Istio specs reject unknown fields so a typo in a
 //! field name is reported instead of silently ignored; Kubernetes objects
 //! accept anything, since only a handful of their fields matter here.
@@ -10,6 +10,7 @@ pub mod kube;
 pub mod mesh;
 pub mod networking;
 pub mod security;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 use std::fmt;

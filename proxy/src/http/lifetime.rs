@@ -1,0 +1,215 @@
+//! How long a downstream HTTP connection lives, as Envoy's connection
+//! manager decides it: `common_http_protocol_options.idle_timeout` (no
+//! stream for that long closes it), `max_connection_duration` (with its
+//! jitter) and `max_requests_per_connection` (each starts a drain), and the
+//! streams the connection carries, counted from a request's arrival to its
+//! response's last byte (or the client's reset, counted as Envoy's
+//! `downstream_rq_rx_reset`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::Notify;
+
+use crate::stats::Counter;
+
+/// The streams of one connection and the drains they ask for.
+#[derive(Debug, Default)]
+pub struct Lifetime {
+    active: AtomicUsize,
+    requests: AtomicU32,
+    drain_asked: AtomicBool,
+    changed: Notify,
+}
+
+impl Lifetime {
+    /// A request arrived; its stream lasts as long as the returned guard.
+    /// Also returns how many requests the connection has carried, this one
+    /// included.
+    pub fn stream_started(self: &Arc<Self>, rx_reset: Counter) -> (StreamGuard, u32) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let n = self
+            .requests
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        self.changed.notify_waiters();
+        let guard = StreamGuard {
+            life: self.clone(),
+            rx_reset,
+            completed: false,
+        };
+        (guard, n)
+    }
+
+    /// `max_requests_per_connection` was reached: the connection drains.
+    pub fn ask_drain(&self) {
+        self.drain_asked.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once a drain was asked for.
+    pub async fn drain_asked(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.drain_asked.load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Resolves once the connection has carried no stream for `idle`
+    /// (never for `None`).
+    pub async fn idle_for(&self, idle: Option<Duration>) {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let changed = self.changed.notified();
+            if self.active.load(Ordering::Acquire) == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(idle) => {
+                        if self.active.load(Ordering::Acquire) == 0 {
+                            return;
+                        }
+                    }
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// One stream in flight. Dropped before [`StreamGuard::complete`] (or
+/// before its response body ended), the client went away mid-stream.
+#[derive(Debug)]
+pub struct StreamGuard {
+    life: Arc<Lifetime>,
+    rx_reset: Counter,
+    completed: bool,
+}
+
+impl StreamGuard {
+    fn complete(&mut self) {
+        self.completed = true;
+    }
+
+    /// The stream ends at the server's word (a refusal), not the client's.
+    pub fn end(mut self) {
+        self.complete();
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.completed {
+            self.rx_reset.inc();
+        }
+        self.life.active.fetch_sub(1, Ordering::AcqRel);
+        self.life.changed.notify_waiters();
+    }
+}
+
+/// A response body that ends its stream when it ends (or is dropped).
+pub struct Tracked<B> {
+    inner: B,
+    stream: Option<StreamGuard>,
+}
+
+impl<B: Body> Tracked<B> {
+    pub fn new(inner: B, mut stream: StreamGuard) -> Self {
+        // hyper never polls a body that is already done (a local reply
+        // without a body, a HEAD response).
+        if inner.is_end_stream() {
+            stream.complete();
+        }
+        Self {
+            inner,
+            stream: Some(stream),
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        // The stream's guard counts the reset unless the body was done.
+        drop(self.stream.take());
+    }
+}
+
+impl<B> Body for Tracked<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let done = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if done && let Some(mut s) = this.stream.take() {
+            s.complete();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_last_stream() {
+        let life = Arc::new(Lifetime::default());
+        let start = tokio::time::Instant::now();
+        let (guard, n) = life.stream_started(Counter::default());
+        assert_eq!(n, 1);
+        let l = life.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(guard);
+            drop(l);
+        });
+        life.idle_for(Some(Duration::from_secs(10))).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resets_are_streams_dropped_unfinished() {
+        let life = Arc::new(Lifetime::default());
+        let resets = Counter::default();
+        let (guard, _) = life.stream_started(resets.clone());
+        drop(guard);
+        assert_eq!(resets.get(), 1);
+        let (guard, n) = life.stream_started(resets.clone());
+        assert_eq!(n, 2);
+        let body = Tracked::new(http_body_util::Full::new(Bytes::from_static(b"x")), guard);
+        let collected = http_body_util::BodyExt::collect(body).await;
+        assert!(collected.is_ok());
+        assert_eq!(resets.get(), 1, "a body read to its end is no reset");
+        assert_eq!(life.active.load(Ordering::Acquire), 0);
+    }
+}

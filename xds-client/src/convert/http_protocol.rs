@@ -1,0 +1,498 @@
+//! The downstream limits and protocol options of an
+//! `HttpConnectionManager` → `ferry_model::http_protocol::DownstreamProtocol`:
+//! `max_request_headers_kb`, `request_headers_timeout`, `drain_timeout`,
+//! `common_http_protocol_options`, `http_protocol_options` and
+//! `http2_protocol_options`.
+//!
+//! Every field of those messages is either applied, refused by name (where
+//! Ferry would let through traffic Envoy would not, or where Envoy itself
+//! refuses it), or, for pure tuning knobs, accepted with a warning. Bounds
+//! are Envoy's own (proto validation), so a configuration Envoy rejects is
+//! rejected here too, with the field's name.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3 as core_pb;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm_pb;
+use envoy_types::pb::google::protobuf::{UInt32Value, UInt64Value};
+use ferry_model::http_protocol as mh;
+
+use super::{ConvertError, Ctx, duration, timeout_or};
+
+/// The downstream protocol options of `h`, at `field`.
+pub(super) fn downstream(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    h: &hcm_pb::HttpConnectionManager,
+) -> Result<mh::DownstreamProtocol, ConvertError> {
+    let mut p = mh::DownstreamProtocol::default();
+    if let Some(kb) = h.max_request_headers_kb.as_ref().map(|v| v.value) {
+        if kb == 0 || kb > mh::MAX_REQUEST_HEADERS_KB {
+            return Err(ctx.err(
+                format!("{field}.max_request_headers_kb"),
+                format!("must be in (0, {}], got {kb}", mh::MAX_REQUEST_HEADERS_KB),
+            ));
+        }
+        p.max_request_headers_bytes = kb * 1024;
+    }
+    p.request_headers_timeout = timeout_or(&h.request_headers_timeout, None);
+    if let Some(d) = duration(&h.drain_timeout) {
+        p.drain_timeout = d;
+    }
+    if h.drain_timeout_jitter.is_some() {
+        ctx.warn(
+            &format!("{field}.drain_timeout_jitter"),
+            "not applied: every connection drains for exactly drain_timeout".into(),
+        );
+    }
+    if h.delayed_close_timeout.is_some() {
+        ctx.warn(
+            &format!("{field}.delayed_close_timeout"),
+            "not applied: a connection closed after a local reply is closed once the reply is written".into(),
+        );
+    }
+    if h.stream_flush_timeout.is_some() {
+        ctx.warn(
+            &format!("{field}.stream_flush_timeout"),
+            "not applied: a stream blocked on flow control is bounded by stream_idle_timeout"
+                .into(),
+        );
+    }
+    // `http1_safe_max_connection_duration` asks HTTP/1 connections to close
+    // only between requests when they reach their age; Ferry's HTTP/1
+    // connections never close otherwise, so both values are honoured.
+    if let Some(c) = &h.common_http_protocol_options {
+        common(
+            ctx,
+            &format!("{field}.common_http_protocol_options"),
+            c,
+            &mut p,
+        )?;
+    }
+    if let Some(o) = &h.http_protocol_options {
+        p.http1 = http1(ctx, &format!("{field}.http_protocol_options"), o)?;
+    }
+    if let Some(o) = &h.http2_protocol_options {
+        p.http2 = http2(
+            ctx,
+            &format!("{field}.http2_protocol_options"),
+            o,
+            p.max_request_headers_bytes,
+        )?;
+    }
+    Ok(p)
+}
+
+fn common(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    c: &core_pb::HttpProtocolOptions,
+    p: &mut mh::DownstreamProtocol,
+) -> Result<(), ConvertError> {
+    use core_pb::http_protocol_options::HeadersWithUnderscoresAction as U;
+    // `idle_timeout` is the connection manager's own field (`hcm.idle_timeout`).
+    p.max_connection_duration = timeout_or(&c.max_connection_duration, None);
+    if let Some(j) = &c.max_connection_duration_jitter {
+        if !(0.0..=100.0).contains(&j.value) {
+            return Err(ctx.err(
+                format!("{field}.max_connection_duration_jitter"),
+                format!("must be a percentage in [0, 100], got {}", j.value),
+            ));
+        }
+        p.max_connection_duration_jitter = (j.value * 100.0).round() as u32;
+    }
+    if let Some(n) = c.max_headers_count.as_ref().map(|v| v.value) {
+        if n == 0 {
+            return Err(ctx.err(format!("{field}.max_headers_count"), "must be at least 1"));
+        }
+        p.max_headers_count = n;
+    }
+    if c.max_response_headers_kb.is_some() {
+        // As Envoy: the field belongs to clusters.
+        return Err(ctx.err(
+            format!("{field}.max_response_headers_kb"),
+            "cannot be set on http_connection_manager (it limits upstream responses: set it on the cluster)",
+        ));
+    }
+    p.max_stream_duration = timeout_or(&c.max_stream_duration, None);
+    p.headers_with_underscores = match U::try_from(c.headers_with_underscores_action) {
+        Ok(U::Allow) => mh::UnderscoresAction::Allow,
+        Ok(U::RejectRequest) => mh::UnderscoresAction::RejectRequest,
+        Ok(U::DropHeader) => mh::UnderscoresAction::DropHeader,
+        Err(_) => {
+            return Err(ctx.err(
+                format!("{field}.headers_with_underscores_action"),
+                format!("unknown value {}", c.headers_with_underscores_action),
+            ));
+        }
+    };
+    p.max_requests_per_connection = c
+        .max_requests_per_connection
+        .as_ref()
+        .map(|v| v.value)
+        .filter(|n| *n > 0);
+    Ok(())
+}
+
+#[allow(deprecated)] // use_balsa_parser is read to warn about it
+fn http1(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    o: &core_pb::Http1ProtocolOptions,
+) -> Result<mh::Http1Options, ConvertError> {
+    if o.allow_absolute_url.as_ref().is_some_and(|v| !v.value) {
+        return Err(ctx.err(
+            format!("{field}.allow_absolute_url"),
+            "false is not supported: absolute-form request targets are always accepted, their authority becoming the Host",
+        ));
+    }
+    if !o.ignore_http_11_upgrade.is_empty() {
+        return Err(ctx.err(
+            format!("{field}.ignore_http_11_upgrade"),
+            "not supported: every Upgrade request is handled as an upgrade",
+        ));
+    }
+    if o.header_key_format.is_some() {
+        ctx.warn(
+            &format!("{field}.header_key_format"),
+            "not applied: header names keep the case they arrived in".into(),
+        );
+    }
+    if o.enable_trailers {
+        ctx.warn(
+            &format!("{field}.enable_trailers"),
+            "already the behaviour: HTTP/1 trailers are always passed on".into(),
+        );
+    }
+    if o.override_stream_error_on_invalid_http_message
+        .as_ref()
+        .is_some_and(|v| v.value)
+    {
+        ctx.warn(
+            &format!("{field}.override_stream_error_on_invalid_http_message"),
+            "not applied: a connection that sent an invalid HTTP/1 message is always closed".into(),
+        );
+    }
+    if o.send_fully_qualified_url {
+        ctx.warn(
+            &format!("{field}.send_fully_qualified_url"),
+            "has no effect on a connection manager (it concerns upstream requests)".into(),
+        );
+    }
+    if o.use_balsa_parser.is_some() {
+        ctx.warn(
+            &format!("{field}.use_balsa_parser"),
+            "deprecated and has no effect".into(),
+        );
+    }
+    Ok(mh::Http1Options {
+        accept_http_10: o.accept_http_10,
+        default_host_for_http_10: o.default_host_for_http_10.clone(),
+        allow_chunked_length: o.allow_chunked_length,
+        allow_custom_methods: o.allow_custom_methods,
+    })
+}
+
+#[allow(deprecated)] // stream_error_on_invalid_http_messaging is read to warn about it
+fn http2(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    o: &core_pb::Http2ProtocolOptions,
+    max_headers_bytes: u32,
+) -> Result<mh::Http2Options, ConvertError> {
+    let mut h = mh::Http2Options::default();
+    let ranged =
+        |v: &Option<UInt32Value>, name: &str, lo: u32, hi: u32| ranged(ctx, field, v, name, lo, hi);
+    const MAX: u32 = 2_147_483_647;
+    if let Some(v) = ranged(&o.hpack_table_size, "hpack_table_size", 0, u32::MAX)? {
+        h.hpack_table_size = v;
+    }
+    if let Some(v) = ranged(&o.max_concurrent_streams, "max_concurrent_streams", 1, MAX)? {
+        h.max_concurrent_streams = v;
+    }
+    if let Some(v) = ranged(
+        &o.initial_stream_window_size,
+        "initial_stream_window_size",
+        65535,
+        MAX,
+    )? {
+        h.initial_stream_window_size = v;
+    }
+    if let Some(v) = ranged(
+        &o.initial_connection_window_size,
+        "initial_connection_window_size",
+        65535,
+        MAX,
+    )? {
+        h.initial_connection_window_size = v;
+    }
+    let any = |v: &Option<UInt32Value>| v.as_ref().map(|v| v.value);
+    if let Some(v) = any(&o.max_consecutive_inbound_frames_with_empty_payload) {
+        h.max_consecutive_empty_frames = v;
+    }
+    if let Some(v) = any(&o.max_inbound_priority_frames_per_stream) {
+        h.max_priority_frames_per_stream = v;
+    }
+    if let Some(v) = ranged(
+        &o.max_inbound_window_update_frames_per_data_frame_sent,
+        "max_inbound_window_update_frames_per_data_frame_sent",
+        1,
+        u32::MAX,
+    )? {
+        h.max_window_updates_per_data_frame = v;
+    }
+    if let Some(v) = ranged(
+        &o.max_outbound_control_frames,
+        "max_outbound_control_frames",
+        1,
+        u32::MAX,
+    )? {
+        h.max_outbound_control_frames = v;
+    }
+    if let Some(v) = ranged(&o.max_outbound_frames, "max_outbound_frames", 1, u32::MAX)?
+        && v != 10_000
+    {
+        ctx.warn(
+            &format!("{field}.max_outbound_frames"),
+            "not applied: the HTTP/2 codec bounds its outbound queue itself (flow-control windows, one pending PING and SETTINGS acknowledgement at a time)".into(),
+        );
+    }
+    let wide = |v: &Option<UInt64Value>| {
+        v.as_ref()
+            .map(|v| u32::try_from(v.value).unwrap_or(u32::MAX))
+    };
+    if let Some(v) = wide(&o.stream_reset_burst) {
+        h.stream_reset_burst = v;
+    }
+    if let Some(v) = wide(&o.stream_reset_rate) {
+        h.stream_reset_rate = v;
+    }
+    if let Some(kb) = any(&o.max_header_field_size_kb) {
+        if u64::from(kb) * 1024 > u64::from(max_headers_bytes) {
+            return Err(ctx.err(
+                format!("{field}.max_header_field_size_kb"),
+                "must not exceed max_request_headers_kb",
+            ));
+        }
+        ctx.warn(
+            &format!("{field}.max_header_field_size_kb"),
+            "not applied: only the header list as a whole is bounded (max_request_headers_kb)"
+                .into(),
+        );
+    }
+    h.disallow_obs_text = o.disallow_obs_text.as_ref().is_some_and(|v| v.value);
+    if let Some(k) = &o.connection_keepalive {
+        let interval = duration(&k.interval).filter(|d| !d.is_zero());
+        let timeout = duration(&k.timeout).unwrap_or(Duration::from_secs(5));
+        if interval.is_none() {
+            ctx.warn(
+                &format!("{field}.connection_keepalive"),
+                "no interval: keepalive PINGs are not sent".into(),
+            );
+        }
+        if k.connection_idle_interval.is_some() || k.interval_jitter.is_some() {
+            ctx.warn(
+                &format!("{field}.connection_keepalive"),
+                "interval_jitter and connection_idle_interval are not applied".into(),
+            );
+        }
+        h.keepalive = interval.map(|interval| mh::Http2Keepalive { interval, timeout });
+    }
+    if o.allow_connect {
+        ctx.warn(
+            &format!("{field}.allow_connect"),
+            "not applied: extended CONNECT (upgrades over HTTP/2) is not offered to clients".into(),
+        );
+    }
+    if o.allow_metadata || o.max_metadata_size.is_some() {
+        ctx.warn(
+            &format!("{field}.allow_metadata"),
+            "not applied: METADATA frames are not supported (as in Envoy, not implemented)".into(),
+        );
+    }
+    if o.stream_error_on_invalid_http_messaging
+        || o.override_stream_error_on_invalid_http_message
+            .as_ref()
+            .is_some_and(|v| v.value)
+    {
+        ctx.warn(
+            &format!("{field}.override_stream_error_on_invalid_http_message"),
+            "not applied: the HTTP/2 codec decides between stream and connection errors as RFC 9113 says".into(),
+        );
+    }
+    if !o.custom_settings_parameters.is_empty() {
+        return Err(ctx.err(
+            format!("{field}.custom_settings_parameters"),
+            "not supported: custom SETTINGS parameters cannot be sent",
+        ));
+    }
+    if o.use_oghttp2_codec.is_some() || o.enable_huffman_encoding.is_some() {
+        ctx.warn(
+            field,
+            "use_oghttp2_codec and enable_huffman_encoding are codec tuning and not applied".into(),
+        );
+    }
+    Ok(h)
+}
+
+/// A number Envoy bounds to `[lo, hi]`.
+fn ranged(
+    ctx: &Ctx<'_>,
+    field: &str,
+    v: &Option<UInt32Value>,
+    name: &str,
+    lo: u32,
+    hi: u32,
+) -> Result<Option<u32>, ConvertError> {
+    match v {
+        None => Ok(None),
+        Some(v) if (lo..=hi).contains(&v.value) => Ok(Some(v.value)),
+        Some(v) => Err(ctx.err(
+            format!("{field}.{name}"),
+            format!("must be in [{lo}, {hi}], got {}", v.value),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::Warnings;
+    use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration};
+
+    fn convert(
+        h: &hcm_pb::HttpConnectionManager,
+    ) -> (Result<mh::DownstreamProtocol, ConvertError>, Warnings) {
+        let mut w = Warnings::default();
+        let mut ctx = Ctx {
+            resource: "listener \"l\"".into(),
+            warnings: &mut w,
+            inbound: false,
+            outbound: false,
+        };
+        let r = downstream(&mut ctx, "hcm", h);
+        (r, w)
+    }
+
+    fn secs(s: i64) -> Option<PbDuration> {
+        Some(PbDuration {
+            seconds: s,
+            nanos: 0,
+        })
+    }
+
+    #[test]
+    fn unset_fields_take_envoys_defaults() {
+        let (p, w) = convert(&hcm_pb::HttpConnectionManager::default());
+        assert_eq!(p.unwrap(), mh::DownstreamProtocol::default());
+        assert!(w.0.is_empty());
+    }
+
+    #[test]
+    fn set_fields_are_applied() {
+        let h = hcm_pb::HttpConnectionManager {
+            max_request_headers_kb: Some(UInt32Value { value: 2 }),
+            request_headers_timeout: secs(3),
+            drain_timeout: secs(1),
+            common_http_protocol_options: Some(core_pb::HttpProtocolOptions {
+                max_headers_count: Some(UInt32Value { value: 10 }),
+                headers_with_underscores_action: 2,
+                max_connection_duration: secs(60),
+                max_requests_per_connection: Some(UInt32Value { value: 5 }),
+                ..Default::default()
+            }),
+            http_protocol_options: Some(core_pb::Http1ProtocolOptions {
+                accept_http_10: true,
+                default_host_for_http_10: "h".into(),
+                allow_chunked_length: true,
+                ..Default::default()
+            }),
+            http2_protocol_options: Some(core_pb::Http2ProtocolOptions {
+                max_concurrent_streams: Some(UInt32Value { value: 7 }),
+                initial_stream_window_size: Some(UInt32Value { value: 65535 }),
+                stream_reset_burst: Some(UInt64Value { value: 3 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (p, _) = convert(&h);
+        let p = p.unwrap();
+        assert_eq!(p.max_request_headers_bytes, 2048);
+        assert_eq!(p.request_headers_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(p.drain_timeout, Duration::from_secs(1));
+        assert_eq!(p.max_headers_count, 10);
+        assert_eq!(
+            p.headers_with_underscores,
+            mh::UnderscoresAction::DropHeader
+        );
+        assert_eq!(p.max_connection_duration, Some(Duration::from_secs(60)));
+        assert_eq!(p.max_requests_per_connection, Some(5));
+        assert!(p.http1.accept_http_10 && p.http1.allow_chunked_length);
+        assert_eq!(p.http1.default_host_for_http_10, "h");
+        assert_eq!(p.http2.max_concurrent_streams, 7);
+        assert_eq!(p.http2.initial_stream_window_size, 65535);
+        assert_eq!(p.http2.stream_reset_burst, 3);
+    }
+
+    #[test]
+    fn out_of_range_and_unsupported_fields_are_refused_by_name() {
+        let cases: Vec<(hcm_pb::HttpConnectionManager, &str)> = vec![
+            (
+                hcm_pb::HttpConnectionManager {
+                    max_request_headers_kb: Some(UInt32Value { value: 9000 }),
+                    ..Default::default()
+                },
+                "hcm.max_request_headers_kb",
+            ),
+            (
+                hcm_pb::HttpConnectionManager {
+                    common_http_protocol_options: Some(core_pb::HttpProtocolOptions {
+                        max_response_headers_kb: Some(UInt32Value { value: 10 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "hcm.common_http_protocol_options.max_response_headers_kb",
+            ),
+            (
+                hcm_pb::HttpConnectionManager {
+                    http_protocol_options: Some(core_pb::Http1ProtocolOptions {
+                        allow_absolute_url: Some(BoolValue { value: false }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "hcm.http_protocol_options.allow_absolute_url",
+            ),
+            (
+                hcm_pb::HttpConnectionManager {
+                    http2_protocol_options: Some(core_pb::Http2ProtocolOptions {
+                        initial_stream_window_size: Some(UInt32Value { value: 1000 }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                "hcm.http2_protocol_options.initial_stream_window_size",
+            ),
+        ];
+        for (h, field) in cases {
+            let e = convert(&h).0.unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+    }
+
+    #[test]
+    fn tuning_knobs_warn() {
+        let h = hcm_pb::HttpConnectionManager {
+            delayed_close_timeout: secs(1),
+            http2_protocol_options: Some(core_pb::Http2ProtocolOptions {
+                max_outbound_frames: Some(UInt32Value { value: 20 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (p, w) = convert(&h);
+        assert!(p.is_ok());
+        assert_eq!(w.0.len(), 2, "{:?}", w.0);
+    }
+}
