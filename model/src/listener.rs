@@ -233,6 +233,15 @@ pub struct TcpProxy {
     pub idle_timeout: Option<Duration>,
     /// One entry per connection, when it closes.
     pub access_logs: Arc<crate::access_log::AccessLogs>,
+    /// `max_connect_attempts`: upstream connections tried (on other hosts
+    /// when there are) before the connection is given up (Envoy's default 1).
+    pub max_connect_attempts: u32,
+    /// `max_downstream_connection_duration`: the connection is closed at
+    /// this age, busy or not.
+    pub max_downstream_connection_duration: Option<Duration>,
+    /// `hash_policy` with `source_ip`: ring hash and Maglev pick the host
+    /// by the client's address.
+    pub hash_source_ip: bool,
 }
 
 impl TcpProxy {
@@ -296,6 +305,50 @@ pub struct HttpConnectionManager {
     /// Limits and protocol options enforced on the downstream clients
     /// (shared: every connection holds it).
     pub protocol: Arc<crate::http_protocol::DownstreamProtocol>,
+    /// `server_name` and `server_header_transformation`.
+    pub server_header: ServerHeader,
+    /// `upgrade_configs`: the upgrade types (lower case) allowed or refused
+    /// unless the route says otherwise; any other type is refused (403).
+    pub upgrades: Vec<(String, bool)>,
+}
+
+impl HttpConnectionManager {
+    /// Whether the connection manager lets an upgrade of this type through
+    /// (a route's own `upgrade_configs` may still override it).
+    pub fn allows_upgrade(&self, upgrade_type: &str) -> bool {
+        self.upgrades
+            .iter()
+            .any(|(t, enabled)| *enabled && t.eq_ignore_ascii_case(upgrade_type))
+    }
+}
+
+/// The `server` header of every response, local replies included
+/// (`server_header_transformation` with `server_name`, Envoy's default being
+/// to overwrite it with `envoy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerHeader {
+    /// Always this value.
+    Overwrite(http::HeaderValue),
+    /// This value when the response has none.
+    AppendIfAbsent(http::HeaderValue),
+    /// Left as it is (absent from local replies).
+    PassThrough,
+}
+
+impl ServerHeader {
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        match self {
+            ServerHeader::Overwrite(v) => {
+                headers.insert(http::header::SERVER, v.clone());
+            }
+            ServerHeader::AppendIfAbsent(v) => {
+                if !headers.contains_key(http::header::SERVER) {
+                    headers.insert(http::header::SERVER, v.clone());
+                }
+            }
+            ServerHeader::PassThrough => {}
+        }
+    }
 }
 
 /// The connection manager's path normalization settings. The default is
@@ -651,6 +704,9 @@ mod tests {
             weighted: vec![("v1".into(), 80), ("v2".into(), 20)],
             idle_timeout: None,
             access_logs: Default::default(),
+            max_connect_attempts: 1,
+            max_downstream_connection_duration: None,
+            hash_source_ip: false,
         };
         assert_eq!(tp.total_weight(), 100);
         assert_eq!(tp.pick_cluster(0), "v1");
@@ -685,6 +741,9 @@ mod tests {
                 weighted: Vec::new(),
                 idle_timeout: None,
                 access_logs: Default::default(),
+                max_connect_attempts: 1,
+                max_downstream_connection_duration: None,
+                hash_source_ip: false,
             }),
         })
     }

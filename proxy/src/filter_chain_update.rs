@@ -415,6 +415,9 @@ mod tests {
             weighted: Vec::new(),
             idle_timeout: None,
             access_logs: Default::default(),
+            max_connect_attempts: 1,
+            max_downstream_connection_duration: None,
+            hash_source_ip: false,
         })
     }
 
@@ -435,6 +438,8 @@ mod tests {
             suppress_envoy_headers: false,
             path_normalization: Default::default(),
             protocol: Default::default(),
+            server_header: ferry_model::listener::ServerHeader::PassThrough,
+            upgrades: Vec::new(),
             access_logs: Default::default(),
             tracing: None,
         })

@@ -676,7 +676,7 @@ pub fn request_hash(
     out
 }
 
-fn ip_text(ip: IpAddr) -> String {
+pub fn ip_text(ip: IpAddr) -> String {
     ip.to_string()
 }
 

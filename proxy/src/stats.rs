@@ -305,6 +305,8 @@ pub struct TcpStats {
     pub upstream_flush_total: Counter,
     pub idle_timeout: Counter,
     pub downstream_cx_no_route: Counter,
+    /// Connections closed at `max_downstream_connection_duration`.
+    pub max_downstream_connection_duration: Counter,
 }
 
 impl TcpStats {
@@ -317,6 +319,7 @@ impl TcpStats {
             upstream_flush_total: c("upstream_flush_total"),
             idle_timeout: c("idle_timeout"),
             downstream_cx_no_route: c("downstream_cx_no_route"),
+            max_downstream_connection_duration: c("max_downstream_connection_duration"),
         }
     }
 }

@@ -47,25 +47,44 @@ pub async fn proxy<S>(
     drop(clusters);
     log.cluster(name);
     cluster.warmed().await;
-    let Some(pool) = cluster.pick(Some(original_dst)) else {
-        stats.downstream_cx_no_route.inc();
-        log.flag("UH");
-        return;
-    };
-    let up = match pool.connect().await {
-        Ok(s) => {
-            pool.report_connect(true);
-            s
-        }
-        Err(e) => {
-            pool.report_connect(false);
-            tracing::debug!(upstream.host = %pool.address, error = %e, "tcp upstream connect failed");
-            log.upstream(pool.address, None);
-            // Envoy's TCP proxy reports its one connect attempt spent, too.
-            log.flag("UF");
-            log.flag("URX");
-            log.failure_reason(e.transport_failure_reason());
+    // `hash_policy` source_ip: the same client reaches the same host
+    // (ring hash, Maglev), as its HTTP requests would.
+    let hash = tp
+        .hash_source_ip
+        .then(|| crate::lb::hash_bytes(crate::lb::ip_text(peer.ip()).as_bytes()));
+    // `max_connect_attempts`: a failed connect moves on to another host
+    // while there is one, as Envoy's TCP proxy does.
+    let mut tried = Vec::new();
+    let (pool, up) = loop {
+        let picked = if tried.is_empty() {
+            cluster.pick_hashed(Some(original_dst), hash)
+        } else {
+            cluster.pick_retry(Some(original_dst), hash, &tried)
+        };
+        let Some(pool) = picked else {
+            stats.downstream_cx_no_route.inc();
+            log.flag("UH");
             return;
+        };
+        match pool.connect().await {
+            Ok(s) => {
+                pool.report_connect(true);
+                break (pool, s);
+            }
+            Err(e) => {
+                pool.report_connect(false);
+                tracing::debug!(upstream.host = %pool.address, error = %e, "tcp upstream connect failed");
+                tried.push(pool.address);
+                if tried.len() < tp.max_connect_attempts as usize {
+                    continue;
+                }
+                log.upstream(pool.address, None);
+                // Envoy's TCP proxy reports its connect attempts spent, too.
+                log.flag("UF");
+                log.flag("URX");
+                log.failure_reason(e.transport_failure_reason());
+                return;
+            }
         }
     };
     log.upstream(pool.address, up.local_addr());
@@ -76,8 +95,19 @@ pub async fn proxy<S>(
     // one told to close (a policy re-check denied it) closes at once. At
     // shutdown under EXIT_ON_ZERO_ACTIVE_CONNECTIONS there is no deadline:
     // the process waits for the connection to end.
+    let lifetime = async {
+        match tp.max_downstream_connection_duration {
+            Some(max) => tokio::time::sleep(max).await,
+            None => std::future::pending().await,
+        }
+    };
     let (rx, tx) = tokio::select! {
         r = copy(&mut down, up, tp.idle_timeout, stats) => r,
+        // `max_downstream_connection_duration`: closed at this age, busy or not.
+        _ = lifetime => {
+            stats.max_downstream_connection_duration.inc();
+            (0, 0)
+        }
         _ = drain.closing() => (0, 0),
         _ = async {
             drain.signaled().await;

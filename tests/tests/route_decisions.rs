@@ -4,7 +4,8 @@
 //! backends observe. Each scenario also asserts its expectations outright, so a mistake
 //! shared by both proxies cannot pass.
 //!
-//! Covered: `require_tls` (ALL and EXTERNAL_ONLY), route `upgrade_configs`,
+//! Covered: `require_tls` (ALL and EXTERNAL_ONLY), route and connection manager
+//! `upgrade_configs`, the `server` header,
 //! `treat_missing_header_as_empty` and inverted matchers on absent headers,
 //! `retriable_request_headers`, weighted clusters' header mutations, host rewrite,
 //! `header_name` and `typed_per_filter_config`, a route table's `typed_per_filter_config`,
@@ -421,6 +422,91 @@ fn route_upgrade_configs() -> Result<()> {
     assert_eq!(ferry[0], "off upgrade: 403");
     assert_eq!(ferry[1], "off plain: 200 /x");
     assert_eq!(ferry[2], "on upgrade: 200");
+    Ok(())
+}
+
+/// The connection manager's `upgrade_configs`: an upgrade type it does not list (or lists
+/// disabled) is refused with 403, unless the route enables it; and its `server` header
+/// (`server_name`, `server_header_transformation`) on proxied answers and local replies.
+#[test]
+fn connection_manager_upgrades_and_server_header() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let config = |ports: &[u16]| {
+        let routes = || {
+            vec![
+                route("/plain/", "backend", json!({})),
+                route(
+                    "/on/",
+                    "backend",
+                    json!({"upgrade_configs": [{"upgrade_type": "websocket", "enabled": true}]}),
+                ),
+            ]
+        };
+        render(
+            vec![
+                // Envoy's defaults: no upgrade listed, `server: envoy` overwritten.
+                http(ports[0], table(routes()), vec![], json!({})),
+                http(
+                    ports[1],
+                    table(routes()),
+                    vec![],
+                    json!({
+                        "server_name": "istio-envoy",
+                        "server_header_transformation": "APPEND_IF_ABSENT",
+                        "upgrade_configs": [{"upgrade_type": "websocket", "enabled": false}],
+                    }),
+                ),
+                http(
+                    ports[2],
+                    table(routes()),
+                    vec![],
+                    json!({
+                        "server_header_transformation": "PASS_THROUGH",
+                        "upgrade_configs": [{"upgrade_type": "WebSocket"}],
+                    }),
+                ),
+            ],
+            vec![static_cluster("backend", &[app.port], Upstream::Http1)],
+        )
+    };
+    let upgrade = [("Connection", "Upgrade"), ("Upgrade", "websocket")];
+    let observed = differential(3, config, |_, ports| {
+        let mut seen = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let plain_up = request(*port, "GET", "/plain/x", &upgrade, b"")?;
+            let on_up = request(*port, "GET", "/on/x", &upgrade, b"")?;
+            let plain = request(*port, "GET", "/plain/x", &[], b"")?;
+            let missing = request(*port, "GET", "/nowhere", &[], b"")?;
+            let server = |r: &Reply| r.header("server").unwrap_or("-").to_string();
+            seen.push(format!(
+                "{i}: upgrade plain {} on {}; proxied {} server {:?}; local {} server {:?}",
+                plain_up.status,
+                on_up.status,
+                plain.status,
+                server(&plain),
+                missing.status,
+                server(&missing),
+            ));
+        }
+        Ok(seen)
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return Ok(());
+    };
+    assert_eq!(ferry, envoy);
+    assert_eq!(
+        ferry[0],
+        "0: upgrade plain 403 on 200; proxied 200 server \"envoy\"; local 404 server \"envoy\""
+    );
+    assert_eq!(
+        ferry[1],
+        "1: upgrade plain 403 on 200; proxied 200 server \"echo\"; local 404 server \"istio-envoy\""
+    );
+    assert_eq!(
+        ferry[2],
+        "2: upgrade plain 200 on 200; proxied 200 server \"echo\"; local 404 server \"-\""
+    );
     Ok(())
 }
 

@@ -550,6 +550,9 @@ async fn handle(
             body: Some("Bad Request".into()),
         });
     }
+    if let Some(hcm) = hcm_of(&chain) {
+        hcm.server_header.apply(resp.headers_mut());
+    }
     obs.response(&mut resp, flag, upstream, grpc);
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
@@ -809,17 +812,17 @@ async fn route_request(
         obs.route(r);
     }
     obs.trace(ctx, route, &mut req);
-    // `upgrade_configs`: an upgrade the route does not allow is refused
+    // `upgrade_configs`: an upgrade type neither the route nor (when the
+    // route says nothing of it) the connection manager allows is refused
     // before any filter runs, as Envoy's connection manager does.
-    if let Some(r) = route
-        && headers::is_upgrade(req.headers())
-    {
+    if headers::is_upgrade(req.headers()) {
         let kind = req
             .headers()
             .get(http::header::UPGRADE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        if !r.allows_upgrade(kind, true) {
+        let by_hcm = hcm.allows_upgrade(kind);
+        if !route.map_or(by_hcm, |r| r.allows_upgrade(kind, by_hcm)) {
             let r = LocalReply {
                 status: StatusCode::FORBIDDEN,
                 body: None,
@@ -1924,6 +1927,8 @@ mod tests {
             tracing: None,
             path_normalization: Default::default(),
             protocol: Default::default(),
+            server_header: ferry_model::listener::ServerHeader::PassThrough,
+            upgrades: Vec::new(),
         }
     }
 

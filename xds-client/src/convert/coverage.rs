@@ -180,9 +180,9 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation, jwt_authn,
-        lb_config, listener, local_ratelimit, matcher, outlier_detection, per_filter, rbac, retry,
-        route, upstream_protocol,
+        circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
+        http_connection_manager, jwt_authn, lb_config, listener, local_ratelimit, matcher,
+        outlier_detection, per_filter, rbac, retry, route, tcp_proxy, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -192,6 +192,10 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &listener::FILTER_CHAIN,
         &listener::FILTER_CHAIN_MATCH,
         &listener::NETWORK_FILTER,
+        &http_connection_manager::HCM,
+        &http_connection_manager::UPGRADE_CONFIG,
+        &tcp_proxy::TCP_PROXY,
+        &tcp_proxy::TCP_HASH_POLICY,
         &core_types::ADDRESS,
         &core_types::SOCKET_ADDRESS,
         &core_types::CIDR_RANGE,

@@ -28,6 +28,7 @@ pub(super) const LISTENER: &str = r#"{
       "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "h",
+        "upgrade_configs": [{"upgrade_type": "websocket"}],
         "http_filters": [
           {"name": "fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
             "delay": {"fixed_delay": "0s", "percentage": {"numerator": 0}},
@@ -98,7 +99,7 @@ pub(super) const LISTENER: &str = r#"{
       {"name": "envoy.filters.network.rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
         "stat_prefix": "n", "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}], "principals": [{"any": true}]}}}}},
       {"name": "envoy.filters.network.tcp_proxy", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "t", "cluster": "c"}}
+        "stat_prefix": "t", "cluster": "c", "hash_policy": [{"source_ip": {}}]}}
     ]
   }]
 }"#;
@@ -142,7 +143,6 @@ fn site(message: &str, context: &str) -> Option<Site> {
     };
     let l = |path: &'static str| s(LISTENER, path, None);
     let c = |path: &'static str, init: Option<&'static str>| s(CLUSTER, path, init);
-    let _ = HCM;
     macro_rules! hcm {
         ($p:literal) => {
             concat!("filter_chains[0].filters[0].typed_config@.", $p)
@@ -188,6 +188,20 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.core.v3.SocketAddress", _) => l("address.socket_address"),
         ("envoy.config.core.v3.CidrRange", _) => {
             l("filter_chains[0].filter_chain_match.prefix_ranges[0]")
+        }
+        (
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            _,
+        ) => l(HCM),
+        (
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
+            _,
+        ) => l(hcm!("upgrade_configs[0]")),
+        ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", _) => {
+            l("filter_chains[1].filters[1].typed_config@")
+        }
+        ("envoy.type.v3.HashPolicy", "tcp_proxy") => {
+            l("filter_chains[1].filters[1].typed_config@.hash_policy[0]")
         }
         ("envoy.config.route.v3.RouteConfiguration", _) => l(hcm!("route_config")),
         ("envoy.config.route.v3.VirtualHost", _) => l(vh!("")),
