@@ -446,7 +446,9 @@ fn smooth_sequence(members: &[usize], weights: &[u64]) -> Vec<usize> {
 
 /// Envoy's ring: every host gets points in proportion to its weight, the
 /// ring holding at least `minimum_ring_size` and at most `maximum_ring_size`
-/// points; a point is the hash of `address_n`.
+/// points; a point is the XXH64 of `address_n`. The points are dealt from
+/// running sums over the hosts in order, as Envoy deals them, so the same
+/// endpoints give the same ring, and a key the same host, in both.
 fn build_ring<H: LbHost>(
     hosts: &[H],
     metas: &[HostMeta],
@@ -464,16 +466,20 @@ fn build_ring<H: LbHost>(
     let min_norm = members.iter().map(|i| norm(*i)).fold(f64::MAX, f64::min);
     let scale =
         ((min_norm * cfg.min_ring_size as f64).ceil() / min_norm).min(cfg.max_ring_size as f64);
-    let mut ring = Vec::new();
+    let mut ring = Vec::with_capacity(scale.ceil() as usize);
+    let (mut current, mut target) = (0.0f64, 0.0f64);
     for &i in members {
         let Some(h) = hosts.get(i) else { continue };
         let id = h.id();
-        let points = (scale * norm(i)).ceil() as u64;
-        for n in 0..points {
+        target += scale * norm(i);
+        let mut n = 0u64;
+        while current < target {
             ring.push((hash_bytes(format!("{id}_{n}").as_bytes()), i));
+            n += 1;
+            current += 1.0;
         }
     }
-    ring.sort_unstable();
+    ring.sort_by_key(|(h, _)| *h);
     ring
 }
 
@@ -486,16 +492,19 @@ fn ring_lookup(ring: &[(u64, usize)], hash: u64, ok: impl Fn(usize) -> bool) -> 
         .find(|i| ok(*i))
 }
 
-/// Weighted maglev (Eisenbud et al., as Envoy builds it): each host fills
-/// table slots along its own permutation, in proportion to its weight.
+/// Weighted maglev (Eisenbud et al.) as Envoy builds it: the hosts sorted
+/// by address, each with its XXH64 offset (seed 0) and skip (seed 1), take
+/// slots along their permutations round after round, a host of weight `w`
+/// every `max / w` rounds; so a key lands on the same host as in Envoy.
 fn build_maglev<H: LbHost>(
     hosts: &[H],
     metas: &[HostMeta],
     members: &[usize],
     table_size: u64,
 ) -> Vec<usize> {
-    let m = table_size.max(1);
+    let m = table_size.max(2);
     struct Entry {
+        key: String,
         host: usize,
         offset: u64,
         skip: u64,
@@ -503,21 +512,21 @@ fn build_maglev<H: LbHost>(
         target: f64,
         next: u64,
     }
-    let max_w = members
+    let total: f64 = members
         .iter()
-        .map(|i| metas.get(*i).map_or(1, |x| x.weight.max(1)))
-        .max()
-        .unwrap_or(1);
+        .map(|i| metas.get(*i).map_or(1.0, |x| f64::from(x.weight.max(1))))
+        .sum();
     let mut entries: Vec<Entry> = members
         .iter()
         .filter_map(|i| {
-            let id = hosts.get(*i)?.id();
-            let w = metas.get(*i).map_or(1, |x| x.weight.max(1));
+            let key = hosts.get(*i)?.id();
+            let w = metas.get(*i).map_or(1.0, |x| f64::from(x.weight.max(1)));
             Some(Entry {
+                offset: hash_seeded(key.as_bytes(), 0) % m,
+                skip: hash_seeded(key.as_bytes(), 1) % (m - 1) + 1,
+                key,
                 host: *i,
-                offset: hash_seeded(id.as_bytes(), 0) % m,
-                skip: hash_seeded(id.as_bytes(), 1) % (m - 1).max(1) + 1,
-                weight: f64::from(w) / f64::from(max_w),
+                weight: w / total,
                 target: 0.0,
                 next: 0,
             })
@@ -526,31 +535,33 @@ fn build_maglev<H: LbHost>(
     if entries.is_empty() {
         return Vec::new();
     }
+    entries.sort_by(|a, b| a.key.cmp(&b.key));
+    let max_weight = entries.iter().map(|e| e.weight).fold(0.0, f64::max);
     let size = usize::try_from(m).unwrap_or(65537);
     let mut table = vec![usize::MAX; size];
     let mut filled = 0usize;
-    'fill: loop {
+    let mut round = 1u32;
+    while filled < size {
         for e in entries.iter_mut() {
-            e.target += e.weight;
-            if e.target < 1.0 {
+            if filled == size {
+                break;
+            }
+            if f64::from(round) * e.weight < e.target {
                 continue;
             }
-            e.target -= 1.0;
-            loop {
-                let c = usize::try_from((e.offset + e.skip * e.next) % m).unwrap_or(0);
+            e.target += max_weight;
+            let mut c = usize::try_from((e.offset + e.skip * e.next) % m).unwrap_or(0);
+            while table.get(c).is_some_and(|slot| *slot != usize::MAX) {
                 e.next += 1;
-                if let Some(slot) = table.get_mut(c)
-                    && *slot == usize::MAX
-                {
-                    *slot = e.host;
-                    break;
-                }
+                c = usize::try_from((e.offset + e.skip * e.next) % m).unwrap_or(0);
             }
+            if let Some(slot) = table.get_mut(c) {
+                *slot = e.host;
+            }
+            e.next += 1;
             filled += 1;
-            if filled == size {
-                break 'fill;
-            }
         }
+        round += 1;
     }
     table
 }
@@ -573,19 +584,15 @@ fn maglev_lookup(table: &[usize], hash: u64, ok: impl Fn(usize) -> bool) -> Opti
     table.iter().copied().find(|i| ok(*i))
 }
 
-/// FNV-1a with a final avalanche (murmur3's fmix64): fast, stable across
-/// builds and processes, and well spread for ring points.
+/// XXH64 with seed 0, Envoy's `HashUtil::xxHash64`: request hashes and ring
+/// points agree with Envoy's, so in a mixed mesh a key reaches the same host
+/// through either proxy.
 pub fn hash_bytes(b: &[u8]) -> u64 {
     hash_seeded(b, 0)
 }
 
 fn hash_seeded(b: &[u8], seed: u64) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x1000_0000_01b3);
-    for x in b {
-        h ^= u64::from(*x);
-        h = h.wrapping_mul(0x1000_0000_01b3);
-    }
-    mix(h)
+    xxhash_rust::xxh64::xxh64(b, seed)
 }
 
 fn mix(mut h: u64) -> u64 {

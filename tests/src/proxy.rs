@@ -568,6 +568,8 @@ pub fn http_connection_manager(stat_prefix: &str, routes: Vec<Value>) -> Value {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": stat_prefix,
             "codec_type": "AUTO",
+            // As istiod writes it: WebSocket upgrades pass, others are refused (403).
+            "upgrade_configs": [{"upgrade_type": "websocket"}],
             "route_config": {
                 "name": format!("{stat_prefix}_routes"),
                 "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}],

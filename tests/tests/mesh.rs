@@ -28,6 +28,7 @@ fn hcm(stat_prefix: &str, cluster: &str) -> String {
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {stat_prefix}
+          upgrade_configs: [{{upgrade_type: websocket}}]
           route_config:
             name: {stat_prefix}
             virtual_hosts:

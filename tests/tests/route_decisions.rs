@@ -5,7 +5,7 @@
 //! shared by both proxies cannot pass.
 //!
 //! Covered: `require_tls` (ALL and EXTERNAL_ONLY), route and connection manager
-//! `upgrade_configs`, the `server` header,
+//! `upgrade_configs`, the `server` header, ring hash and Maglev host choice,
 //! `treat_missing_header_as_empty` and inverted matchers on absent headers,
 //! `retriable_request_headers`, weighted clusters' header mutations, host rewrite,
 //! `header_name` and `typed_per_filter_config`, a route table's `typed_per_filter_config`,
@@ -446,7 +446,12 @@ fn connection_manager_upgrades_and_server_header() -> Result<()> {
         render(
             vec![
                 // Envoy's defaults: no upgrade listed, `server: envoy` overwritten.
-                http(ports[0], table(routes()), vec![], json!({})),
+                http(
+                    ports[0],
+                    table(routes()),
+                    vec![],
+                    json!({"upgrade_configs": []}),
+                ),
                 http(
                     ports[1],
                     table(routes()),
@@ -507,6 +512,52 @@ fn connection_manager_upgrades_and_server_header() -> Result<()> {
         ferry[2],
         "2: upgrade plain 200 on 200; proxied 200 server \"echo\"; local 404 server \"-\""
     );
+    Ok(())
+}
+
+/// Ring hash and Maglev choose hosts as Envoy does (XXH64 of the request's key and of
+/// `address_n`, Envoy's ring and table construction): keys hashed from a header land on
+/// the same backend through Ferry and through Envoy.
+#[test]
+fn hashed_keys_land_on_the_same_host_as_in_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let apps = (1..=4)
+        .map(|i| App::http(&format!("b{i}"), &[]))
+        .collect::<Result<Vec<App>>>()?;
+    let backends: Vec<u16> = apps.iter().map(|a| a.port).collect();
+    for policy in ["RING_HASH", "MAGLEV"] {
+        let config = |ports: &[u16]| {
+            let mut c = static_cluster("hashed", &backends, Upstream::Http1);
+            c["lb_policy"] = json!(policy);
+            let r = route(
+                "/",
+                "hashed",
+                json!({"hash_policy": [{"header": {"header_name": "x-key"}}]}),
+            );
+            render(
+                vec![http(ports[0], table(vec![r]), vec![], json!({}))],
+                vec![c],
+            )
+        };
+        let observed = differential(1, config, |_, ports| {
+            let mut s = connect(ports[0])?;
+            (0..300)
+                .map(|k| {
+                    let key = format!("user-{k}");
+                    let r = exchange(&mut s, "GET", "/x", &[("x-key", key.as_str())], b"")?;
+                    Ok(r.field("name"))
+                })
+                .collect::<Result<Vec<String>>>()
+        })?;
+        let Some((ferry, envoy)) = observed else {
+            return Ok(());
+        };
+        let differ = ferry.iter().zip(&envoy).filter(|(a, b)| a != b).count();
+        assert_eq!(differ, 0, "{policy}: {differ} of 300 keys on another host");
+        for b in ["b1", "b2", "b3", "b4"] {
+            assert!(ferry.iter().any(|n| n == b), "{policy}: {b} never chosen");
+        }
+    }
     Ok(())
 }
 

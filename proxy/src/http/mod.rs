@@ -1467,8 +1467,15 @@ async fn forward(
             },
         };
         let mut upstream_req = upstream_req;
+        // As Envoy's router: the first attempt announces the whole timeout,
+        // a retry what is left of it.
+        let elapsed = if retries == 0 {
+            Duration::ZERO
+        } else {
+            stream_start.elapsed()
+        };
         if !hcm.suppress_envoy_headers
-            && let Some(ms) = router::expected_timeout(*timeout, per_try, stream_start.elapsed())
+            && let Some(ms) = router::expected_timeout(*timeout, per_try, elapsed)
         {
             upstream_req
                 .headers_mut()
