@@ -536,11 +536,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .block_on(serve(resources, args))
 }
 
+/// An error and its causes on one line. Many errors name their cause in
+/// their own message too (`cannot read F: No such file…`), so a cause
+/// whose text is already there is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-pilot: {e:#}");
+            eprintln!("ferry-pilot: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
