@@ -399,11 +399,12 @@ async fn serve_kube(mesh: MeshArgs, args: ServeArgs, webhook: WebhookArgs) -> an
     source.wait_synced().await;
     let snapshot = source.list()?;
     let labels = source.clone();
+    let client = source.client();
     let start_webhook = move |ca: Arc<ferry_pilot::ca::Ca>| match webhook.webhook_addr {
         Some(addr) => {
             let labels: ferry_pilot::webhook::NamespaceLabels =
                 Arc::new(move |ns: &str| labels.namespace_labels(ns));
-            start_webhook(addr, &webhook, ca, labels)
+            start_webhook(addr, &webhook, ca, labels, client)
         }
         None => Ok(()),
     };
@@ -417,6 +418,7 @@ fn start_webhook(
     args: &WebhookArgs,
     ca: Arc<ferry_pilot::ca::Ca>,
     namespace_labels: ferry_pilot::webhook::NamespaceLabels,
+    client: kube::Client,
 ) -> anyhow::Result<()> {
     use ferry_pilot::webhook::{Injector, ServingCert, serve, tls_config};
     let cert = match (&args.webhook_cert, &args.webhook_key) {
@@ -435,7 +437,9 @@ fn start_webhook(
         std::net::TcpListener::bind(addr).with_context(|| format!("--webhook-addr {addr}"))?;
     listener.set_nonblocking(true)?;
     let listener = TcpListener::from_std(listener)?;
-    let injector = Arc::new(Injector::new(args.inject.options(), namespace_labels));
+    let injector = Arc::new(
+        Injector::new(args.inject.options(), namespace_labels).with_bootstrap_config_maps(client),
+    );
     tracing::info!(webhook.addr = %addr, webhook.certificate = if args.webhook_cert.is_some() { "given" } else { "mesh CA" }, "injection webhook serving");
     tokio::spawn(serve(
         listener,

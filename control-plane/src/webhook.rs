@@ -11,6 +11,11 @@
 //! `proxy.istio.io/config`, a capture annotation `ferry iptables` lacks) is
 //! refused with the reason, as istiod refuses it.
 //!
+//! The sidecar mounts its namespace's bootstrap ConfigMap, which `inject`
+//! writes beside the workloads; given a client
+//! ([`Injector::with_bootstrap_config_maps`]), the webhook creates it (or
+//! brings it up to date) before it admits the namespace's Pod.
+//!
 //! The serving certificate is given (`--webhook-cert`/`--webhook-key`) or
 //! made by the mesh CA for the webhook's DNS names and made again at half
 //! its lifetime; the CA's root is then the webhook configuration's
@@ -36,7 +41,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::ca::Ca;
-use crate::inject::{InjectOptions, inject_pod};
+use crate::inject::{BOOTSTRAP_CONFIG_MAP, InjectOptions, bootstrap, inject_pod};
 use crate::istio::translate::registry::injected;
 
 /// The labels of a namespace, when it is known.
@@ -51,6 +56,7 @@ const MAX_BODY: usize = 4 << 20;
 pub struct Injector {
     options: InjectOptions,
     namespace_labels: NamespaceLabels,
+    bootstrap: Option<BootstrapWriter>,
 }
 
 impl Injector {
@@ -58,31 +64,53 @@ impl Injector {
         Self {
             options,
             namespace_labels,
+            bootstrap: None,
         }
+    }
+
+    /// Before a Pod of a namespace is admitted with a sidecar, the
+    /// namespace's bootstrap ConfigMap (the one `inject` writes beside the
+    /// workloads, which the sidecar mounts) is created or brought up to
+    /// date through `client`; a Pod is refused when that fails.
+    pub fn with_bootstrap_config_maps(mut self, client: kube::Client) -> Self {
+        self.bootstrap = Some(BootstrapWriter {
+            client,
+            data: bootstrap(&self.options.discovery_address),
+        });
+        self
     }
 
     /// Answers one `AdmissionReview` (its JSON): the review to send back.
     pub fn review(&self, body: &[u8]) -> Value {
+        self.answer(body).0
+    }
+
+    /// The review to send back, and the namespace of the Pod it injects.
+    fn answer(&self, body: &[u8]) -> (Value, Option<String>) {
         let raw: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
-            Err(e) => return invalid(format!("not JSON: {e}")),
+            Err(e) => return (invalid(format!("not JSON: {e}")), None),
         };
         let review: AdmissionReview<DynamicObject> = match serde_json::from_value(raw.clone()) {
             Ok(r) => r,
-            Err(e) => return invalid(format!("not an AdmissionReview: {e}")),
+            Err(e) => return (invalid(format!("not an AdmissionReview: {e}")), None),
         };
         let request: AdmissionRequest<DynamicObject> = match review.try_into() {
             Ok(r) => r,
-            Err(_) => return invalid("an AdmissionReview without a request".into()),
+            Err(_) => return (invalid("an AdmissionReview without a request".into()), None),
         };
         // The object as sent (not as the typed view re-serializes it): the
         // patch applies to exactly what the API server holds.
         let pod = &raw["request"]["object"];
         let response = AdmissionResponse::from(&request);
+        let mut injected_into = None;
         let response = match self.patch(&request, pod) {
             Ok(None) => response,
-            Ok(Some(patch)) => match response.clone().with_patch(patch) {
-                Ok(r) => r,
+            Ok(Some((namespace, patch))) => match response.clone().with_patch(patch) {
+                Ok(r) => {
+                    injected_into = Some(namespace);
+                    r
+                }
                 Err(e) => response.deny(format!("cannot encode the patch: {e}")),
             },
             Err(reason) => {
@@ -98,15 +126,16 @@ impl Injector {
         let mut review =
             serde_json::to_value(response.into_review()).unwrap_or_else(|e| invalid(e.to_string()));
         base64_patch(&mut review);
-        review
+        (review, injected_into)
     }
 
-    /// The patch for a Pod being created, `None` when it is left alone.
+    /// The patch for a Pod being created and its namespace, `None` when it
+    /// is left alone.
     fn patch(
         &self,
         request: &AdmissionRequest<DynamicObject>,
         pod: &Value,
-    ) -> Result<Option<json_patch::Patch>, String> {
+    ) -> Result<Option<(String, json_patch::Patch)>, String> {
         let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
         if !is_pod || request.operation != Operation::Create || request.sub_resource.is_some() {
             return Ok(None);
@@ -137,7 +166,69 @@ impl Injector {
         }
         let patched = serde_json::to_value(&yaml).map_err(|e| format!("the pod: {e}"))?;
         tracing::info!(webhook.namespace = %namespace, webhook.pod = %pod_name(pod), "injected");
-        Ok(Some(json_patch::diff(pod, &patched)))
+        Ok(Some((namespace, json_patch::diff(pod, &patched))))
+    }
+}
+
+/// Keeps a namespace's bootstrap ConfigMap as `inject` writes it.
+struct BootstrapWriter {
+    client: kube::Client,
+    data: String,
+}
+
+impl BootstrapWriter {
+    async fn ensure(&self, namespace: &str) -> Result<(), kube::Error> {
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use kube::api::{Api, PostParams};
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let data = BTreeMap::from([("bootstrap.yaml".to_string(), self.data.clone())]);
+        match api.get_opt(BOOTSTRAP_CONFIG_MAP).await? {
+            Some(cm) if cm.data.as_ref() == Some(&data) => Ok(()),
+            Some(mut cm) => {
+                cm.data = Some(data);
+                api.replace(BOOTSTRAP_CONFIG_MAP, &PostParams::default(), &cm)
+                    .await?;
+                tracing::info!(webhook.namespace = %namespace, "bootstrap ConfigMap updated");
+                Ok(())
+            }
+            None => {
+                let cm = ConfigMap {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(BOOTSTRAP_CONFIG_MAP.into()),
+                        namespace: Some(namespace.into()),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/managed-by".to_string(),
+                            "ferry-pilot".to_string(),
+                        )])),
+                        ..Default::default()
+                    },
+                    data: Some(data),
+                    ..Default::default()
+                };
+                match api.create(&PostParams::default(), &cm).await {
+                    // Made by another request meanwhile: the same data.
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+                    Err(e) => Err(e),
+                    Ok(_) => {
+                        tracing::info!(webhook.namespace = %namespace, "bootstrap ConfigMap created");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Turns an allowing review into a refusal (`reason`), dropping its patch.
+fn refuse(review: &mut Value, reason: String) {
+    if let Some(resp) = review.get_mut("response").and_then(Value::as_object_mut) {
+        resp.remove("patch");
+        resp.remove("patchType");
+        resp.insert("allowed".into(), Value::Bool(false));
+        resp.insert(
+            "status".into(),
+            serde_json::json!({"status": "Failure", "message": reason, "code": 500}),
+        );
     }
 }
 
@@ -322,9 +413,17 @@ async fn handle(injector: Arc<Injector>, req: Request<Incoming>) -> Response<Bod
         }
     };
     // Injection reads YAML values and diffs JSON: CPU work off the reactor.
-    let answer = tokio::task::spawn_blocking(move || injector.review(&body))
+    let worker = injector.clone();
+    let (mut answer, injected_into) = tokio::task::spawn_blocking(move || worker.answer(&body))
         .await
-        .unwrap_or_else(|e| invalid(format!("injector failed: {e}")));
+        .unwrap_or_else(|e| (invalid(format!("injector failed: {e}")), None));
+    if let (Some(namespace), Some(writer)) = (injected_into, &injector.bootstrap)
+        && let Err(e) = writer.ensure(&namespace).await
+    {
+        let reason = format!("cannot write ConfigMap {BOOTSTRAP_CONFIG_MAP} in {namespace}: {e}");
+        tracing::error!(webhook.namespace = %namespace, %reason, "injection refused");
+        refuse(&mut answer, reason);
+    }
     reply(StatusCode::OK, answer.to_string().into_bytes())
 }
 

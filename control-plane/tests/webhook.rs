@@ -8,7 +8,9 @@
 //! `ferry-pilot inject` writes for the same Pod; a namespace's
 //! `istio-injection` label, a Pod's `sidecar.istio.io/inject`,
 //! `proxy.istio.io/config` and `traffic.sidecar.istio.io/*` are honoured.
-//! A second test serves given certificates.
+//! The namespace's bootstrap ConfigMap, which the sidecar mounts, is
+//! written through the API as `inject` writes it. A second test serves
+//! given certificates.
 
 #![cfg(feature = "kube")]
 
@@ -264,6 +266,22 @@ fn answer(sent: &Value, reply: &Value) -> Answer {
 
 /// `ferry-pilot inject -f POD.yaml`'s Pod.
 fn inject_output(pod: &Value, dir: &Path) -> Value {
+    inject_docs(pod, dir)
+        .into_iter()
+        .find(|d| d["kind"] == "Pod")
+        .expect("the Pod in inject's output")
+}
+
+/// The data of the bootstrap ConfigMap `ferry-pilot inject` writes beside `pod`.
+fn inject_bootstrap(pod: &Value, dir: &Path) -> Value {
+    inject_docs(pod, dir)
+        .into_iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("the ConfigMap in inject's output")["data"]
+        .clone()
+}
+
+fn inject_docs(pod: &Value, dir: &Path) -> Vec<Value> {
     let file = dir.join("pod.yaml");
     std::fs::write(&file, serde_yaml_ng::to_string(pod).expect("YAML")).expect("write");
     let out = Command::new(PILOT)
@@ -278,10 +296,7 @@ fn inject_output(pod: &Value, dir: &Path) -> Value {
         "inject: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let docs = yaml_objects(&String::from_utf8_lossy(&out.stdout));
-    docs.into_iter()
-        .find(|d| d["kind"] == "Pod")
-        .expect("the Pod in inject's output")
+    yaml_objects(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn env_of<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
@@ -318,6 +333,10 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
         server.apply(ns);
     }
     server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "legacy"}}));
+    // A bootstrap from an older install, to be brought up to date.
+    server.apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "ferry-bootstrap", "namespace": "legacy"},
+        "data": {"bootstrap.yaml": "stale"}}));
     let dir = server.dir.join("webhook");
     std::fs::create_dir_all(&dir).expect("dir");
     let root = dir.join("root.pem");
@@ -402,6 +421,20 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
         );
     }
 
+    // The namespace's bootstrap, which the sidecars mount: inject's.
+    let cm = server
+        .get("configmaps", "default", "ferry-bootstrap")
+        .expect("the webhook wrote the bootstrap ConfigMap");
+    assert_eq!(
+        cm["data"],
+        inject_bootstrap(&pod(&deployment("details-v1"), "default"), &dir)
+    );
+    assert!(
+        server
+            .get("configmaps", "istio-system", "ferry-bootstrap")
+            .is_none()
+    );
+
     // proxy.istio.io/config and traffic.sidecar.istio.io/* on productpage,
     // with a readiness probe to rewrite.
     let mut d = deployment("productpage-v1");
@@ -450,12 +483,27 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
     let p = pod(&details, "legacy");
     let a = ask(p.clone()).await;
     assert!(a.allowed && a.patch.is_none(), "legacy: {:?}", a.patch);
+    let stale = server
+        .get("configmaps", "legacy", "ferry-bootstrap")
+        .expect("cm");
+    assert_eq!(
+        stale["data"]["bootstrap.yaml"], "stale",
+        "nothing injected, nothing written"
+    );
     let mut d = details.clone();
     d["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] = json!("true");
     let asked = pod(&d, "legacy");
     let a = ask(asked.clone()).await;
     assert!(a.allowed && a.patch.is_some(), "asked for: {}", a.message);
     assert_eq!(a.patched, inject_output(&asked, &dir));
+    let cm = server
+        .get("configmaps", "legacy", "ferry-bootstrap")
+        .expect("cm");
+    assert_eq!(
+        cm["data"],
+        inject_bootstrap(&asked, &dir),
+        "brought up to date"
+    );
 
     // `kubectl label namespace legacy istio-injection=enabled`: seen
     // through the watch, the next Pod is injected.

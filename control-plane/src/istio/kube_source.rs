@@ -118,6 +118,11 @@ impl KubeSource {
         })
     }
 
+    /// The client the watchers use.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     /// Starts one watcher per kind; they run until the runtime stops.
     pub fn spawn_watchers(self: &Arc<Self>) {
         for &(group, version, kind, plural) in WATCHED {
