@@ -185,6 +185,11 @@ struct WebhookArgs {
     /// Service the API server calls.
     #[arg(long, default_values_t = ["ferry-pilot.istio-system.svc".to_string()])]
     webhook_dns_name: Vec<String>,
+    /// The MutatingWebhookConfiguration whose webhooks' caBundle is kept at
+    /// the mesh CA's root (istiod keeps `istio-sidecar-injector`'s); not
+    /// with --webhook-cert.
+    #[arg(long, conflicts_with = "webhook_cert")]
+    webhook_config: Option<String>,
     #[command(flatten)]
     inject: InjectArgs,
 }
@@ -421,6 +426,13 @@ fn start_webhook(
     client: kube::Client,
 ) -> anyhow::Result<()> {
     use ferry_pilot::webhook::{Injector, ServingCert, serve, tls_config};
+    if let Some(name) = &args.webhook_config {
+        tokio::spawn(ferry_pilot::webhook::keep_ca_bundle(
+            client.clone(),
+            name.clone(),
+            ca.root_pem().to_string(),
+        ));
+    }
     let cert = match (&args.webhook_cert, &args.webhook_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));

@@ -19,7 +19,7 @@
 //! The serving certificate is given (`--webhook-cert`/`--webhook-key`) or
 //! made by the mesh CA for the webhook's DNS names and made again at half
 //! its lifetime; the CA's root is then the webhook configuration's
-//! `caBundle`.
+//! `caBundle`, which [`keep_ca_bundle`] sets.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -217,6 +217,83 @@ impl BootstrapWriter {
             }
         }
     }
+}
+
+/// Keeps the `caBundle` of every webhook of the MutatingWebhookConfiguration
+/// `name` at `root_pem` (the mesh CA's root, which signs the webhook's
+/// certificate), as istiod's webhook controller does: the configuration is
+/// watched, and a webhook whose bundle differs (a fresh install, an upgrade
+/// that reset it) is patched. Runs until the runtime stops.
+pub async fn keep_ca_bundle(client: kube::Client, name: String, root_pem: String) {
+    use futures_util::StreamExt;
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: kube::Api<MutatingWebhookConfiguration> = kube::Api::all(client);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(api.clone(), config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(webhooks) => match patch_ca_bundle(&api, &webhooks, &root_pem).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(webhook.config = %name, webhook.patched = n, "caBundle set to the mesh CA's root")
+                }
+                Err(e) => {
+                    tracing::warn!(webhook.config = %name, error = %e, "caBundle not patched")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(webhook.config = %name, error = %e, "watching the webhook configuration")
+            }
+        }
+    }
+}
+
+/// Patches the webhooks of `config` whose `caBundle` is not `root_pem`;
+/// returns how many. The patch first tests the configuration's version, so
+/// it never lands on webhooks rearranged meanwhile.
+async fn patch_ca_bundle(
+    api: &kube::Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>,
+    config: &k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration,
+    root_pem: &str,
+) -> Result<usize, kube::Error> {
+    use base64::Engine;
+    let want = k8s_openapi::ByteString(root_pem.as_bytes().to_vec());
+    let encoded = base64::engine::general_purpose::STANDARD.encode(root_pem);
+    let mut ops: Vec<Value> = config
+        .webhooks
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, w)| w.client_config.ca_bundle.as_ref() != Some(&want))
+        .map(|(i, _)| {
+            serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": encoded})
+        })
+        .collect();
+    let n = ops.len();
+    let (Some(name), Some(version)) = (&config.metadata.name, &config.metadata.resource_version)
+    else {
+        return Ok(0);
+    };
+    if n == 0 {
+        return Ok(0);
+    }
+    ops.insert(
+        0,
+        serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": version}),
+    );
+    let patch: json_patch::Patch =
+        serde_json::from_value(Value::Array(ops)).map_err(kube::Error::SerdeError)?;
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Json::<()>(patch),
+    )
+    .await?;
+    Ok(n)
 }
 
 /// Turns an allowing review into a refusal (`reason`), dropping its patch.

@@ -9,7 +9,8 @@
 //! `istio-injection` label, a Pod's `sidecar.istio.io/inject`,
 //! `proxy.istio.io/config` and `traffic.sidecar.istio.io/*` are honoured.
 //! The namespace's bootstrap ConfigMap, which the sidecar mounts, is
-//! written through the API as `inject` writes it. A second test serves
+//! written through the API as `inject` writes it, and the webhook
+//! configuration's `caBundle` is kept at the CA's root. A second test serves
 //! given certificates.
 
 #![cfg(feature = "kube")]
@@ -307,6 +308,61 @@ fn env_of<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
         .as_str()
 }
 
+/// Istio's injector configuration, pointed at ferry-pilot: by namespace
+/// label, and by the Pod's own label in other namespaces.
+fn webhook_configuration() -> Value {
+    let hook = |name: &str, namespace_selector: Value, object_selector: Value| {
+        json!({
+            "name": name,
+            "clientConfig": {"service": {"name": "ferry-pilot", "namespace": "istio-system",
+                "path": "/inject", "port": 443}},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                "resources": ["pods"], "scope": "*"}],
+            "failurePolicy": "Fail", "matchPolicy": "Equivalent", "reinvocationPolicy": "Never",
+            "sideEffects": "None", "timeoutSeconds": 10, "admissionReviewVersions": ["v1"],
+            "namespaceSelector": namespace_selector, "objectSelector": object_selector,
+        })
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "istio-sidecar-injector", "labels": {"app": "sidecar-injector"}},
+        "webhooks": [
+            hook("namespace.sidecar-injector.istio.io",
+                json!({"matchLabels": {"istio-injection": "enabled"}}),
+                json!({"matchExpressions": [{"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}]})),
+            hook("object.sidecar-injector.istio.io",
+                json!({"matchExpressions": [{"key": "istio-injection", "operator": "DoesNotExist"}]}),
+                json!({"matchLabels": {"sidecar.istio.io/inject": "true"}})),
+        ],
+    })
+}
+
+async fn wait_ca_bundle(server: &ApiServer, bundle: &str, pilot: &Pilot) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let cfg = server
+            .get(
+                "mutatingwebhookconfigurations",
+                "",
+                "istio-sidecar-injector",
+            )
+            .expect("configuration");
+        let hooks = cfg["webhooks"].as_array().expect("webhooks");
+        if hooks
+            .iter()
+            .all(|h| h["clientConfig"]["caBundle"] == bundle)
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "caBundle not set: {cfg}\n{}",
+            pilot.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 struct Pilot {
     child: Child,
     log: PathBuf,
@@ -337,6 +393,7 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
     server.apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "ferry-bootstrap", "namespace": "legacy"},
         "data": {"bootstrap.yaml": "stale"}}));
+    server.apply(webhook_configuration());
     let dir = server.dir.join("webhook");
     std::fs::create_dir_all(&dir).expect("dir");
     let root = dir.join("root.pem");
@@ -349,6 +406,7 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
         .arg(webhook.to_string())
         .arg("--ca-root-out")
         .arg(&root)
+        .args(["--webhook-config", "istio-sidecar-injector"])
         .args(INJECT_FLAGS)
         .env("KUBECONFIG", server.kubeconfig_path())
         .env("RUST_LOG", "info")
@@ -367,6 +425,17 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let root_pem = std::fs::read(&root).expect("root");
+    // The configuration's caBundle is the mesh CA's root, and is set
+    // again when an upgrade resets it.
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&root_pem);
+    wait_ca_bundle(&server, &bundle, &pilot).await;
+    server.apply(webhook_configuration());
+    wait_ca_bundle(&server, &bundle, &pilot).await;
+    assert_eq!(
+        server.count("PATCH", "mutatingwebhookconfigurations"),
+        2,
+        "patched at start and after the reset"
+    );
     // The certificate the mesh CA made is for the default webhook name.
     let host = "ferry-pilot.istio-system.svc";
     let ask = |object: Value| {
