@@ -915,8 +915,10 @@ fn write(
         object: obj.clone(),
     };
     st.history.push(event.clone());
-    drop(st);
+    // Sent under the store's lock: once a watch reads version N, every
+    // event up to N is in its channel (see the bookmarks).
     let _ = inner.events.send(event);
+    drop(st);
     Ok(obj)
 }
 
@@ -966,8 +968,10 @@ fn remove(inner: &Inner, k: KindDef, key: &Key) -> Result<Value, Failure> {
         object: obj.clone(),
     };
     st.history.push(event.clone());
-    drop(st);
+    // Sent under the store's lock: once a watch reads version N, every
+    // event up to N is in its channel (see the bookmarks).
     let _ = inner.events.send(event);
+    drop(st);
     Ok(obj)
 }
 
@@ -1142,6 +1146,31 @@ async fn watch_response(
                 },
                 _ = tick.tick(), if bookmarks => {
                     let now = inner2.lock().rv;
+                    // Events up to `now` are in the channel: deliver them
+                    // before a bookmark claims their version.
+                    let mut ended = false;
+                    loop {
+                        match events.try_recv() {
+                            Ok(e) if e.rv > last && e.plural == k.plural
+                                && in_scope(&e.object, &ns) && selected(&e.object, &q) => {
+                                if tx.send(line(json!({"type": e.kind, "object": e.object}))).await.is_err() {
+                                    ended = true;
+                                    break;
+                                }
+                                last = e.rv;
+                                set_last(last);
+                            }
+                            Ok(_) => {}
+                            Err(broadcast::error::TryRecvError::Empty) => break,
+                            Err(_) => {
+                                ended = true;
+                                break;
+                            }
+                        }
+                    }
+                    if ended {
+                        break;
+                    }
                     if now > last {
                         let bm = json!({"type": "BOOKMARK", "object": {
                             "kind": k.kind, "apiVersion": k.api_version(),
