@@ -108,7 +108,9 @@ impl Injector {
             Ok(None) => response,
             Ok(Some((namespace, patch))) => match response.clone().with_patch(patch) {
                 Ok(r) => {
-                    injected_into = Some(namespace);
+                    // A dry run changes nothing beside the answer (the
+                    // configuration says `sideEffects: NoneOnDryRun`).
+                    injected_into = (!request.dry_run).then_some(namespace);
                     r
                 }
                 Err(e) => response.deny(format!("cannot encode the patch: {e}")),

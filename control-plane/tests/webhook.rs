@@ -574,6 +574,34 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
         "brought up to date"
     );
 
+    // A dry run (`kubectl create --dry-run=server`) is answered alike and
+    // writes nothing.
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "trial", "labels": {"istio-injection": "enabled"}}}));
+    let trial = pod(&details, "trial");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut sent = review(&trial, "CREATE");
+        sent["request"]["dryRun"] = json!(true);
+        let (_, reply) = post(webhook, &root_pem, host, "/inject", &sent).await;
+        let a = answer(&sent, &reply);
+        if a.patch.is_some() {
+            assert_eq!(a.patched, inject_output(&trial, &dir), "dry run");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "namespace trial not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        server
+            .get("configmaps", "trial", "ferry-bootstrap")
+            .is_none(),
+        "a dry run wrote"
+    );
+
     // `kubectl label namespace legacy istio-injection=enabled`: seen
     // through the watch, the next Pod is injected.
     let mut ns = server.get("namespaces", "", "legacy").expect("legacy");
