@@ -6,7 +6,8 @@
 //! same code). Whether a Pod gets a sidecar is decided as Istio's
 //! injector does: the Pod's `sidecar.istio.io/inject` label or annotation,
 //! else its namespace's `istio-injection: enabled` (or `istio.io/rev`)
-//! label; a Pod injected already, and anything but a Pod being created,
+//! label (a namespace not seen yet was matched by the webhook
+//! configuration's selector, and counts as enabled); a Pod injected already, and anything but a Pod being created,
 //! is allowed unchanged. A Pod the injector cannot inject (a bad
 //! `proxy.istio.io/config`, a capture annotation `ferry iptables` lacks) is
 //! refused with the reason, as istiod refuses it.
@@ -42,7 +43,7 @@ use tokio::net::TcpListener;
 
 use crate::ca::Ca;
 use crate::inject::{BOOTSTRAP_CONFIG_MAP, InjectOptions, bootstrap, inject_pod};
-use crate::istio::translate::registry::injected;
+use crate::istio::translate::registry::{INJECTION_LABEL, injected};
 
 /// The labels of a namespace, when it is known.
 pub type NamespaceLabels = Arc<dyn Fn(&str) -> Option<BTreeMap<String, String>> + Send + Sync>;
@@ -156,8 +157,15 @@ impl Injector {
         };
         let labels = strings(&pod["metadata"]["labels"]);
         let annotations = strings(&pod["metadata"]["annotations"]);
-        let ns_labels = (self.namespace_labels)(&namespace);
-        if !injected(&labels, &annotations, ns_labels.as_ref()) {
+        // A namespace the Kubernetes source has not seen yet (created a
+        // moment ago): the API server called, so the webhook
+        // configuration's namespace selector matched it; it counts as
+        // enabled, and the Pod's own label or annotation still decides.
+        let ns_labels = (self.namespace_labels)(&namespace).unwrap_or_else(|| {
+            tracing::debug!(webhook.namespace = %namespace, "namespace not seen yet; trusting the webhook's selector");
+            BTreeMap::from([(INJECTION_LABEL.to_string(), "enabled".to_string())])
+        });
+        if !injected(&labels, &annotations, Some(&ns_labels)) {
             tracing::debug!(webhook.namespace = %namespace, webhook.pod = %pod_name(pod), "not injected");
             return Ok(None);
         }

@@ -574,6 +574,17 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
         "brought up to date"
     );
 
+    // A namespace the source has not seen yet (created a moment ago): the
+    // API server's selector matched it; the Pod's own label still decides.
+    let fresh = pod(&details, "fresh");
+    let a = ask(fresh.clone()).await;
+    assert!(a.allowed && a.patch.is_some(), "fresh: {}", a.message);
+    assert_eq!(a.patched, inject_output(&fresh, &dir), "fresh namespace");
+    let mut d = details.clone();
+    d["spec"]["template"]["metadata"]["labels"]["sidecar.istio.io/inject"] = json!("false");
+    let a = ask(pod(&d, "fresh")).await;
+    assert!(a.allowed && a.patch.is_none(), "fresh, opted out");
+
     // A dry run (`kubectl create --dry-run=server`) is answered alike and
     // writes nothing.
     server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
