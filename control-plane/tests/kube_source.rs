@@ -3,11 +3,12 @@
 //! bookmarks and 410 Gone), on bookinfo as a cluster holds it: Namespaces,
 //! Services, one Pod per Deployment with its status, the EndpointSlices the
 //! endpoint controller would write, the ingress gateway's Service and Pod,
-//! and Istio's resources (two of Istio's CRDs not installed). The same
-//! objects, as the server stores them, are also written to files: every
-//! proxy's translation from the API must equal its translation from the
-//! files, first, after changes seen through the watch, after watches resume
-//! from a bookmark, and after a relist forced by 410 Gone.
+//! and Istio's resources (two of Istio's CRDs not installed, one of them
+//! installed later). The same objects, as the server stores them, are also
+//! written to files: every proxy's translation from the API must equal its
+//! translation from the files, first, once the CRD is installed, after
+//! changes seen through the watch, after watches resume from a bookmark,
+//! and after a relist forced by 410 Gone.
 
 #![cfg(feature = "kube")]
 
@@ -467,6 +468,52 @@ async fn the_api_source_translates_as_the_files_through_watches_bookmarks_and_re
         "{gateway:?}"
     );
 
+    // A CRD installed later (Sidecar): empty until then, its objects
+    // listed once it is served. productpage may reach reviews only.
+    world.server.serve("sidecars");
+    world.server.apply(json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "Sidecar",
+        "metadata": {"name": "productpage", "namespace": "default"},
+        "spec": {"workloadSelector": {"labels": {"app": "productpage"}},
+                 "egress": [{"hosts": ["./reviews.default.svc.cluster.local", "istio-system/*"]}]}
+    }));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while world.server.count("LIST", "sidecars") < 2
+        || source
+            .list()
+            .expect("list")
+            .of(|s| match s {
+                ferry_pilot::istio::source::Spec::Sidecar(x) => Some(x),
+                _ => None,
+            })
+            .next()
+            .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Sidecar CRD's objects are not listed: {:?}",
+            world.server.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let scoped = converge(&world, &source, "Sidecar CRD installed").await;
+    let names = resource_names(&scoped, "productpage");
+    assert!(
+        !names.iter().any(|n| n.contains("details.default")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("reviews.default")),
+        "{names:?}"
+    );
+    world.server.delete(
+        "networking.istio.io/v1",
+        "Sidecar",
+        "default",
+        "productpage",
+    );
+    assert_eq!(converge(&world, &source, "Sidecar deleted").await, first);
+
     // Changes arrive through the watch: 50/50 between reviews v1 and v3,
     // then reviews-v3 scaled to zero (its Pod gone, its slice emptied).
     world.apply_file("networking/virtual-service-reviews-50-v3.yaml");
@@ -505,7 +552,7 @@ async fn the_api_source_translates_as_the_files_through_watches_bookmarks_and_re
     let watched: Vec<&str> = WATCHED
         .iter()
         .map(|w| w.3)
-        .filter(|p| !matches!(*p, "sidecars" | "workloadentries"))
+        .filter(|p| *p != "workloadentries")
         .collect();
     world.server.wait_watches_at(&watched, rv, WAIT).await;
     world.server.compact();

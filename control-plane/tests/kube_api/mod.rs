@@ -12,7 +12,8 @@
 //! and `kind` out, custom resources keep them. Kinds it does not serve
 //! answer 404, as for a CRD that is not installed.
 //!
-//! The test drives the protocol's hard cases by hand: [`ApiServer::compact`]
+//! The test drives the protocol's hard cases by hand: [`ApiServer::serve`]
+//! installs a kind, [`ApiServer::compact`]
 //! forgets the history, [`ApiServer::drop_watches`] ends every open watch,
 //! [`ApiServer::pause_watches`] holds new ones, and every request is logged
 //! ([`ApiServer::requests`]).
@@ -194,7 +195,7 @@ struct Store {
 
 struct Inner {
     store: Mutex<Store>,
-    served: Vec<KindDef>,
+    served: Mutex<Vec<KindDef>>,
     events: broadcast::Sender<Event>,
     /// Bumped to end every open watch.
     epoch: watch::Sender<u64>,
@@ -250,7 +251,7 @@ impl ApiServer {
         let addr = listener.local_addr().expect("addr");
         let inner = Arc::new(Inner {
             store: Mutex::new(Store::default()),
-            served: options.served,
+            served: Mutex::new(options.served),
             events: broadcast::channel(4096).0,
             epoch: watch::channel(0).0,
             paused: watch::channel(false).0,
@@ -363,6 +364,19 @@ impl ApiServer {
 
     pub fn resource_version(&self) -> u64 {
         self.inner.lock().rv
+    }
+
+    /// Starts serving kind `plural` (a CRD being installed).
+    pub fn serve(&self, plural: &str) {
+        let k = KINDS
+            .iter()
+            .copied()
+            .find(|k| k.plural == plural)
+            .unwrap_or_else(|| panic!("unknown kind {plural}"));
+        let mut served = self.inner.served.lock().unwrap_or_else(|p| p.into_inner());
+        if !served.contains(&k) {
+            served.push(k);
+        }
     }
 
     /// Forgets the history up to now: a watch from an older version gets
@@ -607,12 +621,14 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             format!("no route {path}"),
         );
     };
-    let Some(k) = inner
+    let served = inner
         .served
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
         .iter()
         .copied()
-        .find(|k| k.group == group && k.version == version && k.plural == plural)
-    else {
+        .find(|k| k.group == group && k.version == version && k.plural == plural);
+    let Some(k) = served else {
         // Logged as well: the client asked, the kind is not served.
         let watching = req.uri().query().is_some_and(|q| q.contains("watch=true"));
         let verb = match (name.is_some(), watching) {
