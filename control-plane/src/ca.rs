@@ -199,6 +199,39 @@ impl Ca {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// A serving certificate for `dns_names` (the injection webhook's, as
+    /// istiod signs its own with its CA): DNS SANs, server usage, `ttl`
+    /// capped at the maximum. Returns (leaf PEM, key PEM).
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+        let mut params = CertificateParams::new(dns_names.to_vec())
+            .map_err(|e| CaError::Identity(format!("{dns_names:?}: {e}")))?;
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, first.as_str());
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = offset(now, BACKDATE, false);
+        params.not_after = offset(now, ttl.min(MAX_CERT_TTL), true);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Sign(e.to_string()))?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
     /// Signs `csr_pem` for `identity` (the authenticated caller): the CSR's
     /// signature must verify and every name it asks for must be `identity`.
     /// Returns the chain, leaf first and root last.

@@ -11,6 +11,15 @@
 //! - Istio's labels (`security.istio.io/tlsMode: istio`, the canonical
 //!   service and revision) and the `sidecar.istio.io/status` annotation.
 //!
+//! - the `traffic.sidecar.istio.io/*` capture annotations as `ferry
+//!   iptables` flags (include/exclude outbound IP ranges, include/exclude
+//!   inbound ports, exclude outbound ports); the ones it has no flag for
+//!   are refused, naming the annotation.
+//!
+//! A Pod's workload is named as Istio names it (its Deployment or other
+//! controller), so a pod injected by the webhook ([`inject_pod`]) and the
+//! same pod piped through `ferry-pilot inject` get the same patch.
+//!
 //! As Istio's injector: a template labelled or annotated
 //! `sidecar.istio.io/inject: "false"` is left alone, and so is one already
 //! injected (injecting twice changes nothing). Other documents pass through
@@ -197,11 +206,64 @@ fn env_value(name: &str, value: &str) -> Value {
     map(vec![("name", s(name)), ("value", s(value))])
 }
 
-fn init_container(opts: &InjectOptions, metadata: &[(String, String)]) -> Value {
+/// `traffic.sidecar.istio.io/*` annotations and the `ferry iptables` flag
+/// each becomes (the `istio-iptables` arguments of Istio's injection
+/// template, spelled out).
+const TRAFFIC_FLAGS: [(&str, &str); 5] = [
+    (
+        "traffic.sidecar.istio.io/includeOutboundIPRanges",
+        "--include-outbound-ip-ranges",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        "--exclude-outbound-ip-ranges",
+    ),
+    (
+        "traffic.sidecar.istio.io/includeInboundPorts",
+        "--include-inbound-ports",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeInboundPorts",
+        "--exclude-inbound-ports",
+    ),
+    (
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        "--exclude-outbound-ports",
+    ),
+];
+
+/// Capture annotations `ferry iptables` has no counterpart for: refused
+/// rather than ignored, so a pod never runs with capture it did not ask for.
+const TRAFFIC_UNSUPPORTED: [&str; 3] = [
+    "traffic.sidecar.istio.io/includeOutboundPorts",
+    "traffic.sidecar.istio.io/kubevirtInterfaces",
+    "traffic.sidecar.istio.io/excludeInterfaces",
+];
+
+/// The init container's arguments: `iptables` and a flag per
+/// `traffic.sidecar.istio.io/*` annotation the template carries.
+fn iptables_args(template: &Value) -> Result<Vec<Value>, String> {
+    if let Some(key) = TRAFFIC_UNSUPPORTED
+        .iter()
+        .find(|k| annotation(template, k).is_some())
+    {
+        return Err(format!("annotation {key}: not supported by ferry iptables"));
+    }
+    let mut args = vec![s("iptables")];
+    for (key, flag) in TRAFFIC_FLAGS {
+        if let Some(v) = annotation(template, key) {
+            let v: String = v.split(',').map(str::trim).collect::<Vec<_>>().join(",");
+            args.push(s(&format!("{flag}={v}")));
+        }
+    }
+    Ok(args)
+}
+
+fn init_container(opts: &InjectOptions, metadata: &[(String, String)], args: Vec<Value>) -> Value {
     map(vec![
         ("name", s(INIT_CONTAINER)),
         ("image", s(&opts.init_image)),
-        ("args", Value::Sequence(vec![s("iptables")])),
+        ("args", Value::Sequence(args)),
         (
             "env",
             Value::Sequence(metadata.iter().map(|(k, v)| env_value(k, v)).collect()),
@@ -586,6 +648,7 @@ fn inject_template(
         metadata.retain(|(k, _)| k != "ISTIO_META_INTERCEPTION_MODE");
         metadata.push(("ISTIO_META_INTERCEPTION_MODE".into(), mode.to_string()));
     }
+    let iptables = iptables_args(template)?;
     let prometheus = prometheus_merge(template)?;
 
     let labels = mapping_at(mapping_at_value(template, "metadata"), "labels");
@@ -689,7 +752,7 @@ fn inject_template(
     }
     let inits = seq_at(spec, "initContainers");
     if !no_capture {
-        inits.insert(0, init_container(opts, &metadata));
+        inits.insert(0, init_container(opts, &metadata, iptables));
     }
     if native {
         inits.insert(usize::from(!no_capture), sidecar);
@@ -709,6 +772,52 @@ fn inject_template(
 fn mapping_at_value<'a>(v: &'a mut Value, key: &str) -> &'a mut Value {
     mapping_at(v, key);
     v.get_mut(key).expect("just made")
+}
+
+/// The workload a Pod belongs to, as Istio's injector names it
+/// (`GetDeployMetaFromPod`): for a pod a ReplicaSet controls, its
+/// Deployment (the ReplicaSet's name less `-<pod-template-hash>`); for
+/// another controller, the controller's name; else the pod's name, or its
+/// `generateName` less the trailing dash (a pod being created has no name
+/// yet).
+pub fn pod_workload_name(pod: &Value) -> String {
+    let meta = &pod["metadata"];
+    let owner = meta["ownerReferences"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|o| o["controller"].as_bool() == Some(true));
+    if let Some(owner) = owner
+        && let Some(name) = owner["name"].as_str()
+    {
+        let hash = str_at(meta, &["labels", "pod-template-hash"]);
+        if owner["kind"].as_str() == Some("ReplicaSet")
+            && let Some(hash) = hash
+            && let Some(deployment) = name.strip_suffix(&format!("-{hash}"))
+        {
+            return deployment.to_string();
+        }
+        return name.to_string();
+    }
+    if let Some(name) = meta["name"].as_str().filter(|n| !n.is_empty()) {
+        return name.to_string();
+    }
+    match meta["generateName"].as_str() {
+        Some(g) if !g.is_empty() => g.trim_end_matches('-').to_string(),
+        _ => "workload".to_string(),
+    }
+}
+
+/// Injects one Pod (the admission webhook's object) as [`inject`] injects
+/// a Pod document: `Ok(false)` when it opted out or carries a sidecar
+/// already, and is left as it was.
+pub fn inject_pod(pod: &mut Value, opts: &InjectOptions) -> Result<bool, String> {
+    if !pod.is_mapping() || injected(pod) || opted_out(pod) {
+        return Ok(false);
+    }
+    let workload = pod_workload_name(pod);
+    inject_template(pod, &workload, opts)?;
+    Ok(true)
 }
 
 /// Injects every workload of a multi-document YAML text; returns the new
@@ -740,7 +849,12 @@ pub fn inject(text: &str, opts: &InjectOptions) -> Result<String, InjectError> {
             if injected(template) {
                 namespaces.insert(namespace);
             } else if !opted_out(template) {
-                inject_template(template, &name, opts).map_err(|message| {
+                let workload = if kind == "Pod" {
+                    pod_workload_name(template)
+                } else {
+                    name.clone()
+                };
+                inject_template(template, &workload, opts).map_err(|message| {
                     InjectError::Workload {
                         index,
                         name: name.clone(),
@@ -1038,6 +1152,54 @@ mod tests {
             docs(&inject(&out, &InjectOptions::default()).unwrap()),
             docs(&out)
         );
+    }
+
+    #[test]
+    fn traffic_annotations_become_iptables_flags() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations:\n    traffic.sidecar.istio.io/excludeOutboundIPRanges: \"10.0.0.0/8, 172.16.0.0/12\"\n    traffic.sidecar.istio.io/includeInboundPorts: \"9080\"\n    traffic.sidecar.istio.io/excludeOutboundPorts: \"3306\"\nspec: {containers: [{name: app, image: app}]}\n";
+        let d = docs(&inject(text, &InjectOptions::default()).unwrap());
+        assert_eq!(
+            d[0]["spec"]["initContainers"][0]["args"],
+            Value::Sequence(vec![
+                s("iptables"),
+                s("--exclude-outbound-ip-ranges=10.0.0.0/8,172.16.0.0/12"),
+                s("--include-inbound-ports=9080"),
+                s("--exclude-outbound-ports=3306"),
+            ])
+        );
+        // Without them: Istio's defaults, which are ferry iptables' own.
+        let plain = inject(APP, &InjectOptions::default()).unwrap();
+        assert_eq!(
+            docs(&plain)[1]["spec"]["template"]["spec"]["initContainers"][0]["args"],
+            Value::Sequence(vec![s("iptables")])
+        );
+        // One ferry iptables cannot honour is refused, not ignored.
+        let bad = text.replace("excludeOutboundPorts", "includeOutboundPorts");
+        let e = inject(&bad, &InjectOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("traffic.sidecar.istio.io/includeOutboundPorts"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_pod_is_named_after_its_deployment() {
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  generateName: reviews-v1-7d4b9c8f5-\n  labels: {app: reviews, pod-template-hash: 7d4b9c8f5}\n  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: reviews-v1-7d4b9c8f5, uid: u, controller: true}]\nspec: {containers: [{name: reviews, image: r}]}\n";
+        let d = docs(&inject(pod, &InjectOptions::default()).unwrap());
+        let proxy = &d[0]["spec"]["containers"][1];
+        assert_eq!(
+            env_of(proxy, "ISTIO_META_WORKLOAD_NAME"),
+            Some("reviews-v1")
+        );
+        let mut v = docs(pod).remove(0);
+        assert!(inject_pod(&mut v, &InjectOptions::default()).unwrap());
+        assert_eq!(v, d[0]);
+        // Injected already: left alone.
+        assert!(!inject_pod(&mut v, &InjectOptions::default()).unwrap());
+        let bare = docs("metadata: {generateName: job-}\nspec: {}\n").remove(0);
+        assert_eq!(pod_workload_name(&bare), "job");
     }
 
     #[test]

@@ -12,4 +12,6 @@ pub mod istio;
 pub mod local;
 pub mod pilot;
 pub mod replay;
+#[cfg(feature = "kube")]
+pub mod webhook;
 pub mod xds;

@@ -65,6 +65,8 @@ enum Command {
         mesh: MeshArgs,
         #[command(flatten)]
         serve: ServeArgs,
+        #[command(flatten)]
+        webhook: WebhookArgs,
     },
     /// Adds the sidecar and the init container to every workload of a
     /// Kubernetes YAML file, like `istioctl kube-inject`; prints the result.
@@ -72,23 +74,8 @@ enum Command {
         /// The YAML file (`-` for standard input).
         #[arg(short, long)]
         filename: PathBuf,
-        /// The sidecar image (`ferry`).
-        #[arg(long, default_value = "ferry-proxy:latest")]
-        proxy_image: String,
-        /// The init container image (`ferry iptables`).
-        #[arg(long, default_value = "ferry-init:latest")]
-        init_image: String,
-        /// `host:port` of the control plane's xDS and CA port.
-        #[arg(long, default_value = "ferry-pilot.istio-system.svc:15010")]
-        discovery_address: String,
-        /// The mesh default of `holdApplicationUntilProxyStarts` (a pod's
-        /// `proxy.istio.io/config` wins).
-        #[arg(long)]
-        hold_application_until_proxy_starts: bool,
-        /// Inject native sidecar containers (a pod's
-        /// `sidecar.istio.io/nativeSidecar` wins).
-        #[arg(long)]
-        native_sidecars: bool,
+        #[command(flatten)]
+        inject: InjectArgs,
     },
     /// Validates a directory of Istio configuration like `istioctl analyze`;
     /// exits non-zero on errors.
@@ -141,6 +128,70 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+}
+
+/// What injection puts into pods (`inject`, and the webhook of
+/// `serve-kube`).
+#[derive(Args, Debug, Clone)]
+struct InjectArgs {
+    /// The sidecar image (`ferry`).
+    #[arg(long, default_value = "ferry-proxy:latest")]
+    proxy_image: String,
+    /// The init container image (`ferry iptables`).
+    #[arg(long, default_value = "ferry-init:latest")]
+    init_image: String,
+    /// `host:port` of the control plane's xDS and CA port.
+    #[arg(long, default_value = "ferry-pilot.istio-system.svc:15010")]
+    discovery_address: String,
+    /// The mesh default of `holdApplicationUntilProxyStarts` (a pod's
+    /// `proxy.istio.io/config` wins).
+    #[arg(long)]
+    hold_application_until_proxy_starts: bool,
+    /// Inject native sidecar containers (a pod's
+    /// `sidecar.istio.io/nativeSidecar` wins).
+    #[arg(long)]
+    native_sidecars: bool,
+}
+
+impl InjectArgs {
+    fn options(&self) -> ferry_pilot::inject::InjectOptions {
+        ferry_pilot::inject::InjectOptions {
+            proxy_image: self.proxy_image.clone(),
+            init_image: self.init_image.clone(),
+            discovery_address: self.discovery_address.clone(),
+            hold_application_until_proxy_starts: self.hold_application_until_proxy_starts,
+            native_sidecars: self.native_sidecars,
+        }
+    }
+}
+
+/// The sidecar injection webhook (`AdmissionReview` v1 over HTTPS).
+#[cfg(feature = "kube")]
+#[derive(Args, Debug)]
+struct WebhookArgs {
+    /// Serve the injection webhook (`POST /inject`) here, over HTTPS
+    /// (istiod's port is 15017); off when absent.
+    #[arg(long)]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's certificate chain (PEM); without it the mesh CA makes
+    /// one for --webhook-dns-name, renewed at half its lifetime, and its
+    /// root (--ca-root-out) is the webhook configuration's caBundle.
+    #[arg(long, requires = "webhook_key")]
+    webhook_cert: Option<PathBuf>,
+    /// The private key (PEM) of --webhook-cert.
+    #[arg(long, requires = "webhook_cert")]
+    webhook_key: Option<PathBuf>,
+    /// DNS name of the certificate the CA makes (repeatable): the
+    /// Service the API server calls.
+    #[arg(long, default_values_t = ["ferry-pilot.istio-system.svc".to_string()])]
+    webhook_dns_name: Vec<String>,
+    /// The MutatingWebhookConfiguration whose webhooks' caBundle is kept at
+    /// the mesh CA's root (istiod keeps `istio-sidecar-injector`'s); not
+    /// with --webhook-cert.
+    #[arg(long, conflicts_with = "webhook_cert")]
+    webhook_config: Option<String>,
+    #[command(flatten)]
+    inject: InjectArgs,
 }
 
 #[derive(Args, Debug)]
@@ -261,7 +312,7 @@ fn ca_service(
     args: &ServeArgs,
     pilot: &Arc<ferry_pilot::pilot::Pilot>,
     trust_domain: &str,
-) -> anyhow::Result<ferry_pilot::ca::CaService> {
+) -> anyhow::Result<(ferry_pilot::ca::CaService, Arc<ferry_pilot::ca::Ca>)> {
     use ferry_pilot::ca::{Ca, CaService};
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => {
@@ -286,18 +337,20 @@ fn ca_service(
         let ca = ca.clone();
         Arc::new(move |ip| pilot.workload_at(ip).map(|(ns, sa)| ca.identity(&ns, &sa)))
     };
-    Ok(CaService::new(ca, by_ip))
+    Ok((CaService::new(ca.clone(), by_ip), ca))
 }
 
 /// Translates `snapshot` (the first listing of `source`), follows the
 /// source's changes and serves each proxy's configuration over ADS, with
 /// the mesh CA (CSRs, and certificates over SDS for proxies without an
 /// agent).
+/// `with_ca` starts what else needs the mesh CA (the webhook's certificate).
 async fn serve_pilot(
     snapshot: &ferry_pilot::istio::source::Snapshot,
     source: Arc<dyn ferry_pilot::istio::source::Source>,
     options: ferry_pilot::istio::translate::MeshOptions,
     args: ServeArgs,
+    with_ca: impl FnOnce(Arc<ferry_pilot::ca::Ca>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let trust_domain = options.trust_domain.clone();
     let pilot = Arc::new(ferry_pilot::pilot::Pilot::new(snapshot, options)?);
@@ -307,7 +360,8 @@ async fn serve_pilot(
             .clone()
             .follow(source, std::time::Duration::from_millis(100)),
     );
-    let ca = ca_service(&args, &pilot, &trust_domain)?;
+    let (ca, root) = ca_service(&args, &pilot, &trust_domain)?;
+    with_ca(root)?;
     let resolver = {
         let pilot = pilot.clone();
         Arc::new(
@@ -343,11 +397,11 @@ async fn serve_istio(dir: PathBuf, mesh: MeshArgs, args: ServeArgs) -> anyhow::R
     let snapshot = source
         .list()
         .with_context(|| format!("--config {}", dir.display()))?;
-    serve_pilot(&snapshot, source, options, args).await
+    serve_pilot(&snapshot, source, options, args, |_| Ok(())).await
 }
 
 #[cfg(feature = "kube")]
-async fn serve_kube(mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve_kube(mesh: MeshArgs, args: ServeArgs, webhook: WebhookArgs) -> anyhow::Result<()> {
     use ferry_pilot::istio::kube_source::KubeSource;
     use ferry_pilot::istio::source::Source;
     let options = mesh.options()?;
@@ -355,7 +409,63 @@ async fn serve_kube(mesh: MeshArgs, args: ServeArgs) -> anyhow::Result<()> {
     source.spawn_watchers();
     source.wait_synced().await;
     let snapshot = source.list()?;
-    serve_pilot(&snapshot, source, options, args).await
+    let labels = source.clone();
+    let client = source.client();
+    let start_webhook = move |ca: Arc<ferry_pilot::ca::Ca>| match webhook.webhook_addr {
+        Some(addr) => {
+            let labels: ferry_pilot::webhook::NamespaceLabels =
+                Arc::new(move |ns: &str| labels.namespace_labels(ns));
+            start_webhook(addr, &webhook, ca, labels, client)
+        }
+        None => Ok(()),
+    };
+    serve_pilot(&snapshot, source, options, args, start_webhook).await
+}
+
+/// Binds the webhook's address and serves it until the process stops.
+#[cfg(feature = "kube")]
+fn start_webhook(
+    addr: SocketAddr,
+    args: &WebhookArgs,
+    ca: Arc<ferry_pilot::ca::Ca>,
+    namespace_labels: ferry_pilot::webhook::NamespaceLabels,
+    client: kube::Client,
+) -> anyhow::Result<()> {
+    use ferry_pilot::webhook::{Injector, ServingCert, serve, tls_config};
+    if let Some(name) = &args.webhook_config {
+        tokio::spawn(ferry_pilot::webhook::keep_ca_bundle(
+            client.clone(),
+            name.clone(),
+            ca.root_pem().to_string(),
+        ));
+    }
+    let cert = match (&args.webhook_cert, &args.webhook_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("{}", p.display()));
+            ServingCert::given(&read(cert)?, &read(key)?)
+                .with_context(|| format!("--webhook-cert {}", cert.display()))?
+        }
+        _ => ServingCert::from_ca(
+            ca,
+            args.webhook_dns_name.clone(),
+            ferry_pilot::ca::MAX_CERT_TTL,
+        )?,
+    };
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("--webhook-addr {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = TcpListener::from_std(listener)?;
+    let injector = Arc::new(
+        Injector::new(args.inject.options(), namespace_labels).with_bootstrap_config_maps(client),
+    );
+    tracing::info!(webhook.addr = %addr, webhook.certificate = if args.webhook_cert.is_some() { "given" } else { "mesh CA" }, "injection webhook serving");
+    tokio::spawn(serve(
+        listener,
+        tls_config(Arc::new(cert)),
+        injector,
+        shutdown_signal(),
+    ));
+    Ok(())
 }
 
 fn analyze(dir: &std::path::Path, mesh: &MeshArgs) -> anyhow::Result<bool> {
@@ -456,21 +566,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .block_on(serve_istio(config, mesh, serve));
         }
         #[cfg(feature = "kube")]
-        Command::ServeKube { mesh, serve } => {
+        Command::ServeKube {
+            mesh,
+            serve,
+            webhook,
+        } => {
             return tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(serve_kube(mesh, serve));
+                .block_on(serve_kube(mesh, serve, webhook));
         }
-        Command::Inject {
-            filename,
-            proxy_image,
-            init_image,
-            discovery_address,
-            hold_application_until_proxy_starts,
-            native_sidecars,
-        } => {
+        Command::Inject { filename, inject } => {
             use std::io::Read;
             let text = if filename.as_os_str() == "-" {
                 let mut t = String::new();
@@ -480,14 +587,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::read_to_string(&filename)
                     .with_context(|| format!("{}", filename.display()))?
             };
-            let opts = ferry_pilot::inject::InjectOptions {
-                proxy_image,
-                init_image,
-                discovery_address,
-                hold_application_until_proxy_starts,
-                native_sidecars,
-            };
-            let out = ferry_pilot::inject::inject(&text, &opts)
+            let out = ferry_pilot::inject::inject(&text, &inject.options())
                 .with_context(|| format!("{}", filename.display()))?;
             use std::io::Write;
             std::io::stdout().write_all(out.as_bytes())?;
@@ -542,11 +642,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .block_on(serve(resources, args))
 }
 
+/// An error and its causes on one line. Many errors name their cause in
+/// their own message too (`cannot read F: No such file…`), so a cause
+/// whose text is already there is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-pilot: {e:#}");
+            eprintln!("ferry-pilot: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

@@ -123,8 +123,9 @@ pub struct IptablesArgs {
     #[arg(long, default_value = "/etc/resolv.conf", value_name = "PATH")]
     pub resolv_conf: PathBuf,
 
-    /// Print the iptables-restore input and change nothing.
-    #[arg(long, conflicts_with = "cleanup")]
+    /// Print the iptables-restore input and change nothing (with --cleanup:
+    /// what removing the current rules would run).
+    #[arg(long)]
     pub dry_run: bool,
 
     /// Remove Ferry's chains and the jumps into them.
@@ -364,7 +365,13 @@ pub fn run_with_output(args: &IptablesArgs, out: &mut dyn Write) -> Result<(), I
         // Cleanup takes no rule options, but a bad flag still deserves an error rather than
         // silence, so the same validation runs first.
         Config::parse(args)?;
-        return cleanup(args);
+        let removal = cleanup(args)?;
+        if args.dry_run {
+            out.write_all(removal.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(IptablesError::Output)?;
+        }
+        return Ok(());
     }
     let set = rules(args)?;
     if args.dry_run {
@@ -404,22 +411,31 @@ fn apply(backend: &Backend, rules: &TableRules) -> Result<(), IptablesError> {
     Ok(())
 }
 
-fn cleanup(args: &IptablesArgs) -> Result<(), IptablesError> {
+/// Removes Ferry's rules and returns the iptables-restore input that did
+/// it; with `--dry-run` only returns it (read from the current rules) and
+/// changes nothing.
+fn cleanup(args: &IptablesArgs) -> Result<String, IptablesError> {
     let v4 = Backend::detect(args.iptables_bin.as_deref())?;
-    cleanup_table(&v4)?;
+    let mut removal = cleanup_table(&v4, args.dry_run)?;
     // Rules from an earlier `--ipv6` run must go even if this run forgot the flag, so IPv6 is
     // always attempted; without the flag a host lacking ip6tables is not an error.
-    match v4.ipv6().and_then(|v6| cleanup_table(&v6)) {
-        Ok(()) => Ok(()),
+    match v4.ipv6().and_then(|v6| cleanup_table(&v6, args.dry_run)) {
+        Ok(v6) => {
+            removal.push_str(&v6);
+            Ok(removal)
+        }
         Err(e) if !args.ipv6 => {
             tracing::debug!(error = %e, "skipping ip6tables cleanup");
-            Ok(())
+            Ok(removal)
         }
         Err(e) => Err(e),
     }
 }
 
-fn cleanup_table(backend: &Backend) -> Result<(), IptablesError> {
+/// The iptables-restore inputs that remove Ferry's rules from what
+/// `backend` holds now: the raw table's, then the nat table's (either may
+/// be absent when there is nothing to remove).
+fn cleanup_inputs(backend: &Backend) -> Result<(Option<String>, Option<String>), IptablesError> {
     let current = backend.save()?;
     let stale = jumps_into_own_chains(&current);
     let present = own_chains_present(&current);
@@ -435,13 +451,8 @@ fn cleanup_table(backend: &Backend) -> Result<(), IptablesError> {
         &jumps_into(&raw, "*raw", &RAW_CHAINS),
         &chains_present(&raw, "*raw", &RAW_CHAINS),
     );
-    if let Some(r) = raw_cleanup {
-        tracing::debug!(iptables.input = %r, "removing raw rules");
-        backend.restore(&r)?;
-    }
     if stale.is_empty() && present.is_empty() {
-        tracing::info!(iptables.bin = %backend.iptables.display(), "no capture rules to remove");
-        return Ok(());
+        return Ok((raw_cleanup, None));
     }
     // Jumps first, then flush every chain before deleting any: Ferry's chains jump into each
     // other, and a chain still referenced cannot be deleted.
@@ -457,10 +468,33 @@ fn cleanup_table(backend: &Backend) -> Result<(), IptablesError> {
         input.push_str(&format!("-X {chain}\n"));
     }
     input.push_str("COMMIT\n");
+    Ok((raw_cleanup, Some(input)))
+}
+
+/// Removes Ferry's rules from one family's tables (unless `dry_run`);
+/// returns the iptables-restore input for it.
+fn cleanup_table(backend: &Backend, dry_run: bool) -> Result<String, IptablesError> {
+    let (raw, nat) = cleanup_inputs(backend)?;
+    let text = format!(
+        "{}{}",
+        raw.as_deref().unwrap_or_default(),
+        nat.as_deref().unwrap_or_default()
+    );
+    if dry_run {
+        return Ok(text);
+    }
+    if let Some(r) = raw {
+        tracing::debug!(iptables.input = %r, "removing raw rules");
+        backend.restore(&r)?;
+    }
+    let Some(input) = nat else {
+        tracing::info!(iptables.bin = %backend.iptables.display(), "no capture rules to remove");
+        return Ok(text);
+    };
     tracing::debug!(iptables.bin = %backend.iptables.display(), iptables.input = %input, "removing nat rules");
     backend.restore(&input)?;
     tracing::info!(iptables.bin = %backend.iptables.display(), "capture rules removed");
-    Ok(())
+    Ok(text)
 }
 
 /// Turns a saved `-A CHAIN spec` line into `-D CHAIN spec`, which deletes that exact rule.
@@ -1630,9 +1664,12 @@ COMMIT
     }
 
     #[test]
-    fn dry_run_conflicts_with_cleanup() {
+    fn dry_run_goes_with_cleanup() {
+        // `--cleanup --dry-run` shows the removal (tests/tests/iptables.rs
+        // runs it against real rules).
         let argv = ["ferry-iptables", "--dry-run", "--cleanup"];
-        assert!(Cli::try_parse_from(argv).is_err());
+        let cli = Cli::try_parse_from(argv).expect("both flags");
+        assert!(cli.args.dry_run && cli.args.cleanup);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ferry_proxy::iptables::IptablesArgs;
 use ferry_proxy::run::{RunOptions, run};
 
@@ -423,10 +423,43 @@ fn ensure_allocator_options() {
     drop(err);
 }
 
+/// The command line, with the help of the flags whose defaults depend on
+/// the command said for each: `ProxyArgs` is shared, but a gateway's node
+/// is a `router`, not a `sidecar`.
+fn parse_cli() -> Cli {
+    let command = Cli::command().mut_subcommand("gateway", |c| {
+        c.mut_arg("node_id", |a| {
+            a.help(
+                "Node id sent to the xDS server (default: the bootstrap's, else \
+                 `router~$INSTANCE_IP~$POD_NAME.$POD_NAMESPACE~$POD_NAMESPACE.svc.cluster.local`)",
+            )
+        })
+        .mut_arg("dns_capture", |a| {
+            a.help("Ignored by gateways: the DNS proxy runs for sidecars only, as istio-agent's")
+        })
+    });
+    Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
+/// An error and its causes on one line. Many errors name their cause in
+/// their own message too (`cannot read F: No such file…`), so a cause
+/// whose text is already there is not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     #[cfg(feature = "mimalloc")]
     ensure_allocator_options();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let result = match cli.command {
         Command::Sidecar(a) => proxy(a, "sidecar"),
         Command::Gateway(a) => proxy(a, "router"),
@@ -438,7 +471,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: {e:#}");
+            eprintln!("ferry: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }

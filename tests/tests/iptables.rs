@@ -158,7 +158,25 @@ fn cleanup_removes_everything_and_is_idempotent() -> Result<()> {
     assert_eq!(nat(&pod)?, before);
 
     apply(&pod, &[])?;
-    assert!(nat(&pod)?.contains("ISTIO_"));
+    let installed = nat(&pod)?;
+    assert!(installed.contains("ISTIO_"));
+    // `--cleanup --dry-run` (the README's `[--dry-run] [--cleanup]`) prints
+    // what removing the current rules would run, and removes nothing.
+    let out = ferry_iptables(&pod, &["--cleanup", "--dry-run"])?;
+    ensure!(
+        out.status.success(),
+        "--cleanup --dry-run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let removal = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        removal.starts_with("*nat\n")
+            && removal.contains("-D OUTPUT -p tcp -j ISTIO_OUTPUT")
+            && removal.contains("-X ISTIO_OUTPUT")
+            && removal.ends_with("COMMIT\n"),
+        "{removal}"
+    );
+    assert_eq!(nat(&pod)?, installed, "a dry run changed the rules");
     apply(&pod, &["--cleanup"])?;
     let after = nat(&pod)?;
     assert!(!after.contains("ISTIO_"), "{after}");

@@ -34,7 +34,7 @@ enum Mode {
 }
 
 #[derive(Debug, Parser)]
-#[command(about = "Fixed-response upstream for the Ferry load harness")]
+#[command(version, about = "Fixed-response upstream for the Ferry load harness")]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:18080")]

@@ -25,7 +25,10 @@ enum Mode {
 }
 
 #[derive(Debug, Parser)]
-#[command(about = "TCP request/response and throughput client for the Ferry load harness")]
+#[command(
+    version,
+    about = "TCP request/response and throughput client for the Ferry load harness"
+)]
 struct Args {
     /// Address of the echo/sink server, or of the proxy listener in front of it.
     #[arg(long)]

@@ -1,10 +1,14 @@
-//! The Kubernetes API as a [`Source`] (cargo feature `kube`): one
-//! list+watch per kind translation reads (Services, Pods, Namespaces,
-//! EndpointSlices and Istio's networking and security CRDs), each kept as
-//! `DynamicObject`s in memory and handed to the same parser as the YAML
-//! files, so validation and translation cannot tell the two sources apart.
-//! A kind whose API the cluster does not serve (Istio's CRDs not
-//! installed) counts as empty. Every applied change bumps the counter
+//! The Kubernetes API as a [`Source`] (cargo feature `kube`, on by
+//! default): one list+watch per kind translation reads (Services, Pods,
+//! Namespaces, EndpointSlices and Istio's networking and security CRDs),
+//! each kept as `DynamicObject`s in memory and handed to the same parser as
+//! the YAML files, so validation and translation cannot tell the two
+//! sources apart. kube-rs' watcher speaks the protocol: a paged list, then
+//! a watch from the list's `resourceVersion` resumed from the last event or
+//! bookmark, and a relist when the server answers 410 Gone (the version was
+//! compacted away); a relist replaces the kind's objects at once. A kind
+//! whose API the cluster does not serve (Istio's CRDs not installed) counts
+//! as empty until it is. Every applied change bumps the counter
 //! [`Source::subscribe`] hands out; `list` returns the current objects.
 
 use std::collections::BTreeMap;
@@ -83,14 +87,16 @@ type Store = BTreeMap<(String, String), serde_json::Value>;
 #[derive(Default)]
 struct State {
     stores: BTreeMap<&'static str, Store>,
-    /// Kinds whose first list completed (or that the API does not serve).
-    synced: usize,
+    /// Kinds (plurals) whose first list completed (or that the API does not
+    /// serve).
+    listed: Vec<&'static str>,
 }
 
 pub struct KubeSource {
     client: kube::Client,
     state: Mutex<State>,
     changes: watch::Sender<u64>,
+    namespace_changes: watch::Sender<u64>,
     synced: watch::Sender<usize>,
 }
 
@@ -108,8 +114,14 @@ impl KubeSource {
             client,
             state: Mutex::new(State::default()),
             changes: watch::channel(0).0,
+            namespace_changes: watch::channel(0).0,
             synced: watch::channel(0).0,
         })
+    }
+
+    /// The client the watchers use.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
     }
 
     /// Starts one watcher per kind; they run until the runtime stops.
@@ -125,30 +137,78 @@ impl KubeSource {
         }
     }
 
-    /// Waits until every kind was listed once.
+    /// Waits until every kind was listed once, saying every 10 s which
+    /// kinds are still missing (a forbidden list, an unreachable server).
     pub async fn wait_synced(&self) {
         let mut rx = self.synced.subscribe();
-        let _ = rx.wait_for(|n| *n >= WATCHED.len()).await;
+        loop {
+            let all = rx.wait_for(|n| *n >= WATCHED.len());
+            if tokio::time::timeout(std::time::Duration::from_secs(10), all)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            let listed: Vec<&str> = self.lock().listed.to_vec();
+            let missing: Vec<&str> = WATCHED
+                .iter()
+                .map(|w| w.3)
+                .filter(|p| !listed.contains(p))
+                .collect();
+            tracing::warn!(kube.missing = %missing.join(","), "still waiting for the first list of these kinds");
+        }
+    }
+
+    /// The labels of namespace `name`, if it is known.
+    pub fn namespace_labels(&self, name: &str) -> Option<BTreeMap<String, String>> {
+        let st = self.lock();
+        let ns = st
+            .stores
+            .get("Namespace")?
+            .get(&(String::new(), name.to_string()))?;
+        let labels = ns.get("metadata")?.get("labels");
+        Some(
+            labels
+                .and_then(|l| serde_json::from_value(l.clone()).ok())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// The names of every namespace known.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.lock()
+            .stores
+            .get("Namespace")
+            .map(|s| s.keys().map(|(_, name)| name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Bumped on every change of the namespaces (for what follows them).
+    pub fn subscribe_namespaces(&self) -> watch::Receiver<u64> {
+        self.namespace_changes.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn mark_synced(&self, kind: &'static str, first: &mut bool) {
+    fn mark_synced(&self, plural: &'static str, first: &mut bool) {
         if std::mem::take(first) {
             let n = {
                 let mut st = self.lock();
-                st.synced += 1;
-                st.synced
+                st.listed.push(plural);
+                st.listed.len()
             };
             self.synced.send_replace(n);
-            tracing::info!(kube.kind = kind, "listed");
+            tracing::info!(kube.kind = plural, "listed");
         }
     }
 
     async fn watch_kind(self: Arc<Self>, api: Api<DynamicObject>, ar: ApiResource) {
-        let kind: &'static str = WATCHED.iter().find(|w| w.2 == ar.kind).map_or("", |w| w.2);
+        let (kind, plural): (&'static str, &'static str) = WATCHED
+            .iter()
+            .find(|w| w.2 == ar.kind)
+            .map_or(("", ""), |w| (w.2, w.3));
         let mut first = true;
         let mut pending: Store = Store::new();
         let mut stream = watcher(api, watcher::Config::default())
@@ -171,7 +231,8 @@ impl KubeSource {
                     self.lock()
                         .stores
                         .insert(kind, std::mem::take(&mut pending));
-                    self.mark_synced(kind, &mut first);
+                    self.mark_synced(plural, &mut first);
+                    tracing::debug!(kube.kind = plural, "(re)listed");
                     true
                 }
                 Ok(watcher::Event::Apply(obj)) => match entry(&ar, obj) {
@@ -198,31 +259,55 @@ impl KubeSource {
                 Err(e) => {
                     // A kind the cluster does not serve (Istio not
                     // installed) counts as empty, and is looked for again
-                    // with back-off; other errors are retried the same way.
-                    if is_not_found(&e) {
-                        if first {
+                    // with back-off; other errors are retried the same way
+                    // (410 Gone is the watcher's cue to relist).
+                    match status_code(&e) {
+                        Some(404) => {
+                            if first {
+                                tracing::info!(
+                                    kube.kind = plural,
+                                    "not served by this cluster; empty until it is"
+                                );
+                            }
+                            self.mark_synced(plural, &mut first);
+                        }
+                        Some(410) => {
                             tracing::info!(
-                                kube.kind = kind,
-                                "not served by this cluster; empty until it is"
+                                kube.kind = plural,
+                                "watch expired (410 Gone); relisting"
                             );
                         }
-                        self.mark_synced(kind, &mut first);
-                    } else {
-                        tracing::warn!(kube.kind = kind, error = %e, "watch failed; retrying");
+                        Some(403) => tracing::error!(
+                            kube.kind = plural,
+                            error = %e,
+                            "forbidden: ferry-pilot's ClusterRole must allow get, list and watch on it"
+                        ),
+                        _ => {
+                            tracing::warn!(kube.kind = plural, error = %e, "watch failed; retrying")
+                        }
                     }
                     false
                 }
             };
             if changed {
                 self.changes.send_modify(|n| *n += 1);
+                if kind == "Namespace" {
+                    self.namespace_changes.send_modify(|n| *n += 1);
+                }
             }
         }
     }
 }
 
-fn is_not_found(e: &watcher::Error) -> bool {
-    let text = e.to_string();
-    text.contains("404") || text.contains("NotFound") || text.contains("not found")
+/// The HTTP status the API server answered with, if the error is one.
+fn status_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
 }
 
 /// An object as the YAML parser expects it: `apiVersion` and `kind` set

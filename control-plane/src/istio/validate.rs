@@ -151,6 +151,29 @@ impl fmt::Display for Finding {
     }
 }
 
+/// The resources of a conflict other than `me`, each with the file and
+/// line it comes from: several files often hold objects of the same name
+/// (Istio's samples define `reviews` in five), and the name alone would
+/// repeat without saying which is which.
+fn others(me: &Resource, all: &[&Resource]) -> String {
+    all.iter()
+        .filter(|r| !std::ptr::eq(**r, me))
+        .map(|r| format!("{} ({})", r.key(), r.origin))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// When the conflict is one object (same kind, namespace and name) in
+/// several files, what applying them all would do.
+fn same_object_note(me: &Resource, all: &[&Resource]) -> &'static str {
+    let key = me.key();
+    if all.iter().any(|r| !std::ptr::eq(*r, me) && r.key() == key) {
+        " (the same object in several files: `kubectl apply` keeps the last one applied; apply one of them)"
+    } else {
+        ""
+    }
+}
+
 /// Whether any finding is an error (what makes `analyze` exit non-zero).
 pub fn has_errors(findings: &[Finding]) -> bool {
     findings.iter().any(|f| f.severity == Severity::Error)
@@ -451,15 +474,15 @@ impl Validator {
             if rs.len() < 2 {
                 continue;
             }
-            let names: Vec<String> = rs.iter().map(|r| r.key().to_string()).collect();
             for r in &rs {
                 self.findings.push(finding(
                     r,
                     Code::ConflictingMeshGatewayVirtualServiceHosts,
                     "spec.hosts",
                     format!(
-                        "the VirtualServices {} bound to the mesh gateway all define host {host}; only one takes effect",
-                        names.join(", ")
+                        "host {host} is also defined for the mesh gateway by {}; only one takes effect{}",
+                        others(r, &rs),
+                        same_object_note(r, &rs)
                     ),
                 ));
             }
@@ -468,7 +491,6 @@ impl Validator {
             if rs.len() < 2 {
                 continue;
             }
-            let names: Vec<String> = rs.iter().map(|r| r.key().to_string()).collect();
             let selector: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
             for r in &rs {
                 self.findings.push(finding(
@@ -476,9 +498,10 @@ impl Validator {
                     Code::ConflictingGateways,
                     "spec.servers",
                     format!(
-                        "the Gateways {} all serve host {host} on port {port} for workloads {{{}}}; only one takes effect",
-                        names.join(", "),
-                        selector.join(",")
+                        "host {host} on port {port} for workloads {{{}}} is also served by {}; only one takes effect{}",
+                        selector.join(","),
+                        others(r, &rs),
+                        same_object_note(r, &rs)
                     ),
                 ));
             }

@@ -21,12 +21,24 @@ use crate::run::{RunOptions, run};
 
 const BOOTSTRAP: &str = include_str!("bootstrap.yaml");
 
-/// The built-in configuration with its ports filled in.
-pub fn bootstrap(ports: &[(&str, u16)]) -> String {
+/// The ports the built-in configuration names, each once: the HTTP and
+/// TCP listeners, the HTTP backend, the echo server and the admin.
+pub const HTTP_PORT: u16 = 10000;
+pub const TCP_PORT: u16 = 10001;
+pub const BACKEND_HTTP: u16 = 10080;
+pub const BACKEND_TCP: u16 = 10081;
+pub const ADMIN_PORT: u16 = 9901;
+
+/// The built-in configuration with its ports (`port_value: N`) replaced:
+/// `(port in the file, port to use)`.
+pub fn bootstrap(ports: &[(u16, u16)]) -> String {
     ports
         .iter()
-        .fold(BOOTSTRAP.to_string(), |text, (name, port)| {
-            text.replace(&format!("${{{name}}}"), &port.to_string())
+        .fold(BOOTSTRAP.to_string(), |text, (from, to)| {
+            text.replace(
+                &format!("port_value: {from}}}"),
+                &format!("port_value: {to}}}"),
+            )
         })
 }
 
@@ -105,11 +117,11 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
     let (http_port, tcp_port, admin_port) =
         (free_port().await?, free_port().await?, free_port().await?);
     let text = bootstrap(&[
-        ("HTTP_PORT", http_port),
-        ("TCP_PORT", tcp_port),
-        ("ADMIN_PORT", admin_port),
-        ("BACKEND_HTTP", backend_l.local_addr()?.port()),
-        ("BACKEND_TCP", echo_l.local_addr()?.port()),
+        (HTTP_PORT, http_port),
+        (TCP_PORT, tcp_port),
+        (ADMIN_PORT, admin_port),
+        (BACKEND_HTTP, backend_l.local_addr()?.port()),
+        (BACKEND_TCP, echo_l.local_addr()?.port()),
     ]);
     tokio::spawn(serve_backend(backend_l));
     tokio::spawn(serve_echo(echo_l));
@@ -201,4 +213,39 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
     proxy.await.context("proxy task")??;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file names each of its ports once, as `port_value: N}`, so that
+    /// `ferry demo` moves every one of them and nothing else.
+    #[test]
+    fn every_port_of_the_file_is_replaced() {
+        let ports = [HTTP_PORT, TCP_PORT, BACKEND_HTTP, BACKEND_TCP, ADMIN_PORT];
+        for p in ports {
+            assert_eq!(
+                BOOTSTRAP.matches(&format!("port_value: {p}}}")).count(),
+                1,
+                "port {p}"
+            );
+        }
+        let moved: Vec<(u16, u16)> = ports.iter().map(|&p| (p, p + 30000)).collect();
+        let text = bootstrap(&moved);
+        for (from, to) in moved {
+            assert!(
+                !text.contains(&format!("port_value: {from}}}")),
+                "{from} left"
+            );
+            assert!(
+                text.contains(&format!("port_value: {to}}}")),
+                "{to} missing"
+            );
+        }
+        // Both parse as bootstraps.
+        for t in [BOOTSTRAP, text.as_str()] {
+            ferry_xds::bootstrap::parse_bootstrap("demo", t).expect("a valid bootstrap");
+        }
+    }
 }
