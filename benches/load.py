@@ -44,7 +44,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("FERRY_TOOLS", REPO / "target" / "tools"))
-SCENARIOS = ("http1", "h2", "tcp", "istio20")
+SCENARIOS = ("http1", "h2", "tcp", "istio20", "mtls", "handshake", "resume", "idle")
+# Scenarios with two proxies: a client sidecar in front of a server sidecar.
+TWO_PROXY = ("mtls",)
+# Scenarios without a direct target (the backend speaks no TLS).
+PROXY_ONLY = ("handshake", "resume", "idle")
+# What the idle scenario holds, one kind after the other.
+IDLE_KINDS = ("http1", "h2", "tcp", "mtls")
 TARGETS = ("direct", "ferry", "envoy")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Background CPU (% of one core) above which a round is flagged: loopback softirq
@@ -218,9 +224,80 @@ class Ports:
     h2: int
     tcp: int
     istio20: int
+    mtls: int
+    mtls_out: int
+    # Where the client sidecar's mTLS cluster points: the server sidecar's mTLS
+    # listener (its own when the process plays both roles).
+    mtls_peer: int = 0
+
+    @staticmethod
+    def fresh() -> Ports:
+        p = Ports(*(free_port() for _ in range(7)))
+        p.mtls_peer = p.mtls
+        return p
 
     def for_scenario(self, scenario: str) -> int:
-        return {"http1": self.http1, "h2": self.h2, "tcp": self.tcp, "istio20": self.istio20}[scenario]
+        return {
+            "http1": self.http1,
+            "h2": self.h2,
+            "tcp": self.tcp,
+            "istio20": self.istio20,
+            "mtls": self.mtls_out,
+            "handshake": self.mtls,
+            "resume": self.mtls,
+        }[scenario]
+
+
+@dataclass
+class Certs:
+    """Istio-shaped workload certificates: one CA, a server and a client leaf
+    with SPIFFE URI SANs (the server's also has a DNS name for clients that
+    check one). Both proxies get the same files."""
+
+    dir: Path
+    key: str
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.pem"
+
+    def cert(self, role: str) -> Path:
+        return self.dir / f"{role}.pem"
+
+    def keyfile(self, role: str) -> Path:
+        return self.dir / f"{role}.key"
+
+
+SPIFFE = "spiffe://cluster.local/ns/bench/sa/{role}"
+SERVER_DNS = "server.bench.local"
+
+
+def make_certs(dir: Path, key: str) -> Certs:
+    """RSA 2048 (Istio's default workload key) or ECDSA P-256, with openssl."""
+    if shutil.which("openssl") is None:
+        raise HarnessError("openssl not found (install: apt-get install -y openssl)")
+    dir.mkdir(parents=True, exist_ok=True)
+    newkey = ["-newkey", "rsa:2048"] if key == "rsa" else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+
+    def run(argv: list[str]) -> None:
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=dir)
+        if done.returncode != 0:
+            raise HarnessError(f"{' '.join(argv)} failed:\n{done.stderr}")
+
+    run(["openssl", "req", "-x509", *newkey, "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "30",
+         "-subj", "/O=ferry-bench/CN=ferry-bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"])  # fmt: skip
+    for role in ("server", "client"):
+        san = f"URI:{SPIFFE.format(role=role)}" + (f",DNS:{SERVER_DNS}" if role == "server" else "")
+        (dir / f"{role}.ext").write_text(
+            f"subjectAltName=critical,{san}\nbasicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
+        )
+        run(["openssl", "req", *newkey, "-nodes", "-keyout", f"{role}.key", "-out", f"{role}.csr",
+             "-subj", "/O=ferry-bench"])  # fmt: skip
+        run(["openssl", "x509", "-req", "-in", f"{role}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{role}.pem", "-days", "30", "-extfile", f"{role}.ext"])  # fmt: skip
+    return Certs(dir, key)
 
 
 def http_listener(name: str, port: int, cluster: str) -> str:
@@ -304,6 +381,87 @@ def istio_listener(name: str, port: int, cluster: str) -> str:
 """
 
 
+def tls_files(certs: Certs, role: str, indent: int) -> str:
+    pad = " " * indent
+    return (
+        f"{pad}tls_certificates:\n"
+        f"{pad}- certificate_chain: {{ filename: {certs.cert(role)} }}\n"
+        f"{pad}  private_key: {{ filename: {certs.keyfile(role)} }}\n"
+        f"{pad}validation_context:\n"
+        f"{pad}  trusted_ca: {{ filename: {certs.ca} }}\n"
+        f"{pad}  match_typed_subject_alt_names:\n"
+        f"{pad}  - san_type: URI\n"
+    )
+
+
+def mtls_listeners(ports: Ports, certs: Certs) -> str:
+    """The two ends of Istio's mutual TLS between sidecars.
+
+    "mtls" is the server sidecar's inbound listener: TLS that requires a client
+    certificate from the mesh CA with a SPIFFE identity, then the HTTP connection
+    manager to the backend. "mtls_out" is the client sidecar's outbound
+    listener: plaintext HTTP from the app, routed to the cluster "mtls_server",
+    which originates mTLS to the server sidecar and checks its SPIFFE identity.
+    """
+    return f"""\
+  - name: mtls
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {ports.mtls} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            alpn_protocols: ["h2", "http/1.1"]
+{tls_files(certs, "server", 12)}\
+                matcher: {{ prefix: "spiffe://cluster.local/" }}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: mtls
+          codec_type: AUTO
+          route_config:
+            name: mtls_routes
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: backend }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+""" + http_listener("mtls_out", ports.mtls_out, "mtls_server")
+
+
+def mtls_cluster(ports: Ports, certs: Certs) -> str:
+    return f"""\
+  - name: mtls_server
+    type: STATIC
+    connect_timeout: 1s
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: outbound_.8080_._.server.bench.svc.cluster.local
+        common_tls_context:
+          alpn_protocols: ["istio-http/1.1", "istio", "http/1.1"]
+{tls_files(certs, "client", 10)}\
+              matcher: {{ exact: "{SPIFFE.format(role="server")}" }}
+    load_assignment:
+      cluster_name: mtls_server
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {ports.mtls_peer} }}
+"""
+
+
 def static_cluster(name: str, port: int, extra: str = "") -> str:
     return f"""\
   - name: {name}
@@ -327,8 +485,16 @@ H2_UPSTREAM = """\
           http2_protocol_options: {}
 """
 
+# The idle scenario holds more proxied TCP connections, each with its own upstream
+# connection, than the default circuit breaker's 1024 upstream connections.
+MANY_CONNECTIONS = """\
+    circuit_breakers:
+      thresholds:
+      - { max_connections: 1000000, max_pending_requests: 1000000, max_requests: 1000000 }
+"""
 
-def bootstrap_yaml(ports: Ports, backend_http: int, backend_echo: int) -> str:
+
+def bootstrap_yaml(ports: Ports, backend_http: int, backend_echo: int, certs: Certs) -> str:
     """Plain Envoy v3 static bootstrap; deliberately nothing Envoy-only beyond defaults."""
     return (
         f"""\
@@ -345,6 +511,7 @@ static_resources:
         + http_listener("http1", ports.http1, "backend")
         + http_listener("h2", ports.h2, "backend_h2")
         + istio_listener("istio20", ports.istio20, "backend")
+        + mtls_listeners(ports, certs)
         + f"""\
   - name: tcp
     address:
@@ -360,7 +527,8 @@ static_resources:
 """
         + static_cluster("backend", backend_http)
         + static_cluster("backend_h2", backend_http, H2_UPSTREAM)
-        + static_cluster("backend_tcp", backend_echo)
+        + static_cluster("backend_tcp", backend_echo, MANY_CONNECTIONS)
+        + mtls_cluster(ports, certs)
     )
 
 
@@ -458,8 +626,14 @@ class Settings:
     tcp_connections: int
     tcp_size: int
     tcp_client: Path
+    tls_client: Path
+    tls_connections: int
     tmp: Path
     quiet_wait: float
+    certs: Certs
+    idle_conns: int
+    idle_tcp_conns: int
+    idle_concurrency: int
     backend_pids: list[int] = field(default_factory=list)
 
 
@@ -468,7 +642,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
         return None
     pin = ["taskset", "-c", s.load_cpu]
     url = f"http://127.0.0.1:{port}/"
-    if scenario == "http1":
+    if scenario in ("http1", "mtls"):
         argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency", url]
     elif scenario == "istio20":
         argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency",
@@ -479,6 +653,16 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
         if measure:
             argv += ["--log-file", str(log_file)]
         argv.append(url)
+    elif scenario in ("handshake", "resume"):
+        c = s.certs
+        argv = pin + [
+            str(s.tls_client),
+            "--addr", f"127.0.0.1:{port}",
+            "--ca", str(c.ca), "--cert", str(c.cert("client")), "--key", str(c.keyfile("client")),
+            "--server-name", SERVER_DNS,
+            "--connections", str(s.tls_connections),
+            "--duration", f"{seconds}s",
+        ] + (["--resume"] if scenario == "resume" else [])  # fmt: skip
     else:
         argv = pin + [
             str(s.tcp_client),
@@ -492,7 +676,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
     if not measure:
         return None
     out = done.stdout + done.stderr
-    if scenario in ("http1", "istio20"):
+    if scenario in ("http1", "istio20", "mtls"):
         return parse_wrk(out)
     if scenario == "h2":
         try:
@@ -502,8 +686,24 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
     return parse_tcp_client(out)
 
 
-def preflight(scenario: str, port: int) -> None:
+def preflight(scenario: str, port: int, certs: Certs | None = None) -> None:
     """One request through the listener, so a proxy answering 503 fast is not benchmarked."""
+    if scenario in ("handshake", "resume"):
+        import ssl
+
+        assert certs is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with idle_tls_context(certs).wrap_socket(raw, server_hostname=SERVER_DNS) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                got = b""
+                while chunk := s.recv(4096):
+                    got += chunk
+                    if BACKEND_BODY in got:
+                        break
+        if not got.startswith(b"HTTP/1.1 200") or BACKEND_BODY not in got:
+            raise RuntimeError(f"mTLS listener :{port} answered {got[:80]!r}, not the backend's body")
+        del ssl
+        return
     if scenario == "tcp":
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"ping")
@@ -518,7 +718,7 @@ def preflight(scenario: str, port: int) -> None:
         return
     # Over HTTP/1.1 also for the h2 listener (codec AUTO): it checks the route and
     # the h2 upstream; h2load's status counts check the h2c downstream side.
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/reviews/1")
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/reviews/1")  # mtls: via both sidecars
     if scenario == "istio20":
         req.add_header("Host", f"{ISTIO_HOST}:9080")
     with urllib.request.urlopen(req, timeout=5) as resp:
@@ -527,6 +727,159 @@ def preflight(scenario: str, port: int) -> None:
             raise RuntimeError(
                 f"{scenario} listener :{port} answered {resp.status} {body[:80]!r}, not the backend's body"
             )
+
+
+# --------------------------------------------------------------------------- idle connections
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+async def _read_http1_response(reader) -> bool:
+    """One Content-Length framed HTTP/1.1 response; True if it is a 200."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    await reader.readexactly(length)
+    return head.startswith(b"HTTP/1.1 200")
+
+
+async def _h2_exchange(reader, writer) -> bool:
+    """Preface, SETTINGS, one GET on stream 1 (HPACK: :method GET, :scheme http,
+    :path /, :authority literal), frames read until stream 1 ends; SETTINGS are
+    acknowledged as a client must."""
+    block = b"\x82\x86\x84\x01" + bytes([len(b"bench")]) + b"bench"
+    writer.write(H2_PREFACE + h2_frame(0x4, 0, 0) + h2_frame(0x1, 0x5, 1, block))
+    ok = False
+    while True:
+        head = await reader.readexactly(9)
+        length, kind, flags = int.from_bytes(head[:3], "big"), head[3], head[4]
+        stream = int.from_bytes(head[5:], "big") & 0x7FFFFFFF
+        payload = await reader.readexactly(length)
+        if kind == 0x4 and not flags & 0x1:
+            writer.write(h2_frame(0x4, 0x1, 0))
+        elif kind in (0x3, 0x7):  # RST_STREAM, GOAWAY
+            return False
+        elif kind == 0x1 and stream == 1:
+            # ":status 200" is static table entry 8, sent indexed.
+            ok = payload[:1] == b"\x88"
+        if stream == 1 and kind in (0x0, 0x1) and flags & 0x1:
+            await writer.drain()
+            return ok
+
+
+async def _open_idle(kind: str, port: int, n: int, concurrency: int, tls_ctx) -> tuple[list, int]:
+    """Opens n connections of `kind`, one exchange on each, and keeps them open."""
+    import asyncio
+
+    held: list = []
+    failures = 0
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        nonlocal failures
+        async with sem:
+            try:
+                if kind == "mtls":
+                    reader, writer = await asyncio.open_connection(
+                        "127.0.0.1", port, ssl=tls_ctx, server_hostname=SERVER_DNS
+                    )
+                else:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                if kind in ("http1", "mtls"):
+                    writer.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    ok = await _read_http1_response(reader)
+                elif kind == "h2":
+                    ok = await _h2_exchange(reader, writer)
+                else:
+                    writer.write(b"ping")
+                    ok = await reader.readexactly(4) == b"ping"
+                held.append((reader, writer))
+                if not ok:
+                    failures += 1
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                failures += 1
+
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), timeout=600)
+    return held, failures
+
+
+def idle_tls_context(certs: Certs):
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(certs.ca))
+    ctx.load_cert_chain(str(certs.cert("client")), str(certs.keyfile("client")))
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+@dataclass
+class IdleSample:
+    kind: str
+    conns: int
+    failures: int
+    rss_before_kib: int
+    rss_after_kib: int
+
+    @property
+    def kib_per_conn(self) -> float:
+        return (self.rss_after_kib - self.rss_before_kib) / self.conns
+
+
+def measure_idle(s: Settings, kind: str, target: str, proxy: Proxy, backend_http: int, backend_echo: int,
+                 round_no: int, proxy_cpu: str) -> IdleSample:
+    """RSS growth of a fresh proxy while it holds s.idle_conns idle connections of
+    one kind, each after one exchange: HTTP/1.1 keep-alive, h2c, TCP proxied to the
+    echo backend (so with its upstream), mTLS HTTP/1.1 (the server sidecar's inbound)."""
+    import asyncio
+
+    wait_until_quiet(s.quiet_wait)
+    ports = Ports.fresh()
+    config = s.tmp / f"{target}-idle-{kind}-r{round_no}.yaml"
+    config.write_text(bootstrap_yaml(ports, backend_http, backend_echo, s.certs))
+    logfile = config.with_suffix(".log")
+    argv = ["taskset", "-c", proxy_cpu] + [a.replace("{config}", str(config)) for a in proxy.argv]
+    proc = spawn(argv, logfile)
+    port = {"http1": ports.http1, "h2": ports.h2, "tcp": ports.tcp, "mtls": ports.mtls}[kind]
+    tls_ctx = idle_tls_context(s.certs) if kind == "mtls" else None
+    try:
+        try:
+            wait_for_port(port, proc, 20, target)
+            time.sleep(0.5)
+        except Exception as err:
+            raise RuntimeError(f"{err}\n  command: {' '.join(argv)}\n  log {logfile}:\n{tail(logfile)}") from err
+
+        async def session() -> IdleSample:
+            # A few connections first, held for the whole measurement: the first
+            # connection's one-off allocations (upstream pool, TLS session cache,
+            # thread-local arenas) are not per-connection costs.
+            warm, warm_fail = await _open_idle(kind, port, 16, 16, tls_ctx)
+            if warm_fail:
+                raise RuntimeError(f"{target} {kind}: {warm_fail} of 16 warm-up exchanges failed\n{tail(logfile)}")
+            await asyncio.sleep(1.0)
+            before = status_kib(proc.pid, "VmRSS")
+            n = s.idle_tcp_conns if kind == "tcp" else s.idle_conns
+            held, failures = await _open_idle(kind, port, n, s.idle_concurrency, tls_ctx)
+            # Let deferred work settle (Envoy's deferred deletes, timers).
+            await asyncio.sleep(2.0)
+            after = status_kib(proc.pid, "VmRSS")
+            alive = sum(1 for _, w in held if not w.is_closing())
+            for _, w in held + warm:
+                w.close()
+            if proc.poll() is not None:
+                raise RuntimeError(f"{target} exited while holding idle connections\n{tail(logfile)}")
+            return IdleSample(kind, alive, failures + (len(held) - alive), before, after)
+
+        return asyncio.run(session())
+    finally:
+        stop(proc)
 
 
 # --------------------------------------------------------------------------- one measurement
@@ -546,6 +899,21 @@ class Proxy:
     name: str
     argv: list[str]  # with {config} standing for the bootstrap path
     disabled: dict[str, str] = field(default_factory=dict)  # scenario -> reason
+
+
+def start_proxy(s: Settings, proxy: Proxy, name: str, ports: Ports, backend_http: int, backend_echo: int,
+                proxy_cpu: str, wait_port: int) -> tuple[subprocess.Popen, list[str], Path]:
+    config = s.tmp / f"{name}.yaml"
+    config.write_text(bootstrap_yaml(ports, backend_http, backend_echo, s.certs))
+    logfile = config.with_suffix(".log")
+    argv = ["taskset", "-c", proxy_cpu] + [a.replace("{config}", str(config)) for a in proxy.argv]
+    proc = spawn(argv, logfile)
+    try:
+        wait_for_port(wait_port, proc, 20, proxy.name)
+    except Exception as err:
+        stop(proc)
+        raise RuntimeError(f"{err}\n  command: {' '.join(argv)}\n  log {logfile}:\n{tail(logfile)}") from err
+    return proc, argv, logfile
 
 
 def measure(
@@ -568,38 +936,47 @@ def measure(
         return Sample(result, bg.pct)
 
     # Fresh ports per start: no TIME_WAIT interplay with the previous proxy's sockets.
-    ports = Ports(free_port(), free_port(), free_port(), free_port(), free_port())
-    config = s.tmp / f"{target}-{scenario}-r{round_no}.yaml"
-    config.write_text(bootstrap_yaml(ports, backend_http, backend_echo))
-    logfile = config.with_suffix(".log")
-    argv = ["taskset", "-c", proxy_cpu] + [a.replace("{config}", str(config)) for a in proxy.argv]
-    proc = spawn(argv, logfile)
+    ports = Ports.fresh()
+    procs: list[tuple[subprocess.Popen, list[str], Path]] = []
     try:
+        if scenario in TWO_PROXY:
+            # The server sidecar first, then the client sidecar whose mTLS cluster
+            # points at it; both on the proxy CPU, so CPU is the pair's.
+            server_ports = Ports.fresh()
+            procs.append(start_proxy(s, proxy, f"{target}-{scenario}-server-r{round_no}", server_ports,
+                                     backend_http, backend_echo, proxy_cpu, server_ports.mtls))
+            ports.mtls_peer = server_ports.mtls
         port = ports.for_scenario(scenario)
+        procs.append(start_proxy(s, proxy, f"{target}-{scenario}-r{round_no}", ports, backend_http,
+                                 backend_echo, proxy_cpu, port))
+        pids = [p.pid for p, _, _ in procs]
         try:
-            wait_for_port(port, proc, 20, target)
             # Let the startup burst (config parsing, worker spawn) settle before RSS.
             time.sleep(0.5)
-            rss_idle = status_kib(proc.pid, "VmRSS")
-            preflight(scenario, port)
+            rss_idle = sum(status_kib(pid, "VmRSS") for pid in pids)
+            preflight(scenario, port, s.certs)
         except Exception as err:
-            raise RuntimeError(f"{err}\n  command: {' '.join(argv)}\n  log {logfile}:\n{tail(logfile)}") from err
+            logs = "\n".join(f"  log {lf}:\n{tail(lf)}" for _, _, lf in procs)
+            raise RuntimeError(f"{err}\n  command: {' '.join(procs[-1][1])}\n{logs}") from err
         run_load(s, scenario, port, s.warmup, measure=False)
-        with Background(s.backend_pids + [proc.pid]) as bg:
-            before = cpu_ticks(proc.pid)
+        with Background(s.backend_pids + pids) as bg:
+            before = sum(cpu_ticks(pid) for pid in pids)
             result = run_load(s, scenario, port, s.duration, measure=True)
-            after = cpu_ticks(proc.pid)
+            after = sum(cpu_ticks(pid) for pid in pids)
         assert result is not None
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target} exited during the run\n  log {logfile}:\n{tail(logfile)}")
+        for p, _, lf in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{target} exited during the run\n  log {lf}:\n{tail(lf)}")
         # The kernel folds the current RSS into VmHWM only lazily, so it can read a little
         # below a VmRSS seen earlier; the peak is at least every RSS this run observed.
-        peak = max(status_kib(proc.pid, "VmHWM"), status_kib(proc.pid, "VmRSS"), rss_idle)
+        peak = max(sum(status_kib(pid, "VmHWM") for pid in pids), sum(status_kib(pid, "VmRSS") for pid in pids),
+                   rss_idle)
         cpu_ms = (after - before) * 1000 / CLK_TCK
         per_1k = cpu_ms / (result.requests / 1000) if result.requests else None
         return Sample(result, bg.pct, per_1k, rss_idle, peak)
     finally:
-        stop(proc)
+        for p, _, _ in reversed(procs):
+            stop(p)
 
 
 # --------------------------------------------------------------------------- report
@@ -667,7 +1044,47 @@ SCENARIO_TITLE = {
     "h2": "HTTP/2 h2c (h2load, {h2c} connections × {h2m} streams, h2 upstream)",
     "tcp": "TCP echo request/response (bench-tcp-client, {tcpc} connections, {tcps}-byte messages)",
     "istio20": "HTTP/1.1 through an Istio-shaped route table of 20 matches (wrk, {wrk} connections, default route)",
+    "mtls": "HTTP/1.1 over Istio mTLS between two sidecars (wrk, {wrk} connections → client sidecar → mTLS → "
+    "server sidecar → backend; CPU and RSS are the two proxies' sum)",
+    "handshake": "new mTLS connections (bench-tls-client, {tlsc} in flight: full handshake with client certificate, "
+    "one request, close; rps = handshakes/s, CPU per 1k handshakes)",
+    "resume": "resumed mTLS connections (as handshake, offering the server's session tickets again)",
 }
+
+
+def render_idle(s: Settings, samples: dict[str, dict[str, list[IdleSample]]], targets: list[str]) -> list[str]:
+    lines = [
+        f"## idle: memory per idle connection ({s.idle_conns:,} connections held per kind, one exchange each)",
+        "",
+        "RSS growth of a fresh proxy from before to 2 s after opening the connections (16 warm-up connections"
+        " held throughout), divided by the connections still open; median over rounds."
+        " tcp counts the upstream connection each proxied connection holds; mtls is the server sidecar's"
+        " inbound (TLS with a client certificate, HTTP/1.1 to the backend).",
+        "",
+        "| kind | " + " | ".join(f"{t} KiB/conn" for t in targets) + " | "
+        + " | ".join(f"{t} RSS before → after MiB" for t in targets) + " | failures |"
+        + (" ferry/envoy |" if "ferry" in targets and "envoy" in targets else ""),
+        "| --- | " + " | ".join("---:" for _ in targets) + " | " + " | ".join("---" for _ in targets) + " | ---: |"
+        + (" ---: |" if "ferry" in targets and "envoy" in targets else ""),
+    ]
+    for kind in IDLE_KINDS:
+        if kind not in samples:
+            continue
+        per = {t: samples[kind].get(t, []) for t in targets}
+        kib = {t: med([x.kib_per_conn for x in per[t]]) for t in targets}
+        rss = {
+            t: (f"{med([x.rss_before_kib for x in per[t]]) / 1024:.1f} → {med([x.rss_after_kib for x in per[t]]) / 1024:.1f}"
+                if per[t] else "—")
+            for t in targets
+        }
+        fails = sum(x.failures for t in targets for x in per[t])
+        row = f"| {kind} | " + " | ".join(fmt(kib[t], 1) for t in targets) + " | " + " | ".join(rss[t] for t in targets)
+        row += f" | {fails} |"
+        if "ferry" in targets and "envoy" in targets:
+            row += f" {ratio(kib['ferry'], kib['envoy'])} |"
+        lines.append(row)
+    lines.append("")
+    return lines
 
 
 def tool_version(argv: list[str], strict: bool = False) -> str:
@@ -690,6 +1107,7 @@ def render(
     args,
     s: Settings,
     results: dict[str, dict[str, list[Sample]]],
+    idle: dict[str, dict[str, list[IdleSample]]],
     notes: list[str],
     versions: dict[str, str],
     started: dt.datetime,
@@ -710,8 +1128,12 @@ def render(
         "",
     ]
     for scenario in args.only:
+        if scenario == "idle":
+            lines += render_idle(s, idle, [t for t in args.targets if t != "direct"])
+            continue
         title = SCENARIO_TITLE[scenario].format(
-            wrk=s.wrk_connections, h2c=s.h2_clients, h2m=s.h2_streams, tcpc=s.tcp_connections, tcps=s.tcp_size
+            wrk=s.wrk_connections, h2c=s.h2_clients, h2m=s.h2_streams, tcpc=s.tcp_connections, tcps=s.tcp_size,
+            tlsc=s.tls_connections,
         )
         lines += [f"## {scenario}: {title}", ""]
         lines += [
@@ -719,8 +1141,9 @@ def render(
             "| background CPU |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
         ]
-        sums = {t: summarize(results[scenario].get(t, [])) for t in args.targets}
-        for t in args.targets:
+        targets = [t for t in args.targets if not (t == "direct" and scenario in PROXY_ONLY)]
+        sums = {t: summarize(results[scenario].get(t, [])) for t in targets}
+        for t in targets:
             sm = sums[t]
             if sm is None:
                 lines.append(f"| {t} | failed, see notes | | | | | | | | |")
@@ -732,7 +1155,7 @@ def render(
             )
         lines.append("")
         pairs = [("ferry", "envoy"), ("ferry", "direct"), ("envoy", "direct")]
-        pairs = [(a, b) for a, b in pairs if a in args.targets and b in args.targets]
+        pairs = [(a, b) for a, b in pairs if a in targets and b in targets]
         if pairs:
             lines += [
                 "| ratio | rps | p50 | p99 | CPU / 1k req | RSS idle | RSS peak |",
@@ -797,6 +1220,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--h2-streams", type=int, default=10, help="h2load concurrent streams per connection (h2)")
     p.add_argument("--tcp-connections", type=int, default=50, help="bench-tcp-client connections (tcp)")
     p.add_argument("--tcp-size", type=int, default=64, help="bytes per TCP request (tcp)")
+    p.add_argument("--tls-connections", type=int, default=10, help="bench-tls-client connections in flight (handshake, resume)")
+    p.add_argument("--tls-key", choices=("rsa", "ec"), default="rsa",
+                   help="workload key type: RSA 2048 (Istio's default) or ECDSA P-256")
+    p.add_argument("--idle-conns", type=int, default=10000, help="idle connections held per kind (idle)")
+    p.add_argument("--idle-concurrency", type=int, default=50, help="idle connections being opened at once (idle)")
     p.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "latest.md", help="markdown report")
     p.add_argument(
         "--quiet-wait",
@@ -821,14 +1249,15 @@ def check_tools(args) -> list[str]:
     notes: list[str] = []
     missing = []
     need = {"taskset": "apt-get install -y util-linux"}
-    if "http1" in args.only or "istio20" in args.only:
+    if any(sc in args.only for sc in ("http1", "istio20", "mtls")):
         need["wrk"] = "apt-get install -y wrk"
     if "h2" in args.only:
         need["h2load"] = "apt-get install -y nghttp2-client"
+    need["openssl"] = "apt-get install -y openssl"
     for tool, hint in need.items():
         if shutil.which(tool) is None:
             missing.append(f"{tool} not found (install: {hint})")
-    for name in ("bench-backend", "bench-tcp-client"):
+    for name in ("bench-backend", "bench-tcp-client", "bench-tls-client"):
         if not (args.bin_dir / name).is_file():
             missing.append(f"{args.bin_dir / name} not found (build: cargo build -p ferry-benches --release)")
     if "envoy" in args.targets and not os.access(args.envoy, os.X_OK):
@@ -846,10 +1275,10 @@ def check_tools(args) -> list[str]:
     return notes
 
 
-def validate_envoy_config(args, tmp: Path) -> None:
+def validate_envoy_config(args, tmp: Path, certs: Certs) -> None:
     """Envoy's own validation of the generated bootstrap, so a config bug is named as one."""
     config = tmp / "validate.yaml"
-    config.write_text(bootstrap_yaml(Ports(free_port(), free_port(), free_port(), free_port(), free_port()), 1, 2))
+    config.write_text(bootstrap_yaml(Ports.fresh(), 1, 2, certs))
     done = subprocess.run(
         [str(args.envoy), "--mode", "validate", "-c", str(config), "--log-level", "error"],
         capture_output=True,
@@ -858,6 +1287,29 @@ def validate_envoy_config(args, tmp: Path) -> None:
     )
     if done.returncode != 0:
         raise HarnessError(f"envoy rejects the generated bootstrap {config}:\n{done.stdout}{done.stderr}")
+
+
+def run_idle(s: Settings, args, proxies: dict[str, Proxy | None], idle: dict[str, dict[str, list[IdleSample]]],
+             notes: list[str], backend_http: int, backend_echo: int, round_no: int) -> None:
+    for kind in IDLE_KINDS:
+        for target in args.targets:
+            proxy = proxies[target]
+            key = f"idle-{kind}"
+            if proxy is None or key in proxy.disabled:
+                continue
+            try:
+                x = measure_idle(s, kind, target, proxy, backend_http, backend_echo, round_no, args.proxy_cpu)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired, TimeoutError) as err:
+                proxy.disabled[key] = str(err).splitlines()[0]
+                log(f"[{round_no}/{args.rounds}] idle {kind:5} {target:6} FAILED, skipped from now on: {err}")
+                notes.append(f"{target} idle {kind} failed in round {round_no}: {proxy.disabled[key]}")
+                continue
+            idle.setdefault(kind, {}).setdefault(target, []).append(x)
+            log(
+                f"[{round_no}/{args.rounds}] idle {kind:5} {target:6} {x.kib_per_conn:6.1f} KiB/conn"
+                f"  rss {x.rss_before_kib / 1024:.1f}->{x.rss_after_kib / 1024:.1f} MiB  {x.conns} held"
+                + (f"  FAILURES {x.failures}" if x.failures else "")
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -880,8 +1332,29 @@ def main(argv: list[str]) -> int:
 
 
 def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
+    certs = make_certs(tmp / "certs", args.tls_key)
     if "envoy" in args.targets:
-        validate_envoy_config(args, tmp)
+        validate_envoy_config(args, tmp, certs)
+    idle_tcp_conns = args.idle_conns
+    if "idle" in args.only:
+        # Each idle TCP connection is two sockets in the proxy, one in the client and one
+        # in the backend; the limit is inherited by every process started from here.
+        # Where the hard limit is lower (and cannot be raised), tcp holds what fits.
+        spare = 1024
+        want = 2 * args.idle_conns + spare
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+            except (ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                if hard < args.idle_conns + spare:
+                    raise HarnessError(f"idle needs {args.idle_conns + spare} open files; the hard limit is {hard}")
+                idle_tcp_conns = (hard - spare) // 2
+                notes.append(
+                    f"idle tcp held {idle_tcp_conns:,} connections, not {args.idle_conns:,}: two sockets each in"
+                    f" the proxy, and the open-file hard limit here is {hard:,}"
+                )
 
     s = Settings(
         duration=args.duration,
@@ -893,8 +1366,14 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
         tcp_connections=args.tcp_connections,
         tcp_size=args.tcp_size,
         tcp_client=args.bin_dir / "bench-tcp-client",
+        tls_client=args.bin_dir / "bench-tls-client",
+        tls_connections=args.tls_connections,
         tmp=tmp,
         quiet_wait=args.quiet_wait,
+        certs=certs,
+        idle_conns=args.idle_conns,
+        idle_tcp_conns=idle_tcp_conns,
+        idle_concurrency=args.idle_concurrency,
     )
     proxies: dict[str, Proxy | None] = {"direct": None}
     versions = {}
@@ -915,8 +1394,10 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
             [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1", "--ready-addr", "off", "--prometheus-addr", "off", "--status-addr", "off"],
         )
         versions["ferry"] = tool_version([str(args.ferry), "--version"], strict=True)
-    if "http1" in args.only or "istio20" in args.only:
+    if any(sc in args.only for sc in ("http1", "istio20", "mtls")):
         versions["wrk"] = tool_version(["wrk", "-v"]).split(" [")[0]
+    if any(sc in args.only for sc in ("mtls", "handshake", "resume", "idle")):
+        versions["workload keys"] = "RSA 2048" if args.tls_key == "rsa" else "ECDSA P-256"
     if "h2" in args.only:
         versions["h2load"] = tool_version(["h2load", "--version"])
 
@@ -932,10 +1413,16 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
         s.backend_pids.append(proc.pid)
 
     results: dict[str, dict[str, list[Sample]]] = {sc: {} for sc in args.only}
+    idle: dict[str, dict[str, list[IdleSample]]] = {}
     for round_no in range(1, args.rounds + 1):
         for scenario in args.only:
+            if scenario == "idle":
+                run_idle(s, args, proxies, idle, notes, backend_http, backend_echo, round_no)
+                continue
             for target in args.targets:
                 proxy = proxies[target]
+                if proxy is None and scenario in PROXY_ONLY:
+                    continue
                 if proxy is not None and scenario in proxy.disabled:
                     continue
                 try:
@@ -963,7 +1450,7 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
                     + (f"  ERRORS {r.errors}" if r.errors else "")
                 )
 
-    report = render(args, s, results, notes, versions, started)
+    report = render(args, s, results, idle, notes, versions, started)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

@@ -195,11 +195,15 @@ pub struct ClientCache(Mutex<HashMap<&'static str, (u64, Arc<ClientConfig>)>>);
 
 /// Terminates TLS on an accepted connection with the chain's context,
 /// chosen once the ClientHello (and so the client's ALPN offer) is read.
+///
+/// The stream comes boxed: it is large (rustls' connection state), and the
+/// connection's task and the futures it goes through then move a pointer,
+/// not reserve room for the stream at each step.
 pub async fn accept(
     contexts: &TlsContexts,
     chain: &Arc<FilterChain>,
     stream: TcpStream,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, HandshakeError> {
+) -> Result<Box<tokio_rustls::server::TlsStream<TcpStream>>, HandshakeError> {
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(
         ferry_tls::rustls::server::Acceptor::default(),
         stream,
@@ -214,7 +218,11 @@ pub async fn accept(
         let config = contexts
             .server(chain, &offered)
             .map_err(HandshakeError::Config)?;
-        start.into_stream(config).await.map_err(HandshakeError::Io)
+        start
+            .into_stream(config)
+            .await
+            .map(Box::new)
+            .map_err(HandshakeError::Io)
     };
     let limit = chain
         .tls

@@ -173,7 +173,6 @@ where
 {
     ctx.stats.downstream_cx_total.inc();
     let _active = ctx.stats.downstream_cx_active.inc();
-    let deadline = ctx.rt.drain_timeout;
     // Connection-level settings come from the chain the connection was
     // accepted on; a chain updated in place changes how its requests are
     // handled, not the connection's codec.
@@ -185,72 +184,112 @@ where
     let max_age = p
         .max_connection_duration
         .map(|d| tokio::time::Instant::now() + jittered(d, p.max_connection_duration_jitter));
+    // Each codec's connection state is boxed on its own: the connection's
+    // task holds the one it speaks, not room for the larger of the two.
+    if http2 {
+        Box::pin(serve_h2(io, &ctx, &p, drain, idle, max_age)).await;
+    } else {
+        Box::pin(serve_h1(io, &ctx, &p, drain, idle, max_age)).await;
+    }
+}
+
+async fn serve_h2<S>(
+    io: S,
+    ctx: &Arc<ConnCtx>,
+    p: &Arc<DownstreamProtocol>,
+    drain: &Drain,
+    idle: Option<Duration>,
+    max_age: Option<tokio::time::Instant>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = ctx.rt.drain_timeout;
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| {
         let ctx = svc_ctx.clone();
         async move { handle(ctx, req).await }
     });
-    if http2 {
-        ctx.stats.downstream_cx_http2_total.inc();
-        let counters = h2_guard::H2Counters::new(
-            &ctx.rt.stats,
-            ctx.stats.downstream_rq_too_many_premature_resets.clone(),
-        );
-        let io = TokioIo::new(h2_guard::H2Guard::new(io, p.http2.clone(), counters));
-        let mut builder = http2::Builder::new(TokioExecutor::new());
+    ctx.stats.downstream_cx_http2_total.inc();
+    let counters = h2_guard::H2Counters::new(
+        &ctx.rt.stats,
+        ctx.stats.downstream_rq_too_many_premature_resets.clone(),
+    );
+    let io = TokioIo::new(h2_guard::H2Guard::new(io, p.http2.clone(), counters));
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(p.http2.max_concurrent_streams)
+        .initial_stream_window_size(p.http2.initial_stream_window_size)
+        .initial_connection_window_size(p.http2.initial_connection_window_size)
+        .max_header_list_size(p.max_request_headers_bytes)
+        .header_table_size(p.http2.hpack_table_size)
+        .max_local_error_reset_streams(Some(p.http2.max_outbound_control_frames as usize));
+    if let Some(k) = p.http2.keepalive {
         builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(p.http2.max_concurrent_streams)
-            .initial_stream_window_size(p.http2.initial_stream_window_size)
-            .initial_connection_window_size(p.http2.initial_connection_window_size)
-            .max_header_list_size(p.max_request_headers_bytes)
-            .header_table_size(p.http2.hpack_table_size)
-            .max_local_error_reset_streams(Some(p.http2.max_outbound_control_frames as usize));
-        if let Some(k) = p.http2.keepalive {
-            builder
-                .keep_alive_interval(k.interval)
-                .keep_alive_timeout(k.timeout);
+            .keep_alive_interval(k.interval)
+            .keep_alive_timeout(k.timeout);
+    }
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    // When the drain started: GOAWAY was sent, the open streams finish.
+    let mut drained_at = None;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = drain.signaled(), if drained_at.is_none() => {}
+            _ = sleep_until(max_age), if drained_at.is_none() => {
+                ctx.stats.downstream_cx_max_duration_reached.inc();
+            }
+            _ = ctx.life.drain_asked(), if drained_at.is_none() => {}
+            _ = ctx.life.idle_for(idle), if drained_at.is_none() => {
+                ctx.stats.downstream_cx_idle_timeout.inc();
+            }
+            // As Envoy: closed `drain_timeout` after the GOAWAY once no
+            // stream is left (the client need not acknowledge anything),
+            // and in any case at the process's drain deadline.
+            _ = async {
+                sleep_until(drained_at.map(|t: tokio::time::Instant| t + p.drain_timeout)).await;
+                ctx.life.idle_for(Some(Duration::ZERO)).await;
+            }, if drained_at.is_some() => {
+                ctx.stats.downstream_cx_drain_close.inc();
+                return;
+            }
+            _ = sleep_until(drained_at.map(|t| t + deadline)), if drained_at.is_some() => {
+                ctx.stats.downstream_cx_drain_close.inc();
+                return;
+            }
         }
-        let conn = builder.serve_connection(io, svc);
-        tokio::pin!(conn);
-        // When the drain started: GOAWAY was sent, the open streams finish.
-        let mut drained_at = None;
-        loop {
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = drain.signaled(), if drained_at.is_none() => {}
-                _ = sleep_until(max_age), if drained_at.is_none() => {
-                    ctx.stats.downstream_cx_max_duration_reached.inc();
-                }
-                _ = ctx.life.drain_asked(), if drained_at.is_none() => {}
-                _ = ctx.life.idle_for(idle), if drained_at.is_none() => {
-                    ctx.stats.downstream_cx_idle_timeout.inc();
-                }
-                // As Envoy: closed `drain_timeout` after the GOAWAY once no
-                // stream is left (the client need not acknowledge anything),
-                // and in any case at the process's drain deadline.
-                _ = async {
-                    sleep_until(drained_at.map(|t: tokio::time::Instant| t + p.drain_timeout)).await;
-                    ctx.life.idle_for(Some(Duration::ZERO)).await;
-                }, if drained_at.is_some() => {
-                    ctx.stats.downstream_cx_drain_close.inc();
-                    return;
-                }
-                _ = sleep_until(drained_at.map(|t| t + deadline)), if drained_at.is_some() => {
-                    ctx.stats.downstream_cx_drain_close.inc();
-                    return;
-                }
-            }
-            if drained_at.is_none() {
-                drained_at = Some(tokio::time::Instant::now());
-                conn.as_mut().graceful_shutdown();
-            }
+        if drained_at.is_none() {
+            drained_at = Some(tokio::time::Instant::now());
+            conn.as_mut().graceful_shutdown();
         }
     }
+}
+
+async fn serve_h1<S>(
+    io: S,
+    ctx: &Arc<ConnCtx>,
+    p: &Arc<DownstreamProtocol>,
+    drain: &Drain,
+    idle: Option<Duration>,
+    max_age: Option<tokio::time::Instant>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let deadline = ctx.rt.drain_timeout;
+    // hyper's HTTP/1 dispatcher boxes room for one service future when the
+    // connection starts and keeps it for the connection's life; boxed here,
+    // that room is a pointer, and a request's state (several KiB) is
+    // allocated only while the request is in flight.
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req| {
+        let ctx = svc_ctx.clone();
+        Box::pin(handle(ctx, req))
+    });
     ctx.stats.downstream_cx_http1_total.inc();
     let guard = h1_guard::H1Guard::new(
         io,
-        h1_guard::Limits::of(&p),
+        h1_guard::Limits::of(p),
         p.request_headers_timeout,
         ctx.h1.clone(),
     );
