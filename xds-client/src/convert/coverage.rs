@@ -181,8 +181,8 @@ impl Ctx<'_> {
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
         circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
-        http_connection_manager, jwt_authn, lb_config, listener, local_ratelimit, matcher,
-        outlier_detection, per_filter, rbac, retry, route, tcp_proxy, upstream_protocol,
+        http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
+        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -194,6 +194,9 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &listener::NETWORK_FILTER,
         &http_connection_manager::HCM,
         &http_connection_manager::UPGRADE_CONFIG,
+        &http_protocol::COMMON_HTTP_PROTOCOL_OPTIONS,
+        &http_protocol::HTTP1_PROTOCOL_OPTIONS,
+        &http_protocol::HTTP2_PROTOCOL_OPTIONS,
         &tcp_proxy::TCP_PROXY,
         &tcp_proxy::TCP_HASH_POLICY,
         &core_types::ADDRESS,

@@ -17,7 +17,58 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::google::protobuf::{UInt32Value, UInt64Value};
 use ferry_model::http_protocol as mh;
 
+use super::coverage::{fields, path};
 use super::{ConvertError, Ctx, duration, timeout_or};
+
+fields!(pub(super) static COMMON_HTTP_PROTOCOL_OPTIONS = "envoy.config.core.v3.HttpProtocolOptions" ("downstream") {
+    "idle_timeout": applied "the connection manager's idle timeout, default 1 h",
+    "max_connection_duration": applied "HTTP/1 connections close between requests once this old, HTTP/2 connections drain",
+    "max_headers_count": applied "0 is refused (Envoy's bound)",
+    "max_response_headers_kb": refused "cannot be set on http_connection_manager (it limits upstream responses: set it on the cluster)",
+    "max_stream_duration": applied,
+    "headers_with_underscores_action": applied,
+    "max_requests_per_connection": applied,
+    "max_connection_duration_jitter": applied "a percentage in [0, 100] (Envoy's bound)",
+});
+
+fields!(pub(super) static HTTP1_PROTOCOL_OPTIONS = "envoy.config.core.v3.Http1ProtocolOptions" ("downstream") {
+    "allow_absolute_url": refused "false is not supported: absolute-form request targets are always accepted, their authority becoming the Host",
+    "accept_http_10": applied,
+    "default_host_for_http_10": applied,
+    "header_key_format": warned "header names keep the case they arrived in",
+    "enable_trailers": warned "already the behaviour: HTTP/1 trailers are always passed on",
+    "allow_chunked_length": applied,
+    "override_stream_error_on_invalid_http_message": warned "a connection that sent an invalid HTTP/1 message is always closed",
+    "send_fully_qualified_url": warned "it has no effect on a connection manager (it concerns upstream requests)",
+    "use_balsa_parser": warned "deprecated and has no effect",
+    "allow_custom_methods": applied,
+    "ignore_http_11_upgrade": refused "not supported: every Upgrade request is handled as an upgrade",
+});
+
+fields!(pub(super) static HTTP2_PROTOCOL_OPTIONS = "envoy.config.core.v3.Http2ProtocolOptions" ("downstream") {
+    "hpack_table_size": applied,
+    "max_concurrent_streams": applied "in [1, 2147483647] (Envoy's bounds)",
+    "initial_stream_window_size": applied "in [65535, 2147483647] (Envoy's bounds)",
+    "initial_connection_window_size": applied "in [65535, 2147483647] (Envoy's bounds)",
+    "allow_connect": warned "extended CONNECT (upgrades over HTTP/2) is not offered to clients",
+    "allow_metadata": warned "METADATA frames are not supported (as in Envoy, not implemented)",
+    "max_outbound_frames": warned "the HTTP/2 codec bounds its outbound queue itself (flow-control windows, one pending PING and SETTINGS acknowledgement at a time)",
+    "max_outbound_control_frames": applied "0 is refused (Envoy's bound)",
+    "max_consecutive_inbound_frames_with_empty_payload": applied,
+    "max_inbound_priority_frames_per_stream": applied,
+    "max_inbound_window_update_frames_per_data_frame_sent": applied "0 is refused (Envoy's bound)",
+    "stream_error_on_invalid_http_messaging": warned "the HTTP/2 codec decides between stream and connection errors as RFC 9113 says",
+    "override_stream_error_on_invalid_http_message": warned "the HTTP/2 codec decides between stream and connection errors as RFC 9113 says",
+    "custom_settings_parameters": refused "not supported: custom SETTINGS parameters cannot be sent",
+    "connection_keepalive": applied "interval and timeout; a missing interval, interval_jitter and connection_idle_interval draw warnings",
+    "use_oghttp2_codec": warned "codec tuning",
+    "max_metadata_size": warned "METADATA frames are not supported (as in Envoy, not implemented)",
+    "enable_huffman_encoding": warned "codec tuning",
+    "max_header_field_size_kb": warned "only the header list as a whole is bounded (max_request_headers_kb); a value above it is refused",
+    "disallow_obs_text": applied,
+    "stream_reset_burst": applied,
+    "stream_reset_rate": applied,
+});
 
 /// The downstream protocol options of `h`, at `field`.
 pub(super) fn downstream(
@@ -39,43 +90,22 @@ pub(super) fn downstream(
     if let Some(d) = duration(&h.drain_timeout) {
         p.drain_timeout = d;
     }
-    if h.drain_timeout_jitter.is_some() {
-        ctx.warn(
-            &format!("{field}.drain_timeout_jitter"),
-            "not applied: every connection drains for exactly drain_timeout".into(),
-        );
-    }
-    if h.delayed_close_timeout.is_some() {
-        ctx.warn(
-            &format!("{field}.delayed_close_timeout"),
-            "not applied: a connection closed after a local reply is closed once the reply is written".into(),
-        );
-    }
-    if h.stream_flush_timeout.is_some() {
-        ctx.warn(
-            &format!("{field}.stream_flush_timeout"),
-            "not applied: a stream blocked on flow control is bounded by stream_idle_timeout"
-                .into(),
-        );
-    }
+    // `drain_timeout_jitter`, `delayed_close_timeout` and
+    // `stream_flush_timeout` are tuning knobs the connection manager's own
+    // list warns about.
     // `http1_safe_max_connection_duration` asks HTTP/1 connections to close
     // only between requests when they reach their age; Ferry's HTTP/1
     // connections never close otherwise, so both values are honoured.
     if let Some(c) = &h.common_http_protocol_options {
-        common(
-            ctx,
-            &format!("{field}.common_http_protocol_options"),
-            c,
-            &mut p,
-        )?;
+        common(ctx, &path(field, "common_http_protocol_options"), c, &mut p)?;
     }
     if let Some(o) = &h.http_protocol_options {
-        p.http1 = http1(ctx, &format!("{field}.http_protocol_options"), o)?;
+        p.http1 = http1(ctx, &path(field, "http_protocol_options"), o)?;
     }
     if let Some(o) = &h.http2_protocol_options {
         p.http2 = http2(
             ctx,
-            &format!("{field}.http2_protocol_options"),
+            &path(field, "http2_protocol_options"),
             o,
             p.max_request_headers_bytes,
         )?;
@@ -90,44 +120,55 @@ fn common(
     p: &mut mh::DownstreamProtocol,
 ) -> Result<(), ConvertError> {
     use core_pb::http_protocol_options::HeadersWithUnderscoresAction as U;
-    // `idle_timeout` is the connection manager's own field (`hcm.idle_timeout`).
-    p.max_connection_duration = timeout_or(&c.max_connection_duration, None);
-    if let Some(j) = &c.max_connection_duration_jitter {
+    let cov = &COMMON_HTTP_PROTOCOL_OPTIONS;
+    let core_pb::HttpProtocolOptions {
+        idle_timeout,
+        max_connection_duration,
+        max_headers_count,
+        max_response_headers_kb,
+        max_stream_duration,
+        headers_with_underscores_action,
+        max_requests_per_connection,
+        max_connection_duration_jitter,
+    } = c;
+    // `idle_timeout` is read by the connection manager (`hcm.idle_timeout`).
+    let _ = idle_timeout;
+    p.max_connection_duration = timeout_or(max_connection_duration, None);
+    if let Some(j) = max_connection_duration_jitter {
         if !(0.0..=100.0).contains(&j.value) {
             return Err(ctx.err(
-                format!("{field}.max_connection_duration_jitter"),
+                path(field, "max_connection_duration_jitter"),
                 format!("must be a percentage in [0, 100], got {}", j.value),
             ));
         }
         p.max_connection_duration_jitter = (j.value * 100.0).round() as u32;
     }
-    if let Some(n) = c.max_headers_count.as_ref().map(|v| v.value) {
+    if let Some(n) = max_headers_count.as_ref().map(|v| v.value) {
         if n == 0 {
-            return Err(ctx.err(format!("{field}.max_headers_count"), "must be at least 1"));
+            return Err(ctx.err(path(field, "max_headers_count"), "must be at least 1"));
         }
         p.max_headers_count = n;
     }
-    if c.max_response_headers_kb.is_some() {
-        // As Envoy: the field belongs to clusters.
-        return Err(ctx.err(
-            format!("{field}.max_response_headers_kb"),
-            "cannot be set on http_connection_manager (it limits upstream responses: set it on the cluster)",
-        ));
-    }
-    p.max_stream_duration = timeout_or(&c.max_stream_duration, None);
-    p.headers_with_underscores = match U::try_from(c.headers_with_underscores_action) {
+    // As Envoy: the field belongs to clusters.
+    ctx.refuse(
+        cov,
+        field,
+        "max_response_headers_kb",
+        max_response_headers_kb.is_some(),
+    )?;
+    p.max_stream_duration = timeout_or(max_stream_duration, None);
+    p.headers_with_underscores = match U::try_from(*headers_with_underscores_action) {
         Ok(U::Allow) => mh::UnderscoresAction::Allow,
         Ok(U::RejectRequest) => mh::UnderscoresAction::RejectRequest,
         Ok(U::DropHeader) => mh::UnderscoresAction::DropHeader,
         Err(_) => {
             return Err(ctx.err(
-                format!("{field}.headers_with_underscores_action"),
-                format!("unknown value {}", c.headers_with_underscores_action),
+                path(field, "headers_with_underscores_action"),
+                format!("unknown value {headers_with_underscores_action}"),
             ));
         }
     };
-    p.max_requests_per_connection = c
-        .max_requests_per_connection
+    p.max_requests_per_connection = max_requests_per_connection
         .as_ref()
         .map(|v| v.value)
         .filter(|n| *n > 0);
@@ -140,56 +181,54 @@ fn http1(
     field: &str,
     o: &core_pb::Http1ProtocolOptions,
 ) -> Result<mh::Http1Options, ConvertError> {
-    if o.allow_absolute_url.as_ref().is_some_and(|v| !v.value) {
-        return Err(ctx.err(
-            format!("{field}.allow_absolute_url"),
-            "false is not supported: absolute-form request targets are always accepted, their authority becoming the Host",
-        ));
-    }
-    if !o.ignore_http_11_upgrade.is_empty() {
-        return Err(ctx.err(
-            format!("{field}.ignore_http_11_upgrade"),
-            "not supported: every Upgrade request is handled as an upgrade",
-        ));
-    }
-    if o.header_key_format.is_some() {
-        ctx.warn(
-            &format!("{field}.header_key_format"),
-            "not applied: header names keep the case they arrived in".into(),
-        );
-    }
-    if o.enable_trailers {
-        ctx.warn(
-            &format!("{field}.enable_trailers"),
-            "already the behaviour: HTTP/1 trailers are always passed on".into(),
-        );
-    }
-    if o.override_stream_error_on_invalid_http_message
-        .as_ref()
-        .is_some_and(|v| v.value)
-    {
-        ctx.warn(
-            &format!("{field}.override_stream_error_on_invalid_http_message"),
-            "not applied: a connection that sent an invalid HTTP/1 message is always closed".into(),
-        );
-    }
-    if o.send_fully_qualified_url {
-        ctx.warn(
-            &format!("{field}.send_fully_qualified_url"),
-            "has no effect on a connection manager (it concerns upstream requests)".into(),
-        );
-    }
-    if o.use_balsa_parser.is_some() {
-        ctx.warn(
-            &format!("{field}.use_balsa_parser"),
-            "deprecated and has no effect".into(),
-        );
-    }
+    let cov = &HTTP1_PROTOCOL_OPTIONS;
+    let core_pb::Http1ProtocolOptions {
+        allow_absolute_url,
+        accept_http_10,
+        default_host_for_http_10,
+        header_key_format,
+        enable_trailers,
+        allow_chunked_length,
+        override_stream_error_on_invalid_http_message,
+        send_fully_qualified_url,
+        use_balsa_parser,
+        allow_custom_methods,
+        ignore_http_11_upgrade,
+    } = o;
+    ctx.refuse(
+        cov,
+        field,
+        "allow_absolute_url",
+        allow_absolute_url.as_ref().is_some_and(|v| !v.value),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "ignore_http_11_upgrade",
+        !ignore_http_11_upgrade.is_empty(),
+    )?;
+    ctx.knob(cov, field, "header_key_format", header_key_format.is_some());
+    ctx.knob(cov, field, "enable_trailers", *enable_trailers);
+    ctx.knob(
+        cov,
+        field,
+        "override_stream_error_on_invalid_http_message",
+        override_stream_error_on_invalid_http_message
+            .as_ref()
+            .is_some_and(|v| v.value),
+    );
+    ctx.knob(
+        cov,
+        field,
+        "send_fully_qualified_url",
+        *send_fully_qualified_url,
+    );
+    ctx.knob(cov, field, "use_balsa_parser", use_balsa_parser.is_some());
     Ok(mh::Http1Options {
-        accept_http_10: o.accept_http_10,
-        default_host_for_http_10: o.default_host_for_http_10.clone(),
-        allow_chunked_length: o.allow_chunked_length,
-        allow_custom_methods: o.allow_custom_methods,
+        accept_http_10: *accept_http_10,
+        default_host_for_http_10: default_host_for_http_10.clone(),
+        allow_chunked_length: *allow_chunked_length,
+        allow_custom_methods: *allow_custom_methods,
     })
 }
 
@@ -200,18 +239,43 @@ fn http2(
     o: &core_pb::Http2ProtocolOptions,
     max_headers_bytes: u32,
 ) -> Result<mh::Http2Options, ConvertError> {
+    let cov = &HTTP2_PROTOCOL_OPTIONS;
+    let core_pb::Http2ProtocolOptions {
+        hpack_table_size,
+        max_concurrent_streams,
+        initial_stream_window_size,
+        initial_connection_window_size,
+        allow_connect,
+        allow_metadata,
+        max_outbound_frames,
+        max_outbound_control_frames,
+        max_consecutive_inbound_frames_with_empty_payload,
+        max_inbound_priority_frames_per_stream,
+        max_inbound_window_update_frames_per_data_frame_sent,
+        stream_error_on_invalid_http_messaging,
+        override_stream_error_on_invalid_http_message,
+        custom_settings_parameters,
+        connection_keepalive,
+        use_oghttp2_codec,
+        max_metadata_size,
+        enable_huffman_encoding,
+        max_header_field_size_kb,
+        disallow_obs_text,
+        stream_reset_burst,
+        stream_reset_rate,
+    } = o;
     let mut h = mh::Http2Options::default();
     let ranged =
         |v: &Option<UInt32Value>, name: &str, lo: u32, hi: u32| ranged(ctx, field, v, name, lo, hi);
     const MAX: u32 = 2_147_483_647;
-    if let Some(v) = ranged(&o.hpack_table_size, "hpack_table_size", 0, u32::MAX)? {
+    if let Some(v) = ranged(hpack_table_size, "hpack_table_size", 0, u32::MAX)? {
         h.hpack_table_size = v;
     }
-    if let Some(v) = ranged(&o.max_concurrent_streams, "max_concurrent_streams", 1, MAX)? {
+    if let Some(v) = ranged(max_concurrent_streams, "max_concurrent_streams", 1, MAX)? {
         h.max_concurrent_streams = v;
     }
     if let Some(v) = ranged(
-        &o.initial_stream_window_size,
+        initial_stream_window_size,
         "initial_stream_window_size",
         65535,
         MAX,
@@ -219,7 +283,7 @@ fn http2(
         h.initial_stream_window_size = v;
     }
     if let Some(v) = ranged(
-        &o.initial_connection_window_size,
+        initial_connection_window_size,
         "initial_connection_window_size",
         65535,
         MAX,
@@ -227,14 +291,14 @@ fn http2(
         h.initial_connection_window_size = v;
     }
     let any = |v: &Option<UInt32Value>| v.as_ref().map(|v| v.value);
-    if let Some(v) = any(&o.max_consecutive_inbound_frames_with_empty_payload) {
+    if let Some(v) = any(max_consecutive_inbound_frames_with_empty_payload) {
         h.max_consecutive_empty_frames = v;
     }
-    if let Some(v) = any(&o.max_inbound_priority_frames_per_stream) {
+    if let Some(v) = any(max_inbound_priority_frames_per_stream) {
         h.max_priority_frames_per_stream = v;
     }
     if let Some(v) = ranged(
-        &o.max_inbound_window_update_frames_per_data_frame_sent,
+        max_inbound_window_update_frames_per_data_frame_sent,
         "max_inbound_window_update_frames_per_data_frame_sent",
         1,
         u32::MAX,
@@ -242,96 +306,90 @@ fn http2(
         h.max_window_updates_per_data_frame = v;
     }
     if let Some(v) = ranged(
-        &o.max_outbound_control_frames,
+        max_outbound_control_frames,
         "max_outbound_control_frames",
         1,
         u32::MAX,
     )? {
         h.max_outbound_control_frames = v;
     }
-    if let Some(v) = ranged(&o.max_outbound_frames, "max_outbound_frames", 1, u32::MAX)?
-        && v != 10_000
-    {
-        ctx.warn(
-            &format!("{field}.max_outbound_frames"),
-            "not applied: the HTTP/2 codec bounds its outbound queue itself (flow-control windows, one pending PING and SETTINGS acknowledgement at a time)".into(),
-        );
-    }
+    let outbound = ranged(max_outbound_frames, "max_outbound_frames", 1, u32::MAX)?;
+    ctx.knob(
+        cov,
+        field,
+        "max_outbound_frames",
+        outbound.is_some_and(|v| v != 10_000),
+    );
     let wide = |v: &Option<UInt64Value>| {
         v.as_ref()
             .map(|v| u32::try_from(v.value).unwrap_or(u32::MAX))
     };
-    if let Some(v) = wide(&o.stream_reset_burst) {
+    if let Some(v) = wide(stream_reset_burst) {
         h.stream_reset_burst = v;
     }
-    if let Some(v) = wide(&o.stream_reset_rate) {
+    if let Some(v) = wide(stream_reset_rate) {
         h.stream_reset_rate = v;
     }
-    if let Some(kb) = any(&o.max_header_field_size_kb) {
-        if u64::from(kb) * 1024 > u64::from(max_headers_bytes) {
-            return Err(ctx.err(
-                format!("{field}.max_header_field_size_kb"),
-                "must not exceed max_request_headers_kb",
-            ));
-        }
-        ctx.warn(
-            &format!("{field}.max_header_field_size_kb"),
-            "not applied: only the header list as a whole is bounded (max_request_headers_kb)"
-                .into(),
-        );
+    if let Some(kb) = any(max_header_field_size_kb)
+        && u64::from(kb) * 1024 > u64::from(max_headers_bytes)
+    {
+        return Err(ctx.err(
+            path(field, "max_header_field_size_kb"),
+            "must not exceed max_request_headers_kb",
+        ));
     }
-    h.disallow_obs_text = o.disallow_obs_text.as_ref().is_some_and(|v| v.value);
-    if let Some(k) = &o.connection_keepalive {
+    ctx.knob(
+        cov,
+        field,
+        "max_header_field_size_kb",
+        max_header_field_size_kb.is_some(),
+    );
+    h.disallow_obs_text = disallow_obs_text.as_ref().is_some_and(|v| v.value);
+    if let Some(k) = connection_keepalive {
+        let at = path(field, "connection_keepalive");
         let interval = duration(&k.interval).filter(|d| !d.is_zero());
         let timeout = duration(&k.timeout).unwrap_or(Duration::from_secs(5));
         if interval.is_none() {
-            ctx.warn(
-                &format!("{field}.connection_keepalive"),
-                "no interval: keepalive PINGs are not sent".into(),
-            );
+            ctx.warn(&at, "no interval: keepalive PINGs are not sent".into());
         }
         if k.connection_idle_interval.is_some() || k.interval_jitter.is_some() {
             ctx.warn(
-                &format!("{field}.connection_keepalive"),
+                &at,
                 "interval_jitter and connection_idle_interval are not applied".into(),
             );
         }
         h.keepalive = interval.map(|interval| mh::Http2Keepalive { interval, timeout });
     }
-    if o.allow_connect {
-        ctx.warn(
-            &format!("{field}.allow_connect"),
-            "not applied: extended CONNECT (upgrades over HTTP/2) is not offered to clients".into(),
-        );
-    }
-    if o.allow_metadata || o.max_metadata_size.is_some() {
-        ctx.warn(
-            &format!("{field}.allow_metadata"),
-            "not applied: METADATA frames are not supported (as in Envoy, not implemented)".into(),
-        );
-    }
-    if o.stream_error_on_invalid_http_messaging
-        || o.override_stream_error_on_invalid_http_message
+    ctx.knob(cov, field, "allow_connect", *allow_connect);
+    ctx.knob(cov, field, "allow_metadata", *allow_metadata);
+    ctx.knob(cov, field, "max_metadata_size", max_metadata_size.is_some());
+    ctx.knob(
+        cov,
+        field,
+        "stream_error_on_invalid_http_messaging",
+        *stream_error_on_invalid_http_messaging,
+    );
+    ctx.knob(
+        cov,
+        field,
+        "override_stream_error_on_invalid_http_message",
+        override_stream_error_on_invalid_http_message
             .as_ref()
-            .is_some_and(|v| v.value)
-    {
-        ctx.warn(
-            &format!("{field}.override_stream_error_on_invalid_http_message"),
-            "not applied: the HTTP/2 codec decides between stream and connection errors as RFC 9113 says".into(),
-        );
-    }
-    if !o.custom_settings_parameters.is_empty() {
-        return Err(ctx.err(
-            format!("{field}.custom_settings_parameters"),
-            "not supported: custom SETTINGS parameters cannot be sent",
-        ));
-    }
-    if o.use_oghttp2_codec.is_some() || o.enable_huffman_encoding.is_some() {
-        ctx.warn(
-            field,
-            "use_oghttp2_codec and enable_huffman_encoding are codec tuning and not applied".into(),
-        );
-    }
+            .is_some_and(|v| v.value),
+    );
+    ctx.refuse(
+        cov,
+        field,
+        "custom_settings_parameters",
+        !custom_settings_parameters.is_empty(),
+    )?;
+    ctx.knob(cov, field, "use_oghttp2_codec", use_oghttp2_codec.is_some());
+    ctx.knob(
+        cov,
+        field,
+        "enable_huffman_encoding",
+        enable_huffman_encoding.is_some(),
+    );
     Ok(h)
 }
 
@@ -484,7 +542,10 @@ mod tests {
     #[test]
     fn tuning_knobs_warn() {
         let h = hcm_pb::HttpConnectionManager {
-            delayed_close_timeout: secs(1),
+            http_protocol_options: Some(core_pb::Http1ProtocolOptions {
+                enable_trailers: true,
+                ..Default::default()
+            }),
             http2_protocol_options: Some(core_pb::Http2ProtocolOptions {
                 max_outbound_frames: Some(UInt32Value { value: 20 }),
                 ..Default::default()
@@ -494,5 +555,6 @@ mod tests {
         let (p, w) = convert(&h);
         assert!(p.is_ok());
         assert_eq!(w.0.len(), 2, "{:?}", w.0);
+        assert!(w.0.iter().all(|w| w.contains("tuning knob")), "{:?}", w.0);
     }
 }

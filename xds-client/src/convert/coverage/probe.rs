@@ -197,6 +197,15 @@ fn site(message: &str, context: &str) -> Option<Site> {
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
             _,
         ) => l(hcm!("upgrade_configs[0]")),
+        ("envoy.config.core.v3.HttpProtocolOptions", "downstream") => {
+            s(LISTENER, hcm!("common_http_protocol_options"), Some("{}"))
+        }
+        ("envoy.config.core.v3.Http1ProtocolOptions", "downstream") => {
+            s(LISTENER, hcm!("http_protocol_options"), Some("{}"))
+        }
+        ("envoy.config.core.v3.Http2ProtocolOptions", "downstream") => {
+            s(LISTENER, hcm!("http2_protocol_options"), Some("{}"))
+        }
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", _) => {
             l("filter_chains[1].filters[1].typed_config@")
         }
@@ -454,7 +463,8 @@ fn special(key: &str) -> Option<&'static str> {
         | "envoy.config.route.v3.WeightedCluster.ClusterWeight.metadata_match" => {
             r#"{"filter_metadata": {"envoy.lb": {"version": "v1"}}}"#
         }
-        "envoy.config.cluster.v3.Cluster.wait_for_warm_on_init" => "false",
+        "envoy.config.cluster.v3.Cluster.wait_for_warm_on_init"
+        | "envoy.config.core.v3.Http1ProtocolOptions.allow_absolute_url" => "false",
         _ => return None,
     })
 }
