@@ -23,61 +23,193 @@ use ferry_model::access_log as ma;
 use ferry_model::format::LogTemplate;
 
 use super::core_types::{data_source, fraction};
+use super::coverage::{fields, path};
 use super::matcher::header_matcher;
 use super::{ConvertError, Ctx, Typed};
+
+fields!(pub(super) static ACCESS_LOG = "envoy.config.accesslog.v3.AccessLog" {
+    "name": applied,
+    "filter": applied,
+    "typed_config": applied "envoy.access_loggers.file, stdout and stderr; other loggers are refused",
+});
+
+fields!(pub(super) static FILE_ACCESS_LOG = "envoy.extensions.access_loggers.file.v3.FileAccessLog" {
+    "path": applied "/dev/stdout and /dev/stderr are the process's own; other files are opened when the configuration loads, and one that cannot be is refused",
+    "format": applied "deprecated, accepted as Envoy accepts it",
+    "json_format": applied "deprecated, accepted as Envoy accepts it",
+    "typed_json_format": applied "deprecated, accepted as Envoy accepts it",
+    "log_format": applied,
+});
+
+fields!(pub(super) static STDOUT_ACCESS_LOG = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog" {
+    "log_format": applied,
+});
+
+fields!(pub(super) static STDERR_ACCESS_LOG = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog" {
+    "log_format": applied,
+});
+
+fields!(pub(super) static SUBSTITUTION_FORMAT_STRING = "envoy.config.core.v3.SubstitutionFormatString" {
+    "text_format": applied "deprecated, accepted as Envoy accepts it; unknown command operators are refused",
+    "json_format": applied "unknown command operators are refused",
+    "text_format_source": applied "unknown command operators are refused",
+    "omit_empty_values": applied,
+    "content_type": inert "Envoy reads it for local replies only",
+    "formatters": refused "formatter extensions are not supported",
+    "json_format_options": applied "JSON keys are always written sorted",
+});
+
+fields!(pub(super) static ACCESS_LOG_FILTER = "envoy.config.accesslog.v3.AccessLogFilter" {
+    "status_code_filter": applied,
+    "duration_filter": applied,
+    "not_health_check_filter": applied,
+    "traceable_filter": applied,
+    "runtime_filter": applied,
+    "and_filter": applied,
+    "or_filter": applied,
+    "header_filter": applied,
+    "response_flag_filter": applied,
+    "grpc_status_filter": applied,
+    "metadata_filter": refused "metadata access log filters are not supported",
+    "log_type_filter": applied,
+    "extension_filter": refused "access log filter extensions (e.g. CEL) are not supported",
+});
+
+fields!(pub(super) static COMPARISON_FILTER = "envoy.config.accesslog.v3.ComparisonFilter" {
+    "op": applied,
+    "value": applied "required; its default_value (Ferry has no runtime layer, which is what Envoy reads when no runtime overrides the key)",
+});
+
+fields!(pub(super) static STATUS_CODE_FILTER = "envoy.config.accesslog.v3.StatusCodeFilter" {
+    "comparison": applied "required",
+});
+
+fields!(pub(super) static DURATION_FILTER = "envoy.config.accesslog.v3.DurationFilter" {
+    "comparison": applied "required",
+});
+
+fields!(pub(super) static RUNTIME_FILTER = "envoy.config.accesslog.v3.RuntimeFilter" {
+    "runtime_key": applied "required; no runtime overrides it, so percent_sampled decides",
+    "percent_sampled": applied,
+    "use_independent_randomness": applied,
+});
+
+fields!(pub(super) static AND_FILTER = "envoy.config.accesslog.v3.AndFilter" {
+    "filters": applied "at least two",
+});
+
+fields!(pub(super) static OR_FILTER = "envoy.config.accesslog.v3.OrFilter" {
+    "filters": applied "at least two",
+});
+
+fields!(pub(super) static HEADER_FILTER = "envoy.config.accesslog.v3.HeaderFilter" {
+    "header": applied "required",
+});
+
+fields!(pub(super) static RESPONSE_FLAG_FILTER = "envoy.config.accesslog.v3.ResponseFlagFilter" {
+    "flags": applied "unknown flags are refused",
+});
+
+fields!(pub(super) static GRPC_STATUS_FILTER = "envoy.config.accesslog.v3.GrpcStatusFilter" {
+    "statuses": applied "unknown statuses are refused",
+    "exclude": applied,
+});
+
+fields!(pub(super) static LOG_TYPE_FILTER = "envoy.config.accesslog.v3.LogTypeFilter" {
+    "types": applied,
+    "exclude": applied,
+});
+
+fields!(pub(super) static HCM_ACCESS_LOG_OPTIONS = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.HcmAccessLogOptions" {
+    "access_log_flush_interval": refused "periodic access log entries are not supported (one entry per request, at its end)",
+    "flush_access_log_on_new_request": refused "early access log entries are not supported (one entry per request, at its end)",
+    "flush_log_on_tunnel_successfully_established": refused "early access log entries are not supported (one entry per request, at its end)",
+});
+
+fields!(pub(super) static TCP_ACCESS_LOG_OPTIONS = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TcpAccessLogOptions" {
+    "access_log_flush_interval": refused "periodic access log entries are not supported (one entry per connection, at its end)",
+    "flush_access_log_on_connected": refused "early access log entries are not supported (one entry per connection, at its end)",
+    "flush_access_log_on_start": refused "early access log entries are not supported (one entry per connection, at its end)",
+});
 
 const FILE_TYPE: &str = "envoy.extensions.access_loggers.file.v3.FileAccessLog";
 const STDOUT_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog";
 const STDERR_TYPE: &str = "envoy.extensions.access_loggers.stream.v3.StderrAccessLog";
 
 /// The access logs of a connection manager, refusing the options that log
-/// more often than once per request.
-#[allow(deprecated)]
+/// more often than once per request (the deprecated top-level forms are
+/// refused by the connection manager's own list).
 pub(super) fn http_connection_manager(
     ctx: &Ctx<'_>,
     field: &str,
     h: &hcm_pb::HttpConnectionManager,
 ) -> Result<Arc<ma::AccessLogs>, ConvertError> {
-    let options = h.access_log_options.as_ref();
-    if h.access_log_flush_interval.is_some()
-        || h.flush_access_log_on_new_request
-        || options.is_some_and(|o| {
-            o.access_log_flush_interval.is_some()
-                || o.flush_access_log_on_new_request
-                || o.flush_log_on_tunnel_successfully_established
-        })
-    {
-        return Err(ctx.err(
-            format!("{field}.access_log_options"),
-            "periodic and early access log entries are not supported (one entry per request, at its end)",
-        ));
+    if let Some(o) = &h.access_log_options {
+        let cov = &HCM_ACCESS_LOG_OPTIONS;
+        let at = path(field, "access_log_options");
+        let hcm_pb::http_connection_manager::HcmAccessLogOptions {
+            access_log_flush_interval,
+            flush_access_log_on_new_request,
+            flush_log_on_tunnel_successfully_established,
+        } = o;
+        ctx.refuse(
+            cov,
+            &at,
+            "access_log_flush_interval",
+            access_log_flush_interval.is_some(),
+        )?;
+        ctx.refuse(
+            cov,
+            &at,
+            "flush_access_log_on_new_request",
+            *flush_access_log_on_new_request,
+        )?;
+        ctx.refuse(
+            cov,
+            &at,
+            "flush_log_on_tunnel_successfully_established",
+            *flush_log_on_tunnel_successfully_established,
+        )?;
     }
-    access_logs(ctx, &format!("{field}.access_log"), &h.access_log)
+    access_logs(ctx, &path(field, "access_log"), &h.access_log)
 }
 
 /// The access logs of a TCP proxy, refusing the options that log more often
-/// than once per connection.
-#[allow(deprecated)]
+/// than once per connection (the deprecated top-level forms are refused by
+/// the TCP proxy's own list).
 pub(super) fn tcp_proxy(
     ctx: &Ctx<'_>,
     field: &str,
     tp: &tcp_pb::TcpProxy,
 ) -> Result<Arc<ma::AccessLogs>, ConvertError> {
-    let options = tp.access_log_options.as_ref();
-    if tp.access_log_flush_interval.is_some()
-        || tp.flush_access_log_on_connected
-        || options.is_some_and(|o| {
-            o.access_log_flush_interval.is_some()
-                || o.flush_access_log_on_connected
-                || o.flush_access_log_on_start
-        })
-    {
-        return Err(ctx.err(
-            format!("{field}.access_log_options"),
-            "periodic and early access log entries are not supported (one entry per connection, at its end)",
-        ));
+    if let Some(o) = &tp.access_log_options {
+        let cov = &TCP_ACCESS_LOG_OPTIONS;
+        let at = path(field, "access_log_options");
+        let tcp_pb::tcp_proxy::TcpAccessLogOptions {
+            access_log_flush_interval,
+            flush_access_log_on_connected,
+            flush_access_log_on_start,
+        } = o;
+        ctx.refuse(
+            cov,
+            &at,
+            "access_log_flush_interval",
+            access_log_flush_interval.is_some(),
+        )?;
+        ctx.refuse(
+            cov,
+            &at,
+            "flush_access_log_on_connected",
+            *flush_access_log_on_connected,
+        )?;
+        ctx.refuse(
+            cov,
+            &at,
+            "flush_access_log_on_start",
+            *flush_access_log_on_start,
+        )?;
     }
-    access_logs(ctx, &format!("{field}.access_log"), &tp.access_log)
+    access_logs(ctx, &path(field, "access_log"), &tp.access_log)
 }
 
 /// The bootstrap's `admin.access_log` (and the deprecated
@@ -122,77 +254,41 @@ pub(super) fn access_logs(
     Ok(Arc::new(ma::AccessLogs::new(out)))
 }
 
-// Envoy 1.40 still accepts the deprecated format fields (with a warning).
-#[allow(deprecated)]
 fn access_log(
     ctx: &Ctx<'_>,
     field: &str,
     l: &pb::AccessLog,
 ) -> Result<ma::AccessLog, ConvertError> {
-    let Some(pb::access_log::ConfigType::TypedConfig(any)) = &l.config_type else {
-        return Err(ctx.err(
-            field,
-            format!("access log {:?} has no typed_config", l.name),
-        ));
+    let pb::AccessLog {
+        name,
+        filter: access_filter,
+        config_type,
+    } = l;
+    let Some(pb::access_log::ConfigType::TypedConfig(any)) = config_type else {
+        return Err(ctx.err(field, format!("access log {name:?} has no typed_config")));
     };
-    let tf = format!("{field}.typed_config");
+    let tf = path(field, "typed_config");
     let typed = Typed::from_any(any).map_err(|e| ctx.err(&tf, e))?;
     let (sink, format) = match typed.type_name() {
-        FILE_TYPE => {
-            let f: file_pb::FileAccessLog = typed.decode().map_err(|e| ctx.err(&tf, e))?;
-            if f.path.is_empty() {
-                return Err(ctx.err(format!("{tf}.path"), "a path is required"));
-            }
-            // As Envoy, `/dev/stdout` and `/dev/stderr` are the process's own
-            // descriptors (reopening them by path fails for a proxy running
-            // as another user than its output's owner).
-            let sink = match f.path.as_str() {
-                "/dev/stdout" => Some(ma::Sink::Stdout),
-                "/dev/stderr" => Some(ma::Sink::Stderr),
-                _ => None,
-            };
-            // Other files are opened (created) when the configuration is
-            // loaded, and one that cannot be is a configuration error.
-            if sink.is_none()
-                && let Err(e) = std::fs::OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(&f.path)
-            {
-                return Err(ctx.err(
-                    format!("{tf}.path"),
-                    format!("cannot open access log {:?}: {e}", f.path),
-                ));
-            }
-            use file_pb::file_access_log::AccessLogFormat as F;
-            let format = match &f.access_log_format {
-                None => ma::LogFormat::default_text(),
-                Some(F::Format(s)) if s.is_empty() => ma::LogFormat::default_text(),
-                Some(F::Format(s)) => text(ctx, &format!("{tf}.format"), s, false)?,
-                Some(F::JsonFormat(s)) => json(ctx, &format!("{tf}.json_format"), s, false)?,
-                Some(F::TypedJsonFormat(s)) => {
-                    json(ctx, &format!("{tf}.typed_json_format"), s, false)?
-                }
-                Some(F::LogFormat(s)) => substitution(ctx, &format!("{tf}.log_format"), s)?,
-            };
-            (sink.unwrap_or(ma::Sink::File(f.path)), format)
-        }
+        FILE_TYPE => file(ctx, &tf, typed.decode().map_err(|e| ctx.err(&tf, e))?)?,
         STDOUT_TYPE => {
-            let s: stream_pb::StdoutAccessLog = typed.decode().map_err(|e| ctx.err(&tf, e))?;
-            let format = match &s.access_log_format {
+            let stream_pb::StdoutAccessLog { access_log_format } =
+                typed.decode().map_err(|e| ctx.err(&tf, e))?;
+            let format = match &access_log_format {
                 None => ma::LogFormat::default_text(),
                 Some(stream_pb::stdout_access_log::AccessLogFormat::LogFormat(f)) => {
-                    substitution(ctx, &format!("{tf}.log_format"), f)?
+                    substitution(ctx, &path(&tf, "log_format"), f)?
                 }
             };
             (ma::Sink::Stdout, format)
         }
         STDERR_TYPE => {
-            let s: stream_pb::StderrAccessLog = typed.decode().map_err(|e| ctx.err(&tf, e))?;
-            let format = match &s.access_log_format {
+            let stream_pb::StderrAccessLog { access_log_format } =
+                typed.decode().map_err(|e| ctx.err(&tf, e))?;
+            let format = match &access_log_format {
                 None => ma::LogFormat::default_text(),
                 Some(stream_pb::stderr_access_log::AccessLogFormat::LogFormat(f)) => {
-                    substitution(ctx, &format!("{tf}.log_format"), f)?
+                    substitution(ctx, &path(&tf, "log_format"), f)?
                 }
             };
             (ma::Sink::Stderr, format)
@@ -201,22 +297,69 @@ fn access_log(
             return Err(ctx.err(
                 &tf,
                 format!(
-                    "unsupported access logger {:?} ({t}); Ferry writes envoy.access_loggers.file, stdout and stderr",
-                    l.name
+                    "unsupported access logger {name:?} ({t}); Ferry writes envoy.access_loggers.file, stdout and stderr"
                 ),
             ));
         }
     };
-    let filter = match &l.filter {
-        Some(f) => Some(filter(ctx, &format!("{field}.filter"), f)?),
+    let filter = match access_filter {
+        Some(f) => Some(filter(ctx, &path(field, "filter"), f)?),
         None => None,
     };
     Ok(ma::AccessLog {
-        name: l.name.clone(),
+        name: name.clone(),
         filter,
         sink,
         format,
     })
+}
+
+/// A `FileAccessLog` at `tf`.
+// Envoy 1.40 still accepts the deprecated format fields (with a warning).
+#[allow(deprecated)]
+fn file(
+    ctx: &Ctx<'_>,
+    tf: &str,
+    f: file_pb::FileAccessLog,
+) -> Result<(ma::Sink, ma::LogFormat), ConvertError> {
+    let file_pb::FileAccessLog {
+        path: file_path,
+        access_log_format,
+    } = f;
+    if file_path.is_empty() {
+        return Err(ctx.err(path(tf, "path"), "a path is required"));
+    }
+    // As Envoy, `/dev/stdout` and `/dev/stderr` are the process's own
+    // descriptors (reopening them by path fails for a proxy running
+    // as another user than its output's owner).
+    let sink = match file_path.as_str() {
+        "/dev/stdout" => Some(ma::Sink::Stdout),
+        "/dev/stderr" => Some(ma::Sink::Stderr),
+        _ => None,
+    };
+    // Other files are opened (created) when the configuration is
+    // loaded, and one that cannot be is a configuration error.
+    if sink.is_none()
+        && let Err(e) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&file_path)
+    {
+        return Err(ctx.err(
+            path(tf, "path"),
+            format!("cannot open access log {file_path:?}: {e}"),
+        ));
+    }
+    use file_pb::file_access_log::AccessLogFormat as F;
+    let format = match &access_log_format {
+        None => ma::LogFormat::default_text(),
+        Some(F::Format(s)) if s.is_empty() => ma::LogFormat::default_text(),
+        Some(F::Format(s)) => text(ctx, &path(tf, "format"), s, false)?,
+        Some(F::JsonFormat(s)) => json(ctx, &path(tf, "json_format"), s, false)?,
+        Some(F::TypedJsonFormat(s)) => json(ctx, &path(tf, "typed_json_format"), s, false)?,
+        Some(F::LogFormat(s)) => substitution(ctx, &path(tf, "log_format"), s)?,
+    };
+    Ok((sink.unwrap_or(ma::Sink::File(file_path)), format))
 }
 
 /// A `SubstitutionFormatString` (`text_format` is deprecated, and
@@ -228,25 +371,34 @@ fn substitution(
     s: &core_pb::SubstitutionFormatString,
 ) -> Result<ma::LogFormat, ConvertError> {
     use core_pb::substitution_format_string::Format as F;
-    if let Some(f) = s.formatters.first() {
+    let core_pb::SubstitutionFormatString {
+        omit_empty_values,
+        content_type,
+        formatters,
+        json_format_options,
+        format,
+    } = s;
+    // Read for local replies only; keys are written sorted either way.
+    let _ = (content_type, json_format_options);
+    if let Some(f) = formatters.first() {
+        let why = SUBSTITUTION_FORMAT_STRING
+            .field("formatters")
+            .map_or("not supported", |f| f.note);
         return Err(ctx.err(
             format!("{field}.formatters[0]"),
-            format!("formatter extension {:?} is not supported", f.name),
+            format!("{why}: {:?}", f.name),
         ));
     }
-    match &s.format {
-        Some(F::TextFormat(t)) => {
-            text(ctx, &format!("{field}.text_format"), t, s.omit_empty_values)
-        }
+    let omit = *omit_empty_values;
+    match format {
+        Some(F::TextFormat(t)) => text(ctx, &path(field, "text_format"), t, omit),
         Some(F::TextFormatSource(d)) => {
-            let f = format!("{field}.text_format_source");
+            let f = path(field, "text_format_source");
             let bytes = data_source(ctx, &f, Some(d))?;
             let t = String::from_utf8(bytes).map_err(|_| ctx.err(&f, "the format is not UTF-8"))?;
-            text(ctx, &f, &t, s.omit_empty_values)
+            text(ctx, &f, &t, omit)
         }
-        Some(F::JsonFormat(j)) => {
-            json(ctx, &format!("{field}.json_format"), j, s.omit_empty_values)
-        }
+        Some(F::JsonFormat(j)) => json(ctx, &path(field, "json_format"), j, omit),
         None => Err(ctx.err(
             field,
             "a format (text_format_source or json_format) is required",
@@ -316,9 +468,10 @@ fn comparison(
     c: &Option<pb::ComparisonFilter>,
 ) -> Result<(ma::Op, u64), ConvertError> {
     let Some(c) = c else {
-        return Err(ctx.err(format!("{field}.comparison"), "a comparison is required"));
+        return Err(ctx.err(path(field, "comparison"), "a comparison is required"));
     };
-    let op = match pb::comparison_filter::Op::try_from(c.op) {
+    let pb::ComparisonFilter { op, value } = c;
+    let op = match pb::comparison_filter::Op::try_from(*op) {
         Ok(pb::comparison_filter::Op::Eq) => ma::Op::Eq,
         Ok(pb::comparison_filter::Op::Ge) => ma::Op::Ge,
         Ok(pb::comparison_filter::Op::Le) => ma::Op::Le,
@@ -326,13 +479,13 @@ fn comparison(
         Err(_) => {
             return Err(ctx.err(
                 format!("{field}.comparison.op"),
-                format!("unknown operator {}", c.op),
+                format!("unknown operator {op}"),
             ));
         }
     };
     // The runtime key's default value: Ferry has no runtime layer, which is
     // what Envoy reads when no runtime overrides the key.
-    let Some(v) = &c.value else {
+    let Some(v) = value else {
         return Err(ctx.err(format!("{field}.comparison.value"), "a value is required"));
     };
     Ok((op, u64::from(v.default_value)))
@@ -340,6 +493,7 @@ fn comparison(
 
 fn filter(ctx: &Ctx<'_>, field: &str, f: &pb::AccessLogFilter) -> Result<ma::Filter, ConvertError> {
     use pb::access_log_filter::FilterSpecifier as S;
+    let cov = &ACCESS_LOG_FILTER;
     let list = |name: &str, fs: &[pb::AccessLogFilter]| -> Result<Vec<ma::Filter>, ConvertError> {
         if fs.len() < 2 {
             return Err(ctx.err(
@@ -352,34 +506,41 @@ fn filter(ctx: &Ctx<'_>, field: &str, f: &pb::AccessLogFilter) -> Result<ma::Fil
             .map(|(i, f)| filter(ctx, &format!("{field}.{name}.filters[{i}]"), f))
             .collect()
     };
-    Ok(match &f.filter_specifier {
+    let pb::AccessLogFilter { filter_specifier } = f;
+    Ok(match filter_specifier {
         None => return Err(ctx.err(field, "a filter is required")),
-        Some(S::StatusCodeFilter(s)) => {
-            let (op, v) = comparison(ctx, &format!("{field}.status_code_filter"), &s.comparison)?;
+        Some(S::StatusCodeFilter(pb::StatusCodeFilter { comparison: c })) => {
+            let (op, v) = comparison(ctx, &path(field, "status_code_filter"), c)?;
             ma::Filter::StatusCode(op, v)
         }
-        Some(S::DurationFilter(s)) => {
-            let (op, v) = comparison(ctx, &format!("{field}.duration_filter"), &s.comparison)?;
+        Some(S::DurationFilter(pb::DurationFilter { comparison: c })) => {
+            let (op, v) = comparison(ctx, &path(field, "duration_filter"), c)?;
             ma::Filter::Duration(op, v)
         }
-        Some(S::NotHealthCheckFilter(_)) => ma::Filter::NotHealthCheck,
-        Some(S::TraceableFilter(_)) => ma::Filter::Traceable,
-        Some(S::RuntimeFilter(r)) => {
-            if r.runtime_key.is_empty() {
+        Some(S::NotHealthCheckFilter(pb::NotHealthCheckFilter {})) => ma::Filter::NotHealthCheck,
+        Some(S::TraceableFilter(pb::TraceableFilter {})) => ma::Filter::Traceable,
+        Some(S::RuntimeFilter(pb::RuntimeFilter {
+            runtime_key,
+            percent_sampled,
+            use_independent_randomness,
+        })) => {
+            if runtime_key.is_empty() {
                 return Err(ctx.err(
                     format!("{field}.runtime_filter.runtime_key"),
                     "a runtime key is required",
                 ));
             }
             ma::Filter::Runtime {
-                fraction: fraction(&r.percent_sampled),
-                independent: r.use_independent_randomness,
+                fraction: fraction(percent_sampled),
+                independent: *use_independent_randomness,
             }
         }
-        Some(S::AndFilter(a)) => ma::Filter::And(list("and_filter", &a.filters)?),
-        Some(S::OrFilter(o)) => ma::Filter::Or(list("or_filter", &o.filters)?),
-        Some(S::HeaderFilter(h)) => {
-            let Some(m) = &h.header else {
+        Some(S::AndFilter(pb::AndFilter { filters })) => {
+            ma::Filter::And(list("and_filter", filters)?)
+        }
+        Some(S::OrFilter(pb::OrFilter { filters })) => ma::Filter::Or(list("or_filter", filters)?),
+        Some(S::HeaderFilter(pb::HeaderFilter { header })) => {
+            let Some(m) = header else {
                 return Err(ctx.err(
                     format!("{field}.header_filter.header"),
                     "a header matcher is required",
@@ -391,8 +552,8 @@ fn filter(ctx: &Ctx<'_>, field: &str, f: &pb::AccessLogFilter) -> Result<ma::Fil
                 m,
             )?)
         }
-        Some(S::ResponseFlagFilter(r)) => {
-            for (i, flag) in r.flags.iter().enumerate() {
+        Some(S::ResponseFlagFilter(pb::ResponseFlagFilter { flags })) => {
+            for (i, flag) in flags.iter().enumerate() {
                 if !ferry_model::stream_info::RESPONSE_FLAGS
                     .iter()
                     .any(|(s, _)| s == flag)
@@ -403,42 +564,29 @@ fn filter(ctx: &Ctx<'_>, field: &str, f: &pb::AccessLogFilter) -> Result<ma::Fil
                     ));
                 }
             }
-            ma::Filter::ResponseFlag(r.flags.clone())
+            ma::Filter::ResponseFlag(flags.clone())
         }
-        Some(S::GrpcStatusFilter(g)) => {
-            let mut statuses = Vec::with_capacity(g.statuses.len());
-            for (i, s) in g.statuses.iter().enumerate() {
+        Some(S::GrpcStatusFilter(pb::GrpcStatusFilter { statuses, exclude })) => {
+            let mut out = Vec::with_capacity(statuses.len());
+            for (i, s) in statuses.iter().enumerate() {
                 let s = u32::try_from(*s).ok().filter(|s| *s <= 16).ok_or_else(|| {
                     ctx.err(
                         format!("{field}.grpc_status_filter.statuses[{i}]"),
                         format!("unknown gRPC status {s}"),
                     )
                 })?;
-                statuses.push(s);
+                out.push(s);
             }
             ma::Filter::GrpcStatus {
-                statuses,
-                exclude: g.exclude,
+                statuses: out,
+                exclude: *exclude,
             }
         }
-        Some(S::LogTypeFilter(l)) => ma::Filter::LogType {
-            types: l.types.clone(),
-            exclude: l.exclude,
+        Some(S::LogTypeFilter(pb::LogTypeFilter { types, exclude })) => ma::Filter::LogType {
+            types: types.clone(),
+            exclude: *exclude,
         },
-        Some(S::MetadataFilter(_)) => {
-            return Err(ctx.err(
-                format!("{field}.metadata_filter"),
-                "metadata access log filters are not supported",
-            ));
-        }
-        Some(S::ExtensionFilter(e)) => {
-            return Err(ctx.err(
-                format!("{field}.extension_filter"),
-                format!(
-                    "access log filter extension {:?} (e.g. CEL) is not supported",
-                    e.name
-                ),
-            ));
-        }
+        Some(S::MetadataFilter(_)) => return Err(ctx.refused(cov, field, "metadata_filter")),
+        Some(S::ExtensionFilter(_)) => return Err(ctx.refused(cov, field, "extension_filter")),
     })
 }

@@ -180,7 +180,7 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
+        access_log, circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
         http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
         matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, upstream_protocol,
     };
@@ -199,6 +199,24 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &http_protocol::HTTP2_PROTOCOL_OPTIONS,
         &tcp_proxy::TCP_PROXY,
         &tcp_proxy::TCP_HASH_POLICY,
+        &access_log::HCM_ACCESS_LOG_OPTIONS,
+        &access_log::TCP_ACCESS_LOG_OPTIONS,
+        &access_log::ACCESS_LOG,
+        &access_log::FILE_ACCESS_LOG,
+        &access_log::STDOUT_ACCESS_LOG,
+        &access_log::STDERR_ACCESS_LOG,
+        &access_log::SUBSTITUTION_FORMAT_STRING,
+        &access_log::ACCESS_LOG_FILTER,
+        &access_log::COMPARISON_FILTER,
+        &access_log::STATUS_CODE_FILTER,
+        &access_log::DURATION_FILTER,
+        &access_log::RUNTIME_FILTER,
+        &access_log::AND_FILTER,
+        &access_log::OR_FILTER,
+        &access_log::HEADER_FILTER,
+        &access_log::RESPONSE_FLAG_FILTER,
+        &access_log::GRPC_STATUS_FILTER,
+        &access_log::LOG_TYPE_FILTER,
         &core_types::ADDRESS,
         &core_types::SOCKET_ADDRESS,
         &core_types::CIDR_RANGE,

@@ -28,6 +28,21 @@ pub(super) const LISTENER: &str = r#"{
       "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "h",
+        "access_log": [
+          {"name": "a", "filter": {"and_filter": {"filters": [
+              {"status_code_filter": {"comparison": {"value": {"default_value": 200, "runtime_key": "k"}}}},
+              {"duration_filter": {"comparison": {"value": {"default_value": 1, "runtime_key": "k"}}}}]}},
+           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+             "log_format": {"text_format_source": {"inline_string": "x"}}}},
+          {"name": "b", "filter": {"or_filter": {"filters": [
+              {"runtime_filter": {"runtime_key": "k"}},
+              {"header_filter": {"header": {"name": "x", "present_match": true}}}]}},
+           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog", "path": "/dev/stdout"}},
+          {"name": "c", "filter": {"response_flag_filter": {}},
+           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StderrAccessLog"}},
+          {"name": "d", "filter": {"grpc_status_filter": {}}, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"}},
+          {"name": "e", "filter": {"log_type_filter": {}}, "typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"}}
+        ],
         "upgrade_configs": [{"upgrade_type": "websocket"}],
         "http_filters": [
           {"name": "fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
@@ -205,6 +220,55 @@ fn site(message: &str, context: &str) -> Option<Site> {
         }
         ("envoy.config.core.v3.Http2ProtocolOptions", "downstream") => {
             s(LISTENER, hcm!("http2_protocol_options"), Some("{}"))
+        }
+        (
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.HcmAccessLogOptions",
+            _,
+        ) => s(LISTENER, hcm!("access_log_options"), Some("{}")),
+        ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TcpAccessLogOptions", _) => s(
+            LISTENER,
+            "filter_chains[1].filters[1].typed_config@.access_log_options",
+            Some("{}"),
+        ),
+        ("envoy.config.accesslog.v3.AccessLog", _) => l(hcm!("access_log[0]")),
+        ("envoy.extensions.access_loggers.file.v3.FileAccessLog", _) => {
+            l(hcm!("access_log[1].typed_config@"))
+        }
+        ("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog", _) => {
+            l(hcm!("access_log[0].typed_config@"))
+        }
+        ("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", _) => {
+            l(hcm!("access_log[2].typed_config@"))
+        }
+        ("envoy.config.core.v3.SubstitutionFormatString", _) => {
+            l(hcm!("access_log[0].typed_config@.log_format"))
+        }
+        ("envoy.config.accesslog.v3.AccessLogFilter", _) => l(hcm!("access_log[0].filter")),
+        ("envoy.config.accesslog.v3.AndFilter", _) => l(hcm!("access_log[0].filter.and_filter")),
+        ("envoy.config.accesslog.v3.StatusCodeFilter", _) => l(hcm!(
+            "access_log[0].filter.and_filter.filters[0].status_code_filter"
+        )),
+        ("envoy.config.accesslog.v3.ComparisonFilter", _) => l(hcm!(
+            "access_log[0].filter.and_filter.filters[0].status_code_filter.comparison"
+        )),
+        ("envoy.config.accesslog.v3.DurationFilter", _) => l(hcm!(
+            "access_log[0].filter.and_filter.filters[1].duration_filter"
+        )),
+        ("envoy.config.accesslog.v3.OrFilter", _) => l(hcm!("access_log[1].filter.or_filter")),
+        ("envoy.config.accesslog.v3.RuntimeFilter", _) => l(hcm!(
+            "access_log[1].filter.or_filter.filters[0].runtime_filter"
+        )),
+        ("envoy.config.accesslog.v3.HeaderFilter", _) => l(hcm!(
+            "access_log[1].filter.or_filter.filters[1].header_filter"
+        )),
+        ("envoy.config.accesslog.v3.ResponseFlagFilter", _) => {
+            l(hcm!("access_log[2].filter.response_flag_filter"))
+        }
+        ("envoy.config.accesslog.v3.GrpcStatusFilter", _) => {
+            l(hcm!("access_log[3].filter.grpc_status_filter"))
+        }
+        ("envoy.config.accesslog.v3.LogTypeFilter", _) => {
+            l(hcm!("access_log[4].filter.log_type_filter"))
         }
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", _) => {
             l("filter_chains[1].filters[1].typed_config@")
@@ -463,6 +527,8 @@ fn special(key: &str) -> Option<&'static str> {
         | "envoy.config.route.v3.WeightedCluster.ClusterWeight.metadata_match" => {
             r#"{"filter_metadata": {"envoy.lb": {"version": "v1"}}}"#
         }
+        // A file the probe may open.
+        "envoy.extensions.access_loggers.file.v3.FileAccessLog.path" => "/dev/stderr",
         "envoy.config.cluster.v3.Cluster.wait_for_warm_on_init"
         | "envoy.config.core.v3.Http1ProtocolOptions.allow_absolute_url" => "false",
         _ => return None,
@@ -709,6 +775,7 @@ fn refused_and_warned_fields_are_refused_and_warned_by_name() {
                 let v = match (special(&key), fd.kind()) {
                     (Some(json), Kind::Message(md)) => Value::Message(parse(&md, json)),
                     (Some("false"), _) => Value::Bool(false),
+                    (Some(s), Kind::String) => Value::String(s.into()),
                     _ => value_for(&fd),
                 };
                 m.set_field(&fd, v);
