@@ -182,7 +182,8 @@ pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
         access_log, circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
         http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
-        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, upstream_protocol,
+        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, trace,
+        upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -201,6 +202,18 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &tcp_proxy::TCP_HASH_POLICY,
         &access_log::HCM_ACCESS_LOG_OPTIONS,
         &access_log::TCP_ACCESS_LOG_OPTIONS,
+        &trace::TRACING,
+        &trace::BOOTSTRAP_TRACING,
+        &trace::TRACING_HTTP,
+        &trace::OPENTELEMETRY,
+        &trace::ZIPKIN,
+        &trace::CUSTOM_TAG,
+        &trace::CUSTOM_TAG_LITERAL,
+        &trace::CUSTOM_TAG_ENVIRONMENT,
+        &trace::CUSTOM_TAG_HEADER,
+        &trace::CUSTOM_TAG_METADATA,
+        &trace::REQUEST_ID_EXTENSION,
+        &trace::UUID_REQUEST_ID,
         &access_log::ACCESS_LOG,
         &access_log::FILE_ACCESS_LOG,
         &access_log::STDOUT_ACCESS_LOG,

@@ -19,7 +19,105 @@ use envoy_types::pb::envoy::r#type::tracing::v3 as tag_pb;
 use ferry_model as m;
 use ferry_model::tracing as mt;
 
+use super::coverage::{Coverage, fields, path};
 use super::{ConvertError, Ctx, Typed, duration};
+
+fields!(pub(super) static TRACING = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.Tracing" {
+    "client_sampling": applied,
+    "random_sampling": applied,
+    "overall_sampling": applied,
+    "verbose": refused "verbose span annotations are not supported",
+    "max_path_tag_length": applied,
+    "custom_tags": applied,
+    "provider": applied,
+    "spawn_upstream_span": applied,
+    "operation": refused "operation name formats are not supported (route decorators are)",
+    "upstream_operation": refused "operation name formats are not supported (route decorators are)",
+    "no_context_propagation": refused "switching off trace context propagation is not supported",
+});
+
+fields!(pub(super) static BOOTSTRAP_TRACING = "envoy.config.trace.v3.Tracing" {
+    "http": applied "the tracer of connection managers without their own provider",
+});
+
+fields!(pub(super) static TRACING_HTTP = "envoy.config.trace.v3.Tracing.Http" {
+    "name": applied,
+    "typed_config": applied "envoy.tracers.opentelemetry and envoy.tracers.zipkin; other tracers are refused",
+});
+
+fields!(pub(super) static OPENTELEMETRY = "envoy.config.trace.v3.OpenTelemetryConfig" {
+    "grpc_service": applied "envoy_grpc only; google_grpc is refused",
+    "http_service": applied,
+    "exporter": refused "OTLP exporter extensions are not supported",
+    "service_name": applied,
+    "resource_detectors": refused "resource detectors are not supported",
+    "sampler": refused "samplers are not supported",
+    "max_cache_size": applied,
+    "set_telemetry_sdk_resource_attributes": applied,
+    "set_service_name_resource_attribute": applied,
+    "set_instrumentation_scope": applied,
+});
+
+fields!(pub(super) static ZIPKIN = "envoy.config.trace.v3.ZipkinConfig" {
+    "collector_cluster": applied,
+    "collector_endpoint": applied,
+    "trace_id_128bit": applied,
+    "shared_span_context": applied,
+    "collector_endpoint_version": applied "HTTP_JSON (Zipkin v2 JSON) only; the others are refused",
+    "collector_hostname": applied,
+    "split_spans_for_request": refused "split spans are not supported",
+    "trace_context_option": applied,
+    "collector_service": applied,
+    "timestamp_trace_ids": refused "timestamped trace ids are not supported",
+});
+
+fields!(pub(super) static CUSTOM_TAG = "envoy.type.tracing.v3.CustomTag" {
+    "tag": applied "required",
+    "literal": applied,
+    "environment": applied "read once, when the configuration is loaded",
+    "request_header": applied,
+    "metadata": applied,
+    "value": applied "a value without format operators; one with operators is refused",
+});
+
+fields!(pub(super) static CUSTOM_TAG_LITERAL = "envoy.type.tracing.v3.CustomTag.Literal" {
+    "value": applied,
+});
+
+fields!(pub(super) static CUSTOM_TAG_ENVIRONMENT = "envoy.type.tracing.v3.CustomTag.Environment" {
+    "name": applied,
+    "default_value": applied,
+});
+
+fields!(pub(super) static CUSTOM_TAG_HEADER = "envoy.type.tracing.v3.CustomTag.Header" {
+    "name": applied "a header name; others are refused",
+    "default_value": applied,
+});
+
+fields!(pub(super) static CUSTOM_TAG_METADATA = "envoy.type.tracing.v3.CustomTag.Metadata" {
+    "kind": applied "request (dynamic) metadata only; other kinds are refused",
+    "metadata_key": applied "required; key path segments only",
+    "default_value": applied,
+});
+
+fields!(pub(super) static REQUEST_ID_EXTENSION = "envoy.extensions.filters.network.http_connection_manager.v3.RequestIDExtension" {
+    "typed_config": applied "envoy.request_id.uuid only; other extensions are refused",
+});
+
+fields!(pub(super) static UUID_REQUEST_ID = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig" {
+    "pack_trace_reason": refused "only the default (true) is supported",
+    "use_request_id_for_trace_sampling": refused "only the default (true) is supported",
+});
+
+/// The refusal of the first element of a repeated extension field,
+/// naming the extension: `{at}.{field}[0]`.
+fn refused_first(ctx: &Ctx<'_>, cov: &Coverage, at: &str, field: &str, name: &str) -> ConvertError {
+    let why = cov.field(field).map_or("not supported", |f| f.note);
+    ctx.err(
+        format!("{}[0]", path(at, field)),
+        format!("{why}: {name:?}"),
+    )
+}
 
 const OTEL_TYPE: &str = "envoy.config.trace.v3.OpenTelemetryConfig";
 const ZIPKIN_TYPE: &str = "envoy.config.trace.v3.ZipkinConfig";
@@ -46,50 +144,53 @@ pub(super) fn http_connection_manager(
     let Some(t) = &h.tracing else {
         return Ok(None);
     };
-    let field = format!("{field}.tracing");
-    if t.verbose {
-        return Err(ctx.err(
-            format!("{field}.verbose"),
-            "verbose span annotations are not supported",
-        ));
-    }
-    for (name, set) in [
-        ("operation", !t.operation.is_empty()),
-        ("upstream_operation", !t.upstream_operation.is_empty()),
-    ] {
-        if set {
-            return Err(ctx.err(
-                format!("{field}.{name}"),
-                "operation name formats are not supported (route decorators are)",
-            ));
-        }
-    }
-    if t.no_context_propagation {
-        return Err(ctx.err(
-            format!("{field}.no_context_propagation"),
-            "switching off trace context propagation is not supported",
-        ));
-    }
-    let provider = match &t.provider {
-        Some(p) => Some(Arc::new(provider(ctx, &format!("{field}.provider"), p)?)),
+    let cov = &TRACING;
+    let field = path(field, "tracing");
+    let hcm_pb::http_connection_manager::Tracing {
+        client_sampling,
+        random_sampling,
+        overall_sampling,
+        verbose,
+        max_path_tag_length,
+        custom_tags,
+        provider: tracer,
+        spawn_upstream_span,
+        operation,
+        upstream_operation,
+        no_context_propagation,
+    } = t;
+    ctx.refuse(cov, &field, "verbose", *verbose)?;
+    ctx.refuse(cov, &field, "operation", !operation.is_empty())?;
+    ctx.refuse(
+        cov,
+        &field,
+        "upstream_operation",
+        !upstream_operation.is_empty(),
+    )?;
+    ctx.refuse(
+        cov,
+        &field,
+        "no_context_propagation",
+        *no_context_propagation,
+    )?;
+    let provider = match tracer {
+        Some(p) => Some(Arc::new(provider(ctx, &path(&field, "provider"), p)?)),
         None => None,
     };
-    let mut custom_tags = Vec::with_capacity(t.custom_tags.len());
-    for (i, c) in t.custom_tags.iter().enumerate() {
-        custom_tags.push(custom_tag(ctx, &format!("{field}.custom_tags[{i}]"), c)?);
+    let mut tags = Vec::with_capacity(custom_tags.len());
+    for (i, c) in custom_tags.iter().enumerate() {
+        tags.push(custom_tag(ctx, &format!("{field}.custom_tags[{i}]"), c)?);
     }
     Ok(Some(Arc::new(mt::Tracing {
         provider,
-        client_sampling: percent(&t.client_sampling),
-        random_sampling: percent(&t.random_sampling),
-        overall_sampling: percent(&t.overall_sampling),
-        max_path_tag_length: t
-            .max_path_tag_length
+        client_sampling: percent(client_sampling),
+        random_sampling: percent(random_sampling),
+        overall_sampling: percent(overall_sampling),
+        max_path_tag_length: max_path_tag_length
             .as_ref()
             .map_or(256, |v| v.value as usize),
-        custom_tags,
-        upstream_spans: t
-            .spawn_upstream_span
+        custom_tags: tags,
+        upstream_spans: spawn_upstream_span
             .as_ref()
             .map_or(start_child_span, |v| v.value),
         egress: ctx.outbound,
@@ -101,57 +202,68 @@ fn custom_tag(
     field: &str,
     c: &tag_pb::CustomTag,
 ) -> Result<mt::CustomTag, ConvertError> {
-    use tag_pb::custom_tag::Type;
-    if c.tag.is_empty() {
-        return Err(ctx.err(format!("{field}.tag"), "a tag name is required"));
+    use tag_pb::custom_tag::{Environment, Header, Literal, Metadata, Type};
+    let tag_pb::CustomTag { tag, r#type } = c;
+    if tag.is_empty() {
+        return Err(ctx.err(path(field, "tag"), "a tag name is required"));
     }
     let default = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let value = match &c.r#type {
-        Some(Type::Literal(l)) => mt::TagValue::Literal(l.value.clone()),
+    let value = match r#type {
+        Some(Type::Literal(Literal { value })) => mt::TagValue::Literal(value.clone()),
         // A format string; one without an operator is its own value.
         Some(Type::Value(v)) if !v.contains('%') => mt::TagValue::Literal(v.clone()),
         Some(Type::Value(_)) => {
             return Err(ctx.err(
-                format!("{field}.value"),
+                path(field, "value"),
                 "custom tags with format operators are not supported",
             ));
         }
         // Read once, as Envoy reads it when the configuration is loaded.
-        Some(Type::Environment(e)) => match std::env::var(&e.name) {
+        Some(Type::Environment(Environment {
+            name,
+            default_value,
+        })) => match std::env::var(name) {
             Ok(v) => mt::TagValue::Literal(v),
-            Err(_) => mt::TagValue::Literal(e.default_value.clone()),
+            Err(_) => mt::TagValue::Literal(default_value.clone()),
         },
-        Some(Type::RequestHeader(h)) => mt::TagValue::RequestHeader {
-            name: http::HeaderName::from_bytes(h.name.to_ascii_lowercase().as_bytes()).map_err(
+        Some(Type::RequestHeader(Header {
+            name,
+            default_value,
+        })) => mt::TagValue::RequestHeader {
+            name: http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(
                 |_| {
                     ctx.err(
                         format!("{field}.request_header.name"),
-                        format!("{:?} is not a header name", h.name),
+                        format!("{name:?} is not a header name"),
                     )
                 },
             )?,
-            default: default(&h.default_value),
+            default: default(default_value),
         },
-        Some(Type::Metadata(md)) => {
+        Some(Type::Metadata(Metadata {
+            kind,
+            metadata_key,
+            default_value,
+        })) => {
             use envoy_types::pb::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
             use envoy_types::pb::envoy::r#type::metadata::v3::metadata_kind::Kind;
-            let kind = md.kind.as_ref().and_then(|k| k.kind.as_ref());
+            let kind = kind.as_ref().and_then(|k| k.kind.as_ref());
             if !matches!(kind, Some(Kind::Request(_))) {
                 return Err(ctx.err(
                     format!("{field}.metadata.kind"),
                     "only request (dynamic) metadata tags are supported",
                 ));
             }
-            let Some(key) = &md.metadata_key else {
+            let Some(key) = metadata_key else {
                 return Err(ctx.err(
                     format!("{field}.metadata.metadata_key"),
                     "a metadata key is required",
                 ));
             };
-            let mut path = Vec::with_capacity(key.path.len());
+            let mut segments = Vec::with_capacity(key.path.len());
             for (i, p) in key.path.iter().enumerate() {
                 match &p.segment {
-                    Some(Segment::Key(k)) => path.push(k.clone()),
+                    Some(Segment::Key(k)) => segments.push(k.clone()),
                     _ => {
                         return Err(ctx.err(
                             format!("{field}.metadata.metadata_key.path[{i}]"),
@@ -162,14 +274,14 @@ fn custom_tag(
             }
             mt::TagValue::RequestMetadata {
                 filter: key.key.clone(),
-                path,
-                default: default(&md.default_value),
+                path: segments,
+                default: default(default_value),
             }
         }
         None => return Err(ctx.err(field, "a custom tag needs a value source")),
     };
     Ok(mt::CustomTag {
-        tag: c.tag.clone(),
+        tag: tag.clone(),
         value,
     })
 }
@@ -184,11 +296,10 @@ fn request_id_extension(
 ) -> Result<(), ConvertError> {
     use envoy_types::pb::envoy::extensions::request_id::uuid::v3::UuidRequestIdConfig;
     use prost::Name;
-    let Some(any) = h
-        .request_id_extension
-        .as_ref()
-        .and_then(|e| e.typed_config.as_ref())
-    else {
+    let Some(hcm_pb::RequestIdExtension { typed_config }) = &h.request_id_extension else {
+        return Ok(());
+    };
+    let Some(any) = typed_config else {
         return Ok(());
     };
     let field = format!("{field}.request_id_extension.typed_config");
@@ -201,22 +312,21 @@ fn request_id_extension(
             ),
         ));
     }
-    let c: UuidRequestIdConfig =
-        prost::Message::decode(any.value.as_slice()).map_err(|e| ctx.err(&field, e.to_string()))?;
-    for (name, v) in [
-        ("pack_trace_reason", &c.pack_trace_reason),
-        (
-            "use_request_id_for_trace_sampling",
-            &c.use_request_id_for_trace_sampling,
-        ),
-    ] {
-        if v.as_ref().is_some_and(|b| !b.value) {
-            return Err(ctx.err(
-                format!("{field}.{name}"),
-                "only the default (true) is supported",
-            ));
-        }
-    }
+    let UuidRequestIdConfig {
+        pack_trace_reason,
+        use_request_id_for_trace_sampling,
+    } = prost::Message::decode(any.value.as_slice()).map_err(|e| ctx.err(&field, e.to_string()))?;
+    let cov = &UUID_REQUEST_ID;
+    let off = |v: &Option<envoy_types::pb::google::protobuf::BoolValue>| {
+        v.as_ref().is_some_and(|b| !b.value)
+    };
+    ctx.refuse(cov, &field, "pack_trace_reason", off(&pack_trace_reason))?;
+    ctx.refuse(
+        cov,
+        &field,
+        "use_request_id_for_trace_sampling",
+        off(&use_request_id_for_trace_sampling),
+    )?;
     Ok(())
 }
 
@@ -226,10 +336,11 @@ pub fn provider(
     field: &str,
     p: &trace_pb::tracing::Http,
 ) -> Result<mt::Provider, ConvertError> {
-    let Some(trace_pb::tracing::http::ConfigType::TypedConfig(any)) = &p.config_type else {
-        return Err(ctx.err(field, format!("tracer {:?} has no typed_config", p.name)));
+    let trace_pb::tracing::Http { name, config_type } = p;
+    let Some(trace_pb::tracing::http::ConfigType::TypedConfig(any)) = config_type else {
+        return Err(ctx.err(field, format!("tracer {name:?} has no typed_config")));
     };
-    let tf = format!("{field}.typed_config");
+    let tf = path(field, "typed_config");
     let typed = Typed::from_any(any).map_err(|e| ctx.err(&tf, e))?;
     match typed.type_name() {
         OTEL_TYPE => {
@@ -243,8 +354,7 @@ pub fn provider(
         t => Err(ctx.err(
             &tf,
             format!(
-                "unsupported tracer {:?} ({t}); Ferry reports to envoy.tracers.opentelemetry and envoy.tracers.zipkin",
-                p.name
+                "unsupported tracer {name:?} ({t}); Ferry reports to envoy.tracers.opentelemetry and envoy.tracers.zipkin"
             ),
         )),
     }
@@ -328,25 +438,34 @@ fn opentelemetry(
     field: &str,
     c: &trace_pb::OpenTelemetryConfig,
 ) -> Result<mt::OpenTelemetry, ConvertError> {
-    if c.exporter.is_some() {
-        return Err(ctx.err(
-            format!("{field}.exporter"),
-            "OTLP exporter extensions are not supported",
+    let cov = &OPENTELEMETRY;
+    let trace_pb::OpenTelemetryConfig {
+        grpc_service,
+        http_service: http,
+        exporter,
+        service_name,
+        resource_detectors,
+        sampler,
+        max_cache_size,
+        set_telemetry_sdk_resource_attributes,
+        set_service_name_resource_attribute,
+        set_instrumentation_scope,
+    } = c;
+    ctx.refuse(cov, field, "exporter", exporter.is_some())?;
+    if let Some(d) = resource_detectors.first() {
+        return Err(refused_first(
+            ctx,
+            cov,
+            field,
+            "resource_detectors",
+            &d.name,
         ));
     }
-    if let Some(d) = c.resource_detectors.first() {
-        return Err(ctx.err(
-            format!("{field}.resource_detectors[0]"),
-            format!("resource detector {:?} is not supported", d.name),
-        ));
+    if let Some(s) = sampler {
+        let why = cov.field("sampler").map_or("not supported", |f| f.note);
+        return Err(ctx.err(path(field, "sampler"), format!("{why}: {:?}", s.name)));
     }
-    if let Some(s) = &c.sampler {
-        return Err(ctx.err(
-            format!("{field}.sampler"),
-            format!("sampler {:?} is not supported", s.name),
-        ));
-    }
-    let transport = match (&c.grpc_service, &c.http_service) {
+    let transport = match (grpc_service, http) {
         (Some(g), None) => {
             use core_pb::grpc_service::TargetSpecifier;
             let Some(TargetSpecifier::EnvoyGrpc(e)) = &g.target_specifier else {
@@ -416,15 +535,15 @@ fn opentelemetry(
     };
     Ok(mt::OpenTelemetry {
         transport,
-        service_name: if c.service_name.is_empty() {
+        service_name: if service_name.is_empty() {
             "unknown_service:envoy".into()
         } else {
-            c.service_name.clone()
+            service_name.clone()
         },
-        max_cache_size: c.max_cache_size.as_ref().map_or(1024, |v| v.value as usize),
-        sdk_attributes: flag(&c.set_telemetry_sdk_resource_attributes),
-        service_name_attribute: flag(&c.set_service_name_resource_attribute),
-        instrumentation_scope: flag(&c.set_instrumentation_scope),
+        max_cache_size: max_cache_size.as_ref().map_or(1024, |v| v.value as usize),
+        sdk_attributes: flag(set_telemetry_sdk_resource_attributes),
+        service_name_attribute: flag(set_service_name_resource_attribute),
+        instrumentation_scope: flag(set_instrumentation_scope),
     })
 }
 
@@ -436,58 +555,66 @@ fn zipkin(
     c: &trace_pb::ZipkinConfig,
 ) -> Result<mt::Zipkin, ConvertError> {
     use trace_pb::zipkin_config::{CollectorEndpointVersion as V, TraceContextOption as T};
-    match V::try_from(c.collector_endpoint_version) {
+    let cov = &ZIPKIN;
+    let trace_pb::ZipkinConfig {
+        collector_cluster,
+        collector_endpoint,
+        trace_id_128bit,
+        shared_span_context,
+        collector_endpoint_version,
+        collector_hostname,
+        split_spans_for_request,
+        trace_context_option,
+        collector_service,
+        timestamp_trace_ids,
+    } = c;
+    match V::try_from(*collector_endpoint_version) {
         Ok(V::HttpJson) => {}
         _ => {
             return Err(ctx.err(
-                format!("{field}.collector_endpoint_version"),
+                path(field, "collector_endpoint_version"),
                 "only HTTP_JSON (Zipkin v2 JSON) is supported",
             ));
         }
     }
-    if c.split_spans_for_request {
-        return Err(ctx.err(
-            format!("{field}.split_spans_for_request"),
-            "split spans are not supported",
-        ));
-    }
-    if c.timestamp_trace_ids {
-        return Err(ctx.err(
-            format!("{field}.timestamp_trace_ids"),
-            "timestamped trace ids are not supported",
-        ));
-    }
-    let w3c = match T::try_from(c.trace_context_option) {
+    ctx.refuse(
+        cov,
+        field,
+        "split_spans_for_request",
+        *split_spans_for_request,
+    )?;
+    ctx.refuse(cov, field, "timestamp_trace_ids", *timestamp_trace_ids)?;
+    let w3c = match T::try_from(*trace_context_option) {
         Ok(T::UseB3) => false,
         Ok(T::UseB3WithW3cPropagation) => true,
         Err(_) => {
             return Err(ctx.err(
-                format!("{field}.trace_context_option"),
-                format!("unknown value {}", c.trace_context_option),
+                path(field, "trace_context_option"),
+                format!("unknown value {trace_context_option}"),
             ));
         }
     };
-    let (cluster, hostname, path, timeout, headers) = match &c.collector_service {
-        Some(s) => http_service(ctx, &format!("{field}.collector_service"), s)?,
+    let (cluster, hostname, path, timeout, headers) = match collector_service {
+        Some(s) => http_service(ctx, &path(field, "collector_service"), s)?,
         None => {
-            if c.collector_cluster.is_empty() {
+            if collector_cluster.is_empty() {
                 return Err(ctx.err(
-                    format!("{field}.collector_cluster"),
+                    path(field, "collector_cluster"),
                     "a collector cluster is required",
                 ));
             }
-            let hostname = if c.collector_hostname.is_empty() {
-                c.collector_cluster.clone()
+            let hostname = if collector_hostname.is_empty() {
+                collector_cluster.clone()
             } else {
-                c.collector_hostname.clone()
+                collector_hostname.clone()
             };
             (
-                c.collector_cluster.clone(),
+                collector_cluster.clone(),
                 hostname,
-                if c.collector_endpoint.is_empty() {
+                if collector_endpoint.is_empty() {
                     "/api/v2/spans".into()
                 } else {
-                    c.collector_endpoint.clone()
+                    collector_endpoint.clone()
                 },
                 Duration::from_secs(5),
                 Vec::new(),
@@ -500,8 +627,8 @@ fn zipkin(
         hostname,
         timeout,
         headers,
-        trace_id_128bit: c.trace_id_128bit,
-        shared_span_context: c.shared_span_context.as_ref().is_none_or(|v| v.value),
+        trace_id_128bit: *trace_id_128bit,
+        shared_span_context: shared_span_context.as_ref().is_none_or(|v| v.value),
         w3c,
     })
 }
@@ -517,7 +644,8 @@ pub fn bootstrap_provider(
         inbound: false,
         outbound: false,
     };
-    match &t.http {
+    let trace_pb::Tracing { http } = t;
+    match http {
         Some(h) => Ok(Some(Arc::new(provider(&ctx, "tracing.http", h)?))),
         None => Ok(None),
     }
