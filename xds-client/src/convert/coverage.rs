@@ -198,6 +198,7 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &http_protocol::COMMON_HTTP_PROTOCOL_OPTIONS,
         &http_protocol::HTTP1_PROTOCOL_OPTIONS,
         &http_protocol::HTTP2_PROTOCOL_OPTIONS,
+        &http_protocol::KEEPALIVE_SETTINGS,
         &tcp_proxy::TCP_PROXY,
         &tcp_proxy::TCP_HASH_POLICY,
         &access_log::HCM_ACCESS_LOG_OPTIONS,

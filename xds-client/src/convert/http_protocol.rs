@@ -60,7 +60,7 @@ fields!(pub(super) static HTTP2_PROTOCOL_OPTIONS = "envoy.config.core.v3.Http2Pr
     "stream_error_on_invalid_http_messaging": warned "the HTTP/2 codec decides between stream and connection errors as RFC 9113 says",
     "override_stream_error_on_invalid_http_message": warned "the HTTP/2 codec decides between stream and connection errors as RFC 9113 says",
     "custom_settings_parameters": refused "not supported: custom SETTINGS parameters cannot be sent",
-    "connection_keepalive": applied "interval and timeout; a missing interval, interval_jitter and connection_idle_interval draw warnings",
+    "connection_keepalive": applied "without an interval no PING is sent (with a warning)",
     "use_oghttp2_codec": warned "codec tuning",
     "max_metadata_size": warned "METADATA frames are not supported (as in Envoy, not implemented)",
     "enable_huffman_encoding": warned "codec tuning",
@@ -68,6 +68,13 @@ fields!(pub(super) static HTTP2_PROTOCOL_OPTIONS = "envoy.config.core.v3.Http2Pr
     "disallow_obs_text": applied,
     "stream_reset_burst": applied,
     "stream_reset_rate": applied,
+});
+
+fields!(pub(super) static KEEPALIVE_SETTINGS = "envoy.config.core.v3.KeepaliveSettings" ("downstream") {
+    "interval": applied "PINGs every interval; none without one",
+    "timeout": applied "default 5 s",
+    "interval_jitter": warned "PINGs are sent at the interval exactly",
+    "connection_idle_interval": warned "PINGs are sent at the interval whether or not the connection is idle",
 });
 
 /// The downstream protocol options of `h`, at `field`.
@@ -347,17 +354,25 @@ fn http2(
     h.disallow_obs_text = disallow_obs_text.as_ref().is_some_and(|v| v.value);
     if let Some(k) = connection_keepalive {
         let at = path(field, "connection_keepalive");
-        let interval = duration(&k.interval).filter(|d| !d.is_zero());
-        let timeout = duration(&k.timeout).unwrap_or(Duration::from_secs(5));
+        let kov = &KEEPALIVE_SETTINGS;
+        let core_pb::KeepaliveSettings {
+            interval,
+            timeout,
+            interval_jitter,
+            connection_idle_interval,
+        } = k;
+        let interval = duration(interval).filter(|d| !d.is_zero());
+        let timeout = duration(timeout).unwrap_or(Duration::from_secs(5));
         if interval.is_none() {
             ctx.warn(&at, "no interval: keepalive PINGs are not sent".into());
         }
-        if k.connection_idle_interval.is_some() || k.interval_jitter.is_some() {
-            ctx.warn(
-                &at,
-                "interval_jitter and connection_idle_interval are not applied".into(),
-            );
-        }
+        ctx.knob(kov, &at, "interval_jitter", interval_jitter.is_some());
+        ctx.knob(
+            kov,
+            &at,
+            "connection_idle_interval",
+            connection_idle_interval.is_some(),
+        );
         h.keepalive = interval.map(|interval| mh::Http2Keepalive { interval, timeout });
     }
     ctx.knob(cov, field, "allow_connect", *allow_connect);

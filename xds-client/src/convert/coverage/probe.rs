@@ -229,6 +229,14 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.core.v3.Http2ProtocolOptions", "downstream") => {
             s(LISTENER, hcm!("http2_protocol_options"), Some("{}"))
         }
+        ("envoy.config.core.v3.KeepaliveSettings", "downstream") => Some(Site {
+            base: LISTENER,
+            path: hcm!("http2_protocol_options.connection_keepalive"),
+            init: Some((
+                hcm!("http2_protocol_options"),
+                r#"{"connection_keepalive": {"interval": "10s"}}"#,
+            )),
+        }),
         (
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.HcmAccessLogOptions",
             _,
