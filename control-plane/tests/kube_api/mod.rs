@@ -149,6 +149,7 @@ pub const KINDS: &[KindDef] = &[
         "requestauthentications",
         true,
     ),
+    kind("telemetry.istio.io", "v1", "Telemetry", "telemetries", true),
 ];
 
 pub fn kind_of(api_version: &str, kind: &str) -> Option<KindDef> {
