@@ -332,7 +332,8 @@ fn forwarded_fuzz() {
     };
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
-        let c = case(&mut rng);
+        let c = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut rng)))
+            .unwrap_or_else(|_| panic!("FERRY_FUZZ_SEED={seed}: building the input panicked"));
         if let Err(e) = guarded(|| check(&c)) {
             let xff: Vec<String> = c
                 .xff

@@ -201,7 +201,7 @@ fn mutate(rng: &mut StdRng, b: &mut Vec<u8>) {
                 if b.len() >= 5 {
                     let len: u16 = [0x4000, 0x4001, 0xffff][rng.random_range(0..3)];
                     b[3..5].copy_from_slice(&len.to_be_bytes());
-                    let to = rng.random_range(b.len()..=MAX_PEEK + 16);
+                    let to = rng.random_range(b.len()..=b.len().max(MAX_PEEK + 16));
                     b.resize(to, 0);
                 }
             }
@@ -427,7 +427,7 @@ fn detect_fuzz() {
     let iters: u64 = std::env::var("FERRY_FUZZ_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1_500);
+        .unwrap_or(5_000);
     let seeds: Vec<u64> = match std::env::var("FERRY_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -443,7 +443,9 @@ fn detect_fuzz() {
     let real = rustls_hellos();
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
-        let input = input(&mut rng, &real);
+        let input =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| input(&mut rng, &real)))
+                .unwrap_or_else(|_| panic!("FERRY_FUZZ_SEED={seed}: building the input panicked"));
         if let Err(e) = guarded(|| check(&mut rng, &input)) {
             panic!("FERRY_FUZZ_SEED={seed}: input {}: {e}", shown(&input));
         }

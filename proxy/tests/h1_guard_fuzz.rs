@@ -527,7 +527,7 @@ fn h1_guard_fuzz() {
     let iters: u64 = std::env::var("FERRY_FUZZ_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3_000);
+        .unwrap_or(10_000);
     let seeds: Vec<u64> = match std::env::var("FERRY_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -540,7 +540,8 @@ fn h1_guard_fuzz() {
     };
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
-        let case = case(&mut rng);
+        let case = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case(&mut rng)))
+            .unwrap_or_else(|_| panic!("FERRY_FUZZ_SEED={seed}: building the input panicked"));
         if let Err(e) = guarded(|| check(&mut rng, &case)) {
             panic!(
                 "FERRY_FUZZ_SEED={seed}: input {:?} with {:?}, upgrades {:?}: {e}",

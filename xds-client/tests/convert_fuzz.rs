@@ -570,7 +570,7 @@ fn convert_fuzz() {
     let iters: u64 = std::env::var("FERRY_FUZZ_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(400);
+        .unwrap_or(600);
     let seeds: Vec<u64> = match std::env::var("FERRY_FUZZ_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -584,7 +584,9 @@ fn convert_fuzz() {
     let base = base();
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
-        let input = input(&mut rng, &base);
+        let input =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| input(&mut rng, &base)))
+                .unwrap_or_else(|_| panic!("FERRY_FUZZ_SEED={seed}: building the input panicked"));
         if let Err(e) = check(&base, &input) {
             let shown: String = format!("{input:?}").chars().take(4000).collect();
             panic!("FERRY_FUZZ_SEED={seed}: input {shown}: {e}");
