@@ -16,7 +16,7 @@
 //! edge one.
 //!
 //! A short run is part of `cargo test`; a longer one is
-//! `FERRY_FUZZ_ITERS=2000000 cargo test --release -p ferry-filters --test forwarded_fuzz`,
+//! `FERRY_FUZZ_ITERS=10000000 cargo test --release -p ferry-filters --test forwarded_fuzz`,
 //! and `FERRY_FUZZ_SEED=n` replays one seed (each failure prints its seed
 //! and input).
 

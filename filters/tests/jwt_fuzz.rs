@@ -15,7 +15,7 @@
 //! was signed.
 //!
 //! A short run is part of `cargo test`; a longer one is
-//! `FERRY_FUZZ_ITERS=200000 cargo test --release -p ferry-filters --test jwt_fuzz`,
+//! `FERRY_FUZZ_ITERS=1000000 cargo test --release -p ferry-filters --test jwt_fuzz`,
 //! and `FERRY_FUZZ_SEED=n` replays one seed (each failure prints its seed
 //! and input; the ES256 key and its signatures are drawn anew each run, so
 //! a replayed valid token differs in its signature only).

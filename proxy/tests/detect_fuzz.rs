@@ -17,7 +17,7 @@
 //! line yields its version, and the full preface yields `h2c`.
 //!
 //! A short run is part of `cargo test`; a longer one is
-//! `FERRY_FUZZ_ITERS=300000 cargo test --release -p ferry-proxy --test detect_fuzz`,
+//! `FERRY_FUZZ_ITERS=3000000 cargo test --release -p ferry-proxy --test detect_fuzz`,
 //! and `FERRY_FUZZ_SEED=n` replays one seed (each failure prints its seed
 //! and input).
 

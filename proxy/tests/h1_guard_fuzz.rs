@@ -21,7 +21,7 @@
 //! request whose head carries both is never passed with both.
 //!
 //! A short run is part of `cargo test`; a longer one is
-//! `FERRY_FUZZ_ITERS=300000 cargo test --release -p ferry-proxy --test h1_guard_fuzz`,
+//! `FERRY_FUZZ_ITERS=2000000 cargo test --release -p ferry-proxy --test h1_guard_fuzz`,
 //! and `FERRY_FUZZ_SEED=n` replays one seed (each failure prints its seed
 //! and input).
 

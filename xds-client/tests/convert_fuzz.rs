@@ -15,8 +15,8 @@
 //!
 //! Properties: the unmutated resources and bootstrap convert; every
 //! mutated one converts or is refused with an error, never a panic; a
-//! refusal names its resource; no hang (the run is bounded by its
-//! iteration count) and no unbounded allocation (an alias bomb in YAML is
+//! refusal names its resource; every call returns (a hang stalls the
+//! run) and none allocates without bound (an alias bomb in YAML is
 //! refused).
 //!
 //! A short run is part of `cargo test`; a longer one is
