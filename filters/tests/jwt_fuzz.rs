@@ -12,7 +12,9 @@
 //! unchanged. Valid tokens are mutated too (a character changed or
 //! removed, the token truncated, padded, given an extra dot or segment,
 //! its segments swapped): whatever is accepted must still decode to what
-//! was signed.
+//! was signed. Tokens signed with the test key but wrong in one way
+//! (expired or not yet valid beyond the skew, another or no issuer, a
+//! claim of the wrong type, a kid or alg the key lacks) must be refused.
 //!
 //! A short run is part of `cargo test`; a longer one is
 //! `FERRY_FUZZ_ITERS=1000000 cargo test --release -p ferry-filters --test jwt_fuzz`,
@@ -242,14 +244,44 @@ fn random_bytes(rng: &mut StdRng, max: usize) -> Vec<u8> {
     (0..n).map(|_| rng.random()).collect()
 }
 
-fn sign_es256(keys: &mut Keys, h: &str, p: &str) -> String {
+/// Signs `header.payload` with the test key; `valid`: the claims are
+/// good, so the token may pass.
+fn sign_es256(keys: &mut Keys, h: &str, p: &str, valid: bool) -> String {
     let signed = format!("{h}.{p}");
     let sig = keys
         .ec
         .sign(&SystemRandom::new(), signed.as_bytes())
         .unwrap_or_else(|e| panic!("{e}"));
-    keys.valid.insert(signed.clone(), sig.as_ref().to_vec());
+    if valid {
+        keys.valid.insert(signed.clone(), sig.as_ref().to_vec());
+    }
     format!("{signed}.{}", b64url_encode(sig.as_ref()))
+}
+
+/// A token signed with the test key whose header or claims are wrong in
+/// one way: expired or not yet valid beyond the skew, another or no
+/// issuer, a claim of the wrong type, a kid or alg the key does not have.
+fn signed_bad_token(rng: &mut StdRng, keys: &mut Keys) -> String {
+    let mut header = format!("{{\"alg\":\"ES256\",\"kid\":\"{EC_KID}\"}}");
+    let mut claims = vec![
+        format!("\"iss\":\"{ISS}\""),
+        "\"exp\":4685989700".to_string(),
+    ];
+    match rng.random_range(0..8) {
+        0 => claims[1] = "\"exp\":1799999900".into(),
+        1 => claims.push("\"nbf\":1800000100".into()),
+        2 => claims[0] = "\"iss\":\"other\"".into(),
+        3 => {
+            claims.remove(0);
+        }
+        4 => claims[1] = "\"exp\":\"4685989700\"".into(),
+        5 => claims.push("\"aud\":5".into()),
+        6 => header = "{\"alg\":\"ES256\",\"kid\":\"other\"}".into(),
+        _ => header = format!("{{\"alg\":\"ES384\",\"kid\":\"{EC_KID}\"}}"),
+    }
+    let h = b64url_encode(header.as_bytes());
+    let p = b64url_encode(format!("{{{}}}", claims.join(",")).as_bytes());
+    sign_es256(keys, &h, &p, false)
 }
 
 /// A token valid at NOW for the provider: ES256 signed here, or the demo.
@@ -269,7 +301,7 @@ fn valid_token(rng: &mut StdRng, keys: &mut Keys) -> String {
         format!("{{\"iss\":\"{ISS}\",\"sub\":\"s\",\"exp\":{exp},\"nbf\":1799999990{aud}}}")
             .as_bytes(),
     );
-    sign_es256(keys, &h, &p)
+    sign_es256(keys, &h, &p, true)
 }
 
 fn mutate(rng: &mut StdRng, token: &str) -> String {
@@ -428,6 +460,7 @@ fn jwt_fuzz() {
                     let t = valid_token(&mut rng, &mut keys);
                     (mutate(&mut rng, &t), false)
                 }
+                3 => (signed_bad_token(&mut rng, &mut keys), false),
                 _ => (random_token(&mut rng, &keys), false),
             }
         }))
@@ -471,7 +504,7 @@ fn jwt_corpus() {
         format!("{good_h}.{}.", seg("[]")),
         format!("{good_h}.{good_p}.{}", "A".repeat(10_000)),
     ];
-    let valid = sign_es256(&mut keys, &good_h, &good_p);
+    let valid = sign_es256(&mut keys, &good_h, &good_p, true);
     inputs.push(format!("{valid}=="));
     for input in &inputs {
         if let Err(e) = check(&keys, input, false) {
