@@ -36,114 +36,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-/// The coverage probe's working listener (`probe.rs`).
-const LISTENER: &str = r#"{
-  "name": "l",
-  "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
-  "additional_addresses": [{"address": {"socket_address": {"address": "127.0.0.2", "port_value": 10000}}}],
-  "listener_filters": [{
-    "name": "envoy.filters.listener.tls_inspector",
-    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
-    "filter_disabled": {"destination_port_range": {"start": 1, "end": 2}}
-  }],
-  "filter_chains": [{
-    "filter_chain_match": {"destination_port": 10000, "prefix_ranges": [{"address_prefix": "127.0.0.0", "prefix_len": 8}]},
-    "filters": [{
-      "name": "envoy.filters.network.http_connection_manager",
-      "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "h",
-        "upgrade_configs": [{"upgrade_type": "websocket"}],
-        "http_filters": [
-          {"name": "fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
-            "delay": {"fixed_delay": "0s", "percentage": {"numerator": 0}},
-            "abort": {"http_status": 503, "percentage": {"numerator": 0}}}},
-          {"name": "cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
-          {"name": "rl", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-            "stat_prefix": "rl", "token_bucket": {"max_tokens": 10, "fill_interval": "1s"},
-            "descriptors": [{"entries": [{"key": "k", "value": "v"}], "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}]}},
-          {"name": "rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
-            "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}], "principals": [{"any": true}]}}}}},
-          {"name": "jwt", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-            "providers": {"p": {"issuer": "i", "local_jwks": {"inline_string": "{\"keys\":[{\"kty\":\"RSA\",\"kid\":\"k\",\"n\":\"AQAB\",\"e\":\"AQAB\"}]}"},
-              "from_headers": [{"name": "x-jwt"}], "claim_to_headers": [{"header_name": "x-sub", "claim_name": "sub"}],
-              "normalize_payload_in_metadata": {}}},
-            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "p"}}],
-            "requirement_map": {"any": {"requires_any": {"requirements": [{"provider_name": "p"}, {"allow_missing": {}}]}},
-              "all": {"requires_all": {"requirements": [{"provider_name": "p"}]}}}}},
-          {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-        ],
-        "route_config": {
-          "name": "r",
-          "virtual_hosts": [{
-            "name": "v",
-            "domains": ["*"],
-            "routes": [
-              {
-                "match": {"prefix": "/", "headers": [{"name": "x", "string_match": {"exact": "y"}}],
-                  "query_parameters": [{"name": "q"}], "runtime_fraction": {"default_value": {"numerator": 100}}},
-                "route": {
-                  "weighted_clusters": {"clusters": [{"name": "c", "weight": 1}]},
-                  "retry_policy": {"retry_on": "5xx"},
-                  "hash_policy": [{"header": {"header_name": "h"}}],
-                  "request_mirror_policies": [{"cluster": "m"}],
-                  "upgrade_configs": [{"upgrade_type": "websocket"}],
-                  "max_stream_duration": {"max_stream_duration": "1s"},
-                  "rate_limits": [{"actions": [{"remote_address": {}},
-                    {"generic_key": {"descriptor_value": "v"}},
-                    {"request_headers": {"header_name": "x", "descriptor_key": "k"}},
-                    {"header_value_match": {"descriptor_value": "v", "headers": [{"name": "x", "present_match": true}]}},
-                    {"masked_remote_address": {}},
-                    {"query_parameters": {"query_parameter_name": "q", "descriptor_key": "k"}},
-                    {"query_parameter_value_match": {"descriptor_value": "v", "query_parameters": [{"name": "q", "present_match": true}]}}]}],
-                  "hedge_policy": {},
-                  "cors": {}
-                },
-                "typed_per_filter_config": {
-                  "f": {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
-                    "config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
-                      "abort": {"http_status": 503, "percentage": {"numerator": 0}}}},
-                  "cors": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy"},
-                  "rbac": {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"},
-                  "jwt": {"@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig", "disabled": true}
-                }
-              },
-              {"match": {"prefix": "/r"}, "redirect": {"host_redirect": "x"}},
-              {"match": {"prefix": "/d"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
-               "request_headers_to_add": [{"header": {"key": "a", "value": "b"}}]},
-              {"match": {"safe_regex": {"regex": "/x.*"}},
-               "route": {"cluster": "c", "regex_rewrite": {"pattern": {"regex": "x"}, "substitution": "y"}}}
-            ]
-          }]
-        }
-      }
-    }]
-  }, {
-    "filter_chain_match": {"destination_port": 10001},
-    "filters": [
-      {"name": "envoy.filters.network.rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
-        "stat_prefix": "n", "rules": {"action": "ALLOW", "policies": {"p": {"permissions": [{"any": true}], "principals": [{"any": true}]}}}}},
-      {"name": "envoy.filters.network.tcp_proxy", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
-        "stat_prefix": "t", "cluster": "c", "hash_policy": [{"source_ip": {}}]}}
-    ]
-  }]
-}"#;
+/// The coverage probe's working listener (shared with `probe.rs`).
+const LISTENER: &str = include_str!("data/probe-listener.json");
 
-/// The coverage probe's working cluster (`probe.rs`).
-const CLUSTER: &str = r#"{
-  "name": "c",
-  "type": "STATIC",
-  "connect_timeout": "1s",
-  "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 8080}}}}]}]},
-  "transport_socket": {"name": "raw", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}},
-  "transport_socket_matches": [{"name": "m", "match": {"a": "b"}}],
-  "typed_extension_protocol_options": {
-    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-      "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-      "explicit_http_config": {"http_protocol_options": {}}
-    }
-  }
-}"#;
+/// The coverage probe's working cluster (shared with `probe.rs`).
+const CLUSTER: &str = include_str!("data/probe-cluster.json");
 
 const LISTENER_TYPE: &str = "envoy.config.listener.v3.Listener";
 const CLUSTER_TYPE: &str = "envoy.config.cluster.v3.Cluster";
