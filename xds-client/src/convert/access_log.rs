@@ -56,7 +56,16 @@ fields!(pub(super) static SUBSTITUTION_FORMAT_STRING = "envoy.config.core.v3.Sub
     "omit_empty_values": applied,
     "content_type": inert "Envoy reads it for local replies only",
     "formatters": refused "formatter extensions are not supported",
-    "json_format_options": applied "JSON keys are always written sorted",
+    "json_format_options": applied,
+});
+
+fields!(pub(super) static JSON_FORMAT_OPTIONS = "envoy.config.core.v3.JsonFormatOptions" {
+    "sort_properties": inert "Envoy always writes the keys sorted (the option is deprecated and has no effect); so does Ferry",
+});
+
+fields!(pub(super) static RUNTIME_UINT32 = "envoy.config.core.v3.RuntimeUInt32" ("access log comparison") {
+    "default_value": applied,
+    "runtime_key": inert "there is no runtime layer: default_value decides, as in Envoy when no runtime overrides the key",
 });
 
 fields!(pub(super) static ACCESS_LOG_FILTER = "envoy.config.accesslog.v3.AccessLogFilter" {
@@ -378,8 +387,12 @@ fn substitution(
         json_format_options,
         format,
     } = s;
-    // Read for local replies only; keys are written sorted either way.
-    let _ = (content_type, json_format_options);
+    // Read for local replies only.
+    let _ = content_type;
+    if let Some(core_pb::JsonFormatOptions { sort_properties }) = json_format_options {
+        // Keys are written sorted either way, as Envoy writes them.
+        let _ = sort_properties;
+    }
     if let Some(f) = formatters.first() {
         let why = SUBSTITUTION_FORMAT_STRING
             .field("formatters")
@@ -483,12 +496,17 @@ fn comparison(
             ));
         }
     };
-    // The runtime key's default value: Ferry has no runtime layer, which is
-    // what Envoy reads when no runtime overrides the key.
-    let Some(v) = value else {
+    let Some(core_pb::RuntimeUInt32 {
+        default_value,
+        runtime_key,
+    }) = value
+    else {
         return Err(ctx.err(format!("{field}.comparison.value"), "a value is required"));
     };
-    Ok((op, u64::from(v.default_value)))
+    // The runtime key's default value: Ferry has no runtime layer, which is
+    // what Envoy reads when no runtime overrides the key.
+    let _ = runtime_key;
+    Ok((op, u64::from(*default_value)))
 }
 
 fn filter(ctx: &Ctx<'_>, field: &str, f: &pb::AccessLogFilter) -> Result<ma::Filter, ConvertError> {

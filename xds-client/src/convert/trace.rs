@@ -100,6 +100,46 @@ fields!(pub(super) static CUSTOM_TAG_METADATA = "envoy.type.tracing.v3.CustomTag
     "default_value": applied,
 });
 
+fields!(pub(super) static METADATA_KIND = "envoy.type.metadata.v3.MetadataKind" ("custom tag") {
+    "request": applied,
+    "route": refused "only request (dynamic) metadata tags are supported",
+    "cluster": refused "only request (dynamic) metadata tags are supported",
+    "host": refused "only request (dynamic) metadata tags are supported",
+});
+
+fields!(pub(super) static METADATA_KEY = "envoy.type.metadata.v3.MetadataKey" ("custom tag") {
+    "key": applied "the filter namespace",
+    "path": applied "key segments; other segments are refused",
+});
+
+fields!(pub(super) static GRPC_SERVICE = "envoy.config.core.v3.GrpcService" ("span export") {
+    "envoy_grpc": applied,
+    "google_grpc": refused "only envoy_grpc is supported",
+    "timeout": applied,
+    "initial_metadata": applied,
+    "retry_policy": refused "retries of span exports are not supported",
+});
+
+fields!(pub(super) static ENVOY_GRPC = "envoy.config.core.v3.GrpcService.EnvoyGrpc" ("span export") {
+    "cluster_name": applied "required",
+    "authority": applied,
+    "retry_policy": refused "retries of span exports are not supported",
+    "max_receive_message_length": warned "the collector's replies are read whole",
+    "skip_envoy_headers": inert "the exporter's calls carry no x-envoy-* headers either way; the spans are the same",
+});
+
+fields!(pub(super) static HTTP_SERVICE = "envoy.config.core.v3.HttpService" ("span export") {
+    "http_uri": applied "required",
+    "request_headers_to_add": applied,
+    "formatters": refused "formatter extensions are not supported",
+});
+
+fields!(pub(super) static HTTP_URI = "envoy.config.core.v3.HttpUri" ("span export") {
+    "uri": applied "host and path; a URI without a scheme is read as http://",
+    "cluster": applied "required",
+    "timeout": applied "1 s when unset",
+});
+
 fields!(pub(super) static REQUEST_ID_EXTENSION = "envoy.extensions.filters.network.http_connection_manager.v3.RequestIDExtension" {
     "typed_config": applied "envoy.request_id.uuid only; other extensions are refused",
 });
@@ -135,7 +175,7 @@ fn percent(p: &Option<envoy_types::pb::envoy::r#type::v3::Percent>) -> m::Fracti
 /// `start_child_span` is the router's, which `spawn_upstream_span`
 /// overrides when set.
 pub(super) fn http_connection_manager(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     h: &hcm_pb::HttpConnectionManager,
     start_child_span: bool,
@@ -247,21 +287,28 @@ fn custom_tag(
         })) => {
             use envoy_types::pb::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
             use envoy_types::pb::envoy::r#type::metadata::v3::metadata_kind::Kind;
-            let kind = kind.as_ref().and_then(|k| k.kind.as_ref());
-            if !matches!(kind, Some(Kind::Request(_))) {
-                return Err(ctx.err(
-                    format!("{field}.metadata.kind"),
-                    "only request (dynamic) metadata tags are supported",
-                ));
+            let at = format!("{field}.metadata.kind");
+            match kind.as_ref().and_then(|k| k.kind.as_ref()) {
+                Some(Kind::Request(_)) => {}
+                Some(Kind::Route(_)) => return Err(ctx.refused(&METADATA_KIND, &at, "route")),
+                Some(Kind::Cluster(_)) => {
+                    return Err(ctx.refused(&METADATA_KIND, &at, "cluster"));
+                }
+                Some(Kind::Host(_)) => return Err(ctx.refused(&METADATA_KIND, &at, "host")),
+                None => {
+                    return Err(ctx.err(at, "a metadata kind (request) is required"));
+                }
             }
-            let Some(key) = metadata_key else {
+            let Some(envoy_types::pb::envoy::r#type::metadata::v3::MetadataKey { key, path }) =
+                metadata_key
+            else {
                 return Err(ctx.err(
                     format!("{field}.metadata.metadata_key"),
                     "a metadata key is required",
                 ));
             };
-            let mut segments = Vec::with_capacity(key.path.len());
-            for (i, p) in key.path.iter().enumerate() {
+            let mut segments = Vec::with_capacity(path.len());
+            for (i, p) in path.iter().enumerate() {
                 match &p.segment {
                     Some(Segment::Key(k)) => segments.push(k.clone()),
                     _ => {
@@ -273,7 +320,7 @@ fn custom_tag(
                 }
             }
             mt::TagValue::RequestMetadata {
-                filter: key.key.clone(),
+                filter: key.clone(),
                 path: segments,
                 default: default(default_value),
             }
@@ -332,7 +379,7 @@ fn request_id_extension(
 
 /// A tracer (`tracing.provider` or the bootstrap's `tracing.http`).
 pub fn provider(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     p: &trace_pb::tracing::Http,
 ) -> Result<mt::Provider, ConvertError> {
@@ -397,10 +444,29 @@ fn http_service(
     field: &str,
     s: &core_pb::HttpService,
 ) -> Result<HttpTarget, ConvertError> {
-    let Some(u) = &s.http_uri else {
+    let core_pb::HttpService {
+        http_uri,
+        request_headers_to_add,
+        formatters,
+    } = s;
+    if let Some(f) = formatters.first() {
+        return Err(refused_first(
+            ctx,
+            &HTTP_SERVICE,
+            field,
+            "formatters",
+            &f.name,
+        ));
+    }
+    let Some(core_pb::HttpUri {
+        uri,
+        timeout,
+        http_upstream_type,
+    }) = http_uri
+    else {
         return Err(ctx.err(format!("{field}.http_uri"), "an http_uri is required"));
     };
-    let cluster = match &u.http_upstream_type {
+    let cluster = match http_upstream_type {
         Some(core_pb::http_uri::HttpUpstreamType::Cluster(c)) if !c.is_empty() => c.clone(),
         _ => {
             return Err(ctx.err(format!("{field}.http_uri.cluster"), "a cluster is required"));
@@ -408,15 +474,15 @@ fn http_service(
     };
     // Envoy reads the host and path of a URI without a scheme too
     // (`host/path`, as istiod writes OTLP/HTTP endpoints).
-    let text = if u.uri.contains("://") {
-        u.uri.clone()
+    let text = if uri.contains("://") {
+        uri.clone()
     } else {
-        format!("http://{}", u.uri)
+        format!("http://{uri}")
     };
     let uri: http::Uri = text.parse().map_err(|_| {
         ctx.err(
             format!("{field}.http_uri.uri"),
-            format!("{:?} is not a URI", u.uri),
+            format!("{uri:?} is not a URI"),
         )
     })?;
     let authority = uri
@@ -424,17 +490,83 @@ fn http_service(
         .map(|a| a.to_string())
         .unwrap_or_else(|| cluster.clone());
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let timeout = duration(&u.timeout).unwrap_or(Duration::from_secs(1));
+    let timeout = duration(timeout).unwrap_or(Duration::from_secs(1));
     let headers = headers(
         ctx,
         &format!("{field}.request_headers_to_add"),
-        &s.request_headers_to_add,
+        request_headers_to_add,
     )?;
     Ok((cluster, authority, path, timeout, headers))
 }
 
+/// The gRPC service spans are exported to (OTLP over gRPC).
+fn grpc_target(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    g: &core_pb::GrpcService,
+) -> Result<mt::OtlpTransport, ConvertError> {
+    use core_pb::grpc_service::TargetSpecifier;
+    let cov = &GRPC_SERVICE;
+    let core_pb::GrpcService {
+        timeout,
+        initial_metadata,
+        retry_policy,
+        target_specifier,
+    } = g;
+    ctx.refuse(cov, field, "retry_policy", retry_policy.is_some())?;
+    let e = match target_specifier {
+        Some(TargetSpecifier::EnvoyGrpc(e)) => e,
+        Some(TargetSpecifier::GoogleGrpc(_)) => return Err(ctx.refused(cov, field, "google_grpc")),
+        None => return Err(ctx.err(path(field, "envoy_grpc"), "envoy_grpc is required")),
+    };
+    let at = path(field, "envoy_grpc");
+    let core_pb::grpc_service::EnvoyGrpc {
+        cluster_name,
+        authority,
+        retry_policy,
+        max_receive_message_length,
+        skip_envoy_headers,
+    } = e;
+    ctx.refuse(&ENVOY_GRPC, &at, "retry_policy", retry_policy.is_some())?;
+    ctx.knob(
+        &ENVOY_GRPC,
+        &at,
+        "max_receive_message_length",
+        max_receive_message_length.is_some(),
+    );
+    let _ = skip_envoy_headers;
+    if cluster_name.is_empty() {
+        return Err(ctx.err(path(&at, "cluster_name"), "a cluster is required"));
+    }
+    let mut metadata = Vec::new();
+    for (i, hv) in initial_metadata.iter().enumerate() {
+        match (
+            http::HeaderName::from_bytes(hv.key.to_ascii_lowercase().as_bytes()),
+            http::HeaderValue::from_str(&hv.value),
+        ) {
+            (Ok(n), Ok(v)) => metadata.push((n, v)),
+            _ => {
+                return Err(ctx.err(
+                    format!("{field}.initial_metadata[{i}]"),
+                    format!("invalid metadata {:?}", hv.key),
+                ));
+            }
+        }
+    }
+    Ok(mt::OtlpTransport::Grpc {
+        authority: if authority.is_empty() {
+            cluster_name.clone()
+        } else {
+            authority.clone()
+        },
+        cluster: cluster_name.clone(),
+        timeout: duration(timeout),
+        metadata,
+    })
+}
+
 fn opentelemetry(
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     field: &str,
     c: &trace_pb::OpenTelemetryConfig,
 ) -> Result<mt::OpenTelemetry, ConvertError> {
@@ -466,46 +598,7 @@ fn opentelemetry(
         return Err(ctx.err(path(field, "sampler"), format!("{why}: {:?}", s.name)));
     }
     let transport = match (grpc_service, http) {
-        (Some(g), None) => {
-            use core_pb::grpc_service::TargetSpecifier;
-            let Some(TargetSpecifier::EnvoyGrpc(e)) = &g.target_specifier else {
-                return Err(ctx.err(
-                    format!("{field}.grpc_service.google_grpc"),
-                    "only envoy_grpc is supported",
-                ));
-            };
-            if e.cluster_name.is_empty() {
-                return Err(ctx.err(
-                    format!("{field}.grpc_service.envoy_grpc.cluster_name"),
-                    "a cluster is required",
-                ));
-            }
-            let mut metadata = Vec::new();
-            for (i, hv) in g.initial_metadata.iter().enumerate() {
-                match (
-                    http::HeaderName::from_bytes(hv.key.to_ascii_lowercase().as_bytes()),
-                    http::HeaderValue::from_str(&hv.value),
-                ) {
-                    (Ok(n), Ok(v)) => metadata.push((n, v)),
-                    _ => {
-                        return Err(ctx.err(
-                            format!("{field}.grpc_service.initial_metadata[{i}]"),
-                            format!("invalid metadata {:?}", hv.key),
-                        ));
-                    }
-                }
-            }
-            mt::OtlpTransport::Grpc {
-                authority: if e.authority.is_empty() {
-                    e.cluster_name.clone()
-                } else {
-                    e.authority.clone()
-                },
-                cluster: e.cluster_name.clone(),
-                timeout: duration(&g.timeout),
-                metadata,
-            }
-        }
+        (Some(g), None) => grpc_target(ctx, &path(field, "grpc_service"), g)?,
         (None, Some(h)) => {
             let (cluster, authority, path, timeout, headers) =
                 http_service(ctx, &format!("{field}.http_service"), h)?;
@@ -638,7 +731,7 @@ pub fn bootstrap_provider(
     t: &trace_pb::Tracing,
     warnings: &mut super::Warnings,
 ) -> Result<Option<Arc<mt::Provider>>, ConvertError> {
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         resource: "bootstrap".into(),
         warnings,
         inbound: false,
@@ -646,7 +739,7 @@ pub fn bootstrap_provider(
     };
     let trace_pb::Tracing { http } = t;
     match http {
-        Some(h) => Ok(Some(Arc::new(provider(&ctx, "tracing.http", h)?))),
+        Some(h) => Ok(Some(Arc::new(provider(&mut ctx, "tracing.http", h)?))),
         None => Ok(None),
     }
 }

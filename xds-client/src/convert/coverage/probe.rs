@@ -29,6 +29,10 @@ struct Site {
     init: Option<(&'static str, &'static str)>,
 }
 
+/// An OpenTelemetry tracer exporting over gRPC, and one over HTTP.
+const OTLP_GRPC: &str = r#"{"name": "envoy.tracers.opentelemetry", "typed_config": {"@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig", "grpc_service": {"envoy_grpc": {"cluster_name": "c"}, "timeout": "1s"}}}"#;
+const OTLP_HTTP: &str = r#"{"name": "envoy.tracers.opentelemetry", "typed_config": {"@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig", "http_service": {"http_uri": {"uri": "collector:4318/v1/traces", "cluster": "c", "timeout": "1s"}}}}"#;
+
 fn site(message: &str, context: &str) -> Option<Site> {
     const HCM: &str = "filter_chains[0].filters[0].typed_config@";
     let s = |base, path, init: Option<&'static str>| {
@@ -129,11 +133,42 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.trace.v3.OpenTelemetryConfig", _) => Some(Site {
             base: LISTENER,
             path: hcm!("tracing.provider.typed_config@"),
-            init: Some((
-                hcm!("tracing.provider"),
-                r#"{"name": "envoy.tracers.opentelemetry", "typed_config": {"@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig", "grpc_service": {"envoy_grpc": {"cluster_name": "c"}}}}"#,
-            )),
+            init: Some((hcm!("tracing.provider"), OTLP_GRPC)),
         }),
+        ("envoy.config.core.v3.GrpcService", "span export") => Some(Site {
+            base: LISTENER,
+            path: hcm!("tracing.provider.typed_config@.grpc_service"),
+            init: Some((hcm!("tracing.provider"), OTLP_GRPC)),
+        }),
+        ("envoy.config.core.v3.GrpcService.EnvoyGrpc", "span export") => Some(Site {
+            base: LISTENER,
+            path: hcm!("tracing.provider.typed_config@.grpc_service.envoy_grpc"),
+            init: Some((hcm!("tracing.provider"), OTLP_GRPC)),
+        }),
+        ("envoy.config.core.v3.HttpService", "span export") => Some(Site {
+            base: LISTENER,
+            path: hcm!("tracing.provider.typed_config@.http_service"),
+            init: Some((hcm!("tracing.provider"), OTLP_HTTP)),
+        }),
+        ("envoy.config.core.v3.HttpUri", "span export") => Some(Site {
+            base: LISTENER,
+            path: hcm!("tracing.provider.typed_config@.http_service.http_uri"),
+            init: Some((hcm!("tracing.provider"), OTLP_HTTP)),
+        }),
+        ("envoy.type.metadata.v3.MetadataKind", "custom tag") => {
+            l(hcm!("tracing.custom_tags[3].metadata.kind"))
+        }
+        ("envoy.type.metadata.v3.MetadataKey", "custom tag") => {
+            l(hcm!("tracing.custom_tags[3].metadata.metadata_key"))
+        }
+        ("envoy.config.core.v3.JsonFormatOptions", _) => s(
+            LISTENER,
+            hcm!("access_log[0].typed_config@.log_format.json_format_options"),
+            Some("{}"),
+        ),
+        ("envoy.config.core.v3.RuntimeUInt32", "access log comparison") => l(hcm!(
+            "access_log[0].filter.and_filter.filters[0].status_code_filter.comparison.value"
+        )),
         ("envoy.type.tracing.v3.CustomTag", _) => l(hcm!("tracing.custom_tags[0]")),
         ("envoy.type.tracing.v3.CustomTag.Literal", _) => l(hcm!("tracing.custom_tags[0].literal")),
         ("envoy.type.tracing.v3.CustomTag.Environment", _) => {
