@@ -182,7 +182,7 @@ pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
         access_log, circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
         http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
-        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, trace,
+        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, tls, trace,
         upstream_protocol,
     };
     vec![
@@ -239,6 +239,18 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &access_log::RESPONSE_FLAG_FILTER,
         &access_log::GRPC_STATUS_FILTER,
         &access_log::LOG_TYPE_FILTER,
+        &tls::DOWNSTREAM_TLS_CONTEXT,
+        &tls::UPSTREAM_TLS_CONTEXT,
+        &tls::COMMON_TLS_CONTEXT,
+        &tls::TLS_PARAMETERS,
+        &tls::SDS_SECRET_CONFIG,
+        &tls::TLS_CERTIFICATE,
+        &tls::COMBINED_VALIDATION_CONTEXT,
+        &tls::VALIDATION_CONTEXT,
+        &tls::SAN_MATCHER,
+        &tls::SPIFFE_VALIDATOR,
+        &tls::SPIFFE_TRUST_DOMAIN,
+        &tls::SECRET,
         &core_types::ADDRESS,
         &core_types::SOCKET_ADDRESS,
         &core_types::CIDR_RANGE,

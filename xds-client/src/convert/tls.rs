@@ -20,20 +20,131 @@ use ferry_model as m;
 use prost::Message;
 
 use super::core_types::{data_source, transport_socket_typed};
+use super::coverage::fields;
 use super::matcher::string_matcher;
 use super::{ConvertError, Ctx, Typed};
 
 const SPIFFE_VALIDATOR_TYPE: &str =
     "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
 
-/// Refuses a field that is set and not implemented.
-fn refuse_if(ctx: &Ctx<'_>, set: bool, field: String, why: &str) -> Result<(), ConvertError> {
-    if set {
-        Err(ctx.err(field, why))
-    } else {
-        Ok(())
-    }
-}
+fields!(pub(super) static COMMON_TLS_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext" {
+    "tls_params": applied,
+    "tls_certificates": applied "PEM chain and key",
+    "tls_certificate_sds_secret_configs": applied,
+    "tls_certificate_provider_instance": refused "certificate providers are not supported (use SDS or inline certificates)",
+    "custom_tls_certificate_selector": refused "custom certificate selectors are not supported",
+    "tls_certificate_certificate_provider": refused "certificate providers are not supported (use SDS or inline certificates)",
+    "tls_certificate_certificate_provider_instance": refused "certificate providers are not supported (use SDS or inline certificates)",
+    "validation_context": applied "contexts Envoy refuses as insecure (SAN matching or CRLs without a trusted CA) are refused with Envoy's reason",
+    "validation_context_sds_secret_config": applied,
+    "combined_validation_context": applied,
+    "validation_context_certificate_provider": refused "certificate providers are not supported (use trusted_ca or SDS)",
+    "validation_context_certificate_provider_instance": refused "certificate providers are not supported (use trusted_ca or SDS)",
+    "alpn_protocols": applied,
+    "custom_handshaker": refused "custom handshakers are not supported",
+    "key_log": refused "TLS key logging is not supported",
+});
+
+fields!(pub(super) static COMBINED_VALIDATION_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext" {
+    "default_validation_context": applied "merged with the SDS secret when it arrives, as Envoy merges them",
+    "validation_context_sds_secret_config": applied,
+    "validation_context_certificate_provider": refused "certificate providers are not supported (use trusted_ca or SDS)",
+    "validation_context_certificate_provider_instance": refused "certificate providers are not supported (use trusted_ca or SDS)",
+});
+
+fields!(pub(super) static SDS_SECRET_CONFIG = "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig" {
+    "name": applied "required",
+    "sds_config": applied "secrets come over the ADS stream or from the in-process certificate agent, whichever source it names (istiod's and istio-agent's configurations both resolve there)",
+});
+
+fields!(pub(super) static TLS_PARAMETERS = "envoy.extensions.transport_sockets.tls.v3.TlsParameters" {
+    "tls_minimum_protocol_version": applied "a minimum below TLS 1.2 is TLS 1.2 (nothing older is spoken)",
+    "tls_maximum_protocol_version": applied "TLS 1.2 or 1.3; TLS 1.0 and 1.1 are refused",
+    "cipher_suites": applied "ECDHE with AES-GCM or ChaCha20-Poly1305; other known suites are not offered (with a warning), unknown names are refused",
+    "ecdh_curves": applied "X25519, P-256, P-384; other known curves are not offered (with a warning), unknown names are refused",
+    "signature_algorithms": refused "restricting signature algorithms is not supported",
+    "compliance_policies": refused "compliance policies (FIPS) are not supported",
+});
+
+fields!(pub(super) static VALIDATION_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext" {
+    "trusted_ca": applied "ignored with a warning when the SPIFFE validator is configured, as Envoy",
+    "ca_certificate_provider_instance": refused "certificate providers are not supported (use trusted_ca or SDS)",
+    "system_root_certs": applied,
+    "watched_directory": refused "reloading the trust material from a watched directory is not supported (rotate it over SDS)",
+    "verify_certificate_spki": applied,
+    "verify_certificate_hash": applied,
+    "match_typed_subject_alt_names": applied "DNS, URI, EMAIL and IP_ADDRESS; OTHER_NAME is refused",
+    "match_subject_alt_names": applied "deprecated; ignored with a warning when typed matchers are set, as Envoy",
+    "require_signed_certificate_timestamp": refused "signed certificate timestamps are not checked",
+    "crl": applied "revoked peers are refused; connections of a peer revoked by a newer CRL are closed",
+    "allow_expired_certificate": refused "expired peer certificates are always refused",
+    "trust_chain_verification": applied "VERIFY_TRUST_CHAIN; ACCEPT_UNTRUSTED is refused",
+    "custom_validator_config": applied "envoy.tls.cert_validator.spiffe; other validators are refused",
+    "only_verify_leaf_cert_crl": applied,
+    "max_verify_depth": applied,
+    "suppress_client_ca_list": applied,
+});
+
+fields!(pub(super) static SAN_MATCHER = "envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher" {
+    "san_type": applied "DNS, URI, EMAIL and IP_ADDRESS; OTHER_NAME is refused",
+    "matcher": applied,
+    "oid": inert "read only for OTHER_NAME, which is refused",
+});
+
+fields!(pub(super) static SPIFFE_VALIDATOR = "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig" {
+    "trust_domains": applied,
+    "trust_bundles": applied "a SPIFFE bundle map; it wins over trust_domains, as in Envoy",
+});
+
+fields!(pub(super) static SPIFFE_TRUST_DOMAIN = "envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig.TrustDomain" {
+    "name": applied "a trust domain name, without spiffe://",
+    "trust_bundle": applied "required",
+    "workload_trust_domain": refused "trust domain selection by filter state is not supported",
+});
+
+fields!(pub(super) static TLS_CERTIFICATE = "envoy.extensions.transport_sockets.tls.v3.TlsCertificate" {
+    "certificate_chain": applied,
+    "private_key": applied,
+    "pkcs12": refused "PKCS#12 is not supported (use PEM certificate_chain and private_key)",
+    "watched_directory": warned "certificates are read once, when the configuration is loaded (rotate them over SDS)",
+    "private_key_provider": refused "private key providers are not supported",
+    "password": refused "encrypted private keys are not supported",
+    "ocsp_staple": refused "OCSP stapling is not supported",
+    "signed_certificate_timestamp": refused "signed certificate timestamps are not supported",
+    "tls_params": refused "per-certificate TLS parameters are not supported",
+});
+
+fields!(pub(super) static SECRET = "envoy.extensions.transport_sockets.tls.v3.Secret" {
+    "name": applied "the SDS resource name",
+    "tls_certificate": applied,
+    "session_ticket_keys": refused "session ticket keys are not supported (keys are generated in process)",
+    "validation_context": applied,
+    "generic_secret": refused "generic secrets are not supported",
+});
+
+fields!(pub(super) static DOWNSTREAM_TLS_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext" {
+    "common_tls_context": applied,
+    "require_client_certificate": applied,
+    "require_sni": applied,
+    "session_ticket_keys": refused "configured session ticket keys are not supported (keys are generated in process)",
+    "session_ticket_keys_sds_secret_config": refused "configured session ticket keys are not supported (keys are generated in process)",
+    "disable_stateless_session_resumption": applied,
+    "disable_stateful_session_resumption": applied,
+    "session_timeout": warned "sessions live as long as the TLS library keeps them",
+    "ocsp_staple_policy": applied "LENIENT_STAPLING (no staple is ever sent); the others are refused",
+    "full_scan_certs_on_sni_mismatch": inert "one certificate per context: there is nothing to scan",
+    "prefer_client_ciphers": warned "the server's cipher order is used",
+});
+
+fields!(pub(super) static UPSTREAM_TLS_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" {
+    "common_tls_context": applied,
+    "sni": applied,
+    "auto_host_sni": applied,
+    "auto_sni_san_validation": applied "needs a trusted CA, as in Envoy",
+    "allow_renegotiation": refused "TLS renegotiation is not supported",
+    "max_session_keys": applied,
+    "enforce_rsa_key_usage": applied,
+});
 
 fn common_tls(
     ctx: &mut Ctx<'_>,
@@ -74,43 +185,33 @@ fn common_tls(
             m::tls::Secret::Certificate(cert),
         )));
     }
-    let provider = "certificate providers are not supported (use SDS or inline certificates)";
-    refuse_if(
-        ctx,
+    let cov = &COMMON_TLS_CONTEXT;
+    ctx.refuse(
+        cov,
+        field,
+        "tls_certificate_provider_instance",
         tls_certificate_provider_instance.is_some(),
-        format!("{field}.tls_certificate_provider_instance"),
-        provider,
     )?;
-    refuse_if(
-        ctx,
+    ctx.refuse(
+        cov,
+        field,
+        "tls_certificate_certificate_provider",
         tls_certificate_certificate_provider.is_some(),
-        format!("{field}.tls_certificate_certificate_provider"),
-        provider,
     )?;
-    refuse_if(
-        ctx,
+    ctx.refuse(
+        cov,
+        field,
+        "tls_certificate_certificate_provider_instance",
         tls_certificate_certificate_provider_instance.is_some(),
-        format!("{field}.tls_certificate_certificate_provider_instance"),
-        provider,
     )?;
-    refuse_if(
-        ctx,
+    ctx.refuse(
+        cov,
+        field,
+        "custom_tls_certificate_selector",
         custom_tls_certificate_selector.is_some(),
-        format!("{field}.custom_tls_certificate_selector"),
-        "custom certificate selectors are not supported",
     )?;
-    refuse_if(
-        ctx,
-        custom_handshaker.is_some(),
-        format!("{field}.custom_handshaker"),
-        "custom handshakers are not supported",
-    )?;
-    refuse_if(
-        ctx,
-        key_log.is_some(),
-        format!("{field}.key_log"),
-        "TLS key logging is not supported",
-    )?;
+    ctx.refuse(cov, field, "custom_handshaker", custom_handshaker.is_some())?;
+    ctx.refuse(cov, field, "key_log", key_log.is_some())?;
     out.validation = match validation_context_type {
         None => None,
         Some(V::ValidationContext(v)) => {
@@ -135,12 +236,18 @@ fn common_tls(
                 validation_context_certificate_provider,
                 validation_context_certificate_provider_instance,
             } = cv;
-            refuse_if(
-                ctx,
-                validation_context_certificate_provider.is_some()
-                    || validation_context_certificate_provider_instance.is_some(),
-                format!("{f}.validation_context_certificate_provider"),
-                provider,
+            let ccov = &COMBINED_VALIDATION_CONTEXT;
+            ctx.refuse(
+                ccov,
+                &f,
+                "validation_context_certificate_provider",
+                validation_context_certificate_provider.is_some(),
+            )?;
+            ctx.refuse(
+                ccov,
+                &f,
+                "validation_context_certificate_provider_instance",
+                validation_context_certificate_provider_instance.is_some(),
             )?;
             let default = validation_context(
                 ctx,
@@ -168,16 +275,14 @@ fn common_tls(
         }
         #[allow(deprecated)]
         Some(V::ValidationContextCertificateProvider(_)) => {
-            return Err(ctx.err(
-                format!("{field}.validation_context_certificate_provider"),
-                provider,
-            ));
+            return Err(ctx.refused(cov, field, "validation_context_certificate_provider"));
         }
         #[allow(deprecated)]
         Some(V::ValidationContextCertificateProviderInstance(_)) => {
-            return Err(ctx.err(
-                format!("{field}.validation_context_certificate_provider_instance"),
-                provider,
+            return Err(ctx.refused(
+                cov,
+                field,
+                "validation_context_certificate_provider_instance",
             ));
         }
     };
@@ -309,17 +414,18 @@ fn tls_parameters(
         ));
     }
     out.ecdh_curves = ecdh_curves.clone();
-    refuse_if(
-        ctx,
+    let cov = &TLS_PARAMETERS;
+    ctx.refuse(
+        cov,
+        field,
+        "signature_algorithms",
         !signature_algorithms.is_empty(),
-        format!("{field}.signature_algorithms"),
-        "restricting signature algorithms is not supported",
     )?;
-    refuse_if(
-        ctx,
+    ctx.refuse(
+        cov,
+        field,
+        "compliance_policies",
         !compliance_policies.is_empty(),
-        format!("{field}.compliance_policies"),
-        "compliance policies (FIPS) are not supported",
     )?;
     Ok(())
 }
@@ -445,31 +551,27 @@ fn validation_context(
         )?,
         ..Default::default()
     };
-    refuse_if(
-        ctx,
+    let cov = &VALIDATION_CONTEXT;
+    ctx.refuse(
+        cov,
+        field,
+        "ca_certificate_provider_instance",
         ca_certificate_provider_instance.is_some(),
-        format!("{field}.ca_certificate_provider_instance"),
-        "certificate providers are not supported (use trusted_ca or SDS)",
     )?;
-    if watched_directory.is_some() {
-        ctx.warn(
-            &format!("{field}.watched_directory"),
-            "files are read once, when the configuration is loaded (not watched)".into(),
-        );
-    }
-    refuse_if(
-        ctx,
+    ctx.refuse(cov, field, "watched_directory", watched_directory.is_some())?;
+    ctx.refuse(
+        cov,
+        field,
+        "require_signed_certificate_timestamp",
         require_signed_certificate_timestamp
             .as_ref()
             .is_some_and(|b| b.value),
-        format!("{field}.require_signed_certificate_timestamp"),
-        "signed certificate timestamps are not checked",
     )?;
-    refuse_if(
-        ctx,
+    ctx.refuse(
+        cov,
+        field,
+        "allow_expired_certificate",
         *allow_expired_certificate,
-        format!("{field}.allow_expired_certificate"),
-        "expired peer certificates are always refused",
     )?;
     match TrustChainVerification::try_from(*trust_chain_verification) {
         Ok(TrustChainVerification::VerifyTrustChain) => {}
@@ -581,11 +683,11 @@ fn custom_validator(
             trust_bundle,
             workload_trust_domain,
         } = d;
-        refuse_if(
-            ctx,
+        ctx.refuse(
+            &SPIFFE_TRUST_DOMAIN,
+            &f,
+            "workload_trust_domain",
             !workload_trust_domain.is_empty(),
-            format!("{f}.workload_trust_domain"),
-            "trust domain selection by filter state is not supported",
         )?;
         if name.is_empty() || name.starts_with("spiffe://") {
             return Err(ctx.err(
@@ -676,48 +778,24 @@ fn tls_certificate(
         signed_certificate_timestamp,
         tls_params,
     } = t;
-    refuse_if(
-        ctx,
-        pkcs12.is_some(),
-        format!("{field}.pkcs12"),
-        "PKCS#12 is not supported (use PEM certificate_chain and private_key)",
-    )?;
-    refuse_if(
-        ctx,
-        password.is_some(),
-        format!("{field}.password"),
-        "encrypted private keys are not supported",
-    )?;
-    refuse_if(
-        ctx,
+    let cov = &TLS_CERTIFICATE;
+    ctx.refuse(cov, field, "pkcs12", pkcs12.is_some())?;
+    ctx.refuse(cov, field, "password", password.is_some())?;
+    ctx.refuse(
+        cov,
+        field,
+        "private_key_provider",
         private_key_provider.is_some(),
-        format!("{field}.private_key_provider"),
-        "private key providers are not supported",
     )?;
-    refuse_if(
-        ctx,
-        ocsp_staple.is_some(),
-        format!("{field}.ocsp_staple"),
-        "OCSP stapling is not supported",
-    )?;
-    refuse_if(
-        ctx,
+    ctx.refuse(cov, field, "ocsp_staple", ocsp_staple.is_some())?;
+    ctx.refuse(
+        cov,
+        field,
+        "signed_certificate_timestamp",
         !signed_certificate_timestamp.is_empty(),
-        format!("{field}.signed_certificate_timestamp"),
-        "signed certificate timestamps are not supported",
     )?;
-    refuse_if(
-        ctx,
-        tls_params.is_some(),
-        format!("{field}.tls_params"),
-        "per-certificate TLS parameters are not supported",
-    )?;
-    if watched_directory.is_some() {
-        ctx.warn(
-            &format!("{field}.watched_directory"),
-            "files are read once, when the configuration is loaded (not watched)".into(),
-        );
-    }
+    ctx.refuse(cov, field, "tls_params", tls_params.is_some())?;
+    ctx.knob(cov, field, "watched_directory", watched_directory.is_some());
     let cert = m::tls::TlsCertificate {
         cert_chain_pem: data_source(
             ctx,
@@ -764,13 +842,8 @@ pub fn secret(
             "validation_context",
             v,
         )?)),
-        Some(T::SessionTicketKeys(_)) => Err(ctx.err(
-            "session_ticket_keys",
-            "session ticket keys are not supported",
-        )),
-        Some(T::GenericSecret(_)) => {
-            Err(ctx.err("generic_secret", "generic secrets are not supported"))
-        }
+        Some(T::SessionTicketKeys(_)) => Err(ctx.refused(&SECRET, "", "session_ticket_keys")),
+        Some(T::GenericSecret(_)) => Err(ctx.refused(&SECRET, "", "generic_secret")),
         None => Err(ctx.err("type", "the secret carries nothing")),
     }
 }
@@ -816,6 +889,7 @@ pub(super) fn downstream_tls(
         return Ok(None);
     };
     let f = format!("{field}.typed_config");
+    let cov = &DOWNSTREAM_TLS_CONTEXT;
     let tls_pb::DownstreamTlsContext {
         common_tls_context,
         require_client_certificate,
@@ -836,24 +910,13 @@ pub(super) fn downstream_tls(
         None => true,
         Some(K::DisableStatelessSessionResumption(disabled)) => !disabled,
         Some(K::SessionTicketKeys(_)) => {
-            return Err(ctx.err(
-                format!("{f}.session_ticket_keys"),
-                "configured session ticket keys are not supported (keys are generated in process)",
-            ));
+            return Err(ctx.refused(cov, &f, "session_ticket_keys"));
         }
         Some(K::SessionTicketKeysSdsSecretConfig(_)) => {
-            return Err(ctx.err(
-                format!("{f}.session_ticket_keys_sds_secret_config"),
-                "configured session ticket keys are not supported (keys are generated in process)",
-            ));
+            return Err(ctx.refused(cov, &f, "session_ticket_keys_sds_secret_config"));
         }
     };
-    if session_timeout.is_some() {
-        ctx.warn(
-            &format!("{f}.session_timeout"),
-            "tuning knob not applied: sessions live as long as the TLS library keeps them".into(),
-        );
-    }
+    ctx.knob(cov, &f, "session_timeout", session_timeout.is_some());
     match OcspStaplePolicy::try_from(*ocsp_staple_policy) {
         Ok(OcspStaplePolicy::LenientStapling) => {}
         _ => {
@@ -865,12 +928,7 @@ pub(super) fn downstream_tls(
     }
     // One certificate per context: nothing to scan on an SNI mismatch.
     let _ = full_scan_certs_on_sni_mismatch;
-    if *prefer_client_ciphers {
-        ctx.warn(
-            &format!("{f}.prefer_client_ciphers"),
-            "tuning knob not applied: the server's cipher order is used".into(),
-        );
-    }
+    ctx.knob(cov, &f, "prefer_client_ciphers", *prefer_client_ciphers);
     Ok(Some(m::tls::DownstreamTls {
         common,
         require_client_certificate: require_client_certificate.as_ref().is_some_and(|v| v.value),
@@ -928,11 +986,11 @@ pub(super) fn upstream_tls(
             ));
         }
     }
-    refuse_if(
-        ctx,
+    ctx.refuse(
+        &UPSTREAM_TLS_CONTEXT,
+        &f,
+        "allow_renegotiation",
         *allow_renegotiation,
-        format!("{f}.allow_renegotiation"),
-        "TLS renegotiation is not supported",
     )?;
     Ok(Some(m::tls::UpstreamTls {
         common,

@@ -29,6 +29,49 @@ struct Site {
     init: Option<(&'static str, &'static str)>,
 }
 
+/// An SDS validation context secret, the base of the `Secret` list.
+const SECRET: &str =
+    r#"{"name": "s", "validation_context": {"trusted_ca": {"inline_string": "@CA_PEM@"}}}"#;
+
+/// Upstream TLS as istiod writes it (SDS certificate, combined validation
+/// context with a SAN matcher and the SDS root), with TLS parameters.
+const UPSTREAM_TLS: &str = r#"{"name": "envoy.transport_sockets.tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", "sni": "x", "common_tls_context": {"tls_params": {}, "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": {"ads": {}}}], "combined_validation_context": {"default_validation_context": {"match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/a/sa/b"}}]}, "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}}}}}}}"#;
+
+/// Upstream TLS with an inline certificate and the SPIFFE validator.
+const UPSTREAM_TLS_INLINE: &str = r#"{"name": "envoy.transport_sockets.tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", "common_tls_context": {"tls_certificates": [{"certificate_chain": {"inline_string": "@CERT_PEM@"}, "private_key": {"inline_string": "@KEY_PEM@"}}], "validation_context": {"custom_validator_config": {"name": "envoy.tls.cert_validator.spiffe", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig", "trust_domains": [{"name": "cluster.local", "trust_bundle": {"inline_string": "@CA_PEM@"}}]}}}}}}"#;
+
+/// Downstream TLS as istiod writes it for an inbound STRICT chain.
+const DOWNSTREAM_TLS: &str = r#"{"name": "envoy.transport_sockets.tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", "require_client_certificate": true, "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": {"ads": {}}}], "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}}}}}}"#;
+
+/// A CA and a leaf it signed (PEM), made once for the TLS sites: the
+/// `@CA_PEM@`, `@CERT_PEM@` and `@KEY_PEM@` of the JSON above.
+fn pems() -> &'static [(&'static str, String); 3] {
+    static PEMS: std::sync::OnceLock<[(&'static str, String); 3]> = std::sync::OnceLock::new();
+    PEMS.get_or_init(|| {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("key"))
+                .expect("CA");
+        let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/b".try_into().expect("URI"),
+        )];
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = leaf.signed_by(&key, &issuer).expect("leaf");
+        let json = |pem: String| {
+            serde_json::to_string(&pem).expect("JSON")[1..]
+                .trim_end_matches('"')
+                .to_string()
+        };
+        [
+            ("@CA_PEM@", json(issuer.pem())),
+            ("@CERT_PEM@", json(cert.pem())),
+            ("@KEY_PEM@", json(key.serialize_pem())),
+        ]
+    })
+}
+
 /// An OpenTelemetry tracer exporting over gRPC, and one over HTTP.
 const OTLP_GRPC: &str = r#"{"name": "envoy.tracers.opentelemetry", "typed_config": {"@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig", "grpc_service": {"envoy_grpc": {"cluster_name": "c"}, "timeout": "1s"}}}"#;
 const OTLP_HTTP: &str = r#"{"name": "envoy.tracers.opentelemetry", "typed_config": {"@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig", "http_service": {"http_uri": {"uri": "collector:4318/v1/traces", "cluster": "c", "timeout": "1s"}}}}"#;
@@ -134,6 +177,69 @@ fn site(message: &str, context: &str) -> Option<Site> {
             base: LISTENER,
             path: hcm!("tracing.provider.typed_config@"),
             init: Some((hcm!("tracing.provider"), OTLP_GRPC)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.Secret", _) => s(SECRET, "", None),
+        ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", _) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@",
+            init: Some(("transport_socket", UPSTREAM_TLS)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.CommonTlsContext", _) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@.common_tls_context",
+            init: Some(("transport_socket", UPSTREAM_TLS)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig", _) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@.common_tls_context.tls_certificate_sds_secret_configs[0]",
+            init: Some(("transport_socket", UPSTREAM_TLS)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.TlsParameters", _) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@.common_tls_context.tls_params",
+            init: Some(("transport_socket", UPSTREAM_TLS)),
+        }),
+        (
+            "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext.CombinedCertificateValidationContext",
+            _,
+        ) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@.common_tls_context.combined_validation_context",
+            init: Some(("transport_socket", UPSTREAM_TLS)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext", _) => {
+            Some(Site {
+                base: CLUSTER,
+                path: "transport_socket.typed_config@.common_tls_context.combined_validation_context.default_validation_context",
+                init: Some(("transport_socket", UPSTREAM_TLS)),
+            })
+        }
+        ("envoy.extensions.transport_sockets.tls.v3.SubjectAltNameMatcher", _) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@.common_tls_context.combined_validation_context.default_validation_context.match_typed_subject_alt_names[0]",
+            init: Some(("transport_socket", UPSTREAM_TLS)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig", _) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@.common_tls_context.validation_context.custom_validator_config.typed_config@",
+            init: Some(("transport_socket", UPSTREAM_TLS_INLINE)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig.TrustDomain", _) => {
+            Some(Site {
+                base: CLUSTER,
+                path: "transport_socket.typed_config@.common_tls_context.validation_context.custom_validator_config.typed_config@.trust_domains[0]",
+                init: Some(("transport_socket", UPSTREAM_TLS_INLINE)),
+            })
+        }
+        ("envoy.extensions.transport_sockets.tls.v3.TlsCertificate", _) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@.common_tls_context.tls_certificates[0]",
+            init: Some(("transport_socket", UPSTREAM_TLS_INLINE)),
+        }),
+        ("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", _) => Some(Site {
+            base: LISTENER,
+            path: "filter_chains[0].transport_socket.typed_config@",
+            init: Some(("filter_chains[0].transport_socket", DOWNSTREAM_TLS)),
         }),
         ("envoy.config.core.v3.GrpcService", "span export") => Some(Site {
             base: LISTENER,
@@ -554,7 +660,13 @@ fn message_value(m: &MessageDescriptor) -> DynamicMessage {
 }
 
 pub(super) fn parse(desc: &MessageDescriptor, json: &str) -> DynamicMessage {
-    let v: serde_json::Value = serde_json::from_str(json).expect("JSON");
+    let mut json = json.to_string();
+    if json.contains("_PEM@") {
+        for (placeholder, pem) in pems() {
+            json = json.replace(placeholder, pem);
+        }
+    }
+    let v: serde_json::Value = serde_json::from_str(&json).expect("JSON");
     DynamicMessage::deserialize(desc.clone(), v).expect("message")
 }
 
@@ -684,13 +796,23 @@ fn convert(kind: &str, msg: &DynamicMessage) -> (Result<(), ConvertError>, Vec<S
             &mut w,
         )
         .map(|_| ()),
+        "envoy.extensions.transport_sockets.tls.v3.Secret" => super::super::tls::secret(
+            &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::decode(
+                bytes.as_slice(),
+            )
+            .expect("decode"),
+            &mut w,
+        )
+        .map(|_| ()),
         other => panic!("no converter for {other}"),
     };
     (r, w.0)
 }
 
 fn base_kind(base: &str) -> &'static str {
-    if base.contains("\"filter_chains\"") {
+    if base == SECRET {
+        "envoy.extensions.transport_sockets.tls.v3.Secret"
+    } else if base.contains("\"filter_chains\"") {
         "envoy.config.listener.v3.Listener"
     } else {
         "envoy.config.cluster.v3.Cluster"
