@@ -69,7 +69,7 @@ fields!(pub(super) static CLUSTER = "envoy.config.cluster.v3.Cluster" {
     "close_connections_on_host_health_failure": inert "only active health checks, which are refused, fail hosts",
     "ignore_health_on_host_removal": inert "only active health checks, which are refused, keep removed hosts",
     "load_assignment": applied,
-    "filters": applied "Istio's metadata exchange and Wasm filters skipped with a warning; others refused",
+    "filters": applied "Istio's metadata exchange skipped with a warning; others (Wasm included) refused",
     "lrs_server": refused "load reporting (LRS) is not supported",
     "lrs_report_endpoint_metrics": inert "read only with load reporting, which is refused",
     "track_timeout_budgets": warned "timeout budget histograms are not kept",

@@ -21,7 +21,7 @@ use super::core_types::cidr;
 use super::cors::CORS_TYPE;
 use super::coverage::{fields, path};
 use super::fault::{FAULT_TYPE, fault_config};
-use super::istio::{ISTIO_STATS_TYPE, ISTIO_TOLERATED, istio_stats};
+use super::istio::{self, ISTIO_STATS_TYPE, ISTIO_TOLERATED, WASM_TYPES, istio_stats};
 use super::local_ratelimit::{RATELIMIT_TYPE, local_ratelimit};
 use super::route::route_config_in;
 use super::{
@@ -506,6 +506,12 @@ pub(super) fn http_connection_manager(
                         ctx, &tf, &cfg,
                     )?)),
                 });
+            }
+            t if WASM_TYPES.contains(&t) => {
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "a Wasm filter needs a typed_config"));
+                };
+                istio::wasm(ctx, &ff, "http", &hf.name, t)?;
             }
             t if HTTP_TOLERATED.contains(&t) || ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(

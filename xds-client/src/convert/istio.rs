@@ -1,11 +1,15 @@
 //! Istio's own extensions: `istio.stats` (converted: Ferry reports Istio's
-//! metrics) and the filters Ferry recognises without implementing them
-//! (peer metadata exchange, alpn, authn, Wasm), accepted with a warning.
+//! metrics), the filters Ferry recognises without implementing them (peer
+//! metadata exchange, alpn, authn), accepted with a warning, and Wasm
+//! filters: Istio's built-in null-VM plugins (metadata exchange, stats) are
+//! what Ferry does natively; any other plugin is refused unless it fails
+//! open, since skipping a plugin that fails closed (an authenticating
+//! WasmPlugin, say) would let through what Envoy stops.
 
 use ferry_model as m;
 use prost::Message;
 
-use super::{Ctx, Typed};
+use super::{ConvertError, Ctx, Typed};
 
 /// Type URLs of Istio's own extensions: recognised, not (yet) implemented,
 /// never a reason to reject a listener.
@@ -15,9 +19,83 @@ pub(super) const ISTIO_TOLERATED: &[&str] = &[
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
     "io.istio.network.authn.Config",
     "istio.mixer.v1.config.client.ClientConfig",
+];
+
+/// The Wasm filters' types (HTTP and network: the same `PluginConfig`).
+pub(super) const WASM_TYPES: &[&str] = &[
     "envoy.extensions.filters.network.wasm.v3.Wasm",
     "envoy.extensions.filters.http.wasm.v3.Wasm",
 ];
+
+/// Istio's plugins compiled into its proxy (`envoy.wasm.runtime.null`),
+/// which Ferry does natively: peer metadata exchange (`x-envoy-peer-metadata`)
+/// and Istio's standard metrics.
+const NATIVE_NULL_VM_PLUGINS: &[&str] = &["envoy.wasm.metadata_exchange", "envoy.wasm.stats"];
+
+/// A Wasm filter (`kind` is "http" or "network"): accepted with a warning
+/// when it is one of Istio's built-in plugins, or when its plugin fails open
+/// (Envoy then lets traffic through when the plugin cannot run, which is
+/// what skipping it amounts to); refused otherwise.
+pub(super) fn wasm(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    kind: &str,
+    name: &str,
+    typed: Typed,
+) -> Result<(), ConvertError> {
+    use envoy_types::pb::envoy::config::core::v3::{async_data_source, data_source};
+    use envoy_types::pb::envoy::extensions::filters::http::wasm::v3::Wasm;
+    use envoy_types::pb::envoy::extensions::wasm::v3::{FailurePolicy, plugin_config::Vm};
+    let tf = format!("{field}.typed_config");
+    // The HTTP and network filters' `Wasm` are the same message.
+    let w: Wasm = typed.decode().map_err(|e| ctx.err(&tf, e))?;
+    let Some(cfg) = &w.config else {
+        return Err(ctx.err(
+            format!("{tf}.config"),
+            "a Wasm filter needs a plugin config",
+        ));
+    };
+    let builtin = match &cfg.vm {
+        Some(Vm::VmConfig(vm)) if vm.runtime == "envoy.wasm.runtime.null" => vm
+            .code
+            .as_ref()
+            .and_then(|c| match &c.specifier {
+                Some(async_data_source::Specifier::Local(d)) => match &d.specifier {
+                    Some(data_source::Specifier::InlineString(s)) => Some(s.as_str()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .filter(|code| NATIVE_NULL_VM_PLUGINS.contains(code)),
+        _ => None,
+    };
+    if let Some(code) = builtin {
+        ctx.warn(
+            field,
+            format!(
+                "{kind} filter {name:?} runs Istio's built-in plugin {code:?}, which Ferry does natively (peer metadata exchange, Istio metrics); its configuration is not read"
+            ),
+        );
+        return Ok(());
+    }
+    #[allow(deprecated)]
+    let fails_open = cfg.fail_open || cfg.failure_policy == FailurePolicy::FailOpen as i32;
+    if fails_open {
+        ctx.warn(
+            field,
+            format!(
+                "{kind} filter {name:?}: Wasm plugins are not run; this one fails open, so traffic passes as in Envoy when the plugin cannot run"
+            ),
+        );
+        return Ok(());
+    }
+    Err(ctx.err(
+        &tf,
+        format!(
+            "Wasm plugin {name:?} is not supported, and it fails closed: skipping it would let through what it stops (set failure_policy: FAIL_OPEN to run without it)"
+        ),
+    ))
+}
 
 /// Istio's `istio.stats` configuration type.
 pub(super) const ISTIO_STATS_TYPE: &str = "stats.PluginConfig";

@@ -12,7 +12,7 @@ use ferry_model as m;
 
 use super::core_types::{cidr, ip_socket};
 use super::coverage::{fields, path};
-use super::istio::{ISTIO_STATS_TYPE, ISTIO_TOLERATED, istio_stats};
+use super::istio::{self, ISTIO_STATS_TYPE, ISTIO_TOLERATED, WASM_TYPES, istio_stats};
 use super::rbac;
 use super::tls::downstream_tls;
 use super::{
@@ -83,7 +83,7 @@ fields!(pub(super) static LISTENER_FILTER_PREDICATE = "envoy.config.listener.v3.
 
 fields!(pub(super) static FILTER_CHAIN = "envoy.config.listener.v3.FilterChain" {
     "filter_chain_match": applied,
-    "filters": applied "tcp_proxy, http_connection_manager, network RBAC, istio.stats; Istio's metadata exchange, authn and Wasm filters skipped with a warning; others refused",
+    "filters": applied "tcp_proxy, http_connection_manager, network RBAC, istio.stats; Istio's metadata exchange and authn skipped with a warning; Wasm: Istio's built-in plugins done natively, plugins that fail open skipped with a warning, others refused; others refused",
     "use_proxy_proto": refused "the PROXY protocol is not supported",
     "metadata": inert "filter chain metadata is read only by extensions Ferry does not run",
     "transport_socket": applied,
@@ -588,6 +588,7 @@ fn filter_chain(
                 terminal = Some(m::ChainKind::Http(hcm));
             }
             ISTIO_STATS_TYPE => stats = Some(istio_stats(ctx, typed)),
+            t if WASM_TYPES.contains(&t) => istio::wasm(ctx, &ff, "network", filter_name, typed)?,
             t if ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,

@@ -14,7 +14,7 @@ use ferry_model as m;
 use super::cors::{CORS_POLICY_TYPE, cors_policy, disabled_cors};
 use super::coverage::{fields, path};
 use super::fault::{FAULT_TYPE, fault_config};
-use super::istio::ISTIO_TOLERATED;
+use super::istio::{ISTIO_TOLERATED, WASM_TYPES};
 use super::local_ratelimit::{RATELIMIT_TYPE, disabled_ratelimit, local_ratelimit};
 use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, jwt_authn, rbac};
 
@@ -126,7 +126,11 @@ pub(super) fn per_filter_configs(
                 };
                 out.jwt.push((name.clone(), cfg));
             }
-            t if ISTIO_TOLERATED.contains(&t) || HTTP_TOLERATED.contains(&t) => {}
+            // A Wasm filter's per-route configuration: the filter itself is
+            // refused unless Istio's built-in or failing open.
+            t if ISTIO_TOLERATED.contains(&t)
+                || HTTP_TOLERATED.contains(&t)
+                || WASM_TYPES.contains(&t) => {}
             t => ctx.warn(
                 &ef,
                 format!("per-filter configuration of unsupported type {t} has no effect; skipped"),
