@@ -12,7 +12,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use crate::istio::source::{Snapshot, Source};
-use crate::istio::translate::{Mesh, MeshOptions, Proxy, ProxyConfig};
+use crate::istio::translate::{Mesh, MeshOptions, Proxy, ProxyConfig, credentials};
 use crate::istio::validate::{self, Severity};
 use crate::xds::{CLUSTER, Cache, ENDPOINT, LISTENER, ROUTE, SECRET, to_any};
 
@@ -131,6 +131,27 @@ fn fill(cache: &Cache, cfg: &ProxyConfig) {
         ROUTE,
         cfg.routes.iter().map(|r| (r.name.clone(), to_any(r))),
     );
+    // credentialName secrets, beside the workload's own (`default`,
+    // `ROOTCA`), which only the CA side changes.
+    let current = cache.snapshot(SECRET);
+    let wanted: HashMap<String, envoy_types::pb::google::protobuf::Any> = cfg
+        .secrets
+        .iter()
+        .map(|s| (s.name.clone(), to_any(s)))
+        .collect();
+    let stale: Vec<String> = current
+        .resources
+        .keys()
+        .filter(|n| n.starts_with(credentials::PREFIX) && !wanted.contains_key(*n))
+        .cloned()
+        .collect();
+    let changed: Vec<(String, envoy_types::pb::google::protobuf::Any)> = wanted
+        .into_iter()
+        .filter(|(n, a)| current.resources.get(n).is_none_or(|c| *c.any != *a))
+        .collect();
+    if !stale.is_empty() || !changed.is_empty() {
+        cache.apply(SECRET, changed, stale);
+    }
     // NDS: one unnamed resource, as istiod sends it.
     if let Some(nt) = &cfg.name_table {
         cache.set(
@@ -214,14 +235,14 @@ impl Pilot {
         renew: bool,
     ) -> Option<std::time::Instant> {
         let ca = self.ca.get()?;
-        if !renew && !cache.snapshot(SECRET).resources.is_empty() {
+        if !renew && cache.snapshot(SECRET).resources.contains_key("default") {
             return None;
         }
         let (ns, sa) = self.workload_at(ip)?;
         let identity = ca.identity(&ns, &sa);
         match ca.issue(&identity, None) {
             Ok((leaf, key)) => {
-                cache.set(SECRET, workload_secrets(&leaf, &key, ca.root_pem()));
+                cache.apply(SECRET, workload_secrets(&leaf, &key, ca.root_pem()), []);
                 tracing::info!(xds.node = %node, ca.identity = %identity, renewal = renew, "workload certificate served over SDS");
                 Some(std::time::Instant::now() + ca.default_ttl() / 2)
             }

@@ -679,3 +679,131 @@ fn auto_passthrough_and_mesh_delegation() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `credentialName`: the `kubernetes://` secrets a gateway's listeners
+/// name are served from the Secrets of the gateway's own namespace, with
+/// istiod's key names (generic `cert`/`key`/`cacert`/`crl`, TLS
+/// `tls.crt`/`tls.key`/`ca.crt`), the CA from `NAME-cacert` first; another
+/// namespace's Secret of the same name is never served, and one without
+/// its keys is not served at all.
+#[test]
+fn credential_name_secrets_come_from_the_gateways_namespace() -> anyhow::Result<()> {
+    use base64::Engine;
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type;
+    use ferry_pilot::istio::source::parse_documents;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let yaml = format!(
+        "apiVersion: v1
+kind: Secret
+metadata: {{name: shop-cert, namespace: istio-system}}
+type: Opaque
+stringData: {{cert: SHOP-CERT, key: SHOP-KEY}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: shop-cert, namespace: default}}
+stringData: {{cert: OTHER-NAMESPACE, key: OTHER-NAMESPACE}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: partners-cert, namespace: istio-system}}
+type: kubernetes.io/tls
+data: {{tls.crt: {}, tls.key: {}, ca.crt: {}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: partners-cert-cacert, namespace: istio-system}}
+data: {{cacert: {}, crl: {}}}
+",
+        b64("PARTNERS-CERT"),
+        b64("PARTNERS-KEY"),
+        b64("NOT-THIS-CA"),
+        b64("PARTNERS-CA"),
+        b64("PARTNERS-CRL"),
+    );
+    let mut snap = load_dir(&fixtures())?;
+    snap.resources
+        .extend(parse_documents(&yaml, Path::new("secrets.yaml")).resources);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let mesh = Mesh::new(&snap, MeshOptions::default());
+    let cfg = mesh.proxy_config(&router(&[("istio", "ingressgateway")]));
+    let text = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>| match d
+        .as_ref()
+        .and_then(|d| d.specifier.as_ref())
+    {
+        Some(Specifier::InlineBytes(b)) => String::from_utf8_lossy(b).to_string(),
+        other => panic!("not inline bytes: {other:?}"),
+    };
+    let mut served: Vec<String> = Vec::new();
+    for s in &cfg.secrets {
+        served.push(match &s.r#type {
+            Some(Type::TlsCertificate(t)) => format!(
+                "{}: {} {}",
+                s.name,
+                text(&t.certificate_chain),
+                text(&t.private_key)
+            ),
+            Some(Type::ValidationContext(v)) => {
+                format!("{}: {} {}", s.name, text(&v.trusted_ca), text(&v.crl))
+            }
+            other => panic!("{}: {other:?}", s.name),
+        });
+    }
+    served.sort();
+    assert_eq!(
+        served,
+        [
+            "kubernetes://partners-cert-cacert: PARTNERS-CA PARTNERS-CRL",
+            "kubernetes://partners-cert: PARTNERS-CERT PARTNERS-KEY",
+            "kubernetes://shop-cert: SHOP-CERT SHOP-KEY",
+        ]
+    );
+
+    // Without `NAME-cacert`, the CA is the credential's own `ca.crt`.
+    snap.resources
+        .retain(|r| r.meta.name != "partners-cert-cacert");
+    let cfg = Mesh::new(&snap, MeshOptions::default())
+        .proxy_config(&router(&[("istio", "ingressgateway")]));
+    let ca = cfg
+        .secrets
+        .iter()
+        .find(|s| s.name == "kubernetes://partners-cert-cacert")
+        .expect("the CA from partners-cert");
+    let Some(Type::ValidationContext(v)) = &ca.r#type else {
+        panic!("{ca:?}")
+    };
+    assert_eq!(text(&v.trusted_ca), "NOT-THIS-CA");
+    assert!(v.crl.is_none());
+
+    // A gateway of another namespace gets none of istio-system's secrets.
+    let mut other = router(&[("istio", "ingressgateway")]);
+    other.namespace = "default".into();
+    other.id = "router~10.1.1.98~ingress-2.default~default.svc.cluster.local".into();
+    let cfg = Mesh::new(&snap, MeshOptions::default()).proxy_config(&other);
+    let names: Vec<&str> = cfg.secrets.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["kubernetes://shop-cert"], "{names:?}");
+    let Some(Type::TlsCertificate(t)) = &cfg.secrets[0].r#type else {
+        panic!()
+    };
+    assert_eq!(text(&t.certificate_chain), "OTHER-NAMESPACE");
+
+    // A Secret without the keys is not served.
+    let broken = parse_documents(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: shop-cert, namespace: istio-system}\nstringData: {tls.crt: ONLY-A-CERT}\n",
+        Path::new("broken.yaml"),
+    );
+    snap.resources
+        .retain(|r| !(r.meta.name == "shop-cert" && r.meta.namespace == "istio-system"));
+    snap.resources.extend(broken.resources);
+    let cfg = Mesh::new(&snap, MeshOptions::default())
+        .proxy_config(&router(&[("istio", "ingressgateway")]));
+    assert!(
+        cfg.secrets
+            .iter()
+            .all(|s| s.name != "kubernetes://shop-cert"),
+        "{:?}",
+        cfg.secrets
+    );
+    Ok(())
+}

@@ -618,3 +618,64 @@ async fn the_api_source_translates_as_the_files_through_watches_bookmarks_and_re
     assert!(*source.subscribe().borrow() >= 4);
     let _keep: Arc<KubeSource> = source;
 }
+
+/// The Secrets gateways name by `credentialName` are watched, but, as
+/// istiod watches them, never Helm releases or service account tokens
+/// (large, and no gateway's credentials): the field selector keeps them on
+/// the API server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_secrets_are_watched_without_helm_releases_or_tokens() {
+    use base64::Engine;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let world = World::start().await;
+    let source = KubeSource::with_client(world.server.client().await);
+    source.spawn_watchers();
+    tokio::time::timeout(WAIT, source.wait_synced())
+        .await
+        .unwrap_or_else(|_| panic!("not synced: {:?}", world.server.requests()));
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for (name, type_) in [
+        ("sh.helm.release.v1.istio.v1", "helm.sh/release.v1"),
+        ("default-token", "kubernetes.io/service-account-token"),
+        ("httpbin-credential", "kubernetes.io/tls"),
+    ] {
+        world.server.apply(json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": "istio-system"},
+            "type": type_,
+            "data": {"tls.crt": b64("CERT"), "tls.key": b64("KEY")}
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let secrets = loop {
+        let snap = source.list().expect("list");
+        let secrets: Vec<String> = snap
+            .of(|s| match s {
+                ferry_pilot::istio::source::Spec::Secret(x) => Some(x),
+                _ => None,
+            })
+            .map(|(r, s)| {
+                format!(
+                    "{}/{} {:?}",
+                    r.meta.namespace,
+                    r.meta.name,
+                    s.value("tls.crt").expect("base64")
+                )
+            })
+            .collect();
+        if !secrets.is_empty() || tokio::time::Instant::now() > deadline {
+            break secrets;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        secrets,
+        [format!(
+            "istio-system/httpbin-credential {:?}",
+            Some(b"CERT".to_vec())
+        )],
+        "requests: {:?}",
+        world.server.requests()
+    );
+    let _keep: Arc<KubeSource> = source;
+}

@@ -27,6 +27,8 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Service", "services"),
     ("", "v1", "Pod", "pods"),
+    // The TLS credentials gateways name by `credentialName`.
+    ("", "v1", "Secret", "secrets"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     (
         "networking.istio.io",
@@ -74,6 +76,10 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ),
     ("telemetry.istio.io", "v1", "Telemetry", "telemetries"),
 ];
+
+/// The Secrets watched: all but Helm releases and service account tokens.
+pub const SECRET_FIELD_SELECTOR: &str =
+    "type!=helm.sh/release.v1,type!=kubernetes.io/service-account-token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -211,9 +217,13 @@ impl KubeSource {
             .map_or(("", ""), |w| (w.2, w.3));
         let mut first = true;
         let mut pending: Store = Store::new();
-        let mut stream = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .boxed();
+        let mut config = watcher::Config::default();
+        if kind == "Secret" {
+            // As istiod: the large secrets no gateway names (Helm releases,
+            // service account tokens) are never listed.
+            config = config.fields(SECRET_FIELD_SELECTOR);
+        }
+        let mut stream = watcher(api, config).default_backoff().boxed();
         while let Some(event) = stream.next().await {
             let changed = match event {
                 Ok(watcher::Event::Init) => {

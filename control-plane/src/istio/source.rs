@@ -42,6 +42,7 @@ pub enum Spec {
     Deployment(kube::Deployment),
     ServiceAccount,
     Namespace,
+    Secret(kube::Secret),
     VirtualService(networking::VirtualService),
     /// Boxed: by far the largest spec, and most snapshots hold few.
     DestinationRule(Box<networking::DestinationRule>),
@@ -278,6 +279,7 @@ fn parse_object(value: Value, origin: &Origin, out: &mut Snapshot) {
         ("apps", "Deployment") => kube_obj(whole, Spec::Deployment),
         ("", "ServiceAccount") => Ok(Spec::ServiceAccount),
         ("", "Namespace") => Ok(Spec::Namespace),
+        ("", "Secret") => kube_obj(whole, Spec::Secret),
         ("networking.istio.io", "VirtualService") => spec_of(spec_value, Spec::VirtualService),
         ("networking.istio.io", "DestinationRule") => {
             spec_of(spec_value, |dr| Spec::DestinationRule(Box::new(dr)))

@@ -84,6 +84,7 @@ pub const KINDS: &[KindDef] = &[
     kind("", "v1", "Service", "services", true),
     kind("", "v1", "Pod", "pods", true),
     kind("", "v1", "ConfigMap", "configmaps", true),
+    kind("", "v1", "Secret", "secrets", true),
     kind(
         "discovery.k8s.io",
         "v1",
@@ -572,17 +573,26 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
         .collect()
 }
 
-/// `key=value` selectors, comma-separated (all the tests use).
+/// `key=value` and `key!=value` selectors, comma-separated (all the tests
+/// use).
 fn selected(obj: &Value, q: &HashMap<String, String>) -> bool {
     let meta = &obj["metadata"];
     let fields_ok = q.get("fieldSelector").is_none_or(|sel| {
         sel.split(',').filter(|s| !s.is_empty()).all(|term| {
-            let (k, v) = term.split_once('=').unwrap_or((term, ""));
-            match k {
-                "metadata.name" => meta["name"] == v,
-                "metadata.namespace" => meta["namespace"] == v,
-                _ => false,
-            }
+            let (k, v, equal) = match term.split_once("!=") {
+                Some((k, v)) => (k, v, false),
+                None => {
+                    let (k, v) = term.split_once('=').unwrap_or((term, ""));
+                    (k, v, true)
+                }
+            };
+            let field = match k {
+                "metadata.name" => &meta["name"],
+                "metadata.namespace" => &meta["namespace"],
+                "type" => &obj["type"],
+                _ => return false,
+            };
+            (field.as_str().unwrap_or_default() == v) == equal
         })
     });
     let labels_ok = q.get("labelSelector").is_none_or(|sel| {

@@ -16,6 +16,7 @@
 pub mod access_log;
 pub mod authz;
 mod cluster;
+pub mod credentials;
 mod delegate;
 pub mod ext_authz;
 mod gateway;
@@ -55,6 +56,9 @@ pub struct ProxyConfig {
     pub endpoints: Vec<ClusterLoadAssignment>,
     /// The DNS name table (NDS) of a sidecar; `None` for gateways.
     pub name_table: Option<ferry_envoy_json::istio_nds::NameTable>,
+    /// The `kubernetes://` secrets (credentialName) its listeners and
+    /// clusters name, from the Secrets of its namespace.
+    pub secrets: Vec<envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret>,
 }
 
 /// What a proxy is, from the first field of its node id.
@@ -299,6 +303,7 @@ pub struct Mesh {
     authorization_policies: Vec<Resource>,
     request_authentications: Vec<Resource>,
     telemetries: Vec<Resource>,
+    secrets: Vec<Resource>,
 }
 
 impl Mesh {
@@ -321,6 +326,7 @@ impl Mesh {
             authorization_policies: pick(|s| matches!(s, Spec::AuthorizationPolicy(_))),
             request_authentications: pick(|s| matches!(s, Spec::RequestAuthentication(_))),
             telemetries: pick(|s| matches!(s, Spec::Telemetry(_))),
+            secrets: pick(|s| matches!(s, Spec::Secret(_))),
             options,
         }
     }
@@ -414,6 +420,7 @@ impl Mesh {
             NodeType::Router => gateway::build(&scope, &mut out),
         }
         telemetry::apply(&scope, &mut out.listeners);
+        credentials::build(&scope, &mut out);
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));

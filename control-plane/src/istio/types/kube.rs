@@ -186,3 +186,57 @@ pub struct SliceConditions {
 
 /// The label an EndpointSlice carries to name its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A `Secret`: the TLS credentials a gateway names by `credentialName`.
+/// `data` values are base64, as the API serves them; `stringData` (written
+/// by hand in manifests, merged by the API server) is plain text and wins.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Secret {
+    #[serde(rename = "type")]
+    pub type_: Option<String>,
+    pub data: BTreeMap<String, String>,
+    pub string_data: BTreeMap<String, String>,
+}
+
+/// Key material never reaches a log: only the keys are shown.
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret")
+            .field("type", &self.type_)
+            .field("keys", &self.keys())
+            .finish()
+    }
+}
+
+impl Secret {
+    /// The value under `key` (decoded), `Ok(None)` when absent or empty.
+    pub fn value(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        use base64::Engine;
+        if let Some(v) = self.string_data.get(key) {
+            return Ok((!v.is_empty()).then(|| v.clone().into_bytes()));
+        }
+        let Some(v) = self.data.get(key) else {
+            return Ok(None);
+        };
+        // The API serves standard base64; manifests may wrap it.
+        let compact: String = v.chars().filter(|c| !c.is_whitespace()).collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(compact)
+            .map_err(|e| format!("data.{key} is not base64: {e}"))?;
+        Ok((!bytes.is_empty()).then_some(bytes))
+    }
+
+    /// Every key it holds, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self
+            .data
+            .keys()
+            .chain(self.string_data.keys())
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+}
