@@ -33,8 +33,9 @@ pub struct Listener {
     pub bind_to_port: bool,
     pub use_original_dst: bool,
     pub listener_filters: ListenerFilters,
-    /// How long protocol detection may wait for the client's first bytes.
-    /// `None`: the short default that keeps server-first protocols from stalling.
+    /// How long protocol detection may wait for the client's bytes
+    /// (`listener_filters_timeout`: Envoy's 15 s when unset). `None`: no
+    /// limit (`0s`, istiod's setting), as in Envoy.
     pub detection_timeout: Option<Duration>,
     /// An explicit `listener_filters_timeout` without
     /// `continue_on_listener_filters_timeout`: the connection is closed when

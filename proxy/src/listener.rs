@@ -18,10 +18,6 @@ use crate::filter_chain_update::LiveConn;
 use crate::http::PeerTls;
 use crate::run::Runtime;
 
-/// How long detection waits for a client's first bytes when the listener
-/// sets no timeout: short, so server-first protocols are not stalled.
-pub const DEFAULT_DETECTION_TIMEOUT: Duration = Duration::from_millis(10);
-
 /// Binds a listener's socket (reusable address, large backlog).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let domain = if addr.is_ipv4() {
@@ -189,14 +185,23 @@ async fn handle(
     } else {
         local
     };
+    tracing::trace!(listener.name = %accepted_on.name, src.addr = %peer, local = %local, dst = %dst, "connection accepted");
     // Envoy's use_original_dst: the listener bound to the original destination
     // takes the connection over, with its own listener filters and chains.
     let listener = if accepted_on.use_original_dst && dst != local {
         let snap = rt.snapshot.load();
-        snap.listener_for_original_dst(dst)
+        let found = snap
+            .listener_for_original_dst(dst)
             .filter(|l| !Arc::ptr_eq(l, &accepted_on))
-            .cloned()
-            .unwrap_or(accepted_on)
+            .cloned();
+        tracing::debug!(
+            listener.name = %accepted_on.name,
+            dst = %dst,
+            handed.to = ?found.as_ref().map(|l| &l.name),
+            config.version = %snap.version,
+            "original destination"
+        );
+        found.unwrap_or(accepted_on)
     } else {
         accepted_on
     };
@@ -208,7 +213,11 @@ async fn handle(
     // connection holds only what its connection uses, not room for the
     // largest of them (see the sizes asserted in the tests below).
     let needs = listener.detection_needs(Some(dst));
-    let timeout = listener.detection_timeout.unwrap_or(rt.detection_timeout);
+    // The listener's limit, as Envoy's `listener_filters_timeout`; a
+    // listener without one (`0s`) waits for the client as Envoy does,
+    // unless the operator capped that (`--protocol-detection-timeout`).
+    // A short default would send a slow HTTP client to the TCP chain.
+    let timeout = listener.detection_timeout.or(rt.detection_timeout);
     let detected = if needs.any() {
         match peek_detect(
             &stream,
@@ -535,18 +544,22 @@ async fn peek_detect(
     stream: &TcpStream,
     tls: bool,
     http: bool,
-    first_byte: Duration,
+    limit: Option<Duration>,
     close_on_timeout: bool,
 ) -> Option<Detected> {
     // Out of time: go on with nothing detected, or close (None).
     let expired = || (!close_on_timeout).then(Detected::default);
     let mut buf = vec![0u8; 1024];
-    let deadline = tokio::time::Instant::now() + first_byte;
-    let mut rest_deadline = None;
+    // No limit: a deadline no connection reaches (a year). The limit is
+    // the whole detection's, from the accept, as Envoy's.
+    let limit = limit.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let deadline = tokio::time::Instant::now() + limit;
     let mut seen = 0;
+    // While a partial message stalls, peeking again returns at once: poll
+    // with a growing pause (bounded, so a slow sender costs few wake-ups).
+    let mut pause = Duration::from_millis(1);
     loop {
-        let until = rest_deadline.unwrap_or(deadline);
-        let n = match tokio::time::timeout_at(until, stream.peek(&mut buf)).await {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
             Err(_) => return expired(),
             Ok(Err(_)) => return None,
             Ok(Ok(0)) => return Some(Detected::default()),
@@ -555,17 +568,16 @@ async fn peek_detect(
         match detect::inspect(&buf[..n], tls, http) {
             Outcome::Done(d) => return Some(d),
             Outcome::NeedMore => {
-                let until = *rest_deadline.get_or_insert(
-                    tokio::time::Instant::now() + first_byte.max(Duration::from_secs(1)),
-                );
                 if n == buf.len() && buf.len() < detect::MAX_PEEK {
                     buf.resize((buf.len() * 4).min(detect::MAX_PEEK), 0);
                 } else if n == seen {
-                    // Nothing new arrived; peek would return at once again.
-                    if tokio::time::Instant::now() >= until {
+                    if tokio::time::Instant::now() >= deadline {
                         return expired();
                     }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                } else {
+                    pause = Duration::from_millis(1);
                 }
                 seen = n;
             }

@@ -68,10 +68,12 @@ struct ProxyArgs {
     /// How long in-flight requests may finish after SIGTERM (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
-    /// How long protocol detection waits for a client's first bytes when the
-    /// listener sets no `listener_filters_timeout`.
-    #[arg(long, default_value = "10ms", value_parser = parse_duration)]
-    protocol_detection_timeout: Duration,
+    /// Caps protocol detection on listeners that set no limit
+    /// (`listener_filters_timeout: 0s`, istiod's setting): a client silent
+    /// this long (a server-first protocol) goes on with nothing detected.
+    /// Unset: such listeners wait for the client, as Envoy's do.
+    #[arg(long, value_parser = parse_duration)]
+    protocol_detection_timeout: Option<Duration>,
     /// Log every request (one line each) at info level on target `access`.
     #[arg(long)]
     access_log: bool,

@@ -29,7 +29,9 @@ pub struct RunOptions {
     pub prometheus_addr: Option<SocketAddr>,
     pub drain_timeout: Duration,
     pub access_log: bool,
-    pub detection_timeout: Duration,
+    /// The operator's cap on protocol detection for listeners that set no
+    /// limit (`listener_filters_timeout: 0s`); `None`: they wait as Envoy's.
+    pub detection_timeout: Option<Duration>,
     /// The node identity's flags (the environment is read too).
     pub node: ferry_xds::node::NodeOverrides,
     /// Workload certificates from the mesh CA (istio-agent's job); `None`:
@@ -166,7 +168,8 @@ pub struct Runtime {
     inbound_listeners: ArcSwap<std::collections::HashSet<String>>,
     drain_inbound_only: bool,
     pub access_log: bool,
-    pub detection_timeout: Duration,
+    /// See [`RunOptions::detection_timeout`].
+    pub detection_timeout: Option<Duration>,
     /// How long draining connections (a changed filter chain or listener,
     /// or shutdown) may finish.
     pub drain_timeout: Duration,

@@ -404,14 +404,22 @@ impl IstioMesh {
 pub fn curl(pod: &Pod, url: &str, extra: &[&str]) -> Result<(u16, String)> {
     let out = pod
         .cmd("curl")
-        .args(["-s", "-m", "5", "-w", "\n%{http_code}"])
+        .args(["-sS", "-m", "5", "-w", "\n%{http_code}"])
         .args(extra)
         .arg(url)
         .timeout(Duration::from_secs(10))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+    let code = code.trim().parse().unwrap_or(0);
+    if code == 0 {
+        // No answer: curl's own error says why (refused, reset, timeout).
+        return Ok((
+            0,
+            format!("{body}{}", String::from_utf8_lossy(&out.stderr).trim()),
+        ));
+    }
+    Ok((code, body.to_string()))
 }
 
 /// A request header as `echo.py` reports it in its JSON answer (names

@@ -466,9 +466,13 @@ fn tcp_half_close_passes_through() -> Result<()> {
 
 /// Connects and reads the banner; returns how long it took.
 fn read_banner(port: u16) -> Result<(TcpStream, Duration)> {
+    read_banner_within(port, Duration::from_secs(5))
+}
+
+fn read_banner_within(port: u16, within: Duration) -> Result<(TcpStream, Duration)> {
     let started = Instant::now();
     let mut s = TcpStream::connect(local(port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(within))?;
     let want = b"220 ferry-test ready\r\n";
     let mut got = vec![0u8; want.len()];
     s.read_exact(&mut got)
@@ -503,14 +507,16 @@ fn server_first_banner_through_tcp_proxy() -> Result<()> {
     Ok(())
 }
 
-/// A listener that must look at the first bytes to choose between HTTP and TCP: a
-/// server-first protocol sends nothing, and must not wait long for detection to give up.
-#[test]
-fn server_first_banner_through_http_detecting_listener() -> Result<()> {
-    let _lock = RunLock::shared();
-    let banner = App::mode("banner")?;
-    let web = App::http("web", &[])?;
-    let port = free_port();
+/// A listener that looks at the first bytes to choose between HTTP and TCP
+/// (`http_inspector`), with `listener_filters_timeout` (`None`: unset) and
+/// `continue_on_listener_filters_timeout`.
+fn detecting_bootstrap(
+    port: u16,
+    banner: u16,
+    web: u16,
+    timeout: Option<&str>,
+    continue_on_timeout: bool,
+) -> String {
     let routes = vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}})];
     let mut l = listener(
         "mixed",
@@ -527,21 +533,104 @@ fn server_first_banner_through_http_detecting_listener() -> Result<()> {
         "name": "envoy.filters.listener.http_inspector",
         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"},
     }]);
-    let ferry = Ferry::start(
-        &Bootstrap::new()
-            .listener(l)
-            .static_cluster("banner", &[banner.port], Upstream::Http1)
-            .static_cluster("web", &[web.port], Upstream::Http1)
-            .render(),
-    )?;
-    let (_s, elapsed) = read_banner(port)?;
-    ensure!(
-        elapsed < Duration::from_millis(200),
-        "banner took {elapsed:?}"
-    );
-    ensure!(ferry.stat("tcp.mixed_tcp.downstream_cx_total") == 1);
+    if let Some(t) = timeout {
+        l["listener_filters_timeout"] = json!(t);
+    }
+    l["continue_on_listener_filters_timeout"] = json!(continue_on_timeout);
+    Bootstrap::new()
+        .listener(l)
+        .static_cluster("banner", &[banner], Upstream::Http1)
+        .static_cluster("web", &[web], Upstream::Http1)
+        .render()
+}
 
-    // HTTP on the same port goes to the HTTP chain, in both protocols.
+/// What a client sees on a detecting listener: a server-first protocol's
+/// banner (how long it took, or that it never came), and an HTTP request
+/// whose client waits before sending it (which chain answered).
+fn detection_outcomes(port: u16) -> Result<(Option<Duration>, String)> {
+    // The 1 s limits below are well inside 2.5 s.
+    let banner = match read_banner_within(port, Duration::from_millis(2500)) {
+        Ok((_s, elapsed)) => Some(elapsed),
+        Err(_) => None,
+    };
+    // A slow HTTP client: connected, silent for 300 ms, then its request.
+    let mut s = TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let slow = if answer.starts_with("HTTP/1.1 200") && answer.contains("\"web\"") {
+        "HTTP chain".to_string()
+    } else if answer.starts_with("220 ferry-test ready") {
+        "TCP chain".to_string()
+    } else {
+        format!("{:?}", answer.lines().next().unwrap_or(""))
+    };
+    Ok((banner, slow))
+}
+
+/// Protocol detection waits as Envoy's does: a client that is silent for a
+/// while (a slow HTTP client, or a server-first protocol's) is waited for
+/// until the listener's `listener_filters_timeout` (none at all for `0s`,
+/// istiod's setting), never sent to the TCP chain because it was slow; at
+/// the timeout the connection goes on undetected
+/// (`continue_on_listener_filters_timeout`) or is closed. Compared with
+/// Envoy 1.40 on the same bootstraps.
+#[test]
+fn protocol_detection_waits_as_envoy_waits() -> Result<()> {
+    let _lock = RunLock::shared();
+    let banner = App::mode("banner")?;
+    let web = App::http("web", &[])?;
+    let envoy = ferry_tests::envoy::bin()?;
+    for (timeout, cont) in [(Some("0s"), true), (Some("1s"), true), (Some("1s"), false)] {
+        let port = free_port();
+        let config = detecting_bootstrap(port, banner.port, web.port, timeout, cont);
+        let ferry = Ferry::start(&config)?;
+        let (f_banner, f_slow) = detection_outcomes(port)?;
+        // Never the TCP chain for a slow HTTP client.
+        ensure!(
+            f_slow == "HTTP chain",
+            "{timeout:?}/{cont}: slow HTTP client: {f_slow}"
+        );
+        match (timeout, cont) {
+            // No limit: the banner never comes (the client waits for it).
+            (Some("0s"), _) => ensure!(f_banner.is_none(), "0s: banner after {f_banner:?}"),
+            // At the limit the connection goes on to the TCP chain...
+            (_, true) => ensure!(
+                f_banner.is_some_and(|d| d >= Duration::from_millis(900)),
+                "{timeout:?}: banner after {f_banner:?}"
+            ),
+            // ...or is closed.
+            (_, false) => ensure!(f_banner.is_none(), "closed: banner after {f_banner:?}"),
+        }
+        if cont && timeout == Some("1s") {
+            ensure!(ferry.stat("tcp.mixed_tcp.downstream_cx_total") == 1);
+        }
+        drop(ferry);
+        if let Some(bin) = &envoy {
+            let value: serde_json::Value = serde_json::from_str(&config)?;
+            let _e = ferry_tests::envoy::Envoy::start(bin, &value, port)?;
+            let (e_banner, e_slow) = detection_outcomes(port)?;
+            ensure!(
+                (e_banner.is_some(), e_slow.as_str()) == (f_banner.is_some(), f_slow.as_str()),
+                "{timeout:?}/{cont}: Envoy {e_banner:?} {e_slow}, Ferry {f_banner:?} {f_slow}"
+            );
+        } else {
+            // `envoy::bin` fails under CI=true; elsewhere the comparison is skipped.
+            eprintln!("skipped: the comparison with Envoy (not installed)");
+        }
+    }
+    // HTTP on a detecting listener goes to the HTTP chain in both protocols.
+    let port = free_port();
+    let ferry = Ferry::start(&detecting_bootstrap(
+        port,
+        banner.port,
+        web.port,
+        None,
+        false,
+    ))?;
     let out = stdout(&curl(&["-i", &url(port, "/web")])?);
     ensure!(out.starts_with("HTTP/1.1 200"), "{out:?}");
     ensure!(echo_json(&out)?["name"] == "web");
@@ -552,7 +641,6 @@ fn server_first_banner_through_http_detecting_listener() -> Result<()> {
     ])?);
     ensure!(out.starts_with("HTTP/2 200"), "{out:?}");
     ensure!(ferry.stat("http.mixed_http.downstream_rq_2xx") == 2);
-    ensure!(ferry.stat("tcp.mixed_tcp.downstream_cx_total") == 1);
     Ok(())
 }
 

@@ -137,7 +137,7 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
         prometheus_addr: None,
         drain_timeout: Duration::from_secs(2),
         access_log: false,
-        detection_timeout: crate::listener::DEFAULT_DETECTION_TIMEOUT,
+        detection_timeout: None,
         node: Default::default(),
         agent: None,
         status: None,

@@ -37,7 +37,7 @@ fields!(pub(super) static LISTENER = "envoy.config.listener.v3.Listener" {
     "deprecated_v1": refused "use bind_to_port",
     "drain_type": warned "listeners drain on shutdown and on modification alike",
     "listener_filters": applied "original_dst, tls_inspector, http_inspector (others refused)",
-    "listener_filters_timeout": applied "unset or 0: a short detection that never stalls server-first protocols (the proxy's --protocol-detection-timeout)",
+    "listener_filters_timeout": applied "as Envoy: 15 s when unset, no limit for 0s (a client that stays silent, as a server-first protocol's does, is waited for; the proxy's --protocol-detection-timeout can cap that)",
     "continue_on_listener_filters_timeout": applied "without it, an explicit listener_filters_timeout closes the connection when it runs out",
     "transparent": refused "IP_TRANSPARENT listeners (TPROXY) are not supported",
     "freebind": refused "IP_FREEBIND listeners are not supported",
@@ -301,7 +301,12 @@ pub fn listener(
             "a listener needs at least one filter chain",
         ));
     }
-    let detection_timeout = timeout_or(listener_filters_timeout, None);
+    // Envoy's: 15 s when unset, none at all for 0s (istiod's setting, as
+    // meshConfig protocolDetectionTimeout defaults to 0s).
+    let detection_timeout = timeout_or(
+        listener_filters_timeout,
+        Some(std::time::Duration::from_secs(15)),
+    );
     let access_logs = super::access_log::access_logs(&ctx, "access_log", access_log)?;
     Ok(m::Listener {
         access_logs,
