@@ -1,0 +1,288 @@
+//! A listener's `filter_chain_matcher` (the unified matcher istiod puts in
+//! waypoint and newer listeners) chooses the same filter chain in Ferry as in
+//! Envoy 1.40: destination port map, `xds.type.matcher.v3.IPMatcher` ranges
+//! (longest first, `exclusive`, fallback when a nested matcher fails), server
+//! name and transport protocol from the TLS inspector, a matcher list,
+//! `on_no_match`, the default chain, and an action naming a chain the
+//! listener lacks (the connection is closed).
+//!
+//! Every chain is a `tcp_proxy` to its own backend, which writes its name
+//! and closes, so the client reads which chain took its connection. The
+//! listener binds `0.0.0.0` on five ports (`additional_addresses`) and the
+//! client connects to different loopback addresses to vary the destination.
+//!
+//! Envoy comes from `ferry_tests::envoy`; without it the test is skipped
+//! with a note, except under `CI=true`, where a missing Envoy fails it.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ferry_tests::envoy::{self, Envoy};
+use ferry_tests::proxy::{Bootstrap, Ferry, RunLock, Upstream, free_port, static_cluster};
+use serde_json::{Value, json};
+
+/// The chains of the listener (each a `tcp_proxy` to the backend of the
+/// same name); `default` is the `default_filter_chain`.
+const CHAINS: &[&str] = &[
+    "ip32",
+    "sni-a",
+    "excl",
+    "wide",
+    "sni-x",
+    "port1",
+    "tls",
+    "top-no-match",
+    "default",
+];
+
+/// A backend that answers every connection with its name, then closes.
+fn backend(name: &'static str) -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                // Half-close after the name and drain what the client sent,
+                // so that closing never resets the name away.
+                let _ = s.write_all(name.as_bytes());
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = std::io::copy(&mut s, &mut std::io::sink());
+            });
+        }
+    });
+    Ok(port)
+}
+
+fn input(ty: &str) -> Value {
+    json!({"name": ty, "typed_config": {
+        "@type": format!("type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.{ty}")}})
+}
+
+fn action(chain: &str) -> Value {
+    json!({"action": {"name": chain, "typed_config": {
+        "@type": "type.googleapis.com/google.protobuf.StringValue", "value": chain}}})
+}
+
+fn exact(input_type: &str, map: Value, on_no_match: Option<Value>) -> Value {
+    let mut m =
+        json!({"matcher_tree": {"input": input(input_type), "exact_match_map": {"map": map}}});
+    if let Some(o) = on_no_match {
+        m["on_no_match"] = o;
+    }
+    json!({"matcher": m})
+}
+
+fn range(prefix: &str, len: u32, exclusive: bool, on_match: Value) -> Value {
+    json!({"ranges": [{"address_prefix": prefix, "prefix_len": len}],
+           "exclusive": exclusive, "on_match": on_match})
+}
+
+/// The matcher under test; `ports` are the listener's five ports.
+fn matcher(ports: &[u16]) -> Value {
+    let ip = json!({"matcher": {"matcher_tree": {
+    "input": input("DestinationIPInput"),
+    "custom_match": {"name": "ip", "typed_config": {
+        "@type": "type.googleapis.com/xds.type.matcher.v3.IPMatcher",
+        "range_matchers": [
+            range("0.0.0.0", 0, false, action("wide")),
+            range("127.0.0.0", 16, true, action("excl")),
+            range("127.0.0.0", 24, false,
+                exact("ServerNameInput", json!({"a.test": action("sni-a")}), None)),
+            range("127.0.0.2", 32, false, action("ip32")),
+        ]}}}}});
+    let list = json!({"matcher": {"matcher_list": {"matchers": [
+        {"predicate": {"single_predicate": {"input": input("ServerNameInput"),
+            "value_match": {"prefix": "x"}}},
+         "on_match": action("sni-x")},
+        {"predicate": {"not_matcher": {"single_predicate": {"input": input("SourceIPInput"),
+            "value_match": {"exact": "127.0.0.9"}}}},
+         "on_match": action("port1")},
+    ]}}});
+    let mut map = serde_json::Map::new();
+    map.insert(ports[0].to_string(), ip);
+    map.insert(ports[1].to_string(), list);
+    map.insert(
+        ports[2].to_string(),
+        exact(
+            "TransportProtocolInput",
+            json!({"tls": action("tls")}),
+            None,
+        ),
+    );
+    map.insert(ports[4].to_string(), action("missing"));
+    json!({"matcher_tree": {"input": input("DestinationPortInput"), "exact_match_map": {"map": map}},
+           "on_no_match": exact("DestinationIPInput", json!({"127.0.0.5": action("top-no-match")}), None)})
+}
+
+fn config(ports: &[u16], backends: &[(&str, u16)]) -> String {
+    let tcp = |name: &str| {
+        json!({"name": name, "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": name, "cluster": name}}]})
+    };
+    let addr = |p: u16| json!({"socket_address": {"address": "0.0.0.0", "port_value": p}});
+    let listener = json!({
+        "name": "matched",
+        "address": addr(ports[0]),
+        "additional_addresses": ports[1..].iter().map(|p| json!({"address": addr(*p)})).collect::<Vec<_>>(),
+        "listener_filters": [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
+        "filter_chains": CHAINS.iter().filter(|c| **c != "default").map(|c| tcp(c)).collect::<Vec<_>>(),
+        "default_filter_chain": tcp("default"),
+        "filter_chain_matcher": matcher(ports),
+    });
+    let mut b = Bootstrap::new().listener(listener);
+    for (name, port) in backends {
+        b = b.cluster(static_cluster(name, &[*port], Upstream::Http1));
+    }
+    b.render()
+}
+
+/// A TLS ClientHello naming `sni`.
+fn client_hello(sni: &str) -> Result<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name)?;
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out)?;
+    }
+    Ok(out)
+}
+
+/// Which backend answers a connection to `ip:port` that opens with a
+/// ClientHello for `sni` (plain text without); "closed" when none does.
+fn which(ip: &str, port: u16, sni: Option<&str>) -> Result<String> {
+    let addr = SocketAddr::new(ip.parse::<IpAddr>()?, port);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let first = match sni {
+        Some(n) => client_hello(n)?,
+        None => b"hello\n".to_vec(),
+    };
+    // A proxy that closes at once may refuse the write; the read tells.
+    let _ = s.write_all(&first);
+    let mut buf = [0u8; 64];
+    let mut got = Vec::new();
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if CHAINS.iter().any(|c| got == c.as_bytes()) {
+                    break;
+                }
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                bail!("{addr}: no answer and no close within 3s (got {got:?})")
+            }
+            Err(_) => break,
+        }
+    }
+    Ok(if got.is_empty() {
+        "closed".to_string()
+    } else {
+        String::from_utf8_lossy(&got).into_owned()
+    })
+}
+
+/// The connections tried, as `(destination ip, port index, SNI)`.
+const CASES: &[(&str, usize, Option<&str>)] = &[
+    // The /32 range.
+    ("127.0.0.2", 0, None),
+    // The /24 range's server name map.
+    ("127.0.0.1", 0, Some("a.test")),
+    // The /24 branch fails (no SNI): the exclusive /16 is skipped, /0 takes it.
+    ("127.0.0.1", 0, None),
+    // Another server name: the same fallback.
+    ("127.0.0.1", 0, Some("b.test")),
+    // Outside the /24, the exclusive /16 is the most specific.
+    ("127.0.1.1", 0, None),
+    // The matcher list: server name prefix, then a negated source IP.
+    ("127.0.0.1", 1, Some("x1.test")),
+    ("127.0.0.1", 1, None),
+    // Transport protocol: TLS, then plain text whose nested map fails and
+    // falls back to the port map's on_no_match.
+    ("127.0.0.1", 2, Some("c.test")),
+    ("127.0.0.5", 2, None),
+    ("127.0.0.1", 2, None),
+    // A port the map lacks: on_no_match, then the default chain.
+    ("127.0.0.5", 3, None),
+    ("127.0.0.1", 3, None),
+    // An action naming a chain the listener lacks.
+    ("127.0.0.1", 4, None),
+];
+
+fn observe(ports: &[u16]) -> Result<Vec<String>> {
+    CASES
+        .iter()
+        .map(|(ip, i, sni)| {
+            which(ip, ports[*i], *sni)
+                .map(|got| format!("{ip}:{i} {} -> {got}", sni.unwrap_or("-")))
+        })
+        .collect()
+}
+
+/// `filter_chain_matcher` picks the chain Envoy picks for every connection.
+#[test]
+fn filter_chain_matcher_routes_as_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let Some(bin) = envoy::bin()? else {
+        return Ok(());
+    };
+    let mut backends = Vec::new();
+    for c in CHAINS {
+        backends.push((*c, backend(c)?));
+    }
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let ferry = Ferry::start(&config(&ports, &backends))?;
+    let through_ferry = observe(&ports).with_context(|| format!("ferry log:\n{}", ferry.log()))?;
+    drop(ferry);
+    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let envoy = Envoy::start(
+        &bin,
+        &serde_json::from_str(&config(&ports, &backends))?,
+        ports[0],
+    )?;
+    let through_envoy = observe(&ports).with_context(|| format!("envoy log:\n{}", envoy.log()))?;
+    drop(envoy);
+    assert_eq!(through_ferry, through_envoy);
+    let chosen: Vec<&str> = through_ferry
+        .iter()
+        .map(|l| l.rsplit(" -> ").next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        chosen,
+        [
+            "ip32",
+            "sni-a",
+            "wide",
+            "wide",
+            "excl",
+            "sni-x",
+            "port1",
+            "tls",
+            "top-no-match",
+            "default",
+            "top-no-match",
+            "default",
+            "closed",
+        ],
+        "{through_ferry:#?}"
+    );
+    Ok(())
+}
