@@ -177,9 +177,11 @@ impl Predicate {
 /// matchers.
 #[derive(Debug)]
 pub struct ChainMatcher {
-    pub root: Matcher,
+    root: Matcher,
     /// The branches IP ranges lead to, by [`IpRange::branch`].
-    pub branches: Vec<OnMatch>,
+    branches: Vec<OnMatch>,
+    /// The inputs read anywhere in the tree (what detection must learn).
+    inputs: Vec<Input>,
 }
 
 /// The outcome of a chain selection by matcher.
@@ -195,6 +197,23 @@ pub enum Selection {
 }
 
 impl ChainMatcher {
+    pub fn new(root: Matcher, branches: Vec<OnMatch>) -> Self {
+        let mut m = ChainMatcher {
+            root,
+            branches,
+            inputs: Vec::new(),
+        };
+        let mut inputs = Vec::new();
+        m.collect_matcher(&m.root, &mut inputs);
+        for b in &m.branches {
+            m.collect_on_match(b, &mut inputs);
+        }
+        inputs.sort_by_key(|i| i.name());
+        inputs.dedup();
+        m.inputs = inputs;
+        m
+    }
+
     pub fn select(&self, info: &ConnectionInfo) -> Selection {
         match self.matcher(&self.root, info) {
             Some(index) => index.map_or(Selection::Missing, Selection::Chain),
@@ -202,14 +221,9 @@ impl ChainMatcher {
         }
     }
 
-    /// The inputs read anywhere in the tree.
-    pub fn inputs(&self) -> Vec<Input> {
-        let mut out = Vec::new();
-        self.collect_matcher(&self.root, &mut out);
-        for b in &self.branches {
-            self.collect_on_match(b, &mut out);
-        }
-        out
+    /// The inputs read anywhere in the tree, each once.
+    pub fn inputs(&self) -> &[Input] {
+        &self.inputs
     }
 
     fn collect_matcher(&self, m: &Matcher, out: &mut Vec<Input>) {
@@ -363,30 +377,32 @@ mod tests {
             lookup: Lookup::Exact(BTreeMap::from([(port.to_string(), chain(i))])),
             on_no_match: None,
         };
-        let build = |exclusive: bool| ChainMatcher {
-            root: Matcher::Tree {
-                input: Input::DestinationIp,
-                lookup: Lookup::Ip(vec![
-                    IpRange {
-                        range: "10.0.0.0/24".parse().unwrap(),
-                        exclusive: false,
-                        branch: 1,
-                    },
-                    IpRange {
-                        range: "10.0.0.0/8".parse().unwrap(),
-                        exclusive,
-                        branch: 0,
-                    },
-                ]),
-                on_no_match: Some(Box::new(chain(9))),
-            },
-            branches: vec![
-                chain(0),
-                OnMatch {
-                    keep_matching: false,
-                    then: Then::Matcher(Box::new(ports("80", 1))),
+        let build = |exclusive: bool| {
+            ChainMatcher::new(
+                Matcher::Tree {
+                    input: Input::DestinationIp,
+                    lookup: Lookup::Ip(vec![
+                        IpRange {
+                            range: "10.0.0.0/24".parse().unwrap(),
+                            exclusive: false,
+                            branch: 1,
+                        },
+                        IpRange {
+                            range: "10.0.0.0/8".parse().unwrap(),
+                            exclusive,
+                            branch: 0,
+                        },
+                    ]),
+                    on_no_match: Some(Box::new(chain(9))),
                 },
-            ],
+                vec![
+                    chain(0),
+                    OnMatch {
+                        keep_matching: false,
+                        then: Then::Matcher(Box::new(ports("80", 1))),
+                    },
+                ],
+            )
         };
         let m = build(false);
         assert_eq!(
@@ -431,8 +447,8 @@ mod tests {
             Some("raw_buffer")
         );
         assert_eq!(Input::ServerName.value(&i), None);
-        let m = ChainMatcher {
-            root: Matcher::List {
+        let m = ChainMatcher::new(
+            Matcher::List {
                 matchers: vec![
                     (
                         Predicate::Single {
@@ -465,12 +481,12 @@ mod tests {
                     },
                 })),
             },
-            branches: Vec::new(),
-        };
+            Vec::new(),
+        );
         i.server_name = Some("A.Example.COM".into());
         assert_eq!(m.select(&i), Selection::Chain(0));
         i.server_name = None;
         assert_eq!(m.select(&i), Selection::Missing);
-        assert_eq!(m.inputs(), vec![Input::ServerName, Input::ServerName]);
+        assert_eq!(m.inputs(), [Input::ServerName]);
     }
 }

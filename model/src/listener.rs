@@ -604,7 +604,7 @@ impl Listener {
         let http = self.listener_filters.http_inspector_for(destination);
         let mut needs = DetectionNeeds::default();
         for input in m.inputs() {
-            match input {
+            match *input {
                 Input::ServerName | Input::TransportProtocol => needs.tls |= tls,
                 Input::ApplicationProtocol => {
                     needs.tls |= tls;

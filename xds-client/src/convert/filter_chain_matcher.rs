@@ -156,10 +156,7 @@ pub(super) fn filter_chain_matcher(
         branches: Vec::new(),
     };
     let root = b.matcher(ctx, field, matcher)?;
-    Ok(cm::ChainMatcher {
-        root,
-        branches: b.branches,
-    })
+    Ok(cm::ChainMatcher::new(root, b.branches))
 }
 
 struct Builder<'a> {
