@@ -1,6 +1,7 @@
 //! A listener's `filter_chain_matcher` (the unified matcher istiod puts in
 //! waypoint and newer listeners) chooses the same filter chain in Ferry as in
-//! Envoy 1.40: destination port map, `xds.type.matcher.v3.IPMatcher` ranges
+//! Envoy 1.40: destination port map, prefix map (longest first, falling back to a
+//! shorter prefix), `xds.type.matcher.v3.IPMatcher` ranges
 //! (longest first, `exclusive`, fallback when a nested matcher fails), server
 //! name, ALPN and transport protocol from the TLS inspector, HTTP/1.1 from the
 //! HTTP inspector, a matcher list with `and`/`not` predicates,
@@ -9,7 +10,7 @@
 //!
 //! Every chain is a `tcp_proxy` to its own backend, which writes its name
 //! and closes, so the client reads which chain took its connection. The
-//! listener binds `0.0.0.0` on five ports (`additional_addresses`) and the
+//! listener binds `0.0.0.0` on six ports (`additional_addresses`) and the
 //! client connects to different loopback addresses to vary the destination.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it Ferry's half still runs
@@ -32,6 +33,8 @@ use serde_json::{Value, json};
 const CHAINS: &[&str] = &[
     "alpn",
     "http11",
+    "pfx-sni",
+    "pfx16",
     "ip32",
     "sni-a",
     "excl",
@@ -87,7 +90,7 @@ fn range(prefix: &str, len: u32, exclusive: bool, on_match: Value) -> Value {
            "exclusive": exclusive, "on_match": on_match})
 }
 
-/// The matcher under test; `ports` are the listener's five ports.
+/// The matcher under test; `ports` are the listener's six ports.
 fn matcher(ports: &[u16]) -> Value {
     let ip = json!({"matcher": {"matcher_tree": {
     "input": input("DestinationIPInput"),
@@ -129,6 +132,15 @@ fn matcher(ports: &[u16]) -> Value {
         ),
     );
     map.insert(ports[4].to_string(), action("missing"));
+    // A prefix map: the longest prefix first; its branch failing, the next.
+    map.insert(
+        ports[5].to_string(),
+        json!({"matcher": {"matcher_tree": {"input": input("DestinationIPInput"),
+        "prefix_match_map": {"map": {
+            "127.0.0.": exact("ServerNameInput", json!({"p.test": action("pfx-sni")}), None),
+            "127.0.": action("pfx16"),
+        }}}}}),
+    );
     json!({"matcher_tree": {"input": input("DestinationPortInput"), "exact_match_map": {"map": map}},
            "on_no_match": exact("DestinationIPInput", json!({"127.0.0.5": action("top-no-match")}), None)})
 }
@@ -244,6 +256,7 @@ const B: Hello = Hello::Tls("b.test", &[]);
 const C: Hello = Hello::Tls("c.test", &[]);
 const X1: Hello = Hello::Tls("x1.test", &[]);
 const ALPN: Hello = Hello::Tls("y.test", &["h2", "http/1.1"]);
+const P: Hello = Hello::Tls("p.test", &[]);
 const NONE: Hello = Hello::Plain;
 
 /// The connections tried, as `(destination ip, port index, first bytes)`.
@@ -274,6 +287,9 @@ const CASES: &[(&str, usize, Hello)] = &[
     ("127.0.0.1", 3, NONE),
     // An action naming a chain the listener lacks.
     ("127.0.0.1", 4, NONE),
+    // The prefix map: the longest prefix's server name map, then the shorter prefix.
+    ("127.0.0.1", 5, P),
+    ("127.0.0.1", 5, NONE),
 ];
 
 fn observe(ports: &[u16]) -> Result<Vec<String>> {
@@ -302,6 +318,8 @@ const EXPECTED: &[&str] = &[
     "top-no-match",
     "default",
     "closed",
+    "pfx-sni",
+    "pfx16",
 ];
 
 /// `filter_chain_matcher` picks the chain Envoy picks for every connection.
@@ -312,7 +330,7 @@ fn filter_chain_matcher_routes_as_envoy() -> Result<()> {
     for c in CHAINS {
         backends.push((*c, backend(c)?));
     }
-    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
     let ferry = Ferry::start(&config(&ports, &backends))?;
     let through_ferry = observe(&ports).with_context(|| format!("ferry log:\n{}", ferry.log()))?;
     drop(ferry);
@@ -324,7 +342,7 @@ fn filter_chain_matcher_routes_as_envoy() -> Result<()> {
     let Some(bin) = envoy::bin()? else {
         return Ok(());
     };
-    let ports: Vec<u16> = (0..5).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
     let envoy = Envoy::start(
         &bin,
         &serde_json::from_str(&config(&ports, &backends))?,
