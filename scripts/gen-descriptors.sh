@@ -43,6 +43,25 @@ message TypedStruct {
 PROTO
   files+=("$pkg/typed_struct.proto")
 done
+# The unified matcher's IP trie (`xds.type.matcher.v3.IPMatcher`, which
+# istiod puts in listeners' `filter_chain_matcher`) is not in that copy
+# either: its schema (cncf/xds `xds/type/matcher/v3/ip.proto`), written here.
+mkdir -p "$work/xds/type/matcher/v3"
+cat >"$work/xds/type/matcher/v3/ip.proto" <<'PROTO'
+syntax = "proto3";
+package xds.type.matcher.v3;
+import "xds/core/v3/cidr.proto";
+import "xds/type/matcher/v3/matcher.proto";
+message IPMatcher {
+  message IPRangeMatcher {
+    repeated xds.core.v3.CidrRange ranges = 1;
+    Matcher.OnMatch on_match = 2;
+    bool exclusive = 3;
+  }
+  repeated IPRangeMatcher range_matchers = 1;
+}
+PROTO
+files+=("xds/type/matcher/v3/ip.proto")
 inc+=(-I "$work")
 # Istio's own extension configs that istiod sends as plain `Any`s (from the
 # shared Istio API protos, when checked out beside this repository).

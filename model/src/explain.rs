@@ -533,6 +533,7 @@ mod tests {
                 chain("any", FilterChainMatch::default()),
             ],
             default_chain: None,
+            filter_chain_matcher: None,
             access_logs: Default::default(),
         };
         let info = ConnectionInfo {

@@ -6,6 +6,7 @@
 //! by every connection. No I/O and no async runtime live here.
 
 pub mod access_log;
+pub mod chain_matcher;
 pub mod cidr;
 pub mod cluster;
 pub mod cors;

@@ -43,6 +43,10 @@ pub struct Listener {
     pub close_on_detection_timeout: bool,
     pub filter_chains: Vec<Arc<FilterChain>>,
     pub default_chain: Option<Arc<FilterChain>>,
+    /// `filter_chain_matcher`: when set, it alone chooses among
+    /// `filter_chains` (their `filter_chain_match` is ignored, as Envoy
+    /// ignores it), the default chain taking what it does not match.
+    pub filter_chain_matcher: Option<Arc<crate::chain_matcher::ChainMatcher>>,
     /// `tcp_keepalive`: keepalive probes on accepted connections.
     pub tcp_keepalive: Option<crate::cluster::TcpKeepalive>,
     /// The listener's own access logs: connections no filter chain took.
@@ -507,6 +511,14 @@ impl Listener {
         info: &ConnectionInfo,
         mut observe: impl FnMut(ChainStep, &[&Arc<FilterChain>]),
     ) -> Option<&Arc<FilterChain>> {
+        if let Some(m) = &self.filter_chain_matcher {
+            use crate::chain_matcher::Selection;
+            return match m.select(info) {
+                Selection::Chain(i) => self.filter_chains.get(i),
+                Selection::Missing => None,
+                Selection::NoMatch => self.default_chain.as_ref(),
+            };
+        }
         let mut cands: Vec<&Arc<FilterChain>> = self.filter_chains.iter().collect();
         narrow_destination_port(&mut cands, info);
         observe(ChainStep::DestinationPort, &cands);
@@ -552,6 +564,9 @@ impl Listener {
     /// When the candidates left after the address steps do not care about the
     /// transport or application protocol, no byte needs to be awaited.
     pub fn detection_needs(&self, destination: Option<SocketAddr>) -> DetectionNeeds {
+        if let Some(m) = &self.filter_chain_matcher {
+            return self.matcher_detection_needs(m, destination);
+        }
         let info = ConnectionInfo {
             destination,
             ..Default::default()
@@ -570,6 +585,33 @@ impl Listener {
             if !m.application_protocols.is_empty() && (http || tls) {
                 needs.http |= http;
                 needs.tls |= tls;
+            }
+        }
+        needs
+    }
+}
+
+impl Listener {
+    /// What a `filter_chain_matcher` reads that only the inspectors learn:
+    /// server name and transport protocol from the TLS inspector,
+    /// application protocols from either.
+    fn matcher_detection_needs(
+        &self,
+        m: &crate::chain_matcher::ChainMatcher,
+        destination: Option<SocketAddr>,
+    ) -> DetectionNeeds {
+        use crate::chain_matcher::Input;
+        let tls = self.listener_filters.tls_inspector_for(destination);
+        let http = self.listener_filters.http_inspector_for(destination);
+        let mut needs = DetectionNeeds::default();
+        for input in m.inputs() {
+            match *input {
+                Input::ServerName | Input::TransportProtocol => needs.tls |= tls,
+                Input::ApplicationProtocol => {
+                    needs.tls |= tls;
+                    needs.http |= http;
+                }
+                _ => {}
             }
         }
         needs
@@ -768,6 +810,7 @@ mod tests {
             close_on_detection_timeout: false,
             filter_chains: chains,
             default_chain: Some(chain("default", FilterChainMatch::default())),
+            filter_chain_matcher: None,
             tcp_keepalive: None,
             access_logs: Default::default(),
         }

@@ -509,6 +509,7 @@ mod tests {
             close_on_detection_timeout: false,
             filter_chains: chains,
             default_chain: None,
+            filter_chain_matcher: None,
             tcp_keepalive: None,
             access_logs: Default::default(),
         })

@@ -29,6 +29,7 @@ mod cors;
 mod coverage;
 mod endpoint;
 mod fault;
+mod filter_chain_matcher;
 mod header_mutation;
 mod http_connection_manager;
 mod http_protocol;

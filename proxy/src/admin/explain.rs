@@ -364,10 +364,14 @@ fn explain_chain<'l>(
             keep
         });
     });
+    // A `filter_chain_matcher` decides alone: the chains' own matches are not read,
+    // so no chain is rejected step by step.
+    let by_matcher = listener.filter_chain_matcher.is_some();
     let Some(chain) = chosen else {
         return (
             None,
-            json!({"name": null, "rejected": rejected, "default_chain": false}),
+            json!({"name": null, "rejected": rejected, "default_chain": false,
+                   "filter_chain_matcher": by_matcher}),
         );
     };
     let is_default = listener
@@ -385,6 +389,7 @@ fn explain_chain<'l>(
         "requires_client_certificate": chain.tls.as_ref().map(|t| t.require_client_certificate),
         "terminal_filter": kind,
         "rejected": rejected,
+        "filter_chain_matcher": by_matcher,
     });
     (Some(chain), v)
 }

@@ -180,10 +180,10 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        access_log, circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
-        http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
-        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, tls, trace,
-        upstream_protocol,
+        access_log, circuit_breakers, cluster, core_types, cors, endpoint, fault,
+        filter_chain_matcher as fcm, header_mutation, http_connection_manager, http_protocol,
+        jwt_authn, lb_config, listener, local_ratelimit, matcher, outlier_detection, per_filter,
+        rbac, retry, route, tcp_proxy, tls, trace, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -193,6 +193,21 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &listener::FILTER_CHAIN,
         &listener::FILTER_CHAIN_MATCH,
         &listener::NETWORK_FILTER,
+        &fcm::MATCHER,
+        &fcm::ON_MATCH,
+        &fcm::MATCHER_LIST,
+        &fcm::FIELD_MATCHER,
+        &fcm::PREDICATE,
+        &fcm::SINGLE_PREDICATE,
+        &fcm::PREDICATE_LIST,
+        &fcm::MATCHER_TREE,
+        &fcm::MATCH_MAP,
+        &fcm::IP_MATCHER,
+        &fcm::IP_RANGE_MATCHER,
+        &fcm::XDS_CIDR_RANGE,
+        &fcm::TYPED_EXTENSION_CONFIG,
+        &fcm::XDS_STRING_MATCHER,
+        &fcm::XDS_REGEX_MATCHER,
         &http_connection_manager::HCM,
         &http_connection_manager::UPGRADE_CONFIG,
         &http_protocol::COMMON_HTTP_PROTOCOL_OPTIONS,

@@ -28,7 +28,7 @@ fields!(pub(super) static LISTENER = "envoy.config.listener.v3.Listener" {
     "stats_matcher": warned "every listener statistic is kept",
     "filter_chains": applied,
     "fcds_config": refused "filter chain discovery (FCDS) is not supported",
-    "filter_chain_matcher": refused "the unified filter chain matcher is not supported (use filter_chain_match)",
+    "filter_chain_matcher": applied "replaces filter_chain_match selection: every chain needs a unique name; see the xds.type.matcher.v3 lists",
     "use_original_dst": applied,
     "default_filter_chain": applied,
     "per_connection_buffer_limit_bytes": applied "the most request body kept for retries and mirrors when the route sets no request_body_buffer_limit (Ferry's default: 64 KiB); reads are bounded by the codec's own buffers",
@@ -82,7 +82,7 @@ fields!(pub(super) static LISTENER_FILTER_PREDICATE = "envoy.config.listener.v3.
 });
 
 fields!(pub(super) static FILTER_CHAIN = "envoy.config.listener.v3.FilterChain" {
-    "filter_chain_match": applied,
+    "filter_chain_match": applied "ignored when the listener has a filter_chain_matcher, as Envoy ignores it",
     "filters": applied "tcp_proxy, http_connection_manager, network RBAC, istio.stats; Istio's metadata exchange and authn skipped with a warning; Wasm: Istio's built-in plugins done natively, plugins that fail open skipped with a warning, others refused; others refused",
     "use_proxy_proto": refused "the PROXY protocol is not supported",
     "metadata": inert "filter chain metadata is read only by extensions Ferry does not run",
@@ -179,12 +179,6 @@ pub fn listener(
         return Err(ctx.err("name", "a listener needs a name"));
     }
     ctx.refuse(cov, "", "fcds_config", fcds_config.is_some())?;
-    ctx.refuse(
-        cov,
-        "",
-        "filter_chain_matcher",
-        filter_chain_matcher.is_some(),
-    )?;
     ctx.refuse(cov, "", "deprecated_v1", deprecated_v1.is_some())?;
     ctx.refuse(
         cov,
@@ -286,6 +280,18 @@ pub fn listener(
             buffer_limit,
         )?));
     }
+    let chain_matcher = match filter_chain_matcher {
+        Some(fcm) => {
+            let names: Vec<&str> = filter_chains.iter().map(|c| c.name.as_str()).collect();
+            Some(Arc::new(super::filter_chain_matcher::filter_chain_matcher(
+                &mut ctx,
+                "filter_chain_matcher",
+                fcm,
+                &names,
+            )?))
+        }
+        None => None,
+    };
     let default_chain = match default_filter_chain {
         Some(fc) => Some(Arc::new(filter_chain(
             &mut ctx,
@@ -323,6 +329,7 @@ pub fn listener(
         detection_timeout,
         filter_chains: chains,
         default_chain,
+        filter_chain_matcher: chain_matcher,
         tcp_keepalive: tcp_keepalive.as_ref().map(|k| {
             let core_pb::TcpKeepalive {
                 keepalive_probes,

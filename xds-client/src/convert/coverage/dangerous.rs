@@ -13,7 +13,7 @@ use prost::Message;
 use serde_json::{Value, json};
 
 use super::super::Warnings;
-use super::probe::{CLUSTER, LISTENER, descriptors, parse};
+use super::probe::{CLUSTER, LISTENER, MATCHER_LISTENER, descriptors, parse};
 
 enum Expect {
     /// Refused: the error's field path names this field.
@@ -94,10 +94,16 @@ fn cases() -> Vec<(&'static str, &'static str, String, Value, Expect)> {
         ),
         (
             "Listener.filter_chain_matcher",
-            "listener",
+            "matcher-listener",
             "/filter_chain_matcher".into(),
-            json!({}),
-            Refused("filter_chain_matcher"),
+            json!({"matcher_tree": {
+                "input": {"name": "port", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.matching.common_inputs.network.v3.DestinationPortInput"}},
+                "exact_match_map": {"map": {"10001": {"action": {"name": "b",
+                    "typed_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": "b"}}}}}}}),
+            Applied(
+                "tests/tests/filter_chain_matcher.rs",
+                "filter_chain_matcher_routes_as_envoy",
+            ),
         ),
         (
             "Cluster.transport_socket_matcher",
@@ -324,14 +330,14 @@ fn cases() -> Vec<(&'static str, &'static str, String, Value, Expect)> {
 fn convert(kind: &str, v: &Value) -> (Result<String, String>, Vec<String>) {
     use envoy_types::pb::envoy::config::{cluster::v3 as c, listener::v3 as l};
     let name = match kind {
-        "listener" => "envoy.config.listener.v3.Listener",
+        "listener" | "matcher-listener" => "envoy.config.listener.v3.Listener",
         _ => "envoy.config.cluster.v3.Cluster",
     };
     let desc = descriptors().get_message_by_name(name).expect("descriptor");
     let bytes = parse(&desc, &v.to_string()).encode_to_vec();
     let mut w = Warnings::default();
     let r = match kind {
-        "listener" => super::super::listener::listener(
+        "listener" | "matcher-listener" => super::super::listener::listener(
             &l::Listener::decode(bytes.as_slice()).expect("decode"),
             &mut w,
         )
@@ -409,6 +415,7 @@ fn dangerous_fields_are_applied_or_refused_by_name() {
     for (what, kind, pointer, value, expect) in cases() {
         let mut base: Value = serde_json::from_str(match kind {
             "listener" => LISTENER,
+            "matcher-listener" => MATCHER_LISTENER,
             _ => CLUSTER,
         })
         .expect("base JSON");

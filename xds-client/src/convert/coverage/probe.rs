@@ -16,6 +16,10 @@ pub(super) const LISTENER: &str = include_str!("../../../tests/data/probe-listen
 
 pub(super) const CLUSTER: &str = include_str!("../../../tests/data/probe-cluster.json");
 
+/// A working listener whose chains a `filter_chain_matcher` chooses.
+pub(super) const MATCHER_LISTENER: &str =
+    include_str!("../../../tests/data/probe-matcher-listener.json");
+
 const EDS_CLUSTER: &str =
     r#"{"name": "e", "type": "EDS", "eds_cluster_config": {"service_name": "e"}}"#;
 
@@ -116,6 +120,18 @@ fn site(message: &str, context: &str) -> Option<Site> {
             )
         };
     }
+    macro_rules! list {
+        () => {
+            "filter_chain_matcher.on_no_match.matcher.matcher_list"
+        };
+    }
+    macro_rules! ip {
+        () => {
+            "filter_chain_matcher.matcher_tree.custom_match.typed_config@"
+        };
+    }
+    const LIST: &str = list!();
+    const IP: &str = ip!();
     match (message, context) {
         ("envoy.config.listener.v3.Listener", _) => l(""),
         ("envoy.config.listener.v3.AdditionalAddress", _) => l("additional_addresses[0]"),
@@ -128,6 +144,73 @@ fn site(message: &str, context: &str) -> Option<Site> {
             l("filter_chains[0].filter_chain_match")
         }
         ("envoy.config.listener.v3.Filter", _) => l("filter_chains[0].filters[0]"),
+        ("xds.type.matcher.v3.Matcher", _) => s(MATCHER_LISTENER, "filter_chain_matcher", None),
+        ("xds.type.matcher.v3.Matcher.OnMatch", _) => {
+            s(MATCHER_LISTENER, "filter_chain_matcher.on_no_match", None)
+        }
+        ("xds.type.matcher.v3.Matcher.MatcherList", _) => s(MATCHER_LISTENER, LIST, None),
+        ("xds.type.matcher.v3.Matcher.MatcherList.FieldMatcher", _) => {
+            s(MATCHER_LISTENER, concat!(list!(), ".matchers[0]"), None)
+        }
+        ("xds.type.matcher.v3.Matcher.MatcherList.Predicate", _) => s(
+            MATCHER_LISTENER,
+            concat!(list!(), ".matchers[0].predicate"),
+            None,
+        ),
+        ("xds.type.matcher.v3.Matcher.MatcherList.Predicate.PredicateList", _) => s(
+            MATCHER_LISTENER,
+            concat!(list!(), ".matchers[0].predicate.or_matcher"),
+            None,
+        ),
+        ("xds.type.matcher.v3.Matcher.MatcherList.Predicate.SinglePredicate", _) => s(
+            MATCHER_LISTENER,
+            concat!(
+                list!(),
+                ".matchers[0].predicate.or_matcher.predicate[0].single_predicate"
+            ),
+            None,
+        ),
+        ("xds.type.matcher.v3.StringMatcher", _) => s(
+            MATCHER_LISTENER,
+            concat!(
+                list!(),
+                ".matchers[0].predicate.or_matcher.predicate[0].single_predicate.value_match"
+            ),
+            None,
+        ),
+        ("xds.type.matcher.v3.RegexMatcher", _) => s(
+            MATCHER_LISTENER,
+            concat!(
+                list!(),
+                ".matchers[0].predicate.or_matcher.predicate[0].single_predicate.value_match.safe_regex"
+            ),
+            None,
+        ),
+        ("xds.type.matcher.v3.Matcher.MatcherTree", _) => {
+            s(MATCHER_LISTENER, "filter_chain_matcher.matcher_tree", None)
+        }
+        ("xds.core.v3.TypedExtensionConfig", _) => s(
+            MATCHER_LISTENER,
+            "filter_chain_matcher.matcher_tree.input",
+            None,
+        ),
+        ("xds.type.matcher.v3.IPMatcher", _) => s(MATCHER_LISTENER, IP, None),
+        ("xds.type.matcher.v3.IPMatcher.IPRangeMatcher", _) => {
+            s(MATCHER_LISTENER, concat!(ip!(), ".range_matchers[0]"), None)
+        }
+        ("xds.core.v3.CidrRange", _) => s(
+            MATCHER_LISTENER,
+            concat!(ip!(), ".range_matchers[0].ranges[0]"),
+            None,
+        ),
+        ("xds.type.matcher.v3.Matcher.MatcherTree.MatchMap", _) => s(
+            MATCHER_LISTENER,
+            concat!(
+                ip!(),
+                ".range_matchers[0].on_match.matcher.matcher_tree.exact_match_map"
+            ),
+            None,
+        ),
         ("envoy.config.core.v3.Address", _) => l("address"),
         ("envoy.config.core.v3.SocketAddress", _) => l("address.socket_address"),
         ("envoy.config.core.v3.CidrRange", _) => {
