@@ -540,20 +540,41 @@ fn hashed_keys_land_on_the_same_host_as_in_envoy() -> Result<()> {
             )
         };
         let observed = differential(1, config, |_, ports| {
-            let mut s = connect(ports[0])?;
-            (0..300)
-                .map(|k| {
-                    let key = format!("user-{k}");
-                    let r = exchange(&mut s, "GET", "/x", &[("x-key", key.as_str())], b"")?;
-                    Ok(r.field("name"))
-                })
-                .collect::<Result<Vec<String>>>()
+            // 1,000 keys over four connections at once, each its own share.
+            let port = ports[0];
+            let shares = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..4)
+                    .map(|w| {
+                        scope.spawn(move || -> Result<Vec<String>> {
+                            let mut s = connect(port)?;
+                            (0..250)
+                                .map(|i| {
+                                    let key = format!("user-{}", w * 250 + i);
+                                    let r = exchange(
+                                        &mut s,
+                                        "GET",
+                                        "/x",
+                                        &[("x-key", key.as_str())],
+                                        b"",
+                                    )?;
+                                    Ok(r.field("name"))
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .map(|w| w.join().map_err(|_| anyhow::anyhow!("worker panicked"))?)
+                    .collect::<Result<Vec<Vec<String>>>>()
+            })?;
+            Ok(shares.concat())
         })?;
         let Some((ferry, envoy)) = observed else {
             return Ok(());
         };
         let differ = ferry.iter().zip(&envoy).filter(|(a, b)| a != b).count();
-        assert_eq!(differ, 0, "{policy}: {differ} of 300 keys on another host");
+        assert_eq!(differ, 0, "{policy}: {differ} of 1000 keys on another host");
         for b in ["b1", "b2", "b3", "b4"] {
             assert!(ferry.iter().any(|n| n == b), "{policy}: {b} never chosen");
         }
