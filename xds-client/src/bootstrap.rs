@@ -83,7 +83,18 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
     // client, not the data path.
     let control_clusters: Vec<String> = ads_cluster_names(&proto);
     let mut listeners = Vec::with_capacity(statics.listeners.len());
-    for l in &statics.listeners {
+    for (i, l) in statics.listeners.iter().enumerate() {
+        let named;
+        let l = if l.name.is_empty() {
+            // Envoy names a static listener given none itself (an internal
+            // id); Ferry names it after its address, as stats do.
+            let mut copy = l.clone();
+            copy.name = unnamed_listener_name(&copy, i);
+            named = copy;
+            &named
+        } else {
+            l
+        };
         let l = convert::listener(l, &mut warnings).map_err(conv)?;
         if listeners
             .iter()
@@ -343,6 +354,22 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
     }))
 }
 
+/// The name of a static listener given none: its socket address
+/// (`0.0.0.0_15090`), else its place in the bootstrap.
+fn unnamed_listener_name(
+    l: &envoy_types::pb::envoy::config::listener::v3::Listener,
+    i: usize,
+) -> String {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier};
+    match l.address.as_ref().and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => match sa.port_specifier {
+            Some(PortSpecifier::PortValue(p)) => format!("{}_{p}", sa.address),
+            _ => format!("{}_listener_{i}", sa.address),
+        },
+        _ => format!("static_listener_{i}"),
+    }
+}
+
 /// The bootstrap's resources in Envoy's `/config_dump` shape
 /// (`envoy.admin.v3.ConfigDump` as JSON): the bootstrap itself, then the
 /// static listeners, clusters and route configurations.
@@ -478,6 +505,19 @@ static_resources:
         let rc = b.snapshot.route_config(&h.routes).unwrap();
         let route = rc.find_route("x", "/a", &http::HeaderMap::new());
         assert!(route.is_some());
+    }
+
+    /// A static listener without a name is named after its address, as
+    /// Envoy names such a listener itself.
+    #[test]
+    fn unnamed_static_listeners_are_named() {
+        let b = parse_bootstrap(
+            "test.yaml",
+            &GOOD.replace("  - name: tcp\n    address", "  - address"),
+        )
+        .unwrap();
+        assert!(b.snapshot.listener("0.0.0.0_9000").is_some());
+        assert!(b.snapshot.listener("http").is_some());
     }
 
     #[test]
