@@ -19,25 +19,15 @@ pub fn percentile(sorted: &[u32], pct: f64) -> Option<u32> {
     sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
 }
 
-/// Parses `5`, `5s`, `500ms` or `2m` (the forms wrk and h2load accept) into a duration.
+/// Parses `5`, `5s`, `500ms` or `2m` (the forms wrk and h2load accept) into a duration: a bare
+/// number is seconds, the rest is humantime's.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (text, 1.0)
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?} (use e.g. 5s or 500ms)"))?;
-    if !value.is_finite() || value < 0.0 {
-        return Err(format!("not a duration: {text:?}"));
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
     }
-    Ok(Duration::from_secs_f64(value * scale))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("not a duration: {text:?}: {e} (use e.g. 5s or 500ms)"))
 }
 
 #[cfg(test)]

@@ -956,8 +956,14 @@ fn render_time(fmt: &[TimePiece], t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let nanos = d.subsec_nanos();
-    let days = (secs / 86_400) as i64;
-    let (y, mo, day) = civil_from_days(days);
+    // The civil date in UTC; past year 9999 (beyond `time`'s range) the
+    // clock is wrong anyway and the epoch is shown.
+    let date = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .date();
+    let (y, mo, day) = (date.year(), u8::from(date.month()), date.day());
     let tod = secs % 86_400;
     let frac = |n: usize| {
         let s = format!("{nanos:09}");
@@ -981,17 +987,14 @@ fn render_time(fmt: &[TimePiece], t: SystemTime) -> String {
             TimePiece::ShortYear => out.push_str(&format!("{:02}", y.rem_euclid(100))),
             TimePiece::DaySpace => out.push_str(&format!("{day:>2}")),
             TimePiece::DayOfYear => {
-                let jan1 = days_from_civil(y, 1, 1);
-                out.push_str(&format!("{:03}", days - jan1 + 1));
+                out.push_str(&format!("{:03}", date.ordinal()));
             }
             TimePiece::Weekday { long } => {
-                // 1970-01-01 was a Thursday.
-                let wd = (days + 4).rem_euclid(7) as usize;
-                let name = WEEKDAYS[wd];
+                let name = WEEKDAYS[usize::from(date.weekday().number_days_from_sunday())];
                 out.push_str(if *long { name } else { &name[..3] });
             }
             TimePiece::MonthName { long } => {
-                let name = MONTHS[(mo as usize).saturating_sub(1).min(11)];
+                let name = MONTHS[usize::from(mo).saturating_sub(1).min(11)];
                 out.push_str(if *long { name } else { &name[..3] });
             }
             TimePiece::Hour12 => {
@@ -1028,33 +1031,6 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
-
-/// (year, month, day) → days since 1970-01-01 (the inverse of
-/// [`civil_from_days`]).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian
-/// calendar (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
 
 #[cfg(test)]
 mod tests {
@@ -1151,12 +1127,20 @@ mod tests {
 
     #[test]
     fn calendar() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        for d in [-1000, -1, 0, 59, 19_782, 40_000] {
-            let (y, m, day) = civil_from_days(d);
-            assert_eq!(days_from_civil(y, m, day), d);
-        }
+        let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
+        let f = parse_time_format("%Y-%m-%d %j %a %A %b %B %e %y %I%p %H:%M:%S").unwrap();
+        // 2024-02-29 (a leap day, a Thursday) 13:04:05.
+        assert_eq!(
+            render_time(&f, at(19_782 * 86_400 + 13 * 3600 + 4 * 60 + 5)),
+            "2024-02-29 060 Thu Thursday Feb February 29 24 01PM 13:04:05"
+        );
+        assert_eq!(
+            render_time(&f, at(0)),
+            "1970-01-01 001 Thu Thursday Jan January  1 70 12AM 00:00:00"
+        );
+        assert_eq!(
+            render_time(&f, at(40_000 * 86_400)),
+            "2079-07-08 189 Sat Saturday Jul July  8 79 12AM 00:00:00"
+        );
     }
 }

@@ -243,60 +243,47 @@ impl Jwks {
     }
 }
 
+/// base64url that takes what Envoy's decoder takes: padding optional,
+/// non-zero trailing bits ignored (the hand-made tokens of Istio's samples
+/// have them).
+const LENIENT_URL_SAFE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
+);
+
 /// Decodes base64url, with or without padding (`None` when malformed).
 /// Standard-alphabet characters are accepted too, and whitespace is
 /// skipped, as Envoy's decoder does (a token with a space in it decodes,
 /// then fails its signature check).
 pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
     let s = s.trim_end_matches(|c: char| c == '=' || c.is_ascii_whitespace());
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    let mut n = 0usize;
-    for c in s.bytes() {
-        if c.is_ascii_whitespace() {
-            continue;
-        }
-        n += 1;
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' | b'+' => 62,
-            b'_' | b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
+    // The usual token is plain base64url and is decoded as it is; only the
+    // odd one (whitespace, the standard alphabet) is rewritten first.
+    if s.bytes()
+        .any(|c| matches!(c, b'+' | b'/') || c.is_ascii_whitespace())
+    {
+        let plain: String = s
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .map(|c| match c {
+                '+' => '-',
+                '/' => '_',
+                c => c,
+            })
+            .collect();
+        return LENIENT_URL_SAFE.decode(plain.trim_end_matches('=')).ok();
     }
-    // A single leftover character cannot encode a byte.
-    if n % 4 == 1 {
-        return None;
-    }
-    Some(out)
+    LENIENT_URL_SAFE.decode(s).ok()
 }
 
 /// Encodes base64url without padding.
 pub fn b64url_encode(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
 #[cfg(test)]
@@ -312,6 +299,11 @@ mod tests {
         assert!(b64url_decode("Zm9v!").is_none());
         assert_eq!(b64url_decode(" Zm 9v\n").as_deref(), Some(&b"foo"[..]));
         assert!(b64url_decode("Z").is_none());
+        // Both alphabets, padding or not, stray trailing bits.
+        assert_eq!(b64url_decode("+/+/"), b64url_decode("-_-_"));
+        assert_eq!(b64url_decode("Zm8="), b64url_decode("Zm8"));
+        assert_eq!(b64url_decode("Zm9").as_deref(), Some(&b"fo"[..]));
+        assert!(b64url_decode("Zm=9v").is_none());
     }
 
     #[test]

@@ -16,6 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use ipnet::{IpNet, Ipv4Net};
+
 /// Inbound traffic enters here from `PREROUTING`.
 pub const CHAIN_INBOUND: &str = "ISTIO_INBOUND";
 /// Redirects to the inbound capture port.
@@ -623,39 +625,21 @@ impl Family {
     }
 }
 
+/// A prefix of `--include-ranges` / `--exclude-ranges`, host bits cleared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Cidr {
-    addr: IpAddr,
-    len: u8,
-}
+struct Cidr(IpNet);
 
 impl Cidr {
     fn family(&self) -> Family {
-        match self.addr {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
+        match self.0 {
+            IpNet::V4(_) => Family::V4,
+            IpNet::V6(_) => Family::V6,
         }
     }
 
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.len))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-
-    /// Two prefixes overlap exactly when one contains the other's network address.
+    /// Two prefixes overlap exactly when one contains the other.
     fn overlaps(&self, other: &Cidr) -> bool {
-        self.contains(other.addr) || other.contains(self.addr)
+        self.0.contains(&other.0) || other.0.contains(&self.0)
     }
 
     /// Parses `a.b.c.d/n`, `x::y/n` or a bare address (a host route). Host bits are cleared,
@@ -670,35 +654,25 @@ impl Cidr {
             Some((addr, len)) => (addr, Some(len)),
             None => (text, None),
         };
-        let addr: IpAddr = addr
+        let ip: IpAddr = addr
             .parse()
             .map_err(|_| invalid(format!("{addr:?} is not an IP address")))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            None => max,
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let net = match len {
+            None => IpNet::from(ip),
             Some(len) => len
                 .parse::<u8>()
                 .ok()
-                .filter(|l| *l <= max)
+                .and_then(|len| IpNet::new(ip, len).ok())
                 .ok_or_else(|| invalid(format!("prefix length must be 0-{max}")))?,
         };
-        let addr = match addr {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
-            }
-        };
-        Ok(Cidr { addr, len })
+        Ok(Cidr(net.trunc()))
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+        self.0.fmt(f)
     }
 }
 
@@ -949,16 +923,11 @@ impl Config {
         let includes_loopback = match &self.include_ranges {
             Include::All => false,
             Include::Only(cidrs) => {
-                let loopback = match family {
-                    Family::V4 => Cidr {
-                        addr: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)),
-                        len: 8,
-                    },
-                    Family::V6 => Cidr {
-                        addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
-                        len: 128,
-                    },
-                };
+                let loopback = Cidr(match family {
+                    // A constant, valid prefix length.
+                    Family::V4 => IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+                    Family::V6 => IpNet::from(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+                });
                 cidrs.iter().any(|c| c.overlaps(&loopback))
             }
         };

@@ -1741,15 +1741,7 @@ type ValueCheck = fn(&str) -> bool;
 
 /// An IP address or CIDR as AuthorizationPolicy takes them.
 fn valid_cidr(v: &str) -> bool {
-    let (addr, len) = match v.split_once('/') {
-        Some((a, l)) => (a, Some(l)),
-        None => (v, None),
-    };
-    let Ok(ip) = addr.parse::<std::net::IpAddr>() else {
-        return false;
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    len.is_none_or(|l| l.parse::<u32>().is_ok_and(|l| l <= max))
+    crate::istio::types::security::ip_block(v).is_some()
 }
 
 /// The `when` keys AuthorizationPolicy understands.

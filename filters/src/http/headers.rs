@@ -88,23 +88,14 @@ pub fn prepare_response(headers: &mut HeaderMap, upgraded: bool) {
 }
 
 /// A random UUID v4, as Envoy's default request-id extension generates.
+/// The bytes come from `rand`'s thread-local generator rather than
+/// `uuid`'s `v4` feature, which asks the kernel (a `getrandom` call) for
+/// every id: this runs once per request that arrives without one.
 pub fn request_id() -> HeaderValue {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let mut s = [0u8; 36];
-    let hex = b"0123456789abcdef";
-    let mut j = 0;
-    for (i, byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            s[j] = b'-';
-            j += 1;
-        }
-        s[j] = hex[usize::from(byte >> 4)];
-        s[j + 1] = hex[usize::from(byte & 0xf)];
-        j += 2;
-    }
-    HeaderValue::from_bytes(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -145,6 +136,8 @@ mod tests {
         let id = h["x-request-id"].to_str().unwrap();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
+        assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"), "{id}");
+        assert_ne!(request_id(), request_id());
     }
 
     #[test]

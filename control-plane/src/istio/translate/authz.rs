@@ -1004,20 +1004,15 @@ fn port(v: &str) -> Result<u32, GenError> {
 }
 
 fn cidr(v: &str) -> Result<CidrRange, GenError> {
-    let bad = || GenError::InvalidCidr(v.into());
-    let (addr, len) = match v.split_once('/') {
-        Some((a, l)) => (a, Some(l.parse::<u32>().map_err(|_| bad())?)),
-        None => (v, None),
-    };
-    let ip: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = len.unwrap_or(max);
-    if len > max {
-        return Err(bad());
-    }
+    let net = crate::istio::types::security::ip_block(v)
+        .ok_or_else(|| GenError::InvalidCidr(v.into()))?;
+    // The address as written (istiod keeps it so), the length as parsed.
+    let addr = v.split_once('/').map_or(v, |(a, _)| a);
     Ok(CidrRange {
         address_prefix: addr.into(),
-        prefix_len: Some(UInt32Value { value: len }),
+        prefix_len: Some(UInt32Value {
+            value: u32::from(net.prefix_len()),
+        }),
     })
 }
 

@@ -10,15 +10,14 @@
 //! while an invalid token gets Envoy's 401.
 //!
 //! A `jwksUri` is fetched here, as istiod does, and the JWKS inlined. The
-//! fetch is a small HTTP(S) GET (system roots for `https`), cached by URI; when it fails the provider
+//! fetch is an HTTP/1.1 GET with hyper (tokio-rustls and the system roots
+//! for `https`), cached by URI; when it fails the provider
 //! gets a JWKS whose private key nobody holds (istiod's fallback), so
 //! every token of that issuer is refused until a later translation
 //! succeeds.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
@@ -325,9 +324,8 @@ pub enum FetchError {
     NotJwks(String),
 }
 
-/// GET `uri` (`http://` or `https://`, HTTP/1.0 so the answer is never
-/// chunked) within `timeout`; `https` is verified against the system's
-/// root certificates.
+/// GET `uri` (`http://` or `https://`) within `timeout`; `https` is
+/// verified against the system's root certificates.
 pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
     fetch_with(uri, timeout, None)
 }
@@ -336,7 +334,7 @@ pub fn fetch(uri: &str, timeout: Duration) -> Result<String, FetchError> {
 fn fetch_with(
     uri: &str,
     timeout: Duration,
-    roots: Option<std::sync::Arc<rustls::ClientConfig>>,
+    roots: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<String, FetchError> {
     let body = get(uri, timeout, roots)?;
     let v: serde_json::Value =
@@ -347,101 +345,133 @@ fn fetch_with(
     Ok(body)
 }
 
-/// The body of a 200 answer to GET `uri`.
+/// The body of a 200 answer to GET `uri`. Translation is synchronous and
+/// may run on any runtime (or none), so the request runs on a
+/// current-thread runtime of its own, on a thread of its own; fetches are
+/// rare (cached for minutes).
 fn get(
     uri: &str,
     timeout: Duration,
-    roots: Option<std::sync::Arc<rustls::ClientConfig>>,
+    roots: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<String, FetchError> {
-    let (tls, rest) = if let Some(r) = uri.strip_prefix("http://") {
-        (false, r)
-    } else if let Some(r) = uri.strip_prefix("https://") {
-        (true, r)
+    let tls = if uri.starts_with("http://") {
+        false
+    } else if uri.starts_with("https://") {
+        true
     } else {
         return Err(FetchError::Scheme(uri.into()));
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
+    let parsed: http::Uri = uri.parse().map_err(|_| FetchError::Uri(uri.into()))?;
+    let Some(authority) = parsed.authority().filter(|a| !a.host().is_empty()) else {
         return Err(FetchError::Uri(uri.into()));
-    }
-    // `host:port`, `host`, `[v6]:port` or `[v6]`.
-    let (host, target) = match authority.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') => (h, authority.to_string()),
-        _ => (
-            authority,
-            format!("{authority}:{}", if tls { 443 } else { 80 }),
-        ),
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let io = |source| FetchError::Io {
-        uri: uri.into(),
-        source,
-    };
-    let addr = target
-        .to_socket_addrs()
-        .map_err(io)?
-        .next()
-        .ok_or_else(|| FetchError::Uri(uri.into()))?;
-    let s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\nUser-Agent: ferry-pilot\r\n\r\n"
-    );
-    let raw = if tls {
+    // `[v6]` without its brackets, for the connection and the TLS name.
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tls = if tls {
         let config = match roots {
             Some(c) => c,
             None => tls_config()?,
         };
-        let conn = rustls::ClientConnection::new(config, server_name(uri, host)?).map_err(|e| {
-            FetchError::Tls {
-                uri: uri.into(),
-                message: e.to_string(),
-            }
-        })?;
-        exchange(rustls::StreamOwned::new(conn, s), &request).map_err(io)?
+        Some((config, server_name(uri, &host)?))
     } else {
-        exchange(s, &request).map_err(io)?
+        None
     };
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| FetchError::NotJwks(uri.into()))?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
+    let request = http::Request::get(
+        parsed
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str),
+    )
+    .header(http::header::HOST, authority.as_str())
+    .header(http::header::ACCEPT, "application/json")
+    .header(http::header::USER_AGENT, "ferry-pilot")
+    .body(http_body_util::Empty::<bytes::Bytes>::new())
+    .map_err(|_| FetchError::Uri(uri.into()))?;
+    let io = |source| FetchError::Io {
+        uri: uri.into(),
+        source,
+    };
+    let answer = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    tokio::time::timeout(timeout, exchange(&host, port, tls, request))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no answer in time",
+                            ))
+                        })
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the fetch thread failed")))
+    })
+    .map_err(io)?;
+    let (status, body) = answer;
+    if status != http::StatusCode::OK {
         return Err(FetchError::Status {
             uri: uri.into(),
-            status: status.into(),
+            status: status.to_string(),
         });
     }
-    Ok(body.to_string())
+    String::from_utf8(body).map_err(|_| FetchError::NotJwks(uri.into()))
 }
 
-/// Writes `request` and reads the answer to its end (bounded). A TLS peer
-/// that closes without `close_notify` ends the answer too: HTTP/1.0 marks
-/// the end by closing, and the JSON is checked afterwards.
-fn exchange(mut s: impl Read + Write, request: &str) -> std::io::Result<Vec<u8>> {
-    s.write_all(request.as_bytes())?;
-    s.flush()?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                raw.extend_from_slice(&buf[..n]);
-                if raw.len() > MAX_JWKS_BYTES + 16 * 1024 {
-                    return Err(std::io::Error::other("the answer is too large for a JWKS"));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => break,
-            Err(e) => return Err(e),
+/// Connects (TLS when `tls` says so), sends `request` over HTTP/1.1 and
+/// reads the answer's status and body (bounded).
+async fn exchange(
+    host: &str,
+    port: u16,
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    request: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> std::io::Result<(http::StatusCode, Vec<u8>)> {
+    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    match tls {
+        Some((config, name)) => {
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            send(hyper_util::rt::TokioIo::new(stream), request).await
         }
+        None => send(hyper_util::rt::TokioIo::new(tcp), request).await,
     }
-    Ok(raw)
+}
+
+async fn send<S>(
+    io: S,
+    request: http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> std::io::Result<(http::StatusCode, Vec<u8>)>
+where
+    S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), MAX_JWKS_BYTES)
+        .collect()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .to_bytes();
+    Ok((status, body.to_vec()))
 }
 
 fn server_name(
@@ -454,8 +484,8 @@ fn server_name(
 
 /// The client configuration for `https` JWKS URIs: ring, the system's
 /// root certificates (loaded once).
-fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, FetchError> {
-    static CONFIG: OnceLock<Result<std::sync::Arc<rustls::ClientConfig>, String>> = OnceLock::new();
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, FetchError> {
+    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
     CONFIG
         .get_or_init(|| {
             let mut roots = rustls::RootCertStore::empty();
@@ -464,11 +494,11 @@ fn tls_config() -> Result<std::sync::Arc<rustls::ClientConfig>, FetchError> {
             if added == 0 {
                 return Err("no system root certificates were found".to_string());
             }
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
             ))
             .with_safe_default_protocol_versions()
-            .map(|b| std::sync::Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
+            .map(|b| Arc::new(b.with_root_certificates(roots).with_no_client_auth()))
             .map_err(|e| e.to_string())
         })
         .clone()
@@ -500,17 +530,8 @@ fn fake_jwks() -> &'static str {
 }
 
 fn b64url(data: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(c.get(1).copied().unwrap_or(0)) << 8)
-            | u32::from(c.get(2).copied().unwrap_or(0));
-        for i in 0..=c.len() {
-            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
 }
 
 #[cfg(test)]
@@ -519,6 +540,7 @@ mod tests {
     use crate::istio::source::parse_documents;
     use crate::istio::translate::MeshOptions;
     use std::collections::BTreeMap;
+    use std::io::{Read, Write};
 
     const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"AA","y":"AA"}]}"#;
 

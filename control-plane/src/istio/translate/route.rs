@@ -867,31 +867,26 @@ fn grpc_code(name: &str) -> Option<u32> {
     })
 }
 
-/// Standard base64 (protobuf JSON's encoding of `bytes`).
+/// Base64 as protobuf JSON writes `bytes`: either alphabet, padding
+/// optional (whitespace and `=` are dropped first).
 fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in text
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-    {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' | b'-' => 62,
-            b'/' | b'_' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    use base64::Engine;
+    const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::RequireNone)
+            .with_decode_allow_trailing_bits(true),
+    );
+    let standard: String = text
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace() && *c != '=')
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    LENIENT.decode(standard).ok()
 }
 
 #[cfg(test)]
@@ -902,6 +897,7 @@ mod tests {
     fn base64_decodes() {
         assert_eq!(base64_decode("aGVsbG8="), Some(b"hello".to_vec()));
         assert_eq!(base64_decode("!"), None);
+        assert_eq!(base64_decode("-_8"), base64_decode("+/8="));
     }
 
     #[test]

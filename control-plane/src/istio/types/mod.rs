@@ -55,7 +55,9 @@ pub struct Duration(pub std::time::Duration);
 impl Duration {
     /// Parses Go's duration syntax: a sequence of decimal numbers, each with
     /// a unit (`ns`, `us`, `µs`, `ms`, `s`, `m`, `h`). Negative durations are
-    /// rejected: no Istio field accepts one.
+    /// rejected: no Istio field accepts one. Kept by hand rather than
+    /// humantime: Go's grammar has fractions (`0.5s`) and `µs`, which
+    /// humantime refuses, and no spaces, which humantime accepts.
     pub fn parse(s: &str) -> Result<Self, String> {
         let text = s.trim();
         if text.is_empty() {

@@ -176,3 +176,13 @@ pub struct ClaimToHeader {
     pub header: String,
     pub claim: String,
 }
+
+/// An AuthorizationPolicy `ipBlocks` / `notIpBlocks` / `destination.ip`
+/// entry: an address (a host prefix) or `address/length`.
+pub fn ip_block(v: &str) -> Option<ipnet::IpNet> {
+    if v.contains('/') {
+        v.parse().ok()
+    } else {
+        v.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from)
+    }
+}
