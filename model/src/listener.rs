@@ -423,6 +423,8 @@ pub enum HttpFilterConfig {
     IstioStats(IstioStats),
     /// `envoy.filters.http.jwt_authn`.
     JwtAuthn(Arc<crate::jwt::JwtAuthn>),
+    /// `envoy.filters.http.ext_authz`.
+    ExtAuthz(Arc<crate::ext_authz::ExtAuthz>),
 }
 
 /// Where a connection manager's route table comes from.

@@ -28,6 +28,7 @@ mod core_types;
 mod cors;
 mod coverage;
 mod endpoint;
+mod ext_authz;
 mod fault;
 mod header_mutation;
 mod http_connection_manager;

@@ -478,6 +478,33 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig", _) => {
             l(route0!(".typed_per_filter_config{jwt}@"))
         }
+        ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", _) => {
+            l(hcm!("http_filters[5].typed_config@"))
+        }
+        ("envoy.config.core.v3.GrpcService", "ext_authz") => {
+            l(hcm!("http_filters[5].typed_config@.grpc_service"))
+        }
+        ("envoy.config.core.v3.GrpcService.EnvoyGrpc", "ext_authz") => l(hcm!(
+            "http_filters[5].typed_config@.grpc_service.envoy_grpc"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.HttpService", _) => {
+            l(hcm!("http_filters[6].typed_config@.http_service"))
+        }
+        ("envoy.config.core.v3.HttpUri", "ext_authz") => l(hcm!(
+            "http_filters[6].typed_config@.http_service.server_uri"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest", _) => l(hcm!(
+            "http_filters[6].typed_config@.http_service.authorization_request"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse", _) => l(hcm!(
+            "http_filters[6].typed_config@.http_service.authorization_response"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", _) => {
+            l(route0!(".typed_per_filter_config{ea}@"))
+        }
+        ("envoy.extensions.filters.http.ext_authz.v3.CheckSettings", _) => {
+            l(route0!(".typed_per_filter_config{ea}@.check_settings"))
+        }
         ("envoy.config.cluster.v3.Cluster", _) => c("", None),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", _) => {
             s(EDS_CLUSTER, "eds_cluster_config", None)
@@ -591,6 +618,12 @@ fn special(key: &str) -> Option<&'static str> {
         }
         // A file the probe may open.
         "envoy.extensions.access_loggers.file.v3.FileAccessLog.path" => "/dev/stderr",
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz.enable_dynamic_metadata_ingestion" => {
+            "false"
+        }
+        "envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse.dynamic_metadata_from_headers" => {
+            r#"{"patterns": [{"exact": "x"}]}"#
+        }
         "envoy.config.cluster.v3.Cluster.wait_for_warm_on_init"
         | "envoy.config.core.v3.Http1ProtocolOptions.allow_absolute_url"
         | "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig.pack_trace_reason"
@@ -898,9 +931,12 @@ fn refused_and_warned_fields_are_refused_and_warned_by_name() {
     // Every list is probed, or says here why not.
     // The bootstrap's `tracing` is read from a bootstrap, which the probe
     // does not build (its provider is the connection manager's, probed).
+    // ext_authz's BufferSettings is only read under `with_request_body`,
+    // which is refused (probed on ExtAuthz).
     let exempt = [
         "envoy.config.cluster.v3.Filter",
         "envoy.config.trace.v3.Tracing",
+        "envoy.extensions.filters.http.ext_authz.v3.BufferSettings",
     ];
     unprobed.retain(|m| !exempt.contains(m));
     assert!(
