@@ -118,3 +118,20 @@ pub struct ExtAuthzPerRoute {
     /// most specific level.
     pub context_extensions: BTreeMap<String, String>,
 }
+
+/// `envoy.extensions.filters.network.ext_authz.v3.ExtAuthz`: a TCP
+/// connection is checked on its first bytes; a denial closes it.
+#[derive(Debug)]
+pub struct NetworkExtAuthz {
+    pub stat_prefix: String,
+    pub cluster: String,
+    pub authority: String,
+    pub metadata: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The gRPC service's `timeout` (200 ms by default).
+    pub timeout: Duration,
+    pub failure_mode_allow: bool,
+    /// Matched against the connection's dynamic metadata (the network
+    /// RBAC filters' shadow results, istiod's CUSTOM shape).
+    pub filter_enabled_metadata: Option<crate::rbac::MetadataMatcher>,
+    pub include_tls_session: bool,
+}

@@ -73,8 +73,25 @@ impl Authorization for GrpcAuthz {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+        // A connection's check (no HTTP request): allowed unless the filter's
+        // `initial_metadata` says `x-verdict: deny`.
+        let verdict = request
+            .metadata()
+            .get("x-verdict")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("allow")
+            .to_string();
         let attrs = request.into_inner().attributes.unwrap_or_default();
-        let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+        let Some(http) = attrs.request.and_then(|r| r.http) else {
+            let code = if verdict == "deny" { 7 } else { 0 };
+            return Ok(tonic::Response::new(CheckResponse {
+                status: Some(Status {
+                    code,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }));
+        };
         let h = |k: &str| http.headers.get(k).cloned();
         if h(CHECK_HEADER).as_deref() == Some("slow") {
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -233,9 +250,14 @@ enum L {
     DownAllow,
     IstiodHttp,
     IstiodGrpc,
+    NetAllow,
+    NetDeny,
+    NetDown,
+    NetDownAllow,
+    IstiodTcp,
 }
 
-const ALL: [L; 7] = [
+const ALL: [L; 12] = [
     L::Grpc,
     L::Http,
     L::Down,
@@ -243,6 +265,11 @@ const ALL: [L; 7] = [
     L::DownAllow,
     L::IstiodHttp,
     L::IstiodGrpc,
+    L::NetAllow,
+    L::NetDeny,
+    L::NetDown,
+    L::NetDownAllow,
+    L::IstiodTcp,
 ];
 
 const HTTP_CLUSTER: &str = "outbound|8000||ext-authz.foo.svc.cluster.local";
@@ -300,11 +327,18 @@ fn with_filters(name: &str, port: u16, filters: Vec<Value>) -> Value {
 /// `envoyExtAuthzHttp` or `envoyExtAuthzGrpc` provider): the connection manager's RBAC and
 /// ext_authz filters, as JSON.
 fn istiod_filters(provider: &str) -> Result<Vec<Value>> {
+    istiod_chain_filters(provider, false)
+}
+
+/// Like [`istiod_filters`], or with `tcp` the network RBAC and ext_authz filters of a TCP
+/// chain of the same listener.
+fn istiod_chain_filters(provider: &str, tcp: bool) -> Result<Vec<Value>> {
     use ferry_pilot::istio::source::parse_documents;
     use ferry_pilot::istio::translate::{Mesh, MeshOptions, Proxy};
     use ferry_pilot::istio::types::mesh::MeshConfig;
     const HTTP_FILTER: &str =
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter";
+    const NETWORK_FILTER: &str = "envoy.config.listener.v3.Filter";
     let yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: ext-authz, namespace: foo}}\n\
          spec: {{clusterIP: 10.96.9.9, ports: [{{name: http, port: 8000}}, {{name: grpc, port: 9000}}]}}\n\
@@ -337,6 +371,29 @@ fn istiod_filters(provider: &str) -> Result<Vec<Value>> {
     let d = ferry_envoy_json::Descriptors::load().map_err(anyhow::Error::msg)?;
     for l in cfg.listeners.iter().filter(|l| l.name == "virtualInbound") {
         for c in &l.filter_chains {
+            if tcp {
+                let picked: Vec<Value> = c
+                    .filters
+                    .iter()
+                    .filter(|f| {
+                        matches!(
+                            f.name.as_str(),
+                            "envoy.filters.network.rbac" | "envoy.filters.network.ext_authz"
+                        )
+                    })
+                    .map(|f| d.to_json(NETWORK_FILTER, f).map_err(anyhow::Error::msg))
+                    .collect::<Result<_>>()?;
+                if picked
+                    .iter()
+                    .any(|f| f["name"] == "envoy.filters.network.ext_authz")
+                    && c.filters
+                        .iter()
+                        .any(|f| f.name == "envoy.filters.network.tcp_proxy")
+                {
+                    return Ok(picked);
+                }
+                continue;
+            }
             for f in &c.filters {
                 use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
                 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
@@ -387,7 +444,32 @@ impl Ports {
     }
 }
 
-fn config(ports: &Ports, backend: u16, authz: &Authorizers, down: u16) -> Result<String> {
+/// A TCP listener: `filters`, then `tcp_proxy` to the echo server.
+fn tcp_listener(name: &str, port: u16, filters: Vec<Value>) -> Value {
+    let mut all = filters;
+    all.push(ferry_tests::proxy::tcp_proxy(name, "echo"));
+    listener(name, port, vec![json!({"filters": all})])
+}
+
+fn network_ext_authz(cluster: &str, extra: Value) -> Value {
+    let mut c = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz",
+        "stat_prefix": "net",
+        "grpc_service": grpc_service(cluster),
+    });
+    if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    json!({"name": "envoy.filters.network.ext_authz", "typed_config": c})
+}
+
+fn config(
+    ports: &Ports,
+    backend: u16,
+    echo: u16,
+    authz: &Authorizers,
+    down: u16,
+) -> Result<String> {
     let grpc = ext_authz(json!({
         "grpc_service": grpc_service(GRPC_CLUSTER),
         "transport_api_version": "V3",
@@ -447,6 +529,39 @@ fn config(ports: &Ports, backend: u16, authz: &Authorizers, down: u16) -> Result
             ports.of(L::IstiodGrpc),
             istiod_filters("sample-ext-authz-grpc")?,
         ))
+        .listener(tcp_listener(
+            "net_allow",
+            ports.of(L::NetAllow),
+            vec![network_ext_authz(GRPC_CLUSTER, json!({}))],
+        ))
+        .listener(tcp_listener(
+            "net_deny",
+            ports.of(L::NetDeny),
+            vec![network_ext_authz(
+                GRPC_CLUSTER,
+                json!({"grpc_service": {"envoy_grpc": {"cluster_name": GRPC_CLUSTER, "authority": "ext-authz"},
+                    "initial_metadata": [{"key": "x-verdict", "value": "deny"}]}}),
+            )],
+        ))
+        .listener(tcp_listener(
+            "net_down",
+            ports.of(L::NetDown),
+            vec![network_ext_authz("down", json!({"stat_prefix": "down"}))],
+        ))
+        .listener(tcp_listener(
+            "net_down_allow",
+            ports.of(L::NetDownAllow),
+            vec![network_ext_authz(
+                "down",
+                json!({"stat_prefix": "down_allow", "failure_mode_allow": true}),
+            )],
+        ))
+        .listener(tcp_listener(
+            "istiod_tcp",
+            ports.of(L::IstiodTcp),
+            istiod_chain_filters("sample-ext-authz-grpc", true)?,
+        ))
+        .cluster(static_cluster("echo", &[echo], Upstream::Http1))
         .cluster(static_cluster("backend", &[backend], Upstream::Http1))
         .cluster(static_cluster(HTTP_CLUSTER, &[authz.http], Upstream::Http1))
         .cluster(static_cluster(GRPC_CLUSTER, &[authz.grpc], Upstream::Http2))
@@ -478,7 +593,37 @@ const SHOWN: [&str; 6] = [
     "x-envoy-auth-failure-mode-allowed",
 ];
 
+/// A TCP exchange: a line, then half-close; what came back ("closed" when the
+/// connection was closed without an answer).
+fn exchange(port: u16, l: L, line: &[u8]) -> Result<Seen> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut back = Vec::new();
+    let outcome = s
+        .write_all(line)
+        .and_then(|()| s.shutdown(std::net::Shutdown::Write))
+        .and_then(|()| s.read_to_end(&mut back));
+    let body = match outcome {
+        Ok(_) if !back.is_empty() => String::from_utf8_lossy(&back).into_owned(),
+        _ => "closed".into(),
+    };
+    Ok(Seen {
+        what: format!("{l:?} tcp {:?}", String::from_utf8_lossy(line)),
+        status: 0,
+        body: Some(body),
+        client: Vec::new(),
+        backend: None,
+    })
+}
+
 fn request(port: u16, l: L, path: &str, headers: &[(&str, &str)]) -> Result<Seen> {
+    match path {
+        "tcp" => return exchange(port, l, b"hello\n"),
+        // Closed before a byte: checked all the same.
+        "tcp-empty" => return exchange(port, l, b""),
+        _ => {}
+    }
     let s = TcpStream::connect(local(port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut head = format!("GET {path} HTTP/1.1\r\nHost: httpbin.foo:8000\r\n");
@@ -577,6 +722,17 @@ fn cases() -> Vec<Case> {
             (l, "/ip", vec![(CHECK_HEADER, "deny")]),
         ]);
     }
+    for l in [
+        L::NetAllow,
+        L::NetDeny,
+        L::NetDown,
+        L::NetDownAllow,
+        L::IstiodTcp,
+    ] {
+        out.push((l, "tcp", vec![]));
+    }
+    out.push((L::NetAllow, "tcp-empty", vec![]));
+    out.push((L::IstiodTcp, "tcp-empty", vec![]));
     out
 }
 
@@ -588,6 +744,7 @@ fn ext_authz_matches_envoy() -> Result<()> {
         return Ok(());
     };
     let app = App::http("backend", &[])?;
+    let echo = App::mode("tcp")?;
     let authz = Authorizers::start()?;
     // A port nothing listens on: the authorizer that is down.
     let down = free_port();
@@ -600,16 +757,16 @@ fn ext_authz_matches_envoy() -> Result<()> {
     };
 
     let ports = Ports::new();
-    let ferry = Ferry::start(&config(&ports, app.port, &authz, down)?)?;
+    let ferry = Ferry::start(&config(&ports, app.port, echo.port, &authz, down)?)?;
     let through_ferry =
         observe(&ports).with_context(|| format!("through ferry:\n{}", ferry.log()))?;
     let ferry_stats = ext_authz_stats(ferry.admin)?;
     drop(ferry);
     let ports = Ports::new();
-    let cfg: Value = serde_json::from_str(&config(&ports, app.port, &authz, down)?)?;
-    let last = ports.of(L::IstiodGrpc);
-    let envoy = Envoy::start(&bin, &cfg, last)?;
-    // Every listener is up once the last one is.
+    let cfg: Value = serde_json::from_str(&config(&ports, app.port, echo.port, &authz, down)?)?;
+    // Every listener is up once one is; an HTTP one is probed, since a TCP one would
+    // count the probe's connection.
+    let envoy = Envoy::start(&bin, &cfg, ports.of(L::Http))?;
     let through_envoy =
         observe(&ports).with_context(|| format!("through envoy:\n{}", envoy.log()))?;
     let envoy_stats = ext_authz_stats(envoy.admin())?;
@@ -627,5 +784,11 @@ fn ext_authz_matches_envoy() -> Result<()> {
     // The cases did what they are named for: allowed, denied by the authorizer, failed.
     let statuses: Vec<u16> = through_ferry.iter().map(|s| s.status).collect();
     assert!(statuses.contains(&200) && statuses.contains(&403) && statuses.contains(&503));
+    let tcp: Vec<&str> = through_ferry
+        .iter()
+        .filter(|s| s.status == 0)
+        .filter_map(|s| s.body.as_deref())
+        .collect();
+    assert!(tcp.contains(&"closed") && tcp.iter().any(|b| b.starts_with("hello")));
     Ok(())
 }

@@ -101,7 +101,7 @@ pub fn apply_edits(h: &mut HeaderMap, edits: &[Edit]) {
 
 /// What an allowed request is changed by.
 #[derive(Debug, Default)]
-struct Allowed {
+pub(crate) struct Allowed {
     request: Vec<Edit>,
     remove: Vec<HeaderName>,
     response: Vec<Edit>,
@@ -121,7 +121,7 @@ impl Allowed {
 
 /// The authorizer's verdict.
 #[derive(Debug)]
-enum Verdict {
+pub(crate) enum Verdict {
     Ok(Allowed),
     Denied {
         status: StatusCode,
@@ -374,7 +374,7 @@ fn apply_allowed(req: &mut Request<Incoming>, a: &Allowed) {
     }
 }
 
-fn socket(addr: std::net::SocketAddr) -> core_pb::Address {
+pub(crate) fn socket(addr: std::net::SocketAddr) -> core_pb::Address {
     core_pb::Address {
         address: Some(core_pb::address::Address::SocketAddress(
             core_pb::SocketAddress {
@@ -516,7 +516,7 @@ async fn ask(
             cluster,
             authority,
             metadata,
-        } => match grpc(ctx, cfg, cluster, authority, metadata, check).await {
+        } => match grpc(&ctx.rt, cfg.timeout, cluster, authority, metadata, check).await {
             Ok(v) => v,
             Err(e) => Verdict::Error(e),
         },
@@ -529,7 +529,7 @@ async fn ask(
 
 /// A pool of the cluster `name` to send the check to.
 async fn endpoint(
-    ctx: &ConnCtx,
+    rt: &crate::run::Runtime,
     name: &str,
 ) -> Result<
     (
@@ -538,8 +538,7 @@ async fn endpoint(
     ),
     String,
 > {
-    let crt = ctx
-        .rt
+    let crt = rt
         .clusters
         .load()
         .get(name)
@@ -552,15 +551,16 @@ async fn endpoint(
     Ok((pool, crt.cfg.protocol))
 }
 
-async fn grpc(
-    ctx: &ConnCtx,
-    cfg: &ExtAuthz,
+/// `Authorization/Check` over the cluster `cluster`.
+pub(crate) async fn grpc(
+    rt: &crate::run::Runtime,
+    timeout: std::time::Duration,
     cluster: &str,
     authority: &str,
     metadata: &[(HeaderName, HeaderValue)],
     check: auth::CheckRequest,
 ) -> Result<Verdict, String> {
-    let (pool, _) = endpoint(ctx, cluster).await?;
+    let (pool, _) = endpoint(rt, cluster).await?;
     let msg = check.encode_to_vec();
     let mut framed = BytesMut::with_capacity(msg.len() + 5);
     framed.put_u8(0);
@@ -576,7 +576,7 @@ async fn grpc(
     );
     let h = req.headers_mut();
     h.insert(http::header::TE, HeaderValue::from_static("trailers"));
-    if let Ok(v) = HeaderValue::from_str(&format!("{}m", cfg.timeout.as_millis())) {
+    if let Ok(v) = HeaderValue::from_str(&format!("{}m", timeout.as_millis())) {
         h.insert("grpc-timeout", v);
     }
     let resp = pool.send_h2(req).await.map_err(|e| e.to_string())?;
@@ -725,7 +725,7 @@ async fn http_check(
     check: auth::CheckRequest,
     fctx: &FormatContext<'_>,
 ) -> Result<Verdict, String> {
-    let (pool, protocol) = endpoint(ctx, &svc.cluster).await?;
+    let (pool, protocol) = endpoint(&ctx.rt, &svc.cluster).await?;
     let http = check
         .attributes
         .and_then(|a| a.request)
@@ -857,4 +857,91 @@ async fn http_check(
         body: String::from_utf8_lossy(&body).into_owned(),
         headers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn edit(name: &'static str, value: &'static str, action: Action) -> Edit {
+        Edit {
+            name: HeaderName::from_static(name),
+            value: HeaderValue::from_static(value),
+            action,
+        }
+    }
+
+    #[test]
+    fn edits_follow_the_append_actions() {
+        let mut h = HeaderMap::new();
+        h.insert("a", HeaderValue::from_static("1"));
+        h.insert("b", HeaderValue::from_static("1"));
+        h.insert("c", HeaderValue::from_static("1"));
+        apply_edits(
+            &mut h,
+            &[
+                edit("a", "2", Action::Add),
+                edit("b", "2", Action::Append),
+                edit("c", "2", Action::AddIfAbsent),
+                edit("d", "2", Action::SetIfExists),
+                edit("e", "1", Action::Set),
+                edit("e", "2", Action::Set),
+                edit("c", "3", Action::Set),
+            ],
+        );
+        let all = |n: &str| -> Vec<&str> {
+            h.get_all(n)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        };
+        assert_eq!(all("a"), ["1", "2"]);
+        assert_eq!(all("b"), ["1,2"]);
+        assert_eq!(all("c"), ["3"]);
+        assert!(all("d").is_empty());
+        // Set twice by one answer: both kept (several `set-cookie`).
+        assert_eq!(all("e"), ["1", "2"]);
+    }
+
+    #[test]
+    fn grpc_answers_become_verdicts() {
+        // No status at all is OK, as an empty answer.
+        assert!(matches!(
+            from_grpc(auth::CheckResponse::default()),
+            Verdict::Ok(_)
+        ));
+        // A denial without an HTTP answer is a bare 403.
+        let denied = auth::CheckResponse {
+            status: Some(envoy_types::pb::google::rpc::Status {
+                code: 7,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        match from_grpc(denied) {
+            Verdict::Denied { status, body, .. } => {
+                assert_eq!(status, StatusCode::FORBIDDEN);
+                assert!(body.is_empty());
+            }
+            v => panic!("{v:?}"),
+        }
+        // A header the client could not carry makes the check fail.
+        let bad = auth::CheckResponse {
+            http_response: Some(auth::check_response::HttpResponse::OkResponse(
+                auth::OkHttpResponse {
+                    headers: vec![core_pb::HeaderValueOption {
+                        header: Some(core_pb::HeaderValue {
+                            key: "bad name".into(),
+                            value: "v".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        assert!(matches!(from_grpc(bad), Verdict::Error(_)));
+    }
 }

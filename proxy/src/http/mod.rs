@@ -8,7 +8,7 @@
 pub mod body;
 mod client;
 mod edge;
-mod ext_authz;
+pub(crate) mod ext_authz;
 mod fault;
 mod filters;
 mod observe;

@@ -348,6 +348,7 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &jwt_authn::RULE_MATCH,
         &jwt_authn::PER_ROUTE_CONFIG,
         &ext_authz::EXT_AUTHZ,
+        &ext_authz::NETWORK_EXT_AUTHZ,
         &ext_authz::GRPC_SERVICE,
         &ext_authz::ENVOY_GRPC,
         &ext_authz::HTTP_SERVICE,

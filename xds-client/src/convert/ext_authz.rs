@@ -26,6 +26,8 @@ use super::{ConvertError, Ctx, Typed};
 pub(super) const EXT_AUTHZ_TYPE: &str = "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
 pub(super) const EXT_AUTHZ_PER_ROUTE_TYPE: &str =
     "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute";
+pub(super) const NETWORK_EXT_AUTHZ_TYPE: &str =
+    "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz";
 
 /// Envoy's default for the gRPC service's `timeout`.
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(200);
@@ -63,6 +65,21 @@ fields!(pub(super) static EXT_AUTHZ = "envoy.extensions.filters.http.ext_authz.v
     "enforce_response_header_limits": warned "the connection manager's header limits are not applied to the authorizer's headers",
     "shadow_mode": refused "shadow mode is not supported",
     "emit_client_span": warned "no client span is emitted for the check",
+});
+
+fields!(pub(super) static NETWORK_EXT_AUTHZ = "envoy.extensions.filters.network.ext_authz.v3.ExtAuthz" {
+    "stat_prefix": applied "the counters are ext_authz.<prefix>.*",
+    "grpc_service": applied "envoy_grpc only",
+    "failure_mode_allow": applied,
+    "include_peer_certificate": refused "the peer certificate is not sent to the authorizer",
+    "transport_api_version": applied "V3 (AUTO reads as V3); V2 is refused, as Envoy 1.40 does",
+    "filter_enabled_metadata": applied "the connection's dynamic metadata (the network RBAC filters' shadow results)",
+    "bootstrap_metadata_labels_key": refused "node metadata labels are not sent to the authorizer",
+    "include_tls_session": applied "the SNI",
+    "send_tls_alert_on_denial": refused "a TLS alert on denial is not supported",
+    "metadata_context_namespaces": refused "dynamic metadata is not sent to the authorizer",
+    "typed_metadata_context_namespaces": refused "dynamic metadata is not sent to the authorizer",
+    "shadow_mode": refused "shadow mode is not supported",
 });
 
 fields!(pub(super) static GRPC_SERVICE = "envoy.config.core.v3.GrpcService" ("ext_authz") {
@@ -526,6 +543,100 @@ pub(super) fn ext_authz(
     })
 }
 
+/// `envoy.filters.network.ext_authz`.
+pub(super) fn network_ext_authz(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    p: &envoy_types::pb::envoy::extensions::filters::network::ext_authz::v3::ExtAuthz,
+) -> Result<me::NetworkExtAuthz, ConvertError> {
+    use envoy_types::pb::envoy::extensions::filters::network::ext_authz::v3::ExtAuthz as Net;
+    let cov = &NETWORK_EXT_AUTHZ;
+    let Net {
+        stat_prefix,
+        grpc_service: grpc,
+        failure_mode_allow,
+        include_peer_certificate,
+        transport_api_version,
+        filter_enabled_metadata,
+        bootstrap_metadata_labels_key,
+        include_tls_session,
+        send_tls_alert_on_denial,
+        metadata_context_namespaces,
+        typed_metadata_context_namespaces,
+        shadow_mode,
+    } = p;
+    #[allow(deprecated)] // V2 is named to be refused
+    let v2 = core_pb::ApiVersion::V2 as i32;
+    if *transport_api_version == v2 {
+        return Err(ctx.err(
+            path(field, "transport_api_version"),
+            "the V2 transport API is not supported; use V3",
+        ));
+    }
+    ctx.refuse(
+        cov,
+        field,
+        "include_peer_certificate",
+        *include_peer_certificate,
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "bootstrap_metadata_labels_key",
+        !bootstrap_metadata_labels_key.is_empty(),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "send_tls_alert_on_denial",
+        *send_tls_alert_on_denial,
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "metadata_context_namespaces",
+        !metadata_context_namespaces.is_empty(),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "typed_metadata_context_namespaces",
+        !typed_metadata_context_namespaces.is_empty(),
+    )?;
+    ctx.refuse(cov, field, "shadow_mode", *shadow_mode)?;
+    let gf = path(field, "grpc_service");
+    let Some(g) = grpc else {
+        return Err(ctx.err(gf, "a grpc_service is required"));
+    };
+    let (service, timeout) = grpc_service(ctx, &gf, g)?;
+    let me::Service::Grpc {
+        cluster,
+        authority,
+        metadata,
+    } = service
+    else {
+        return Err(ctx.err(gf, "an envoy_grpc service is required"));
+    };
+    let filter_enabled_metadata = match filter_enabled_metadata {
+        None => None,
+        Some(mm) => Some(super::rbac::metadata_matcher(
+            ctx,
+            &path(field, "filter_enabled_metadata"),
+            mm,
+        )?),
+    };
+    Ok(me::NetworkExtAuthz {
+        stat_prefix: stat_prefix.clone(),
+        cluster,
+        authority,
+        metadata,
+        timeout,
+        failure_mode_allow: *failure_mode_allow,
+        filter_enabled_metadata,
+        include_tls_session: *include_tls_session,
+    })
+}
+
 /// `ExtAuthzPerRoute` of a route, virtual host or table.
 pub(super) fn per_route(
     ctx: &mut Ctx<'_>,
@@ -577,5 +688,114 @@ pub(super) fn per_route(
             field,
             "an ExtAuthzPerRoute needs disabled: true or check_settings",
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::Warnings;
+
+    fn convert(p: &pb::ExtAuthz) -> Result<me::ExtAuthz, ConvertError> {
+        let mut w = Warnings::default();
+        let mut ctx = Ctx {
+            resource: "listener in".into(),
+            warnings: &mut w,
+            inbound: true,
+            outbound: false,
+        };
+        ext_authz(&mut ctx, "http_filters[0].typed_config", p)
+    }
+
+    fn names(l: &[&str]) -> Option<matcher_pb::ListStringMatcher> {
+        Some(matcher_pb::ListStringMatcher {
+            patterns: l
+                .iter()
+                .map(|n| matcher_pb::StringMatcher {
+                    match_pattern: Some(matcher_pb::string_matcher::MatchPattern::Exact(
+                        (*n).into(),
+                    )),
+                    ignore_case: false,
+                })
+                .collect(),
+        })
+    }
+
+    fn http(allowed: Option<matcher_pb::ListStringMatcher>) -> pb::ExtAuthz {
+        #[allow(deprecated)]
+        let request = pb::AuthorizationRequest {
+            allowed_headers: allowed,
+            headers_to_add: vec![],
+        };
+        pb::ExtAuthz {
+            services: Some(pb::ext_authz::Services::HttpService(pb::HttpService {
+                server_uri: Some(core_pb::HttpUri {
+                    uri: "http://authz".into(),
+                    timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    http_upstream_type: Some(core_pb::http_uri::HttpUpstreamType::Cluster(
+                        "authz".into(),
+                    )),
+                }),
+                authorization_request: Some(request),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_http_authorizer_always_gets_the_request_line_and_authorization() {
+        let cfg = convert(&http(names(&["x-ext-authz"]))).expect("converts");
+        let allowed = cfg.allowed_headers.expect("a list");
+        for h in [
+            "x-ext-authz",
+            "authorization",
+            ":method",
+            ":path",
+            ":authority",
+        ] {
+            assert!(allowed.matches(h), "{h}");
+        }
+        assert!(!allowed.matches("cookie"));
+        // Set in both places: Envoy refuses it.
+        let mut twice = http(names(&["a"]));
+        twice.allowed_headers = names(&["b"]);
+        let e = convert(&twice).expect_err("refused");
+        assert!(
+            e.field.ends_with("authorization_request.allowed_headers"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_grpc_authorizer_gets_every_header_unless_listed() {
+        let grpc = pb::ExtAuthz {
+            services: Some(pb::ext_authz::Services::GrpcService(core_pb::GrpcService {
+                target_specifier: Some(core_pb::grpc_service::TargetSpecifier::EnvoyGrpc(
+                    core_pb::grpc_service::EnvoyGrpc {
+                        cluster_name: "authz".into(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            })),
+            status_on_error: Some(envoy_types::pb::envoy::r#type::v3::HttpStatus { code: 999 }),
+            ..Default::default()
+        };
+        let cfg = convert(&grpc).expect("converts");
+        assert!(cfg.allowed_headers.is_none());
+        assert_eq!(cfg.timeout, DEFAULT_TIMEOUT);
+        // Out of range: Envoy answers 403.
+        assert_eq!(cfg.status_on_error, http::StatusCode::FORBIDDEN);
+        let mut v2 = grpc.clone();
+        #[allow(deprecated)]
+        let old = core_pb::ApiVersion::V2 as i32;
+        v2.transport_api_version = old;
+        assert!(convert(&v2).is_err());
+        let none = pb::ExtAuthz::default();
+        assert!(convert(&none).is_err());
     }
 }
