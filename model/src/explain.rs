@@ -490,6 +490,7 @@ mod tests {
                     max_downstream_connection_duration: None,
                     hash_source_ip: false,
                 }),
+                ext_authz: Vec::new(),
                 istio_stats: None,
                 request_buffer_limit: None,
             })

@@ -11,6 +11,7 @@ pub mod cidr;
 pub mod cluster;
 pub mod cors;
 pub mod explain;
+pub mod ext_authz;
 pub mod fault;
 pub mod format;
 pub mod forwarded;

@@ -168,6 +168,8 @@ pub struct FilterChain {
     pub tls: Option<crate::tls::DownstreamTls>,
     /// `envoy.filters.network.rbac` filters before the terminal filter, in order.
     pub rbac: Vec<Arc<crate::rbac::NetworkRbac>>,
+    /// `envoy.filters.network.ext_authz` filters before `tcp_proxy`, in order.
+    pub ext_authz: Vec<Arc<crate::ext_authz::NetworkExtAuthz>>,
     pub kind: ChainKind,
     /// Istio's standard metrics (`istio.stats`, on the connection manager
     /// or as a network filter): `None` when the chain has no such filter.
@@ -428,6 +430,8 @@ pub enum HttpFilterConfig {
     IstioStats(IstioStats),
     /// `envoy.filters.http.jwt_authn`.
     JwtAuthn(Arc<crate::jwt::JwtAuthn>),
+    /// `envoy.filters.http.ext_authz`.
+    ExtAuthz(Arc<crate::ext_authz::ExtAuthz>),
 }
 
 /// Where a connection manager's route table comes from.
@@ -776,6 +780,7 @@ mod tests {
             filter_chain_match: m,
             tls: None,
             rbac: Vec::new(),
+            ext_authz: Vec::new(),
             istio_stats: None,
             request_buffer_limit: None,
             kind: ChainKind::Tcp(TcpProxy {

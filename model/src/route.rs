@@ -122,6 +122,9 @@ pub struct Route {
     /// Per-filter overrides of the JWT filter (`PerRouteConfig`); the
     /// route's entry replaces its virtual host's.
     pub jwt_overrides: Vec<(String, crate::jwt::JwtPerRoute)>,
+    /// Per-filter overrides of the ext_authz filter (`ExtAuthzPerRoute`):
+    /// the most specific level's `disabled`, the context extensions merged.
+    pub ext_authz_overrides: Vec<(String, crate::ext_authz::ExtAuthzPerRoute)>,
     /// `route.rate_limits`: the descriptors of a request for rate limiting.
     pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
     /// The virtual host's `rate_limits`.
@@ -179,6 +182,14 @@ impl Route {
     /// route's entry, else its virtual host's).
     pub fn jwt_override(&self, filter: &str) -> Option<&crate::jwt::JwtPerRoute> {
         self.jwt_overrides
+            .iter()
+            .find(|(n, _)| n == filter)
+            .map(|(_, f)| f)
+    }
+
+    /// The ext_authz settings of the filter named `filter` on this route.
+    pub fn ext_authz_override(&self, filter: &str) -> Option<&crate::ext_authz::ExtAuthzPerRoute> {
+        self.ext_authz_overrides
             .iter()
             .find(|(n, _)| n == filter)
             .map(|(_, f)| f)
@@ -922,6 +933,7 @@ pub struct FilterOverrides {
     pub ratelimit: Vec<(String, std::sync::Arc<crate::ratelimit::LocalRateLimit>)>,
     pub rbac: Vec<(String, std::sync::Arc<crate::rbac::HttpRbac>)>,
     pub jwt: Vec<(String, crate::jwt::JwtPerRoute)>,
+    pub ext_authz: Vec<(String, crate::ext_authz::ExtAuthzPerRoute)>,
 }
 
 impl FilterOverrides {
@@ -931,6 +943,7 @@ impl FilterOverrides {
             && self.ratelimit.is_empty()
             && self.rbac.is_empty()
             && self.jwt.is_empty()
+            && self.ext_authz.is_empty()
     }
 
     pub fn fault(&self, filter: &str) -> Option<&crate::fault::FaultConfig> {
@@ -951,6 +964,10 @@ impl FilterOverrides {
 
     pub fn jwt(&self, filter: &str) -> Option<&crate::jwt::JwtPerRoute> {
         find(&self.jwt, filter)
+    }
+
+    pub fn ext_authz(&self, filter: &str) -> Option<&crate::ext_authz::ExtAuthzPerRoute> {
+        find(&self.ext_authz, filter)
     }
 }
 
@@ -1226,6 +1243,7 @@ mod tests {
             ratelimit_overrides: vec![],
             rbac_overrides: vec![],
             jwt_overrides: vec![],
+            ext_authz_overrides: vec![],
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
             decorator: None,

@@ -486,6 +486,7 @@ mod tests {
             },
             tls: None,
             rbac: rbac.map(allow_only).into_iter().collect(),
+            ext_authz: Vec::new(),
             kind,
             istio_stats: None,
             request_buffer_limit: None,

@@ -20,6 +20,7 @@ pub mod lb;
 pub mod listener;
 pub mod metrics;
 pub mod metrics_merge;
+pub mod network_ext_authz;
 pub mod orig_dst;
 pub mod outlier;
 pub mod rbac;

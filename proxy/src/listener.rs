@@ -332,6 +332,7 @@ async fn handle(
                 let stats = rt.tcp_stats(&tp.stat_prefix);
                 let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
                 let io = crate::rbac::guard(tls, &rbac);
+                let io = crate::network_ext_authz::gate(io, &rt, &chain.ext_authz, &rbac);
                 Box::pin(crate::tcp::proxy(
                     &rt,
                     tp,
@@ -393,6 +394,7 @@ async fn handle(
             let stats = rt.tcp_stats(&tp.stat_prefix);
             let istio = tcp_metrics(&rt, &chain, tp, None);
             let io = crate::rbac::guard(stream, &rbac);
+            let io = crate::network_ext_authz::gate(io, &rt, &chain.ext_authz, &rbac);
             Box::pin(crate::tcp::proxy(
                 &rt,
                 tp,

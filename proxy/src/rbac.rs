@@ -289,6 +289,40 @@ impl ConnRbac {
         }
     }
 
+    /// The connection as the filters after RBAC see it.
+    pub fn downstream(&self) -> &Downstream {
+        &self.downstream
+    }
+
+    /// The connection's dynamic metadata once the network RBAC filters ran:
+    /// their shadow rules' verdicts (namespace `envoy.filters.network.rbac`,
+    /// keys after each filter's `shadow_rules_stat_prefix`), as Envoy's
+    /// filter records them, beside what the connection itself offers.
+    pub fn metadata(&self) -> DynamicMetadata {
+        let mut md = self.downstream.metadata();
+        let decisions = self.lock().decisions.clone();
+        for (cfg, shadow, _) in &decisions.filters {
+            let Some(v) = shadow else { continue };
+            let ns =
+                md.0.entry("envoy.filters.network.rbac".to_string())
+                    .or_default();
+            let prefix = &cfg.shadow_rules_stat_prefix;
+            if let Some(p) = &v.matched_policy {
+                ns.insert(
+                    format!("{prefix}shadow_effective_policy_id"),
+                    ferry_model::rbac::MetaValue::String(p.clone()),
+                );
+            }
+            ns.insert(
+                format!("{prefix}shadow_engine_result"),
+                ferry_model::rbac::MetaValue::String(
+                    if v.allowed { "allowed" } else { "denied" }.into(),
+                ),
+            );
+        }
+        md
+    }
+
     /// Applies the decisions to arriving data (`first`: the first bytes).
     fn on_data(&self, first: bool) -> Result<(), Option<Duration>> {
         let (decisions, count) = {

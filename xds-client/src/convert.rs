@@ -28,6 +28,7 @@ mod core_types;
 mod cors;
 mod coverage;
 mod endpoint;
+mod ext_authz;
 mod fault;
 mod filter_chain_matcher;
 mod header_mutation;

@@ -552,6 +552,13 @@ fn explain_http(
                     ));
                 }
             }
+            HttpFilterConfig::ExtAuthz(_) => {
+                v["type"] = json!("envoy.filters.http.ext_authz");
+                v["result"] = json!(match r.and_then(|r| r.ext_authz_override(&f.name)) {
+                    Some(o) if o.disabled => "disabled on the route",
+                    _ => "asks the external authorizer (not asked here)",
+                });
+            }
             HttpFilterConfig::JwtAuthn(cfg) => {
                 v["type"] = json!("envoy.filters.http.jwt_authn");
                 let requirement = match r.and_then(|r| r.jwt_override(&f.name)) {

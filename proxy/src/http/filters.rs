@@ -43,6 +43,8 @@ impl ConnBuckets {
 pub struct ResponseHooks {
     /// Set over whatever the response carries.
     set: HeaderMap,
+    /// The external authorizer's changes, applied after.
+    edits: Vec<super::ext_authz::Edit>,
 }
 
 impl ResponseHooks {
@@ -50,6 +52,11 @@ impl ResponseHooks {
         for (k, v) in &self.set {
             headers.insert(k.clone(), v.clone());
         }
+        super::ext_authz::apply_edits(headers, &self.edits);
+    }
+
+    pub(super) fn edit(&mut self, edits: Vec<super::ext_authz::Edit>) {
+        self.edits.extend(edits);
     }
 
     fn set_all(&mut self, h: HeaderMap) {
@@ -137,6 +144,12 @@ impl<'a> PerRoute<'a> {
         self.entry
             .and_then(|e| e.filters.jwt(filter))
             .or_else(|| self.route.and_then(|r| r.jwt_override(filter)))
+    }
+
+    pub fn ext_authz(&self, filter: &str) -> Option<&'a ferry_model::ext_authz::ExtAuthzPerRoute> {
+        self.entry
+            .and_then(|e| e.filters.ext_authz(filter))
+            .or_else(|| self.route.and_then(|r| r.ext_authz_override(filter)))
     }
 
     /// The CORS policies, most specific first.

@@ -8,6 +8,7 @@
 pub mod body;
 mod client;
 mod edge;
+pub(crate) mod ext_authz;
 mod fault;
 mod filters;
 mod observe;
@@ -1095,6 +1096,34 @@ async fn run_filters<'r>(
             }
             // Reported once the response is known (`handle`).
             HttpFilterConfig::IstioStats(_) => {}
+            HttpFilterConfig::ExtAuthz(cfg) => {
+                let checked = ext_authz::run(
+                    ctx,
+                    hcm,
+                    cfg,
+                    per_route,
+                    &f.name,
+                    cluster,
+                    req,
+                    request_metadata.take(),
+                    fctx,
+                    &mut on_response,
+                )
+                .await;
+                match checked {
+                    Ok(passed) => {
+                        request_metadata = passed.metadata;
+                        if passed.reroute {
+                            again.choose(chosen, req);
+                        }
+                    }
+                    Err(resp) => {
+                        let mut resp = *resp;
+                        on_response.apply(resp.headers_mut());
+                        return Err((resp, "UAEX", None));
+                    }
+                }
+            }
             HttpFilterConfig::JwtAuthn(cfg) => {
                 match filters::jwt_authn(
                     ctx,

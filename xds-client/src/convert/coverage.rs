@@ -180,7 +180,7 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        access_log, circuit_breakers, cluster, core_types, cors, endpoint, fault,
+        access_log, circuit_breakers, cluster, core_types, cors, endpoint, ext_authz, fault,
         filter_chain_matcher as fcm, header_mutation, http_connection_manager, http_protocol,
         jwt_authn, lb_config, listener, local_ratelimit, matcher, outlier_detection, per_filter,
         rbac, retry, route, tcp_proxy, tls, trace, upstream_protocol,
@@ -362,6 +362,17 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &jwt_authn::REQUIREMENT_RULE,
         &jwt_authn::RULE_MATCH,
         &jwt_authn::PER_ROUTE_CONFIG,
+        &ext_authz::EXT_AUTHZ,
+        &ext_authz::NETWORK_EXT_AUTHZ,
+        &ext_authz::GRPC_SERVICE,
+        &ext_authz::ENVOY_GRPC,
+        &ext_authz::HTTP_SERVICE,
+        &ext_authz::HTTP_URI,
+        &ext_authz::AUTHORIZATION_REQUEST,
+        &ext_authz::AUTHORIZATION_RESPONSE,
+        &ext_authz::BUFFER_SETTINGS,
+        &ext_authz::EXT_AUTHZ_PER_ROUTE,
+        &ext_authz::CHECK_SETTINGS,
     ]
 }
 

@@ -13,12 +13,12 @@ use ferry_model as m;
 use super::core_types::{cidr, ip_socket};
 use super::coverage::{fields, path};
 use super::istio::{self, ISTIO_STATS_TYPE, ISTIO_TOLERATED, WASM_TYPES, istio_stats};
-use super::rbac;
 use super::tls::downstream_tls;
 use super::{
     ConvertError, Ctx, Typed, Warnings, duration, fingerprint, http_connection_manager, tcp_proxy,
     timeout_or,
 };
+use super::{ext_authz, rbac};
 
 fields!(pub(super) static LISTENER = "envoy.config.listener.v3.Listener" {
     "name": applied,
@@ -548,6 +548,8 @@ fn filter_chain(
     let mut terminal = None;
     let mut network_rbac = Vec::new();
     let mut rbac_at = Vec::new();
+    let mut network_ext_authz = Vec::new();
+    let mut ext_authz_at: Vec<usize> = Vec::new();
     let mut stats = None;
     for (i, f) in filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
@@ -585,6 +587,12 @@ fn filter_chain(
                 let r = typed.decode().map_err(|e| ctx.err(&tf, e))?;
                 network_rbac.push(Arc::new(rbac::network_rbac(ctx, &tf, &r)?));
                 rbac_at.push(i);
+            }
+            ext_authz::NETWORK_EXT_AUTHZ_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let r = typed.decode().map_err(|e| ctx.err(&tf, e))?;
+                network_ext_authz.push(Arc::new(ext_authz::network_ext_authz(ctx, &tf, &r)?));
+                ext_authz_at.push(i);
             }
             "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
                 let h: hcm_pb::HttpConnectionManager = typed
@@ -624,6 +632,14 @@ fn filter_chain(
             "the chain has no terminal filter (tcp_proxy or http_connection_manager)",
         )
     })?;
+    // The network check is done for TCP proxying only (where istiod puts
+    // it); before a connection manager the HTTP filter is the one to use.
+    if let (Some(i), m::ChainKind::Http(_)) = (ext_authz_at.first(), &kind) {
+        return Err(ctx.err(
+            format!("{field}.filters[{i}]"),
+            "envoy.filters.network.ext_authz is supported before tcp_proxy only; use envoy.filters.http.ext_authz in the connection manager",
+        ));
+    }
     let whole = fingerprint(fc);
     let fingerprint_without_network_rbac = if rbac_at.is_empty() {
         whole
@@ -647,6 +663,7 @@ fn filter_chain(
         filter_chain_match: fcm,
         tls,
         rbac: network_rbac,
+        ext_authz: network_ext_authz,
         kind,
         istio_stats: stats,
         request_buffer_limit,

@@ -16,7 +16,7 @@ use super::coverage::{fields, path};
 use super::fault::{FAULT_TYPE, fault_config};
 use super::istio::{ISTIO_TOLERATED, WASM_TYPES};
 use super::local_ratelimit::{RATELIMIT_TYPE, disabled_ratelimit, local_ratelimit};
-use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, jwt_authn, rbac};
+use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, ext_authz, jwt_authn, rbac};
 
 const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
 
@@ -67,6 +67,13 @@ pub(super) fn per_filter_configs(
                     out.rbac
                         .push((name.clone(), Arc::new(m::rbac::HttpRbac::default())));
                     out.jwt.push((name.clone(), m::jwt::JwtPerRoute::Disabled));
+                    out.ext_authz.push((
+                        name.clone(),
+                        m::ext_authz::ExtAuthzPerRoute {
+                            disabled: true,
+                            ..Default::default()
+                        },
+                    ));
                     continue;
                 }
                 // Enabling a filter the connection manager disabled: Ferry's
@@ -125,6 +132,17 @@ pub(super) fn per_filter_configs(
                     jwt_authn::per_route(ctx, &ef, typed)?
                 };
                 out.jwt.push((name.clone(), cfg));
+            }
+            ext_authz::EXT_AUTHZ_PER_ROUTE_TYPE => {
+                let cfg = if disabled {
+                    m::ext_authz::ExtAuthzPerRoute {
+                        disabled: true,
+                        ..Default::default()
+                    }
+                } else {
+                    ext_authz::per_route(ctx, &ef, typed)?
+                };
+                out.ext_authz.push((name.clone(), cfg));
             }
             // A Wasm filter's per-route configuration: the filter itself is
             // refused unless Istio's built-in or failing open.

@@ -542,7 +542,7 @@ fn sourced_metadata(
     metadata_matcher(ctx, &format!("{field}.metadata_matcher"), m)
 }
 
-fn metadata_matcher(
+pub(super) fn metadata_matcher(
     ctx: &Ctx<'_>,
     field: &str,
     m: &matcher_pb::MetadataMatcher,

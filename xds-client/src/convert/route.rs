@@ -656,6 +656,7 @@ fn route(
         ratelimit_overrides: filters.ratelimit,
         rbac_overrides: filters.rbac,
         jwt_overrides: filters.jwt,
+        ext_authz_overrides: filters.ext_authz,
         rate_limits: rate,
         vhost_rate_limits: Arc::default(),
         hash_policy: hash,
@@ -1276,6 +1277,7 @@ impl VhostDefaults {
             inherit(&mut rt.fault_overrides, &level.fault);
             inherit(&mut rt.rbac_overrides, &level.rbac);
             inherit(&mut rt.jwt_overrides, &level.jwt);
+            merge_ext_authz(&mut rt.ext_authz_overrides, &level.ext_authz);
             inherit(&mut rt.ratelimit_overrides, &level.ratelimit);
             // CORS settings fall back field by field: every level is kept,
             // most specific first.
@@ -1319,6 +1321,27 @@ fn inherit<T: Clone>(route: &mut Vec<(String, T)>, level: &[(String, T)]) {
     for (name, f) in level {
         if !route.iter().any(|(n, _)| n == name) {
             route.push((name.clone(), f.clone()));
+        }
+    }
+}
+
+/// `ExtAuthzPerRoute` as Envoy merges it: the most specific level's
+/// `disabled`, and the context extensions of every level, the most
+/// specific winning a key.
+fn merge_ext_authz(
+    route: &mut Vec<(String, m::ext_authz::ExtAuthzPerRoute)>,
+    level: &[(String, m::ext_authz::ExtAuthzPerRoute)],
+) {
+    for (name, f) in level {
+        match route.iter_mut().find(|(n, _)| n == name) {
+            Some((_, own)) => {
+                for (k, v) in &f.context_extensions {
+                    own.context_extensions
+                        .entry(k.clone())
+                        .or_insert_with(|| v.clone());
+                }
+            }
+            None => route.push((name.clone(), f.clone())),
         }
     }
 }

@@ -247,7 +247,7 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ) => s(LISTENER, hcm!("access_log_options"), Some("{}")),
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TcpAccessLogOptions", _) => s(
             LISTENER,
-            "filter_chains[1].filters[1].typed_config@.access_log_options",
+            "filter_chains[1].filters[2].typed_config@.access_log_options",
             Some("{}"),
         ),
         (
@@ -416,10 +416,10 @@ fn site(message: &str, context: &str) -> Option<Site> {
             l(hcm!("access_log[4].filter.log_type_filter"))
         }
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", _) => {
-            l("filter_chains[1].filters[1].typed_config@")
+            l("filter_chains[1].filters[2].typed_config@")
         }
         ("envoy.type.v3.HashPolicy", "tcp_proxy") => {
-            l("filter_chains[1].filters[1].typed_config@.hash_policy[0]")
+            l("filter_chains[1].filters[2].typed_config@.hash_policy[0]")
         }
         ("envoy.config.route.v3.RouteConfiguration", _) => l(hcm!("route_config")),
         ("envoy.config.route.v3.VirtualHost", _) => l(vh!("")),
@@ -561,6 +561,36 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig", _) => {
             l(route0!(".typed_per_filter_config{jwt}@"))
         }
+        ("envoy.extensions.filters.network.ext_authz.v3.ExtAuthz", _) => {
+            l("filter_chains[1].filters[1].typed_config@")
+        }
+        ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz", _) => {
+            l(hcm!("http_filters[5].typed_config@"))
+        }
+        ("envoy.config.core.v3.GrpcService", "ext_authz") => {
+            l(hcm!("http_filters[5].typed_config@.grpc_service"))
+        }
+        ("envoy.config.core.v3.GrpcService.EnvoyGrpc", "ext_authz") => l(hcm!(
+            "http_filters[5].typed_config@.grpc_service.envoy_grpc"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.HttpService", _) => {
+            l(hcm!("http_filters[6].typed_config@.http_service"))
+        }
+        ("envoy.config.core.v3.HttpUri", "ext_authz") => l(hcm!(
+            "http_filters[6].typed_config@.http_service.server_uri"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationRequest", _) => l(hcm!(
+            "http_filters[6].typed_config@.http_service.authorization_request"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse", _) => l(hcm!(
+            "http_filters[6].typed_config@.http_service.authorization_response"
+        )),
+        ("envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute", _) => {
+            l(route0!(".typed_per_filter_config{ea}@"))
+        }
+        ("envoy.extensions.filters.http.ext_authz.v3.CheckSettings", _) => {
+            l(route0!(".typed_per_filter_config{ea}@.check_settings"))
+        }
         ("envoy.config.cluster.v3.Cluster", _) => c("", None),
         ("envoy.config.cluster.v3.Cluster.EdsClusterConfig", _) => {
             s(EDS_CLUSTER, "eds_cluster_config", None)
@@ -674,6 +704,12 @@ fn special(key: &str) -> Option<&'static str> {
         }
         // A file the probe may open.
         "envoy.extensions.access_loggers.file.v3.FileAccessLog.path" => "/dev/stderr",
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz.enable_dynamic_metadata_ingestion" => {
+            "false"
+        }
+        "envoy.extensions.filters.http.ext_authz.v3.AuthorizationResponse.dynamic_metadata_from_headers" => {
+            r#"{"patterns": [{"exact": "x"}]}"#
+        }
         "envoy.config.cluster.v3.Cluster.wait_for_warm_on_init"
         | "envoy.config.core.v3.Http1ProtocolOptions.allow_absolute_url"
         | "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig.pack_trace_reason"
@@ -981,9 +1017,12 @@ fn refused_and_warned_fields_are_refused_and_warned_by_name() {
     // Every list is probed, or says here why not.
     // The bootstrap's `tracing` is read from a bootstrap, which the probe
     // does not build (its provider is the connection manager's, probed).
+    // ext_authz's BufferSettings is only read under `with_request_body`,
+    // which is refused (probed on ExtAuthz).
     let exempt = [
         "envoy.config.cluster.v3.Filter",
         "envoy.config.trace.v3.Tracing",
+        "envoy.extensions.filters.http.ext_authz.v3.BufferSettings",
     ];
     unprobed.retain(|m| !exempt.contains(m));
     assert!(
