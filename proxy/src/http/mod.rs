@@ -592,7 +592,7 @@ async fn handle(
     if let Some(hcm) = hcm_of(&chain) {
         hcm.server_header.apply(resp.headers_mut());
     }
-    obs.response(&mut resp, flag, upstream, grpc);
+    obs.response(&mut resp, flag, upstream.clone(), grpc);
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
@@ -680,7 +680,11 @@ async fn handle(
     }))
 }
 
-type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
+type Routed = (
+    Response<ResponseBody>,
+    &'static str,
+    Option<ferry_model::cluster::HostAddr>,
+);
 
 /// A request after the connection manager's path normalization.
 enum Normalized {
@@ -994,7 +998,7 @@ async fn route_request(
             .await;
             let (mut resp, flag, upstream) = routed;
             let fctx = FormatContext {
-                upstream_remote: upstream,
+                upstream_remote: upstream.as_ref().and_then(|h| h.ip()),
                 ..fctx
             };
             if let Some(rh) = &request_headers {
@@ -1486,7 +1490,7 @@ async fn forward(
         .per_try_timeout
         .or(policy.and_then(|p| p.per_try_timeout))
         .filter(|t| timeout.is_none_or(|g| *t < g));
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut tried: Vec<ferry_model::cluster::HostAddr> = Vec::new();
     let mut pool = pool;
     let mut parts = Some(parts);
     let retry_counter = |n: &str| ctx.rt.stats.counter(&format!("cluster.{name}.{n}"));
@@ -1502,7 +1506,7 @@ async fn forward(
             (Some(p), false) => copy_request(p, body),
             _ => match parts.take() {
                 Some(p) => Request::from_parts(p, body),
-                None => break (Attempt::Failed(None), pool.address),
+                None => break (Attempt::Failed(None), pool.address.clone()),
             },
         };
         let mut upstream_req = upstream_req;
@@ -1527,8 +1531,8 @@ async fn forward(
         }
         obs.attempt(&mut upstream_req);
         crt.stats.upstream_rq_total.inc();
-        let address = pool.address;
-        tried.push(address);
+        let address = pool.address.clone();
+        tried.push(address.clone());
         let send = async {
             if use_h2 {
                 pool.send_h2(upstream_req).await
@@ -1551,7 +1555,7 @@ async fn forward(
             a = attempt => a,
             kind = &mut global => Attempt::GlobalTimeout(kind),
         };
-        obs.attempt_ended(&attempt, address);
+        obs.attempt_ended(&attempt, &address);
         let outcome = match &attempt {
             Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
             Attempt::PerTryTimeout => {
@@ -1888,7 +1892,7 @@ fn retry_host(
     crt: &ClusterRt,
     policy: &ferry_model::RetryPolicy,
     hash: Option<u64>,
-    tried: &[SocketAddr],
+    tried: &[ferry_model::cluster::HostAddr],
 ) -> Option<Arc<EndpointPool>> {
     let avoid = if policy.previous_hosts && policy.host_selection_max_attempts > 0 {
         tried
@@ -1917,7 +1921,7 @@ fn respond(
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     timers: Timers,
     flag: &'static str,
-    address: SocketAddr,
+    address: ferry_model::cluster::HostAddr,
 ) -> Routed {
     crt.stats.status(resp.status().as_u16());
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

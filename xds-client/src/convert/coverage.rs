@@ -233,6 +233,7 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &access_log::LOG_TYPE_FILTER,
         &core_types::ADDRESS,
         &core_types::SOCKET_ADDRESS,
+        &core_types::PIPE,
         &core_types::CIDR_RANGE,
         &core_types::TRANSPORT_SOCKET,
         &core_types::DATA_SOURCE,

@@ -432,6 +432,10 @@ fn site(message: &str, context: &str) -> Option<Site> {
             "load_assignment.endpoints[0].lb_endpoints[0].endpoint",
             None,
         ),
+        ("envoy.config.core.v3.Pipe", _) => c(
+            "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe",
+            Some(r#"{"path": "/run/x.sock"}"#),
+        ),
         _ => None,
     }
 }
