@@ -47,6 +47,7 @@ fn route(i: usize) -> Route {
         ratelimit_overrides: Vec::new(),
         rbac_overrides: Vec::new(),
         jwt_overrides: Vec::new(),
+        compressor_overrides: Vec::new(),
         rate_limits: Vec::new(),
         vhost_rate_limits: Default::default(),
         upgrades: Vec::new(),

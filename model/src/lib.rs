@@ -8,6 +8,7 @@
 pub mod access_log;
 pub mod cidr;
 pub mod cluster;
+pub mod compressor;
 pub mod cors;
 pub mod explain;
 pub mod fault;

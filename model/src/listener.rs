@@ -423,6 +423,8 @@ pub enum HttpFilterConfig {
     IstioStats(IstioStats),
     /// `envoy.filters.http.jwt_authn`.
     JwtAuthn(Arc<crate::jwt::JwtAuthn>),
+    /// `envoy.filters.http.compressor` (response direction).
+    Compressor(Arc<crate::compressor::Compressor>),
 }
 
 /// Where a connection manager's route table comes from.

@@ -122,6 +122,9 @@ pub struct Route {
     /// Per-filter overrides of the JWT filter (`PerRouteConfig`); the
     /// route's entry replaces its virtual host's.
     pub jwt_overrides: Vec<(String, crate::jwt::JwtPerRoute)>,
+    /// `CompressorPerRoute` by filter name (whether it turns the filter
+    /// off); the route's entry replaces its virtual host's.
+    pub compressor_overrides: Vec<(String, bool)>,
     /// `route.rate_limits`: the descriptors of a request for rate limiting.
     pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
     /// The virtual host's `rate_limits`.
@@ -177,6 +180,13 @@ impl Route {
 
     /// The RBAC configuration overriding the filter named `filter` (the
     /// route's entry, else its virtual host's).
+    /// Whether the route turns the compressor filter `filter` off.
+    pub fn compressor_disabled(&self, filter: &str) -> bool {
+        self.compressor_overrides
+            .iter()
+            .any(|(n, off)| n == filter && *off)
+    }
+
     pub fn jwt_override(&self, filter: &str) -> Option<&crate::jwt::JwtPerRoute> {
         self.jwt_overrides
             .iter()
@@ -922,6 +932,8 @@ pub struct FilterOverrides {
     pub ratelimit: Vec<(String, std::sync::Arc<crate::ratelimit::LocalRateLimit>)>,
     pub rbac: Vec<(String, std::sync::Arc<crate::rbac::HttpRbac>)>,
     pub jwt: Vec<(String, crate::jwt::JwtPerRoute)>,
+    /// `CompressorPerRoute` by filter name: whether it turns the filter off.
+    pub compressor: Vec<(String, bool)>,
 }
 
 impl FilterOverrides {
@@ -931,6 +943,7 @@ impl FilterOverrides {
             && self.ratelimit.is_empty()
             && self.rbac.is_empty()
             && self.jwt.is_empty()
+            && self.compressor.is_empty()
     }
 
     pub fn fault(&self, filter: &str) -> Option<&crate::fault::FaultConfig> {
@@ -1226,6 +1239,7 @@ mod tests {
             ratelimit_overrides: vec![],
             rbac_overrides: vec![],
             jwt_overrides: vec![],
+            compressor_overrides: vec![],
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
             decorator: None,

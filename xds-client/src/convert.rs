@@ -24,6 +24,7 @@ use prost::Message;
 mod access_log;
 mod circuit_breakers;
 mod cluster;
+mod compressor;
 mod core_types;
 mod cors;
 mod coverage;

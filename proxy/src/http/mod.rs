@@ -7,6 +7,7 @@
 
 pub mod body;
 mod client;
+mod compressor;
 mod edge;
 mod fault;
 mod filters;
@@ -441,7 +442,9 @@ fn authority(req: &Request<Incoming>) -> String {
 
 /// The response body as it goes downstream: metered for Istio's metrics,
 /// tracked as its stream's end.
-type Downstream = lifetime::Tracked<crate::metrics::Metered<observe::ObservedBody<ResponseBody>>>;
+type Downstream = lifetime::Tracked<
+    crate::metrics::Metered<observe::ObservedBody<compressor::CompressBody<ResponseBody>>>,
+>;
 
 async fn handle(
     ctx: Arc<ConnCtx>,
@@ -592,6 +595,18 @@ async fn handle(
     if let Some(hcm) = hcm_of(&chain) {
         hcm.server_header.apply(resp.headers_mut());
     }
+    // The compressors the request passed, in Envoy's encode order.
+    let compressing = match (
+        resp.extensions_mut().remove::<compressor::Plan>(),
+        hcm_of(&chain),
+    ) {
+        (Some(plan), Some(hcm)) if !plan.is_empty() => {
+            let status = resp.status().as_u16();
+            let end = http_body::Body::is_end_stream(resp.body());
+            compressor::encode(&ctx.rt.stats, hcm, &plan, status, resp.headers_mut(), end)
+        }
+        _ => None,
+    };
     obs.response(&mut resp, flag, upstream.clone(), grpc);
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
@@ -676,7 +691,13 @@ async fn handle(
         );
     }
     Ok(resp.map(|b| {
-        lifetime::Tracked::new(crate::metrics::Metered::new(obs.body(b), metered), stream)
+        lifetime::Tracked::new(
+            crate::metrics::Metered::new(
+                obs.body(compressor::CompressBody::new(b, compressing)),
+                metered,
+            ),
+            stream,
+        )
     }))
 }
 
@@ -935,7 +956,7 @@ async fn route_request(
         if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path}")) {
             resp.headers_mut().insert(LOCATION, v);
         }
-        on_response.apply(resp.headers_mut());
+        on_response.attach(&mut resp);
         return (resp, "", None);
     }
     let Some(route) = route else {
@@ -944,7 +965,7 @@ async fn route_request(
             status: StatusCode::NOT_FOUND,
             body: None,
         });
-        on_response.apply(resp.headers_mut());
+        on_response.attach(&mut resp);
         return (resp, "NR", None);
     };
     let (mut resp, flag, upstream) = match &route.action {
@@ -1010,7 +1031,7 @@ async fn route_request(
                     .response_headers
                     .apply(resp.headers_mut(), &fctx, Some(rh));
             }
-            on_response.apply(resp.headers_mut());
+            on_response.attach(&mut resp);
             return (resp, flag, upstream);
         }
     };
@@ -1019,7 +1040,7 @@ async fn route_request(
             .response_headers
             .apply(resp.headers_mut(), &fctx, Some(req.headers()));
     }
-    on_response.apply(resp.headers_mut());
+    on_response.attach(&mut resp);
     (resp, flag, upstream)
 }
 
@@ -1061,7 +1082,7 @@ async fn run_filters<'r>(
                     fault::Applied::Aborted(resp) => (resp, if delayed { "DI,FI" } else { "FI" }),
                     fault::Applied::DelayedAborted(resp) => (resp, "DI,FI"),
                 };
-                on_response.apply(resp.headers_mut());
+                on_response.attach(&mut resp);
                 return Err((resp, flag, None));
             }
             HttpFilterConfig::Cors => {
@@ -1070,7 +1091,7 @@ async fn run_filters<'r>(
                 if let Some(mut resp) = filters::cors(ctx, hcm, &policies, req, &mut on_response) {
                     // Back through the filters before it (none of its own
                     // simple-request headers are pending).
-                    on_response.apply(resp.headers_mut());
+                    on_response.attach(&mut resp);
                     return Err((resp, "", None));
                 }
             }
@@ -1079,7 +1100,7 @@ async fn run_filters<'r>(
                 if let Some(mut resp) =
                     filters::local_ratelimit(ctx, cfg, route, cluster, req, fctx, &mut on_response)
                 {
-                    on_response.apply(resp.headers_mut());
+                    on_response.attach(&mut resp);
                     return Err((resp, "RL", None));
                 }
             }
@@ -1093,12 +1114,17 @@ async fn run_filters<'r>(
                     req,
                     request_metadata.as_ref(),
                 ) {
-                    on_response.apply(resp.headers_mut());
+                    on_response.attach(&mut resp);
                     return Err((resp, "", None));
                 }
             }
             // Reported once the response is known (`handle`).
             HttpFilterConfig::IstioStats(_) => {}
+            HttpFilterConfig::Compressor(cfg) => {
+                if !per_route.compressor_disabled(&f.name) {
+                    on_response.compressors.decode(cfg, req);
+                }
+            }
             HttpFilterConfig::JwtAuthn(cfg) => {
                 match filters::jwt_authn(
                     ctx,
@@ -1117,7 +1143,7 @@ async fn run_filters<'r>(
                     }
                     Err(resp) => {
                         let mut resp = *resp;
-                        on_response.apply(resp.headers_mut());
+                        on_response.attach(&mut resp);
                         return Err((resp, "", None));
                     }
                 }

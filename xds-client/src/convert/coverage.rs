@@ -180,10 +180,10 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        access_log, circuit_breakers, cluster, core_types, cors, endpoint, fault, header_mutation,
-        http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
-        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, trace,
-        upstream_protocol,
+        access_log, circuit_breakers, cluster, compressor, core_types, cors, endpoint, fault,
+        header_mutation, http_connection_manager, http_protocol, jwt_authn, lb_config, listener,
+        local_ratelimit, matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy,
+        trace, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -195,6 +195,15 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &listener::NETWORK_FILTER,
         &http_connection_manager::HCM,
         &http_connection_manager::UPGRADE_CONFIG,
+        &compressor::COMPRESSOR,
+        &compressor::COMMON_DIRECTION,
+        &compressor::REQUEST_DIRECTION,
+        &compressor::RESPONSE_DIRECTION,
+        &compressor::RUNTIME_FEATURE_FLAG,
+        &compressor::COMPRESSOR_PER_ROUTE,
+        &compressor::GZIP,
+        &compressor::BROTLI,
+        &compressor::ZSTD,
         &http_protocol::COMMON_HTTP_PROTOCOL_OPTIONS,
         &http_protocol::HTTP1_PROTOCOL_OPTIONS,
         &http_protocol::HTTP2_PROTOCOL_OPTIONS,

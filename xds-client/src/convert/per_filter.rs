@@ -16,7 +16,7 @@ use super::coverage::{fields, path};
 use super::fault::{FAULT_TYPE, fault_config};
 use super::istio::ISTIO_TOLERATED;
 use super::local_ratelimit::{RATELIMIT_TYPE, disabled_ratelimit, local_ratelimit};
-use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, jwt_authn, rbac};
+use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, compressor, jwt_authn, rbac};
 
 const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
 
@@ -67,6 +67,7 @@ pub(super) fn per_filter_configs(
                     out.rbac
                         .push((name.clone(), Arc::new(m::rbac::HttpRbac::default())));
                     out.jwt.push((name.clone(), m::jwt::JwtPerRoute::Disabled));
+                    out.compressor.push((name.clone(), true));
                     continue;
                 }
                 // Enabling a filter the connection manager disabled: Ferry's
@@ -125,6 +126,10 @@ pub(super) fn per_filter_configs(
                     jwt_authn::per_route(ctx, &ef, typed)?
                 };
                 out.jwt.push((name.clone(), cfg));
+            }
+            compressor::COMPRESSOR_PER_ROUTE_TYPE => {
+                let off = disabled || compressor::per_route(ctx, &ef, typed)?;
+                out.compressor.push((name.clone(), off));
             }
             t if ISTIO_TOLERATED.contains(&t) || HTTP_TOLERATED.contains(&t) => {}
             t => ctx.warn(

@@ -656,6 +656,7 @@ fn route(
         ratelimit_overrides: filters.ratelimit,
         rbac_overrides: filters.rbac,
         jwt_overrides: filters.jwt,
+        compressor_overrides: filters.compressor,
         rate_limits: rate,
         vhost_rate_limits: Arc::default(),
         hash_policy: hash,
@@ -1276,6 +1277,7 @@ impl VhostDefaults {
             inherit(&mut rt.fault_overrides, &level.fault);
             inherit(&mut rt.rbac_overrides, &level.rbac);
             inherit(&mut rt.jwt_overrides, &level.jwt);
+            inherit(&mut rt.compressor_overrides, &level.compressor);
             inherit(&mut rt.ratelimit_overrides, &level.ratelimit);
             // CORS settings fall back field by field: every level is kept,
             // most specific first.

@@ -304,6 +304,35 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.rbac.v3.Principal", _) => l(hcm!(
             "http_filters[3].typed_config@.rules.policies{p}.principals[0]"
         )),
+        ("envoy.extensions.filters.http.compressor.v3.Compressor", _) => {
+            l(hcm!("http_filters[5].typed_config@"))
+        }
+        ("envoy.extensions.filters.http.compressor.v3.Compressor.CommonDirectionConfig", _) => l(
+            hcm!("http_filters[5].typed_config@.response_direction_config.common_config"),
+        ),
+        ("envoy.extensions.filters.http.compressor.v3.Compressor.ResponseDirectionConfig", _) => l(
+            hcm!("http_filters[5].typed_config@.response_direction_config"),
+        ),
+        ("envoy.extensions.filters.http.compressor.v3.Compressor.RequestDirectionConfig", _) => s(
+            LISTENER,
+            hcm!("http_filters[5].typed_config@.request_direction_config"),
+            Some(r#"{"common_config": {"enabled": {"default_value": false}}}"#),
+        ),
+        ("envoy.config.core.v3.RuntimeFeatureFlag", _) => l(hcm!(
+            "http_filters[5].typed_config@.response_direction_config.common_config.enabled"
+        )),
+        ("envoy.extensions.filters.http.compressor.v3.CompressorPerRoute", _) => {
+            l(route0!(".typed_per_filter_config{comp}@"))
+        }
+        ("envoy.extensions.compression.gzip.compressor.v3.Gzip", _) => l(hcm!(
+            "http_filters[5].typed_config@.compressor_library.typed_config@"
+        )),
+        ("envoy.extensions.compression.brotli.compressor.v3.Brotli", _) => l(hcm!(
+            "http_filters[6].typed_config@.compressor_library.typed_config@"
+        )),
+        ("envoy.extensions.compression.zstd.compressor.v3.Zstd", _) => l(hcm!(
+            "http_filters[7].typed_config@.compressor_library.typed_config@"
+        )),
         ("envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication", _) => {
             l(hcm!("http_filters[4].typed_config@"))
         }
