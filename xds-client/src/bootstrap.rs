@@ -74,6 +74,7 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         path: origin.to_string(),
         source,
     };
+    convert::bootstrap_fields(&proto, &mut warnings).map_err(conv)?;
     let statics = proto.static_resources.clone().unwrap_or_default();
     let ads = ads_config(&proto).map_err(|message| BootstrapError::Invalid {
         path: origin.to_string(),

@@ -22,6 +22,7 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 mod access_log;
+mod bootstrap;
 mod circuit_breakers;
 mod cluster;
 mod compressor;
@@ -57,6 +58,7 @@ pub use route::route_config;
 pub use tls::secret;
 pub use trace::bootstrap_provider;
 
+pub use bootstrap::bootstrap_fields;
 use http_connection_manager::{HTTP_TOLERATED, http_connection_manager};
 use tcp_proxy::tcp_proxy;
 

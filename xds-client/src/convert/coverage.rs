@@ -180,10 +180,10 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        access_log, circuit_breakers, cluster, compressor, core_types, cors, endpoint, fault,
-        header_mutation, http_connection_manager, http_protocol, jwt_authn, lb_config, listener,
-        local_ratelimit, matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy,
-        trace, upstream_protocol,
+        access_log, bootstrap, circuit_breakers, cluster, compressor, core_types, cors, endpoint,
+        fault, header_mutation, http_connection_manager, http_protocol, jwt_authn, lb_config,
+        listener, local_ratelimit, matcher, outlier_detection, per_filter, rbac, retry, route,
+        tcp_proxy, trace, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -195,6 +195,11 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &listener::NETWORK_FILTER,
         &http_connection_manager::HCM,
         &http_connection_manager::UPGRADE_CONFIG,
+        &bootstrap::BOOTSTRAP,
+        &bootstrap::STATS_CONFIG,
+        &bootstrap::OVERLOAD_MANAGER,
+        &bootstrap::CLUSTER_MANAGER,
+        &bootstrap::ADMIN,
         &compressor::COMPRESSOR,
         &compressor::COMMON_DIRECTION,
         &compressor::REQUEST_DIRECTION,
