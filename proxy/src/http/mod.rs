@@ -600,7 +600,10 @@ async fn handle(
         resp.extensions_mut().remove::<compressor::Plan>(),
         hcm_of(&chain),
     ) {
-        (Some(plan), Some(hcm)) if !plan.is_empty() => {
+        // A tunnel (an upgrade or CONNECT) carries bytes, not a body to encode.
+        (Some(plan), Some(hcm))
+            if !plan.is_empty() && !upgrade && method != http::Method::CONNECT =>
+        {
             let status = resp.status().as_u16();
             let end = http_body::Body::is_end_stream(resp.body());
             compressor::encode(&ctx.rt.stats, hcm, &plan, status, resp.headers_mut(), end)
