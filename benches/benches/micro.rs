@@ -48,6 +48,7 @@ fn route(i: usize) -> Route {
         rbac_overrides: Vec::new(),
         jwt_overrides: Vec::new(),
         ext_authz_overrides: Vec::new(),
+        compressor_overrides: Vec::new(),
         rate_limits: Vec::new(),
         vhost_rate_limits: Default::default(),
         upgrades: Vec::new(),

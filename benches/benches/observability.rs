@@ -27,7 +27,10 @@ fn info() -> StreamInfo {
     i.protocol = Some("HTTP/1.1");
     i.response_code = Some(200);
     i.response_code_details = Some("via_upstream".into());
-    i.upstream_host = "10.0.0.7:9080".parse().ok();
+    i.upstream_host = "10.0.0.7:9080"
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(Into::into);
     i.upstream_cluster = Some("outbound|9080||reviews.default.svc.cluster.local".into());
     i.upstream_local = "10.0.0.3:40112".parse().ok();
     i.downstream_local = "10.96.0.12:9080".parse().ok();

@@ -332,7 +332,9 @@ mod tests {
         i.protocol = Some("HTTP/1.1");
         i.response_code = Some(200);
         i.response_code_details = Some("via_upstream".into());
-        i.upstream_host = Some("127.0.0.1:8081".parse().unwrap());
+        i.upstream_host = Some(crate::cluster::HostAddr::Ip(
+            "127.0.0.1:8081".parse().unwrap(),
+        ));
         i.upstream_cluster = Some("backend".into());
         i.upstream_local = Some("127.0.0.1:40000".parse().unwrap());
         i.downstream_local = Some("127.0.0.1:8080".parse().unwrap());

@@ -148,9 +148,56 @@ pub enum ClusterKind {
     Eds { service_name: String },
 }
 
+/// Where an endpoint is reached: an IP socket, or a Unix socket (`pipe`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostAddr {
+    Ip(SocketAddr),
+    Pipe(PipeAddr),
+}
+
+/// A Unix socket path; one starting with `@` names a socket in Linux's
+/// abstract namespace (Envoy's spelling), the rest is the file path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PipeAddr(pub std::sync::Arc<str>);
+
+impl PipeAddr {
+    /// The abstract namespace name (without the `@`), if it is one.
+    pub fn abstract_name(&self) -> Option<&str> {
+        self.0.strip_prefix('@')
+    }
+}
+
+impl HostAddr {
+    /// The IP socket, for what only IP endpoints have (source binding, SNI
+    /// from an address, original destination).
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match self {
+            HostAddr::Ip(a) => Some(*a),
+            HostAddr::Pipe(_) => None,
+        }
+    }
+}
+
+impl From<SocketAddr> for HostAddr {
+    fn from(a: SocketAddr) -> Self {
+        HostAddr::Ip(a)
+    }
+}
+
+/// Envoy's spelling in stats, logs and the admin pages: `ip:port`, or the
+/// pipe's path (`@name` for an abstract one).
+impl std::fmt::Display for HostAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostAddr::Ip(a) => a.fmt(f),
+            HostAddr::Pipe(p) => f.write_str(&p.0),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    pub address: SocketAddr,
+    pub address: HostAddr,
     /// `endpoint.hostname`: the host's name (`auto_host_sni`,
     /// `auto_host_rewrite`).
     pub hostname: Option<std::sync::Arc<str>>,

@@ -457,6 +457,12 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
         None => Value::Absent,
     };
     let port = |a: Option<SocketAddr>| a.map_or(Value::Absent, |a| Value::Num(f64::from(a.port())));
+    // A Unix socket host is written as its path, with or without `port`.
+    let host = |h: Option<&crate::cluster::HostAddr>, port: bool| match h {
+        Some(crate::cluster::HostAddr::Ip(a)) => addr(Some(*a), port),
+        Some(p) => Value::Str(Cow::Owned(p.to_string())),
+        None => Value::Absent,
+    };
     let text = |s: Option<&'a str>| match s {
         Some(s) if !s.is_empty() => Value::Str(Cow::Borrowed(s)),
         _ => Value::Absent,
@@ -489,8 +495,10 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
         Command::DownstreamLocalPort => port(info.downstream_local),
         // The address of the upstream connection: none without one (the
         // host chosen is `%UPSTREAM_HOST%`).
-        Command::UpstreamRemote { port: p } => addr(
-            info.upstream_host.filter(|_| info.upstream_local.is_some()),
+        Command::UpstreamRemote { port: p } => host(
+            info.upstream_host
+                .as_ref()
+                .filter(|_| info.upstream_local.is_some()),
             *p,
         ),
         Command::Hostname => text(Some(info.hostname)),
@@ -531,13 +539,16 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
             LogCommand::ResponseFlagsLong => Value::Str(Cow::Owned(
                 crate::stream_info::long_flags(&info.response_flags),
             )),
-            LogCommand::UpstreamHost => addr(info.upstream_host, true),
+            LogCommand::UpstreamHost => host(info.upstream_host.as_ref(), true),
             LogCommand::UpstreamCluster => text(info.upstream_cluster.as_deref()),
             LogCommand::UpstreamLocal { port: p } => addr(info.upstream_local, *p),
             LogCommand::UpstreamLocalPort => port(info.upstream_local),
-            LogCommand::UpstreamRemotePort => {
-                port(info.upstream_host.filter(|_| info.upstream_local.is_some()))
-            }
+            LogCommand::UpstreamRemotePort => port(
+                info.upstream_host
+                    .as_ref()
+                    .and_then(|h| h.ip())
+                    .filter(|_| info.upstream_local.is_some()),
+            ),
             LogCommand::UpstreamTransportFailureReason => {
                 text(info.upstream_transport_failure_reason.as_deref())
             }

@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod chain_matcher;
 pub mod cidr;
 pub mod cluster;
+pub mod compressor;
 pub mod cors;
 pub mod explain;
 pub mod ext_authz;

@@ -432,6 +432,8 @@ pub enum HttpFilterConfig {
     JwtAuthn(Arc<crate::jwt::JwtAuthn>),
     /// `envoy.filters.http.ext_authz`.
     ExtAuthz(Arc<crate::ext_authz::ExtAuthz>),
+    /// `envoy.filters.http.compressor` (response direction).
+    Compressor(Arc<crate::compressor::Compressor>),
 }
 
 /// Where a connection manager's route table comes from.

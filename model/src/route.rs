@@ -125,6 +125,9 @@ pub struct Route {
     /// Per-filter overrides of the ext_authz filter (`ExtAuthzPerRoute`):
     /// the most specific level's `disabled`, the context extensions merged.
     pub ext_authz_overrides: Vec<(String, crate::ext_authz::ExtAuthzPerRoute)>,
+    /// `CompressorPerRoute` by filter name (whether it turns the filter
+    /// off); the route's entry replaces its virtual host's.
+    pub compressor_overrides: Vec<(String, bool)>,
     /// `route.rate_limits`: the descriptors of a request for rate limiting.
     pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
     /// The virtual host's `rate_limits`.
@@ -180,6 +183,13 @@ impl Route {
 
     /// The RBAC configuration overriding the filter named `filter` (the
     /// route's entry, else its virtual host's).
+    /// Whether the route turns the compressor filter `filter` off.
+    pub fn compressor_disabled(&self, filter: &str) -> bool {
+        self.compressor_overrides
+            .iter()
+            .any(|(n, off)| n == filter && *off)
+    }
+
     pub fn jwt_override(&self, filter: &str) -> Option<&crate::jwt::JwtPerRoute> {
         self.jwt_overrides
             .iter()
@@ -934,6 +944,8 @@ pub struct FilterOverrides {
     pub rbac: Vec<(String, std::sync::Arc<crate::rbac::HttpRbac>)>,
     pub jwt: Vec<(String, crate::jwt::JwtPerRoute)>,
     pub ext_authz: Vec<(String, crate::ext_authz::ExtAuthzPerRoute)>,
+    /// `CompressorPerRoute` by filter name: whether it turns the filter off.
+    pub compressor: Vec<(String, bool)>,
 }
 
 impl FilterOverrides {
@@ -944,6 +956,7 @@ impl FilterOverrides {
             && self.rbac.is_empty()
             && self.jwt.is_empty()
             && self.ext_authz.is_empty()
+            && self.compressor.is_empty()
     }
 
     pub fn fault(&self, filter: &str) -> Option<&crate::fault::FaultConfig> {
@@ -1244,6 +1257,7 @@ mod tests {
             rbac_overrides: vec![],
             jwt_overrides: vec![],
             ext_authz_overrides: vec![],
+            compressor_overrides: vec![],
             rate_limits: vec![],
             vhost_rate_limits: Default::default(),
             decorator: None,

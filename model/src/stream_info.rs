@@ -79,7 +79,8 @@ pub struct StreamInfo {
     pub connection_termination_details: Option<String>,
     /// Envoy's short response flags joined with `,`; empty for none.
     pub response_flags: String,
-    pub upstream_host: Option<SocketAddr>,
+    /// The upstream host chosen (an IP socket or a Unix socket).
+    pub upstream_host: Option<crate::cluster::HostAddr>,
     pub upstream_cluster: Option<String>,
     pub upstream_local: Option<SocketAddr>,
     pub upstream_transport_failure_reason: Option<String>,

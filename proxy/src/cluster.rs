@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use ferry_model::cluster::{EndpointHealth, Thresholds};
+use ferry_model::cluster::{EndpointHealth, HostAddr, PipeAddr, Thresholds};
 use ferry_model::tls::UpstreamTls;
 use ferry_model::{Cluster, ClusterKind, Snapshot};
 use http::{Request, Response};
@@ -260,10 +260,10 @@ impl ClusterRt {
                             let pool = old
                                 .hosts()
                                 .iter()
-                                .find(|p| p.address == *a)
+                                .find(|p| p.address == HostAddr::Ip(*a))
                                 .cloned()
                                 .unwrap_or_else(|| {
-                                    let mut p = EndpointPool::new(*a, &c);
+                                    let mut p = EndpointPool::new(HostAddr::Ip(*a), &c);
                                     p.hostname = Some(Arc::from(*name));
                                     Arc::new(p)
                                 });
@@ -317,8 +317,11 @@ impl ClusterRt {
                             && p.hostname == e.hostname
                     })
                     .unwrap_or_else(|| {
-                        let mut p =
-                            EndpointPool::with_metadata(e.address, &rt, &e.transport_socket_match);
+                        let mut p = EndpointPool::with_metadata(
+                            e.address.clone(),
+                            &rt,
+                            &e.transport_socket_match,
+                        );
                         p.hostname = e.hostname.clone();
                         Arc::new(p)
                     });
@@ -377,7 +380,7 @@ impl ClusterRt {
         &self,
         original_dst: Option<SocketAddr>,
         hash: Option<u64>,
-        avoid: &[SocketAddr],
+        avoid: &[HostAddr],
     ) -> Option<Arc<EndpointPool>> {
         match &self.cfg.kind {
             ClusterKind::Static(_) | ClusterKind::StrictDns(_) if !avoid.is_empty() => self
@@ -408,7 +411,7 @@ impl ClusterRt {
                 }
                 Some(
                     m.entry(dst)
-                        .or_insert_with(|| Arc::new(EndpointPool::new(dst, self)))
+                        .or_insert_with(|| Arc::new(EndpointPool::new(HostAddr::Ip(dst), self)))
                         .clone(),
                 )
             }
@@ -572,6 +575,23 @@ impl Breakers {
 
     pub fn active_requests(&self) -> u32 {
         self.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// Connects to a Unix socket endpoint: a file path, or (`@name`) a name in
+/// Linux's abstract namespace, as Envoy reads a `pipe` address.
+pub(crate) async fn connect_pipe(p: &PipeAddr) -> std::io::Result<tokio::net::UnixStream> {
+    match p.abstract_name() {
+        None => tokio::net::UnixStream::connect(&*p.0).await,
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+            // The standard library connects abstract sockets only
+            // blockingly; a local connect does not wait on a peer's accept.
+            let s = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+            s.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(s)
+        }
     }
 }
 
@@ -774,7 +794,7 @@ impl LocalAddrSlot {
 
 /// Connections to one endpoint address.
 pub struct EndpointPool {
-    pub address: SocketAddr,
+    pub address: HostAddr,
     /// The DNS name the address came from (STRICT_DNS), for
     /// `auto_host_rewrite`.
     pub hostname: Option<Arc<str>>,
@@ -848,12 +868,12 @@ const MAX_IDLE: usize = 256;
 const MAX_NAMED_POOLS: usize = 64;
 
 impl EndpointPool {
-    fn new(address: SocketAddr, cluster: &ClusterRt) -> Self {
+    fn new(address: HostAddr, cluster: &ClusterRt) -> Self {
         Self::with_metadata(address, cluster, &[])
     }
 
     fn with_metadata(
-        address: SocketAddr,
+        address: HostAddr,
         cluster: &ClusterRt,
         metadata: &[(String, String)],
     ) -> Self {
@@ -934,7 +954,7 @@ impl EndpointPool {
             contexts: self.contexts.clone(),
             client_configs: ClientCache::default(),
             default_alpn: self.default_alpn,
-            address: self.address,
+            address: self.address.clone(),
             hostname: self.hostname.clone(),
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
@@ -1076,31 +1096,65 @@ impl EndpointPool {
                 }
             },
         };
-        let connect = async {
-            let tcp = match self.bind_source {
-                None => TcpStream::connect(self.address).await,
-                Some(src) => {
-                    let sock = if self.address.is_ipv4() {
-                        tokio::net::TcpSocket::new_v4()?
-                    } else {
-                        tokio::net::TcpSocket::new_v6()?
-                    };
-                    sock.bind(std::net::SocketAddr::new(src, 0))?;
-                    sock.connect(self.address).await
-                }
-            }?;
-            let _ = tcp.set_nodelay(true);
-            if let Some(k) = &self.tcp_keepalive {
-                keepalive(&tcp, k);
-            }
-            Ok::<_, std::io::Error>(tcp)
-        };
         let handshake = async {
-            let tcp = connect.await.map_err(UpstreamError::ConnectFailure)?;
+            let addr = match &self.address {
+                HostAddr::Ip(a) => *a,
+                HostAddr::Pipe(p) => {
+                    let unix = connect_pipe(p)
+                        .await
+                        .map_err(UpstreamError::ConnectFailure)?;
+                    let Some((t, config)) = tls else {
+                        return Ok(UpstreamIo::Unix(unix));
+                    };
+                    // No address to name the server by: without `sni` no
+                    // name is sent (an IP literal never goes into SNI), as
+                    // Envoy sends none; the peer check never reads it.
+                    let name = ferry_tls::server_name(
+                        t,
+                        self.hostname.as_deref(),
+                        std::net::Ipv4Addr::LOCALHOST.into(),
+                    );
+                    return match tokio_rustls::TlsConnector::from(config)
+                        .connect(name, unix)
+                        .await
+                    {
+                        Ok(s) => {
+                            self.stats.ssl_handshake.inc();
+                            Ok(UpstreamIo::UnixTls(Box::new(s)))
+                        }
+                        Err(e) => {
+                            self.stats.ssl_connection_error.inc();
+                            tracing::debug!(upstream.host = %self.address, error = %e, "upstream TLS handshake failed");
+                            Err(UpstreamError::Tls(e.to_string()))
+                        }
+                    };
+                }
+            };
+            let tcp = async {
+                let tcp = match self.bind_source {
+                    None => TcpStream::connect(addr).await,
+                    Some(src) => {
+                        let sock = if addr.is_ipv4() {
+                            tokio::net::TcpSocket::new_v4()?
+                        } else {
+                            tokio::net::TcpSocket::new_v6()?
+                        };
+                        sock.bind(std::net::SocketAddr::new(src, 0))?;
+                        sock.connect(addr).await
+                    }
+                }?;
+                let _ = tcp.set_nodelay(true);
+                if let Some(k) = &self.tcp_keepalive {
+                    keepalive(&tcp, k);
+                }
+                Ok::<_, std::io::Error>(tcp)
+            }
+            .await
+            .map_err(UpstreamError::ConnectFailure)?;
             let Some((t, config)) = tls else {
                 return Ok(UpstreamIo::Plain(tcp));
             };
-            let name = ferry_tls::server_name(t, self.hostname.as_deref(), self.address.ip());
+            let name = ferry_tls::server_name(t, self.hostname.as_deref(), addr.ip());
             match tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
@@ -1442,7 +1496,7 @@ mod tests {
 
     fn endpoint(port: u16) -> Endpoint {
         Endpoint {
-            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            address: SocketAddr::from(([127, 0, 0, 1], port)).into(),
             hostname: None,
             weight: 1,
             transport_socket_match: vec![],
@@ -1521,7 +1575,7 @@ mod tests {
         let mut c = Arc::unwrap_or_clone(cluster(&[addr.port()]));
         if let ClusterKind::Static(eps) = &mut c.kind {
             for e in eps.iter_mut() {
-                e.address = addr;
+                e.address = addr.into();
             }
         }
         edit(&mut c);
@@ -1700,22 +1754,22 @@ mod tests {
         // pools for 1 and 2, and the ejection still holds.
         let new = ClusterRt::new(cluster(&[1, 2, 4]), &stats, Some(&old), &Arc::default());
         assert!(Arc::ptr_eq(&old.shared, &new.shared));
-        let kept: Vec<SocketAddr> = new
+        let kept: Vec<HostAddr> = new
             .balancer
             .load()
             .hosts()
             .iter()
-            .map(|p| p.address)
+            .map(|p| p.address.clone())
             .collect();
         assert_eq!(kept.len(), 3);
-        let picks: Vec<SocketAddr> = (0..30)
+        let picks: Vec<HostAddr> = (0..30)
             .filter_map(|_| new.pick(None))
-            .map(|p| p.address)
+            .map(|p| p.address.clone())
             .collect();
         assert!(
             !picks.contains(&victim.address),
             "the ejected endpoint is skipped"
         );
-        assert!(picks.contains(&SocketAddr::from(([127, 0, 0, 1], 4))));
+        assert!(picks.contains(&SocketAddr::from(([127, 0, 0, 1], 4)).into()));
     }
 }

@@ -74,11 +74,11 @@ pub async fn proxy<S>(
             Err(e) => {
                 pool.report_connect(false);
                 tracing::debug!(upstream.host = %pool.address, error = %e, "tcp upstream connect failed");
-                tried.push(pool.address);
+                tried.push(pool.address.clone());
                 if tried.len() < tp.max_connect_attempts as usize {
                     continue;
                 }
-                log.upstream(pool.address, None);
+                log.upstream(pool.address.clone(), None);
                 // Envoy's TCP proxy reports its connect attempts spent, too.
                 log.flag("UF");
                 log.flag("URX");
@@ -87,7 +87,7 @@ pub async fn proxy<S>(
             }
         }
     };
-    log.upstream(pool.address, up.local_addr());
+    log.upstream(pool.address.clone(), up.local_addr());
     if let Some(m) = &istio {
         m.opened.fetch_add(1, Ordering::Relaxed);
     }

@@ -272,18 +272,34 @@ pub fn client_cert_info(
     )))
 }
 
-/// An upstream connection: plaintext or TLS.
+/// An upstream connection: plaintext or TLS, over TCP or a Unix socket
+/// (a `pipe` endpoint).
 pub enum UpstreamIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Unix(tokio::net::UnixStream),
+    UnixTls(Box<tokio_rustls::client::TlsStream<tokio::net::UnixStream>>),
+}
+
+/// Runs `$e` on whichever stream the connection is.
+macro_rules! each_io {
+    ($io:expr, $s:ident => $e:expr) => {
+        match $io {
+            UpstreamIo::Plain($s) => $e,
+            UpstreamIo::Tls($s) => $e,
+            UpstreamIo::Unix($s) => $e,
+            UpstreamIo::UnixTls($s) => $e,
+        }
+    };
 }
 
 impl UpstreamIo {
-    /// The local address of the connection.
+    /// The local address of the connection (none over a Unix socket).
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         match self {
             UpstreamIo::Plain(s) => s.local_addr().ok(),
             UpstreamIo::Tls(s) => s.get_ref().0.local_addr().ok(),
+            UpstreamIo::Unix(_) | UpstreamIo::UnixTls(_) => None,
         }
     }
 }
@@ -294,10 +310,7 @@ impl AsyncRead for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        each_io!(self.get_mut(), s => Pin::new(s).poll_read(cx, buf))
     }
 }
 
@@ -307,38 +320,23 @@ impl AsyncWrite for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        each_io!(self.get_mut(), s => Pin::new(s).poll_write(cx, buf))
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        each_io!(self.get_mut(), s => Pin::new(s).poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamIo::Plain(s) => s.is_write_vectored(),
-            UpstreamIo::Tls(s) => s.is_write_vectored(),
-        }
+        each_io!(self, s => s.is_write_vectored())
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        each_io!(self.get_mut(), s => Pin::new(s).poll_flush(cx))
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        each_io!(self.get_mut(), s => Pin::new(s).poll_shutdown(cx))
     }
 }
 

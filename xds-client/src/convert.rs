@@ -22,8 +22,10 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
 mod access_log;
+mod bootstrap;
 mod circuit_breakers;
 mod cluster;
+mod compressor;
 mod core_types;
 mod cors;
 mod coverage;
@@ -58,6 +60,7 @@ pub use route::route_config;
 pub use tls::secret;
 pub use trace::bootstrap_provider;
 
+pub use bootstrap::bootstrap_fields;
 use http_connection_manager::{HTTP_TOLERATED, http_connection_manager};
 use tcp_proxy::tcp_proxy;
 

@@ -137,7 +137,7 @@ fn cluster_settings_are_converted() {
     };
     let ports: Vec<(u16, u32, u32)> = eps
         .iter()
-        .map(|e| (e.address.port(), e.priority, e.weight))
+        .map(|e| (e.address.ip().map_or(0, |a| a.port()), e.priority, e.weight))
         .collect();
     assert_eq!(
         ports,

@@ -1,6 +1,7 @@
 //! HTTP filters (`envoy.filters.http.*`) and the connection manager's own
 //! header handling.
 
+pub mod compressor;
 pub mod cors;
 pub mod fault;
 pub mod forwarded;

@@ -51,7 +51,7 @@ impl ConnectionLog {
         }
     }
 
-    pub fn upstream(&mut self, host: SocketAddr, local: Option<SocketAddr>) {
+    pub fn upstream(&mut self, host: ferry_model::cluster::HostAddr, local: Option<SocketAddr>) {
         if let Some(i) = self.info() {
             i.upstream_host = Some(host);
             i.upstream_local = local;

@@ -18,7 +18,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{Value, json};
 
-use super::listeners::socket_address;
+use super::listeners::host_address;
 use super::{Query, json, text};
 use crate::cluster::{ClusterRt, EndpointPool};
 use crate::lb::HostMeta;
@@ -200,7 +200,7 @@ fn cluster_json(c: &ClusterRt, added_via_api: bool) -> Value {
                 health["failed_outlier_check"] = json!(true);
             }
             let mut h = json!({
-                "address": socket_address(p.address),
+                "address": host_address(&p.address),
                 "stats": stats,
                 "health_status": health,
                 "weight": m.weight,

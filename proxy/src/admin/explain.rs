@@ -661,6 +661,11 @@ fn explain_http(
                 v["type"] = json!("istio.stats");
                 v["reporter"] = json!(s.reporter.as_str());
             }
+            HttpFilterConfig::Compressor(c) => {
+                v["type"] = json!("envoy.filters.http.compressor");
+                v["encoding"] = json!(c.library.encoding());
+                v["disabled_on_route"] = json!(r.is_some_and(|r| r.compressor_disabled(&f.name)));
+            }
         }
         filters.push(v);
     }

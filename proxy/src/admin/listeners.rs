@@ -14,6 +14,14 @@ pub(super) fn socket_address(a: std::net::SocketAddr) -> Value {
     json!({"socket_address": {"address": a.ip().to_string(), "port_value": a.port()}})
 }
 
+/// An endpoint's address as Envoy's JSON shows it (`pipe` for a Unix socket).
+pub(super) fn host_address(a: &ferry_model::cluster::HostAddr) -> Value {
+    match a {
+        ferry_model::cluster::HostAddr::Ip(a) => socket_address(*a),
+        ferry_model::cluster::HostAddr::Pipe(p) => json!({"pipe": {"path": p.0.as_ref()}}),
+    }
+}
+
 pub(super) fn respond(rt: &Runtime, q: &Query) -> Response<Full<Bytes>> {
     let snap = rt.snapshot.load();
     if q.get("format") == Some("json") {

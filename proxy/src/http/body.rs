@@ -449,6 +449,8 @@ pub enum ResponseBodyError {
     Timeout,
     #[error("stream idle timeout while streaming the response")]
     Idle,
+    #[error("compressing the response: {0}")]
+    Compress(#[source] std::io::Error),
 }
 
 impl DeadlineBody {

@@ -45,9 +45,20 @@ pub struct ResponseHooks {
     set: HeaderMap,
     /// The external authorizer's changes, applied after.
     edits: Vec<super::ext_authz::Edit>,
+    /// The compressor filters passed (their encode side runs in `handle`).
+    pub compressors: super::compressor::Plan,
 }
 
 impl ResponseHooks {
+    /// The encode side of the filters passed, on a response: its headers,
+    /// and the compressors to run once the response is final.
+    pub fn attach<B>(&self, resp: &mut Response<B>) {
+        self.apply(resp.headers_mut());
+        if !self.compressors.is_empty() {
+            resp.extensions_mut().insert(self.compressors.clone());
+        }
+    }
+
     pub fn apply(&self, headers: &mut HeaderMap) {
         for (k, v) in &self.set {
             headers.insert(k.clone(), v.clone());
@@ -138,6 +149,18 @@ impl<'a> PerRoute<'a> {
         self.entry
             .and_then(|e| e.filters.rbac(filter))
             .or_else(|| self.route.and_then(|r| r.rbac_override(filter)))
+    }
+
+    /// Whether `CompressorPerRoute` turns the compressor `filter` off.
+    pub fn compressor_disabled(&self, filter: &str) -> bool {
+        let entry = self.entry.and_then(|e| {
+            e.filters
+                .compressor
+                .iter()
+                .find(|(n, _)| n == filter)
+                .map(|(_, off)| *off)
+        });
+        entry.unwrap_or_else(|| self.route.is_some_and(|r| r.compressor_disabled(filter)))
     }
 
     pub fn jwt(&self, filter: &str) -> Option<&'a JwtPerRoute> {

@@ -7,6 +7,7 @@
 
 pub mod body;
 mod client;
+mod compressor;
 mod edge;
 pub(crate) mod ext_authz;
 mod fault;
@@ -442,7 +443,9 @@ fn authority(req: &Request<Incoming>) -> String {
 
 /// The response body as it goes downstream: metered for Istio's metrics,
 /// tracked as its stream's end.
-type Downstream = lifetime::Tracked<crate::metrics::Metered<observe::ObservedBody<ResponseBody>>>;
+type Downstream = lifetime::Tracked<
+    crate::metrics::Metered<observe::ObservedBody<compressor::CompressBody<ResponseBody>>>,
+>;
 
 async fn handle(
     ctx: Arc<ConnCtx>,
@@ -593,7 +596,22 @@ async fn handle(
     if let Some(hcm) = hcm_of(&chain) {
         hcm.server_header.apply(resp.headers_mut());
     }
-    obs.response(&mut resp, flag, upstream, grpc);
+    // The compressors the request passed, in Envoy's encode order.
+    let compressing = match (
+        resp.extensions_mut().remove::<compressor::Plan>(),
+        hcm_of(&chain),
+    ) {
+        // A tunnel (an upgrade or CONNECT) carries bytes, not a body to encode.
+        (Some(plan), Some(hcm))
+            if !plan.is_empty() && !upgrade && method != http::Method::CONNECT =>
+        {
+            let status = resp.status().as_u16();
+            let end = http_body::Body::is_end_stream(resp.body());
+            compressor::encode(&ctx.rt.stats, hcm, &plan, status, resp.headers_mut(), end)
+        }
+        _ => None,
+    };
+    obs.response(&mut resp, flag, upstream.clone(), grpc);
     if let Some(local) = resp.extensions_mut().remove::<LocalBody>()
         && grpc
     {
@@ -677,11 +695,21 @@ async fn handle(
         );
     }
     Ok(resp.map(|b| {
-        lifetime::Tracked::new(crate::metrics::Metered::new(obs.body(b), metered), stream)
+        lifetime::Tracked::new(
+            crate::metrics::Metered::new(
+                obs.body(compressor::CompressBody::new(b, compressing)),
+                metered,
+            ),
+            stream,
+        )
     }))
 }
 
-type Routed = (Response<ResponseBody>, &'static str, Option<SocketAddr>);
+type Routed = (
+    Response<ResponseBody>,
+    &'static str,
+    Option<ferry_model::cluster::HostAddr>,
+);
 
 /// A request after the connection manager's path normalization.
 enum Normalized {
@@ -932,7 +960,7 @@ async fn route_request(
         if let Ok(v) = HeaderValue::from_str(&format!("https://{host}{path}")) {
             resp.headers_mut().insert(LOCATION, v);
         }
-        on_response.apply(resp.headers_mut());
+        on_response.attach(&mut resp);
         return (resp, "", None);
     }
     let Some(route) = route else {
@@ -941,7 +969,7 @@ async fn route_request(
             status: StatusCode::NOT_FOUND,
             body: None,
         });
-        on_response.apply(resp.headers_mut());
+        on_response.attach(&mut resp);
         return (resp, "NR", None);
     };
     let (mut resp, flag, upstream) = match &route.action {
@@ -995,7 +1023,7 @@ async fn route_request(
             .await;
             let (mut resp, flag, upstream) = routed;
             let fctx = FormatContext {
-                upstream_remote: upstream,
+                upstream_remote: upstream.as_ref().and_then(|h| h.ip()),
                 ..fctx
             };
             if let Some(rh) = &request_headers {
@@ -1007,7 +1035,7 @@ async fn route_request(
                     .response_headers
                     .apply(resp.headers_mut(), &fctx, Some(rh));
             }
-            on_response.apply(resp.headers_mut());
+            on_response.attach(&mut resp);
             return (resp, flag, upstream);
         }
     };
@@ -1016,7 +1044,7 @@ async fn route_request(
             .response_headers
             .apply(resp.headers_mut(), &fctx, Some(req.headers()));
     }
-    on_response.apply(resp.headers_mut());
+    on_response.attach(&mut resp);
     (resp, flag, upstream)
 }
 
@@ -1058,7 +1086,7 @@ async fn run_filters<'r>(
                     fault::Applied::Aborted(resp) => (resp, if delayed { "DI,FI" } else { "FI" }),
                     fault::Applied::DelayedAborted(resp) => (resp, "DI,FI"),
                 };
-                on_response.apply(resp.headers_mut());
+                on_response.attach(&mut resp);
                 return Err((resp, flag, None));
             }
             HttpFilterConfig::Cors => {
@@ -1067,7 +1095,7 @@ async fn run_filters<'r>(
                 if let Some(mut resp) = filters::cors(ctx, hcm, &policies, req, &mut on_response) {
                     // Back through the filters before it (none of its own
                     // simple-request headers are pending).
-                    on_response.apply(resp.headers_mut());
+                    on_response.attach(&mut resp);
                     return Err((resp, "", None));
                 }
             }
@@ -1076,7 +1104,7 @@ async fn run_filters<'r>(
                 if let Some(mut resp) =
                     filters::local_ratelimit(ctx, cfg, route, cluster, req, fctx, &mut on_response)
                 {
-                    on_response.apply(resp.headers_mut());
+                    on_response.attach(&mut resp);
                     return Err((resp, "RL", None));
                 }
             }
@@ -1090,7 +1118,7 @@ async fn run_filters<'r>(
                     req,
                     request_metadata.as_ref(),
                 ) {
-                    on_response.apply(resp.headers_mut());
+                    on_response.attach(&mut resp);
                     return Err((resp, "", None));
                 }
             }
@@ -1124,6 +1152,11 @@ async fn run_filters<'r>(
                     }
                 }
             }
+            HttpFilterConfig::Compressor(cfg) => {
+                if !per_route.compressor_disabled(&f.name) {
+                    on_response.compressors.decode(cfg, req);
+                }
+            }
             HttpFilterConfig::JwtAuthn(cfg) => {
                 match filters::jwt_authn(
                     ctx,
@@ -1142,7 +1175,7 @@ async fn run_filters<'r>(
                     }
                     Err(resp) => {
                         let mut resp = *resp;
-                        on_response.apply(resp.headers_mut());
+                        on_response.attach(&mut resp);
                         return Err((resp, "", None));
                     }
                 }
@@ -1515,7 +1548,7 @@ async fn forward(
         .per_try_timeout
         .or(policy.and_then(|p| p.per_try_timeout))
         .filter(|t| timeout.is_none_or(|g| *t < g));
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut tried: Vec<ferry_model::cluster::HostAddr> = Vec::new();
     let mut pool = pool;
     let mut parts = Some(parts);
     let retry_counter = |n: &str| ctx.rt.stats.counter(&format!("cluster.{name}.{n}"));
@@ -1531,7 +1564,7 @@ async fn forward(
             (Some(p), false) => copy_request(p, body),
             _ => match parts.take() {
                 Some(p) => Request::from_parts(p, body),
-                None => break (Attempt::Failed(None), pool.address),
+                None => break (Attempt::Failed(None), pool.address.clone()),
             },
         };
         let mut upstream_req = upstream_req;
@@ -1556,8 +1589,8 @@ async fn forward(
         }
         obs.attempt(&mut upstream_req);
         crt.stats.upstream_rq_total.inc();
-        let address = pool.address;
-        tried.push(address);
+        let address = pool.address.clone();
+        tried.push(address.clone());
         let send = async {
             if use_h2 {
                 pool.send_h2(upstream_req).await
@@ -1580,7 +1613,7 @@ async fn forward(
             a = attempt => a,
             kind = &mut global => Attempt::GlobalTimeout(kind),
         };
-        obs.attempt_ended(&attempt, address);
+        obs.attempt_ended(&attempt, &address);
         let outcome = match &attempt {
             Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
             Attempt::PerTryTimeout => {
@@ -1917,7 +1950,7 @@ fn retry_host(
     crt: &ClusterRt,
     policy: &ferry_model::RetryPolicy,
     hash: Option<u64>,
-    tried: &[SocketAddr],
+    tried: &[ferry_model::cluster::HostAddr],
 ) -> Option<Arc<EndpointPool>> {
     let avoid = if policy.previous_hosts && policy.host_selection_max_attempts > 0 {
         tried
@@ -1946,7 +1979,7 @@ fn respond(
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
     timers: Timers,
     flag: &'static str,
-    address: SocketAddr,
+    address: ferry_model::cluster::HostAddr,
 ) -> Routed {
     crt.stats.status(resp.status().as_u16());
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

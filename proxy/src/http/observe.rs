@@ -8,7 +8,6 @@
 //! without access logs or tracing.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -245,7 +244,11 @@ impl Observer {
     }
 
     /// An upstream attempt ended (with an answer, a failure or a timeout).
-    pub(super) fn attempt_ended(&mut self, attempt: &super::Attempt, address: SocketAddr) {
+    pub(super) fn attempt_ended(
+        &mut self,
+        attempt: &super::Attempt,
+        address: &ferry_model::cluster::HostAddr,
+    ) {
         let Some(rec) = self.0.as_mut() else {
             return;
         };
@@ -287,7 +290,7 @@ impl Observer {
         &mut self,
         resp: &mut Response<B>,
         flags: &str,
-        upstream: Option<SocketAddr>,
+        upstream: Option<ferry_model::cluster::HostAddr>,
         grpc: bool,
     ) {
         let Some(rec) = self.0.as_mut() else {

@@ -242,7 +242,7 @@ impl RequestTrace {
         status: u16,
         flags: &str,
         protocol: &str,
-        address: std::net::SocketAddr,
+        address: &ferry_model::cluster::HostAddr,
         cluster: &str,
     ) {
         let Some(mut s) = self.attempt.take() else {

@@ -180,10 +180,10 @@ impl Ctx<'_> {
 #[cfg_attr(not(test), allow(dead_code))]
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
-        access_log, circuit_breakers, cluster, core_types, cors, endpoint, ext_authz, fault,
-        filter_chain_matcher as fcm, header_mutation, http_connection_manager, http_protocol,
-        jwt_authn, lb_config, listener, local_ratelimit, matcher, outlier_detection, per_filter,
-        rbac, retry, route, tcp_proxy, tls, trace, upstream_protocol,
+        access_log, bootstrap, circuit_breakers, cluster, compressor, core_types, cors, endpoint,
+        ext_authz, fault, filter_chain_matcher as fcm, header_mutation, http_connection_manager,
+        http_protocol, jwt_authn, lb_config, listener, local_ratelimit, matcher, outlier_detection,
+        per_filter, rbac, retry, route, tcp_proxy, tls, trace, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -210,6 +210,20 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &fcm::XDS_REGEX_MATCHER,
         &http_connection_manager::HCM,
         &http_connection_manager::UPGRADE_CONFIG,
+        &bootstrap::BOOTSTRAP,
+        &bootstrap::STATS_CONFIG,
+        &bootstrap::OVERLOAD_MANAGER,
+        &bootstrap::CLUSTER_MANAGER,
+        &bootstrap::ADMIN,
+        &compressor::COMPRESSOR,
+        &compressor::COMMON_DIRECTION,
+        &compressor::REQUEST_DIRECTION,
+        &compressor::RESPONSE_DIRECTION,
+        &compressor::RUNTIME_FEATURE_FLAG,
+        &compressor::COMPRESSOR_PER_ROUTE,
+        &compressor::GZIP,
+        &compressor::BROTLI,
+        &compressor::ZSTD,
         &http_protocol::COMMON_HTTP_PROTOCOL_OPTIONS,
         &http_protocol::HTTP1_PROTOCOL_OPTIONS,
         &http_protocol::HTTP2_PROTOCOL_OPTIONS,
@@ -268,6 +282,7 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &tls::SECRET,
         &core_types::ADDRESS,
         &core_types::SOCKET_ADDRESS,
+        &core_types::PIPE,
         &core_types::CIDR_RANGE,
         &core_types::TRANSPORT_SOCKET,
         &core_types::DATA_SOURCE,

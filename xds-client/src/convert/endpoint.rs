@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::config::endpoint::v3 as endpoint_pb;
 use ferry_model as m;
 
-use super::core_types::{ip_socket, socket_address, value_string};
+use super::core_types::{host_addr, socket_address, value_string};
 use super::coverage::{fields, path};
 use super::{ConvertError, Ctx, Warnings, duration};
 
@@ -45,7 +45,7 @@ fields!(pub(super) static LB_ENDPOINT = "envoy.config.endpoint.v3.LbEndpoint" {
 });
 
 fields!(pub(super) static ENDPOINT = "envoy.config.endpoint.v3.Endpoint" {
-    "address": applied "a TCP socket address",
+    "address": applied "a TCP socket address, or a Unix socket (pipe) in STATIC and EDS clusters",
     "health_check_config": inert "read only by active health checks, which are refused",
     "hostname": applied "auto_host_sni and auto_host_rewrite",
     "additional_addresses": warned "connections use the endpoint's address only",
@@ -222,7 +222,7 @@ pub(super) fn endpoints(
     // priority's size when Envoy computes the healthy share.
     let mut out = Vec::new();
     for entry in entries(ctx, field, cla)? {
-        let address = ip_socket(ctx, &entry.field, entry.address)?;
+        let address = host_addr(ctx, &entry.field, entry.address)?;
         let e = entry.e;
         let transport_socket_match = e
             .metadata

@@ -25,8 +25,8 @@ use super::istio::{self, ISTIO_STATS_TYPE, ISTIO_TOLERATED, WASM_TYPES, istio_st
 use super::local_ratelimit::{RATELIMIT_TYPE, local_ratelimit};
 use super::route::route_config_in;
 use super::{
-    ConvertError, Ctx, Typed, access_log, ext_authz, http_protocol, jwt_authn, rbac, timeout_or,
-    trace,
+    ConvertError, Ctx, Typed, access_log, compressor, ext_authz, http_protocol, jwt_authn, rbac,
+    timeout_or, trace,
 };
 
 fields!(pub(super) static HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" {
@@ -493,6 +493,19 @@ pub(super) fn http_connection_manager(
                 http_filters.push(m::HttpFilter {
                     name: hf.name.clone(),
                     config: m::HttpFilterConfig::Rbac(Arc::new(rbac::http_rbac(ctx, &tf, &cfg)?)),
+                });
+            }
+            compressor::COMPRESSOR_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "the compressor filter needs a typed_config"));
+                };
+                let cfg = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::Compressor(Arc::new(compressor::compressor(
+                        ctx, &tf, &cfg,
+                    )?)),
                 });
             }
             jwt_authn::JWT_AUTHN_TYPE => {

@@ -16,7 +16,7 @@ use super::coverage::{fields, path};
 use super::fault::{FAULT_TYPE, fault_config};
 use super::istio::{ISTIO_TOLERATED, WASM_TYPES};
 use super::local_ratelimit::{RATELIMIT_TYPE, disabled_ratelimit, local_ratelimit};
-use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, ext_authz, jwt_authn, rbac};
+use super::{ConvertError, Ctx, HTTP_TOLERATED, Typed, compressor, ext_authz, jwt_authn, rbac};
 
 const FILTER_CONFIG_TYPE: &str = "envoy.config.route.v3.FilterConfig";
 
@@ -74,6 +74,7 @@ pub(super) fn per_filter_configs(
                             ..Default::default()
                         },
                     ));
+                    out.compressor.push((name.clone(), true));
                     continue;
                 }
                 // Enabling a filter the connection manager disabled: Ferry's
@@ -143,6 +144,10 @@ pub(super) fn per_filter_configs(
                     ext_authz::per_route(ctx, &ef, typed)?
                 };
                 out.ext_authz.push((name.clone(), cfg));
+            }
+            compressor::COMPRESSOR_PER_ROUTE_TYPE => {
+                let off = disabled || compressor::per_route(ctx, &ef, typed)?;
+                out.compressor.push((name.clone(), off));
             }
             // A Wasm filter's per-route configuration: the filter itself is
             // refused unless Istio's built-in or failing open.

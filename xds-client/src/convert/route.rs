@@ -657,6 +657,7 @@ fn route(
         rbac_overrides: filters.rbac,
         jwt_overrides: filters.jwt,
         ext_authz_overrides: filters.ext_authz,
+        compressor_overrides: filters.compressor,
         rate_limits: rate,
         vhost_rate_limits: Arc::default(),
         hash_policy: hash,
@@ -1278,6 +1279,7 @@ impl VhostDefaults {
             inherit(&mut rt.rbac_overrides, &level.rbac);
             inherit(&mut rt.jwt_overrides, &level.jwt);
             merge_ext_authz(&mut rt.ext_authz_overrides, &level.ext_authz);
+            inherit(&mut rt.compressor_overrides, &level.compressor);
             inherit(&mut rt.ratelimit_overrides, &level.ratelimit);
             // CORS settings fall back field by field: every level is kept,
             // most specific first.

@@ -528,6 +528,35 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.rbac.v3.Principal", _) => l(hcm!(
             "http_filters[3].typed_config@.rules.policies{p}.principals[0]"
         )),
+        ("envoy.extensions.filters.http.compressor.v3.Compressor", _) => {
+            l(hcm!("http_filters[7].typed_config@"))
+        }
+        ("envoy.extensions.filters.http.compressor.v3.Compressor.CommonDirectionConfig", _) => l(
+            hcm!("http_filters[7].typed_config@.response_direction_config.common_config"),
+        ),
+        ("envoy.extensions.filters.http.compressor.v3.Compressor.ResponseDirectionConfig", _) => l(
+            hcm!("http_filters[7].typed_config@.response_direction_config"),
+        ),
+        ("envoy.extensions.filters.http.compressor.v3.Compressor.RequestDirectionConfig", _) => s(
+            LISTENER,
+            hcm!("http_filters[7].typed_config@.request_direction_config"),
+            Some(r#"{"common_config": {"enabled": {"default_value": false}}}"#),
+        ),
+        ("envoy.config.core.v3.RuntimeFeatureFlag", _) => l(hcm!(
+            "http_filters[7].typed_config@.response_direction_config.common_config.enabled"
+        )),
+        ("envoy.extensions.filters.http.compressor.v3.CompressorPerRoute", _) => {
+            l(route0!(".typed_per_filter_config{comp}@"))
+        }
+        ("envoy.extensions.compression.gzip.compressor.v3.Gzip", _) => l(hcm!(
+            "http_filters[7].typed_config@.compressor_library.typed_config@"
+        )),
+        ("envoy.extensions.compression.brotli.compressor.v3.Brotli", _) => l(hcm!(
+            "http_filters[8].typed_config@.compressor_library.typed_config@"
+        )),
+        ("envoy.extensions.compression.zstd.compressor.v3.Zstd", _) => l(hcm!(
+            "http_filters[9].typed_config@.compressor_library.typed_config@"
+        )),
         ("envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication", _) => {
             l(hcm!("http_filters[4].typed_config@"))
         }
@@ -685,6 +714,10 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.config.endpoint.v3.Endpoint", _) => c(
             "load_assignment.endpoints[0].lb_endpoints[0].endpoint",
             None,
+        ),
+        ("envoy.config.core.v3.Pipe", _) => c(
+            "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe",
+            Some(r#"{"path": "/run/x.sock"}"#),
         ),
         _ => None,
     }
@@ -1018,11 +1051,17 @@ fn refused_and_warned_fields_are_refused_and_warned_by_name() {
     // The bootstrap's `tracing` is read from a bootstrap, which the probe
     // does not build (its provider is the connection manager's, probed).
     // ext_authz's BufferSettings is only read under `with_request_body`,
-    // which is refused (probed on ExtAuthz).
+    // which is refused (probed on ExtAuthz). The bootstrap's own fields
+    // likewise (`convert/bootstrap.rs`, tested in `bootstrap.rs`).
     let exempt = [
         "envoy.config.cluster.v3.Filter",
         "envoy.config.trace.v3.Tracing",
         "envoy.extensions.filters.http.ext_authz.v3.BufferSettings",
+        "envoy.config.bootstrap.v3.Bootstrap",
+        "envoy.config.metrics.v3.StatsConfig",
+        "envoy.config.overload.v3.OverloadManager",
+        "envoy.config.bootstrap.v3.ClusterManager",
+        "envoy.config.bootstrap.v3.Admin",
     ];
     unprobed.retain(|m| !exempt.contains(m));
     assert!(
