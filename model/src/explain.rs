@@ -491,6 +491,7 @@ mod tests {
                     hash_source_ip: false,
                 }),
                 istio_stats: None,
+                metadata_exchange: None,
                 request_buffer_limit: None,
             })
         };

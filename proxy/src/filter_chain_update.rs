@@ -488,6 +488,7 @@ mod tests {
             rbac: rbac.map(allow_only).into_iter().collect(),
             kind,
             istio_stats: None,
+            metadata_exchange: None,
             request_buffer_limit: None,
         })
     }

@@ -1,6 +1,8 @@
 //! Istio's own extensions: `istio.stats` (converted: Ferry reports Istio's
-//! metrics) and the filters Ferry recognises without implementing them
-//! (peer metadata exchange, alpn, authn, Wasm), accepted with a warning.
+//! metrics), the TCP metadata exchange (`istio.metadata_exchange`, on
+//! listeners and as an upstream cluster filter: converted, Ferry speaks it)
+//! and the filters Ferry recognises without implementing them (HTTP peer
+//! metadata, alpn, authn, Wasm), accepted with a warning.
 
 use ferry_model as m;
 use prost::Message;
@@ -10,7 +12,6 @@ use super::{Ctx, Typed};
 /// Type URLs of Istio's own extensions: recognised, not (yet) implemented,
 /// never a reason to reject a listener.
 pub(super) const ISTIO_TOLERATED: &[&str] = &[
-    "envoy.tcp.metadataexchange.config.MetadataExchange",
     "io.istio.http.peer_metadata.Config",
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
     "io.istio.network.authn.Config",
@@ -18,6 +19,46 @@ pub(super) const ISTIO_TOLERATED: &[&str] = &[
     "envoy.extensions.filters.network.wasm.v3.Wasm",
     "envoy.extensions.filters.http.wasm.v3.Wasm",
 ];
+
+/// Istio's TCP metadata exchange configuration type.
+pub(super) const METADATA_EXCHANGE_TYPE: &str =
+    "envoy.tcp.metadataexchange.config.MetadataExchange";
+
+/// `envoy.tcp.metadataexchange.config.MetadataExchange`: the ALPN protocol
+/// under which the exchange is spoken. `enable_discovery` and
+/// `additional_labels` (ambient's workload discovery when a peer sends no
+/// metadata) only change which labels an unknown peer gets; left out.
+#[derive(Clone, PartialEq, Message)]
+struct MetadataExchange {
+    #[prost(string, tag = "1")]
+    protocol: String,
+}
+
+/// The protocol of a metadata exchange filter; an empty one is Istio's
+/// `istio-peer-exchange` (what istiod always sets).
+pub(super) fn metadata_exchange(
+    ctx: &Ctx<'_>,
+    field: &str,
+    typed: Typed,
+) -> Result<String, super::ConvertError> {
+    let protocol = match typed {
+        Typed::Proto { bytes, .. } => {
+            MetadataExchange::decode(bytes.as_slice())
+                .map_err(|e| ctx.err(format!("{field}.typed_config"), e.to_string()))?
+                .protocol
+        }
+        Typed::Json { json, .. } => json
+            .get("protocol")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+    };
+    Ok(if protocol.is_empty() {
+        "istio-peer-exchange".to_string()
+    } else {
+        protocol
+    })
+}
 
 /// Istio's `istio.stats` configuration type.
 pub(super) const ISTIO_STATS_TYPE: &str = "stats.PluginConfig";

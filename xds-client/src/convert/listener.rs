@@ -12,7 +12,9 @@ use ferry_model as m;
 
 use super::core_types::{cidr, ip_socket};
 use super::coverage::{fields, path};
-use super::istio::{ISTIO_STATS_TYPE, ISTIO_TOLERATED, istio_stats};
+use super::istio::{
+    ISTIO_STATS_TYPE, ISTIO_TOLERATED, METADATA_EXCHANGE_TYPE, istio_stats, metadata_exchange,
+};
 use super::rbac;
 use super::tls::downstream_tls;
 use super::{
@@ -537,6 +539,7 @@ fn filter_chain(
     let mut network_rbac = Vec::new();
     let mut rbac_at = Vec::new();
     let mut stats = None;
+    let mut exchange = None;
     for (i, f) in filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
         let listener_pb::Filter {
@@ -588,6 +591,7 @@ fn filter_chain(
                 terminal = Some(m::ChainKind::Http(hcm));
             }
             ISTIO_STATS_TYPE => stats = Some(istio_stats(ctx, typed)),
+            METADATA_EXCHANGE_TYPE => exchange = Some(metadata_exchange(ctx, &ff, typed)?),
             t if ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,
@@ -636,6 +640,7 @@ fn filter_chain(
         rbac: network_rbac,
         kind,
         istio_stats: stats,
+        metadata_exchange: exchange,
         request_buffer_limit,
     })
 }
