@@ -9,6 +9,9 @@ Scenarios:
   http1  wrk, HTTP/1.1 keep-alive, 50 connections        -> listener "http1" -> cluster backend (HTTP/1.1)
   h2     h2load, h2c prior knowledge, 10 conns x 10 streams -> listener "h2" -> cluster backend_h2 (h2c)
   tcp    bench-tcp-client, 64-byte echo request/response   -> listener "tcp" (tcp_proxy) -> backend_tcp
+  observe  as http1, with tracing (OpenTelemetry over OTLP/gRPC, 1% random sampling, to a sink
+         this harness serves) and a file access log (Envoy's default format) on the listener:
+         compare its rps and CPU per request with http1's (both off) from the same run
 
 Both proxies get the same Envoy v3 static bootstrap, are pinned to one core and
 run one worker; the load generator and the backend share the other core. Every
@@ -44,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("FERRY_TOOLS", REPO / "target" / "tools"))
-SCENARIOS = ("http1", "h2", "tcp", "istio20", "mtls", "handshake", "resume", "idle")
+SCENARIOS = ("http1", "h2", "tcp", "istio20", "mtls", "handshake", "resume", "idle", "observe")
 # Scenarios with two proxies: a client sidecar in front of a server sidecar.
 TWO_PROXY = ("mtls",)
 # Scenarios without a direct target (the backend speaks no TLS).
@@ -226,19 +229,21 @@ class Ports:
     istio20: int
     mtls: int
     mtls_out: int
+    observe: int
     # Where the client sidecar's mTLS cluster points: the server sidecar's mTLS
     # listener (its own when the process plays both roles).
     mtls_peer: int = 0
 
     @staticmethod
     def fresh() -> Ports:
-        p = Ports(*(free_port() for _ in range(7)))
+        p = Ports(*(free_port() for _ in range(8)))
         p.mtls_peer = p.mtls
         return p
 
     def for_scenario(self, scenario: str) -> int:
         return {
             "http1": self.http1,
+            "observe": self.observe,
             "h2": self.h2,
             "tcp": self.tcp,
             "istio20": self.istio20,
@@ -300,7 +305,32 @@ def make_certs(dir: Path, key: str) -> Certs:
     return Certs(dir, key)
 
 
-def http_listener(name: str, port: int, cluster: str) -> str:
+# Where the observe scenario's spans go (an OTLP/gRPC sink in this process) and its
+# access log file; set by run() before any proxy starts.
+OBSERVE = {"otlp_port": 0, "access_log": "/dev/null"}
+
+
+def observe_block() -> str:
+    """Tracing at 1% to the OTLP sink and a file access log, as istiod would set them
+    (Telemetry API, OpenTelemetry provider, randomSamplingPercentage: 1)."""
+    return f"""\
+          tracing:
+            random_sampling: {{ value: 1 }}
+            provider:
+              name: envoy.tracers.opentelemetry
+              typed_config:
+                "@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
+                grpc_service: {{ envoy_grpc: {{ cluster_name: otlp }}, timeout: 1s }}
+                service_name: ferry-bench
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {OBSERVE["access_log"]}
+"""
+
+
+def http_listener(name: str, port: int, cluster: str, observed: bool = False) -> str:
     return f"""\
   - name: {name}
     address:
@@ -312,7 +342,7 @@ def http_listener(name: str, port: int, cluster: str) -> str:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {name}
           codec_type: AUTO
-          route_config:
+{observe_block() if observed else ""}          route_config:
             name: {name}_routes
             virtual_hosts:
             - name: all
@@ -510,6 +540,7 @@ static_resources:
 """
         + http_listener("http1", ports.http1, "backend")
         + http_listener("h2", ports.h2, "backend_h2")
+        + http_listener("observe", ports.observe, "backend", observed=True)
         + istio_listener("istio20", ports.istio20, "backend")
         + mtls_listeners(ports, certs)
         + f"""\
@@ -528,6 +559,7 @@ static_resources:
         + static_cluster("backend", backend_http)
         + static_cluster("backend_h2", backend_http, H2_UPSTREAM)
         + static_cluster("backend_tcp", backend_echo, MANY_CONNECTIONS)
+        + static_cluster("otlp", OBSERVE["otlp_port"], H2_UPSTREAM)
         + mtls_cluster(ports, certs)
     )
 
@@ -642,7 +674,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
         return None
     pin = ["taskset", "-c", s.load_cpu]
     url = f"http://127.0.0.1:{port}/"
-    if scenario in ("http1", "mtls"):
+    if scenario in ("http1", "mtls", "observe"):
         argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency", url]
     elif scenario == "istio20":
         argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency",
@@ -676,7 +708,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
     if not measure:
         return None
     out = done.stdout + done.stderr
-    if scenario in ("http1", "istio20", "mtls"):
+    if scenario in ("http1", "istio20", "mtls", "observe"):
         return parse_wrk(out)
     if scenario == "h2":
         try:
@@ -1049,6 +1081,8 @@ SCENARIO_TITLE = {
     "handshake": "new mTLS connections (bench-tls-client, {tlsc} in flight: full handshake with client certificate, "
     "one request, close; rps = handshakes/s, CPU per 1k handshakes)",
     "resume": "resumed mTLS connections (as handshake, offering the server's session tickets again)",
+    "observe": "HTTP/1.1 as http1 with tracing at 1% (OpenTelemetry, OTLP/gRPC to a sink) and a file access log "
+    "(wrk, {wrk} connections; compare with http1 of the same run)",
 }
 
 
@@ -1249,7 +1283,7 @@ def check_tools(args) -> list[str]:
     notes: list[str] = []
     missing = []
     need = {"taskset": "apt-get install -y util-linux"}
-    if any(sc in args.only for sc in ("http1", "istio20", "mtls")):
+    if any(sc in args.only for sc in ("http1", "istio20", "mtls", "observe")):
         need["wrk"] = "apt-get install -y wrk"
     if "h2" in args.only:
         need["h2load"] = "apt-get install -y nghttp2-client"
@@ -1331,7 +1365,28 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def otlp_sink() -> int:
+    """An OTLP/gRPC trace collector that takes every export and keeps nothing (grpcio,
+    generic handler: no generated code). Its CPU is the harness's, not the proxy's."""
+    import concurrent.futures
+
+    import grpc
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {"Export": grpc.unary_unary_rpc_method_handler(lambda _req, _ctx: b"")},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    atexit.register(server.stop, None)
+    return port
+
+
 def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
+    OBSERVE["otlp_port"] = otlp_sink()
+    OBSERVE["access_log"] = str(tmp / "observe-access.log")
     certs = make_certs(tmp / "certs", args.tls_key)
     if "envoy" in args.targets:
         validate_envoy_config(args, tmp, certs)

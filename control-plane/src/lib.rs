@@ -7,6 +7,7 @@
 //! [`pilot`] for sidecars and gateways.
 
 pub mod ca;
+pub mod explain;
 pub mod inject;
 pub mod istio;
 pub mod local;

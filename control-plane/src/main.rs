@@ -77,6 +77,12 @@ enum Command {
         #[command(flatten)]
         inject: InjectArgs,
     },
+    /// What a request would get from a pod's proxy, and why, from the
+    /// configuration ferry-pilot would send it: listener, filter chain,
+    /// virtual host, route (and why earlier ones did not match), weighted
+    /// choice, cluster, endpoints, retry and timeout policy, RBAC and JWT
+    /// verdicts. Prints the same JSON as the proxy's `/explain`.
+    Explain(ExplainArgs),
     /// Validates a directory of Istio configuration like `istioctl analyze`;
     /// exits non-zero on errors.
     Analyze {
@@ -192,6 +198,139 @@ struct WebhookArgs {
     webhook_config: Option<String>,
     #[command(flatten)]
     inject: InjectArgs,
+}
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    /// Directory of Kubernetes and Istio YAML (as `serve --config`).
+    #[arg(long)]
+    config: PathBuf,
+    #[command(flatten)]
+    mesh: MeshArgs,
+    /// The pod whose proxy answers: NAME or NAME.NAMESPACE.
+    #[arg(long, required_unless_present = "label")]
+    pod: Option<String>,
+    /// The pod's namespace (when --pod does not name it).
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// A workload label KEY=VALUE (repeatable): the workload of a pod with
+    /// these labels, when no --pod is given.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    label: Vec<String>,
+    /// The pod runs an ingress gateway (a `router` node), not a sidecar.
+    #[arg(long)]
+    gateway: bool,
+    /// The request's method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// The request's authority (Host); `ip:port` also names the destination.
+    #[arg(long)]
+    authority: Option<String>,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// A request header NAME:VALUE (repeatable).
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    header: Vec<String>,
+    /// The client's address, ip:port.
+    #[arg(long)]
+    source: Option<String>,
+    /// The address the client connects to, ip:port (before any redirect).
+    #[arg(long)]
+    destination: Option<String>,
+    /// Explain from this listener instead of by destination.
+    #[arg(long)]
+    listener: Option<String>,
+    /// The connection is TLS with this SNI.
+    #[arg(long)]
+    sni: Option<String>,
+    /// The client certificate's URI SAN (a SPIFFE identity): the
+    /// connection is mutual TLS.
+    #[arg(long)]
+    principal: Option<String>,
+    /// TLS ALPN protocols the client offers, comma-separated.
+    #[arg(long)]
+    alpn: Option<String>,
+    /// Whether the connection is TLS (implied by --sni and --principal).
+    #[arg(long)]
+    tls: Option<bool>,
+    /// `http/1.0`, `http/1.1` or `h2c`: what the HTTP inspector sees.
+    #[arg(long)]
+    protocol: Option<String>,
+}
+
+impl ExplainArgs {
+    /// The request as `/explain`'s query parameters.
+    fn query(&self) -> Vec<(String, String)> {
+        let mut q = vec![
+            ("method".to_string(), self.method.clone()),
+            ("path".to_string(), self.path.clone()),
+        ];
+        let mut opt = |k: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                q.push((k.to_string(), v.clone()));
+            }
+        };
+        opt("authority", &self.authority);
+        opt("source", &self.source);
+        opt("destination", &self.destination);
+        opt("listener", &self.listener);
+        opt("sni", &self.sni);
+        opt("principal", &self.principal);
+        opt("alpn", &self.alpn);
+        opt("protocol", &self.protocol);
+        opt("tls", &self.tls.map(|t| t.to_string()));
+        q.extend(
+            self.header
+                .iter()
+                .map(|h| ("header".to_string(), h.clone())),
+        );
+        q
+    }
+}
+
+/// `ferry-pilot explain`: prints the explanation as JSON.
+fn explain(args: &ExplainArgs) -> anyhow::Result<()> {
+    use ferry_pilot::explain::{Subject, explain, proxy_for};
+    use ferry_pilot::istio::source::load_dir;
+    use ferry_pilot::istio::translate::Mesh;
+    let snapshot = load_dir(&args.config).with_context(|| format!("{}", args.config.display()))?;
+    let mesh = Mesh::new(&snapshot, args.mesh.options()?);
+    let (pod, namespace) = match args.pod.as_deref().map(|p| p.split_once('.')) {
+        Some(Some((pod, ns))) => (Some(pod.to_string()), ns.to_string()),
+        Some(None) => (args.pod.clone(), args.namespace.clone()),
+        None => (None, args.namespace.clone()),
+    };
+    let mut labels = std::collections::BTreeMap::new();
+    for l in &args.label {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label: expected KEY=VALUE, got {l:?}"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let subject = Subject {
+        pod,
+        namespace,
+        labels,
+        gateway: args.gateway,
+    };
+    let proxy = proxy_for(&mesh, &subject)?;
+    let who = match &subject.pod {
+        Some(p) => format!("pod {p}.{}", subject.namespace),
+        None => format!(
+            "the workload labelled {:?} in {}",
+            subject.label_text(),
+            subject.namespace
+        ),
+    };
+    if subject.pod.is_some() && proxy.ips.is_empty() {
+        anyhow::bail!("no {who} in {}", args.config.display());
+    }
+    let config = mesh.proxy_config(&proxy);
+    let answer = explain(&config, &who, &args.query())?;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string_pretty(&answer)?)?;
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -628,6 +767,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::Explain(args) => return explain(&args),
         Command::Analyze { dir, mesh } => {
             if analyze(&dir, &mesh)? {
                 return Ok(());

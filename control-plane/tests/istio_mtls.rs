@@ -103,7 +103,10 @@ fn injected_endpoints_get_auto_mtls() -> anyhow::Result<()> {
     let ctx = upstream_tls(ledger, "tlsMode-istio");
     assert_eq!(ctx.sni, "outbound_.8080_._.ledger.bank.svc.cluster.local");
     let common = ctx.common_tls_context.expect("common");
-    assert_eq!(common.alpn_protocols, ["istio-peer-exchange", "istio"]);
+    // A plain Envoy node cannot speak the TCP metadata exchange, so it
+    // does not offer its protocol (Ferry and Istio's proxy do: see
+    // `metadata_exchange_only_where_it_is_spoken`).
+    assert_eq!(common.alpn_protocols, ["istio"]);
     assert_eq!(common.tls_certificate_sds_secret_configs[0].name, "default");
     let Some(ValidationContextType::CombinedValidationContext(v)) = common.validation_context_type
     else {
@@ -360,5 +363,87 @@ fn pass_through_chains_follow_the_workload_mode() -> anyhow::Result<()> {
             (String::new(), Vec::new(), false),
         ]
     );
+    Ok(())
+}
+
+/// A proxy that speaks Istio's TCP metadata exchange (Ferry, Istio's own
+/// proxy) gets it as istiod writes it: `istio.metadata_exchange` first on
+/// the inbound mTLS chains carrying TCP (whose TLS offers
+/// `istio-peer-exchange`), and as an upstream filter of the auto-mTLS
+/// clusters offering that ALPN; a plain Envoy node gets neither the filters
+/// (it would refuse the listener) nor the ALPN (a peer would speak the
+/// exchange into its application's stream).
+#[test]
+fn metadata_exchange_only_where_it_is_spoken() -> anyhow::Result<()> {
+    const MX_TYPE: &str = "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange";
+    let mesh = mesh()?;
+    let config = |speaks: bool| {
+        let mut p = Proxy {
+            id: "sidecar~10.1.2.10~ledger-1.bank~bank.svc.cluster.local".into(),
+            namespace: "bank".into(),
+            ips: vec!["10.1.2.10".into()],
+            pod_name: Some("ledger-1".into()),
+            labels: BTreeMap::new(),
+            ..Default::default()
+        };
+        mesh.complete_proxy(&mut p);
+        p.istio_network_stats = speaks;
+        mesh.proxy_config(&p)
+    };
+    for speaks in [true, false] {
+        let cfg = config(speaks);
+        let ledger = cluster(&cfg, "outbound|8080||ledger.bank.svc.cluster.local");
+        let common = upstream_tls(ledger, "tlsMode-istio")
+            .common_tls_context
+            .expect("common");
+        let filters: Vec<(&str, &str)> = ledger
+            .filters
+            .iter()
+            .map(|f| {
+                (
+                    f.name.as_str(),
+                    f.typed_config.as_ref().map_or("", |a| a.type_url.as_str()),
+                )
+            })
+            .collect();
+        let inbound = cfg
+            .listeners
+            .iter()
+            .find(|l| l.name == "virtualInbound")
+            .expect("virtualInbound");
+        let tcp_tls = inbound
+            .filter_chains
+            .iter()
+            .find(|c| {
+                c.transport_socket.is_some()
+                    && c.filter_chain_match
+                        .as_ref()
+                        .is_some_and(|m| m.destination_port.is_some_and(|p| p.value == 7000))
+            })
+            .expect("the TCP mTLS chain of port 7000");
+        let first = tcp_tls.filters.first().map(|f| f.name.as_str());
+        let Some(ConfigType::TypedConfig(any)) = tcp_tls
+            .transport_socket
+            .as_ref()
+            .and_then(|t| t.config_type.clone())
+        else {
+            panic!("typed config")
+        };
+        let server_alpn = DownstreamTlsContext::decode(&*any.value)?
+            .common_tls_context
+            .expect("common")
+            .alpn_protocols;
+        if speaks {
+            assert_eq!(common.alpn_protocols, ["istio-peer-exchange", "istio"]);
+            assert_eq!(filters, [("istio.metadata_exchange", MX_TYPE)]);
+            assert_eq!(first, Some("istio.metadata_exchange"));
+            assert_eq!(server_alpn, ["istio-peer-exchange", "h2", "http/1.1"]);
+        } else {
+            assert_eq!(common.alpn_protocols, ["istio"]);
+            assert!(filters.is_empty(), "{filters:?}");
+            assert_ne!(first, Some("istio.metadata_exchange"));
+            assert_eq!(server_alpn, ["h2", "http/1.1"]);
+        }
+    }
     Ok(())
 }

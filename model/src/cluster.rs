@@ -35,6 +35,11 @@ pub struct Cluster {
     /// metadata: Istio's metrics name it as the destination service where
     /// the cluster name does not (inbound clusters).
     pub istio_service: Option<String>,
+    /// Istio's TCP metadata exchange as an upstream network filter
+    /// (`filters`: `envoy.tcp.metadataexchange.config.MetadataExchange`):
+    /// the ALPN protocol under which this node's metadata frame is written
+    /// first on a proxied TCP connection and the server's is read back.
+    pub metadata_exchange: Option<String>,
     /// `upstream_http_protocol_options`: the TLS SNI and/or the server
     /// certificate's expected DNS name taken from each request's host.
     pub auto_sni: AutoSni,

@@ -492,6 +492,7 @@ mod tests {
                 }),
                 ext_authz: Vec::new(),
                 istio_stats: None,
+                metadata_exchange: None,
                 request_buffer_limit: None,
             })
         };

@@ -174,6 +174,12 @@ pub struct FilterChain {
     /// Istio's standard metrics (`istio.stats`, on the connection manager
     /// or as a network filter): `None` when the chain has no such filter.
     pub istio_stats: Option<IstioStats>,
+    /// Istio's TCP metadata exchange (`istio.metadata_exchange`,
+    /// `envoy.tcp.metadataexchange.config.MetadataExchange`): the ALPN
+    /// protocol (`istio-peer-exchange`) under which the client's metadata
+    /// frame is read off the connection and this node's is written back.
+    /// `None`: no such filter.
+    pub metadata_exchange: Option<String>,
     /// The listener's `per_connection_buffer_limit_bytes`: the most request
     /// body kept for retries and mirrors when the route sets no
     /// `request_body_buffer_limit` (Envoy's retry buffer); `None`: Ferry's
@@ -784,6 +790,7 @@ mod tests {
             rbac: Vec::new(),
             ext_authz: Vec::new(),
             istio_stats: None,
+            metadata_exchange: None,
             request_buffer_limit: None,
             kind: ChainKind::Tcp(TcpProxy {
                 stat_prefix: name.into(),

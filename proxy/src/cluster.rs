@@ -1535,6 +1535,7 @@ mod tests {
             tls: None,
             transport_socket_matches: vec![],
             istio_service: None,
+            metadata_exchange: None,
             auto_sni: Default::default(),
             tcp_keepalive: None,
             max_connection_duration: None,

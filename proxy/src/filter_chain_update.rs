@@ -489,6 +489,7 @@ mod tests {
             ext_authz: Vec::new(),
             kind,
             istio_stats: None,
+            metadata_exchange: None,
             request_buffer_limit: None,
         })
     }

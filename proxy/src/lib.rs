@@ -18,6 +18,7 @@ pub mod http;
 pub mod iptables;
 pub mod lb;
 pub mod listener;
+pub mod metadata_exchange;
 pub mod metrics;
 pub mod metrics_merge;
 pub mod network_ext_authz;

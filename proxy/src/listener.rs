@@ -330,7 +330,18 @@ async fn handle(
         match &chain.kind {
             ChainKind::Tcp(tp) => {
                 let stats = rt.tcp_stats(&tp.stat_prefix);
-                let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls));
+                // The chain's metadata exchange, when the client took its
+                // protocol.
+                let speak = chain
+                    .metadata_exchange
+                    .as_deref()
+                    .is_some_and(|p| alpn.as_deref() == Some(p.as_bytes()));
+                let (tls, exchanged) = if speak {
+                    Box::pin(crate::metadata_exchange::exchange(tls, &rt.istio.local)).await
+                } else {
+                    (crate::tls::Rewind::new(Vec::new(), tls), None)
+                };
+                let istio = tcp_metrics(&rt, &chain, tp, Some(&peer_tls), exchanged);
                 let io = crate::rbac::guard(tls, &rbac);
                 let io = crate::network_ext_authz::gate(io, &rt, &chain.ext_authz, &rbac);
                 Box::pin(crate::tcp::proxy(
@@ -392,7 +403,7 @@ async fn handle(
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
-            let istio = tcp_metrics(&rt, &chain, tp, None);
+            let istio = tcp_metrics(&rt, &chain, tp, None, None);
             let io = crate::rbac::guard(stream, &rbac);
             let io = crate::network_ext_authz::gate(io, &rt, &chain.ext_authz, &rbac);
             Box::pin(crate::tcp::proxy(
@@ -458,14 +469,16 @@ fn conn_metrics(
 }
 
 /// The TCP counters of a proxied connection: the service comes from the
-/// cluster name or its `istio.services` metadata (the metadata exchange of
-/// TCP is not spoken).
+/// cluster name or its `istio.services` metadata, the peer from its
+/// certificate and the TCP metadata exchange (`peer`, inbound; the
+/// upstream's, outbound).
 fn tcp_metrics(
     rt: &Runtime,
     chain: &ferry_model::FilterChain,
     tp: &ferry_model::TcpProxy,
     tls: Option<&PeerTls>,
-) -> Option<Arc<crate::metrics::TcpSeries>> {
+    peer: Option<crate::metadata_exchange::Peer>,
+) -> Option<Box<crate::tcp::IstioTcp>> {
     let m = conn_metrics(rt, chain, tls)?;
     let snapshot = rt.snapshot.load();
     let service = crate::metrics::service_of_cluster(&tp.cluster)
@@ -474,9 +487,13 @@ fn tcp_metrics(
                 .cluster(&tp.cluster)
                 .and_then(|c| c.istio_service.as_deref())
         })
-        .unwrap_or("");
-    let set = m.label_set(service, None, "tcp");
-    Some(rt.istio.tcp_series(&set))
+        .unwrap_or("")
+        .to_string();
+    Some(Box::new(crate::tcp::IstioTcp {
+        conn: m,
+        service,
+        peer,
+    }))
 }
 
 /// Runs the HTTP connection manager of `chain` on a (plaintext or
@@ -611,6 +628,8 @@ mod tests {
 
     type Plain = crate::rbac::Guarded<TcpStream>;
     type Tls = crate::rbac::Guarded<Box<tokio_rustls::server::TlsStream<TcpStream>>>;
+    type TlsTcp =
+        crate::rbac::Guarded<crate::tls::Rewind<Box<tokio_rustls::server::TlsStream<TcpStream>>>>;
 
     /// A connection's task is allocated at accept with room for the largest
     /// state its future can reach, and kept for the connection's life:
@@ -630,7 +649,7 @@ mod tests {
             ),
             (
                 "tcp::proxy (TLS)",
-                future_size9(crate::tcp::proxy::<Tls>),
+                future_size9(crate::tcp::proxy::<TlsTcp>),
                 2048,
             ),
             (

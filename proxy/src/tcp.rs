@@ -23,7 +23,7 @@ pub async fn proxy<S>(
     rt: &Arc<Runtime>,
     tp: &TcpProxy,
     stats: &TcpStats,
-    istio: Option<Arc<crate::metrics::TcpSeries>>,
+    istio: Option<Box<IstioTcp>>,
     mut down: S,
     original_dst: std::net::SocketAddr,
     drain: &crate::drain::Drain,
@@ -88,6 +88,18 @@ pub async fn proxy<S>(
         }
     };
     log.upstream(pool.address.clone(), up.local_addr());
+    // The cluster's metadata exchange, when the server took its protocol.
+    let speak = cluster
+        .cfg
+        .metadata_exchange
+        .as_deref()
+        .is_some_and(|p| up.alpn() == Some(p.as_bytes()));
+    let (up, upstream_peer) = if speak {
+        Box::pin(crate::metadata_exchange::exchange(up, &rt.istio.local)).await
+    } else {
+        (crate::tls::Rewind::new(Vec::new(), up), None)
+    };
+    let istio = istio.map(|m| m.series(upstream_peer.as_ref()));
     if let Some(m) = &istio {
         m.opened.fetch_add(1, Ordering::Relaxed);
     }
@@ -126,6 +138,30 @@ pub async fn proxy<S>(
         m.received.fetch_add(rx, Ordering::Relaxed);
         m.sent.fetch_add(tx, Ordering::Relaxed);
         m.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Istio's TCP metrics of one connection before its labels are settled:
+/// the upstream side's metadata exchange may still name the peer.
+pub struct IstioTcp {
+    pub conn: crate::metrics::ConnMetrics,
+    /// The destination service's host ("" when unknown).
+    pub service: String,
+    /// The downstream peer's exchanged metadata (inbound).
+    pub peer: Option<crate::metadata_exchange::Peer>,
+}
+
+impl IstioTcp {
+    /// The connection's series, the peer named by the downstream exchange
+    /// or else by `upstream`'s.
+    fn series(
+        &self,
+        upstream: Option<&crate::metadata_exchange::Peer>,
+    ) -> Arc<crate::metrics::TcpSeries> {
+        let set = self
+            .conn
+            .label_set(&self.service, self.peer.as_ref().or(upstream), "tcp");
+        self.conn.metrics.tcp_series(&set)
     }
 }
 

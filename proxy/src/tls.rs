@@ -302,6 +302,15 @@ impl UpstreamIo {
             UpstreamIo::Unix(_) | UpstreamIo::UnixTls(_) => None,
         }
     }
+
+    /// The ALPN protocol the TLS handshake settled on.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            UpstreamIo::Plain(_) | UpstreamIo::Unix(_) => None,
+            UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol(),
+            UpstreamIo::UnixTls(s) => s.get_ref().1.alpn_protocol(),
+        }
+    }
 }
 
 impl AsyncRead for UpstreamIo {
@@ -346,6 +355,17 @@ pub struct Rewind<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
+}
+
+impl<S> Rewind<S> {
+    /// `inner`, with `prefix` served before what it has still to give.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
 }
 
 /// The HTTP/2 connection preface.

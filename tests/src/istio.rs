@@ -118,6 +118,35 @@ impl IstioMesh {
         objects: impl Fn(&[(&str, Ipv4Addr)]) -> String,
         cert_ttl: &str,
     ) -> Result<Option<Self>> {
+        Self::start_full(proxy, proxy_of, workloads, objects, cert_ttl, None)
+    }
+
+    /// As [`IstioMesh::start`], ferry-pilot reading `mesh_config` (the `mesh`
+    /// YAML of istiod's ConfigMap: extension providers, tracing defaults).
+    pub fn start_with_mesh_config(
+        proxy: Proxy,
+        workloads: &[Workload],
+        objects: impl Fn(&[(&str, Ipv4Addr)]) -> String,
+        mesh_config: &str,
+    ) -> Result<Option<Self>> {
+        Self::start_full(
+            proxy,
+            |_| proxy,
+            workloads,
+            objects,
+            "24h",
+            Some(mesh_config),
+        )
+    }
+
+    fn start_full(
+        proxy: Proxy,
+        proxy_of: impl Fn(&Workload) -> Proxy,
+        workloads: &[Workload],
+        objects: impl Fn(&[(&str, Ipv4Addr)]) -> String,
+        cert_ttl: &str,
+        mesh_config: Option<&str>,
+    ) -> Result<Option<Self>> {
         if !netns::require_root() {
             return Ok(None);
         }
@@ -138,12 +167,16 @@ impl IstioMesh {
             .map(|(w, p)| (w.name, p.ip()))
             .collect();
         std::fs::write(config.join("objects.yaml"), objects(&ips))?;
-        let pilot = istiod
+        let mut pilot = istiod
             .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
             .args(["serve", "--listen", "0.0.0.0:15010", "--config"])
-            .arg(&config)
-            .label("pilot")
-            .spawn()?;
+            .arg(&config);
+        if let Some(text) = mesh_config {
+            let file = dir.join("mesh.yaml");
+            std::fs::write(&file, text)?;
+            pilot = pilot.arg("--mesh-config").arg(file);
+        }
+        let pilot = pilot.label("pilot").spawn()?;
         if let Err(e) = istiod.wait_port(15010, Duration::from_secs(30)) {
             bail!("{e}: {}", pilot.logs().stderr);
         }

@@ -5,6 +5,7 @@
 pub mod envoy;
 pub mod istio;
 pub mod netns;
+pub mod otlp;
 pub mod pki;
 pub mod proxy;
 

@@ -4,7 +4,8 @@
 //! real capture rules), and each sidecar's `/stats/prometheus` on Istio's
 //! port 15090, scraped from inside its pod, reports what it saw: the
 //! client as `reporter="source"`, the servers as `reporter="destination"`,
-//! with the SPIFFE principals, namespaces, service and response codes.
+//! with the SPIFFE principals, namespaces, service and response codes, and
+//! on TCP the peer's workload labels from Istio's TCP metadata exchange.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -272,15 +273,24 @@ fn ferry_sidecars_report_istio_standard_metrics() -> Result<()> {
         |(_, got)| got.contains(line),
     )?;
     ensure!(got.contains(line));
+    // The server's workload labels reach the client, and the client's the
+    // server, through Istio's TCP metadata exchange (`istio-peer-exchange`).
     let tcp_out = [
         ("reporter", "source"),
         ("source_principal", CLIENT_ID),
         ("destination_service", ECHO_HOST),
         ("request_protocol", "tcp"),
+        ("destination_workload", "echo"),
+        ("destination_workload_namespace", "default"),
+        ("destination_app", "echo"),
+        ("destination_version", "v2"),
     ];
     let tcp_in = [
         ("reporter", "destination"),
         ("source_principal", CLIENT_ID),
+        ("source_workload", "client"),
+        ("source_app", "client"),
+        ("source_version", "v1"),
         ("source_workload_namespace", "default"),
         ("destination_workload", "echo"),
         ("destination_version", "v2"),

@@ -121,6 +121,10 @@ pub fn parse(
 #[derive(Debug, Default)]
 pub struct Store {
     pub resources: HashMap<&'static str, BTreeMap<String, Entry>>,
+    /// SDS secrets are someone else's to deliver and are not waited for: a
+    /// configuration looked at away from any proxy (`ferry-pilot explain`),
+    /// whose certificates the proxy's agent would serve.
+    pub secrets_elsewhere: bool,
     /// When a listener or cluster started waiting for what it references.
     warming_since: HashMap<(&'static str, String), Instant>,
 }
@@ -272,7 +276,9 @@ impl Store {
                 secrets.entry(name.clone()).or_insert_with(|| sec.clone());
             }
         }
-        let missing_secret = |names: &[String]| names.iter().any(|n| !secrets.contains_key(n));
+        let elsewhere = self.secrets_elsewhere;
+        let missing_secret =
+            |names: &[String]| !elsewhere && names.iter().any(|n| !secrets.contains_key(n));
 
         let mut clusters = base.clusters.clone();
         let mut still_warming = BTreeSet::new();

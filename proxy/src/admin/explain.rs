@@ -57,8 +57,10 @@ struct Ask {
 }
 
 pub(super) fn respond(rt: &Runtime, q: &Query) -> Response<Full<Bytes>> {
+    let snap = rt.snapshot.load();
+    let endpoints = |name: &str| live_endpoints(rt, name);
     match Ask::parse(q) {
-        Ok(ask) => match explain(rt, &ask) {
+        Ok(ask) => match explain(&snap, &endpoints, &ask) {
             Ok(v) => json(&v),
             Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
         },
@@ -173,12 +175,63 @@ impl Ask {
     }
 }
 
+/// Why an explanation could not be given.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The question is malformed (a bad address, header or flag).
+    #[error("{0}")]
+    Ask(String),
+    /// The configuration has nothing to say (no listener takes it).
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// The same explanation as `/explain`, for a configuration that is not
+/// running: `snap` is the configuration (converted as the data path would
+/// take it), `endpoints` gives each cluster's endpoint set in
+/// `/explain`'s shape, and `query` holds `/explain`'s parameters (repeated
+/// keys, such as `header`, in order). `ferry-pilot explain` answers with it
+/// from the configuration it would send a proxy.
+pub fn explain_config(
+    snap: &Snapshot,
+    endpoints: &dyn Fn(&str) -> Vec<Value>,
+    query: &[(String, String)],
+) -> Result<Value, ExplainError> {
+    let q = Query::from_pairs(query);
+    let ask = Ask::parse(&q).map_err(ExplainError::Ask)?;
+    explain(snap, endpoints, &ask).map_err(ExplainError::NotFound)
+}
+
+/// A live cluster's endpoints, with their health, as `/explain` shows them.
+fn live_endpoints(rt: &Runtime, name: &str) -> Vec<Value> {
+    rt.clusters
+        .load()
+        .get(name)
+        .map(|live| {
+            live.endpoints()
+                .iter()
+                .map(|(p, m)| {
+                    json!({
+                        "address": p.address.to_string(),
+                        "health_flags": super::clusters::health_flags(p, m),
+                        "weight": m.weight,
+                        "priority": m.priority,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The explanation, or why there is none (no such listener).
-fn explain(rt: &Runtime, ask: &Ask) -> Result<Value, String> {
-    let snap = rt.snapshot.load();
+fn explain(
+    snap: &Snapshot,
+    endpoints: &dyn Fn(&str) -> Vec<Value>,
+    ask: &Ask,
+) -> Result<Value, String> {
     let mut out = Map::new();
     out.insert("request".into(), request_json(ask));
-    let (listener, via) = pick_listener(&snap, ask)?;
+    let (listener, via) = pick_listener(snap, ask)?;
     let dst = ask.destination.unwrap_or(listener.address);
     let mut l = json!({
         "name": listener.name,
@@ -279,7 +332,7 @@ fn explain(rt: &Runtime, ask: &Ask) -> Result<Value, String> {
             }
         }
         ChainKind::Http(hcm) => {
-            let (http, outcome, clusters) = explain_http(&snap, hcm, ask, dst, tls_peer, &metadata);
+            let (http, outcome, clusters) = explain_http(snap, hcm, ask, dst, tls_peer, &metadata);
             out.insert("http".into(), http);
             out.insert("outcome".into(), json!(outcome));
             clusters
@@ -287,7 +340,7 @@ fn explain(rt: &Runtime, ask: &Ask) -> Result<Value, String> {
     };
     let cl: Vec<Value> = clusters
         .iter()
-        .map(|name| cluster_json(rt, &snap, name))
+        .map(|name| cluster_json(endpoints, snap, name))
         .collect();
     out.insert("clusters".into(), Value::Array(cl));
     Ok(Value::Object(out))
@@ -823,7 +876,7 @@ fn route_json(index: usize, r: &Route, headers: &HeaderMap) -> (Value, Vec<Strin
 
 /// A cluster's kind, balancing and live endpoints (health as `/clusters`
 /// reports it).
-fn cluster_json(rt: &Runtime, snap: &Snapshot, name: &str) -> Value {
+fn cluster_json(endpoints: &dyn Fn(&str) -> Vec<Value>, snap: &Snapshot, name: &str) -> Value {
     let Some(c) = snap.cluster(name) else {
         return json!({"name": name, "configured": false});
     };
@@ -842,24 +895,7 @@ fn cluster_json(rt: &Runtime, snap: &Snapshot, name: &str) -> Value {
         LbPolicy::Maglev => "MAGLEV",
         LbPolicy::ClusterProvided => "CLUSTER_PROVIDED",
     };
-    let endpoints: Vec<Value> = rt
-        .clusters
-        .load()
-        .get(name)
-        .map(|live| {
-            live.endpoints()
-                .iter()
-                .map(|(p, m)| {
-                    json!({
-                        "address": p.address.to_string(),
-                        "health_flags": super::clusters::health_flags(p, m),
-                        "weight": m.weight,
-                        "priority": m.priority,
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let endpoints = endpoints(name);
     json!({
         "name": name,
         "configured": true,

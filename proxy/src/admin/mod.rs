@@ -17,6 +17,7 @@ mod certs;
 mod clusters;
 mod config_dump;
 mod explain;
+pub use explain::{ExplainError, explain_config};
 mod listeners;
 pub mod logging;
 mod memory;
@@ -219,6 +220,15 @@ pub fn pretty(v: &serde_json::Value) -> Vec<u8> {
 pub(crate) struct Query(BTreeMap<String, Vec<String>>);
 
 impl Query {
+    /// From decoded pairs, repeated keys in order.
+    fn from_pairs(pairs: &[(String, String)]) -> Self {
+        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, v) in pairs {
+            m.entry(k.clone()).or_default().push(v.clone());
+        }
+        Query(m)
+    }
+
     fn parse(q: Option<&str>) -> Self {
         let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for pair in q.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {

@@ -47,6 +47,15 @@ pub(super) struct RequestTrace {
 /// Takes Envoy's sampling decision for a request of a connection manager
 /// with `tracing` (updating its `x-request-id` and the decision counters)
 /// and starts its span; `None` when there is no tracer to report to.
+/// `path`'s first `max` bytes (fewer at a character boundary).
+fn cut_path(path: &str, max: usize) -> &str {
+    let mut cut = max.min(path.len());
+    while !path.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &path[..cut]
+}
+
 pub(super) fn start<B>(
     ctx: &ConnCtx,
     cfg: &Arc<Tracing>,
@@ -117,15 +126,15 @@ pub(super) fn start<B>(
             .map_or("/", |p| p.as_str())
             .to_string()
     });
-    let scheme = if ctx.tls.is_some() { "https" } else { "http" };
-    let mut url = format!("{scheme}://{authority}{path}");
-    if url.len() > cfg.max_path_tag_length {
-        let mut cut = cfg.max_path_tag_length;
-        while !url.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        url.truncate(cut);
-    }
+    // Envoy's `http.url`: the request's `x-forwarded-proto` as the connection
+    // manager settled it (kept when a client sent one, else the connection's
+    // own scheme), the authority, and the path cut at `max_path_tag_length`.
+    let scheme = header("x-forwarded-proto")
+        .unwrap_or_else(|| if ctx.tls.is_some() { "https" } else { "http" }.to_string());
+    let url = format!(
+        "{scheme}://{authority}{}",
+        cut_path(&path, cfg.max_path_tag_length)
+    );
     // Metadata tags are resolved once the filters ran (`metadata`).
     let custom = cfg
         .custom_tags
@@ -343,5 +352,18 @@ impl RequestTrace {
             }
         }
         self.tracer.finish(self.span);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_path;
+
+    #[test]
+    fn only_the_path_is_cut_and_never_inside_a_character() {
+        assert_eq!(cut_path("/abcdef", 4), "/abc");
+        assert_eq!(cut_path("/ab", 256), "/ab");
+        // "é" is two bytes: a cut through it keeps the byte before.
+        assert_eq!(cut_path("/é", 2), "/");
     }
 }

@@ -15,7 +15,7 @@ use super::circuit_breakers::circuit_breakers;
 use super::core_types::value_string;
 use super::coverage::{fields, path};
 use super::endpoint::{dns_endpoints, endpoints, overprovisioning_factor};
-use super::istio::ISTIO_TOLERATED;
+use super::istio::{ISTIO_TOLERATED, METADATA_EXCHANGE_TYPE, metadata_exchange};
 use super::lb_config::lb_config;
 use super::outlier_detection::outlier_detection;
 use super::tls::upstream_tls;
@@ -350,6 +350,7 @@ pub fn cluster(
             tls,
         });
     }
+    let mut exchange = None;
     for (i, f) in filters.iter().enumerate() {
         let ff = format!("filters[{i}]");
         let cluster_pb::Filter {
@@ -363,13 +364,22 @@ pub fn cluster(
             "config_discovery",
             config_discovery.is_some(),
         )?;
-        let type_name = match typed_config {
-            Some(any) => Typed::from_any(any)
-                .map_err(|e| ctx.err(path(&ff, "typed_config"), e))?
-                .type_name()
-                .to_string(),
-            None => String::new(),
+        let typed = match typed_config {
+            Some(any) => {
+                Some(Typed::from_any(any).map_err(|e| ctx.err(path(&ff, "typed_config"), e))?)
+            }
+            None => None,
         };
+        let type_name = typed
+            .as_ref()
+            .map(|t| t.type_name().to_string())
+            .unwrap_or_default();
+        if let Some(typed) = typed
+            && type_name == METADATA_EXCHANGE_TYPE
+        {
+            exchange = Some(metadata_exchange(&ctx, &ff, typed)?);
+            continue;
+        }
         if !ISTIO_TOLERATED.contains(&type_name.as_str()) {
             return Err(ctx.err(
                 ff,
@@ -519,6 +529,7 @@ pub fn cluster(
         circuit_breakers: circuit_breakers(&mut ctx, "circuit_breakers", cb.as_ref())?,
         max_concurrent_streams: options.max_concurrent_streams,
         istio_service: istio_service(metadata.as_ref()),
+        metadata_exchange: exchange,
         auto_sni: options.auto_sni,
         tcp_keepalive,
         max_connection_duration: options.max_connection_duration,

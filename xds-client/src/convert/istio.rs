@@ -1,10 +1,12 @@
 //! Istio's own extensions: `istio.stats` (converted: Ferry reports Istio's
-//! metrics), the filters Ferry recognises without implementing them (peer
-//! metadata exchange, alpn, authn), accepted with a warning, and Wasm
-//! filters: Istio's built-in null-VM plugins (metadata exchange, stats) are
-//! what Ferry does natively; any other plugin is refused unless it fails
-//! open, since skipping a plugin that fails closed (an authenticating
-//! WasmPlugin, say) would let through what Envoy stops.
+//! metrics), the TCP metadata exchange (`istio.metadata_exchange`, on
+//! listeners and as an upstream cluster filter: converted, Ferry speaks it),
+//! the filters Ferry recognises without implementing them (HTTP peer
+//! metadata, alpn, authn), accepted with a warning, and Wasm filters:
+//! Istio's built-in null-VM plugins (metadata exchange, stats) are what
+//! Ferry does natively; any other plugin is refused unless it fails open,
+//! since skipping a plugin that fails closed (an authenticating WasmPlugin,
+//! say) would let through what Envoy stops.
 
 use ferry_model as m;
 use prost::Message;
@@ -14,7 +16,6 @@ use super::{ConvertError, Ctx, Typed};
 /// Type URLs of Istio's own extensions: recognised, not (yet) implemented,
 /// never a reason to reject a listener.
 pub(super) const ISTIO_TOLERATED: &[&str] = &[
-    "envoy.tcp.metadataexchange.config.MetadataExchange",
     "io.istio.http.peer_metadata.Config",
     "istio.envoy.config.filter.http.alpn.v2alpha1.FilterConfig",
     "io.istio.network.authn.Config",
@@ -95,6 +96,46 @@ pub(super) fn wasm(
             "Wasm plugin {name:?} is not supported, and it fails closed: skipping it would let through what it stops (set failure_policy: FAIL_OPEN to run without it)"
         ),
     ))
+}
+
+/// Istio's TCP metadata exchange configuration type.
+pub(super) const METADATA_EXCHANGE_TYPE: &str =
+    "envoy.tcp.metadataexchange.config.MetadataExchange";
+
+/// `envoy.tcp.metadataexchange.config.MetadataExchange`: the ALPN protocol
+/// under which the exchange is spoken. `enable_discovery` and
+/// `additional_labels` (ambient's workload discovery when a peer sends no
+/// metadata) only change which labels an unknown peer gets; left out.
+#[derive(Clone, PartialEq, Message)]
+struct MetadataExchange {
+    #[prost(string, tag = "1")]
+    protocol: String,
+}
+
+/// The protocol of a metadata exchange filter; an empty one is Istio's
+/// `istio-peer-exchange` (what istiod always sets).
+pub(super) fn metadata_exchange(
+    ctx: &Ctx<'_>,
+    field: &str,
+    typed: Typed,
+) -> Result<String, super::ConvertError> {
+    let protocol = match typed {
+        Typed::Proto { bytes, .. } => {
+            MetadataExchange::decode(bytes.as_slice())
+                .map_err(|e| ctx.err(format!("{field}.typed_config"), e.to_string()))?
+                .protocol
+        }
+        Typed::Json { json, .. } => json
+            .get("protocol")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+    };
+    Ok(if protocol.is_empty() {
+        "istio-peer-exchange".to_string()
+    } else {
+        protocol
+    })
 }
 
 /// Istio's `istio.stats` configuration type.

@@ -12,7 +12,10 @@ use ferry_model as m;
 
 use super::core_types::{cidr, ip_socket};
 use super::coverage::{fields, path};
-use super::istio::{self, ISTIO_STATS_TYPE, ISTIO_TOLERATED, WASM_TYPES, istio_stats};
+use super::istio::{
+    self, ISTIO_STATS_TYPE, ISTIO_TOLERATED, METADATA_EXCHANGE_TYPE, WASM_TYPES, istio_stats,
+    metadata_exchange,
+};
 use super::tls::downstream_tls;
 use super::{
     ConvertError, Ctx, Typed, Warnings, duration, fingerprint, http_connection_manager, tcp_proxy,
@@ -551,6 +554,7 @@ fn filter_chain(
     let mut network_ext_authz = Vec::new();
     let mut ext_authz_at: Vec<usize> = Vec::new();
     let mut stats = None;
+    let mut exchange = None;
     for (i, f) in filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
         let listener_pb::Filter {
@@ -609,6 +613,7 @@ fn filter_chain(
             }
             ISTIO_STATS_TYPE => stats = Some(istio_stats(ctx, typed)),
             t if WASM_TYPES.contains(&t) => istio::wasm(ctx, &ff, "network", filter_name, typed)?,
+            METADATA_EXCHANGE_TYPE => exchange = Some(metadata_exchange(ctx, &ff, typed)?),
             t if ISTIO_TOLERATED.contains(&t) => {
                 ctx.warn(
                     &ff,
@@ -666,6 +671,7 @@ fn filter_chain(
         ext_authz: network_ext_authz,
         kind,
         istio_stats: stats,
+        metadata_exchange: exchange,
         request_buffer_limit,
     })
 }

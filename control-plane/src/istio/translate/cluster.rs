@@ -86,6 +86,18 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
             }
         }
     }
+    if scope.proxy.istio_network_stats {
+        for c in &mut out.clusters {
+            if speaks_peer_exchange(c) {
+                c.filters
+                    .push(envoy_types::pb::envoy::config::cluster::v3::Filter {
+                        name: super::listener::METADATA_EXCHANGE.into(),
+                        typed_config: Some(super::listener::metadata_exchange_config()),
+                        ..Default::default()
+                    });
+            }
+        }
+    }
     if scope.proxy.node_type == super::NodeType::Router {
         // A gateway has no local application to deliver to.
         return;
@@ -600,7 +612,13 @@ fn istio_mutual(
                 tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
                 ..Default::default()
             }),
-            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            // Only a proxy that speaks the TCP metadata exchange offers
+            // its protocol (see `listener::inbound_tls`).
+            alpn_protocols: if scope.proxy.istio_network_stats {
+                vec![super::listener::PEER_EXCHANGE_ALPN.into(), "istio".into()]
+            } else {
+                vec!["istio".into()]
+            },
             tls_certificate_sds_secret_configs: vec![agent_sds("default")],
             validation_context_type: Some(ValidationContextType::CombinedValidationContext(
                 CombinedCertificateValidationContext {
@@ -623,6 +641,30 @@ fn tls_socket(ctx: &UpstreamTlsContext) -> TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(any(ctx))),
     }
+}
+
+/// Whether a cluster originates Istio mTLS offering the TCP metadata
+/// exchange's ALPN (auto mTLS or a DestinationRule's ISTIO_MUTUAL): istiod
+/// gives those the exchange as an upstream filter.
+fn speaks_peer_exchange(c: &Cluster) -> bool {
+    let offers = |ts: &TransportSocket| match &ts.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(a)) => {
+            <UpstreamTlsContext as prost::Message>::decode(a.value.as_slice()).is_ok_and(|ctx| {
+                ctx.common_tls_context.is_some_and(|common| {
+                    common
+                        .alpn_protocols
+                        .iter()
+                        .any(|p| p == super::listener::PEER_EXCHANGE_ALPN)
+                })
+            })
+        }
+        _ => false,
+    };
+    c.transport_socket.as_ref().is_some_and(offers)
+        || c.transport_socket_matches
+            .iter()
+            .filter_map(|m| m.transport_socket.as_ref())
+            .any(offers)
 }
 
 /// Auto mTLS as istiod does it when the DestinationRule sets no TLS:

@@ -192,10 +192,57 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
     egress_port_listeners(scope, out);
     if scope.proxy.istio_network_stats {
         for l in &mut out.listeners[first..] {
+            let inbound = l.traffic_direction == TrafficDirection::Inbound as i32;
             for chain in &mut l.filter_chains {
                 add_tcp_stats(chain);
+                if inbound {
+                    add_metadata_exchange(chain);
+                }
             }
         }
+    }
+}
+
+/// Istio's TCP metadata exchange protocol (an ALPN name).
+pub(super) const PEER_EXCHANGE_ALPN: &str = "istio-peer-exchange";
+
+/// `envoy.tcp.metadataexchange.config.MetadataExchange`, Istio's proxy's
+/// own type: `protocol` is the ALPN under which the exchange is spoken.
+#[derive(Clone, PartialEq, prost::Message)]
+struct MetadataExchange {
+    #[prost(string, tag = "1")]
+    protocol: String,
+}
+
+/// The `istio.metadata_exchange` filter as istiod writes it, on inbound
+/// mTLS chains carrying TCP (first, so the frame never reaches another
+/// filter) and on outbound clusters as an upstream filter. Network filters
+/// cannot be optional: only proxies that implement it (Ferry, Istio's
+/// proxy) get it, as `istio.stats` on TCP.
+pub(super) fn metadata_exchange_config() -> Any {
+    Any {
+        type_url: "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange".into(),
+        value: prost::Message::encode_to_vec(&MetadataExchange {
+            protocol: PEER_EXCHANGE_ALPN.into(),
+        }),
+    }
+}
+
+pub(super) const METADATA_EXCHANGE: &str = "istio.metadata_exchange";
+
+/// Puts the exchange first on an inbound chain that takes Istio mTLS
+/// carrying TCP (its match names `istio-peer-exchange`).
+fn add_metadata_exchange(chain: &mut FilterChain) {
+    let peer_exchange = chain.filter_chain_match.as_ref().is_some_and(|m| {
+        m.application_protocols
+            .iter()
+            .any(|p| p == PEER_EXCHANGE_ALPN)
+    });
+    if peer_exchange && chain.filters.iter().any(|f| f.name == TCP_PROXY) {
+        chain.filters.insert(
+            0,
+            typed_filter(METADATA_EXCHANGE, metadata_exchange_config()),
+        );
     }
 }
 
@@ -638,10 +685,14 @@ fn inbound_tls(scope: &Scope<'_>, http: bool) -> TransportSocket {
                 tls_maximum_protocol_version: TlsProtocol::TlSv13 as i32,
                 ..Default::default()
             }),
-            alpn_protocols: if http {
+            // `istio-peer-exchange` promises the TCP metadata exchange: a
+            // proxy that cannot speak it (Envoy without Istio's
+            // extensions) must not take it, or a client that speaks it
+            // would write its frame into the application's stream.
+            alpn_protocols: if http || !scope.proxy.istio_network_stats {
                 vec!["h2".into(), "http/1.1".into()]
             } else {
-                vec!["istio-peer-exchange".into(), "h2".into(), "http/1.1".into()]
+                vec![PEER_EXCHANGE_ALPN.into(), "h2".into(), "http/1.1".into()]
             },
             tls_certificate_sds_secret_configs: vec![agent_sds("default")],
             validation_context_type: Some(ValidationContextType::CombinedValidationContext(
