@@ -33,6 +33,7 @@ mod endpoint;
 mod ext_authz;
 mod fault;
 mod filter_chain_matcher;
+mod grpc_service;
 mod header_mutation;
 mod http_connection_manager;
 mod http_protocol;

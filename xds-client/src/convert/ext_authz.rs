@@ -174,65 +174,14 @@ fn grpc_service(
     field: &str,
     g: &core_pb::GrpcService,
 ) -> Result<(me::Service, Duration), ConvertError> {
-    use core_pb::grpc_service::TargetSpecifier;
-    let cov = &GRPC_SERVICE;
-    let core_pb::GrpcService {
-        timeout,
-        initial_metadata,
-        retry_policy,
-        target_specifier,
-    } = g;
-    ctx.refuse(cov, field, "retry_policy", retry_policy.is_some())?;
-    let e = match target_specifier {
-        Some(TargetSpecifier::EnvoyGrpc(e)) => e,
-        Some(TargetSpecifier::GoogleGrpc(_)) => return Err(ctx.refused(cov, field, "google_grpc")),
-        None => return Err(ctx.err(path(field, "envoy_grpc"), "envoy_grpc is required")),
-    };
-    let at = path(field, "envoy_grpc");
-    let core_pb::grpc_service::EnvoyGrpc {
-        cluster_name,
-        authority,
-        retry_policy,
-        max_receive_message_length,
-        skip_envoy_headers,
-    } = e;
-    ctx.refuse(&ENVOY_GRPC, &at, "retry_policy", retry_policy.is_some())?;
-    ctx.knob(
-        &ENVOY_GRPC,
-        &at,
-        "max_receive_message_length",
-        max_receive_message_length.is_some(),
-    );
-    let _ = skip_envoy_headers;
-    if cluster_name.is_empty() {
-        return Err(ctx.err(path(&at, "cluster_name"), "a cluster is required"));
-    }
-    let mut metadata = Vec::new();
-    for (i, hv) in initial_metadata.iter().enumerate() {
-        match (
-            http::HeaderName::from_bytes(hv.key.to_ascii_lowercase().as_bytes()),
-            http::HeaderValue::from_str(&hv.value),
-        ) {
-            (Ok(n), Ok(v)) => metadata.push((n, v)),
-            _ => {
-                return Err(ctx.err(
-                    format!("{field}.initial_metadata[{i}]"),
-                    format!("invalid metadata {:?}", hv.key),
-                ));
-            }
-        }
-    }
+    let t = super::grpc_service::grpc_target(ctx, field, g, &GRPC_SERVICE, &ENVOY_GRPC)?;
     Ok((
         me::Service::Grpc {
-            cluster: cluster_name.clone(),
-            authority: if authority.is_empty() {
-                cluster_name.clone()
-            } else {
-                authority.clone()
-            },
-            metadata,
+            cluster: t.cluster,
+            authority: t.authority,
+            metadata: t.metadata,
         },
-        duration(timeout).unwrap_or(DEFAULT_TIMEOUT),
+        t.timeout.unwrap_or(DEFAULT_TIMEOUT),
     ))
 }
 
