@@ -229,7 +229,14 @@ impl IstioMesh {
                         .arg(format!("{}:15010", istiod.ip()))
                         .arg("--config")
                         .arg(&file),
+                    // As istio-agent runs it: connections of a changed filter
+                    // chain are told to close on their next response, so an
+                    // updated policy holds at once.
                     Proxy::Envoy => pod.cmd(&envoy).arg("-c").arg(&file).args([
+                        "--drain-strategy",
+                        "immediate",
+                        "--drain-time-s",
+                        "45",
                         "--concurrency",
                         "1",
                         "--disable-hot-restart",
@@ -305,6 +312,10 @@ impl IstioMesh {
                 .arg("-c")
                 .arg(&file)
                 .args([
+                    "--drain-strategy",
+                    "immediate",
+                    "--drain-time-s",
+                    "45",
                     "--concurrency",
                     "1",
                     "--disable-hot-restart",
