@@ -26,20 +26,33 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 // ------------------------------------------------------------------------------ ports
 
 /// A free TCP port on 127.0.0.1. Ports handed out once are never handed out again by this
-/// process, so the parallel tests of one binary cannot collide.
+/// process, so the parallel tests of one binary cannot collide. They are taken below the
+/// kernel's ephemeral range (32768 and up by default): a port from that range can be given
+/// to some other test's outgoing connection before the proxy under test binds it.
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let given = GIVEN.get_or_init(Default::default);
-    loop {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("binding an ephemeral port on 127.0.0.1");
-        if given.lock().unwrap_or_else(|p| p.into_inner()).insert(port) {
+    // Each process walks the range from its own place, so parallel test
+    // processes rarely try the same ports.
+    let mut next = (std::process::id().wrapping_mul(7919) % PORTS) as u16;
+    for _ in 0..PORTS {
+        let port = FIRST_PORT + next;
+        next = (next + 1) % PORTS as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+            && given.lock().unwrap_or_else(|p| p.into_inner()).insert(port)
+        {
             return port;
         }
     }
+    panic!(
+        "no free port in {FIRST_PORT}..{}",
+        FIRST_PORT as u32 + PORTS
+    );
 }
+
+/// The ports [`free_port`] hands out: `FIRST_PORT` and the `PORTS` after it.
+const FIRST_PORT: u16 = 20000;
+const PORTS: u32 = 12000;
 
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> SocketAddr {
