@@ -462,8 +462,23 @@ fn check(base: &Base, input: &Input) -> Result<(), String> {
     }
 }
 
+/// Runs the process in a scratch directory of its own: a mutated
+/// `FileAccessLog.path` such as `0s` is a relative file the conversion
+/// creates (as Envoy opens access logs at load time), and it must not land
+/// in the source tree.
+fn in_scratch_dir() {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("ferry-convert-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("scratch directory");
+        d
+    });
+    std::env::set_current_dir(dir).expect("entering the scratch directory");
+}
+
 #[test]
 fn convert_fuzz() {
+    in_scratch_dir();
     let iters: u64 = std::env::var("FERRY_FUZZ_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -495,6 +510,7 @@ fn convert_fuzz() {
 /// the edges are refused without a panic.
 #[test]
 fn convert_corpus() {
+    in_scratch_dir();
     let base = base();
     for (kind, bytes) in [
         (Kind::Listener, &base.listener_pb),

@@ -420,7 +420,12 @@ impl Mesh {
             NodeType::Router => gateway::build(&scope, &mut out),
         }
         telemetry::apply(&scope, &mut out.listeners);
-        credentials::build(&scope, &mut out);
+        // Only gateways' servers name `kubernetes://` secrets (the
+        // sidecars' TLS is the mesh's own): no need to decode every
+        // sidecar cluster's TLS context on each push.
+        if proxy.node_type == NodeType::Router {
+            credentials::build(&scope, &mut out);
+        }
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
