@@ -51,6 +51,13 @@ pub struct Cluster {
     pub max_connection_duration: Option<Duration>,
     /// `dns_lookup_family` and `dns_refresh_rate` (STRICT_DNS clusters).
     pub dns: DnsSettings,
+    /// `health_checks` (at most one): active health checking of every
+    /// endpoint; `None`: hosts are healthy unless EDS or outlier detection
+    /// says otherwise.
+    pub health_check: Option<crate::health_check::HealthCheck>,
+    /// `ignore_health_on_host_removal`: a host discovery removed leaves at
+    /// once, instead of staying while its active health check passes.
+    pub ignore_health_on_host_removal: bool,
 }
 
 /// `TcpKeepalive`: `SO_KEEPALIVE` with these settings (`None`: the
@@ -218,6 +225,9 @@ pub struct Endpoint {
     pub locality_weight: u32,
     /// EDS health status as the balancer uses it.
     pub health: EndpointHealth,
+    /// `endpoint.health_check_config`: where and how active health checks
+    /// reach this endpoint.
+    pub health_check: crate::health_check::EndpointCheck,
 }
 
 /// Envoy's health statuses folded into what load balancing distinguishes.
@@ -239,6 +249,8 @@ pub struct DnsEndpoint {
     pub host: String,
     pub port: u16,
     pub weight: u32,
+    /// `endpoint.health_check_config` of the name's addresses.
+    pub health_check: crate::health_check::EndpointCheck,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,6 +382,9 @@ pub struct OutlierDetection {
     /// `always_eject_one_host`: one host may be ejected whatever
     /// `max_ejection_percent` says.
     pub always_eject_one_host: bool,
+    /// `successful_active_health_check_uneject_host` (default true): a
+    /// passing active health check returns an ejected host at once.
+    pub uneject_on_health_check_success: bool,
 }
 
 impl Default for OutlierDetection {
@@ -398,6 +413,7 @@ impl Default for OutlierDetection {
             failure_percentage_request_volume: 50,
             max_ejection_time_jitter: Duration::ZERO,
             always_eject_one_host: false,
+            uneject_on_health_check_success: true,
         }
     }
 }

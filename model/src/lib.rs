@@ -16,6 +16,7 @@ pub mod ext_authz;
 pub mod fault;
 pub mod format;
 pub mod forwarded;
+pub mod health_check;
 pub mod http_protocol;
 pub mod jwt;
 pub mod listener;

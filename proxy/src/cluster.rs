@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use ferry_model::cluster::{EndpointHealth, HostAddr, PipeAddr, Thresholds};
+use ferry_model::health_check::EndpointCheck;
 use ferry_model::tls::UpstreamTls;
 use ferry_model::{Cluster, ClusterKind, Snapshot};
 use http::{Request, Response};
@@ -33,6 +34,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use crate::health_check::{HealthChecker, HostHealth, Target};
 use crate::http::body::UpstreamBody;
 use crate::lb::{Balancer, HostMeta, LbHost};
 use crate::outlier::{Detector, HostOutlier, Outcome};
@@ -131,10 +133,13 @@ impl ClusterManager {
                     p.clone()
                 }
                 Some(p) if same_except_endpoints(&p.cfg, cfg) => {
-                    Arc::new(ClusterRt::new(cfg.clone(), stats, Some(p), tls))
+                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, Some(p), tls));
+                    rt.watch_removed_hosts();
+                    rt
                 }
                 _ => {
                     let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, None, tls));
+                    rt.watch_removed_hosts();
                     rt.start_dns();
                     rt
                 }
@@ -219,11 +224,44 @@ impl ClusterRt {
     /// first resolution round (bounded by the resolver's own timeout, and
     /// at most 5 s here). Immediate for every other kind.
     pub async fn warmed(&self) {
-        if *self.resolved.borrow() {
+        let checker = self
+            .shared
+            .health
+            .as_ref()
+            .filter(|_| !matches!(self.cfg.kind, ClusterKind::Eds { .. }));
+        if *self.resolved.borrow() && checker.is_none() {
             return;
         }
         let mut rx = self.resolved.subscribe();
-        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|r| *r)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = rx.wait_for(|r| *r).await;
+            // Envoy warms a health-checked cluster until each of its hosts
+            // had a first check.
+            if let Some(c) = checker {
+                c.warmed().await;
+            }
+        })
+        .await;
+    }
+
+    /// A host discovery removed, kept while its checks passed, failed one:
+    /// it leaves the cluster now (Envoy's `PENDING_DYNAMIC_REMOVAL`).
+    fn watch_removed_hosts(self: &Arc<Self>) {
+        let Some(checker) = &self.shared.health else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        checker.on_removed_host_failed(Arc::new(move || {
+            let Some(rt) = weak.upgrade() else { return };
+            let hosts: Vec<_> = rt
+                .hosts
+                .load()
+                .iter()
+                .filter(|(p, _)| !(p.health.pending_removal() && p.health.failed()))
+                .cloned()
+                .collect();
+            rt.install(hosts);
+        }));
     }
 
     /// Starts DNS refresh for a STRICT_DNS cluster; it stops with the cluster.
@@ -244,7 +282,7 @@ impl ClusterRt {
                             dns.lookup_family
                                 .select(&it.collect::<Vec<_>>())
                                 .into_iter()
-                                .map(|a| (a, h.host.as_str())),
+                                .map(|a| (a, h.host.as_str(), &h.health_check)),
                         ),
                         Err(e) => {
                             tracing::warn!(dns.host = %h.host, error = %e, "DNS resolution failed")
@@ -256,7 +294,7 @@ impl ClusterRt {
                     let old = c.balancer.load_full();
                     let pools: Vec<_> = addrs
                         .iter()
-                        .map(|(a, name)| {
+                        .map(|(a, name, check)| {
                             let pool = old
                                 .hosts()
                                 .iter()
@@ -265,6 +303,7 @@ impl ClusterRt {
                                 .unwrap_or_else(|| {
                                     let mut p = EndpointPool::new(HostAddr::Ip(*a), &c);
                                     p.hostname = Some(Arc::from(*name));
+                                    p.set_health_check(&c.cfg, (*check).clone());
                                     Arc::new(p)
                                 });
                             (pool, HostMeta::default())
@@ -288,7 +327,7 @@ impl ClusterRt {
         let cstats = ClusterStats::new(stats, &cfg.name);
         let shared = match previous {
             Some(p) => p.shared.clone(),
-            None => ClusterShared::new(&cfg, stats),
+            None => ClusterShared::new(&cfg, stats, cstats.upstream_cx_total.clone(), tls),
         };
         let empty = Balancer::new(cfg.lb_policy, &cfg.lb, Vec::new());
         let rt = Self {
@@ -315,6 +354,7 @@ impl ClusterRt {
                     .filter(|p| {
                         same_transport(p.tls.as_ref(), tls_for(&rt.cfg, &e.transport_socket_match))
                             && p.hostname == e.hostname
+                            && p.health_check == e.health_check
                     })
                     .unwrap_or_else(|| {
                         let mut p = EndpointPool::with_metadata(
@@ -323,8 +363,11 @@ impl ClusterRt {
                             &e.transport_socket_match,
                         );
                         p.hostname = e.hostname.clone();
+                        p.set_health_check(&rt.cfg, e.health_check.clone());
                         Arc::new(p)
                     });
+                // Back in discovery: no longer pending removal.
+                pool.health.set_pending_removal(false);
                 let meta = HostMeta {
                     weight: e.weight.max(1),
                     priority: e.priority,
@@ -334,6 +377,21 @@ impl ClusterRt {
                     unhealthy: e.health == EndpointHealth::Unhealthy,
                 };
                 hosts.push((pool, meta));
+            }
+            // Envoy: with active health checks, a host discovery removed
+            // stays while its checks pass (unless
+            // `ignore_health_on_host_removal`), pending removal.
+            if rt.cfg.health_check.is_some()
+                && !rt.cfg.ignore_health_on_host_removal
+                && let Some(p) = previous
+            {
+                for (pool, meta) in p.hosts.load().iter() {
+                    let gone = !hosts.iter().any(|(h, _)| h.address == pool.address);
+                    if gone && pool.health.is_checked() && !pool.health.failed() {
+                        pool.health.set_pending_removal(true);
+                        hosts.push((pool.clone(), *meta));
+                    }
+                }
             }
             rt.install(hosts);
         }
@@ -347,6 +405,30 @@ impl ClusterRt {
             let watched: Vec<Arc<HostOutlier>> =
                 hosts.iter().map(|(p, _)| p.outlier.clone()).collect();
             d.set_hosts(&watched);
+        }
+        if let Some(checker) = &self.shared.health {
+            let criteria = checker.config().transport_socket_match_criteria.as_ref();
+            let targets = hosts
+                .iter()
+                .map(|(p, _)| Target {
+                    health: p.health.clone(),
+                    outlier: p.outlier.clone(),
+                    address: p.health_check.target(&p.address),
+                    authority: p
+                        .health_check
+                        .hostname
+                        .as_deref()
+                        .unwrap_or(&self.cfg.name)
+                        .to_string(),
+                    tls: match criteria {
+                        Some(c) => tls_for(&self.cfg, c).cloned(),
+                        None => p.tls.clone(),
+                    },
+                    hostname: p.hostname.clone(),
+                    bind_source: self.cfg.bind_source,
+                })
+                .collect();
+            checker.sync(targets);
         }
         self.hosts.store(Arc::new(hosts.clone()));
         let b = Balancer::new(self.cfg.lb_policy, &self.cfg.lb, hosts);
@@ -425,21 +507,34 @@ impl ClusterRt {
 pub struct ClusterShared {
     pub breakers: Breakers,
     pub detector: Option<Arc<Detector>>,
+    /// The active health checker (`health_checks`).
+    pub health: Option<Arc<HealthChecker>>,
     pub max_requests_per_connection: Option<u32>,
     /// HTTP/2 streams allowed at once on an endpoint's connection.
     pub max_concurrent_streams: Option<u32>,
 }
 
 impl ClusterShared {
-    fn new(cfg: &Cluster, stats: &Stats) -> Arc<Self> {
+    fn new(cfg: &Cluster, stats: &Stats, traffic: Counter, tls: &Arc<TlsContexts>) -> Arc<Self> {
         let detector = cfg.outlier_detection.as_ref().map(|o| {
             let d = Detector::new(o.clone(), stats, &cfg.name);
             d.start();
             d
         });
+        let health = cfg.health_check.as_ref().map(|h| {
+            HealthChecker::new(
+                h.clone(),
+                stats,
+                &cfg.name,
+                traffic,
+                tls.clone(),
+                detector.clone(),
+            )
+        });
         Arc::new(Self {
             breakers: Breakers::new(cfg.circuit_breakers.default, stats, &cfg.name),
             detector,
+            health,
             max_requests_per_connection: cfg.max_requests_per_connection,
             max_concurrent_streams: cfg.max_concurrent_streams,
         })
@@ -618,7 +713,10 @@ impl LbHost for Arc<EndpointPool> {
         self.address.to_string()
     }
     fn available(&self) -> bool {
-        !self.outlier.ejected()
+        !self.outlier.ejected() && !self.health.failed()
+    }
+    fn degraded(&self) -> bool {
+        self.health.degraded()
     }
     fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
@@ -816,6 +914,10 @@ pub struct EndpointPool {
     h2_connecting: tokio::sync::Mutex<()>,
     shared: Arc<ClusterShared>,
     outlier: Arc<HostOutlier>,
+    /// Active health state, shared with the endpoint's health check session.
+    pub health: Arc<HostHealth>,
+    /// `health_check_config`: where the endpoint is checked.
+    pub health_check: EndpointCheck,
     /// Requests in flight to this endpoint (least request).
     active: AtomicU64,
     ewma: PeakEwma,
@@ -897,6 +999,10 @@ impl EndpointPool {
             h2_connecting: tokio::sync::Mutex::new(()),
             shared: cluster.shared.clone(),
             outlier: Arc::default(),
+            // Checked only once its `health_check_config` is known
+            // (original destinations never are).
+            health: Arc::default(),
+            health_check: EndpointCheck::default(),
             active: AtomicU64::new(0),
             ewma: PeakEwma::default(),
             h2_streams: Arc::default(),
@@ -916,6 +1022,15 @@ impl EndpointPool {
                 .per_host_max_connections
                 .map(|max| (Arc::default(), max)),
         }
+    }
+
+    /// Sets the endpoint's `health_check_config`: checked unless it
+    /// disables active health checks.
+    fn set_health_check(&mut self, cfg: &Cluster, check: EndpointCheck) {
+        self.health = Arc::new(HostHealth::new(
+            cfg.health_check.is_some() && !check.disabled,
+        ));
+        self.health_check = check;
     }
 
     /// Requests in flight to this endpoint.
@@ -965,6 +1080,8 @@ impl EndpointPool {
             h2_connecting: tokio::sync::Mutex::new(()),
             shared: self.shared.clone(),
             outlier: self.outlier.clone(),
+            health: self.health.clone(),
+            health_check: self.health_check.clone(),
             active: AtomicU64::new(0),
             ewma: PeakEwma::default(),
             h2_streams: Arc::default(),
@@ -1504,6 +1621,7 @@ mod tests {
             locality: 0,
             locality_weight: 1,
             health: EndpointHealth::Healthy,
+            health_check: Default::default(),
         }
     }
 
@@ -1540,7 +1658,84 @@ mod tests {
             tcp_keepalive: None,
             max_connection_duration: None,
             dns: Default::default(),
+            health_check: None,
+            ignore_health_on_host_removal: false,
         })
+    }
+
+    /// A local HTTP/1.1 server answering `/healthz` with the status held
+    /// in the returned cell.
+    async fn status_server() -> (SocketAddr, Arc<AtomicU32>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let status = Arc::new(AtomicU32::new(200));
+        let st = status.clone();
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let code = st.load(Ordering::SeqCst) as u16;
+                        async move {
+                            let mut r = Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                            *r.status_mut() =
+                                http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, status)
+    }
+
+    fn http_check(unhealthy: u32, healthy: u32) -> ferry_model::health_check::HealthCheck {
+        use ferry_model::health_check as hc;
+        let every = Duration::from_millis(30);
+        hc::HealthCheck {
+            timeout: Duration::from_secs(1),
+            interval: every,
+            initial_jitter: Duration::ZERO,
+            interval_jitter: Duration::ZERO,
+            interval_jitter_percent: 0,
+            unhealthy_threshold: unhealthy,
+            healthy_threshold: healthy,
+            no_traffic_interval: every,
+            no_traffic_healthy_interval: every,
+            unhealthy_interval: every,
+            unhealthy_edge_interval: every,
+            healthy_edge_interval: every,
+            reuse_connection: true,
+            transport_socket_match_criteria: None,
+            checker: hc::Checker::Http(hc::HttpCheck {
+                host: None,
+                path: "/healthz".into(),
+                method: http::Method::GET,
+                headers_to_add: vec![],
+                headers_to_remove: vec![],
+                expected_statuses: vec![(200, 201)],
+                retriable_statuses: vec![(503, 504)],
+                http2: false,
+                service_name_matcher: None,
+            }),
+        }
+    }
+
+    async fn wait_until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting: {what}");
     }
 
     /// A local HTTP/1.1 server answering 200 and counting its connections.
@@ -1596,6 +1791,112 @@ mod tests {
         let status = resp.status().as_u16();
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
         status
+    }
+
+    #[tokio::test]
+    async fn active_health_checks_fail_recover_and_stop_with_their_host() {
+        let (good, _) = status_server().await;
+        let (bad, status) = status_server().await;
+        let stats = Stats::default();
+        let make = |addrs: &[SocketAddr], removal_ignored: bool| {
+            let mut c = Arc::unwrap_or_clone(cluster(&[]));
+            c.outlier_detection = None;
+            c.kind = ClusterKind::Static(
+                addrs
+                    .iter()
+                    .map(|a| Endpoint {
+                        address: (*a).into(),
+                        ..endpoint(0)
+                    })
+                    .collect(),
+            );
+            c.health_check = Some(http_check(2, 2));
+            c.ignore_health_on_host_removal = removal_ignored;
+            Arc::new(c)
+        };
+        status.store(500, Ordering::SeqCst);
+        let rt = Arc::new(ClusterRt::new(
+            make(&[good, bad], false),
+            &stats,
+            None,
+            &Arc::default(),
+        ));
+        rt.watch_removed_hosts();
+        let pool = |a: SocketAddr| {
+            rt.hosts
+                .load()
+                .iter()
+                .find(|(p, _)| p.address == HostAddr::Ip(a))
+                .map(|(p, _)| p.clone())
+                .unwrap_or_else(|| panic!("no host {a}"))
+        };
+        let (g, b) = (pool(good), pool(bad));
+        // Both start failed; one pass makes a host healthy at first.
+        tokio::time::timeout(Duration::from_secs(2), rt.warmed())
+            .await
+            .unwrap_or_else(|_| panic!("not warmed"));
+        assert!(!g.health.failed(), "the passing host is healthy");
+        assert!(b.health.failed(), "a 500 fails the host at once");
+        for _ in 0..20 {
+            let p = rt.pick(None).unwrap_or_else(|| panic!("no pick"));
+            assert_eq!(
+                p.address,
+                HostAddr::Ip(good),
+                "only the healthy host is picked"
+            );
+        }
+        // Recovery takes healthy_threshold (2) passes.
+        status.store(200, Ordering::SeqCst);
+        wait_until("recovery", || !b.health.failed()).await;
+        // A retriable status fails only after unhealthy_threshold (2).
+        let failures = stats.counter("cluster.c.health_check.failure");
+        let before = failures.get();
+        status.store(503, Ordering::SeqCst);
+        wait_until("one failure", || failures.get() > before).await;
+        let after_first = b.health.failed();
+        wait_until("retriable failures fail the host", || b.health.failed()).await;
+        assert!(failures.get() >= before + 2 || !after_first);
+        assert!(stats.counter("cluster.c.health_check.attempt").get() > 0);
+        assert!(stats.counter("cluster.c.health_check.success").get() > 0);
+        // Discovery removes the healthy host: it stays, pending removal,
+        // while it passes.
+        let rt2 = Arc::new(ClusterRt::new(
+            make(&[bad], false),
+            &stats,
+            Some(&rt),
+            &Arc::default(),
+        ));
+        rt2.watch_removed_hosts();
+        let kept: Vec<_> = rt2
+            .hosts
+            .load()
+            .iter()
+            .map(|(p, _)| p.address.clone())
+            .collect();
+        assert!(kept.contains(&HostAddr::Ip(good)), "{kept:?}");
+        assert!(g.health.pending_removal());
+        // The removed failing host's session stops: with
+        // ignore_health_on_host_removal, removal is immediate.
+        let sessions = |rt: &ClusterRt| {
+            rt.shared
+                .health
+                .as_ref()
+                .map(|h| h.session_count())
+                .unwrap_or_default()
+        };
+        assert_eq!(sessions(&rt2), 2);
+        let rt3 = ClusterRt::new(make(&[good], true), &stats, Some(&rt2), &Arc::default());
+        assert_eq!(sessions(&rt3), 1, "the removed host's session stopped");
+        assert!(!g.health.pending_removal(), "back in discovery");
+        // The cluster gone, its sessions stop (no task holds it).
+        let checker = Arc::downgrade(
+            rt3.shared
+                .health
+                .as_ref()
+                .unwrap_or_else(|| panic!("checker")),
+        );
+        drop((rt, rt2, rt3, g, b));
+        wait_until("checker dropped", || checker.upgrade().is_none()).await;
     }
 
     #[tokio::test]

@@ -20,8 +20,13 @@ use http::{HeaderMap, HeaderValue, Uri};
 pub trait LbHost {
     /// A stable identity (the address) placing the host on rings and tables.
     fn id(&self) -> String;
-    /// Not ejected by outlier detection.
+    /// Not ejected by outlier detection nor failed by active health checks.
     fn available(&self) -> bool;
+    /// Degraded by its active health check (`x-envoy-degraded`): used only
+    /// while no healthy host of its priority is left, as EDS's DEGRADED.
+    fn degraded(&self) -> bool {
+        false
+    }
     /// Requests in flight (least request).
     fn active(&self) -> u64;
     /// Peak-EWMA latency estimate in nanoseconds (opt-in least request).
@@ -183,7 +188,10 @@ impl<H: LbHost> Balancer<H> {
     fn pick_filtered(&self, hash: Option<u64>, skip: &dyn Fn(&H) -> bool) -> Option<&H> {
         let (level, panic) = self.choose_level(hash)?;
         let up = |i: usize| self.up(i);
-        let is_degraded = |i: usize| self.degraded.get(i).copied().unwrap_or(false);
+        let is_degraded = |i: usize| {
+            self.degraded.get(i).copied().unwrap_or(false)
+                || self.hosts.get(i).is_some_and(|h| h.degraded())
+        };
         let healthy_left = level.members.iter().any(|i| up(*i) && !is_degraded(*i));
         let skipped = |i: usize| self.hosts.get(i).is_some_and(skip);
         let ok = |i: usize| !skipped(i) && (panic || (up(i) && (!healthy_left || !is_degraded(i))));

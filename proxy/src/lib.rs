@@ -14,6 +14,7 @@ pub mod detect;
 pub mod dns;
 pub mod drain;
 pub mod filter_chain_update;
+pub mod health_check;
 pub mod http;
 pub mod iptables;
 pub mod lb;

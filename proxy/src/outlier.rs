@@ -124,6 +124,21 @@ impl Detector {
         });
     }
 
+    /// A passing active health check: an ejected host returns at once when
+    /// `successful_active_health_check_uneject_host` says so (Envoy's default).
+    pub fn health_check_passed(&self, host: &HostOutlier) {
+        if !self.cfg.uneject_on_health_check_success || !host.ejected() {
+            return;
+        }
+        let mut s = host.state.lock().unwrap_or_else(|p| p.into_inner());
+        if host.ejected.swap(false, Ordering::Relaxed) {
+            self.ejected.fetch_sub(1, Ordering::Relaxed);
+            s.ejected_at = None;
+            s.last_unejected = Some(Instant::now());
+            tracing::info!("endpoint returned from ejection by a passing health check");
+        }
+    }
+
     /// The endpoint set changed: these are the hosts watched from now on.
     pub fn set_hosts(&self, hosts: &[Arc<HostOutlier>]) {
         let mut hs = self.hosts.lock().unwrap_or_else(|p| p.into_inner());

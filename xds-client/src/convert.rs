@@ -35,6 +35,7 @@ mod fault;
 mod filter_chain_matcher;
 mod grpc_service;
 mod header_mutation;
+mod health_check;
 mod http_connection_manager;
 mod http_protocol;
 mod istio;

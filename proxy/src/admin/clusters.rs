@@ -54,16 +54,29 @@ fn host_stats(p: &EndpointPool) -> [(&'static str, u64, bool); 9] {
 }
 
 /// Envoy's `health_flags`: `healthy`, or the reasons it is not.
+/// In Envoy's order of its health flags.
 pub(super) fn health_flags(p: &EndpointPool, m: &HostMeta) -> String {
     let mut flags = Vec::new();
+    if p.health.failed() {
+        flags.push("/failed_active_hc");
+    }
+    if p.ejected() {
+        flags.push("/failed_outlier_check");
+    }
     if m.unhealthy {
         flags.push("/failed_eds_health");
+    }
+    if p.health.degraded() {
+        flags.push("/degraded_active_hc");
     }
     if m.degraded {
         flags.push("/degraded_eds_health");
     }
-    if p.ejected() {
-        flags.push("/failed_outlier_check");
+    if p.health.pending_removal() {
+        flags.push("/pending_dynamic_removal");
+    }
+    if p.health.timed_out() {
+        flags.push("/active_hc_timeout");
     }
     if flags.is_empty() {
         "healthy".into()
@@ -196,8 +209,20 @@ fn cluster_json(c: &ClusterRt, added_via_api: bool) -> Value {
                     "HEALTHY"
                 }
             });
+            if p.health.failed() {
+                health["failed_active_health_check"] = json!(true);
+            }
             if p.ejected() {
                 health["failed_outlier_check"] = json!(true);
+            }
+            if p.health.degraded() {
+                health["failed_active_degraded_check"] = json!(true);
+            }
+            if p.health.pending_removal() {
+                health["pending_dynamic_removal"] = json!(true);
+            }
+            if p.health.timed_out() {
+                health["active_hc_timeout"] = json!(true);
             }
             let mut h = json!({
                 "address": host_address(&p.address),

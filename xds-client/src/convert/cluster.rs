@@ -15,6 +15,7 @@ use super::circuit_breakers::circuit_breakers;
 use super::core_types::value_string;
 use super::coverage::{fields, path};
 use super::endpoint::{dns_endpoints, endpoints, overprovisioning_factor};
+use super::health_check;
 use super::istio::{ISTIO_TOLERATED, METADATA_EXCHANGE_TYPE, metadata_exchange};
 use super::lb_config::lb_config;
 use super::outlier_detection::outlier_detection;
@@ -32,7 +33,7 @@ fields!(pub(super) static CLUSTER = "envoy.config.cluster.v3.Cluster" {
     "per_connection_buffer_high_watermark_timeout": warned "upstream reads are bounded by the HTTP codec's own buffers",
     "lb_policy": applied "ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV, CLUSTER_PROVIDED",
     "load_balancing_policy": refused "typed load balancing policies are not supported (use lb_policy)",
-    "health_checks": refused "active health checking is not supported",
+    "health_checks": applied "one check (HTTP, TCP or gRPC); see HealthCheck",
     "max_requests_per_connection": applied,
     "circuit_breakers": applied,
     "http_protocol_options": applied "see Http1ProtocolOptions (upstream)",
@@ -66,8 +67,8 @@ fields!(pub(super) static CLUSTER = "envoy.config.cluster.v3.Cluster" {
     "metadata": applied "istio.services (metrics) and ferry.lb; other metadata is read only by extensions Ferry does not run",
     "alt_stat_name": warned "statistics are named after the cluster",
     "upstream_connection_options": applied,
-    "close_connections_on_host_health_failure": inert "only active health checks, which are refused, fail hosts",
-    "ignore_health_on_host_removal": inert "only active health checks, which are refused, keep removed hosts",
+    "close_connections_on_host_health_failure": refused "closing a host's connections when its health check fails is not supported",
+    "ignore_health_on_host_removal": applied,
     "load_assignment": applied,
     "filters": applied "Istio's metadata exchange skipped with a warning; others (Wasm included) refused",
     "lrs_server": refused "load reporting (LRS) is not supported",
@@ -190,12 +191,8 @@ pub fn cluster(
         cluster_discovery_type,
         lb_config: lb_specific,
     } = c;
-    // Only active health checks or load reporting read these: both refused.
-    let _ = (
-        close_connections_on_host_health_failure,
-        ignore_health_on_host_removal,
-        lrs_report_endpoint_metrics,
-    );
+    // Only load reporting, which is refused, reads it.
+    let _ = lrs_report_endpoint_metrics;
     if name.is_empty() {
         return Err(ctx.err("name", "a cluster needs a name"));
     }
@@ -205,7 +202,13 @@ pub fn cluster(
         "load_balancing_policy",
         load_balancing_policy.is_some(),
     )?;
-    ctx.refuse(cov, "", "health_checks", !health_checks.is_empty())?;
+    ctx.refuse(
+        cov,
+        "",
+        "close_connections_on_host_health_failure",
+        *close_connections_on_host_health_failure,
+    )?;
+    let health_check = health_check::health_checks(&mut ctx, "health_checks", health_checks)?;
     ctx.refuse(cov, "", "dns_resolvers", !dns_resolvers.is_empty())?;
     ctx.refuse(
         cov,
@@ -537,6 +540,8 @@ pub fn cluster(
             lookup_family: family,
             refresh_rate,
         },
+        ignore_health_on_host_removal: *ignore_health_on_host_removal,
+        health_check,
     })
 }
 

@@ -181,9 +181,10 @@ impl Ctx<'_> {
 pub(super) fn all() -> Vec<&'static Coverage> {
     use super::{
         access_log, bootstrap, circuit_breakers, cluster, compressor, core_types, cors, endpoint,
-        ext_authz, fault, filter_chain_matcher as fcm, header_mutation, http_connection_manager,
-        http_protocol, jwt_authn, lb_config, listener, local_ratelimit, matcher, outlier_detection,
-        per_filter, rbac, retry, route, tcp_proxy, tls, trace, upstream_protocol,
+        ext_authz, fault, filter_chain_matcher as fcm, header_mutation, health_check,
+        http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
+        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, tls, trace,
+        upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -327,6 +328,12 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &lb_config::MAGLEV,
         &lb_config::ORIGINAL_DST,
         &outlier_detection::OUTLIER_DETECTION,
+        &health_check::HEALTH_CHECK,
+        &health_check::HTTP_HEALTH_CHECK,
+        &health_check::TCP_HEALTH_CHECK,
+        &health_check::GRPC_HEALTH_CHECK,
+        &health_check::PAYLOAD,
+        &health_check::ENDPOINT_HEALTH_CHECK_CONFIG,
         &circuit_breakers::CIRCUIT_BREAKERS,
         &circuit_breakers::THRESHOLDS,
         &circuit_breakers::RETRY_BUDGET,
@@ -397,3 +404,16 @@ mod dangerous;
 mod probe;
 #[cfg(test)]
 mod tests;
+
+/// A cluster from Envoy's JSON, for the converters' unit tests.
+#[cfg(test)]
+pub(super) fn cluster_from_json(
+    json: &str,
+) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    use prost::Message;
+    let desc = probe::descriptors()
+        .get_message_by_name("envoy.config.cluster.v3.Cluster")
+        .expect("Cluster descriptor");
+    let bytes = probe::parse(&desc, json).encode_to_vec();
+    envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(bytes.as_slice()).expect("Cluster")
+}

@@ -46,7 +46,7 @@ fields!(pub(super) static LB_ENDPOINT = "envoy.config.endpoint.v3.LbEndpoint" {
 
 fields!(pub(super) static ENDPOINT = "envoy.config.endpoint.v3.Endpoint" {
     "address": applied "a TCP socket address, or a Unix socket (pipe) in STATIC and EDS clusters",
-    "health_check_config": inert "read only by active health checks, which are refused",
+    "health_check_config": applied "see HealthCheckConfig",
     "hostname": applied "auto_host_sni and auto_host_rewrite",
     "additional_addresses": warned "connections use the endpoint's address only",
     "observability_name": warned "statistics name the endpoint by its address",
@@ -109,6 +109,7 @@ struct Entry<'a> {
     address: &'a Option<core_pb::Address>,
     hostname: &'a str,
     e: &'a endpoint_pb::LbEndpoint,
+    health_check: m::health_check::EndpointCheck,
 }
 
 /// Every endpoint of an assignment, each message checked field by field.
@@ -184,7 +185,11 @@ fn entries<'a>(
                 additional_addresses,
                 observability_name,
             } = ep;
-            let _ = health_check_config;
+            let health_check = super::health_check::endpoint_check(
+                ctx,
+                &path(&epf, "health_check_config"),
+                health_check_config.as_ref(),
+            )?;
             ctx.knob(
                 &ENDPOINT,
                 &epf,
@@ -204,6 +209,7 @@ fn entries<'a>(
                 address,
                 hostname,
                 e,
+                health_check,
             });
         }
     }
@@ -257,6 +263,7 @@ pub(super) fn endpoints(
                 5 => m::cluster::EndpointHealth::Degraded,
                 _ => m::cluster::EndpointHealth::Healthy,
             },
+            health_check: entry.health_check,
         });
     }
     // Every priority is kept: the balancer fails over from one level to the
@@ -301,6 +308,7 @@ pub(super) fn dns_endpoints(
             out.push(m::cluster::DnsEndpoint {
                 host,
                 port,
+                health_check: entry.health_check,
                 weight: entry
                     .e
                     .load_balancing_weight

@@ -15,7 +15,7 @@ fields!(pub(super) static COMMON_LB_CONFIG = "envoy.config.cluster.v3.Cluster.Co
     "zone_aware_lb_config": inert "zone-aware routing needs the bootstrap's local_cluster_name, which Ferry does not read",
     "locality_weighted_lb_config": applied,
     "update_merge_window": warned "endpoint updates apply at once",
-    "ignore_new_hosts_until_first_hc": inert "only active health checks, which are refused, hold new hosts back",
+    "ignore_new_hosts_until_first_hc": refused "excluding new hosts until their first health check is not supported",
     "close_connections_on_host_set_change": refused "closing connections on endpoint changes is not supported",
     "consistent_hashing_lb_config": applied "only the defaults (see ConsistentHashingLbConfig)",
     "override_host_status": refused "host overrides are not supported",
@@ -190,7 +190,12 @@ fn common_lb(
         override_host_status,
         locality_config_specifier,
     } = c;
-    let _ = ignore_new_hosts_until_first_hc;
+    ctx.refuse(
+        cov,
+        field,
+        "ignore_new_hosts_until_first_hc",
+        *ignore_new_hosts_until_first_hc,
+    )?;
     ctx.knob(
         cov,
         field,

@@ -30,7 +30,7 @@ fields!(pub(super) static OUTLIER_DETECTION = "envoy.config.cluster.v3.OutlierDe
     "failure_percentage_request_volume": applied,
     "max_ejection_time": applied,
     "max_ejection_time_jitter": applied,
-    "successful_active_health_check_uneject_host": inert "only active health checks, which are refused, uneject hosts",
+    "successful_active_health_check_uneject_host": applied,
     "monitors": refused "outlier detection monitors are not supported",
     "always_eject_one_host": applied,
     "detect_degraded_hosts": refused "degraded-host detection is not supported",
@@ -70,7 +70,6 @@ pub(super) fn outlier_detection(
         always_eject_one_host,
         detect_degraded_hosts,
     } = o;
-    let _ = successful_active_health_check_uneject_host;
     ctx.refuse(cov, field, "monitors", !monitors.is_empty())?;
     ctx.refuse(
         cov,
@@ -137,5 +136,8 @@ pub(super) fn outlier_detection(
         ),
         max_ejection_time_jitter: duration(max_ejection_time_jitter).unwrap_or_default(),
         always_eject_one_host: always_eject_one_host.as_ref().is_some_and(|v| v.value),
+        uneject_on_health_check_success: successful_active_health_check_uneject_host
+            .as_ref()
+            .is_none_or(|v| v.value),
     })
 }

@@ -29,6 +29,8 @@ use Expect::{Applied, Refused, Warned};
 
 const ROUTES: &str = "tests/tests/route_decisions.rs";
 
+const HEALTH: &str = "tests/tests/health_check.rs";
+
 const HCM: &str = "/filter_chains/0/filters/0/typed_config";
 
 /// `(what, resource, JSON pointer of the field, value, expectation)`:
@@ -185,7 +187,10 @@ fn cases() -> Vec<(&'static str, &'static str, String, Value, Expect)> {
             "/health_checks".into(),
             json!([{"timeout": "1s", "interval": "5s", "unhealthy_threshold": 2,
                 "healthy_threshold": 1, "http_health_check": {"path": "/healthz"}}]),
-            Refused("health_checks"),
+            Applied(
+                HEALTH,
+                "http_health_check_fails_and_recovers_hosts_as_envoy",
+            ),
         ),
         (
             "RetryPolicy.retriable_request_headers",

@@ -20,6 +20,11 @@ pub(super) const CLUSTER: &str = include_str!("../../../tests/data/probe-cluster
 pub(super) const MATCHER_LISTENER: &str =
     include_str!("../../../tests/data/probe-matcher-listener.json");
 
+/// Clusters with an HTTP, a TCP and a gRPC health check.
+const HC_HTTP_CLUSTER: &str = r#"{"name": "c", "type": "STATIC", "health_checks": [{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1, "http_health_check": {"path": "/healthz"}}]}"#;
+const HC_TCP_CLUSTER: &str = r#"{"name": "c", "type": "STATIC", "health_checks": [{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1, "tcp_health_check": {"send": {"text": "00"}}}]}"#;
+const HC_GRPC_CLUSTER: &str = r#"{"name": "c", "type": "STATIC", "health_checks": [{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 1, "healthy_threshold": 1, "grpc_health_check": {}}]}"#;
+
 const EDS_CLUSTER: &str =
     r#"{"name": "e", "type": "EDS", "eds_cluster_config": {"service_name": "e"}}"#;
 
@@ -715,6 +720,25 @@ fn site(message: &str, context: &str) -> Option<Site> {
             "load_assignment.endpoints[0].lb_endpoints[0].endpoint",
             None,
         ),
+        ("envoy.config.endpoint.v3.Endpoint.HealthCheckConfig", _) => c(
+            "load_assignment.endpoints[0].lb_endpoints[0].endpoint.health_check_config",
+            Some("{}"),
+        ),
+        ("envoy.config.core.v3.HealthCheck", _) => s(HC_HTTP_CLUSTER, "health_checks[0]", None),
+        ("envoy.config.core.v3.HealthCheck.HttpHealthCheck", _) => {
+            s(HC_HTTP_CLUSTER, "health_checks[0].http_health_check", None)
+        }
+        ("envoy.config.core.v3.HealthCheck.TcpHealthCheck", _) => {
+            s(HC_TCP_CLUSTER, "health_checks[0].tcp_health_check", None)
+        }
+        ("envoy.config.core.v3.HealthCheck.Payload", _) => s(
+            HC_TCP_CLUSTER,
+            "health_checks[0].tcp_health_check.send",
+            None,
+        ),
+        ("envoy.config.core.v3.HealthCheck.GrpcHealthCheck", _) => {
+            s(HC_GRPC_CLUSTER, "health_checks[0].grpc_health_check", None)
+        }
         ("envoy.config.core.v3.Pipe", _) => c(
             "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.pipe",
             Some(r#"{"path": "/run/x.sock"}"#),
