@@ -908,6 +908,144 @@ impl std::fmt::Debug for HealthChecker {
 mod tests {
     use super::*;
 
+    fn parts(unhealthy: u32, healthy: u32) -> Parts {
+        use ferry_model::health_check as hc;
+        let s = |ms| Duration::from_millis(ms);
+        Parts {
+            cfg: Arc::new(hc::HealthCheck {
+                timeout: s(1000),
+                interval: s(100),
+                initial_jitter: Duration::ZERO,
+                interval_jitter: Duration::ZERO,
+                interval_jitter_percent: 0,
+                unhealthy_threshold: unhealthy,
+                healthy_threshold: healthy,
+                no_traffic_interval: s(60_000),
+                no_traffic_healthy_interval: s(30_000),
+                unhealthy_interval: s(200),
+                unhealthy_edge_interval: s(300),
+                healthy_edge_interval: s(400),
+                reuse_connection: true,
+                transport_socket_match_criteria: None,
+                checker: hc::Checker::Tcp(hc::TcpCheck::default()),
+            }),
+            stats: CheckStats {
+                attempt: Counter::default(),
+                success: Counter::default(),
+                failure: Counter::default(),
+                network_failure: Counter::default(),
+                verify_cluster: Counter::default(),
+            },
+            traffic: Counter::default(),
+            contexts: Arc::default(),
+            detector: None,
+        }
+    }
+
+    fn target() -> Target {
+        Target {
+            health: Arc::new(HostHealth::new(true)),
+            outlier: Arc::default(),
+            address: HostAddr::Ip(([127, 0, 0, 1], 1).into()),
+            authority: "c".into(),
+            tls: None,
+            hostname: None,
+            bind_source: None,
+        }
+    }
+
+    const PASS: Outcome = Outcome::Success { degraded: false };
+    const NETWORK: Outcome = Outcome::Failure {
+        network: true,
+        retriable: false,
+    };
+    const ACTIVE: Outcome = Outcome::Failure {
+        network: false,
+        retriable: false,
+    };
+    const RETRIABLE: Outcome = Outcome::Failure {
+        network: false,
+        retriable: true,
+    };
+
+    #[test]
+    fn thresholds_and_flags_follow_envoy() {
+        let p = parts(3, 2);
+        let t = target();
+        let h = &t.health;
+        let mut c = Counts {
+            first: true,
+            ..Counts::default()
+        };
+        assert!(h.failed(), "a checked host starts failed");
+        // The first pass is enough.
+        assert_eq!(apply(&p, &t, &mut c, PASS), (true, Transition::Changed));
+        assert!(!h.failed());
+        // Network failures and retriable statuses count to 3.
+        assert_eq!(apply(&p, &t, &mut c, NETWORK).1, Transition::ChangePending);
+        assert_eq!(
+            apply(&p, &t, &mut c, RETRIABLE).1,
+            Transition::ChangePending
+        );
+        assert!(!h.failed());
+        assert_eq!(
+            apply(&p, &t, &mut c, Outcome::Timeout).1,
+            Transition::Changed
+        );
+        assert!(h.failed() && h.timed_out(), "failed by a timeout");
+        // Back: two passes in a row (a failure in between starts over).
+        assert_eq!(apply(&p, &t, &mut c, PASS).1, Transition::ChangePending);
+        assert_eq!(apply(&p, &t, &mut c, NETWORK).1, Transition::Unchanged);
+        assert!(!h.timed_out(), "the last failure was not a timeout");
+        assert_eq!(apply(&p, &t, &mut c, PASS).1, Transition::ChangePending);
+        assert_eq!(apply(&p, &t, &mut c, PASS).1, Transition::Changed);
+        assert!(!h.failed());
+        // Any other failure fails the host at once; degraded passes mark it.
+        assert_eq!(apply(&p, &t, &mut c, ACTIVE).1, Transition::Changed);
+        assert!(h.failed());
+        let first_fail = target();
+        let mut c2 = Counts {
+            first: true,
+            ..Counts::default()
+        };
+        apply(&p, &first_fail, &mut c2, NETWORK);
+        assert!(
+            first_fail.health.failed(),
+            "still failed after a failed first check"
+        );
+        apply(
+            &p,
+            &first_fail,
+            &mut c2,
+            Outcome::Success { degraded: true },
+        );
+        apply(
+            &p,
+            &first_fail,
+            &mut c2,
+            Outcome::Success { degraded: true },
+        );
+        assert!(!first_fail.health.failed() && first_fail.health.degraded());
+        assert_eq!(p.stats.success.get(), 6);
+        assert_eq!(p.stats.failure.get(), 6);
+        assert_eq!(p.stats.network_failure.get(), 4);
+    }
+
+    #[test]
+    fn intervals_follow_traffic_result_and_transition() {
+        let p = parts(2, 2);
+        let ms = |d: Duration| d.as_millis();
+        // No connection yet: the no-traffic intervals.
+        assert_eq!(ms(interval(&p, true, Transition::Unchanged)), 30_000);
+        assert_eq!(ms(interval(&p, true, Transition::ChangePending)), 60_000);
+        assert_eq!(ms(interval(&p, false, Transition::Unchanged)), 60_000);
+        p.traffic.inc();
+        assert_eq!(ms(interval(&p, true, Transition::Unchanged)), 100);
+        assert_eq!(ms(interval(&p, true, Transition::ChangePending)), 400);
+        assert_eq!(ms(interval(&p, false, Transition::Changed)), 200);
+        assert_eq!(ms(interval(&p, false, Transition::ChangePending)), 300);
+    }
+
     #[test]
     fn tcp_blocks_match_in_order() {
         let exp = vec![b"PO".to_vec(), b"NG".to_vec()];
