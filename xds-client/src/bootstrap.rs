@@ -26,6 +26,8 @@ pub struct Bootstrap {
     /// `tracing.http`: the tracer of connection managers whose `tracing`
     /// names none.
     pub tracing: Option<std::sync::Arc<ferry_model::tracing::Provider>>,
+    /// `layered_runtime`, also installed as the process's runtime.
+    pub runtime: crate::runtime::Runtime,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +76,10 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         path: origin.to_string(),
         source,
     };
-    convert::bootstrap_fields(&proto, &mut warnings).map_err(conv)?;
+    // The runtime is installed before any resource is converted: the
+    // converters read the values a `runtime_key` names, and the RE2 limit.
+    let runtime = convert::bootstrap_fields(&proto, &mut warnings).map_err(conv)?;
+    crate::runtime::install(runtime.clone());
     let statics = proto.static_resources.clone().unwrap_or_default();
     let ads = ads_config(&proto).map_err(|message| BootstrapError::Invalid {
         path: origin.to_string(),
@@ -219,6 +224,7 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         ads,
         admin_access_logs,
         tracing,
+        runtime,
     })
 }
 
