@@ -14,6 +14,7 @@ pub mod convert;
 pub mod dump;
 pub mod node;
 pub mod runtime;
+pub mod sds;
 pub use ferry_envoy_json as json;
 pub mod store;
 
