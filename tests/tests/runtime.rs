@@ -3,7 +3,8 @@
 //! of our own, with the fragment flag as istio-agent sets it (false: the
 //! fragment is stripped before routing and forwarding) and at Envoy's
 //! default (true: 400); a route's `runtime_fraction` reading the layer's
-//! value for its `runtime_key`; `/runtime` listing the layers; a refused
+//! value for its `runtime_key`; `/runtime` listing the layers as Envoy's
+//! does; a refused
 //! key failing start-up by name.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it the comparisons fail.
@@ -15,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use ferry_tests::envoy::{self, Envoy};
 use ferry_tests::proxy::{
-    App, Bootstrap, Ferry, RunLock, Upstream, free_port, http_listener, local, read_response,
+    App, Bootstrap, Ferry, RunLock, Upstream, curl, free_port, http_listener, local, read_response,
 };
 use serde_json::{Value, json};
 
@@ -148,6 +149,19 @@ fn admin_runtime_lists_the_layers_and_refused_keys_fail_start_up() -> Result<()>
         v["entries"]["re2.max_program_size.error_level"]["final_value"],
         json!("32768")
     );
+    // Envoy prints the same layers and entries for the same layer.
+    let bin = envoy::require_bin()?;
+    let eport = free_port();
+    let envoy = Envoy::start(
+        &bin,
+        &config(eport, backend.port, golden_runtime(false)?),
+        eport,
+    )?;
+    // Envoy's admin answers chunked: curl reads it.
+    let out = curl(&["-s", &format!("http://{}/runtime", local(envoy.admin()))])?;
+    let theirs: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v, theirs, "/runtime as Envoy prints it");
+    drop(envoy);
     let log = ferry.log();
     assert!(
         log.contains("envoy.reloadable_features.coalesce_lb_rebuilds_on_batch_update"),
