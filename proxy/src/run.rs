@@ -467,6 +467,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         a.node = ferry_xds::node::build(Some(&a.node), &opts.node, &env);
         if let Some(agent) = &opts.agent {
             a.local_secrets = Some(start_agent(agent, a).await?);
+        } else if let Some(target) = ferry_xds::bootstrap::agent_sds_target(&bootstrap.proto) {
+            // Under istio-agent (no --ca-addr): the agent serves the
+            // workload certificate and root on its SDS socket, as to Envoy.
+            tracing::info!(sds.target = ?target, "workload secrets from the agent's SDS server");
+            a.local_secrets = Some(ferry_xds::sds::start(
+                ferry_xds::sds::SdsSource {
+                    cluster: ferry_xds::bootstrap::AGENT_SDS_CLUSTER.into(),
+                    target,
+                    node: a.node.clone(),
+                },
+                &[crate::agent::WORKLOAD_SECRET, crate::agent::ROOT_SECRET],
+            ));
         }
     } else if opts.agent.is_some() {
         tracing::warn!("--ca-addr is ignored: the bootstrap has no ADS");

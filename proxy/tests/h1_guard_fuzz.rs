@@ -288,6 +288,7 @@ fn case(rng: &mut StdRng) -> Case {
         allow_chunked_length: rng.random_range(0..4) == 0,
         allow_custom_methods: rng.random_range(0..4) == 0,
         accept_http_10: rng.random_range(0..3) == 0,
+        reject_fragment: rng.random_range(0..2) == 0,
     };
     let upgrades = (0..8).map(|_| rng.random()).collect();
     Case {
@@ -563,6 +564,7 @@ fn h1_guard_corpus() {
         allow_chunked_length: false,
         allow_custom_methods: false,
         accept_http_10: false,
+        reject_fragment: true,
     };
     for (input, both) in [
         (&b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..], true),

@@ -26,6 +26,8 @@ pub struct Bootstrap {
     /// `tracing.http`: the tracer of connection managers whose `tracing`
     /// names none.
     pub tracing: Option<std::sync::Arc<ferry_model::tracing::Provider>>,
+    /// `layered_runtime`, also installed as the process's runtime.
+    pub runtime: crate::runtime::Runtime,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +76,10 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         path: origin.to_string(),
         source,
     };
-    convert::bootstrap_fields(&proto, &mut warnings).map_err(conv)?;
+    // The runtime is installed before any resource is converted: the
+    // converters read the values a `runtime_key` names, and the RE2 limit.
+    let runtime = convert::bootstrap_fields(&proto, &mut warnings).map_err(conv)?;
+    crate::runtime::install(runtime.clone());
     let statics = proto.static_resources.clone().unwrap_or_default();
     let ads = ads_config(&proto).map_err(|message| BootstrapError::Invalid {
         path: origin.to_string(),
@@ -219,7 +224,43 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         ads,
         admin_access_logs,
         tracing,
+        runtime,
     })
+}
+
+/// The name istio-agent gives the static cluster of its SDS server.
+pub const AGENT_SDS_CLUSTER: &str = "sds-grpc";
+
+/// The agent's SDS server, when the bootstrap has istio-agent's layout: a
+/// static `sds-grpc` cluster whose endpoint is a Unix socket (`pipe`)
+/// that is not the ADS server's. Ferry under a real istio-agent fetches the
+/// workload certificate and root from it, as Envoy does.
+pub fn agent_sds_target(proto: &bootstrap_pb::Bootstrap) -> Option<crate::ads::XdsTarget> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address as A;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    if ads_cluster_names(proto)
+        .iter()
+        .any(|n| n == AGENT_SDS_CLUSTER)
+    {
+        return None;
+    }
+    let cluster = proto
+        .static_resources
+        .iter()
+        .flat_map(|s| s.clusters.iter())
+        .find(|c| c.name == AGENT_SDS_CLUSTER)?;
+    cluster
+        .load_assignment
+        .iter()
+        .flat_map(|la| la.endpoints.iter())
+        .flat_map(|e| e.lb_endpoints.iter())
+        .find_map(|e| match &e.host_identifier {
+            Some(HostIdentifier::Endpoint(ep)) => match ep.address.as_ref()?.address.as_ref()? {
+                A::Pipe(p) => Some(crate::ads::XdsTarget::Unix(p.path.clone().into())),
+                _ => None,
+            },
+            _ => None,
+        })
 }
 
 fn ads_cluster_names(proto: &bootstrap_pb::Bootstrap) -> Vec<String> {

@@ -13,6 +13,8 @@ pub mod ca;
 pub mod convert;
 pub mod dump;
 pub mod node;
+pub mod runtime;
+pub mod sds;
 pub use ferry_envoy_json as json;
 pub mod store;
 

@@ -44,6 +44,9 @@ fn agent_bootstrap_is_accepted_with_its_knobs_named() {
             "{field} is warned about: {warned:#?}"
         );
     }
+    // The static runtime layer is read: the fragment flag is the agent's.
+    assert!(!b.runtime.reject_path_with_fragment());
+    assert_eq!(b.runtime.re2_max_program_size(), 32768);
     // The compressors and the Unix-socket SDS cluster are taken as they are.
     assert!(b.snapshot.clusters.contains_key("sds-grpc"));
     assert_eq!(b.snapshot.listeners.len(), 2);

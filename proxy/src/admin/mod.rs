@@ -362,6 +362,8 @@ const HELP: &str = "admin commands are:
   /quitquitquit (POST): exit the server
   /ready: print server state, return 200 if LIVE, otherwise return 503
   /reopen_logs (POST): reopen access logs
+  /runtime: print runtime values
+  /runtime_modify (POST): not supported (Ferry reads static runtime layers only)
   /server_info: print server version/status information
   /stats: print server stats
       usedonly: Only include stats that have been written by system since restart
@@ -397,6 +399,13 @@ async fn respond(rt: &Arc<Runtime>, role: Role, req: Request<Incoming>) -> Respo
         (Role::Admin, "/certs") => certs::respond(rt),
         (Role::Admin, "/memory") => memory::respond(),
         (Role::Admin, "/hot_restart_version") => text(StatusCode::OK, "disabled"),
+        (Role::Admin, "/runtime") => json(&runtime_entries(&ferry_xds::runtime::current())),
+        // The admin layer stays empty: a value set here would have to reach
+        // configuration already converted, which Ferry does not redo.
+        (Role::Admin, "/runtime_modify") => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "runtime_modify is not supported: Ferry reads the bootstrap's static runtime layers only\n",
+        ),
         (Role::Admin, "/help" | "/") => text(StatusCode::OK, HELP),
         (Role::Admin, "/logging") if post => logging::respond(&q),
         (Role::Admin, "/quitquitquit") if post => {
@@ -427,6 +436,30 @@ async fn respond(rt: &Arc<Runtime>, role: Role, req: Request<Incoming>) -> Respo
         ),
         (Role::Admin, _) => text(StatusCode::NOT_FOUND, format!("invalid path. {HELP}")),
     }
+}
+
+/// `/runtime` as Envoy prints it: the layer names, then each key with its
+/// value in every layer (empty where a layer lacks it) and the final value.
+fn runtime_entries(rt: &ferry_xds::runtime::Runtime) -> serde_json::Value {
+    let keys: std::collections::BTreeSet<&String> =
+        rt.layers.iter().flat_map(|l| l.values.keys()).collect();
+    let mut entries = serde_json::Map::new();
+    for k in keys {
+        let layer_values: Vec<String> = rt
+            .layers
+            .iter()
+            .map(|l| l.values.get(k).map(|v| v.display()).unwrap_or_default())
+            .collect();
+        let final_value = rt.get(k).map(|v| v.display()).unwrap_or_default();
+        entries.insert(
+            k.clone(),
+            serde_json::json!({"final_value": final_value, "layer_values": layer_values}),
+        );
+    }
+    serde_json::json!({
+        "layers": rt.layers.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+        "entries": entries,
+    })
 }
 
 /// Sends `POST /quitquitquit` to an admin address (used by `ferry demo`).

@@ -181,6 +181,10 @@ pub struct Limits {
     pub allow_chunked_length: bool,
     pub allow_custom_methods: bool,
     pub accept_http_10: bool,
+    /// Runtime `envoy.reloadable_features.http_reject_path_with_fragment`:
+    /// a target with `#` is refused (true) or let through, the codec then
+    /// dropping the fragment from the path as Envoy strips it (false).
+    pub reject_fragment: bool,
 }
 
 impl Limits {
@@ -191,6 +195,7 @@ impl Limits {
             allow_chunked_length: p.http1.allow_chunked_length,
             allow_custom_methods: p.http1.allow_custom_methods,
             accept_http_10: p.http1.accept_http_10,
+            reject_fragment: ferry_xds::runtime::current().reject_path_with_fragment(),
         }
     }
 }
@@ -547,13 +552,13 @@ fn without_lines(head: &[u8], starts: &[usize]) -> Vec<u8> {
 }
 
 /// Envoy's request-target check (its parser's, matching http-parser's),
-/// plus its refusal of fragments.
-fn target_valid(t: &[u8], connect: bool) -> bool {
+/// plus its refusal of fragments unless the runtime turns it off.
+fn target_valid(t: &[u8], connect: bool, reject_fragment: bool) -> bool {
     let path_char = |c: &u8| *c == b'\t' || *c == 0x0c || (b'!'..=b'~').contains(c);
     let Some(&first) = t.first() else {
         return false;
     };
-    if t.contains(&b'#') {
+    if reject_fragment && t.contains(&b'#') {
         return false;
     }
     if first == b'/' || first == b'*' {
@@ -622,7 +627,11 @@ fn check_head(head: &[u8], limits: &Limits) -> Result<(Phase, bool, Option<Vec<u
         return Err(Refusal::bad_request("unknown method"));
     }
     let connect = method == "CONNECT";
-    if !target_valid(req.path.unwrap_or_default().as_bytes(), connect) {
+    if !target_valid(
+        req.path.unwrap_or_default().as_bytes(),
+        connect,
+        limits.reject_fragment,
+    ) {
         return Err(Refusal::bad_request("invalid request target"));
     }
     let http10 = req.version == Some(0);
@@ -916,6 +925,7 @@ mod tests {
             allow_chunked_length: false,
             allow_custom_methods: false,
             accept_http_10: false,
+            reject_fragment: true,
         }
     }
 

@@ -24,7 +24,7 @@ fields!(pub(super) static BOOTSTRAP = "envoy.config.bootstrap.v3.Bootstrap" {
     "watchdog": warned "there is no watchdog",
     "watchdogs": warned "there is no watchdog",
     "tracing": applied "the tracer of connection managers that name none",
-    "layered_runtime": warned "runtime layers are not read: Ferry behaves as Envoy with its defaults (istio-agent's static layer sets Envoy feature flags and RE2 limits)",
+    "layered_runtime": applied "static layers are read and every key judged by name (see the runtime module: applied, inert with a warning, refused, or unknown with a warning); an admin layer is accepted; disk and RTDS layers are refused",
     "admin": applied "address and access_log; profile_path is warned about",
     "overload_manager": applied "see OverloadManager",
     "enable_dispatcher_stats": warned "event loop statistics are not kept",
@@ -93,11 +93,12 @@ const DOWNSTREAM_CONNECTIONS_TYPE: &str =
     "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
 const INTERNAL_LISTENER: &str = "envoy.bootstrap.internal_listener";
 
-/// Checks every field of the bootstrap that no other converter reads.
+/// Checks every field of the bootstrap that no other converter reads, and
+/// returns its runtime (empty without `layered_runtime`).
 pub fn bootstrap_fields(
     b: &bootstrap_pb::Bootstrap,
     warnings: &mut Warnings,
-) -> Result<(), ConvertError> {
+) -> Result<crate::runtime::Runtime, ConvertError> {
     let mut ctx = Ctx {
         resource: "bootstrap".into(),
         warnings,
@@ -205,7 +206,6 @@ pub fn bootstrap_fields(
         ("stats_flush_interval", stats_flush_interval.is_some()),
         ("watchdog", watchdog.is_some()),
         ("watchdogs", watchdogs.is_some()),
-        ("layered_runtime", layered_runtime.is_some()),
         ("enable_dispatcher_stats", *enable_dispatcher_stats),
         (
             "stats_server_version_override",
@@ -231,6 +231,18 @@ pub fn bootstrap_fields(
     ] {
         ctx.knob(cov, f, name, set);
     }
+    let runtime = match layered_runtime {
+        Some(lr) => {
+            let mut warned = Vec::new();
+            let rt = crate::runtime::Runtime::from_proto(lr, &mut |f, m| warned.push((f, m)))
+                .map_err(|e| ctx.err(format!("layered_runtime.{}", e.field), e.message))?;
+            for (f, m) in warned {
+                ctx.warn(&format!("layered_runtime.{f}"), m);
+            }
+            rt
+        }
+        None => crate::runtime::Runtime::default(),
+    };
     for (i, e) in bootstrap_extensions.iter().enumerate() {
         if e.name != INTERNAL_LISTENER {
             return Err(ctx.err(
@@ -321,7 +333,7 @@ pub fn bootstrap_fields(
         ctx.refuse(&ADMIN, af, "allow_paths", !allow_paths.is_empty())?;
         ctx.knob(&ADMIN, af, "profile_path", !profile_path.is_empty());
     }
-    Ok(())
+    Ok(runtime)
 }
 
 fn overload(ctx: &mut Ctx<'_>, o: &overload_pb::OverloadManager) -> Result<(), ConvertError> {

@@ -41,7 +41,7 @@ fields!(pub(super) static TRANSPORT_SOCKET = "envoy.config.core.v3.TransportSock
 
 fields!(pub(super) static RUNTIME_FRACTIONAL_PERCENT = "envoy.config.core.v3.RuntimeFractionalPercent" {
     "default_value": applied,
-    "runtime_key": inert "there is no runtime layer: the default applies, as in Envoy without runtime overrides",
+    "runtime_key": applied "the runtime's value when a static layer holds the key, else default_value",
 });
 
 fields!(pub(super) static FRACTIONAL_PERCENT = "envoy.type.v3.FractionalPercent" {
@@ -317,15 +317,27 @@ pub(super) fn fraction(
     }
 }
 
+/// A `RuntimeFractionalPercent`: the runtime's value for its `runtime_key`
+/// when a layer holds one, else its `default_value`.
 pub(super) fn runtime_fraction(
     f: &Option<core_pb::RuntimeFractionalPercent>,
 ) -> Option<m::Fraction> {
     f.as_ref().map(
         |core_pb::RuntimeFractionalPercent {
              default_value,
-             runtime_key: _,
-         }| fraction(default_value),
+             runtime_key,
+         }| runtime_value(runtime_key, fraction(default_value)),
     )
+}
+
+/// The runtime's value for `key` (a fraction), else `default`.
+pub(super) fn runtime_value(key: &str, default: m::Fraction) -> m::Fraction {
+    let (numerator, denominator) =
+        crate::runtime::current().fraction(key, (default.numerator, default.denominator));
+    m::Fraction {
+        numerator,
+        denominator,
+    }
 }
 
 pub(super) const NEVER: m::Fraction = m::Fraction {

@@ -18,8 +18,8 @@ fields!(pub(super) static CORS_POLICY = "envoy.extensions.filters.http.cors.v3.C
     "expose_headers": applied,
     "max_age": applied,
     "allow_credentials": applied,
-    "filter_enabled": applied "its default_value (there is no runtime layer)",
-    "shadow_enabled": applied "its default_value (there is no runtime layer)",
+    "filter_enabled": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
+    "shadow_enabled": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "allow_private_network_access": applied,
     "forward_not_matching_preflights": applied,
 });
@@ -31,8 +31,8 @@ fields!(pub(super) static ROUTE_CORS_POLICY = "envoy.config.route.v3.CorsPolicy"
     "expose_headers": applied,
     "max_age": applied,
     "allow_credentials": applied,
-    "filter_enabled": applied "its default_value (there is no runtime layer)",
-    "shadow_enabled": applied "its default_value (there is no runtime layer)",
+    "filter_enabled": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
+    "shadow_enabled": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "allow_private_network_access": applied,
     "forward_not_matching_preflights": applied,
 });

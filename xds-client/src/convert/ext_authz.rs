@@ -46,9 +46,9 @@ fields!(pub(super) static EXT_AUTHZ = "envoy.extensions.filters.http.ext_authz.v
     "typed_metadata_context_namespaces": refused "dynamic metadata is not sent to the authorizer",
     "route_metadata_context_namespaces": refused "route metadata is not sent to the authorizer",
     "route_typed_metadata_context_namespaces": refused "route metadata is not sent to the authorizer",
-    "filter_enabled": applied "its default_value",
+    "filter_enabled": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "filter_enabled_metadata": applied "the request's dynamic metadata (the RBAC filters' shadow results, JWT payloads)",
-    "deny_at_disable": applied "its default_value",
+    "deny_at_disable": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "include_peer_certificate": refused "the peer certificate is not sent to the authorizer",
     "stat_prefix": applied,
     "bootstrap_metadata_labels_key": refused "node metadata labels are not sent to the authorizer",
@@ -468,9 +468,9 @@ pub(super) fn ext_authz(
     let deny_at_disable = deny_at_disable.as_ref().is_some_and(|f| {
         let core_pb::RuntimeFeatureFlag {
             default_value,
-            runtime_key: _,
+            runtime_key,
         } = f;
-        default_value.as_ref().is_some_and(|b| b.value)
+        crate::runtime::current().flag(runtime_key, default_value.as_ref().is_some_and(|b| b.value))
     });
     Ok(me::ExtAuthz {
         service,

@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::config::route::v3 as route_pb;
 use ferry_model as m;
 
-use super::core_types::{DATA_SOURCE, fraction};
+use super::core_types::DATA_SOURCE;
 use super::cors::inline_cors;
 use super::coverage::{Coverage, fields, path};
 use super::header_mutation::header_mutations;
@@ -106,7 +106,7 @@ fields!(pub(super) static ROUTE_MATCH = "envoy.config.route.v3.RouteMatch" {
     "headers": applied,
     "query_parameters": applied,
     "grpc": applied,
-    "runtime_fraction": applied "its default_value (there is no runtime layer)",
+    "runtime_fraction": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "tls_context": refused "TLS context matching is not supported",
     "dynamic_metadata": refused "dynamic metadata matching is not supported (no filter of Ferry's produces it)",
     "filter_state": refused "filter state matching is not supported (no filter of Ferry's produces it)",
@@ -195,7 +195,7 @@ fields!(pub(super) static HEDGE_POLICY = "envoy.config.route.v3.HedgePolicy" {
 fields!(pub(super) static MIRROR_POLICY = "envoy.config.route.v3.RouteAction.RequestMirrorPolicy" {
     "cluster": applied,
     "cluster_header": refused "only a fixed mirror cluster is supported",
-    "runtime_fraction": applied "its default_value (there is no runtime layer)",
+    "runtime_fraction": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "trace_sampled": inert "read only with tracing",
     "disable_shadow_host_suffix_append": applied,
     "request_headers_mutations": refused "header mutations of mirrored requests are not supported",
@@ -741,9 +741,7 @@ fn route_match(
         headers: hs,
         query_parameters: qs,
         grpc: grpc.is_some(),
-        runtime_fraction: runtime_fraction
-            .as_ref()
-            .map(|rf| fraction(&rf.default_value)),
+        runtime_fraction: super::core_types::runtime_fraction(runtime_fraction),
     })
 }
 
@@ -1379,10 +1377,8 @@ fn mirror_policies(
         }
         out.push(m::MirrorPolicy {
             cluster: cluster.clone(),
-            fraction: match runtime_fraction {
-                Some(rf) => fraction(&rf.default_value),
-                None => m::Fraction::ALL,
-            },
+            fraction: super::core_types::runtime_fraction(runtime_fraction)
+                .unwrap_or(m::Fraction::ALL),
             host_rewrite: (!host_rewrite_literal.is_empty()).then(|| host_rewrite_literal.clone()),
             host_suffix: !disable_shadow_host_suffix_append,
         });

@@ -1,0 +1,153 @@
+//! SDS from a secret server of its own (`envoy.service.secret.v3.SecretDiscoveryService`),
+//! as Envoy fetches the secrets an `sds_config` names by `api_config_source`
+//! (`api_type: GRPC`) on a static cluster: istio-agent's `sds-grpc`, a Unix
+//! socket on which the agent serves the workload certificate `default` and
+//! the root `ROOTCA`.
+//!
+//! One state-of-the-world stream per secret name, as Envoy opens one
+//! subscription per secret; each response is converted, ACKed (or NACKed
+//! with the conversion's error, keeping the last good secret) and published
+//! on a `watch` of [`LocalSecrets`], which the ADS client merges into every
+//! snapshot: a pushed secret (a rotation) reaches new handshakes. A broken
+//! stream reconnects with backoff while the last secrets serve on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls_pb;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use envoy_types::pb::google::rpc::Status;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::ads::{LocalSecrets, StreamError, XdsTarget};
+use crate::convert::Warnings;
+use crate::store::SECRET;
+
+/// Where the secrets come from and who asks.
+#[derive(Debug, Clone)]
+pub struct SdsSource {
+    /// The cluster's name, for logs.
+    pub cluster: String,
+    pub target: XdsTarget,
+    pub node: Node,
+}
+
+/// Starts one stream per name; the receiver holds every secret received so far.
+pub fn start(source: SdsSource, names: &[&str]) -> watch::Receiver<LocalSecrets> {
+    let (tx, rx) = watch::channel(LocalSecrets::new());
+    let tx = Arc::new(tx);
+    for name in names {
+        let (source, tx, name) = (source.clone(), tx.clone(), name.to_string());
+        tokio::spawn(async move {
+            let mut failures: u32 = 0;
+            loop {
+                let started = std::time::Instant::now();
+                if let Err(e) = stream(&source, &name, &tx).await {
+                    tracing::warn!(sds.cluster = %source.cluster, sds.secret = %name, error = %e, "SDS stream ended");
+                }
+                failures = if started.elapsed() > Duration::from_secs(30) {
+                    0
+                } else {
+                    failures.saturating_add(1)
+                };
+                // 100 ms doubling to 10 s, as the ADS client backs off.
+                let backoff = Duration::from_millis(100u64.saturating_mul(1 << failures.min(7)))
+                    .min(Duration::from_secs(10));
+                tokio::time::sleep(backoff).await;
+            }
+        });
+    }
+    rx
+}
+
+/// One stream for one secret until it breaks.
+async fn stream(
+    source: &SdsSource,
+    name: &str,
+    tx: &watch::Sender<LocalSecrets>,
+) -> Result<(), StreamError> {
+    let channel = crate::ads::channel(&source.target, None, &Default::default()).await?;
+    let mut client = SecretDiscoveryServiceClient::new(channel);
+    let (req_tx, req_rx) = mpsc::channel::<DiscoveryRequest>(8);
+    let request = |version: String, nonce: String, error: Option<String>| DiscoveryRequest {
+        version_info: version,
+        node: Some(source.node.clone()),
+        resource_names: vec![name.to_string()],
+        type_url: SECRET.to_string(),
+        response_nonce: nonce,
+        error_detail: error.map(|message| Status {
+            code: 3,
+            message,
+            details: vec![],
+        }),
+        ..Default::default()
+    };
+    // The first request names the secret; the version of what is held
+    // survives a reconnect.
+    let mut version = String::new();
+    let _ = req_tx
+        .send(request(String::new(), String::new(), None))
+        .await;
+    let mut responses = client
+        .stream_secrets(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
+    while let Some(resp) = responses.message().await? {
+        let outcome = apply(name, &resp.resources, tx);
+        let error = match outcome {
+            Ok(()) => {
+                version = resp.version_info.clone();
+                tracing::info!(sds.cluster = %source.cluster, sds.secret = %name, sds.version = %version, "secret received");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(sds.cluster = %source.cluster, sds.secret = %name, error = %e, "secret rejected");
+                Some(e)
+            }
+        };
+        if req_tx
+            .send(request(version.clone(), resp.nonce.clone(), error))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    Err(StreamError::Closed)
+}
+
+/// Converts the named secret of a response and publishes it.
+fn apply(
+    name: &str,
+    resources: &[envoy_types::pb::google::protobuf::Any],
+    tx: &watch::Sender<LocalSecrets>,
+) -> Result<(), String> {
+    let mut found = None;
+    for any in resources {
+        if any.type_url != SECRET {
+            return Err(format!("unexpected resource type {:?}", any.type_url));
+        }
+        let s = tls_pb::Secret::decode(any.value.as_slice())
+            .map_err(|e| format!("secret: cannot decode: {e}"))?;
+        if s.name == name {
+            found = Some(s);
+        }
+    }
+    // A response without it keeps what is held (the server has nothing yet).
+    let Some(s) = found else {
+        return Ok(());
+    };
+    let mut warnings = Warnings::default();
+    let model = crate::convert::secret(&s, &mut warnings).map_err(|e| e.to_string())?;
+    for w in &warnings.0 {
+        tracing::warn!(sds.secret = %name, warning = %w, "secret accepted with a warning");
+    }
+    tx.send_modify(|m| {
+        m.insert(name.to_string(), Arc::new(model));
+    });
+    Ok(())
+}
