@@ -22,7 +22,7 @@ use ferry_model::stream_info::StreamInfo;
 
 use crate::stats::{Counter, Stats};
 
-pub use file::Writer;
+pub use file::{FLUSH_INTERVAL, Writer};
 
 /// Bytes buffered per sink before new entries are dropped (some 16 000
 /// entries of Envoy's default format: seconds of a busy proxy's log).
