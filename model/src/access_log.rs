@@ -77,20 +77,24 @@ impl LogFormat {
     /// The entry for one stream, newline-terminated for JSON (a text
     /// format carries its own line end, as in Envoy).
     pub fn render(&self, info: &StreamInfo) -> String {
+        let mut out = String::with_capacity(256);
+        self.render_into(info, &mut out);
+        out
+    }
+
+    /// [`render`](Self::render), appended to `out` (a buffer reused from
+    /// entry to entry).
+    pub fn render_into(&self, info: &StreamInfo, out: &mut String) {
         match self {
             LogFormat::Text {
                 template,
                 omit_empty,
-            } => {
-                let mut out = String::with_capacity(256);
-                template.write_text(info, *omit_empty, &mut out);
-                out
-            }
+            } => template.write_text(info, *omit_empty, out),
             LogFormat::Json { fields, omit_empty } => {
                 let v = fields.render(info, *omit_empty);
-                let mut out = v.to_string();
+                use std::fmt::Write as _;
+                let _ = write!(out, "{v}");
                 out.push('\n');
-                out
             }
         }
     }

@@ -358,16 +358,29 @@ impl LogTemplate {
         for p in &self.pieces {
             match p {
                 Piece::Literal(l) => out.push_str(l),
+                Piece::Command {
+                    command: Command::StartTime(fmt),
+                    max_len: None,
+                } => render_time_into(fmt, info.start_time, out),
                 Piece::Command { command, max_len } => match log_value(command, info) {
                     Value::Absent => {
                         if !omit_empty {
                             out.push('-');
                         }
                     }
+                    // Appended in place: no string of its own per value.
                     v => {
-                        let mut s = value_text(v);
-                        truncate(&mut s, *max_len);
-                        out.push_str(&s);
+                        let at = out.len();
+                        push_value_text(v, out);
+                        if let Some(max) = max_len
+                            && out.len() - at > *max
+                        {
+                            let mut cut = at + max;
+                            while !out.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            out.truncate(cut);
+                        }
                     }
                 },
             }
@@ -434,6 +447,21 @@ pub fn json_number(n: f64) -> serde_json::Value {
         serde_json::Value::from(n as i64)
     } else {
         serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, serde_json::Value::Number)
+    }
+}
+
+/// Appends [`value_text`] of `v` to `out`.
+fn push_value_text(v: Value<'_>, out: &mut String) {
+    use std::fmt::Write as _;
+    match v {
+        Value::Str(s) => out.push_str(&s),
+        Value::Num(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+            let _ = write!(out, "{}", n as i64);
+        }
+        Value::Num(n) => {
+            let _ = write!(out, "{n}");
+        }
+        Value::Absent => {}
     }
 }
 
@@ -964,6 +992,15 @@ fn parse_time_format(f: &str) -> Result<Vec<TimePiece>, String> {
 }
 
 fn render_time(fmt: &[TimePiece], t: SystemTime) -> String {
+    let mut out = String::new();
+    render_time_into(fmt, t, &mut out);
+    out
+}
+
+/// Appends the time in `fmt` to `out` (written on every access log entry:
+/// no intermediate strings).
+fn render_time_into(fmt: &[TimePiece], t: SystemTime, out: &mut String) {
+    use std::fmt::Write as _;
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let nanos = d.subsec_nanos();
@@ -976,29 +1013,55 @@ fn render_time(fmt: &[TimePiece], t: SystemTime) -> String {
         .date();
     let (y, mo, day) = (date.year(), u8::from(date.month()), date.day());
     let tod = secs % 86_400;
-    let frac = |n: usize| {
-        let s = format!("{nanos:09}");
-        s[..n.min(9)].to_string()
+    // The first `n` of the nine digits of the nanoseconds.
+    let frac = |n: usize, out: &mut String| {
+        let mut digits = [b'0'; 9];
+        let mut v = nanos;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        for d in &digits[..n.min(9)] {
+            out.push(char::from(*d));
+        }
     };
-    let mut out = String::new();
     for p in fmt {
         match p {
             TimePiece::Literal(l) => out.push_str(l),
-            TimePiece::Year => out.push_str(&format!("{y:04}")),
-            TimePiece::Month => out.push_str(&format!("{mo:02}")),
-            TimePiece::Day => out.push_str(&format!("{day:02}")),
-            TimePiece::Hour => out.push_str(&format!("{:02}", tod / 3600)),
-            TimePiece::Minute => out.push_str(&format!("{:02}", tod / 60 % 60)),
-            TimePiece::Second => out.push_str(&format!("{:02}", tod % 60)),
-            TimePiece::Epoch => out.push_str(&secs.to_string()),
-            TimePiece::Fraction(n) => out.push_str(&frac(*n)),
-            TimePiece::SecondsWithFraction(n) => {
-                out.push_str(&format!("{:02}.{}", tod % 60, frac(*n)));
+            TimePiece::Year => {
+                let _ = write!(out, "{y:04}");
             }
-            TimePiece::ShortYear => out.push_str(&format!("{:02}", y.rem_euclid(100))),
-            TimePiece::DaySpace => out.push_str(&format!("{day:>2}")),
+            TimePiece::Month => {
+                let _ = write!(out, "{mo:02}");
+            }
+            TimePiece::Day => {
+                let _ = write!(out, "{day:02}");
+            }
+            TimePiece::Hour => {
+                let _ = write!(out, "{:02}", tod / 3600);
+            }
+            TimePiece::Minute => {
+                let _ = write!(out, "{:02}", tod / 60 % 60);
+            }
+            TimePiece::Second => {
+                let _ = write!(out, "{:02}", tod % 60);
+            }
+            TimePiece::Epoch => {
+                let _ = write!(out, "{secs}");
+            }
+            TimePiece::Fraction(n) => frac(*n, out),
+            TimePiece::SecondsWithFraction(n) => {
+                let _ = write!(out, "{:02}.", tod % 60);
+                frac(*n, out);
+            }
+            TimePiece::ShortYear => {
+                let _ = write!(out, "{:02}", y.rem_euclid(100));
+            }
+            TimePiece::DaySpace => {
+                let _ = write!(out, "{day:>2}");
+            }
             TimePiece::DayOfYear => {
-                out.push_str(&format!("{:03}", date.ordinal()));
+                let _ = write!(out, "{:03}", date.ordinal());
             }
             TimePiece::Weekday { long } => {
                 let name = WEEKDAYS[usize::from(date.weekday().number_days_from_sunday())];
@@ -1010,12 +1073,11 @@ fn render_time(fmt: &[TimePiece], t: SystemTime) -> String {
             }
             TimePiece::Hour12 => {
                 let h = tod / 3600 % 12;
-                out.push_str(&format!("{:02}", if h == 0 { 12 } else { h }));
+                let _ = write!(out, "{:02}", if h == 0 { 12 } else { h });
             }
             TimePiece::AmPm => out.push_str(if tod / 3600 < 12 { "AM" } else { "PM" }),
         }
     }
-    out
 }
 
 const WEEKDAYS: [&str; 7] = [

@@ -1,9 +1,9 @@
 //! Access log output: every configured sink (`envoy.access_loggers.file`,
 //! `envoy.access_loggers.stdout` and `stderr`) is written by a writer thread
-//! of its own, fed through a bounded queue, so the data path only renders
-//! its line and hands it over — a slow disk never slows a request, and a
-//! full queue drops the entry and counts it (`access_log.dropped`) rather
-//! than growing without bound or blocking.
+//! of its own, from a bounded buffer, so the data path only renders its line
+//! and appends it — a slow disk never slows a request, and a full buffer
+//! drops the entry and counts it (`access_log.dropped`) rather than growing
+//! without bound or blocking.
 //!
 //! Files are opened in append mode (created if needed) as Envoy opens them,
 //! and reopened on SIGUSR1 or `POST /reopen_logs` (log rotation). Envoy's
@@ -22,10 +22,11 @@ use ferry_model::stream_info::StreamInfo;
 
 use crate::stats::{Counter, Stats};
 
-pub use file::Writer;
+pub use file::{FLUSH_INTERVAL, Writer};
 
-/// Entries queued per sink before new ones are dropped.
-pub const QUEUE_LIMIT: usize = 16 * 1024;
+/// Bytes buffered per sink before new entries are dropped (some 16 000
+/// entries of Envoy's default format: seconds of a busy proxy's log).
+pub const BUFFER_LIMIT: usize = 4 * 1024 * 1024;
 
 /// The counters the writers share.
 #[derive(Clone, Debug)]
@@ -113,13 +114,36 @@ impl AccessLogManager {
 
     /// Writes one stream's entries to the logs whose filters accept it.
     pub fn log(&self, logs: &AccessLogs, info: &StreamInfo) {
+        thread_local! {
+            /// The line being rendered: one allocation per thread, not per entry.
+            static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
         for l in &logs.logs {
             if !l.accepts(info, rand::random()) {
                 continue;
             }
-            let line = l.format.render(info);
+            let written = |w: &Writer| {
+                LINE.with(|line| match line.try_borrow_mut() {
+                    Ok(mut line) => {
+                        line.clear();
+                        l.format.render_into(info, &mut line);
+                        w.write(line.as_bytes());
+                        // A huge entry's buffer is not kept for good.
+                        if line.capacity() > 64 * 1024 {
+                            *line = String::new();
+                        }
+                    }
+                    // Not reentrant, but never lose an entry to that.
+                    Err(_) => w.write(l.format.render(info).as_bytes()),
+                })
+            };
+            // The common case reads the writers without touching a count.
+            if let Some(w) = self.writers.load().get(&l.sink) {
+                written(w);
+                continue;
+            }
             match self.writer(&l.sink) {
-                Ok(w) => w.write(line),
+                Ok(w) => written(&w),
                 Err(e) => {
                     self.stats.write_failed.inc();
                     tracing::debug!(access_log.name = %l.name, error = %e, "access log unavailable");

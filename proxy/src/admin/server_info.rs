@@ -35,7 +35,15 @@ pub(super) fn respond(rt: &Runtime) -> Response<Full<Bytes>> {
         ("service_cluster", json!(a.node.cluster)),
         ("service_node", json!(a.node.id)),
         ("service_zone", json!("")),
-        ("file_flush_interval", json!("0s")),
+        // Access log batches wait at most this long (Envoy's
+        // `--file-flush-interval-msec`).
+        (
+            "file_flush_interval",
+            json!(format!(
+                "{:.3}s",
+                crate::access_log::FLUSH_INTERVAL.as_secs_f64()
+            )),
+        ),
         (
             "drain_time",
             json!(format!("{}s", a.drain_timeout.as_secs())),

@@ -75,6 +75,14 @@ impl Record {
     }
 }
 
+/// Replaces `s` with `v`, in its allocation when it is large enough.
+fn set(s: &mut String, v: &str) {
+    if s != v {
+        s.clear();
+        s.push_str(v);
+    }
+}
+
 /// What the connection manager knows of a request for its access logs
 /// (nothing, when it has none).
 pub(crate) struct Observer(Option<Box<Record>>);
@@ -120,30 +128,32 @@ impl Observer {
         let Some(rec) = self.0.as_mut() else {
             return;
         };
-        rec.info.request.method = req.method().as_str().to_string();
-        rec.info.request.path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        rec.info.request.authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| {
-                req.headers()
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
-            .unwrap_or_default()
-            .to_string();
+        // Called more than once per request: the strings are reused.
+        set(&mut rec.info.request.method, req.method().as_str());
+        set(
+            &mut rec.info.request.path,
+            req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        );
+        set(
+            &mut rec.info.request.authority,
+            req.uri()
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .unwrap_or_default(),
+        );
         if let Some(c) = req
             .extensions()
             .get::<ferry_filters::http::forwarded::ClientAddress>()
         {
             rec.info.downstream_remote = Some(c.remote);
         }
-        let mut headers = HeaderMap::new();
+        let mut headers = std::mem::take(&mut rec.info.request.headers);
+        headers.clear();
         rec.capture(req.headers(), &rec.logs.needs.request, &mut headers);
         rec.info.request.headers = headers;
     }
@@ -154,8 +164,9 @@ impl Observer {
         let Some(rec) = self.0.as_mut() else {
             return;
         };
-        rec.info.request.path = path.to_string();
-        let mut headers = HeaderMap::new();
+        set(&mut rec.info.request.path, path);
+        let mut headers = std::mem::take(&mut rec.info.request.headers);
+        headers.clear();
         rec.capture(&parts.headers, &rec.logs.needs.request, &mut headers);
         rec.info.request.headers = headers;
     }

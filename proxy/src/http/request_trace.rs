@@ -19,7 +19,9 @@ use crate::trace::{Kind, Span, Tracer};
 
 const DECORATOR: &str = "x-envoy-decorator-operation";
 
-/// What the request span's tags need of the request, read when it arrived.
+/// What the request span's tags need of the request, read when it arrived
+/// (left empty for a span that is not sampled: it is never sent).
+#[derive(Default)]
 struct RequestTags {
     request_id: Option<String>,
     url: String,
@@ -93,8 +95,7 @@ pub(super) fn start<B>(
         .authority()
         .map(|a| a.as_str())
         .or_else(|| h.get(http::header::HOST).and_then(|v| v.to_str().ok()))
-        .unwrap_or_default()
-        .to_string();
+        .unwrap_or_default();
     // The operation: the route's decorator, else (ingress) the calling
     // proxy's, else Envoy's default for the tracer.
     let decorator = route.and_then(|r| r.decorator.as_ref());
@@ -103,11 +104,17 @@ pub(super) fn start<B>(
         .flatten()
         .filter(|o| !o.is_empty())
         .map(str::to_string);
+    let parent = tracer.extract(h);
+    // The caller's decision stands when it sent one (as `Tracer::start`
+    // takes it): an unsampled span is never sent, so nothing is spent on
+    // its name and tags.
+    let sampled = parent.as_ref().and_then(|p| p.sampled).unwrap_or(traced);
     let name = match (&incoming, decorator) {
+        _ if !sampled => String::new(),
         (Some(op), _) => op.clone(),
         (None, Some(d)) if !d.operation.is_empty() => d.operation.clone(),
         _ => match (&*tracer.provider, cfg.egress) {
-            (Provider::Zipkin(_), _) => authority.clone(),
+            (Provider::Zipkin(_), _) => authority.to_string(),
             (Provider::OpenTelemetry(_), true) => format!("egress {authority}"),
             (Provider::OpenTelemetry(_), false) => "ingress".to_string(),
         },
@@ -117,8 +124,43 @@ pub(super) fn start<B>(
     } else {
         Kind::Server
     };
-    let parent = tracer.extract(h);
     let span = tracer.start(parent.as_ref(), traced, name, kind, start);
+    let tags = if sampled {
+        request_tags(ctx, cfg, req, authority)
+    } else {
+        RequestTags::default()
+    };
+    // The operation travels on (egress), or comes back (ingress), unless
+    // the decorator says not to propagate it.
+    let mut respond_operation = None;
+    match decorator {
+        Some(d) if d.propagate && !d.operation.is_empty() && cfg.egress => {
+            if let Ok(v) = HeaderValue::from_str(&d.operation) {
+                req.headers_mut().insert(DECORATOR, v);
+            }
+        }
+        Some(d) if d.propagate && !d.operation.is_empty() && incoming.is_none() => {
+            respond_operation = Some(d.operation.clone());
+        }
+        _ => {}
+    }
+    if !cfg.egress {
+        req.headers_mut().remove(DECORATOR);
+    }
+    Some(RequestTrace {
+        cfg: cfg.clone(),
+        tracer,
+        span,
+        tags,
+        attempt: None,
+        respond_operation,
+        traced,
+    })
+}
+
+/// The request span's tags, read from the request as it arrived.
+fn request_tags<B>(ctx: &ConnCtx, cfg: &Tracing, req: &Request<B>, authority: &str) -> RequestTags {
+    let h = req.headers();
     let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
     let path = header("x-envoy-original-path").unwrap_or_else(|| {
         req.uri()
@@ -152,7 +194,7 @@ pub(super) fn start<B>(
             (t.tag.clone(), v)
         })
         .collect();
-    let tags = RequestTags {
+    RequestTags {
         request_id: header("x-request-id"),
         url,
         method: req.method().as_str().to_string(),
@@ -161,33 +203,7 @@ pub(super) fn start<B>(
         user_agent: header("user-agent").unwrap_or_else(|| "-".into()),
         client_trace_id: header("x-client-trace-id"),
         custom,
-    };
-    // The operation travels on (egress), or comes back (ingress), unless
-    // the decorator says not to propagate it.
-    let mut respond_operation = None;
-    match decorator {
-        Some(d) if d.propagate && !d.operation.is_empty() && cfg.egress => {
-            if let Ok(v) = HeaderValue::from_str(&d.operation) {
-                req.headers_mut().insert(DECORATOR, v);
-            }
-        }
-        Some(d) if d.propagate && !d.operation.is_empty() && incoming.is_none() => {
-            respond_operation = Some(d.operation.clone());
-        }
-        _ => {}
     }
-    if !cfg.egress {
-        req.headers_mut().remove(DECORATOR);
-    }
-    Some(RequestTrace {
-        cfg: cfg.clone(),
-        tracer,
-        span,
-        tags,
-        attempt: None,
-        respond_operation,
-        traced,
-    })
 }
 
 impl RequestTrace {
@@ -257,6 +273,10 @@ impl RequestTrace {
         let Some(mut s) = self.attempt.take() else {
             return;
         };
+        if !s.sampled {
+            // Never sent: not worth its tags.
+            return;
+        }
         s.end = SystemTime::now();
         s.tag("http.protocol", protocol);
         s.tag("upstream_address", address.to_string());
@@ -306,6 +326,10 @@ impl RequestTrace {
             s.end = SystemTime::now();
             s.tag("error", "true");
             self.tracer.finish(s);
+        }
+        if !self.span.sampled {
+            // Never sent: not worth its tags.
+            return;
         }
         let t = self.tags;
         let s = &mut self.span;

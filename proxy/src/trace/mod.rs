@@ -35,10 +35,18 @@ pub type SpanId = [u8; 8];
 /// Lower-case hex.
 pub fn hex(b: &[u8]) -> String {
     let mut s = String::with_capacity(b.len() * 2);
-    for x in b {
-        s.push_str(&format!("{x:02x}"));
-    }
+    push_hex(&mut s, b);
     s
+}
+
+/// Appends `b` in lower-case hex (ids are written on every traced request:
+/// no formatting machinery).
+pub fn push_hex(s: &mut String, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0xf)]));
+    }
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -228,10 +236,15 @@ impl Tracer {
             kind,
             start,
             end: start,
-            tags: vec![
-                ("node_id".into(), self.node_id.clone()),
-                ("zone".into(), self.zone.clone()),
-            ],
+            // An unsampled span is never sent: no tags.
+            tags: if sampled {
+                vec![
+                    ("node_id".into(), self.node_id.clone()),
+                    ("zone".into(), self.zone.clone()),
+                ]
+            } else {
+                Vec::new()
+            },
             sampled,
             remote_parent: parent.is_some(),
             shared,
@@ -300,12 +313,12 @@ fn w3c_extract(h: &HeaderMap) -> Option<Parent> {
 }
 
 fn w3c_inject(span: &Span, h: &mut HeaderMap) {
-    let v = format!(
-        "00-{}-{}-{}",
-        hex(&span.trace_id),
-        hex(&span.span_id),
-        if span.sampled { "01" } else { "00" }
-    );
+    let mut v = String::with_capacity(55);
+    v.push_str("00-");
+    push_hex(&mut v, &span.trace_id);
+    v.push('-');
+    push_hex(&mut v, &span.span_id);
+    v.push_str(if span.sampled { "-01" } else { "-00" });
     if let Ok(v) = HeaderValue::from_str(&v) {
         h.insert(TRACEPARENT, v);
     }
