@@ -15,6 +15,7 @@ pub mod dns;
 pub mod drain;
 pub mod filter_chain_update;
 pub mod http;
+pub mod internal_listener;
 pub mod iptables;
 pub mod lb;
 pub mod listener;
