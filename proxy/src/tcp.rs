@@ -91,7 +91,9 @@ pub async fn proxy<S>(
                     }
                     ferry_model::listener::TunnelHost::Literal(h) => h.clone(),
                 };
-                pool.connect_tunnel(&authority, &t.headers).await
+                // Boxed: the tunnel's setup is large, and the connection's
+                // task keeps the room its future needs for its whole life.
+                Box::pin(pool.connect_tunnel(&authority, &t.headers)).await
             }
         };
         match connected {

@@ -330,8 +330,8 @@ pub fn listener(
         // Protocol detection peeks at a socket; an in-process connection
         // has none to peek at.
         return Err(ctx.err(
-            "listener_filters",
-            "an internal listener runs only the original_dst listener filter (tls_inspector and http_inspector are not supported there)",
+            "internal_listener",
+            "an internal listener runs only the original_dst listener filter (tls_inspector and http_inspector in listener_filters are not supported there)",
         ));
     }
     let buffer_limit = per_connection_buffer_limit_bytes.as_ref().map(|v| v.value);

@@ -985,7 +985,10 @@ pub(super) fn upstream_transport(
                 );
             }
             Some(Kind::Route(_) | Kind::Request(_)) => {
-                return Err(ctx.refused(&INTERNAL_UPSTREAM, &f, "passthrough_metadata"));
+                return Err(ctx.err(
+                    path(&pf, "kind"),
+                    "route and request metadata are not passed to internal listeners",
+                ));
             }
             None => return Err(ctx.err(path(&pf, "kind"), "a metadata kind is required")),
         }
