@@ -31,6 +31,9 @@ pub struct Cluster {
     /// `tlsMode: istio`, plaintext to the others); the first match wins,
     /// then `tls`.
     pub transport_socket_matches: Vec<TransportSocketMatch>,
+    /// The cluster's own transport socket is `internal_upstream` passing
+    /// the endpoints' original_dst metadata (as in a match).
+    pub internal_upstream: bool,
     /// The host of the first service in istiod's `istio.services` cluster
     /// metadata: Istio's metrics name it as the destination service where
     /// the cluster name does not (inbound clusters).
@@ -143,6 +146,22 @@ pub struct TransportSocketMatch {
     /// Metadata the endpoint must carry under `envoy.transport_socket_match`.
     pub criteria: Vec<(String, String)>,
     pub tls: Option<crate::tls::UpstreamTls>,
+    /// `envoy.transport_sockets.internal_upstream` (around a plaintext
+    /// socket): the endpoint's `envoy.filters.listener.original_dst`
+    /// metadata travels with the in-process connection.
+    pub internal_upstream: bool,
+}
+
+/// `original_dst_lb_config`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginalDstLb {
+    /// `upstream_port_override`: the port connected to instead of the
+    /// original destination's.
+    pub port_override: Option<u16>,
+    /// `metadata_key` `envoy.filters.listener.original_dst` / `waypoint`:
+    /// the address in the connection's metadata under that key, when
+    /// present, replaces the original destination (Istio's waypoint).
+    pub waypoint_from_metadata: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +184,25 @@ pub enum ClusterKind {
 pub enum HostAddr {
     Ip(SocketAddr),
     Pipe(PipeAddr),
+    /// `envoy_internal_address`: an internal listener of this process.
+    Internal(InternalAddr),
+}
+
+/// `EnvoyInternalAddress`: the internal listener's name and the
+/// endpoint's id (which tells endpoints to one listener apart).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InternalAddr {
+    pub listener: std::sync::Arc<str>,
+    pub endpoint_id: std::sync::Arc<str>,
+}
+
+/// An endpoint's `envoy.filters.listener.original_dst` filter metadata,
+/// which Istio sets on endpoints reached through an internal listener:
+/// `local` is where the tunnel goes, `waypoint` (if any) who carries it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct OriginalDstMeta {
+    pub local: Option<SocketAddr>,
+    pub waypoint: Option<SocketAddr>,
 }
 
 /// A Unix socket path; one starting with `@` names a socket in Linux's
@@ -185,7 +223,7 @@ impl HostAddr {
     pub fn ip(&self) -> Option<SocketAddr> {
         match self {
             HostAddr::Ip(a) => Some(*a),
-            HostAddr::Pipe(_) => None,
+            HostAddr::Pipe(_) | HostAddr::Internal(_) => None,
         }
     }
 }
@@ -203,6 +241,8 @@ impl std::fmt::Display for HostAddr {
         match self {
             HostAddr::Ip(a) => a.fmt(f),
             HostAddr::Pipe(p) => f.write_str(&p.0),
+            // Envoy's spelling: `envoy://listener/endpoint_id`.
+            HostAddr::Internal(i) => write!(f, "envoy://{}/{}", i.listener, i.endpoint_id),
         }
     }
 }
@@ -216,6 +256,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// `filter_metadata["envoy.transport_socket_match"]` as strings.
     pub transport_socket_match: Vec<(String, String)>,
+    /// `filter_metadata["envoy.filters.listener.original_dst"]`.
+    pub original_dst_meta: OriginalDstMeta,
     /// The locality's priority (0 is the most preferred).
     pub priority: u32,
     /// Index of the endpoint's locality within the assignment, so that
@@ -298,6 +340,8 @@ pub struct LbConfig {
     /// instead of active requests (metadata `ferry.lb: peak_ewma`); an opt-in
     /// that reacts to a slow endpoint before its queue builds up.
     pub peak_ewma: bool,
+    /// `original_dst_lb_config` of an ORIGINAL_DST cluster.
+    pub original_dst: OriginalDstLb,
 }
 
 impl Default for LbConfig {
@@ -310,6 +354,7 @@ impl Default for LbConfig {
             locality_weighted: false,
             overprovisioning_factor: 140,
             peak_ewma: false,
+            original_dst: OriginalDstLb::default(),
             healthy_panic_threshold: 50.0,
             active_request_bias: 1.0,
             slow_start: None,

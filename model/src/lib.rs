@@ -87,9 +87,10 @@ impl Snapshot {
         let exact = self
             .listeners
             .iter()
+            .filter(|l| !l.internal)
             .find(|l| l.addresses().any(|a| a == dst));
         exact.or_else(|| {
-            self.listeners.iter().find(|l| {
+            self.listeners.iter().filter(|l| !l.internal).find(|l| {
                 l.addresses().any(|a| {
                     a.port() == dst.port()
                         && a.ip().is_unspecified()

@@ -31,6 +31,10 @@ pub struct Listener {
     /// `false` for listeners that only receive connections handed over by an
     /// original-destination listener (Istio's per-port outbound listeners).
     pub bind_to_port: bool,
+    /// `internal_listener`: no socket; it takes connections handed over in
+    /// process by a cluster whose endpoint is an `envoy_internal_address`
+    /// naming it (`address` is unused).
+    pub internal: bool,
     pub use_original_dst: bool,
     pub listener_filters: ListenerFilters,
     /// How long protocol detection may wait for the client's bytes
@@ -255,6 +259,27 @@ pub struct TcpProxy {
     /// `hash_policy` with `source_ip`: ring hash and Maglev pick the host
     /// by the client's address.
     pub hash_source_ip: bool,
+    /// `tunneling_config`: the connection is carried as an HTTP/2 CONNECT
+    /// stream over the cluster's connection instead of raw bytes.
+    pub tunneling: Option<Tunneling>,
+}
+
+/// `TcpProxy.TunnelingConfig`: how the CONNECT request is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunneling {
+    /// The `:authority` of the CONNECT request.
+    pub hostname: TunnelHost,
+    /// `headers_to_add` with literal values (appended).
+    pub headers: Vec<(String, String)>,
+}
+
+/// `tunneling_config.hostname`: a literal, or the downstream connection's
+/// local (original destination) address, Istio's
+/// `%DOWNSTREAM_LOCAL_ADDRESS%`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelHost {
+    Literal(String),
+    DownstreamLocalAddress,
 }
 
 impl TcpProxy {
@@ -762,6 +787,7 @@ mod tests {
             max_connect_attempts: 1,
             max_downstream_connection_duration: None,
             hash_source_ip: false,
+            tunneling: None,
         };
         assert_eq!(tp.total_weight(), 100);
         assert_eq!(tp.pick_cluster(0), "v1");
@@ -801,6 +827,7 @@ mod tests {
                 max_connect_attempts: 1,
                 max_downstream_connection_duration: None,
                 hash_source_ip: false,
+                tunneling: None,
             }),
         })
     }
@@ -813,6 +840,7 @@ mod tests {
             address: "0.0.0.0:15001".parse().unwrap(),
             additional_addresses: vec![],
             bind_to_port: true,
+            internal: false,
             use_original_dst: true,
             listener_filters: ListenerFilters {
                 original_dst: true,

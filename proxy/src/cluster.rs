@@ -36,6 +36,7 @@ use tokio::net::TcpStream;
 
 use crate::health_check::{HealthChecker, HostHealth, Target};
 use crate::http::body::UpstreamBody;
+use crate::internal_listener::InternalListeners;
 use crate::lb::{Balancer, HostMeta, LbHost};
 use crate::outlier::{Detector, HostOutlier, Outcome};
 use crate::stats::{ClusterStats, Counter, Stats};
@@ -122,6 +123,7 @@ impl ClusterManager {
         previous: Option<&ClusterManager>,
         stats: &Stats,
         tls: &Arc<TlsContexts>,
+        internal: &Arc<InternalListeners>,
     ) -> Self {
         let mut clusters = HashMap::with_capacity(snapshot.clusters.len());
         for (name, cfg) in &snapshot.clusters {
@@ -133,12 +135,12 @@ impl ClusterManager {
                     p.clone()
                 }
                 Some(p) if same_except_endpoints(&p.cfg, cfg) => {
-                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, Some(p), tls));
+                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, Some(p), tls, internal));
                     rt.watch_removed_hosts();
                     rt
                 }
                 _ => {
-                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, None, tls));
+                    let rt = Arc::new(ClusterRt::new(cfg.clone(), stats, None, tls, internal));
                     rt.watch_removed_hosts();
                     rt.start_dns();
                     rt
@@ -163,10 +165,21 @@ impl ClusterManager {
 /// metadata (`None`: plaintext): the first transport socket match whose
 /// criteria it carries decides, else the cluster's own transport socket.
 fn tls_for<'a>(c: &'a Cluster, metadata: &[(String, String)]) -> Option<&'a UpstreamTls> {
+    transport_for(c, metadata).0
+}
+
+/// [`tls_for`], and whether the chosen socket is `internal_upstream`
+/// passing the endpoint's original_dst metadata.
+fn transport_for<'a>(
+    c: &'a Cluster,
+    metadata: &[(String, String)],
+) -> (Option<&'a UpstreamTls>, bool) {
     c.transport_socket_matches
         .iter()
         .find(|m| m.criteria.iter().all(|kv| metadata.contains(kv)))
-        .map_or(c.tls.as_ref(), |m| m.tls.as_ref())
+        .map_or((c.tls.as_ref(), c.internal_upstream), |m| {
+            (m.tls.as_ref(), m.internal_upstream)
+        })
 }
 
 /// Whether two transports are the same (pools never mix TLS and
@@ -213,6 +226,8 @@ pub struct ClusterRt {
     hosts: ArcSwap<Vec<(Arc<EndpointPool>, HostMeta)>>,
     /// The live secrets and TLS configurations.
     tls: Arc<TlsContexts>,
+    /// The internal listeners internal endpoints connect to.
+    internal: Arc<InternalListeners>,
     /// `true` once a STRICT_DNS cluster's first resolution round is over
     /// (always `true` for other kinds): Envoy warms such a cluster before
     /// it serves, so its first requests wait for it instead of failing.
@@ -323,6 +338,7 @@ impl ClusterRt {
         stats: &Stats,
         previous: Option<&ClusterRt>,
         tls: &Arc<TlsContexts>,
+        internal: &Arc<InternalListeners>,
     ) -> Self {
         let cstats = ClusterStats::new(stats, &cfg.name);
         let shared = match previous {
@@ -337,6 +353,7 @@ impl ClusterRt {
             dynamic: Mutex::new(HashMap::new()),
             hosts: ArcSwap::from_pointee(Vec::new()),
             tls: tls.clone(),
+            internal: internal.clone(),
             resolved: tokio::sync::watch::Sender::new(!matches!(
                 cfg.kind,
                 ClusterKind::StrictDns(_)
@@ -350,11 +367,18 @@ impl ClusterRt {
                 let kept = prev
                     .as_ref()
                     .and_then(|b| b.hosts().iter().find(|x| x.address == e.address).cloned());
+                let (want_tls, passes) = transport_for(&rt.cfg, &e.transport_socket_match);
+                let passthrough = if passes {
+                    e.original_dst_meta
+                } else {
+                    Default::default()
+                };
                 let pool = kept
                     .filter(|p| {
-                        same_transport(p.tls.as_ref(), tls_for(&rt.cfg, &e.transport_socket_match))
+                        same_transport(p.tls.as_ref(), want_tls)
                             && p.hostname == e.hostname
                             && p.health_check == e.health_check
+                            && p.passthrough == passthrough
                     })
                     .unwrap_or_else(|| {
                         let mut p = EndpointPool::with_metadata(
@@ -364,6 +388,7 @@ impl ClusterRt {
                         );
                         p.hostname = e.hostname.clone();
                         p.set_health_check(&rt.cfg, e.health_check.clone());
+                        p.passthrough = passthrough;
                         Arc::new(p)
                     });
                 // Back in discovery: no longer pending removal.
@@ -485,7 +510,11 @@ impl ClusterRt {
                 self.balancer.load().pick(hash).cloned()
             }
             ClusterKind::OriginalDst => {
-                let dst = original_dst?;
+                let mut dst = original_dst?;
+                // `upstream_port_override` (Istio's HBONE port 15008).
+                if let Some(port) = self.cfg.lb.original_dst.port_override {
+                    dst.set_port(port);
+                }
                 let mut m = self.dynamic.lock().unwrap_or_else(|p| p.into_inner());
                 if m.len() > 1024 {
                     // Forget pools nobody holds any more (Envoy's cleanup_interval).
@@ -901,6 +930,11 @@ pub struct EndpointPool {
     bind_source: Option<std::net::IpAddr>,
     /// The cluster's TLS settings for this endpoint (`None`: plaintext).
     tls: Option<UpstreamTls>,
+    /// The endpoint's original_dst metadata its `internal_upstream`
+    /// transport passes to the internal listener (empty otherwise).
+    passthrough: ferry_model::cluster::OriginalDstMeta,
+    /// The internal listeners (for an internal address).
+    internal: Arc<InternalListeners>,
     /// The live secrets, and the client configurations built from them.
     contexts: Arc<TlsContexts>,
     client_configs: ClientCache,
@@ -981,6 +1015,8 @@ impl EndpointPool {
     ) -> Self {
         Self {
             tls: tls_for(&cluster.cfg, metadata).cloned(),
+            passthrough: Default::default(),
+            internal: cluster.internal.clone(),
             contexts: cluster.tls.clone(),
             client_configs: ClientCache::default(),
             default_alpn: match cluster.cfg.protocol {
@@ -1066,6 +1102,8 @@ impl EndpointPool {
         }
         let pool = Arc::new(EndpointPool {
             tls: Some(named_tls),
+            passthrough: self.passthrough,
+            internal: self.internal.clone(),
             contexts: self.contexts.clone(),
             client_configs: ClientCache::default(),
             default_alpn: self.default_alpn,
@@ -1216,6 +1254,23 @@ impl EndpointPool {
         let handshake = async {
             let addr = match &self.address {
                 HostAddr::Ip(a) => *a,
+                HostAddr::Internal(i) => {
+                    if tls.is_some() {
+                        return Err(UpstreamError::Tls(
+                            "TLS to an internal listener is not supported".into(),
+                        ));
+                    }
+                    return self
+                        .internal
+                        .connect(&i.listener, self.passthrough)
+                        .map(UpstreamIo::Internal)
+                        .map_err(|e| {
+                            UpstreamError::ConnectFailure(std::io::Error::new(
+                                std::io::ErrorKind::ConnectionRefused,
+                                e,
+                            ))
+                        });
+                }
                 HostAddr::Pipe(p) => {
                     let unix = connect_pipe(p)
                         .await
@@ -1542,6 +1597,57 @@ impl EndpointPool {
             .is_some_and(|max| opened.elapsed() >= max)
     }
 
+    /// Opens a tunnel through the endpoint (`tcp_proxy.tunneling_config`):
+    /// an HTTP/2 CONNECT stream to `authority` on the endpoint's shared
+    /// HTTP/2 connection (one per endpoint, so per destination and
+    /// identity), bytes both ways once it answers 2xx.
+    pub async fn connect_tunnel(
+        &self,
+        authority: &str,
+        headers: &[(String, String)],
+    ) -> Result<UpstreamIo, UpstreamError> {
+        let bad = |what: String| {
+            UpstreamError::ConnectFailure(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                what,
+            ))
+        };
+        let uri = http::Uri::builder()
+            .authority(authority)
+            .build()
+            .map_err(|e| bad(format!("tunnel authority {authority:?}: {e}")))?;
+        let mut req = Request::builder()
+            .method(http::Method::CONNECT)
+            .version(http::Version::HTTP_2)
+            .uri(uri);
+        for (k, v) in headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let req = req
+            .body(UpstreamBody::empty())
+            .map_err(|e| bad(format!("tunnel request: {e}")))?;
+        let open = async {
+            let mut resp = self.send_h2(req).await?;
+            if !resp.status().is_success() {
+                return Err(UpstreamError::ConnectFailure(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    format!("CONNECT answered {}", resp.status().as_u16()),
+                )));
+            }
+            let upgraded = hyper::upgrade::on(&mut resp)
+                .await
+                .map_err(UpstreamError::Reset)?;
+            Ok(UpstreamIo::Tunnel(Box::new(TokioIo::new(upgraded))))
+        };
+        match tokio::time::timeout(self.connect_timeout, open).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.stats.upstream_cx_connect_timeout.inc();
+                Err(UpstreamError::ConnectTimeout)
+            }
+        }
+    }
+
     /// Sends a request on the endpoint's shared HTTP/2 connection.
     pub async fn send_h2(
         &self,
@@ -1617,6 +1723,7 @@ mod tests {
             hostname: None,
             weight: 1,
             transport_socket_match: vec![],
+            original_dst_meta: Default::default(),
             priority: 0,
             locality: 0,
             locality_weight: 1,
@@ -1652,6 +1759,7 @@ mod tests {
             bind_source: None,
             tls: None,
             transport_socket_matches: vec![],
+            internal_upstream: false,
             istio_service: None,
             metadata_exchange: None,
             auto_sni: Default::default(),
@@ -1820,6 +1928,7 @@ mod tests {
             &stats,
             None,
             &Arc::default(),
+            &Arc::default(),
         ));
         rt.watch_removed_hosts();
         let pool = |a: SocketAddr| {
@@ -1865,6 +1974,7 @@ mod tests {
             &stats,
             Some(&rt),
             &Arc::default(),
+            &Arc::default(),
         ));
         rt2.watch_removed_hosts();
         let kept: Vec<_> = rt2
@@ -1885,7 +1995,13 @@ mod tests {
                 .unwrap_or_default()
         };
         assert_eq!(sessions(&rt2), 2);
-        let rt3 = ClusterRt::new(make(&[good], true), &stats, Some(&rt2), &Arc::default());
+        let rt3 = ClusterRt::new(
+            make(&[good], true),
+            &stats,
+            Some(&rt2),
+            &Arc::default(),
+            &Arc::default(),
+        );
         assert_eq!(sessions(&rt3), 1, "the removed host's session stopped");
         assert!(!g.health.pending_removal(), "back in discovery");
         // The cluster gone, its sessions stop (no task holds it).
@@ -1906,7 +2022,7 @@ mod tests {
         for (max, want) in [(None, 1), (Some(Duration::from_millis(100)), 2)] {
             count.store(0, Ordering::SeqCst);
             let cfg = cluster_at(addr, |c| c.max_connection_duration = max);
-            let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+            let rt = ClusterRt::new(cfg, &stats, None, &Arc::default(), &Arc::default());
             let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
             assert_eq!(get(&pool).await, 200);
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1930,7 +2046,7 @@ mod tests {
                 interval: Some(Duration::from_secs(7)),
             })
         });
-        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default(), &Arc::default());
         let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
         let io = pool
             .connect()
@@ -1951,7 +2067,13 @@ mod tests {
         );
         assert_eq!(sock.tcp_keepalive_retries().ok(), Some(3));
         // Without the option the socket keeps the system's default (off).
-        let plain = ClusterRt::new(cluster_at(addr, |_| {}), &stats, None, &Arc::default());
+        let plain = ClusterRt::new(
+            cluster_at(addr, |_| {}),
+            &stats,
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
         let io = plain
             .pick(None)
             .unwrap_or_else(|| panic!("no endpoint"))
@@ -1972,7 +2094,7 @@ mod tests {
             c.circuit_breakers.default.track_remaining = true;
             Arc::new(c)
         };
-        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default(), &Arc::default());
         let gauge = |n: &str| {
             stats
                 .snapshot()
@@ -1999,7 +2121,7 @@ mod tests {
             c.circuit_breakers.per_host_max_connections = Some(1);
             Arc::new(c)
         };
-        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default());
+        let rt = ClusterRt::new(cfg, &stats, None, &Arc::default(), &Arc::default());
         let hosts = rt.balancer.load_full();
         let (a, b) = (&hosts.hosts()[0], &hosts.hosts()[1]);
         let breakers = &rt.shared.breakers;
@@ -2020,7 +2142,13 @@ mod tests {
     #[test]
     fn breakers_cap_requests_and_retries_and_count_overflow() {
         let stats = Stats::default();
-        let rt = ClusterRt::new(cluster(&[1]), &stats, None, &Arc::default());
+        let rt = ClusterRt::new(
+            cluster(&[1]),
+            &stats,
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
         let b = &rt.shared.breakers;
         let first = b.request().ok();
         let second = b.request().ok();
@@ -2046,7 +2174,13 @@ mod tests {
     #[test]
     fn endpoint_updates_keep_pools_breakers_and_ejections() {
         let stats = Stats::default();
-        let old = ClusterRt::new(cluster(&[1, 2, 3]), &stats, None, &Arc::default());
+        let old = ClusterRt::new(
+            cluster(&[1, 2, 3]),
+            &stats,
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
         let victim = old.pick(None).unwrap_or_else(|| panic!("no endpoint"));
         for _ in 0..2 {
             old.shared.report(&victim.outlier, Outcome::Status(503));
@@ -2054,7 +2188,13 @@ mod tests {
         assert!(victim.ejected());
         // Endpoint 3 leaves, 4 arrives: the same shared state, the same
         // pools for 1 and 2, and the ejection still holds.
-        let new = ClusterRt::new(cluster(&[1, 2, 4]), &stats, Some(&old), &Arc::default());
+        let new = ClusterRt::new(
+            cluster(&[1, 2, 4]),
+            &stats,
+            Some(&old),
+            &Arc::default(),
+            &Arc::default(),
+        );
         assert!(Arc::ptr_eq(&old.shared, &new.shared));
         let kept: Vec<HostAddr> = new
             .balancer

@@ -418,6 +418,7 @@ mod tests {
             max_connect_attempts: 1,
             max_downstream_connection_duration: None,
             hash_source_ip: false,
+            tunneling: None,
         })
     }
 
@@ -505,6 +506,7 @@ mod tests {
             address: "127.0.0.1:15006".parse().unwrap(),
             additional_addresses: Vec::new(),
             bind_to_port: true,
+            internal: false,
             use_original_dst: false,
             listener_filters: ListenerFilters::default(),
             detection_timeout: None,

@@ -524,6 +524,12 @@ async fn connect(
         )),
     };
     match &t.address {
+        // Envoy's checkers open real connections; an internal listener
+        // endpoint has no socket to check (the check fails, visibly).
+        HostAddr::Internal(i) => Err(std::io::Error::other(format!(
+            "health checks of internal listener endpoints ({}) are not supported",
+            i.listener
+        ))),
         HostAddr::Pipe(pipe) => {
             let unix = crate::cluster::connect_pipe(pipe).await?;
             let Some((u, config)) = tls else {

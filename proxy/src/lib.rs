@@ -16,6 +16,7 @@ pub mod drain;
 pub mod filter_chain_update;
 pub mod health_check;
 pub mod http;
+pub mod internal_listener;
 pub mod iptables;
 pub mod lb;
 pub mod listener;

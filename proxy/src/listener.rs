@@ -354,6 +354,7 @@ async fn handle(
                     &live.drain,
                     peer,
                     &server_name,
+                    &crate::tcp::ConnMeta::default(),
                 ))
                 .await;
             }
@@ -416,6 +417,7 @@ async fn handle(
                 &live.drain,
                 peer,
                 &server_name,
+                &crate::tcp::ConnMeta::default(),
             ))
             .await;
         }
@@ -531,6 +533,28 @@ async fn serve_http<S>(
     crate::http::serve(io, ctx, http2, &live.drain).await;
 }
 
+/// Runs the HTTP connection manager of `chain` on an internal listener's
+/// in-process connection (no TLS, no SNI).
+pub(crate) async fn serve_internal_http<S>(
+    rt: &Arc<Runtime>,
+    chain: &Arc<ferry_model::FilterChain>,
+    io: S,
+    http2: bool,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    live: &Arc<LiveConn>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Conn {
+        peer,
+        dst,
+        tls: None,
+        server_name: String::new(),
+    };
+    serve_http(rt, chain, io, http2, conn, live).await;
+}
+
 /// Peeks until the first bytes are the HTTP/2 preface or cannot be; `None`:
 /// the connection failed. A client silent for `within` is served as
 /// HTTP/1 (whose timers then apply).
@@ -620,8 +644,8 @@ mod tests {
     }
 
     #[allow(clippy::many_single_char_names)]
-    fn future_size9<A, B, C, D, E, G, H, I, J, F: std::future::Future>(
-        _: impl Fn(A, B, C, D, E, G, H, I, J) -> F,
+    fn future_size10<A, B, C, D, E, G, H, I, J, K, F: std::future::Future>(
+        _: impl Fn(A, B, C, D, E, G, H, I, J, K) -> F,
     ) -> usize {
         std::mem::size_of::<F>()
     }
@@ -644,12 +668,12 @@ mod tests {
             ("serve_http (TLS)", future_size6(serve_http::<Tls>), 640),
             (
                 "tcp::proxy (plain)",
-                future_size9(crate::tcp::proxy::<Plain>),
+                future_size10(crate::tcp::proxy::<Plain>),
                 2048,
             ),
             (
                 "tcp::proxy (TLS)",
-                future_size9(crate::tcp::proxy::<TlsTcp>),
+                future_size10(crate::tcp::proxy::<TlsTcp>),
                 2048,
             ),
             (

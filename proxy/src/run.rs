@@ -186,6 +186,8 @@ pub struct Runtime {
     tcp_stats: Mutex<HashMap<String, TcpStats>>,
     listener_cx: Mutex<HashMap<String, Counter>>,
     pub(crate) listeners: Mutex<crate::listener::ListenerManager>,
+    /// The internal listeners, which cluster endpoints connect to in process.
+    pub internal: Arc<crate::internal_listener::InternalListeners>,
     /// The open connections and the chains they run on, which each update
     /// measures against the new listener versions.
     pub conns: Arc<crate::filter_chain_update::Connections>,
@@ -364,6 +366,7 @@ impl Runtime {
             Some(&self.clusters.load()),
             &self.stats,
             &self.tls,
+            &self.internal,
         );
         self.clusters.store(Arc::new(clusters));
         self.tracers.update(self, &snapshot);
@@ -373,6 +376,7 @@ impl Runtime {
         self.inbound_listeners
             .store(Arc::new(self.find_inbound_listeners()));
         let updating = self.conns.updating();
+        self.internal.reconcile(&snapshot.listeners);
         self.snapshot.store(snapshot.clone());
         updating.update(&snapshot.listeners, &self.stats);
         // New CRLs (by SDS or in a new chain) close the connections of
@@ -572,11 +576,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         tcp_stats: Mutex::new(HashMap::new()),
         listener_cx: Mutex::new(HashMap::new()),
         listeners: Mutex::new(crate::listener::ListenerManager::default()),
+        internal: Arc::default(),
         conns: Arc::default(),
         xds: xds.clone(),
         istio,
         dns,
     });
+    rt.internal.attach(&rt);
     match (ads, xds) {
         (Some(config), Some(state)) => {
             tracing::info!(xds.target = ?config.target, xds.delta = config.delta, "connecting to the xDS server");

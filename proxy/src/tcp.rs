@@ -16,6 +16,15 @@ use crate::access_log::connection::ConnectionLog;
 use crate::run::Runtime;
 use crate::stats::TcpStats;
 
+/// What an internal connection's metadata says beyond its original
+/// destination (empty for a socket's connection).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnMeta {
+    /// `envoy.filters.listener.original_dst` / `waypoint`: where an
+    /// ORIGINAL_DST cluster with that `metadata_key` connects instead.
+    pub waypoint: Option<std::net::SocketAddr>,
+}
+
 /// Proxies one downstream connection (from `peer`, with SNI `server_name`
 /// or "") and writes its access log entry when it ends.
 #[allow(clippy::too_many_arguments)] // the connection's whole context, once
@@ -29,6 +38,7 @@ pub async fn proxy<S>(
     drain: &crate::drain::Drain,
     peer: std::net::SocketAddr,
     server_name: &str,
+    meta: &ConnMeta,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -49,6 +59,12 @@ pub async fn proxy<S>(
     cluster.warmed().await;
     // `hash_policy` source_ip: the same client reaches the same host
     // (ring hash, Maglev), as its HTTP requests would.
+    // `original_dst_lb_config.metadata_key`: the waypoint named in the
+    // connection's metadata carries it instead.
+    let target = match meta.waypoint {
+        Some(w) if cluster.cfg.lb.original_dst.waypoint_from_metadata => w,
+        _ => original_dst,
+    };
     let hash = tp
         .hash_source_ip
         .then(|| crate::lb::hash_bytes(crate::lb::ip_text(peer.ip()).as_bytes()));
@@ -57,16 +73,30 @@ pub async fn proxy<S>(
     let mut tried = Vec::new();
     let (pool, up) = loop {
         let picked = if tried.is_empty() {
-            cluster.pick_hashed(Some(original_dst), hash)
+            cluster.pick_hashed(Some(target), hash)
         } else {
-            cluster.pick_retry(Some(original_dst), hash, &tried)
+            cluster.pick_retry(Some(target), hash, &tried)
         };
         let Some(pool) = picked else {
             stats.downstream_cx_no_route.inc();
             log.flag("UH");
             return;
         };
-        match pool.connect().await {
+        let connected = match &tp.tunneling {
+            None => pool.connect().await,
+            Some(t) => {
+                let authority = match &t.hostname {
+                    ferry_model::listener::TunnelHost::DownstreamLocalAddress => {
+                        original_dst.to_string()
+                    }
+                    ferry_model::listener::TunnelHost::Literal(h) => h.clone(),
+                };
+                // Boxed: the tunnel's setup is large, and the connection's
+                // task keeps the room its future needs for its whole life.
+                Box::pin(pool.connect_tunnel(&authority, &t.headers)).await
+            }
+        };
+        match connected {
             Ok(s) => {
                 pool.report_connect(true);
                 break (pool, s);

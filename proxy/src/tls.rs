@@ -279,6 +279,10 @@ pub enum UpstreamIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     Unix(tokio::net::UnixStream),
     UnixTls(Box<tokio_rustls::client::TlsStream<tokio::net::UnixStream>>),
+    /// An in-process connection to an internal listener.
+    Internal(tokio::io::DuplexStream),
+    /// An HTTP/2 CONNECT stream (`tcp_proxy.tunneling_config`).
+    Tunnel(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
 }
 
 /// Runs `$e` on whichever stream the connection is.
@@ -289,6 +293,8 @@ macro_rules! each_io {
             UpstreamIo::Tls($s) => $e,
             UpstreamIo::Unix($s) => $e,
             UpstreamIo::UnixTls($s) => $e,
+            UpstreamIo::Internal($s) => $e,
+            UpstreamIo::Tunnel($s) => $e,
         }
     };
 }
@@ -299,14 +305,20 @@ impl UpstreamIo {
         match self {
             UpstreamIo::Plain(s) => s.local_addr().ok(),
             UpstreamIo::Tls(s) => s.get_ref().0.local_addr().ok(),
-            UpstreamIo::Unix(_) | UpstreamIo::UnixTls(_) => None,
+            UpstreamIo::Unix(_)
+            | UpstreamIo::UnixTls(_)
+            | UpstreamIo::Internal(_)
+            | UpstreamIo::Tunnel(_) => None,
         }
     }
 
     /// The ALPN protocol the TLS handshake settled on.
     pub fn alpn(&self) -> Option<&[u8]> {
         match self {
-            UpstreamIo::Plain(_) | UpstreamIo::Unix(_) => None,
+            UpstreamIo::Plain(_)
+            | UpstreamIo::Unix(_)
+            | UpstreamIo::Internal(_)
+            | UpstreamIo::Tunnel(_) => None,
             UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol(),
             UpstreamIo::UnixTls(s) => s.get_ref().1.alpn_protocol(),
         }

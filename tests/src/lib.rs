@@ -3,6 +3,7 @@
 //! certificates and speaks TLS to listeners directly.
 
 pub mod envoy;
+pub mod hbone;
 pub mod istio;
 pub mod netns;
 pub mod otlp;

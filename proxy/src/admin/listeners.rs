@@ -19,6 +19,10 @@ pub(super) fn host_address(a: &ferry_model::cluster::HostAddr) -> Value {
     match a {
         ferry_model::cluster::HostAddr::Ip(a) => socket_address(*a),
         ferry_model::cluster::HostAddr::Pipe(p) => json!({"pipe": {"path": p.0.as_ref()}}),
+        ferry_model::cluster::HostAddr::Internal(i) => json!({"envoy_internal_address": {
+            "server_listener_name": i.listener.as_ref(),
+            "endpoint_id": i.endpoint_id.as_ref(),
+        }}),
     }
 }
 

@@ -33,7 +33,7 @@ fields!(pub(super) static BOOTSTRAP = "envoy.config.bootstrap.v3.Bootstrap" {
     "use_tcp_for_dns_lookups": warned "the system resolver is used",
     "dns_resolution_config": refused "custom DNS resolvers are not supported (the system resolver is used)",
     "typed_dns_resolver_config": refused "custom DNS resolvers are not supported (the system resolver is used)",
-    "bootstrap_extensions": applied "envoy.bootstrap.internal_listener is inert (internal listeners are refused where they are used); others are refused",
+    "bootstrap_extensions": applied "envoy.bootstrap.internal_listener enables internal listeners (always on here; buffer_size_kb is fixed at 64); istio.workload.BootstrapExtension is accepted with a warning (workload metadata discovery only feeds telemetry); others are refused",
     "fatal_actions": warned "there are no fatal actions",
     "config_sources": refused "xdstp:// config sources are not supported",
     "default_config_source": refused "xdstp:// config sources are not supported",
@@ -92,6 +92,9 @@ const GLOBAL_CONNECTIONS: &str = "envoy.resource_monitors.global_downstream_max_
 const DOWNSTREAM_CONNECTIONS_TYPE: &str =
     "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig";
 const INTERNAL_LISTENER: &str = "envoy.bootstrap.internal_listener";
+/// Istio's metadata discovery extension (`metadata_discovery` with
+/// ENABLE_HBONE): peer metadata for telemetry only.
+const ISTIO_WORKLOAD_DISCOVERY: &str = "istio.workload.BootstrapExtension";
 
 /// Checks every field of the bootstrap that no other converter reads, and
 /// returns its runtime (empty without `layered_runtime`).
@@ -244,6 +247,13 @@ pub fn bootstrap_fields(
         None => crate::runtime::Runtime::default(),
     };
     for (i, e) in bootstrap_extensions.iter().enumerate() {
+        if e.name == ISTIO_WORKLOAD_DISCOVERY {
+            ctx.warn(
+                &format!("bootstrap_extensions[{i}]"),
+                "istio.workload.BootstrapExtension: workload metadata discovery (peer metadata for telemetry) is not subscribed to".into(),
+            );
+            continue;
+        }
         if e.name != INTERNAL_LISTENER {
             return Err(ctx.err(
                 format!("bootstrap_extensions[{i}]"),

@@ -19,7 +19,7 @@ use super::health_check;
 use super::istio::{ISTIO_TOLERATED, METADATA_EXCHANGE_TYPE, metadata_exchange};
 use super::lb_config::lb_config;
 use super::outlier_detection::outlier_detection;
-use super::tls::upstream_tls;
+use super::tls::upstream_transport;
 use super::upstream_protocol::{ProtocolOptions, protocol_options};
 use super::{ConvertError, Ctx, Typed, Warnings, duration};
 
@@ -322,9 +322,9 @@ pub fn cluster(
             m::ClusterKind::Eds { service_name }
         }
     };
-    let tls = match transport_socket {
-        Some(ts) => upstream_tls(&mut ctx, "transport_socket", ts)?,
-        None => None,
+    let (tls, internal_upstream) = match transport_socket {
+        Some(ts) => upstream_transport(&mut ctx, "transport_socket", ts)?,
+        None => (None, false),
     };
     let mut socket_matches = Vec::with_capacity(transport_socket_matches.len());
     for (i, tsm) in transport_socket_matches.iter().enumerate() {
@@ -343,14 +343,15 @@ pub fn cluster(
                     .collect()
             })
             .unwrap_or_default();
-        let tls = match transport_socket {
-            Some(ts) => upstream_tls(&mut ctx, &path(&field, "transport_socket"), ts)?,
-            None => None,
+        let (tls, internal_upstream) = match transport_socket {
+            Some(ts) => upstream_transport(&mut ctx, &path(&field, "transport_socket"), ts)?,
+            None => (None, false),
         };
         socket_matches.push(m::cluster::TransportSocketMatch {
             name: match_name.clone(),
             criteria,
             tls,
+            internal_upstream,
         });
     }
     let mut exchange = None;
@@ -518,6 +519,7 @@ pub fn cluster(
         kind,
         bind_source,
         tls,
+        internal_upstream,
         transport_socket_matches: socket_matches,
         connect_timeout: duration(connect_timeout).unwrap_or(Duration::from_secs(5)),
         lb_policy: policy,

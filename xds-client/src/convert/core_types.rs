@@ -13,7 +13,7 @@ use super::{ConvertError, Ctx, Typed};
 fields!(pub(super) static ADDRESS = "envoy.config.core.v3.Address" {
     "socket_address": applied,
     "pipe": applied "endpoints of STATIC and EDS clusters (Unix socket; `@name` in the abstract namespace); refused on listeners and DNS clusters",
-    "envoy_internal_address": refused "internal addresses are not supported",
+    "envoy_internal_address": applied "as a cluster endpoint (an internal listener of this proxy) and an internal listener's own address; refused elsewhere",
 });
 
 fields!(pub(super) static SOCKET_ADDRESS = "envoy.config.core.v3.SocketAddress" {
@@ -108,10 +108,10 @@ pub(super) fn socket_address(
             path(field, "pipe"),
             "a Unix socket is only supported as the endpoint of a STATIC or EDS cluster",
         )),
-        Some(A::EnvoyInternalAddress(_)) => {
-            ctx.refuse(&ADDRESS, field, "envoy_internal_address", true)?;
-            Err(ctx.err(field, "address is required"))
-        }
+        Some(A::EnvoyInternalAddress(_)) => Err(ctx.err(
+            path(field, "envoy_internal_address"),
+            "an internal address is only supported as a cluster endpoint or an internal listener's own address",
+        )),
         None => Err(ctx.err(field, "address is required")),
     }
 }
@@ -160,6 +160,31 @@ pub(super) fn host_addr(
         return Ok(m::cluster::HostAddr::Pipe(m::cluster::PipeAddr(
             std::sync::Arc::from(file.as_str()),
         )));
+    }
+    if let Some(core_pb::Address {
+        address: Some(A::EnvoyInternalAddress(ia)),
+    }) = a
+    {
+        let core_pb::EnvoyInternalAddress {
+            endpoint_id,
+            address_name_specifier,
+        } = ia;
+        let listener =
+            match address_name_specifier {
+                Some(
+                    core_pb::envoy_internal_address::AddressNameSpecifier::ServerListenerName(n),
+                ) if !n.is_empty() => n,
+                _ => {
+                    return Err(ctx.err(
+                        path(field, "envoy_internal_address.server_listener_name"),
+                        "an internal address needs the internal listener's name",
+                    ));
+                }
+            };
+        return Ok(m::cluster::HostAddr::Internal(m::cluster::InternalAddr {
+            listener: std::sync::Arc::from(listener.as_str()),
+            endpoint_id: std::sync::Arc::from(endpoint_id.as_str()),
+        }));
     }
     ip_socket(ctx, field, a).map(m::cluster::HostAddr::Ip)
 }

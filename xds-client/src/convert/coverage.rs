@@ -230,6 +230,8 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &http_protocol::HTTP2_PROTOCOL_OPTIONS,
         &http_protocol::KEEPALIVE_SETTINGS,
         &tcp_proxy::TCP_PROXY,
+        &tcp_proxy::TUNNELING_CONFIG,
+        &tls::INTERNAL_UPSTREAM,
         &tcp_proxy::TCP_HASH_POLICY,
         &access_log::HCM_ACCESS_LOG_OPTIONS,
         &access_log::TCP_ACCESS_LOG_OPTIONS,

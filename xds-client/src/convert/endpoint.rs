@@ -40,7 +40,7 @@ fields!(pub(super) static LB_ENDPOINT = "envoy.config.endpoint.v3.LbEndpoint" {
     "endpoint": applied,
     "endpoint_name": refused "named endpoints are not supported",
     "health_status": applied "UNHEALTHY, DRAINING and TIMEOUT get no traffic outside panic; DEGRADED only without healthy ones",
-    "metadata": applied "envoy.transport_socket_match; other metadata is read only by extensions Ferry does not run",
+    "metadata": applied "envoy.transport_socket_match, and envoy.filters.listener.original_dst (local, waypoint) passed to an internal listener by internal_upstream; other metadata is read only by extensions Ferry does not run",
     "load_balancing_weight": applied,
 });
 
@@ -241,7 +241,9 @@ pub(super) fn endpoints(
                     .collect()
             })
             .unwrap_or_default();
+        let original_dst_meta = original_dst_meta(ctx, &entry.field, e.metadata.as_ref())?;
         out.push(m::Endpoint {
+            original_dst_meta,
             address,
             hostname: (!entry.hostname.is_empty()).then(|| Arc::from(entry.hostname)),
             weight: e
@@ -269,6 +271,42 @@ pub(super) fn endpoints(
     // Every priority is kept: the balancer fails over from one level to the
     // next as the healthy share of the preferred ones shrinks.
     out.sort_by_key(|e| e.priority);
+    Ok(out)
+}
+
+/// An endpoint's `envoy.filters.listener.original_dst` metadata (`local`,
+/// `waypoint`): where the internal listener it leads to sends the
+/// connection. Values that are not `ip:port` are refused, as the
+/// connection could not go where they say.
+fn original_dst_meta(
+    ctx: &Ctx<'_>,
+    field: &str,
+    md: Option<&core_pb::Metadata>,
+) -> Result<m::cluster::OriginalDstMeta, ConvertError> {
+    let mut out = m::cluster::OriginalDstMeta::default();
+    let Some(st) = md.and_then(|md| {
+        md.filter_metadata
+            .get("envoy.filters.listener.original_dst")
+    }) else {
+        return Ok(out);
+    };
+    for (k, v) in &st.fields {
+        let slot = match k.as_str() {
+            "local" => &mut out.local,
+            "waypoint" => &mut out.waypoint,
+            _ => continue,
+        };
+        let text = value_string(v);
+        let addr = text.parse().map_err(|_| {
+            ctx.err(
+                format!(
+                    "{field}.metadata.filter_metadata[envoy.filters.listener.original_dst].{k}"
+                ),
+                format!("{text:?} is not an ip:port"),
+            )
+        })?;
+        *slot = Some(addr);
+    }
     Ok(out)
 }
 

@@ -55,8 +55,8 @@ fields!(pub(super) static MAGLEV = "envoy.config.cluster.v3.Cluster.MaglevLbConf
 fields!(pub(super) static ORIGINAL_DST = "envoy.config.cluster.v3.Cluster.OriginalDstLbConfig" {
     "use_http_header": refused "taking the destination from a request header is not supported",
     "http_header_name": inert "read only with use_http_header, which is refused",
-    "upstream_port_override": refused "overriding the original destination's port is not supported",
-    "metadata_key": refused "taking the destination from metadata is not supported",
+    "upstream_port_override": applied,
+    "metadata_key": applied "envoy.filters.listener.original_dst / waypoint only (Istio's waypoint override, read from the internal connection's metadata); other keys are refused",
 });
 
 /// The cluster's [`m::cluster::LbConfig`] (the overprovisioning factor and
@@ -157,13 +157,37 @@ pub(super) fn lb_config(
             } = od;
             let _ = http_header_name;
             ctx.refuse(&ORIGINAL_DST, f, "use_http_header", *use_http_header)?;
-            ctx.refuse(
-                &ORIGINAL_DST,
-                f,
-                "upstream_port_override",
-                upstream_port_override.is_some(),
-            )?;
-            ctx.refuse(&ORIGINAL_DST, f, "metadata_key", metadata_key.is_some())?;
+            if let Some(p) = upstream_port_override {
+                lb.original_dst.port_override = Some(u16::try_from(p.value).map_err(|_| {
+                    ctx.err(
+                        format!("{f}.upstream_port_override"),
+                        format!("{} is not a port", p.value),
+                    )
+                })?);
+            }
+            if let Some(k) = metadata_key {
+                use envoy_types::pb::envoy::r#type::metadata::v3::metadata_key::path_segment::Segment;
+                let keys: Vec<&str> = k
+                    .path
+                    .iter()
+                    .filter_map(|s| match &s.segment {
+                        Some(Segment::Key(k)) => Some(k.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                // The one key an internal connection's metadata carries:
+                // Istio's waypoint override.
+                if k.key != "envoy.filters.listener.original_dst"
+                    || keys != ["waypoint"]
+                    || k.path.len() != 1
+                {
+                    return Err(ctx.err(
+                        format!("{f}.metadata_key"),
+                        "only envoy.filters.listener.original_dst / waypoint is supported as the metadata key",
+                    ));
+                }
+                lb.original_dst.waypoint_from_metadata = true;
+            }
         }
         None => {}
     }

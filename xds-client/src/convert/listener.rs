@@ -60,8 +60,49 @@ fields!(pub(super) static LISTENER = "envoy.config.listener.v3.Listener" {
     "ignore_global_conn_limit": inert "there is no global connection limit to ignore",
     "bypass_overload_manager": inert "there is no overload manager to bypass",
     "tcp_keepalive": applied "on accepted connections",
-    "internal_listener": refused "internal listeners are not supported",
+    "internal_listener": applied "an in-process listener without a socket: connections to an envoy_internal_address endpoint naming it are handed over as in-memory streams (listener filters: original_dst only)",
 });
+
+/// The address of an internal listener: unset, or an
+/// `envoy_internal_address` naming the listener itself (a placeholder
+/// socket address is kept in the model; nothing binds it).
+fn internal_listener_address(
+    ctx: &Ctx<'_>,
+    name: &str,
+    address: Option<&core_pb::Address>,
+) -> Result<std::net::SocketAddr, ConvertError> {
+    use core_pb::address::Address as A;
+    match address.and_then(|a| a.address.as_ref()) {
+        None => {}
+        Some(A::EnvoyInternalAddress(ia)) => {
+            let core_pb::EnvoyInternalAddress {
+                endpoint_id: _,
+                address_name_specifier,
+            } = ia;
+            let named = match address_name_specifier {
+                Some(
+                    core_pb::envoy_internal_address::AddressNameSpecifier::ServerListenerName(n),
+                ) => n.as_str(),
+                None => "",
+            };
+            if named != name {
+                return Err(ctx.err(
+                    "address.envoy_internal_address.server_listener_name",
+                    format!(
+                        "an internal listener's address must name it ({name:?}), not {named:?}"
+                    ),
+                ));
+            }
+        }
+        Some(_) => {
+            return Err(ctx.err(
+                "address",
+                "an internal listener has no socket address (unset, or an envoy_internal_address)",
+            ));
+        }
+    }
+    Ok(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+}
 
 fields!(pub(super) static ADDITIONAL_ADDRESS = "envoy.config.listener.v3.AdditionalAddress" {
     "address": applied,
@@ -204,7 +245,13 @@ pub fn listener(
     )?;
     ctx.refuse(cov, "", "api_listener", api_listener.is_some())?;
     ctx.refuse(cov, "", "enable_mptcp", *enable_mptcp)?;
-    ctx.refuse(cov, "", "internal_listener", listener_specifier.is_some())?;
+    let internal = match listener_specifier {
+        None => false,
+        Some(listener_pb::listener::ListenerSpecifier::InternalListener(il)) => {
+            let listener_pb::listener::InternalListenerConfig {} = il;
+            true
+        }
+    };
     ctx.knob(cov, "", "stat_prefix", !stat_prefix.is_empty());
     ctx.knob(cov, "", "stats_matcher", stats_matcher.is_some());
     ctx.knob(
@@ -241,7 +288,13 @@ pub fn listener(
         "max_connections_to_accept_per_socket_event",
         max_connections_to_accept_per_socket_event.is_some(),
     );
-    let bound = ip_socket(&ctx, "address", address)?;
+    // An internal listener has no socket: its address is unset or an
+    // internal one naming it.
+    let bound = if internal {
+        internal_listener_address(&ctx, name, address.as_ref())?
+    } else {
+        ip_socket(&ctx, "address", address)?
+    };
     let mut more = Vec::with_capacity(additional_addresses.len());
     for (i, a) in additional_addresses.iter().enumerate() {
         let af = format!("additional_addresses[{i}]");
@@ -272,6 +325,14 @@ pub fn listener(
             lf,
             &mut filters,
         )?;
+    }
+    if internal && (filters.tls_inspector || filters.http_inspector) {
+        // Protocol detection peeks at a socket; an in-process connection
+        // has none to peek at.
+        return Err(ctx.err(
+            "internal_listener",
+            "an internal listener runs only the original_dst listener filter (tls_inspector and http_inspector in listener_filters are not supported there)",
+        ));
     }
     let buffer_limit = per_connection_buffer_limit_bytes.as_ref().map(|v| v.value);
     let mut chains = Vec::with_capacity(filter_chains.len());
@@ -324,7 +385,8 @@ pub fn listener(
         settings_fingerprint: settings_fingerprint(l),
         address: bound,
         additional_addresses: more,
-        bind_to_port: bind_to_port.as_ref().is_none_or(|v| v.value),
+        bind_to_port: !internal && bind_to_port.as_ref().is_none_or(|v| v.value),
+        internal,
         use_original_dst: use_original_dst.as_ref().is_some_and(|v| v.value),
         listener_filters: filters,
         close_on_detection_timeout: detection_timeout.is_some()

@@ -24,7 +24,7 @@ fields!(pub(super) static TCP_PROXY = "envoy.extensions.filters.network.tcp_prox
     "max_connect_attempts": applied "each further attempt on another host while there is one",
     "backoff_options": warned "connect attempts follow one another at once",
     "hash_policy": applied "source_ip; filter_state refused",
-    "tunneling_config": refused "tunneling TCP over HTTP is not supported",
+    "tunneling_config": applied "HTTP/2 CONNECT over the cluster's HTTP/2 connection (see TunnelingConfig)",
     "max_downstream_connection_duration": applied,
     "max_downstream_connection_duration_jitter_percentage": warned "connections close at max_downstream_connection_duration exactly",
     "access_log_flush_interval": refused "periodic access log entries are not supported (one entry per connection, at its end)",
@@ -37,10 +37,105 @@ fields!(pub(super) static TCP_PROXY = "envoy.extensions.filters.network.tcp_prox
     "check_drain_close": warned "draining connections close at the drain deadline",
 });
 
+fields!(pub(super) static TUNNELING_CONFIG = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TunnelingConfig" {
+    "hostname": applied "a literal host:port, or %DOWNSTREAM_LOCAL_ADDRESS% (the connection's original destination); other substitutions are refused",
+    "use_post": refused "tunneling over POST is not supported (CONNECT only)",
+    "headers_to_add": applied "literal values; values with substitutions are refused",
+    "propagate_response_headers": warned "the CONNECT response's headers are not kept in filter state (only Istio's baggage telemetry reads them)",
+    "post_path": inert "read only with use_post, which is refused",
+    "propagate_response_trailers": warned "the CONNECT response's trailers are not kept in filter state",
+    "request_id_extension": refused "request IDs on the CONNECT request are not supported",
+    "request_id_header": inert "read only with request_id_extension, which is refused",
+    "request_id_metadata_key": inert "read only with request_id_extension, which is refused",
+    "formatters": refused "formatter extensions are not supported",
+});
+
 fields!(pub(super) static TCP_HASH_POLICY = "envoy.type.v3.HashPolicy" ("tcp_proxy") {
     "source_ip": applied,
     "filter_state": refused "filter state hashing is not supported",
 });
+
+fn tunneling(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    t: &tcp_pb::tcp_proxy::TunnelingConfig,
+) -> Result<m::listener::Tunneling, ConvertError> {
+    let cov = &TUNNELING_CONFIG;
+    let tcp_pb::tcp_proxy::TunnelingConfig {
+        hostname,
+        use_post,
+        headers_to_add,
+        propagate_response_headers,
+        post_path,
+        propagate_response_trailers,
+        request_id_extension,
+        request_id_header,
+        request_id_metadata_key,
+        formatters,
+    } = t;
+    let _ = (post_path, request_id_header, request_id_metadata_key);
+    ctx.refuse(cov, field, "use_post", *use_post)?;
+    ctx.refuse(
+        cov,
+        field,
+        "request_id_extension",
+        request_id_extension.is_some(),
+    )?;
+    ctx.refuse(cov, field, "formatters", !formatters.is_empty())?;
+    ctx.knob(
+        cov,
+        field,
+        "propagate_response_headers",
+        *propagate_response_headers,
+    );
+    ctx.knob(
+        cov,
+        field,
+        "propagate_response_trailers",
+        *propagate_response_trailers,
+    );
+    let host = match hostname.as_str() {
+        "" => return Err(ctx.err(path(field, "hostname"), "a tunnel needs a hostname")),
+        "%DOWNSTREAM_LOCAL_ADDRESS%" => m::listener::TunnelHost::DownstreamLocalAddress,
+        h if h.contains('%') => {
+            return Err(ctx.err(
+                path(field, "hostname"),
+                format!("{h:?}: only %DOWNSTREAM_LOCAL_ADDRESS% or a literal host is supported"),
+            ));
+        }
+        h => m::listener::TunnelHost::Literal(h.to_string()),
+    };
+    let mut headers = Vec::with_capacity(headers_to_add.len());
+    for (i, h) in headers_to_add.iter().enumerate() {
+        let hf = format!("{field}.headers_to_add[{i}]");
+        let Some(hv) = &h.header else {
+            return Err(ctx.err(path(&hf, "header"), "a header is required"));
+        };
+        let value = if hv.raw_value.is_empty() {
+            hv.value.clone()
+        } else {
+            String::from_utf8(hv.raw_value.clone())
+                .map_err(|_| ctx.err(path(&hf, "header.raw_value"), "not UTF-8"))?
+        };
+        if value.contains('%') {
+            return Err(ctx.err(
+                path(&hf, "header"),
+                "header values with substitutions are not supported",
+            ));
+        }
+        let name = hv.key.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err()
+            || http::HeaderValue::from_str(&value).is_err()
+        {
+            return Err(ctx.err(path(&hf, "header"), "not a valid header"));
+        }
+        headers.push((name, value));
+    }
+    Ok(m::listener::Tunneling {
+        hostname: host,
+        headers,
+    })
+}
 
 pub(super) fn tcp_proxy(
     ctx: &mut Ctx<'_>,
@@ -82,7 +177,10 @@ pub(super) fn tcp_proxy(
     );
     ctx.refuse(cov, field, "on_demand", on_demand.is_some())?;
     ctx.refuse(cov, field, "metadata_match", metadata_match.is_some())?;
-    ctx.refuse(cov, field, "tunneling_config", tunneling_config.is_some())?;
+    let tunneling = match tunneling_config {
+        Some(t) => Some(tunneling(ctx, &path(field, "tunneling_config"), t)?),
+        None => None,
+    };
     ctx.refuse(
         cov,
         field,
@@ -186,5 +284,6 @@ pub(super) fn tcp_proxy(
         max_downstream_connection_duration: duration(max_downstream_connection_duration)
             .filter(|d| !d.is_zero()),
         hash_source_ip,
+        tunneling,
     })
 }

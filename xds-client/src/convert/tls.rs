@@ -939,6 +939,71 @@ pub(super) fn downstream_tls(
     }))
 }
 
+fields!(pub(super) static INTERNAL_UPSTREAM = "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport" {
+    "passthrough_metadata": applied "host metadata envoy.filters.listener.original_dst reaches the internal listener (its original_dst filter reads it); other host or cluster metadata (Istio's `istio`) only feeds telemetry and is not passed; route and request metadata are refused",
+    "transport_socket": applied "raw_buffer only (TLS inside the internal connection is refused)",
+});
+
+/// An upstream transport socket: TLS (or plaintext), and whether it is
+/// `internal_upstream` passing the endpoint's original_dst metadata.
+pub(super) fn upstream_transport(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    ts: &core_pb::TransportSocket,
+) -> Result<(Option<m::tls::UpstreamTls>, bool), ConvertError> {
+    const INTERNAL: &str =
+        "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport";
+    let any = match &ts.config_type {
+        Some(core_pb::transport_socket::ConfigType::TypedConfig(any)) => any,
+        None => return Ok((upstream_tls(ctx, field, ts)?, false)),
+    };
+    let typed = Typed::from_any(any).map_err(|e| ctx.err(format!("{field}.typed_config"), e))?;
+    if typed.type_name() != INTERNAL {
+        return Ok((upstream_tls(ctx, field, ts)?, false));
+    }
+    use super::coverage::path;
+    use envoy_types::pb::envoy::extensions::transport_sockets::internal_upstream::v3 as iu_pb;
+    use envoy_types::pb::envoy::r#type::metadata::v3::metadata_kind::Kind;
+    let f = format!("{field}.typed_config");
+    let iu: iu_pb::InternalUpstreamTransport = typed.decode().map_err(|e| ctx.err(&f, e))?;
+    let iu_pb::InternalUpstreamTransport {
+        passthrough_metadata,
+        transport_socket,
+    } = &iu;
+    let mut original_dst = false;
+    for (i, p) in passthrough_metadata.iter().enumerate() {
+        let pf = format!("{f}.passthrough_metadata[{i}]");
+        let iu_pb::internal_upstream_transport::MetadataValueSource { kind, name } = p;
+        match kind.as_ref().and_then(|k| k.kind.as_ref()) {
+            Some(Kind::Host(_)) if name == "envoy.filters.listener.original_dst" => {
+                original_dst = true;
+            }
+            Some(Kind::Host(_) | Kind::Cluster(_)) => {
+                ctx.warn(
+                    &pf,
+                    format!("metadata {name:?} is not passed to the internal listener (it only feeds telemetry there)"),
+                );
+            }
+            Some(Kind::Route(_) | Kind::Request(_)) => {
+                return Err(ctx.err(
+                    path(&pf, "kind"),
+                    "route and request metadata are not passed to internal listeners",
+                ));
+            }
+            None => return Err(ctx.err(path(&pf, "kind"), "a metadata kind is required")),
+        }
+    }
+    if let Some(inner) = transport_socket
+        && upstream_tls(ctx, &path(&f, "transport_socket"), inner)?.is_some()
+    {
+        return Err(ctx.err(
+            path(&f, "transport_socket"),
+            "TLS inside an internal upstream connection is not supported (raw_buffer only)",
+        ));
+    }
+    Ok((None, original_dst))
+}
+
 pub(super) fn upstream_tls(
     ctx: &mut Ctx<'_>,
     field: &str,

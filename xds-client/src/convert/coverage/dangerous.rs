@@ -254,7 +254,10 @@ fn cases() -> Vec<(&'static str, &'static str, String, Value, Expect)> {
             "cluster",
             "/original_dst_lb_config".into(),
             json!({"upstream_port_override": 8080}),
-            Refused("upstream_port_override"),
+            Applied(
+                "tests/tests/hbone.rs",
+                "sidecar_reaches_hbone_pods_through_connect_originate",
+            ),
         ),
         (
             "RouteConfiguration.vhost_header",

@@ -47,6 +47,8 @@ const SECRET: &str =
 const UPSTREAM_TLS: &str = r#"{"name": "envoy.transport_sockets.tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", "sni": "x", "common_tls_context": {"tls_params": {}, "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": {"ads": {}}}], "combined_validation_context": {"default_validation_context": {"match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/a/sa/b"}}]}, "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": {"ads": {}}}}}}}"#;
 
 /// Upstream TLS with an inline certificate and the SPIFFE validator.
+const INTERNAL_UPSTREAM: &str = r#"{"name": "internal_upstream", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport", "passthrough_metadata": [{"kind": {"host": {}}, "name": "envoy.filters.listener.original_dst"}], "transport_socket": {"name": "raw_buffer", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}}}"#;
+
 const UPSTREAM_TLS_INLINE: &str = r#"{"name": "envoy.transport_sockets.tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", "common_tls_context": {"tls_certificates": [{"certificate_chain": {"inline_string": "@CERT_PEM@"}, "private_key": {"inline_string": "@KEY_PEM@"}}], "validation_context": {"custom_validator_config": {"name": "envoy.tls.cert_validator.spiffe", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig", "trust_domains": [{"name": "cluster.local", "trust_bundle": {"inline_string": "@CA_PEM@"}}]}}}}}}"#;
 
 /// Downstream TLS as istiod writes it for an inbound STRICT chain.
@@ -267,6 +269,14 @@ fn site(message: &str, context: &str) -> Option<Site> {
             init: Some((hcm!("tracing.provider"), OTLP_GRPC)),
         }),
         ("envoy.extensions.transport_sockets.tls.v3.Secret", _) => s(SECRET, "", None),
+        (
+            "envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+            _,
+        ) => Some(Site {
+            base: CLUSTER,
+            path: "transport_socket.typed_config@",
+            init: Some(("transport_socket", INTERNAL_UPSTREAM)),
+        }),
         ("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", _) => Some(Site {
             base: CLUSTER,
             path: "transport_socket.typed_config@",
@@ -423,6 +433,11 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", _) => {
             l("filter_chains[1].filters[2].typed_config@")
         }
+        ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TunnelingConfig", _) => s(
+            LISTENER,
+            "filter_chains[1].filters[2].typed_config@.tunneling_config",
+            Some(r#"{"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}"#),
+        ),
         ("envoy.type.v3.HashPolicy", "tcp_proxy") => {
             l("filter_chains[1].filters[2].typed_config@.hash_policy[0]")
         }

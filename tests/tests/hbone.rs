@@ -1,0 +1,307 @@
+//! HBONE, the client side: a sidecar fed the exact shapes istiod sends in
+//! an ambient mesh (an internal listener `connect_originate` with the
+//! original_dst filter and a tunnelling TCP proxy, an ORIGINAL_DST cluster
+//! `connect_originate` with port override 15008 over TLS 1.3 / ALPN h2 with
+//! a trust-domain SAN prefix, a service cluster whose endpoints are internal
+//! addresses with `tunnel: http` metadata and an `internal_upstream`
+//! transport socket match) reaches HBONE pods: [`HboneServer`]s speaking
+//! ztunnel's server side on two loopback addresses. Each server reports the
+//! `:authority` (the pod's IP and target port), the caller's SPIFFE
+//! identity and the TLS connection of each CONNECT stream, so pooling (one
+//! connection per destination), balancing across the service's endpoints
+//! and half-close in both directions are checked from the far end. Envoy
+//! 1.40 given the same bootstrap must give the same answers.
+//!
+//! Envoy comes from `ferry_tests::envoy`; without it only Ferry's half runs
+//! (with a note), except under `CI=true`, where a missing Envoy fails.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferry_tests::envoy::{self, Envoy};
+use ferry_tests::hbone::HboneServer;
+use ferry_tests::pki::{Ca, Leaf};
+use ferry_tests::proxy::{Bootstrap, Ferry, RunLock, TempDir, free_port, local, tcp_proxy};
+use serde_json::{Value, json};
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+
+/// istiod's `connect_originate` internal listener (listener_waypoint.go
+/// `buildConnectForwarder`).
+fn connect_originate_listener() -> Value {
+    json!({
+        "name": "connect_originate",
+        "internal_listener": {},
+        "use_original_dst": false,
+        "listener_filters": [{
+            "name": "envoy.filters.listener.original_dst",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"},
+        }],
+        "filter_chains": [{"filters": [{
+            "name": "tcp_proxy",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": "connect_originate",
+                "cluster": "connect_originate",
+                "tunneling_config": {"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"},
+            },
+        }]}],
+    })
+}
+
+/// istiod's `connect_originate` cluster (cluster_waypoint.go), with the
+/// workload certificate and root as files instead of SDS.
+fn connect_originate_cluster(dir: &Path, hbone_port: u16) -> Value {
+    let file = |f: &str| json!({"filename": dir.join(f).display().to_string()});
+    json!({
+        "name": "connect_originate",
+        "type": "ORIGINAL_DST",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "connect_timeout": "2s",
+        "cleanup_interval": "60s",
+        "original_dst_lb_config": {
+            "upstream_port_override": hbone_port,
+            "metadata_key": {"key": "envoy.filters.listener.original_dst", "path": [{"key": "waypoint"}]},
+        },
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "3600s"},
+            "explicit_http_config": {"http2_protocol_options": {"allow_connect": true}},
+        }},
+        "transport_socket": {"name": "tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [{"certificate_chain": file("cert.pem"), "private_key": file("key.pem")}],
+                "validation_context": {
+                    "trusted_ca": file("root.pem"),
+                    "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"prefix": format!("spiffe://{TRUST_DOMAIN}/")}}],
+                },
+            },
+        }},
+    })
+}
+
+/// An EDS-shaped endpoint of an ambient pod (endpoint_builder.go): an
+/// internal address to `connect_originate`, the pod's address as
+/// original_dst metadata, `tunnel: http`.
+fn hbone_endpoint(pod: SocketAddr) -> Value {
+    json!({
+        "endpoint": {"address": {"envoy_internal_address": {
+            "server_listener_name": "connect_originate",
+            "endpoint_id": pod.to_string(),
+        }}},
+        "metadata": {"filter_metadata": {
+            "envoy.filters.listener.original_dst": {"local": pod.to_string()},
+            "envoy.transport_socket_match": {"tunnel": "http"},
+        }},
+    })
+}
+
+/// The service's cluster with istiod's transport socket matches
+/// (cluster_tls.go): `hbone` for tunnel endpoints, plaintext otherwise.
+fn service_cluster(name: &str, pods: &[SocketAddr]) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{
+            "lb_endpoints": pods.iter().map(|p| hbone_endpoint(*p)).collect::<Vec<_>>(),
+        }]},
+        "transport_socket_matches": [
+            {"name": "hbone", "match": {"tunnel": "http"}, "transport_socket": {
+                "name": "internal_upstream",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+                    "passthrough_metadata": [
+                        {"kind": {"host": {}}, "name": "envoy.filters.listener.original_dst"},
+                        {"kind": {"cluster": {}}, "name": "istio"},
+                        {"kind": {"host": {}}, "name": "istio"},
+                    ],
+                    "transport_socket": {"name": "envoy.transport_sockets.raw_buffer", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
+                    }},
+                },
+            }},
+            {"name": "tlsMode-disabled", "match": {}, "transport_socket": {
+                "name": "envoy.transport_sockets.raw_buffer",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"},
+            }},
+        ],
+    })
+}
+
+/// The whole sidecar: an outbound TCP listener on `port` to the service.
+fn config(dir: &Path, port: u16, hbone_port: u16, pods: &[SocketAddr]) -> Value {
+    let service = "outbound|8080||echo.default.svc.cluster.local";
+    let doc = Bootstrap::new()
+        .listener(json!({
+            "name": "outbound",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [tcp_proxy("outbound", service)]}],
+        }))
+        .listener(connect_originate_listener())
+        .cluster(service_cluster(service, pods))
+        .cluster(connect_originate_cluster(dir, hbone_port))
+        .render();
+    let mut doc: Value = serde_json::from_str(&doc).unwrap_or(Value::Null);
+    doc["bootstrap_extensions"] = json!([{
+        "name": "envoy.bootstrap.internal_listener",
+        "typed_config": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+            "value": {"buffer_size_kb": 64},
+        },
+    }]);
+    doc
+}
+
+/// One TCP exchange through the proxy: `line` sent, the sending side
+/// closed, everything read until the far end closes.
+fn exchange(port: u16, line: &str) -> Result<String> {
+    let mut s = TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(line.as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    let mut got = String::new();
+    s.read_to_string(&mut got)?;
+    Ok(got)
+}
+
+struct Mesh {
+    dir: TempDir,
+    ca: Ca,
+}
+
+impl Mesh {
+    fn new() -> Result<Mesh> {
+        let dir = TempDir::new("hbone")?;
+        let ca = Ca::new("mesh root")?;
+        let client = ca.leaf(CLIENT_ID, &[])?;
+        std::fs::write(dir.path().join("cert.pem"), &client.cert_pem)?;
+        std::fs::write(dir.path().join("key.pem"), &client.key_pem)?;
+        std::fs::write(dir.path().join("root.pem"), ca.pem())?;
+        Ok(Mesh { dir, ca })
+    }
+
+    fn pod(&self, ip: [u8; 4], port: u16, identity: &str) -> Result<HboneServer> {
+        let leaf: Leaf = self.ca.leaf(identity, &[])?;
+        HboneServer::start(SocketAddr::from((ip, port)), &self.ca.pem(), &leaf)
+    }
+}
+
+/// What a client sees of four connections to the service, in order.
+fn observe(port: u16) -> Result<Vec<String>> {
+    (0..4)
+        .map(|i| exchange(port, &format!("ping {i}\nand more\n")))
+        .collect()
+}
+
+/// Round robin over the two pods (starting with either), each answer from
+/// the pod tunnelled to, echoed to the end.
+fn check_round_robin(proxy: &str, got: &[String], pods: &[SocketAddr; 2]) {
+    let first = usize::from(!got[0].starts_with(&format!("hbone {} ", pods[0])));
+    for (i, answer) in got.iter().enumerate() {
+        let pod = pods[(i + first) % 2];
+        assert_eq!(
+            answer,
+            &format!("hbone {pod} from {CLIENT_ID}\nping {i}\nand more\n"),
+            "{proxy}, connection {i}: tunnelled to {pod}, echoed to the end"
+        );
+    }
+}
+
+#[test]
+fn sidecar_reaches_hbone_pods_through_connect_originate() -> Result<()> {
+    let _lock = RunLock::shared();
+    let mesh = Mesh::new()?;
+    let hbone_port = free_port();
+    let server_id = "spiffe://cluster.local/ns/default/sa/echo";
+    let a = mesh.pod([127, 0, 14, 1], hbone_port, server_id)?;
+    let b = mesh.pod([127, 0, 14, 2], hbone_port, server_id)?;
+    let pods: [SocketAddr; 2] = ["127.0.14.1:8080".parse()?, "127.0.14.2:8080".parse()?];
+    let port = free_port();
+    let ferry = Ferry::start(&config(mesh.dir.path(), port, hbone_port, &pods).to_string())?;
+    let got = observe(port).with_context(|| format!("through ferry:\n{}", ferry.log()))?;
+    check_round_robin("ferry", &got, &pods);
+    // Round robin over the two pods; on each, one pooled TLS connection
+    // carries both CONNECT streams.
+    for (server, pod) in [(&a, pods[0]), (&b, pods[1])] {
+        let seen = server.seen();
+        assert_eq!(seen.len(), 2, "{pod}: {seen:?}");
+        assert!(
+            seen.iter().all(|s| s.connection == 1
+                && s.status == 200
+                && s.authority == pod.to_string()
+                && s.peer == CLIENT_ID),
+            "{pod}: {seen:?}"
+        );
+    }
+    let stats = ferry.stats()?;
+    assert_eq!(
+        stats
+            .get("cluster.connect_originate.upstream_cx_total")
+            .copied(),
+        Some(2),
+        "one HBONE connection per pod:\n{stats:?}"
+    );
+    drop(ferry);
+
+    let Some(bin) = envoy::bin()? else {
+        return Ok(());
+    };
+    let port = free_port();
+    let e = Envoy::start(
+        &bin,
+        &config(mesh.dir.path(), port, hbone_port, &pods),
+        port,
+    )?;
+    let seen = observe(port).with_context(|| format!("through envoy:\n{}", e.log()))?;
+    check_round_robin("envoy", &seen, &pods);
+    // Envoy, too, pools one connection per pod (each server's second; the
+    // start-up probe of Envoy's port may add a stream).
+    for (server, pod) in [(&a, pods[0]), (&b, pods[1])] {
+        let seen = server.seen();
+        assert!(seen.len() >= 4, "{pod}: {seen:?}");
+        assert!(
+            seen[2..]
+                .iter()
+                .all(|s| s.connection == 2 && s.status == 200),
+            "{pod}: {seen:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A pod whose certificate is of another trust domain fails the SAN
+/// prefix check: no CONNECT reaches it, and the client's connection closes
+/// without an answer.
+#[test]
+fn hbone_peer_of_another_trust_domain_is_refused() -> Result<()> {
+    let _lock = RunLock::shared();
+    let mesh = Mesh::new()?;
+    let hbone_port = free_port();
+    let pod = mesh.pod(
+        [127, 0, 14, 3],
+        hbone_port,
+        "spiffe://evil.example/ns/default/sa/echo",
+    )?;
+    let pods: [SocketAddr; 1] = ["127.0.14.3:8080".parse()?];
+    let port = free_port();
+    let ferry = Ferry::start(&config(mesh.dir.path(), port, hbone_port, &pods).to_string())?;
+    let got = exchange(port, "ping\n").unwrap_or_default();
+    assert_eq!(got, "", "nothing comes back:\n{}", ferry.log());
+    assert!(pod.seen().is_empty(), "{:?}", pod.seen());
+    let stats = ferry.stats()?;
+    let failed = |k: &str| stats.get(k).copied().unwrap_or_default();
+    assert!(
+        failed("cluster.connect_originate.ssl.connection_error") > 0,
+        "the handshake failed:\n{stats:?}"
+    );
+    Ok(())
+}
