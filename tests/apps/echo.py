@@ -26,6 +26,9 @@
       --drop-reused    a connection's second request is read and the connection closed with no
                        answer: what a proxy sees when the server's keep-alive timeout fires
                        just as the proxy reuses the connection.
+  extauthz PORT       Istio's ext-authz sample server (its HTTP check): a request with
+                      `x-ext-authz: allow` gets 200 and `x-ext-authz-check-result: allowed`, any other
+                      403, `x-ext-authz-check-result: denied` and the sample's denial text.
   ws PORT             WebSocket echo (text and binary).
   grpc PORT           gRPC server without generated code: /echo.Echo/Say (unary, echoes the
                       request bytes) and /echo.Echo/Count (server streaming: the request is a
@@ -284,6 +287,45 @@ def serve_http(port, name, opts):
     srv.serve_forever()
 
 
+# ----------------------------------------------------------------------------- ext-authz
+
+
+class ExtAuthzHandler(BaseHTTPRequestHandler):
+    """Istio's ext-authz sample server, HTTP check: a request carrying
+    `x-ext-authz: allow` is allowed (200, `x-ext-authz-check-result: allowed`),
+    any other is denied (403 with the sample's body and
+    `x-ext-authz-check-result: denied`)."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ext-authz"
+    sys_version = ""
+
+    def log_message(self, format, *args):  # noqa: A002 - signature of the base class
+        pass
+
+    def check(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        allowed = self.headers.get("x-ext-authz", "") == "allow"
+        body = b"" if allowed else b"denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+        self.send_response(200 if allowed else 403)
+        self.send_header("x-ext-authz-check-result", "allowed" if allowed else "denied")
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = check
+
+
+def serve_extauthz(port):
+    srv = ThreadingHTTPServer((BIND, port), ExtAuthzHandler)
+    srv.daemon_threads = True
+    announce()
+    srv.serve_forever()
+
+
 # ----------------------------------------------------------------------------- ws
 
 
@@ -381,6 +423,8 @@ def main(argv):
     mode, port = argv[0], int(argv[1])
     if mode == "http":
         serve_http(port, argv[2] if len(argv) > 2 else "echo", argv[3:])
+    elif mode == "extauthz":
+        serve_extauthz(port)
     elif mode == "ws":
         serve_ws(port)
     elif mode == "grpc":

@@ -34,6 +34,10 @@ pub enum App {
     /// `echo.py prefix PORT WORD` on each port: a TCP echo answering
     /// `WORD <what was sent>`, as Istio's tcp-echo server.
     TcpPrefix(Vec<u16>, &'static str),
+    /// `echo.py extauthz PORT`: Istio's ext-authz sample server (HTTP
+    /// check): allows a request carrying `x-ext-authz: allow`, denies
+    /// others with 403.
+    ExtAuthz(u16),
     /// Only a client (curl, nc).
     None,
 }
@@ -139,6 +143,24 @@ impl IstioMesh {
         )
     }
 
+    /// [`IstioMesh::start_mixed`] with ferry-pilot reading `mesh_config`.
+    pub fn start_mixed_with_mesh_config(
+        proxy: Proxy,
+        proxy_of: impl Fn(&Workload) -> Proxy,
+        workloads: &[Workload],
+        objects: impl Fn(&[(&str, Ipv4Addr)]) -> String,
+        mesh_config: &str,
+    ) -> Result<Option<Self>> {
+        Self::start_full(
+            proxy,
+            proxy_of,
+            workloads,
+            objects,
+            "24h",
+            Some(mesh_config),
+        )
+    }
+
     fn start_full(
         proxy: Proxy,
         proxy_of: impl Fn(&Workload) -> Proxy,
@@ -209,6 +231,10 @@ impl IstioMesh {
                         pod.wait_port(*port, Duration::from_secs(15))?;
                     }
                 }
+                App::ExtAuthz(port) => {
+                    procs.push(echo(&["extauthz", &port.to_string()])?);
+                    pod.wait_port(*port, Duration::from_secs(15))?;
+                }
                 App::None => {}
             }
             if w.injected {
@@ -276,6 +302,17 @@ impl IstioMesh {
         namespace: &str,
         labels: &[(&str, &str)],
     ) -> Result<Ipv4Addr> {
+        self.add_gateway_with(self.proxy, name, namespace, labels)
+    }
+
+    /// [`IstioMesh::add_gateway`] run by `proxy`, whatever the mesh's.
+    pub fn add_gateway_with(
+        &mut self,
+        proxy: Proxy,
+        name: &str,
+        namespace: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Ipv4Addr> {
         let pod = self.mesh.pod(name)?;
         let ip = pod.ip();
         let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
@@ -302,7 +339,7 @@ impl IstioMesh {
         let file = self.dir.join(format!("{name}.yaml"));
         std::fs::write(&file, text)?;
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
-        let cmd = match self.proxy {
+        let cmd = match proxy {
             Proxy::Ferry => pod
                 .cmd(ferry_bin())
                 .args(["gateway", "--concurrency", "1", "--config"])
