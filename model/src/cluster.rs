@@ -166,8 +166,10 @@ pub struct OriginalDstLb {
 
 #[derive(Debug, Clone)]
 pub enum ClusterKind {
-    /// Endpoints are fixed addresses (STATIC, or EDS once resolved).
-    Static(Vec<Endpoint>),
+    /// Endpoints are fixed addresses (STATIC, or EDS once resolved). Shared
+    /// with the endpoint assignment they came from: a mesh's endpoints are
+    /// held once.
+    Static(std::sync::Arc<Vec<Endpoint>>),
     /// Host names resolved by DNS, every address used (STRICT_DNS).
     StrictDns(Vec<DnsEndpoint>),
     /// The connection's original destination is the upstream (PassthroughCluster).

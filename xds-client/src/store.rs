@@ -434,12 +434,12 @@ fn eds_name(c: &m::Cluster) -> Option<String> {
     }
 }
 
-fn with_endpoints(c: &m::Cluster, eps: &[m::Endpoint]) -> m::Cluster {
+fn with_endpoints(c: &m::Cluster, eps: &Arc<Vec<m::Endpoint>>) -> m::Cluster {
     let mut c = c.clone();
     c.kind = if eps.is_empty() {
         m::ClusterKind::BlackHole
     } else {
-        m::ClusterKind::Static(eps.to_vec())
+        m::ClusterKind::Static(eps.clone())
     };
     c
 }

@@ -299,7 +299,7 @@ pub fn cluster(
             if eps.is_empty() {
                 m::ClusterKind::BlackHole
             } else {
-                m::ClusterKind::Static(eps)
+                m::ClusterKind::Static(std::sync::Arc::new(eps))
             }
         }
         DiscoveryType::StrictDns | DiscoveryType::LogicalDns => m::ClusterKind::StrictDns(
