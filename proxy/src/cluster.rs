@@ -467,8 +467,10 @@ impl ClusterRt {
     /// watching exactly these endpoints.
     fn install(&self, hosts: Vec<(Arc<EndpointPool>, HostMeta)>) {
         if let Some(d) = &self.shared.detector {
-            let watched: Vec<Arc<HostOutlier>> =
-                hosts.iter().map(|(p, _)| p.outlier.clone()).collect();
+            let watched: Vec<Arc<HostOutlier>> = hosts
+                .iter()
+                .filter_map(|(p, _)| p.outlier.clone())
+                .collect();
             d.set_hosts(&watched);
         }
         if let Some(checker) = &self.shared.health {
@@ -784,7 +786,7 @@ impl LbHost for Arc<EndpointPool> {
         self.address.to_string()
     }
     fn available(&self) -> bool {
-        !self.outlier.ejected() && !self.health.failed()
+        !self.ejected() && !self.health.failed()
     }
     fn degraded(&self) -> bool {
         self.health.degraded()
@@ -935,6 +937,18 @@ impl ActiveCx {
     }
 }
 
+impl HostStats {
+    const ZERO: HostStats = HostStats {
+        cx_total: AtomicU64::new(0),
+        cx_connect_fail: AtomicU64::new(0),
+        cx_active: AtomicU64::new(0),
+        rq_total: AtomicU64::new(0),
+        rq_success: AtomicU64::new(0),
+        rq_error: AtomicU64::new(0),
+        rq_timeout: AtomicU64::new(0),
+    };
+}
+
 impl Drop for ActiveCx {
     fn drop(&mut self) {
         self.0.cx_active.fetch_sub(1, Ordering::Relaxed);
@@ -976,7 +990,9 @@ pub struct EndpointPool {
     pub hostname: Option<Arc<str>>,
     settings: Arc<PoolSettings>,
     conns: std::sync::OnceLock<Box<Conns>>,
-    outlier: Arc<HostOutlier>,
+    /// The endpoint's outlier detection state, when its cluster has a
+    /// detector.
+    outlier: Option<Arc<HostOutlier>>,
     /// Active health state, shared with the endpoint's health check session
     /// (endpoints that are not checked share one, never failed).
     pub health: Arc<HostHealth>,
@@ -985,8 +1001,8 @@ pub struct EndpointPool {
     health_check: Option<Box<EndpointCheck>>,
     /// Requests in flight to this endpoint (least request).
     active: AtomicU64,
-    /// The endpoint's own counters.
-    pub host_stats: Arc<HostStats>,
+    /// The endpoint's own counters, allocated when it is first used.
+    host_stats: std::sync::OnceLock<Arc<HostStats>>,
     /// When the endpoint joined the cluster (slow start).
     created: Instant,
     /// The endpoint's connections under `per_host_thresholds`, shared with
@@ -1106,18 +1122,19 @@ impl EndpointPool {
     fn new(address: HostAddr, settings: Arc<PoolSettings>) -> Self {
         let host_connections = settings.per_host_max_connections.map(|_| Arc::default());
         let settings_health = settings.unchecked.clone();
+        let outlier = settings.shared.detector.is_some().then(Arc::default);
         Self {
             address,
             hostname: None,
             settings,
             conns: std::sync::OnceLock::new(),
-            outlier: Arc::default(),
+            outlier,
             // Checked only once its `health_check_config` is known
             // (original destinations never are).
             health: settings_health,
             health_check: None,
             active: AtomicU64::new(0),
-            host_stats: Arc::default(),
+            host_stats: std::sync::OnceLock::new(),
             created: Instant::now(),
             host_connections,
             passthrough: None,
@@ -1157,6 +1174,18 @@ impl EndpointPool {
             disabled: false,
         };
         self.health_check.as_deref().unwrap_or(&DEFAULT)
+    }
+
+    /// The endpoint's counters, for updating: allocated on first use.
+    fn counters(&self) -> &Arc<HostStats> {
+        self.host_stats.get_or_init(Arc::default)
+    }
+
+    /// The endpoint's counters, for reading: all zero while it was never
+    /// used.
+    pub fn host_stats(&self) -> &HostStats {
+        static UNUSED: HostStats = HostStats::ZERO;
+        self.host_stats.get().map_or(&UNUSED, |s| s)
     }
 
     /// The endpoint's transport settings (`None`: plaintext).
@@ -1235,7 +1264,7 @@ impl EndpointPool {
             health: self.health.clone(),
             health_check: self.health_check.clone(),
             active: AtomicU64::new(0),
-            host_stats: self.host_stats.clone(),
+            host_stats: std::sync::OnceLock::from(self.counters().clone()),
             created: self.created,
             host_connections: self.host_connections.clone(),
         });
@@ -1278,16 +1307,14 @@ impl EndpointPool {
 
     /// Whether outlier detection ejected this endpoint.
     pub fn ejected(&self) -> bool {
-        self.outlier.ejected()
+        self.outlier.as_ref().is_some_and(|o| o.ejected())
     }
 
     /// Reports a result that the pool did not see itself (a timeout in the
     /// router) to outlier detection.
     pub fn report_local_failure(&self) {
-        self.host_stats.rq_timeout.fetch_add(1, Ordering::Relaxed);
-        self.settings
-            .shared
-            .report(&self.outlier, Outcome::LocalFailure);
+        self.counters().rq_timeout.fetch_add(1, Ordering::Relaxed);
+        self.report(Outcome::LocalFailure);
     }
 
     /// Reports a connection attempt made outside the HTTP pools (the TCP
@@ -1298,7 +1325,14 @@ impl EndpointPool {
         } else {
             Outcome::LocalFailure
         };
-        self.settings.shared.report(&self.outlier, outcome);
+        self.report(outcome);
+    }
+
+    /// Tells outlier detection, if the cluster has it, about one result.
+    fn report(&self, outcome: Outcome) {
+        if let Some(o) = &self.outlier {
+            self.settings.shared.report(o, outcome);
+        }
     }
 
     /// Runs one request under the cluster's request breaker, counting it in
@@ -1312,7 +1346,7 @@ impl EndpointPool {
         let _in_flight = InFlight(&self.active);
         let start = Instant::now();
         let r = send.await;
-        let hs = &self.host_stats;
+        let hs = self.counters();
         hs.rq_total.fetch_add(1, Ordering::Relaxed);
         match &r {
             Ok(resp) if resp.status().is_server_error() => {
@@ -1324,18 +1358,11 @@ impl EndpointPool {
         match &r {
             Ok(resp) => {
                 self.conns().ewma.observe(start.elapsed(), Instant::now());
-                self.settings
-                    .shared
-                    .report(&self.outlier, Outcome::LocalSuccess);
-                self.settings
-                    .shared
-                    .report(&self.outlier, Outcome::Status(resp.status().as_u16()));
+                self.report(Outcome::LocalSuccess);
+                self.report(Outcome::Status(resp.status().as_u16()));
             }
             Err(UpstreamError::Overflow) => {}
-            Err(_) => self
-                .settings
-                .shared
-                .report(&self.outlier, Outcome::LocalFailure),
+            Err(_) => self.report(Outcome::LocalFailure),
         }
         r
     }
@@ -1350,7 +1377,7 @@ impl EndpointPool {
     /// the same timeout, as Envoy's connect timeout covers it).
     pub async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
         self.settings.stats.upstream_cx_total.inc();
-        self.host_stats.cx_total.fetch_add(1, Ordering::Relaxed);
+        self.counters().cx_total.fetch_add(1, Ordering::Relaxed);
         let tls = match self.tls() {
             None => None,
             Some(t) => match self.settings.contexts.client(
@@ -1463,7 +1490,7 @@ impl EndpointPool {
         };
         let r = tokio::time::timeout(self.settings.connect_timeout, handshake).await;
         if !matches!(r, Ok(Ok(_))) {
-            self.host_stats
+            self.counters()
                 .cx_connect_fail
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -1551,7 +1578,7 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.settings.stats.upstream_cx_destroy.clone();
         let shared = self.settings.shared.clone();
-        let active = ActiveCx::new(&self.host_stats);
+        let active = ActiveCx::new(self.counters());
         tokio::spawn(async move {
             let _active = active;
             let _ = conn.with_upgrades().await;
@@ -1689,7 +1716,7 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.settings.stats.upstream_cx_destroy.clone();
-        let active = ActiveCx::new(&self.host_stats);
+        let active = ActiveCx::new(self.counters());
         tokio::spawn(async move {
             let _active = active;
             let _ = conn.await;
@@ -1854,19 +1881,29 @@ impl EndpointPool {
 mod tests {
     use super::*;
 
-    /// An endpoint nobody called costs its pool and nothing more: a mesh
-    /// with 100,000 endpoints holds this many of them (the heap blocks of
-    /// its outlier state and counters come on top).
+    /// An endpoint nobody called costs its pool and nothing more (its
+    /// counters and connection state come with its first use, its outlier
+    /// state only with a detector): a mesh with 100,000 endpoints holds this
+    /// many of them.
     #[test]
     fn pool_sizes_stay_small() {
         let pool = std::mem::size_of::<EndpointPool>();
-        assert!(pool <= 136, "EndpointPool is {pool} bytes");
-        let never_used = std::mem::size_of::<HostOutlier>() + std::mem::size_of::<HostStats>();
-        assert!(
-            never_used <= 192,
-            "an endpoint's outlier state and counters are {never_used} bytes"
-        );
+        assert!(pool <= 160, "EndpointPool is {pool} bytes");
+        // Endpoints of one cluster share one settings block.
+        let stats = Stats::default();
+        let mut cfg = Arc::unwrap_or_clone(cluster(&[1, 2, 3]));
+        cfg.outlier_detection = None;
+        let rt = ClusterRt::new(Arc::new(cfg), &stats, None, &Arc::default());
+        let hosts = rt.balancer.load().hosts().to_vec();
+        assert_eq!(hosts.len(), 3);
+        assert!(Arc::ptr_eq(&hosts[0].settings, &hosts[2].settings));
+        for p in &hosts {
+            assert!(p.conns.get().is_none() && p.host_stats.get().is_none());
+            assert!(p.outlier.is_none(), "no detector, no outlier state");
+            assert_eq!(p.host_stats().rq_total.load(Ordering::Relaxed), 0);
+        }
     }
+
     use ferry_model::cluster::{LbConfig, OutlierDetection};
     use ferry_model::{Endpoint, LbPolicy, UpstreamProtocol};
 
@@ -2336,7 +2373,7 @@ mod tests {
         );
         let victim = old.pick(None).unwrap_or_else(|| panic!("no endpoint"));
         for _ in 0..2 {
-            old.shared.report(&victim.outlier, Outcome::Status(503));
+            victim.report(Outcome::Status(503));
         }
         assert!(victim.ejected());
         // Endpoint 3 leaves, 4 arrives: the same shared state, the same

@@ -89,7 +89,8 @@ impl HostHealth {
 /// Where and how a session reaches its host.
 pub struct Target {
     pub health: Arc<HostHealth>,
-    pub outlier: Arc<HostOutlier>,
+    /// The host's outlier state (`None` without a detector).
+    pub outlier: Option<Arc<HostOutlier>>,
     /// The checked address (`health_check_config` port or address applied).
     pub address: HostAddr,
     /// The `Host` / `:authority` of HTTP and gRPC checks.
@@ -416,8 +417,8 @@ fn apply(p: &Parts, t: &Target, counts: &mut Counts, outcome: Outcome) -> (bool,
             }
             p.stats.success.inc();
             counts.first = false;
-            if let Some(d) = &p.detector {
-                d.health_check_passed(&t.outlier);
+            if let (Some(d), Some(o)) = (&p.detector, &t.outlier) {
+                d.health_check_passed(o);
             }
             (true, transition)
         }
@@ -951,7 +952,7 @@ mod tests {
     fn target() -> Target {
         Target {
             health: Arc::new(HostHealth::new(true)),
-            outlier: Arc::default(),
+            outlier: Some(Arc::default()),
             address: HostAddr::Ip(([127, 0, 0, 1], 1).into()),
             authority: "c".into(),
             tls: None,

@@ -38,7 +38,7 @@ fn dynamic_names(rt: &Runtime) -> HashSet<String> {
 
 /// A host's counters (in Envoy's order: counters, then gauges).
 fn host_stats(p: &EndpointPool) -> [(&'static str, u64, bool); 9] {
-    let s = &p.host_stats;
+    let s = p.host_stats();
     let r = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     [
         ("cx_connect_fail", r(&s.cx_connect_fail), false),
