@@ -937,18 +937,6 @@ impl ActiveCx {
     }
 }
 
-impl HostStats {
-    const ZERO: HostStats = HostStats {
-        cx_total: AtomicU64::new(0),
-        cx_connect_fail: AtomicU64::new(0),
-        cx_active: AtomicU64::new(0),
-        rq_total: AtomicU64::new(0),
-        rq_success: AtomicU64::new(0),
-        rq_error: AtomicU64::new(0),
-        rq_timeout: AtomicU64::new(0),
-    };
-}
-
 impl Drop for ActiveCx {
     fn drop(&mut self) {
         self.0.cx_active.fetch_sub(1, Ordering::Relaxed);
@@ -1184,7 +1172,15 @@ impl EndpointPool {
     /// The endpoint's counters, for reading: all zero while it was never
     /// used.
     pub fn host_stats(&self) -> &HostStats {
-        static UNUSED: HostStats = HostStats::ZERO;
+        static UNUSED: HostStats = HostStats {
+            cx_total: AtomicU64::new(0),
+            cx_connect_fail: AtomicU64::new(0),
+            cx_active: AtomicU64::new(0),
+            rq_total: AtomicU64::new(0),
+            rq_success: AtomicU64::new(0),
+            rq_error: AtomicU64::new(0),
+            rq_timeout: AtomicU64::new(0),
+        };
         self.host_stats.get().map_or(&UNUSED, |s| s)
     }
 
