@@ -1889,7 +1889,13 @@ mod tests {
         let stats = Stats::default();
         let mut cfg = Arc::unwrap_or_clone(cluster(&[1, 2, 3]));
         cfg.outlier_detection = None;
-        let rt = ClusterRt::new(Arc::new(cfg), &stats, None, &Arc::default());
+        let rt = ClusterRt::new(
+            Arc::new(cfg),
+            &stats,
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
         let hosts = rt.balancer.load().hosts().to_vec();
         assert_eq!(hosts.len(), 3);
         assert!(Arc::ptr_eq(&hosts[0].settings, &hosts[2].settings));
