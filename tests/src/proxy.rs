@@ -489,6 +489,62 @@ impl Drop for Ferry {
     }
 }
 
+// ------------------------------------------------------------------------------ pilot
+
+/// `ferry-pilot serve-static` on an empty bootstrap at a free local port: an xDS server
+/// with no resources, for proxies whose bootstrap needs an ADS peer that serves nothing
+/// (istio-agent's bootstrap, tests of what a bootstrap does alone). Killed when dropped.
+pub struct StaticPilot {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl StaticPilot {
+    /// Starts it, its files in `dir`, and waits until it listens.
+    pub fn start(dir: &Path) -> Result<Self> {
+        let empty = dir.join("empty-pilot-bootstrap.json");
+        fs::write(&empty, "{}")?;
+        let port = free_port();
+        let log = dir.join("pilot.log");
+        let child = Command::new(crate::netns::workspace_bin("ferry-pilot", "ferry-pilot"))
+            .args(["serve-static", "--bootstrap"])
+            .arg(&empty)
+            .args(["--listen", &local(port).to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .context("starting ferry-pilot serve-static")?;
+        let mut pilot = Self { child, port, log };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !accepts(port) {
+            if let Some(st) = pilot.child.try_wait()? {
+                bail!(
+                    "ferry-pilot exited ({st}) before listening:\n{}",
+                    pilot.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("ferry-pilot did not listen on {port}:\n{}", pilot.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(pilot)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for StaticPilot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 // ------------------------------------------------------------------------------ bootstrap
 
 /// How a cluster talks HTTP to its endpoints.

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ferry_tests::envoy::{self, Envoy};
-use ferry_tests::netns::workspace_bin;
 use ferry_tests::proxy::{
-    Bootstrap, Ferry, RunLock, TempDir, accepts, curl, ferry_bin, free_port, http_listener, local,
+    Bootstrap, Ferry, RunLock, StaticPilot, TempDir, accepts, curl, ferry_bin, free_port,
+    http_listener, local,
 };
 use serde_json::{Value, json};
 
@@ -204,21 +204,8 @@ fn golden_bootstrap_starts_and_its_stats_listener_compresses_as_envoy() -> Resul
         );
     let cfg = dir.path().join("bootstrap.json");
     std::fs::write(&cfg, &text)?;
-    let empty = dir.path().join("empty.json");
-    std::fs::write(&empty, "{}")?;
-    let pilot_port = free_port();
-    let pilot_log = dir.path().join("pilot.log");
-    let mut pilot = Killed(
-        Command::new(workspace_bin("ferry-pilot", "ferry-pilot"))
-            .args(["serve-static", "--bootstrap"])
-            .arg(&empty)
-            .args(["--listen", &local(pilot_port).to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&pilot_log)?)
-            .spawn()?,
-    );
-    wait_port(&mut pilot.0, pilot_port, &pilot_log)?;
+    let pilot = StaticPilot::start(dir.path())?;
+    let pilot_port = pilot.port;
     relay(&xds, pilot_port)?;
 
     let ferry_log = dir.path().join("ferry.log");

@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,9 +27,8 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
 use ferry_tests::envoy::{self, Envoy};
-use ferry_tests::netns::workspace_bin;
 use ferry_tests::pki::{Ca, Leaf, TlsClient, client_config};
-use ferry_tests::proxy::{Ferry, RunLock, TempDir, accepts, free_port, local};
+use ferry_tests::proxy::{Ferry, RunLock, StaticPilot, TempDir, free_port, local};
 use prost::Message;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -205,15 +203,6 @@ fn bootstrap(port: u16, pilot: u16, socket: &Path) -> Value {
     })
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Waits until the listener presents `want` to a client with `client`'s
 /// certificate from `ca`, and answers.
 fn wait_presented(port: u16, ca: &Ca, client: &Leaf, want: &Leaf, what: &str) -> Result<()> {
@@ -273,30 +262,8 @@ fn workload_secrets_come_from_the_agents_sds_socket_and_rotate_as_in_envoy() -> 
             .await;
     });
 
-    let empty = dir.path().join("empty.json");
-    std::fs::write(&empty, "{}")?;
-    let pilot_port = free_port();
-    let pilot_log = dir.path().join("pilot.log");
-    let mut pilot = Killed(
-        Command::new(workspace_bin("ferry-pilot", "ferry-pilot"))
-            .args(["serve-static", "--bootstrap"])
-            .arg(&empty)
-            .args(["--listen", &local(pilot_port).to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&pilot_log)?)
-            .spawn()?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !accepts(pilot_port) {
-        if pilot.0.try_wait()?.is_some() || Instant::now() > deadline {
-            bail!(
-                "ferry-pilot did not listen:\n{}",
-                std::fs::read_to_string(&pilot_log).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    let pilot = StaticPilot::start(dir.path())?;
+    let pilot_port = pilot.port;
 
     // Ferry: no --ca-addr, so the agent's socket is the source.
     let port = free_port();
