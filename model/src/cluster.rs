@@ -258,8 +258,10 @@ pub struct Endpoint {
     pub weight: u32,
     /// `filter_metadata["envoy.transport_socket_match"]` as strings.
     pub transport_socket_match: Vec<(String, String)>,
-    /// `filter_metadata["envoy.filters.listener.original_dst"]`.
-    pub original_dst_meta: OriginalDstMeta,
+    /// `filter_metadata["envoy.filters.listener.original_dst"]` (`None`:
+    /// absent). Boxed, as are the other rarely set parts: a mesh holds
+    /// endpoints by the hundred thousand.
+    pub original_dst_meta: Option<Box<OriginalDstMeta>>,
     /// The locality's priority (0 is the most preferred).
     pub priority: u32,
     /// Index of the endpoint's locality within the assignment, so that
@@ -270,8 +272,25 @@ pub struct Endpoint {
     /// EDS health status as the balancer uses it.
     pub health: EndpointHealth,
     /// `endpoint.health_check_config`: where and how active health checks
-    /// reach this endpoint.
-    pub health_check: crate::health_check::EndpointCheck,
+    /// reach this endpoint (`None`: at its own address).
+    pub health_check: Option<Box<crate::health_check::EndpointCheck>>,
+}
+
+impl Endpoint {
+    /// The original_dst metadata (empty when absent).
+    pub fn original_dst(&self) -> OriginalDstMeta {
+        self.original_dst_meta
+            .as_deref()
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The `health_check_config` (the default when absent).
+    pub fn health_check(&self) -> &crate::health_check::EndpointCheck {
+        self.health_check
+            .as_deref()
+            .unwrap_or(crate::health_check::EndpointCheck::unset())
+    }
 }
 
 /// Envoy's health statuses folded into what load balancing distinguishes.

@@ -128,6 +128,18 @@ pub struct EndpointCheck {
 }
 
 impl EndpointCheck {
+    /// The default (the endpoint's own address and name), for holders that
+    /// keep only the non-default ones.
+    pub fn unset() -> &'static EndpointCheck {
+        static UNSET: EndpointCheck = EndpointCheck {
+            port: None,
+            address: None,
+            hostname: None,
+            disabled: false,
+        };
+        &UNSET
+    }
+
     /// The address a check connects to.
     pub fn target(&self, endpoint: &HostAddr) -> HostAddr {
         let base = self.address.clone().unwrap_or_else(|| endpoint.clone());

@@ -389,7 +389,7 @@ impl ClusterRt {
                 let settings = rt.settings_for(&e.transport_socket_match);
                 let kept = by_addr.get(&e.address).map(|p| Arc::clone(p));
                 let passthrough = if settings.internal_upstream {
-                    e.original_dst_meta
+                    e.original_dst()
                 } else {
                     Default::default()
                 };
@@ -407,13 +407,13 @@ impl ClusterRt {
                         };
                         same_tls
                             && p.hostname == e.hostname
-                            && *p.health_check() == e.health_check
+                            && p.health_check() == e.health_check()
                             && p.passthrough() == passthrough
                     })
                     .unwrap_or_else(|| {
                         let mut p = EndpointPool::new(e.address.clone(), settings.clone());
                         p.hostname = e.hostname.clone();
-                        p.set_health_check(&rt.cfg, e.health_check.clone());
+                        p.set_health_check(&rt.cfg, e.health_check().clone());
                         p.passthrough =
                             (passthrough != Default::default()).then(|| Box::new(passthrough));
                         Arc::new(p)
@@ -1155,13 +1155,9 @@ impl EndpointPool {
 
     /// The endpoint's `health_check_config`.
     pub fn health_check(&self) -> &EndpointCheck {
-        static DEFAULT: EndpointCheck = EndpointCheck {
-            port: None,
-            address: None,
-            hostname: None,
-            disabled: false,
-        };
-        self.health_check.as_deref().unwrap_or(&DEFAULT)
+        self.health_check
+            .as_deref()
+            .unwrap_or(EndpointCheck::unset())
     }
 
     /// The endpoint's counters, for updating: allocated on first use.
@@ -1883,6 +1879,8 @@ mod tests {
     /// many of them.
     #[test]
     fn pool_sizes_stay_small() {
+        let endpoint = std::mem::size_of::<Endpoint>();
+        assert!(endpoint <= 120, "ferry_model::Endpoint is {endpoint} bytes");
         let pool = std::mem::size_of::<EndpointPool>();
         assert!(pool <= 160, "EndpointPool is {pool} bytes");
         // Endpoints of one cluster share one settings block.

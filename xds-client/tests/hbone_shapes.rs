@@ -116,7 +116,7 @@ fn istiod_ambient_shapes_are_accepted_and_land_in_the_model() {
         (&*addr.listener, &*addr.endpoint_id),
         ("connect_originate", "10.0.1.5:8080")
     );
-    assert_eq!(eps[0].original_dst_meta.local, "10.0.1.5:8080".parse().ok());
+    assert_eq!(eps[0].original_dst().local, "10.0.1.5:8080".parse().ok());
     assert!(
         warnings.iter().any(|w| w.contains("\"istio\"")),
         "the istio metadata is not passed, and says so: {warnings:?}"

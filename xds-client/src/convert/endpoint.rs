@@ -243,7 +243,8 @@ pub(super) fn endpoints(
             .unwrap_or_default();
         let original_dst_meta = original_dst_meta(ctx, &entry.field, e.metadata.as_ref())?;
         out.push(m::Endpoint {
-            original_dst_meta,
+            original_dst_meta: (original_dst_meta != Default::default())
+                .then(|| Box::new(original_dst_meta)),
             address,
             hostname: (!entry.hostname.is_empty()).then(|| Arc::from(entry.hostname)),
             weight: e
@@ -265,7 +266,8 @@ pub(super) fn endpoints(
                 5 => m::cluster::EndpointHealth::Degraded,
                 _ => m::cluster::EndpointHealth::Healthy,
             },
-            health_check: entry.health_check,
+            health_check: (entry.health_check != Default::default())
+                .then(|| Box::new(entry.health_check)),
         });
     }
     // Every priority is kept: the balancer fails over from one level to the

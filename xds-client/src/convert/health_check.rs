@@ -646,7 +646,7 @@ mod tests {
         let m::ClusterKind::Static(eps) = c.kind else {
             panic!("static")
         };
-        let hc = &eps[0].health_check;
+        let hc = eps[0].health_check();
         assert_eq!(hc.port, Some(8080));
         assert_eq!(hc.hostname.as_deref(), Some("h.example"));
         assert_eq!(
