@@ -41,30 +41,6 @@ async fn backend() -> SocketAddr {
     addr
 }
 
-/// A free port below the kernel's ephemeral range (32768 and up by
-/// default): one from that range can be given to another test's outgoing
-/// connection before Envoy binds it. Each process starts from its own place
-/// and never hands a port out twice.
-fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    const FIRST: u16 = 20000;
-    const PORTS: u16 = 12000;
-    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
-    let _ = NEXT.compare_exchange(
-        u16::MAX,
-        (std::process::id() % u32::from(PORTS)) as u16,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..PORTS {
-        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % PORTS;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port from {FIRST}")
-}
-
 fn route_config(regex: Option<&str>) -> (String, envoy_types::pb::google::protobuf::Any) {
     let matcher = match regex {
         Some(r) => json!({"safe_regex": {"regex": r}}),

@@ -134,30 +134,6 @@ impl Drop for Pilot {
     }
 }
 
-/// A free port below the kernel's ephemeral range (32768 and up by
-/// default): one from that range can be given to another test's outgoing
-/// connection before the server binds it. Each process starts from its own
-/// place and never hands a port out twice.
-fn free_port() -> SocketAddr {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    const FIRST: u16 = 20000;
-    const PORTS: u16 = 12000;
-    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
-    let _ = NEXT.compare_exchange(
-        u16::MAX,
-        (std::process::id() % u32::from(PORTS)) as u16,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..PORTS {
-        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % PORTS;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return l.local_addr().expect("addr");
-        }
-    }
-    panic!("no free port from {FIRST}")
-}
-
 fn pilot(args: &[&str]) -> Pilot {
     Pilot(
         Command::new(env!("CARGO_BIN_EXE_ferry-pilot"))
@@ -180,8 +156,8 @@ async fn wait_listening(addr: SocketAddr) {
 
 #[tokio::test]
 async fn serve_static_binary_serves_the_bootstrap() {
-    let listen = free_port();
-    let status = free_port();
+    let listen = free_addr();
+    let status = free_addr();
     let bootstrap = fixture("bootstrap-static.yaml");
     let _pilot = pilot(&[
         "serve-static",
@@ -226,7 +202,7 @@ async fn serve_static_binary_serves_the_bootstrap() {
 )]
 async fn replay_binary_serves_the_dump() {
     let Some(path) = dump_path() else { return };
-    let listen = free_port();
+    let listen = free_addr();
     let _pilot = pilot(&[
         "replay",
         "--dump",

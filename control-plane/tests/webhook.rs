@@ -17,6 +17,9 @@
 
 mod kube_api;
 
+mod common;
+
+use common::free_addr;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,30 +47,6 @@ const INJECT_FLAGS: &[&str] = &[
 
 fn samples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/bookinfo")
-}
-
-/// A free port below the kernel's ephemeral range (32768 and up by
-/// default): one from that range can be given to another test's outgoing
-/// connection before the server binds it. Each process starts from its own
-/// place and never hands a port out twice.
-fn free_port() -> SocketAddr {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    const FIRST: u16 = 20000;
-    const PORTS: u16 = 12000;
-    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
-    let _ = NEXT.compare_exchange(
-        u16::MAX,
-        (std::process::id() % u32::from(PORTS)) as u16,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..PORTS {
-        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % PORTS;
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return l.local_addr().expect("addr");
-        }
-    }
-    panic!("no free port from {FIRST}")
 }
 
 /// The Pod the ReplicaSet controller of `deployment` creates, as the API
@@ -416,11 +395,11 @@ async fn admission_reviews_of_bookinfo_pods_are_answered_with_injects_patch() {
     let dir = server.dir.join("webhook");
     std::fs::create_dir_all(&dir).expect("dir");
     let root = dir.join("root.pem");
-    let webhook = free_port();
+    let webhook = free_addr();
     let log = dir.join("pilot.log");
     let child = Command::new(PILOT)
         .args(["serve-kube", "--listen"])
-        .arg(free_port().to_string())
+        .arg(free_addr().to_string())
         .arg("--webhook-addr")
         .arg(webhook.to_string())
         .arg("--ca-root-out")

@@ -478,3 +478,32 @@ pub fn start_envoy(
         .expect("start envoy");
     Envoy { child, dir }
 }
+
+/// A free port below the kernel's ephemeral range (32768 and up by
+/// default): one from that range can be given to another test's outgoing
+/// connection before the server binds it. Each process starts from its own place
+/// and never hands a port out twice.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20000;
+    const PORTS: u16 = 12000;
+    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
+    let _ = NEXT.compare_exchange(
+        u16::MAX,
+        (std::process::id() % u32::from(PORTS)) as u16,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..PORTS {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % PORTS;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port from {FIRST}")
+}
+
+/// [`free_port`] as an address on 127.0.0.1.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
