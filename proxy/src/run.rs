@@ -425,7 +425,32 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 15000)));
     let admin_tcp = crate::listener::bind(admin_addr)
         .with_context(|| format!("admin: cannot bind {admin_addr}"))?;
-    let ready_tcp = match opts.ready_addr {
+    // istio-agent's bootstrap brings its own readiness (15021) and
+    // Prometheus (15090) listeners: where the bootstrap binds a port, its
+    // listener serves it and the built-in endpoint stands aside, as Envoy
+    // has only the bootstrap's.
+    let served_by_bootstrap = |which: &str, addr: Option<SocketAddr>| {
+        let a = addr?;
+        if let Some(l) = bootstrap.snapshot.listeners.iter().find(|l| {
+            l.bind_to_port
+                && !l.internal
+                && std::iter::once(&l.address)
+                    .chain(&l.additional_addresses)
+                    .any(|b| b.port() == a.port())
+        }) {
+            tracing::info!(
+                listener.name = %l.name,
+                listener.address = %l.address,
+                "the bootstrap's listener serves port {}: the built-in {which} endpoint is off",
+                a.port()
+            );
+            return None;
+        }
+        Some(a)
+    };
+    let ready_addr = served_by_bootstrap("readiness", opts.ready_addr);
+    let prometheus_addr = served_by_bootstrap("Prometheus", opts.prometheus_addr);
+    let ready_tcp = match ready_addr {
         Some(a) => {
             Some(crate::listener::bind(a).with_context(|| format!("readiness: cannot bind {a}"))?)
         }
@@ -529,7 +554,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let prometheus_tcp = match opts.prometheus_addr {
+    let prometheus_tcp = match prometheus_addr {
         Some(a) => {
             Some(crate::listener::bind(a).with_context(|| format!("prometheus: cannot bind {a}"))?)
         }

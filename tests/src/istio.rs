@@ -101,6 +101,48 @@ pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
 /// `ferry-pilot demo` runs its proxies on.
 pub use ferry_pilot::local::bootstrap::bootstrap_for;
 
+/// istio-agent's bootstrap as the agent writes it (Istio's
+/// `bootstrap-default_golden.json`, from `../shared`), made a pod's: the node
+/// is this workload's (`metadata` joins the golden's keys) and ADS comes
+/// through the Unix socket `xds_socket`, the agent's `XDS` socket. The rest
+/// is the golden's as written: the 15021 readiness and 15090 Prometheus
+/// listeners, the `sds-grpc` socket (unused beside `--ca-addr`), runtime,
+/// stats and overload settings, delta ADS.
+pub fn agent_bootstrap(
+    node_id: &str,
+    cluster: &str,
+    metadata: &serde_json::Value,
+    xds_socket: &Path,
+) -> Result<String> {
+    let path = crate::istio_material(
+        "istio-config-dumps/istio-upstream-testdata/bootstrap-default_golden.json",
+    )?;
+    let mut golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    golden["node"]["id"] = node_id.into();
+    golden["node"]["cluster"] = cluster.into();
+    let Some(meta) = golden["node"]["metadata"].as_object_mut() else {
+        bail!("{}: no node metadata", path.display());
+    };
+    if let Some(extra) = metadata.as_object() {
+        meta.extend(extra.clone());
+    }
+    let Some(xds) = golden["static_resources"]["clusters"]
+        .as_array_mut()
+        .and_then(|cs| cs.iter_mut().find(|c| c["name"] == "xds-grpc"))
+    else {
+        bail!("{}: no xds-grpc cluster", path.display());
+    };
+    let pipe = &mut xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["pipe"]["path"];
+    ensure!(
+        pipe.is_string(),
+        "{}: xds-grpc is not a pipe",
+        path.display()
+    );
+    *pipe = xds_socket.display().to_string().into();
+    Ok(serde_json::to_string_pretty(&golden)?)
+}
+
 impl IstioMesh {
     /// Starts the mesh, or `None` when not root (outside CI). `objects`
     /// gets each workload's name and IP and returns the Kubernetes YAML.

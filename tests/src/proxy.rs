@@ -764,3 +764,41 @@ pub fn read_response(r: &mut BufReader<TcpStream>) -> Result<RawResponse> {
     r.read_exact(&mut resp.body)?;
     Ok(resp)
 }
+
+/// Listens on the Unix socket `path` (open to every user) and passes each
+/// connection to a TCP connection from `connect`, bytes copied both ways
+/// with half-close: istio-agent's `XDS` socket in front of the control
+/// plane, as the agent's bootstrap expects it. Runs on threads of its own
+/// until the process ends.
+pub fn unix_relay(
+    path: &Path,
+    connect: impl Fn() -> Result<TcpStream> + Send + 'static,
+) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o777))?;
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let Ok(t) = connect() else { continue };
+            let (Ok(c2), Ok(t2)) = (c.try_clone(), t.try_clone()) else {
+                continue;
+            };
+            // The control plane's stream stays open for as long as the
+            // proxy runs: no read timeout.
+            let _ = t.set_read_timeout(None);
+            thread::spawn(move || {
+                let (mut a, mut b) = (c, t2);
+                let _ = std::io::copy(&mut a, &mut b);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+            thread::spawn(move || {
+                let (mut a, mut b) = (t, c2);
+                let _ = std::io::copy(&mut a, &mut b);
+                let _ = b.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Ok(())
+}

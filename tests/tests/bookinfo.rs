@@ -4,17 +4,19 @@
 //! same through Envoy sidecars and through Ferry sidecars. Pods are network namespaces with
 //! real capture rules, injected as Istio injects them (Istio mTLS between sidecars,
 //! certificates from ferry-pilot's CA), echo workloads answer with their name (`reviews-v2`,
-//! httpbin v1/v2), every sidecar is fed by `ferry-pilot serve`. Needs Istio's material beside
+//! httpbin v1/v2), every sidecar is fed by `ferry-pilot serve`. Ferry runs twice: on the local bootstrap, and
+//! on istio-agent's own bootstrap as the agent writes it (Istio's golden: its 15021 and 15090
+//! listeners, delta ADS through the agent's `XDS` Unix socket). Needs Istio's material beside
 //! the repository: without it the test is listed as skipped (and fails under `CI=true`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use ferry_tests::netns::{self, Mesh, Pod, Proc, ferry_bin, workspace_bin};
-use ferry_tests::proxy::apps_dir;
+use ferry_tests::proxy::{apps_dir, unix_relay};
 
 /// A Service as a client addresses it: its cluster IP, port and host name.
 struct Svc {
@@ -93,12 +95,48 @@ fn kube_yaml(ips: &[(String, Ipv4Addr)]) -> String {
     out
 }
 
-fn bootstrap(pod: &str, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
+/// Which data plane the sidecars run, on which bootstrap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sidecars {
+    /// Envoy 1.40 on the local bootstrap, its certificate over SDS.
+    Envoy,
+    /// `ferry sidecar --ca-addr` on the local bootstrap.
+    Ferry,
+    /// `ferry sidecar --ca-addr` on istio-agent's own bootstrap (Istio's
+    /// golden), ADS through the agent's `XDS` Unix socket relayed to
+    /// ferry-pilot.
+    FerryOnAgentBootstrap,
+}
+
+fn labels(pod: &str) -> (&'static str, &'static str) {
     let (_, app, version, _) = WORKLOADS
         .iter()
         .find(|w| w.0 == pod)
         .copied()
         .unwrap_or(("", "", "", 0));
+    (app, version)
+}
+
+/// istio-agent's bootstrap for `pod`: the node as the agent names it, ADS
+/// through the Unix socket `xds`.
+fn agent_bootstrap(pod: &str, ip: Ipv4Addr, xds: &Path) -> Result<String> {
+    let (app, version) = labels(pod);
+    ferry_tests::istio::agent_bootstrap(
+        &format!("sidecar~{ip}~{pod}.default~default.svc.cluster.local"),
+        &format!("{app}.default"),
+        &serde_json::json!({
+            "NAMESPACE": "default",
+            "NAME": pod,
+            "LABELS": {"app": app, "version": version, "security.istio.io/tlsMode": "istio"},
+            "SERVICE_ACCOUNT": format!("bookinfo-{app}"),
+            "INSTANCE_IPS": ip.to_string(),
+        }),
+        xds,
+    )
+}
+
+fn bootstrap(pod: &str, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
+    let (app, version) = labels(pod);
     // As injected pods: Istio mTLS between the sidecars, certificates from
     // ferry-pilot's CA (Envoy over SDS, Ferry by CSR).
     ferry_tests::istio::bootstrap_for(
@@ -335,11 +373,12 @@ impl Bookinfo {
     }
 }
 
-fn start(envoy: bool) -> Result<Option<Bookinfo>> {
+fn start(sidecars: Sidecars) -> Result<Option<Bookinfo>> {
     if !netns::require_root() {
         return Ok(None);
     }
     let samples = samples()?;
+    let envoy = sidecars == Sidecars::Envoy;
     let proxy_bin = if envoy {
         ferry_tests::envoy::require_bin()?
     } else {
@@ -409,8 +448,24 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
             "ferry iptables: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let file = dir.join(format!("{name}.yaml"));
-        std::fs::write(&file, bootstrap(name, pod.ip(), istiod.ip()))?;
+        let file = if sidecars == Sidecars::FerryOnAgentBootstrap {
+            // The agent's XDS socket: a relay to ferry-pilot stands in
+            // for the agent's XDS proxy to istiod.
+            let xds = dir.join(format!("{name}.xds.sock"));
+            let (dialer, pilot) = (istiod.dialer(), SocketAddr::from((istiod.ip(), 15010)));
+            unix_relay(&xds, move || {
+                dialer
+                    .dial(pilot, Duration::from_secs(2))
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+            })?;
+            let file = dir.join(format!("{name}.json"));
+            std::fs::write(&file, agent_bootstrap(name, pod.ip(), &xds)?)?;
+            file
+        } else {
+            let file = dir.join(format!("{name}.yaml"));
+            std::fs::write(&file, bootstrap(name, pod.ip(), istiod.ip()))?;
+            file
+        };
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
         let cmd = pod.cmd(&proxy_bin);
         let cmd = if envoy {
@@ -432,6 +487,32 @@ fn start(envoy: bool) -> Result<Option<Bookinfo>> {
     }
     for (pod, procs) in &started {
         pod.wait_sidecar_ready(&procs[1], Duration::from_secs(30))?;
+        if sidecars == Sidecars::FerryOnAgentBootstrap {
+            // The golden's own listeners serve what the agent's pods are
+            // probed and scraped on: 15021 through its `agent` cluster to
+            // the status port, 15090 from the admin's stats.
+            let ready = pod
+                .cmd("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5"])
+                .arg("http://127.0.0.1:15021/healthz/ready")
+                .run()?;
+            ensure!(
+                ready.trim() == "200",
+                "{}: 15021/healthz/ready answered {ready}: {}",
+                pod.name(),
+                procs[1].logs().stderr
+            );
+            let scrape = pod
+                .cmd("curl")
+                .args(["-s", "-m", "5", "http://127.0.0.1:15090/stats/prometheus"])
+                .run()?;
+            ensure!(
+                scrape.contains("# TYPE "),
+                "{}: 15090 is not Prometheus text: {:.300}",
+                pod.name(),
+                scrape
+            );
+        }
     }
     Ok(Some(Bookinfo {
         _mesh: mesh,
@@ -616,15 +697,23 @@ fn mirroring(b: &Bookinfo) -> Result<Vec<String>> {
     ignore = "needs Istio's material in ../shared beside the repository"
 )]
 fn istio_io_traffic_tasks_through_envoy_and_ferry_alike() -> Result<()> {
-    let Some(envoy) = start(true)? else {
+    let Some(envoy) = start(Sidecars::Envoy)? else {
         return Ok(());
     };
     let with_envoy = scenarios(&envoy).context("through Envoy")?;
     drop(envoy);
-    let Some(ferry) = start(false)? else {
+    let Some(ferry) = start(Sidecars::Ferry)? else {
         return Ok(());
     };
     let with_ferry = scenarios(&ferry).context("through Ferry")?;
     assert_eq!(with_ferry, with_envoy);
+    drop(ferry);
+    // The same with Ferry started on istio-agent's bootstrap as the agent
+    // writes it, delta ADS from ferry-pilot through the agent's socket.
+    let Some(agent) = start(Sidecars::FerryOnAgentBootstrap)? else {
+        return Ok(());
+    };
+    let on_agent = scenarios(&agent).context("through Ferry on istio-agent's bootstrap")?;
+    assert_eq!(on_agent, with_envoy);
     Ok(())
 }

@@ -17,7 +17,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -27,7 +26,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use ferry_tests::envoy::{self, Envoy};
 use ferry_tests::proxy::{
     Bootstrap, Ferry, RunLock, StaticPilot, TempDir, accepts, curl, ferry_bin, free_port,
-    http_listener, local,
+    http_listener, local, unix_relay,
 };
 use serde_json::{Value, json};
 
@@ -106,34 +105,6 @@ fn golden() -> Result<PathBuf> {
     )
 }
 
-/// Passes every connection on the Unix socket `path` to `target` (TCP): the
-/// agent's `xds-grpc` socket in front of ferry-pilot.
-fn relay(path: &Path, target: u16) -> Result<()> {
-    let l = UnixListener::bind(path)?;
-    thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(c) = c else { return };
-            let Ok(t) = TcpStream::connect(local(target)) else {
-                continue;
-            };
-            let (Ok(c2), Ok(t2)) = (c.try_clone(), t.try_clone()) else {
-                continue;
-            };
-            thread::spawn(move || {
-                let (mut a, mut b) = (c, t2);
-                let _ = std::io::copy(&mut a, &mut b);
-                let _ = b.shutdown(std::net::Shutdown::Write);
-            });
-            thread::spawn(move || {
-                let (mut a, mut b) = (t, c2);
-                let _ = std::io::copy(&mut a, &mut b);
-                let _ = b.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    Ok(())
-}
-
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -206,15 +177,15 @@ fn golden_bootstrap_starts_and_its_stats_listener_compresses_as_envoy() -> Resul
     std::fs::write(&cfg, &text)?;
     let pilot = StaticPilot::start(dir.path())?;
     let pilot_port = pilot.port;
-    relay(&xds, pilot_port)?;
+    unix_relay(&xds, move || Ok(TcpStream::connect(local(pilot_port))?))?;
 
     let ferry_log = dir.path().join("ferry.log");
     let mut ferry = Killed(
         Command::new(ferry_bin()?)
             .args(["sidecar", "--config"])
             .arg(&cfg)
-            // The golden's own listeners and admin; the agent's ports off.
-            .args(["--ready-addr", "off", "--prometheus-addr", "off"])
+            // The golden's own listeners take 15021 and 15090 (the built-in
+            // endpoints stand aside by themselves); the agent's status port off.
             .args(["--status-addr", "off"])
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
