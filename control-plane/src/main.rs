@@ -34,7 +34,8 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serves every listener, cluster, route configuration, endpoint
-    /// assignment and secret of an Envoy `/config_dump` over ADS.
+    /// assignment and secret of an Envoy `/config_dump` over ADS. SIGHUP
+    /// reads the dump again and pushes the types that changed.
     Replay {
         /// The dump (`envoy.admin.v3.ConfigDump` JSON, e.g. from
         /// `/config_dump?include_eds`).
@@ -126,7 +127,7 @@ enum Command {
         config: PathBuf,
     },
     /// Serves the static listeners, clusters and secrets of an Envoy
-    /// bootstrap over ADS.
+    /// bootstrap over ADS (SIGHUP reads it again, as `replay`).
     ServeStatic {
         /// Envoy v3 bootstrap (YAML or JSON).
         #[arg(long)]
@@ -431,9 +432,48 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(resources: Resources, args: ServeArgs) -> anyhow::Result<()> {
+/// Reads the resources `replay` and `serve-static` serve, again at each
+/// SIGHUP.
+type Loader = Box<dyn Fn() -> anyhow::Result<Resources> + Send>;
+
+async fn serve(load: Loader, args: ServeArgs) -> anyhow::Result<()> {
     let cache = Cache::new();
+    let resources = load()?;
     resources.load_into(&cache);
+    log_loaded(&resources);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup())?;
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            let mut current = resources;
+            while hup.recv().await.is_some() {
+                // Only the types whose resources changed get a new version,
+                // so an endpoint-only change is an EDS-only push.
+                match load() {
+                    Ok(next) => {
+                        for ((url, old), (_, new)) in current.by_type().into_iter().zip(next.by_type())
+                        {
+                            if old != new {
+                                let version = cache.set(url, new.iter().cloned());
+                                tracing::info!(xds.type_url = url, xds.version = %version, "reloaded");
+                            }
+                        }
+                        log_loaded(&next);
+                        current = next;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %error_chain(&e), "reload failed: keeping what is served")
+                    }
+                }
+            }
+        });
+    }
+    serve_with(Server::new(cache), args).await
+}
+
+fn log_loaded(resources: &Resources) {
     tracing::info!(
         replay.listeners = resources.listeners.len(),
         replay.clusters = resources.clusters.len(),
@@ -442,7 +482,6 @@ async fn serve(resources: Resources, args: ServeArgs) -> anyhow::Result<()> {
         replay.secrets = resources.secrets.len(),
         "resources loaded"
     );
-    serve_with(Server::new(cache), args).await
 }
 
 /// The certificate service of the mesh: the CA's root from files or
@@ -681,7 +720,7 @@ async fn serve_with(server: Server, args: ServeArgs) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     init_logging(&cli.log_level);
-    let (resources, args) = match cli.command {
+    let (load, args): (Loader, ServeArgs) = match cli.command {
         Command::Replay {
             dump,
             dynamic_only,
@@ -690,9 +729,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let opts = ReplayOptions {
                 include_static: !dynamic_only,
             };
-            (replay::load_config_dump(&dump, opts)?, serve)
+            (
+                Box::new(move || Ok(replay::load_config_dump(&dump, opts)?)),
+                serve,
+            )
         }
-        Command::ServeStatic { bootstrap, serve } => (replay::load_bootstrap(&bootstrap)?, serve),
+        Command::ServeStatic { bootstrap, serve } => (
+            Box::new(move || Ok(replay::load_bootstrap(&bootstrap)?)),
+            serve,
+        ),
         Command::Serve {
             config,
             mesh,
@@ -779,7 +824,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(serve(resources, args))
+        .block_on(serve(load, args))
 }
 
 /// An error and its causes on one line. Many errors name their cause in

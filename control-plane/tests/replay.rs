@@ -196,6 +196,56 @@ async fn serve_static_binary_serves_the_bootstrap() {
 }
 
 #[tokio::test]
+async fn sighup_reloads_and_pushes_only_the_types_that_changed() {
+    let dir = std::env::temp_dir().join(format!("ferry-pilot-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bootstrap = dir.join("bootstrap.yaml");
+    let text = std::fs::read_to_string(fixture("bootstrap-static.yaml")).unwrap();
+    std::fs::write(&bootstrap, &text).unwrap();
+    let listen = free_addr();
+    let pilot = pilot(&[
+        "serve-static",
+        "--bootstrap",
+        bootstrap.to_str().unwrap(),
+        "--listen",
+        &listen.to_string(),
+        "--log-level",
+        "warn",
+    ]);
+    wait_listening(listen).await;
+    let mut c = Sotw::connect(listen, "reload-client").await;
+    c.request(LISTENER, &[], "", "").await;
+    let lds = c.recv().await;
+    c.ack(&lds, &[]).await;
+    c.request(CLUSTER, &[], "", "").await;
+    let cds = c.recv().await;
+    c.ack(&cds, &[]).await;
+    c.quiet().await;
+
+    // The backend's endpoint moves: the clusters change, the listeners do not.
+    let moved = text.replace("port_value: 18090", "port_value: 18091");
+    assert_ne!(moved, text, "the fixture's backend port is 18090");
+    std::fs::write(&bootstrap, moved).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &pilot.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let next = c.recv().await;
+    assert_eq!(next.type_url, CLUSTER, "only the clusters are pushed");
+    assert_ne!(next.version_info, cds.version_info);
+    let backend: envoy_types::pb::envoy::config::cluster::v3::Cluster =
+        prost::Message::decode(next.resources[0].value.as_slice()).unwrap();
+    let port = backend.load_assignment.unwrap().endpoints[0].lb_endpoints[0]
+        .clone()
+        .host_identifier;
+    assert!(format!("{port:?}").contains("18091"), "{port:?}");
+    c.ack(&next, &[]).await;
+    c.quiet().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 #[cfg_attr(
     no_istio_material,
     ignore = "needs Istio's material in ../shared beside the repository"

@@ -281,6 +281,27 @@ impl Client {
         // Names of rejected resources: their previous version stays.
         let mut rejected = BTreeSet::new();
         for (name_hint, res_version, any) in &upserts {
+            // A resource sent again unchanged (state-of-the-world responses
+            // repeat every resource of their type) keeps what it converted
+            // to: no second conversion, and the snapshot shares it, so
+            // nothing built from it is rebuilt. Route configurations are
+            // checked again, as their validation depends on the clusters.
+            if type_url != store::ROUTE
+                && any.type_url == type_url
+                && let Some(name) = name_hint
+                    .clone()
+                    .or_else(|| store::resource_name(&any.value))
+            {
+                let st = self.state.lock_store();
+                if let Some(e) = st.get(type_url, &name)
+                    && e.raw == any.value
+                {
+                    let p = e.parsed.clone();
+                    drop(st);
+                    parsed.push((name, res_version.clone(), any.value.clone(), p));
+                    continue;
+                }
+            }
             match store::parse(type_url, any, &mut warnings) {
                 Ok((name, p)) => {
                     if let Some(hint) = name_hint

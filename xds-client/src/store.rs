@@ -117,6 +117,32 @@ pub fn parse(
     })
 }
 
+/// Field 1 of every resource type the store holds (`Listener.name`,
+/// `RouteConfiguration.name`, `Cluster.name`,
+/// `ClusterLoadAssignment.cluster_name`, `Secret.name`): decoding only it
+/// names a resource without converting it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct NameOnly {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+/// The name of an encoded resource of any stored type (`None`: not
+/// decodable).
+pub fn resource_name(raw: &[u8]) -> Option<String> {
+    NameOnly::decode(raw).ok().map(|n| n.name)
+}
+
+/// An EDS cluster with its endpoints, as last assembled: while neither the
+/// cluster nor its assignment changes, every snapshot shares this one, so an
+/// update to other resources leaves it (and its pools) untouched.
+#[derive(Debug)]
+struct Resolved {
+    cluster: Arc<m::Cluster>,
+    endpoints: Arc<Vec<m::Endpoint>>,
+    resolved: Arc<m::Cluster>,
+}
+
 /// Everything received, by type URL and name.
 #[derive(Debug, Default)]
 pub struct Store {
@@ -127,6 +153,8 @@ pub struct Store {
     pub secrets_elsewhere: bool,
     /// When a listener or cluster started waiting for what it references.
     warming_since: HashMap<(&'static str, String), Instant>,
+    /// EDS clusters resolved with their endpoints, by cluster name.
+    resolved: HashMap<String, Resolved>,
 }
 
 pub fn type_key(type_url: &str) -> Option<&'static str> {
@@ -300,7 +328,10 @@ impl Store {
                 _ if missing_secret(&cluster_sds_names(&c)) => None,
                 None => Some(c.clone()),
                 Some(service) => match self.get(ENDPOINT, &service).map(|e| &e.parsed) {
-                    Some(Parsed::Endpoints(eps)) => Some(Arc::new(with_endpoints(&c, eps))),
+                    Some(Parsed::Endpoints(eps)) => {
+                        let eps = eps.clone();
+                        Some(self.resolve(name, &c, eps))
+                    }
                     _ => None,
                 },
             };
@@ -369,6 +400,13 @@ impl Store {
             }
         }
         let _ = still_warming;
+        // Forget clusters gone from the snapshot (a resolved cluster kept
+        // at its previous version stays shared).
+        self.resolved.retain(|name, r| {
+            clusters
+                .get(name)
+                .is_some_and(|c| Arc::ptr_eq(c, &r.resolved))
+        });
         Assembled {
             snapshot: m::Snapshot {
                 version,
@@ -427,6 +465,34 @@ pub fn sds_names<'a>(
     out
 }
 
+impl Store {
+    /// `cluster` with `endpoints`: the one assembled last time when neither
+    /// changed, else a new one (remembered for the next assembly).
+    fn resolve(
+        &mut self,
+        name: &str,
+        cluster: &Arc<m::Cluster>,
+        endpoints: Arc<Vec<m::Endpoint>>,
+    ) -> Arc<m::Cluster> {
+        if let Some(r) = self.resolved.get(name)
+            && Arc::ptr_eq(&r.cluster, cluster)
+            && Arc::ptr_eq(&r.endpoints, &endpoints)
+        {
+            return r.resolved.clone();
+        }
+        let resolved = Arc::new(with_endpoints(cluster, &endpoints));
+        self.resolved.insert(
+            name.to_string(),
+            Resolved {
+                cluster: cluster.clone(),
+                endpoints,
+                resolved: resolved.clone(),
+            },
+        );
+        resolved
+    }
+}
+
 fn eds_name(c: &m::Cluster) -> Option<String> {
     match &c.kind {
         m::ClusterKind::Eds { service_name } => Some(service_name.clone()),
@@ -442,4 +508,119 @@ fn with_endpoints(c: &m::Cluster, eps: &Arc<Vec<m::Endpoint>>) -> m::Cluster {
         m::ClusterKind::Static(eps.clone())
     };
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType, EdsClusterConfig,
+    };
+    use envoy_types::pb::envoy::config::core::v3::{
+        Address, SocketAddress, address, socket_address,
+    };
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    };
+
+    fn any<T: Message>(type_url: &str, m: &T) -> Any {
+        Any {
+            type_url: type_url.into(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    fn eds_cluster(name: &str) -> Any {
+        any(
+            CLUSTER,
+            &ClusterPb {
+                name: name.into(),
+                cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+                eds_cluster_config: Some(EdsClusterConfig::default()),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn assignment(name: &str, port: u32) -> Any {
+        let ep = LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: "10.0.0.1".into(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        any(
+            ENDPOINT,
+            &ClusterLoadAssignment {
+                cluster_name: name.into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: vec![ep],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )
+    }
+
+    fn put(st: &mut Store, type_url: &'static str, a: &Any) {
+        let (name, p) = parse(type_url, a, &mut Warnings::default()).expect("valid");
+        st.upsert(type_url, name, "1".into(), a.value.clone(), p);
+    }
+
+    fn assemble(st: &mut Store) -> m::Snapshot {
+        st.assemble(
+            &m::Snapshot::default(),
+            None,
+            Duration::from_secs(10),
+            "v".into(),
+        )
+        .snapshot
+    }
+
+    #[test]
+    fn every_stored_type_is_named_without_converting_it() {
+        assert_eq!(resource_name(&eds_cluster("a").value).as_deref(), Some("a"));
+        assert_eq!(
+            resource_name(&assignment("b", 80).value).as_deref(),
+            Some("b")
+        );
+    }
+
+    #[test]
+    fn an_endpoint_update_rebuilds_only_its_own_cluster() {
+        let mut st = Store::default();
+        for name in ["a", "b", "c"] {
+            put(&mut st, CLUSTER, &eds_cluster(name));
+            put(&mut st, ENDPOINT, &assignment(name, 80));
+        }
+        let first = assemble(&mut st);
+        assert_eq!(first.clusters.len(), 3);
+        // Nothing changed: every cluster is the same one.
+        let again = assemble(&mut st);
+        for (name, c) in &first.clusters {
+            assert!(Arc::ptr_eq(c, &again.clusters[name]), "{name} rebuilt");
+        }
+        // b's endpoints change: b alone is new, with the new endpoint.
+        put(&mut st, ENDPOINT, &assignment("b", 81));
+        let next = assemble(&mut st);
+        assert!(Arc::ptr_eq(&first.clusters["a"], &next.clusters["a"]));
+        assert!(Arc::ptr_eq(&first.clusters["c"], &next.clusters["c"]));
+        assert!(!Arc::ptr_eq(&first.clusters["b"], &next.clusters["b"]));
+        let m::ClusterKind::Static(eps) = &next.clusters["b"].kind else {
+            panic!("b is not resolved: {:?}", next.clusters["b"].kind);
+        };
+        assert_eq!(eps[0].address.ip().map(|a| a.port()), Some(81));
+        // A removed cluster is forgotten.
+        st.remove(CLUSTER, "c");
+        let last = assemble(&mut st);
+        assert!(!last.clusters.contains_key("c"));
+        assert!(!st.resolved.contains_key("c"));
+    }
 }
