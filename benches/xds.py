@@ -13,7 +13,9 @@ Scenarios:
 
 Per proxy and round: start the proxy on an ADS bootstrap pointing at the server, wait until the
 server's status shows it ACKed every type at the served version, report that time (process
-start → everything ACKed), then RSS one second later and the peak (VmHWM).
+start → everything ACKed), then RSS one second later and the peak (VmHWM). In `10k`, one
+assignment then changes (the server reloads at SIGHUP and pushes EDS alone): the time from that
+push to the proxy's ACK of it.
 
     python3 benches/xds.py [--rounds 3] [--delta] [--only istio-dump|10k]
 """
@@ -179,9 +181,45 @@ def synced(status_port: int) -> tuple[bool, int]:
     return done, nacks
 
 
-def one_run(proxy: str, binary: Path, dump_file: Path, pilot: Path, delta: bool, work: Path) -> dict:
+def eds_status(status_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/debug/syncz", timeout=2) as r:
+        streams = json.load(r)
+    return streams[-1]["types"].get(TYPES[1], {}) if streams else {}
+
+
+def eds_update(pilot_p: subprocess.Popen, status: int, served: Path, updated: Path) -> float:
+    """Swaps the served dump for `updated` (one assignment changed), has the
+    server reload it, and returns the milliseconds from the server's EDS push
+    (its sent version changing) to the proxy's ACK of it."""
+    before = eds_status(status).get("sent_version")
+    os.replace(updated, served)
+    pilot_p.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 120
+    sent_at = None
+    while time.monotonic() < deadline:
+        t = eds_status(status)
+        now = time.monotonic()
+        v = t.get("sent_version")
+        if v != before:
+            if sent_at is None:
+                sent_at = now
+            if t.get("acked_version") == v and t.get("state") == "SYNCED":
+                return (now - sent_at) * 1000
+            if t.get("state") == "NACKED":
+                raise RuntimeError(f"EDS update NACKed: {t.get('last_nack')}")
+        time.sleep(0.001)
+    raise RuntimeError("the EDS update was not ACKed in 120 s")
+
+
+def one_run(proxy: str, binary: Path, dump_file: Path, pilot: Path, delta: bool, work: Path,
+            updated: dict | None = None) -> dict:
     xds, status, admin = free_port(), free_port(), free_port()
     plog = open(work / f"pilot-{proxy}.log", "w")
+    if updated is not None:
+        # A copy the server reloads from once the update is written over it.
+        served = work / f"served-{proxy}.json"
+        served.write_bytes(dump_file.read_bytes())
+        dump_file = served
     pilot_p = subprocess.Popen([str(pilot), "replay", "--dynamic-only", "--dump", str(dump_file),
                                 "--listen", f"127.0.0.1:{xds}", "--status-addr", f"127.0.0.1:{status}"],
                                stdout=plog, stderr=subprocess.STDOUT)
@@ -213,7 +251,12 @@ def one_run(proxy: str, binary: Path, dump_file: Path, pilot: Path, delta: bool,
             time.sleep(0.005)
         elapsed = time.monotonic() - t0
         time.sleep(1.0)
-        return {"ms": elapsed * 1000, "rss": kib(proc.pid, "VmRSS") / 1024, "peak": kib(proc.pid, "VmHWM") / 1024, "nacks": nacks}
+        out = {"ms": elapsed * 1000, "rss": kib(proc.pid, "VmRSS") / 1024, "peak": kib(proc.pid, "VmHWM") / 1024, "nacks": nacks}
+        if updated is not None:
+            next_file = work / f"updated-{proxy}.json"
+            next_file.write_text(json.dumps(updated))
+            out["eds_ms"] = eds_update(pilot_p, status, dump_file, next_file)
+        return out
     finally:
         for p in (proc, pilot_p):
             if p and p.poll() is None:
@@ -250,13 +293,17 @@ def main() -> int:
             data = generated()
         f = work / f"{sc}.json"
         f.write_text(json.dumps(data))
+        # 10k: then one endpoint assignment changes (an EDS-only push).
+        updated = endpoint_moved(data) if sc == "10k" else None
         results = {"ferry": [], "envoy": []}
         for r in range(args.rounds):
             for proxy, binary in (("ferry", args.ferry), ("envoy", args.envoy)):
-                res = one_run(proxy, binary, f, args.pilot, args.delta, work)
-                print(f"{sc} round {r + 1} {proxy}: {res['ms']:.0f} ms, RSS {res['rss']:.1f} MiB, peak {res['peak']:.1f} MiB, NACKs {res['nacks']}", flush=True)
+                res = one_run(proxy, binary, f, args.pilot, args.delta, work, updated)
+                eds = f", EDS update {res['eds_ms']:.1f} ms" if "eds_ms" in res else ""
+                print(f"{sc} round {r + 1} {proxy}: {res['ms']:.0f} ms, RSS {res['rss']:.1f} MiB, peak {res['peak']:.1f} MiB, NACKs {res['nacks']}{eds}", flush=True)
                 results[proxy].append(res)
-        med = {p: {k: statistics.median(x[k] for x in v) for k in ("ms", "rss", "peak", "nacks")} for p, v in results.items()}
+        keys = ("ms", "rss", "peak", "nacks") + (("eds_ms",) if updated is not None else ())
+        med = {p: {k: statistics.median(x[k] for x in v) for k in keys} for p, v in results.items()}
         rows.append((sc, med))
     proto = "delta" if args.delta else "SotW"
     print(f"\n| scenario ({proto}) | Ferry: all ACKed ms / RSS MiB / peak MiB | Envoy: all ACKed ms / RSS MiB / peak MiB | time ratio | RSS ratio | NACKs F/E |")
@@ -265,7 +312,25 @@ def main() -> int:
         f, e = m["ferry"], m["envoy"]
         print(f"| {sc} | {f['ms']:.0f} / {f['rss']:.1f} / {f['peak']:.1f} | {e['ms']:.0f} / {e['rss']:.1f} / {e['peak']:.1f} | "
               f"{f['ms'] / e['ms']:.2f}x | {f['rss'] / e['rss']:.2f}x | {f['nacks']:.0f}/{e['nacks']:.0f} |")
+    eds_rows = [(sc, m) for sc, m in rows if "eds_ms" in m["ferry"]]
+    if eds_rows:
+        print(f"\n| scenario ({proto}) | EDS-only update, push to ACK: Ferry ms | Envoy ms | ratio |")
+        print("| --- | --- | --- | --- |")
+        for sc, m in eds_rows:
+            f, e = m["ferry"]["eds_ms"], m["envoy"]["eds_ms"]
+            print(f"| {sc}, one of 10,000 assignments changed | {f:.1f} | {e:.1f} | {f / e:.2f}x |")
     return 0
+
+
+def endpoint_moved(dump: dict) -> dict:
+    """`dump` with the first endpoint of the first assignment on another port."""
+    out = json.loads(json.dumps(dump))
+    for c in out["configs"]:
+        if "dynamic_endpoint_configs" in c:
+            ep = c["dynamic_endpoint_configs"][0]["endpoint_config"]["endpoints"][0]["lb_endpoints"][0]
+            ep["endpoint"]["address"]["socket_address"]["port_value"] += 1
+            return out
+    raise RuntimeError("the dump has no endpoint assignment")
 
 
 if __name__ == "__main__":
