@@ -453,7 +453,8 @@ async fn serve(load: Loader, args: ServeArgs) -> anyhow::Result<()> {
                 // so an endpoint-only change is an EDS-only push.
                 match load() {
                     Ok(next) => {
-                        for ((url, old), (_, new)) in current.by_type().into_iter().zip(next.by_type())
+                        for ((url, old), (_, new)) in
+                            current.by_type().into_iter().zip(next.by_type())
                         {
                             if old != new {
                                 let version = cache.set(url, new.iter().cloned());
