@@ -14,7 +14,10 @@ to a Service and the time until every client received a push is measured. That l
 includes the configuration directory's poll interval (500 ms), since it runs from the file
 write.
 
-    python3 benches/pilot.py [--services 10000] [--endpoints 10] [--clients 1 --clients 100]
+With `--scope K`, the client counts run again with a namespace-wide Sidecar resource importing
+only K of the Services: what each proxy is sent (and so holds) follows what it uses.
+
+    python3 benches/pilot.py [--services 10000] [--endpoints 10] [--clients 1 --clients 100] [--scope 10]
 
 Needs `cargo build --release -p ferry-pilot -p ferry-benches --bins`. There is no Envoy side:
 the figures are ferry-pilot's own.
@@ -89,6 +92,17 @@ def mesh(dir: Path, services: int, endpoints: int) -> list[str]:
     return nodes
 
 
+def scope(dir: Path, services: int | None) -> None:
+    """A namespace-wide Sidecar importing only the first `services` Services (None: none)."""
+    f = dir / "sidecar.yaml"
+    if services is None:
+        f.unlink(missing_ok=True)
+        return
+    hosts = ", ".join(f'"./svc-{i}.bench.svc.cluster.local"' for i in range(services))
+    f.write_text("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: bench}\n"
+                 f"spec: {{egress: [{{hosts: [{hosts}]}}]}}\n")
+
+
 def one_run(args, dir: Path, nodes_file: Path, clients: int, work: Path) -> dict:
     xds = free_port()
     log = open(work / f"pilot-{clients}.log", "w")
@@ -138,6 +152,7 @@ def main() -> int:
     ap.add_argument("--services", type=int, default=10_000)
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--clients", type=int, action="append")
+    ap.add_argument("--scope", type=int, help="also run with a Sidecar importing only this many services")
     ap.add_argument("--pilot", type=Path, default=REPO / "target/release/ferry-pilot")
     ap.add_argument("--clients-bin", type=Path, default=REPO / "target/release/bench-xds-clients")
     args = ap.parse_args()
@@ -152,10 +167,15 @@ def main() -> int:
     nodes_file = work / "nodes.txt"
     nodes_file.write_text("\n".join(nodes) + "\n")
     rows = []
-    for c in args.clients or [1, 100]:
+    runs = [(c, None) for c in args.clients or [1, 100]]
+    if args.scope:
+        runs += [(c, args.scope) for c in args.clients or [100]]
+    for c, scoped in runs:
+        scope(dir, scoped)
         r = one_run(args, dir, nodes_file, c, work)
-        print(f"{c} clients: {json.dumps({k: round(v, 1) for k, v in r.items()})}", flush=True)
-        rows.append((c, r))
+        label = f"{c}" + (f", Sidecar imports {scoped} services" if scoped else "")
+        print(f"{label} clients: {json.dumps({k: round(v, 1) for k, v in r.items()})}", flush=True)
+        rows.append((label, r))
     print(f"\nmesh: {args.services} services x {args.endpoints} endpoints ({args.services * args.endpoints} pods)")
     print("| proxies | ready ms / RSS MiB | all synced ms | pilot CPU s | pushed MiB | RSS / peak MiB | one Pod added: all pushed ms / CPU s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
