@@ -65,6 +65,9 @@ pub struct PilotSetup<'a> {
     /// The mesh CA's root certificate and key (PEM files), for tests that
     /// issue certificates of their own from the same root.
     pub ca: Option<(PathBuf, PathBuf)>,
+    /// Workloads whose sidecar's node says `ENABLE_HBONE: "true"` (accepts
+    /// HBONE on 15008 in an ambient mesh).
+    pub enable_hbone: Vec<&'a str>,
 }
 
 /// The running mesh. Dropping it stops every process and removes the pods.
@@ -286,7 +289,12 @@ impl IstioMesh {
                     String::from_utf8_lossy(&out.stderr)
                 );
                 let file = dir.join(format!("{}.yaml", w.name));
-                std::fs::write(&file, bootstrap(w, pod.ip(), istiod.ip()))?;
+                let mut text = bootstrap(w, pod.ip(), istiod.ip());
+                if setup.enable_hbone.contains(&w.name) {
+                    // As the ambient profile's ISTIO_META_ENABLE_HBONE.
+                    text = text.replacen("metadata: {", "metadata: {ENABLE_HBONE: \"true\", ", 1);
+                }
+                std::fs::write(&file, text)?;
                 std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
                 let cmd = match proxy_of(w) {
                     Proxy::Ferry => pod

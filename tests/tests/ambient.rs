@@ -180,3 +180,121 @@ fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> 
     );
     Ok(())
 }
+
+const WEB_VIP: &str = "10.96.2.30";
+
+fn server_workloads() -> Vec<Workload> {
+    vec![
+        Workload {
+            runs: App::TcpPrefix(vec![TARGET_PORT], "web"),
+            ..workload("web", "web", true)
+        },
+        workload("sleep-ferry", "sleep-ferry", true),
+        workload("sleep-envoy", "sleep-envoy", true),
+    ]
+}
+
+/// The server pod carries `networking.istio.io/tunnel: http` (the injector
+/// labels ENABLE_HBONE sidecars so), so callers tunnel to it.
+fn server_objects(ips: &[(&str, Ipv4Addr)]) -> String {
+    let ip = |name: &str| {
+        ips.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, ip)| ip.to_string())
+            .unwrap_or_default()
+    };
+    let mut out = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: default, \
+         labels: {{app: web, version: v1, networking.istio.io/tunnel: http}}}}\n\
+         spec: {{serviceAccountName: web, containers: [{{name: app, image: app}}]}}\n\
+         status: {{podIP: {}}}\n---\n",
+        ip("web")
+    );
+    out.push_str(&service_yaml(
+        "web",
+        "default",
+        WEB_VIP,
+        &[("tcp", SERVICE_PORT, TARGET_PORT)],
+    ));
+    for name in ["sleep-ferry", "sleep-envoy"] {
+        out.push_str(&pod_yaml(ips, name, "default", name, name));
+    }
+    out
+}
+
+/// An Envoy sidecar whose node says `ENABLE_HBONE` serves istiod's
+/// `connect_terminate` and `main_internal` from ferry-pilot: a Ferry
+/// sidecar and an Envoy sidecar reach its app over HBONE, and an
+/// AuthorizationPolicy on it matches callers by the identity HBONE carried
+/// (RBAC on the filter state `io.istio.peer_principal`). Ferry's own
+/// server side of HBONE is separate work: the server here is Envoy only.
+#[test]
+fn ferry_and_envoy_sidecars_call_an_enable_hbone_envoy_sidecar_over_hbone() -> Result<()> {
+    let proxy_of = |w: &Workload| {
+        if w.name == "sleep-ferry" {
+            Proxy::Ferry
+        } else {
+            Proxy::Envoy
+        }
+    };
+    let setup = PilotSetup {
+        env: vec![("PILOT_ENABLE_AMBIENT", "true")],
+        enable_hbone: vec!["web"],
+        ..Default::default()
+    };
+    let Some(m) = IstioMesh::start_with(
+        Proxy::Envoy,
+        proxy_of,
+        &server_workloads(),
+        server_objects,
+        "24h",
+        setup,
+    )?
+    else {
+        return Ok(());
+    };
+    let web = m.pod("web");
+    let reach = |client: &str| -> Result<String> {
+        m.until(
+            &format!("{client} reaches web over HBONE"),
+            Duration::from_secs(20),
+            || ferry_tests::istio::tcp_exchange(m.pod(client), WEB_VIP, SERVICE_PORT, client),
+            |got| !got.is_empty(),
+        )
+    };
+    for client in ["sleep-ferry", "sleep-envoy"] {
+        assert_eq!(reach(client)?, format!("web {client}"), "{client}");
+    }
+    ensure!(
+        web.sidecar_stat("cluster.main_internal;.upstream_cx_total")? >= 2,
+        "both calls came through connect_terminate and main_internal:\n{}",
+        m.diagnostics()
+    );
+    ensure!(
+        web.sidecar_stat("listener_manager.lds.update_rejected")? == 0,
+        "the server's Envoy took every listener"
+    );
+
+    // Only sleep-envoy's identity is allowed: the policy reads the HBONE
+    // peer from filter state inside main_internal.
+    m.put(
+        "allow-envoy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: allow-envoy, namespace: default}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  rules:\n\
+         \x20 - from: [{source: {principals: [cluster.local/ns/default/sa/sleep-envoy]}}]\n",
+    )?;
+    m.until(
+        "sleep-ferry is refused",
+        Duration::from_secs(20),
+        || ferry_tests::istio::tcp_exchange(m.pod("sleep-ferry"), WEB_VIP, SERVICE_PORT, "x"),
+        String::is_empty,
+    )?;
+    assert_eq!(reach("sleep-envoy")?, "web sleep-envoy");
+    ensure!(
+        web.sidecar_stat("tcp.rbac.denied")? >= 1 || web.sidecar_stat("rbac.denied")? >= 1,
+        "the refusal came from RBAC:\n{}",
+        m.diagnostics()
+    );
+    Ok(())
+}
