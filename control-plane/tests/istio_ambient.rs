@@ -672,3 +672,70 @@ async fn envoy_acks_the_ambient_shapes() {
         assert!(listeners.contains("connect_originate"), "{listeners}");
     }
 }
+
+/// Which pods are in ambient mode, as istio-cni decides: those of a
+/// namespace labelled `istio.io/dataplane-mode: ambient` unless they opt
+/// out (`istio.io/dataplane-mode: none`) or run a sidecar, and any pod
+/// istio-cni annotated `ambient.istio.io/redirection: enabled`.
+#[test]
+fn namespace_label_and_cni_annotation_put_pods_in_ambient_mode() {
+    let objects = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: amb, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: amb}
+spec: {clusterIP: 10.96.0.40, selector: {app: api}, ports: [{name: tcp, port: 7000}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-captured, namespace: amb, labels: {app: api}}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 10.1.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-opted-out, namespace: amb, labels: {app: api, istio.io/dataplane-mode: none}}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 10.1.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-sidecar, namespace: amb, labels: {app: api, sidecar.istio.io/inject: \"true\"}}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 10.1.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-redirected, namespace: amb, labels: {app: api, istio.io/dataplane-mode: none},
+  annotations: {ambient.istio.io/redirection: enabled}}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 10.1.1.4}
+";
+    let file = std::env::temp_dir().join(format!("ferry-ambient-ns-{}.yaml", std::process::id()));
+    std::fs::write(&file, objects).expect("write");
+    let snap = load_file(&file).expect("load");
+    let _ = std::fs::remove_file(&file);
+    assert!(snap.errors.is_empty(), "{:?}", snap.errors);
+    let mesh = Mesh::new(
+        &snap,
+        MeshOptions {
+            ambient: true,
+            ..Default::default()
+        },
+    );
+    let cfg = mesh.proxy_config(&sleep_proxy(|_| {}));
+    let eps = endpoint_json(endpoints(&cfg, "outbound|7000||api.amb.svc.cluster.local"));
+    let keys: Vec<&String> = eps.keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "10.1.1.2:7000",
+            "10.1.1.3:7000",
+            "internal 10.1.1.1:7000",
+            "internal 10.1.1.4:7000"
+        ]
+    );
+}
