@@ -464,6 +464,8 @@ fn enable_hbone_sidecar_gets_connect_terminate_and_main_internal() {
                             "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
                         }}],
                     }]},
+                    "forward_client_cert_details": "APPEND_FORWARD",
+                    "server_name": "istio-envoy",
                     "set_current_client_cert_details": {"subject": true, "uri": true, "dns": true},
                     "use_remote_address": false,
                     "stream_idle_timeout": "0s",

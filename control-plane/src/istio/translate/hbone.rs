@@ -641,6 +641,10 @@ pub(super) fn connect_terminate_listener(scope: &Scope<'_>) -> Option<Listener> 
                             }],
                         }],
                     },
+                    // istiod's proxy headers of the sidecar inbound class
+                    // (GetProxyHeaders without proxyHeaders settings).
+                    "forward_client_cert_details": "APPEND_FORWARD",
+                    "server_name": "istio-envoy",
                     "set_current_client_cert_details": {"subject": true, "uri": true, "dns": true},
                     "use_remote_address": false,
                     "stream_idle_timeout": "0s",
