@@ -343,10 +343,28 @@ struct MeshArgs {
     /// enableTracing, defaultConfig.tracing and the access log settings.
     #[arg(long)]
     mesh_config: Option<PathBuf>,
+    /// Ambient mode, as istiod's PILOT_ENABLE_AMBIENT: every sidecar and
+    /// gateway gets `connect_originate` (listener and cluster), endpoints
+    /// of pods labelled `istio.io/dataplane-mode: ambient` or
+    /// `networking.istio.io/tunnel: http` are reached over HBONE, and
+    /// sidecars whose node says ENABLE_HBONE accept HBONE on 15008.
+    #[arg(long, env = "PILOT_ENABLE_AMBIENT")]
+    ambient: bool,
+    /// With --ambient, HBONE even to endpoints that take Istio mTLS, as
+    /// istiod's PILOT_PREFER_SENDING_HBONE.
+    #[arg(long, env = "PILOT_PREFER_SENDING_HBONE")]
+    prefer_sending_hbone: bool,
 }
 
 impl MeshArgs {
     fn options(&self) -> anyhow::Result<ferry_pilot::istio::translate::MeshOptions> {
+        let mut options = self.mesh_options()?;
+        options.ambient = self.ambient;
+        options.prefer_hbone_send = self.ambient && self.prefer_sending_hbone;
+        Ok(options)
+    }
+
+    fn mesh_options(&self) -> anyhow::Result<ferry_pilot::istio::translate::MeshOptions> {
         use ferry_pilot::istio::translate::MeshOptions;
         use ferry_pilot::istio::types::mesh::MeshConfig;
         let Some(path) = &self.mesh_config else {

@@ -55,6 +55,21 @@ pub struct Workload {
     pub runs: App,
 }
 
+/// How ferry-pilot runs in a mesh, beyond its defaults.
+#[derive(Clone, Debug, Default)]
+pub struct PilotSetup<'a> {
+    /// istiod's `mesh` YAML (`--mesh-config`).
+    pub mesh_config: Option<&'a str>,
+    /// Its environment, as istiod's (`PILOT_ENABLE_AMBIENT=true`).
+    pub env: Vec<(&'a str, &'a str)>,
+    /// The mesh CA's root certificate and key (PEM files), for tests that
+    /// issue certificates of their own from the same root.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Workloads whose sidecar's node says `ENABLE_HBONE: "true"` (accepts
+    /// HBONE on 15008 in an ambient mesh).
+    pub enable_hbone: Vec<&'a str>,
+}
+
 /// The running mesh. Dropping it stops every process and removes the pods.
 pub struct IstioMesh {
     pub proxy: Proxy,
@@ -211,6 +226,29 @@ impl IstioMesh {
         cert_ttl: &str,
         mesh_config: Option<&str>,
     ) -> Result<Option<Self>> {
+        Self::start_with(
+            proxy,
+            proxy_of,
+            workloads,
+            objects,
+            cert_ttl,
+            PilotSetup {
+                mesh_config,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`IstioMesh::start_mixed`] with ferry-pilot run as `setup` says.
+    pub fn start_with(
+        proxy: Proxy,
+        proxy_of: impl Fn(&Workload) -> Proxy,
+        workloads: &[Workload],
+        objects: impl Fn(&[(&str, Ipv4Addr)]) -> String,
+        cert_ttl: &str,
+        setup: PilotSetup<'_>,
+    ) -> Result<Option<Self>> {
+        let mesh_config = setup.mesh_config;
         if !netns::require_root() {
             return Ok(None);
         }
@@ -239,6 +277,12 @@ impl IstioMesh {
             let file = dir.join("mesh.yaml");
             std::fs::write(&file, text)?;
             pilot = pilot.arg("--mesh-config").arg(file);
+        }
+        for (k, v) in &setup.env {
+            pilot = pilot.env(k, v);
+        }
+        if let Some((cert, key)) = &setup.ca {
+            pilot = pilot.arg("--ca-cert").arg(cert).arg("--ca-key").arg(key);
         }
         let pilot = pilot.label("pilot").spawn()?;
         if let Err(e) = istiod.wait_port(15010, Duration::from_secs(30)) {
@@ -287,7 +331,12 @@ impl IstioMesh {
                     String::from_utf8_lossy(&out.stderr)
                 );
                 let file = dir.join(format!("{}.yaml", w.name));
-                std::fs::write(&file, bootstrap(w, pod.ip(), istiod.ip()))?;
+                let mut text = bootstrap(w, pod.ip(), istiod.ip());
+                if setup.enable_hbone.contains(&w.name) {
+                    // As the ambient profile's ISTIO_META_ENABLE_HBONE.
+                    text = text.replacen("metadata: {", "metadata: {ENABLE_HBONE: \"true\", ", 1);
+                }
+                std::fs::write(&file, text)?;
                 std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644))?;
                 let cmd = match proxy_of(w) {
                     Proxy::Ferry => pod

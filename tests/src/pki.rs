@@ -47,6 +47,11 @@ impl Ca {
         self.issuer.pem()
     }
 
+    /// The CA's private key (PEM), for a control plane that issues from it.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     /// A workload certificate for SPIFFE identity `uri` (and `dns` names).
     pub fn leaf(&self, uri: &str, dns: &[&str]) -> Result<Leaf> {
         self.leaf_with(uri, dns, |_| {})

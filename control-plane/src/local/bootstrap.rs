@@ -78,11 +78,23 @@ pub fn bootstrap_for(node_id: &str, cluster: &str, metadata: &str, pilot: Ipv4Ad
          \x20 ads_config: {{api_type: GRPC, transport_api_version: V3, grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]}}\n\
          \x20 lds_config: {{ads: {{}}, resource_api_version: V3}}\n\
          \x20 cds_config: {{ads: {{}}, resource_api_version: V3}}\n\
+         {INTERNAL_LISTENER}\
          static_resources:\n  clusters:\n{}{}",
         grpc_cluster("xds-grpc"),
         grpc_cluster("sds-grpc"),
     )
 }
+
+/// istio-agent's bootstrap always loads Envoy's internal listener
+/// extension (tools/packaging/common/envoy_bootstrap.json): an ambient mesh
+/// sends internal listeners (`connect_originate`, `main_internal`), which
+/// Envoy refuses without it.
+const INTERNAL_LISTENER: &str = "bootstrap_extensions:\n\
+     - name: envoy.bootstrap.internal_listener\n\
+     \x20 typed_config:\n\
+     \x20   \"@type\": type.googleapis.com/udpa.type.v1.TypedStruct\n\
+     \x20   type_url: type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener\n\
+     \x20   value: {buffer_size_kb: 64}\n";
 
 /// A YAML scalar that stays a string (label values such as `v1` or `true`).
 fn yaml_str(s: &str) -> String {
@@ -128,5 +140,20 @@ mod tests {
             Some("bookinfo-reviews")
         );
         assert!(text.contains("address: 10.77.1.2, port_value: 15010"));
+        let ext = &doc["bootstrap_extensions"][0];
+        assert_eq!(
+            ext["name"].as_str(),
+            Some("envoy.bootstrap.internal_listener")
+        );
+        assert_eq!(
+            ext["typed_config"]["type_url"].as_str(),
+            Some(
+                "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"
+            )
+        );
+        assert_eq!(
+            ext["typed_config"]["value"]["buffer_size_kb"].as_u64(),
+            Some(64)
+        );
     }
 }

@@ -409,12 +409,35 @@ pub fn start_envoy(
     xds: SocketAddr,
     metadata: serde_json::Value,
 ) -> Envoy {
+    start_envoy_with_sds(bin, node, api_type, xds, metadata, None)
+}
+
+/// [`start_envoy`] with istio-agent's `sds-grpc` at `sds` (ferry-pilot
+/// serving the workload certificate) instead of nowhere.
+pub fn start_envoy_with_sds(
+    bin: &Path,
+    node: &str,
+    api_type: &str,
+    xds: SocketAddr,
+    metadata: serde_json::Value,
+    sds: Option<SocketAddr>,
+) -> Envoy {
+    let sds = sds.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9)));
     let dir = std::env::temp_dir().join(format!("ferry-pilot-envoy-{node}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
     let bootstrap = json!({
         "node": {"id": node, "cluster": "ferry-test", "metadata": metadata},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        // As istio-agent's bootstrap: internal listeners may come over LDS.
+        "bootstrap_extensions": [{
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": {
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "type_url": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
+                "value": {"buffer_size_kb": 64}
+            }
+        }],
         "dynamic_resources": {
             "ads_config": {
                 "api_type": api_type,
@@ -451,7 +474,7 @@ pub fn start_envoy(
                 }
             },
             "load_assignment": {"cluster_name": "sds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9}}
+                "address": {"socket_address": {"address": sds.ip().to_string(), "port_value": sds.port()}}
             }}]}]}
         }]}
     });

@@ -347,6 +347,15 @@ fn outbound(
                 auto_mtls(scope, svc, port.port, subset.map(|s| s.0), &endpoints);
         }
     }
+    if super::hbone::sends(scope) {
+        use super::hbone::UpstreamTls;
+        let tls = match policy.tls.as_ref().and_then(|t| t.mode) {
+            None if policy.tls.is_none() => UpstreamTls::Auto,
+            Some(ClientTlsMode::IstioMutual) => UpstreamTls::IstioMutual,
+            _ => UpstreamTls::User,
+        };
+        super::hbone::apply_transport_socket_matches(&mut c, tls);
+    }
     out.clusters.push(c);
 }
 
@@ -883,7 +892,7 @@ fn load_assignment(
         by_locality
             .entry((e.locality.as_str(), label_priority(e)))
             .or_default()
-            .push(lb_endpoint(e, service_port, mtls(e)));
+            .push(lb_endpoint(scope, e, service_port, mtls(e)));
     }
     if by_locality.is_empty() {
         by_locality.insert(("", 0), Vec::new());
@@ -905,9 +914,25 @@ fn load_assignment(
     }
 }
 
-fn lb_endpoint(e: &RegistryEndpoint, service_port: u32, mtls: bool) -> LbEndpoint {
+fn lb_endpoint(
+    scope: &Scope<'_>,
+    e: &RegistryEndpoint,
+    service_port: u32,
+    mtls: bool,
+) -> LbEndpoint {
     let port = e.ports.get(&service_port).copied().unwrap_or(service_port);
     let mut metadata = Metadata::default();
+    if super::hbone::tunnels_to(scope, e) {
+        let endpoint = super::hbone::tunnel_endpoint(&e.address, port, &mut metadata);
+        return LbEndpoint {
+            host_identifier: Some(HostIdentifier::Endpoint(endpoint)),
+            metadata: Some(metadata),
+            load_balancing_weight: Some(UInt32Value {
+                value: e.weight.unwrap_or(1).max(1),
+            }),
+            ..Default::default()
+        };
+    }
     if mtls {
         // What transport_socket_matches select on (`tlsMode: istio`).
         metadata.filter_metadata.insert(

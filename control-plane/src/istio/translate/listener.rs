@@ -493,6 +493,12 @@ fn virtual_inbound(scope: &Scope<'_>) -> Listener {
 /// The filter chains of one inbound port: Istio mTLS and plaintext as the
 /// PeerAuthentication of the port says, HTTP or TCP as its protocol.
 fn port_chains(scope: &Scope<'_>, p: &InboundPort<'_>) -> Vec<FilterChain> {
+    port_chains_in(scope, p, false)
+}
+
+/// [`port_chains`]; `hbone`: for `main_internal`, where the tunnel already
+/// authenticated the peer, so the chains take no mTLS.
+fn port_chains_in(scope: &Scope<'_>, p: &InboundPort<'_>, hbone: bool) -> Vec<FilterChain> {
     let mut chains = Vec::new();
     let cluster = names::inbound_cluster(p.port);
     let chain_name = format!("0.0.0.0_{}", p.port);
@@ -509,7 +515,9 @@ fn port_chains(scope: &Scope<'_>, p: &InboundPort<'_>) -> Vec<FilterChain> {
         || format!("{cluster}/*"),
         |s| format!("{}:{}/*", s.host, p.port),
     );
-    let mode = if mesh_capable(scope) {
+    let mode = if hbone {
+        MtlsMode::Disable
+    } else if mesh_capable(scope) {
         scope
             .mesh
             .workload_mtls(&scope.proxy.namespace, &scope.proxy.labels, p.port)
@@ -639,6 +647,67 @@ fn bound_inbound(scope: &Scope<'_>, p: &InboundPort<'_>, bind: &str) -> Listener
         filter_chains: chains,
         ..Default::default()
     }
+}
+
+/// The internal listener `main_internal` of a sidecar accepting HBONE
+/// (istiod's `buildInboundHBONEListeners`): the chains of each inbound
+/// port and the passthrough chains, all without mTLS, with the proxy's
+/// policies reading the peer's identity from filter state; the
+/// destination from the filter state `connect_terminate` set.
+pub(super) fn hbone_main_internal(scope: &Scope<'_>) -> Listener {
+    let mut chains = Vec::new();
+    for p in inbound_ports(scope) {
+        if inbound_bind(scope, &p).is_none() {
+            chains.extend(port_chains_in(scope, &p, true));
+        }
+    }
+    chains.push(FilterChain {
+        name: "virtualInbound-catchall-http".into(),
+        filter_chain_match: Some(FilterChainMatch {
+            application_protocols: HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        filters: vec![typed_filter(
+            HCM,
+            any(&with_path_normalization(
+                scope,
+                inbound_hcm(0, INBOUND_PASSTHROUGH, &format!("{INBOUND_PASSTHROUGH}/*")),
+            )),
+        )],
+        ..Default::default()
+    });
+    chains.push(tcp_chain(
+        VIRTUAL_INBOUND,
+        INBOUND_PASSTHROUGH,
+        to_cluster(INBOUND_PASSTHROUGH),
+        None,
+    ));
+    let mut http_authz: Vec<_> = scope
+        .mesh
+        .jwt_http_filter(scope.proxy)
+        .into_iter()
+        .collect();
+    http_authz.extend(scope.mesh.authz_http_filters(scope.proxy));
+    let mut network_authz = scope.mesh.authz_network_filters(scope.proxy);
+    super::hbone::filter_state_principals(&mut http_authz, &mut network_authz);
+    for chain in &mut chains {
+        super::authz::apply(chain, &http_authz, &network_authz);
+    }
+    let mut listener_filters = vec![listener_filter(
+        "envoy.filters.listener.original_dst",
+        any(&OriginalDst::default()),
+    )];
+    if chains.iter().any(|c| {
+        c.filter_chain_match
+            .as_ref()
+            .is_some_and(|m| !m.application_protocols.is_empty())
+    }) {
+        listener_filters.push(listener_filter(
+            "envoy.filters.listener.http_inspector",
+            any(&HttpInspector::default()),
+        ));
+    }
+    super::hbone::main_internal_listener(scope, chains, listener_filters)
 }
 
 /// The proxy's JWT and authorization filters on inbound chains.

@@ -20,6 +20,7 @@ pub mod credentials;
 mod delegate;
 pub mod ext_authz;
 mod gateway;
+pub mod hbone;
 pub mod jwt;
 mod listener;
 pub mod locality;
@@ -98,6 +99,14 @@ pub struct Proxy {
     /// `INTERCEPTION_MODE: NONE`: nothing redirects the workload's traffic
     /// (a VM, a pod without capture); listeners bind their ports for real.
     pub interception_none: bool,
+    /// `ENABLE_HBONE: "true"`: the sidecar accepts HBONE on 15008 (in an
+    /// ambient mesh it gets `connect_terminate` and `main_internal`).
+    pub enable_hbone: bool,
+    /// `DISABLE_HBONE_SEND: "true"`: no tunnelled endpoints and no
+    /// `connect_originate` cluster for this proxy.
+    pub disable_hbone_send: bool,
+    /// `ISTIO_VERSION` of istio-proxy (`1.29.2`), when the node says it.
+    pub istio_version: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -173,6 +182,10 @@ impl Proxy {
             mesh_id: text("MESH_ID").unwrap_or_default(),
             cluster_id: text("CLUSTER_ID").unwrap_or_default(),
             interception_none: text("INTERCEPTION_MODE").as_deref() == Some("NONE"),
+            enable_hbone: text("ENABLE_HBONE").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            disable_hbone_send: text("DISABLE_HBONE_SEND")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            istio_version: text("ISTIO_VERSION"),
         })
     }
 }
@@ -219,6 +232,17 @@ pub struct MeshOptions {
     pub proxy_tracing: ProxyTracing,
     /// `meshConfig.pathNormalization.normalization`.
     pub path_normalization: PathNormalization,
+    /// Ambient mode (istiod's `PILOT_ENABLE_AMBIENT`; off by default):
+    /// HBONE resources for every sidecar and gateway, see [`hbone`].
+    pub ambient: bool,
+    /// `PILOT_PREFER_SENDING_HBONE`: HBONE even to endpoints that accept
+    /// Istio mTLS.
+    pub prefer_hbone_send: bool,
+    /// `meshConfig.hboneIdleTimeout` (istiod's default: 1h).
+    pub hbone_idle_timeout: Option<std::time::Duration>,
+    /// `meshConfig.connectTimeout` (istiod's default: 10s), of the
+    /// clusters istiod builds from it (`connect_originate`).
+    pub connect_timeout: std::time::Duration,
 }
 
 impl Default for MeshOptions {
@@ -235,6 +259,10 @@ impl Default for MeshOptions {
             enable_tracing: true,
             proxy_tracing: ProxyTracing::default(),
             path_normalization: PathNormalization::Default,
+            ambient: false,
+            prefer_hbone_send: false,
+            hbone_idle_timeout: None,
+            connect_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -285,6 +313,10 @@ impl MeshOptions {
         };
         if let Some(p) = &cfg.path_normalization {
             out.path_normalization = p.normalization;
+        }
+        out.hbone_idle_timeout = cfg.hbone_idle_timeout.map(|d| d.0);
+        if let Some(d) = cfg.connect_timeout {
+            out.connect_timeout = d.0;
         }
         out
     }
@@ -420,6 +452,9 @@ impl Mesh {
             NodeType::Router => gateway::build(&scope, &mut out),
         }
         telemetry::apply(&scope, &mut out.listeners);
+        // After telemetry: istiod gives these its own filtered logs, which
+        // are not written yet.
+        hbone::build(&scope, &mut out);
         // Only gateways' servers name `kubernetes://` secrets (the
         // sidecars' TLS is the mesh's own): no need to decode every
         // sidecar cluster's TLS context on each push.

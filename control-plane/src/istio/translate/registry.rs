@@ -322,9 +322,12 @@ pub fn injected(
     })
 }
 
-/// A workload's labels as the injector leaves them: an injected pod
-/// carries `security.istio.io/tlsMode: istio`, which is what marks its
-/// endpoints as accepting Istio mTLS.
+/// A workload's labels as the injector and istio-cni leave them: an
+/// injected pod carries `security.istio.io/tlsMode: istio`, which is what
+/// marks its endpoints as accepting Istio mTLS; a pod istio-cni captures
+/// for ambient (see [`ambient_captured`]) is marked
+/// `istio.io/dataplane-mode: ambient`, which is how translation knows its
+/// endpoints speak HBONE (istiod learns it from its ambient index).
 fn with_tls_mode(
     mut labels: BTreeMap<String, String>,
     annotations: &BTreeMap<String, String>,
@@ -333,7 +336,37 @@ fn with_tls_mode(
     if !labels.contains_key(TLS_MODE_LABEL) && injected(&labels, annotations, namespace_labels) {
         labels.insert(TLS_MODE_LABEL.into(), "istio".into());
     }
+    // What istio-cni did wins over what the pod asked for.
+    if ambient_captured(&labels, annotations, namespace_labels) {
+        labels.insert(super::hbone::DATAPLANE_MODE_LABEL.into(), "ambient".into());
+    }
     labels
+}
+
+/// Annotation istio-cni sets on the pods it redirected to ztunnel.
+pub const AMBIENT_REDIRECTION_ANNOTATION: &str = "ambient.istio.io/redirection";
+
+/// Whether istio-cni puts a pod in ambient mode: it says so
+/// (`ambient.istio.io/redirection: enabled`), or its namespace is labelled
+/// `istio.io/dataplane-mode: ambient` and the pod neither opts out with its
+/// own label (`none`) nor runs a sidecar.
+fn ambient_captured(
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    if annotations
+        .get(AMBIENT_REDIRECTION_ANNOTATION)
+        .is_some_and(|v| v == "enabled")
+    {
+        return true;
+    }
+    !labels.contains_key(super::hbone::DATAPLANE_MODE_LABEL)
+        && !labels.contains_key(TLS_MODE_LABEL)
+        && namespace_labels.is_some_and(|l| {
+            l.get(super::hbone::DATAPLANE_MODE_LABEL)
+                .is_some_and(|v| v == "ambient")
+        })
 }
 
 fn workloads(snapshot: &Snapshot) -> Vec<Workload> {

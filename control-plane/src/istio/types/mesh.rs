@@ -231,6 +231,10 @@ pub struct MeshConfig {
     /// `pathNormalization`: what every HTTP connection manager does to
     /// request paths.
     pub path_normalization: Option<ProxyPathNormalization>,
+    /// How long an idle HBONE connection stays open (`connect_originate`).
+    pub hbone_idle_timeout: Option<super::Duration>,
+    /// Connect timeout of the clusters istiod builds without a rule.
+    pub connect_timeout: Option<super::Duration>,
 }
 
 /// `meshConfig.pathNormalization`.

@@ -1,0 +1,300 @@
+//! ferry-pilot in ambient mode (`PILOT_ENABLE_AMBIENT=true`, as istiod is
+//! switched) feeding sidecars in the netns bed: an HBONE-native pod (an
+//! [`HboneServer`] on its IP's port 15008, standing for ztunnel; labelled
+//! `istio.io/dataplane-mode: ambient`) behind the Service `echo`, and two
+//! client pods with capture rules, one with a Ferry sidecar and one with
+//! Envoy 1.40. Both reach the pod only through what ferry-pilot sent: the
+//! EDS endpoint is an internal address to `connect_originate`, which
+//! tunnels over mutual TLS 1.3 / HTTP/2 CONNECT to `podIP:15008` with
+//! `:authority` the pod's `ip:target port`. The HBONE server's certificate
+//! comes from the mesh CA ferry-pilot issues from, so each side checks the
+//! other as in a real mesh; the server reports the caller's SPIFFE identity
+//! (the workload certificate the sidecar got from ferry-pilot). Envoy must
+//! have ACKed everything (no rejected update in its stats).
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use ferry_tests::hbone::HboneServer;
+use ferry_tests::istio::{App, IstioMesh, PilotSetup, Proxy, Workload, pod_yaml, service_yaml};
+use ferry_tests::pki::Ca;
+
+const ECHO_VIP: &str = "10.96.2.20";
+const SERVICE_PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+
+fn workload(name: &'static str, app: &'static str, injected: bool) -> Workload {
+    Workload {
+        name,
+        namespace: "default",
+        app,
+        version: "v1",
+        service_account: name,
+        injected,
+        runs: App::None,
+    }
+}
+
+fn workloads() -> Vec<Workload> {
+    vec![
+        workload("echo", "echo", false),
+        workload("sleep-ferry", "sleep-ferry", true),
+        workload("sleep-envoy", "sleep-envoy", true),
+    ]
+}
+
+fn objects(ips: &[(&str, Ipv4Addr)]) -> String {
+    let ip = |name: &str| {
+        ips.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, ip)| ip.to_string())
+            .unwrap_or_default()
+    };
+    let mut out = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: echo, namespace: default, \
+         labels: {{app: echo, version: v1, istio.io/dataplane-mode: ambient}}}}\n\
+         spec: {{serviceAccountName: echo, containers: [{{name: app, image: app}}]}}\n\
+         status: {{podIP: {}}}\n---\n",
+        ip("echo")
+    );
+    out.push_str(&service_yaml(
+        "echo",
+        "default",
+        ECHO_VIP,
+        &[("tcp", SERVICE_PORT, TARGET_PORT)],
+    ));
+    for name in ["sleep-ferry", "sleep-envoy"] {
+        out.push_str(&pod_yaml(ips, name, "default", name, name));
+    }
+    out
+}
+
+/// One TCP exchange from inside `pod` to the service (captured by its
+/// sidecar): `line` sent, the sending side closed, everything read.
+fn exchange(m: &IstioMesh, pod: &str, line: &str) -> Result<String> {
+    let vip: Ipv4Addr = ECHO_VIP.parse()?;
+    m.pod(pod).enter(|| -> Result<String> {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((vip, SERVICE_PORT)),
+            Duration::from_secs(3),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(line.as_bytes())?;
+        s.shutdown(Shutdown::Write)?;
+        let mut got = String::new();
+        s.read_to_string(&mut got)?;
+        Ok(got)
+    })?
+}
+
+#[test]
+fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> Result<()> {
+    let ca = Ca::new("mesh root")?;
+    let dir = ferry_tests::proxy::TempDir::new("ambient-ca")?;
+    let (cert, key) = (
+        dir.path().join("ca-cert.pem"),
+        dir.path().join("ca-key.pem"),
+    );
+    std::fs::write(&cert, ca.pem())?;
+    std::fs::write(&key, ca.key_pem())?;
+    let proxy_of = |w: &Workload| {
+        if w.name == "sleep-envoy" {
+            Proxy::Envoy
+        } else {
+            Proxy::Ferry
+        }
+    };
+    let setup = PilotSetup {
+        env: vec![("PILOT_ENABLE_AMBIENT", "true")],
+        ca: Some((cert, key)),
+        ..Default::default()
+    };
+    let Some(m) =
+        IstioMesh::start_with(Proxy::Ferry, proxy_of, &workloads(), objects, "24h", setup)?
+    else {
+        return Ok(());
+    };
+    let echo = m.pod("echo");
+    let echo_ip = echo.ip();
+    let leaf = ca.leaf("spiffe://cluster.local/ns/default/sa/echo", &[])?;
+    let server =
+        echo.enter(|| HboneServer::start(SocketAddr::from((echo_ip, 15008)), &ca.pem(), &leaf))??;
+
+    let authority = format!("{echo_ip}:{TARGET_PORT}");
+    for (n, client) in ["sleep-ferry", "sleep-envoy"].into_iter().enumerate() {
+        let identity = format!("spiffe://cluster.local/ns/default/sa/{client}");
+        let line = format!("ping from {client}\nand more\n");
+        // The sidecar may still be taking its configuration.
+        let got = m.until(
+            &format!("{client} reaches the ambient pod"),
+            Duration::from_secs(20),
+            || Ok(exchange(&m, client, &line).unwrap_or_else(|e| format!("error: {e:#}"))),
+            |got| got.starts_with("hbone "),
+        )?;
+        assert_eq!(
+            got,
+            format!("hbone {authority} from {identity}\n{line}"),
+            "{client}: tunnelled to the pod's target port as its own identity, echoed to the end"
+        );
+        let seen = server.seen();
+        let last = seen.last().context("the HBONE server saw nothing")?;
+        assert_eq!(
+            (last.authority.as_str(), last.peer.as_str(), last.status),
+            (authority.as_str(), identity.as_str(), 200),
+            "{client}: {seen:?}"
+        );
+        // One TLS connection per client sidecar (pooled for the pod).
+        assert!(
+            seen.iter()
+                .filter(|s| s.peer == identity)
+                .all(|s| s.connection == last.connection),
+            "{client}: {seen:?}"
+        );
+        assert_eq!(
+            seen.iter().map(|s| s.connection).max(),
+            Some(n as u64 + 1),
+            "{seen:?}"
+        );
+    }
+    // Envoy took everything it was sent.
+    let stats = m
+        .pod("sleep-envoy")
+        .http_get(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)),
+            "localhost",
+            "/stats",
+            &[],
+        )
+        .context("Envoy's stats")?
+        .body;
+    let rejected: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
+        .collect();
+    ensure!(rejected.is_empty(), "Envoy rejected: {rejected:?}");
+    ensure!(
+        stats.contains("cluster.connect_originate;.upstream_cx_total: 1"),
+        "Envoy's HBONE connection is counted under istiod's alt_stat_name"
+    );
+    Ok(())
+}
+
+const WEB_VIP: &str = "10.96.2.30";
+
+fn server_workloads() -> Vec<Workload> {
+    vec![
+        Workload {
+            runs: App::TcpPrefix(vec![TARGET_PORT], "web"),
+            ..workload("web", "web", true)
+        },
+        workload("sleep-ferry", "sleep-ferry", true),
+        workload("sleep-envoy", "sleep-envoy", true),
+    ]
+}
+
+/// The server pod carries `networking.istio.io/tunnel: http` (the injector
+/// labels ENABLE_HBONE sidecars so), so callers tunnel to it.
+fn server_objects(ips: &[(&str, Ipv4Addr)]) -> String {
+    let ip = |name: &str| {
+        ips.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, ip)| ip.to_string())
+            .unwrap_or_default()
+    };
+    let mut out = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: default, \
+         labels: {{app: web, version: v1, networking.istio.io/tunnel: http}}}}\n\
+         spec: {{serviceAccountName: web, containers: [{{name: app, image: app}}]}}\n\
+         status: {{podIP: {}}}\n---\n",
+        ip("web")
+    );
+    out.push_str(&service_yaml(
+        "web",
+        "default",
+        WEB_VIP,
+        &[("tcp", SERVICE_PORT, TARGET_PORT)],
+    ));
+    for name in ["sleep-ferry", "sleep-envoy"] {
+        out.push_str(&pod_yaml(ips, name, "default", name, name));
+    }
+    out
+}
+
+/// An Envoy sidecar whose node says `ENABLE_HBONE` serves istiod's
+/// `connect_terminate` and `main_internal` from ferry-pilot: a Ferry
+/// sidecar and an Envoy sidecar reach its app over HBONE, and an
+/// AuthorizationPolicy on it matches callers by the identity HBONE carried
+/// (RBAC on the filter state `io.istio.peer_principal`). Ferry's own
+/// server side of HBONE is separate work: the server here is Envoy only.
+#[test]
+fn ferry_and_envoy_sidecars_call_an_enable_hbone_envoy_sidecar_over_hbone() -> Result<()> {
+    let proxy_of = |w: &Workload| {
+        if w.name == "sleep-ferry" {
+            Proxy::Ferry
+        } else {
+            Proxy::Envoy
+        }
+    };
+    let setup = PilotSetup {
+        env: vec![("PILOT_ENABLE_AMBIENT", "true")],
+        enable_hbone: vec!["web"],
+        ..Default::default()
+    };
+    let Some(m) = IstioMesh::start_with(
+        Proxy::Envoy,
+        proxy_of,
+        &server_workloads(),
+        server_objects,
+        "24h",
+        setup,
+    )?
+    else {
+        return Ok(());
+    };
+    let web = m.pod("web");
+    let reach = |client: &str| -> Result<String> {
+        m.until(
+            &format!("{client} reaches web over HBONE"),
+            Duration::from_secs(20),
+            || ferry_tests::istio::tcp_exchange(m.pod(client), WEB_VIP, SERVICE_PORT, client),
+            |got| !got.is_empty(),
+        )
+    };
+    for client in ["sleep-ferry", "sleep-envoy"] {
+        assert_eq!(reach(client)?, format!("web {client}"), "{client}");
+    }
+    ensure!(
+        web.sidecar_stat("cluster.main_internal;.upstream_cx_total")? >= 2,
+        "both calls came through connect_terminate and main_internal:\n{}",
+        m.diagnostics()
+    );
+    ensure!(
+        web.sidecar_stat("listener_manager.lds.update_rejected")? == 0,
+        "the server's Envoy took every listener"
+    );
+
+    // Only sleep-envoy's identity is allowed: the policy reads the HBONE
+    // peer from filter state inside main_internal.
+    m.put(
+        "allow-envoy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {name: allow-envoy, namespace: default}\n\
+         spec:\n  selector: {matchLabels: {app: web}}\n  rules:\n\
+         \x20 - from: [{source: {principals: [cluster.local/ns/default/sa/sleep-envoy]}}]\n",
+    )?;
+    m.until(
+        "sleep-ferry is refused",
+        Duration::from_secs(20),
+        || ferry_tests::istio::tcp_exchange(m.pod("sleep-ferry"), WEB_VIP, SERVICE_PORT, "x"),
+        String::is_empty,
+    )?;
+    assert_eq!(reach("sleep-envoy")?, "web sleep-envoy");
+    ensure!(
+        web.sidecar_stat("tcp.rbac.denied")? >= 1 || web.sidecar_stat("rbac.denied")? >= 1,
+        "the refusal came from RBAC:\n{}",
+        m.diagnostics()
+    );
+    Ok(())
+}
