@@ -25,8 +25,10 @@ pub enum Shared {
 /// itself) makes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectKind {
-    /// `envoy.string`, `envoy.hashable_string`, `istio.hashable_string`.
+    /// `envoy.string`: not hashable.
     String,
+    /// `envoy.hashable_string`, `istio.hashable_string`.
+    HashableString,
     /// `envoy.filters.listener.original_dst.local_ip` / `remote_ip`: an
     /// `ip:port`; a value that does not parse sets nothing, as in Envoy.
     Address,
@@ -57,7 +59,7 @@ pub struct SetFilterState {
 /// A filter state object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
-    String(String),
+    String { value: String, hashable: bool },
     Address(SocketAddr),
 }
 
@@ -65,8 +67,21 @@ impl Object {
     /// The object as a string matcher reads it (Envoy's `serializeAsString`).
     pub fn as_string(&self) -> String {
         match self {
-            Object::String(s) => s.clone(),
+            Object::String { value, .. } => value.clone(),
             Object::Address(a) => a.to_string(),
+        }
+    }
+
+    /// What a hash policy hashes of the object: `None` for an object that
+    /// is not hashable (a plain string), as in Envoy.
+    pub fn hash_input(&self) -> Option<String> {
+        match self {
+            Object::String {
+                value,
+                hashable: true,
+            } => Some(value.clone()),
+            Object::String { .. } => None,
+            Object::Address(a) => Some(a.to_string()),
         }
     }
 }
@@ -124,7 +139,7 @@ impl FilterState {
     pub fn address(&self, key: &str) -> Option<SocketAddr> {
         match self.get(key)? {
             Object::Address(a) => Some(*a),
-            Object::String(_) => None,
+            Object::String { .. } => None,
         }
     }
 
@@ -151,7 +166,14 @@ impl FilterState {
 /// parse (nothing is set).
 pub fn make(kind: ObjectKind, value: String) -> Option<Object> {
     match kind {
-        ObjectKind::String => Some(Object::String(value)),
+        ObjectKind::String => Some(Object::String {
+            value,
+            hashable: false,
+        }),
+        ObjectKind::HashableString => Some(Object::String {
+            value,
+            hashable: true,
+        }),
         ObjectKind::Address => value.parse().ok().map(Object::Address),
     }
 }
@@ -162,14 +184,18 @@ mod tests {
 
     #[test]
     fn sharing_and_read_only() {
+        let s = |v: &str| Object::String {
+            value: v.into(),
+            hashable: false,
+        };
         let mut fs = FilterState::default();
-        assert!(fs.set("a", Object::String("x".into()), true, Shared::Once));
-        assert!(!fs.set("a", Object::String("y".into()), false, Shared::None));
-        assert!(fs.set("b", Object::String("z".into()), false, Shared::None));
+        assert!(fs.set("a", s("x"), true, Shared::Once));
+        assert!(!fs.set("a", s("y"), false, Shared::None));
+        assert!(fs.set("b", s("z"), false, Shared::None));
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
         fs.set("c", Object::Address(addr), false, Shared::Transitive);
         let up = fs.for_upstream().unwrap();
-        assert_eq!(up.get("a"), Some(&Object::String("x".into())));
+        assert_eq!(up.get("a"), Some(&s("x")));
         assert_eq!(up.get("b"), None);
         assert_eq!(up.address("c"), Some(addr));
         // Once: not beyond the first hop; transitive: on.

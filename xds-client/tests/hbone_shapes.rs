@@ -338,7 +338,7 @@ fn istiod_server_shapes_are_accepted_and_land_in_the_model() {
             ),
             (
                 "io.istio.connect_authority",
-                ObjectKind::String,
+                ObjectKind::HashableString,
                 Shared::Once
             ),
             (

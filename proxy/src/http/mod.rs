@@ -1344,6 +1344,9 @@ async fn forward(
         req.uri(),
         ctx.peer,
         ctx.original_dst,
+        req.extensions()
+            .get::<ferry_model::filter_state::FilterState>()
+            .or(ctx.filter_state.as_deref()),
     );
     let Some(pool) = crt.pick_hashed(Some(ctx.original_dst), lb_hash.hash) else {
         let r = LocalReply {

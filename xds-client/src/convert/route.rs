@@ -109,7 +109,7 @@ fields!(pub(super) static ROUTE_MATCH = "envoy.config.route.v3.RouteMatch" {
     "runtime_fraction": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "tls_context": refused "TLS context matching is not supported",
     "dynamic_metadata": refused "dynamic metadata matching is not supported (no filter of Ferry's produces it)",
-    "filter_state": refused "filter state matching is not supported (no filter of Ferry's produces it)",
+    "filter_state": refused "matching routes on filter state is not supported",
     "cookies": refused "cookie matching is not supported",
 });
 
@@ -231,7 +231,7 @@ fields!(pub(super) static HASH_POLICY = "envoy.config.route.v3.RouteAction.HashP
     "cookie": applied "name, ttl, path (attributes refused)",
     "connection_properties": applied "source_ip",
     "query_parameter": applied,
-    "filter_state": applied "no filter of Ferry's sets filter state: the policy yields no hash, as Envoy's does for an unset key",
+    "filter_state": applied "the request's hashable object under the key (set_filter_state's hashable strings and addresses); none, no hash",
     "terminal": applied,
 });
 
@@ -936,8 +936,14 @@ fn hash_policies(
                 }
                 m::cluster::HashPolicyKind::QueryParameter(name.clone())
             }
-            // Nothing sets filter state here: no hash, as Envoy for an unset key.
-            Some(P::FilterState(_)) | None => continue,
+            Some(P::FilterState(fs)) => {
+                let route_pb::route_action::hash_policy::FilterState { key } = fs;
+                if key.is_empty() {
+                    return Err(ctx.err(format!("{f}.filter_state.key"), "a key is required"));
+                }
+                m::cluster::HashPolicyKind::FilterState(key.clone())
+            }
+            None => continue,
         };
         out.push(m::cluster::HashPolicy {
             kind,

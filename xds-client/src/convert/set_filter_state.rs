@@ -46,9 +46,8 @@ fields!(pub(super) static VALUE_FORMAT = "envoy.config.core.v3.SubstitutionForma
 /// The object kind the factory named `factory` makes.
 fn kind_of(factory: &str) -> Option<fs::ObjectKind> {
     match factory {
-        "envoy.string" | "envoy.hashable_string" | "istio.hashable_string" => {
-            Some(fs::ObjectKind::String)
-        }
+        "envoy.string" => Some(fs::ObjectKind::String),
+        "envoy.hashable_string" | "istio.hashable_string" => Some(fs::ObjectKind::HashableString),
         fs::ORIGINAL_DST_LOCAL | fs::ORIGINAL_DST_REMOTE => Some(fs::ObjectKind::Address),
         _ => None,
     }
