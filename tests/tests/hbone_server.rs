@@ -12,7 +12,9 @@
 //! reaches the app, is refused a chain for an IP that is not the pod's, is
 //! refused at TLS with a certificate of another trust domain or none, and is
 //! allowed or denied by identity. Envoy 1.40 given the same bootstrap must
-//! give the same outcomes.
+//! give the same outcomes. Last, a calling sidecar with istiod's client
+//! shapes (`connect_originate`) reaches the app through the pod's sidecar,
+//! in every pairing of Ferry and Envoy.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it only Ferry's half runs
 //! (with a note), except under `CI=true`, where a missing Envoy fails.
@@ -24,8 +26,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_tests::envoy::{self, Envoy};
+use ferry_tests::istiod_hbone::{
+    connect_originate_cluster, connect_originate_listener, internal_listener_extension,
+    service_cluster,
+};
 use ferry_tests::pki::{Ca, Leaf};
-use ferry_tests::proxy::{Bootstrap, Ferry, RunLock, TempDir, free_port};
+use ferry_tests::proxy::{Bootstrap, Ferry, RunLock, TempDir, free_port, local, tcp_proxy};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
@@ -198,14 +204,34 @@ fn config(dir: &Path, hbone_port: u16, app_port: u16) -> Value {
         }))
         .render();
     let mut doc: Value = serde_json::from_str(&doc).unwrap_or(Value::Null);
-    doc["bootstrap_extensions"] = json!([{
-        "name": "envoy.bootstrap.internal_listener",
-        "typed_config": {
-            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-            "type_url": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener",
-            "value": {"buffer_size_kb": 64},
-        },
-    }]);
+    doc["bootstrap_extensions"] = internal_listener_extension();
+    doc
+}
+
+/// A calling sidecar (istiod's client shapes): an outbound TCP listener on
+/// `port` to the service whose one endpoint is the pod's app, reached
+/// through `connect_originate` over HBONE to `hbone_port`, from the
+/// caller's address, as `ALLOWED_ID` (`dir` holds its certificate).
+fn client_config(dir: &Path, port: u16, hbone_port: u16, app_port: u16) -> Value {
+    let service = "outbound|8080||echo.default.svc.cluster.local";
+    let mut originate = connect_originate_cluster(dir, hbone_port);
+    originate["upstream_bind_config"] = json!({"source_address": {
+        "address": std::net::Ipv4Addr::from(CALLER_IP).to_string(), "port_value": 0}});
+    let doc = Bootstrap::new()
+        .listener(json!({
+            "name": "outbound",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [tcp_proxy("outbound", service)]}],
+        }))
+        .listener(connect_originate_listener())
+        .cluster(service_cluster(
+            service,
+            &[SocketAddr::from((POD_IP, app_port))],
+        ))
+        .cluster(originate)
+        .render();
+    let mut doc: Value = serde_json::from_str(&doc).unwrap_or(Value::Null);
+    doc["bootstrap_extensions"] = internal_listener_extension();
     doc
 }
 
@@ -521,4 +547,88 @@ fn rbac_on_the_peer_principal_carried_in_filter_state() -> Result<()> {
     );
     same(&ferry, &envoy);
     Ok(())
+}
+
+/// One sidecar of a pairing, kept running while held.
+enum Sidecar {
+    Ferry(Ferry),
+    Envoy(Envoy),
+}
+
+impl Sidecar {
+    fn start(envoy_bin: Option<&Path>, cfg: &Value, port: u16) -> Result<Sidecar> {
+        Ok(match envoy_bin {
+            None => Sidecar::Ferry(Ferry::start(&cfg.to_string())?),
+            Some(bin) => Sidecar::Envoy(Envoy::start(bin, cfg, port)?),
+        })
+    }
+
+    fn log(&self) -> String {
+        match self {
+            Sidecar::Ferry(f) => f.log(),
+            Sidecar::Envoy(e) => e.log(),
+        }
+    }
+}
+
+/// Sidecars talk HBONE to each other: a calling sidecar's outbound TCP
+/// connection goes through `connect_originate` (HTTP/2 CONNECT over mTLS)
+/// to the pod's sidecar, which terminates it on `connect_terminate` and
+/// hands it to the app through `main_internal` (whose policy admits the
+/// caller by the identity and address the filter state carries). Ferry to
+/// Ferry, and, with Envoy 1.40, Ferry to Envoy, Envoy to Ferry and Envoy to
+/// Envoy: the app's echo comes back whole each time, half-close passed on.
+#[test]
+fn sidecars_talk_hbone_to_each_other_ferry_and_envoy_alike() -> Result<()> {
+    let _lock = RunLock::shared();
+    let pod = Pod::new()?;
+    let client = pod.ca.leaf(ALLOWED_ID, &[])?;
+    std::fs::write(pod.dir.path().join("cert.pem"), &client.cert_pem)?;
+    std::fs::write(pod.dir.path().join("key.pem"), &client.key_pem)?;
+    let envoy = envoy::bin()?;
+    let mut kinds: Vec<Option<&Path>> = vec![None];
+    if let Some(bin) = envoy.as_deref() {
+        kinds.push(Some(bin));
+    }
+    let name = |k: &Option<&Path>| if k.is_some() { "envoy" } else { "ferry" };
+    for caller in &kinds {
+        for callee in &kinds {
+            let hbone_port = free_port();
+            let server = Sidecar::start(
+                *callee,
+                &config(pod.dir.path(), hbone_port, pod.app.port),
+                hbone_port,
+            )?;
+            let port = free_port();
+            let client_cfg = client_config(pod.dir.path(), port, hbone_port, pod.app.port);
+            let sidecar = Sidecar::start(*caller, &client_cfg, port)?;
+            let payload = format!("{} to {}\nover hbone\n", name(caller), name(callee));
+            let got = exchange(port, &payload).with_context(|| {
+                format!("caller:\n{}\ncallee:\n{}", sidecar.log(), server.log())
+            })?;
+            assert_eq!(
+                got,
+                payload,
+                "{} to {}: the app's echo, whole\ncaller:\n{}\ncallee:\n{}",
+                name(caller),
+                name(callee),
+                sidecar.log(),
+                server.log()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One TCP exchange through a sidecar's outbound listener: `payload` sent,
+/// the sending side closed, everything read until the far end closes.
+fn exchange(port: u16, payload: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(payload.as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut got = String::new();
+    s.read_to_string(&mut got)?;
+    Ok(got)
 }
