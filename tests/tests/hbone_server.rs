@@ -632,3 +632,99 @@ fn exchange(port: u16, payload: &str) -> Result<String> {
     s.read_to_string(&mut got)?;
     Ok(got)
 }
+
+/// CONNECT termination is the connection manager's, not HTTP/2's: an
+/// HTTP/1.1 CONNECT on a `connect_matcher` route with `connect_config` is
+/// answered 200 and then carries the bytes to the app and back, in Ferry
+/// as in Envoy; a CONNECT the connection manager does not allow is
+/// refused with 403.
+#[test]
+fn http1_connect_is_terminated_too() -> Result<()> {
+    let _lock = RunLock::shared();
+    let pod = Pod::new()?;
+    let target = SocketAddr::from((POD_IP, pod.app.port));
+    let cfg = |port: u16, allow: bool| -> Value {
+        let cluster = "app";
+        let mut hcm = ferry_tests::proxy::http_connection_manager(
+            "h1",
+            vec![json!({"match": {"connect_matcher": {}}, "route": {
+                "cluster": cluster,
+                "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}, "enabled": allow}],
+            }})],
+        );
+        hcm["typed_config"]["upgrade_configs"] = json!([]);
+        let doc = Bootstrap::new()
+            .listener(ferry_tests::proxy::listener(
+                "h1",
+                port,
+                vec![json!({"filters": [hcm]})],
+            ))
+            .cluster(json!({
+                "name": cluster,
+                "type": "STATIC",
+                "connect_timeout": "2s",
+                "load_assignment": {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {
+                        "address": target.ip().to_string(), "port_value": target.port()}}}}]}]},
+            }))
+            .render();
+        serde_json::from_str(&doc).unwrap_or(Value::Null)
+    };
+    // The status line's code, and what came back after the head.
+    let call = |port: u16| -> Result<(String, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(local(port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte)? == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        if code != "200" {
+            return Ok((code, String::new()));
+        }
+        // No half-close: an HTTP/1 downstream's FIN ends the whole
+        // connection in Envoy; the echo is read by its length.
+        s.write_all(b"tunnelled\n")?;
+        let mut rest = vec![0u8; "tunnelled\n".len()];
+        s.read_exact(&mut rest)?;
+        Ok((code, String::from_utf8_lossy(&rest).into_owned()))
+    };
+    for (allow, expected) in [
+        (true, ("200".to_string(), "tunnelled\n".to_string())),
+        (false, ("403".to_string(), String::new())),
+    ] {
+        let port = free_port();
+        let ferry = Ferry::start(&cfg(port, allow).to_string())?;
+        let got = call(port).with_context(|| ferry.log())?;
+        assert_eq!(
+            got,
+            expected,
+            "ferry, CONNECT allowed: {allow}\n{}",
+            ferry.log()
+        );
+        drop(ferry);
+        if let Some(bin) = envoy::bin()? {
+            let port = free_port();
+            let e = Envoy::start(&bin, &cfg(port, allow), port)?;
+            let got = call(port).with_context(|| e.log())?;
+            assert_eq!(
+                got,
+                expected,
+                "envoy, CONNECT allowed: {allow}\n{}",
+                e.log()
+            );
+        }
+    }
+    Ok(())
+}
