@@ -52,6 +52,7 @@ fn route(i: usize) -> Route {
         rate_limits: Vec::new(),
         vhost_rate_limits: Default::default(),
         upgrades: Vec::new(),
+        connect_terminate: false,
         request_body_buffer_limit: None,
         decorator: None,
     }

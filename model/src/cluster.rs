@@ -574,4 +574,6 @@ pub enum HashPolicyKind {
     SourceIp,
     /// A query parameter of the request path.
     QueryParameter(String),
+    /// The request's filter state object under this key, when hashable.
+    FilterState(String),
 }

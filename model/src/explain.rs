@@ -115,6 +115,7 @@ fn describe_path(p: &PathMatch, case_sensitive: bool) -> String {
         PathMatch::Exact(x) => format!("path \"{x}\""),
         PathMatch::Regex(r) => format!("safe_regex \"{}\"", r.as_str()),
         PathMatch::SeparatedPrefix(x) => format!("path_separated_prefix \"{x}\""),
+        PathMatch::Connect => "connect_matcher".to_string(),
     };
     if case_sensitive {
         s

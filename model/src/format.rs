@@ -46,6 +46,9 @@ enum Piece {
 enum Scope {
     Header,
     AccessLog,
+    /// A filter state value (`set_filter_state`): the request's headers,
+    /// pseudo-headers included, and the downstream TLS names.
+    Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +69,11 @@ enum Command {
     /// `%REQ(name)%` or `%REQ(name?alternative)%`.
     Req(HeaderKey, Option<HeaderKey>),
     StartTime(Vec<TimePiece>),
+    /// `%DOWNSTREAM_PEER_URI_SAN%`, `%DOWNSTREAM_LOCAL_URI_SAN%` (filter
+    /// state values only).
+    UriSan {
+        peer: bool,
+    },
     /// The commands only an access log can answer.
     Log(LogCommand),
 }
@@ -330,7 +338,77 @@ fn render_command(c: &Command, ctx: &FormatContext<'_>, request: &HeaderMap) -> 
             .to_string(),
         Command::StartTime(fmt) => render_time(fmt, ctx.start_time),
         // Refused by the header scope's parser.
-        Command::Log(_) => String::new(),
+        Command::Log(_) | Command::UriSan { .. } => String::new(),
+    }
+}
+
+/// A compiled filter state value (`set_filter_state`'s `format_string`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ValueFormat {
+    pieces: Vec<Piece>,
+}
+
+/// What a filter state value can read of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct ValueContext<'a> {
+    pub format: &'a FormatContext<'a>,
+    pub pseudo: &'a crate::route::Pseudo<'a>,
+    /// The URI SANs of the client's certificate and of ours (empty without
+    /// TLS or a certificate).
+    pub peer_uri_sans: &'a [String],
+    pub local_uri_sans: &'a [String],
+}
+
+impl ValueFormat {
+    /// Compiles `s`; the error says what is wrong and where.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        Ok(ValueFormat {
+            pieces: parse_pieces(s, Scope::Value)?,
+        })
+    }
+
+    /// The value for one request. As in Envoy's text formatter, a command
+    /// with nothing to say renders `-`.
+    pub fn render(&self, ctx: &ValueContext<'_>, request: &HeaderMap) -> String {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Literal(l) => out.push_str(l),
+                Piece::Command { command, max_len } => {
+                    let mut v = match command {
+                        Command::Req(a, b) => {
+                            let read = |k: &HeaderKey| -> Option<String> {
+                                let v = match k {
+                                    HeaderKey::Name(n) => {
+                                        request.get(n).and_then(|v| v.to_str().ok())
+                                    }
+                                    HeaderKey::Method => Some(ctx.pseudo.method),
+                                    HeaderKey::Path => Some(ctx.pseudo.path),
+                                    HeaderKey::Authority => Some(ctx.pseudo.authority),
+                                    HeaderKey::Scheme => Some(ctx.pseudo.scheme),
+                                };
+                                v.filter(|v| !v.is_empty()).map(str::to_string)
+                            };
+                            read(a).or_else(|| b.as_ref().and_then(read))
+                        }
+                        Command::UriSan { peer } => {
+                            let sans = if *peer {
+                                ctx.peer_uri_sans
+                            } else {
+                                ctx.local_uri_sans
+                            };
+                            (!sans.is_empty()).then(|| sans.join(","))
+                        }
+                        other => Some(render_command(other, ctx.format, request))
+                            .filter(|v| !v.is_empty()),
+                    }
+                    .unwrap_or_else(|| "-".to_string());
+                    truncate(&mut v, *max_len);
+                    out.push_str(&v);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -535,6 +613,8 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
             .or_else(|| b.as_ref().and_then(req))
             .unwrap_or(Value::Absent),
         Command::StartTime(fmt) => Value::Str(Cow::Owned(render_time(fmt, info.start_time))),
+        // Parsed in filter state values only.
+        Command::UriSan { .. } => Value::Absent,
         Command::Log(l) => match l {
             LogCommand::Resp(a, b) => header(&info.response_headers, a, b),
             LogCommand::Trailer(a, b) => header(&info.response_trailers, a, b),
@@ -750,7 +830,7 @@ fn parse_command(s: &str, scope: Scope) -> Result<(Command, Option<usize>, usize
         Some(_) => Err(format!("%{name}% takes no argument")),
     };
     let log = |c: LogCommand| match (scope, arg) {
-        (Scope::Header, _) => Err(format!(
+        (Scope::Header | Scope::Value, _) => Err(format!(
             "unsupported command %{name}% (Ferry answers it in access logs only)"
         )),
         (Scope::AccessLog, None) => Ok(Command::Log(c)),
@@ -801,6 +881,12 @@ fn parse_command(s: &str, scope: Scope) -> Result<(Command, Option<usize>, usize
                 Ok(key)
             };
             Command::Req(header(main)?, alt.map(header).transpose()?)
+        }
+        "DOWNSTREAM_PEER_URI_SAN" if scope == Scope::Value => {
+            no_arg(Command::UriSan { peer: true })?
+        }
+        "DOWNSTREAM_LOCAL_URI_SAN" if scope == Scope::Value => {
+            no_arg(Command::UriSan { peer: false })?
         }
         "START_TIME" => Command::StartTime(parse_time_format(arg.unwrap_or(""))?),
         "RESP" | "TRAILER" if scope == Scope::AccessLog => {

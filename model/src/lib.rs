@@ -14,6 +14,7 @@ pub mod cors;
 pub mod explain;
 pub mod ext_authz;
 pub mod fault;
+pub mod filter_state;
 pub mod format;
 pub mod forwarded;
 pub mod health_check;

@@ -465,6 +465,8 @@ pub enum HttpFilterConfig {
     ExtAuthz(Arc<crate::ext_authz::ExtAuthz>),
     /// `envoy.filters.http.compressor` (response direction).
     Compressor(Arc<crate::compressor::Compressor>),
+    /// `envoy.filters.http.set_filter_state`.
+    SetFilterState(Arc<crate::filter_state::SetFilterState>),
 }
 
 /// Where a connection manager's route table comes from.

@@ -100,9 +100,9 @@ pub enum Principal {
     UrlPath(StrMatch),
     Metadata(MetadataMatcher),
     Not(Box<Principal>),
-    /// `filter_state`: Ferry keeps no filter state objects, so the key is
-    /// never found and the matcher never matches, as in Envoy for an absent key.
-    FilterState(String),
+    /// `filter_state` with a `string_match`: the object under the key,
+    /// as a string; an absent key never matches.
+    FilterState(String, StrMatch),
 }
 
 /// `envoy.type.matcher.v3.MetadataMatcher` against the dynamic metadata.

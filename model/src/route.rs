@@ -135,6 +135,10 @@ pub struct Route {
     /// `upgrade_configs`: upgrade types (lower case) this route allows or
     /// refuses, overriding the connection manager's.
     pub upgrades: Vec<(String, bool)>,
+    /// A CONNECT `upgrade_configs` entry with `connect_config`: a CONNECT
+    /// request is terminated here, answered 200 once a TCP connection to
+    /// the cluster is open, and its stream's bytes carried over it.
+    pub connect_terminate: bool,
     /// The most request body kept to replay for retries and mirrors
     /// (`request_body_buffer_limit`, `per_request_buffer_limit_bytes`, of the
     /// route or its virtual host); `None`: the listener's or Ferry's default.
@@ -414,6 +418,9 @@ pub enum PathMatch {
     Regex(Regex),
     /// Matches `/foo` and `/foo/...` but not `/foobar`.
     SeparatedPrefix(String),
+    /// `connect_matcher`: CONNECT requests only (which no path matcher
+    /// other than an empty prefix matches: they have no path).
+    Connect,
 }
 
 #[derive(Debug, Clone)]
@@ -1185,7 +1192,15 @@ impl RouteMatch {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        self.path_matches(path)
+        // A CONNECT request has no path: only `connect_matcher` and an
+        // empty prefix match it; `connect_matcher` matches nothing else.
+        let connect = pseudo.method.eq_ignore_ascii_case("CONNECT");
+        let path_ok = match (&self.path, connect) {
+            (PathMatch::Connect, c) => c,
+            (_, true) => self.path_matches(""),
+            (_, false) => self.path_matches(path),
+        };
+        path_ok
             && self
                 .headers
                 .iter()
@@ -1216,6 +1231,7 @@ impl RouteMatch {
                 starts_with(path, p, self.case_sensitive)
                     && (path.len() == p.len() || path.as_bytes().get(p.len()) == Some(&b'/'))
             }
+            PathMatch::Connect => false,
         }
     }
 }
@@ -1263,6 +1279,7 @@ mod tests {
             decorator: None,
             hash_policy: vec![],
             upgrades: vec![],
+            connect_terminate: false,
             request_body_buffer_limit: None,
         }
     }

@@ -1368,6 +1368,15 @@ impl EndpointPool {
     /// when the endpoint's transport says so (the handshake counts against
     /// the same timeout, as Envoy's connect timeout covers it).
     pub async fn connect(&self) -> Result<UpstreamIo, UpstreamError> {
+        self.connect_carrying(None).await
+    }
+
+    /// [`Self::connect`], handing an internal listener the filter state
+    /// the request shares with its upstream connection.
+    pub async fn connect_carrying(
+        &self,
+        filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
+    ) -> Result<UpstreamIo, UpstreamError> {
         self.settings.stats.upstream_cx_total.inc();
         self.counters().cx_total.fetch_add(1, Ordering::Relaxed);
         let tls = match self.tls() {
@@ -1400,7 +1409,7 @@ impl EndpointPool {
                     return self
                         .settings
                         .internal
-                        .connect(&i.listener, self.passthrough())
+                        .connect(&i.listener, self.passthrough(), filter_state)
                         .map(UpstreamIo::Internal)
                         .map_err(|e| {
                             UpstreamError::ConnectFailure(std::io::Error::new(

@@ -559,6 +559,7 @@ mod tests {
                 local: format!("127.0.0.1:{port}").parse().unwrap(),
                 server_name: String::new(),
                 tls: None,
+                filter_state: None,
             };
             r.live
                 .attach_rbac(|c| ConnRbac::new(&c.rbac, self.stats.clone(), downstream));

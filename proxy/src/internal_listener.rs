@@ -6,12 +6,17 @@
 //! an accepted connection would be. `internal_upstream` hands the endpoint's
 //! `envoy.filters.listener.original_dst` metadata over with it, which the
 //! listener's `original_dst` filter reads (Istio's `connect_originate`).
+//! A connection opened for a request carries the filter state the request
+//! shares with upstream: the `original_dst` filter takes the destination
+//! and source addresses from it, RBAC's `filter_state` principals read it
+//! (Istio's `main_internal`, behind `connect_terminate`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock, Weak};
 
 use ferry_model::cluster::OriginalDstMeta;
+use ferry_model::filter_state::{FilterState, ORIGINAL_DST_LOCAL, ORIGINAL_DST_REMOTE};
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
 use tokio::io::DuplexStream;
 
@@ -32,6 +37,8 @@ pub struct InternalConn {
     /// The endpoint's original_dst metadata, when `internal_upstream`
     /// passes it through.
     pub meta: OriginalDstMeta,
+    /// The filter state shared by the request that opened it.
+    pub filter_state: Option<Arc<FilterState>>,
 }
 
 /// Why an internal connection could not be made.
@@ -41,6 +48,8 @@ pub enum InternalError {
     NoListener(String),
     #[error("the proxy is shutting down")]
     Gone,
+    #[error("no filter chain of internal listener {0:?} matches the connection")]
+    NoFilterChain(String),
 }
 
 /// The internal listeners of the live configuration by name, shared with
@@ -74,6 +83,7 @@ impl InternalListeners {
         &self,
         name: &str,
         meta: OriginalDstMeta,
+        filter_state: Option<Arc<FilterState>>,
     ) -> Result<DuplexStream, InternalError> {
         let listener = self
             .live
@@ -88,51 +98,82 @@ impl InternalListeners {
             .unwrap_or_else(|p| p.into_inner())
             .upgrade()
             .ok_or(InternalError::Gone)?;
+        // The listener filters and the chain are settled before the
+        // connection counts as made, as Envoy's internal listener does: a
+        // connection for which no chain matches fails to connect (the
+        // caller sees a connect failure, not a connection that closes).
+        let (dst, peer) = addresses(&listener, &meta, filter_state.as_deref());
+        tracing::trace!(listener.name = %listener.name, dst = %dst, "internal connection");
+        let info = ConnectionInfo {
+            destination: Some(dst),
+            source: Some(peer),
+            server_name: None,
+            transport_protocol: None,
+            application_protocols: Vec::new(),
+        };
+        let Some(registered) = rt
+            .conns
+            .register(&listener, info, rt.drain_for(&listener.name))
+        else {
+            tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; refused");
+            crate::access_log::connection::no_filter_chain(&rt, &listener, peer, dst, None);
+            rt.stats
+                .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
+                .inc();
+            return Err(InternalError::NoFilterChain(listener.name.clone()));
+        };
         let (client, server) = tokio::io::duplex(BUFFER);
         let guard = rt.drain.track();
         tokio::spawn(async move {
             let _guard = guard;
-            handle(rt, listener, InternalConn { io: server, meta }).await;
+            let conn = InternalConn {
+                io: server,
+                meta,
+                filter_state,
+            };
+            handle(rt, conn, registered, dst, peer).await;
         });
         Ok(client)
     }
 }
 
-/// Serves one internal connection: the original destination from the
-/// passed metadata (the `original_dst` listener filter), the filter chain
-/// for it, then TCP or HTTP as on a socket.
-async fn handle(rt: Arc<Runtime>, listener: Arc<Listener>, conn: InternalConn) {
-    let dst = if listener.listener_filters.original_dst {
-        conn.meta.local.unwrap_or(UNSPECIFIED)
-    } else {
-        UNSPECIFIED
-    };
-    let peer = UNSPECIFIED;
-    tracing::trace!(listener.name = %listener.name, dst = %dst, "internal connection");
-    let info = ConnectionInfo {
-        destination: Some(dst),
-        source: Some(peer),
-        server_name: None,
-        transport_protocol: None,
-        application_protocols: Vec::new(),
-    };
-    let Some(registered) = rt
-        .conns
-        .register(&listener, info, rt.drain_for(&listener.name))
-    else {
-        tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; closing");
-        crate::access_log::connection::no_filter_chain(&rt, &listener, peer, dst, None);
-        rt.stats
-            .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
-            .inc();
-        return;
-    };
+/// The original destination and source of an internal connection: from
+/// the shared filter state or else the passed metadata (the `original_dst`
+/// listener filter, as Envoy's reads them on an internal listener).
+fn addresses(
+    listener: &Listener,
+    meta: &OriginalDstMeta,
+    state: Option<&FilterState>,
+) -> (SocketAddr, SocketAddr) {
+    if !listener.listener_filters.original_dst {
+        return (UNSPECIFIED, UNSPECIFIED);
+    }
+    let dst = state
+        .and_then(|s| s.address(ORIGINAL_DST_LOCAL))
+        .or(meta.local)
+        .unwrap_or(UNSPECIFIED);
+    let peer = state
+        .and_then(|s| s.address(ORIGINAL_DST_REMOTE))
+        .unwrap_or(UNSPECIFIED);
+    (dst, peer)
+}
+
+/// Serves one internal connection on the chain chosen for it: TCP or HTTP
+/// as on a socket.
+async fn handle(
+    rt: Arc<Runtime>,
+    conn: InternalConn,
+    registered: crate::filter_chain_update::Registered,
+    dst: SocketAddr,
+    peer: SocketAddr,
+) {
     let live = registered.live.clone();
     let downstream = crate::rbac::Downstream {
         peer,
         local: dst,
         server_name: String::new(),
         tls: None,
+        filter_state: conn.filter_state.clone(),
     };
     let (rbac, chain) =
         live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
@@ -169,7 +210,14 @@ async fn handle(rt: Arc<Runtime>, listener: Arc<Listener>, conn: InternalConn) {
             };
             let io = crate::rbac::guard(io, &rbac);
             Box::pin(crate::listener::serve_internal_http(
-                &rt, &chain, io, http2, peer, dst, &live,
+                &rt,
+                &chain,
+                io,
+                http2,
+                peer,
+                dst,
+                &live,
+                conn.filter_state,
             ))
             .await;
         }

@@ -637,6 +637,7 @@ pub fn request_hash(
     uri: &Uri,
     peer: SocketAddr,
     local: SocketAddr,
+    filter_state: Option<&ferry_model::filter_state::FilterState>,
 ) -> RequestHash {
     let mut out = RequestHash::default();
     for p in policies {
@@ -650,6 +651,10 @@ pub fn request_hash(
                 (!values.is_empty()).then(|| hash_bytes(&values.concat()))
             }
             HashPolicyKind::SourceIp => Some(hash_bytes(ip_text(peer.ip()).as_bytes())),
+            HashPolicyKind::FilterState(key) => filter_state
+                .and_then(|s| s.get(key))
+                .and_then(|o| o.hash_input())
+                .map(|v| hash_bytes(v.as_bytes())),
             HashPolicyKind::QueryParameter(name) => uri
                 .query()
                 .and_then(|q| {
@@ -1137,6 +1142,33 @@ mod tests {
     }
 
     #[test]
+    fn hash_policy_on_filter_state_hashes_hashable_objects_only() {
+        use ferry_model::filter_state::{FilterState, Object, Shared};
+        let peer: SocketAddr = "10.1.1.1:5555".parse().unwrap();
+        let uri: Uri = "/".parse().unwrap();
+        let mut fs = FilterState::default();
+        let string = |value: &str, hashable| Object::String {
+            value: value.into(),
+            hashable,
+        };
+        fs.set("h", string("alice", true), false, Shared::None);
+        fs.set("plain", string("bob", false), false, Shared::None);
+        fs.set("a", Object::Address(peer), false, Shared::None);
+        let by = |key: &str| {
+            let ps = [HashPolicy {
+                kind: HashPolicyKind::FilterState(key.into()),
+                terminal: false,
+            }];
+            request_hash(&ps, &HeaderMap::new(), &uri, peer, peer, Some(&fs)).hash
+        };
+        assert_eq!(by("h"), Some(hash_bytes(b"alice")));
+        assert_eq!(by("a"), Some(hash_bytes(b"10.1.1.1:5555")));
+        // A plain string is not hashable, and an absent key hashes nothing.
+        assert_eq!(by("plain"), None);
+        assert_eq!(by("missing"), None);
+    }
+
+    #[test]
     fn hash_policies_header_cookie_source_ip_query() {
         let peer: SocketAddr = "10.1.1.1:5555".parse().unwrap();
         let local: SocketAddr = "10.2.2.2:80".parse().unwrap();
@@ -1147,7 +1179,7 @@ mod tests {
             kind,
             terminal: false,
         };
-        let h = |ps: &[HashPolicy], hd: &HeaderMap| request_hash(ps, hd, &uri, peer, local);
+        let h = |ps: &[HashPolicy], hd: &HeaderMap| request_hash(ps, hd, &uri, peer, local, None);
 
         let by_header = [pol(HashPolicyKind::Header("x-user".into()))];
         assert_eq!(h(&by_header, &headers).hash, Some(hash_bytes(b"bob")));

@@ -311,6 +311,7 @@ async fn handle(
             tls: Some(crate::rbac::DownstreamTls {
                 client_cert: client_cert.clone(),
             }),
+            filter_state: None,
         };
         // The chain may have moved on during the handshake (an update that
         // changed only its network RBAC): its current RBAC applies.
@@ -375,6 +376,7 @@ async fn handle(
                             dst,
                             tls: Some(peer_tls),
                             server_name,
+                            filter_state: None,
                         };
                         Box::pin(serve_http(&rt, &chain, io, h2, conn, &live)).await;
                         return;
@@ -386,6 +388,7 @@ async fn handle(
                     dst,
                     tls: Some(peer_tls),
                     server_name,
+                    filter_state: None,
                 };
                 Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
             }
@@ -398,6 +401,7 @@ async fn handle(
         local: dst,
         server_name: server_name.clone(),
         tls: None,
+        filter_state: None,
     };
     let (rbac, chain) =
         live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
@@ -440,6 +444,7 @@ async fn handle(
                 dst,
                 tls: None,
                 server_name,
+                filter_state: None,
             };
             Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
         }
@@ -453,6 +458,8 @@ struct Conn {
     tls: Option<PeerTls>,
     /// SNI, "" without one.
     server_name: String,
+    /// The filter state an internal connection came with.
+    filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
 }
 
 /// Istio's metrics of a connection on `chain`, when it reports them.
@@ -529,12 +536,14 @@ async fn serve_http<S>(
         live: live.clone(),
         h1: Default::default(),
         life: Default::default(),
+        filter_state: conn.filter_state,
     });
     crate::http::serve(io, ctx, http2, &live.drain).await;
 }
 
 /// Runs the HTTP connection manager of `chain` on an internal listener's
 /// in-process connection (no TLS, no SNI).
+#[allow(clippy::too_many_arguments)] // the connection's whole context, once
 pub(crate) async fn serve_internal_http<S>(
     rt: &Arc<Runtime>,
     chain: &Arc<ferry_model::FilterChain>,
@@ -543,6 +552,7 @@ pub(crate) async fn serve_internal_http<S>(
     peer: SocketAddr,
     dst: SocketAddr,
     live: &Arc<LiveConn>,
+    filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -551,6 +561,7 @@ pub(crate) async fn serve_internal_http<S>(
         dst,
         tls: None,
         server_name: String::new(),
+        filter_state,
     };
     serve_http(rt, chain, io, http2, conn, live).await;
 }

@@ -38,6 +38,8 @@ pub struct Downstream {
     pub server_name: String,
     /// `Some` when TLS was terminated here.
     pub tls: Option<DownstreamTls>,
+    /// The filter state that came with an internal connection.
+    pub filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
 }
 
 /// The TLS side: the client certificate's names, when one was presented.
@@ -149,6 +151,7 @@ fn network_subject<'a>(
         server_name: &d.server_name,
         tls: d.tls_peer(),
         metadata: md,
+        filter_state: d.filter_state.as_deref(),
     }
 }
 
@@ -472,6 +475,7 @@ mod tests {
             local: "127.0.0.1:9000".parse().unwrap(),
             server_name: String::new(),
             tls: None,
+            filter_state: None,
         }
     }
 

@@ -239,7 +239,7 @@ where
 /// the stack and is written on at once, and only what the writer could not
 /// take yet is kept on the heap until it is written. An idle proxied
 /// connection holds no buffer.
-async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+pub(crate) async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,

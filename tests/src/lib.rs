@@ -5,6 +5,7 @@
 pub mod envoy;
 pub mod hbone;
 pub mod istio;
+pub mod istiod_hbone;
 pub mod netns;
 pub mod otlp;
 pub mod pki;

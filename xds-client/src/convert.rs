@@ -49,6 +49,7 @@ mod per_filter;
 mod rbac;
 mod retry;
 mod route;
+mod set_filter_state;
 mod tcp_proxy;
 mod tls;
 mod trace;

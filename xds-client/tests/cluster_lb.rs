@@ -191,6 +191,7 @@ fn route_hash_policies_are_converted() {
             ),
             (HashPolicyKind::SourceIp, false),
             (HashPolicyKind::QueryParameter("user".into()), false),
+            (HashPolicyKind::FilterState("some.key".into()), false),
         ]
     );
 }

@@ -182,3 +182,225 @@ fn what_is_not_acted_on_is_refused_by_name() {
     let e = listener(l).expect_err("internal address on a socket listener");
     assert!(e.contains("envoy_internal_address"), "{e}");
 }
+
+/// istiod's `connect_terminate` listener (listener_waypoint.go
+/// `buildConnectTerminateListener`), certificates inline.
+fn connect_terminate() -> Value {
+    let value = |key: &str, fmt: &str, factory: Option<&str>| {
+        let mut v = json!({
+            "object_key": key,
+            "format_string": {"text_format_source": {"inline_string": fmt}},
+            "shared_with_upstream": "ONCE",
+        });
+        if let Some(f) = factory {
+            v["factory_key"] = json!(f);
+        }
+        v
+    };
+    json!({
+        "name": "connect_terminate",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15008}},
+        "connection_balance_config": {"exact_balance": {}},
+        "filter_chains": [{
+            "name": "default",
+            "transport_socket": {"name": "tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": {
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+                    "alpn_protocols": ["h2"],
+                    "tls_certificate_sds_secret_configs": [{"name": "default"}],
+                    "combined_validation_context": {
+                        "default_validation_context": {"match_typed_subject_alt_names": [
+                            {"san_type": "URI", "matcher": {"prefix": "spiffe://cluster.local/"}}]},
+                        "validation_context_sds_secret_config": {"name": "ROOTCA"},
+                    },
+                },
+            }},
+            "filters": [{"name": "connect_terminate", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "connect_terminate",
+                "http2_protocol_options": {"allow_connect": true, "max_concurrent_streams": 100,
+                    "connection_keepalive": {"interval": "10s", "timeout": "10s"}},
+                "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                "stream_idle_timeout": "0s",
+                "use_remote_address": false,
+                "set_current_client_cert_details": {"subject": true, "uri": true, "dns": true},
+                "route_config": {"name": "default", "virtual_hosts": [{"name": "default", "domains": ["*"],
+                    "routes": [{"name": "default", "match": {"connect_matcher": {}}, "route": {
+                        "cluster": "main_internal",
+                        "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+                    }}]}]},
+                "http_filters": [
+                    {"name": "connect_authority", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config",
+                        "on_request_headers": [
+                            value("envoy.filters.listener.original_dst.local_ip", "%REQ(:AUTHORITY)%", None),
+                            value("io.istio.connect_authority", "%REQ(:AUTHORITY)%", Some("istio.hashable_string")),
+                            value("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%", None),
+                            value("io.istio.peer_principal", "%DOWNSTREAM_PEER_URI_SAN%", Some("istio.hashable_string")),
+                            value("io.istio.local_principal", "%DOWNSTREAM_LOCAL_URI_SAN%", Some("istio.hashable_string")),
+                        ],
+                    }},
+                    {"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+                ],
+            }}],
+        }],
+    })
+}
+
+/// istiod's `main_internal` cluster (cluster_waypoint.go).
+fn main_internal_cluster() -> Value {
+    json!({
+        "name": "main_internal",
+        "type": "STATIC",
+        "load_assignment": {"cluster_name": "main_internal", "endpoints": [{"lb_endpoints": [{
+            "endpoint": {"address": {"envoy_internal_address": {"server_listener_name": "main_internal"}}}}]}]},
+        "transport_socket": {"name": "internal_upstream", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport",
+            "transport_socket": raw_buffer(),
+        }},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "300s"},
+            "use_downstream_protocol_config": {},
+        }},
+    })
+}
+
+/// istiod's `main_internal` listener for a pod at 10.0.1.5 serving 8080:
+/// the inbound chain limited to the pod's IP, RBAC on the peer principal
+/// carried in filter state.
+fn main_internal_listener() -> Value {
+    json!({
+        "name": "main_internal",
+        "internal_listener": {},
+        "traffic_direction": "INBOUND",
+        "continue_on_listener_filters_timeout": true,
+        "listener_filters": [{"name": "envoy.filters.listener.original_dst", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"}}],
+        "filter_chains": [{
+            "name": "inbound|8080||",
+            "filter_chain_match": {"destination_port": 8080,
+                "prefix_ranges": [{"address_prefix": "10.0.1.5", "prefix_len": 32}]},
+            "filters": [
+                {"name": "envoy.filters.network.rbac", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC",
+                    "stat_prefix": "tcp.",
+                    "rules": {"policies": {"ns[default]-policy[allow]-rule[0]": {
+                        "permissions": [{"and_rules": {"rules": [{"any": true}]}}],
+                        "principals": [{"and_ids": {"ids": [{"or_ids": {"ids": [{"filter_state": {
+                            "key": "io.istio.peer_principal",
+                            "string_match": {"exact": "spiffe://cluster.local/ns/default/sa/sleep"}}}]}}]}}],
+                    }}},
+                }},
+                {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": "inbound|8080||", "cluster": "inbound|8080||"}},
+            ],
+        }],
+    })
+}
+
+#[test]
+fn istiod_server_shapes_are_accepted_and_land_in_the_model() {
+    use ferry_model::filter_state::{ObjectKind, Shared};
+    let l = listener(connect_terminate()).expect("connect_terminate listener");
+    let ChainKind::Http(hcm) = &l.filter_chains[0].kind else {
+        panic!("an HTTP chain: {:?}", l.filter_chains[0].kind);
+    };
+    assert!(hcm.allows_upgrade("CONNECT"));
+    let ferry_model::RouteSource::Inline(rc) = &hcm.routes else {
+        panic!("inline routes");
+    };
+    let route = &rc.virtual_hosts[0].routes[0];
+    assert!(matches!(
+        route.route_match.path,
+        ferry_model::PathMatch::Connect
+    ));
+    assert!(route.connect_terminate);
+    let ferry_model::HttpFilterConfig::SetFilterState(sfs) = &hcm.http_filters[0].config else {
+        panic!("set_filter_state first: {:?}", hcm.http_filters[0].config);
+    };
+    let kinds: Vec<_> = sfs
+        .on_request_headers
+        .iter()
+        .map(|v| (v.key.as_str(), v.kind, v.shared))
+        .collect();
+    assert_eq!(
+        kinds[..3],
+        [
+            (
+                "envoy.filters.listener.original_dst.local_ip",
+                ObjectKind::Address,
+                Shared::Once
+            ),
+            (
+                "io.istio.connect_authority",
+                ObjectKind::HashableString,
+                Shared::Once
+            ),
+            (
+                "envoy.filters.listener.original_dst.remote_ip",
+                ObjectKind::Address,
+                Shared::Once
+            ),
+        ]
+    );
+
+    let (c, _) = cluster(main_internal_cluster()).expect("main_internal cluster");
+    let ClusterKind::Static(eps) = &c.kind else {
+        panic!("static: {:?}", c.kind);
+    };
+    assert!(matches!(&eps[0].address, HostAddr::Internal(a) if &*a.listener == "main_internal"));
+
+    let l = listener(main_internal_listener()).expect("main_internal listener");
+    assert!(l.internal && l.listener_filters.original_dst);
+    let chain = &l.filter_chains[0];
+    assert_eq!(chain.rbac.len(), 1, "the network RBAC filter");
+}
+
+#[test]
+fn server_shapes_not_acted_on_are_refused_by_name() {
+    let hcm = "/filter_chains/0/filters/0/typed_config";
+    let with = |ptr: &str, v: Value| {
+        let mut l = connect_terminate();
+        *l.pointer_mut(ptr).expect("pointer") = v;
+        listener(l)
+    };
+    // A factory that would steer the connection.
+    let e = with(
+        &format!("{hcm}/http_filters/0/typed_config/on_request_headers/1/factory_key"),
+        json!("envoy.tcp_proxy.cluster"),
+    )
+    .expect_err("other factory");
+    assert!(
+        e.contains("factory_key") && e.contains("envoy.tcp_proxy.cluster"),
+        "{e}"
+    );
+    // PROXY protocol on the terminated stream.
+    let e = with(
+        &format!(
+            "{hcm}/route_config/virtual_hosts/0/routes/0/route/upgrade_configs/0/connect_config"
+        ),
+        json!({"proxy_protocol_config": {}}),
+    )
+    .expect_err("PROXY protocol");
+    assert!(e.contains("proxy_protocol_config"), "{e}");
+    // connect_config on a non-CONNECT upgrade.
+    let e = with(
+        &format!(
+            "{hcm}/route_config/virtual_hosts/0/routes/0/route/upgrade_configs/0/upgrade_type"
+        ),
+        json!("websocket"),
+    )
+    .expect_err("websocket with connect_config");
+    assert!(e.contains("connect_config"), "{e}");
+    // Filter state matched as an address.
+    let mut l = main_internal_listener();
+    *l.pointer_mut("/filter_chains/0/filters/0/typed_config/rules/policies/ns[default]-policy[allow]-rule[0]/principals/0")
+        .expect("principal") = json!({"filter_state": {"key": "k", "address_match": {"ranges": []}}});
+    let e = listener(l).expect_err("address_match");
+    assert!(e.contains("address_match"), "{e}");
+}

@@ -10,6 +10,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use ferry_model::filter_state::FilterState;
 use ferry_model::rbac::{Action, DynamicMetadata, Permission, Principal, Rbac};
 use ferry_model::{HeaderKey, HeaderMatcher, Pseudo};
 use http::HeaderMap;
@@ -41,6 +42,8 @@ pub struct Subject<'a> {
     /// `Some` on a TLS connection, even without a client certificate.
     pub tls: Option<TlsPeer<'a>>,
     pub metadata: &'a DynamicMetadata,
+    /// The request's or connection's filter state, when it has any.
+    pub filter_state: Option<&'a FilterState>,
 }
 
 /// The outcome of one policy set.
@@ -166,7 +169,10 @@ fn principal(p: &Principal, s: &Subject<'_>) -> bool {
         Principal::UrlPath(m) => url_path(s).is_some_and(|p| m.matches(p)),
         Principal::Metadata(m) => m.matches(s.metadata),
         Principal::Not(p) => !principal(p, s),
-        Principal::FilterState(_) => false,
+        Principal::FilterState(key, m) => s
+            .filter_state
+            .and_then(|f| f.get(key))
+            .is_some_and(|o| m.matches(&o.as_string())),
     }
 }
 
@@ -286,6 +292,7 @@ mod tests {
                     subject: "",
                 }),
                 metadata: &self.md,
+                filter_state: None,
             };
             evaluate(r, &s)
         }
@@ -301,6 +308,7 @@ mod tests {
                 server_name: "",
                 tls: None,
                 metadata: &self.md,
+                filter_state: None,
             };
             evaluate(r, &s)
         }

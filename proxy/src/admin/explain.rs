@@ -171,6 +171,7 @@ impl Ask {
             server_name: self.sni.as_deref().unwrap_or_default(),
             tls,
             metadata,
+            filter_state: None,
         }
     }
 }
@@ -604,6 +605,10 @@ fn explain_http(
                         f.name
                     ));
                 }
+            }
+            HttpFilterConfig::SetFilterState(_) => {
+                v["type"] = json!("envoy.filters.http.set_filter_state");
+                v["result"] = json!("sets filter state (not evaluated here)");
             }
             HttpFilterConfig::ExtAuthz(_) => {
                 v["type"] = json!("envoy.filters.http.ext_authz");

@@ -434,6 +434,12 @@ pub fn rbac(
         server_name: &downstream.server_name,
         tls: downstream.tls_peer(),
         metadata,
+        // The request's own (set by set_filter_state), which holds the
+        // connection's too, else the connection's.
+        filter_state: req
+            .extensions()
+            .get::<ferry_model::filter_state::FilterState>()
+            .or(downstream.filter_state.as_deref()),
     };
     let base = format!("http.{}.", hcm.stat_prefix);
     let counters = crate::rbac::RbacCounters {

@@ -46,6 +46,14 @@ impl Lifetime {
         (guard, n)
     }
 
+    /// A terminated CONNECT's tunnel, which outlives its response: the
+    /// connection is not idle while the returned guard lives.
+    pub fn tunnel(self: &Arc<Self>) -> TunnelGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        TunnelGuard { life: self.clone() }
+    }
+
     /// `max_requests_per_connection` was reached: the connection drains.
     pub fn ask_drain(&self) {
         self.drain_asked.store(true, Ordering::Release);
@@ -112,6 +120,19 @@ impl Drop for StreamGuard {
         if !self.completed {
             self.rx_reset.inc();
         }
+        self.life.active.fetch_sub(1, Ordering::AcqRel);
+        self.life.changed.notify_waiters();
+    }
+}
+
+/// A tunnel in flight (see [`Lifetime::tunnel`]).
+#[derive(Debug)]
+pub struct TunnelGuard {
+    life: Arc<Lifetime>,
+}
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
         self.life.active.fetch_sub(1, Ordering::AcqRel);
         self.life.changed.notify_waiters();
     }

@@ -8,6 +8,7 @@
 pub mod body;
 mod client;
 mod compressor;
+mod connect;
 mod edge;
 pub(crate) mod ext_authz;
 mod fault;
@@ -133,6 +134,8 @@ pub struct ConnCtx {
     pub h1: Arc<h1_guard::H1Shared>,
     /// The connection's streams and the drains they ask for.
     pub life: Arc<lifetime::Lifetime>,
+    /// The filter state an internal connection came with.
+    pub filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
 }
 
 /// The connection manager of an HTTP chain.
@@ -154,6 +157,7 @@ impl ConnCtx {
                 tls: self.tls.as_ref().map(|t| crate::rbac::DownstreamTls {
                     client_cert: t.client_cert.clone(),
                 }),
+                filter_state: self.filter_state.clone(),
             };
             let md = d.metadata();
             (d, md)
@@ -883,12 +887,18 @@ async fn route_request(
     // `upgrade_configs`: an upgrade type neither the route nor (when the
     // route says nothing of it) the connection manager allows is refused
     // before any filter runs, as Envoy's connection manager does.
-    if headers::is_upgrade(req.headers()) {
-        let kind = req
-            .headers()
-            .get(http::header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+    // A CONNECT is an upgrade of type CONNECT, as Envoy's connection
+    // manager sees it.
+    let is_connect = req.method() == http::Method::CONNECT;
+    if is_connect || headers::is_upgrade(req.headers()) {
+        let kind = if is_connect {
+            "connect"
+        } else {
+            req.headers()
+                .get(http::header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
         let by_hcm = hcm.allows_upgrade(kind);
         if !route.map_or(by_hcm, |r| r.allows_upgrade(kind, by_hcm)) {
             let r = LocalReply {
@@ -1157,6 +1167,7 @@ async fn run_filters<'r>(
                     on_response.compressors.decode(cfg, req);
                 }
             }
+            HttpFilterConfig::SetFilterState(cfg) => connect::set_filter_state(ctx, cfg, req, fctx),
             HttpFilterConfig::JwtAuthn(cfg) => {
                 match filters::jwt_authn(
                     ctx,
@@ -1333,6 +1344,9 @@ async fn forward(
         req.uri(),
         ctx.peer,
         ctx.original_dst,
+        req.extensions()
+            .get::<ferry_model::filter_state::FilterState>()
+            .or(ctx.filter_state.as_deref()),
     );
     let Some(pool) = crt.pick_hashed(Some(ctx.original_dst), lb_hash.hash) else {
         let r = LocalReply {
@@ -1341,6 +1355,9 @@ async fn forward(
         };
         return (local_reply(r), "UH", None);
     };
+    if connect::terminates(&req, route) {
+        return connect::terminate(ctx, pool, req).await;
+    }
     let upgrade = headers::is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let downstream_version = req.version();

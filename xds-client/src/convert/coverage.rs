@@ -183,8 +183,8 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         access_log, bootstrap, circuit_breakers, cluster, compressor, core_types, cors, endpoint,
         ext_authz, fault, filter_chain_matcher as fcm, header_mutation, health_check,
         http_connection_manager, http_protocol, jwt_authn, lb_config, listener, local_ratelimit,
-        matcher, outlier_detection, per_filter, rbac, retry, route, tcp_proxy, tls, trace,
-        upstream_protocol,
+        matcher, outlier_detection, per_filter, rbac, retry, route, set_filter_state, tcp_proxy,
+        tls, trace, upstream_protocol,
     };
     vec![
         &listener::LISTENER,
@@ -293,6 +293,9 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &core_types::FRACTIONAL_PERCENT,
         &header_mutation::HEADER_VALUE_OPTION,
         &header_mutation::HEADER_VALUE,
+        &set_filter_state::SET_FILTER_STATE,
+        &set_filter_state::FILTER_STATE_VALUE,
+        &set_filter_state::VALUE_FORMAT,
         &route::ROUTE_CONFIGURATION,
         &route::VIRTUAL_HOST,
         &route::ROUTE,
@@ -303,6 +306,7 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &route::WEIGHTED_CLUSTER,
         &route::CLUSTER_WEIGHT,
         &route::UPGRADE_CONFIG,
+        &route::CONNECT_CONFIG,
         &route::MAX_STREAM_DURATION,
         &route::HASH_POLICY,
         &route::MIRROR_POLICY,

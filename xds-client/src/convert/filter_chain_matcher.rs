@@ -456,7 +456,7 @@ fn network_input(
             return Err(ctx.err(
                 &tf,
                 format!(
-                    "unsupported matcher input {ty} (envoy.matching.inputs.filter_state): no listener filter of Ferry's sets filter state before the chain is chosen"
+                    "unsupported matcher input {ty} (envoy.matching.inputs.filter_state): choosing a chain by filter state is not supported"
                 ),
             ));
         }

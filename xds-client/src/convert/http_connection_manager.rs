@@ -534,6 +534,19 @@ pub(super) fn http_connection_manager(
                     )?)),
                 });
             }
+            super::set_filter_state::SET_FILTER_STATE_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let Some(t) = typed else {
+                    return Err(ctx.err(&ff, "the set_filter_state filter needs a typed_config"));
+                };
+                let cfg = t.decode().map_err(|e| ctx.err(&tf, e))?;
+                http_filters.push(m::HttpFilter {
+                    name: hf.name.clone(),
+                    config: m::HttpFilterConfig::SetFilterState(Arc::new(
+                        super::set_filter_state::set_filter_state(ctx, &tf, &cfg)?,
+                    )),
+                });
+            }
             t if WASM_TYPES.contains(&t) => {
                 let Some(t) = typed else {
                     return Err(ctx.err(&ff, "a Wasm filter needs a typed_config"));

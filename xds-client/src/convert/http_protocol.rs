@@ -50,7 +50,7 @@ fields!(pub(super) static HTTP2_PROTOCOL_OPTIONS = "envoy.config.core.v3.Http2Pr
     "max_concurrent_streams": applied "in [1, 2147483647] (Envoy's bounds)",
     "initial_stream_window_size": applied "in [65535, 2147483647] (Envoy's bounds)",
     "initial_connection_window_size": applied "in [65535, 2147483647] (Envoy's bounds)",
-    "allow_connect": warned "extended CONNECT (upgrades over HTTP/2) is not offered to clients",
+    "allow_connect": warned "classic CONNECT (HBONE) is accepted either way and ruled by upgrade_configs; extended CONNECT (upgrades over HTTP/2) is not offered to clients",
     "allow_metadata": warned "METADATA frames are not supported (as in Envoy, not implemented)",
     "max_outbound_frames": warned "the HTTP/2 codec bounds its outbound queue itself (flow-control windows, one pending PING and SETTINGS acknowledgement at a time)",
     "max_outbound_control_frames": applied "0 is refused (Envoy's bound)",

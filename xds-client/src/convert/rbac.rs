@@ -89,7 +89,7 @@ fields!(pub(super) static PRINCIPAL = "envoy.config.rbac.v3.Principal" {
     "header": applied,
     "url_path": applied,
     "metadata": applied,
-    "filter_state": refused "filter state matching is not supported (no filter of Ferry's produces it)",
+    "filter_state": applied "string_match on the object as a string (set_filter_state's objects, carried to an internal connection); address_match refused",
     "not_id": applied,
     "sourced_metadata": applied "DYNAMIC metadata (ROUTE refused)",
     "custom": refused "custom principal extensions are not supported",
@@ -507,12 +507,25 @@ fn principal(
         Some(I::NotId(n)) => {
             mr::Principal::Not(Box::new(principal(ctx, &format!("{field}.not_id"), n)?))
         }
-        // Envoy evaluates the key against what its filters stored; nothing
-        // of Ferry's stores any, so the rule could only ever be false, and a
-        // DENY on it would never fire.
-        Some(I::FilterState(_)) => {
-            ctx.refuse(&PRINCIPAL, field, "filter_state", true)?;
-            return Err(ctx.err(field, "a principal needs an identifier"));
+        // The objects `set_filter_state` stored on the request, or that
+        // came with an internal connection (Istio's `io.istio.peer_principal`).
+        Some(I::FilterState(f)) => {
+            let ff = format!("{field}.filter_state");
+            let matcher_pb::FilterStateMatcher { key, matcher } = f;
+            use matcher_pb::filter_state_matcher::Matcher as FM;
+            match matcher {
+                Some(FM::StringMatch(s)) => mr::Principal::FilterState(
+                    key.clone(),
+                    str_match(ctx, &format!("{ff}.string_match"), s)?,
+                ),
+                Some(FM::AddressMatch(_)) => {
+                    return Err(ctx.err(
+                        format!("{ff}.address_match"),
+                        "matching a filter state address by CIDR is not supported",
+                    ));
+                }
+                None => return Err(ctx.err(&ff, "a matcher is required")),
+            }
         }
         Some(I::Custom(_)) => {
             ctx.refuse(&PRINCIPAL, field, "custom", true)?;

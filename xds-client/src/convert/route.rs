@@ -100,7 +100,7 @@ fields!(pub(super) static ROUTE_MATCH = "envoy.config.route.v3.RouteMatch" {
     "path": applied,
     "safe_regex": applied,
     "path_separated_prefix": applied,
-    "connect_matcher": refused "CONNECT routes are not supported",
+    "connect_matcher": applied "CONNECT requests only; no other path matcher but an empty prefix matches a CONNECT",
     "path_match_policy": refused "path match extensions (URI templates) are not supported on routes",
     "case_sensitive": applied,
     "headers": applied,
@@ -109,7 +109,7 @@ fields!(pub(super) static ROUTE_MATCH = "envoy.config.route.v3.RouteMatch" {
     "runtime_fraction": applied "the runtime's value for its runtime_key when a static layer holds one, else its default_value",
     "tls_context": refused "TLS context matching is not supported",
     "dynamic_metadata": refused "dynamic metadata matching is not supported (no filter of Ferry's produces it)",
-    "filter_state": refused "filter state matching is not supported (no filter of Ferry's produces it)",
+    "filter_state": refused "matching routes on filter state is not supported",
     "cookies": refused "cookie matching is not supported",
 });
 
@@ -145,7 +145,7 @@ fields!(pub(super) static ROUTE_ACTION = "envoy.config.route.v3.RouteAction" {
     "cors": applied,
     "max_grpc_timeout": applied "a gRPC request's timeout is its grpc-timeout, capped (0: no cap)",
     "grpc_timeout_offset": applied "subtracted from grpc-timeout when it leaves some time",
-    "upgrade_configs": applied "only the listed types pass (CONNECT configurations refused)",
+    "upgrade_configs": applied "only the listed types pass; CONNECT with connect_config is terminated here",
     "internal_redirect_policy": refused "internal redirects are not supported",
     "internal_redirect_action": refused "internal redirects are not supported",
     "max_internal_redirects": inert "read only with internal redirects, which are refused",
@@ -162,7 +162,12 @@ fields!(pub(super) static MAX_STREAM_DURATION = "envoy.config.route.v3.RouteActi
 fields!(pub(super) static UPGRADE_CONFIG = "envoy.config.route.v3.RouteAction.UpgradeConfig" {
     "upgrade_type": applied,
     "enabled": applied,
-    "connect_config": refused "CONNECT termination is not supported",
+    "connect_config": applied "CONNECT only: the request is answered 200 once a TCP connection to the cluster is open, its bytes carried both ways",
+});
+
+fields!(pub(super) static CONNECT_CONFIG = "envoy.config.route.v3.RouteAction.UpgradeConfig.ConnectConfig" {
+    "proxy_protocol_config": refused "a PROXY protocol header on terminated CONNECT streams is not supported",
+    "allow_post": refused "terminating POST as CONNECT is not supported",
 });
 
 fields!(pub(super) static WEIGHTED_CLUSTER = "envoy.config.route.v3.WeightedCluster" {
@@ -226,7 +231,7 @@ fields!(pub(super) static HASH_POLICY = "envoy.config.route.v3.RouteAction.HashP
     "cookie": applied "name, ttl, path (attributes refused)",
     "connection_properties": applied "source_ip",
     "query_parameter": applied,
-    "filter_state": applied "no filter of Ferry's sets filter state: the policy yields no hash, as Envoy's does for an unset key",
+    "filter_state": applied "the request's hashable object under the key (set_filter_state's hashable strings and addresses); none, no hash",
     "terminal": applied,
 });
 
@@ -596,6 +601,7 @@ fn route(
     let mut hash = Vec::new();
     let mut inline = None;
     let mut upgrades = Vec::new();
+    let mut connect_terminate = false;
     let action = match action {
         Some(Action::Route(ra)) => {
             let af = path(field, "route");
@@ -606,7 +612,7 @@ fn route(
                 .as_ref()
                 .map(|c| inline_cors(ctx, &path(&af, "cors"), c))
                 .transpose()?;
-            upgrades = upgrade_configs(ctx, &af, &ra.upgrade_configs)?;
+            (upgrades, connect_terminate) = upgrade_configs(ctx, &af, &ra.upgrade_configs)?;
             route_action(ctx, &af, ra)?
         }
         Some(Action::DirectResponse(d)) => {
@@ -662,6 +668,7 @@ fn route(
         vhost_rate_limits: Arc::default(),
         hash_policy: hash,
         upgrades,
+        connect_terminate,
         request_body_buffer_limit: body_buffer_limit(
             request_body_buffer_limit.as_ref(),
             per_request_buffer_limit_bytes.as_ref(),
@@ -703,10 +710,7 @@ fn route_match(
         Some(P::Path(p)) => m::PathMatch::Exact(p.clone()),
         Some(P::SafeRegex(re)) => m::PathMatch::Regex(regex(ctx, &path(field, "safe_regex"), re)?),
         Some(P::PathSeparatedPrefix(p)) => m::PathMatch::SeparatedPrefix(p.clone()),
-        Some(P::ConnectMatcher(_)) => {
-            ctx.refuse(cov, field, "connect_matcher", true)?;
-            m::PathMatch::Prefix(String::new())
-        }
+        Some(P::ConnectMatcher(route_pb::route_match::ConnectMatcher {})) => m::PathMatch::Connect,
         Some(P::PathMatchPolicy(_)) => {
             ctx.refuse(cov, field, "path_match_policy", true)?;
             m::PathMatch::Prefix(String::new())
@@ -807,14 +811,15 @@ fn direct_response(
     Ok(m::RouteAction::DirectResponse { status: code, body })
 }
 
-/// `route.upgrade_configs`: the route's verdict per upgrade type.
+/// `route.upgrade_configs`: the route's verdict per upgrade type, and
+/// whether an enabled CONNECT is terminated here (`connect_config`).
 fn upgrade_configs(
     ctx: &Ctx<'_>,
     field: &str,
     ucs: &[route_pb::route_action::UpgradeConfig],
-) -> Result<Vec<(String, bool)>, ConvertError> {
-    let cov = &UPGRADE_CONFIG;
+) -> Result<(Vec<(String, bool)>, bool), ConvertError> {
     let mut out: Vec<(String, bool)> = Vec::with_capacity(ucs.len());
+    let mut terminate = false;
     for (i, uc) in ucs.iter().enumerate() {
         let uf = format!("{field}.upgrade_configs[{i}]");
         let route_pb::route_action::UpgradeConfig {
@@ -822,17 +827,39 @@ fn upgrade_configs(
             enabled,
             connect_config,
         } = uc;
-        ctx.refuse(cov, &uf, "connect_config", connect_config.is_some())?;
         let t = upgrade_type.to_ascii_lowercase();
+        let enabled = enabled.as_ref().is_none_or(|v| v.value);
+        if let Some(cc) = connect_config {
+            // Envoy: "Non-CONNECT upgrade type … has ConnectConfig".
+            if t != "connect" {
+                return Err(ctx.err(
+                    path(&uf, "connect_config"),
+                    format!("Non-CONNECT upgrade type {upgrade_type} has ConnectConfig"),
+                ));
+            }
+            let route_pb::route_action::upgrade_config::ConnectConfig {
+                proxy_protocol_config,
+                allow_post,
+            } = cc;
+            let cf = path(&uf, "connect_config");
+            ctx.refuse(
+                &CONNECT_CONFIG,
+                &cf,
+                "proxy_protocol_config",
+                proxy_protocol_config.is_some(),
+            )?;
+            ctx.refuse(&CONNECT_CONFIG, &cf, "allow_post", *allow_post)?;
+            terminate = enabled;
+        }
         if out.iter().any(|(u, _)| *u == t) {
             return Err(ctx.err(
                 path(&uf, "upgrade_type"),
                 format!("Duplicate upgrade {upgrade_type}"),
             ));
         }
-        out.push((t, enabled.as_ref().is_none_or(|v| v.value)));
+        out.push((t, enabled));
     }
-    Ok(out)
+    Ok((out, terminate))
 }
 
 /// `route.hash_policy`.
@@ -909,8 +936,14 @@ fn hash_policies(
                 }
                 m::cluster::HashPolicyKind::QueryParameter(name.clone())
             }
-            // Nothing sets filter state here: no hash, as Envoy for an unset key.
-            Some(P::FilterState(_)) | None => continue,
+            Some(P::FilterState(fs)) => {
+                let route_pb::route_action::hash_policy::FilterState { key } = fs;
+                if key.is_empty() {
+                    return Err(ctx.err(format!("{f}.filter_state.key"), "a key is required"));
+                }
+                m::cluster::HashPolicyKind::FilterState(key.clone())
+            }
+            None => continue,
         };
         out.push(m::cluster::HashPolicy {
             kind,

@@ -140,7 +140,10 @@ fn cases() -> Vec<(&'static str, &'static str, String, Value, Expect)> {
             "listener",
             format!("{HCM}/http_filters/3/typed_config/rules/policies/p/principals/0"),
             json!({"filter_state": {"key": "k", "string_match": {"exact": "v"}}}),
-            Refused("filter_state"),
+            Applied(
+                "tests/tests/hbone_server.rs",
+                "rbac_on_the_peer_principal_carried_in_filter_state",
+            ),
         ),
         (
             "CircuitBreakers.Thresholds per_host_thresholds",

@@ -400,6 +400,9 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ("envoy.extensions.access_loggers.stream.v3.StderrAccessLog", _) => {
             l(hcm!("access_log[2].typed_config@"))
         }
+        ("envoy.config.core.v3.SubstitutionFormatString", "set_filter_state value") => l(hcm!(
+            "http_filters[10].typed_config@.on_request_headers[0].format_string"
+        )),
         ("envoy.config.core.v3.SubstitutionFormatString", _) => {
             l(hcm!("access_log[0].typed_config@.log_format"))
         }
@@ -456,6 +459,15 @@ fn site(message: &str, context: &str) -> Option<Site> {
         }
         ("envoy.config.route.v3.RouteAction.UpgradeConfig", _) => {
             l(route0!(".route.upgrade_configs[0]"))
+        }
+        ("envoy.config.route.v3.RouteAction.UpgradeConfig.ConnectConfig", _) => {
+            l(route0!(".route.upgrade_configs[1].connect_config"))
+        }
+        ("envoy.extensions.filters.http.set_filter_state.v3.Config", _) => {
+            l(hcm!("http_filters[10].typed_config@"))
+        }
+        ("envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue", _) => {
+            l(hcm!("http_filters[10].typed_config@.on_request_headers[0]"))
         }
         ("envoy.config.route.v3.RouteAction.MaxStreamDuration", _) => {
             l(route0!(".route.max_stream_duration"))

@@ -1,0 +1,127 @@
+//! CONNECT termination in the connection manager (a route with
+//! `upgrade_configs: [{upgrade_type: CONNECT, connect_config: {}}]`, HTTP/2
+//! CONNECT as HBONE speaks it): a TCP connection to the routed cluster is
+//! opened, the request answered 200 once it is up (503 when it cannot be),
+//! and the stream's bytes are then copied both ways, each side's end passed
+//! on as the other's half-close. An internal-address cluster gets the
+//! filter state the request shares with upstream. Also
+//! `envoy.filters.http.set_filter_state`, which fills that state.
+
+use std::sync::Arc;
+
+use ferry_model::filter_state::{self as fs, FilterState, SetFilterState};
+use ferry_model::format::{FormatContext, ValueContext};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::{ConnCtx, LocalReply, Routed, body, local_reply};
+use crate::cluster::EndpointPool;
+
+/// `set_filter_state`'s `on_request_headers`: each value rendered from the
+/// request and stored in the request's filter state (which starts as the
+/// connection's).
+pub(super) fn set_filter_state(
+    ctx: &ConnCtx,
+    cfg: &SetFilterState,
+    req: &mut Request<Incoming>,
+    fctx: &FormatContext<'_>,
+) {
+    let mut state = req
+        .extensions_mut()
+        .remove::<FilterState>()
+        .or_else(|| ctx.filter_state.as_deref().cloned())
+        .unwrap_or_default();
+    let peer_cert = ctx.tls.as_ref().and_then(|t| t.client_cert.as_deref());
+    let peer_uri_sans = peer_cert.map_or(&[][..], |c| &c.uris[..]);
+    let local_uri_sans = peer_cert.map_or(&[][..], |c| &c.by[..]);
+    let pseudo = super::pseudo_of(req);
+    let vctx = ValueContext {
+        format: fctx,
+        pseudo: &pseudo,
+        peer_uri_sans,
+        local_uri_sans,
+    };
+    let mut values = Vec::with_capacity(cfg.on_request_headers.len());
+    for v in &cfg.on_request_headers {
+        let rendered = v.format.render(&vctx, req.headers());
+        if rendered.is_empty() && v.skip_if_empty {
+            continue;
+        }
+        values.push((v, rendered));
+    }
+    for (v, rendered) in values {
+        match fs::make(v.kind, rendered) {
+            Some(object) => {
+                if !state.set(&v.key, object, v.read_only, v.shared) {
+                    tracing::debug!(filter_state.key = %v.key, "filter state key is read-only; kept");
+                }
+            }
+            None => {
+                tracing::debug!(filter_state.key = %v.key, "filter state value does not parse; not set");
+            }
+        }
+    }
+    req.extensions_mut().insert(state);
+}
+
+/// Whether `req` is a CONNECT that `route` terminates here.
+pub(super) fn terminates(req: &Request<Incoming>, route: &ferry_model::Route) -> bool {
+    route.connect_terminate && req.method() == http::Method::CONNECT
+}
+
+/// Terminates the CONNECT `req` on a connection to `pool`'s endpoint.
+pub(super) async fn terminate(
+    ctx: &ConnCtx,
+    pool: Arc<EndpointPool>,
+    mut req: Request<Incoming>,
+) -> Routed {
+    let shared = req
+        .extensions()
+        .get::<FilterState>()
+        .or(ctx.filter_state.as_deref())
+        .and_then(FilterState::for_upstream)
+        .map(Arc::new);
+    let upstream = Some(pool.address.clone());
+    let internal = matches!(pool.address, ferry_model::cluster::HostAddr::Internal(_));
+    let up = match pool.connect_carrying(shared).await {
+        Ok(up) => {
+            pool.report_connect(true);
+            up
+        }
+        Err(e) => {
+            pool.report_connect(false);
+            tracing::debug!(upstream.host = %pool.address, error = %e, "CONNECT upstream connect failed");
+            let mut body = "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".to_string();
+            // An internal connection has no transport to fail (Envoy names none).
+            if let Some(reason) = e.transport_failure_reason().filter(|_| !internal) {
+                body.push_str(&format!(", transport failure reason: {reason}"));
+            }
+            let r = LocalReply {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                body: Some(body),
+            };
+            return (local_reply(r), "UF", upstream);
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    // The tunnel outlives the response: it counts as a stream of the
+    // connection until its bytes are done.
+    let tunnel = ctx.life.tunnel();
+    tokio::spawn(async move {
+        let _tunnel = tunnel;
+        let Ok(down) = on_upgrade.await else {
+            tracing::debug!("CONNECT stream ended before it was upgraded");
+            return;
+        };
+        let mut down = TokioIo::new(down);
+        let mut up = up;
+        match crate::tcp::copy_bidirectional(&mut down, &mut up).await {
+            Ok((rx, tx)) => {
+                tracing::trace!(bytes.received = rx, bytes.sent = tx, "CONNECT tunnel done")
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT tunnel ended"),
+        }
+    });
+    (Response::new(body::empty()), "", upstream)
+}
