@@ -1345,6 +1345,8 @@ async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
+    // What a filter read of the body before routing goes first.
+    let prefix = parts.extensions.remove::<body::BufferedPrefix>();
 
     if !parts.headers.contains_key(HOST)
         && let Ok(v) = HeaderValue::from_str(host)
@@ -1482,11 +1484,11 @@ async fn forward(
     let received = Some(obs.body_count().unwrap_or_default());
     let (replay, mut first_body) = if !upgrade && (policy.is_some() || !mirrors.is_empty()) {
         (
-            Some(Replay::new(body, end.clone(), replay_limit).counted(received.clone())),
+            Some(Replay::new(body, prefix, end.clone(), replay_limit).counted(received.clone())),
             None,
         )
     } else {
-        (None, Some(body))
+        (None, Some((body, prefix)))
     };
     obs.upstream_request(&parts, &path);
     if let Some(r) = &replay {
@@ -1555,7 +1557,9 @@ async fn forward(
     let (result, address) = loop {
         let body = match (&replay, first_body.take()) {
             (Some(r), _) => r.body(),
-            (None, Some(b)) => UpstreamBody::new(b, end.clone()).counted(received.clone()),
+            (None, Some((b, prefix))) => {
+                UpstreamBody::new(b, prefix, end.clone()).counted(received.clone())
+            }
             (None, None) => UpstreamBody::empty(),
         };
         // The last possible attempt takes the head itself; earlier ones a copy.
