@@ -1618,6 +1618,14 @@ async fn forward(
             kind = &mut global => Attempt::GlobalTimeout(kind),
         };
         obs.attempt_ended(&attempt, &address);
+        // An upstream asking to be failed (an Envoy draining): a checked
+        // host fails at once, as Envoy's router tells its health checker.
+        if let Attempt::Response(r) = &attempt
+            && r.headers()
+                .contains_key(crate::health_check::IMMEDIATE_FAIL_HEADER)
+        {
+            pool.health.immediate_fail();
+        }
         let outcome = match &attempt {
             Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
             Attempt::PerTryTimeout => {
