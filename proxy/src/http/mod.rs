@@ -206,9 +206,19 @@ async fn serve_h2<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = ctx.rt.drain_timeout;
+    // `http_reject_path_with_fragment` (Envoy's default): the guard reads
+    // the request header blocks for a `:path` with '#', which the codec
+    // would strip; such a request is answered 400.
+    let fragments = ferry_xds::runtime::current()
+        .reject_path_with_fragment()
+        .then(h2_guard::Fragments::default);
     let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| {
+    let svc_fragments = fragments.clone();
+    let svc = service_fn(move |mut req| {
         let ctx = svc_ctx.clone();
+        if let Some(f) = &svc_fragments {
+            f.mark(&mut req);
+        }
         async move { handle(ctx, req).await }
     });
     ctx.stats.downstream_cx_http2_total.inc();
@@ -216,7 +226,9 @@ async fn serve_h2<S>(
         &ctx.rt.stats,
         ctx.stats.downstream_rq_too_many_premature_resets.clone(),
     );
-    let io = TokioIo::new(h2_guard::H2Guard::new(io, p.http2.clone(), counters));
+    let io = TokioIo::new(
+        h2_guard::H2Guard::new(io, p.http2.clone(), counters).watching_fragments(fragments),
+    );
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -740,6 +752,14 @@ fn is_http1_request_target(method: &http::Method, uri: &Uri) -> bool {
 fn normalize_path(ctx: &ConnCtx, req: &mut Request<Incoming>, grpc: bool) -> Normalized {
     use ferry_filters::http::path_normalization::{self as pn, Verdict};
     let http1 = req.version() != Version::HTTP_2;
+    // An HTTP/2 `:path` with a fragment while the runtime rejects them.
+    if req.extensions().get::<h2_guard::PathFragment>().is_some() {
+        tracing::debug!(path = %req.uri(), "HTTP/2 :path with a fragment refused");
+        return Normalized::Answered(local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: None,
+        }));
+    }
     if http1 && !is_http1_request_target(req.method(), req.uri()) {
         let mut resp = local_reply(LocalReply {
             status: StatusCode::BAD_REQUEST,
