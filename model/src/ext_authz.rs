@@ -70,6 +70,22 @@ pub struct ExtAuthz {
     pub encode_raw_headers: bool,
     /// `max_denied_response_body_bytes` (0: no limit).
     pub max_denied_response_body_bytes: u32,
+    /// `with_request_body`: the request body (its first bytes) goes into
+    /// the check.
+    pub with_request_body: Option<BufferSettings>,
+}
+
+/// `BufferSettings`: how much of the request body the check waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferSettings {
+    /// `max_request_bytes`: the most body held for the check.
+    pub max_request_bytes: u32,
+    /// `allow_partial_message`: a longer body is checked on its first
+    /// `max_request_bytes` instead of being answered with 413.
+    pub allow_partial_message: bool,
+    /// `pack_as_bytes`: a gRPC check carries the body in `raw_body`
+    /// instead of the UTF-8 `body`.
+    pub pack_as_bytes: bool,
 }
 
 /// The authorizer.
@@ -117,6 +133,11 @@ pub struct ExtAuthzPerRoute {
     /// `check_settings.context_extensions`, merged from the least to the
     /// most specific level.
     pub context_extensions: BTreeMap<String, String>,
+    /// `check_settings.disable_request_body_buffering`: the route's
+    /// requests are checked without their body.
+    pub disable_request_body_buffering: bool,
+    /// `check_settings.with_request_body`: the route's own buffer settings.
+    pub with_request_body: Option<BufferSettings>,
 }
 
 /// `envoy.extensions.filters.network.ext_authz.v3.ExtAuthz`: a TCP

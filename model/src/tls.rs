@@ -15,6 +15,9 @@ pub enum SecretSource {
     /// in the snapshot's secrets (static ones from the bootstrap or ones
     /// delivered over ADS).
     Sds(String),
+    /// An SDS secret by name fetched from istio-agent's SDS server (an
+    /// `sds_config` on its `sds-grpc` cluster), not from the ADS stream.
+    AgentSds(String),
     /// Inline or file data given in the configuration itself.
     Inline(Arc<Secret>),
 }
@@ -23,8 +26,16 @@ impl SecretSource {
     /// The SDS name, if the data comes by name.
     pub fn sds_name(&self) -> Option<&str> {
         match self {
-            SecretSource::Sds(n) => Some(n),
+            SecretSource::Sds(n) | SecretSource::AgentSds(n) => Some(n),
             SecretSource::Inline(_) => None,
+        }
+    }
+
+    /// The name, if istio-agent's SDS server holds the secret.
+    pub fn agent_sds_name(&self) -> Option<&str> {
+        match self {
+            SecretSource::AgentSds(n) => Some(n),
+            _ => None,
         }
     }
 }
@@ -222,6 +233,14 @@ impl CommonTls {
             .iter()
             .chain(self.validation.iter())
             .filter_map(SecretSource::sds_name)
+    }
+
+    /// Names of the SDS secrets this context needs from istio-agent.
+    pub fn agent_sds_names(&self) -> impl Iterator<Item = &str> {
+        self.certificates
+            .iter()
+            .chain(self.validation.iter())
+            .filter_map(SecretSource::agent_sds_name)
     }
 }
 

@@ -791,6 +791,9 @@ impl LbHost for Arc<EndpointPool> {
     fn degraded(&self) -> bool {
         self.health.degraded()
     }
+    fn excluded(&self) -> bool {
+        self.health.excluded()
+    }
     fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
     }

@@ -9,6 +9,13 @@
 //! `unhealthy_threshold` in a row. Balancers read one atomic flag per host
 //! ([`HostHealth::failed`]). Sessions stop when their host leaves the
 //! cluster or the cluster goes away (the checker aborts them on drop).
+//!
+//! `x-envoy-immediate-health-check-fail` (an Envoy upstream draining) fails
+//! a checked host at once: on a check's answer, and on a routed response
+//! (a passive failure, [`HostHealth::immediate_fail`]), which also counts
+//! `health_check.passive_failure`; the host is flagged
+//! `excluded_via_immediate_hc_fail` until a check's answer comes without
+//! the header.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -43,7 +50,18 @@ pub struct HostHealth {
     degraded: AtomicBool,
     timeout: AtomicBool,
     pending_removal: AtomicBool,
+    /// `EXCLUDED_VIA_IMMEDIATE_HC_FAIL`.
+    excluded: AtomicBool,
+    /// A passive failure the session has not seen yet: its run of passes
+    /// starts again.
+    passive_pending: AtomicBool,
+    /// The checker's `failure` and `passive_failure` counters, once a
+    /// session runs for the host.
+    passive_counters: std::sync::OnceLock<(Counter, Counter)>,
 }
+
+/// The header by which an upstream asks to be failed at once.
+pub const IMMEDIATE_FAIL_HEADER: &str = "x-envoy-immediate-health-check-fail";
 
 impl HostHealth {
     /// A host new to the cluster: failed until its first check passes when
@@ -75,6 +93,29 @@ impl HostHealth {
     /// Discovery removed the host; it stays while its checks pass.
     pub fn pending_removal(&self) -> bool {
         self.pending_removal.load(Ordering::Relaxed)
+    }
+
+    /// `EXCLUDED_VIA_IMMEDIATE_HC_FAIL`.
+    pub fn excluded(&self) -> bool {
+        self.excluded.load(Ordering::Relaxed)
+    }
+
+    /// A routed response carried `x-envoy-immediate-health-check-fail`:
+    /// as Envoy's passive `setUnhealthy`, a checked host fails at once and
+    /// is excluded; its next passes count from zero.
+    pub fn immediate_fail(&self) {
+        if !self.checked {
+            return;
+        }
+        self.excluded.store(true, Ordering::Relaxed);
+        self.passive_pending.store(true, Ordering::Relaxed);
+        if !self.failed.swap(true, Ordering::Relaxed) {
+            tracing::info!("upstream asked for an immediate health check failure: host unhealthy");
+        }
+        if let Some((failure, passive)) = self.passive_counters.get() {
+            failure.inc();
+            passive.inc();
+        }
     }
 
     pub fn set_pending_removal(&self, v: bool) {
@@ -109,6 +150,7 @@ struct CheckStats {
     success: Counter,
     failure: Counter,
     network_failure: Counter,
+    passive_failure: Counter,
     verify_cluster: Counter,
 }
 
@@ -201,6 +243,7 @@ impl HealthChecker {
                 success: c("success"),
                 failure: c("failure"),
                 network_failure: c("network_failure"),
+                passive_failure: c("passive_failure"),
                 verify_cluster: c("verify_cluster"),
             },
             traffic,
@@ -277,6 +320,10 @@ impl HealthChecker {
                 continue;
             }
             let health = t.health.clone();
+            let _ = health.passive_counters.set((
+                self.stats.failure.clone(),
+                self.stats.passive_failure.clone(),
+            ));
             let task = tokio::spawn(run(Arc::downgrade(self), self.clone_parts(), t));
             sessions.insert(
                 key,
@@ -393,6 +440,11 @@ async fn run(checker: Weak<HealthChecker>, p: Parts, t: Target) {
 fn apply(p: &Parts, t: &Target, counts: &mut Counts, outcome: Outcome) -> (bool, Transition) {
     let h = &t.health;
     let cfg = &p.cfg;
+    if h.passive_pending.swap(false, Ordering::Relaxed) {
+        // A passive failure came between checks, as Envoy's setUnhealthy.
+        counts.healthy = 0;
+        counts.first = false;
+    }
     match outcome {
         Outcome::Success { degraded } => {
             counts.unhealthy = 0;
@@ -402,6 +454,8 @@ fn apply(p: &Parts, t: &Target, counts: &mut Counts, outcome: Outcome) -> (bool,
                 // A host's very first check needs one pass only.
                 if counts.first || counts.healthy >= cfg.healthy_threshold {
                     h.timeout.store(false, Ordering::Relaxed);
+                    // Passing again: no longer excluded.
+                    h.excluded.store(false, Ordering::Relaxed);
                     h.failed.store(false, Ordering::Relaxed);
                     transition = Transition::Changed;
                     tracing::info!(upstream.host = %t.address, "health check passed: host healthy");
@@ -702,6 +756,10 @@ async fn http_check(
     }
     let status = parts.status.as_u16();
     if !in_ranges(&h.expected_statuses, status) {
+        // As Envoy: only a failing answer with the header excludes the host.
+        if parts.headers.contains_key(IMMEDIATE_FAIL_HEADER) {
+            t.health.excluded.store(true, Ordering::Relaxed);
+        }
         return Ok(Outcome::Failure {
             network: false,
             retriable: in_ranges(&h.retriable_statuses, status),
@@ -941,6 +999,7 @@ mod tests {
                 success: Counter::default(),
                 failure: Counter::default(),
                 network_failure: Counter::default(),
+                passive_failure: Counter::default(),
                 verify_cluster: Counter::default(),
             },
             traffic: Counter::default(),
@@ -974,6 +1033,30 @@ mod tests {
         network: false,
         retriable: true,
     };
+
+    #[test]
+    fn an_immediate_failure_fails_and_excludes_until_healthy_again() {
+        let p = parts(3, 2);
+        let t = target();
+        let h = &t.health;
+        let mut c = Counts {
+            first: true,
+            ..Counts::default()
+        };
+        apply(&p, &t, &mut c, PASS);
+        // A pass already counted before the failure does not count after it.
+        c.healthy = 1;
+        h.immediate_fail();
+        assert!(h.failed() && h.excluded());
+        assert_eq!(apply(&p, &t, &mut c, PASS).1, Transition::ChangePending);
+        assert!(h.excluded(), "excluded until healthy");
+        assert_eq!(apply(&p, &t, &mut c, PASS).1, Transition::Changed);
+        assert!(!h.failed() && !h.excluded());
+        // An unchecked host is left alone.
+        let unchecked = HostHealth::new(false);
+        unchecked.immediate_fail();
+        assert!(!unchecked.failed() && !unchecked.excluded());
+    }
 
     #[test]
     fn thresholds_and_flags_follow_envoy() {

@@ -27,6 +27,11 @@ pub trait LbHost {
     fn degraded(&self) -> bool {
         false
     }
+    /// Excluded after `x-envoy-immediate-health-check-fail`: never picked,
+    /// not even in panic mode (Envoy's `EXCLUDED_VIA_IMMEDIATE_HC_FAIL`).
+    fn excluded(&self) -> bool {
+        false
+    }
     /// Requests in flight (least request).
     fn active(&self) -> u64;
     /// Peak-EWMA latency estimate in nanoseconds (opt-in least request).
@@ -193,7 +198,7 @@ impl<H: LbHost> Balancer<H> {
                 || self.hosts.get(i).is_some_and(|h| h.degraded())
         };
         let healthy_left = level.members.iter().any(|i| up(*i) && !is_degraded(*i));
-        let skipped = |i: usize| self.hosts.get(i).is_some_and(skip);
+        let skipped = |i: usize| self.hosts.get(i).is_some_and(|h| skip(h) || h.excluded());
         let ok = |i: usize| !skipped(i) && (panic || (up(i) && (!healthy_left || !is_degraded(i))));
         let idx = match self.policy {
             LbPolicy::RingHash => ring_lookup(&level.ring, hash.unwrap_or_else(rand::random), ok),

@@ -500,14 +500,18 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             // Under istio-agent (no --ca-addr): the agent serves the
             // workload certificate and root on its SDS socket, as to Envoy.
             tracing::info!(sds.target = ?target, "workload secrets from the agent's SDS server");
-            a.local_secrets = Some(ferry_xds::sds::start(
+            // Other names on its `sds-grpc` cluster are fetched as the
+            // configuration names them.
+            let (agent_sds, secrets) = ferry_xds::sds::AgentSds::start(
                 ferry_xds::sds::SdsSource {
                     cluster: ferry_xds::bootstrap::AGENT_SDS_CLUSTER.into(),
                     target,
                     node: a.node.clone(),
                 },
                 &[crate::agent::WORKLOAD_SECRET, crate::agent::ROOT_SECRET],
-            ));
+            );
+            a.local_secrets = Some(secrets);
+            a.agent_sds = Some(agent_sds);
         }
     } else if opts.agent.is_some() {
         tracing::warn!("--ca-addr is ignored: the bootstrap has no ADS");

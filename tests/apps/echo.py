@@ -3,7 +3,8 @@
 
   http PORT NAME [--idle-close MS] [--drop-reused]
       Threaded HTTP/1.1 keep-alive server. Every answer is JSON
-      {name, method, path, version, headers: [[raw-name, value], ...], body_len, conn_requests}
+      {name, method, path, version, headers: [[raw-name, value], ...], body_len, body_sha256,
+      conn_requests}
       after the whole request body was read (Content-Length or chunked, streamed, never held
       in memory). `Expect: 100-continue` gets its interim response. Paths:
         /status/NNN   answer with that status
@@ -42,6 +43,7 @@
 The process prints `ready` on stdout once it accepts connections, and exits on SIGTERM.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -82,7 +84,10 @@ class EchoHandler(BaseHTTPRequestHandler):
         pass
 
     def read_body(self):
-        """Reads and discards the request body, returning its length."""
+        """Reads and discards the request body, returning its length; its SHA-256 is kept
+        in `self.body_sha256`."""
+        digest = hashlib.sha256()
+        self.body_sha256 = digest.hexdigest()
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             total = 0
             while True:
@@ -91,6 +96,7 @@ class EchoHandler(BaseHTTPRequestHandler):
                     raise ConnectionError("eof in chunked body")
                 size = int(line.split(b";")[0].strip(), 16)
                 if size == 0:
+                    self.body_sha256 = digest.hexdigest()
                     # Trailers, then the empty line.
                     while self.rfile.readline(8192) not in (b"\r\n", b"\n", b""):
                         pass
@@ -100,6 +106,7 @@ class EchoHandler(BaseHTTPRequestHandler):
                     got = self.rfile.read(min(left, 1 << 20))
                     if not got:
                         raise ConnectionError("eof in chunk")
+                    digest.update(got)
                     left -= len(got)
                 total += size
                 self.rfile.readline(16)  # CRLF after the chunk
@@ -109,7 +116,9 @@ class EchoHandler(BaseHTTPRequestHandler):
             got = self.rfile.read(min(left, 1 << 20))
             if not got:
                 raise ConnectionError("eof in body")
+            digest.update(got)
             left -= len(got)
+        self.body_sha256 = digest.hexdigest()
         return length
 
     def handle_one_request(self):
@@ -188,6 +197,7 @@ class EchoHandler(BaseHTTPRequestHandler):
             "version": self.request_version,
             "headers": [[k, v] for k, v in self.headers.items()],
             "body_len": body_len,
+            "body_sha256": self.body_sha256,
             "conn_requests": self.conn_requests,
         }
         if upstream is not None:

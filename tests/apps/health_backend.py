@@ -2,13 +2,16 @@
 
 Usage: health_backend.py MODE PORT NAME CTL_FILE [HEALTH_HOST] [HEALTH_PORT]
 
-While CTL_FILE exists the backend fails its health checks.
+While CTL_FILE exists the backend fails its health checks; while CTL_FILE.immediate
+exists an HTTP check is answered 503 with `x-envoy-immediate-health-check-fail: true`
+(an Envoy draining).
 
   http  HTTP/1.1: GET /healthz answers 200, or 503 while failing (and 421
         when HEALTH_HOST is given and the Host header differs); any other
         path answers 200 with the body NAME. With HEALTH_PORT, /healthz is
         answered there, and /healthz on PORT always fails (503), so a check
-        that ignores the port override fails.
+        that ignores the port override fails. GET /drain answers 200 with the body NAME
+        and `x-envoy-immediate-health-check-fail: true`.
   tcp   each line "PING" is answered "PONG" (the connection is closed
         instead while failing); any other line is answered NAME.
   grpc  grpc.health.v1.Health/Check answers SERVING, or NOT_SERVING while
@@ -37,9 +40,11 @@ def http_handler(is_health_port):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def answer(self, status, body):
+        def answer(self, status, body, immediate=False):
             data = body.encode()
             self.send_response(status)
+            if immediate:
+                self.send_header("x-envoy-immediate-health-check-fail", "true")
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -51,7 +56,9 @@ def http_handler(is_health_port):
                 print(f"health check host={host} ua={self.headers.get('User-Agent')} "
                       f"x-hc={self.headers.get('x-hc')} port={'health' if is_health_port else 'data'}",
                       flush=True)
-                if health_port is not None and not is_health_port:
+                if os.path.exists(ctl + ".immediate"):
+                    self.answer(503, "draining", immediate=True)
+                elif health_port is not None and not is_health_port:
                     self.answer(503, "checks go to the health port")
                 elif failing():
                     self.answer(503, "failing")
@@ -60,7 +67,7 @@ def http_handler(is_health_port):
                 else:
                     self.answer(200, "ok")
                 return
-            self.answer(200, name)
+            self.answer(200, name, immediate=self.path == "/drain")
 
         def log_message(self, *args):
             pass

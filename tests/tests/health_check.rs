@@ -4,7 +4,10 @@
 //! fails its check, then recovers, then (HTTP) fails again. At each step
 //! both proxies must show the same `/clusters` health flags and send
 //! traffic to the same backends; the HTTP check of one backend goes to the
-//! port and Host its `health_check_config` names.
+//! port and Host its `health_check_config` names. An upstream answering with
+//! `x-envoy-immediate-health-check-fail` (routed traffic: a passive failure; or a
+//! check's 503) fails its host at once, flagged `excluded_via_immediate_hc_fail` until
+//! it passes again, with the same flags and `health_check.passive_failure` in both.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it only Ferry's half runs
 //! (with a note), except under `CI=true`, where a missing Envoy fails.
@@ -443,5 +446,91 @@ fn http_health_check_fails_and_recovers_hosts_as_envoy() -> Result<()> {
         let name = format!("cluster.{c}.health_check.healthy");
         assert_eq!(stat(e.admin(), &name)?, n, "envoy {name}");
     }
+    Ok(())
+}
+
+/// The immediate-failure steps through one proxy: the flags after a routed `/drain`
+/// answer carrying the header (and the passive failure counted), after recovery, after
+/// a check answered 503 with the header, and after recovery again.
+fn immediate_scenario(admin: u16, port: u16, b: &Backend) -> Result<(Vec<String>, u64)> {
+    let immediate = PathBuf::from(format!("{}.immediate", b.ctl.display()));
+    let flags = |want: &str| -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = http_request(local(admin), "GET", "/clusters")?;
+            let prefix = format!("::127.0.0.1:{}::health_flags::", b.port);
+            let got = body
+                .lines()
+                .find_map(|l| l.split_once(&prefix).map(|(_, v)| v.to_string()))
+                .unwrap_or_default();
+            if got == want || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let failed = "/failed_active_hc/excluded_via_immediate_hc_fail";
+    let mut steps = vec![flags("healthy")?];
+    let (status, body) = http_request(local(port), "GET", "/drain")?;
+    anyhow::ensure!(status == 200 && body == b.name, "/drain: {status} {body}");
+    steps.push(flags(failed)?);
+    let passive = stat(admin, "cluster.hc_drain.health_check.passive_failure")?;
+    steps.push(flags("healthy")?);
+    std::fs::write(&immediate, "")?;
+    steps.push(flags(failed)?);
+    std::fs::remove_file(&immediate)?;
+    steps.push(flags("healthy")?);
+    Ok((steps, passive))
+}
+
+#[test]
+fn immediate_health_check_fail_excludes_the_host_as_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let dir = TempDir::new("health-check-immediate")?;
+    let b = Backend::start(dir.path(), "http", "drain", None)?;
+    let port = free_port();
+    let cfg: Value = serde_json::from_str(
+        &Bootstrap::new()
+            .listener(http_listener(
+                "h",
+                port,
+                vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "hc_drain"}})],
+            ))
+            .cluster(cluster(
+                "hc_drain",
+                vec![endpoint(b.port, None)],
+                check(json!({"http_health_check": {"path": "/healthz"}})),
+                false,
+            ))
+            .render(),
+    )?;
+    let ferry = Ferry::start(&cfg.to_string())?;
+    let got = immediate_scenario(ferry.admin_port(), port, &b)
+        .with_context(|| format!("through ferry:\n{}\n{}", ferry.log(), b.log()))?;
+    drop(ferry);
+    let failed = "/failed_active_hc/excluded_via_immediate_hc_fail".to_string();
+    let healthy = "healthy".to_string();
+    assert_eq!(
+        got,
+        (
+            vec![
+                healthy.clone(),
+                failed.clone(),
+                healthy.clone(),
+                failed,
+                healthy
+            ],
+            1
+        ),
+        "through ferry"
+    );
+    let Some(bin) = envoy::bin()? else {
+        eprintln!("envoy not installed; the comparison is skipped");
+        return Ok(());
+    };
+    let e = Envoy::start(&bin, &cfg, port)?;
+    let seen = immediate_scenario(e.admin(), port, &b)
+        .with_context(|| format!("through envoy:\n{}\n{}", e.log(), b.log()))?;
+    assert_eq!(seen, got, "Envoy and Ferry flag and count alike");
     Ok(())
 }

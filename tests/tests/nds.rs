@@ -62,6 +62,7 @@ async fn run(delta: bool) -> anyhow::Result<()> {
         tls: None,
         secrets: Default::default(),
         local_secrets: None,
+        agent_sds: None,
         name_table: Some(tx),
     };
     let (snap_tx, _snap_rx) = watch::channel(None);

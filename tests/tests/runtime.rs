@@ -2,7 +2,8 @@
 //! istio-agent's bootstrap (`bootstrap-default_golden.json`) on a listener
 //! of our own, with the fragment flag as istio-agent sets it (false: the
 //! fragment is stripped before routing and forwarding) and at Envoy's
-//! default (true: 400); a route's `runtime_fraction` reading the layer's
+//! default (true: 400), over HTTP/1.1 and over HTTP/2 (a `:path` with '#',
+//! written frame by frame); a route's `runtime_fraction` reading the layer's
 //! value for its `runtime_key`; `/runtime` listing the layers as Envoy's
 //! does; a refused
 //! key failing start-up by name.
@@ -79,10 +80,92 @@ fn ask(port: u16, target: &str) -> Result<(u16, Option<String>)> {
     Ok((r.status, path))
 }
 
+/// The same over HTTP/2 (prior knowledge), with `target` as the `:path` byte for byte:
+/// the frames are written here, since HTTP/2 clients drop a fragment before sending.
+/// The answer's status is read from the first field of its header block (a static
+/// table index, as both encoders send the common statuses); a reset of the stream is
+/// status 0.
+fn ask_h2(port: u16, target: &str) -> Result<(u16, Option<String>)> {
+    use std::io::Read;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = Vec::with_capacity(9 + payload.len());
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    anyhow::ensure!(target.len() < 127, "a short target");
+    // :method GET, :scheme http (indexed), :path and :authority (literal, not indexed).
+    let mut block = vec![0x82, 0x86, 0x04, target.len() as u8];
+    block.extend_from_slice(target.as_bytes());
+    block.extend_from_slice(&[0x01, 1, b'x']);
+    let mut s = TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")?;
+    s.write_all(&frame(4, 0, 0, &[]))?;
+    s.write_all(&frame(1, 0x5, 1, &block))?;
+    let (mut status, mut body) = (None, Vec::new());
+    loop {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload)?;
+        match (kind, stream) {
+            (4, 0) if flags & 1 == 0 => s.write_all(&frame(4, 1, 0, &[]))?,
+            (1, 1) => {
+                // Dynamic table size updates (001xxxxx) may come first.
+                let first = payload
+                    .iter()
+                    .find(|b| *b & 0xe0 != 0x20)
+                    .copied()
+                    .unwrap_or_default();
+                status = Some(match first & 0x7f {
+                    8 => 200,
+                    9 => 204,
+                    12 => 400,
+                    13 => 404,
+                    14 => 500,
+                    _ => anyhow::bail!("a status not from the static table: {payload:?}"),
+                });
+            }
+            (0, 1) => body.extend_from_slice(&payload),
+            (3, 1) => return Ok((0, None)),
+            (7, _) => anyhow::bail!("GOAWAY before an answer"),
+            _ => {}
+        }
+        if stream == 1 && flags & 1 == 1 && matches!(kind, 0 | 1) {
+            break;
+        }
+    }
+    let status = status.context("no header block")?;
+    let path = match status {
+        200 => Some(
+            serde_json::from_slice::<Value>(&body)?["path"]
+                .as_str()
+                .context("the backend's answer has no path")?
+                .to_string(),
+        ),
+        _ => None,
+    };
+    Ok((status, path))
+}
+
 const TARGETS: [&str; 4] = ["/a", "/a#frag", "/a?q=1#frag", "/shared"];
 
+/// Each target over HTTP/1.1, then over HTTP/2.
 fn answers(port: u16) -> Result<Vec<(u16, Option<String>)>> {
-    TARGETS.iter().map(|t| ask(port, t)).collect()
+    let mut out: Vec<_> = TARGETS
+        .iter()
+        .map(|t| ask(port, t))
+        .collect::<Result<_>>()?;
+    for t in TARGETS {
+        out.push(ask_h2(port, t).with_context(|| format!("HTTP/2 {t}"))?);
+    }
+    Ok(out)
 }
 
 #[test]
@@ -118,6 +201,9 @@ fn fragment_flag_and_runtime_fraction_behave_as_envoy() -> Result<()> {
             (200, Some("/a?q=1".to_string()))
         };
         assert_eq!(ours[2], expect_q, "flag {flag}: /a?q=1#frag");
+        // The same over HTTP/2.
+        assert_eq!(ours[5], expect_a, "flag {flag}: HTTP/2 /a#frag");
+        assert_eq!(ours[6], expect_q, "flag {flag}: HTTP/2 /a?q=1#frag");
         // The layer's 0 overrides the route's 100 % default.
         assert_eq!(ours[3], (404, None), "runtime_fraction reads the layer");
     }

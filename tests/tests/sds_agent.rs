@@ -6,7 +6,10 @@
 //! context names both secrets must present the served certificate and
 //! require a client certificate from the served root, through Ferry and
 //! through Envoy 1.40 on the same bootstrap, and a pushed rotation must
-//! reach new handshakes of both.
+//! reach new handshakes of both. A gateway listener whose certificate and
+//! root are other names on the same `sds-grpc` cluster (a `credentialName`'s
+//! `kubernetes://gw-cred` and `kubernetes://gw-cred-cacert`) gets them from
+//! the agent too, each on a stream of its own, as in Envoy.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it the test fails.
 
@@ -119,14 +122,25 @@ fn inline(pem: &str) -> Option<DataSource> {
     })
 }
 
-/// `default` (the leaf) and `ROOTCA` (the CA), as istio-agent serves them.
+/// The gateway's certificate and root, by the names its listener asks for.
+const GATEWAY_CERT: &str = "kubernetes://gw-cred";
+const GATEWAY_ROOT: &str = "kubernetes://gw-cred-cacert";
+
+/// `default` (the leaf) and `ROOTCA` (the CA), as istio-agent serves them,
+/// and the gateway's pair under its own names (the same leaf and CA).
 fn secrets(ca: &Ca, leaf: &Leaf) -> HashMap<String, tls_pb::Secret> {
+    let mut out = pair(ca, leaf, "default", "ROOTCA");
+    out.extend(pair(ca, leaf, GATEWAY_CERT, GATEWAY_ROOT));
+    out
+}
+
+fn pair(ca: &Ca, leaf: &Leaf, cert: &str, root: &str) -> HashMap<String, tls_pb::Secret> {
     use tls_pb::secret::Type;
     let mut out = HashMap::new();
     out.insert(
-        "default".to_string(),
+        cert.to_string(),
         tls_pb::Secret {
-            name: "default".into(),
+            name: cert.into(),
             r#type: Some(Type::TlsCertificate(tls_pb::TlsCertificate {
                 certificate_chain: inline(&leaf.cert_pem),
                 private_key: inline(&leaf.key_pem),
@@ -135,9 +149,9 @@ fn secrets(ca: &Ca, leaf: &Leaf) -> HashMap<String, tls_pb::Secret> {
         },
     );
     out.insert(
-        "ROOTCA".to_string(),
+        root.to_string(),
         tls_pb::Secret {
-            name: "ROOTCA".into(),
+            name: root.into(),
             r#type: Some(Type::ValidationContext(
                 tls_pb::CertificateValidationContext {
                     trusted_ca: inline(&ca.pem()),
@@ -167,15 +181,18 @@ fn grpc_cluster(name: &str, address: Value) -> Value {
 
 /// istio-agent's layout: ADS on `xds-grpc` (ferry-pilot here), SDS on the
 /// `sds-grpc` Unix socket, and an mTLS listener on `port` whose
-/// certificate and root are the SDS secrets.
-fn bootstrap(port: u16, pilot: u16, socket: &Path) -> Value {
-    let tls = json!({"name": "envoy.transport_sockets.tls", "typed_config": {
-    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-    "require_client_certificate": true,
-    "common_tls_context": {
-        "tls_certificate_sds_secret_configs": [sds("default")],
-        "validation_context_sds_secret_config": sds("ROOTCA"),
-    }}});
+/// certificate and root are the SDS secrets; the gateway's listener on
+/// `gateway` names its own pair.
+fn bootstrap(port: u16, gateway: u16, pilot: u16, socket: &Path) -> Value {
+    let tls = |cert: &str, root: &str| {
+        json!({"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "require_client_certificate": true,
+        "common_tls_context": {
+            "tls_certificate_sds_secret_configs": [sds(cert)],
+            "validation_context_sds_secret_config": sds(root),
+        }}})
+    };
     let hcm = json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "mtls",
@@ -193,8 +210,12 @@ fn bootstrap(port: u16, pilot: u16, socket: &Path) -> Value {
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {
-            "listeners": [{"name": "mtls", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{"filters": [hcm], "transport_socket": tls}]}],
+            "listeners": [
+                {"name": "mtls", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                    "filter_chains": [{"filters": [hcm.clone()], "transport_socket": tls("default", "ROOTCA")}]},
+                {"name": "gateway", "address": {"socket_address": {"address": "127.0.0.1", "port_value": gateway}},
+                    "filter_chains": [{"filters": [hcm], "transport_socket": tls(GATEWAY_CERT, GATEWAY_ROOT)}]},
+            ],
             "clusters": [
                 grpc_cluster("xds-grpc", json!({"socket_address": {"address": "127.0.0.1", "port_value": pilot}})),
                 grpc_cluster("sds-grpc", json!({"pipe": {"path": socket.display().to_string()}})),
@@ -266,23 +287,33 @@ fn workload_secrets_come_from_the_agents_sds_socket_and_rotate_as_in_envoy() -> 
     let pilot_port = pilot.port;
 
     // Ferry: no --ca-addr, so the agent's socket is the source.
-    let port = free_port();
+    let (port, gateway) = (free_port(), free_port());
     let ferry = Ferry::start(&serde_json::to_string(&bootstrap(
-        port, pilot_port, &socket,
+        port, gateway, pilot_port, &socket,
     ))?)?;
     wait_presented(port, &ca, &client, &leaves[0], "ferry, first certificate")
         .with_context(|| ferry.log())?;
+    wait_presented(gateway, &ca, &client, &leaves[0], "ferry, gateway")
+        .with_context(|| ferry.log())?;
     served_tx.send_modify(|s| *s = (2, secrets(&ca, &leaves[1])));
     wait_presented(port, &ca, &client, &leaves[1], "ferry, rotated certificate")
+        .with_context(|| ferry.log())?;
+    wait_presented(gateway, &ca, &client, &leaves[1], "ferry, gateway rotated")
         .with_context(|| ferry.log())?;
     drop(ferry);
     let ferry_asked =
         std::mem::take(&mut *agent.asked.lock().map_err(|_| anyhow::anyhow!("lock"))?);
 
     served_tx.send_modify(|s| *s = (3, secrets(&ca, &leaves[2])));
-    let eport = free_port();
-    let envoy = Envoy::start(&bin, &bootstrap(eport, pilot_port, &socket), eport)?;
+    let (eport, egateway) = (free_port(), free_port());
+    let envoy = Envoy::start(
+        &bin,
+        &bootstrap(eport, egateway, pilot_port, &socket),
+        eport,
+    )?;
     wait_presented(eport, &ca, &client, &leaves[2], "envoy, first certificate")
+        .with_context(|| envoy.log())?;
+    wait_presented(egateway, &ca, &client, &leaves[2], "envoy, gateway")
         .with_context(|| envoy.log())?;
     served_tx.send_modify(|s| *s = (4, secrets(&ca, &leaves[3])));
     wait_presented(
@@ -300,13 +331,18 @@ fn workload_secrets_come_from_the_agents_sds_socket_and_rotate_as_in_envoy() -> 
         .map_err(|_| anyhow::anyhow!("lock"))?
         .clone();
 
-    // Both ask for each secret on a stream of its own.
+    // Both ask for each secret on a stream of its own, the gateway's too.
     let sorted = |mut v: Vec<Vec<String>>| {
         v.sort();
         v.dedup();
         v
     };
-    assert_eq!(sorted(ferry_asked), sorted(envoy_asked));
+    let ferry_asked = sorted(ferry_asked);
+    assert!(
+        ferry_asked.contains(&vec![GATEWAY_CERT.to_string()]),
+        "{ferry_asked:?}"
+    );
+    assert_eq!(ferry_asked, sorted(envoy_asked));
     drop(pilot);
     Ok(())
 }

@@ -122,7 +122,7 @@ impl<S: std::hash::BuildHasher> Secrets for std::collections::HashMap<String, Ar
 fn resolve(src: &SecretSource, secrets: &dyn Secrets) -> Result<Arc<Secret>, TlsError> {
     match src {
         SecretSource::Inline(s) => Ok(s.clone()),
-        SecretSource::Sds(name) => secrets
+        SecretSource::Sds(name) | SecretSource::AgentSds(name) => secrets
             .secret(name)
             .ok_or_else(|| TlsError::MissingSecret(name.clone())),
     }

@@ -48,6 +48,10 @@ pub struct AdsConfig {
     /// certificate `default` and root `ROOTCA`, as istio-agent's SDS server
     /// does): never asked of the server, and a change republishes.
     pub local_secrets: Option<watch::Receiver<LocalSecrets>>,
+    /// istio-agent's SDS server, when secrets come from it: names the
+    /// configuration fetches on its `sds-grpc` cluster are asked of it, not
+    /// of the ADS server.
+    pub agent_sds: Option<Arc<crate::sds::AgentSds>>,
     /// Where Istio's name table (NDS) goes, for the DNS proxy: when set,
     /// the client subscribes to it as istio-agent does.
     pub name_table: Option<watch::Sender<Option<Arc<NameTable>>>>,
@@ -443,7 +447,15 @@ impl Client {
         match type_url {
             ROUTE => st.wanted_routes(),
             ENDPOINT => st.wanted_endpoints(&self.base.clusters),
-            SECRET => st.wanted_secrets(&self.base),
+            SECRET => {
+                let mut names = st.wanted_secrets(&self.base);
+                if let Some(agent) = &self.config.agent_sds {
+                    let from_agent = st.wanted_agent_secrets(&self.base);
+                    agent.want(from_agent.iter().map(String::as_str));
+                    names.retain(|n| !from_agent.contains(n));
+                }
+                names
+            }
             _ => BTreeSet::new(),
         }
     }

@@ -392,6 +392,7 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
         tls,
         secrets: HashMap::new(),
         local_secrets: None,
+        agent_sds: None,
         name_table: None,
     }))
 }

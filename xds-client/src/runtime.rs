@@ -46,7 +46,7 @@ const KEYS: &[(&str, Disposition)] = &[
     (
         REJECT_PATH_WITH_FRAGMENT,
         Disposition::Applied(
-            "true (the default) answers 400 to a request target with '#'; false strips the fragment before routing and forwarding",
+            "true (the default) answers 400 to a request target (HTTP/1) or :path (HTTP/2) with '#'; false strips the fragment before routing and forwarding",
         ),
     ),
     (

@@ -1,8 +1,10 @@
 //! SDS from a secret server of its own (`envoy.service.secret.v3.SecretDiscoveryService`),
 //! as Envoy fetches the secrets an `sds_config` names by `api_config_source`
 //! (`api_type: GRPC`) on a static cluster: istio-agent's `sds-grpc`, a Unix
-//! socket on which the agent serves the workload certificate `default` and
-//! the root `ROOTCA`.
+//! socket on which the agent serves the workload certificate `default`, the
+//! root `ROOTCA`, and any other secret a configuration names on it
+//! (`file-cert:…`/`file-root:…`, a gateway's `kubernetes://…`): the ADS
+//! client asks [`AgentSds::want`] for each such name it meets.
 //!
 //! One state-of-the-world stream per secret name, as Envoy opens one
 //! subscription per secret; each response is converted, ACKed (or NACKed
@@ -36,12 +38,50 @@ pub struct SdsSource {
     pub node: Node,
 }
 
+/// The secrets fetched from one SDS server, one stream per name.
+#[derive(Debug)]
+pub struct AgentSds {
+    source: SdsSource,
+    tx: Arc<watch::Sender<LocalSecrets>>,
+    /// The names a stream was started for.
+    started: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl AgentSds {
+    /// Starts one stream per name; the receiver holds every secret received
+    /// so far.
+    pub fn start(source: SdsSource, names: &[&str]) -> (Arc<Self>, watch::Receiver<LocalSecrets>) {
+        let (tx, rx) = watch::channel(LocalSecrets::new());
+        let me = Arc::new(Self {
+            source,
+            tx: Arc::new(tx),
+            started: Default::default(),
+        });
+        me.want(names.iter().copied());
+        (me, rx)
+    }
+
+    /// Starts a stream for each name that has none yet (once the
+    /// configuration names it; a stream lives as long as the process, as the
+    /// secrets are few).
+    pub fn want<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        for name in names {
+            if started.insert(name.to_string()) {
+                tracing::info!(sds.cluster = %self.source.cluster, sds.secret = %name, "fetching a secret from the SDS server");
+                spawn_stream(self.source.clone(), self.tx.clone(), name.to_string());
+            }
+        }
+    }
+}
+
 /// Starts one stream per name; the receiver holds every secret received so far.
 pub fn start(source: SdsSource, names: &[&str]) -> watch::Receiver<LocalSecrets> {
-    let (tx, rx) = watch::channel(LocalSecrets::new());
-    let tx = Arc::new(tx);
-    for name in names {
-        let (source, tx, name) = (source.clone(), tx.clone(), name.to_string());
+    AgentSds::start(source, names).1
+}
+
+fn spawn_stream(source: SdsSource, tx: Arc<watch::Sender<LocalSecrets>>, name: String) {
+    {
         tokio::spawn(async move {
             let mut failures: u32 = 0;
             loop {
@@ -61,7 +101,6 @@ pub fn start(source: SdsSource, names: &[&str]) -> watch::Receiver<LocalSecrets>
             }
         });
     }
-    rx
 }
 
 /// One stream for one secret until it breaks.

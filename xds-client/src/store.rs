@@ -278,6 +278,46 @@ impl Store {
             .collect()
     }
 
+    /// The SDS names the cached listeners and clusters (and the static ones
+    /// of `base`) want from istio-agent's SDS server.
+    pub fn wanted_agent_secrets(&self, base: &m::Snapshot) -> BTreeSet<String> {
+        let listeners: Vec<Arc<m::Listener>> = self
+            .of(LISTENER)
+            .filter_map(|(_, e)| match &e.parsed {
+                Parsed::Listener(l) => Some(l.clone()),
+                _ => None,
+            })
+            .chain(base.listeners.iter().cloned())
+            .collect();
+        let clusters: Vec<Arc<m::Cluster>> = self
+            .of(CLUSTER)
+            .filter_map(|(_, e)| match &e.parsed {
+                Parsed::Cluster(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect();
+        let commons = listeners
+            .iter()
+            .flat_map(|l| l.filter_chains.iter().chain(l.default_chain.iter()))
+            .filter_map(|c| c.tls.as_ref().map(|t| &t.common))
+            .chain(
+                clusters
+                    .iter()
+                    .chain(base.clusters.values())
+                    .flat_map(|c| {
+                        c.tls.iter().chain(
+                            c.transport_socket_matches
+                                .iter()
+                                .filter_map(|t| t.tls.as_ref()),
+                        )
+                    })
+                    .map(|t| &t.common),
+            );
+        commons
+            .flat_map(|c| c.agent_sds_names().map(str::to_string).collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Builds the snapshot: static resources first, then dynamic ones that
     /// finished warming (or whose warming timed out); a warming resource
     /// that was active before stays at its previous version.

@@ -18,7 +18,7 @@ use crate::run::Runtime;
 
 fn resolve<'a>(snap: &'a Snapshot, s: &'a SecretSource) -> (Option<&'a Secret>, String) {
     match s {
-        SecretSource::Sds(name) => (
+        SecretSource::Sds(name) | SecretSource::AgentSds(name) => (
             snap.secrets.get(name).map(|s| s.as_ref()),
             format!("<sds:{name}>"),
         ),

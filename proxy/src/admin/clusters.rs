@@ -75,6 +75,9 @@ pub(super) fn health_flags(p: &EndpointPool, m: &HostMeta) -> String {
     if p.health.pending_removal() {
         flags.push("/pending_dynamic_removal");
     }
+    if p.health.excluded() {
+        flags.push("/excluded_via_immediate_hc_fail");
+    }
     if p.health.timed_out() {
         flags.push("/active_hc_timeout");
     }
@@ -220,6 +223,9 @@ fn cluster_json(c: &ClusterRt, added_via_api: bool) -> Value {
             }
             if p.health.pending_removal() {
                 health["pending_dynamic_removal"] = json!(true);
+            }
+            if p.health.excluded() {
+                health["excluded_via_immediate_hc_fail"] = json!(true);
             }
             if p.health.timed_out() {
                 health["active_hc_timeout"] = json!(true);

@@ -8,6 +8,10 @@
 //! copy ([`REPLAY_LIMIT`]) is kept, so a retry (or the shadow request) can
 //! send it again. A body larger than the bound streams on unharmed but can no
 //! longer be replayed, so that request is neither retried nor mirrored.
+//!
+//! A filter that read the start of the body before routing (ext_authz's
+//! `with_request_body`) leaves it as a [`BufferedPrefix`] in the request's
+//! extensions; both kinds of upstream body send it ahead of the rest.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
@@ -74,9 +78,47 @@ impl BodyCount {
     }
 }
 
+/// The start of a request body a filter read before routing: sent upstream
+/// ahead of what is still to come.
+#[derive(Debug, Clone, Default)]
+pub struct BufferedPrefix {
+    pub chunks: Vec<Bytes>,
+    pub trailers: Option<HeaderMap>,
+    /// The whole body was read: nothing more comes from the downstream.
+    pub ended: bool,
+}
+
+impl BufferedPrefix {
+    fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    /// The size hint of the prefix followed by `rest`.
+    fn hint(&self, rest: &Incoming) -> SizeHint {
+        let n = self.len() as u64;
+        if self.ended {
+            return SizeHint::with_exact(n);
+        }
+        let r = rest.size_hint();
+        let mut h = SizeHint::new();
+        h.set_lower(r.lower().saturating_add(n));
+        if let Some(u) = r.upper() {
+            h.set_upper(u.saturating_add(n));
+        }
+        h
+    }
+}
+
 enum Kind {
     Empty,
     Streamed(Incoming),
+    /// A buffered start, then the downstream's rest (none once it ended).
+    Prefixed {
+        chunks: std::collections::VecDeque<Bytes>,
+        trailers: Option<HeaderMap>,
+        rest: Option<Incoming>,
+        hint: SizeHint,
+    },
     Replay {
         shared: Arc<Mutex<ReplayState>>,
         /// Index of the next data chunk this copy sends.
@@ -88,9 +130,18 @@ enum Kind {
 }
 
 impl UpstreamBody {
-    pub fn new(inner: Incoming, end: Option<Arc<Notify>>) -> Self {
+    pub fn new(inner: Incoming, prefix: Option<BufferedPrefix>, end: Option<Arc<Notify>>) -> Self {
+        let kind = match prefix {
+            None => Kind::Streamed(inner),
+            Some(p) => Kind::Prefixed {
+                hint: p.hint(&inner),
+                rest: (!p.ended).then_some(inner),
+                chunks: p.chunks.into(),
+                trailers: p.trailers,
+            },
+        };
         let body = Self {
-            kind: Kind::Streamed(inner),
+            kind,
             end,
             count: None,
             progress: RequestProgress::current(),
@@ -156,6 +207,8 @@ struct ReplayState {
     /// The most bytes kept.
     limit: usize,
     count: Option<Arc<BodyCount>>,
+    /// Bytes a filter read before routing (counted once `count` is set).
+    prefix_bytes: usize,
 }
 
 impl ReplayState {
@@ -185,25 +238,34 @@ pub struct Replay {
 impl Replay {
     /// Wraps the downstream body, keeping up to `limit` bytes of it; `end`
     /// is notified once it was received whole.
-    pub fn new(inner: Incoming, end: Option<Arc<Notify>>, limit: usize) -> Self {
-        let hint = inner.size_hint();
+    pub fn new(
+        inner: Incoming,
+        prefix: Option<BufferedPrefix>,
+        end: Option<Arc<Notify>>,
+        limit: usize,
+    ) -> Self {
+        let prefix = prefix.unwrap_or_default();
+        let hint = prefix.hint(&inner);
         let (done_tx, done) = watch::channel(false);
+        // A buffered start is kept whatever its size: it is in memory already.
+        let kept_bytes = prefix.len();
         let mut state = ReplayState {
-            incoming: Some(inner),
-            chunks: Vec::new(),
+            incoming: (!prefix.ended).then_some(inner),
+            chunks: prefix.chunks,
             dropped: 0,
-            kept_bytes: 0,
+            kept_bytes,
+            prefix_bytes: kept_bytes,
             overflow: false,
             failed: false,
             complete: false,
-            trailers: None,
+            trailers: prefix.trailers,
             end,
             progress: RequestProgress::current(),
             done_tx,
             limit,
             count: None,
         };
-        if state.incoming.as_ref().is_some_and(|b| b.is_end_stream()) {
+        if state.incoming.as_ref().is_none_or(|b| b.is_end_stream()) {
             state.finish();
         }
         Self {
@@ -217,6 +279,7 @@ impl Replay {
     pub fn counted(self, count: Option<Arc<BodyCount>>) -> Self {
         {
             let mut s = self.state();
+            BodyCount::data(&count, s.prefix_bytes);
             if s.complete {
                 BodyCount::done(&count);
             }
@@ -376,6 +439,42 @@ impl Body for UpstreamBody {
                 trailers_sent,
                 ..
             } => poll_replay(shared, pos, trailers_sent, cx),
+            Kind::Prefixed {
+                chunks,
+                trailers,
+                rest,
+                ..
+            } => {
+                let frame = match chunks.pop_front() {
+                    Some(c) => {
+                        BodyCount::data(&this.count, c.len());
+                        Frame::data(c)
+                    }
+                    None => match trailers.take() {
+                        Some(t) => Frame::trailers(t),
+                        None => {
+                            // The start was sent: the rest streams on.
+                            this.kind = match rest.take() {
+                                Some(r) => Kind::Streamed(r),
+                                None => Kind::Empty,
+                            };
+                            if matches!(this.kind, Kind::Empty) {
+                                this.signal_end();
+                                this.end = None;
+                                BodyCount::done(&this.count);
+                                return Poll::Ready(None);
+                            }
+                            return Pin::new(this).poll_frame(cx);
+                        }
+                    },
+                };
+                if this.is_end_stream() {
+                    this.signal_end();
+                    this.end = None;
+                    BodyCount::done(&this.count);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Kind::Streamed(inner) => {
                 let res = Pin::new(inner).poll_frame(cx);
                 if let (Poll::Ready(Some(Ok(_))), Some(p)) = (&res, &this.progress) {
@@ -406,6 +505,16 @@ impl Body for UpstreamBody {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::Streamed(b) => b.is_end_stream(),
+            Kind::Prefixed {
+                chunks,
+                trailers,
+                rest,
+                ..
+            } => {
+                chunks.is_empty()
+                    && trailers.is_none()
+                    && rest.as_ref().is_none_or(|r| r.is_end_stream())
+            }
             Kind::Replay {
                 shared,
                 pos,
@@ -425,7 +534,7 @@ impl Body for UpstreamBody {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Streamed(b) => b.size_hint(),
-            Kind::Replay { hint, .. } => *hint,
+            Kind::Prefixed { hint, .. } | Kind::Replay { hint, .. } => *hint,
         }
     }
 }

@@ -7,6 +7,12 @@
 //! on with the authorizer's header changes; a denied one gets the
 //! authorizer's status, body and headers; a failed check gets
 //! `status_on_error` (403) unless `failure_mode_allow`.
+//!
+//! With `with_request_body` the check waits for the request body, up to
+//! `max_request_bytes`: a longer one is answered 413 (Envoy's decoder
+//! buffer limit), or with `allow_partial_message` checked on its first
+//! `max_request_bytes`. What was read is left in the request for the
+//! router to send ahead of the rest ([`BufferedPrefix`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -15,16 +21,16 @@ use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::service::auth::v3 as auth;
 use envoy_types::pb::google::protobuf as pbw;
 use ferry_model::HttpConnectionManager;
-use ferry_model::ext_authz::{ExtAuthz, HttpService, NameList, Service};
+use ferry_model::ext_authz::{BufferSettings, ExtAuthz, HttpService, NameList, Service};
 use ferry_model::format::FormatContext;
 use ferry_model::rbac::{DynamicMetadata, MetaValue};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use prost::Message;
 
 use super::ConnCtx;
-use super::body::{ResponseBody, UpstreamBody};
+use super::body::{BufferedPrefix, ResponseBody, UpstreamBody};
 use super::filters::{PerRoute, RbacMetadata, ResponseHooks};
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -32,6 +38,8 @@ const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 const NAMESPACE: &str = "envoy.filters.http.ext_authz";
 const FAILURE_MODE_ALLOWED: &str = "x-envoy-auth-failure-mode-allowed";
 const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
+/// Tells the authorizer whether the body it got was cut short.
+const PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
 /// The most an authorizer's answer may hold (Envoy's default gRPC limit).
 const MAX_ANSWER: usize = 4 << 20;
 
@@ -198,7 +206,33 @@ pub async fn run(
     let context_extensions = settings
         .map(|s| s.context_extensions.clone())
         .unwrap_or_default();
-    let check = check_request(ctx, cfg, req, context_extensions);
+    // The route's buffer settings win, and may turn buffering off.
+    let buffer = match settings {
+        Some(s) if s.disable_request_body_buffering => None,
+        Some(s) if s.with_request_body.is_some() => s.with_request_body,
+        _ => cfg.with_request_body,
+    };
+    let body = match buffer {
+        // As Envoy: a request without a body, or an upgrade, is checked at once.
+        Some(b) if !req.body().is_end_stream() && !is_upgrade(req) => {
+            match buffer_body(req, b).await {
+                Ok(body) => Some(body),
+                Err(BufferError::TooLarge) => return Err(Box::new(too_large())),
+                Err(BufferError::Downstream(e)) => {
+                    tracing::debug!(error = %e, src.addr = %ctx.peer, "request body failed while buffered for the authorizer");
+                    return Err(Box::new(super::local_reply(super::LocalReply {
+                        status: StatusCode::BAD_REQUEST,
+                        body: None,
+                    })));
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut check = check_request(ctx, cfg, req, context_extensions);
+    if let (Some(body), Some(b)) = (body, buffer) {
+        with_body(cfg, &mut check, body, b);
+    }
     let verdict = match tokio::time::timeout(cfg.timeout, ask(ctx, cfg, check, fctx)).await {
         Ok(v) => v,
         Err(_) => Verdict::Error(format!("no answer within {} ms", cfg.timeout.as_millis())),
@@ -249,6 +283,122 @@ pub async fn run(
             }
             Err(Box::new(error_reply(cfg)))
         }
+    }
+}
+
+/// Whether the request asks for an upgrade (WebSocket, or HTTP/2's
+/// extended CONNECT), whose body is never buffered.
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(http::header::UPGRADE)
+        || req.extensions().get::<hyper::ext::Protocol>().is_some()
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BufferError {
+    #[error("the request body is larger than max_request_bytes")]
+    TooLarge,
+    #[error("downstream body: {0}")]
+    Downstream(#[source] hyper::Error),
+}
+
+/// Reads the request body until it ended or, with `allow_partial_message`,
+/// `max_request_bytes` arrived; more than that without it is
+/// [`BufferError::TooLarge`]. What was read stays in the request as a
+/// [`BufferedPrefix`]; the result is the body as read.
+async fn buffer_body(req: &mut Request<Incoming>, s: BufferSettings) -> Result<Bytes, BufferError> {
+    let max = s.max_request_bytes as usize;
+    let progress = super::stream_timers::RequestProgress::current();
+    let mut prefix = BufferedPrefix::default();
+    let mut len = 0usize;
+    loop {
+        let Some(frame) = req.body_mut().frame().await else {
+            prefix.ended = true;
+            break;
+        };
+        let frame = frame.map_err(BufferError::Downstream)?;
+        if let Some(p) = &progress {
+            p.active();
+        }
+        match frame.into_data() {
+            Ok(d) => {
+                len += d.len();
+                prefix.chunks.push(d);
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    prefix.trailers = Some(t);
+                }
+            }
+        }
+        if req.body().is_end_stream() {
+            prefix.ended = true;
+            break;
+        }
+        // Envoy checks the limit on what was buffered, the end excepted.
+        if s.allow_partial_message {
+            if len >= max {
+                break;
+            }
+        } else if len > max {
+            return Err(BufferError::TooLarge);
+        }
+    }
+    if prefix.ended
+        && let Some(p) = &progress
+    {
+        p.ended();
+    }
+    let mut whole = BytesMut::with_capacity(len);
+    for c in &prefix.chunks {
+        whole.extend_from_slice(c);
+    }
+    req.extensions_mut().insert(prefix);
+    Ok(whole.freeze())
+}
+
+/// Envoy's answer to a body past its decoder buffer limit.
+fn too_large() -> Response<ResponseBody> {
+    let mut resp = super::local_reply(super::LocalReply {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        body: Some("Payload Too Large".into()),
+    });
+    resp.extensions_mut()
+        .insert(super::observe::Details("request_payload_too_large".into()));
+    resp
+}
+
+/// Puts the buffered body (its first `max_request_bytes`) into the check,
+/// with the header telling whether it was cut.
+fn with_body(cfg: &ExtAuthz, check: &mut auth::CheckRequest, body: Bytes, b: BufferSettings) {
+    let Some(http) = check
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+    else {
+        return;
+    };
+    let max = b.max_request_bytes as usize;
+    // As Envoy: the size is what was buffered, not the declared length.
+    http.size = body.len() as i64;
+    let partial = body.len() > max;
+    let body = body.slice(..body.len().min(max));
+    let flag = if partial { "true" } else { "false" };
+    if cfg.encode_raw_headers {
+        if let Some(m) = http.header_map.as_mut() {
+            m.headers.push(core_pb::HeaderValue {
+                key: PARTIAL_BODY.into(),
+                raw_value: flag.as_bytes().to_vec(),
+                ..Default::default()
+            });
+        }
+    } else {
+        http.headers.insert(PARTIAL_BODY.into(), flag.into());
+    }
+    if b.pack_as_bytes {
+        http.raw_body = body.to_vec();
+    } else {
+        http.body = String::from_utf8_lossy(&body).into_owned();
     }
 }
 
@@ -731,8 +881,14 @@ async fn http_check(
         .and_then(|a| a.request)
         .and_then(|r| r.http)
         .unwrap_or_default();
+    // The buffered body, if any, is the check's body.
+    let body = if http.raw_body.is_empty() {
+        Bytes::from(http.body.into_bytes())
+    } else {
+        Bytes::from(http.raw_body)
+    };
     let mut headers = HeaderMap::new();
-    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0));
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     let (mut method, mut path, mut authority) = (http.method, http.path, http.host);
     let pairs: Vec<(String, Vec<u8>)> = match http.header_map {
         Some(m) => m
@@ -769,7 +925,11 @@ async fn http_check(
     svc.headers_to_add
         .apply(&mut headers, fctx, Some(&request_headers));
     let h2 = protocol == ferry_model::UpstreamProtocol::Http2;
-    let mut req = Request::new(UpstreamBody::empty());
+    let mut req = Request::new(if body.is_empty() {
+        UpstreamBody::empty()
+    } else {
+        UpstreamBody::full(body)
+    });
     *req.method_mut() = http::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
     let uri = if h2 {
         format!("http://{authority}{path}")

@@ -25,6 +25,12 @@
 //! they were accepted and resets the server has to send for a client's
 //! errors are bounded by the codec itself (`max_header_list_size`,
 //! `max_pending_accept_reset_streams`, `max_local_error_reset_streams`).
+//!
+//! With `http_reject_path_with_fragment` (Envoy's default) the guard also
+//! decodes the request header blocks (HEADERS and CONTINUATION frames, in a
+//! shadow of h2's own frame codec): a `:path` holding '#' is noted in
+//! [`Fragments`], since the codec's `Uri` silently drops the fragment, and
+//! the request is answered 400 as Envoy does.
 
 use std::io;
 use std::pin::Pin;
@@ -49,6 +55,162 @@ const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
+
+/// The `:path`s (cut at '#') of requests whose path held a fragment, in
+/// arrival order; the request of the same path takes its mark.
+#[derive(Debug, Clone, Default)]
+pub struct Fragments(std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+/// On a request whose HTTP/2 `:path` held a fragment.
+#[derive(Debug, Clone, Copy)]
+pub struct PathFragment;
+
+/// The most noted paths kept: requests the codec refused never take theirs.
+const MAX_NOTED: usize = 64;
+
+impl Fragments {
+    fn note(&self, path: &str) {
+        let cut = path.split('#').next().unwrap_or_default().to_string();
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_NOTED {
+            q.pop_front();
+        }
+        q.push_back(cut);
+    }
+
+    /// Marks `req` with [`PathFragment`] when its path was noted.
+    pub fn mark<B>(&self, req: &mut http::Request<B>) {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if q.is_empty() {
+            return;
+        }
+        let path = req.uri().path_and_query().map_or("", |p| p.as_str());
+        if let Some(i) = q.iter().position(|p| p == path) {
+            q.remove(i);
+            drop(q);
+            req.extensions_mut().insert(PathFragment);
+        }
+    }
+}
+
+/// The read half of the shadow codec: the header frames fed to it.
+#[derive(Default)]
+struct ShadowIo {
+    buf: bytes::BytesMut,
+}
+
+impl AsyncRead for ShadowIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.buf.is_empty() {
+            // Polled by hand with a no-op waker: more comes with the next read.
+            return Poll::Pending;
+        }
+        let n = self.buf.len().min(buf.remaining());
+        buf.put_slice(&self.buf.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ShadowIo {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, d: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(d.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Decodes the inbound header blocks to find `:path`s with a fragment.
+struct FragmentWatch {
+    fragments: Fragments,
+    codec: h2::Codec<ShadowIo, bytes::Bytes>,
+    /// Bytes of the preface still to pass.
+    skip: usize,
+    head: [u8; 9],
+    have: usize,
+    payload_left: usize,
+    /// The current frame is a header block's: copied to the codec.
+    copying: bool,
+}
+
+impl FragmentWatch {
+    fn new(fragments: Fragments) -> Self {
+        let mut codec = h2::Codec::new(ShadowIo::default());
+        // The real codec enforces the limits; the shadow reads what it got.
+        codec.set_max_recv_frame_size(16_777_215);
+        codec.set_max_recv_header_list_size(usize::MAX);
+        Self {
+            fragments,
+            codec,
+            skip: PREFACE_LEN,
+            head: [0; 9],
+            have: 0,
+            payload_left: 0,
+            copying: false,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        let mut fed = false;
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            if self.payload_left > 0 {
+                let n = self.payload_left.min(data.len());
+                if self.copying {
+                    self.codec.get_mut().buf.extend_from_slice(&data[..n]);
+                    fed = true;
+                }
+                self.payload_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(data.len());
+            self.head[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 9 {
+                self.have = 0;
+                let h = self.head;
+                self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                self.copying = matches!(h[3], HEADERS | CONTINUATION);
+                if self.copying {
+                    self.codec.get_mut().buf.extend_from_slice(&h);
+                    fed = true;
+                }
+            }
+        }
+        if fed {
+            self.decode();
+        }
+    }
+
+    fn decode(&mut self) {
+        use futures_util::StreamExt;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // A malformed block is the real codec's to refuse; the next ones
+        // decode on.
+        while let Poll::Ready(Some(frame)) = self.codec.poll_next_unpin(&mut cx) {
+            if let Ok(h2::frame::Frame::Headers(mut h)) = frame
+                && let Some(path) = &h.pseudo_mut().path
+                && path.contains('#')
+            {
+                self.fragments.note(path);
+            }
+        }
+    }
+}
 
 /// The head of one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,9 +416,16 @@ pub struct H2Guard<S> {
     floods: Floods,
     counters: H2Counters,
     failed: Option<Flood>,
+    fragments: Option<Box<FragmentWatch>>,
 }
 
 impl<S> H2Guard<S> {
+    /// Notes `:path`s with a fragment in `fragments`, when given.
+    pub fn watching_fragments(mut self, fragments: Option<Fragments>) -> Self {
+        self.fragments = fragments.map(|f| Box::new(FragmentWatch::new(f)));
+        self
+    }
+
     pub fn new(inner: S, limits: Http2Options, counters: H2Counters) -> Self {
         Self {
             inner,
@@ -268,6 +437,7 @@ impl<S> H2Guard<S> {
             floods: Floods::new(limits),
             counters,
             failed: None,
+            fragments: None,
         }
     }
 
@@ -321,6 +491,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for H2Guard<S> {
             // The frames that tipped it are not handed to the codec.
             buf.set_filled(before);
             return Poll::Ready(Err(this.flood(f)));
+        }
+        if let Some(w) = this.fragments.as_mut() {
+            w.feed(&buf.filled()[before..]);
         }
         Poll::Ready(Ok(()))
     }
@@ -416,6 +589,32 @@ mod tests {
             });
         }
         out
+    }
+
+    #[test]
+    fn a_path_with_a_fragment_is_noted_for_its_request() {
+        let fragments = Fragments::default();
+        let mut w = FragmentWatch::new(fragments.clone());
+        // :method GET, :scheme http, then :path and :authority as literals.
+        let path = b"/a?q=1#frag";
+        let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+        block.extend_from_slice(path);
+        block.extend_from_slice(&[0x01, 1, b'x']);
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(SETTINGS, 0, 0, &[]));
+        bytes.extend(frame(HEADERS, 0x5, 1, &block));
+        // Split anywhere: fed as the reads come.
+        for chunk in bytes.chunks(7) {
+            w.feed(chunk);
+        }
+        let mut other = http::Request::new(());
+        *other.uri_mut() = http::Uri::from_static("/a");
+        fragments.mark(&mut other);
+        assert!(other.extensions().get::<PathFragment>().is_none());
+        let mut req = http::Request::new(());
+        *req.uri_mut() = http::Uri::from_static("/a?q=1");
+        fragments.mark(&mut req);
+        assert!(req.extensions().get::<PathFragment>().is_some());
     }
 
     #[test]

@@ -210,9 +210,19 @@ async fn serve_h2<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = ctx.rt.drain_timeout;
+    // `http_reject_path_with_fragment` (Envoy's default): the guard reads
+    // the request header blocks for a `:path` with '#', which the codec
+    // would strip; such a request is answered 400.
+    let fragments = ferry_xds::runtime::current()
+        .reject_path_with_fragment()
+        .then(h2_guard::Fragments::default);
     let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| {
+    let svc_fragments = fragments.clone();
+    let svc = service_fn(move |mut req| {
         let ctx = svc_ctx.clone();
+        if let Some(f) = &svc_fragments {
+            f.mark(&mut req);
+        }
         async move { handle(ctx, req).await }
     });
     ctx.stats.downstream_cx_http2_total.inc();
@@ -220,7 +230,9 @@ async fn serve_h2<S>(
         &ctx.rt.stats,
         ctx.stats.downstream_rq_too_many_premature_resets.clone(),
     );
-    let io = TokioIo::new(h2_guard::H2Guard::new(io, p.http2.clone(), counters));
+    let io = TokioIo::new(
+        h2_guard::H2Guard::new(io, p.http2.clone(), counters).watching_fragments(fragments),
+    );
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -744,6 +756,14 @@ fn is_http1_request_target(method: &http::Method, uri: &Uri) -> bool {
 fn normalize_path(ctx: &ConnCtx, req: &mut Request<Incoming>, grpc: bool) -> Normalized {
     use ferry_filters::http::path_normalization::{self as pn, Verdict};
     let http1 = req.version() != Version::HTTP_2;
+    // An HTTP/2 `:path` with a fragment while the runtime rejects them.
+    if req.extensions().get::<h2_guard::PathFragment>().is_some() {
+        tracing::debug!(path = %req.uri(), "HTTP/2 :path with a fragment refused");
+        return Normalized::Answered(local_reply(LocalReply {
+            status: StatusCode::BAD_REQUEST,
+            body: None,
+        }));
+    }
     if http1 && !is_http1_request_target(req.method(), req.uri()) {
         let mut resp = local_reply(LocalReply {
             status: StatusCode::BAD_REQUEST,
@@ -1362,6 +1382,8 @@ async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
+    // What a filter read of the body before routing goes first.
+    let prefix = parts.extensions.remove::<body::BufferedPrefix>();
 
     if !parts.headers.contains_key(HOST)
         && let Ok(v) = HeaderValue::from_str(host)
@@ -1499,11 +1521,11 @@ async fn forward(
     let received = Some(obs.body_count().unwrap_or_default());
     let (replay, mut first_body) = if !upgrade && (policy.is_some() || !mirrors.is_empty()) {
         (
-            Some(Replay::new(body, end.clone(), replay_limit).counted(received.clone())),
+            Some(Replay::new(body, prefix, end.clone(), replay_limit).counted(received.clone())),
             None,
         )
     } else {
-        (None, Some(body))
+        (None, Some((body, prefix)))
     };
     obs.upstream_request(&parts, &path);
     if let Some(r) = &replay {
@@ -1572,7 +1594,9 @@ async fn forward(
     let (result, address) = loop {
         let body = match (&replay, first_body.take()) {
             (Some(r), _) => r.body(),
-            (None, Some(b)) => UpstreamBody::new(b, end.clone()).counted(received.clone()),
+            (None, Some((b, prefix))) => {
+                UpstreamBody::new(b, prefix, end.clone()).counted(received.clone())
+            }
             (None, None) => UpstreamBody::empty(),
         };
         // The last possible attempt takes the head itself; earlier ones a copy.
@@ -1631,6 +1655,14 @@ async fn forward(
             kind = &mut global => Attempt::GlobalTimeout(kind),
         };
         obs.attempt_ended(&attempt, &address);
+        // An upstream asking to be failed (an Envoy draining): a checked
+        // host fails at once, as Envoy's router tells its health checker.
+        if let Attempt::Response(r) = &attempt
+            && r.headers()
+                .contains_key(crate::health_check::IMMEDIATE_FAIL_HEADER)
+        {
+            pool.health.immediate_fail();
+        }
         let outcome = match &attempt {
             Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
             Attempt::PerTryTimeout => {

@@ -38,7 +38,7 @@ fields!(pub(super) static EXT_AUTHZ = "envoy.extensions.filters.http.ext_authz.v
     "transport_api_version": applied "V3 (AUTO reads as V3); V2 is refused, as Envoy 1.40 does",
     "failure_mode_allow": applied,
     "failure_mode_allow_header_add": applied "x-envoy-auth-failure-mode-allowed: true on the request",
-    "with_request_body": refused "sending the request body to the authorizer is not supported",
+    "with_request_body": applied "the check waits for the body (or its first max_request_bytes); a longer one is answered 413 unless allow_partial_message",
     "clear_route_cache": applied "the route is chosen again when the authorizer changed the request's headers",
     "status_on_error": applied "403 when unset or outside 100..=511",
     "validate_mutations": applied "an authorizer's header that is not a valid HTTP header always makes the check an error (Ferry cannot forward it either way)",
@@ -127,9 +127,9 @@ fields!(pub(super) static AUTHORIZATION_RESPONSE = "envoy.extensions.filters.htt
 });
 
 fields!(pub(super) static BUFFER_SETTINGS = "envoy.extensions.filters.http.ext_authz.v3.BufferSettings" {
-    "max_request_bytes": inert "with_request_body is refused",
-    "allow_partial_message": inert "with_request_body is refused",
-    "pack_as_bytes": inert "with_request_body is refused",
+    "max_request_bytes": applied "required, above 0",
+    "allow_partial_message": applied "the first max_request_bytes are checked, with x-envoy-auth-partial-body: true",
+    "pack_as_bytes": applied "raw_body instead of body in a gRPC check",
 });
 
 fields!(pub(super) static EXT_AUTHZ_PER_ROUTE = "envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute" {
@@ -139,8 +139,8 @@ fields!(pub(super) static EXT_AUTHZ_PER_ROUTE = "envoy.extensions.filters.http.e
 
 fields!(pub(super) static CHECK_SETTINGS = "envoy.extensions.filters.http.ext_authz.v3.CheckSettings" {
     "context_extensions": applied "merged across the route's levels, the most specific winning",
-    "disable_request_body_buffering": inert "with_request_body is refused",
-    "with_request_body": refused "sending the request body to the authorizer is not supported",
+    "disable_request_body_buffering": applied,
+    "with_request_body": applied "replaces the filter's buffer settings on the route",
     "emit_client_span": warned "no client span is emitted for the check",
     "grpc_service": refused "a per-route authorizer is not supported",
     "http_service": refused "a per-route authorizer is not supported",
@@ -295,6 +295,30 @@ fn http_service(
     Ok((me::Service::Http(svc), timeout, request_headers))
 }
 
+/// `BufferSettings`; Envoy's validation wants `max_request_bytes` above 0.
+fn buffer_settings(
+    ctx: &Ctx<'_>,
+    field: &str,
+    b: &pb::BufferSettings,
+) -> Result<me::BufferSettings, ConvertError> {
+    let pb::BufferSettings {
+        max_request_bytes,
+        allow_partial_message,
+        pack_as_bytes,
+    } = b;
+    if *max_request_bytes == 0 {
+        return Err(ctx.err(
+            path(field, "max_request_bytes"),
+            "max_request_bytes must be above 0",
+        ));
+    }
+    Ok(me::BufferSettings {
+        max_request_bytes: *max_request_bytes,
+        allow_partial_message: *allow_partial_message,
+        pack_as_bytes: *pack_as_bytes,
+    })
+}
+
 /// The filter's configuration.
 pub(super) fn ext_authz(
     ctx: &mut Ctx<'_>,
@@ -343,7 +367,10 @@ pub(super) fn ext_authz(
             "the V2 transport API is not supported; use V3",
         ));
     }
-    ctx.refuse(cov, field, "with_request_body", with_request_body.is_some())?;
+    let with_request_body = match with_request_body {
+        None => None,
+        Some(b) => Some(buffer_settings(ctx, &path(field, "with_request_body"), b)?),
+    };
     ctx.refuse(
         cov,
         field,
@@ -489,6 +516,7 @@ pub(super) fn ext_authz(
         clear_route_cache: *clear_route_cache,
         encode_raw_headers: *encode_raw_headers,
         max_denied_response_body_bytes: *max_denied_response_body_bytes,
+        with_request_body,
     })
 }
 
@@ -610,7 +638,17 @@ pub(super) fn per_route(
                 service_override,
             } = s;
             let cov = &CHECK_SETTINGS;
-            ctx.refuse(cov, &cf, "with_request_body", with_request_body.is_some())?;
+            if disable_request_body_buffering && with_request_body.is_some() {
+                // As Envoy, which refuses the pair.
+                return Err(ctx.err(
+                    path(&cf, "with_request_body"),
+                    "only one of disable_request_body_buffering and with_request_body may be set",
+                ));
+            }
+            let with_request_body = match &with_request_body {
+                None => None,
+                Some(b) => Some(buffer_settings(ctx, &path(&cf, "with_request_body"), b)?),
+            };
             use pb::check_settings::ServiceOverride;
             match service_override {
                 Some(ServiceOverride::GrpcService(_)) => {
@@ -627,10 +665,11 @@ pub(super) fn per_route(
                 "emit_client_span",
                 emit_client_span.as_ref().is_some_and(|b| b.value),
             );
-            let _ = disable_request_body_buffering;
             Ok(me::ExtAuthzPerRoute {
                 disabled: false,
                 context_extensions: context_extensions.into_iter().collect::<BTreeMap<_, _>>(),
+                disable_request_body_buffering,
+                with_request_body,
             })
         }
         _ => Err(ctx.err(

@@ -54,7 +54,7 @@ fields!(pub(super) static COMBINED_VALIDATION_CONTEXT = "envoy.extensions.transp
 
 fields!(pub(super) static SDS_SECRET_CONFIG = "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig" {
     "name": applied "required",
-    "sds_config": applied "secrets come over the ADS stream or from the in-process certificate agent, whichever source it names (istiod's and istio-agent's configurations both resolve there)",
+    "sds_config": applied "a gRPC api_config_source on istio-agent's sds-grpc cluster: fetched from the agent's SDS socket by its own name (or served by the in-process certificate agent with --ca-addr); any other source: over the ADS stream",
 });
 
 fields!(pub(super) static TLS_PARAMETERS = "envoy.extensions.transport_sockets.tls.v3.TlsParameters" {
@@ -173,11 +173,11 @@ fn common_tls(
         tls_parameters(ctx, &format!("{field}.tls_params"), p, &mut out)?;
     }
     for (i, s) in tls_certificate_sds_secret_configs.iter().enumerate() {
-        out.certificates.push(m::tls::SecretSource::Sds(sds_name(
+        out.certificates.push(sds_source(
             ctx,
             &format!("{field}.tls_certificate_sds_secret_configs[{i}]"),
             s,
-        )?));
+        )?);
     }
     for (i, t) in tls_certificates.iter().enumerate() {
         let cert = tls_certificate(ctx, &format!("{field}.tls_certificates[{i}]"), t)?;
@@ -222,11 +222,11 @@ fn common_tls(
                 m::tls::Secret::Validation(vc),
             )))
         }
-        Some(V::ValidationContextSdsSecretConfig(s)) => Some(m::tls::SecretSource::Sds(sds_name(
+        Some(V::ValidationContextSdsSecretConfig(s)) => Some(sds_source(
             ctx,
             &format!("{field}.validation_context_sds_secret_config"),
             s,
-        )?)),
+        )?),
         Some(V::CombinedValidationContext(cv)) => {
             let f = format!("{field}.combined_validation_context");
             #[allow(deprecated)]
@@ -259,11 +259,11 @@ fn common_tls(
                 // configured; the merged context is checked then.
                 Some(s) => {
                     out.default_validation = Some(Arc::new(default));
-                    Some(m::tls::SecretSource::Sds(sds_name(
+                    Some(sds_source(
                         ctx,
                         &format!("{f}.validation_context_sds_secret_config"),
                         s,
-                    )?))
+                    )?)
                 }
                 None => {
                     usable(ctx, &format!("{f}.default_validation_context"), &default)?;
@@ -289,22 +289,35 @@ fn common_tls(
     Ok(out)
 }
 
-/// The name of an SDS secret; its source must be the ADS stream (what
-/// istiod's configuration uses) or the default (also ADS here).
-fn sds_name(
+/// An SDS secret by name: from istio-agent's SDS server when `sds_config`
+/// is a gRPC `api_config_source` on its `sds-grpc` cluster, else over the
+/// ADS stream (istiod's `ads: {}`, and the default).
+fn sds_source(
     ctx: &Ctx<'_>,
     field: &str,
     s: &tls_pb::SdsSecretConfig,
-) -> Result<String, ConvertError> {
+) -> Result<m::tls::SecretSource, ConvertError> {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
     let tls_pb::SdsSecretConfig { name, sds_config } = s;
-    // `sds_config` names where the secret is fetched; secrets are
-    // requested on the ADS stream whatever it says (istiod's and
-    // istio-agent's configurations both resolve there).
-    let _ = sds_config;
     if name.is_empty() {
         return Err(ctx.err(format!("{field}.name"), "an SDS secret needs a name"));
     }
-    Ok(name.clone())
+    let agent = match sds_config
+        .as_ref()
+        .and_then(|c| c.config_source_specifier.as_ref())
+    {
+        Some(ConfigSourceSpecifier::ApiConfigSource(a)) => a.grpc_services.iter().any(|g| {
+            matches!(&g.target_specifier, Some(TargetSpecifier::EnvoyGrpc(e))
+                if e.cluster_name == crate::bootstrap::AGENT_SDS_CLUSTER)
+        }),
+        _ => false,
+    };
+    Ok(if agent {
+        m::tls::SecretSource::AgentSds(name.clone())
+    } else {
+        m::tls::SecretSource::Sds(name.clone())
+    })
 }
 
 /// Refuses a context Envoy would refuse, or whose checks Ferry could not
@@ -1041,7 +1054,7 @@ pub(super) fn upstream_tls(
                 matches!(&**s, m::tls::Secret::Validation(v) if v.has_trust_source())
             }
             // An SDS validation context is checked when it arrives.
-            Some(m::tls::SecretSource::Sds(_)) => true,
+            Some(m::tls::SecretSource::Sds(_) | m::tls::SecretSource::AgentSds(_)) => true,
             None => false,
         };
         if !inline_ca {
