@@ -14,13 +14,16 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 use ferry_model::cluster::OriginalDstMeta;
 use ferry_model::filter_state::{FilterState, ORIGINAL_DST_LOCAL, ORIGINAL_DST_REMOTE};
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
 use tokio::io::DuplexStream;
 
+use crate::detect::{self, Detected, Outcome};
 use crate::run::Runtime;
+use crate::tls::Rewind;
 
 /// Buffered bytes each way of an internal connection (Envoy's
 /// `buffer_size_kb` default, 64 KiB).
@@ -33,7 +36,9 @@ pub const UNSPECIFIED: SocketAddr =
 
 /// What reaches an internal listener with a connection.
 pub struct InternalConn {
-    pub io: DuplexStream,
+    /// The listener's end, with the bytes protocol detection read served
+    /// again first.
+    pub io: Rewind<DuplexStream>,
     /// The endpoint's original_dst metadata, when `internal_upstream`
     /// passes it through.
     pub meta: OriginalDstMeta,
@@ -98,12 +103,65 @@ impl InternalListeners {
             .unwrap_or_else(|p| p.into_inner())
             .upgrade()
             .ok_or(InternalError::Gone)?;
-        // The listener filters and the chain are settled before the
-        // connection counts as made, as Envoy's internal listener does: a
-        // connection for which no chain matches fails to connect (the
-        // caller sees a connect failure, not a connection that closes).
         let (dst, peer) = addresses(&listener, &meta, filter_state.as_deref());
         tracing::trace!(listener.name = %listener.name, dst = %dst, "internal connection");
+        let filters = &listener.listener_filters;
+        if filters.tls_inspector_for(Some(dst)) || filters.http_inspector_for(Some(dst)) {
+            // Inspectors wait for what the client sends first (Istio's
+            // main_internal for sniffed ports): the connection is made at
+            // once and its chain chosen when those bytes have come (read
+            // only when some chain tells connections apart by them); one
+            // that no chain matches then closes, as in Envoy.
+            let needs = listener.detection_needs(Some(dst));
+            let (client, server) = tokio::io::duplex(BUFFER);
+            let guard = rt.drain.track();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let limit = listener.detection_timeout.or(rt.detection_timeout);
+                let close_on_timeout = listener.close_on_detection_timeout;
+                let (detected, io) = if needs.any() {
+                    match read_detect(server, needs.tls, needs.http, limit, close_on_timeout).await
+                    {
+                        Some(found) => found,
+                        None => return,
+                    }
+                } else {
+                    (Detected::default(), Rewind::new(Vec::new(), server))
+                };
+                let info = ConnectionInfo {
+                    destination: Some(dst),
+                    source: Some(peer),
+                    server_name: detected.server_name.clone(),
+                    transport_protocol: listener
+                        .listener_filters
+                        .tls_inspector_for(Some(dst))
+                        .then_some(if detected.tls { "tls" } else { "raw_buffer" }),
+                    application_protocols: detected.application_protocols.clone(),
+                };
+                let Some(registered) = register(
+                    &rt,
+                    &listener,
+                    info,
+                    dst,
+                    peer,
+                    detected.server_name.as_deref(),
+                ) else {
+                    return;
+                };
+                let conn = InternalConn {
+                    io,
+                    meta,
+                    filter_state,
+                };
+                handle(rt, conn, registered, dst, peer).await;
+            });
+            return Ok(client);
+        }
+        // Nothing to detect: the listener filters and the chain are settled
+        // before the connection counts as made, as Envoy's internal
+        // listener does: a connection for which no chain matches fails to
+        // connect (the caller sees a connect failure, not a connection
+        // that closes).
         let info = ConnectionInfo {
             destination: Some(dst),
             source: Some(peer),
@@ -111,15 +169,7 @@ impl InternalListeners {
             transport_protocol: None,
             application_protocols: Vec::new(),
         };
-        let Some(registered) = rt
-            .conns
-            .register(&listener, info, rt.drain_for(&listener.name))
-        else {
-            tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; refused");
-            crate::access_log::connection::no_filter_chain(&rt, &listener, peer, dst, None);
-            rt.stats
-                .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
-                .inc();
+        let Some(registered) = register(&rt, &listener, info, dst, peer, None) else {
             return Err(InternalError::NoFilterChain(listener.name.clone()));
         };
         let (client, server) = tokio::io::duplex(BUFFER);
@@ -127,7 +177,7 @@ impl InternalListeners {
         tokio::spawn(async move {
             let _guard = guard;
             let conn = InternalConn {
-                io: server,
+                io: Rewind::new(Vec::new(), server),
                 meta,
                 filter_state,
             };
@@ -135,6 +185,65 @@ impl InternalListeners {
         });
         Ok(client)
     }
+}
+
+/// Registers a connection with the chain `info` selects; `None` (counted
+/// and logged as Envoy does) when no chain matches.
+fn register(
+    rt: &Arc<Runtime>,
+    listener: &Arc<Listener>,
+    info: ConnectionInfo,
+    dst: SocketAddr,
+    peer: SocketAddr,
+    server_name: Option<&str>,
+) -> Option<crate::filter_chain_update::Registered> {
+    let registered = rt
+        .conns
+        .register(listener, info, rt.drain_for(&listener.name));
+    if registered.is_none() {
+        tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; refused");
+        crate::access_log::connection::no_filter_chain(rt, listener, peer, dst, server_name);
+        rt.stats
+            .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
+            .inc();
+    }
+    registered
+}
+
+/// Reads the client's first bytes until the inspectors decide (what a
+/// socket listener peeks at; an in-memory stream cannot be peeked, so the
+/// bytes read are served again first). Out of time: nothing detected, or
+/// `None` (close) when the listener says so; `None` too when the stream
+/// fails.
+async fn read_detect(
+    mut io: DuplexStream,
+    tls: bool,
+    http: bool,
+    limit: Option<Duration>,
+    close_on_timeout: bool,
+) -> Option<(Detected, Rewind<DuplexStream>)> {
+    use tokio::io::AsyncReadExt;
+    // No limit: a deadline no connection reaches (a year), as on sockets.
+    let limit = limit.unwrap_or(Duration::from_secs(365 * 24 * 3600));
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = Vec::with_capacity(1024);
+    let detected = loop {
+        if buf.len() >= detect::MAX_PEEK {
+            break Detected::default();
+        }
+        buf.reserve(1024.min(detect::MAX_PEEK - buf.len()));
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Err(_) if close_on_timeout => return None,
+            Err(_) => break Detected::default(),
+            Ok(Err(_)) => return None,
+            Ok(Ok(0)) => break Detected::default(),
+            Ok(Ok(_)) => {}
+        }
+        if let Outcome::Done(d) = detect::inspect(&buf, tls, http) {
+            break d;
+        }
+    };
+    Some((detected, Rewind::new(buf, io)))
 }
 
 /// The original destination and source of an internal connection: from

@@ -222,20 +222,17 @@ fn server_objects(ips: &[(&str, Ipv4Addr)]) -> String {
     out
 }
 
-/// An Envoy sidecar whose node says `ENABLE_HBONE` serves istiod's
+/// A sidecar whose node says `ENABLE_HBONE` serves istiod's
 /// `connect_terminate` and `main_internal` from ferry-pilot: a Ferry
 /// sidecar and an Envoy sidecar reach its app over HBONE, and an
 /// AuthorizationPolicy on it matches callers by the identity HBONE carried
-/// (RBAC on the filter state `io.istio.peer_principal`). Ferry's own
-/// server side of HBONE is separate work: the server here is Envoy only.
-#[test]
-fn ferry_and_envoy_sidecars_call_an_enable_hbone_envoy_sidecar_over_hbone() -> Result<()> {
-    let proxy_of = |w: &Workload| {
-        if w.name == "sleep-ferry" {
-            Proxy::Ferry
-        } else {
-            Proxy::Envoy
-        }
+/// (RBAC on the filter state `io.istio.peer_principal`). The server's
+/// sidecar is `server`: Envoy 1.40 or Ferry, fed the same.
+fn enable_hbone_server(server: Proxy) -> Result<()> {
+    let proxy_of = |w: &Workload| match w.name {
+        "sleep-ferry" => Proxy::Ferry,
+        "web" => server,
+        _ => Proxy::Envoy,
     };
     let setup = PilotSetup {
         env: vec![("PILOT_ENABLE_AMBIENT", "true")],
@@ -265,14 +262,27 @@ fn ferry_and_envoy_sidecars_call_an_enable_hbone_envoy_sidecar_over_hbone() -> R
     for client in ["sleep-ferry", "sleep-envoy"] {
         assert_eq!(reach(client)?, format!("web {client}"), "{client}");
     }
+    // Envoy names the cluster's statistics after its alt_stat_name
+    // (`main_internal;`), Ferry after its name.
+    let (internal_cx, rejected) = match server {
+        Proxy::Envoy => (
+            "cluster.main_internal;.upstream_cx_total",
+            "listener_manager.lds.update_rejected",
+        ),
+        Proxy::Ferry => (
+            "cluster.main_internal.upstream_cx_total",
+            "xds.update_rejected",
+        ),
+    };
     ensure!(
-        web.sidecar_stat("cluster.main_internal;.upstream_cx_total")? >= 2,
+        web.sidecar_stat(internal_cx)? >= 2,
         "both calls came through connect_terminate and main_internal:\n{}",
         m.diagnostics()
     );
     ensure!(
-        web.sidecar_stat("listener_manager.lds.update_rejected")? == 0,
-        "the server's Envoy took every listener"
+        web.sidecar_stat(rejected)? == 0,
+        "the server's sidecar took every resource:\n{}",
+        m.diagnostics()
     );
 
     // Only sleep-envoy's identity is allowed: the policy reads the HBONE
@@ -297,4 +307,14 @@ fn ferry_and_envoy_sidecars_call_an_enable_hbone_envoy_sidecar_over_hbone() -> R
         m.diagnostics()
     );
     Ok(())
+}
+
+#[test]
+fn ferry_and_envoy_sidecars_call_an_enable_hbone_envoy_sidecar_over_hbone() -> Result<()> {
+    enable_hbone_server(Proxy::Envoy)
+}
+
+#[test]
+fn ferry_and_envoy_sidecars_call_an_enable_hbone_ferry_sidecar_over_hbone() -> Result<()> {
+    enable_hbone_server(Proxy::Ferry)
 }

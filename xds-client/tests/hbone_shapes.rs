@@ -152,16 +152,22 @@ fn what_is_not_acted_on_is_refused_by_name() {
     let e = listener(l).expect_err("POST");
     assert!(e.contains("use_post"), "{e}");
 
-    // Protocol detection on an internal listener (Istio's main_internal).
+    // Protocol detection on an internal listener (Istio's main_internal for
+    // sniffed ports) is taken...
     let mut l = connect_originate();
     l["listener_filters"]
         .as_array_mut()
         .expect("list")
         .push(json!({"name": "envoy.filters.listener.tls_inspector", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}));
-    let e = listener(l).expect_err("tls_inspector");
+    listener(l).expect("tls_inspector on an internal listener");
+    // ...but TLS on its chains is not served: refused by name.
+    let mut l = connect_originate();
+    l["filter_chains"][0]["transport_socket"] =
+        connect_terminate()["filter_chains"][0]["transport_socket"].clone();
+    let e = listener(l).expect_err("TLS on an internal listener's chain");
     assert!(
-        e.contains("internal_listener") && e.contains("tls_inspector"),
+        e.contains("filter_chains[0].transport_socket") && e.contains("internal listener"),
         "{e}"
     );
 

@@ -60,7 +60,7 @@ fields!(pub(super) static LISTENER = "envoy.config.listener.v3.Listener" {
     "ignore_global_conn_limit": inert "there is no global connection limit to ignore",
     "bypass_overload_manager": inert "there is no overload manager to bypass",
     "tcp_keepalive": applied "on accepted connections",
-    "internal_listener": applied "an in-process listener without a socket: connections to an envoy_internal_address endpoint naming it are handed over as in-memory streams (listener filters: original_dst only)",
+    "internal_listener": applied "an in-process listener without a socket: connections to an envoy_internal_address endpoint naming it are handed over as in-memory streams (original_dst, tls_inspector and http_inspector run on the first bytes; TLS on its chains is refused)",
 });
 
 /// The address of an internal listener: unset, or an
@@ -326,14 +326,6 @@ pub fn listener(
             &mut filters,
         )?;
     }
-    if internal && (filters.tls_inspector || filters.http_inspector) {
-        // Protocol detection peeks at a socket; an in-process connection
-        // has none to peek at.
-        return Err(ctx.err(
-            "internal_listener",
-            "an internal listener runs only the original_dst listener filter (tls_inspector and http_inspector in listener_filters are not supported there)",
-        ));
-    }
     let buffer_limit = per_connection_buffer_limit_bytes.as_ref().map(|v| v.value);
     let mut chains = Vec::with_capacity(filter_chains.len());
     for (i, fc) in filter_chains.iter().enumerate() {
@@ -369,6 +361,23 @@ pub fn listener(
         return Err(ctx.err(
             "filter_chains",
             "a listener needs at least one filter chain",
+        ));
+    }
+    if internal
+        && let Some(i) = chains
+            .iter()
+            .chain(&default_chain)
+            .position(|c| c.tls.is_some())
+    {
+        // Connections handed over in process are served as plain streams.
+        let at = if i < chains.len() {
+            format!("filter_chains[{i}].transport_socket")
+        } else {
+            "default_filter_chain.transport_socket".to_string()
+        };
+        return Err(ctx.err(
+            &at,
+            "TLS on an internal listener's filter chain is not supported",
         ));
     }
     // Envoy's: 15 s when unset, none at all for 0s (istiod's setting, as
