@@ -27,8 +27,8 @@
 //! `max_pending_accept_reset_streams`, `max_local_error_reset_streams`).
 //!
 //! With `http_reject_path_with_fragment` (Envoy's default) the guard also
-//! decodes the request header blocks (HEADERS and CONTINUATION frames, in a
-//! shadow of h2's own frame codec): a `:path` holding '#' is noted in
+//! decodes the request header blocks (HEADERS and CONTINUATION frames, with
+//! an HPACK decoder of its own): a `:path` holding '#' is noted in
 //! [`Fragments`], since the codec's `Uri` silently drops the fragment, and
 //! the request is answered 400 as Envoy does.
 
@@ -93,73 +93,55 @@ impl Fragments {
     }
 }
 
-/// The read half of the shadow codec: the header frames fed to it.
-#[derive(Default)]
-struct ShadowIo {
-    buf: bytes::BytesMut,
-}
+/// HEADERS flags that shape its payload.
+const PADDED: u8 = 0x8;
+const PRIORITY_FLAG: u8 = 0x20;
+const END_HEADERS: u8 = 0x4;
 
-impl AsyncRead for ShadowIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if self.buf.is_empty() {
-            // Polled by hand with a no-op waker: more comes with the next read.
-            return Poll::Pending;
-        }
-        let n = self.buf.len().min(buf.remaining());
-        buf.put_slice(&self.buf.split_to(n));
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for ShadowIo {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, d: &[u8]) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(d.len()))
-    }
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-/// Decodes the inbound header blocks to find `:path`s with a fragment.
+/// Decodes the inbound header blocks to find `:path`s with a fragment: the
+/// frames are followed as they pass, HEADERS and CONTINUATION payloads
+/// gathered into a block, and each complete block decoded with an HPACK
+/// decoder of its own (every block, so its dynamic table stays in step with
+/// the codec's). Only the decoder's table lives between requests, as small
+/// as what the client indexes; the block buffers are given back after each
+/// request.
 struct FragmentWatch {
     fragments: Fragments,
-    codec: h2::Codec<ShadowIo, bytes::Bytes>,
+    hpack: fluke_hpack::Decoder<'static>,
     /// Bytes of the preface still to pass.
     skip: usize,
     head: [u8; 9],
     have: usize,
     payload_left: usize,
-    /// The current frame is a header block's: copied to the codec.
-    copying: bool,
+    /// The current frame's kind and flags when it is a header block's.
+    header_frame: Option<(u8, u8)>,
+    /// The current header frame's payload as it arrives.
+    payload: Vec<u8>,
+    /// The header block being gathered (up to END_HEADERS).
+    block: Vec<u8>,
+    /// A block failed to decode: the codec refuses the connection; nothing
+    /// more is decoded.
+    broken: bool,
 }
 
 impl FragmentWatch {
     fn new(fragments: Fragments) -> Self {
-        let mut codec = h2::Codec::new(ShadowIo::default());
-        // The real codec enforces the limits; the shadow reads what it got.
-        codec.set_max_recv_frame_size(16_777_215);
-        codec.set_max_recv_header_list_size(usize::MAX);
         Self {
             fragments,
-            codec,
+            hpack: fluke_hpack::Decoder::new(),
             skip: PREFACE_LEN,
             head: [0; 9],
             have: 0,
             payload_left: 0,
-            copying: false,
+            header_frame: None,
+            payload: Vec::new(),
+            block: Vec::new(),
+            broken: false,
         }
     }
 
     fn feed(&mut self, mut data: &[u8]) {
-        let mut fed = false;
-        while !data.is_empty() {
+        while !data.is_empty() && !self.broken {
             if self.skip > 0 {
                 let n = self.skip.min(data.len());
                 self.skip -= n;
@@ -168,12 +150,14 @@ impl FragmentWatch {
             }
             if self.payload_left > 0 {
                 let n = self.payload_left.min(data.len());
-                if self.copying {
-                    self.codec.get_mut().buf.extend_from_slice(&data[..n]);
-                    fed = true;
+                if self.header_frame.is_some() {
+                    self.payload.extend_from_slice(&data[..n]);
                 }
                 self.payload_left -= n;
                 data = &data[n..];
+                if self.payload_left == 0 {
+                    self.header_frame_done();
+                }
                 continue;
             }
             let n = (9 - self.have).min(data.len());
@@ -184,29 +168,55 @@ impl FragmentWatch {
                 self.have = 0;
                 let h = self.head;
                 self.payload_left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-                self.copying = matches!(h[3], HEADERS | CONTINUATION);
-                if self.copying {
-                    self.codec.get_mut().buf.extend_from_slice(&h);
-                    fed = true;
+                self.header_frame = matches!(h[3], HEADERS | CONTINUATION).then_some((h[3], h[4]));
+                if self.payload_left == 0 {
+                    self.header_frame_done();
                 }
             }
         }
-        if fed {
-            self.decode();
-        }
     }
 
-    fn decode(&mut self) {
-        use futures_util::StreamExt;
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        // A malformed block is the real codec's to refuse; the next ones
-        // decode on.
-        while let Poll::Ready(Some(frame)) = self.codec.poll_next_unpin(&mut cx) {
-            if let Ok(h2::frame::Frame::Headers(mut h)) = frame
-                && let Some(path) = &h.pseudo_mut().path
-                && path.contains('#')
-            {
-                self.fragments.note(path);
+    /// A header frame's payload is complete: its block fragment joins the
+    /// block, which is decoded at END_HEADERS.
+    fn header_frame_done(&mut self) {
+        let Some((kind, flags)) = self.header_frame.take() else {
+            return;
+        };
+        let payload = std::mem::take(&mut self.payload);
+        let mut fragment = payload.as_slice();
+        if kind == HEADERS {
+            let pad = if flags & PADDED != 0 {
+                let Some((&n, rest)) = fragment.split_first() else {
+                    self.broken = true;
+                    return;
+                };
+                fragment = rest;
+                usize::from(n)
+            } else {
+                0
+            };
+            if flags & PRIORITY_FLAG != 0 {
+                fragment = fragment.get(5..).unwrap_or_default();
+            }
+            let Some(end) = fragment.len().checked_sub(pad) else {
+                self.broken = true;
+                return;
+            };
+            fragment = &fragment[..end];
+        }
+        self.block.extend_from_slice(fragment);
+        if flags & END_HEADERS != 0 {
+            let block = std::mem::take(&mut self.block);
+            let fragments = &self.fragments;
+            let decoded = self.hpack.decode_with_cb(&block, |name, value| {
+                if name.as_ref() == b":path" && value.contains(&b'#') {
+                    fragments.note(&String::from_utf8_lossy(&value));
+                }
+            });
+            if decoded.is_err() {
+                // The codec refuses the block (COMPRESSION_ERROR) and with
+                // it the connection.
+                self.broken = true;
             }
         }
     }
@@ -615,6 +625,37 @@ mod tests {
         *req.uri_mut() = http::Uri::from_static("/a?q=1");
         fragments.mark(&mut req);
         assert!(req.extensions().get::<PathFragment>().is_some());
+    }
+
+    #[test]
+    fn padded_prioritised_and_continued_blocks_and_the_dynamic_table() {
+        let fragments = Fragments::default();
+        let mut w = FragmentWatch::new(fragments.clone());
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // Stream 1: :path "/b#x" indexed into the dynamic table (0x44:
+        // literal with incremental indexing, name :path), in a padded,
+        // prioritised HEADERS and a CONTINUATION.
+        let path = b"/b#x";
+        let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+        block.extend_from_slice(path);
+        let mut first = vec![2u8]; // pad length
+        first.extend_from_slice(&[0, 0, 0, 0, 16]); // dependency, weight
+        first.extend_from_slice(&block[..3]);
+        first.extend_from_slice(&[0, 0]); // padding
+        bytes.extend(frame(HEADERS, PADDED | PRIORITY_FLAG, 1, &first));
+        bytes.extend(frame(CONTINUATION, END_HEADERS, 1, &block[3..]));
+        // Stream 3: the same path by its dynamic index (62).
+        bytes.extend(frame(HEADERS, END_HEADERS, 3, &[0x82, 0x86, 0xbe]));
+        for chunk in bytes.chunks(5) {
+            w.feed(chunk);
+        }
+        for _ in 0..2 {
+            let mut req = http::Request::new(());
+            *req.uri_mut() = http::Uri::from_static("/b");
+            fragments.mark(&mut req);
+            assert!(req.extensions().get::<PathFragment>().is_some());
+        }
+        assert!(!w.broken);
     }
 
     #[test]
