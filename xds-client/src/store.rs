@@ -254,9 +254,12 @@ impl Store {
         out
     }
 
-    /// SDS names the listeners and clusters need that the bootstrap does
-    /// not hold as static secrets.
-    pub fn wanted_secrets(&self, base: &m::Snapshot) -> BTreeSet<String> {
+    /// The cached listeners with the static ones of `base`, and the cached
+    /// clusters.
+    fn listeners_and_clusters(
+        &self,
+        base: &m::Snapshot,
+    ) -> (Vec<Arc<m::Listener>>, Vec<Arc<m::Cluster>>) {
         let listeners: Vec<Arc<m::Listener>> = self
             .of(LISTENER)
             .filter_map(|(_, e)| match &e.parsed {
@@ -272,6 +275,13 @@ impl Store {
                 _ => None,
             })
             .collect();
+        (listeners, clusters)
+    }
+
+    /// SDS names the listeners and clusters need that the bootstrap does
+    /// not hold as static secrets.
+    pub fn wanted_secrets(&self, base: &m::Snapshot) -> BTreeSet<String> {
+        let (listeners, clusters) = self.listeners_and_clusters(base);
         sds_names(&listeners, clusters.iter().chain(base.clusters.values()))
             .into_iter()
             .filter(|n| !base.secrets.contains_key(n))
@@ -281,21 +291,7 @@ impl Store {
     /// The SDS names the cached listeners and clusters (and the static ones
     /// of `base`) want from istio-agent's SDS server.
     pub fn wanted_agent_secrets(&self, base: &m::Snapshot) -> BTreeSet<String> {
-        let listeners: Vec<Arc<m::Listener>> = self
-            .of(LISTENER)
-            .filter_map(|(_, e)| match &e.parsed {
-                Parsed::Listener(l) => Some(l.clone()),
-                _ => None,
-            })
-            .chain(base.listeners.iter().cloned())
-            .collect();
-        let clusters: Vec<Arc<m::Cluster>> = self
-            .of(CLUSTER)
-            .filter_map(|(_, e)| match &e.parsed {
-                Parsed::Cluster(c) => Some(c.clone()),
-                _ => None,
-            })
-            .collect();
+        let (listeners, clusters) = self.listeners_and_clusters(base);
         let commons = listeners
             .iter()
             .flat_map(|l| l.filter_chains.iter().chain(l.default_chain.iter()))
