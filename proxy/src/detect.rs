@@ -18,6 +18,27 @@ pub struct Detected {
 }
 
 impl Detected {
+    /// What a connection to `dst` from `peer` shows the filter chain match:
+    /// the detected server name and protocols, and the transport protocol
+    /// when the listener's TLS inspector runs for it.
+    pub fn connection_info(
+        &self,
+        listener: &ferry_model::Listener,
+        dst: std::net::SocketAddr,
+        peer: std::net::SocketAddr,
+    ) -> ferry_model::ConnectionInfo {
+        ferry_model::ConnectionInfo {
+            destination: Some(dst),
+            source: Some(peer),
+            server_name: self.server_name.clone(),
+            transport_protocol: listener
+                .listener_filters
+                .tls_inspector_for(Some(dst))
+                .then_some(if self.tls { "tls" } else { "raw_buffer" }),
+            application_protocols: self.application_protocols.clone(),
+        }
+    }
+
     pub fn http2(&self) -> bool {
         self.application_protocols
             .iter()

@@ -128,16 +128,7 @@ impl InternalListeners {
                 } else {
                     (Detected::default(), Rewind::new(Vec::new(), server))
                 };
-                let info = ConnectionInfo {
-                    destination: Some(dst),
-                    source: Some(peer),
-                    server_name: detected.server_name.clone(),
-                    transport_protocol: listener
-                        .listener_filters
-                        .tls_inspector_for(Some(dst))
-                        .then_some(if detected.tls { "tls" } else { "raw_buffer" }),
-                    application_protocols: detected.application_protocols.clone(),
-                };
+                let info = detected.connection_info(&listener, dst, peer);
                 let Some(registered) = register(
                     &rt,
                     &listener,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
+use ferry_model::{ChainKind, HttpCodec, Listener};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -234,16 +234,7 @@ async fn handle(
     } else {
         Detected::default()
     };
-    let info = ConnectionInfo {
-        destination: Some(dst),
-        source: Some(peer),
-        server_name: detected.server_name.clone(),
-        transport_protocol: listener
-            .listener_filters
-            .tls_inspector_for(Some(dst))
-            .then_some(if detected.tls { "tls" } else { "raw_buffer" }),
-        application_protocols: detected.application_protocols.clone(),
-    };
+    let info = detected.connection_info(&listener, dst, peer);
     // The connection joins the live ones with its chain: a later update
     // of the listener measures it against the new chain versions.
     let Some(registered) = rt
