@@ -575,10 +575,19 @@ fn network_rbac_on_tcp_proxy_matches_envoy() -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        // Connections closed without a byte (the readiness probes) are decided too:
-        // count from here.
-        std::thread::sleep(Duration::from_millis(200));
-        let before = p.rbac_stats()?;
+        // Connections closed without a byte (the readiness probes) are decided too,
+        // as the proxy gets to them (late on a busy machine): count from when the
+        // counters have settled.
+        let mut before = p.rbac_stats()?;
+        let settle = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = p.rbac_stats()?;
+            if now == before || std::time::Instant::now() > settle {
+                break;
+            }
+            before = now;
+        }
         let mut seen = vec![echo(port)?, echo(port)?, echo(other)?, echo(third)?];
         for p in [http_ok, http_denied] {
             seen.push(match request(p, "GET", "/x", &[]) {
