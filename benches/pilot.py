@@ -34,13 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from xds import free_port, kib
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -54,13 +50,6 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
         except OSError:
             time.sleep(0.01)
     raise RuntimeError(f"port {port} never listened")
-
-
-def kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:

@@ -46,23 +46,27 @@ fn workloads() -> Vec<Workload> {
 }
 
 fn objects(ips: &[(&str, Ipv4Addr)]) -> String {
-    let ip = |name: &str| {
-        ips.iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, ip)| ip.to_string())
-            .unwrap_or_default()
-    };
+    objects_with(ips, "echo", "istio.io/dataplane-mode: ambient", ECHO_VIP)
+}
+
+/// The pod `server` (with the extra `label`) behind a Service of its name
+/// at `vip`, and the two client pods.
+fn objects_with(ips: &[(&str, Ipv4Addr)], server: &str, label: &str, vip: &str) -> String {
+    let ip = ips
+        .iter()
+        .find(|(n, _)| *n == server)
+        .map(|(_, ip)| ip.to_string())
+        .unwrap_or_default();
     let mut out = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: echo, namespace: default, \
-         labels: {{app: echo, version: v1, istio.io/dataplane-mode: ambient}}}}\n\
-         spec: {{serviceAccountName: echo, containers: [{{name: app, image: app}}]}}\n\
-         status: {{podIP: {}}}\n---\n",
-        ip("echo")
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {server}, namespace: default, \
+         labels: {{app: {server}, version: v1, {label}}}}}\n\
+         spec: {{serviceAccountName: {server}, containers: [{{name: app, image: app}}]}}\n\
+         status: {{podIP: {ip}}}\n---\n"
     );
     out.push_str(&service_yaml(
-        "echo",
+        server,
         "default",
-        ECHO_VIP,
+        vip,
         &[("tcp", SERVICE_PORT, TARGET_PORT)],
     ));
     for name in ["sleep-ferry", "sleep-envoy"] {
@@ -197,29 +201,7 @@ fn server_workloads() -> Vec<Workload> {
 /// The server pod carries `networking.istio.io/tunnel: http` (the injector
 /// labels ENABLE_HBONE sidecars so), so callers tunnel to it.
 fn server_objects(ips: &[(&str, Ipv4Addr)]) -> String {
-    let ip = |name: &str| {
-        ips.iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, ip)| ip.to_string())
-            .unwrap_or_default()
-    };
-    let mut out = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: default, \
-         labels: {{app: web, version: v1, networking.istio.io/tunnel: http}}}}\n\
-         spec: {{serviceAccountName: web, containers: [{{name: app, image: app}}]}}\n\
-         status: {{podIP: {}}}\n---\n",
-        ip("web")
-    );
-    out.push_str(&service_yaml(
-        "web",
-        "default",
-        WEB_VIP,
-        &[("tcp", SERVICE_PORT, TARGET_PORT)],
-    ));
-    for name in ["sleep-ferry", "sleep-envoy"] {
-        out.push_str(&pod_yaml(ips, name, "default", name, name));
-    }
-    out
+    objects_with(ips, "web", "networking.istio.io/tunnel: http", WEB_VIP)
 }
 
 /// A sidecar whose node says `ENABLE_HBONE` serves istiod's
