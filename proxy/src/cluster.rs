@@ -1070,11 +1070,10 @@ impl PoolSettings {
 struct Conns {
     client_configs: ClientCache,
     idle: Mutex<Vec<Idle>>,
-    /// The HTTP/2 connection, its local address and when it was opened.
-    h2: Mutex<Option<(H2Sender, Instant)>>,
+    /// The HTTP/2 connections: a new one opens when every one has as many
+    /// streams open as it may carry, as Envoy's pool does.
+    h2: Mutex<Vec<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
-    /// Streams open on the HTTP/2 connection (`max_concurrent_streams`).
-    h2_streams: Arc<AtomicU32>,
     ewma: PeakEwma,
     /// Connections per request host name, when names come from requests
     /// (each its own SNI, so its own connections, as Envoy pools by
@@ -1082,7 +1081,39 @@ struct Conns {
     by_name: Mutex<HashMap<Arc<str>, Arc<EndpointPool>>>,
 }
 
-/// An HTTP/2 stream slot; its release wakes requests waiting for one.
+/// One HTTP/2 connection of an endpoint.
+struct H2Conn {
+    sender: H2Sender,
+    opened: Instant,
+    /// Streams open on it, each held by an [`H2Stream`].
+    streams: Arc<AtomicU32>,
+    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, as the connection's
+    /// task last read it (hyper's 100 until the peer's settings arrive).
+    peer_max: Arc<AtomicU32>,
+}
+
+impl H2Conn {
+    /// Takes a stream slot if the connection has room under the peer's
+    /// limit and the cluster's own `max_concurrent_streams`.
+    fn take_stream(&self, configured: Option<u32>) -> Option<Slot> {
+        let cap = self
+            .peer_max
+            .load(Ordering::Relaxed)
+            .min(configured.unwrap_or(u32::MAX));
+        acquire(&self.streams, cap)
+    }
+}
+
+/// A stream open on an upstream HTTP/2 connection, counted against the
+/// connection's capacity until dropped. It travels in the response's
+/// extensions; the router moves it into the response body and a tunnel
+/// into its connection, so it lasts as long as the stream. Dropping it
+/// wakes requests waiting for room.
+#[derive(Clone)]
+pub struct H2Stream {
+    _slot: Arc<StreamSlot>,
+}
+
 struct StreamSlot(Option<Slot>, Arc<ClusterShared>);
 
 impl Drop for StreamSlot {
@@ -1218,7 +1249,7 @@ impl EndpointPool {
         }
         if pools.len() >= MAX_NAMED_POOLS {
             // Forget names whose connections are all gone.
-            pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty() || p.live_h2().is_some());
+            pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty() || p.has_live_h2());
         }
         let mut named_tls = tls.clone();
         if auto.sni {
@@ -1693,22 +1724,51 @@ impl EndpointPool {
         });
     }
 
-    async fn h2_sender(&self) -> Result<H2Sender, UpstreamError> {
-        if let Some(s) = self.live_h2() {
-            return Ok(s);
+    /// A stream slot on a live HTTP/2 connection with room for it, if
+    /// there is one; connections closed or past `max_connection_duration`
+    /// are let go on the way (their streams finish, then they close).
+    fn h2_stream(&self) -> Option<(H2Sender, Arc<AtomicU32>, Slot)> {
+        let mut conns = self
+            .conns_if_used()?
+            .h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        conns.retain(|c| !c.sender.0.is_closed() && !self.too_old(c.opened));
+        let configured = self.settings.shared.max_concurrent_streams;
+        conns.iter().find_map(|c| {
+            let slot = c.take_stream(configured)?;
+            Some((c.sender.clone(), c.streams.clone(), slot))
+        })
+    }
+
+    /// Whether the endpoint holds an HTTP/2 connection still open.
+    fn has_live_h2(&self) -> bool {
+        self.conns_if_used().is_some_and(|c| {
+            c.h2.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .any(|c| !c.sender.0.is_closed())
+        })
+    }
+
+    /// Lets go of the HTTP/2 connection whose streams `streams` counts.
+    fn forget_h2(&self, streams: &Arc<AtomicU32>) {
+        if let Some(c) = self.conns_if_used() {
+            c.h2.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|c| !Arc::ptr_eq(&c.streams, streams));
         }
-        // One connection attempt at a time; the others wait and share it.
-        let _guard = self.conns().h2_connecting.lock().await;
-        if let Some(s) = self.live_h2() {
-            return Ok(s);
-        }
+    }
+
+    /// Opens one more HTTP/2 connection to the endpoint, under the
+    /// cluster's `max_connections`.
+    async fn open_h2(&self) -> Result<(), UpstreamError> {
         let Some(slot) = self
             .settings
             .shared
             .breakers
             .connection(self.host_limit().as_ref())
         else {
-            self.settings.shared.breakers.cx_overflow.inc();
             return Err(UpstreamError::Overflow);
         };
         let tcp = self.connect().await?;
@@ -1721,34 +1781,33 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.settings.stats.upstream_cx_destroy.clone();
         let active = ActiveCx::new(self.counters());
+        let peer_max = Arc::new(AtomicU32::new(saturate(conn.current_max_send_streams())));
+        let seen = peer_max.clone();
         tokio::spawn(async move {
             let _active = active;
-            let _ = conn.await;
+            let mut conn = std::pin::pin!(conn);
+            // The peer's stream limit can change with any SETTINGS frame:
+            // read it after every turn of the connection.
+            let _ = std::future::poll_fn(|cx| {
+                let turn = conn.as_mut().poll(cx);
+                seen.store(saturate(conn.current_max_send_streams()), Ordering::Relaxed);
+                turn
+            })
+            .await;
             destroyed.inc();
             drop(slot);
         });
-        *self.conns().h2.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some(((sender.clone(), local), Instant::now()));
-        Ok((sender, local))
-    }
-
-    /// The shared HTTP/2 connection, unless it closed or reached
-    /// `max_connection_duration`: an old one is let go (its streams finish,
-    /// then it closes) and the next request opens a new one.
-    fn live_h2(&self) -> Option<H2Sender> {
-        let mut slot = self
-            .conns_if_used()?
+        self.conns()
             .h2
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        match slot.as_ref() {
-            Some((s, opened)) if !s.0.is_closed() && !self.too_old(*opened) => Some(s.clone()),
-            Some(_) => {
-                *slot = None;
-                None
-            }
-            None => None,
-        }
+            .unwrap_or_else(|p| p.into_inner())
+            .push(H2Conn {
+                sender: (sender, local),
+                opened: Instant::now(),
+                streams: Arc::default(),
+                peer_max,
+            });
+        Ok(())
     }
 
     /// Whether a connection opened at `opened` reached
@@ -1796,10 +1855,14 @@ impl EndpointPool {
                     format!("CONNECT answered {}", resp.status().as_u16()),
                 )));
             }
+            let stream = resp.extensions_mut().remove::<H2Stream>();
             let upgraded = hyper::upgrade::on(&mut resp)
                 .await
                 .map_err(UpstreamError::Reset)?;
-            Ok(UpstreamIo::Tunnel(Box::new(TokioIo::new(upgraded))))
+            Ok(UpstreamIo::Tunnel(Box::new(crate::tls::TunnelIo {
+                io: TokioIo::new(upgraded),
+                _stream: stream,
+            })))
         };
         match tokio::time::timeout(self.settings.connect_timeout, open).await {
             Ok(r) => r,
@@ -1825,53 +1888,32 @@ impl EndpointPool {
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        // At the stream limit the request waits as a pending request (the
-        // pool keeps one connection per endpoint rather than opening more).
-        let _stream = match self.settings.shared.max_concurrent_streams {
-            None => None,
-            Some(max) => {
-                let breakers = &self.settings.shared.breakers;
-                let mut pending = None;
-                loop {
-                    let freed = breakers.freed.notified();
-                    if let Some(s) = acquire(&self.conns().h2_streams, max) {
-                        break Some(StreamSlot(Some(s), self.settings.shared.clone()));
-                    }
-                    if pending.is_none() {
-                        pending = Some(breakers.pending()?);
-                    }
-                    let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
-                }
-            }
-        };
         // A connection found closed (GOAWAY, or gone) before the stream was
-        // opened gets the request back unsent: it is sent once more, on a new
-        // connection.
+        // opened gets the request back unsent: it is sent once more, on
+        // another connection.
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (mut sender, local) = self.h2_sender().await?;
+            let ((mut sender, local), streams, slot) = self.h2_stream_or_wait().await?;
+            let stream = H2Stream {
+                _slot: Arc::new(StreamSlot(Some(slot), self.settings.shared.clone())),
+            };
             LocalAddrSlot::report(&req, local);
             if sender.ready().await.is_err() {
-                self.conns()
-                    .h2
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
+                self.forget_h2(&streams);
                 if attempts < 2 {
                     continue;
                 }
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(mut resp) => {
+                    resp.extensions_mut().insert(stream);
+                    return Ok(resp);
+                }
                 Err(mut e) => match e.take_message() {
                     Some(back) if attempts < 2 => {
                         self.settings.stats.upstream_rq_retry_stale_connection.inc();
-                        self.conns()
-                            .h2
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .take();
+                        self.forget_h2(&streams);
                         req = back;
                     }
                     _ => return Err(UpstreamError::Reset(e.into_error())),
@@ -1879,6 +1921,46 @@ impl EndpointPool {
             }
         }
     }
+
+    /// A stream slot on one of the endpoint's HTTP/2 connections: on one
+    /// with room, else on a new one, else (at `max_connections`, every
+    /// connection full) waiting as a pending request for a stream to end.
+    async fn h2_stream_or_wait(&self) -> Result<(H2Sender, Arc<AtomicU32>, Slot), UpstreamError> {
+        let breakers = &self.settings.shared.breakers;
+        let mut pending = None;
+        loop {
+            let freed = breakers.freed.notified();
+            if let Some(s) = self.h2_stream() {
+                return Ok(s);
+            }
+            {
+                // One connection attempt at a time; the others wait and share it.
+                let _connecting = self.conns().h2_connecting.lock().await;
+                if let Some(s) = self.h2_stream() {
+                    return Ok(s);
+                }
+                match self.open_h2().await {
+                    Ok(()) => continue,
+                    Err(UpstreamError::Overflow) if self.has_live_h2() => {}
+                    Err(UpstreamError::Overflow) => {
+                        breakers.cx_overflow.inc();
+                        return Err(UpstreamError::Overflow);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if pending.is_none() {
+                breakers.cx_overflow.inc();
+                pending = Some(breakers.pending()?);
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
+        }
+    }
+}
+
+/// A stream count as the pool keeps it.
+fn saturate(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

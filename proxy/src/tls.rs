@@ -282,7 +282,50 @@ pub enum UpstreamIo {
     /// An in-process connection to an internal listener.
     Internal(tokio::io::DuplexStream),
     /// An HTTP/2 CONNECT stream (`tcp_proxy.tunneling_config`).
-    Tunnel(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
+    Tunnel(Box<TunnelIo>),
+}
+
+/// An HTTP/2 CONNECT stream's bytes, holding the stream's place on its
+/// connection while it lives.
+pub struct TunnelIo {
+    pub io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
+    pub _stream: Option<crate::cluster::H2Stream>,
+}
+
+impl AsyncRead for TunnelIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Runs `$e` on whichever stream the connection is.

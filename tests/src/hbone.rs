@@ -40,6 +40,17 @@ impl HboneServer {
     /// Serves on `addr` with `leaf` as its certificate, trusting clients
     /// chained to `ca_pem`.
     pub fn start(addr: SocketAddr, ca_pem: &str, leaf: &Leaf) -> Result<HboneServer> {
+        Self::start_with_streams(addr, ca_pem, leaf, 100)
+    }
+
+    /// [`HboneServer::start`], allowing `max_streams` CONNECT streams at a
+    /// time on each connection (ztunnel's and istiod's 100 by default).
+    pub fn start_with_streams(
+        addr: SocketAddr,
+        ca_pem: &str,
+        leaf: &Leaf,
+        max_streams: u32,
+    ) -> Result<HboneServer> {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             roots.add(c?)?;
@@ -76,7 +87,7 @@ impl HboneServer {
                 let log = log.clone();
                 let n = count.fetch_add(1, Ordering::Relaxed) + 1;
                 tokio::spawn(async move {
-                    let _ = serve(acceptor, tcp, n, log).await;
+                    let _ = serve(acceptor, tcp, n, log, max_streams).await;
                 });
             }
         });
@@ -106,6 +117,7 @@ async fn serve(
     tcp: tokio::net::TcpStream,
     n: u64,
     log: Arc<Mutex<Vec<Seen>>>,
+    max_streams: u32,
 ) -> Result<()> {
     let local = tcp.local_addr()?;
     let tls = acceptor.accept(tcp).await?;
@@ -117,7 +129,7 @@ async fn serve(
         .and_then(|c| spiffe_uri(c.as_ref()))
         .unwrap_or_default();
     let mut conn = h2::server::Builder::new()
-        .max_concurrent_streams(100)
+        .max_concurrent_streams(max_streams)
         .handshake::<_, bytes::Bytes>(tls)
         .await?;
     while let Some(r) = conn.accept().await {

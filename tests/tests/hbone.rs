@@ -195,3 +195,111 @@ fn hbone_peer_of_another_trust_domain_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+/// Holds `n` tunnels open at once through the sidecar on `port`: each
+/// sends a line and reads the pod's greeting and echo, and stays open
+/// until all are answered. Returns the connections (to drop them).
+fn hold_tunnels(port: u16, n: usize, pod: SocketAddr) -> Result<Vec<TcpStream>> {
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = TcpStream::connect(local(port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let line = format!("tunnel {i}\n");
+        s.write_all(line.as_bytes())?;
+        let want = format!("hbone {pod} from {CLIENT_ID}\n{line}");
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got)
+            .with_context(|| format!("tunnel {i} of {n}: no greeting and echo"))?;
+        assert_eq!(String::from_utf8_lossy(&got), want, "tunnel {i}");
+        held.push(s);
+    }
+    Ok(held)
+}
+
+/// A pod allowing 10 streams per connection (the peer's
+/// SETTINGS_MAX_CONCURRENT_STREAMS) while 25 tunnels to it are open at
+/// once: the sidecar opens more HBONE connections rather than queueing the
+/// streams past the limit, so every tunnel is answered, no connection ever
+/// carries more than 10, in Ferry as in Envoy. Ferry opens no more
+/// connections than it needs (three); Envoy may open one more while its
+/// first is still connecting.
+#[test]
+fn tunnels_beyond_the_peers_stream_limit_open_more_connections() -> Result<()> {
+    let _lock = RunLock::shared();
+    let mesh = Mesh::new()?;
+    let hbone_port = free_port();
+    let leaf = mesh
+        .ca
+        .leaf("spiffe://cluster.local/ns/default/sa/echo", &[])?;
+    let pod: SocketAddr = "127.0.14.4:8080".parse()?;
+    let check = |proxy: &str, seen: &[ferry_tests::hbone::Seen], log: String| {
+        let mut per: std::collections::BTreeMap<u64, usize> = Default::default();
+        for s in seen {
+            assert_eq!(
+                (s.status, s.authority.as_str()),
+                (200, "127.0.14.4:8080"),
+                "{proxy}: {s:?}"
+            );
+            *per.entry(s.connection).or_default() += 1;
+        }
+        assert_eq!(
+            seen.len(),
+            25,
+            "{proxy}: every tunnel reached the pod once: {seen:?}\n{log}"
+        );
+        assert!(
+            per.values().all(|&n| n <= 10),
+            "{proxy}: streams per connection {per:?}\n{log}"
+        );
+        assert!(per.len() >= 3, "{proxy}: connections used {per:?}\n{log}");
+    };
+
+    let server = HboneServer::start_with_streams(
+        SocketAddr::from(([127, 0, 14, 4], hbone_port)),
+        &mesh.ca.pem(),
+        &leaf,
+        10,
+    )?;
+    let port = free_port();
+    let ferry = Ferry::start(&config(mesh.dir.path(), port, hbone_port, &[pod]).to_string())?;
+    let held =
+        hold_tunnels(port, 25, pod).with_context(|| format!("through ferry:\n{}", ferry.log()))?;
+    check("ferry", &server.seen(), ferry.log());
+    let stats = ferry.stats()?;
+    assert_eq!(
+        stats
+            .get("cluster.connect_originate.upstream_cx_total")
+            .copied(),
+        Some(3),
+        "{stats:?}"
+    );
+    drop((held, ferry, server));
+
+    let Some(bin) = envoy::bin()? else {
+        return Ok(());
+    };
+    let server = HboneServer::start_with_streams(
+        SocketAddr::from(([127, 0, 14, 4], hbone_port)),
+        &mesh.ca.pem(),
+        &leaf,
+        10,
+    )?;
+    let port = free_port();
+    let e = Envoy::start(
+        &bin,
+        &config(mesh.dir.path(), port, hbone_port, &[pod]),
+        port,
+    )?;
+    // The start-up probe of Envoy's port makes a tunnel of its own (closed
+    // at once): let it arrive, and leave it out.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while server.seen().is_empty() && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = server.seen().len();
+    let held =
+        hold_tunnels(port, 25, pod).with_context(|| format!("through envoy:\n{}", e.log()))?;
+    check("envoy", &server.seen()[before..], e.log());
+    drop(held);
+    Ok(())
+}

@@ -547,6 +547,9 @@ pub struct DeadlineBody {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The stream idle timeout, restarted by every frame.
     idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// The upstream HTTP/2 stream's place on its connection, held until
+    /// the body is done with.
+    _stream: Option<crate::cluster::H2Stream>,
 }
 
 /// The response ran out of the route timeout while its body was streaming.
@@ -567,11 +570,13 @@ impl DeadlineBody {
         inner: Incoming,
         deadline: Option<tokio::time::Instant>,
         idle: Option<Duration>,
+        stream: Option<crate::cluster::H2Stream>,
     ) -> Self {
         Self {
             inner,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             idle: idle.map(|t| (t, Box::pin(tokio::time::sleep(t)))),
+            _stream: stream,
         }
     }
 }

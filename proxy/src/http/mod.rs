@@ -2048,8 +2048,9 @@ fn respond(
     } else {
         (timers.deadline, timers.idle)
     };
+    let stream = resp.extensions_mut().remove::<crate::cluster::H2Stream>();
     (
-        resp.map(|b| Either::Left(DeadlineBody::new(b, deadline, idle))),
+        resp.map(|b| Either::Left(DeadlineBody::new(b, deadline, idle, stream))),
         flag,
         Some(address),
     )
