@@ -9,6 +9,10 @@ Scenarios:
   http1  wrk, HTTP/1.1 keep-alive, 50 connections        -> listener "http1" -> cluster backend (HTTP/1.1)
   h2     h2load, h2c prior knowledge, 10 conns x 10 streams -> listener "h2" -> cluster backend_h2 (h2c)
   tcp    bench-tcp-client, 64-byte echo request/response   -> listener "tcp" (tcp_proxy) -> backend_tcp
+  hbone  wrk as http1 -> client sidecar's listener "hbone_out" -> a service whose endpoint is an
+         internal address to "connect_originate" -> HTTP/2 CONNECT over mutual TLS 1.3 to the
+         server sidecar's "connect_terminate" -> internal listener "main_internal" -> backend
+         (istiod's ambient shapes; CPU and RSS are the two sidecars' sum)
   observe  as http1, with tracing (OpenTelemetry over OTLP/gRPC, 1% random sampling, to a sink
          this harness serves) and a file access log (Envoy's default format) on the listener:
          compare its rps and CPU per request with http1's (both off) from the same run
@@ -47,13 +51,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("FERRY_TOOLS", REPO / "target" / "tools"))
-SCENARIOS = ("http1", "h2", "tcp", "istio20", "mtls", "handshake", "resume", "idle", "observe")
+SCENARIOS = ("http1", "h2", "tcp", "istio20", "mtls", "hbone", "handshake", "resume", "idle", "observe")
 # Scenarios with two proxies: a client sidecar in front of a server sidecar.
-TWO_PROXY = ("mtls",)
+TWO_PROXY = ("mtls", "hbone")
 # Scenarios without a direct target (the backend speaks no TLS).
 PROXY_ONLY = ("handshake", "resume", "idle")
 # What the idle scenario holds, one kind after the other.
-IDLE_KINDS = ("http1", "h2", "tcp", "mtls")
+IDLE_KINDS = ("http1", "h2", "tcp", "mtls", "hbone")
 TARGETS = ("direct", "ferry", "envoy")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Background CPU (% of one core) above which a round is flagged: loopback softirq
@@ -230,14 +234,21 @@ class Ports:
     mtls: int
     mtls_out: int
     observe: int
+    hbone: int
+    hbone_out: int
+    hbone_tcp: int
     # Where the client sidecar's mTLS cluster points: the server sidecar's mTLS
     # listener (its own when the process plays both roles).
     mtls_peer: int = 0
+    # Where the client sidecar's connect_originate cluster tunnels to: the server
+    # sidecar's connect_terminate listener (istiod's port 15008).
+    hbone_peer: int = 0
 
     @staticmethod
     def fresh() -> Ports:
-        p = Ports(*(free_port() for _ in range(8)))
+        p = Ports(*(free_port() for _ in range(11)))
         p.mtls_peer = p.mtls
+        p.hbone_peer = p.hbone
         return p
 
     def for_scenario(self, scenario: str) -> int:
@@ -248,6 +259,7 @@ class Ports:
             "tcp": self.tcp,
             "istio20": self.istio20,
             "mtls": self.mtls_out,
+            "hbone": self.hbone_out,
             "handshake": self.mtls,
             "resume": self.mtls,
         }[scenario]
@@ -524,8 +536,253 @@ MANY_CONNECTIONS = """\
 """
 
 
-def bootstrap_yaml(ports: Ports, backend_http: int, backend_echo: int, certs: Certs) -> str:
-    """Plain Envoy v3 static bootstrap; deliberately nothing Envoy-only beyond defaults."""
+def raw_buffer(indent: int) -> str:
+    pad = " " * indent
+    return (
+        f"{pad}name: envoy.transport_sockets.raw_buffer\n"
+        f"{pad}typed_config:\n"
+        f'{pad}  "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer\n'
+    )
+
+
+def hbone_listeners(ports: Ports, certs: Certs, backend_http: int, backend_echo: int) -> str:
+    """istiod's ambient shapes for a sidecar with ENABLE_HBONE, both roles.
+
+    Client role: "hbone_out" (HTTP, as the app's outbound listener) and "hbone_tcp"
+    (TCP) route to service clusters whose endpoints are internal addresses to the
+    "connect_originate" internal listener, which tunnels to the pod address in the
+    endpoint's metadata with HTTP/2 CONNECT. Server role: "connect_terminate" takes
+    CONNECT over mutual TLS 1.3, hands the authority and the caller to "main_internal"
+    through filter state, whose chains (limited to the pod's IP and port) carry the
+    stream to the backend: HTTP through a connection manager, TCP through tcp_proxy.
+    """
+    sfs = lambda key, fmt: (  # noqa: E731
+        f"""\
+                - object_key: {key}
+                  format_string: {{ text_format_source: {{ inline_string: "{fmt}" }} }}
+                  shared_with_upstream: ONCE
+"""
+    )
+    return (
+        http_listener("hbone_out", ports.hbone_out, "hbone_service")
+        + f"""\
+  - name: hbone_tcp
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {ports.hbone_tcp} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: hbone_tcp
+          cluster: hbone_service_tcp
+  - name: connect_originate
+    internal_listener: {{}}
+    use_original_dst: false
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
+    filter_chains:
+    - filters:
+      - name: tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: connect_originate
+          cluster: connect_originate
+          tunneling_config: {{ hostname: "%DOWNSTREAM_LOCAL_ADDRESS%" }}
+  - name: connect_terminate
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {ports.hbone} }}
+    filter_chains:
+    - transport_socket:
+        name: tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
+            alpn_protocols: ["h2"]
+{tls_files(certs, "server", 12)}\
+                matcher: {{ prefix: "spiffe://cluster.local/" }}
+      filters:
+      - name: connect_terminate
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: connect_terminate
+          http2_protocol_options: {{ allow_connect: true, max_concurrent_streams: 100 }}
+          upgrade_configs: [{{ upgrade_type: CONNECT }}]
+          stream_idle_timeout: 0s
+          use_remote_address: false
+          route_config:
+            name: default
+            virtual_hosts:
+            - name: default
+              domains: ["*"]
+              routes:
+              - match: {{ connect_matcher: {{}} }}
+                route:
+                  cluster: main_internal
+                  upgrade_configs: [{{ upgrade_type: CONNECT, connect_config: {{}} }}]
+          http_filters:
+          - name: connect_authority
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.set_filter_state.v3.Config
+              on_request_headers:
+"""
+        + sfs("envoy.filters.listener.original_dst.local_ip", "%REQ(:AUTHORITY)%")
+        + sfs("envoy.filters.listener.original_dst.remote_ip", "%DOWNSTREAM_REMOTE_ADDRESS%")
+        + f"""\
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: main_internal
+    internal_listener: {{}}
+    traffic_direction: INBOUND
+    continue_on_listener_filters_timeout: true
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
+    filter_chains:
+    - name: inbound_http
+      filter_chain_match:
+        destination_port: {backend_http}
+        prefix_ranges: [{{ address_prefix: 127.0.0.1, prefix_len: 32 }}]
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound_http
+          route_config:
+            name: inbound
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: backend }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    - name: inbound_tcp
+      filter_chain_match:
+        destination_port: {backend_echo}
+        prefix_ranges: [{{ address_prefix: 127.0.0.1, prefix_len: 32 }}]
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: inbound_tcp
+          cluster: backend_tcp
+"""
+    )
+
+
+def hbone_service_cluster(name: str, pod_port: int) -> str:
+    """A service whose one endpoint is an ambient pod, as EDS gives it (endpoint_builder.go):
+    an internal address to connect_originate, the pod address as original_dst metadata,
+    and istiod's transport socket matches (cluster_tls.go)."""
+    return f"""\
+  - name: {name}
+    type: STATIC
+    connect_timeout: 2s
+{MANY_CONNECTIONS}\
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              envoy_internal_address: {{ server_listener_name: connect_originate, endpoint_id: "127.0.0.1:{pod_port}" }}
+          metadata:
+            filter_metadata:
+              envoy.filters.listener.original_dst: {{ local: "127.0.0.1:{pod_port}" }}
+              envoy.transport_socket_match: {{ tunnel: http }}
+    transport_socket_matches:
+    - name: hbone
+      match: {{ tunnel: http }}
+      transport_socket:
+        name: internal_upstream
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport
+          passthrough_metadata:
+          - {{ kind: {{ host: {{}} }}, name: envoy.filters.listener.original_dst }}
+          transport_socket:
+{raw_buffer(12)}\
+    - name: tlsMode-disabled
+      match: {{}}
+      transport_socket:
+{raw_buffer(8)}\
+"""
+
+
+def hbone_clusters(ports: Ports, certs: Certs, backend_http: int, backend_echo: int) -> str:
+    return (
+        hbone_service_cluster("hbone_service", backend_http)
+        + hbone_service_cluster("hbone_service_tcp", backend_echo)
+        + f"""\
+  - name: connect_originate
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 2s
+    cleanup_interval: 60s
+{MANY_CONNECTIONS}\
+    original_dst_lb_config:
+      upstream_port_override: {ports.hbone_peer}
+      metadata_key: {{ key: envoy.filters.listener.original_dst, path: [{{ key: waypoint }}] }}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: {{ idle_timeout: 3600s }}
+        explicit_http_config:
+          http2_protocol_options: {{ allow_connect: true }}
+    transport_socket:
+      name: tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_params: {{ tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3 }}
+          alpn_protocols: ["h2"]
+{tls_files(certs, "client", 10)}\
+              matcher: {{ prefix: "spiffe://cluster.local/" }}
+  - name: main_internal
+    type: STATIC
+    connect_timeout: 2s
+{MANY_CONNECTIONS}\
+    load_assignment:
+      cluster_name: main_internal
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              envoy_internal_address: {{ server_listener_name: main_internal }}
+    transport_socket:
+      name: internal_upstream
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport
+        transport_socket:
+{raw_buffer(10)}\
+"""
+    )
+
+
+# Internal listeners need this bootstrap extension in Envoy (Ferry accepts it).
+INTERNAL_LISTENER_EXTENSION = """\
+bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config:
+    "@type": type.googleapis.com/udpa.type.v1.TypedStruct
+    type_url: type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+    value: { buffer_size_kb: 64 }
+"""
+
+
+def bootstrap_yaml(ports: Ports, backend_http: int, backend_echo: int, certs: Certs, hbone: bool = False) -> str:
+    """Plain Envoy v3 static bootstrap; deliberately nothing Envoy-only beyond defaults.
+    With hbone, also istiod's ambient listeners and clusters (only then, so the other
+    scenarios' memory figures stay those of a plain bootstrap)."""
     return (
         f"""\
 # Generated by benches/load.py: the same file is given to Envoy and to Ferry.
@@ -543,6 +800,7 @@ static_resources:
         + http_listener("observe", ports.observe, "backend", observed=True)
         + istio_listener("istio20", ports.istio20, "backend")
         + mtls_listeners(ports, certs)
+        + (hbone_listeners(ports, certs, backend_http, backend_echo) if hbone else "")
         + f"""\
   - name: tcp
     address:
@@ -561,6 +819,7 @@ static_resources:
         + static_cluster("backend_tcp", backend_echo, MANY_CONNECTIONS)
         + static_cluster("otlp", OBSERVE["otlp_port"], H2_UPSTREAM)
         + mtls_cluster(ports, certs)
+        + (hbone_clusters(ports, certs, backend_http, backend_echo) + INTERNAL_LISTENER_EXTENSION if hbone else "")
     )
 
 
@@ -674,7 +933,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
         return None
     pin = ["taskset", "-c", s.load_cpu]
     url = f"http://127.0.0.1:{port}/"
-    if scenario in ("http1", "mtls", "observe"):
+    if scenario in ("http1", "mtls", "hbone", "observe"):
         argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency", url]
     elif scenario == "istio20":
         argv = pin + ["wrk", "-t1", f"-c{s.wrk_connections}", f"-d{seconds}s", "--latency",
@@ -708,7 +967,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
     if not measure:
         return None
     out = done.stdout + done.stderr
-    if scenario in ("http1", "istio20", "mtls", "observe"):
+    if scenario in ("http1", "istio20", "mtls", "hbone", "observe"):
         return parse_wrk(out)
     if scenario == "h2":
         try:
@@ -750,7 +1009,7 @@ def preflight(scenario: str, port: int, certs: Certs | None = None) -> None:
         return
     # Over HTTP/1.1 also for the h2 listener (codec AUTO): it checks the route and
     # the h2 upstream; h2load's status counts check the h2c downstream side.
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/reviews/1")  # mtls: via both sidecars
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/reviews/1")  # mtls, hbone: via both sidecars
     if scenario == "istio20":
         req.add_header("Host", f"{ISTIO_HOST}:9080")
     with urllib.request.urlopen(req, timeout=5) as resp:
@@ -869,24 +1128,29 @@ def measure_idle(s: Settings, kind: str, target: str, proxy: Proxy, backend_http
                  round_no: int, proxy_cpu: str) -> IdleSample:
     """RSS growth of a fresh proxy while it holds s.idle_conns idle connections of
     one kind, each after one exchange: HTTP/1.1 keep-alive, h2c, TCP proxied to the
-    echo backend (so with its upstream), mTLS HTTP/1.1 (the server sidecar's inbound)."""
+    echo backend (so with its upstream), mTLS HTTP/1.1 (the server sidecar's inbound),
+    hbone: TCP through a client sidecar, tunnelled as an HTTP/2 CONNECT stream to a
+    server sidecar and on to the echo backend (the two sidecars' RSS summed)."""
     import asyncio
 
     wait_until_quiet(s.quiet_wait)
     ports = Ports.fresh()
-    config = s.tmp / f"{target}-idle-{kind}-r{round_no}.yaml"
-    config.write_text(bootstrap_yaml(ports, backend_http, backend_echo, s.certs))
-    logfile = config.with_suffix(".log")
-    argv = ["taskset", "-c", proxy_cpu] + [a.replace("{config}", str(config)) for a in proxy.argv]
-    proc = spawn(argv, logfile)
-    port = {"http1": ports.http1, "h2": ports.h2, "tcp": ports.tcp, "mtls": ports.mtls}[kind]
+    hbone = kind == "hbone"
+    procs: list[tuple[subprocess.Popen, list[str], Path]] = []
+    port = {"http1": ports.http1, "h2": ports.h2, "tcp": ports.tcp, "mtls": ports.mtls, "hbone": ports.hbone_tcp}[kind]
     tls_ctx = idle_tls_context(s.certs) if kind == "mtls" else None
     try:
-        try:
-            wait_for_port(port, proc, 20, target)
-            time.sleep(0.5)
-        except Exception as err:
-            raise RuntimeError(f"{err}\n  command: {' '.join(argv)}\n  log {logfile}:\n{tail(logfile)}") from err
+        if hbone:
+            server_ports = Ports.fresh()
+            procs.append(start_proxy(s, proxy, f"{target}-idle-{kind}-server-r{round_no}", server_ports,
+                                     backend_http, backend_echo, proxy_cpu, server_ports.hbone, hbone))
+            ports.hbone_peer = server_ports.hbone
+        procs.append(start_proxy(s, proxy, f"{target}-idle-{kind}-r{round_no}", ports, backend_http, backend_echo,
+                                 proxy_cpu, port, hbone))
+        time.sleep(0.5)
+        pids = [p.pid for p, _, _ in procs]
+        logs = lambda: "\n".join(f"  log {lf}:\n{tail(lf)}" for _, _, lf in procs)  # noqa: E731
+        rss = lambda: sum(status_kib(pid, "VmRSS") for pid in pids)  # noqa: E731
 
         async def session() -> IdleSample:
             # A few connections first, held for the whole measurement: the first
@@ -894,24 +1158,25 @@ def measure_idle(s: Settings, kind: str, target: str, proxy: Proxy, backend_http
             # thread-local arenas) are not per-connection costs.
             warm, warm_fail = await _open_idle(kind, port, 16, 16, tls_ctx)
             if warm_fail:
-                raise RuntimeError(f"{target} {kind}: {warm_fail} of 16 warm-up exchanges failed\n{tail(logfile)}")
+                raise RuntimeError(f"{target} {kind}: {warm_fail} of 16 warm-up exchanges failed\n{logs()}")
             await asyncio.sleep(1.0)
-            before = status_kib(proc.pid, "VmRSS")
-            n = s.idle_tcp_conns if kind == "tcp" else s.idle_conns
+            before = rss()
+            n = s.idle_tcp_conns if kind in ("tcp", "hbone") else s.idle_conns
             held, failures = await _open_idle(kind, port, n, s.idle_concurrency, tls_ctx)
             # Let deferred work settle (Envoy's deferred deletes, timers).
             await asyncio.sleep(2.0)
-            after = status_kib(proc.pid, "VmRSS")
+            after = rss()
             alive = sum(1 for _, w in held if not w.is_closing())
             for _, w in held + warm:
                 w.close()
-            if proc.poll() is not None:
-                raise RuntimeError(f"{target} exited while holding idle connections\n{tail(logfile)}")
+            if any(p.poll() is not None for p, _, _ in procs):
+                raise RuntimeError(f"{target} exited while holding idle connections\n{logs()}")
             return IdleSample(kind, alive, failures + (len(held) - alive), before, after)
 
         return asyncio.run(session())
     finally:
-        stop(proc)
+        for p, _, _ in reversed(procs):
+            stop(p)
 
 
 # --------------------------------------------------------------------------- one measurement
@@ -934,9 +1199,9 @@ class Proxy:
 
 
 def start_proxy(s: Settings, proxy: Proxy, name: str, ports: Ports, backend_http: int, backend_echo: int,
-                proxy_cpu: str, wait_port: int) -> tuple[subprocess.Popen, list[str], Path]:
+                proxy_cpu: str, wait_port: int, hbone: bool = False) -> tuple[subprocess.Popen, list[str], Path]:
     config = s.tmp / f"{name}.yaml"
-    config.write_text(bootstrap_yaml(ports, backend_http, backend_echo, s.certs))
+    config.write_text(bootstrap_yaml(ports, backend_http, backend_echo, s.certs, hbone))
     logfile = config.with_suffix(".log")
     argv = ["taskset", "-c", proxy_cpu] + [a.replace("{config}", str(config)) for a in proxy.argv]
     proc = spawn(argv, logfile)
@@ -971,16 +1236,19 @@ def measure(
     ports = Ports.fresh()
     procs: list[tuple[subprocess.Popen, list[str], Path]] = []
     try:
+        hbone = scenario == "hbone"
         if scenario in TWO_PROXY:
-            # The server sidecar first, then the client sidecar whose mTLS cluster
-            # points at it; both on the proxy CPU, so CPU is the pair's.
+            # The server sidecar first, then the client sidecar whose mTLS (or HBONE)
+            # cluster points at it; both on the proxy CPU, so CPU is the pair's.
             server_ports = Ports.fresh()
+            server_port = server_ports.hbone if hbone else server_ports.mtls
             procs.append(start_proxy(s, proxy, f"{target}-{scenario}-server-r{round_no}", server_ports,
-                                     backend_http, backend_echo, proxy_cpu, server_ports.mtls))
+                                     backend_http, backend_echo, proxy_cpu, server_port, hbone))
             ports.mtls_peer = server_ports.mtls
+            ports.hbone_peer = server_ports.hbone
         port = ports.for_scenario(scenario)
         procs.append(start_proxy(s, proxy, f"{target}-{scenario}-r{round_no}", ports, backend_http,
-                                 backend_echo, proxy_cpu, port))
+                                 backend_echo, proxy_cpu, port, hbone))
         pids = [p.pid for p, _, _ in procs]
         try:
             # Let the startup burst (config parsing, worker spawn) settle before RSS.
@@ -1078,6 +1346,9 @@ SCENARIO_TITLE = {
     "istio20": "HTTP/1.1 through an Istio-shaped route table of 20 matches (wrk, {wrk} connections, default route)",
     "mtls": "HTTP/1.1 over Istio mTLS between two sidecars (wrk, {wrk} connections → client sidecar → mTLS → "
     "server sidecar → backend; CPU and RSS are the two proxies' sum)",
+    "hbone": "HTTP/1.1 over HBONE between two sidecars (wrk, {wrk} connections → client sidecar → internal listener"
+    " connect_originate → HTTP/2 CONNECT in mutual TLS 1.3 → server sidecar's connect_terminate → internal listener"
+    " main_internal → backend; CPU and RSS are the two proxies' sum)",
     "handshake": "new mTLS connections (bench-tls-client, {tlsc} in flight: full handshake with client certificate, "
     "one request, close; rps = handshakes/s, CPU per 1k handshakes)",
     "resume": "resumed mTLS connections (as handshake, offering the server's session tickets again)",
@@ -1093,7 +1364,9 @@ def render_idle(s: Settings, samples: dict[str, dict[str, list[IdleSample]]], ta
         "RSS growth of a fresh proxy from before to 2 s after opening the connections (16 warm-up connections"
         " held throughout), divided by the connections still open; median over rounds."
         " tcp counts the upstream connection each proxied connection holds; mtls is the server sidecar's"
-        " inbound (TLS with a client certificate, HTTP/1.1 to the backend).",
+        " inbound (TLS with a client certificate, HTTP/1.1 to the backend); hbone is a TCP connection tunnelled"
+        " from a client sidecar to a server sidecar as one HTTP/2 CONNECT stream (istiod's ambient shapes, at most"
+        " 100 streams per mutual-TLS connection) and on to the echo backend, the two sidecars' RSS summed.",
         "",
         "| kind | " + " | ".join(f"{t} KiB/conn" for t in targets) + " | "
         + " | ".join(f"{t} RSS before → after MiB" for t in targets) + " | failures |"
@@ -1257,6 +1530,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tls-connections", type=int, default=10, help="bench-tls-client connections in flight (handshake, resume)")
     p.add_argument("--tls-key", choices=("rsa", "ec"), default="rsa",
                    help="workload key type: RSA 2048 (Istio's default) or ECDSA P-256")
+    p.add_argument(
+        "--idle-kind", action="append", choices=IDLE_KINDS, help="hold only this kind in idle (repeatable); default: all"
+    )
     p.add_argument("--idle-conns", type=int, default=10000, help="idle connections held per kind (idle)")
     p.add_argument("--idle-concurrency", type=int, default=50, help="idle connections being opened at once (idle)")
     p.add_argument("--out", type=Path, default=REPO / "benches" / "results" / "latest.md", help="markdown report")
@@ -1283,7 +1559,7 @@ def check_tools(args) -> list[str]:
     notes: list[str] = []
     missing = []
     need = {"taskset": "apt-get install -y util-linux"}
-    if any(sc in args.only for sc in ("http1", "istio20", "mtls", "observe")):
+    if any(sc in args.only for sc in ("http1", "istio20", "mtls", "hbone", "observe")):
         need["wrk"] = "apt-get install -y wrk"
     if "h2" in args.only:
         need["h2load"] = "apt-get install -y nghttp2-client"
@@ -1311,21 +1587,22 @@ def check_tools(args) -> list[str]:
 
 def validate_envoy_config(args, tmp: Path, certs: Certs) -> None:
     """Envoy's own validation of the generated bootstrap, so a config bug is named as one."""
-    config = tmp / "validate.yaml"
-    config.write_text(bootstrap_yaml(Ports.fresh(), 1, 2, certs))
-    done = subprocess.run(
-        [str(args.envoy), "--mode", "validate", "-c", str(config), "--log-level", "error"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        raise HarnessError(f"envoy rejects the generated bootstrap {config}:\n{done.stdout}{done.stderr}")
+    for hbone in (False, True):
+        config = tmp / ("validate-hbone.yaml" if hbone else "validate.yaml")
+        config.write_text(bootstrap_yaml(Ports.fresh(), 1, 2, certs, hbone))
+        done = subprocess.run(
+            [str(args.envoy), "--mode", "validate", "-c", str(config), "--log-level", "error"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            raise HarnessError(f"envoy rejects the generated bootstrap {config}:\n{done.stdout}{done.stderr}")
 
 
 def run_idle(s: Settings, args, proxies: dict[str, Proxy | None], idle: dict[str, dict[str, list[IdleSample]]],
              notes: list[str], backend_http: int, backend_echo: int, round_no: int) -> None:
-    for kind in IDLE_KINDS:
+    for kind in args.idle_kind or IDLE_KINDS:
         for target in args.targets:
             proxy = proxies[target]
             key = f"idle-{kind}"
@@ -1449,9 +1726,9 @@ def run(args, tmp: Path, notes: list[str], started: dt.datetime) -> int:
             [str(args.ferry), "sidecar", "--config", "{config}", "--concurrency", "1", "--ready-addr", "off", "--prometheus-addr", "off", "--status-addr", "off"],
         )
         versions["ferry"] = tool_version([str(args.ferry), "--version"], strict=True)
-    if any(sc in args.only for sc in ("http1", "istio20", "mtls")):
+    if any(sc in args.only for sc in ("http1", "istio20", "mtls", "hbone")):
         versions["wrk"] = tool_version(["wrk", "-v"]).split(" [")[0]
-    if any(sc in args.only for sc in ("mtls", "handshake", "resume", "idle")):
+    if any(sc in args.only for sc in ("mtls", "hbone", "handshake", "resume", "idle")):
         versions["workload keys"] = "RSA 2048" if args.tls_key == "rsa" else "ECDSA P-256"
     if "h2" in args.only:
         versions["h2load"] = tool_version(["h2load", "--version"])
