@@ -230,6 +230,14 @@ impl<H: LbHost> Balancer<H> {
         self.hosts.get(idx)
     }
 
+    /// Excluded from balancing (`LbHost::excluded`): not counted among a
+    /// level's or a locality's hosts either, as Envoy leaves excluded hosts
+    /// out of the denominator of priority spill-over, locality weighting and
+    /// panic mode.
+    fn excluded(&self, i: usize) -> bool {
+        self.hosts.get(i).is_some_and(|h| h.excluded())
+    }
+
     /// Healthy in EDS and not ejected.
     fn up(&self, i: usize) -> bool {
         !self.unhealthy.get(i).copied().unwrap_or(false)
@@ -244,8 +252,10 @@ impl<H: LbHost> Balancer<H> {
             .levels
             .iter()
             .map(|l| {
-                let total = l.members.len() as u64;
-                let up = l.members.iter().filter(|i| self.up(**i)).count() as u64;
+                let counted = l.members.iter().filter(|i| !self.excluded(**i));
+                let (total, up) = counted.fold((0u64, 0u64), |(t, u), i| {
+                    (t + 1, u + u64::from(self.up(*i)))
+                });
                 (factor * up).checked_div(total).unwrap_or(0).min(100)
             })
             .collect();
@@ -285,7 +295,12 @@ impl<H: LbHost> Balancer<H> {
             .groups
             .iter()
             .map(|g| {
-                let total = g.members.len().max(1) as u64;
+                let total = g
+                    .members
+                    .iter()
+                    .filter(|i| !self.excluded(**i))
+                    .count()
+                    .max(1) as u64;
                 let up = g.members.iter().filter(|i| ok(**i)).count() as u64;
                 u64::from(g.locality_weight) * (factor * up / total).min(100)
             })
@@ -731,6 +746,7 @@ mod tests {
         active: Arc<AtomicU64>,
         cost: f64,
         age: Option<std::time::Duration>,
+        excluded: bool,
     }
 
     impl LbHost for TestHost {
@@ -739,6 +755,9 @@ mod tests {
         }
         fn available(&self) -> bool {
             self.up.load(Ordering::Relaxed)
+        }
+        fn excluded(&self) -> bool {
+            self.excluded
         }
         fn active(&self) -> u64 {
             self.active.load(Ordering::Relaxed)
@@ -758,6 +777,7 @@ mod tests {
             active: Arc::new(AtomicU64::new(0)),
             cost: 0.0,
             age: None,
+            excluded: false,
         }
     }
 
@@ -1103,6 +1123,41 @@ mod tests {
         let c = counts(&b, 300, |_| None);
         assert_eq!(c.len(), 3, "only the degraded hosts: {c:?}");
         assert!(c.keys().all(|k| k.as_str() >= "10.0.0.4"), "{c:?}");
+    }
+
+    /// Excluded hosts (failed at once by `x-envoy-immediate-health-check-fail`)
+    /// leave the denominator: of four hosts, two excluded, one healthy and one
+    /// failed, the level is 1 / (4 - 2) available, above the panic threshold,
+    /// so only the healthy host takes traffic (counting the excluded hosts,
+    /// 1 / 4 would be panic and the failed host would get half of it).
+    #[test]
+    fn excluded_hosts_do_not_count_towards_panic() {
+        let hs: Vec<_> = (1..=4)
+            .map(|n| {
+                let mut h = host(n);
+                h.excluded = n >= 3;
+                if n >= 2 {
+                    h.up.store(false, Ordering::Relaxed);
+                }
+                (h, meta(1, 0))
+            })
+            .collect();
+        let b = balancer(LbPolicy::RoundRobin, &hs);
+        let c = counts(&b, 200, |_| None);
+        assert_eq!(c.keys().collect::<Vec<_>>(), vec!["10.0.0.1:80"], "{c:?}");
+        // With every host but the failed one excluded the level is 0 / 1:
+        // panic, and the failed host (not excluded) takes the traffic.
+        let hs: Vec<_> = (1..=3)
+            .map(|n| {
+                let mut h = host(n);
+                h.excluded = n >= 2;
+                h.up.store(n >= 2, Ordering::Relaxed);
+                (h, meta(1, 0))
+            })
+            .collect();
+        let b = balancer(LbPolicy::RoundRobin, &hs);
+        let c = counts(&b, 200, |_| None);
+        assert_eq!(c.keys().collect::<Vec<_>>(), vec!["10.0.0.1:80"], "{c:?}");
     }
 
     #[test]
