@@ -93,17 +93,17 @@ async fn issue(opts: &AgentOptions) -> Result<(LocalSecrets, Option<SystemTime>)
     Ok(secrets_of(chain, key_pem))
 }
 
-/// Starts the agent: the returned channel holds the current secrets (empty
-/// until the first certificate arrives) and follows every renewal.
-pub fn start(opts: AgentOptions) -> watch::Receiver<LocalSecrets> {
-    let (tx, rx) = watch::channel(LocalSecrets::new());
+/// Starts the agent: it publishes the workload certificate and root on
+/// `tx` (beside whatever else is published there) once issued, and again
+/// at every renewal.
+pub fn start(opts: AgentOptions, tx: std::sync::Arc<watch::Sender<LocalSecrets>>) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(500);
         loop {
             let wait = match issue(&opts).await {
                 Ok((secrets, renew_at)) => {
                     tracing::info!(agent.identity = %opts.identity, "workload certificate issued");
-                    tx.send_replace(secrets);
+                    tx.send_modify(|m| m.extend(secrets));
                     backoff = Duration::from_millis(500);
                     // An already expired certificate: renew soon, but
                     // not in a loop.
@@ -126,7 +126,6 @@ pub fn start(opts: AgentOptions) -> watch::Receiver<LocalSecrets> {
             tokio::time::sleep(wait).await;
         }
     });
-    rx
 }
 
 #[cfg(test)]

@@ -83,7 +83,10 @@ pub struct AgentSettings {
 async fn start_agent(
     settings: &AgentSettings,
     ads: &ferry_xds::ads::AdsConfig,
-) -> anyhow::Result<tokio::sync::watch::Receiver<ferry_xds::ads::LocalSecrets>> {
+) -> anyhow::Result<(
+    Arc<ferry_xds::sds::AgentSds>,
+    tokio::sync::watch::Receiver<ferry_xds::ads::LocalSecrets>,
+)> {
     use ferry_model::tls::{CommonTls, Secret, SecretSource, UpstreamTls, ValidationContext};
     // The node metadata as the metrics read it: namespace, service
     // account, cluster id.
@@ -144,13 +147,23 @@ async fn start_agent(
         cluster_id: Some(local.cluster).filter(|c| !c.is_empty()),
     };
     tracing::info!(agent.identity = %identity, agent.ca = %settings.ca_addr, "requesting the workload certificate");
-    let mut rx = crate::agent::start(crate::agent::AgentOptions {
-        ca,
-        identity,
-        ttl: settings.cert_ttl,
-    });
-    let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| !s.is_empty())).await;
-    Ok(rx)
+    // The agent's secrets: the workload certificate and root it is issued,
+    // and the file-mounted ones the configuration names on `sds-grpc`.
+    let (sds, mut rx) = ferry_xds::sds::AgentSds::local();
+    crate::agent::start(
+        crate::agent::AgentOptions {
+            ca,
+            identity,
+            ttl: settings.cert_ttl,
+        },
+        sds.sender(),
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|s| s.contains_key(crate::agent::WORKLOAD_SECRET)),
+    )
+    .await;
+    Ok((sds, rx))
 }
 
 /// Everything connections share.
@@ -495,7 +508,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         let env: Vec<(String, String)> = std::env::vars().collect();
         a.node = ferry_xds::node::build(Some(&a.node), &opts.node, &env);
         if let Some(agent) = &opts.agent {
-            a.local_secrets = Some(start_agent(agent, a).await?);
+            let (sds, secrets) = start_agent(agent, a).await?;
+            a.local_secrets = Some(secrets);
+            a.agent_sds = Some(sds);
         } else if let Some(target) = ferry_xds::bootstrap::agent_sds_target(&bootstrap.proto) {
             // Under istio-agent (no --ca-addr): the agent serves the
             // workload certificate and root on its SDS socket, as to Envoy.

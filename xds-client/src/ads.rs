@@ -450,7 +450,8 @@ impl Client {
             SECRET => {
                 let mut names = st.wanted_secrets(&self.base);
                 if let Some(agent) = &self.config.agent_sds {
-                    let from_agent = st.wanted_agent_secrets(&self.base);
+                    let mut from_agent = st.wanted_agent_secrets(&self.base);
+                    from_agent.retain(|n| agent.serves(n));
                     agent.want(from_agent.iter().map(String::as_str));
                     names.retain(|n| !from_agent.contains(n));
                 }

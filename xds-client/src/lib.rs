@@ -12,6 +12,7 @@ pub mod bootstrap;
 pub mod ca;
 pub mod convert;
 pub mod dump;
+pub mod file_secrets;
 pub mod node;
 pub mod runtime;
 pub mod sds;

@@ -38,10 +38,12 @@ pub struct SdsSource {
     pub node: Node,
 }
 
-/// The secrets fetched from one SDS server, one stream per name.
+/// The secrets of istio-agent's `sds-grpc` cluster: fetched from its SDS
+/// server, one stream per name; or, when the process does the agent's job
+/// itself (no server), the file-mounted ones read from their files.
 #[derive(Debug)]
 pub struct AgentSds {
-    source: SdsSource,
+    source: Option<SdsSource>,
     tx: Arc<watch::Sender<LocalSecrets>>,
     /// The names a stream was started for.
     started: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -53,7 +55,7 @@ impl AgentSds {
     pub fn start(source: SdsSource, names: &[&str]) -> (Arc<Self>, watch::Receiver<LocalSecrets>) {
         let (tx, rx) = watch::channel(LocalSecrets::new());
         let me = Arc::new(Self {
-            source,
+            source: Some(source),
             tx: Arc::new(tx),
             started: Default::default(),
         });
@@ -61,15 +63,57 @@ impl AgentSds {
         (me, rx)
     }
 
-    /// Starts a stream for each name that has none yet (once the
-    /// configuration names it; a stream lives as long as the process, as the
-    /// secrets are few).
+    /// The agent's secrets when the process is the agent: the workload
+    /// certificate and root are published on the returned sender by whoever
+    /// issues them; file-mounted names are read from their files as the
+    /// configuration names them; other names on `sds-grpc` have no source.
+    pub fn local() -> (Arc<Self>, watch::Receiver<LocalSecrets>) {
+        let (tx, rx) = watch::channel(LocalSecrets::new());
+        let me = Arc::new(Self {
+            source: None,
+            tx: Arc::new(tx),
+            started: Default::default(),
+        });
+        (me, rx)
+    }
+
+    /// Whether the secret `name` on the agent's cluster comes from here:
+    /// every name when there is an SDS server; without one, the workload
+    /// certificate, the root and the file-mounted names. Any other (a
+    /// gateway's `kubernetes://…`) is asked of the ADS server, which serves
+    /// them to a proxy whose agent runs in-process, as istiod does.
+    pub fn serves(&self, name: &str) -> bool {
+        self.source.is_some()
+            || name == "default"
+            || name == "ROOTCA"
+            || crate::file_secrets::is_file_secret(name)
+    }
+
+    /// Where the secrets are published.
+    pub fn sender(&self) -> Arc<watch::Sender<LocalSecrets>> {
+        self.tx.clone()
+    }
+
+    /// Starts a stream (or a file watch) for each name that has none yet
+    /// (once the configuration names it; it lives as long as the process,
+    /// as the secrets are few).
     pub fn want<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
         for name in names {
-            if started.insert(name.to_string()) {
-                tracing::info!(sds.cluster = %self.source.cluster, sds.secret = %name, "fetching a secret from the SDS server");
-                spawn_stream(self.source.clone(), self.tx.clone(), name.to_string());
+            if !started.insert(name.to_string()) {
+                continue;
+            }
+            match &self.source {
+                Some(source) => {
+                    tracing::info!(sds.cluster = %source.cluster, sds.secret = %name, "fetching a secret from the SDS server");
+                    spawn_stream(source.clone(), self.tx.clone(), name.to_string());
+                }
+                None if crate::file_secrets::is_file_secret(name) => {
+                    crate::file_secrets::spawn_watch(name.to_string(), self.tx.clone());
+                }
+                // The workload certificate and root are published by the
+                // agent; other names are not asked here (`serves`).
+                None => {}
             }
         }
     }

@@ -722,23 +722,6 @@ fn auto_mtls(
     ]
 }
 
-/// The operating system's CA bundle, where istio-agent looks for it
-/// (`file-root:system`): the first that exists, else Debian's path.
-fn system_ca_bundle() -> &'static str {
-    const CANDIDATES: &[&str] = &[
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/ca-bundle.pem",
-        "/etc/pki/tls/cacert.pem",
-        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-        "/etc/ssl/cert.pem",
-    ];
-    CANDIDATES
-        .iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .unwrap_or(&CANDIDATES[0])
-}
-
 /// istiod's `setAutoSniAndAutoSanValidation`: for SIMPLE and MUTUAL
 /// origination without an `sni`, the request's host is sent as SNI, and
 /// (certificates verified, no `subjectAltNames`) required as the server's
@@ -798,7 +781,7 @@ fn upstream_tls(
                 let ca = tls
                     .ca_certificates
                     .clone()
-                    .unwrap_or_else(|| system_ca_bundle().to_string());
+                    .unwrap_or_else(|| ferry_xds::file_secrets::system_ca_bundle().to_string());
                 vc.trusted_ca = Some(file(&ca));
                 if let Some(crl) = &tls.ca_crl {
                     vc.crl = Some(file(crl));
