@@ -106,7 +106,7 @@ fn stamp(paths: &[PathBuf]) -> Vec<Option<SystemTime>> {
 /// Loads `name` into `tx` and keeps it current while `tx` has receivers.
 /// A file that cannot be read or does not parse keeps the last good secret
 /// (none at first: what needs it waits, as for an SDS secret not yet sent).
-pub fn spawn_watch(name: String, tx: Arc<watch::Sender<LocalSecrets>>) {
+pub fn spawn_watch(name: String, tx: Arc<watch::Sender<LocalSecrets>>) -> tokio::task::AbortHandle {
     tokio::spawn(async move {
         let paths = match files(&name) {
             Ok(p) => p,
@@ -134,7 +134,8 @@ pub fn spawn_watch(name: String, tx: Arc<watch::Sender<LocalSecrets>>) {
             }
             tokio::time::sleep(POLL).await;
         }
-    });
+    })
+    .abort_handle()
 }
 
 #[cfg(test)]
@@ -228,6 +229,40 @@ mod tests {
         .await
         .map(|r| r.is_ok());
         assert_eq!(changed, Ok(true), "read again after the change");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The in-process agent's names follow the configuration: a name no
+    /// longer referenced stops being watched and its secret is forgotten.
+    #[tokio::test]
+    async fn names_no_longer_referenced_are_dropped() {
+        let dir =
+            std::env::temp_dir().join(format!("ferry-file-secrets-unused-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("dir: {e}"));
+        let (cert, _) = cert_and_key();
+        for f in ["a.pem", "b.pem"] {
+            std::fs::write(dir.join(f), &cert).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let a = format!("file-root:{}", dir.join("a.pem").display());
+        let b = format!("file-root:{}", dir.join("b.pem").display());
+        let (sds, mut rx) = crate::sds::AgentSds::local();
+        assert!(sds.serves(&a) && sds.serves("default") && !sds.serves("kubernetes://x"));
+        sds.want([a.as_str(), b.as_str(), "default"]);
+        let both = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|m| m.contains_key(&a) && m.contains_key(&b)),
+        )
+        .await
+        .map(|r| r.is_ok());
+        assert_eq!(both, Ok(true));
+        sds.want([a.as_str()]);
+        let m = rx.borrow_and_update().clone();
+        assert!(m.contains_key(&a) && !m.contains_key(&b), "{:?}", m.keys());
+        // No longer watched: a change to its file brings nothing back.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::fs::write(dir.join("b.pem"), &cert).unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(POLL * 2).await;
+        assert!(!rx.borrow().contains_key(&b));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

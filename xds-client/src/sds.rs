@@ -45,8 +45,11 @@ pub struct SdsSource {
 pub struct AgentSds {
     source: Option<SdsSource>,
     tx: Arc<watch::Sender<LocalSecrets>>,
-    /// The names a stream was started for.
-    started: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The names a stream (or a file watch) runs for, and how to stop it.
+    started: std::sync::Mutex<std::collections::HashMap<String, tokio::task::AbortHandle>>,
+    /// Names fetched from the start and kept (the workload certificate and
+    /// root), whether or not the configuration names them yet.
+    pinned: Vec<String>,
 }
 
 impl AgentSds {
@@ -58,6 +61,7 @@ impl AgentSds {
             source: Some(source),
             tx: Arc::new(tx),
             started: Default::default(),
+            pinned: names.iter().map(|n| n.to_string()).collect(),
         });
         me.want(names.iter().copied());
         (me, rx)
@@ -73,6 +77,7 @@ impl AgentSds {
             source: None,
             tx: Arc::new(tx),
             started: Default::default(),
+            pinned: Vec::new(),
         });
         (me, rx)
     }
@@ -94,27 +99,43 @@ impl AgentSds {
         self.tx.clone()
     }
 
-    /// Starts a stream (or a file watch) for each name that has none yet
-    /// (once the configuration names it; it lives as long as the process,
-    /// as the secrets are few).
+    /// Takes `names`, every name the configuration needs from here now:
+    /// starts a stream (or a file watch) for each that has none yet, and
+    /// stops those of names no longer needed and forgets their secrets, as
+    /// Envoy ends a secret's subscription once nothing references it (the
+    /// pinned names excepted).
     pub fn want<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        let wanted: std::collections::HashSet<&str> = names.into_iter().collect();
         let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
-        for name in names {
-            if !started.insert(name.to_string()) {
+        let unused: Vec<String> = started
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()) && !self.pinned.contains(n))
+            .cloned()
+            .collect();
+        for name in unused {
+            if let Some(task) = started.remove(&name) {
+                task.abort();
+            }
+            tracing::info!(sds.secret = %name, "secret no longer referenced: its subscription ends");
+            self.tx.send_if_modified(|m| m.remove(&name).is_some());
+        }
+        for name in wanted {
+            if started.contains_key(name) {
                 continue;
             }
-            match &self.source {
+            let task = match &self.source {
                 Some(source) => {
                     tracing::info!(sds.cluster = %source.cluster, sds.secret = %name, "fetching a secret from the SDS server");
-                    spawn_stream(source.clone(), self.tx.clone(), name.to_string());
+                    spawn_stream(source.clone(), self.tx.clone(), name.to_string())
                 }
                 None if crate::file_secrets::is_file_secret(name) => {
-                    crate::file_secrets::spawn_watch(name.to_string(), self.tx.clone());
+                    crate::file_secrets::spawn_watch(name.to_string(), self.tx.clone())
                 }
                 // The workload certificate and root are published by the
                 // agent; other names are not asked here (`serves`).
-                None => {}
-            }
+                None => continue,
+            };
+            started.insert(name.to_string(), task);
         }
     }
 }
@@ -124,7 +145,11 @@ pub fn start(source: SdsSource, names: &[&str]) -> watch::Receiver<LocalSecrets>
     AgentSds::start(source, names).1
 }
 
-fn spawn_stream(source: SdsSource, tx: Arc<watch::Sender<LocalSecrets>>, name: String) {
+fn spawn_stream(
+    source: SdsSource,
+    tx: Arc<watch::Sender<LocalSecrets>>,
+    name: String,
+) -> tokio::task::AbortHandle {
     {
         tokio::spawn(async move {
             let mut failures: u32 = 0;
@@ -143,7 +168,8 @@ fn spawn_stream(source: SdsSource, tx: Arc<watch::Sender<LocalSecrets>>, name: S
                     .min(Duration::from_secs(10));
                 tokio::time::sleep(backoff).await;
             }
-        });
+        })
+        .abort_handle()
     }
 }
 
