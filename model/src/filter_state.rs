@@ -167,6 +167,26 @@ impl FilterState {
         }
     }
 
+    /// A text naming the objects and their values: connections that carry
+    /// equal state may be shared, others not.
+    pub fn identity(&self) -> String {
+        let mut parts: Vec<String> = self
+            .entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}={}|{:?}|{}",
+                    e.key,
+                    e.object.as_string(),
+                    e.shared,
+                    e.read_only
+                )
+            })
+            .collect();
+        parts.sort();
+        parts.join("\n")
+    }
+
     /// What an upstream connection opened for this request carries: the
     /// shared objects, those shared `Once` no longer shared beyond it.
     pub fn for_upstream(&self) -> Option<FilterState> {

@@ -10,8 +10,11 @@
 //! (`%FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)%`,
 //! ONCE, as the waypoint does) for the next internal hop, `inner2`, whose
 //! `tcp_proxy` reaches the destination through an ORIGINAL_DST cluster and
-//! logs what the filter state holds. Which backend answers, what is logged,
-//! and who is refused must be the same through both proxies.
+//! logs what the filter state holds. A second socket listener sets the same
+//! objects before a connection manager, whose router's connections to
+//! `inner` carry them (the waypoint's `direct-http` chain). Which backend
+//! answers, what is logged, and who is refused must be the same through
+//! both proxies.
 //!
 //! Envoy comes from `ferry_tests::envoy`; without it only Ferry's half runs
 //! (with a note), except under `CI=true`, where a missing Envoy fails.
@@ -51,7 +54,22 @@ fn backends() -> Result<u16> {
                     let Ok(mut s) = s else { return };
                     std::thread::spawn(move || {
                         let mut got = Vec::new();
-                        let _ = s.read_to_end(&mut got);
+                        let mut buf = [0u8; 1024];
+                        // An HTTP request (the connection manager's chain) is
+                        // answered by name; other bytes come back behind it.
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                            if got.starts_with(b"GET ") && got.ends_with(b"\r\n\r\n") {
+                                let _ = write!(
+                                    s,
+                                    "HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n{name}"
+                                );
+                                return;
+                            }
+                        }
                         let _ = write!(s, "{name}:{}", String::from_utf8_lossy(&got));
                     });
                 }
@@ -141,11 +159,15 @@ const INNER2_LOG: &str = "%DOWNSTREAM_LOCAL_ADDRESS% \
     %FILTER_STATE(envoy.filters.listener.original_dst.local_ip)% \
     %FILTER_STATE(test.caller:PLAIN)% %FILTER_STATE(test.caller:TYPED)% \
     %FILTER_STATE(test.caller:PLAIN):5% %FILTER_STATE(test.absent:PLAIN)%\n";
+/// What the connection manager logs of each request: the connection's
+/// objects, which the request's filter state starts as.
+const WEB_LOG: &str = "%REQ(:PATH)% %RESPONSE_CODE% \
+    %FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)% %FILTER_STATE(test.caller)%\n";
 /// What the socket listener logs: the objects it set itself.
 const OUTER_LOG: &str = "%FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)% \
     %FILTER_STATE(test.caller)%\n";
 
-fn config(dir: &Path, port: u16, backend_port: u16) -> Value {
+fn config(dir: &Path, port: u16, web_port: u16, backend_port: u16) -> Value {
     let caller = Ipv4Addr::from(CALLER).to_string();
     let outer = json!({
         "name": "outer",
@@ -158,6 +180,33 @@ fn config(dir: &Path, port: u16, backend_port: u16) -> Value {
                     "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", "TRANSITIVE"),
             ]),
             tcp_proxy("inner", Some((&dir.join("outer.log"), OUTER_LOG))),
+        ]}],
+    });
+    // The same objects before a connection manager, whose router's
+    // connections to `inner` carry them.
+    let web = json!({
+        "name": "web",
+        "address": {"socket_address": {"address": "0.0.0.0", "port_value": web_port}},
+        "filter_chains": [{"filters": [
+            set_filter_state(vec![
+                value(ORIGINAL_DST_LOCAL, None,
+                    &format!("%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%:{backend_port}"), "ONCE"),
+                value("test.caller", Some("envoy.string"),
+                    "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%", "TRANSITIVE"),
+            ]),
+            filter("envoy.filters.network.http_connection_manager",
+                "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                json!({
+                    "stat_prefix": "web",
+                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inner"}}]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": typed(
+                        "envoy.extensions.filters.http.router.v3.Router", json!({}))}],
+                    "access_log": [filter("envoy.access_loggers.file",
+                        "envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                        json!({"path": dir.join("web.log").display().to_string(),
+                            "log_format": {"text_format_source": {"inline_string": WEB_LOG}}}))],
+                })),
         ]}],
     });
     let inner = json!({
@@ -188,6 +237,7 @@ fn config(dir: &Path, port: u16, backend_port: u16) -> Value {
     });
     let doc = Bootstrap::new()
         .listener(outer)
+        .listener(web)
         .listener(inner)
         .listener(inner2)
         .cluster(internal_cluster("inner"))
@@ -204,20 +254,26 @@ fn config(dir: &Path, port: u16, backend_port: u16) -> Value {
     doc
 }
 
-/// Sends `payload` from `from` to `to`, ends the sending side, and reads
-/// everything that comes back.
-fn call(from: [u8; 4], to: SocketAddr, payload: &str) -> Result<String> {
+/// Sends `payload` from `from` to `to`, ends the sending side unless told
+/// to keep it open, and reads everything that comes back.
+fn exchange(from: [u8; 4], to: SocketAddr, payload: &str, end: bool) -> Result<String> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     sock.bind(&SocketAddr::from((from, 0)).into())?;
     sock.connect_timeout(&to.into(), Duration::from_secs(5))?;
     let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     s.write_all(payload.as_bytes())?;
-    s.shutdown(std::net::Shutdown::Write)?;
+    if end {
+        s.shutdown(std::net::Shutdown::Write)?;
+    }
     let mut got = Vec::new();
     // A refused connection may be reset rather than ended.
     let _ = s.read_to_end(&mut got);
     Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+fn call(from: [u8; 4], to: SocketAddr, payload: &str) -> Result<String> {
+    exchange(from, to, payload, true)
 }
 
 /// The lines of `path` for connections to the backends' addresses, once
@@ -230,7 +286,7 @@ fn lines(path: &Path, n: usize) -> Result<Vec<String>> {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let mut got: Vec<String> = text
             .lines()
-            .filter(|l| l.starts_with("127.0.18."))
+            .filter(|l| l.starts_with("127.0.18.") || l.starts_with('/'))
             .map(str::to_string)
             .collect();
         if got.len() >= n {
@@ -249,27 +305,53 @@ fn lines(path: &Path, n: usize) -> Result<Vec<String>> {
 }
 
 /// What one proxy did: the answers to the allowed caller (dialling either
-/// backend's address), the logs of those calls, and the stranger's answer.
+/// backend's address, by TCP and by HTTP), the logs of those calls, and the
+/// stranger's answer.
 #[derive(Debug, PartialEq, Eq)]
 struct Observed {
     answers: Vec<String>,
+    web_answers: Vec<String>,
     outer_log: Vec<String>,
+    web_log: Vec<String>,
     inner2_log: Vec<String>,
     stranger: String,
 }
 
-fn observe(dir: &Path, port: u16) -> Result<Observed> {
+/// An HTTP/1.1 GET of `path` from the caller to `to`: the answer's status
+/// line and body.
+fn get(to: SocketAddr, path: &str) -> Result<String> {
+    // An HTTP client keeps its side open until the answer has come.
+    let answer = exchange(
+        CALLER,
+        to,
+        &format!("GET {path} HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n"),
+        false,
+    )?;
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(format!("{status} {body}"))
+}
+
+fn observe(dir: &Path, port: u16, web_port: u16) -> Result<Observed> {
     let answers = vec![
         call(CALLER, SocketAddr::from((BACKEND_A, port)), "one")?,
         call(CALLER, SocketAddr::from((BACKEND_B, port)), "two")?,
     ];
+    let web_answers = vec![
+        get(SocketAddr::from((BACKEND_A, web_port)), "/a")?,
+        get(SocketAddr::from((BACKEND_B, web_port)), "/b")?,
+        get(SocketAddr::from((BACKEND_A, web_port)), "/a2")?,
+    ];
     let outer_log = lines(&dir.join("outer.log"), 2)?;
-    let inner2_log = lines(&dir.join("inner2.log"), 2)?;
+    let web_log = lines(&dir.join("web.log"), 3)?;
+    let inner2_log = lines(&dir.join("inner2.log"), 5)?;
     // Last: what a refused connection logs is no part of the comparison.
     let stranger = call(STRANGER, SocketAddr::from((BACKEND_A, port)), "three")?;
     Ok(Observed {
         answers,
+        web_answers,
         outer_log,
+        web_log,
         inner2_log,
         stranger,
     })
@@ -284,11 +366,11 @@ fn network_set_filter_state_steers_and_logs_as_envoy() -> Result<()> {
     let run_dir = |tag: &str| TempDir::new(&format!("net-sfs-{tag}"));
 
     let dir = run_dir("ferry")?;
-    let port = free_port();
-    let cfg = config(dir.path(), port, backend_port);
+    let (port, web_port) = (free_port(), free_port());
+    let cfg = config(dir.path(), port, web_port, backend_port);
     let ferry = Ferry::start(&cfg.to_string())?;
-    let got =
-        observe(dir.path(), port).with_context(|| format!("through ferry:\n{}", ferry.log()))?;
+    let got = observe(dir.path(), port, web_port)
+        .with_context(|| format!("through ferry:\n{}", ferry.log()))?;
     drop(ferry);
     assert_eq!(
         got.answers,
@@ -300,7 +382,27 @@ fn network_set_filter_state_steers_and_logs_as_envoy() -> Result<()> {
         [format!("{a} \"127.0.0.1\""), format!("{b} \"127.0.0.1\"")]
     );
     let inner2 = |dst: SocketAddr| format!("{dst} {dst} - 127.0.0.1 \"127.0.0.1\" 127.0 -");
-    assert_eq!(got.inner2_log, [inner2(a), inner2(b)]);
+    assert_eq!(
+        got.web_answers,
+        [
+            "HTTP/1.1 200 OK A",
+            "HTTP/1.1 200 OK B",
+            "HTTP/1.1 200 OK A"
+        ],
+        "the router's connections to the internal listener carry the connection's objects"
+    );
+    assert_eq!(
+        got.web_log,
+        [
+            format!("/a 200 {a} \"127.0.0.1\""),
+            format!("/a2 200 {a} \"127.0.0.1\""),
+            format!("/b 200 {b} \"127.0.0.1\""),
+        ]
+    );
+    assert_eq!(
+        got.inner2_log,
+        [inner2(a), inner2(a), inner2(a), inner2(b), inner2(b)]
+    );
     assert_eq!(
         got.stranger, "",
         "RBAC on the filter state refuses the stranger"
@@ -310,12 +412,12 @@ fn network_set_filter_state_steers_and_logs_as_envoy() -> Result<()> {
         return Ok(());
     };
     let dir = run_dir("envoy")?;
-    let port = free_port();
-    let cfg = config(dir.path(), port, backend_port);
+    let (port, web_port) = (free_port(), free_port());
+    let cfg = config(dir.path(), port, web_port, backend_port);
     // Envoy writes its files every 10 s by default.
     let envoy = Envoy::start_with(&bin, &cfg, port, &["--file-flush-interval-msec", "50"])?;
-    let e =
-        observe(dir.path(), port).with_context(|| format!("through envoy:\n{}", envoy.log()))?;
+    let e = observe(dir.path(), port, web_port)
+        .with_context(|| format!("through envoy:\n{}", envoy.log()))?;
     assert_eq!(got, e, "Ferry and Envoy differ");
     Ok(())
 }
