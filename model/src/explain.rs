@@ -493,6 +493,7 @@ mod tests {
                     tunneling: None,
                 }),
                 ext_authz: Vec::new(),
+                set_filter_state: Vec::new(),
                 istio_stats: None,
                 metadata_exchange: None,
                 request_buffer_limit: None,

@@ -1,9 +1,12 @@
 //! Envoy's filter state as Ferry keeps it: named objects a filter sets on a
-//! request (`envoy.extensions.filters.http.set_filter_state.v3.Config`) and
-//! that may travel with the upstream connection the request opens
-//! (`shared_with_upstream`), where an internal listener's `original_dst`
-//! filter and RBAC's `Principal.filter_state` read them. Only the object
-//! kinds Ferry acts on exist: strings and addresses.
+//! request (`envoy.extensions.filters.http.set_filter_state.v3.Config`) or
+//! on a connection when it is accepted
+//! (`envoy.extensions.filters.network.set_filter_state.v3.Config`), and
+//! that may travel with the upstream connection the request or connection
+//! opens (`shared_with_upstream`), where an internal listener's
+//! `original_dst` filter, RBAC's `Principal.filter_state` and the
+//! `%FILTER_STATE%` format command read them. Only the object kinds Ferry
+//! acts on exist: strings and addresses.
 
 use std::net::SocketAddr;
 
@@ -54,6 +57,27 @@ pub struct FilterStateValue {
 #[derive(Debug, Clone, Default)]
 pub struct SetFilterState {
     pub on_request_headers: Vec<FilterStateValue>,
+}
+
+/// Sets `values` in `state` in order, each rendered by `render` from the
+/// state as set so far (a later value reads an earlier one, as Envoy sets
+/// each before rendering the next): empty values skipped when the value
+/// says so, values that make no object (an address that does not parse)
+/// and keys already set read-only left alone.
+pub fn apply(
+    values: &[FilterStateValue],
+    state: &mut FilterState,
+    mut render: impl FnMut(&ValueFormat, &FilterState) -> String,
+) {
+    for v in values {
+        let rendered = render(&v.format, state);
+        if rendered.is_empty() && v.skip_if_empty {
+            continue;
+        }
+        if let Some(object) = make(v.kind, rendered) {
+            state.set(&v.key, object, v.read_only, v.shared);
+        }
+    }
 }
 
 /// A filter state object.
@@ -143,6 +167,26 @@ impl FilterState {
         }
     }
 
+    /// A text naming the objects and their values: connections that carry
+    /// equal state may be shared, others not.
+    pub fn identity(&self) -> String {
+        let mut parts: Vec<String> = self
+            .entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}={}|{:?}|{}",
+                    e.key,
+                    e.object.as_string(),
+                    e.shared,
+                    e.read_only
+                )
+            })
+            .collect();
+        parts.sort();
+        parts.join("\n")
+    }
+
     /// What an upstream connection opened for this request carries: the
     /// shared objects, those shared `Once` no longer shared beyond it.
     pub fn for_upstream(&self) -> Option<FilterState> {
@@ -203,5 +247,80 @@ mod tests {
         assert_eq!(next.get("a"), None);
         assert_eq!(next.address("c"), Some(addr));
         assert_eq!(make(ObjectKind::Address, "host:80".into()), None);
+    }
+
+    /// Values are set in order, each rendered from the state as set so far
+    /// (Istio's waypoint re-sets the original_dst address it came with,
+    /// to share it once more).
+    #[test]
+    fn apply_sets_in_order() {
+        let value = |key: &str, kind, format: &str, shared| FilterStateValue {
+            key: key.into(),
+            kind,
+            format: ValueFormat::parse(format).unwrap(),
+            read_only: false,
+            shared,
+            skip_if_empty: false,
+        };
+        let mut state = FilterState::default();
+        let addr: SocketAddr = "10.0.0.9:9080".parse().unwrap();
+        // Came with the connection, no longer shared.
+        state.set(
+            ORIGINAL_DST_LOCAL,
+            Object::Address(addr),
+            false,
+            Shared::None,
+        );
+        let values = [
+            value(
+                ORIGINAL_DST_LOCAL,
+                ObjectKind::Address,
+                "%FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)%",
+                Shared::Once,
+            ),
+            value(
+                "copy",
+                ObjectKind::String,
+                "x-%FILTER_STATE(envoy.filters.listener.original_dst.local_ip:PLAIN)%",
+                Shared::None,
+            ),
+            // Not an address: nothing set.
+            value(
+                ORIGINAL_DST_REMOTE,
+                ObjectKind::Address,
+                "nowhere",
+                Shared::Once,
+            ),
+        ];
+        apply(&values, &mut state, |f, so_far| {
+            let pseudo = crate::route::Pseudo {
+                method: "",
+                path: "",
+                authority: "",
+                scheme: "",
+            };
+            let format = crate::format::FormatContext {
+                downstream_remote: None,
+                downstream_local: None,
+                upstream_remote: None,
+                protocol: "",
+                hostname: "",
+                start_time: std::time::UNIX_EPOCH,
+            };
+            let ctx = crate::format::ValueContext {
+                format: &format,
+                pseudo: &pseudo,
+                peer_uri_sans: &[],
+                local_uri_sans: &[],
+                filter_state: Some(so_far),
+            };
+            f.render(&ctx, &http::HeaderMap::new())
+        });
+        assert_eq!(state.get("copy").unwrap().as_string(), "x-10.0.0.9:9080");
+        assert_eq!(state.get(ORIGINAL_DST_REMOTE), None);
+        // Shared once more: the next internal connection gets it.
+        let up = state.for_upstream().unwrap();
+        assert_eq!(up.address(ORIGINAL_DST_LOCAL), Some(addr));
+        assert_eq!(up.get("copy"), None);
     }
 }

@@ -74,6 +74,12 @@ enum Command {
     UriSan {
         peer: bool,
     },
+    /// `%FILTER_STATE(KEY:PLAIN)%`, `%FILTER_STATE(KEY:TYPED)%` (the
+    /// default): an object of the stream's (or connection's) filter state.
+    FilterState {
+        key: String,
+        plain: bool,
+    },
     /// The commands only an access log can answer.
     Log(LogCommand),
 }
@@ -338,7 +344,7 @@ fn render_command(c: &Command, ctx: &FormatContext<'_>, request: &HeaderMap) -> 
             .to_string(),
         Command::StartTime(fmt) => render_time(fmt, ctx.start_time),
         // Refused by the header scope's parser.
-        Command::Log(_) | Command::UriSan { .. } => String::new(),
+        Command::Log(_) | Command::UriSan { .. } | Command::FilterState { .. } => String::new(),
     }
 }
 
@@ -357,6 +363,8 @@ pub struct ValueContext<'a> {
     /// TLS or a certificate).
     pub peer_uri_sans: &'a [String],
     pub local_uri_sans: &'a [String],
+    /// The filter state the value is set in, as it is so far.
+    pub filter_state: Option<&'a crate::filter_state::FilterState>,
 }
 
 impl ValueFormat {
@@ -399,6 +407,10 @@ impl ValueFormat {
                             };
                             (!sans.is_empty()).then(|| sans.join(","))
                         }
+                        Command::FilterState { key, plain } => ctx
+                            .filter_state
+                            .and_then(|s| s.get(key))
+                            .and_then(|o| filter_state_text(o, *plain)),
                         other => Some(render_command(other, ctx.format, request))
                             .filter(|v| !v.is_empty()),
                     }
@@ -469,6 +481,15 @@ impl LogTemplate {
     /// `null` when absent); anything else is the text form.
     pub fn json_value(&self, info: &StreamInfo) -> serde_json::Value {
         if let Some((command, max_len)) = self.single_command() {
+            // A typed object is its JSON value, not that value's text.
+            if let Command::FilterState { key, plain: false } = command {
+                return match info.filter_state.as_deref().and_then(|s| s.get(key)) {
+                    Some(crate::filter_state::Object::String { value, .. }) => {
+                        serde_json::Value::String(value.clone())
+                    }
+                    _ => serde_json::Value::Null,
+                };
+            }
             return match log_value(command, info) {
                 Value::Absent => serde_json::Value::Null,
                 Value::Num(n) if max_len.is_none() => json_number(n),
@@ -615,6 +636,12 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
         Command::StartTime(fmt) => Value::Str(Cow::Owned(render_time(fmt, info.start_time))),
         // Parsed in filter state values only.
         Command::UriSan { .. } => Value::Absent,
+        Command::FilterState { key, plain } => info
+            .filter_state
+            .as_deref()
+            .and_then(|s| s.get(key))
+            .and_then(|o| filter_state_text(o, *plain))
+            .map_or(Value::Absent, |v| Value::Str(Cow::Owned(v))),
         Command::Log(l) => match l {
             LogCommand::Resp(a, b) => header(&info.response_headers, a, b),
             LogCommand::Trailer(a, b) => header(&info.response_trailers, a, b),
@@ -690,6 +717,21 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
     }
 }
 
+/// An object as `%FILTER_STATE%` writes it in text. PLAIN is the object's
+/// string form (an address `ip:port`, `[ip]:port` for IPv6, as Envoy's
+/// `asString`); TYPED is the JSON of its protobuf form: a string object's
+/// is a JSON string (quoted), an address object has none (absent).
+fn filter_state_text(o: &crate::filter_state::Object, plain: bool) -> Option<String> {
+    use crate::filter_state::Object;
+    match (o, plain) {
+        (o, true) => Some(o.as_string()),
+        (Object::String { value, .. }, false) => {
+            Some(serde_json::Value::from(value.as_str()).to_string())
+        }
+        (Object::Address(_), false) => None,
+    }
+}
+
 /// gRPC status names: Envoy's camel case and the snake case of the spec.
 fn grpc_status_name(n: u32) -> (&'static str, &'static str) {
     const NAMES: [(&str, &str); 17] = [
@@ -746,7 +788,6 @@ const UNSUPPORTED: &[&str] = &[
     "CLUSTER_METADATA",
     "UPSTREAM_METADATA",
     "METADATA",
-    "FILTER_STATE",
     "UPSTREAM_FILTER_STATE",
     "FILTER_CHAIN_NAME",
     "CEL",
@@ -887,6 +928,38 @@ fn parse_command(s: &str, scope: Scope) -> Result<(Command, Option<usize>, usize
         }
         "DOWNSTREAM_LOCAL_URI_SAN" if scope == Scope::Value => {
             no_arg(Command::UriSan { peer: false })?
+        }
+        "FILTER_STATE" if scope == Scope::Header => {
+            return Err(
+                "unsupported command %FILTER_STATE% in header values (Ferry answers it in access logs and filter state values)"
+                    .into(),
+            );
+        }
+        "FILTER_STATE" => {
+            let arg = arg.ok_or("%FILTER_STATE% needs a key: %FILTER_STATE(KEY:PLAIN)%")?;
+            let mut parts = arg.splitn(3, ':');
+            let key = parts.next().unwrap_or_default();
+            if key.is_empty() {
+                return Err("%FILTER_STATE%: the key cannot be empty".into());
+            }
+            let plain = match (parts.next(), parts.next()) {
+                (None | Some(""), None) | (Some("TYPED"), None) => false,
+                (Some("PLAIN"), None) => true,
+                (Some("FIELD"), _) => {
+                    return Err(format!(
+                        "%FILTER_STATE({arg})%: FIELD is not supported (no filter state object Ferry keeps has fields)"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "%FILTER_STATE({arg})%: the serialization is PLAIN, TYPED or FIELD"
+                    ));
+                }
+            };
+            Command::FilterState {
+                key: key.to_string(),
+                plain,
+            }
         }
         "START_TIME" => Command::StartTime(parse_time_format(arg.unwrap_or(""))?),
         "RESP" | "TRAILER" if scope == Scope::AccessLog => {
@@ -1257,6 +1330,68 @@ mod tests {
         );
     }
 
+    /// `%FILTER_STATE%` as Envoy writes it: PLAIN is the object's string
+    /// (an address `ip:port`), TYPED (the default) its protobuf's JSON (a
+    /// quoted string; an address has none), `:N` cuts it; a missing key is
+    /// `-` in text and `null` in JSON.
+    #[test]
+    fn filter_state_objects() {
+        use crate::filter_state::{FilterState, Object, Shared};
+        let mut fs = FilterState::default();
+        let addr: SocketAddr = "[fd00::7]:8080".parse().unwrap();
+        fs.set("a", Object::Address(addr), false, Shared::None);
+        fs.set(
+            "s",
+            Object::String {
+                value: "he said \"hi\"".into(),
+                hashable: false,
+            },
+            false,
+            Shared::None,
+        );
+        let mut info = StreamInfo::new(crate::stream_info::LogType::TcpConnectionEnd, UNIX_EPOCH);
+        info.filter_state = Some(std::sync::Arc::new(fs.clone()));
+        let text = |f: &str| {
+            let mut out = String::new();
+            LogTemplate::parse(f)
+                .unwrap()
+                .write_text(&info, false, &mut out);
+            out
+        };
+        assert_eq!(text("%FILTER_STATE(a:PLAIN)%"), "[fd00::7]:8080");
+        assert_eq!(text("%FILTER_STATE(a:TYPED)%|%FILTER_STATE(a)%"), "-|-");
+        assert_eq!(text("%FILTER_STATE(s:PLAIN)%"), "he said \"hi\"");
+        assert_eq!(text("%FILTER_STATE(s)%"), r#""he said \"hi\"""#);
+        assert_eq!(text("%FILTER_STATE(a:PLAIN):6%"), "[fd00:");
+        assert_eq!(text("%FILTER_STATE(nope:PLAIN)%"), "-");
+        let json = |f: &str| LogTemplate::parse(f).unwrap().json_value(&info);
+        assert_eq!(
+            json("%FILTER_STATE(s:TYPED)%"),
+            serde_json::json!("he said \"hi\"")
+        );
+        assert_eq!(
+            json("%FILTER_STATE(a:PLAIN)%"),
+            serde_json::json!("[fd00::7]:8080")
+        );
+        assert_eq!(json("%FILTER_STATE(a)%"), serde_json::Value::Null);
+        // In a filter state value: the state as set so far.
+        let value = ValueFormat::parse("%FILTER_STATE(a:PLAIN)%/%FILTER_STATE(b:PLAIN)%").unwrap();
+        let pseudo = crate::route::Pseudo {
+            method: "",
+            path: "",
+            authority: "",
+            scheme: "",
+        };
+        let vctx = ValueContext {
+            format: &ctx(),
+            pseudo: &pseudo,
+            peer_uri_sans: &[],
+            local_uri_sans: &[],
+            filter_state: Some(&fs),
+        };
+        assert_eq!(value.render(&vctx, &HeaderMap::new()), "[fd00::7]:8080/-");
+    }
+
     #[test]
     fn errors_name_the_problem() {
         let e = HeaderFormat::parse("x-%NOPE%").unwrap_err();
@@ -1275,11 +1410,21 @@ mod tests {
         );
         assert!(HeaderFormat::parse("%REQ(:path)%").is_err());
         assert!(LogTemplate::parse("%RESPONSE_CODE% %REQ(:path)% %RESP(x)%").is_ok());
-        let e = LogTemplate::parse("%FILTER_STATE(x)%").unwrap_err();
+        let e = LogTemplate::parse("%UPSTREAM_FILTER_STATE(x)%").unwrap_err();
         assert!(
-            e.contains("%FILTER_STATE%") && e.contains("not implemented"),
+            e.contains("%UPSTREAM_FILTER_STATE%") && e.contains("not implemented"),
             "{e}"
         );
+        for bad in [
+            "%FILTER_STATE%",
+            "%FILTER_STATE(:PLAIN)%",
+            "%FILTER_STATE(k:RAW)%",
+            "%FILTER_STATE(k:FIELD:f)%",
+        ] {
+            assert!(LogTemplate::parse(bad).is_err(), "{bad}");
+        }
+        let e = HeaderFormat::parse("%FILTER_STATE(k:PLAIN)%").unwrap_err();
+        assert!(e.contains("header values"), "{e}");
         assert!(LogTemplate::parse("%GRPC_STATUS(BAD)%").is_err());
         assert!(LogTemplate::parse("%DURATION(x)%").is_err());
     }

@@ -174,6 +174,11 @@ pub struct FilterChain {
     pub rbac: Vec<Arc<crate::rbac::NetworkRbac>>,
     /// `envoy.filters.network.ext_authz` filters before `tcp_proxy`, in order.
     pub ext_authz: Vec<Arc<crate::ext_authz::NetworkExtAuthz>>,
+    /// The `on_new_connection` values of the chain's
+    /// `envoy.filters.network.set_filter_state` filters, in order: set on
+    /// the connection's filter state when it is accepted, before any other
+    /// filter reads it.
+    pub set_filter_state: Vec<crate::filter_state::FilterStateValue>,
     pub kind: ChainKind,
     /// Istio's standard metrics (`istio.stats`, on the connection manager
     /// or as a network filter): `None` when the chain has no such filter.
@@ -817,6 +822,7 @@ mod tests {
             tls: None,
             rbac: Vec::new(),
             ext_authz: Vec::new(),
+            set_filter_state: Vec::new(),
             istio_stats: None,
             metadata_exchange: None,
             request_buffer_limit: None,

@@ -111,6 +111,9 @@ pub struct StreamInfo {
     pub health_check: bool,
     /// The machine's host name (`%HOSTNAME%`).
     pub hostname: &'static str,
+    /// The stream's filter state (the connection's, for a TCP entry), read
+    /// by `%FILTER_STATE%`.
+    pub filter_state: Option<std::sync::Arc<crate::filter_state::FilterState>>,
 }
 
 impl StreamInfo {
@@ -148,6 +151,7 @@ impl StreamInfo {
             traceable: false,
             health_check: false,
             hostname: "",
+            filter_state: None,
         }
     }
 

@@ -1004,6 +1004,12 @@ pub struct EndpointPool {
     passthrough: Option<Box<ferry_model::cluster::OriginalDstMeta>>,
 }
 
+/// The filter state a request shares with its upstream connection, put on
+/// the upstream request by the router: a request to an internal listener
+/// goes on a connection carrying exactly these objects.
+#[derive(Clone)]
+pub struct SharedFilterState(pub Arc<ferry_model::filter_state::FilterState>);
+
 /// What the pools of a cluster's endpoints share: the cluster's connection
 /// settings and the transport their endpoints' metadata selected.
 pub struct PoolSettings {
@@ -1079,6 +1085,12 @@ struct Conns {
     /// (each its own SNI, so its own connections, as Envoy pools by
     /// transport socket options).
     by_name: Mutex<HashMap<Arc<str>, Arc<EndpointPool>>>,
+    /// Connections to an internal listener per filter state they carry
+    /// (as Envoy pools by the objects shared with upstream).
+    by_state: Mutex<HashMap<String, Arc<EndpointPool>>>,
+    /// The filter state this pool's connections carry to the internal
+    /// listener (a pool of requests that share these objects upstream).
+    carried: Option<Arc<ferry_model::filter_state::FilterState>>,
 }
 
 /// One HTTP/2 connection of an endpoint.
@@ -1175,6 +1187,12 @@ impl EndpointPool {
     /// The endpoint's connection state, allocated on first use.
     fn conns(&self) -> &Conns {
         self.conns.get_or_init(Box::default)
+    }
+
+    /// The filter state this pool's connections carry (a per-state pool of
+    /// an internal endpoint).
+    fn carried(&self) -> Option<Arc<ferry_model::filter_state::FilterState>> {
+        self.conns_if_used().and_then(|c| c.carried.clone())
     }
 
     /// The connection state if the endpoint was ever used.
@@ -1295,6 +1313,48 @@ impl EndpointPool {
             host_connections: self.host_connections.clone(),
         });
         pools.insert(Arc::from(name), pool.clone());
+        Some(pool)
+    }
+
+    /// The pool of this internal endpoint's connections that carry the
+    /// filter state `req` shares upstream; `None`: the request shares none,
+    /// or the endpoint is no internal listener (a socket carries no state).
+    fn for_state(&self, req: &Request<UpstreamBody>) -> Option<Arc<EndpointPool>> {
+        if !matches!(self.address, HostAddr::Internal(_)) || self.carried().is_some() {
+            return None;
+        }
+        let state = req.extensions().get::<SharedFilterState>()?.0.clone();
+        let key = state.identity();
+        let mut pools = self
+            .conns()
+            .by_state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pools.get(&key) {
+            return Some(p.clone());
+        }
+        if pools.len() >= MAX_NAMED_POOLS {
+            // Forget states whose connections are all gone.
+            pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty() || p.live_h2().is_some());
+        }
+        let pool = Arc::new(EndpointPool {
+            passthrough: self.passthrough.clone(),
+            address: self.address.clone(),
+            hostname: self.hostname.clone(),
+            settings: self.settings.clone(),
+            conns: std::sync::OnceLock::from(Box::new(Conns {
+                carried: Some(state),
+                ..Conns::default()
+            })),
+            outlier: self.outlier.clone(),
+            health: self.health.clone(),
+            health_check: self.health_check.clone(),
+            active: AtomicU64::new(0),
+            host_stats: std::sync::OnceLock::from(self.counters().clone()),
+            created: self.created,
+            host_connections: self.host_connections.clone(),
+        });
+        pools.insert(key, pool.clone());
         Some(pool)
     }
 
@@ -1604,7 +1664,7 @@ impl EndpointPool {
         &self,
         slot: Slot,
     ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
-        let tcp = self.connect().await?;
+        let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let (sender, conn) = http1::Builder::new()
             .preserve_header_case(true)
@@ -1631,6 +1691,9 @@ impl EndpointPool {
     ) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
             return self.guarded(named.send_h1_inner(req)).await;
+        }
+        if let Some(carrying) = self.for_state(&req) {
+            return self.guarded(carrying.send_h1_inner(req)).await;
         }
         self.guarded(self.send_h1_inner(req)).await
     }
@@ -1771,7 +1834,7 @@ impl EndpointPool {
         else {
             return Err(UpstreamError::Overflow);
         };
-        let tcp = self.connect().await?;
+        let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(hyper_util::rt::TokioTimer::new())
@@ -1880,6 +1943,9 @@ impl EndpointPool {
     ) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
             return self.guarded(named.send_h2_inner(req)).await;
+        }
+        if let Some(carrying) = self.for_state(&req) {
+            return self.guarded(carrying.send_h2_inner(req)).await;
         }
         self.guarded(self.send_h2_inner(req)).await
     }

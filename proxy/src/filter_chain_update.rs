@@ -488,6 +488,7 @@ mod tests {
             tls: None,
             rbac: rbac.map(allow_only).into_iter().collect(),
             ext_authz: Vec::new(),
+            set_filter_state: Vec::new(),
             kind,
             istio_stats: None,
             metadata_exchange: None,

@@ -268,17 +268,24 @@ async fn handle(
     peer: SocketAddr,
 ) {
     let live = registered.live.clone();
-    let downstream = crate::rbac::Downstream {
-        peer,
-        local: dst,
-        server_name: String::new(),
-        tls: None,
-        filter_state: conn.filter_state.clone(),
-    };
-    let (rbac, chain) =
-        live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
+    // The state the connection came with, and what the chain's
+    // set_filter_state adds to it.
+    let mut filter_state = None;
+    let inherited = conn.filter_state;
+    let (rbac, chain) = live.attach_rbac(|c| {
+        filter_state = crate::network_set_filter_state::on_new_connection(c, inherited, peer, dst);
+        let downstream = crate::rbac::Downstream {
+            peer,
+            local: dst,
+            server_name: String::new(),
+            tls: None,
+            filter_state: filter_state.clone(),
+        };
+        crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream)
+    });
     let conn_meta = crate::tcp::ConnMeta {
         waypoint: conn.meta.waypoint,
+        filter_state: filter_state.clone(),
     };
     match &chain.kind {
         ChainKind::Tcp(tp) => {
@@ -295,7 +302,7 @@ async fn handle(
                 &live.drain,
                 peer,
                 "",
-                &conn_meta,
+                conn_meta,
             ))
             .await;
         }
@@ -317,7 +324,7 @@ async fn handle(
                 peer,
                 dst,
                 &live,
-                conn.filter_state,
+                filter_state,
             ))
             .await;
         }

@@ -24,6 +24,7 @@ pub mod metadata_exchange;
 pub mod metrics;
 pub mod metrics_merge;
 pub mod network_ext_authz;
+pub mod network_set_filter_state;
 pub mod orig_dst;
 pub mod outlier;
 pub mod rbac;

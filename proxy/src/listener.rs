@@ -306,8 +306,15 @@ async fn handle(
         };
         // The chain may have moved on during the handshake (an update that
         // changed only its network RBAC): its current RBAC applies.
-        let (rbac, chain) =
-            live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
+        let mut filter_state = None;
+        let (rbac, chain) = live.attach_rbac(|c| {
+            filter_state = crate::network_set_filter_state::on_new_connection(c, None, peer, dst);
+            let downstream = crate::rbac::Downstream {
+                filter_state: filter_state.clone(),
+                ..downstream
+            };
+            crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream)
+        });
         // Istio's metrics name the peer by its certificate.
         let identity = chain
             .istio_stats
@@ -346,7 +353,10 @@ async fn handle(
                     &live.drain,
                     peer,
                     &server_name,
-                    &crate::tcp::ConnMeta::default(),
+                    crate::tcp::ConnMeta {
+                        waypoint: None,
+                        filter_state,
+                    },
                 ))
                 .await;
             }
@@ -367,7 +377,7 @@ async fn handle(
                             dst,
                             tls: Some(peer_tls),
                             server_name,
-                            filter_state: None,
+                            filter_state,
                         };
                         Box::pin(serve_http(&rt, &chain, io, h2, conn, &live)).await;
                         return;
@@ -379,7 +389,7 @@ async fn handle(
                     dst,
                     tls: Some(peer_tls),
                     server_name,
-                    filter_state: None,
+                    filter_state,
                 };
                 Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
             }
@@ -394,8 +404,15 @@ async fn handle(
         tls: None,
         filter_state: None,
     };
-    let (rbac, chain) =
-        live.attach_rbac(|c| crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream));
+    let mut filter_state = None;
+    let (rbac, chain) = live.attach_rbac(|c| {
+        filter_state = crate::network_set_filter_state::on_new_connection(c, None, peer, dst);
+        let downstream = crate::rbac::Downstream {
+            filter_state: filter_state.clone(),
+            ..downstream
+        };
+        crate::rbac::ConnRbac::new(&c.rbac, rt.clone(), downstream)
+    });
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
@@ -412,7 +429,10 @@ async fn handle(
                 &live.drain,
                 peer,
                 &server_name,
-                &crate::tcp::ConnMeta::default(),
+                crate::tcp::ConnMeta {
+                    waypoint: None,
+                    filter_state,
+                },
             ))
             .await;
         }
@@ -435,7 +455,7 @@ async fn handle(
                 dst,
                 tls: None,
                 server_name,
-                filter_state: None,
+                filter_state,
             };
             Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
         }
@@ -665,7 +685,7 @@ mod tests {
     #[test]
     fn per_connection_future_sizes() {
         let sizes = [
-            ("handle", future_size(handle), 1280),
+            ("handle", future_size(handle), 1344),
             ("serve_http (plain)", future_size6(serve_http::<Plain>), 640),
             ("serve_http (TLS)", future_size6(serve_http::<Tls>), 640),
             (

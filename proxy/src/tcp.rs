@@ -16,13 +16,17 @@ use crate::access_log::connection::ConnectionLog;
 use crate::run::Runtime;
 use crate::stats::TcpStats;
 
-/// What an internal connection's metadata says beyond its original
-/// destination (empty for a socket's connection).
-#[derive(Debug, Clone, Copy, Default)]
+/// What a connection carries beyond its addresses: an internal
+/// connection's metadata, and the connection's filter state.
+#[derive(Debug, Clone, Default)]
 pub struct ConnMeta {
     /// `envoy.filters.listener.original_dst` / `waypoint`: where an
     /// ORIGINAL_DST cluster with that `metadata_key` connects instead.
     pub waypoint: Option<std::net::SocketAddr>,
+    /// The connection's filter state (what it came with and what the
+    /// chain's set_filter_state set): logged by `%FILTER_STATE%`, and its
+    /// shared objects carried with the connection to an internal listener.
+    pub filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
 }
 
 /// Proxies one downstream connection (from `peer`, with SNI `server_name`
@@ -38,12 +42,20 @@ pub async fn proxy<S>(
     drain: &crate::drain::Drain,
     peer: std::net::SocketAddr,
     server_name: &str,
-    meta: &ConnMeta,
+    meta: ConnMeta,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     stats.downstream_cx_total.inc();
     let mut log = ConnectionLog::start(rt, &tp.access_logs, peer, original_dst, server_name);
+    log.filter_state(meta.filter_state.clone());
+    // What an internal upstream connection carries of the connection's
+    // filter state (the objects it shares with upstream).
+    let shared = meta
+        .filter_state
+        .as_deref()
+        .and_then(ferry_model::filter_state::FilterState::for_upstream)
+        .map(Arc::new);
     let clusters = rt.clusters.load();
     let name = match tp.total_weight() {
         0 => tp.cluster.as_str(),
@@ -83,7 +95,7 @@ pub async fn proxy<S>(
             return;
         };
         let connected = match &tp.tunneling {
-            None => pool.connect().await,
+            None => pool.connect_carrying(shared.clone()).await,
             Some(t) => {
                 let authority = match &t.hostname {
                     ferry_model::listener::TunnelHost::DownstreamLocalAddress => {

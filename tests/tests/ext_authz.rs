@@ -896,9 +896,10 @@ struct BodySeen {
     backend: Option<(u64, String)>,
 }
 
-/// POSTs `body` to `path` with the check's `allow`; with `pause` the first `pause` bytes
-/// of the body go out with the head and the rest after a while, so both proxies read
-/// the body in (at least) two parts.
+/// POSTs `body` to `path` with the check's `allow`, over HTTP/1.1 or (`h2`) HTTP/2
+/// with prior knowledge; with `pause` the first `pause` bytes of the body go out with
+/// the head and the rest after a while, so both proxies read the body in (at least)
+/// two parts.
 /// A `{run}` in `path` is replaced by `run`, so that each proxy gets its own
 /// `/flaky/` path at the backend.
 fn post(
@@ -908,27 +909,19 @@ fn post(
     run: &str,
     body: &[u8],
     pause: Option<usize>,
+    h2: bool,
 ) -> Result<BodySeen> {
     let template = path;
     let path = &path.replace("{run}", run);
-    let s = TcpStream::connect(local(port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut out = format!(
-        "POST {path} HTTP/1.1\r\nHost: httpbin.foo:8000\r\n{CHECK_HEADER}: allow\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
     let first = pause.unwrap_or(body.len()).min(body.len());
-    out.extend_from_slice(&body[..first]);
-    (&s).write_all(&out)?;
-    if first < body.len() {
-        std::thread::sleep(Duration::from_millis(300));
-        // A proxy that answered already may have closed: what it answered counts.
-        let _ = (&s).write_all(&body[first..]);
-    }
-    let resp = read_response(&mut BufReader::new(s))?;
-    let (authorizer, backend) = if resp.status == 200 {
-        let j = resp.json()?;
+    let (status, answer) = if h2 {
+        post_h2(port, path, body, first)?
+    } else {
+        post_h1(port, path, body, first)?
+    };
+    let (authorizer, backend) = if status == 200 {
+        let j: Value = serde_json::from_slice(&answer)
+            .with_context(|| format!("{}", String::from_utf8_lossy(&answer)))?;
         let seen = j["headers"].as_array().into_iter().flatten().find_map(|h| {
             (h[0].as_str()?.eq_ignore_ascii_case(SEEN_HEADER))
                 .then(|| h[1].as_str().map(String::from))?
@@ -942,20 +935,93 @@ fn post(
     };
     Ok(BodySeen {
         what: format!(
-            "{what} POST {template} {} bytes pause {pause:?}",
-            body.len()
+            "{what} POST {template} {} bytes pause {pause:?}{}",
+            body.len(),
+            if h2 { " over HTTP/2" } else { "" }
         ),
-        status: resp.status,
-        body: (resp.status != 200).then(|| String::from_utf8_lossy(&resp.body).into_owned()),
+        status,
+        body: (status != 200).then(|| String::from_utf8_lossy(&answer).into_owned()),
         authorizer,
         backend,
     })
 }
 
+/// [`post`] over HTTP/1.1: the status and the body of the answer.
+fn post_h1(port: u16, path: &str, body: &[u8], first: usize) -> Result<(u16, Vec<u8>)> {
+    let s = TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = format!(
+        "POST {path} HTTP/1.1\r\nHost: httpbin.foo:8000\r\n{CHECK_HEADER}: allow\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(&body[..first]);
+    (&s).write_all(&out)?;
+    if first < body.len() {
+        std::thread::sleep(Duration::from_millis(300));
+        // A proxy that answered already may have closed: what it answered counts.
+        let _ = (&s).write_all(&body[first..]);
+    }
+    let resp = read_response(&mut BufReader::new(s))?;
+    Ok((resp.status, resp.body))
+}
+
+/// [`post`] over HTTP/2 (h2c with prior knowledge): the body in DATA frames, the
+/// first `first` bytes at once and the rest after a while.
+fn post_h2(port: u16, path: &str, body: &[u8], first: usize) -> Result<(u16, Vec<u8>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            let tcp = tokio::net::TcpStream::connect(local(port)).await?;
+            let (send, conn) = h2::client::handshake(tcp).await?;
+            let conn = tokio::spawn(conn);
+            let mut send = send.ready().await?;
+            let req = http::Request::builder()
+                .method(http::Method::POST)
+                .uri(format!("http://httpbin.foo:8000{path}"))
+                .header(CHECK_HEADER, "allow")
+                .header(http::header::CONTENT_LENGTH, body.len())
+                .body(())?;
+            let (resp, mut stream) = send.send_request(req, body.is_empty())?;
+            if !body.is_empty() {
+                // Sent as the window allows; the proxy may have answered before the rest.
+                stream.reserve_capacity(body.len());
+                let done = first == body.len();
+                let _ = stream.send_data(bytes::Bytes::copy_from_slice(&body[..first]), done);
+                if !done {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = stream.send_data(bytes::Bytes::copy_from_slice(&body[first..]), true);
+                }
+            }
+            let resp = resp.await?;
+            let status = resp.status().as_u16();
+            let mut rx = resp.into_body();
+            let mut answer = Vec::new();
+            // A stream reset after a complete answer (a local reply before the whole
+            // request was read) keeps what came.
+            while let Some(Ok(chunk)) = rx.data().await {
+                let _ = rx.flow_control().release_capacity(chunk.len());
+                answer.extend_from_slice(&chunk);
+            }
+            drop(send);
+            conn.abort();
+            anyhow::Ok((status, answer))
+        })
+        .await
+        .context("the HTTP/2 request hung")?
+    })
+}
+
+/// One request of the body test: the listener, the path, the body, where it
+/// pauses, and whether it goes over HTTP/2.
+type BodyCase = (&'static str, &'static str, Vec<u8>, Option<usize>, bool);
+
 /// `with_request_body` as Envoy: the authorizer gets the body (whole, or its first
 /// `max_request_bytes` with `x-envoy-auth-partial-body`), a longer one is answered 413
 /// unless `allow_partial_message`, and the backend receives the whole body intact, the
-/// buffered start ahead of the rest.
+/// buffered start ahead of the rest; over HTTP/1.1 and over HTTP/2 alike.
 #[test]
 fn ext_authz_request_body_matches_envoy() -> Result<()> {
     let _lock = RunLock::shared();
@@ -969,7 +1035,7 @@ fn ext_authz_request_body_matches_envoy() -> Result<()> {
     let large: Vec<u8> = (0..3000u32)
         .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[(i % 36) as usize])
         .collect();
-    let cases: Vec<(&str, &str, Vec<u8>, Option<usize>)> = BODY_LISTENERS
+    let cases: Vec<BodyCase> = BODY_LISTENERS
         .iter()
         .flat_map(|l| {
             [
@@ -990,11 +1056,20 @@ fn ext_authz_request_body_matches_envoy() -> Result<()> {
                 ),
             ]
         })
+        // Each over HTTP/1.1 and over HTTP/2 (its own flaky path).
+        .flat_map(|(l, p, b, pause)| [(l, p, b.clone(), pause, false), (l, p, b, pause, true)])
         .collect();
     let observe = |ports: &BTreeMap<&str, u16>, run: &str| -> Result<Vec<BodySeen>> {
         cases
             .iter()
-            .map(|(l, p, b, pause)| post(ports[l], l, p, run, b, *pause))
+            .map(|(l, p, b, pause, h2)| {
+                let run = if *h2 {
+                    format!("{run}-h2")
+                } else {
+                    run.to_string()
+                };
+                post(ports[l], l, p, &run, b, *pause, *h2)
+            })
             .collect()
     };
     let new_ports =
@@ -1029,7 +1104,7 @@ fn ext_authz_request_body_matches_envoy() -> Result<()> {
             .map(|x| format!("{x:02x}"))
             .collect()
     };
-    for (s, (_, _, body, _)) in through_ferry.iter().zip(&cases) {
+    for (s, (_, _, body, _, _)) in through_ferry.iter().zip(&cases) {
         if let Some((len, d)) = &s.backend {
             assert_eq!(
                 (*len as usize, d.as_str()),
@@ -1049,6 +1124,18 @@ fn ext_authz_request_body_matches_envoy() -> Result<()> {
     assert!(
         seen.iter().any(|s| s.contains("partial=Some(\"true\")")),
         "{seen:?}"
+    );
+    // HTTP/2 requests went through both outcomes too.
+    let h2: Vec<&BodySeen> = through_ferry
+        .iter()
+        .filter(|s| s.what.ends_with("over HTTP/2"))
+        .collect();
+    assert!(h2.iter().any(|s| s.status == 413), "{h2:#?}");
+    assert!(
+        h2.iter()
+            .filter_map(|s| s.authorizer.as_deref())
+            .any(|a| a.contains("name=ferry&kind=proxy")),
+        "{h2:#?}"
     );
     Ok(())
 }

@@ -45,6 +45,13 @@ impl ConnectionLog {
         self.rec.as_mut().map(|r| &mut *r.0)
     }
 
+    /// The connection's filter state, for `%FILTER_STATE%`.
+    pub fn filter_state(&mut self, state: Option<Arc<ferry_model::filter_state::FilterState>>) {
+        if let Some(i) = self.info() {
+            i.filter_state = state;
+        }
+    }
+
     pub fn cluster(&mut self, name: &str) {
         if let Some(i) = self.info() {
             i.upstream_cluster = Some(name.to_string());

@@ -36,32 +36,17 @@ pub(super) fn set_filter_state(
     let peer_uri_sans = peer_cert.map_or(&[][..], |c| &c.uris[..]);
     let local_uri_sans = peer_cert.map_or(&[][..], |c| &c.by[..]);
     let pseudo = super::pseudo_of(req);
-    let vctx = ValueContext {
-        format: fctx,
-        pseudo: &pseudo,
-        peer_uri_sans,
-        local_uri_sans,
-    };
-    let mut values = Vec::with_capacity(cfg.on_request_headers.len());
-    for v in &cfg.on_request_headers {
-        let rendered = v.format.render(&vctx, req.headers());
-        if rendered.is_empty() && v.skip_if_empty {
-            continue;
-        }
-        values.push((v, rendered));
-    }
-    for (v, rendered) in values {
-        match fs::make(v.kind, rendered) {
-            Some(object) => {
-                if !state.set(&v.key, object, v.read_only, v.shared) {
-                    tracing::debug!(filter_state.key = %v.key, "filter state key is read-only; kept");
-                }
-            }
-            None => {
-                tracing::debug!(filter_state.key = %v.key, "filter state value does not parse; not set");
-            }
-        }
-    }
+    let headers = req.headers();
+    fs::apply(&cfg.on_request_headers, &mut state, |format, so_far| {
+        let vctx = ValueContext {
+            format: fctx,
+            pseudo: &pseudo,
+            peer_uri_sans,
+            local_uri_sans,
+            filter_state: Some(so_far),
+        };
+        format.render(&vctx, headers)
+    });
     req.extensions_mut().insert(state);
 }
 

@@ -1628,6 +1628,20 @@ async fn forward(
                 .headers_mut()
                 .insert(ATTEMPT_COUNT, HeaderValue::from(retries + 1));
         }
+        // The filter state the request shares upstream goes with it to an
+        // internal listener (the request's, which starts as the connection's).
+        if matches!(pool.address, ferry_model::cluster::HostAddr::Internal(_))
+            && let Some(shared) = upstream_req
+                .extensions()
+                .get::<ferry_model::filter_state::FilterState>()
+                .or(parts.as_ref().and_then(|p| p.extensions.get()))
+                .or(ctx.filter_state.as_deref())
+                .and_then(ferry_model::filter_state::FilterState::for_upstream)
+        {
+            upstream_req
+                .extensions_mut()
+                .insert(crate::cluster::SharedFilterState(Arc::new(shared)));
+        }
         obs.attempt(&mut upstream_req);
         crt.stats.upstream_rq_total.inc();
         let address = pool.address.clone();

@@ -106,6 +106,7 @@ impl Observer {
         info.downstream_direct_remote = Some(ctx.peer);
         info.requested_server_name = Some(ctx.server_name.clone()).filter(|s| !s.is_empty());
         info.hostname = super::hostname();
+        info.filter_state = ctx.filter_state.clone();
         let mut rec = Record {
             info,
             logs: hcm.access_logs.clone(),
@@ -151,6 +152,14 @@ impl Observer {
             .get::<ferry_filters::http::forwarded::ClientAddress>()
         {
             rec.info.downstream_remote = Some(c.remote);
+        }
+        // The request's filter state, once its set_filter_state filters ran.
+        if let Some(state) = req
+            .extensions()
+            .get::<ferry_model::filter_state::FilterState>()
+            .filter(|s| rec.info.filter_state.as_deref() != Some(*s))
+        {
+            rec.info.filter_state = Some(Arc::new(state.clone()));
         }
         let mut headers = std::mem::take(&mut rec.info.request.headers);
         headers.clear();

@@ -294,6 +294,7 @@ pub(super) fn all() -> Vec<&'static Coverage> {
         &header_mutation::HEADER_VALUE_OPTION,
         &header_mutation::HEADER_VALUE,
         &set_filter_state::SET_FILTER_STATE,
+        &set_filter_state::NETWORK_SET_FILTER_STATE,
         &set_filter_state::FILTER_STATE_VALUE,
         &set_filter_state::VALUE_FORMAT,
         &route::ROUTE_CONFIGURATION,

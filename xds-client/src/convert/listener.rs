@@ -626,6 +626,7 @@ fn filter_chain(
     let mut ext_authz_at: Vec<usize> = Vec::new();
     let mut stats = None;
     let mut exchange = None;
+    let mut set_filter_state = Vec::new();
     for (i, f) in filters.iter().enumerate() {
         let ff = format!("{field}.filters[{i}]");
         let listener_pb::Filter {
@@ -662,6 +663,13 @@ fn filter_chain(
                 let r = typed.decode().map_err(|e| ctx.err(&tf, e))?;
                 network_rbac.push(Arc::new(rbac::network_rbac(ctx, &tf, &r)?));
                 rbac_at.push(i);
+            }
+            super::set_filter_state::NETWORK_SET_FILTER_STATE_TYPE => {
+                let tf = format!("{ff}.typed_config");
+                let c = typed.decode().map_err(|e| ctx.err(&tf, e))?;
+                set_filter_state.extend(super::set_filter_state::network_set_filter_state(
+                    ctx, &tf, &c,
+                )?);
             }
             ext_authz::NETWORK_EXT_AUTHZ_TYPE => {
                 let tf = format!("{ff}.typed_config");
@@ -740,6 +748,7 @@ fn filter_chain(
         tls,
         rbac: network_rbac,
         ext_authz: network_ext_authz,
+        set_filter_state,
         kind,
         istio_stats: stats,
         metadata_exchange: exchange,

@@ -1,7 +1,11 @@
 //! `envoy.filters.http.set_filter_state`
-//! (`envoy.extensions.filters.http.set_filter_state.v3.Config`): filter
-//! state objects set from the request headers, optionally carried with the
-//! upstream connection (Istio's `connect_authority` on `connect_terminate`).
+//! (`envoy.extensions.filters.http.set_filter_state.v3.Config`) and
+//! `envoy.filters.network.set_filter_state`
+//! (`envoy.extensions.filters.network.set_filter_state.v3.Config`): filter
+//! state objects set from the request headers or when a connection is
+//! accepted, optionally carried with the upstream connection (Istio's
+//! `connect_authority` on `connect_terminate` and on the waypoint's
+//! `main_internal` chains). Both read the same `FilterStateValue`s.
 //! Only objects Ferry reads are accepted: strings and the `original_dst`
 //! addresses; any other factory (one that would steer the request, such as
 //! `envoy.tcp_proxy.cluster`) is refused by name.
@@ -9,6 +13,7 @@
 use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3 as sfs_pb;
 use envoy_types::pb::envoy::extensions::filters::http::set_filter_state::v3 as http_pb;
+use envoy_types::pb::envoy::extensions::filters::network::set_filter_state::v3 as net_pb;
 use ferry_model::filter_state as fs;
 use ferry_model::format::ValueFormat;
 
@@ -24,10 +29,19 @@ fields!(pub(super) static SET_FILTER_STATE = "envoy.extensions.filters.http.set_
     "clear_route_cache": refused "choosing the route again after setting filter state is not supported (no route matcher of Ferry's reads filter state)",
 });
 
+pub(super) const NETWORK_SET_FILTER_STATE_TYPE: &str =
+    "envoy.extensions.filters.network.set_filter_state.v3.Config";
+
+fields!(pub(super) static NETWORK_SET_FILTER_STATE = "envoy.extensions.filters.network.set_filter_state.v3.Config" {
+    "on_new_connection": applied "set when the connection is accepted, before the chain's other filters read it (a TLS connection's before its handshake, as Envoy: the peer's certificate is not known yet)",
+    "on_downstream_tls_handshake": refused "setting filter state when the TLS handshake completes is not supported",
+    "on_downstream_data": refused "setting filter state on the first downstream data is not supported",
+});
+
 fields!(pub(super) static FILTER_STATE_VALUE = "envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue" {
     "object_key": applied,
     "factory_key": applied "envoy.string, envoy.hashable_string, istio.hashable_string (strings) and envoy.filters.listener.original_dst.local_ip / remote_ip (addresses); other factories refused",
-    "format_string": applied "text_format and text_format_source; %REQ(…)% (pseudo-headers included), the downstream addresses, %DOWNSTREAM_PEER_URI_SAN% and %DOWNSTREAM_LOCAL_URI_SAN% among the commands",
+    "format_string": applied "text_format and text_format_source; %REQ(…)% (pseudo-headers included), the downstream addresses, %DOWNSTREAM_PEER_URI_SAN%, %DOWNSTREAM_LOCAL_URI_SAN% and %FILTER_STATE(KEY:PLAIN|TYPED)% among the commands (a network filter has no request: %REQ% is '-')",
     "read_only": applied,
     "shared_with_upstream": applied "ONCE and TRANSITIVE: carried with an internal connection the request opens",
     "skip_if_empty": applied,
@@ -75,6 +89,37 @@ pub(super) fn set_filter_state(
     Ok(fs::SetFilterState {
         on_request_headers: out,
     })
+}
+
+/// The `on_new_connection` values of a network `set_filter_state`.
+pub(super) fn network_set_filter_state(
+    ctx: &Ctx<'_>,
+    field: &str,
+    cfg: &net_pb::Config,
+) -> Result<Vec<fs::FilterStateValue>, ConvertError> {
+    let net_pb::Config {
+        on_new_connection,
+        on_downstream_tls_handshake,
+        on_downstream_data,
+    } = cfg;
+    let cov = &NETWORK_SET_FILTER_STATE;
+    ctx.refuse(
+        cov,
+        field,
+        "on_downstream_tls_handshake",
+        !on_downstream_tls_handshake.is_empty(),
+    )?;
+    ctx.refuse(
+        cov,
+        field,
+        "on_downstream_data",
+        !on_downstream_data.is_empty(),
+    )?;
+    on_new_connection
+        .iter()
+        .enumerate()
+        .map(|(i, v)| value(ctx, &format!("{field}.on_new_connection[{i}]"), v))
+        .collect()
 }
 
 #[allow(deprecated)]

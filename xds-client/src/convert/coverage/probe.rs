@@ -254,7 +254,7 @@ fn site(message: &str, context: &str) -> Option<Site> {
         ) => s(LISTENER, hcm!("access_log_options"), Some("{}")),
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TcpAccessLogOptions", _) => s(
             LISTENER,
-            "filter_chains[1].filters[2].typed_config@.access_log_options",
+            "filter_chains[1].filters[3].typed_config@.access_log_options",
             Some("{}"),
         ),
         (
@@ -434,15 +434,15 @@ fn site(message: &str, context: &str) -> Option<Site> {
             l(hcm!("access_log[4].filter.log_type_filter"))
         }
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", _) => {
-            l("filter_chains[1].filters[2].typed_config@")
+            l("filter_chains[1].filters[3].typed_config@")
         }
         ("envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.TunnelingConfig", _) => s(
             LISTENER,
-            "filter_chains[1].filters[2].typed_config@.tunneling_config",
+            "filter_chains[1].filters[3].typed_config@.tunneling_config",
             Some(r#"{"hostname": "%DOWNSTREAM_LOCAL_ADDRESS%"}"#),
         ),
         ("envoy.type.v3.HashPolicy", "tcp_proxy") => {
-            l("filter_chains[1].filters[2].typed_config@.hash_policy[0]")
+            l("filter_chains[1].filters[3].typed_config@.hash_policy[0]")
         }
         ("envoy.config.route.v3.RouteConfiguration", _) => l(hcm!("route_config")),
         ("envoy.config.route.v3.VirtualHost", _) => l(vh!("")),
@@ -621,6 +621,9 @@ fn site(message: &str, context: &str) -> Option<Site> {
         }
         ("envoy.extensions.filters.http.jwt_authn.v3.PerRouteConfig", _) => {
             l(route0!(".typed_per_filter_config{jwt}@"))
+        }
+        ("envoy.extensions.filters.network.set_filter_state.v3.Config", _) => {
+            l("filter_chains[1].filters[2].typed_config@")
         }
         ("envoy.extensions.filters.network.ext_authz.v3.ExtAuthz", _) => {
             l("filter_chains[1].filters[1].typed_config@")
