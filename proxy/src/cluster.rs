@@ -1335,7 +1335,7 @@ impl EndpointPool {
         }
         if pools.len() >= MAX_NAMED_POOLS {
             // Forget states whose connections are all gone.
-            pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty() || p.live_h2().is_some());
+            pools.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_empty() || p.has_live_h2());
         }
         let pool = Arc::new(EndpointPool {
             passthrough: self.passthrough.clone(),
