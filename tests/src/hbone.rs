@@ -237,7 +237,39 @@ impl HboneCall<'_> {
         })
     }
 
-    async fn call(&self) -> Result<Outcome> {
+    /// TLS, HTTP/2 and the CONNECT, answered 200: the connection's
+    /// handle, the stream's sending side and its body.
+    async fn open(
+        &self,
+    ) -> Result<(
+        h2::client::SendRequest<bytes::Bytes>,
+        h2::SendStream<bytes::Bytes>,
+        h2::RecvStream,
+    )> {
+        let (send, resp, stream) = match self.request().await? {
+            Ok(r) => r,
+            Err(o) => anyhow::bail!("the CONNECT failed: {o:?}"),
+        };
+        let resp = resp.await?;
+        anyhow::ensure!(resp.status() == 200, "CONNECT answered {}", resp.status());
+        Ok((send, stream, resp.into_body()))
+    }
+
+    /// Connects and sends the CONNECT: the connection's handle, the
+    /// response to come and the stream, or what the caller saw instead.
+    #[allow(clippy::type_complexity)]
+    async fn request(
+        &self,
+    ) -> Result<
+        std::result::Result<
+            (
+                h2::client::SendRequest<bytes::Bytes>,
+                h2::client::ResponseFuture,
+                h2::SendStream<bytes::Bytes>,
+            ),
+            Outcome,
+        >,
+    > {
         let mut cfg = client_config(self.ca_pem, self.client)?;
         let name = match self.server {
             Expect::Dns(name) => name,
@@ -271,23 +303,32 @@ impl HboneCall<'_> {
             .connect(ServerName::try_from(name)?.to_owned(), tcp)
             .await
         else {
-            return Ok(Outcome::Refused);
+            return Ok(Err(Outcome::Refused));
         };
         // TLS 1.3: a refused client certificate shows on the first read,
         // which the HTTP/2 handshake does (the server's SETTINGS).
         let Ok((send, conn)) = h2::client::handshake(tls).await else {
-            return Ok(Outcome::Refused);
+            return Ok(Err(Outcome::Refused));
         };
-        let conn = tokio::spawn(conn);
+        // Driven in the background for as long as the runtime runs.
+        tokio::spawn(conn);
         let Ok(mut send) = send.ready().await else {
-            return Ok(Outcome::Refused);
+            return Ok(Err(Outcome::Refused));
         };
         let req = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(self.authority)
             .body(())?;
-        let Ok((resp, mut stream)) = send.send_request(req, false) else {
-            return Ok(Outcome::Refused);
+        let Ok((resp, stream)) = send.send_request(req, false) else {
+            return Ok(Err(Outcome::Refused));
+        };
+        Ok(Ok((send, resp, stream)))
+    }
+
+    async fn call(&self) -> Result<Outcome> {
+        let (send, resp, mut stream) = match self.request().await? {
+            Ok(r) => r,
+            Err(o) => return Ok(o),
         };
         let resp = match resp.await {
             Ok(r) => r,
@@ -325,7 +366,6 @@ impl HboneCall<'_> {
             }
         };
         drop(send);
-        conn.abort();
         Ok(Outcome::Answered {
             status,
             echoed: String::from_utf8_lossy(&echoed).into_owned(),
@@ -432,4 +472,129 @@ pub fn client_config(ca_pem: &str, client: Option<&Leaf>) -> Result<rustls::Clie
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+/// An HBONE tunnel held open: one CONNECT stream on its own TLS connection,
+/// driven line by line (for what happens to it while its server drains).
+/// The socket is made in the network namespace of the thread that opens it.
+pub struct HboneTunnel {
+    rt: tokio::runtime::Runtime,
+    send: h2::client::SendRequest<bytes::Bytes>,
+    stream: h2::SendStream<bytes::Bytes>,
+    body: h2::RecvStream,
+}
+
+impl HboneTunnel {
+    /// Connects and asks CONNECT `authority`: the status answered must be 200.
+    pub fn open(
+        ca_pem: &str,
+        client: &Leaf,
+        to: SocketAddr,
+        server: Expect<'_>,
+        authority: &str,
+    ) -> Result<HboneTunnel> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let call = HboneCall {
+            ca_pem,
+            client: Some(client),
+            from: None,
+            to,
+            server,
+            authority,
+            payload: "",
+            end_after_reply: false,
+        };
+        let (send, stream, body) = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), call.open())
+                .await
+                .context("opening the tunnel hung")?
+        })?;
+        Ok(HboneTunnel {
+            rt,
+            send,
+            stream,
+            body,
+        })
+    }
+
+    /// Sends `line` and reads until a newline comes back.
+    pub fn exchange(&mut self, line: &str) -> Result<String> {
+        self.stream.reserve_capacity(line.len());
+        self.stream
+            .send_data(bytes::Bytes::from(line.to_string()), false)
+            .context("sending on the tunnel")?;
+        let body = &mut self.body;
+        self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), read_line(body))
+                .await
+                .context("no answer on the tunnel")?
+        })
+    }
+
+    /// Whether a new CONNECT on this tunnel's connection is refused (the
+    /// server sent GOAWAY): the request fails or is reset without an answer.
+    pub fn new_stream_refused(&mut self, authority: &str) -> Result<bool> {
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(())?;
+        let send = self.send.clone();
+        self.rt.block_on(async move {
+            let Ok(mut send) = send.ready().await else {
+                return Ok(true);
+            };
+            let Ok((resp, _stream)) = send.send_request(req, false) else {
+                return Ok(true);
+            };
+            match tokio::time::timeout(Duration::from_secs(10), resp).await {
+                Err(_) => anyhow::bail!("a new stream after GOAWAY hung"),
+                Ok(Err(_)) => Ok(true),
+                Ok(Ok(r)) => Ok(r.status() != http::StatusCode::OK),
+            }
+        })
+    }
+
+    /// Ends the sending side and reads the rest: what came back and how the
+    /// stream ended.
+    pub fn finish(mut self) -> Result<(String, End)> {
+        let _ = self.stream.send_data(bytes::Bytes::new(), true);
+        let body = &mut self.body;
+        self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), read_to_end(body))
+                .await
+                .context("the tunnel did not end")
+        })
+    }
+}
+
+async fn read_line(body: &mut h2::RecvStream) -> Result<String> {
+    let mut got = Vec::new();
+    while !got.ends_with(b"\n") {
+        match body.data().await {
+            Some(chunk) => {
+                let chunk = chunk?;
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            None => anyhow::bail!("the tunnel ended: {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    Ok(String::from_utf8_lossy(&got).into_owned())
+}
+
+async fn read_to_end(body: &mut h2::RecvStream) -> (String, End) {
+    let mut got = Vec::new();
+    let end = loop {
+        match body.data().await {
+            None => break End::Clean,
+            Some(Ok(chunk)) => {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            Some(Err(_)) => break End::Reset,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), end)
 }
