@@ -612,7 +612,7 @@ fn hbone_server_drains(server: Proxy) -> Result<()> {
     assert_eq!(tunnel.exchange("two\n")?, "web two\n", "the open tunnel");
     // A new CONNECT on the drained connection: Ferry sent GOAWAY when the
     // drain began and refuses it; Envoy 1.40 still answers it (a known
-    // difference, see docs/testing.md).
+    // difference, see docs/configuration.md).
     assert_eq!(
         tunnel.new_stream_refused(&authority)?,
         server == Proxy::Ferry,
