@@ -282,7 +282,11 @@ pub enum UpstreamIo {
     /// An in-process connection to an internal listener.
     Internal(tokio::io::DuplexStream),
     /// An HTTP/2 CONNECT stream (`tcp_proxy.tunneling_config`).
-    Tunnel(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
+    /// A CONNECT stream, and the local address of the connection carrying it.
+    Tunnel(
+        Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+        Option<std::net::SocketAddr>,
+    ),
 }
 
 /// Runs `$e` on whichever stream the connection is.
@@ -294,7 +298,7 @@ macro_rules! each_io {
             UpstreamIo::Unix($s) => $e,
             UpstreamIo::UnixTls($s) => $e,
             UpstreamIo::Internal($s) => $e,
-            UpstreamIo::Tunnel($s) => $e,
+            UpstreamIo::Tunnel($s, _) => $e,
         }
     };
 }
@@ -305,10 +309,11 @@ impl UpstreamIo {
         match self {
             UpstreamIo::Plain(s) => s.local_addr().ok(),
             UpstreamIo::Tls(s) => s.get_ref().0.local_addr().ok(),
-            UpstreamIo::Unix(_)
-            | UpstreamIo::UnixTls(_)
-            | UpstreamIo::Internal(_)
-            | UpstreamIo::Tunnel(_) => None,
+            // The client end of an in-process connection.
+            UpstreamIo::Internal(_) => Some(ferry_model::stream_info::INTERNAL_CLIENT_ADDRESS),
+            // The pooled HTTP/2 connection's socket.
+            UpstreamIo::Tunnel(_, local) => *local,
+            UpstreamIo::Unix(_) | UpstreamIo::UnixTls(_) => None,
         }
     }
 
@@ -318,7 +323,7 @@ impl UpstreamIo {
             UpstreamIo::Plain(_)
             | UpstreamIo::Unix(_)
             | UpstreamIo::Internal(_)
-            | UpstreamIo::Tunnel(_) => None,
+            | UpstreamIo::Tunnel(..) => None,
             UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol(),
             UpstreamIo::UnixTls(s) => s.get_ref().1.alpn_protocol(),
         }
