@@ -700,3 +700,98 @@ fn http1_connect_is_terminated_too() -> Result<()> {
     }
     Ok(())
 }
+
+/// The end of an HTTP/1 CONNECT's downstream: Envoy's HTTP/1 codec knows
+/// no half-close, so the client's FIN closes its connection and the tunnel
+/// with it; the app's word after the client's end (`bye`) never comes
+/// back. Ferry must do the same (an HTTP/2 CONNECT passes the end on as a
+/// half-close instead: `hbone_caller_reaches_the_app_through_connect_terminate`).
+#[test]
+fn http1_connect_downstream_end_closes_the_tunnel() -> Result<()> {
+    use std::io::{Read, Write};
+    let _lock = RunLock::shared();
+    // An app that echoes, then says `bye` once the client has ended.
+    let listener = std::net::TcpListener::bind(SocketAddr::from((POD_IP, 0)))?;
+    let target = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.write_all(b"bye\n");
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let cfg = |port: u16| -> Value {
+        let mut hcm = ferry_tests::proxy::http_connection_manager(
+            "h1",
+            vec![json!({"match": {"connect_matcher": {}}, "route": {
+                "cluster": "app",
+                "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+            }})],
+        );
+        hcm["typed_config"]["upgrade_configs"] = json!([]);
+        let doc = Bootstrap::new()
+            .listener(ferry_tests::proxy::listener(
+                "h1",
+                port,
+                vec![json!({"filters": [hcm]})],
+            ))
+            .cluster(json!({
+                "name": "app",
+                "type": "STATIC",
+                "connect_timeout": "2s",
+                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {
+                        "address": target.ip().to_string(), "port_value": target.port()}}}}]}]},
+            }))
+            .render();
+        serde_json::from_str(&doc).unwrap_or(Value::Null)
+    };
+    // The head's status, the echo, then what came after the client's end.
+    let call = |port: u16| -> Result<(String, String, String)> {
+        let mut s = std::net::TcpStream::connect(local(port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte)? == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let code = String::from_utf8_lossy(&head)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        s.write_all(b"tunnelled\n")?;
+        let mut echo = vec![0u8; "tunnelled\n".len()];
+        s.read_exact(&mut echo)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        // A reset is an end too: what came before it counts.
+        let _ = s.read_to_end(&mut rest);
+        Ok((
+            code,
+            String::from_utf8_lossy(&echo).into_owned(),
+            String::from_utf8_lossy(&rest).into_owned(),
+        ))
+    };
+    let expected = ("200".to_string(), "tunnelled\n".to_string(), String::new());
+    let port = free_port();
+    let ferry = Ferry::start(&cfg(port).to_string())?;
+    let got = call(port).with_context(|| ferry.log())?;
+    assert_eq!(got, expected, "ferry\n{}", ferry.log());
+    drop(ferry);
+    if let Some(bin) = envoy::bin()? {
+        let port = free_port();
+        let e = Envoy::start(&bin, &cfg(port), port)?;
+        let got = call(port).with_context(|| e.log())?;
+        assert_eq!(got, expected, "envoy\n{}", e.log());
+    }
+    Ok(())
+}
