@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderName};
 
 use crate::route::HeaderKey;
-use crate::stream_info::StreamInfo;
+use crate::stream_info::{INTERNAL_CLIENT_ADDRESS, INTERNAL_CLIENT_TEXT, StreamInfo};
 
 /// A compiled header value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -324,6 +324,15 @@ fn render_command(c: &Command, ctx: &FormatContext<'_>, request: &HeaderMap) -> 
         _ => None,
     };
     match c {
+        // The client end of an internal connection: Envoy's placeholder.
+        Command::DownstreamRemote { .. }
+            if ctx.downstream_remote == Some(INTERNAL_CLIENT_ADDRESS) =>
+        {
+            INTERNAL_CLIENT_TEXT.to_string()
+        }
+        Command::DownstreamRemotePort if ctx.downstream_remote == Some(INTERNAL_CLIENT_ADDRESS) => {
+            String::new()
+        }
         Command::DownstreamRemote { port } => addr(ctx.downstream_remote, *port),
         Command::DownstreamRemotePort => ctx
             .downstream_remote
@@ -615,7 +624,16 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
         }
         .filter(|v| *v != Value::Absent)
     };
+    let internal = |a: Option<SocketAddr>| a == Some(INTERNAL_CLIENT_ADDRESS);
     match c {
+        // The client end of an internal connection: Envoy's placeholder,
+        // which has no port.
+        Command::DownstreamRemote { .. } if internal(info.downstream_remote) => {
+            Value::Str(Cow::Borrowed(INTERNAL_CLIENT_TEXT))
+        }
+        Command::DownstreamRemotePort if internal(info.downstream_remote) => {
+            Value::Str(Cow::Borrowed(""))
+        }
         Command::DownstreamRemote { port: p } => addr(info.downstream_remote, *p),
         Command::DownstreamRemotePort => port(info.downstream_remote),
         Command::DownstreamLocal { port: p } => addr(info.downstream_local, *p),
@@ -676,6 +694,12 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
             )),
             LogCommand::UpstreamHost => host(info.upstream_host.as_ref(), true),
             LogCommand::UpstreamCluster => text(info.upstream_cluster.as_deref()),
+            LogCommand::UpstreamLocal { .. } if internal(info.upstream_local) => {
+                Value::Str(Cow::Borrowed(INTERNAL_CLIENT_TEXT))
+            }
+            LogCommand::UpstreamLocalPort if internal(info.upstream_local) => {
+                Value::Str(Cow::Borrowed(""))
+            }
             LogCommand::UpstreamLocal { port: p } => addr(info.upstream_local, *p),
             LogCommand::UpstreamLocalPort => port(info.upstream_local),
             LogCommand::UpstreamRemotePort => port(
@@ -1285,6 +1309,22 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-a", "alpha".parse().unwrap());
         HeaderFormat::parse(s).unwrap().render(&ctx(), &h)
+    }
+
+    /// The client end of an internal connection prints as Envoy's
+    /// placeholder, with no port; a local address is left as it is.
+    #[test]
+    fn internal_client_address_prints_as_envoys_placeholder() {
+        let mut c = ctx();
+        c.downstream_remote = Some(INTERNAL_CLIENT_ADDRESS);
+        let f = HeaderFormat::parse(
+            "%DOWNSTREAM_REMOTE_ADDRESS%|%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%|%DOWNSTREAM_REMOTE_PORT%|%DOWNSTREAM_LOCAL_ADDRESS%",
+        )
+        .unwrap();
+        assert_eq!(
+            f.render(&c, &HeaderMap::new()),
+            "envoy://internal_client_address/|envoy://internal_client_address/||[::1]:80"
+        );
     }
 
     #[test]

@@ -55,6 +55,19 @@ pub struct RequestHead {
     pub headers: HeaderMap,
 }
 
+/// The address of the client end of an internal connection (an
+/// in-process connection to an internal listener has no socket): the
+/// downstream remote address on the internal listener's side, the upstream
+/// local address on the side that connected. No socket has it as a peer or
+/// a connected local address.
+pub const INTERNAL_CLIENT_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// How Envoy prints [`INTERNAL_CLIENT_ADDRESS`] (its
+/// `EnvoyInternalInstance("internal_client_address")`), with or without
+/// port; it has no port of its own (printed empty).
+pub const INTERNAL_CLIENT_TEXT: &str = "envoy://internal_client_address/";
+
 /// One finished stream (an HTTP request, or a TCP connection).
 #[derive(Debug, Clone)]
 pub struct StreamInfo {

@@ -3,6 +3,8 @@
 //! namespace joined to that bridge by a veth pair, with `lo` up, an address in a private /24
 //! (and a ULA /64) and a default route towards the bridge. Nothing is routed beyond the bridge
 //! namespace, so pod traffic never leaves the mesh and the host's own network is never touched.
+//! A pod may also join another "node" ([`Mesh::pod_on_node`]): a bridge and subnet of its own in
+//! the same mesh namespace, which then routes between the nodes as between two machines.
 //! Every interface lives inside a mesh namespace (`br0`, `eth0`, `v<N>`), which is why meshes of
 //! parallel runs never collide; namespace names carry the creating process id so a later run can
 //! sweep what a killed run left behind ([`sweep_stale`]). Processes run inside a pod (as root or
@@ -73,6 +75,8 @@ impl<T, E: Into<io::Error>> IoContext<T> for std::result::Result<T, E> {
     }
 }
 
+/// The highest node number a pod may join ([`Mesh::pod_on_node`]).
+pub const MAX_NODE: u8 = 8;
 /// Every namespace this bed creates is named `ferry-<pid>-<n>-...`.
 const NS_PREFIX: &str = "ferry-";
 /// Where `ip netns` keeps its named namespaces.
@@ -262,6 +266,8 @@ struct MeshInner {
 
 struct MeshState {
     next_host: u8,
+    /// Nodes other than 0 whose bridge exists.
+    nodes: Vec<u8>,
     names: Vec<String>,
     spawned: u32,
 }
@@ -348,6 +354,7 @@ impl Mesh {
             keep_logs: AtomicBool::new(false),
             state: Mutex::new(MeshState {
                 next_host: 2,
+                nodes: Vec::new(),
                 names: Vec::new(),
                 spawned: 0,
             }),
@@ -364,15 +371,43 @@ impl Mesh {
     }
 
     fn v4(subnet: u8, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, 77, subnet, host)
+        Self::v4_on(0, subnet, host)
     }
 
     fn v6(subnet: u8, host: u8) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd77, 0, 0, u16::from(subnet), 0, 0, 0, u16::from(host))
+        Self::v6_on(0, subnet, host)
+    }
+
+    /// Node `node`'s segment is `10.(77+node).N.0/24`: node 0 is the mesh's own.
+    fn v4_on(node: u8, subnet: u8, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 77 + node, subnet, host)
+    }
+
+    fn v6_on(node: u8, subnet: u8, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(
+            0xfd77,
+            0,
+            u16::from(node),
+            u16::from(subnet),
+            0,
+            0,
+            0,
+            u16::from(host),
+        )
     }
 
     /// Creates pod `name` (lowercase letters, digits and `-`) on this mesh.
     pub fn pod(&self, name: &str) -> Result<Pod> {
+        self.pod_on_node(name, 0)
+    }
+
+    /// Creates pod `name` on node `node` (0 to [`MAX_NODE`]) of this mesh, as
+    /// [`Mesh::pod`] does for node 0. Each node is an L2 segment of its own (a bridge
+    /// `br<node>` with its own subnet, see [`Mesh::node_subnet`]) and the mesh namespace
+    /// routes between them, so traffic between pods of different nodes crosses a router as
+    /// between two machines of a cluster, while pods of one node share a segment.
+    pub fn pod_on_node(&self, name: &str, node: u8) -> Result<Pod> {
+        ensure!(node <= MAX_NODE, "node {node}: at most {MAX_NODE}");
         ensure!(
             !name.is_empty()
                 && name.len() <= 40
@@ -397,17 +432,65 @@ impl Mesh {
             state.next_host += 1;
             host
         };
+        if node != 0 {
+            self.node_segment(node)?;
+        }
         let ns = format!("{}-{name}", self.inner.prefix);
         ip(&["netns", "add", &ns])?;
         let pod = Pod {
             mesh: Arc::clone(&self.inner),
             name: name.to_owned(),
             ns,
-            ip: Self::v4(self.inner.subnet, host),
-            ip6: Self::v6(self.inner.subnet, host),
+            node,
+            ip: Self::v4_on(node, self.inner.subnet, host),
+            ip6: Self::v6_on(node, self.inner.subnet, host),
         };
         pod.attach(host)?;
         Ok(pod)
+    }
+
+    /// Creates node `node`'s bridge the first time a pod joins it, and turns on forwarding
+    /// in the mesh namespace, which from then on routes between the nodes' segments.
+    fn node_segment(&self, node: u8) -> Result<()> {
+        let mut state = self
+            .inner
+            .state
+            .lock()
+            .map_err(|_| Error::Failed("mesh state poisoned".into()))?;
+        if state.nodes.contains(&node) {
+            return Ok(());
+        }
+        let ns = self.inner.bridge_ns.as_str();
+        let br = format!("br{node}");
+        let subnet = self.inner.subnet;
+        let gw4 = format!("{}/24", Self::v4_on(node, subnet, 1));
+        let gw6 = format!("{}/64", Self::v6_on(node, subnet, 1));
+        ip(&["-n", ns, "link", "add", &br, "type", "bridge"])?;
+        ip(&["-n", ns, "addr", "add", &gw4, "dev", &br])?;
+        ip(&["-n", ns, "-6", "addr", "add", &gw6, "dev", &br, "nodad"])?;
+        ip(&["-n", ns, "link", "set", &br, "up"])?;
+        for (key, what) in [
+            ("/proc/sys/net/ipv4/ip_forward", "IPv4"),
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6"),
+        ] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", ns, "sh", "-c"])
+                .arg(format!("echo 1 > {key}"))
+                .output()
+                .io_context(|| format!("turning on {what} forwarding in {ns}"))?;
+            ensure!(
+                out.status.success(),
+                "turning on {what} forwarding in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        state.nodes.push(node);
+        Ok(())
+    }
+
+    /// Node `node`'s IPv4 subnet, `10.(77+node).N.0/24` (node 0's is [`Mesh::subnet`]).
+    pub fn node_subnet(&self, node: u8) -> String {
+        format!("{}/24", Self::v4_on(node, self.inner.subnet, 0))
     }
 
     /// The common prefix of this mesh's namespace names.
@@ -420,7 +503,8 @@ impl Mesh {
         &self.inner.bridge_ns
     }
 
-    /// The bridge's IPv4 address: every pod's default gateway (it forwards nothing).
+    /// The bridge's IPv4 address: node 0's pods' default gateway (it forwards nothing unless
+    /// the mesh has pods on other nodes).
     pub fn gateway(&self) -> Ipv4Addr {
         Self::v4(self.inner.subnet, 1)
     }
@@ -448,6 +532,8 @@ pub struct Pod {
     mesh: Arc<MeshInner>,
     name: String,
     ns: String,
+    /// The node whose segment the pod joins (0: the mesh's own bridge).
+    node: u8,
     ip: Ipv4Addr,
     ip6: Ipv6Addr,
 }
@@ -476,12 +562,16 @@ impl Pod {
         let port = format!("v{host}");
         let addr4 = format!("{}/24", self.ip);
         let addr6 = format!("{}/64", self.ip6);
-        let gw4 = Mesh::v4(self.mesh.subnet, 1).to_string();
-        let gw6 = Mesh::v6(self.mesh.subnet, 1).to_string();
+        let gw4 = Mesh::v4_on(self.node, self.mesh.subnet, 1).to_string();
+        let gw6 = Mesh::v6_on(self.node, self.mesh.subnet, 1).to_string();
+        let bridge = match self.node {
+            0 => BRIDGE.to_owned(),
+            n => format!("br{n}"),
+        };
         ip(&[
             "-n", br, "link", "add", &port, "type", "veth", "peer", "name", POD_IF, "netns", ns,
         ])?;
-        ip(&["-n", br, "link", "set", &port, "master", BRIDGE])?;
+        ip(&["-n", br, "link", "set", &port, "master", &bridge])?;
         ip(&["-n", br, "link", "set", &port, "up"])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         ip(&["-n", ns, "addr", "add", &addr4, "dev", POD_IF])?;
@@ -496,6 +586,11 @@ impl Pod {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The node the pod is on ([`Mesh::pod_on_node`]).
+    pub fn node(&self) -> u8 {
+        self.node
     }
 
     /// The pod's IPv4 address on the mesh.

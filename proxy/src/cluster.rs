@@ -1907,9 +1907,12 @@ impl EndpointPool {
         for (k, v) in headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        let req = req
+        let mut req = req
             .body(UpstreamBody::empty())
             .map_err(|e| bad(format!("tunnel request: {e}")))?;
+        // The carrying connection's local address, for the access log.
+        let local = LocalAddrSlot::default();
+        req.extensions_mut().insert(local.clone());
         let open = async {
             let mut resp = self.send_h2(req).await?;
             if !resp.status().is_success() {
@@ -1922,10 +1925,13 @@ impl EndpointPool {
             let upgraded = hyper::upgrade::on(&mut resp)
                 .await
                 .map_err(UpstreamError::Reset)?;
-            Ok(UpstreamIo::Tunnel(Box::new(crate::tls::TunnelIo {
-                io: TokioIo::new(upgraded),
-                _stream: stream,
-            })))
+            Ok(UpstreamIo::Tunnel(
+                Box::new(crate::tls::TunnelIo {
+                    io: TokioIo::new(upgraded),
+                    _stream: stream,
+                }),
+                local.get(),
+            ))
         };
         match tokio::time::timeout(self.settings.connect_timeout, open).await {
             Ok(r) => r,

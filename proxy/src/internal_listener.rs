@@ -30,9 +30,9 @@ use crate::tls::Rewind;
 const BUFFER: usize = 64 * 1024;
 
 /// The placeholder address of an internal connection's ends: Envoy names
-/// them `envoy://…`, which is no socket address.
-pub const UNSPECIFIED: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+/// them `envoy://…`, which is no socket address; the access log prints the
+/// client end as Envoy does (`envoy://internal_client_address/`).
+pub const UNSPECIFIED: SocketAddr = ferry_model::stream_info::INTERNAL_CLIENT_ADDRESS;
 
 /// What reaches an internal listener with a connection.
 pub struct InternalConn {

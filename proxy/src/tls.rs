@@ -281,8 +281,8 @@ pub enum UpstreamIo {
     UnixTls(Box<tokio_rustls::client::TlsStream<tokio::net::UnixStream>>),
     /// An in-process connection to an internal listener.
     Internal(tokio::io::DuplexStream),
-    /// An HTTP/2 CONNECT stream (`tcp_proxy.tunneling_config`).
-    Tunnel(Box<TunnelIo>),
+    /// A CONNECT stream, and the local address of the connection carrying it.
+    Tunnel(Box<TunnelIo>, Option<std::net::SocketAddr>),
 }
 
 /// An HTTP/2 CONNECT stream's bytes, holding the stream's place on its
@@ -337,7 +337,7 @@ macro_rules! each_io {
             UpstreamIo::Unix($s) => $e,
             UpstreamIo::UnixTls($s) => $e,
             UpstreamIo::Internal($s) => $e,
-            UpstreamIo::Tunnel($s) => $e,
+            UpstreamIo::Tunnel($s, _) => $e,
         }
     };
 }
@@ -348,10 +348,11 @@ impl UpstreamIo {
         match self {
             UpstreamIo::Plain(s) => s.local_addr().ok(),
             UpstreamIo::Tls(s) => s.get_ref().0.local_addr().ok(),
-            UpstreamIo::Unix(_)
-            | UpstreamIo::UnixTls(_)
-            | UpstreamIo::Internal(_)
-            | UpstreamIo::Tunnel(_) => None,
+            // The client end of an in-process connection.
+            UpstreamIo::Internal(_) => Some(ferry_model::stream_info::INTERNAL_CLIENT_ADDRESS),
+            // The pooled HTTP/2 connection's socket.
+            UpstreamIo::Tunnel(_, local) => *local,
+            UpstreamIo::Unix(_) | UpstreamIo::UnixTls(_) => None,
         }
     }
 
@@ -361,7 +362,7 @@ impl UpstreamIo {
             UpstreamIo::Plain(_)
             | UpstreamIo::Unix(_)
             | UpstreamIo::Internal(_)
-            | UpstreamIo::Tunnel(_) => None,
+            | UpstreamIo::Tunnel(..) => None,
             UpstreamIo::Tls(s) => s.get_ref().1.alpn_protocol(),
             UpstreamIo::UnixTls(s) => s.get_ref().1.alpn_protocol(),
         }

@@ -68,6 +68,10 @@ pub struct PilotSetup<'a> {
     /// Workloads whose sidecar's node says `ENABLE_HBONE: "true"` (accepts
     /// HBONE on 15008 in an ambient mesh).
     pub enable_hbone: Vec<&'a str>,
+    /// The node of each workload named here ([`Mesh::pod_on_node`]: its
+    /// own segment, routed to the others); the rest, and istiod, are on
+    /// node 0.
+    pub nodes: Vec<(&'a str, u8)>,
 }
 
 /// The running mesh. Dropping it stops every process and removes the pods.
@@ -257,7 +261,12 @@ impl IstioMesh {
         let istiod = mesh.pod("istiod")?;
         let mut pods = Vec::new();
         for w in workloads {
-            pods.push(mesh.pod(w.name)?);
+            let node = setup
+                .nodes
+                .iter()
+                .find(|(n, _)| *n == w.name)
+                .map_or(0, |(_, node)| *node);
+            pods.push(mesh.pod_on_node(w.name, node)?);
         }
         let dir = std::env::temp_dir().join(format!("ferry-istio-{}", istiod.ns_name()));
         let config = dir.join("config");

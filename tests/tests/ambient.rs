@@ -11,13 +11,21 @@
 //! other as in a real mesh; the server reports the caller's SPIFFE identity
 //! (the workload certificate the sidecar got from ferry-pilot). Envoy must
 //! have ACKed everything (no rejected update in its stats).
+//!
+//! The HBONE pods sit on another node than their callers (a segment of its
+//! own, routed), as in ztunnel's network-namespace tests, which these
+//! mirror: captured client and server across two nodes, a service's calls
+//! spread over its HBONE pods, an authority IP that is not the pod's and a
+//! peer of another trust domain refused, an AuthorizationPolicy on the
+//! HBONE peer's identity.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use ferry_tests::hbone::HboneServer;
+use ferry_tests::hbone::{End, Expect, HboneCall, HboneServer, HboneTunnel, Outcome};
 use ferry_tests::istio::{App, IstioMesh, PilotSetup, Proxy, Workload, pod_yaml, service_yaml};
 use ferry_tests::pki::Ca;
 
@@ -93,8 +101,9 @@ fn exchange(m: &IstioMesh, pod: &str, line: &str) -> Result<String> {
     })?
 }
 
-#[test]
-fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> Result<()> {
+/// A mesh root whose certificate and key ferry-pilot is given, so the
+/// test's own HBONE parties hold certificates of the same mesh.
+fn mesh_ca() -> Result<(Ca, ferry_tests::proxy::TempDir, PathBuf, PathBuf)> {
     let ca = Ca::new("mesh root")?;
     let dir = ferry_tests::proxy::TempDir::new("ambient-ca")?;
     let (cert, key) = (
@@ -103,6 +112,12 @@ fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> 
     );
     std::fs::write(&cert, ca.pem())?;
     std::fs::write(&key, ca.key_pem())?;
+    Ok((ca, dir, cert, key))
+}
+
+#[test]
+fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> Result<()> {
+    let (ca, _dir, cert, key) = mesh_ca()?;
     let proxy_of = |w: &Workload| {
         if w.name == "sleep-envoy" {
             Proxy::Envoy
@@ -113,6 +128,8 @@ fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> 
     let setup = PilotSetup {
         env: vec![("PILOT_ENABLE_AMBIENT", "true")],
         ca: Some((cert, key)),
+        // The ambient pod on another node than its callers.
+        nodes: vec![("echo", 1)],
         ..Default::default()
     };
     let Some(m) =
@@ -121,6 +138,7 @@ fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> 
         return Ok(());
     };
     let echo = m.pod("echo");
+    ensure!(echo.node() != m.pod("sleep-ferry").node(), "two nodes");
     let echo_ip = echo.ip();
     let leaf = ca.leaf("spiffe://cluster.local/ns/default/sa/echo", &[])?;
     let server =
@@ -185,6 +203,119 @@ fn ferry_and_envoy_sidecars_reach_an_ambient_pod_through_connect_originate() -> 
     Ok(())
 }
 
+/// ztunnel's `service_loadbalancing`: a Service whose two pods are
+/// HBONE-native, on another node than the callers. Each client sidecar
+/// spreads its calls over both (one pooled HBONE connection per pod), every
+/// call tunnelled to the chosen pod's own `ip:target port`.
+#[test]
+fn ferry_and_envoy_sidecars_spread_calls_over_a_services_hbone_pods() -> Result<()> {
+    let (ca, _dir, cert, key) = mesh_ca()?;
+    let proxy_of = |w: &Workload| {
+        if w.name == "sleep-envoy" {
+            Proxy::Envoy
+        } else {
+            Proxy::Ferry
+        }
+    };
+    let mut workloads = workloads();
+    workloads.retain(|w| w.name != "echo");
+    workloads.push(workload("echo-a", "echo", false));
+    workloads.push(workload("echo-b", "echo", false));
+    let objects = |ips: &[(&str, Ipv4Addr)]| {
+        let mut out = String::new();
+        for name in ["echo-a", "echo-b"] {
+            let ip = ips
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, ip)| ip.to_string())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, \
+                 labels: {{app: echo, version: v1, istio.io/dataplane-mode: ambient}}}}\n\
+                 spec: {{serviceAccountName: echo, containers: [{{name: app, image: app}}]}}\n\
+                 status: {{podIP: {ip}}}\n---\n"
+            ));
+        }
+        out.push_str(&service_yaml(
+            "echo",
+            "default",
+            ECHO_VIP,
+            &[("tcp", SERVICE_PORT, TARGET_PORT)],
+        ));
+        for name in ["sleep-ferry", "sleep-envoy"] {
+            out.push_str(&pod_yaml(ips, name, "default", name, name));
+        }
+        out
+    };
+    let setup = PilotSetup {
+        env: vec![("PILOT_ENABLE_AMBIENT", "true")],
+        ca: Some((cert, key)),
+        nodes: vec![("echo-a", 1), ("echo-b", 1)],
+        ..Default::default()
+    };
+    let Some(m) = IstioMesh::start_with(Proxy::Ferry, proxy_of, &workloads, objects, "24h", setup)?
+    else {
+        return Ok(());
+    };
+    let leaf = ca.leaf("spiffe://cluster.local/ns/default/sa/echo", &[])?;
+    let mut servers = Vec::new();
+    for name in ["echo-a", "echo-b"] {
+        let pod = m.pod(name);
+        let ip = pod.ip();
+        servers.push(
+            pod.enter(|| HboneServer::start(SocketAddr::from((ip, 15008)), &ca.pem(), &leaf))??,
+        );
+    }
+    let pods: Vec<Ipv4Addr> = ["echo-a", "echo-b"].map(|n| m.pod(n).ip()).to_vec();
+    const CALLS: usize = 16;
+    for client in ["sleep-ferry", "sleep-envoy"] {
+        let identity = format!("spiffe://cluster.local/ns/default/sa/{client}");
+        // Until the sidecar has both endpoints.
+        m.until(
+            &format!("{client} reaches the service"),
+            Duration::from_secs(20),
+            || Ok(exchange(&m, client, "x\n").unwrap_or_else(|e| format!("error: {e:#}"))),
+            |got| got.starts_with("hbone "),
+        )?;
+        let mut reached = Vec::new();
+        for n in 0..CALLS {
+            let line = format!("call {n} from {client}\n");
+            let got = exchange(&m, client, &line)?;
+            let pod = pods
+                .iter()
+                .find(|ip| got == format!("hbone {ip}:{TARGET_PORT} from {identity}\n{line}"))
+                .with_context(|| format!("{client}: {got:?}"))?;
+            reached.push(*pod);
+        }
+        for ip in &pods {
+            ensure!(
+                reached.contains(ip),
+                "{client}: {ip} never reached in {CALLS} calls: {reached:?}"
+            );
+        }
+        // Each pod saw this client's calls on one connection of its own.
+        for (server, ip) in servers.iter().zip(&pods) {
+            let seen: Vec<_> = server
+                .seen()
+                .into_iter()
+                .filter(|s| s.peer == identity && s.authority != format!("{ip}:{TARGET_PORT}"))
+                .collect();
+            ensure!(
+                seen.is_empty(),
+                "{client} at {ip}: wrong authority {seen:?}"
+            );
+            let conns: std::collections::BTreeSet<u64> = server
+                .seen()
+                .into_iter()
+                .filter(|s| s.peer == identity)
+                .map(|s| s.connection)
+                .collect();
+            ensure!(conns.len() == 1, "{client} at {ip}: connections {conns:?}");
+        }
+    }
+    Ok(())
+}
+
 const WEB_VIP: &str = "10.96.2.30";
 
 fn server_workloads() -> Vec<Workload> {
@@ -195,6 +326,8 @@ fn server_workloads() -> Vec<Workload> {
         },
         workload("sleep-ferry", "sleep-ferry", true),
         workload("sleep-envoy", "sleep-envoy", true),
+        // An uncaptured pod calling 15008 itself, as ztunnel does.
+        workload("ztunnel", "ztunnel", false),
     ]
 }
 
@@ -209,8 +342,20 @@ fn server_objects(ips: &[(&str, Ipv4Addr)]) -> String {
 /// sidecar and an Envoy sidecar reach its app over HBONE, and an
 /// AuthorizationPolicy on it matches callers by the identity HBONE carried
 /// (RBAC on the filter state `io.istio.peer_principal`). The server's
-/// sidecar is `server`: Envoy 1.40 or Ferry, fed the same.
+/// sidecar is `server`: Envoy 1.40 or Ferry, fed the same, and the outcomes
+/// asserted are Envoy's.
+///
+/// The server is on another node than its callers (ztunnel's
+/// `cross_node_captured`: captured client, captured server, a router
+/// between). A caller speaking HBONE itself (as ztunnel) with a certificate
+/// of the mesh reaches the app; with an authority whose IP is not the
+/// pod's it finds no chain (ztunnel's `hbone_ip_mismatch`: ferry-pilot's
+/// `main_internal` sniffs, so the CONNECT is answered 200 before the chain
+/// is chosen, then ends with nothing from the app); with a
+/// certificate of another trust domain it is refused at TLS (ztunnel's
+/// `trust_domain_mismatch_rejected`).
 fn enable_hbone_server(server: Proxy) -> Result<()> {
+    let (ca, _dir, cert, key) = mesh_ca()?;
     let proxy_of = |w: &Workload| match w.name {
         "sleep-ferry" => Proxy::Ferry,
         "web" => server,
@@ -219,6 +364,8 @@ fn enable_hbone_server(server: Proxy) -> Result<()> {
     let setup = PilotSetup {
         env: vec![("PILOT_ENABLE_AMBIENT", "true")],
         enable_hbone: vec!["web"],
+        ca: Some((cert, key)),
+        nodes: vec![("web", 1)],
         ..Default::default()
     };
     let Some(m) = IstioMesh::start_with(
@@ -241,9 +388,57 @@ fn enable_hbone_server(server: Proxy) -> Result<()> {
             |got| !got.is_empty(),
         )
     };
+    ensure!(web.node() != m.pod("sleep-ferry").node(), "two nodes");
     for client in ["sleep-ferry", "sleep-envoy"] {
         assert_eq!(reach(client)?, format!("web {client}"), "{client}");
     }
+
+    // HBONE straight to the pod's 15008, as ztunnel calls it.
+    let web_ip = web.ip();
+    let web_id = "spiffe://cluster.local/ns/default/sa/web";
+    let ztunnel = m.pod("ztunnel");
+    let call = |id: &str, ip: Ipv4Addr, end_after_reply: bool| -> Result<Outcome> {
+        let leaf = ca.leaf(id, &[])?;
+        let authority = format!("{ip}:{TARGET_PORT}");
+        ztunnel.enter(|| {
+            HboneCall {
+                ca_pem: &ca.pem(),
+                client: Some(&leaf),
+                from: None,
+                to: SocketAddr::from((web_ip, 15008)),
+                server: Expect::Spiffe(web_id),
+                authority: &authority,
+                payload: "ztunnel\n",
+                end_after_reply,
+            }
+            .run()
+        })?
+    };
+    let mesh_id = "spiffe://cluster.local/ns/default/sa/ztunnel";
+    assert_eq!(
+        call(mesh_id, web_ip, true)?,
+        Outcome::Answered {
+            status: 200,
+            echoed: "web ztunnel\nbye\n".into(),
+            end: End::Clean
+        },
+        "a caller of the mesh reaches the app"
+    );
+    assert_eq!(
+        call(mesh_id, m.pod("sleep-ferry").ip(), false)?,
+        Outcome::Answered {
+            status: 200,
+            echoed: String::new(),
+            end: End::Clean
+        },
+        "an authority IP that is not the pod's finds no chain on main_internal: the app \
+         is never reached"
+    );
+    assert_eq!(
+        call("spiffe://evil.example/ns/default/sa/ztunnel", web_ip, true)?,
+        Outcome::Refused,
+        "another trust domain is refused at TLS"
+    );
     // Envoy names the cluster's statistics after its alt_stat_name
     // (`main_internal;`), Ferry after its name.
     let (internal_cx, rejected) = match server {
@@ -299,4 +494,149 @@ fn ferry_and_envoy_sidecars_call_an_enable_hbone_envoy_sidecar_over_hbone() -> R
 #[test]
 fn ferry_and_envoy_sidecars_call_an_enable_hbone_ferry_sidecar_over_hbone() -> Result<()> {
     enable_hbone_server(Proxy::Ferry)
+}
+
+/// ztunnel's `test_server_shutdown`, for a sidecar serving HBONE. istiod
+/// gives `connect_terminate` no `traffic_direction`, so istio-agent's
+/// inbound-only drain on termination leaves 15008 serving. A drain of every
+/// listener (`POST /drain_listeners?graceful`, then without `graceful`)
+/// stops it: a new connection to 15008 is refused, and the tunnel in flight
+/// keeps working, then ends cleanly when its caller ends it. `server` is
+/// Envoy 1.40 or Ferry, fed the same. They differ on one point: Ferry's
+/// open connection got GOAWAY (a new CONNECT on it is refused) where Envoy
+/// still answers one.
+fn hbone_server_drains(server: Proxy) -> Result<()> {
+    let (ca, _dir, cert, key) = mesh_ca()?;
+    let proxy_of = |w: &Workload| match w.name {
+        "sleep-ferry" => Proxy::Ferry,
+        "web" => server,
+        _ => Proxy::Envoy,
+    };
+    let setup = PilotSetup {
+        env: vec![("PILOT_ENABLE_AMBIENT", "true")],
+        enable_hbone: vec!["web"],
+        ca: Some((cert, key)),
+        nodes: vec![("web", 1)],
+        ..Default::default()
+    };
+    let Some(m) = IstioMesh::start_with(
+        Proxy::Envoy,
+        proxy_of,
+        &server_workloads(),
+        server_objects,
+        "24h",
+        setup,
+    )?
+    else {
+        return Ok(());
+    };
+    let web = m.pod("web");
+    let hbone = SocketAddr::from((web.ip(), 15008));
+    let authority = format!("{}:{TARGET_PORT}", web.ip());
+    let leaf = ca.leaf("spiffe://cluster.local/ns/default/sa/ztunnel", &[])?;
+    let ztunnel = m.pod("ztunnel");
+    let open = || {
+        ztunnel.enter(|| {
+            HboneTunnel::open(
+                &ca.pem(),
+                &leaf,
+                hbone,
+                Expect::Spiffe("spiffe://cluster.local/ns/default/sa/web"),
+                &authority,
+            )
+        })?
+    };
+    // The sidecar may still be taking its configuration.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut tunnel = loop {
+        match open() {
+            Ok(t) => break t,
+            Err(e) if std::time::Instant::now() > deadline => {
+                return Err(e.context(m.diagnostics()));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert_eq!(tunnel.exchange("one\n")?, "web one\n");
+
+    let drain = |query: &str| -> Result<()> {
+        let answer = web
+            .cmd("curl")
+            .args(["-sS", "-X", "POST"])
+            .arg(format!("http://127.0.0.1:15000/drain_listeners{query}"))
+            .timeout(Duration::from_secs(10))
+            .run()?;
+        ensure!(answer.trim() == "OK", "drain_listeners{query}: {answer}");
+        Ok(())
+    };
+    let accepts = || -> Result<bool> {
+        Ok(ztunnel.enter(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(2)).is_ok())?)
+    };
+    // istiod gives connect_terminate no traffic_direction: the inbound-only
+    // drain (istio-agent's on termination) stops virtualInbound, not 15008.
+    drain("?inboundonly")?;
+    m.until(
+        "virtualInbound stops",
+        Duration::from_secs(10),
+        || Ok(web.cmd("ss").args(["-Hltn", "sport = :15006"]).run()?),
+        |out| out.trim().is_empty(),
+    )?;
+    ensure!(accepts()?, "15008 after an inbound-only drain");
+    assert_eq!(
+        tunnel.exchange("two\n")?,
+        "web two\n",
+        "after the inbound drain"
+    );
+    assert!(
+        !tunnel.new_stream_refused(&authority)?,
+        "a new CONNECT on the connection after an inbound-only drain"
+    );
+    // Every listener drains: first gracefully (Envoy, with istio-agent's
+    // `--drain-strategy immediate`, tells open connections at once; Ferry at
+    // the end of the drain time), then at once (both stop the listeners;
+    // Envoy's immediate drain alone leaves open connections be).
+    drain("?graceful")?;
+    drain("")?;
+    // The listener stops: a new connection is refused.
+    let refused = m.until(
+        "15008 refuses new connections",
+        Duration::from_secs(10),
+        || {
+            Ok(ztunnel
+                .enter(|| TcpStream::connect_timeout(&hbone, Duration::from_secs(2)).is_err())?)
+        },
+        |refused| *refused,
+    )?;
+    assert!(refused);
+    // The tunnel in flight carries on; its connection takes no new stream.
+    assert_eq!(tunnel.exchange("two\n")?, "web two\n", "the open tunnel");
+    // A new CONNECT on the drained connection: Ferry sent GOAWAY when the
+    // drain began and refuses it; Envoy 1.40 still answers it (a known
+    // difference, see docs/configuration.md).
+    assert_eq!(
+        tunnel.new_stream_refused(&authority)?,
+        server == Proxy::Ferry,
+        "a new CONNECT on the drained connection"
+    );
+    assert_eq!(
+        tunnel.exchange("three\n")?,
+        "web three\n",
+        "the open tunnel"
+    );
+    assert_eq!(
+        tunnel.finish()?,
+        ("bye\n".to_string(), End::Clean),
+        "the tunnel ends as its caller ends it"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_envoy_sidecar_serving_hbone_drains_with_its_tunnels_finishing() -> Result<()> {
+    hbone_server_drains(Proxy::Envoy)
+}
+
+#[test]
+fn a_ferry_sidecar_serving_hbone_drains_with_its_tunnels_finishing() -> Result<()> {
+    hbone_server_drains(Proxy::Ferry)
 }

@@ -303,3 +303,102 @@ fn tunnels_beyond_the_peers_stream_limit_open_more_connections() -> Result<()> {
     drop(held);
     Ok(())
 }
+
+/// Starts a proxy with this configuration, the listener's port given; the
+/// proxy stops when what it returns is dropped.
+type Start<'a> = dyn Fn(&Value, u16) -> Result<Box<dyn std::any::Any>> + 'a;
+
+/// The addresses the access log prints around an internal connection:
+/// on the outbound listener, the upstream host is the internal address
+/// (`envoy://connect_originate/<endpoint id>`) and the upstream local
+/// address Envoy's placeholder `envoy://internal_client_address/`; on
+/// `connect_originate`, that placeholder is the downstream remote address
+/// and the destination the `original_dst` filter restored is the local
+/// one. Ferry must print what Envoy 1.40 prints.
+#[test]
+fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
+    let _lock = RunLock::shared();
+    let mesh = Mesh::new()?;
+    let hbone_port = free_port();
+    let _a = mesh.pod(
+        [127, 0, 14, 3],
+        hbone_port,
+        "spiffe://cluster.local/ns/default/sa/echo",
+    )?;
+    let pods: [SocketAddr; 1] = ["127.0.14.3:8080".parse()?];
+    let log = |name: &str, path: &Path| {
+        let format = format!(
+            "{name} remote=%DOWNSTREAM_REMOTE_ADDRESS% remote_ip=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% \
+             remote_port=%DOWNSTREAM_REMOTE_PORT% local=%DOWNSTREAM_LOCAL_ADDRESS% \
+             upstream_host=%UPSTREAM_HOST% upstream_local=%UPSTREAM_LOCAL_ADDRESS% \
+             upstream_remote=%UPSTREAM_REMOTE_ADDRESS% cluster=%UPSTREAM_CLUSTER%\n"
+        );
+        json!([{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path.display().to_string(),
+            "log_format": {"text_format_source": {"inline_string": format}}}}])
+    };
+    let run = |start: &Start| -> Result<Vec<String>> {
+        let port = free_port();
+        let path = mesh.dir.path().join(format!("access-{port}.log"));
+        let mut cfg = config(mesh.dir.path(), port, hbone_port, &pods);
+        for l in cfg["static_resources"]["listeners"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            let name = l["name"].as_str().unwrap_or_default().to_string();
+            l["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = log(&name, &path);
+        }
+        let proxy = start(&cfg, port)?;
+        let got = exchange(port, "ping\n")?;
+        anyhow::ensure!(got.starts_with("hbone "), "{got}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut lines: Vec<String> = text
+                .lines()
+                // The outbound listener's client port is the test's.
+                .map(|l| {
+                    l.split(' ')
+                        .map(|f| match f.split_once('=') {
+                            Some(("remote" | "remote_port" | "local", _))
+                                if l.starts_with("outbound ") =>
+                            {
+                                format!("{}=<client>", f.split('=').next().unwrap_or(""))
+                            }
+                            Some(("upstream_local", v))
+                                if l.starts_with("connect_originate ") && v.starts_with("127.") =>
+                            {
+                                "upstream_local=<socket>".to_string()
+                            }
+                            _ => f.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
+            lines.sort();
+            // Envoy's start-up probe of its port makes a connection too.
+            lines.dedup();
+            if lines.len() >= 2 || std::time::Instant::now() > deadline {
+                drop(proxy);
+                return Ok(lines);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let ferry = run(&|cfg, _| Ok(Box::new(Ferry::start(&cfg.to_string())?)))?;
+    assert!(
+        ferry
+            .iter()
+            .any(|l| l.contains("remote=envoy://internal_client_address/")),
+        "{ferry:#?}"
+    );
+    let Some(bin) = envoy::bin()? else {
+        return Ok(());
+    };
+    let envoy = run(&|cfg, port| Ok(Box::new(Envoy::start(&bin, cfg, port)?)))?;
+    assert_eq!(ferry, envoy);
+    Ok(())
+}

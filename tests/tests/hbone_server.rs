@@ -21,19 +21,17 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_tests::envoy::{self, Envoy};
+use ferry_tests::hbone::{End, Expect, HboneCall, Outcome};
 use ferry_tests::istiod_hbone::{
     connect_originate_cluster, connect_originate_listener, internal_listener_extension,
     service_cluster,
 };
-use ferry_tests::pki::{Ca, Leaf};
+use ferry_tests::pki::Ca;
 use ferry_tests::proxy::{Bootstrap, Ferry, RunLock, TempDir, free_port, local, tcp_proxy};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
 
 /// The pod's own IP (the app listens there; `main_internal`'s chain is
@@ -284,29 +282,6 @@ fn client_config(dir: &Path, port: u16, hbone_port: u16, app_port: u16) -> Value
     doc
 }
 
-/// How a CONNECT stream ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum End {
-    /// END_STREAM after the bytes.
-    Clean,
-    /// RST_STREAM or the connection failed.
-    Reset,
-}
-
-/// What an HBONE caller observes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
-    /// The TLS handshake or the HTTP/2 set-up failed: nothing was asked.
-    Refused,
-    /// The CONNECT's status, the bytes that came back on the stream and how
-    /// it ended.
-    Answered {
-        status: u16,
-        echoed: String,
-        end: End,
-    },
-}
-
 /// A plain TCP echo app on the pod's IP: each connection's bytes back,
 /// then its end (half-close both ways).
 struct EchoApp {
@@ -331,105 +306,11 @@ impl EchoApp {
     }
 }
 
-/// One HBONE call: mutual TLS 1.3 with ALPN h2 (client certificate
-/// `client`, if any) to the pod's HBONE port, a CONNECT to `authority`,
-/// `payload` sent and the stream's sending side ended, everything read
-/// until the stream ends.
-async fn hbone_call(
-    ca_pem: &str,
-    client: Option<&Leaf>,
-    hbone_port: u16,
-    authority: &str,
-    payload: &str,
-) -> Result<Outcome> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(c?)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots);
-    let mut cfg = match client {
-        Some(leaf) => {
-            let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()?;
-            let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::from((CALLER_IP, 0)))?;
-    let tcp = sock.connect(SocketAddr::from((POD_IP, hbone_port))).await?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let Ok(tls) = connector
-        .connect(ServerName::try_from(POD_DNS)?.to_owned(), tcp)
-        .await
-    else {
-        return Ok(Outcome::Refused);
-    };
-    // TLS 1.3: a refused client certificate shows on the first read, which
-    // the HTTP/2 handshake does (the server's SETTINGS).
-    let Ok((send, conn)) = h2::client::handshake(tls).await else {
-        return Ok(Outcome::Refused);
-    };
-    let conn = tokio::spawn(conn);
-    let Ok(mut send) = send.ready().await else {
-        return Ok(Outcome::Refused);
-    };
-    let req = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(authority)
-        .body(())?;
-    let Ok((resp, mut stream)) = send.send_request(req, false) else {
-        return Ok(Outcome::Refused);
-    };
-    let resp = match resp.await {
-        Ok(r) => r,
-        Err(e) if e.is_io() || e.is_go_away() => return Ok(Outcome::Refused),
-        Err(_) => {
-            return Ok(Outcome::Answered {
-                status: 0,
-                echoed: String::new(),
-                end: End::Reset,
-            });
-        }
-    };
-    let status = resp.status().as_u16();
-    if status == 200 {
-        stream.reserve_capacity(payload.len());
-        // The far end may already be gone; what comes back says so.
-        let _ = stream.send_data(bytes::Bytes::from(payload.to_string()), true);
-    }
-    let mut body = resp.into_body();
-    let mut echoed = Vec::new();
-    let end = loop {
-        match body.data().await {
-            None => break End::Clean,
-            Some(Ok(chunk)) => {
-                let _ = body.flow_control().release_capacity(chunk.len());
-                echoed.extend_from_slice(&chunk);
-            }
-            Some(Err(_)) => break End::Reset,
-        }
-    };
-    drop(send);
-    conn.abort();
-    Ok(Outcome::Answered {
-        status,
-        echoed: String::from_utf8_lossy(&echoed).into_owned(),
-        end,
-    })
-}
-
 /// The mesh of one test: its root, the pod's certificate, the app.
 struct Pod {
     dir: TempDir,
     ca: Ca,
     app: EchoApp,
-    rt: tokio::runtime::Runtime,
 }
 
 impl Pod {
@@ -440,14 +321,10 @@ impl Pod {
         std::fs::write(dir.path().join("pod.pem"), &pod.cert_pem)?;
         std::fs::write(dir.path().join("pod.key"), &pod.key_pem)?;
         std::fs::write(dir.path().join("root.pem"), ca.pem())?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
         Ok(Pod {
             dir,
             ca,
             app: EchoApp::start()?,
-            rt,
         })
     }
 
@@ -462,20 +339,17 @@ impl Pod {
     ) -> Result<Outcome> {
         let leaf = client.map(|id| self.ca.leaf(id, &[])).transpose()?;
         let authority = SocketAddr::from((target_ip, self.app.port)).to_string();
-        self.rt.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(10),
-                hbone_call(
-                    &self.ca.pem(),
-                    leaf.as_ref(),
-                    hbone_port,
-                    &authority,
-                    payload,
-                ),
-            )
-            .await
-            .context("the HBONE call hung")?
-        })
+        HboneCall {
+            ca_pem: &self.ca.pem(),
+            client: leaf.as_ref(),
+            from: Some(CALLER_IP.into()),
+            to: SocketAddr::from((POD_IP, hbone_port)),
+            server: Expect::Dns(POD_DNS),
+            authority: &authority,
+            payload,
+            end_after_reply: false,
+        }
+        .run()
     }
 
     /// The outcome of `call` through Ferry, and through Envoy when it is
@@ -823,6 +697,101 @@ fn http1_connect_is_terminated_too() -> Result<()> {
                 e.log()
             );
         }
+    }
+    Ok(())
+}
+
+/// The end of an HTTP/1 CONNECT's downstream: Envoy's HTTP/1 codec knows
+/// no half-close, so the client's FIN closes its connection and the tunnel
+/// with it; the app's word after the client's end (`bye`) never comes
+/// back. Ferry must do the same (an HTTP/2 CONNECT passes the end on as a
+/// half-close instead: `hbone_caller_reaches_the_app_through_connect_terminate`).
+#[test]
+fn http1_connect_downstream_end_closes_the_tunnel() -> Result<()> {
+    use std::io::{Read, Write};
+    let _lock = RunLock::shared();
+    // An app that echoes, then says `bye` once the client has ended.
+    let listener = std::net::TcpListener::bind(SocketAddr::from((POD_IP, 0)))?;
+    let target = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let Ok(mut r) = s.try_clone() else { return };
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.write_all(b"bye\n");
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    let cfg = |port: u16| -> Value {
+        let mut hcm = ferry_tests::proxy::http_connection_manager(
+            "h1",
+            vec![json!({"match": {"connect_matcher": {}}, "route": {
+                "cluster": "app",
+                "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}],
+            }})],
+        );
+        hcm["typed_config"]["upgrade_configs"] = json!([]);
+        let doc = Bootstrap::new()
+            .listener(ferry_tests::proxy::listener(
+                "h1",
+                port,
+                vec![json!({"filters": [hcm]})],
+            ))
+            .cluster(json!({
+                "name": "app",
+                "type": "STATIC",
+                "connect_timeout": "2s",
+                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {
+                        "address": target.ip().to_string(), "port_value": target.port()}}}}]}]},
+            }))
+            .render();
+        serde_json::from_str(&doc).unwrap_or(Value::Null)
+    };
+    // The head's status, the echo, then what came after the client's end.
+    let call = |port: u16| -> Result<(String, String, String)> {
+        let mut s = std::net::TcpStream::connect(local(port))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte)? == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        let code = String::from_utf8_lossy(&head)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        s.write_all(b"tunnelled\n")?;
+        let mut echo = vec![0u8; "tunnelled\n".len()];
+        s.read_exact(&mut echo)?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        // A reset is an end too: what came before it counts.
+        let _ = s.read_to_end(&mut rest);
+        Ok((
+            code,
+            String::from_utf8_lossy(&echo).into_owned(),
+            String::from_utf8_lossy(&rest).into_owned(),
+        ))
+    };
+    let expected = ("200".to_string(), "tunnelled\n".to_string(), String::new());
+    let port = free_port();
+    let ferry = Ferry::start(&cfg(port).to_string())?;
+    let got = call(port).with_context(|| ferry.log())?;
+    assert_eq!(got, expected, "ferry\n{}", ferry.log());
+    drop(ferry);
+    if let Some(bin) = envoy::bin()? {
+        let port = free_port();
+        let e = Envoy::start(&bin, &cfg(port), port)?;
+        let got = call(port).with_context(|| e.log())?;
+        assert_eq!(got, expected, "envoy\n{}", e.log());
     }
     Ok(())
 }

@@ -336,3 +336,66 @@ fn namespaces_of_dead_test_runs_are_swept() -> Result<()> {
     assert!(!listed(&namespaces()?, &stale), "{stale} not swept");
     Ok(())
 }
+
+/// Pods on two nodes: each node is a segment of its own, and traffic between them is routed by
+/// the mesh namespace (one hop: a TTL of 1 dies there, 2 arrives), in IPv4 and IPv6, with the
+/// source kept; pods of one node reach each other with no hop.
+#[test]
+fn pods_on_two_nodes_talk_through_a_router() -> Result<()> {
+    if !netns::require_root() {
+        return Ok(());
+    }
+    let mesh = Mesh::new()?;
+    let a = mesh.pod_on_node("client", 0)?;
+    let b = mesh.pod_on_node("server", 1)?;
+    let c = mesh.pod_on_node("neighbour", 1)?;
+    assert_eq!((a.node(), b.node(), c.node()), (0, 1, 1));
+    let net = |ip: std::net::Ipv4Addr| ip.octets()[..3].to_vec();
+    assert_ne!(net(a.ip()), net(b.ip()), "two segments");
+    assert_eq!(net(b.ip()), net(c.ip()), "one segment per node");
+    let o = b.ip().octets();
+    assert_eq!(
+        mesh.node_subnet(1),
+        format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+    );
+
+    for target in [
+        SocketAddr::from((b.ip(), 0)),
+        SocketAddr::from((b.ip6(), 0)),
+    ] {
+        let listener = b.enter(|| std::net::TcpListener::bind(target))??;
+        let to = listener.local_addr()?;
+        let s = a
+            .enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(6)))?
+            .with_context(|| format!("connecting to {to}"))?;
+        let (_accepted, from) = listener.accept()?;
+        assert_eq!(
+            from.ip(),
+            s.local_addr()?.ip(),
+            "the source is the client pod's"
+        );
+    }
+    let listener = b.enter(|| std::net::TcpListener::bind((b.ip(), 0)))??;
+    let port = listener.local_addr()?.port().to_string();
+    // Connects from `pod` to the server with the IP TTL `ttl`: whether it got through.
+    let with_ttl = |pod: &netns::Pod, ttl: &str| -> Result<bool> {
+        let out = pod.exec(
+            "python3",
+            [
+                "-c",
+                "import socket,sys; s=socket.socket(); \
+                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, int(sys.argv[3])); \
+                 s.settimeout(1.5); s.connect((sys.argv[1], int(sys.argv[2])))",
+                &b.ip().to_string(),
+                &port,
+                ttl,
+            ],
+        )?;
+        Ok(out.status.success())
+    };
+    assert!(!with_ttl(&a, "1")?, "a TTL of 1 does not cross the router");
+    assert!(with_ttl(&a, "2")?, "a TTL of 2 does");
+    assert!(with_ttl(&c, "1")?, "same node: no router");
+    drop(listener);
+    Ok(())
+}

@@ -3,7 +3,8 @@
 //! CONNECT as HBONE speaks it): a TCP connection to the routed cluster is
 //! opened, the request answered 200 once it is up (503 when it cannot be),
 //! and the stream's bytes are then copied both ways, each side's end passed
-//! on as the other's half-close. An internal-address cluster gets the
+//! on as the other's half-close (but an HTTP/1 downstream's end closes the
+//! tunnel, as in Envoy). An internal-address cluster gets the
 //! filter state the request shares with upstream. Also
 //! `envoy.filters.http.set_filter_state`, which fills that state.
 
@@ -89,6 +90,10 @@ pub(super) async fn terminate(
             return (local_reply(r), "UF", upstream);
         }
     };
+    // Envoy's HTTP/1 codec knows no half-close: the downstream's end closes
+    // its connection, and the tunnel with it. HTTP/2 ends a stream's
+    // direction with END_STREAM, passed on as the upstream's half-close.
+    let http1 = req.version() < http::Version::HTTP_2;
     let on_upgrade = hyper::upgrade::on(&mut req);
     // The tunnel outlives the response: it counts as a stream of the
     // connection until its bytes are done.
@@ -99,7 +104,10 @@ pub(super) async fn terminate(
             tracing::debug!("CONNECT stream ended before it was upgraded");
             return;
         };
-        let mut down = TokioIo::new(down);
+        let mut down = EndCloses {
+            io: TokioIo::new(down),
+            closes: http1,
+        };
         let mut up = up;
         match crate::tcp::copy_bidirectional(&mut down, &mut up).await {
             Ok((rx, tx)) => {
@@ -109,4 +117,55 @@ pub(super) async fn terminate(
         }
     });
     (Response::new(body::empty()), "", upstream)
+}
+
+/// A tunnel's downstream whose end, when `closes`, is an error rather than
+/// a half-close: the copy stops and both sides are closed.
+struct EndCloses<T> {
+    io: T,
+    closes: bool,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EndCloses<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let closes = self.closes;
+        match std::pin::Pin::new(&mut self.io).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) if closes && buf.filled().len() == before => {
+                std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the HTTP/1 downstream closed its connection",
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EndCloses<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
