@@ -177,7 +177,7 @@ fn transport_for<'a>(
     c.transport_socket_matches
         .iter()
         .find(|m| m.criteria.iter().all(|kv| metadata.contains(kv)))
-        .map_or((c.tls.as_ref(), c.internal_upstream), |m| {
+        .map_or((c.tls.as_deref(), c.internal_upstream), |m| {
             (m.tls.as_ref(), m.internal_upstream)
         })
 }
@@ -365,7 +365,7 @@ impl ClusterRt {
             )),
             cfg,
         };
-        rt.pool_settings = std::iter::once((rt.cfg.tls.as_ref(), rt.cfg.internal_upstream))
+        rt.pool_settings = std::iter::once((rt.cfg.tls.as_deref(), rt.cfg.internal_upstream))
             .chain(
                 rt.cfg
                     .transport_socket_matches
@@ -590,13 +590,13 @@ pub struct ClusterShared {
 impl ClusterShared {
     fn new(cfg: &Cluster, stats: &Stats, traffic: Counter, tls: &Arc<TlsContexts>) -> Arc<Self> {
         let detector = cfg.outlier_detection.as_ref().map(|o| {
-            let d = Detector::new(o.clone(), stats, &cfg.name);
+            let d = Detector::new((**o).clone(), stats, &cfg.name);
             d.start();
             d
         });
         let health = cfg.health_check.as_ref().map(|h| {
             HealthChecker::new(
-                h.clone(),
+                (**h).clone(),
                 stats,
                 &cfg.name,
                 traffic,
@@ -1941,11 +1941,11 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             lb_policy: LbPolicy::RoundRobin,
             lb: LbConfig::default(),
-            outlier_detection: Some(OutlierDetection {
+            outlier_detection: Some(Box::new(OutlierDetection {
                 consecutive_5xx: 2,
                 max_ejection_percent: 100,
                 ..OutlierDetection::default()
-            }),
+            })),
             circuit_breakers: ferry_model::cluster::CircuitBreakers {
                 default: Thresholds {
                     max_requests: 2,
@@ -2120,7 +2120,7 @@ mod tests {
                     })
                     .collect(),
             ));
-            c.health_check = Some(http_check(2, 2));
+            c.health_check = Some(Box::new(http_check(2, 2)));
             c.ignore_health_on_host_removal = removal_ignored;
             Arc::new(c)
         };

@@ -370,6 +370,7 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
             convert::cluster(cluster, &mut warnings)
                 .map_err(|e| e.to_string())?
                 .tls
+                .map(|t| *t)
         }
         None => None,
     };

@@ -301,7 +301,7 @@ impl Store {
                     .iter()
                     .chain(base.clusters.values())
                     .flat_map(|c| {
-                        c.tls.iter().chain(
+                        c.tls.as_deref().into_iter().chain(
                             c.transport_socket_matches
                                 .iter()
                                 .filter_map(|t| t.tls.as_ref()),
@@ -474,7 +474,8 @@ fn rds_names(l: &m::Listener) -> Vec<String> {
 fn cluster_sds_names(c: &m::Cluster) -> Vec<String> {
     ferry_tls::sds_names(
         c.tls
-            .iter()
+            .as_deref()
+            .into_iter()
             .chain(
                 c.transport_socket_matches
                     .iter()
