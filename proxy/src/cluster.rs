@@ -660,7 +660,8 @@ fn acquire(count: &Arc<AtomicU32>, max: u32) -> Option<Slot> {
 
 impl Breakers {
     fn new(thresholds: Thresholds, stats: &Stats, cluster: &str) -> Self {
-        let c = |n: &str| stats.counter(&format!("cluster.{cluster}.{n}"));
+        let prefix: Arc<str> = Arc::from(format!("cluster.{cluster}."));
+        let c = |n: &'static str| stats.counter_in(&prefix, n);
         let b = Self {
             thresholds,
             requests: Arc::default(),
