@@ -148,6 +148,7 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         clusters,
         routes: HashMap::new(),
         secrets,
+        ..Default::default()
     };
     if ads.is_none() {
         // Without xDS, every secret named must be a static one.
