@@ -182,7 +182,8 @@ def synced(status_port: int) -> tuple[bool, int]:
 
 
 def eds_status(status_port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/debug/syncz", timeout=2) as r:
+    # The server answers late while it reloads a 10k dump on a busy machine.
+    with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/debug/syncz", timeout=30) as r:
         streams = json.load(r)
     return streams[-1]["types"].get(TYPES[1], {}) if streams else {}
 

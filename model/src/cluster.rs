@@ -11,8 +11,11 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     /// The policy's settings (`*_lb_config`, `common_lb_config`).
     pub lb: LbConfig,
-    /// `outlier_detection`; `None`: endpoints are never ejected.
-    pub outlier_detection: Option<OutlierDetection>,
+    /// `outlier_detection`; `None`: endpoints are never ejected. Boxed, as
+    /// is the health check: a cluster model is held twice per EDS cluster
+    /// (as received and with its endpoints), by the ten thousand in a large
+    /// mesh, and most clusters have neither.
+    pub outlier_detection: Option<Box<OutlierDetection>>,
     /// `circuit_breakers.thresholds` by routing priority.
     pub circuit_breakers: CircuitBreakers,
     /// HTTP/2 `max_concurrent_streams` upstream (Envoy's default 2^31 - 1).
@@ -25,8 +28,9 @@ pub struct Cluster {
     /// Istio binds inbound passthrough to 127.0.0.6 so that the pod's own
     /// redirect rules let it through to the app.
     pub bind_source: Option<std::net::IpAddr>,
-    /// TLS origination (`UpstreamTlsContext`); `None`: plaintext.
-    pub tls: Option<crate::tls::UpstreamTls>,
+    /// TLS origination (`UpstreamTlsContext`); `None`: plaintext (Istio's
+    /// outbound clusters choose per endpoint, in `transport_socket_matches`).
+    pub tls: Option<Box<crate::tls::UpstreamTls>>,
     /// Per-endpoint transport choice (Istio: mTLS to endpoints labelled
     /// `tlsMode: istio`, plaintext to the others); the first match wins,
     /// then `tls`.
@@ -57,7 +61,7 @@ pub struct Cluster {
     /// `health_checks` (at most one): active health checking of every
     /// endpoint; `None`: hosts are healthy unless EDS or outlier detection
     /// says otherwise.
-    pub health_check: Option<crate::health_check::HealthCheck>,
+    pub health_check: Option<Box<crate::health_check::HealthCheck>>,
     /// `ignore_health_on_host_removal`: a host discovery removed leaves at
     /// once, instead of staying while its active health check passes.
     pub ignore_health_on_host_removal: bool,

@@ -62,6 +62,22 @@ pub struct Snapshot {
     /// by SDS. A new version of a secret is a new `Arc`, which is how the
     /// data path notices a rotation.
     pub secrets: HashMap<String, Arc<tls::Secret>>,
+    /// This snapshot's number among those the process assembled (0: not
+    /// numbered, e.g. a bootstrap's).
+    pub serial: u64,
+    /// The clusters in which this snapshot differs from the one numbered
+    /// `after`, when it was assembled from that one: the runtime then
+    /// rebuilds only those. `None`: compare every cluster.
+    pub cluster_changes: Option<ClusterChanges>,
+}
+
+/// Which clusters of a snapshot differ from its predecessor's (added,
+/// changed or removed); every other cluster is the same `Arc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterChanges {
+    /// The [`Snapshot::serial`] of the predecessor.
+    pub after: u64,
+    pub names: Vec<String>,
 }
 
 impl Snapshot {

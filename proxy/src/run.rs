@@ -431,6 +431,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         clusters: bootstrap.snapshot.clusters.clone(),
         routes: bootstrap.snapshot.routes.clone(),
         secrets: bootstrap.snapshot.secrets.clone(),
+        ..Default::default()
     });
     let admin_addr = opts
         .admin_addr
@@ -637,10 +638,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 while rx.changed().await.is_ok() {
                     let snap = rx.borrow_and_update().clone();
                     if let Some(snap) = snap {
+                        // A configuration that changed a few clusters
+                        // frees little: the forced collection (which walks
+                        // the whole heap) is for the large ones.
+                        let small = snap
+                            .cluster_changes
+                            .as_ref()
+                            .is_some_and(|c| c.names.len() < 100);
                         for (name, e) in apply_rt.apply(snap) {
                             tracing::error!(listener.name = %name, error = %e, "listener could not be started");
                         }
-                        release_free_memory();
+                        if !small {
+                            release_free_memory();
+                        }
                         if !apply_rt.ready.swap(true, Ordering::AcqRel) {
                             tracing::info!("first configuration from xDS applied; ready");
                             release_startup_pages();

@@ -47,9 +47,78 @@ impl Drop for GaugeGuard {
 /// capacity).
 pub type GaugeFn = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// A counter's name: whole, or a shared prefix (a cluster's
+/// `cluster.<name>.`) and a fixed suffix, so that the counters of ten
+/// thousand clusters do not each hold a copy of their cluster's name. Names
+/// compare as the strings they spell, whichever the form.
+#[derive(Debug, Clone)]
+enum StatName {
+    Whole(Box<str>),
+    Split(Arc<str>, &'static str),
+}
+
+impl StatName {
+    fn parts(&self) -> (&str, &str) {
+        match self {
+            StatName::Whole(n) => (n, ""),
+            StatName::Split(prefix, suffix) => (prefix, suffix),
+        }
+    }
+
+    fn to_text(&self) -> String {
+        let (a, b) = self.parts();
+        let mut s = String::with_capacity(a.len() + b.len());
+        s.push_str(a);
+        s.push_str(b);
+        s
+    }
+}
+
+impl Ord for StatName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        let ((a0, a1), (b0, b1)) = (self.parts(), other.parts());
+        let (mut a, mut a_next) = (a0.as_bytes(), a1.as_bytes());
+        let (mut b, mut b_next) = (b0.as_bytes(), b1.as_bytes());
+        loop {
+            if a.is_empty() {
+                a = std::mem::take(&mut a_next);
+            }
+            if b.is_empty() {
+                b = std::mem::take(&mut b_next);
+            }
+            match (a.is_empty(), b.is_empty()) {
+                (true, true) => return Ordering::Equal,
+                (true, false) => return Ordering::Less,
+                (false, true) => return Ordering::Greater,
+                (false, false) => {}
+            }
+            let n = a.len().min(b.len());
+            match a[..n].cmp(&b[..n]) {
+                Ordering::Equal => (a, b) = (&a[n..], &b[n..]),
+                o => return o,
+            }
+        }
+    }
+}
+
+impl PartialOrd for StatName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for StatName {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for StatName {}
+
 #[derive(Default)]
 pub struct Stats {
-    counters: Mutex<BTreeMap<String, Counter>>,
+    counters: Mutex<BTreeMap<StatName, Counter>>,
     gauges: Mutex<BTreeMap<String, Gauge>>,
     computed: Mutex<BTreeMap<String, GaugeFn>>,
 }
@@ -64,7 +133,16 @@ impl Stats {
     /// The counter of that name, created on first use.
     pub fn counter(&self, name: &str) -> Counter {
         let mut m = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(name.to_string()).or_default().clone()
+        m.entry(StatName::Whole(name.into())).or_default().clone()
+    }
+
+    /// The counter named `prefix` then `suffix`, created on first use with
+    /// the prefix shared rather than copied.
+    pub fn counter_in(&self, prefix: &Arc<str>, suffix: &'static str) -> Counter {
+        let mut m = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(StatName::Split(prefix.clone(), suffix))
+            .or_default()
+            .clone()
     }
 
     pub fn gauge(&self, name: &str) -> Gauge {
@@ -94,7 +172,7 @@ impl Stats {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, v)| (k.clone(), v.get()))
+            .map(|(k, v)| (k.to_text(), v.get()))
             .collect();
         out.extend(
             self.gauges
@@ -115,7 +193,7 @@ impl Stats {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, v)| (k.clone(), v.get(), false))
+            .map(|(k, v)| (k.to_text(), v.get(), false))
             .collect();
         out.extend(
             self.gauges
@@ -265,7 +343,8 @@ pub struct ClusterStats {
 
 impl ClusterStats {
     pub fn new(stats: &Stats, cluster: &str) -> Self {
-        let c = |n: &str| stats.counter(&format!("cluster.{cluster}.{n}"));
+        let prefix: Arc<str> = Arc::from(format!("cluster.{cluster}."));
+        let c = |n: &'static str| stats.counter_in(&prefix, n);
         Self {
             upstream_cx_total: c("upstream_cx_total"),
             upstream_cx_connect_fail: c("upstream_cx_connect_fail"),
@@ -347,6 +426,35 @@ mod tests {
         assert!(
             s.render_text()
                 .contains("http.ingress.downstream_rq_active: 0\n")
+        );
+    }
+
+    #[test]
+    fn a_counter_under_a_shared_prefix_is_the_one_of_its_whole_name() {
+        let s = Stats::default();
+        let prefix: Arc<str> = Arc::from("cluster.b.");
+        s.counter_in(&prefix, "upstream_rq_total").inc();
+        s.counter("cluster.b.upstream_rq_total").inc();
+        s.counter("cluster.a.upstream_rq_total").inc();
+        s.counter("cluster.b.").inc();
+        s.counter("cluster.b.upstream_rq_totals").inc();
+        let c = ClusterStats::new(&s, "b");
+        c.upstream_rq_total.inc();
+        let names: Vec<(String, u64)> = s
+            .snapshot()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".") || n.contains("upstream_rq_total"))
+            .collect();
+        let want = [
+            ("cluster.a.upstream_rq_total", 1),
+            ("cluster.b.", 1),
+            ("cluster.b.upstream_rq_total", 3),
+            ("cluster.b.upstream_rq_totals", 1),
+        ];
+        assert_eq!(
+            names,
+            want.map(|(n, v)| (n.to_string(), v)).to_vec(),
+            "one counter per spelled name, in the order of the names"
         );
     }
 }

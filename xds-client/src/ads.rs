@@ -284,7 +284,9 @@ impl Client {
         let mut errors = Vec::new();
         // Names of rejected resources: their previous version stays.
         let mut rejected = BTreeSet::new();
-        for (name_hint, res_version, any) in &upserts {
+        // The resources are taken by value: their encoded form moves into
+        // the store rather than being copied.
+        for (name_hint, res_version, any) in upserts {
             // A resource sent again unchanged (state-of-the-world responses
             // repeat every resource of their type) keeps what it converted
             // to: no second conversion, and the snapshot shares it, so
@@ -302,13 +304,13 @@ impl Client {
                 {
                     let p = e.parsed.clone();
                     drop(st);
-                    parsed.push((name, res_version.clone(), any.value.clone(), p));
+                    parsed.push((name, res_version, any.value, p));
                     continue;
                 }
             }
-            match store::parse(type_url, any, &mut warnings) {
+            match store::parse(type_url, &any, &mut warnings) {
                 Ok((name, p)) => {
-                    if let Some(hint) = name_hint
+                    if let Some(hint) = &name_hint
                         && *hint != name
                     {
                         errors.push(format!("resource {hint:?}: its name is {name:?}"));
@@ -331,11 +333,11 @@ impl Client {
                             continue;
                         }
                     }
-                    parsed.push((name, res_version.clone(), any.value.clone(), p));
+                    parsed.push((name, res_version, any.value, p));
                 }
                 Err((name, e)) => {
                     errors.push(e.to_string());
-                    rejected.extend(name.or_else(|| name_hint.clone()));
+                    rejected.extend(name.or(name_hint));
                 }
             }
         }
@@ -476,6 +478,7 @@ impl Client {
             clusters: b.clusters.clone(),
             routes: b.routes.clone(),
             secrets,
+            ..Default::default()
         });
     }
 
@@ -618,7 +621,7 @@ impl Client {
 
     async fn on_sotw(
         &mut self,
-        resp: DiscoveryResponse,
+        mut resp: DiscoveryResponse,
         tx: &mpsc::Sender<DiscoveryRequest>,
         subs: &mut HashMap<&'static str, Subscription>,
     ) -> Option<Instant> {
@@ -639,10 +642,9 @@ impl Client {
         // LDS and CDS responses are the complete set; RDS and EDS name what
         // they carry.
         let full = matches!(type_url, LISTENER | CLUSTER);
-        let upserts = resp
-            .resources
-            .iter()
-            .map(|a| (None, resp.version_info.clone(), a.clone()))
+        let upserts = std::mem::take(&mut resp.resources)
+            .into_iter()
+            .map(|a| (None, resp.version_info.clone(), a))
             .collect();
         let applied = self.apply(type_url, upserts, Vec::new(), full, &resp.version_info);
         let sub = subs.entry(type_url).or_default();
@@ -766,7 +768,7 @@ impl Client {
 
     async fn on_delta(
         &mut self,
-        resp: DeltaDiscoveryResponse,
+        mut resp: DeltaDiscoveryResponse,
         tx: &mpsc::Sender<DeltaDiscoveryRequest>,
         subs: &mut HashMap<&'static str, BTreeSet<String>>,
     ) -> Option<Instant> {
@@ -786,9 +788,9 @@ impl Client {
             return None;
         };
         let mut upserts = Vec::with_capacity(resp.resources.len());
-        for r in &resp.resources {
-            match &r.resource {
-                Some(any) => upserts.push((Some(r.name.clone()), r.version.clone(), any.clone())),
+        for r in std::mem::take(&mut resp.resources) {
+            match r.resource {
+                Some(any) => upserts.push((Some(r.name), r.version, any)),
                 None => {
                     let _ = tx
                         .send(nack(

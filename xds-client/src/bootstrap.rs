@@ -148,6 +148,7 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         clusters,
         routes: HashMap::new(),
         secrets,
+        ..Default::default()
     };
     if ads.is_none() {
         // Without xDS, every secret named must be a static one.
@@ -370,6 +371,7 @@ fn ads_config(proto: &bootstrap_pb::Bootstrap) -> Result<Option<crate::ads::AdsC
             convert::cluster(cluster, &mut warnings)
                 .map_err(|e| e.to_string())?
                 .tls
+                .map(|t| *t)
         }
         None => None,
     };

@@ -99,7 +99,7 @@ fn cluster_settings_are_converted() {
             ..LbConfig::default()
         }
     );
-    let od = c.outlier_detection.clone().unwrap();
+    let od = *c.outlier_detection.clone().unwrap();
     assert_eq!(
         od,
         OutlierDetection {

@@ -518,7 +518,7 @@ pub fn cluster(
         name: name.clone(),
         kind,
         bind_source,
-        tls,
+        tls: tls.map(Box::new),
         internal_upstream,
         transport_socket_matches: socket_matches,
         connect_timeout: duration(connect_timeout).unwrap_or(Duration::from_secs(5)),
@@ -529,7 +529,7 @@ pub fn cluster(
         lb,
         outlier_detection: od
             .as_ref()
-            .map(|o| outlier_detection(&ctx, "outlier_detection", o))
+            .map(|o| outlier_detection(&ctx, "outlier_detection", o).map(Box::new))
             .transpose()?,
         circuit_breakers: circuit_breakers(&mut ctx, "circuit_breakers", cb.as_ref())?,
         max_concurrent_streams: options.max_concurrent_streams,
@@ -543,7 +543,7 @@ pub fn cluster(
             refresh_rate,
         },
         ignore_health_on_host_removal: *ignore_health_on_host_removal,
-        health_check,
+        health_check: health_check.map(Box::new),
     })
 }
 

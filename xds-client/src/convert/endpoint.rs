@@ -273,6 +273,9 @@ pub(super) fn endpoints(
     // Every priority is kept: the balancer fails over from one level to the
     // next as the healthy share of the preferred ones shrinks.
     out.sort_by_key(|e| e.priority);
+    // Held as long as the assignment, by the hundred thousand in a large
+    // mesh: no room left over from growing it.
+    out.shrink_to_fit();
     Ok(out)
 }
 
