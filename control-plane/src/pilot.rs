@@ -2,7 +2,9 @@
 //! galley does, translated per proxy as istiod does, served over ADS. Each
 //! proxy gets a cache of its own, computed when it connects (its node names
 //! its namespace, labels and service account) and recomputed on every
-//! accepted change of the source. A change with errors is refused with the
+//! accepted change of the source; a type whose resources come out the same
+//! is not pushed again, and the caches share one copy of every encoded
+//! resource equal across proxies. A change with errors is refused with the
 //! validation messages and the last good configuration keeps serving.
 
 use std::collections::HashMap;
@@ -14,7 +16,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use crate::istio::source::{Snapshot, Source};
 use crate::istio::translate::{Mesh, MeshOptions, Proxy, ProxyConfig, credentials};
 use crate::istio::validate::{self, Severity};
-use crate::xds::{CLUSTER, Cache, ENDPOINT, LISTENER, ROUTE, SECRET, to_any};
+use crate::xds::{CLUSTER, Cache, ENDPOINT, Interner, LISTENER, ROUTE, SECRET, to_any};
 
 /// The secrets `default` (certificate and key) and `ROOTCA` (the root), as
 /// SDS resources.
@@ -108,26 +110,29 @@ pub struct Pilot {
     /// Where each node connected from, with its cache: whose certificate
     /// it may have.
     peers: Mutex<HashMap<String, Peer>>,
+    /// Shares equal encoded resources between the proxies' caches.
+    interner: Interner,
 }
 
 fn fill(cache: &Cache, cfg: &ProxyConfig) {
     // Clusters and endpoints before listeners and routes, as the proxy
-    // wants them.
-    cache.set(
+    // wants them; a type that did not change is left alone, so that an
+    // endpoint change pushes endpoints only.
+    cache.replace(
         CLUSTER,
         cfg.clusters.iter().map(|c| (c.name.clone(), to_any(c))),
     );
-    cache.set(
+    cache.replace(
         ENDPOINT,
         cfg.endpoints
             .iter()
             .map(|e| (e.cluster_name.clone(), to_any(e))),
     );
-    cache.set(
+    cache.replace(
         LISTENER,
         cfg.listeners.iter().map(|l| (l.name.clone(), to_any(l))),
     );
-    cache.set(
+    cache.replace(
         ROUTE,
         cfg.routes.iter().map(|r| (r.name.clone(), to_any(r))),
     );
@@ -154,7 +159,7 @@ fn fill(cache: &Cache, cfg: &ProxyConfig) {
     }
     // NDS: one unnamed resource, as istiod sends it.
     if let Some(nt) = &cfg.name_table {
-        cache.set(
+        cache.replace(
             ferry_envoy_json::istio_nds::NAME_TABLE_TYPE,
             [(
                 String::new(),
@@ -179,6 +184,7 @@ impl Pilot {
             options,
             ca: std::sync::OnceLock::new(),
             peers: Mutex::new(HashMap::new()),
+            interner: Interner::new(),
         })
     }
 
@@ -287,7 +293,7 @@ impl Pilot {
         if let Some((_, cache)) = st.proxies.get(&node.id) {
             return cache.clone();
         }
-        let cache = Cache::new();
+        let cache = Cache::with_interner(self.interner.clone());
         match Proxy::from_node(node) {
             Ok(mut proxy) => {
                 st.mesh.complete_proxy(&mut proxy);

@@ -2,12 +2,16 @@
 //! name, each with its own version (a short hash of its encoded bytes), and a
 //! type version (`v1`, `v2`, …) bumped by every change. A change wakes every
 //! stream, which then compares versions and pushes what its subscriptions need.
+//! Caches made [`Cache::with_interner`] share the encodings equal across
+//! them (one copy for every proxy sent the same cluster).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::watch;
+
+use super::intern::Interner;
 
 /// One cached resource: its version and its encoding.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,6 +55,7 @@ struct Shared {
     types: Mutex<HashMap<String, TypeSnapshot>>,
     /// Bumped after every change; streams wait on it.
     changes: watch::Sender<u64>,
+    interner: Option<Interner>,
 }
 
 impl Default for Cache {
@@ -61,10 +66,21 @@ impl Default for Cache {
 
 impl Cache {
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// A cache whose resources are shared, through `interner`, with every
+    /// other cache of the same interner that holds equal ones.
+    pub fn with_interner(interner: Interner) -> Self {
+        Self::build(Some(interner))
+    }
+
+    fn build(interner: Option<Interner>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 types: Mutex::new(HashMap::new()),
                 changes: watch::Sender::new(0),
+                interner,
             }),
         }
     }
@@ -78,8 +94,42 @@ impl Cache {
     ) -> String {
         let map: BTreeMap<String, CachedResource> = resources
             .into_iter()
-            .map(|(name, any)| (name, cached(any)))
+            .map(|(name, any)| (name, self.cached(any)))
             .collect();
+        self.update(type_url, |current| *current = map)
+    }
+
+    /// As [`Cache::set`], but when every resource is what the cache holds
+    /// already (same names, same versions) nothing changes: no new type
+    /// version and no wake-up, so no stream pushes it again. Returns the
+    /// type version either way.
+    pub fn replace(
+        &self,
+        type_url: &str,
+        resources: impl IntoIterator<Item = (String, Any)>,
+    ) -> String {
+        let map: BTreeMap<String, CachedResource> = resources
+            .into_iter()
+            .map(|(name, any)| (name, self.cached(any)))
+            .collect();
+        {
+            let types = self
+                .shared
+                .types
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(current) = types.get(type_url)
+                && current.counter > 0
+                && current.resources.len() == map.len()
+                && current
+                    .resources
+                    .iter()
+                    .zip(map.iter())
+                    .all(|((n1, r1), (n2, r2))| n1 == n2 && r1.version == r2.version)
+            {
+                return current.version.clone();
+            }
+        }
         self.update(type_url, |current| *current = map)
     }
 
@@ -93,7 +143,7 @@ impl Cache {
     ) -> String {
         let upserts: Vec<(String, CachedResource)> = upserts
             .into_iter()
-            .map(|(name, any)| (name, cached(any)))
+            .map(|(name, any)| (name, self.cached(any)))
             .collect();
         let removals: Vec<String> = removals.into_iter().collect();
         self.update(type_url, |current| {
@@ -170,10 +220,16 @@ impl Cache {
     }
 }
 
-fn cached(any: Any) -> CachedResource {
-    CachedResource {
-        version: resource_version(&any),
-        any: Arc::new(any),
+impl Cache {
+    fn cached(&self, any: Any) -> CachedResource {
+        let hash = content_hash(&any);
+        CachedResource {
+            version: format!("{hash:016x}"),
+            any: match &self.shared.interner {
+                Some(i) => i.intern(hash, any),
+                None => Arc::new(any),
+            },
+        }
     }
 }
 
@@ -181,6 +237,10 @@ fn cached(any: Any) -> CachedResource {
 /// value, as 16 hex digits. Stable across builds and restarts, unlike
 /// `std`'s hasher.
 pub fn resource_version(any: &Any) -> String {
+    format!("{:016x}", content_hash(any))
+}
+
+fn content_hash(any: &Any) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0100_0000_01b3;
     let mut h = OFFSET;
@@ -194,7 +254,7 @@ pub fn resource_version(any: &Any) -> String {
         h ^= u64::from(*b);
         h = h.wrapping_mul(PRIME);
     }
-    format!("{h:016x}")
+    h
 }
 
 /// Packs a message into an `Any` with its canonical type URL.
@@ -247,5 +307,37 @@ mod tests {
         assert_eq!(cache.set(url, [cluster("a", 1)]), "v3");
         assert_eq!(cache.snapshot(url).resources["a"].version, a1);
         assert_eq!(cache.type_urls(), vec![url.to_string()]);
+    }
+
+    #[test]
+    fn replace_leaves_an_unchanged_type_alone() {
+        let cache = Cache::new();
+        let url = crate::xds::CLUSTER;
+        assert_eq!(cache.replace(url, []), "v1", "a first replace always sets");
+        assert_eq!(cache.replace(url, [cluster("a", 1)]), "v2");
+        let mut changes = cache.changes();
+        changes.mark_unchanged();
+        assert_eq!(cache.replace(url, [cluster("a", 1)]), "v2");
+        assert!(!changes.has_changed().unwrap(), "no wake-up");
+        assert_eq!(cache.replace(url, [cluster("a", 2)]), "v3");
+        assert_eq!(cache.replace(url, [cluster("a", 2), cluster("b", 1)]), "v4");
+        assert_eq!(cache.replace(url, [cluster("b", 1)]), "v5");
+    }
+
+    #[test]
+    fn caches_of_one_interner_share_equal_resources() {
+        let interner = Interner::new();
+        let (one, two) = (
+            Cache::with_interner(interner.clone()),
+            Cache::with_interner(interner.clone()),
+        );
+        let url = crate::xds::CLUSTER;
+        one.set(url, [cluster("a", 1), cluster("b", 1)]);
+        two.set(url, [cluster("a", 1), cluster("b", 2)]);
+        let (s1, s2) = (one.snapshot(url), two.snapshot(url));
+        assert!(Arc::ptr_eq(&s1.resources["a"].any, &s2.resources["a"].any));
+        assert!(!Arc::ptr_eq(&s1.resources["b"].any, &s2.resources["b"].any));
+        assert_eq!(s2.resources["b"].any.value, cluster("b", 2).1.value);
+        assert_eq!(interner.len(), 3);
     }
 }

@@ -6,11 +6,13 @@
 mod cache;
 mod delta;
 pub mod http;
+mod intern;
 mod server;
 mod sotw;
 mod status;
 
 pub use cache::{Cache, CachedResource, TypeSnapshot, resource_version, to_any};
+pub use intern::Interner;
 pub use server::{AdsService, CacheResolver, Server, ServerTls};
 pub use status::{Nack, Protocol, ProxyStatus, SyncState, TypeStatus};
 
