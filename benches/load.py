@@ -377,6 +377,21 @@ def http_listener(name: str, port: int, cluster: str, observed: bool = False) ->
 ISTIO_HOST = "reviews.default.svc.cluster.local"
 
 
+def tcp_listener(name: str, port: int, cluster: str) -> str:
+    return f"""\
+  - name: {name}
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}
+"""
+
+
 def istio_listener(name: str, port: int, cluster: str) -> str:
     """An HTTP listener whose route table looks like what istiod makes of a
     VirtualService with 20 matches: header, prefix and regex matches tried in
@@ -570,17 +585,8 @@ def hbone_listeners(ports: Ports, certs: Certs, backend_http: int, backend_echo:
     )
     return (
         http_listener("hbone_out", ports.hbone_out, "hbone_service")
+        + tcp_listener("hbone_tcp", ports.hbone_tcp, "hbone_service_tcp")
         + f"""\
-  - name: hbone_tcp
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {ports.hbone_tcp} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: hbone_tcp
-          cluster: hbone_service_tcp
   - name: connect_originate
     internal_listener: {{}}
     use_original_dst: false
@@ -806,17 +812,8 @@ static_resources:
         + istio_listener("istio20", ports.istio20, "backend")
         + mtls_listeners(ports, certs)
         + (hbone_listeners(ports, certs, backend_http, backend_echo) if hbone else "")
-        + f"""\
-  - name: tcp
-    address:
-      socket_address: {{ address: 127.0.0.1, port_value: {ports.tcp} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: tcp
-          cluster: backend_tcp
+        + tcp_listener("tcp", ports.tcp, "backend_tcp")
+        + """\
   clusters:
 """
         + static_cluster("backend", backend_http)

@@ -95,6 +95,34 @@ impl Drop for IstioMesh {
 
 /// An Envoy v3 bootstrap for a sidecar of `w` at `ip`: node metadata as
 /// Istio's injector sets it, ADS and SDS from ferry-pilot.
+/// `ferry-pilot serve` in `pod` on its ADS port 15010 with the configuration
+/// directory `config`, returned once it listens.
+pub fn serve_pilot(pod: &Pod, config: &Path) -> Result<Proc> {
+    let pilot = pod
+        .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
+        .args(["serve", "--listen", "0.0.0.0:15010", "--config"])
+        .arg(config)
+        .label("pilot")
+        .spawn()?;
+    if let Err(e) = pod.wait_port(15010, Duration::from_secs(30)) {
+        bail!("{e}: {}", pilot.logs().stderr);
+    }
+    Ok(pilot)
+}
+
+/// `ferry sidecar` in `pod` on the bootstrap `boot`, as its own agent
+/// (`--ca-addr` to ferry-pilot at `pilot`), as the proxy's uid 1337: the
+/// caller adds what else it needs and spawns it.
+pub fn agent_sidecar(pod: &Pod, boot: &Path, pilot: Ipv4Addr) -> netns::PodCommand {
+    pod.cmd(ferry_bin())
+        .args(["sidecar", "--concurrency", "1", "--status-addr", "off"])
+        .arg("--ca-addr")
+        .arg(format!("{pilot}:15010"))
+        .arg("--config")
+        .arg(boot)
+        .as_uid(1337)
+}
+
 pub fn bootstrap(w: &Workload, ip: Ipv4Addr, pilot: Ipv4Addr) -> String {
     let Workload {
         name,

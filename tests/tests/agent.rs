@@ -190,13 +190,7 @@ fn bed() -> Result<Option<Bed>> {
         serde_yaml_ng::to_string(&running)?
     );
     std::fs::write(cfg.join("objects.yaml"), objects)?;
-    let pilot = istiod
-        .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
-        .args(["serve", "--listen", "0.0.0.0:15010", "--config"])
-        .arg(&cfg)
-        .label("pilot")
-        .spawn()?;
-    istiod.wait_port(15010, Duration::from_secs(30))?;
+    let pilot = ferry_tests::istio::serve_pilot(&istiod, &cfg)?;
     // The app's HTTPS port: a self-signed certificate nobody verifies.
     let cert =
         ferry_tests::pki::Leaf::self_signed("spiffe://cluster.local/ns/default/sa/web", &["web"])?;

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferry_tests::istio::{App, Workload, bootstrap};
-use ferry_tests::netns::{self, Mesh, Pod, ferry_bin, workspace_bin};
+use ferry_tests::istio::{App, Workload, agent_sidecar, bootstrap, serve_pilot};
+use ferry_tests::netns::{self, Mesh, Pod};
 use ferry_tests::pki::Ca;
 use serde_yaml_ng::Value;
 
@@ -158,13 +158,7 @@ fn file_mounted_secrets_are_read_and_followed_by_the_in_process_agent() -> Resul
     }
     let _cleanup = Cleanup(dir.clone());
     std::fs::write(cfg.join("objects.yaml"), objects(web.ip()))?;
-    let pilot = istiod
-        .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
-        .args(["serve", "--listen", "0.0.0.0:15010", "--config"])
-        .arg(&cfg)
-        .label("pilot")
-        .spawn()?;
-    istiod.wait_port(15010, Duration::from_secs(30))?;
+    let pilot = serve_pilot(&istiod, &cfg)?;
 
     // The server's CA (what clients trust) and the client CA the mounted
     // root names; a client certificate from each of the two.
@@ -197,15 +191,8 @@ fn file_mounted_secrets_are_read_and_followed_by_the_in_process_agent() -> Resul
         with_file_listener(&bootstrap(&w, web.ip(), istiod.ip()), &certs)?,
     )?;
     std::fs::set_permissions(&boot, std::fs::Permissions::from_mode(0o644))?;
-    let sidecar = web
-        .cmd(ferry_bin())
-        .args(["sidecar", "--concurrency", "1", "--status-addr", "off"])
-        .arg("--ca-addr")
-        .arg(format!("{}:15010", istiod.ip()))
-        .arg("--config")
-        .arg(&boot)
+    let sidecar = agent_sidecar(&web, &boot, istiod.ip())
         .env("POD_NAMESPACE", "default")
-        .as_uid(1337)
         .label("sidecar")
         .spawn()?;
     let diag = || {

@@ -13,8 +13,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use ferry_tests::istio::{App, Workload, bootstrap};
-use ferry_tests::netns::{self, Mesh, Pod, Proc, ferry_bin, workspace_bin};
+use ferry_tests::istio::{App, Workload, agent_sidecar, bootstrap, serve_pilot};
+use ferry_tests::netns::{self, Mesh, Pod, Proc, ferry_bin};
 use ferry_tests::proxy::apps_dir;
 
 const RESOLVER_PORT: u16 = 53;
@@ -73,13 +73,7 @@ fn the_sidecar_answers_the_pods_dns() -> Result<()> {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let cleanup = scopeguard(&dir);
     std::fs::write(cfg.join("objects.yaml"), objects(sleep.ip()))?;
-    let pilot = istiod
-        .cmd(workspace_bin("ferry-pilot", "ferry-pilot"))
-        .args(["serve", "--listen", "0.0.0.0:15010", "--config"])
-        .arg(&cfg)
-        .label("pilot")
-        .spawn()?;
-    istiod.wait_port(15010, Duration::from_secs(30))?;
+    let pilot = serve_pilot(&istiod, &cfg)?;
     // The pod's resolver: answers mesh names wrongly, so an answer that
     // did not come from the sidecar shows.
     let upstream = resolver
@@ -128,18 +122,11 @@ fn the_sidecar_answers_the_pods_dns() -> Result<()> {
     let boot = dir.join("sleep.yaml");
     std::fs::write(&boot, bootstrap(&w, sleep.ip(), istiod.ip()))?;
     std::fs::set_permissions(&boot, std::fs::Permissions::from_mode(0o644))?;
-    let sidecar: Proc = sleep
-        .cmd(ferry_bin())
-        .args(["sidecar", "--concurrency", "1", "--status-addr", "off"])
-        .arg("--ca-addr")
-        .arg(format!("{}:15010", istiod.ip()))
+    let sidecar: Proc = agent_sidecar(&sleep, &boot, istiod.ip())
         .arg("--resolv-conf")
         .arg(&resolv_conf)
-        .arg("--config")
-        .arg(&boot)
         .env("ISTIO_META_DNS_CAPTURE", "true")
         .env("POD_NAMESPACE", "default")
-        .as_uid(1337)
         .label("sidecar")
         .spawn()?;
     sleep.wait_sidecar_ready(&sidecar, Duration::from_secs(30))?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use ferry_tests::istio::{App, Workload, bootstrap, curl};
-use ferry_tests::netns::{self, Mesh, ferry_bin, workspace_bin};
+use ferry_tests::netns::{self, Mesh, workspace_bin};
 use ferry_tests::proxy::apps_dir;
 
 #[test]
@@ -90,15 +90,8 @@ fn a_workload_without_capture_gets_real_listening_ports() -> Result<()> {
     let boot = dir.join("vm.yaml");
     std::fs::write(&boot, bootstrap(&w, vm.ip(), istiod.ip()))?;
     std::fs::set_permissions(&boot, std::fs::Permissions::from_mode(0o644))?;
-    let sidecar = vm
-        .cmd(ferry_bin())
-        .args(["sidecar", "--concurrency", "1", "--status-addr", "off"])
-        .arg("--ca-addr")
-        .arg(format!("{}:15010", istiod.ip()))
-        .arg("--config")
-        .arg(&boot)
+    let sidecar = ferry_tests::istio::agent_sidecar(&vm, &boot, istiod.ip())
         .env("ISTIO_META_INTERCEPTION_MODE", "NONE")
-        .as_uid(1337)
         .label("sidecar")
         .spawn()?;
     vm.wait_sidecar_ready(&sidecar, Duration::from_secs(30))?;
