@@ -117,25 +117,36 @@ pub struct Pilot {
 fn fill(cache: &Cache, cfg: &ProxyConfig) {
     // Clusters and endpoints before listeners and routes, as the proxy
     // wants them; a type that did not change is left alone, so that an
-    // endpoint change pushes endpoints only.
-    cache.replace(
+    // endpoint change pushes endpoints only. But a changed cluster warms in
+    // Envoy until its endpoints come again (a state-of-the-world proxy asks
+    // for them anew and waits for an answer), and a changed listener until
+    // its routes do: with clusters, endpoints go out again, and with
+    // listeners, routes, as istiod pushes them.
+    let before = cache.version(CLUSTER);
+    let clusters_changed = cache.replace(
         CLUSTER,
         cfg.clusters.iter().map(|c| (c.name.clone(), to_any(c))),
-    );
-    cache.replace(
-        ENDPOINT,
-        cfg.endpoints
-            .iter()
-            .map(|e| (e.cluster_name.clone(), to_any(e))),
-    );
-    cache.replace(
+    ) != before;
+    let endpoints = cfg
+        .endpoints
+        .iter()
+        .map(|e| (e.cluster_name.clone(), to_any(e)));
+    if clusters_changed {
+        cache.set(ENDPOINT, endpoints);
+    } else {
+        cache.replace(ENDPOINT, endpoints);
+    }
+    let before = cache.version(LISTENER);
+    let listeners_changed = cache.replace(
         LISTENER,
         cfg.listeners.iter().map(|l| (l.name.clone(), to_any(l))),
-    );
-    cache.replace(
-        ROUTE,
-        cfg.routes.iter().map(|r| (r.name.clone(), to_any(r))),
-    );
+    ) != before;
+    let routes = cfg.routes.iter().map(|r| (r.name.clone(), to_any(r)));
+    if listeners_changed {
+        cache.set(ROUTE, routes);
+    } else {
+        cache.replace(ROUTE, routes);
+    }
     // credentialName secrets, beside the workload's own (`default`,
     // `ROOTCA`), which only the CA side changes.
     let current = cache.snapshot(SECRET);

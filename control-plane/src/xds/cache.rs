@@ -199,7 +199,15 @@ impl Cache {
 
     /// The current version of `type_url` (`v0` if never set).
     pub fn version(&self, type_url: &str) -> String {
-        self.snapshot(type_url).version
+        let types = self
+            .shared
+            .types
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match types.get(type_url) {
+            Some(t) => t.version.clone(),
+            None => TypeSnapshot::empty().version,
+        }
     }
 
     /// Every type URL that has been set, sorted.
