@@ -3,7 +3,7 @@
 //! (initial_resource_versions, removed_resources, subscribe/unsubscribe,
 //! NACK), the status view and its HTTP endpoint.
 
-mod common;
+use crate::common;
 
 use common::*;
 use ferry_pilot::xds::{

@@ -5,7 +5,7 @@
 //! the server's status records with Envoy's error_detail.
 //! Skipped with a notice when Envoy cannot be installed (failed under CI=true).
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

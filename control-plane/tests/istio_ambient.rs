@@ -10,7 +10,7 @@
 //! `connect_terminate`, `main_internal` and RBAC on filter state. Off by
 //! default: nothing changes then. Real Envoy 1.40 must ACK it all.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -6,7 +6,7 @@
 //! AuthorizationPolicies of every action (RBAC and ext_authz filters) on
 //! sidecars and a gateway.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -12,7 +12,7 @@
 
 #![cfg(feature = "kube")]
 
-mod kube_api;
+use crate::kube_api;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -9,7 +9,7 @@
 
 #![cfg(feature = "kube")]
 
-mod kube_api;
+use crate::kube_api;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! out beside this repository), and the static resources of a bootstrap,
 //! through the library and through the `ferry-pilot` binary.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -15,9 +15,9 @@
 
 #![cfg(feature = "kube")]
 
-mod kube_api;
+use crate::kube_api;
 
-mod common;
+use crate::common;
 
 use common::free_addr;
 use std::collections::BTreeMap;
