@@ -10,23 +10,73 @@
 //! finishes what is in flight and closes, TCP gets the drain deadline. A connection can also be told to close now
 //! (a network RBAC re-check denied it): HTTP still finishes the request
 //! in flight, TCP closes at once.
+//!
+//! Two milder steps come before a drain, as Envoy's admin drives them:
+//! listeners may be *stopped* (no new connections, the open ones left
+//! be: `drain_listeners` without `graceful`), and a *drain sequence* may
+//! run (`drain_listeners?graceful`), during which each HTTP response asks
+//! [`Drain::drain_close`] whether its connection should close after it:
+//! at once under the `immediate` strategy, with a chance growing from 0 to
+//! 1 over the drain time under `gradual`, as Envoy's drain manager.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
 /// The states of a drain signal, in order: each only moves forward.
 const RUNNING: u8 = 0;
-const DRAINING: u8 = 1;
-const CLOSING: u8 = 2;
+/// Listeners stop accepting; open connections are left be.
+const STOPPED: u8 = 1;
+const DRAINING: u8 = 2;
+const CLOSING: u8 = 3;
+
+/// How a drain sequence asks HTTP connections to close (Envoy's
+/// `--drain-strategy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Each response closes its connection with a chance of the time
+    /// elapsed over the drain time (Envoy's default).
+    #[default]
+    Gradual,
+    /// Every response closes its connection (what istio-agent asks of Envoy).
+    Immediate,
+}
+
+/// A drain sequence under way at one level.
+struct Sequence {
+    started: Instant,
+    time: Duration,
+    strategy: Strategy,
+}
+
+/// One level's signal and drain sequence.
+struct Level {
+    tx: watch::Sender<u8>,
+    sequence: OnceLock<Sequence>,
+}
+
+impl Level {
+    fn new() -> Arc<Self> {
+        let (tx, _) = watch::channel(RUNNING);
+        Arc::new(Self {
+            tx,
+            sequence: OnceLock::new(),
+        })
+    }
+
+    fn at_least(&self, state: u8) -> bool {
+        *self.tx.borrow() >= state
+    }
+}
 
 #[derive(Clone)]
 pub struct Drain {
-    tx: Arc<watch::Sender<u8>>,
-    /// The signals above this one (the process's first).
-    parents: Vec<Arc<watch::Sender<u8>>>,
+    level: Arc<Level>,
+    /// The levels above this one (the process's first).
+    parents: Vec<Arc<Level>>,
     live: Arc<(AtomicUsize, Notify)>,
 }
 
@@ -51,9 +101,8 @@ impl Default for Drain {
 
 impl Drain {
     pub fn new() -> Self {
-        let (tx, _) = watch::channel(RUNNING);
         Self {
-            tx: Arc::new(tx),
+            level: Level::new(),
             parents: Vec::new(),
             live: Arc::new((AtomicUsize::new(0), Notify::new())),
         }
@@ -61,11 +110,10 @@ impl Drain {
 
     /// A drain below this one: fires on its own or with any above it.
     pub fn child(&self) -> Drain {
-        let (tx, _) = watch::channel(RUNNING);
         let mut parents = self.parents.clone();
-        parents.push(self.tx.clone());
+        parents.push(self.level.clone());
         Drain {
-            tx: Arc::new(tx),
+            level: Level::new(),
             parents,
             live: self.live.clone(),
         }
@@ -82,50 +130,111 @@ impl Drain {
         self.live.0.load(Ordering::Acquire)
     }
 
-    pub fn is_draining(&self) -> bool {
-        *self.tx.borrow() >= DRAINING || self.parents.iter().any(|p| *p.borrow() >= DRAINING)
+    fn levels(&self) -> impl Iterator<Item = &Arc<Level>> {
+        std::iter::once(&self.level).chain(&self.parents)
     }
 
-    /// Whether this connection was told to close now.
+    pub fn is_draining(&self) -> bool {
+        self.levels().any(|l| l.at_least(DRAINING))
+    }
+
+    /// Whether listeners under this signal stopped accepting (stopped or
+    /// draining, here or above).
+    pub fn is_stopped(&self) -> bool {
+        self.levels().any(|l| l.at_least(STOPPED))
+    }
+
+    /// Whether a drain sequence runs here or above, or a drain started.
+    pub fn sequence_started(&self) -> bool {
+        self.is_draining() || self.levels().any(|l| l.sequence.get().is_some())
+    }
+
+    /// Whether the connection was told to close now.
     pub fn is_closing(&self) -> bool {
-        *self.tx.borrow() == CLOSING
+        *self.level.tx.borrow() == CLOSING
+    }
+
+    /// Whether the response being sent should close its connection (Envoy's
+    /// `drainClose()`) for a drain sequence here or above: always under
+    /// [`Strategy::Immediate`] or past the drain time, else with the chance
+    /// of the time elapsed over the drain time. (A started drain tells its
+    /// connections itself, see [`Drain::signaled`].) Asked for every
+    /// response: without a sequence it costs an atomic load per level.
+    pub fn drain_close(&self) -> bool {
+        self.levels().any(|l| {
+            l.sequence.get().is_some_and(|s| {
+                let elapsed = s.started.elapsed();
+                match s.strategy {
+                    Strategy::Immediate => true,
+                    Strategy::Gradual if elapsed >= s.time => true,
+                    Strategy::Gradual => {
+                        let time = s.time.as_millis().max(1) as u64;
+                        (elapsed.as_millis() as u64) > rand::random::<u64>() % time
+                    }
+                }
+            })
+        })
     }
 
     /// Resolves once draining has started (here or above).
     pub async fn signaled(&self) {
-        let wait = |tx: &Arc<watch::Sender<u8>>| {
-            let mut rx = tx.subscribe();
+        self.reached(DRAINING).await;
+    }
+
+    /// Resolves once listeners under this signal are to stop accepting.
+    pub async fn stopped(&self) {
+        self.reached(STOPPED).await;
+    }
+
+    async fn reached(&self, state: u8) {
+        let wait = |level: &Arc<Level>| {
+            let mut rx = level.tx.subscribe();
             Box::pin(async move {
                 // An error means the sender is gone, which only happens at exit.
-                let _ = rx.wait_for(|d| *d >= DRAINING).await;
+                let _ = rx.wait_for(|d| *d >= state).await;
             })
         };
-        let all: Vec<_> = std::iter::once(&self.tx)
-            .chain(&self.parents)
-            .map(wait)
-            .collect();
+        let all: Vec<_> = self.levels().map(wait).collect();
         futures_util::future::select_all(all).await;
     }
 
     /// Resolves once the connection was told to close now; never otherwise.
     pub async fn closing(&self) {
-        let mut rx = self.tx.subscribe();
+        let mut rx = self.level.tx.subscribe();
         if rx.wait_for(|d| *d == CLOSING).await.is_err() {
             std::future::pending::<()>().await;
         }
     }
 
-    pub fn start(&self) {
-        self.tx.send_if_modified(|s| {
+    fn advance(&self, state: u8) {
+        self.level.tx.send_if_modified(|s| {
             let was = *s;
-            *s = was.max(DRAINING);
+            *s = was.max(state);
             *s != was
+        });
+    }
+
+    pub fn start(&self) {
+        self.advance(DRAINING);
+    }
+
+    /// Stops the listeners under this signal; their open connections go on.
+    pub fn stop_listeners(&self) {
+        self.advance(STOPPED);
+    }
+
+    /// Starts a drain sequence of `time` here (once: a second does nothing).
+    pub fn start_sequence(&self, time: Duration, strategy: Strategy) {
+        let _ = self.level.sequence.set(Sequence {
+            started: Instant::now(),
+            time,
+            strategy,
         });
     }
 
     /// Tells the connection to close now (it counts as draining too).
     pub fn close(&self) {
-        self.tx.send_replace(CLOSING);
+        self.level.tx.send_replace(CLOSING);
     }
 
     /// Starts draining and waits until every tracked connection is done, or
@@ -237,5 +346,56 @@ mod tests {
         conn.start();
         assert!(conn.is_closing());
         assert!(!process.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopped_listeners_leave_their_connections_be() {
+        let process = Drain::new();
+        let inbound = process.child();
+        let conn = inbound.child();
+        inbound.stop_listeners();
+        tokio::time::timeout(Duration::from_secs(1), conn.stopped())
+            .await
+            .unwrap();
+        assert!(conn.is_stopped() && !conn.is_draining() && !conn.drain_close());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), conn.signaled())
+                .await
+                .is_err()
+        );
+        assert!(!process.is_stopped());
+        process.start();
+        assert!(conn.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_immediate_sequence_closes_on_the_next_response() {
+        let process = Drain::new();
+        let conn = process.child();
+        assert!(!conn.drain_close() && !conn.sequence_started());
+        process.start_sequence(Duration::from_secs(600), Strategy::Immediate);
+        assert!(conn.sequence_started() && conn.drain_close());
+        // A sequence neither stops listeners nor drains connections.
+        assert!(!conn.is_stopped() && !conn.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gradual_sequence_closes_more_often_as_it_goes() {
+        let process = Drain::new();
+        let conn = process.child();
+        process.start_sequence(Duration::from_secs(100), Strategy::Gradual);
+        let share = |n: u32| (0..n).filter(|_| conn.drain_close()).count() as f64 / f64::from(n);
+        assert_eq!(share(1000), 0.0, "nothing at the start");
+        tokio::time::advance(Duration::from_secs(25)).await;
+        let early = share(4000);
+        tokio::time::advance(Duration::from_secs(50)).await;
+        let late = share(4000);
+        assert!((0.2..0.3).contains(&early), "a quarter in: {early}");
+        assert!((0.7..0.8).contains(&late), "three quarters in: {late}");
+        tokio::time::advance(Duration::from_secs(25)).await;
+        assert_eq!(share(1000), 1.0, "always once the drain time is over");
+        // A second sequence does not restart the first.
+        process.start_sequence(Duration::from_secs(100), Strategy::Gradual);
+        assert_eq!(share(100), 1.0);
     }
 }

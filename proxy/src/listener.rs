@@ -136,12 +136,13 @@ impl ListenerManager {
     }
 }
 
-/// Accepts until the process drains or the listener is removed.
+/// Accepts until the listener is stopped (a drain, or `drain_listeners`)
+/// or removed.
 async fn accept_loop(rt: Arc<Runtime>, slot: Arc<ListenerSlot>, tcp: TcpListener) {
     // An inbound listener stops with the inbound drain (a sidecar's
     // termination), any listener with the process's.
     let drained = rt.drain_for(&slot.config.load().name).clone();
-    let signaled = drained.signaled();
+    let signaled = drained.stopped();
     tokio::pin!(signaled);
     let Ok(local) = tcp.local_addr() else { return };
     let accepted = rt.listener_stats(local);

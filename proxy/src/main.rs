@@ -68,6 +68,13 @@ struct ProxyArgs {
     /// How long in-flight requests may finish after SIGTERM (e.g. 5s, 500ms).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// How a drain sequence (`POST /drain_listeners?graceful`) closes HTTP
+    /// connections, as Envoy's `--drain-strategy`: `immediate` (each
+    /// response closes its connection; what istio-agent asks of Envoy, the
+    /// default) or `gradual` (with a chance growing over the drain time;
+    /// Envoy's own default).
+    #[arg(long, default_value = "immediate", value_parser = parse_drain_strategy)]
+    drain_strategy: ferry_proxy::drain::Strategy,
     /// Caps protocol detection on listeners that set no limit
     /// (`listener_filters_timeout: 0s`, istiod's setting): a client silent
     /// this long (a server-first protocol) goes on with nothing detected.
@@ -206,6 +213,14 @@ fn init_logging(level: &str) {
         .init();
 }
 
+fn parse_drain_strategy(s: &str) -> Result<ferry_proxy::drain::Strategy, String> {
+    match s {
+        "immediate" => Ok(ferry_proxy::drain::Strategy::Immediate),
+        "gradual" => Ok(ferry_proxy::drain::Strategy::Gradual),
+        other => Err(format!("{other:?}: expected `immediate` or `gradual`")),
+    }
+}
+
 fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
     // (`proxy_type` also decides what termination drains.)
     init_logging(&args.log_level);
@@ -244,6 +259,7 @@ fn proxy(args: ProxyArgs, proxy_type: &str) -> anyhow::Result<()> {
         ready_addr,
         prometheus_addr,
         drain_timeout: args.drain_timeout,
+        drain_strategy: args.drain_strategy,
         access_log: args.access_log,
         detection_timeout: args.protocol_detection_timeout,
         node: ferry_xds::node::NodeOverrides {

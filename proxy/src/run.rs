@@ -28,6 +28,9 @@ pub struct RunOptions {
     /// 15090); `None` disables it.
     pub prometheus_addr: Option<SocketAddr>,
     pub drain_timeout: Duration,
+    /// How a drain sequence (`drain_listeners?graceful`) closes HTTP
+    /// connections (Envoy's `--drain-strategy`).
+    pub drain_strategy: crate::drain::Strategy,
     pub access_log: bool,
     /// The operator's cap on protocol detection for listeners that set no
     /// limit (`listener_filters_timeout: 0s`); `None`: they wait as Envoy's.
@@ -186,6 +189,8 @@ pub struct Runtime {
     /// How long draining connections (a changed filter chain or listener,
     /// or shutdown) may finish.
     pub drain_timeout: Duration,
+    /// See [`RunOptions::drain_strategy`].
+    pub drain_strategy: crate::drain::Strategy,
     /// Shutdown waits for connections to end instead of a deadline.
     pub exit_on_zero_active_connections: bool,
     ready: AtomicBool,
@@ -235,7 +240,9 @@ impl Runtime {
 
     /// Envoy's server state: the first configuration applied, not draining.
     pub fn is_live(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.inbound.is_draining()
+        self.ready.load(Ordering::Acquire)
+            && !self.inbound.is_stopped()
+            && !self.inbound.sequence_started()
     }
 
     /// Whether the listener named so is an inbound one.
@@ -611,6 +618,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         access_log: opts.access_log,
         detection_timeout: opts.detection_timeout,
         drain_timeout: opts.drain_timeout,
+        drain_strategy: opts.drain_strategy,
         exit_on_zero_active_connections: opts.exit_on_zero_active_connections,
         ready: AtomicBool::new(false),
         quit: Notify::new(),

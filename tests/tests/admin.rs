@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use ferry_tests::envoy::{self, Envoy};
 use ferry_tests::pki::Ca;
 use ferry_tests::proxy::{
@@ -578,8 +578,21 @@ fn status_via(port: u16) -> u16 {
         .unwrap_or(0)
 }
 
+/// Whether a response through `port` tells the client to close its connection
+/// (`connection: close`: the connection manager drains it).
+fn closes_after_response(port: u16) -> Result<bool> {
+    let url = format!("http://127.0.0.1:{port}/status/200");
+    let out = curl(&["-s", "-o", "/dev/null", "-D", "-", &url])?;
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    ensure!(
+        head.starts_with("http/1.1 200"),
+        "no answer through {port}: {head}"
+    );
+    Ok(head.contains("\nconnection: close"))
+}
+
 /// `POST /drain_listeners` on one proxy (see the test): `graceful` with a drain time of
-/// two seconds given on the command line.
+/// two seconds given on the command line, and the `immediate` drain strategy.
 fn drain_sequence(
     admin_port: u16,
     inbound: u16,
@@ -590,8 +603,16 @@ fn drain_sequence(
     if graceful {
         let a = admin(admin_port, "POST", "/drain_listeners?inboundonly&graceful")?;
         assert_eq!((a.status, a.body.as_str()), (200, "OK\n"));
-        // The drain time has begun: the inbound listener still takes connections.
-        assert_eq!(status_via(inbound), 200, "inbound during the drain time");
+        // The drain time has begun: the inbound listener still takes connections,
+        // and each of its responses closes its connection; the outbound's do not.
+        assert!(
+            closes_after_response(inbound)?,
+            "inbound during the drain time"
+        );
+        assert!(
+            !closes_after_response(outbound)?,
+            "outbound during the drain time"
+        );
         assert!(
             refuses(inbound),
             "inbound listener still open after the drain time"
@@ -622,7 +643,8 @@ fn drain_sequence(
 
 /// `/drain_listeners` as Envoy: `inboundonly` closes the listeners whose
 /// `traffic_direction` is INBOUND and leaves the others serving, `graceful` keeps them
-/// accepting for the drain time first (Envoy's `skip_exit` is refused by Ferry); checked on
+/// accepting for the drain time first while their responses close their connections
+/// (Envoy's `skip_exit` is refused by Ferry); checked on
 /// Ferry and on Envoy 1.40 with the same bootstrap.
 #[test]
 fn drain_listeners_stops_inbound_only_as_envoy() -> Result<()> {
@@ -652,7 +674,12 @@ fn drain_listeners_stops_inbound_only_as_envoy() -> Result<()> {
         let Some(bin) = &envoy_bin else { continue };
         let (inbound, outbound) = (free_port(), free_port());
         let cfg = config(inbound, outbound)?;
-        let envoy = Envoy::start_with(bin, &cfg, outbound, &["--drain-time-s", "2"])?;
+        let envoy = Envoy::start_with(
+            bin,
+            &cfg,
+            outbound,
+            &["--drain-time-s", "2", "--drain-strategy", "immediate"],
+        )?;
         drain_sequence(envoy.admin(), inbound, outbound, graceful, false)
             .with_context(|| format!("Envoy, graceful {graceful}"))?;
         drop(envoy);

@@ -17,7 +17,8 @@
 //! mirror: captured client and server across two nodes, a service's calls
 //! spread over its HBONE pods, an authority IP that is not the pod's and a
 //! peer of another trust domain refused, an AuthorizationPolicy on the
-//! HBONE peer's identity.
+//! HBONE peer's identity, CONNECTs aimed at the proxy's own ports or at
+//! loopback answered with nothing (`malicious_calls_inpod`).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
@@ -397,9 +398,8 @@ fn enable_hbone_server(server: Proxy) -> Result<()> {
     let web_ip = web.ip();
     let web_id = "spiffe://cluster.local/ns/default/sa/web";
     let ztunnel = m.pod("ztunnel");
-    let call = |id: &str, ip: Ipv4Addr, end_after_reply: bool| -> Result<Outcome> {
+    let call_with = |id: &str, authority: &str, payload: &str, end_after_reply: bool| {
         let leaf = ca.leaf(id, &[])?;
-        let authority = format!("{ip}:{TARGET_PORT}");
         ztunnel.enter(|| {
             HboneCall {
                 ca_pem: &ca.pem(),
@@ -407,12 +407,20 @@ fn enable_hbone_server(server: Proxy) -> Result<()> {
                 from: None,
                 to: SocketAddr::from((web_ip, 15008)),
                 server: Expect::Spiffe(web_id),
-                authority: &authority,
-                payload: "ztunnel\n",
+                authority,
+                payload,
                 end_after_reply,
             }
             .run()
         })?
+    };
+    let call = |id: &str, ip: Ipv4Addr, end_after_reply: bool| -> Result<Outcome> {
+        call_with(
+            id,
+            &format!("{ip}:{TARGET_PORT}"),
+            "ztunnel\n",
+            end_after_reply,
+        )
     };
     let mesh_id = "spiffe://cluster.local/ns/default/sa/ztunnel";
     assert_eq!(
@@ -438,6 +446,40 @@ fn enable_hbone_server(server: Proxy) -> Result<()> {
         call("spiffe://evil.example/ns/default/sa/ztunnel", web_ip, true)?,
         Outcome::Refused,
         "another trust domain is refused at TLS"
+    );
+    // ztunnel's `malicious_calls_inpod`: a caller of the mesh aiming its
+    // CONNECT at the proxy's own ports (the capture ports 15001 and 15006,
+    // 15008 itself, the admin port) or at loopback gets nothing back: the
+    // capture ports hold blackhole chains, 15008 wants TLS, the admin
+    // listens on loopback only, and loopback is not among main_internal's
+    // prefix ranges. The app is reached again afterwards: no loop ate the
+    // proxy.
+    let probe = "GET /stats HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n";
+    for authority in [
+        format!("{web_ip}:15001"),
+        format!("{web_ip}:15006"),
+        format!("{web_ip}:15008"),
+        format!("{web_ip}:15000"),
+        "127.0.0.1:15000".to_string(),
+        format!("127.0.0.1:{TARGET_PORT}"),
+    ] {
+        // The tunnel itself is set up (the caller is of the mesh); nothing
+        // comes back through it.
+        let got = call_with(mesh_id, &authority, probe, false)?;
+        ensure!(
+            matches!(&got, Outcome::Answered { echoed, .. } if echoed.is_empty()),
+            "a CONNECT to {authority}: {got:?}\n{}",
+            m.diagnostics()
+        );
+    }
+    assert_eq!(
+        call(mesh_id, web_ip, true)?,
+        Outcome::Answered {
+            status: 200,
+            echoed: "web ztunnel\nbye\n".into(),
+            end: End::Clean
+        },
+        "the app is reached after the malicious calls"
     );
     // Envoy names the cluster's statistics after its alt_stat_name
     // (`main_internal;`), Ferry after its name.
@@ -501,10 +543,9 @@ fn ferry_and_envoy_sidecars_call_an_enable_hbone_ferry_sidecar_over_hbone() -> R
 /// inbound-only drain on termination leaves 15008 serving. A drain of every
 /// listener (`POST /drain_listeners?graceful`, then without `graceful`)
 /// stops it: a new connection to 15008 is refused, and the tunnel in flight
-/// keeps working, then ends cleanly when its caller ends it. `server` is
-/// Envoy 1.40 or Ferry, fed the same. They differ on one point: Ferry's
-/// open connection got GOAWAY (a new CONNECT on it is refused) where Envoy
-/// still answers one.
+/// keeps working, then ends cleanly when its caller ends it, and a new
+/// CONNECT on the open connection is still answered. `server` is Envoy
+/// 1.40 or Ferry, fed the same.
 fn hbone_server_drains(server: Proxy) -> Result<()> {
     let (ca, _dir, cert, key) = mesh_ca()?;
     let proxy_of = |w: &Workload| match w.name {
@@ -591,10 +632,10 @@ fn hbone_server_drains(server: Proxy) -> Result<()> {
         !tunnel.new_stream_refused(&authority)?,
         "a new CONNECT on the connection after an inbound-only drain"
     );
-    // Every listener drains: first gracefully (Envoy, with istio-agent's
-    // `--drain-strategy immediate`, tells open connections at once; Ferry at
-    // the end of the drain time), then at once (both stop the listeners;
-    // Envoy's immediate drain alone leaves open connections be).
+    // Every listener drains: first gracefully (a drain sequence: with
+    // istio-agent's `--drain-strategy immediate`, Ferry's default in
+    // sidecar mode, each response from now on closes its connection), then
+    // at once (the listeners stop; open connections are left be).
     drain("?graceful")?;
     drain("")?;
     // The listener stops: a new connection is refused.
@@ -610,12 +651,11 @@ fn hbone_server_drains(server: Proxy) -> Result<()> {
     assert!(refused);
     // The tunnel in flight carries on; its connection takes no new stream.
     assert_eq!(tunnel.exchange("two\n")?, "web two\n", "the open tunnel");
-    // A new CONNECT on the drained connection: Ferry sent GOAWAY when the
-    // drain began and refuses it; Envoy 1.40 still answers it (a known
-    // difference, see docs/configuration.md).
-    assert_eq!(
-        tunnel.new_stream_refused(&authority)?,
-        server == Proxy::Ferry,
+    // A new CONNECT on the drained connection is still answered: the drain
+    // tells a connection on its next response (GOAWAY after it), as Envoy's
+    // connection manager does.
+    assert!(
+        !tunnel.new_stream_refused(&authority)?,
         "a new CONNECT on the drained connection"
     );
     assert_eq!(

@@ -39,6 +39,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::drain::Drain;
 use crate::run::Runtime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,14 +277,16 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `POST /drain_listeners` as Envoy: `inboundonly` drains the listeners
-/// whose `traffic_direction` is INBOUND, others every listener: they stop
-/// accepting and their connections drain (HTTP/1 closes after the
-/// response in flight, HTTP/2 gets GOAWAY). With `graceful` the listeners
-/// keep accepting for the drain time (`--drain-timeout`, Envoy's
-/// `--drain-time-s`) first; unlike Envoy, the connections are asked to
-/// close at its end rather than progressively. A graceful drain of what
-/// already drains does nothing more. `skip_exit` (drain the connections,
+/// `POST /drain_listeners` as Envoy: `inboundonly` acts on the listeners
+/// whose `traffic_direction` is INBOUND, others on every listener. Without
+/// `graceful` they stop accepting at once and their open connections are
+/// left be. With `graceful` a drain sequence of the drain time
+/// (`--drain-timeout`, Envoy's `--drain-time-s`) starts: the listeners keep
+/// accepting until its end, then stop, and meanwhile each HTTP response
+/// may close its connection (HTTP/1 `connection: close`, HTTP/2 GOAWAY)
+/// as `--drain-strategy` says: at once (`immediate`) or with a chance
+/// growing over the drain time (`gradual`). A second graceful drain of the
+/// same listeners does nothing more. `skip_exit` (drain the connections,
 /// leave the listeners open) is refused: Ferry's drain stops both.
 fn drain_listeners(rt: &Arc<Runtime>, q: &Query) -> Response<Full<Bytes>> {
     if q.has("skip_exit") {
@@ -297,21 +300,22 @@ fn drain_listeners(rt: &Arc<Runtime>, q: &Query) -> Response<Full<Bytes>> {
     } else {
         (false, 2)
     };
-    let start = move |rt: &Runtime| {
+    let listeners = move |rt: &Runtime| -> Drain {
         if inbound_only {
-            rt.inbound.start();
+            rt.inbound.clone()
         } else {
-            rt.drain.start();
+            rt.drain.clone()
         }
     };
     if !q.has("graceful") {
-        rt.admin.drain_sequence.fetch_max(level, Ordering::AcqRel);
-        start(rt);
+        listeners(rt).stop_listeners();
     } else if rt.admin.drain_sequence.fetch_max(level, Ordering::AcqRel) < level {
-        let rt = rt.clone();
+        let drain = listeners(rt);
+        drain.start_sequence(rt.admin.drain_timeout, rt.drain_strategy);
+        let time = rt.admin.drain_timeout;
         tokio::spawn(async move {
-            tokio::time::sleep(rt.admin.drain_timeout).await;
-            start(&rt);
+            tokio::time::sleep(time).await;
+            drain.stop_listeners();
         });
     }
     text(StatusCode::OK, "OK\n")
@@ -324,7 +328,10 @@ fn state(rt: &Runtime, role: Role) -> (&'static str, bool) {
         Role::Admin => rt.is_live(),
         _ => rt.is_ready(),
     };
-    if rt.admin.health_check_failed.load(Ordering::Acquire) || rt.inbound.is_draining() {
+    if rt.admin.health_check_failed.load(Ordering::Acquire)
+        || rt.inbound.is_stopped()
+        || rt.inbound.sequence_started()
+    {
         ("DRAINING", false)
     } else if ok {
         ("LIVE", true)

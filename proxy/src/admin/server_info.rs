@@ -63,7 +63,13 @@ pub(super) fn respond(rt: &Runtime) -> Response<Full<Bytes>> {
         ("ignore_unknown_dynamic_fields", json!(false)),
         ("use_dynamic_base_id", json!(false)),
         ("base_id_path", json!("")),
-        ("drain_strategy", json!("Gradual")),
+        (
+            "drain_strategy",
+            json!(match rt.drain_strategy {
+                crate::drain::Strategy::Gradual => "Gradual",
+                crate::drain::Strategy::Immediate => "Immediate",
+            }),
+        ),
         ("enable_fine_grain_logging", json!(false)),
         ("socket_path", json!("")),
         ("socket_mode", json!(0)),

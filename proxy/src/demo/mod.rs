@@ -136,6 +136,7 @@ pub async fn demo(serve: bool) -> anyhow::Result<()> {
         ready_addr: None,
         prometheus_addr: None,
         drain_timeout: Duration::from_secs(2),
+        drain_strategy: Default::default(),
         access_log: false,
         detection_timeout: None,
         node: Default::default(),

@@ -514,6 +514,15 @@ async fn handle(
             .store(true, std::sync::atomic::Ordering::Release);
         ctx.life.ask_drain();
     }
+    // A drain sequence (`drain_listeners?graceful`) under way: this
+    // response may close its connection, as Envoy's connection manager asks
+    // its drain decision for each response.
+    if !ctx.closing.load(std::sync::atomic::Ordering::Acquire) && ctx.live.drain.drain_close() {
+        stats.downstream_cx_drain_close.inc();
+        ctx.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        ctx.life.ask_drain();
+    }
     let method = req.method().clone();
     let grpc = ferry_model::route::is_grpc(req.headers());
     // Before anything reads the path (routing, every filter, the upstream
