@@ -24,6 +24,9 @@ pub struct Cluster {
     /// How long an idle pooled upstream connection is kept (Envoy default 1 h).
     pub idle_timeout: Option<Duration>,
     pub max_requests_per_connection: Option<u32>,
+    /// HTTP/1 `header_key_format` upstream: the case request header names
+    /// are written in.
+    pub header_case: crate::http_protocol::HeaderCase,
     /// Source address for upstream connections (`upstream_bind_config`);
     /// Istio binds inbound passthrough to 127.0.0.6 so that the pod's own
     /// redirect rules let it through to the app.

@@ -95,6 +95,21 @@ pub struct Http1Options {
     /// `allow_custom_methods`: methods outside Envoy's list of known ones
     /// are accepted (any token) instead of refused with 400.
     pub allow_custom_methods: bool,
+    /// `header_key_format`: how header names are written on the wire.
+    pub header_case: HeaderCase,
+}
+
+/// `Http1ProtocolOptions.header_key_format`: the case HTTP/1 header names
+/// are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeaderCase {
+    /// Lower case, as Envoy stores them (the default).
+    #[default]
+    Lower,
+    /// As they arrived (the `preserve_case` stateful formatter).
+    Preserve,
+    /// `proper_case_words`: upper case first letters of words.
+    ProperCase,
 }
 
 /// The HTTP/2 flow-control windows Ferry advertises when none is configured.

@@ -676,6 +676,8 @@ pub struct ClusterShared {
     pub max_requests_per_connection: Option<u32>,
     /// HTTP/2 streams allowed at once on an endpoint's connection.
     pub max_concurrent_streams: Option<u32>,
+    /// The case HTTP/1 request header names are written in.
+    pub header_case: ferry_model::http_protocol::HeaderCase,
 }
 
 impl ClusterShared {
@@ -701,6 +703,7 @@ impl ClusterShared {
             health,
             max_requests_per_connection: cfg.max_requests_per_connection,
             max_concurrent_streams: cfg.max_concurrent_streams,
+            header_case: cfg.header_case,
         })
     }
 
@@ -1758,8 +1761,9 @@ impl EndpointPool {
     ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
         let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
-        let (sender, conn) = http1::Builder::new()
-            .preserve_header_case(true)
+        let mut builder = http1::Builder::new();
+        crate::http::header_case(&mut builder, self.settings.shared.header_case);
+        let (sender, conn) = builder
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(UpstreamError::Reset)?;
@@ -2204,6 +2208,7 @@ mod tests {
             protocol: UpstreamProtocol::Http1,
             idle_timeout: None,
             max_requests_per_connection: None,
+            header_case: Default::default(),
             bind_source: None,
             tls: None,
             transport_socket_matches: vec![],

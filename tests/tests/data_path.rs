@@ -214,13 +214,11 @@ fn hop_by_hop_headers_stripped_and_proxy_headers_added() -> Result<()> {
             "Connection forwarded: {conn}"
         );
     }
+    // Names are written in lower case, as Envoy writes them (see
+    // `header_names_are_written_in_envoys_case`).
     ensure!(
-        names.iter().any(|n| n == "X-MiXeD-Case"),
-        "header case lost: {names:?}"
-    );
-    ensure!(
-        names.iter().any(|n| n == "User-Agent"),
-        "header case lost: {names:?}"
+        names.iter().any(|n| n == "x-mixed-case") && names.iter().any(|n| n == "user-agent"),
+        "header names not in lower case: {names:?}"
     );
     ensure!(header(&echo, "x-forwarded-proto") == Some("http"), "{echo}");
     let id = header(&echo, "x-request-id").unwrap_or_default();
@@ -230,6 +228,105 @@ fn hop_by_hop_headers_stripped_and_proxy_headers_added() -> Result<()> {
     );
     ensure!(header(&echo, "host") == Some("svc.local"), "{echo}");
     ensure!(ferry.stat("cluster.backend.upstream_rq_total") == 1);
+    Ok(())
+}
+
+/// `header_key_format` as Envoy writes HTTP/1 header names: lower case by default, as they
+/// came with the `preserve_case` formatter, capitalised words with `proper_case_words`; set
+/// on the connection manager (what the client gets back) and on the cluster (what the backend
+/// sees). Ferry and Envoy 1.40 are given the same bootstrap and must write the same names.
+#[test]
+fn header_names_are_written_in_envoys_case() -> Result<()> {
+    let _lock = RunLock::shared();
+    let app = App::http("backend", &[])?;
+    let Some(envoy_bin) = ferry_tests::envoy::bin()? else {
+        return Ok(());
+    };
+    let preserve = json!({"stateful_formatter": {"name": "preserve_case", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.http.header_formatters.preserve_case.v3.PreserveCaseFormatterConfig"}}});
+    let proper = json!({"proper_case_words": {}});
+    let config = |port: u16, format: Option<&Value>| -> Result<Value> {
+        let mut cfg: Value = serde_json::from_str(
+            &Bootstrap::new()
+                .http("in", port, "backend")
+                .static_cluster("backend", &[app.port], Upstream::Http1)
+                .render(),
+        )?;
+        if let Some(f) = format {
+            cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+                ["http_protocol_options"] = json!({"header_key_format": f});
+            cfg["static_resources"]["clusters"][0]["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {"header_key_format": f}}}});
+        }
+        Ok(cfg)
+    };
+    // The names the backend saw and the backend's own response headers as the client got
+    // them.
+    let exchange = |port: u16| -> Result<(Vec<String>, Vec<String>)> {
+        let stream = connect(port)?;
+        let mut writer = stream.try_clone()?;
+        writer.write_all(
+            b"GET /headers HTTP/1.1\r\nHost: svc.local\r\nX-MiXeD-Case: 1\r\n\
+              x-lower-one: 1\r\nUser-Agent: raw-test\r\n\r\n",
+        )?;
+        let resp = read_response(&mut BufReader::new(stream))?;
+        ensure!(resp.status == 200, "{}", resp.status_line);
+        let upstream: Vec<String> = header_names(&resp.json()?)
+            .into_iter()
+            .filter(|n| {
+                ["x-mixed-case", "x-lower-one", "user-agent"]
+                    .contains(&n.to_ascii_lowercase().as_str())
+            })
+            .collect();
+        let downstream: Vec<String> = resp
+            .headers
+            .iter()
+            .map(|(k, _)| k.clone())
+            .filter(|n| {
+                ["content-type", "content-length"].contains(&n.to_ascii_lowercase().as_str())
+            })
+            .collect();
+        Ok((upstream, downstream))
+    };
+    for (label, format, expected) in [
+        (
+            "default",
+            None,
+            ["x-mixed-case", "x-lower-one", "user-agent", "content-type"],
+        ),
+        (
+            "preserve_case",
+            Some(&preserve),
+            ["X-MiXeD-Case", "x-lower-one", "User-Agent", "Content-Type"],
+        ),
+        (
+            "proper_case_words",
+            Some(&proper),
+            ["X-Mixed-Case", "X-Lower-One", "User-Agent", "Content-Type"],
+        ),
+    ] {
+        let port = free_port();
+        let ferry = Ferry::start_with(&config(port, format)?.to_string(), &[])?;
+        let got_ferry = exchange(port).with_context(|| format!("Ferry, {label}"))?;
+        drop(ferry);
+        let port = free_port();
+        let envoy =
+            ferry_tests::envoy::Envoy::start_with(&envoy_bin, &config(port, format)?, port, &[])?;
+        let got_envoy = exchange(port).with_context(|| format!("Envoy, {label}"))?;
+        drop(envoy);
+        ensure!(
+            got_ferry == got_envoy,
+            "{label}: Ferry wrote {got_ferry:?}, Envoy {got_envoy:?}"
+        );
+        for name in expected {
+            ensure!(
+                got_ferry.0.iter().chain(&got_ferry.1).any(|n| n == name),
+                "{label}: {name} not written: {got_ferry:?}"
+            );
+        }
+    }
     Ok(())
 }
 

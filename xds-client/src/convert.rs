@@ -100,7 +100,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn warn(&mut self, field: &str, message: String) {
+    pub(super) fn warn(&mut self, field: &str, message: String) {
         self.warnings
             .0
             .push(format!("{}: {field}: {message}", self.resource));

@@ -312,8 +312,9 @@ async fn serve_h1<S>(
         ctx.h1.clone(),
     );
     let head_limit = p.max_request_headers_bytes as usize;
-    let conn = http1::Builder::new()
-        .preserve_header_case(true)
+    let mut builder = http1::Builder::new();
+    header_case_server(&mut builder, p.http1.header_case);
+    let conn = builder
         // The guard enforces the head limits; hyper's are set to the same
         // values so that it never refuses what the guard passed.
         .max_headers(p.max_headers_count as usize)
@@ -351,6 +352,40 @@ async fn serve_h1<S>(
             if tokio::time::timeout(deadline, conn).await.is_err() {
                 ctx.stats.downstream_cx_drain_close.inc();
             }
+        }
+    }
+}
+
+/// `header_key_format` on a connection manager: lower case unless told
+/// otherwise, as Envoy writes header names. Keeping the original case costs
+/// a map of the names per message, so it is only kept when asked for.
+fn header_case_server(b: &mut http1::Builder, case: ferry_model::http_protocol::HeaderCase) {
+    use ferry_model::http_protocol::HeaderCase;
+    match case {
+        HeaderCase::Lower => {}
+        HeaderCase::Preserve => {
+            b.preserve_header_case(true);
+        }
+        HeaderCase::ProperCase => {
+            b.title_case_headers(true);
+        }
+    }
+}
+
+/// `header_key_format` on a cluster's HTTP/1 connections (see
+/// [`header_case_server`]).
+pub(crate) fn header_case(
+    b: &mut hyper::client::conn::http1::Builder,
+    case: ferry_model::http_protocol::HeaderCase,
+) {
+    use ferry_model::http_protocol::HeaderCase;
+    match case {
+        HeaderCase::Lower => {}
+        HeaderCase::Preserve => {
+            b.preserve_header_case(true);
+        }
+        HeaderCase::ProperCase => {
+            b.title_case_headers(true);
         }
     }
 }

@@ -526,6 +526,7 @@ pub fn cluster(
         protocol: options.protocol,
         idle_timeout: options.idle_timeout,
         max_requests_per_connection: options.max_requests.filter(|v| *v > 0),
+        header_case: options.header_case,
         lb,
         outlier_detection: od
             .as_ref()

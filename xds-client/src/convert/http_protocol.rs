@@ -35,7 +35,7 @@ fields!(pub(super) static HTTP1_PROTOCOL_OPTIONS = "envoy.config.core.v3.Http1Pr
     "allow_absolute_url": refused "false is not supported: absolute-form request targets are always accepted, their authority becoming the Host",
     "accept_http_10": applied,
     "default_host_for_http_10": applied,
-    "header_key_format": warned "header names keep the case they arrived in",
+    "header_key_format": applied,
     "enable_trailers": warned "already the behaviour: HTTP/1 trailers are always passed on",
     "allow_chunked_length": applied,
     "override_stream_error_on_invalid_http_message": warned "a connection that sent an invalid HTTP/1 message is always closed",
@@ -214,7 +214,11 @@ fn http1(
         "ignore_http_11_upgrade",
         !ignore_http_11_upgrade.is_empty(),
     )?;
-    ctx.knob(cov, field, "header_key_format", header_key_format.is_some());
+    let header_case = header_case(
+        ctx,
+        &path(field, "header_key_format"),
+        header_key_format.as_ref(),
+    )?;
     ctx.knob(cov, field, "enable_trailers", *enable_trailers);
     ctx.knob(
         cov,
@@ -236,7 +240,63 @@ fn http1(
         default_host_for_http_10: default_host_for_http_10.clone(),
         allow_chunked_length: *allow_chunked_length,
         allow_custom_methods: *allow_custom_methods,
+        header_case,
     })
+}
+
+const PRESERVE_CASE: &str =
+    "envoy.extensions.http.header_formatters.preserve_case.v3.PreserveCaseFormatterConfig";
+
+/// `header_key_format` (downstream and upstream alike): lower case by
+/// default, as Envoy; `proper_case_words`; the `preserve_case` stateful
+/// formatter. Proper case upper-cases the first letter and each letter
+/// after a `-` (Envoy's also after any other non-alphanumeric character:
+/// names with `_` or other symbols differ).
+pub(super) fn header_case(
+    ctx: &mut Ctx<'_>,
+    field: &str,
+    f: Option<&core_pb::http1_protocol_options::HeaderKeyFormat>,
+) -> Result<mh::HeaderCase, ConvertError> {
+    use core_pb::http1_protocol_options::header_key_format::HeaderFormat;
+    use envoy_types::pb::envoy::extensions::http::header_formatters::preserve_case::v3 as pc;
+    let Some(f) = f else {
+        return Ok(mh::HeaderCase::Lower);
+    };
+    match &f.header_format {
+        None => Ok(mh::HeaderCase::Lower),
+        Some(HeaderFormat::ProperCaseWords(_)) => Ok(mh::HeaderCase::ProperCase),
+        Some(HeaderFormat::StatefulFormatter(ext)) => {
+            let tf = path(&path(field, "stateful_formatter"), "typed_config");
+            let Some(any) = &ext.typed_config else {
+                return Err(ctx.err(&tf, "the stateful formatter has no typed_config"));
+            };
+            let typed = super::Typed::from_any(any).map_err(|e| ctx.err(&tf, e))?;
+            if typed.type_name() != PRESERVE_CASE {
+                return Err(ctx.err(
+                    &tf,
+                    format!("unsupported header formatter {}", typed.type_name()),
+                ));
+            }
+            let pc::PreserveCaseFormatterConfig {
+                forward_reason_phrase,
+                formatter_type_on_envoy_headers,
+            } = typed.decode().map_err(|e| ctx.err(&tf, e))?;
+            if forward_reason_phrase {
+                ctx.warn(
+                    &path(&tf, "forward_reason_phrase"),
+                    "tuning knob not applied: the reason phrase is the status code's own".into(),
+                );
+            }
+            if formatter_type_on_envoy_headers != 0 {
+                ctx.warn(
+                    &path(&tf, "formatter_type_on_envoy_headers"),
+                    "tuning knob not applied: headers the proxy adds are written in lower case"
+                        .into(),
+                );
+            }
+            Ok(mh::HeaderCase::Preserve)
+        }
+    }
 }
 
 #[allow(deprecated)] // stream_error_on_invalid_http_messaging is read to warn about it

@@ -63,7 +63,7 @@ fields!(pub(super) static HTTP1_PROTOCOL_OPTIONS = "envoy.config.core.v3.Http1Pr
     "allow_absolute_url": inert "Envoy reads it for downstream requests only",
     "accept_http_10": inert "Envoy reads it for downstream requests only",
     "default_host_for_http_10": inert "Envoy reads it for downstream requests only",
-    "header_key_format": refused "header key formats are not supported (header case is preserved)",
+    "header_key_format": applied,
     "enable_trailers": warned "HTTP/1 trailers are passed as the codec parses them",
     "allow_chunked_length": warned "responses with both Content-Length and chunked are refused",
     "override_stream_error_on_invalid_http_message": warned "an invalid response ends its connection",
@@ -113,6 +113,7 @@ pub(super) struct ProtocolOptions {
     pub(super) max_concurrent_streams: Option<u32>,
     pub(super) max_connection_duration: Option<Duration>,
     pub(super) auto_sni: m::cluster::AutoSni,
+    pub(super) header_case: ferry_model::http_protocol::HeaderCase,
 }
 
 impl Default for ProtocolOptions {
@@ -124,6 +125,7 @@ impl Default for ProtocolOptions {
             max_concurrent_streams: None,
             max_connection_duration: None,
             auto_sni: m::cluster::AutoSni::default(),
+            header_case: Default::default(),
         }
     }
 }
@@ -145,7 +147,7 @@ pub(super) fn protocol_options(
         common_options(ctx, "common_http_protocol_options", c, out)?;
     }
     if let Some(h) = http1 {
-        http1_options(ctx, "http_protocol_options", h)?;
+        http1_options(ctx, "http_protocol_options", h, out)?;
     }
     if let Some(h) = http2 {
         http2_options(ctx, "http2_protocol_options", h, out)?;
@@ -218,7 +220,7 @@ fn typed_options(
                     out.protocol = m::UpstreamProtocol::Http2;
                 }
                 Some(P::HttpProtocolOptions(h1)) => {
-                    http1_options(ctx, &path(&ef, "http_protocol_options"), h1)?;
+                    http1_options(ctx, &path(&ef, "http_protocol_options"), h1, out)?;
                     out.protocol = m::UpstreamProtocol::Http1;
                 }
                 None => out.protocol = m::UpstreamProtocol::Http1,
@@ -241,7 +243,7 @@ fn typed_options(
                 http3_protocol_options.is_some(),
             )?;
             if let Some(h1) = http_protocol_options {
-                http1_options(ctx, &path(&df, "http_protocol_options"), h1)?;
+                http1_options(ctx, &path(&df, "http_protocol_options"), h1, out)?;
             }
             if let Some(h2) = http2_protocol_options {
                 http2_options(ctx, &path(&df, "http2_protocol_options"), h2, out)?;
@@ -269,7 +271,7 @@ fn typed_options(
                 alternate_protocols_cache_options.is_some(),
             )?;
             if let Some(h1) = http_protocol_options {
-                http1_options(ctx, &path(&af, "http_protocol_options"), h1)?;
+                http1_options(ctx, &path(&af, "http_protocol_options"), h1, out)?;
             }
             if let Some(h2) = http2_protocol_options {
                 http2_options(ctx, &path(&af, "http2_protocol_options"), h2, out)?;
@@ -337,6 +339,7 @@ fn http1_options(
     ctx: &mut Ctx<'_>,
     field: &str,
     h: &core_pb::Http1ProtocolOptions,
+    out: &mut ProtocolOptions,
 ) -> Result<(), ConvertError> {
     let cov = &HTTP1_PROTOCOL_OPTIONS;
     let core_pb::Http1ProtocolOptions {
@@ -361,7 +364,11 @@ fn http1_options(
         allow_custom_methods,
         ignore_http_11_upgrade,
     );
-    ctx.refuse(cov, field, "header_key_format", header_key_format.is_some())?;
+    out.header_case = super::http_protocol::header_case(
+        ctx,
+        &path(field, "header_key_format"),
+        header_key_format.as_ref(),
+    )?;
     ctx.refuse(
         cov,
         field,
