@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use crate::http::body::UpstreamBody;
 use crate::internal_listener::InternalListeners;
 use crate::lb::{Balancer, HostMeta, LbHost};
 use crate::outlier::{Detector, HostOutlier, Outcome};
-use crate::stats::{ClusterStats, Counter, Stats};
+use crate::stats::{ClusterStats, Counter, GaugeGuard, Stats};
 use crate::tls::{ClientCache, TlsContexts, UpstreamIo};
 
 /// Why an upstream request failed, with what Envoy reports for it.
@@ -1218,15 +1218,26 @@ pub struct H2Stream {
     _slot: Arc<StreamSlot>,
 }
 
-struct StreamSlot(Option<Slot>, Arc<ClusterShared>);
+struct StreamSlot {
+    slot: Option<Slot>,
+    shared: Arc<ClusterShared>,
+    /// The cluster's `upstream_rq_active`, for as long as the stream lives.
+    _active: GaugeGuard,
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         // Release before waking, or the woken would still find it taken.
-        drop(self.0.take());
-        self.1.breakers.freed.notify_waiters();
+        drop(self.slot.take());
+        self.shared.breakers.freed.notify_waiters();
     }
 }
+
+/// Marks a request as a `tcp_proxy` tunnel's CONNECT, and notes whether
+/// its stream was given a connection (then it is a request of the cluster
+/// and the endpoint, as Envoy's HTTP pool counts it, whatever the answer).
+#[derive(Clone, Default)]
+struct TunnelStream(Arc<AtomicBool>);
 
 /// Counts a request in flight on an endpoint while it lives.
 struct InFlight<'a>(&'a AtomicU64);
@@ -1495,6 +1506,21 @@ impl EndpointPool {
         self.report(Outcome::LocalFailure);
     }
 
+    /// A `tcp_proxy` connection asked of the endpoint: Envoy's TCP pool
+    /// holds it as a pending request until its connection is up.
+    pub fn tcp_pending(&self) {
+        self.settings.stats.upstream_rq_pending_total.inc();
+    }
+
+    /// A `tcp_proxy` connection that is up: Envoy's TCP pool counts it as
+    /// a request of the cluster and the endpoint, active (what is returned)
+    /// until the connection ends.
+    pub fn tcp_attached(&self) -> GaugeGuard {
+        self.settings.stats.upstream_rq_total.inc();
+        self.counters().rq_total.fetch_add(1, Ordering::Relaxed);
+        self.settings.stats.upstream_rq_active.inc()
+    }
+
     /// Reports a connection attempt made outside the HTTP pools (the TCP
     /// proxy) to outlier detection, as a local-origin result.
     pub fn report_connect(&self, ok: bool) {
@@ -1514,8 +1540,15 @@ impl EndpointPool {
     }
 
     /// Runs one request under the cluster's request breaker, counting it in
-    /// flight and reporting its outcome to outlier detection.
-    async fn guarded<F>(&self, send: F) -> Result<Response<Incoming>, UpstreamError>
+    /// flight and reporting its outcome to outlier detection. A tunnel's
+    /// CONNECT (`tunnel`) counts as Envoy's TCP proxy counts it: one request
+    /// of the endpoint once its stream had a connection, neither a success
+    /// nor an error (those are the router's).
+    async fn guarded<F>(
+        &self,
+        tunnel: Option<TunnelStream>,
+        send: F,
+    ) -> Result<Response<Incoming>, UpstreamError>
     where
         F: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
     {
@@ -1525,14 +1558,23 @@ impl EndpointPool {
         let start = Instant::now();
         let r = send.await;
         let hs = self.counters();
-        hs.rq_total.fetch_add(1, Ordering::Relaxed);
-        match &r {
-            Ok(resp) if resp.status().is_server_error() => {
-                hs.rq_error.fetch_add(1, Ordering::Relaxed)
+        match &tunnel {
+            Some(t) => {
+                if t.0.load(Ordering::Relaxed) {
+                    hs.rq_total.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            Ok(_) => hs.rq_success.fetch_add(1, Ordering::Relaxed),
-            Err(_) => hs.rq_error.fetch_add(1, Ordering::Relaxed),
-        };
+            None => {
+                hs.rq_total.fetch_add(1, Ordering::Relaxed);
+                match &r {
+                    Ok(resp) if resp.status().is_server_error() => {
+                        hs.rq_error.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Ok(_) => hs.rq_success.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => hs.rq_error.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }
         match &r {
             Ok(resp) => {
                 self.conns().ewma.observe(start.elapsed(), Instant::now());
@@ -1756,6 +1798,7 @@ impl EndpointPool {
         &self,
         slot: Slot,
     ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
+        self.settings.stats.upstream_cx_http1_total.inc();
         let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let (sender, conn) = http1::Builder::new()
@@ -1782,12 +1825,12 @@ impl EndpointPool {
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
-            return self.guarded(named.send_h1_inner(req)).await;
+            return self.guarded(None, named.send_h1_inner(req)).await;
         }
         if let Some(carrying) = self.for_state(&req) {
-            return self.guarded(carrying.send_h1_inner(req)).await;
+            return self.guarded(None, carrying.send_h1_inner(req)).await;
         }
-        self.guarded(self.send_h1_inner(req)).await
+        self.guarded(None, self.send_h1_inner(req)).await
     }
 
     async fn send_h1_inner(
@@ -1926,6 +1969,7 @@ impl EndpointPool {
         else {
             return Err(UpstreamError::Overflow);
         };
+        self.settings.stats.upstream_cx_http2_total.inc();
         let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -2005,6 +2049,7 @@ impl EndpointPool {
         // The carrying connection's local address, for the access log.
         let local = LocalAddrSlot::default();
         req.extensions_mut().insert(local.clone());
+        req.extensions_mut().insert(TunnelStream::default());
         let open = async {
             let mut resp = self.send_h2(req).await?;
             if !resp.status().is_success() {
@@ -2039,13 +2084,14 @@ impl EndpointPool {
         &self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let tunnel = req.extensions().get::<TunnelStream>().cloned();
         if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
-            return self.guarded(named.send_h2_inner(req)).await;
+            return self.guarded(tunnel, named.send_h2_inner(req)).await;
         }
         if let Some(carrying) = self.for_state(&req) {
-            return self.guarded(carrying.send_h2_inner(req)).await;
+            return self.guarded(tunnel, carrying.send_h2_inner(req)).await;
         }
-        self.guarded(self.send_h2_inner(req)).await
+        self.guarded(tunnel, self.send_h2_inner(req)).await
     }
 
     async fn send_h2_inner(
@@ -2059,8 +2105,21 @@ impl EndpointPool {
         loop {
             attempts += 1;
             let ((mut sender, local), streams, slot) = self.h2_stream_or_wait().await?;
+            // The stream has its connection: Envoy's HTTP pool counts it
+            // active from here until it ends, and a tunnel's CONNECT as a
+            // request of the cluster (the router counts its own requests).
+            let active = self.settings.stats.upstream_rq_active.inc();
+            if let Some(t) = req.extensions().get::<TunnelStream>()
+                && !t.0.swap(true, Ordering::Relaxed)
+            {
+                self.settings.stats.upstream_rq_total.inc();
+            }
             let stream = H2Stream {
-                _slot: Arc::new(StreamSlot(Some(slot), self.settings.shared.clone())),
+                _slot: Arc::new(StreamSlot {
+                    slot: Some(slot),
+                    shared: self.settings.shared.clone(),
+                    _active: active,
+                }),
             };
             LocalAddrSlot::report(&req, local);
             if sender.ready().await.is_err() {
@@ -2092,10 +2151,17 @@ impl EndpointPool {
     async fn h2_stream_or_wait(&self) -> Result<(H2Sender, Arc<AtomicU32>, Slot), UpstreamError> {
         let breakers = &self.settings.shared.breakers;
         let mut pending = None;
+        let mut queued = false;
         loop {
             let freed = breakers.freed.notified();
             if let Some(s) = self.h2_stream() {
                 return Ok(s);
+            }
+            if !queued {
+                // No connection with room: the stream waits for one (a new
+                // connection or a stream's end), as Envoy's pending request.
+                queued = true;
+                self.settings.stats.upstream_rq_pending_total.inc();
             }
             {
                 // One connection attempt at a time; the others wait and share it.
