@@ -1022,20 +1022,34 @@ pub struct HostStats {
     pub rq_timeout: AtomicU64,
 }
 
-/// Decrements a host's active connections when its connection closes.
-struct ActiveCx(Arc<HostStats>);
+/// Counts a connection active on its host and its cluster
+/// (`upstream_cx_active`) until it closes.
+struct ActiveCx {
+    host: Arc<HostStats>,
+    _cluster: GaugeGuard,
+}
 
 impl ActiveCx {
-    fn new(stats: &Arc<HostStats>) -> Self {
+    fn new(stats: &Arc<HostStats>, cluster: &ClusterStats) -> Self {
         stats.cx_active.fetch_add(1, Ordering::Relaxed);
-        Self(stats.clone())
+        Self {
+            host: stats.clone(),
+            _cluster: cluster.upstream_cx_active.inc(),
+        }
     }
 }
 
 impl Drop for ActiveCx {
     fn drop(&mut self) {
-        self.0.cx_active.fetch_sub(1, Ordering::Relaxed);
+        self.host.cx_active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A `tcp_proxy` connection as Envoy's TCP pool keeps it: an active
+/// connection and an active request of its cluster and host until it ends.
+pub struct TcpAttached {
+    _cx: ActiveCx,
+    _rq: GaugeGuard,
 }
 
 /// An endpoint's HTTP/2 connection and its local address.
@@ -1513,12 +1527,15 @@ impl EndpointPool {
     }
 
     /// A `tcp_proxy` connection that is up: Envoy's TCP pool counts it as
-    /// a request of the cluster and the endpoint, active (what is returned)
-    /// until the connection ends.
-    pub fn tcp_attached(&self) -> GaugeGuard {
+    /// a request of the cluster and the endpoint, and the connection and
+    /// request active (while what is returned lives).
+    pub fn tcp_attached(&self) -> TcpAttached {
         self.settings.stats.upstream_rq_total.inc();
         self.counters().rq_total.fetch_add(1, Ordering::Relaxed);
-        self.settings.stats.upstream_rq_active.inc()
+        TcpAttached {
+            _cx: ActiveCx::new(self.counters(), &self.settings.stats),
+            _rq: self.settings.stats.upstream_rq_active.inc(),
+        }
     }
 
     /// Reports a connection attempt made outside the HTTP pools (the TCP
@@ -1808,7 +1825,7 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.settings.stats.upstream_cx_destroy.clone();
         let shared = self.settings.shared.clone();
-        let active = ActiveCx::new(self.counters());
+        let active = ActiveCx::new(self.counters(), &self.settings.stats);
         tokio::spawn(async move {
             let _active = active;
             let _ = conn.with_upgrades().await;
@@ -1979,7 +1996,7 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.settings.stats.upstream_cx_destroy.clone();
-        let active = ActiveCx::new(self.counters());
+        let active = ActiveCx::new(self.counters(), &self.settings.stats);
         let peer_max = Arc::new(AtomicU32::new(saturate(conn.current_max_send_streams())));
         let seen = peer_max.clone();
         tokio::spawn(async move {

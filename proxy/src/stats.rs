@@ -347,6 +347,8 @@ pub struct ClusterStats {
     /// stream is given a connection until it ends, and `tcp_proxy`
     /// connections that are up.
     pub upstream_rq_active: Gauge,
+    /// Connections open: the HTTP pools' and `tcp_proxy`'s.
+    pub upstream_cx_active: Gauge,
     /// Upstream TLS handshakes done and failed (Envoy's `ssl.handshake`,
     /// `ssl.connection_error`).
     pub ssl_handshake: Counter,
@@ -376,6 +378,7 @@ impl ClusterStats {
             upstream_cx_http2_total: c("upstream_cx_http2_total"),
             upstream_rq_pending_total: c("upstream_rq_pending_total"),
             upstream_rq_active: stats.gauge(&format!("{prefix}upstream_rq_active")),
+            upstream_cx_active: stats.gauge(&format!("{prefix}upstream_cx_active")),
             ssl_handshake: c("ssl.handshake"),
             ssl_connection_error: c("ssl.connection_error"),
         }

@@ -447,12 +447,14 @@ fn compared() -> Vec<String> {
     for cluster in ["connect_originate", SERVICE] {
         for n in [
             "upstream_cx_total",
+            "upstream_cx_active",
             "upstream_rq_total",
             "upstream_rq_pending_total",
             "upstream_rq_active",
             // Envoy's TCP proxy charges no response code to the cluster for
             // a CONNECT answered 200 (its router does, for requests).
             "upstream_rq_2xx",
+            "upstream_rq_4xx",
             "upstream_rq_5xx",
         ] {
             names.push(format!("cluster.{cluster}.{n}"));
@@ -471,6 +473,17 @@ fn compared() -> Vec<String> {
         }
     }
     names
+}
+
+/// A listener for `Envoy::start` to wait on (it connects to the port it
+/// waits for): an outbound listener probed would make a tunnel.
+fn probe_listener(port: u16) -> Value {
+    json!({
+        "name": "probe",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.direct_response", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config"}}]}],
+    })
 }
 
 /// The sum of a Prometheus metric's samples whose labels contain all of
@@ -589,6 +602,16 @@ fn tunnel_streams_are_counted_as_envoy_counts_them() -> Result<()> {
             "ferry, tunnels open: {name}"
         );
     }
+    // One pooled HTTP/2 connection to the pod; one internal connection per
+    // tunnel open.
+    assert_eq!(
+        ferry_during.stat("cluster.connect_originate.upstream_cx_active"),
+        1
+    );
+    assert_eq!(
+        ferry_during.stat(&format!("cluster.{SERVICE}.upstream_cx_active")),
+        held as u64
+    );
     assert_eq!(
         ferry_after.host("connect_originate", &host, "rq_total"),
         Some(calls)
@@ -634,12 +657,7 @@ fn tunnel_streams_are_counted_as_envoy_counts_them() -> Result<()> {
     let probe = free_port();
     let mut cfg = config(mesh.dir.path(), port, hbone_port, &[pod]);
     if let Some(l) = cfg["static_resources"]["listeners"].as_array_mut() {
-        l.push(json!({
-            "name": "probe",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": probe}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.direct_response", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config"}}]}],
-        }));
+        l.push(probe_listener(probe));
     }
     let e = Envoy::start(&bin, &cfg, probe)?;
     let (envoy_during, envoy_after) = tunnelled_calls(port, e.admin(), pod, held)
@@ -661,12 +679,14 @@ fn tunnel_streams_are_counted_as_envoy_counts_them() -> Result<()> {
     );
     eprintln!("counted alike: {:#?}", pick(&envoy_after));
     for cluster in ["connect_originate", SERVICE] {
-        let name = format!("cluster.{cluster}.upstream_rq_active");
-        assert_eq!(
-            ferry_during.stat(&name),
-            envoy_during.stat(&name),
-            "tunnels open: {name}"
-        );
+        for gauge in ["upstream_rq_active", "upstream_cx_active"] {
+            let name = format!("cluster.{cluster}.{gauge}");
+            assert_eq!(
+                ferry_during.stat(&name),
+                envoy_during.stat(&name),
+                "tunnels open: {name}"
+            );
+        }
     }
     for (cluster, host) in [
         ("connect_originate", host.as_str()),
@@ -692,5 +712,109 @@ fn tunnel_streams_are_counted_as_envoy_counts_them() -> Result<()> {
         received,
         envoy_after.stat("tcp.outbound.downstream_cx_rx_bytes_total")
     );
+    Ok(())
+}
+
+/// A CONNECT the pod refuses (400: the authority is not an address of the
+/// pod, which the endpoint's `waypoint` metadata sends the tunnel to) is
+/// still a request of `connect_originate` and its endpoint, counted alike
+/// by Ferry and Envoy 1.40: neither an error of the endpoint nor a
+/// response code of the cluster, the call failing as a connect failure.
+#[test]
+fn a_refused_tunnel_is_counted_as_envoy_counts_it() -> Result<()> {
+    let _lock = RunLock::shared();
+    let mesh = Mesh::new()?;
+    let hbone_port = free_port();
+    let pod = mesh.pod(
+        [127, 0, 14, 7],
+        hbone_port,
+        "spiffe://cluster.local/ns/default/sa/echo",
+    )?;
+    let elsewhere: SocketAddr = "127.0.14.8:8080".parse()?;
+    let host = format!("127.0.14.7:{hbone_port}");
+    let cfg = |port: u16| {
+        let mut cfg = config(mesh.dir.path(), port, hbone_port, &[elsewhere]);
+        cfg["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            [0]["metadata"]["filter_metadata"]["envoy.filters.listener.original_dst"]["waypoint"] =
+            json!(format!("127.0.14.7:{hbone_port}"));
+        cfg
+    };
+    let run = |port: u16, admin: u16| -> Result<Counted> {
+        let got = exchange(port, "ping\n").unwrap_or_default();
+        anyhow::ensure!(got.is_empty(), "a refused tunnel answers nothing: {got}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = Counted::read(admin)?;
+            if (c.stat("tcp.outbound.downstream_cx_total") == 1
+                && c.stat(&format!("cluster.{SERVICE}.upstream_rq_active")) == 0)
+                || std::time::Instant::now() > deadline
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                return Counted::read(admin);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let port = free_port();
+    let ferry = Ferry::start(&cfg(port).to_string())?;
+    let ferry_after = run(port, ferry.admin_port())
+        .with_context(|| format!("through ferry:\n{}", ferry.log()))?;
+    drop(ferry);
+    let seen = pod.seen();
+    assert!(
+        seen.len() == 1 && seen[0].status == 400 && seen[0].authority == elsewhere.to_string(),
+        "the pod refused the tunnel: {seen:?}"
+    );
+    assert_eq!(
+        ferry_after.stat("cluster.connect_originate.upstream_rq_total"),
+        1
+    );
+    assert_eq!(
+        ferry_after.host("connect_originate", &host, "rq_total"),
+        Some(1)
+    );
+    assert_eq!(
+        ferry_after.host("connect_originate", &host, "rq_error"),
+        Some(0)
+    );
+
+    let Some(bin) = envoy::bin()? else {
+        return Ok(());
+    };
+    let port = free_port();
+    let probe = free_port();
+    let mut c = cfg(port);
+    if let Some(l) = c["static_resources"]["listeners"].as_array_mut() {
+        l.push(probe_listener(probe));
+    }
+    let e = Envoy::start(&bin, &c, probe)?;
+    let envoy_after =
+        run(port, e.admin()).with_context(|| format!("through envoy:\n{}", e.log()))?;
+    assert!(
+        pod.seen()[1..].iter().all(|s| s.status == 400),
+        "{:?}",
+        pod.seen()
+    );
+    let pick = |c: &Counted| -> BTreeMap<String, u64> {
+        compared()
+            .into_iter()
+            // The bytes of a refused call are the client's only.
+            .filter(|n| !n.starts_with("tcp.connect_originate.downstream_cx_tx"))
+            .map(|n| {
+                let v = c.stat(&n);
+                (n, v)
+            })
+            .collect()
+    };
+    assert_eq!(pick(&ferry_after), pick(&envoy_after), "ferry, then envoy");
+    for stat in ["rq_total", "rq_success", "rq_error"] {
+        assert_eq!(
+            ferry_after.host("connect_originate", &host, stat),
+            envoy_after.host("connect_originate", &host, stat),
+            "{stat}:\n{}\n{}",
+            ferry_after.clusters,
+            envoy_after.clusters
+        );
+    }
     Ok(())
 }
