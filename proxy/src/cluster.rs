@@ -1050,6 +1050,7 @@ impl Drop for ActiveCx {
 pub struct TcpAttached {
     _cx: ActiveCx,
     _rq: GaugeGuard,
+    _host_rq: HostActive,
 }
 
 /// An endpoint's HTTP/2 connection and its local address.
@@ -1252,6 +1253,24 @@ impl Drop for StreamSlot {
 /// and the endpoint, as Envoy's HTTP pool counts it, whatever the answer).
 #[derive(Clone, Default)]
 struct TunnelStream(Arc<AtomicBool>);
+
+/// An open tunnel's stream or `tcp_proxy` connection, active on its
+/// endpoint for as long as it lives (the endpoint's `rq_active`, and its
+/// load for least request), as Envoy's pools count it until it ends.
+pub struct HostActive(Arc<EndpointPool>);
+
+impl HostActive {
+    fn new(pool: &Arc<EndpointPool>) -> Self {
+        pool.active.fetch_add(1, Ordering::Relaxed);
+        Self(pool.clone())
+    }
+}
+
+impl Drop for HostActive {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Counts a request in flight on an endpoint while it lives.
 struct InFlight<'a>(&'a AtomicU64);
@@ -1529,12 +1548,13 @@ impl EndpointPool {
     /// A `tcp_proxy` connection that is up: Envoy's TCP pool counts it as
     /// a request of the cluster and the endpoint, and the connection and
     /// request active (while what is returned lives).
-    pub fn tcp_attached(&self) -> TcpAttached {
+    pub fn tcp_attached(self: &Arc<Self>) -> TcpAttached {
         self.settings.stats.upstream_rq_total.inc();
         self.counters().rq_total.fetch_add(1, Ordering::Relaxed);
         TcpAttached {
             _cx: ActiveCx::new(self.counters(), &self.settings.stats),
             _rq: self.settings.stats.upstream_rq_active.inc(),
+            _host_rq: HostActive::new(self),
         }
     }
 
@@ -2039,7 +2059,7 @@ impl EndpointPool {
     /// HTTP/2 connection (one per endpoint, so per destination and
     /// identity), bytes both ways once it answers 2xx.
     pub async fn connect_tunnel(
-        &self,
+        self: &Arc<Self>,
         authority: &str,
         headers: &[(String, String)],
     ) -> Result<UpstreamIo, UpstreamError> {
@@ -2083,6 +2103,7 @@ impl EndpointPool {
                 Box::new(crate::tls::TunnelIo {
                     io: TokioIo::new(upgraded),
                     _stream: stream,
+                    _active: HostActive::new(self),
                 }),
                 local.get(),
             ))

@@ -617,6 +617,11 @@ fn tunnel_streams_are_counted_as_envoy_counts_them() -> Result<()> {
         Some(calls)
     );
     assert_eq!(
+        ferry_during.host("connect_originate", &host, "rq_active"),
+        Some(held as u64),
+        "ferry, tunnels open"
+    );
+    assert_eq!(
         ferry_after.host(SERVICE, &internal, "rq_total"),
         Some(calls)
     );
@@ -701,6 +706,15 @@ fn tunnel_streams_are_counted_as_envoy_counts_them() -> Result<()> {
         ("connect_originate", host.as_str()),
         (SERVICE, internal.as_str()),
     ] {
+        for stat in ["rq_active", "cx_active"] {
+            assert_eq!(
+                ferry_during.host(cluster, host, stat),
+                envoy_during.host(cluster, host, stat),
+                "tunnels open, {cluster}::{host}::{stat}:\n{}\n{}",
+                ferry_during.clusters,
+                envoy_during.clusters
+            );
+        }
         for stat in ["rq_total", "rq_success", "rq_error"] {
             assert_eq!(
                 ferry_after.host(cluster, host, stat),
