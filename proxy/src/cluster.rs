@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ use crate::http::body::UpstreamBody;
 use crate::internal_listener::InternalListeners;
 use crate::lb::{Balancer, HostMeta, LbHost};
 use crate::outlier::{Detector, HostOutlier, Outcome};
-use crate::stats::{ClusterStats, Counter, Stats};
+use crate::stats::{ClusterStats, Counter, GaugeGuard, Stats};
 use crate::tls::{ClientCache, TlsContexts, UpstreamIo};
 
 /// Why an upstream request failed, with what Envoy reports for it.
@@ -1025,20 +1025,35 @@ pub struct HostStats {
     pub rq_timeout: AtomicU64,
 }
 
-/// Decrements a host's active connections when its connection closes.
-struct ActiveCx(Arc<HostStats>);
+/// Counts a connection active on its host and its cluster
+/// (`upstream_cx_active`) until it closes.
+struct ActiveCx {
+    host: Arc<HostStats>,
+    _cluster: GaugeGuard,
+}
 
 impl ActiveCx {
-    fn new(stats: &Arc<HostStats>) -> Self {
+    fn new(stats: &Arc<HostStats>, cluster: &ClusterStats) -> Self {
         stats.cx_active.fetch_add(1, Ordering::Relaxed);
-        Self(stats.clone())
+        Self {
+            host: stats.clone(),
+            _cluster: cluster.upstream_cx_active.inc(),
+        }
     }
 }
 
 impl Drop for ActiveCx {
     fn drop(&mut self) {
-        self.0.cx_active.fetch_sub(1, Ordering::Relaxed);
+        self.host.cx_active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A `tcp_proxy` connection as Envoy's TCP pool keeps it: an active
+/// connection and an active request of its cluster and host until it ends.
+pub struct TcpAttached {
+    _cx: ActiveCx,
+    _rq: GaugeGuard,
+    _host_rq: HostActive,
 }
 
 /// An endpoint's HTTP/2 connection and its local address.
@@ -1221,13 +1236,42 @@ pub struct H2Stream {
     _slot: Arc<StreamSlot>,
 }
 
-struct StreamSlot(Option<Slot>, Arc<ClusterShared>);
+struct StreamSlot {
+    slot: Option<Slot>,
+    shared: Arc<ClusterShared>,
+    /// The cluster's `upstream_rq_active`, for as long as the stream lives.
+    _active: GaugeGuard,
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         // Release before waking, or the woken would still find it taken.
-        drop(self.0.take());
-        self.1.breakers.freed.notify_waiters();
+        drop(self.slot.take());
+        self.shared.breakers.freed.notify_waiters();
+    }
+}
+
+/// Marks a request as a `tcp_proxy` tunnel's CONNECT, and notes whether
+/// its stream was given a connection (then it is a request of the cluster
+/// and the endpoint, as Envoy's HTTP pool counts it, whatever the answer).
+#[derive(Clone, Default)]
+struct TunnelStream(Arc<AtomicBool>);
+
+/// An open tunnel's stream or `tcp_proxy` connection, active on its
+/// endpoint for as long as it lives (the endpoint's `rq_active`, and its
+/// load for least request), as Envoy's pools count it until it ends.
+pub struct HostActive(Arc<EndpointPool>);
+
+impl HostActive {
+    fn new(pool: &Arc<EndpointPool>) -> Self {
+        pool.active.fetch_add(1, Ordering::Relaxed);
+        Self(pool.clone())
+    }
+}
+
+impl Drop for HostActive {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1498,6 +1542,25 @@ impl EndpointPool {
         self.report(Outcome::LocalFailure);
     }
 
+    /// A `tcp_proxy` connection asked of the endpoint: Envoy's TCP pool
+    /// holds it as a pending request until its connection is up.
+    pub fn tcp_pending(&self) {
+        self.settings.stats.upstream_rq_pending_total.inc();
+    }
+
+    /// A `tcp_proxy` connection that is up: Envoy's TCP pool counts it as
+    /// a request of the cluster and the endpoint, and the connection and
+    /// request active (while what is returned lives).
+    pub fn tcp_attached(self: &Arc<Self>) -> TcpAttached {
+        self.settings.stats.upstream_rq_total.inc();
+        self.counters().rq_total.fetch_add(1, Ordering::Relaxed);
+        TcpAttached {
+            _cx: ActiveCx::new(self.counters(), &self.settings.stats),
+            _rq: self.settings.stats.upstream_rq_active.inc(),
+            _host_rq: HostActive::new(self),
+        }
+    }
+
     /// Reports a connection attempt made outside the HTTP pools (the TCP
     /// proxy) to outlier detection, as a local-origin result.
     pub fn report_connect(&self, ok: bool) {
@@ -1517,8 +1580,15 @@ impl EndpointPool {
     }
 
     /// Runs one request under the cluster's request breaker, counting it in
-    /// flight and reporting its outcome to outlier detection.
-    async fn guarded<F>(&self, send: F) -> Result<Response<Incoming>, UpstreamError>
+    /// flight and reporting its outcome to outlier detection. A tunnel's
+    /// CONNECT (`tunnel`) counts as Envoy's TCP proxy counts it: one request
+    /// of the endpoint once its stream had a connection, neither a success
+    /// nor an error (those are the router's).
+    async fn guarded<F>(
+        &self,
+        tunnel: Option<TunnelStream>,
+        send: F,
+    ) -> Result<Response<Incoming>, UpstreamError>
     where
         F: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
     {
@@ -1528,14 +1598,23 @@ impl EndpointPool {
         let start = Instant::now();
         let r = send.await;
         let hs = self.counters();
-        hs.rq_total.fetch_add(1, Ordering::Relaxed);
-        match &r {
-            Ok(resp) if resp.status().is_server_error() => {
-                hs.rq_error.fetch_add(1, Ordering::Relaxed)
+        match &tunnel {
+            Some(t) => {
+                if t.0.load(Ordering::Relaxed) {
+                    hs.rq_total.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            Ok(_) => hs.rq_success.fetch_add(1, Ordering::Relaxed),
-            Err(_) => hs.rq_error.fetch_add(1, Ordering::Relaxed),
-        };
+            None => {
+                hs.rq_total.fetch_add(1, Ordering::Relaxed);
+                match &r {
+                    Ok(resp) if resp.status().is_server_error() => {
+                        hs.rq_error.fetch_add(1, Ordering::Relaxed)
+                    }
+                    Ok(_) => hs.rq_success.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => hs.rq_error.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }
         match &r {
             Ok(resp) => {
                 self.conns().ewma.observe(start.elapsed(), Instant::now());
@@ -1759,6 +1838,7 @@ impl EndpointPool {
         &self,
         slot: Slot,
     ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
+        self.settings.stats.upstream_cx_http1_total.inc();
         let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let mut builder = http1::Builder::new();
@@ -1769,7 +1849,7 @@ impl EndpointPool {
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.settings.stats.upstream_cx_destroy.clone();
         let shared = self.settings.shared.clone();
-        let active = ActiveCx::new(self.counters());
+        let active = ActiveCx::new(self.counters(), &self.settings.stats);
         tokio::spawn(async move {
             let _active = active;
             let _ = conn.with_upgrades().await;
@@ -1786,12 +1866,12 @@ impl EndpointPool {
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
-            return self.guarded(named.send_h1_inner(req)).await;
+            return self.guarded(None, named.send_h1_inner(req)).await;
         }
         if let Some(carrying) = self.for_state(&req) {
-            return self.guarded(carrying.send_h1_inner(req)).await;
+            return self.guarded(None, carrying.send_h1_inner(req)).await;
         }
-        self.guarded(self.send_h1_inner(req)).await
+        self.guarded(None, self.send_h1_inner(req)).await
     }
 
     async fn send_h1_inner(
@@ -1930,6 +2010,7 @@ impl EndpointPool {
         else {
             return Err(UpstreamError::Overflow);
         };
+        self.settings.stats.upstream_cx_http2_total.inc();
         let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -1939,7 +2020,7 @@ impl EndpointPool {
             .await
             .map_err(UpstreamError::Reset)?;
         let destroyed = self.settings.stats.upstream_cx_destroy.clone();
-        let active = ActiveCx::new(self.counters());
+        let active = ActiveCx::new(self.counters(), &self.settings.stats);
         let peer_max = Arc::new(AtomicU32::new(saturate(conn.current_max_send_streams())));
         let seen = peer_max.clone();
         tokio::spawn(async move {
@@ -1982,7 +2063,7 @@ impl EndpointPool {
     /// HTTP/2 connection (one per endpoint, so per destination and
     /// identity), bytes both ways once it answers 2xx.
     pub async fn connect_tunnel(
-        &self,
+        self: &Arc<Self>,
         authority: &str,
         headers: &[(String, String)],
     ) -> Result<UpstreamIo, UpstreamError> {
@@ -2009,6 +2090,7 @@ impl EndpointPool {
         // The carrying connection's local address, for the access log.
         let local = LocalAddrSlot::default();
         req.extensions_mut().insert(local.clone());
+        req.extensions_mut().insert(TunnelStream::default());
         let open = async {
             let mut resp = self.send_h2(req).await?;
             if !resp.status().is_success() {
@@ -2025,6 +2107,7 @@ impl EndpointPool {
                 Box::new(crate::tls::TunnelIo {
                     io: TokioIo::new(upgraded),
                     _stream: stream,
+                    _active: HostActive::new(self),
                 }),
                 local.get(),
             ))
@@ -2043,13 +2126,14 @@ impl EndpointPool {
         &self,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let tunnel = req.extensions().get::<TunnelStream>().cloned();
         if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
-            return self.guarded(named.send_h2_inner(req)).await;
+            return self.guarded(tunnel, named.send_h2_inner(req)).await;
         }
         if let Some(carrying) = self.for_state(&req) {
-            return self.guarded(carrying.send_h2_inner(req)).await;
+            return self.guarded(tunnel, carrying.send_h2_inner(req)).await;
         }
-        self.guarded(self.send_h2_inner(req)).await
+        self.guarded(tunnel, self.send_h2_inner(req)).await
     }
 
     async fn send_h2_inner(
@@ -2063,8 +2147,21 @@ impl EndpointPool {
         loop {
             attempts += 1;
             let ((mut sender, local), streams, slot) = self.h2_stream_or_wait().await?;
+            // The stream has its connection: Envoy's HTTP pool counts it
+            // active from here until it ends, and a tunnel's CONNECT as a
+            // request of the cluster (the router counts its own requests).
+            let active = self.settings.stats.upstream_rq_active.inc();
+            if let Some(t) = req.extensions().get::<TunnelStream>()
+                && !t.0.swap(true, Ordering::Relaxed)
+            {
+                self.settings.stats.upstream_rq_total.inc();
+            }
             let stream = H2Stream {
-                _slot: Arc::new(StreamSlot(Some(slot), self.settings.shared.clone())),
+                _slot: Arc::new(StreamSlot {
+                    slot: Some(slot),
+                    shared: self.settings.shared.clone(),
+                    _active: active,
+                }),
             };
             LocalAddrSlot::report(&req, local);
             if sender.ready().await.is_err() {
@@ -2096,10 +2193,17 @@ impl EndpointPool {
     async fn h2_stream_or_wait(&self) -> Result<(H2Sender, Arc<AtomicU32>, Slot), UpstreamError> {
         let breakers = &self.settings.shared.breakers;
         let mut pending = None;
+        let mut queued = false;
         loop {
             let freed = breakers.freed.notified();
             if let Some(s) = self.h2_stream() {
                 return Ok(s);
+            }
+            if !queued {
+                // No connection with room: the stream waits for one (a new
+                // connection or a stream's end), as Envoy's pending request.
+                queued = true;
+                self.settings.stats.upstream_rq_pending_total.inc();
             }
             {
                 // One connection attempt at a time; the others wait and share it.

@@ -335,6 +335,20 @@ pub struct ClusterStats {
     /// closed by the server before any byte was written.
     pub upstream_rq_retry_stale_connection: Counter,
     pub upstream_cx_destroy: Counter,
+    /// Connections opened by the HTTP pools, per protocol (counted when the
+    /// pool starts one, as Envoy's pools count them).
+    pub upstream_cx_http1_total: Counter,
+    pub upstream_cx_http2_total: Counter,
+    /// Envoy's pending requests: HTTP/2 streams (requests and `tcp_proxy`
+    /// tunnels) that found no connection with room and waited for one, and
+    /// `tcp_proxy` connections (each waits for its own connection).
+    pub upstream_rq_pending_total: Counter,
+    /// HTTP/2 streams open on the cluster's connections, from the moment a
+    /// stream is given a connection until it ends, and `tcp_proxy`
+    /// connections that are up.
+    pub upstream_rq_active: Gauge,
+    /// Connections open: the HTTP pools' and `tcp_proxy`'s.
+    pub upstream_cx_active: Gauge,
     /// Upstream TLS handshakes done and failed (Envoy's `ssl.handshake`,
     /// `ssl.connection_error`).
     pub ssl_handshake: Counter,
@@ -360,6 +374,11 @@ impl ClusterStats {
             ],
             upstream_rq_retry_stale_connection: c("upstream_rq_retry_stale_connection"),
             upstream_cx_destroy: c("upstream_cx_destroy"),
+            upstream_cx_http1_total: c("upstream_cx_http1_total"),
+            upstream_cx_http2_total: c("upstream_cx_http2_total"),
+            upstream_rq_pending_total: c("upstream_rq_pending_total"),
+            upstream_rq_active: stats.gauge(&format!("{prefix}upstream_rq_active")),
+            upstream_cx_active: stats.gauge(&format!("{prefix}upstream_cx_active")),
             ssl_handshake: c("ssl.handshake"),
             ssl_connection_error: c("ssl.connection_error"),
         }

@@ -83,7 +83,7 @@ pub async fn proxy<S>(
     // `max_connect_attempts`: a failed connect moves on to another host
     // while there is one, as Envoy's TCP proxy does.
     let mut tried = Vec::new();
-    let (pool, up) = loop {
+    let (pool, up, _active) = loop {
         let picked = if tried.is_empty() {
             cluster.pick_hashed(Some(target), hash)
         } else {
@@ -95,7 +95,12 @@ pub async fn proxy<S>(
             return;
         };
         let connected = match &tp.tunneling {
-            None => pool.connect_carrying(shared.clone()).await,
+            None => {
+                pool.tcp_pending();
+                pool.connect_carrying(shared.clone())
+                    .await
+                    .map(|s| (s, Some(pool.tcp_attached())))
+            }
             Some(t) => {
                 let authority = match &t.hostname {
                     ferry_model::listener::TunnelHost::DownstreamLocalAddress => {
@@ -105,13 +110,17 @@ pub async fn proxy<S>(
                 };
                 // Boxed: the tunnel's setup is large, and the connection's
                 // task keeps the room its future needs for its whole life.
-                Box::pin(pool.connect_tunnel(&authority, &t.headers)).await
+                // The tunnel's stream counts itself, as Envoy's HTTP pool
+                // counts it.
+                Box::pin(pool.connect_tunnel(&authority, &t.headers))
+                    .await
+                    .map(|s| (s, None))
             }
         };
         match connected {
-            Ok(s) => {
+            Ok((s, active)) => {
                 pool.report_connect(true);
-                break (pool, s);
+                break (pool, s, active);
             }
             Err(e) => {
                 pool.report_connect(false);

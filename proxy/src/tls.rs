@@ -290,6 +290,7 @@ pub enum UpstreamIo {
 pub struct TunnelIo {
     pub io: hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>,
     pub _stream: Option<crate::cluster::H2Stream>,
+    pub _active: crate::cluster::HostActive,
 }
 
 impl AsyncRead for TunnelIo {

@@ -15,6 +15,7 @@
 //! Envoy comes from `ferry_tests::envoy`; without it only Ferry's half runs
 //! (with a note), except under `CI=true`, where a missing Envoy fails.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
@@ -28,7 +29,9 @@ use ferry_tests::istiod_hbone::{
     service_cluster,
 };
 use ferry_tests::pki::{Ca, Leaf};
-use ferry_tests::proxy::{Bootstrap, Ferry, RunLock, TempDir, free_port, local, tcp_proxy};
+use ferry_tests::proxy::{
+    Bootstrap, Ferry, RunLock, TempDir, free_port, http_request, local, tcp_proxy,
+};
 use serde_json::{Value, json};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
@@ -397,5 +400,444 @@ fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
     };
     let envoy = run(&|cfg, port| Ok(Box::new(Envoy::start(&bin, cfg, port)?)))?;
     assert_eq!(ferry, envoy);
+    Ok(())
+}
+
+/// The counters of one proxy after a run (0 for a counter it does not
+/// have), and its `/clusters` host lines.
+struct Counted {
+    stats: BTreeMap<String, u64>,
+    clusters: String,
+}
+
+impl Counted {
+    fn read(admin: u16) -> Result<Counted> {
+        let (_, body) = http_request(local(admin), "GET", "/stats")?;
+        let stats = body
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(": ")?;
+                Some((k.trim().to_string(), v.trim().parse().ok()?))
+            })
+            .collect();
+        let (_, clusters) = http_request(local(admin), "GET", "/clusters")?;
+        Ok(Counted { stats, clusters })
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        self.stats.get(name).copied().unwrap_or_default()
+    }
+
+    /// A host's counter on `/clusters` (`cluster::host::name::value`).
+    fn host(&self, cluster: &str, host: &str, name: &str) -> Option<u64> {
+        let prefix = format!("{cluster}::{host}::{name}::");
+        self.clusters
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    }
+}
+
+const SERVICE: &str = "outbound|8080||echo.default.svc.cluster.local";
+
+/// The counters compared: the `connect_originate` cluster, whose HTTP/2
+/// pool carries the tunnels, the service cluster, whose TCP pool carries
+/// the internal connections to `connect_originate`, and both TCP proxies.
+fn compared() -> Vec<String> {
+    let mut names = Vec::new();
+    for cluster in ["connect_originate", SERVICE] {
+        for n in [
+            "upstream_cx_total",
+            "upstream_cx_active",
+            "upstream_rq_total",
+            "upstream_rq_pending_total",
+            "upstream_rq_active",
+            // Envoy's TCP proxy charges no response code to the cluster for
+            // a CONNECT answered 200 (its router does, for requests).
+            "upstream_rq_2xx",
+            "upstream_rq_4xx",
+            "upstream_rq_5xx",
+        ] {
+            names.push(format!("cluster.{cluster}.{n}"));
+        }
+    }
+    names.push("cluster.connect_originate.upstream_cx_http2_total".into());
+    names.push("cluster.connect_originate.upstream_cx_http1_total".into());
+    names.push("cluster.connect_originate.ssl.handshake".into());
+    for prefix in ["outbound", "connect_originate"] {
+        for n in [
+            "downstream_cx_total",
+            "downstream_cx_rx_bytes_total",
+            "downstream_cx_tx_bytes_total",
+        ] {
+            names.push(format!("tcp.{prefix}.{n}"));
+        }
+    }
+    names
+}
+
+/// A listener for `Envoy::start` to wait on (it connects to the port it
+/// waits for): an outbound listener probed would make a tunnel.
+fn probe_listener(port: u16) -> Value {
+    json!({
+        "name": "probe",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.direct_response", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.direct_response.v3.Config"}}]}],
+    })
+}
+
+/// The sum of a Prometheus metric's samples whose labels contain all of
+/// `labels`, and the label sets seen.
+fn prometheus(text: &str, name: &str, labels: &[&str]) -> (u64, Vec<String>) {
+    let mut sum = 0;
+    let mut sets = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((set, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        if labels.iter().all(|l| set.contains(l)) {
+            sum += value.trim().parse::<u64>().unwrap_or_default();
+            sets.push(set.to_string());
+        }
+    }
+    (sum, sets)
+}
+
+/// Sequential calls, then tunnels held open at once, through one proxy:
+/// the gauges while the tunnels are open, then the counters once every
+/// tunnel has ended.
+fn tunnelled_calls(
+    port: u16,
+    admin: u16,
+    pod: SocketAddr,
+    held: usize,
+) -> Result<(Counted, Counted)> {
+    for i in 0..3 {
+        let got = exchange(port, &format!("ping {i}\n"))?;
+        anyhow::ensure!(got.starts_with(&format!("hbone {pod} ")), "{got}");
+    }
+    let open = hold_tunnels(port, held, pod)?;
+    let during = Counted::read(admin)?;
+    drop(open);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = Counted::read(admin)?;
+        let settled = after.stat("cluster.connect_originate.upstream_rq_active") == 0
+            && after.stat(&format!("cluster.{SERVICE}.upstream_rq_active")) == 0
+            && after.stat("tcp.outbound.downstream_cx_total") == 3 + held as u64;
+        if settled || std::time::Instant::now() > deadline {
+            // The last byte counts land as the connections end.
+            std::thread::sleep(Duration::from_millis(200));
+            return Ok((during, Counted::read(admin)?));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A tunnelled call is counted as Envoy 1.40 counts what istiod's
+/// `connect_originate` does: each CONNECT stream is a request of the
+/// `connect_originate` cluster (`upstream_rq_total`, pending while its
+/// HTTP/2 connection is being opened, active while the tunnel lives, the
+/// endpoint's `rq_total`, but no response-code counters and no
+/// `rq_success`/`rq_error`: those are the router's), and each internal
+/// connection a request of the service cluster's TCP pool; the TCP
+/// proxies count the same connections and bytes. Istio's TCP metrics of
+/// the outbound chain (`istio.stats`, which Envoy 1.40 does not have:
+/// istio-proxy builds it from the downstream connection's byte meter)
+/// match Envoy's TCP proxy counters of that chain.
+#[test]
+fn tunnel_streams_are_counted_as_envoy_counts_them() -> Result<()> {
+    let _lock = RunLock::shared();
+    let mesh = Mesh::new()?;
+    let hbone_port = free_port();
+    let _pod = mesh.pod(
+        [127, 0, 14, 6],
+        hbone_port,
+        "spiffe://cluster.local/ns/default/sa/echo",
+    )?;
+    let pod: SocketAddr = "127.0.14.6:8080".parse()?;
+    let host = format!("127.0.14.6:{hbone_port}");
+    let internal = format!("envoy://connect_originate/{pod}");
+    let held = 2;
+
+    let port = free_port();
+    let mut cfg = config(mesh.dir.path(), port, hbone_port, &[pod]);
+    // istio.stats before the TCP proxy of the outbound chain, as istiod
+    // puts it (Ferry only: Envoy 1.40 refuses it).
+    let filters = &mut cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"];
+    if let Some(f) = filters.as_array_mut() {
+        f.insert(
+            0,
+            json!({"name": "istio.stats", "typed_config": {"@type": "type.googleapis.com/stats.PluginConfig"}}),
+        );
+    }
+    let ferry = Ferry::start(&cfg.to_string())?;
+    let (ferry_during, ferry_after) = tunnelled_calls(port, ferry.admin_port(), pod, held)
+        .with_context(|| format!("through ferry:\n{}", ferry.log()))?;
+    let (_, text) = http_request(local(ferry.admin_port()), "GET", "/stats/prometheus")?;
+    drop(ferry);
+
+    // What Ferry counts on its own, against what the calls were.
+    let calls = 3 + held as u64;
+    for (name, want) in [
+        ("cluster.connect_originate.upstream_rq_total", calls),
+        ("cluster.connect_originate.upstream_rq_pending_total", 1),
+        ("cluster.connect_originate.upstream_cx_http2_total", 1),
+        (&format!("cluster.{SERVICE}.upstream_rq_total"), calls),
+        (
+            &format!("cluster.{SERVICE}.upstream_rq_pending_total"),
+            calls,
+        ),
+    ] {
+        assert_eq!(ferry_after.stat(name), want, "ferry: {name}");
+    }
+    for cluster in ["connect_originate", SERVICE] {
+        let name = format!("cluster.{cluster}.upstream_rq_active");
+        assert_eq!(
+            ferry_during.stat(&name),
+            held as u64,
+            "ferry, tunnels open: {name}"
+        );
+    }
+    // One pooled HTTP/2 connection to the pod; one internal connection per
+    // tunnel open.
+    assert_eq!(
+        ferry_during.stat("cluster.connect_originate.upstream_cx_active"),
+        1
+    );
+    assert_eq!(
+        ferry_during.stat(&format!("cluster.{SERVICE}.upstream_cx_active")),
+        held as u64
+    );
+    assert_eq!(
+        ferry_after.host("connect_originate", &host, "rq_total"),
+        Some(calls)
+    );
+    assert_eq!(
+        ferry_during.host("connect_originate", &host, "rq_active"),
+        Some(held as u64),
+        "ferry, tunnels open"
+    );
+    assert_eq!(
+        ferry_after.host(SERVICE, &internal, "rq_total"),
+        Some(calls)
+    );
+
+    // Istio's TCP metrics of the outbound chain: every call opened and
+    // closed, its bytes as the TCP proxy counted them.
+    let labels = [
+        "reporter=\"source\"",
+        "destination_service=\"echo.default.svc.cluster.local\"",
+        "request_protocol=\"tcp\"",
+    ];
+    let istio = |name: &str| prometheus(&text, name, &labels);
+    let (opened, sets) = istio("istio_tcp_connections_opened_total");
+    assert_eq!(opened, calls, "{sets:?}\n{text}");
+    assert_eq!(
+        istio("istio_tcp_connections_closed_total").0,
+        calls,
+        "{text}"
+    );
+    let (sent, _) = istio("istio_tcp_sent_bytes_total");
+    let (received, _) = istio("istio_tcp_received_bytes_total");
+    assert_eq!(
+        sent,
+        ferry_after.stat("tcp.outbound.downstream_cx_tx_bytes_total")
+    );
+    assert_eq!(
+        received,
+        ferry_after.stat("tcp.outbound.downstream_cx_rx_bytes_total")
+    );
+    // One series: the internal connection carries no TLS, so istio-proxy
+    // knows neither the destination's principal nor the security policy
+    // on this chain (its client side reads both from the upstream TLS).
+    assert!(
+        sets.len() == 1
+            && sets[0].contains("destination_principal=\"unknown\"")
+            && sets[0].contains("connection_security_policy=\"unknown\"")
+            && sets[0].contains("response_flags=\"-\""),
+        "{sets:#?}"
+    );
+
+    let Some(bin) = envoy::bin()? else {
+        return Ok(());
+    };
+    // Envoy::start connects to the port it waits for: a listener of its
+    // own, so that no probe makes a tunnel.
+    let port = free_port();
+    let probe = free_port();
+    let mut cfg = config(mesh.dir.path(), port, hbone_port, &[pod]);
+    if let Some(l) = cfg["static_resources"]["listeners"].as_array_mut() {
+        l.push(probe_listener(probe));
+    }
+    let e = Envoy::start(&bin, &cfg, probe)?;
+    let (envoy_during, envoy_after) = tunnelled_calls(port, e.admin(), pod, held)
+        .with_context(|| format!("through envoy:\n{}", e.log()))?;
+
+    let pick = |c: &Counted| -> BTreeMap<String, u64> {
+        compared()
+            .into_iter()
+            .map(|n| {
+                let v = c.stat(&n);
+                (n, v)
+            })
+            .collect()
+    };
+    assert_eq!(
+        pick(&ferry_after),
+        pick(&envoy_after),
+        "after the calls: ferry, then envoy"
+    );
+    eprintln!("counted alike: {:#?}", pick(&envoy_after));
+    for cluster in ["connect_originate", SERVICE] {
+        for gauge in ["upstream_rq_active", "upstream_cx_active"] {
+            let name = format!("cluster.{cluster}.{gauge}");
+            assert_eq!(
+                ferry_during.stat(&name),
+                envoy_during.stat(&name),
+                "tunnels open: {name}"
+            );
+        }
+    }
+    for (cluster, host) in [
+        ("connect_originate", host.as_str()),
+        (SERVICE, internal.as_str()),
+    ] {
+        for stat in ["rq_active", "cx_active"] {
+            assert_eq!(
+                ferry_during.host(cluster, host, stat),
+                envoy_during.host(cluster, host, stat),
+                "tunnels open, {cluster}::{host}::{stat}:\n{}\n{}",
+                ferry_during.clusters,
+                envoy_during.clusters
+            );
+        }
+        for stat in ["rq_total", "rq_success", "rq_error"] {
+            assert_eq!(
+                ferry_after.host(cluster, host, stat),
+                envoy_after.host(cluster, host, stat),
+                "{cluster}::{host}::{stat}:\n{}\n{}",
+                ferry_after.clusters,
+                envoy_after.clusters
+            );
+        }
+    }
+    // Istio's counters against Envoy's TCP proxy on the outbound chain.
+    assert_eq!(opened, envoy_after.stat("tcp.outbound.downstream_cx_total"));
+    assert_eq!(
+        sent,
+        envoy_after.stat("tcp.outbound.downstream_cx_tx_bytes_total")
+    );
+    assert_eq!(
+        received,
+        envoy_after.stat("tcp.outbound.downstream_cx_rx_bytes_total")
+    );
+    Ok(())
+}
+
+/// A CONNECT the pod refuses (400: the authority is not an address of the
+/// pod, which the endpoint's `waypoint` metadata sends the tunnel to) is
+/// still a request of `connect_originate` and its endpoint, counted alike
+/// by Ferry and Envoy 1.40: neither an error of the endpoint nor a
+/// response code of the cluster, the call failing as a connect failure.
+#[test]
+fn a_refused_tunnel_is_counted_as_envoy_counts_it() -> Result<()> {
+    let _lock = RunLock::shared();
+    let mesh = Mesh::new()?;
+    let hbone_port = free_port();
+    let pod = mesh.pod(
+        [127, 0, 14, 7],
+        hbone_port,
+        "spiffe://cluster.local/ns/default/sa/echo",
+    )?;
+    let elsewhere: SocketAddr = "127.0.14.8:8080".parse()?;
+    let host = format!("127.0.14.7:{hbone_port}");
+    let cfg = |port: u16| {
+        let mut cfg = config(mesh.dir.path(), port, hbone_port, &[elsewhere]);
+        cfg["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+            [0]["metadata"]["filter_metadata"]["envoy.filters.listener.original_dst"]["waypoint"] =
+            json!(format!("127.0.14.7:{hbone_port}"));
+        cfg
+    };
+    let run = |port: u16, admin: u16| -> Result<Counted> {
+        let got = exchange(port, "ping\n").unwrap_or_default();
+        anyhow::ensure!(got.is_empty(), "a refused tunnel answers nothing: {got}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let c = Counted::read(admin)?;
+            if (c.stat("tcp.outbound.downstream_cx_total") == 1
+                && c.stat(&format!("cluster.{SERVICE}.upstream_rq_active")) == 0)
+                || std::time::Instant::now() > deadline
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                return Counted::read(admin);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let port = free_port();
+    let ferry = Ferry::start(&cfg(port).to_string())?;
+    let ferry_after = run(port, ferry.admin_port())
+        .with_context(|| format!("through ferry:\n{}", ferry.log()))?;
+    drop(ferry);
+    let seen = pod.seen();
+    assert!(
+        seen.len() == 1 && seen[0].status == 400 && seen[0].authority == elsewhere.to_string(),
+        "the pod refused the tunnel: {seen:?}"
+    );
+    assert_eq!(
+        ferry_after.stat("cluster.connect_originate.upstream_rq_total"),
+        1
+    );
+    assert_eq!(
+        ferry_after.host("connect_originate", &host, "rq_total"),
+        Some(1)
+    );
+    assert_eq!(
+        ferry_after.host("connect_originate", &host, "rq_error"),
+        Some(0)
+    );
+
+    let Some(bin) = envoy::bin()? else {
+        return Ok(());
+    };
+    let port = free_port();
+    let probe = free_port();
+    let mut c = cfg(port);
+    if let Some(l) = c["static_resources"]["listeners"].as_array_mut() {
+        l.push(probe_listener(probe));
+    }
+    let e = Envoy::start(&bin, &c, probe)?;
+    let envoy_after =
+        run(port, e.admin()).with_context(|| format!("through envoy:\n{}", e.log()))?;
+    assert!(
+        pod.seen()[1..].iter().all(|s| s.status == 400),
+        "{:?}",
+        pod.seen()
+    );
+    let pick = |c: &Counted| -> BTreeMap<String, u64> {
+        compared()
+            .into_iter()
+            // The bytes of a refused call are the client's only.
+            .filter(|n| !n.starts_with("tcp.connect_originate.downstream_cx_tx"))
+            .map(|n| {
+                let v = c.stat(&n);
+                (n, v)
+            })
+            .collect()
+    };
+    assert_eq!(pick(&ferry_after), pick(&envoy_after), "ferry, then envoy");
+    for stat in ["rq_total", "rq_success", "rq_error"] {
+        assert_eq!(
+            ferry_after.host("connect_originate", &host, stat),
+            envoy_after.host("connect_originate", &host, stat),
+            "{stat}:\n{}\n{}",
+            ferry_after.clusters,
+            envoy_after.clusters
+        );
+    }
     Ok(())
 }
