@@ -246,7 +246,7 @@ async fn handle(
             &rt,
             &listener,
             peer,
-            dst,
+            (dst, None),
             detected.server_name.as_deref(),
         );
         rt.stats
@@ -308,7 +308,8 @@ async fn handle(
         // changed only its network RBAC): its current RBAC applies.
         let mut filter_state = None;
         let (rbac, chain) = live.attach_rbac(|c| {
-            filter_state = crate::network_set_filter_state::on_new_connection(c, None, peer, dst);
+            filter_state =
+                crate::network_set_filter_state::on_new_connection(c, None, peer, (dst, None));
             let downstream = crate::rbac::Downstream {
                 filter_state: filter_state.clone(),
                 ..downstream
@@ -356,6 +357,7 @@ async fn handle(
                     crate::tcp::ConnMeta {
                         waypoint: None,
                         filter_state,
+                        local_internal: None,
                     },
                 ))
                 .await;
@@ -378,6 +380,7 @@ async fn handle(
                             tls: Some(peer_tls),
                             server_name,
                             filter_state,
+                            local_internal: None,
                         };
                         Box::pin(serve_http(&rt, &chain, io, h2, conn, &live)).await;
                         return;
@@ -390,6 +393,7 @@ async fn handle(
                     tls: Some(peer_tls),
                     server_name,
                     filter_state,
+                    local_internal: None,
                 };
                 Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
             }
@@ -406,7 +410,8 @@ async fn handle(
     };
     let mut filter_state = None;
     let (rbac, chain) = live.attach_rbac(|c| {
-        filter_state = crate::network_set_filter_state::on_new_connection(c, None, peer, dst);
+        filter_state =
+            crate::network_set_filter_state::on_new_connection(c, None, peer, (dst, None));
         let downstream = crate::rbac::Downstream {
             filter_state: filter_state.clone(),
             ..downstream
@@ -432,6 +437,7 @@ async fn handle(
                 crate::tcp::ConnMeta {
                     waypoint: None,
                     filter_state,
+                    local_internal: None,
                 },
             ))
             .await;
@@ -456,6 +462,7 @@ async fn handle(
                 tls: None,
                 server_name,
                 filter_state,
+                local_internal: None,
             };
             Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
         }
@@ -471,6 +478,8 @@ struct Conn {
     server_name: String,
     /// The filter state an internal connection came with.
     filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
+    /// An internal listener's own address, when it is the local address.
+    local_internal: Option<ferry_model::cluster::InternalAddr>,
 }
 
 /// Istio's metrics of a connection on `chain`, when it reports them.
@@ -548,6 +557,7 @@ async fn serve_http<S>(
         h1: Default::default(),
         life: Default::default(),
         filter_state: conn.filter_state,
+        local_internal: conn.local_internal,
     });
     crate::http::serve(io, ctx, http2, &live.drain).await;
 }
@@ -561,7 +571,7 @@ pub(crate) async fn serve_internal_http<S>(
     io: S,
     http2: bool,
     peer: SocketAddr,
-    dst: SocketAddr,
+    (dst, local_internal): (SocketAddr, Option<ferry_model::cluster::InternalAddr>),
     live: &Arc<LiveConn>,
     filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
 ) where
@@ -573,6 +583,7 @@ pub(crate) async fn serve_internal_http<S>(
         tls: None,
         server_name: String::new(),
         filter_state,
+        local_internal,
     };
     serve_http(rt, chain, io, http2, conn, live).await;
 }
