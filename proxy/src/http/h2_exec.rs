@@ -7,15 +7,17 @@
 //! own; the task hyper spawns from it (the upgraded stream's sending side,
 //! the only task a stream spawns) is kept there, so the tunnel can stop it
 //! before dropping the stream: with no END_STREAM sent and nothing left
-//! holding the stream, the `h2` codec resets it.
+//! holding the stream, the `h2` codec resets it. Only a stream that asks
+//! for its [`StreamTasks`] (a CONNECT terminated here) allocates them.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinHandle;
 
 tokio::task_local! {
-    static STREAM: Arc<StreamTasks>;
+    static STREAM: RefCell<Option<Arc<StreamTasks>>>;
 }
 
 /// The tasks one HTTP/2 stream spawned.
@@ -28,7 +30,9 @@ impl StreamTasks {
     /// Those of the stream whose task is running (`None` outside a stream
     /// of this executor, as for HTTP/1).
     pub fn current() -> Option<Arc<StreamTasks>> {
-        STREAM.try_with(Arc::clone).ok()
+        STREAM
+            .try_with(|s| s.borrow_mut().get_or_insert_with(Default::default).clone())
+            .ok()
     }
 
     /// Stops the upgraded stream's sending side before it sends
@@ -61,13 +65,17 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        match StreamTasks::current() {
-            Some(stream) => {
+        // Within a stream's task: the stream's own (kept only when the
+        // stream asked for its tasks).
+        match STREAM.try_with(|s| s.borrow().clone()) {
+            Ok(stream) => {
                 let task = tokio::spawn(fut);
-                *stream.upgraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+                if let Some(stream) = stream {
+                    *stream.upgraded.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+                }
             }
-            None => {
-                tokio::spawn(STREAM.scope(Arc::new(StreamTasks::default()), fut));
+            Err(_) => {
+                tokio::spawn(STREAM.scope(RefCell::new(None), fut));
             }
         }
     }
