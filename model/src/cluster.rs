@@ -250,9 +250,15 @@ impl std::fmt::Display for HostAddr {
         match self {
             HostAddr::Ip(a) => a.fmt(f),
             HostAddr::Pipe(p) => f.write_str(&p.0),
-            // Envoy's spelling: `envoy://listener/endpoint_id`.
-            HostAddr::Internal(i) => write!(f, "envoy://{}/{}", i.listener, i.endpoint_id),
+            HostAddr::Internal(i) => i.fmt(f),
         }
+    }
+}
+
+/// Envoy's spelling: `envoy://listener/endpoint_id`.
+impl std::fmt::Display for InternalAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "envoy://{}/{}", self.listener, self.endpoint_id)
     }
 }
 

@@ -302,6 +302,7 @@ mod tests {
             let format = crate::format::FormatContext {
                 downstream_remote: None,
                 downstream_local: None,
+                downstream_local_internal: None,
                 upstream_remote: None,
                 protocol: "",
                 hostname: "",

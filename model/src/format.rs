@@ -175,6 +175,9 @@ enum TimePiece {
 pub struct FormatContext<'a> {
     pub downstream_remote: Option<SocketAddr>,
     pub downstream_local: Option<SocketAddr>,
+    /// The internal listener's own address when it is the local address
+    /// (see [`StreamInfo::downstream_local_internal`]).
+    pub downstream_local_internal: Option<&'a crate::cluster::InternalAddr>,
     /// The endpoint that answered (known on the response side only).
     pub upstream_remote: Option<SocketAddr>,
     /// `HTTP/1.0`, `HTTP/1.1` or `HTTP/2`.
@@ -338,6 +341,13 @@ fn render_command(c: &Command, ctx: &FormatContext<'_>, request: &HeaderMap) -> 
             .downstream_remote
             .map(|a| a.port().to_string())
             .unwrap_or_default(),
+        // An internal listener's own address: Envoy prints it whole, with
+        // or without port, and no port.
+        Command::DownstreamLocal { .. } if ctx.downstream_local_internal.is_some() => ctx
+            .downstream_local_internal
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        Command::DownstreamLocalPort if ctx.downstream_local_internal.is_some() => String::new(),
         Command::DownstreamLocal { port } => addr(ctx.downstream_local, *port),
         Command::DownstreamLocalPort => ctx
             .downstream_local
@@ -636,6 +646,14 @@ fn log_value<'a>(c: &'a Command, info: &'a StreamInfo) -> Value<'a> {
         }
         Command::DownstreamRemote { port: p } => addr(info.downstream_remote, *p),
         Command::DownstreamRemotePort => port(info.downstream_remote),
+        // An internal listener's own address, which has no port.
+        Command::DownstreamLocal { .. } if info.downstream_local_internal.is_some() => info
+            .downstream_local_internal
+            .as_ref()
+            .map_or(Value::Absent, |a| Value::Str(Cow::Owned(a.to_string()))),
+        Command::DownstreamLocalPort if info.downstream_local_internal.is_some() => {
+            Value::Str(Cow::Borrowed(""))
+        }
         Command::DownstreamLocal { port: p } => addr(info.downstream_local, *p),
         Command::DownstreamLocalPort => port(info.downstream_local),
         // The address of the upstream connection: none without one (the
@@ -1297,6 +1315,7 @@ mod tests {
         FormatContext {
             downstream_remote: Some("10.0.0.1:5555".parse().unwrap()),
             downstream_local: Some("[::1]:80".parse().unwrap()),
+            downstream_local_internal: None,
             upstream_remote: None,
             protocol: "HTTP/1.1",
             hostname: "node-a",
@@ -1313,6 +1332,38 @@ mod tests {
 
     /// The client end of an internal connection prints as Envoy's
     /// placeholder, with no port; a local address is left as it is.
+    /// An internal listener's own address, when it is the local address,
+    /// prints whole with or without port, and its port empty, as Envoy's
+    /// `envoy://listener/endpoint id`.
+    #[test]
+    fn internal_listener_address_prints_as_envoys() {
+        let addr = crate::cluster::InternalAddr {
+            listener: "hop".into(),
+            endpoint_id: "hop-1".into(),
+        };
+        let mut c = ctx();
+        c.downstream_local = Some(INTERNAL_CLIENT_ADDRESS);
+        c.downstream_local_internal = Some(&addr);
+        let f = HeaderFormat::parse(
+            "%DOWNSTREAM_LOCAL_ADDRESS%|%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%|%DOWNSTREAM_LOCAL_PORT%",
+        )
+        .unwrap();
+        assert_eq!(
+            f.render(&c, &HeaderMap::new()),
+            "envoy://hop/hop-1|envoy://hop/hop-1|"
+        );
+        let mut info = StreamInfo::new(crate::stream_info::LogType::TcpConnectionEnd, UNIX_EPOCH);
+        info.downstream_local = Some(INTERNAL_CLIENT_ADDRESS);
+        info.downstream_local_internal = Some(addr.clone());
+        let log = LogTemplate::parse(
+            "%DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% [%DOWNSTREAM_LOCAL_PORT%]",
+        )
+        .unwrap();
+        let mut out = String::new();
+        log.write_text(&info, false, &mut out);
+        assert_eq!(out, "envoy://hop/hop-1 envoy://hop/hop-1 []");
+    }
+
     #[test]
     fn internal_client_address_prints_as_envoys_placeholder() {
         let mut c = ctx();

@@ -100,6 +100,12 @@ pub struct StreamInfo {
     /// Attempts sent upstream (retries included).
     pub attempt_count: Option<u32>,
     pub downstream_local: Option<SocketAddr>,
+    /// The internal listener's own address (`envoy://listener/endpoint
+    /// id`), when the connection came to an internal listener and nothing
+    /// restored a destination: it is then the local address the formats
+    /// print (it has no IP and no port), `downstream_local` holding the
+    /// placeholder [`INTERNAL_CLIENT_ADDRESS`].
+    pub downstream_local_internal: Option<crate::cluster::InternalAddr>,
     /// The client as the connection manager decided it (`x-forwarded-for`
     /// when trusted), else the peer.
     pub downstream_remote: Option<SocketAddr>,
@@ -151,6 +157,7 @@ impl StreamInfo {
             upstream_transport_failure_reason: None,
             attempt_count: None,
             downstream_local: None,
+            downstream_local_internal: None,
             downstream_remote: None,
             downstream_direct_remote: None,
             requested_server_name: None,

@@ -1677,7 +1677,7 @@ impl EndpointPool {
                     return self
                         .settings
                         .internal
-                        .connect(&i.listener, self.passthrough(), filter_state)
+                        .connect(i, self.passthrough(), filter_state)
                         .map(UpstreamIo::Internal)
                         .map_err(|e| {
                             UpstreamError::ConnectFailure(std::io::Error::new(

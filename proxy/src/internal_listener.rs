@@ -9,19 +9,22 @@
 //! A connection opened for a request carries the filter state the request
 //! shares with upstream: the `original_dst` filter takes the destination
 //! and source addresses from it, RBAC's `filter_state` principals read it
-//! (Istio's `main_internal`, behind `connect_terminate`).
+//! (Istio's `main_internal`, behind `connect_terminate`). With nothing to
+//! restore a destination, the connection's local address is the listener's
+//! own internal address (`envoy://listener/endpoint id`), as in Envoy: the
+//! formats print it, and address matchers find no IP in it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use ferry_model::cluster::OriginalDstMeta;
+use ferry_model::cluster::{InternalAddr, OriginalDstMeta};
 use ferry_model::filter_state::{FilterState, ORIGINAL_DST_LOCAL, ORIGINAL_DST_REMOTE};
 use ferry_model::{ChainKind, ConnectionInfo, HttpCodec, Listener};
-use tokio::io::DuplexStream;
 
 use crate::detect::{self, Detected, Outcome};
+use crate::internal_pipe::{PipeEnd, ResetOnClose};
 use crate::run::Runtime;
 use crate::tls::Rewind;
 
@@ -38,12 +41,15 @@ pub const UNSPECIFIED: SocketAddr = ferry_model::stream_info::INTERNAL_CLIENT_AD
 pub struct InternalConn {
     /// The listener's end, with the bytes protocol detection read served
     /// again first.
-    pub io: Rewind<DuplexStream>,
+    pub io: Rewind<PipeEnd>,
     /// The endpoint's original_dst metadata, when `internal_upstream`
     /// passes it through.
     pub meta: OriginalDstMeta,
     /// The filter state shared by the request that opened it.
     pub filter_state: Option<Arc<FilterState>>,
+    /// The listener's own address, when it is the connection's local
+    /// address (nothing restored a destination).
+    pub local: Option<InternalAddr>,
 }
 
 /// Why an internal connection could not be made.
@@ -82,21 +88,21 @@ impl InternalListeners {
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = map;
     }
 
-    /// Opens a connection to the internal listener `name`; its end is
+    /// Opens a connection to the internal listener `to` names; its end is
     /// served on a task of its own.
     pub fn connect(
         &self,
-        name: &str,
+        to: &InternalAddr,
         meta: OriginalDstMeta,
         filter_state: Option<Arc<FilterState>>,
-    ) -> Result<DuplexStream, InternalError> {
+    ) -> Result<PipeEnd, InternalError> {
         let listener = self
             .live
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(name)
+            .get(&*to.listener)
             .cloned()
-            .ok_or_else(|| InternalError::NoListener(name.to_string()))?;
+            .ok_or_else(|| InternalError::NoListener(to.listener.to_string()))?;
         let rt = self
             .rt
             .read()
@@ -104,6 +110,9 @@ impl InternalListeners {
             .upgrade()
             .ok_or(InternalError::Gone)?;
         let (dst, peer) = addresses(&listener, &meta, filter_state.as_deref());
+        // Nothing restored a destination: the local address is the one
+        // connected to (Envoy's `EnvoyInternalInstance`).
+        let local = (dst == UNSPECIFIED).then(|| to.clone());
         tracing::trace!(listener.name = %listener.name, dst = %dst, "internal connection");
         let filters = &listener.listener_filters;
         if filters.tls_inspector_for(Some(dst)) || filters.http_inspector_for(Some(dst)) {
@@ -113,7 +122,11 @@ impl InternalListeners {
             // only when some chain tells connections apart by them); one
             // that no chain matches then closes, as in Envoy.
             let needs = listener.detection_needs(Some(dst));
-            let (client, server) = tokio::io::duplex(BUFFER);
+            let inspectors = (
+                filters.tls_inspector_for(Some(dst)),
+                filters.http_inspector_for(Some(dst)),
+            );
+            let (client, server) = crate::internal_pipe::pair(BUFFER);
             let guard = rt.drain.track();
             tokio::spawn(async move {
                 let _guard = guard;
@@ -133,16 +146,27 @@ impl InternalListeners {
                     &rt,
                     &listener,
                     info,
-                    dst,
+                    (dst, local.as_ref()),
                     peer,
                     detected.server_name.as_deref(),
                 ) else {
+                    if !needs.any() {
+                        // Envoy's inspectors read the client's first bytes
+                        // before any chain is looked for: a connection no
+                        // chain takes closes only once they came (the
+                        // caller's end that came with them is then no
+                        // close under an open stream).
+                        let (tls, http) = inspectors;
+                        let _ =
+                            read_detect(io.into_inner(), tls, http, limit, close_on_timeout).await;
+                    }
                     return;
                 };
                 let conn = InternalConn {
                     io,
                     meta,
                     filter_state,
+                    local,
                 };
                 handle(rt, conn, registered, dst, peer).await;
             });
@@ -160,10 +184,11 @@ impl InternalListeners {
             transport_protocol: None,
             application_protocols: Vec::new(),
         };
-        let Some(registered) = register(&rt, &listener, info, dst, peer, None) else {
+        let Some(registered) = register(&rt, &listener, info, (dst, local.as_ref()), peer, None)
+        else {
             return Err(InternalError::NoFilterChain(listener.name.clone()));
         };
-        let (client, server) = tokio::io::duplex(BUFFER);
+        let (client, server) = crate::internal_pipe::pair(BUFFER);
         let guard = rt.drain.track();
         tokio::spawn(async move {
             let _guard = guard;
@@ -171,6 +196,7 @@ impl InternalListeners {
                 io: Rewind::new(Vec::new(), server),
                 meta,
                 filter_state,
+                local,
             };
             handle(rt, conn, registered, dst, peer).await;
         });
@@ -184,7 +210,7 @@ fn register(
     rt: &Arc<Runtime>,
     listener: &Arc<Listener>,
     info: ConnectionInfo,
-    dst: SocketAddr,
+    (dst, local): (SocketAddr, Option<&InternalAddr>),
     peer: SocketAddr,
     server_name: Option<&str>,
 ) -> Option<crate::filter_chain_update::Registered> {
@@ -193,7 +219,13 @@ fn register(
         .register(listener, info, rt.drain_for(&listener.name));
     if registered.is_none() {
         tracing::debug!(listener.name = %listener.name, dst = %dst, "no filter chain matched; refused");
-        crate::access_log::connection::no_filter_chain(rt, listener, peer, dst, server_name);
+        crate::access_log::connection::no_filter_chain(
+            rt,
+            listener,
+            peer,
+            (dst, local),
+            server_name,
+        );
         rt.stats
             .counter(&format!("listener.{}.no_filter_chain_match", listener.name))
             .inc();
@@ -207,12 +239,12 @@ fn register(
 /// `None` (close) when the listener says so; `None` too when the stream
 /// fails.
 async fn read_detect(
-    mut io: DuplexStream,
+    mut io: PipeEnd,
     tls: bool,
     http: bool,
     limit: Option<Duration>,
     close_on_timeout: bool,
-) -> Option<(Detected, Rewind<DuplexStream>)> {
+) -> Option<(Detected, Rewind<PipeEnd>)> {
     use tokio::io::AsyncReadExt;
     // No limit: a deadline no connection reaches (a year), as on sockets.
     let limit = limit.unwrap_or(Duration::from_secs(365 * 24 * 3600));
@@ -273,7 +305,12 @@ async fn handle(
     let mut filter_state = None;
     let inherited = conn.filter_state;
     let (rbac, chain) = live.attach_rbac(|c| {
-        filter_state = crate::network_set_filter_state::on_new_connection(c, inherited, peer, dst);
+        filter_state = crate::network_set_filter_state::on_new_connection(
+            c,
+            inherited,
+            peer,
+            (dst, conn.local.as_ref()),
+        );
         let downstream = crate::rbac::Downstream {
             peer,
             local: dst,
@@ -286,11 +323,16 @@ async fn handle(
     let conn_meta = crate::tcp::ConnMeta {
         waypoint: conn.meta.waypoint,
         filter_state: filter_state.clone(),
+        local_internal: conn.local.clone().map(Arc::new),
     };
     match &chain.kind {
         ChainKind::Tcp(tp) => {
             let stats = rt.tcp_stats(&tp.stat_prefix);
-            let io = crate::rbac::guard(conn.io, &rbac);
+            // The caller's full close closes the connection to the
+            // upstream, as Envoy's TCP proxy does, where its half-close
+            // is passed on.
+            let io = ResetOnClose(conn.io);
+            let io = crate::rbac::guard(io, &rbac);
             let io = crate::network_ext_authz::gate(io, &rt, &chain.ext_authz, &rbac);
             Box::pin(crate::tcp::proxy(
                 &rt,
@@ -322,7 +364,7 @@ async fn handle(
                 io,
                 http2,
                 peer,
-                dst,
+                (dst, conn.local),
                 &live,
                 filter_state,
             ))

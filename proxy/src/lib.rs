@@ -17,6 +17,7 @@ pub mod filter_chain_update;
 pub mod health_check;
 pub mod http;
 pub mod internal_listener;
+pub mod internal_pipe;
 pub mod iptables;
 pub mod lb;
 pub mod listener;

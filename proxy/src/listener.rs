@@ -247,7 +247,7 @@ async fn handle(
             &rt,
             &listener,
             peer,
-            dst,
+            (dst, None),
             detected.server_name.as_deref(),
         );
         rt.stats
@@ -309,7 +309,8 @@ async fn handle(
         // changed only its network RBAC): its current RBAC applies.
         let mut filter_state = None;
         let (rbac, chain) = live.attach_rbac(|c| {
-            filter_state = crate::network_set_filter_state::on_new_connection(c, None, peer, dst);
+            filter_state =
+                crate::network_set_filter_state::on_new_connection(c, None, peer, (dst, None));
             let downstream = crate::rbac::Downstream {
                 filter_state: filter_state.clone(),
                 ..downstream
@@ -357,6 +358,7 @@ async fn handle(
                     crate::tcp::ConnMeta {
                         waypoint: None,
                         filter_state,
+                        local_internal: None,
                     },
                 ))
                 .await;
@@ -379,6 +381,7 @@ async fn handle(
                             tls: Some(peer_tls),
                             server_name,
                             filter_state,
+                            local_internal: None,
                         };
                         Box::pin(serve_http(&rt, &chain, io, h2, conn, &live)).await;
                         return;
@@ -391,6 +394,7 @@ async fn handle(
                     tls: Some(peer_tls),
                     server_name,
                     filter_state,
+                    local_internal: None,
                 };
                 Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
             }
@@ -407,7 +411,8 @@ async fn handle(
     };
     let mut filter_state = None;
     let (rbac, chain) = live.attach_rbac(|c| {
-        filter_state = crate::network_set_filter_state::on_new_connection(c, None, peer, dst);
+        filter_state =
+            crate::network_set_filter_state::on_new_connection(c, None, peer, (dst, None));
         let downstream = crate::rbac::Downstream {
             filter_state: filter_state.clone(),
             ..downstream
@@ -433,6 +438,7 @@ async fn handle(
                 crate::tcp::ConnMeta {
                     waypoint: None,
                     filter_state,
+                    local_internal: None,
                 },
             ))
             .await;
@@ -457,6 +463,7 @@ async fn handle(
                 tls: None,
                 server_name,
                 filter_state,
+                local_internal: None,
             };
             Box::pin(serve_http(&rt, &chain, io, http2, conn, &live)).await;
         }
@@ -472,6 +479,8 @@ struct Conn {
     server_name: String,
     /// The filter state an internal connection came with.
     filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
+    /// An internal listener's own address, when it is the local address.
+    local_internal: Option<ferry_model::cluster::InternalAddr>,
 }
 
 /// Istio's metrics of a connection on `chain`, when it reports them.
@@ -549,6 +558,7 @@ async fn serve_http<S>(
         h1: Default::default(),
         life: Default::default(),
         filter_state: conn.filter_state,
+        local_internal: conn.local_internal,
     });
     crate::http::serve(io, ctx, http2, &live.drain).await;
 }
@@ -562,7 +572,7 @@ pub(crate) async fn serve_internal_http<S>(
     io: S,
     http2: bool,
     peer: SocketAddr,
-    dst: SocketAddr,
+    (dst, local_internal): (SocketAddr, Option<ferry_model::cluster::InternalAddr>),
     live: &Arc<LiveConn>,
     filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
 ) where
@@ -574,6 +584,7 @@ pub(crate) async fn serve_internal_http<S>(
         tls: None,
         server_name: String::new(),
         filter_state,
+        local_internal,
     };
     serve_http(rt, chain, io, http2, conn, live).await;
 }

@@ -22,7 +22,7 @@ pub fn on_new_connection(
     chain: &FilterChain,
     inherited: Option<Arc<FilterState>>,
     peer: SocketAddr,
-    local: SocketAddr,
+    (local, local_internal): (SocketAddr, Option<&ferry_model::cluster::InternalAddr>),
 ) -> Option<Arc<FilterState>> {
     if chain.set_filter_state.is_empty() {
         return inherited;
@@ -33,6 +33,7 @@ pub fn on_new_connection(
     let format = FormatContext {
         downstream_remote: Some(peer),
         downstream_local: Some(local),
+        downstream_local_internal: local_internal,
         upstream_remote: None,
         protocol: "",
         hostname: crate::http::hostname(),

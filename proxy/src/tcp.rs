@@ -27,6 +27,10 @@ pub struct ConnMeta {
     /// chain's set_filter_state set): logged by `%FILTER_STATE%`, and its
     /// shared objects carried with the connection to an internal listener.
     pub filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
+    /// An internal listener's own address, when it is the connection's
+    /// local address (nothing restored a destination). Behind a pointer:
+    /// the connection's task holds it for the connection's life.
+    pub local_internal: Option<Arc<ferry_model::cluster::InternalAddr>>,
 }
 
 /// Proxies one downstream connection (from `peer`, with SNI `server_name`
@@ -49,6 +53,7 @@ pub async fn proxy<S>(
     stats.downstream_cx_total.inc();
     let mut log = ConnectionLog::start(rt, &tp.access_logs, peer, original_dst, server_name);
     log.filter_state(meta.filter_state.clone());
+    log.local_internal(meta.local_internal.as_deref().cloned());
     // What an internal upstream connection carries of the connection's
     // filter state (the objects it shares with upstream).
     let shared = meta
@@ -103,9 +108,12 @@ pub async fn proxy<S>(
             }
             Some(t) => {
                 let authority = match &t.hostname {
-                    ferry_model::listener::TunnelHost::DownstreamLocalAddress => {
-                        original_dst.to_string()
-                    }
+                    // An internal listener's own address when nothing
+                    // restored a destination, as Envoy renders it.
+                    ferry_model::listener::TunnelHost::DownstreamLocalAddress => meta
+                        .local_internal
+                        .as_ref()
+                        .map_or_else(|| original_dst.to_string(), ToString::to_string),
                     ferry_model::listener::TunnelHost::Literal(h) => h.clone(),
                 };
                 // Boxed: the tunnel's setup is large, and the connection's
@@ -150,6 +158,9 @@ pub async fn proxy<S>(
     } else {
         (crate::tls::Rewind::new(Vec::new(), up), None)
     };
+    // An internal upstream's full close closes the downstream (a tunnel's
+    // stream is reset), where its half-close is passed on.
+    let up = crate::internal_pipe::ResetOnClose(up);
     let istio = istio.map(|m| m.series(upstream_peer.as_ref()));
     if let Some(m) = &istio {
         m.opened.fetch_add(1, Ordering::Relaxed);

@@ -280,7 +280,7 @@ pub enum UpstreamIo {
     Unix(tokio::net::UnixStream),
     UnixTls(Box<tokio_rustls::client::TlsStream<tokio::net::UnixStream>>),
     /// An in-process connection to an internal listener.
-    Internal(tokio::io::DuplexStream),
+    Internal(crate::internal_pipe::PipeEnd),
     /// A CONNECT stream, and the local address of the connection carrying it.
     Tunnel(Box<TunnelIo>, Option<std::net::SocketAddr>),
 }
@@ -326,6 +326,22 @@ impl AsyncWrite for TunnelIo {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// An internal connection's full close, told from its half-close.
+impl crate::internal_pipe::ClosedUnder for UpstreamIo {
+    fn closed_under(&self) -> bool {
+        match self {
+            UpstreamIo::Internal(p) => p.closed_under(),
+            _ => false,
+        }
+    }
+}
+
+impl<S: crate::internal_pipe::ClosedUnder> crate::internal_pipe::ClosedUnder for Rewind<S> {
+    fn closed_under(&self) -> bool {
+        self.inner.closed_under()
     }
 }
 
@@ -422,6 +438,11 @@ impl<S> Rewind<S> {
             pos: 0,
             inner,
         }
+    }
+
+    /// The stream beneath, what was to be served again first dropped.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }
 

@@ -251,6 +251,26 @@ impl HboneCall<'_> {
 
     /// TLS, HTTP/2 and the CONNECT, answered 200: the connection's
     /// handle, the stream's sending side and its body.
+    /// Opens the call's CONNECT (its payload unsent) and holds the tunnel:
+    /// the status answered must be 200. Its socket is made in the network
+    /// namespace of the calling thread.
+    pub fn tunnel(&self) -> Result<HboneTunnel> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (send, stream, body) = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), self.open())
+                .await
+                .context("opening the tunnel hung")?
+        })?;
+        Ok(HboneTunnel {
+            rt,
+            send,
+            stream,
+            body,
+        })
+    }
+
     async fn open(
         &self,
     ) -> Result<(
@@ -505,10 +525,7 @@ impl HboneTunnel {
         server: Expect<'_>,
         authority: &str,
     ) -> Result<HboneTunnel> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let call = HboneCall {
+        HboneCall {
             ca_pem,
             client: Some(client),
             from: None,
@@ -517,26 +534,32 @@ impl HboneTunnel {
             authority,
             payload: "",
             end_after_reply: false,
-        };
-        let (send, stream, body) = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), call.open())
+        }
+        .tunnel()
+    }
+
+    /// Sends `bytes` without ending the sending side.
+    pub fn send(&mut self, bytes: &str) -> Result<()> {
+        self.stream.reserve_capacity(bytes.len());
+        self.stream
+            .send_data(bytes::Bytes::from(bytes.to_string()), false)
+            .context("sending on the tunnel")
+    }
+
+    /// Reads until the stream ends, the sending side left open: what came
+    /// back and how the stream ended (END_STREAM or a reset).
+    pub fn read_to_end(&mut self) -> Result<(String, End)> {
+        let body = &mut self.body;
+        self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), read_to_end(body))
                 .await
-                .context("opening the tunnel hung")?
-        })?;
-        Ok(HboneTunnel {
-            rt,
-            send,
-            stream,
-            body,
+                .context("the tunnel did not end")
         })
     }
 
     /// Sends `line` and reads until a newline comes back.
     pub fn exchange(&mut self, line: &str) -> Result<String> {
-        self.stream.reserve_capacity(line.len());
-        self.stream
-            .send_data(bytes::Bytes::from(line.to_string()), false)
-            .context("sending on the tunnel")?;
+        self.send(line)?;
         let body = &mut self.body;
         self.rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(10), read_line(body))

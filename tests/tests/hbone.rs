@@ -308,13 +308,18 @@ fn tunnels_beyond_the_peers_stream_limit_open_more_connections() -> Result<()> {
 /// proxy stops when what it returns is dropped.
 type Start<'a> = dyn Fn(&Value, u16) -> Result<Box<dyn std::any::Any>> + 'a;
 
-/// The addresses the access log prints around an internal connection:
-/// on the outbound listener, the upstream host is the internal address
-/// (`envoy://connect_originate/<endpoint id>`) and the upstream local
-/// address Envoy's placeholder `envoy://internal_client_address/`; on
-/// `connect_originate`, that placeholder is the downstream remote address
-/// and the destination the `original_dst` filter restored is the local
-/// one. Ferry must print what Envoy 1.40 prints.
+/// The addresses the access log prints around an internal connection.
+/// The outbound listener goes first through `hop`, an internal listener
+/// without `original_dst` (endpoint id `hop-1`), whose TCP proxy takes the
+/// service cluster: there the local address is the internal address itself
+/// (`envoy://hop/hop-1`, which has no IP and no port) and the remote one
+/// Envoy's placeholder `envoy://internal_client_address/`. The upstream
+/// host of a connection to an internal listener is its internal address
+/// (`envoy://connect_originate/<endpoint id>`) and its upstream local
+/// address the placeholder; on `connect_originate`, the placeholder is the
+/// downstream remote address and the destination the `original_dst`
+/// filter restored is the local one. Ferry must print what Envoy 1.40
+/// prints.
 #[test]
 fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
     let _lock = RunLock::shared();
@@ -330,6 +335,7 @@ fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
         let format = format!(
             "{name} remote=%DOWNSTREAM_REMOTE_ADDRESS% remote_ip=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% \
              remote_port=%DOWNSTREAM_REMOTE_PORT% local=%DOWNSTREAM_LOCAL_ADDRESS% \
+             local_ip=%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT% local_port=%DOWNSTREAM_LOCAL_PORT% \
              upstream_host=%UPSTREAM_HOST% upstream_local=%UPSTREAM_LOCAL_ADDRESS% \
              upstream_remote=%UPSTREAM_REMOTE_ADDRESS% cluster=%UPSTREAM_CLUSTER%\n"
         );
@@ -341,7 +347,7 @@ fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
     let run = |start: &Start| -> Result<Vec<String>> {
         let port = free_port();
         let path = mesh.dir.path().join(format!("access-{port}.log"));
-        let mut cfg = config(mesh.dir.path(), port, hbone_port, &pods);
+        let mut cfg = with_hop(config(mesh.dir.path(), port, hbone_port, &pods));
         for l in cfg["static_resources"]["listeners"]
             .as_array_mut()
             .into_iter()
@@ -362,7 +368,7 @@ fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
                 .map(|l| {
                     l.split(' ')
                         .map(|f| match f.split_once('=') {
-                            Some(("remote" | "remote_port" | "local", _))
+                            Some(("remote" | "remote_port" | "local" | "local_port", _))
                                 if l.starts_with("outbound ") =>
                             {
                                 format!("{}=<client>", f.split('=').next().unwrap_or(""))
@@ -381,7 +387,7 @@ fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
             lines.sort();
             // Envoy's start-up probe of its port makes a connection too.
             lines.dedup();
-            if lines.len() >= 2 || std::time::Instant::now() > deadline {
+            if lines.len() >= 3 || std::time::Instant::now() > deadline {
                 drop(proxy);
                 return Ok(lines);
             }
@@ -393,6 +399,11 @@ fn access_log_addresses_of_the_internal_connection_are_envoys() -> Result<()> {
         ferry
             .iter()
             .any(|l| l.contains("remote=envoy://internal_client_address/")),
+        "{ferry:#?}"
+    );
+    assert!(
+        ferry.iter().any(|l| l.starts_with("hop ")
+            && l.contains(" local=envoy://hop/hop-1 local_ip=envoy://hop/hop-1 local_port= ")),
         "{ferry:#?}"
     );
     let Some(bin) = envoy::bin()? else {
@@ -840,4 +851,39 @@ fn a_refused_tunnel_is_counted_as_envoy_counts_it() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `cfg` with the outbound listener's TCP proxy sent through `hop`, an
+/// internal listener with no listener filter (nothing restores a
+/// destination there), reached at endpoint id `hop-1`, whose TCP proxy
+/// takes the service cluster the outbound listener took.
+fn with_hop(mut cfg: Value) -> Value {
+    let proxy = "/filter_chains/0/filters/0/typed_config";
+    let Some(listeners) = cfg["static_resources"]["listeners"].as_array_mut() else {
+        return cfg;
+    };
+    let Some(outbound) = listeners.iter_mut().find(|l| l["name"] == "outbound") else {
+        return cfg;
+    };
+    let Some(service) = outbound.pointer_mut(proxy).map(|p| p["cluster"].take()) else {
+        return cfg;
+    };
+    if let Some(p) = outbound.pointer_mut(proxy) {
+        p["cluster"] = json!("hop");
+    }
+    listeners.push(json!({
+        "name": "hop",
+        "internal_listener": {},
+        "filter_chains": [{"filters": [tcp_proxy("hop", service.as_str().unwrap_or_default())]}],
+    }));
+    if let Some(clusters) = cfg["static_resources"]["clusters"].as_array_mut() {
+        clusters.push(json!({
+            "name": "hop",
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "load_assignment": {"cluster_name": "hop", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"envoy_internal_address": {"server_listener_name": "hop", "endpoint_id": "hop-1"}}}}]}]},
+        }));
+    }
+    cfg
 }

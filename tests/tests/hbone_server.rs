@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_tests::envoy::{self, Envoy};
-use ferry_tests::hbone::{End, Expect, HboneCall, Outcome};
+use ferry_tests::hbone::{End, Expect, HboneCall, HboneTunnel, Outcome};
 use ferry_tests::istiod_hbone::{
     connect_originate_cluster, connect_originate_listener, internal_listener_extension,
     service_cluster,
@@ -283,7 +283,11 @@ fn client_config(dir: &Path, port: u16, hbone_port: u16, app_port: u16) -> Value
 }
 
 /// A plain TCP echo app on the pod's IP: each connection's bytes back,
-/// then its end (half-close both ways).
+/// then its end (half-close both ways). A connection whose first bytes are
+/// `end\n` is answered `ending\n` and ended at once (half-close), the
+/// caller's bytes then read to their end; one whose first bytes are
+/// `close\n` is answered `closing\n` and closed as soon as the caller
+/// sends more, without reading it (the kernel resets the connection).
 struct EchoApp {
     port: u16,
 }
@@ -296,9 +300,28 @@ impl EchoApp {
             for s in listener.incoming() {
                 let Ok(mut s) = s else { return };
                 std::thread::spawn(move || {
+                    use std::io::{Read, Write};
                     let Ok(mut r) = s.try_clone() else { return };
-                    let _ = std::io::copy(&mut r, &mut s);
-                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    let mut first = [0u8; 1024];
+                    let n = r.read(&mut first).unwrap_or(0);
+                    match &first[..n] {
+                        b"end\n" => {
+                            let _ = s.write_all(b"ending\n");
+                            let _ = s.shutdown(std::net::Shutdown::Write);
+                            let _ = std::io::copy(&mut r, &mut std::io::sink());
+                        }
+                        b"close\n" => {
+                            let _ = s.write_all(b"closing\n");
+                            // Closed with the caller's next bytes unread.
+                            let _ = s.peek(&mut first);
+                        }
+                        echo => {
+                            if s.write_all(echo).is_ok() && n > 0 {
+                                let _ = std::io::copy(&mut r, &mut s);
+                            }
+                            let _ = s.shutdown(std::net::Shutdown::Write);
+                        }
+                    }
                 });
             }
         });
@@ -352,6 +375,23 @@ impl Pod {
         .run()
     }
 
+    /// A CONNECT held open to the app as the allowed caller.
+    fn tunnel(&self, hbone_port: u16) -> Result<HboneTunnel> {
+        let leaf = self.ca.leaf(ALLOWED_ID, &[])?;
+        let authority = SocketAddr::from((POD_IP, self.app.port)).to_string();
+        HboneCall {
+            ca_pem: &self.ca.pem(),
+            client: Some(&leaf),
+            from: Some(CALLER_IP.into()),
+            to: SocketAddr::from((POD_IP, hbone_port)),
+            server: Expect::Dns(POD_DNS),
+            authority: &authority,
+            payload: "",
+            end_after_reply: false,
+        }
+        .tunnel()
+    }
+
     /// The outcome of `call` through Ferry, and through Envoy when it is
     /// available.
     fn through_both<T>(&self, call: impl Fn(&Pod, u16) -> Result<T>) -> Result<(T, Option<T>)> {
@@ -402,6 +442,39 @@ fn hbone_caller_reaches_the_app_through_connect_terminate() -> Result<()> {
             end: End::Clean,
         },
         "200, the app's echo, then the end of the stream"
+    );
+    same(&ferry, &envoy);
+    Ok(())
+}
+
+/// The app's end reaches the caller as Envoy passes it on, the caller's
+/// side still open: the app's half-close (its reply, then the end of its
+/// side) ends the CONNECT stream with END_STREAM, the caller's own end then
+/// closing the tunnel; the app's close with the caller's bytes unread (a
+/// reset) closes the internal connection fully, and the stream is reset
+/// (RST_STREAM) rather than ended.
+#[test]
+fn the_apps_close_resets_the_stream_and_its_half_close_ends_it() -> Result<()> {
+    let _lock = RunLock::shared();
+    let pod = Pod::new()?;
+    let (ferry, envoy) = pod.through_both(|p, port| {
+        let mut half = p.tunnel(port)?;
+        let half = (half.exchange("end\n")?, half.read_to_end()?, half.finish()?);
+        let mut closed = p.tunnel(port)?;
+        let reply = closed.exchange("close\n")?;
+        closed.send("unread\n")?;
+        Ok((half, (reply, closed.read_to_end()?)))
+    })?;
+    assert_eq!(
+        ferry,
+        (
+            (
+                "ending\n".to_string(),
+                (String::new(), End::Clean),
+                (String::new(), End::Clean)
+            ),
+            ("closing\n".to_string(), (String::new(), End::Reset)),
+        )
     );
     same(&ferry, &envoy);
     Ok(())

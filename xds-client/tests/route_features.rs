@@ -262,6 +262,7 @@ fn header_formatters_compile_once_and_unknown_ones_are_errors() {
     let ctx = ferry_model::format::FormatContext {
         downstream_remote: Some("10.1.2.3:4444".parse().expect("addr")),
         downstream_local: None,
+        downstream_local_internal: None,
         upstream_remote: None,
         protocol: "HTTP/1.1",
         hostname: "h",
@@ -451,6 +452,7 @@ fn host_rewrite_format_over_xds() {
     let ctx = ferry_model::format::FormatContext {
         downstream_remote: None,
         downstream_local: None,
+        downstream_local_internal: None,
         upstream_remote: None,
         protocol: "HTTP/1.1",
         hostname: "h",

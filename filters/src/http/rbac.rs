@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ferry_model::filter_state::FilterState;
 use ferry_model::rbac::{Action, DynamicMetadata, Permission, Principal, Rbac};
+use ferry_model::stream_info::INTERNAL_CLIENT_ADDRESS;
 use ferry_model::{HeaderKey, HeaderMatcher, Pseudo};
 use http::HeaderMap;
 
@@ -136,16 +137,24 @@ fn permission(p: &Permission, s: &Subject<'_>) -> bool {
         Permission::Header(h) => header(h, s),
         Permission::UrlPath(m) => url_path(s).is_some_and(|p| m.matches(p)),
         Permission::UriTemplate(re) => url_path(s).is_some_and(|p| re.is_match(p)),
-        Permission::DestinationIp(c) => c.contains(s.local.ip()),
-        Permission::DestinationPort(port) => s.local.port() == *port,
-        Permission::DestinationPortRange { start, end } => {
-            let port = u32::from(s.local.port());
+        Permission::DestinationIp(c) => socket(s.local).is_some_and(|l| c.contains(l.ip())),
+        Permission::DestinationPort(port) => socket(s.local).is_some_and(|l| l.port() == *port),
+        Permission::DestinationPortRange { start, end } => socket(s.local).is_some_and(|l| {
+            let port = u32::from(l.port());
             *start <= port && port < *end
-        }
+        }),
         Permission::Metadata(m) => m.matches(s.metadata),
         Permission::Not(p) => !permission(p, s),
         Permission::RequestedServerName(m) => m.matches(s.server_name),
     }
+}
+
+/// `a` as the address matchers see it: none for an end of an internal
+/// connection (Envoy's `envoy://…` addresses have no IP and no port, and
+/// match no IP or port matcher), which Ferry holds as the placeholder
+/// [`INTERNAL_CLIENT_ADDRESS`].
+fn socket(a: SocketAddr) -> Option<SocketAddr> {
+    (a != INTERNAL_CLIENT_ADDRESS).then_some(a)
 }
 
 fn principal(p: &Principal, s: &Subject<'_>) -> bool {
@@ -163,8 +172,16 @@ fn principal(p: &Principal, s: &Subject<'_>) -> bool {
                     || m.matches(t.subject)
             }
         },
-        Principal::SourceIp(c) | Principal::DirectRemoteIp(c) => c.contains(s.direct_remote.ip()),
-        Principal::RemoteIp(c) => c.contains(s.remote),
+        Principal::SourceIp(c) | Principal::DirectRemoteIp(c) => {
+            socket(s.direct_remote).is_some_and(|r| c.contains(r.ip()))
+        }
+        // The peer's own address, unless a trusted `x-forwarded-for` gave
+        // another.
+        Principal::RemoteIp(c) => {
+            let internal =
+                socket(s.direct_remote).is_none() && s.remote == INTERNAL_CLIENT_ADDRESS.ip();
+            !internal && c.contains(s.remote)
+        }
         Principal::Header(h) => header(h, s),
         Principal::UrlPath(m) => url_path(s).is_some_and(|p| m.matches(p)),
         Principal::Metadata(m) => m.matches(s.metadata),
@@ -434,6 +451,66 @@ mod tests {
         assert_eq!(req.run(&r).matched_policy.as_deref(), Some("c-ip"));
         req.local = "10.0.1.9:9000".parse().unwrap();
         assert!(!req.run(&r).allowed);
+    }
+
+    /// The ends of an internal connection (Envoy's `envoy://…` addresses)
+    /// have no IP and no port: no address matcher matches them, not even
+    /// one for every address; a negated one does.
+    #[test]
+    fn internal_connection_ends_match_no_address() {
+        let all = || CidrRange::new("0.0.0.0".parse().unwrap(), 0).unwrap();
+        let r = rbac(
+            Action::Allow,
+            vec![
+                (
+                    "dst-ip",
+                    vec![Permission::DestinationIp(all())],
+                    vec![Principal::Any],
+                ),
+                (
+                    "dst-port",
+                    vec![Permission::DestinationPort(0)],
+                    vec![Principal::Any],
+                ),
+                (
+                    "dst-range",
+                    vec![Permission::DestinationPortRange { start: 0, end: 10 }],
+                    vec![Principal::Any],
+                ),
+                (
+                    "src-ip",
+                    vec![Permission::Any],
+                    vec![Principal::DirectRemoteIp(all())],
+                ),
+                (
+                    "remote-ip",
+                    vec![Permission::Any],
+                    vec![Principal::RemoteIp(all())],
+                ),
+            ],
+        );
+        let mut req = Req::new("GET", "/");
+        req.local = INTERNAL_CLIENT_ADDRESS;
+        req.peer = INTERNAL_CLIENT_ADDRESS;
+        assert!(!req.run(&r).allowed);
+        assert!(!req.network(&r).allowed);
+        let not = rbac(
+            Action::Allow,
+            vec![(
+                "not-dst-ip",
+                vec![Permission::Not(Box::new(Permission::DestinationIp(all())))],
+                vec![Principal::Any],
+            )],
+        );
+        assert!(req.run(&not).allowed);
+        // A real peer's address still matches.
+        req.peer = "192.168.1.7:5555".parse().unwrap();
+        let v = req.run(&r);
+        assert!(v.allowed);
+        assert!(
+            matches!(v.matched_policy.as_deref(), Some("src-ip" | "remote-ip")),
+            "{v:?}"
+        );
     }
 
     #[test]

@@ -45,6 +45,14 @@ impl ConnectionLog {
         self.rec.as_mut().map(|r| &mut *r.0)
     }
 
+    /// An internal listener's own address, when it is the connection's
+    /// local address.
+    pub fn local_internal(&mut self, addr: Option<ferry_model::cluster::InternalAddr>) {
+        if let Some(i) = self.info() {
+            i.downstream_local_internal = addr;
+        }
+    }
+
     /// The connection's filter state, for `%FILTER_STATE%`.
     pub fn filter_state(&mut self, state: Option<Arc<ferry_model::filter_state::FilterState>>) {
         if let Some(i) = self.info() {
@@ -105,7 +113,7 @@ pub fn no_filter_chain(
     rt: &Runtime,
     listener: &ferry_model::Listener,
     peer: SocketAddr,
-    local: SocketAddr,
+    (local, local_internal): (SocketAddr, Option<&ferry_model::cluster::InternalAddr>),
     server_name: Option<&str>,
 ) {
     if listener.access_logs.is_empty() {
@@ -115,6 +123,7 @@ pub fn no_filter_chain(
     info.downstream_remote = Some(peer);
     info.downstream_direct_remote = Some(peer);
     info.downstream_local = Some(local);
+    info.downstream_local_internal = local_internal.cloned();
     info.requested_server_name = server_name.map(str::to_string).filter(|s| !s.is_empty());
     info.hostname = crate::http::hostname();
     info.add_flag("NR");

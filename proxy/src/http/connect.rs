@@ -95,6 +95,8 @@ pub(super) async fn terminate(
     // direction with END_STREAM, passed on as the upstream's half-close.
     let http1 = req.version() < http::Version::HTTP_2;
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // The HTTP/2 stream's tasks, to reset it (none over HTTP/1).
+    let stream = super::h2_exec::StreamTasks::current();
     // The tunnel outlives the response: it counts as a stream of the
     // connection until its bytes are done.
     let tunnel = ctx.life.tunnel();
@@ -108,12 +110,25 @@ pub(super) async fn terminate(
             io: TokioIo::new(down),
             closes: http1,
         };
-        let mut up = up;
+        // The internal connection's full close, while the caller's side is
+        // still open, resets the stream (Envoy's upstream close event);
+        // its half-close ends it with END_STREAM.
+        let mut up = crate::internal_pipe::ResetOnClose(up);
         match crate::tcp::copy_bidirectional(&mut down, &mut up).await {
             Ok((rx, tx)) => {
                 tracing::trace!(bytes.received = rx, bytes.sent = tx, "CONNECT tunnel done")
             }
-            Err(e) => tracing::debug!(error = %e, "CONNECT tunnel ended"),
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT tunnel ended");
+                // A failed tunnel resets its stream, as Envoy's upstream
+                // close event does, rather than ending it: its sending
+                // side is stopped before END_STREAM, then dropped.
+                if let Some(stream) = &stream
+                    && stream.stop_upgraded().await
+                {
+                    tracing::debug!("CONNECT stream reset");
+                }
+            }
         }
     });
     (Response::new(body::empty()), "", upstream)

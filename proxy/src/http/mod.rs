@@ -19,6 +19,7 @@ mod request_trace;
 
 pub(crate) use client::local_address;
 pub mod h1_guard;
+pub mod h2_exec;
 pub mod h2_guard;
 pub mod lifetime;
 mod shadow;
@@ -41,7 +42,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
@@ -107,6 +108,9 @@ pub struct ConnCtx {
     pub chain: Arc<FilterChain>,
     pub peer: SocketAddr,
     pub original_dst: SocketAddr,
+    /// An internal listener's own address, when it is the connection's
+    /// local address (nothing restored a destination).
+    pub local_internal: Option<ferry_model::cluster::InternalAddr>,
     /// The downstream connection is TLS (`x-forwarded-proto: https`):
     /// whether the client presented a certificate, and what
     /// `x-forwarded-client-cert` says about it.
@@ -233,7 +237,8 @@ async fn serve_h2<S>(
     let io = TokioIo::new(
         h2_guard::H2Guard::new(io, p.http2.clone(), counters).watching_fragments(fragments),
     );
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+    // Streams run on the executor that can reset a terminated CONNECT's.
+    let mut builder = http2::Builder::new(h2_exec::StreamExec);
     builder
         .timer(TokioTimer::new())
         .max_concurrent_streams(p.http2.max_concurrent_streams)
@@ -975,6 +980,7 @@ async fn route_request(
     let fctx = FormatContext {
         downstream_remote: Some(client.remote),
         downstream_local: Some(ctx.original_dst),
+        downstream_local_internal: ctx.local_internal.as_ref(),
         upstream_remote: None,
         protocol: protocol_name(req.version()),
         hostname: hostname(),

@@ -102,6 +102,7 @@ impl Observer {
         let mut info = StreamInfo::new(LogType::DownstreamEnd, started);
         info.protocol = Some(super::protocol_name(req.version()));
         info.downstream_local = Some(ctx.original_dst);
+        info.downstream_local_internal = ctx.local_internal.clone();
         info.downstream_remote = Some(ctx.peer);
         info.downstream_direct_remote = Some(ctx.peer);
         info.requested_server_name = Some(ctx.server_name.clone()).filter(|s| !s.is_empty());
