@@ -361,38 +361,35 @@ async fn serve_h1<S>(
     }
 }
 
-/// `header_key_format` on a connection manager: lower case unless told
-/// otherwise, as Envoy writes header names. Keeping the original case costs
-/// a map of the names per message, so it is only kept when asked for.
-fn header_case_server(b: &mut http1::Builder, case: ferry_model::http_protocol::HeaderCase) {
-    use ferry_model::http_protocol::HeaderCase;
-    match case {
-        HeaderCase::Lower => {}
-        HeaderCase::Preserve => {
-            b.preserve_header_case(true);
+/// `header_key_format` on an HTTP/1 codec builder (hyper's server and client
+/// builders have the same setters): lower case unless told otherwise, as
+/// Envoy writes header names. Keeping the original case costs a map of the
+/// names per message, so it is only kept when asked for.
+macro_rules! apply_header_case {
+    ($builder:expr, $case:expr) => {
+        match $case {
+            ferry_model::http_protocol::HeaderCase::Lower => {}
+            ferry_model::http_protocol::HeaderCase::Preserve => {
+                $builder.preserve_header_case(true);
+            }
+            ferry_model::http_protocol::HeaderCase::ProperCase => {
+                $builder.title_case_headers(true);
+            }
         }
-        HeaderCase::ProperCase => {
-            b.title_case_headers(true);
-        }
-    }
+    };
 }
 
-/// `header_key_format` on a cluster's HTTP/1 connections (see
-/// [`header_case_server`]).
+/// `header_key_format` on a connection manager.
+fn header_case_server(b: &mut http1::Builder, case: ferry_model::http_protocol::HeaderCase) {
+    apply_header_case!(b, case);
+}
+
+/// `header_key_format` on a cluster's HTTP/1 connections.
 pub(crate) fn header_case(
     b: &mut hyper::client::conn::http1::Builder,
     case: ferry_model::http_protocol::HeaderCase,
 ) {
-    use ferry_model::http_protocol::HeaderCase;
-    match case {
-        HeaderCase::Lower => {}
-        HeaderCase::Preserve => {
-            b.preserve_header_case(true);
-        }
-        HeaderCase::ProperCase => {
-            b.title_case_headers(true);
-        }
-    }
+    apply_header_case!(b, case);
 }
 
 /// hyper's default HTTP/1 buffer bound (~400 KiB).
