@@ -169,6 +169,16 @@ impl ConnCtx {
     }
 }
 
+impl ConnCtx {
+    /// The response being sent is the connection's last (HTTP/1
+    /// `connection: close`), or is followed by GOAWAY (HTTP/2).
+    fn close_after_response(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.life.ask_drain();
+    }
+}
+
 /// Serves one downstream connection until it closes or its drain completes.
 ///
 /// Drain (process shutdown, a changed filter chain, `max_connection_duration`,
@@ -546,19 +556,14 @@ async fn handle(
         if served == max {
             stats.downstream_cx_max_requests_reached.inc();
         }
-        // This response is the connection's last (HTTP/1), or GOAWAY (HTTP/2).
-        ctx.closing
-            .store(true, std::sync::atomic::Ordering::Release);
-        ctx.life.ask_drain();
+        ctx.close_after_response();
     }
     // A drain sequence (`drain_listeners?graceful`) under way: this
     // response may close its connection, as Envoy's connection manager asks
     // its drain decision for each response.
     if !ctx.closing.load(std::sync::atomic::Ordering::Acquire) && ctx.live.drain.drain_close() {
         stats.downstream_cx_drain_close.inc();
-        ctx.closing
-            .store(true, std::sync::atomic::Ordering::Release);
-        ctx.life.ask_drain();
+        ctx.close_after_response();
     }
     let method = req.method().clone();
     let grpc = ferry_model::route::is_grpc(req.headers());
