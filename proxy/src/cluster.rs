@@ -1579,26 +1579,19 @@ impl EndpointPool {
         }
     }
 
-    /// Runs one request under the cluster's request breaker, counting it in
-    /// flight and reporting its outcome to outlier detection. A tunnel's
-    /// CONNECT (`tunnel`) counts as Envoy's TCP proxy counts it: one request
-    /// of the endpoint once its stream had a connection, neither a success
-    /// nor an error (those are the router's).
-    async fn guarded<F>(
+    /// Counts a request's outcome on the endpoint and tells its outlier
+    /// detector and latency estimate. A tunnel's CONNECT (`tunnel`) counts
+    /// as Envoy's TCP proxy counts it: one request of the endpoint once its
+    /// stream had a connection, neither a success nor an error (those are
+    /// the router's).
+    fn record(
         &self,
-        tunnel: Option<TunnelStream>,
-        send: F,
-    ) -> Result<Response<Incoming>, UpstreamError>
-    where
-        F: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
-    {
-        let _slot = self.settings.shared.breakers.request()?;
-        self.active.fetch_add(1, Ordering::Relaxed);
-        let _in_flight = InFlight(&self.active);
-        let start = Instant::now();
-        let r = send.await;
+        tunnel: Option<&TunnelStream>,
+        start: Instant,
+        r: &Result<Response<Incoming>, UpstreamError>,
+    ) {
         let hs = self.counters();
-        match &tunnel {
+        match tunnel {
             Some(t) => {
                 if t.0.load(Ordering::Relaxed) {
                     hs.rq_total.fetch_add(1, Ordering::Relaxed);
@@ -1624,7 +1617,6 @@ impl EndpointPool {
             Err(UpstreamError::Overflow) => {}
             Err(_) => self.report(Outcome::LocalFailure),
         }
-        r
     }
 
     fn is_empty(&self) -> bool {
@@ -1820,7 +1812,10 @@ impl EndpointPool {
             }
             let freed = breakers.freed.notified();
             if let Some(slot) = breakers.connection(self.host_limit().as_ref()) {
-                let (sender, local) = self.connect_h1(slot).await?;
+                // Boxed: a new connection's state (TCP, TLS and the codec's
+                // handshake) would otherwise be room in every request's
+                // future, though most requests take a pooled connection.
+                let (sender, local) = Box::pin(self.connect_h1(slot)).await?;
                 return Ok((sender, Use::new(), false, local));
             }
             if pending.is_none() {
@@ -1865,13 +1860,17 @@ impl EndpointPool {
         self: &Arc<Self>,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
-            return self.guarded(None, named.send_h1_inner(req)).await;
-        }
-        if let Some(carrying) = self.for_state(&req) {
-            return self.guarded(None, carrying.send_h1_inner(req)).await;
-        }
-        self.guarded(None, self.send_h1_inner(req)).await
+        self.send(false, req).await
+    }
+
+    /// The pool a request goes to instead of this one: the endpoint's pool
+    /// for the server name the request asks for, or the one carrying the
+    /// filter state it shares upstream. One `await` on whichever pool it
+    /// is keeps the request's future one send deep, not one per case.
+    fn other_pool(&self, req: &Request<UpstreamBody>) -> Option<Arc<EndpointPool>> {
+        self.request_name(req)
+            .and_then(|n| self.for_name(&n))
+            .or_else(|| self.for_state(req))
     }
 
     async fn send_h1_inner(
@@ -2121,19 +2120,42 @@ impl EndpointPool {
         }
     }
 
-    /// Sends a request on the endpoint's shared HTTP/2 connection.
-    pub async fn send_h2(
-        &self,
+    /// Sends a request on an HTTP/2 stream or an HTTP/1.1 connection, under
+    /// the cluster's request breaker, counted in flight while it runs.
+    pub async fn send(
+        self: &Arc<Self>,
+        h2: bool,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let tunnel = req.extensions().get::<TunnelStream>().cloned();
-        if let Some(named) = self.request_name(&req).and_then(|n| self.for_name(&n)) {
-            return self.guarded(tunnel, named.send_h2_inner(req)).await;
-        }
-        if let Some(carrying) = self.for_state(&req) {
-            return self.guarded(tunnel, carrying.send_h2_inner(req)).await;
-        }
-        self.guarded(tunnel, self.send_h2_inner(req)).await
+        let tunnel = if h2 {
+            req.extensions().get::<TunnelStream>().cloned()
+        } else {
+            None
+        };
+        let other = self.other_pool(&req);
+        let pool = other.as_ref().unwrap_or(self);
+        let _slot = self.settings.shared.breakers.request()?;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.active);
+        let start = Instant::now();
+        // Awaited here, not through a wrapper taking the send as a value:
+        // such a wrapper holds the send twice (as its argument and as what
+        // it awaits), and this state is part of every request's.
+        let r = if h2 {
+            pool.send_h2_inner(req).await
+        } else {
+            pool.send_h1_inner(req).await
+        };
+        self.record(tunnel.as_ref(), start, &r);
+        r
+    }
+
+    /// Sends a request on the endpoint's shared HTTP/2 connection.
+    pub async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send(true, req).await
     }
 
     async fn send_h2_inner(
@@ -2211,7 +2233,8 @@ impl EndpointPool {
                 if let Some(s) = self.h2_stream() {
                     return Ok(s);
                 }
-                match self.open_h2().await {
+                // Boxed, as `connect_h1` is in `new_or_pooled_h1`.
+                match Box::pin(self.open_h2()).await {
                     Ok(()) => continue,
                     Err(UpstreamError::Overflow) if self.has_live_h2() => {}
                     Err(UpstreamError::Overflow) => {

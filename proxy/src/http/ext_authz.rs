@@ -945,12 +945,7 @@ async fn http_check(
         headers.insert(http::header::HOST, v);
     }
     *req.headers_mut() = headers;
-    let resp = if h2 {
-        pool.send_h2(req).await
-    } else {
-        pool.send_h1(req).await
-    }
-    .map_err(|e| e.to_string())?;
+    let resp = pool.send(h2, req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     // A 5xx is a failed check, as in Envoy.
     if status.is_server_error() {

@@ -68,11 +68,7 @@ pub fn spawn(
         *req.extensions_mut() = extensions;
         crt.stats.upstream_rq_total.inc();
         let send = async {
-            let resp = if use_h2 {
-                pool.send_h2(req).await
-            } else {
-                pool.send_h1(req).await
-            };
+            let resp = pool.send(use_h2, req).await;
             match resp {
                 Ok(resp) => {
                     crt.stats.status(resp.status().as_u16());
