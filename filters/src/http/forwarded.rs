@@ -75,7 +75,11 @@ pub struct Downstream<'a> {
 /// and the removal of the internal-only headers. `Err` carries the status an
 /// original-IP detection extension rejects the request with.
 pub fn mutate_request(headers: &mut HeaderMap, d: &Downstream<'_>) -> Result<ClientAddress, u16> {
-    headers.remove(INTERNAL);
+    // Nothing below adds an `x-envoy-*` header before the removals.
+    let envoy_headers = super::headers::any_envoy_header(headers);
+    if envoy_headers {
+        headers.remove(INTERNAL);
+    }
     let trust = d.trust;
     let mut detected: Option<SocketAddr> = None;
     let mut trusted_checks = false;
@@ -122,13 +126,15 @@ pub fn mutate_request(headers: &mut HeaderMap, d: &Downstream<'_>) -> Result<Cli
     if internal {
         headers.insert(INTERNAL, HeaderValue::from_static("true"));
     } else {
-        if edge {
+        if edge && envoy_headers {
             for h in EDGE_ONLY {
                 headers.remove(*h);
             }
         }
-        for h in INTERNAL_ONLY {
-            headers.remove(*h);
+        if envoy_headers {
+            for h in INTERNAL_ONLY {
+                headers.remove(*h);
+            }
         }
         for h in d.internal_only_headers {
             headers.remove(h);

@@ -26,10 +26,36 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Which of [`HOP_BY_HOP`] `name` is.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    HOP_BY_HOP.iter().position(|h| *h == name.as_str())
+}
+
+/// Whether any header is an `x-envoy-*` one. Most requests carry none, and
+/// one pass over their few names is cheaper than looking up each of the
+/// `x-envoy-*` names the connection manager and the router remove or read.
+pub fn any_envoy_header(headers: &HeaderMap) -> bool {
+    headers.keys().any(|k| k.as_str().starts_with("x-envoy-"))
+}
+
 /// Removes hop-by-hop headers and those the `Connection` header names. With
 /// `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive so that the
 /// upstream sees the protocol switch.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // One pass over the message's few names finds which hop-by-hop ones it
+    // carries (most carry none, or only `Connection`), instead of a lookup
+    // per hop-by-hop name.
+    let mut present = 0u32;
+    let mut te = false;
+    for k in headers.keys() {
+        if let Some(i) = hop_by_hop_index(k) {
+            present |= 1 << i;
+        }
+        te |= k == header::TE;
+    }
+    if present == 0 && !te && !keep_upgrade {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -41,8 +67,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in listed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && (*name == "connection" || *name == "upgrade") {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) == 0 || keep_upgrade && (*name == "connection" || *name == "upgrade")
+        {
             continue;
         }
         headers.remove(*name);

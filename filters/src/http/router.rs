@@ -28,6 +28,13 @@ fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
 /// Reads the router's `x-envoy-*` request headers as Envoy does, and
 /// consumes them (Envoy removes them before the request goes on).
 pub fn header_overrides(h: &mut HeaderMap, route: Option<&RetryPolicy>) -> HeaderOverrides {
+    if !super::headers::any_envoy_header(h) {
+        return HeaderOverrides {
+            timeout: None,
+            per_try_timeout: None,
+            retry: None,
+        };
+    }
     let mut out = HeaderOverrides {
         timeout: header_u64(h, "x-envoy-upstream-rq-timeout-ms")
             .map(|ms| (ms > 0).then(|| Duration::from_millis(ms))),

@@ -376,47 +376,68 @@ impl Framer {
         out: &mut BytesMut,
         verdicts: &mut Vec<Verdict>,
     ) -> usize {
-        for (i, &b) in input.iter().enumerate() {
-            // Empty lines before a request line are skipped, as httparse does.
-            if self.head.is_empty() && (b == b'\r' || b == b'\n') {
-                continue;
+        // Empty lines before a request line are skipped, as httparse does.
+        let start = if self.head.is_empty() {
+            match input.iter().position(|&b| b != b'\r' && b != b'\n') {
+                Some(n) => n,
+                None => return input.len(),
             }
-            self.head.push(b);
-            if self.head.len() > self.limits.max_head_bytes {
-                self.refuse(
-                    Refusal::too_large("headers size exceeds limit"),
-                    out,
-                    verdicts,
-                );
-                return i + 1;
-            }
-            // What can never become a valid head is refused as it arrives
-            // (as Envoy's parser does), not when a head that may never end
-            // is complete: a control character anywhere, a first byte no
-            // method starts with.
+        } else {
+            0
+        };
+        let rest = &input[start..];
+        // One pass finds where the head ends or the first byte that can
+        // never belong to a valid head (refused as it arrives, as Envoy's
+        // parser does, not when a head that may never end is complete: a
+        // control character anywhere, a first byte no method starts with).
+        // The bytes are then taken at once: this runs on every request.
+        let mut at_line_start = self.at_line_start;
+        let mut stop = None;
+        for (k, &b) in rest.iter().enumerate() {
             let control = (b < 0x20 && !matches!(b, b'\t' | b'\r' | b'\n')) || b == 0x7f;
-            let first = self.head.len() == 1
+            let first = k == 0
+                && self.head.is_empty()
                 && !(if self.limits.allow_custom_methods {
                     is_token(b)
                 } else {
                     METHOD_FIRST_BYTES.contains(&b)
                 });
             if control || first {
-                self.refuse(Refusal::bad_request("invalid request head"), out, verdicts);
-                return i + 1;
+                stop = Some((k, false));
+                break;
             }
             match b {
-                b'\n' if self.at_line_start => {
-                    self.complete_head(out, verdicts);
-                    return i + 1;
+                b'\n' if at_line_start => {
+                    stop = Some((k, true));
+                    break;
                 }
-                b'\n' => self.at_line_start = true,
+                b'\n' => at_line_start = true,
                 // The CR of an empty line keeps it empty.
                 b'\r' => {}
-                _ => self.at_line_start = false,
+                _ => at_line_start = false,
             }
         }
-        input.len()
+        let taken = stop.map_or(rest.len(), |(k, _)| k + 1);
+        // The byte that takes the head past its limit is refused first,
+        // before what it is is looked at.
+        let room = self.limits.max_head_bytes.saturating_sub(self.head.len());
+        if taken > room {
+            self.refuse(
+                Refusal::too_large("headers size exceeds limit"),
+                out,
+                verdicts,
+            );
+            return start + room + 1;
+        }
+        self.head.extend_from_slice(&rest[..taken]);
+        match stop {
+            Some((_, false)) => {
+                self.refuse(Refusal::bad_request("invalid request head"), out, verdicts);
+            }
+            Some((_, true)) => self.complete_head(out, verdicts),
+            None => self.at_line_start = at_line_start,
+        }
+        start + taken
     }
 
     fn refuse(&mut self, r: Refusal, out: &mut BytesMut, verdicts: &mut Vec<Verdict>) {
