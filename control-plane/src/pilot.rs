@@ -14,7 +14,9 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use crate::istio::source::{Snapshot, Source};
-use crate::istio::translate::{Mesh, MeshOptions, Outbound, Proxy, ProxyConfig, credentials};
+use crate::istio::translate::{
+    Mesh, MeshOptions, Outbound, OutboundClass, Proxy, ProxyConfig, credentials,
+};
 use crate::istio::validate::{self, Severity};
 use crate::xds::{
     CLUSTER, Cache, CachedResource, ENDPOINT, Interner, LISTENER, ROUTE, SECRET, to_any,
@@ -94,9 +96,9 @@ struct State {
     /// Every proxy seen, by node id: its identity and its cache.
     proxies: HashMap<String, (Proxy, Cache)>,
     /// The outbound part of each proxy class of `mesh`, encoded once for
-    /// every proxy of the class; by the address of the mesh's translation,
-    /// which is kept with it.
-    encoded: HashMap<usize, (Arc<Outbound>, Arc<Encoded>)>,
+    /// every proxy of the class (the messages themselves are dropped once
+    /// encoded).
+    encoded: HashMap<OutboundClass, Arc<Encoded>>,
 }
 
 /// An [`Outbound`] encoded as the caches hold it.
@@ -105,44 +107,43 @@ struct Encoded {
     endpoints: Vec<(String, CachedResource)>,
 }
 
-/// The encoding of `outbound`, made by the first proxy of its class.
-fn encoded(
-    memo: &mut HashMap<usize, (Arc<Outbound>, Arc<Encoded>)>,
-    outbound: &Arc<Outbound>,
-    interner: &Interner,
-) -> Arc<Encoded> {
-    let key = Arc::as_ptr(outbound) as usize;
-    memo.entry(key)
-        .or_insert_with(|| {
-            let encode = |any| CachedResource::new(any, Some(interner));
-            let enc = Encoded {
-                clusters: outbound
-                    .clusters
-                    .iter()
-                    .map(|c| (c.name.clone(), encode(to_any(c))))
-                    .collect(),
-                endpoints: outbound
-                    .endpoints
-                    .iter()
-                    .map(|e| (e.cluster_name.clone(), encode(to_any(e))))
-                    .collect(),
-            };
-            (outbound.clone(), Arc::new(enc))
-        })
-        .1
-        .clone()
+impl Encoded {
+    fn new(outbound: &Outbound, interner: &Interner) -> Self {
+        let encode = |any| CachedResource::new(any, Some(interner));
+        Self {
+            clusters: outbound
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), encode(to_any(c))))
+                .collect(),
+            endpoints: outbound
+                .endpoints
+                .iter()
+                .map(|e| (e.cluster_name.clone(), encode(to_any(e))))
+                .collect(),
+        }
+    }
 }
 
-/// Translates `proxy` on `mesh` and fills its cache.
+/// Translates `proxy` on `mesh` and fills its cache: the outbound part of
+/// its class is translated and encoded by the first proxy of the class.
 fn translate(
     mesh: &Mesh,
     proxy: &Proxy,
     cache: &Cache,
-    memo: &mut HashMap<usize, (Arc<Outbound>, Arc<Encoded>)>,
+    memo: &mut HashMap<OutboundClass, Arc<Encoded>>,
     interner: &Interner,
 ) {
-    let (cfg, outbound) = mesh.proxy_config_shared(proxy);
-    let shared = encoded(memo, &outbound, interner);
+    let class = mesh.outbound_class(proxy);
+    let (cfg, shared) = match memo.get(&class) {
+        Some(shared) => (mesh.proxy_config_own(proxy), shared.clone()),
+        None => {
+            let (cfg, outbound) = mesh.proxy_config_shared(proxy);
+            let shared = Arc::new(Encoded::new(&outbound, interner));
+            memo.insert(class, shared.clone());
+            (cfg, shared)
+        }
+    };
     fill(cache, &cfg, &shared, interner);
 }
 

@@ -146,8 +146,10 @@ fn proxies_of_one_class_share_one_outbound_translation() {
     );
     assert_eq!(mesh.outbound_class(&a), mesh.outbound_class(&b));
     let (_, out_a) = mesh.proxy_config_shared(&a);
-    let (_, out_b) = mesh.proxy_config_shared(&b);
+    let (own_b, out_b) = mesh.proxy_config_shared(&b);
     assert!(Arc::ptr_eq(&out_a, &out_b), "one translation for the class");
+    // What ferry-pilot asks for once it holds the class's encoding.
+    assert_eq!(mesh.proxy_config_own(&b), own_b);
     assert_eq!(mesh.outbound_classes(), 1);
     assert!(
         out_a.clusters.len() >= 4 && !out_a.endpoints.is_empty(),

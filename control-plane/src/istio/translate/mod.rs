@@ -466,31 +466,51 @@ impl Mesh {
     pub fn proxy_config_shared(&self, proxy: &Proxy) -> (ProxyConfig, std::sync::Arc<Outbound>) {
         let scope = Scope::new(self, proxy);
         let outbound = self.outbound.get(&scope);
+        (self.own_config(&scope, Some(&outbound)), outbound)
+    }
+
+    /// The first part of [`Mesh::proxy_config_shared`] alone, for a caller
+    /// that holds its class's outbound part already (a gateway's still
+    /// reads it, for the secrets its clusters name).
+    pub fn proxy_config_own(&self, proxy: &Proxy) -> ProxyConfig {
+        self.own_config(&Scope::new(self, proxy), None)
+    }
+
+    fn own_config(&self, scope: &Scope<'_>, outbound: Option<&Outbound>) -> ProxyConfig {
+        let proxy = scope.proxy;
         let mut out = ProxyConfig::default();
-        cluster::build(&scope, &mut out);
+        cluster::build(scope, &mut out);
         match proxy.node_type {
             NodeType::Sidecar => {
-                listener::build(&scope, &mut out);
-                out.name_table = Some(name_table::build(&scope));
+                listener::build(scope, &mut out);
+                out.name_table = Some(name_table::build(scope));
             }
-            NodeType::Router => gateway::build(&scope, &mut out),
+            NodeType::Router => gateway::build(scope, &mut out),
         }
-        telemetry::apply(&scope, &mut out.listeners);
+        telemetry::apply(scope, &mut out.listeners);
         // After telemetry: istiod gives these its own filtered logs, which
         // are not written yet.
-        hbone::build(&scope, &mut out);
+        hbone::build(scope, &mut out);
         // Only gateways' servers name `kubernetes://` secrets (the
         // sidecars' TLS is the mesh's own): no need to decode every
         // sidecar cluster's TLS context on each push.
         if proxy.node_type == NodeType::Router {
-            credentials::build(&scope, &mut out, &outbound.clusters);
+            let held;
+            let outbound = match outbound {
+                Some(o) => o,
+                None => {
+                    held = self.outbound.get(scope);
+                    &*held
+                }
+            };
+            credentials::build(scope, &mut out, &outbound.clusters);
         }
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
         out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
         out.endpoints
             .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
-        (out, outbound)
+        out
     }
 
     /// The class `proxy`'s outbound clusters and endpoints are shared in.

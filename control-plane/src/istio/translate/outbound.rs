@@ -10,7 +10,7 @@
 //! configuration (a new mesh) starts it afresh.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -63,11 +63,13 @@ struct Inputs {
     failover_labels: Vec<String>,
 }
 
-/// The outbound translations of one mesh, by proxy class.
+/// The outbound translations of one mesh, by proxy class. Held weakly:
+/// a translation lives as long as somebody uses it (ferry-pilot keeps the
+/// encoding, not the messages), and is made again when asked for after.
 #[derive(Debug, Default)]
 pub(super) struct Memo {
     inputs: Inputs,
-    table: Mutex<HashMap<OutboundClass, Arc<Outbound>>>,
+    table: Mutex<HashMap<OutboundClass, Weak<Outbound>>>,
 }
 
 impl Memo {
@@ -149,13 +151,16 @@ impl Memo {
     pub(super) fn get(&self, scope: &Scope<'_>) -> Arc<Outbound> {
         let class = self.class(scope);
         let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
-        table
-            .entry(class)
-            .or_insert_with(|| Arc::new(super::cluster::outbound_all(scope)))
-            .clone()
+        if let Some(held) = table.get(&class).and_then(Weak::upgrade) {
+            return held;
+        }
+        let made = Arc::new(super::cluster::outbound_all(scope));
+        table.insert(class, Arc::downgrade(&made));
+        made
     }
 
-    /// How many classes have been translated (for tests and diagnostics).
+    /// How many classes have been translated (for tests and diagnostics;
+    /// a class made again counts once).
     pub(super) fn len(&self) -> usize {
         self.table
             .lock()

@@ -152,6 +152,10 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
 struct Index<'a> {
     /// Workload positions by namespace, in snapshot order.
     workloads_by_namespace: HashMap<&'a str, Vec<usize>>,
+    /// Workload positions by namespace and one of their labels, in
+    /// snapshot order: a selector looks among the workloads that carry
+    /// its rarest label only.
+    workloads_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
     /// The first workload of each `(namespace, name)`.
     workload_by_name: HashMap<(&'a str, &'a str), usize>,
     /// Endpoints (by their name) and EndpointSlices (by their
@@ -164,7 +168,14 @@ impl<'a> Index<'a> {
     fn new(snapshot: &'a Snapshot, workloads: &'a [Workload]) -> Self {
         let mut workloads_by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut workload_by_name = HashMap::new();
+        let mut workloads_by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
         for (i, w) in workloads.iter().enumerate() {
+            for (k, v) in &w.labels {
+                workloads_by_label
+                    .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
             workloads_by_namespace
                 .entry(w.namespace.as_str())
                 .or_default()
@@ -189,6 +200,7 @@ impl<'a> Index<'a> {
         }
         Self {
             workloads_by_namespace,
+            workloads_by_label,
             workload_by_name,
             endpoints,
         }
@@ -197,17 +209,36 @@ impl<'a> Index<'a> {
     /// The workloads of `namespace` that `selector` selects, in snapshot
     /// order.
     fn selected<'w>(
-        &self,
+        &'w self,
         workloads: &'w [Workload],
         namespace: &str,
         selector: &'w BTreeMap<String, String>,
-    ) -> impl Iterator<Item = &'w Workload> + use<'w, '_> {
-        self.workloads_by_namespace
-            .get(namespace)
-            .into_iter()
-            .flatten()
-            .map(move |i| &workloads[*i])
-            .filter(move |w| selects(selector, &w.labels))
+    ) -> Vec<&'w Workload> {
+        // The candidates: those with the selector's rarest label (none
+        // when some label is on no workload), or the whole namespace for
+        // an empty selector.
+        let candidates: &[usize] = if selector.is_empty() {
+            self.workloads_by_namespace
+                .get(namespace)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+        } else {
+            selector
+                .iter()
+                .map(|(k, v)| {
+                    self.workloads_by_label
+                        .get(&(namespace, k.as_str(), v.as_str()))
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                })
+                .min_by_key(|c| c.len())
+                .unwrap_or_default()
+        };
+        candidates
+            .iter()
+            .map(|i| &workloads[*i])
+            .filter(|w| selects(selector, &w.labels))
+            .collect()
     }
 }
 
@@ -272,6 +303,7 @@ impl Registry {
                 endpoints.extend(
                     index
                         .selected(&workloads, ns, sel)
+                        .into_iter()
                         .filter_map(|w| workload_endpoint(w, &ports)),
                 );
             }
@@ -622,6 +654,7 @@ fn kube_service(
         endpoints.extend(
             index
                 .selected(workloads, ns, sel)
+                .into_iter()
                 .filter_map(|w| workload_endpoint(w, &ports)),
         );
     }
