@@ -4,7 +4,9 @@
 //! its namespace, labels and service account) and recomputed on every
 //! accepted change of the source; a type whose resources come out the same
 //! is not pushed again, and the caches share one copy of every encoded
-//! resource equal across proxies. A change with errors is refused with the
+//! resource equal across proxies. The outbound clusters and endpoints are
+//! translated and encoded once per proxy class (see
+//! [`crate::istio::translate::outbound`]) and change. A change with errors is refused with the
 //! validation messages and the last good configuration keeps serving.
 
 use std::collections::HashMap;
