@@ -4,7 +4,9 @@
 //! its namespace, labels and service account) and recomputed on every
 //! accepted change of the source; a type whose resources come out the same
 //! is not pushed again, and the caches share one copy of every encoded
-//! resource equal across proxies. A change with errors is refused with the
+//! resource equal across proxies. The outbound clusters and endpoints are
+//! translated and encoded once per proxy class (see
+//! [`crate::istio::translate::outbound`]) and change. A change with errors is refused with the
 //! validation messages and the last good configuration keeps serving.
 
 use std::collections::HashMap;
@@ -14,9 +16,13 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 
 use crate::istio::source::{Snapshot, Source};
-use crate::istio::translate::{Mesh, MeshOptions, Proxy, ProxyConfig, credentials};
+use crate::istio::translate::{
+    Mesh, MeshOptions, Outbound, OutboundClass, Proxy, ProxyConfig, credentials,
+};
 use crate::istio::validate::{self, Severity};
-use crate::xds::{CLUSTER, Cache, ENDPOINT, Interner, LISTENER, ROUTE, SECRET, to_any};
+use crate::xds::{
+    CLUSTER, Cache, CachedResource, ENDPOINT, Interner, LISTENER, ROUTE, SECRET, to_any,
+};
 
 /// The secrets `default` (certificate and key) and `ROOTCA` (the root), as
 /// SDS resources.
@@ -91,6 +97,56 @@ struct State {
     mesh: Arc<Mesh>,
     /// Every proxy seen, by node id: its identity and its cache.
     proxies: HashMap<String, (Proxy, Cache)>,
+    /// The outbound part of each proxy class of `mesh`, encoded once for
+    /// every proxy of the class (the messages themselves are dropped once
+    /// encoded).
+    encoded: HashMap<OutboundClass, Arc<Encoded>>,
+}
+
+/// An [`Outbound`] encoded as the caches hold it.
+struct Encoded {
+    clusters: Vec<(String, CachedResource)>,
+    endpoints: Vec<(String, CachedResource)>,
+}
+
+impl Encoded {
+    fn new(outbound: &Outbound, interner: &Interner) -> Self {
+        let encode = |any| CachedResource::new(any, Some(interner));
+        Self {
+            clusters: outbound
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), encode(to_any(c))))
+                .collect(),
+            endpoints: outbound
+                .endpoints
+                .iter()
+                .map(|e| (e.cluster_name.clone(), encode(to_any(e))))
+                .collect(),
+        }
+    }
+}
+
+/// Translates `proxy` on `mesh` and fills its cache: the outbound part of
+/// its class is translated and encoded by the first proxy of the class.
+fn translate(
+    mesh: &Mesh,
+    proxy: &Proxy,
+    cache: &Cache,
+    memo: &mut HashMap<OutboundClass, Arc<Encoded>>,
+    interner: &Interner,
+) {
+    let class = mesh.outbound_class(proxy);
+    let (cfg, shared) = match memo.get(&class) {
+        Some(shared) => (mesh.proxy_config_own(proxy), shared.clone()),
+        None => {
+            let (cfg, outbound) = mesh.proxy_config_shared(proxy);
+            let shared = Arc::new(Encoded::new(&outbound, interner));
+            memo.insert(class, shared.clone());
+            (cfg, shared)
+        }
+    };
+    fill(cache, &cfg, &shared, interner);
 }
 
 /// A node that connected from an address, with its cache and when the
@@ -114,7 +170,10 @@ pub struct Pilot {
     interner: Interner,
 }
 
-fn fill(cache: &Cache, cfg: &ProxyConfig) {
+/// Fills `cache` with `cfg`, the proxy's own resources, and `shared`, the
+/// outbound clusters and endpoints of its class.
+fn fill(cache: &Cache, cfg: &ProxyConfig, shared: &Encoded, interner: &Interner) {
+    let encode = |any| CachedResource::new(any, Some(interner));
     // Clusters and endpoints before listeners and routes, as the proxy
     // wants them; a type that did not change is left alone, so that an
     // endpoint change pushes endpoints only. But a changed cluster warms in
@@ -123,18 +182,22 @@ fn fill(cache: &Cache, cfg: &ProxyConfig) {
     // its routes do: with clusters, endpoints go out again, and with
     // listeners, routes, as istiod pushes them.
     let before = cache.version(CLUSTER);
-    let clusters_changed = cache.replace(
+    let clusters_changed = cache.replace_cached(
         CLUSTER,
-        cfg.clusters.iter().map(|c| (c.name.clone(), to_any(c))),
+        cfg.clusters
+            .iter()
+            .map(|c| (c.name.clone(), encode(to_any(c))))
+            .chain(shared.clusters.iter().cloned()),
     ) != before;
     let endpoints = cfg
         .endpoints
         .iter()
-        .map(|e| (e.cluster_name.clone(), to_any(e)));
+        .map(|e| (e.cluster_name.clone(), encode(to_any(e))))
+        .chain(shared.endpoints.iter().cloned());
     if clusters_changed {
-        cache.set(ENDPOINT, endpoints);
+        cache.set_cached(ENDPOINT, endpoints);
     } else {
-        cache.replace(ENDPOINT, endpoints);
+        cache.replace_cached(ENDPOINT, endpoints);
     }
     let before = cache.version(LISTENER);
     let listeners_changed = cache.replace(
@@ -191,6 +254,7 @@ impl Pilot {
             state: Mutex::new(State {
                 mesh: Arc::new(Mesh::new(snapshot, options.clone())),
                 proxies: HashMap::new(),
+                encoded: HashMap::new(),
             }),
             options,
             ca: std::sync::OnceLock::new(),
@@ -307,8 +371,9 @@ impl Pilot {
         let cache = Cache::with_interner(self.interner.clone());
         match Proxy::from_node(node) {
             Ok(mut proxy) => {
+                let st = &mut *st;
                 st.mesh.complete_proxy(&mut proxy);
-                fill(&cache, &st.mesh.proxy_config(&proxy));
+                translate(&st.mesh, &proxy, &cache, &mut st.encoded, &self.interner);
                 tracing::info!(xds.node = %node.id, proxy.namespace = %proxy.namespace, "proxy connected");
                 st.proxies.insert(node.id.clone(), (proxy, cache.clone()));
             }
@@ -328,14 +393,17 @@ impl Pilot {
             return Err(Refused(errors));
         }
         let mesh = Arc::new(Mesh::new(snapshot, self.options.clone()));
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *guard;
         st.mesh = mesh.clone();
+        // The encodings were of the previous mesh's translations.
+        st.encoded.clear();
         for (proxy, cache) in st.proxies.values_mut() {
             mesh.complete_proxy(proxy);
-            fill(cache, &mesh.proxy_config(proxy));
+            translate(&mesh, proxy, cache, &mut st.encoded, &self.interner);
         }
         let n = st.proxies.len();
-        drop(st);
+        drop(guard);
         // Pods that appeared since their proxy connected get their
         // certificate now.
         let peers: Vec<(String, std::net::IpAddr, Cache)> = self

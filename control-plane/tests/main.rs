@@ -22,6 +22,7 @@ mod istio_translate;
 mod istio_validate;
 mod kube_source;
 mod manifests;
+mod outbound_sharing;
 mod proxy_applies;
 mod replay;
 mod sidecar_listeners;

@@ -92,10 +92,23 @@ impl Cache {
         type_url: &str,
         resources: impl IntoIterator<Item = (String, Any)>,
     ) -> String {
-        let map: BTreeMap<String, CachedResource> = resources
-            .into_iter()
-            .map(|(name, any)| (name, self.cached(any)))
-            .collect();
+        self.set_cached(
+            type_url,
+            resources
+                .into_iter()
+                .map(|(name, any)| (name, self.cached(any))),
+        )
+    }
+
+    /// As [`Cache::set`], with resources encoded already (see
+    /// [`CachedResource::new`]): what several caches are sent alike is
+    /// encoded once.
+    pub fn set_cached(
+        &self,
+        type_url: &str,
+        resources: impl IntoIterator<Item = (String, CachedResource)>,
+    ) -> String {
+        let map: BTreeMap<String, CachedResource> = resources.into_iter().collect();
         self.update(type_url, |current| *current = map)
     }
 
@@ -108,10 +121,21 @@ impl Cache {
         type_url: &str,
         resources: impl IntoIterator<Item = (String, Any)>,
     ) -> String {
-        let map: BTreeMap<String, CachedResource> = resources
-            .into_iter()
-            .map(|(name, any)| (name, self.cached(any)))
-            .collect();
+        self.replace_cached(
+            type_url,
+            resources
+                .into_iter()
+                .map(|(name, any)| (name, self.cached(any))),
+        )
+    }
+
+    /// As [`Cache::replace`], with resources encoded already.
+    pub fn replace_cached(
+        &self,
+        type_url: &str,
+        resources: impl IntoIterator<Item = (String, CachedResource)>,
+    ) -> String {
+        let map: BTreeMap<String, CachedResource> = resources.into_iter().collect();
         {
             let types = self
                 .shared
@@ -230,10 +254,18 @@ impl Cache {
 
 impl Cache {
     fn cached(&self, any: Any) -> CachedResource {
+        CachedResource::new(any, self.shared.interner.as_ref())
+    }
+}
+
+impl CachedResource {
+    /// `any` with its version, shared through `interner` with every equal
+    /// resource it holds (as the caches of that interner keep them).
+    pub fn new(any: Any, interner: Option<&Interner>) -> Self {
         let hash = content_hash(&any);
-        CachedResource {
+        Self {
             version: format!("{hash:016x}"),
-            any: match &self.shared.interner {
+            any: match interner {
                 Some(i) => i.intern(hash, any),
                 None => Arc::new(any),
             },

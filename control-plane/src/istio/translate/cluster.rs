@@ -78,26 +78,8 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         INBOUND_PASSTHROUGH,
         Some(INBOUND_BIND_ADDRESS),
     ));
-    for svc in &scope.services {
-        for port in &svc.ports {
-            outbound(scope, svc, port, None, out);
-            for subset in scope.subsets(svc) {
-                outbound(scope, svc, port, Some((&subset.name, &subset.labels)), out);
-            }
-        }
-    }
-    if scope.proxy.istio_network_stats {
-        for c in &mut out.clusters {
-            if speaks_peer_exchange(c) {
-                c.filters
-                    .push(envoy_types::pb::envoy::config::cluster::v3::Filter {
-                        name: super::listener::METADATA_EXCHANGE.into(),
-                        typed_config: Some(super::listener::metadata_exchange_config()),
-                        ..Default::default()
-                    });
-            }
-        }
-    }
+    // The outbound clusters come from [`outbound_all`], shared by the
+    // proxies of one class (see `outbound`).
     if scope.proxy.node_type == super::NodeType::Router {
         // A gateway has no local application to deliver to.
         return;
@@ -125,6 +107,47 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         }
         c.metadata = Some(services_metadata(&port.services));
         out.clusters.push(c);
+    }
+}
+
+/// The outbound clusters of every service port `scope` imports (and of
+/// each DestinationRule subset), with the endpoints of those EDS discovers,
+/// each sorted by name (stably: of equal names the last built wins, as in
+/// the cache).
+pub(super) fn outbound_all(scope: &Scope<'_>) -> super::outbound::Outbound {
+    let mut out = ProxyConfig::default();
+    for svc in &scope.services {
+        for port in &svc.ports {
+            outbound(scope, svc, port, None, &mut out);
+            for subset in scope.subsets(svc) {
+                outbound(
+                    scope,
+                    svc,
+                    port,
+                    Some((&subset.name, &subset.labels)),
+                    &mut out,
+                );
+            }
+        }
+    }
+    if scope.proxy.istio_network_stats {
+        for c in &mut out.clusters {
+            if speaks_peer_exchange(c) {
+                c.filters
+                    .push(envoy_types::pb::envoy::config::cluster::v3::Filter {
+                        name: super::listener::METADATA_EXCHANGE.into(),
+                        typed_config: Some(super::listener::metadata_exchange_config()),
+                        ..Default::default()
+                    });
+            }
+        }
+    }
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.endpoints
+        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    super::outbound::Outbound {
+        clusters: out.clusters,
+        endpoints: out.endpoints,
     }
 }
 
@@ -837,24 +860,7 @@ fn load_assignment(
         .unwrap_or_default();
     // As istiod does, a proxy's and an endpoint's locality count as their
     // topology labels.
-    let with_topology = |labels: &BTreeMap<String, String>, locality: &str| {
-        let mut out = labels.clone();
-        let parts = locality.split('/');
-        for (key, value) in [
-            "topology.kubernetes.io/region",
-            "topology.kubernetes.io/zone",
-            "topology.istio.io/subzone",
-        ]
-        .into_iter()
-        .zip(parts)
-        {
-            if !value.is_empty() {
-                out.entry(key.to_string())
-                    .or_insert_with(|| value.to_string());
-            }
-        }
-        out
-    };
+    use super::outbound::with_topology;
     let proxy_labels = with_topology(&scope.proxy.labels, &scope.proxy.locality);
     let label_priority = |e: &RegistryEndpoint| -> u32 {
         if priority_labels.is_empty() {

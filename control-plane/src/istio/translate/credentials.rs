@@ -21,6 +21,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use prost::Message;
 
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+
 use super::{ProxyConfig, Scope};
 use crate::istio::source::Spec;
 use crate::istio::types::kube;
@@ -38,14 +40,14 @@ const UPSTREAM: &str =
 
 /// Adds to `out.secrets` every `kubernetes://` secret its listeners and
 /// clusters name that the proxy's namespace holds.
-pub(crate) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
+pub(crate) fn build(scope: &Scope<'_>, out: &mut ProxyConfig, outbound: &[Cluster]) {
     let mut names = BTreeSet::new();
     for l in &out.listeners {
         for fc in l.filter_chains.iter().chain(&l.default_filter_chain) {
             collect(fc.transport_socket.as_ref(), &mut names);
         }
     }
-    for c in &out.clusters {
+    for c in out.clusters.iter().chain(outbound) {
         collect(c.transport_socket.as_ref(), &mut names);
         for m in &c.transport_socket_matches {
             collect(m.transport_socket.as_ref(), &mut names);

@@ -25,6 +25,7 @@ pub mod jwt;
 mod listener;
 pub mod locality;
 pub mod name_table;
+pub mod outbound;
 pub mod registry;
 mod route;
 pub mod telemetry;
@@ -46,6 +47,7 @@ use super::types::networking::{
     DestinationRule, OutboundMode, Sidecar, Subset, TrafficPolicy, VirtualService,
 };
 use super::types::security::{MtlsMode, MutualTls};
+pub use outbound::{Outbound, OutboundClass};
 pub use registry::{Registry, Service, ServicePort};
 
 /// Everything one proxy is served.
@@ -63,7 +65,7 @@ pub struct ProxyConfig {
 }
 
 /// What a proxy is, from the first field of its node id.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum NodeType {
     /// `sidecar~…`: captures its pod's traffic.
     #[default]
@@ -336,6 +338,9 @@ pub struct Mesh {
     request_authentications: Vec<Resource>,
     telemetries: Vec<Resource>,
     secrets: Vec<Resource>,
+    /// The outbound clusters and endpoints translated so far, by proxy
+    /// class.
+    outbound: outbound::Memo,
 }
 
 impl Mesh {
@@ -348,10 +353,12 @@ impl Mesh {
                 .cloned()
                 .collect()
         };
+        let destination_rules = pick(|s| matches!(s, Spec::DestinationRule(_)));
         Self {
             registry: Registry::build(snapshot, &options.domain),
             virtual_services: pick(|s| matches!(s, Spec::VirtualService(_))),
-            destination_rules: pick(|s| matches!(s, Spec::DestinationRule(_))),
+            outbound: outbound::Memo::new(&destination_rules),
+            destination_rules,
             sidecars: pick(|s| matches!(s, Spec::Sidecar(_))),
             gateways: pick(|s| matches!(s, Spec::Gateway(_))),
             peer_authentications: pick(|s| matches!(s, Spec::PeerAuthentication(_))),
@@ -441,25 +448,62 @@ impl Mesh {
 
     /// The listeners, routes, clusters and endpoints for `proxy`.
     pub fn proxy_config(&self, proxy: &Proxy) -> ProxyConfig {
+        let (mut out, outbound) = self.proxy_config_shared(proxy);
+        // The outbound clusters are named `outbound|…`, which none of the
+        // proxy's own are: merged, the order is the one a single sort of
+        // everything gives.
+        out.clusters.extend(outbound.clusters.iter().cloned());
+        out.endpoints.extend(outbound.endpoints.iter().cloned());
+        out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        out.endpoints
+            .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+        out
+    }
+
+    /// [`Mesh::proxy_config`] in two parts: what is `proxy`'s own, and the
+    /// outbound clusters and endpoints it shares with every proxy of its
+    /// [`OutboundClass`] (translated once per class and mesh).
+    pub fn proxy_config_shared(&self, proxy: &Proxy) -> (ProxyConfig, std::sync::Arc<Outbound>) {
         let scope = Scope::new(self, proxy);
+        let outbound = self.outbound.get(&scope);
+        (self.own_config(&scope, Some(&outbound)), outbound)
+    }
+
+    /// The first part of [`Mesh::proxy_config_shared`] alone, for a caller
+    /// that holds its class's outbound part already (a gateway's still
+    /// reads it, for the secrets its clusters name).
+    pub fn proxy_config_own(&self, proxy: &Proxy) -> ProxyConfig {
+        self.own_config(&Scope::new(self, proxy), None)
+    }
+
+    fn own_config(&self, scope: &Scope<'_>, outbound: Option<&Outbound>) -> ProxyConfig {
+        let proxy = scope.proxy;
         let mut out = ProxyConfig::default();
-        cluster::build(&scope, &mut out);
+        cluster::build(scope, &mut out);
         match proxy.node_type {
             NodeType::Sidecar => {
-                listener::build(&scope, &mut out);
-                out.name_table = Some(name_table::build(&scope));
+                listener::build(scope, &mut out);
+                out.name_table = Some(name_table::build(scope));
             }
-            NodeType::Router => gateway::build(&scope, &mut out),
+            NodeType::Router => gateway::build(scope, &mut out),
         }
-        telemetry::apply(&scope, &mut out.listeners);
+        telemetry::apply(scope, &mut out.listeners);
         // After telemetry: istiod gives these its own filtered logs, which
         // are not written yet.
-        hbone::build(&scope, &mut out);
+        hbone::build(scope, &mut out);
         // Only gateways' servers name `kubernetes://` secrets (the
         // sidecars' TLS is the mesh's own): no need to decode every
         // sidecar cluster's TLS context on each push.
         if proxy.node_type == NodeType::Router {
-            credentials::build(&scope, &mut out);
+            let held;
+            let outbound = match outbound {
+                Some(o) => o,
+                None => {
+                    held = self.outbound.get(scope);
+                    &*held
+                }
+            };
+            credentials::build(scope, &mut out, &outbound.clusters);
         }
         out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         out.routes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -467,6 +511,16 @@ impl Mesh {
         out.endpoints
             .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
         out
+    }
+
+    /// The class `proxy`'s outbound clusters and endpoints are shared in.
+    pub fn outbound_class(&self, proxy: &Proxy) -> OutboundClass {
+        self.outbound.class(&Scope::new(self, proxy))
+    }
+
+    /// How many outbound classes this mesh has translated.
+    pub fn outbound_classes(&self) -> usize {
+        self.outbound.len()
     }
 }
 

@@ -4,10 +4,10 @@
 //! WorkloadEntries, Deployments' pod templates). Built once per snapshot and
 //! shared by every proxy's translation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::istio::names::{self, Protocol};
-use crate::istio::source::{Snapshot, Spec};
+use crate::istio::source::{Resource, Snapshot, Spec};
 use crate::istio::types::IntOrString;
 use crate::istio::types::kube::{self, SERVICE_NAME_LABEL};
 use crate::istio::types::networking::{Location, Resolution};
@@ -146,9 +146,106 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
+/// The snapshot indexed once for [`Registry::build`], so that a Service
+/// finds its Endpoints, EndpointSlices and workloads without scanning every
+/// resource (which made building the registry quadratic in the mesh).
+struct Index<'a> {
+    /// Workload positions by namespace, in snapshot order.
+    workloads_by_namespace: HashMap<&'a str, Vec<usize>>,
+    /// Workload positions by namespace and one of their labels, in
+    /// snapshot order: a selector looks among the workloads that carry
+    /// its rarest label only.
+    workloads_by_label: HashMap<(&'a str, &'a str, &'a str), Vec<usize>>,
+    /// The first workload of each `(namespace, name)`.
+    workload_by_name: HashMap<(&'a str, &'a str), usize>,
+    /// Endpoints (by their name) and EndpointSlices (by their
+    /// `kubernetes.io/service-name` label) by `(namespace, service)`, in
+    /// snapshot order.
+    endpoints: HashMap<(&'a str, &'a str), Vec<&'a Resource>>,
+}
+
+impl<'a> Index<'a> {
+    fn new(snapshot: &'a Snapshot, workloads: &'a [Workload]) -> Self {
+        let mut workloads_by_namespace: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut workload_by_name = HashMap::new();
+        let mut workloads_by_label: HashMap<(&str, &str, &str), Vec<usize>> = HashMap::new();
+        for (i, w) in workloads.iter().enumerate() {
+            for (k, v) in &w.labels {
+                workloads_by_label
+                    .entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+            workloads_by_namespace
+                .entry(w.namespace.as_str())
+                .or_default()
+                .push(i);
+            workload_by_name
+                .entry((w.namespace.as_str(), w.name.as_str()))
+                .or_insert(i);
+        }
+        let mut endpoints: HashMap<(&str, &str), Vec<&Resource>> = HashMap::new();
+        for r in &snapshot.resources {
+            let service = match &r.spec {
+                Spec::Endpoints(_) => Some(r.meta.name.as_str()),
+                Spec::EndpointSlice(_) => r.meta.labels.get(SERVICE_NAME_LABEL).map(String::as_str),
+                _ => None,
+            };
+            if let Some(service) = service {
+                endpoints
+                    .entry((r.meta.namespace.as_str(), service))
+                    .or_default()
+                    .push(r);
+            }
+        }
+        Self {
+            workloads_by_namespace,
+            workloads_by_label,
+            workload_by_name,
+            endpoints,
+        }
+    }
+
+    /// The workloads of `namespace` that `selector` selects, in snapshot
+    /// order.
+    fn selected<'w>(
+        &'w self,
+        workloads: &'w [Workload],
+        namespace: &str,
+        selector: &'w BTreeMap<String, String>,
+    ) -> Vec<&'w Workload> {
+        // The candidates: those with the selector's rarest label (none
+        // when some label is on no workload), or the whole namespace for
+        // an empty selector.
+        let candidates: &[usize] = if selector.is_empty() {
+            self.workloads_by_namespace
+                .get(namespace)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+        } else {
+            selector
+                .iter()
+                .map(|(k, v)| {
+                    self.workloads_by_label
+                        .get(&(namespace, k.as_str(), v.as_str()))
+                        .map(Vec::as_slice)
+                        .unwrap_or_default()
+                })
+                .min_by_key(|c| c.len())
+                .unwrap_or_default()
+        };
+        candidates
+            .iter()
+            .map(|i| &workloads[*i])
+            .filter(|w| selects(selector, &w.labels))
+            .collect()
+    }
+}
+
 impl Registry {
     pub fn build(snapshot: &Snapshot, domain: &str) -> Self {
         let workloads = workloads(snapshot);
+        let index = Index::new(snapshot, &workloads);
         let mut services = Vec::new();
         for (r, svc) in snapshot.of(|s| match s {
             Spec::Service(s) => Some(s),
@@ -157,7 +254,7 @@ impl Registry {
             if svc.spec.type_.as_deref() == Some("ExternalName") {
                 continue;
             }
-            services.push(kube_service(snapshot, &workloads, r, svc, domain));
+            services.push(kube_service(&index, &workloads, r, svc, domain));
         }
         for (r, se) in snapshot.of(|s| match s {
             Spec::ServiceEntry(s) => Some(s),
@@ -204,9 +301,9 @@ impl Registry {
                 .collect();
             if let Some(sel) = &selector {
                 endpoints.extend(
-                    workloads
-                        .iter()
-                        .filter(|w| &w.namespace == ns && selects(sel, &w.labels))
+                    index
+                        .selected(&workloads, ns, sel)
+                        .into_iter()
                         .filter_map(|w| workload_endpoint(w, &ports)),
                 );
             }
@@ -242,6 +339,8 @@ impl Registry {
                 });
             }
         }
+        // Sorted by host (stable: the first of equal hosts stays first),
+        // which [`Registry::service`] relies on.
         services.sort_by(|a, b| a.host.cmp(&b.host));
         Self {
             services,
@@ -249,8 +348,10 @@ impl Registry {
         }
     }
 
+    /// The first service of `host` (services are sorted by host).
     pub fn service(&self, host: &str) -> Option<&Service> {
-        self.services.iter().find(|s| s.host == host)
+        let at = self.services.partition_point(|s| s.host.as_str() < host);
+        self.services.get(at).filter(|s| s.host == host)
     }
 
     /// The pod a proxy runs in, by name (`pod.namespace` from the node id)
@@ -433,9 +534,9 @@ fn workloads(snapshot: &Snapshot) -> Vec<Workload> {
 }
 
 fn kube_service(
-    snapshot: &Snapshot,
+    index: &Index<'_>,
     workloads: &[Workload],
-    r: &crate::istio::source::Resource,
+    r: &Resource,
     svc: &kube::Service,
     domain: &str,
 ) -> Service {
@@ -466,9 +567,11 @@ fn kube_service(
         target
             .as_ref()
             .and_then(|t| {
-                workloads.iter().find(|w| {
-                    w.name == t.name && &w.namespace == t.namespace.as_ref().unwrap_or(ns)
-                })
+                let namespace = t.namespace.as_ref().unwrap_or(ns);
+                index
+                    .workload_by_name
+                    .get(&(namespace.as_str(), t.name.as_str()))
+                    .map(|i| &workloads[*i])
             })
             .map(|w| {
                 (
@@ -484,10 +587,12 @@ fn kube_service(
     // services.
     let mut endpoints = Vec::new();
     let mut explicit = false;
-    for er in &snapshot.resources {
-        if &er.meta.namespace != ns {
-            continue;
-        }
+    let explicit_resources = index
+        .endpoints
+        .get(&(ns.as_str(), name.as_str()))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for er in explicit_resources {
         let map_ports = |eports: &[kube::EndpointPort]| -> BTreeMap<u32, u32> {
             ports
                 .iter()
@@ -547,9 +652,9 @@ fn kube_service(
     }
     if !explicit && let Some(sel) = &svc.spec.selector {
         endpoints.extend(
-            workloads
-                .iter()
-                .filter(|w| &w.namespace == ns && selects(sel, &w.labels))
+            index
+                .selected(workloads, ns, sel)
+                .into_iter()
                 .filter_map(|w| workload_endpoint(w, &ports)),
         );
     }
