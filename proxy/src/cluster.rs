@@ -39,7 +39,7 @@ use crate::http::body::UpstreamBody;
 use crate::internal_listener::InternalListeners;
 use crate::lb::{Balancer, HostMeta, LbHost};
 use crate::outlier::{Detector, HostOutlier, Outcome};
-use crate::stats::{ClusterStats, Counter, GaugeGuard, Stats};
+use crate::stats::{ClusterStats, GaugeGuard, Stats};
 use crate::tls::{ClientCache, TlsContexts, UpstreamIo};
 
 /// Why an upstream request failed, with what Envoy reports for it.
@@ -438,7 +438,7 @@ impl ClusterRt {
         let cstats = ClusterStats::new(stats, &cfg.name);
         let shared = match previous {
             Some(p) => p.shared.clone(),
-            None => ClusterShared::new(&cfg, stats, cstats.upstream_cx_total.clone(), tls),
+            None => ClusterShared::new(&cfg, stats, &cstats, tls),
         };
         let empty = Balancer::new(cfg.lb_policy, &cfg.lb, Vec::new());
         let mut rt = Self {
@@ -681,7 +681,12 @@ pub struct ClusterShared {
 }
 
 impl ClusterShared {
-    fn new(cfg: &Cluster, stats: &Stats, traffic: Counter, tls: &Arc<TlsContexts>) -> Arc<Self> {
+    fn new(
+        cfg: &Cluster,
+        stats: &Stats,
+        counters: &ClusterStats,
+        tls: &Arc<TlsContexts>,
+    ) -> Arc<Self> {
         let detector = cfg.outlier_detection.as_ref().map(|o| {
             let d = Detector::new((**o).clone(), stats, &cfg.name);
             d.start();
@@ -692,13 +697,13 @@ impl ClusterShared {
                 (**h).clone(),
                 stats,
                 &cfg.name,
-                traffic,
+                counters.upstream_cx_total().counter(),
                 tls.clone(),
                 detector.clone(),
             )
         });
         Arc::new(Self {
-            breakers: Breakers::new(cfg.circuit_breakers.default, stats, &cfg.name),
+            breakers: Breakers::new(cfg.circuit_breakers.default, stats, &cfg.name, counters),
             detector,
             health,
             max_requests_per_connection: cfg.max_requests_per_connection,
@@ -723,11 +728,8 @@ pub struct Breakers {
     pending: Arc<AtomicU32>,
     connections: Arc<AtomicU32>,
     retries: Arc<AtomicU32>,
-    pub rq_pending_overflow: Counter,
-    /// `max_requests` overflow (Envoy 1.40 names it `upstream_rq_active_overflow`).
-    pub rq_active_overflow: Counter,
-    pub cx_overflow: Counter,
-    pub rq_retry_overflow: Counter,
+    /// The cluster's counters, where the overflows are counted.
+    pub stats: ClusterStats,
     /// Signalled when a connection closes or goes back to the pool, for
     /// requests waiting under `max_connections`.
     freed: tokio::sync::Notify,
@@ -753,19 +755,14 @@ fn acquire(count: &Arc<AtomicU32>, max: u32) -> Option<Slot> {
 }
 
 impl Breakers {
-    fn new(thresholds: Thresholds, stats: &Stats, cluster: &str) -> Self {
-        let prefix: Arc<str> = Arc::from(format!("cluster.{cluster}."));
-        let c = |n: &'static str| stats.counter_in(&prefix, n);
+    fn new(thresholds: Thresholds, stats: &Stats, cluster: &str, counters: &ClusterStats) -> Self {
         let b = Self {
             thresholds,
             requests: Arc::default(),
             pending: Arc::default(),
             connections: Arc::default(),
             retries: Arc::default(),
-            rq_pending_overflow: c("upstream_rq_pending_overflow"),
-            rq_active_overflow: c("upstream_rq_active_overflow"),
-            cx_overflow: c("upstream_cx_overflow"),
-            rq_retry_overflow: c("upstream_rq_retry_overflow"),
+            stats: counters.clone(),
             freed: tokio::sync::Notify::new(),
         };
         if thresholds.track_remaining {
@@ -794,7 +791,7 @@ impl Breakers {
     /// A request slot (`max_requests`); overflow counts as Envoy counts it.
     pub fn request(&self) -> Result<Slot, UpstreamError> {
         acquire(&self.requests, self.thresholds.max_requests).ok_or_else(|| {
-            self.rq_active_overflow.inc();
+            self.stats.upstream_rq_active_overflow().inc();
             UpstreamError::Overflow
         })
     }
@@ -812,7 +809,7 @@ impl Breakers {
         };
         let s = acquire(&self.retries, max);
         if s.is_none() {
-            self.rq_retry_overflow.inc();
+            self.stats.upstream_rq_retry_overflow().inc();
         }
         s
     }
@@ -831,7 +828,7 @@ impl Breakers {
 
     fn pending(&self) -> Result<Slot, UpstreamError> {
         acquire(&self.pending, self.thresholds.max_pending_requests).ok_or_else(|| {
-            self.rq_pending_overflow.inc();
+            self.stats.upstream_rq_pending_overflow().inc();
             UpstreamError::Overflow
         })
     }
@@ -1037,7 +1034,7 @@ impl ActiveCx {
         stats.cx_active.fetch_add(1, Ordering::Relaxed);
         Self {
             host: stats.clone(),
-            _cluster: cluster.upstream_cx_active.inc(),
+            _cluster: cluster.upstream_cx_active().up(),
         }
     }
 }
@@ -1545,18 +1542,18 @@ impl EndpointPool {
     /// A `tcp_proxy` connection asked of the endpoint: Envoy's TCP pool
     /// holds it as a pending request until its connection is up.
     pub fn tcp_pending(&self) {
-        self.settings.stats.upstream_rq_pending_total.inc();
+        self.settings.stats.upstream_rq_pending_total().inc();
     }
 
     /// A `tcp_proxy` connection that is up: Envoy's TCP pool counts it as
     /// a request of the cluster and the endpoint, and the connection and
     /// request active (while what is returned lives).
     pub fn tcp_attached(self: &Arc<Self>) -> TcpAttached {
-        self.settings.stats.upstream_rq_total.inc();
+        self.settings.stats.upstream_rq_total().inc();
         self.counters().rq_total.fetch_add(1, Ordering::Relaxed);
         TcpAttached {
             _cx: ActiveCx::new(self.counters(), &self.settings.stats),
-            _rq: self.settings.stats.upstream_rq_active.inc(),
+            _rq: self.settings.stats.upstream_rq_active().up(),
             _host_rq: HostActive::new(self),
         }
     }
@@ -1645,7 +1642,7 @@ impl EndpointPool {
         &self,
         filter_state: Option<Arc<ferry_model::filter_state::FilterState>>,
     ) -> Result<UpstreamIo, UpstreamError> {
-        self.settings.stats.upstream_cx_total.inc();
+        self.settings.stats.upstream_cx_total().inc();
         self.counters().cx_total.fetch_add(1, Ordering::Relaxed);
         let tls = match self.tls() {
             None => None,
@@ -1656,8 +1653,8 @@ impl EndpointPool {
             ) {
                 Ok(c) => Some((t, c)),
                 Err(e) => {
-                    self.settings.stats.upstream_cx_connect_fail.inc();
-                    self.settings.stats.ssl_connection_error.inc();
+                    self.settings.stats.upstream_cx_connect_fail().inc();
+                    self.settings.stats.ssl_connection_error().inc();
                     // Per connection attempt (a missing secret fails every
                     // one): counted, logged at debug like handshake failures.
                     tracing::debug!(upstream.host = %self.address, error = %e, "upstream TLS settings unusable");
@@ -1706,11 +1703,11 @@ impl EndpointPool {
                         .await
                     {
                         Ok(s) => {
-                            self.settings.stats.ssl_handshake.inc();
+                            self.settings.stats.ssl_handshake().inc();
                             Ok(UpstreamIo::UnixTls(Box::new(s)))
                         }
                         Err(e) => {
-                            self.settings.stats.ssl_connection_error.inc();
+                            self.settings.stats.ssl_connection_error().inc();
                             tracing::debug!(upstream.host = %self.address, error = %e, "upstream TLS handshake failed");
                             Err(UpstreamError::Tls(e.to_string()))
                         }
@@ -1747,11 +1744,11 @@ impl EndpointPool {
                 .await
             {
                 Ok(s) => {
-                    self.settings.stats.ssl_handshake.inc();
+                    self.settings.stats.ssl_handshake().inc();
                     Ok(UpstreamIo::Tls(Box::new(s)))
                 }
                 Err(e) => {
-                    self.settings.stats.ssl_connection_error.inc();
+                    self.settings.stats.ssl_connection_error().inc();
                     tracing::debug!(upstream.host = %self.address, error = %e, "upstream TLS handshake failed");
                     Err(UpstreamError::Tls(e.to_string()))
                 }
@@ -1766,12 +1763,12 @@ impl EndpointPool {
         match r {
             Ok(Ok(s)) => Ok(s),
             Ok(Err(e)) => {
-                self.settings.stats.upstream_cx_connect_fail.inc();
+                self.settings.stats.upstream_cx_connect_fail().inc();
                 Err(e)
             }
             Err(_) => {
-                self.settings.stats.upstream_cx_connect_fail.inc();
-                self.settings.stats.upstream_cx_connect_timeout.inc();
+                self.settings.stats.upstream_cx_connect_fail().inc();
+                self.settings.stats.upstream_cx_connect_timeout().inc();
                 Err(UpstreamError::ConnectTimeout)
             }
         }
@@ -1827,7 +1824,7 @@ impl EndpointPool {
                 // As Envoy: a full pending queue fails the request before a
                 // connection is even asked for.
                 pending = Some(breakers.pending()?);
-                breakers.cx_overflow.inc();
+                breakers.stats.upstream_cx_overflow().inc();
             }
             // Bounded wait: a missed wake-up only costs one more pass.
             let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
@@ -1838,7 +1835,7 @@ impl EndpointPool {
         &self,
         slot: Slot,
     ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
-        self.settings.stats.upstream_cx_http1_total.inc();
+        self.settings.stats.upstream_cx_http1_total().inc();
         let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let mut builder = http1::Builder::new();
@@ -1847,13 +1844,12 @@ impl EndpointPool {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(UpstreamError::Reset)?;
-        let destroyed = self.settings.stats.upstream_cx_destroy.clone();
         let shared = self.settings.shared.clone();
         let active = ActiveCx::new(self.counters(), &self.settings.stats);
         tokio::spawn(async move {
             let _active = active;
             let _ = conn.with_upgrades().await;
-            destroyed.inc();
+            shared.breakers.stats.upstream_cx_destroy().inc();
             drop(slot);
             shared.breakers.freed.notify_waiters();
         });
@@ -1917,7 +1913,10 @@ impl EndpointPool {
                         error = %e,
                         "reused connection closed by the server; sending once more on a new connection"
                     );
-                    self.settings.stats.upstream_rq_retry_stale_connection.inc();
+                    self.settings
+                        .stats
+                        .upstream_rq_retry_stale_connection()
+                        .inc();
                     req = again;
                     fresh = true;
                 }
@@ -2010,7 +2009,7 @@ impl EndpointPool {
         else {
             return Err(UpstreamError::Overflow);
         };
-        self.settings.stats.upstream_cx_http2_total.inc();
+        self.settings.stats.upstream_cx_http2_total().inc();
         let tcp = self.connect_carrying(self.carried()).await?;
         let local = tcp.local_addr();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -2019,10 +2018,10 @@ impl EndpointPool {
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(UpstreamError::Reset)?;
-        let destroyed = self.settings.stats.upstream_cx_destroy.clone();
         let active = ActiveCx::new(self.counters(), &self.settings.stats);
         let peer_max = Arc::new(AtomicU32::new(saturate(conn.current_max_send_streams())));
         let seen = peer_max.clone();
+        let stats = self.settings.stats.clone();
         tokio::spawn(async move {
             let _active = active;
             let mut conn = std::pin::pin!(conn);
@@ -2034,7 +2033,7 @@ impl EndpointPool {
                 turn
             })
             .await;
-            destroyed.inc();
+            stats.upstream_cx_destroy().inc();
             drop(slot);
         });
         self.conns()
@@ -2115,7 +2114,7 @@ impl EndpointPool {
         match tokio::time::timeout(self.settings.connect_timeout, open).await {
             Ok(r) => r,
             Err(_) => {
-                self.settings.stats.upstream_cx_connect_timeout.inc();
+                self.settings.stats.upstream_cx_connect_timeout().inc();
                 Err(UpstreamError::ConnectTimeout)
             }
         }
@@ -2150,11 +2149,11 @@ impl EndpointPool {
             // The stream has its connection: Envoy's HTTP pool counts it
             // active from here until it ends, and a tunnel's CONNECT as a
             // request of the cluster (the router counts its own requests).
-            let active = self.settings.stats.upstream_rq_active.inc();
+            let active = self.settings.stats.upstream_rq_active().up();
             if let Some(t) = req.extensions().get::<TunnelStream>()
                 && !t.0.swap(true, Ordering::Relaxed)
             {
-                self.settings.stats.upstream_rq_total.inc();
+                self.settings.stats.upstream_rq_total().inc();
             }
             let stream = H2Stream {
                 _slot: Arc::new(StreamSlot {
@@ -2177,7 +2176,10 @@ impl EndpointPool {
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if attempts < 2 => {
-                        self.settings.stats.upstream_rq_retry_stale_connection.inc();
+                        self.settings
+                            .stats
+                            .upstream_rq_retry_stale_connection()
+                            .inc();
                         self.forget_h2(&streams);
                         req = back;
                     }
@@ -2203,7 +2205,7 @@ impl EndpointPool {
                 // No connection with room: the stream waits for one (a new
                 // connection or a stream's end), as Envoy's pending request.
                 queued = true;
-                self.settings.stats.upstream_rq_pending_total.inc();
+                self.settings.stats.upstream_rq_pending_total().inc();
             }
             {
                 // One connection attempt at a time; the others wait and share it.
@@ -2215,14 +2217,14 @@ impl EndpointPool {
                     Ok(()) => continue,
                     Err(UpstreamError::Overflow) if self.has_live_h2() => {}
                     Err(UpstreamError::Overflow) => {
-                        breakers.cx_overflow.inc();
+                        breakers.stats.upstream_cx_overflow().inc();
                         return Err(UpstreamError::Overflow);
                     }
                     Err(e) => return Err(e),
                 }
             }
             if pending.is_none() {
-                breakers.cx_overflow.inc();
+                breakers.stats.upstream_cx_overflow().inc();
                 pending = Some(breakers.pending()?);
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
@@ -2815,13 +2817,13 @@ mod tests {
         let second = b.request().ok();
         assert!(first.is_some() && second.is_some());
         assert!(matches!(b.request(), Err(UpstreamError::Overflow)));
-        assert_eq!(b.rq_active_overflow.get(), 1);
+        assert_eq!(b.stats.upstream_rq_active_overflow().get(), 1);
         drop(first);
         assert!(b.request().is_ok(), "a released slot is free again");
         let retry = b.retry();
         assert!(retry.is_some());
         assert!(b.retry().is_none());
-        assert_eq!(b.rq_retry_overflow.get(), 1);
+        assert_eq!(b.stats.upstream_rq_retry_overflow().get(), 1);
         // Without track_remaining there are no remaining gauges.
         assert!(
             !stats
