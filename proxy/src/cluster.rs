@@ -116,64 +116,11 @@ pub struct ClusterManager {
     serial: u64,
 }
 
-type Shard = HashMap<Arc<str>, Arc<ClusterRt>, foldhash::fast::RandomState>;
-
 /// Clusters by name, in shards that successive managers share: carrying
 /// the map over to the next snapshot copies one pointer per shard, and a
 /// change to one cluster copies only its shard (about 32 clusters), so an
 /// update of one cluster among 10,000 neither copies nor frees the others.
-#[derive(Default, Clone)]
-struct ClusterMap {
-    /// A power of two in number (none when empty).
-    shards: Vec<Arc<Shard>>,
-}
-
-/// Which shard a name lives in: a hash that is the same for every map.
-fn shard_of(name: &str, shards: usize) -> usize {
-    use std::hash::BuildHasher;
-    const SEED: u64 = 0x6665_7272_792d_636d;
-    let h = foldhash::fast::FixedState::with_seed(SEED).hash_one(name);
-    (h as usize) & (shards - 1)
-}
-
-impl ClusterMap {
-    /// Room for `n` clusters, about 32 a shard.
-    fn with_capacity(n: usize) -> Self {
-        let count = (n / 32).clamp(1, 1024).next_power_of_two();
-        Self {
-            shards: (0..count).map(|_| Arc::default()).collect(),
-        }
-    }
-
-    fn get(&self, name: &str) -> Option<&Arc<ClusterRt>> {
-        if self.shards.is_empty() {
-            return None;
-        }
-        self.shards[shard_of(name, self.shards.len())].get(name)
-    }
-
-    fn shard_mut(&mut self, name: &str) -> &mut Shard {
-        if self.shards.is_empty() {
-            self.shards.push(Arc::default());
-        }
-        let i = shard_of(name, self.shards.len());
-        Arc::make_mut(&mut self.shards[i])
-    }
-
-    fn insert(&mut self, name: &str, rt: Arc<ClusterRt>) {
-        self.shard_mut(name).insert(Arc::from(name), rt);
-    }
-
-    fn remove(&mut self, name: &str) {
-        if !self.shards.is_empty() {
-            self.shard_mut(name).remove(name);
-        }
-    }
-
-    fn values(&self) -> impl Iterator<Item = &Arc<ClusterRt>> {
-        self.shards.iter().flat_map(|s| s.values())
-    }
-}
+type ClusterMap = ferry_model::ShardedMap<Arc<ClusterRt>>;
 
 impl ClusterManager {
     /// Builds the runtime for `snapshot`. Unchanged clusters are kept as they
@@ -198,9 +145,11 @@ impl ClusterManager {
                 match snapshot.clusters.get(name) {
                     Some(cfg) => {
                         let rt = cluster_rt(cfg, p.clusters.get(name), stats, tls, internal);
-                        clusters.insert(name, rt);
+                        clusters.insert(name.clone(), rt);
                     }
-                    None => clusters.remove(name),
+                    None => {
+                        clusters.remove(name);
+                    }
                 }
             }
             return Self { clusters, serial };
@@ -209,7 +158,7 @@ impl ClusterManager {
         for (name, cfg) in &snapshot.clusters {
             let prev = previous.and_then(|p| p.clusters.get(name));
             let rt = cluster_rt(cfg, prev, stats, tls, internal);
-            clusters.insert(name, rt);
+            clusters.insert(name.clone(), rt);
         }
         Self { clusters, serial }
     }
@@ -2417,12 +2366,12 @@ mod tests {
             names: vec!["c7".into()],
         });
         let second = ClusterManager::build(&snap, Some(&first), &stats, &tls, &internal);
-        let (a, b) = (&first.clusters.shards, &second.clusters.shards);
-        assert_eq!(a.len(), 32);
-        let copied: Vec<usize> = (0..a.len())
-            .filter(|i| !Arc::ptr_eq(&a[*i], &b[*i]))
-            .collect();
-        assert_eq!(copied, [shard_of("c7", 32)], "only c7's shard is new");
+        let (a, b) = (&first.clusters, &second.clusters);
+        let copied: Vec<&String> = a.keys().filter(|n| !a.shares_shard_of(b, n)).collect();
+        assert!(
+            (1..=128).contains(&copied.len()) && copied.contains(&&"c7".to_string()),
+            "only c7's shard is new: {copied:?}"
+        );
         assert_eq!(second.iter().count(), 1000);
         assert!(!Arc::ptr_eq(
             first.get("c7").expect("c7"),
