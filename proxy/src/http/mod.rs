@@ -1477,7 +1477,7 @@ async fn forward(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
         Some(HostRewrite::PathRegex(r)) => Some(r.apply(&original_path)),
-        Some(HostRewrite::Auto) => pool.hostname.as_deref().map(str::to_string),
+        Some(HostRewrite::Auto) => pool.hostname().map(|h| h.to_string()),
         Some(HostRewrite::Format(f)) => Some(f.render(fctx, &parts.headers)),
         None => None,
     }
