@@ -426,7 +426,7 @@ impl ClusterRt {
             let mut same: Vec<(*const PoolSettings, *const PoolSettings, bool)> = Vec::new();
             let mut hosts = Vec::with_capacity(eps.len());
             for e in eps.iter() {
-                let settings = rt.settings_for(&e.transport_socket_match);
+                let settings = rt.settings_for(e.transport_socket_match());
                 let kept = by_addr.get(&e.address).map(|p| Arc::clone(p));
                 let passthrough = if settings.internal_upstream {
                     e.original_dst()
@@ -446,13 +446,13 @@ impl ClusterRt {
                             }
                         };
                         same_tls
-                            && p.hostname() == e.hostname.as_ref()
+                            && p.hostname() == e.hostname()
                             && p.health_check() == e.health_check()
                             && p.passthrough() == passthrough
                     })
                     .unwrap_or_else(|| {
                         let mut p = EndpointPool::new(e.address.clone(), settings.clone());
-                        p.set_hostname(e.hostname.clone());
+                        p.set_hostname(e.hostname().cloned());
                         p.set_health_check(&rt.cfg, e.health_check().clone());
                         p.set_passthrough(passthrough);
                         Arc::new(p)
@@ -2232,7 +2232,7 @@ mod tests {
     #[test]
     fn pool_sizes_stay_small() {
         let endpoint = std::mem::size_of::<Endpoint>();
-        assert!(endpoint <= 120, "ferry_model::Endpoint is {endpoint} bytes");
+        assert!(endpoint <= 72, "ferry_model::Endpoint is {endpoint} bytes");
         let pool = std::mem::size_of::<EndpointPool>();
         // With its `Arc`'s two counts, 128 bytes: one allocator size class
         // (it was 160, in the 192-byte class, before the rarely set parts
@@ -2263,18 +2263,7 @@ mod tests {
     use ferry_model::{Endpoint, LbPolicy, UpstreamProtocol};
 
     fn endpoint(port: u16) -> Endpoint {
-        Endpoint {
-            address: SocketAddr::from(([127, 0, 0, 1], port)).into(),
-            hostname: None,
-            weight: 1,
-            transport_socket_match: vec![],
-            original_dst_meta: Default::default(),
-            priority: 0,
-            locality: 0,
-            locality_weight: 1,
-            health: EndpointHealth::Healthy,
-            health_check: Default::default(),
-        }
+        Endpoint::at(SocketAddr::from(([127, 0, 0, 1], port)).into())
     }
 
     fn cluster(ports: &[u16]) -> Arc<Cluster> {
