@@ -439,7 +439,7 @@ impl ClusterRt {
                         let same_tls = match same.iter().find(|(o, n, _)| (*o, *n) == key) {
                             Some((_, _, v)) => *v,
                             None => {
-                                let v = same_transport(p.tls(), settings.tls.as_ref())
+                                let v = same_transport(p.tls(), settings.tls.as_deref())
                                     && p.settings.internal_upstream == settings.internal_upstream;
                                 same.push((key.0, key.1, v));
                                 v
@@ -1075,7 +1075,9 @@ pub struct SharedFilterState(pub Arc<ferry_model::filter_state::FilterState>);
 /// settings and the transport their endpoints' metadata selected.
 pub struct PoolSettings {
     /// The cluster's TLS settings for these endpoints (`None`: plaintext).
-    tls: Option<UpstreamTls>,
+    /// Boxed: most clusters of a plaintext mesh have none, and a cluster
+    /// holds one settings block per transport.
+    tls: Option<Box<UpstreamTls>>,
     /// The internal listeners (for an internal address).
     internal: Arc<InternalListeners>,
     /// The transport is `internal_upstream`: endpoints pass their
@@ -1108,7 +1110,7 @@ impl PoolSettings {
     fn new(cluster: &ClusterRt, tls: Option<&UpstreamTls>, internal_upstream: bool) -> Self {
         let cfg = &cluster.cfg;
         Self {
-            tls: tls.cloned(),
+            tls: tls.cloned().map(Box::new),
             internal: cluster.internal.clone(),
             internal_upstream,
             contexts: cluster.tls.clone(),
@@ -1358,7 +1360,7 @@ impl EndpointPool {
 
     /// The endpoint's transport settings (`None`: plaintext).
     fn tls(&self) -> Option<&UpstreamTls> {
-        self.settings.tls.as_ref()
+        self.settings.tls.as_deref()
     }
 
     /// The endpoint's connection count and `per_host_thresholds` limit.
@@ -1406,7 +1408,7 @@ impl EndpointPool {
         }
         let s = &self.settings;
         let settings = Arc::new(PoolSettings {
-            tls: Some(named_tls),
+            tls: Some(Box::new(named_tls)),
             internal: s.internal.clone(),
             internal_upstream: s.internal_upstream,
             contexts: s.contexts.clone(),
@@ -2238,6 +2240,10 @@ mod tests {
         // (it was 160, in the 192-byte class, before the rarely set parts
         // moved into `PoolExtras` and the host counters into `Conns`).
         assert!(pool <= 112, "EndpointPool is {pool} bytes");
+        // One per cluster and transport: its TLS settings are boxed (it was
+        // 392 bytes with them inline, TLS or not).
+        let settings = std::mem::size_of::<PoolSettings>();
+        assert!(settings <= 216, "PoolSettings is {settings} bytes");
         // Endpoints of one cluster share one settings block.
         let stats = Stats::default();
         let mut cfg = Arc::unwrap_or_clone(cluster(&[1, 2, 3]));
