@@ -2,8 +2,8 @@
 //! `http.<stat_prefix>.downstream_rq_2xx`, …), registered when a snapshot is
 //! applied so the hot path only does an atomic add.
 //!
-//! A cluster's own counters and gauges (the two dozen every cluster has)
-//! live in one block per cluster, found by its `cluster.<name>.` prefix,
+//! A cluster's own counters and gauges (the two dozen every cluster has,
+//! [`ClusterStat`]) live in one block per cluster, found by its `cluster.<name>.` prefix,
 //! rather than one map entry and one allocation per counter: with ten
 //! thousand clusters that is one entry instead of twenty-seven each, as
 //! Envoy's stat blocks keep a cluster's stats together. A name of the block
@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Where a counter or gauge keeps its value: its own cell, or one of a
-/// cluster's block.
+/// Where a counter keeps its value: its own cell, or one of a cluster's
+/// block (two words; gauges, whose guards every connection holds, stay
+/// one).
 #[derive(Clone, Debug)]
 enum Cell {
     Own(Arc<AtomicU64>),
