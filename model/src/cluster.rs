@@ -265,16 +265,7 @@ impl std::fmt::Display for InternalAddr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub address: HostAddr,
-    /// `endpoint.hostname`: the host's name (`auto_host_sni`,
-    /// `auto_host_rewrite`).
-    pub hostname: Option<std::sync::Arc<str>>,
     pub weight: u32,
-    /// `filter_metadata["envoy.transport_socket_match"]` as strings.
-    pub transport_socket_match: Vec<(String, String)>,
-    /// `filter_metadata["envoy.filters.listener.original_dst"]` (`None`:
-    /// absent). Boxed, as are the other rarely set parts: a mesh holds
-    /// endpoints by the hundred thousand.
-    pub original_dst_meta: Option<Box<OriginalDstMeta>>,
     /// The locality's priority (0 is the most preferred).
     pub priority: u32,
     /// Index of the endpoint's locality within the assignment, so that
@@ -284,25 +275,91 @@ pub struct Endpoint {
     pub locality_weight: u32,
     /// EDS health status as the balancer uses it.
     pub health: EndpointHealth,
+    /// What few endpoints carry, boxed together (`None`: none of it), as a
+    /// mesh holds endpoints by the hundred thousand
+    /// (`endpoint_sizes_stay_small`).
+    pub extras: Option<Box<EndpointExtras>>,
+}
+
+/// The parts of an [`Endpoint`] most endpoints lack.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointExtras {
+    /// `endpoint.hostname`: the host's name (`auto_host_sni`,
+    /// `auto_host_rewrite`).
+    pub hostname: Option<std::sync::Arc<str>>,
+    /// `filter_metadata["envoy.transport_socket_match"]` as strings.
+    pub transport_socket_match: Vec<(String, String)>,
+    /// `filter_metadata["envoy.filters.listener.original_dst"]` (the
+    /// default: absent).
+    pub original_dst_meta: OriginalDstMeta,
     /// `endpoint.health_check_config`: where and how active health checks
-    /// reach this endpoint (`None`: at its own address).
-    pub health_check: Option<Box<crate::health_check::EndpointCheck>>,
+    /// reach this endpoint (the default: at its own address).
+    pub health_check: crate::health_check::EndpointCheck,
+}
+
+impl EndpointExtras {
+    /// `None` when it holds nothing.
+    pub fn boxed(self) -> Option<Box<Self>> {
+        (self != Self::default()).then(|| Box::new(self))
+    }
 }
 
 impl Endpoint {
+    /// An endpoint at `address` with weight 1 and nothing else set.
+    pub fn at(address: HostAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            priority: 0,
+            locality: 0,
+            locality_weight: 1,
+            health: EndpointHealth::Healthy,
+            extras: None,
+        }
+    }
+
+    /// `endpoint.hostname`.
+    pub fn hostname(&self) -> Option<&std::sync::Arc<str>> {
+        self.extras.as_ref()?.hostname.as_ref()
+    }
+
+    /// `filter_metadata["envoy.transport_socket_match"]` (empty when absent).
+    pub fn transport_socket_match(&self) -> &[(String, String)] {
+        self.extras
+            .as_ref()
+            .map_or(&[], |e| e.transport_socket_match.as_slice())
+    }
+
     /// The original_dst metadata (empty when absent).
     pub fn original_dst(&self) -> OriginalDstMeta {
-        self.original_dst_meta
-            .as_deref()
-            .copied()
+        self.extras
+            .as_ref()
+            .map(|e| e.original_dst_meta)
             .unwrap_or_default()
     }
 
     /// The `health_check_config` (the default when absent).
     pub fn health_check(&self) -> &crate::health_check::EndpointCheck {
-        self.health_check
-            .as_deref()
-            .unwrap_or(crate::health_check::EndpointCheck::unset())
+        self.extras
+            .as_ref()
+            .map_or(crate::health_check::EndpointCheck::unset(), |e| {
+                &e.health_check
+            })
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_sizes_stay_small() {
+        // Was 120 bytes with its rarely set parts inline.
+        let size = std::mem::size_of::<Endpoint>();
+        assert!(size <= 72, "Endpoint is {size} bytes");
+        let plain = Endpoint::at(HostAddr::Ip(([10, 0, 0, 1], 80).into()));
+        assert!(plain.extras.is_none() && plain.hostname().is_none());
+        assert!(EndpointExtras::default().boxed().is_none());
     }
 }
 

@@ -24,6 +24,7 @@ pub mod listener;
 pub mod ratelimit;
 pub mod rbac;
 pub mod route;
+pub mod sharded;
 pub mod stream_info;
 pub mod tls;
 pub mod tracing;
@@ -48,6 +49,7 @@ pub use route::{
 pub use route::{
     AttemptCount, Fraction, GrpcTimeout, GrpcTimeouts, MirrorPolicy, RetryOn, RetryPolicy,
 };
+pub use sharded::ShardedMap;
 
 /// One consistent, validated configuration.
 #[derive(Debug, Default)]
@@ -55,7 +57,8 @@ pub struct Snapshot {
     /// A label for this configuration (the bootstrap file name or the xDS versions).
     pub version: String,
     pub listeners: Vec<Arc<Listener>>,
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Clusters by name, in shards successive snapshots share.
+    pub clusters: ShardedMap<Arc<Cluster>>,
     /// Route configurations delivered by RDS, by name.
     pub routes: HashMap<String, Arc<RouteConfig>>,
     /// TLS secrets by name: the bootstrap's static ones and those delivered

@@ -98,9 +98,12 @@ struct Group {
     locality_weight: u32,
     members: Vec<usize>,
     /// The configured weight of each member (same order).
-    weights: Vec<u64>,
+    weights: Vec<u32>,
     /// Host indexes interleaved by weight (smooth weighted round robin), so
     /// that a plain counter walks them in proportion and without bursts.
+    /// Empty when the weights are all equal: the sequence is then the
+    /// members themselves, not kept twice (a mesh's clusters hold a hundred
+    /// thousand endpoints, nearly all of equal weight).
     sequence: Vec<usize>,
     next: AtomicUsize,
 }
@@ -205,10 +208,10 @@ impl<H: LbHost> Balancer<H> {
             LbPolicy::Maglev => maglev_lookup(&level.maglev, hash.unwrap_or_else(rand::random), ok),
             LbPolicy::Random => {
                 let g = self.choose_group(level, &ok)?;
-                let n = g.sequence.len();
+                let n = g.sequence().len();
                 let start = rand::random_range(0..n.max(1));
                 (0..n)
-                    .filter_map(|k| g.sequence.get((start + k) % n).copied())
+                    .filter_map(|k| g.sequence().get((start + k) % n).copied())
                     .find(|i| ok(*i))
             }
             LbPolicy::LeastRequest => {
@@ -220,10 +223,10 @@ impl<H: LbHost> Balancer<H> {
                 if let Some(i) = self.slow_start_pick(g, &ok) {
                     return self.hosts.get(i);
                 }
-                let n = g.sequence.len();
+                let n = g.sequence().len();
                 let start = g.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)
-                    .filter_map(|k| g.sequence.get((start + k) % n).copied())
+                    .filter_map(|k| g.sequence().get((start + k) % n).copied())
                     .find(|i| ok(*i))
             }
         }?;
@@ -322,7 +325,7 @@ impl<H: LbHost> Balancer<H> {
     /// Power of `choice_count` choices: sample that many endpoints (in
     /// proportion to their weights) and keep the least loaded.
     fn least_request(&self, g: &Group, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
-        let n = g.sequence.len();
+        let n = g.sequence().len();
         if n == 0 {
             return None;
         }
@@ -335,7 +338,7 @@ impl<H: LbHost> Balancer<H> {
                 None => {
                     let start = rand::random_range(0..n);
                     (0..n)
-                        .filter_map(|k| g.sequence.get((start + k) % n).copied())
+                        .filter_map(|k| g.sequence().get((start + k) % n).copied())
                         .find(|i| ok(*i))?
                 }
             };
@@ -396,7 +399,7 @@ impl<H: LbHost> Balancer<H> {
             .zip(&g.weights)
             .zip(&factors)
             .filter(|((i, _), _)| ok(**i))
-            .map(|((i, w), f)| (*i, *w as f64 * f))
+            .map(|((i, w), f)| (*i, f64::from(*w) * f))
             .collect();
         let total: f64 = eff.iter().map(|(_, w)| w).sum();
         if total <= 0.0 {
@@ -415,12 +418,18 @@ impl<H: LbHost> Balancer<H> {
 
 impl Group {
     fn new(members: Vec<usize>, locality_weight: u32, metas: &[HostMeta]) -> Self {
-        let weights: Vec<u64> = members
+        let weights: Vec<u32> = members
             .iter()
-            .map(|i| metas.get(*i).map_or(1, |m| u64::from(m.weight.max(1))))
+            .map(|i| metas.get(*i).map_or(1, |m| m.weight.max(1)))
             .collect();
+        let equal = weights.windows(2).all(|w| w[0] == w[1]);
+        let wide: Vec<u64> = weights.iter().map(|w| u64::from(*w)).collect();
         Self {
-            sequence: smooth_sequence(&members, &weights),
+            sequence: if equal {
+                Vec::new()
+            } else {
+                smooth_sequence(&members, &wide)
+            },
             members,
             weights,
             locality_weight,
@@ -428,8 +437,17 @@ impl Group {
         }
     }
 
+    /// The round-robin sequence (see [`Group::sequence`]).
+    fn sequence(&self) -> &[usize] {
+        if self.sequence.is_empty() {
+            &self.members
+        } else {
+            &self.sequence
+        }
+    }
+
     fn weight_of(&self, i: usize) -> usize {
-        self.sequence.iter().filter(|x| **x == i).count()
+        self.sequence().iter().filter(|x| **x == i).count()
     }
 }
 
@@ -904,6 +922,24 @@ mod tests {
             seq.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])),
             "{seq:?}"
         );
+    }
+
+    #[test]
+    fn equal_weights_keep_no_second_sequence_and_still_take_turns() {
+        let hs: Vec<_> = (1..=4).map(|n| (host(n), meta(3, 0))).collect();
+        let b = balancer(LbPolicy::RoundRobin, &hs);
+        let g = &b.levels[0].groups[0];
+        assert!(g.sequence.is_empty(), "the members are the sequence");
+        assert_eq!(g.sequence(), &g.members[..]);
+        let c = counts(&b, 400, |_| None);
+        assert!(c.values().all(|n| *n == 100), "{c:?}");
+        let seq: Vec<String> = (0..4)
+            .filter_map(|_| b.pick(None).map(|h| h.id.clone()))
+            .collect();
+        let mut distinct = seq.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4, "one turn each: {seq:?}");
     }
 
     #[test]

@@ -113,7 +113,7 @@ pub fn parse_bootstrap(origin: &str, text: &str) -> Result<Bootstrap, BootstrapE
         }
         listeners.push(Arc::new(l));
     }
-    let mut clusters = HashMap::with_capacity(statics.clusters.len());
+    let mut clusters = ferry_model::ShardedMap::with_capacity(statics.clusters.len());
     for c in statics
         .clusters
         .iter()

@@ -208,7 +208,7 @@ struct Last {
     serial: u64,
     secrets_elsewhere: bool,
     /// The static clusters it was assembled with.
-    base_clusters: HashMap<String, Arc<m::Cluster>>,
+    base_clusters: m::ShardedMap<Arc<m::Cluster>>,
     /// Clusters that were waiting for their endpoints or secrets, whose
     /// timeout lies ahead: looked at again every time.
     warming: Vec<String>,
@@ -325,12 +325,12 @@ impl Store {
     }
 
     /// Whether a cluster of that name is known (dynamic or static).
-    pub fn has_cluster(&self, name: &str, statics: &HashMap<String, Arc<m::Cluster>>) -> bool {
+    pub fn has_cluster(&self, name: &str, statics: &m::ShardedMap<Arc<m::Cluster>>) -> bool {
         statics.contains_key(name) || self.get(CLUSTER, name).is_some()
     }
 
     /// EDS service names the clusters need.
-    pub fn wanted_endpoints(&self, statics: &HashMap<String, Arc<m::Cluster>>) -> BTreeSet<String> {
+    pub fn wanted_endpoints(&self, statics: &m::ShardedMap<Arc<m::Cluster>>) -> BTreeSet<String> {
         let mut out: BTreeSet<String> = statics
             .values()
             .filter_map(|c| eds_name(c).map(str::to_string))
@@ -531,7 +531,7 @@ impl Store {
         let prev = previous?;
         (prev.serial == last.serial
             && last.secrets_elsewhere == self.secrets_elsewhere
-            && same_arcs(&last.base_clusters, &base.clusters)
+            && same_clusters(&last.base_clusters, &base.clusters)
             && same_arcs(&prev.secrets, secrets))
         .then_some(prev)
     }
@@ -544,7 +544,7 @@ impl Store {
         previous: Option<&m::Snapshot>,
         secrets: &HashMap<String, Arc<m::tls::Secret>>,
         w: &mut Warming,
-    ) -> HashMap<String, Arc<m::Cluster>> {
+    ) -> m::ShardedMap<Arc<m::Cluster>> {
         let mut clusters = base.clusters.clone();
         let dynamic_clusters: Vec<(String, Arc<m::Cluster>)> = self
             .of(CLUSTER)
@@ -581,7 +581,7 @@ impl Store {
         prev: &m::Snapshot,
         secrets: &HashMap<String, Arc<m::tls::Secret>>,
         w: &mut Warming,
-    ) -> (HashMap<String, Arc<m::Cluster>>, Vec<String>) {
+    ) -> (m::ShardedMap<Arc<m::Cluster>>, Vec<String>) {
         let changed = std::mem::take(&mut self.changed);
         let mut names: BTreeSet<String> = changed.clusters.into_iter().collect();
         for service in changed.endpoints {
@@ -643,7 +643,7 @@ impl Store {
         c: &Arc<m::Cluster>,
         secrets: &HashMap<String, Arc<m::tls::Secret>>,
         previous: Option<&m::Snapshot>,
-        clusters: &mut HashMap<String, Arc<m::Cluster>>,
+        clusters: &mut m::ShardedMap<Arc<m::Cluster>>,
         w: &mut Warming,
     ) {
         // A cluster waits for its secrets as for its endpoints.
@@ -721,6 +721,14 @@ fn same_arcs<T>(a: &HashMap<String, Arc<T>>, b: &HashMap<String, Arc<T>>) -> boo
     a.len() == b.len()
         && a.iter()
             .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w)))
+}
+
+/// [`same_arcs`] for clusters: at once when the maps share every shard.
+fn same_clusters(a: &m::ShardedMap<Arc<m::Cluster>>, b: &m::ShardedMap<Arc<m::Cluster>>) -> bool {
+    a.same_shards(b)
+        || (a.len() == b.len()
+            && a.iter()
+                .all(|(k, v)| b.get(k).is_some_and(|w| Arc::ptr_eq(v, w))))
 }
 
 fn rds_names(l: &m::Listener) -> Vec<String> {

@@ -157,7 +157,7 @@ pub(super) fn respond(rt: &Runtime, q: &Query) -> Response<Full<Bytes>> {
             }
             out.push_str(&format!(
                 "{h}::hostname::{}\n",
-                p.hostname.as_deref().unwrap_or_default()
+                p.hostname().map_or("", |h| &**h)
             ));
             out.push_str(&format!("{h}::health_flags::{}\n", health_flags(&p, &m)));
             out.push_str(&format!("{h}::weight::{}\n", m.weight));
@@ -237,7 +237,7 @@ fn cluster_json(c: &ClusterRt, added_via_api: bool) -> Value {
                 "weight": m.weight,
                 "locality": {},
             });
-            if let Some(name) = &p.hostname {
+            if let Some(name) = p.hostname() {
                 h["hostname"] = json!(name.as_ref());
             }
             if m.priority != 0 {

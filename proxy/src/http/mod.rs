@@ -1490,7 +1490,7 @@ async fn forward(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
         Some(HostRewrite::PathRegex(r)) => Some(r.apply(&original_path)),
-        Some(HostRewrite::Auto) => pool.hostname.as_deref().map(str::to_string),
+        Some(HostRewrite::Auto) => pool.hostname().map(|h| h.to_string()),
         Some(HostRewrite::Format(f)) => Some(f.render(fctx, &parts.headers)),
         None => None,
     }
@@ -1655,7 +1655,6 @@ async fn forward(
     let mut tried: Vec<ferry_model::cluster::HostAddr> = Vec::new();
     let mut pool = pool;
     let mut parts = Some(parts);
-    let retry_counter = |n: &str| ctx.rt.stats.counter(&format!("cluster.{name}.{n}"));
     let (result, address) = loop {
         let body = match (&replay, first_body.take()) {
             (Some(r), _) => r.body(),
@@ -1708,7 +1707,7 @@ async fn forward(
                 .insert(crate::cluster::SharedFilterState(Arc::new(shared)));
         }
         obs.attempt(&mut upstream_req);
-        crt.stats.upstream_rq_total.inc();
+        crt.stats.upstream_rq_total().inc();
         let address = pool.address.clone();
         tried.push(address.clone());
         // The per-try timeout covers one attempt up to its response headers,
@@ -1737,7 +1736,7 @@ async fn forward(
         let outcome = match &attempt {
             Attempt::GlobalTimeout(_) | Attempt::Exhausted(_) => break (attempt, address),
             Attempt::PerTryTimeout => {
-                retry_counter("upstream_rq_per_try_timeout").inc();
+                crt.stats.upstream_rq_per_try_timeout().inc();
                 retry::Outcome::PerTryTimeout
             }
             Attempt::Failed(Some(e)) => upstream_outcome(e),
@@ -1749,14 +1748,14 @@ async fn forward(
         let decision = policy.map_or(retry::Decision::Done, |p| retry::decide(p, outcome));
         if decision == retry::Decision::Done {
             if retries > 0 && matches!(attempt, Attempt::Response(_)) {
-                retry_counter("upstream_rq_retry_success").inc();
+                crt.stats.upstream_rq_retry_success().inc();
             }
             break (attempt, address);
         }
         let can_replay = replay.as_ref().is_some_and(Replay::replayable);
         if retries >= max_retries || !can_replay || parts.is_none() {
             if retries >= max_retries {
-                retry_counter("upstream_rq_retry_limit_exceeded").inc();
+                crt.stats.upstream_rq_retry_limit_exceeded().inc();
                 retry_limit_exceeded = true;
             }
             break (attempt.exhausted(), address);
@@ -1772,7 +1771,7 @@ async fn forward(
         }
         drop(attempt);
         retries += 1;
-        retry_counter("upstream_rq_retry").inc();
+        crt.stats.upstream_rq_retry().inc();
         if let (retry::Decision::RetryWithBackoff, Some(p)) = (decision, policy) {
             let wait = retry::backoff(p, retries, rand::random());
             tokio::select! {
@@ -1836,7 +1835,7 @@ async fn forward(
         Attempt::GlobalTimeout(Expired::Route)
         | Attempt::PerTryTimeout
         | Attempt::Exhausted(ExhaustedBy::Timeout) => {
-            crt.stats.upstream_rq_timeout.inc();
+            crt.stats.upstream_rq_timeout().inc();
             let r = LocalReply {
                 status: StatusCode::GATEWAY_TIMEOUT,
                 body: Some("upstream request timeout".into()),

@@ -66,7 +66,7 @@ pub fn spawn(
         };
         *req.headers_mut() = headers;
         *req.extensions_mut() = extensions;
-        crt.stats.upstream_rq_total.inc();
+        crt.stats.upstream_rq_total().inc();
         let send = async {
             let resp = pool.send(use_h2, req).await;
             match resp {
@@ -79,7 +79,7 @@ pub fn spawn(
             }
         };
         if tokio::time::timeout(timeout, send).await.is_err() {
-            crt.stats.upstream_rq_timeout.inc();
+            crt.stats.upstream_rq_timeout().inc();
         }
     });
 }

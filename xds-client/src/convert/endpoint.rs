@@ -243,16 +243,12 @@ pub(super) fn endpoints(
             .unwrap_or_default();
         let original_dst_meta = original_dst_meta(ctx, &entry.field, e.metadata.as_ref())?;
         out.push(m::Endpoint {
-            original_dst_meta: (original_dst_meta != Default::default())
-                .then(|| Box::new(original_dst_meta)),
             address,
-            hostname: (!entry.hostname.is_empty()).then(|| Arc::from(entry.hostname)),
             weight: e
                 .load_balancing_weight
                 .as_ref()
                 .map_or(1, |v| v.value)
                 .max(1),
-            transport_socket_match,
             priority: entry.lle.priority,
             locality: u32::try_from(entry.locality).unwrap_or(u32::MAX),
             locality_weight: entry
@@ -266,8 +262,13 @@ pub(super) fn endpoints(
                 5 => m::cluster::EndpointHealth::Degraded,
                 _ => m::cluster::EndpointHealth::Healthy,
             },
-            health_check: (entry.health_check != Default::default())
-                .then(|| Box::new(entry.health_check)),
+            extras: m::cluster::EndpointExtras {
+                hostname: (!entry.hostname.is_empty()).then(|| Arc::from(entry.hostname)),
+                transport_socket_match,
+                original_dst_meta,
+                health_check: entry.health_check,
+            }
+            .boxed(),
         });
     }
     // Every priority is kept: the balancer fails over from one level to the
