@@ -22,6 +22,7 @@ pub mod h1_guard;
 pub mod h2_exec;
 pub mod h2_guard;
 pub mod lifetime;
+mod on_wake;
 mod shadow;
 mod stream_timers;
 
@@ -264,39 +265,53 @@ async fn serve_h2<S>(
     }
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
-    // When the drain started: GOAWAY was sent, the open streams finish.
-    let mut drained_at = None;
-    loop {
+    // Polled only when one of them was woken, not on each of the codec's
+    // wake-ups (`on_wake`).
+    let watch = on_wake::OnWake::new(async {
         tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = drain.signaled(), if drained_at.is_none() => {}
-            _ = sleep_until(max_age), if drained_at.is_none() => {
-                ctx.stats.downstream_cx_max_duration_reached.inc();
-            }
-            _ = ctx.life.drain_asked(), if drained_at.is_none() => {}
-            _ = ctx.life.idle_for(idle), if drained_at.is_none() => {
-                ctx.stats.downstream_cx_idle_timeout.inc();
-            }
-            // As Envoy: closed `drain_timeout` after the GOAWAY once no
-            // stream is left (the client need not acknowledge anything),
-            // and in any case at the process's drain deadline.
-            _ = async {
-                sleep_until(drained_at.map(|t: tokio::time::Instant| t + p.drain_timeout)).await;
-                ctx.life.idle_for(Some(Duration::ZERO)).await;
-            }, if drained_at.is_some() => {
-                ctx.stats.downstream_cx_drain_close.inc();
-                return;
-            }
-            _ = sleep_until(drained_at.map(|t| t + deadline)), if drained_at.is_some() => {
-                ctx.stats.downstream_cx_drain_close.inc();
-                return;
-            }
+            _ = drain.signaled() => Watch::Drain,
+            _ = sleep_until(max_age) => Watch::MaxAge,
+            _ = ctx.life.drain_asked() => Watch::DrainAsked,
+            _ = ctx.life.idle_for(idle) => Watch::Idle,
         }
-        if drained_at.is_none() {
-            drained_at = Some(tokio::time::Instant::now());
-            conn.as_mut().graceful_shutdown();
+    });
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        w = watch => match w {
+            Watch::MaxAge => ctx.stats.downstream_cx_max_duration_reached.inc(),
+            Watch::Idle => ctx.stats.downstream_cx_idle_timeout.inc(),
+            Watch::Drain | Watch::DrainAsked => {}
+        },
+    }
+    // The drain starts: GOAWAY is sent, the open streams finish.
+    let drained_at = tokio::time::Instant::now();
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        // As Envoy: closed `drain_timeout` after the GOAWAY once no
+        // stream is left (the client need not acknowledge anything),
+        // and in any case at the process's drain deadline.
+        _ = async {
+            tokio::time::sleep_until(drained_at + p.drain_timeout).await;
+            ctx.life.idle_for(Some(Duration::ZERO)).await;
+        } => ctx.stats.downstream_cx_drain_close.inc(),
+        _ = tokio::time::sleep_until(drained_at + deadline) => {
+            ctx.stats.downstream_cx_drain_close.inc();
         }
     }
+}
+
+/// What ended a connection's wait beside its codec.
+enum Watch {
+    /// The listener or the process drains.
+    Drain,
+    /// A response was marked as the connection's last
+    /// (`ConnCtx::close_after_response`; HTTP/2 then sends GOAWAY).
+    DrainAsked,
+    /// `max_connection_duration` passed.
+    MaxAge,
+    /// No stream for `idle_timeout`.
+    Idle,
 }
 
 async fn serve_h1<S>(
@@ -339,19 +354,30 @@ async fn serve_h1<S>(
         .serve_connection(TokioIo::new(guard), svc)
         .with_upgrades();
     tokio::pin!(conn);
+    // Polled only when one of them was woken, not on each of the codec's
+    // wake-ups (`on_wake`).
+    let watch = on_wake::OnWake::new(async {
+        tokio::select! {
+            _ = drain.signaled() => Watch::Drain,
+            _ = sleep_until(max_age) => Watch::MaxAge,
+            _ = ctx.life.idle_for(idle) => Watch::Idle,
+        }
+    });
     // How long a draining connection may stay idle before it is closed.
     let grace = tokio::select! {
         _ = conn.as_mut() => return,
-        _ = drain.signaled() => deadline,
-        _ = sleep_until(max_age) => {
-            ctx.stats.downstream_cx_max_duration_reached.inc();
-            p.drain_timeout
-        }
-        _ = ctx.life.idle_for(idle) => {
-            // Idle: no request in flight, so nothing is cut.
-            ctx.stats.downstream_cx_idle_timeout.inc();
-            Duration::ZERO
-        }
+        w = watch => match w {
+            Watch::Drain | Watch::DrainAsked => deadline,
+            Watch::MaxAge => {
+                ctx.stats.downstream_cx_max_duration_reached.inc();
+                p.drain_timeout
+            }
+            Watch::Idle => {
+                // Idle: no request in flight, so nothing is cut.
+                ctx.stats.downstream_cx_idle_timeout.inc();
+                Duration::ZERO
+            }
+        },
     };
     ctx.closing
         .store(true, std::sync::atomic::Ordering::Release);
