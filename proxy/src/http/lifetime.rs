@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,12 +19,33 @@ use tokio::sync::Notify;
 use crate::stats::Counter;
 
 /// The streams of one connection and the drains they ask for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Lifetime {
     active: AtomicUsize,
     requests: AtomicU32,
     drain_asked: AtomicBool,
-    changed: Notify,
+    /// When the connection started: `last_end` counts from it.
+    born: tokio::time::Instant,
+    /// When the last stream ended, in nanoseconds after `born` (0: none has).
+    last_end: AtomicU64,
+    /// Notified when no stream is left.
+    idle: Notify,
+    /// Notified when a drain is asked for.
+    asked: Notify,
+}
+
+impl Default for Lifetime {
+    fn default() -> Self {
+        Self {
+            active: AtomicUsize::new(0),
+            requests: AtomicU32::new(0),
+            drain_asked: AtomicBool::new(false),
+            born: tokio::time::Instant::now(),
+            last_end: AtomicU64::new(0),
+            idle: Notify::new(),
+            asked: Notify::new(),
+        }
+    }
 }
 
 impl Lifetime {
@@ -37,7 +58,6 @@ impl Lifetime {
             .requests
             .fetch_add(1, Ordering::AcqRel)
             .saturating_add(1);
-        self.changed.notify_waiters();
         let guard = StreamGuard {
             life: self.clone(),
             rx_reset,
@@ -50,46 +70,78 @@ impl Lifetime {
     /// connection is not idle while the returned guard lives.
     pub fn tunnel(self: &Arc<Self>) -> TunnelGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_waiters();
         TunnelGuard { life: self.clone() }
     }
 
     /// `max_requests_per_connection` was reached: the connection drains.
     pub fn ask_drain(&self) {
         self.drain_asked.store(true, Ordering::Release);
-        self.changed.notify_waiters();
+        self.asked.notify_waiters();
     }
 
     /// Resolves once a drain was asked for.
     pub async fn drain_asked(&self) {
         loop {
-            let changed = self.changed.notified();
+            let asked = self.asked.notified();
             if self.drain_asked.load(Ordering::Acquire) {
                 return;
             }
-            changed.await;
+            asked.await;
+        }
+    }
+
+    /// A stream ended.
+    fn stream_ended(&self) {
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let after = self.born.elapsed().as_nanos();
+            self.last_end.store(
+                u64::try_from(after).unwrap_or(u64::MAX).max(1),
+                Ordering::Release,
+            );
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// When the last stream ended, if one has.
+    fn last_end(&self) -> Option<tokio::time::Instant> {
+        match self.last_end.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.born + Duration::from_nanos(n)),
         }
     }
 
     /// Resolves once the connection has carried no stream for `idle`
     /// (never for `None`).
+    ///
+    /// One timer, looked at when it fires and set again from when the last
+    /// stream ended, rather than a timer started again at every stream's
+    /// end and a wake-up at every stream's start and end: a keep-alive
+    /// connection's requests cost the idle timer nothing.
     pub async fn idle_for(&self, idle: Option<Duration>) {
         let Some(idle) = idle else {
             return std::future::pending().await;
         };
-        loop {
-            let changed = self.changed.notified();
-            if self.active.load(Ordering::Acquire) == 0 {
-                tokio::select! {
-                    _ = tokio::time::sleep(idle) => {
-                        if self.active.load(Ordering::Acquire) == 0 {
-                            return;
-                        }
-                    }
-                    _ = changed => {}
+        if idle.is_zero() {
+            loop {
+                let ended = self.idle.notified();
+                if self.active.load(Ordering::Acquire) == 0 {
+                    return;
                 }
-            } else {
-                changed.await;
+                ended.await;
+            }
+        }
+        let mut at = tokio::time::Instant::now() + idle;
+        loop {
+            tokio::time::sleep_until(at).await;
+            let now = tokio::time::Instant::now();
+            if self.active.load(Ordering::Acquire) > 0 {
+                // Looked at again in `idle`, or from the stream's end then.
+                at = now + idle;
+                continue;
+            }
+            match self.last_end() {
+                Some(end) if end + idle > now => at = end + idle,
+                _ => return,
             }
         }
     }
@@ -120,8 +172,7 @@ impl Drop for StreamGuard {
         if !self.completed {
             self.rx_reset.inc();
         }
-        self.life.active.fetch_sub(1, Ordering::AcqRel);
-        self.life.changed.notify_waiters();
+        self.life.stream_ended();
     }
 }
 
@@ -133,8 +184,7 @@ pub struct TunnelGuard {
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
-        self.life.active.fetch_sub(1, Ordering::AcqRel);
-        self.life.changed.notify_waiters();
+        self.life.stream_ended();
     }
 }
 
@@ -216,6 +266,44 @@ mod tests {
         });
         life.idle_for(Some(Duration::from_secs(10))).await;
         assert_eq!(start.elapsed(), Duration::from_secs(40));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_last_of_many_streams() {
+        let life = Arc::new(Lifetime::default());
+        let start = tokio::time::Instant::now();
+        let l = life.clone();
+        tokio::spawn(async move {
+            // Short requests every 3 s for 25 s, then a tunnel open 12 s.
+            for _ in 0..9 {
+                let (g, _) = l.stream_started(Counter::default());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(g);
+                tokio::time::sleep(Duration::from_millis(2900)).await;
+            }
+            let t = l.tunnel();
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            drop(t);
+        });
+        life.idle_for(Some(Duration::from_secs(5))).await;
+        // The tunnel closed at 27 + 12 = 39 s.
+        assert_eq!(start.elapsed(), Duration::from_secs(44));
+        // No stream at all: idle from the start.
+        let fresh = Lifetime::default();
+        let start = tokio::time::Instant::now();
+        fresh.idle_for(Some(Duration::from_secs(5))).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // Zero: as soon as no stream is left.
+        let (g, _) = life.stream_started(Counter::default());
+        let l = life.clone();
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(g);
+            drop(l);
+        });
+        life.idle_for(Some(Duration::ZERO)).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
     }
 
     #[tokio::test(start_paused = true)]
