@@ -15,6 +15,7 @@ pub mod dns;
 pub mod drain;
 pub mod filter_chain_update;
 pub mod health_check;
+pub mod heap;
 pub mod http;
 pub mod internal_listener;
 pub mod internal_pipe;

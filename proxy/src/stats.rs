@@ -538,6 +538,9 @@ pub struct HttpStats {
     /// Requests answered 307 by `UNESCAPE_AND_REDIRECT`.
     pub downstream_rq_redirected_with_normalized_path: Counter,
     pub downstream_cx_http1_total: Counter,
+    /// HTTP/1 keep-alive connections parked between requests, holding no
+    /// codec (Ferry's own: Envoy keeps every connection's codec).
+    pub downstream_cx_http1_parked: Gauge,
     pub downstream_cx_http2_total: Counter,
     /// Requests refused for their framing or head (a 4xx/5xx and a close).
     pub downstream_cx_protocol_error: Counter,
@@ -602,6 +605,8 @@ impl HttpStats {
                 "downstream_rq_redirected_with_normalized_path",
             ),
             downstream_cx_http1_total: c("downstream_cx_http1_total"),
+            downstream_cx_http1_parked: stats
+                .gauge(&format!("http.{prefix}.downstream_cx_http1_parked")),
             downstream_cx_http2_total: c("downstream_cx_http2_total"),
             downstream_cx_protocol_error: c("downstream_cx_protocol_error"),
             downstream_rq_header_timeout: c("downstream_rq_header_timeout"),

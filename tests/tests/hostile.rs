@@ -356,6 +356,12 @@ fn read_response(s: TcpStream) -> Result<Seen> {
         buf: Vec::new(),
         eof: false,
     };
+    read_response_on(&mut w)
+}
+
+/// Reads one response from `w`, leaving what follows it (a pipelined
+/// response) in `w`.
+fn read_response_on(w: &mut Wire) -> Result<Seen> {
     let Some(status_line) = w.line()? else {
         return Ok(Seen {
             status: None,
@@ -1598,6 +1604,114 @@ fn connection_lifetimes_as_envoy() -> Result<()> {
     assert!(ferry.idle_h1_closed && ferry.idle_h2_goaway && ferry.aged_out);
     assert_eq!(ferry.stalled_body, Some(408));
     assert_eq!(ferry.counters, vec![1, 1, 1, 1]);
+    Ok(())
+}
+
+/// What one keep-alive connection saw across idle periods.
+#[derive(Debug, PartialEq, Eq)]
+struct AcrossIdle {
+    /// (status, closes, complete) of each response, in order.
+    responses: Vec<(Option<u16>, bool, bool)>,
+    /// A body posted in two parts after an idle period reached the backend
+    /// whole (its SHA-256, as the backend reports it).
+    posted_body_echoed: bool,
+}
+
+/// A keep-alive connection that goes idle between requests is served as
+/// before when the client sends again, whatever the shape of what it sends:
+/// a whole request, a head split across writes, two pipelined requests, a
+/// body in two parts, a head begun before the idle period. Ferry parks such
+/// a connection after a second without requests (it holds no HTTP/1 codec
+/// then), which the `downstream_cx_http1_parked` gauge shows.
+#[test]
+fn keep_alive_connections_idle_between_requests_as_envoy() -> Result<()> {
+    let _lock = RunLock::shared();
+    let b = Backends::start()?;
+    let idle = Duration::from_millis(1600);
+    let observed = differential(&b, |p, ports| {
+        let ferry = matches!(p, Proxy::Ferry(_));
+        let parked = || p.stat("http.edge.downstream_cx_http1_parked");
+        let one = b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n";
+        let s = connect(ports.edge)?;
+        let mut w = Wire {
+            s: s.try_clone()?,
+            buf: Vec::new(),
+            eof: false,
+        };
+        let mut s = s;
+        let mut responses = Vec::new();
+        let mut seen = |w: &mut Wire| -> Result<Seen> {
+            let r = read_response_on(w)?;
+            responses.push((r.status, r.closes, r.complete));
+            Ok(r)
+        };
+        s.write_all(one)?;
+        seen(&mut w)?;
+        thread::sleep(idle);
+        if ferry && parked()? != 1 {
+            bail!("the idle keep-alive connection was not parked");
+        }
+        // A whole request.
+        s.write_all(one)?;
+        seen(&mut w)?;
+        if ferry && parked()? != 0 {
+            bail!("a connection that sent a request is still counted as parked");
+        }
+        // A head split across two writes.
+        thread::sleep(idle);
+        s.write_all(b"GET /ok HTTP/1.1\r\nHo")?;
+        thread::sleep(Duration::from_millis(200));
+        s.write_all(b"st: a\r\n\r\n")?;
+        seen(&mut w)?;
+        // Two pipelined requests in one write.
+        thread::sleep(idle);
+        let mut two = one.to_vec();
+        two.extend_from_slice(one);
+        s.write_all(&two)?;
+        seen(&mut w)?;
+        seen(&mut w)?;
+        // A body in two parts.
+        thread::sleep(idle);
+        s.write_all(b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\nfirst-ten!")?;
+        thread::sleep(Duration::from_millis(200));
+        s.write_all(b"second-ten")?;
+        let posted = seen(&mut w)?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, b"first-ten!second-ten");
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let posted_body_echoed = String::from_utf8_lossy(&posted.body).contains(&hex);
+        // A head begun before an idle period and finished after it: the
+        // connection is not parked while a head is on its way.
+        s.write_all(b"GET /ok HTTP/1.1\r\n")?;
+        thread::sleep(idle);
+        if ferry && parked()? != 0 {
+            bail!("a connection with a head on its way was parked");
+        }
+        s.write_all(b"Host: a\r\n\r\n")?;
+        seen(&mut w)?;
+        // Parked, then closed by the client: the proxy goes on serving.
+        thread::sleep(idle);
+        if ferry && parked()? != 1 {
+            bail!("the idle keep-alive connection was not parked again");
+        }
+        drop(s);
+        drop(w);
+        thread::sleep(Duration::from_millis(200));
+        if ferry && parked()? != 0 {
+            bail!("a closed connection is still counted as parked");
+        }
+        good(ports.edge)?;
+        Ok(AcrossIdle {
+            responses,
+            posted_body_echoed,
+        })
+    })?;
+    let Some((ferry, envoy)) = observed else {
+        return skipped();
+    };
+    eprintln!("ferry {ferry:?}\nenvoy {envoy:?}");
+    assert_eq!(ferry, envoy);
+    assert_eq!(ferry.responses, vec![(Some(200), false, true); 7]);
+    assert!(ferry.posted_body_echoed);
     Ok(())
 }
 

@@ -120,6 +120,12 @@ pub struct H1Shared {
     upgrade: Mutex<UpgradeSignal>,
     /// A request body's chunked framing broke (hyper fails its body too).
     body_error: AtomicBool,
+    /// hyper last asked for bytes and the guard had none, every byte it
+    /// released so far being whole requests: hyper is between requests.
+    between: AtomicBool,
+    /// The connection is being parked: shutting the guard down flushes it
+    /// and leaves the socket open ([`H1Guard::park`]).
+    parking: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +158,23 @@ impl H1Shared {
     /// Whether a request body's framing broke since the last call.
     pub fn take_body_error(&self) -> bool {
         self.body_error.swap(false, Ordering::AcqRel)
+    }
+
+    /// hyper waits for the next request: it asked the guard for bytes and
+    /// got none, every head the guard released is a whole request whose
+    /// body was read, and hyper handed every one of them on.
+    pub fn between_requests(&self) -> bool {
+        self.between.load(Ordering::Acquire)
+            && self
+                .verdicts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+    }
+
+    /// While set, shutting the guard down only flushes it.
+    pub fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Release);
     }
 
     fn push(&self, v: Vec<Verdict>) {
@@ -282,6 +305,11 @@ impl Framer {
 
     fn closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
+    }
+
+    /// Between messages: no head begun, no body left to follow.
+    fn at_rest(&self) -> bool {
+        matches!(self.phase, Phase::Head) && self.head.is_empty()
     }
 
     fn take_body_failed(&mut self) -> bool {
@@ -830,6 +858,16 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let r = this.poll_guarded(cx, buf);
+        let between = r.is_pending() && this.pending.is_empty() && this.framer.at_rest();
+        this.shared.between.store(between, Ordering::Release);
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> H1Guard<S> {
+    fn poll_guarded(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         loop {
             if !this.out.is_empty() {
                 let n = this.out.len().min(buf.remaining());
@@ -905,6 +943,53 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
     }
 }
 
+/// A keep-alive connection between requests is parked: the HTTP/1 codec
+/// (its 8 KiB read and write buffers) is dropped and the guard alone waits
+/// for the next bytes, holding no buffer.
+impl<S: AsyncRead + Unpin> H1Guard<S> {
+    /// Takes the guard back from a codec that ended between requests:
+    /// `unparsed` (bytes the codec read and did not parse, already seen by
+    /// the framer) is released again first, and empty buffers are given
+    /// back.
+    pub fn park(&mut self, unparsed: bytes::Bytes) {
+        self.shared.set_parking(false);
+        if !unparsed.is_empty() {
+            let mut out = BytesMut::from(&unparsed[..]);
+            out.extend_from_slice(&self.out);
+            self.out = out;
+        }
+        if self.out.is_empty() {
+            self.out = BytesMut::new();
+        }
+        if self.pending.is_empty() {
+            self.pending = BytesMut::new();
+        }
+        if self.framer.at_rest() {
+            self.framer.head = Vec::new();
+        }
+    }
+
+    /// Resolves once the guard has bytes for a codec (true), or the client
+    /// closed (false). The read goes through a buffer on the stack, so a
+    /// parked connection keeps none; what it read is released again first.
+    pub fn poll_released(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        if !self.out.is_empty() {
+            return Poll::Ready(Ok(true));
+        }
+        let mut stack = [0u8; 2048];
+        let mut buf = ReadBuf::new(&mut stack);
+        std::task::ready!(self.poll_guarded(cx, &mut buf))?;
+        if buf.filled().is_empty() {
+            return Poll::Ready(Ok(false));
+        }
+        let mut out = BytesMut::with_capacity(buf.filled().len() + self.out.len());
+        out.extend_from_slice(buf.filled());
+        out.extend_from_slice(&self.out);
+        self.out = out;
+        Poll::Ready(Ok(true))
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -931,7 +1016,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for H1Guard<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.shared.parking.load(Ordering::Acquire) {
+            return Pin::new(&mut this.inner).poll_flush(cx);
+        }
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -1224,6 +1313,78 @@ mod tests {
             other => panic!("{other:?}"),
         }
         writer.abort();
+    }
+
+    /// A parked guard waits for a whole head, holding it on its own, and
+    /// releases it, with what the codec had read and not parsed, first.
+    #[tokio::test]
+    async fn parked_guards_release_whole_heads_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1024);
+        let shared = std::sync::Arc::new(H1Shared::default());
+        let mut guard = H1Guard::new(server, limits(), None, shared.clone());
+        client.write_all(GET).await.unwrap();
+        let mut first = vec![0u8; GET.len()];
+        guard.read_exact(&mut first).await.unwrap();
+        assert_eq!(first, GET);
+        // hyper asks for more: there is none, and the guard is at rest.
+        let mut b = [0u8; 16];
+        let waited = tokio::time::timeout(Duration::from_millis(20), guard.read(&mut b)).await;
+        assert!(waited.is_err());
+        assert!(!shared.between_requests(), "a verdict is still queued");
+        assert!(shared.next_verdict().is_some());
+        assert!(shared.between_requests());
+        // Parked with the start of a pipelined request the codec had read.
+        shared.set_parking(true);
+        guard.park(bytes::Bytes::from_static(b"GET /a"));
+        assert!(!shared.parking.load(Ordering::Acquire));
+        assert_eq!(guard.pending.capacity(), 0);
+        // The unparsed bytes are released at once, before the next read.
+        let ready = std::future::poll_fn(|cx| guard.poll_released(cx)).await;
+        assert!(ready.unwrap());
+        let mut a = [0u8; 6];
+        guard.read_exact(&mut a).await.unwrap();
+        assert_eq!(&a, b"GET /a");
+        // Parked again with nothing: a head written in two parts is
+        // released only whole.
+        guard.park(bytes::Bytes::new());
+        client.write_all(b"GET /a HTTP/1.1\r\nHo").await.unwrap();
+        let partial = tokio::time::timeout(
+            Duration::from_millis(20),
+            std::future::poll_fn(|cx| guard.poll_released(cx)),
+        )
+        .await;
+        assert!(partial.is_err(), "half a head is held");
+        assert!(!shared.between_requests(), "a head is on its way");
+        client.write_all(b"st: h\r\n\r\n").await.unwrap();
+        let ready = std::future::poll_fn(|cx| guard.poll_released(cx)).await;
+        assert!(ready.unwrap());
+        let mut head = vec![0u8; GET.len()];
+        guard.read_exact(&mut head).await.unwrap();
+        assert_eq!(head, GET);
+        // The client closes while parked.
+        guard.park(bytes::Bytes::new());
+        drop(client);
+        let ready = std::future::poll_fn(|cx| guard.poll_released(cx)).await;
+        assert!(!ready.unwrap());
+    }
+
+    /// While parking, shutting the guard down leaves the connection open.
+    #[tokio::test]
+    async fn parking_does_not_shut_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1024);
+        let shared = std::sync::Arc::new(H1Shared::default());
+        let mut guard = H1Guard::new(server, limits(), None, shared.clone());
+        shared.set_parking(true);
+        guard.write_all(b"bye").await.unwrap();
+        guard.shutdown().await.unwrap();
+        guard.park(bytes::Bytes::new());
+        guard.write_all(b" and hello").await.unwrap();
+        guard.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye and hello");
     }
 
     /// An idle keep-alive connection is not timed out by the head timer,

@@ -27,6 +27,7 @@ mod shadow;
 mod stream_timers;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -325,35 +326,13 @@ async fn serve_h1<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let deadline = ctx.rt.drain_timeout;
-    // hyper's HTTP/1 dispatcher boxes room for one service future when the
-    // connection starts and keeps it for the connection's life; boxed here,
-    // that room is a pointer, and a request's state (several KiB) is
-    // allocated only while the request is in flight.
-    let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| {
-        let ctx = svc_ctx.clone();
-        Box::pin(handle(ctx, req))
-    });
     ctx.stats.downstream_cx_http1_total.inc();
-    let guard = h1_guard::H1Guard::new(
+    let mut guard = h1_guard::H1Guard::new(
         io,
         h1_guard::Limits::of(p),
         p.request_headers_timeout,
         ctx.h1.clone(),
     );
-    let head_limit = p.max_request_headers_bytes as usize;
-    let mut builder = http1::Builder::new();
-    header_case_server(&mut builder, p.http1.header_case);
-    let conn = builder
-        // The guard enforces the head limits; hyper's are set to the same
-        // values so that it never refuses what the guard passed.
-        .max_headers(p.max_headers_count as usize)
-        .max_header_size(head_limit)
-        .max_buf_size((head_limit + 8192).max(HYPER_MAX_BUF))
-        .header_read_timeout(None)
-        .serve_connection(TokioIo::new(guard), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
     // Polled only when one of them was woken, not on each of the codec's
     // wake-ups (`on_wake`).
     let watch = on_wake::OnWake::new(async {
@@ -363,21 +342,70 @@ async fn serve_h1<S>(
             _ = ctx.life.idle_for(idle) => Watch::Idle,
         }
     });
+    tokio::pin!(watch);
+    // A watcher that fired while the connection was parked.
+    let mut fired = None;
+    let (mut conn, w) = loop {
+        let mut conn = Box::pin(h1_codec(guard, ctx, p));
+        if let Some(w) = fired.take() {
+            break (conn, w);
+        }
+        let park = on_wake::OnWake::new(park_when_idle(ctx));
+        tokio::pin!(park);
+        let w = tokio::select! {
+            _ = conn.as_mut() => return,
+            w = watch.as_mut() => w,
+            () = park.as_mut() => {
+                // hyper is between requests: ended now it writes nothing
+                // more, flushes, and hands the socket back unshut.
+                ctx.h1.set_parking(true);
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        ctx.h1.set_parking(false);
+                        if r.is_err() {
+                            return;
+                        }
+                        let Some(parts) = Pin::into_inner(conn).into_parts() else {
+                            return;
+                        };
+                        guard = parts.io.into_inner();
+                        guard.park(parts.read_buf);
+                        crate::heap::released();
+                        let _parked = ctx.stats.downstream_cx_http1_parked.inc();
+                        // Parked: no codec, no buffer, until the client
+                        // sends again (or closes: the codec then sees it).
+                        tokio::select! {
+                            r = std::future::poll_fn(|cx| guard.poll_released(cx)) => {
+                                if r.is_err() {
+                                    return;
+                                }
+                            }
+                            w = watch.as_mut() => fired = Some(w),
+                        }
+                        continue;
+                    }
+                    w = watch.as_mut() => {
+                        ctx.h1.set_parking(false);
+                        w
+                    }
+                }
+            }
+        };
+        break (conn, w);
+    };
     // How long a draining connection may stay idle before it is closed.
-    let grace = tokio::select! {
-        _ = conn.as_mut() => return,
-        w = watch => match w {
-            Watch::Drain | Watch::DrainAsked => deadline,
-            Watch::MaxAge => {
-                ctx.stats.downstream_cx_max_duration_reached.inc();
-                p.drain_timeout
-            }
-            Watch::Idle => {
-                // Idle: no request in flight, so nothing is cut.
-                ctx.stats.downstream_cx_idle_timeout.inc();
-                Duration::ZERO
-            }
-        },
+    let grace = match w {
+        Watch::Drain | Watch::DrainAsked => deadline,
+        Watch::MaxAge => {
+            ctx.stats.downstream_cx_max_duration_reached.inc();
+            p.drain_timeout
+        }
+        Watch::Idle => {
+            // Idle: no request in flight, so nothing is cut.
+            ctx.stats.downstream_cx_idle_timeout.inc();
+            Duration::ZERO
+        }
     };
     ctx.closing
         .store(true, std::sync::atomic::Ordering::Release);
@@ -395,6 +423,71 @@ async fn serve_h1<S>(
             }
         }
     }
+}
+
+/// A keep-alive connection with no request for this long is parked: its
+/// HTTP/1 codec and the codec's buffers (16 KiB) are given back until the
+/// client sends again. Long enough that a busy connection never parks (its
+/// timer fires once per period), short enough that idle ones soon hold
+/// only their socket and guard.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Resolves once the connection has carried no request for [`PARK_AFTER`]
+/// and hyper waits for the next one.
+async fn park_when_idle(ctx: &ConnCtx) {
+    loop {
+        ctx.life.idle_for(Some(PARK_AFTER)).await;
+        if ctx.h1.between_requests() {
+            return;
+        }
+        // A head or body is on its way: looked at again later.
+        tokio::time::sleep(PARK_AFTER).await;
+    }
+}
+
+/// The connection manager as hyper's HTTP/1 service.
+///
+/// hyper's HTTP/1 dispatcher boxes room for one service future when the
+/// connection starts and keeps it for the connection's life; boxed here,
+/// that room is a pointer, and a request's state (several KiB) is
+/// allocated only while the request is in flight.
+struct H1Service(Arc<ConnCtx>);
+
+type HandleFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Downstream>, edge::StreamReset>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for H1Service {
+    type Response = Response<Downstream>;
+    type Error = edge::StreamReset;
+    type Future = HandleFuture;
+
+    fn call(&self, req: Request<Incoming>) -> HandleFuture {
+        Box::pin(handle(self.0.clone(), req))
+    }
+}
+
+/// hyper's HTTP/1 server on the guarded connection.
+fn h1_codec<S>(
+    guard: h1_guard::H1Guard<S>,
+    ctx: &Arc<ConnCtx>,
+    p: &DownstreamProtocol,
+) -> hyper::server::conn::http1::UpgradeableConnection<TokioIo<h1_guard::H1Guard<S>>, H1Service>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = H1Service(ctx.clone());
+    let head_limit = p.max_request_headers_bytes as usize;
+    let mut builder = http1::Builder::new();
+    header_case_server(&mut builder, p.http1.header_case);
+    builder
+        // The guard enforces the head limits; hyper's are set to the same
+        // values so that it never refuses what the guard passed.
+        .max_headers(p.max_headers_count as usize)
+        .max_header_size(head_limit)
+        .max_buf_size((head_limit + 8192).max(HYPER_MAX_BUF))
+        .header_read_timeout(None)
+        .serve_connection(TokioIo::new(guard), svc)
+        .with_upgrades()
 }
 
 /// `header_key_format` on an HTTP/1 codec builder (hyper's server and client
