@@ -541,7 +541,7 @@ async fn serve_http<S>(
     let ChainKind::Http(hcm) = &chain.kind else {
         return;
     };
-    let istio = conn_metrics(rt, chain, conn.tls.as_ref());
+    let istio = conn_metrics(rt, chain, conn.tls.as_ref()).map(Box::new);
     let ctx = Arc::new(crate::http::ConnCtx {
         istio,
         stats: rt.http_stats(&hcm.stat_prefix),

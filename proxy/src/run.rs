@@ -200,7 +200,7 @@ pub struct Runtime {
     skip_drain: AtomicBool,
     bootstrap: ferry_xds::Bootstrap,
     loaded_at: String,
-    http_stats: Mutex<HashMap<String, HttpStats>>,
+    http_stats: Mutex<HashMap<String, Arc<HttpStats>>>,
     tcp_stats: Mutex<HashMap<String, TcpStats>>,
     listener_cx: Mutex<HashMap<String, Counter>>,
     pub(crate) listeners: Mutex<crate::listener::ListenerManager>,
@@ -339,10 +339,14 @@ impl Runtime {
         Ok(dump)
     }
 
-    pub fn http_stats(&self, prefix: &str) -> HttpStats {
+    /// One connection manager's counters, shared by its connections.
+    pub fn http_stats(&self, prefix: &str) -> Arc<HttpStats> {
         let mut m = self.http_stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = m.get(prefix) {
+            return s.clone();
+        }
         m.entry(prefix.to_string())
-            .or_insert_with(|| HttpStats::new(&self.stats, prefix))
+            .or_insert_with(|| Arc::new(HttpStats::new(&self.stats, prefix)))
             .clone()
     }
 

@@ -866,7 +866,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for H1Guard<S> {
 }
 
 impl<S: AsyncRead + Unpin> H1Guard<S> {
-    fn poll_guarded(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_guarded(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self;
         loop {
             if !this.out.is_empty() {
@@ -966,6 +970,14 @@ impl<S: AsyncRead + Unpin> H1Guard<S> {
         }
         if self.framer.at_rest() {
             self.framer.head = Vec::new();
+        }
+        let mut verdicts = self
+            .shared
+            .verdicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if verdicts.is_empty() {
+            *verdicts = VecDeque::new();
         }
     }
 

@@ -117,7 +117,7 @@ pub struct ConnCtx {
     /// whether the client presented a certificate, and what
     /// `x-forwarded-client-cert` says about it.
     pub tls: Option<PeerTls>,
-    pub stats: HttpStats,
+    pub stats: Arc<HttpStats>,
     /// Set once the connection drains: HTTP/1 responses then carry
     /// `Connection: close`.
     pub closing: std::sync::atomic::AtomicBool,
@@ -130,9 +130,10 @@ pub struct ConnCtx {
     /// built on the first request an RBAC filter checks, then shared by
     /// the connection's other requests.
     pub rbac_view:
-        std::sync::OnceLock<(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata)>,
+        std::sync::OnceLock<Box<(crate::rbac::Downstream, ferry_model::rbac::DynamicMetadata)>>,
     /// Istio's metrics of this connection, when its chain has `istio.stats`.
-    pub istio: Option<crate::metrics::ConnMetrics>,
+    /// (Boxed: most connections have none, and every connection holds this.)
+    pub istio: Option<Box<crate::metrics::ConnMetrics>>,
     /// The connection among the live ones: an update that changes its chain
     /// hands the next requests to the chain a new connection would get.
     pub live: Arc<crate::filter_chain_update::LiveConn>,
@@ -166,7 +167,7 @@ impl ConnCtx {
                 filter_state: self.filter_state.clone(),
             };
             let md = d.metadata();
-            (d, md)
+            Box::new((d, md))
         })
     }
 }
@@ -2293,6 +2294,28 @@ mod tests {
                 future_size3(crate::cluster::EndpointPool::send),
                 3584,
             ),
+        ];
+        for (what, size, bound) in sizes {
+            assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
+        }
+    }
+
+    /// What every HTTP connection holds, idle or not: its context is 280
+    /// bytes (680 with Istio's metrics and the RBAC view inline, about 1 KiB
+    /// with a copy of the connection manager's counters), and a parked
+    /// connection holds its guard. Upper bounds.
+    #[test]
+    fn connection_state_sizes() {
+        use std::mem::size_of;
+        let sizes = [
+            ("ConnCtx", size_of::<ConnCtx>(), 320),
+            (
+                "H1Guard<TcpStream>",
+                size_of::<h1_guard::H1Guard<tokio::net::TcpStream>>(),
+                256,
+            ),
+            ("H1Shared", size_of::<h1_guard::H1Shared>(), 96),
+            ("Lifetime", size_of::<lifetime::Lifetime>(), 128),
         ];
         for (what, size, bound) in sizes {
             assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
