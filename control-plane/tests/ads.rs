@@ -160,9 +160,12 @@ async fn sotw_nack_is_recorded_and_not_answered() {
     assert_eq!(t.acked_version.as_deref(), Some("v1"));
 
     // The next version goes out, and its ACK syncs the stream again.
+    // The server times a response's send to its ACK.
+    let before_send = std::time::Instant::now();
     cache.set(CLUSTER, [cluster("a", 750)]);
     let v3 = c.recv().await;
     assert_eq!(v3.version_info, "v3");
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
     c.ack(&v3, &[]).await;
     server
         .wait_ack("sotw-nack", CLUSTER, "v3", WAIT)
@@ -171,6 +174,12 @@ async fn sotw_nack_is_recorded_and_not_answered() {
     let t = server.status()[0].types[CLUSTER].clone();
     assert_eq!(t.state, SyncState::Synced);
     assert_eq!(t.last_nack.map(|n| n.version).as_deref(), Some("v2"));
+    let latency = std::time::Duration::from_micros(t.ack_latency_us.unwrap());
+    assert!(
+        latency >= std::time::Duration::from_millis(30),
+        "{latency:?}"
+    );
+    assert!(latency <= before_send.elapsed(), "{latency:?}");
 }
 
 #[tokio::test]

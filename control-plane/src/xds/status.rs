@@ -72,6 +72,11 @@ pub struct TypeStatus {
     pub acks: u64,
     pub nacks: u64,
     pub last_nack: Option<Nack>,
+    /// Microseconds from the latest ACKed response's send to its ACK, as
+    /// this server saw them.
+    pub ack_latency_us: Option<u64>,
+    #[serde(skip)]
+    sent_at: Option<std::time::Instant>,
 }
 
 /// One ADS stream.
@@ -189,6 +194,7 @@ impl StreamHandle {
             t.sent_resources = resources;
             t.responses += 1;
             t.state = SyncState::Stale;
+            t.sent_at = Some(std::time::Instant::now());
         });
     }
 
@@ -199,6 +205,10 @@ impl StreamHandle {
             t.acks += 1;
             if t.sent_nonce.as_deref() == Some(nonce) {
                 t.state = SyncState::Synced;
+                if let Some(at) = t.sent_at.take() {
+                    t.ack_latency_us =
+                        Some(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX));
+                }
             }
         });
     }
