@@ -51,11 +51,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("FERRY_TOOLS", REPO / "target" / "tools"))
-SCENARIOS = ("http1", "h2", "tcp", "istio20", "mtls", "hbone", "handshake", "resume", "idle", "observe")
+SCENARIOS = ("http1", "h2", "tcp", "istio20", "mtls", "hbone", "handshake", "resume", "idle", "observe", "rate1k")
 # Scenarios with two proxies: a client sidecar in front of a server sidecar.
 TWO_PROXY = ("mtls", "hbone")
 # Scenarios without a direct target (the backend speaks no TLS).
 PROXY_ONLY = ("handshake", "resume", "idle")
+# rate1k: the fixed request rate and the connections carrying it.
+RATE_RPS = 1000
+RATE_CLIENTS = 10
 # What the idle scenario holds, one kind after the other.
 IDLE_KINDS = ("http1", "h2", "tcp", "mtls", "hbone")
 TARGETS = ("direct", "ferry", "envoy")
@@ -254,6 +257,7 @@ class Ports:
     def for_scenario(self, scenario: str) -> int:
         return {
             "http1": self.http1,
+            "rate1k": self.http1,
             "observe": self.observe,
             "h2": self.h2,
             "tcp": self.tcp,
@@ -946,6 +950,14 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
         if measure:
             argv += ["--log-file", str(log_file)]
         argv.append(url)
+    elif scenario == "rate1k":
+        # A fixed rate far below saturation: what a proxy adds to each request's latency.
+        log_file = s.tmp / "h2load.log"
+        argv = pin + ["h2load", "--h1", "-t1", f"-c{RATE_CLIENTS}", f"--rps={RATE_RPS // RATE_CLIENTS}",
+                      "-D", str(seconds)]
+        if measure:
+            argv += ["--log-file", str(log_file)]
+        argv.append(url)
     elif scenario in ("handshake", "resume"):
         c = s.certs
         argv = pin + [
@@ -971,7 +983,7 @@ def run_load(s: Settings, scenario: str, port: int, seconds: int, measure: bool)
     out = done.stdout + done.stderr
     if scenario in ("http1", "istio20", "mtls", "hbone", "observe"):
         return parse_wrk(out)
-    if scenario == "h2":
+    if scenario in ("h2", "rate1k"):
         try:
             return parse_h2load(out, log_file)
         finally:
@@ -1356,6 +1368,8 @@ SCENARIO_TITLE = {
     "resume": "resumed mTLS connections (as handshake, offering the server's session tickets again)",
     "observe": "HTTP/1.1 as http1 with tracing at 1% (OpenTelemetry, OTLP/gRPC to a sink) and a file access log "
     "(wrk, {wrk} connections; compare with http1 of the same run)",
+    "rate1k": "HTTP/1.1 keep-alive at a fixed 1,000 requests per second (h2load --h1, 10 connections × 100 rps); "
+    "the latency a proxy adds is its p50/p99 minus direct's",
 }
 
 
@@ -1479,6 +1493,18 @@ def render(
                     f"| {ratio(g(sa, 'idle_mib'), g(sb, 'idle_mib'))} | {ratio(g(sa, 'peak_mib'), g(sb, 'peak_mib'))} |"
                 )
             lines.append("")
+        if scenario == "rate1k" and all(t in targets for t in ("direct", "ferry", "envoy")):
+            d, f, e = sums["direct"], sums["ferry"], sums["envoy"]
+            if d and f and e:
+                lines += ["| added over direct | p50 | p99 |", "| --- | ---: | ---: |"]
+                added = {}
+                for name, sm in (("ferry", f), ("envoy", e)):
+                    added[name] = {k: getattr(sm, k) - getattr(d, k) for k in ("p50", "p99")
+                                   if getattr(sm, k) is not None and getattr(d, k) is not None}
+                    lines.append(f"| {name} | {fmt(added[name].get('p50'), 3)} | {fmt(added[name].get('p99'), 3)} |")
+                lines.append(f"| ferry/envoy | {ratio(added['ferry'].get('p50'), added['envoy'].get('p50'))} "
+                             f"| {ratio(added['ferry'].get('p99'), added['envoy'].get('p99'))} |")
+                lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += [f"Command: `{' '.join(['benches/load.py'] + sys.argv[1:])}`", ""]
