@@ -957,7 +957,11 @@ impl<S: AsyncRead + Unpin> H1Guard<S> {
     /// back.
     pub fn park(&mut self, unparsed: bytes::Bytes) {
         self.shared.set_parking(false);
-        self.unread(&unparsed);
+        if !unparsed.is_empty() {
+            let mut out = BytesMut::from(&unparsed[..]);
+            out.extend_from_slice(&self.out);
+            self.out = out;
+        }
         if self.out.is_empty() {
             self.out = BytesMut::new();
         }
@@ -990,19 +994,11 @@ impl<S: AsyncRead + Unpin> H1Guard<S> {
         if buf.filled().is_empty() {
             return Poll::Ready(Ok(false));
         }
-        self.unread(buf.filled());
-        Poll::Ready(Ok(true))
-    }
-
-    /// Puts released bytes back in front of what is still to be released.
-    fn unread(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        let mut out = BytesMut::with_capacity(bytes.len() + self.out.len());
-        out.extend_from_slice(bytes);
+        let mut out = BytesMut::with_capacity(buf.filled().len() + self.out.len());
+        out.extend_from_slice(buf.filled());
         out.extend_from_slice(&self.out);
         self.out = out;
+        Poll::Ready(Ok(true))
     }
 }
 
