@@ -5,8 +5,9 @@
 //!
 //! The network filter decides when the first bytes (or the end of the
 //! stream) arrive, as Envoy's does (`ONE_TIME_ON_FIRST_BYTE`; `CONTINUOUS`
-//! re-evaluates and counts on every read): a denied connection never has
-//! its bytes forwarded and is closed, after `delay_deny` if set. Nothing
+//! re-evaluates and counts on every read and at the end of the stream): a
+//! denied connection never has its bytes forwarded and is closed, after
+//! `delay_deny` if set. Nothing
 //! the decision reads changes during a connection, so it is taken up front
 //! and only applied, and counted, as data arrives; only a new version of
 //! the policies changes it: an update that alters nothing but a chain's
@@ -344,6 +345,8 @@ enum Gate {
     /// No byte seen yet.
     First,
     Allowed,
+    /// The end of the stream was decided: later reads pass through.
+    Ended,
     Delaying(Pin<Box<tokio::time::Sleep>>),
     Denied,
 }
@@ -382,22 +385,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                     std::task::ready!(sleep.as_mut().poll(cx));
                     this.gate = Gate::Denied;
                 }
+                Gate::Ended => return Pin::new(&mut this.inner).poll_read(cx, buf),
                 Gate::First | Gate::Allowed => {
                     let before = buf.filled().len();
                     std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
                     let got = buf.filled().len() > before;
                     let first = matches!(this.gate, Gate::First);
-                    // The end of the stream counts as arriving data: Envoy's
-                    // filter also decides a connection closed without a byte.
+                    // The end of the stream counts as arriving data, once: Envoy's
+                    // filter is called for it too, so it decides a connection
+                    // closed without a byte, and `CONTINUOUS` decides the end of a
+                    // stream again.
                     let eof = !got && buf.remaining() > 0;
-                    if !(got || (eof && first))
-                        || !(first || this.rbac.continuous.load(Ordering::Relaxed))
-                    {
+                    if !(got || eof) || !(first || this.rbac.continuous.load(Ordering::Relaxed)) {
                         return Poll::Ready(Ok(()));
                     }
                     match this.rbac.on_data(first) {
                         Ok(()) => {
-                            this.gate = Gate::Allowed;
+                            this.gate = if eof { Gate::Ended } else { Gate::Allowed };
                             return Poll::Ready(Ok(()));
                         }
                         Err(delay) => {
@@ -452,6 +456,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn network(action: Action, port: u16, delay: Option<std::time::Duration>) -> Arc<NetworkRbac> {
+        enforced(action, port, delay, Enforcement::OneTimeOnFirstByte)
+    }
+
+    fn enforced(
+        action: Action,
+        port: u16,
+        delay: Option<std::time::Duration>,
+        enforcement: Enforcement,
+    ) -> Arc<NetworkRbac> {
         Arc::new(NetworkRbac {
             stat_prefix: "tcp.".into(),
             rules: Some(Arc::new(Rbac {
@@ -464,7 +477,7 @@ mod tests {
             })),
             shadow_rules: None,
             shadow_rules_stat_prefix: String::new(),
-            enforcement: Enforcement::OneTimeOnFirstByte,
+            enforcement,
             delay_deny: delay,
         })
     }
@@ -522,6 +535,36 @@ mod tests {
         let mut plain = guard(server, &rbac);
         client.write_all(b"x").await.unwrap();
         assert_eq!(plain.read(&mut buf).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_stream_is_decided_once() {
+        for (enforcement, counted) in [
+            (Enforcement::OneTimeOnFirstByte, 1),
+            // Envoy's filter is called for every read and for the end of the stream.
+            (Enforcement::Continuous, 3),
+        ] {
+            let stats = Arc::new(Stats::default());
+            let (mut client, server) = tokio::io::duplex(64);
+            let filters = [enforced(Action::Allow, 9000, None, enforcement)];
+            let rbac = ConnRbac::new(&filters, stats.clone(), downstream());
+            let mut guarded = guard(server, &rbac);
+            let mut buf = [0u8; 16];
+            client.write_all(b"one").await.unwrap();
+            assert_eq!(guarded.read(&mut buf).await.unwrap(), 3);
+            client.write_all(b"two").await.unwrap();
+            assert_eq!(guarded.read(&mut buf).await.unwrap(), 3);
+            drop(client);
+            // Reads after the end stay at the end and count nothing more.
+            for _ in 0..3 {
+                assert_eq!(guarded.read(&mut buf).await.unwrap(), 0);
+            }
+            assert_eq!(
+                stats.counter("tcp.rbac.allowed").get(),
+                counted,
+                "{enforcement:?}"
+            );
+        }
     }
 
     #[tokio::test]

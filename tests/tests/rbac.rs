@@ -478,6 +478,27 @@ fn echo(port: u16) -> Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Like [`echo`], but the client ends its stream only once the line came back: the
+/// end of the stream then reaches the proxy as a read of its own, which a `CONTINUOUS`
+/// filter decides (and counts) again. (Sent together, whether the line and the end
+/// arrive in one read or two is up to the machine's timing.)
+fn echo_in_turn(port: u16) -> Result<String> {
+    let mut s = TcpStream::connect(local(port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"hello\n")?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64];
+    while !out.ends_with(b"hello\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return Ok(String::from_utf8_lossy(&out).into_owned()),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let _ = s.read_to_end(&mut out);
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// `envoy.filters.network.rbac` before a tcp_proxy: connections allowed by destination
 /// port and source address are echoed, denied ones closed without a byte; shadow rules
 /// only count; several network RBAC filters run in order; before a connection manager a
@@ -588,7 +609,12 @@ fn network_rbac_on_tcp_proxy_matches_envoy() -> Result<()> {
             }
             before = now;
         }
-        let mut seen = vec![echo(port)?, echo(port)?, echo(other)?, echo(third)?];
+        let mut seen = vec![
+            echo_in_turn(port)?,
+            echo_in_turn(port)?,
+            echo(other)?,
+            echo(third)?,
+        ];
         for p in [http_ok, http_denied] {
             seen.push(match request(p, "GET", "/x", &[]) {
                 Ok(r) => r.status.to_string(),
