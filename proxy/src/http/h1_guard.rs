@@ -957,11 +957,7 @@ impl<S: AsyncRead + Unpin> H1Guard<S> {
     /// back.
     pub fn park(&mut self, unparsed: bytes::Bytes) {
         self.shared.set_parking(false);
-        if !unparsed.is_empty() {
-            let mut out = BytesMut::from(&unparsed[..]);
-            out.extend_from_slice(&self.out);
-            self.out = out;
-        }
+        self.unread(&unparsed);
         if self.out.is_empty() {
             self.out = BytesMut::new();
         }
@@ -994,11 +990,19 @@ impl<S: AsyncRead + Unpin> H1Guard<S> {
         if buf.filled().is_empty() {
             return Poll::Ready(Ok(false));
         }
-        let mut out = BytesMut::with_capacity(buf.filled().len() + self.out.len());
-        out.extend_from_slice(buf.filled());
+        self.unread(buf.filled());
+        Poll::Ready(Ok(true))
+    }
+
+    /// Puts released bytes back in front of what is still to be released.
+    fn unread(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut out = BytesMut::with_capacity(bytes.len() + self.out.len());
+        out.extend_from_slice(bytes);
         out.extend_from_slice(&self.out);
         self.out = out;
-        Poll::Ready(Ok(true))
     }
 }
 

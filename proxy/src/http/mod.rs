@@ -269,14 +269,7 @@ async fn serve_h2<S>(
     tokio::pin!(conn);
     // Polled only when one of them was woken, not on each of the codec's
     // wake-ups (`on_wake`).
-    let watch = on_wake::OnWake::new(async {
-        tokio::select! {
-            _ = drain.signaled() => Watch::Drain,
-            _ = sleep_until(max_age) => Watch::MaxAge,
-            _ = ctx.life.drain_asked() => Watch::DrainAsked,
-            _ = ctx.life.idle_for(idle) => Watch::Idle,
-        }
-    });
+    let watch = on_wake::OnWake::new(watch_lifetime(ctx, drain, max_age, idle, true));
     tokio::select! {
         _ = conn.as_mut() => return,
         w = watch => match w {
@@ -300,6 +293,23 @@ async fn serve_h2<S>(
         _ = tokio::time::sleep_until(drained_at + deadline) => {
             ctx.stats.downstream_cx_drain_close.inc();
         }
+    }
+}
+
+/// Waits beside a connection's codec for what ends or drains it;
+/// `asked`: also for a drain a response asked for.
+async fn watch_lifetime(
+    ctx: &ConnCtx,
+    drain: &Drain,
+    max_age: Option<tokio::time::Instant>,
+    idle: Option<Duration>,
+    asked: bool,
+) -> Watch {
+    tokio::select! {
+        _ = drain.signaled() => Watch::Drain,
+        _ = sleep_until(max_age) => Watch::MaxAge,
+        _ = ctx.life.drain_asked(), if asked => Watch::DrainAsked,
+        _ = ctx.life.idle_for(idle) => Watch::Idle,
     }
 }
 
@@ -336,13 +346,8 @@ async fn serve_h1<S>(
     );
     // Polled only when one of them was woken, not on each of the codec's
     // wake-ups (`on_wake`).
-    let watch = on_wake::OnWake::new(async {
-        tokio::select! {
-            _ = drain.signaled() => Watch::Drain,
-            _ = sleep_until(max_age) => Watch::MaxAge,
-            _ = ctx.life.idle_for(idle) => Watch::Idle,
-        }
-    });
+    // (A drain a response asks for is hyper's `Connection: close`.)
+    let watch = on_wake::OnWake::new(watch_lifetime(ctx, drain, max_age, idle, false));
     tokio::pin!(watch);
     // A watcher that fired while the connection was parked.
     let mut fired = None;
@@ -353,47 +358,42 @@ async fn serve_h1<S>(
         }
         let park = on_wake::OnWake::new(park_when_idle(ctx));
         tokio::pin!(park);
-        let w = tokio::select! {
+        tokio::select! {
             _ = conn.as_mut() => return,
-            w = watch.as_mut() => w,
-            () = park.as_mut() => {
-                // hyper is between requests: ended now it writes nothing
-                // more, flushes, and hands the socket back unshut.
-                ctx.h1.set_parking(true);
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        ctx.h1.set_parking(false);
-                        if r.is_err() {
-                            return;
-                        }
-                        let Some(parts) = Pin::into_inner(conn).into_parts() else {
-                            return;
-                        };
-                        guard = parts.io.into_inner();
-                        guard.park(parts.read_buf);
-                        crate::heap::released();
-                        let _parked = ctx.stats.downstream_cx_http1_parked.inc();
-                        // Parked: no codec, no buffer, until the client
-                        // sends again (or closes: the codec then sees it).
-                        tokio::select! {
-                            r = std::future::poll_fn(|cx| guard.poll_released(cx)) => {
-                                if r.is_err() {
-                                    return;
-                                }
-                            }
-                            w = watch.as_mut() => fired = Some(w),
-                        }
-                        continue;
-                    }
-                    w = watch.as_mut() => {
-                        ctx.h1.set_parking(false);
-                        w
-                    }
-                }
+            w = watch.as_mut() => break (conn, w),
+            () = park.as_mut() => {}
+        }
+        // hyper is between requests: ended now it writes nothing more,
+        // flushes, and hands the socket back unshut.
+        ctx.h1.set_parking(true);
+        conn.as_mut().graceful_shutdown();
+        let ended = tokio::select! {
+            r = conn.as_mut() => r,
+            w = watch.as_mut() => {
+                ctx.h1.set_parking(false);
+                break (conn, w);
             }
         };
-        break (conn, w);
+        if ended.is_err() {
+            return;
+        }
+        let Some(parts) = Pin::into_inner(conn).into_parts() else {
+            return;
+        };
+        guard = parts.io.into_inner();
+        guard.park(parts.read_buf);
+        crate::heap::released();
+        let _parked = ctx.stats.downstream_cx_http1_parked.inc();
+        // Parked: no codec, no buffer, until the client sends again (or
+        // closes: the codec then sees it).
+        tokio::select! {
+            r = std::future::poll_fn(|cx| guard.poll_released(cx)) => {
+                if r.is_err() {
+                    return;
+                }
+            }
+            w = watch.as_mut() => fired = Some(w),
+        }
     };
     // How long a draining connection may stay idle before it is closed.
     let grace = match w {
@@ -437,12 +437,12 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// and hyper waits for the next one.
 async fn park_when_idle(ctx: &ConnCtx) {
     loop {
+        // Waits at least the period each time: a head or body on its way
+        // is looked at again a period later.
         ctx.life.idle_for(Some(PARK_AFTER)).await;
         if ctx.h1.between_requests() {
             return;
         }
-        // A head or body is on its way: looked at again later.
-        tokio::time::sleep(PARK_AFTER).await;
     }
 }
 
