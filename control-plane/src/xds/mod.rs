@@ -5,6 +5,7 @@
 
 mod cache;
 mod delta;
+mod grpc_stream;
 pub mod http;
 mod intern;
 mod server;

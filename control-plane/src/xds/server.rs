@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::XdsError;
 use super::cache::Cache;
 use super::delta::DeltaStream;
+use super::grpc_stream;
 use super::sotw::SotwStream;
 use super::status::{Nack, Protocol, ProxyStatus, Registry};
 
@@ -201,6 +202,9 @@ impl Server {
             builder = builder.tls_config(config)?;
         }
         let svc = Dispatch {
+            streams: AdsService {
+                inner: self.inner.clone(),
+            },
             ads: self.ads_service(),
             sds: self.sds_service(),
             ca: self.inner.ca.get().cloned(),
@@ -465,6 +469,10 @@ async fn drive<S: StreamState>(
 /// the gRPC service name in the path.
 #[derive(Clone)]
 struct Dispatch {
+    /// The streaming methods, framed by [`grpc_stream`].
+    streams: AdsService,
+    /// What remains of each service (tonic answers `FetchSecrets` and
+    /// unknown methods).
     ads: AggregatedDiscoveryServiceServer<AdsService>,
     sds: SecretDiscoveryServiceServer<AdsService>,
     ca: Option<crate::ca::CaService>,
@@ -483,6 +491,28 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Dispatch {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let res = match req.uri().path() {
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+            | "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets" => {
+                grpc_stream::serve(req, MAX_REQUEST_BYTES, |r| self.streams.sotw(r))
+            }
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
+            | "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets" => {
+                grpc_stream::serve(req, MAX_REQUEST_BYTES, |r| self.streams.delta(r))
+            }
+            _ => return self.route(req),
+        };
+        Box::pin(async move { Ok(res) })
+    }
+}
+
+impl Dispatch {
+    fn route(
+        &mut self,
+        req: http::Request<tonic::body::Body>,
+    ) -> tonic::codegen::BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>
+    {
+        use tonic::codegen::Service;
         let of = |service: &str| {
             req.uri()
                 .path()
