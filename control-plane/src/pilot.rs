@@ -105,8 +105,8 @@ struct State {
 
 /// An [`Outbound`] encoded as the caches hold it.
 struct Encoded {
-    clusters: Vec<(String, CachedResource)>,
-    endpoints: Vec<(String, CachedResource)>,
+    clusters: Vec<(Arc<str>, CachedResource)>,
+    endpoints: Vec<(Arc<str>, CachedResource)>,
 }
 
 impl Encoded {
@@ -116,12 +116,12 @@ impl Encoded {
             clusters: outbound
                 .clusters
                 .iter()
-                .map(|c| (c.name.clone(), encode(to_any(c))))
+                .map(|c| (Arc::from(c.name.as_str()), encode(to_any(c))))
                 .collect(),
             endpoints: outbound
                 .endpoints
                 .iter()
-                .map(|e| (e.cluster_name.clone(), encode(to_any(e))))
+                .map(|e| (Arc::from(e.cluster_name.as_str()), encode(to_any(e))))
                 .collect(),
         }
     }
@@ -186,13 +186,13 @@ fn fill(cache: &Cache, cfg: &ProxyConfig, shared: &Encoded, interner: &Interner)
         CLUSTER,
         cfg.clusters
             .iter()
-            .map(|c| (c.name.clone(), encode(to_any(c))))
+            .map(|c| (Arc::from(c.name.as_str()), encode(to_any(c))))
             .chain(shared.clusters.iter().cloned()),
     ) != before;
     let endpoints = cfg
         .endpoints
         .iter()
-        .map(|e| (e.cluster_name.clone(), encode(to_any(e))))
+        .map(|e| (Arc::from(e.cluster_name.as_str()), encode(to_any(e))))
         .chain(shared.endpoints.iter().cloned());
     if clusters_changed {
         cache.set_cached(ENDPOINT, endpoints);
@@ -221,12 +221,17 @@ fn fill(cache: &Cache, cfg: &ProxyConfig, shared: &Encoded, interner: &Interner)
     let stale: Vec<String> = current
         .resources
         .keys()
-        .filter(|n| n.starts_with(credentials::PREFIX) && !wanted.contains_key(*n))
-        .cloned()
+        .filter(|n| n.starts_with(credentials::PREFIX) && !wanted.contains_key(&***n))
+        .map(|n| n.to_string())
         .collect();
     let changed: Vec<(String, envoy_types::pb::google::protobuf::Any)> = wanted
         .into_iter()
-        .filter(|(n, a)| current.resources.get(n).is_none_or(|c| *c.any != *a))
+        .filter(|(n, a)| {
+            current
+                .resources
+                .get(n.as_str())
+                .is_none_or(|c| *c.any != *a)
+        })
         .collect();
     if !stale.is_empty() || !changed.is_empty() {
         cache.apply(SECRET, changed, stale);
@@ -493,7 +498,7 @@ mod tests {
         );
         let first = cache.snapshot(SECRET);
         assert_eq!(
-            first.resources.keys().cloned().collect::<Vec<_>>(),
+            first.resources.keys().map(|k| &**k).collect::<Vec<_>>(),
             ["ROOTCA", "default"]
         );
         assert_eq!(pilot.renew_certificates(), 0, "nothing is due yet");

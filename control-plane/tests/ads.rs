@@ -248,7 +248,7 @@ async fn delta_initial_versions_and_removed_resources() {
         ],
     );
     let (server, addr) = start(cache.clone()).await;
-    let l1_version = cache.snapshot(LISTENER).resources["l1"].version.clone();
+    let l1_version = cache.snapshot(LISTENER).resources["l1"].version.to_string();
 
     let mut d = Delta::connect(addr, "delta-initial").await;
     let mut first = envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest {

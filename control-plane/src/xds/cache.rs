@@ -13,13 +13,15 @@ use tokio::sync::watch;
 
 use super::intern::Interner;
 
-/// One cached resource: its version and its encoding.
+/// One cached resource: its version and its encoding. Names and versions
+/// are shared strings: the caches of the proxies sent the same resource, and
+/// the streams that remember what each proxy holds, keep one copy of them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CachedResource {
     /// Short hash of the encoded resource; equal bytes give equal versions,
     /// across restarts too, so a reconnecting delta client's
     /// `initial_resource_versions` stay meaningful.
-    pub version: String,
+    pub version: Arc<str>,
     pub any: Arc<Any>,
 }
 
@@ -31,7 +33,7 @@ pub struct TypeSnapshot {
     pub counter: u64,
     /// The type version sent as `version_info` / `system_version_info`.
     pub version: String,
-    pub resources: Arc<BTreeMap<String, CachedResource>>,
+    pub resources: Arc<BTreeMap<Arc<str>, CachedResource>>,
 }
 
 impl TypeSnapshot {
@@ -103,12 +105,12 @@ impl Cache {
     /// As [`Cache::set`], with resources encoded already (see
     /// [`CachedResource::new`]): what several caches are sent alike is
     /// encoded once.
-    pub fn set_cached(
+    pub fn set_cached<K: Into<Arc<str>>>(
         &self,
         type_url: &str,
-        resources: impl IntoIterator<Item = (String, CachedResource)>,
+        resources: impl IntoIterator<Item = (K, CachedResource)>,
     ) -> String {
-        let map: BTreeMap<String, CachedResource> = resources.into_iter().collect();
+        let map = collect(resources);
         self.update(type_url, |current| *current = map)
     }
 
@@ -130,12 +132,12 @@ impl Cache {
     }
 
     /// As [`Cache::replace`], with resources encoded already.
-    pub fn replace_cached(
+    pub fn replace_cached<K: Into<Arc<str>>>(
         &self,
         type_url: &str,
-        resources: impl IntoIterator<Item = (String, CachedResource)>,
+        resources: impl IntoIterator<Item = (K, CachedResource)>,
     ) -> String {
-        let map: BTreeMap<String, CachedResource> = resources.into_iter().collect();
+        let map = collect(resources);
         {
             let types = self
                 .shared
@@ -165,14 +167,14 @@ impl Cache {
         upserts: impl IntoIterator<Item = (String, Any)>,
         removals: impl IntoIterator<Item = String>,
     ) -> String {
-        let upserts: Vec<(String, CachedResource)> = upserts
+        let upserts: Vec<(Arc<str>, CachedResource)> = upserts
             .into_iter()
-            .map(|(name, any)| (name, self.cached(any)))
+            .map(|(name, any)| (Arc::from(name), self.cached(any)))
             .collect();
         let removals: Vec<String> = removals.into_iter().collect();
         self.update(type_url, |current| {
             for name in &removals {
-                current.remove(name);
+                current.remove(name.as_str());
             }
             current.extend(upserts);
         })
@@ -181,7 +183,7 @@ impl Cache {
     fn update(
         &self,
         type_url: &str,
-        f: impl FnOnce(&mut BTreeMap<String, CachedResource>),
+        f: impl FnOnce(&mut BTreeMap<Arc<str>, CachedResource>),
     ) -> String {
         let version = {
             let mut types = self
@@ -264,13 +266,23 @@ impl CachedResource {
     pub fn new(any: Any, interner: Option<&Interner>) -> Self {
         let hash = content_hash(&any);
         Self {
-            version: format!("{hash:016x}"),
+            version: format!("{hash:016x}").into(),
             any: match interner {
                 Some(i) => i.intern(hash, any),
                 None => Arc::new(any),
             },
         }
     }
+}
+
+/// The resources by name (a later duplicate name wins).
+fn collect<K: Into<Arc<str>>>(
+    resources: impl IntoIterator<Item = (K, CachedResource)>,
+) -> BTreeMap<Arc<str>, CachedResource> {
+    resources
+        .into_iter()
+        .map(|(name, r)| (name.into(), r))
+        .collect()
 }
 
 /// The version of one resource: 64-bit FNV-1a of its type URL and encoded

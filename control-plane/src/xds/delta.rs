@@ -6,6 +6,7 @@
 //! protocol requires; the nonce only pairs an ACK or NACK with its response.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{ControlPlane, Node};
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -34,7 +35,7 @@ struct DeltaType {
     names: BTreeSet<String>,
     /// Name → version of every resource the client holds (as sent, or as it
     /// declared in `initial_resource_versions`).
-    known: HashMap<String, String>,
+    known: HashMap<Arc<str>, Arc<str>>,
     /// Subscribed names already reported as absent in `removed_resources`.
     told_absent: BTreeSet<String>,
     /// Responses not answered yet: (nonce, system version), oldest first.
@@ -62,7 +63,7 @@ impl DeltaType {
             self.known = req
                 .initial_resource_versions
                 .iter()
-                .map(|(n, v)| (n.clone(), v.clone()))
+                .map(|(n, v)| (Arc::from(n.as_str()), Arc::from(v.as_str())))
                 .collect();
             // Legacy wildcard: a first request that names nothing at all.
             if req.resource_names_subscribe.is_empty()
@@ -89,7 +90,7 @@ impl DeltaType {
             if name == "*" {
                 self.wildcard = false;
                 let names = &self.names;
-                self.known.retain(|k, _| names.contains(k));
+                self.known.retain(|k, _| names.contains(&**k));
             } else {
                 self.names.remove(name);
                 self.told_absent.remove(name);
@@ -100,7 +101,7 @@ impl DeltaType {
                 } else {
                     force.names.remove(name);
                     // Forgotten, so a later re-subscription sends it again.
-                    self.known.remove(name);
+                    self.known.remove(name.as_str());
                 }
             }
         }
@@ -115,46 +116,46 @@ impl DeltaType {
             if !self.interested(name) {
                 continue;
             }
-            let forced = force.all || force.names.contains(name);
-            if forced || self.known.get(name) != Some(&r.version) {
+            let forced = force.all || force.names.contains(&**name);
+            if forced || self.known.get(&**name) != Some(&r.version) {
                 resources.push(Resource {
-                    name: name.clone(),
-                    version: r.version.clone(),
+                    name: name.to_string(),
+                    version: r.version.to_string(),
                     resource: Some((*r.any).clone()),
                     ..Default::default()
                 });
                 self.known.insert(name.clone(), r.version.clone());
-                self.told_absent.remove(name);
+                self.told_absent.remove(&**name);
             }
         }
         let mut removed = BTreeSet::new();
-        let gone: Vec<String> = self
+        let gone: Vec<Arc<str>> = self
             .known
             .keys()
-            .filter(|k| !snap.resources.contains_key(*k))
+            .filter(|k| !snap.resources.contains_key(&***k))
             .cloned()
             .collect();
         for name in gone {
             self.known.remove(&name);
             if self.interested(&name) {
-                if self.names.contains(&name) {
-                    self.told_absent.insert(name.clone());
+                if self.names.contains(&*name) {
+                    self.told_absent.insert(name.to_string());
                 }
-                removed.insert(name);
+                removed.insert(name.to_string());
             }
         }
         // Versions declared for names the client does not subscribe to.
         let (wildcard, names) = (self.wildcard, &self.names);
-        self.known.retain(|k, _| wildcard || names.contains(k));
+        self.known.retain(|k, _| wildcard || names.contains(&**k));
         // Subscribed names that do not exist are reported once, so the
         // client need not wait for a timeout.
         for name in &self.names {
-            if !snap.resources.contains_key(name) && !self.told_absent.contains(name) {
+            if !snap.resources.contains_key(name.as_str()) && !self.told_absent.contains(name) {
                 removed.insert(name.clone());
             }
         }
         for name in &force.names {
-            if !snap.resources.contains_key(name) {
+            if !snap.resources.contains_key(name.as_str()) {
                 removed.insert(name.clone());
             }
         }
@@ -386,7 +387,7 @@ mod tests {
         let mut first = req(CLUSTER, &[], &[]);
         first
             .initial_resource_versions
-            .insert("a".into(), snap.resources["a"].version.clone());
+            .insert("a".into(), snap.resources["a"].version.to_string());
         first
             .initial_resource_versions
             .insert("gone".into(), "x".into());

@@ -78,7 +78,7 @@ fn route(server: &Server, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     let resources = snap
                         .resources
                         .iter()
-                        .map(|(n, r)| (n.clone(), r.version.clone()))
+                        .map(|(n, r)| (n.to_string(), r.version.to_string()))
                         .collect();
                     (
                         url,

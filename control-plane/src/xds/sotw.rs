@@ -161,7 +161,7 @@ impl SotwStream {
         } else {
             t.names
                 .iter()
-                .filter_map(|n| snap.resources.get(n))
+                .filter_map(|n| snap.resources.get(n.as_str()))
                 .map(|r| (*r.any).clone())
                 .collect()
         };
