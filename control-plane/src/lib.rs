@@ -8,6 +8,7 @@
 
 pub mod ca;
 pub mod explain;
+pub mod heap;
 pub mod inject;
 pub mod istio;
 pub mod local;

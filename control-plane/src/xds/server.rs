@@ -457,6 +457,9 @@ async fn drive<S: StreamState>(
             // The guard `wait_for` returns is not `Send`: drop it inside.
             () = async { let _ = shutdown.wait_for(|down| *down).await; } => return,
         };
+        if !out.is_empty() {
+            crate::heap::released();
+        }
         for r in out {
             if tx.send(Ok(r)).await.is_err() {
                 return;
