@@ -109,13 +109,21 @@ impl DeltaType {
     }
 
     /// The resources to send and the names to remove, updating what the
-    /// client is known to hold.
+    /// client is known to hold. Every proxy's stream runs it on every change
+    /// of a type it holds, so the usual case (what it holds is all there,
+    /// every name it asked for exists) costs two lookups per resource: the
+    /// other passes run only when the counts say they have work.
     fn diff(&mut self, snap: &TypeSnapshot, force: &Force) -> (Vec<Resource>, Vec<String>) {
         let mut resources = Vec::new();
+        // Resources the client wants, and those of them it asked by name.
+        let (mut wanted, mut named) = (0, 0);
         for (name, r) in snap.resources.iter() {
-            if !self.interested(name) {
+            let explicit = !self.names.is_empty() && self.names.contains(&**name);
+            if !(self.wildcard || explicit) {
                 continue;
             }
+            wanted += 1;
+            named += usize::from(explicit);
             let forced = force.all || force.names.contains(&**name);
             if forced || self.known.get(&**name) != Some(&r.version) {
                 resources.push(Resource {
@@ -129,29 +137,35 @@ impl DeltaType {
             }
         }
         let mut removed = BTreeSet::new();
-        let gone: Vec<Arc<str>> = self
-            .known
-            .keys()
-            .filter(|k| !snap.resources.contains_key(&***k))
-            .cloned()
-            .collect();
-        for name in gone {
-            self.known.remove(&name);
-            if self.interested(&name) {
-                if self.names.contains(&*name) {
-                    self.told_absent.insert(name.to_string());
+        // Every wanted resource is in `known` now: anything more there is
+        // gone from the cache or no longer wanted.
+        if self.known.len() > wanted {
+            let gone: Vec<Arc<str>> = self
+                .known
+                .keys()
+                .filter(|k| !snap.resources.contains_key(&***k))
+                .cloned()
+                .collect();
+            for name in gone {
+                self.known.remove(&name);
+                if self.interested(&name) {
+                    if self.names.contains(&*name) {
+                        self.told_absent.insert(name.to_string());
+                    }
+                    removed.insert(name.to_string());
                 }
-                removed.insert(name.to_string());
             }
+            // Versions declared for names the client does not subscribe to.
+            let (wildcard, names) = (self.wildcard, &self.names);
+            self.known.retain(|k, _| wildcard || names.contains(&**k));
         }
-        // Versions declared for names the client does not subscribe to.
-        let (wildcard, names) = (self.wildcard, &self.names);
-        self.known.retain(|k, _| wildcard || names.contains(&**k));
         // Subscribed names that do not exist are reported once, so the
         // client need not wait for a timeout.
-        for name in &self.names {
-            if !snap.resources.contains_key(name.as_str()) && !self.told_absent.contains(name) {
-                removed.insert(name.clone());
+        if named < self.names.len() {
+            for name in &self.names {
+                if !snap.resources.contains_key(name.as_str()) && !self.told_absent.contains(name) {
+                    removed.insert(name.clone());
+                }
             }
         }
         for name in &force.names {
