@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 use crate::istio::source::{Snapshot, Source};
 use crate::istio::translate::{
@@ -127,6 +128,31 @@ impl Encoded {
     }
 }
 
+/// The encodings of the route configurations that the proxies translated
+/// for one change share (a sidecar's are shared by its class, see
+/// `translate::route`), by the configuration's address. Holding the
+/// configurations keeps the mesh's memo of them, and so the sharing, alive
+/// until the change is done.
+#[derive(Default)]
+struct RouteEncodings(HashMap<usize, (Arc<RouteConfiguration>, Arc<str>, CachedResource)>);
+
+impl RouteEncodings {
+    fn encode(
+        &mut self,
+        r: &Arc<RouteConfiguration>,
+        interner: &Interner,
+    ) -> (Arc<str>, CachedResource) {
+        let (_, name, encoded) = self.0.entry(Arc::as_ptr(r) as usize).or_insert_with(|| {
+            (
+                r.clone(),
+                Arc::from(r.name.as_str()),
+                CachedResource::new(to_any(&**r), Some(interner)),
+            )
+        });
+        (name.clone(), encoded.clone())
+    }
+}
+
 /// Translates `proxy` on `mesh` and fills its cache: the outbound part of
 /// its class is translated and encoded by the first proxy of the class.
 fn translate(
@@ -134,6 +160,7 @@ fn translate(
     proxy: &Proxy,
     cache: &Cache,
     memo: &mut HashMap<OutboundClass, Arc<Encoded>>,
+    routes: &mut RouteEncodings,
     interner: &Interner,
 ) {
     let class = mesh.outbound_class(proxy);
@@ -146,7 +173,7 @@ fn translate(
             (cfg, shared)
         }
     };
-    fill(cache, &cfg, &shared, interner);
+    fill(cache, &cfg, &shared, routes, interner);
 }
 
 /// A node that connected from an address, with its cache and when the
@@ -172,7 +199,13 @@ pub struct Pilot {
 
 /// Fills `cache` with `cfg`, the proxy's own resources, and `shared`, the
 /// outbound clusters and endpoints of its class.
-fn fill(cache: &Cache, cfg: &ProxyConfig, shared: &Encoded, interner: &Interner) {
+fn fill(
+    cache: &Cache,
+    cfg: &ProxyConfig,
+    shared: &Encoded,
+    shared_routes: &mut RouteEncodings,
+    interner: &Interner,
+) {
     let encode = |any| CachedResource::new(any, Some(interner));
     // Clusters and endpoints before listeners and routes, as the proxy
     // wants them; a type that did not change is left alone, so that an
@@ -204,11 +237,15 @@ fn fill(cache: &Cache, cfg: &ProxyConfig, shared: &Encoded, interner: &Interner)
         LISTENER,
         cfg.listeners.iter().map(|l| (l.name.clone(), to_any(l))),
     ) != before;
-    let routes = cfg.routes.iter().map(|r| (r.name.clone(), to_any(r)));
+    let routes: Vec<_> = cfg
+        .routes
+        .iter()
+        .map(|r| shared_routes.encode(r, interner))
+        .collect();
     if listeners_changed {
-        cache.set(ROUTE, routes);
+        cache.set_cached(ROUTE, routes);
     } else {
-        cache.replace(ROUTE, routes);
+        cache.replace_cached(ROUTE, routes);
     }
     // credentialName secrets, beside the workload's own (`default`,
     // `ROOTCA`), which only the CA side changes.
@@ -378,7 +415,14 @@ impl Pilot {
             Ok(mut proxy) => {
                 let st = &mut *st;
                 st.mesh.complete_proxy(&mut proxy);
-                translate(&st.mesh, &proxy, &cache, &mut st.encoded, &self.interner);
+                translate(
+                    &st.mesh,
+                    &proxy,
+                    &cache,
+                    &mut st.encoded,
+                    &mut RouteEncodings::default(),
+                    &self.interner,
+                );
                 tracing::info!(xds.node = %node.id, proxy.namespace = %proxy.namespace, "proxy connected");
                 st.proxies.insert(node.id.clone(), (proxy, cache.clone()));
             }
@@ -403,10 +447,19 @@ impl Pilot {
         st.mesh = mesh.clone();
         // The encodings were of the previous mesh's translations.
         st.encoded.clear();
+        let mut routes = RouteEncodings::default();
         for (proxy, cache) in st.proxies.values_mut() {
             mesh.complete_proxy(proxy);
-            translate(&mesh, proxy, cache, &mut st.encoded, &self.interner);
+            translate(
+                &mesh,
+                proxy,
+                cache,
+                &mut st.encoded,
+                &mut routes,
+                &self.interner,
+            );
         }
+        drop(routes);
         let n = st.proxies.len();
         drop(guard);
         // Pods that appeared since their proxy connected get their

@@ -384,7 +384,7 @@ fn round_trip(cfg: &ProxyConfig) -> anyhow::Result<()> {
         check(&d, "envoy.config.listener.v3.Listener", l)?;
     }
     for r in &cfg.routes {
-        check(&d, "envoy.config.route.v3.RouteConfiguration", r)?;
+        check(&d, "envoy.config.route.v3.RouteConfiguration", &**r)?;
     }
     for c in &cfg.clusters {
         check(&d, "envoy.config.cluster.v3.Cluster", c)?;

@@ -5,7 +5,9 @@
 //! `workloadSelector`, a Sidecar's selector or a `failoverPriority`
 //! names, its locality under locality load balancing, its namespace, its
 //! node flags) gets a translation of its own, equal to what a mesh that
-//! never translated anybody else gives it.
+//! never translated anybody else gives it. The same holds for a sidecar's
+//! outbound route configurations, whose class adds the labels that
+//! VirtualService `sourceLabels` name.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -102,6 +104,17 @@ spec:
   trafficPolicy:
     loadBalancer: {localityLbSetting: {enabled: true}}
     outlierDetection: {consecutive5xxErrors: 5}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings-by-source, namespace: shop}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{sourceLabels: {track: canary}}]
+    route: [{destination: {host: ratings}}]
+    timeout: 3s
+  - route: [{destination: {host: ratings}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -225,6 +238,91 @@ fn a_proxy_differing_in_one_input_gets_its_own_translation() {
                 assert!(
                     *cfg == fresh.proxy_config(p),
                     "{what}: {} got another proxy's outbound translation",
+                    p.id
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn proxies_of_one_class_share_their_route_configurations() {
+    let snap = snapshot();
+    let mesh = Mesh::new(&snap, MeshOptions::default());
+    let a = client("client-a", "10.0.1.1", &[("app", "client-a")]);
+    let b = client(
+        "client-b",
+        "10.0.1.2",
+        &[("app", "client-b"), ("version", "v2")],
+    );
+    let cfg_a = mesh.proxy_config(&a);
+    // While a's are held, b gets the same ones.
+    let cfg_b = mesh.proxy_config(&b);
+    assert!(!cfg_a.routes.is_empty());
+    assert_eq!(cfg_a.routes.len(), cfg_b.routes.len());
+    for (ra, rb) in cfg_a.routes.iter().zip(&cfg_b.routes) {
+        assert!(Arc::ptr_eq(ra, rb), "route {} translated twice", ra.name);
+    }
+    let fresh = Mesh::new(&snap, MeshOptions::default());
+    assert!(cfg_b == fresh.proxy_config(&b));
+}
+
+#[test]
+fn a_proxy_differing_in_one_route_input_gets_its_own_routes() {
+    let snap = snapshot();
+    let base = client("client-a", "10.0.1.1", &[("app", "client-a")]);
+    let with_label = |k: &str, v: &str| {
+        let mut p = base.clone();
+        p.labels.insert(k.into(), v.into());
+        p
+    };
+    // (what, variant, whether its routes differ from the base's)
+    let variants: Vec<(&str, Proxy, bool)> = vec![
+        (
+            "a label a VirtualService's sourceLabels names",
+            with_label("track", "canary"),
+            true,
+        ),
+        (
+            "a label a Sidecar's selector names",
+            with_label("role", "narrow"),
+            true,
+        ),
+        (
+            "a label a DestinationRule's workloadSelector names",
+            with_label("role", "special"),
+            false,
+        ),
+        (
+            "the namespace",
+            {
+                let mut p = base.clone();
+                p.namespace = "web".into();
+                p
+            },
+            true,
+        ),
+    ];
+    for (what, variant, differs) in variants {
+        for first_base in [true, false] {
+            let mesh = Mesh::new(&snap, MeshOptions::default());
+            let order = if first_base {
+                [&base, &variant]
+            } else {
+                [&variant, &base]
+            };
+            let cfgs: Vec<_> = order.iter().map(|p| mesh.proxy_config(p)).collect();
+            let shared = cfgs[0]
+                .routes
+                .iter()
+                .any(|r| cfgs[1].routes.iter().any(|o| Arc::ptr_eq(r, o)));
+            assert!(!shared, "{what}: a route configuration of the other class");
+            assert_eq!(cfgs[0].routes != cfgs[1].routes, differs, "{what}");
+            for (p, cfg) in order.iter().zip(&cfgs) {
+                let fresh = Mesh::new(&snap, MeshOptions::default());
+                assert!(
+                    *cfg == fresh.proxy_config(p),
+                    "{what}: {} got another proxy's routes",
                     p.id
                 );
             }

@@ -204,7 +204,8 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
                         "https.{port}.{}.{}.{}",
                         s.server.port.name, s.name, s.namespace
                     );
-                    out.routes.push(route_config(scope, &rds, port, &[s]));
+                    out.routes
+                        .push(std::sync::Arc::new(route_config(scope, &rds, port, &[s])));
                     chains.push(FilterChain {
                         filter_chain_match: Some(FilterChainMatch {
                             server_names: s.server_names(),
@@ -247,8 +248,12 @@ pub(super) fn build(scope: &Scope<'_>, out: &mut ProxyConfig) {
         }
         if !plain_http.is_empty() {
             let rds = format!("http.{port}");
-            out.routes
-                .push(route_config(scope, &rds, port, &plain_http));
+            out.routes.push(std::sync::Arc::new(route_config(
+                scope,
+                &rds,
+                port,
+                &plain_http,
+            )));
             chains.push(FilterChain {
                 filters: vec![typed_filter(
                     HCM,

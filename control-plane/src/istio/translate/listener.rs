@@ -1048,7 +1048,8 @@ fn outbound(scope: &Scope<'_>, out: &mut ProxyConfig) {
                     any(&HttpInspector::default()),
                 ),
             ];
-            out.routes.push(route::route_config(scope, port, &http));
+            out.routes
+                .push(route::shared_route_config(scope, port, &http));
         }
         // Non-HTTP bytes on a port of undeclared protocol go to the one
         // service that could mean them; anything else follows the policy.
@@ -1145,7 +1146,8 @@ fn egress_port_listeners(scope: &Scope<'_>, out: &mut ProxyConfig) {
                     .filter(|s| s.port(number).is_some_and(|p| !is_tcp(p.protocol)))
                     .copied()
                     .collect();
-                out.routes.push(route::route_config(scope, number, &http));
+                out.routes
+                    .push(route::shared_route_config(scope, number, &http));
             }
             FilterChain {
                 filters: vec![typed_filter(

@@ -54,7 +54,9 @@ pub use registry::{Registry, Service, ServicePort};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProxyConfig {
     pub listeners: Vec<Listener>,
-    pub routes: Vec<RouteConfiguration>,
+    /// A sidecar's are shared with the proxies of its class (see
+    /// [`route`]'s memo).
+    pub routes: Vec<std::sync::Arc<RouteConfiguration>>,
     pub clusters: Vec<Cluster>,
     pub endpoints: Vec<ClusterLoadAssignment>,
     /// The DNS name table (NDS) of a sidecar; `None` for gateways.
@@ -341,6 +343,8 @@ pub struct Mesh {
     /// The outbound clusters and endpoints translated so far, by proxy
     /// class.
     outbound: outbound::Memo,
+    /// The sidecar route configurations translated so far, by class.
+    routes: route::Memo,
 }
 
 impl Mesh {
@@ -354,10 +358,12 @@ impl Mesh {
                 .collect()
         };
         let destination_rules = pick(|s| matches!(s, Spec::DestinationRule(_)));
+        let snapshot_vs = pick(|s| matches!(s, Spec::VirtualService(_)));
         Self {
             registry: Registry::build(snapshot, &options.domain),
-            virtual_services: pick(|s| matches!(s, Spec::VirtualService(_))),
             outbound: outbound::Memo::new(&destination_rules),
+            routes: route::Memo::new(&snapshot_vs),
+            virtual_services: snapshot_vs,
             destination_rules,
             sidecars: pick(|s| matches!(s, Spec::Sidecar(_))),
             gateways: pick(|s| matches!(s, Spec::Gateway(_))),
@@ -516,6 +522,10 @@ impl Mesh {
     /// The class `proxy`'s outbound clusters and endpoints are shared in.
     pub fn outbound_class(&self, proxy: &Proxy) -> OutboundClass {
         self.outbound.class(&Scope::new(self, proxy))
+    }
+
+    fn outbound_class_of(&self, scope: &Scope<'_>) -> OutboundClass {
+        self.outbound.class(scope)
     }
 
     /// How many outbound classes this mesh has translated.

@@ -4,8 +4,14 @@
 //! clusters, redirects, rewrites, timeouts, retries, faults, mirrors, CORS,
 //! header operations). Hash policies of consistent-hash DestinationRules are
 //! attached here too, since Envoy hashes per route.
+//!
+//! A sidecar's route configurations are translated once per [`RouteClass`]
+//! and port, and shared while somebody holds them ([`Memo`]): with thousands
+//! of services they are most of what a change costs per proxy, and proxies
+//! of one workload class get the same ones.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HeaderValue, HeaderValueOption, RuntimeFractionalPercent, data_source,
@@ -39,6 +45,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
 
 use super::cluster::PASSTHROUGH;
+use super::outbound::OutboundClass;
 use super::registry::{ServiceKind, selects};
 use super::util::{any, duration, fraction, seconds};
 use super::{Scope, Service};
@@ -57,6 +64,79 @@ pub const DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 
 /// The route configuration for outbound HTTP port `port`.
+/// Everything of a proxy that a sidecar's outbound route configuration
+/// reads. It reads the proxy's namespace (`exportTo`, `sourceNamespace`,
+/// rule precedence), the Sidecar that scopes it and the DestinationRules
+/// whose `workloadSelector` selects it (all three in its
+/// [`OutboundClass`]), and its labels only through VirtualService
+/// `sourceLabels`: the proxy's value of each label some match names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct RouteClass {
+    outbound: OutboundClass,
+    source_labels: Vec<Option<String>>,
+    port: u32,
+    /// The services of the port's virtual hosts (their places in the mesh's
+    /// registry, which lives as long as the memo).
+    services: Vec<usize>,
+}
+
+/// The sidecar route configurations of one mesh, by [`RouteClass`]. Held
+/// weakly: ferry-pilot holds them while it translates every proxy for a
+/// change, and the messages go once they are encoded.
+#[derive(Debug, Default)]
+pub(super) struct Memo {
+    /// Every label a VirtualService `sourceLabels` names, sorted.
+    source_labels: Vec<String>,
+    table: Mutex<HashMap<RouteClass, Weak<RouteConfiguration>>>,
+}
+
+impl Memo {
+    pub(super) fn new(virtual_services: &[Resource]) -> Self {
+        let mut keys = BTreeSet::new();
+        for r in virtual_services {
+            if let crate::istio::source::Spec::VirtualService(vs) = &r.spec {
+                for m in vs.http.iter().flat_map(|h| &h.match_) {
+                    keys.extend(m.source_labels.keys().cloned());
+                }
+            }
+        }
+        Self {
+            source_labels: keys.into_iter().collect(),
+            table: Mutex::default(),
+        }
+    }
+}
+
+/// [`route_config`] for a sidecar, shared with every proxy of its class
+/// while somebody holds it.
+pub(super) fn shared_route_config(
+    scope: &Scope<'_>,
+    port: u32,
+    services: &[&Service],
+) -> Arc<RouteConfiguration> {
+    let memo = &scope.mesh.routes;
+    let class = RouteClass {
+        outbound: scope.mesh.outbound_class_of(scope),
+        source_labels: memo
+            .source_labels
+            .iter()
+            .map(|k| scope.proxy.labels.get(k).cloned())
+            .collect(),
+        port,
+        services: services
+            .iter()
+            .map(|s| std::ptr::from_ref::<Service>(s) as usize)
+            .collect(),
+    };
+    let mut table = memo.table.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(held) = table.get(&class).and_then(Weak::upgrade) {
+        return held;
+    }
+    let made = Arc::new(route_config(scope, port, services));
+    table.insert(class, Arc::downgrade(&made));
+    made
+}
+
 pub(super) fn route_config(
     scope: &Scope<'_>,
     port: u32,
