@@ -353,7 +353,10 @@ fn translate(snap: &Snapshot, proxies: &[Proxy]) -> Translation {
                 );
             }
             for r in &cfg.routes {
-                out.insert(format!("route {}", r.name), Res::Route(Box::new((**r).clone())));
+                out.insert(
+                    format!("route {}", r.name),
+                    Res::Route(Box::new((**r).clone())),
+                );
             }
             for c in &cfg.clusters {
                 out.insert(
