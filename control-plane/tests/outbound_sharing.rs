@@ -146,17 +146,38 @@ fn client(name: &str, ip: &str, labels: &[(&str, &str)]) -> Proxy {
     }
 }
 
+/// Two proxies that differ only in other labels, IP, pod and id: nothing
+/// outbound translation reads.
+fn one_class() -> (Proxy, Proxy) {
+    (
+        client("client-a", "10.0.1.1", &[("app", "client-a")]),
+        client(
+            "client-b",
+            "10.0.1.2",
+            &[("app", "client-b"), ("version", "v2")],
+        ),
+    )
+}
+
+/// `base` with one more label.
+fn labelled(base: &Proxy, k: &str, v: &str) -> Proxy {
+    let mut p = base.clone();
+    p.labels.insert(k.into(), v.into());
+    p
+}
+
+/// `base` in another namespace.
+fn in_namespace(base: &Proxy, ns: &str) -> Proxy {
+    let mut p = base.clone();
+    p.namespace = ns.into();
+    p
+}
+
 #[test]
 fn proxies_of_one_class_share_one_outbound_translation() {
     let snap = snapshot();
     let mesh = Mesh::new(&snap, MeshOptions::default());
-    let a = client("client-a", "10.0.1.1", &[("app", "client-a")]);
-    // Other labels, IP, pod and id: nothing outbound translation reads.
-    let b = client(
-        "client-b",
-        "10.0.1.2",
-        &[("app", "client-b"), ("version", "v2")],
-    );
+    let (a, b) = one_class();
     assert_eq!(mesh.outbound_class(&a), mesh.outbound_class(&b));
     let (_, out_a) = mesh.proxy_config_shared(&a);
     let (own_b, out_b) = mesh.proxy_config_shared(&b);
@@ -179,31 +200,22 @@ fn proxies_of_one_class_share_one_outbound_translation() {
 fn a_proxy_differing_in_one_input_gets_its_own_translation() {
     let snap = snapshot();
     let base = client("client-a", "10.0.1.1", &[("app", "client-a")]);
-    let with_label = |k: &str, v: &str| {
-        let mut p = base.clone();
-        p.labels.insert(k.into(), v.into());
-        p
-    };
     let variants: Vec<(&str, Proxy)> = vec![
         (
             "a label a DestinationRule's workloadSelector names",
-            with_label("role", "special"),
+            labelled(&base, "role", "special"),
         ),
         (
             "a label a Sidecar's selector names",
-            with_label("role", "narrow"),
+            labelled(&base, "role", "narrow"),
         ),
-        ("a failoverPriority label", with_label("tier", "gold")),
+        ("a failoverPriority label", labelled(&base, "tier", "gold")),
         ("the locality", {
             let mut p = base.clone();
             p.locality = "us-east/zone1/a".into();
             p
         }),
-        ("the namespace", {
-            let mut p = base.clone();
-            p.namespace = "web".into();
-            p
-        }),
+        ("the namespace", in_namespace(&base, "web")),
         ("the istio network stats flag", {
             let mut p = base.clone();
             p.istio_network_stats = false;
@@ -249,12 +261,7 @@ fn a_proxy_differing_in_one_input_gets_its_own_translation() {
 fn proxies_of_one_class_share_their_route_configurations() {
     let snap = snapshot();
     let mesh = Mesh::new(&snap, MeshOptions::default());
-    let a = client("client-a", "10.0.1.1", &[("app", "client-a")]);
-    let b = client(
-        "client-b",
-        "10.0.1.2",
-        &[("app", "client-b"), ("version", "v2")],
-    );
+    let (a, b) = one_class();
     let cfg_a = mesh.proxy_config(&a);
     // While a's are held, b gets the same ones.
     let cfg_b = mesh.proxy_config(&b);
@@ -271,37 +278,24 @@ fn proxies_of_one_class_share_their_route_configurations() {
 fn a_proxy_differing_in_one_route_input_gets_its_own_routes() {
     let snap = snapshot();
     let base = client("client-a", "10.0.1.1", &[("app", "client-a")]);
-    let with_label = |k: &str, v: &str| {
-        let mut p = base.clone();
-        p.labels.insert(k.into(), v.into());
-        p
-    };
     // (what, variant, whether its routes differ from the base's)
     let variants: Vec<(&str, Proxy, bool)> = vec![
         (
             "a label a VirtualService's sourceLabels names",
-            with_label("track", "canary"),
+            labelled(&base, "track", "canary"),
             true,
         ),
         (
             "a label a Sidecar's selector names",
-            with_label("role", "narrow"),
+            labelled(&base, "role", "narrow"),
             true,
         ),
         (
             "a label a DestinationRule's workloadSelector names",
-            with_label("role", "special"),
+            labelled(&base, "role", "special"),
             false,
         ),
-        (
-            "the namespace",
-            {
-                let mut p = base.clone();
-                p.namespace = "web".into();
-                p
-            },
-            true,
-        ),
+        ("the namespace", in_namespace(&base, "web"), true),
     ];
     for (what, variant, differs) in variants {
         for first_base in [true, false] {

@@ -123,6 +123,16 @@ mod tests {
     use http_body::Body as _;
     use http_body_util::BodyExt;
 
+    /// The next frame, which must be the trailers.
+    async fn trailers<B>(body: &mut B) -> http::HeaderMap
+    where
+        B: http_body::Body + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        frame.into_trailers().ok().expect("trailers")
+    }
+
     #[tokio::test]
     async fn responses_are_framed_one_by_one_then_the_status() {
         let one = DiscoveryResponse {
@@ -141,14 +151,7 @@ mod tests {
         assert_eq!(len, first.len() - 5);
         let back: DiscoveryResponse = prost::Message::decode(&first[5..]).unwrap();
         assert_eq!(back, one);
-        let trailers = body
-            .frame()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_trailers()
-            .unwrap();
-        let status = Status::from_header_map(&trailers).unwrap();
+        let status = Status::from_header_map(&trailers(&mut body).await).unwrap();
         assert_eq!(status.code(), tonic::Code::Aborted);
         assert_eq!(status.message(), "gone, with ü");
         assert!(body.is_end_stream());
@@ -159,13 +162,6 @@ mod tests {
             stream: tokio_stream::iter(Vec::<Result<DiscoveryResponse, Status>>::new()),
             done: false,
         };
-        let trailers = body
-            .frame()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_trailers()
-            .unwrap();
-        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers(&mut body).await["grpc-status"], "0");
     }
 }
