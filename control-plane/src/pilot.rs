@@ -128,11 +128,10 @@ impl Encoded {
     }
 }
 
-/// The encodings of the route configurations that the proxies translated
-/// for one change share (a sidecar's are shared by its class, see
-/// `translate::route`), by the configuration's address. Holding the
-/// configurations keeps the mesh's memo of them, and so the sharing, alive
-/// until the change is done.
+/// The encodings of the route configurations that the proxies of one class
+/// translated for a change share (see `translate::route`), by the
+/// configuration's address. Holding the configurations keeps the mesh's memo
+/// of them, and so the sharing, alive while the class is translated.
 #[derive(Default)]
 struct RouteEncodings(HashMap<usize, (Arc<RouteConfiguration>, Arc<str>, CachedResource)>);
 
@@ -447,19 +446,30 @@ impl Pilot {
         st.mesh = mesh.clone();
         // The encodings were of the previous mesh's translations.
         st.encoded.clear();
-        let mut routes = RouteEncodings::default();
-        for (proxy, cache) in st.proxies.values_mut() {
-            mesh.complete_proxy(proxy);
-            translate(
-                &mesh,
-                proxy,
-                cache,
-                &mut st.encoded,
-                &mut routes,
-                &self.interner,
-            );
+        // Class by class: the route configurations a class shares are held
+        // while its proxies are translated, and no longer (a mesh of many
+        // classes would otherwise hold every class's at once).
+        let mut classes: HashMap<OutboundClass, Vec<&mut (Proxy, Cache)>> = HashMap::new();
+        for entry in st.proxies.values_mut() {
+            mesh.complete_proxy(&mut entry.0);
+            classes
+                .entry(mesh.outbound_class(&entry.0))
+                .or_default()
+                .push(entry);
         }
-        drop(routes);
+        for (_, members) in classes {
+            let mut routes = RouteEncodings::default();
+            for (proxy, cache) in members.into_iter().map(|e| &*e) {
+                translate(
+                    &mesh,
+                    proxy,
+                    cache,
+                    &mut st.encoded,
+                    &mut routes,
+                    &self.interner,
+                );
+            }
+        }
         let n = st.proxies.len();
         drop(guard);
         // Pods that appeared since their proxy connected get their
