@@ -152,17 +152,18 @@ impl RouteEncodings {
     }
 }
 
-/// Translates `proxy` on `mesh` and fills its cache: the outbound part of
-/// its class is translated and encoded by the first proxy of the class.
+/// Translates `proxy` (of outbound `class`) on `mesh` and fills its cache:
+/// the outbound part of its class is translated and encoded by the first
+/// proxy of the class.
 fn translate(
     mesh: &Mesh,
     proxy: &Proxy,
+    class: OutboundClass,
     cache: &Cache,
     memo: &mut HashMap<OutboundClass, Arc<Encoded>>,
     routes: &mut RouteEncodings,
     interner: &Interner,
 ) {
-    let class = mesh.outbound_class(proxy);
     let (cfg, shared) = match memo.get(&class) {
         Some(shared) => (mesh.proxy_config_own(proxy), shared.clone()),
         None => {
@@ -417,6 +418,7 @@ impl Pilot {
                 translate(
                     &st.mesh,
                     &proxy,
+                    st.mesh.outbound_class(&proxy),
                     &cache,
                     &mut st.encoded,
                     &mut RouteEncodings::default(),
@@ -457,12 +459,13 @@ impl Pilot {
                 .or_default()
                 .push(entry);
         }
-        for (_, members) in classes {
+        for (class, members) in classes {
             let mut routes = RouteEncodings::default();
             for (proxy, cache) in members.into_iter().map(|e| &*e) {
                 translate(
                     &mesh,
                     proxy,
+                    class.clone(),
                     cache,
                     &mut st.encoded,
                     &mut routes,

@@ -524,10 +524,6 @@ impl Mesh {
         self.outbound.class(&Scope::new(self, proxy))
     }
 
-    fn outbound_class_of(&self, scope: &Scope<'_>) -> OutboundClass {
-        self.outbound.class(scope)
-    }
-
     /// How many outbound classes this mesh has translated.
     pub fn outbound_classes(&self) -> usize {
         self.outbound.len()

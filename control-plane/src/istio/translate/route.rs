@@ -116,7 +116,7 @@ pub(super) fn shared_route_config(
 ) -> Arc<RouteConfiguration> {
     let memo = &scope.mesh.routes;
     let class = RouteClass {
-        outbound: scope.mesh.outbound_class_of(scope),
+        outbound: scope.mesh.outbound.class(scope),
         source_labels: memo
             .source_labels
             .iter()
