@@ -5,7 +5,7 @@
 //! killed when its handle drops, so a panicking test leaves nothing running; handles print
 //! their process's log when they drop, which the test harness shows for failed tests only.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -25,22 +25,34 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ------------------------------------------------------------------------------ ports
 
-/// A free TCP port on 127.0.0.1. Ports handed out once are never handed out again by this
-/// process, so the parallel tests of one binary cannot collide. They are taken below the
-/// kernel's ephemeral range (32768 and up by default): a port from that range can be given
-/// to some other test's outgoing connection before the proxy under test binds it.
+/// A free TCP port on 127.0.0.1, taken below the kernel's ephemeral range (32768 and up
+/// by default): a port from that range can be given to some other test's outgoing
+/// connection before the proxy under test binds it.
+///
+/// Test processes run in parallel, and a port found free here is bound by a child a moment
+/// later. So each port handed out is reserved for the life of this process by a lock on a
+/// file named after it, which every test process of the workspace takes before handing that
+/// port out (a second lock from this process fails too, so no port is given twice).
 pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let given = GIVEN.get_or_init(Default::default);
-    // Each process walks the range from its own place, so parallel test
-    // processes rarely try the same ports.
-    let mut next = (std::process::id().wrapping_mul(7919) % PORTS) as u16;
+    static NEXT: OnceLock<Mutex<u32>> = OnceLock::new();
+    // Each process walks the range from its own place, so parallel test processes rarely
+    // try the same ports.
+    let next = NEXT.get_or_init(|| Mutex::new(std::process::id().wrapping_mul(7919) % PORTS));
+    let dir = std::env::temp_dir().join("ferry-test-ports");
+    fs::create_dir_all(&dir).expect("the port reservation directory");
     for _ in 0..PORTS {
-        let port = FIRST_PORT + next;
-        next = (next + 1) % PORTS as u16;
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
-            && given.lock().unwrap_or_else(|p| p.into_inner()).insert(port)
-        {
+        let port = {
+            let mut next = next.lock().unwrap_or_else(|p| p.into_inner());
+            let port = FIRST_PORT + *next as u16;
+            *next = (*next + 1) % PORTS;
+            port
+        };
+        let Ok(lock) = File::create(dir.join(port.to_string())) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            // Held until this process exits; children do not inherit it.
+            std::mem::forget(lock);
             return port;
         }
     }

@@ -504,8 +504,12 @@ pub fn start_envoy_with_sds(
 
 /// A free port below the kernel's ephemeral range (32768 and up by
 /// default): one from that range can be given to another test's outgoing
-/// connection before the server binds it. Each process starts from its own place
-/// and never hands a port out twice.
+/// connection before the server binds it.
+///
+/// Test processes run in parallel, and a port found free here is bound by a
+/// child a moment later. So each port handed out is reserved for the life of
+/// this process by a lock on a file named after it, which every test process
+/// of the workspace takes before handing that port out.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     const FIRST: u16 = 20000;
@@ -513,13 +517,20 @@ pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
     let _ = NEXT.compare_exchange(
         u16::MAX,
-        (std::process::id() % u32::from(PORTS)) as u16,
+        (std::process::id().wrapping_mul(7919) % u32::from(PORTS)) as u16,
         Ordering::Relaxed,
         Ordering::Relaxed,
     );
+    let dir = std::env::temp_dir().join("ferry-test-ports");
+    std::fs::create_dir_all(&dir).expect("the port reservation directory");
     for _ in 0..PORTS {
         let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % PORTS;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let Ok(lock) = std::fs::File::create(dir.join(port.to_string())) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            // Held until this process exits; children do not inherit it.
+            std::mem::forget(lock);
             return port;
         }
     }
