@@ -19,11 +19,11 @@
 //! at once under the `immediate` strategy, with a chance growing from 0 to
 //! 1 over the drain time under `gradual`, as Envoy's drain manager.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The states of a drain signal, in order: each only moves forward.
@@ -53,23 +53,44 @@ struct Sequence {
 }
 
 /// One level's signal and drain sequence.
+///
+/// Every connection has a level of its own, held for its whole life, so a
+/// level is small: a state, one `Notify` for the waiters on this level, and
+/// a flag saying whether levels were made below it. A level with none (a
+/// connection's) wakes only its own waiters when it moves; one with levels
+/// below (the process, the inbound listeners) also wakes every waiter of
+/// its tree ([`Tree::moved`]), which then looks at its levels again. Those
+/// move once or twice in a process's life; a connection's moves with each
+/// configuration update that drains it, and must not wake the others.
 struct Level {
-    tx: watch::Sender<u8>,
+    state: AtomicU8,
+    moved: Notify,
+    has_children: AtomicBool,
     sequence: OnceLock<Sequence>,
 }
 
 impl Level {
     fn new() -> Arc<Self> {
-        let (tx, _) = watch::channel(RUNNING);
         Arc::new(Self {
-            tx,
+            state: AtomicU8::new(RUNNING),
+            moved: Notify::new(),
+            has_children: AtomicBool::new(false),
             sequence: OnceLock::new(),
         })
     }
 
     fn at_least(&self, state: u8) -> bool {
-        *self.tx.borrow() >= state
+        self.state.load(Ordering::SeqCst) >= state
     }
+}
+
+/// What the levels made from one root share.
+struct Tree {
+    /// Tracked connections ([`Drain::track`]), and who waits for none.
+    live: AtomicUsize,
+    idle: Notify,
+    /// Woken when a level with levels below it moves.
+    moved: Notify,
 }
 
 #[derive(Clone)]
@@ -77,18 +98,18 @@ pub struct Drain {
     level: Arc<Level>,
     /// The levels above this one (the process's first).
     parents: Vec<Arc<Level>>,
-    live: Arc<(AtomicUsize, Notify)>,
+    tree: Arc<Tree>,
 }
 
 /// Held by each connection; dropping it lets shutdown proceed.
 pub struct ConnGuard {
-    live: Arc<(AtomicUsize, Notify)>,
+    tree: Arc<Tree>,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        if self.live.0.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.live.1.notify_waiters();
+        if self.tree.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.tree.idle.notify_waiters();
         }
     }
 }
@@ -104,30 +125,37 @@ impl Drain {
         Self {
             level: Level::new(),
             parents: Vec::new(),
-            live: Arc::new((AtomicUsize::new(0), Notify::new())),
+            tree: Arc::new(Tree {
+                live: AtomicUsize::new(0),
+                idle: Notify::new(),
+                moved: Notify::new(),
+            }),
         }
     }
 
     /// A drain below this one: fires on its own or with any above it.
     pub fn child(&self) -> Drain {
+        // Before the child can wait: a move of this level from now on
+        // wakes the tree (one before this the child sees in the state).
+        self.level.has_children.store(true, Ordering::SeqCst);
         let mut parents = self.parents.clone();
         parents.push(self.level.clone());
         Drain {
             level: Level::new(),
             parents,
-            live: self.live.clone(),
+            tree: self.tree.clone(),
         }
     }
 
     pub fn track(&self) -> ConnGuard {
-        self.live.0.fetch_add(1, Ordering::AcqRel);
+        self.tree.live.fetch_add(1, Ordering::AcqRel);
         ConnGuard {
-            live: self.live.clone(),
+            tree: self.tree.clone(),
         }
     }
 
     pub fn live_connections(&self) -> usize {
-        self.live.0.load(Ordering::Acquire)
+        self.tree.live.load(Ordering::Acquire)
     }
 
     fn levels(&self) -> impl Iterator<Item = &Arc<Level>> {
@@ -151,7 +179,7 @@ impl Drain {
 
     /// Whether the connection was told to close now.
     pub fn is_closing(&self) -> bool {
-        *self.level.tx.borrow() == CLOSING
+        self.level.state.load(Ordering::SeqCst) == CLOSING
     }
 
     /// Whether the response being sent should close its connection (Envoy's
@@ -187,31 +215,44 @@ impl Drain {
     }
 
     async fn reached(&self, state: u8) {
-        let wait = |level: &Arc<Level>| {
-            let mut rx = level.tx.subscribe();
-            Box::pin(async move {
-                // An error means the sender is gone, which only happens at exit.
-                let _ = rx.wait_for(|d| *d >= state).await;
-            })
-        };
-        let all: Vec<_> = self.levels().map(wait).collect();
-        futures_util::future::select_all(all).await;
+        loop {
+            // Listening before looking: a move between the two still wakes.
+            let own = self.level.moved.notified();
+            let tree = self.tree.moved.notified();
+            tokio::pin!(own, tree);
+            own.as_mut().enable();
+            tree.as_mut().enable();
+            if self.levels().any(|l| l.at_least(state)) {
+                return;
+            }
+            tokio::select! {
+                () = own => {}
+                () = tree => {}
+            }
+        }
     }
 
     /// Resolves once the connection was told to close now; never otherwise.
     pub async fn closing(&self) {
-        let mut rx = self.level.tx.subscribe();
-        if rx.wait_for(|d| *d == CLOSING).await.is_err() {
-            std::future::pending::<()>().await;
+        loop {
+            let own = self.level.moved.notified();
+            tokio::pin!(own);
+            own.as_mut().enable();
+            if self.is_closing() {
+                return;
+            }
+            own.await;
         }
     }
 
     fn advance(&self, state: u8) {
-        self.level.tx.send_if_modified(|s| {
-            let was = *s;
-            *s = was.max(state);
-            *s != was
-        });
+        let level = &self.level;
+        if level.state.fetch_max(state, Ordering::SeqCst) < state {
+            level.moved.notify_waiters();
+            if level.has_children.load(Ordering::SeqCst) {
+                self.tree.moved.notify_waiters();
+            }
+        }
     }
 
     pub fn start(&self) {
@@ -234,7 +275,7 @@ impl Drain {
 
     /// Tells the connection to close now (it counts as draining too).
     pub fn close(&self) {
-        self.level.tx.send_replace(CLOSING);
+        self.advance(CLOSING);
     }
 
     /// Starts draining and waits until every tracked connection is done, or
@@ -249,7 +290,7 @@ impl Drain {
     pub async fn wait_idle(&self, deadline: Duration) -> usize {
         let wait = async {
             loop {
-                let notified = self.live.1.notified();
+                let notified = self.tree.idle.notified();
                 if self.live_connections() == 0 {
                     return;
                 }
@@ -345,6 +386,62 @@ mod tests {
         // Draining later does not take the close back.
         conn.start();
         assert!(conn.is_closing());
+        assert!(!process.is_draining());
+    }
+
+    /// Waiters already waiting are woken by a move of their level or one
+    /// above; a connection's move wakes its own waiters only, not the other
+    /// connections of the tree.
+    #[tokio::test(start_paused = true)]
+    async fn a_move_wakes_the_waiters_it_concerns() {
+        use std::sync::atomic::AtomicUsize;
+        let process = Drain::new();
+        let inbound = process.child();
+        let a = inbound.child();
+        let b = inbound.child();
+        let polls = Arc::new(AtomicUsize::new(0));
+        let b_waits = tokio::spawn({
+            let polls = polls.clone();
+            async move {
+                let signaled = b.signaled();
+                tokio::pin!(signaled);
+                std::future::poll_fn(|cx| {
+                    polls.fetch_add(1, Ordering::SeqCst);
+                    signaled.as_mut().poll(cx)
+                })
+                .await;
+            }
+        });
+        let a_closes = tokio::spawn({
+            let a = a.clone();
+            async move { a.closing().await }
+        });
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        let before = polls.load(Ordering::SeqCst);
+        assert_eq!(before, 1, "b waits");
+        a.close();
+        tokio::time::timeout(Duration::from_secs(1), a_closes)
+            .await
+            .unwrap()
+            .unwrap();
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), before, "b was not woken");
+        assert!(!b_waits.is_finished());
+        // A level with levels below wakes them.
+        inbound.start();
+        tokio::time::timeout(Duration::from_secs(1), b_waits)
+            .await
+            .unwrap()
+            .unwrap();
+        // A level made after its parent moved sees it at once.
+        let late = inbound.child();
+        tokio::time::timeout(Duration::from_secs(1), late.signaled())
+            .await
+            .unwrap();
         assert!(!process.is_draining());
     }
 
