@@ -737,7 +737,8 @@ mod tests {
     /// starts (the codecs). A proxied TCP connection is still served by its
     /// accepting task: its own future is larger than the accepting one, so
     /// moving it would free little, and the accepting task's freed pages
-    /// stayed resident (7.1 KiB per idle connection against 5.5). Upper bounds, for debug and release.
+    /// stayed resident (7.1 KiB per idle connection against 5.5). Upper
+    /// bounds, for debug and release.
     #[test]
     fn per_connection_future_sizes() {
         let sizes = [
