@@ -1991,10 +1991,11 @@ fn deprecated_inline_cors_policies() -> Result<()> {
     Ok(())
 }
 
-/// Envoy 1.40 refills a local rate limit bucket continuously: ten tokens per ten seconds
-/// give one token back after about a second, not ten at the end of the interval. After
-/// emptying the bucket and 1.5 s of quiet, one request passes and the next is limited
-/// (anything from 1.0 s to 2.0 s between the two bursts gives that answer).
+/// Envoy 1.40 refills a local rate limit bucket continuously: ten tokens per twenty
+/// seconds give one token back after about two seconds, not ten at the end of the
+/// interval. Three seconds after the bucket started to empty, one request passes and the
+/// next is limited (anything from 2 s to 4 s gives that answer; the time is counted from
+/// the first request, as the bucket counts it, so a slow first burst does not move it).
 #[test]
 fn local_rate_limit_refills_continuously() -> Result<()> {
     let _lock = RunLock::shared();
@@ -2004,7 +2005,7 @@ fn local_rate_limit_refills_continuously() -> Result<()> {
         let filter = json!({"name": "envoy.filters.http.local_ratelimit", "typed_config": {
             "@type": LOCAL_RL,
             "stat_prefix": "rl",
-            "token_bucket": {"max_tokens": 10, "tokens_per_fill": 10, "fill_interval": "10s"},
+            "token_bucket": {"max_tokens": 10, "tokens_per_fill": 10, "fill_interval": "20s"},
             "filter_enabled": all,
             "filter_enforced": all,
         }});
@@ -2024,8 +2025,14 @@ fn local_rate_limit_refills_continuously() -> Result<()> {
                 .map(|i| Ok(get(port, &format!("/x/{i}"))?.status))
                 .collect()
         };
+        // Half a token a second, counted from the first request: the
+        // second burst starts 3 s after it, whatever the first one took,
+        // and finds one and a half tokens.
+        let start = std::time::Instant::now();
         let first = burst(11)?;
-        thread::sleep(Duration::from_millis(1500));
+        thread::sleep(
+            (start + Duration::from_secs(3)).saturating_duration_since(std::time::Instant::now()),
+        );
         let second = burst(2)?;
         Ok((first, second))
     })?;
