@@ -222,100 +222,122 @@ where
     }
 }
 
-async fn serve_h2<S>(
+/// (A function returning an `async` block, as [`serve_h1`].)
+#[allow(clippy::manual_async_fn)] // on purpose, see serve_h1
+fn serve_h2<'a, S>(
     io: S,
-    ctx: &Arc<ConnCtx>,
-    p: &Arc<DownstreamProtocol>,
-    drain: &Drain,
+    ctx: &'a Arc<ConnCtx>,
+    p: &'a Arc<DownstreamProtocol>,
+    drain: &'a Drain,
     idle: Option<Duration>,
     max_age: Option<tokio::time::Instant>,
-) where
+) -> impl Future<Output = ()> + Send + 'a
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let deadline = ctx.rt.drain_timeout;
-    // `http_reject_path_with_fragment` (Envoy's default): the guard reads
-    // the request header blocks for a `:path` with '#', which the codec
-    // would strip; such a request is answered 400.
-    let fragments = ferry_xds::runtime::current()
-        .reject_path_with_fragment()
-        .then(h2_guard::Fragments::default);
-    let svc_ctx = ctx.clone();
-    let svc_fragments = fragments.clone();
-    let svc = service_fn(move |mut req| {
-        let ctx = svc_ctx.clone();
-        if let Some(f) = &svc_fragments {
-            f.mark(&mut req);
+    async move {
+        let deadline = ctx.rt.drain_timeout;
+        // `http_reject_path_with_fragment` (Envoy's default): the guard reads
+        // the request header blocks for a `:path` with '#', which the codec
+        // would strip; such a request is answered 400.
+        let fragments = ferry_xds::runtime::current()
+            .reject_path_with_fragment()
+            .then(h2_guard::Fragments::default);
+        let svc_ctx = ctx.clone();
+        let svc_fragments = fragments.clone();
+        let svc = service_fn(move |mut req| {
+            let ctx = svc_ctx.clone();
+            if let Some(f) = &svc_fragments {
+                f.mark(&mut req);
+            }
+            async move { handle(ctx, req).await }
+        });
+        ctx.stats.downstream_cx_http2_total.inc();
+        let counters = h2_guard::H2Counters::new(
+            &ctx.rt.stats,
+            ctx.stats.downstream_rq_too_many_premature_resets.clone(),
+        );
+        let io = TokioIo::new(
+            h2_guard::H2Guard::new(io, p.http2.clone(), counters).watching_fragments(fragments),
+        );
+        // Streams run on the executor that can reset a terminated CONNECT's.
+        // (The builder in a block of its own: it is not kept beside the
+        // connection.)
+        let conn = {
+            let mut builder = http2::Builder::new(h2_exec::StreamExec);
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(p.http2.max_concurrent_streams)
+                .initial_stream_window_size(p.http2.initial_stream_window_size)
+                .initial_connection_window_size(p.http2.initial_connection_window_size)
+                .max_header_list_size(p.max_request_headers_bytes)
+                .header_table_size(p.http2.hpack_table_size)
+                .max_local_error_reset_streams(Some(p.http2.max_outbound_control_frames as usize));
+            if let Some(k) = p.http2.keepalive {
+                builder
+                    .keep_alive_interval(k.interval)
+                    .keep_alive_timeout(k.timeout);
+            }
+            builder.serve_connection(io, svc)
+        };
+        tokio::pin!(conn);
+        // Polled only when one of them was woken, not on each of the codec's
+        // wake-ups (`on_wake`).
+        let watch = on_wake::OnWake::new(watch_lifetime(ctx, drain, max_age, idle, true));
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            w = watch => match w {
+                Watch::MaxAge => ctx.stats.downstream_cx_max_duration_reached.inc(),
+                Watch::Idle => ctx.stats.downstream_cx_idle_timeout.inc(),
+                Watch::Drain | Watch::DrainAsked => {}
+            },
         }
-        async move { handle(ctx, req).await }
-    });
-    ctx.stats.downstream_cx_http2_total.inc();
-    let counters = h2_guard::H2Counters::new(
-        &ctx.rt.stats,
-        ctx.stats.downstream_rq_too_many_premature_resets.clone(),
-    );
-    let io = TokioIo::new(
-        h2_guard::H2Guard::new(io, p.http2.clone(), counters).watching_fragments(fragments),
-    );
-    // Streams run on the executor that can reset a terminated CONNECT's.
-    let mut builder = http2::Builder::new(h2_exec::StreamExec);
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(p.http2.max_concurrent_streams)
-        .initial_stream_window_size(p.http2.initial_stream_window_size)
-        .initial_connection_window_size(p.http2.initial_connection_window_size)
-        .max_header_list_size(p.max_request_headers_bytes)
-        .header_table_size(p.http2.hpack_table_size)
-        .max_local_error_reset_streams(Some(p.http2.max_outbound_control_frames as usize));
-    if let Some(k) = p.http2.keepalive {
-        builder
-            .keep_alive_interval(k.interval)
-            .keep_alive_timeout(k.timeout);
-    }
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    // Polled only when one of them was woken, not on each of the codec's
-    // wake-ups (`on_wake`).
-    let watch = on_wake::OnWake::new(watch_lifetime(ctx, drain, max_age, idle, true));
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        w = watch => match w {
-            Watch::MaxAge => ctx.stats.downstream_cx_max_duration_reached.inc(),
-            Watch::Idle => ctx.stats.downstream_cx_idle_timeout.inc(),
-            Watch::Drain | Watch::DrainAsked => {}
-        },
-    }
-    // The drain starts: GOAWAY is sent, the open streams finish.
-    let drained_at = tokio::time::Instant::now();
-    conn.as_mut().graceful_shutdown();
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        // As Envoy: closed `drain_timeout` after the GOAWAY once no
-        // stream is left (the client need not acknowledge anything),
-        // and in any case at the process's drain deadline.
-        _ = async {
-            tokio::time::sleep_until(drained_at + p.drain_timeout).await;
-            ctx.life.idle_for(Some(Duration::ZERO)).await;
-        } => ctx.stats.downstream_cx_drain_close.inc(),
-        _ = tokio::time::sleep_until(drained_at + deadline) => {
-            ctx.stats.downstream_cx_drain_close.inc();
+        // The drain starts: GOAWAY is sent, the open streams finish.
+        let drained_at = tokio::time::Instant::now();
+        conn.as_mut().graceful_shutdown();
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            // As Envoy: closed `drain_timeout` after the GOAWAY once no
+            // stream is left (the client need not acknowledge anything),
+            // and in any case at the process's drain deadline.
+            _ = async {
+                tokio::time::sleep_until(drained_at + p.drain_timeout).await;
+                ctx.life.idle_for(Some(Duration::ZERO)).await;
+            } => ctx.stats.downstream_cx_drain_close.inc(),
+            _ = tokio::time::sleep_until(drained_at + deadline) => {
+                ctx.stats.downstream_cx_drain_close.inc();
+            }
         }
     }
 }
 
 /// Waits beside a connection's codec for what ends or drains it;
 /// `asked`: also for a drain a response asked for.
-async fn watch_lifetime(
-    ctx: &ConnCtx,
-    drain: &Drain,
+///
+/// Kept for the connection's life, so kept small: the timer of
+/// `max_connection_duration`, which most connections do not have, is boxed
+/// when there is one rather than room in every connection's future.
+#[allow(clippy::manual_async_fn)] // the arguments kept once, as serve_h1
+fn watch_lifetime<'a>(
+    ctx: &'a ConnCtx,
+    drain: &'a Drain,
     max_age: Option<tokio::time::Instant>,
     idle: Option<Duration>,
     asked: bool,
-) -> Watch {
-    tokio::select! {
-        _ = drain.signaled() => Watch::Drain,
-        _ = sleep_until(max_age) => Watch::MaxAge,
-        _ = ctx.life.drain_asked(), if asked => Watch::DrainAsked,
-        _ = ctx.life.idle_for(idle) => Watch::Idle,
+) -> impl Future<Output = Watch> + Send + 'a {
+    let max_age = max_age.map(|at| Box::pin(tokio::time::sleep_until(at)));
+    async move {
+        tokio::select! {
+            _ = drain.signaled() => Watch::Drain,
+            () = async move {
+                match max_age {
+                    Some(at) => at.await,
+                    None => std::future::pending().await,
+                }
+            } => Watch::MaxAge,
+            _ = ctx.life.drain_asked(), if asked => Watch::DrainAsked,
+            _ = ctx.life.idle_for(idle) => Watch::Idle,
+        }
     }
 }
 
@@ -2342,6 +2364,11 @@ mod tests {
                 "serve_h1 (a plain connection's, kept for its life)",
                 future_size6(serve_h1::<crate::rbac::Guarded<tokio::net::TcpStream>>),
                 1536,
+            ),
+            (
+                "serve_h2 (a plain connection's, kept for its life)",
+                future_size6(serve_h2::<crate::rbac::Guarded<tokio::net::TcpStream>>),
+                2816,
             ),
         ];
         for (what, size, bound) in sizes {
