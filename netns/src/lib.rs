@@ -26,6 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod http;
+pub mod ports;
 
 /// What went wrong while building a mesh or running something in it: the message names the
 /// command or file, and carries what the command printed.

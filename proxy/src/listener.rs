@@ -362,7 +362,6 @@ async fn handle(
                     },
                 ))
                 .await;
-                drop((registered, guard));
             }
             ChainKind::Http(hcm) => {
                 let http2 = match (hcm.codec, alpn.as_deref()) {
@@ -445,7 +444,6 @@ async fn handle(
                 },
             ))
             .await;
-            drop((registered, guard));
         }
         ChainKind::Http(hcm) => {
             let http2 = match hcm.codec {
@@ -585,8 +583,8 @@ fn connection_context(
     Some(Arc::new(crate::http::ConnCtx {
         istio,
         stats: rt.http_stats(&hcm.stat_prefix),
-        rt: rt.clone(),
-        chain: chain.clone(),
+        rt,
+        chain,
         peer: conn.peer,
         original_dst: conn.dst,
         tls: conn.tls,

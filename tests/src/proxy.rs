@@ -8,12 +8,11 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,46 +24,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ------------------------------------------------------------------------------ ports
 
-/// A free TCP port on 127.0.0.1, taken below the kernel's ephemeral range (32768 and up
-/// by default): a port from that range can be given to some other test's outgoing
-/// connection before the proxy under test binds it.
-///
-/// Test processes run in parallel, and a port found free here is bound by a child a moment
-/// later. So each port handed out is reserved for the life of this process by a lock on a
-/// file named after it, which every test process of the workspace takes before handing that
-/// port out (a second lock from this process fails too, so no port is given twice).
+/// A free TCP port on 127.0.0.1, reserved across the workspace's test processes
+/// (`ferry_netns::ports`).
 pub fn free_port() -> u16 {
-    static NEXT: OnceLock<Mutex<u32>> = OnceLock::new();
-    // Each process walks the range from its own place, so parallel test processes rarely
-    // try the same ports.
-    let next = NEXT.get_or_init(|| Mutex::new(std::process::id().wrapping_mul(7919) % PORTS));
-    let dir = std::env::temp_dir().join("ferry-test-ports");
-    fs::create_dir_all(&dir).expect("the port reservation directory");
-    for _ in 0..PORTS {
-        let port = {
-            let mut next = next.lock().unwrap_or_else(|p| p.into_inner());
-            let port = FIRST_PORT + *next as u16;
-            *next = (*next + 1) % PORTS;
-            port
-        };
-        let Ok(lock) = File::create(dir.join(port.to_string())) else {
-            continue;
-        };
-        if lock.try_lock().is_ok() && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            // Held until this process exits; children do not inherit it.
-            std::mem::forget(lock);
-            return port;
-        }
-    }
-    panic!(
-        "no free port in {FIRST_PORT}..{}",
-        FIRST_PORT as u32 + PORTS
-    );
+    ferry_netns::ports::free_port()
 }
-
-/// The ports [`free_port`] hands out: `FIRST_PORT` and the `PORTS` after it.
-const FIRST_PORT: u16 = 20000;
-const PORTS: u32 = 12000;
 
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> SocketAddr {

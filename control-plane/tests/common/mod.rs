@@ -502,39 +502,10 @@ pub fn start_envoy_with_sds(
     Envoy { child, dir }
 }
 
-/// A free port below the kernel's ephemeral range (32768 and up by
-/// default): one from that range can be given to another test's outgoing
-/// connection before the server binds it.
-///
-/// Test processes run in parallel, and a port found free here is bound by a
-/// child a moment later. So each port handed out is reserved for the life of
-/// this process by a lock on a file named after it, which every test process
-/// of the workspace takes before handing that port out.
+/// A free port on 127.0.0.1, reserved across the workspace's test processes
+/// (`ferry_netns::ports`).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU16, Ordering};
-    const FIRST: u16 = 20000;
-    const PORTS: u16 = 12000;
-    static NEXT: AtomicU16 = AtomicU16::new(u16::MAX);
-    let _ = NEXT.compare_exchange(
-        u16::MAX,
-        (std::process::id().wrapping_mul(7919) % u32::from(PORTS)) as u16,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    let dir = std::env::temp_dir().join("ferry-test-ports");
-    std::fs::create_dir_all(&dir).expect("the port reservation directory");
-    for _ in 0..PORTS {
-        let port = FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % PORTS;
-        let Ok(lock) = std::fs::File::create(dir.join(port.to_string())) else {
-            continue;
-        };
-        if lock.try_lock().is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            // Held until this process exits; children do not inherit it.
-            std::mem::forget(lock);
-            return port;
-        }
-    }
-    panic!("no free port from {FIRST}")
+    ferry_netns::ports::free_port()
 }
 
 /// [`free_port`] as an address on 127.0.0.1.
