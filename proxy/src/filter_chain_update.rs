@@ -72,7 +72,8 @@ pub struct LiveConn {
 }
 
 struct PeerChain {
-    certs: Vec<ferry_tls::rustls::pki_types::CertificateDer<'static>>,
+    /// Shared with the other connections of the same client.
+    peer: Arc<crate::tls::Peer>,
     at: ferry_tls::rustls::pki_types::UnixTime,
 }
 
@@ -103,9 +104,9 @@ impl LiveConn {
     }
 
     /// Records the client's certificate chain of an mTLS connection.
-    pub fn set_peer(&self, certs: &[ferry_tls::rustls::pki_types::CertificateDer<'_>]) {
+    pub fn set_peer(&self, peer: Arc<crate::tls::Peer>) {
         *self.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(PeerChain {
-            certs: certs.iter().map(|c| c.clone().into_owned()).collect(),
+            peer,
             at: ferry_tls::rustls::pki_types::UnixTime::now(),
         });
     }
@@ -320,7 +321,7 @@ impl Connections {
                 .entry(Arc::as_ptr(&chain) as usize)
                 .or_insert_with(|| ferry_tls::downstream_peer_check(tls, secrets));
             let Some(check) = check else { continue };
-            if check.revoked(&peer.certs, peer.at, true) && !conn.drain.is_draining() {
+            if check.revoked(&peer.peer.certs, peer.at, true) && !conn.drain.is_draining() {
                 let name = conn.lock().listener.name.clone();
                 stats
                     .counter(&format!("listener.{name}.ferry.tls_revoked_closed"))
@@ -691,5 +692,51 @@ mod tests {
         let v3 = listener("l", 1, vec![chain(80, tcp("t"), 3, None)]);
         bed.update(&[v3]);
         assert!(Arc::ptr_eq(&c.live.chain(), &v2.filter_chains[0]));
+    }
+
+    /// A client certificate with `id` as its URI SAN.
+    fn client_cert(id: &str) -> ferry_tls::rustls::pki_types::CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// The connections of one client share its chain and what was read of
+    /// it; another client's chain is another entry, and a chain no
+    /// connection holds any more is not kept.
+    #[test]
+    fn a_client_chain_is_kept_once_for_all_its_connections() {
+        let contexts = crate::tls::TlsContexts::default();
+        let c = chain(443, tcp("t"), 1, None);
+        let a = client_cert("spiffe://cluster.local/ns/a/sa/a");
+        let b = client_cert("spiffe://cluster.local/ns/b/sa/b");
+        assert!(contexts.peer(&c, &[]).is_none(), "no certificate, no peer");
+        let first = contexts.peer(&c, std::slice::from_ref(&a)).unwrap();
+        let second = contexts.peer(&c, std::slice::from_ref(&a)).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert!(Arc::ptr_eq(&first.client_cert, &second.client_cert));
+        assert_eq!(first.certs, vec![a.clone()]);
+        assert_eq!(
+            first.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/a/sa/a")
+        );
+        assert_eq!(
+            first.client_cert.uris,
+            vec!["spiffe://cluster.local/ns/a/sa/a".to_string()]
+        );
+        let other = contexts.peer(&c, std::slice::from_ref(&b)).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert_eq!(
+            other.identity.as_deref(),
+            Some("spiffe://cluster.local/ns/b/sa/b")
+        );
+        // The same leaf in a longer chain is another chain.
+        let longer = contexts.peer(&c, &[a.clone(), b.clone()]).unwrap();
+        assert!(!Arc::ptr_eq(&first, &longer));
+        drop((first, second, other, longer));
+        let again = contexts.peer(&c, std::slice::from_ref(&a)).unwrap();
+        assert_eq!(Arc::strong_count(&again), 1, "made anew, held only here");
+        assert_eq!(again.certs, vec![a]);
     }
 }

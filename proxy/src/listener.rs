@@ -280,22 +280,23 @@ async fn handle(
         tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let mtls = tls.get_ref().1.peer_certificates().is_some();
-        if let Some(certs) = tls.get_ref().1.peer_certificates() {
-            live.set_peer(certs);
+        // The certificate's names are read for every mTLS connection (once
+        // per distinct client chain): an update may give its chain RBAC on
+        // principals (or XFCC) later, and the re-check needs them then.
+        let peer_chain = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| rt.tls.peer(&chain, certs));
+        if let Some(p) = &peer_chain {
+            live.set_peer(p.clone());
         }
         let server_name = detected
             .server_name
             .clone()
             .or_else(|| tls.get_ref().1.server_name().map(str::to_string))
             .unwrap_or_default();
-        // The certificate's names are read for every mTLS connection: an
-        // update may give its chain RBAC on principals (or XFCC) later, and
-        // the re-check needs them then.
-        let client_cert = if mtls {
-            crate::tls::client_cert_info(&rt.tls, &chain, &tls)
-        } else {
-            None
-        };
+        let client_cert = peer_chain.as_ref().map(|p| p.client_cert.clone());
         let downstream = crate::rbac::Downstream {
             peer,
             local: dst,
@@ -321,7 +322,7 @@ async fn handle(
         let identity = chain
             .istio_stats
             .is_some()
-            .then(|| crate::tls::peer_identity(&tls))
+            .then(|| peer_chain.as_ref().and_then(|p| p.identity.clone()))
             .flatten();
         let peer_tls = PeerTls {
             mtls,

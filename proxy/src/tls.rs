@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use arc_swap::ArcSwap;
 use ferry_model::FilterChain;
 use ferry_model::tls::{Secret, UpstreamTls};
 use ferry_tls::TlsError;
+use ferry_tls::rustls::pki_types::CertificateDer;
 use ferry_tls::rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -43,6 +44,31 @@ struct ServerEntry {
     generation: u64,
     with_alpn: Arc<ServerConfig>,
     without_alpn: Arc<ServerConfig>,
+    /// The leaf of the chain's own certificate (DER), for XFCC's `By=`.
+    local_leaf: Option<Arc<[u8]>>,
+}
+
+/// A client's certificate chain and what is read from it, kept once for
+/// all the open connections that presented the same chain to the same
+/// server certificate: the connections of one client workload share one
+/// copy, and its names are parsed once.
+#[derive(Debug)]
+pub struct Peer {
+    /// Leaf first, as presented (the revocation re-check needs it whole).
+    pub certs: Vec<CertificateDer<'static>>,
+    /// What XFCC, RBAC and ext_authz read of it.
+    pub client_cert: Arc<ferry_tls::ClientCertInfo>,
+    /// Its SPIFFE identity (Istio's metrics name the peer by it).
+    pub identity: Option<Arc<str>>,
+}
+
+/// The peers of open connections, by [`ferry_tls::chain_digest`]; an
+/// entry lives while a connection holds it.
+#[derive(Default)]
+struct Peers {
+    by_digest: HashMap<[u8; 32], Weak<Peer>>,
+    /// The size at which the entries of closed connections are next swept.
+    sweep_at: usize,
 }
 
 /// The live secrets and the configurations built from them.
@@ -59,6 +85,7 @@ pub struct TlsContexts {
     /// chain or pool), so an insecure or broken context is logged once,
     /// not once per connection.
     reported: Mutex<std::collections::HashSet<(usize, u64)>>,
+    peers: Mutex<Peers>,
 }
 
 impl TlsContexts {
@@ -155,6 +182,8 @@ impl TlsContexts {
             generation,
             with_alpn: Arc::new(config),
             without_alpn: Arc::new(bare),
+            local_leaf: ferry_tls::local_certificate(&tls.common, &**self.secrets.load())
+                .map(Arc::from),
         };
         let chosen = pick(&entry);
         self.servers
@@ -162,6 +191,57 @@ impl TlsContexts {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key, entry);
         Ok(chosen)
+    }
+
+    /// The leaf of a TLS chain's own certificate, as its cached server
+    /// configuration has it.
+    fn local_leaf(&self, chain: &Arc<FilterChain>) -> Option<Arc<[u8]>> {
+        let tls = chain.tls.as_ref()?;
+        let cached = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(Arc::as_ptr(chain) as usize))
+            .filter(|e| e.generation == self.generation())
+            .map(|e| e.local_leaf.clone());
+        cached.unwrap_or_else(|| {
+            ferry_tls::local_certificate(&tls.common, &**self.secrets.load()).map(Arc::from)
+        })
+    }
+
+    /// The peer of an mTLS connection on `chain` whose client presented
+    /// `certs` (`None` without a certificate): the one already held by
+    /// open connections for the same chain and server certificate, else a
+    /// new one.
+    pub fn peer(
+        &self,
+        chain: &Arc<FilterChain>,
+        certs: &[CertificateDer<'_>],
+    ) -> Option<Arc<Peer>> {
+        let leaf = certs.first()?;
+        let local = self.local_leaf(chain);
+        let digest = ferry_tls::chain_digest(local.as_deref(), certs);
+        let held = |peers: &Peers| peers.by_digest.get(&digest).and_then(Weak::upgrade);
+        if let Some(p) = held(&self.peers.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Some(p);
+        }
+        // Parsed outside the lock: handshakes of other chains go on.
+        let peer = Arc::new(Peer {
+            certs: certs.iter().map(|c| c.clone().into_owned()).collect(),
+            client_cert: Arc::new(ferry_tls::ClientCertInfo::new(local.as_deref(), leaf)),
+            identity: ferry_tls::spiffe_id(leaf).map(Arc::from),
+        });
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // Another handshake with the same chain may have got there first.
+        if let Some(p) = held(&peers) {
+            return Some(p);
+        }
+        if peers.by_digest.len() >= peers.sweep_at {
+            peers.by_digest.retain(|_, w| w.strong_count() > 0);
+            peers.sweep_at = (peers.by_digest.len() * 2).max(64);
+        }
+        peers.by_digest.insert(digest, Arc::downgrade(&peer));
+        Some(peer)
     }
 
     /// A client configuration for `tls`, cached in `cache` (the endpoint
@@ -251,25 +331,6 @@ pub fn peer_identity(s: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<S
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| ferry_tls::spiffe_id(c))
-}
-
-/// What `x-forwarded-client-cert` needs of an mTLS connection, computed
-/// only for connection managers that add it; `None` without a client
-/// certificate.
-pub fn client_cert_info(
-    contexts: &TlsContexts,
-    chain: &FilterChain,
-    s: &tokio_rustls::server::TlsStream<TcpStream>,
-) -> Option<Arc<ferry_tls::ClientCertInfo>> {
-    let peer = s.get_ref().1.peer_certificates()?.first()?;
-    let local = chain
-        .tls
-        .as_ref()
-        .and_then(|t| ferry_tls::local_certificate(&t.common, &*contexts.secrets()));
-    Some(Arc::new(ferry_tls::ClientCertInfo::new(
-        local.as_deref(),
-        peer,
-    )))
 }
 
 /// An upstream connection: plaintext or TLS, over TCP or a Unix socket

@@ -214,6 +214,22 @@ pub fn spiffe_id(cert: &[u8]) -> Option<String> {
         .map(|(_, s)| s)
 }
 
+/// SHA-256 over a server certificate (`local`, DER) and the certificate
+/// chain a client presented to it, each length-prefixed: equal for two
+/// connections exactly when both saw the same pair.
+pub fn chain_digest(local: Option<&[u8]>, peer: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for der in local.into_iter().chain(peer.iter().map(|c| c.as_ref())) {
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    // The separator between the server certificate and the chain.
+    ctx.update(&[u8::from(local.is_some())]);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// What `x-forwarded-client-cert` tells about one mTLS connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientCertInfo {

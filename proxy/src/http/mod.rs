@@ -61,7 +61,7 @@ pub struct PeerTls {
     pub mtls: bool,
     /// The client's SPIFFE id, read only for chains that report Istio's
     /// metrics.
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
     pub client_cert: Option<Arc<ferry_tls::ClientCertInfo>>,
 }
 
