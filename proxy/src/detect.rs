@@ -159,6 +159,8 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The ClientHello at the start of `buf`, its message reassembled from
+/// as many handshake records as it spans (within [`MAX_PEEK`]).
 fn client_hello(buf: &[u8]) -> Hello {
     if buf.len() < 5 {
         return Hello::NeedMore;
@@ -166,14 +168,42 @@ fn client_hello(buf: &[u8]) -> Hello {
     if buf[1] != 3 {
         return Hello::NotTls;
     }
-    let record_len = usize::from(buf[3]) << 8 | usize::from(buf[4]);
-    if buf.len() < 5 + record_len.min(MAX_PEEK - 5) {
-        return Hello::NeedMore;
+    let mut message: Vec<u8> = Vec::new();
+    let mut pos = 0;
+    loop {
+        let Some(header) = buf.get(pos..pos + 5) else {
+            // The next record's header has not arrived yet.
+            return if pos + 5 > MAX_PEEK {
+                hello_parsed(&message)
+            } else {
+                Hello::NeedMore
+            };
+        };
+        if header[0] != 0x16 {
+            // Not a handshake record: the hello ends unfinished.
+            return hello_parsed(&message);
+        }
+        let len = usize::from(header[3]) << 8 | usize::from(header[4]);
+        // A record longer than the peek is parsed as far as it goes.
+        let end = (pos + 5 + len).min(MAX_PEEK);
+        if buf.len() < end {
+            return Hello::NeedMore;
+        }
+        message.extend_from_slice(&buf[pos + 5..end]);
+        pos = end;
+        let whole = message
+            .get(1..4)
+            .map(|l| 4 + (usize::from(l[0]) << 16 | usize::from(l[1]) << 8 | usize::from(l[2])));
+        if whole.is_some_and(|n| message.len() >= n) || end == MAX_PEEK || len == 0 {
+            return hello_parsed(&message);
+        }
     }
-    let rec = &buf[5..(5 + record_len).min(buf.len())];
-    match parse_hello(rec) {
+}
+
+fn hello_parsed(message: &[u8]) -> Hello {
+    match parse_hello(message) {
         Some(d) => Hello::Parsed(d),
-        // A hello split over several records is still TLS; SNI/ALPN unknown.
+        // A hello cut short is still TLS; SNI/ALPN unknown.
         None => Hello::Parsed(Detected {
             tls: true,
             ..Default::default()
@@ -305,6 +335,41 @@ mod tests {
         assert_eq!(d.application_protocols, vec!["h2", "http/1.1"]);
         assert_eq!(inspect(&h[..20], true, true), Outcome::NeedMore);
         assert_eq!(inspect(&h[..3], true, true), Outcome::NeedMore);
+    }
+
+    /// A ClientHello split over several handshake records is read whole.
+    #[test]
+    fn a_client_hello_over_several_records() {
+        let h = hello();
+        let message = &h[5..];
+        let mut split = Vec::new();
+        for part in message.chunks(7) {
+            split.extend([0x16, 3, 1]);
+            split.extend((part.len() as u16).to_be_bytes());
+            split.extend(part);
+        }
+        for cut in [3, 5, 20, split.len() - 1] {
+            assert_eq!(
+                inspect(&split[..cut], true, false),
+                Outcome::NeedMore,
+                "{cut}"
+            );
+        }
+        let Outcome::Done(d) = inspect(&split, true, false) else {
+            panic!("expected a result")
+        };
+        assert_eq!(d.server_name.as_deref(), Some("api.example.com"));
+        assert_eq!(d.application_protocols, vec!["h2", "http/1.1"]);
+        // Another record type before the end: TLS, names unknown.
+        let mut cut = split[..12].to_vec();
+        cut.extend([0x17, 3, 3, 0, 1, 0]);
+        assert_eq!(
+            inspect(&cut, true, false),
+            Outcome::Done(Detected {
+                tls: true,
+                ..Default::default()
+            })
+        );
     }
 
     #[test]

@@ -36,4 +36,5 @@ pub mod stats;
 pub mod status;
 pub mod tcp;
 pub mod tls;
+pub mod tls_server_stream;
 pub mod trace;

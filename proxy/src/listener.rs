@@ -278,14 +278,12 @@ async fn handle(
         };
         // The identity is parsed only when trace logging is on.
         tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
-        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let mtls = tls.get_ref().1.peer_certificates().is_some();
+        let alpn = tls.alpn_protocol().map(<[u8]>::to_vec);
+        let mtls = tls.peer_certificates().is_some();
         // The certificate's names are read for every mTLS connection (once
         // per distinct client chain): an update may give its chain RBAC on
         // principals (or XFCC) later, and the re-check needs them then.
         let peer_chain = tls
-            .get_ref()
-            .1
             .peer_certificates()
             .and_then(|certs| rt.tls.peer(&chain, certs));
         if let Some(p) = &peer_chain {
@@ -294,7 +292,7 @@ async fn handle(
         let server_name = detected
             .server_name
             .clone()
-            .or_else(|| tls.get_ref().1.server_name().map(str::to_string))
+            .or_else(|| tls.server_name().map(str::to_string))
             .unwrap_or_default();
         let client_cert = peer_chain.as_ref().map(|p| p.client_cert.clone());
         let downstream = crate::rbac::Downstream {
@@ -723,9 +721,9 @@ mod tests {
     }
 
     type Plain = crate::rbac::Guarded<TcpStream>;
-    type Tls = crate::rbac::Guarded<Box<tokio_rustls::server::TlsStream<TcpStream>>>;
+    type Tls = crate::rbac::Guarded<Box<crate::tls_server_stream::TlsServerStream>>;
     type TlsTcp =
-        crate::rbac::Guarded<crate::tls::Rewind<Box<tokio_rustls::server::TlsStream<TcpStream>>>>;
+        crate::rbac::Guarded<crate::tls::Rewind<Box<crate::tls_server_stream::TlsServerStream>>>;
 
     /// A task is allocated with room for the largest state its future can
     /// reach, and kept until the future is done. The accepting task

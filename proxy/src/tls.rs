@@ -27,7 +27,9 @@ use ferry_model::tls::{Secret, UpstreamTls};
 use ferry_tls::TlsError;
 use ferry_tls::rustls::pki_types::CertificateDer;
 use ferry_tls::rustls::{ClientConfig, ServerConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::tls_server_stream::TlsServerStream;
 use tokio::net::TcpStream;
 
 /// How long a TLS handshake may take unless the filter chain's
@@ -282,26 +284,39 @@ pub struct ClientCache(Mutex<HashMap<&'static str, (u64, Arc<ClientConfig>)>>);
 pub async fn accept(
     contexts: &TlsContexts,
     chain: &Arc<FilterChain>,
-    stream: TcpStream,
-) -> Result<Box<tokio_rustls::server::TlsStream<TcpStream>>, HandshakeError> {
-    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
-        ferry_tls::rustls::server::Acceptor::default(),
-        stream,
-    );
+    mut stream: TcpStream,
+) -> Result<Box<TlsServerStream>, HandshakeError> {
     let handshake = async {
-        let start = acceptor.await.map_err(HandshakeError::Io)?;
-        let offered: Vec<Vec<u8>> = start
-            .client_hello()
-            .alpn()
-            .map(|it| it.map(<[u8]>::to_vec).collect())
-            .unwrap_or_default();
+        let mut rx = bytes::BytesMut::new();
+        let hello = loop {
+            match crate::detect::inspect(&rx, true, false) {
+                crate::detect::Outcome::Done(d) => break d,
+                // Not a ClientHello rustls could take: it says why.
+                crate::detect::Outcome::NeedMore if rx.len() >= crate::detect::MAX_PEEK => {
+                    break crate::detect::Detected::default();
+                }
+                crate::detect::Outcome::NeedMore => {}
+            }
+            rx.reserve(4096);
+            if stream.read_buf(&mut rx).await.map_err(HandshakeError::Io)? == 0 {
+                return Err(HandshakeError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tls handshake eof",
+                )));
+            }
+        };
+        let offered: Vec<Vec<u8>> = hello
+            .application_protocols
+            .into_iter()
+            .map(String::into_bytes)
+            .collect();
         let config = contexts
             .server(chain, &offered)
             .map_err(HandshakeError::Config)?;
-        start
-            .into_stream(config)
+        let conn = ferry_tls::rustls::server::UnbufferedServerConnection::new(config)
+            .map_err(|e| HandshakeError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+        TlsServerStream::handshake(stream, conn, rx, hello.server_name)
             .await
-            .map(Box::new)
             .map_err(HandshakeError::Io)
     };
     let limit = chain
@@ -325,10 +340,8 @@ pub enum HandshakeError {
 }
 
 /// The peer's SPIFFE identity on a server-side TLS stream.
-pub fn peer_identity(s: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<String> {
-    s.get_ref()
-        .1
-        .peer_certificates()
+pub fn peer_identity(s: &TlsServerStream) -> Option<String> {
+    s.peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| ferry_tls::spiffe_id(c))
 }
