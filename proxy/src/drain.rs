@@ -205,13 +205,16 @@ impl Drain {
     }
 
     /// Resolves once draining has started (here or above).
-    pub async fn signaled(&self) {
-        self.reached(DRAINING).await;
+    ///
+    /// (The waits are `reached`'s own futures, not wrapped in another:
+    /// every connection keeps one while it lives.)
+    pub fn signaled(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.reached(DRAINING)
     }
 
     /// Resolves once listeners under this signal are to stop accepting.
-    pub async fn stopped(&self) {
-        self.reached(STOPPED).await;
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + '_ {
+        self.reached(STOPPED)
     }
 
     async fn reached(&self, state: u8) {

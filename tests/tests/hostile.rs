@@ -17,7 +17,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ferry_tests::envoy::{self, Envoy};
@@ -71,6 +71,9 @@ struct Ports {
     timers: u16,
     /// A short `max_connection_duration`.
     aging: u16,
+    /// An `idle_timeout` longer than the second after which Ferry parks
+    /// an idle HTTP/1 connection.
+    idling: u16,
 }
 
 /// The backends every proxy run shares.
@@ -166,6 +169,13 @@ fn bootstrap(p: &Ports, b: &Backends) -> String {
         "drain_timeout": "0.2s",
         "common_http_protocol_options": {"max_connection_duration": "1s"},
     });
+    // (`delayed_close_timeout` 0: Envoy would otherwise wait a second more
+    // for the client's FIN before it closes, which Ferry does not.)
+    let idling = json!({
+        "drain_timeout": "0.5s",
+        "delayed_close_timeout": "0s",
+        "common_http_protocol_options": {"idle_timeout": "2.5s"},
+    });
     Bootstrap::new()
         .listener(listener(
             "edge",
@@ -192,6 +202,11 @@ fn bootstrap(p: &Ports, b: &Backends) -> String {
             p.aging,
             vec![json!({"filters": [hcm("aging", aging)]})],
         ))
+        .listener(listener(
+            "idling",
+            p.idling,
+            vec![json!({"filters": [hcm("idling", idling)]})],
+        ))
         .cluster(static_cluster("echo", &[b.echo.port], Upstream::Http1))
         .cluster(static_cluster("bad", &[b.bad.port], Upstream::Http1))
         .render()
@@ -212,6 +227,7 @@ fn differential<T>(
         lenient: free_port(),
         timers: free_port(),
         aging: free_port(),
+        idling: free_port(),
     };
     let p = ports();
     let ferry = Proxy::Ferry(Ferry::start(&bootstrap(&p, b))?);
@@ -220,7 +236,7 @@ fn differential<T>(
     let p = ports();
     let config: Value = serde_json::from_str(&bootstrap(&p, b))?;
     let envoy = Proxy::Envoy(Envoy::start(&bin, &config, p.edge)?);
-    for port in [p.strict, p.lenient, p.timers, p.aging] {
+    for port in [p.strict, p.lenient, p.timers, p.aging, p.idling] {
         wait_accepting(port)?;
     }
     let e = observe(&envoy, &p).with_context(|| format!("through envoy; log:\n{}", envoy.log()))?;
@@ -1518,6 +1534,11 @@ struct Lifetimes {
     stalled_body_text: String,
     /// A connection kept busy past `max_connection_duration` is told to close.
     aged_out: bool,
+    /// An HTTP/1 connection idle past its 2.5 s `idle_timeout` (parked by
+    /// Ferry after a second) is closed once the drain that starts then
+    /// (`drain_timeout` 0.5 s) is over: 3 s after its response, give or
+    /// take 0.4 s.
+    idle_closed_on_time: bool,
     /// The counters of each.
     counters: Vec<u64>,
 }
@@ -1574,6 +1595,19 @@ fn connection_lifetimes_as_envoy() -> Result<()> {
             }
             thread::sleep(Duration::from_millis(100));
         }
+        // Idle past the park: closed when its idle timeout says.
+        let mut s = connect(ports.idling)?;
+        s.set_read_timeout(Some(Duration::from_secs(6)))?;
+        s.write_all(one)?;
+        read_response(s.try_clone()?)?;
+        let answered = Instant::now();
+        let closed = ends(s)?;
+        let took = answered.elapsed();
+        let idle_closed_on_time =
+            closed && took.abs_diff(Duration::from_millis(3000)) < Duration::from_millis(400);
+        if !idle_closed_on_time {
+            eprintln!("idle close after {took:?} (closed: {closed})");
+        }
         good(ports.edge)?;
         let counters = [
             "http.timers.downstream_cx_max_requests_reached",
@@ -1592,6 +1626,7 @@ fn connection_lifetimes_as_envoy() -> Result<()> {
             stalled_body: stalled.status,
             stalled_body_text: String::from_utf8_lossy(&stalled.body).into_owned(),
             aged_out,
+            idle_closed_on_time,
             counters,
         })
     })?;
@@ -1602,6 +1637,7 @@ fn connection_lifetimes_as_envoy() -> Result<()> {
     assert_eq!(ferry, envoy);
     assert_eq!(ferry.max_requests, vec![false, false, true]);
     assert!(ferry.idle_h1_closed && ferry.idle_h2_goaway && ferry.aged_out);
+    assert!(ferry.idle_closed_on_time);
     assert_eq!(ferry.stalled_body, Some(408));
     assert_eq!(ferry.counters, vec![1, 1, 1, 1]);
     Ok(())

@@ -117,7 +117,24 @@ impl Lifetime {
     /// stream ended, rather than a timer started again at every stream's
     /// end and a wake-up at every stream's start and end: a keep-alive
     /// connection's requests cost the idle timer nothing.
-    pub async fn idle_for(&self, idle: Option<Duration>) {
+    ///
+    /// (Both are `idle_from`'s own future, not wrapped in another: every
+    /// connection keeps one while it lives.)
+    pub fn idle_for(&self, idle: Option<Duration>) -> impl Future<Output = ()> + Send + '_ {
+        self.idle_from(idle, false)
+    }
+
+    /// The same, counted from the last stream's end when one has ended:
+    /// a watcher made again (a parked connection's) counts from the same
+    /// moment as the one before it.
+    pub fn idle_since_last_stream(
+        &self,
+        idle: Option<Duration>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        self.idle_from(idle, true)
+    }
+
+    async fn idle_from(&self, idle: Option<Duration>, since_last_stream: bool) {
         let Some(idle) = idle else {
             return std::future::pending().await;
         };
@@ -130,7 +147,11 @@ impl Lifetime {
                 ended.await;
             }
         }
-        let mut at = tokio::time::Instant::now() + idle;
+        let from = match self.last_end() {
+            Some(end) if since_last_stream => end,
+            _ => tokio::time::Instant::now(),
+        };
+        let mut at = from + idle;
         loop {
             tokio::time::sleep_until(at).await;
             let now = tokio::time::Instant::now();
@@ -304,6 +325,36 @@ mod tests {
         });
         life.idle_for(Some(Duration::ZERO)).await;
         assert_eq!(start.elapsed(), Duration::from_secs(2));
+    }
+
+    /// A watcher made again after the last stream ended (a parked
+    /// connection's) counts from that end; `idle_for` counts from its own
+    /// start.
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_made_again_counts_from_the_last_stream() {
+        let life = Arc::new(Lifetime::default());
+        let (g, _) = life.stream_started(Counter::default());
+        drop(g);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let start = tokio::time::Instant::now();
+        life.idle_since_last_stream(Some(Duration::from_secs(5)))
+            .await;
+        // (The timer wheel rounds up to its next millisecond.)
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took <= Duration::from_millis(2001),
+            "{took:?}"
+        );
+        let start = tokio::time::Instant::now();
+        life.idle_for(Some(Duration::from_secs(5))).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // Without a stream yet, both count from their start.
+        let fresh = Lifetime::default();
+        let start = tokio::time::Instant::now();
+        fresh
+            .idle_since_last_stream(Some(Duration::from_secs(5)))
+            .await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test(start_paused = true)]

@@ -283,7 +283,13 @@ where
         tokio::pin!(conn);
         // Polled only when one of them was woken, not on each of the codec's
         // wake-ups (`on_wake`).
-        let watch = on_wake::OnWake::new(watch_lifetime(ctx, drain, max_age, idle, true));
+        let watch = on_wake::OnWake::new(watch_lifetime(
+            ctx,
+            drain,
+            max_age,
+            idle,
+            ctx.life.drain_asked(),
+        ));
         tokio::select! {
             _ = conn.as_mut() => return,
             w = watch => match w {
@@ -311,8 +317,9 @@ where
     }
 }
 
-/// Waits beside a connection's codec for what ends or drains it;
-/// `asked`: also for a drain a response asked for.
+/// Waits beside a connection's codec for what ends or drains it, and for
+/// `asked`: a drain a response asked for (HTTP/2's; HTTP/1 gives
+/// [`std::future::pending`], which takes no room).
 ///
 /// Kept for the connection's life, so kept small: the timer of
 /// `max_connection_duration`, which most connections do not have, is boxed
@@ -323,7 +330,7 @@ fn watch_lifetime<'a>(
     drain: &'a Drain,
     max_age: Option<tokio::time::Instant>,
     idle: Option<Duration>,
-    asked: bool,
+    asked: impl Future<Output = ()> + Send + 'a,
 ) -> impl Future<Output = Watch> + Send + 'a {
     let max_age = max_age.map(|at| Box::pin(tokio::time::sleep_until(at)));
     async move {
@@ -335,8 +342,8 @@ fn watch_lifetime<'a>(
                     None => std::future::pending().await,
                 }
             } => Watch::MaxAge,
-            _ = ctx.life.drain_asked(), if asked => Watch::DrainAsked,
-            _ = ctx.life.idle_for(idle) => Watch::Idle,
+            _ = asked => Watch::DrainAsked,
+            _ = ctx.life.idle_since_last_stream(idle) => Watch::Idle,
         }
     }
 }
@@ -354,6 +361,19 @@ enum Watch {
     Idle,
 }
 
+/// How an HTTP/1 connection's serving phase ended.
+enum H1Step<S> {
+    /// The connection is done (closed, failed, or drained).
+    Done,
+    /// Idle between requests: hyper's codec is gone, the guard waits alone.
+    Parked(h1_guard::H1Guard<S>),
+}
+
+/// An HTTP/1 connection: served by hyper until it is idle, then parked,
+/// and served again when the client sends. Each phase is a future boxed
+/// apart and dropped when it ends, so a parked connection holds the guard
+/// and its watchers, not the room the serving phase needs (1.2 KiB).
+///
 /// (A function returning an `async` block rather than an `async fn`: an
 /// `async fn` keeps its arguments twice, as they came and as the locals they
 /// are bound to, and the guard alone is 256 bytes.)
@@ -370,71 +390,121 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async move {
-        let deadline = ctx.rt.drain_timeout;
         ctx.stats.downstream_cx_http1_total.inc();
-        // The future is allocated once with room for its largest state and kept
-        // for the connection's life, so each state's locals live in a block of
-        // their own: a parked connection holds the guard and the watchers, not
-        // also room for the park timer or the drain's timers.
-        let (mut conn, w) = {
+        // A watcher that fired while the connection was parked.
+        let mut fired = None;
+        loop {
+            let serving = Box::pin(h1_serving(guard, ctx, p, drain, (idle, max_age), fired));
+            guard = match serving.await {
+                H1Step::Done => return,
+                H1Step::Parked(g) => g,
+            };
+            // The codec's buffers and the serving phase are freed.
+            crate::heap::released();
+            fired = match Box::pin(h1_parked(&mut guard, ctx, drain, idle, max_age)).await {
+                Ok(fired) => fired,
+                Err(()) => return,
+            };
+        }
+    }
+}
+
+/// Waits, parked, for the client's next bytes (`Ok(None)`; a close too:
+/// the next codec sees it) or for a watcher (`Ok(Some(_))`); `Err`: the
+/// connection failed. Reads go through a stack buffer: no codec, no buffer.
+#[allow(clippy::manual_async_fn)] // the arguments kept once, as serve_h1
+fn h1_parked<'a, S>(
+    guard: &'a mut h1_guard::H1Guard<S>,
+    ctx: &'a ConnCtx,
+    drain: &'a Drain,
+    idle: Option<Duration>,
+    max_age: Option<tokio::time::Instant>,
+) -> impl Future<Output = Result<Option<Watch>, ()>> + Send + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async move {
+        let _parked = ctx.stats.downstream_cx_http1_parked.inc();
+        // Without a codec beside them, the watchers are polled directly.
+        let watch = watch_lifetime(ctx, drain, max_age, idle, std::future::pending());
+        tokio::pin!(watch);
+        tokio::select! {
+            r = std::future::poll_fn(|cx| guard.poll_released(cx)) => r.map(|_| None).map_err(|_| ()),
+            w = watch.as_mut() => Ok(Some(w)),
+        }
+    }
+}
+
+/// hyper's HTTP/1 codec on the guard until the connection ends, is
+/// drained (a watcher fired: now, or while it was parked, `fired`), or is
+/// idle between requests: then it is taken apart and the guard handed
+/// back, unshut.
+#[allow(clippy::manual_async_fn)] // the arguments kept once, as serve_h1
+fn h1_serving<'a, S>(
+    guard: h1_guard::H1Guard<S>,
+    ctx: &'a Arc<ConnCtx>,
+    p: &'a Arc<DownstreamProtocol>,
+    drain: &'a Drain,
+    (idle, max_age): (Option<Duration>, Option<tokio::time::Instant>),
+    fired: Option<Watch>,
+) -> impl Future<Output = H1Step<S>> + Send + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async move {
+        let deadline = ctx.rt.drain_timeout;
+        // Each state's locals live in a block of their own, so the future's
+        // room is that of its largest state, not of all of them.
+        let (mut conn, w) = 'serve: {
+            let mut conn = Box::pin(h1_codec(guard, ctx, p));
+            if let Some(w) = fired {
+                break 'serve (conn, w);
+            }
             // Polled only when one of them was woken, not on each of the codec's
             // wake-ups (`on_wake`).
             // (A drain a response asks for is hyper's `Connection: close`.)
-            let watch = on_wake::OnWake::new(watch_lifetime(ctx, drain, max_age, idle, false));
+            let watch = on_wake::OnWake::new(watch_lifetime(
+                ctx,
+                drain,
+                max_age,
+                idle,
+                std::future::pending(),
+            ));
             tokio::pin!(watch);
-            // A watcher that fired while the connection was parked.
-            let mut fired = None;
-            loop {
-                let mut conn = Box::pin(h1_codec(guard, ctx, p));
-                if let Some(w) = fired.take() {
-                    break (conn, w);
-                }
-                {
-                    let park = on_wake::OnWake::new(park_when_idle(ctx));
-                    tokio::pin!(park);
-                    tokio::select! {
-                        _ = conn.as_mut() => return,
-                        w = watch.as_mut() => break (conn, w),
-                        () = park.as_mut() => {}
-                    }
-                }
-                // hyper is between requests: ended now it writes nothing more,
-                // flushes, and hands the socket back unshut.
-                ctx.h1.set_parking(true);
-                conn.as_mut().graceful_shutdown();
-                let ended = tokio::select! {
-                    r = conn.as_mut() => r,
-                    w = watch.as_mut() => {
-                        ctx.h1.set_parking(false);
-                        break (conn, w);
-                    }
-                };
-                if ended.is_err() {
-                    return;
-                }
-                // Taken apart at once: the rest of hyper's parts (the service)
-                // is not kept beside the parked guard.
-                let Some((io, unparsed)) = Pin::into_inner(conn)
-                    .into_parts()
-                    .map(|parts| (parts.io, parts.read_buf))
-                else {
-                    return;
-                };
-                guard = io.into_inner();
-                guard.park(unparsed);
-                crate::heap::released();
-                let _parked = ctx.stats.downstream_cx_http1_parked.inc();
-                // Parked: no codec, no buffer, until the client sends again (or
-                // closes: the codec then sees it).
+            {
+                let park = on_wake::OnWake::new(park_when_idle(ctx));
+                tokio::pin!(park);
                 tokio::select! {
-                    r = std::future::poll_fn(|cx| guard.poll_released(cx)) => {
-                        if r.is_err() {
-                            return;
-                        }
-                    }
-                    w = watch.as_mut() => fired = Some(w),
+                    _ = conn.as_mut() => return H1Step::Done,
+                    w = watch.as_mut() => break 'serve (conn, w),
+                    () = park.as_mut() => {}
                 }
             }
+            // hyper is between requests: ended now it writes nothing more,
+            // flushes, and hands the socket back unshut.
+            ctx.h1.set_parking(true);
+            conn.as_mut().graceful_shutdown();
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                w = watch.as_mut() => {
+                    ctx.h1.set_parking(false);
+                    break 'serve (conn, w);
+                }
+            };
+            if ended.is_err() {
+                return H1Step::Done;
+            }
+            // Taken apart at once: the rest of hyper's parts (the service)
+            // is not kept beside the parked guard.
+            let Some((io, unparsed)) = Pin::into_inner(conn)
+                .into_parts()
+                .map(|parts| (parts.io, parts.read_buf))
+            else {
+                return H1Step::Done;
+            };
+            let mut guard = io.into_inner();
+            guard.park(unparsed);
+            return H1Step::Parked(guard);
         };
         // How long a draining connection may stay idle before it is closed.
         let grace = match w {
@@ -444,9 +514,11 @@ where
                 p.drain_timeout
             }
             Watch::Idle => {
-                // Idle: no request in flight, so nothing is cut.
+                // As Envoy: an idle timeout starts the connection manager's
+                // drain, which for HTTP/1 closes `drain_timeout` later (a
+                // request in between is answered with `Connection: close`).
                 ctx.stats.downstream_cx_idle_timeout.inc();
-                Duration::ZERO
+                p.drain_timeout
             }
         };
         ctx.closing
@@ -465,6 +537,7 @@ where
                 }
             }
         }
+        H1Step::Done
     }
 }
 
@@ -2302,6 +2375,10 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
+    fn future_size5<A, B, C, D, E, F: Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
     fn future_size6<A, B, C, D, E, G, F: Future>(_: impl Fn(A, B, C, D, E, G) -> F) -> usize {
         std::mem::size_of::<F>()
     }
@@ -2363,6 +2440,16 @@ mod tests {
             (
                 "serve_h1 (a plain connection's, kept for its life)",
                 future_size6(serve_h1::<crate::rbac::Guarded<tokio::net::TcpStream>>),
+                512,
+            ),
+            (
+                "h1_parked (kept while a connection is parked)",
+                future_size5(h1_parked::<crate::rbac::Guarded<tokio::net::TcpStream>>),
+                768,
+            ),
+            (
+                "h1_serving (kept while a connection is served)",
+                future_size6(h1_serving::<crate::rbac::Guarded<tokio::net::TcpStream>>),
                 1536,
             ),
             (
@@ -2372,6 +2459,7 @@ mod tests {
             ),
         ];
         for (what, size, bound) in sizes {
+            eprintln!("{what}: {size} bytes");
             assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
         }
     }
