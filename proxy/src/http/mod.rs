@@ -283,13 +283,9 @@ where
         tokio::pin!(conn);
         // Polled only when one of them was woken, not on each of the codec's
         // wake-ups (`on_wake`).
-        let watch = on_wake::OnWake::new(watch_lifetime(
-            ctx,
-            drain,
-            max_age,
-            idle,
-            ctx.life.drain_asked(),
-        ));
+        let watch = on_wake::OnWake::new(watch_lifetime(ctx, drain, max_age, idle, || {
+            ctx.life.drain_asked()
+        }));
         tokio::select! {
             _ = conn.as_mut() => return,
             w = watch => match w {
@@ -318,19 +314,21 @@ where
 }
 
 /// Waits beside a connection's codec for what ends or drains it, and for
-/// `asked`: a drain a response asked for (HTTP/2's; HTTP/1 gives
-/// [`std::future::pending`], which takes no room).
+/// what `asked` makes: a drain a response asked for (HTTP/2's; HTTP/1
+/// gives [`std::future::pending`], which takes no room). (Made inside,
+/// not passed in: a future passed in would have room twice, as the
+/// argument and in the `select!`.)
 ///
 /// Kept for the connection's life, so kept small: the timer of
 /// `max_connection_duration`, which most connections do not have, is boxed
 /// when there is one rather than room in every connection's future.
 #[allow(clippy::manual_async_fn)] // the arguments kept once, as serve_h1
-fn watch_lifetime<'a>(
+fn watch_lifetime<'a, A: Future<Output = ()> + Send + 'a>(
     ctx: &'a ConnCtx,
     drain: &'a Drain,
     max_age: Option<tokio::time::Instant>,
     idle: Option<Duration>,
-    asked: impl Future<Output = ()> + Send + 'a,
+    asked: impl FnOnce() -> A + Send + 'a,
 ) -> impl Future<Output = Watch> + Send + 'a {
     let max_age = max_age.map(|at| Box::pin(tokio::time::sleep_until(at)));
     async move {
@@ -342,7 +340,7 @@ fn watch_lifetime<'a>(
                     None => std::future::pending().await,
                 }
             } => Watch::MaxAge,
-            _ = asked => Watch::DrainAsked,
+            _ = asked() => Watch::DrainAsked,
             _ = ctx.life.idle_since_last_stream(idle) => Watch::Idle,
         }
     }
@@ -426,7 +424,7 @@ where
     async move {
         let _parked = ctx.stats.downstream_cx_http1_parked.inc();
         // Without a codec beside them, the watchers are polled directly.
-        let watch = watch_lifetime(ctx, drain, max_age, idle, std::future::pending());
+        let watch = watch_lifetime(ctx, drain, max_age, idle, std::future::pending);
         tokio::pin!(watch);
         tokio::select! {
             r = std::future::poll_fn(|cx| guard.poll_released(cx)) => r.map(|_| None).map_err(|_| ()),
@@ -468,7 +466,7 @@ where
                 drain,
                 max_age,
                 idle,
-                std::future::pending(),
+                std::future::pending,
             ));
             tokio::pin!(watch);
             {
