@@ -207,14 +207,8 @@ impl TlsServerStream {
                     Some(Processed::Closed)
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    queue(tx, 1024, |out| match encode.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) => Err(Some(required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
-                    })
-                    .map_err(|()| invalid("a TLS handshake record was encoded twice"))?;
+                    queue(tx, 1024, |out| encode.encode(out).map_err(encode_room))
+                        .map_err(|()| invalid("a TLS handshake record was encoded twice"))?;
                     None
                 }
                 // What was encoded is in `tx`, which is written in order
@@ -229,23 +223,13 @@ impl TlsServerStream {
                         Emit::Nothing => {}
                         Emit::Data(data) => {
                             queue(tx, sealed_len(data.len()), |out| {
-                                match traffic.encrypt(data, out) {
-                                    Ok(n) => Ok(n),
-                                    Err(EncryptError::InsufficientSize(
-                                        InsufficientSizeError { required_size },
-                                    )) => Err(Some(required_size)),
-                                    Err(_) => Err(None),
-                                }
+                                traffic.encrypt(data, out).map_err(encrypt_room)
                             })
                             .map_err(|()| invalid("TLS encryption failed"))?;
                         }
                         Emit::CloseNotify => {
-                            queue(tx, 64, |out| match traffic.queue_close_notify(out) {
-                                Ok(n) => Ok(n),
-                                Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                                    required_size,
-                                })) => Err(Some(required_size)),
-                                Err(_) => Err(None),
+                            queue(tx, 64, |out| {
+                                traffic.queue_close_notify(out).map_err(encrypt_room)
                             })
                             .map_err(|()| invalid("TLS close_notify failed"))?;
                         }
@@ -287,12 +271,8 @@ impl TlsServerStream {
             let status = self.conn.process_tls_records(&mut []);
             match status.state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    let queued = queue(&mut self.tx, 1024, |out| match encode.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) => Err(Some(required_size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
+                    let queued = queue(&mut self.tx, 1024, |out| {
+                        encode.encode(out).map_err(encode_room)
                     });
                     if queued.is_err() {
                         return;
@@ -362,6 +342,26 @@ impl TlsServerStream {
                 *buf = BytesMut::new();
             }
         }
+    }
+}
+
+/// How much room an encoding needs (`Some`), or that it failed (`None`).
+fn encode_room(e: EncodeError) -> Option<usize> {
+    match e {
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(required_size)
+        }
+        EncodeError::AlreadyEncoded => None,
+    }
+}
+
+/// The same for an encryption.
+fn encrypt_room(e: EncryptError) -> Option<usize> {
+    match e {
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => {
+            Some(required_size)
+        }
+        _ => None,
     }
 }
 
@@ -620,6 +620,14 @@ mod tests {
         (s, client.await.unwrap())
     }
 
+    /// Four bytes from the client reach the server.
+    async fn ping(s: &mut TlsServerStream, c: &mut tokio_rustls::client::TlsStream<TcpStream>) {
+        c.write_all(b"ping").await.unwrap();
+        let mut got = [0; 4];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+    }
+
     fn versions() -> [&'static rustls::SupportedProtocolVersion; 2] {
         [&rustls::version::TLS13, &rustls::version::TLS12]
     }
@@ -665,10 +673,7 @@ mod tests {
             let (mut s, mut c) = pair_with(version, true).await;
             let chain = s.peer_certificates().map(<[_]>::len);
             assert_eq!(chain, Some(2), "{version:?}");
-            c.write_all(b"ping").await.unwrap();
-            let mut got = [0; 4];
-            s.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"ping", "{version:?}");
+            ping(&mut s, &mut c).await;
         }
     }
 
@@ -678,15 +683,10 @@ mod tests {
     async fn a_certificate_over_several_records_is_taken() {
         for version in versions() {
             let (s, c) = connect(version, true, true, 600).await;
-            let s = s.unwrap();
+            let (mut s, mut c) = (s.unwrap(), c.unwrap());
             let leaf = s.peer_certificates().unwrap()[0].len();
             assert!(leaf > 20_000, "{leaf}");
-            let mut c = c.unwrap();
-            c.write_all(b"ping").await.unwrap();
-            let mut s = s;
-            let mut got = [0; 4];
-            s.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"ping", "{version:?}");
+            ping(&mut s, &mut c).await;
         }
     }
 
