@@ -276,8 +276,6 @@ async fn handle(
                 return;
             }
         };
-        // The identity is parsed only when trace logging is on.
-        tracing::trace!(listener.name = %listener.name, peer.identity = ?crate::tls::peer_identity(&tls), "downstream TLS established");
         let alpn = tls.alpn_protocol().map(<[u8]>::to_vec);
         let mtls = tls.peer_certificates().is_some();
         // The certificate's names are read for every mTLS connection (once
@@ -289,6 +287,7 @@ async fn handle(
         if let Some(p) = &peer_chain {
             live.set_peer(p.clone());
         }
+        tracing::trace!(listener.name = %listener.name, peer.identity = ?peer_chain.as_ref().and_then(|p| p.identity.as_deref()), "downstream TLS established");
         let server_name = detected
             .server_name
             .clone()

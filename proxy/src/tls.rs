@@ -28,9 +28,9 @@ use ferry_tls::TlsError;
 use ferry_tls::rustls::pki_types::CertificateDer;
 use ferry_tls::rustls::{ClientConfig, ServerConfig};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::tls_server_stream::TlsServerStream;
-use tokio::net::TcpStream;
 
 /// How long a TLS handshake may take unless the filter chain's
 /// `transport_socket_connect_timeout` says (Envoy has no default; a bound
@@ -337,13 +337,6 @@ pub enum HandshakeError {
     Config(TlsError),
     #[error("TLS handshake timed out")]
     Timeout,
-}
-
-/// The peer's SPIFFE identity on a server-side TLS stream.
-pub fn peer_identity(s: &TlsServerStream) -> Option<String> {
-    s.peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| ferry_tls::spiffe_id(c))
 }
 
 /// An upstream connection: plaintext or TLS, over TCP or a Unix socket

@@ -146,11 +146,6 @@ impl TlsServerStream {
         self.server_name.as_deref()
     }
 
-    /// The TCP connection under the stream.
-    pub fn tcp(&self) -> &TcpStream {
-        &self.io
-    }
-
     /// Runs rustls over the whole records in `rx`: decrypted data goes to
     /// `plain`, handshake messages and alerts to `tx`, and `emit` is done
     /// once application data may be sent.

@@ -2457,7 +2457,6 @@ mod tests {
             ),
         ];
         for (what, size, bound) in sizes {
-            eprintln!("{what}: {size} bytes");
             assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
         }
     }
