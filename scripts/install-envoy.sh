@@ -26,8 +26,12 @@ log() { echo "install-envoy: $*" >&2; }
 
 installed_ok() {
     [[ -x "$bin" ]] || return 1
-    # `envoy --version` prints e.g. ".../1.40.0/Clean/RELEASE/BoringSSL".
-    "$bin" --version 2>/dev/null | grep -q "/${want_minor//./\\.}\.[0-9]*/"
+    # `envoy --version` prints e.g. ".../1.40.0/Clean/RELEASE/BoringSSL", in several writes.
+    # Its output is read whole before matching: `grep -q` in a pipe may exit at the match
+    # while Envoy still writes its last newline, and Envoy's SIGPIPE then fails the pipe.
+    local out
+    out="$("$bin" --version 2>/dev/null)" || return 1
+    grep -q "/${want_minor//./\\.}\.[0-9]*/" <<<"$out"
 }
 
 if installed_ok; then
