@@ -41,6 +41,7 @@ use crate::lb::{Balancer, HostMeta, LbHost};
 use crate::outlier::{Detector, HostOutlier, Outcome};
 use crate::stats::{ClusterStats, GaugeGuard, Stats};
 use crate::tls::{ClientCache, TlsContexts, UpstreamIo};
+use crate::upstream_h1;
 
 /// Why an upstream request failed, with what Envoy reports for it.
 #[derive(Debug, thiserror::Error)]
@@ -680,7 +681,7 @@ pub struct Breakers {
     pub stats: ClusterStats,
     /// Signalled when a connection closes or goes back to the pool, for
     /// requests waiting under `max_connections`.
-    freed: tokio::sync::Notify,
+    pub(crate) freed: tokio::sync::Notify,
 }
 
 /// A held slot of one breaker (and of the endpoint's own connection limit,
@@ -917,19 +918,11 @@ fn closed_cleanly_before_response(e: &hyper::Error) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
-struct Idle {
-    sender: http1::SendRequest<UpstreamBody>,
-    /// The connection's local address (`%UPSTREAM_LOCAL_ADDRESS%`).
-    local: Option<SocketAddr>,
-    since: Instant,
-    used: Use,
-}
-
 /// How far an HTTP/1.1 connection has come: the requests it carried
 /// (`max_requests_per_connection`) and when it was opened
 /// (`max_connection_duration`).
 #[derive(Debug, Clone, Copy)]
-struct Use {
+pub(crate) struct Use {
     requests: u32,
     opened: Instant,
 }
@@ -972,7 +965,7 @@ pub struct HostStats {
 
 /// Counts a connection active on its host and its cluster
 /// (`upstream_cx_active`) until it closes.
-struct ActiveCx {
+pub(crate) struct ActiveCx {
     host: Arc<HostStats>,
     _cluster: GaugeGuard,
 }
@@ -999,6 +992,17 @@ pub struct TcpAttached {
     _cx: ActiveCx,
     _rq: GaugeGuard,
     _host_rq: HostActive,
+}
+
+/// An HTTP/1.1 connection given to a request.
+struct H1Conn {
+    sender: http1::SendRequest<UpstreamBody>,
+    /// The connection's number in its pool.
+    id: u64,
+    used: Use,
+    /// It was pooled (it may have been closed by the server meanwhile).
+    reused: bool,
+    local: Option<SocketAddr>,
 }
 
 /// An endpoint's HTTP/2 connection and its local address.
@@ -1141,7 +1145,7 @@ struct Conns {
     /// pools).
     host_stats: Arc<HostStats>,
     client_configs: ClientCache,
-    idle: Mutex<Vec<Idle>>,
+    idle: crate::upstream_h1::IdleConns,
     /// The HTTP/2 connections: a new one opens when every one has as many
     /// streams open as it may carry, as Envoy's pool does.
     h2: Mutex<Vec<H2Conn>>,
@@ -1240,9 +1244,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Bound on idle HTTP/1.1 connections kept per endpoint.
-const MAX_IDLE: usize = 256;
-
 /// Bound on the per-name pools of an endpoint (`auto_sni`) before unused
 /// ones are forgotten.
 const MAX_NAMED_POOLS: usize = 64;
@@ -1314,6 +1315,11 @@ impl EndpointPool {
     /// an internal endpoint).
     fn carried(&self) -> Option<Arc<ferry_model::filter_state::FilterState>> {
         self.conns_if_used().and_then(|c| c.carried.clone())
+    }
+
+    /// The endpoint's idle HTTP/1.1 connections, if it was ever used.
+    pub(crate) fn h1_idle(&self) -> Option<&crate::upstream_h1::IdleConns> {
+        self.conns_if_used().map(|c| &c.idle)
     }
 
     /// The connection state if the endpoint was ever used.
@@ -1603,8 +1609,7 @@ impl EndpointPool {
     }
 
     fn is_empty(&self) -> bool {
-        self.conns_if_used()
-            .is_none_or(|c| c.idle.lock().map(|v| v.is_empty()).unwrap_or(true))
+        self.conns_if_used().is_none_or(|c| c.idle.is_empty())
     }
 
     /// Opens a connection to the endpoint within the connect timeout, TLS
@@ -1752,54 +1757,52 @@ impl EndpointPool {
         }
     }
 
-    fn checkout_idle(&self) -> Option<(http1::SendRequest<UpstreamBody>, Use, Option<SocketAddr>)> {
-        let mut idle = self
-            .conns_if_used()?
-            .idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        while let Some(entry) = idle.pop() {
-            let expired = self
-                .settings
-                .idle_timeout
-                .is_some_and(|t| entry.since.elapsed() >= t)
-                || self.too_old(entry.used.opened);
-            if !expired && entry.sender.is_ready() {
-                return Some((entry.sender, entry.used, entry.local));
-            }
-        }
-        None
-    }
-
     /// A pooled HTTP/1.1 connection (unless `fresh`) or a new one within
     /// `max_connections`: at the limit the request waits, as a pending
     /// request, for a pooled connection to come back (not with `fresh`) or a
-    /// connection to close.
+    /// connection to close. An `upgrade` request always gets a new
+    /// connection, whose codec can hand an upgraded socket over.
     async fn new_or_pooled_h1(
-        &self,
+        self: &Arc<Self>,
         fresh: bool,
-    ) -> Result<
-        (
-            http1::SendRequest<UpstreamBody>,
-            Use,
-            bool,
-            Option<SocketAddr>,
-        ),
-        UpstreamError,
-    > {
+        upgrade: bool,
+    ) -> Result<H1Conn, UpstreamError> {
         let breakers = &self.settings.shared.breakers;
         let mut pending = None;
         loop {
-            if !fresh && let Some((s, used, local)) = self.checkout_idle() {
-                return Ok((s, used, true, local));
+            if !fresh
+                && !upgrade
+                && let Some(lease) = self.conns_if_used().and_then(|c| {
+                    c.idle.checkout(|since, used| {
+                        let expired = self
+                            .settings
+                            .idle_timeout
+                            .is_some_and(|t| since.elapsed() >= t);
+                        !expired && !self.too_old(used.opened)
+                    })
+                })
+            {
+                let sender = match lease.conn {
+                    upstream_h1::Checkout::Live(sender) => sender,
+                    upstream_h1::Checkout::Parked(parked) => {
+                        self.start_h1(parked.io, parked.held, lease.id, false)
+                            .await?
+                    }
+                };
+                return Ok(H1Conn {
+                    sender,
+                    id: lease.id,
+                    used: lease.used,
+                    reused: true,
+                    local: lease.local,
+                });
             }
             let freed = breakers.freed.notified();
             if let Some(slot) = breakers.connection(self.host_limit().as_ref()) {
                 // Boxed: a new connection's state (TCP, TLS and the codec's
                 // handshake) would otherwise be room in every request's
                 // future, though most requests take a pooled connection.
-                let (sender, local) = Box::pin(self.connect_h1(slot)).await?;
-                return Ok((sender, Use::new(), false, local));
+                return Box::pin(self.connect_h1(slot, upgrade)).await;
             }
             if pending.is_none() {
                 // As Envoy: a full pending queue fails the request before a
@@ -1813,28 +1816,56 @@ impl EndpointPool {
     }
 
     async fn connect_h1(
-        &self,
+        self: &Arc<Self>,
         slot: Slot,
-    ) -> Result<(http1::SendRequest<UpstreamBody>, Option<SocketAddr>), UpstreamError> {
+        upgrade: bool,
+    ) -> Result<H1Conn, UpstreamError> {
         self.settings.stats.upstream_cx_http1_total().inc();
-        let tcp = self.connect_carrying(self.carried()).await?;
-        let local = tcp.local_addr();
+        let io = self.connect_carrying(self.carried()).await?;
+        let local = io.local_addr();
+        let held = upstream_h1::Held::new(
+            slot,
+            ActiveCx::new(self.counters(), &self.settings.stats),
+            self.settings.shared.clone(),
+        );
+        let id = upstream_h1::next_id();
+        let sender = self.start_h1(io, held, id, upgrade).await?;
+        Ok(H1Conn {
+            sender,
+            id,
+            used: Use::new(),
+            reused: false,
+            local,
+        })
+    }
+
+    /// hyper's HTTP/1.1 codec on a connection, new or parked, and the task
+    /// driving it.
+    async fn start_h1(
+        self: &Arc<Self>,
+        io: UpstreamIo,
+        held: upstream_h1::Held,
+        id: u64,
+        upgrade: bool,
+    ) -> Result<http1::SendRequest<UpstreamBody>, UpstreamError> {
         let mut builder = http1::Builder::new();
         crate::http::header_case(&mut builder, self.settings.shared.header_case);
-        let (sender, conn) = builder
-            .handshake(TokioIo::new(tcp))
+        let (sender, codec) = builder
+            .handshake(TokioIo::new(io))
             .await
             .map_err(UpstreamError::Reset)?;
-        let shared = self.settings.shared.clone();
-        let active = ActiveCx::new(self.counters(), &self.settings.stats);
-        tokio::spawn(async move {
-            let _active = active;
-            let _ = conn.with_upgrades().await;
-            shared.breakers.stats.upstream_cx_destroy().inc();
-            drop(slot);
-            shared.breakers.freed.notify_waiters();
-        });
-        Ok((sender, local))
+        if upgrade {
+            tokio::spawn(upstream_h1::drive_upgradeable(codec, held));
+        } else {
+            tokio::spawn(upstream_h1::drive(
+                codec,
+                held,
+                Arc::downgrade(self),
+                id,
+                self.settings.idle_timeout,
+            ));
+        }
+        Ok(sender)
     }
 
     /// Sends an HTTP/1.1 request on a pooled or new connection.
@@ -1861,8 +1892,16 @@ impl EndpointPool {
     ) -> Result<Response<Incoming>, UpstreamError> {
         // At most one more attempt, on a fresh connection, for the keep-alive race.
         let mut fresh = false;
+        let upgrade = req.method() == http::Method::CONNECT
+            || req.headers().contains_key(http::header::UPGRADE);
         loop {
-            let (mut sender, used, reused, local) = self.new_or_pooled_h1(fresh).await?;
+            let H1Conn {
+                mut sender,
+                id,
+                used,
+                reused,
+                local,
+            } = self.new_or_pooled_h1(fresh, upgrade).await?;
             LocalAddrSlot::report(&req, local);
             // A bodiless idempotent request may be sent again (RFC 9110 §9.2.2) when
             // the server's close crossed it on the wire: keep a copy of its head
@@ -1876,7 +1915,7 @@ impl EndpointPool {
                         tracing::debug!(upstream.host = %self.address, error = why, "upstream response framing refused");
                         return Err(UpstreamError::Protocol(why.to_string()));
                     }
-                    self.release_when_idle(sender, used + 1, local);
+                    self.release_when_idle(sender, id, used + 1, local);
                     return Ok(resp);
                 }
                 Err(mut e) => {
@@ -1913,6 +1952,7 @@ impl EndpointPool {
     fn release_when_idle(
         self: &Arc<Self>,
         mut sender: http1::SendRequest<UpstreamBody>,
+        id: u64,
         used: Use,
         local: Option<SocketAddr>,
     ) {
@@ -1932,17 +1972,7 @@ impl EndpointPool {
                 return;
             }
             let Some(pool) = pool.upgrade() else { return };
-            {
-                let mut idle = pool.conns().idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < MAX_IDLE {
-                    idle.push(Idle {
-                        sender,
-                        local,
-                        since: Instant::now(),
-                        used,
-                    });
-                }
-            }
+            pool.conns().idle.put(sender, id, used, local);
             pool.settings.shared.breakers.freed.notify_waiters();
         });
     }
@@ -2681,6 +2711,156 @@ mod tests {
         );
         drop((rt, rt2, rt3, g, b));
         wait_until("checker dropped", || checker.upgrade().is_none()).await;
+    }
+
+    /// The pool's idle HTTP/1.1 connections of `pool`, and how many are parked.
+    fn idle_counts(pool: &EndpointPool) -> (usize, usize) {
+        pool.h1_idle().map(|i| i.counts()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_idle_upstream_connection_is_parked_and_used_again() {
+        let (addr, count) = counting_server().await;
+        let stats = Stats::default();
+        let rt = ClusterRt::new(
+            cluster_at(addr, |_| {}),
+            &stats,
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
+        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        assert_eq!(get(&pool).await, 200);
+        wait_until("the connection back in the pool", || {
+            idle_counts(&pool) == (1, 0)
+        })
+        .await;
+        tokio::time::sleep(upstream_h1::PARK_AFTER).await;
+        wait_until("the connection parked", || idle_counts(&pool) == (1, 1)).await;
+        // Handed out parked, it gets a codec again: the same connection.
+        for _ in 0..3 {
+            assert_eq!(get(&pool).await, 200);
+            wait_until("the connection back in the pool", || {
+                idle_counts(&pool) == (1, 0)
+            })
+            .await;
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 1, "connections opened");
+        assert_eq!(pool.host_stats().cx_active.load(Ordering::SeqCst), 1);
+        // And parks again once idle.
+        tokio::time::sleep(upstream_h1::PARK_AFTER).await;
+        wait_until("parked again", || idle_counts(&pool) == (1, 1)).await;
+        assert_eq!(get(&pool).await, 200);
+        assert_eq!(count.load(Ordering::SeqCst), 1, "connections opened");
+    }
+
+    /// A local HTTP/1.1 server answering each request 200 with no body;
+    /// with `close_after`, it closes each connection that long after its
+    /// first answer. Counts the connections its clients closed.
+    async fn raw_server(close_after: Option<Duration>) -> (SocketAddr, Arc<AtomicU32>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let closed = Arc::new(AtomicU32::new(0));
+        let c = closed.clone();
+        tokio::spawn(async move {
+            while let Ok((mut io, _)) = listener.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    let mut answered = false;
+                    loop {
+                        let n = match io.read(&mut buf).await {
+                            Ok(0) | Err(_) => {
+                                c.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => n,
+                        };
+                        head.extend_from_slice(&buf[..n]);
+                        while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                            head.drain(..end + 4);
+                            let _ = io
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                .await;
+                            if let (false, Some(after)) = (answered, close_after) {
+                                tokio::time::sleep(after).await;
+                                return;
+                            }
+                            answered = true;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, closed)
+    }
+
+    #[tokio::test]
+    async fn a_parked_upstream_connection_closed_by_the_server_is_let_go() {
+        let (addr, _) =
+            raw_server(Some(upstream_h1::PARK_AFTER + Duration::from_millis(500))).await;
+        let stats = Stats::default();
+        let rt = ClusterRt::new(
+            cluster_at(addr, |_| {}),
+            &stats,
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
+        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        assert_eq!(get(&pool).await, 200);
+        tokio::time::sleep(upstream_h1::PARK_AFTER).await;
+        wait_until("the connection parked", || idle_counts(&pool) == (1, 1)).await;
+        wait_until("the closed connection forgotten", || {
+            idle_counts(&pool) == (0, 0)
+        })
+        .await;
+        assert_eq!(pool.host_stats().cx_active.load(Ordering::SeqCst), 0);
+        assert_eq!(rt.shared.breakers.connections.load(Ordering::SeqCst), 0);
+        assert_eq!(rt.stats.upstream_cx_destroy().get(), 1);
+        // A new connection serves the next request.
+        assert_eq!(get(&pool).await, 200);
+    }
+
+    /// As Envoy, a pooled connection idle for the cluster's `idle_timeout`
+    /// is closed, whether it was still live or already parked.
+    #[tokio::test]
+    async fn an_upstream_connection_idle_for_its_idle_timeout_is_closed() {
+        for timeout in [
+            Duration::from_millis(300),
+            upstream_h1::PARK_AFTER + Duration::from_millis(400),
+        ] {
+            let (addr, closed) = raw_server(None).await;
+            let stats = Stats::default();
+            let rt = ClusterRt::new(
+                cluster_at(addr, |c| c.idle_timeout = Some(timeout)),
+                &stats,
+                None,
+                &Arc::default(),
+                &Arc::default(),
+            );
+            let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+            assert_eq!(get(&pool).await, 200);
+            tokio::time::sleep(timeout.saturating_sub(Duration::from_millis(150))).await;
+            assert_eq!(
+                closed.load(Ordering::SeqCst),
+                0,
+                "closed before {timeout:?}"
+            );
+            wait_until("the idle connection closed", || {
+                closed.load(Ordering::SeqCst) == 1
+            })
+            .await;
+            wait_until("the pool empty", || idle_counts(&pool) == (0, 0)).await;
+            assert_eq!(rt.stats.upstream_cx_idle_timeout().get(), 1, "{timeout:?}");
+            assert_eq!(pool.host_stats().cx_active.load(Ordering::SeqCst), 0);
+        }
     }
 
     #[tokio::test]

@@ -38,3 +38,4 @@ pub mod tcp;
 pub mod tls;
 pub mod tls_server_stream;
 pub mod trace;
+pub mod upstream_h1;

@@ -128,6 +128,7 @@ cluster_stats! {
     UpstreamCxDestroy upstream_cx_destroy Counter "upstream_cx_destroy";
     UpstreamCxHttp1Total upstream_cx_http1_total Counter "upstream_cx_http1_total";
     UpstreamCxHttp2Total upstream_cx_http2_total Counter "upstream_cx_http2_total";
+    UpstreamCxIdleTimeout upstream_cx_idle_timeout Counter "upstream_cx_idle_timeout";
     UpstreamCxOverflow upstream_cx_overflow Counter "upstream_cx_overflow";
     UpstreamCxTotal upstream_cx_total Counter "upstream_cx_total";
     UpstreamRq1xx upstream_rq_1xx Counter "upstream_rq_1xx";

@@ -22,7 +22,7 @@ pub mod h1_guard;
 pub mod h2_exec;
 pub mod h2_guard;
 pub mod lifetime;
-mod on_wake;
+pub(crate) mod on_wake;
 mod shadow;
 mod stream_timers;
 
