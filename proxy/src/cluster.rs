@@ -1005,6 +1005,15 @@ struct H1Conn {
     local: Option<SocketAddr>,
 }
 
+/// A stream's place on an HTTP/2 connection, and the connection's parts
+/// the stream needs.
+struct H2Taken {
+    sender: H2Sender,
+    streams: Arc<AtomicU32>,
+    ended: Arc<tokio::sync::Notify>,
+    slot: Slot,
+}
+
 /// An endpoint's HTTP/2 connection and its local address.
 type H2Sender = (http2::SendRequest<UpstreamBody>, Option<SocketAddr>);
 
@@ -1169,6 +1178,9 @@ struct H2Conn {
     opened: Instant,
     /// Streams open on it, each held by an [`H2Stream`].
     streams: Arc<AtomicU32>,
+    /// Told when its last open stream ends (the connection's task times
+    /// `idle_timeout` from then).
+    ended: Arc<tokio::sync::Notify>,
     /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`, as the connection's
     /// task last read it (hyper's 100 until the peer's settings arrive).
     peer_max: Arc<AtomicU32>,
@@ -1201,13 +1213,22 @@ struct StreamSlot {
     shared: Arc<ClusterShared>,
     /// The cluster's `upstream_rq_active`, for as long as the stream lives.
     _active: GaugeGuard,
+    /// Told when the connection's last open stream ends, for its
+    /// `idle_timeout`.
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         // Release before waking, or the woken would still find it taken.
+        let streams = self.slot.as_ref().map(|s| s.0.clone());
         drop(self.slot.take());
         self.shared.breakers.freed.notify_waiters();
+        // The connection's idle time starts when its last stream ends
+        // (whichever of two ending at once reads zero tells it).
+        if streams.is_some_and(|n| n.load(Ordering::Acquire) == 0) {
+            self.ended.notify_one();
+        }
     }
 }
 
@@ -1980,7 +2001,7 @@ impl EndpointPool {
     /// A stream slot on a live HTTP/2 connection with room for it, if
     /// there is one; connections closed or past `max_connection_duration`
     /// are let go on the way (their streams finish, then they close).
-    fn h2_stream(&self) -> Option<(H2Sender, Arc<AtomicU32>, Slot)> {
+    fn h2_stream(&self) -> Option<H2Taken> {
         let mut conns = self
             .conns_if_used()?
             .h2
@@ -1990,7 +2011,12 @@ impl EndpointPool {
         let configured = self.settings.shared.max_concurrent_streams;
         conns.iter().find_map(|c| {
             let slot = c.take_stream(configured)?;
-            Some((c.sender.clone(), c.streams.clone(), slot))
+            Some(H2Taken {
+                sender: c.sender.clone(),
+                streams: c.streams.clone(),
+                ended: c.ended.clone(),
+                slot,
+            })
         })
     }
 
@@ -2004,6 +2030,21 @@ impl EndpointPool {
         })
     }
 
+    /// Lets go of the HTTP/2 connection whose streams `streams` counts if
+    /// none is open: under the lock a new stream is taken under, so none
+    /// can start on it after.
+    fn forget_h2_if_idle(&self, streams: &Arc<AtomicU32>) -> bool {
+        let Some(c) = self.conns_if_used() else {
+            return false;
+        };
+        let mut conns = c.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if streams.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        conns.retain(|c| !Arc::ptr_eq(&c.streams, streams));
+        true
+    }
+
     /// Lets go of the HTTP/2 connection whose streams `streams` counts.
     fn forget_h2(&self, streams: &Arc<AtomicU32>) {
         if let Some(c) = self.conns_if_used() {
@@ -2015,7 +2056,7 @@ impl EndpointPool {
 
     /// Opens one more HTTP/2 connection to the endpoint, under the
     /// cluster's `max_connections`.
-    async fn open_h2(&self) -> Result<(), UpstreamError> {
+    async fn open_h2(self: &Arc<Self>) -> Result<(), UpstreamError> {
         let Some(slot) = self
             .settings
             .shared
@@ -2037,17 +2078,44 @@ impl EndpointPool {
         let peer_max = Arc::new(AtomicU32::new(saturate(conn.current_max_send_streams())));
         let seen = peer_max.clone();
         let stats = self.settings.stats.clone();
+        let streams: Arc<AtomicU32> = Arc::default();
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let idle = self.settings.idle_timeout.map(|t| {
+            let pool = Arc::downgrade(self);
+            let (streams, ended) = (streams.clone(), ended.clone());
+            // Polled only when its timer or a stream's end woke it.
+            crate::http::on_wake::OnWake::new(async move {
+                h2_idle(&pool, &streams, &ended, t).await;
+            })
+        });
         tokio::spawn(async move {
             let _active = active;
             let mut conn = std::pin::pin!(conn);
             // The peer's stream limit can change with any SETTINGS frame:
             // read it after every turn of the connection.
-            let _ = std::future::poll_fn(|cx| {
+            let run = std::future::poll_fn(|cx| {
                 let turn = conn.as_mut().poll(cx);
                 seen.store(saturate(conn.current_max_send_streams()), Ordering::Relaxed);
                 turn
-            })
-            .await;
+            });
+            match idle {
+                None => {
+                    let _ = run.await;
+                }
+                Some(idle) => {
+                    tokio::pin!(run);
+                    tokio::select! {
+                        _ = run.as_mut() => {}
+                        () = idle => {
+                            // Out of the pool with no stream open: the
+                            // connection sends GOAWAY and closes once the
+                            // last sender is gone, as Envoy's does.
+                            stats.upstream_cx_idle_timeout().inc();
+                            let _ = run.await;
+                        }
+                    }
+                }
+            }
             stats.upstream_cx_destroy().inc();
             drop(slot);
         });
@@ -2058,7 +2126,8 @@ impl EndpointPool {
             .push(H2Conn {
                 sender: (sender, local),
                 opened: Instant::now(),
-                streams: Arc::default(),
+                streams,
+                ended,
                 peer_max,
             });
         Ok(())
@@ -2174,7 +2243,7 @@ impl EndpointPool {
     }
 
     async fn send_h2_inner(
-        &self,
+        self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // A connection found closed (GOAWAY, or gone) before the stream was
@@ -2183,7 +2252,12 @@ impl EndpointPool {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let ((mut sender, local), streams, slot) = self.h2_stream_or_wait().await?;
+            let H2Taken {
+                sender: (mut sender, local),
+                streams,
+                ended,
+                slot,
+            } = self.h2_stream_or_wait().await?;
             // The stream has its connection: Envoy's HTTP pool counts it
             // active from here until it ends, and a tunnel's CONNECT as a
             // request of the cluster (the router counts its own requests).
@@ -2198,6 +2272,7 @@ impl EndpointPool {
                     slot: Some(slot),
                     shared: self.settings.shared.clone(),
                     _active: active,
+                    ended,
                 }),
             };
             LocalAddrSlot::report(&req, local);
@@ -2230,7 +2305,7 @@ impl EndpointPool {
     /// A stream slot on one of the endpoint's HTTP/2 connections: on one
     /// with room, else on a new one, else (at `max_connections`, every
     /// connection full) waiting as a pending request for a stream to end.
-    async fn h2_stream_or_wait(&self) -> Result<(H2Sender, Arc<AtomicU32>, Slot), UpstreamError> {
+    async fn h2_stream_or_wait(self: &Arc<Self>) -> Result<H2Taken, UpstreamError> {
         let breakers = &self.settings.shared.breakers;
         let mut pending = None;
         let mut queued = false;
@@ -2267,6 +2342,33 @@ impl EndpointPool {
                 pending = Some(breakers.pending()?);
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
+        }
+    }
+}
+
+/// Resolves once an HTTP/2 connection has had no stream open for `t`
+/// (from its opening or its last stream's end), taken out of its pool.
+async fn h2_idle(
+    pool: &std::sync::Weak<EndpointPool>,
+    streams: &Arc<AtomicU32>,
+    ended: &tokio::sync::Notify,
+    t: Duration,
+) {
+    loop {
+        if streams.load(Ordering::Acquire) != 0 {
+            ended.notified().await;
+            continue;
+        }
+        tokio::select! {
+            // A stream came and went: the idle time starts again.
+            () = ended.notified() => continue,
+            () = tokio::time::sleep(t) => {}
+        }
+        match pool.upgrade() {
+            Some(p) if p.forget_h2_if_idle(streams) => return,
+            Some(_) => {}
+            // The endpoint is gone: its connections close with their senders.
+            None => return std::future::pending().await,
         }
     }
 }
@@ -2861,6 +2963,85 @@ mod tests {
             assert_eq!(rt.stats.upstream_cx_idle_timeout().get(), 1, "{timeout:?}");
             assert_eq!(pool.host_stats().cx_active.load(Ordering::SeqCst), 0);
         }
+    }
+
+    /// As Envoy, an HTTP/2 connection with no stream open for the
+    /// cluster's `idle_timeout` is closed; a stream in between starts the
+    /// idle time again.
+    #[tokio::test]
+    async fn an_upstream_h2_connection_idle_for_its_idle_timeout_is_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let closed = Arc::new(AtomicU32::new(0));
+        let c = closed.clone();
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                            bytes::Bytes,
+                        >::new(
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(io), svc)
+                        .await;
+                    c.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        let timeout = Duration::from_millis(400);
+        let stats = Stats::default();
+        let rt = ClusterRt::new(
+            cluster_at(addr, |c| {
+                c.protocol = ferry_model::UpstreamProtocol::Http2;
+                c.idle_timeout = Some(timeout);
+            }),
+            &stats,
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
+        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        let get_h2 = || async {
+            let req = Request::builder()
+                .uri("http://backend/")
+                .version(http::Version::HTTP_2)
+                .body(UpstreamBody::empty())
+                .unwrap_or_else(|e| panic!("request: {e}"));
+            let resp = pool
+                .send(true, req)
+                .await
+                .unwrap_or_else(|e| panic!("send: {e}"));
+            let status = resp.status().as_u16();
+            let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            status
+        };
+        assert_eq!(get_h2().await, 200);
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            assert_eq!(get_h2().await, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(closed.load(Ordering::SeqCst), 0, "closed while in use");
+        wait_until("the idle connection closed", || {
+            closed.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        assert_eq!(rt.stats.upstream_cx_idle_timeout().get(), 1);
+        assert_eq!(rt.stats.upstream_cx_http2_total().get(), 1);
+        wait_until("the connection counted gone", || {
+            pool.host_stats().cx_active.load(Ordering::SeqCst) == 0
+        })
+        .await;
+        // The next request opens a new connection.
+        assert_eq!(get_h2().await, 200);
+        assert_eq!(rt.stats.upstream_cx_http2_total().get(), 2);
     }
 
     #[tokio::test]
