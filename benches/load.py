@@ -116,10 +116,33 @@ def _on_signal(signum, _frame):
     raise SystemExit(128 + signum)
 
 
+_ISSUED: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports, none handed out before by this run: the
+    sockets stay bound until all are chosen (a port let go at once may be
+    the kernel's next answer), and a port issued earlier (its listener may
+    not be up yet) is never issued again."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _ISSUED:
+                _ISSUED.add(port)
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen | None, timeout: float, what: str) -> None:
@@ -249,7 +272,7 @@ class Ports:
 
     @staticmethod
     def fresh() -> Ports:
-        p = Ports(*(free_port() for _ in range(11)))
+        p = Ports(*free_ports(11))
         p.mtls_peer = p.mtls
         p.hbone_peer = p.hbone
         return p
