@@ -2571,15 +2571,21 @@ mod tests {
         ));
     }
 
-    /// A local HTTP/1.1 server answering `/healthz` with the status held
-    /// in the returned cell.
-    async fn status_server() -> (SocketAddr, Arc<AtomicU32>) {
+    /// A listener on a free loopback port, and its address.
+    async fn local_listener() -> (tokio::net::TcpListener, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
         let addr = listener
             .local_addr()
             .unwrap_or_else(|e| panic!("addr: {e}"));
+        (listener, addr)
+    }
+
+    /// A local HTTP/1.1 server answering `/healthz` with the status held
+    /// in the returned cell.
+    async fn status_server() -> (SocketAddr, Arc<AtomicU32>) {
+        let (listener, addr) = local_listener().await;
         let status = Arc::new(AtomicU32::new(200));
         let st = status.clone();
         tokio::spawn(async move {
@@ -2648,12 +2654,7 @@ mod tests {
 
     /// A local HTTP/1.1 server answering 200 and counting its connections.
     async fn counting_server() -> (SocketAddr, Arc<AtomicU32>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let (listener, addr) = local_listener().await;
         let count = Arc::new(AtomicU32::new(0));
         let c = count.clone();
         tokio::spawn(async move {
@@ -2816,6 +2817,23 @@ mod tests {
     }
 
     /// The pool's idle HTTP/1.1 connections of `pool`, and how many are parked.
+    /// A cluster of one endpoint at `addr` (its model edited by `edit`)
+    /// and that endpoint's pool.
+    fn one_endpoint(
+        addr: SocketAddr,
+        edit: impl FnOnce(&mut Cluster),
+    ) -> (ClusterRt, Arc<EndpointPool>) {
+        let rt = ClusterRt::new(
+            cluster_at(addr, edit),
+            &Stats::default(),
+            None,
+            &Arc::default(),
+            &Arc::default(),
+        );
+        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        (rt, pool)
+    }
+
     fn idle_counts(pool: &EndpointPool) -> (usize, usize) {
         pool.h1_idle().map(|i| i.counts()).unwrap_or_default()
     }
@@ -2823,15 +2841,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_upstream_connection_is_parked_and_used_again() {
         let (addr, count) = counting_server().await;
-        let stats = Stats::default();
-        let rt = ClusterRt::new(
-            cluster_at(addr, |_| {}),
-            &stats,
-            None,
-            &Arc::default(),
-            &Arc::default(),
-        );
-        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        let (_rt, pool) = one_endpoint(addr, |_| {});
         assert_eq!(get(&pool).await, 200);
         wait_until("the connection back in the pool", || {
             idle_counts(&pool) == (1, 0)
@@ -2861,12 +2871,7 @@ mod tests {
     /// first answer. Counts the connections its clients closed.
     async fn raw_server(close_after: Option<Duration>) -> (SocketAddr, Arc<AtomicU32>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let (listener, addr) = local_listener().await;
         let closed = Arc::new(AtomicU32::new(0));
         let c = closed.clone();
         tokio::spawn(async move {
@@ -2907,15 +2912,7 @@ mod tests {
     async fn a_parked_upstream_connection_closed_by_the_server_is_let_go() {
         let (addr, _) =
             raw_server(Some(upstream_h1::PARK_AFTER + Duration::from_millis(500))).await;
-        let stats = Stats::default();
-        let rt = ClusterRt::new(
-            cluster_at(addr, |_| {}),
-            &stats,
-            None,
-            &Arc::default(),
-            &Arc::default(),
-        );
-        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        let (rt, pool) = one_endpoint(addr, |_| {});
         assert_eq!(get(&pool).await, 200);
         tokio::time::sleep(upstream_h1::PARK_AFTER).await;
         wait_until("the connection parked", || idle_counts(&pool) == (1, 1)).await;
@@ -2939,15 +2936,7 @@ mod tests {
             upstream_h1::PARK_AFTER + Duration::from_millis(400),
         ] {
             let (addr, closed) = raw_server(None).await;
-            let stats = Stats::default();
-            let rt = ClusterRt::new(
-                cluster_at(addr, |c| c.idle_timeout = Some(timeout)),
-                &stats,
-                None,
-                &Arc::default(),
-                &Arc::default(),
-            );
-            let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+            let (rt, pool) = one_endpoint(addr, |c| c.idle_timeout = Some(timeout));
             assert_eq!(get(&pool).await, 200);
             tokio::time::sleep(timeout.saturating_sub(Duration::from_millis(150))).await;
             assert_eq!(
@@ -2970,12 +2959,7 @@ mod tests {
     /// idle time again.
     #[tokio::test]
     async fn an_upstream_h2_connection_idle_for_its_idle_timeout_is_closed() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("bind: {e}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("addr: {e}"));
+        let (listener, addr) = local_listener().await;
         let closed = Arc::new(AtomicU32::new(0));
         let c = closed.clone();
         tokio::spawn(async move {
@@ -2996,18 +2980,10 @@ mod tests {
             }
         });
         let timeout = Duration::from_millis(400);
-        let stats = Stats::default();
-        let rt = ClusterRt::new(
-            cluster_at(addr, |c| {
-                c.protocol = ferry_model::UpstreamProtocol::Http2;
-                c.idle_timeout = Some(timeout);
-            }),
-            &stats,
-            None,
-            &Arc::default(),
-            &Arc::default(),
-        );
-        let pool = rt.pick(None).unwrap_or_else(|| panic!("no endpoint"));
+        let (rt, pool) = one_endpoint(addr, |c| {
+            c.protocol = ferry_model::UpstreamProtocol::Http2;
+            c.idle_timeout = Some(timeout);
+        });
         let get_h2 = || async {
             let req = Request::builder()
                 .uri("http://backend/")

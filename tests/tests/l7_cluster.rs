@@ -794,3 +794,126 @@ fn killing_an_endpoint_under_load() -> Result<()> {
     }
     Ok(())
 }
+
+/// A keep-alive backend answering 200 that notes, for each connection the
+/// proxy closed, how long it stayed open after its last response.
+struct IdleWatch {
+    port: u16,
+    open_after_last: Arc<std::sync::Mutex<Vec<Duration>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl IdleWatch {
+    fn start() -> Result<IdleWatch> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        l.set_nonblocking(true)?;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sn, st) = (seen.clone(), stop.clone());
+        thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        let sn = sn.clone();
+                        thread::spawn(move || {
+                            if let Some(open) = serve_until_closed(s) {
+                                sn.lock().unwrap_or_else(|p| p.into_inner()).push(open);
+                            }
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(IdleWatch {
+            port,
+            open_after_last: seen,
+            stop,
+        })
+    }
+
+    fn closed(&self) -> Vec<Duration> {
+        self.open_after_last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for IdleWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Answers bodiless requests with 200 until the client closes; how long
+/// the connection stayed open after the last answer (`None`: never answered).
+fn serve_until_closed(s: TcpStream) -> Option<Duration> {
+    let _ = s.set_nonblocking(false);
+    let mut w = s.try_clone().ok()?;
+    let mut r = BufReader::new(s);
+    let mut last = None;
+    loop {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return last.map(|t: std::time::Instant| t.elapsed()),
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {}
+            }
+        }
+        if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .is_err()
+        {
+            return None;
+        }
+        last = Some(std::time::Instant::now());
+    }
+}
+
+/// `common_http_protocol_options.idle_timeout` on a cluster: a pooled
+/// upstream connection with no request for that long is closed by the
+/// proxy (Ferry parks it after a second, then closes it on time).
+#[test]
+fn pooled_connections_close_after_the_cluster_idle_timeout() -> Result<()> {
+    let backend = IdleWatch::start()?;
+    let options = json!({"typed_extension_protocol_options": {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "2s"},
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }});
+    let build = |port| config(port, cluster(&[backend.port], options.clone()), json!({}));
+    both(build, |p, port| {
+        let before = backend.closed().len();
+        let (status, body) = get(port, "/", &[])?;
+        if status != 200 || body != "ok" {
+            bail!("{}: {status} {body:?}", p.name());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while backend.closed().len() == before {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{}: the idle upstream connection was never closed",
+                    p.name()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let open = backend.closed()[before];
+        if open.abs_diff(Duration::from_secs(2)) > Duration::from_millis(400) {
+            bail!(
+                "{}: the idle upstream connection closed {open:?} after its response, not 2 s",
+                p.name()
+            );
+        }
+        let idle_timeouts = p.stat("cluster.svc.upstream_cx_idle_timeout");
+        if idle_timeouts != 1 {
+            bail!("{}: upstream_cx_idle_timeout {idle_timeouts}", p.name());
+        }
+        Ok(())
+    })
+}
