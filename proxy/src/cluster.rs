@@ -1879,7 +1879,7 @@ impl EndpointPool {
             tokio::spawn(upstream_h1::drive_upgradeable(codec, held));
         } else {
             tokio::spawn(upstream_h1::drive(
-                codec,
+                Box::new(codec),
                 held,
                 Arc::downgrade(self),
                 id,
