@@ -1103,6 +1103,18 @@ fn static_bootstrap_secrets_terminate_and_originate_tls() -> Result<()> {
     ensure!(body.contains("x-forwarded-proto: http\r\n"), "{body}");
     ensure!(ferry.stat("cluster.to-tls.ssl.handshake") >= 1);
     ensure!(ferry.stat("listener.tls.ssl.handshake") >= 1);
+    // Idle past a second, the pooled TLS connection is parked (its HTTP/1.1
+    // codec taken apart, the TLS stream kept); the next request takes it
+    // again without a new handshake.
+    let handshakes = ferry.stat("cluster.to-tls.ssl.handshake");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, body) = get_plain(plain_port)?;
+    ensure!(status == 200, "on the parked connection: {status} {body}");
+    ensure!(
+        ferry.stat("cluster.to-tls.ssl.handshake") == handshakes,
+        "a parked TLS connection was not used again"
+    );
+    ensure!(ferry.stat("cluster.to-tls.upstream_cx_total") == handshakes);
     // And refused without a client certificate.
     let r = try_get(
         local(tls_port),
