@@ -14,6 +14,7 @@ pub mod detect;
 pub mod dns;
 pub mod drain;
 pub mod filter_chain_update;
+mod future_sizes;
 pub mod health_check;
 pub mod heap;
 pub mod http;

@@ -701,24 +701,6 @@ async fn peek_detect(
 mod tests {
     use super::*;
 
-    /// The size of the future a function returns, without calling it.
-    fn future_size<A, B, C, D, E, F: std::future::Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    fn future_size6<A, B, C, D, E, G, F: std::future::Future>(
-        _: impl Fn(A, B, C, D, E, G) -> F,
-    ) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    #[allow(clippy::many_single_char_names)]
-    fn future_size10<A, B, C, D, E, G, H, I, J, K, F: std::future::Future>(
-        _: impl Fn(A, B, C, D, E, G, H, I, J, K) -> F,
-    ) -> usize {
-        std::mem::size_of::<F>()
-    }
-
     type Plain = crate::rbac::Guarded<TcpStream>;
     type Tls = crate::rbac::Guarded<Box<crate::tls_server_stream::TlsServerStream>>;
     type TlsTcp =
@@ -738,17 +720,25 @@ mod tests {
     #[test]
     fn per_connection_future_sizes() {
         let sizes = [
-            ("handle", future_size(handle), 1360),
-            ("serve_http (plain)", future_size6(serve_http::<Plain>), 256),
-            ("serve_http (TLS)", future_size6(serve_http::<Tls>), 256),
+            ("handle", crate::future_sizes::of5(handle), 1360),
+            (
+                "serve_http (plain)",
+                crate::future_sizes::of6(serve_http::<Plain>),
+                256,
+            ),
+            (
+                "serve_http (TLS)",
+                crate::future_sizes::of6(serve_http::<Tls>),
+                256,
+            ),
             (
                 "tcp::proxy (plain)",
-                future_size10(crate::tcp::proxy::<Plain>),
+                crate::future_sizes::of10(crate::tcp::proxy::<Plain>),
                 2048,
             ),
             (
                 "tcp::proxy (TLS)",
-                future_size10(crate::tcp::proxy::<TlsTcp>),
+                crate::future_sizes::of10(crate::tcp::proxy::<TlsTcp>),
                 2048,
             ),
             (
@@ -757,8 +747,6 @@ mod tests {
                 std::mem::size_of::<Plain>(),
             ),
         ];
-        for (what, size, bound) in sizes {
-            assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
-        }
+        crate::future_sizes::assert_within(&sizes);
     }
 }

@@ -432,12 +432,6 @@ async fn wait_idle(
 mod tests {
     use super::*;
 
-    fn future_size5<A, B, C, D, E, F: std::future::Future>(
-        _: impl Fn(A, B, C, D, E) -> F,
-    ) -> usize {
-        std::mem::size_of::<F>()
-    }
-
     /// A parked connection keeps its task: the codec's state is boxed
     /// apart and freed when the connection parks, so the task holds only
     /// what watching the socket takes. Upper bounds (a debug build's futures
@@ -445,16 +439,18 @@ mod tests {
     #[test]
     fn a_parked_connection_keeps_a_small_task() {
         let sizes = [
-            ("drive (the task, live or parked)", future_size5(drive), 512),
+            (
+                "drive (the task, live or parked)",
+                crate::future_sizes::of5(drive),
+                512,
+            ),
             (
                 "serve (boxed while the codec runs)",
-                future_size5(serve),
+                crate::future_sizes::of5(serve),
                 1024,
             ),
         ];
-        for (what, size, bound) in sizes {
-            assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
-        }
+        crate::future_sizes::assert_within(&sizes);
         assert!(std::mem::size_of::<Parked>() <= 96, "Parked");
     }
 }

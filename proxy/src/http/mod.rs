@@ -2365,33 +2365,6 @@ mod tests {
     use std::time::Duration;
     use tokio::time::Instant;
 
-    fn future_size2<A, B, F: Future>(_: impl Fn(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    fn future_size3<A, B, C, F: Future>(_: impl Fn(A, B, C) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    fn future_size5<A, B, C, D, E, F: Future>(_: impl Fn(A, B, C, D, E) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    fn future_size6<A, B, C, D, E, G, F: Future>(_: impl Fn(A, B, C, D, E, G) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    fn future_size7<A, B, C, D, E, G, H, F: Future>(_: impl Fn(A, B, C, D, E, G, H) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    #[allow(clippy::many_single_char_names)]
-    fn future_size10<A, B, C, D, E, G, H, I, J, K, F: Future>(
-        _: impl Fn(A, B, C, D, E, G, H, I, J, K) -> F,
-    ) -> usize {
-        std::mem::size_of::<F>()
-    }
-
     /// A future is copied whole each time it is moved: into the future
     /// awaiting it, into a wrapper (`select!`, a task-local scope), into
     /// hyper's box. With the ext_authz check and new connections inline, and
@@ -2402,19 +2375,21 @@ mod tests {
     #[test]
     fn request_future_sizes() {
         let sizes = [
-            ("handle", future_size2(handle), 2048),
-            ("route_request", future_size7(route_request), 8192),
-            ("run_filters", future_size6(run_filters), 1024),
-            ("forward", future_size10(forward), 6656),
+            ("handle", crate::future_sizes::of2(handle), 2048),
+            (
+                "route_request",
+                crate::future_sizes::of7(route_request),
+                8192,
+            ),
+            ("run_filters", crate::future_sizes::of6(run_filters), 1024),
+            ("forward", crate::future_sizes::of10(forward), 6656),
             (
                 "EndpointPool::send",
-                future_size3(crate::cluster::EndpointPool::send),
+                crate::future_sizes::of3(crate::cluster::EndpointPool::send),
                 3584,
             ),
         ];
-        for (what, size, bound) in sizes {
-            assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
-        }
+        crate::future_sizes::assert_within(&sizes);
     }
 
     /// What every HTTP connection holds, idle or not: its context is 280
@@ -2437,28 +2412,26 @@ mod tests {
             ("Lifetime", size_of::<lifetime::Lifetime>(), 128),
             (
                 "serve_h1 (a plain connection's, kept for its life)",
-                future_size6(serve_h1::<crate::rbac::Guarded<tokio::net::TcpStream>>),
+                crate::future_sizes::of6(serve_h1::<crate::rbac::Guarded<tokio::net::TcpStream>>),
                 512,
             ),
             (
                 "h1_parked (kept while a connection is parked)",
-                future_size5(h1_parked::<crate::rbac::Guarded<tokio::net::TcpStream>>),
+                crate::future_sizes::of5(h1_parked::<crate::rbac::Guarded<tokio::net::TcpStream>>),
                 768,
             ),
             (
                 "h1_serving (kept while a connection is served)",
-                future_size6(h1_serving::<crate::rbac::Guarded<tokio::net::TcpStream>>),
+                crate::future_sizes::of6(h1_serving::<crate::rbac::Guarded<tokio::net::TcpStream>>),
                 1536,
             ),
             (
                 "serve_h2 (a plain connection's, kept for its life)",
-                future_size6(serve_h2::<crate::rbac::Guarded<tokio::net::TcpStream>>),
+                crate::future_sizes::of6(serve_h2::<crate::rbac::Guarded<tokio::net::TcpStream>>),
                 2816,
             ),
         ];
-        for (what, size, bound) in sizes {
-            assert!(size <= bound, "{what}: {size} bytes, more than {bound}");
-        }
+        crate::future_sizes::assert_within(&sizes);
     }
 
     fn hcm_with(mode: ferry_model::listener::ForwardClientCert) -> HttpConnectionManager {
