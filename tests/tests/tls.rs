@@ -17,7 +17,9 @@
 //!   istio-agent's bootstrap gives them;
 //! - real Envoy 1.40 on the same SDS secrets: an Envoy client sidecar to a
 //!   Ferry server sidecar and a Ferry client to an Envoy server, and the
-//!   same refusals and ALPN answers from both servers.
+//!   same refusals and ALPN answers from both servers;
+//! - the cipher suite each proxy picks for a client's offer, and the suites
+//!   it offers upstream, against Envoy's.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -1206,5 +1208,256 @@ fn a_crl_by_sds_closes_revoked_clients_connections() -> Result<()> {
         "the revoked client completed a new handshake"
     );
     TlsEcho::open(port, &ca, &kept).context("a new connection of the other client")?;
+    Ok(())
+}
+
+/// A TLS server that answers one HTTP/1.1 request per connection with the
+/// cipher suite it negotiated, choosing by the client's order, and keeps
+/// the suites each ClientHello offered, in order.
+struct SuiteProbe {
+    port: u16,
+    offered: std::sync::Arc<std::sync::Mutex<Vec<Vec<rustls::CipherSuite>>>>,
+}
+
+#[derive(Debug)]
+struct RecordOffer {
+    key: std::sync::Arc<rustls::sign::CertifiedKey>,
+    offered: std::sync::Arc<std::sync::Mutex<Vec<Vec<rustls::CipherSuite>>>>,
+}
+
+impl rustls::server::ResolvesServerCert for RecordOffer {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hello.cipher_suites().to_vec());
+        Some(self.key.clone())
+    }
+}
+
+/// ring with every suite it has, in rustls's order.
+fn all_suites() -> rustls::crypto::CryptoProvider {
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites = rustls::crypto::ring::ALL_CIPHER_SUITES.to_vec();
+    p
+}
+
+impl SuiteProbe {
+    fn start(leaf: &Leaf) -> Result<SuiteProbe> {
+        use rustls::pki_types::pem::PemObject;
+        let provider = std::sync::Arc::new(all_suites());
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+        let key = rustls::sign::CertifiedKey::new(
+            vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())],
+            provider.key_provider.load_private_key(key)?,
+        );
+        let offered = std::sync::Arc::default();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(std::sync::Arc::new(RecordOffer {
+                key: std::sync::Arc::new(key),
+                offered: std::sync::Arc::clone(&offered),
+            }));
+        config.ignore_client_order = false;
+        let config = std::sync::Arc::new(config);
+        let l = StdListener::bind(("127.0.0.1", 0))?;
+        let port = l.local_addr()?.port();
+        std::thread::spawn(move || {
+            for tcp in l.incoming().flatten() {
+                let config = config.clone();
+                std::thread::spawn(move || {
+                    let Ok(conn) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut s = rustls::StreamOwned::new(conn, tcp);
+                    let mut r = BufReader::new(&mut s);
+                    let mut line = String::new();
+                    while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                        line.clear();
+                    }
+                    let suite = s
+                        .conn
+                        .negotiated_cipher_suite()
+                        .map(|c| format!("{:?}", c.suite()))
+                        .unwrap_or_default();
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{suite}",
+                        suite.len()
+                    );
+                    let _ = s.flush();
+                });
+            }
+        });
+        Ok(SuiteProbe { port, offered })
+    }
+
+    /// The suites the last ClientHello offered that ring knows, in order.
+    fn last_offer(&self) -> Vec<rustls::CipherSuite> {
+        let known: Vec<_> = rustls::crypto::ring::ALL_CIPHER_SUITES
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .map(|o| o.iter().filter(|s| known.contains(s)).copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The suite a TLS server on `port` picks for a client offering `suites`,
+/// in that order, over `version`.
+fn suite_chosen(
+    port: u16,
+    ca: &Ca,
+    version: &'static rustls::SupportedProtocolVersion,
+    suites: &[rustls::SupportedCipherSuite],
+) -> Result<rustls::CipherSuite> {
+    use rustls::pki_types::pem::PemObject;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = suites.to_vec();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from_pem_slice(
+        ca.pem().as_bytes(),
+    )?)?;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[version])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), SERVER_DNS.try_into()?)?;
+    let mut tcp = std::net::TcpStream::connect_timeout(&local(port), Duration::from_secs(3))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(3)))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    conn.negotiated_cipher_suite()
+        .map(|s| s.suite())
+        .context("no suite negotiated")
+}
+
+/// Ferry picks and offers TLS cipher suites as Envoy does. As a TLS 1.3
+/// server it takes the client's first suite it speaks, whatever the order;
+/// as a client it offers Envoy's order (TLS 1.3 AES-128-GCM, AES-256-GCM,
+/// ChaCha20, then Envoy's default TLS 1.2 list, and only the TLS 1.2 list
+/// where TLS 1.3 is not allowed, Envoy's default for upstreams), so a server
+/// that follows the client's order negotiates the same suite with either.
+#[test]
+fn cipher_suites_are_chosen_and_offered_in_envoys_order() -> Result<()> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let ca = Ca::new("mesh")?;
+    let server_leaf = ca.leaf(SERVER_ID, &[SERVER_DNS])?;
+    let app_port = app()?;
+    let probe = SuiteProbe::start(&server_leaf)?;
+    let inline = |s: &str| json!({"inline_string": s});
+    let endpoint = |name: &str, port: u16| {
+        json!({"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]})
+    };
+    let listener = |name: &str, port: u16, cluster: &str| {
+        json!({
+            "name": name,
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [hcm(name, cluster)]}]
+        })
+    };
+    // An upstream TLS context to the probe; `max`: the highest version.
+    let to_probe = |name: &str, max: Option<&str>| {
+        let mut common = json!({"validation_context": {"trusted_ca": inline(&ca.pem())}});
+        if let Some(max) = max {
+            common["tls_params"] = json!({"tls_maximum_protocol_version": max});
+        }
+        json!({
+            "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": endpoint(name, probe.port),
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": SERVER_DNS,
+                "common_tls_context": common
+            }}
+        })
+    };
+    let bootstrap = |[tls_port, plain12, plain13]: [u16; 3]| {
+        let mut tls = listener("tls", tls_port, "app");
+        tls["filter_chains"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "tls_certificates": [{"certificate_chain": inline(&server_leaf.cert_pem),
+                                          "private_key": inline(&server_leaf.key_pem)}]
+                }
+            }
+        });
+        json!({"static_resources": {
+            "listeners": [tls, listener("plain12", plain12, "probe12"), listener("plain13", plain13, "probe13")],
+            "clusters": [
+                {"name": "app", "type": "STATIC", "connect_timeout": "1s", "load_assignment": endpoint("app", app_port)},
+                to_probe("probe12", None),
+                to_probe("probe13", Some("TLSv1_3")),
+            ]
+        }})
+    };
+    // TLS 1.3 clients whose order is not Envoy's client order.
+    let offers = [
+        vec![
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_128_GCM_SHA256,
+        ],
+        vec![
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+        ],
+        vec![cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384],
+    ];
+    // What one proxy does: the suite it picks for each offer, then for each
+    // upstream cluster the suite the probe took and the offer it took it from.
+    let observe = |[tls_port, plain12, plain13]: [u16; 3]| -> Result<Vec<String>> {
+        wait_until("the TLS listener", || accepts(tls_port))?;
+        let mut seen = Vec::new();
+        for suites in &offers {
+            let chosen = suite_chosen(tls_port, &ca, &rustls::version::TLS13, suites)?;
+            seen.push(format!("{chosen:?}"));
+        }
+        for plain in [plain12, plain13] {
+            let (status, body) = get_plain(plain)?;
+            ensure!(status == 200, "{status} {body}");
+            seen.push(body);
+            seen.push(format!("{:?}", probe.last_offer()));
+        }
+        Ok(seen)
+    };
+    let ports = [free_port(), free_port(), free_port()];
+    let ferry = Ferry::start(&bootstrap(ports).to_string())?;
+    let from_ferry = observe(ports)?;
+    drop(ferry);
+    let ports = [free_port(), free_port(), free_port()];
+    let envoy = Envoy::start(&bootstrap(ports).to_string())?;
+    let from_envoy = observe(ports).with_context(|| envoy.log())?;
+    ensure!(
+        from_ferry == from_envoy,
+        "Ferry: {from_ferry:#?}\nEnvoy: {from_envoy:#?}"
+    );
+    // And what they are.
+    ensure!(
+        from_ferry[..3]
+            == [
+                "TLS13_AES_256_GCM_SHA384",
+                "TLS13_CHACHA20_POLY1305_SHA256",
+                "TLS13_AES_128_GCM_SHA256"
+            ],
+        "{from_ferry:?}"
+    );
+    ensure!(
+        from_ferry[3] == "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
+            && from_ferry[5] == "TLS13_AES_128_GCM_SHA256",
+        "{from_ferry:?}"
+    );
     Ok(())
 }
