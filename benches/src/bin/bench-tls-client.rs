@@ -87,7 +87,10 @@ fn config(args: &Args) -> Result<Arc<rustls::ClientConfig>> {
         .collect::<Result<Vec<_>, _>>()
         .context("parsing --cert")?;
     let key = PrivateKeyDer::from_pem_file(&args.key).context("reading --key")?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The suites offered as a mesh sidecar offers them (Envoy's client order,
+    // which Ferry's follows), so both proxies negotiate what a peer sidecar
+    // would get: TLS 1.3 AES-128-GCM with SHA-256.
+    let provider = Arc::new(ferry_tls::envoy_ordered());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
