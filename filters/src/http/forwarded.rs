@@ -11,10 +11,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use ferry_model::forwarded::{ClientTrust, InternalAddresses, IpDetection};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-const XFF: &str = "x-forwarded-for";
-const XFP: &str = "x-forwarded-proto";
-const INTERNAL: &str = "x-envoy-internal";
-const EXTERNAL_ADDRESS: &str = "x-envoy-external-address";
+const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const XFP: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const INTERNAL: http::HeaderName = http::HeaderName::from_static("x-envoy-internal");
+const EXTERNAL_ADDRESS: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-external-address");
 
 /// Removed from every request that is not internal.
 const INTERNAL_ONLY: &[&str] = &[
@@ -324,7 +325,7 @@ mod tests {
         (r, h)
     }
 
-    fn get<'a>(h: &'a HeaderMap, n: &str) -> Option<&'a str> {
+    fn get(h: &HeaderMap, n: impl http::header::AsHeaderName) -> Option<&str> {
         h.get(n).and_then(|v| v.to_str().ok())
     }
 

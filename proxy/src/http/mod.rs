@@ -2144,23 +2144,25 @@ fn retry_flags(flag: &'static str, overflow: bool, limit_exceeded: bool) -> &'st
 }
 
 /// The time the upstream has to answer, as Envoy tells it.
-const EXPECTED_TIMEOUT: &str = "x-envoy-expected-rq-timeout-ms";
+const EXPECTED_TIMEOUT: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 
 /// Where the router keeps the path a rewrite replaced.
-const ORIGINAL_PATH: &str = "x-envoy-original-path";
+const ORIGINAL_PATH: http::HeaderName = http::HeaderName::from_static("x-envoy-original-path");
 
 /// Envoy's header on upstream answers: the upstream's time to answer.
-const UPSTREAM_SERVICE_TIME: &str = "x-envoy-upstream-service-time";
+const UPSTREAM_SERVICE_TIME: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-upstream-service-time");
 
 /// Envoy's header on answers to requests a circuit breaker refused.
-const OVERLOADED: &str = "x-envoy-overloaded";
+const OVERLOADED: http::HeaderName = http::HeaderName::from_static("x-envoy-overloaded");
 
 /// Where the router keeps the Host a host rewrite replaced.
-const ORIGINAL_HOST: &str = "x-envoy-original-host";
+const ORIGINAL_HOST: http::HeaderName = http::HeaderName::from_static("x-envoy-original-host");
 
 /// `x-envoy-attempt-count`: the attempt number upstream, the number of
 /// attempts downstream (only when the virtual host asks for it).
-const ATTEMPT_COUNT: &str = "x-envoy-attempt-count";
+const ATTEMPT_COUNT: http::HeaderName = http::HeaderName::from_static("x-envoy-attempt-count");
 
 /// The route's timers of one request.
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,7 @@ use ferry_filters::http::headers;
 use ferry_model::HttpConnectionManager;
 use http::Request;
 
-pub(super) const X_REQUEST_ID: &str = "x-request-id";
+pub(super) const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Applies the connection manager's request id rules to a request whose
 /// client was already decided (`client::apply`).
