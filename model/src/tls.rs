@@ -258,6 +258,10 @@ pub struct DownstreamTls {
     /// The filter chain's `transport_socket_connect_timeout`: how long the
     /// handshake may take (`None`: Ferry's bound of 10 s; Envoy has none).
     pub handshake_timeout: Option<std::time::Duration>,
+    /// `prefer_client_ciphers`: a TLS 1.2 handshake takes the client's
+    /// first suite instead of the server's (TLS 1.3 always takes the
+    /// client's, as BoringSSL does).
+    pub prefer_client_ciphers: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -288,6 +292,7 @@ impl Default for DownstreamTls {
             stateless_resumption: true,
             stateful_resumption: true,
             handshake_timeout: None,
+            prefer_client_ciphers: false,
         }
     }
 }

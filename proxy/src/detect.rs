@@ -15,6 +15,8 @@ pub struct Detected {
     /// ALPN offered in the ClientHello, or the HTTP inspector's
     /// `http/1.0` / `http/1.1` / `h2c`.
     pub application_protocols: Vec<String>,
+    /// The ClientHello offers TLS 1.3 (`supported_versions`).
+    pub offers_tls13: bool,
 }
 
 impl Detected {
@@ -266,6 +268,17 @@ fn parse_hello(rec: &[u8]) -> Option<Detected> {
                         .push(String::from_utf8_lossy(p).into_owned());
                 }
             }
+            // supported_versions: whether TLS 1.3 (0x0304) is among them. Read
+            // leniently: a malformed list only hides TLS 1.3 (rustls refuses
+            // such a hello anyway), never the name or protocols.
+            43 => {
+                d.offers_tls13 = data.split_first().is_some_and(|(&n, rest)| {
+                    rest.get(..usize::from(n))
+                        .unwrap_or(rest)
+                        .chunks_exact(2)
+                        .any(|v| v == [3, 4])
+                });
+            }
             _ => {}
         }
     }
@@ -276,7 +289,8 @@ fn parse_hello(rec: &[u8]) -> Option<Detected> {
 mod tests {
     use super::*;
 
-    /// A minimal ClientHello with SNI `api.example.com` and ALPN h2, http/1.1.
+    /// A minimal ClientHello with SNI `api.example.com`, ALPN h2, http/1.1,
+    /// and TLS 1.3 and 1.2 in `supported_versions`.
     fn hello() -> Vec<u8> {
         let mut exts = Vec::new();
         let name = b"api.example.com";
@@ -298,6 +312,10 @@ mod tests {
         exts.extend(16u16.to_be_bytes());
         exts.extend((alpn_ext.len() as u16).to_be_bytes());
         exts.extend(&alpn_ext);
+        // supported_versions: TLS 1.3, TLS 1.2.
+        exts.extend(43u16.to_be_bytes());
+        exts.extend(5u16.to_be_bytes());
+        exts.extend([4, 3, 4, 3, 3]);
 
         let mut body = vec![3, 3];
         body.extend([7u8; 32]);
@@ -333,6 +351,7 @@ mod tests {
         assert!(d.tls);
         assert_eq!(d.server_name.as_deref(), Some("api.example.com"));
         assert_eq!(d.application_protocols, vec!["h2", "http/1.1"]);
+        assert!(d.offers_tls13);
         assert_eq!(inspect(&h[..20], true, true), Outcome::NeedMore);
         assert_eq!(inspect(&h[..3], true, true), Outcome::NeedMore);
     }

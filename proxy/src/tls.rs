@@ -39,15 +39,22 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Secrets = HashMap<String, Arc<Secret>>;
 
-/// A server configuration, and the same without ALPN for clients whose
-/// protocols the chain does not list.
+/// A chain's server configurations: with its ALPN and without it (for
+/// clients whose protocols the chain does not list), each taking the
+/// client's order of cipher suites and the server's (a TLS 1.2 handshake,
+/// [`ferry_tls::server_order`]). Indexed by [`ServerEntry::index`].
 struct ServerEntry {
     _chain: Arc<FilterChain>,
     generation: u64,
-    with_alpn: Arc<ServerConfig>,
-    without_alpn: Arc<ServerConfig>,
+    configs: [Arc<ServerConfig>; 4],
     /// The leaf of the chain's own certificate (DER), for XFCC's `By=`.
     local_leaf: Option<Arc<[u8]>>,
+}
+
+impl ServerEntry {
+    fn index(bare: bool, server_order: bool) -> usize {
+        usize::from(bare) * 2 + usize::from(server_order)
+    }
 }
 
 /// A client's certificate chain and what is read from it, kept once for
@@ -141,11 +148,12 @@ impl TlsContexts {
     }
 
     /// The server configuration of a TLS filter chain, for a client that
-    /// offered `client_alpn`.
+    /// offered `client_alpn`, and TLS 1.3 or not.
     pub fn server(
         &self,
         chain: &Arc<FilterChain>,
         client_alpn: &[Vec<u8>],
+        client_offers_tls13: bool,
     ) -> Result<Arc<ServerConfig>, TlsError> {
         let Some(tls) = &chain.tls else {
             return Err(TlsError::Rustls(
@@ -154,17 +162,14 @@ impl TlsContexts {
         };
         let key = Arc::as_ptr(chain) as usize;
         let generation = self.generation();
+        let server_order = ferry_tls::server_order(tls, client_offers_tls13);
         let pick = |e: &ServerEntry| {
-            let overlap = e
-                .with_alpn
+            let overlap = e.configs[0]
                 .alpn_protocols
                 .iter()
                 .any(|p| client_alpn.contains(p));
-            if overlap || client_alpn.is_empty() {
-                e.with_alpn.clone()
-            } else {
-                e.without_alpn.clone()
-            }
+            let bare = !overlap && !client_alpn.is_empty();
+            e.configs[ServerEntry::index(bare, server_order)].clone()
         };
         if let Some(e) = self
             .servers
@@ -177,13 +182,23 @@ impl TlsContexts {
         }
         let config = ferry_tls::server_config(tls, &**self.secrets.load())
             .inspect_err(|e| self.report(key, &chain.name, e))?;
-        let mut bare = config.clone();
-        bare.alpn_protocols.clear();
+        let variant = |bare: bool, server_order: bool| {
+            let mut c = config.clone();
+            if bare {
+                c.alpn_protocols.clear();
+            }
+            c.ignore_client_order = server_order;
+            Arc::new(c)
+        };
         let entry = ServerEntry {
             _chain: chain.clone(),
             generation,
-            with_alpn: Arc::new(config),
-            without_alpn: Arc::new(bare),
+            configs: [
+                variant(false, false),
+                variant(false, true),
+                variant(true, false),
+                variant(true, true),
+            ],
             local_leaf: ferry_tls::local_certificate(&tls.common, &**self.secrets.load())
                 .map(Arc::from),
         };
@@ -311,7 +326,7 @@ pub async fn accept(
             .map(String::into_bytes)
             .collect();
         let config = contexts
-            .server(chain, &offered)
+            .server(chain, &offered, hello.offers_tls13)
             .map_err(HandshakeError::Config)?;
         let conn = ferry_tls::rustls::server::UnbufferedServerConnection::new(config)
             .map_err(|e| HandshakeError::Io(io::Error::new(io::ErrorKind::InvalidData, e)))?;

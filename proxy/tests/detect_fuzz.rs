@@ -54,6 +54,8 @@ struct Hello {
     bytes: Vec<u8>,
     sni: Option<String>,
     alpn: Vec<String>,
+    /// `supported_versions` lists TLS 1.3.
+    tls13: bool,
 }
 
 /// ClientHellos written by rustls, one per SNI and ALPN choice.
@@ -83,6 +85,8 @@ fn rustls_hellos() -> Vec<Hello> {
             bytes,
             sni: Some(name.to_ascii_lowercase()),
             alpn,
+            // rustls's safe defaults: TLS 1.3 and 1.2.
+            tls13: true,
         });
     }
     out
@@ -110,7 +114,7 @@ fn built_hello(rng: &mut StdRng) -> Hello {
     let dup = rng.random_range(0..5) == 0;
     let mut exts = Vec::new();
     let unknown = |rng: &mut StdRng| {
-        let ty: u16 = [5u16, 10, 13, 43, 51, 0xfe0d, 0x0a0a][rng.random_range(0..7)];
+        let ty: u16 = [5u16, 10, 13, 45, 51, 0xfe0d, 0x0a0a][rng.random_range(0..7)];
         let data: Vec<u8> = (0..rng.random_range(0..40)).map(|_| rng.random()).collect();
         ext(ty, &data)
     };
@@ -134,6 +138,12 @@ fn built_hello(rng: &mut StdRng) -> Hello {
     }
     exts.extend(&sni_ext);
     exts.extend(&alpn_ext);
+    // supported_versions: none, TLS 1.2 alone, or TLS 1.3 and 1.2.
+    let versions: &[u8] = [&[][..], &[2, 3, 3], &[4, 3, 4, 3, 3]][rng.random_range(0..3)];
+    let tls13 = versions.len() == 5;
+    if !versions.is_empty() {
+        exts.extend(ext(43, versions));
+    }
     if dup {
         // The same extensions again: the last name wins, protocols add up.
         exts.extend(&sni_ext);
@@ -166,6 +176,7 @@ fn built_hello(rng: &mut StdRng) -> Hello {
         bytes,
         sni: sni.map(|n| n.to_ascii_lowercase()),
         alpn,
+        tls13,
     }
 }
 
@@ -334,6 +345,7 @@ fn check_hello(h: &Hello) -> Result<(), String> {
         tls: true,
         server_name: h.sni.clone(),
         application_protocols: h.alpn.clone(),
+        offers_tls13: h.tls13,
     };
     for (n, http) in [(record, true), (b.len(), false)] {
         let got = inspect(&b[..n], true, http);

@@ -1342,15 +1342,17 @@ fn suite_chosen(
         .context("no suite negotiated")
 }
 
-/// Ferry picks and offers TLS cipher suites as Envoy does. As a TLS 1.3
-/// server it takes the client's first suite it speaks, whatever the order;
-/// as a client it offers Envoy's order (TLS 1.3 AES-128-GCM, AES-256-GCM,
-/// ChaCha20, then Envoy's default TLS 1.2 list, and only the TLS 1.2 list
-/// where TLS 1.3 is not allowed, Envoy's default for upstreams), so a server
-/// that follows the client's order negotiates the same suite with either.
+/// Ferry picks and offers TLS cipher suites as Envoy does. As a server it
+/// takes the client's first suite it speaks in TLS 1.3, and its own order in
+/// TLS 1.2 unless `prefer_client_ciphers`; as a client it offers Envoy's
+/// order (TLS 1.3 AES-128-GCM, AES-256-GCM, ChaCha20, then Envoy's default
+/// TLS 1.2 list, and only the TLS 1.2 list where TLS 1.3 is not allowed,
+/// Envoy's default for upstreams), so a server that follows the client's
+/// order negotiates the same suite with either.
 #[test]
 fn cipher_suites_are_chosen_and_offered_in_envoys_order() -> Result<()> {
     use rustls::crypto::ring::cipher_suite as cs;
+    use rustls::version::{TLS12, TLS13};
     let ca = Ca::new("mesh")?;
     let server_leaf = ca.leaf(SERVER_ID, &[SERVER_DNS])?;
     let app_port = app()?;
@@ -1366,6 +1368,20 @@ fn cipher_suites_are_chosen_and_offered_in_envoys_order() -> Result<()> {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
             "filter_chains": [{"filters": [hcm(name, cluster)]}]
         })
+    };
+    let tls_listener = |name: &str, port: u16, prefer_client_ciphers: bool| {
+        let mut l = listener(name, port, "app");
+        l["filter_chains"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "prefer_client_ciphers": prefer_client_ciphers,
+                "common_tls_context": {
+                    "tls_certificates": [{"certificate_chain": inline(&server_leaf.cert_pem),
+                                          "private_key": inline(&server_leaf.key_pem)}]
+                }
+            }
+        });
+        l
     };
     // An upstream TLS context to the probe; `max`: the highest version.
     let to_probe = |name: &str, max: Option<&str>| {
@@ -1383,19 +1399,14 @@ fn cipher_suites_are_chosen_and_offered_in_envoys_order() -> Result<()> {
             }}
         })
     };
-    let bootstrap = |[tls_port, plain12, plain13]: [u16; 3]| {
-        let mut tls = listener("tls", tls_port, "app");
-        tls["filter_chains"][0]["transport_socket"] = json!({
-            "name": "envoy.transport_sockets.tls", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "common_tls_context": {
-                    "tls_certificates": [{"certificate_chain": inline(&server_leaf.cert_pem),
-                                          "private_key": inline(&server_leaf.key_pem)}]
-                }
-            }
-        });
+    let bootstrap = |[tls, client_order, plain12, plain13]: [u16; 4]| {
         json!({"static_resources": {
-            "listeners": [tls, listener("plain12", plain12, "probe12"), listener("plain13", plain13, "probe13")],
+            "listeners": [
+                tls_listener("tls", tls, false),
+                tls_listener("client_order", client_order, true),
+                listener("plain12", plain12, "probe12"),
+                listener("plain13", plain13, "probe13"),
+            ],
             "clusters": [
                 {"name": "app", "type": "STATIC", "connect_timeout": "1s", "load_assignment": endpoint("app", app_port)},
                 to_probe("probe12", None),
@@ -1403,27 +1414,66 @@ fn cipher_suites_are_chosen_and_offered_in_envoys_order() -> Result<()> {
             ]
         }})
     };
-    // TLS 1.3 clients whose order is not Envoy's client order.
-    let offers = [
-        vec![
-            cs::TLS13_AES_256_GCM_SHA384,
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS13_AES_128_GCM_SHA256,
-        ],
-        vec![
-            cs::TLS13_CHACHA20_POLY1305_SHA256,
-            cs::TLS13_AES_256_GCM_SHA384,
-        ],
-        vec![cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384],
+    // Clients whose order is not Envoy's.
+    let offers: [(
+        &'static rustls::SupportedProtocolVersion,
+        Vec<rustls::SupportedCipherSuite>,
+    ); 6] = [
+        (
+            &TLS13,
+            vec![
+                cs::TLS13_AES_256_GCM_SHA384,
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_128_GCM_SHA256,
+            ],
+        ),
+        (
+            &TLS13,
+            vec![
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_256_GCM_SHA384,
+            ],
+        ),
+        (
+            &TLS13,
+            vec![cs::TLS13_AES_128_GCM_SHA256, cs::TLS13_AES_256_GCM_SHA384],
+        ),
+        (
+            &TLS12,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+        ),
+        (
+            &TLS12,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+        ),
+        (
+            &TLS12,
+            vec![
+                cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+            ],
+        ),
     ];
-    // What one proxy does: the suite it picks for each offer, then for each
-    // upstream cluster the suite the probe took and the offer it took it from.
-    let observe = |[tls_port, plain12, plain13]: [u16; 3]| -> Result<Vec<String>> {
-        wait_until("the TLS listener", || accepts(tls_port))?;
+    // What one proxy does: the suite each of its TLS listeners picks for
+    // each offer, then for each upstream cluster the suite the probe took
+    // and the offer it took it from.
+    let observe = |[tls, client_order, plain12, plain13]: [u16; 4]| -> Result<Vec<String>> {
+        wait_until("the TLS listeners", || {
+            accepts(tls) && accepts(client_order)
+        })?;
         let mut seen = Vec::new();
-        for suites in &offers {
-            let chosen = suite_chosen(tls_port, &ca, &rustls::version::TLS13, suites)?;
-            seen.push(format!("{chosen:?}"));
+        for port in [tls, client_order] {
+            for (version, suites) in &offers {
+                let chosen = suite_chosen(port, &ca, version, suites)?;
+                seen.push(format!("{chosen:?}"));
+            }
         }
         for plain in [plain12, plain13] {
             let (status, body) = get_plain(plain)?;
@@ -1433,31 +1483,40 @@ fn cipher_suites_are_chosen_and_offered_in_envoys_order() -> Result<()> {
         }
         Ok(seen)
     };
-    let ports = [free_port(), free_port(), free_port()];
-    let ferry = Ferry::start(&bootstrap(ports).to_string())?;
-    let from_ferry = observe(ports)?;
+    let ports = || [free_port(), free_port(), free_port(), free_port()];
+    let at = ports();
+    let ferry = Ferry::start(&bootstrap(at).to_string())?;
+    let from_ferry = observe(at)?;
     drop(ferry);
-    let ports = [free_port(), free_port(), free_port()];
-    let envoy = Envoy::start(&bootstrap(ports).to_string())?;
-    let from_envoy = observe(ports).with_context(|| envoy.log())?;
+    let at = ports();
+    let envoy = Envoy::start(&bootstrap(at).to_string())?;
+    let from_envoy = observe(at).with_context(|| envoy.log())?;
     ensure!(
         from_ferry == from_envoy,
         "Ferry: {from_ferry:#?}\nEnvoy: {from_envoy:#?}"
     );
-    // And what they are.
+    // And what they are: TLS 1.3 by the client's order; TLS 1.2 by the
+    // server's (AES-128-GCM and ChaCha20 before AES-256-GCM), or by the
+    // client's with `prefer_client_ciphers`; upstream, AES-128-GCM first.
+    let expected = [
+        "TLS13_AES_256_GCM_SHA384",
+        "TLS13_CHACHA20_POLY1305_SHA256",
+        "TLS13_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "TLS13_AES_256_GCM_SHA384",
+        "TLS13_CHACHA20_POLY1305_SHA256",
+        "TLS13_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    ];
+    ensure!(from_ferry[..13] == expected, "{from_ferry:#?}");
     ensure!(
-        from_ferry[..3]
-            == [
-                "TLS13_AES_256_GCM_SHA384",
-                "TLS13_CHACHA20_POLY1305_SHA256",
-                "TLS13_AES_128_GCM_SHA256"
-            ],
-        "{from_ferry:?}"
-    );
-    ensure!(
-        from_ferry[3] == "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
-            && from_ferry[5] == "TLS13_AES_128_GCM_SHA256",
-        "{from_ferry:?}"
+        from_ferry[14] == "TLS13_AES_128_GCM_SHA256",
+        "{from_ferry:#?}"
     );
     Ok(())
 }

@@ -508,6 +508,17 @@ pub fn downstream_peer_check(tls: &DownstreamTls, secrets: &dyn Secrets) -> Opti
     PeerCheck::new(&v, provider_for(&tls.common).ok()?).ok()
 }
 
+/// Whether a handshake of `tls` picks its cipher suite by the server's
+/// order rather than the client's: as Envoy's server (BoringSSL) picks, a
+/// TLS 1.2 handshake does unless `prefer_client_ciphers`, a TLS 1.3 one
+/// never does. `client_offers_tls13`: the ClientHello's
+/// `supported_versions` lists TLS 1.3.
+pub fn server_order(tls: &DownstreamTls, client_offers_tls13: bool) -> bool {
+    let tls13 = versions(&tls.common, TlsVersion::V1_3).contains(&&rustls::version::TLS13);
+    let tls13_handshake = client_offers_tls13 && tls13;
+    !(tls.prefer_client_ciphers || tls13_handshake)
+}
+
 /// The server side of a filter chain's `DownstreamTlsContext`.
 pub fn server_config(
     tls: &DownstreamTls,
@@ -544,8 +555,9 @@ pub fn server_config(
     let mut config = builder.with_cert_resolver(resolver);
     // The suite is the client's first that this server speaks, as Envoy picks
     // it in TLS 1.3 (`cipher_suites_are_chosen_and_offered_in_envoys_order`).
-    // In TLS 1.2 Envoy picks by its own list instead; rustls has one rule for
-    // both versions, and TLS 1.3 is what clients speak.
+    // A TLS 1.2 handshake takes the server's order instead: rustls has one
+    // rule for both versions, so the caller takes a copy with
+    // `ignore_client_order` set where [`server_order`] says so.
     config.ignore_client_order = false;
     config.alpn_protocols = tls
         .common

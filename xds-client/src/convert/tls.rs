@@ -133,7 +133,7 @@ fields!(pub(super) static DOWNSTREAM_TLS_CONTEXT = "envoy.extensions.transport_s
     "session_timeout": warned "sessions live as long as the TLS library keeps them",
     "ocsp_staple_policy": applied "LENIENT_STAPLING (no staple is ever sent); the others are refused",
     "full_scan_certs_on_sni_mismatch": inert "one certificate per context: there is nothing to scan",
-    "prefer_client_ciphers": warned "the server's cipher order is used",
+    "prefer_client_ciphers": applied "TLS 1.2 takes the client's order instead of the server's; TLS 1.3 always takes the client's, as in Envoy",
 });
 
 fields!(pub(super) static UPSTREAM_TLS_CONTEXT = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" {
@@ -941,7 +941,6 @@ pub(super) fn downstream_tls(
     }
     // One certificate per context: nothing to scan on an SNI mismatch.
     let _ = full_scan_certs_on_sni_mismatch;
-    ctx.knob(cov, &f, "prefer_client_ciphers", *prefer_client_ciphers);
     Ok(Some(m::tls::DownstreamTls {
         common,
         require_client_certificate: require_client_certificate.as_ref().is_some_and(|v| v.value),
@@ -949,6 +948,7 @@ pub(super) fn downstream_tls(
         stateless_resumption,
         stateful_resumption: !disable_stateful_session_resumption,
         handshake_timeout: None,
+        prefer_client_ciphers: *prefer_client_ciphers,
     }))
 }
 
