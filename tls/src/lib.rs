@@ -557,7 +557,9 @@ pub fn server_config(
     // it in TLS 1.3 (`cipher_suites_are_chosen_and_offered_in_envoys_order`).
     // A TLS 1.2 handshake takes the server's order instead: rustls has one
     // rule for both versions, so the caller takes a copy with
-    // `ignore_client_order` set where [`server_order`] says so.
+    // `ignore_client_order` set where [`server_order`] says so. (Envoy's
+    // groups of equal preference, `[A|B]`, leave the choice within a group
+    // to the client; here a group is taken in its written order.)
     config.ignore_client_order = false;
     config.alpn_protocols = tls
         .common
